@@ -1,0 +1,21 @@
+"""The error types every stage raises; the CLI turns them into one-line messages and a non-zero exit."""
+
+
+class VPTQMLCError(Exception):
+    """Base class: a problem the user can fix. `str(e)` is one line naming the problem and the fix."""
+
+
+class CheckpointError(VPTQMLCError):
+    """A VPTQ checkpoint is missing, malformed, truncated or uses something we do not support."""
+
+
+class ConvertError(VPTQMLCError):
+    """The MLC artifact directory cannot be written or read back."""
+
+
+class CompileError(VPTQMLCError):
+    """A model library cannot be built for the requested target."""
+
+
+class RuntimeLoadError(VPTQMLCError):
+    """A model library or its weights cannot be loaded on this host."""
