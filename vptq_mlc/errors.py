@@ -19,3 +19,7 @@ class CompileError(VPTQMLCError):
 
 class RuntimeLoadError(VPTQMLCError):
     """A model library or its weights cannot be loaded on this host."""
+
+
+class GenerationError(VPTQMLCError):
+    """A generation request cannot run: a bad sampling parameter, a prompt longer than the context window, ..."""
