@@ -1,0 +1,176 @@
+"""The Llama-family decoder as a `tvm.relax.frontend.nn` module tree, exported with MLC-LLM's function names.
+
+Llama, Mistral and Qwen2 share this tree; each architecture file (llama.py, qwen2.py, mistral.py) only maps
+its HF config onto `DecoderConfig`. Which linears are VPTQ-quantized is decided by `make_linear`, so this file
+never mentions codebooks. Attention and RoPE run inside TVM's paged KV cache (`TIRPagedKVCache`).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+from tvm import relax as rx
+from tvm.relax.frontend import nn
+from tvm.relax.frontend.nn import Tensor, op
+from tvm.relax.frontend.nn.llm.kv_cache import PagedKVCache, RopeMode, TIRPagedKVCache
+from tvm.target import Target
+
+from vptq_mlc.model.config import DecoderConfig
+
+# (module path, in_features, out_features, has_bias) -> module computing x @ W.T (+ b)
+LinearFactory = Callable[[str, int, int, bool], nn.Module]
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: DecoderConfig, prefix: str, make_linear: LinearFactory):
+        d, hq, hkv, h = cfg.head_dim, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.hidden_size
+        self.head_dim, self.num_q_heads, self.num_kv_heads = d, hq, hkv
+        self.q_proj = make_linear(f"{prefix}.q_proj", h, hq * d, cfg.attention_bias)
+        self.k_proj = make_linear(f"{prefix}.k_proj", h, hkv * d, cfg.attention_bias)
+        self.v_proj = make_linear(f"{prefix}.v_proj", h, hkv * d, cfg.attention_bias)
+        self.o_proj = make_linear(f"{prefix}.o_proj", hq * d, h, False)
+
+    def forward(self, x: Tensor, kv: PagedKVCache, layer_id: int) -> Tensor:
+        b, s, _ = x.shape
+        qkv = op.concat([self.q_proj(x), self.k_proj(x), self.v_proj(x)], dim=-1)
+        qkv = op.reshape(qkv, (b, s, self.num_q_heads + 2 * self.num_kv_heads, self.head_dim))
+        out = kv.attention_with_fused_qkv(layer_id, qkv, self.num_q_heads, sm_scale=self.head_dim**-0.5)
+        return self.o_proj(op.reshape(out, (b, s, self.num_q_heads * self.head_dim)))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: DecoderConfig, prefix: str, make_linear: LinearFactory):
+        h, i = cfg.hidden_size, cfg.intermediate_size
+        self.gate_proj = make_linear(f"{prefix}.gate_proj", h, i, False)
+        self.up_proj = make_linear(f"{prefix}.up_proj", h, i, False)
+        self.down_proj = make_linear(f"{prefix}.down_proj", i, h, False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.down_proj(op.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: DecoderConfig, index: int, make_linear: LinearFactory, dtype: str):
+        prefix = f"model.layers.{index}"
+        self.self_attn = Attention(cfg, f"{prefix}.self_attn", make_linear)
+        self.mlp = MLP(cfg, f"{prefix}.mlp", make_linear)
+        self.input_layernorm = nn.RMSNorm(cfg.hidden_size, -1, cfg.rms_norm_eps, bias=False, dtype=dtype)
+        self.post_attention_layernorm = nn.RMSNorm(cfg.hidden_size, -1, cfg.rms_norm_eps, bias=False, dtype=dtype)
+        self.layer_id = index
+
+    def forward(self, x: Tensor, kv: PagedKVCache) -> Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), kv, self.layer_id)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class DecoderModel(nn.Module):
+    def __init__(self, cfg: DecoderConfig, make_linear: LinearFactory, dtype: str):
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size, dtype=dtype)
+        self.layers = nn.ModuleList(
+            [DecoderLayer(cfg, i, make_linear, dtype) for i in range(cfg.num_hidden_layers)]
+        )
+        self.norm = nn.RMSNorm(cfg.hidden_size, -1, cfg.rms_norm_eps, bias=False, dtype=dtype)
+
+    def forward(self, x: Tensor, kv: PagedKVCache) -> Tensor:
+        for layer in self.layers:
+            x = layer(x, kv)
+        return self.norm(x)
+
+
+class DecoderForCausalLM(nn.Module):
+    """Top-level module; its methods are the library's exported functions (docs/ARCHITECTURE.md)."""
+
+    def __init__(self, cfg: DecoderConfig, make_linear: LinearFactory, dtype: str, target: Target):
+        self.model = DecoderModel(cfg, make_linear, dtype)
+        self.lm_head = None if cfg.tie_word_embeddings else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False, dtype=dtype)
+        self.cfg, self.dtype, self.target = cfg, dtype, target
+
+    def _logits(self, hidden: Tensor) -> Tensor:
+        if self.lm_head is None:
+            logits = op.matmul(hidden, op.permute_dims(self.model.embed_tokens.weight))
+        else:
+            logits = self.lm_head(hidden)
+        return logits.astype("float32") if logits.dtype != "float32" else logits
+
+    def embed(self, input_ids: Tensor) -> Tensor:
+        return self.model.embed_tokens(input_ids)
+
+    def prefill(self, input_embed: Tensor, kv: PagedKVCache) -> tuple[Tensor, PagedKVCache]:
+        hidden = self.model(input_embed, kv)
+
+        def last_token(x: Any) -> Any:
+            from tvm import te
+
+            b, s, h = x.shape
+            return te.compute((b, 1, h), lambda i, _, k: x[i, s - 1, k], name="last_token")
+
+        hidden = op.tensor_expr_op(last_token, "last_token", [hidden])
+        return self._logits(hidden), kv
+
+    def decode(self, input_embed: Tensor, kv: PagedKVCache) -> tuple[Tensor, PagedKVCache]:
+        return self._logits(self.model(input_embed, kv)), kv
+
+    def batch_prefill(
+        self, input_embeds: Tensor, logit_positions: Tensor, kv: PagedKVCache
+    ) -> tuple[Tensor, PagedKVCache]:
+        hidden = self.model(input_embeds, kv)
+        hidden = op.take(hidden, logit_positions, axis=1)
+        return self._logits(hidden), kv
+
+    def batch_decode(self, input_embeds: Tensor, kv: PagedKVCache) -> tuple[Tensor, PagedKVCache]:
+        return self._logits(self.model(input_embeds, kv)), kv
+
+    def create_tir_paged_kv_cache(
+        self, max_batch_size: Any, max_total_seq_len: Any, prefill_chunk_size: Any, page_size: Any, support_sliding_window: Any
+    ) -> PagedKVCache:
+        c = self.cfg
+        return TIRPagedKVCache(
+            attn_kind="mha",
+            max_batch_size=max_batch_size,
+            max_total_seq_len=max_total_seq_len,
+            prefill_chunk_size=prefill_chunk_size,
+            page_size=page_size,
+            support_sliding_window=support_sliding_window,
+            layer_partition=rx.ShapeExpr([0, c.num_hidden_layers]),
+            num_hidden_layers=c.num_hidden_layers,
+            num_attention_heads=c.num_attention_heads,
+            num_key_value_heads=c.num_key_value_heads,
+            qk_head_dim=c.head_dim,
+            v_head_dim=c.head_dim,
+            mla_original_qk_head_dim=0,
+            mla_original_v_head_dim=0,
+            rope_mode=RopeMode.NORMAL,
+            rope_scale=1,
+            rope_theta=c.position_embedding_base,
+            rope_scaling=c.rope_scaling or {},
+            rope_ext_factors=rx.prim_value(0),
+            rotary_dim=c.head_dim,
+            enable_disaggregation=False,
+            dtype=self.dtype,
+            target=self.target,
+        )
+
+    def get_default_spec(self) -> nn.spec.ModuleSpec:
+        h, packed = self.cfg.hidden_size, {"param_mode": "packed", "effect_mode": "none"}
+        kv = nn.spec.Object(object_type=PagedKVCache)
+        spec = {
+            "embed": {"input_ids": nn.spec.Tensor(["seq_len"], "int32"), "$": packed},
+            "prefill": {"input_embed": nn.spec.Tensor([1, "seq_len", h], self.dtype), "kv": kv, "$": packed},
+            "decode": {"input_embed": nn.spec.Tensor([1, 1, h], self.dtype), "kv": kv, "$": packed},
+            "batch_prefill": {
+                "input_embeds": nn.spec.Tensor([1, "seq_len", h], self.dtype),
+                "logit_positions": nn.spec.Tensor(["batch_size"], "int32"),
+                "kv": kv,
+                "$": packed,
+            },
+            "batch_decode": {"input_embeds": nn.spec.Tensor(["batch_size", 1, h], self.dtype), "kv": kv, "$": packed},
+            "create_tir_paged_kv_cache": {
+                "max_batch_size": int,
+                "max_total_seq_len": int,
+                "prefill_chunk_size": int,
+                "page_size": int,
+                "support_sliding_window": int,
+                "$": {"param_mode": "none", "effect_mode": "none"},
+            },
+        }
+        return nn.spec.ModuleSpec.from_raw(spec, self)

@@ -1,0 +1,56 @@
+"""`VPTQLinear`: an nn.Module whose weight exists only as codes + codebooks (layout `generic`).
+
+The permutation and the norm scale are applied to the activation (a gather and a multiply over `in_features`
+values, once per call) and the norm bias becomes one dot product per row, so the kernel never materializes a
+dense weight: `y = vq_matmul(x[:, perm] * col_scale) + x @ weight_bias + bias` (docs/ARCHITECTURE.md).
+"""
+
+from __future__ import annotations
+
+from tvm.relax.frontend import nn
+from tvm.relax.frontend.nn import op
+
+from vptq_mlc.checkpoint.layer_config import VPTQLayerConfig
+from vptq_mlc.tir_kernels.generic import vq_operand_shapes
+from vptq_mlc.tir_kernels.registry import KernelSelector
+
+
+class VPTQLinear(nn.Module):
+    """Drop-in for `nn.Linear(in_features, out_features, bias)` holding a VPTQ-quantized weight."""
+
+    def __init__(self, cfg: VPTQLayerConfig, dtype: str, select_kernel: KernelSelector):
+        super().__init__()
+        self.cfg = cfg
+        self.in_features, self.out_features = cfg.in_features, cfg.out_features
+        self._select_kernel = select_kernel
+        self._operands = list(vq_operand_shapes(cfg))
+        for name, (shape, dt) in vq_operand_shapes(cfg).items():
+            setattr(self, name, nn.Parameter(shape, dtype if dt == "float" else dt))
+        self.perm = nn.Parameter((cfg.in_features,), "int32") if cfg.enable_perm else None
+        self.col_scale = nn.Parameter((cfg.in_features,), dtype) if cfg.enable_norm else None
+        self.weight_bias = nn.Parameter((cfg.in_features,), dtype) if cfg.enable_norm else None
+        self.bias = nn.Parameter((cfg.out_features,), dtype) if cfg.bias else None
+        self.dtype = dtype
+
+    def forward(self, x: nn.Tensor) -> nn.Tensor:
+        lead = list(x.shape[:-1])
+        rows = 1
+        for d in lead:
+            rows = rows * d
+        x2 = op.reshape(x, [rows, self.in_features])
+        xs = op.take(x2, self.perm, axis=1) if self.perm is not None else x2
+        if self.col_scale is not None:
+            xs = xs * self.col_scale
+        static_rows = rows if isinstance(rows, int) else None
+        kernel = self._select_kernel(self.cfg, self.dtype, static_rows)
+        y = op.tensor_ir_op(
+            kernel,
+            "vq_matmul",
+            args=[xs, *(getattr(self, name) for name in self._operands)],
+            out=nn.Tensor.placeholder([rows, self.out_features], self.dtype),
+        )
+        if self.weight_bias is not None:
+            y = y + op.matmul(x2, op.reshape(self.weight_bias, [self.in_features, 1]))
+        if self.bias is not None:
+            y = y + self.bias
+        return op.reshape(y, [*lead, self.out_features])
