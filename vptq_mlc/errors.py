@@ -23,3 +23,7 @@ class RuntimeLoadError(VPTQMLCError):
 
 class GenerationError(VPTQMLCError):
     """A generation request cannot run: a bad sampling parameter, a prompt longer than the context window, ..."""
+
+
+class QuantizeError(VPTQMLCError):
+    """A model cannot be imported or quantized, or calibration/evaluation text is missing or too short."""
