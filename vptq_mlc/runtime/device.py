@@ -1,0 +1,130 @@
+"""Device strings ("cpu", "cuda", "cuda:1", "rocm:0", "auto") -> a present `tvm.runtime.Device`.
+
+Why a module of its own: in runtime-only mode (TVM_USE_RUNTIME_LIB=1, or a TVM install without
+libtvm_compiler.so) TVM skips loading its GPU backend plugins, so the CUDA plugin has to be loaded by hand
+before a CUDA model library can be loaded (shared/docs/gpu-aot.md §2). Everything device-specific sits here.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import tvm
+
+from vptq_mlc.errors import RuntimeLoadError
+
+log = logging.getLogger(__name__)
+
+# kind -> DLPack device type (what vm_initialization and the tensor cache loader take).
+DEVICE_TYPES = {"cpu": 1, "cuda": 2, "rocm": 10}
+# kind -> words a model library's file name may carry for that kind (see `find_library`).
+LIBRARY_NAME_TAGS = {"cpu": ("cpu", "llvm"), "cuda": ("cuda", "sm"), "rocm": ("rocm", "hip", "gfx")}
+_SPEC = re.compile(r"^(cpu|cuda|rocm)(?::(\d+))?$")
+
+
+@dataclass(frozen=True)
+class DeviceSpec:
+    """A parsed device string: `kind` in DEVICE_TYPES and an ordinal."""
+
+    kind: str
+    index: int = 0
+
+    @property
+    def dlpack_type(self) -> int:
+        return DEVICE_TYPES[self.kind]
+
+    def __str__(self) -> str:
+        return self.kind if self.kind == "cpu" else f"{self.kind}:{self.index}"
+
+
+def parse_device(text: str) -> DeviceSpec | None:
+    """Parse a device string; None means "auto". Raises RuntimeLoadError for anything else."""
+    t = text.strip().lower()
+    if t == "auto":
+        return None
+    m = _SPEC.match(t)
+    if not m:
+        raise RuntimeLoadError(f"unknown device {text!r}; use cpu, cuda, cuda:N, rocm:N or auto")
+    return DeviceSpec(m.group(1), int(m.group(2) or 0))
+
+
+def runtime_only() -> bool:
+    """True when TVM was imported without its compiler library (GPU plugins are then not auto-loaded)."""
+    return bool(getattr(tvm.base, "_RUNTIME_ONLY", False))
+
+
+def _load_cuda_plugin() -> str | None:
+    """Load libtvm_runtime_cuda by hand if nothing registered CUDA yet. Returns why it failed, or None."""
+    if tvm.get_global_func("device_api.cuda", allow_missing=True) is not None:
+        return None
+    from tvm_ffi.libinfo import load_lib_ctypes
+
+    rt_dir = Path(tvm.base._LOADED_LIBS["tvm_runtime"]._name).resolve().parent
+    try:
+        tvm.base._LOADED_LIBS["tvm_runtime_cuda"] = load_lib_ctypes(
+            "tvm", "tvm_runtime_cuda", "RTLD_LOCAL", extra_lib_paths=[rt_dir]
+        )
+    except (OSError, RuntimeError) as e:  # no driver / no libcudart.so.13 on this host
+        return str(e).splitlines()[0] if str(e) else type(e).__name__
+    log.info("loaded libtvm_runtime_cuda by hand (runtime-only TVM)")
+    return None
+
+
+def _present(spec: DeviceSpec) -> tuple[bool, str]:
+    """Whether the device exists, and if not, a short reason."""
+    if spec.kind == "cpu":
+        return True, ""
+    if spec.kind == "cuda":
+        why = _load_cuda_plugin()
+        if why is not None:
+            return False, f"TVM's CUDA runtime plugin could not load ({why})"
+    elif tvm.get_global_func(f"device_api.{spec.kind}", allow_missing=True) is None:
+        return False, "this TVM runtime was built without ROCm (the apache-tvm wheel has none)"
+    try:
+        exists = bool(tvm.runtime.device(spec.kind, spec.index).exist)
+    except Exception as e:  # noqa: BLE001 - a driver error means the device is unusable
+        return False, f"the driver reported {str(e).splitlines()[0]}"
+    return exists, "" if exists else f"no {spec.kind} device with index {spec.index}"
+
+
+def resolve_device(text: str = "auto") -> tuple[DeviceSpec, tvm.runtime.Device]:
+    """Parse `text` and return the spec and a TVM device that is present; "auto" prefers cuda, rocm, cpu."""
+    spec = parse_device(text)
+    if spec is None:
+        for cand in (DeviceSpec("cuda"), DeviceSpec("rocm")):
+            if _present(cand)[0]:
+                spec = cand
+                break
+        else:
+            spec = DeviceSpec("cpu")
+        log.info("device auto -> %s", spec)
+    ok, why = _present(spec)
+    if not ok:
+        raise RuntimeLoadError(f"device {spec} is not available: {why}; pick another with --device (e.g. cpu)")
+    return spec, tvm.runtime.device(spec.kind, spec.index)
+
+
+def find_library(model_dir: Path, spec: DeviceSpec) -> Path:
+    """The model library to use when none was given: the newest `*.so` in `model_dir` for this device kind.
+
+    Rule: a file matches a kind when one of the words of its name (split on `-`, `_`, `.`; digits dropped,
+    so `sm90` -> `sm`, `gfx942` -> `gfx`) is a tag of that kind: cpu: cpu, llvm; cuda: cuda, sm;
+    rocm: rocm, hip, gfx. Among the matches the newest (mtime) wins.
+    """
+    libs = sorted(Path(model_dir).glob("*.so"))
+    tags = LIBRARY_NAME_TAGS[spec.kind]
+
+    def words(p: Path) -> set[str]:
+        return {re.sub(r"\d+", "", w) for w in re.split(r"[-_.]", p.stem.lower())}
+
+    matches = [p for p in libs if words(p) & set(tags)]
+    if not matches:
+        found = ", ".join(p.name for p in libs) or "no *.so files"
+        raise RuntimeLoadError(
+            f"no {spec.kind} model library in {model_dir} (found: {found}); pass --lib PATH or name the file "
+            f"with one of: {', '.join(tags)}"
+        )
+    return max(matches, key=lambda p: p.stat().st_mtime)

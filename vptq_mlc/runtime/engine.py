@@ -1,0 +1,268 @@
+"""The inference engine: a model library + weights + paged KV cache, driven by a step-able scheduler.
+
+`step()` runs one model call over the active requests: a batched prefill (prompt chunks packed up to
+`prefill_chunk_size` tokens, through `batch_prefill`) while any admitted request still has prompt left,
+otherwise one batched decode (`batch_decode`) for every running request. A request is admitted only when
+the KV pages for its whole budget (prompt + max new tokens) are free, so a running request never runs out
+of pages; its pages go back when it finishes or is cancelled. `generate`/`chat` are thin loops over
+`step()`, so a server can add requests between steps (continuous batching) through the same path.
+"""
+
+from __future__ import annotations
+
+import collections
+import itertools
+import logging
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import tvm
+from tvm.runtime import ShapeTuple
+
+from vptq_mlc.errors import GenerationError, RuntimeLoadError
+from vptq_mlc.runtime.chat_config import ChatConfig
+from vptq_mlc.runtime.chat_template import ChatTemplate, ChatTemplateError, load_chat_template
+from vptq_mlc.runtime.device import find_library, parse_device, resolve_device
+from vptq_mlc.runtime.kv_cache import PagedKVCache
+from vptq_mlc.runtime.library import ModelLibrary, load_library, load_params
+from vptq_mlc.runtime.request import Request, RequestState
+from vptq_mlc.runtime.sampling import SamplingParams
+from vptq_mlc.runtime.tokenizer import Tokenizer
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MAX_BATCH = 4  # concurrent sequences unless asked otherwise (capped by the library's max_batch_size)
+
+
+class Engine:
+    """Load once, then `generate`, `chat`, or `add_request` + `step` for many concurrent requests."""
+
+    def __init__(
+        self,
+        model_dir: str | Path,
+        lib_path: str | Path | None = None,
+        device: str = "cpu",
+        max_batch_size: int | None = None,
+        context_window: int | None = None,
+        prefill_chunk_size: int | None = None,
+        max_total_tokens: int | None = None,
+        page_size: int = 16,
+    ) -> None:
+        """Sizes left as None come from mlc-chat-config.json, bounded by the library's `_metadata`.
+
+        `max_total_tokens`: KV slots shared by all sequences (default: one full context window).
+        """
+        self.model_dir = Path(model_dir)
+        self.config = ChatConfig.load(self.model_dir)
+        if lib_path is None:
+            spec = parse_device(device) or resolve_device(device)[0]
+            lib_path = find_library(self.model_dir, spec)
+            log.info("using model library %s", lib_path)
+        self.lib: ModelLibrary = load_library(lib_path, device)
+        self.tokenizer = Tokenizer(self.model_dir)
+        template = load_chat_template(self.model_dir)
+        self.chat_template = ChatTemplate(template, self.tokenizer.template_variables()) if template else None
+
+        md = self.lib.metadata
+        self.context_window = self._limit("context window", context_window, self.config.context_window_size,
+                                          md.get("context_window_size", -1))
+        self.prefill_chunk = self._limit("prefill chunk", prefill_chunk_size, self.config.prefill_chunk_size,
+                                         md.get("prefill_chunk_size", -1))
+        self.max_batch = self._limit("max batch size", max_batch_size, DEFAULT_MAX_BATCH, md.get("max_batch_size", -1))
+        self.params = load_params(self.model_dir, self.lib, self.config.model_config)
+        self.kv = PagedKVCache(self.lib, self.max_batch, max_total_tokens or self.context_window, self.prefill_chunk,
+                               page_size, self.config.sliding_window_size,
+                               int(self.config.raw.get("attention_sink_size", -1)))
+        self.active_vocab = int(self.config.raw.get("active_vocab_size") or 0) or None
+        eos = set(self.config.eos_token_ids)
+        eos_text = self.tokenizer.special_tokens.get("eos_token")
+        if eos_text is not None and self.tokenizer.token_to_id(eos_text) is not None:
+            eos.add(self.tokenizer.token_to_id(eos_text))
+        self.eos_token_ids = frozenset(eos)
+        self._embed, self._prefill, self._decode = (self.lib.func(n) for n in ("embed", "batch_prefill", "batch_decode"))
+        self._reshape = tvm.get_global_func("vm.builtin.reshape")
+        self._seq_ids = itertools.count()
+        self.waiting: collections.deque[Request] = collections.deque()
+        self.running: list[Request] = []
+        log.info("engine ready: context %d, prefill chunk %d, batch %d, %d KV pages of %d", self.context_window,
+                 self.prefill_chunk, self.max_batch, self.kv.total_pages, page_size)
+
+    @staticmethod
+    def _limit(what: str, asked: int | None, configured: int, compiled: int) -> int:
+        """asked (or the config value) bounded by what the library was compiled for (-1 = no bound)."""
+        value = asked if asked is not None else configured
+        if value is None or value <= 0:
+            value = compiled
+        if value <= 0:
+            raise RuntimeLoadError(f"the {what} is unknown (not in mlc-chat-config.json or _metadata); pass it explicitly")
+        if compiled > 0 and value > compiled:
+            if asked is not None:
+                raise RuntimeLoadError(f"{what} {value} is larger than the library was compiled for ({compiled}); "
+                                       f"use at most {compiled} or recompile")
+            value = compiled
+        return int(value)
+
+    # ---- requests -------------------------------------------------------------------------------------
+
+    def add_request(self, prompt: str | Sequence[int], params: SamplingParams | None = None) -> Request:
+        """Queue a request (text is encoded with the tokenizer's special tokens, e.g. BOS)."""
+        params = params or SamplingParams()
+        params.validate()
+        ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else [int(t) for t in prompt]
+        if not ids:
+            raise GenerationError("the prompt is empty; give at least one token")
+        if len(ids) >= self.context_window:
+            raise GenerationError(f"the prompt is {len(ids)} tokens but the context window is {self.context_window}; "
+                                  "shorten the prompt (or /reset the chat) or use a larger --context-window")
+        budget = min(params.max_tokens, self.context_window - len(ids))
+        stop_ids = set(params.stop_token_ids) | (set() if params.ignore_eos else set(self.eos_token_ids))
+        req = Request(ids, params, frozenset(stop_ids), budget, self.tokenizer.stream())
+        req.reserved_pages = self.kv.pages_for(len(ids) + budget)
+        if req.reserved_pages > self.kv.total_pages:
+            raise GenerationError(f"the request needs {len(ids) + budget} KV tokens but the cache holds "
+                                  f"{self.kv.total_pages * self.kv.page_size}; lower max_tokens or raise max_total_tokens")
+        self.waiting.append(req)
+        return req
+
+    def cancel(self, req: Request) -> None:
+        """Stop a request now and free its KV pages."""
+        if req.state is RequestState.WAITING:
+            self.waiting.remove(req)
+        if not req.finished:
+            req.finish_reason = req.finish_reason or "cancelled"
+            self._finish(req)
+
+    def reset(self) -> None:
+        """Drop every request and clear the KV cache."""
+        for req in list(self.running) + list(self.waiting):
+            req.finish_reason = "cancelled"
+            req.state = RequestState.FINISHED
+        self.running.clear()
+        self.waiting.clear()
+        self.kv.clear()
+
+    def has_unfinished(self) -> bool:
+        return bool(self.running or self.waiting)
+
+    def _finish(self, req: Request) -> None:
+        if req.seq_id is not None and req.state is RequestState.RUNNING:
+            self.kv.remove(req.seq_id)
+            self.running.remove(req)
+        req.state = RequestState.FINISHED
+
+    def _admit(self) -> None:
+        reserved = sum(r.reserved_pages for r in self.running)
+        while self.waiting and len(self.running) < self.max_batch:
+            req = self.waiting[0]
+            if reserved + req.reserved_pages > self.kv.total_pages:
+                break  # FIFO: wait for pages rather than let a later, smaller request overtake
+            self.waiting.popleft()
+            req.seq_id = next(self._seq_ids)
+            self.kv.add(req.seq_id)
+            req.state = RequestState.RUNNING
+            reserved += req.reserved_pages
+            self.running.append(req)
+
+    # ---- model calls ----------------------------------------------------------------------------------
+
+    def _embed_ids(self, ids: list[int], shape: list[int]) -> Any:
+        emb = self._embed(tvm.runtime.tensor(np.asarray(ids, dtype=np.int32), self.lib.device), self.params)
+        return self._reshape(emb, ShapeTuple([*shape, int(emb.shape[-1])]))
+
+    def _run(self, batch: list[Request], lengths: list[int], call: Any) -> np.ndarray:
+        """One model call between begin/end_forward; on failure the batch's requests are dropped."""
+        try:
+            with self.kv.forward([r.seq_id for r in batch], lengths) as kv:
+                out = call(kv)
+            return out[0].numpy()
+        except Exception:
+            for r in batch:
+                r.finish_reason = "error"
+                self._finish(r)
+            raise
+
+    def step(self) -> list[Request]:
+        """One batched prefill or decode. Returns the requests that got a new token in this step."""
+        self._admit()
+        if not self.running:
+            return []
+        todo = [r for r in self.running if not r.prefill_done]
+        if todo:
+            batch, lengths, ids = [], [], []
+            room = self.prefill_chunk
+            for r in todo:
+                n = min(room, len(r.prompt_ids) - r.prefilled)
+                if n <= 0:
+                    break
+                batch.append(r)
+                lengths.append(n)
+                ids += r.prompt_ids[r.prefilled : r.prefilled + n]
+                room -= n
+            emb = self._embed_ids(ids, [1, len(ids)])
+            pos = tvm.runtime.tensor(np.cumsum(lengths, dtype=np.int32) - 1, self.lib.device)
+            logits = self._run(batch, lengths, lambda kv: self._prefill(emb, pos, kv, self.params))[0]
+            for r, n in zip(batch, lengths):
+                r.prefilled += n
+            rows = [(r, logits[i]) for i, r in enumerate(batch) if r.prefill_done]
+        else:
+            batch = list(self.running)
+            emb = self._embed_ids([r.next_input() for r in batch], [len(batch), 1])
+            logits = self._run(batch, [1] * len(batch), lambda kv: self._decode(emb, kv, self.params))[:, 0]
+            rows = list(zip(batch, logits))
+        stepped = []
+        for r, row in rows:
+            if self.active_vocab:
+                row = row[: self.active_vocab]
+            r.append(r.sampler.sample(row, r.seen()))
+            stepped.append(r)
+            if r.finish_reason is not None:
+                self._finish(r)
+        return stepped
+
+    # ---- convenience loops ----------------------------------------------------------------------------
+
+    def _params(self, **kw: Any) -> SamplingParams:
+        """SamplingParams from keyword arguments; None means the model's default from mlc-chat-config.json."""
+        defaults = {"temperature": self.config.temperature, "top_p": self.config.top_p,
+                    "repetition_penalty": self.config.repetition_penalty}
+        for k, v in defaults.items():
+            if kw.get(k) is None:
+                kw[k] = v
+        if isinstance(kw.get("stop"), str):
+            kw["stop"] = [kw["stop"]]
+        return SamplingParams(**{k: v for k, v in kw.items() if v is not None})
+
+    def _stream(self, req: Request) -> Iterator[str]:
+        try:
+            while not req.finished:
+                self.step()
+                delta = req.pop_delta()
+                if delta:
+                    yield delta
+        finally:
+            self.cancel(req)  # no-op when finished; frees the pages when the caller stops early
+
+    def generate(self, prompt: str | Sequence[int], max_tokens: int = 256, temperature: float | None = None,
+                 top_p: float | None = None, top_k: int = 0, repetition_penalty: float | None = None,
+                 seed: int | None = None, stop: str | list[str] | None = None, stream: bool = False,
+                 stop_token_ids: list[int] | None = None) -> str | Iterator[str]:
+        """Complete `prompt` (text or token ids). Returns the text, or an iterator of text deltas if `stream`."""
+        params = self._params(max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
+                              repetition_penalty=repetition_penalty, seed=seed, stop=stop,
+                              stop_token_ids=stop_token_ids)
+        req = self.add_request(prompt, params)
+        it = self._stream(req)
+        return it if stream else "".join(it)
+
+    def render_chat(self, messages: list[dict[str, Any]]) -> list[int]:
+        """Prompt ids for a conversation, through the model's chat template (special tokens come from it)."""
+        if self.chat_template is None:
+            raise ChatTemplateError(f"the tokenizer in {self.model_dir} has no chat_template; use raw prompts (--raw)")
+        return self.tokenizer.encode(self.chat_template.render(messages, add_generation_prompt=True),
+                                     add_special_tokens=False)
+
+    def chat(self, messages: list[dict[str, Any]], **kwargs: Any) -> str | Iterator[str]:
+        """`generate` on the chat-templated conversation; same keyword arguments."""
+        return self.generate(self.render_chat(messages), **kwargs)

@@ -1,0 +1,128 @@
+"""Load a compiled model library (.so) into a Relax VM and its weights from the MLC tensor cache.
+
+The sequence mirrors MLC-LLM's C++ engine (shared/docs/mlc-artifacts.md §3-§5): load_module ->
+vm_load_executable -> vm_initialization(dev, pooled allocator, host cpu) -> `_metadata` JSON ->
+tensor_cache.load + param_array_from_cache_by_name(_metadata.params names) + tensor_cache.clear.
+Every failure a user can fix becomes a one-line RuntimeLoadError.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import tvm
+
+from vptq_mlc.errors import RuntimeLoadError
+from vptq_mlc.runtime.device import DeviceSpec, resolve_device
+
+log = logging.getLogger(__name__)
+
+POOLED_ALLOCATOR = 2
+# What the engine calls (docs/ARCHITECTURE.md, "Model library interface"); checked at load time.
+REQUIRED_FUNCTIONS = ("embed", "batch_prefill", "batch_decode", "create_tir_paged_kv_cache")
+
+
+def first_line(e: BaseException) -> str:
+    """The first non-empty line of an exception's message (TVM errors carry long backtraces)."""
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+    return lines[0] if lines else type(e).__name__
+
+
+@dataclass
+class ModelLibrary:
+    """An initialised VM module plus the library's `_metadata`."""
+
+    path: Path
+    spec: DeviceSpec
+    device: tvm.runtime.Device
+    vm: tvm.runtime.Module
+    metadata: dict[str, Any]
+
+    def has(self, name: str) -> bool:
+        return bool(self.vm.implements_function(name))
+
+    def func(self, name: str) -> Any:
+        """A VM function by name; a missing one is a RuntimeLoadError naming the library."""
+        if not self.has(name):
+            raise RuntimeLoadError(
+                f"model library {self.path.name} has no function {name!r}; rebuild it with `vptq-mlc compile`"
+            )
+        return self.vm[name]
+
+
+def load_library(lib_path: str | Path, device: str = "cpu") -> ModelLibrary:
+    """Load `lib_path` for `device` ("cpu", "cuda:0", "auto", ...) and read its `_metadata`."""
+    path = Path(lib_path)
+    if not path.is_file():
+        raise RuntimeLoadError(f"model library not found: {path}; pass --lib or run `vptq-mlc compile` first")
+    spec, dev = resolve_device(device)  # loads the CUDA plugin when needed, before load_module
+    try:
+        mod = tvm.runtime.load_module(str(path))
+    except Exception as e:  # noqa: BLE001 - TVM raises many types here; all mean "cannot load this file"
+        raise RuntimeLoadError(
+            f"cannot load model library {path}: {first_line(e)}; was it built for {spec.kind} with this TVM?"
+        ) from e
+    if not mod.implements_function("vm_load_executable"):
+        raise RuntimeLoadError(f"{path} is not a Relax VM library (kind {mod.kind!r}); build it with `vptq-mlc compile`")
+    vm = mod["vm_load_executable"]()
+    init_args = [spec.dlpack_type, spec.index, POOLED_ALLOCATOR]
+    init_args += [DeviceSpec("cpu").dlpack_type, 0, POOLED_ALLOCATOR]  # host device for shapes / small tensors
+    vm["vm_initialization"](*init_args)
+    if not vm.implements_function("_metadata"):
+        raise RuntimeLoadError(f"model library {path.name} has no _metadata function; rebuild it with `vptq-mlc compile`")
+    metadata = json.loads(str(vm["_metadata"]()))
+    lib = ModelLibrary(path, spec, dev, vm, metadata)
+    for name in REQUIRED_FUNCTIONS:
+        lib.func(name)
+    log.info("loaded %s on %s (%d params)", path.name, spec, len(metadata.get("params", [])))
+    return lib
+
+
+def _resolve_shape(shape: list[Any], model_config: dict[str, Any]) -> list[int | str]:
+    """Turn symbolic dims (e.g. "vocab_size") into numbers from mlc-chat-config's `model_config`."""
+    return [model_config.get(d, d) if isinstance(d, str) else int(d) for d in shape]
+
+
+def load_params(model_dir: str | Path, lib: ModelLibrary, model_config: dict[str, Any] | None = None) -> Any:
+    """Load the weights named in `_metadata.params` from `model_dir`'s tensor cache onto the library's device.
+
+    Returns the ffi Array passed as the packed params argument. Shapes and dtypes are checked against
+    `_metadata` so a library/weights mismatch is caught here, not as a crash inside a kernel.
+    """
+    model_dir = Path(model_dir)
+    index = model_dir / "tensor-cache.json"
+    if not index.is_file():
+        raise RuntimeLoadError(f"no tensor-cache.json in {model_dir}; run `vptq-mlc convert` to write the weights")
+    records = json.loads(index.read_text())
+    for shard in records.get("records", []):
+        if not (model_dir / shard["dataPath"]).is_file():
+            raise RuntimeLoadError(f"weight shard {shard['dataPath']} missing in {model_dir}; re-run `vptq-mlc convert`")
+    stored = {r["name"]: r for shard in records.get("records", []) for r in shard["records"]}
+    wanted = lib.metadata.get("params", [])
+    missing = [p["name"] for p in wanted if p["name"] not in stored]
+    if missing:
+        raise RuntimeLoadError(
+            f"{len(missing)} weights the library needs are not in {index} (first: {missing[0]}); "
+            "the library and the weights come from different models: re-run convert/compile"
+        )
+    for p in wanted:
+        want = _resolve_shape(p["shape"], model_config or {})
+        have = stored[p["name"]]
+        if want != list(have["shape"]) or p["dtype"] != have["dtype"]:
+            raise RuntimeLoadError(
+                f"weight {p['name']} is {have['dtype']}{list(have['shape'])} in {index.name} but the library "
+                f"expects {p['dtype']}{want}; the library and weights do not match: re-run convert/compile"
+            )
+    g = tvm.get_global_func
+    try:
+        g("vm.builtin.tensor_cache.load")(str(model_dir), lib.spec.dlpack_type, lib.spec.index)
+        params = g("vm.builtin.param_array_from_cache_by_name")([p["name"] for p in wanted])
+    except Exception as e:  # noqa: BLE001 - corrupted shards surface as TVM errors
+        raise RuntimeLoadError(f"cannot read weights from {model_dir}: {first_line(e)}; re-run `vptq-mlc convert`") from e
+    finally:
+        g("vm.builtin.tensor_cache.clear")()
+    return params

@@ -1,0 +1,91 @@
+"""One generation request: its prompt, sampling parameters and progress through the scheduler.
+
+The engine moves a request through WAITING (queued) -> RUNNING (has a KV sequence; prefilling while
+`prefilled < len(prompt_ids)`, then decoding) -> FINISHED. Text comes out as deltas that already respect
+stop strings and incomplete UTF-8, so a server can forward them as they are.
+"""
+
+from __future__ import annotations
+
+import enum
+import itertools
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from vptq_mlc.runtime.sampling import Sampler, SamplingParams, StopStrings
+from vptq_mlc.runtime.tokenizer import StreamDecoder
+
+_ids = itertools.count()
+
+
+class RequestState(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+@dataclass(eq=False)
+class Request:
+    """Created by `Engine.add_request`; read `output_ids`, `text`, `finish_reason`, and `pop_delta()`."""
+
+    prompt_ids: list[int]
+    params: SamplingParams
+    stop_token_ids: frozenset[int]
+    max_new_tokens: int  # params.max_tokens capped by the context window
+    detokenizer: StreamDecoder
+    request_id: int = field(default_factory=lambda: next(_ids))
+    state: RequestState = RequestState.WAITING
+    seq_id: int | None = None
+    reserved_pages: int = 0
+    prefilled: int = 0
+    output_ids: list[int] = field(default_factory=list)
+    finish_reason: str | None = None  # "stop", "length", "cancelled"
+
+    def __post_init__(self) -> None:
+        self.sampler = Sampler(self.params)
+        self._stops = StopStrings(self.params.stop)
+        self._text: list[str] = []
+        self._unread = 0
+
+    @property
+    def finished(self) -> bool:
+        return self.state is RequestState.FINISHED
+
+    @property
+    def prefill_done(self) -> bool:
+        return self.prefilled >= len(self.prompt_ids)
+
+    @property
+    def text(self) -> str:
+        """All text released so far (the full answer once finished)."""
+        return "".join(self._text)
+
+    def pop_delta(self) -> str:
+        """Text released since the last call."""
+        out = "".join(self._text[self._unread :])
+        self._unread = len(self._text)
+        return out
+
+    def seen(self) -> np.ndarray:
+        """Prompt + generated ids, for the repetition penalty."""
+        return np.asarray(self.prompt_ids + self.output_ids, dtype=np.int64)
+
+    def append(self, token: int) -> None:
+        """Record a sampled token and decide whether the request is done (sets `finish_reason`)."""
+        if token in self.stop_token_ids:
+            self.finish_reason = "stop"
+        else:
+            self.output_ids.append(token)
+            self._text.append(self._stops.feed(self.detokenizer.put(token)))
+            if self._stops.stopped:
+                self.finish_reason = "stop"
+            elif len(self.output_ids) >= self.max_new_tokens:
+                self.finish_reason = "length"
+        if self.finish_reason is not None:
+            self._text.append(self._stops.feed(self.detokenizer.flush()))
+            self._text.append(self._stops.flush())
+
+    def next_input(self) -> int:
+        """The token a decode step feeds for this request."""
+        return self.output_ids[-1]
