@@ -82,16 +82,3 @@ class DecoderConfig:
     def from_json(cls, d: Mapping[str, Any]) -> "DecoderConfig":
         names = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in d.items() if k in names})
-
-    def linear_shapes(self) -> dict[str, tuple[int, int]]:
-        """(in_features, out_features) of every linear of one decoder layer, by leaf name."""
-        h, d = self.hidden_size, self.head_dim
-        return {
-            "q_proj": (h, self.num_attention_heads * d),
-            "k_proj": (h, self.num_key_value_heads * d),
-            "v_proj": (h, self.num_key_value_heads * d),
-            "o_proj": (self.num_attention_heads * d, h),
-            "gate_proj": (h, self.intermediate_size),
-            "up_proj": (h, self.intermediate_size),
-            "down_proj": (self.intermediate_size, h),
-        }

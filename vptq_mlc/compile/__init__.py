@@ -1,0 +1,1 @@
+"""compile/: MLC model directory + target -> AOT model library (.so)."""

@@ -1,0 +1,119 @@
+"""`vptq-mlc compile`: an MLC model directory + a target -> model library (.so), ahead of time.
+
+Steps: read mlc-chat-config.json -> build the module tree with the target's kernels -> export with MLC's
+function names -> check the parameters against the tensor cache -> lower (relax pipeline) -> attach
+`_metadata` with planned memory -> build and export to a temporary file renamed at the end.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+import time
+from pathlib import Path
+
+import tvm
+from tvm import relax
+
+from vptq_mlc.checkpoint.layer_config import VPTQLayerConfig
+from vptq_mlc.compile.metadata import attach_metadata, model_metadata, planned_memory
+from vptq_mlc.compile.targets import BuildTarget, relax_pipeline, resolve_targets
+from vptq_mlc.convert.chat_config import read_chat_config
+from vptq_mlc.convert.tensor_cache import read_index
+from vptq_mlc.errors import CompileError
+from vptq_mlc.model import build_model
+from vptq_mlc.model.config import DecoderConfig
+from vptq_mlc.tir_kernels.registry import kernel_selector
+
+log = logging.getLogger(__name__)
+
+
+def _upper_bounds(mod: tvm.IRModule, cfg: DecoderConfig) -> tvm.IRModule:
+    """Bound symbolic dims so static memory planning can size every buffer (as MLC does)."""
+    bounds = {
+        "seq_len": cfg.prefill_chunk_size,
+        "batch_size": cfg.max_batch_size,
+        "total_seq_len": cfg.context_window_size,
+    }
+    funcs = {
+        gv: f.with_attr("tir_var_upper_bound", bounds).with_attr("tir_non_negative_var", ["seq_len", "batch_size"])
+        if isinstance(f, relax.Function)
+        else f
+        for gv, f in mod.functions.items()
+    }
+    return tvm.IRModule(funcs, attrs=mod.attrs)
+
+
+def _check_params(params: list, model_dir: Path) -> None:
+    index = read_index(model_dir)
+    for name, p in params:
+        rec = index.get(name)
+        want = ([int(d) for d in p.shape], p.dtype)
+        if rec is None:
+            raise CompileError(f"weight {name} is missing from {model_dir}/tensor-cache.json; re-run convert")
+        if (rec["shape"], rec["dtype"]) != want:
+            raise CompileError(
+                f"weight {name}: tensor cache has {rec['dtype']}{rec['shape']}, model expects {want[1]}{want[0]}; "
+                "re-run convert"
+            )
+
+
+def build_library(model_dir: Path, bt: BuildTarget, output: Path) -> Path:
+    chat = read_chat_config(model_dir)
+    cfg = DecoderConfig.from_json(chat["model_config"])
+    dtype = chat.get("model_dtype", "float16")
+    layers = {p: VPTQLayerConfig.from_json(c, where=p) for p, c in chat.get("vptq", {}).get("layers", {}).items()}
+    bt.prepare()
+    t0 = time.time()
+    model = build_model(cfg, layers, dtype, bt.target, kernel_selector(bt.target))
+    mod, params = model.export_tvm(spec=model.get_default_spec())
+    _check_params(params, model_dir)
+    mod = _upper_bounds(mod, cfg)
+    with bt.target:
+        lowered = relax_pipeline(bt.target)(mod)
+    meta = model_metadata(
+        model_type=chat["model_type"],
+        quantization=chat["quantization"],
+        cfg=cfg,
+        params=params,
+        memory_usage=planned_memory(lowered),
+    )
+    lowered = attach_metadata(lowered, meta)
+    executable = relax.build(lowered, bt.target, relax_pipeline=None)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{output.name}.", suffix=".so", dir=output.parent)
+    os.close(fd)
+    try:
+        executable.export_library(tmp)
+        os.chmod(tmp, 0o755)
+        os.replace(tmp, output)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    log.info("built %s for %s in %.1f s", output, bt.label, time.time() - t0)
+    return output
+
+
+def default_library_path(model_dir: Path, bt: BuildTarget) -> Path:
+    return Path(model_dir) / f"{Path(model_dir).resolve().name}-{bt.label}.so"
+
+
+def compile_model(
+    model_dir: str | os.PathLike[str], target: str = "llvm", output: str | os.PathLike[str] | None = None,
+    arch: str | None = None,
+) -> list[Path]:
+    """Build one library per BuildTarget; `output` names the file (one target) or a directory (several)."""
+    model_dir = Path(model_dir)
+    read_chat_config(model_dir)  # fail early with the convert hint
+    targets = resolve_targets(target, arch)
+    outs = []
+    for bt in targets:
+        if output is None:
+            path = default_library_path(model_dir, bt)
+        elif len(targets) > 1 or Path(output).is_dir():
+            path = Path(output) / default_library_path(model_dir, bt).name
+        else:
+            path = Path(output)
+        outs.append(build_library(model_dir, bt, path))
+    return outs

@@ -1,0 +1,79 @@
+"""The library's `_metadata` function (MLC-LLM's JSON: params, KV cache shape, planned memory per function)."""
+
+from __future__ import annotations
+
+import json
+from typing import Any, Mapping, Sequence
+
+import tvm
+from tvm import relax
+from tvm.relax.frontend import nn
+
+from vptq_mlc.model.config import DecoderConfig
+
+
+def planned_memory(lowered: tvm.IRModule) -> dict[str, int]:
+    """Bytes of storage each Relax function allocates after static memory planning (MLC's memory_usage)."""
+    usage: dict[str, int] = {}
+    for gv, func in lowered.functions.items():
+        if not isinstance(func, relax.Function):
+            continue
+        total = 0
+
+        def visit(e: Any) -> None:
+            nonlocal total
+            if (
+                isinstance(e, relax.Call)
+                and isinstance(e.op, tvm.ir.Op)
+                and e.op.name == "relax.memory.alloc_storage"
+                and isinstance(e.args[0], relax.ShapeExpr)
+            ):
+                size = e.args[0].values[0]
+                if isinstance(size, tvm.tirx.IntImm):
+                    total += int(size.value)
+
+        relax.analysis.post_order_visit(func, visit)
+        usage[gv.name_hint] = total
+    return usage
+
+
+def model_metadata(
+    *,
+    model_type: str,
+    quantization: str,
+    cfg: DecoderConfig,
+    params: Sequence[tuple[str, nn.Parameter]],
+    memory_usage: Mapping[str, int],
+) -> dict[str, Any]:
+    return {
+        "model_type": model_type,
+        "quantization": quantization,
+        "context_window_size": cfg.context_window_size,
+        "sliding_window_size": cfg.sliding_window_size,
+        "attention_sink_size": -1,
+        "prefill_chunk_size": cfg.prefill_chunk_size,
+        "max_batch_size": cfg.max_batch_size,
+        "tensor_parallel_shards": 1,
+        "pipeline_parallel_stages": 1,
+        "kv_state_kind": "kv_cache",
+        "model_task": "chat",
+        "params": [
+            {"name": name, "shape": [int(d) for d in p.shape], "dtype": p.dtype, "preprocs": [], "pipeline_stages": [0]}
+            for name, p in params
+        ],
+        "kv_cache": {
+            "num_hidden_layers": cfg.num_hidden_layers,
+            "num_attention_heads": cfg.num_attention_heads,
+            "num_key_value_heads": cfg.num_key_value_heads,
+            "head_dim": cfg.head_dim,
+        },
+        "memory_usage": dict(memory_usage),
+    }
+
+
+def attach_metadata(mod: tvm.IRModule, metadata: Mapping[str, Any]) -> tvm.IRModule:
+    """Add `_metadata() -> str` (a constant, so it needs no lowering and can join an already-lowered module)."""
+    bb = relax.BlockBuilder(mod)
+    with bb.function("_metadata", params=[]):
+        bb.emit_func_output(tvm.ir.StringImm(json.dumps(metadata)))
+    return bb.get()

@@ -1,0 +1,109 @@
+"""`vptq-mlc convert`: a VPTQ checkpoint directory -> an MLC model directory (weights, config, tokenizer).
+
+Tensors stream one layer at a time from the checkpoint into tensor-cache shards, so the model is never held
+in memory twice. Output goes to a temporary sibling directory that is renamed only when complete.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+from tqdm import tqdm
+
+from vptq_mlc.checkpoint.dequant import decode_codes
+from vptq_mlc.checkpoint.reader import VPTQCheckpoint
+from vptq_mlc.convert.chat_config import CONFIG_NAME, build_chat_config
+from vptq_mlc.convert.layout import generic_layout
+from vptq_mlc.convert.tensor_cache import TensorCacheWriter
+from vptq_mlc.errors import ConvertError
+from vptq_mlc.model import decoder_config_from_hf
+
+log = logging.getLogger(__name__)
+SUPPORTED_DTYPES = ("float16", "float32")
+
+
+def default_dtype(checkpoint_dtype: str) -> str:
+    """fp32 checkpoints stay fp32; fp16/bf16 run as fp16 (TVM's CPU and GPU kernels both support it)."""
+    return "float32" if checkpoint_dtype == "float32" else "float16"
+
+
+def _tensor_groups(ckpt: VPTQCheckpoint, dtype: str) -> Iterator[list[tuple[str, np.ndarray]]]:
+    """Per dense tensor or VPTQ layer, its (name, array) pairs in tensor-cache form: dense tensors cast to the
+    model dtype, VPTQ layers in the kernel layout."""
+    for name in ckpt.dense_tensor_names():
+        a = ckpt.get(name)
+        yield [(name, a.astype(np.float32).astype(dtype) if a.dtype.kind == "f" else a)]
+    for path, cfg in ckpt.layers.items():
+        tensors = ckpt.layer_tensors(path)
+        layout = generic_layout(cfg, tensors, decode_codes(cfg, tensors, path), dtype)
+        yield [(f"{path}.{suffix}", a) for suffix, a in layout.items()]
+
+
+def convert_checkpoint(
+    checkpoint: str | os.PathLike[str],
+    output: str | os.PathLike[str],
+    *,
+    dtype: str | None = None,
+    context_window_size: int | None = None,
+    prefill_chunk_size: int | None = None,
+    max_batch_size: int | None = None,
+    overwrite: bool = False,
+    validate: bool = True,
+) -> Path:
+    """Convert and return the output directory. Raises CheckpointError / ConvertError with one-line messages."""
+    out = Path(output)
+    if out.exists() and not overwrite:
+        raise ConvertError(f"output directory {out} exists; remove it or pass --overwrite")
+    ckpt = VPTQCheckpoint.open(checkpoint)
+    if validate:
+        ckpt.validate(progress=True)
+    dtype = dtype or default_dtype(ckpt.dtype)
+    if dtype not in SUPPORTED_DTYPES:
+        raise ConvertError(f"dtype {dtype!r} is not supported; choose one of {', '.join(SUPPORTED_DTYPES)}")
+    model_config = decoder_config_from_hf(ckpt.arch, ckpt.hf_config)
+    if context_window_size:
+        model_config.context_window_size = context_window_size
+    model_config.prefill_chunk_size = min(prefill_chunk_size or model_config.prefill_chunk_size,
+                                          model_config.context_window_size)
+    if max_batch_size:
+        model_config.max_batch_size = max_batch_size
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        tok_files = []
+        for f in ckpt.tokenizer_files():
+            shutil.copy2(f, tmp / f.name)
+            tok_files.append(f.name)
+        n_total = len(ckpt.dense_tensor_names()) + len(ckpt.layers)
+        with TensorCacheWriter(tmp, metadata={"quantization": "vptq"}) as writer:
+            for group in tqdm(_tensor_groups(ckpt, dtype), total=n_total, desc="convert", unit="tensor"):
+                for name, a in group:
+                    writer.add(name, a)
+        chat_cfg = build_chat_config(
+            arch=ckpt.arch,
+            model_config=model_config,
+            layers=ckpt.layers,
+            dtype=dtype,
+            hf_config=ckpt.hf_config,
+            source_dir=ckpt.path,
+            out_dir=tmp,
+            tokenizer_files=tok_files,
+        )
+        (tmp / CONFIG_NAME).write_text(json.dumps(chat_cfg, indent=2))
+        os.chmod(tmp, 0o755)
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    log.info("converted %s -> %s (%d tensors, %.1f MB)", checkpoint, out, writer.num_tensors, writer.total_bytes / 1e6)
+    return out
