@@ -1,0 +1,108 @@
+"""runtime/sampling.py against transformers' logits processors (the reference semantics) on the same logits."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from transformers.generation.logits_process import (
+    LogitsProcessorList,
+    RepetitionPenaltyLogitsProcessor,
+    TemperatureLogitsWarper,
+    TopKLogitsWarper,
+    TopPLogitsWarper,
+)
+
+from vptq_mlc.errors import GenerationError
+from vptq_mlc.runtime.sampling import Sampler, SamplingParams, StopStrings, process_logits, softmax
+
+
+def hf_scores(logits: np.ndarray, seen: np.ndarray, p: SamplingParams) -> np.ndarray:
+    procs = LogitsProcessorList()
+    if p.repetition_penalty != 1.0:
+        procs.append(RepetitionPenaltyLogitsProcessor(p.repetition_penalty))
+    if p.temperature > 0:
+        procs.append(TemperatureLogitsWarper(p.temperature))
+        if p.top_k > 0:
+            procs.append(TopKLogitsWarper(p.top_k))
+        if p.top_p < 1.0:
+            procs.append(TopPLogitsWarper(p.top_p))
+    ids = torch.tensor(seen[None, :], dtype=torch.long)
+    return procs(ids, torch.tensor(logits[None, :], dtype=torch.float64))[0].numpy()
+
+
+@pytest.mark.parametrize(
+    "params",
+    [
+        SamplingParams(temperature=0.0, repetition_penalty=1.3),
+        SamplingParams(temperature=0.7),
+        SamplingParams(temperature=1.0, top_k=5),
+        SamplingParams(temperature=0.9, top_p=0.8),
+        SamplingParams(temperature=1.3, top_k=20, top_p=0.6, repetition_penalty=1.15),
+        SamplingParams(temperature=0.5, top_p=0.05),  # keeps at least one token
+        SamplingParams(temperature=1.0, repetition_penalty=0.8),  # < 1 encourages repeats
+    ],
+)
+def test_processed_scores_match_transformers(params: SamplingParams) -> None:
+    rng = np.random.default_rng(0)
+    for trial in range(5):
+        logits = rng.normal(0, 3, size=97).astype(np.float32)
+        logits[7] = logits[11]  # a tie, to exercise top-k's boundary rule
+        seen = rng.integers(0, 97, size=12 + trial)
+        ours = process_logits(logits, params, seen)
+        ref = hf_scores(logits, seen, params)
+        np.testing.assert_array_equal(np.isinf(ours), np.isinf(ref))
+        finite = ~np.isinf(ref)
+        np.testing.assert_allclose(ours[finite], ref[finite], rtol=1e-12, atol=1e-12)
+
+
+def test_greedy_is_argmax_after_penalty() -> None:
+    logits = np.array([1.0, 5.0, 4.9, -2.0], dtype=np.float32)
+    s = Sampler(SamplingParams(temperature=0.0, repetition_penalty=2.0))
+    assert s.sample(logits, np.array([], dtype=np.int64)) == 1
+    assert s.sample(logits, np.array([1])) == 2  # 5/2 < 4.9
+
+
+def test_draws_follow_the_filtered_distribution() -> None:
+    rng = np.random.default_rng(1)
+    logits = rng.normal(0, 1.5, size=12).astype(np.float32)
+    params = SamplingParams(temperature=0.8, top_k=8, top_p=0.9, seed=123)
+    probs = softmax(hf_scores(logits, np.array([], dtype=np.int64), params))
+    s = Sampler(params)
+    n = 20000
+    counts = np.bincount([s.sample(logits, np.array([], dtype=np.int64)) for _ in range(n)], minlength=12)
+    assert counts[probs == 0].sum() == 0
+    np.testing.assert_allclose(counts / n, probs, atol=4 * np.sqrt(probs * (1 - probs) / n).max() + 1e-3)
+
+
+def test_seed_reproducible_and_independent_per_request() -> None:
+    logits = np.random.default_rng(2).normal(size=50).astype(np.float32)
+    seen = np.array([], dtype=np.int64)
+    a = Sampler(SamplingParams(temperature=1.0, seed=7))
+    b = Sampler(SamplingParams(temperature=1.0, seed=7))
+    c = Sampler(SamplingParams(temperature=1.0, seed=8))
+    ta = [a.sample(logits, seen) for _ in range(30)]
+    for _ in range(5):  # another request drawing in between must not disturb `b`
+        c.sample(logits, seen)
+    assert ta == [b.sample(logits, seen) for _ in range(30)]
+
+
+@pytest.mark.parametrize(
+    "kw", [{"temperature": -1}, {"top_p": 0}, {"top_p": 1.5}, {"top_k": -1}, {"repetition_penalty": 0},
+           {"max_tokens": 0}, {"stop": [""]}]
+)
+def test_invalid_params_raise(kw: dict) -> None:
+    with pytest.raises(GenerationError):
+        SamplingParams(**kw).validate()
+
+
+def test_stop_strings_cut_and_hold_back() -> None:
+    s = StopStrings(["</end>", "STOP"])
+    out = [s.feed(x) for x in ["Hello <", "/en", "d> tail"]]
+    assert "".join(out) == "Hello " and s.stopped
+    assert out[0] == "Hello "  # "<" is held back: it may start "</end>"
+    s = StopStrings(["STOP"])
+    out = "".join(s.feed(x) for x in ["ST", "ART", " S"]) + s.flush()
+    assert out == "START S" and not s.stopped
+    s = StopStrings(["ab"])
+    assert s.feed("xxab") == "xx" and s.stopped and s.feed("more") == "" and s.flush() == ""
