@@ -266,14 +266,15 @@ class VPTQCheckpoint:
             if s not in spec:
                 why = " (enable_perm is false)" if s == "perm" else ""
                 raise CheckpointError(f"layer {path}: unexpected tensor {s!r}{why}; the file does not match its config")
-        fdt = None
+        # the layer's float dtype: the checkpoint's torch_dtype if the layer uses it at all, else its centroids'
+        floats = [self._tensors[f"{path}.{s}"].dtype for s, sp in spec.items() if sp.dtypes == (FLOAT,) and s in stored]
+        fdt = self.dtype if self.dtype in floats else (floats[0] if floats else None)
         for s, sp in spec.items():
             if s not in stored:
                 raise CheckpointError(f"layer {path}: tensor {s!r} missing, expected {sp.describe()}")
             info = self._tensors[f"{path}.{s}"]
             if sp.dtypes == (FLOAT,):
-                ok = info.dtype in FLOAT_DTYPES and (fdt is None or info.dtype == fdt)
-                fdt = fdt or info.dtype
+                ok = info.dtype in FLOAT_DTYPES and info.dtype == fdt
                 want = f"{fdt if info.dtype in FLOAT_DTYPES else '/'.join(FLOAT_DTYPES)} {list(sp.shape)}"
             else:
                 ok = info.dtype in sp.dtypes
