@@ -1,0 +1,55 @@
+"""The independent reference for end-to-end tests: a plain transformers model holding the dense weights.
+
+Dense weights come from the checkpoint's safetensors read with `safetensors.numpy` (not our reader) and from
+tests/reference_dequant.py (not our dequantizer), so nothing of vptq_mlc is on the reference side.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from reference_dequant import ref_dequant
+
+SHORT = (
+    "centroids.weight", "res_centroids.weight", "outlier_centroids.weight", "indices", "res_indices",
+    "outlier_indices", "perm", "weight_scale", "weight_bias", "bias",
+)
+
+
+def dense_state_dict(ckpt: Path) -> tuple[dict, dict[str, np.ndarray]]:
+    from safetensors.numpy import load_file
+
+    hf = json.loads((ckpt / "config.json").read_text())
+    raw: dict[str, np.ndarray] = {}
+    for f in sorted(ckpt.glob("*.safetensors")):
+        raw.update(load_file(f))
+    qcfg = hf.pop("quantization_config")["config_for_layers"]
+    state: dict[str, np.ndarray] = {}
+    for path, c in qcfg.items():
+        t = {s: raw.pop(f"{path}.{s}") for s in SHORT if f"{path}.{s}" in raw}
+        state[f"{path}.weight"] = ref_dequant(c, t).astype(np.float32)
+        if "bias" in t:
+            state[f"{path}.bias"] = t["bias"].astype(np.float32)
+    state.update({k: v.astype(np.float32) for k, v in raw.items()})
+    return hf, state
+
+
+def reference_model(ckpt: str | Path):
+    """transformers *ForCausalLM (fp32, eager attention) with the checkpoint's dense dequantized weights."""
+    import torch
+    import transformers
+
+    hf, state = dense_state_dict(Path(ckpt))
+    cls = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "mistral": "MistralForCausalLM"}[hf["model_type"]]
+    config = transformers.AutoConfig.for_model(**{k: v for k, v in hf.items() if k != "torch_dtype"})
+    config._attn_implementation = "eager"
+    model = getattr(transformers, cls)(config).to(torch.float32).eval()
+    missing, unexpected = model.load_state_dict({k: torch.from_numpy(v) for k, v in state.items()}, strict=False)
+    missing = [m for m in missing if not (m == "lm_head.weight" and config.tie_word_embeddings)]
+    assert not missing and not unexpected, (missing, unexpected)
+    if config.tie_word_embeddings:
+        model.tie_weights()
+    return model
