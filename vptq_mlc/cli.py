@@ -48,3 +48,63 @@ def main(verbose: int) -> None:
 
 
 # ---- commands (keep each one short; one section per pipeline stage) ----
+
+
+# -- checkpoint --
+@main.command()
+@click.argument("ckpt", type=click.Path(file_okay=False, path_type=str))
+@click.option("--no-validate", is_flag=True, help="Only read headers; skip the full tensor validation.")
+@click.option("--all-layers", is_flag=True, help="One line per layer instead of folding identical decoder layers.")
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
+@one_line_errors
+def inspect(ckpt: str, no_validate: bool, all_layers: bool, as_json: bool) -> None:
+    """Show a VPTQ checkpoint's architecture, variants, per-layer bits and sizes, and validate it."""
+    import json
+
+    from vptq_mlc.checkpoint.inspect import format_summary, summarize
+    from vptq_mlc.checkpoint.reader import VPTQCheckpoint
+
+    ck = VPTQCheckpoint.open(ckpt)
+    summary = summarize(ck)
+    click.echo(json.dumps(summary.as_dict(), indent=2) if as_json else format_summary(summary, all_layers))
+    if not no_validate:
+        ck.validate(progress=sys.stderr.isatty())
+        if not as_json:
+            click.echo("validation      OK")
+
+
+# -- convert --
+@main.command()
+@click.argument("ckpt", type=click.Path(file_okay=False, path_type=str))
+@click.option("-o", "--output", required=True, type=click.Path(path_type=str), help="MLC model directory to write.")
+@click.option("--dtype", type=click.Choice(["float16", "float32"]), default=None,
+              help="Model dtype (default: float32 for fp32 checkpoints, else float16).")
+@click.option("--context-window", type=int, default=None, help="Override the context window size.")
+@click.option("--prefill-chunk", type=int, default=None, help="Tokens per prefill call (default min(ctx, 512)).")
+@click.option("--max-batch-size", type=int, default=None, help="Sequences decoded together (default 16).")
+@click.option("--overwrite", is_flag=True, help="Replace an existing output directory.")
+@one_line_errors
+def convert(ckpt: str, output: str, dtype: str | None, context_window: int | None, prefill_chunk: int | None,
+            max_batch_size: int | None, overwrite: bool) -> None:
+    """Convert a VPTQ checkpoint into an MLC model directory (weight shards + mlc-chat-config.json)."""
+    from vptq_mlc.convert.converter import convert_checkpoint
+
+    out = convert_checkpoint(ckpt, output, dtype=dtype, context_window_size=context_window,
+                             prefill_chunk_size=prefill_chunk, max_batch_size=max_batch_size, overwrite=overwrite)
+    click.echo(str(out))
+
+
+# -- compile --
+@main.command(name="compile")
+@click.argument("model_dir", type=click.Path(file_okay=False, path_type=str))
+@click.option("--target", default="llvm", show_default=True, help="llvm (CPU), cuda or rocm.")
+@click.option("--arch", default=None, help="Comma-separated GPU archs, e.g. sm_80,sm_90 or gfx90a,gfx1100.")
+@click.option("-o", "--output", type=click.Path(path_type=str), default=None,
+              help="Library file (one target) or directory (default: MODEL_DIR/<name>-<target>.so).")
+@one_line_errors
+def compile_cmd(model_dir: str, target: str, arch: str | None, output: str | None) -> None:
+    """Compile a converted model into a model library, ahead of time."""
+    from vptq_mlc.compile.build import compile_model
+
+    for path in compile_model(model_dir, target, output, arch=arch):
+        click.echo(str(path))
