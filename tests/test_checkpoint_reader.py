@@ -390,3 +390,12 @@ def test_get_unknown_and_layer_tensors_of_dense(synth):
     ck = VPTQCheckpoint.open(synth)
     _raises_one_line(lambda: ck.get("model.nope"), "model.nope")
     _raises_one_line(lambda: ck.layer_tensors("model.norm"), "not a quantized layer")
+
+
+def test_synthetic_tokenizer_fills_large_vocab():
+    from tokenizers import Tokenizer
+
+    from vptq_mlc.checkpoint.synthetic import synthetic_tokenizer_json
+
+    tok = Tokenizer.from_str(synthetic_tokenizer_json(2048))
+    assert tok.get_vocab_size() == 2048 and tok.id_to_token(2047).startswith("<|reserved_special_token_")

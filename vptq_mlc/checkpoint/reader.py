@@ -50,11 +50,11 @@ class TensorInfo:
     nbytes: int
 
 
-def _read_header(path: Path) -> dict[str, Any]:
+def _read_header(path: Path) -> tuple[dict[str, Any], int]:
     """Parse a safetensors header ourselves (to locate bf16 data) after safe_open has vetted the file."""
     with open(path, "rb") as f:
         (n,) = struct.unpack("<Q", f.read(8))
-        return json.loads(f.read(n)), 8 + n  # type: ignore[return-value]
+        return json.loads(f.read(n)), 8 + n
 
 
 def find_quant_config(hf: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Any], list[str]]:

@@ -111,6 +111,10 @@ def synthetic_tokenizer_json(vocab_size: int) -> str:
         show_progress=False,
     )
     tok.train_from_iterator(_corpus(), trainer=trainer)
+    # the corpus supports ~1500 entries; fill larger vocabularies with reserved special tokens (as Llama 3 does)
+    missing = vocab_size - tok.get_vocab_size()
+    if missing > 0:
+        tok.add_special_tokens([f"<|reserved_special_token_{i}|>" for i in range(missing)])
     return tok.to_str()
 
 
