@@ -6,9 +6,9 @@ import json
 from pathlib import Path
 
 import pytest
-from tiny_mlc_lib import write_byte_level_tokenizer
 from transformers import PreTrainedTokenizerFast
 
+from vptq_mlc.checkpoint.synthetic import make_synthetic_checkpoint
 from vptq_mlc.runtime.chat_template import ChatTemplate, ChatTemplateError, load_chat_template
 from vptq_mlc.runtime.tokenizer import Tokenizer
 
@@ -51,8 +51,8 @@ def write_byte_fallback_tokenizer(out: Path) -> None:
 @pytest.fixture(scope="module", params=["byte_level", "byte_fallback"])
 def tok_dir(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Path:
     d = tmp_path_factory.mktemp(request.param)
-    if request.param == "byte_level":
-        write_byte_level_tokenizer(d)
+    if request.param == "byte_level":  # the synthetic checkpoint's GPT-2 style BPE (ASCII corpus: bytes for the rest)
+        d = make_synthetic_checkpoint(d / "ckpt", vocab_size=400, hidden_size=16, intermediate_size=16, num_layers=1)
     else:
         write_byte_fallback_tokenizer(d)
     return d

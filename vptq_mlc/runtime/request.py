@@ -48,6 +48,10 @@ class Request:
         self._text: list[str] = []
         self._unread = 0
 
+    def __repr__(self) -> str:
+        return (f"Request(id={self.request_id}, {self.state.value}, prompt {self.prefilled}/{len(self.prompt_ids)}, "
+                f"{len(self.output_ids)} new, finish={self.finish_reason})")
+
     @property
     def finished(self) -> bool:
         return self.state is RequestState.FINISHED

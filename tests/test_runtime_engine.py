@@ -1,0 +1,206 @@
+"""runtime/engine.py on the real path: synthetic VPTQ checkpoint -> convert -> compile (llvm) -> Engine.
+
+Greedy tokens are checked against transformers holding the dense dequantized weights (tests/reference_model.py);
+batching, chunked prefill, admission and cancellation are checked against the same engine running each request
+alone and unchunked, and KV pages are counted with `attention_kv_cache_get_num_available_pages`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+from reference_model import reference_model
+from vptq_mlc.checkpoint.synthetic import make_synthetic_checkpoint
+from vptq_mlc.compile.build import compile_model
+from vptq_mlc.convert.converter import convert_checkpoint
+from vptq_mlc.errors import GenerationError, RuntimeLoadError
+from vptq_mlc.runtime import Engine, SamplingParams
+
+PROMPTS = ["The quick brown fox", "Hello there, how are you doing today? I am", "A"]
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, Path]:
+    root = tmp_path_factory.mktemp("engine")
+    ckpt = make_synthetic_checkpoint(root / "ckpt", arch="llama", variant="v8-k256-0", dtype="float32", seed=3)
+    model_dir = convert_checkpoint(ckpt, root / "mlc", context_window_size=96, prefill_chunk_size=32, max_batch_size=4)
+    (lib,) = compile_model(model_dir, "llvm")
+    return ckpt, model_dir, lib
+
+
+@pytest.fixture(scope="module")
+def engine(built: tuple[Path, Path, Path]) -> Engine:
+    return Engine(built[1], device="cpu")  # library found in the model dir by name
+
+
+def greedy(max_tokens: int = 12, **kw) -> SamplingParams:
+    return SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True, **kw)
+
+
+def run(engine: Engine, reqs: list) -> None:
+    while any(not r.finished for r in reqs):
+        engine.step()
+
+
+def alone(engine: Engine, prompt: str, params: SamplingParams) -> list[int]:
+    req = engine.add_request(prompt, params)
+    run(engine, [req])
+    return req.output_ids
+
+
+def test_greedy_matches_transformers(built: tuple[Path, Path, Path], engine: Engine) -> None:
+    ref = reference_model(built[0])
+    for prompt in PROMPTS:
+        ids = engine.tokenizer.encode(prompt)
+        with torch.no_grad():
+            out = ref.generate(torch.tensor([ids]), max_new_tokens=12, min_new_tokens=12, do_sample=False,
+                               eos_token_id=None, pad_token_id=0)
+        assert alone(engine, prompt, greedy()) == out[0, len(ids):].tolist()
+
+
+def test_batch_equals_alone_and_pages_freed(engine: Engine) -> None:
+    solo = [alone(engine, p, greedy()) for p in PROMPTS]
+    total = engine.kv.total_pages
+    assert engine.kv.available_pages() == total
+    reqs = [engine.add_request(p, greedy()) for p in PROMPTS]
+    assert engine.step() == [reqs[0]]  # one prefill call packs prompt 0 and the start of prompt 1 (chunk 32)
+    assert reqs[0].prefill_done and 0 < reqs[1].prefilled < len(reqs[1].prompt_ids)
+    assert engine.kv.available_pages() < total
+    run(engine, reqs)
+    assert [r.output_ids for r in reqs] == solo
+    assert all(r.finish_reason == "length" for r in reqs)
+    assert engine.kv.available_pages() == total and engine.kv.total_tokens() == 0
+
+
+def test_continuous_batching_late_arrival(engine: Engine) -> None:
+    solo = [alone(engine, p, greedy(10)) for p in PROMPTS[:2]]
+    first = engine.add_request(PROMPTS[0], greedy(10))
+    for _ in range(4):
+        engine.step()
+    second = engine.add_request(PROMPTS[1], greedy(10))  # joins while `first` is decoding
+    run(engine, [first, second])
+    assert [first.output_ids, second.output_ids] == solo
+
+
+def test_chunked_prefill_equals_unchunked(built: tuple[Path, Path, Path], engine: Engine) -> None:
+    prompt = " ".join(PROMPTS)  # 43 tokens: 7 chunks of 7
+    assert len(engine.tokenizer.encode(prompt)) > 20
+    want = alone(engine, prompt, greedy())
+    chunked = Engine(built[1], built[2], prefill_chunk_size=7)
+    assert chunked.prefill_chunk == 7
+    assert alone(chunked, prompt, greedy()) == want
+    reqs = [chunked.add_request(p, greedy()) for p in [prompt, PROMPTS[0]]]  # chunks spanning two requests
+    run(chunked, reqs)
+    assert reqs[0].output_ids == want and reqs[1].output_ids == alone(engine, PROMPTS[0], greedy())
+
+
+def test_admission_waits_for_pages(built: tuple[Path, Path, Path], engine: Engine) -> None:
+    small = Engine(built[1], built[2], max_total_tokens=32)  # room for one 12-token prompt + 12 new at a time
+    reqs = [small.add_request(p, greedy()) for p in PROMPTS[:2]]
+    small.step()
+    assert reqs[0].seq_id is not None and reqs[1].seq_id is None  # second one waits
+    run(small, reqs)
+    assert [r.output_ids for r in reqs] == [alone(engine, p, greedy()) for p in PROMPTS[:2]]
+    with pytest.raises(GenerationError, match="KV tokens"):
+        small.add_request(PROMPTS[1], greedy(60))
+
+
+def test_streaming_stop_and_cancel(engine: Engine) -> None:
+    full = engine.generate(PROMPTS[0], max_tokens=16, temperature=0)
+    deltas = list(engine.generate(PROMPTS[0], max_tokens=16, temperature=0, stream=True))
+    assert "".join(deltas) == full and len(deltas) > 1
+    stop = full[len(full) // 2 : len(full) // 2 + 2]
+    assert engine.generate(PROMPTS[0], max_tokens=16, temperature=0, stop=stop) == full[: full.index(stop)]
+    ids = alone(engine, PROMPTS[0], greedy(16))
+    req = engine.add_request(PROMPTS[0], greedy(16, stop_token_ids=[ids[3]]))
+    run(engine, [req])
+    assert req.finish_reason == "stop" and req.output_ids == ids[: ids.index(ids[3])]
+    it = engine.generate(PROMPTS[1], max_tokens=50, temperature=0, stream=True)
+    next(it)
+    assert engine.kv.available_pages() < engine.kv.total_pages
+    it.close()  # the caller stops early: the request is cancelled and its pages come back
+    assert engine.kv.available_pages() == engine.kv.total_pages and not engine.has_unfinished()
+
+
+def test_seeded_sampling_reproducible_in_any_batch(engine: Engine) -> None:
+    params = dict(max_tokens=12, temperature=1.0, top_p=0.9, top_k=50, ignore_eos=True)
+    a = alone(engine, PROMPTS[0], SamplingParams(seed=5, **params))
+    reqs = [engine.add_request(PROMPTS[1], SamplingParams(seed=9, **params)),
+            engine.add_request(PROMPTS[0], SamplingParams(seed=5, **params))]
+    run(engine, reqs)
+    assert reqs[1].output_ids == a
+
+
+def test_context_window_limits(engine: Engine) -> None:
+    with pytest.raises(GenerationError, match="context window is 96"):
+        engine.add_request(list(range(5, 101)), greedy())
+    req = engine.add_request(list(range(5, 90)), greedy(50))
+    run(engine, [req])
+    assert req.finish_reason == "length" and len(req.output_ids) == 96 - 85
+
+
+def test_chat_and_reset(engine: Engine) -> None:
+    msgs = [{"role": "user", "content": "Hi!"}]
+    want = engine.tokenizer.encode(engine.chat_template.render(msgs), add_special_tokens=False)
+    assert engine.render_chat(msgs) == want
+    assert isinstance(engine.chat(msgs, max_tokens=4, temperature=0), str)
+    engine.add_request(PROMPTS[0], greedy())
+    engine.step()
+    engine.reset()
+    assert not engine.has_unfinished() and engine.kv.available_pages() == engine.kv.total_pages
+
+
+def test_load_errors(built: tuple[Path, Path, Path], tmp_path: Path) -> None:
+    _, model_dir, lib = built
+    with pytest.raises(RuntimeLoadError, match="model library not found"):
+        Engine(model_dir, tmp_path / "nope.so")
+    with pytest.raises(RuntimeLoadError, match="larger than the library was compiled for"):
+        Engine(model_dir, lib, context_window=4096)
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    for f in model_dir.iterdir():
+        if f.suffix != ".so":
+            (bad / f.name).write_bytes(f.read_bytes())
+    with pytest.raises(RuntimeLoadError, match="no cpu model library"):
+        Engine(bad)
+    index = json.loads((bad / "tensor-cache.json").read_text())
+    rec = index["records"][0]["records"][0]
+    rec["shape"] = [rec["shape"][0] + 1, *rec["shape"][1:]]
+    (bad / "tensor-cache.json").write_text(json.dumps(index))
+    with pytest.raises(RuntimeLoadError, match=f"weight {rec['name']} is"):
+        Engine(bad, lib)
+    (bad / "params_shard_0.bin").unlink()
+    with pytest.raises(RuntimeLoadError, match="params_shard_0.bin missing"):
+        Engine(bad, lib)
+
+
+def test_runtime_imports_only_tvm_runtime(built: tuple[Path, Path, Path]) -> None:
+    """In a runtime-only process with torch/transformers/tvm.relax blocked, the engine loads and generates."""
+    code = textwrap.dedent(f"""
+        import sys
+        BLOCKED = ("torch", "transformers", "tvm.relax", "safetensors", "vptq_mlc.compile", "vptq_mlc.model")
+        class Block:
+            def find_spec(self, name, path=None, target=None):
+                if any(name == b or name.startswith(b + ".") for b in BLOCKED):
+                    raise ImportError("blocked for the test: " + name)
+        sys.meta_path.insert(0, Block())
+        from vptq_mlc.runtime import Engine
+        import tvm
+        assert tvm.base._RUNTIME_ONLY
+        e = Engine({str(built[1])!r}, {str(built[2])!r})
+        print(repr(e.generate("The quick", max_tokens=4, temperature=0)))
+        bad = sorted(m for m in sys.modules if any(m == b or m.startswith(b + ".") for b in BLOCKED))
+        assert not bad, bad
+    """)
+    env = {**os.environ, "TVM_USE_RUNTIME_LIB": "1"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120,
+                         cwd=Path(__file__).resolve().parents[1])
+    assert out.returncode == 0, out.stderr[-2000:]
