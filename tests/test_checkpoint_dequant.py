@@ -180,3 +180,13 @@ def test_dequant_shape_errors_are_one_line():
     with pytest.raises(CheckpointError, match="'indices' expected shape") as e:
         dequantize(cfg, t)
     assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("flavour", ["recipe", "full"])
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+def test_dequant_matches_reference_across_row_blocks(flavour, dtype):
+    """Wide layers are dequantized in blocks of vector rows; the last block is partial (O=203, v=8)."""
+    cfg = _cfg("v8-k4096-16", 4096 + 16, 203, **FLAVOURS[flavour]) if flavour == "full" else \
+        _cfg("v8-k4096-16", 4096, 203)
+    t = random_layer(cfg, np.random.default_rng(9), dtype)
+    np.testing.assert_array_equal(dequantize(cfg, t), ref_dequant(cfg.to_json(), t))
