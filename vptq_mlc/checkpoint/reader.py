@@ -149,6 +149,7 @@ class VPTQCheckpoint:
             raise CheckpointError(f"{cfg_file} is not valid JSON ({e}); fix or re-download it") from None
         if not isinstance(hf, dict):
             raise CheckpointError(f"{cfg_file} must hold a JSON object")
+        find_quant_config(hf)  # "not a VPTQ checkpoint" comes before "unsupported architecture"
         detect_arch(hf)
         layers = resolve_layers(hf)
         return cls(root, hf, layers, cls._scan_weights(root))
