@@ -7,6 +7,7 @@ biases are applied outside (see model/vptq_linear.py), so this is the only funct
 
 from __future__ import annotations
 
+import tvm
 from tvm import te, tirx
 
 from vptq_mlc.checkpoint.layer_config import VPTQLayerConfig
@@ -29,7 +30,10 @@ def vq_operand_shapes(cfg: VPTQLayerConfig) -> dict[str, tuple[tuple[int, ...], 
 
 
 def vq_matmul_generic(cfg: VPTQLayerConfig, dtype: str, n: int | tirx.Var | None = None) -> tirx.PrimFunc:
-    """PrimFunc(xs[n, I], <operands of vq_operand_shapes>, y[n, O]); accumulates in float32."""
+    """PrimFunc(xs[n, I], <operands of vq_operand_shapes>, y[n, O]); accumulates in float32.
+
+    Sums are computed per (row, vector row i, lane j) as `acc[n, N, v]` so a schedule can load each code once
+    and reuse it for the v lanes of its codebook entry (and for every activation row)."""
     n = tirx.Var("n", "int64") if n is None else n
     v, s, osz = cfg.vector_len, cfg.group_size, cfg.outlier_size
     ops = {
@@ -39,25 +43,45 @@ def vq_matmul_generic(cfg: VPTQLayerConfig, dtype: str, n: int | tirx.Var | None
     xs = te.placeholder((n, cfg.in_features), dtype, name="xs")
     k = te.reduce_axis((0, cfg.group_num * s), name="k")
 
-    def main(b, r):
-        i, j, g = r // v, r % v, k // s
+    def main(b, i, j):
+        g = k // s
         w = ops["centroids"][g, ops["codes"][i, k].astype("int32"), j].astype("float32")
         if cfg.has_residual:
             w = w + ops["res_centroids"][g, ops["res_codes"][i, k].astype("int32"), j].astype("float32")
         return te.sum(xs[b, osz + k].astype("float32") * w, axis=k)
 
-    acc = te.compute((n, cfg.out_features), main, name="acc_main")
+    acc = te.compute((n, cfg.num_vectors, v), main, name="acc_main")
     if cfg.has_outliers:
         ko = te.reduce_axis((0, osz), name="ko")
         vo = cfg.outlier_vector_len
 
-        def outl(b, r):
-            w = ops["outlier_centroids"][ops["outlier_codes"][r // vo, ko].astype("int32"), r % vo]
+        def outl(b, i, j):
+            w = ops["outlier_centroids"][ops["outlier_codes"][i, ko].astype("int32"), j]
             return te.sum(xs[b, ko].astype("float32") * w.astype("float32"), axis=ko)
 
-        acc_o = te.compute((n, cfg.out_features), outl, name="acc_outlier")
-        y = te.compute((n, cfg.out_features), lambda b, r: (acc[b, r] + acc_o[b, r]).astype(dtype), name="y")
+        acc_o = te.compute((n, cfg.num_outlier_vectors, vo), outl, name="acc_outlier")
+        y = te.compute(
+            (n, cfg.out_features),
+            lambda b, r: (acc[b, r // v, r % v] + acc_o[b, r // vo, r % vo]).astype(dtype),
+            name="y",
+        )
     else:
-        y = te.compute((n, cfg.out_features), lambda b, r: acc[b, r].astype(dtype), name="y")
+        y = te.compute((n, cfg.out_features), lambda b, r: acc[b, r // v, r % v].astype(dtype), name="y")
     func = te.create_prim_func([xs, *ops.values(), y])
     return func.without_attr("global_symbol").with_attr("tirx.noalias", True)
+
+
+def schedule_cpu(func: tirx.PrimFunc) -> tirx.PrimFunc:
+    """CPU schedule: parallel over vector rows, then codes (each loaded once), activation rows, vector lanes."""
+    sch = tvm.s_tir.Schedule(func)
+    for name in ("acc_main", "acc_outlier"):
+        try:
+            blk = sch.get_sblock(name)
+        except Exception:  # noqa: BLE001 - no outlier block in this layer
+            continue
+        b, i, j, k = sch.get_loops(blk)
+        sch.reorder(i, k, b, j)
+        sch.parallel(i)
+        sch.vectorize(j)
+        sch.decompose_reduction(blk, k)
+    return sch.mod["main"]

@@ -13,7 +13,7 @@ from tvm import tirx
 from tvm.target import Target
 
 from vptq_mlc.checkpoint.layer_config import VPTQLayerConfig
-from vptq_mlc.tir_kernels.generic import vq_matmul_generic
+from vptq_mlc.tir_kernels.generic import schedule_cpu, vq_matmul_generic
 
 # (layer config, model dtype, static row count or None) -> PrimFunc(xs, *operands, y)
 KernelSelector = Callable[[VPTQLayerConfig, str, "int | None"], tirx.PrimFunc]
@@ -24,6 +24,7 @@ def kernel_selector(target: Target) -> KernelSelector:
 
     @functools.lru_cache(maxsize=None)
     def select(cfg: VPTQLayerConfig, dtype: str, rows: int | None) -> tirx.PrimFunc:
-        return vq_matmul_generic(cfg, dtype)
+        func = vq_matmul_generic(cfg, dtype)
+        return schedule_cpu(func) if target.kind.name == "llvm" else func
 
     return select
