@@ -204,3 +204,42 @@ def test_runtime_imports_only_tvm_runtime(built: tuple[Path, Path, Path]) -> Non
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120,
                          cwd=Path(__file__).resolve().parents[1])
     assert out.returncode == 0, out.stderr[-2000:]
+
+
+# ---- chat session + CLI (same built model) ----------------------------------------------------------
+
+
+def test_chat_session_keeps_history(engine: Engine) -> None:
+    from vptq_mlc.runtime.chat_session import ChatSession
+
+    s = ChatSession(engine, system="Be brief.", max_tokens=6, temperature=0.0)
+    first = "".join(s.send("Hi"))
+    assert s.messages[-1] == {"role": "assistant", "content": first} and len(s.messages) == 3
+    second = "".join(s.send("More"))
+    convo = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
+             {"role": "assistant", "content": first}, {"role": "user", "content": "More"}]
+    assert second == engine.chat(convo, max_tokens=6, temperature=0.0)
+    s.reset()
+    assert s.messages == [{"role": "system", "content": "Be brief."}]
+
+
+def test_cli_chat(built: tuple[Path, Path, Path], engine: Engine) -> None:
+    from click.testing import CliRunner
+
+    from vptq_mlc.cli import main
+
+    model_dir = str(built[1])
+    r = CliRunner().invoke(main, ["chat", model_dir, "--device", "cpu", "--prompt", "Hi", "--max-tokens", "8",
+                                  "--temperature", "0"])
+    assert r.exit_code == 0, r.output
+    assert r.stdout == engine.chat([{"role": "user", "content": "Hi"}], max_tokens=8, temperature=0) + "\n"
+    r = CliRunner().invoke(main, ["chat", model_dir, "--lib", str(built[2]), "--raw", "--prompt", "The quick",
+                                  "--max-tokens", "8", "--temperature", "0"])
+    assert r.stdout == engine.generate("The quick", max_tokens=8, temperature=0) + "\n"
+    r = CliRunner().invoke(main, ["chat", model_dir, "--max-tokens", "4", "--temperature", "0"],
+                           input="Hi\n/reset\nHi\n/exit\nnot read\n")
+    assert r.exit_code == 0
+    reply = engine.chat([{"role": "user", "content": "Hi"}], max_tokens=4, temperature=0)
+    assert r.stdout.count(reply) >= 2 and "(conversation cleared)" in r.stderr  # same reply after /reset
+    r = CliRunner().invoke(main, ["chat", model_dir, "--device", "tpu", "--prompt", "x"])
+    assert r.exit_code == 1 and r.stderr.startswith("error: unknown device")

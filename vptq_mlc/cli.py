@@ -108,3 +108,40 @@ def compile_cmd(model_dir: str, target: str, arch: str | None, output: str | Non
 
     for path in compile_model(model_dir, target, output, arch=arch):
         click.echo(str(path))
+
+
+# -- chat --
+@main.command()
+@click.argument("model_dir", type=click.Path(file_okay=False, path_type=str))
+@click.option("--lib", type=click.Path(dir_okay=False, path_type=str), default=None,
+              help="Model library. Default: the newest *.so in MODEL_DIR whose name has a word of the device kind "
+                   "(cpu: cpu/llvm, cuda: cuda/sm*, rocm: rocm/hip/gfx*).")
+@click.option("--device", default="auto", show_default=True, help="cpu, cuda, cuda:N, rocm:N or auto.")
+@click.option("--prompt", default=None, help="One-shot: print the reply to this prompt and exit.")
+@click.option("--system", default=None, help="System message for chat-templated conversations.")
+@click.option("--max-tokens", type=int, default=256, show_default=True, help="Most new tokens per reply.")
+@click.option("--temperature", type=float, default=None, help="0 = greedy. Default: mlc-chat-config.json.")
+@click.option("--top-p", type=float, default=None, help="Nucleus sampling. Default: mlc-chat-config.json.")
+@click.option("--top-k", type=int, default=0, show_default=True, help="Keep the k most likely tokens (0 = off).")
+@click.option("--repetition-penalty", type=float, default=None, help="HF-style; default: mlc-chat-config.json.")
+@click.option("--seed", type=int, default=None, help="Seed for reproducible sampling.")
+@click.option("--stop", multiple=True, help="Stop string (repeatable).")
+@click.option("--raw", is_flag=True, help="No chat template: the prompt is completed as plain text.")
+@click.option("--context-window", type=int, default=None, help="Tokens of context (default: the model's).")
+@one_line_errors
+def chat(model_dir: str, lib: str | None, device: str, prompt: str | None, system: str | None, max_tokens: int,
+         temperature: float | None, top_p: float | None, top_k: int, repetition_penalty: float | None,
+         seed: int | None, stop: tuple[str, ...], raw: bool, context_window: int | None) -> None:
+    """Chat with a compiled model: one-shot with --prompt (only the reply goes to stdout), else interactive."""
+    from vptq_mlc.runtime.chat_session import ChatSession, interactive, write_stream
+    from vptq_mlc.runtime.engine import Engine
+
+    engine = Engine(model_dir, lib, device=device, max_batch_size=1, context_window=context_window)
+    session = ChatSession(engine, raw=raw, system=system, max_tokens=max_tokens, temperature=temperature,
+                          top_p=top_p, top_k=top_k, repetition_penalty=repetition_penalty, seed=seed,
+                          stop=list(stop))
+    if prompt is None:
+        interactive(session)
+    else:
+        write_stream(session.send(prompt), sys.stdout)
+        click.echo()

@@ -24,7 +24,7 @@ from tvm.runtime import ShapeTuple
 from vptq_mlc.errors import GenerationError, RuntimeLoadError
 from vptq_mlc.runtime.chat_config import ChatConfig
 from vptq_mlc.runtime.chat_template import ChatTemplate, ChatTemplateError, load_chat_template
-from vptq_mlc.runtime.device import find_library, parse_device, resolve_device
+from vptq_mlc.runtime.device import find_library, resolve_device
 from vptq_mlc.runtime.kv_cache import PagedKVCache
 from vptq_mlc.runtime.library import ModelLibrary, load_library, load_params
 from vptq_mlc.runtime.request import Request, RequestState
@@ -57,8 +57,7 @@ class Engine:
         self.model_dir = Path(model_dir)
         self.config = ChatConfig.load(self.model_dir)
         if lib_path is None:
-            spec = parse_device(device) or resolve_device(device)[0]
-            lib_path = find_library(self.model_dir, spec)
+            lib_path = find_library(self.model_dir, resolve_device(device)[0])
             log.info("using model library %s", lib_path)
         self.lib: ModelLibrary = load_library(lib_path, device)
         self.tokenizer = Tokenizer(self.model_dir)
