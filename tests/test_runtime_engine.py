@@ -140,6 +140,8 @@ def test_seeded_sampling_reproducible_in_any_batch(engine: Engine) -> None:
 
 
 def test_context_window_limits(engine: Engine) -> None:
+    with pytest.raises(GenerationError, match="outside the vocabulary"):
+        engine.add_request([5, 512], greedy())
     with pytest.raises(GenerationError, match="context window is 96"):
         engine.add_request(list(range(5, 101)), greedy())
     req = engine.add_request(list(range(5, 90)), greedy(50))

@@ -72,8 +72,9 @@ class Engine:
         self.max_batch = self._limit("max batch size", max_batch_size, DEFAULT_MAX_BATCH, md.get("max_batch_size", -1))
         self.params = load_params(self.model_dir, self.lib, self.config.model_config)
         self.kv = PagedKVCache(self.lib, self.max_batch, max_total_tokens or self.context_window, self.prefill_chunk,
-                               page_size, self.config.sliding_window_size,
-                               int(self.config.raw.get("attention_sink_size", -1)))
+                               page_size, int(md.get("sliding_window_size", self.config.sliding_window_size)),
+                               int(md.get("attention_sink_size", -1)))
+        self.vocab_size = self.config.vocab_size
         self.active_vocab = int(self.config.raw.get("active_vocab_size") or 0) or None
         eos = set(self.config.eos_token_ids)
         eos_text = self.tokenizer.special_tokens.get("eos_token")
@@ -112,6 +113,9 @@ class Engine:
         ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else [int(t) for t in prompt]
         if not ids:
             raise GenerationError("the prompt is empty; give at least one token")
+        if self.vocab_size > 0 and not all(0 <= t < self.vocab_size for t in ids):
+            bad = next(t for t in ids if not 0 <= t < self.vocab_size)
+            raise GenerationError(f"token id {bad} is outside the vocabulary (0..{self.vocab_size - 1}); fix the prompt ids")
         if len(ids) >= self.context_window:
             raise GenerationError(f"the prompt is {len(ids)} tokens but the context window is {self.context_window}; "
                                   "shorten the prompt (or /reset the chat) or use a larger --context-window")
