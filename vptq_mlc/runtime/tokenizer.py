@@ -9,15 +9,12 @@ step decodes a short window of recent tokens twice and emits only the new, compl
 from __future__ import annotations
 
 import json
-import logging
 from pathlib import Path
 from typing import Any
 
 from tokenizers import Tokenizer as _HFTokenizer
 
 from vptq_mlc.errors import RuntimeLoadError
-
-log = logging.getLogger(__name__)
 
 SPECIAL_TOKEN_KEYS = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
 _REPLACEMENT = "\ufffd"
