@@ -145,3 +145,37 @@ def chat(model_dir: str, lib: str | None, device: str, prompt: str | None, syste
     else:
         write_stream(session.send(prompt), sys.stdout)
         click.echo()
+
+
+# -- runtime-bundle --
+@main.command(name="runtime-bundle")
+@click.argument("out", type=click.Path(path_type=str))
+@click.option("--include-rocm", is_flag=True,
+              help="Keep TVM's C++ headers so our ROCm runtime can be built on the AMD host.")
+@click.option("--tar", "tarball", is_flag=True, help="Write a .tar.gz (implied when OUT ends with .tar.gz/.tgz).")
+@click.option("--python", "python_version", default=None,
+              help="Target Python (e.g. 3.12) if it differs from this one; fetches that apache-tvm-ffi wheel.")
+@click.option("--ffi-wheel", type=click.Path(dir_okay=False, exists=True, path_type=str), default=None,
+              help="Use this apache-tvm-ffi wheel instead of the installed package (offline --python).")
+@one_line_errors
+def runtime_bundle(out: str, include_rocm: bool, tarball: bool, python_version: str | None,
+                   ffi_wheel: str | None) -> None:
+    """Write the runtime-only TVM (no compiler) for deploy hosts; use it with PYTHONPATH=OUT."""
+    import json
+
+    from vptq_mlc.compile.runtime_bundle import write_runtime_bundle
+
+    tarball = tarball or out.endswith((".tar.gz", ".tgz"))
+    path = write_runtime_bundle(out, include_rocm, python_version=python_version, ffi_wheel=ffi_wheel,
+                                tarball=tarball)
+    if tarball:
+        import tarfile
+
+        with tarfile.open(path) as tf:
+            meta = json.load(tf.extractfile("BUNDLE.json"))
+        size = f"{meta['bytes'] / 1e6:.1f} MB unpacked, {path.stat().st_size / 1e6:.1f} MB tarball"
+    else:
+        meta = json.loads((path / "BUNDLE.json").read_text())
+        size = f"{meta['bytes'] / 1e6:.1f} MB"
+    click.echo(str(path))
+    click.echo(f"{meta['files']} files, {size}; apache-tvm {meta['apache-tvm']}, python {meta['python']}")
