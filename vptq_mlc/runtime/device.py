@@ -2,7 +2,8 @@
 
 Why a module of its own: in runtime-only mode (TVM_USE_RUNTIME_LIB=1, or a TVM install without
 libtvm_compiler.so) TVM skips loading its GPU backend plugins, so the CUDA plugin has to be loaded by hand
-before a CUDA model library can be loaded (shared/docs/gpu-aot.md §2). Everything device-specific sits here.
+before a CUDA model library can be loaded (shared/docs/gpu-aot.md §2); ROCm needs our own runtime library
+(`runtime/rocm.py`) in every mode. Everything device-specific sits here.
 """
 
 from __future__ import annotations
@@ -81,8 +82,13 @@ def _present(spec: DeviceSpec) -> tuple[bool, str]:
         why = _load_cuda_plugin()
         if why is not None:
             return False, f"TVM's CUDA runtime plugin could not load ({why})"
-    elif tvm.get_global_func(f"device_api.{spec.kind}", allow_missing=True) is None:
-        return False, "this TVM runtime was built without ROCm (the apache-tvm wheel has none)"
+    elif tvm.get_global_func("device_api.rocm", allow_missing=True) is None:
+        from vptq_mlc.runtime.rocm import load_rocm_runtime  # the wheel has no ROCm runtime: ours registers it
+
+        try:
+            load_rocm_runtime()
+        except RuntimeLoadError as e:
+            return False, str(e)
     try:
         exists = bool(tvm.runtime.device(spec.kind, spec.index).exist)
     except Exception as e:  # noqa: BLE001 - a driver error means the device is unusable
