@@ -62,20 +62,35 @@ def _kernels():
                     y[vb, vo] = T.float32(0)
                 y[vb, vo] = y[vb, vo] + x[vb, vi] * W[vo, vi]
 
-    return vadd, matmul, gemv
+    @T.prim_func
+    def mixed(a: T.handle, b: T.handle, alpha: T.float32, beta: T.float64, off: T.int64):
+        # scalar arguments of every width: the kernarg layout must match LLVM's (checked in test_rocm_runtime)
+        n = T.int32()
+        m = T.int64()
+        A = T.match_buffer(a, (n,), "float32")
+        B = T.match_buffer(b, (m,), "float64")
+        for i0 in T.thread_binding((n + 63) // 64, "blockIdx.x"):
+            for i1 in T.thread_binding(64, "threadIdx.x"):
+                if i0 * 64 + i1 < n:
+                    A[i0 * 64 + i1] = A[i0 * 64 + i1] * alpha + T.Cast(
+                        "float32", B[T.Cast("int64", i0 * 64 + i1) + off] * beta) + T.Cast("float32", m)
+
+    return vadd, matmul, gemv, mixed
 
 
 def build_rocm_kernels(arch: str, out: Path, code_object_version: int = 5) -> Path:
-    """vadd + dlight-scheduled matmul and GEMV for one arch, exported to `out` (also used by the runtime tests)."""
+    """vadd, a mixed-scalar kernel and dlight-scheduled matmul + GEMV for one arch, exported to `out`
+    (the runtime tests load it too)."""
     tvm = rocm.prepare_rocm_build(code_object_version)
     from tvm.s_tir import dlight as dl
 
-    vadd, matmul, gemv = _kernels()
+    vadd, matmul, gemv, mixed = _kernels()
     target = rocm.rocm_target(arch)
     mod = tvm.IRModule({"matmul": matmul, "gemv": gemv})
     with target:
         mod = dl.ApplyDefaultSchedule(dl.gpu.Matmul(), dl.gpu.GEMV(), dl.gpu.Reduction(), dl.gpu.Fallback())(mod)
     mod["vadd"] = vadd  # bound by hand already
+    mod["mixed"] = mixed
     tvm.compile(mod, target=target).export_library(str(out))
     return out
 
@@ -95,7 +110,7 @@ def test_library_holds_one_code_object_for_its_arch(libs, arch):
     assert co.arch == arch and co.target.endswith(arch)  # amdhsa.target metadata
     assert co.mach_arch == arch  # EF_AMDGPU_MACH in e_flags agrees
     assert co.code_object_version == 5 and co.abi_version == 3  # ELFABIVERSION_AMDGPU_HSA_V5
-    assert set(co.kernels) == {"vadd_kernel", "matmul_kernel", "gemv_kernel"}
+    assert set(co.kernels) == {"vadd_kernel", "matmul_kernel", "gemv_kernel", "mixed_kernel"}
     for k in co.kernels:
         assert k in co.symbols and f"{k}.kd" in co.symbols  # code + kernel descriptor
     wave = 64 if arch.startswith("gfx9") else 32

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import re
+import struct
 import subprocess
 import sys
 import textwrap
@@ -174,3 +175,111 @@ def test_missing_library_is_a_clear_error(tmp_path):
             print("ERR", e)
     """)
     assert "ERR ROCm runtime not built" in res.stdout and "vptq_mlc.rocm_runtime.build" in res.stdout, res.stderr
+
+
+# ---- the host-side flow on a pretend GPU (tests/fake_hip: a test double for libamdhip64) ----
+
+FAKE_HIP_SRC = Path(__file__).parent / "fake_hip" / "fake_hip.cc"
+
+
+@pytest.fixture(scope="module")
+def fake_hip_dir(runtime_lib, tmp_path_factory) -> Path:
+    """libamdhip64.so.5 test double (same symbol version as Debian's HIP), found first via LD_LIBRARY_PATH."""
+    hip = build.find_hip()
+    d = tmp_path_factory.mktemp("fake_hip")
+    (d / "v.map").write_text("hip_4.2 { global: hip*; local: *; };\n")
+    subprocess.run(["g++", "-std=c++17", "-O1", "-fPIC", "-shared", "-D__HIP_PLATFORM_AMD__", f"-I{hip.include}",
+                    str(FAKE_HIP_SRC), "-o", str(d / "libamdhip64.so.5"), f"-Wl,--version-script={d / 'v.map'}",
+                    "-Wl,-soname,libamdhip64.so.5"], check=True, capture_output=True)
+    return d
+
+
+def _run_on_fake_gpu(fake_hip_dir: Path, runtime_lib: Path, body: str, log: Path) -> str:
+    code = textwrap.dedent(f"""
+        import sys; sys.modules["torch"] = None
+        import numpy as np
+        from vptq_mlc.runtime.rocm import load_rocm_runtime
+        info = load_rocm_runtime({str(runtime_lib)!r})
+        import tvm
+        maps = open("/proc/self/maps").read()
+        assert {str(fake_hip_dir)!r} in maps, "the HIP test double is not the one loaded"
+        dev = tvm.rocm(0)
+    """) + textwrap.dedent(body)
+    res = _run(code, LD_LIBRARY_PATH=str(fake_hip_dir), FAKE_HIP_LOG=str(log), TVM_USE_RUNTIME_LIB="1")
+    assert res.returncode == 0, res.stdout + res.stderr
+    return res.stdout
+
+
+def _launches(log: Path) -> tuple[list[int], list[dict]]:
+    mallocs, launches = [], []
+    for line in log.read_text().splitlines():
+        f = line.split()
+        if f[0] == "malloc":
+            mallocs.append(int(f[1]))
+        elif f[0] == "launch":
+            launches.append({"kernel": f[1], "grid": tuple(map(int, f[2:5])), "block": tuple(map(int, f[5:8])),
+                             "shmem": int(f[8]), "args": bytes.fromhex(f[10]) if len(f) > 10 else b""})
+    return mallocs, launches
+
+
+def test_host_code_drives_our_runtime_on_a_pretend_gpu(fake_hip_dir, runtime_lib, rocm_lib, tmp_path):
+    """TVM's host functions -> our device API (alloc, copies) -> our hip module -> hipModuleLaunchKernel: grid,
+    block and kernarg bytes as the code object's metadata (written by LLVM) says the kernel reads them."""
+    log = tmp_path / "hip.log"
+    out = _run_on_fake_gpu(fake_hip_dir, runtime_lib, f"""
+        print("device", dev.exist, dev.device_name, dev.warp_size)
+        lib = tvm.runtime.load_module({str(rocm_lib)!r})
+        n = 1000
+        a = tvm.runtime.tensor(np.arange(n, dtype="float32"), dev)
+        b = tvm.runtime.tensor(np.full(n, 2, dtype="float32"), dev)
+        c = tvm.runtime.empty((n,), "float32", dev)
+        lib["vadd"](a, b, c)
+        print("roundtrip", np.array_equal(a.numpy(), np.arange(n, dtype="float32")))
+        x = tvm.runtime.empty((1, 512), "float32", dev)
+        w = tvm.runtime.empty((96, 512), "float32", dev)
+        y = tvm.runtime.empty((1, 96), "float32", dev)
+        lib["gemv"](x, w, y)
+        m = tvm.runtime.empty((7,), "float64", dev)
+        lib["mixed"](c, m, 1.5, -2.25, 3)
+    """, log)
+    assert "device True Fake AMD GPU (test double) 64" in out and "roundtrip True" in out
+    mallocs, launches = _launches(log)
+    (co,) = inspect_library(rocm_lib)
+    by_name = {ln["kernel"]: ln for ln in launches}
+    assert set(by_name) == {"vadd_kernel", "gemv_kernel", "mixed_kernel"}
+    for ln in launches:
+        meta = co.kernels[ln["kernel"]]
+        assert len(ln["args"]) <= meta[".kernarg_segment_size"]
+        assert ln["block"][0] * ln["block"][1] * ln["block"][2] <= meta[".max_flat_workgroup_size"]
+        assert ln["shmem"] + meta[".group_segment_fixed_size"] <= 65536
+
+    def arg(ln, name, fmt):
+        a = next(x for x in co.kernels[ln["kernel"]][".args"] if x.get(".name") == name)
+        return struct.unpack_from(fmt, ln["args"], a[".offset"])[0]
+
+    a_ptr, b_ptr, c_ptr = mallocs[:3]
+    v = by_name["vadd_kernel"]
+    assert v["grid"] == (16, 1, 1) and v["block"] == (64, 1, 1)  # ceil(1000 / 64) blocks of 64
+    assert (arg(v, "A", "<Q"), arg(v, "B", "<Q"), arg(v, "C", "<Q"), arg(v, "n", "<i")) == (a_ptr, b_ptr, c_ptr, 1000)
+    mx = by_name["mixed_kernel"]
+    assert (arg(mx, "A", "<Q"), arg(mx, "B", "<Q")) == (c_ptr, mallocs[-1])
+    assert (arg(mx, "alpha", "<f"), arg(mx, "beta", "<d"), arg(mx, "off", "<q")) == (1.5, -2.25, 3)
+    assert (arg(mx, "n", "<i"), arg(mx, "m", "<q")) == (1000, 7)
+
+
+def test_wrong_arch_library_names_both_archs(fake_hip_dir, runtime_lib, tmp_path):
+    """The pretend GPU is a gfx90a (like ROCr, it refuses other ISAs): a gfx1100 library fails with our message."""
+    from test_rocm_compile import _toolchain_or_skip, build_rocm_kernels
+
+    _toolchain_or_skip()
+    lib1100 = build_rocm_kernels("gfx1100", tmp_path / "k1100.so")
+    out = _run_on_fake_gpu(fake_hip_dir, runtime_lib, f"""
+        lib = tvm.runtime.load_module({str(lib1100)!r})
+        a = tvm.runtime.empty((8,), "float32", dev)
+        try:
+            lib["vadd"](a, a, a)
+        except RuntimeError as e:
+            print("ERR", e)
+    """, tmp_path / "hip.log")
+    assert "ERR cannot load the ROCm code object" in out
+    assert "the library is for gfx1100 with code object v5" in out and "this GPU is gfx90a" in out
