@@ -223,3 +223,51 @@ def quantize(model: str, variant: str, output: str, calib: str | None, calib_tok
     click.echo(str(r.out_dir))
     click.echo(f"{r.layers} linears in {r.seconds:.1f} s; mean proxy error {r.mean_proxy_error:.4g}; "
                f"{r.index_bits_per_weight:.3g} index bits/weight, {r.stored_bits_per_weight:.3g} stored bits/weight")
+
+
+# -- eval --
+@main.group(name="eval")
+def eval_group() -> None:
+    """Evaluate models (perplexity on real text)."""
+
+
+@eval_group.command(name="ppl")
+@click.argument("model", type=click.Path(file_okay=False, exists=True, path_type=str))
+@click.option("--lib", type=click.Path(dir_okay=False, path_type=str), default=None,
+              help="Model library (MODEL is then an MLC model dir; default: its newest library for --device).")
+@click.option("--device", default="cpu", show_default=True, help="Device for the compiled library.")
+@click.option("--reference", type=click.Path(file_okay=False, exists=True, path_type=str), default=None,
+              help="Also score this VPTQ checkpoint / HF dir with transformers (dense dequantized weights) and "
+                   "print the relative difference.")
+@click.option("--text", default=None, help="UTF-8 text file or shakespeare:PLAY (default: shakespeare:hamlet).")
+@click.option("--ctx", type=int, default=256, show_default=True, help="Tokens per scored window.")
+@click.option("--max-tokens", type=int, default=16384, show_default=True, help="Score the first N tokens (0 = all).")
+@click.option("--json", "as_json", is_flag=True, help="Print the results as JSON.")
+@one_line_errors
+def eval_ppl(model: str, lib: str | None, device: str, reference: str | None, text: str | None, ctx: int,
+             max_tokens: int, as_json: bool) -> None:
+    """Perplexity of MODEL: an MLC model dir (compiled library) or a VPTQ/HF dir (transformers reference)."""
+    import json
+    from dataclasses import asdict
+    from pathlib import Path
+
+    from vptq_mlc.eval.ppl import is_mlc_dir, ppl_compiled, ppl_reference, text_windows_for
+
+    path = Path(model)
+    windows = text_windows_for(path, text, ctx, max_tokens or None)
+    progress = sys.stderr.isatty()
+    results = []
+    if lib is not None or is_mlc_dir(path):
+        results.append(ppl_compiled(path, lib, windows, device=device, progress=progress))
+    else:
+        results.append(ppl_reference(path, windows, progress=progress))
+    if reference is not None:
+        results.append(ppl_reference(reference, windows, progress=progress))
+    rel = abs(results[0].ppl / results[1].ppl - 1) if len(results) == 2 else None
+    if as_json:
+        click.echo(json.dumps({"results": [asdict(r) for r in results], "relative_difference": rel}, indent=2))
+        return
+    for r in results:
+        click.echo(r.line())
+    if rel is not None:
+        click.echo(f"relative difference {100 * rel:.3f}%")
