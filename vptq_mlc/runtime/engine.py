@@ -13,6 +13,7 @@ from __future__ import annotations
 import collections
 import itertools
 import logging
+import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -37,7 +38,11 @@ DEFAULT_MAX_BATCH = 4  # concurrent sequences unless asked otherwise (capped by 
 
 
 class Engine:
-    """Load once, then `generate`, `chat`, or `add_request` + `step` for many concurrent requests."""
+    """Load once, then `generate`, `chat`, or `add_request` + `step` for many concurrent requests.
+
+    Not thread-safe: call every method from one thread (a server runs its step loop and request handling
+    there, and hands text deltas to other threads or tasks).
+    """
 
     def __init__(
         self,
@@ -142,6 +147,7 @@ class Engine:
         for req in list(self.running) + list(self.waiting):
             req.finish_reason = "cancelled"
             req.state = RequestState.FINISHED
+            req.finished_at = time.perf_counter()
         self.running.clear()
         self.waiting.clear()
         self.kv.clear()
@@ -154,6 +160,7 @@ class Engine:
             self.kv.remove(req.seq_id)
             self.running.remove(req)
         req.state = RequestState.FINISHED
+        req.finished_at = time.perf_counter()
 
     def _admit(self) -> None:
         reserved = sum(r.reserved_pages for r in self.running)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import enum
 import itertools
+import time
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -40,7 +41,10 @@ class Request:
     reserved_pages: int = 0
     prefilled: int = 0
     output_ids: list[int] = field(default_factory=list)
-    finish_reason: str | None = None  # "stop", "length", "cancelled"
+    finish_reason: str | None = None  # "stop", "length", "cancelled", "error"
+    created_at: float = field(default_factory=time.perf_counter)  # perf_counter() stamps for latency stats
+    first_token_at: float | None = None
+    finished_at: float | None = None
 
     def __post_init__(self) -> None:
         self.sampler = Sampler(self.params)
@@ -77,6 +81,8 @@ class Request:
 
     def append(self, token: int) -> None:
         """Record a sampled token and decide whether the request is done (sets `finish_reason`)."""
+        if self.first_token_at is None:
+            self.first_token_at = time.perf_counter()
         if token in self.stop_token_ids:
             self.finish_reason = "stop"
         else:
