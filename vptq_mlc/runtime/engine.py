@@ -144,12 +144,8 @@ class Engine:
 
     def reset(self) -> None:
         """Drop every request and clear the KV cache."""
-        for req in list(self.running) + list(self.waiting):
-            req.finish_reason = "cancelled"
-            req.state = RequestState.FINISHED
-            req.finished_at = time.perf_counter()
-        self.running.clear()
-        self.waiting.clear()
+        for req in [*self.running, *self.waiting]:
+            self.cancel(req)
         self.kv.clear()
 
     def has_unfinished(self) -> bool:
