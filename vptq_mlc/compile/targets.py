@@ -58,8 +58,14 @@ def resolve_targets(name: str, arch: str | None = None) -> list[BuildTarget]:
 def relax_pipeline(target: Target) -> tvm.transform.Pass:
     """GPU targets need the target pipeline (dlight schedules every op we did not schedule by hand); on llvm
     the generic pipeline (no fusion) keeps kernels as written."""
+    import tvm.s_tir.dlight as dl
     from tvm import relax
 
     if "gpu" in target.keys:
         return relax.get_default_pipeline(target)
-    return relax.get_pipeline("default")
+    cpu_schedules = [
+        relax.transform.FuseTransposeMatmul(),  # nn.Linear is matmul(x, permute_dims(W)): never copy W per call
+        relax.transform.LegalizeOps(),
+        dl.ApplyDefaultSchedule(dl.cpu.GEMV(), dl.cpu.Reduction()),
+    ]
+    return tvm.transform.Sequential([*cpu_schedules, relax.get_pipeline("default")])
