@@ -271,3 +271,9 @@ def eval_ppl(model: str, lib: str | None, device: str, reference: str | None, te
         click.echo(r.line())
     if rel is not None:
         click.echo(f"relative difference {100 * rel:.3f}%")
+
+
+# `vptq-mlc bench ...` lives in vptq_mlc/bench/cli.py (imports only click at module level)
+from vptq_mlc.bench.cli import bench as _bench  # noqa: E402
+
+main.add_command(_bench)

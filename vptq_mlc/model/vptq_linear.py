@@ -50,7 +50,9 @@ class VPTQLinear(nn.Module):
             out=nn.Tensor.placeholder([rows, self.out_features], self.dtype),
         )
         if self.weight_bias is not None:
-            y = y + op.matmul(x2, op.reshape(self.weight_bias, [self.in_features, 1]))
+            # a row reduction in fp32, not `x2 @ wb[I, 1]`: dlight's GEMV rule cannot schedule an N=1 matmul on GPUs
+            xb = op.astype(x2, "float32") * op.astype(self.weight_bias, "float32")
+            y = y + op.astype(op.sum(xb, axis=-1, keepdims=True), self.dtype)
         if self.bias is not None:
             y = y + self.bias
         return op.reshape(y, [*lead, self.out_features])

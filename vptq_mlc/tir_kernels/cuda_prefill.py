@@ -2,8 +2,7 @@
 
 The weight is described as a TE stage `W[r, k]` (codebook lookups, outlier columns first) feeding one
 reduction `y[b, r] = sum_k xs[b, k] * W[r, k]`. dlight's Matmul rule inlines that stage into its shared-memory
-tile loads, so each tile is dequantized in shared memory and multiplied with tensor cores (wmma) where the
-shape allows; no dense weight is ever written to device memory. Correctness first: this is a generic
+tile loads, so each tile is dequantized in shared memory and multiplied (SIMT: see dequant_matmul_cuda); no dense weight is ever written to device memory. Correctness first: this is a generic
 schedule, not tuned for VQ (see bench/RESULTS.md).
 """
 
@@ -56,8 +55,19 @@ def dequant_matmul_cuda(cfg: VPTQLayerConfig, dtype: str, target: Target) -> tir
     """The compute above, scheduled by dlight (Matmul, tensor cores for fp16) for `target`."""
     from tvm.s_tir import dlight as dl
 
-    func = dequant_matmul_compute(cfg, dtype)
-    mod = tvm.IRModule({"main": func})
+    # dlight's wmma tensorization segfaults in TVM 0.27 (s_tir Tensorize) on this dequant prologue, so the
+    # SIMT tiled schedule is used; a hand-written MMA prefill kernel is future work.
+    func = dequant_matmul_compute(cfg, dtype).with_attr("dlight.do_not_tensorize", True)
     with target:
-        mod = dl.ApplyDefaultSchedule(dl.gpu.Matmul(), dl.gpu.Fallback())(mod)
-    return mod["main"]
+        sch = dl.gpu.Matmul().apply(func, target, False)
+    if sch is None:
+        raise RuntimeError(f"dlight Matmul could not schedule the dequant matmul of {cfg.variant.name}")
+    if cfg.has_outliers:
+        # TVM 0.27's CUDA codegen emits invalid code for a vectorized Select (the outlier/main switch):
+        # load those tiles element-wise instead.
+        blk = sch.get_sblock("w_dequant_reindex_shared")
+        for loop in sch.get_loops(blk):
+            if int(sch.get(loop).kind) == int(tirx.ForKind.VECTORIZED):
+                sch.unroll(loop)
+    return sch.mod["main"].with_attr("tirx.is_scheduled", True)
+

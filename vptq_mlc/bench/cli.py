@@ -1,0 +1,110 @@
+"""`vptq-mlc bench ...`: build kernel libraries on the build box; check and time them on a CUDA host.
+
+Heavy imports (tvm compiler, torch) happen inside the commands: `bench kernels/check/decode` run on a GPU host
+with the runtime-only TVM bundle + torch; `bench build` needs the compiler and nvcc but no GPU.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+
+import click
+
+log = logging.getLogger(__name__)
+
+
+def _table(rows: list[dict], cols: list[tuple[str, str, str]]) -> str:
+    """Markdown table; cols = (key, header, format)."""
+    lines = ["| " + " | ".join(h for _, h, _ in cols) + " |", "|" + "---|" * len(cols)]
+    for r in rows:
+        lines.append("| " + " | ".join(format(r[k], f) for k, _, f in cols) + " |")
+    return "\n".join(lines)
+
+
+@click.group()
+def bench() -> None:
+    """Kernel correctness and speed on CUDA (build here, run on the GPU host)."""
+
+
+@bench.command()
+@click.argument("out", type=click.Path(file_okay=False, path_type=str))
+@click.option("--suite", type=click.Choice(["check", "kernels"]), default="kernels", show_default=True,
+              help="check: every variant family on small shapes; kernels: the issue's variants x real shapes.")
+@click.option("--arch", default="sm_90", show_default=True, help="Comma-separated CUDA archs.")
+@click.option("--rows", default="1,8", show_default=True, help="Decode row counts (kernels suite).")
+def build(out: str, suite: str, arch: str, rows: str) -> None:
+    """Compile the suite's kernels into OUT/kernels_cuda.so + OUT/kernels.json (no GPU needed)."""
+    from vptq_mlc.bench.kernels import bench_cases, build_kernel_library, correctness_cases
+    from vptq_mlc.compile.cuda import parse_archs
+
+    cases = correctness_cases() if suite == "check" else bench_cases(tuple(int(r) for r in rows.split(",")))
+    path = build_kernel_library(cases, out, parse_archs(arch.split(",")))
+    click.echo(f"{len(cases)} kernels -> {path}")
+
+
+@bench.command()
+@click.argument("art", type=click.Path(file_okay=False, exists=True, path_type=str))
+@click.option("--json", "json_out", type=click.Path(path_type=str), default=None, help="Also write results here.")
+def check(art: str, json_out: str | None) -> None:
+    """Each kernel of ART vs `x @ dequantize(W).T + bias` (fresh random layers); exit 1 on a failure."""
+    from vptq_mlc.bench.kernels import check_kernels
+
+    res = check_kernels(art)
+    click.echo(_table(res, [("case", "case", "s"), ("rel_err", "rel. L2 error", ".2e"), ("ok", "ok", "")]))
+    if json_out:
+        with open(json_out, "w") as f:
+            json.dump(res, f, indent=1)
+    bad = [r["case"] for r in res if not r["ok"]]
+    click.echo(f"{len(res) - len(bad)}/{len(res)} kernels correct")
+    if bad:
+        sys.exit(1)
+
+
+@bench.command()
+@click.argument("art", type=click.Path(file_okay=False, exists=True, path_type=str))
+@click.option("--reps", type=int, default=50, show_default=True, help="Timed calls per kernel (median).")
+@click.option("--json", "json_out", type=click.Path(path_type=str), default=None, help="Also write results here.")
+def kernels(art: str, reps: int, json_out: str | None) -> None:
+    """Time every kernel of ART with a cold L2 next to torch fp16 matmul of the same shape."""
+    from vptq_mlc.bench.kernels import time_kernels
+
+    res = time_kernels(art, reps)
+    click.echo(f"device: {res['device']}; copy bandwidth {res['copy_GBps']:.0f} GB/s (read+write); "
+               f"L2 flush: {res['flush']}")
+    click.echo(_table(res["rows"], [("variant", "variant", "s"), ("shape", "out x in", "s"), ("rows", "rows", "d"),
+                                    ("us", "ours us", ".1f"), ("fp16_us", "fp16 us", ".1f"),
+                                    ("speedup_vs_fp16", "fp16/ours", ".2f"), ("bytes", "bytes", ",d"),
+                                    ("pct_copy_bw", "% copy BW", ".1f")]))
+    if json_out:
+        with open(json_out, "w") as f:
+            json.dump(res, f, indent=1)
+
+
+@bench.command()
+@click.argument("model_dir", type=click.Path(file_okay=False, exists=True, path_type=str))
+@click.option("--lib", required=True, type=click.Path(dir_okay=False, exists=True, path_type=str))
+@click.option("--device", default="cuda", show_default=True)
+@click.option("--tokens", type=int, default=32, show_default=True, help="Greedy tokens to generate.")
+@click.option("--prompt-len", type=int, default=16, show_default=True, help="Prompt tokens (ids 1..n).")
+@click.option("--compare-lib", type=click.Path(dir_okay=False, exists=True, path_type=str), default=None,
+              help="Another library (e.g. the CPU one): its greedy tokens must be identical.")
+@click.option("--compare-device", default="cpu", show_default=True)
+def decode(model_dir: str, lib: str, device: str, tokens: int, prompt_len: int, compare_lib: str | None,
+           compare_device: str) -> None:
+    """Greedy decode through the library's `decode` (batch 1): tok/s, and token equality with --compare-lib."""
+    from vptq_mlc.bench.e2e import greedy_decode
+
+    prompt = list(range(1, prompt_len + 1))
+    run = greedy_decode(model_dir, lib, device, prompt, tokens)
+    click.echo(f"{device}: decode {run.decode_tok_s:.1f} tok/s ({run.decode_ms_per_tok:.3f} ms/token), "
+               f"prefill {prompt_len} tokens {run.prefill_s * 1e3:.1f} ms")
+    click.echo(f"tokens: {run.tokens}")
+    if compare_lib:
+        ref = greedy_decode(model_dir, compare_lib, compare_device, prompt, tokens)
+        same = ref.tokens == run.tokens
+        click.echo(f"{compare_device} tokens: {ref.tokens}")
+        click.echo(f"identical greedy tokens ({tokens}): {same}")
+        if not same:
+            sys.exit(1)

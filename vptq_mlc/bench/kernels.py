@@ -1,0 +1,307 @@
+"""Per-kernel checks and timings of our CUDA VQ kernels, split by where each half runs.
+
+Build box (TVM compiler, nvcc, no GPU): `build_kernel_library(cases, out_dir)` compiles every case's kernel
+(the one `registry.kernel_selector` picks for the cuda target) into one library + `kernels.json`.
+GPU host (runtime-only TVM + torch): `check_kernels` compares each kernel, wrapped exactly like VPTQLinear
+(permute/scale the activation, add the norm-bias dot and the bias), with `x @ dequantize(W).T + bias`, where
+`dequantize` is the spec reference; `time_kernels` times them against torch fp16 matmul with a cold L2
+(a buffer larger than L2 is READ before every call: ../shared/docs/vq-gemv-h100.md §0).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+MANIFEST = "kernels.json"
+LIBRARY = "kernels_cuda.so"
+
+# the variants issue 10 asks for, and the real shapes (out x in)
+BENCH_VARIANTS = ("v8-k256-256", "v8-k4096-0", "v8-k65536-0", "v8-k65536-256", "v12-k65536-4096", "v16-k65536-65536")
+BENCH_SHAPES = ((4096, 4096), (11008, 4096), (4096, 11008), (14336, 4096))
+
+
+@dataclass(frozen=True)
+class KernelCase:
+    variant: str
+    in_features: int
+    out_features: int
+    rows: int | None  # static rows (decode kernel) or None (symbolic: prefill kernel)
+    layer: dict[str, Any] = field(default_factory=dict)  # extra VPTQLayerConfig.from_variant kwargs
+    run_rows: int = 0  # rows to run a symbolic kernel with (0 = `rows`)
+
+    @property
+    def name(self) -> str:
+        extra = "".join(f"-{k}{v}" for k, v in sorted(self.layer.items()))
+        r = f"r{self.rows}" if self.rows else f"rdyn{self.run_rows}"
+        return f"{self.variant}-{self.out_features}x{self.in_features}-{r}{extra}"
+
+    def config(self):
+        from vptq_mlc.checkpoint.layer_config import VPTQLayerConfig
+
+        return VPTQLayerConfig.from_variant(self.variant, self.in_features, self.out_features, **self.layer)
+
+    def n(self) -> int:
+        return self.rows or self.run_rows
+
+
+def correctness_cases() -> list[KernelCase]:
+    """Every variant family, residual, outliers, perm/norm on and off, odd shapes, decode rows 1/2/8, prefill."""
+    outl = {"outlier_size": 64, "outlier_vector_len": 4, "num_outlier_centroids": 256}
+    cases = []
+    for var in ("v8-k256-0", "v8-k256-256", "v8-k4096-0", "v8-k8192-0", "v8-k65536-0", "v8-k65536-256",
+                "v12-k65536-4096", "v16-k65536-65536", "v4-k256-0"):
+        for rows in (1, 2, 8):
+            cases.append(KernelCase(var, 1024, 512, rows))
+        cases.append(KernelCase(var, 1024, 512, None, run_rows=37))
+    cases += [
+        KernelCase("v8-k256-256", 1000, 300, 1, {"enable_perm": False}),  # I not a multiple of 1024, O % v != 0
+        KernelCase("v8-k256-256", 1000, 300, 3, {"enable_norm": False}),
+        KernelCase("v8-k4096-0", 1000, 300, None, run_rows=5),
+        KernelCase("v8-k256-0", 1024, 512, 1, outl),
+        KernelCase("v8-k256-256", 1024, 512, 4, outl),
+        KernelCase("v8-k65536-0", 1024, 512, 2, outl),
+        KernelCase("v8-k256-256", 1024, 512, None, outl, run_rows=19),
+        KernelCase("v8-k256-0", 1024, 512, 1, {"group_num": 2}),
+        KernelCase("v8-k256-0", 1024, 512, None, {"group_num": 2}, run_rows=9),
+        KernelCase("v12-k4096-0", 1020, 252, 2),  # v=12: 8-byte codebook reads
+        KernelCase("v8-k256-256", 1024, 8192, 1),  # more row blocks than CTAs: the persistent loop
+        KernelCase("v8-k4096-0", 2048, 8192, 2),
+    ]
+    return cases
+
+
+def bench_cases(rows: tuple[int, ...] = (1, 8)) -> list[KernelCase]:
+    return [KernelCase(v, i, o, r) for v in BENCH_VARIANTS for (o, i) in BENCH_SHAPES for r in rows]
+
+
+# ---------------------------------------------------------------- build box
+def build_kernel_library(cases: list[KernelCase], out_dir: str | os.PathLike[str], archs: tuple[str, ...] = ("sm_90",),
+                         dtype: str = "float16") -> Path:
+    """One CUDA library holding every case's kernel as `k<i>`, plus the manifest the GPU side reads."""
+    import tvm
+
+    from vptq_mlc.compile.cuda import build_target
+    from vptq_mlc.tir_kernels.registry import kernel_selector
+
+    bt = build_target(archs)
+    bt.prepare()
+    select = kernel_selector(bt.target)
+    funcs = {}
+    for i, c in enumerate(cases):
+        f = select(c.config(), dtype, c.rows)
+        funcs[f"k{i}"] = f.with_attr("global_symbol", f"k{i}")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    t0 = time.time()
+    ex = tvm.compile(tvm.IRModule(funcs), target=bt.target)
+    ex.export_library(str(out / LIBRARY))
+    (out / MANIFEST).write_text(json.dumps({"dtype": dtype, "archs": list(archs),
+                                            "cases": [asdict(c) for c in cases]}, indent=1))
+    log.info("built %d kernels in %.1f s -> %s", len(cases), time.time() - t0, out)
+    return out / LIBRARY
+
+
+# ---------------------------------------------------------------- GPU host
+def load_manifest(art_dir: str | os.PathLike[str]) -> tuple[dict, list[KernelCase]]:
+    m = json.loads((Path(art_dir) / MANIFEST).read_text())
+    return m, [KernelCase(**c) for c in m["cases"]]
+
+
+def _operands(cfg, tensors: dict[str, np.ndarray], dtype: str) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """(kernel operands in vq_operand_shapes order, activation-side tensors) in the generic layout."""
+    from vptq_mlc.checkpoint.dequant import decode_codes
+    from vptq_mlc.convert.layout import generic_layout
+    from vptq_mlc.tir_kernels.generic import vq_operand_shapes
+
+    lay = generic_layout(cfg, tensors, decode_codes(cfg, tensors), dtype)
+    ops = {k: lay[k] for k in vq_operand_shapes(cfg)}
+    side = {k: lay[k] for k in ("perm", "col_scale", "weight_bias", "bias") if k in lay}
+    return ops, side
+
+
+class CudaKernels:
+    """The kernel library on a CUDA device (runtime-only TVM is enough)."""
+
+    def __init__(self, art_dir: str | os.PathLike[str]):
+        import tvm
+
+        from vptq_mlc.runtime.device import resolve_device
+
+        self.dev = resolve_device("cuda")[1]  # loads TVM's CUDA plugin by hand in runtime-only mode
+        self.manifest, self.cases = load_manifest(art_dir)
+        self.mod = tvm.runtime.load_module(str(Path(art_dir) / LIBRARY))
+
+    def func(self, i: int):
+        return self.mod[f"k{i}"]
+
+
+def _tvm(t):
+    import tvm_ffi
+
+    return tvm_ffi.from_dlpack(t)
+
+
+def linear_via_kernel(fn, cfg, ops_t: dict, side_t: dict, x):
+    """VPTQLinear's forward around one kernel call (torch tensors on the GPU)."""
+    import torch
+
+    xs = x[:, side_t["perm"].long()] if "perm" in side_t else x
+    if "col_scale" in side_t:
+        xs = xs * side_t["col_scale"]
+    y = torch.full((x.shape[0], cfg.out_features), float("nan"), dtype=x.dtype, device=x.device)  # poison
+    fn(_tvm(xs.contiguous()), *(_tvm(t) for t in ops_t.values()), _tvm(y))
+    y = y.float()
+    if "weight_bias" in side_t:
+        y = y + (x.float() @ side_t["weight_bias"].float())[:, None]
+    if "bias" in side_t:
+        y = y + side_t["bias"].float()
+    return y
+
+
+def check_kernels(art_dir: str | os.PathLike[str], seed: int = 0) -> list[dict[str, Any]]:
+    """Each kernel vs the dense dequant reference; relative L2 error and NaN check (poisoned output)."""
+    import torch
+
+    from vptq_mlc.checkpoint.dequant import dequantize
+    from vptq_mlc.checkpoint.synthetic import random_layer
+
+    lib = CudaKernels(art_dir)
+    dtype = lib.manifest["dtype"]
+    tdt = getattr(torch, dtype)
+    out = []
+    rng = np.random.default_rng(seed)
+    for i, c in enumerate(lib.cases):
+        cfg = c.config()
+        tensors = random_layer(cfg, rng, dtype, scale=0.5 / np.sqrt(cfg.in_features))
+        ops, side = _operands(cfg, tensors, dtype)
+        W = torch.from_numpy(dequantize(cfg, tensors).astype(np.float32)).cuda().double()
+        x = torch.randn(c.n(), cfg.in_features, device="cuda").to(tdt)
+        ref = x.double() @ W.T
+        if cfg.bias:
+            ref = ref + torch.from_numpy(np.asarray(tensors["bias"], np.float32)).cuda().double()
+        ops_t = {k: torch.from_numpy(np.ascontiguousarray(a)).cuda() for k, a in ops.items()}
+        side_t = {k: torch.from_numpy(np.ascontiguousarray(a)).cuda() for k, a in side.items()}
+        y = linear_via_kernel(lib.func(i), cfg, ops_t, side_t, x).double()
+        torch.cuda.synchronize()
+        err = float((y - ref).norm() / ref.norm())
+        out.append({"case": c.name, "rel_err": err, "nan": bool(torch.isnan(y).any()), "ok": err < 2e-2 and
+                    not bool(torch.isnan(y).any())})
+    return out
+
+
+def _random_operands(cfg, dtype: str, gen) -> dict:
+    """Random codes/codebooks in the generic layout, made on the GPU (bench speed does not depend on values
+    beyond the code distribution, which is uniform like real VPTQ codes)."""
+    import torch
+
+    from vptq_mlc.tir_kernels.generic import vq_operand_shapes
+
+    tdt = getattr(torch, dtype)
+    ops = {}
+    for name, (shape, dt) in vq_operand_shapes(cfg).items():
+        if dt == "float":
+            ops[name] = (torch.randn(shape, device="cuda", generator=gen) * 0.02).to(tdt)
+        else:
+            hi = {"codes": cfg.num_centroids, "res_codes": cfg.num_res_centroids,
+                  "outlier_codes": cfg.num_outlier_centroids}[name]
+            ops[name] = torch.randint(0, hi, shape, device="cuda", generator=gen, dtype=torch.int32).to(torch.uint16)
+    return ops
+
+
+class ColdL2Timer:
+    """Median kernel time with a cold L2: read (never zero) a buffer larger than L2 before every call."""
+
+    def __init__(self, flush_bytes: int = 512 << 20):
+        import torch
+
+        self.flush = torch.ones(flush_bytes // 4, dtype=torch.float32, device="cuda")
+        self.sink = torch.zeros(1, device="cuda")
+
+    def __call__(self, fn, reps: int = 50, warmup: int = 5) -> float:
+        import torch
+
+        for _ in range(warmup):
+            fn()
+        times = []
+        for _ in range(reps):
+            self.sink += self.flush.sum()  # read 512 MiB: evicts L2 with clean lines
+            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            a.record()
+            fn()
+            b.record()
+            b.synchronize()
+            times.append(a.elapsed_time(b) * 1e3)
+        return float(np.median(times))
+
+
+def copy_bandwidth() -> float:
+    """Device-to-device copy, GB/s counting bytes read + written (1 GiB)."""
+    import torch
+
+    src = torch.ones(1 << 28, dtype=torch.float32, device="cuda")
+    dst = torch.empty_like(src)
+    for _ in range(3):
+        dst.copy_(src)
+    torch.cuda.synchronize()
+    a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    a.record()
+    for _ in range(10):
+        dst.copy_(src)
+    b.record()
+    b.synchronize()
+    return 2 * src.numel() * 4 * 10 / (a.elapsed_time(b) * 1e-3) / 1e9
+
+
+def kernel_bytes(cfg, rows: int, el: int = 2) -> int:
+    """Bytes a kernel must read/write at least: codes, codebooks, activations, output."""
+    from vptq_mlc.tir_kernels.generic import vq_operand_shapes
+
+    total = 0
+    for _, (shape, dt) in vq_operand_shapes(cfg).items():
+        total += int(np.prod(shape)) * (el if dt == "float" else 2)
+    return total + rows * (cfg.in_features + cfg.out_features) * el
+
+
+def time_kernels(art_dir: str | os.PathLike[str], reps: int = 50) -> dict[str, Any]:
+    """Per case: our kernel (cold L2), torch fp16 x @ W.T of the same shape (cold L2), bytes, % of copy BW."""
+    import torch
+
+    lib = CudaKernels(art_dir)
+    dtype = lib.manifest["dtype"]
+    tdt = getattr(torch, dtype)
+    gen = torch.Generator(device="cuda")
+    gen.manual_seed(0)
+    bw = copy_bandwidth()
+    timer = ColdL2Timer()
+    rows_out, fp16_cache = [], {}
+    for i, c in enumerate(lib.cases):
+        cfg = c.config()
+        n = c.n()
+        ops = _random_operands(cfg, dtype, gen)
+        xs = torch.randn(n, cfg.in_features, device="cuda", generator=gen).to(tdt)
+        y = torch.empty(n, cfg.out_features, dtype=tdt, device="cuda")
+        args = [_tvm(xs), *(_tvm(t) for t in ops.values()), _tvm(y)]
+        fn = lib.func(i)
+        us = timer(lambda: fn(*args), reps)
+        key = (n, cfg.out_features, cfg.in_features)
+        if key not in fp16_cache:
+            w = torch.randn(cfg.out_features, cfg.in_features, device="cuda", generator=gen).to(tdt)
+            fp16_cache[key] = timer(lambda: torch.matmul(xs, w.T), reps)
+            del w
+        nbytes = kernel_bytes(cfg, n)
+        rows_out.append({"case": c.name, "variant": c.variant, "shape": f"{cfg.out_features}x{cfg.in_features}",
+                         "rows": n, "us": us, "fp16_us": fp16_cache[key], "speedup_vs_fp16": fp16_cache[key] / us,
+                         "bytes": nbytes, "pct_copy_bw": 100 * nbytes / (us * 1e-6) / (bw * 1e9)})
+        del ops, args
+    return {"copy_GBps": bw, "device": torch.cuda.get_device_name(), "flush": "read 512 MiB before each call",
+            "rows": rows_out}

@@ -1,0 +1,187 @@
+"""CUDA build target: one library whose kernels are SASS for every requested arch (nvcc fatbin), built
+ahead of time on a box with no GPU and no driver (../shared/docs/gpu-aot.md §2).
+
+Why the set-up is needed: TVM compiles CUDA source to binary at build time only when its CUDA runtime plugin
+(`libtvm_runtime_cuda.so`) is loaded, and that plugin links `libcuda.so.1` (the driver). On a driverless box
+we satisfy it with a stub libcuda (every entry point returns CUDA_ERROR_STUB_LIBRARY) that is loaded at
+build time only, never shipped. The compile callback then runs nvcc once with one `-gencode` per arch.
+Code is generated for the lowest arch so one source is valid for all of them.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import os
+import re
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+from vptq_mlc.errors import CompileError
+
+log = logging.getLogger(__name__)
+
+# Driver entry points libtvm_runtime_cuda.so imports (nm -D --undefined-only); all fail when called.
+_STUB_SYMBOLS = (
+    "cuDeviceGetName", "cuFuncSetAttribute", "cuGetErrorName", "cuGetErrorString", "cuLaunchKernelEx",
+    "cuModuleGetFunction", "cuModuleLoadData", "cuModuleUnload", "cuTensorMapEncodeTiled", "cuInit",
+    "cuDriverGetVersion", "cuGetProcAddress",
+)
+_ARCH_RE = re.compile(r"^sm_(\d+)([a-z]?)$")
+_STATE: dict[str, object] = {}
+
+
+def parse_archs(archs: tuple[str, ...] | list[str]) -> tuple[str, ...]:
+    """Validate `sm_XX` names, sort by compute capability (lowest first), drop duplicates."""
+    out = []
+    for a in archs:
+        a = a.strip().lower()
+        if not _ARCH_RE.match(a):
+            raise CompileError(f"bad CUDA arch {a!r}; use names like sm_80,sm_86,sm_89,sm_90")
+        if a not in out:
+            out.append(a)
+    if not out:
+        raise CompileError("no CUDA arch given; pass --arch sm_80,sm_90 (or leave --arch out for the defaults)")
+    return tuple(sorted(out, key=lambda s: int(_ARCH_RE.match(s).group(1))))
+
+
+def find_nvcc() -> str:
+    """nvcc from PATH, else $CUDA_HOME/bin (the build needs it; the GPU host does not)."""
+    nvcc = shutil.which("nvcc")
+    if nvcc is None:
+        for root in (os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), "/usr/local/cuda"):
+            if root and (Path(root) / "bin" / "nvcc").exists():
+                return str(Path(root) / "bin" / "nvcc")
+        raise CompileError("nvcc not found; install the CUDA toolkit (13.x) and put its bin/ on PATH or set CUDA_HOME")
+    return nvcc
+
+
+def _stub_libcuda(cache: Path) -> Path:
+    """Compile (once) a libcuda.so.1 whose entry points all return CUDA_ERROR_STUB_LIBRARY (34)."""
+    so = cache / "libcuda.so.1"
+    if so.exists():
+        return so
+    cache.mkdir(parents=True, exist_ok=True)
+    src = cache / "stub_libcuda.c"
+    src.write_text(
+        "/* build-time stand-in for the NVIDIA driver: never ship, never install on a GPU host */\n"
+        + "".join(f"int {s}(void) {{ return 34; }}\n" for s in _STUB_SYMBOLS)
+    )
+    cc = shutil.which("cc") or shutil.which("gcc")
+    if cc is None:
+        raise CompileError("a C compiler (cc/gcc) is needed to build the CUDA library; install gcc")
+    tmp = cache / f".libcuda.{os.getpid()}.so"
+    subprocess.run([cc, "-shared", "-fPIC", "-Wl,-soname,libcuda.so.1", "-o", str(tmp), str(src)], check=True)
+    os.replace(tmp, so)
+    return so
+
+
+def _load_cudart() -> None:
+    """libtvm_runtime_cuda.so also needs libcudart.so.13; take it from the toolkit if the loader cannot."""
+    try:
+        ctypes.CDLL("libcudart.so.13", mode=ctypes.RTLD_GLOBAL)
+        return
+    except OSError:
+        pass
+    nvcc = Path(find_nvcc()).resolve()
+    for d in (nvcc.parent.parent / "lib64", nvcc.parent.parent / "lib"):
+        for f in sorted(d.glob("libcudart.so.13*")):
+            ctypes.CDLL(str(f), mode=ctypes.RTLD_GLOBAL)
+            return
+    raise CompileError("libcudart.so.13 not found; install the CUDA 13 toolkit (or pip nvidia-cuda-runtime)")
+
+
+def _load_cuda_plugin() -> None:
+    """Make TVM's CUDA codegen compile at build time: stub driver + cudart, then the runtime plugin."""
+    if _STATE.get("plugin"):
+        return
+    try:
+        ctypes.CDLL("libcuda.so.1", mode=ctypes.RTLD_GLOBAL | os.RTLD_NOLOAD)
+        have_driver = True
+    except OSError:
+        have_driver = False
+    if not have_driver:
+        try:  # a real driver on the build box is fine too
+            ctypes.CDLL("libcuda.so.1", mode=ctypes.RTLD_GLOBAL)
+        except OSError:
+            cache = Path(os.environ.get("VPTQ_MLC_CACHE", Path(tempfile.gettempdir()) / f"vptq-mlc-{os.getuid()}"))
+            ctypes.CDLL(str(_stub_libcuda(cache)), mode=ctypes.RTLD_GLOBAL)
+            log.info("loaded the build-time libcuda stub (no NVIDIA driver on this machine)")
+    _load_cudart()
+    import tvm
+    import tvm_ffi
+
+    if tvm_ffi.get_global_func("ffi.Module.create.cuda", allow_missing=True) is None:
+        rt_dir = Path(tvm.base._LOADED_LIBS["tvm_runtime"]._name).resolve().parent
+        ctypes.CDLL(str(rt_dir / "libtvm_runtime_cuda.so"), mode=ctypes.RTLD_GLOBAL)
+    if tvm_ffi.get_global_func("ffi.Module.create.cuda", allow_missing=True) is None:
+        raise CompileError("TVM's CUDA plugin did not register; reinstall apache-tvm 0.27 (it ships libtvm_runtime_cuda.so)")
+    _STATE["plugin"] = True
+
+
+def gencode_flags(archs: tuple[str, ...]) -> list[str]:
+    flags: list[str] = []
+    for a in archs:
+        cc = _ARCH_RE.match(a)
+        num = cc.group(1) + cc.group(2)
+        flags += ["-gencode", f"arch=compute_{num},code=sm_{num}"]
+    return flags
+
+
+def _install_fatbin_callback(archs: tuple[str, ...]) -> None:
+    """Override TVM's compile callback: one nvcc run -> fatbin with SASS for every arch (no PTX)."""
+    import tvm
+    from tvm.support import nvcc as tvm_nvcc
+
+    nvcc_dir = str(Path(find_nvcc()).parent)
+    lowest = tvm.target.Target({"kind": "cuda", "arch": archs[0]})
+
+    def compile_fatbin(code: str) -> bytearray:
+        if os.pathsep + nvcc_dir not in os.pathsep + os.environ.get("PATH", ""):
+            os.environ["PATH"] = nvcc_dir + os.pathsep + os.environ.get("PATH", "")
+        dump = os.environ.get("VPTQ_MLC_CUDA_DUMP")  # debugging: keep the generated CUDA source
+        if dump:
+            Path(dump).write_text(code)
+        with lowest:  # compile_cuda reads Target.current() for flags
+            return tvm_nvcc.compile_cuda(
+                code, target_format="fatbin", arch=gencode_flags(archs), compiler="nvcc"
+            )
+
+    tvm.register_global_func("tvm_callback_cuda_compile", compile_fatbin, override=True)
+
+
+def prepare_cuda_build(archs: tuple[str, ...]) -> None:
+    """Everything the CUDA build needs before tvm.compile (idempotent; re-installs the callback per arch set)."""
+    find_nvcc()
+    _load_cuda_plugin()
+    _install_fatbin_callback(archs)
+
+
+def cuda_target(arch: str):
+    """A full CUDA target for codegen; limits are the lowest common ones of sm_80..sm_90 (dlight reads them)."""
+    import tvm
+
+    return tvm.target.Target(
+        {
+            "kind": "cuda",
+            "arch": arch,
+            "max_num_threads": 1024,
+            "max_threads_per_block": 1024,
+            "max_shared_memory_per_block": 49152,
+            "thread_warp_size": 32,
+            "registers_per_block": 65536,
+        }
+    )
+
+
+def build_target(archs: tuple[str, ...] | list[str]):
+    """`BuildTarget` for `--target cuda --arch ...`: codegen for the lowest arch, fatbin for all."""
+    import tvm
+
+    from vptq_mlc.compile.targets import BuildTarget
+
+    archs = parse_archs(archs)
+    target = cuda_target(archs[0])
+    return BuildTarget(target, "cuda", archs, prepare=lambda: prepare_cuda_build(archs))

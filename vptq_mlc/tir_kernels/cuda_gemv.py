@@ -1,0 +1,246 @@
+"""CUDA decode kernel (1..8 activation rows): codebook-lookup GEMV, written as hand-scheduled low-level TIR.
+
+Layout `generic` (docs/ARCHITECTURE.md): `codes[i, k]` is the main code of vector row `i` at pre-perm column
+`osz + k`; the entry `C[g, code, 0:v]` holds the `v` outputs `i*v .. i*v+v-1`. So one code load yields `v`
+multiply-adds per activation row, and the kernel's bytes are almost all codes (2 B per v weights).
+
+Schedule (../shared/docs/vq-gemv-h100.md §2):
+- A CTA holds `R` vector rows x `P` input-dimension splits, one warp each (split-K for short matrices).
+- Small codebooks (main + residual, all groups, <= SMEM_CODEBOOK_BYTES) are copied into shared memory once per
+  CTA; larger ones are read through L1/L2 (K = 65536 is walled by L2 there: see bench/RESULTS.md).
+- Each lane loads `VW` codes with one 16-byte load (and the matching activations), `U` chunks in flight before
+  the first lookup; every lookup is one 16-byte (v=8) codebook read; fp32 accumulators per (row, j).
+- Outlier columns (first `osz` inputs, their own codebook) are folded into the same accumulators.
+- Lanes are reduced with warp shuffles, the `P` splits through shared memory; one warp-free store per output.
+- With large codebooks the grid is persistent (CTAs loop over row blocks) to bound shared-memory refills.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import tvm
+from tvm import tirx
+from tvm.script import tirx as T
+
+from vptq_mlc.checkpoint.layer_config import VPTQLayerConfig
+
+SMEM_CODEBOOK_BYTES = 64 * 1024  # fits twice per SM on sm_80/sm_90, once on sm_86/sm_89 (99 KB)
+MAX_ROWS = 8
+
+
+@dataclass(frozen=True)
+class GemvPlan:
+    rows_per_cta: int  # R
+    splits: int  # P
+    vec: int  # codes per lane load (VW)
+    unroll: int  # chunks in flight per lane (U)
+    entry_vec: int  # fp16 elements per codebook read
+    smem_codebook: bool
+    grid: int
+
+    @property
+    def warps(self) -> int:
+        return self.rows_per_cta * self.splits
+
+
+def _pow2_floor(x: int) -> int:
+    return 1 << (max(1, x).bit_length() - 1)
+
+
+def plan_gemv(cfg: VPTQLayerConfig, rows: int, dtype: str) -> GemvPlan:
+    """Heuristic launch shape (per layer shape, fixed at compile time; no device queries on the build box)."""
+    el = 2 if dtype == "float16" else 4
+    nv, length = cfg.num_vectors, cfg.group_num * cfg.group_size
+    vec = 1
+    for w in (8, 4, 2):
+        if length % w == 0 and cfg.outlier_size % w == 0 and cfg.in_features % w == 0 and w * el <= 16:
+            vec = w
+            break
+    # enough warps in the whole grid (~8k) but at least one 16-byte load per lane per split
+    splits = max(1, min(16, _pow2_floor(-(-8192 // nv)), _pow2_floor(max(1, length // (32 * vec)))))
+    rows_per_cta = max(1, 8 // splits)
+    chunks_per_lane = -(-length // (vec * 32 * splits))
+    unroll = 4 if chunks_per_lane >= 4 else 2 if chunks_per_lane >= 2 else 1
+    ev = 1
+    for w in (8, 4, 2):
+        if cfg.vector_len % w == 0 and w * el <= 16:
+            ev = w
+            break
+    cb_bytes = cfg.group_num * (cfg.num_centroids + cfg.num_res_centroids) * cfg.vector_len * el
+    smem = cb_bytes <= SMEM_CODEBOOK_BYTES
+    blocks = -(-nv // rows_per_cta)
+    # persistent CTAs when the codebook is copied to shared memory, so the copy is paid ~once per CTA slot
+    # (132 SMs on H100, 108 on A100: 4 CTAs of 8 warps per SM, fewer for 64 KB codebooks)
+    grid = min(blocks, 132 * (2 if cb_bytes > 16 * 1024 else 4)) if smem else blocks
+    return GemvPlan(rows_per_cta, splits, vec, unroll, ev, smem, grid)
+
+
+def vq_gemv_cuda(cfg: VPTQLayerConfig, dtype: str, rows: int, plan: GemvPlan | None = None) -> tirx.PrimFunc:
+    """PrimFunc(xs[rows, I], *operands, y[rows, O]) for 1 <= rows <= MAX_ROWS (static)."""
+    if not 1 <= rows <= MAX_ROWS:
+        raise ValueError(f"vq_gemv_cuda handles 1..{MAX_ROWS} rows, got {rows}")
+    p = plan or plan_gemv(cfg, rows, dtype)
+    I, O, v = cfg.in_features, cfg.out_features, cfg.vector_len  # noqa: E741
+    G, S, K, KR = cfg.group_num, cfg.group_size, cfg.num_centroids, cfg.num_res_centroids
+    NV, L, OSZ = cfg.num_vectors, cfg.group_num * cfg.group_size, cfg.outlier_size
+    HAS_RES, HAS_OUT = cfg.has_residual, cfg.has_outliers
+    VO = cfg.outlier_vector_len if HAS_OUT else 1
+    KO = cfg.num_outlier_centroids if HAS_OUT else 1
+    NO = cfg.num_outlier_vectors if HAS_OUT else 1
+    OSZ1 = max(OSZ, 1)
+    NB = rows
+    R, P, VW, U, EV = p.rows_per_cta, p.splits, p.vec, p.unroll, p.entry_vec
+    W = R * P
+    NT = W * 32
+    GRID = p.grid
+    NRB = -(-NV // R)  # row blocks
+    NCH = -(-L // VW)  # chunks of VW codes
+    CPS = -(-NCH // P)  # chunks per split
+    ITERS = -(-CPS // (32 * U))
+    KR1 = max(KR, 1)
+    CB_MAIN = G * K * v
+    CB_RES = G * KR * v if HAS_RES else 0
+    CB_ALL = CB_MAIN + CB_RES
+    SMEM_CB = p.smem_codebook
+    CB_SHARED = CB_ALL if SMEM_CB else 1
+    NBV = NB * v
+    OPW = -(-OSZ1 // P)  # outlier columns per split
+    OITERS = -(-OPW // 32)
+    RED = W * NBV
+    ACC = "float32"
+
+    def vr(base, n: int):  # n consecutive elements: a vector access, or a scalar one when n == 1
+        return base if n == 1 else T.Ramp(base, 1, n)
+
+    # Operand buffers exist even when unused (kept tiny), so one function body serves every variant;
+    # the parameter list itself follows vq_operand_shapes exactly.
+    @T.prim_func(private=True)
+    def kernel(
+        xs: T.Buffer((NB, I), dtype),
+        centroids: T.Buffer((G, K, v), dtype),
+        codes: T.Buffer((NV, L), "uint16"),
+        res_centroids: T.Buffer((G, KR1, v), dtype),
+        res_codes: T.Buffer((NV, L), "uint16"),
+        outlier_centroids: T.Buffer((KO, VO), dtype),
+        outlier_codes: T.Buffer((NO, OSZ1), "uint16"),
+        y: T.Buffer((NB, O), dtype),
+    ):
+        T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True, "op_pattern": 8})
+        bx = T.launch_thread("blockIdx.x", GRID)
+        tx = T.launch_thread("threadIdx.x", 32)
+        ty = T.launch_thread("threadIdx.y", W)
+        cb_s = T.alloc_buffer((CB_SHARED,), dtype, scope="shared.dyn")
+        red = T.alloc_buffer((RED,), ACC, scope="shared.dyn")
+        acc = T.alloc_buffer((NBV,), ACC, scope="local")
+        cl = T.alloc_buffer((U * VW,), "uint16", scope="local")
+        rl = T.alloc_buffer((U * VW,), "uint16", scope="local")
+        xl = T.alloc_buffer((U * NB * VW,), dtype, scope="local")
+        wl = T.alloc_buffer((v,), dtype, scope="local")
+        wr = T.alloc_buffer((v,), dtype, scope="local")
+        tot = T.alloc_buffer((1,), ACC, scope="local")
+        tid = ty * 32 + tx
+        rr = ty // P
+        sp = ty % P
+        if SMEM_CB:
+            for it in range(-(-(G * K) // NT)):
+                t = it * NT + tid
+                if t < G * K:
+                    for j0 in T.unroll(v // EV):
+                        cb_s[vr(t * v + j0 * EV, EV)] = centroids[t // K, t % K, vr(j0 * EV, EV)]
+            if HAS_RES:
+                for it in range(-(-(G * KR) // NT)):
+                    t = it * NT + tid
+                    if t < G * KR:
+                        for j0 in T.unroll(v // EV):
+                            cb_s[vr(CB_MAIN + t * v + j0 * EV, EV)] = res_centroids[t // KR, t % KR, vr(j0 * EV, EV)]
+            T.tvm_storage_sync("shared")
+        for rb_it in range(-(-NRB // GRID)):
+            rb = rb_it * GRID + bx
+            i = rb * R + rr
+            for a in T.unroll(NBV):
+                acc[a] = T.float32(0)
+            if rb < NRB and i < NV:
+                for it in range(ITERS):
+                    # issue U chunk loads (codes + activations) before any lookup
+                    for u in T.unroll(U):
+                        c = sp * CPS + (it * U + u) * 32 + tx
+                        if c < T.min((sp + 1) * CPS, NCH):
+                            cl[vr(u * VW, VW)] = codes[i, vr(c * VW, VW)]
+                            if HAS_RES:
+                                rl[vr(u * VW, VW)] = res_codes[i, vr(c * VW, VW)]
+                            for b in T.unroll(NB):
+                                xl[vr((u * NB + b) * VW, VW)] = xs[b, vr(OSZ + c * VW, VW)]
+                    for u in T.unroll(U):
+                        c = sp * CPS + (it * U + u) * 32 + tx
+                        if c < T.min((sp + 1) * CPS, NCH):
+                            for e in T.unroll(VW):
+                                g = (c * VW + e) // S
+                                code = T.Cast("int32", cl[u * VW + e])
+                                for j0 in T.unroll(v // EV):
+                                    if SMEM_CB:
+                                        wl[vr(j0 * EV, EV)] = cb_s[vr((g * K + code) * v + j0 * EV, EV)]
+                                    else:
+                                        wl[vr(j0 * EV, EV)] = centroids[g, code, vr(j0 * EV, EV)]
+                                if HAS_RES:
+                                    rcode = T.Cast("int32", rl[u * VW + e])
+                                    for j0 in T.unroll(v // EV):
+                                        if SMEM_CB:
+                                            wr[vr(j0 * EV, EV)] = cb_s[vr(CB_MAIN + (g * KR + rcode) * v + j0 * EV, EV)]
+                                        else:
+                                            wr[vr(j0 * EV, EV)] = res_centroids[g, rcode, vr(j0 * EV, EV)]
+                                for b in T.unroll(NB):
+                                    xv = T.Cast(ACC, xl[(u * NB + b) * VW + e])
+                                    for j in T.unroll(v):
+                                        if HAS_RES:
+                                            acc[b * v + j] = acc[b * v + j] + xv * (
+                                                T.Cast(ACC, wl[j]) + T.Cast(ACC, wr[j])
+                                            )
+                                        else:
+                                            acc[b * v + j] = acc[b * v + j] + xv * T.Cast(ACC, wl[j])
+                if HAS_OUT:
+                    for oit in range(OITERS):
+                        ko = sp * OPW + oit * 32 + tx
+                        if ko < T.min((sp + 1) * OPW, OSZ):
+                            for j in T.unroll(v):
+                                r = i * v + j
+                                if r < O:
+                                    oc = T.Cast("int32", outlier_codes[r // VO, ko])
+                                    wo = T.Cast(ACC, outlier_centroids[oc, r % VO])
+                                    for b in T.unroll(NB):
+                                        acc[b * v + j] = acc[b * v + j] + T.Cast(ACC, xs[b, ko]) * wo
+            # lanes -> lane 0 (warp shuffles), then splits -> one thread per output (shared memory)
+            mask = T.tvm_warp_activemask()
+            for a in T.unroll(NBV):
+                for s in T.unroll(5):
+                    acc[a] = acc[a] + T.tvm_warp_shuffle_down(mask, acc[a], 16 >> s, 32, 32)
+            if tx == 0:
+                for a in T.unroll(NBV):
+                    red[ty * NBV + a] = acc[a]
+            T.tvm_storage_sync("shared")
+            for oit in range(-(-(R * NBV) // NT)):
+                o = oit * NT + tid
+                if o < R * NBV:
+                    orr = o // NBV
+                    a = o % NBV
+                    b = a // v
+                    j = a % v
+                    oi = rb * R + orr
+                    r = oi * v + j
+                    if rb < NRB and oi < NV and r < O:
+                        tot[0] = T.float32(0)
+                        for q in T.unroll(P):
+                            tot[0] = tot[0] + red[(orr * P + q) * NBV + a]
+                        y[b, r] = T.Cast(dtype, tot[0])
+            T.tvm_storage_sync("shared")
+
+    return _keep_operands(kernel, cfg)
+
+
+def _keep_operands(func: tirx.PrimFunc, cfg: VPTQLayerConfig) -> tirx.PrimFunc:
+    """Drop the parameters this variant does not have, so the signature is (xs, *vq_operand_shapes, y)."""
+    from vptq_mlc.tir_kernels.generic import vq_operand_shapes
+
+    keep = {"xs", "y", *vq_operand_shapes(cfg)}
+    params = [prm for prm in func.params if prm.name in keep]
+    return tirx.PrimFunc(params, func.body, func.ret_type, func.attrs)
