@@ -106,3 +106,21 @@ def test_stop_strings_cut_and_hold_back() -> None:
     assert out == "START S" and not s.stopped
     s = StopStrings(["ab"])
     assert s.feed("xxab") == "xx" and s.stopped and s.feed("more") == "" and s.flush() == ""
+
+
+def test_presence_frequency_penalties_follow_the_openai_formula() -> None:
+    """OpenAI's documented rule: mu[j] -= c[j] * frequency_penalty + float(c[j] > 0) * presence_penalty,
+    c[j] = how often token j was generated so far (prompt tokens do not count)."""
+    rng = np.random.default_rng(3)
+    logits = rng.normal(0, 2, size=40).astype(np.float32)
+    prompt = np.array([1, 2, 3])
+    generated = np.array([5, 5, 7, 5, 9])
+    params = SamplingParams(temperature=0.0, presence_penalty=0.5, frequency_penalty=0.25)
+    want = logits.astype(np.float64).copy()
+    for j in range(40):
+        c = int((generated == j).sum())
+        want[j] -= c * 0.25 + float(c > 0) * 0.5
+    got = process_logits(logits, params, np.concatenate([prompt, generated]), generated)
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-12)
+    with pytest.raises(GenerationError, match="presence_penalty"):
+        SamplingParams(presence_penalty=3).validate()

@@ -25,6 +25,8 @@ class ChatConfig:
     temperature: float = 1.0
     top_p: float = 1.0
     repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
     tokenizer_files: list[str] = field(default_factory=list)
     model_config: dict[str, Any] = field(default_factory=dict)
     raw: dict[str, Any] = field(default_factory=dict)
@@ -51,6 +53,8 @@ class ChatConfig:
                 temperature=float(raw.get("temperature", 1.0)),
                 top_p=float(raw.get("top_p", 1.0)),
                 repetition_penalty=float(raw.get("repetition_penalty", 1.0)),
+                presence_penalty=float(raw.get("presence_penalty", 0.0)),
+                frequency_penalty=float(raw.get("frequency_penalty", 0.0)),
                 tokenizer_files=list(raw.get("tokenizer_files", [])),
                 model_config=dict(mc),
                 raw=raw,

@@ -221,7 +221,7 @@ class Engine:
         for r, row in rows:
             if self.active_vocab:
                 row = row[: self.active_vocab]
-            r.append(r.sampler.sample(row, r.seen()))
+            r.append(r.sample(row))
             stepped.append(r)
             if r.finish_reason is not None:
                 self._finish(r)
@@ -232,7 +232,9 @@ class Engine:
     def _params(self, **kw: Any) -> SamplingParams:
         """SamplingParams from keyword arguments; None means the model's default from mlc-chat-config.json."""
         defaults = {"temperature": self.config.temperature, "top_p": self.config.top_p,
-                    "repetition_penalty": self.config.repetition_penalty}
+                    "repetition_penalty": self.config.repetition_penalty,
+                    "presence_penalty": self.config.presence_penalty,
+                    "frequency_penalty": self.config.frequency_penalty}
         for k, v in defaults.items():
             if kw.get(k) is None:
                 kw[k] = v
@@ -253,11 +255,13 @@ class Engine:
     def generate(self, prompt: str | Sequence[int], max_tokens: int = 256, temperature: float | None = None,
                  top_p: float | None = None, top_k: int = 0, repetition_penalty: float | None = None,
                  seed: int | None = None, stop: str | list[str] | None = None, stream: bool = False,
-                 stop_token_ids: list[int] | None = None) -> str | Iterator[str]:
+                 stop_token_ids: list[int] | None = None, presence_penalty: float | None = None,
+                 frequency_penalty: float | None = None) -> str | Iterator[str]:
         """Complete `prompt` (text or token ids). Returns the text, or an iterator of text deltas if `stream`."""
         params = self._params(max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
                               repetition_penalty=repetition_penalty, seed=seed, stop=stop,
-                              stop_token_ids=stop_token_ids)
+                              stop_token_ids=stop_token_ids, presence_penalty=presence_penalty,
+                              frequency_penalty=frequency_penalty)
         req = self.add_request(prompt, params)
         it = self._stream(req)
         return it if stream else "".join(it)

@@ -75,9 +75,11 @@ class Request:
         self._unread = len(self._text)
         return out
 
-    def seen(self) -> np.ndarray:
-        """Prompt + generated ids, for the repetition penalty."""
-        return np.asarray(self.prompt_ids + self.output_ids, dtype=np.int64)
+    def sample(self, logits: np.ndarray) -> int:
+        """Draw the next token from this request's row of logits (penalties see prompt and output so far)."""
+        generated = np.asarray(self.output_ids, dtype=np.int64)
+        seen = np.concatenate([np.asarray(self.prompt_ids, dtype=np.int64), generated])
+        return self.sampler.sample(logits, seen, generated)
 
     def append(self, token: int) -> None:
         """Record a sampled token and decide whether the request is done (sets `finish_reason`)."""

@@ -1,7 +1,8 @@
 """Per-request sampling on the host in numpy, with Hugging Face `generate` semantics.
 
-Order (as in transformers): repetition penalty over every token seen so far (prompt + output), then
-temperature, top-k, top-p, softmax, one draw. Temperature 0 is greedy (argmax after the penalty). Each
+Order (as in transformers): repetition penalty over every token seen so far (prompt + output), then the
+OpenAI presence/frequency penalties over the generated tokens, then temperature, top-k, top-p, softmax,
+one draw. Temperature 0 is greedy (argmax after the penalty). Each
 request owns a `np.random.Generator`, so a seeded request is reproducible whatever else is in the batch.
 Stop strings are matched on the decoded text; `StopStrings` holds back text that may be the start of one.
 """
@@ -24,6 +25,8 @@ class SamplingParams:
     top_p: float = 1.0
     top_k: int = 0
     repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
     seed: int | None = None
     stop: list[str] = field(default_factory=list)
     stop_token_ids: list[int] = field(default_factory=list)
@@ -36,6 +39,8 @@ class SamplingParams:
             (0 < self.top_p <= 1, f"top_p must be in (0, 1], got {self.top_p}"),
             (self.top_k >= 0, f"top_k must be >= 0 (0 = off), got {self.top_k}"),
             (self.repetition_penalty > 0, f"repetition_penalty must be > 0 (1 = off), got {self.repetition_penalty}"),
+            (-2 <= self.presence_penalty <= 2, f"presence_penalty must be in [-2, 2], got {self.presence_penalty}"),
+            (-2 <= self.frequency_penalty <= 2, f"frequency_penalty must be in [-2, 2], got {self.frequency_penalty}"),
             (all(s for s in self.stop), "stop strings must not be empty"),
         ]
         for ok, message in checks:
@@ -51,6 +56,17 @@ def apply_repetition_penalty(scores: np.ndarray, seen: np.ndarray, penalty: floa
     picked = scores[ids]
     scores = scores.copy()
     scores[ids] = np.where(picked < 0, picked * penalty, picked / penalty)
+    return scores
+
+
+def apply_presence_frequency(scores: np.ndarray, generated: np.ndarray, presence: float,
+                             frequency: float) -> np.ndarray:
+    """OpenAI rule: logit -= count * frequency + (count > 0) * presence, counting generated tokens only."""
+    if (presence == 0 and frequency == 0) or generated.size == 0:
+        return scores
+    ids, counts = np.unique(generated, return_counts=True)
+    scores = scores.copy()
+    scores[ids] -= counts * frequency + presence
     return scores
 
 
@@ -81,9 +97,15 @@ def softmax(x: np.ndarray) -> np.ndarray:
     return e / e.sum()
 
 
-def process_logits(logits: np.ndarray, params: SamplingParams, seen: np.ndarray) -> np.ndarray:
-    """Penalised, tempered and filtered float64 scores (-inf = excluded); temperature 0 skips the warpers."""
+def process_logits(logits: np.ndarray, params: SamplingParams, seen: np.ndarray,
+                   generated: np.ndarray | None = None) -> np.ndarray:
+    """Penalised, tempered and filtered float64 scores (-inf = excluded); temperature 0 skips the warpers.
+
+    `seen`: prompt + generated ids (repetition penalty); `generated`: the output ids only (OpenAI penalties).
+    """
     scores = apply_repetition_penalty(logits.astype(np.float64), seen, params.repetition_penalty)
+    if generated is not None:
+        scores = apply_presence_frequency(scores, generated, params.presence_penalty, params.frequency_penalty)
     if params.temperature == 0:
         return scores
     scores = scores / params.temperature
@@ -98,9 +120,9 @@ class Sampler:
         self.params = params
         self.rng = np.random.default_rng(params.seed)
 
-    def sample(self, logits: np.ndarray, seen: np.ndarray) -> int:
-        """Next token from one row of logits given the ids seen so far (prompt + generated)."""
-        scores = process_logits(logits, self.params, seen)
+    def sample(self, logits: np.ndarray, seen: np.ndarray, generated: np.ndarray | None = None) -> int:
+        """Next token from one row of logits given the ids seen so far (prompt + generated) and the generated."""
+        scores = process_logits(logits, self.params, seen, generated)
         if self.params.temperature == 0:
             return int(np.argmax(scores))
         probs = softmax(scores)
