@@ -32,7 +32,8 @@ def runtime_lib(tmp_path_factory) -> Path:
         build.find_hip()
     except RuntimeLoadError as e:
         pytest.skip(f"HIP headers not installed: {e}")
-    return build.build_rocm_runtime(tmp_path_factory.mktemp("rocm_rt") / "libvptq_rocm_runtime.so", force=True)
+    # one build per session (shared with test_package.py): the builder skips an up-to-date output
+    return build.build_rocm_runtime(tmp_path_factory.getbasetemp() / "rocm_rt" / "libvptq_rocm_runtime.so")
 
 
 @pytest.fixture(scope="module")
@@ -186,7 +187,10 @@ FAKE_HIP_SRC = Path(__file__).parent / "fake_hip" / "fake_hip.cc"
 def fake_hip_dir(runtime_lib, tmp_path_factory) -> Path:
     """libamdhip64.so.5 test double (same symbol version as Debian's HIP), found first via LD_LIBRARY_PATH."""
     hip = build.find_hip()
-    d = tmp_path_factory.mktemp("fake_hip")
+    d = tmp_path_factory.getbasetemp() / "fake_hip"
+    if (d / "libamdhip64.so.5").exists():
+        return d
+    d.mkdir()
     (d / "v.map").write_text("hip_4.2 { global: hip*; local: *; };\n")
     subprocess.run(["g++", "-std=c++17", "-O1", "-fPIC", "-shared", "-D__HIP_PLATFORM_AMD__", f"-I{hip.include}",
                     str(FAKE_HIP_SRC), "-o", str(d / "libamdhip64.so.5"), f"-Wl,--version-script={d / 'v.map'}",

@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 import logging
 import sys
+from pathlib import Path
 from typing import Any, Callable
 
 import click
@@ -136,6 +137,10 @@ def chat(model_dir: str, lib: str | None, device: str, prompt: str | None, syste
     from vptq_mlc.runtime.chat_session import ChatSession, interactive, write_stream
     from vptq_mlc.runtime.engine import Engine
 
+    if lib is None and (Path(model_dir) / "manifest.json").exists():  # a `vptq-mlc package` output
+        from vptq_mlc.package.select import select_library
+
+        lib, device = select_library(model_dir, device)
     engine = Engine(model_dir, lib, device=device, max_batch_size=1, context_window=context_window)
     session = ChatSession(engine, raw=raw, system=system, max_tokens=max_tokens, temperature=temperature,
                           top_p=top_p, top_k=top_k, repetition_penalty=repetition_penalty, seed=seed,
@@ -271,6 +276,23 @@ def eval_ppl(model: str, lib: str | None, device: str, reference: str | None, te
         click.echo(r.line())
     if rel is not None:
         click.echo(f"relative difference {100 * rel:.3f}%")
+
+
+# -- package --
+@main.command()
+@click.argument("config", type=click.Path(dir_okay=False, path_type=str))
+@click.option("-o", "--output", type=click.Path(file_okay=False, path_type=str), default=None,
+              help="Output folder (default: the config's \"output\", else dist/ next to it).")
+@click.option("--force", is_flag=True, help="Rebuild everything, even outputs whose inputs did not change.")
+@one_line_errors
+def package(config: str, output: str | None, force: bool) -> None:
+    """Build prebuilt model libraries for every model x target in CONFIG, with weights and manifest.json."""
+    from vptq_mlc.package.builder import PackageBuilder
+    from vptq_mlc.package.config import PackageConfig
+
+    builder = PackageBuilder(PackageConfig.load(config), Path(output) if output else None, force)
+    for model_dir in builder.build():
+        click.echo(str(model_dir))
 
 
 # `vptq-mlc bench ...` lives in vptq_mlc/bench/cli.py (imports only click at module level)

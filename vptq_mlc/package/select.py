@@ -1,0 +1,106 @@
+"""Pick the packaged library that fits this host (GPU vendor and arch, else CPU) and verify it against the manifest.
+
+Matching: cuda needs SASS for the GPU's major version with a minor version <= the GPU's (sm_80 code runs on
+sm_86/sm_89, not on sm_90); rocm needs the exact gfx arch; llvm needs the same CPU architecture. With
+device "auto" the first of cuda:0, rocm:0, cpu that is present and has a fitting library wins.
+Imports only tvm.runtime (through runtime/device.py), so it works on runtime-only deploy hosts.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import platform
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from vptq_mlc.errors import RuntimeLoadError
+from vptq_mlc.package.config import PackageError
+from vptq_mlc.package.manifest import read_manifest, verify_file
+
+log = logging.getLogger(__name__)
+_KIND_OF_DEVICE = {"cpu": "llvm", "cuda": "cuda", "rocm": "rocm"}
+
+
+@dataclass(frozen=True)
+class HostDevice:
+    device: str  # "cuda:0", "rocm:0", "cpu"
+    kind: str  # library target kind: cuda, rocm, llvm
+    arch: str  # sm_90, gfx90a, x86_64
+    name: str = ""
+
+
+def _sm(compute_version: str) -> str:
+    major, minor = compute_version.split(".")[:2]
+    return f"sm_{major}{minor}"
+
+
+def probe_device(device: str) -> HostDevice | None:
+    """The device and its arch if present, else None (never raises for a missing GPU or driver)."""
+    from vptq_mlc.runtime.device import resolve_device
+
+    try:
+        spec, dev = resolve_device(device)
+    except RuntimeLoadError as e:
+        log.info("%s: %s", device, e)
+        return None
+    if spec.kind == "cpu":
+        return HostDevice("cpu", "llvm", platform.machine(), "cpu")
+    try:
+        if spec.kind == "cuda":
+            arch = _sm(str(dev.compute_version))
+        else:
+            arch = str(dev._GetDeviceAttr(10, spec.index, 10)).split(":")[0]  # kGcnArch: "gfx90a:sramecc+:xnack-"
+        name = str(dev.device_name)
+    except Exception as e:  # noqa: BLE001 - an unusable GPU is not a candidate
+        log.info("%s: cannot query the arch (%s)", spec, e)
+        return None
+    return HostDevice(str(spec), spec.kind, arch, name)
+
+
+def fits(lib: dict[str, Any], host: HostDevice) -> bool:
+    if lib.get("target") != host.kind:
+        return False
+    if host.kind == "llvm":
+        return lib.get("abi", {}).get("machine", host.arch) == host.arch
+    if host.kind == "rocm":
+        return host.arch in lib.get("archs", [])
+    m = re.fullmatch(r"sm_(\d+)(\d)", host.arch)
+    for a in lib.get("archs", []):
+        la = re.fullmatch(r"sm_(\d+)(\d)[a-z]?", a)
+        if m and la and la.group(1) == m.group(1) and int(la.group(2)) <= int(m.group(2)):
+            return True
+    return False
+
+
+def _describe_offers(libs: list[dict[str, Any]]) -> str:
+    return "; ".join(f"{lib['target']} {','.join(lib.get('archs') or [lib.get('abi', {}).get('machine', '')])}"
+                     for lib in libs) or "no libraries"
+
+
+def select_library(model_dir: str | os.PathLike[str], device: str = "auto") -> tuple[Path, str]:
+    """(verified library path, device string) for this host, from the package's manifest."""
+    model_dir = Path(model_dir)
+    manifest = read_manifest(model_dir)
+    libs = manifest["libraries"]
+    cands = ["cuda:0", "rocm:0", "cpu"] if device.strip().lower() == "auto" else [device]
+    seen = []
+    for cand in cands:
+        host = probe_device(cand)
+        if host is None:
+            continue
+        seen.append(f"{host.device} ({host.arch}{', ' + host.name if host.name and host.kind != 'llvm' else ''})")
+        matches = [lib for lib in libs if fits(lib, host)]
+        if matches:
+            # prefer the exact arch (e.g. sm_90 SASS over sm_80 on an sm_90 GPU is required; sm_86 over sm_80 on sm_86)
+            best = max(matches, key=lambda lib: host.arch in lib.get("archs", []))
+            path = verify_file(model_dir, best["file"], best, "library")
+            log.info("package %s: %s for %s", model_dir.name, best["file"], host.device)
+            return path, host.device
+    raise PackageError(
+        f"no library in {model_dir} fits this host: it has {', '.join(seen) or 'no usable device for ' + device}; "
+        f"the package offers {_describe_offers(libs)}; add a matching target to the package config and re-run "
+        "vptq-mlc package (or pass --device / --lib)"
+    )
