@@ -2,13 +2,15 @@
 
 Points are the `v`-long weight vectors of one layer (one group), each with a weight: its column's Hessian
 diagonal times the squared norm scale, so that minimising `sum w * |x - c|^2` minimises the layer's proxy loss.
-Seeding is k-means++ (D^2 sampling); for large K it draws `ceil(K/16)` seeds per round instead of one (Gumbel top-k),
-which costs about one Lloyd pass and keeps 65536-centroid codebooks practical on a CPU. Lloyd iterations then
+Seeding is k-means++ (D^2 sampling); it draws `ceil(K/16)` seeds per round instead of one (Gumbel
+top-k), which costs about one Lloyd pass and keeps 65536-centroid codebooks practical on a CPU. Lloyd iterations then
 move every centroid to the weighted mean of its points; an emptied cluster is re-seeded at the point with the
 largest weighted error. Fitting subsamples the points when there are many more than centroids.
 
-When a group has no more distinct vectors than K (a 576x192 layer has 13824 vectors of length 8, fewer than a
-65536-entry codebook) the codebook simply holds every distinct vector: quantization is then lossless.
+With fewer than 2 (8) points per centroid, Lloyd is skipped (capped at 2 iterations): the seeds are data
+points already, and each iteration would cost a full search. When a group has no more distinct vectors than
+K (a 576x192 layer has 13824 vectors of length 8, fewer than a 65536-entry codebook) the codebook simply
+holds every distinct vector: quantization is then lossless.
 Everything draws from one `torch.Generator`, so a seed fixes the result.
 """
 
@@ -146,6 +148,10 @@ def fit_codebook(
     else:
         xs, ws = x, w
     C = kmeans_pp(xs, ws, K, gen, opts.seeds_per_round_div)
-    C, inertia = lloyd(xs, ws, C, opts.iters, opts.tol)
+    # With few points per centroid the D^2 seeds already sit on the data (most points are seeds themselves);
+    # Lloyd passes then cost a full search each and barely move anything (SmolLM2's MLP at K = 65536: 1.7).
+    ratio = xs.shape[0] / K
+    iters = 0 if ratio < 2 else min(opts.iters, 2) if ratio < 8 else opts.iters
+    C, inertia = lloyd(xs, ws, C, iters, opts.tol)
     log.debug("k-means K=%d on %d of %d points: inertia %.6g", K, xs.shape[0], M, inertia)
     return C

@@ -140,6 +140,7 @@ def quantize_model(model: str | Path, out_dir: str | Path, settings: QuantizeSet
             )
             layers[path] = (q.cfg, q.tensors)
             errors[path] = q.proxy_error
+            log.info("%s: proxy error %.4g (%.0f s elapsed)", path, q.proxy_error, time.time() - t0)
             stored_bits += q.cfg.stored_bits()
             n_weights += q.cfg.in_features * q.cfg.out_features
     finally:
