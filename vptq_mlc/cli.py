@@ -230,6 +230,21 @@ def quantize(model: str, variant: str, output: str, calib: str | None, calib_tok
                f"{r.index_bits_per_weight:.3g} index bits/weight, {r.stored_bits_per_weight:.3g} stored bits/weight")
 
 
+@main.command(name="import-gguf")
+@click.argument("model", type=str)
+@click.option("-o", "--output", type=click.Path(path_type=str), default=None,
+              help="HF directory to write (default: the cache, reused on later calls).")
+@one_line_errors
+def import_gguf_cmd(model: str, output: str | None) -> None:
+    """Dequantize a .gguf (or `smollm2`, the bundled SmolLM2-135M-Instruct) into an HF fp16 directory; prints it."""
+    from pathlib import Path
+
+    from vptq_mlc.quantize.hf_import import MODEL_ALIASES, bundled_smollm2_gguf, import_gguf
+
+    src = bundled_smollm2_gguf() if model.lower() in MODEL_ALIASES else Path(model)
+    click.echo(str(import_gguf(src, Path(output) if output else None)))
+
+
 # -- eval --
 @main.group(name="eval")
 def eval_group() -> None:
@@ -237,7 +252,7 @@ def eval_group() -> None:
 
 
 @eval_group.command(name="ppl")
-@click.argument("model", type=click.Path(file_okay=False, exists=True, path_type=str))
+@click.argument("model", type=str)
 @click.option("--lib", type=click.Path(dir_okay=False, path_type=str), default=None,
               help="Model library (MODEL is then an MLC model dir; default: its newest library for --device).")
 @click.option("--device", default="cpu", show_default=True, help="Device for the compiled library.")
@@ -251,14 +266,18 @@ def eval_group() -> None:
 @one_line_errors
 def eval_ppl(model: str, lib: str | None, device: str, reference: str | None, text: str | None, ctx: int,
              max_tokens: int, as_json: bool) -> None:
-    """Perplexity of MODEL: an MLC model dir (compiled library) or a VPTQ/HF dir (transformers reference)."""
+    """Perplexity of MODEL: an MLC model dir (compiled library), or a VPTQ checkpoint / HF dir / .gguf /
+    `smollm2` (transformers on the dense, dequantized weights)."""
     import json
     from dataclasses import asdict
     from pathlib import Path
 
     from vptq_mlc.eval.ppl import is_mlc_dir, ppl_compiled, ppl_reference, text_windows_for
+    from vptq_mlc.quantize.hf_import import is_vptq_dir, resolve_dense_model
 
     path = Path(model)
+    if not (path.is_dir() and (is_mlc_dir(path) or is_vptq_dir(path))):
+        path = resolve_dense_model(model)
     windows = text_windows_for(path, text, ctx, max_tokens or None)
     progress = sys.stderr.isatty()
     results = []
