@@ -8,7 +8,7 @@ set -euo pipefail
 OUT=${OUT:-/tmp/vptq-quality}
 VARIANTS=${VARIANTS:-"v8-k4096-4096 v16-k65536-65536 v8-k65536-0 v8-k65536-65536"}
 COMPILED=${COMPILED:-"v8-k4096-4096"}
-EVAL=(--text shakespeare:hamlet --ctx 256 --max-tokens 16384)
+EVAL=(--text shakespeare:hamlet --ctx 256 --max-tokens 8192)
 mkdir -p "$OUT"
 
 vptq-mlc eval ppl smollm2 "${EVAL[@]}" --json > "$OUT/ppl-fp16.json"

@@ -261,7 +261,7 @@ def eval_group() -> None:
                    "print the relative difference.")
 @click.option("--text", default=None, help="UTF-8 text file or shakespeare:PLAY (default: shakespeare:hamlet).")
 @click.option("--ctx", type=int, default=256, show_default=True, help="Tokens per scored window.")
-@click.option("--max-tokens", type=int, default=16384, show_default=True, help="Score the first N tokens (0 = all).")
+@click.option("--max-tokens", type=int, default=8192, show_default=True, help="Score the first N tokens (0 = all).")
 @click.option("--json", "as_json", is_flag=True, help="Print the results as JSON.")
 @one_line_errors
 def eval_ppl(model: str, lib: str | None, device: str, reference: str | None, text: str | None, ctx: int,
