@@ -15,12 +15,12 @@ import logging
 import os
 import shutil
 import struct
-import tempfile
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
 import numpy as np
 
+from vptq_mlc.atomic import atomic_dir
 from vptq_mlc.checkpoint.layer_config import VPTQLayerConfig
 from vptq_mlc.checkpoint.schema import FLOAT, NP_TO_ST, expected_tensors, f32_to_bf16_bits
 from vptq_mlc.errors import CheckpointError
@@ -160,9 +160,7 @@ def write_checkpoint(
         shards[-1].append((n, a))
         size += nb
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
+    with atomic_dir(out) as tmp:
         total = 0
         if len(shards) == 1:
             total += write_safetensors(tmp / "model.safetensors", shards[0], bf16=bf16)
@@ -182,15 +180,5 @@ def write_checkpoint(
                 raise CheckpointError(f"no tokenizer files in {tdir}; expected tokenizer.json or tokenizer.model")
             for f in found:
                 shutil.copy2(f, tmp / f.name)
-        if out.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-            os.rename(out, old / out.name)
-            os.rename(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.rename(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     log.info("wrote %s (%d tensors, %d shard(s), %.1f MB)", out, len(named), len(shards), total / 1e6)
     return out

@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import logging
 import os
-import tempfile
 import time
 from pathlib import Path
 
 import tvm
 from tvm import relax
 
+from vptq_mlc.atomic import atomic_file
 from vptq_mlc.checkpoint.layer_config import VPTQLayerConfig
 from vptq_mlc.compile.metadata import attach_metadata, model_metadata, planned_memory
 from vptq_mlc.compile.targets import BuildTarget, relax_pipeline, resolve_targets
@@ -81,16 +81,8 @@ def build_library(model_dir: Path, bt: BuildTarget, output: Path) -> Path:
     )
     lowered = attach_metadata(lowered, meta)
     executable = relax.build(lowered, bt.target, relax_pipeline=None)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{output.name}.", suffix=".so", dir=output.parent)
-    os.close(fd)
-    try:
-        executable.export_library(tmp)
-        os.chmod(tmp, 0o755)
-        os.replace(tmp, output)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_file(output, mode=0o755) as tmp:
+        executable.export_library(str(tmp))
     log.info("built %s for %s in %.1f s", output, bt.label, time.time() - t0)
     return output
 

@@ -10,13 +10,13 @@ import json
 import logging
 import os
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Iterator
 
 import numpy as np
 from tqdm import tqdm
 
+from vptq_mlc.atomic import atomic_dir
 from vptq_mlc.checkpoint.dequant import decode_codes
 from vptq_mlc.checkpoint.reader import VPTQCheckpoint
 from vptq_mlc.convert.chat_config import CONFIG_NAME, build_chat_config
@@ -75,9 +75,7 @@ def convert_checkpoint(
     if max_batch_size:
         model_config.max_batch_size = max_batch_size
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
+    with atomic_dir(out) as tmp:
         tok_files = []
         for f in ckpt.tokenizer_files():
             shutil.copy2(f, tmp / f.name)
@@ -98,12 +96,5 @@ def convert_checkpoint(
             tokenizer_files=tok_files,
         )
         (tmp / CONFIG_NAME).write_text(json.dumps(chat_cfg, indent=2))
-        os.chmod(tmp, 0o755)
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     log.info("converted %s -> %s (%d tensors, %.1f MB)", checkpoint, out, writer.num_tensors, writer.total_bytes / 1e6)
     return out
