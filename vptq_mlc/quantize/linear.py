@@ -71,6 +71,7 @@ class _Part:
     Kr: int
     C: torch.Tensor | None = None
     Cr: torch.Tensor | None = None
+    fixed: torch.Tensor | None = None  # [n_cols, N] codes when the codebook holds every distinct vector
 
     def vectors(self, X: torch.Tensor) -> torch.Tensor:
         """Columns [start, stop) of X [O, I] as vectors [n_cols, N, v] (rows zero-padded to N*v)."""
@@ -176,6 +177,14 @@ def quantize_linear(
         n, N, _ = vec.shape
         flat = vec.reshape(-1, p.v)
         w = col_w[p.start : p.stop].repeat_interleave(N)
+        if flat.shape[0] <= 2 * p.K:  # maybe no more distinct vectors than K: store them all, no search needed
+            uniq, inv = torch.unique(flat, dim=0, return_inverse=True)
+            if uniq.shape[0] <= p.K:
+                p.C = _round(uniq[torch.arange(p.K, device=dev) % uniq.shape[0]], opts.dtype)
+                p.fixed = inv.reshape(n, N)
+                if p.Kr:
+                    p.Cr = torch.zeros(p.Kr, p.v, device=dev)
+                continue
         p.C = _round(fit_codebook(flat, w, p.K, gen, opts.kmeans), opts.dtype)
         if p.Kr:
             idx0, _ = Searcher(p.C)(flat)
@@ -213,11 +222,11 @@ def _assign_all(Xn: torch.Tensor, parts: list[_Part]) -> tuple[torch.Tensor, dic
         vec = p.vectors(Xn)
         n, N, v = vec.shape
         flat = vec.reshape(-1, v)
-        idx, _ = Searcher(p.C)(flat)
+        idx = p.fixed.reshape(-1) if p.fixed is not None else Searcher(p.C)(flat)[0]
         q = p.C[idx]
         codes[pi] = idx.reshape(n, N)
         if p.Kr:
-            ridx, _ = Searcher(p.Cr)(flat - q)
+            ridx = torch.zeros_like(idx) if p.fixed is not None else Searcher(p.Cr)(flat - q)[0]
             q = q + p.Cr[ridx]
             rcodes[pi] = ridx.reshape(n, N)
         Q[:, p.start : p.stop] = q.reshape(n, N * v)[:, :O].t()
@@ -236,8 +245,8 @@ def _assign_with_feedback(
     for pi, p in enumerate(parts):
         owner[p.start : p.stop] = pi
     owner_l = owner.tolist()
-    search = [Searcher(p.C) for p in parts]
-    rsearch = [Searcher(p.Cr) if p.Kr else None for p in parts]
+    search = [Searcher(p.C) if p.fixed is None else None for p in parts]
+    rsearch = [Searcher(p.Cr) if p.Kr and p.fixed is None else None for p in parts]
     codes = {pi: torch.empty(p.stop - p.start, -(-O // p.v), dtype=torch.int64) for pi, p in enumerate(parts)}
     rcodes = {pi: torch.empty_like(codes[pi]) for pi, p in enumerate(parts) if p.Kr}
     sp_l, bp_l = sp.tolist(), bp.tolist()
@@ -255,11 +264,12 @@ def _assign_with_feedback(
             xn = (w - bp_l[c]) / sp_l[c]
             pad = (-O) % p.v
             vec = torch.cat([xn, xn.new_zeros(pad)]).view(-1, p.v) if pad else xn.view(-1, p.v)
-            idx, _ = search[pi](vec)
+            # a lossless part keeps its codes: the feedback it receives is fp16 rounding only
+            idx = p.fixed[c - p.start] if p.fixed is not None else search[pi](vec)[0]
             q = p.C[idx]
             codes[pi][c - p.start] = idx
             if p.Kr:
-                ridx, _ = rsearch[pi](vec - q)
+                ridx = torch.zeros_like(idx) if p.fixed is not None else rsearch[pi](vec - q)[0]
                 q = q + p.Cr[ridx]
                 rcodes[pi][c - p.start] = ridx
             qn = q.reshape(-1)[:O]
