@@ -1,0 +1,283 @@
+"""The one engine loop of the server: a thread that owns the `Engine` and is the only caller of its methods.
+
+Why a thread: `Engine.step()` is a blocking model call (milliseconds to tens of milliseconds) and the engine is
+single-threaded, so it runs beside the asyncio event loop instead of in it. HTTP handlers hand requests in
+through a thread-safe inbox (`submit`, `cancel`); between two steps the loop takes everything in the inbox, so
+new requests join the running batch and finished ones leave it (continuous batching: admission and page
+accounting are the engine's). Tokens go back as `Event`s on each request's asyncio queue through
+`loop.call_soon_threadsafe`, one call per event loop per step.
+
+Back-pressure: at most `max_queue` requests may wait for admission (in the inbox or the engine's waiting
+list); `submit` past that raises `QueueFullError`, which the app answers with 503.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from vptq_mlc.errors import VPTQMLCError
+from vptq_mlc.runtime.engine import Engine
+from vptq_mlc.runtime.request import Request, RequestState
+from vptq_mlc.runtime.sampling import SamplingParams
+from vptq_mlc.serve.metrics import EngineGauges, ServeMetrics
+
+log = logging.getLogger(__name__)
+
+_STOP = object()
+
+
+class QueueFullError(Exception):
+    """More requests are waiting for admission than the server's --max-queue allows."""
+
+
+@dataclass
+class Event:
+    """One message from the engine loop to a handler.
+
+    The first event of a request is its acceptance (`prompt_tokens` set) or an error; then text deltas; the
+    last one has `finish_reason` (stop, length, cancelled) or `error`.
+    """
+
+    text: str = ""
+    token_ids: list[int] = field(default_factory=list)  # generated since the previous event
+    completion_tokens: int = 0
+    finish_reason: str | None = None
+    prompt_tokens: int | None = None
+    error: str | None = None
+    status: int = 500
+
+
+class Stream:
+    """The handler's end of one request. Created by `EngineWorker.submit` inside the handler's event loop."""
+
+    def __init__(self, prompt_ids: list[int], params: SamplingParams) -> None:
+        self.prompt_ids = prompt_ids
+        self.params = params
+        self.loop = asyncio.get_running_loop()
+        self.queue: asyncio.Queue[Event] = asyncio.Queue()
+        self.submitted_at = time.perf_counter()
+        # engine-loop side (touched only by the worker thread)
+        self.request: Request | None = None
+        self.queued = True  # counted against max_queue until admitted or refused
+        self.sent_tokens = 0
+        self.got_token = False
+        self.done = False
+
+    async def next(self) -> Event:
+        return await self.queue.get()
+
+
+class EngineWorker:
+    """Runs `engine.step()` while work exists; the HTTP side only calls `submit`, `cancel` and `alive`."""
+
+    def __init__(self, engine: Engine, max_queue: int = 64, metrics: ServeMetrics | None = None) -> None:
+        if max_queue < 1:
+            raise ValueError(f"max_queue must be >= 1, got {max_queue}")
+        self.engine = engine
+        self.max_queue = max_queue
+        self.metrics = metrics or ServeMetrics()
+        self._inbox: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self._lock = threading.Lock()
+        self._queued = 0
+        self._streams: dict[Request, Stream] = {}
+        self._waiting: list[Stream] = []
+        self._thread: threading.Thread | None = None
+        self.failure: BaseException | None = None
+        self._report()
+
+    # ---- called from the HTTP side ----
+
+    def start(self) -> None:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="vptq-mlc-engine", daemon=True)
+            self._thread.start()
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """Finish the loop: requests still in flight get an error event."""
+        if self._thread is not None:
+            self._inbox.put(_STOP)
+            self._thread.join(timeout)
+            self._thread = None
+
+    def alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    def queue_length(self) -> int:
+        with self._lock:
+            return self._queued
+
+    def submit(self, prompt_ids: list[int], params: SamplingParams) -> Stream:
+        """Queue a request; its events arrive on the returned stream. Raises QueueFullError past max_queue."""
+        with self._lock:
+            if self._queued >= self.max_queue:
+                raise QueueFullError(f"the server is at capacity: {self._queued} requests are already waiting "
+                                     f"(--max-queue {self.max_queue}); retry later")
+            self._queued += 1
+        stream = Stream(prompt_ids, params)
+        self._inbox.put(("add", stream))
+        return stream
+
+    def cancel(self, stream: Stream) -> None:
+        """Stop the request (client gone) and free its KV pages; a no-op once it finished."""
+        self._inbox.put(("cancel", stream))
+
+    # ---- the engine loop (worker thread only) ----
+
+    def _run(self) -> None:
+        try:
+            while self._drain(block=not self.engine.has_unfinished()):
+                if self.engine.has_unfinished():
+                    self._step()
+                self._report()
+        except BaseException as e:  # noqa: BLE001 - reported through /health and to every open request
+            log.exception("the engine loop stopped")
+            self.failure = e
+        finally:
+            self._shutdown()
+
+    def _drain(self, block: bool) -> bool:
+        """Apply every queued command; False when asked to stop."""
+        cmds = [self._inbox.get()] if block else []
+        while True:
+            try:
+                cmds.append(self._inbox.get_nowait())
+            except queue.Empty:
+                break
+        events: list[tuple[Stream, Event]] = []
+        running = True
+        for cmd in cmds:
+            if cmd is _STOP:
+                running = False
+            elif cmd[0] == "add":
+                self._add(cmd[1], events)
+            else:
+                self._cancel(cmd[1], events)
+        self._emit(events)
+        return running
+
+    def _add(self, stream: Stream, events: list[tuple[Stream, Event]]) -> None:
+        try:
+            req = self.engine.add_request(stream.prompt_ids, stream.params)
+        except VPTQMLCError as e:
+            self._unqueue(stream)
+            stream.done = True
+            events.append((stream, Event(error=str(e), status=400)))
+            return
+        stream.request = req
+        self._streams[req] = stream
+        self._waiting.append(stream)
+        self.metrics.request_started(len(req.prompt_ids))
+        events.append((stream, Event(prompt_tokens=len(req.prompt_ids))))
+
+    def _cancel(self, stream: Stream, events: list[tuple[Stream, Event]]) -> None:
+        req = stream.request
+        if req is None or stream.done:
+            return
+        self.engine.cancel(req)
+        self._close(stream, Event(text=req.pop_delta(), completion_tokens=len(req.output_ids),
+                                  finish_reason=req.finish_reason), events)
+
+    def _close(self, stream: Stream, last: Event, events: list[tuple[Stream, Event]]) -> None:
+        assert stream.request is not None
+        stream.done = True
+        self._streams.pop(stream.request, None)
+        self._unqueue(stream)
+        self.metrics.request_finished(stream.request.finish_reason or "error")
+        events.append((stream, last))
+
+    def _step(self) -> None:
+        failure = None
+        try:
+            stepped = self.engine.step()
+        except Exception as e:  # noqa: BLE001 - the engine dropped that batch (finish_reason "error"); keep serving
+            log.exception("engine step failed")
+            stepped, failure = [], f"{type(e).__name__}: {e}"
+        now = time.perf_counter()
+        events: list[tuple[Stream, Event]] = []
+        new_tokens, ttfts = 0, []
+        for req in stepped:
+            stream = self._streams.get(req)
+            if stream is None:
+                continue
+            new_ids = req.output_ids[stream.sent_tokens :]
+            new_tokens += len(new_ids)
+            if not stream.got_token:
+                stream.got_token = True
+                ttfts.append(now - stream.submitted_at)
+            stream.sent_tokens = len(req.output_ids)
+            ev = Event(text=req.pop_delta(), token_ids=new_ids, completion_tokens=len(req.output_ids),
+                       finish_reason=req.finish_reason)
+            if req.finished:
+                self._close(stream, ev, events)
+            else:
+                events.append((stream, ev))
+        for req, stream in list(self._streams.items()):
+            if req.finished:  # dropped by a failed step
+                self._close(stream, Event(error=f"generation failed: {failure or req.finish_reason}", status=500,
+                                          finish_reason=req.finish_reason), events)
+        for stream in [s for s in self._waiting if s.request is not None and s.request.state is not RequestState.WAITING]:
+            self._unqueue(stream)
+        self.metrics.step(new_tokens, ttfts)
+        self._emit(events)
+
+    def _unqueue(self, stream: Stream) -> None:
+        if stream.queued:
+            stream.queued = False
+            if stream in self._waiting:
+                self._waiting.remove(stream)
+            with self._lock:
+                self._queued -= 1
+
+    def _report(self) -> None:
+        kv = self.engine.kv
+        self.metrics.set_gauges(EngineGauges(queue_length=self.queue_length(), running=len(self.engine.running),
+                                             kv_pages_total=kv.total_pages, kv_pages_free=kv.available_pages()))
+
+    def _shutdown(self) -> None:
+        """Cancel everything still open (engine requests and unprocessed submissions) with an error event."""
+        message = "the server is shutting down" if self.failure is None else f"the engine loop failed: {self.failure}"
+        events: list[tuple[Stream, Event]] = []
+        for req, stream in list(self._streams.items()):
+            try:
+                self.engine.cancel(req)
+            except Exception:  # noqa: BLE001 - best effort while stopping
+                log.exception("cancel during shutdown failed")
+            self._close(stream, Event(error=message, status=503), events)
+        while True:
+            try:
+                cmd = self._inbox.get_nowait()
+            except queue.Empty:
+                break
+            if cmd is not _STOP and cmd[0] == "add" and not cmd[1].done:
+                self._unqueue(cmd[1])
+                cmd[1].done = True
+                events.append((cmd[1], Event(error=message, status=503)))
+        self._emit(events)
+        try:
+            self._report()
+        except Exception:  # noqa: BLE001
+            pass
+
+    @staticmethod
+    def _emit(events: list[tuple[Stream, Event]]) -> None:
+        """Hand events to their event loops: one call_soon_threadsafe per loop."""
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[Stream, Event]]] = collections.defaultdict(list)
+        for stream, ev in events:
+            by_loop[stream.loop].append((stream, ev))
+        for loop, items in by_loop.items():
+            try:
+                loop.call_soon_threadsafe(_deliver, items)
+            except RuntimeError:  # the loop is closed: nobody is listening any more
+                pass
+
+
+def _deliver(items: list[tuple[Stream, Event]]) -> None:
+    for stream, ev in items:
+        stream.queue.put_nowait(ev)
