@@ -152,6 +152,47 @@ def chat(model_dir: str, lib: str | None, device: str, prompt: str | None, syste
         click.echo()
 
 
+# -- serve --
+@main.command()
+@click.argument("model_dir", type=click.Path(file_okay=False, path_type=str))
+@click.option("--lib", type=click.Path(dir_okay=False, path_type=str), default=None,
+              help="Model library. Default: as for chat (the newest *.so in MODEL_DIR for the device, or the "
+                   "package manifest's pick).")
+@click.option("--device", default="auto", show_default=True, help="cpu, cuda, cuda:N, rocm:N or auto.")
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to bind (0.0.0.0 exposes it).")
+@click.option("--port", type=int, default=8000, show_default=True)
+@click.option("--max-batch-size", type=int, default=None,
+              help="Sequences decoded together (default: what the model was converted for).")
+@click.option("--max-queue", type=int, default=256, show_default=True,
+              help="Requests that may wait for admission; past that the server answers 503.")
+@click.option("--max-total-tokens", type=int, default=None,
+              help="KV cache slots shared by all sequences (default: one context window).")
+@click.option("--context-window", type=int, default=None, help="Tokens of context (default: the model's).")
+@click.option("--model-name", default=None, help="Model id in the API (default: MODEL_DIR's name).")
+@one_line_errors
+def serve(model_dir: str, lib: str | None, device: str, host: str, port: int, max_batch_size: int | None,
+          max_queue: int, max_total_tokens: int | None, context_window: int | None, model_name: str | None) -> None:
+    """OpenAI-compatible HTTP server (/v1/chat/completions, /v1/completions, /v1/models, /health, /metrics)."""
+    from vptq_mlc.errors import RuntimeLoadError
+
+    try:
+        from vptq_mlc.serve.server import load_engine
+        from vptq_mlc.serve.server import serve as run_server
+    except ImportError as e:
+        raise RuntimeLoadError(f"serve needs the serve extra ({e.name} is not installed): "
+                               "pip install 'vptq-mlc[serve]'") from e
+
+    if max_queue < 1:
+        raise click.BadParameter("must be >= 1", param_hint="--max-queue")
+    if lib is None and (Path(model_dir) / "manifest.json").exists():  # a `vptq-mlc package` output
+        from vptq_mlc.package.select import select_library
+
+        lib, device = select_library(model_dir, device)
+    engine = load_engine(model_dir, lib, device=device, max_batch_size=max_batch_size, context_window=context_window,
+                         max_total_tokens=max_total_tokens)
+    run_server(engine, host=host, port=port, max_queue=max_queue, model_name=model_name)
+
+
 # -- runtime-bundle --
 @main.command(name="runtime-bundle")
 @click.argument("out", type=click.Path(path_type=str))
