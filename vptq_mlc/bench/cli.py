@@ -30,16 +30,22 @@ def bench() -> None:
 
 @bench.command()
 @click.argument("out", type=click.Path(file_okay=False, path_type=str))
-@click.option("--suite", type=click.Choice(["check", "kernels"]), default="kernels", show_default=True,
-              help="check: every variant family on small shapes; kernels: the issue's variants x real shapes.")
+@click.option("--suite", type=click.Choice(["check", "kernels", "sweep"]), default="kernels", show_default=True,
+              help="check: every variant family on small shapes; kernels: the issue's variants x real shapes; "
+                   "sweep: decode-kernel schedule variants on a few shapes.")
 @click.option("--arch", default="sm_90", show_default=True, help="Comma-separated CUDA archs.")
 @click.option("--rows", default="1,8", show_default=True, help="Decode row counts (kernels suite).")
 def build(out: str, suite: str, arch: str, rows: str) -> None:
     """Compile the suite's kernels into OUT/kernels_cuda.so + OUT/kernels.json (no GPU needed)."""
-    from vptq_mlc.bench.kernels import bench_cases, build_kernel_library, correctness_cases
+    from vptq_mlc.bench.kernels import bench_cases, build_kernel_library, correctness_cases, sweep_cases
     from vptq_mlc.compile.cuda import parse_archs
 
-    cases = correctness_cases() if suite == "check" else bench_cases(tuple(int(r) for r in rows.split(",")))
+    if suite == "check":
+        cases = correctness_cases()
+    elif suite == "sweep":
+        cases = sweep_cases()
+    else:
+        cases = bench_cases(tuple(int(r) for r in rows.split(",")))
     path = build_kernel_library(cases, out, parse_archs(arch.split(",")))
     click.echo(f"{len(cases)} kernels -> {path}")
 
@@ -76,7 +82,7 @@ def kernels(art: str, reps: int, json_out: str | None) -> None:
     click.echo(_table(res["rows"], [("variant", "variant", "s"), ("shape", "out x in", "s"), ("rows", "rows", "d"),
                                     ("us", "ours us", ".1f"), ("fp16_us", "fp16 us", ".1f"),
                                     ("speedup_vs_fp16", "fp16/ours", ".2f"), ("bytes", "bytes", ",d"),
-                                    ("pct_copy_bw", "% copy BW", ".1f")]))
+                                    ("pct_copy_bw", "% copy BW", ".1f"), ("rel_err", "rel. err", ".1e")]))
     if json_out:
         with open(json_out, "w") as f:
             json.dump(res, f, indent=1)

@@ -38,12 +38,14 @@ class KernelCase:
     rows: int | None  # static rows (decode kernel) or None (symbolic: prefill kernel)
     layer: dict[str, Any] = field(default_factory=dict)  # extra VPTQLayerConfig.from_variant kwargs
     run_rows: int = 0  # rows to run a symbolic kernel with (0 = `rows`)
+    plan: dict[str, Any] = field(default_factory=dict)  # GemvPlan overrides (schedule sweeps), decode only
 
     @property
     def name(self) -> str:
         extra = "".join(f"-{k}{v}" for k, v in sorted(self.layer.items()))
         r = f"r{self.rows}" if self.rows else f"rdyn{self.run_rows}"
-        return f"{self.variant}-{self.out_features}x{self.in_features}-{r}{extra}"
+        plan = "".join(f"-{k[0]}{v}" for k, v in sorted(self.plan.items()))
+        return f"{self.variant}-{self.out_features}x{self.in_features}-{r}{extra}{plan}"
 
     def config(self):
         from vptq_mlc.checkpoint.layer_config import VPTQLayerConfig
@@ -80,6 +82,27 @@ def correctness_cases() -> list[KernelCase]:
     return cases
 
 
+def sweep_cases() -> list[KernelCase]:
+    """Schedule sweep of the decode kernel on a few shapes (splits, unroll, persistent grid or not)."""
+    from vptq_mlc.tir_kernels.cuda_gemv import plan_gemv
+
+    out = []
+    for var, o, i, rows in (("v8-k4096-0", 11008, 4096, 1), ("v8-k4096-0", 4096, 4096, 1),
+                            ("v8-k256-256", 11008, 4096, 1), ("v8-k4096-0", 4096, 11008, 1)):
+        base = KernelCase(var, i, o, rows)
+        p = plan_gemv(base.config(), rows, "float16")
+        blocks = -(-base.config().num_vectors // p.rows_per_cta)
+        half = max(1, p.splits // 2)
+        out += [base,
+                KernelCase(var, i, o, rows, plan={"grid": blocks}),
+                KernelCase(var, i, o, rows, plan={"splits": half, "rows_per_cta": max(1, 8 // half), "unroll": 4}),
+                KernelCase(var, i, o, rows, plan={"splits": half, "rows_per_cta": max(1, 8 // half), "unroll": 4,
+                                                  "grid": -(-base.config().num_vectors // max(1, 8 // half))})]
+    for u in (1, 2):
+        out.append(KernelCase("v16-k65536-65536", 11008, 4096, 8, plan={"unroll": u}))
+    return out
+
+
 def bench_cases(rows: tuple[int, ...] = (1, 8)) -> list[KernelCase]:
     return [KernelCase(v, i, o, r) for v in BENCH_VARIANTS for (o, i) in BENCH_SHAPES for r in rows]
 
@@ -98,7 +121,16 @@ def build_kernel_library(cases: list[KernelCase], out_dir: str | os.PathLike[str
     select = kernel_selector(bt.target)
     funcs = {}
     for i, c in enumerate(cases):
-        f = select(c.config(), dtype, c.rows)
+        if c.plan:
+            import dataclasses
+
+            from vptq_mlc.tir_kernels.cuda_gemv import plan_gemv, vq_gemv_cuda
+
+            cfg = c.config()
+            plan = dataclasses.replace(plan_gemv(cfg, c.rows, dtype), **c.plan)
+            f = vq_gemv_cuda(cfg, dtype, c.rows, plan)
+        else:
+            f = select(c.config(), dtype, c.rows)
         funcs[f"k{i}"] = f.with_attr("global_symbol", f"k{i}")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -272,6 +304,33 @@ def kernel_bytes(cfg, rows: int, el: int = 2) -> int:
     return total + rows * (cfg.in_features + cfg.out_features) * el
 
 
+def _generic_rel_err(cfg, ops: dict, xs, fn, args, y) -> float:
+    """Relative error of one call against a torch dense weight rebuilt from the generic layout (checks the
+    large-shape paths, e.g. the persistent grid, that the small check suite does not reach)."""
+    import torch
+
+    v, osz, s_ = cfg.vector_len, cfg.outlier_size, cfg.group_size
+    rows = torch.arange(cfg.out_features, device="cuda")
+    k = torch.arange(cfg.group_num * s_, device="cuda")
+    codes = ops["codes"].to(torch.int32)[rows // v]  # [O, L]
+    g = (k // s_)[None, :]
+    w = ops["centroids"].float()[g, codes.long(), (rows % v)[:, None]]
+    if cfg.has_residual:
+        w = w + ops["res_centroids"].float()[g, ops["res_codes"].to(torch.int32)[rows // v].long(), (rows % v)[:, None]]
+    ref = xs[:, osz:].double() @ w.double().T
+    if cfg.has_outliers:
+        vo = cfg.outlier_vector_len
+        oc = ops["outlier_codes"].to(torch.int32)[rows // vo].long()
+        wo = ops["outlier_centroids"].float()[oc, (rows % vo)[:, None]]
+        ref = ref + xs[:, :osz].double() @ wo.double().T
+    y.fill_(float("nan"))
+    fn(*args)
+    torch.cuda.synchronize()
+    out = y.double()
+    del w
+    return float((out - ref).norm() / ref.norm())
+
+
 def time_kernels(art_dir: str | os.PathLike[str], reps: int = 50) -> dict[str, Any]:
     """Per case: our kernel (cold L2), torch fp16 x @ W.T of the same shape (cold L2), bytes, % of copy BW."""
     import torch
@@ -293,6 +352,7 @@ def time_kernels(art_dir: str | os.PathLike[str], reps: int = 50) -> dict[str, A
         args = [_tvm(xs), *(_tvm(t) for t in ops.values()), _tvm(y)]
         fn = lib.func(i)
         us = timer(lambda: fn(*args), reps)
+        err = _generic_rel_err(cfg, ops, xs, fn, args, y)
         key = (n, cfg.out_features, cfg.in_features)
         if key not in fp16_cache:
             w = torch.randn(cfg.out_features, cfg.in_features, device="cuda", generator=gen).to(tdt)
@@ -301,7 +361,7 @@ def time_kernels(art_dir: str | os.PathLike[str], reps: int = 50) -> dict[str, A
         nbytes = kernel_bytes(cfg, n)
         rows_out.append({"case": c.name, "variant": c.variant, "shape": f"{cfg.out_features}x{cfg.in_features}",
                          "rows": n, "us": us, "fp16_us": fp16_cache[key], "speedup_vs_fp16": fp16_cache[key] / us,
-                         "bytes": nbytes, "pct_copy_bw": 100 * nbytes / (us * 1e-6) / (bw * 1e9)})
+                         "bytes": nbytes, "pct_copy_bw": 100 * nbytes / (us * 1e-6) / (bw * 1e9), "rel_err": err})
         del ops, args
     return {"copy_GBps": bw, "device": torch.cuda.get_device_name(), "flush": "read 512 MiB before each call",
             "rows": rows_out}

@@ -159,6 +159,47 @@ def prepare_cuda_build(archs: tuple[str, ...]) -> None:
     _install_fatbin_callback(archs)
 
 
+def relax_pipeline(target):
+    """TVM's CUDA pipeline (dispatch, legalize, FuseOps/FuseTIR, dlight, lowering), with one change: dlight's
+    tensor-core rule is switched off (`dlight.do_not_tensorize` on every function), because its Tensorize step
+    segfaults in apache-tvm 0.27.0.post1 on fp16 matmuls larger than 64 (seen on lm_head / attention
+    projections). Matmuls then get dlight's SIMT tiled schedule."""
+    import tvm
+    from tvm import relax, tirx
+    from tvm.relax.backend.cuda import pipeline as cp
+    from tvm.s_tir import dlight as dl
+
+    @tvm.transform.module_pass(opt_level=0, name="VPTQNoTensorize")
+    def no_tensorize(mod, _ctx):
+        funcs = {
+            gv: f.with_attr("dlight.do_not_tensorize", True) if isinstance(f, tirx.PrimFunc) else f
+            for gv, f in mod.functions.items()
+        }
+        return tvm.IRModule(funcs, attrs=mod.attrs)
+
+    legalize = [
+        relax.transform.LegalizeOps(),
+        relax.transform.AnnotateTIROpPattern(),
+        relax.transform.FoldConstant(),
+        relax.transform.FuseOps(),
+        relax.transform.FuseTIR(),
+        no_tensorize,
+        dl.ApplyDefaultSchedule(dl.gpu.Matmul(), dl.gpu.GEMV(), dl.gpu.Reduction(), dl.gpu.GeneralReduction(),
+                                dl.gpu.Fallback()),
+    ]
+
+    @tvm.transform.module_pass(opt_level=0, name="VPTQCUDAPipeline")
+    def pipeline(mod, _ctx):
+        with target:
+            seq = tvm.transform.Sequential(
+                cp.library_dispatch_passes(target) + legalize + cp.dataflow_lower_passes(target)
+                + cp.finalize_passes(target)
+            )
+            return seq(mod)
+
+    return pipeline
+
+
 def cuda_target(arch: str):
     """A full CUDA target for codegen; limits are the lowest common ones of sm_80..sm_90 (dlight reads them)."""
     import tvm

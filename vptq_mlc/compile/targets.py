@@ -61,6 +61,10 @@ def relax_pipeline(target: Target) -> tvm.transform.Pass:
     import tvm.s_tir.dlight as dl
     from tvm import relax
 
+    if target.kind.name == "cuda":
+        from vptq_mlc.compile.cuda import relax_pipeline as cuda_pipeline
+
+        return cuda_pipeline(target)
     if "gpu" in target.keys:
         return relax.get_default_pipeline(target)
     cpu_schedules = [
