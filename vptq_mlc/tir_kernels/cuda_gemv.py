@@ -57,11 +57,17 @@ def plan_gemv(cfg: VPTQLayerConfig, rows: int, dtype: str) -> GemvPlan:
         if length % w == 0 and cfg.outlier_size % w == 0 and cfg.in_features % w == 0 and w * el <= 16:
             vec = w
             break
-    # enough warps in the whole grid (~8k) but at least one 16-byte load per lane per split
-    splits = max(1, min(16, _pow2_floor(-(-8192 // nv)), _pow2_floor(max(1, length // (32 * vec)))))
-    rows_per_cta = max(1, 8 // splits)
+    # Enough warps in the whole grid (~4k: the H100 sweep in bench/RESULTS.md found 8k no better) but at least
+    # one 16-byte load per lane per split. Accumulators are rows*v fp32 registers per lane: with many of them the
+    # CTA must stay small, or __launch_bounds__ forces spills (v16 at 8 rows: 2.4 ms with 16 warps).
+    acc_regs = rows * cfg.vector_len
+    max_warps = 16 if acc_regs <= 32 else 8 if acc_regs <= 64 else 4
+    splits = max(1, min(max_warps, _pow2_floor(-(-4096 // nv)), _pow2_floor(max(1, length // (32 * vec)))))
+    rows_per_cta = max(1, 8 // splits) if max_warps >= 8 else max(1, max_warps // splits)
     chunks_per_lane = -(-length // (vec * 32 * splits))
-    unroll = 4 if chunks_per_lane >= 4 else 2 if chunks_per_lane >= 2 else 1
+    # chunks in flight per lane; each holds rows*vec activations in registers too
+    max_unroll = 4 if rows <= 2 else 2 if acc_regs <= 64 else 1
+    unroll = min(max_unroll, 4 if chunks_per_lane >= 4 else 2 if chunks_per_lane >= 2 else 1)
     ev = 1
     for w in (8, 4, 2):
         if cfg.vector_len % w == 0 and w * el <= 16:
@@ -70,9 +76,10 @@ def plan_gemv(cfg: VPTQLayerConfig, rows: int, dtype: str) -> GemvPlan:
     cb_bytes = cfg.group_num * (cfg.num_centroids + cfg.num_res_centroids) * cfg.vector_len * el
     smem = cb_bytes <= SMEM_CODEBOOK_BYTES
     blocks = -(-nv // rows_per_cta)
-    # persistent CTAs when the codebook is copied to shared memory, so the copy is paid ~once per CTA slot
-    # (132 SMs on H100, 108 on A100: 4 CTAs of 8 warps per SM, fewer for 64 KB codebooks)
-    grid = min(blocks, 132 * (2 if cb_bytes > 16 * 1024 else 4)) if smem else blocks
+    # One CTA per row block. The kernel also supports a persistent grid (fewer CTAs looping over row blocks, so
+    # the shared-memory codebook copy is paid once per CTA); on the H100 sweep it was 4-15% slower at the best
+    # split, 64 KB codebooks included (bench/results/h100_sweep_v1.json).
+    grid = blocks
     return GemvPlan(rows_per_cta, splits, vec, unroll, ev, smem, grid)
 
 
