@@ -118,9 +118,7 @@ def import_gguf(gguf: str | os.PathLike[str], out_dir: Path | None = None, cache
         meta = read_gguf_metadata(src)
         tok = AutoTokenizer.from_pretrained(str(src.parent), gguf_file=src.name)
         model = AutoModelForCausalLM.from_pretrained(str(src.parent), gguf_file=src.name, dtype=torch.float32)
-        model = model.to(torch.float16)
-        model.config.dtype = torch.float16
-        model.save_pretrained(tmp, safe_serialization=True)
+        _save_dense(model, tmp)
         write_tokenizer(tok, meta, tmp, max_len=int(getattr(model.config, "max_position_embeddings", 2048)))
         gen = model.generation_config
         gen.bos_token_id, gen.eos_token_id = meta.get("bos_token_id"), meta.get("eos_token_id")
@@ -136,6 +134,23 @@ def import_gguf(gguf: str | os.PathLike[str], out_dir: Path | None = None, cache
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
+
+
+def _save_dense(model: Any, out: Path) -> None:
+    """config.json + model.safetensors in fp16, written by hand: transformers 5 refuses `save_pretrained` on a
+    model loaded from GGUF (it counts as quantized), and the plain state dict is all we want anyway."""
+    import torch
+    from safetensors.torch import save_file
+
+    state = {k: v.detach().to(torch.float16).contiguous() for k, v in model.state_dict().items()}
+    cfg = json.loads(model.config.to_json_string(use_diff=True))  # what save_pretrained writes
+    if cfg.get("tie_word_embeddings"):
+        state.pop("lm_head.weight", None)
+    save_file(state, str(out / "model.safetensors"), metadata={"format": "pt"})
+    cfg.pop("quantization_config", None)
+    cfg.pop("_name_or_path", None)
+    cfg.update({"torch_dtype": "float16", "dtype": "float16", "architectures": [type(model).__name__]})
+    (out / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
 
 
 def read_gguf_metadata(path: Path) -> dict[str, Any]:
