@@ -55,7 +55,7 @@ def test_cuda_library_has_sass_for_each_arch_and_no_source(tmp_path):
     from vptq_mlc.convert.converter import convert_checkpoint
 
     ckpt = make_synthetic_checkpoint(tmp_path / "ckpt", variant="v8-k256-256", hidden_size=64,
-                                     intermediate_size=128, num_layers=1, vocab_size=256)
+                                     intermediate_size=128, num_layers=1, vocab_size=320)
     model = convert_checkpoint(ckpt, tmp_path / "mlc", dtype="float16")
     (lib,) = compile_model(model, "cuda", tmp_path / "model-cuda.so", arch="sm_90,sm_80")
     rep = inspect_library(lib)
