@@ -37,6 +37,10 @@ class QueueFullError(Exception):
     """More requests are waiting for admission than the server's --max-queue allows."""
 
 
+class WorkerStoppedError(Exception):
+    """The engine loop is not running (not started, shutting down, or failed)."""
+
+
 @dataclass
 class Event:
     """One message from the engine loop to a handler.
@@ -86,6 +90,7 @@ class EngineWorker:
         self._inbox: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._lock = threading.Lock()
         self._queued = 0
+        self._closed = False
         self._streams: dict[Request, Stream] = {}
         self._waiting: list[Stream] = []
         self._thread: threading.Thread | None = None
@@ -116,6 +121,9 @@ class EngineWorker:
     def submit(self, prompt_ids: list[int], params: SamplingParams) -> Stream:
         """Queue a request; its events arrive on the returned stream. Raises QueueFullError past max_queue."""
         with self._lock:
+            if self._closed or not self.alive():
+                reason = f"it failed: {self.failure}" if self.failure else "it is not running"
+                raise WorkerStoppedError(f"the engine loop cannot take requests ({reason}); restart the server")
             if self._queued >= self.max_queue:
                 raise QueueFullError(f"the server is at capacity: {self._queued} requests are already waiting "
                                      f"(--max-queue {self.max_queue}); retry later")
@@ -243,6 +251,8 @@ class EngineWorker:
     def _shutdown(self) -> None:
         """Cancel everything still open (engine requests and unprocessed submissions) with an error event."""
         message = "the server is shutting down" if self.failure is None else f"the engine loop failed: {self.failure}"
+        with self._lock:
+            self._closed = True  # no submission can slip in after the inbox is drained below
         events: list[tuple[Stream, Event]] = []
         for req, stream in list(self._streams.items()):
             try:
