@@ -81,7 +81,11 @@ def create_app(worker: EngineWorker, model_name: str) -> FastAPI:
             raise APIError(503, str(e), type_="server_error", code="queue_full") from e
         except WorkerStoppedError as e:
             raise APIError(503, str(e), type_="server_error", code="engine_stopped") from e
-        first = await stream.next()
+        try:
+            first = await stream.next()
+        except asyncio.CancelledError:  # the handler was cancelled (shutdown) while the request was queued
+            worker.cancel(stream)
+            raise
         if first.error is not None:
             raise APIError(first.status, first.error, type_="invalid_request_error" if first.status < 500 else "server_error")
         assert first.prompt_tokens is not None
@@ -223,14 +227,13 @@ async def _collect_unless_disconnected(worker: EngineWorker, stream: Stream,
     collect = asyncio.ensure_future(_collect(stream))
     watch = asyncio.ensure_future(_disconnected(request))
     try:
-        done, _ = await asyncio.wait({collect, watch}, return_when=asyncio.FIRST_COMPLETED)
+        await asyncio.wait({collect, watch}, return_when=asyncio.FIRST_COMPLETED)
     finally:
         watch.cancel()
-    if collect in done:
-        return collect.result()
-    collect.cancel()
-    worker.cancel(stream)
-    return None
+        if not collect.done():  # client gone (or this handler cancelled): stop generating for nobody
+            collect.cancel()
+            worker.cancel(stream)
+    return collect.result() if not collect.cancelled() else None
 
 
 async def _disconnected(request: Request) -> None:

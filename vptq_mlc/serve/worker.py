@@ -207,6 +207,10 @@ class EngineWorker:
         except Exception as e:  # noqa: BLE001 - the engine dropped that batch (finish_reason "error"); keep serving
             log.exception("engine step failed")
             stepped, failure = [], f"{type(e).__name__}: {e}"
+            if not any(req.finished for req in self._streams):  # failed outside a model call: drop the batch
+                for req in list(self.engine.running):
+                    req.finish_reason = "error"
+                    self.engine.cancel(req)
         now = time.perf_counter()
         events: list[tuple[Stream, Event]] = []
         new_tokens, ttfts = 0, []
