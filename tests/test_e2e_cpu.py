@@ -17,6 +17,7 @@ from vptq_mlc.convert.converter import convert_checkpoint
 from vptq_mlc.runtime.engine import Engine
 from vptq_mlc.runtime.kv_cache import PagedKVCache
 from vptq_mlc.runtime.library import load_library, load_params
+from vptq_mlc.runtime.sampling import SamplingParams
 
 OUTLIERS = {"outlier_size": 16, "outlier_vector_len": 4, "num_outlier_centroids": 64}
 # (arch, variant, layer kwargs, tied embeddings): the variants, packed and unpacked, every architecture
@@ -82,7 +83,7 @@ def test_greedy_matches_transformers(built):
         out = ref.generate(torch.tensor([prompt]), max_new_tokens=GEN, do_sample=False, min_new_tokens=GEN,
                            eos_token_id=None, pad_token_id=0)
     want = out[0, len(prompt):].tolist()
-    req = engine.add_request(prompt, engine._params(max_tokens=GEN, temperature=0.0, ignore_eos=True))
+    req = engine.add_request(prompt, SamplingParams(max_tokens=GEN, temperature=0.0, ignore_eos=True))
     while not req.finished:
         engine.step()
     assert req.output_ids == want

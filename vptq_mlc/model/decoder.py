@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Any, Callable
 
 from tvm import relax as rx
+from tvm import te
 from tvm.relax.frontend import nn
 from tvm.relax.frontend.nn import Tensor, op
 from tvm.relax.frontend.nn.llm.kv_cache import PagedKVCache, RopeMode, TIRPagedKVCache
@@ -19,6 +20,16 @@ from vptq_mlc.model.config import DecoderConfig
 
 # (module path, in_features, out_features, has_bias) -> module computing x @ W.T (+ b)
 LinearFactory = Callable[[str, int, int, bool], nn.Module]
+
+
+def _gather_rows(table: te.Tensor, ids: te.Tensor) -> te.Tensor:
+    """table[ids] (TE: relax's take warns about unchecked indices; the engine checks ids against the vocab)."""
+    return te.compute((ids.shape[0], table.shape[1]), lambda i, j: table[ids[i], j], name="gather_rows")
+
+
+def _gather_positions(x: te.Tensor, pos: te.Tensor) -> te.Tensor:
+    """x[:, pos, :] for the last token of each packed sequence."""
+    return te.compute((x.shape[0], pos.shape[0], x.shape[2]), lambda b, i, k: x[b, pos[i], k], name="gather_pos")
 
 
 class Attention(nn.Module):
@@ -93,14 +104,12 @@ class DecoderForCausalLM(nn.Module):
         return logits.astype("float32") if logits.dtype != "float32" else logits
 
     def embed(self, input_ids: Tensor) -> Tensor:
-        return self.model.embed_tokens(input_ids)
+        return op.tensor_expr_op(_gather_rows, "embed_gather", [self.model.embed_tokens.weight, input_ids])
 
     def prefill(self, input_embed: Tensor, kv: PagedKVCache) -> tuple[Tensor, PagedKVCache]:
         hidden = self.model(input_embed, kv)
 
         def last_token(x: Any) -> Any:
-            from tvm import te
-
             b, s, h = x.shape
             return te.compute((b, 1, h), lambda i, _, k: x[i, s - 1, k], name="last_token")
 
@@ -114,7 +123,7 @@ class DecoderForCausalLM(nn.Module):
         self, input_embeds: Tensor, logit_positions: Tensor, kv: PagedKVCache
     ) -> tuple[Tensor, PagedKVCache]:
         hidden = self.model(input_embeds, kv)
-        hidden = op.take(hidden, logit_positions, axis=1)
+        hidden = op.tensor_expr_op(_gather_positions, "gather_positions", [hidden, logit_positions])
         return self._logits(hidden), kv
 
     def batch_decode(self, input_embeds: Tensor, kv: PagedKVCache) -> tuple[Tensor, PagedKVCache]:

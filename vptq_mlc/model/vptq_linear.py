@@ -7,6 +7,9 @@ dense weight: `y = vq_matmul(x[:, perm] * col_scale) + x @ weight_bias + bias` (
 
 from __future__ import annotations
 
+from typing import Any
+
+from tvm import te
 from tvm.relax.frontend import nn
 from tvm.relax.frontend.nn import op
 
@@ -32,15 +35,28 @@ class VPTQLinear(nn.Module):
         self.bias = nn.Parameter((cfg.out_features,), dtype) if cfg.bias else None
         self.dtype = dtype
 
+    def _permute_and_scale(self, x2: nn.Tensor) -> nn.Tensor:
+        """`x2[:, perm] * col_scale` as one gather (a TE op: relax's take would warn about unchecked indices)."""
+        if self.perm is None:
+            return x2 * self.col_scale if self.col_scale is not None else x2
+
+        def gather(x: te.Tensor, perm: te.Tensor, *scale: te.Tensor) -> te.Tensor:
+            def at(b: Any, k: Any) -> Any:
+                v = x[b, perm[k]]
+                return v * scale[0][k] if scale else v
+
+            return te.compute(x.shape, at, name="vq_permute")
+
+        args = [x2, self.perm] + ([self.col_scale] if self.col_scale is not None else [])
+        return op.tensor_expr_op(gather, "vq_permute", args)
+
     def forward(self, x: nn.Tensor) -> nn.Tensor:
         lead = list(x.shape[:-1])
         rows = 1
         for d in lead:
             rows = rows * d
         x2 = op.reshape(x, [rows, self.in_features])
-        xs = op.take(x2, self.perm, axis=1) if self.perm is not None else x2
-        if self.col_scale is not None:
-            xs = xs * self.col_scale
+        xs = self._permute_and_scale(x2)
         static_rows = rows if isinstance(rows, int) else None
         kernel = self._select_kernel(self.cfg, self.dtype, static_rows)
         y = op.tensor_ir_op(
