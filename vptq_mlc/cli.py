@@ -48,6 +48,21 @@ def main(verbose: int) -> None:
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
 
 
+def resolve_model(model_dir: str, lib: str | None, device: str) -> tuple[str, str | None, str]:
+    """What `chat`/`serve` run: the bundled alias (`smollm2`, built on first use and cached), a `vptq-mlc package`
+    output (the library matching this host, from its manifest), or a model dir with an optional --lib."""
+    from vptq_mlc.bundled import ensure_bundled_model, is_bundled_alias
+
+    if is_bundled_alias(model_dir):
+        built_dir, built_lib = ensure_bundled_model(model_dir)
+        return str(built_dir), str(built_lib), "cpu" if device == "auto" else device
+    if lib is None and (Path(model_dir) / "manifest.json").exists():
+        from vptq_mlc.package.select import select_library
+
+        lib, device = select_library(model_dir, device)
+    return model_dir, lib, device
+
+
 # ---- commands (keep each one short; one section per pipeline stage) ----
 
 
@@ -115,7 +130,7 @@ def compile_cmd(model_dir: str, target: str, arch: str | None, output: str | Non
 @main.command()
 @click.argument("model_dir", type=click.Path(file_okay=False, path_type=str))
 @click.option("--lib", type=click.Path(dir_okay=False, path_type=str), default=None,
-              help="Model library. Default: the newest *.so in MODEL_DIR whose name has a word of the device kind "
+              help="Model library. MODEL_DIR may be `smollm2` (the bundled model, built on first use). Default: the newest *.so in MODEL_DIR whose name has a word of the device kind "
                    "(cpu: cpu/llvm, cuda: cuda/sm*, rocm: rocm/hip/gfx*).")
 @click.option("--device", default="auto", show_default=True, help="cpu, cuda, cuda:N, rocm:N or auto.")
 @click.option("--prompt", default=None, help="One-shot: print the reply to this prompt and exit.")
@@ -137,10 +152,7 @@ def chat(model_dir: str, lib: str | None, device: str, prompt: str | None, syste
     from vptq_mlc.runtime.chat_session import ChatSession, interactive, write_stream
     from vptq_mlc.runtime.engine import Engine
 
-    if lib is None and (Path(model_dir) / "manifest.json").exists():  # a `vptq-mlc package` output
-        from vptq_mlc.package.select import select_library
-
-        lib, device = select_library(model_dir, device)
+    model_dir, lib, device = resolve_model(model_dir, lib, device)
     engine = Engine(model_dir, lib, device=device, max_batch_size=1, context_window=context_window)
     session = ChatSession(engine, raw=raw, system=system, max_tokens=max_tokens, temperature=temperature,
                           top_p=top_p, top_k=top_k, repetition_penalty=repetition_penalty, seed=seed,
@@ -184,10 +196,7 @@ def serve(model_dir: str, lib: str | None, device: str, host: str, port: int, ma
 
     if max_queue < 1:
         raise click.BadParameter("must be >= 1", param_hint="--max-queue")
-    if lib is None and (Path(model_dir) / "manifest.json").exists():  # a `vptq-mlc package` output
-        from vptq_mlc.package.select import select_library
-
-        lib, device = select_library(model_dir, device)
+    model_dir, lib, device = resolve_model(model_dir, lib, device)
     engine = load_engine(model_dir, lib, device=device, max_batch_size=max_batch_size, context_window=context_window,
                          max_total_tokens=max_total_tokens)
     run_server(engine, host=host, port=port, max_queue=max_queue, model_name=model_name)
