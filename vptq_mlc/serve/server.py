@@ -18,6 +18,7 @@ from vptq_mlc.errors import RuntimeLoadError
 from vptq_mlc.runtime.chat_config import ChatConfig
 from vptq_mlc.runtime.engine import Engine
 from vptq_mlc.serve.app import create_app
+from vptq_mlc.serve.security import DEFAULT_MAX_BODY_BYTES, secure
 from vptq_mlc.serve.worker import EngineWorker
 
 log = logging.getLogger(__name__)
@@ -36,9 +37,11 @@ def load_engine(model_dir: str | Path, lib: str | Path | None = None, device: st
 
 
 def serve(engine: Engine, host: str = "127.0.0.1", port: int = 8000, max_queue: int = DEFAULT_MAX_QUEUE,
-          model_name: str | None = None, log_level: str = "info") -> None:
-    """Serve `engine` until interrupted (Ctrl-C)."""
-    app = create_app(EngineWorker(engine, max_queue), model_name or engine.model_dir.name)
+          model_name: str | None = None, log_level: str = "info", api_key: str | None = None,
+          max_body_bytes: int = DEFAULT_MAX_BODY_BYTES) -> None:
+    """Serve `engine` until interrupted (Ctrl-C). With `api_key`, /v1 routes need `Authorization: Bearer <key>`."""
+    app = secure(create_app(EngineWorker(engine, max_queue), model_name or engine.model_dir.name), api_key,
+                 max_body_bytes, engine.context_window)
     log.info("serving %s on http://%s:%d/v1", model_name or engine.model_dir.name, host, port)
     uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=5)
 
@@ -47,10 +50,12 @@ class ServerThread:
     """`with ServerThread(engine) as s: ... s.url ...`: the server in a background thread on a free port."""
 
     def __init__(self, engine: Engine, max_queue: int = DEFAULT_MAX_QUEUE, model_name: str | None = None,
-                 host: str = "127.0.0.1", start_timeout: float = 30.0) -> None:
+                 host: str = "127.0.0.1", start_timeout: float = 30.0, api_key: str | None = None,
+                 max_body_bytes: int = DEFAULT_MAX_BODY_BYTES) -> None:
         self.model_name = model_name or engine.model_dir.name
         self.worker = EngineWorker(engine, max_queue)
-        config = uvicorn.Config(create_app(self.worker, self.model_name), host=host, port=0, log_level="warning",
+        app = secure(create_app(self.worker, self.model_name), api_key, max_body_bytes, engine.context_window)
+        config = uvicorn.Config(app, host=host, port=0, log_level="warning",
                                 lifespan="on", timeout_graceful_shutdown=2)
         self._server = uvicorn.Server(config)
         self._thread = threading.Thread(target=self._server.run, name="vptq-mlc-http", daemon=True)
