@@ -1,7 +1,7 @@
 """The OpenAI-compatible HTTP API (FastAPI) in front of one `EngineWorker`.
 
 Handlers validate the request, turn it into prompt ids and `SamplingParams` (tokenizer and chat template are
-read-only, so that work runs in a worker thread off the event loop, never on the engine loop), submit it, and
+read-only: short prompts inline, long ones in a worker thread, never on the engine loop), submit it, and
 wait for its first event: an acceptance (then the response starts) or a refusal (a 4xx before any byte is
 sent). A client that disconnects cancels its request, which frees its KV pages.
 """
@@ -37,6 +37,7 @@ from vptq_mlc.serve.worker import EngineWorker, Event, QueueFullError, Stream, W
 
 log = logging.getLogger(__name__)
 
+INLINE_PROMPT_CHARS = 4096  # prompts up to this size are tokenized on the event loop (well under a millisecond)
 ENDPOINTS = ("/v1/chat/completions", "/v1/completions", "/v1/models", "/health", "/metrics")
 
 
@@ -113,12 +114,16 @@ def create_app(worker: EngineWorker, model_name: str) -> FastAPI:
         return JSONResponse(out.full(text, finish_reason, prompt_tokens, len(token_ids),
                                      token_ids if body.return_token_ids else None))
 
+    async def off_loop(fn: Any, arg: Any, size: int) -> Any:
+        """Long prompts are templated/tokenized in a worker thread; short ones inline (a thread hop costs more)."""
+        return await run_in_threadpool(fn, arg) if size > INLINE_PROMPT_CHARS else fn(arg)
+
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
         check_model(body.model)
         messages = body.conversation()
         try:
-            ids = await run_in_threadpool(engine.render_chat, messages)
+            ids = await off_loop(engine.render_chat, messages, sum(len(m["content"]) for m in messages))
         except VPTQMLCError as e:
             raise APIError(400, str(e), param="messages") from e
         return await respond(request, body, ids, DEFAULT_CHAT_MAX_TOKENS)
@@ -127,7 +132,7 @@ def create_app(worker: EngineWorker, model_name: str) -> FastAPI:
     async def completions(body: CompletionRequest, request: Request) -> Response:
         check_model(body.model)
         prompt = body.single_prompt()
-        ids = await run_in_threadpool(engine.tokenizer.encode, prompt) if isinstance(prompt, str) else list(prompt)
+        ids = await off_loop(engine.tokenizer.encode, prompt, len(prompt)) if isinstance(prompt, str) else list(prompt)
         return await respond(request, body, ids, DEFAULT_COMPLETION_MAX_TOKENS)
 
     @app.get("/v1/models")

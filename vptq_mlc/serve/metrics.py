@@ -37,6 +37,7 @@ class ServeMetrics:
         self.prompt_tokens = 0
         self.generation_tokens = 0
         self.steps = 0
+        self.step_seconds = 0.0
         self.gauges = EngineGauges()
         self._recent: collections.deque[tuple[float, int]] = collections.deque()
         self._ttft_counts = [0] * (len(TTFT_BUCKETS) + 1)
@@ -52,10 +53,11 @@ class ServeMetrics:
         with self._lock:
             self.prompt_tokens += prompt_tokens
 
-    def step(self, new_tokens: int, ttfts: list[float]) -> None:
+    def step(self, seconds: float, new_tokens: int, ttfts: list[float]) -> None:
         now = time.monotonic()
         with self._lock:
             self.steps += 1
+            self.step_seconds += seconds
             self.generation_tokens += new_tokens
             if new_tokens:
                 self._recent.append((now, new_tokens))
@@ -104,6 +106,8 @@ class ServeMetrics:
                    f"{RATE_WINDOW_S:g} s.", [("", rate)])
             series("engine_steps_total", "counter", "Engine steps (one batched prefill or decode each).",
                    [("", self.steps)])
+            series("engine_step_seconds_total", "counter", "Seconds spent in engine steps (busy fraction = rate).",
+                   [("", self.step_seconds)])
             series("queue_length", "gauge", "Requests waiting for admission (KV pages or a batch slot).",
                    [("", g.queue_length)])
             series("running_requests", "gauge", "Requests holding KV pages (prefilling or decoding).",

@@ -202,6 +202,7 @@ class EngineWorker:
 
     def _step(self) -> None:
         failure = None
+        t0 = time.perf_counter()
         try:
             stepped = self.engine.step()
         except Exception as e:  # noqa: BLE001 - the engine dropped that batch (finish_reason "error"); keep serving
@@ -212,6 +213,7 @@ class EngineWorker:
                     req.finish_reason = "error"
                     self.engine.cancel(req)
         now = time.perf_counter()
+        seconds = now - t0
         events: list[tuple[Stream, Event]] = []
         new_tokens, ttfts = 0, []
         for req in stepped:
@@ -236,7 +238,7 @@ class EngineWorker:
                                           finish_reason=req.finish_reason), events)
         for stream in [s for s in self._waiting if s.request is not None and s.request.state is not RequestState.WAITING]:
             self._unqueue(stream)
-        self.metrics.step(new_tokens, ttfts)
+        self.metrics.step(seconds, new_tokens, ttfts)
         self._emit(events)
 
     def _unqueue(self, stream: Stream) -> None:
