@@ -12,10 +12,10 @@ python3 -c "import tvm, torch; print('tvm runtime-only:', tvm.base._RUNTIME_ONLY
 for s in $STEPS; do
   case $s in
     check) eval $VM bench check .carry/kcheck --json $OUT/check.json 2>&1 | tail -n 8 | tee $OUT/check.log ;;
-    kernels) eval $VM bench kernels .carry/kbench --json $OUT/kernels.json 2>&1 | tee $OUT/kernels.log ;;
-    e2e) eval $VM bench decode .carry/issue10/e2e/model --lib .carry/issue10/e2e/model-cuda.so --device cuda --tokens 32 \
-           --compare-lib .carry/issue10/e2e/model-cpu.so --compare-device cpu 2>&1 | tee $OUT/e2e.log ;;
-    pytest) VPTQ_MLC_GPU_KERNELS=.carry/kcheck VPTQ_MLC_GPU_E2E=.carry/issue10/e2e python3 -m pytest -q tests/gpu \
+    kernels) eval $VM bench kernels ${KBENCH:-.carry/kbench} --json $OUT/kernels.json 2>&1 | tee $OUT/kernels.log ;;
+    e2e) E=.carry/issue10/e2e; CMP=""; [ -f $E/model-cpu.so ] && CMP="--compare-lib $E/model-cpu.so --compare-device cpu"
+         eval $VM bench decode $E/model --lib $E/model-cuda.so --device cuda --tokens 32 $CMP 2>&1 | tee $OUT/e2e.log ;;
+    pytest) VPTQ_MLC_GPU_KERNELS=.carry/kcheck VPTQ_MLC_GPU_E2E=.carry/issue10/e2e python3 -m pytest -q -s tests/gpu \
               -p no:cacheprovider 2>&1 | tail -n 15 | tee $OUT/pytest.log ;;
   esac
 done
