@@ -2,7 +2,7 @@
 
 `step()` runs one model call over the active requests: a batched prefill (prompt chunks packed up to
 `prefill_chunk_size` tokens, through `batch_prefill`) while any admitted request still has prompt left,
-otherwise one batched decode (`batch_decode`) for every running request. A request is admitted only when
+otherwise one batched decode (`batch_decode`, or `decode` for a single sequence) for every running request. A request is admitted only when
 the KV pages for its whole budget (prompt + max new tokens) are free, so a running request never runs out
 of pages; its pages go back when it finishes or is cancelled. `generate`/`chat` are thin loops over
 `step()`, so a server can add requests between steps (continuous batching) through the same path.
@@ -87,6 +87,9 @@ class Engine:
             eos.add(self.tokenizer.token_to_id(eos_text))
         self.eos_token_ids = frozenset(eos)
         self._embed, self._prefill, self._decode = (self.lib.func(n) for n in ("embed", "batch_prefill", "batch_decode"))
+        # one running sequence decodes through `decode` (a static single row: GPU libraries give it their GEMV
+        # kernel, while `batch_decode`'s symbolic batch gets the general matmul), as MLC's engine does
+        self._decode_one = self.lib.func("decode") if self.lib.has("decode") else None
         self._reshape = tvm.get_global_func("vm.builtin.reshape")
         self._seq_ids = itertools.count()
         self.waiting: collections.deque[Request] = collections.deque()
@@ -215,7 +218,8 @@ class Engine:
         else:
             batch = list(self.running)
             emb = self._embed_ids([r.next_input() for r in batch], [len(batch), 1])
-            logits = self._run(batch, [1] * len(batch), lambda kv: self._decode(emb, kv, self.params))[:, 0]
+            decode = self._decode_one if len(batch) == 1 and self._decode_one is not None else self._decode
+            logits = self._run(batch, [1] * len(batch), lambda kv: decode(emb, kv, self.params))[:, 0]
             rows = list(zip(batch, logits))
         stepped = []
         for r, row in rows:
