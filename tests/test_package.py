@@ -19,6 +19,7 @@ import tvm
 
 from vptq_mlc.checkpoint.synthetic import make_synthetic_checkpoint
 from vptq_mlc.package.builder import PackageBuilder
+from vptq_mlc.package.builder import _code_hash as real_code_hash  # bound before frozen_code_hash patches it
 from vptq_mlc.package.config import PackageConfig, PackageError, TargetSpec
 from vptq_mlc.package.manifest import read_manifest, sha256_file
 from vptq_mlc.package.select import HostDevice, fits, select_library
@@ -32,6 +33,15 @@ def _config(root: Path, targets: list[str], name: str = "tiny") -> Path:
     cfg = root / f"pkg-{name}.json"
     cfg.write_text(json.dumps({"output": "dist", "models": [{"name": name, "source": "ckpt", "targets": targets}]}))
     return cfg
+
+
+@pytest.fixture(scope="module", autouse=True)
+def frozen_code_hash():
+    """Freeze the code part of the fingerprints in this module: a build takes minutes on the shared machine while
+    others edit vptq_mlc/, which would (rightly) trigger rebuilds. test_code_hash checks that part on its own."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr("vptq_mlc.package.builder._code_hash", lambda *subs, root=None: "frozen:" + ",".join(subs))
+        yield
 
 
 @pytest.fixture(scope="module")
@@ -74,6 +84,18 @@ def test_rerun_builds_nothing(root, llvm_pkg):
     b = PackageBuilder(PackageConfig.load(_config(root, ["llvm"])))
     b.build()
     assert b.rebuilt == [] and lib.stat().st_mtime_ns == before
+
+
+def test_code_hash(tmp_path):
+    """An edit to any source of the hashed subpackages changes the hash; other subpackages do not count."""
+    for sub in ("model", "runtime"):
+        (tmp_path / sub).mkdir()
+        (tmp_path / sub / "a.py").write_text("x = 1\n")
+    h1 = real_code_hash("model", root=tmp_path)
+    (tmp_path / "runtime" / "a.py").write_text("x = 2\n")
+    assert real_code_hash("model", root=tmp_path) == h1
+    (tmp_path / "model" / "a.py").write_text("x = 2\n")
+    assert real_code_hash("model", root=tmp_path) != h1
 
 
 def test_lost_weight_file_restaged_without_recompiling(root, llvm_pkg):

@@ -35,12 +35,12 @@ def _version(dist: str) -> str:
         return "unknown"
 
 
-def _code_hash(*subpackages: str) -> str:
+def _code_hash(*subpackages: str, root: Path = _PKG_ROOT) -> str:
     """Hash of the vptq-mlc sources that produce an output, so code changes trigger a rebuild."""
     h = hashlib.sha256()
     for sub in subpackages:
-        for p in sorted((_PKG_ROOT / sub).rglob("*.py")):
-            h.update(str(p.relative_to(_PKG_ROOT)).encode())
+        for p in sorted((root / sub).rglob("*.py")):
+            h.update(str(p.relative_to(root)).encode())
             h.update(p.read_bytes())
     return h.hexdigest()
 
