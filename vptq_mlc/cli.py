@@ -181,10 +181,33 @@ def chat(model_dir: str, lib: str | None, device: str, prompt: str | None, syste
               help="KV cache slots shared by all sequences (default: one context window).")
 @click.option("--context-window", type=int, default=None, help="Tokens of context (default: the model's).")
 @click.option("--model-name", default=None, help="Model id in the API (default: MODEL_DIR's name).")
+@click.option("--api-key", envvar="VPTQ_MLC_API_KEY", default=None,
+              help="Require 'Authorization: Bearer KEY' on /v1 routes (env VPTQ_MLC_API_KEY); /health stays open.")
+@click.option("--max-body-bytes", type=int, default=4 * 1024 * 1024, show_default=True,
+              help="Largest request body accepted (413 past it).")
+@click.option("--replicas", type=int, default=None,
+              help="Run N engine replicas on Ray Serve (one GPU each on cuda; needs the cluster extra).")
+@click.option("--min-replicas", type=int, default=None, help="Ray Serve autoscaling lower bound.")
+@click.option("--max-replicas", type=int, default=None, help="Ray Serve autoscaling upper bound.")
+@click.option("--ray-address", default=None, help="Join this Ray cluster (default: start a local Ray on loopback).")
+@click.option("--request-timeout", type=float, default=120.0, show_default=True,
+              help="With replicas: seconds without progress from a replica before a request fails with 503.")
 @one_line_errors
 def serve(model_dir: str, lib: str | None, device: str, host: str, port: int, max_batch_size: int | None,
-          max_queue: int, max_total_tokens: int | None, context_window: int | None, model_name: str | None) -> None:
+          max_queue: int, max_total_tokens: int | None, context_window: int | None, model_name: str | None,
+          api_key: str | None, max_body_bytes: int, replicas: int | None, min_replicas: int | None,
+          max_replicas: int | None, ray_address: str | None, request_timeout: float) -> None:
     """OpenAI-compatible HTTP server (/v1/chat/completions, /v1/completions, /v1/models, /health, /metrics)."""
+    if replicas is not None or min_replicas is not None or max_replicas is not None or ray_address:
+        from vptq_mlc.serve.cluster_cli import serve_replicas
+
+        model_dir, lib, device = resolve_model(model_dir, lib, device)
+        serve_replicas(model_dir=model_dir, lib=lib, device=device, host=host, port=port, replicas=replicas,
+                       min_replicas=min_replicas, max_replicas=max_replicas, ray_address=ray_address,
+                       max_batch_size=max_batch_size, max_queue=max_queue, max_total_tokens=max_total_tokens,
+                       context_window=context_window, model_name=model_name, api_key=api_key,
+                       max_body_bytes=max_body_bytes, request_timeout=request_timeout)
+        return
     from vptq_mlc.errors import RuntimeLoadError
 
     try:
@@ -199,7 +222,8 @@ def serve(model_dir: str, lib: str | None, device: str, host: str, port: int, ma
     model_dir, lib, device = resolve_model(model_dir, lib, device)
     engine = load_engine(model_dir, lib, device=device, max_batch_size=max_batch_size, context_window=context_window,
                          max_total_tokens=max_total_tokens)
-    run_server(engine, host=host, port=port, max_queue=max_queue, model_name=model_name)
+    run_server(engine, host=host, port=port, max_queue=max_queue, model_name=model_name, api_key=api_key,
+               max_body_bytes=max_body_bytes)
 
 
 # -- runtime-bundle --
