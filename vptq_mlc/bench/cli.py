@@ -114,3 +114,21 @@ def decode(model_dir: str, lib: str, device: str, tokens: int, prompt_len: int, 
         click.echo(f"identical greedy tokens ({tokens}): {same}")
         if not same:
             sys.exit(1)
+
+
+@bench.command(name="synth-model")
+@click.argument("out", type=click.Path(path_type=str))
+@click.option("--shape", type=click.Choice(["llama2-7b", "llama3.1-8b", "qwen2.5-7b", "llama2-13b"]),
+              default="llama2-7b", show_default=True)
+@click.option("--variant", default="v8-k4096-0", show_default=True)
+@click.option("--layers", type=int, default=None, help="Decoder layers (default: the real model's).")
+@click.option("--config-only", is_flag=True, help="No weights: enough to compile the library on a build box.")
+@click.option("--context-window", type=int, default=2048, show_default=True)
+def synth_model_cmd(out: str, shape: str, variant: str, layers: int | None, config_only: bool,
+                    context_window: int) -> None:
+    """Write a converted synthetic model with a real model's shapes (random, seeded weights)."""
+    from vptq_mlc.bench.synth import synth_model
+
+    click.echo(str(synth_model(out, shape, variant, layers=layers, config_only=config_only,
+                               context_window=context_window)))
+

@@ -22,7 +22,7 @@ from vptq_mlc.compile.targets import BuildTarget, relax_pipeline, resolve_target
 from vptq_mlc.convert.chat_config import read_chat_config
 from vptq_mlc.convert.tensor_cache import read_index
 from vptq_mlc.errors import CompileError
-from vptq_mlc.model import build_model
+from vptq_mlc.model.builder import build_model
 from vptq_mlc.model.config import DecoderConfig
 from vptq_mlc.tir_kernels.registry import kernel_selector
 
@@ -46,6 +46,9 @@ def _upper_bounds(mod: tvm.IRModule, cfg: DecoderConfig) -> tvm.IRModule:
 
 
 def _check_params(params: list, model_dir: Path) -> None:
+    if not (model_dir / "tensor-cache.json").is_file():  # a config-only dir (weights made on the deploy host)
+        log.warning("%s has no tensor-cache.json: weights will be checked against _metadata at load time", model_dir)
+        return
     index = read_index(model_dir)
     for name, p in params:
         rec = index.get(name)

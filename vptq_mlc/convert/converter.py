@@ -23,7 +23,7 @@ from vptq_mlc.convert.chat_config import CONFIG_NAME, build_chat_config
 from vptq_mlc.convert.layout import generic_layout
 from vptq_mlc.convert.tensor_cache import TensorCacheWriter
 from vptq_mlc.errors import ConvertError
-from vptq_mlc.model import decoder_config_from_hf
+from vptq_mlc.model.archs import decoder_config_from_hf
 
 log = logging.getLogger(__name__)
 SUPPORTED_DTYPES = ("float16", "float32")
