@@ -132,3 +132,17 @@ def synth_model_cmd(out: str, shape: str, variant: str, layers: int | None, conf
     click.echo(str(synth_model(out, shape, variant, layers=layers, config_only=config_only,
                                context_window=context_window)))
 
+
+@bench.command(name="random-weights")
+@click.argument("model_dir", type=click.Path(file_okay=False, exists=True, path_type=str))
+@click.option("--lib", required=True, type=click.Path(dir_okay=False, exists=True, path_type=str))
+@click.option("--device", default="cuda", show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+def random_weights_cmd(model_dir: str, lib: str, device: str, seed: int) -> None:
+    """Fill a config-only model dir with random weights for every parameter LIB declares (speed benchmarks)."""
+    from vptq_mlc.bench.random_weights import write_random_weights
+    from vptq_mlc.runtime.library import load_library
+
+    params = load_library(lib, device).metadata["params"]
+    click.echo(f"wrote {write_random_weights(model_dir, params, seed) / 1e9:.2f} GB of random weights to {model_dir}")
+
