@@ -77,7 +77,7 @@ def test_codebook_is_lossless_when_k_covers_all_vectors():
     assert torch.equal(C[nearest(x, C)[0]], x)  # every vector is a codeword
     # a 576x192 layer has 13824 vectors of length 8: K = 65536 stores them all
     W = torch.randn(192, 576, generator=g) * 0.02
-    q = _q(W, None, "v8-k65536-0", enable_norm=False)
+    q = _q(W, None, "v8-k65536-0")
     assert float((q.weight - W.to(torch.float16).float()).abs().max()) == 0.0
 
 
@@ -94,7 +94,7 @@ def test_hessian_weighting_reduces_weighted_error():
     for variant in ("v8-k64-0", "v4-k64-16"):
         plain = _proxy(W, _q(W, None, variant).weight, H)
         weighted = _proxy(W, _q(W, H, variant).weight, H)
-        assert weighted < 0.8 * plain, (variant, weighted, plain)
+        assert weighted < 0.9 * plain, (variant, weighted, plain)
 
 
 def test_same_seed_same_result_other_seed_differs():
@@ -109,11 +109,11 @@ def test_same_seed_same_result_other_seed_differs():
 # ---- the format: independent dequantizers ------------------------------------------------------------------
 
 LAYER_CASES = {
-    "recipe v8-k256-16": ("v8-k256-16", {}, False),
+    "recipe v8-k256-16 (norm + perm)": ("v8-k256-16", {"enable_norm": True}, False),
     "v12 no norm no perm": ("v12-k64-0", {"enable_norm": False, "enable_perm": False}, False),
     "outliers + groups + bias": ("v8-k64-64", {"outlier_size": 16, "outlier_vector_len": 4, "outlier_centroids": 16,
                                                "group_num": 2}, True),
-    "row padding v10": ("v10-k32-0", {}, False),
+    "row padding v10": ("v10-k32-0", {"enable_norm": True}, False),
 }
 
 
@@ -136,7 +136,7 @@ def test_quantized_layer_loads_in_microsoft_vptq():
 
     vq, ops, _ = _import_vptq()
     W, H = _layer()
-    q = _q(W, H, "v8-k256-256")
+    q = _q(W, H, "v8-k256-256", enable_norm=True)
     layer = _build(vq, q.cfg, "float16")
     layer.load_state_dict({k: torch.from_numpy(np.ascontiguousarray(a)) for k, a in q.tensors.items()}, strict=True)
     with torch.no_grad():
@@ -173,7 +173,8 @@ def calib_file(tmp_path_factory) -> Path:
 
 
 def test_quantize_tiny_model_roundtrip(tiny_dense, calib_file, tmp_path):
-    s = QuantizeSettings(variant="v8-k64-16", calib=str(calib_file), calib_tokens=1024, calib_seq_len=128)
+    s = QuantizeSettings(variant="v8-k64-16", calib=str(calib_file), calib_tokens=1024, calib_seq_len=128,
+                         enable_norm=True)
     r = quantize_model(tiny_dense, tmp_path / "q", s, progress=False)
     ck = VPTQCheckpoint.open(r.out_dir)
     ck.validate(progress=False)
@@ -204,8 +205,7 @@ def test_reference_ppl_of_lossless_checkpoint_equals_dense(tiny_dense, tmp_path)
     from vptq_mlc.eval.ppl import ppl_reference, text_windows_for
 
     # k65536 covers every vector of these tiny layers, so the checkpoint holds the dense weights exactly
-    r = quantize_model(tiny_dense, tmp_path / "q", QuantizeSettings(variant="v8-k65536-0", hessian=False,
-                                                                    enable_norm=False), False)
+    r = quantize_model(tiny_dense, tmp_path / "q", QuantizeSettings(variant="v8-k65536-0", hessian=False), False)
     wins = text_windows_for(tiny_dense, None, 64, 512)
     a, b = ppl_reference(tiny_dense, wins, progress=False), ppl_reference(r.out_dir, wins, progress=False)
     assert a.tokens == b.tokens == sum(len(w) - 1 for w in wins)

@@ -272,7 +272,8 @@ def runtime_bundle(out: str, include_rocm: bool, tarball: bool, python_version: 
 @click.option("--hessian/--no-hessian", default=True, show_default=True,
               help="Hessian-weighted k-means and error feedback from calibration activations, or plain k-means.")
 @click.option("--layers", type=int, default=None, help="Quantize only the first N decoder layers (fast tests).")
-@click.option("--norm/--no-norm", default=True, show_default=True, help="Per-column weight_scale/weight_bias.")
+@click.option("--norm/--no-norm", default=False, show_default=True,
+              help="Per-column weight_scale/weight_bias (VPTQ's recipe; lower perplexity without it on SmolLM2).")
 @click.option("--perm/--no-perm", default=True, show_default=True, help="Column permutation by Hessian diagonal.")
 @click.option("--group-num", type=int, default=1, show_default=True, help="Codebooks per layer (column groups).")
 @click.option("--outlier-size", type=int, default=0, show_default=True,

@@ -40,7 +40,7 @@ class LinearQuantOptions:
     """How to quantize a linear; `variant` gives v, K and Kr, the rest are VPTQ's LayerCfg flags."""
 
     variant: Variant
-    enable_norm: bool = True
+    enable_norm: bool = False
     enable_perm: bool = True
     group_num: int = 1
     outlier_size: int = 0  # leading (post-perm) columns coded with the outlier codebook
