@@ -5,8 +5,9 @@ tokens added), the first `max_tokens` tokens are cut into non-overlapping window
 token of a window but the first is scored given the ones before it in that window. ppl = exp(mean NLL).
 
 - compiled: the library's `batch_prefill` with `logit_positions = 0..n-1` returns the logits of every
-  position of a prefill chunk, so a window costs one (or, past the prefill chunk size, a few) prefill calls
-  through the runtime's paged KV cache; only tvm.runtime is used, as on a deploy host.
+  position of a prefill piece; the number of positions is bounded by the library's `max_batch_size`, so a
+  window is fed in pieces of that many tokens through the runtime's paged KV cache (which carries the
+  prefix); only tvm.runtime is used, as on a deploy host.
 - reference: transformers' `AutoModelForCausalLM` (float32) holding the dense weights; for a VPTQ checkpoint
   every quantized linear is rebuilt with `checkpoint.dequant.dequantize` (the package's one dense-weight
   function), for a dense HF directory (e.g. the fp16 source model) the weights are used as stored.
@@ -113,14 +114,18 @@ def ppl_compiled(model_dir: str | Path, lib: str | Path | None, windows: list[li
     reshape = tvm.get_global_func("vm.builtin.reshape")
     dev = engine.lib.device
     seq_ids = iter(range(1 << 30))
+    # `logit_positions` is bounded by the library's max_batch_size (its memory plan), so a window goes in
+    # pieces of at most that many tokens, each asking for all of its positions; the KV cache carries the prefix.
+    bound = int(engine.lib.metadata.get("max_batch_size", -1))
+    piece = min(engine.prefill_chunk, bound) if bound > 0 else engine.prefill_chunk
 
     def one(ids: list[int]) -> np.ndarray:
         seq = next(seq_ids)
         engine.kv.add(seq)
         out = []
         try:
-            for s in range(0, len(ids), engine.prefill_chunk):
-                chunk = ids[s : s + engine.prefill_chunk]
+            for s in range(0, len(ids), piece):
+                chunk = ids[s : s + piece]
                 n = len(chunk)
                 emb = embed(tvm.runtime.tensor(np.asarray(chunk, np.int32), dev), engine.params)
                 emb = reshape(emb, ShapeTuple([1, n, int(emb.shape[-1])]))
