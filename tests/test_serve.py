@@ -396,15 +396,19 @@ def test_cli_serve(tiny_served_model) -> None:
 def test_failed_step_answers_500_and_serving_continues(tiny_served_model, monkeypatch) -> None:
     _, model_dir, lib = tiny_served_model
     engine = Engine(model_dir, lib, device="cpu", max_batch_size=4)
-    real, calls = engine._decode, []
+    calls = []
 
-    def flaky(*args):
-        calls.append(1)
-        if len(calls) == 2:
-            raise RuntimeError("injected device fault")
-        return real(*args)
+    def flaky(real):
+        def call(*args):
+            calls.append(1)
+            if len(calls) == 2:  # the second decode call, whichever library function the engine picked
+                raise RuntimeError("injected device fault")
+            return real(*args)
+        return call
 
-    monkeypatch.setattr(engine, "_decode", flaky)
+    for name in ("_decode", "_decode_one"):  # batch_decode, and decode for a single sequence
+        if getattr(engine, name, None) is not None:
+            monkeypatch.setattr(engine, name, flaky(getattr(engine, name)))
     with ServerThread(engine, max_queue=4) as s, httpx.Client(base_url=s.url, timeout=TIMEOUT) as c:
         r = c.post("/v1/completions", json=greedy(PROMPTS[0]))
         assert r.status_code == 500 and "injected device fault" in r.json()["error"]["message"]

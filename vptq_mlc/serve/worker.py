@@ -143,7 +143,6 @@ class EngineWorker:
             while self._drain(block=not self.engine.has_unfinished()):
                 if self.engine.has_unfinished():
                     self._step()
-                self._report()
         except BaseException as e:  # noqa: BLE001 - reported through /health and to every open request
             log.exception("the engine loop stopped")
             self.failure = e
@@ -167,6 +166,8 @@ class EngineWorker:
                 self._add(cmd[1], events)
             else:
                 self._cancel(cmd[1], events)
+        if cmds:
+            self._report()
         self._emit(events)
         return running
 
@@ -239,6 +240,7 @@ class EngineWorker:
         for stream in [s for s in self._waiting if s.request is not None and s.request.state is not RequestState.WAITING]:
             self._unqueue(stream)
         self.metrics.step(seconds, new_tokens, ttfts)
+        self._report()  # before the events go out: a client that saw its token sees /metrics after this step
         self._emit(events)
 
     def _unqueue(self, stream: Stream) -> None:
