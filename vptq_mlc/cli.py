@@ -268,7 +268,7 @@ def runtime_bundle(out: str, include_rocm: bool, tarball: bool, python_version: 
 @click.option("--calib", default=None, help="Calibration text: a UTF-8 file or shakespeare:PLAY[,PLAY] "
               "(default: four plays from the bundled corpus, never Hamlet, which eval uses).")
 @click.option("--calib-tokens", type=int, default=8192, show_default=True, help="Calibration tokens.")
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed for k-means (results are reproducible).")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed for k-means (bit-reproducible on CPU; CUDA sums are not ordered).")
 @click.option("--hessian/--no-hessian", default=True, show_default=True,
               help="Hessian-weighted k-means and error feedback from calibration activations, or plain k-means.")
 @click.option("--layers", type=int, default=None, help="Quantize only the first N decoder layers (fast tests).")
