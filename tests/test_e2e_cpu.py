@@ -87,3 +87,27 @@ def test_greedy_matches_transformers(built):
     while not req.finished:
         engine.step()
     assert req.output_ids == want
+
+
+def test_decode_split_into_static_batches_matches_alone(tmp_path):
+    """GPU libraries export `batch_decode_b<n>` for the GEMV kernels' batch sizes and the engine splits a decode
+    batch into such pieces; the same path on llvm (static sizes 2 and 3, batch of 5 -> 3 + 2) must give every
+    request the tokens it gets alone."""
+    ckpt = make_synthetic_checkpoint(tmp_path / "ckpt", variant="v8-k256-16", dtype="float32", seed=3)
+    model_dir = convert_checkpoint(ckpt, tmp_path / "mlc")
+    (lib,) = compile_model(model_dir, "llvm", tmp_path / "m-llvm.so", static_batches=(2, 3))
+    engine = Engine(model_dir, lib, device="cpu", max_batch_size=5)
+    assert sorted(engine._static_decode) == [1, 2, 3]
+    assert [len(p) for p in engine._decode_pieces(list(range(5)))] == [3, 2]
+    prompts = [[5 + i, 40 + 3 * i, 7, 99 - i] for i in range(5)]
+    params = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True)
+    alone = []
+    for p in prompts:
+        r = engine.add_request(p, params)
+        while not r.finished:
+            engine.step()
+        alone.append(r.output_ids)
+    reqs = [engine.add_request(p, params) for p in prompts]
+    while engine.has_unfinished():
+        engine.step()
+    assert [r.output_ids for r in reqs] == alone

@@ -406,9 +406,9 @@ def test_failed_step_answers_500_and_serving_continues(tiny_served_model, monkey
             return real(*args)
         return call
 
-    for name in ("_decode", "_decode_one"):  # batch_decode, and decode for a single sequence
-        if getattr(engine, name, None) is not None:
-            monkeypatch.setattr(engine, name, flaky(getattr(engine, name)))
+    monkeypatch.setattr(engine, "_decode", flaky(engine._decode))  # batch_decode
+    # and the static-size decode functions (decode for a single sequence, batch_decode_b<n>)
+    monkeypatch.setattr(engine, "_static_decode", {n: flaky(f) for n, f in engine._static_decode.items()})
     with ServerThread(engine, max_queue=4) as s, httpx.Client(base_url=s.url, timeout=TIMEOUT) as c:
         r = c.post("/v1/completions", json=greedy(PROMPTS[0]))
         assert r.status_code == 500 and "injected device fault" in r.json()["error"]["message"]

@@ -24,7 +24,7 @@ from vptq_mlc.convert.tensor_cache import read_index
 from vptq_mlc.errors import CompileError
 from vptq_mlc.model.builder import build_model
 from vptq_mlc.model.config import DecoderConfig
-from vptq_mlc.tir_kernels.registry import kernel_selector
+from vptq_mlc.tir_kernels.registry import kernel_selector, static_decode_batches
 
 log = logging.getLogger(__name__)
 
@@ -62,14 +62,17 @@ def _check_params(params: list, model_dir: Path) -> None:
             )
 
 
-def build_library(model_dir: Path, bt: BuildTarget, output: Path) -> Path:
+def build_library(model_dir: Path, bt: BuildTarget, output: Path,
+                  static_batches: tuple[int, ...] | None = None) -> Path:
     chat = read_chat_config(model_dir)
     cfg = DecoderConfig.from_json(chat["model_config"])
     dtype = chat.get("model_dtype", "float16")
     layers = {p: VPTQLayerConfig.from_json(c, where=p) for p, c in chat.get("vptq", {}).get("layers", {}).items()}
     bt.prepare()
     t0 = time.time()
-    model = build_model(cfg, layers, dtype, bt.target, kernel_selector(bt.target))
+    if static_batches is None:
+        static_batches = static_decode_batches(bt.target)
+    model = build_model(cfg, layers, dtype, bt.target, kernel_selector(bt.target), static_batches)
     mod, params = model.export_tvm(spec=model.get_default_spec())
     _check_params(params, model_dir)
     mod = _upper_bounds(mod, cfg)
@@ -96,9 +99,10 @@ def default_library_path(model_dir: Path, bt: BuildTarget) -> Path:
 
 def compile_model(
     model_dir: str | os.PathLike[str], target: str = "llvm", output: str | os.PathLike[str] | None = None,
-    arch: str | None = None,
+    arch: str | None = None, static_batches: tuple[int, ...] | None = None,
 ) -> list[Path]:
-    """Build one library per BuildTarget; `output` names the file (one target) or a directory (several)."""
+    """Build one library per BuildTarget; `output` names the file (one target) or a directory (several).
+    `static_batches`: batch sizes that get a static `batch_decode_b<n>` (default: the target's choice)."""
     model_dir = Path(model_dir)
     read_chat_config(model_dir)  # fail early with the convert hint
     targets = resolve_targets(target, arch)
@@ -110,5 +114,5 @@ def compile_model(
             path = Path(output) / default_library_path(model_dir, bt).name
         else:
             path = Path(output)
-        outs.append(build_library(model_dir, bt, path))
+        outs.append(build_library(model_dir, bt, path, static_batches))
     return outs

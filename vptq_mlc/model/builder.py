@@ -21,6 +21,7 @@ def build_model(
     dtype: str,
     target: Target,
     select_kernel: KernelSelector,
+    static_decode_batches: tuple[int, ...] = (),
 ) -> DecoderForCausalLM:
     """The module tree: linears listed in `layers` become VPTQLinear, the rest dense nn.Linear."""
 
@@ -37,4 +38,4 @@ def build_model(
             raise CheckpointError(f"layer {path}: the architecture needs a bias but the VPTQ layer has none")
         return VPTQLinear(qcfg, dtype, select_kernel)
 
-    return DecoderForCausalLM(cfg, make_linear, dtype, target)
+    return DecoderForCausalLM(cfg, make_linear, dtype, target, static_decode_batches)

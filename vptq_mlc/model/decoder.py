@@ -91,10 +91,12 @@ class DecoderModel(nn.Module):
 class DecoderForCausalLM(nn.Module):
     """Top-level module; its methods are the library's exported functions (docs/ARCHITECTURE.md)."""
 
-    def __init__(self, cfg: DecoderConfig, make_linear: LinearFactory, dtype: str, target: Target):
+    def __init__(self, cfg: DecoderConfig, make_linear: LinearFactory, dtype: str, target: Target,
+                 static_decode_batches: tuple[int, ...] = ()):
         self.model = DecoderModel(cfg, make_linear, dtype)
         self.lm_head = None if cfg.tie_word_embeddings else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False, dtype=dtype)
         self.cfg, self.dtype, self.target = cfg, dtype, target
+        self.static_decode_batches = tuple(n for n in static_decode_batches if 1 < n <= cfg.max_batch_size)
 
     def _logits(self, hidden: Tensor) -> Tensor:
         if self.lm_head is None:
@@ -128,6 +130,12 @@ class DecoderForCausalLM(nn.Module):
 
     def batch_decode(self, input_embeds: Tensor, kv: PagedKVCache) -> tuple[Tensor, PagedKVCache]:
         return self._logits(self.model(input_embeds, kv)), kv
+
+    def __getattr__(self, name: str) -> Any:
+        # `batch_decode_b<n>`: batch_decode exported again with a static batch of n (see get_default_spec)
+        if name.startswith("batch_decode_b") and name[14:].isdigit():
+            return self.batch_decode
+        return super().__getattr__(name)
 
     def create_tir_paged_kv_cache(
         self, max_batch_size: Any, max_total_seq_len: Any, prefill_chunk_size: Any, page_size: Any, support_sliding_window: Any
@@ -173,6 +181,12 @@ class DecoderForCausalLM(nn.Module):
                 "$": packed,
             },
             "batch_decode": {"input_embeds": nn.spec.Tensor(["batch_size", 1, h], self.dtype), "kv": kv, "$": packed},
+            # static batch sizes get the targets' decode GEMV kernels (a symbolic batch gets the general matmul);
+            # the engine splits a decode batch into such pieces
+            **{
+                f"batch_decode_b{n}": {"input_embeds": nn.spec.Tensor([n, 1, h], self.dtype), "kv": kv, "$": packed}
+                for n in self.static_decode_batches
+            },
             "create_tir_paged_kv_cache": {
                 "max_batch_size": int,
                 "max_total_seq_len": int,

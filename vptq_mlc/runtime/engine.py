@@ -87,9 +87,12 @@ class Engine:
             eos.add(self.tokenizer.token_to_id(eos_text))
         self.eos_token_ids = frozenset(eos)
         self._embed, self._prefill, self._decode = (self.lib.func(n) for n in ("embed", "batch_prefill", "batch_decode"))
-        # one running sequence decodes through `decode` (a static single row: GPU libraries give it their GEMV
-        # kernel, while `batch_decode`'s symbolic batch gets the general matmul), as MLC's engine does
-        self._decode_one = self.lib.func("decode") if self.lib.has("decode") else None
+        # Static decode functions (`decode` for one sequence, `batch_decode_b<n>` where the library has them) run
+        # GPU libraries' GEMV kernels; `batch_decode`'s symbolic batch gets the general matmul. So a decode batch
+        # is split into pieces of at most the largest static size when the library has static sizes.
+        self._static_decode = {1: self.lib.func("decode")} if self.lib.has("decode") else {}
+        self._static_decode.update({n: self.lib.func(f"batch_decode_b{n}") for n in range(2, self.max_batch + 1)
+                                    if self.lib.has(f"batch_decode_b{n}")})
         self._reshape = tvm.get_global_func("vm.builtin.reshape")
         self._seq_ids = itertools.count()
         self.waiting: collections.deque[Request] = collections.deque()
@@ -192,6 +195,13 @@ class Engine:
                 self._finish(r)
             raise
 
+    def _decode_pieces(self, batch: list[Request]) -> list[list[Request]]:
+        """The running batch as one call, or as pieces of the largest static decode size (see __init__)."""
+        largest = max((n for n in self._static_decode if n > 1), default=0)
+        if largest == 0 or len(batch) <= largest:
+            return [batch]
+        return [batch[i : i + largest] for i in range(0, len(batch), largest)]
+
     def step(self) -> list[Request]:
         """One batched prefill or decode. Returns the requests that got a new token in this step."""
         self._admit()
@@ -216,11 +226,12 @@ class Engine:
                 r.prefilled += n
             rows = [(r, logits[i]) for i, r in enumerate(batch) if r.prefill_done]
         else:
-            batch = list(self.running)
-            emb = self._embed_ids([r.next_input() for r in batch], [len(batch), 1])
-            decode = self._decode_one if len(batch) == 1 and self._decode_one is not None else self._decode
-            logits = self._run(batch, [1] * len(batch), lambda kv: decode(emb, kv, self.params))[:, 0]
-            rows = list(zip(batch, logits))
+            rows = []
+            for batch in self._decode_pieces(list(self.running)):
+                emb = self._embed_ids([r.next_input() for r in batch], [len(batch), 1])
+                decode = self._static_decode.get(len(batch), self._decode)
+                logits = self._run(batch, [1] * len(batch), lambda kv: decode(emb, kv, self.params))[:, 0]
+                rows += list(zip(batch, logits))
         stepped = []
         for r, row in rows:
             if self.active_vocab:

@@ -49,3 +49,13 @@ def kernel_selector(target: Target) -> KernelSelector:
         return schedule_cpu(func) if target.kind.name == "llvm" else func
 
     return select
+
+
+def static_decode_batches(target: Target) -> tuple[int, ...]:
+    """Batch sizes worth a static `batch_decode_b<n>` function: those with a dedicated decode kernel."""
+    if target.kind.name == "cuda":
+        from vptq_mlc.tir_kernels.cuda_gemv import MAX_ROWS
+
+        return tuple(range(2, MAX_ROWS + 1))
+    return ()
+
