@@ -398,10 +398,13 @@ def stop_cluster(shutdown_ray: bool = True) -> None:
 
 def serve_cluster(opts: ClusterOptions) -> None:
     """What `vptq-mlc serve --replicas N` runs: start, then wait for Ctrl-C / SIGTERM, then stop gracefully."""
-    url = start_cluster(opts)
     stop = threading.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):  # after ray.init, which installs handlers of its own
+    start_ray(opts)
+    # after ray.init (it installs handlers of its own) but before the HTTP proxy answers: a signal that arrives
+    # while the replicas come up must still mean "stop gracefully", not Ray's default exit
+    for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
+    url = start_cluster(opts)
     log.warning("serving %s with %d replica(s) on %s/v1 (Ray Serve)", opts.model_name or Path(opts.model_dir).name,
                 opts.replicas, url)
     try:
