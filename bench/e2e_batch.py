@@ -16,8 +16,29 @@ from vptq_mlc.runtime.engine import Engine
 from vptq_mlc.runtime.sampling import SamplingParams
 
 
+def prompt(i: int, prompt_len: int = 128) -> list[int]:
+    return [1 + (i * 7 + j) % 1000 for j in range(prompt_len)]
+
+
+def agreement(engine: Engine, batch: int, new_tokens: int = 16) -> float:
+    """Fraction of greedy tokens equal between `batch` requests decoded together and each decoded alone
+    (different kernels / row counts sum in different orders, so fp16 near-ties may differ)."""
+    params = SamplingParams(max_tokens=new_tokens, temperature=0.0, ignore_eos=True)
+    together = [engine.add_request(prompt(i), params) for i in range(batch)]
+    while engine.has_unfinished():
+        engine.step()
+    same = total = 0
+    for i, r in enumerate(together):
+        alone = engine.add_request(prompt(i), params)
+        while not alone.finished:
+            engine.step()
+        same += sum(a == b for a, b in zip(alone.output_ids, r.output_ids))
+        total += new_tokens
+    return same / total
+
+
 def run(engine: Engine, batch: int, prompt_len: int = 128, new_tokens: int = 64) -> dict:
-    reqs = [engine.add_request([1 + (i * 7 + j) % 1000 for j in range(prompt_len)],
+    reqs = [engine.add_request(prompt(i, prompt_len),
                                SamplingParams(max_tokens=new_tokens, temperature=0.0, ignore_eos=True))
             for i in range(batch)]
     while any(not r.prefill_done for r in reqs):
@@ -38,4 +59,6 @@ if __name__ == "__main__":
     for r in results:
         r["ratio_vs_batch1"] = r["decode_tok_s"] / results[0]["decode_tok_s"]
         print(r, flush=True)
+    results.append({"greedy_token_agreement_batch8_vs_alone": agreement(engine, 8)})
+    print(results[-1], flush=True)
     json.dump(results, open(out, "w"), indent=2)

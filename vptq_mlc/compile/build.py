@@ -24,7 +24,7 @@ from vptq_mlc.convert.tensor_cache import read_index
 from vptq_mlc.errors import CompileError
 from vptq_mlc.model.builder import build_model
 from vptq_mlc.model.config import DecoderConfig
-from vptq_mlc.tir_kernels.registry import kernel_selector, static_decode_batches
+from vptq_mlc.tir_kernels.registry import kernel_selector, norm_bias_selector, static_decode_batches
 
 log = logging.getLogger(__name__)
 
@@ -72,7 +72,8 @@ def build_library(model_dir: Path, bt: BuildTarget, output: Path,
     t0 = time.time()
     if static_batches is None:
         static_batches = static_decode_batches(bt.target)
-    model = build_model(cfg, layers, dtype, bt.target, kernel_selector(bt.target), static_batches)
+    model = build_model(cfg, layers, dtype, bt.target, kernel_selector(bt.target), static_batches,
+                        norm_bias_selector(bt.target))
     mod, params = model.export_tvm(spec=model.get_default_spec())
     _check_params(params, model_dir)
     mod = _upper_bounds(mod, cfg)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Mapping
+from typing import Any, Callable, Mapping
 
 from tvm.relax.frontend import nn
 from tvm.target import Target
@@ -22,6 +22,7 @@ def build_model(
     target: Target,
     select_kernel: KernelSelector,
     static_decode_batches: tuple[int, ...] = (),
+    select_norm_bias: Callable[[int, str], Any] | None = None,
 ) -> DecoderForCausalLM:
     """The module tree: linears listed in `layers` become VPTQLinear, the rest dense nn.Linear."""
 
@@ -36,6 +37,6 @@ def build_model(
             )
         if bias and not qcfg.bias:
             raise CheckpointError(f"layer {path}: the architecture needs a bias but the VPTQ layer has none")
-        return VPTQLinear(qcfg, dtype, select_kernel)
+        return VPTQLinear(qcfg, dtype, select_kernel, select_norm_bias)
 
     return DecoderForCausalLM(cfg, make_linear, dtype, target, static_decode_batches)

@@ -7,7 +7,7 @@ dense weight: `y = vq_matmul(x[:, perm] * col_scale) + x @ weight_bias + bias` (
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 from tvm import te
 from tvm.relax.frontend import nn
@@ -21,11 +21,12 @@ from vptq_mlc.tir_kernels.registry import KernelSelector
 class VPTQLinear(nn.Module):
     """Drop-in for `nn.Linear(in_features, out_features, bias)` holding a VPTQ-quantized weight."""
 
-    def __init__(self, cfg: VPTQLayerConfig, dtype: str, select_kernel: KernelSelector):
+    def __init__(self, cfg: VPTQLayerConfig, dtype: str, select_kernel: KernelSelector,
+                 select_norm_bias: Callable[[int, str], Any] | None = None):
         super().__init__()
         self.cfg = cfg
         self.in_features, self.out_features = cfg.in_features, cfg.out_features
-        self._select_kernel = select_kernel
+        self._select_kernel, self._select_norm_bias = select_kernel, select_norm_bias
         self._operands = list(vq_operand_shapes(cfg))
         for name, (shape, dt) in vq_operand_shapes(cfg).items():
             setattr(self, name, nn.Parameter(shape, dtype if dt == "float" else dt))
@@ -65,7 +66,11 @@ class VPTQLinear(nn.Module):
             args=[xs, *(getattr(self, name) for name in self._operands)],
             out=nn.Tensor.placeholder([rows, self.out_features], self.dtype),
         )
-        if self.weight_bias is not None:
+        if self.weight_bias is not None and self._select_norm_bias is not None:
+            dot = op.tensor_ir_op(self._select_norm_bias(self.in_features, self.dtype), "vq_norm_bias",
+                                  args=[x2, self.weight_bias], out=nn.Tensor.placeholder([rows, 1], "float32"))
+            y = y + op.astype(dot, self.dtype)
+        elif self.weight_bias is not None:
             # a row reduction in fp32, not `x2 @ wb[I, 1]`: dlight's GEMV rule cannot schedule an N=1 matmul on GPUs
             xb = op.astype(x2, "float32") * op.astype(self.weight_bias, "float32")
             y = y + op.astype(op.sum(xb, axis=-1, keepdims=True), self.dtype)

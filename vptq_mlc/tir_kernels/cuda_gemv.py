@@ -251,3 +251,23 @@ def _keep_operands(func: tirx.PrimFunc, cfg: VPTQLayerConfig) -> tirx.PrimFunc:
     keep = {"xs", "y", *vq_operand_shapes(cfg)}
     params = [prm for prm in func.params if prm.name in keep]
     return tirx.PrimFunc(params, func.body, func.ret_type, func.attrs)
+
+
+def row_dot_cuda(in_features: int, dtype: str, threads: int = 256) -> tirx.PrimFunc:
+    """`s[b, 0] = sum_i x[b, i] * w[i]` in fp32 for any row count: one block per row, the reduction split over
+    `threads` threads (TVM lowers the thread-bound reduction loop to a warp/shared-memory allreduce)."""
+    from tvm import te
+
+    n = tirx.Var("n", "int64")
+    x = te.placeholder((n, in_features), dtype, name="x")
+    w = te.placeholder((in_features,), dtype, name="w")
+    k = te.reduce_axis((0, in_features), name="k")
+    s = te.compute((n, 1), lambda b, _: te.sum(x[b, k].astype("float32") * w[k].astype("float32"), axis=k),
+                   name="row_dot")
+    sch = tvm.s_tir.Schedule(te.create_prim_func([x, w, s]).without_attr("global_symbol"))
+    b, _, kk = sch.get_loops(sch.get_sblock("row_dot"))
+    _, ki = sch.split(kk, [None, threads])
+    sch.bind(b, "blockIdx.x")
+    sch.bind(ki, "threadIdx.x")
+    return sch.mod["main"]
+

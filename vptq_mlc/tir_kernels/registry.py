@@ -54,9 +54,28 @@ def kernel_selector(target: Target) -> KernelSelector:
 def static_decode_batches(target: Target) -> tuple[int, ...]:
     """Batch sizes worth a static `batch_decode_b<n>` function (those with a dedicated decode kernel).
 
-    None yet: on CUDA, static batches 2..8 would get the GEMV kernel, but dlight's reduction schedule for the
-    norm-bias row sum (`model/vptq_linear.py`) then asks for more than 48 KB of static shared memory at the
-    7B shapes (ptxas: "uses too much shared data", seen for n >= 2). The engine and model support the split
-    (tested on llvm); enable it here once that reduction is scheduled by hand or folded into the kernel.
+    CUDA: 2..MAX_ROWS, the row counts of the hand-scheduled GEMV (the norm-bias row dot has its own kernel,
+    `norm_bias_selector`, since dlight's reduction schedule for static batches overflowed shared memory).
     """
+    if target.kind.name == "cuda":
+        from vptq_mlc.tir_kernels.cuda_gemv import MAX_ROWS
+
+        return tuple(range(2, MAX_ROWS + 1))
     return ()
+
+
+def norm_bias_selector(target: Target) -> Callable[[int, str], tirx.PrimFunc] | None:
+    """GPU kernel for the norm-bias row dot `s[b] = sum_i x[b, i] * weight_bias[i]` (fp32 out), or None to let
+    the relax pipeline schedule a plain reduction (llvm). dlight's schedule of that reduction keeps whole rows
+    in static shared memory, which fails for static batches >= 2 at 7B shapes."""
+    if target.kind.name != "cuda":
+        return None
+    from vptq_mlc.tir_kernels.cuda_gemv import row_dot_cuda
+
+    @functools.lru_cache(maxsize=None)
+    def select(in_features: int, dtype: str) -> tirx.PrimFunc:
+        return row_dot_cuda(in_features, dtype).with_attr("op_pattern", OP_PATTERN_OPAQUE).with_attr(
+            "tirx.is_scheduled", True)
+
+    return select
+
