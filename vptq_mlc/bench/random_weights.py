@@ -14,8 +14,7 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
-from vptq_mlc.checkpoint.layer_config import VPTQLayerConfig
-from vptq_mlc.convert.chat_config import CONFIG_NAME
+from vptq_mlc.convert.chat_config import CONFIG_NAME, vptq_layer_configs
 from vptq_mlc.convert.tensor_cache import TensorCacheWriter
 
 _CODE_SIZES = {
@@ -29,7 +28,7 @@ def write_random_weights(model_dir: str | Path, params: list[dict[str, Any]], se
     """Write tensor-cache.json + shards for `params` (a library's `_metadata["params"]`); returns bytes written."""
     model_dir = Path(model_dir)
     cfg = json.loads((model_dir / CONFIG_NAME).read_text())
-    layers = {p: VPTQLayerConfig.from_json(c) for p, c in cfg.get("vptq", {}).get("layers", {}).items()}
+    layers = vptq_layer_configs(cfg)
     rng = np.random.default_rng(seed)
     with TensorCacheWriter(model_dir, metadata={"random": True}) as w:
         for p in tqdm(params, desc="random weights", unit="tensor"):

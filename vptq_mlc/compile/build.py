@@ -16,10 +16,9 @@ import tvm
 from tvm import relax
 
 from vptq_mlc.atomic import atomic_file
-from vptq_mlc.checkpoint.layer_config import VPTQLayerConfig
 from vptq_mlc.compile.metadata import attach_metadata, model_metadata, planned_memory
 from vptq_mlc.compile.targets import BuildTarget, relax_pipeline, resolve_targets
-from vptq_mlc.convert.chat_config import read_chat_config
+from vptq_mlc.convert.chat_config import read_chat_config, vptq_layer_configs
 from vptq_mlc.convert.tensor_cache import read_index
 from vptq_mlc.errors import CompileError
 from vptq_mlc.model.builder import build_model
@@ -67,7 +66,7 @@ def build_library(model_dir: Path, bt: BuildTarget, output: Path,
     chat = read_chat_config(model_dir)
     cfg = DecoderConfig.from_json(chat["model_config"])
     dtype = chat.get("model_dtype", "float16")
-    layers = {p: VPTQLayerConfig.from_json(c, where=p) for p, c in chat.get("vptq", {}).get("layers", {}).items()}
+    layers = vptq_layer_configs(chat)
     bt.prepare()
     t0 = time.time()
     if static_batches is None:

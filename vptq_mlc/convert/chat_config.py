@@ -97,3 +97,9 @@ def read_chat_config(model_dir: Path) -> dict[str, Any]:
     if not path.is_file():
         raise ConvertError(f"{model_dir} has no {CONFIG_NAME}; run `vptq-mlc convert CHECKPOINT -o {model_dir}` first")
     return json.loads(path.read_text())
+
+
+def vptq_layer_configs(chat: Mapping[str, Any]) -> dict[str, VPTQLayerConfig]:
+    """The quantized linears recorded in a chat config's `vptq` section (module path -> config)."""
+    return {p: VPTQLayerConfig.from_json(c, where=p) for p, c in chat.get("vptq", {}).get("layers", {}).items()}
+

@@ -18,11 +18,10 @@ import importlib.util
 import json
 import logging
 import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
+from vptq_mlc.atomic import atomic_dir
 from vptq_mlc.errors import QuantizeError
 
 log = logging.getLogger(__name__)
@@ -112,9 +111,7 @@ def import_gguf(gguf: str | os.PathLike[str], out_dir: Path | None = None, cache
     except ImportError as e:
         raise QuantizeError(f"importing GGUF needs the quantize extras ({e.name} missing): pip install 'vptq-mlc[quantize]'")
     log.warning("importing %s (one-time, ~1 min on 2 cores) -> %s", src.name, out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
+    with atomic_dir(out) as tmp:
         meta = read_gguf_metadata(src)
         tok = AutoTokenizer.from_pretrained(str(src.parent), gguf_file=src.name)
         model = AutoModelForCausalLM.from_pretrained(str(src.parent), gguf_file=src.name, dtype=torch.float32)
@@ -127,12 +124,6 @@ def import_gguf(gguf: str | os.PathLike[str], out_dir: Path | None = None, cache
         (tmp / "vptq_mlc_import.json").write_text(
             json.dumps({"source": str(src), "format_version": IMPORT_FORMAT_VERSION, "gguf_metadata": meta}, indent=2)
         )
-        if out.exists():
-            shutil.rmtree(out)
-        os.rename(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 
