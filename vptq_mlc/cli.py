@@ -63,6 +63,19 @@ def resolve_model(model_dir: str, lib: str | None, device: str) -> tuple[str, st
     return model_dir, lib, device
 
 
+DEVICES_HELP = ("Split the decoder layers over these devices, e.g. cuda:0,cuda:1 (balanced by weight bytes; the "
+                "library must be compiled with --split-functions). Overrides --device.")
+
+
+def _first_device(devices: str | None, device: str) -> str:
+    """The device used to pick a library (`--lib` omitted) when `--devices` is given."""
+    if not devices:
+        return device
+    from vptq_mlc.runtime.split import parse_devices
+
+    return parse_devices(devices)[0]
+
+
 # ---- commands (keep each one short; one section per pipeline stage) ----
 
 
@@ -117,12 +130,14 @@ def convert(ckpt: str, output: str, dtype: str | None, context_window: int | Non
 @click.option("--arch", default=None, help="Comma-separated GPU archs, e.g. sm_80,sm_90 or gfx90a,gfx1100.")
 @click.option("-o", "--output", type=click.Path(path_type=str), default=None,
               help="Library file (one target) or directory (default: MODEL_DIR/<name>-<target>.so).")
+@click.option("--split-functions", is_flag=True,
+              help="Also emit per-layer functions so chat/serve --devices can split the layers over several devices.")
 @one_line_errors
-def compile_cmd(model_dir: str, target: str, arch: str | None, output: str | None) -> None:
+def compile_cmd(model_dir: str, target: str, arch: str | None, output: str | None, split_functions: bool) -> None:
     """Compile a converted model into a model library, ahead of time."""
     from vptq_mlc.compile.build import compile_model
 
-    for path in compile_model(model_dir, target, output, arch=arch):
+    for path in compile_model(model_dir, target, output, arch=arch, split_functions=split_functions):
         click.echo(str(path))
 
 
@@ -144,16 +159,17 @@ def compile_cmd(model_dir: str, target: str, arch: str | None, output: str | Non
 @click.option("--stop", multiple=True, help="Stop string (repeatable).")
 @click.option("--raw", is_flag=True, help="No chat template: the prompt is completed as plain text.")
 @click.option("--context-window", type=int, default=None, help="Tokens of context (default: the model's).")
+@click.option("--devices", default=None, help=DEVICES_HELP)
 @one_line_errors
 def chat(model_dir: str, lib: str | None, device: str, prompt: str | None, system: str | None, max_tokens: int,
          temperature: float | None, top_p: float | None, top_k: int, repetition_penalty: float | None,
-         seed: int | None, stop: tuple[str, ...], raw: bool, context_window: int | None) -> None:
+         seed: int | None, stop: tuple[str, ...], raw: bool, context_window: int | None, devices: str | None) -> None:
     """Chat with a compiled model: one-shot with --prompt (only the reply goes to stdout), else interactive."""
     from vptq_mlc.runtime.chat_session import ChatSession, interactive, write_stream
     from vptq_mlc.runtime.engine import Engine
 
-    model_dir, lib, device = resolve_model(model_dir, lib, device)
-    engine = Engine(model_dir, lib, device=device, max_batch_size=1, context_window=context_window)
+    model_dir, lib, device = resolve_model(model_dir, lib, _first_device(devices, device))
+    engine = Engine(model_dir, lib, device=device, max_batch_size=1, context_window=context_window, devices=devices)
     session = ChatSession(engine, raw=raw, system=system, max_tokens=max_tokens, temperature=temperature,
                           top_p=top_p, top_k=top_k, repetition_penalty=repetition_penalty, seed=seed,
                           stop=list(stop))
@@ -192,13 +208,16 @@ def chat(model_dir: str, lib: str | None, device: str, prompt: str | None, syste
 @click.option("--ray-address", default=None, help="Join this Ray cluster (default: start a local Ray on loopback).")
 @click.option("--request-timeout", type=float, default=120.0, show_default=True,
               help="With replicas: seconds without progress from a replica before a request fails with 503.")
+@click.option("--devices", default=None, help=DEVICES_HELP)
 @one_line_errors
 def serve(model_dir: str, lib: str | None, device: str, host: str, port: int, max_batch_size: int | None,
           max_queue: int, max_total_tokens: int | None, context_window: int | None, model_name: str | None,
           api_key: str | None, max_body_bytes: int, replicas: int | None, min_replicas: int | None,
-          max_replicas: int | None, ray_address: str | None, request_timeout: float) -> None:
+          max_replicas: int | None, ray_address: str | None, request_timeout: float, devices: str | None) -> None:
     """OpenAI-compatible HTTP server (/v1/chat/completions, /v1/completions, /v1/models, /health, /metrics)."""
     if replicas is not None or min_replicas is not None or max_replicas is not None or ray_address:
+        if devices:
+            raise click.UsageError("--devices (layer split) does not combine with Ray replicas yet; drop one of them")
         from vptq_mlc.serve.cluster_cli import serve_replicas
 
         model_dir, lib, device = resolve_model(model_dir, lib, device)
@@ -219,9 +238,9 @@ def serve(model_dir: str, lib: str | None, device: str, host: str, port: int, ma
 
     if max_queue < 1:
         raise click.BadParameter("must be >= 1", param_hint="--max-queue")
-    model_dir, lib, device = resolve_model(model_dir, lib, device)
+    model_dir, lib, device = resolve_model(model_dir, lib, _first_device(devices, device))
     engine = load_engine(model_dir, lib, device=device, max_batch_size=max_batch_size, context_window=context_window,
-                         max_total_tokens=max_total_tokens)
+                         max_total_tokens=max_total_tokens, devices=devices)
     run_server(engine, host=host, port=port, max_queue=max_queue, model_name=model_name, api_key=api_key,
                max_body_bytes=max_body_bytes)
 

@@ -62,7 +62,9 @@ def _check_params(params: list, model_dir: Path) -> None:
 
 
 def build_library(model_dir: Path, bt: BuildTarget, output: Path,
-                  static_batches: tuple[int, ...] | None = None) -> Path:
+                  static_batches: tuple[int, ...] | None = None, split_functions: bool = False) -> Path:
+    """`split_functions`: also emit the per-layer functions of the layer split across devices (model/split.py);
+    off by default since they roughly double the compile time."""
     chat = read_chat_config(model_dir)
     cfg = DecoderConfig.from_json(chat["model_config"])
     dtype = chat.get("model_dtype", "float16")
@@ -73,7 +75,13 @@ def build_library(model_dir: Path, bt: BuildTarget, output: Path,
         static_batches = static_decode_batches(bt.target)
     model = build_model(cfg, layers, dtype, bt.target, kernel_selector(bt.target), static_batches,
                         norm_bias_selector(bt.target))
-    mod, params = model.export_tvm(spec=model.get_default_spec())
+    split = None
+    if split_functions:
+        from vptq_mlc.model.split import export_with_split
+
+        mod, params, split = export_with_split(model, model.get_default_spec())
+    else:
+        mod, params = model.export_tvm(spec=model.get_default_spec())
     _check_params(params, model_dir)
     mod = _upper_bounds(mod, cfg)
     with bt.target:
@@ -84,6 +92,7 @@ def build_library(model_dir: Path, bt: BuildTarget, output: Path,
         cfg=cfg,
         params=params,
         memory_usage=planned_memory(lowered),
+        split=split,
     )
     lowered = attach_metadata(lowered, meta)
     executable = relax.build(lowered, bt.target, relax_pipeline=None)
@@ -99,10 +108,11 @@ def default_library_path(model_dir: Path, bt: BuildTarget) -> Path:
 
 def compile_model(
     model_dir: str | os.PathLike[str], target: str = "llvm", output: str | os.PathLike[str] | None = None,
-    arch: str | None = None, static_batches: tuple[int, ...] | None = None,
+    arch: str | None = None, static_batches: tuple[int, ...] | None = None, split_functions: bool = False,
 ) -> list[Path]:
     """Build one library per BuildTarget; `output` names the file (one target) or a directory (several).
-    `static_batches`: batch sizes that get a static `batch_decode_b<n>` (default: the target's choice)."""
+    `static_batches`: batch sizes that get a static `batch_decode_b<n>` (default: the target's choice).
+    `split_functions`: add the layer-split functions (`--devices` at run time)."""
     model_dir = Path(model_dir)
     read_chat_config(model_dir)  # fail early with the convert hint
     targets = resolve_targets(target, arch)
@@ -114,5 +124,5 @@ def compile_model(
             path = Path(output) / default_library_path(model_dir, bt).name
         else:
             path = Path(output)
-        outs.append(build_library(model_dir, bt, path, static_batches))
+        outs.append(build_library(model_dir, bt, path, static_batches, split_functions))
     return outs

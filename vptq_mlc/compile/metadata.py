@@ -44,8 +44,11 @@ def model_metadata(
     cfg: DecoderConfig,
     params: Sequence[tuple[str, nn.Parameter]],
     memory_usage: Mapping[str, int],
+    split: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
-    return {
+    """MLC's keys, plus `split` (function names and parameter names per function of the layer split,
+    model/split.py) when the library was compiled with `--split-functions`."""
+    meta = {
         "model_type": model_type,
         "quantization": quantization,
         "context_window_size": cfg.context_window_size,
@@ -69,6 +72,9 @@ def model_metadata(
         },
         "memory_usage": dict(memory_usage),
     }
+    if split is not None:
+        meta["split"] = dict(split)
+    return meta
 
 
 def attach_metadata(mod: tvm.IRModule, metadata: Mapping[str, Any]) -> tvm.IRModule:

@@ -69,8 +69,10 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = nn.RMSNorm(cfg.hidden_size, -1, cfg.rms_norm_eps, bias=False, dtype=dtype)
         self.layer_id = index
 
-    def forward(self, x: Tensor, kv: PagedKVCache) -> Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), kv, self.layer_id)
+    def forward(self, x: Tensor, kv: PagedKVCache, layer_id: Any = None) -> Tensor:
+        """`layer_id` overrides the layer's own index (the split functions pass it as a runtime argument)."""
+        layer_id = self.layer_id if layer_id is None else layer_id
+        x = x + self.self_attn(self.input_layernorm(x), kv, layer_id)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -138,9 +140,13 @@ class DecoderForCausalLM(nn.Module):
         return super().__getattr__(name)
 
     def create_tir_paged_kv_cache(
-        self, max_batch_size: Any, max_total_seq_len: Any, prefill_chunk_size: Any, page_size: Any, support_sliding_window: Any
+        self, max_batch_size: Any, max_total_seq_len: Any, prefill_chunk_size: Any, page_size: Any,
+        support_sliding_window: Any, layer_begin: Any = None, layer_end: Any = None,
     ) -> PagedKVCache:
+        """The paged KV cache; with `layer_begin`/`layer_end` (the split's per-stage cache) it holds only those
+        layers and takes their global ids (TVM's cache subtracts `layer_partition[0]` outside disco)."""
         c = self.cfg
+        partition = [0, c.num_hidden_layers] if layer_begin is None else [layer_begin, layer_end]
         return TIRPagedKVCache(
             attn_kind="mha",
             max_batch_size=max_batch_size,
@@ -148,7 +154,7 @@ class DecoderForCausalLM(nn.Module):
             prefill_chunk_size=prefill_chunk_size,
             page_size=page_size,
             support_sliding_window=support_sliding_window,
-            layer_partition=rx.ShapeExpr([0, c.num_hidden_layers]),
+            layer_partition=rx.ShapeExpr(partition),
             num_hidden_layers=c.num_hidden_layers,
             num_attention_heads=c.num_attention_heads,
             num_key_value_heads=c.num_key_value_heads,

@@ -30,6 +30,7 @@ from vptq_mlc.runtime.kv_cache import PagedKVCache
 from vptq_mlc.runtime.library import ModelLibrary, load_library, load_params
 from vptq_mlc.runtime.request import Request, RequestState
 from vptq_mlc.runtime.sampling import SamplingParams
+from vptq_mlc.runtime.split import SplitModel, StagedKVCache, parse_devices
 from vptq_mlc.runtime.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
@@ -54,17 +55,24 @@ class Engine:
         prefill_chunk_size: int | None = None,
         max_total_tokens: int | None = None,
         page_size: int = 16,
+        devices: Sequence[str] | str | None = None,
     ) -> None:
         """Sizes left as None come from mlc-chat-config.json, bounded by the library's `_metadata`.
 
         `max_total_tokens`: KV slots shared by all sequences (default: one full context window).
+        `devices`: several devices (e.g. "cuda:0,cuda:1") split the decoder layers over them (runtime/split.py;
+        the library needs `--split-functions`); one device is the same as `device`.
         """
         self.model_dir = Path(model_dir)
         self.config = ChatConfig.load(self.model_dir)
+        devices = parse_devices(devices) if devices else None
+        if devices and len(devices) == 1:
+            device, devices = devices[0], None
         if lib_path is None:
-            lib_path = find_library(self.model_dir, resolve_device(device)[0])
+            lib_path = find_library(self.model_dir, resolve_device(devices[0] if devices else device)[0])
             log.info("using model library %s", lib_path)
-        self.lib: ModelLibrary = load_library(lib_path, device)
+        # a SplitModel offers ModelLibrary's interface (metadata, device, has, func) over the stages
+        self.lib: ModelLibrary | SplitModel = SplitModel(lib_path, devices) if devices else load_library(lib_path, device)
         self.tokenizer = Tokenizer(self.model_dir)
         template = load_chat_template(self.model_dir)
         self.chat_template = ChatTemplate(template, self.tokenizer.template_variables()) if template else None
@@ -75,8 +83,13 @@ class Engine:
         self.prefill_chunk = self._limit("prefill chunk", prefill_chunk_size, self.config.prefill_chunk_size,
                                          md.get("prefill_chunk_size", -1))
         self.max_batch = self._limit("max batch size", max_batch_size, DEFAULT_MAX_BATCH, md.get("max_batch_size", -1))
-        self.params = load_params(self.model_dir, self.lib, self.config.model_config)
-        self.kv = PagedKVCache(self.lib, self.max_batch, max_total_tokens or self.context_window, self.prefill_chunk,
+        if isinstance(self.lib, SplitModel):
+            self.params = self.lib.load_params(self.model_dir, self.config.model_config)  # each stage holds its own
+            kv_cache: type = StagedKVCache
+        else:
+            self.params = load_params(self.model_dir, self.lib, self.config.model_config)
+            kv_cache = PagedKVCache
+        self.kv = kv_cache(self.lib, self.max_batch, max_total_tokens or self.context_window, self.prefill_chunk,
                                page_size, int(md.get("sliding_window_size", self.config.sliding_window_size)),
                                int(md.get("attention_sink_size", -1)))
         self.vocab_size = self.config.vocab_size

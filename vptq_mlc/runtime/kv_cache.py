@@ -25,14 +25,19 @@ class PagedKVCache:
     """One cache object: `max_batch` sequences sharing `max_total_tokens` token slots in pages."""
 
     def __init__(self, lib: ModelLibrary, max_batch: int, max_total_tokens: int, prefill_chunk: int,
-                 page_size: int = 16, sliding_window: int = -1, attention_sink: int = -1) -> None:
+                 page_size: int = 16, sliding_window: int = -1, attention_sink: int = -1,
+                 layers: tuple[int, int] | None = None) -> None:
+        """`layers` = (begin, end): a layer-split stage's cache holding only those layers (runtime/split.py)."""
         self.page_size = page_size
         self.sliding_window = sliding_window
         self.attention_sink = max(attention_sink, 0)
-        self.obj = lib.func("create_tir_paged_kv_cache")(
-            ShapeTuple([max_batch]), ShapeTuple([max_total_tokens]), ShapeTuple([prefill_chunk]),
-            ShapeTuple([page_size]), ShapeTuple([int(sliding_window > 0)]),
-        )
+        sizes = [ShapeTuple([max_batch]), ShapeTuple([max_total_tokens]), ShapeTuple([prefill_chunk]),
+                 ShapeTuple([page_size]), ShapeTuple([int(sliding_window > 0)])]
+        if layers is None:
+            self.obj = lib.func("create_tir_paged_kv_cache")(*sizes)
+        else:
+            create = lib.func(lib.metadata["split"]["kv_cache"])
+            self.obj = create(*sizes, ShapeTuple([layers[0]]), ShapeTuple([layers[1]]))
         self.total_pages = self.available_pages()
         self._add = _g("vm.builtin.kv_state_add_sequence")
         self._remove = _g("vm.builtin.kv_state_remove_sequence")

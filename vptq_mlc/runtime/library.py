@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import tvm
 
 from vptq_mlc.errors import RuntimeLoadError
@@ -87,13 +88,10 @@ def _resolve_shape(shape: list[Any], model_config: dict[str, Any]) -> list[int |
     return [model_config.get(d, d) if isinstance(d, str) else int(d) for d in shape]
 
 
-def load_params(model_dir: str | Path, lib: ModelLibrary, model_config: dict[str, Any] | None = None) -> Any:
-    """Load the weights named in `_metadata.params` from `model_dir`'s tensor cache onto the library's device.
-
-    Returns the ffi Array passed as the packed params argument. Shapes and dtypes are checked against
-    `_metadata` so a library/weights mismatch is caught here, not as a crash inside a kernel.
-    """
-    model_dir = Path(model_dir)
+def _checked_records(model_dir: Path, wanted: list[dict[str, Any]],
+                     model_config: dict[str, Any] | None) -> dict[str, dict[str, Any]]:
+    """name -> tensor-cache record (plus `dataPath`) of every weight in `wanted` (`_metadata.params` entries), after
+    checking that each exists with the shape and dtype the library expects."""
     index = model_dir / "tensor-cache.json"
     if not index.is_file():
         raise RuntimeLoadError(f"no tensor-cache.json in {model_dir}; run `vptq-mlc convert` to write the weights")
@@ -101,8 +99,8 @@ def load_params(model_dir: str | Path, lib: ModelLibrary, model_config: dict[str
     for shard in records.get("records", []):
         if not (model_dir / shard["dataPath"]).is_file():
             raise RuntimeLoadError(f"weight shard {shard['dataPath']} missing in {model_dir}; re-run `vptq-mlc convert`")
-    stored = {r["name"]: r for shard in records.get("records", []) for r in shard["records"]}
-    wanted = lib.metadata.get("params", [])
+    stored = {r["name"]: {**r, "dataPath": shard["dataPath"]} for shard in records.get("records", [])
+              for r in shard["records"]}
     missing = [p["name"] for p in wanted if p["name"] not in stored]
     if missing:
         raise RuntimeLoadError(
@@ -117,6 +115,18 @@ def load_params(model_dir: str | Path, lib: ModelLibrary, model_config: dict[str
                 f"weight {p['name']} is {have['dtype']}{list(have['shape'])} in {index.name} but the library "
                 f"expects {p['dtype']}{want}; the library and weights do not match: re-run convert/compile"
             )
+    return stored
+
+
+def load_params(model_dir: str | Path, lib: ModelLibrary, model_config: dict[str, Any] | None = None) -> Any:
+    """Load the weights named in `_metadata.params` from `model_dir`'s tensor cache onto the library's device.
+
+    Returns the ffi Array passed as the packed params argument. Shapes and dtypes are checked against
+    `_metadata` so a library/weights mismatch is caught here, not as a crash inside a kernel.
+    """
+    model_dir = Path(model_dir)
+    wanted = lib.metadata.get("params", [])
+    _checked_records(model_dir, wanted, model_config)
     g = tvm.get_global_func
     try:
         g("vm.builtin.tensor_cache.load")(str(model_dir), lib.spec.dlpack_type, lib.spec.index)
@@ -126,3 +136,41 @@ def load_params(model_dir: str | Path, lib: ModelLibrary, model_config: dict[str
     finally:
         g("vm.builtin.tensor_cache.clear")()
     return params
+
+
+def _host_array(model_dir: Path, rec: dict[str, Any]) -> np.ndarray:
+    """One stored tensor as a numpy array over the memory-mapped shard (read from disk as the device copy goes)."""
+    data = np.memmap(model_dir / rec["dataPath"], dtype=np.uint8, mode="r", offset=int(rec["byteOffset"]),
+                     shape=(int(rec["nbytes"]),))
+    shape = [int(d) for d in rec["shape"]]
+    if rec["dtype"] == "float32" and rec.get("format") == "f32-to-bf16":  # widened as TVM's reader does
+        return (data.view(np.uint16).astype(np.uint32) << 16).view(np.float32).reshape(shape)
+    if rec["dtype"] == "bfloat16":
+        import ml_dtypes  # installed with apache-tvm; only bf16 weights need it
+
+        return data.view(ml_dtypes.bfloat16).reshape(shape)
+    dtype = np.dtype(rec["dtype"])
+    return data.view(dtype).reshape(shape)
+
+
+def stream_params(model_dir: str | Path, wanted: list[dict[str, Any]], device: tvm.runtime.Device,
+                  model_config: dict[str, Any] | None = None) -> dict[str, Any]:
+    """name -> Tensor on `device` for the `_metadata.params` entries in `wanted`, one tensor at a time.
+
+    Why not `vm.builtin.tensor_cache.load`: it reads every shard of the model onto one device, while a layer-split
+    stage needs only its own weights, and a 405B-sized model fits neither one GPU nor host memory at once. Here
+    host memory holds at most one tensor's pages (memory-mapped) and each device only the tensors asked for.
+    """
+    model_dir = Path(model_dir)
+    stored = _checked_records(model_dir, wanted, model_config)
+    out: dict[str, Any] = {}
+    try:
+        for p in wanted:
+            rec = stored[p["name"]]
+            host = _host_array(model_dir, rec)
+            t = tvm.runtime.empty(host.shape, rec["dtype"], device)
+            t.copyfrom(host)
+            out[p["name"]] = t
+    except (OSError, ValueError) as e:
+        raise RuntimeLoadError(f"cannot read weights from {model_dir}: {first_line(e)}; re-run `vptq-mlc convert`") from e
+    return out
