@@ -105,6 +105,17 @@ class Stage:
     head_params: Any = None
     layer_params: dict[int, Any] = field(default_factory=dict)
     kv: PagedKVCache | None = None
+    _inbox: Any = None
+
+    def handover(self, hidden: Any) -> Any:
+        """A view of this stage's receive buffer shaped like `hidden` (grown when needed): copying into it avoids a
+        cudaMalloc + cudaFree (which synchronizes the GPU) per step."""
+        n = 1
+        for d in hidden.shape:
+            n *= int(d)
+        if self._inbox is None or int(self._inbox.shape[0]) < n or self._inbox.dtype != hidden.dtype:
+            self._inbox = tvm.runtime.empty((n,), hidden.dtype, self.lib.device)
+        return self._inbox._create_view(hidden.shape)
 
     def activate(self) -> None:
         """Make this device current (CUDA kernels launch on the current device; a no-op for CPUs)."""
@@ -225,7 +236,7 @@ class SplitModel:
         for st, kv in zip(self.stages, kvs):
             st.activate()
             if prev is not None:
-                hidden = hidden.copyto(st.lib.device)  # the hand-over between devices
+                hidden = hidden.copyto(st.handover(hidden))  # the hand-over between devices
                 if prev.lib.spec.kind != "cpu":
                     prev.lib.device.sync()  # the peer copy ran on the source's stream: finish it before we read
             vm = st.lib.vm
