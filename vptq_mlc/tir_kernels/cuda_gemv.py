@@ -13,6 +13,10 @@ Schedule (../shared/docs/vq-gemv-h100.md §2):
 - Outlier columns (first `osz` inputs, their own codebook) are folded into the same accumulators.
 - Lanes are reduced with warp shuffles, the `P` splits through shared memory; one warp-free store per output.
 - With large codebooks the grid is persistent (CTAs loop over row blocks) to bound shared-memory refills.
+
+The same TIR serves ROCm (`GpuParams`): lanes per warp are the wavefront (64 on CDNA gfx9, 32 on RDNA), the
+scratch buffers are static `shared` (TVM's AMDGPU codegen rejects `shared.dyn`), and LDS (64 KB per workgroup)
+bounds codebook + reduction scratch together; CUDA's parameters (`CUDA_PARAMS`) give the tuned CUDA kernels.
 """
 
 from __future__ import annotations
@@ -27,6 +31,36 @@ from vptq_mlc.checkpoint.layer_config import VPTQLayerConfig
 
 SMEM_CODEBOOK_BYTES = 64 * 1024  # fits twice per SM on sm_80/sm_90, once on sm_86/sm_89 (99 KB)
 MAX_ROWS = 8
+
+
+@dataclass(frozen=True)
+class GpuParams:
+    """What the GEMV schedule needs to know about the GPU (fixed at compile time: no device on the build box)."""
+
+    warp_size: int = 32  # lanes reduced by warp shuffles: 32 (NVIDIA, RDNA wave32) or 64 (CDNA wave64)
+    shared_scope: str = "shared.dyn"  # CUDA: dynamic smem (> 48 KB); ROCm: "shared" (no shared.dyn in AMDGPU codegen)
+    smem_codebook_bytes: int = SMEM_CODEBOOK_BYTES  # codebooks up to this size are copied to shared memory
+    smem_total_bytes: int | None = None  # per-block limit on codebook + reduction scratch (static LDS); None: unchecked
+    max_threads: int = 1024  # threads per block
+
+
+CUDA_PARAMS = GpuParams()
+
+
+def gpu_params(target) -> GpuParams:
+    """CUDA_PARAMS on cuda; on rocm the wavefront, thread and LDS limits from the target (compile/rocm.py)."""
+    if target.kind.name == "cuda":
+        return CUDA_PARAMS
+    if target.kind.name == "rocm":
+        lds = int(target.attrs.get("max_shared_memory_per_block", 65536))
+        return GpuParams(
+            warp_size=int(target.attrs["thread_warp_size"]),
+            shared_scope="shared",
+            smem_codebook_bytes=lds,
+            smem_total_bytes=lds,
+            max_threads=int(target.attrs.get("max_threads_per_block", 256)),
+        )
+    raise ValueError(f"no GEMV parameters for target kind {target.kind.name!r}")
 
 
 @dataclass(frozen=True)
@@ -48,9 +82,10 @@ def _pow2_floor(x: int) -> int:
     return 1 << (max(1, x).bit_length() - 1)
 
 
-def plan_gemv(cfg: VPTQLayerConfig, rows: int, dtype: str) -> GemvPlan:
+def plan_gemv(cfg: VPTQLayerConfig, rows: int, dtype: str, params: GpuParams = CUDA_PARAMS) -> GemvPlan:
     """Heuristic launch shape (per layer shape, fixed at compile time; no device queries on the build box)."""
     el = 2 if dtype == "float16" else 4
+    lanes = params.warp_size
     nv, length = cfg.num_vectors, cfg.group_num * cfg.group_size
     vec = 1
     for w in (8, 4, 2):
@@ -62,9 +97,10 @@ def plan_gemv(cfg: VPTQLayerConfig, rows: int, dtype: str) -> GemvPlan:
     # CTA must stay small, or __launch_bounds__ forces spills (v16 at 8 rows: 2.4 ms with 16 warps).
     acc_regs = rows * cfg.vector_len
     max_warps = 16 if acc_regs <= 32 else 8 if acc_regs <= 64 else 4
-    splits = max(1, min(max_warps, _pow2_floor(-(-4096 // nv)), _pow2_floor(max(1, length // (32 * vec)))))
+    max_warps = min(max_warps, _pow2_floor(params.max_threads // lanes))
+    splits = max(1, min(max_warps, _pow2_floor(-(-4096 // nv)), _pow2_floor(max(1, length // (lanes * vec)))))
     rows_per_cta = max(1, 8 // splits) if max_warps >= 8 else max(1, max_warps // splits)
-    chunks_per_lane = -(-length // (vec * 32 * splits))
+    chunks_per_lane = -(-length // (vec * lanes * splits))
     # chunks in flight per lane; each holds rows*vec activations in registers too
     max_unroll = 4 if rows <= 2 else 2 if acc_regs <= 64 else 1
     unroll = min(max_unroll, 4 if chunks_per_lane >= 4 else 2 if chunks_per_lane >= 2 else 1)
@@ -74,7 +110,9 @@ def plan_gemv(cfg: VPTQLayerConfig, rows: int, dtype: str) -> GemvPlan:
             ev = w
             break
     cb_bytes = cfg.group_num * (cfg.num_centroids + cfg.num_res_centroids) * cfg.vector_len * el
-    smem = cb_bytes <= SMEM_CODEBOOK_BYTES
+    smem = cb_bytes <= params.smem_codebook_bytes
+    if params.smem_total_bytes is not None:  # static LDS holds the split-reduction scratch too
+        smem = smem and cb_bytes + rows_per_cta * splits * rows * cfg.vector_len * 4 <= params.smem_total_bytes
     blocks = -(-nv // rows_per_cta)
     # One CTA per row block. The kernel also supports a persistent grid (fewer CTAs looping over row blocks, so
     # the shared-memory codebook copy is paid once per CTA); on the H100 sweep it was 4-15% slower at the best
@@ -83,11 +121,17 @@ def plan_gemv(cfg: VPTQLayerConfig, rows: int, dtype: str) -> GemvPlan:
     return GemvPlan(rows_per_cta, splits, vec, unroll, ev, smem, grid)
 
 
-def vq_gemv_cuda(cfg: VPTQLayerConfig, dtype: str, rows: int, plan: GemvPlan | None = None) -> tirx.PrimFunc:
-    """PrimFunc(xs[rows, I], *operands, y[rows, O]) for 1 <= rows <= MAX_ROWS (static)."""
+def vq_gemv_cuda(cfg: VPTQLayerConfig, dtype: str, rows: int, plan: GemvPlan | None = None,
+                 params: GpuParams = CUDA_PARAMS) -> tirx.PrimFunc:
+    """PrimFunc(xs[rows, I], *operands, y[rows, O]) for 1 <= rows <= MAX_ROWS (static); `params` picks the GPU
+    (CUDA_PARAMS, or `gpu_params(rocm_target)`)."""
     if not 1 <= rows <= MAX_ROWS:
         raise ValueError(f"vq_gemv_cuda handles 1..{MAX_ROWS} rows, got {rows}")
-    p = plan or plan_gemv(cfg, rows, dtype)
+    p = plan or plan_gemv(cfg, rows, dtype, params)
+    WARP, SCOPE = params.warp_size, params.shared_scope
+    if WARP & (WARP - 1) or not 2 <= WARP <= 64:
+        raise ValueError(f"warp size must be a power of two in 2..64, got {WARP}")
+    SHFL = WARP.bit_length() - 1  # shuffle-down steps: log2(WARP)
     I, O, v = cfg.in_features, cfg.out_features, cfg.vector_len  # noqa: E741
     G, S, K, KR = cfg.group_num, cfg.group_size, cfg.num_centroids, cfg.num_res_centroids
     NV, L, OSZ = cfg.num_vectors, cfg.group_num * cfg.group_size, cfg.outlier_size
@@ -99,12 +143,12 @@ def vq_gemv_cuda(cfg: VPTQLayerConfig, dtype: str, rows: int, plan: GemvPlan | N
     NB = rows
     R, P, VW, U, EV = p.rows_per_cta, p.splits, p.vec, p.unroll, p.entry_vec
     W = R * P
-    NT = W * 32
+    NT = W * WARP
     GRID = p.grid
     NRB = -(-NV // R)  # row blocks
     NCH = -(-L // VW)  # chunks of VW codes
     CPS = -(-NCH // P)  # chunks per split
-    ITERS = -(-CPS // (32 * U))
+    ITERS = -(-CPS // (WARP * U))
     KR1 = max(KR, 1)
     CB_MAIN = G * K * v
     CB_RES = G * KR * v if HAS_RES else 0
@@ -113,7 +157,7 @@ def vq_gemv_cuda(cfg: VPTQLayerConfig, dtype: str, rows: int, plan: GemvPlan | N
     CB_SHARED = CB_ALL if SMEM_CB else 1
     NBV = NB * v
     OPW = -(-OSZ1 // P)  # outlier columns per split
-    OITERS = -(-OPW // 32)
+    OITERS = -(-OPW // WARP)
     RED = W * NBV
     ACC = "float32"
 
@@ -135,10 +179,10 @@ def vq_gemv_cuda(cfg: VPTQLayerConfig, dtype: str, rows: int, plan: GemvPlan | N
     ):
         T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True, "op_pattern": 8})
         bx = T.launch_thread("blockIdx.x", GRID)
-        tx = T.launch_thread("threadIdx.x", 32)
+        tx = T.launch_thread("threadIdx.x", WARP)
         ty = T.launch_thread("threadIdx.y", W)
-        cb_s = T.alloc_buffer((CB_SHARED,), dtype, scope="shared.dyn")
-        red = T.alloc_buffer((RED,), ACC, scope="shared.dyn")
+        cb_s = T.alloc_buffer((CB_SHARED,), dtype, scope=SCOPE)
+        red = T.alloc_buffer((RED,), ACC, scope=SCOPE)
         acc = T.alloc_buffer((NBV,), ACC, scope="local")
         cl = T.alloc_buffer((U * VW,), "uint16", scope="local")
         rl = T.alloc_buffer((U * VW,), "uint16", scope="local")
@@ -146,7 +190,7 @@ def vq_gemv_cuda(cfg: VPTQLayerConfig, dtype: str, rows: int, plan: GemvPlan | N
         wl = T.alloc_buffer((v,), dtype, scope="local")
         wr = T.alloc_buffer((v,), dtype, scope="local")
         tot = T.alloc_buffer((1,), ACC, scope="local")
-        tid = ty * 32 + tx
+        tid = ty * WARP + tx
         rr = ty // P
         sp = ty % P
         if SMEM_CB:
@@ -171,7 +215,7 @@ def vq_gemv_cuda(cfg: VPTQLayerConfig, dtype: str, rows: int, plan: GemvPlan | N
                 for it in range(ITERS):
                     # issue U chunk loads (codes + activations) before any lookup
                     for u in T.unroll(U):
-                        c = sp * CPS + (it * U + u) * 32 + tx
+                        c = sp * CPS + (it * U + u) * WARP + tx
                         if c < T.min((sp + 1) * CPS, NCH):
                             cl[vr(u * VW, VW)] = codes[i, vr(c * VW, VW)]
                             if HAS_RES:
@@ -179,7 +223,7 @@ def vq_gemv_cuda(cfg: VPTQLayerConfig, dtype: str, rows: int, plan: GemvPlan | N
                             for b in T.unroll(NB):
                                 xl[vr((u * NB + b) * VW, VW)] = xs[b, vr(OSZ + c * VW, VW)]
                     for u in T.unroll(U):
-                        c = sp * CPS + (it * U + u) * 32 + tx
+                        c = sp * CPS + (it * U + u) * WARP + tx
                         if c < T.min((sp + 1) * CPS, NCH):
                             for e in T.unroll(VW):
                                 g = (c * VW + e) // S
@@ -207,7 +251,7 @@ def vq_gemv_cuda(cfg: VPTQLayerConfig, dtype: str, rows: int, plan: GemvPlan | N
                                             acc[b * v + j] = acc[b * v + j] + xv * T.Cast(ACC, wl[j])
                 if HAS_OUT:
                     for oit in range(OITERS):
-                        ko = sp * OPW + oit * 32 + tx
+                        ko = sp * OPW + oit * WARP + tx
                         if ko < T.min((sp + 1) * OPW, OSZ):
                             for j in T.unroll(v):
                                 r = i * v + j
@@ -219,8 +263,8 @@ def vq_gemv_cuda(cfg: VPTQLayerConfig, dtype: str, rows: int, plan: GemvPlan | N
             # lanes -> lane 0 (warp shuffles), then splits -> one thread per output (shared memory)
             mask = T.tvm_warp_activemask()
             for a in T.unroll(NBV):
-                for s in T.unroll(5):
-                    acc[a] = acc[a] + T.tvm_warp_shuffle_down(mask, acc[a], 16 >> s, 32, 32)
+                for s in T.unroll(SHFL):
+                    acc[a] = acc[a] + T.tvm_warp_shuffle_down(mask, acc[a], (WARP // 2) >> s, WARP, WARP)
             if tx == 0:
                 for a in T.unroll(NBV):
                     red[ty * NBV + a] = acc[a]

@@ -65,9 +65,14 @@ def dequant_matmul_cuda(cfg: VPTQLayerConfig, dtype: str, target: Target) -> tir
     if cfg.has_outliers:
         # TVM 0.27's CUDA codegen emits invalid code for a vectorized Select (the outlier/main switch):
         # load those tiles element-wise instead.
-        blk = sch.get_sblock("w_dequant_reindex_shared")
-        for loop in sch.get_loops(blk):
-            if int(sch.get(loop).kind) == int(tirx.ForKind.VECTORIZED):
-                sch.unroll(loop)
+        # (dlight names the tile load `..._pad_shared` when it pads a dimension to the tile size)
+        for name in ("w_dequant_reindex_shared", "w_dequant_reindex_pad_shared"):
+            try:
+                blk = sch.get_sblock(name)
+            except tvm.s_tir.schedule.ScheduleError:
+                continue
+            for loop in sch.get_loops(blk):
+                if int(sch.get(loop).kind) == int(tirx.ForKind.VECTORIZED):
+                    sch.unroll(loop)
     return sch.mod["main"].with_attr("tirx.is_scheduled", True)
 
