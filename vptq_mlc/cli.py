@@ -112,14 +112,18 @@ def inspect(ckpt: str, no_validate: bool, all_layers: bool, as_json: bool) -> No
 @click.option("--prefill-chunk", type=int, default=None, help="Tokens per prefill call (default min(ctx, 512)).")
 @click.option("--max-batch-size", type=int, default=None, help="Sequences decoded together (default 16).")
 @click.option("--overwrite", is_flag=True, help="Replace an existing output directory.")
+@click.option("--layout", type=click.Choice(["auto", "generic"]), default="auto", show_default=True,
+              help="auto: also write code-sorted entries (+4 bytes per code) for layers whose codebooks do not fit "
+                   "GPU shared memory (K=65536 class; faster CUDA decode); generic: only the layout every target reads.")
 @one_line_errors
 def convert(ckpt: str, output: str, dtype: str | None, context_window: int | None, prefill_chunk: int | None,
-            max_batch_size: int | None, overwrite: bool) -> None:
+            max_batch_size: int | None, overwrite: bool, layout: str) -> None:
     """Convert a VPTQ checkpoint into an MLC model directory (weight shards + mlc-chat-config.json)."""
     from vptq_mlc.convert.converter import convert_checkpoint
 
     out = convert_checkpoint(ckpt, output, dtype=dtype, context_window_size=context_window,
-                             prefill_chunk_size=prefill_chunk, max_batch_size=max_batch_size, overwrite=overwrite)
+                             prefill_chunk_size=prefill_chunk, max_batch_size=max_batch_size, overwrite=overwrite,
+                             layout=layout)
     click.echo(str(out))
 
 

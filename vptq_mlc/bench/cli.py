@@ -30,20 +30,25 @@ def bench() -> None:
 
 @bench.command()
 @click.argument("out", type=click.Path(file_okay=False, path_type=str))
-@click.option("--suite", type=click.Choice(["check", "kernels", "sweep"]), default="kernels", show_default=True,
+@click.option("--suite", type=click.Choice(["check", "kernels", "sweep", "code-sorted"]), default="kernels",
+              show_default=True,
               help="check: every variant family on small shapes; kernels: the issue's variants x real shapes; "
-                   "sweep: decode-kernel schedule variants on a few shapes.")
+                   "sweep: decode-kernel schedule variants on a few shapes; code-sorted: the K=65536 kernel "
+                   "(correctness, real shapes next to the gather GEMV, launch sweep).")
 @click.option("--arch", default="sm_90", show_default=True, help="Comma-separated CUDA archs.")
 @click.option("--rows", default="1,8", show_default=True, help="Decode row counts (kernels suite).")
 def build(out: str, suite: str, arch: str, rows: str) -> None:
     """Compile the suite's kernels into OUT/kernels_cuda.so + OUT/kernels.json (no GPU needed)."""
-    from vptq_mlc.bench.kernels import bench_cases, build_kernel_library, correctness_cases, sweep_cases
+    from vptq_mlc.bench.kernels import (bench_cases, build_kernel_library, code_sorted_cases, correctness_cases,
+                                        sweep_cases)
     from vptq_mlc.compile.cuda import parse_archs
 
     if suite == "check":
         cases = correctness_cases()
     elif suite == "sweep":
         cases = sweep_cases()
+    elif suite == "code-sorted":
+        cases = code_sorted_cases()
     else:
         cases = bench_cases(tuple(int(r) for r in rows.split(",")))
     path = build_kernel_library(cases, out, parse_archs(arch.split(",")))

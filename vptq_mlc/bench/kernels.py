@@ -39,13 +39,15 @@ class KernelCase:
     layer: dict[str, Any] = field(default_factory=dict)  # extra VPTQLayerConfig.from_variant kwargs
     run_rows: int = 0  # rows to run a symbolic kernel with (0 = `rows`)
     plan: dict[str, Any] = field(default_factory=dict)  # GemvPlan overrides (schedule sweeps), decode only
+    kernel: str = ""  # "" = the registry's choice; "gemv" / "code-sorted" force a decode kernel (side by side)
 
     @property
     def name(self) -> str:
         extra = "".join(f"-{k}{v}" for k, v in sorted(self.layer.items()))
         r = f"r{self.rows}" if self.rows else f"rdyn{self.run_rows}"
         plan = "".join(f"-{k[0]}{v}" for k, v in sorted(self.plan.items()))
-        return f"{self.variant}-{self.out_features}x{self.in_features}-{r}{extra}{plan}"
+        forced = f"-{self.kernel}" if self.kernel else ""
+        return f"{self.variant}-{self.out_features}x{self.in_features}-{r}{extra}{plan}{forced}"
 
     def config(self):
         from vptq_mlc.checkpoint.layer_config import VPTQLayerConfig
@@ -107,6 +109,37 @@ def bench_cases(rows: tuple[int, ...] = (1, 8)) -> list[KernelCase]:
     return [KernelCase(v, i, o, r) for v in BENCH_VARIANTS for (o, i) in BENCH_SHAPES for r in rows]
 
 
+def code_sorted_cases(sweep: bool = True) -> list[KernelCase]:
+    """The code-sorted decode kernel (K = 65536 class, rows 1..2): correctness on small and odd shapes (residual,
+    outliers, groups, v = 12 / 16, perm/norm off), the issue's variants x real shapes next to the gather GEMV
+    (`kernel="gemv"`), and a launch-shape sweep on two shapes (`plan` = CodeSortedPlan overrides)."""
+    outl = {"outlier_size": 64, "outlier_vector_len": 4, "num_outlier_centroids": 256}
+    cs = "code-sorted"  # forced: the kernel handles every family, also where the registry keeps the gather
+    cases = [KernelCase(v, 1024, 512, r, kernel=cs) for v in ("v8-k65536-0", "v8-k65536-256", "v12-k65536-4096",
+                                                            "v16-k65536-65536", "v8-k8192-0") for r in (1, 2)]
+    cases += [KernelCase("v8-k65536-256", 1000, 300, 1, {"enable_perm": False}, kernel=cs),
+              KernelCase("v8-k65536-0", 1000, 300, 2, {"enable_norm": False}, kernel=cs),
+              KernelCase("v8-k65536-0", 1024, 512, 1, outl, kernel=cs),
+              KernelCase("v8-k65536-256", 1024, 512, 2, outl, kernel=cs),
+              KernelCase("v8-k65536-0", 1024, 512, 1, {"group_num": 2}, kernel=cs),
+              KernelCase("v12-k65536-4096", 1020, 252, 2, kernel=cs),
+              KernelCase("v8-k65536-0", 11008, 4096, 2, kernel=cs)]  # in = 11008: x read from global (> 32 KB)
+    for v in BENCH_VARIANTS:
+        if "k65536" not in v:
+            continue
+        for o, i in BENCH_SHAPES:
+            for r in (1, 2):  # the code-sorted kernel (also where the registry keeps the gather) next to the gather
+                cases += [KernelCase(v, i, o, r, kernel="code-sorted"), KernelCase(v, i, o, r, kernel="gemv")]
+    if sweep:
+        for o, i in BENCH_SHAPES:
+            for plan in ({"warps": 8, "ctas_per_slice": 8}, {"warps": 8, "ctas_per_slice": 16},
+                         {"warps": 16, "ctas_per_slice": 8}, {"warps": 16, "ctas_per_slice": 12},
+                         {"warps": 16, "ctas_per_slice": 16}, {"warps": 16, "ctas_per_slice": 24},
+                         {"warps": 32, "ctas_per_slice": 8}, {"warps": 16, "ctas_per_slice": 16, "unroll": 4}):
+                cases.append(KernelCase("v8-k65536-0", i, o, 1, kernel="code-sorted", plan=plan))
+    return cases
+
+
 # ---------------------------------------------------------------- build box
 def build_kernel_library(cases: list[KernelCase], out_dir: str | os.PathLike[str], archs: tuple[str, ...] = ("sm_90",),
                          dtype: str = "float16") -> Path:
@@ -114,14 +147,26 @@ def build_kernel_library(cases: list[KernelCase], out_dir: str | os.PathLike[str
     import tvm
 
     from vptq_mlc.compile.cuda import build_target
+    from vptq_mlc.convert.layout import CODE_SORTED, LAYOUT
     from vptq_mlc.tir_kernels.registry import kernel_selector
 
     bt = build_target(archs)
     bt.prepare()
-    select = kernel_selector(bt.target)
+    select = kernel_selector(bt.target, (LAYOUT, CODE_SORTED))  # as for a model dir converted with --layout auto
     funcs = {}
+    calls: list[dict[str, Any] | None] = [None] * len(cases)  # operand names + scratch outputs (None: generic)
     for i, c in enumerate(cases):
-        if c.plan:
+        if c.kernel == "code-sorted":  # launch-shape overrides of the code-sorted kernel (sweeps)
+            import dataclasses
+
+            from vptq_mlc.tir_kernels import cuda_code_sorted as cs
+
+            cfg = c.config()
+            cplan = dataclasses.replace(cs.plan_code_sorted(cfg, c.rows, dtype), **c.plan)
+            f = cs.vq_code_sorted_cuda(cfg, dtype, c.rows, cplan)
+            calls[i] = {"operands": list(cs.code_sorted_operands(cfg)),
+                        "scratch": [[list(cs.code_sorted_scratch(cfg, dtype, c.rows)), "float32"]]}
+        elif c.plan or c.kernel == "gemv":
             import dataclasses
 
             from vptq_mlc.tir_kernels.cuda_gemv import plan_gemv, vq_gemv_cuda
@@ -130,7 +175,9 @@ def build_kernel_library(cases: list[KernelCase], out_dir: str | os.PathLike[str
             plan = dataclasses.replace(plan_gemv(cfg, c.rows, dtype), **c.plan)
             f = vq_gemv_cuda(cfg, dtype, c.rows, plan)
         else:
-            f = select(c.config(), dtype, c.rows)
+            k = select(c.config(), dtype, c.rows)
+            f = k.func
+            calls[i] = {"operands": list(k.operands), "scratch": [[list(sh), dt] for sh, dt in k.scratch]}
         funcs[f"k{i}"] = f.with_attr("global_symbol", f"k{i}")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -138,7 +185,7 @@ def build_kernel_library(cases: list[KernelCase], out_dir: str | os.PathLike[str
     ex = tvm.compile(tvm.IRModule(funcs), target=bt.target)
     ex.export_library(str(out / LIBRARY))
     (out / MANIFEST).write_text(json.dumps({"dtype": dtype, "archs": list(archs),
-                                            "cases": [asdict(c) for c in cases]}, indent=1))
+                                            "cases": [asdict(c) for c in cases], "calls": calls}, indent=1))
     log.info("built %d kernels in %.1f s -> %s", len(cases), time.time() - t0, out)
     return out / LIBRARY
 
@@ -149,14 +196,31 @@ def load_manifest(art_dir: str | os.PathLike[str]) -> tuple[dict, list[KernelCas
     return m, [KernelCase(**c) for c in m["cases"]]
 
 
-def _operands(cfg, tensors: dict[str, np.ndarray], dtype: str) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
-    """(kernel operands in vq_operand_shapes order, activation-side tensors) in the generic layout."""
-    from vptq_mlc.checkpoint.dequant import decode_codes
-    from vptq_mlc.convert.layout import generic_layout
+def call_spec(manifest: dict, i: int, cfg) -> tuple[list[str], list[tuple[tuple[int, ...], str]]]:
+    """(operand names in call order, scratch output shapes) of kernel `k<i>`; generic operands when the manifest
+    does not say (forced kernels, older manifests)."""
     from vptq_mlc.tir_kernels.generic import vq_operand_shapes
 
-    lay = generic_layout(cfg, tensors, decode_codes(cfg, tensors), dtype)
-    ops = {k: lay[k] for k in vq_operand_shapes(cfg)}
+    call = (manifest.get("calls") or [None] * (i + 1))[i]
+    if call is None:
+        return list(vq_operand_shapes(cfg)), []
+    return list(call["operands"]), [(tuple(sh), dt) for sh, dt in call["scratch"]]
+
+
+def _operands(cfg, tensors: dict[str, np.ndarray], dtype: str,
+              names: list[str] | None = None) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """(kernel operands in call order, activation-side tensors): the converter's layouts (generic, plus the
+    code-sorted entries when the kernel reads them)."""
+    from vptq_mlc.checkpoint.dequant import decode_codes
+    from vptq_mlc.convert.layout import code_sorted_layout, generic_layout
+    from vptq_mlc.tir_kernels.generic import vq_operand_shapes
+
+    codes = decode_codes(cfg, tensors)
+    lay = generic_layout(cfg, tensors, codes, dtype)
+    names = names or list(vq_operand_shapes(cfg))
+    if any(n.startswith("cs_") for n in names):
+        lay.update(code_sorted_layout(cfg, codes, dtype))
+    ops = {k: lay[k] for k in names}
     side = {k: lay[k] for k in ("perm", "col_scale", "weight_bias", "bias") if k in lay}
     return ops, side
 
@@ -183,7 +247,7 @@ def _tvm(t):
     return tvm_ffi.from_dlpack(t)
 
 
-def linear_via_kernel(fn, cfg, ops_t: dict, side_t: dict, x):
+def linear_via_kernel(fn, cfg, ops_t: dict, side_t: dict, x, scratch=()):
     """VPTQLinear's forward around one kernel call (torch tensors on the GPU)."""
     import torch
 
@@ -191,7 +255,8 @@ def linear_via_kernel(fn, cfg, ops_t: dict, side_t: dict, x):
     if "col_scale" in side_t:
         xs = xs * side_t["col_scale"]
     y = torch.full((x.shape[0], cfg.out_features), float("nan"), dtype=x.dtype, device=x.device)  # poison
-    fn(_tvm(xs.contiguous()), *(_tvm(t) for t in ops_t.values()), _tvm(y))
+    tmp = [torch.empty(sh, dtype=getattr(torch, dt), device=x.device) for sh, dt in scratch]
+    fn(_tvm(xs.contiguous()), *(_tvm(t) for t in ops_t.values()), *(_tvm(t) for t in tmp), _tvm(y))
     y = y.float()
     if "weight_bias" in side_t:
         y = y + (x.float() @ side_t["weight_bias"].float())[:, None]
@@ -200,8 +265,9 @@ def linear_via_kernel(fn, cfg, ops_t: dict, side_t: dict, x):
     return y
 
 
-def check_kernels(art_dir: str | os.PathLike[str], seed: int = 0) -> list[dict[str, Any]]:
-    """Each kernel vs the dense dequant reference; relative L2 error and NaN check (poisoned output)."""
+def check_kernels(art_dir: str | os.PathLike[str], seed: int = 0, max_weights: int | None = None) -> list[dict[str, Any]]:
+    """Each kernel vs the dense dequant reference; relative L2 error and NaN check (poisoned output).
+    `max_weights`: skip layers with more weights (real shapes: `time_kernels` checks those against torch)."""
     import torch
 
     from vptq_mlc.checkpoint.dequant import dequantize
@@ -214,8 +280,11 @@ def check_kernels(art_dir: str | os.PathLike[str], seed: int = 0) -> list[dict[s
     rng = np.random.default_rng(seed)
     for i, c in enumerate(lib.cases):
         cfg = c.config()
+        if max_weights is not None and cfg.in_features * cfg.out_features > max_weights:
+            continue
         tensors = random_layer(cfg, rng, dtype, scale=0.5 / np.sqrt(cfg.in_features))
-        ops, side = _operands(cfg, tensors, dtype)
+        names, scratch = call_spec(lib.manifest, i, cfg)
+        ops, side = _operands(cfg, tensors, dtype, names)
         W = torch.from_numpy(dequantize(cfg, tensors).astype(np.float32)).cuda().double()
         x = torch.randn(c.n(), cfg.in_features, device="cuda").to(tdt)
         ref = x.double() @ W.T
@@ -223,7 +292,7 @@ def check_kernels(art_dir: str | os.PathLike[str], seed: int = 0) -> list[dict[s
             ref = ref + torch.from_numpy(np.asarray(tensors["bias"], np.float32)).cuda().double()
         ops_t = {k: torch.from_numpy(np.ascontiguousarray(a)).cuda() for k, a in ops.items()}
         side_t = {k: torch.from_numpy(np.ascontiguousarray(a)).cuda() for k, a in side.items()}
-        y = linear_via_kernel(lib.func(i), cfg, ops_t, side_t, x).double()
+        y = linear_via_kernel(lib.func(i), cfg, ops_t, side_t, x, scratch).double()
         torch.cuda.synchronize()
         err = float((y - ref).norm() / ref.norm())
         out.append({"case": c.name, "rel_err": err, "nan": bool(torch.isnan(y).any()), "ok": err < 2e-2 and
@@ -294,14 +363,36 @@ def copy_bandwidth() -> float:
     return 2 * src.numel() * 4 * 10 / (a.elapsed_time(b) * 1e-3) / 1e9
 
 
-def kernel_bytes(cfg, rows: int, el: int = 2) -> int:
-    """Bytes a kernel must read/write at least: codes, codebooks, activations, output."""
+def kernel_bytes(cfg, rows: int, el: int = 2, operands: list | None = None, scratch_bytes: int = 0) -> int:
+    """Bytes a kernel must read/write at least: codes, codebooks, activations, output (generic layout), or the
+    given operand tensors + its scratch written and read back (code-sorted: entries, offsets, fp32 partials)."""
     from vptq_mlc.tir_kernels.generic import vq_operand_shapes
 
     total = 0
-    for _, (shape, dt) in vq_operand_shapes(cfg).items():
-        total += int(np.prod(shape)) * (el if dt == "float" else 2)
+    if operands is not None:
+        total = sum(t.numel() * t.element_size() for t in operands) + 2 * scratch_bytes
+    else:
+        for _, (shape, dt) in vq_operand_shapes(cfg).items():
+            total += int(np.prod(shape)) * (el if dt == "float" else 2)
     return total + rows * (cfg.in_features + cfg.out_features) * el
+
+
+def _add_code_sorted(cfg, ops: dict, dtype: str) -> None:
+    """Add `cs_entries`/`cs_offsets` built by the converter's layout code from the random generic codes."""
+    import torch
+
+    from vptq_mlc.checkpoint.dequant import LayerCodes
+    from vptq_mlc.convert.layout import code_sorted_layout
+
+    G, S, N = cfg.group_num, cfg.group_size, cfg.num_vectors
+
+    def split(t):  # [N, G*S] -> [G, N, S]
+        return t.to(torch.int32).cpu().numpy().reshape(N, G, S).transpose(1, 0, 2)
+
+    res = split(ops["res_codes"]) if cfg.has_residual else None
+    lay = code_sorted_layout(cfg, LayerCodes(split(ops["codes"]), res, None, None), dtype)
+    for k, a in lay.items():
+        ops[k] = torch.from_numpy(a).cuda()
 
 
 def _generic_rel_err(cfg, ops: dict, xs, fn, args, y) -> float:
@@ -343,13 +434,20 @@ def time_kernels(art_dir: str | os.PathLike[str], reps: int = 50) -> dict[str, A
     bw = copy_bandwidth()
     timer = ColdL2Timer()
     rows_out, fp16_cache = [], {}
+    prev: tuple = (None, None)  # (layer key, operands): consecutive cases of one layer share its operands
     for i, c in enumerate(lib.cases):
         cfg = c.config()
         n = c.n()
-        ops = _random_operands(cfg, dtype, gen)
+        names, scratch = call_spec(lib.manifest, i, cfg)
+        lkey = (c.variant, c.in_features, c.out_features, json.dumps(c.layer, sort_keys=True))
+        ops = prev[1] if prev[0] == lkey else _random_operands(cfg, dtype, gen)
+        if any(nm.startswith("cs_") for nm in names) and "cs_entries" not in ops:
+            _add_code_sorted(cfg, ops, dtype)
+        prev = (lkey, ops)
         xs = torch.randn(n, cfg.in_features, device="cuda", generator=gen).to(tdt)
         y = torch.empty(n, cfg.out_features, dtype=tdt, device="cuda")
-        args = [_tvm(xs), *(_tvm(t) for t in ops.values()), _tvm(y)]
+        tmp = [torch.empty(sh, dtype=getattr(torch, dt), device="cuda") for sh, dt in scratch]
+        args = [_tvm(xs), *(_tvm(ops[nm]) for nm in names), *(_tvm(t) for t in tmp), _tvm(y)]
         fn = lib.func(i)
         us = timer(lambda: fn(*args), reps)
         err = _generic_rel_err(cfg, ops, xs, fn, args, y)
@@ -358,10 +456,12 @@ def time_kernels(art_dir: str | os.PathLike[str], reps: int = 50) -> dict[str, A
             w = torch.randn(cfg.out_features, cfg.in_features, device="cuda", generator=gen).to(tdt)
             fp16_cache[key] = timer(lambda: torch.matmul(xs, w.T), reps)
             del w
-        nbytes = kernel_bytes(cfg, n)
+        nbytes = kernel_bytes(cfg, n, operands=[ops[nm] for nm in names],
+                              scratch_bytes=sum(t.numel() * t.element_size() for t in tmp))
         rows_out.append({"case": c.name, "variant": c.variant, "shape": f"{cfg.out_features}x{cfg.in_features}",
-                         "rows": n, "us": us, "fp16_us": fp16_cache[key], "speedup_vs_fp16": fp16_cache[key] / us,
+                         "rows": n,
+                         "kernel": c.kernel or ("code-sorted" if "cs_entries" in names else "auto"), "us": us, "fp16_us": fp16_cache[key], "speedup_vs_fp16": fp16_cache[key] / us,
                          "bytes": nbytes, "pct_copy_bw": 100 * nbytes / (us * 1e-6) / (bw * 1e9), "rel_err": err})
-        del ops, args
+        del args, tmp
     return {"copy_GBps": bw, "device": torch.cuda.get_device_name(), "flush": "read 512 MiB before each call",
             "rows": rows_out}

@@ -18,7 +18,7 @@ from tvm import relax
 from vptq_mlc.atomic import atomic_file
 from vptq_mlc.compile.metadata import attach_metadata, model_metadata, planned_memory
 from vptq_mlc.compile.targets import BuildTarget, relax_pipeline, resolve_targets
-from vptq_mlc.convert.chat_config import read_chat_config, vptq_layer_configs
+from vptq_mlc.convert.chat_config import model_layouts, read_chat_config, vptq_layer_configs
 from vptq_mlc.convert.tensor_cache import read_index
 from vptq_mlc.errors import CompileError
 from vptq_mlc.model.builder import build_model
@@ -73,7 +73,7 @@ def build_library(model_dir: Path, bt: BuildTarget, output: Path,
     t0 = time.time()
     if static_batches is None:
         static_batches = static_decode_batches(bt.target)
-    model = build_model(cfg, layers, dtype, bt.target, kernel_selector(bt.target), static_batches,
+    model = build_model(cfg, layers, dtype, bt.target, kernel_selector(bt.target, model_layouts(chat)), static_batches,
                         norm_bias_selector(bt.target))
     split = None
     if split_functions:

@@ -54,6 +54,7 @@ def build_chat_config(
     source_dir: Path,
     out_dir: Path,
     tokenizer_files: list[str],
+    layouts: tuple[str, ...] = ("generic",),
 ) -> dict[str, Any]:
     gen = _json(source_dir / "generation_config.json")
     tok_cfg = _json(source_dir / "tokenizer_config.json")
@@ -87,7 +88,7 @@ def build_chat_config(
         "eos_token_id": pick("eos_token_id", 2),
         "model_task": "chat",
         "model_dtype": dtype,
-        "vptq": {"layout": "generic", "layers": {p: c.to_json() for p, c in layers.items()}},
+        "vptq": {"layout": "generic", "layouts": list(layouts), "layers": {p: c.to_json() for p, c in layers.items()}},
     }
     return cfg
 
@@ -103,3 +104,10 @@ def vptq_layer_configs(chat: Mapping[str, Any]) -> dict[str, VPTQLayerConfig]:
     """The quantized linears recorded in a chat config's `vptq` section (module path -> config)."""
     return {p: VPTQLayerConfig.from_json(c, where=p) for p, c in chat.get("vptq", {}).get("layers", {}).items()}
 
+
+
+def model_layouts(chat: Mapping[str, Any]) -> tuple[str, ...]:
+    """Kernel layouts the model dir's tensor cache carries (`generic` always; `code-sorted` entries for layers with
+    large codebooks since that layout exists). Older dirs have no `layouts` key: generic only."""
+    vq = chat.get("vptq", {})
+    return tuple(vq.get("layouts", [vq.get("layout", "generic")]))

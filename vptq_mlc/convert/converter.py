@@ -20,7 +20,7 @@ from vptq_mlc.atomic import atomic_dir
 from vptq_mlc.checkpoint.dequant import decode_codes
 from vptq_mlc.checkpoint.reader import VPTQCheckpoint
 from vptq_mlc.convert.chat_config import CONFIG_NAME, build_chat_config
-from vptq_mlc.convert.layout import generic_layout
+from vptq_mlc.convert.layout import CODE_SORTED, LAYOUT, code_sorted_eligible, code_sorted_layout, generic_layout
 from vptq_mlc.convert.tensor_cache import TensorCacheWriter
 from vptq_mlc.errors import ConvertError
 from vptq_mlc.model.archs import decoder_config_from_hf
@@ -34,15 +34,22 @@ def default_dtype(checkpoint_dtype: str) -> str:
     return "float32" if checkpoint_dtype == "float32" else "float16"
 
 
-def _tensor_groups(ckpt: VPTQCheckpoint, dtype: str) -> Iterator[list[tuple[str, np.ndarray]]]:
+LAYOUT_CHOICES = ("auto", LAYOUT)
+
+
+def _tensor_groups(ckpt: VPTQCheckpoint, dtype: str, code_sorted: bool) -> Iterator[list[tuple[str, np.ndarray]]]:
     """Per dense tensor or VPTQ layer, its (name, array) pairs in tensor-cache form: dense tensors cast to the
-    model dtype, VPTQ layers in the kernel layout."""
+    model dtype, VPTQ layers in the generic layout, plus the code-sorted entries of layers whose codebooks do not
+    fit shared memory (when `code_sorted`)."""
     for name in ckpt.dense_tensor_names():
         a = ckpt.get(name)
         yield [(name, a.astype(np.float32).astype(dtype) if a.dtype.kind == "f" else a)]
     for path, cfg in ckpt.layers.items():
         tensors = ckpt.layer_tensors(path)
-        layout = generic_layout(cfg, tensors, decode_codes(cfg, tensors, path), dtype)
+        codes = decode_codes(cfg, tensors, path)
+        layout = generic_layout(cfg, tensors, codes, dtype)
+        if code_sorted and code_sorted_eligible(cfg, dtype):
+            layout.update(code_sorted_layout(cfg, codes, dtype))
         yield [(f"{path}.{suffix}", a) for suffix, a in layout.items()]
 
 
@@ -56,8 +63,15 @@ def convert_checkpoint(
     max_batch_size: int | None = None,
     overwrite: bool = False,
     validate: bool = True,
+    layout: str = "auto",
 ) -> Path:
-    """Convert and return the output directory. Raises CheckpointError / ConvertError with one-line messages."""
+    """Convert and return the output directory. Raises CheckpointError / ConvertError with one-line messages.
+
+    `layout`: "auto" also writes the code-sorted entries (4 bytes per code) of layers whose codebooks do not fit
+    shared memory (K = 65536 class; the CUDA decode kernel for batch 1..2 reads them); "generic" writes only
+    the generic layout (smaller, every target still runs, CUDA decode then gathers through L2)."""
+    if layout not in LAYOUT_CHOICES:
+        raise ConvertError(f"layout {layout!r} is not supported; choose one of {', '.join(LAYOUT_CHOICES)}")
     out = Path(output)
     if out.exists() and not overwrite:
         raise ConvertError(f"output directory {out} exists; remove it or pass --overwrite")
@@ -82,7 +96,7 @@ def convert_checkpoint(
             tok_files.append(f.name)
         n_total = len(ckpt.dense_tensor_names()) + len(ckpt.layers)
         with TensorCacheWriter(tmp, metadata={"quantization": "vptq"}) as writer:
-            for group in tqdm(_tensor_groups(ckpt, dtype), total=n_total, desc="convert", unit="tensor"):
+            for group in tqdm(_tensor_groups(ckpt, dtype, layout == "auto"), total=n_total, desc="convert", unit="tensor"):
                 for name, a in group:
                     writer.add(name, a)
         chat_cfg = build_chat_config(
@@ -94,6 +108,8 @@ def convert_checkpoint(
             source_dir=ckpt.path,
             out_dir=tmp,
             tokenizer_files=tok_files,
+            layouts=(LAYOUT, CODE_SORTED) if layout == "auto" and any(
+                code_sorted_eligible(c, dtype) for c in ckpt.layers.values()) else (LAYOUT,),
         )
         (tmp / CONFIG_NAME).write_text(json.dumps(chat_cfg, indent=2))
     log.info("converted %s -> %s (%d tensors, %.1f MB)", checkpoint, out, writer.num_tensors, writer.total_bytes / 1e6)

@@ -6,6 +6,7 @@ vector row's codes contiguously; the permutation and norm scale are re-expressed
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Mapping
 
 import numpy as np
@@ -55,3 +56,94 @@ def generic_layout(
     if cfg.bias:
         out["bias"] = fl(tensors["bias"])
     return out
+
+
+# ---------------------------------------------------------------- layout `code-sorted` (large codebooks, CUDA decode)
+# A gather from a codebook that does not fit shared memory is walled by L2 (../shared/docs/vq-gemv-h100.md §3).
+# For such layers the converter also writes every code as an *entry* grouped by codebook slice, so a CTA can hold
+# one slice in shared memory and stream only the entries that look into it. Main and residual codebooks of a group
+# are treated as one combined book `[C_main[g]; C_res[g]]` (combined index = code, or K + residual code): the
+# residual becomes more entries of its own slices, so one kernel sums both terms exactly.
+SLICE_BYTES = 64 * 1024  # one slice per CTA: fits every default arch (sm_86/sm_89 allow 99 KB per block)
+CODE_SORTED = "code-sorted"
+
+
+@dataclass(frozen=True)
+class CodeSortedGeometry:
+    """Sizes of one layer's code-sorted tensors; a function of the layer config and dtype only (the model declares
+    them as parameters without seeing data)."""
+
+    slice_entries: int  # SE: codebook entries per slice
+    slices_per_group: int  # NSG = ceil((K + Kr) / SE)
+    num_slices: int  # G * NSG; global slice gs = g * NSG + s
+    code_bits: int  # entry = (column << code_bits) | local code; local code SE = padding (a zero entry)
+    num_vectors: int  # N
+    entry_capacity: int  # uint32 entries (multiple of 4): every code once per term + up to 3 pads per list
+
+    @property
+    def pad_entry(self) -> int:
+        return self.slice_entries
+
+    @property
+    def num_lists(self) -> int:
+        return self.num_slices * self.num_vectors
+
+
+def code_sorted_eligible(cfg: VPTQLayerConfig, dtype: str) -> bool:
+    """True when the layer's codebooks (main + residual, all groups) do not fit the decode GEMV's shared memory."""
+    el = np.dtype(dtype).itemsize
+    return cfg.group_num * (cfg.num_centroids + cfg.num_res_centroids) * cfg.vector_len * el > SLICE_BYTES
+
+
+def code_sorted_geometry(cfg: VPTQLayerConfig, dtype: str) -> CodeSortedGeometry:
+    el = np.dtype(dtype).itemsize
+    se = SLICE_BYTES // (cfg.vector_len * el)
+    nsg = -(-(cfg.num_centroids + cfg.num_res_centroids) // se)
+    ns = cfg.group_num * nsg
+    bits = se.bit_length()  # codes 0..SE (SE = padding)
+    length = cfg.group_num * cfg.group_size
+    if length >= 1 << (32 - bits):
+        raise ValueError(f"{length} columns do not fit a code-sorted entry with {bits} code bits")
+    terms = 2 if cfg.has_residual else 1
+    cap = cfg.num_vectors * length * terms + 3 * ns * cfg.num_vectors
+    return CodeSortedGeometry(se, nsg, ns, bits, cfg.num_vectors, -(-cap // 4) * 4)
+
+
+def code_sorted_shapes(cfg: VPTQLayerConfig, dtype: str) -> dict[str, tuple[tuple[int, ...], str]]:
+    """Extra tensor-cache entries of the code-sorted layout (besides the generic ones, which it reuses for the
+    codebooks and outliers): `cs_entries` uint32 and `cs_offsets` int32 (start of each list, in 4-entry chunks)."""
+    geo = code_sorted_geometry(cfg, dtype)
+    return {"cs_entries": ((geo.entry_capacity,), "uint32"), "cs_offsets": ((geo.num_lists + 1,), "int32")}
+
+
+def code_sorted_layout(cfg: VPTQLayerConfig, codes: LayerCodes, dtype: str) -> dict[str, np.ndarray]:
+    """`cs_entries`, `cs_offsets` of one layer. List (gs, i) (index gs * N + i) holds, in column order, one entry
+    `(k << code_bits) | (c - s * SE)` for every column k of vector row i whose combined code c in group g falls
+    in slice s; lists are padded with `pad_entry` to a multiple of 4 entries (16-byte loads) and start at
+    `4 * cs_offsets[gs * N + i]`. Unused capacity at the end holds padding too."""
+    geo = code_sorted_geometry(cfg, dtype)
+    G, N, S = codes.idx.shape
+    se, nsg = geo.slice_entries, geo.slices_per_group
+    terms = [codes.idx.astype(np.int64)]
+    if cfg.has_residual:
+        assert codes.res is not None
+        terms.append(codes.res.astype(np.int64) + cfg.num_centroids)
+    comb = np.stack(terms)  # [T, G, N, S] combined codes
+    g = np.arange(G, dtype=np.int64)[None, :, None, None]
+    i = np.arange(N, dtype=np.int64)[None, None, :, None]
+    k = (g * S + np.arange(S, dtype=np.int64)[None, None, None, :])
+    key = ((g * nsg + comb // se) * N + i).ravel()  # list index
+    val = np.broadcast_to((k << geo.code_bits), comb.shape).ravel() | (comb % se).ravel()
+    order = np.argsort(key, kind="stable")  # stable: each list keeps (term, column) order
+    key_s = key[order]
+    counts = np.bincount(key, minlength=geo.num_lists)
+    chunks = -(-counts // 4)
+    offsets = np.zeros(geo.num_lists + 1, np.int64)
+    np.cumsum(chunks, out=offsets[1:])
+    starts = np.zeros(geo.num_lists, np.int64)
+    np.cumsum(counts[:-1], out=starts[1:])
+    pos = offsets[key_s] * 4 + (np.arange(key_s.size, dtype=np.int64) - starts[key_s])
+    entries = np.full(geo.entry_capacity, geo.pad_entry, np.uint32)
+    entries[pos] = val[order].astype(np.uint32)
+    assert offsets[-1] * 4 <= geo.entry_capacity
+    return {"cs_entries": entries, "cs_offsets": offsets.astype(np.int32)}

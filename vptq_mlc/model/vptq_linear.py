@@ -1,4 +1,5 @@
-"""`VPTQLinear`: an nn.Module whose weight exists only as codes + codebooks (layout `generic`).
+"""`VPTQLinear`: an nn.Module whose weight exists only as codes + codebooks (layout `generic`, plus the
+`code-sorted` entries where the target's kernel registry uses them).
 
 The permutation and the norm scale are applied to the activation (a gather and a multiply over `in_features`
 values, once per call) and the norm bias becomes one dot product per row, so the kernel never materializes a
@@ -14,7 +15,6 @@ from tvm.relax.frontend import nn
 from tvm.relax.frontend.nn import op
 
 from vptq_mlc.checkpoint.layer_config import VPTQLayerConfig
-from vptq_mlc.tir_kernels.generic import vq_operand_shapes
 from vptq_mlc.tir_kernels.registry import KernelSelector
 
 
@@ -27,8 +27,8 @@ class VPTQLinear(nn.Module):
         self.cfg = cfg
         self.in_features, self.out_features = cfg.in_features, cfg.out_features
         self._select_kernel, self._select_norm_bias = select_kernel, select_norm_bias
-        self._operands = list(vq_operand_shapes(cfg))
-        for name, (shape, dt) in vq_operand_shapes(cfg).items():
+        # every operand any of the target's kernels for this layer reads (the registry decides, per row count)
+        for name, (shape, dt) in select_kernel.operand_shapes(cfg, dtype).items():
             setattr(self, name, nn.Parameter(shape, dtype if dt == "float" else dt))
         self.perm = nn.Parameter((cfg.in_features,), "int32") if cfg.enable_perm else None
         self.col_scale = nn.Parameter((cfg.in_features,), dtype) if cfg.enable_norm else None
@@ -60,12 +60,16 @@ class VPTQLinear(nn.Module):
         xs = self._permute_and_scale(x2)
         static_rows = rows if isinstance(rows, int) else None
         kernel = self._select_kernel(self.cfg, self.dtype, static_rows)
+        y_out = nn.Tensor.placeholder([rows, self.out_features], self.dtype)
+        scratch = [nn.Tensor.placeholder(list(shape), dt) for shape, dt in kernel.scratch]
         y = op.tensor_ir_op(
-            kernel,
+            kernel.func,
             "vq_matmul",
-            args=[xs, *(getattr(self, name) for name in self._operands)],
-            out=nn.Tensor.placeholder([rows, self.out_features], self.dtype),
+            args=[xs, *(getattr(self, name) for name in kernel.operands)],
+            out=[*scratch, y_out] if scratch else y_out,
         )
+        if scratch:
+            y = y[-1]
         if self.weight_bias is not None and self._select_norm_bias is not None:
             dot = op.tensor_ir_op(self._select_norm_bias(self.in_features, self.dtype), "vq_norm_bias",
                                   args=[x2, self.weight_bias], out=nn.Tensor.placeholder([rows, 1], "float32"))

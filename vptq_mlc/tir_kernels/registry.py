@@ -1,76 +1,114 @@
-"""Kernel choice per (target, layer config, static row count): the one place that knows which kernel runs where.
+"""Kernel choice per (target, layer config, static row count): the one place that knows which kernel runs where,
+and therefore which operands (tensor-cache entries) a layer must declare on a target.
 
 - llvm: the generic TE kernel with its CPU schedule; other targets without hand-scheduled kernels: generic.
-- cuda: static row counts 1..8 (decode) -> hand-scheduled VQ-GEMV (`cuda_gemv.py`); other row counts
-  (prefill, symbolic batch) -> dequantize-in-shared-memory matmul scheduled by dlight (`cuda_prefill.py`).
-  CUDA kernels carry `op_pattern = kOpaque` so Relax FuseOps never fuses them with neighbours (fusing a
-  call_tir kernel failed in FuseTIR with "Inconsistent buffers y and lv.. mapped to the same relax var", and
-  a fused function would lose our schedule), and `tirx.is_scheduled` so dlight leaves them alone.
 - rocm: static row counts 1..8 -> the VQ-GEMV (`cuda_gemv.py`) with the target's parameters (`gpu_params`:
   wavefront 64 on CDNA / 32 on RDNA, static LDS, 256 threads); other row counts -> the dlight dequant matmul
   (`cuda_prefill.py`, same Matmul rule and config as on CUDA); norm-bias row dot as on CUDA. Built and
   inspected here, never run on AMD hardware.
+- cuda: static row counts 1..2 for layers whose codebooks do not fit shared memory (K = 65536 class), when the
+  model dir carries the `code-sorted` layout and the slices are balanced (`code_sorted_preferred`: no residual or
+  Kr == K) -> `cuda_code_sorted.py` (slice-per-CTA kernel + a reduce kernel);
+  other static row counts 1..8 (decode) -> hand-scheduled VQ-GEMV (`cuda_gemv.py`); other row counts
+  (prefill, symbolic batch) -> dequantize-in-shared-memory matmul scheduled by dlight (`cuda_prefill.py`).
+  CUDA kernels carry `op_pattern = kOpaque` so Relax FuseOps never fuses them with neighbours (fusing a
+  call_tir kernel failed in FuseTIR with "Inconsistent buffers y and lv.. mapped to the same relax var", and
+  a fused function would lose our schedule), and `tirx.is_scheduled` so dlight leaves them alone.
 """
 
 from __future__ import annotations
 
 import functools
-from typing import Callable
+from dataclasses import dataclass
+from typing import Callable, Iterable
 
 from tvm import tirx
 from tvm.target import Target
 
 from vptq_mlc.checkpoint.layer_config import VPTQLayerConfig
-from vptq_mlc.tir_kernels.generic import schedule_cpu, vq_matmul_generic
+from vptq_mlc.convert.layout import CODE_SORTED, LAYOUT, code_sorted_eligible, code_sorted_shapes
+from vptq_mlc.tir_kernels.generic import schedule_cpu, vq_matmul_generic, vq_operand_shapes
 
-# (layer config, model dtype, static row count or None) -> PrimFunc(xs, *operands, y)
-KernelSelector = Callable[[VPTQLayerConfig, str, "int | None"], tirx.PrimFunc]
 OP_PATTERN_OPAQUE = 8  # relax OpPatternKind::kOpaque
+Shapes = dict[str, tuple[tuple[int, ...], str]]  # name -> (shape, dtype; "float" = model dtype)
 
 
-def _cuda_select(target: Target) -> KernelSelector:
-    from vptq_mlc.tir_kernels.cuda_gemv import MAX_ROWS, vq_gemv_cuda
-    from vptq_mlc.tir_kernels.cuda_prefill import dequant_matmul_cuda
+@dataclass(frozen=True)
+class VQKernel:
+    """One kernel call: `func(xs, *operands, *scratch outputs, y)`. Scratch outputs (fp32) are extra results of the
+    call_tir that the caller discards; Relax plans their memory like any intermediate."""
 
-    def select(cfg: VPTQLayerConfig, dtype: str, rows: int | None) -> tirx.PrimFunc:
-        if rows is not None and 1 <= rows <= MAX_ROWS:
-            func = vq_gemv_cuda(cfg, dtype, rows)
+    func: tirx.PrimFunc
+    operands: tuple[str, ...]
+    scratch: tuple[tuple[tuple[int, ...], str], ...] = ()
+
+
+class KernelSelector:
+    """`select(cfg, dtype, rows) -> VQKernel` for one target, plus `operand_shapes(cfg, dtype)`: every operand any
+    of the target's kernels reads (what VPTQLinear declares as parameters). Cached, so identical layers share one
+    PrimFunc in the library."""
+
+    def __init__(self, target: Target, layouts: Iterable[str] = (LAYOUT,)):
+        self.target = target
+        self.layouts = frozenset(layouts)
+        self._select = functools.lru_cache(maxsize=None)(self._pick)
+
+    def uses_code_sorted(self, cfg: VPTQLayerConfig, dtype: str) -> bool:
+        """The layer has code-sorted entries and some decode row count takes the code-sorted kernel (else its
+        entries are not declared, so they are never loaded onto the GPU)."""
+        if self.target.kind.name != "cuda" or CODE_SORTED not in self.layouts or not code_sorted_eligible(cfg, dtype):
+            return False
+        from vptq_mlc.tir_kernels.cuda_code_sorted import code_sorted_preferred
+
+        return code_sorted_preferred(cfg, dtype, 1)
+
+    def operand_shapes(self, cfg: VPTQLayerConfig, dtype: str) -> Shapes:
+        shapes = dict(vq_operand_shapes(cfg))
+        if self.uses_code_sorted(cfg, dtype):
+            shapes.update(code_sorted_shapes(cfg, dtype))
+        return shapes
+
+    def __call__(self, cfg: VPTQLayerConfig, dtype: str, rows: int | None) -> VQKernel:
+        return self._select(cfg, dtype, rows)
+
+    def _pick(self, cfg: VPTQLayerConfig, dtype: str, rows: int | None) -> VQKernel:
+        generic_ops = tuple(vq_operand_shapes(cfg))
+        kind = self.target.kind.name
+        if kind == "llvm":
+            return VQKernel(schedule_cpu(vq_matmul_generic(cfg, dtype)), generic_ops)
+        from vptq_mlc.tir_kernels.cuda_gemv import MAX_ROWS, gpu_params, vq_gemv_cuda
+
+        decode = rows is not None and 1 <= rows
+        if kind == "rocm":  # the GEMV parameterised for the wavefront; else the dlight dequant matmul (as on CUDA)
+            from vptq_mlc.tir_kernels.cuda_prefill import dequant_matmul_cuda
+
+            if decode and rows <= MAX_ROWS:
+                return _mark(VQKernel(vq_gemv_cuda(cfg, dtype, rows, params=gpu_params(self.target)), generic_ops))
+            return _mark(VQKernel(dequant_matmul_cuda(cfg, dtype, self.target), generic_ops))
+        if kind != "cuda":
+            return VQKernel(vq_matmul_generic(cfg, dtype), generic_ops)
+        from vptq_mlc.tir_kernels import cuda_code_sorted as cs
+        from vptq_mlc.tir_kernels.cuda_prefill import dequant_matmul_cuda
+
+        if decode and rows <= cs.MAX_ROWS and self.uses_code_sorted(cfg, dtype):
+            k = VQKernel(cs.vq_code_sorted_cuda(cfg, dtype, rows), cs.code_sorted_operands(cfg),
+                         ((cs.code_sorted_scratch(cfg, dtype, rows), "float32"),))
+        elif decode and rows <= MAX_ROWS:
+            k = VQKernel(vq_gemv_cuda(cfg, dtype, rows), generic_ops)
         else:
-            func = dequant_matmul_cuda(cfg, dtype, target)
-        return func.with_attr("op_pattern", OP_PATTERN_OPAQUE).with_attr("tirx.is_scheduled", True)
-
-    return select
+            k = VQKernel(dequant_matmul_cuda(cfg, dtype, self.target), generic_ops)
+        return _mark(k)
 
 
-def _rocm_select(target: Target) -> KernelSelector:
-    from vptq_mlc.tir_kernels.cuda_gemv import MAX_ROWS, gpu_params, vq_gemv_cuda
-    from vptq_mlc.tir_kernels.cuda_prefill import dequant_matmul_cuda
-
-    params = gpu_params(target)
-
-    def select(cfg: VPTQLayerConfig, dtype: str, rows: int | None) -> tirx.PrimFunc:
-        if rows is not None and 1 <= rows <= MAX_ROWS:
-            func = vq_gemv_cuda(cfg, dtype, rows, params=params)
-        else:
-            func = dequant_matmul_cuda(cfg, dtype, target)
-        return func.with_attr("op_pattern", OP_PATTERN_OPAQUE).with_attr("tirx.is_scheduled", True)
-
-    return select
+def _mark(k: VQKernel) -> VQKernel:
+    """Hand-scheduled GPU kernels: opaque to FuseOps, skipped by dlight."""
+    func = k.func.with_attr("op_pattern", OP_PATTERN_OPAQUE).with_attr("tirx.is_scheduled", True)
+    return VQKernel(func, k.operands, k.scratch)
 
 
-def kernel_selector(target: Target) -> KernelSelector:
-    """A cached selector, so identical layers share one PrimFunc in the library."""
-    if target.kind.name == "cuda":
-        return functools.lru_cache(maxsize=None)(_cuda_select(target))
-    if target.kind.name == "rocm":
-        return functools.lru_cache(maxsize=None)(_rocm_select(target))
-
-    @functools.lru_cache(maxsize=None)
-    def select(cfg: VPTQLayerConfig, dtype: str, rows: int | None) -> tirx.PrimFunc:
-        func = vq_matmul_generic(cfg, dtype)
-        return schedule_cpu(func) if target.kind.name == "llvm" else func
-
-    return select
+def kernel_selector(target: Target, layouts: Iterable[str] = (LAYOUT,)) -> KernelSelector:
+    """The target's selector; `layouts`: the kernel layouts the model dir carries (chat config `vptq.layouts`)."""
+    return KernelSelector(target, layouts)
 
 
 def static_decode_batches(target: Target) -> tuple[int, ...]:
