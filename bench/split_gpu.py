@@ -92,7 +92,8 @@ def main() -> int:
         t = time.time()
         nbytes = write_random_weights(model, load_library(a.lib, a.devices.split(",")[0]).metadata["params"])
         print(f"{nbytes / 1e9:.2f} GB of random weights in {time.time() - t:.0f} s", flush=True)
-    prompt = [1 + (7 * j) % 1000 for j in range(a.prompt_len)]
+    vocab = json.loads((Path(model) / "mlc-chat-config.json").read_text())["vocab_size"]
+    prompt = [1 + (7 * j) % min(1000, vocab - 1) for j in range(a.prompt_len)]
     out = Path(a.out_dir) / f"split_{name}.json"
     res: dict = {"model": name, "devices": a.devices, "tokens": a.tokens, "prompt_len": a.prompt_len,
                  "gpus": nvidia_smi("name").strip().splitlines()}

@@ -37,7 +37,9 @@ def bench() -> None:
                    "(correctness, real shapes next to the gather GEMV, launch sweep).")
 @click.option("--arch", default="sm_90", show_default=True, help="Comma-separated CUDA archs.")
 @click.option("--rows", default="1,8", show_default=True, help="Decode row counts (kernels suite).")
-def build(out: str, suite: str, arch: str, rows: str) -> None:
+@click.option("--compare-gemv", default="", help="Row counts at which the gather GEMV is also built, next to the "
+                                                   "registry's choice (kernels suite), e.g. 4,8.")
+def build(out: str, suite: str, arch: str, rows: str, compare_gemv: str) -> None:
     """Compile the suite's kernels into OUT/kernels_cuda.so + OUT/kernels.json (no GPU needed)."""
     from vptq_mlc.bench.kernels import (bench_cases, build_kernel_library, code_sorted_cases, correctness_cases,
                                         sweep_cases)
@@ -50,7 +52,8 @@ def build(out: str, suite: str, arch: str, rows: str) -> None:
     elif suite == "code-sorted":
         cases = code_sorted_cases()
     else:
-        cases = bench_cases(tuple(int(r) for r in rows.split(",")))
+        cases = bench_cases(tuple(int(r) for r in rows.split(",")),
+                            tuple(int(r) for r in compare_gemv.split(",") if r))
     path = build_kernel_library(cases, out, parse_archs(arch.split(",")))
     click.echo(f"{len(cases)} kernels -> {path}")
 

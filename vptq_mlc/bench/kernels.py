@@ -39,7 +39,7 @@ class KernelCase:
     layer: dict[str, Any] = field(default_factory=dict)  # extra VPTQLayerConfig.from_variant kwargs
     run_rows: int = 0  # rows to run a symbolic kernel with (0 = `rows`)
     plan: dict[str, Any] = field(default_factory=dict)  # GemvPlan overrides (schedule sweeps), decode only
-    kernel: str = ""  # "" = the registry's choice; "gemv" / "code-sorted" force a decode kernel (side by side)
+    kernel: str = ""  # "" = the registry's choice; "gemv" / "mma" / "code-sorted" force a decode kernel (side by side)
 
     @property
     def name(self) -> str:
@@ -64,8 +64,9 @@ def correctness_cases() -> list[KernelCase]:
     cases = []
     for var in ("v8-k256-0", "v8-k256-256", "v8-k4096-0", "v8-k8192-0", "v8-k65536-0", "v8-k65536-256",
                 "v12-k65536-4096", "v16-k65536-65536", "v4-k256-0"):
-        for rows in (1, 2, 8):
+        for rows in (1, 2, 8, 16):
             cases.append(KernelCase(var, 1024, 512, rows))
+        cases.append(KernelCase(var, 1024, 512, 8, kernel="gemv"))
         cases.append(KernelCase(var, 1024, 512, None, run_rows=37))
     cases += [
         KernelCase("v8-k256-256", 1000, 300, 1, {"enable_perm": False}),  # I not a multiple of 1024, O % v != 0
@@ -80,6 +81,13 @@ def correctness_cases() -> list[KernelCase]:
         KernelCase("v12-k4096-0", 1020, 252, 2),  # v=12: 8-byte codebook reads
         KernelCase("v8-k256-256", 1024, 8192, 1),  # more row blocks than CTAs: the persistent loop
         KernelCase("v8-k4096-0", 2048, 8192, 2),
+        # tensor-core decode: rows 4..16, odd shapes (scalar loads), outliers, residual, groups, v = 12 / 4
+        KernelCase("v8-k256-256", 1000, 300, 5, {"enable_perm": False}),
+        KernelCase("v8-k256-256", 1024, 512, 13, outl),
+        KernelCase("v8-k65536-0", 1024, 512, 4, outl),
+        KernelCase("v8-k256-0", 1024, 512, 11, {"group_num": 2}),
+        KernelCase("v12-k4096-0", 1020, 252, 12),
+        KernelCase("v8-k4096-0", 2048, 8192, 16),
     ]
     return cases
 
@@ -105,8 +113,11 @@ def sweep_cases() -> list[KernelCase]:
     return out
 
 
-def bench_cases(rows: tuple[int, ...] = (1, 8)) -> list[KernelCase]:
-    return [KernelCase(v, i, o, r) for v in BENCH_VARIANTS for (o, i) in BENCH_SHAPES for r in rows]
+def bench_cases(rows: tuple[int, ...] = (1, 8), compare_gemv: tuple[int, ...] = ()) -> list[KernelCase]:
+    """Every bench variant x shape x rows (the registry's kernel), plus the gather GEMV forced at the rows in
+    `compare_gemv` (next to the tensor-core kernel the registry picks there)."""
+    return [KernelCase(v, i, o, r, kernel=k) for v in BENCH_VARIANTS for (o, i) in BENCH_SHAPES
+            for r in rows for k in ([""] + (["gemv"] if r in compare_gemv else []))]
 
 
 def code_sorted_cases(sweep: bool = True) -> list[KernelCase]:
@@ -174,6 +185,10 @@ def build_kernel_library(cases: list[KernelCase], out_dir: str | os.PathLike[str
             cfg = c.config()
             plan = dataclasses.replace(plan_gemv(cfg, c.rows, dtype), **c.plan)
             f = vq_gemv_cuda(cfg, dtype, c.rows, plan)
+        elif c.kernel == "mma":
+            from vptq_mlc.tir_kernels.cuda_mma import vq_mma_cuda
+
+            f = vq_mma_cuda(c.config(), dtype, c.rows)
         else:
             k = select(c.config(), dtype, c.rows)
             f = k.func
@@ -459,8 +474,8 @@ def time_kernels(art_dir: str | os.PathLike[str], reps: int = 50) -> dict[str, A
         nbytes = kernel_bytes(cfg, n, operands=[ops[nm] for nm in names],
                               scratch_bytes=sum(t.numel() * t.element_size() for t in tmp))
         rows_out.append({"case": c.name, "variant": c.variant, "shape": f"{cfg.out_features}x{cfg.in_features}",
-                         "rows": n,
-                         "kernel": c.kernel or ("code-sorted" if "cs_entries" in names else "auto"), "us": us, "fp16_us": fp16_cache[key], "speedup_vs_fp16": fp16_cache[key] / us,
+                         "rows": n, "kernel": c.kernel or ("code-sorted" if "cs_entries" in names else "auto"),
+                         "us": us, "fp16_us": fp16_cache[key], "speedup_vs_fp16": fp16_cache[key] / us,
                          "bytes": nbytes, "pct_copy_bw": 100 * nbytes / (us * 1e-6) / (bw * 1e9), "rel_err": err})
         del args, tmp
     return {"copy_GBps": bw, "device": torch.cuda.get_device_name(), "flush": "read 512 MiB before each call",

@@ -62,9 +62,11 @@ def _check_params(params: list, model_dir: Path) -> None:
 
 
 def build_library(model_dir: Path, bt: BuildTarget, output: Path,
-                  static_batches: tuple[int, ...] | None = None, split_functions: bool = False) -> Path:
+                  static_batches: tuple[int, ...] | None = None, split_functions: bool = False,
+                  cuda_graph: bool = False) -> Path:
     """`split_functions`: also emit the per-layer functions of the layer split across devices (model/split.py);
-    off by default since they roughly double the compile time."""
+    off by default since they roughly double the compile time. `cuda_graph`: TVM's RewriteCUDAGraph lifts the
+    static-shape kernel runs between KV-cache calls into CUDA graphs captured on the first call (cuda only)."""
     chat = read_chat_config(model_dir)
     cfg = DecoderConfig.from_json(chat["model_config"])
     dtype = chat.get("model_dtype", "float16")
@@ -84,7 +86,8 @@ def build_library(model_dir: Path, bt: BuildTarget, output: Path,
         mod, params = model.export_tvm(spec=model.get_default_spec())
     _check_params(params, model_dir)
     mod = _upper_bounds(mod, cfg)
-    with bt.target:
+    config = {"relax.backend.use_cuda_graph": True} if cuda_graph and bt.target.kind.name == "cuda" else {}
+    with bt.target, tvm.transform.PassContext(config=config):
         lowered = relax_pipeline(bt.target)(mod)
     meta = model_metadata(
         model_type=chat["model_type"],
@@ -109,10 +112,11 @@ def default_library_path(model_dir: Path, bt: BuildTarget) -> Path:
 def compile_model(
     model_dir: str | os.PathLike[str], target: str = "llvm", output: str | os.PathLike[str] | None = None,
     arch: str | None = None, static_batches: tuple[int, ...] | None = None, split_functions: bool = False,
+    cuda_graph: bool = False,
 ) -> list[Path]:
     """Build one library per BuildTarget; `output` names the file (one target) or a directory (several).
     `static_batches`: batch sizes that get a static `batch_decode_b<n>` (default: the target's choice).
-    `split_functions`: add the layer-split functions (`--devices` at run time)."""
+    `split_functions`: add the layer-split functions (`--devices` at run time). `cuda_graph`: see build_library."""
     model_dir = Path(model_dir)
     read_chat_config(model_dir)  # fail early with the convert hint
     targets = resolve_targets(target, arch)
@@ -124,5 +128,5 @@ def compile_model(
             path = Path(output) / default_library_path(model_dir, bt).name
         else:
             path = Path(output)
-        outs.append(build_library(model_dir, bt, path, static_batches, split_functions))
+        outs.append(build_library(model_dir, bt, path, static_batches, split_functions, cuda_graph))
     return outs

@@ -101,8 +101,8 @@ class Engine:
         self.eos_token_ids = frozenset(eos)
         self._embed, self._prefill, self._decode = (self.lib.func(n) for n in ("embed", "batch_prefill", "batch_decode"))
         # Static decode functions (`decode` for one sequence, `batch_decode_b<n>` where the library has them) run
-        # GPU libraries' GEMV kernels; `batch_decode`'s symbolic batch gets the general matmul. So a decode batch
-        # is split into pieces of at most the largest static size when the library has static sizes.
+        # GPU libraries' decode kernels; `batch_decode`'s symbolic batch gets the general matmul. So a decode batch
+        # is split into pieces of static sizes when the library has them (`_decode_pieces`).
         self._static_decode = {1: self.lib.func("decode")} if self.lib.has("decode") else {}
         self._static_decode.update({n: self.lib.func(f"batch_decode_b{n}") for n in range(2, self.max_batch + 1)
                                     if self.lib.has(f"batch_decode_b{n}")})
@@ -209,11 +209,17 @@ class Engine:
             raise
 
     def _decode_pieces(self, batch: list[Request]) -> list[list[Request]]:
-        """The running batch as one call, or as pieces of the largest static decode size (see __init__)."""
-        largest = max((n for n in self._static_decode if n > 1), default=0)
-        if largest == 0 or len(batch) <= largest:
+        """The running batch as pieces whose sizes have static decode functions, largest first (CUDA: 16 -> one
+        tensor-core call, 11 -> 8 + 3), or as one call of the symbolic `batch_decode` when the library has none."""
+        sizes = sorted((n for n in self._static_decode if n > 1), reverse=True)
+        if not sizes or len(batch) in self._static_decode:
             return [batch]
-        return [batch[i : i + largest] for i in range(0, len(batch), largest)]
+        pieces, i = [], 0
+        while i < len(batch):
+            n = next((m for m in sizes if m <= len(batch) - i), 1)
+            pieces.append(batch[i : i + n])
+            i += n
+        return pieces
 
     def step(self) -> list[Request]:
         """One batched prefill or decode. Returns the requests that got a new token in this step."""

@@ -9,7 +9,8 @@ and therefore which operands (tensor-cache entries) a layer must declare on a ta
 - cuda: static row counts 1..2 for layers whose codebooks do not fit shared memory (K = 65536 class), when the
   model dir carries the `code-sorted` layout and the slices are balanced (`code_sorted_preferred`: no residual or
   Kr == K) -> `cuda_code_sorted.py` (slice-per-CTA kernel + a reduce kernel);
-  other static row counts 1..8 (decode) -> hand-scheduled VQ-GEMV (`cuda_gemv.py`); other row counts
+  static rows 4..16 (fp16) -> tensor-core kernel (`cuda_mma.py`); other static row counts 1..8 (decode) ->
+  hand-scheduled VQ-GEMV (`cuda_gemv.py`); other row counts
   (prefill, symbolic batch) -> dequantize-in-shared-memory matmul scheduled by dlight (`cuda_prefill.py`).
   CUDA kernels carry `op_pattern = kOpaque` so Relax FuseOps never fuses them with neighbours (fusing a
   call_tir kernel failed in FuseTIR with "Inconsistent buffers y and lv.. mapped to the same relax var", and
@@ -31,6 +32,8 @@ from vptq_mlc.tir_kernels.generic import schedule_cpu, vq_matmul_generic, vq_ope
 
 OP_PATTERN_OPAQUE = 8  # relax OpPatternKind::kOpaque
 Shapes = dict[str, tuple[tuple[int, ...], str]]  # name -> (shape, dtype; "float" = model dtype)
+# static decode batches above the GEMV's MAX_ROWS that only the tensor-core kernel (cuda_mma.py) serves
+CUDA_MMA_ONLY_BATCHES = (12, 16)
 
 
 @dataclass(frozen=True)
@@ -88,11 +91,14 @@ class KernelSelector:
         if kind != "cuda":
             return VQKernel(vq_matmul_generic(cfg, dtype), generic_ops)
         from vptq_mlc.tir_kernels import cuda_code_sorted as cs
+        from vptq_mlc.tir_kernels.cuda_mma import mma_supported, vq_mma_cuda
         from vptq_mlc.tir_kernels.cuda_prefill import dequant_matmul_cuda
 
         if decode and rows <= cs.MAX_ROWS and self.uses_code_sorted(cfg, dtype):
             k = VQKernel(cs.vq_code_sorted_cuda(cfg, dtype, rows), cs.code_sorted_operands(cfg),
                          ((cs.code_sorted_scratch(cfg, dtype, rows), "float32"),))
+        elif decode and mma_supported(cfg, dtype, rows):  # rows 4..16, fp16: tensor-core MMA
+            k = VQKernel(vq_mma_cuda(cfg, dtype, rows), generic_ops)
         elif decode and rows <= MAX_ROWS:
             k = VQKernel(vq_gemv_cuda(cfg, dtype, rows), generic_ops)
         else:
@@ -120,7 +126,7 @@ def static_decode_batches(target: Target) -> tuple[int, ...]:
     if target.kind.name == "cuda":
         from vptq_mlc.tir_kernels.cuda_gemv import MAX_ROWS
 
-        return tuple(range(2, MAX_ROWS + 1))
+        return tuple(range(2, MAX_ROWS + 1)) + CUDA_MMA_ONLY_BATCHES
     if target.kind.name == "rocm":  # the same GEMV, parameterised for the wavefront
         from vptq_mlc.tir_kernels.cuda_gemv import MAX_ROWS
 

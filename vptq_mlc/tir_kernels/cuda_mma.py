@@ -1,0 +1,272 @@
+"""CUDA decode kernel for 4..16 activation rows: codebook lookups feed tensor-core MMA (m16n8k16, fp16 in, fp32 acc).
+
+Why: at batch >= 4 the gather GEMV (`cuda_gemv.py`) is bound by its fp32 FMAs (rows x v per code per lane) and
+register pressure (rows x v accumulators), not by memory; ../shared/docs/vq-gemv-h100.md §3 measured gather
+kernels losing to fp16 from batch 4. Here one warp-wide `mma.sync.m16n8k16` does 16 rows x 8 outputs x 16
+inputs, and the lookups build its B fragment directly, so the weight never exists outside registers.
+
+Why lookups give the B fragment: with layout `generic`, `codes[i, k]` selects the entry `C[g, code]` holding the
+`v` outputs `i*v .. i*v+v-1` at input column `k`, so `W^T[k, i*v + n] = C[g, codes[i, k], n]`. For the PTX
+fragment of B (k x n, "col"), lane (group g = lane/4, q = lane%4) holds B[k][n = g] at k slots {2q, 2q+1, 2q+8,
+2q+9}: four 2-byte lookups of element `g` of four entries. v = 8 fills one n-tile; v = 12/16 use two (zeros past v),
+v = 4 half of one.
+
+Column mapping: a sum over k does not care which physical column sits in which k slot, as long as A and B agree.
+Lane q owns the `4*DS` consecutive physical columns `[base + 4*DS*q, +4*DS)` of each `16*DS`-column chunk and feeds
+4 of them to each of the DS MMA steps: so codes and activations come in one 8- or 16-byte load per lane, and the
+A fragment (activation rows g and g+8) is loaded once per chunk and reused by every vector row of the warp.
+
+Schedule: a warp owns NI vector rows (NI * ceil(v/8) MMA tiles, 4 fp32 accumulators each) and one of P splits
+of the input dimension; a CTA holds RW x P warps; splits are summed through shared memory. Small codebooks
+(<= cuda_gemv.SMEM_CODEBOOK_BYTES) are copied to shared memory once per CTA, large ones are read through L1/L2
+(each lookup now serves 16 rows). Outlier columns (their own codebook, vector length along the output) use
+the same MMA with B built from the outlier codebook. Rows past the batch are zero in A and never stored.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from tvm import tirx
+from tvm.script import tirx as T
+
+from vptq_mlc.checkpoint.layer_config import VPTQLayerConfig
+from vptq_mlc.tir_kernels.cuda_gemv import SMEM_CODEBOOK_BYTES, _keep_operands
+
+MMA_ROWS = 16  # M of m16n8k16: the most activation rows one kernel takes
+MIN_ROWS = 4  # below this the gather GEMV wins (doc §3: batch 2 still beats fp16 with gathers)
+
+
+@dataclass(frozen=True)
+class MmaPlan:
+    vec_rows: int  # NI: vector rows per warp
+    row_groups: int  # RW: warps along rows in a CTA
+    splits: int  # P: warps along the input dimension
+    steps_per_load: int  # DS: MMA steps per 8*DS-byte code load (1 or 2)
+    smem_codebook: bool
+    unroll: int = 4  # U: chunks whose loads are in flight before the first lookup
+
+
+def _pow2_floor(x: int) -> int:
+    return 1 << (max(1, x).bit_length() - 1)
+
+
+def plan_mma(cfg: VPTQLayerConfig) -> MmaPlan:
+    """Launch shape from the layer shape alone (compile time, no device queries). ~2-4k warps in the grid."""
+    nv, length = cfg.num_vectors, cfg.group_num * cfg.group_size
+    ds = 2 if length % 8 == 0 and cfg.outlier_size % 8 == 0 else 1
+    vec_rows = 2
+    warp_rows = -(-nv // vec_rows)
+    splits = max(1, min(8, _pow2_floor(4096 // max(1, warp_rows)), _pow2_floor(max(1, length // (16 * ds * 8)))))
+    row_groups = max(1, 8 // splits)
+    cb = cfg.group_num * (cfg.num_centroids + cfg.num_res_centroids) * cfg.vector_len * 2
+    chunks = -(-length // (16 * ds * splits))
+    unroll = 4 if chunks >= 4 else 2 if chunks >= 2 else 1
+    return MmaPlan(vec_rows, row_groups, splits, ds, cb <= SMEM_CODEBOOK_BYTES, unroll)
+
+
+def mma_supported(cfg: VPTQLayerConfig, dtype: str, rows: int) -> bool:
+    return dtype == "float16" and MIN_ROWS <= rows <= MMA_ROWS
+
+
+def vq_mma_cuda(cfg: VPTQLayerConfig, dtype: str, rows: int, plan: MmaPlan | None = None) -> tirx.PrimFunc:
+    """PrimFunc(xs[rows, I], *operands, y[rows, O]) for MIN_ROWS <= rows <= 16, fp16."""
+    if not mma_supported(cfg, dtype, rows):
+        raise ValueError(f"vq_mma_cuda takes fp16 and {MIN_ROWS}..{MMA_ROWS} rows, got {dtype} x {rows}")
+    p = plan or plan_mma(cfg)
+    I, O, v = cfg.in_features, cfg.out_features, cfg.vector_len  # noqa: E741
+    G, S, K, KR = cfg.group_num, cfg.group_size, cfg.num_centroids, cfg.num_res_centroids
+    NV, L, OSZ = cfg.num_vectors, cfg.group_num * cfg.group_size, cfg.outlier_size
+    HAS_RES, HAS_OUT = cfg.has_residual, cfg.has_outliers
+    VO = cfg.outlier_vector_len if HAS_OUT else 1
+    KO = cfg.num_outlier_centroids if HAS_OUT else 1
+    NO = cfg.num_outlier_vectors if HAS_OUT else 1
+    OSZ1 = max(OSZ, 1)
+    KR1 = max(KR, 1)
+    NB = rows
+    NI, RW, P, DS, U = p.vec_rows, p.row_groups, p.splits, p.steps_per_load, p.unroll
+    NTN = -(-v // 8)  # n-tiles per vector row
+    NACC = NI * NTN * 4  # fp32 accumulators per lane
+    W = RW * P
+    NT = W * 32
+    CW = 4 * DS  # columns per lane per chunk
+    CHUNK = 16 * DS
+    NCH = -(-L // CHUNK)
+    CPS = -(-NCH // P)  # chunks per split
+    NOCH = -(-OSZ // 16) if HAS_OUT else 0  # outlier MMA steps (scalar loads)
+    NRB = -(-NV // (RW * NI))
+    VEC = L % CW == 0 and OSZ % CW == 0  # (I = OSZ + L)  # a lane's CW columns are all valid or all invalid
+    CB_MAIN = G * K * v
+    CB_ALL = CB_MAIN + (G * KR * v if HAS_RES else 0)
+    SMEM_CB = p.smem_codebook
+    CB_SHARED = CB_ALL if SMEM_CB else 1
+    RED = max(1, (P - 1) * RW * NACC * 32)
+
+    def vr(base, n: int):
+        return base if n == 1 else T.Ramp(base, 1, n)
+
+    def col0(sp, ch, lane):  # first main column of this lane in chunk `ch` of split `sp`; an inline expression,
+        return (sp * CPS + ch) * CHUNK + lane % 4 * CW  # not a bound variable, so the codegen sees the alignment
+
+    @T.prim_func(private=True)
+    def kernel(
+        xs: T.Buffer((NB, I), dtype),
+        centroids: T.Buffer((G, K, v), dtype),
+        codes: T.Buffer((NV, L), "uint16"),
+        res_centroids: T.Buffer((G, KR1, v), dtype),
+        res_codes: T.Buffer((NV, L), "uint16"),
+        outlier_centroids: T.Buffer((KO, VO), dtype),
+        outlier_codes: T.Buffer((NO, OSZ1), "uint16"),
+        y: T.Buffer((NB, O), dtype),
+    ):
+        T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True, "op_pattern": 8})
+        bx = T.launch_thread("blockIdx.x", NRB)
+        tx = T.launch_thread("threadIdx.x", 32)
+        ty = T.launch_thread("threadIdx.y", W)
+        cb_s = T.alloc_buffer((CB_SHARED,), dtype, scope="shared.dyn")
+        red = T.alloc_buffer((RED,), "float32", scope="shared.dyn")
+        acc = T.alloc_buffer((NACC,), "float32", scope="local")
+        fa = T.alloc_buffer((8,), dtype, scope="local")
+        fb = T.alloc_buffer((NI * NTN * 4,), dtype, scope="local")
+        xa = T.alloc_buffer((U * 2 * CW,), dtype, scope="local")
+        cl = T.alloc_buffer((U * NI * CW,), "uint16", scope="local")
+        rl = T.alloc_buffer((U * NI * CW,), "uint16", scope="local")
+        wv = T.alloc_buffer((1,), dtype, scope="local")
+        tot = T.alloc_buffer((1,), "float32", scope="local")
+        tid = ty * 32 + tx
+        g = tx // 4
+        q = tx % 4
+        rg = ty // P
+        sp = ty % P
+        if SMEM_CB:
+            for it in range(-(-(G * K) // NT)):
+                t = it * NT + tid
+                if t < G * K:
+                    if v <= 8:
+                        cb_s[vr(t * v, v)] = centroids[t // K, t % K, vr(0, v)]
+                    else:
+                        for j in T.unroll(v):
+                            cb_s[t * v + j] = centroids[t // K, t % K, j]
+            if HAS_RES:
+                for it in range(-(-(G * KR) // NT)):
+                    t = it * NT + tid
+                    if t < G * KR:
+                        for j in T.unroll(v):
+                            cb_s[CB_MAIN + t * v + j] = res_centroids[t // KR, t % KR, j]
+            T.tvm_storage_sync("shared")
+        i0 = (bx * RW + rg) * NI  # first vector row of this warp
+        for a in T.unroll(NACC):
+            acc[a] = T.float32(0)
+        # outlier columns: B[k][n] = outlier_centroids[outlier_codes[r // VO, k], r % VO], r = i*v + n
+        if HAS_OUT:
+            for ost in range(-(-NOCH // P)):
+                st = ost * P + sp
+                if st < NOCH:
+                    for h in T.unroll(2):
+                        for e in T.unroll(4):
+                            k = st * 16 + q * 4 + e
+                            xa[h * 4 + e] = T.if_then_else(
+                                g + 8 * h < NB and k < OSZ, xs[T.min(g + 8 * h, NB - 1), T.min(k, OSZ - 1)],
+                                T.Cast(dtype, 0))
+                    for h in T.unroll(2):
+                        for e2 in T.unroll(2):
+                            fa[h * 2 + e2] = xa[h * 4 + e2]
+                            fa[4 + h * 2 + e2] = xa[h * 4 + 2 + e2]
+                    for ii in T.unroll(NI):
+                        for nt in T.unroll(NTN):
+                            for e in T.unroll(4):
+                                k = st * 16 + q * 4 + e
+                                r = (i0 + ii) * v + nt * 8 + g
+                                fb[(ii * NTN + nt) * 4 + e] = T.if_then_else(
+                                    i0 + ii < NV and nt * 8 + g < v and r < O and k < OSZ,
+                                    outlier_centroids[
+                                        T.Cast("int32", outlier_codes[T.min(r, O - 1) // VO, T.min(k, OSZ - 1)]),
+                                        T.min(r, O - 1) % VO],
+                                    T.Cast(dtype, 0))
+                            T.evaluate(T.ptx_legacy.mma(
+                                "m16n8k16", "row", "col", "fp16", "fp16", "fp32",
+                                fa.data, 0, fb.data, (ii * NTN + nt) * 4, acc.data, (ii * NTN + nt) * 4,
+                                False, dtype="float32"))
+        # main columns: codes region, physical column OSZ + c of xs
+        # U chunks per iteration: all their loads (codes from HBM, activations from L2) are issued before the first
+        # lookup, so a warp keeps U loads in flight instead of waiting on one (latency-bound otherwise)
+        for it in range(-(-CPS // U)):
+            for u in T.unroll(U):
+                if it * U + u < CPS and sp * CPS + it * U + u < NCH:
+                    for h in T.unroll(2):
+                        if VEC:
+                            if g + 8 * h < NB and col0(sp, it * U + u, tx) < L:
+                                xa[vr((u * 2 + h) * CW, CW)] = xs[g + 8 * h, vr(OSZ + col0(sp, it * U + u, tx), CW)]
+                            else:
+                                for e in T.unroll(CW):
+                                    xa[(u * 2 + h) * CW + e] = T.Cast(dtype, 0)
+                        else:
+                            for e in T.unroll(CW):
+                                xa[(u * 2 + h) * CW + e] = T.if_then_else(
+                                    g + 8 * h < NB and col0(sp, it * U + u, tx) + e < L,
+                                    xs[T.min(g + 8 * h, NB - 1), OSZ + T.min(col0(sp, it * U + u, tx) + e, L - 1)],
+                                    T.Cast(dtype, 0))
+                    for ii in T.unroll(NI):
+                        if VEC:
+                            if i0 + ii < NV and col0(sp, it * U + u, tx) < L:
+                                cl[vr((u * NI + ii) * CW, CW)] = codes[i0 + ii, vr(col0(sp, it * U + u, tx), CW)]
+                                if HAS_RES:
+                                    rl[vr((u * NI + ii) * CW, CW)] = res_codes[i0 + ii, vr(col0(sp, it * U + u, tx), CW)]
+                        else:
+                            for e in T.unroll(CW):
+                                if i0 + ii < NV and col0(sp, it * U + u, tx) + e < L:
+                                    cl[(u * NI + ii) * CW + e] = codes[i0 + ii, col0(sp, it * U + u, tx) + e]
+                                    if HAS_RES:
+                                        rl[(u * NI + ii) * CW + e] = res_codes[i0 + ii, col0(sp, it * U + u, tx) + e]
+            for u in T.unroll(U):
+                if it * U + u < CPS and sp * CPS + it * U + u < NCH:
+                    for d in T.unroll(DS):
+                        for h in T.unroll(2):
+                            for e2 in T.unroll(2):
+                                fa[h * 2 + e2] = xa[(u * 2 + h) * CW + d * 4 + e2]
+                                fa[4 + h * 2 + e2] = xa[(u * 2 + h) * CW + d * 4 + 2 + e2]
+                        for ii in T.unroll(NI):
+                            for nt in T.unroll(NTN):
+                                for e in T.unroll(4):
+                                    col = col0(sp, it * U + u, tx) + d * 4 + e
+                                    n = nt * 8 + g
+                                    code = T.min(T.Cast("int32", cl[(u * NI + ii) * CW + d * 4 + e]), K - 1)
+                                    grp = T.min(col, L - 1) // S
+                                    ok = i0 + ii < NV and n < v and col < L
+                                    if SMEM_CB:
+                                        wv[0] = cb_s[(grp * K + code) * v + T.min(n, v - 1)]
+                                    else:
+                                        wv[0] = centroids[grp, code, T.min(n, v - 1)]
+                                    if HAS_RES:
+                                        rcode = T.min(T.Cast("int32", rl[(u * NI + ii) * CW + d * 4 + e]), KR - 1)
+                                        if SMEM_CB:
+                                            wv[0] = wv[0] + cb_s[CB_MAIN + (grp * KR + rcode) * v + T.min(n, v - 1)]
+                                        else:
+                                            wv[0] = wv[0] + res_centroids[grp, rcode, T.min(n, v - 1)]
+                                    fb[(ii * NTN + nt) * 4 + e] = T.if_then_else(ok, wv[0], T.Cast(dtype, 0))
+                                T.evaluate(T.ptx_legacy.mma(
+                                    "m16n8k16", "row", "col", "fp16", "fp16", "fp32",
+                                    fa.data, 0, fb.data, (ii * NTN + nt) * 4, acc.data, (ii * NTN + nt) * 4,
+                                    False, dtype="float32"))
+        # splits 1..P-1 park their accumulators in shared memory; split 0 adds them and stores
+        if P > 1:
+            if sp > 0:
+                for a in T.unroll(NACC):
+                    red[((rg * (P - 1) + sp - 1) * NACC + a) * 32 + tx] = acc[a]
+            T.tvm_storage_sync("shared")
+        if sp == 0:
+            for ii in T.unroll(NI):
+                for nt in T.unroll(NTN):
+                    for c in T.unroll(4):
+                        ai = (ii * NTN + nt) * 4 + c
+                        tot[0] = acc[ai]
+                        if P > 1:
+                            for s in T.unroll(P - 1):
+                                tot[0] = tot[0] + red[((rg * (P - 1) + s) * NACC + ai) * 32 + tx]
+                        m = g + 8 * (c // 2)
+                        n = nt * 8 + q * 2 + c % 2
+                        r = (i0 + ii) * v + n
+                        if m < NB and n < v and i0 + ii < NV and r < O:
+                            y[m, r] = T.Cast(dtype, tot[0])
+
+    return _keep_operands(kernel, cfg)
