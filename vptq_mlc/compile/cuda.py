@@ -160,7 +160,8 @@ def prepare_cuda_build(archs: tuple[str, ...]) -> None:
 
 
 def relax_pipeline(target):
-    """TVM's CUDA pipeline (dispatch, legalize, FuseOps/FuseTIR, dlight, lowering), with one change: dlight's
+    """TVM's CUDA pipeline (dispatch, legalize, FuseOps/FuseTIR, dlight, lowering), with two changes:
+    FuseTransposeMatmul first (as the llvm pipeline does), and dlight's
     tensor-core rule is switched off (`dlight.do_not_tensorize` on every function), because its Tensorize step
     segfaults in apache-tvm 0.27.0.post1 on fp16 matmuls larger than 64 (seen on lm_head / attention
     projections). Matmuls then get dlight's SIMT tiled schedule."""
@@ -178,6 +179,9 @@ def relax_pipeline(target):
         return tvm.IRModule(funcs, attrs=mod.attrs)
 
     legalize = [
+        # x @ W.T as one NT matmul: without it every dense linear (lm_head, and all of a dense fp16 model)
+        # materialises W.T through a transpose kernel on every call (seen as transpose*_kernel in the library)
+        relax.transform.FuseTransposeMatmul(),
         relax.transform.LegalizeOps(),
         relax.transform.AnnotateTIROpPattern(),
         relax.transform.FoldConstant(),

@@ -34,7 +34,8 @@ from vptq_mlc.checkpoint.layer_config import VPTQLayerConfig
 from vptq_mlc.tir_kernels.cuda_gemv import SMEM_CODEBOOK_BYTES, _keep_operands
 
 MMA_ROWS = 16  # M of m16n8k16: the most activation rows one kernel takes
-MIN_ROWS = 4  # below this the gather GEMV wins (doc §3: batch 2 still beats fp16 with gathers)
+MIN_ROWS = 4  # the kernel handles 4..16 rows; below 4 the gather GEMV always wins
+MMA_FROM_ROWS = 6  # where the registry prefers it (mma_preferred)
 
 
 @dataclass(frozen=True)
@@ -67,6 +68,18 @@ def plan_mma(cfg: VPTQLayerConfig) -> MmaPlan:
 
 def mma_supported(cfg: VPTQLayerConfig, dtype: str, rows: int) -> bool:
     return dtype == "float16" and MIN_ROWS <= rows <= MMA_ROWS
+
+
+def mma_preferred(cfg: VPTQLayerConfig, dtype: str, rows: int, gemv_max_rows: int) -> bool:
+    """The tensor-core kernel or the gather GEMV (H100, bench/RESULTS.md "Tensor-core decode kernel"): the MMA
+    kernel's time is flat in rows, the GEMV's grows ~linearly (v8-k4096-0 4096x4096: GEMV 14.6 / 24.2 us at 4 / 8
+    rows, MMA 18 us), so MMA from ~6 rows; but every B element is its own 2-byte lookup, so a residual codebook
+    (two lookups per element) or v > 8 (two n-tiles) keeps the GEMV up to its last row count."""
+    if not mma_supported(cfg, dtype, rows):
+        return False
+    if rows > gemv_max_rows:
+        return True
+    return rows >= MMA_FROM_ROWS and not cfg.has_residual and cfg.vector_len <= 8
 
 
 def vq_mma_cuda(cfg: VPTQLayerConfig, dtype: str, rows: int, plan: MmaPlan | None = None) -> tirx.PrimFunc:

@@ -9,7 +9,8 @@ and therefore which operands (tensor-cache entries) a layer must declare on a ta
 - cuda: static row counts 1..2 for layers whose codebooks do not fit shared memory (K = 65536 class), when the
   model dir carries the `code-sorted` layout and the slices are balanced (`code_sorted_preferred`: no residual or
   Kr == K) -> `cuda_code_sorted.py` (slice-per-CTA kernel + a reduce kernel);
-  static rows 4..16 (fp16) -> tensor-core kernel (`cuda_mma.py`); other static row counts 1..8 (decode) ->
+  static rows 6..16 (fp16; 9..16 with a residual codebook or v > 8: `cuda_mma.mma_preferred`) -> tensor-core
+  kernel (`cuda_mma.py`); other static row counts 1..8 (decode) ->
   hand-scheduled VQ-GEMV (`cuda_gemv.py`); other row counts
   (prefill, symbolic batch) -> dequantize-in-shared-memory matmul scheduled by dlight (`cuda_prefill.py`).
   CUDA kernels carry `op_pattern = kOpaque` so Relax FuseOps never fuses them with neighbours (fusing a
@@ -91,13 +92,13 @@ class KernelSelector:
         if kind != "cuda":
             return VQKernel(vq_matmul_generic(cfg, dtype), generic_ops)
         from vptq_mlc.tir_kernels import cuda_code_sorted as cs
-        from vptq_mlc.tir_kernels.cuda_mma import mma_supported, vq_mma_cuda
+        from vptq_mlc.tir_kernels.cuda_mma import mma_preferred, vq_mma_cuda
         from vptq_mlc.tir_kernels.cuda_prefill import dequant_matmul_cuda
 
         if decode and rows <= cs.MAX_ROWS and self.uses_code_sorted(cfg, dtype):
             k = VQKernel(cs.vq_code_sorted_cuda(cfg, dtype, rows), cs.code_sorted_operands(cfg),
                          ((cs.code_sorted_scratch(cfg, dtype, rows), "float32"),))
-        elif decode and mma_supported(cfg, dtype, rows):  # rows 4..16, fp16: tensor-core MMA
+        elif decode and mma_preferred(cfg, dtype, rows, MAX_ROWS):  # fp16, rows 6..16 (9..16 w/ residual)
             k = VQKernel(vq_mma_cuda(cfg, dtype, rows), generic_ops)
         elif decode and rows <= MAX_ROWS:
             k = VQKernel(vq_gemv_cuda(cfg, dtype, rows), generic_ops)

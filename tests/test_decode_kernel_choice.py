@@ -1,0 +1,38 @@
+"""Which decode kernel serves which static batch on CUDA, and how the engine cuts a running batch into the
+library's static sizes (no compile: the registry's choice and the engine's arithmetic only)."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+
+from vptq_mlc.checkpoint.layer_config import VPTQLayerConfig
+from vptq_mlc.runtime.engine import Engine
+from vptq_mlc.tir_kernels.cuda_gemv import MAX_ROWS
+from vptq_mlc.tir_kernels.cuda_mma import mma_preferred
+
+
+@pytest.mark.parametrize("batch,pieces", [(1, [1]), (3, [3]), (8, [8]), (9, [8, 1]), (11, [8, 3]), (12, [12]),
+                                          (13, [12, 1]), (16, [16]), (20, [16, 4]), (33, [16, 16, 1])])
+def test_decode_pieces_use_static_sizes_largest_first(batch: int, pieces: list[int]) -> None:
+    static = {n: object() for n in (1, *range(2, 9), 12, 16)}  # CUDA's decode + batch_decode_b2..b8, b12, b16
+    fake = SimpleNamespace(_static_decode=static)
+    assert [len(p) for p in Engine._decode_pieces(fake, list(range(batch)))] == pieces
+
+
+def test_decode_pieces_without_static_sizes_is_one_call() -> None:
+    fake = SimpleNamespace(_static_decode={1: object()})  # llvm: `decode` only; batches use symbolic batch_decode
+    assert [len(p) for p in Engine._decode_pieces(fake, list(range(7)))] == [7]
+
+
+@pytest.mark.parametrize("variant,rows,want", [
+    ("v8-k4096-0", 4, False), ("v8-k4096-0", 6, True), ("v8-k4096-0", 16, True),
+    ("v8-k256-256", 8, False), ("v8-k256-256", 12, True),  # residual: two lookups per element, GEMV up to 8
+    ("v16-k65536-65536", 8, False), ("v16-k65536-65536", 16, True),
+    ("v8-k65536-0", 8, True),
+])
+def test_tensor_core_kernel_choice(variant: str, rows: int, want: bool) -> None:
+    cfg = VPTQLayerConfig.from_variant(variant, 4096, 4096)
+    assert mma_preferred(cfg, "float16", rows, MAX_ROWS) is want
+    assert not mma_preferred(cfg, "float32", rows, MAX_ROWS)  # fp16 MMA only
