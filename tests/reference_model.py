@@ -53,3 +53,13 @@ def reference_model(ckpt: str | Path):
     if config.tie_word_embeddings:
         model.tie_weights()
     return model
+
+
+def reference_greedy(model, prompt_ids: list[int], n: int) -> list[int]:  # noqa: ANN001
+    """The transformers model's `n` greedy tokens after `prompt_ids` (EOS ignored, as the engine tests ask)."""
+    import torch
+
+    with torch.no_grad():
+        out = model.generate(torch.tensor([prompt_ids]), max_new_tokens=n, min_new_tokens=n, do_sample=False,
+                             eos_token_id=None, pad_token_id=0)
+    return out[0, len(prompt_ids):].tolist()

@@ -10,6 +10,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from reference_dequant import ref_dequant
+from test_cuda_aot import _have_nvcc as have_nvcc
 
 from vptq_mlc.checkpoint.dequant import decode_codes
 from vptq_mlc.checkpoint.layer_config import VPTQLayerConfig
@@ -157,18 +158,7 @@ def test_registry_routes_only_balanced_layers_to_code_sorted():
     assert "cs_entries" not in kernel_selector(Target("cuda")).operand_shapes(f("v8-k65536-0", 256, 128), "float16")
 
 
-def _have_nvcc() -> bool:
-    from vptq_mlc.compile.cuda import find_nvcc
-    from vptq_mlc.errors import CompileError
-
-    try:
-        find_nvcc()
-        return True
-    except CompileError:
-        return False
-
-
-@pytest.mark.skipif(not _have_nvcc(), reason="needs nvcc (CUDA 13 toolkit)")
+@pytest.mark.skipif(not have_nvcc(), reason="needs nvcc (CUDA 13 toolkit)")
 def test_cuda_library_builds_with_code_sorted_layers(k65536_model, tmp_path):
     """Compile only (no GPU): decode and batch_decode_b2 take the code-sorted kernel, the rest the other kernels."""
     from vptq_mlc.compile.build import compile_model

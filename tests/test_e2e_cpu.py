@@ -10,7 +10,7 @@ import pytest
 import torch
 import tvm
 
-from reference_model import reference_model
+from reference_model import reference_model, reference_greedy
 from vptq_mlc.checkpoint.synthetic import make_synthetic_checkpoint
 from vptq_mlc.compile.build import compile_model
 from vptq_mlc.convert.converter import convert_checkpoint
@@ -79,10 +79,7 @@ def test_greedy_matches_transformers(built):
     engine = Engine(model_dir, lib_path, device="cpu")
     prompt = engine.tokenizer.encode("The quick brown fox", add_special_tokens=False)
     ref = reference_model(ckpt)
-    with torch.no_grad():
-        out = ref.generate(torch.tensor([prompt]), max_new_tokens=GEN, do_sample=False, min_new_tokens=GEN,
-                           eos_token_id=None, pad_token_id=0)
-    want = out[0, len(prompt):].tolist()
+    want = reference_greedy(ref, prompt, GEN)
     req = engine.add_request(prompt, SamplingParams(max_tokens=GEN, temperature=0.0, ignore_eos=True))
     while not req.finished:
         engine.step()

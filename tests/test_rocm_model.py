@@ -15,24 +15,16 @@ from pathlib import Path
 
 import pytest
 
-from vptq_mlc.errors import CompileError
 
 rocm = pytest.importorskip("vptq_mlc.compile.rocm")
 from vptq_mlc.compile.hsaco import find_code_objects, inspect_library  # noqa: E402
+from test_rocm_compile import _toolchain_or_skip  # noqa: E402
 
 ARCHS = ("gfx90a", "gfx1100")
 # static decode batches built here: the smallest and the largest GEMV row counts (register pressure grows with
 # rows); the target default is 2..8 (test_static_batches_default_to_the_gemv_rows; test_package_rocm builds it)
 STATIC = (2, 8)
 OUTLIERS = {"outlier_size": 16, "outlier_vector_len": 4, "num_outlier_centroids": 64}
-
-
-def _toolchain_or_skip() -> None:
-    try:
-        rocm.find_bitcode_dir()
-        rocm.find_ld_lld()
-    except CompileError as e:
-        pytest.skip(f"ROCm build toolchain missing: {e}")
 
 
 @pytest.fixture(scope="module")

@@ -223,8 +223,6 @@ def cuda_target(arch: str):
 
 def build_target(archs: tuple[str, ...] | list[str]):
     """`BuildTarget` for `--target cuda --arch ...`: codegen for the lowest arch, fatbin for all."""
-    import tvm
-
     from vptq_mlc.compile.targets import BuildTarget
 
     archs = parse_archs(archs)
