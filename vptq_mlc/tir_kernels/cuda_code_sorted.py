@@ -27,6 +27,7 @@ from tvm.script import tirx as T
 
 from vptq_mlc.checkpoint.layer_config import VPTQLayerConfig
 from vptq_mlc.convert.layout import code_sorted_geometry
+from vptq_mlc.tir_kernels.generic import kernel_dims
 
 MAX_ROWS = 2  # batch 1..2 decode (vq-gemv-h100.md §3: batch 4+ loses with gather kernels)
 SMEM_X_BYTES = 32 * 1024  # activation rows staged in shared memory up to this size (64 KiB slice + 32 KiB < 99 KB)
@@ -83,15 +84,7 @@ def vq_code_sorted_cuda(cfg: VPTQLayerConfig, dtype: str, rows: int,
         raise ValueError(f"lanes_per_row must be a power of two <= 32, got {p.lanes_per_row}")
     geo = code_sorted_geometry(cfg, dtype)
     el = 2 if dtype == "float16" else 4
-    I, O, v = cfg.in_features, cfg.out_features, cfg.vector_len  # noqa: E741
-    G, K, KR = cfg.group_num, cfg.num_centroids, cfg.num_res_centroids
-    KR1 = max(KR, 1)
-    NV, OSZ = cfg.num_vectors, cfg.outlier_size
-    HAS_RES, HAS_OUT = cfg.has_residual, cfg.has_outliers
-    VO = cfg.outlier_vector_len if HAS_OUT else 1
-    KO = cfg.num_outlier_centroids if HAS_OUT else 1
-    NO = cfg.num_outlier_vectors if HAS_OUT else 1
-    OSZ1 = max(OSZ, 1)
+    I, O, v, G, _, K, KR, KR1, NV, _, OSZ, OSZ1, HAS_RES, HAS_OUT, VO, KO, NO = kernel_dims(cfg)  # noqa: E741
     SE, NSG, NS, CB = geo.slice_entries, geo.slices_per_group, geo.num_slices, geo.code_bits
     CAP, NL = geo.entry_capacity, geo.num_lists
     NB, W, LPR, U, C = rows, p.warps, p.lanes_per_row, p.unroll, p.ctas_per_slice

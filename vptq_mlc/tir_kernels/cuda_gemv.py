@@ -28,6 +28,7 @@ from tvm import tirx
 from tvm.script import tirx as T
 
 from vptq_mlc.checkpoint.layer_config import VPTQLayerConfig
+from vptq_mlc.tir_kernels.generic import kernel_dims
 
 SMEM_CODEBOOK_BYTES = 64 * 1024  # fits twice per SM on sm_80/sm_90, once on sm_86/sm_89 (99 KB)
 MAX_ROWS = 8
@@ -132,14 +133,7 @@ def vq_gemv_cuda(cfg: VPTQLayerConfig, dtype: str, rows: int, plan: GemvPlan | N
     if WARP & (WARP - 1) or not 2 <= WARP <= 64:
         raise ValueError(f"warp size must be a power of two in 2..64, got {WARP}")
     SHFL = WARP.bit_length() - 1  # shuffle-down steps: log2(WARP)
-    I, O, v = cfg.in_features, cfg.out_features, cfg.vector_len  # noqa: E741
-    G, S, K, KR = cfg.group_num, cfg.group_size, cfg.num_centroids, cfg.num_res_centroids
-    NV, L, OSZ = cfg.num_vectors, cfg.group_num * cfg.group_size, cfg.outlier_size
-    HAS_RES, HAS_OUT = cfg.has_residual, cfg.has_outliers
-    VO = cfg.outlier_vector_len if HAS_OUT else 1
-    KO = cfg.num_outlier_centroids if HAS_OUT else 1
-    NO = cfg.num_outlier_vectors if HAS_OUT else 1
-    OSZ1 = max(OSZ, 1)
+    I, O, v, G, S, K, KR, KR1, NV, L, OSZ, OSZ1, HAS_RES, HAS_OUT, VO, KO, NO = kernel_dims(cfg)  # noqa: E741
     NB = rows
     R, P, VW, U, EV = p.rows_per_cta, p.splits, p.vec, p.unroll, p.entry_vec
     W = R * P
@@ -149,7 +143,6 @@ def vq_gemv_cuda(cfg: VPTQLayerConfig, dtype: str, rows: int, plan: GemvPlan | N
     NCH = -(-L // VW)  # chunks of VW codes
     CPS = -(-NCH // P)  # chunks per split
     ITERS = -(-CPS // (WARP * U))
-    KR1 = max(KR, 1)
     CB_MAIN = G * K * v
     CB_RES = G * KR * v if HAS_RES else 0
     CB_ALL = CB_MAIN + CB_RES

@@ -32,6 +32,7 @@ from tvm.script import tirx as T
 
 from vptq_mlc.checkpoint.layer_config import VPTQLayerConfig
 from vptq_mlc.tir_kernels.cuda_gemv import SMEM_CODEBOOK_BYTES, _keep_operands
+from vptq_mlc.tir_kernels.generic import kernel_dims
 
 MMA_ROWS = 16  # M of m16n8k16: the most activation rows one kernel takes
 MIN_ROWS = 4  # the kernel handles 4..16 rows; below 4 the gather GEMV always wins
@@ -87,15 +88,7 @@ def vq_mma_cuda(cfg: VPTQLayerConfig, dtype: str, rows: int, plan: MmaPlan | Non
     if not mma_supported(cfg, dtype, rows):
         raise ValueError(f"vq_mma_cuda takes fp16 and {MIN_ROWS}..{MMA_ROWS} rows, got {dtype} x {rows}")
     p = plan or plan_mma(cfg)
-    I, O, v = cfg.in_features, cfg.out_features, cfg.vector_len  # noqa: E741
-    G, S, K, KR = cfg.group_num, cfg.group_size, cfg.num_centroids, cfg.num_res_centroids
-    NV, L, OSZ = cfg.num_vectors, cfg.group_num * cfg.group_size, cfg.outlier_size
-    HAS_RES, HAS_OUT = cfg.has_residual, cfg.has_outliers
-    VO = cfg.outlier_vector_len if HAS_OUT else 1
-    KO = cfg.num_outlier_centroids if HAS_OUT else 1
-    NO = cfg.num_outlier_vectors if HAS_OUT else 1
-    OSZ1 = max(OSZ, 1)
-    KR1 = max(KR, 1)
+    I, O, v, G, S, K, KR, KR1, NV, L, OSZ, OSZ1, HAS_RES, HAS_OUT, VO, KO, NO = kernel_dims(cfg)  # noqa: E741
     NB = rows
     NI, RW, P, DS, U = p.vec_rows, p.row_groups, p.splits, p.steps_per_load, p.unroll
     NTN = -(-v // 8)  # n-tiles per vector row

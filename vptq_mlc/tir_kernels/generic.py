@@ -7,6 +7,8 @@ biases are applied outside (see model/vptq_linear.py), so this is the only funct
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import tvm
 from tvm import te, tirx
 
@@ -27,6 +29,40 @@ def vq_operand_shapes(cfg: VPTQLayerConfig) -> dict[str, tuple[tuple[int, ...], 
         shapes["outlier_centroids"] = ((cfg.num_outlier_centroids, cfg.outlier_vector_len), "float")
         shapes["outlier_codes"] = ((cfg.num_outlier_vectors, cfg.outlier_size), "uint16")
     return shapes
+
+
+class KernelDims(NamedTuple):
+    """The layer sizes a hand-written kernel closes over (TVMScript reads them as Python constants). Absent
+    operands get size 1, so one kernel body serves every variant (the unused buffers are dropped afterwards)."""
+
+    I: int  # noqa: E741 - in_features
+    O: int  # noqa: E741 - out_features
+    v: int  # vector length
+    G: int  # groups
+    S: int  # group size (columns per group)
+    K: int  # main codebook entries
+    KR: int  # residual codebook entries (0: none)
+    KR1: int  # max(KR, 1)
+    NV: int  # vector rows
+    L: int  # G * S main columns
+    OSZ: int  # outlier columns (0: none)
+    OSZ1: int  # max(OSZ, 1)
+    HAS_RES: bool
+    HAS_OUT: bool
+    VO: int  # outlier vector length (1 without outliers)
+    KO: int  # outlier codebook entries (1 without)
+    NO: int  # outlier vector rows (1 without)
+
+
+def kernel_dims(cfg: VPTQLayerConfig) -> KernelDims:
+    out = cfg.has_outliers
+    return KernelDims(
+        I=cfg.in_features, O=cfg.out_features, v=cfg.vector_len, G=cfg.group_num, S=cfg.group_size,
+        K=cfg.num_centroids, KR=cfg.num_res_centroids, KR1=max(cfg.num_res_centroids, 1), NV=cfg.num_vectors,
+        L=cfg.group_num * cfg.group_size, OSZ=cfg.outlier_size, OSZ1=max(cfg.outlier_size, 1),
+        HAS_RES=cfg.has_residual, HAS_OUT=out, VO=cfg.outlier_vector_len if out else 1,
+        KO=cfg.num_outlier_centroids if out else 1, NO=cfg.num_outlier_vectors if out else 1,
+    )
 
 
 def vq_matmul_generic(cfg: VPTQLayerConfig, dtype: str, n: int | tirx.Var | None = None) -> tirx.PrimFunc:
