@@ -154,3 +154,8 @@ def random_weights_cmd(model_dir: str, lib: str, device: str, seed: int) -> None
     params = load_library(lib, device).metadata["params"]
     click.echo(f"wrote {write_random_weights(model_dir, params, seed) / 1e9:.2f} GB of random weights to {model_dir}")
 
+
+# `bench e2e` (issue 10 item 5(b)) lives in its own module; it imports only click and the stdlib at module level
+from vptq_mlc.bench.e2e_suite import e2e_cmd as _e2e  # noqa: E402
+
+bench.add_command(_e2e)

@@ -1,0 +1,182 @@
+"""Decode and prefill throughput of one of our model libraries through `Engine` (one `vptq-mlc bench e2e` system).
+
+Runs on a runtime-only host (tvm.runtime + numpy; no compiler, no torch). Every timed region ends on logits read
+back to the host (`Engine` reads each step's logits with `.numpy()`), so GPU work is synchronised before the clock
+stops.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import shutil
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+from vptq_mlc.bench.e2e_common import Grid, decode_prompt_len, memory_summary, prompt_ids
+from vptq_mlc.convert.tensor_cache import INDEX_NAME
+
+log = logging.getLogger(__name__)
+PAGE = 16  # KV page size the engine is built with
+
+
+def write_weights(model_dir: Path, params: list[dict[str, Any]], tile: int) -> int:
+    """`write_random_weights`, except that (tile > 0) a float tensor larger than `tile` elements repeats one random
+    block of `tile` values: numpy draws ~0.5 GB/s on one core, ~30 s of a device call for a dense fp16 7B model,
+    and float values do not change the work any kernel does. Codes and perms are drawn whole (gather locality)."""
+    from vptq_mlc.bench import random_weights as rw
+
+    if not tile or not hasattr(rw, "random_kind"):
+        return rw.write_random_weights(model_dir, params)
+    import numpy as np
+    from tqdm import tqdm
+
+    from vptq_mlc.convert.chat_config import CONFIG_NAME, vptq_layer_configs
+    from vptq_mlc.convert.tensor_cache import TensorCacheWriter
+
+    layers = vptq_layer_configs(json.loads((model_dir / CONFIG_NAME).read_text()))
+    rng = np.random.default_rng(0)
+    meta = {"random": True, "tile": tile, "tiled_tensors": 0}
+    with TensorCacheWriter(model_dir, metadata=meta) as w:
+        for p in tqdm(params, desc="random weights", unit="tensor"):
+            kind, shape = rw.random_kind(p["name"], layers), [int(d) for d in p["shape"]]
+            if kind[0] == "normal" and int(np.prod(shape)) > tile:
+                a = np.resize(rw.random_array(kind, [tile], p["dtype"], rng), shape)
+                w.metadata["tiled_tensors"] += 1
+            else:
+                a = rw.random_array(kind, shape, p["dtype"], rng)
+            w.add(p["name"], a)
+    return w.total_bytes
+
+
+def prepare_weights(model_dir: Path, params: list[dict[str, Any]], work_dir: Path, tile: int) -> tuple[Path, dict]:
+    """The model dir to run: `model_dir` itself when it has weights, else a copy of its config files in
+    `work_dir` filled with random weights for `params` (the library's declared parameters)."""
+    if (model_dir / INDEX_NAME).exists():
+        meta = json.loads((model_dir / INDEX_NAME).read_text()).get("metadata", {})
+        return model_dir, {"weights": "present", "weight_bytes": meta.get("ParamBytes")}
+    shutil.copytree(model_dir, work_dir, dirs_exist_ok=True)
+    t0 = time.perf_counter()
+    nbytes = write_weights(work_dir, params, tile)
+    meta = json.loads((work_dir / INDEX_NAME).read_text())["metadata"]
+    tiled = meta.get("tiled_tensors", 0)
+    how = f" ({tiled} float tensors repeat a block of {meta['tile']} values)" if tiled else ""
+    info = {"weights": "random" + how,
+            "weight_bytes": nbytes, "random_weights_s": round(time.perf_counter() - t0, 1)}
+    log.info("%s: %.2f GB of random weights in %.0f s", model_dir.name, nbytes / 1e9, info["random_weights_s"])
+    return work_dir, info
+
+
+def _drain(engine: Any) -> None:
+    while engine.has_unfinished():
+        engine.step()
+
+
+def decode_tok_s(engine: Any, batch: int, context: int, grid: Grid) -> dict[str, Any]:
+    """`batch` requests of prompt + generated tokens = `context` each; tok/s over the last `grid.steps` steps
+    in which every request decodes, after `grid.warmup` untimed decode steps (first calls of a static batch
+    function load its kernels)."""
+    from vptq_mlc.runtime.sampling import SamplingParams
+
+    plen = decode_prompt_len(context, grid)
+    params = SamplingParams(max_tokens=1 + grid.warmup + grid.steps, temperature=0.0, ignore_eos=True)
+    reqs = [engine.add_request(prompt_ids(i, plen, engine.vocab_size), params) for i in range(batch)]
+    while not all(r.prefill_done for r in reqs):
+        engine.step()
+    for _ in range(grid.warmup):
+        engine.step()
+    if len(engine.running) != batch:
+        raise RuntimeError(f"only {len(engine.running)} of {batch} requests run together; the KV cache is too small")
+    done0, t0 = sum(len(r.output_ids) for r in reqs), time.perf_counter()
+    for _ in range(grid.steps):
+        engine.step()
+    dt = time.perf_counter() - t0
+    tokens = sum(len(r.output_ids) for r in reqs) - done0
+    _drain(engine)
+    return {"tok_s": tokens / dt, "prompt_len": plen, "timed_tokens": tokens, "seconds": dt}
+
+
+def prefill_tok_s(engine: Any, tokens: int, reps: int) -> dict[str, Any]:
+    """One request of `tokens` prompt tokens (at most the context window - 1): add_request -> first token, the
+    engine chunking the prompt by its prefill chunk; median of `reps` runs."""
+    from vptq_mlc.runtime.sampling import SamplingParams
+
+    n = min(tokens, engine.context_window - 1)  # a prompt must leave room for one new token
+    times = []
+    for rep in range(reps):
+        t0 = time.perf_counter()
+        req = engine.add_request(prompt_ids(rep, n, engine.vocab_size),
+                                 SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True))
+        while not req.output_ids:
+            engine.step()
+        times.append(time.perf_counter() - t0)
+        _drain(engine)
+    med = sorted(times)[len(times) // 2]
+    return {"tok_s": n / med, "tokens": n, "seconds": med}
+
+
+def _kv_bytes_per_token(model_config: dict[str, Any], dtype: str) -> int:
+    """K and V of every layer for one token."""
+    heads = int(model_config.get("num_key_value_heads") or model_config["num_attention_heads"])
+    head_dim = int(model_config.get("head_dim") or model_config["hidden_size"] // model_config["num_attention_heads"])
+    return 2 * int(model_config["num_hidden_layers"]) * heads * head_dim * (4 if dtype == "float32" else 2)
+
+
+def run_engine_system(model_dir: str, lib_path: str, device: str, grid: Grid, work_dir: str, tile: int,
+                      memory: Callable[[], int | None], out: dict[str, Any]) -> None:
+    """The whole grid for one library, filled into `out` as it goes (a failure keeps what was measured).
+    `memory()` (device-wide used MiB, None off-GPU) is sampled before anything is loaded and after every
+    measurement: TVM's pooled allocator keeps what it took, so the largest sample is the run's peak without
+    polling inside timed regions."""
+    mem = [memory()]
+    try:
+        _run(model_dir, lib_path, device, grid, work_dir, tile, memory, out, mem)
+    finally:
+        out.update(memory_summary(mem))
+
+
+def _run(model_dir: str, lib_path: str, device: str, grid: Grid, work_dir: str, tile: int,
+         memory: Callable[[], int | None], out: dict[str, Any], mem: list[int | None]) -> None:
+    from vptq_mlc.runtime.chat_config import ChatConfig
+    from vptq_mlc.runtime.engine import Engine
+    from vptq_mlc.runtime.library import load_library
+
+    md = load_library(lib_path, device).metadata
+    run_dir, info = prepare_weights(Path(model_dir), md["params"], Path(work_dir), tile)
+    out.update(info)
+    cfg = ChatConfig.load(run_dir)
+    window = min(w for w in (cfg.context_window_size, int(md.get("context_window_size", -1))) if w > 0)
+    compiled_batch = int(md.get("max_batch_size", -1))
+    batches = [b for b in grid.batches if compiled_batch <= 0 or b <= compiled_batch]
+    if not batches:
+        raise ValueError(f"every batch in {grid.batches} exceeds the library's max_batch_size {compiled_batch}")
+    kv_tokens = max(batches) * (-(-min(window, max(grid.contexts)) // PAGE) * PAGE)
+    t0 = time.perf_counter()
+    engine = Engine(run_dir, lib_path, device=device, max_batch_size=max(batches),
+                    max_total_tokens=max(kv_tokens, -(-window // PAGE) * PAGE), page_size=PAGE)
+    kv_total = engine.kv.total_pages * engine.kv.page_size
+    out.update({
+        "load_s": round(time.perf_counter() - t0, 1), "prefill_chunk_size": engine.prefill_chunk,
+        "context_window": window, "max_batch_compiled": compiled_batch,
+        "static_decode_batches": [n for n in range(1, max(batches) + 1)
+                                  if engine.lib.has("decode" if n == 1 else f"batch_decode_b{n}")],
+        "skipped_batches": [b for b in grid.batches if b not in batches],
+        "kv_cache_tokens": kv_total,
+        "kv_cache_bytes": kv_total * _kv_bytes_per_token(cfg.model_config, cfg.raw.get("model_dtype", "float16")),
+    })
+    mem.append(memory())
+    # warm-up: a full prefill chunk and a few single-sequence decode steps (first calls load kernels)
+    prefill_tok_s(engine, engine.prefill_chunk, 1)
+    decode_tok_s(engine, 1, min(window, grid.contexts[0]), dataclasses.replace(grid, steps=2, warmup=1))
+    out["decode"], out["prefill"] = {}, {}
+    for ctx in grid.contexts:
+        for b in batches:
+            out["decode"][f"b{b}_ctx{ctx}"] = r = decode_tok_s(engine, b, min(ctx, window), grid)
+            mem.append(memory())
+            log.info("decode batch %d context %d: %.1f tok/s", b, ctx, r["tok_s"])
+    for n in grid.prefill:
+        out["prefill"][str(n)] = r = prefill_tok_s(engine, n, grid.prefill_reps)
+        mem.append(memory())
+        log.info("prefill %d: %.1f tok/s", r["tokens"], r["tok_s"])
