@@ -51,6 +51,7 @@ def test_bench_e2e_cpu(tiny_served_model: tuple[Path, Path, Path], dense_system:
     assert res.exit_code == 0, res.output
     data = json.loads(out.read_text())
     assert data["baseline"] == "fp16" and list(data["systems"]) == ["vq", "fp16", "transformers"]
+    assert sorted(q.name for q in tmp_path.glob("e2e*")) == ["e2e.json"]  # partial files merged and removed
 
     vq, fp16, hf = (data["systems"][n] for n in ("vq", "fp16", "transformers"))
     assert vq["weights"] == "present" and fp16["weights"].startswith("random")
@@ -67,7 +68,7 @@ def test_bench_e2e_cpu(tiny_served_model: tuple[Path, Path, Path], dense_system:
                 assert d["tok_s"] > 0 and d["timed_tokens"] == 3 * b and d["prompt_len"] == ctx - 3 - 1 - 1
         assert r["prefill"]["16"]["tokens"] == 16 and r["prefill"]["16"]["tok_s"] > 0
         assert r["prefill"]["2000"]["tokens"] == 1023  # capped at the context window (1024) - 1
-        assert "error" not in r
+        assert "error" not in r and r["wall_s"] > 0
     m = data["metrics"]
     for name in ("vq", "fp16", "transformers"):
         for key in ("decode tok/s, batch 1, ctx 24", "decode tok/s, batch 2, ctx 40", "prefill tok/s, 16 tokens",

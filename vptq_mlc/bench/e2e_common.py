@@ -7,7 +7,7 @@ import os
 import shutil
 import subprocess
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import Any, Callable
 
 
 @dataclass(frozen=True)
@@ -71,3 +71,20 @@ def memory_summary(samples: list[int | None]) -> dict[str, Any]:
         return {"gpu_mem_before_mib": None, "gpu_mem_peak_mib": None, "gpu_mem_peak_delta_mib": None}
     return {"gpu_mem_before_mib": samples[0], "gpu_mem_peak_mib": max(got),
             "gpu_mem_peak_delta_mib": max(got) - samples[0]}
+
+
+class Recorder:
+    """A system's result dict `out`, filled as it goes: `point()` after every measurement samples device memory
+    (outside timed regions: TVM's pooled allocator and torch's caching allocator keep what they took, so the
+    largest sample is the peak) and saves `out`, so a run killed at the device call's time limit keeps what it
+    measured. The first sample is taken here, before the system loads anything."""
+
+    def __init__(self, device: str, out: dict[str, Any], save: Callable[[dict[str, Any]], None]) -> None:
+        self.device, self.out, self.save = device, out, save
+        self.samples = [gpu_memory_used_mib(device)]
+        self.out.update(memory_summary(self.samples))
+
+    def point(self) -> None:
+        self.samples.append(gpu_memory_used_mib(self.device))
+        self.out.update(memory_summary(self.samples))
+        self.save(self.out)

@@ -13,9 +13,9 @@ import logging
 import shutil
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
-from vptq_mlc.bench.e2e_common import Grid, decode_prompt_len, memory_summary, prompt_ids
+from vptq_mlc.bench.e2e_common import Grid, Recorder, decode_prompt_len, prompt_ids
 from vptq_mlc.convert.tensor_cache import INDEX_NAME
 
 log = logging.getLogger(__name__)
@@ -125,24 +125,14 @@ def _kv_bytes_per_token(model_config: dict[str, Any], dtype: str) -> int:
 
 
 def run_engine_system(model_dir: str, lib_path: str, device: str, grid: Grid, work_dir: str, tile: int,
-                      memory: Callable[[], int | None], out: dict[str, Any]) -> None:
-    """The whole grid for one library, filled into `out` as it goes (a failure keeps what was measured).
-    `memory()` (device-wide used MiB, None off-GPU) is sampled before anything is loaded and after every
-    measurement: TVM's pooled allocator keeps what it took, so the largest sample is the run's peak without
-    polling inside timed regions."""
-    mem = [memory()]
-    try:
-        _run(model_dir, lib_path, device, grid, work_dir, tile, memory, out, mem)
-    finally:
-        out.update(memory_summary(mem))
-
-
-def _run(model_dir: str, lib_path: str, device: str, grid: Grid, work_dir: str, tile: int,
-         memory: Callable[[], int | None], out: dict[str, Any], mem: list[int | None]) -> None:
+                      rec: Recorder) -> None:
+    """The whole grid for one library into `rec.out`: prefill first, then decode by ascending context (the
+    long-context prompts cost most), each point recorded as soon as it is measured."""
     from vptq_mlc.runtime.chat_config import ChatConfig
     from vptq_mlc.runtime.engine import Engine
     from vptq_mlc.runtime.library import load_library
 
+    out = rec.out
     md = load_library(lib_path, device).metadata
     run_dir, info = prepare_weights(Path(model_dir), md["params"], Path(work_dir), tile)
     out.update(info)
@@ -165,18 +155,18 @@ def _run(model_dir: str, lib_path: str, device: str, grid: Grid, work_dir: str, 
         "skipped_batches": [b for b in grid.batches if b not in batches],
         "kv_cache_tokens": kv_total,
         "kv_cache_bytes": kv_total * _kv_bytes_per_token(cfg.model_config, cfg.raw.get("model_dtype", "float16")),
+        "decode": {}, "prefill": {},
     })
-    mem.append(memory())
+    rec.point()
     # warm-up: a full prefill chunk and a few single-sequence decode steps (first calls load kernels)
     prefill_tok_s(engine, engine.prefill_chunk, 1)
-    decode_tok_s(engine, 1, min(window, grid.contexts[0]), dataclasses.replace(grid, steps=2, warmup=1))
-    out["decode"], out["prefill"] = {}, {}
-    for ctx in grid.contexts:
-        for b in batches:
-            out["decode"][f"b{b}_ctx{ctx}"] = r = decode_tok_s(engine, b, min(ctx, window), grid)
-            mem.append(memory())
-            log.info("decode batch %d context %d: %.1f tok/s", b, ctx, r["tok_s"])
+    decode_tok_s(engine, 1, min(window, min(grid.contexts)), dataclasses.replace(grid, steps=2, warmup=1))
     for n in grid.prefill:
         out["prefill"][str(n)] = r = prefill_tok_s(engine, n, grid.prefill_reps)
-        mem.append(memory())
+        rec.point()
         log.info("prefill %d: %.1f tok/s", r["tokens"], r["tok_s"])
+    for ctx in sorted(grid.contexts):
+        for b in batches:
+            out["decode"][f"b{b}_ctx{ctx}"] = r = decode_tok_s(engine, b, min(ctx, window), grid)
+            rec.point()
+            log.info("decode batch %d context %d: %.1f tok/s", b, ctx, r["tok_s"])

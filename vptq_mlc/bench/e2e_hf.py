@@ -13,9 +13,9 @@ import json
 import logging
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
-from vptq_mlc.bench.e2e_common import Grid, decode_prompt_len, memory_summary, prompt_ids
+from vptq_mlc.bench.e2e_common import Grid, Recorder, decode_prompt_len, prompt_ids
 from vptq_mlc.convert.chat_config import CONFIG_NAME
 
 log = logging.getLogger(__name__)
@@ -44,19 +44,9 @@ def hf_config(chat: dict[str, Any]) -> Any:
     return AutoConfig.for_model(chat["model_type"], **kw)
 
 
-def run_hf_system(model_dir: str, device: str, dtype: str, grid: Grid, memory: Callable[[], int | None],
-                  out: dict[str, Any]) -> None:
-    """The grid for transformers with random `dtype` weights of `model_dir`'s shape on `device`, filled into
-    `out` as it goes; `memory()` as in e2e_engine.run_engine_system (torch's caching allocator keeps its peak)."""
-    mem = [memory()]
-    try:
-        _run(model_dir, device, dtype, grid, memory, out, mem)
-    finally:
-        out.update(memory_summary(mem))
-
-
-def _run(model_dir: str, device: str, dtype: str, grid: Grid, memory: Callable[[], int | None],
-         out: dict[str, Any], mem: list[int | None]) -> None:
+def run_hf_system(model_dir: str, device: str, dtype: str, grid: Grid, rec: Recorder) -> None:
+    """The grid for transformers with random `dtype` weights of `model_dir`'s shape on `device`, into `rec.out`
+    (same order as e2e_engine.run_engine_system)."""
     import torch
     import transformers
     from transformers.generation.streamers import BaseStreamer
@@ -68,12 +58,14 @@ def _run(model_dir: str, device: str, dtype: str, grid: Grid, memory: Callable[[
     t0 = time.perf_counter()
     with dev:  # initialise the random weights on the device (a 7B fp16 model in seconds)
         model = transformers.AutoModelForCausalLM.from_config(config, dtype=getattr(torch, dtype)).eval()
+    out = rec.out
     out.update({"weights": f"random ({dtype}, transformers init)",
                 "weight_bytes": sum(p.numel() * p.element_size() for p in model.parameters()),
                 "load_s": round(time.perf_counter() - t0, 1), "torch": torch.__version__,
                 "transformers": transformers.__version__,
-                "attn_implementation": getattr(model.config, "_attn_implementation", None)})
-    mem.append(memory())
+                "attn_implementation": getattr(model.config, "_attn_implementation", None),
+                "decode": {}, "prefill": {}})
+    rec.point()
     window = int(config.max_position_embeddings)
 
     class StepClock(BaseStreamer):
@@ -109,22 +101,21 @@ def _run(model_dir: str, device: str, dtype: str, grid: Grid, memory: Callable[[
         out["torch_max_memory_allocated_mib"] = (torch.cuda.max_memory_allocated(dev) >> 20) if cuda else None
 
     generate(1, 16, 4)  # warm-up
-    out["decode"], out["prefill"] = {}, {}
-    for ctx in grid.contexts:
+    for n_asked in grid.prefill:
+        n = min(n_asked, window - 1)
+        generate(1, n, 1)  # untimed: this prompt shape once
+        med = sorted(generate(1, n, 1)[0] for _ in range(grid.prefill_reps))[grid.prefill_reps // 2]
+        out["prefill"][str(n_asked)] = {"tok_s": n / med, "tokens": n, "seconds": med}
+        peak_allocated()
+        rec.point()
+        log.info("transformers prefill %d: %.1f tok/s", n, n / med)
+    for ctx in sorted(grid.contexts):
         plen = decode_prompt_len(min(ctx, window), grid)
         for b in grid.batches:
             _, stamps = generate(b, plen, 1 + grid.warmup + grid.steps)
             dt = stamps[-1] - stamps[grid.warmup]  # the last `steps` decode steps
             out["decode"][f"b{b}_ctx{ctx}"] = r = {"tok_s": b * grid.steps / dt, "prompt_len": plen,
                                                    "timed_tokens": b * grid.steps, "seconds": dt}
-            mem.append(memory())
             peak_allocated()
+            rec.point()
             log.info("transformers decode batch %d context %d: %.1f tok/s", b, ctx, r["tok_s"])
-    for n_asked in grid.prefill:
-        n = min(n_asked, window - 1)
-        generate(1, n, 1)  # untimed: this prompt shape once
-        med = sorted(generate(1, n, 1)[0] for _ in range(grid.prefill_reps))[grid.prefill_reps // 2]
-        out["prefill"][str(n_asked)] = {"tok_s": n / med, "tokens": n, "seconds": med}
-        mem.append(memory())
-        peak_allocated()
-        log.info("transformers prefill %d: %.1f tok/s", n, n / med)

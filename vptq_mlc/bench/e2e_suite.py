@@ -4,8 +4,9 @@ isolates the kernels) and transformers fp16.
 
 Each system runs in its own child process (`python -m vptq_mlc.bench.e2e_suite SPEC RESULT`): the device-wide
 memory figure then starts from a GPU holding nothing of ours, a failing system (e.g. out of memory) does not
-take the others down, and our runtime never shares a process with torch. The JSON is rewritten after every
-system, so a run cut short keeps what it measured.
+take the others down, and our runtime never shares a process with torch. A child rewrites
+OUT.<system>.partial.json after every measurement and the parent merges it into OUT after the system, so a run
+killed at a time limit keeps what it measured.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -24,7 +26,7 @@ from typing import Any
 import click
 
 from vptq_mlc.atomic import atomic_file
-from vptq_mlc.bench.e2e_common import Grid, gpu_memory_used_mib
+from vptq_mlc.bench.e2e_common import Grid, Recorder
 
 log = logging.getLogger(__name__)
 HF = "transformers"
@@ -48,15 +50,20 @@ def gpu_name(device: str) -> str | None:
     return out.stdout.strip() or None
 
 
-def _run_child(spec: dict[str, Any], tmp: Path) -> dict[str, Any]:
-    """One system in a child process; its logs go to our stderr."""
-    spec_path, result_path = tmp / f"{spec['name']}.spec.json", tmp / f"{spec['name']}.result.json"
+def _run_child(spec: dict[str, Any], tmp: Path, partial: Path) -> dict[str, Any]:
+    """One system in a child process; its logs go to our stderr. The child rewrites `partial` after every
+    measurement (it survives a run killed at a time limit); once merged into the main JSON it is removed."""
+    spec_path = tmp / f"{spec['name']}.spec.json"
     spec_path.write_text(json.dumps(spec))
-    proc = subprocess.run([sys.executable, "-m", "vptq_mlc.bench.e2e_suite", str(spec_path), str(result_path)],
+    proc = subprocess.run([sys.executable, "-m", "vptq_mlc.bench.e2e_suite", str(spec_path), str(partial)],
                           check=False)
-    if result_path.exists():
-        return json.loads(result_path.read_text())
-    return {"error": f"the child process exited with status {proc.returncode} and wrote no result"}
+    if not partial.exists():
+        return {"error": f"the child process exited with status {proc.returncode} and wrote no result"}
+    res = json.loads(partial.read_text())
+    partial.unlink()
+    if proc.returncode != 0 and "error" not in res:
+        res["error"] = f"the child process exited with status {proc.returncode}"
+    return res
 
 
 def run_suite(systems: list[System], out_json: str | Path, device: str, grid: Grid, baseline: str | None,
@@ -75,7 +82,8 @@ def run_suite(systems: list[System], out_json: str | Path, device: str, grid: Gr
                     "grid": grid.to_json(), "work_dir": str(Path(tmp) / s.name), "tile": tile, "hf_dtype": hf_dtype}
             log.info("system %s: %s", s.name, s.lib or f"transformers {hf_dtype}")
             t0 = time.perf_counter()
-            results["systems"][s.name] = _run_child(spec, Path(tmp))
+            partial = Path(out_json).with_name(f"{Path(out_json).stem}.{s.name}.partial.json")
+            results["systems"][s.name] = _run_child(spec, Path(tmp), partial)
             results["systems"][s.name]["wall_s"] = round(time.perf_counter() - t0, 1)
             results["metrics"] = {n: flat_metrics(r, grid) for n, r in results["systems"].items()}
             results["ratios"] = ratios(results["metrics"], [s.name for s in systems], baseline)
@@ -184,8 +192,8 @@ def e2e_cmd(out_json: str, systems: tuple[tuple[str, str, str], ...], baseline: 
         raise click.BadParameter(f"context {min(grid.contexts)} leaves no prompt for {warmup} + {steps} decode "
                                  "steps; use fewer --steps or longer --contexts")
     names = [s[0] for s in systems]
-    if len(set(names)) != len(names) or HF in names:
-        raise click.BadParameter(f"system names must be unique and not {HF!r}: {names}")
+    if len(set(names)) != len(names) or HF in names or not all(re.fullmatch(r"[\w.-]+", n) for n in names):
+        raise click.BadParameter(f"system names must be unique words (letters, digits, _ . -), not {HF!r}: {names}")
     if baseline is None and "fp16" in names:
         baseline = "fp16"
     if baseline is not None and baseline not in names:
@@ -202,29 +210,30 @@ def e2e_cmd(out_json: str, systems: tuple[tuple[str, str, str], ...], baseline: 
 
 
 def _child(spec_path: str, result_path: str) -> None:
-    """Measure one system from its spec; the result (or the error) goes to `result_path`."""
+    """Measure one system from its spec; the result so far (and any error) is in `result_path` at all times."""
     spec = json.loads(Path(spec_path).read_text())
     grid = Grid.from_json(spec["grid"])
 
-    def memory() -> int | None:
-        return gpu_memory_used_mib(spec["device"])
+    def save(res: dict[str, Any]) -> None:
+        with atomic_file(result_path) as f:
+            f.write_text(json.dumps(res, indent=1))
 
-    res: dict[str, Any] = {}
+    rec = Recorder(spec["device"], {}, save)
     try:
         if spec["lib"] is None:
             from vptq_mlc.bench.e2e_hf import run_hf_system
 
-            run_hf_system(spec["model_dir"], spec["device"], spec["hf_dtype"], grid, memory, res)
+            run_hf_system(spec["model_dir"], spec["device"], spec["hf_dtype"], grid, rec)
         else:
             from vptq_mlc.bench.e2e_engine import run_engine_system
 
-            res["lib"] = os.path.abspath(spec["lib"])
+            rec.out["lib"] = os.path.abspath(spec["lib"])
             run_engine_system(spec["model_dir"], spec["lib"], spec["device"], grid, spec["work_dir"], spec["tile"],
-                              memory, res)
+                              rec)
     except Exception as e:  # noqa: BLE001 - recorded in the JSON next to what was measured; the others still run
         log.exception("system %s failed", spec["name"])
-        res["error"] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
-    Path(result_path).write_text(json.dumps(res, indent=1))
+        rec.out["error"] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+    save(rec.out)
 
 
 if __name__ == "__main__":
