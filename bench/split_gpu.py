@@ -2,14 +2,18 @@
 
 Usage on the GPU host (repo root, PYTHONPATH=.carry/tvm_rt:.):
     python3 bench/split_gpu.py MODEL_DIR LIB OUT_DIR [--devices cuda:0,cuda:1] [--tokens 32] [--prompt-len 128]
-                               [--random-weights] [--skip-single] [--name NAME]
+                               [--random-weights | --random-weights-on-device] [--skip-single] [--batch 4]
+                               [--name NAME]
 LIB must be compiled with `vptq-mlc compile --target cuda --split-functions`. MODEL_DIR may be config-only (no
 tensor-cache.json) with --random-weights: it is copied to /tmp and filled by `write_random_weights` (what
-`vptq-mlc bench random-weights` does). --skip-single: the model does not fit one GPU (only the split runs).
+`vptq-mlc bench random-weights` does). --random-weights-on-device (split only, implies --skip-single): no shards at
+all, each stage's weights are made on its GPU (bench/device_random.py, through VPTQ_MLC_SPLIT_RANDOM_WEIGHTS), for
+models bigger than the host's disk (the 405B shape). --skip-single: the model does not fit one GPU (only the split
+runs). --batch N: also time N concurrent requests (decode tok/s summed over the batch).
 
 Writes OUT_DIR/split_<name>.json: per run greedy tokens, decode tok/s (batch 1, after the prompt), prefill seconds,
-GPU memory per device (nvidia-smi) and the stage plan; `identical` = split tokens == single-device tokens.
-Exit status 1 when they differ.
+load seconds, GPU memory per device (nvidia-smi) and the stage plan with its weight bytes; `identical` = split tokens
+== single-device tokens. Exit status 1 when they differ.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ from pathlib import Path
 
 from vptq_mlc.runtime.engine import Engine
 from vptq_mlc.runtime.sampling import SamplingParams
+from vptq_mlc.runtime.split import RANDOM_WEIGHTS_ENV, _param_bytes
 
 
 def nvidia_smi(query: str) -> str:
@@ -41,29 +46,55 @@ def gpu_memory_mib() -> dict[str, int]:
     return {f"cuda:{i.strip()}": int(m) for i, m in (ln.split(",") for ln in out.strip().splitlines() if ln)}
 
 
-def run(engine: Engine, prompt: list[int], tokens: int) -> dict:
-    """Greedy `tokens` tokens for one request; decode tok/s counts the steps after the prompt's prefill."""
-    req = engine.add_request(prompt, SamplingParams(max_tokens=tokens, temperature=0.0, ignore_eos=True))
+def run(engine: Engine, prompts: list[list[int]], tokens: int) -> dict:
+    """Greedy `tokens` tokens for each prompt, all at once; decode tok/s counts every sequence's tokens after the
+    prompts' prefill (so at batch > 1 it is the sum over the batch)."""
+    params = SamplingParams(max_tokens=tokens, temperature=0.0, ignore_eos=True)
+    reqs = [engine.add_request(p, params) for p in prompts]
     t0 = time.perf_counter()
-    while not req.prefill_done:
+    while not all(r.prefill_done for r in reqs):
         engine.step()
     t1 = time.perf_counter()
-    while not req.finished:
+    while not all(r.finished for r in reqs):
         engine.step()
     t2 = time.perf_counter()
-    return {"tokens": req.output_ids, "prefill_s": t1 - t0, "decode_tok_s": (len(req.output_ids) - 1) / (t2 - t1)}
+    out = {"prefill_s": t1 - t0, "decode_tok_s": sum(len(r.output_ids) - 1 for r in reqs) / (t2 - t1)}
+    return {"tokens": reqs[0].output_ids, **out} if len(reqs) == 1 else {"batch": len(reqs), **out}
 
 
-def measure(model: str, lib: str, prompt: list[int], tokens: int, **engine_kw: object) -> dict:
+def stage_plan(engine: Engine) -> list[dict] | None:
+    model = engine.lib
+    stages = getattr(model, "stages", None)
+    if not stages:
+        return None
+    cfg = engine.config.model_config
+    plan = []
+    for k, s in enumerate(stages):
+        names = [n for i in s.layers for n in model.layer_param_names(i)]
+        names += model.split["embed"]["params"] if k == 0 else []
+        names += model.split["head"]["params"] if k == len(stages) - 1 else []
+        plan.append({"device": f"{s.lib.spec.kind}:{s.lib.spec.index}", "layers": [s.layers.start, s.layers.stop],
+                     "weight_bytes": sum(_param_bytes(model._params[n], cfg) for n in dict.fromkeys(names))})
+    return plan
+
+
+def measure(model: str, lib: str, prompts: list[list[int]], tokens: int, **engine_kw: object) -> dict:
+    """Load, warm up, then batch 1 (prompts[0]) and, with more prompts, all of them at once."""
+    per_seq = len(prompts[0]) + tokens + 16
     t = time.perf_counter()
-    engine = Engine(model, lib, max_batch_size=1, context_window=len(prompt) + tokens + 16, **engine_kw)
+    engine = Engine(model, lib, max_batch_size=len(prompts), context_window=per_seq,
+                    max_total_tokens=per_seq * len(prompts), **engine_kw)
     load_s = time.perf_counter() - t
-    run(engine, prompt, 8)  # warm-up (first calls allocate the VM's memory pools)
-    res = {"load_s": load_s, **run(engine, prompt, tokens), "gpu_mem_mib": gpu_memory_mib()}
-    stages = getattr(engine.lib, "stages", None)
-    if stages:
-        res["stages"] = [{"device": f"{s.lib.spec.kind}:{s.lib.spec.index}", "layers": [s.layers.start, s.layers.stop]}
-                         for s in stages]
+    res = {"load_s": load_s, "gpu_mem_mib_loaded": gpu_memory_mib()}
+    run(engine, prompts[:1], 8)  # warm-up (first calls allocate the VM's memory pools)
+    res.update(run(engine, prompts[:1], tokens))
+    if len(prompts) > 1:
+        run(engine, prompts, 4)  # warm-up of the batched functions
+        res[f"batch{len(prompts)}"] = run(engine, prompts, tokens)
+    res["gpu_mem_mib"] = gpu_memory_mib()
+    plan = stage_plan(engine)
+    if plan:
+        res["stages"] = plan
     del engine
     gc.collect()
     return res
@@ -78,12 +109,17 @@ def main() -> int:
     ap.add_argument("--tokens", type=int, default=32)
     ap.add_argument("--prompt-len", type=int, default=128)
     ap.add_argument("--random-weights", action="store_true")
+    ap.add_argument("--random-weights-on-device", action="store_true")
     ap.add_argument("--skip-single", action="store_true")
+    ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--name", default=None)
     a = ap.parse_args()
     name = a.name or Path(a.model_dir).name
     model = a.model_dir
-    if a.random_weights and not (Path(model) / "tensor-cache.json").exists():
+    if a.random_weights_on_device:
+        os.environ[RANDOM_WEIGHTS_ENV] = "0"
+        a.skip_single = True
+    elif a.random_weights and not (Path(model) / "tensor-cache.json").exists():
         from vptq_mlc.bench.random_weights import write_random_weights
         from vptq_mlc.runtime.library import load_library
 
@@ -93,15 +129,19 @@ def main() -> int:
         nbytes = write_random_weights(model, load_library(a.lib, a.devices.split(",")[0]).metadata["params"])
         print(f"{nbytes / 1e9:.2f} GB of random weights in {time.time() - t:.0f} s", flush=True)
     vocab = json.loads((Path(model) / "mlc-chat-config.json").read_text())["vocab_size"]
-    prompt = [1 + (7 * j) % min(1000, vocab - 1) for j in range(a.prompt_len)]
+    prompts = [[1 + (7 * j + 13 * b) % min(1000, vocab - 1) for j in range(a.prompt_len)] for b in range(a.batch)]
     out = Path(a.out_dir) / f"split_{name}.json"
     res: dict = {"model": name, "devices": a.devices, "tokens": a.tokens, "prompt_len": a.prompt_len,
-                 "gpus": nvidia_smi("name").strip().splitlines()}
+                 "weights": "random on device" if a.random_weights_on_device else "shards",
+                 "gpus": nvidia_smi("name").strip().splitlines(),
+                 "gpu_mem_total_mib": nvidia_smi("memory.total").split()}
     if not a.skip_single:
-        res["single"] = measure(model, a.lib, prompt, a.tokens, device=a.devices.split(",")[0])
+        res["single"] = measure(model, a.lib, prompts[:1], a.tokens, device=a.devices.split(",")[0])
         print("single", {k: v for k, v in res["single"].items() if k != "tokens"}, flush=True)
         json.dump(res, open(out, "w"), indent=1)
-    res["split"] = measure(model, a.lib, prompt, a.tokens, devices=a.devices)
+    res["split"] = measure(model, a.lib, prompts, a.tokens, devices=a.devices)
+    if res["split"].get("stages"):
+        res["param_bytes"] = sum(st["weight_bytes"] for st in res["split"]["stages"])
     print("split", {k: v for k, v in res["split"].items() if k != "tokens"}, flush=True)
     if not a.skip_single:
         res["identical"] = res["split"]["tokens"] == res["single"]["tokens"]

@@ -166,3 +166,53 @@ def test_library_without_split_functions(tiny_served_model) -> None:
     _, model_dir, lib = tiny_served_model
     r = CliRunner().invoke(main, ["chat", str(model_dir), "--lib", str(lib), "--prompt", "x", "--devices", DEVICES])
     assert r.exit_code == 1 and "--split-functions" in r.output, r.output
+
+
+def test_random_weights_made_on_each_stage_device(built, tmp_path, monkeypatch) -> None:
+    """The 405B benchmark's loading path (bench/device_random.py via RANDOM_WEIGHTS_ENV): a config-only dir (no
+    shards at all) gives a working split engine whose tensors were made on their stage's device, with codes inside
+    their codebooks and perms that are permutations. SMALL/BLOCK are shrunk so the tiled-copy path runs too."""
+    import json
+    import shutil
+
+    from vptq_mlc.bench import device_random
+    from vptq_mlc.runtime.split import RANDOM_WEIGHTS_ENV
+
+    _, model_dir, lib = built
+    for f in model_dir.iterdir():
+        if f.suffix == ".json" and f.name != "tensor-cache.json":
+            shutil.copy2(f, tmp_path / f.name)
+    monkeypatch.setenv(RANDOM_WEIGHTS_ENV, "7")
+    monkeypatch.setattr(device_random, "SMALL", 100)
+    monkeypatch.setattr(device_random, "BLOCK", 97)
+    engine = Engine(tmp_path, lib, devices=DEVICES, max_batch_size=4)
+    model = engine.lib
+    meta = {p["name"]: p for p in model.metadata["params"]}
+    vptq = json.loads((tmp_path / "mlc-chat-config.json").read_text())["vptq"]["layers"]
+    codebook = {"codes": lambda c: c["num_centroids"][-1], "res_codes": lambda c: c["num_res_centroids"][-1],
+                "outlier_codes": lambda c: c["num_centroids"][0]}
+    seen = set()
+    for k, st in enumerate(model.stages):
+        named = {n: t for i in st.layers for n, t in zip(model.layer_param_names(i), st.layer_params[i])}
+        if st.embed_params is not None:
+            named.update(zip(model.split["embed"]["params"], st.embed_params))
+        if st.head_params is not None:
+            named.update(zip(model.split["head"]["params"], st.head_params))
+        for name, t in named.items():
+            assert t.device.index == k and list(t.shape) == meta[name]["shape"] and str(t.dtype) == meta[name]["dtype"]
+            a = t.numpy()
+            path, _, leaf = name.rpartition(".")
+            if leaf in codebook:
+                assert 0 <= a.min() and a.max() < codebook[leaf](vptq[path]), name
+            elif leaf == "perm":
+                assert sorted(a.tolist()) == list(range(a.size)), name
+            else:
+                assert np.isfinite(a).all() and np.abs(a).max() < 2, name
+            if a.size > 100 and leaf != "perm":  # tiled: every element repeats the block of 97
+                flat = a.reshape(-1)
+                assert np.array_equal(flat[97:], flat[: flat.size - 97]) and len(np.unique(flat[:97])) > 1, name
+            seen.add(name)
+    assert seen == set(meta)
+    assert model.stages[0].embed_params is not None and model.stages[1].head_params is not None
+    out = generate(engine, ["The quick brown fox", "A"], 6)
+    assert [len(o) for o in out] == [6, 6] and all(0 <= t < engine.vocab_size for o in out for t in o)

@@ -126,7 +126,7 @@ def decode(model_dir: str, lib: str, device: str, tokens: int, prompt_len: int, 
 
 @bench.command(name="synth-model")
 @click.argument("out", type=click.Path(path_type=str))
-@click.option("--shape", type=click.Choice(["llama2-7b", "llama3.1-8b", "qwen2.5-7b", "llama2-13b"]),
+@click.option("--shape", type=click.Choice(["llama2-7b", "llama3.1-8b", "qwen2.5-7b", "llama2-13b", "llama3.1-405b"]),
               default="llama2-7b", show_default=True)
 @click.option("--variant", default="v8-k4096-0", show_default=True)
 @click.option("--layers", type=int, default=None, help="Decoder layers (default: the real model's).")

@@ -3,6 +3,8 @@
 A 7B-class model is gigabytes, so it is never carried to a GPU host: the library is compiled on the build box
 from a *config-only* model dir (mlc-chat-config.json + tokenizer, no weights), and the same seeded checkpoint is
 generated and converted on the GPU host, where the runtime checks the weights against the library's _metadata.
+A model too big for the GPU host's disk (the 405B shape: ~110 GB at 2 bits) gets its random weights made directly on
+the devices instead (`bench/device_random.py`, layer split only).
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ import json
 import shutil
 import tempfile
 from pathlib import Path
+from typing import Any
 
 from vptq_mlc.atomic import atomic_dir
 from vptq_mlc.checkpoint.synthetic import make_synthetic_checkpoint
@@ -23,6 +26,15 @@ SHAPES = {
     "llama3.1-8b": ("llama", 4096, 14336, 32, 32, 8, 128256),
     "qwen2.5-7b": ("qwen2", 3584, 18944, 28, 28, 4, 152064),
     "llama2-13b": ("llama", 5120, 13824, 40, 40, 40, 32000),
+    "llama3.1-405b": ("llama", 16384, 53248, 126, 128, 8, 128256),
+}
+# What a shape needs beyond SHAPES. `rope_theta`: the real model's RoPE base (written into the converted config).
+# `max_batch_size`: the converted config's (small for models that only just fit several GPUs). `config_only_vocab`:
+# a config-only dir is generated with this vocabulary (tokenizer + the throw-away embeddings) and only its config
+# says the real one: the 405B's 128k-token tokenizer (~17 MB) would not fit the carry limit, and its throw-away
+# fp16 embeddings are 8 GB. Token ids past the tokenizer's vocabulary then decode to nothing (bench prompts are ids).
+SHAPE_EXTRAS: dict[str, dict[str, Any]] = {
+    "llama3.1-405b": {"rope_theta": 500000.0, "max_batch_size": 4, "config_only_vocab": 4096},
 }
 
 
@@ -30,15 +42,17 @@ def synth_model(out: str | Path, shape: str, variant: str, *, layers: int | None
                 context_window: int = 2048, seed: int = 0) -> Path:
     """Write the converted (MLC) model dir of a synthetic `shape` model quantized as `variant`."""
     arch, hidden, inter, n_layers, heads, kv_heads, vocab = SHAPES[shape]
+    extras = SHAPE_EXTRAS.get(shape, {})
     n_layers = layers or n_layers
+    gen_vocab = min(vocab, extras.get("config_only_vocab", vocab)) if config_only else vocab
     with tempfile.TemporaryDirectory(prefix="vptq-synth-") as tmp:
         ckpt = make_synthetic_checkpoint(
             Path(tmp) / "ckpt", arch=arch, variant=variant, hidden_size=hidden, intermediate_size=inter,
-            num_layers=1 if config_only else n_layers, num_heads=heads, num_kv_heads=kv_heads, vocab_size=vocab,
+            num_layers=1 if config_only else n_layers, num_heads=heads, num_kv_heads=kv_heads, vocab_size=gen_vocab,
             dtype="float16", seed=seed,
         )
         model = convert_checkpoint(ckpt, Path(tmp) / "mlc", dtype="float16", context_window_size=context_window,
-                                   validate=False)
+                                   max_batch_size=extras.get("max_batch_size"), validate=False)
         with atomic_dir(out) as dst:
             for f in model.iterdir():
                 if config_only and (f.name.startswith("params_shard_") or f.name == "tensor-cache.json"):
@@ -50,4 +64,17 @@ def synth_model(out: str | Path, shape: str, variant: str, *, layers: int | None
                 cfg["vptq"]["layers"] = {f"model.layers.{i}.{k}": v for i in range(n_layers) for k, v in one.items()}
                 cfg["model_config"]["num_hidden_layers"] = n_layers
                 (dst / CONFIG_NAME).write_text(json.dumps(cfg, indent=2))
+            _apply_extras(dst / CONFIG_NAME, extras, vocab)
     return Path(out)
+
+
+def _apply_extras(config_path: Path, extras: dict[str, Any], vocab: int) -> None:
+    """The real model's RoPE base and vocabulary size in the converted config (see SHAPE_EXTRAS)."""
+    cfg = json.loads(config_path.read_text())
+    if "rope_theta" in extras:
+        cfg["model_config"]["position_embedding_base"] = float(extras["rope_theta"])
+    for d in (cfg, cfg["model_config"]):
+        d["vocab_size"] = vocab
+    if "active_vocab_size" in cfg:
+        cfg["active_vocab_size"] = vocab
+    config_path.write_text(json.dumps(cfg, indent=2))
