@@ -10,7 +10,7 @@ import pytest
 import torch
 import tvm
 
-from reference_model import reference_model, reference_greedy
+from reference_model import reference_greedy, reference_model
 from vptq_mlc.checkpoint.synthetic import make_synthetic_checkpoint
 from vptq_mlc.compile.build import compile_model
 from vptq_mlc.convert.converter import convert_checkpoint
@@ -108,3 +108,10 @@ def test_decode_split_into_static_batches_matches_alone(tmp_path):
     while engine.has_unfinished():
         engine.step()
     assert [r.output_ids for r in reqs] == alone
+
+
+def test_metadata_reports_planned_memory(built) -> None:
+    """`_metadata.memory_usage` (MLC-LLM's field): the statically planned activation bytes per function; prefill
+    plans for prefill_chunk_size tokens, so it needs more than one-token decode."""
+    mem = load_library(built[2], "cpu").metadata["memory_usage"]
+    assert mem["prefill"] > mem["decode"] > 0 and mem["batch_prefill"] > 0

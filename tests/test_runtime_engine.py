@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from reference_model import reference_model, reference_greedy
+from reference_model import reference_greedy, reference_model
 from vptq_mlc.checkpoint.synthetic import make_synthetic_checkpoint
 from vptq_mlc.compile.build import compile_model
 from vptq_mlc.convert.converter import convert_checkpoint

@@ -23,7 +23,7 @@ import httpx
 import openai
 import pytest
 
-from reference_model import reference_model, reference_greedy
+from reference_model import reference_greedy, reference_model
 from vptq_mlc.runtime import Engine
 from vptq_mlc.serve.server import ServerThread
 

@@ -14,12 +14,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 import tvm
 from click.testing import CliRunner
 from tvm.runtime import ShapeTuple
 
-from reference_model import reference_model
+from reference_model import reference_greedy, reference_model
 from vptq_mlc.checkpoint.synthetic import make_synthetic_checkpoint
 from vptq_mlc.cli import main
 from vptq_mlc.compile.build import compile_model
@@ -91,10 +90,7 @@ def test_greedy_matches_transformers_and_single_device(built, single: Engine, sp
     ref = reference_model(built[0])
     for prompt in PROMPTS:
         ids = split.tokenizer.encode(prompt)
-        with torch.no_grad():
-            out = ref.generate(torch.tensor([ids]), max_new_tokens=12, min_new_tokens=12, do_sample=False,
-                               eos_token_id=None, pad_token_id=0)
-        want = out[0, len(ids):].tolist()
+        want = reference_greedy(ref, ids, 12)
         assert generate(split, [prompt]) == [want]
         assert generate(single, [prompt]) == [want]
     # batched: packed prefill, then decode batches of 3 = static 2 + 1 on both

@@ -30,11 +30,12 @@ def bench() -> None:
 
 @bench.command()
 @click.argument("out", type=click.Path(file_okay=False, path_type=str))
-@click.option("--suite", type=click.Choice(["check", "kernels", "sweep", "code-sorted"]), default="kernels",
+@click.option("--suite", type=click.Choice(["check", "kernels", "sweep", "code-sorted", "prefill"]), default="kernels",
               show_default=True,
               help="check: every variant family on small shapes; kernels: the issue's variants x real shapes; "
                    "sweep: decode-kernel schedule variants on a few shapes; code-sorted: the K=65536 kernel "
-                   "(correctness, real shapes next to the gather GEMV, launch sweep).")
+                   "(correctness, real shapes next to the gather GEMV, launch sweep); prefill: the dlight dequant "
+                   "matmul next to the registry's prefill kernel at 128/512/2048 rows.")
 @click.option("--arch", default="sm_90", show_default=True, help="Comma-separated CUDA archs.")
 @click.option("--rows", default="1,8", show_default=True, help="Decode row counts (kernels suite).")
 @click.option("--compare-gemv", default="", help="Row counts at which the gather GEMV is also built, next to the "
@@ -42,7 +43,7 @@ def bench() -> None:
 def build(out: str, suite: str, arch: str, rows: str, compare_gemv: str) -> None:
     """Compile the suite's kernels into OUT/kernels_cuda.so + OUT/kernels.json (no GPU needed)."""
     from vptq_mlc.bench.kernels import (bench_cases, build_kernel_library, code_sorted_cases, correctness_cases,
-                                        sweep_cases)
+                                        prefill_cases, sweep_cases)
     from vptq_mlc.compile.cuda import parse_archs
 
     if suite == "check":
@@ -51,6 +52,8 @@ def build(out: str, suite: str, arch: str, rows: str, compare_gemv: str) -> None
         cases = sweep_cases()
     elif suite == "code-sorted":
         cases = code_sorted_cases()
+    elif suite == "prefill":
+        cases = prefill_cases()
     else:
         cases = bench_cases(tuple(int(r) for r in rows.split(",")),
                             tuple(int(r) for r in compare_gemv.split(",") if r))

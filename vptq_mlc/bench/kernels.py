@@ -39,7 +39,7 @@ class KernelCase:
     layer: dict[str, Any] = field(default_factory=dict)  # extra VPTQLayerConfig.from_variant kwargs
     run_rows: int = 0  # rows to run a symbolic kernel with (0 = `rows`)
     plan: dict[str, Any] = field(default_factory=dict)  # GemvPlan overrides (schedule sweeps), decode only
-    kernel: str = ""  # "" = the registry's choice; "gemv" / "mma" / "code-sorted" force a decode kernel (side by side)
+    kernel: str = ""  # "" = the registry's choice; "gemv" / "mma" / "code-sorted" / "dequant" force a kernel
 
     @property
     def name(self) -> str:
@@ -88,6 +88,12 @@ def correctness_cases() -> list[KernelCase]:
         KernelCase("v8-k256-0", 1024, 512, 11, {"group_num": 2}),
         KernelCase("v12-k4096-0", 1020, 252, 12),
         KernelCase("v8-k4096-0", 2048, 8192, 16),
+        # tensor-core prefill (symbolic rows, 4 row tiles of 16 per CTA): partial tiles, outliers, residual, v12/v16
+        KernelCase("v8-k4096-0", 1024, 512, None, kernel="mma", run_rows=37),
+        KernelCase("v8-k256-256", 1000, 300, None, {"enable_perm": False}, kernel="mma", run_rows=100),
+        KernelCase("v8-k256-256", 1024, 512, None, outl, kernel="mma", run_rows=70),
+        KernelCase("v12-k65536-4096", 1020, 252, None, kernel="mma", run_rows=19),
+        KernelCase("v16-k65536-65536", 1024, 512, None, kernel="mma", run_rows=130),
     ]
     return cases
 
@@ -118,6 +124,20 @@ def bench_cases(rows: tuple[int, ...] = (1, 8), compare_gemv: tuple[int, ...] = 
     `compare_gemv` (next to the tensor-core kernel the registry picks there)."""
     return [KernelCase(v, i, o, r, kernel=k) for v in BENCH_VARIANTS for (o, i) in BENCH_SHAPES
             for r in rows for k in ([""] + (["gemv"] if r in compare_gemv else []))]
+
+
+def prefill_cases(run_rows: tuple[int, ...] = (128, 512, 2048), plans: tuple[dict, ...] = ()) -> list[KernelCase]:
+    """Prefill kernels side by side on real shapes: the dlight dequant matmul, the registry's choice (the
+    tensor-core kernel for fp16) and the tensor-core kernel with each of `plans`' overrides."""
+    out = []
+    for var, shapes in (("v8-k4096-0", BENCH_SHAPES[:3]), ("v8-k256-256", BENCH_SHAPES[1:2]),
+                        ("v8-k65536-0", BENCH_SHAPES[1:2])):
+        for (o, i) in shapes:
+            for n in run_rows:
+                out += [KernelCase(var, i, o, None, run_rows=n, kernel="dequant"),
+                        KernelCase(var, i, o, None, run_rows=n)]
+                out += [KernelCase(var, i, o, None, run_rows=n, kernel="mma", plan=p) for p in plans]
+    return out
 
 
 def code_sorted_cases(sweep: bool = True) -> list[KernelCase]:
@@ -177,6 +197,18 @@ def build_kernel_library(cases: list[KernelCase], out_dir: str | os.PathLike[str
             f = cs.vq_code_sorted_cuda(cfg, dtype, c.rows, cplan)
             calls[i] = {"operands": list(cs.code_sorted_operands(cfg)),
                         "scratch": [[list(cs.code_sorted_scratch(cfg, dtype, c.rows)), "float32"]]}
+        elif c.kernel == "mma":  # plan overrides apply to the decode (rows) or prefill (rows=None) plan
+            import dataclasses
+
+            from vptq_mlc.tir_kernels.cuda_mma import plan_mma, plan_mma_prefill, vq_mma_cuda
+
+            cfg = c.config()
+            base = plan_mma(cfg) if c.rows else plan_mma_prefill(cfg)
+            f = vq_mma_cuda(cfg, dtype, c.rows, dataclasses.replace(base, **c.plan))
+        elif c.kernel == "dequant":
+            from vptq_mlc.tir_kernels.cuda_prefill import dequant_matmul_cuda
+
+            f = dequant_matmul_cuda(c.config(), dtype, bt.target)
         elif c.plan or c.kernel == "gemv":
             import dataclasses
 
@@ -185,10 +217,6 @@ def build_kernel_library(cases: list[KernelCase], out_dir: str | os.PathLike[str
             cfg = c.config()
             plan = dataclasses.replace(plan_gemv(cfg, c.rows, dtype), **c.plan)
             f = vq_gemv_cuda(cfg, dtype, c.rows, plan)
-        elif c.kernel == "mma":
-            from vptq_mlc.tir_kernels.cuda_mma import vq_mma_cuda
-
-            f = vq_mma_cuda(c.config(), dtype, c.rows)
         else:
             k = select(c.config(), dtype, c.rows)
             f = k.func

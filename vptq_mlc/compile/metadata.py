@@ -17,7 +17,8 @@ def planned_memory(lowered: tvm.IRModule) -> dict[str, int]:
 
     Walks only the bindings (and the branches of `If`s), not every sub-expression: a Python callback per node took
     minutes on a 126-layer model (the 405B shape), where the bindings are all that can be an allocation."""
-    alloc = tvm.ir.Op.get("relax.memory.alloc_storage")
+    # before / after LowerRuntimeBuiltin (the pipelines here hand over the lowered module: relax.vm.alloc_storage)
+    allocs = (tvm.ir.Op.get("relax.memory.alloc_storage"), tvm.ir.Op.get("relax.vm.alloc_storage"))
 
     def storage(e: Any) -> int:
         if isinstance(e, relax.SeqExpr):
@@ -26,7 +27,7 @@ def planned_memory(lowered: tvm.IRModule) -> dict[str, int]:
             return storage(e.true_branch) + storage(e.false_branch)
         if isinstance(e, relax.Function):
             return storage(e.body)
-        if isinstance(e, relax.Call) and e.op.same_as(alloc) and isinstance(e.args[0], relax.ShapeExpr):
+        if isinstance(e, relax.Call) and any(e.op.same_as(a) for a in allocs) and isinstance(e.args[0], relax.ShapeExpr):
             size = e.args[0].values[0]
             return int(size.value) if isinstance(size, tvm.tirx.IntImm) else 0
         return 0

@@ -47,6 +47,7 @@ class MmaPlan:
     steps_per_load: int  # DS: MMA steps per 8*DS-byte code load (1 or 2)
     smem_codebook: bool
     unroll: int = 4  # U: chunks whose loads are in flight before the first lookup
+    row_tiles: int = 1  # MB: 16-row MMA tiles per CTA (each B fragment feeds MB MMAs); decode: 1
 
 
 def _pow2_floor(x: int) -> int:
@@ -83,16 +84,34 @@ def mma_preferred(cfg: VPTQLayerConfig, dtype: str, rows: int, gemv_max_rows: in
     return rows >= MMA_FROM_ROWS and not cfg.has_residual and cfg.vector_len <= 8
 
 
-def vq_mma_cuda(cfg: VPTQLayerConfig, dtype: str, rows: int, plan: MmaPlan | None = None) -> tirx.PrimFunc:
-    """PrimFunc(xs[rows, I], *operands, y[rows, O]) for MIN_ROWS <= rows <= 16, fp16."""
-    if not mma_supported(cfg, dtype, rows):
+def plan_mma_prefill(cfg: VPTQLayerConfig, row_tiles: int = 4, unroll: int = 2) -> MmaPlan:
+    """Prefill (symbolic rows): `row_tiles` tiles of 16 rows per CTA, so each lookup-built B fragment feeds that
+    many MMAs. The row count is unknown at compile time, so the input dimension is split (P warps per vector-row
+    group) until the output alone gives ~2 CTAs per SM for a 64-row prompt: on the H100 one split left 4096-row
+    outputs with 64 CTAs at 128 rows, each walking all of K (223 us vs 18 us for the 16-row decode kernel)."""
+    d = plan_mma(cfg)
+    nv = cfg.num_vectors
+    splits = 1
+    while splits < 8 and -(-nv // ((8 // (splits * 2)) * d.vec_rows)) <= 264:
+        splits *= 2
+    return MmaPlan(d.vec_rows, 8 // splits, splits, d.steps_per_load, d.smem_codebook, unroll=unroll,
+                   row_tiles=row_tiles)
+
+
+def vq_mma_cuda(cfg: VPTQLayerConfig, dtype: str, rows: int | None, plan: MmaPlan | None = None) -> tirx.PrimFunc:
+    """PrimFunc(xs[rows, I], *operands, y[rows, O]), fp16: decode for MIN_ROWS <= rows <= 16, or prefill for a
+    symbolic row count (`rows=None`: a grid row per 16 * row_tiles rows)."""
+    if rows is not None and not mma_supported(cfg, dtype, rows):
         raise ValueError(f"vq_mma_cuda takes fp16 and {MIN_ROWS}..{MMA_ROWS} rows, got {dtype} x {rows}")
-    p = plan or plan_mma(cfg)
+    if dtype != "float16":
+        raise ValueError(f"vq_mma_cuda takes fp16, got {dtype}")
+    p = plan or (plan_mma(cfg) if rows is not None else plan_mma_prefill(cfg))
     I, O, v, G, S, K, KR, KR1, NV, L, OSZ, OSZ1, HAS_RES, HAS_OUT, VO, KO, NO = kernel_dims(cfg)  # noqa: E741
-    NB = rows
-    NI, RW, P, DS, U = p.vec_rows, p.row_groups, p.splits, p.steps_per_load, p.unroll
+    NB = rows if rows is not None else tirx.Var("n", "int64")
+    NI, RW, P, DS, U, MB = p.vec_rows, p.row_groups, p.splits, p.steps_per_load, p.unroll, p.row_tiles
     NTN = -(-v // 8)  # n-tiles per vector row
-    NACC = NI * NTN * 4  # fp32 accumulators per lane
+    NACC = MB * NI * NTN * 4  # fp32 accumulators per lane
+    NBY = 1 if rows is not None and rows <= 16 * MB else (NB + 16 * MB - 1) // (16 * MB)  # grid rows
     W = RW * P
     NT = W * 32
     CW = 4 * DS  # columns per lane per chunk
@@ -114,6 +133,12 @@ def vq_mma_cuda(cfg: VPTQLayerConfig, dtype: str, rows: int, plan: MmaPlan | Non
     def col0(sp, ch, lane):  # first main column of this lane in chunk `ch` of split `sp`; an inline expression,
         return (sp * CPS + ch) * CHUNK + lane % 4 * CW  # not a bound variable, so the codegen sees the alignment
 
+    def row(by, mb, lane, h):  # activation row of fragment half h (rows g / g + 8) in row tile mb of grid row by
+        return (by * MB + mb) * 16 + lane // 4 + 8 * h
+
+    def ai(mb, ii, nt):  # first of the 4 accumulators of (row tile, vector row, n-tile)
+        return ((mb * NI + ii) * NTN + nt) * 4
+
     @T.prim_func(private=True)
     def kernel(
         xs: T.Buffer((NB, I), dtype),
@@ -127,14 +152,15 @@ def vq_mma_cuda(cfg: VPTQLayerConfig, dtype: str, rows: int, plan: MmaPlan | Non
     ):
         T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True, "op_pattern": 8})
         bx = T.launch_thread("blockIdx.x", NRB)
+        by = T.launch_thread("blockIdx.y", NBY)
         tx = T.launch_thread("threadIdx.x", 32)
         ty = T.launch_thread("threadIdx.y", W)
         cb_s = T.alloc_buffer((CB_SHARED,), dtype, scope="shared.dyn")
         red = T.alloc_buffer((RED,), "float32", scope="shared.dyn")
         acc = T.alloc_buffer((NACC,), "float32", scope="local")
-        fa = T.alloc_buffer((8,), dtype, scope="local")
+        fa = T.alloc_buffer((MB * 8,), dtype, scope="local")
         fb = T.alloc_buffer((NI * NTN * 4,), dtype, scope="local")
-        xa = T.alloc_buffer((U * 2 * CW,), dtype, scope="local")
+        xa = T.alloc_buffer((U * MB * 2 * CW,), dtype, scope="local")
         cl = T.alloc_buffer((U * NI * CW,), "uint16", scope="local")
         rl = T.alloc_buffer((U * NI * CW,), "uint16", scope="local")
         wv = T.alloc_buffer((1,), dtype, scope="local")
@@ -168,16 +194,17 @@ def vq_mma_cuda(cfg: VPTQLayerConfig, dtype: str, rows: int, plan: MmaPlan | Non
             for ost in range(-(-NOCH // P)):
                 st = ost * P + sp
                 if st < NOCH:
-                    for h in T.unroll(2):
-                        for e in T.unroll(4):
-                            k = st * 16 + q * 4 + e
-                            xa[h * 4 + e] = T.if_then_else(
-                                g + 8 * h < NB and k < OSZ, xs[T.min(g + 8 * h, NB - 1), T.min(k, OSZ - 1)],
-                                T.Cast(dtype, 0))
-                    for h in T.unroll(2):
-                        for e2 in T.unroll(2):
-                            fa[h * 2 + e2] = xa[h * 4 + e2]
-                            fa[4 + h * 2 + e2] = xa[h * 4 + 2 + e2]
+                    for mb in T.unroll(MB):
+                        for h in T.unroll(2):
+                            for e in T.unroll(4):
+                                k = st * 16 + q * 4 + e
+                                xa[(mb * 2 + h) * 4 + e] = T.if_then_else(
+                                    row(by, mb, tx, h) < NB and k < OSZ,
+                                    xs[T.min(row(by, mb, tx, h), NB - 1), T.min(k, OSZ - 1)], T.Cast(dtype, 0))
+                        for h in T.unroll(2):
+                            for e2 in T.unroll(2):
+                                fa[mb * 8 + h * 2 + e2] = xa[(mb * 2 + h) * 4 + e2]
+                                fa[mb * 8 + 4 + h * 2 + e2] = xa[(mb * 2 + h) * 4 + 2 + e2]
                     for ii in T.unroll(NI):
                         for nt in T.unroll(NTN):
                             for e in T.unroll(4):
@@ -189,29 +216,33 @@ def vq_mma_cuda(cfg: VPTQLayerConfig, dtype: str, rows: int, plan: MmaPlan | Non
                                         T.Cast("int32", outlier_codes[T.min(r, O - 1) // VO, T.min(k, OSZ - 1)]),
                                         T.min(r, O - 1) % VO],
                                     T.Cast(dtype, 0))
-                            T.evaluate(T.ptx_legacy.mma(
-                                "m16n8k16", "row", "col", "fp16", "fp16", "fp32",
-                                fa.data, 0, fb.data, (ii * NTN + nt) * 4, acc.data, (ii * NTN + nt) * 4,
-                                False, dtype="float32"))
+                            for mb in T.unroll(MB):
+                                T.evaluate(T.ptx_legacy.mma(
+                                    "m16n8k16", "row", "col", "fp16", "fp16", "fp32",
+                                    fa.data, mb * 8, fb.data, (ii * NTN + nt) * 4, acc.data, ai(mb, ii, nt),
+                                    False, dtype="float32"))
         # main columns: codes region, physical column OSZ + c of xs
         # U chunks per iteration: all their loads (codes from HBM, activations from L2) are issued before the first
         # lookup, so a warp keeps U loads in flight instead of waiting on one (latency-bound otherwise)
         for it in range(-(-CPS // U)):
             for u in T.unroll(U):
                 if it * U + u < CPS and sp * CPS + it * U + u < NCH:
-                    for h in T.unroll(2):
-                        if VEC:
-                            if g + 8 * h < NB and col0(sp, it * U + u, tx) < L:
-                                xa[vr((u * 2 + h) * CW, CW)] = xs[g + 8 * h, vr(OSZ + col0(sp, it * U + u, tx), CW)]
+                    for mb in T.unroll(MB):
+                        for h in T.unroll(2):
+                            if VEC:
+                                if row(by, mb, tx, h) < NB and col0(sp, it * U + u, tx) < L:
+                                    xa[vr(((u * MB + mb) * 2 + h) * CW, CW)] = xs[
+                                        row(by, mb, tx, h), vr(OSZ + col0(sp, it * U + u, tx), CW)]
+                                else:
+                                    for e in T.unroll(CW):
+                                        xa[((u * MB + mb) * 2 + h) * CW + e] = T.Cast(dtype, 0)
                             else:
                                 for e in T.unroll(CW):
-                                    xa[(u * 2 + h) * CW + e] = T.Cast(dtype, 0)
-                        else:
-                            for e in T.unroll(CW):
-                                xa[(u * 2 + h) * CW + e] = T.if_then_else(
-                                    g + 8 * h < NB and col0(sp, it * U + u, tx) + e < L,
-                                    xs[T.min(g + 8 * h, NB - 1), OSZ + T.min(col0(sp, it * U + u, tx) + e, L - 1)],
-                                    T.Cast(dtype, 0))
+                                    xa[((u * MB + mb) * 2 + h) * CW + e] = T.if_then_else(
+                                        row(by, mb, tx, h) < NB and col0(sp, it * U + u, tx) + e < L,
+                                        xs[T.min(row(by, mb, tx, h), NB - 1),
+                                           OSZ + T.min(col0(sp, it * U + u, tx) + e, L - 1)],
+                                        T.Cast(dtype, 0))
                     for ii in T.unroll(NI):
                         if VEC:
                             if i0 + ii < NV and col0(sp, it * U + u, tx) < L:
@@ -227,10 +258,11 @@ def vq_mma_cuda(cfg: VPTQLayerConfig, dtype: str, rows: int, plan: MmaPlan | Non
             for u in T.unroll(U):
                 if it * U + u < CPS and sp * CPS + it * U + u < NCH:
                     for d in T.unroll(DS):
-                        for h in T.unroll(2):
-                            for e2 in T.unroll(2):
-                                fa[h * 2 + e2] = xa[(u * 2 + h) * CW + d * 4 + e2]
-                                fa[4 + h * 2 + e2] = xa[(u * 2 + h) * CW + d * 4 + 2 + e2]
+                        for mb in T.unroll(MB):
+                            for h in T.unroll(2):
+                                for e2 in T.unroll(2):
+                                    fa[mb * 8 + h * 2 + e2] = xa[((u * MB + mb) * 2 + h) * CW + d * 4 + e2]
+                                    fa[mb * 8 + 4 + h * 2 + e2] = xa[((u * MB + mb) * 2 + h) * CW + d * 4 + 2 + e2]
                         for ii in T.unroll(NI):
                             for nt in T.unroll(NTN):
                                 for e in T.unroll(4):
@@ -250,10 +282,11 @@ def vq_mma_cuda(cfg: VPTQLayerConfig, dtype: str, rows: int, plan: MmaPlan | Non
                                         else:
                                             wv[0] = wv[0] + res_centroids[grp, rcode, T.min(n, v - 1)]
                                     fb[(ii * NTN + nt) * 4 + e] = T.if_then_else(ok, wv[0], T.Cast(dtype, 0))
-                                T.evaluate(T.ptx_legacy.mma(
-                                    "m16n8k16", "row", "col", "fp16", "fp16", "fp32",
-                                    fa.data, 0, fb.data, (ii * NTN + nt) * 4, acc.data, (ii * NTN + nt) * 4,
-                                    False, dtype="float32"))
+                                for mb in T.unroll(MB):
+                                    T.evaluate(T.ptx_legacy.mma(
+                                        "m16n8k16", "row", "col", "fp16", "fp16", "fp32",
+                                        fa.data, mb * 8, fb.data, (ii * NTN + nt) * 4, acc.data, ai(mb, ii, nt),
+                                        False, dtype="float32"))
         # splits 1..P-1 park their accumulators in shared memory; split 0 adds them and stores
         if P > 1:
             if sp > 0:
@@ -261,18 +294,17 @@ def vq_mma_cuda(cfg: VPTQLayerConfig, dtype: str, rows: int, plan: MmaPlan | Non
                     red[((rg * (P - 1) + sp - 1) * NACC + a) * 32 + tx] = acc[a]
             T.tvm_storage_sync("shared")
         if sp == 0:
-            for ii in T.unroll(NI):
-                for nt in T.unroll(NTN):
-                    for c in T.unroll(4):
-                        ai = (ii * NTN + nt) * 4 + c
-                        tot[0] = acc[ai]
-                        if P > 1:
-                            for s in T.unroll(P - 1):
-                                tot[0] = tot[0] + red[((rg * (P - 1) + s) * NACC + ai) * 32 + tx]
-                        m = g + 8 * (c // 2)
-                        n = nt * 8 + q * 2 + c % 2
-                        r = (i0 + ii) * v + n
-                        if m < NB and n < v and i0 + ii < NV and r < O:
-                            y[m, r] = T.Cast(dtype, tot[0])
+            for mb in T.unroll(MB):
+                for ii in T.unroll(NI):
+                    for nt in T.unroll(NTN):
+                        for c in T.unroll(4):
+                            tot[0] = acc[ai(mb, ii, nt) + c]
+                            if P > 1:
+                                for s in T.unroll(P - 1):
+                                    tot[0] = tot[0] + red[((rg * (P - 1) + s) * NACC + ai(mb, ii, nt) + c) * 32 + tx]
+                            n = nt * 8 + q * 2 + c % 2
+                            r = (i0 + ii) * v + n
+                            if row(by, mb, tx, c // 2) < NB and n < v and i0 + ii < NV and r < O:
+                                y[row(by, mb, tx, c // 2), r] = T.Cast(dtype, tot[0])
 
     return _keep_operands(kernel, cfg)

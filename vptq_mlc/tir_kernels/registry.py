@@ -11,8 +11,9 @@ and therefore which operands (tensor-cache entries) a layer must declare on a ta
   Kr == K) -> `cuda_code_sorted.py` (slice-per-CTA kernel + a reduce kernel);
   static rows 6..16 (fp16; 9..16 with a residual codebook or v > 8: `cuda_mma.mma_preferred`) -> tensor-core
   kernel (`cuda_mma.py`); other static row counts 1..8 (decode) ->
-  hand-scheduled VQ-GEMV (`cuda_gemv.py`); other row counts
-  (prefill, symbolic batch) -> dequantize-in-shared-memory matmul scheduled by dlight (`cuda_prefill.py`).
+  hand-scheduled VQ-GEMV (`cuda_gemv.py`); other row counts (prefill, symbolic batch) -> the tensor-core
+  kernel with 4 row tiles per CTA (fp16; 2.5-4x the dlight matmul on the H100) or, for fp32 models, the
+  dequantize-in-shared-memory matmul scheduled by dlight (`cuda_prefill.py`).
   CUDA kernels carry `op_pattern = kOpaque` so Relax FuseOps never fuses them with neighbours (fusing a
   call_tir kernel failed in FuseTIR with "Inconsistent buffers y and lv.. mapped to the same relax var", and
   a fused function would lose our schedule), and `tirx.is_scheduled` so dlight leaves them alone.
@@ -102,6 +103,8 @@ class KernelSelector:
             k = VQKernel(vq_mma_cuda(cfg, dtype, rows), generic_ops)
         elif decode and rows <= MAX_ROWS:
             k = VQKernel(vq_gemv_cuda(cfg, dtype, rows), generic_ops)
+        elif rows is None and dtype == "float16":  # prefill / symbolic batch: tensor-core MMA, 64 rows per CTA
+            k = VQKernel(vq_mma_cuda(cfg, dtype, None), generic_ops)
         else:
             k = VQKernel(dequant_matmul_cuda(cfg, dtype, self.target), generic_ops)
         return _mark(k)
