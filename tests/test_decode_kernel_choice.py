@@ -36,3 +36,15 @@ def test_tensor_core_kernel_choice(variant: str, rows: int, want: bool) -> None:
     cfg = VPTQLayerConfig.from_variant(variant, 4096, 4096)
     assert mma_preferred(cfg, "float16", rows, MAX_ROWS) is want
     assert not mma_preferred(cfg, "float32", rows, MAX_ROWS)  # fp16 MMA only
+
+
+@pytest.mark.parametrize("variant", ["v8-k4096-0", "v8-k256-256", "v8-k65536-0", "v16-k65536-65536"])
+def test_tensor_core_plans_fit_every_default_arch(variant: str) -> None:
+    """One CUDA library serves sm_80..sm_90, so every MMA plan (decode rows and symbolic-row prefill) must stay
+    within sm_86/sm_89's 99 KB of dynamic shared memory; vq_mma_cuda raises otherwise."""
+    from vptq_mlc.tir_kernels.cuda_mma import vq_mma_cuda
+
+    for out_f, in_f in ((4096, 4096), (11008, 4096), (4096, 11008), (53248, 16384), (300, 1000)):
+        cfg = VPTQLayerConfig.from_variant(variant, in_f, out_f)
+        for rows in (None, 6, 16):
+            vq_mma_cuda(cfg, "float16", rows)

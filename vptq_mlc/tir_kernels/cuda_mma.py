@@ -37,6 +37,7 @@ from vptq_mlc.tir_kernels.generic import kernel_dims
 MMA_ROWS = 16  # M of m16n8k16: the most activation rows one kernel takes
 MIN_ROWS = 4  # the kernel handles 4..16 rows; below 4 the gather GEMV always wins
 MMA_FROM_ROWS = 6  # where the registry prefers it (mma_preferred)
+MAX_DYN_SMEM = 99 * 1024  # dynamic shared memory per block on sm_86/sm_89 (the smallest of the default archs)
 
 
 @dataclass(frozen=True)
@@ -84,18 +85,23 @@ def mma_preferred(cfg: VPTQLayerConfig, dtype: str, rows: int, gemv_max_rows: in
     return rows >= MMA_FROM_ROWS and not cfg.has_residual and cfg.vector_len <= 8
 
 
-def plan_mma_prefill(cfg: VPTQLayerConfig, row_tiles: int = 4, unroll: int = 2) -> MmaPlan:
-    """Prefill (symbolic rows): `row_tiles` tiles of 16 rows per CTA, so each lookup-built B fragment feeds that
-    many MMAs. The row count is unknown at compile time, so the input dimension is split (P warps per vector-row
-    group) until the output alone gives ~2 CTAs per SM for a 64-row prompt: on the H100 one split left 4096-row
-    outputs with 64 CTAs at 128 rows, each walking all of K (223 us vs 18 us for the 16-row decode kernel)."""
+def plan_mma_prefill(cfg: VPTQLayerConfig) -> MmaPlan:
+    """Prefill (symbolic rows) launch shape, from the H100 plan comparison (bench/RESULTS.md "Tensor-core
+    prefill"; 128/512/2048 rows on 4096x4096, 11008x4096, 4096x11008); 4 row tiles of 16 per CTA, so each
+    lookup-built B fragment feeds 4 MMAs (8 tiles was faster on 4096-row outputs but needs > 99 KB of shared
+    memory next to a 64 KiB codebook with the split below, more than sm_86/sm_89 allow):
+    - codebooks in shared memory without a residual: split the input dimension until the output alone gives
+      ~2 CTAs per SM for a short prompt (one split left 4096-row outputs with 64 CTAs at 128 rows: 224 vs 81 us),
+      two chunks in flight;
+    - a residual codebook or one read through L1/L2 (K = 65536): one split, 8 warps along the output, one chunk in
+      flight (the split plan was 1.3-2x slower there: more registers and global lookups per CTA)."""
     d = plan_mma(cfg)
-    nv = cfg.num_vectors
+    if not d.smem_codebook or cfg.has_residual:
+        return MmaPlan(d.vec_rows, 8, 1, d.steps_per_load, d.smem_codebook, unroll=1, row_tiles=4)
     splits = 1
-    while splits < 8 and -(-nv // ((8 // (splits * 2)) * d.vec_rows)) <= 264:
+    while splits < 8 and -(-cfg.num_vectors // ((8 // (splits * 2)) * d.vec_rows)) <= 264:
         splits *= 2
-    return MmaPlan(d.vec_rows, 8 // splits, splits, d.steps_per_load, d.smem_codebook, unroll=unroll,
-                   row_tiles=row_tiles)
+    return MmaPlan(d.vec_rows, 8 // splits, splits, d.steps_per_load, d.smem_codebook, unroll=2, row_tiles=4)
 
 
 def vq_mma_cuda(cfg: VPTQLayerConfig, dtype: str, rows: int | None, plan: MmaPlan | None = None) -> tirx.PrimFunc:
@@ -126,6 +132,9 @@ def vq_mma_cuda(cfg: VPTQLayerConfig, dtype: str, rows: int | None, plan: MmaPla
     SMEM_CB = p.smem_codebook
     CB_SHARED = CB_ALL if SMEM_CB else 1
     RED = max(1, (P - 1) * RW * NACC * 32)
+    smem = CB_SHARED * 2 + RED * 4
+    if smem > MAX_DYN_SMEM:  # one library serves every default arch: sm_86/sm_89 allow 99 KB per block
+        raise ValueError(f"MMA plan {p} needs {smem} bytes of shared memory (> {MAX_DYN_SMEM})")
 
     def vr(base, n: int):
         return base if n == 1 else T.Ramp(base, 1, n)
