@@ -164,6 +164,15 @@ def test_library_without_split_functions(tiny_served_model) -> None:
     assert r.exit_code == 1 and "--split-functions" in r.output, r.output
 
 
+def test_cuda_graph_refused_with_split_functions(built, tmp_path) -> None:
+    """RewriteCUDAGraph treats packed params as static: a layer-group function replayed from a graph captured
+    with another layer's weights would be silently wrong, so compile refuses the pair (before any work)."""
+    _, model_dir, _ = built
+    r = CliRunner().invoke(main, ["compile", str(model_dir), "--target", "cuda", "--split-functions",
+                                  "--cuda-graph", "-o", str(tmp_path / "x.so")])
+    assert r.exit_code == 1 and "--split-functions" in r.output and not (tmp_path / "x.so").exists(), r.output
+
+
 def test_random_weights_made_on_each_stage_device(built, tmp_path, monkeypatch) -> None:
     """The 405B benchmark's loading path (bench/device_random.py via RANDOM_WEIGHTS_ENV): a config-only dir (no
     shards at all) gives a working split engine whose tensors were made on their stage's device, with codes inside

@@ -136,11 +136,12 @@ def convert(ckpt: str, output: str, dtype: str | None, context_window: int | Non
               help="Library file (one target) or directory (default: MODEL_DIR/<name>-<target>.so).")
 @click.option("--split-functions", is_flag=True,
               help="Also emit per-layer functions so chat/serve --devices can split the layers over several devices.")
-@click.option("--cuda-graph/--no-cuda-graph", default=False, show_default=True,
-              help="cuda: replay the kernels between KV-cache calls as CUDA graphs (fewer launches per token).")
+@click.option("--cuda-graph/--no-cuda-graph", default=None,
+              help="cuda: replay the kernels between KV-cache calls as CUDA graphs (fewer launches per token). "
+                   "Default: on for cuda, off with --split-functions.")
 @one_line_errors
 def compile_cmd(model_dir: str, target: str, arch: str | None, output: str | None, split_functions: bool,
-                cuda_graph: bool) -> None:
+                cuda_graph: bool | None) -> None:
     """Compile a converted model into a model library, ahead of time."""
     from vptq_mlc.compile.build import compile_model
 

@@ -63,10 +63,13 @@ def _check_params(params: list, model_dir: Path) -> None:
 
 def build_library(model_dir: Path, bt: BuildTarget, output: Path,
                   static_batches: tuple[int, ...] | None = None, split_functions: bool = False,
-                  cuda_graph: bool = False) -> Path:
+                  cuda_graph: bool | None = None) -> Path:
     """`split_functions`: also emit the per-layer functions of the layer split across devices (model/split.py);
     off by default since they roughly double the compile time. `cuda_graph`: TVM's RewriteCUDAGraph lifts the
-    static-shape kernel runs between KV-cache calls into CUDA graphs captured on the first call (cuda only)."""
+    static-shape kernel runs between KV-cache calls into CUDA graphs captured on the first call (cuda only;
+    default on there: +25% batch-1 decode on the H100, bench/RESULTS.md). Not with `split_functions`: RewriteCUDAGraph
+    treats the packed parameters as static, so one layer-group function called with each layer's weights would
+    replay the graph captured with the first layer's."""
     chat = read_chat_config(model_dir)
     cfg = DecoderConfig.from_json(chat["model_config"])
     dtype = chat.get("model_dtype", "float16")
@@ -86,6 +89,9 @@ def build_library(model_dir: Path, bt: BuildTarget, output: Path,
         mod, params = model.export_tvm(spec=model.get_default_spec())
     _check_params(params, model_dir)
     mod = _upper_bounds(mod, cfg)
+    _check_graph_options(cuda_graph, split_functions)
+    if cuda_graph is None:
+        cuda_graph = bt.target.kind.name == "cuda" and not split_functions
     config = {"relax.backend.use_cuda_graph": True} if cuda_graph and bt.target.kind.name == "cuda" else {}
     with bt.target, tvm.transform.PassContext(config=config):
         lowered = relax_pipeline(bt.target)(mod)
@@ -105,6 +111,12 @@ def build_library(model_dir: Path, bt: BuildTarget, output: Path,
     return output
 
 
+def _check_graph_options(cuda_graph: bool | None, split_functions: bool) -> None:
+    if cuda_graph and split_functions:
+        raise CompileError("--cuda-graph cannot be combined with --split-functions (the per-layer functions would "
+                           "replay a graph captured with another layer's weights); drop one of them")
+
+
 def default_library_path(model_dir: Path, bt: BuildTarget) -> Path:
     return Path(model_dir) / f"{Path(model_dir).resolve().name}-{bt.label}.so"
 
@@ -112,12 +124,13 @@ def default_library_path(model_dir: Path, bt: BuildTarget) -> Path:
 def compile_model(
     model_dir: str | os.PathLike[str], target: str = "llvm", output: str | os.PathLike[str] | None = None,
     arch: str | None = None, static_batches: tuple[int, ...] | None = None, split_functions: bool = False,
-    cuda_graph: bool = False,
+    cuda_graph: bool | None = None,
 ) -> list[Path]:
     """Build one library per BuildTarget; `output` names the file (one target) or a directory (several).
     `static_batches`: batch sizes that get a static `batch_decode_b<n>` (default: the target's choice).
     `split_functions`: add the layer-split functions (`--devices` at run time). `cuda_graph`: see build_library."""
     model_dir = Path(model_dir)
+    _check_graph_options(cuda_graph, split_functions)
     read_chat_config(model_dir)  # fail early with the convert hint
     targets = resolve_targets(target, arch)
     outs = []
