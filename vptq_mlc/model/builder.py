@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Callable, Mapping
+from typing import Mapping
 
 from tvm.relax.frontend import nn
 from tvm.target import Target
@@ -12,7 +12,7 @@ from vptq_mlc.errors import CheckpointError
 from vptq_mlc.model.config import DecoderConfig
 from vptq_mlc.model.decoder import DecoderForCausalLM
 from vptq_mlc.model.vptq_linear import VPTQLinear
-from vptq_mlc.tir_kernels.registry import KernelSelector
+from vptq_mlc.tir_kernels.registry import KernelSelector, NormBiasKernels
 
 
 def build_model(
@@ -22,7 +22,7 @@ def build_model(
     target: Target,
     select_kernel: KernelSelector,
     static_decode_batches: tuple[int, ...] = (),
-    select_norm_bias: Callable[[int, str], Any] | None = None,
+    select_norm_bias: NormBiasKernels | None = None,
 ) -> DecoderForCausalLM:
     """The module tree: linears listed in `layers` become VPTQLinear, the rest dense nn.Linear."""
 

@@ -8,21 +8,21 @@ dense weight: `y = vq_matmul(x[:, perm] * col_scale) + x @ weight_bias + bias` (
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any
 
 from tvm import te
 from tvm.relax.frontend import nn
 from tvm.relax.frontend.nn import op
 
 from vptq_mlc.checkpoint.layer_config import VPTQLayerConfig
-from vptq_mlc.tir_kernels.registry import KernelSelector
+from vptq_mlc.tir_kernels.registry import KernelSelector, NormBiasKernels
 
 
 class VPTQLinear(nn.Module):
     """Drop-in for `nn.Linear(in_features, out_features, bias)` holding a VPTQ-quantized weight."""
 
     def __init__(self, cfg: VPTQLayerConfig, dtype: str, select_kernel: KernelSelector,
-                 select_norm_bias: Callable[[int, str], Any] | None = None):
+                 select_norm_bias: NormBiasKernels | None = None):
         super().__init__()
         self.cfg = cfg
         self.in_features, self.out_features = cfg.in_features, cfg.out_features
@@ -57,7 +57,16 @@ class VPTQLinear(nn.Module):
         for d in lead:
             rows = rows * d
         x2 = op.reshape(x, [rows, self.in_features])
-        xs = self._permute_and_scale(x2)
+        nb, dot = self._select_norm_bias, None
+        if self.weight_bias is not None and nb is not None and nb.prologue is not None:
+            # one kernel: xs = x2[:, perm] * col_scale and dot = x2 @ weight_bias (fp32)
+            args = [x2] + ([self.perm] if self.perm is not None else []) + [self.col_scale, self.weight_bias]
+            xs, dot = op.tensor_ir_op(
+                nb.prologue(self.in_features, self.dtype, self.perm is not None), "vq_prologue", args=args,
+                out=[nn.Tensor.placeholder([rows, self.in_features], self.dtype),
+                     nn.Tensor.placeholder([rows, 1], "float32")])
+        else:
+            xs = self._permute_and_scale(x2)
         static_rows = rows if isinstance(rows, int) else None
         kernel = self._select_kernel(self.cfg, self.dtype, static_rows)
         y_out = nn.Tensor.placeholder([rows, self.out_features], self.dtype)
@@ -70,9 +79,10 @@ class VPTQLinear(nn.Module):
         )
         if scratch:
             y = y[-1]
-        if self.weight_bias is not None and self._select_norm_bias is not None:
-            dot = op.tensor_ir_op(self._select_norm_bias(self.in_features, self.dtype), "vq_norm_bias",
-                                  args=[x2, self.weight_bias], out=nn.Tensor.placeholder([rows, 1], "float32"))
+        if self.weight_bias is not None and nb is not None:
+            if dot is None:
+                dot = op.tensor_ir_op(nb.row_dot(self.in_features, self.dtype), "vq_norm_bias",
+                                      args=[x2, self.weight_bias], out=nn.Tensor.placeholder([rows, 1], "float32"))
             y = y + op.astype(dot, self.dtype)
         elif self.weight_bias is not None:
             # a row reduction in fp32, not `x2 @ wb[I, 1]`: dlight's GEMV rule cannot schedule an N=1 matmul on GPUs

@@ -138,18 +138,38 @@ def static_decode_batches(target: Target) -> tuple[int, ...]:
     return ()
 
 
-def norm_bias_selector(target: Target) -> Callable[[int, str], tirx.PrimFunc] | None:
-    """GPU kernel for the norm-bias row dot `s[b] = sum_i x[b, i] * weight_bias[i]` (fp32 out), or None to let
-    the relax pipeline schedule a plain reduction (llvm). dlight's schedule of that reduction keeps whole rows
-    in static shared memory, which fails for static batches >= 2 at 7B shapes."""
-    if target.kind.name not in ("cuda", "rocm"):  # rocm: 256 threads, TVM's allreduce follows the wavefront
+@dataclass(frozen=True)
+class NormBiasKernels:
+    """How a normed layer's activation side runs on a GPU target: the fp32 norm-bias row dot
+    `s[b] = sum_i x[b, i] * weight_bias[i]`, and where available one prologue kernel that also writes
+    `xs = x[:, perm] * col_scale` (so the layer is prologue + VQ kernel instead of gather + row dot + VQ kernel)."""
+
+    row_dot: Callable[[int, str], tirx.PrimFunc]
+    prologue: Callable[[int, str, bool], tirx.PrimFunc] | None = None  # (in_features, dtype, has_perm)
+
+
+def norm_bias_selector(target: Target) -> NormBiasKernels | None:
+    """GPU kernels for the norm-bias term, or None to let the relax pipeline schedule a plain reduction (llvm).
+    dlight's schedule of that reduction keeps whole rows in static shared memory, which fails for static batches
+    >= 2 at 7B shapes. CUDA also gets the fused prologue (`cuda_prologue.py`, 32-lane warp shuffles); ROCm keeps
+    the row dot (256 threads; TVM's allreduce follows the wavefront)."""
+    if target.kind.name not in ("cuda", "rocm"):
         return None
     from vptq_mlc.tir_kernels.cuda_gemv import row_dot_cuda
 
+    def mark(f: tirx.PrimFunc) -> tirx.PrimFunc:
+        return f.with_attr("op_pattern", OP_PATTERN_OPAQUE).with_attr("tirx.is_scheduled", True)
+
     @functools.lru_cache(maxsize=None)
-    def select(in_features: int, dtype: str) -> tirx.PrimFunc:
-        return row_dot_cuda(in_features, dtype).with_attr("op_pattern", OP_PATTERN_OPAQUE).with_attr(
-            "tirx.is_scheduled", True)
+    def row_dot(in_features: int, dtype: str) -> tirx.PrimFunc:
+        return mark(row_dot_cuda(in_features, dtype))
 
-    return select
+    if target.kind.name != "cuda":
+        return NormBiasKernels(row_dot)
+    from vptq_mlc.tir_kernels.cuda_prologue import vq_prologue_cuda
 
+    @functools.lru_cache(maxsize=None)
+    def prologue(in_features: int, dtype: str, has_perm: bool) -> tirx.PrimFunc:
+        return mark(vq_prologue_cuda(in_features, dtype, has_perm))
+
+    return NormBiasKernels(row_dot, prologue)
