@@ -1,4 +1,5 @@
-"""CUDA decode kernel for 4..16 activation rows: codebook lookups feed tensor-core MMA (m16n8k16, fp16 in, fp32 acc).
+"""CUDA VQ kernel on tensor cores (m16n8k16, fp16 in, fp32 acc): decode for 4..16 activation rows, and prefill
+for a symbolic row count (a grid row per `16 * row_tiles` rows; each B fragment feeds `row_tiles` MMAs).
 
 Why: at batch >= 4 the gather GEMV (`cuda_gemv.py`) is bound by its fp32 FMAs (rows x v per code per lane) and
 register pressure (rows x v accumulators), not by memory; ../shared/docs/vq-gemv-h100.md §3 measured gather
@@ -15,6 +16,10 @@ Column mapping: a sum over k does not care which physical column sits in which k
 Lane q owns the `4*DS` consecutive physical columns `[base + 4*DS*q, +4*DS)` of each `16*DS`-column chunk and feeds
 4 of them to each of the DS MMA steps: so codes and activations come in one 8- or 16-byte load per lane, and the
 A fragment (activation rows g and g+8) is loaded once per chunk and reused by every vector row of the warp.
+
+Measured on the H100 (bench/RESULTS.md "Tensor-core decode kernel", "Tensor-core prefill"): time flat from 4
+to 16 rows (that makes batch 16 cheap), 8-12% of copy bandwidth; prefill 2.6-4.4x the dlight dequant matmul but
+0.07-0.29x cuBLAS fp16 (one 2-byte shared-memory lookup per B element keeps it instruction-bound).
 
 Schedule: a warp owns NI vector rows (NI * ceil(v/8) MMA tiles, 4 fp32 accumulators each) and one of P splits
 of the input dimension; a CTA holds RW x P warps; splits are summed through shared memory. Small codebooks
