@@ -26,6 +26,7 @@ import subprocess
 import tempfile
 from pathlib import Path
 
+from vptq_mlc.atomic import atomic_file
 from vptq_mlc.errors import CompileError
 
 log = logging.getLogger(__name__)
@@ -141,15 +142,13 @@ def _code_object_ir(version: int, cache: Path) -> Path:
     """A tiny LLVM IR module whose only content is the code object version flag (linked like device libs)."""
     path = cache / f"vptq_code_object_v{version}.ll"
     if not path.exists():
-        cache.mkdir(parents=True, exist_ok=True)
-        tmp = cache / f".{path.name}.{os.getpid()}"
-        tmp.write_text(
-            "; sets the AMDHSA code object version of every kernel module it is linked into (vptq-mlc)\n"
-            'target triple = "amdgcn-amd-amdhsa"\n'
-            "!llvm.module.flags = !{!0}\n"
-            f'!0 = !{{i32 1, !"amdhsa_code_object_version", i32 {version * 100}}}\n'
-        )
-        os.replace(tmp, path)
+        with atomic_file(path) as tmp:
+            tmp.write_text(
+                "; sets the AMDHSA code object version of every kernel module it is linked into (vptq-mlc)\n"
+                'target triple = "amdgcn-amd-amdhsa"\n'
+                "!llvm.module.flags = !{!0}\n"
+                f'!0 = !{{i32 1, !"amdhsa_code_object_version", i32 {version * 100}}}\n'
+            )
     return path
 
 

@@ -18,6 +18,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+from vptq_mlc.atomic import atomic_file
 from vptq_mlc.package.config import PackageError
 
 FORMAT = "vptq-mlc-package/1"
@@ -48,10 +49,8 @@ def read_manifest(model_dir: str | os.PathLike[str], required: bool = True) -> d
 
 
 def write_manifest(model_dir: Path, data: dict[str, Any]) -> None:
-    path = model_dir / MANIFEST
-    tmp = model_dir / f".{MANIFEST}.{os.getpid()}.tmp"
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n")
-    os.replace(tmp, path)
+    with atomic_file(model_dir / MANIFEST) as tmp:
+        tmp.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n")
 
 
 def verify_file(model_dir: Path, name: str, record: dict[str, Any], what: str = "file") -> Path:
