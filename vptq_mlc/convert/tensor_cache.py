@@ -71,9 +71,15 @@ class TensorCacheWriter:
 
 
 def read_index(model_dir: Path) -> dict[str, dict[str, Any]]:
-    """name -> record (shape, dtype, ...) of every tensor in a model dir's tensor cache."""
+    """name -> record (shape, dtype, ..., plus its shard's `dataPath`) of every tensor in a model dir's tensor
+    cache (numpy + json only: the runtime uses it too)."""
     index = json.loads((Path(model_dir) / INDEX_NAME).read_text())
-    return {rec["name"]: rec for shard in index["records"] for rec in shard["records"]}
+    return {rec["name"]: {**rec, "dataPath": shard["dataPath"]} for shard in index["records"] for rec in shard["records"]}
+
+
+def shard_paths(model_dir: Path) -> list[str]:
+    """The shard files the index names (relative to the model dir)."""
+    return [shard["dataPath"] for shard in json.loads((Path(model_dir) / INDEX_NAME).read_text())["records"]]
 
 
 def write_tensor_cache(out_dir: Path, tensors: Iterable[tuple[str, np.ndarray]], **kw: Any) -> None:

@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 import tvm
 
+from vptq_mlc.convert.tensor_cache import INDEX_NAME, read_index, shard_paths
 from vptq_mlc.errors import RuntimeLoadError
 from vptq_mlc.runtime.device import DeviceSpec, resolve_device
 
@@ -92,15 +93,13 @@ def _checked_records(model_dir: Path, wanted: list[dict[str, Any]],
                      model_config: dict[str, Any] | None) -> dict[str, dict[str, Any]]:
     """name -> tensor-cache record (plus `dataPath`) of every weight in `wanted` (`_metadata.params` entries), after
     checking that each exists with the shape and dtype the library expects."""
-    index = model_dir / "tensor-cache.json"
+    index = model_dir / INDEX_NAME
     if not index.is_file():
-        raise RuntimeLoadError(f"no tensor-cache.json in {model_dir}; run `vptq-mlc convert` to write the weights")
-    records = json.loads(index.read_text())
-    for shard in records.get("records", []):
-        if not (model_dir / shard["dataPath"]).is_file():
-            raise RuntimeLoadError(f"weight shard {shard['dataPath']} missing in {model_dir}; re-run `vptq-mlc convert`")
-    stored = {r["name"]: {**r, "dataPath": shard["dataPath"]} for shard in records.get("records", [])
-              for r in shard["records"]}
+        raise RuntimeLoadError(f"no {INDEX_NAME} in {model_dir}; run `vptq-mlc convert` to write the weights")
+    for shard in shard_paths(model_dir):
+        if not (model_dir / shard).is_file():
+            raise RuntimeLoadError(f"weight shard {shard} missing in {model_dir}; re-run `vptq-mlc convert`")
+    stored = read_index(model_dir)
     missing = [p["name"] for p in wanted if p["name"] not in stored]
     if missing:
         raise RuntimeLoadError(
