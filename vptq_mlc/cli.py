@@ -63,6 +63,17 @@ def resolve_model(model_dir: str, lib: str | None, device: str) -> tuple[str, st
     return model_dir, lib, device
 
 
+def model_source_options(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """MODEL_DIR, --lib and --device: the inputs of `resolve_model`, shared by `chat` and `serve`."""
+    fn = click.option("--device", default="auto", show_default=True, help="cpu, cuda, cuda:N, rocm:N or auto.")(fn)
+    fn = click.option(
+        "--lib", type=click.Path(dir_okay=False, path_type=str), default=None,
+        help="Model library. MODEL_DIR may be `smollm2` (the bundled model, built on first use) or a `vptq-mlc "
+             "package` output (the manifest's pick for this host). Default: the newest *.so in MODEL_DIR whose "
+             "name has a word of the device kind (cpu: cpu/llvm, cuda: cuda/sm*, rocm: rocm/hip/gfx*).")(fn)
+    return click.argument("model_dir", type=click.Path(file_okay=False, path_type=str))(fn)
+
+
 DEVICES_HELP = ("Split the decoder layers over these devices, e.g. cuda:0,cuda:1 (balanced by weight bytes; the "
                 "library must be compiled with --split-functions). Overrides --device.")
 
@@ -152,11 +163,7 @@ def compile_cmd(model_dir: str, target: str, arch: str | None, output: str | Non
 
 # -- chat --
 @main.command()
-@click.argument("model_dir", type=click.Path(file_okay=False, path_type=str))
-@click.option("--lib", type=click.Path(dir_okay=False, path_type=str), default=None,
-              help="Model library. MODEL_DIR may be `smollm2` (the bundled model, built on first use). Default: the newest *.so in MODEL_DIR whose name has a word of the device kind "
-                   "(cpu: cpu/llvm, cuda: cuda/sm*, rocm: rocm/hip/gfx*).")
-@click.option("--device", default="auto", show_default=True, help="cpu, cuda, cuda:N, rocm:N or auto.")
+@model_source_options
 @click.option("--prompt", default=None, help="One-shot: print the reply to this prompt and exit.")
 @click.option("--system", default=None, help="System message for chat-templated conversations.")
 @click.option("--max-tokens", type=int, default=256, show_default=True, help="Most new tokens per reply.")
@@ -191,11 +198,7 @@ def chat(model_dir: str, lib: str | None, device: str, prompt: str | None, syste
 
 # -- serve --
 @main.command()
-@click.argument("model_dir", type=click.Path(file_okay=False, path_type=str))
-@click.option("--lib", type=click.Path(dir_okay=False, path_type=str), default=None,
-              help="Model library. Default: as for chat (the newest *.so in MODEL_DIR for the device, or the "
-                   "package manifest's pick).")
-@click.option("--device", default="auto", show_default=True, help="cpu, cuda, cuda:N, rocm:N or auto.")
+@model_source_options
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to bind (0.0.0.0 exposes it).")
 @click.option("--port", type=int, default=8000, show_default=True)
 @click.option("--max-batch-size", type=int, default=None,
