@@ -14,7 +14,7 @@ import json
 import logging
 import os
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -188,34 +188,28 @@ def build_kernel_library(cases: list[KernelCase], out_dir: str | os.PathLike[str
     calls: list[dict[str, Any] | None] = [None] * len(cases)  # operand names + scratch outputs (None: generic)
     for i, c in enumerate(cases):
         if c.kernel == "code-sorted":  # launch-shape overrides of the code-sorted kernel (sweeps)
-            import dataclasses
-
             from vptq_mlc.tir_kernels import cuda_code_sorted as cs
 
             cfg = c.config()
-            cplan = dataclasses.replace(cs.plan_code_sorted(cfg, c.rows, dtype), **c.plan)
+            cplan = replace(cs.plan_code_sorted(cfg, c.rows, dtype), **c.plan)
             f = cs.vq_code_sorted_cuda(cfg, dtype, c.rows, cplan)
             calls[i] = {"operands": list(cs.code_sorted_operands(cfg)),
                         "scratch": [[list(cs.code_sorted_scratch(cfg, dtype, c.rows)), "float32"]]}
         elif c.kernel == "mma":  # plan overrides apply to the decode (rows) or prefill (rows=None) plan
-            import dataclasses
-
             from vptq_mlc.tir_kernels.cuda_mma import plan_mma, plan_mma_prefill, vq_mma_cuda
 
             cfg = c.config()
             base = plan_mma(cfg) if c.rows else plan_mma_prefill(cfg)
-            f = vq_mma_cuda(cfg, dtype, c.rows, dataclasses.replace(base, **c.plan))
+            f = vq_mma_cuda(cfg, dtype, c.rows, replace(base, **c.plan))
         elif c.kernel == "dequant":
             from vptq_mlc.tir_kernels.cuda_prefill import dequant_matmul_cuda
 
             f = dequant_matmul_cuda(c.config(), dtype, bt.target)
         elif c.plan or c.kernel == "gemv":
-            import dataclasses
-
             from vptq_mlc.tir_kernels.cuda_gemv import plan_gemv, vq_gemv_cuda
 
             cfg = c.config()
-            plan = dataclasses.replace(plan_gemv(cfg, c.rows, dtype), **c.plan)
+            plan = replace(plan_gemv(cfg, c.rows, dtype), **c.plan)
             f = vq_gemv_cuda(cfg, dtype, c.rows, plan)
         else:
             k = select(c.config(), dtype, c.rows)

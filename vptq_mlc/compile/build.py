@@ -70,6 +70,9 @@ def build_library(model_dir: Path, bt: BuildTarget, output: Path,
     default on there: +25% batch-1 decode on the H100, bench/RESULTS.md). Not with `split_functions`: RewriteCUDAGraph
     treats the packed parameters as static, so one layer-group function called with each layer's weights would
     replay the graph captured with the first layer's."""
+    if cuda_graph and split_functions:
+        raise CompileError("--cuda-graph cannot be combined with --split-functions (the per-layer functions would "
+                           "replay a graph captured with another layer's weights); drop one of them")
     chat = read_chat_config(model_dir)
     cfg = DecoderConfig.from_json(chat["model_config"])
     dtype = chat.get("model_dtype", "float16")
@@ -89,7 +92,6 @@ def build_library(model_dir: Path, bt: BuildTarget, output: Path,
         mod, params = model.export_tvm(spec=model.get_default_spec())
     _check_params(params, model_dir)
     mod = _upper_bounds(mod, cfg)
-    _check_graph_options(cuda_graph, split_functions)
     if cuda_graph is None:
         cuda_graph = bt.target.kind.name == "cuda" and not split_functions
     config = {"relax.backend.use_cuda_graph": True} if cuda_graph and bt.target.kind.name == "cuda" else {}
@@ -111,12 +113,6 @@ def build_library(model_dir: Path, bt: BuildTarget, output: Path,
     return output
 
 
-def _check_graph_options(cuda_graph: bool | None, split_functions: bool) -> None:
-    if cuda_graph and split_functions:
-        raise CompileError("--cuda-graph cannot be combined with --split-functions (the per-layer functions would "
-                           "replay a graph captured with another layer's weights); drop one of them")
-
-
 def default_library_path(model_dir: Path, bt: BuildTarget) -> Path:
     return Path(model_dir) / f"{Path(model_dir).resolve().name}-{bt.label}.so"
 
@@ -130,7 +126,6 @@ def compile_model(
     `static_batches`: batch sizes that get a static `batch_decode_b<n>` (default: the target's choice).
     `split_functions`: add the layer-split functions (`--devices` at run time). `cuda_graph`: see build_library."""
     model_dir = Path(model_dir)
-    _check_graph_options(cuda_graph, split_functions)
     read_chat_config(model_dir)  # fail early with the convert hint
     targets = resolve_targets(target, arch)
     outs = []
