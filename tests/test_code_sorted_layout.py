@@ -24,11 +24,14 @@ OUTL = {"outlier_size": 16, "outlier_vector_len": 4, "num_outlier_centroids": 64
 def _decode_entries(cfg: VPTQLayerConfig, lay: dict, cs: dict, dtype: str) -> np.ndarray:
     """W_pre[O, I] (pre-permutation columns, no norm) from cs_entries/cs_offsets + the codebooks, per the spec:
     list l = gs * N + i starts at entry 4 * offsets[l]; entry = (k << bits) | local, local == SE is padding;
-    combined code c = (gs % NSG) * SE + local indexes [centroids[g]; res_centroids[g]], g = gs // NSG."""
+    combined code c = (gs % NSG) * SE + local indexes [centroids[g]; res_centroids[g]], g = gs // NSG.
+    Folded residual (`cs_res` present): the combined book is the main book alone and the entry at position p also
+    adds res_centroids[g][cs_res[p]]; its pads point at column G * S (past the row)."""
     v, O, osz, N = cfg.vector_len, cfg.out_features, cfg.outlier_size, cfg.num_vectors
     K = cfg.num_centroids
     se = code_sorted_geometry(cfg, dtype).slice_entries
-    nsg = -(-(K + cfg.num_res_centroids) // se)
+    folded = "cs_res" in cs
+    nsg = -(-(K + (0 if folded else cfg.num_res_centroids)) // se)
     books = [np.concatenate([lay["centroids"][g]] + ([lay["res_centroids"][g]] if cfg.has_residual else []))
              for g in range(cfg.group_num)]
     code_bits = se.bit_length()
@@ -39,13 +42,17 @@ def _decode_entries(cfg: VPTQLayerConfig, lay: dict, cs: dict, dtype: str) -> np
     for lst in range(len(off) - 1):
         gs, i = divmod(lst, N)
         g, s = divmod(gs, nsg)
-        for e in ent[4 * off[lst]: 4 * off[lst + 1]]:
-            local, k = e & ((1 << code_bits) - 1), e >> code_bits
+        for p in range(4 * off[lst], 4 * off[lst + 1]):
+            local, k = ent[p] & ((1 << code_bits) - 1), ent[p] >> code_bits
             if local == se:
+                assert not folded or k == cfg.group_num * cfg.group_size
                 continue
             c = s * se + local
             terms[int(c >= K), i * v: i * v + v, osz + k] = books[g][c]
             seen[i, osz + k] += 1
+            if folded:
+                terms[1, i * v: i * v + v, osz + k] = books[g][K + int(cs["cs_res"][p])]
+                seen[i, osz + k] += 1
     assert (seen[:, osz:] == (2 if cfg.has_residual else 1)).all(), "every code must appear once per term"
     cdt = lay["centroids"].dtype
     W = terms[0].astype(cdt)
@@ -61,7 +68,9 @@ def _decode_entries(cfg: VPTQLayerConfig, lay: dict, cs: dict, dtype: str) -> np
 
 @pytest.mark.parametrize("variant,dtype,kw", [
     ("v8-k65536-0", "float16", {"enable_norm": False}),
-    ("v8-k65536-256", "float32", OUTL),
+    ("v8-k65536-256", "float32", OUTL),  # folded residual (uint8 cs_res)
+    ("v8-k65536-256", "float16", {"group_num": 2}),
+    ("v8-k65536-1024", "float16", {}),  # folded, uint16 cs_res
     ("v12-k65536-4096", "float32", {"group_num": 2}),
     ("v16-k65536-65536", "float32", {}),
     ("v8-k8192-0", "float16", {"enable_perm": False}),
@@ -143,15 +152,16 @@ def test_converter_writes_entries_and_only_cuda_declares_them(k65536_model):
 
 
 def test_registry_routes_only_balanced_layers_to_code_sorted():
-    """A small residual book would be one overloaded slice: such layers keep the gather GEMV and do not declare
-    (load) their entries; K = 65536 without residual, or with an equal residual, take the code-sorted kernel."""
+    """K = 65536 without residual, with an equal residual, or with a residual small enough to fold (<= 16 KiB)
+    take the code-sorted kernel; a mid-sized residual (v12-k65536-4096: 96 KiB) would be one overloaded slice, so
+    such layers keep the gather GEMV and do not declare (load) their entries."""
     from tvm.target import Target
 
     from vptq_mlc.tir_kernels.registry import kernel_selector
 
     sel = kernel_selector(Target("cuda"), ("generic", "code-sorted"))
     f = VPTQLayerConfig.from_variant
-    for variant, want in (("v8-k65536-0", True), ("v16-k65536-65536", True), ("v8-k65536-256", False),
+    for variant, want in (("v8-k65536-0", True), ("v16-k65536-65536", True), ("v8-k65536-256", True),
                           ("v12-k65536-4096", False), ("v8-k4096-0", False)):
         cfg = f(variant, 256, 128)
         assert ("cs_entries" in sel.operand_shapes(cfg, "float16")) == want, variant

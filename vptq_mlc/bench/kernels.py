@@ -193,7 +193,7 @@ def build_kernel_library(cases: list[KernelCase], out_dir: str | os.PathLike[str
             cfg = c.config()
             cplan = replace(cs.plan_code_sorted(cfg, c.rows, dtype), **c.plan)
             f = cs.vq_code_sorted_cuda(cfg, dtype, c.rows, cplan)
-            calls[i] = {"operands": list(cs.code_sorted_operands(cfg)),
+            calls[i] = {"operands": list(cs.code_sorted_operands(cfg, dtype)),
                         "scratch": [[list(cs.code_sorted_scratch(cfg, dtype, c.rows)), "float32"]]}
         elif c.kernel == "mma":  # plan overrides apply to the decode (rows) or prefill (rows=None) plan
             from vptq_mlc.tir_kernels.cuda_mma import plan_mma, plan_mma_prefill, vq_mma_cuda

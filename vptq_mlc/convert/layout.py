@@ -66,6 +66,11 @@ def generic_layout(
 # residual becomes more entries of its own slices, so one kernel sums both terms exactly.
 SLICE_BYTES = 64 * 1024  # one slice per CTA: fits every default arch (sm_86/sm_89 allow 99 KB per block)
 CODE_SORTED = "code-sorted"
+# A residual book much smaller than the main one would become one or two slices holding an entry for every code
+# (16-30x the work of the other slices). Up to this size it is *folded* instead: entries come from the main codes
+# only, a parallel array `cs_res` holds each entry's residual code, and every CTA keeps the whole residual book in
+# shared memory next to its slice (64 + 16 KiB).
+FOLD_RES_BYTES = 16 * 1024
 
 
 @dataclass(frozen=True)
@@ -79,10 +84,18 @@ class CodeSortedGeometry:
     code_bits: int  # entry = (column << code_bits) | local code; local code SE = padding (a zero entry)
     num_vectors: int  # N
     entry_capacity: int  # uint32 entries (multiple of 4): every code once per term + up to 3 pads per list
+    columns: int = 0  # G * S main columns
+    res_dtype: str | None = None  # folded residual: dtype of `cs_res` (uint8 for Kr <= 256, else uint16); None: not folded
+
+    @property
+    def folded(self) -> bool:
+        return self.res_dtype is not None
 
     @property
     def pad_entry(self) -> int:
-        return self.slice_entries
+        """Padding: local code SE (a zero entry). Folded lists also point the column past the end (G * S), where
+        the kernel reads a zero activation, so the pad's residual term (code 0) adds nothing."""
+        return (self.columns << self.code_bits) | self.slice_entries if self.folded else self.slice_entries
 
     @property
     def num_lists(self) -> int:
@@ -95,25 +108,38 @@ def code_sorted_eligible(cfg: VPTQLayerConfig, dtype: str) -> bool:
     return cfg.group_num * (cfg.num_centroids + cfg.num_res_centroids) * cfg.vector_len * el > SLICE_BYTES
 
 
+def folds_residual(cfg: VPTQLayerConfig, dtype: str) -> bool:
+    """A residual book small enough to sit in every CTA's shared memory (FOLD_RES_BYTES) and smaller than the main
+    one (an equal-sized one is balanced as slices of the combined book)."""
+    el = np.dtype(dtype).itemsize
+    kr = cfg.num_res_centroids
+    return cfg.has_residual and kr < cfg.num_centroids and kr * cfg.vector_len * el <= FOLD_RES_BYTES
+
+
 def code_sorted_geometry(cfg: VPTQLayerConfig, dtype: str) -> CodeSortedGeometry:
     el = np.dtype(dtype).itemsize
     se = SLICE_BYTES // (cfg.vector_len * el)
-    nsg = -(-(cfg.num_centroids + cfg.num_res_centroids) // se)
+    fold = folds_residual(cfg, dtype)
+    nsg = -(-(cfg.num_centroids + (0 if fold else cfg.num_res_centroids)) // se)
     ns = cfg.group_num * nsg
     bits = se.bit_length()  # codes 0..SE (SE = padding)
     length = cfg.group_num * cfg.group_size
     if length >= 1 << (32 - bits):
         raise ValueError(f"{length} columns do not fit a code-sorted entry with {bits} code bits")
-    terms = 2 if cfg.has_residual else 1
+    terms = 2 if cfg.has_residual and not fold else 1
     cap = cfg.num_vectors * length * terms + 3 * ns * cfg.num_vectors
-    return CodeSortedGeometry(se, nsg, ns, bits, cfg.num_vectors, -(-cap // 4) * 4)
+    res_dtype = ("uint8" if cfg.num_res_centroids <= 256 else "uint16") if fold else None
+    return CodeSortedGeometry(se, nsg, ns, bits, cfg.num_vectors, -(-cap // 4) * 4, length, res_dtype)
 
 
 def code_sorted_shapes(cfg: VPTQLayerConfig, dtype: str) -> dict[str, tuple[tuple[int, ...], str]]:
     """Extra tensor-cache entries of the code-sorted layout (besides the generic ones, which it reuses for the
     codebooks and outliers): `cs_entries` uint32 and `cs_offsets` int32 (start of each list, in 4-entry chunks)."""
     geo = code_sorted_geometry(cfg, dtype)
-    return {"cs_entries": ((geo.entry_capacity,), "uint32"), "cs_offsets": ((geo.num_lists + 1,), "int32")}
+    shapes = {"cs_entries": ((geo.entry_capacity,), "uint32"), "cs_offsets": ((geo.num_lists + 1,), "int32")}
+    if geo.folded:
+        shapes["cs_res"] = ((geo.entry_capacity,), geo.res_dtype)
+    return shapes
 
 
 def code_sorted_layout(cfg: VPTQLayerConfig, codes: LayerCodes, dtype: str) -> dict[str, np.ndarray]:
@@ -125,7 +151,7 @@ def code_sorted_layout(cfg: VPTQLayerConfig, codes: LayerCodes, dtype: str) -> d
     G, N, S = codes.idx.shape
     se, nsg = geo.slice_entries, geo.slices_per_group
     terms = [codes.idx.astype(np.int64)]
-    if cfg.has_residual:
+    if cfg.has_residual and not geo.folded:
         assert codes.res is not None
         terms.append(codes.res.astype(np.int64) + cfg.num_centroids)
     comb = np.stack(terms)  # [T, G, N, S] combined codes
@@ -146,4 +172,10 @@ def code_sorted_layout(cfg: VPTQLayerConfig, codes: LayerCodes, dtype: str) -> d
     entries = np.full(geo.entry_capacity, geo.pad_entry, np.uint32)
     entries[pos] = val[order].astype(np.uint32)
     assert offsets[-1] * 4 <= geo.entry_capacity
-    return {"cs_entries": entries, "cs_offsets": offsets.astype(np.int32)}
+    out = {"cs_entries": entries, "cs_offsets": offsets.astype(np.int32)}
+    if geo.folded:  # each entry's residual code, at the entry's position (pads: 0, times a zero activation)
+        assert codes.res is not None
+        res = np.zeros(geo.entry_capacity, geo.res_dtype)
+        res[pos] = codes.res.astype(np.int64).ravel()[order]
+        out["cs_res"] = res
+    return out

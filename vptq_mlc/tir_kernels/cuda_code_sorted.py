@@ -14,7 +14,9 @@ of vector row i whose combined code (main, or K + residual) lies in slice gs. He
 - kernel 2 (same PrimFunc, launched right after): `y[b, r] = sum over slices of partial + outlier term`, cast.
   The `partial` buffer is a second output of the call (planned by Relax like any intermediate), so the library
   allocates nothing at run time.
-Residual codebooks are slices of the combined book, so both terms are summed exactly; outliers (a few leading
+Residual codebooks as large as the main one are slices of the combined book, so both terms are summed exactly; a
+small residual book is *folded* (layout.folds_residual): entries come from the main codes only, `cs_res` holds each
+entry's residual code, and every CTA keeps the whole residual book in shared memory next to its slice. Outliers (a few leading
 columns with their own small codebook) are added in kernel 2 from the generic outlier codes.
 """
 
@@ -26,11 +28,12 @@ from tvm import tirx
 from tvm.script import tirx as T
 
 from vptq_mlc.checkpoint.layer_config import VPTQLayerConfig
-from vptq_mlc.convert.layout import code_sorted_geometry
+from vptq_mlc.convert.layout import code_sorted_geometry, folds_residual
 from vptq_mlc.tir_kernels.generic import kernel_dims
 
 MAX_ROWS = 2  # batch 1..2 decode (vq-gemv-h100.md §3: batch 4+ loses with gather kernels)
 SMEM_X_BYTES = 32 * 1024  # activation rows staged in shared memory up to this size (64 KiB slice + 32 KiB < 99 KB)
+MAX_DYN_SMEM = 99 * 1024  # per block on sm_86/sm_89, the smallest of the default archs
 REDUCE_THREADS = 256
 
 
@@ -57,10 +60,10 @@ def plan_code_sorted(cfg: VPTQLayerConfig, rows: int, dtype: str) -> CodeSortedP
 
 def code_sorted_preferred(cfg: VPTQLayerConfig, dtype: str, rows: int) -> bool:
     """Where the code-sorted kernel beat the L2 gather on the H100 (bench/RESULTS.md, rows 1 and 2): every slice
-    must carry the same expected share of entries, i.e. no residual or a residual codebook as large as the main
-    one. A small residual becomes one or two slices holding an entry for every code: 3-5x slower than the gather
-    (v8-k65536-256, v12-k65536-4096), so those layers keep the gather until the residual is folded in."""
-    return 1 <= rows <= MAX_ROWS and cfg.num_res_centroids in (0, cfg.num_centroids)
+    must carry the same expected share of entries: no residual, a residual codebook as large as the main one, or a
+    small one folded into the main pass (v8-k65536-256). Unfolded, a small residual becomes one or two slices
+    holding an entry for every code: 3-5x slower than the gather (v12-k65536-4096 keeps the gather)."""
+    return 1 <= rows <= MAX_ROWS and (cfg.num_res_centroids in (0, cfg.num_centroids) or folds_residual(cfg, dtype))
 
 
 def _pow2_ok(n: int) -> bool:
@@ -75,7 +78,7 @@ def code_sorted_scratch(cfg: VPTQLayerConfig, dtype: str, rows: int) -> tuple[in
 
 def vq_code_sorted_cuda(cfg: VPTQLayerConfig, dtype: str, rows: int,
                         plan: CodeSortedPlan | None = None) -> tirx.PrimFunc:
-    """PrimFunc(xs[rows, I], centroids, [res_centroids], cs_entries, cs_offsets, [outlier_centroids,
+    """PrimFunc(xs[rows, I], centroids, [res_centroids], cs_entries, cs_offsets, [cs_res], [outlier_centroids,
     outlier_codes], partial (fp32 scratch output), y[rows, O])."""
     if not 1 <= rows <= MAX_ROWS:
         raise ValueError(f"vq_code_sorted_cuda handles 1..{MAX_ROWS} rows, got {rows}")
@@ -95,9 +98,15 @@ def vq_code_sorted_cuda(cfg: VPTQLayerConfig, dtype: str, rows: int,
     RIT = -(-RPC // TEAMS)
     NVV = NV * v
     PART = NS * NB * NVV
-    X_SMEM = NB * I * el <= SMEM_X_BYTES
-    XS = NB * I if X_SMEM else 1
+    FOLD = geo.folded
+    RD = geo.res_dtype or "uint8"
+    L = geo.columns
     XV = 8 if I % 8 == 0 and el == 2 else 4 if I % 4 == 0 else 1
+    XI = I + XV if FOLD else I  # x row stride in shared memory: folded pads read the zeros at column L (= I - OSZ)
+    SLICE_S = (SE + 1) * v  # shared-memory elements: the slice + zero entry, then the folded residual book
+    RES_S = KR * v if FOLD else 0
+    X_SMEM = NB * XI * el <= SMEM_X_BYTES and (SLICE_S + RES_S + NB * XI) * el <= MAX_DYN_SMEM
+    XS = NB * XI if X_SMEM else 1
     EV = 1
     for w in (8, 4, 2):
         if v % w == 0 and w * el <= 16:
@@ -106,6 +115,7 @@ def vq_code_sorted_cuda(cfg: VPTQLayerConfig, dtype: str, rows: int,
     MASK = (1 << CB) - 1
     VPE = v // EV  # vector chunks per codebook entry
     NIT = -(-(SE * VPE) // NT)  # slice-copy rounds per thread
+    NRIT = -(-(KR * VPE) // NT) if FOLD else 0  # residual-book copy rounds per thread
     NXIT = -(-(NB * I // XV) // NT) if X_SMEM else 1
     NBV = NB * v
     ACC = "float32"
@@ -121,6 +131,7 @@ def vq_code_sorted_cuda(cfg: VPTQLayerConfig, dtype: str, rows: int,
         res_centroids: T.Buffer((G, KR1, v), dtype),
         cs_entries: T.Buffer((CAP,), "uint32"),
         cs_offsets: T.Buffer((NL + 1,), "int32"),
+        cs_res: T.Buffer((CAP if FOLD else 1,), RD),
         outlier_centroids: T.Buffer((KO, VO), dtype),
         outlier_codes: T.Buffer((NO, OSZ1), "uint16"),
         partial: T.Buffer((PART,), ACC),
@@ -130,12 +141,15 @@ def vq_code_sorted_cuda(cfg: VPTQLayerConfig, dtype: str, rows: int,
         with T.launch_thread("blockIdx.x", NS * C) as bx:
             tx = T.launch_thread("threadIdx.x", 32)
             ty = T.launch_thread("threadIdx.y", W)
-            cb_s = T.alloc_buffer(((SE + 1) * v,), dtype, scope="shared.dyn")
+            cb_s = T.alloc_buffer((SLICE_S + RES_S,), dtype, scope="shared.dyn")
             x_s = T.alloc_buffer((XS,), dtype, scope="shared.dyn")
             acc = T.alloc_buffer((NBV,), ACC, scope="local")
             ev = T.alloc_buffer((U * 4,), "uint32", scope="local")
+            rv = T.alloc_buffer((U * 4,), RD, scope="local")
             wl = T.alloc_buffer((v,), dtype, scope="local")
+            wr = T.alloc_buffer((v,), dtype, scope="local")
             stg = T.alloc_buffer((NIT * EV,), dtype, scope="local")
+            stg_r = T.alloc_buffer((max(NRIT, 1) * EV,), dtype, scope="local")
             xst = T.alloc_buffer((NXIT * XV,), dtype, scope="local")
             bnd = T.alloc_buffer((2,), "int32", scope="local")
             tid = ty * 32 + tx
@@ -153,7 +167,7 @@ def vq_code_sorted_cuda(cfg: VPTQLayerConfig, dtype: str, rows: int,
                     j0 = qc % VPE
                     if ce < K:
                         stg[vr(it * EV, EV)] = centroids[g, ce, vr(j0 * EV, EV)]
-                    elif HAS_RES and ce < K + KR:
+                    elif HAS_RES and not FOLD and ce < K + KR:
                         stg[vr(it * EV, EV)] = res_centroids[g, ce - K, vr(j0 * EV, EV)]
                     else:
                         stg[vr(it * EV, EV)] = T.Broadcast(T.Cast(dtype, 0), EV) if EV > 1 else T.Cast(dtype, 0)
@@ -166,6 +180,15 @@ def vq_code_sorted_cuda(cfg: VPTQLayerConfig, dtype: str, rows: int,
             # same-named declaration of other kernels in one library (nvcc: "declaration is incompatible")
             if tid < v:
                 cb_s[SE * v + tid] = T.Cast(dtype, 0)
+            if FOLD:  # the whole residual book of group g, after the slice
+                for it in T.unroll(NRIT):
+                    qc = it * NT + tid
+                    if qc < KR * VPE:
+                        stg_r[vr(it * EV, EV)] = res_centroids[g, qc // VPE, vr((qc % VPE) * EV, EV)]
+                for it in T.unroll(NRIT):
+                    qc = it * NT + tid
+                    if qc < KR * VPE:
+                        cb_s[vr(SLICE_S + qc * EV, EV)] = stg_r[vr(it * EV, EV)]
             if X_SMEM:
                 for it in T.unroll(NXIT):
                     t = it * NT + tid
@@ -174,7 +197,9 @@ def vq_code_sorted_cuda(cfg: VPTQLayerConfig, dtype: str, rows: int,
                 for it in T.unroll(NXIT):
                     t = it * NT + tid
                     if t < NB * I // XV:
-                        x_s[vr(t * XV, XV)] = xst[vr(it * XV, XV)]
+                        x_s[vr(((t * XV) // I) * XI + (t * XV) % I, XV)] = xst[vr(it * XV, XV)]
+                if FOLD and tid < NB * XV:
+                    x_s[(tid // XV) * XI + I + tid % XV] = T.Cast(dtype, 0)
 
             T.tvm_storage_sync("shared")
             team = ty * TPW + tx // LPR
@@ -192,6 +217,8 @@ def vq_code_sorted_cuda(cfg: VPTQLayerConfig, dtype: str, rows: int,
                             ch = bnd[0] + (it2 * U + u) * LPR + q
                             if ch < bnd[1]:
                                 ev[T.Ramp(u * 4, 1, 4)] = cs_entries[T.Ramp(ch * 4, 1, 4)]
+                                if FOLD:
+                                    rv[T.Ramp(u * 4, 1, 4)] = cs_res[T.Ramp(ch * 4, 1, 4)]
                         for u in T.unroll(U):
                             ch = bnd[0] + (it2 * U + u) * LPR + q
                             if ch < bnd[1]:
@@ -200,11 +227,22 @@ def vq_code_sorted_cuda(cfg: VPTQLayerConfig, dtype: str, rows: int,
                                     col = T.Cast("int32", ev[u * 4 + e] >> T.uint32(CB))
                                     for j0 in T.unroll(v // EV):
                                         wl[vr(j0 * EV, EV)] = cb_s[vr(lc * v + j0 * EV, EV)]
+                                    if FOLD:
+                                        for j0 in T.unroll(v // EV):
+                                            wr[vr(j0 * EV, EV)] = cb_s[vr(SLICE_S + T.Cast("int32", rv[u * 4 + e]) * v
+                                                                          + j0 * EV, EV)]
+                                        for j in T.unroll(v):
+                                            wl[j] = wl[j] + wr[j]
                                     for b in T.unroll(NB):
                                         if X_SMEM:
-                                            xv = T.Cast(ACC, x_s[b * I + OSZ + col])
+                                            xv = T.Cast(ACC, x_s[b * XI + OSZ + col])
                                             for j in T.unroll(v):
                                                 acc[b * v + j] = acc[b * v + j] + xv * T.Cast(ACC, wl[j])
+                                        elif FOLD:  # pads point at column L, past the row: a zero activation
+                                            xg = T.if_then_else(col < L, T.Cast(ACC, xs[b, T.min(OSZ + col, I - 1)]),
+                                                                T.float32(0))
+                                            for j in T.unroll(v):
+                                                acc[b * v + j] = acc[b * v + j] + xg * T.Cast(ACC, wl[j])
                                         else:
                                             xg = T.Cast(ACC, xs[b, OSZ + col])
                                             for j in T.unroll(v):
@@ -237,15 +275,18 @@ def vq_code_sorted_cuda(cfg: VPTQLayerConfig, dtype: str, rows: int,
     keep = {"xs", "centroids", "cs_entries", "cs_offsets", "partial", "y"}
     if HAS_RES:
         keep.add("res_centroids")
+    if FOLD:
+        keep.add("cs_res")
     if HAS_OUT:
         keep |= {"outlier_centroids", "outlier_codes"}
     params = [prm for prm in kernel.params if prm.name in keep]
     return tirx.PrimFunc(params, kernel.body, kernel.ret_type, kernel.attrs)
 
 
-def code_sorted_operands(cfg: VPTQLayerConfig) -> tuple[str, ...]:
+def code_sorted_operands(cfg: VPTQLayerConfig, dtype: str) -> tuple[str, ...]:
     """Parameter names the kernel takes after `xs`, in order (tensor-cache suffixes)."""
     names = ["centroids"] + (["res_centroids"] if cfg.has_residual else []) + ["cs_entries", "cs_offsets"]
+    names += ["cs_res"] if folds_residual(cfg, dtype) else []
     if cfg.has_outliers:
         names += ["outlier_centroids", "outlier_codes"]
     return tuple(names)

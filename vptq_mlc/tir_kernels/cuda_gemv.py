@@ -32,6 +32,13 @@ from vptq_mlc.tir_kernels.generic import kernel_dims
 
 SMEM_CODEBOOK_BYTES = 64 * 1024  # fits twice per SM on sm_80/sm_90, once on sm_86/sm_89 (99 KB)
 MAX_ROWS = 8
+# Shared memory serves a 16-byte load per lane in quarter-warp phases (8 lanes x 16 B = the 32 banks): 8 lanes that
+# look up 8 random entries hit the same bank group ~2.6 times on average, so ~60% of the lookups' wavefronts were
+# bank conflicts on the H100 (ncu). With REPLICAS copies laid out entry-major, lane `l` reads copy `l % 8`, whose
+# bank group is its own: conflict-free, for codebooks small enough to store 8 times (K + Kr <= 512 at v = 8).
+REPLICAS = 8
+REPLICATED_CODEBOOK_BYTES = 64 * 1024
+LARGE_SMEM_CODEBOOK = 32 * 1024  # shared-memory codebooks from this size on favour few, large CTAs (plan_gemv)
 
 
 @dataclass(frozen=True)
@@ -73,6 +80,7 @@ class GemvPlan:
     entry_vec: int  # fp16 elements per codebook read
     smem_codebook: bool
     grid: int
+    replicas: int = 1  # copies of each 16-byte codebook entry in shared memory (8: conflict-free lookups)
 
     @property
     def warps(self) -> int:
@@ -101,6 +109,12 @@ def plan_gemv(cfg: VPTQLayerConfig, rows: int, dtype: str, params: GpuParams = C
     max_warps = min(max_warps, _pow2_floor(params.max_threads // lanes))
     splits = max(1, min(max_warps, _pow2_floor(-(-4096 // nv)), _pow2_floor(max(1, length // (lanes * vec)))))
     rows_per_cta = max(1, 8 // splits) if max_warps >= 8 else max(1, max_warps // splits)
+    cb_bytes = cfg.group_num * (cfg.num_centroids + cfg.num_res_centroids) * cfg.vector_len * el
+    if params is CUDA_PARAMS and LARGE_SMEM_CODEBOOK <= cb_bytes <= params.smem_codebook_bytes and acc_regs <= 32 \
+            and nv <= 1024:
+        # few vector rows and a large book: every CTA pays a 32-64 KB codebook copy, so use fewer, larger CTAs
+        # (H100, v8-k4096-0 4096x4096: 16 warps as 4 rows x 4 splits 8.8 us vs 12.4 us with 8 warps x 512 CTAs)
+        rows_per_cta, splits = 4, 4
     chunks_per_lane = -(-length // (vec * lanes * splits))
     # chunks in flight per lane; each holds rows*vec activations in registers too
     max_unroll = 4 if rows <= 2 else 2 if acc_regs <= 64 else 1
@@ -110,16 +124,18 @@ def plan_gemv(cfg: VPTQLayerConfig, rows: int, dtype: str, params: GpuParams = C
         if cfg.vector_len % w == 0 and w * el <= 16:
             ev = w
             break
-    cb_bytes = cfg.group_num * (cfg.num_centroids + cfg.num_res_centroids) * cfg.vector_len * el
     smem = cb_bytes <= params.smem_codebook_bytes
     if params.smem_total_bytes is not None:  # static LDS holds the split-reduction scratch too
         smem = smem and cb_bytes + rows_per_cta * splits * rows * cfg.vector_len * 4 <= params.smem_total_bytes
     blocks = -(-nv // rows_per_cta)
+    reps = 1
+    if smem and params is CUDA_PARAMS and cfg.vector_len * el == 16 and REPLICAS * cb_bytes <= REPLICATED_CODEBOOK_BYTES:
+        reps = REPLICAS
     # One CTA per row block. The kernel also supports a persistent grid (fewer CTAs looping over row blocks, so
     # the shared-memory codebook copy is paid once per CTA); on the H100 sweep it was 4-15% slower at the best
     # split, 64 KB codebooks included (bench/results/h100_sweep_v1.json).
     grid = blocks
-    return GemvPlan(rows_per_cta, splits, vec, unroll, ev, smem, grid)
+    return GemvPlan(rows_per_cta, splits, vec, unroll, ev, smem, grid, reps)
 
 
 def vq_gemv_cuda(cfg: VPTQLayerConfig, dtype: str, rows: int, plan: GemvPlan | None = None,
@@ -143,11 +159,16 @@ def vq_gemv_cuda(cfg: VPTQLayerConfig, dtype: str, rows: int, plan: GemvPlan | N
     NCH = -(-L // VW)  # chunks of VW codes
     CPS = -(-NCH // P)  # chunks per split
     ITERS = -(-CPS // (WARP * U))
-    CB_MAIN = G * K * v
-    CB_RES = G * KR * v if HAS_RES else 0
+    REP = p.replicas if p.smem_codebook else 1
+    CB_MAIN = G * K * v * REP  # shared-memory elements: the main codebook, then the residual one
+    CB_RES = G * KR * v * REP if HAS_RES else 0
     CB_ALL = CB_MAIN + CB_RES
     SMEM_CB = p.smem_codebook
+    if REP > 1 and (v != EV or REP * v * (2 if dtype == "float16" else 4) != 128 or WARP % REP):
+        raise ValueError(f"a replicated codebook needs 16-byte entries read at once and {REP} | warp size")
     CB_SHARED = CB_ALL if SMEM_CB else 1
+    FILL_MAIN = -(-(G * K) // NT)  # fill iterations per thread (unrolled when few, so the loads overlap)
+    FILL_RES = -(-(G * KR) // NT) if HAS_RES else 0
     NBV = NB * v
     OPW = -(-OSZ1 // P)  # outlier columns per split
     OITERS = -(-OPW // WARP)
@@ -186,14 +207,29 @@ def vq_gemv_cuda(cfg: VPTQLayerConfig, dtype: str, rows: int, plan: GemvPlan | N
         tid = ty * WARP + tx
         rr = ty // P
         sp = ty % P
-        if SMEM_CB:
-            for it in range(-(-(G * K) // NT)):
+        if SMEM_CB and REP > 1:  # entry t, copy q at (t * REP + q) * v; store copy (q + t) % REP at step q
+            for it in T.unroll(FILL_MAIN):
+                t = it * NT + tid
+                if t < G * K:
+                    wl[vr(0, v)] = centroids[t // K, t % K, vr(0, v)]
+                    for q in T.unroll(REP):
+                        cb_s[vr((t * REP + (q + t) % REP) * v, v)] = wl[vr(0, v)]
+            if HAS_RES:
+                for it in T.unroll(FILL_RES):
+                    t = it * NT + tid
+                    if t < G * KR:
+                        wr[vr(0, v)] = res_centroids[t // KR, t % KR, vr(0, v)]
+                        for q in T.unroll(REP):
+                            cb_s[vr(CB_MAIN + (t * REP + (q + t) % REP) * v, v)] = wr[vr(0, v)]
+            T.tvm_storage_sync("shared")
+        elif SMEM_CB:
+            for it in T.unroll(FILL_MAIN) if FILL_MAIN <= 16 else range(FILL_MAIN):
                 t = it * NT + tid
                 if t < G * K:
                     for j0 in T.unroll(v // EV):
                         cb_s[vr(t * v + j0 * EV, EV)] = centroids[t // K, t % K, vr(j0 * EV, EV)]
             if HAS_RES:
-                for it in range(-(-(G * KR) // NT)):
+                for it in T.unroll(FILL_RES) if FILL_RES <= 16 else range(FILL_RES):
                     t = it * NT + tid
                     if t < G * KR:
                         for j0 in T.unroll(v // EV):
@@ -222,14 +258,18 @@ def vq_gemv_cuda(cfg: VPTQLayerConfig, dtype: str, rows: int, plan: GemvPlan | N
                                 g = (c * VW + e) // S
                                 code = T.Cast("int32", cl[u * VW + e])
                                 for j0 in T.unroll(v // EV):
-                                    if SMEM_CB:
+                                    if REP > 1:
+                                        wl[vr(0, v)] = cb_s[vr(((g * K + code) * REP + tx % REP) * v, v)]
+                                    elif SMEM_CB:
                                         wl[vr(j0 * EV, EV)] = cb_s[vr((g * K + code) * v + j0 * EV, EV)]
                                     else:
                                         wl[vr(j0 * EV, EV)] = centroids[g, code, vr(j0 * EV, EV)]
                                 if HAS_RES:
                                     rcode = T.Cast("int32", rl[u * VW + e])
                                     for j0 in T.unroll(v // EV):
-                                        if SMEM_CB:
+                                        if REP > 1:
+                                            wr[vr(0, v)] = cb_s[vr(CB_MAIN + ((g * KR + rcode) * REP + tx % REP) * v, v)]
+                                        elif SMEM_CB:
                                             wr[vr(j0 * EV, EV)] = cb_s[vr(CB_MAIN + (g * KR + rcode) * v + j0 * EV, EV)]
                                         else:
                                             wr[vr(j0 * EV, EV)] = res_centroids[g, rcode, vr(j0 * EV, EV)]

@@ -97,7 +97,7 @@ class KernelSelector:
         from vptq_mlc.tir_kernels.cuda_prefill import dequant_matmul_cuda
 
         if decode and rows <= cs.MAX_ROWS and self.uses_code_sorted(cfg, dtype):
-            k = VQKernel(cs.vq_code_sorted_cuda(cfg, dtype, rows), cs.code_sorted_operands(cfg),
+            k = VQKernel(cs.vq_code_sorted_cuda(cfg, dtype, rows), cs.code_sorted_operands(cfg, dtype),
                          ((cs.code_sorted_scratch(cfg, dtype, rows), "float32"),))
         elif decode and mma_preferred(cfg, dtype, rows, MAX_ROWS):  # fp16, rows 6..16 (9..16 w/ residual)
             k = VQKernel(vq_mma_cuda(cfg, dtype, rows), generic_ops)
