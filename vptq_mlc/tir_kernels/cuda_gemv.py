@@ -81,6 +81,7 @@ class GemvPlan:
     smem_codebook: bool
     grid: int
     replicas: int = 1  # copies of each 16-byte codebook entry in shared memory (8: conflict-free lookups)
+    half_acc: bool = False  # fp16 models: partial sums over each chunk of `vec` codes in fp16 (f16x2 math)
 
     @property
     def warps(self) -> int:
@@ -135,7 +136,10 @@ def plan_gemv(cfg: VPTQLayerConfig, rows: int, dtype: str, params: GpuParams = C
     # the shared-memory codebook copy is paid once per CTA); on the H100 sweep it was 4-15% slower at the best
     # split, 64 KB codebooks included (bench/results/h100_sweep_v1.json).
     grid = blocks
-    return GemvPlan(rows_per_cta, splits, vec, unroll, ev, smem, grid, reps)
+    # fp16 partial sums per chunk of `vec` codes halve the instructions per code (H100: k256-256 10-26% faster,
+    # relative L2 error 5e-4 instead of 2e-4); CUDA only (the ROCm kernels are not measured on hardware)
+    half_acc = params is CUDA_PARAMS and dtype == "float16"
+    return GemvPlan(rows_per_cta, splits, vec, unroll, ev, smem, grid, reps, half_acc)
 
 
 def vq_gemv_cuda(cfg: VPTQLayerConfig, dtype: str, rows: int, plan: GemvPlan | None = None,
@@ -167,9 +171,10 @@ def vq_gemv_cuda(cfg: VPTQLayerConfig, dtype: str, rows: int, plan: GemvPlan | N
     if REP > 1 and (v != EV or REP * v * (2 if dtype == "float16" else 4) != 128 or WARP % REP):
         raise ValueError(f"a replicated codebook needs 16-byte entries read at once and {REP} | warp size")
     CB_SHARED = CB_ALL if SMEM_CB else 1
-    FILL_MAIN = -(-(G * K) // NT)  # fill iterations per thread (unrolled when few, so the loads overlap)
+    FILL_MAIN = -(-(G * K) // NT)  # fill iterations per thread (unrolled, so the loads overlap)
     FILL_RES = -(-(G * KR) // NT) if HAS_RES else 0
     NBV = NB * v
+    HALF = p.half_acc and dtype == "float16"
     OPW = -(-OSZ1 // P)  # outlier columns per split
     OITERS = -(-OPW // WARP)
     RED = W * NBV
@@ -198,6 +203,7 @@ def vq_gemv_cuda(cfg: VPTQLayerConfig, dtype: str, rows: int, plan: GemvPlan | N
         cb_s = T.alloc_buffer((CB_SHARED,), dtype, scope=SCOPE)
         red = T.alloc_buffer((RED,), ACC, scope=SCOPE)
         acc = T.alloc_buffer((NBV,), ACC, scope="local")
+        ah = T.alloc_buffer((NBV,), dtype, scope="local")
         cl = T.alloc_buffer((U * VW,), "uint16", scope="local")
         rl = T.alloc_buffer((U * VW,), "uint16", scope="local")
         xl = T.alloc_buffer((U * NB * VW,), dtype, scope="local")
@@ -223,13 +229,13 @@ def vq_gemv_cuda(cfg: VPTQLayerConfig, dtype: str, rows: int, plan: GemvPlan | N
                             cb_s[vr(CB_MAIN + (t * REP + (q + t) % REP) * v, v)] = wr[vr(0, v)]
             T.tvm_storage_sync("shared")
         elif SMEM_CB:
-            for it in T.unroll(FILL_MAIN) if FILL_MAIN <= 16 else range(FILL_MAIN):
+            for it in T.unroll(FILL_MAIN):
                 t = it * NT + tid
                 if t < G * K:
                     for j0 in T.unroll(v // EV):
                         cb_s[vr(t * v + j0 * EV, EV)] = centroids[t // K, t % K, vr(j0 * EV, EV)]
             if HAS_RES:
-                for it in T.unroll(FILL_RES) if FILL_RES <= 16 else range(FILL_RES):
+                for it in T.unroll(FILL_RES):
                     t = it * NT + tid
                     if t < G * KR:
                         for j0 in T.unroll(v // EV):
@@ -240,6 +246,7 @@ def vq_gemv_cuda(cfg: VPTQLayerConfig, dtype: str, rows: int, plan: GemvPlan | N
             i = rb * R + rr
             for a in T.unroll(NBV):
                 acc[a] = T.float32(0)
+                ah[a] = T.Cast(dtype, 0)
             if rb < NRB and i < NV:
                 for it in range(ITERS):
                     # issue U chunk loads (codes + activations) before any lookup
@@ -273,15 +280,27 @@ def vq_gemv_cuda(cfg: VPTQLayerConfig, dtype: str, rows: int, plan: GemvPlan | N
                                             wr[vr(j0 * EV, EV)] = cb_s[vr(CB_MAIN + (g * KR + rcode) * v + j0 * EV, EV)]
                                         else:
                                             wr[vr(j0 * EV, EV)] = res_centroids[g, rcode, vr(j0 * EV, EV)]
-                                for b in T.unroll(NB):
-                                    xv = T.Cast(ACC, xl[(u * NB + b) * VW + e])
-                                    for j in T.unroll(v):
-                                        if HAS_RES:
-                                            acc[b * v + j] = acc[b * v + j] + xv * (
-                                                T.Cast(ACC, wl[j]) + T.Cast(ACC, wr[j])
-                                            )
-                                        else:
-                                            acc[b * v + j] = acc[b * v + j] + xv * T.Cast(ACC, wl[j])
+                                if HALF:  # fp16 partial sums over this chunk's VW codes (HFMA: half the instructions)
+                                    if HAS_RES:
+                                        for j in T.unroll(v):
+                                            wl[j] = wl[j] + wr[j]
+                                    for b in T.unroll(NB):
+                                        for j in T.unroll(v):
+                                            ah[b * v + j] = ah[b * v + j] + xl[(u * NB + b) * VW + e] * wl[j]
+                                else:
+                                    for b in T.unroll(NB):
+                                        xv = T.Cast(ACC, xl[(u * NB + b) * VW + e])
+                                        for j in T.unroll(v):
+                                            if HAS_RES:
+                                                acc[b * v + j] = acc[b * v + j] + xv * (
+                                                    T.Cast(ACC, wl[j]) + T.Cast(ACC, wr[j])
+                                                )
+                                            else:
+                                                acc[b * v + j] = acc[b * v + j] + xv * T.Cast(ACC, wl[j])
+                            if HALF:
+                                for a in T.unroll(NBV):
+                                    acc[a] = acc[a] + T.Cast(ACC, ah[a])
+                                    ah[a] = T.Cast(dtype, 0)
                 if HAS_OUT:
                     for oit in range(OITERS):
                         ko = sp * OPW + oit * WARP + tx

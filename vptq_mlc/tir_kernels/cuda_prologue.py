@@ -2,10 +2,11 @@
 
 Why: a normed layer's activation side was two kernels (the TE gather + the norm-bias row dot), i.e. two launches and
 two reads of `x` per linear, 7 linears per decoder layer; at batch 1 those tiny kernels cost about as much GPU time
-as their launch. One CTA per activation row reads `x` once, writes the permuted and scaled row and reduces the dot
-(fp32, warp shuffles then one value per warp through shared memory). The row loop is unrolled: with a rolled loop
-each step waited on its dependent perm -> x loads, and a batch-1 call (one CTA) of the 11008-wide down_proj
-took tens of microseconds (H100 7B decode fell from 205 to 189 tok/s).
+as their launch. Here CTAs of 1024 threads each gather and scale 1024 columns of a row, and the first CTA of the
+row also reduces the dot (fp32, warp shuffles then one value per warp through shared memory; its loads unrolled:
+with a rolled loop each step waited on the previous one). History: a rolled one-CTA-per-row version made the
+11008-wide down_proj take tens of microseconds at batch 1 (7B decode 205 -> 189 tok/s); unrolled, one CTA per row
+still spent ~17% of a 7B decode step in prologues (the gather is L1-sector bound on a single SM).
 """
 
 from __future__ import annotations
@@ -13,15 +14,21 @@ from __future__ import annotations
 from tvm import tirx
 from tvm.script import tirx as T
 
-THREADS = 1024  # a row per CTA: enough lanes that each issues few loads (11008 inputs: 11 per lane)
+THREADS = 1024  # one gathered element per thread and CTA
 
 
 def vq_prologue_cuda(in_features: int, dtype: str, has_perm: bool) -> tirx.PrimFunc:
-    """PrimFunc(x[n, I], [perm[I]], col_scale[I], weight_bias[I], xs[n, I], dot[n, 1] float32) for any n."""
+    """PrimFunc(x[n, I], [perm[I]], col_scale[I], weight_bias[I], xs[n, I], dot[n, 1] float32) for any n.
+
+    Grid (n, ceil(I / THREADS)): CTA (b, c) gathers and scales columns c*THREADS.. of row b; CTA (b, 0) also reduces
+    the whole row's dot (contiguous loads). One CTA per row used to do everything: the permuted gather needs one
+    L1 sector per element, so a 4096-wide row took ~2.5 us and an 11008-wide one ~7 us on one SM (H100 profile of
+    7B decode: 17% of the step); spread over ceil(I / 1024) SMs the gather is a few hundred cycles each."""
     n = tirx.Var("n", "int64")
     I = in_features  # noqa: E741
     WARPS = THREADS // 32
-    ITERS = -(-I // THREADS)
+    CH = -(-I // THREADS)  # gather chunks = CTAs per row
+    ITERS = CH  # dot loads per thread in CTA (b, 0), unrolled: all in flight at once
 
     @T.prim_func(private=True)
     def kernel(
@@ -34,29 +41,32 @@ def vq_prologue_cuda(in_features: int, dtype: str, has_perm: bool) -> tirx.PrimF
     ):
         T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True, "op_pattern": 8})
         bx = T.launch_thread("blockIdx.x", n)
+        by = T.launch_thread("blockIdx.y", CH)
         tx = T.launch_thread("threadIdx.x", THREADS)
         red = T.alloc_buffer((WARPS,), "float32", scope="shared")
         acc = T.alloc_buffer((1,), "float32", scope="local")
-        acc[0] = T.float32(0)
-        for it in T.unroll(ITERS):  # every iteration's loads in flight at once (serial: ~1 us per step)
-            if it * THREADS + tx < I:
-                if has_perm:
-                    xs[bx, it * THREADS + tx] = x[bx, perm[it * THREADS + tx]] * col_scale[it * THREADS + tx]
-                else:
-                    xs[bx, it * THREADS + tx] = x[bx, it * THREADS + tx] * col_scale[it * THREADS + tx]
-                acc[0] = acc[0] + T.Cast("float32", x[bx, it * THREADS + tx]) * T.Cast(
-                    "float32", weight_bias[it * THREADS + tx])
-        mask = T.tvm_warp_activemask()
-        for s in T.unroll(5):
-            acc[0] = acc[0] + T.tvm_warp_shuffle_down(mask, acc[0], 16 >> s, 32, 32)
-        if tx % 32 == 0:
-            red[tx // 32] = acc[0]
-        T.tvm_storage_sync("shared")
-        if tx == 0:
-            acc[0] = red[0]
-            for w in T.unroll(1, WARPS):
-                acc[0] = acc[0] + red[w]
-            dot[bx, 0] = acc[0]
+        if by * THREADS + tx < I:
+            if has_perm:
+                xs[bx, by * THREADS + tx] = x[bx, perm[by * THREADS + tx]] * col_scale[by * THREADS + tx]
+            else:
+                xs[bx, by * THREADS + tx] = x[bx, by * THREADS + tx] * col_scale[by * THREADS + tx]
+        if by == 0:
+            acc[0] = T.float32(0)
+            for it in T.unroll(ITERS):
+                if it * THREADS + tx < I:
+                    acc[0] = acc[0] + T.Cast("float32", x[bx, it * THREADS + tx]) * T.Cast(
+                        "float32", weight_bias[it * THREADS + tx])
+            mask = T.tvm_warp_activemask()
+            for s in T.unroll(5):
+                acc[0] = acc[0] + T.tvm_warp_shuffle_down(mask, acc[0], 16 >> s, 32, 32)
+            if tx % 32 == 0:
+                red[tx // 32] = acc[0]
+            T.tvm_storage_sync("shared")
+            if tx == 0:
+                acc[0] = red[0]
+                for w in T.unroll(1, WARPS):
+                    acc[0] = acc[0] + red[w]
+                dot[bx, 0] = acc[0]
 
     if has_perm:
         return kernel

@@ -1,0 +1,82 @@
+"""Where one decode step's GPU time goes: kernel times of our model library (torch's CUPTI profiler sees every
+kernel of the process, TVM's included, also those replayed from CUDA graphs).
+
+GPU host, runtime-only TVM + torch: python3 bench/profile_decode.py MODEL_DIR LIB OUT.json [--batch 1] [--steps 8]
+MODEL_DIR may be config-only (random weights are written as `vptq-mlc bench e2e` does). Prints the kernels by total
+time per decode step and writes them to OUT.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("model_dir")
+    ap.add_argument("lib")
+    ap.add_argument("out")
+    ap.add_argument("--batch", type=int, default=1)
+    ap.add_argument("--context", type=int, default=128)
+    ap.add_argument("--steps", type=int, default=8)
+    a = ap.parse_args()
+
+    from vptq_mlc.bench.e2e_common import Grid
+    from vptq_mlc.bench.e2e_engine import PAGE, decode_tok_s, prepare_weights
+    from vptq_mlc.runtime.engine import Engine
+    from vptq_mlc.runtime.library import load_library
+
+    md = load_library(a.lib, "cuda").metadata
+    work = tempfile.mkdtemp(prefix="vptq-prof-")
+    run_dir, _ = prepare_weights(Path(a.model_dir), md["params"], Path(work), tile=1 << 20)
+    engine = Engine(run_dir, a.lib, device="cuda", max_batch_size=a.batch,
+                    max_total_tokens=a.batch * (-(-(a.context + 64) // PAGE) * PAGE), page_size=PAGE)
+    grid = Grid(batches=(a.batch,), contexts=(a.context,), prefill=(), steps=2, warmup=2, prefill_reps=1)
+    decode_tok_s(engine, a.batch, a.context, grid)  # warm-up: kernels loaded, CUDA graphs captured
+    from torch.profiler import ProfilerActivity, profile
+
+    from vptq_mlc.bench.e2e_common import decode_prompt_len, prompt_ids
+    from vptq_mlc.runtime.sampling import SamplingParams
+
+    params = SamplingParams(max_tokens=2 * a.steps + 4, temperature=0.0, ignore_eos=True)
+    plen = decode_prompt_len(a.context, grid)
+    reqs = [engine.add_request(prompt_ids(i, plen, engine.vocab_size), params) for i in range(a.batch)]
+    while not all(r.prefill_done for r in reqs):
+        engine.step()
+    engine.step()
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(a.steps):  # unprofiled first: the profiler itself slows the host side down
+        engine.step()
+    plain = (time.perf_counter() - t0) / a.steps
+    t0 = time.perf_counter()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(a.steps):
+            engine.step()
+        torch.cuda.synchronize()
+    wall = (time.perf_counter() - t0) / a.steps
+    per = defaultdict(lambda: [0.0, 0])
+    for ev in prof.events():
+        if ev.device_type == torch.autograd.DeviceType.CUDA:
+            per[ev.name][0] += getattr(ev, "device_time_total", 0) or ev.cuda_time_total
+            per[ev.name][1] += 1
+    rows = sorted(({"kernel": k, "us_per_step": v[0] / a.steps, "calls_per_step": v[1] / a.steps}
+                   for k, v in per.items()), key=lambda r: -r["us_per_step"])
+    total = sum(r["us_per_step"] for r in rows)
+    print(f"decode batch {a.batch} ctx {a.context}: step wall {plain * 1e6:.0f} us ({wall * 1e6:.0f} profiled), "
+          f"kernels {total:.0f} us per step, {sum(r['calls_per_step'] for r in rows):.0f} launches per step")
+    for r in rows[:40]:
+        print(f"{r['us_per_step']:9.1f} us {r['calls_per_step']:6.1f}x  {r['kernel'][:110]}")
+    Path(a.out).write_text(json.dumps({"step_wall_us": plain * 1e6, "step_wall_profiled_us": wall * 1e6, "kernel_us_per_step": total, "rows": rows},
+                                      indent=1))
+
+
+if __name__ == "__main__":
+    main()
