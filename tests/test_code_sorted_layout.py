@@ -186,3 +186,25 @@ def test_cuda_library_builds_with_code_sorted_layers(k65536_model, tmp_path):
     assert rep.archs == ["sm_80"] and not rep.cuda_source
     # the code-sorted PrimFunc lowers to two kernels, the slice pass and its reduce pass (`<func>_kernel_1`)
     assert b"_kernel_1" in lib.read_bytes()
+
+
+@pytest.mark.parametrize("variant", ["v8-k65536-0", "v8-k65536-256"])
+def test_random_weights_give_valid_code_sorted_tensors(variant):
+    """Benchmarks with random weights (`bench e2e` on config-only dirs) need code-sorted tensors a kernel can walk:
+    the declared shapes/dtypes, offsets that partition the entries, in-range local codes and columns."""
+    from vptq_mlc.bench.random_weights import RandomTensors
+
+    cfg = VPTQLayerConfig.from_variant(variant, 96, 64)
+    geo = code_sorted_geometry(cfg, "float16")
+    draw = RandomTensors({"m.l": cfg}, np.random.default_rng(0), "float16")
+    got = {leaf: draw.tensor(f"m.l.{leaf}", list(shape), dt) for leaf, (shape, dt) in
+           code_sorted_shapes(cfg, "float16").items()}
+    assert ("cs_res" in got) == (variant == "v8-k65536-256")
+    off, ent = got["cs_offsets"].astype(np.int64), got["cs_entries"].astype(np.int64)
+    assert off[0] == 0 and (np.diff(off) >= 0).all() and 4 * off[-1] <= ent.size
+    local, col = ent & ((1 << geo.code_bits) - 1), ent >> geo.code_bits
+    pads = local == geo.slice_entries
+    assert (local <= geo.slice_entries).all() and (col[~pads] < cfg.group_num * cfg.group_size).all()
+    assert (~pads).sum() == cfg.num_vectors * cfg.group_num * cfg.group_size  # every code once (main term only)
+    if "cs_res" in got:
+        assert got["cs_res"].max() < cfg.num_res_centroids

@@ -84,7 +84,7 @@ def test_convert_writes_mlc_layout(synth, tmp_path):
     assert chat["model_type"] == "llama" and chat["quantization"] == "vptq-v8-k256-16"
     assert (out / "tokenizer.json").is_file() and "tokenizer.json" in chat["tokenizer_files"]
     index = read_index(out)
-    assert index[f"{LAYER}.codes"]["dtype"] == "uint16" and index[f"{LAYER}.codes"]["shape"] == [8, 128]
+    assert index[f"{LAYER}.codes"]["dtype"] == "uint8" and index[f"{LAYER}.codes"]["shape"] == [8, 128]  # K = 256
     assert index[f"{LAYER}.perm"]["dtype"] == "int32"
     # a second convert onto the same directory refuses rather than mixing outputs
     r = CliRunner().invoke(main, ["convert", str(synth), "-o", str(out)])

@@ -15,6 +15,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from vptq_mlc.bench.e2e_common import Grid, Recorder, decode_prompt_len, prompt_ids
 from vptq_mlc.convert.tensor_cache import INDEX_NAME
 
@@ -30,14 +32,15 @@ def write_weights(model_dir: Path, params: list[dict[str, Any]], tile: int) -> i
 
     if not tile or not hasattr(rw, "random_kind"):
         return rw.write_random_weights(model_dir, params)
-    import numpy as np
     from tqdm import tqdm
 
     from vptq_mlc.convert.chat_config import CONFIG_NAME, vptq_layer_configs
     from vptq_mlc.convert.tensor_cache import TensorCacheWriter
 
-    layers = vptq_layer_configs(json.loads((model_dir / CONFIG_NAME).read_text()))
+    chat = json.loads((model_dir / CONFIG_NAME).read_text())
+    layers = vptq_layer_configs(chat)
     rng = np.random.default_rng(0)
+    draw = rw.RandomTensors(layers, rng, chat.get("model_dtype", "float16"))
     meta = {"random": True, "tile": tile, "tiled_tensors": 0}
     with TensorCacheWriter(model_dir, metadata=meta) as w:
         for p in tqdm(params, desc="random weights", unit="tensor"):
@@ -46,7 +49,7 @@ def write_weights(model_dir: Path, params: list[dict[str, Any]], tile: int) -> i
                 a = np.resize(rw.random_array(kind, [tile], p["dtype"], rng), shape)
                 w.metadata["tiled_tensors"] += 1
             else:
-                a = rw.random_array(kind, shape, p["dtype"], rng)
+                a = draw.tensor(p["name"], shape, p["dtype"])
             w.add(p["name"], a)
     return w.total_bytes
 
@@ -76,8 +79,8 @@ def _drain(engine: Any) -> None:
 
 def decode_tok_s(engine: Any, batch: int, context: int, grid: Grid) -> dict[str, Any]:
     """`batch` requests of prompt + generated tokens = `context` each; tok/s over the last `grid.steps` steps
-    in which every request decodes, after `grid.warmup` untimed decode steps (first calls of a static batch
-    function load its kernels)."""
+    in which every request decodes (median of up to 4 windows), after `grid.warmup` untimed decode steps (first
+    calls of a static batch function load its kernels)."""
     from vptq_mlc.runtime.sampling import SamplingParams
 
     plen = decode_prompt_len(context, grid)
@@ -89,13 +92,22 @@ def decode_tok_s(engine: Any, batch: int, context: int, grid: Grid) -> dict[str,
         engine.step()
     if len(engine.running) != batch:
         raise RuntimeError(f"only {len(engine.running)} of {batch} requests run together; the KV cache is too small")
-    done0, t0 = sum(len(r.output_ids) for r in reqs), time.perf_counter()
-    for _ in range(grid.steps):
-        engine.step()
-    dt = time.perf_counter() - t0
-    tokens = sum(len(r.output_ids) for r in reqs) - done0
+    # the timed steps in up to 4 windows; tok/s = the median window's: at batch 1 a step is ~4 ms, so one host
+    # hiccup (GC, a page fault) in a single 32-step window moved the result by 10-15% between otherwise equal runs
+    windows = max(1, min(4, grid.steps // 8))
+    bounds = [grid.steps * w // windows for w in range(windows + 1)]
+    rates, tokens, dt = [], 0, 0.0
+    for w in range(windows):
+        done0, t0 = sum(len(r.output_ids) for r in reqs), time.perf_counter()
+        for _ in range(bounds[w + 1] - bounds[w]):
+            engine.step()
+        wdt = time.perf_counter() - t0
+        wtok = sum(len(r.output_ids) for r in reqs) - done0
+        rates.append(wtok / wdt)
+        tokens, dt = tokens + wtok, dt + wdt
     _drain(engine)
-    return {"tok_s": tokens / dt, "prompt_len": plen, "timed_tokens": tokens, "seconds": dt}
+    return {"tok_s": float(np.median(rates)), "tok_s_windows": [round(r, 1) for r in rates], "prompt_len": plen,
+            "timed_tokens": tokens, "seconds": dt}
 
 
 def prefill_tok_s(engine: Any, tokens: int, reps: int) -> dict[str, Any]:

@@ -352,7 +352,8 @@ def _random_operands(cfg, dtype: str, gen) -> dict:
         else:
             hi = {"codes": cfg.num_centroids, "res_codes": cfg.num_res_centroids,
                   "outlier_codes": cfg.num_outlier_centroids}[name]
-            ops[name] = torch.randint(0, hi, shape, device="cuda", generator=gen, dtype=torch.int32).to(torch.uint16)
+            ops[name] = torch.randint(0, hi, shape, device="cuda", generator=gen, dtype=torch.int32).to(
+                getattr(torch, dt))
     return ops
 
 

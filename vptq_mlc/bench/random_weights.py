@@ -2,7 +2,9 @@
 
 For speed benchmarks of real-shape models on a GPU host: seconds instead of generating, packing and converting
 a multi-GB checkpoint. Codes are uniform over each codebook, perms are permutations, floats are small normals,
-so the model runs finite numbers through every kernel the real one would.
+so the model runs finite numbers through every kernel the real one would. Code-sorted tensors (`cs_*`) are the
+converter's layout of uniform random codes (valid lists, the real distribution of entries over slices); layers
+of one config share one such draw, since building the lists costs about a second per layer.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
+from vptq_mlc.checkpoint.layer_config import VPTQLayerConfig
 from vptq_mlc.convert.chat_config import CONFIG_NAME, vptq_layer_configs
 from vptq_mlc.convert.tensor_cache import TensorCacheWriter
 
@@ -33,6 +36,8 @@ def random_kind(name: str, layers: dict[str, Any]) -> tuple[str, float]:
         return "codes", _CODE_SIZES[leaf](layers[path])
     if leaf == "perm":
         return "perm", 0
+    if leaf.startswith("cs_"):
+        return "code-sorted", 0
     if leaf in ("col_scale", "weight"):
         return "normal", 1.0 if (leaf == "col_scale" or "norm" in path) else 0.0
     return "normal", 0.0
@@ -41,6 +46,8 @@ def random_kind(name: str, layers: dict[str, Any]) -> tuple[str, float]:
 def random_array(kind: tuple[str, float], shape: list[int], dtype: str, rng: np.random.Generator) -> np.ndarray:
     """A host array of `kind` (see random_kind); a "perm" of shape [n] is a permutation of 0..n-1."""
     what, arg = kind
+    if what == "code-sorted":
+        raise ValueError("code-sorted tensors come from a whole layer's codes: use random_tensor")
     if what == "codes":
         return rng.integers(0, int(arg), size=shape).astype(dtype)
     if what == "perm":
@@ -48,14 +55,43 @@ def random_array(kind: tuple[str, float], shape: list[int], dtype: str, rng: np.
     return (arg + 0.02 * rng.standard_normal(shape, dtype=np.float32)).astype(dtype)
 
 
+class RandomTensors:
+    """`tensor(name, shape, dtype)` for every parameter kind, code-sorted ones included (cached per layer config)."""
+
+    def __init__(self, layers: dict[str, Any], rng: np.random.Generator, model_dtype: str = "float16"):
+        self.layers, self.rng, self.model_dtype = layers, rng, model_dtype
+        self._code_sorted: dict[str, dict[str, np.ndarray]] = {}
+
+    def tensor(self, name: str, shape: list[int], dtype: str) -> np.ndarray:
+        kind = random_kind(name, self.layers)
+        if kind[0] != "code-sorted":
+            return random_array(kind, shape, dtype, self.rng)
+        path, _, leaf = name.rpartition(".")
+        out = self._layout(self.layers[path])[leaf]
+        if list(out.shape) != shape or out.dtype != np.dtype(dtype):
+            raise ValueError(f"{name}: the layout gives {out.dtype}{list(out.shape)}, the library wants {dtype}{shape}")
+        return out
+
+    def _layout(self, cfg: VPTQLayerConfig) -> dict[str, np.ndarray]:
+        from vptq_mlc.checkpoint.dequant import LayerCodes
+        from vptq_mlc.convert.layout import code_sorted_layout
+
+        key = json.dumps(cfg.to_json(), sort_keys=True)
+        if key not in self._code_sorted:
+            size = (cfg.group_num, cfg.num_vectors, cfg.group_size)
+            idx = self.rng.integers(0, cfg.num_centroids, size=size)
+            res = self.rng.integers(0, cfg.num_res_centroids, size=size) if cfg.has_residual else None
+            self._code_sorted[key] = code_sorted_layout(cfg, LayerCodes(idx, res, None, None), self.model_dtype)
+        return self._code_sorted[key]
+
+
 def write_random_weights(model_dir: str | Path, params: list[dict[str, Any]], seed: int = 0) -> int:
     """Write tensor-cache.json + shards for `params` (a library's `_metadata["params"]`); returns bytes written."""
     model_dir = Path(model_dir)
     cfg = json.loads((model_dir / CONFIG_NAME).read_text())
     layers = vptq_layer_configs(cfg)
-    rng = np.random.default_rng(seed)
+    draw = RandomTensors(layers, np.random.default_rng(seed), cfg.get("model_dtype", "float16"))
     with TensorCacheWriter(model_dir, metadata={"random": True}) as w:
         for p in tqdm(params, desc="random weights", unit="tensor"):
-            shape = [int(d) for d in p["shape"]]
-            w.add(p["name"], random_array(random_kind(p["name"], layers), shape, p["dtype"], rng))
+            w.add(p["name"], draw.tensor(p["name"], [int(d) for d in p["shape"]], p["dtype"]))
     return w.total_bytes

@@ -1,7 +1,7 @@
 """The kernel layout of one VPTQ layer (layout `generic`, docs/ARCHITECTURE.md), computed once at convert time.
 
-Codes are unpacked to uint16 rows along the input dimension (`codes[i, k]`), so a kernel streams one
-vector row's codes contiguously; the permutation and norm scale are re-expressed on the activation side.
+Codes are unpacked to rows along the input dimension (`codes[i, k]`; uint8 for codebooks of <= 256 entries,
+else uint16: `tir_kernels.generic.code_dtype`), so a kernel streams one vector row's codes contiguously; the permutation and norm scale are re-expressed on the activation side.
 """
 
 from __future__ import annotations
@@ -17,10 +17,12 @@ from vptq_mlc.checkpoint.layer_config import VPTQLayerConfig
 LAYOUT = "generic"
 
 
-def _codes_2d(codes: np.ndarray) -> np.ndarray:
-    """[G, N, S] -> [N, G*S] uint16 (group g owns columns g*S .. g*S+S-1)."""
+def _codes_2d(codes: np.ndarray, num_entries: int) -> np.ndarray:
+    """[G, N, S] -> [N, G*S] (group g owns columns g*S .. g*S+S-1), stored as `code_dtype(num_entries)`."""
+    from vptq_mlc.tir_kernels.generic import code_dtype
+
     g, n, s = codes.shape
-    return np.ascontiguousarray(codes.transpose(1, 0, 2).reshape(n, g * s)).astype(np.uint16)
+    return np.ascontiguousarray(codes.transpose(1, 0, 2).reshape(n, g * s)).astype(code_dtype(num_entries))
 
 
 def generic_layout(
@@ -34,12 +36,12 @@ def generic_layout(
     g, v = cfg.group_num, cfg.vector_len
     out: dict[str, np.ndarray] = {
         "centroids": fl(tensors["centroids.weight"]).reshape(g, cfg.num_centroids, v),
-        "codes": _codes_2d(codes.idx),
+        "codes": _codes_2d(codes.idx, cfg.num_centroids),
     }
     if cfg.has_residual:
         assert codes.res is not None
         out["res_centroids"] = fl(tensors["res_centroids.weight"]).reshape(g, cfg.num_res_centroids, v)
-        out["res_codes"] = _codes_2d(codes.res)
+        out["res_codes"] = _codes_2d(codes.res, cfg.num_res_centroids)
     if cfg.has_outliers:
         assert codes.outlier_idx is not None
         vo = cfg.outlier_vector_len

@@ -28,7 +28,7 @@ from tvm import tirx
 from tvm.script import tirx as T
 
 from vptq_mlc.checkpoint.layer_config import VPTQLayerConfig
-from vptq_mlc.tir_kernels.generic import kernel_dims
+from vptq_mlc.tir_kernels.generic import code_dtype, kernel_dims
 
 SMEM_CODEBOOK_BYTES = 64 * 1024  # fits twice per SM on sm_80/sm_90, once on sm_86/sm_89 (99 KB)
 MAX_ROWS = 8
@@ -137,8 +137,9 @@ def plan_gemv(cfg: VPTQLayerConfig, rows: int, dtype: str, params: GpuParams = C
     # split, 64 KB codebooks included (bench/results/h100_sweep_v1.json).
     grid = blocks
     # fp16 partial sums per chunk of `vec` codes halve the instructions per code (H100: k256-256 10-26% faster,
-    # relative L2 error 5e-4 instead of 2e-4); CUDA only (the ROCm kernels are not measured on hardware)
-    half_acc = params is CUDA_PARAMS and dtype == "float16"
+    # relative L2 error 5e-4 instead of 2e-4); CUDA only (the ROCm kernels are not measured on hardware). Not with
+    # 128+ accumulators (v16 at 8 rows: 55 -> 68 us, the fp16 copies cost registers)
+    half_acc = params is CUDA_PARAMS and dtype == "float16" and acc_regs <= 96
     return GemvPlan(rows_per_cta, splits, vec, unroll, ev, smem, grid, reps, half_acc)
 
 
@@ -174,6 +175,7 @@ def vq_gemv_cuda(cfg: VPTQLayerConfig, dtype: str, rows: int, plan: GemvPlan | N
     FILL_MAIN = -(-(G * K) // NT)  # fill iterations per thread (unrolled, so the loads overlap)
     FILL_RES = -(-(G * KR) // NT) if HAS_RES else 0
     NBV = NB * v
+    CD, RCD = code_dtype(K), code_dtype(KR1)  # uint8 codes for books of <= 256 entries
     HALF = p.half_acc and dtype == "float16"
     OPW = -(-OSZ1 // P)  # outlier columns per split
     OITERS = -(-OPW // WARP)
@@ -189,9 +191,9 @@ def vq_gemv_cuda(cfg: VPTQLayerConfig, dtype: str, rows: int, plan: GemvPlan | N
     def kernel(
         xs: T.Buffer((NB, I), dtype),
         centroids: T.Buffer((G, K, v), dtype),
-        codes: T.Buffer((NV, L), "uint16"),
+        codes: T.Buffer((NV, L), CD),
         res_centroids: T.Buffer((G, KR1, v), dtype),
-        res_codes: T.Buffer((NV, L), "uint16"),
+        res_codes: T.Buffer((NV, L), RCD),
         outlier_centroids: T.Buffer((KO, VO), dtype),
         outlier_codes: T.Buffer((NO, OSZ1), "uint16"),
         y: T.Buffer((NB, O), dtype),
@@ -204,8 +206,8 @@ def vq_gemv_cuda(cfg: VPTQLayerConfig, dtype: str, rows: int, plan: GemvPlan | N
         red = T.alloc_buffer((RED,), ACC, scope=SCOPE)
         acc = T.alloc_buffer((NBV,), ACC, scope="local")
         ah = T.alloc_buffer((NBV,), dtype, scope="local")
-        cl = T.alloc_buffer((U * VW,), "uint16", scope="local")
-        rl = T.alloc_buffer((U * VW,), "uint16", scope="local")
+        cl = T.alloc_buffer((U * VW,), CD, scope="local")
+        rl = T.alloc_buffer((U * VW,), RCD, scope="local")
         xl = T.alloc_buffer((U * NB * VW,), dtype, scope="local")
         wl = T.alloc_buffer((v,), dtype, scope="local")
         wr = T.alloc_buffer((v,), dtype, scope="local")

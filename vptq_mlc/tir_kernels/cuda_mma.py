@@ -37,7 +37,7 @@ from tvm.script import tirx as T
 
 from vptq_mlc.checkpoint.layer_config import VPTQLayerConfig
 from vptq_mlc.tir_kernels.cuda_gemv import SMEM_CODEBOOK_BYTES, _keep_operands
-from vptq_mlc.tir_kernels.generic import kernel_dims
+from vptq_mlc.tir_kernels.generic import code_dtype, kernel_dims
 
 MMA_ROWS = 16  # M of m16n8k16: the most activation rows one kernel takes
 MIN_ROWS = 4  # the kernel handles 4..16 rows; below 4 the gather GEMV always wins
@@ -118,6 +118,7 @@ def vq_mma_cuda(cfg: VPTQLayerConfig, dtype: str, rows: int | None, plan: MmaPla
         raise ValueError(f"vq_mma_cuda takes fp16, got {dtype}")
     p = plan or (plan_mma(cfg) if rows is not None else plan_mma_prefill(cfg))
     I, O, v, G, S, K, KR, KR1, NV, L, OSZ, OSZ1, HAS_RES, HAS_OUT, VO, KO, NO = kernel_dims(cfg)  # noqa: E741
+    CD, RCD = code_dtype(K), code_dtype(KR1)  # uint8 codes for books of <= 256 entries
     NB = rows if rows is not None else tirx.Var("n", "int64")
     NI, RW, P, DS, U, MB = p.vec_rows, p.row_groups, p.splits, p.steps_per_load, p.unroll, p.row_tiles
     NTN = -(-v // 8)  # n-tiles per vector row
@@ -157,9 +158,9 @@ def vq_mma_cuda(cfg: VPTQLayerConfig, dtype: str, rows: int | None, plan: MmaPla
     def kernel(
         xs: T.Buffer((NB, I), dtype),
         centroids: T.Buffer((G, K, v), dtype),
-        codes: T.Buffer((NV, L), "uint16"),
+        codes: T.Buffer((NV, L), CD),
         res_centroids: T.Buffer((G, KR1, v), dtype),
-        res_codes: T.Buffer((NV, L), "uint16"),
+        res_codes: T.Buffer((NV, L), RCD),
         outlier_centroids: T.Buffer((KO, VO), dtype),
         outlier_codes: T.Buffer((NO, OSZ1), "uint16"),
         y: T.Buffer((NB, O), dtype),
@@ -175,8 +176,8 @@ def vq_mma_cuda(cfg: VPTQLayerConfig, dtype: str, rows: int | None, plan: MmaPla
         fa = T.alloc_buffer((MB * 8,), dtype, scope="local")
         fb = T.alloc_buffer((NI * NTN * 4,), dtype, scope="local")
         xa = T.alloc_buffer((U * MB * 2 * CW,), dtype, scope="local")
-        cl = T.alloc_buffer((U * NI * CW,), "uint16", scope="local")
-        rl = T.alloc_buffer((U * NI * CW,), "uint16", scope="local")
+        cl = T.alloc_buffer((U * NI * CW,), CD, scope="local")
+        rl = T.alloc_buffer((U * NI * CW,), RCD, scope="local")
         wv = T.alloc_buffer((1,), dtype, scope="local")
         tot = T.alloc_buffer((1,), "float32", scope="local")
         tid = ty * 32 + tx
