@@ -48,3 +48,30 @@ def test_tensor_core_plans_fit_every_default_arch(variant: str) -> None:
         cfg = VPTQLayerConfig.from_variant(variant, in_f, out_f)
         for rows in (None, 6, 16):
             vq_mma_cuda(cfg, "float16", rows)
+
+
+@pytest.mark.parametrize("variant", ["v8-k256-256", "v8-k256-0", "v8-k512-0", "v8-k4096-0", "v12-k4096-0",
+                                     "v16-k65536-65536", "v4-k256-0"])
+def test_gemv_plans_fit_every_default_arch(variant: str) -> None:
+    """The GEMV's shared memory (codebooks, 8 copies when replicated, plus the split reduction) stays within the
+    99 KB of sm_86/sm_89 for every decode row count; only 16-byte entries of books <= 8 KB are replicated (lane l
+    reads copy l % 8: conflict-free), and fp16 partial sums are used on CUDA for fp16 with <= 96 accumulators."""
+    from vptq_mlc.tir_kernels.cuda_gemv import REPLICAS, gpu_params, plan_gemv
+    from vptq_mlc.tir_kernels.generic import code_dtype
+
+    for out_f, in_f in ((4096, 4096), (11008, 4096), (4096, 11008), (300, 1000)):
+        cfg = VPTQLayerConfig.from_variant(variant, in_f, out_f)
+        for dtype, el in (("float16", 2), ("float32", 4)):
+            book = cfg.group_num * (cfg.num_centroids + cfg.num_res_centroids) * cfg.vector_len * el
+            for rows in range(1, MAX_ROWS + 1):
+                p = plan_gemv(cfg, rows, dtype)
+                smem = book * p.replicas * p.smem_codebook + p.rows_per_cta * p.splits * rows * cfg.vector_len * 4
+                assert smem <= 99 * 1024, (variant, out_f, in_f, dtype, rows, p)
+                assert (p.replicas == REPLICAS) == (cfg.vector_len * el == 16 and book <= 8 * 1024), p
+                assert p.half_acc == (dtype == "float16" and rows * cfg.vector_len <= 96), p
+    assert code_dtype(256) == "uint8" and code_dtype(257) == "uint16"
+    from tvm.target import Target
+
+    rocm = plan_gemv(VPTQLayerConfig.from_variant("v8-k256-256", 4096, 4096), 1, "float16",
+                     gpu_params(Target({"kind": "rocm", "mcpu": "gfx942", "mtriple": "amdgcn-amd-amdhsa-hcc"})))
+    assert rocm.replicas == 1 and not rocm.half_acc  # neither was measured on AMD hardware
