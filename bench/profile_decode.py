@@ -74,7 +74,8 @@ def main() -> None:
           f"kernels {total:.0f} us per step, {sum(r['calls_per_step'] for r in rows):.0f} launches per step")
     for r in rows[:40]:
         print(f"{r['us_per_step']:9.1f} us {r['calls_per_step']:6.1f}x  {r['kernel'][:110]}")
-    Path(a.out).write_text(json.dumps({"step_wall_us": plain * 1e6, "step_wall_profiled_us": wall * 1e6, "kernel_us_per_step": total, "rows": rows},
+    Path(a.out).write_text(json.dumps({"step_wall_us": plain * 1e6, "step_wall_profiled_us": wall * 1e6,
+                                       "kernel_us_per_step": total, "rows": rows},
                                       indent=1))
 
 

@@ -102,12 +102,8 @@ def test_tiled_random_weights(dense_system: tuple[Path, Path], tmp_path: Path) -
     and the engine loads the result."""
     import numpy as np
 
-    from vptq_mlc.bench import random_weights
     from vptq_mlc.bench.e2e_engine import write_weights
     from vptq_mlc.runtime.library import load_library, load_params
-
-    if not hasattr(random_weights, "random_kind"):
-        pytest.skip("random_weights has no random_kind/random_array yet: write_weights draws every float")
 
     dense_dir, dense_lib = dense_system
     lib = load_library(dense_lib, "cpu")

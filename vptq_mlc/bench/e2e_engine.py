@@ -30,7 +30,7 @@ def write_weights(model_dir: Path, params: list[dict[str, Any]], tile: int) -> i
     and float values do not change the work any kernel does. Codes and perms are drawn whole (gather locality)."""
     from vptq_mlc.bench import random_weights as rw
 
-    if not tile or not hasattr(rw, "random_kind"):
+    if not tile:
         return rw.write_random_weights(model_dir, params)
     from tqdm import tqdm
 

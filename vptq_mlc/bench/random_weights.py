@@ -47,7 +47,7 @@ def random_array(kind: tuple[str, float], shape: list[int], dtype: str, rng: np.
     """A host array of `kind` (see random_kind); a "perm" of shape [n] is a permutation of 0..n-1."""
     what, arg = kind
     if what == "code-sorted":
-        raise ValueError("code-sorted tensors come from a whole layer's codes: use random_tensor")
+        raise ValueError("code-sorted tensors come from a whole layer's codes: use RandomTensors.tensor")
     if what == "codes":
         return rng.integers(0, int(arg), size=shape).astype(dtype)
     if what == "perm":

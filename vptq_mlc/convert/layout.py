@@ -1,7 +1,8 @@
 """The kernel layout of one VPTQ layer (layout `generic`, docs/ARCHITECTURE.md), computed once at convert time.
 
 Codes are unpacked to rows along the input dimension (`codes[i, k]`; uint8 for codebooks of <= 256 entries,
-else uint16: `tir_kernels.generic.code_dtype`), so a kernel streams one vector row's codes contiguously; the permutation and norm scale are re-expressed on the activation side.
+else uint16: `tir_kernels.generic.code_dtype`), so a kernel streams one vector row's codes contiguously; the
+permutation and norm scale are re-expressed on the activation side.
 """
 
 from __future__ import annotations
@@ -87,7 +88,7 @@ class CodeSortedGeometry:
     num_vectors: int  # N
     entry_capacity: int  # uint32 entries (multiple of 4): every code once per term + up to 3 pads per list
     columns: int = 0  # G * S main columns
-    res_dtype: str | None = None  # folded residual: dtype of `cs_res` (uint8 for Kr <= 256, else uint16); None: not folded
+    res_dtype: str | None = None  # folded residual: `cs_res` dtype (uint8 for Kr <= 256, else uint16); None: unfolded
 
     @property
     def folded(self) -> bool:

@@ -16,8 +16,8 @@ of vector row i whose combined code (main, or K + residual) lies in slice gs. He
   allocates nothing at run time.
 Residual codebooks as large as the main one are slices of the combined book, so both terms are summed exactly; a
 small residual book is *folded* (layout.folds_residual): entries come from the main codes only, `cs_res` holds each
-entry's residual code, and every CTA keeps the whole residual book in shared memory next to its slice. Outliers (a few leading
-columns with their own small codebook) are added in kernel 2 from the generic outlier codes.
+entry's residual code, and every CTA keeps the whole residual book in shared memory next to its slice. Outliers (a
+few leading columns with their own small codebook) are added in kernel 2 from the generic outlier codes.
 """
 
 from __future__ import annotations
@@ -272,13 +272,7 @@ def vq_code_sorted_cuda(cfg: VPTQLayerConfig, dtype: str, rows: int,
                         tot[0] = tot[0] + T.Cast(ACC, xs[b2, ko]) * T.Cast(ACC, outlier_centroids[oc, r % VO])
                 y[b2, r] = T.Cast(dtype, tot[0])
 
-    keep = {"xs", "centroids", "cs_entries", "cs_offsets", "partial", "y"}
-    if HAS_RES:
-        keep.add("res_centroids")
-    if FOLD:
-        keep.add("cs_res")
-    if HAS_OUT:
-        keep |= {"outlier_centroids", "outlier_codes"}
+    keep = {"xs", *code_sorted_operands(cfg, dtype), "partial", "y"}
     params = [prm for prm in kernel.params if prm.name in keep]
     return tirx.PrimFunc(params, kernel.body, kernel.ret_type, kernel.attrs)
 

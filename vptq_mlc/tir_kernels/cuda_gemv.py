@@ -130,7 +130,8 @@ def plan_gemv(cfg: VPTQLayerConfig, rows: int, dtype: str, params: GpuParams = C
         smem = smem and cb_bytes + rows_per_cta * splits * rows * cfg.vector_len * 4 <= params.smem_total_bytes
     blocks = -(-nv // rows_per_cta)
     reps = 1
-    if smem and params is CUDA_PARAMS and cfg.vector_len * el == 16 and REPLICAS * cb_bytes <= REPLICATED_CODEBOOK_BYTES:
+    if smem and params is CUDA_PARAMS and cfg.vector_len * el == 16 \
+            and REPLICAS * cb_bytes <= REPLICATED_CODEBOOK_BYTES:
         reps = REPLICAS
     # One CTA per row block. The kernel also supports a persistent grid (fewer CTAs looping over row blocks, so
     # the shared-memory codebook copy is paid once per CTA); on the H100 sweep it was 4-15% slower at the best
@@ -215,33 +216,26 @@ def vq_gemv_cuda(cfg: VPTQLayerConfig, dtype: str, rows: int, plan: GemvPlan | N
         tid = ty * WARP + tx
         rr = ty // P
         sp = ty % P
-        if SMEM_CB and REP > 1:  # entry t, copy q at (t * REP + q) * v; store copy (q + t) % REP at step q
-            for it in T.unroll(FILL_MAIN):
-                t = it * NT + tid
-                if t < G * K:
-                    wl[vr(0, v)] = centroids[t // K, t % K, vr(0, v)]
-                    for q in T.unroll(REP):
-                        cb_s[vr((t * REP + (q + t) % REP) * v, v)] = wl[vr(0, v)]
-            if HAS_RES:
-                for it in T.unroll(FILL_RES):
-                    t = it * NT + tid
-                    if t < G * KR:
-                        wr[vr(0, v)] = res_centroids[t // KR, t % KR, vr(0, v)]
-                        for q in T.unroll(REP):
-                            cb_s[vr(CB_MAIN + (t * REP + (q + t) % REP) * v, v)] = wr[vr(0, v)]
-            T.tvm_storage_sync("shared")
-        elif SMEM_CB:
+        # the book in shared memory: entry t's copy q at (t * REP + q) * v (REP = 1: the plain book); thread t stores
+        # copy (q + t) % REP at step q, so a quarter-warp's stores hit 8 different bank groups
+        if SMEM_CB:
             for it in T.unroll(FILL_MAIN):
                 t = it * NT + tid
                 if t < G * K:
                     for j0 in T.unroll(v // EV):
-                        cb_s[vr(t * v + j0 * EV, EV)] = centroids[t // K, t % K, vr(j0 * EV, EV)]
+                        wl[vr(j0 * EV, EV)] = centroids[t // K, t % K, vr(j0 * EV, EV)]
+                    for q in T.unroll(REP):
+                        for j0 in T.unroll(v // EV):
+                            cb_s[vr((t * REP + (q + t) % REP) * v + j0 * EV, EV)] = wl[vr(j0 * EV, EV)]
             if HAS_RES:
                 for it in T.unroll(FILL_RES):
                     t = it * NT + tid
                     if t < G * KR:
                         for j0 in T.unroll(v // EV):
-                            cb_s[vr(CB_MAIN + t * v + j0 * EV, EV)] = res_centroids[t // KR, t % KR, vr(j0 * EV, EV)]
+                            wr[vr(j0 * EV, EV)] = res_centroids[t // KR, t % KR, vr(j0 * EV, EV)]
+                        for q in T.unroll(REP):
+                            for j0 in T.unroll(v // EV):
+                                cb_s[vr(CB_MAIN + (t * REP + (q + t) % REP) * v + j0 * EV, EV)] = wr[vr(j0 * EV, EV)]
             T.tvm_storage_sync("shared")
         for rb_it in range(-(-NRB // GRID)):
             rb = rb_it * GRID + bx
@@ -267,19 +261,17 @@ def vq_gemv_cuda(cfg: VPTQLayerConfig, dtype: str, rows: int, plan: GemvPlan | N
                                 g = (c * VW + e) // S
                                 code = T.Cast("int32", cl[u * VW + e])
                                 for j0 in T.unroll(v // EV):
-                                    if REP > 1:
-                                        wl[vr(0, v)] = cb_s[vr(((g * K + code) * REP + tx % REP) * v, v)]
-                                    elif SMEM_CB:
-                                        wl[vr(j0 * EV, EV)] = cb_s[vr((g * K + code) * v + j0 * EV, EV)]
+                                    if SMEM_CB:  # lane tx reads copy tx % REP
+                                        wl[vr(j0 * EV, EV)] = cb_s[vr(((g * K + code) * REP + tx % REP) * v + j0 * EV,
+                                                                      EV)]
                                     else:
                                         wl[vr(j0 * EV, EV)] = centroids[g, code, vr(j0 * EV, EV)]
                                 if HAS_RES:
                                     rcode = T.Cast("int32", rl[u * VW + e])
                                     for j0 in T.unroll(v // EV):
-                                        if REP > 1:
-                                            wr[vr(0, v)] = cb_s[vr(CB_MAIN + ((g * KR + rcode) * REP + tx % REP) * v, v)]
-                                        elif SMEM_CB:
-                                            wr[vr(j0 * EV, EV)] = cb_s[vr(CB_MAIN + (g * KR + rcode) * v + j0 * EV, EV)]
+                                        if SMEM_CB:
+                                            wr[vr(j0 * EV, EV)] = cb_s[vr(
+                                                CB_MAIN + ((g * KR + rcode) * REP + tx % REP) * v + j0 * EV, EV)]
                                         else:
                                             wr[vr(j0 * EV, EV)] = res_centroids[g, rcode, vr(j0 * EV, EV)]
                                 if HALF:  # fp16 partial sums over this chunk's VW codes (HFMA: half the instructions)

@@ -27,8 +27,7 @@ def vq_prologue_cuda(in_features: int, dtype: str, has_perm: bool) -> tirx.PrimF
     n = tirx.Var("n", "int64")
     I = in_features  # noqa: E741
     WARPS = THREADS // 32
-    CH = -(-I // THREADS)  # gather chunks = CTAs per row
-    ITERS = CH  # dot loads per thread in CTA (b, 0), unrolled: all in flight at once
+    CH = -(-I // THREADS)  # gather chunks = CTAs per row = dot loads per thread of CTA (b, 0)
 
     @T.prim_func(private=True)
     def kernel(
@@ -52,7 +51,7 @@ def vq_prologue_cuda(in_features: int, dtype: str, has_perm: bool) -> tirx.PrimF
                 xs[bx, by * THREADS + tx] = x[bx, by * THREADS + tx] * col_scale[by * THREADS + tx]
         if by == 0:
             acc[0] = T.float32(0)
-            for it in T.unroll(ITERS):
+            for it in T.unroll(CH):  # unrolled: every load in flight at once
                 if it * THREADS + tx < I:
                     acc[0] = acc[0] + T.Cast("float32", x[bx, it * THREADS + tx]) * T.Cast(
                         "float32", weight_bias[it * THREADS + tx])
