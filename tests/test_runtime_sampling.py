@@ -7,6 +7,7 @@ import pytest
 import torch
 from transformers.generation.logits_process import (
     LogitsProcessorList,
+    MinPLogitsWarper,
     RepetitionPenaltyLogitsProcessor,
     TemperatureLogitsWarper,
     TopKLogitsWarper,
@@ -14,7 +15,14 @@ from transformers.generation.logits_process import (
 )
 
 from vptq_mlc.errors import GenerationError
-from vptq_mlc.runtime.sampling import Sampler, SamplingParams, StopStrings, process_logits, softmax
+from vptq_mlc.runtime.sampling import (
+    Sampler,
+    SamplingParams,
+    StopStrings,
+    bitmask_allows,
+    process_logits,
+    softmax,
+)
 
 
 def hf_scores(logits: np.ndarray, seen: np.ndarray, p: SamplingParams) -> np.ndarray:
@@ -27,6 +35,8 @@ def hf_scores(logits: np.ndarray, seen: np.ndarray, p: SamplingParams) -> np.nda
             procs.append(TopKLogitsWarper(p.top_k))
         if p.top_p < 1.0:
             procs.append(TopPLogitsWarper(p.top_p))
+        if p.min_p > 0:
+            procs.append(MinPLogitsWarper(p.min_p))
     ids = torch.tensor(seen[None, :], dtype=torch.long)
     return procs(ids, torch.tensor(logits[None, :], dtype=torch.float64))[0].numpy()
 
@@ -41,6 +51,8 @@ def hf_scores(logits: np.ndarray, seen: np.ndarray, p: SamplingParams) -> np.nda
         SamplingParams(temperature=1.3, top_k=20, top_p=0.6, repetition_penalty=1.15),
         SamplingParams(temperature=0.5, top_p=0.05),  # keeps at least one token
         SamplingParams(temperature=1.0, repetition_penalty=0.8),  # < 1 encourages repeats
+        SamplingParams(temperature=0.8, min_p=0.1),
+        SamplingParams(temperature=1.2, top_k=30, top_p=0.9, min_p=0.05),
     ],
 )
 def test_processed_scores_match_transformers(params: SamplingParams) -> None:
@@ -124,3 +136,45 @@ def test_presence_frequency_penalties_follow_the_openai_formula() -> None:
     np.testing.assert_allclose(got, want, rtol=0, atol=1e-12)
     with pytest.raises(GenerationError, match="presence_penalty"):
         SamplingParams(presence_penalty=3).validate()
+
+
+def test_logit_bias_adds_to_raw_logits() -> None:
+    logits = np.array([0.0, 1.0, 2.0, 3.0], dtype=np.float32)
+    params = SamplingParams(temperature=0.0, logit_bias={0: 100.0, 3: -100.0, 99: 5.0})  # 99: past the vocab
+    np.testing.assert_array_equal(process_logits(logits, params, np.array([], dtype=np.int64)),
+                                  [100.0, 1.0, 2.0, -97.0])
+    assert Sampler(params).sample(logits, np.array([], dtype=np.int64)) == 0
+
+
+def test_logprobs_are_log_softmax_after_temperature_before_filters() -> None:
+    rng = np.random.default_rng(3)
+    logits = rng.normal(0, 2, size=50).astype(np.float32)
+    params = SamplingParams(temperature=0.7, top_k=3, logprobs=True, top_logprobs=5, seed=1)
+    token, lp = Sampler(params).sample_with_logprob(logits, np.array([], dtype=np.int64))
+    ref = torch.log_softmax(torch.tensor(logits, dtype=torch.float64) / 0.7, dim=-1).numpy()
+    assert lp is not None and lp.token == token
+    assert lp.logprob == pytest.approx(ref[token], abs=1e-12)
+    order = np.argsort(-ref)[:5]
+    assert [t for t, _ in lp.top] == list(order)
+    np.testing.assert_allclose([v for _, v in lp.top], ref[order], atol=1e-12)
+    assert Sampler(SamplingParams(temperature=0.7)).sample_with_logprob(logits, np.array([]))[1] is None
+
+
+def test_bitmask_restricts_tokens() -> None:
+    allowed = [3, 31, 32, 70]
+    words = np.zeros(3, dtype=np.uint32)
+    for t in allowed:
+        words[t // 32] |= np.uint32(1) << np.uint32(t % 32)
+    bitmask = words.view(np.int32)
+    assert list(np.flatnonzero(bitmask_allows(bitmask, 71))) == allowed
+    logits = np.zeros(71, dtype=np.float32)
+    logits[5] = 10.0  # the most likely token is not allowed
+    s = Sampler(SamplingParams(temperature=1.0, seed=0))
+    draws = {s.sample(logits, np.array([], dtype=np.int64), bitmask=bitmask) for _ in range(200)}
+    assert draws == set(allowed)
+
+
+@pytest.mark.parametrize("field,value", [("min_p", 1.5), ("seed", -1), ("top_logprobs", 21), ("logit_bias", {1: 101.0})])
+def test_new_fields_validated(field: str, value: object) -> None:
+    with pytest.raises(GenerationError, match=field):
+        SamplingParams(**{field: value}).validate()

@@ -29,7 +29,7 @@ from vptq_mlc.runtime.device import find_library, resolve_device
 from vptq_mlc.runtime.kv_cache import PagedKVCache
 from vptq_mlc.runtime.library import ModelLibrary, load_library, load_params
 from vptq_mlc.runtime.request import Request, RequestState
-from vptq_mlc.runtime.sampling import SamplingParams
+from vptq_mlc.runtime.sampling import SamplingParams, TokenConstraint
 from vptq_mlc.runtime.split import SplitModel, StagedKVCache, parse_devices
 from vptq_mlc.runtime.tokenizer import Tokenizer
 
@@ -130,8 +130,11 @@ class Engine:
 
     # ---- requests -------------------------------------------------------------------------------------
 
-    def add_request(self, prompt: str | Sequence[int], params: SamplingParams | None = None) -> Request:
-        """Queue a request (text is encoded with the tokenizer's special tokens, e.g. BOS)."""
+    def add_request(self, prompt: str | Sequence[int], params: SamplingParams | None = None,
+                    constraint: TokenConstraint | None = None) -> Request:
+        """Queue a request (text is encoded with the tokenizer's special tokens, e.g. BOS).
+
+        `constraint`: structured output; the sampler only picks tokens it allows at each step."""
         params = params or SamplingParams()
         params.validate()
         ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else [int(t) for t in prompt]
@@ -145,7 +148,7 @@ class Engine:
                                   "shorten the prompt (or /reset the chat) or use a larger --context-window")
         budget = min(params.max_tokens, self.context_window - len(ids))
         stop_ids = set(params.stop_token_ids) | (set() if params.ignore_eos else set(self.eos_token_ids))
-        req = Request(ids, params, frozenset(stop_ids), budget, self.tokenizer.stream())
+        req = Request(ids, params, frozenset(stop_ids), budget, self.tokenizer.stream(), constraint=constraint)
         req.reserved_pages = self.kv.pages_for(len(ids) + budget)
         if req.reserved_pages > self.kv.total_pages:
             raise GenerationError(f"the request needs {len(ids) + budget} KV tokens but the cache holds "

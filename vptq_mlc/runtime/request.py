@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from vptq_mlc.runtime.sampling import Sampler, SamplingParams, StopStrings
+from vptq_mlc.runtime.sampling import Sampler, SamplingParams, StopStrings, TokenConstraint, TokenLogprob
 from vptq_mlc.runtime.tokenizer import StreamDecoder
 
 _ids = itertools.count()
@@ -45,9 +45,12 @@ class Request:
     created_at: float = field(default_factory=time.perf_counter)  # perf_counter() stamps for latency stats
     first_token_at: float | None = None
     finished_at: float | None = None
+    constraint: TokenConstraint | None = None  # structured output: limits the tokens allowed at each step
+    output_logprobs: list[TokenLogprob] = field(default_factory=list)  # one per output id, if params.logprobs
 
     def __post_init__(self) -> None:
         self.sampler = Sampler(self.params)
+        self._pending_logprob: TokenLogprob | None = None
         self._stops = StopStrings(self.params.stop)
         self._text: list[str] = []
         self._unread = 0
@@ -75,22 +78,37 @@ class Request:
         self._unread = len(self._text)
         return out
 
+    def token_bitmask(self, vocab_size: int) -> np.ndarray | None:
+        """The constraint's allowed tokens for the next step (int32 [ceil(vocab / 32)]), or None if unconstrained."""
+        if self.constraint is None:
+            return None
+        bitmask = np.zeros((vocab_size + 31) // 32, dtype=np.int32)
+        self.constraint.fill_bitmask(bitmask)
+        return bitmask
+
     def sample(self, logits: np.ndarray) -> int:
         """Draw the next token from this request's row of logits (penalties see prompt and output so far)."""
         generated = np.asarray(self.output_ids, dtype=np.int64)
         seen = np.concatenate([np.asarray(self.prompt_ids, dtype=np.int64), generated])
-        return self.sampler.sample(logits, seen, generated)
+        token, self._pending_logprob = self.sampler.sample_with_logprob(
+            logits, seen, generated, self.token_bitmask(logits.shape[-1]))
+        return token
 
     def append(self, token: int) -> None:
         """Record a sampled token and decide whether the request is done (sets `finish_reason`)."""
         if self.first_token_at is None:
             self.first_token_at = time.perf_counter()
+        if self.constraint is not None:
+            self.constraint.accept(token)
         if token in self.stop_token_ids:
             self.finish_reason = "stop"
         else:
             self.output_ids.append(token)
+            if self._pending_logprob is not None:
+                self.output_logprobs.append(self._pending_logprob)
+                self._pending_logprob = None
             self._text.append(self._stops.feed(self.detokenizer.put(token)))
-            if self._stops.stopped:
+            if self._stops.stopped or (self.constraint is not None and self.constraint.is_terminated()):
                 self.finish_reason = "stop"
             elif len(self.output_ids) >= self.max_new_tokens:
                 self.finish_reason = "length"

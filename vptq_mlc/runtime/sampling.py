@@ -1,19 +1,25 @@
 """Per-request sampling on the host in numpy, with Hugging Face `generate` semantics.
 
-Order (as in transformers): repetition penalty over every token seen so far (prompt + output), then the
-OpenAI presence/frequency penalties over the generated tokens, then temperature, top-k, top-p, softmax,
-one draw. Temperature 0 is greedy (argmax after the penalty). Each
-request owns a `np.random.Generator`, so a seeded request is reproducible whatever else is in the batch.
-Stop strings are matched on the decoded text; `StopStrings` holds back text that may be the start of one.
+Order: a token constraint's mask (structured output) and `logit_bias` on the raw logits, then (as in
+transformers) the repetition penalty over every token seen so far (prompt + output), the OpenAI
+presence/frequency penalties over the generated tokens, temperature, top-k, top-p, min-p, softmax, one draw.
+Temperature 0 is greedy (argmax after the penalties). Logprobs are the log-softmax of the scores after the
+penalties and temperature and before top-k/top-p/min-p, as OpenAI and vLLM report them. Each request owns a
+`np.random.Generator`, so a seeded request is reproducible whatever else is in the batch. Stop strings are
+matched on the decoded text; `StopStrings` holds back text that may be the start of one.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import numpy as np
 
 from vptq_mlc.errors import GenerationError
+
+
+MAX_TOP_LOGPROBS = 20
 
 
 @dataclass
@@ -27,10 +33,14 @@ class SamplingParams:
     repetition_penalty: float = 1.0
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
+    min_p: float = 0.0
     seed: int | None = None
     stop: list[str] = field(default_factory=list)
     stop_token_ids: list[int] = field(default_factory=list)
     ignore_eos: bool = False
+    logit_bias: dict[int, float] = field(default_factory=dict)  # token id -> added to its logit, in [-100, 100]
+    logprobs: bool = False  # record each chosen token's logprob
+    top_logprobs: int = 0  # and this many most likely alternatives (0..MAX_TOP_LOGPROBS)
 
     def validate(self) -> None:
         checks = [
@@ -41,7 +51,13 @@ class SamplingParams:
             (self.repetition_penalty > 0, f"repetition_penalty must be > 0 (1 = off), got {self.repetition_penalty}"),
             (-2 <= self.presence_penalty <= 2, f"presence_penalty must be in [-2, 2], got {self.presence_penalty}"),
             (-2 <= self.frequency_penalty <= 2, f"frequency_penalty must be in [-2, 2], got {self.frequency_penalty}"),
+            (0 <= self.min_p <= 1, f"min_p must be in [0, 1] (0 = off), got {self.min_p}"),
+            (self.seed is None or 0 <= self.seed < 2**63, f"seed must be in [0, 2**63), got {self.seed}"),
             (all(s for s in self.stop), "stop strings must not be empty"),
+            (all(-100 <= b <= 100 for b in self.logit_bias.values()), "logit_bias values must be in [-100, 100]"),
+            (all(t >= 0 for t in self.logit_bias), "logit_bias keys must be token ids >= 0"),
+            (0 <= self.top_logprobs <= MAX_TOP_LOGPROBS,
+             f"top_logprobs must be in [0, {MAX_TOP_LOGPROBS}], got {self.top_logprobs}"),
         ]
         for ok, message in checks:
             if not ok:
@@ -97,19 +113,90 @@ def softmax(x: np.ndarray) -> np.ndarray:
     return e / e.sum()
 
 
-def process_logits(logits: np.ndarray, params: SamplingParams, seen: np.ndarray,
-                   generated: np.ndarray | None = None) -> np.ndarray:
-    """Penalised, tempered and filtered float64 scores (-inf = excluded); temperature 0 skips the warpers.
+def filter_min_p(scores: np.ndarray, min_p: float) -> np.ndarray:
+    """Drop tokens whose probability is below `min_p` times the most likely token's."""
+    if min_p <= 0:
+        return scores
+    probs = softmax(scores)
+    return np.where(probs < min_p * probs.max(), -np.inf, scores)
+
+
+def apply_logit_bias(scores: np.ndarray, bias: dict[int, float]) -> np.ndarray:
+    """OpenAI `logit_bias`: add each token's bias to its logit (ids past the vocabulary are ignored)."""
+    if not bias:
+        return scores
+    ids = np.fromiter(bias.keys(), dtype=np.int64, count=len(bias))
+    vals = np.fromiter(bias.values(), dtype=np.float64, count=len(bias))
+    keep = ids < scores.size
+    scores = scores.copy()
+    np.add.at(scores, ids[keep], vals[keep])
+    return scores
+
+
+def bitmask_allows(bitmask: np.ndarray, vocab_size: int) -> np.ndarray:
+    """Bool [vocab] from an xgrammar-layout bitmask: int32 words, bit i of word j allows token 32*j + i."""
+    bits = np.unpackbits(np.ascontiguousarray(bitmask, dtype="<i4").view(np.uint8), bitorder="little")
+    return bits[:vocab_size].astype(bool)
+
+
+def penalized_scores(logits: np.ndarray, params: SamplingParams, seen: np.ndarray,
+                     generated: np.ndarray | None = None, bitmask: np.ndarray | None = None) -> np.ndarray:
+    """float64 scores after the constraint mask, logit_bias, penalties and temperature (before any filter).
 
     `seen`: prompt + generated ids (repetition penalty); `generated`: the output ids only (OpenAI penalties).
+    `bitmask`: a token constraint's allowed tokens (`bitmask_allows` layout); disallowed tokens get -inf.
     """
-    scores = apply_repetition_penalty(logits.astype(np.float64), seen, params.repetition_penalty)
+    scores = apply_logit_bias(logits.astype(np.float64), params.logit_bias)
+    if bitmask is not None:
+        scores = np.where(bitmask_allows(bitmask, scores.size), scores, -np.inf)
+    scores = apply_repetition_penalty(scores, seen, params.repetition_penalty)
     if generated is not None:
         scores = apply_presence_frequency(scores, generated, params.presence_penalty, params.frequency_penalty)
+    return scores if params.temperature == 0 else scores / params.temperature
+
+
+def process_logits(logits: np.ndarray, params: SamplingParams, seen: np.ndarray,
+                   generated: np.ndarray | None = None, bitmask: np.ndarray | None = None) -> np.ndarray:
+    """Penalised, tempered and filtered float64 scores (-inf = excluded); temperature 0 skips the warpers."""
+    scores = penalized_scores(logits, params, seen, generated, bitmask)
     if params.temperature == 0:
         return scores
-    scores = scores / params.temperature
-    return filter_top_p(filter_top_k(scores, params.top_k), params.top_p)
+    return filter_min_p(filter_top_p(filter_top_k(scores, params.top_k), params.top_p), params.min_p)
+
+
+def log_softmax(x: np.ndarray) -> np.ndarray:
+    x = x.astype(np.float64)
+    m = np.max(x)
+    return x - m - np.log(np.sum(np.exp(x - m)))
+
+
+@dataclass
+class TokenLogprob:
+    """A chosen token's logprob and the `top` most likely (token, logprob) pairs of its step, best first."""
+
+    token: int
+    logprob: float
+    top: list[tuple[int, float]] = field(default_factory=list)
+
+
+def token_logprob(scores: np.ndarray, token: int, top_n: int) -> TokenLogprob:
+    """Logprobs from `penalized_scores` (log-softmax; ties in the top list go to the lower token id)."""
+    lp = log_softmax(scores)
+    top = np.argsort(-lp, kind="stable")[:top_n] if top_n else np.empty(0, dtype=np.int64)
+    return TokenLogprob(int(token), float(lp[token]), [(int(t), float(lp[t])) for t in top])
+
+
+class TokenConstraint(Protocol):
+    """What structured output (a grammar matcher) offers the sampler, step by step."""
+
+    def fill_bitmask(self, bitmask: np.ndarray) -> None:
+        """Write the tokens allowed next into an int32 [ceil(vocab / 32)] bitmask (`bitmask_allows` layout)."""
+
+    def accept(self, token: int) -> None:
+        """Advance past the sampled token."""
+
+    def is_terminated(self) -> bool:
+        """True once the constrained output is complete (the request then stops)."""
 
 
 class Sampler:
@@ -120,14 +207,24 @@ class Sampler:
         self.params = params
         self.rng = np.random.default_rng(params.seed)
 
-    def sample(self, logits: np.ndarray, seen: np.ndarray, generated: np.ndarray | None = None) -> int:
+    def sample(self, logits: np.ndarray, seen: np.ndarray, generated: np.ndarray | None = None,
+               bitmask: np.ndarray | None = None) -> int:
         """Next token from one row of logits given the ids seen so far (prompt + generated) and the generated."""
-        scores = process_logits(logits, self.params, seen, generated)
+        return self.sample_with_logprob(logits, seen, generated, bitmask)[0]
+
+    def sample_with_logprob(self, logits: np.ndarray, seen: np.ndarray, generated: np.ndarray | None = None,
+                            bitmask: np.ndarray | None = None) -> tuple[int, TokenLogprob | None]:
+        """`sample`, plus the chosen token's logprob when the request asked for logprobs."""
+        base = penalized_scores(logits, self.params, seen, generated, bitmask)
         if self.params.temperature == 0:
-            return int(np.argmax(scores))
-        probs = softmax(scores)
-        cdf = np.cumsum(probs)
-        return int(min(np.searchsorted(cdf, self.rng.random() * cdf[-1], side="right"), probs.size - 1))
+            token = int(np.argmax(base))
+        else:
+            p = self.params
+            probs = softmax(filter_min_p(filter_top_p(filter_top_k(base, p.top_k), p.top_p), p.min_p))
+            cdf = np.cumsum(probs)
+            token = int(min(np.searchsorted(cdf, self.rng.random() * cdf[-1], side="right"), probs.size - 1))
+        logprob = token_logprob(base, token, self.params.top_logprobs) if self.params.logprobs else None
+        return token, logprob
 
 
 class StopStrings:
