@@ -30,12 +30,14 @@ from vptq_mlc.bench.e2e_common import Grid, Recorder
 
 log = logging.getLogger(__name__)
 HF = "transformers"
+TORCH = "torch-fp16"  # the gpt-fast-style CUDA-graph decoder (bench/e2e_torch.py)
 TILE = 1 << 20  # random float tensors repeat a block of this many values (see write_random_weights)
 
 
 @dataclass(frozen=True)
 class System:
-    """One column of the table: ours (`lib` set) or the transformers baseline (`lib` None)."""
+    """One column of the table: ours (`lib` set) or a torch baseline (`lib` None: transformers, or the torch
+    CUDA-graph decoder when `name` is TORCH)."""
 
     name: str
     model_dir: str
@@ -67,8 +69,12 @@ def _run_child(spec: dict[str, Any], tmp: Path, partial: Path) -> dict[str, Any]
 
 
 def run_suite(systems: list[System], out_json: str | Path, device: str, grid: Grid, baseline: str | None,
-              hf_dtype: str | None, work_dir: str | Path | None = None, tile: int = TILE) -> dict[str, Any]:
-    """Measure every system (then transformers unless `hf_dtype` is None) and write `out_json`; returns it."""
+              hf_dtype: str | None, work_dir: str | Path | None = None, tile: int = TILE,
+              torch_anchor: bool = False) -> dict[str, Any]:
+    """Measure every system (then the torch CUDA-graph decoder if `torch_anchor`, then transformers unless
+    `hf_dtype` is None) and write `out_json`; returns it."""
+    if torch_anchor:
+        systems = [*systems, System(TORCH, systems[0].model_dir)]
     if hf_dtype is not None:
         systems = [*systems, System(HF, systems[0].model_dir)]
     results: dict[str, Any] = {"gpu": gpu_name(device), "device": device, "grid": grid.to_json(),
@@ -85,7 +91,8 @@ def run_suite(systems: list[System], out_json: str | Path, device: str, grid: Gr
             partial = Path(out_json).with_name(f"{Path(out_json).stem}.{s.name}.partial.json")
             results["systems"][s.name] = _run_child(spec, Path(tmp), partial)
             results["systems"][s.name]["wall_s"] = round(time.perf_counter() - t0, 1)
-            results["metrics"] = {n: flat_metrics(r, grid) for n, r in results["systems"].items()}
+            bandwidth = results["systems"].get(TORCH, {}).get("copy_bandwidth_gbs")
+            results["metrics"] = {n: flat_metrics(r, grid, bandwidth) for n, r in results["systems"].items()}
             results["ratios"] = ratios(results["metrics"], [s.name for s in systems], baseline)
             with atomic_file(out_json) as f:
                 f.write_text(json.dumps(results, indent=1))
@@ -97,8 +104,12 @@ def run_suite(systems: list[System], out_json: str | Path, device: str, grid: Gr
 MEM_ROW = "peak GPU MiB (device-wide, over before-load)"
 
 
-def flat_metrics(r: dict[str, Any], grid: Grid) -> dict[str, float | None]:
-    """One number per table row; None where the system did not measure it."""
+ROOFLINE_ROW = "HBM roofline tok/s, batch 1 (weight bytes / copy BW)"
+
+
+def flat_metrics(r: dict[str, Any], grid: Grid, bandwidth_gbs: float | None = None) -> dict[str, float | None]:
+    """One number per table row; None where the system did not measure it. `bandwidth_gbs`: the GPU's measured
+    copy bandwidth, for the memory roofline of a batch-1 decode step (every weight byte read once)."""
     m: dict[str, float | None] = {}
     for ctx in grid.contexts:
         for b in grid.batches:
@@ -111,6 +122,7 @@ def flat_metrics(r: dict[str, Any], grid: Grid) -> dict[str, float | None]:
     m[MEM_ROW] = r.get("gpu_mem_peak_delta_mib")
     m["torch max_memory_allocated MiB"] = r.get("torch_max_memory_allocated_mib")
     m["weights MiB"] = r["weight_bytes"] / 2**20 if r.get("weight_bytes") else None
+    m[ROOFLINE_ROW] = bandwidth_gbs * 1e9 / r["weight_bytes"] if bandwidth_gbs and r.get("weight_bytes") else None
     m["KV cache MiB (allocated)"] = r["kv_cache_bytes"] / 2**20 if r.get("kv_cache_bytes") else None
     return m
 
@@ -118,10 +130,10 @@ def flat_metrics(r: dict[str, Any], grid: Grid) -> dict[str, float | None]:
 def ratios(metrics: dict[str, dict[str, float | None]], order: list[str], baseline: str | None) -> dict[str, Any]:
     """ours / baseline and ours / transformers for every throughput and memory row."""
     out: dict[str, Any] = {}
-    refs = [r for r in (baseline, HF) if r and r in metrics]
+    refs = [r for r in (baseline, TORCH, HF) if r and r in metrics]
     for name in order:
         for ref in refs:
-            if name in (ref, HF) or name not in metrics:
+            if name in (ref, TORCH, HF) or name not in metrics:
                 continue
             out[f"{name}/{ref}"] = {k: (v / metrics[ref][k] if v and metrics[ref].get(k) else None)
                                     for k, v in metrics[name].items() if "tok/s" in k or k == MEM_ROW}
@@ -168,6 +180,9 @@ def _ints(value: str) -> tuple[int, ...]:
 @click.option("--transformers/--no-transformers", "with_hf", default=True, show_default=True,
               help="Also run transformers with random weights of the first system's shape.")
 @click.option("--hf-dtype", default="float16", show_default=True, help="transformers weight dtype.")
+@click.option("--torch-anchor/--no-torch-anchor", default=None,
+              help="Also run a gpt-fast-style torch fp16 decoder (static KV cache, CUDA graphs) of the first "
+                   "system's shape, and measure the copy bandwidth for the roofline row (default: on for cuda).")
 @click.option("--device", default="cuda", show_default=True)
 @click.option("--batches", default="1,4,8,16", show_default=True,
               help="Decode batches (ours: those above the library's max_batch_size are skipped).")
@@ -184,7 +199,7 @@ def _ints(value: str) -> tuple[int, ...]:
 @click.option("--exact-random", is_flag=True, help="Draw every random float (slow for fp16 7B: minutes) instead "
                                                    f"of repeating a random block of {TILE} values per tensor.")
 def e2e_cmd(out_json: str, systems: tuple[tuple[str, str, str], ...], baseline: str | None, with_hf: bool,
-            hf_dtype: str, device: str, batches: str, contexts: str, prefill: str, steps: int, warmup: int,
+            hf_dtype: str, torch_anchor: bool | None, device: str, batches: str, contexts: str, prefill: str, steps: int, warmup: int,
             prefill_reps: int, work_dir: str | None, exact_random: bool) -> None:
     """End-to-end decode/prefill tok/s and peak GPU memory of our libraries next to transformers (one table)."""
     grid = Grid(_ints(batches), _ints(contexts), _ints(prefill), steps, warmup, prefill_reps)
@@ -192,14 +207,17 @@ def e2e_cmd(out_json: str, systems: tuple[tuple[str, str, str], ...], baseline: 
         raise click.BadParameter(f"context {min(grid.contexts)} leaves no prompt for {warmup} + {steps} decode "
                                  "steps; use fewer --steps or longer --contexts")
     names = [s[0] for s in systems]
-    if len(set(names)) != len(names) or HF in names or not all(re.fullmatch(r"[\w.-]+", n) for n in names):
-        raise click.BadParameter(f"system names must be unique words (letters, digits, _ . -), not {HF!r}: {names}")
+    if (len(set(names)) != len(names) or {HF, TORCH} & set(names)
+            or not all(re.fullmatch(r"[\w.-]+", n) for n in names)):
+        raise click.BadParameter(f"system names must be unique words (letters, digits, _ . -), not {HF!r} or "
+                                 f"{TORCH!r}: {names}")
     if baseline is None and "fp16" in names:
         baseline = "fp16"
     if baseline is not None and baseline not in names:
         raise click.BadParameter(f"--baseline {baseline!r} is not one of the systems {names}")
     res = run_suite([System(*s) for s in systems], out_json, device, grid, baseline, hf_dtype if with_hf else None,
-                    work_dir, 0 if exact_random else TILE)
+                    work_dir, 0 if exact_random else TILE,
+                    device.startswith("cuda") if torch_anchor is None else torch_anchor)
     click.echo(f"device: {res['gpu'] or device}; memory: {res['memory_note']}")
     click.echo(markdown_table(res))
     if any("error" in r for r in res["systems"].values()):
@@ -220,7 +238,11 @@ def _child(spec_path: str, result_path: str) -> None:
 
     rec = Recorder(spec["device"], {}, save)
     try:
-        if spec["lib"] is None:
+        if spec["lib"] is None and spec["name"] == TORCH:
+            from vptq_mlc.bench.e2e_torch import run_torch_system
+
+            run_torch_system(spec["model_dir"], spec["device"], grid, rec)
+        elif spec["lib"] is None:
             from vptq_mlc.bench.e2e_hf import run_hf_system
 
             run_hf_system(spec["model_dir"], spec["device"], spec["hf_dtype"], grid, rec)
