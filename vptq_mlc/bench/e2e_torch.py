@@ -79,7 +79,7 @@ def build_decoder(torch: Any, shape: dict[str, Any], batch_max: int, window: int
             self.register_buffer("k_cache", torch.zeros(batch_max, n_kv, window, head_dim))
             self.register_buffer("v_cache", torch.zeros(batch_max, n_kv, window, head_dim))
 
-        def forward(self, x: Any, pos: Any, cos: Any, sin: Any, mask: Any) -> Any:
+        def forward(self, x: Any, pos: Any, cos: Any, sin: Any, mask: Any, kv_len: int) -> Any:
             b, t, _ = x.shape
             q, k, v = self.qkv(self.norm1(x)).split([n_heads * head_dim, n_kv * head_dim, n_kv * head_dim], -1)
             q = rotate(q.view(b, t, n_heads, head_dim).transpose(1, 2), cos, sin)
@@ -87,8 +87,8 @@ def build_decoder(torch: Any, shape: dict[str, Any], batch_max: int, window: int
             v = v.view(b, t, n_kv, head_dim).transpose(1, 2)
             self.k_cache[:b, :, pos] = k
             self.v_cache[:b, :, pos] = v
-            att = F.scaled_dot_product_attention(q, self.k_cache[:b], self.v_cache[:b], attn_mask=mask,
-                                                 enable_gqa=n_kv != n_heads)
+            att = F.scaled_dot_product_attention(q, self.k_cache[:b, :, :kv_len], self.v_cache[:b, :, :kv_len],
+                                                 attn_mask=mask, enable_gqa=n_kv != n_heads)
             x = x + self.o(att.transpose(1, 2).reshape(b, t, n_heads * head_dim))
             g, u = self.gate_up(self.norm2(x)).chunk(2, dim=-1)
             return x + self.down(F.silu(g) * u)
@@ -106,13 +106,15 @@ def build_decoder(torch: Any, shape: dict[str, Any], batch_max: int, window: int
             self.register_buffer("sin", torch.cat([ang.sin(), ang.sin()], -1))
             self.register_buffer("causal", torch.tril(torch.ones(window, window, dtype=torch.bool)))
 
-        def forward(self, ids: Any, pos: Any) -> Any:
-            """Logits of the last position; `pos` [t] int64 are the positions of `ids` [b, t]."""
+        def forward(self, ids: Any, pos: Any, kv_len: int | None = None) -> Any:
+            """Logits of the last position; `pos` [t] int64 are the positions of `ids` [b, t]; attention reads the
+            first `kv_len` cache slots (default: up to the last position, which needs `pos` on the host)."""
+            kv_len = int(pos[-1]) + 1 if kv_len is None else kv_len
             x = self.embed(ids)
             cos, sin = self.cos[pos].to(x.dtype), self.sin[pos].to(x.dtype)
-            mask = self.causal[pos][None, None]  # [1, 1, t, window]: a query sees cache slots <= its position
+            mask = self.causal[pos][None, None, :, :kv_len]  # a query sees the cache slots <= its position
             for layer in self.layers:
-                x = layer(x, pos, cos, sin, mask)
+                x = layer(x, pos, cos, sin, mask, kv_len)
             return self.lm_head(self.norm(x[:, -1])).float()
 
     with dev:
@@ -170,25 +172,26 @@ def run_torch_system(model_dir: str, device: str, grid: Grid, rec: Recorder, tem
         ids = torch.tensor([prompt_ids(i, n, shape["vocab_size"]) for i in range(batch)], device=dev)
         return next_token(torch, model(ids, torch.arange(n, device=dev)), temperature, top_p)
 
-    graphs: dict[int, tuple[Any, Any, Any, Any]] = {}
+    graphs: dict[tuple[int, int], tuple[Any, Any, Any, Any]] = {}
 
     @torch.no_grad()
-    def decode_graph(batch: int) -> tuple[Any, Any, Any, Any]:
-        """(graph, static ids [b, 1], static pos [1], static next tokens [b]) for `batch` rows."""
-        if batch not in graphs:
+    def decode_graph(batch: int, kv_len: int) -> tuple[Any, Any, Any, Any]:
+        """(graph, static ids [b, 1], static pos [1], static next tokens [b]) for `batch` rows attending over
+        `kv_len` cache slots (as gpt-fast, one graph per shape; the mask hides the slots past the position)."""
+        if (batch, kv_len) not in graphs:
             ids = torch.zeros(batch, 1, dtype=torch.long, device=dev)
             pos = torch.zeros(1, dtype=torch.long, device=dev)
             stream = torch.cuda.Stream(dev)
             stream.wait_stream(torch.cuda.current_stream(dev))
             with torch.cuda.stream(stream):
                 for _ in range(2):  # warm up outside the graph (cuBLAS workspaces, autotuning)
-                    next_token(torch, model(ids, pos), temperature, top_p)
+                    next_token(torch, model(ids, pos, kv_len), temperature, top_p)
             torch.cuda.current_stream(dev).wait_stream(stream)
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph):
-                tok = next_token(torch, model(ids, pos), temperature, top_p)
-            graphs[batch] = (graph, ids, pos, tok)
-        return graphs[batch]
+                tok = next_token(torch, model(ids, pos, kv_len), temperature, top_p)
+            graphs[batch, kv_len] = (graph, ids, pos, tok)
+        return graphs[batch, kv_len]
 
     for n_asked in grid.prefill:
         n = min(n_asked, window - 1)
@@ -207,7 +210,7 @@ def run_torch_system(model_dir: str, device: str, grid: Grid, rec: Recorder, tem
     for ctx in sorted(grid.contexts):
         plen = decode_prompt_len(min(ctx, window), grid)
         for b in grid.batches:
-            graph, ids, pos, tok = decode_graph(b)
+            graph, ids, pos, tok = decode_graph(b, min(ctx, window))
             ids[:, 0] = prefill(b, plen)
             for step in range(grid.warmup):
                 pos.fill_(plen + step)
