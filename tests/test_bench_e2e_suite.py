@@ -14,7 +14,7 @@ from click.testing import CliRunner
 
 from vptq_mlc.compile.build import compile_model
 from vptq_mlc.convert.chat_config import CONFIG_NAME
-from vptq_mlc.convert.tensor_cache import INDEX_NAME
+from vptq_mlc.artifact.tensor_cache import INDEX_NAME
 
 
 @pytest.fixture(scope="module")

@@ -15,7 +15,7 @@ from test_cuda_aot import _have_nvcc as have_nvcc
 from vptq_mlc.checkpoint.dequant import decode_codes
 from vptq_mlc.checkpoint.layer_config import VPTQLayerConfig
 from vptq_mlc.checkpoint.synthetic import random_layer
-from vptq_mlc.convert.layout import (code_sorted_eligible, code_sorted_geometry, code_sorted_layout,
+from vptq_mlc.artifact.vq_layout import (code_sorted_eligible, code_sorted_geometry, code_sorted_layout,
                                      code_sorted_shapes, generic_layout)
 
 OUTL = {"outlier_size": 16, "outlier_vector_len": 4, "num_outlier_centroids": 64}
@@ -138,7 +138,7 @@ def _param_names(model_dir, target_kind: str) -> list[str]:
 def test_converter_writes_entries_and_only_cuda_declares_them(k65536_model):
     import json
 
-    from vptq_mlc.convert.tensor_cache import read_index
+    from vptq_mlc.artifact.tensor_cache import read_index
 
     chat = json.loads((k65536_model / "mlc-chat-config.json").read_text())
     assert chat["vptq"]["layouts"] == ["generic", "code-sorted"]

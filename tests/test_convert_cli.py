@@ -13,7 +13,7 @@ from safetensors.numpy import load_file, save_file
 
 from vptq_mlc.checkpoint.synthetic import make_synthetic_checkpoint
 from vptq_mlc.cli import main
-from vptq_mlc.convert.tensor_cache import read_index
+from vptq_mlc.artifact.tensor_cache import read_index
 
 LAYER = "model.layers.0.mlp.down_proj"
 

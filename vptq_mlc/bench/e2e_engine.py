@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from vptq_mlc.bench.e2e_common import Grid, Recorder, decode_prompt_len, prompt_ids
-from vptq_mlc.convert.tensor_cache import INDEX_NAME
+from vptq_mlc.artifact.tensor_cache import INDEX_NAME
 
 log = logging.getLogger(__name__)
 PAGE = 16  # KV page size the engine is built with
@@ -35,7 +35,7 @@ def write_weights(model_dir: Path, params: list[dict[str, Any]], tile: int) -> i
     from tqdm import tqdm
 
     from vptq_mlc.convert.chat_config import CONFIG_NAME, vptq_layer_configs
-    from vptq_mlc.convert.tensor_cache import TensorCacheWriter
+    from vptq_mlc.artifact.tensor_cache import TensorCacheWriter
 
     chat = json.loads((model_dir / CONFIG_NAME).read_text())
     layers = vptq_layer_configs(chat)

@@ -178,7 +178,7 @@ def build_kernel_library(cases: list[KernelCase], out_dir: str | os.PathLike[str
     import tvm
 
     from vptq_mlc.compile.cuda import build_target
-    from vptq_mlc.convert.layout import CODE_SORTED, LAYOUT
+    from vptq_mlc.artifact.vq_layout import CODE_SORTED, LAYOUT
     from vptq_mlc.tir_kernels.registry import kernel_selector
 
     bt = build_target(archs)
@@ -236,7 +236,7 @@ def load_manifest(art_dir: str | os.PathLike[str]) -> tuple[dict, list[KernelCas
 def call_spec(manifest: dict, i: int, cfg) -> tuple[list[str], list[tuple[tuple[int, ...], str]]]:
     """(operand names in call order, scratch output shapes) of kernel `k<i>`; generic operands when the manifest
     does not say (forced kernels, older manifests)."""
-    from vptq_mlc.tir_kernels.generic import vq_operand_shapes
+    from vptq_mlc.artifact.vq_layout import vq_operand_shapes
 
     call = (manifest.get("calls") or [None] * (i + 1))[i]
     if call is None:
@@ -249,8 +249,8 @@ def _operands(cfg, tensors: dict[str, np.ndarray], dtype: str,
     """(kernel operands in call order, activation-side tensors): the converter's layouts (generic, plus the
     code-sorted entries when the kernel reads them)."""
     from vptq_mlc.checkpoint.dequant import decode_codes
-    from vptq_mlc.convert.layout import code_sorted_layout, generic_layout
-    from vptq_mlc.tir_kernels.generic import vq_operand_shapes
+    from vptq_mlc.artifact.vq_layout import code_sorted_layout, generic_layout
+    from vptq_mlc.artifact.vq_layout import vq_operand_shapes
 
     codes = decode_codes(cfg, tensors)
     lay = generic_layout(cfg, tensors, codes, dtype)
@@ -342,7 +342,7 @@ def _random_operands(cfg, dtype: str, gen) -> dict:
     beyond the code distribution, which is uniform like real VPTQ codes)."""
     import torch
 
-    from vptq_mlc.tir_kernels.generic import vq_operand_shapes
+    from vptq_mlc.artifact.vq_layout import vq_operand_shapes
 
     tdt = getattr(torch, dtype)
     ops = {}
@@ -404,7 +404,7 @@ def copy_bandwidth() -> float:
 def kernel_bytes(cfg, rows: int, el: int = 2, operands: list | None = None, scratch_bytes: int = 0) -> int:
     """Bytes a kernel must read/write at least: codes, codebooks, activations, output (generic layout), or the
     given operand tensors + its scratch written and read back (code-sorted: entries, offsets, fp32 partials)."""
-    from vptq_mlc.tir_kernels.generic import vq_operand_shapes
+    from vptq_mlc.artifact.vq_layout import vq_operand_shapes
 
     total = 0
     if operands is not None:
@@ -420,7 +420,7 @@ def _add_code_sorted(cfg, ops: dict, dtype: str) -> None:
     import torch
 
     from vptq_mlc.checkpoint.dequant import LayerCodes
-    from vptq_mlc.convert.layout import code_sorted_layout
+    from vptq_mlc.artifact.vq_layout import code_sorted_layout
 
     G, S, N = cfg.group_num, cfg.group_size, cfg.num_vectors
 

@@ -18,7 +18,7 @@ from tqdm import tqdm
 
 from vptq_mlc.checkpoint.layer_config import VPTQLayerConfig
 from vptq_mlc.convert.chat_config import CONFIG_NAME, vptq_layer_configs
-from vptq_mlc.convert.tensor_cache import TensorCacheWriter
+from vptq_mlc.artifact.tensor_cache import TensorCacheWriter
 
 _CODE_SIZES = {
     "codes": lambda c: c.num_centroids,
@@ -74,7 +74,7 @@ class RandomTensors:
 
     def _layout(self, cfg: VPTQLayerConfig) -> dict[str, np.ndarray]:
         from vptq_mlc.checkpoint.dequant import LayerCodes
-        from vptq_mlc.convert.layout import code_sorted_layout
+        from vptq_mlc.artifact.vq_layout import code_sorted_layout
 
         key = json.dumps(cfg.to_json(), sort_keys=True)
         if key not in self._code_sorted:

@@ -19,7 +19,7 @@ from vptq_mlc.atomic import atomic_file
 from vptq_mlc.compile.metadata import attach_metadata, model_metadata, planned_memory
 from vptq_mlc.compile.targets import BuildTarget, relax_pipeline, resolve_targets
 from vptq_mlc.convert.chat_config import model_layouts, read_chat_config, vptq_layer_configs
-from vptq_mlc.convert.tensor_cache import read_index
+from vptq_mlc.artifact.tensor_cache import read_index
 from vptq_mlc.errors import CompileError
 from vptq_mlc.model.builder import build_model
 from vptq_mlc.model.config import DecoderConfig

@@ -20,8 +20,8 @@ from vptq_mlc.atomic import atomic_dir
 from vptq_mlc.checkpoint.dequant import decode_codes
 from vptq_mlc.checkpoint.reader import VPTQCheckpoint
 from vptq_mlc.convert.chat_config import CONFIG_NAME, build_chat_config
-from vptq_mlc.convert.layout import CODE_SORTED, LAYOUT, code_sorted_eligible, code_sorted_layout, generic_layout
-from vptq_mlc.convert.tensor_cache import TensorCacheWriter
+from vptq_mlc.artifact.vq_layout import CODE_SORTED, LAYOUT, code_sorted_eligible, code_sorted_layout, generic_layout
+from vptq_mlc.artifact.tensor_cache import TensorCacheWriter
 from vptq_mlc.errors import ConvertError
 from vptq_mlc.model.archs import decoder_config_from_hf
 

@@ -129,7 +129,7 @@ class PackageBuilder:
         old = read_manifest(model_dir, required=False) if model_dir.exists() else None
         weights_fp = _digest({
             "source": _source_fingerprint(entry.source), "convert": entry.convert, "vptq_mlc": _version("vptq-mlc"),
-            "code": _code_hash("convert", "checkpoint"),
+            "code": _code_hash("convert", "artifact", "checkpoint"),
         })
         bar.set_postfix_str(f"{entry.name}: weights")
         weights = self._weights(entry, model_dir, old, weights_fp)
@@ -144,7 +144,7 @@ class PackageBuilder:
             "vptq_mlc": _version("vptq-mlc"), "weights": weights, "libraries": [],
         }
         old_libs = {lib["file"]: lib for lib in (old or {}).get("libraries", [])}
-        lib_code = _code_hash("model", "tir_kernels", "compile")
+        lib_code = _code_hash("model", "tir_kernels", "artifact", "compile")
         tvm_version = _version("apache-tvm")
         for bt in bts:
             name = f"{entry.name}-{quant}-{bt.label}.so"

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import tvm
 
-from vptq_mlc.convert.tensor_cache import INDEX_NAME, read_index, shard_paths
+from vptq_mlc.artifact.tensor_cache import INDEX_NAME, read_index, shard_paths
 from vptq_mlc.errors import RuntimeLoadError
 from vptq_mlc.runtime.device import DeviceSpec, resolve_device
 

@@ -2,7 +2,7 @@
 
 A plain gather from a 1 MiB codebook is served by L2 and walled at ~120 G lookups/s, i.e. fp16 speed
 (../shared/docs/vq-gemv-h100.md §3). The converter therefore also writes every code as an entry grouped by
-codebook slice (`convert/layout.py: code_sorted_layout`): list (gs, i) holds the entries `(k << bits) | local`
+codebook slice (`artifact/vq_layout.py: code_sorted_layout`): list (gs, i) holds the entries `(k << bits) | local`
 of vector row i whose combined code (main, or K + residual) lies in slice gs. Here:
 
 - kernel 1, one CTA per (slice gs, block of RPC vector rows): the slice (SE entries x v, 64 KiB, plus a zero entry
@@ -28,7 +28,7 @@ from tvm import tirx
 from tvm.script import tirx as T
 
 from vptq_mlc.checkpoint.layer_config import VPTQLayerConfig
-from vptq_mlc.convert.layout import code_sorted_geometry, folds_residual
+from vptq_mlc.artifact.vq_layout import code_sorted_geometry, folds_residual
 from vptq_mlc.tir_kernels.generic import kernel_dims
 
 MAX_ROWS = 2  # batch 1..2 decode (vq-gemv-h100.md §3: batch 4+ loses with gather kernels)

@@ -28,7 +28,8 @@ from tvm import tirx
 from tvm.script import tirx as T
 
 from vptq_mlc.checkpoint.layer_config import VPTQLayerConfig
-from vptq_mlc.tir_kernels.generic import code_dtype, kernel_dims
+from vptq_mlc.artifact.vq_layout import code_dtype
+from vptq_mlc.tir_kernels.generic import kernel_dims
 
 SMEM_CODEBOOK_BYTES = 64 * 1024  # fits twice per SM on sm_80/sm_90, once on sm_86/sm_89 (99 KB)
 MAX_ROWS = 8
@@ -336,7 +337,7 @@ def vq_gemv_cuda(cfg: VPTQLayerConfig, dtype: str, rows: int, plan: GemvPlan | N
 
 def _keep_operands(func: tirx.PrimFunc, cfg: VPTQLayerConfig) -> tirx.PrimFunc:
     """Drop the parameters this variant does not have, so the signature is (xs, *vq_operand_shapes, y)."""
-    from vptq_mlc.tir_kernels.generic import vq_operand_shapes
+    from vptq_mlc.artifact.vq_layout import vq_operand_shapes
 
     keep = {"xs", "y", *vq_operand_shapes(cfg)}
     params = [prm for prm in func.params if prm.name in keep]

@@ -37,7 +37,8 @@ from tvm.script import tirx as T
 
 from vptq_mlc.checkpoint.layer_config import VPTQLayerConfig
 from vptq_mlc.tir_kernels.cuda_gemv import SMEM_CODEBOOK_BYTES, _keep_operands
-from vptq_mlc.tir_kernels.generic import code_dtype, kernel_dims
+from vptq_mlc.artifact.vq_layout import code_dtype
+from vptq_mlc.tir_kernels.generic import kernel_dims
 
 MMA_ROWS = 16  # M of m16n8k16: the most activation rows one kernel takes
 MIN_ROWS = 4  # the kernel handles 4..16 rows; below 4 the gather GEMV always wins

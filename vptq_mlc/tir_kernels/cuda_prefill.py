@@ -13,7 +13,7 @@ from tvm import te, tirx
 from tvm.target import Target
 
 from vptq_mlc.checkpoint.layer_config import VPTQLayerConfig
-from vptq_mlc.tir_kernels.generic import vq_operand_shapes
+from vptq_mlc.artifact.vq_layout import vq_operand_shapes
 
 
 def dequant_matmul_compute(cfg: VPTQLayerConfig, dtype: str, n: int | tirx.Var | None = None) -> tirx.PrimFunc:

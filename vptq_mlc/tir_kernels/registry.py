@@ -28,12 +28,12 @@ from typing import Callable, Iterable
 from tvm import tirx
 from tvm.target import Target
 
+from vptq_mlc.artifact.vq_layout import (CODE_SORTED, LAYOUT, Shapes, code_sorted_eligible, code_sorted_shapes,
+                                        vq_operand_shapes)
 from vptq_mlc.checkpoint.layer_config import VPTQLayerConfig
-from vptq_mlc.convert.layout import CODE_SORTED, LAYOUT, code_sorted_eligible, code_sorted_shapes
-from vptq_mlc.tir_kernels.generic import schedule_cpu, vq_matmul_generic, vq_operand_shapes
+from vptq_mlc.tir_kernels.generic import schedule_cpu, vq_matmul_generic
 
 OP_PATTERN_OPAQUE = 8  # relax OpPatternKind::kOpaque
-Shapes = dict[str, tuple[tuple[int, ...], str]]  # name -> (shape, dtype; "float" = model dtype)
 # static decode batches above the GEMV's MAX_ROWS that only the tensor-core kernel (cuda_mma.py) serves
 CUDA_MMA_ONLY_BATCHES = (12, 16)
 
