@@ -12,7 +12,7 @@ from reference_dequant import ref_dequant, ref_pack, ref_unpack
 from vptq_mlc.checkpoint.dequant import decode_codes, dequantize
 from vptq_mlc.checkpoint.layer_config import VPTQLayerConfig
 from vptq_mlc.checkpoint.packing import pack_indices, unpack_indices
-from vptq_mlc.checkpoint.synthetic import random_layer
+from vptq_mlc.testing.synthetic import random_layer
 from vptq_mlc.errors import CheckpointError
 
 

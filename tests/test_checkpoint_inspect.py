@@ -10,7 +10,7 @@ import numpy as np
 from click.testing import CliRunner
 from safetensors.numpy import load_file, save_file
 
-from vptq_mlc.checkpoint.synthetic import make_synthetic_checkpoint
+from vptq_mlc.testing.synthetic import make_synthetic_checkpoint
 from vptq_mlc.cli import main
 
 

@@ -13,7 +13,7 @@ from safetensors.numpy import load_file, save_file
 
 from vptq_mlc.checkpoint.layer_config import VPTQLayerConfig
 from vptq_mlc.checkpoint.reader import VPTQCheckpoint
-from vptq_mlc.checkpoint.synthetic import make_synthetic_checkpoint, random_layer
+from vptq_mlc.testing.synthetic import make_synthetic_checkpoint, random_layer
 from vptq_mlc.checkpoint.writer import write_checkpoint
 from vptq_mlc.errors import CheckpointError
 
@@ -395,7 +395,7 @@ def test_get_unknown_and_layer_tensors_of_dense(synth):
 def test_synthetic_tokenizer_fills_large_vocab():
     from tokenizers import Tokenizer
 
-    from vptq_mlc.checkpoint.synthetic import synthetic_tokenizer_json
+    from vptq_mlc.testing.synthetic import synthetic_tokenizer_json
 
     tok = Tokenizer.from_str(synthetic_tokenizer_json(2048))
     assert tok.get_vocab_size() == 2048 and tok.id_to_token(2047).startswith("<|reserved_special_token_")

@@ -14,7 +14,7 @@ from test_cuda_aot import _have_nvcc as have_nvcc
 
 from vptq_mlc.checkpoint.dequant import decode_codes
 from vptq_mlc.checkpoint.layer_config import VPTQLayerConfig
-from vptq_mlc.checkpoint.synthetic import random_layer
+from vptq_mlc.testing.synthetic import random_layer
 from vptq_mlc.artifact.vq_layout import (code_sorted_eligible, code_sorted_geometry, code_sorted_layout,
                                      code_sorted_shapes, generic_layout)
 
@@ -110,7 +110,7 @@ def test_which_layers_get_the_layout():
 @pytest.fixture(scope="module")
 def k65536_model(tmp_path_factory):
     """A tiny converted fp16 model whose linears are v8-k65536-0 (code-sorted entries written)."""
-    from vptq_mlc.checkpoint.synthetic import make_synthetic_checkpoint
+    from vptq_mlc.testing.synthetic import make_synthetic_checkpoint
     from vptq_mlc.convert.converter import convert_checkpoint
 
     d = tmp_path_factory.mktemp("k65536")

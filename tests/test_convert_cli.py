@@ -11,7 +11,7 @@ import pytest
 from click.testing import CliRunner
 from safetensors.numpy import load_file, save_file
 
-from vptq_mlc.checkpoint.synthetic import make_synthetic_checkpoint
+from vptq_mlc.testing.synthetic import make_synthetic_checkpoint
 from vptq_mlc.cli import main
 from vptq_mlc.artifact.tensor_cache import read_index
 

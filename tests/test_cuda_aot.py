@@ -49,7 +49,7 @@ def test_carve_fatbin_finds_container():
 
 @pytest.mark.skipif(not _have_nvcc() or not _have_cuobjdump(), reason="needs nvcc and cuobjdump")
 def test_cuda_library_has_sass_for_each_arch_and_no_source(tmp_path):
-    from vptq_mlc.checkpoint.synthetic import make_synthetic_checkpoint
+    from vptq_mlc.testing.synthetic import make_synthetic_checkpoint
     from vptq_mlc.compile.build import compile_model
     from vptq_mlc.compile.fatbin import inspect_library
     from vptq_mlc.convert.converter import convert_checkpoint

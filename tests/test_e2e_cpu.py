@@ -11,7 +11,7 @@ import torch
 import tvm
 
 from reference_model import reference_greedy, reference_model
-from vptq_mlc.checkpoint.synthetic import make_synthetic_checkpoint
+from vptq_mlc.testing.synthetic import make_synthetic_checkpoint
 from vptq_mlc.compile.build import compile_model
 from vptq_mlc.convert.converter import convert_checkpoint
 from vptq_mlc.runtime.engine import Engine

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from vptq_mlc.checkpoint.synthetic import make_synthetic_checkpoint
+from vptq_mlc.testing.synthetic import make_synthetic_checkpoint
 from vptq_mlc.package.builder import PackageBuilder
 from vptq_mlc.package.builder import _code_hash as real_code_hash  # bound before frozen_code_hash patches it
 from vptq_mlc.package.config import PackageConfig, PackageError, TargetSpec

@@ -150,7 +150,7 @@ def test_quantized_layer_loads_in_microsoft_vptq():
 @pytest.fixture(scope="module")
 def tiny_dense(tmp_path_factory) -> Path:
     """A tiny dense llama HF directory (weights from a synthetic checkpoint, its trained BPE tokenizer)."""
-    from vptq_mlc.checkpoint.synthetic import make_synthetic_checkpoint
+    from vptq_mlc.testing.synthetic import make_synthetic_checkpoint
     from vptq_mlc.eval.ppl import load_reference_model
 
     root = tmp_path_factory.mktemp("tiny")

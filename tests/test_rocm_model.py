@@ -30,7 +30,7 @@ OUTLIERS = {"outlier_size": 16, "outlier_vector_len": 4, "num_outlier_centroids"
 @pytest.fixture(scope="module")
 def built(tmp_path_factory) -> tuple[Path, dict[str, Path]]:
     _toolchain_or_skip()
-    from vptq_mlc.checkpoint.synthetic import make_synthetic_checkpoint
+    from vptq_mlc.testing.synthetic import make_synthetic_checkpoint
     from vptq_mlc.compile.build import compile_model
     from vptq_mlc.convert.converter import convert_checkpoint
 

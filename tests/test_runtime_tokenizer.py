@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from transformers import PreTrainedTokenizerFast
 
-from vptq_mlc.checkpoint.synthetic import make_synthetic_checkpoint
+from vptq_mlc.testing.synthetic import make_synthetic_checkpoint
 from vptq_mlc.runtime.chat_template import ChatTemplate, ChatTemplateError, load_chat_template
 from vptq_mlc.runtime.tokenizer import Tokenizer
 

@@ -19,7 +19,7 @@ from click.testing import CliRunner
 from tvm.runtime import ShapeTuple
 
 from reference_model import reference_greedy, reference_model
-from vptq_mlc.checkpoint.synthetic import make_synthetic_checkpoint
+from vptq_mlc.testing.synthetic import make_synthetic_checkpoint
 from vptq_mlc.cli import main
 from vptq_mlc.compile.build import compile_model
 from vptq_mlc.convert.converter import convert_checkpoint

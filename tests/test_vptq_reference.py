@@ -17,7 +17,7 @@ import pytest
 from vptq_mlc.checkpoint.dequant import dequantize
 from vptq_mlc.checkpoint.layer_config import VPTQLayerConfig
 from vptq_mlc.checkpoint.packing import pack_indices
-from vptq_mlc.checkpoint.synthetic import random_layer
+from vptq_mlc.testing.synthetic import random_layer
 
 torch = pytest.importorskip("torch")
 

@@ -308,7 +308,7 @@ def check_kernels(art_dir: str | os.PathLike[str], seed: int = 0, max_weights: i
     import torch
 
     from vptq_mlc.checkpoint.dequant import dequantize
-    from vptq_mlc.checkpoint.synthetic import random_layer
+    from vptq_mlc.testing.synthetic import random_layer
 
     lib = CudaKernels(art_dir)
     dtype = lib.manifest["dtype"]

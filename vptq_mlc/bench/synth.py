@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from vptq_mlc.atomic import atomic_dir
-from vptq_mlc.checkpoint.synthetic import make_synthetic_checkpoint
+from vptq_mlc.testing.synthetic import make_synthetic_checkpoint
 from vptq_mlc.convert.chat_config import CONFIG_NAME
 from vptq_mlc.convert.converter import convert_checkpoint
 
