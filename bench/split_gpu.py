@@ -7,7 +7,7 @@ Usage on the GPU host (repo root, PYTHONPATH=.carry/tvm_rt:.):
 LIB must be compiled with `vptq-mlc compile --target cuda --split-functions`. MODEL_DIR may be config-only (no
 tensor-cache.json) with --random-weights: it is copied to /tmp and filled by `write_random_weights` (what
 `vptq-mlc bench random-weights` does). --random-weights-on-device (split only, implies --skip-single): no shards at
-all, each stage's weights are made on its GPU (bench/device_random.py, through VPTQ_MLC_SPLIT_RANDOM_WEIGHTS), for
+all, each stage's weights are made on its GPU (vptq_mlc/bench/device_random.py: use_random_weights_on_device), for
 models bigger than the host's disk (the 405B shape). --skip-single: the model does not fit one GPU (only the split
 runs). --batch N: also time N concurrent requests (decode tok/s summed over the batch).
 
@@ -30,7 +30,7 @@ from pathlib import Path
 
 from vptq_mlc.runtime.engine import Engine
 from vptq_mlc.runtime.sampling import SamplingParams
-from vptq_mlc.runtime.split import RANDOM_WEIGHTS_ENV, _param_bytes
+from vptq_mlc.runtime.split import _param_bytes
 
 
 def nvidia_smi(query: str) -> str:
@@ -117,7 +117,9 @@ def main() -> int:
     name = a.name or Path(a.model_dir).name
     model = a.model_dir
     if a.random_weights_on_device:
-        os.environ[RANDOM_WEIGHTS_ENV] = "0"
+        from vptq_mlc.bench.device_random import use_random_weights_on_device
+
+        use_random_weights_on_device(seed=0)
         a.skip_single = True
     elif a.random_weights and not (Path(model) / "tensor-cache.json").exists():
         from vptq_mlc.bench.random_weights import write_random_weights

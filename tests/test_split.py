@@ -174,20 +174,21 @@ def test_cuda_graph_refused_with_split_functions(built, tmp_path) -> None:
 
 
 def test_random_weights_made_on_each_stage_device(built, tmp_path, monkeypatch) -> None:
-    """The 405B benchmark's loading path (bench/device_random.py via RANDOM_WEIGHTS_ENV): a config-only dir (no
+    """The 405B benchmark's loading path (bench/device_random.py: use_random_weights_on_device): a config-only dir (no
     shards at all) gives a working split engine whose tensors were made on their stage's device, with codes inside
     their codebooks and perms that are permutations. SMALL/BLOCK are shrunk so the tiled-copy path runs too."""
     import json
     import shutil
 
     from vptq_mlc.bench import device_random
-    from vptq_mlc.runtime.split import RANDOM_WEIGHTS_ENV
+    from vptq_mlc.runtime import split
 
     _, model_dir, lib = built
     for f in model_dir.iterdir():
         if f.suffix == ".json" and f.name != "tensor-cache.json":
             shutil.copy2(f, tmp_path / f.name)
-    monkeypatch.setenv(RANDOM_WEIGHTS_ENV, "7")
+    monkeypatch.setattr(split, "_weight_source", None)  # undone after the test, like the env var it replaced
+    device_random.use_random_weights_on_device(seed=7)
     monkeypatch.setattr(device_random, "SMALL", 100)
     monkeypatch.setattr(device_random, "BLOCK", 97)
     engine = Engine(tmp_path, lib, devices=DEVICES, max_batch_size=4)
