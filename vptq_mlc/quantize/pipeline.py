@@ -26,7 +26,8 @@ from vptq_mlc.checkpoint.layer_config import Variant
 from vptq_mlc.checkpoint.writer import write_checkpoint
 from vptq_mlc.errors import QuantizeError
 from vptq_mlc.quantize import nn_kernel
-from vptq_mlc.quantize.hf_import import cache_root, resolve_dense_model
+from vptq_mlc.cache import cache_root
+from vptq_mlc.quantize.hf_import import resolve_dense_model
 from vptq_mlc.quantize.kmeans import KMeansOptions
 from vptq_mlc.quantize.linear import LinearQuantOptions, quantize_linear
 
@@ -38,7 +39,7 @@ class QuantizeSettings:
     variant: str = "v8-k4096-4096"
     seed: int = 0
     hessian: bool = True
-    calib: str | None = None  # text spec for eval.corpus.load_text; None = its CALIB_DEFAULT
+    calib: str | None = None  # text spec for data.corpus.load_text; None = its CALIB_DEFAULT
     calib_tokens: int = 8192
     calib_seq_len: int = 512
     layers: int | None = None  # quantize only the first N decoder layers
@@ -102,7 +103,7 @@ def quantize_model(model: str | Path, out_dir: str | Path, settings: QuantizeSet
 
     hessians: dict[str, torch.Tensor] = {}
     if settings.hessian:
-        from vptq_mlc.eval.corpus import CALIB_DEFAULT, load_text
+        from vptq_mlc.data.corpus import CALIB_DEFAULT, load_text
         from vptq_mlc.quantize.hessian import collect_hessians
 
         text = load_text(settings.calib, default=CALIB_DEFAULT)
