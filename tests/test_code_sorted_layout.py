@@ -122,15 +122,15 @@ def k65536_model(tmp_path_factory):
 def _param_names(model_dir, target_kind: str) -> list[str]:
     from tvm.target import Target
 
-    from vptq_mlc.convert.chat_config import model_layouts, read_chat_config, vptq_layer_configs
+    from vptq_mlc.artifact.chat_config import ChatConfig
     from vptq_mlc.model.builder import build_model
     from vptq_mlc.model.config import DecoderConfig
     from vptq_mlc.tir_kernels.registry import kernel_selector
 
-    chat = read_chat_config(model_dir)
+    chat = ChatConfig.load(model_dir)
     target = Target(target_kind)
-    model = build_model(DecoderConfig.from_json(chat["model_config"]), vptq_layer_configs(chat), chat["model_dtype"],
-                        target, kernel_selector(target, model_layouts(chat)))
+    model = build_model(DecoderConfig.from_json(chat.model_config), chat.vptq_layers(), chat.model_dtype,
+                        target, kernel_selector(target, chat.layouts))
     _, params = model.export_tvm(spec=model.get_default_spec())
     return [n for n, _ in params]
 

@@ -43,9 +43,9 @@ def built(tmp_path_factory) -> tuple[Path, dict[str, Path]]:
 
 
 def _layer_configs(model: Path) -> list:
-    from vptq_mlc.convert.chat_config import read_chat_config, vptq_layer_configs
+    from vptq_mlc.artifact.chat_config import ChatConfig
 
-    return list(vptq_layer_configs(read_chat_config(model)).values())
+    return list(ChatConfig.load(model).vptq_layers().values())
 
 
 def _vq_kernels(co) -> tuple[dict, dict, dict]:

@@ -13,7 +13,6 @@ so every kernel runs on finite numbers; the repetition across a tensor does not 
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 from typing import Any
@@ -23,7 +22,7 @@ import tvm
 import tvm_ffi
 
 from vptq_mlc.bench.random_weights import random_array, random_kind
-from vptq_mlc.convert.chat_config import CONFIG_NAME, vptq_layer_configs
+from vptq_mlc.artifact.chat_config import ChatConfig
 from vptq_mlc.runtime import split
 from vptq_mlc.runtime.library import _resolve_shape
 
@@ -83,7 +82,7 @@ def use_random_weights_on_device(seed: int = 0) -> None:
 
     def source(model_dir: str | Path, model_config: dict[str, Any] | None) -> split.ParamLoader:
         log.warning("RANDOM weights (seed %d) made on the devices; %s's weights are not read", seed, model_dir)
-        layers = vptq_layer_configs(json.loads((Path(model_dir) / CONFIG_NAME).read_text()))
+        layers = ChatConfig.load(model_dir).vptq_layers()
         return lambda wanted, dev: random_params(wanted, dev, layers, model_config, seed)
 
     split.set_weight_source(source)

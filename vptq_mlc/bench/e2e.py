@@ -28,7 +28,7 @@ def greedy_decode(model_dir: str | Path, lib_path: str | Path, device: str, prom
     import tvm
     from tvm.runtime import ShapeTuple
 
-    from vptq_mlc.runtime.chat_config import ChatConfig
+    from vptq_mlc.artifact.chat_config import ChatConfig
     from vptq_mlc.runtime.kv_cache import PagedKVCache
     from vptq_mlc.runtime.library import load_library, load_params
 

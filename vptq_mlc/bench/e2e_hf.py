@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from vptq_mlc.bench.e2e_common import Grid, Recorder, decode_prompt_len, prompt_ids
-from vptq_mlc.convert.chat_config import CONFIG_NAME
+from vptq_mlc.artifact.chat_config import ChatConfig
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +51,7 @@ def run_hf_system(model_dir: str, device: str, dtype: str, grid: Grid, rec: Reco
     import transformers
     from transformers.generation.streamers import BaseStreamer
 
-    chat = json.loads((Path(model_dir) / CONFIG_NAME).read_text())
+    chat = ChatConfig.load(model_dir).to_json()
     config = hf_config(chat)
     dev = torch.device(device)
     cuda = dev.type == "cuda"

@@ -6,7 +6,6 @@ in memory twice. Output goes to a temporary sibling directory that is renamed on
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import shutil
@@ -19,7 +18,7 @@ from tqdm import tqdm
 from vptq_mlc.atomic import atomic_dir
 from vptq_mlc.checkpoint.dequant import decode_codes
 from vptq_mlc.checkpoint.reader import VPTQCheckpoint
-from vptq_mlc.convert.chat_config import CONFIG_NAME, build_chat_config
+from vptq_mlc.convert.chat_config import build_chat_config
 from vptq_mlc.artifact.vq_layout import CODE_SORTED, LAYOUT, code_sorted_eligible, code_sorted_layout, generic_layout
 from vptq_mlc.artifact.tensor_cache import TensorCacheWriter
 from vptq_mlc.errors import ConvertError
@@ -111,6 +110,6 @@ def convert_checkpoint(
             layouts=(LAYOUT, CODE_SORTED) if layout == "auto" and any(
                 code_sorted_eligible(c, dtype) for c in ckpt.layers.values()) else (LAYOUT,),
         )
-        (tmp / CONFIG_NAME).write_text(json.dumps(chat_cfg, indent=2))
+        chat_cfg.write(tmp)
     log.info("converted %s -> %s (%d tensors, %.1f MB)", checkpoint, out, writer.num_tensors, writer.total_bytes / 1e6)
     return out

@@ -26,6 +26,7 @@ from typing import Any, Callable
 import numpy as np
 from tqdm import tqdm
 
+from vptq_mlc.artifact.files import CHAT_CONFIG
 from vptq_mlc.errors import QuantizeError
 
 log = logging.getLogger(__name__)
@@ -208,7 +209,7 @@ def text_windows_for(model_dir: Path, text_spec: str | None, ctx: int, max_token
 
 
 def is_mlc_dir(path: Path) -> bool:
-    return (path / "mlc-chat-config.json").is_file()
+    return (path / CHAT_CONFIG).is_file()
 
 
 def describe(path: Path) -> str:

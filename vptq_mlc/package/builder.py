@@ -20,6 +20,7 @@ from typing import Any
 
 from tqdm import tqdm
 
+from vptq_mlc.artifact.files import CHAT_CONFIG, TENSOR_CACHE
 from vptq_mlc.package.config import ModelEntry, PackageConfig, PackageError
 from vptq_mlc.package.manifest import FORMAT, read_manifest, sha256_file, write_manifest
 
@@ -58,7 +59,7 @@ def _digest(obj: Any) -> str:
 
 
 def _is_mlc_dir(src: Path) -> bool:
-    return src.is_dir() and (src / "mlc-chat-config.json").exists() and (src / "tensor-cache.json").exists()
+    return src.is_dir() and (src / CHAT_CONFIG).exists() and (src / TENSOR_CACHE).exists()
 
 
 def _stage_weights(entry: ModelEntry, work: Path) -> Path:
@@ -135,12 +136,12 @@ class PackageBuilder:
         weights = self._weights(entry, model_dir, old, weights_fp)
         bar.update(1)
 
-        from vptq_mlc.convert.chat_config import read_chat_config
+        from vptq_mlc.artifact.chat_config import ChatConfig
 
-        chat = read_chat_config(model_dir)
-        quant = str(chat.get("quantization", "q")).replace("/", "_")
+        chat = ChatConfig.load(model_dir)
+        quant = str(chat.quantization or "q").replace("/", "_")
         manifest: dict[str, Any] = {
-            "format": FORMAT, "model": entry.name, "model_type": chat.get("model_type"), "quantization": quant,
+            "format": FORMAT, "model": entry.name, "model_type": chat.model_type or None, "quantization": quant,
             "vptq_mlc": _version("vptq-mlc"), "weights": weights, "libraries": [],
         }
         old_libs = {lib["file"]: lib for lib in (old or {}).get("libraries", [])}

@@ -23,7 +23,7 @@ import tvm
 from tvm.runtime import ShapeTuple
 
 from vptq_mlc.errors import GenerationError, RuntimeLoadError
-from vptq_mlc.runtime.chat_config import ChatConfig
+from vptq_mlc.artifact.chat_config import ChatConfig
 from vptq_mlc.runtime.chat_template import ChatTemplate, ChatTemplateError, load_chat_template
 from vptq_mlc.runtime.device import find_library, resolve_device
 from vptq_mlc.runtime.kv_cache import PagedKVCache
@@ -93,7 +93,7 @@ class Engine:
                                page_size, int(md.get("sliding_window_size", self.config.sliding_window_size)),
                                int(md.get("attention_sink_size", -1)))
         self.vocab_size = self.config.vocab_size
-        self.active_vocab = int(self.config.raw.get("active_vocab_size") or 0) or None
+        self.active_vocab = self.config.active_vocab_size or None
         eos = set(self.config.eos_token_ids)
         eos_text = self.tokenizer.special_tokens.get("eos_token")
         if eos_text is not None and self.tokenizer.token_to_id(eos_text) is not None:

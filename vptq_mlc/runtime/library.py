@@ -17,7 +17,8 @@ from typing import Any
 import numpy as np
 import tvm
 
-from vptq_mlc.artifact.tensor_cache import INDEX_NAME, read_index, shard_paths
+from vptq_mlc.artifact.files import TENSOR_CACHE
+from vptq_mlc.artifact.tensor_cache import read_index, shard_paths
 from vptq_mlc.errors import RuntimeLoadError
 from vptq_mlc.runtime.device import DeviceSpec, resolve_device
 
@@ -93,9 +94,9 @@ def _checked_records(model_dir: Path, wanted: list[dict[str, Any]],
                      model_config: dict[str, Any] | None) -> dict[str, dict[str, Any]]:
     """name -> tensor-cache record (plus `dataPath`) of every weight in `wanted` (`_metadata.params` entries), after
     checking that each exists with the shape and dtype the library expects."""
-    index = model_dir / INDEX_NAME
+    index = model_dir / TENSOR_CACHE
     if not index.is_file():
-        raise RuntimeLoadError(f"no {INDEX_NAME} in {model_dir}; run `vptq-mlc convert` to write the weights")
+        raise RuntimeLoadError(f"no {TENSOR_CACHE} in {model_dir}; run `vptq-mlc convert` to write the weights")
     for shard in shard_paths(model_dir):
         if not (model_dir / shard).is_file():
             raise RuntimeLoadError(f"weight shard {shard} missing in {model_dir}; re-run `vptq-mlc convert`")

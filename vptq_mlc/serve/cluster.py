@@ -33,7 +33,7 @@ from typing import Any
 from ray import serve
 
 from vptq_mlc.errors import RuntimeLoadError
-from vptq_mlc.runtime.chat_config import ChatConfig
+from vptq_mlc.artifact.chat_config import ChatConfig
 from vptq_mlc.runtime.chat_template import ChatTemplate, load_chat_template
 from vptq_mlc.runtime.engine import Engine
 from vptq_mlc.runtime.sampling import SamplingParams
