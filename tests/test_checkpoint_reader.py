@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from required import import_required
 from safetensors import safe_open
 from safetensors.numpy import load_file, save_file
 
@@ -114,8 +115,8 @@ def test_synthetic_tokenizer_and_template(synth):
 
 def test_synthetic_loads_in_transformers_with_sane_logits(tmp_path):
     """The config is a valid HF config; the dequantized weights give finite, non-degenerate logits."""
-    torch = pytest.importorskip("torch")
-    transformers = pytest.importorskip("transformers")
+    torch = import_required("torch", 'pip install -e ".[test]"')
+    transformers = import_required("transformers", 'pip install -e ".[test]"')
     from vptq_mlc.checkpoint.dequant import dequantize
 
     d = make_synthetic_checkpoint(tmp_path / "q", arch="qwen2", tie_word_embeddings=True, variant="v8-k256-0")
@@ -205,7 +206,7 @@ def test_writer_roundtrip_and_sharding(tmp_path):
 
 
 def test_bf16_is_widened_to_float32(tmp_path):
-    torch = pytest.importorskip("torch")
+    torch = import_required("torch", 'pip install -e ".[test]"')
     from safetensors.torch import load_file as torch_load
 
     d = make_synthetic_checkpoint(tmp_path / "bf", dtype="bfloat16", variant="v8-k256-256")
@@ -222,7 +223,7 @@ def test_bf16_is_widened_to_float32(tmp_path):
 
 
 def test_bf16_rounding_matches_torch():
-    torch = pytest.importorskip("torch")
+    torch = import_required("torch", 'pip install -e ".[test]"')
     from vptq_mlc.checkpoint.schema import bf16_bits_to_f32, f32_to_bf16_bits
 
     x = np.random.default_rng(0).standard_normal(10000).astype(np.float32) * 10

@@ -15,6 +15,7 @@ import textwrap
 from pathlib import Path
 
 import pytest
+from required import missing, missing_rocm_tool
 
 from vptq_mlc.testing.synthetic import make_synthetic_checkpoint
 from vptq_mlc.package.builder import PackageBuilder
@@ -242,7 +243,7 @@ def test_package_rocm(root):
         rocm.find_bitcode_dir()
         rocm.find_ld_lld()
     except CompileError as e:
-        pytest.skip(f"ROCm build toolchain missing: {e}")
+        missing_rocm_tool(f"ROCm build toolchain missing: {e}")
     (model_dir,) = PackageBuilder(PackageConfig.load(_config(root, ["rocm:gfx90a,gfx1100"], name="rocm"))).build()
     m = _check_manifest_hashes(model_dir)
     by = {tuple(lib["archs"]): lib for lib in m["libraries"]}
@@ -257,12 +258,14 @@ def test_package_rocm(root):
 
 def test_package_cuda(root):
     """The CUDA library's fatbin holds SASS for exactly the claimed archs, no PTX, no CUDA source."""
-    if not shutil.which("nvcc"):
-        pytest.skip("nvcc not installed")
+    from vptq_mlc.compile.cuda import find_nvcc
+    from vptq_mlc.compile.fatbin import inspect_library
+    from vptq_mlc.errors import CompileError
+
     try:
-        from vptq_mlc.compile.fatbin import inspect_library
-    except ImportError:
-        pytest.skip("vptq_mlc.compile.fatbin (CUDA library inspection) is not in this tree yet")
+        find_nvcc()
+    except CompileError as e:
+        missing(str(e))
     (model_dir,) = PackageBuilder(PackageConfig.load(_config(root, ["cuda:sm_80,sm_90"], name="cuda"))).build()
     m = _check_manifest_hashes(model_dir)
     (lib,) = m["libraries"]

@@ -12,9 +12,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from required import import_required, missing
 
-torch = pytest.importorskip("torch")
-pytest.importorskip("transformers")
+torch = import_required("torch", 'pip install -e ".[test]"')
+import_required("transformers", 'pip install -e ".[test]"')
 
 from reference_dequant import ref_dequant  # noqa: E402
 from vptq_mlc.checkpoint.dequant import dequantize  # noqa: E402
@@ -273,7 +274,7 @@ def smollm2_dir() -> Path:
     try:
         bundled_smollm2_gguf()
     except QuantizeError as e:
-        pytest.skip(str(e))
+        missing(str(e))
     return resolve_dense_model("smollm2")  # one-time GGUF import (~1 min), then cached
 
 

@@ -14,9 +14,10 @@ import subprocess
 from pathlib import Path
 
 import pytest
+from required import missing
 
 
-rocm = pytest.importorskip("vptq_mlc.compile.rocm")
+from vptq_mlc.compile import rocm  # noqa: E402
 from vptq_mlc.compile.hsaco import find_code_objects, inspect_library  # noqa: E402
 from test_rocm_compile import _toolchain_or_skip  # noqa: E402
 
@@ -92,7 +93,7 @@ def test_model_library_holds_our_vq_kernels(built, arch):
 def test_readelf_lists_the_vq_kernels(built, tmp_path):
     """binutils' readelf (not our parser) on the carved code object sees the kernels and their descriptors."""
     if subprocess.run(["which", "readelf"], capture_output=True).returncode != 0:
-        pytest.skip("readelf (binutils) not installed")
+        missing("readelf (binutils) not installed; apt-get install binutils")
     _, libs = built
     for arch in ARCHS:
         (elf,) = find_code_objects(libs[arch].read_bytes())

@@ -302,9 +302,21 @@ def linear_via_kernel(fn, cfg, ops_t: dict, side_t: dict, x, scratch=()):
     return y
 
 
+# Largest relative L2 error of one output row a kernel may have against the float64 dense reference. fp16 operands
+# with fp32 accumulation give <= 6.4e-4 on the H100 (bench/results); one wrong output feature in 8192 adds ~1e-2.
+ROW_REL_ERR_MAX = 2e-3
+
+
+def row_rel_err(y: Any, ref: Any) -> float:
+    """max over rows b of ||y[b] - ref[b]|| / ||ref[b]|| (torch tensors [n, out]): a global norm would let one
+    wrong row hide among many right ones."""
+    return float(((y - ref).norm(dim=-1) / ref.norm(dim=-1)).max())
+
+
 def check_kernels(art_dir: str | os.PathLike[str], seed: int = 0, max_weights: int | None = None) -> list[dict[str, Any]]:
-    """Each kernel vs the dense dequant reference; relative L2 error and NaN check (poisoned output).
-    `max_weights`: skip layers with more weights (real shapes: `time_kernels` checks those against torch)."""
+    """Each kernel vs the dense dequant reference; per-row relative L2 error (`row_rel_err`, must stay within
+    ROW_REL_ERR_MAX) and NaN check (poisoned output). `max_weights`: skip layers with more weights (real shapes:
+    `time_kernels` checks those against torch)."""
     import torch
 
     from vptq_mlc.checkpoint.dequant import dequantize
@@ -331,9 +343,9 @@ def check_kernels(art_dir: str | os.PathLike[str], seed: int = 0, max_weights: i
         side_t = {k: torch.from_numpy(np.ascontiguousarray(a)).cuda() for k, a in side.items()}
         y = linear_via_kernel(lib.func(i), cfg, ops_t, side_t, x, scratch).double()
         torch.cuda.synchronize()
-        err = float((y - ref).norm() / ref.norm())
-        out.append({"case": c.name, "rel_err": err, "nan": bool(torch.isnan(y).any()), "ok": err < 2e-2 and
-                    not bool(torch.isnan(y).any())})
+        err = row_rel_err(y, ref)
+        nan = bool(torch.isnan(y).any())
+        out.append({"case": c.name, "rel_err": err, "nan": nan, "ok": err <= ROW_REL_ERR_MAX and not nan})
     return out
 
 
@@ -457,7 +469,7 @@ def _generic_rel_err(cfg, ops: dict, xs, fn, args, y) -> float:
     torch.cuda.synchronize()
     out = y.double()
     del w
-    return float((out - ref).norm() / ref.norm())
+    return row_rel_err(out, ref)
 
 
 def time_kernels(art_dir: str | os.PathLike[str], reps: int = 50) -> dict[str, Any]:
