@@ -1,6 +1,6 @@
-"""Layer split on a 2-GPU host (issue 11 item 2): greedy tokens and batch-1 decode speed, one GPU vs split.
+"""Layer split on a 2-GPU host: greedy tokens and batch-1 decode speed, one GPU vs split.
 
-Usage on the GPU host (repo root, PYTHONPATH=.carry/tvm_rt:.):
+Usage on the GPU host (repo root, PYTHONPATH=ART_DIR/tvm_rt:. as bench/split_gpu.sh sets it):
     python3 bench/split_gpu.py MODEL_DIR LIB OUT_DIR [--devices cuda:0,cuda:1] [--tokens 32] [--prompt-len 128]
                                [--random-weights | --random-weights-on-device] [--skip-single] [--batch 4]
                                [--name NAME]
