@@ -84,7 +84,7 @@ def generic_layout(
 
 
 # ---------------------------------------------------------------- layout `code-sorted` (large codebooks, CUDA decode)
-# A gather from a codebook that does not fit shared memory is walled by L2 (../shared/docs/vq-gemv-h100.md §3).
+# A gather from a codebook that does not fit shared memory is walled by L2 (docs/vq-gemv-h100.md §3).
 # For such layers the converter also writes every code as an *entry* grouped by codebook slice, so a CTA can hold
 # one slice in shared memory and stream only the entries that look into it. Main and residual codebooks of a group
 # are treated as one combined book `[C_main[g]; C_res[g]]` (combined index = code, or K + residual code): the

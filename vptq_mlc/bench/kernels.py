@@ -5,7 +5,7 @@ Build box (TVM compiler, nvcc, no GPU): `build_kernel_library(cases, out_dir)` c
 GPU host (runtime-only TVM + torch): `check_kernels` compares each kernel, wrapped exactly like VPTQLinear
 (permute/scale the activation, add the norm-bias dot and the bias), with `x @ dequantize(W).T + bias`, where
 `dequantize` is the spec reference; `time_kernels` times them against torch fp16 matmul with a cold L2
-(a buffer larger than L2 is READ before every call: ../shared/docs/vq-gemv-h100.md §0).
+(a buffer larger than L2 is READ before every call: docs/vq-gemv-h100.md §0).
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 
 Every stage takes its numbers from here: the reader validates tensor shapes against the derived sizes,
 the converter picks a kernel layout, the kernels size their loops, `inspect` reports bits per weight.
-See ../shared/docs/vptq-format.md sections 1-3 for the meaning of each field.
+See docs/vptq-format.md sections 1-3 for the meaning of each field.
 """
 
 from __future__ import annotations

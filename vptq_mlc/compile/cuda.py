@@ -1,5 +1,5 @@
 """CUDA build target: one library whose kernels are SASS for every requested arch (nvcc fatbin), built
-ahead of time on a box with no GPU and no driver (../shared/docs/gpu-aot.md §2).
+ahead of time on a box with no GPU and no driver (docs/gpu-aot.md §2).
 
 Why the set-up is needed: TVM compiles CUDA source to binary at build time only when its CUDA runtime plugin
 (`libtvm_runtime_cuda.so`) is loaded, and that plugin links `libcuda.so.1` (the driver). On a driverless box

@@ -1,5 +1,5 @@
 """ROCm build target: one library per gfx arch, its kernels an HSA code object (HSACO) compiled ahead of time on
-a box with no AMD GPU (../shared/docs/gpu-aot.md §4).
+a box with no AMD GPU (docs/gpu-aot.md §4).
 
 What TVM 0.27 needs and why we set it up here:
 - Device-library bitcode (`ocml`, `oclc_*`) from `<ROCM_PATH>/amdgcn/bitcode`. Debian's `rocm-device-libs`

@@ -1,6 +1,6 @@
 """Load a compiled model library (.so) into a Relax VM and its weights from the MLC tensor cache.
 
-The sequence mirrors MLC-LLM's C++ engine (shared/docs/mlc-artifacts.md §3-§5): load_module ->
+The sequence mirrors MLC-LLM's C++ engine (docs/mlc-artifacts.md §3-§5): load_module ->
 vm_load_executable -> vm_initialization(dev, pooled allocator, host cpu) -> `_metadata` JSON ->
 tensor_cache.load + param_array_from_cache_by_name(_metadata.params names) + tensor_cache.clear.
 Every failure a user can fix becomes a one-line RuntimeLoadError.

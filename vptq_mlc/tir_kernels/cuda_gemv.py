@@ -4,7 +4,7 @@ Layout `generic` (docs/ARCHITECTURE.md): `codes[i, k]` is the main code of vecto
 `osz + k`; the entry `C[g, code, 0:v]` holds the `v` outputs `i*v .. i*v+v-1`. So one code load yields `v`
 multiply-adds per activation row, and the kernel's bytes are almost all codes (2 B per v weights).
 
-Schedule (../shared/docs/vq-gemv-h100.md §2):
+Schedule (docs/vq-gemv-h100.md §2):
 - A CTA holds `R` vector rows x `P` input-dimension splits, one warp each (split-K for short matrices).
 - Small codebooks (main + residual, all groups, <= SMEM_CODEBOOK_BYTES) are copied into shared memory once per
   CTA; larger ones are read through L1/L2 (K = 65536 is walled by L2 there: see bench/RESULTS.md).
@@ -136,7 +136,7 @@ def plan_gemv(cfg: VPTQLayerConfig, rows: int, dtype: str, params: GpuParams = C
         reps = REPLICAS
     # One CTA per row block. The kernel also supports a persistent grid (fewer CTAs looping over row blocks, so
     # the shared-memory codebook copy is paid once per CTA); on the H100 sweep it was 4-15% slower at the best
-    # split, 64 KB codebooks included (bench/results/h100_sweep_v1.json).
+    # split, 64 KB codebooks included (bench/results/h100_gemv_schedule_sweep.json).
     grid = blocks
     # fp16 partial sums per chunk of `vec` codes halve the instructions per code (H100: k256-256 10-26% faster,
     # relative L2 error 5e-4 instead of 2e-4); CUDA only (the ROCm kernels are not measured on hardware). Not with

@@ -2,7 +2,7 @@
 for a symbolic row count (a grid row per `16 * row_tiles` rows; each B fragment feeds `row_tiles` MMAs).
 
 Why: at batch >= 4 the gather GEMV (`cuda_gemv.py`) is bound by its fp32 FMAs (rows x v per code per lane) and
-register pressure (rows x v accumulators), not by memory; ../shared/docs/vq-gemv-h100.md §3 measured gather
+register pressure (rows x v accumulators), not by memory; docs/vq-gemv-h100.md §3 measured gather
 kernels losing to fp16 from batch 4. Here one warp-wide `mma.sync.m16n8k16` does 16 rows x 8 outputs x 16
 inputs, and the lookups build its B fragment directly, so the weight never exists outside registers.
 
