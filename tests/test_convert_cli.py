@@ -83,6 +83,18 @@ def test_convert_writes_mlc_layout(synth, tmp_path):
     chat = json.loads((out / "mlc-chat-config.json").read_text())
     assert chat["model_type"] == "llama" and chat["quantization"] == "vptq-v8-k256-16"
     assert (out / "tokenizer.json").is_file() and "tokenizer.json" in chat["tokenizer_files"]
+    # the one ChatConfig reads what convert wrote and writes it back byte for byte (unknown keys survive too)
+    from vptq_mlc.artifact.chat_config import ChatConfig
+
+    loaded = ChatConfig.load(out)
+    eos = chat["eos_token_id"]
+    assert loaded.eos_token_ids == (eos if isinstance(eos, list) else [eos])
+    assert loaded.vptq_layers().keys() == chat["vptq"]["layers"].keys()
+    again = tmp_path / "again"
+    again.mkdir()
+    assert loaded.write(again).read_bytes() == (out / "mlc-chat-config.json").read_bytes()
+    extra = ChatConfig.from_json({**chat, "custom_key": [1, 2]})
+    assert extra.to_json()["custom_key"] == [1, 2]
     index = read_index(out)
     assert index[f"{LAYER}.codes"]["dtype"] == "uint8" and index[f"{LAYER}.codes"]["shape"] == [8, 128]  # K = 256
     assert index[f"{LAYER}.perm"]["dtype"] == "int32"
