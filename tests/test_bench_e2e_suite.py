@@ -12,9 +12,8 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
+from vptq_mlc.artifact.files import CHAT_CONFIG, TENSOR_CACHE
 from vptq_mlc.compile.build import compile_model
-from vptq_mlc.artifact.files import CHAT_CONFIG
-from vptq_mlc.artifact.files import TENSOR_CACHE
 
 
 @pytest.fixture(scope="module")

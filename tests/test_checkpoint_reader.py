@@ -14,9 +14,9 @@ from safetensors.numpy import load_file, save_file
 
 from vptq_mlc.checkpoint.layer_config import VPTQLayerConfig
 from vptq_mlc.checkpoint.reader import VPTQCheckpoint
-from vptq_mlc.testing.synthetic import make_synthetic_checkpoint, random_layer
 from vptq_mlc.checkpoint.writer import write_checkpoint
 from vptq_mlc.errors import CheckpointError
+from vptq_mlc.testing.synthetic import make_synthetic_checkpoint, random_layer
 
 LAYER = "model.layers.0.mlp.down_proj"
 
@@ -341,7 +341,8 @@ def test_missing_shard(tmp_path):
         (lambda t: t.update({f"{LAYER}.centroids.weight": t[f"{LAYER}.centroids.weight"].astype(np.float16)}),
          [LAYER, "'centroids.weight'", "expected float32", "found float16"]),
         (lambda t: t.pop(f"{LAYER}.weight_scale"), [LAYER, "'weight_scale'", "missing"]),
-        (lambda t: t.update({f"{LAYER}.weight": np.zeros((64, 128), np.float32)}), [LAYER, "unexpected tensor 'weight'"]),
+        (lambda t: t.update({f"{LAYER}.weight": np.zeros((64, 128), np.float32)}),
+         [LAYER, "unexpected tensor 'weight'"]),
         (lambda t: t.update({f"{LAYER}.perm": np.zeros(128, np.int16)}), [LAYER, "'perm'", "permutation"]),
         (lambda t: t.update({f"{LAYER}.centroids.weight": np.full_like(t[f"{LAYER}.centroids.weight"], np.nan)}),
          [LAYER, "NaN"]),
@@ -381,7 +382,8 @@ def test_perm_present_when_disabled(tmp_path):
 
 def test_config_shape_mismatch(synth, tmp_path):
     d = _copy(synth, tmp_path / "cfg")
-    _edit_config(d, lambda c: c["quantization_config"]["config_for_layers"][LAYER].update(in_features=64, group_size=64))
+    _edit_config(d, lambda c: c["quantization_config"]["config_for_layers"][LAYER].update(in_features=64,
+                                                                                        group_size=64))
     _raises_one_line(lambda: VPTQCheckpoint.open(d), LAYER, "64/64", "128/64")
     _edit_config(d, lambda c: c["quantization_config"]["config_for_layers"][LAYER].update(group_size=60))
     _raises_one_line(lambda: VPTQCheckpoint.open(d), LAYER, "in_features")

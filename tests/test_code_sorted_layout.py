@@ -12,11 +12,16 @@ import pytest
 from reference_dequant import ref_dequant
 from test_cuda_aot import require_cuda_toolkit
 
+from vptq_mlc.artifact.vq_layout import (
+    code_sorted_eligible,
+    code_sorted_geometry,
+    code_sorted_layout,
+    code_sorted_shapes,
+    generic_layout,
+)
 from vptq_mlc.checkpoint.dequant import decode_codes
 from vptq_mlc.checkpoint.layer_config import VPTQLayerConfig
 from vptq_mlc.testing.synthetic import random_layer
-from vptq_mlc.artifact.vq_layout import (code_sorted_eligible, code_sorted_geometry, code_sorted_layout,
-                                     code_sorted_shapes, generic_layout)
 
 OUTL = {"outlier_size": 16, "outlier_vector_len": 4, "num_outlier_centroids": 64}
 
@@ -110,8 +115,8 @@ def test_which_layers_get_the_layout():
 @pytest.fixture(scope="module")
 def k65536_model(tmp_path_factory):
     """A tiny converted fp16 model whose linears are v8-k65536-0 (code-sorted entries written)."""
-    from vptq_mlc.testing.synthetic import make_synthetic_checkpoint
     from vptq_mlc.convert.converter import convert_checkpoint
+    from vptq_mlc.testing.synthetic import make_synthetic_checkpoint
 
     d = tmp_path_factory.mktemp("k65536")
     ckpt = make_synthetic_checkpoint(d / "ckpt", variant="v8-k65536-0", hidden_size=64, intermediate_size=128,

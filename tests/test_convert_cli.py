@@ -11,9 +11,9 @@ import pytest
 from click.testing import CliRunner
 from safetensors.numpy import load_file, save_file
 
-from vptq_mlc.testing.synthetic import make_synthetic_checkpoint
-from vptq_mlc.cli import main
 from vptq_mlc.artifact.tensor_cache import read_index
+from vptq_mlc.cli import main
+from vptq_mlc.testing.synthetic import make_synthetic_checkpoint
 
 LAYER = "model.layers.0.mlp.down_proj"
 
@@ -56,7 +56,8 @@ BROKEN = {
     "not-vptq": (_config(lambda c: c.pop("quantization_config")), "not a VPTQ"),
     "truncated": (_truncate, "model.safetensors"),
     "shape": (_tensors(lambda t: t.update({f"{LAYER}.indices": t[f"{LAYER}.indices"][:, :-1]})), LAYER),
-    "dtype": (_tensors(lambda t: t.update({f"{LAYER}.centroids.weight": t[f"{LAYER}.centroids.weight"].astype(np.float16)})), "float16"),
+    "dtype": (_tensors(lambda t: t.update(
+        {f"{LAYER}.centroids.weight": t[f"{LAYER}.centroids.weight"].astype(np.float16)})), "float16"),
     "index-range": (_tensors(_out_of_range), "65535"),
     "architecture": (_config(lambda c: c.update({"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"]})), "gpt2"),
 }

@@ -45,10 +45,10 @@ def test_carve_fatbin_finds_container():
 
 def test_cuda_library_has_sass_for_each_arch_and_no_source(tmp_path):
     require_cuda_toolkit()
-    from vptq_mlc.testing.synthetic import make_synthetic_checkpoint
     from vptq_mlc.compile.build import compile_model
     from vptq_mlc.compile.fatbin import inspect_library
     from vptq_mlc.convert.converter import convert_checkpoint
+    from vptq_mlc.testing.synthetic import make_synthetic_checkpoint
 
     ckpt = make_synthetic_checkpoint(tmp_path / "ckpt", variant="v8-k256-256", hidden_size=64,
                                      intermediate_size=128, num_layers=1, vocab_size=320)

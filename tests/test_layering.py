@@ -1,5 +1,5 @@
-"""The architecture's import rules, checked in the pytest run so they cannot silently stop being checked:
-import-linter's contracts (`[tool.importlinter]` in pyproject.toml)."""
+"""The architecture's import rules and the lint rules, checked in the pytest run so they cannot silently stop
+being checked: import-linter's contracts (`[tool.importlinter]` in pyproject.toml) and `ruff check`."""
 
 from __future__ import annotations
 
@@ -27,3 +27,7 @@ def test_import_layers_hold() -> None:
     assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-2000:]
     assert "0 broken" in r.stdout, r.stdout[-4000:]
 
+
+def test_ruff_check_passes() -> None:
+    r = subprocess.run([_tool("ruff"), "check", "--no-cache", "."], cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-2000:]

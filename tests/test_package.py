@@ -16,15 +16,14 @@ from pathlib import Path
 
 import pytest
 from required import missing, missing_rocm_tool
+from test_rocm_runtime import fake_hip_dir, runtime_lib  # noqa: F401,E402  (fixtures: one build per session)
 
-from vptq_mlc.testing.synthetic import make_synthetic_checkpoint
 from vptq_mlc.package.builder import PackageBuilder
 from vptq_mlc.package.builder import _code_hash as real_code_hash  # bound before frozen_code_hash patches it
 from vptq_mlc.package.config import PackageConfig, PackageError, TargetSpec
 from vptq_mlc.package.manifest import read_manifest, sha256_file
 from vptq_mlc.package.select import HostDevice, fits, select_library
-
-from test_rocm_runtime import fake_hip_dir, runtime_lib  # noqa: F401,E402  (fixtures: one build per session)
+from vptq_mlc.testing.synthetic import make_synthetic_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -18,6 +18,7 @@ torch = import_required("torch", 'pip install -e ".[test]"')
 import_required("transformers", 'pip install -e ".[test]"')
 
 from reference_dequant import ref_dequant  # noqa: E402
+
 from vptq_mlc.checkpoint.dequant import dequantize  # noqa: E402
 from vptq_mlc.checkpoint.layer_config import Variant  # noqa: E402
 from vptq_mlc.checkpoint.reader import VPTQCheckpoint  # noqa: E402
@@ -123,7 +124,8 @@ def test_quantized_layer_matches_reference_dequant(case):
     variant, kw, bias = LAYER_CASES[case]
     W, H = _layer()
     b = torch.randn(W.shape[0]) * 0.1 if bias else None
-    q = quantize_linear(W, H, LinearQuantOptions(Variant.parse(variant), **kw), torch.Generator().manual_seed(0), bias=b)
+    q = quantize_linear(W, H, LinearQuantOptions(Variant.parse(variant), **kw), torch.Generator().manual_seed(0),
+                        bias=b)
     ref = ref_dequant(q.cfg.to_json(), q.tensors)
     np.testing.assert_array_equal(dequantize(q.cfg, q.tensors), ref)
     # what the quantizer believes it encoded, up to fp16 storage rounding
@@ -151,8 +153,8 @@ def test_quantized_layer_loads_in_microsoft_vptq():
 @pytest.fixture(scope="module")
 def tiny_dense(tmp_path_factory) -> Path:
     """A tiny dense llama HF directory (weights from a synthetic checkpoint, its trained BPE tokenizer)."""
-    from vptq_mlc.testing.synthetic import make_synthetic_checkpoint
     from vptq_mlc.eval.ppl import load_reference_model
+    from vptq_mlc.testing.synthetic import make_synthetic_checkpoint
 
     root = tmp_path_factory.mktemp("tiny")
     ckpt = make_synthetic_checkpoint(root / "src", variant="v8-k256-0", num_layers=2, seed=3)
@@ -312,9 +314,9 @@ def test_smollm2_slice_end_to_end(smollm2_dir, tmp_path):
     """Issue 5 acceptance on a 2-layer slice of the real model (the full one compiles too slowly for CI):
     our quantizer -> convert -> compile (llvm) -> greedy 16 tokens equal transformers on the weights dequantized
     by tests/reference_dequant.py, and the library's perplexity equals the reference within 0.5%."""
+    from reference_model import reference_model
     from safetensors.torch import load_file, save_file
 
-    from reference_model import reference_model
     from vptq_mlc.compile.build import compile_model
     from vptq_mlc.convert.converter import convert_checkpoint
     from vptq_mlc.eval.ppl import ppl_compiled, ppl_reference, text_windows_for

@@ -13,10 +13,9 @@ from pathlib import Path
 import pytest
 from required import missing, missing_rocm_tool
 
-from vptq_mlc.errors import CompileError
-
 from vptq_mlc.compile import rocm  # noqa: E402
 from vptq_mlc.compile.hsaco import find_code_objects, inspect_library  # noqa: E402
+from vptq_mlc.errors import CompileError
 
 ARCHS = ("gfx90a", "gfx942", "gfx1100")
 

@@ -15,11 +15,10 @@ from pathlib import Path
 
 import pytest
 from required import missing
-
+from test_rocm_compile import _toolchain_or_skip  # noqa: E402
 
 from vptq_mlc.compile import rocm  # noqa: E402
 from vptq_mlc.compile.hsaco import find_code_objects, inspect_library  # noqa: E402
-from test_rocm_compile import _toolchain_or_skip  # noqa: E402
 
 ARCHS = ("gfx90a", "gfx1100")
 # static decode batches built here: the smallest and the largest GEMV row counts (register pressure grows with
@@ -31,9 +30,9 @@ OUTLIERS = {"outlier_size": 16, "outlier_vector_len": 4, "num_outlier_centroids"
 @pytest.fixture(scope="module")
 def built(tmp_path_factory) -> tuple[Path, dict[str, Path]]:
     _toolchain_or_skip()
-    from vptq_mlc.testing.synthetic import make_synthetic_checkpoint
     from vptq_mlc.compile.build import compile_model
     from vptq_mlc.convert.converter import convert_checkpoint
+    from vptq_mlc.testing.synthetic import make_synthetic_checkpoint
 
     d = tmp_path_factory.mktemp("rocm_model")
     ckpt = make_synthetic_checkpoint(d / "ckpt", variant="v8-k256-256", hidden_size=64, intermediate_size=128,

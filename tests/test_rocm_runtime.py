@@ -19,10 +19,9 @@ from pathlib import Path
 import pytest
 from required import missing_rocm_tool
 
-from vptq_mlc.errors import RuntimeLoadError
-
-from vptq_mlc.rocm_runtime import build  # noqa: E402
 from vptq_mlc.compile.hsaco import inspect_library  # noqa: E402
+from vptq_mlc.errors import RuntimeLoadError
+from vptq_mlc.rocm_runtime import build  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -16,10 +16,9 @@ import numpy as np
 import pytest
 import tvm
 from click.testing import CliRunner
+from reference_model import reference_greedy, reference_model
 from tvm.runtime import ShapeTuple
 
-from reference_model import reference_greedy, reference_model
-from vptq_mlc.testing.synthetic import make_synthetic_checkpoint
 from vptq_mlc.cli import main
 from vptq_mlc.compile.build import compile_model
 from vptq_mlc.convert.converter import convert_checkpoint
@@ -29,6 +28,7 @@ from vptq_mlc.runtime.kv_cache import PagedKVCache
 from vptq_mlc.runtime.library import load_library, load_params
 from vptq_mlc.runtime.sampling import SamplingParams
 from vptq_mlc.runtime.split import SplitModel, StagedKVCache, parse_devices, plan_stages
+from vptq_mlc.testing.synthetic import make_synthetic_checkpoint
 
 DEVICES = "cpu:0,cpu:1"
 PROMPTS = ["The quick brown fox", "Hello there, how are you doing today? I am", "A"]

@@ -167,7 +167,8 @@ def test_unpacked_layer_matches_vqlinear(vptq_mods, dtype):
     np.testing.assert_array_equal(dequantize(cfg, t), ref_w)
 
 
-@pytest.mark.parametrize("variant", ["v8-k65536-65536", "v8-k65536-256", "v8-k512-512", "v8-k4096-0", "v16-k65536-32768"])
+@pytest.mark.parametrize("variant",
+                         ["v8-k65536-65536", "v8-k65536-256", "v8-k512-512", "v8-k4096-0", "v16-k65536-32768"])
 def test_pack_index_matches_package(vptq_mods, variant):
     """Our packer's words equal the package's `pack_index` (main + residual codes, S = 61 straddles words)."""
     _, _, pack = vptq_mods

@@ -24,7 +24,8 @@ def is_bundled_alias(name: str) -> bool:
     return name.lower() in MODEL_ALIASES and not Path(name).exists()
 
 
-def ensure_bundled_model(name: str = "smollm2", variant: str = DEFAULT_VARIANT, target: str = "llvm") -> tuple[Path, Path]:
+def ensure_bundled_model(name: str = "smollm2", variant: str = DEFAULT_VARIANT,
+                         target: str = "llvm") -> tuple[Path, Path]:
     """(model_dir, library) of the bundled model at `variant`, built on first use."""
     if name.lower() not in MODEL_ALIASES:
         raise VPTQMLCError(f"unknown bundled model {name!r}; bundled: {', '.join(MODEL_ALIASES)}")

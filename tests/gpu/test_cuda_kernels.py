@@ -64,11 +64,10 @@ def test_cuda_library_matches_transformers_dense_reference():
     import sys
 
     sys.path.insert(0, str(Path(__file__).parents[1]))
+    import numpy as np
     from reference_model import reference_model
 
     from vptq_mlc.bench.e2e import greedy_decode
-
-    import numpy as np
 
     LOGIT_TOL = 2e-2  # fraction of the largest |reference logit|; the CUDA-vs-CPU engine test uses the same bound
     d = Path(E2E)

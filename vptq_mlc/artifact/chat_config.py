@@ -5,9 +5,10 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 from vptq_mlc.artifact.files import CHAT_CONFIG
 from vptq_mlc.checkpoint.layer_config import VPTQLayerConfig

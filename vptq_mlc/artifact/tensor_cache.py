@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 import numpy as np
 
@@ -55,7 +56,8 @@ class TensorCacheWriter:
                 records.append({**rec, "byteOffset": offset})
                 offset += len(data)
         self.shards.append(
-            {"dataPath": path.name, "format": "raw-shard", "nbytes": offset, "records": records, "md5sum": md5.hexdigest()}
+            {"dataPath": path.name, "format": "raw-shard", "nbytes": offset, "records": records,
+             "md5sum": md5.hexdigest()}
         )
         self._pending, self._pending_bytes = [], 0
 
@@ -64,7 +66,7 @@ class TensorCacheWriter:
         meta = {"ParamSize": self.num_tensors, "ParamBytes": self.total_bytes, **self.metadata}
         (self.out_dir / TENSOR_CACHE).write_text(json.dumps({"metadata": meta, "records": self.shards}, indent=2))
 
-    def __enter__(self) -> "TensorCacheWriter":
+    def __enter__(self) -> TensorCacheWriter:
         return self
 
     def __exit__(self, exc_type: Any, *_: Any) -> None:
@@ -76,7 +78,8 @@ def read_index(model_dir: Path) -> dict[str, dict[str, Any]]:
     """name -> record (shape, dtype, ..., plus its shard's `dataPath`) of every tensor in a model dir's tensor
     cache (numpy + json only: the runtime uses it too)."""
     index = json.loads((Path(model_dir) / TENSOR_CACHE).read_text())
-    return {rec["name"]: {**rec, "dataPath": shard["dataPath"]} for shard in index["records"] for rec in shard["records"]}
+    return {rec["name"]: {**rec, "dataPath": shard["dataPath"]}
+            for shard in index["records"] for rec in shard["records"]}
 
 
 def shard_paths(model_dir: Path) -> list[str]:

@@ -8,8 +8,8 @@ scale are re-expressed on the activation side. Convert writes these tensors, the
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Mapping
 
 import numpy as np
 

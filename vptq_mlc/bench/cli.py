@@ -42,8 +42,14 @@ def bench() -> None:
                                                    "registry's choice (kernels suite), e.g. 4,8.")
 def build(out: str, suite: str, arch: str, rows: str, compare_gemv: str) -> None:
     """Compile the suite's kernels into OUT/kernels_cuda.so + OUT/kernels.json (no GPU needed)."""
-    from vptq_mlc.bench.kernels import (bench_cases, build_kernel_library, code_sorted_cases, correctness_cases,
-                                        prefill_cases, sweep_cases)
+    from vptq_mlc.bench.kernels import (
+        bench_cases,
+        build_kernel_library,
+        code_sorted_cases,
+        correctness_cases,
+        prefill_cases,
+        sweep_cases,
+    )
     from vptq_mlc.compile.cuda import parse_archs
 
     if suite == "check":

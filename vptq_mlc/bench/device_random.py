@@ -21,8 +21,8 @@ import numpy as np
 import tvm
 import tvm_ffi
 
-from vptq_mlc.bench.random_weights import random_array, random_kind
 from vptq_mlc.artifact.chat_config import ChatConfig
+from vptq_mlc.bench.random_weights import random_array, random_kind
 from vptq_mlc.runtime import split
 from vptq_mlc.runtime.library import _resolve_shape
 

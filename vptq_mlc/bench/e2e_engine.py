@@ -17,8 +17,8 @@ from typing import Any
 
 import numpy as np
 
-from vptq_mlc.bench.e2e_common import Grid, Recorder, decode_prompt_len, prompt_ids
 from vptq_mlc.artifact.files import TENSOR_CACHE
+from vptq_mlc.bench.e2e_common import Grid, Recorder, decode_prompt_len, prompt_ids
 
 log = logging.getLogger(__name__)
 PAGE = 16  # KV page size the engine is built with

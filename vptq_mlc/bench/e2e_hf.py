@@ -9,14 +9,12 @@ new token (median of reps after one untimed call of that shape).
 
 from __future__ import annotations
 
-import json
 import logging
 import time
-from pathlib import Path
 from typing import Any
 
-from vptq_mlc.bench.e2e_common import Grid, Recorder, decode_prompt_len, prompt_ids
 from vptq_mlc.artifact.chat_config import ChatConfig
+from vptq_mlc.bench.e2e_common import Grid, Recorder, decode_prompt_len, prompt_ids
 
 log = logging.getLogger(__name__)
 

@@ -10,6 +10,7 @@ GPU host (runtime-only TVM + torch): `check_kernels` compares each kernel, wrapp
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -177,8 +178,8 @@ def build_kernel_library(cases: list[KernelCase], out_dir: str | os.PathLike[str
     """One CUDA library holding every case's kernel as `k<i>`, plus the manifest the GPU side reads."""
     import tvm
 
-    from vptq_mlc.compile.cuda import build_target
     from vptq_mlc.artifact.vq_layout import CODE_SORTED, LAYOUT
+    from vptq_mlc.compile.cuda import build_target
     from vptq_mlc.tir_kernels.registry import kernel_selector
 
     bt = build_target(archs)
@@ -248,9 +249,8 @@ def _operands(cfg, tensors: dict[str, np.ndarray], dtype: str,
               names: list[str] | None = None) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
     """(kernel operands in call order, activation-side tensors): the converter's layouts (generic, plus the
     code-sorted entries when the kernel reads them)."""
+    from vptq_mlc.artifact.vq_layout import code_sorted_layout, generic_layout, vq_operand_shapes
     from vptq_mlc.checkpoint.dequant import decode_codes
-    from vptq_mlc.artifact.vq_layout import code_sorted_layout, generic_layout
-    from vptq_mlc.artifact.vq_layout import vq_operand_shapes
 
     codes = decode_codes(cfg, tensors)
     lay = generic_layout(cfg, tensors, codes, dtype)
@@ -313,7 +313,8 @@ def row_rel_err(y: Any, ref: Any) -> float:
     return float(((y - ref).norm(dim=-1) / ref.norm(dim=-1)).max())
 
 
-def check_kernels(art_dir: str | os.PathLike[str], seed: int = 0, max_weights: int | None = None) -> list[dict[str, Any]]:
+def check_kernels(art_dir: str | os.PathLike[str], seed: int = 0,
+                  max_weights: int | None = None) -> list[dict[str, Any]]:
     """Each kernel vs the dense dequant reference; per-row relative L2 error (`row_rel_err`, must stay within
     ROW_REL_ERR_MAX) and NaN check (poisoned output). `max_weights`: skip layers with more weights (real shapes:
     `time_kernels` checks those against torch)."""
@@ -431,8 +432,8 @@ def _add_code_sorted(cfg, ops: dict, dtype: str) -> None:
     """Add `cs_entries`/`cs_offsets` built by the converter's layout code from the random generic codes."""
     import torch
 
-    from vptq_mlc.checkpoint.dequant import LayerCodes
     from vptq_mlc.artifact.vq_layout import code_sorted_layout
+    from vptq_mlc.checkpoint.dequant import LayerCodes
 
     G, S, N = cfg.group_num, cfg.group_size, cfg.num_vectors
 
@@ -499,7 +500,7 @@ def time_kernels(art_dir: str | os.PathLike[str], reps: int = 50) -> dict[str, A
         tmp = [torch.empty(sh, dtype=getattr(torch, dt), device="cuda") for sh, dt in scratch]
         args = [_tvm(xs), *(_tvm(ops[nm]) for nm in names), *(_tvm(t) for t in tmp), _tvm(y)]
         fn = lib.func(i)
-        us = timer(lambda: fn(*args), reps)
+        us = timer(functools.partial(fn, *args), reps)
         err = _generic_rel_err(cfg, ops, xs, fn, args, y)
         key = (n, cfg.out_features, cfg.in_features)
         if key not in fp16_cache:

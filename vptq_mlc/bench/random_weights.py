@@ -16,9 +16,9 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
-from vptq_mlc.checkpoint.layer_config import VPTQLayerConfig
 from vptq_mlc.artifact.chat_config import ChatConfig
 from vptq_mlc.artifact.tensor_cache import TensorCacheWriter
+from vptq_mlc.checkpoint.layer_config import VPTQLayerConfig
 
 _CODE_SIZES = {
     "codes": lambda c: c.num_centroids,
@@ -73,8 +73,8 @@ class RandomTensors:
         return out
 
     def _layout(self, cfg: VPTQLayerConfig) -> dict[str, np.ndarray]:
-        from vptq_mlc.checkpoint.dequant import LayerCodes
         from vptq_mlc.artifact.vq_layout import code_sorted_layout
+        from vptq_mlc.checkpoint.dequant import LayerCodes
 
         key = json.dumps(cfg.to_json(), sort_keys=True)
         if key not in self._code_sorted:

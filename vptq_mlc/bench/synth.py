@@ -15,10 +15,10 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from vptq_mlc.atomic import atomic_dir
-from vptq_mlc.testing.synthetic import make_synthetic_checkpoint
 from vptq_mlc.artifact.files import CHAT_CONFIG
+from vptq_mlc.atomic import atomic_dir
 from vptq_mlc.convert.converter import convert_checkpoint
+from vptq_mlc.testing.synthetic import make_synthetic_checkpoint
 
 # name -> (arch, hidden, intermediate, layers, heads, kv heads, vocab)
 SHAPES = {

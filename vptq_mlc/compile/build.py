@@ -15,12 +15,12 @@ from pathlib import Path
 import tvm
 from tvm import relax
 
-from vptq_mlc.atomic import atomic_file
-from vptq_mlc.compile.metadata import attach_metadata, model_metadata, planned_memory
-from vptq_mlc.compile.targets import BuildTarget, relax_pipeline, resolve_targets
 from vptq_mlc.artifact.chat_config import ChatConfig
 from vptq_mlc.artifact.files import TENSOR_CACHE
 from vptq_mlc.artifact.tensor_cache import read_index
+from vptq_mlc.atomic import atomic_file
+from vptq_mlc.compile.metadata import attach_metadata, model_metadata, planned_memory
+from vptq_mlc.compile.targets import BuildTarget, relax_pipeline, resolve_targets
 from vptq_mlc.errors import CompileError
 from vptq_mlc.model.builder import build_model
 from vptq_mlc.model.config import DecoderConfig

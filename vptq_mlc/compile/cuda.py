@@ -117,7 +117,9 @@ def _load_cuda_plugin() -> None:
         rt_dir = Path(tvm.base._LOADED_LIBS["tvm_runtime"]._name).resolve().parent
         ctypes.CDLL(str(rt_dir / "libtvm_runtime_cuda.so"), mode=ctypes.RTLD_GLOBAL)
     if tvm_ffi.get_global_func("ffi.Module.create.cuda", allow_missing=True) is None:
-        raise CompileError("TVM's CUDA plugin did not register; reinstall apache-tvm 0.27 (it ships libtvm_runtime_cuda.so)")
+        raise CompileError(
+            "TVM's CUDA plugin did not register; reinstall apache-tvm 0.27 (it ships libtvm_runtime_cuda.so)"
+        )
     _STATE["plugin"] = True
 
 

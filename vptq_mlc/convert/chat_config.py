@@ -4,8 +4,9 @@ sampling defaults and special tokens from the source's generation/tokenizer conf
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 from vptq_mlc.artifact.chat_config import ChatConfig
 from vptq_mlc.checkpoint.layer_config import VPTQLayerConfig

@@ -19,9 +19,10 @@ import json
 import logging
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 from tqdm import tqdm
@@ -157,7 +158,9 @@ def load_reference_model(path: str | Path) -> Any:
         import torch
         from transformers import AutoConfig, AutoModelForCausalLM
     except ImportError:
-        raise QuantizeError("the reference perplexity needs torch and transformers: pip install 'vptq-mlc[quantize]'")
+        raise QuantizeError(
+            "the reference perplexity needs torch and transformers: pip install 'vptq-mlc[quantize]'"
+        ) from None
     p = Path(path)
     if not (p / "config.json").is_file():
         raise QuantizeError(f"{p} has no config.json; give a VPTQ checkpoint or a Hugging Face model directory")

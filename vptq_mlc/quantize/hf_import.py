@@ -14,7 +14,6 @@ uses a sentencepiece-style decoder. `_fix_bpe_tokenizer` rebuilds those parts fr
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import json
 import logging
 import os
@@ -78,7 +77,9 @@ def import_gguf(gguf: str | os.PathLike[str], out_dir: Path | None = None, cache
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
     except ImportError as e:
-        raise QuantizeError(f"importing GGUF needs the quantize extras ({e.name} missing): pip install 'vptq-mlc[quantize]'")
+        raise QuantizeError(
+            f"importing GGUF needs the quantize extras ({e.name} missing): pip install 'vptq-mlc[quantize]'"
+        ) from None
     log.warning("importing %s (one-time, ~1 min on 2 cores) -> %s", src.name, out)
     with atomic_dir(out) as tmp:
         meta = read_gguf_metadata(src)
@@ -125,7 +126,8 @@ def read_gguf_metadata(path: Path) -> dict[str, Any]:
         raise QuantizeError(f"{path} is not a readable GGUF file ({e}); re-download it") from None
     out: dict[str, Any] = {}
     for key, field in r.fields.items():
-        if key in ("tokenizer.ggml.tokens", "tokenizer.ggml.merges", "tokenizer.ggml.token_type", "tokenizer.ggml.scores"):
+        if key in ("tokenizer.ggml.tokens", "tokenizer.ggml.merges", "tokenizer.ggml.token_type",
+                   "tokenizer.ggml.scores"):
             continue
         if not (key.startswith("tokenizer.") or key.startswith("general.")):
             continue

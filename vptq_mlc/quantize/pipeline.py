@@ -21,12 +21,12 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from vptq_mlc.cache import cache_root
 from vptq_mlc.checkpoint.arch import detect_arch, linear_module_paths, num_layers
 from vptq_mlc.checkpoint.layer_config import Variant
 from vptq_mlc.checkpoint.writer import write_checkpoint
 from vptq_mlc.errors import QuantizeError
 from vptq_mlc.quantize import nn_kernel
-from vptq_mlc.cache import cache_root
 from vptq_mlc.quantize.hf_import import resolve_dense_model
 from vptq_mlc.quantize.kmeans import KMeansOptions
 from vptq_mlc.quantize.linear import LinearQuantOptions, quantize_linear
@@ -82,7 +82,8 @@ def _generator(seed: int, path: str) -> torch.Generator:
     return torch.Generator().manual_seed((seed * 1_000_003 + zlib.crc32(path.encode())) % (1 << 63))
 
 
-def quantize_model(model: str | Path, out_dir: str | Path, settings: QuantizeSettings, progress: bool = True) -> QuantizeReport:
+def quantize_model(model: str | Path, out_dir: str | Path, settings: QuantizeSettings,
+                   progress: bool = True) -> QuantizeReport:
     """Quantize `model` (HF dir, .gguf or alias) into a VPTQ checkpoint at `out_dir`."""
     t0 = time.time()
     variant = Variant.parse(settings.variant)

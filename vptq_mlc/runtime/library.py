@@ -70,13 +70,17 @@ def load_library(lib_path: str | Path, device: str = "cpu") -> ModelLibrary:
             f"cannot load model library {path}: {first_line(e)}; was it built for {spec.kind} with this TVM?"
         ) from e
     if not mod.implements_function("vm_load_executable"):
-        raise RuntimeLoadError(f"{path} is not a Relax VM library (kind {mod.kind!r}); build it with `vptq-mlc compile`")
+        raise RuntimeLoadError(
+            f"{path} is not a Relax VM library (kind {mod.kind!r}); build it with `vptq-mlc compile`"
+        )
     vm = mod["vm_load_executable"]()
     init_args = [spec.dlpack_type, spec.index, POOLED_ALLOCATOR]
     init_args += [DeviceSpec("cpu").dlpack_type, 0, POOLED_ALLOCATOR]  # host device for shapes / small tensors
     vm["vm_initialization"](*init_args)
     if not vm.implements_function("_metadata"):
-        raise RuntimeLoadError(f"model library {path.name} has no _metadata function; rebuild it with `vptq-mlc compile`")
+        raise RuntimeLoadError(
+            f"model library {path.name} has no _metadata function; rebuild it with `vptq-mlc compile`"
+        )
     metadata = json.loads(str(vm["_metadata"]()))
     lib = ModelLibrary(path, spec, dev, vm, metadata)
     for name in REQUIRED_FUNCTIONS:
@@ -132,7 +136,9 @@ def load_params(model_dir: str | Path, lib: ModelLibrary, model_config: dict[str
         g("vm.builtin.tensor_cache.load")(str(model_dir), lib.spec.dlpack_type, lib.spec.index)
         params = g("vm.builtin.param_array_from_cache_by_name")([p["name"] for p in wanted])
     except Exception as e:  # noqa: BLE001 - corrupted shards surface as TVM errors
-        raise RuntimeLoadError(f"cannot read weights from {model_dir}: {first_line(e)}; re-run `vptq-mlc convert`") from e
+        raise RuntimeLoadError(
+            f"cannot read weights from {model_dir}: {first_line(e)}; re-run `vptq-mlc convert`"
+        ) from e
     finally:
         g("vm.builtin.tensor_cache.clear")()
     return params
@@ -172,5 +178,7 @@ def stream_params(model_dir: str | Path, wanted: list[dict[str, Any]], device: t
             t.copyfrom(host)
             out[p["name"]] = t
     except (OSError, ValueError) as e:
-        raise RuntimeLoadError(f"cannot read weights from {model_dir}: {first_line(e)}; re-run `vptq-mlc convert`") from e
+        raise RuntimeLoadError(
+            f"cannot read weights from {model_dir}: {first_line(e)}; re-run `vptq-mlc convert`"
+        ) from e
     return out

@@ -19,10 +19,10 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import tvm
@@ -199,7 +199,8 @@ class SplitModel:
         if kind in ("prefill", "decode"):
             return [g[kind] for g in self.split["layer_groups"]], self.split["head"][kind]
         n = kind[len("decode_b"):]
-        if n in self.split["head"]["decode_static"] and all(n in g["decode_static"] for g in self.split["layer_groups"]):
+        if n in self.split["head"]["decode_static"] and all(n in g["decode_static"]
+                                                            for g in self.split["layer_groups"]):
             return [g["decode_static"][n] for g in self.split["layer_groups"]], self.split["head"]["decode_static"][n]
         return None
 

@@ -27,8 +27,8 @@ from dataclasses import dataclass
 from tvm import tirx
 from tvm.script import tirx as T
 
-from vptq_mlc.checkpoint.layer_config import VPTQLayerConfig
 from vptq_mlc.artifact.vq_layout import code_sorted_geometry, folds_residual
+from vptq_mlc.checkpoint.layer_config import VPTQLayerConfig
 from vptq_mlc.tir_kernels.generic import kernel_dims
 
 MAX_ROWS = 2  # batch 1..2 decode (vq-gemv-h100.md §3: batch 4+ loses with gather kernels)

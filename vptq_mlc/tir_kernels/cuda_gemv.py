@@ -27,8 +27,8 @@ import tvm
 from tvm import tirx
 from tvm.script import tirx as T
 
-from vptq_mlc.checkpoint.layer_config import VPTQLayerConfig
 from vptq_mlc.artifact.vq_layout import code_dtype
+from vptq_mlc.checkpoint.layer_config import VPTQLayerConfig
 from vptq_mlc.tir_kernels.generic import kernel_dims
 
 SMEM_CODEBOOK_BYTES = 64 * 1024  # fits twice per SM on sm_80/sm_90, once on sm_86/sm_89 (99 KB)

@@ -35,9 +35,9 @@ from dataclasses import dataclass
 from tvm import tirx
 from tvm.script import tirx as T
 
+from vptq_mlc.artifact.vq_layout import code_dtype
 from vptq_mlc.checkpoint.layer_config import VPTQLayerConfig
 from vptq_mlc.tir_kernels.cuda_gemv import SMEM_CODEBOOK_BYTES, _keep_operands
-from vptq_mlc.artifact.vq_layout import code_dtype
 from vptq_mlc.tir_kernels.generic import kernel_dims
 
 MMA_ROWS = 16  # M of m16n8k16: the most activation rows one kernel takes
@@ -264,7 +264,7 @@ def vq_mma_cuda(cfg: VPTQLayerConfig, dtype: str, rows: int | None, plan: MmaPla
                             if i0 + ii < NV and col0(sp, it * U + u, tx) < L:
                                 cl[vr((u * NI + ii) * CW, CW)] = codes[i0 + ii, vr(col0(sp, it * U + u, tx), CW)]
                                 if HAS_RES:
-                                    rl[vr((u * NI + ii) * CW, CW)] = res_codes[i0 + ii, vr(col0(sp, it * U + u, tx), CW)]
+                                    rl[vr((u * NI + ii) * CW, CW)] = res_codes[i0 + ii, vr(col0(sp, it * U + u, tx), CW)]  # noqa: E501
                         else:
                             for e in T.unroll(CW):
                                 if i0 + ii < NV and col0(sp, it * U + u, tx) + e < L:
