@@ -53,7 +53,8 @@ def run(engine: Engine, batch: int, prompt_len: int = 128, new_tokens: int = 64)
 if __name__ == "__main__":
     model, lib, out = sys.argv[1:4]
     batches = [int(b) for b in sys.argv[4:]] or [1, 16]
-    engine = Engine(model, lib, device=os.environ.get("BENCH_DEVICE", "cuda"), max_batch_size=max(batches), max_total_tokens=max(batches) * 208)
+    engine = Engine(model, lib, device=os.environ.get("BENCH_DEVICE", "cuda"), max_batch_size=max(batches),
+                    max_total_tokens=max(batches) * 208)
     run(engine, 1, new_tokens=8)  # warm-up
     results = [run(engine, b) for b in batches]
     for r in results:

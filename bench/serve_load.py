@@ -278,9 +278,9 @@ def check_loopback(url: str) -> None:
 
 def build_synthetic(out: Path, max_batch: int) -> Path:
     """The tiny synthetic llama of the CPU tests (context 1024), converted and compiled for llvm once."""
-    from vptq_mlc.checkpoint.synthetic import make_synthetic_checkpoint
     from vptq_mlc.compile.build import compile_model
     from vptq_mlc.convert.converter import convert_checkpoint
+    from vptq_mlc.testing.synthetic import make_synthetic_checkpoint
 
     model_dir = out / "tiny"
     if not list(model_dir.glob("*-llvm.so")):

@@ -1,13 +1,13 @@
-"""Layer split on a 2-GPU host (issue 11 item 2): greedy tokens and batch-1 decode speed, one GPU vs split.
+"""Layer split on a 2-GPU host: greedy tokens and batch-1 decode speed, one GPU vs split.
 
-Usage on the GPU host (repo root, PYTHONPATH=.carry/tvm_rt:.):
+Usage on the GPU host (repo root, PYTHONPATH=ART_DIR/tvm_rt:. as bench/split_gpu.sh sets it):
     python3 bench/split_gpu.py MODEL_DIR LIB OUT_DIR [--devices cuda:0,cuda:1] [--tokens 32] [--prompt-len 128]
                                [--random-weights | --random-weights-on-device] [--skip-single] [--batch 4]
                                [--name NAME]
 LIB must be compiled with `vptq-mlc compile --target cuda --split-functions`. MODEL_DIR may be config-only (no
 tensor-cache.json) with --random-weights: it is copied to /tmp and filled by `write_random_weights` (what
 `vptq-mlc bench random-weights` does). --random-weights-on-device (split only, implies --skip-single): no shards at
-all, each stage's weights are made on its GPU (bench/device_random.py, through VPTQ_MLC_SPLIT_RANDOM_WEIGHTS), for
+all, each stage's weights are made on its GPU (vptq_mlc/bench/device_random.py: use_random_weights_on_device), for
 models bigger than the host's disk (the 405B shape). --skip-single: the model does not fit one GPU (only the split
 runs). --batch N: also time N concurrent requests (decode tok/s summed over the batch).
 
@@ -30,7 +30,7 @@ from pathlib import Path
 
 from vptq_mlc.runtime.engine import Engine
 from vptq_mlc.runtime.sampling import SamplingParams
-from vptq_mlc.runtime.split import RANDOM_WEIGHTS_ENV, _param_bytes
+from vptq_mlc.runtime.split import _param_bytes
 
 
 def nvidia_smi(query: str) -> str:
@@ -117,7 +117,9 @@ def main() -> int:
     name = a.name or Path(a.model_dir).name
     model = a.model_dir
     if a.random_weights_on_device:
-        os.environ[RANDOM_WEIGHTS_ENV] = "0"
+        from vptq_mlc.bench.device_random import use_random_weights_on_device
+
+        use_random_weights_on_device(seed=0)
         a.skip_single = True
     elif a.random_weights and not (Path(model) / "tensor-cache.json").exists():
         from vptq_mlc.bench.random_weights import write_random_weights

@@ -13,9 +13,9 @@ def tiny_served_model(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, P
 
     Sized for server tests: context 1024 (long generations to cancel), prefill chunk 64, up to 32 sequences.
     """
-    from vptq_mlc.checkpoint.synthetic import make_synthetic_checkpoint
     from vptq_mlc.compile.build import compile_model
     from vptq_mlc.convert.converter import convert_checkpoint
+    from vptq_mlc.testing.synthetic import make_synthetic_checkpoint
 
     root = tmp_path_factory.mktemp("tiny-served")
     ckpt = make_synthetic_checkpoint(root / "ckpt", arch="llama", variant="v8-k256-0", dtype="float32", seed=11)

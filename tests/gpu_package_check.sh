@@ -1,15 +1,15 @@
 #!/usr/bin/env bash
-# Issue 9 check on a GPU host (run by hand, e.g. on the device machine): the packaged CUDA library chats with
-# runtime-only TVM from a runtime bundle, with no nvcc on PATH and no NVRTC loaded, and agrees with the CPU library.
-# Prepare C (default .carry/issue9) on the build box: `vptq-mlc runtime-bundle $C/bundle312 --python 3.12`,
-# wheels of jinja2/markupsafe/click/tqdm in $C/whl, and `vptq-mlc package` of a model with targets
-# ["llvm", "cuda:sm_80,sm_90"] into $C/dist/tiny. Writes logs to $OUT.
+# Package check on a GPU host (run by hand): the packaged CUDA library chats with runtime-only TVM from a runtime
+# bundle, with no nvcc on PATH and no NVRTC loaded, and agrees with the CPU library.
+# Usage: bash tests/gpu_package_check.sh ART_DIR [OUT_DIR]. Prepare ART_DIR on the build box:
+# `vptq-mlc runtime-bundle ART_DIR/bundle312 --python 3.12`, wheels of jinja2/markupsafe/click/tqdm in ART_DIR/whl,
+# and `vptq-mlc package` of a model with targets ["llvm", "cuda:sm_80,sm_90"] into ART_DIR/dist/tiny.
+C=$(cd "${1:?usage: gpu_package_check.sh ART_DIR [OUT_DIR]}" && pwd)
+OUT=${2:-/tmp/gpu_package_check}; mkdir -p "$OUT"
 cd "$(dirname "$0")/.."
-C=${C:-.carry/issue9}
-OUT=${OUT:-/tmp/gpu_package_check}; mkdir -p "$OUT"
 python3 -c "import jinja2, click, tqdm, tokenizers, numpy" 2>/dev/null || {
   python3 -m pip install -q --no-index --no-deps --target /tmp/site $C/whl/*.whl && export PYTHONPATH=/tmp/site; }
-export PYTHONPATH=$PWD/$C/bundle312:$PWD${PYTHONPATH:+:$PYTHONPATH}
+export PYTHONPATH=$C/bundle312:$PWD${PYTHONPATH:+:$PYTHONPATH}
 export PATH=$(echo "$PATH" | tr ':' '\n' | grep -v -i cuda | paste -sd:)
 echo "nvcc on PATH: $(command -v nvcc || echo none)"
 nvidia-smi --query-gpu=name,driver_version,compute_cap --format=csv,noheader

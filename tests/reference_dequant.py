@@ -10,7 +10,8 @@ and norm add each rounded in the centroids' dtype.
 from __future__ import annotations
 
 import math
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import numpy as np
 

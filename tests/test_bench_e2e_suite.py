@@ -12,9 +12,8 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
+from vptq_mlc.artifact.files import CHAT_CONFIG, TENSOR_CACHE
 from vptq_mlc.compile.build import compile_model
-from vptq_mlc.convert.chat_config import CONFIG_NAME
-from vptq_mlc.convert.tensor_cache import INDEX_NAME
 
 
 @pytest.fixture(scope="module")
@@ -25,11 +24,11 @@ def dense_system(tiny_served_model: tuple[Path, Path, Path],
     _, model_dir, _ = tiny_served_model
     root = tmp_path_factory.mktemp("dense")
     cfg_dir = root / "dense-cfg"
-    shutil.copytree(model_dir, cfg_dir, ignore=shutil.ignore_patterns(INDEX_NAME, "params_shard_*", "*.so"))
-    chat = json.loads((cfg_dir / CONFIG_NAME).read_text())
+    shutil.copytree(model_dir, cfg_dir, ignore=shutil.ignore_patterns(TENSOR_CACHE, "params_shard_*", "*.so"))
+    chat = json.loads((cfg_dir / CHAT_CONFIG).read_text())
     chat["vptq"]["layers"] = {}
     chat["quantization"] = "q0f32"
-    (cfg_dir / CONFIG_NAME).write_text(json.dumps(chat))
+    (cfg_dir / CHAT_CONFIG).write_text(json.dumps(chat))
     (lib,) = compile_model(cfg_dir, "llvm", root / "dense-llvm.so")
     return cfg_dir, lib
 
@@ -109,7 +108,7 @@ def test_tiled_random_weights(dense_system: tuple[Path, Path], tmp_path: Path) -
     lib = load_library(dense_lib, "cpu")
     shutil.copytree(dense_dir, tmp_path / "m")
     write_weights(tmp_path / "m", lib.metadata["params"], tile=1000)
-    index = json.loads((tmp_path / "m" / INDEX_NAME).read_text())
+    index = json.loads((tmp_path / "m" / TENSOR_CACHE).read_text())
     big = [p for p in lib.metadata["params"] if int(np.prod([int(d) for d in p["shape"]])) > 1000]
     assert big and index["metadata"]["tiled_tensors"] == len(big)
     rec = next(r for s in index["records"] for r in s["records"] if r["name"] == big[0]["name"])

@@ -12,8 +12,8 @@ from reference_dequant import ref_dequant, ref_pack, ref_unpack
 from vptq_mlc.checkpoint.dequant import decode_codes, dequantize
 from vptq_mlc.checkpoint.layer_config import VPTQLayerConfig
 from vptq_mlc.checkpoint.packing import pack_indices, unpack_indices
-from vptq_mlc.checkpoint.synthetic import random_layer
 from vptq_mlc.errors import CheckpointError
+from vptq_mlc.testing.synthetic import random_layer
 
 
 def _cfg(variant: str, i_f: int = 64, o_f: int = 40, **kw) -> VPTQLayerConfig:

@@ -8,14 +8,15 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from required import import_required
 from safetensors import safe_open
 from safetensors.numpy import load_file, save_file
 
 from vptq_mlc.checkpoint.layer_config import VPTQLayerConfig
 from vptq_mlc.checkpoint.reader import VPTQCheckpoint
-from vptq_mlc.checkpoint.synthetic import make_synthetic_checkpoint, random_layer
 from vptq_mlc.checkpoint.writer import write_checkpoint
 from vptq_mlc.errors import CheckpointError
+from vptq_mlc.testing.synthetic import make_synthetic_checkpoint, random_layer
 
 LAYER = "model.layers.0.mlp.down_proj"
 
@@ -114,8 +115,8 @@ def test_synthetic_tokenizer_and_template(synth):
 
 def test_synthetic_loads_in_transformers_with_sane_logits(tmp_path):
     """The config is a valid HF config; the dequantized weights give finite, non-degenerate logits."""
-    torch = pytest.importorskip("torch")
-    transformers = pytest.importorskip("transformers")
+    torch = import_required("torch", 'pip install -e ".[test]"')
+    transformers = import_required("transformers", 'pip install -e ".[test]"')
     from vptq_mlc.checkpoint.dequant import dequantize
 
     d = make_synthetic_checkpoint(tmp_path / "q", arch="qwen2", tie_word_embeddings=True, variant="v8-k256-0")
@@ -205,7 +206,7 @@ def test_writer_roundtrip_and_sharding(tmp_path):
 
 
 def test_bf16_is_widened_to_float32(tmp_path):
-    torch = pytest.importorskip("torch")
+    torch = import_required("torch", 'pip install -e ".[test]"')
     from safetensors.torch import load_file as torch_load
 
     d = make_synthetic_checkpoint(tmp_path / "bf", dtype="bfloat16", variant="v8-k256-256")
@@ -222,7 +223,7 @@ def test_bf16_is_widened_to_float32(tmp_path):
 
 
 def test_bf16_rounding_matches_torch():
-    torch = pytest.importorskip("torch")
+    torch = import_required("torch", 'pip install -e ".[test]"')
     from vptq_mlc.checkpoint.schema import bf16_bits_to_f32, f32_to_bf16_bits
 
     x = np.random.default_rng(0).standard_normal(10000).astype(np.float32) * 10
@@ -340,7 +341,8 @@ def test_missing_shard(tmp_path):
         (lambda t: t.update({f"{LAYER}.centroids.weight": t[f"{LAYER}.centroids.weight"].astype(np.float16)}),
          [LAYER, "'centroids.weight'", "expected float32", "found float16"]),
         (lambda t: t.pop(f"{LAYER}.weight_scale"), [LAYER, "'weight_scale'", "missing"]),
-        (lambda t: t.update({f"{LAYER}.weight": np.zeros((64, 128), np.float32)}), [LAYER, "unexpected tensor 'weight'"]),
+        (lambda t: t.update({f"{LAYER}.weight": np.zeros((64, 128), np.float32)}),
+         [LAYER, "unexpected tensor 'weight'"]),
         (lambda t: t.update({f"{LAYER}.perm": np.zeros(128, np.int16)}), [LAYER, "'perm'", "permutation"]),
         (lambda t: t.update({f"{LAYER}.centroids.weight": np.full_like(t[f"{LAYER}.centroids.weight"], np.nan)}),
          [LAYER, "NaN"]),
@@ -380,7 +382,8 @@ def test_perm_present_when_disabled(tmp_path):
 
 def test_config_shape_mismatch(synth, tmp_path):
     d = _copy(synth, tmp_path / "cfg")
-    _edit_config(d, lambda c: c["quantization_config"]["config_for_layers"][LAYER].update(in_features=64, group_size=64))
+    _edit_config(d, lambda c: c["quantization_config"]["config_for_layers"][LAYER].update(in_features=64,
+                                                                                        group_size=64))
     _raises_one_line(lambda: VPTQCheckpoint.open(d), LAYER, "64/64", "128/64")
     _edit_config(d, lambda c: c["quantization_config"]["config_for_layers"][LAYER].update(group_size=60))
     _raises_one_line(lambda: VPTQCheckpoint.open(d), LAYER, "in_features")
@@ -395,7 +398,7 @@ def test_get_unknown_and_layer_tensors_of_dense(synth):
 def test_synthetic_tokenizer_fills_large_vocab():
     from tokenizers import Tokenizer
 
-    from vptq_mlc.checkpoint.synthetic import synthetic_tokenizer_json
+    from vptq_mlc.testing.synthetic import synthetic_tokenizer_json
 
     tok = Tokenizer.from_str(synthetic_tokenizer_json(2048))
     assert tok.get_vocab_size() == 2048 and tok.id_to_token(2047).startswith("<|reserved_special_token_")

@@ -17,10 +17,12 @@ import time
 
 import httpx
 import pytest
+from required import import_required
 
-pytest.importorskip("ray.serve", reason="Ray Serve is not installed (pip install 'vptq-mlc[cluster]')")
+import_required("ray.serve", "pip install -e '.[cluster]' (the test extra includes it)")
 
 from test_serve_security import check_auth_and_limits  # noqa: E402
+
 from vptq_mlc.serve.cluster import ClusterOptions, start_cluster, stop_cluster  # noqa: E402
 
 KEY = "sk-cluster-test"

@@ -11,9 +11,9 @@ import pytest
 from click.testing import CliRunner
 from safetensors.numpy import load_file, save_file
 
-from vptq_mlc.checkpoint.synthetic import make_synthetic_checkpoint
+from vptq_mlc.artifact.tensor_cache import read_index
 from vptq_mlc.cli import main
-from vptq_mlc.convert.tensor_cache import read_index
+from vptq_mlc.testing.synthetic import make_synthetic_checkpoint
 
 LAYER = "model.layers.0.mlp.down_proj"
 
@@ -56,7 +56,8 @@ BROKEN = {
     "not-vptq": (_config(lambda c: c.pop("quantization_config")), "not a VPTQ"),
     "truncated": (_truncate, "model.safetensors"),
     "shape": (_tensors(lambda t: t.update({f"{LAYER}.indices": t[f"{LAYER}.indices"][:, :-1]})), LAYER),
-    "dtype": (_tensors(lambda t: t.update({f"{LAYER}.centroids.weight": t[f"{LAYER}.centroids.weight"].astype(np.float16)})), "float16"),
+    "dtype": (_tensors(lambda t: t.update(
+        {f"{LAYER}.centroids.weight": t[f"{LAYER}.centroids.weight"].astype(np.float16)})), "float16"),
     "index-range": (_tensors(_out_of_range), "65535"),
     "architecture": (_config(lambda c: c.update({"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"]})), "gpt2"),
 }
@@ -83,6 +84,18 @@ def test_convert_writes_mlc_layout(synth, tmp_path):
     chat = json.loads((out / "mlc-chat-config.json").read_text())
     assert chat["model_type"] == "llama" and chat["quantization"] == "vptq-v8-k256-16"
     assert (out / "tokenizer.json").is_file() and "tokenizer.json" in chat["tokenizer_files"]
+    # the one ChatConfig reads what convert wrote and writes it back byte for byte (unknown keys survive too)
+    from vptq_mlc.artifact.chat_config import ChatConfig
+
+    loaded = ChatConfig.load(out)
+    eos = chat["eos_token_id"]
+    assert loaded.eos_token_ids == (eos if isinstance(eos, list) else [eos])
+    assert loaded.vptq_layers().keys() == chat["vptq"]["layers"].keys()
+    again = tmp_path / "again"
+    again.mkdir()
+    assert loaded.write(again).read_bytes() == (out / "mlc-chat-config.json").read_bytes()
+    extra = ChatConfig.from_json({**chat, "custom_key": [1, 2]})
+    assert extra.to_json()["custom_key"] == [1, 2]
     index = read_index(out)
     assert index[f"{LAYER}.codes"]["dtype"] == "uint8" and index[f"{LAYER}.codes"]["shape"] == [8, 128]  # K = 256
     assert index[f"{LAYER}.perm"]["dtype"] == "int32"

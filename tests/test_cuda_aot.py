@@ -1,33 +1,29 @@
 """CUDA ahead of time on a box with no GPU and no driver: one library, SASS for every arch asked, no CUDA source.
 
-Needs nvcc (the CUDA 13 toolkit) and cuobjdump (toolkit or pip nvidia-cuda-cuobjdump); skipped otherwise.
+Needs nvcc (the CUDA 13 toolkit) and cuobjdump (toolkit or pip nvidia-cuda-cuobjdump): skipped without them,
+failed in CI (tests/required.py).
 About 1 minute on 2 cores (tiny model, 2 archs).
 """
 
 from __future__ import annotations
 
 import pytest
+from required import missing
 
 from vptq_mlc.compile.cuda import find_nvcc, parse_archs
 from vptq_mlc.errors import CompileError, VPTQMLCError
 
 
-def _have_nvcc() -> bool:
-    try:
-        find_nvcc()
-        return True
-    except CompileError:
-        return False
-
-
-def _have_cuobjdump() -> bool:
+def require_cuda_toolkit(cuobjdump: bool = True) -> None:
+    """nvcc (and cuobjdump) or `missing`: CI installs them, so there a missing one fails."""
     from vptq_mlc.compile.fatbin import find_cuobjdump
 
     try:
-        find_cuobjdump()
-        return True
-    except CompileError:
-        return False
+        find_nvcc()
+        if cuobjdump:
+            find_cuobjdump()
+    except CompileError as e:
+        missing(str(e))
 
 
 def test_parse_archs_sorts_and_rejects_bad_names():
@@ -47,12 +43,12 @@ def test_carve_fatbin_finds_container():
     assert carve_fatbins(blob) == [fb]
 
 
-@pytest.mark.skipif(not _have_nvcc() or not _have_cuobjdump(), reason="needs nvcc and cuobjdump")
 def test_cuda_library_has_sass_for_each_arch_and_no_source(tmp_path):
-    from vptq_mlc.checkpoint.synthetic import make_synthetic_checkpoint
+    require_cuda_toolkit()
     from vptq_mlc.compile.build import compile_model
     from vptq_mlc.compile.fatbin import inspect_library
     from vptq_mlc.convert.converter import convert_checkpoint
+    from vptq_mlc.testing.synthetic import make_synthetic_checkpoint
 
     ckpt = make_synthetic_checkpoint(tmp_path / "ckpt", variant="v8-k256-256", hidden_size=64,
                                      intermediate_size=128, num_layers=1, vocab_size=320)

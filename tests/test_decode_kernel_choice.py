@@ -56,8 +56,8 @@ def test_gemv_plans_fit_every_default_arch(variant: str) -> None:
     """The GEMV's shared memory (codebooks, 8 copies when replicated, plus the split reduction) stays within the
     99 KB of sm_86/sm_89 for every decode row count; only 16-byte entries of books <= 8 KB are replicated (lane l
     reads copy l % 8: conflict-free), and fp16 partial sums are used on CUDA for fp16 with <= 96 accumulators."""
+    from vptq_mlc.artifact.vq_layout import code_dtype
     from vptq_mlc.tir_kernels.cuda_gemv import REPLICAS, gpu_params, plan_gemv
-    from vptq_mlc.tir_kernels.generic import code_dtype
 
     for out_f, in_f in ((4096, 4096), (11008, 4096), (4096, 11008), (300, 1000)):
         cfg = VPTQLayerConfig.from_variant(variant, in_f, out_f)

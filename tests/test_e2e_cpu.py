@@ -9,15 +9,15 @@ import numpy as np
 import pytest
 import torch
 import tvm
-
 from reference_model import reference_greedy, reference_model
-from vptq_mlc.checkpoint.synthetic import make_synthetic_checkpoint
+
 from vptq_mlc.compile.build import compile_model
 from vptq_mlc.convert.converter import convert_checkpoint
 from vptq_mlc.runtime.engine import Engine
 from vptq_mlc.runtime.kv_cache import PagedKVCache
 from vptq_mlc.runtime.library import load_library, load_params
 from vptq_mlc.runtime.sampling import SamplingParams
+from vptq_mlc.testing.synthetic import make_synthetic_checkpoint
 
 OUTLIERS = {"outlier_size": 16, "outlier_vector_len": 4, "num_outlier_centroids": 64}
 # (arch, variant, layer kwargs, tied embeddings): the variants, packed and unpacked, every architecture

@@ -15,15 +15,15 @@ import textwrap
 from pathlib import Path
 
 import pytest
+from required import missing, missing_rocm_tool
+from test_rocm_runtime import fake_hip_dir, runtime_lib  # noqa: F401,E402  (fixtures: one build per session)
 
-from vptq_mlc.checkpoint.synthetic import make_synthetic_checkpoint
 from vptq_mlc.package.builder import PackageBuilder
 from vptq_mlc.package.builder import _code_hash as real_code_hash  # bound before frozen_code_hash patches it
 from vptq_mlc.package.config import PackageConfig, PackageError, TargetSpec
 from vptq_mlc.package.manifest import read_manifest, sha256_file
 from vptq_mlc.package.select import HostDevice, fits, select_library
-
-from test_rocm_runtime import fake_hip_dir, runtime_lib  # noqa: F401,E402  (fixtures: one build per session)
+from vptq_mlc.testing.synthetic import make_synthetic_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -242,7 +242,7 @@ def test_package_rocm(root):
         rocm.find_bitcode_dir()
         rocm.find_ld_lld()
     except CompileError as e:
-        pytest.skip(f"ROCm build toolchain missing: {e}")
+        missing_rocm_tool(f"ROCm build toolchain missing: {e}")
     (model_dir,) = PackageBuilder(PackageConfig.load(_config(root, ["rocm:gfx90a,gfx1100"], name="rocm"))).build()
     m = _check_manifest_hashes(model_dir)
     by = {tuple(lib["archs"]): lib for lib in m["libraries"]}
@@ -257,12 +257,14 @@ def test_package_rocm(root):
 
 def test_package_cuda(root):
     """The CUDA library's fatbin holds SASS for exactly the claimed archs, no PTX, no CUDA source."""
-    if not shutil.which("nvcc"):
-        pytest.skip("nvcc not installed")
+    from vptq_mlc.compile.cuda import find_nvcc
+    from vptq_mlc.compile.fatbin import inspect_library
+    from vptq_mlc.errors import CompileError
+
     try:
-        from vptq_mlc.compile.fatbin import inspect_library
-    except ImportError:
-        pytest.skip("vptq_mlc.compile.fatbin (CUDA library inspection) is not in this tree yet")
+        find_nvcc()
+    except CompileError as e:
+        missing(str(e))
     (model_dir,) = PackageBuilder(PackageConfig.load(_config(root, ["cuda:sm_80,sm_90"], name="cuda"))).build()
     m = _check_manifest_hashes(model_dir)
     (lib,) = m["libraries"]

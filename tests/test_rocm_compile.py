@@ -11,11 +11,11 @@ import subprocess
 from pathlib import Path
 
 import pytest
+from required import missing, missing_rocm_tool
 
-from vptq_mlc.errors import CompileError
-
-rocm = pytest.importorskip("vptq_mlc.compile.rocm")
+from vptq_mlc.compile import rocm  # noqa: E402
 from vptq_mlc.compile.hsaco import find_code_objects, inspect_library  # noqa: E402
+from vptq_mlc.errors import CompileError
 
 ARCHS = ("gfx90a", "gfx942", "gfx1100")
 
@@ -25,7 +25,7 @@ def _toolchain_or_skip() -> None:
         rocm.find_bitcode_dir()
         rocm.find_ld_lld()
     except CompileError as e:
-        pytest.skip(f"ROCm build toolchain missing: {e}")
+        missing_rocm_tool(f"ROCm build toolchain missing: {e}")
 
 
 def _kernels():
@@ -123,7 +123,7 @@ def test_library_holds_one_code_object_for_its_arch(libs, arch):
 def test_readelf_agrees(libs, tmp_path):
     """binutils' readelf on the carved code object: AMD HSA OS/ABI, ABI version 3 (v5), AMDGPU machine."""
     if subprocess.run(["which", "readelf"], capture_output=True).returncode != 0:
-        pytest.skip("readelf (binutils) not installed")
+        missing("readelf (binutils) not installed; apt-get install binutils")
     elf = find_code_objects(libs["gfx90a"].read_bytes())[0]
     p = tmp_path / "k.hsaco"
     p.write_bytes(elf)

@@ -14,11 +14,11 @@ import subprocess
 from pathlib import Path
 
 import pytest
-
-
-rocm = pytest.importorskip("vptq_mlc.compile.rocm")
-from vptq_mlc.compile.hsaco import find_code_objects, inspect_library  # noqa: E402
+from required import missing
 from test_rocm_compile import _toolchain_or_skip  # noqa: E402
+
+from vptq_mlc.compile import rocm  # noqa: E402
+from vptq_mlc.compile.hsaco import find_code_objects, inspect_library  # noqa: E402
 
 ARCHS = ("gfx90a", "gfx1100")
 # static decode batches built here: the smallest and the largest GEMV row counts (register pressure grows with
@@ -30,9 +30,9 @@ OUTLIERS = {"outlier_size": 16, "outlier_vector_len": 4, "num_outlier_centroids"
 @pytest.fixture(scope="module")
 def built(tmp_path_factory) -> tuple[Path, dict[str, Path]]:
     _toolchain_or_skip()
-    from vptq_mlc.checkpoint.synthetic import make_synthetic_checkpoint
     from vptq_mlc.compile.build import compile_model
     from vptq_mlc.convert.converter import convert_checkpoint
+    from vptq_mlc.testing.synthetic import make_synthetic_checkpoint
 
     d = tmp_path_factory.mktemp("rocm_model")
     ckpt = make_synthetic_checkpoint(d / "ckpt", variant="v8-k256-256", hidden_size=64, intermediate_size=128,
@@ -43,9 +43,9 @@ def built(tmp_path_factory) -> tuple[Path, dict[str, Path]]:
 
 
 def _layer_configs(model: Path) -> list:
-    from vptq_mlc.convert.chat_config import read_chat_config, vptq_layer_configs
+    from vptq_mlc.artifact.chat_config import ChatConfig
 
-    return list(vptq_layer_configs(read_chat_config(model)).values())
+    return list(ChatConfig.load(model).vptq_layers().values())
 
 
 def _vq_kernels(co) -> tuple[dict, dict, dict]:
@@ -92,7 +92,7 @@ def test_model_library_holds_our_vq_kernels(built, arch):
 def test_readelf_lists_the_vq_kernels(built, tmp_path):
     """binutils' readelf (not our parser) on the carved code object sees the kernels and their descriptors."""
     if subprocess.run(["which", "readelf"], capture_output=True).returncode != 0:
-        pytest.skip("readelf (binutils) not installed")
+        missing("readelf (binutils) not installed; apt-get install binutils")
     _, libs = built
     for arch in ARCHS:
         (elf,) = find_code_objects(libs[arch].read_bytes())

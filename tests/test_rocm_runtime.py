@@ -17,11 +17,11 @@ import textwrap
 from pathlib import Path
 
 import pytest
+from required import missing_rocm_tool
 
-from vptq_mlc.errors import RuntimeLoadError
-
-build = pytest.importorskip("vptq_mlc.rocm_runtime.build")
 from vptq_mlc.compile.hsaco import inspect_library  # noqa: E402
+from vptq_mlc.errors import RuntimeLoadError
+from vptq_mlc.rocm_runtime import build  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -31,7 +31,7 @@ def runtime_lib(tmp_path_factory) -> Path:
     try:
         build.find_hip()
     except RuntimeLoadError as e:
-        pytest.skip(f"HIP headers not installed: {e}")
+        missing_rocm_tool(f"HIP headers not installed: {e}")
     # one build per session (shared with test_package.py): the builder skips an up-to-date output
     return build.build_rocm_runtime(tmp_path_factory.getbasetemp() / "rocm_rt" / "libvptq_rocm_runtime.so")
 

@@ -15,13 +15,13 @@ import textwrap
 from pathlib import Path
 
 import pytest
-
 from reference_model import reference_greedy, reference_model
-from vptq_mlc.checkpoint.synthetic import make_synthetic_checkpoint
+
 from vptq_mlc.compile.build import compile_model
 from vptq_mlc.convert.converter import convert_checkpoint
 from vptq_mlc.errors import GenerationError, RuntimeLoadError
 from vptq_mlc.runtime import Engine, SamplingParams
+from vptq_mlc.testing.synthetic import make_synthetic_checkpoint
 
 PROMPTS = ["The quick brown fox", "Hello there, how are you doing today? I am", "A"]
 

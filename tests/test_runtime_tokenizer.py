@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 from transformers import PreTrainedTokenizerFast
 
-from vptq_mlc.checkpoint.synthetic import make_synthetic_checkpoint
 from vptq_mlc.runtime.chat_template import ChatTemplate, ChatTemplateError, load_chat_template
 from vptq_mlc.runtime.tokenizer import Tokenizer
+from vptq_mlc.testing.synthetic import make_synthetic_checkpoint
 
 TEXTS = [
     "Hello world! héllo wörld",
@@ -22,8 +22,8 @@ TEXTS = [
 
 def write_byte_fallback_tokenizer(out: Path) -> None:
     """A Llama/SentencePiece-style tokenizer: Metaspace, byte fallback <0xNN>, Strip decoder; char-level vocab."""
-    from tokenizers import Tokenizer as HFTok
     from tokenizers import AddedToken, decoders, models, normalizers, processors
+    from tokenizers import Tokenizer as HFTok
 
     specials = ["<unk>", "<s>", "</s>"]
     pieces = specials + [f"<0x{b:02X}>" for b in range(256)] + ["▁"] + [chr(c) for c in range(33, 127)]
@@ -41,7 +41,8 @@ def write_byte_fallback_tokenizer(out: Path) -> None:
     tok.save(str(out / "tokenizer.json"))
     cfg = {
         "tokenizer_class": "PreTrainedTokenizerFast",
-        "bos_token": {"__type": "AddedToken", "content": "<s>", "lstrip": False, "normalized": False, "rstrip": False, "single_word": False},
+        "bos_token": {"__type": "AddedToken", "content": "<s>", "lstrip": False, "normalized": False, "rstrip": False,
+                      "single_word": False},
         "eos_token": "</s>",
         "unk_token": "<unk>",
     }
@@ -172,6 +173,7 @@ def test_template_sources(tok_dir: Path, tmp_path: Path) -> None:
         load_chat_template(d, "nope")
     (d / "chat_template.jinja").write_text("J")  # what transformers >= 4.50 saves; wins over the config
     assert load_chat_template(d) == "J"
-    assert load_chat_template(tok_dir) == json.loads((tok_dir / "tokenizer_config.json").read_text()).get("chat_template")
+    expected = json.loads((tok_dir / "tokenizer_config.json").read_text()).get("chat_template")
+    assert load_chat_template(tok_dir) == expected
     with pytest.raises(ChatTemplateError, match="does not parse"):
         ChatTemplate("{% for %}")

@@ -22,8 +22,8 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
-
 from reference_model import reference_greedy, reference_model
+
 from vptq_mlc.runtime import Engine
 from vptq_mlc.serve.server import ServerThread
 

@@ -31,7 +31,8 @@ def check_auth_and_limits(url: str, context_window: int, max_body: int, key: str
         assert c.get("/health").status_code == 200  # open without the key
         for path, method, body in (("/v1/models", "GET", None), ("/v1/completions", "POST", good),
                                    ("/v1/chat/completions", "POST", {"messages": [{"role": "user", "content": "x"}]})):
-            for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": key}, {"Authorization": "Basic " + key}):
+            for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": key},
+                            {"Authorization": "Basic " + key}):
                 r = c.request(method, path, json=body, headers=headers)
                 assert r.status_code == 401, (path, headers, r.text)
                 err = r.json()["error"]

@@ -16,10 +16,9 @@ import numpy as np
 import pytest
 import tvm
 from click.testing import CliRunner
+from reference_model import reference_greedy, reference_model
 from tvm.runtime import ShapeTuple
 
-from reference_model import reference_greedy, reference_model
-from vptq_mlc.checkpoint.synthetic import make_synthetic_checkpoint
 from vptq_mlc.cli import main
 from vptq_mlc.compile.build import compile_model
 from vptq_mlc.convert.converter import convert_checkpoint
@@ -29,6 +28,7 @@ from vptq_mlc.runtime.kv_cache import PagedKVCache
 from vptq_mlc.runtime.library import load_library, load_params
 from vptq_mlc.runtime.sampling import SamplingParams
 from vptq_mlc.runtime.split import SplitModel, StagedKVCache, parse_devices, plan_stages
+from vptq_mlc.testing.synthetic import make_synthetic_checkpoint
 
 DEVICES = "cpu:0,cpu:1"
 PROMPTS = ["The quick brown fox", "Hello there, how are you doing today? I am", "A"]
@@ -174,20 +174,21 @@ def test_cuda_graph_refused_with_split_functions(built, tmp_path) -> None:
 
 
 def test_random_weights_made_on_each_stage_device(built, tmp_path, monkeypatch) -> None:
-    """The 405B benchmark's loading path (bench/device_random.py via RANDOM_WEIGHTS_ENV): a config-only dir (no
+    """The 405B benchmark's loading path (bench/device_random.py: use_random_weights_on_device): a config-only dir (no
     shards at all) gives a working split engine whose tensors were made on their stage's device, with codes inside
     their codebooks and perms that are permutations. SMALL/BLOCK are shrunk so the tiled-copy path runs too."""
     import json
     import shutil
 
     from vptq_mlc.bench import device_random
-    from vptq_mlc.runtime.split import RANDOM_WEIGHTS_ENV
+    from vptq_mlc.runtime import split
 
     _, model_dir, lib = built
     for f in model_dir.iterdir():
         if f.suffix == ".json" and f.name != "tensor-cache.json":
             shutil.copy2(f, tmp_path / f.name)
-    monkeypatch.setenv(RANDOM_WEIGHTS_ENV, "7")
+    monkeypatch.setattr(split, "_weight_source", None)  # undone after the test, like the env var it replaced
+    device_random.use_random_weights_on_device(seed=7)
     monkeypatch.setattr(device_random, "SMALL", 100)
     monkeypatch.setattr(device_random, "BLOCK", 97)
     engine = Engine(tmp_path, lib, devices=DEVICES, max_batch_size=4)

@@ -1,8 +1,8 @@
 """Cross-check against microsoft's `vptq` package (0.0.5.post1), pure-torch path (its CUDA library cannot load on CPU).
 
 We build `VQuantLinear` layers, load our synthetic tensors with a strict `load_state_dict` (so our names, shapes and
-dtypes are exactly the package's), and compare its dequantized weight and forward with ours. Skips with the reason
-if the package cannot be imported.
+dtypes are exactly the package's), and compare its dequantized weight and forward with ours. Without the package
+(`pip install --no-deps vptq==0.0.5.post1`) the tests skip with the reason, and fail in CI (tests/required.py).
 """
 
 from __future__ import annotations
@@ -13,13 +13,14 @@ import types
 
 import numpy as np
 import pytest
+from required import import_required, missing
 
 from vptq_mlc.checkpoint.dequant import dequantize
 from vptq_mlc.checkpoint.layer_config import VPTQLayerConfig
 from vptq_mlc.checkpoint.packing import pack_indices
-from vptq_mlc.checkpoint.synthetic import random_layer
+from vptq_mlc.testing.synthetic import random_layer
 
-torch = pytest.importorskip("torch")
+torch = import_required("torch", 'pip install -e ".[test]"')
 
 
 def _import_vptq():
@@ -39,8 +40,9 @@ def _import_vptq():
         vq = importlib.import_module("vptq.layers.vqlinear")
         ops = importlib.import_module("vptq.ops.quant_gemm")
         pack = importlib.import_module("vptq.utils.pack")
-    except Exception as e:  # noqa: BLE001 - any import failure means "cannot cross-check here"
-        pytest.skip(f"vptq package not importable ({type(e).__name__}: {e}); pip install vptq accelerate")
+    except ImportError as e:  # anything else is a real failure of the package or of our stand-in
+        missing(f"vptq package not importable ({type(e).__name__}: {e}); "
+                "pip install --no-deps vptq==0.0.5.post1 accelerate")
     return vq, ops, pack
 
 
@@ -165,7 +167,8 @@ def test_unpacked_layer_matches_vqlinear(vptq_mods, dtype):
     np.testing.assert_array_equal(dequantize(cfg, t), ref_w)
 
 
-@pytest.mark.parametrize("variant", ["v8-k65536-65536", "v8-k65536-256", "v8-k512-512", "v8-k4096-0", "v16-k65536-32768"])
+@pytest.mark.parametrize("variant",
+                         ["v8-k65536-65536", "v8-k65536-256", "v8-k512-512", "v8-k4096-0", "v16-k65536-32768"])
 def test_pack_index_matches_package(vptq_mods, variant):
     """Our packer's words equal the package's `pack_index` (main + residual codes, S = 61 straddles words)."""
     _, _, pack = vptq_mods

@@ -10,33 +10,35 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+from vptq_mlc.artifact.files import CHAT_CONFIG
+from vptq_mlc.cache import cache_root
+from vptq_mlc.data.models import MODEL_ALIASES
 from vptq_mlc.errors import VPTQMLCError
 
 log = logging.getLogger(__name__)
 
-ALIASES = {"smollm2": "smollm2"}
 DEFAULT_VARIANT = "v8-k4096-4096"
 
 
 def is_bundled_alias(name: str) -> bool:
-    return name.lower() in ALIASES and not Path(name).exists()
+    return name.lower() in MODEL_ALIASES and not Path(name).exists()
 
 
-def ensure_bundled_model(name: str = "smollm2", variant: str = DEFAULT_VARIANT, target: str = "llvm") -> tuple[Path, Path]:
+def ensure_bundled_model(name: str = "smollm2", variant: str = DEFAULT_VARIANT,
+                         target: str = "llvm") -> tuple[Path, Path]:
     """(model_dir, library) of the bundled model at `variant`, built on first use."""
-    from vptq_mlc.quantize.hf_import import cache_root
-
-    if name.lower() not in ALIASES:
-        raise VPTQMLCError(f"unknown bundled model {name!r}; bundled: {', '.join(ALIASES)}")
-    root = cache_root() / "models" / f"{ALIASES[name.lower()]}-{variant}"
+    if name.lower() not in MODEL_ALIASES:
+        raise VPTQMLCError(f"unknown bundled model {name!r}; bundled: {', '.join(MODEL_ALIASES)}")
+    canonical = MODEL_ALIASES[name.lower()]
+    root = cache_root() / "models" / f"{canonical}-{variant}"
     ckpt, model_dir = root / "vptq", root / "mlc"
-    lib = model_dir / f"{name.lower()}-{variant}-{target}.so"
+    lib = model_dir / f"{canonical}-{variant}-{target}.so"
     if not (ckpt / "config.json").is_file():
         from vptq_mlc.quantize.pipeline import QuantizeSettings, quantize_model
 
         log.warning("first use of %s: quantizing it at %s (a few minutes on CPU, cached afterwards)", name, variant)
         quantize_model(name, ckpt, QuantizeSettings(variant=variant, seed=0))
-    if not (model_dir / "mlc-chat-config.json").is_file():
+    if not (model_dir / CHAT_CONFIG).is_file():
         from vptq_mlc.convert.converter import convert_checkpoint
 
         log.warning("converting %s to the MLC layout", name)

@@ -9,8 +9,9 @@ from __future__ import annotations
 import functools
 import logging
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import click
 
@@ -125,7 +126,8 @@ def inspect(ckpt: str, no_validate: bool, all_layers: bool, as_json: bool) -> No
 @click.option("--overwrite", is_flag=True, help="Replace an existing output directory.")
 @click.option("--layout", type=click.Choice(["auto", "generic"]), default="auto", show_default=True,
               help="auto: also write code-sorted entries (+4 bytes per code) for layers whose codebooks do not fit "
-                   "GPU shared memory (K=65536 class; faster CUDA decode); generic: only the layout every target reads.")
+                   "GPU shared memory (K=65536 class; faster CUDA decode); generic: only the layout every target "
+                   "reads.")
 @one_line_errors
 def convert(ckpt: str, output: str, dtype: str | None, context_window: int | None, prefill_chunk: int | None,
             max_batch_size: int | None, overwrite: bool, layout: str) -> None:
@@ -299,7 +301,8 @@ def runtime_bundle(out: str, include_rocm: bool, tarball: bool, python_version: 
 @click.option("--calib", default=None, help="Calibration text: a UTF-8 file or shakespeare:PLAY[,PLAY] "
               "(default: four plays from the bundled corpus, never Hamlet, which eval uses).")
 @click.option("--calib-tokens", type=int, default=8192, show_default=True, help="Calibration tokens.")
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed for k-means (bit-reproducible on CPU; CUDA sums are not ordered).")
+@click.option("--seed", type=int, default=0, show_default=True,
+              help="Seed for k-means (bit-reproducible on CPU; CUDA sums are not ordered).")
 @click.option("--hessian/--no-hessian", default=True, show_default=True,
               help="Hessian-weighted k-means and error feedback from calibration activations, or plain k-means.")
 @click.option("--layers", type=int, default=None, help="Quantize only the first N decoder layers (fast tests).")
@@ -345,9 +348,10 @@ def import_gguf_cmd(model: str, output: str | None) -> None:
     """Dequantize a .gguf (or `smollm2`, the bundled SmolLM2-135M-Instruct) into an HF fp16 directory; prints it."""
     from pathlib import Path
 
-    from vptq_mlc.quantize.hf_import import MODEL_ALIASES, bundled_smollm2_gguf, import_gguf
+    from vptq_mlc.data.models import bundled_smollm2_gguf, is_model_alias
+    from vptq_mlc.quantize.hf_import import import_gguf
 
-    src = bundled_smollm2_gguf() if model.lower() in MODEL_ALIASES else Path(model)
+    src = bundled_smollm2_gguf() if is_model_alias(model) else Path(model)
     click.echo(str(import_gguf(src, Path(output) if output else None)))
 
 
@@ -378,8 +382,9 @@ def eval_ppl(model: str, lib: str | None, device: str, reference: str | None, te
     from dataclasses import asdict
     from pathlib import Path
 
+    from vptq_mlc.checkpoint.detect import is_vptq_dir
     from vptq_mlc.eval.ppl import is_mlc_dir, ppl_compiled, ppl_reference, text_windows_for
-    from vptq_mlc.quantize.hf_import import is_vptq_dir, resolve_dense_model
+    from vptq_mlc.quantize.hf_import import resolve_dense_model
 
     path = Path(model)
     if not (path.is_dir() and (is_mlc_dir(path) or is_vptq_dir(path))):

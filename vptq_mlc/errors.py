@@ -27,3 +27,8 @@ class GenerationError(VPTQMLCError):
 
 class QuantizeError(VPTQMLCError):
     """A model cannot be imported or quantized, or calibration/evaluation text is missing or too short."""
+
+
+class ModelDirError(ConvertError, RuntimeLoadError):
+    """An MLC model directory lacks a file or has a malformed one. convert, compile and the runtime all read model
+    dirs, so this is both a ConvertError and a RuntimeLoadError (either `except` clause catches it)."""

@@ -19,7 +19,7 @@ ART = os.environ.get("VPTQ_MLC_GPU_CODE_SORTED")
 
 @pytest.mark.skipif(not ART, reason="set VPTQ_MLC_GPU_CODE_SORTED to a `bench build --suite code-sorted` folder")
 def test_code_sorted_kernels_match_dense_dequant():
-    from vptq_mlc.bench.kernels import check_kernels, load_manifest
+    from vptq_mlc.bench.kernels import ROW_REL_ERR_MAX, check_kernels, load_manifest
 
     manifest, cases = load_manifest(ART)
     code_sorted = [i for i, call in enumerate(manifest["calls"]) if call and "cs_entries" in call["operands"]]
@@ -31,5 +31,5 @@ def test_code_sorted_kernels_match_dense_dequant():
     checked = [r for r in res if r["case"] in small]
     assert len(checked) >= 15
     worst = max(r["rel_err"] for r in checked)
-    print(f"{len(checked)} code-sorted kernels checked, worst relative L2 error {worst:.2e}")
-    assert worst < 2e-3  # fp16 operands, fp32 accumulation
+    print(f"{len(checked)} code-sorted kernels checked, worst per-row relative L2 error {worst:.2e}")
+    assert worst <= ROW_REL_ERR_MAX  # fp16 operands, fp32 accumulation

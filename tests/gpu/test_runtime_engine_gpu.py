@@ -20,7 +20,8 @@ import numpy as np
 import pytest
 
 E2E = os.environ.get("VPTQ_MLC_GPU_E2E")
-pytestmark = pytest.mark.skipif(not E2E, reason="set VPTQ_MLC_GPU_E2E to a folder with model/, model-cpu.so, model-cuda.so")
+pytestmark = pytest.mark.skipif(not E2E,
+                                reason="set VPTQ_MLC_GPU_E2E to a folder with model/, model-cpu.so, model-cuda.so")
 
 PROMPTS = [[5, 9, 13, 200, 31, 7], list(range(20, 61)), [42]]
 
@@ -48,7 +49,8 @@ def engines():  # noqa: ANN201
     except Exception as e:  # noqa: BLE001
         pytest.skip(f"no CUDA device: {e}")
     d = Path(E2E)
-    return Engine(d / "model", d / "model-cpu.so", device="cpu"), Engine(d / "model", d / "model-cuda.so", device="cuda")
+    cpu = Engine(d / "model", d / "model-cpu.so", device="cpu")
+    return cpu, Engine(d / "model", d / "model-cuda.so", device="cuda")
 
 
 def _forced_logits(model_dir: Path, lib_path: Path, device: str, prompts: list[list[int]],

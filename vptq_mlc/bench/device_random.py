@@ -1,9 +1,9 @@
 """Random weights made directly on a layer-split stage's device: no shards, no disk, no host copy of the model.
 
 For speed benchmarks of models too big for the GPU host's disk or for one device (the 405B shape: ~110 GB at 2
-bits). `SplitModel.load_params` uses this instead of reading shards when the environment variable
-`VPTQ_MLC_SPLIT_RANDOM_WEIGHTS` holds a seed (see `runtime/split.py`): each stage gets exactly the tensors of its
-layers, one tensor at a time, drawn like `vptq-mlc bench random-weights` draws them (`random_weights.random_kind`).
+bits). After `use_random_weights_on_device(seed)`, `SplitModel.load_params` uses this instead of reading shards
+(`runtime/split.py: set_weight_source`): each stage gets exactly the tensors of its layers, one tensor at a time,
+drawn like `vptq-mlc bench random-weights` draws them (`random_weights.random_kind`).
 
 Why tiling: numpy fills ~0.5 GB/s on one core, so 110 GB would take minutes; instead a tensor larger than
 `SMALL` elements is filled with device-to-device copies of one random block per (kind, dtype) already on that
@@ -13,14 +13,20 @@ so every kernel runs on finite numbers; the repetition across a tensor does not 
 
 from __future__ import annotations
 
+import logging
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import tvm
 import tvm_ffi
 
+from vptq_mlc.artifact.chat_config import ChatConfig
 from vptq_mlc.bench.random_weights import random_array, random_kind
+from vptq_mlc.runtime import split
 from vptq_mlc.runtime.library import _resolve_shape
+
+log = logging.getLogger(__name__)
 
 SMALL = 1 << 20  # elements: tensors up to this size are drawn whole in numpy (norms, perms, codebooks)
 BLOCK = 1 << 24  # elements of the tiled block (32 MB of fp16; copies land on aligned offsets)
@@ -68,3 +74,15 @@ def random_params(wanted: list[dict[str, Any]], device: tvm.runtime.Device, laye
            for p in wanted}
     device.sync()  # the fills are queued copies: a load time measured after this is the real one
     return out
+
+
+def use_random_weights_on_device(seed: int = 0) -> None:
+    """Make every later layer-split engine draw its weights on its devices (`random_params`) instead of reading
+    shards, so a config-only model dir suffices."""
+
+    def source(model_dir: str | Path, model_config: dict[str, Any] | None) -> split.ParamLoader:
+        log.warning("RANDOM weights (seed %d) made on the devices; %s's weights are not read", seed, model_dir)
+        layers = ChatConfig.load(model_dir).vptq_layers()
+        return lambda wanted, dev: random_params(wanted, dev, layers, model_config, seed)
+
+    split.set_weight_source(source)

@@ -20,15 +20,18 @@ class DecodeRun:
     prefill_s: float
     decode_tok_s: float
     decode_ms_per_tok: float
+    logits: list[np.ndarray] | None = None  # with keep_logits: the float32 logits that chose each token
 
 
 def greedy_decode(model_dir: str | Path, lib_path: str | Path, device: str, prompt_ids: list[int],
-                  new_tokens: int = 32, warmup: int = 2, context: int | None = None) -> DecodeRun:
-    """Prefill `prompt_ids`, then `new_tokens` greedy decode steps; times the decode steps (after warmup)."""
+                  new_tokens: int = 32, warmup: int = 2, context: int | None = None,
+                  keep_logits: bool = False) -> DecodeRun:
+    """Prefill `prompt_ids`, then `new_tokens` greedy decode steps; times the decode steps (after warmup).
+    `keep_logits`: also return the logits row behind every token (for teacher-forced comparisons)."""
     import tvm
     from tvm.runtime import ShapeTuple
 
-    from vptq_mlc.runtime.chat_config import ChatConfig
+    from vptq_mlc.artifact.chat_config import ChatConfig
     from vptq_mlc.runtime.kv_cache import PagedKVCache
     from vptq_mlc.runtime.library import load_library, load_params
 
@@ -51,14 +54,18 @@ def greedy_decode(model_dir: str | Path, lib_path: str | Path, device: str, prom
         logits = prefill(emb(prompt_ids), k, params)[0].numpy()
     prefill_s = time.perf_counter() - t0
     tokens = [int(np.argmax(logits.reshape(-1)))]
+    kept = [logits.reshape(-1).astype(np.float32)]
     times = []
     for step in range(new_tokens - 1 + warmup):
         t = time.perf_counter()
         with kv.forward([0], [1]) as k:
             out = decode(emb([tokens[-1]]), k, params)[0]
-        tok = int(np.argmax(out.numpy().reshape(-1)))  # .numpy() synchronizes
+        row = out.numpy().reshape(-1)  # .numpy() synchronizes
+        tok = int(np.argmax(row))
         times.append(time.perf_counter() - t)
         if step < new_tokens - 1:
             tokens.append(tok)
+            if keep_logits:
+                kept.append(row.astype(np.float32))
     dt = float(np.median(times[warmup:])) if len(times) > warmup else float(np.median(times))
-    return DecodeRun(tokens, prefill_s, 1.0 / dt, dt * 1e3)
+    return DecodeRun(tokens, prefill_s, 1.0 / dt, dt * 1e3, kept if keep_logits else None)

@@ -6,8 +6,9 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
-from typing import Any, Callable
+from typing import Any
 
 
 @dataclass(frozen=True)
@@ -25,7 +26,7 @@ class Grid:
         return asdict(self)
 
     @classmethod
-    def from_json(cls, d: dict[str, Any]) -> "Grid":
+    def from_json(cls, d: dict[str, Any]) -> Grid:
         return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
 
 

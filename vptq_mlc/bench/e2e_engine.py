@@ -17,8 +17,8 @@ from typing import Any
 
 import numpy as np
 
+from vptq_mlc.artifact.files import TENSOR_CACHE
 from vptq_mlc.bench.e2e_common import Grid, Recorder, decode_prompt_len, prompt_ids
-from vptq_mlc.convert.tensor_cache import INDEX_NAME
 
 log = logging.getLogger(__name__)
 PAGE = 16  # KV page size the engine is built with
@@ -34,13 +34,13 @@ def write_weights(model_dir: Path, params: list[dict[str, Any]], tile: int) -> i
         return rw.write_random_weights(model_dir, params)
     from tqdm import tqdm
 
-    from vptq_mlc.convert.chat_config import CONFIG_NAME, vptq_layer_configs
-    from vptq_mlc.convert.tensor_cache import TensorCacheWriter
+    from vptq_mlc.artifact.chat_config import ChatConfig
+    from vptq_mlc.artifact.tensor_cache import TensorCacheWriter
 
-    chat = json.loads((model_dir / CONFIG_NAME).read_text())
-    layers = vptq_layer_configs(chat)
+    chat = ChatConfig.load(model_dir)
+    layers = chat.vptq_layers()
     rng = np.random.default_rng(0)
-    draw = rw.RandomTensors(layers, rng, chat.get("model_dtype", "float16"))
+    draw = rw.RandomTensors(layers, rng, chat.model_dtype)
     meta = {"random": True, "tile": tile, "tiled_tensors": 0}
     with TensorCacheWriter(model_dir, metadata=meta) as w:
         for p in tqdm(params, desc="random weights", unit="tensor"):
@@ -57,13 +57,13 @@ def write_weights(model_dir: Path, params: list[dict[str, Any]], tile: int) -> i
 def prepare_weights(model_dir: Path, params: list[dict[str, Any]], work_dir: Path, tile: int) -> tuple[Path, dict]:
     """The model dir to run: `model_dir` itself when it has weights, else a copy of its config files in
     `work_dir` filled with random weights for `params` (the library's declared parameters)."""
-    if (model_dir / INDEX_NAME).exists():
-        meta = json.loads((model_dir / INDEX_NAME).read_text()).get("metadata", {})
+    if (model_dir / TENSOR_CACHE).exists():
+        meta = json.loads((model_dir / TENSOR_CACHE).read_text()).get("metadata", {})
         return model_dir, {"weights": "present", "weight_bytes": meta.get("ParamBytes")}
     shutil.copytree(model_dir, work_dir, dirs_exist_ok=True)
     t0 = time.perf_counter()
     nbytes = write_weights(work_dir, params, tile)
-    meta = json.loads((work_dir / INDEX_NAME).read_text())["metadata"]
+    meta = json.loads((work_dir / TENSOR_CACHE).read_text())["metadata"]
     tiled = meta.get("tiled_tensors", 0)
     how = f" ({tiled} float tensors repeat a block of {meta['tile']} values)" if tiled else ""
     info = {"weights": "random" + how,
@@ -140,7 +140,7 @@ def run_engine_system(model_dir: str, lib_path: str, device: str, grid: Grid, wo
                       rec: Recorder) -> None:
     """The whole grid for one library into `rec.out`: prefill first, then decode by ascending context (the
     long-context prompts cost most), each point recorded as soon as it is measured."""
-    from vptq_mlc.runtime.chat_config import ChatConfig
+    from vptq_mlc.artifact.chat_config import ChatConfig
     from vptq_mlc.runtime.engine import Engine
     from vptq_mlc.runtime.library import load_library
 
@@ -166,7 +166,7 @@ def run_engine_system(model_dir: str, lib_path: str, device: str, grid: Grid, wo
                                   if engine.lib.has("decode" if n == 1 else f"batch_decode_b{n}")],
         "skipped_batches": [b for b in grid.batches if b not in batches],
         "kv_cache_tokens": kv_total,
-        "kv_cache_bytes": kv_total * _kv_bytes_per_token(cfg.model_config, cfg.raw.get("model_dtype", "float16")),
+        "kv_cache_bytes": kv_total * _kv_bytes_per_token(cfg.model_config, cfg.model_dtype),
         "decode": {}, "prefill": {},
     })
     rec.point()

@@ -9,14 +9,12 @@ new token (median of reps after one untimed call of that shape).
 
 from __future__ import annotations
 
-import json
 import logging
 import time
-from pathlib import Path
 from typing import Any
 
+from vptq_mlc.artifact.chat_config import ChatConfig
 from vptq_mlc.bench.e2e_common import Grid, Recorder, decode_prompt_len, prompt_ids
-from vptq_mlc.convert.chat_config import CONFIG_NAME
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +49,7 @@ def run_hf_system(model_dir: str, device: str, dtype: str, grid: Grid, rec: Reco
     import transformers
     from transformers.generation.streamers import BaseStreamer
 
-    chat = json.loads((Path(model_dir) / CONFIG_NAME).read_text())
+    chat = ChatConfig.load(model_dir).to_json()
     config = hf_config(chat)
     dev = torch.device(device)
     cuda = dev.type == "cuda"

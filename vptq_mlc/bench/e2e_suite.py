@@ -164,7 +164,7 @@ def _ints(value: str) -> tuple[int, ...]:
     try:
         out = tuple(int(v) for v in value.split(",") if v.strip())
     except ValueError:
-        raise click.BadParameter(f"{value!r} is not a comma-separated list of integers")
+        raise click.BadParameter(f"{value!r} is not a comma-separated list of integers") from None
     if not out or min(out) < 1:
         raise click.BadParameter(f"{value!r}: give positive integers, e.g. 1,4,8")
     return out

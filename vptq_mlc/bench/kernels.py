@@ -5,11 +5,12 @@ Build box (TVM compiler, nvcc, no GPU): `build_kernel_library(cases, out_dir)` c
 GPU host (runtime-only TVM + torch): `check_kernels` compares each kernel, wrapped exactly like VPTQLinear
 (permute/scale the activation, add the norm-bias dot and the bias), with `x @ dequantize(W).T + bias`, where
 `dequantize` is the spec reference; `time_kernels` times them against torch fp16 matmul with a cold L2
-(a buffer larger than L2 is READ before every call: ../shared/docs/vq-gemv-h100.md §0).
+(a buffer larger than L2 is READ before every call: docs/vq-gemv-h100.md §0).
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -177,8 +178,8 @@ def build_kernel_library(cases: list[KernelCase], out_dir: str | os.PathLike[str
     """One CUDA library holding every case's kernel as `k<i>`, plus the manifest the GPU side reads."""
     import tvm
 
+    from vptq_mlc.artifact.vq_layout import CODE_SORTED, LAYOUT
     from vptq_mlc.compile.cuda import build_target
-    from vptq_mlc.convert.layout import CODE_SORTED, LAYOUT
     from vptq_mlc.tir_kernels.registry import kernel_selector
 
     bt = build_target(archs)
@@ -236,7 +237,7 @@ def load_manifest(art_dir: str | os.PathLike[str]) -> tuple[dict, list[KernelCas
 def call_spec(manifest: dict, i: int, cfg) -> tuple[list[str], list[tuple[tuple[int, ...], str]]]:
     """(operand names in call order, scratch output shapes) of kernel `k<i>`; generic operands when the manifest
     does not say (forced kernels, older manifests)."""
-    from vptq_mlc.tir_kernels.generic import vq_operand_shapes
+    from vptq_mlc.artifact.vq_layout import vq_operand_shapes
 
     call = (manifest.get("calls") or [None] * (i + 1))[i]
     if call is None:
@@ -248,9 +249,8 @@ def _operands(cfg, tensors: dict[str, np.ndarray], dtype: str,
               names: list[str] | None = None) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
     """(kernel operands in call order, activation-side tensors): the converter's layouts (generic, plus the
     code-sorted entries when the kernel reads them)."""
+    from vptq_mlc.artifact.vq_layout import code_sorted_layout, generic_layout, vq_operand_shapes
     from vptq_mlc.checkpoint.dequant import decode_codes
-    from vptq_mlc.convert.layout import code_sorted_layout, generic_layout
-    from vptq_mlc.tir_kernels.generic import vq_operand_shapes
 
     codes = decode_codes(cfg, tensors)
     lay = generic_layout(cfg, tensors, codes, dtype)
@@ -302,13 +302,26 @@ def linear_via_kernel(fn, cfg, ops_t: dict, side_t: dict, x, scratch=()):
     return y
 
 
-def check_kernels(art_dir: str | os.PathLike[str], seed: int = 0, max_weights: int | None = None) -> list[dict[str, Any]]:
-    """Each kernel vs the dense dequant reference; relative L2 error and NaN check (poisoned output).
-    `max_weights`: skip layers with more weights (real shapes: `time_kernels` checks those against torch)."""
+# Largest relative L2 error of one output row a kernel may have against the float64 dense reference. fp16 operands
+# with fp32 accumulation give <= 6.4e-4 on the H100 (bench/results); one wrong output feature in 8192 adds ~1e-2.
+ROW_REL_ERR_MAX = 2e-3
+
+
+def row_rel_err(y: Any, ref: Any) -> float:
+    """max over rows b of ||y[b] - ref[b]|| / ||ref[b]|| (torch tensors [n, out]): a global norm would let one
+    wrong row hide among many right ones."""
+    return float(((y - ref).norm(dim=-1) / ref.norm(dim=-1)).max())
+
+
+def check_kernels(art_dir: str | os.PathLike[str], seed: int = 0,
+                  max_weights: int | None = None) -> list[dict[str, Any]]:
+    """Each kernel vs the dense dequant reference; per-row relative L2 error (`row_rel_err`, must stay within
+    ROW_REL_ERR_MAX) and NaN check (poisoned output). `max_weights`: skip layers with more weights (real shapes:
+    `time_kernels` checks those against torch)."""
     import torch
 
     from vptq_mlc.checkpoint.dequant import dequantize
-    from vptq_mlc.checkpoint.synthetic import random_layer
+    from vptq_mlc.testing.synthetic import random_layer
 
     lib = CudaKernels(art_dir)
     dtype = lib.manifest["dtype"]
@@ -331,9 +344,9 @@ def check_kernels(art_dir: str | os.PathLike[str], seed: int = 0, max_weights: i
         side_t = {k: torch.from_numpy(np.ascontiguousarray(a)).cuda() for k, a in side.items()}
         y = linear_via_kernel(lib.func(i), cfg, ops_t, side_t, x, scratch).double()
         torch.cuda.synchronize()
-        err = float((y - ref).norm() / ref.norm())
-        out.append({"case": c.name, "rel_err": err, "nan": bool(torch.isnan(y).any()), "ok": err < 2e-2 and
-                    not bool(torch.isnan(y).any())})
+        err = row_rel_err(y, ref)
+        nan = bool(torch.isnan(y).any())
+        out.append({"case": c.name, "rel_err": err, "nan": nan, "ok": err <= ROW_REL_ERR_MAX and not nan})
     return out
 
 
@@ -342,7 +355,7 @@ def _random_operands(cfg, dtype: str, gen) -> dict:
     beyond the code distribution, which is uniform like real VPTQ codes)."""
     import torch
 
-    from vptq_mlc.tir_kernels.generic import vq_operand_shapes
+    from vptq_mlc.artifact.vq_layout import vq_operand_shapes
 
     tdt = getattr(torch, dtype)
     ops = {}
@@ -404,7 +417,7 @@ def copy_bandwidth() -> float:
 def kernel_bytes(cfg, rows: int, el: int = 2, operands: list | None = None, scratch_bytes: int = 0) -> int:
     """Bytes a kernel must read/write at least: codes, codebooks, activations, output (generic layout), or the
     given operand tensors + its scratch written and read back (code-sorted: entries, offsets, fp32 partials)."""
-    from vptq_mlc.tir_kernels.generic import vq_operand_shapes
+    from vptq_mlc.artifact.vq_layout import vq_operand_shapes
 
     total = 0
     if operands is not None:
@@ -419,8 +432,8 @@ def _add_code_sorted(cfg, ops: dict, dtype: str) -> None:
     """Add `cs_entries`/`cs_offsets` built by the converter's layout code from the random generic codes."""
     import torch
 
+    from vptq_mlc.artifact.vq_layout import code_sorted_layout
     from vptq_mlc.checkpoint.dequant import LayerCodes
-    from vptq_mlc.convert.layout import code_sorted_layout
 
     G, S, N = cfg.group_num, cfg.group_size, cfg.num_vectors
 
@@ -457,7 +470,7 @@ def _generic_rel_err(cfg, ops: dict, xs, fn, args, y) -> float:
     torch.cuda.synchronize()
     out = y.double()
     del w
-    return float((out - ref).norm() / ref.norm())
+    return row_rel_err(out, ref)
 
 
 def time_kernels(art_dir: str | os.PathLike[str], reps: int = 50) -> dict[str, Any]:
@@ -487,7 +500,7 @@ def time_kernels(art_dir: str | os.PathLike[str], reps: int = 50) -> dict[str, A
         tmp = [torch.empty(sh, dtype=getattr(torch, dt), device="cuda") for sh, dt in scratch]
         args = [_tvm(xs), *(_tvm(ops[nm]) for nm in names), *(_tvm(t) for t in tmp), _tvm(y)]
         fn = lib.func(i)
-        us = timer(lambda: fn(*args), reps)
+        us = timer(functools.partial(fn, *args), reps)
         err = _generic_rel_err(cfg, ops, xs, fn, args, y)
         key = (n, cfg.out_features, cfg.in_features)
         if key not in fp16_cache:

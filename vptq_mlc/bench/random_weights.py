@@ -16,9 +16,9 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
+from vptq_mlc.artifact.chat_config import ChatConfig
+from vptq_mlc.artifact.tensor_cache import TensorCacheWriter
 from vptq_mlc.checkpoint.layer_config import VPTQLayerConfig
-from vptq_mlc.convert.chat_config import CONFIG_NAME, vptq_layer_configs
-from vptq_mlc.convert.tensor_cache import TensorCacheWriter
 
 _CODE_SIZES = {
     "codes": lambda c: c.num_centroids,
@@ -30,7 +30,7 @@ _CODE_SIZES = {
 def random_kind(name: str, layers: dict[str, Any]) -> tuple[str, float]:
     """How a parameter is drawn: ("codes", codebook size), ("perm", 0) or ("normal", mean) with std 0.02.
 
-    `layers`: `vptq_layer_configs` of the model (codebook sizes of each linear)."""
+    `layers`: `ChatConfig.vptq_layers()` of the model (codebook sizes of each linear)."""
     path, _, leaf = name.rpartition(".")
     if leaf in _CODE_SIZES:
         return "codes", _CODE_SIZES[leaf](layers[path])
@@ -73,8 +73,8 @@ class RandomTensors:
         return out
 
     def _layout(self, cfg: VPTQLayerConfig) -> dict[str, np.ndarray]:
+        from vptq_mlc.artifact.vq_layout import code_sorted_layout
         from vptq_mlc.checkpoint.dequant import LayerCodes
-        from vptq_mlc.convert.layout import code_sorted_layout
 
         key = json.dumps(cfg.to_json(), sort_keys=True)
         if key not in self._code_sorted:
@@ -88,9 +88,8 @@ class RandomTensors:
 def write_random_weights(model_dir: str | Path, params: list[dict[str, Any]], seed: int = 0) -> int:
     """Write tensor-cache.json + shards for `params` (a library's `_metadata["params"]`); returns bytes written."""
     model_dir = Path(model_dir)
-    cfg = json.loads((model_dir / CONFIG_NAME).read_text())
-    layers = vptq_layer_configs(cfg)
-    draw = RandomTensors(layers, np.random.default_rng(seed), cfg.get("model_dtype", "float16"))
+    chat = ChatConfig.load(model_dir)
+    draw = RandomTensors(chat.vptq_layers(), np.random.default_rng(seed), chat.model_dtype)
     with TensorCacheWriter(model_dir, metadata={"random": True}) as w:
         for p in tqdm(params, desc="random weights", unit="tensor"):
             w.add(p["name"], draw.tensor(p["name"], [int(d) for d in p["shape"]], p["dtype"]))

@@ -15,10 +15,10 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from vptq_mlc.artifact.files import CHAT_CONFIG
 from vptq_mlc.atomic import atomic_dir
-from vptq_mlc.checkpoint.synthetic import make_synthetic_checkpoint
-from vptq_mlc.convert.chat_config import CONFIG_NAME
 from vptq_mlc.convert.converter import convert_checkpoint
+from vptq_mlc.testing.synthetic import make_synthetic_checkpoint
 
 # name -> (arch, hidden, intermediate, layers, heads, kv heads, vocab)
 SHAPES = {
@@ -59,12 +59,12 @@ def synth_model(out: str | Path, shape: str, variant: str, *, layers: int | None
                     continue
                 shutil.copy2(f, dst / f.name)
             if config_only:  # one converted layer's configs stand for every layer (all layers have one shape)
-                cfg = json.loads((dst / CONFIG_NAME).read_text())
+                cfg = json.loads((dst / CHAT_CONFIG).read_text())
                 one = {k.removeprefix("model.layers.0."): v for k, v in cfg["vptq"]["layers"].items()}
                 cfg["vptq"]["layers"] = {f"model.layers.{i}.{k}": v for i in range(n_layers) for k, v in one.items()}
                 cfg["model_config"]["num_hidden_layers"] = n_layers
-                (dst / CONFIG_NAME).write_text(json.dumps(cfg, indent=2))
-            _apply_extras(dst / CONFIG_NAME, extras, vocab)
+                (dst / CHAT_CONFIG).write_text(json.dumps(cfg, indent=2))
+            _apply_extras(dst / CHAT_CONFIG, extras, vocab)
     return Path(out)
 
 

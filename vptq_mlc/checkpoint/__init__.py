@@ -1,4 +1,5 @@
-"""VPTQ checkpoints: layer configs, index packing, dequantization, reading, writing, synthetic models.
+"""VPTQ checkpoints: layer configs, index packing, dequantization, reading, writing (synthetic
+checkpoints for tests live in vptq_mlc.testing).
 
 Nothing else in vptq_mlc parses VPTQ tensors. Names are re-exported lazily so `import vptq_mlc.checkpoint`
 stays cheap.
@@ -19,8 +20,6 @@ _EXPORTS = {
     "dequantize": "dequant",
     "VPTQCheckpoint": "reader",
     "write_checkpoint": "writer",
-    "random_layer": "synthetic",
-    "make_synthetic_checkpoint": "synthetic",
 }
 
 __all__ = list(_EXPORTS)

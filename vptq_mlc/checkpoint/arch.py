@@ -3,7 +3,8 @@ dense tensors a complete checkpoint must hold. (The compute graph itself lives i
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 from vptq_mlc.errors import CheckpointError
 

@@ -8,8 +8,8 @@ float32 (numpy has no bf16), so for them the result is the fp32 computation of t
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Mapping
 
 import numpy as np
 
@@ -35,7 +35,9 @@ def _need(cfg: VPTQLayerConfig, tensors: Mapping[str, np.ndarray], name: str, wh
     a = np.asarray(tensors[name])
     spec = expected_tensors(cfg).get(name)
     if spec is not None and tuple(a.shape) != spec.shape:
-        raise CheckpointError(f"layer {where}: tensor {name!r} expected shape {list(spec.shape)}, found {list(a.shape)}")
+        raise CheckpointError(
+            f"layer {where}: tensor {name!r} expected shape {list(spec.shape)}, found {list(a.shape)}"
+        )
     return a
 
 

@@ -2,15 +2,16 @@
 
 Every stage takes its numbers from here: the reader validates tensor shapes against the derived sizes,
 the converter picks a kernel layout, the kernels size their loops, `inspect` reports bits per weight.
-See ../shared/docs/vptq-format.md sections 1-3 for the meaning of each field.
+See docs/vptq-format.md sections 1-3 for the meaning of each field.
 """
 
 from __future__ import annotations
 
 import math
 import re
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass
-from typing import Any, Mapping
+from typing import Any
 
 from vptq_mlc.errors import CheckpointError
 
@@ -26,7 +27,7 @@ class Variant:
     num_res_centroids: int  # 0 = no residual codebook
 
     @classmethod
-    def parse(cls, name: str) -> "Variant":
+    def parse(cls, name: str) -> Variant:
         m = _VARIANT_RE.match(name.strip().lower().removeprefix("vptq-"))
         if not m:
             raise CheckpointError(f"bad variant name {name!r}: expected vN-kA-B, e.g. v8-k65536-256")
@@ -80,7 +81,7 @@ class VPTQLayerConfig:
     @classmethod
     def from_json(
         cls, d: Mapping[str, Any], *, in_features: int | None = None, out_features: int | None = None, where: str = ""
-    ) -> "VPTQLayerConfig":
+    ) -> VPTQLayerConfig:
         """Parse a LayerCfg dict; `in/out_features` fill in what a shared_layer_config entry omits."""
         where = f" for {where}" if where else ""
         try:
@@ -236,7 +237,7 @@ class VPTQLayerConfig:
         enable_perm: bool = True,
         is_indice_packed: bool = True,
         bias: bool = False,
-    ) -> "VPTQLayerConfig":
+    ) -> VPTQLayerConfig:
         """The config the published recipe gives a linear of this shape (perm + norm, one group)."""
         var = Variant.parse(variant) if isinstance(variant, str) else variant
         if (in_features - outlier_size) % group_num:

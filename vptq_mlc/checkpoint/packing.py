@@ -37,7 +37,9 @@ def pack_indices(idx: np.ndarray, res: np.ndarray | None, cfg: VPTQLayerConfig) 
             raise CheckpointError(f"pack_indices: residual codes of shape {list(idx.shape)} required")
         r = np.asarray(res).astype(np.int64)
         if r.size and (r.min() < 0 or r.max() >= 1 << rb):
-            raise CheckpointError(f"pack_indices: residual codes must lie in [0, {1 << rb}), got [{r.min()}, {r.max()}]")
+            raise CheckpointError(
+                f"pack_indices: residual codes must lie in [0, {1 << rb}), got [{r.min()}, {r.max()}]"
+            )
         m = m | (r << ib)
     elif res is not None:
         raise CheckpointError("pack_indices: residual codes given but the layer has no residual codebook")
@@ -60,7 +62,8 @@ def pack_indices(idx: np.ndarray, res: np.ndarray | None, cfg: VPTQLayerConfig) 
 
 
 def unpack_indices(packed: np.ndarray, cfg: VPTQLayerConfig) -> tuple[np.ndarray, np.ndarray | None]:
-    """Inverse of `pack_indices`: int32/uint32 words `[G,N,P]` -> (main codes, residual codes or None), int32 `[G,N,S]`."""
+    """Inverse of `pack_indices`: int32/uint32 words `[G,N,P]` -> (main codes, residual codes or None), int32
+    `[G,N,S]`."""
     ib, tb, S, P = cfg.index_bits, cfg.total_bits, cfg.group_size, cfg.packed_words
     packed = np.asarray(packed)
     if packed.ndim != 3 or packed.shape[2] != P or packed.dtype.itemsize != 4 or packed.dtype.kind not in "iu":

@@ -11,9 +11,10 @@ import json
 import logging
 import os
 import struct
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import numpy as np
 from tqdm import tqdm
@@ -80,7 +81,8 @@ def find_quant_config(hf: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, 
             return dict(legacy["config_for_layers"]), dict(legacy.get("shared_layer_config") or {}), []
         return dict(legacy), {}, []
     raise CheckpointError(
-        "not a VPTQ checkpoint: config.json has no quantization_config with quant_method 'vptq' (nor legacy quant_config)"
+        "not a VPTQ checkpoint: config.json has no quantization_config with quant_method 'vptq' "
+        "(nor legacy quant_config)"
     )
 
 
@@ -135,7 +137,7 @@ class VPTQCheckpoint:
 
     # ---- opening ----
     @classmethod
-    def open(cls, path: str | os.PathLike[str]) -> "VPTQCheckpoint":
+    def open(cls, path: str | os.PathLike[str]) -> VPTQCheckpoint:
         """Read config.json and the safetensors headers (no tensor data)."""
         root = Path(path)
         if not root.is_dir():
@@ -179,7 +181,9 @@ class VPTQCheckpoint:
                     pass
                 header, base = _read_header(f)
             except Exception as e:  # safetensors raises its own error type for truncated/corrupt files
-                raise CheckpointError(f"{f} is truncated or corrupt ({str(e).splitlines()[0]}); re-download it") from None
+                raise CheckpointError(
+                    f"{f} is truncated or corrupt ({str(e).splitlines()[0]}); re-download it"
+                ) from None
             for name, h in header.items():
                 if name == "__metadata__":
                     continue

@@ -15,11 +15,12 @@ from pathlib import Path
 import tvm
 from tvm import relax
 
+from vptq_mlc.artifact.chat_config import ChatConfig
+from vptq_mlc.artifact.files import TENSOR_CACHE
+from vptq_mlc.artifact.tensor_cache import read_index
 from vptq_mlc.atomic import atomic_file
 from vptq_mlc.compile.metadata import attach_metadata, model_metadata, planned_memory
 from vptq_mlc.compile.targets import BuildTarget, relax_pipeline, resolve_targets
-from vptq_mlc.convert.chat_config import model_layouts, read_chat_config, vptq_layer_configs
-from vptq_mlc.convert.tensor_cache import read_index
 from vptq_mlc.errors import CompileError
 from vptq_mlc.model.builder import build_model
 from vptq_mlc.model.config import DecoderConfig
@@ -45,7 +46,7 @@ def _upper_bounds(mod: tvm.IRModule, cfg: DecoderConfig) -> tvm.IRModule:
 
 
 def _check_params(params: list, model_dir: Path) -> None:
-    if not (model_dir / "tensor-cache.json").is_file():  # a config-only dir (weights made on the deploy host)
+    if not (model_dir / TENSOR_CACHE).is_file():  # a config-only dir (weights made on the deploy host)
         log.warning("%s has no tensor-cache.json: weights will be checked against _metadata at load time", model_dir)
         return
     index = read_index(model_dir)
@@ -73,15 +74,15 @@ def build_library(model_dir: Path, bt: BuildTarget, output: Path,
     if cuda_graph and split_functions:
         raise CompileError("--cuda-graph cannot be combined with --split-functions (the per-layer functions would "
                            "replay a graph captured with another layer's weights); drop one of them")
-    chat = read_chat_config(model_dir)
-    cfg = DecoderConfig.from_json(chat["model_config"])
-    dtype = chat.get("model_dtype", "float16")
-    layers = vptq_layer_configs(chat)
+    chat = ChatConfig.load(model_dir)
+    cfg = DecoderConfig.from_json(chat.model_config)
+    dtype = chat.model_dtype
+    layers = chat.vptq_layers()
     bt.prepare()
     t0 = time.time()
     if static_batches is None:
         static_batches = static_decode_batches(bt.target)
-    model = build_model(cfg, layers, dtype, bt.target, kernel_selector(bt.target, model_layouts(chat)), static_batches,
+    model = build_model(cfg, layers, dtype, bt.target, kernel_selector(bt.target, chat.layouts), static_batches,
                         norm_bias_selector(bt.target))
     split = None
     if split_functions:
@@ -98,8 +99,8 @@ def build_library(model_dir: Path, bt: BuildTarget, output: Path,
     with bt.target, tvm.transform.PassContext(config=config):
         lowered = relax_pipeline(bt.target)(mod)
     meta = model_metadata(
-        model_type=chat["model_type"],
-        quantization=chat["quantization"],
+        model_type=chat.model_type,
+        quantization=chat.quantization,
         cfg=cfg,
         params=params,
         memory_usage=planned_memory(lowered),
@@ -126,7 +127,7 @@ def compile_model(
     `static_batches`: batch sizes that get a static `batch_decode_b<n>` (default: the target's choice).
     `split_functions`: add the layer-split functions (`--devices` at run time). `cuda_graph`: see build_library."""
     model_dir = Path(model_dir)
-    read_chat_config(model_dir)  # fail early with the convert hint
+    ChatConfig.load(model_dir)  # fail early with the convert hint
     targets = resolve_targets(target, arch)
     outs = []
     for bt in targets:

@@ -1,5 +1,5 @@
 """CUDA build target: one library whose kernels are SASS for every requested arch (nvcc fatbin), built
-ahead of time on a box with no GPU and no driver (../shared/docs/gpu-aot.md §2).
+ahead of time on a box with no GPU and no driver (docs/gpu-aot.md §2).
 
 Why the set-up is needed: TVM compiles CUDA source to binary at build time only when its CUDA runtime plugin
 (`libtvm_runtime_cuda.so`) is loaded, and that plugin links `libcuda.so.1` (the driver). On a driverless box
@@ -16,9 +16,9 @@ import os
 import re
 import shutil
 import subprocess
-import tempfile
 from pathlib import Path
 
+from vptq_mlc.cache import cache_root
 from vptq_mlc.errors import CompileError
 
 log = logging.getLogger(__name__)
@@ -106,7 +106,7 @@ def _load_cuda_plugin() -> None:
         try:  # a real driver on the build box is fine too
             ctypes.CDLL("libcuda.so.1", mode=ctypes.RTLD_GLOBAL)
         except OSError:
-            cache = Path(os.environ.get("VPTQ_MLC_CACHE", Path(tempfile.gettempdir()) / f"vptq-mlc-{os.getuid()}"))
+            cache = cache_root()
             ctypes.CDLL(str(_stub_libcuda(cache)), mode=ctypes.RTLD_GLOBAL)
             log.info("loaded the build-time libcuda stub (no NVIDIA driver on this machine)")
     _load_cudart()
@@ -117,7 +117,9 @@ def _load_cuda_plugin() -> None:
         rt_dir = Path(tvm.base._LOADED_LIBS["tvm_runtime"]._name).resolve().parent
         ctypes.CDLL(str(rt_dir / "libtvm_runtime_cuda.so"), mode=ctypes.RTLD_GLOBAL)
     if tvm_ffi.get_global_func("ffi.Module.create.cuda", allow_missing=True) is None:
-        raise CompileError("TVM's CUDA plugin did not register; reinstall apache-tvm 0.27 (it ships libtvm_runtime_cuda.so)")
+        raise CompileError(
+            "TVM's CUDA plugin did not register; reinstall apache-tvm 0.27 (it ships libtvm_runtime_cuda.so)"
+        )
     _STATE["plugin"] = True
 
 

@@ -1,7 +1,7 @@
 """Inspect a CUDA model library: carve the embedded fatbin(s) out of the .so and list their ELFs/PTX.
 
 TVM stores the kernel binary as plain data (not an `.nv_fatbin` section), so `cuobjdump lib.so` sees
-nothing; we find fatbin containers by their magic and header size instead (../shared/docs/gpu-aot.md §2).
+nothing; we find fatbin containers by their magic and header size instead (docs/gpu-aot.md §2).
 """
 
 from __future__ import annotations

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import json
-from typing import Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import tvm
 from tvm import relax
@@ -27,7 +28,8 @@ def planned_memory(lowered: tvm.IRModule) -> dict[str, int]:
             return storage(e.true_branch) + storage(e.false_branch)
         if isinstance(e, relax.Function):
             return storage(e.body)
-        if isinstance(e, relax.Call) and any(e.op.same_as(a) for a in allocs) and isinstance(e.args[0], relax.ShapeExpr):
+        if (isinstance(e, relax.Call) and any(e.op.same_as(a) for a in allocs)
+                and isinstance(e.args[0], relax.ShapeExpr)):
             size = e.args[0].values[0]
             return int(size.value) if isinstance(size, tvm.tirx.IntImm) else 0
         return 0

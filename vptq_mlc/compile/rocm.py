@@ -1,5 +1,5 @@
 """ROCm build target: one library per gfx arch, its kernels an HSA code object (HSACO) compiled ahead of time on
-a box with no AMD GPU (../shared/docs/gpu-aot.md §4).
+a box with no AMD GPU (docs/gpu-aot.md §4).
 
 What TVM 0.27 needs and why we set it up here:
 - Device-library bitcode (`ocml`, `oclc_*`) from `<ROCM_PATH>/amdgcn/bitcode`. Debian's `rocm-device-libs`
@@ -27,6 +27,7 @@ import tempfile
 from pathlib import Path
 
 from vptq_mlc.atomic import atomic_file
+from vptq_mlc.cache import cache_root
 from vptq_mlc.errors import CompileError
 
 log = logging.getLogger(__name__)
@@ -165,7 +166,7 @@ def prepare_rocm_build(code_object_version: int = DEFAULT_CODE_OBJECT_VERSION):
     if os.environ.get("ROCM_PATH") != str(root):
         os.environ["ROCM_PATH"] = str(root)  # what TVM's own bitcode lookup reads
     lld = find_ld_lld(code_object_version)
-    cache = Path(os.environ.get("VPTQ_MLC_CACHE", Path(tempfile.gettempdir()) / f"vptq-mlc-{os.getuid()}"))
+    cache = cache_root()
     cov_ir = _code_object_ir(code_object_version, cache / "rocm")
 
     import tvm

@@ -1,7 +1,7 @@
 """Write the runtime-only TVM for deploy hosts: the installed apache-tvm package without its compiler
 (`libtvm_compiler.so` alone is ~259 MB), plus apache-tvm-ffi and typing_extensions, in one folder (or tarball)
 that works with `PYTHONPATH=<bundle>`. TVM notices the missing compiler and runs runtime-only
-(../shared/docs/tvm-0.27-notes.md §6); model libraries load and run through `tvm.runtime` as usual.
+(docs/tvm-0.27-notes.md §6); model libraries load and run through `tvm.runtime` as usual.
 
 The host still needs Python with numpy (and ml_dtypes for bfloat16 numpy conversions). `tvm_ffi` contains a
 CPython extension, so the bundle is tied to one Python minor version: the running one, or another one given

@@ -6,8 +6,8 @@ arch (compile/rocm.py), since TVM has no multi-arch container for HSACO.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import tvm
 from tvm.target import Target
@@ -52,7 +52,9 @@ def resolve_targets(name: str, arch: str | None = None) -> list[BuildTarget]:
         from vptq_mlc.compile import rocm
 
         return [rocm.build_target(a) for a in _archs(arch, DEFAULT_ROCM_ARCHS)]
-    raise CompileError(f"unknown target {name!r}; choose one of {', '.join(SUPPORTED)} (e.g. --target cuda --arch sm_90)")
+    raise CompileError(
+        f"unknown target {name!r}; choose one of {', '.join(SUPPORTED)} (e.g. --target cuda --arch sm_90)"
+    )
 
 
 def relax_pipeline(target: Target) -> tvm.transform.Pass:

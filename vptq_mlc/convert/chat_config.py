@@ -1,17 +1,17 @@
-"""`mlc-chat-config.json` in MLC-LLM's schema (mlc-artifacts.md section 2), plus our `vptq` section."""
+"""What convert puts into `mlc-chat-config.json` (artifact/chat_config.py: ChatConfig): sizes from the model config,
+sampling defaults and special tokens from the source's generation/tokenizer configs, the tokenizer's kind."""
 
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
+from vptq_mlc.artifact.chat_config import ChatConfig
 from vptq_mlc.checkpoint.layer_config import VPTQLayerConfig
-from vptq_mlc.errors import ConvertError
 from vptq_mlc.model.config import DecoderConfig
 
-CONFIG_NAME = "mlc-chat-config.json"
-MLC_CHAT_CONFIG_VERSION = "0.1.0"
 _SAMPLING_DEFAULTS = {
     "temperature": 1.0,
     "presence_penalty": 0.0,
@@ -55,7 +55,7 @@ def build_chat_config(
     out_dir: Path,
     tokenizer_files: list[str],
     layouts: tuple[str, ...] = ("generic",),
-) -> dict[str, Any]:
+) -> ChatConfig:
     gen = _json(source_dir / "generation_config.json")
     tok_cfg = _json(source_dir / "tokenizer_config.json")
 
@@ -65,49 +65,27 @@ def build_chat_config(
                 return src[key]
         return default
 
-    cfg: dict[str, Any] = {
-        "version": MLC_CHAT_CONFIG_VERSION,
-        "model_type": arch,
-        "quantization": quantization_name(layers),
-        "model_config": model_config.to_json(),
-        "vocab_size": model_config.vocab_size,
-        "context_window_size": model_config.context_window_size,
-        "sliding_window_size": model_config.sliding_window_size,
-        "prefill_chunk_size": model_config.prefill_chunk_size,
-        "attention_sink_size": -1,
-        "tensor_parallel_shards": 1,
-        "pipeline_parallel_stages": 1,
-        "active_vocab_size": model_config.vocab_size,
+    return ChatConfig(
+        model_type=arch,
+        quantization=quantization_name(layers),
+        model_config=model_config.to_json(),
+        vocab_size=model_config.vocab_size,
+        context_window_size=model_config.context_window_size,
+        sliding_window_size=model_config.sliding_window_size,
+        prefill_chunk_size=model_config.prefill_chunk_size,
+        attention_sink_size=-1,
+        tensor_parallel_shards=1,
+        pipeline_parallel_stages=1,
+        active_vocab_size=model_config.vocab_size,
         **{k: pick(k, d) for k, d in _SAMPLING_DEFAULTS.items()},
-        "tokenizer_files": tokenizer_files,
-        "tokenizer_info": tokenizer_info(out_dir),
-        "conv_template": "hf_chat_template" if tok_cfg.get("chat_template") else "raw",
-        "chat_template": tok_cfg.get("chat_template"),
-        "pad_token_id": pick("pad_token_id", 0),
-        "bos_token_id": pick("bos_token_id", 1),
-        "eos_token_id": pick("eos_token_id", 2),
-        "model_task": "chat",
-        "model_dtype": dtype,
-        "vptq": {"layout": "generic", "layouts": list(layouts), "layers": {p: c.to_json() for p, c in layers.items()}},
-    }
-    return cfg
-
-
-def read_chat_config(model_dir: Path) -> dict[str, Any]:
-    path = Path(model_dir) / CONFIG_NAME
-    if not path.is_file():
-        raise ConvertError(f"{model_dir} has no {CONFIG_NAME}; run `vptq-mlc convert CHECKPOINT -o {model_dir}` first")
-    return json.loads(path.read_text())
-
-
-def vptq_layer_configs(chat: Mapping[str, Any]) -> dict[str, VPTQLayerConfig]:
-    """The quantized linears recorded in a chat config's `vptq` section (module path -> config)."""
-    return {p: VPTQLayerConfig.from_json(c, where=p) for p, c in chat.get("vptq", {}).get("layers", {}).items()}
-
-
-
-def model_layouts(chat: Mapping[str, Any]) -> tuple[str, ...]:
-    """Kernel layouts the model dir's tensor cache carries (`generic` always; `code-sorted` entries for layers with
-    large codebooks since that layout exists). Older dirs have no `layouts` key: generic only."""
-    vq = chat.get("vptq", {})
-    return tuple(vq.get("layouts", [vq.get("layout", "generic")]))
+        tokenizer_files=tokenizer_files,
+        tokenizer_info=tokenizer_info(out_dir),
+        conv_template="hf_chat_template" if tok_cfg.get("chat_template") else "raw",
+        chat_template=tok_cfg.get("chat_template"),
+        pad_token_id=pick("pad_token_id", 0),
+        bos_token_id=pick("bos_token_id", 1),
+        eos_token_id=pick("eos_token_id", 2),
+        model_task="chat",
+        model_dtype=dtype,
+        vptq={"layout": "generic", "layouts": list(layouts), "layers": {p: c.to_json() for p, c in layers.items()}},
+    )

@@ -6,22 +6,21 @@ in memory twice. Output goes to a temporary sibling directory that is renamed on
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 from tqdm import tqdm
 
+from vptq_mlc.artifact.tensor_cache import TensorCacheWriter
+from vptq_mlc.artifact.vq_layout import CODE_SORTED, LAYOUT, code_sorted_eligible, code_sorted_layout, generic_layout
 from vptq_mlc.atomic import atomic_dir
 from vptq_mlc.checkpoint.dequant import decode_codes
 from vptq_mlc.checkpoint.reader import VPTQCheckpoint
-from vptq_mlc.convert.chat_config import CONFIG_NAME, build_chat_config
-from vptq_mlc.convert.layout import CODE_SORTED, LAYOUT, code_sorted_eligible, code_sorted_layout, generic_layout
-from vptq_mlc.convert.tensor_cache import TensorCacheWriter
+from vptq_mlc.convert.chat_config import build_chat_config
 from vptq_mlc.errors import ConvertError
 from vptq_mlc.model.archs import decoder_config_from_hf
 
@@ -96,7 +95,8 @@ def convert_checkpoint(
             tok_files.append(f.name)
         n_total = len(ckpt.dense_tensor_names()) + len(ckpt.layers)
         with TensorCacheWriter(tmp, metadata={"quantization": "vptq"}) as writer:
-            for group in tqdm(_tensor_groups(ckpt, dtype, layout == "auto"), total=n_total, desc="convert", unit="tensor"):
+            groups = _tensor_groups(ckpt, dtype, layout == "auto")
+            for group in tqdm(groups, total=n_total, desc="convert", unit="tensor"):
                 for name, a in group:
                     writer.add(name, a)
         chat_cfg = build_chat_config(
@@ -111,6 +111,6 @@ def convert_checkpoint(
             layouts=(LAYOUT, CODE_SORTED) if layout == "auto" and any(
                 code_sorted_eligible(c, dtype) for c in ckpt.layers.values()) else (LAYOUT,),
         )
-        (tmp / CONFIG_NAME).write_text(json.dumps(chat_cfg, indent=2))
+        chat_cfg.write(tmp)
     log.info("converted %s -> %s (%d tensors, %.1f MB)", checkpoint, out, writer.num_tensors, writer.total_bytes / 1e6)
     return out

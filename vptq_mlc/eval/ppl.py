@@ -19,13 +19,15 @@ import json
 import logging
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 from tqdm import tqdm
 
+from vptq_mlc.artifact.files import CHAT_CONFIG
 from vptq_mlc.errors import QuantizeError
 
 log = logging.getLogger(__name__)
@@ -145,7 +147,7 @@ def ppl_compiled(model_dir: str | Path, lib: str | Path | None, windows: list[li
 
 
 def _is_vptq(path: Path) -> bool:
-    from vptq_mlc.quantize.hf_import import is_vptq_dir
+    from vptq_mlc.checkpoint.detect import is_vptq_dir
 
     return is_vptq_dir(path)
 
@@ -156,7 +158,9 @@ def load_reference_model(path: str | Path) -> Any:
         import torch
         from transformers import AutoConfig, AutoModelForCausalLM
     except ImportError:
-        raise QuantizeError("the reference perplexity needs torch and transformers: pip install 'vptq-mlc[quantize]'")
+        raise QuantizeError(
+            "the reference perplexity needs torch and transformers: pip install 'vptq-mlc[quantize]'"
+        ) from None
     p = Path(path)
     if not (p / "config.json").is_file():
         raise QuantizeError(f"{p} has no config.json; give a VPTQ checkpoint or a Hugging Face model directory")
@@ -202,13 +206,13 @@ def ppl_reference(path: str | Path, windows: list[list[int]], progress: bool = T
 
 def text_windows_for(model_dir: Path, text_spec: str | None, ctx: int, max_tokens: int | None) -> list[list[int]]:
     """Windows of the eval text (default: Hamlet from the corpus) with `model_dir`'s tokenizer."""
-    from vptq_mlc.eval.corpus import EVAL_DEFAULT, load_text
+    from vptq_mlc.data.corpus import EVAL_DEFAULT, load_text
 
     return token_windows(model_dir / "tokenizer.json", load_text(text_spec, default=EVAL_DEFAULT), ctx, max_tokens)
 
 
 def is_mlc_dir(path: Path) -> bool:
-    return (path / "mlc-chat-config.json").is_file()
+    return (path / CHAT_CONFIG).is_file()
 
 
 def describe(path: Path) -> str:

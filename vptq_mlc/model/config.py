@@ -8,8 +8,9 @@ files say which switches their HF configs set.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any
 
 from vptq_mlc.errors import CheckpointError
 
@@ -39,7 +40,7 @@ class DecoderConfig:
     kwargs: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
-    def from_hf(cls, hf: Mapping[str, Any], *, attention_bias: bool = False) -> "DecoderConfig":
+    def from_hf(cls, hf: Mapping[str, Any], *, attention_bias: bool = False) -> DecoderConfig:
         """Build from a Hugging Face config.json dict (Llama/Mistral/Qwen2 keys)."""
         try:
             heads = int(hf["num_attention_heads"])
@@ -79,6 +80,6 @@ class DecoderConfig:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_json(cls, d: Mapping[str, Any]) -> "DecoderConfig":
+    def from_json(cls, d: Mapping[str, Any]) -> DecoderConfig:
         names = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in d.items() if k in names})

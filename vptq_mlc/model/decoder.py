@@ -7,7 +7,8 @@ never mentions codebooks. Attention and RoPE run inside TVM's paged KV cache (`T
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from tvm import relax as rx
 from tvm import te
@@ -96,7 +97,8 @@ class DecoderForCausalLM(nn.Module):
     def __init__(self, cfg: DecoderConfig, make_linear: LinearFactory, dtype: str, target: Target,
                  static_decode_batches: tuple[int, ...] = ()):
         self.model = DecoderModel(cfg, make_linear, dtype)
-        self.lm_head = None if cfg.tie_word_embeddings else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False, dtype=dtype)
+        self.lm_head = (None if cfg.tie_word_embeddings
+                        else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False, dtype=dtype))
         self.cfg, self.dtype, self.target = cfg, dtype, target
         self.static_decode_batches = tuple(n for n in static_decode_batches if 1 < n <= cfg.max_batch_size)
 

@@ -1,6 +1,7 @@
 """Llama 2 / 3 / 3.1 (incl. llama3 RoPE scaling): HF `LlamaForCausalLM` onto the shared decoder."""
 
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 from vptq_mlc.model.config import DecoderConfig
 

@@ -1,6 +1,7 @@
 """Mistral: Llama's tree; a sliding window shorter than max_position_embeddings caps the context window."""
 
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 from vptq_mlc.model.config import DecoderConfig
 

@@ -1,6 +1,7 @@
 """Qwen2 / Qwen2.5: Llama's tree plus a bias on q/k/v (always on in HF's Qwen2Attention)."""
 
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 from vptq_mlc.model.config import DecoderConfig
 

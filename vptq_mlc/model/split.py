@@ -25,7 +25,8 @@ function: `export_tvm` always passes every parameter of the module, which would 
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from tvm import relax as rx
 from tvm.relax.frontend import nn
@@ -55,7 +56,8 @@ def _layer_signature(layer: nn.Module) -> tuple:
     return shapes, tuple(cfgs)
 
 
-def _method(name: str, fn: Callable[..., Any], spec: dict[str, Any], params: Params) -> tuple[str, nn.spec.MethodSpec, Params]:
+def _method(name: str, fn: Callable[..., Any], spec: dict[str, Any],
+            params: Params) -> tuple[str, nn.spec.MethodSpec, Params]:
     return name, nn.spec.MethodSpec.from_raw(dict(spec), fn), params
 
 
@@ -74,7 +76,7 @@ def split_methods(model: DecoderForCausalLM) -> tuple[list[tuple[str, nn.spec.Me
     groups: list[dict[str, Any]] = []
     signatures: dict[tuple, int] = {}
     group_of_layer = []
-    for i, layer in enumerate(model.model.layers):
+    for layer in model.model.layers:
         sig = _layer_signature(layer)
         if sig not in signatures:
             g = signatures[sig] = len(groups)

@@ -20,6 +20,7 @@ from typing import Any
 
 from tqdm import tqdm
 
+from vptq_mlc.artifact.files import CHAT_CONFIG, TENSOR_CACHE
 from vptq_mlc.package.config import ModelEntry, PackageConfig, PackageError
 from vptq_mlc.package.manifest import FORMAT, read_manifest, sha256_file, write_manifest
 
@@ -58,7 +59,7 @@ def _digest(obj: Any) -> str:
 
 
 def _is_mlc_dir(src: Path) -> bool:
-    return src.is_dir() and (src / "mlc-chat-config.json").exists() and (src / "tensor-cache.json").exists()
+    return src.is_dir() and (src / CHAT_CONFIG).exists() and (src / TENSOR_CACHE).exists()
 
 
 def _stage_weights(entry: ModelEntry, work: Path) -> Path:
@@ -129,22 +130,22 @@ class PackageBuilder:
         old = read_manifest(model_dir, required=False) if model_dir.exists() else None
         weights_fp = _digest({
             "source": _source_fingerprint(entry.source), "convert": entry.convert, "vptq_mlc": _version("vptq-mlc"),
-            "code": _code_hash("convert", "checkpoint"),
+            "code": _code_hash("convert", "artifact", "checkpoint"),
         })
         bar.set_postfix_str(f"{entry.name}: weights")
         weights = self._weights(entry, model_dir, old, weights_fp)
         bar.update(1)
 
-        from vptq_mlc.convert.chat_config import read_chat_config
+        from vptq_mlc.artifact.chat_config import ChatConfig
 
-        chat = read_chat_config(model_dir)
-        quant = str(chat.get("quantization", "q")).replace("/", "_")
+        chat = ChatConfig.load(model_dir)
+        quant = str(chat.quantization or "q").replace("/", "_")
         manifest: dict[str, Any] = {
-            "format": FORMAT, "model": entry.name, "model_type": chat.get("model_type"), "quantization": quant,
+            "format": FORMAT, "model": entry.name, "model_type": chat.model_type or None, "quantization": quant,
             "vptq_mlc": _version("vptq-mlc"), "weights": weights, "libraries": [],
         }
         old_libs = {lib["file"]: lib for lib in (old or {}).get("libraries", [])}
-        lib_code = _code_hash("model", "tir_kernels", "compile")
+        lib_code = _code_hash("model", "tir_kernels", "artifact", "compile")
         tvm_version = _version("apache-tvm")
         for bt in bts:
             name = f"{entry.name}-{quant}-{bt.label}.so"

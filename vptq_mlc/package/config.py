@@ -42,11 +42,13 @@ class TargetSpec:
     archs: str | None = None
 
     @classmethod
-    def parse(cls, text: str) -> "TargetSpec":
+    def parse(cls, text: str) -> TargetSpec:
         kind, _, archs = text.strip().partition(":")
         kind = {"cpu": "llvm"}.get(kind.lower(), kind.lower())
         if kind not in TARGET_KINDS:
-            raise PackageError(f"unknown target {text!r} in the package config; use llvm, cuda:sm_XX,.. or rocm:gfxXXX,..")
+            raise PackageError(
+                f"unknown target {text!r} in the package config; use llvm, cuda:sm_XX,.. or rocm:gfxXXX,.."
+            )
         if kind == "llvm" and archs:
             raise PackageError(f"target {text!r}: llvm takes no arch list")
         return cls(kind, archs or None)
@@ -69,7 +71,7 @@ class PackageConfig:
     models: list[ModelEntry]
 
     @classmethod
-    def load(cls, path: str | Path) -> "PackageConfig":
+    def load(cls, path: str | Path) -> PackageConfig:
         path = Path(path)
         if not path.is_file():
             raise PackageError(f"package config {path} not found; write one (see `vptq-mlc package --help`)")
@@ -86,7 +88,7 @@ class PackageConfig:
         return cls.from_dict(raw, path.parent)
 
     @classmethod
-    def from_dict(cls, raw: dict, base: Path) -> "PackageConfig":
+    def from_dict(cls, raw: dict, base: Path) -> PackageConfig:
         if not isinstance(raw, dict) or not isinstance(raw.get("models"), list) or not raw["models"]:
             raise PackageError("package config needs a non-empty \"models\" list")
         models, names = [], set()
@@ -110,7 +112,9 @@ class PackageConfig:
             conv = dict(m.get("convert") or {})
             bad = sorted(set(conv) - set(CONVERT_KEYS))
             if bad:
-                raise PackageError(f"{where} ({name}): unknown convert option {bad[0]!r}; use {', '.join(CONVERT_KEYS)}")
+                raise PackageError(
+                    f"{where} ({name}): unknown convert option {bad[0]!r}; use {', '.join(CONVERT_KEYS)}"
+                )
             src = Path(m["source"]).expanduser()
             models.append(ModelEntry(name, src if src.is_absolute() else (base / src), targets, conv))
         out = Path(raw.get("output", "dist")).expanduser()

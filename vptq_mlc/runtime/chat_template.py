@@ -86,7 +86,9 @@ class ChatTemplate:
         try:
             self._template = env.from_string(source)
         except jinja2.exceptions.TemplateSyntaxError as e:
-            raise ChatTemplateError(f"the chat template does not parse (line {e.lineno}: {e.message}); fix it or use --raw") from e
+            raise ChatTemplateError(
+                f"the chat template does not parse (line {e.lineno}: {e.message}); fix it or use --raw"
+            ) from e
         self.source = source
         self.variables = dict(variables or {})
 

@@ -2,7 +2,7 @@
 
 Why a module of its own: in runtime-only mode (TVM_USE_RUNTIME_LIB=1, or a TVM install without
 libtvm_compiler.so) TVM skips loading its GPU backend plugins, so the CUDA plugin has to be loaded by hand
-before a CUDA model library can be loaded (shared/docs/gpu-aot.md §2); ROCm needs our own runtime library
+before a CUDA model library can be loaded (docs/gpu-aot.md §2); ROCm needs our own runtime library
 (`runtime/rocm.py`) in every mode. Everything device-specific sits here.
 """
 

@@ -2,7 +2,8 @@
 
 `step()` runs one model call over the active requests: a batched prefill (prompt chunks packed up to
 `prefill_chunk_size` tokens, through `batch_prefill`) while any admitted request still has prompt left,
-otherwise one batched decode (`batch_decode`, or `decode` for a single sequence) for every running request. A request is admitted only when
+otherwise one batched decode (`batch_decode`, or `decode` for a single sequence) for every running request.
+A request is admitted only when
 the KV pages for its whole budget (prompt + max new tokens) are free, so a running request never runs out
 of pages; its pages go back when it finishes or is cancelled. `generate`/`chat` are thin loops over
 `step()`, so a server can add requests between steps (continuous batching) through the same path.
@@ -22,8 +23,8 @@ import numpy as np
 import tvm
 from tvm.runtime import ShapeTuple
 
+from vptq_mlc.artifact.chat_config import ChatConfig
 from vptq_mlc.errors import GenerationError, RuntimeLoadError
-from vptq_mlc.runtime.chat_config import ChatConfig
 from vptq_mlc.runtime.chat_template import ChatTemplate, ChatTemplateError, load_chat_template
 from vptq_mlc.runtime.device import find_library, resolve_device
 from vptq_mlc.runtime.kv_cache import PagedKVCache
@@ -72,7 +73,8 @@ class Engine:
             lib_path = find_library(self.model_dir, resolve_device(devices[0] if devices else device)[0])
             log.info("using model library %s", lib_path)
         # a SplitModel offers ModelLibrary's interface (metadata, device, has, func) over the stages
-        self.lib: ModelLibrary | SplitModel = SplitModel(lib_path, devices) if devices else load_library(lib_path, device)
+        self.lib: ModelLibrary | SplitModel = (SplitModel(lib_path, devices) if devices
+                                               else load_library(lib_path, device))
         self.tokenizer = Tokenizer(self.model_dir)
         template = load_chat_template(self.model_dir)
         self.chat_template = ChatTemplate(template, self.tokenizer.template_variables()) if template else None
@@ -93,13 +95,14 @@ class Engine:
                                page_size, int(md.get("sliding_window_size", self.config.sliding_window_size)),
                                int(md.get("attention_sink_size", -1)))
         self.vocab_size = self.config.vocab_size
-        self.active_vocab = int(self.config.raw.get("active_vocab_size") or 0) or None
+        self.active_vocab = self.config.active_vocab_size or None
         eos = set(self.config.eos_token_ids)
         eos_text = self.tokenizer.special_tokens.get("eos_token")
         if eos_text is not None and self.tokenizer.token_to_id(eos_text) is not None:
             eos.add(self.tokenizer.token_to_id(eos_text))
         self.eos_token_ids = frozenset(eos)
-        self._embed, self._prefill, self._decode = (self.lib.func(n) for n in ("embed", "batch_prefill", "batch_decode"))
+        self._embed, self._prefill, self._decode = (self.lib.func(n)
+                                                    for n in ("embed", "batch_prefill", "batch_decode"))
         # Static decode functions (`decode` for one sequence, `batch_decode_b<n>` where the library has them) run
         # GPU libraries' decode kernels; `batch_decode`'s symbolic batch gets the general matmul. So a decode batch
         # is split into pieces of static sizes when the library has them (`_decode_pieces`).
@@ -120,7 +123,9 @@ class Engine:
         if value is None or value <= 0:
             value = compiled
         if value <= 0:
-            raise RuntimeLoadError(f"the {what} is unknown (not in mlc-chat-config.json or _metadata); pass it explicitly")
+            raise RuntimeLoadError(
+                f"the {what} is unknown (not in mlc-chat-config.json or _metadata); pass it explicitly"
+            )
         if compiled > 0 and value > compiled:
             if asked is not None:
                 raise RuntimeLoadError(f"{what} {value} is larger than the library was compiled for ({compiled}); "
@@ -142,7 +147,9 @@ class Engine:
             raise GenerationError("the prompt is empty; give at least one token")
         if self.vocab_size > 0 and not all(0 <= t < self.vocab_size for t in ids):
             bad = next(t for t in ids if not 0 <= t < self.vocab_size)
-            raise GenerationError(f"token id {bad} is outside the vocabulary (0..{self.vocab_size - 1}); fix the prompt ids")
+            raise GenerationError(
+                f"token id {bad} is outside the vocabulary (0..{self.vocab_size - 1}); fix the prompt ids"
+            )
         if len(ids) >= self.context_window:
             raise GenerationError(f"the prompt is {len(ids)} tokens but the context window is {self.context_window}; "
                                   "shorten the prompt (or /reset the chat) or use a larger --context-window")
@@ -152,7 +159,8 @@ class Engine:
         req.reserved_pages = self.kv.pages_for(len(ids) + budget)
         if req.reserved_pages > self.kv.total_pages:
             raise GenerationError(f"the request needs {len(ids) + budget} KV tokens but the cache holds "
-                                  f"{self.kv.total_pages * self.kv.page_size}; lower max_tokens or raise max_total_tokens")
+                                  f"{self.kv.total_pages * self.kv.page_size}; lower max_tokens or raise "
+                                  "max_total_tokens")
         self.waiting.append(req)
         return req
 

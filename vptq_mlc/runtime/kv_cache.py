@@ -1,6 +1,6 @@
 """The paged KV cache of a model library, driven through TVM's `vm.builtin.kv_state_*` globals.
 
-Why a wrapper: the call-order rules (shared/docs/mlc-artifacts.md §5: add a sequence before its first
+Why a wrapper: the call-order rules (docs/mlc-artifacts.md §5: add a sequence before its first
 forward; every model call sits between begin_forward and end_forward for the same sequence set) live in one
 place, and the page accounting the scheduler needs for admission is here too.
 """

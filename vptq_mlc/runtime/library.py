@@ -1,6 +1,6 @@
 """Load a compiled model library (.so) into a Relax VM and its weights from the MLC tensor cache.
 
-The sequence mirrors MLC-LLM's C++ engine (shared/docs/mlc-artifacts.md §3-§5): load_module ->
+The sequence mirrors MLC-LLM's C++ engine (docs/mlc-artifacts.md §3-§5): load_module ->
 vm_load_executable -> vm_initialization(dev, pooled allocator, host cpu) -> `_metadata` JSON ->
 tensor_cache.load + param_array_from_cache_by_name(_metadata.params names) + tensor_cache.clear.
 Every failure a user can fix becomes a one-line RuntimeLoadError.
@@ -17,7 +17,8 @@ from typing import Any
 import numpy as np
 import tvm
 
-from vptq_mlc.convert.tensor_cache import INDEX_NAME, read_index, shard_paths
+from vptq_mlc.artifact.files import TENSOR_CACHE
+from vptq_mlc.artifact.tensor_cache import read_index, shard_paths
 from vptq_mlc.errors import RuntimeLoadError
 from vptq_mlc.runtime.device import DeviceSpec, resolve_device
 
@@ -69,13 +70,17 @@ def load_library(lib_path: str | Path, device: str = "cpu") -> ModelLibrary:
             f"cannot load model library {path}: {first_line(e)}; was it built for {spec.kind} with this TVM?"
         ) from e
     if not mod.implements_function("vm_load_executable"):
-        raise RuntimeLoadError(f"{path} is not a Relax VM library (kind {mod.kind!r}); build it with `vptq-mlc compile`")
+        raise RuntimeLoadError(
+            f"{path} is not a Relax VM library (kind {mod.kind!r}); build it with `vptq-mlc compile`"
+        )
     vm = mod["vm_load_executable"]()
     init_args = [spec.dlpack_type, spec.index, POOLED_ALLOCATOR]
     init_args += [DeviceSpec("cpu").dlpack_type, 0, POOLED_ALLOCATOR]  # host device for shapes / small tensors
     vm["vm_initialization"](*init_args)
     if not vm.implements_function("_metadata"):
-        raise RuntimeLoadError(f"model library {path.name} has no _metadata function; rebuild it with `vptq-mlc compile`")
+        raise RuntimeLoadError(
+            f"model library {path.name} has no _metadata function; rebuild it with `vptq-mlc compile`"
+        )
     metadata = json.loads(str(vm["_metadata"]()))
     lib = ModelLibrary(path, spec, dev, vm, metadata)
     for name in REQUIRED_FUNCTIONS:
@@ -93,9 +98,9 @@ def _checked_records(model_dir: Path, wanted: list[dict[str, Any]],
                      model_config: dict[str, Any] | None) -> dict[str, dict[str, Any]]:
     """name -> tensor-cache record (plus `dataPath`) of every weight in `wanted` (`_metadata.params` entries), after
     checking that each exists with the shape and dtype the library expects."""
-    index = model_dir / INDEX_NAME
+    index = model_dir / TENSOR_CACHE
     if not index.is_file():
-        raise RuntimeLoadError(f"no {INDEX_NAME} in {model_dir}; run `vptq-mlc convert` to write the weights")
+        raise RuntimeLoadError(f"no {TENSOR_CACHE} in {model_dir}; run `vptq-mlc convert` to write the weights")
     for shard in shard_paths(model_dir):
         if not (model_dir / shard).is_file():
             raise RuntimeLoadError(f"weight shard {shard} missing in {model_dir}; re-run `vptq-mlc convert`")
@@ -131,7 +136,9 @@ def load_params(model_dir: str | Path, lib: ModelLibrary, model_config: dict[str
         g("vm.builtin.tensor_cache.load")(str(model_dir), lib.spec.dlpack_type, lib.spec.index)
         params = g("vm.builtin.param_array_from_cache_by_name")([p["name"] for p in wanted])
     except Exception as e:  # noqa: BLE001 - corrupted shards surface as TVM errors
-        raise RuntimeLoadError(f"cannot read weights from {model_dir}: {first_line(e)}; re-run `vptq-mlc convert`") from e
+        raise RuntimeLoadError(
+            f"cannot read weights from {model_dir}: {first_line(e)}; re-run `vptq-mlc convert`"
+        ) from e
     finally:
         g("vm.builtin.tensor_cache.clear")()
     return params
@@ -171,5 +178,7 @@ def stream_params(model_dir: str | Path, wanted: list[dict[str, Any]], device: t
             t.copyfrom(host)
             out[p["name"]] = t
     except (OSError, ValueError) as e:
-        raise RuntimeLoadError(f"cannot read weights from {model_dir}: {first_line(e)}; re-run `vptq-mlc convert`") from e
+        raise RuntimeLoadError(
+            f"cannot read weights from {model_dir}: {first_line(e)}; re-run `vptq-mlc convert`"
+        ) from e
     return out

@@ -18,13 +18,11 @@ hidden states to the next device between stages. They need a library compiled wi
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
-import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import tvm
@@ -39,9 +37,12 @@ from vptq_mlc.runtime.library import ModelLibrary, load_library, stream_params
 log = logging.getLogger(__name__)
 
 SPLIT_FLAG = "--split-functions"
-# Benchmarks of models bigger than the host's disk (bench/split_gpu.py --random-weights-on-device): when set (to a
-# seed), each stage's weights are random tensors made on its device instead of read from shards.
-RANDOM_WEIGHTS_ENV = "VPTQ_MLC_SPLIT_RANDOM_WEIGHTS"
+# `(wanted _metadata.params entries, device) -> {name: Tensor}`: how one stage's weights get onto its device.
+ParamLoader = Callable[[list[dict[str, Any]], Any], dict[str, Any]]
+# `(model_dir, model_config) -> ParamLoader` replacing the shard reader; None: read the shards. Benchmarks of models
+# bigger than the host's disk install one from above (vptq_mlc.bench.device_random.use_random_weights_on_device),
+# so the runtime never imports benchmark code.
+_weight_source: Callable[[str | Path, dict[str, Any] | None], ParamLoader] | None = None
 _DTYPE_BYTES = {"float16": 2, "bfloat16": 2, "float32": 4, "int32": 4, "uint32": 4, "uint16": 2, "int16": 2,
                 "uint8": 1, "int8": 1, "int64": 8, "float64": 8}
 
@@ -168,9 +169,9 @@ class SplitModel:
         """Plan the stages and stream each device's weights onto it. Returns None: the engine's `params` argument
         is ignored by this model's functions (each stage passes its own)."""
         ranges = self.plan(model_config)
-        load = lambda wanted, dev: stream_params(model_dir, wanted, dev, model_config)  # noqa: E731
-        if os.environ.get(RANDOM_WEIGHTS_ENV):  # benchmarks only: no shards (see the constant)
-            load = _random_weights(model_dir, model_config, int(os.environ[RANDOM_WEIGHTS_ENV]))
+        load: ParamLoader = lambda wanted, dev: stream_params(model_dir, wanted, dev, model_config)  # noqa: E731
+        if _weight_source is not None:  # benchmarks only: no shards (see set_weight_source)
+            load = _weight_source(model_dir, model_config)
         self.stages = [Stage(lib, r) for lib, r in zip(self._libs, ranges)]
         for k, st in enumerate(self.stages):
             names = [n for i in st.layers for n in self.layer_param_names(i)]
@@ -198,7 +199,8 @@ class SplitModel:
         if kind in ("prefill", "decode"):
             return [g[kind] for g in self.split["layer_groups"]], self.split["head"][kind]
         n = kind[len("decode_b"):]
-        if n in self.split["head"]["decode_static"] and all(n in g["decode_static"] for g in self.split["layer_groups"]):
+        if n in self.split["head"]["decode_static"] and all(n in g["decode_static"]
+                                                            for g in self.split["layer_groups"]):
             return [g["decode_static"][n] for g in self.split["layer_groups"]], self.split["head"]["decode_static"][n]
         return None
 
@@ -259,16 +261,11 @@ class SplitModel:
         return (last.lib.vm[head_fn](hidden, pos, last.head_params),)
 
 
-def _random_weights(model_dir: str | Path, model_config: dict[str, Any] | None,
-                    seed: int) -> Callable[[list[dict[str, Any]], Any], dict[str, Any]]:
-    """The benchmark hook: random tensors made on each stage's device (vptq_mlc/bench/device_random.py)."""
-    from vptq_mlc.bench.device_random import random_params
-    from vptq_mlc.convert.chat_config import CONFIG_NAME, vptq_layer_configs
-
-    log.warning("%s is set: RANDOM weights (seed %d) made on the devices, %s's weights are not read",
-                RANDOM_WEIGHTS_ENV, seed, model_dir)
-    layers = vptq_layer_configs(json.loads((Path(model_dir) / CONFIG_NAME).read_text()))
-    return lambda wanted, dev: random_params(wanted, dev, layers, model_config, seed)
+def set_weight_source(source: Callable[[str | Path, dict[str, Any] | None], ParamLoader] | None) -> None:
+    """Install (or with None remove) a weight source used by every later `SplitModel.load_params` instead of
+    reading the model dir's shards."""
+    global _weight_source
+    _weight_source = source
 
 
 def _nbytes(t: Any) -> int:

@@ -88,7 +88,8 @@ def create_app(worker: EngineWorker, model_name: str) -> FastAPI:
             worker.cancel(stream)
             raise
         if first.error is not None:
-            raise APIError(first.status, first.error, type_="invalid_request_error" if first.status < 500 else "server_error")
+            raise APIError(first.status, first.error,
+                           type_="invalid_request_error" if first.status < 500 else "server_error")
         assert first.prompt_tokens is not None
         return stream, first.prompt_tokens
 

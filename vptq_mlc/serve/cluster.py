@@ -32,15 +32,15 @@ from typing import Any
 
 from ray import serve
 
+from vptq_mlc.artifact.chat_config import ChatConfig
 from vptq_mlc.errors import RuntimeLoadError
-from vptq_mlc.runtime.chat_config import ChatConfig
 from vptq_mlc.runtime.chat_template import ChatTemplate, load_chat_template
 from vptq_mlc.runtime.engine import Engine
 from vptq_mlc.runtime.sampling import SamplingParams
 from vptq_mlc.runtime.tokenizer import Tokenizer
 from vptq_mlc.serve.metrics import PREFIX, ServeMetrics
 from vptq_mlc.serve.security import DEFAULT_MAX_BODY_BYTES, secure
-from vptq_mlc.serve.worker import Event, EngineWorker, QueueFullError, WorkerStoppedError
+from vptq_mlc.serve.worker import EngineWorker, Event, QueueFullError, WorkerStoppedError
 
 log = logging.getLogger(__name__)
 

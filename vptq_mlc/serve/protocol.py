@@ -104,7 +104,8 @@ class ChatMessage(BaseModel):
             return self.content or ""
         bad = [p.type for p in self.content if p.type != "text"]
         if bad:
-            raise APIError(400, f"content part type {bad[0]!r} is not supported by this text-only model; send text parts",
+            raise APIError(400, f"content part type {bad[0]!r} is not supported by this text-only model; "
+                           "send text parts",
                            param="messages")
         return "".join(p.text or "" for p in self.content)
 

@@ -1,4 +1,5 @@
-"""API key and request limits (body bytes, max_tokens vs the context window) for the HTTP server (single process and Ray replicas alike).
+"""API key and request limits (body bytes, max_tokens vs the context window) for the HTTP server (single process
+and Ray replicas alike).
 
 Why an ASGI middleware and not FastAPI dependencies: it guards every `/v1` route, including ones added later,
 answers before the body is parsed, and leaves streaming responses untouched. `/health` and `/metrics` stay

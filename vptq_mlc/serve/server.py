@@ -14,8 +14,8 @@ from types import TracebackType
 
 import uvicorn
 
+from vptq_mlc.artifact.chat_config import ChatConfig
 from vptq_mlc.errors import RuntimeLoadError
-from vptq_mlc.runtime.chat_config import ChatConfig
 from vptq_mlc.runtime.engine import Engine
 from vptq_mlc.serve.app import create_app
 from vptq_mlc.serve.security import DEFAULT_MAX_BODY_BYTES, secure

@@ -237,7 +237,8 @@ class EngineWorker:
             if req.finished:  # dropped by a failed step
                 self._close(stream, Event(error=f"generation failed: {failure or req.finish_reason}", status=500,
                                           finish_reason=req.finish_reason), events)
-        for stream in [s for s in self._waiting if s.request is not None and s.request.state is not RequestState.WAITING]:
+        started = [s for s in self._waiting if s.request is not None and s.request.state is not RequestState.WAITING]
+        for stream in started:
             self._unqueue(stream)
         self.metrics.step(seconds, new_tokens, ttfts)
         self._report()  # before the events go out: a client that saw its token sees /metrics after this step

@@ -1,8 +1,8 @@
 """CUDA decode kernel for codebooks that do not fit shared memory (K = 65536 class): the code-sorted layout.
 
 A plain gather from a 1 MiB codebook is served by L2 and walled at ~120 G lookups/s, i.e. fp16 speed
-(../shared/docs/vq-gemv-h100.md §3). The converter therefore also writes every code as an entry grouped by
-codebook slice (`convert/layout.py: code_sorted_layout`): list (gs, i) holds the entries `(k << bits) | local`
+(docs/vq-gemv-h100.md §3). The converter therefore also writes every code as an entry grouped by
+codebook slice (`artifact/vq_layout.py: code_sorted_layout`): list (gs, i) holds the entries `(k << bits) | local`
 of vector row i whose combined code (main, or K + residual) lies in slice gs. Here:
 
 - kernel 1, one CTA per (slice gs, block of RPC vector rows): the slice (SE entries x v, 64 KiB, plus a zero entry
@@ -27,8 +27,8 @@ from dataclasses import dataclass
 from tvm import tirx
 from tvm.script import tirx as T
 
+from vptq_mlc.artifact.vq_layout import code_sorted_geometry, folds_residual
 from vptq_mlc.checkpoint.layer_config import VPTQLayerConfig
-from vptq_mlc.convert.layout import code_sorted_geometry, folds_residual
 from vptq_mlc.tir_kernels.generic import kernel_dims
 
 MAX_ROWS = 2  # batch 1..2 decode (vq-gemv-h100.md §3: batch 4+ loses with gather kernels)
@@ -48,7 +48,7 @@ class CodeSortedPlan:
 def plan_code_sorted(cfg: VPTQLayerConfig, rows: int, dtype: str) -> CodeSortedPlan:
     """Launch shape: about 256 CTAs of 16 warps in all (one wave of ~2 per SM on 132-SM H100s; each CTA pays one
     64 KiB slice copy from L2), fewer when there are not enough vector rows for a team each. From the H100 sweep
-    (bench/results/h100_code_sorted_v2.json, v8-k65536-0, batch 1): 11008x4096 23.3 us with 16 CTAs per slice x 16
+    (bench/results/h100_kernels_code_sorted.json, v8-k65536-0, batch 1): 11008x4096 23.3 us with 16 CTAs per slice x 16
     warps vs 25.2 with 8 and 28.1 with 24; 4096x4096 14.1-15.6 us for 8-16 CTAs per slice."""
     geo = code_sorted_geometry(cfg, dtype)
     warps, lpr = 16, 8

@@ -4,7 +4,7 @@ Layout `generic` (docs/ARCHITECTURE.md): `codes[i, k]` is the main code of vecto
 `osz + k`; the entry `C[g, code, 0:v]` holds the `v` outputs `i*v .. i*v+v-1`. So one code load yields `v`
 multiply-adds per activation row, and the kernel's bytes are almost all codes (2 B per v weights).
 
-Schedule (../shared/docs/vq-gemv-h100.md §2):
+Schedule (docs/vq-gemv-h100.md §2):
 - A CTA holds `R` vector rows x `P` input-dimension splits, one warp each (split-K for short matrices).
 - Small codebooks (main + residual, all groups, <= SMEM_CODEBOOK_BYTES) are copied into shared memory once per
   CTA; larger ones are read through L1/L2 (K = 65536 is walled by L2 there: see bench/RESULTS.md).
@@ -27,8 +27,9 @@ import tvm
 from tvm import tirx
 from tvm.script import tirx as T
 
+from vptq_mlc.artifact.vq_layout import code_dtype
 from vptq_mlc.checkpoint.layer_config import VPTQLayerConfig
-from vptq_mlc.tir_kernels.generic import code_dtype, kernel_dims
+from vptq_mlc.tir_kernels.generic import kernel_dims
 
 SMEM_CODEBOOK_BYTES = 64 * 1024  # fits twice per SM on sm_80/sm_90, once on sm_86/sm_89 (99 KB)
 MAX_ROWS = 8
@@ -135,7 +136,7 @@ def plan_gemv(cfg: VPTQLayerConfig, rows: int, dtype: str, params: GpuParams = C
         reps = REPLICAS
     # One CTA per row block. The kernel also supports a persistent grid (fewer CTAs looping over row blocks, so
     # the shared-memory codebook copy is paid once per CTA); on the H100 sweep it was 4-15% slower at the best
-    # split, 64 KB codebooks included (bench/results/h100_sweep_v1.json).
+    # split, 64 KB codebooks included (bench/results/h100_gemv_schedule_sweep.json).
     grid = blocks
     # fp16 partial sums per chunk of `vec` codes halve the instructions per code (H100: k256-256 10-26% faster,
     # relative L2 error 5e-4 instead of 2e-4); CUDA only (the ROCm kernels are not measured on hardware). Not with
@@ -336,7 +337,7 @@ def vq_gemv_cuda(cfg: VPTQLayerConfig, dtype: str, rows: int, plan: GemvPlan | N
 
 def _keep_operands(func: tirx.PrimFunc, cfg: VPTQLayerConfig) -> tirx.PrimFunc:
     """Drop the parameters this variant does not have, so the signature is (xs, *vq_operand_shapes, y)."""
-    from vptq_mlc.tir_kernels.generic import vq_operand_shapes
+    from vptq_mlc.artifact.vq_layout import vq_operand_shapes
 
     keep = {"xs", "y", *vq_operand_shapes(cfg)}
     params = [prm for prm in func.params if prm.name in keep]

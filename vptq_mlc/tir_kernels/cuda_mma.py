@@ -2,7 +2,7 @@
 for a symbolic row count (a grid row per `16 * row_tiles` rows; each B fragment feeds `row_tiles` MMAs).
 
 Why: at batch >= 4 the gather GEMV (`cuda_gemv.py`) is bound by its fp32 FMAs (rows x v per code per lane) and
-register pressure (rows x v accumulators), not by memory; ../shared/docs/vq-gemv-h100.md §3 measured gather
+register pressure (rows x v accumulators), not by memory; docs/vq-gemv-h100.md §3 measured gather
 kernels losing to fp16 from batch 4. Here one warp-wide `mma.sync.m16n8k16` does 16 rows x 8 outputs x 16
 inputs, and the lookups build its B fragment directly, so the weight never exists outside registers.
 
@@ -35,9 +35,10 @@ from dataclasses import dataclass
 from tvm import tirx
 from tvm.script import tirx as T
 
+from vptq_mlc.artifact.vq_layout import code_dtype
 from vptq_mlc.checkpoint.layer_config import VPTQLayerConfig
 from vptq_mlc.tir_kernels.cuda_gemv import SMEM_CODEBOOK_BYTES, _keep_operands
-from vptq_mlc.tir_kernels.generic import code_dtype, kernel_dims
+from vptq_mlc.tir_kernels.generic import kernel_dims
 
 MMA_ROWS = 16  # M of m16n8k16: the most activation rows one kernel takes
 MIN_ROWS = 4  # the kernel handles 4..16 rows; below 4 the gather GEMV always wins
@@ -263,7 +264,7 @@ def vq_mma_cuda(cfg: VPTQLayerConfig, dtype: str, rows: int | None, plan: MmaPla
                             if i0 + ii < NV and col0(sp, it * U + u, tx) < L:
                                 cl[vr((u * NI + ii) * CW, CW)] = codes[i0 + ii, vr(col0(sp, it * U + u, tx), CW)]
                                 if HAS_RES:
-                                    rl[vr((u * NI + ii) * CW, CW)] = res_codes[i0 + ii, vr(col0(sp, it * U + u, tx), CW)]
+                                    rl[vr((u * NI + ii) * CW, CW)] = res_codes[i0 + ii, vr(col0(sp, it * U + u, tx), CW)]  # noqa: E501
                         else:
                             for e in T.unroll(CW):
                                 if i0 + ii < NV and col0(sp, it * U + u, tx) + e < L:

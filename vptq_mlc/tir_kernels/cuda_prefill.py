@@ -2,7 +2,8 @@
 
 The weight is described as a TE stage `W[r, k]` (codebook lookups, outlier columns first) feeding one
 reduction `y[b, r] = sum_k xs[b, k] * W[r, k]`. dlight's Matmul rule inlines that stage into its shared-memory
-tile loads, so each tile is dequantized in shared memory and multiplied (SIMT: see dequant_matmul_cuda); no dense weight is ever written to device memory. Correctness first: this is a generic
+tile loads, so each tile is dequantized in shared memory and multiplied (SIMT: see dequant_matmul_cuda); no dense
+weight is ever written to device memory. Correctness first: this is a generic
 schedule, not tuned for VQ (see bench/RESULTS.md).
 """
 
@@ -12,8 +13,8 @@ import tvm
 from tvm import te, tirx
 from tvm.target import Target
 
+from vptq_mlc.artifact.vq_layout import vq_operand_shapes
 from vptq_mlc.checkpoint.layer_config import VPTQLayerConfig
-from vptq_mlc.tir_kernels.generic import vq_operand_shapes
 
 
 def dequant_matmul_compute(cfg: VPTQLayerConfig, dtype: str, n: int | tirx.Var | None = None) -> tirx.PrimFunc:

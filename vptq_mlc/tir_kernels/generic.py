@@ -12,29 +12,8 @@ from typing import NamedTuple
 import tvm
 from tvm import te, tirx
 
+from vptq_mlc.artifact.vq_layout import vq_operand_shapes
 from vptq_mlc.checkpoint.layer_config import VPTQLayerConfig
-
-
-def code_dtype(num_entries: int) -> str:
-    """Storage of codes into a codebook of `num_entries`: uint8 up to 256 entries (half the bytes a decode kernel
-    streams, e.g. v8-k256-256), else uint16."""
-    return "uint8" if num_entries <= 256 else "uint16"
-
-
-def vq_operand_shapes(cfg: VPTQLayerConfig) -> dict[str, tuple[tuple[int, ...], str]]:
-    """Shapes and dtypes (`"float"` = model dtype) of the generic layout's code/codebook tensors, in call order."""
-    gs = cfg.group_num * cfg.group_size
-    shapes: dict[str, tuple[tuple[int, ...], str]] = {
-        "centroids": ((cfg.group_num, cfg.num_centroids, cfg.vector_len), "float"),
-        "codes": ((cfg.num_vectors, gs), code_dtype(cfg.num_centroids)),
-    }
-    if cfg.has_residual:
-        shapes["res_centroids"] = ((cfg.group_num, cfg.num_res_centroids, cfg.vector_len), "float")
-        shapes["res_codes"] = ((cfg.num_vectors, gs), code_dtype(cfg.num_res_centroids))
-    if cfg.has_outliers:
-        shapes["outlier_centroids"] = ((cfg.num_outlier_centroids, cfg.outlier_vector_len), "float")
-        shapes["outlier_codes"] = ((cfg.num_outlier_vectors, cfg.outlier_size), "uint16")
-    return shapes
 
 
 class KernelDims(NamedTuple):

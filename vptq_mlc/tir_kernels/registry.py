@@ -22,18 +22,24 @@ and therefore which operands (tensor-cache entries) a layer must declare on a ta
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Callable, Iterable
 
 from tvm import tirx
 from tvm.target import Target
 
+from vptq_mlc.artifact.vq_layout import (
+    CODE_SORTED,
+    LAYOUT,
+    Shapes,
+    code_sorted_eligible,
+    code_sorted_shapes,
+    vq_operand_shapes,
+)
 from vptq_mlc.checkpoint.layer_config import VPTQLayerConfig
-from vptq_mlc.convert.layout import CODE_SORTED, LAYOUT, code_sorted_eligible, code_sorted_shapes
-from vptq_mlc.tir_kernels.generic import schedule_cpu, vq_matmul_generic, vq_operand_shapes
+from vptq_mlc.tir_kernels.generic import schedule_cpu, vq_matmul_generic
 
 OP_PATTERN_OPAQUE = 8  # relax OpPatternKind::kOpaque
-Shapes = dict[str, tuple[tuple[int, ...], str]]  # name -> (shape, dtype; "float" = model dtype)
 # static decode batches above the GEMV's MAX_ROWS that only the tensor-core kernel (cuda_mma.py) serves
 CUDA_MMA_ONLY_BATCHES = (12, 16)
 
@@ -160,7 +166,7 @@ def norm_bias_selector(target: Target) -> NormBiasKernels | None:
     def mark(f: tirx.PrimFunc) -> tirx.PrimFunc:
         return f.with_attr("op_pattern", OP_PATTERN_OPAQUE).with_attr("tirx.is_scheduled", True)
 
-    @functools.lru_cache(maxsize=None)
+    @functools.cache
     def row_dot(in_features: int, dtype: str) -> tirx.PrimFunc:
         return mark(row_dot_cuda(in_features, dtype))
 
@@ -168,7 +174,7 @@ def norm_bias_selector(target: Target) -> NormBiasKernels | None:
         return NormBiasKernels(row_dot)
     from vptq_mlc.tir_kernels.cuda_prologue import vq_prologue_cuda
 
-    @functools.lru_cache(maxsize=None)
+    @functools.cache
     def prologue(in_features: int, dtype: str, has_perm: bool) -> tirx.PrimFunc:
         return mark(vq_prologue_cuda(in_features, dtype, has_perm))
 

@@ -1,14 +1,15 @@
-"""The kernel layout of one VPTQ layer (layout `generic`, docs/ARCHITECTURE.md), computed once at convert time.
+"""The VQ layout table: which tensors a VPTQ layer carries in the model dir (names, order, shapes, dtypes) and how
+convert computes them (layout `generic`, and `code-sorted` for large codebooks; docs/ARCHITECTURE.md).
 
 Codes are unpacked to rows along the input dimension (`codes[i, k]`; uint8 for codebooks of <= 256 entries,
-else uint16: `tir_kernels.generic.code_dtype`), so a kernel streams one vector row's codes contiguously; the
-permutation and norm scale are re-expressed on the activation side.
+else uint16: `code_dtype`), so a kernel streams one vector row's codes contiguously; the permutation and norm
+scale are re-expressed on the activation side. Convert writes these tensors, the kernels declare them as operands.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Mapping
 
 import numpy as np
 
@@ -16,12 +17,33 @@ from vptq_mlc.checkpoint.dequant import LayerCodes
 from vptq_mlc.checkpoint.layer_config import VPTQLayerConfig
 
 LAYOUT = "generic"
+Shapes = dict[str, tuple[tuple[int, ...], str]]  # operand name -> (shape, dtype; "float" = model dtype)
+
+
+def code_dtype(num_entries: int) -> str:
+    """Storage of codes into a codebook of `num_entries`: uint8 up to 256 entries (half the bytes a decode kernel
+    streams, e.g. v8-k256-256), else uint16."""
+    return "uint8" if num_entries <= 256 else "uint16"
+
+
+def vq_operand_shapes(cfg: VPTQLayerConfig) -> Shapes:
+    """Shapes and dtypes (`"float"` = model dtype) of the generic layout's code/codebook tensors, in call order."""
+    gs = cfg.group_num * cfg.group_size
+    shapes: Shapes = {
+        "centroids": ((cfg.group_num, cfg.num_centroids, cfg.vector_len), "float"),
+        "codes": ((cfg.num_vectors, gs), code_dtype(cfg.num_centroids)),
+    }
+    if cfg.has_residual:
+        shapes["res_centroids"] = ((cfg.group_num, cfg.num_res_centroids, cfg.vector_len), "float")
+        shapes["res_codes"] = ((cfg.num_vectors, gs), code_dtype(cfg.num_res_centroids))
+    if cfg.has_outliers:
+        shapes["outlier_centroids"] = ((cfg.num_outlier_centroids, cfg.outlier_vector_len), "float")
+        shapes["outlier_codes"] = ((cfg.num_outlier_vectors, cfg.outlier_size), "uint16")
+    return shapes
 
 
 def _codes_2d(codes: np.ndarray, num_entries: int) -> np.ndarray:
     """[G, N, S] -> [N, G*S] (group g owns columns g*S .. g*S+S-1), stored as `code_dtype(num_entries)`."""
-    from vptq_mlc.tir_kernels.generic import code_dtype
-
     g, n, s = codes.shape
     return np.ascontiguousarray(codes.transpose(1, 0, 2).reshape(n, g * s)).astype(code_dtype(num_entries))
 
@@ -62,7 +84,7 @@ def generic_layout(
 
 
 # ---------------------------------------------------------------- layout `code-sorted` (large codebooks, CUDA decode)
-# A gather from a codebook that does not fit shared memory is walled by L2 (../shared/docs/vq-gemv-h100.md §3).
+# A gather from a codebook that does not fit shared memory is walled by L2 (docs/vq-gemv-h100.md §3).
 # For such layers the converter also writes every code as an *entry* grouped by codebook slice, so a CTA can hold
 # one slice in shared memory and stream only the entries that look into it. Main and residual codebooks of a group
 # are treated as one combined book `[C_main[g]; C_res[g]]` (combined index = code, or K + residual code): the
@@ -135,7 +157,7 @@ def code_sorted_geometry(cfg: VPTQLayerConfig, dtype: str) -> CodeSortedGeometry
     return CodeSortedGeometry(se, nsg, ns, bits, cfg.num_vectors, -(-cap // 4) * 4, length, res_dtype)
 
 
-def code_sorted_shapes(cfg: VPTQLayerConfig, dtype: str) -> dict[str, tuple[tuple[int, ...], str]]:
+def code_sorted_shapes(cfg: VPTQLayerConfig, dtype: str) -> Shapes:
     """Extra tensor-cache entries of the code-sorted layout (besides the generic ones, which it reuses for the
     codebooks and outliers): `cs_entries` uint32 and `cs_offsets` int32 (start of each list, in 4-entry chunks)."""
     geo = code_sorted_geometry(cfg, dtype)

@@ -1,4 +1,5 @@
-"""MLC-LLM's weight format: `tensor-cache.json` + `params_shard_<N>.bin` (mlc-artifacts.md section 3).
+"""MLC-LLM's weight format: `tensor-cache.json` + `params_shard_<N>.bin` (docs/mlc-artifacts.md section 3): the
+streaming writer convert uses and the index reader compile and the runtime use.
 
 Our own streaming writer rather than `tvm.contrib.tvmjs.dump_tensor_cache`: it never holds more than one
 shard in memory, stores every dtype `raw` (float32 stays exact) and reports progress through tqdm, not stdout.
@@ -9,13 +10,15 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 import numpy as np
 
+from vptq_mlc.artifact.files import SHARD_PREFIX, TENSOR_CACHE
+
 SHARD_CAP_BYTES = 32 * 2**20
-INDEX_NAME = "tensor-cache.json"
 
 
 class TensorCacheWriter:
@@ -44,7 +47,7 @@ class TensorCacheWriter:
     def _flush(self) -> None:
         if not self._pending:
             return
-        path = self.out_dir / f"params_shard_{len(self.shards)}.bin"
+        path = self.out_dir / f"{SHARD_PREFIX}{len(self.shards)}.bin"
         md5, offset, records = hashlib.md5(), 0, []
         with open(path, "wb") as f:
             for rec, data in self._pending:
@@ -53,16 +56,17 @@ class TensorCacheWriter:
                 records.append({**rec, "byteOffset": offset})
                 offset += len(data)
         self.shards.append(
-            {"dataPath": path.name, "format": "raw-shard", "nbytes": offset, "records": records, "md5sum": md5.hexdigest()}
+            {"dataPath": path.name, "format": "raw-shard", "nbytes": offset, "records": records,
+             "md5sum": md5.hexdigest()}
         )
         self._pending, self._pending_bytes = [], 0
 
     def close(self) -> None:
         self._flush()
         meta = {"ParamSize": self.num_tensors, "ParamBytes": self.total_bytes, **self.metadata}
-        (self.out_dir / INDEX_NAME).write_text(json.dumps({"metadata": meta, "records": self.shards}, indent=2))
+        (self.out_dir / TENSOR_CACHE).write_text(json.dumps({"metadata": meta, "records": self.shards}, indent=2))
 
-    def __enter__(self) -> "TensorCacheWriter":
+    def __enter__(self) -> TensorCacheWriter:
         return self
 
     def __exit__(self, exc_type: Any, *_: Any) -> None:
@@ -73,13 +77,14 @@ class TensorCacheWriter:
 def read_index(model_dir: Path) -> dict[str, dict[str, Any]]:
     """name -> record (shape, dtype, ..., plus its shard's `dataPath`) of every tensor in a model dir's tensor
     cache (numpy + json only: the runtime uses it too)."""
-    index = json.loads((Path(model_dir) / INDEX_NAME).read_text())
-    return {rec["name"]: {**rec, "dataPath": shard["dataPath"]} for shard in index["records"] for rec in shard["records"]}
+    index = json.loads((Path(model_dir) / TENSOR_CACHE).read_text())
+    return {rec["name"]: {**rec, "dataPath": shard["dataPath"]}
+            for shard in index["records"] for rec in shard["records"]}
 
 
 def shard_paths(model_dir: Path) -> list[str]:
     """The shard files the index names (relative to the model dir)."""
-    return [shard["dataPath"] for shard in json.loads((Path(model_dir) / INDEX_NAME).read_text())["records"]]
+    return [shard["dataPath"] for shard in json.loads((Path(model_dir) / TENSOR_CACHE).read_text())["records"]]
 
 
 def write_tensor_cache(out_dir: Path, tensors: Iterable[tuple[str, np.ndarray]], **kw: Any) -> None:

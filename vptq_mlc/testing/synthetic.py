@@ -11,8 +11,9 @@ import functools
 import json
 import os
 import tempfile
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import numpy as np
 
@@ -171,7 +172,9 @@ def hf_config_for(
         raise CheckpointError(f"unsupported architecture {arch!r}; supported: {', '.join(SUPPORTED_ARCHS)}")
     hd = head_dim or hidden_size // num_heads
     c: dict[str, Any] = {
-        "architectures": [{"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "mistral": "MistralForCausalLM"}[arch]],
+        "architectures": [
+            {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "mistral": "MistralForCausalLM"}[arch]
+        ],
         "model_type": arch,
         "attention_dropout": 0.0,
         "bos_token_id": bos_token_id,

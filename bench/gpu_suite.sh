@@ -1,0 +1,47 @@
+#!/usr/bin/env bash
+# Everything the GPU host checks and times, in one device call, on artifacts built on the build box.
+# Usage (GPU host, repo root): bash bench/gpu_suite.sh OUT_DIR ART_DIR [steps...]
+# ART_DIR is the folder carried from the build box; each step reads its part (build commands in bench/RESULTS.md):
+#   tvm_rt/   runtime-only TVM: vptq-mlc runtime-bundle ART_DIR/tvm_rt --python 3.12 (optional: a full TVM works)
+#   kcheck/   vptq-mlc bench build ART_DIR/kcheck --suite check --arch sm_90          steps: check, pytest
+#   kbench/   vptq-mlc bench build ART_DIR/kbench --suite kernels --arch sm_90 --rows 1,8    step: kernels
+#   kcs/      vptq-mlc bench build ART_DIR/kcs --suite code-sorted --arch sm_90      steps: cs, pytest
+#   e2e/      a tiny converted model: model/, model-cpu.so, model-cuda.so, ckpt/ (its checkpoint, for the
+#             transformers reference)                                                  steps: decode, pytest
+#   e2e7b/    per system NAME: NAME-cfg/ (vptq-mlc bench synth-model ... --config-only) and NAME-cuda.so   step: e2e7b
+# steps: check kernels cs decode pytest e2e7b (default: check kernels decode pytest)
+# E2E7B_SYSTEMS: the e2e7b system names (default: "v8-k4096-0 v8-k256-256 fp16"); E2E7B_STEPS: decode steps (64).
+set -o pipefail
+OUT=${1:?usage: gpu_suite.sh OUT_DIR ART_DIR [steps...]}
+ART=${2:?usage: gpu_suite.sh OUT_DIR ART_DIR [steps...]}
+shift 2
+STEPS=${*:-"check kernels decode pytest"}
+ART=$(cd "$ART" && pwd)
+mkdir -p "$OUT"
+export PYTHONPATH=${ART}/tvm_rt:$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
+[ -d "$ART/tvm_rt" ] && export TVM_USE_RUNTIME_LIB=1
+V=(python3 -c 'from vptq_mlc.cli import main; main()')
+nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv | tee "$OUT/env.txt"
+python3 -c "import tvm, torch; print('tvm runtime-only:', tvm.base._RUNTIME_ONLY, '| torch', torch.__version__)" \
+  | tee -a "$OUT/env.txt"
+rc=0
+for s in $STEPS; do
+  case $s in
+    check) "${V[@]}" bench check "$ART/kcheck" --json "$OUT/check.json" 2>&1 | tail -n 8 | tee "$OUT/check.log" || rc=1 ;;
+    kernels) "${V[@]}" bench kernels "$ART/kbench" --json "$OUT/kernels.json" 2>&1 | tee "$OUT/kernels.log" || rc=1 ;;
+    cs) "${V[@]}" bench kernels "$ART/kcs" --json "$OUT/cs_kernels.json" 2>&1 | tee "$OUT/cs_kernels.log" || rc=1 ;;
+    decode) E=$ART/e2e
+      "${V[@]}" bench decode "$E/model" --lib "$E/model-cuda.so" --device cuda --tokens 32 \
+        --compare-lib "$E/model-cpu.so" --compare-device cpu 2>&1 | tee "$OUT/decode.log" || rc=1 ;;
+    pytest)
+      VPTQ_MLC_GPU_KERNELS=$ART/kcheck VPTQ_MLC_GPU_E2E=$ART/e2e VPTQ_MLC_GPU_CODE_SORTED=$ART/kcs \
+        python3 -m pytest -q -s -ra tests/gpu -p no:cacheprovider 2>&1 | tail -n 20 | tee "$OUT/pytest.log" || rc=1 ;;
+    e2e7b) SYS=()
+      for n in ${E2E7B_SYSTEMS:-v8-k4096-0 v8-k256-256 fp16}; do SYS+=(--system "$n" "$ART/e2e7b/$n-cfg" "$ART/e2e7b/$n-cuda.so"); done
+      "${V[@]}" bench e2e "$OUT/e2e_7b.json" --steps "${E2E7B_STEPS:-64}" --no-transformers "${SYS[@]}" --device cuda \
+        > "$OUT/e2e_7b.log" 2>&1 || rc=1
+      tail -n 18 "$OUT/e2e_7b.log" ;;
+    *) echo "unknown step $s (check kernels cs decode pytest e2e7b)" >&2; exit 2 ;;
+  esac
+done
+exit $rc
