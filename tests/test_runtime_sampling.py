@@ -174,7 +174,9 @@ def test_bitmask_restricts_tokens() -> None:
     assert draws == set(allowed)
 
 
-@pytest.mark.parametrize("field,value", [("min_p", 1.5), ("seed", -1), ("top_logprobs", 21), ("logit_bias", {1: 101.0})])
+@pytest.mark.parametrize(
+    "field,value", [("min_p", 1.5), ("seed", -1), ("top_logprobs", 21), ("logit_bias", {1: 101.0})]
+)
 def test_new_fields_validated(field: str, value: object) -> None:
     with pytest.raises(GenerationError, match=field):
         SamplingParams(**{field: value}).validate()

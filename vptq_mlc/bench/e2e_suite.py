@@ -199,8 +199,8 @@ def _ints(value: str) -> tuple[int, ...]:
 @click.option("--exact-random", is_flag=True, help="Draw every random float (slow for fp16 7B: minutes) instead "
                                                    f"of repeating a random block of {TILE} values per tensor.")
 def e2e_cmd(out_json: str, systems: tuple[tuple[str, str, str], ...], baseline: str | None, with_hf: bool,
-            hf_dtype: str, torch_anchor: bool | None, device: str, batches: str, contexts: str, prefill: str, steps: int, warmup: int,
-            prefill_reps: int, work_dir: str | None, exact_random: bool) -> None:
+            hf_dtype: str, torch_anchor: bool | None, device: str, batches: str, contexts: str, prefill: str,
+            steps: int, warmup: int, prefill_reps: int, work_dir: str | None, exact_random: bool) -> None:
     """End-to-end decode/prefill tok/s and peak GPU memory of our libraries next to transformers (one table)."""
     grid = Grid(_ints(batches), _ints(contexts), _ints(prefill), steps, warmup, prefill_reps)
     if min(grid.contexts) <= steps + warmup + 1:

@@ -18,7 +18,6 @@ import numpy as np
 
 from vptq_mlc.errors import GenerationError
 
-
 MAX_TOP_LOGPROBS = 20
 
 
