@@ -213,9 +213,27 @@ def create_app(worker: EngineWorker, model_name: str) -> FastAPI:
 
     @app.get("/metrics")
     async def metrics() -> Response:
-        return Response(worker.metrics.render(), media_type=CONTENT_TYPE)
+        return Response(worker.metrics.render() + _prefix_cache_metrics(engine), media_type=CONTENT_TYPE)
 
     return app
+
+
+def _prefix_cache_metrics(engine: Any) -> str:
+    """Prefill work and prefix-cache reuse (Prometheus text), for engines that count them."""
+    if not hasattr(engine, "prefill_tokens"):
+        return ""
+    cache = getattr(engine, "prefix_cache", None)
+    rows = [("prompt_tokens_prefilled_total", "counter", "Prompt tokens run through the model (cache hits skip theirs).",
+             engine.prefill_tokens),
+            ("prefix_cache_lookups_total", "counter", "Admitted requests that looked for a cached prefix.",
+             cache.lookups if cache else 0),
+            ("prefix_cache_hits_total", "counter", "Requests that started from a cached prefix.", cache.hits if cache else 0),
+            ("prefix_cache_hit_tokens_total", "counter", "Prompt tokens taken from cached prefixes instead of prefilled.",
+             cache.hit_tokens if cache else 0),
+            ("prefix_cache_entries", "gauge", "Finished sequences kept for their prefixes.", len(cache.entries) if cache else 0),
+            ("prefix_cache_pages", "gauge", "KV pages the cached prefixes hold (upper bound).", cache.pages if cache else 0)]
+    return "".join(f"# HELP vptq_mlc_{name} {doc}\n# TYPE vptq_mlc_{name} {kind}\nvptq_mlc_{name} {value}\n"
+                   for name, kind, doc, value in rows)
 
 
 def _validation_error(e: RequestValidationError) -> APIError:
