@@ -51,6 +51,21 @@ def test_shared_prefix_is_not_prefilled_again(engines) -> None:
     assert cached.prefix_cache.hits == 2
 
 
+def test_n_sequences_share_one_prefill(engines) -> None:
+    """Requests queued together with one prompt (n choices): the first prefills it, the others fork it."""
+    cached, plain = engines
+    prompt = cached.tokenizer.encode("Three friends walked into the old library on a rainy afternoon and")
+    assert len(prompt) >= 2 * cached.kv.page_size
+    before = cached.prefill_tokens
+    params = cached._params(max_tokens=6, temperature=0, ignore_eos=True)
+    reqs = [cached.add_request(prompt, params) for _ in range(3)]
+    while not all(r.finished for r in reqs):
+        cached.step()
+    assert cached.prefill_tokens - before == len(prompt) + 2  # two forks run only the last prompt token
+    expected = greedy(plain, prompt, 6)[0]
+    assert all(r.output_ids == expected for r in reqs)
+
+
 def test_cached_prefixes_give_their_pages_back(engines) -> None:
     cached, plain = engines
     tok = cached.tokenizer

@@ -205,9 +205,14 @@ class Engine:
                 cache.evict()  # cached prefixes give their pages back before anyone waits for them
             if reserved + req.reserved_pages > self.kv.total_pages:
                 break  # FIFO: wait for pages rather than let a later, smaller request overtake
+            if cache is not None and any(not r.prefill_done and cache.shared_length(r.prompt_ids, req.prompt_ids)
+                                         >= self.kv.page_size for r in self.running):
+                break  # its prefix is being prefilled right now (n choices, a burst of one system prompt): fork it next
             self.waiting.popleft()
             req.seq_id = next(self._seq_ids)
-            hit = cache.match(req.prompt_ids, min_tokens=self.kv.page_size) if cache is not None else None
+            live = [(r.seq_id, r.prompt_ids + r.output_ids[: self._decoded.get(r.seq_id, 0)])
+                    for r in self.running if r.prefill_done]
+            hit = cache.match(req.prompt_ids, self.kv.page_size, live) if cache is not None else None
             if hit is not None:
                 self.kv.fork(hit[0], req.seq_id, hit[1])
                 req.prefilled = hit[1]

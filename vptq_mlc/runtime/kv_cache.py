@@ -107,20 +107,24 @@ class PrefixCache:
     def pages(self) -> int:
         return sum(self.kv.pages_for(len(t)) for t in self.entries.values())
 
-    def match(self, prompt: Sequence[int], min_tokens: int) -> tuple[int, int] | None:
-        """(entry seq id, shared length) of the longest shared prefix, at most len(prompt) - 1 tokens (the last
-        prompt token is always run: its logits pick the first new token); None below `min_tokens`."""
+    def match(self, prompt: Sequence[int], min_tokens: int,
+              live: Sequence[tuple[int, Sequence[int]]] = ()) -> tuple[int, int] | None:
+        """(seq id, shared length) of the longest shared prefix among the entries and the `live` (running)
+        sequences, at most len(prompt) - 1 tokens (the last prompt token is always run: its logits pick the
+        first new token); None below `min_tokens`."""
         self.lookups += 1
         ids = np.asarray(prompt, dtype=np.int64)
         best: tuple[int, int] | None = None
-        for seq_id, tokens in self.entries.items():
+        candidates = [*self.entries.items(), *((s, np.asarray(t, dtype=np.int64)) for s, t in live)]
+        for seq_id, tokens in candidates:
             n = min(len(tokens), len(ids) - 1)
             same = tokens[:n] == ids[:n]
             length = n if same.all() else int(np.argmin(same))
             if length >= min_tokens and (best is None or length > best[1]):
                 best = (seq_id, length)
         if best is not None:
-            self.entries.move_to_end(best[0])
+            if best[0] in self.entries:
+                self.entries.move_to_end(best[0])
             self.hits += 1
             self.hit_tokens += best[1]
         return best
@@ -139,6 +143,12 @@ class PrefixCache:
         self.entries[seq_id] = ids
         while len(self.entries) > self.max_entries:
             self.evict()
+
+    @staticmethod
+    def shared_length(a: Sequence[int], b: Sequence[int]) -> int:
+        n = min(len(a), len(b))
+        same = np.asarray(a[:n], dtype=np.int64) == np.asarray(b[:n], dtype=np.int64)
+        return n if same.all() else int(np.argmin(same))
 
     def drop(self, seq_id: int) -> None:
         del self.entries[seq_id]
