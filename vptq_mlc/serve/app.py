@@ -29,6 +29,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from vptq_mlc.errors import VPTQMLCError
+from vptq_mlc.runtime.sampling import TokenLogprob
 from vptq_mlc.serve.metrics import CONTENT_TYPE, ServeMetrics
 from vptq_mlc.serve.protocol import (
     DEFAULT_CHAT_MAX_TOKENS,
@@ -339,8 +340,15 @@ class _Answer:
     def add(self, ev: Event) -> None:
         self.text += ev.text
         self.token_ids += ev.token_ids
-        self.logprobs += ev.logprobs
+        self.logprobs += _logprobs(ev)
         self.finish_reason = ev.finish_reason
+
+
+def _logprobs(ev: Event) -> list[TokenLogprob]:
+    """The event's logprobs as TokenLogprob (events from Ray replicas carry them as plain dicts)."""
+    return [e if isinstance(e, TokenLogprob) else TokenLogprob(int(e["token"]), float(e["logprob"]),
+                                                                [(int(t), float(lp)) for t, lp in e["top"]])
+            for e in ev.logprobs]
 
 
 def _call_id() -> str:
@@ -444,9 +452,10 @@ async def _sse(worker: EngineWorker, streams: list[Stream], shape: _Shape, promp
                         held[i].logprobs), token_ids=held[i].token_ids if shape.token_ids else None, tool_calls=deltas))
                     ev = dataclasses.replace(ev, finish_reason=shape.finish(ev.finish_reason, calls))
             elif ev.text or ((shape.token_ids or shape.with_logprobs) and ev.token_ids):
+                entries = _logprobs(ev)
                 yield _data(out.choice_chunk(i, ev.text, token_ids=ev.token_ids if shape.token_ids else None,
-                                             logprobs=shape.logprobs(ev.logprobs, offsets[i])))
-                offsets[i] += sum(len(shape.token_text.text(e.token)) for e in ev.logprobs) if shape.with_logprobs else 0
+                                             logprobs=shape.logprobs(entries, offsets[i])))
+                offsets[i] += sum(len(shape.token_text.text(e.token)) for e in entries)
             if ev.finish_reason is not None:
                 yield _data(out.choice_chunk(i, None, finish_reason=ev.finish_reason))
                 open_choices -= 1

@@ -388,6 +388,11 @@ def _byte_level_decoder() -> dict[str, int]:
     return {chr(c): b for b, c in enumerate(chars)}
 
 
+def _possible(top: list[tuple[int, float]]) -> list[tuple[int, float]]:
+    """Alternatives a grammar did not exclude (-inf has no JSON number and was never a candidate)."""
+    return [(t, lp) for t, lp in top if lp != float("-inf")]
+
+
 class TokenText:
     """Each token's bytes and text as OpenAI's logprobs report them."""
 
@@ -424,7 +429,7 @@ class TokenText:
     def chat_logprobs(self, entries: list[Any]) -> dict[str, Any]:
         """Chat shape: {"content": [{token, logprob, bytes, top_logprobs: [{token, logprob, bytes}]}]}."""
         return {"content": [{**self.chat_entry(e.token, e.logprob),
-                             "top_logprobs": [self.chat_entry(t, lp) for t, lp in e.top]} for e in entries],
+                             "top_logprobs": [self.chat_entry(t, lp) for t, lp in _possible(e.top)]} for e in entries],
                 "refusal": None}
 
     def completion_logprobs(self, entries: list[Any], offset: int = 0) -> dict[str, Any]:
@@ -435,4 +440,5 @@ class TokenText:
             offsets.append(offset)
             offset += len(t)
         return {"tokens": tokens, "token_logprobs": [e.logprob for e in entries],
-                "top_logprobs": [{self.text(t): lp for t, lp in e.top} for e in entries], "text_offset": offsets}
+                "top_logprobs": [{self.text(t): lp for t, lp in _possible(e.top)} for e in entries],
+                "text_offset": offsets}
