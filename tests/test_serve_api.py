@@ -256,6 +256,10 @@ def test_auto_tool_calls_are_parsed_from_hermes_markup() -> None:
     assert content == "Let me look." and len(calls) == 1
     assert calls[0]["function"] == {"name": "get_weather", "arguments": '{"city": "Paris"}'}
     assert shape.tool_calls("plain answer") == ("plain answer", [])
+    two = text + ' <tool_call>{"name": "get_weather", "arguments": {"city": "Oslo"}}</tool_call>'
+    assert [json.loads(c["function"]["arguments"])["city"] for c in shape.tool_calls(two)[1]] == ["Paris", "Oslo"]
+    single = _Shape(None, None, "auto", False, False, ["get_weather"], parallel=False)  # type: ignore[arg-type]
+    assert len(single.tool_calls(two)[1]) == 1
     bad = '<tool_call>{"name": "rm_rf", "arguments": {}}</tool_call>'  # not one of the tools: left as text
     assert shape.tool_calls(bad) == (bad, [])
 

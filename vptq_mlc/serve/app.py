@@ -136,7 +136,8 @@ def create_app(worker: EngineWorker, model_name: str) -> FastAPI:
             raise
         out = ResponseBuilder(chat, model_name)
         shape = _Shape(out, token_text, tool_mode, body.return_token_ids, params.logprobs,
-                       [t.function.name for t in body.tools or []] if chat else [])
+                       [t.function.name for t in body.tools or []] if chat else [],
+                       parallel=not chat or body.parallel_tool_calls)
         if body.stream:
             return StreamingResponse(_sse(worker, streams, shape, prompt_tokens, body.include_usage()),
                                      media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
@@ -359,9 +360,10 @@ class _Shape:
     """Turns a choice's events into OpenAI bodies: logprobs in the endpoint's shape, tool calls from the text."""
 
     def __init__(self, out: ResponseBuilder, token_text: TokenText, tool_mode: str, token_ids: bool, logprobs: bool,
-                 tool_names: list[str]) -> None:
+                 tool_names: list[str], parallel: bool = True) -> None:
         self.out, self.token_text, self.tool_mode = out, token_text, tool_mode
         self.token_ids, self.with_logprobs, self.tool_names = token_ids, logprobs, tool_names
+        self.parallel = parallel  # parallel_tool_calls: false keeps the first call of an `auto` answer
 
     @property
     def buffered(self) -> bool:
@@ -400,6 +402,7 @@ class _Shape:
                 content.append(rest[: j + len(TOOL_CALL_CLOSE)])
             rest = rest[j + len(TOOL_CALL_CLOSE) :]
         content.append(rest)
+        calls = calls if self.parallel else calls[:1]
         joined = "".join(content).strip()
         return (joined or None, calls) if calls else (text, [])
 
