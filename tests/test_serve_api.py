@@ -14,8 +14,8 @@ import jsonschema
 import numpy as np
 import openai
 import pytest
-
 from reference_model import reference_model
+
 from vptq_mlc.runtime import Engine
 from vptq_mlc.serve.server import ServerThread
 
@@ -127,7 +127,8 @@ def tokenizer_ids_of(oa: openai.OpenAI, text: str) -> list[int]:
     """Prompt ids through the tokenizers library directly."""
     from tokenizers import Tokenizer
 
-    return Tokenizer.from_file(str(oa._server_model_dir / "tokenizer.json")).encode(text).ids  # type: ignore[attr-defined]
+    model_dir = oa._server_model_dir  # type: ignore[attr-defined]
+    return Tokenizer.from_file(str(model_dir / "tokenizer.json")).encode(text).ids
 
 
 @pytest.fixture(autouse=True)

@@ -13,7 +13,6 @@ from collections.abc import Iterator, Sequence
 from typing import Any
 
 import numpy as np
-
 import tvm
 from tvm.runtime import ShapeTuple
 
@@ -98,7 +97,8 @@ class PrefixCache:
     def __init__(self, kv: PagedKVCache, max_entries: int = 64) -> None:
         self.kv = kv
         self.max_entries = max_entries
-        self.entries: collections.OrderedDict[int, np.ndarray] = collections.OrderedDict()  # seq id -> tokens, LRU first
+        # seq id -> the tokens its KV holds, least recently used first
+        self.entries: collections.OrderedDict[int, np.ndarray] = collections.OrderedDict()
         self.hits = 0  # requests that reused a prefix
         self.hit_tokens = 0  # prompt tokens they did not prefill
         self.lookups = 0

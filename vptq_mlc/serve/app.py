@@ -20,11 +20,10 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
-
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -42,7 +41,13 @@ from vptq_mlc.serve.protocol import (
     TokenText,
     sampling_params,
 )
-from vptq_mlc.serve.worker import EngineWorker, Event, QueueFullError, Stream, WorkerStoppedError
+from vptq_mlc.serve.worker import (
+    EngineWorker,
+    Event,
+    QueueFullError,
+    Stream,
+    WorkerStoppedError,
+)
 
 log = logging.getLogger(__name__)
 
@@ -229,11 +234,14 @@ def _prefix_cache_metrics(engine: Any) -> str:
              engine.prefill_tokens),
             ("prefix_cache_lookups_total", "counter", "Admitted requests that looked for a cached prefix.",
              cache.lookups if cache else 0),
-            ("prefix_cache_hits_total", "counter", "Requests that started from a cached prefix.", cache.hits if cache else 0),
-            ("prefix_cache_hit_tokens_total", "counter", "Prompt tokens taken from cached prefixes instead of prefilled.",
+            ("prefix_cache_hits_total", "counter", "Requests that started from a cached prefix.",
+             cache.hits if cache else 0),
+            ("prefix_cache_hit_tokens_total", "counter", "Prompt tokens taken from cached prefixes, not prefilled.",
              cache.hit_tokens if cache else 0),
-            ("prefix_cache_entries", "gauge", "Finished sequences kept for their prefixes.", len(cache.entries) if cache else 0),
-            ("prefix_cache_pages", "gauge", "KV pages the cached prefixes hold (upper bound).", cache.pages if cache else 0)]
+            ("prefix_cache_entries", "gauge", "Finished sequences kept for their prefixes.",
+             len(cache.entries) if cache else 0),
+            ("prefix_cache_pages", "gauge", "KV pages the cached prefixes hold (upper bound).",
+             cache.pages if cache else 0)]
     return "".join(f"# HELP vptq_mlc_{name} {doc}\n# TYPE vptq_mlc_{name} {kind}\nvptq_mlc_{name} {value}\n"
                    for name, kind, doc, value in rows)
 
@@ -306,8 +314,9 @@ class _Grammars:
         fmt = body.response_format
         if tool_mode == "required":
             schema: dict[str, Any] | None = {"anyOf": [
-                {"type": "object", "properties": {"name": {"const": t.function.name}, "arguments": t.function.parameters},
-                 "required": ["name", "arguments"]} for t in body.tools or []]}
+                {"type": "object", "required": ["name", "arguments"],
+                 "properties": {"name": {"const": t.function.name}, "arguments": t.function.parameters}}
+                for t in body.tools or []]}
             param = "tool_choice"
         elif tool_mode.startswith("function:"):
             name = tool_mode.split(":", 1)[1]
@@ -451,7 +460,7 @@ async def _sse(worker: EngineWorker, streams: list[Stream], shape: _Shape, promp
                 if ev.finish_reason is not None:
                     content, calls = shape.tool_calls(held[i].text)
                     deltas = [{"index": k, **c} for k, c in enumerate(calls)] or None
-                    yield _data(out.choice_chunk(i, None if calls else held[i].text, logprobs=shape.logprobs(
+                    yield _data(out.choice_chunk(i, content if calls else held[i].text, logprobs=shape.logprobs(
                         held[i].logprobs), token_ids=held[i].token_ids if shape.token_ids else None, tool_calls=deltas))
                     ev = dataclasses.replace(ev, finish_reason=shape.finish(ev.finish_reason, calls))
             elif ev.text or ((shape.token_ids or shape.with_logprobs) and ev.token_ids):

@@ -165,7 +165,7 @@ class ResponseFormat(BaseModel):
                            param="response_format")
         unknown = set(spec) - {"name", "schema", "strict", "description"}
         if unknown:
-            raise APIError(400, f"response_format.json_schema.{sorted(unknown)[0]} is not a known field; leave it out",
+            raise APIError(400, f"response_format.json_schema.{min(unknown)} is not a known field; leave it out",
                            param="response_format")
         return spec.get("schema") or {}
 
@@ -356,8 +356,9 @@ class ResponseBuilder:
         obj = "chat.completion" if self.chat else "text_completion"
         return {**self._base(obj), "choices": choices, "usage": usage(prompt_tokens, completion_tokens)}
 
-    def choice(self, index: int, text: str, finish_reason: str, token_ids: list[int] | None = None,
-               logprobs: dict[str, Any] | None = None, tool_calls: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+    def choice(self, index: int, text: str | None, finish_reason: str, token_ids: list[int] | None = None,
+               logprobs: dict[str, Any] | None = None,
+               tool_calls: list[dict[str, Any]] | None = None) -> dict[str, Any]:
         """One choice of a whole response; tool calls replace the content (OpenAI: content null)."""
         if self.chat:
             message: dict[str, Any] = {"role": "assistant", "content": None if tool_calls else text}

@@ -67,7 +67,8 @@ def xgrammar_api() -> Any:
             else:
                 sys.modules["xgrammar"] = real
         if not all(hasattr(api, n) for n in ("TokenizerInfo", "GrammarCompiler", "GrammarMatcher")):
-            raise StructuredOutputUnavailable(f"this xgrammar has an unknown binding; install xgrammar=={XGRAMMAR_VERSION}")
+            raise StructuredOutputUnavailable(
+                f"this xgrammar has an unknown binding; install xgrammar=={XGRAMMAR_VERSION}")
         _api = api
         return api
 

@@ -62,7 +62,8 @@ class Event:
 class Stream:
     """The handler's end of one request. Created by `EngineWorker.submit` inside the handler's event loop."""
 
-    def __init__(self, prompt_ids: list[int], params: SamplingParams, constraint: TokenConstraint | None = None) -> None:
+    def __init__(self, prompt_ids: list[int], params: SamplingParams,
+                 constraint: TokenConstraint | None = None) -> None:
         self.prompt_ids = prompt_ids
         self.params = params
         self.constraint = constraint
@@ -120,7 +121,8 @@ class EngineWorker:
         with self._lock:
             return self._queued
 
-    def submit(self, prompt_ids: list[int], params: SamplingParams, constraint: TokenConstraint | None = None) -> Stream:
+    def submit(self, prompt_ids: list[int], params: SamplingParams,
+               constraint: TokenConstraint | None = None) -> Stream:
         """Queue a request; its events arrive on the returned stream. Raises QueueFullError past max_queue."""
         with self._lock:
             if self._closed or not self.alive():
