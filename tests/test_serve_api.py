@@ -265,15 +265,27 @@ def test_auto_tool_calls_are_parsed_from_hermes_markup() -> None:
     assert shape.tool_calls(bad) == (bad, [])
 
 
-def test_structured_output_without_xgrammar_is_a_400_naming_the_extra(monkeypatch) -> None:
+def test_structured_output_without_xgrammar_is_a_400_naming_the_extra(monkeypatch, tiny_served_model) -> None:
     import importlib.util
 
     from vptq_mlc.serve import structured
 
     monkeypatch.setattr(structured, "_api", None)
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None)
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "xgrammar" else real_find_spec(name, *a))
     with pytest.raises(structured.StructuredOutputUnavailable, match=r"vptq-mlc\[structured\]"):
         structured.xgrammar_api()
+    _, model_dir, lib = tiny_served_model
+    engine = Engine(model_dir, lib, device="cpu", max_batch_size=2)
+    with ServerThread(engine, max_queue=2) as s, httpx.Client(base_url=s.url, timeout=60) as c:
+        body = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 4,
+                "response_format": {"type": "json_object"}}
+        r = c.post("/v1/chat/completions", json=body)
+        assert r.status_code == 400 and r.json()["error"]["param"] == "response_format"
+        assert "vptq-mlc[structured]" in r.json()["error"]["message"] and "\n" not in r.json()["error"]["message"]
+        r = c.post("/v1/chat/completions", json={**body, "response_format": {"type": "text"}})
+        assert r.status_code == 200  # free text needs no xgrammar
 
 
 # ---- tokenize / detokenize --------------------------------------------------------------------------------------
