@@ -132,7 +132,8 @@ def create_app(worker: EngineWorker, model_name: str) -> FastAPI:
         prompt_tokens = 0
         try:
             for i in range(body.n):  # one engine sequence per choice; seeded choices get seed, seed + 1, ...
-                p = params if body.n == 1 or params.seed is None else dataclasses.replace(params, seed=params.seed + i)
+                p = params if body.n == 1 or params.seed is None else \
+                    dataclasses.replace(params, seed=(params.seed + i) % 2**63)
                 stream, prompt_tokens = await start(ids, p, grammars.constraint(compiled))
                 streams.append(stream)
         except BaseException:
