@@ -8,6 +8,7 @@ through torch.log_softmax (tests/reference_model.py); structured output validate
 from __future__ import annotations
 
 import json
+import re
 
 import httpx
 import jsonschema
@@ -218,6 +219,30 @@ def test_json_schema_and_json_object(oa) -> None:
         assert isinstance(json.loads(r.choices[0].message.content), dict)
     else:  # cut by max_tokens: still a prefix of an object
         assert r.choices[0].message.content.startswith("{")
+
+
+def test_structured_and_free_requests_share_a_batch(server, http) -> None:
+    """A grammar-constrained request in the same batch as free ones leaves their tokens unchanged."""
+    import asyncio
+
+    free = [{"prompt": p, "max_tokens": 24, "temperature": 0, "ignore_eos": True, "return_token_ids": True}
+            for p in ("The quick brown fox", "In the beginning", "Dear Sir or Madam,")]
+    alone = [http.post("/v1/completions", json=b).json()["choices"][0]["token_ids"] for b in free]
+    fmt = {"type": "json_schema", "json_schema": {"name": "person", "schema": SCHEMA}}
+    structured = {"messages": [{"role": "user", "content": "JSON please"}], "max_tokens": 120, "temperature": 0,
+                  "response_format": fmt}
+
+    async def main():
+        async with httpx.AsyncClient(base_url=server.url, timeout=60) as c:
+            return await asyncio.wait_for(asyncio.gather(
+                c.post("/v1/chat/completions", json=structured), *[c.post("/v1/completions", json=b) for b in free]), 60)
+
+    steps = lambda: float(re.search(r"^vptq_mlc_engine_steps_total (\S+)$", http.get("/metrics").text, re.M)[1])  # noqa: E731
+    before = steps()
+    first, *rest = asyncio.run(main())
+    jsonschema.validate(json.loads(first.json()["choices"][0]["message"]["content"]), SCHEMA)
+    assert [r.json()["choices"][0]["token_ids"] for r in rest] == alone
+    assert steps() - before < 24 + first.json()["usage"]["completion_tokens"]  # they ran side by side
 
 
 def test_forced_tool_calls_validate(oa) -> None:
