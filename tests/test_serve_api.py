@@ -234,8 +234,9 @@ def test_structured_and_free_requests_share_a_batch(server, http) -> None:
 
     async def main():
         async with httpx.AsyncClient(base_url=server.url, timeout=60) as c:
-            return await asyncio.wait_for(asyncio.gather(
-                c.post("/v1/chat/completions", json=structured), *[c.post("/v1/completions", json=b) for b in free]), 60)
+            posts = [c.post("/v1/chat/completions", json=structured)]
+            posts += [c.post("/v1/completions", json=b) for b in free]
+            return await asyncio.wait_for(asyncio.gather(*posts), 60)
 
     steps = lambda: float(re.search(r"^vptq_mlc_engine_steps_total (\S+)$", http.get("/metrics").text, re.M)[1])  # noqa: E731
     before = steps()
