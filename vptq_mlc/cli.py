@@ -223,11 +223,14 @@ def chat(model_dir: str, lib: str | None, device: str, prompt: str | None, syste
 @click.option("--request-timeout", type=float, default=120.0, show_default=True,
               help="With replicas: seconds without progress from a replica before a request fails with 503.")
 @click.option("--devices", default=None, help=DEVICES_HELP)
+@click.option("--prefix-cache/--no-prefix-cache", default=True, show_default=True,
+              help="Keep finished requests' KV pages (LRU) so prompts sharing a prefix skip its prefill.")
 @one_line_errors
 def serve(model_dir: str, lib: str | None, device: str, host: str, port: int, max_batch_size: int | None,
           max_queue: int, max_total_tokens: int | None, context_window: int | None, model_name: str | None,
           api_key: str | None, max_body_bytes: int, replicas: int | None, min_replicas: int | None,
-          max_replicas: int | None, ray_address: str | None, request_timeout: float, devices: str | None) -> None:
+          max_replicas: int | None, ray_address: str | None, request_timeout: float, devices: str | None,
+          prefix_cache: bool = True) -> None:
     """OpenAI-compatible HTTP server (/v1/chat/completions, /v1/completions, /v1/models, /health, /metrics)."""
     if replicas is not None or min_replicas is not None or max_replicas is not None or ray_address:
         if devices:
@@ -254,7 +257,7 @@ def serve(model_dir: str, lib: str | None, device: str, host: str, port: int, ma
         raise click.BadParameter("must be >= 1", param_hint="--max-queue")
     model_dir, lib, device = resolve_model(model_dir, lib, _first_device(devices, device))
     engine = load_engine(model_dir, lib, device=device, max_batch_size=max_batch_size, context_window=context_window,
-                         max_total_tokens=max_total_tokens, devices=devices)
+                         max_total_tokens=max_total_tokens, devices=devices, prefix_cache=prefix_cache)
     run_server(engine, host=host, port=port, max_queue=max_queue, model_name=model_name, api_key=api_key,
                max_body_bytes=max_body_bytes)
 

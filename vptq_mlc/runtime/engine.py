@@ -27,7 +27,7 @@ from vptq_mlc.artifact.chat_config import ChatConfig
 from vptq_mlc.errors import GenerationError, RuntimeLoadError
 from vptq_mlc.runtime.chat_template import ChatTemplate, ChatTemplateError, load_chat_template
 from vptq_mlc.runtime.device import find_library, resolve_device
-from vptq_mlc.runtime.kv_cache import PagedKVCache
+from vptq_mlc.runtime.kv_cache import PagedKVCache, PrefixCache
 from vptq_mlc.runtime.library import ModelLibrary, load_library, load_params
 from vptq_mlc.runtime.request import Request, RequestState
 from vptq_mlc.runtime.sampling import SamplingParams, TokenConstraint
@@ -57,12 +57,15 @@ class Engine:
         max_total_tokens: int | None = None,
         page_size: int = 16,
         devices: Sequence[str] | str | None = None,
+        prefix_cache: bool = False,
     ) -> None:
         """Sizes left as None come from mlc-chat-config.json, bounded by the library's `_metadata`.
 
         `max_total_tokens`: KV slots shared by all sequences (default: one full context window).
         `devices`: several devices (e.g. "cuda:0,cuda:1") split the decoder layers over them (runtime/split.py;
         the library needs `--split-functions`); one device is the same as `device`.
+        `prefix_cache`: keep finished requests' KV pages (LRU, evicted when admissions need the pages) and start
+        later requests that share a prefix from them (one device, no sliding window).
         """
         self.model_dir = Path(model_dir)
         self.config = ChatConfig.load(self.model_dir)
@@ -94,6 +97,12 @@ class Engine:
         self.kv = kv_cache(self.lib, self.max_batch, max_total_tokens or self.context_window, self.prefill_chunk,
                                page_size, int(md.get("sliding_window_size", self.config.sliding_window_size)),
                                int(md.get("attention_sink_size", -1)))
+        self.prefix_cache = PrefixCache(self.kv) if prefix_cache and isinstance(self.kv, PagedKVCache) \
+            and self.kv.sliding_window <= 0 else None
+        if prefix_cache and self.prefix_cache is None:
+            log.warning("prefix caching is off: it needs one device and no sliding window")
+        self.prefill_tokens = 0  # prompt tokens run through the model (prefix-cache hits skip theirs)
+        self._decoded: dict[int, int] = {}  # seq id -> decode steps fed (the KV of a finished request)
         self.vocab_size = self.config.vocab_size
         self.active_vocab = self.config.active_vocab_size or None
         eos = set(self.config.eos_token_ids)
@@ -177,26 +186,46 @@ class Engine:
         for req in [*self.running, *self.waiting]:
             self.cancel(req)
         self.kv.clear()
+        if self.prefix_cache is not None:
+            self.prefix_cache.clear()
 
     def has_unfinished(self) -> bool:
         return bool(self.running or self.waiting)
 
     def _finish(self, req: Request) -> None:
         if req.seq_id is not None and req.state is RequestState.RUNNING:
-            self.kv.remove(req.seq_id)
+            decoded = self._decoded.pop(req.seq_id, 0)
+            if self.prefix_cache is not None and req.finish_reason != "error" and req.prefilled > 0:
+                self.prefix_cache.insert(req.seq_id, req.prompt_ids[: req.prefilled] + req.output_ids[:decoded])
+            else:
+                self.kv.remove(req.seq_id)
             self.running.remove(req)
         req.state = RequestState.FINISHED
         req.finished_at = time.perf_counter()
 
     def _admit(self) -> None:
         reserved = sum(r.reserved_pages for r in self.running)
+        cache = self.prefix_cache
         while self.waiting and len(self.running) < self.max_batch:
             req = self.waiting[0]
+            while cache is not None and cache.entries and \
+                    reserved + req.reserved_pages + cache.pages > self.kv.total_pages:
+                cache.evict()  # cached prefixes give their pages back before anyone waits for them
             if reserved + req.reserved_pages > self.kv.total_pages:
                 break  # FIFO: wait for pages rather than let a later, smaller request overtake
+            if cache is not None and any(not r.prefill_done and cache.shared_length(r.prompt_ids, req.prompt_ids)
+                                         >= self.kv.page_size for r in self.running):
+                break  # its prefix is being prefilled right now (n choices, a burst of one system prompt): fork it next
             self.waiting.popleft()
             req.seq_id = next(self._seq_ids)
-            self.kv.add(req.seq_id)
+            live = [(r.seq_id, r.prompt_ids + r.output_ids[: self._decoded.get(r.seq_id, 0)])
+                    for r in self.running if r.prefill_done]
+            hit = cache.match(req.prompt_ids, self.kv.page_size, live) if cache is not None else None
+            if hit is not None:
+                self.kv.fork(hit[0], req.seq_id, hit[1])
+                req.prefilled = hit[1]
+            else:
+                self.kv.add(req.seq_id)
             req.state = RequestState.RUNNING
             reserved += req.reserved_pages
             self.running.append(req)
@@ -252,6 +281,7 @@ class Engine:
             emb = self._embed_ids(ids, [1, len(ids)])
             pos = tvm.runtime.tensor(np.cumsum(lengths, dtype=np.int32) - 1, self.lib.device)
             logits = self._run(batch, lengths, lambda kv: self._prefill(emb, pos, kv, self.params))[0]
+            self.prefill_tokens += sum(lengths)
             for r, n in zip(batch, lengths):
                 r.prefilled += n
             rows = [(r, logits[i]) for i, r in enumerate(batch) if r.prefill_done]
@@ -261,6 +291,8 @@ class Engine:
                 emb = self._embed_ids([r.next_input() for r in batch], [len(batch), 1])
                 decode = self._static_decode.get(len(batch), self._decode)
                 logits = self._run(batch, [1] * len(batch), lambda kv: decode(emb, kv, self.params))[:, 0]
+                for r in batch:
+                    self._decoded[r.seq_id] = self._decoded.get(r.seq_id, 0) + 1
                 rows += list(zip(batch, logits))
         stepped = []
         for r, row in rows:

@@ -68,6 +68,15 @@ class Tokenizer:
     def token_to_id(self, token: str) -> int | None:
         return self._tok.token_to_id(token)
 
+    def id_to_token(self, token_id: int) -> str | None:
+        """The vocabulary entry (not decoded text: byte-level BPE entries spell bytes as characters)."""
+        return self._tok.id_to_token(int(token_id))
+
+    def decoder_type(self) -> str | None:
+        """The tokenizer.json decoder's type (ByteLevel, Sequence, ...), which says how entries map to bytes."""
+        decoder = json.loads(self._tok.to_str()).get("decoder") or {}
+        return decoder.get("type")
+
     def template_variables(self) -> dict[str, Any]:
         """The special-token strings transformers passes into chat templates (bos_token, eos_token, ...)."""
         out: dict[str, Any] = dict(self.special_tokens)

@@ -25,7 +25,7 @@ from typing import Any
 from vptq_mlc.errors import VPTQMLCError
 from vptq_mlc.runtime.engine import Engine
 from vptq_mlc.runtime.request import Request, RequestState
-from vptq_mlc.runtime.sampling import SamplingParams
+from vptq_mlc.runtime.sampling import SamplingParams, TokenConstraint, TokenLogprob
 from vptq_mlc.serve.metrics import EngineGauges, ServeMetrics
 
 log = logging.getLogger(__name__)
@@ -56,14 +56,17 @@ class Event:
     prompt_tokens: int | None = None
     error: str | None = None
     status: int = 500
+    logprobs: list[TokenLogprob] = field(default_factory=list)  # of `token_ids`, when the request asked for them
 
 
 class Stream:
     """The handler's end of one request. Created by `EngineWorker.submit` inside the handler's event loop."""
 
-    def __init__(self, prompt_ids: list[int], params: SamplingParams) -> None:
+    def __init__(self, prompt_ids: list[int], params: SamplingParams,
+                 constraint: TokenConstraint | None = None) -> None:
         self.prompt_ids = prompt_ids
         self.params = params
+        self.constraint = constraint
         self.loop = asyncio.get_running_loop()
         self.queue: asyncio.Queue[Event] = asyncio.Queue()
         self.submitted_at = time.perf_counter()
@@ -118,7 +121,8 @@ class EngineWorker:
         with self._lock:
             return self._queued
 
-    def submit(self, prompt_ids: list[int], params: SamplingParams) -> Stream:
+    def submit(self, prompt_ids: list[int], params: SamplingParams,
+               constraint: TokenConstraint | None = None) -> Stream:
         """Queue a request; its events arrive on the returned stream. Raises QueueFullError past max_queue."""
         with self._lock:
             if self._closed or not self.alive():
@@ -128,7 +132,7 @@ class EngineWorker:
                 raise QueueFullError(f"the server is at capacity: {self._queued} requests are already waiting "
                                      f"(--max-queue {self.max_queue}); retry later")
             self._queued += 1
-        stream = Stream(prompt_ids, params)
+        stream = Stream(prompt_ids, params, constraint)
         self._inbox.put(("add", stream))
         return stream
 
@@ -173,7 +177,7 @@ class EngineWorker:
 
     def _add(self, stream: Stream, events: list[tuple[Stream, Event]]) -> None:
         try:
-            req = self.engine.add_request(stream.prompt_ids, stream.params)
+            req = self.engine.add_request(stream.prompt_ids, stream.params, constraint=stream.constraint)
         except VPTQMLCError as e:
             self._unqueue(stream)
             stream.done = True
@@ -222,13 +226,14 @@ class EngineWorker:
             if stream is None:
                 continue
             new_ids = req.output_ids[stream.sent_tokens :]
+            new_logprobs = req.output_logprobs[stream.sent_tokens :]
             new_tokens += len(new_ids)
             if not stream.got_token:
                 stream.got_token = True
                 ttfts.append(now - stream.submitted_at)
             stream.sent_tokens = len(req.output_ids)
             ev = Event(text=req.pop_delta(), token_ids=new_ids, completion_tokens=len(req.output_ids),
-                       finish_reason=req.finish_reason)
+                       finish_reason=req.finish_reason, logprobs=new_logprobs)
             if req.finished:
                 self._close(stream, ev, events)
             else:
