@@ -232,8 +232,8 @@ def _prefix_cache_metrics(engine: Any) -> str:
     if not hasattr(engine, "prefill_tokens"):
         return ""
     cache = getattr(engine, "prefix_cache", None)
-    rows = [("prompt_tokens_prefilled_total", "counter", "Prompt tokens run through the model (cache hits skip theirs).",
-             engine.prefill_tokens),
+    rows = [("prompt_tokens_prefilled_total", "counter",
+             "Prompt tokens run through the model (cache hits skip theirs).", engine.prefill_tokens),
             ("prefix_cache_lookups_total", "counter", "Admitted requests that looked for a cached prefix.",
              cache.lookups if cache else 0),
             ("prefix_cache_hits_total", "counter", "Requests that started from a cached prefix.",
