@@ -15,10 +15,8 @@ weight bytes / that bandwidth.
 
 from __future__ import annotations
 
-import json
 import logging
 import time
-from pathlib import Path
 from typing import Any
 
 from vptq_mlc.bench.e2e_common import Grid, Recorder, decode_prompt_len, prompt_ids
@@ -143,11 +141,11 @@ def run_torch_system(model_dir: str, device: str, grid: Grid, rec: Recorder, tem
     other systems), plus the copy bandwidth of this GPU."""
     import torch
 
-    from vptq_mlc.convert.chat_config import CONFIG_NAME
+    from vptq_mlc.artifact.chat_config import ChatConfig
 
-    chat = json.loads((Path(model_dir) / CONFIG_NAME).read_text())
-    shape = chat["model_config"]
-    window = int(chat.get("context_window_size") or shape["context_window_size"])
+    chat = ChatConfig.load(model_dir)
+    shape = chat.model_config
+    window = int(chat.context_window_size or shape["context_window_size"])
     cache_len = min(window, max(*grid.contexts, *grid.prefill) + 1)  # the cache need not span a 128K window
     dev = torch.device(device)
     if dev.type != "cuda":

@@ -15,7 +15,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from vptq_mlc.artifact.files import CHAT_CONFIG
+from vptq_mlc.artifact.files import CHAT_CONFIG, SHARD_PREFIX, TENSOR_CACHE
 from vptq_mlc.atomic import atomic_dir
 from vptq_mlc.convert.converter import convert_checkpoint
 from vptq_mlc.testing.synthetic import make_synthetic_checkpoint
@@ -55,7 +55,7 @@ def synth_model(out: str | Path, shape: str, variant: str, *, layers: int | None
                                    max_batch_size=extras.get("max_batch_size"), validate=False)
         with atomic_dir(out) as dst:
             for f in model.iterdir():
-                if config_only and (f.name.startswith("params_shard_") or f.name == "tensor-cache.json"):
+                if config_only and (f.name.startswith(SHARD_PREFIX) or f.name == TENSOR_CACHE):
                     continue
                 shutil.copy2(f, dst / f.name)
             if config_only:  # one converted layer's configs stand for every layer (all layers have one shape)
