@@ -10,7 +10,9 @@
 #             transformers reference)                                                  steps: decode, pytest
 #   e2e7b/    per system NAME: NAME-cfg/ (vptq-mlc bench synth-model ... --config-only) and NAME-cuda.so   step: e2e7b
 # steps: check kernels cs decode pytest e2e7b (default: check kernels decode pytest)
-# E2E7B_SYSTEMS: the e2e7b system names (default: "v8-k4096-0 v8-k256-256 fp16"); E2E7B_STEPS: decode steps (64).
+# E2E7B_SYSTEMS: the e2e7b system names (default: "v8-k4096-0 v8-k65536-256 fp16"); E2E7B_STEPS: decode steps (64);
+# E2E7B_ARGS: more `vptq-mlc bench e2e` arguments (e.g. "--batches 1,16 --sampling model").
+# Build ART_DIR on the build box with one command: bash bench/gpu_artifacts.sh ART_DIR tvm_rt kcheck e2e e2e7b
 set -o pipefail
 OUT=${1:?usage: gpu_suite.sh OUT_DIR ART_DIR [steps...]}
 ART=${2:?usage: gpu_suite.sh OUT_DIR ART_DIR [steps...]}
@@ -36,9 +38,12 @@ for s in $STEPS; do
     pytest)
       VPTQ_MLC_GPU_KERNELS=$ART/kcheck VPTQ_MLC_GPU_E2E=$ART/e2e VPTQ_MLC_GPU_CODE_SORTED=$ART/kcs \
         python3 -m pytest -q -s -ra tests/gpu -p no:cacheprovider 2>&1 | tail -n 20 | tee "$OUT/pytest.log" || rc=1 ;;
-    e2e7b) SYS=()
-      for n in ${E2E7B_SYSTEMS:-v8-k4096-0 v8-k256-256 fp16}; do SYS+=(--system "$n" "$ART/e2e7b/$n-cfg" "$ART/e2e7b/$n-cuda.so"); done
+    e2e7b) for c in "$ART"/e2e7b/*-cfg; do  # gpu_artifacts.sh keeps one copy of the shared tokenizer
+        [ -f "$c/tokenizer.json" ] || cp "$ART/e2e7b/tokenizer/tokenizer.json" "$c/"; done
+      SYS=()
+      for n in ${E2E7B_SYSTEMS:-v8-k4096-0 v8-k65536-256 fp16}; do SYS+=(--system "$n" "$ART/e2e7b/$n-cfg" "$ART/e2e7b/$n-cuda.so"); done
       "${V[@]}" bench e2e "$OUT/e2e_7b.json" --steps "${E2E7B_STEPS:-64}" --no-transformers "${SYS[@]}" --device cuda \
+        ${E2E7B_ARGS:-} \
         > "$OUT/e2e_7b.log" 2>&1 || rc=1
       tail -n 18 "$OUT/e2e_7b.log" ;;
     *) echo "unknown step $s (check kernels cs decode pytest e2e7b)" >&2; exit 2 ;;

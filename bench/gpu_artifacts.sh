@@ -1,0 +1,69 @@
+#!/usr/bin/env bash
+# Build, on the GPU-less build box, everything bench/gpu_suite.sh reads on the GPU host, into one folder to carry.
+# Usage (repo root): bash bench/gpu_artifacts.sh ART_DIR [parts...]
+# parts (default: tvm_rt kcheck e2e): tvm_rt kcheck kbench kcs e2e e2e7b; each is skipped when already built.
+#   e2e    a tiny fp16 llama (hidden 256, 2 layers, v8-k256-256): ckpt/ (its checkpoint: the transformers reference of
+#          tests/gpu), model/ (converted), model-cpu.so and model-cuda.so (sm_90, CUDA layout added by compile)
+#   e2e7b  per name in E2E7B_SYSTEMS (default "v8-k4096-0 v8-k65536-256 fp16"): NAME-cfg/ (config-only synthetic
+#          model, E2E7B_SHAPE, default llama2-7b; fp16 = the first variant's config with every linear dense) and
+#          NAME-cuda.so. Tokenizers of the configs are the same file: one copy is kept in tokenizer/ and
+#          gpu_suite.sh copies it back, so the 64 MiB a device call may carry is not spent on duplicates.
+# ARCH (default sm_90) sets the CUDA arch of every library.
+set -euo pipefail
+ART=${1:?usage: gpu_artifacts.sh ART_DIR [parts...]}
+shift
+PARTS=${*:-"tvm_rt kcheck e2e"}
+ARCH=${ARCH:-sm_90}
+mkdir -p "$ART"
+ART=$(cd "$ART" && pwd)
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
+V=(python3 -c 'from vptq_mlc.cli import main; main()')
+built() { [ -e "$1" ] && echo "already built: $1 (delete it to rebuild)"; }
+
+for p in $PARTS; do
+  case $p in
+    tvm_rt) built "$ART/tvm_rt" || "${V[@]}" runtime-bundle "$ART/tvm_rt" --python 3.12 ;;
+    kcheck) built "$ART/kcheck" || "${V[@]}" bench build "$ART/kcheck" --suite check --arch "$ARCH" ;;
+    kbench) built "$ART/kbench" || "${V[@]}" bench build "$ART/kbench" --suite kernels --arch "$ARCH" --rows 1,8,16 ;;
+    kcs) built "$ART/kcs" || "${V[@]}" bench build "$ART/kcs" --suite code-sorted --arch "$ARCH" ;;
+    e2e) E=$ART/e2e
+      if ! built "$E/model-cuda.so"; then
+        python3 -c "
+from vptq_mlc.testing.synthetic import make_synthetic_checkpoint
+make_synthetic_checkpoint('$E/ckpt', variant='v8-k256-256', hidden_size=256, intermediate_size=512, num_heads=4,
+                          num_kv_heads=2, vocab_size=512, dtype='float16', seed=1, overwrite=True)"
+        "${V[@]}" convert "$E/ckpt" -o "$E/model" --dtype float16
+        "${V[@]}" compile "$E/model" --target llvm -o "$E/model-cpu.so"
+        "${V[@]}" compile "$E/model" --target cuda --arch "$ARCH" -o "$E/model-cuda.so"
+      fi ;;
+    e2e7b) D=$ART/e2e7b; mkdir -p "$D"
+      set -- ${E2E7B_SYSTEMS:-v8-k4096-0 v8-k65536-256 fp16}
+      first=$1
+      for n in "$@"; do
+        built "$D/$n-cuda.so" && continue
+        if [ "$n" = fp16 ]; then
+          built "$D/$first-cfg/mlc-chat-config.json" >/dev/null || { echo "fp16 needs a VQ system first" >&2; exit 2; }
+          rm -rf "$D/fp16-cfg"; cp -r "$D/$first-cfg" "$D/fp16-cfg"
+          python3 -c "
+import json, pathlib
+p = pathlib.Path('$D/fp16-cfg/mlc-chat-config.json')
+c = json.loads(p.read_text())
+c['vptq']['layers'], c['quantization'] = {}, 'q0f16'  # every linear dense: our fp16 build of the same shape
+p.write_text(json.dumps(c, indent=2))"
+        else
+          "${V[@]}" bench synth-model "$D/$n-cfg" --shape "${E2E7B_SHAPE:-llama2-7b}" --variant "$n" --config-only
+        fi
+        "${V[@]}" compile "$D/$n-cfg" --target cuda --arch "$ARCH" -o "$D/$n-cuda.so"
+      done
+      mkdir -p "$D/tokenizer"
+      for c in "$D"/*-cfg; do
+        [ -f "$c/tokenizer.json" ] || continue
+        if [ -f "$D/tokenizer/tokenizer.json" ] && ! cmp -s "$c/tokenizer.json" "$D/tokenizer/tokenizer.json"; then
+          echo "$c has another tokenizer than $D/tokenizer: build one shape per ART_DIR" >&2; exit 2
+        fi
+        mv "$c/tokenizer.json" "$D/tokenizer/tokenizer.json"
+      done ;;
+    *) echo "unknown part $p (tvm_rt kcheck kbench kcs e2e e2e7b)" >&2; exit 2 ;;
+  esac
+done
+du -sh "$ART"/* 2>/dev/null
