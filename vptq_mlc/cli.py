@@ -176,7 +176,8 @@ def compile_cmd(model_dir: str, target: str, arch: str | None, output: str | Non
 @click.option("--seed", type=int, default=None, help="Seed for reproducible sampling.")
 @click.option("--stop", multiple=True, help="Stop string (repeatable).")
 @click.option("--raw", is_flag=True, help="No chat template: the prompt is completed as plain text.")
-@click.option("--context-window", type=int, default=None, help="Tokens of context (default: the model's).")
+@click.option("--context-window", type=click.IntRange(min=1), default=None,
+              help="Tokens of context (default: the model's).")
 @click.option("--devices", default=None, help=DEVICES_HELP)
 @one_line_errors
 def chat(model_dir: str, lib: str | None, device: str, prompt: str | None, system: str | None, max_tokens: int,
@@ -202,25 +203,36 @@ def chat(model_dir: str, lib: str | None, device: str, prompt: str | None, syste
 @main.command()
 @model_source_options
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to bind (0.0.0.0 exposes it).")
-@click.option("--port", type=int, default=8000, show_default=True)
-@click.option("--max-batch-size", type=int, default=None,
+@click.option("--port", type=click.IntRange(0, 65535), default=8000, show_default=True)
+@click.option("--max-batch-size", type=click.IntRange(min=1), default=None,
               help="Sequences decoded together (default: what the model was converted for).")
-@click.option("--max-queue", type=int, default=256, show_default=True,
-              help="Requests that may wait for admission; past that the server answers 503.")
-@click.option("--max-total-tokens", type=int, default=None,
-              help="KV cache slots shared by all sequences (default: one context window).")
-@click.option("--context-window", type=int, default=None, help="Tokens of context (default: the model's).")
+@click.option("--max-queue", type=click.IntRange(min=0), default=256, show_default=True,
+              help="Requests that may wait beyond the free batch slots; past that the server answers 503.")
+@click.option("--max-total-tokens", type=click.IntRange(min=1), default=None,
+              help="KV cache slots shared by all sequences (default: 90% of the memory free after the weights, "
+                   "at most --max-batch-size context windows).")
+@click.option("--context-window", type=click.IntRange(min=1), default=None,
+              help="Tokens of context (default: the model's).")
 @click.option("--model-name", default=None, help="Model id in the API (default: MODEL_DIR's name).")
 @click.option("--api-key", envvar="VPTQ_MLC_API_KEY", default=None,
               help="Require 'Authorization: Bearer KEY' on /v1 routes (env VPTQ_MLC_API_KEY); /health stays open.")
-@click.option("--max-body-bytes", type=int, default=4 * 1024 * 1024, show_default=True,
+@click.option("--api-key-file", type=click.Path(dir_okay=False, path_type=str), default=None,
+              help="Read the API key from this file (keeps it out of `ps`); same effect as --api-key.")
+@click.option("--max-body-bytes", type=click.IntRange(min=1), default=4 * 1024 * 1024, show_default=True,
               help="Largest request body accepted (413 past it).")
-@click.option("--replicas", type=int, default=None,
+@click.option("--read-timeout", type=click.FloatRange(min=0, min_open=True), default=30.0, show_default=True,
+              help="Seconds a client has to send a whole request (headers and body); slower ones are cut off.")
+@click.option("--max-connections", type=click.IntRange(min=1), default=None,
+              help="Open connections past which new requests get 503 (default: no limit).")
+@click.option("--drain-timeout", type=click.FloatRange(min=0), default=30.0, show_default=True,
+              help="On SIGTERM/Ctrl-C: seconds running requests may take to finish before they are ended "
+                   "(new requests get 503 meanwhile; 0 = end them at once, each with an error chunk).")
+@click.option("--replicas", type=click.IntRange(min=1), default=None,
               help="Run N engine replicas on Ray Serve (one GPU each on cuda; needs the cluster extra).")
-@click.option("--min-replicas", type=int, default=None, help="Ray Serve autoscaling lower bound.")
-@click.option("--max-replicas", type=int, default=None, help="Ray Serve autoscaling upper bound.")
+@click.option("--min-replicas", type=click.IntRange(min=0), default=None, help="Ray Serve autoscaling lower bound.")
+@click.option("--max-replicas", type=click.IntRange(min=1), default=None, help="Ray Serve autoscaling upper bound.")
 @click.option("--ray-address", default=None, help="Join this Ray cluster (default: start a local Ray on loopback).")
-@click.option("--request-timeout", type=float, default=120.0, show_default=True,
+@click.option("--request-timeout", type=click.FloatRange(min=0, min_open=True), default=120.0, show_default=True,
               help="With replicas: seconds without progress from a replica before a request fails with 503.")
 @click.option("--devices", default=None, help=DEVICES_HELP)
 @click.option("--prefix-cache/--no-prefix-cache", default=True, show_default=True,
@@ -228,10 +240,15 @@ def chat(model_dir: str, lib: str | None, device: str, prompt: str | None, syste
 @one_line_errors
 def serve(model_dir: str, lib: str | None, device: str, host: str, port: int, max_batch_size: int | None,
           max_queue: int, max_total_tokens: int | None, context_window: int | None, model_name: str | None,
-          api_key: str | None, max_body_bytes: int, replicas: int | None, min_replicas: int | None,
+          api_key: str | None, api_key_file: str | None, max_body_bytes: int, read_timeout: float,
+          max_connections: int | None, drain_timeout: float, replicas: int | None, min_replicas: int | None,
           max_replicas: int | None, ray_address: str | None, request_timeout: float, devices: str | None,
           prefix_cache: bool = True) -> None:
     """OpenAI-compatible HTTP server (/v1/chat/completions, /v1/completions, /v1/models, /health, /metrics)."""
+    api_key = _api_key(api_key, api_key_file)
+    if not api_key and not _is_loopback(host):
+        log.warning("serving on %s without an API key: anyone who can reach this address can use the model; "
+                    "pass --api-key-file", host)
     if replicas is not None or min_replicas is not None or max_replicas is not None or ray_address:
         if devices:
             raise click.UsageError("--devices (layer split) does not combine with Ray replicas yet; drop one of them")
@@ -253,13 +270,39 @@ def serve(model_dir: str, lib: str | None, device: str, host: str, port: int, ma
         raise RuntimeLoadError(f"serve needs the serve extra ({e.name} is not installed): "
                                "pip install 'vptq-mlc[serve]'") from e
 
-    if max_queue < 1:
-        raise click.BadParameter("must be >= 1", param_hint="--max-queue")
     model_dir, lib, device = resolve_model(model_dir, lib, _first_device(devices, device))
     engine = load_engine(model_dir, lib, device=device, max_batch_size=max_batch_size, context_window=context_window,
                          max_total_tokens=max_total_tokens, devices=devices, prefix_cache=prefix_cache)
     run_server(engine, host=host, port=port, max_queue=max_queue, model_name=model_name, api_key=api_key,
-               max_body_bytes=max_body_bytes)
+               max_body_bytes=max_body_bytes, read_timeout=read_timeout, drain_timeout=drain_timeout,
+               max_connections=max_connections)
+
+
+def _api_key(api_key: str | None, api_key_file: str | None) -> str | None:
+    """The key from --api-key (or its environment variable) or from --api-key-file (first line, stripped)."""
+    if api_key_file is None:
+        return api_key
+    if api_key:
+        raise click.UsageError("give the API key once: --api-key (or VPTQ_MLC_API_KEY) or --api-key-file")
+    try:
+        lines = Path(api_key_file).read_text().splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise click.BadParameter(f"cannot read {api_key_file}: {e}", param_hint="--api-key-file") from e
+    key = lines[0].strip() if lines else ""
+    if not key:
+        raise click.BadParameter(f"{api_key_file} is empty; put the key on its first line", param_hint="--api-key-file")
+    return key
+
+
+def _is_loopback(host: str) -> bool:
+    import ipaddress
+
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False  # a host name: it may resolve to anything
 
 
 # -- runtime-bundle --

@@ -28,7 +28,8 @@ from vptq_mlc.errors import GenerationError, RuntimeLoadError
 from vptq_mlc.runtime.chat_template import ChatTemplate, ChatTemplateError, load_chat_template
 from vptq_mlc.runtime.device import find_library, resolve_device
 from vptq_mlc.runtime.kv_cache import PagedKVCache, PrefixCache
-from vptq_mlc.runtime.library import ModelLibrary, load_library, load_params
+from vptq_mlc.runtime.library import ModelLibrary, first_line, load_library, load_params
+from vptq_mlc.runtime.memory import free_memory_bytes, kv_bytes_per_token, kv_cache_tokens
 from vptq_mlc.runtime.request import Request, RequestState
 from vptq_mlc.runtime.sampling import SamplingParams, TokenConstraint
 from vptq_mlc.runtime.split import SplitModel, StagedKVCache, parse_devices
@@ -61,7 +62,8 @@ class Engine:
     ) -> None:
         """Sizes left as None come from mlc-chat-config.json, bounded by the library's `_metadata`.
 
-        `max_total_tokens`: KV slots shared by all sequences (default: one full context window).
+        `max_total_tokens`: KV slots shared by all sequences (default: 90% of the memory free after the weights,
+        at most max_batch_size context windows; runtime/memory.py).
         `devices`: several devices (e.g. "cuda:0,cuda:1") split the decoder layers over them (runtime/split.py;
         the library needs `--split-functions`); one device is the same as `device`.
         `prefix_cache`: keep finished requests' KV pages (LRU, evicted when admissions need the pages) and start
@@ -94,9 +96,18 @@ class Engine:
         else:
             self.params = load_params(self.model_dir, self.lib, self.config.model_config)
             kv_cache = PagedKVCache
-        self.kv = kv_cache(self.lib, self.max_batch, max_total_tokens or self.context_window, self.prefill_chunk,
-                               page_size, int(md.get("sliding_window_size", self.config.sliding_window_size)),
+        kv_tokens = kv_cache_tokens(max_total_tokens, kv_bytes_per_token(self.config.model_config,
+                                                                         self.config.model_dtype),
+                                    free_memory_bytes(self.lib.device), self.max_batch, self.context_window, page_size,
+                                    str(self.lib.device))
+        self.max_total_tokens = kv_tokens
+        try:
+            self.kv = kv_cache(self.lib, self.max_batch, kv_tokens, self.prefill_chunk, page_size,
+                               int(md.get("sliding_window_size", self.config.sliding_window_size)),
                                int(md.get("attention_sink_size", -1)))
+        except Exception as e:  # noqa: BLE001 - TVM reports a failed allocation as std::bad_alloc or a TVMError
+            raise RuntimeLoadError(f"cannot allocate a KV cache of {kv_tokens} tokens on {self.lib.device} "
+                                   f"({first_line(e)}); lower --max-total-tokens") from e
         self.prefix_cache = PrefixCache(self.kv) if prefix_cache and isinstance(self.kv, PagedKVCache) \
             and self.kv.sliding_window <= 0 else None
         if prefix_cache and self.prefix_cache is None:
@@ -298,7 +309,13 @@ class Engine:
         for r, row in rows:
             if self.active_vocab:
                 row = row[: self.active_vocab]
-            r.append(r.sample(row))
+            try:
+                r.append(r.sample(row))
+            except Exception as e:  # noqa: BLE001 - one request's sampling failure ends that request, not the batch
+                log.exception("sampling failed for %r", r)
+                r.finish_reason, r.error = "error", f"{type(e).__name__}: {e}"
+                self._finish(r)
+                continue
             stepped.append(r)
             if r.finish_reason is not None:
                 self._finish(r)

@@ -42,6 +42,7 @@ class Request:
     prefilled: int = 0
     output_ids: list[int] = field(default_factory=list)
     finish_reason: str | None = None  # "stop", "length", "cancelled", "error"
+    error: str | None = None  # why it ended with finish_reason "error"
     created_at: float = field(default_factory=time.perf_counter)  # perf_counter() stamps for latency stats
     first_token_at: float | None = None
     finished_at: float | None = None

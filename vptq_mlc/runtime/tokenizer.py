@@ -27,6 +27,9 @@ def _token_text(value: Any) -> str | None:
     return value if isinstance(value, str) else None
 
 
+GIL_FREE_ENCODE_CHARS = 4096  # longer texts are encoded with the GIL released
+
+
 class Tokenizer:
     """Encode/decode plus the special-token strings the chat template needs."""
 
@@ -59,7 +62,12 @@ class Tokenizer:
         return self._tok.get_vocab_size(with_added_tokens=True)
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
-        """Token ids; `add_special_tokens` runs the post-processor (e.g. Llama's BOS), off for templated chat."""
+        """Token ids; `add_special_tokens` runs the post-processor (e.g. Llama's BOS), off for templated chat.
+
+        Long texts go through `encode_batch`, which releases the GIL (`encode` holds it: seconds for megabytes,
+        during which a server's event loop and engine thread would stop)."""
+        if len(text) > GIL_FREE_ENCODE_CHARS:
+            return list(self._tok.encode_batch([text], add_special_tokens=add_special_tokens)[0].ids)
         return list(self._tok.encode(text, add_special_tokens=add_special_tokens).ids)
 
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:

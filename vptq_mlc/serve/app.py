@@ -70,6 +70,7 @@ def create_app(worker: EngineWorker, model_name: str) -> FastAPI:
 
     app = FastAPI(title="vptq-mlc", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.add_middleware(_CountRequests, metrics=worker.metrics)
+    app.state.count_response = lambda path, status: worker.metrics.http_request(_endpoint(path), status)
     engine = worker.engine
     created = int(time.time())
     token_text = TokenText(engine.tokenizer)
@@ -83,6 +84,12 @@ def create_app(worker: EngineWorker, model_name: str) -> FastAPI:
     @app.exception_handler(RequestValidationError)
     async def _invalid(_: Request, e: RequestValidationError) -> JSONResponse:
         return JSONResponse(_validation_error(e).body(), status_code=400)
+
+    @app.exception_handler(Exception)
+    async def _unexpected(_: Request, e: Exception) -> JSONResponse:
+        log.error("request failed", exc_info=e)  # a bug on our side; the client still gets its cause in one line
+        return JSONResponse(APIError(500, f"the server failed on this request ({type(e).__name__}: {e})",
+                                     type_="server_error").body(), status_code=500)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(_: Request, e: StarletteHTTPException) -> JSONResponse:
@@ -99,7 +106,8 @@ def create_app(worker: EngineWorker, model_name: str) -> FastAPI:
         except QueueFullError as e:
             raise APIError(503, str(e), type_="server_error", code="queue_full") from e
         except WorkerStoppedError as e:
-            raise APIError(503, str(e), type_="server_error", code="engine_stopped") from e
+            code = "shutting_down" if worker.draining else "engine_stopped"
+            raise APIError(503, str(e), type_="server_error", code=code) from e
         try:
             first = await stream.next()
         except asyncio.CancelledError:  # the handler was cancelled (shutdown) while the request was queued
@@ -215,6 +223,9 @@ def create_app(worker: EngineWorker, model_name: str) -> FastAPI:
 
     @app.get("/health")
     async def health() -> JSONResponse:
+        if worker.draining:  # load balancers stop routing here while running streams finish
+            return JSONResponse(APIError(503, "the server is shutting down", type_="server_error",
+                                         code="shutting_down").body(), status_code=503)
         if worker.alive():
             return JSONResponse({"status": "ok"})
         reason = f"the engine loop stopped: {worker.failure}" if worker.failure else "the engine loop is not running"
@@ -253,7 +264,7 @@ def _validation_error(e: RequestValidationError) -> APIError:
     parts, param = [], None
     for err in e.errors():
         loc = [str(x) for x in err.get("loc", ()) if x != "body"]
-        param = param or (".".join(loc) or None)
+        param = param or (loc[0] if loc else None)  # the request's field, not pydantic's union-member tags
         msg = str(err.get("msg", "invalid"))
         if err.get("type") == "json_invalid":
             msg = "the request body is not valid JSON"
@@ -453,23 +464,23 @@ async def _sse(worker: EngineWorker, streams: list[Stream], shape: _Shape, promp
         held = [_Answer() for _ in streams]  # buffered (tool) choices
         while open_choices:
             i, ev = await merged.get()
-            if ev.error is not None:
-                yield _data(APIError(ev.status, ev.error, type_="server_error").body())
-                failed = True
-                break
             if shape.buffered:
                 held[i].add(ev)
-                if ev.finish_reason is not None:
+                if ev.finish_reason is not None and ev.error is None:
                     content, calls = shape.tool_calls(held[i].text)
                     deltas = [{"index": k, **c} for k, c in enumerate(calls)] or None
                     yield _data(out.choice_chunk(i, content if calls else held[i].text, logprobs=shape.logprobs(
                         held[i].logprobs), token_ids=held[i].token_ids if shape.token_ids else None, tool_calls=deltas))
                     ev = dataclasses.replace(ev, finish_reason=shape.finish(ev.finish_reason, calls))
             elif ev.text or ((shape.token_ids or shape.with_logprobs) and ev.token_ids):
-                entries = _logprobs(ev)
+                entries = _logprobs(ev)  # tokens that came before an error still go out first
                 yield _data(out.choice_chunk(i, ev.text, token_ids=ev.token_ids if shape.token_ids else None,
                                              logprobs=shape.logprobs(entries, offsets[i])))
                 offsets[i] += sum(len(shape.token_text.text(e.token)) for e in entries)
+            if ev.error is not None:
+                yield _data(APIError(ev.status, ev.error, type_="server_error").body())
+                failed = True
+                break
             if ev.finish_reason is not None:
                 yield _data(out.choice_chunk(i, None, finish_reason=ev.finish_reason))
                 open_choices -= 1
@@ -490,11 +501,9 @@ def _coalesce(ev: Event, stream: Stream) -> Event:
     with several tokens instead of one write per token (less work for both sides under load)."""
     while ev.error is None and ev.finish_reason is None and not stream.queue.empty():
         nxt = stream.queue.get_nowait()
-        if nxt.error is not None:
-            return nxt
         ev = Event(text=ev.text + nxt.text, token_ids=ev.token_ids + nxt.token_ids,
-                   completion_tokens=nxt.completion_tokens, finish_reason=nxt.finish_reason,
-                   logprobs=ev.logprobs + nxt.logprobs)
+                   completion_tokens=nxt.completion_tokens or ev.completion_tokens, finish_reason=nxt.finish_reason,
+                   logprobs=ev.logprobs + nxt.logprobs, error=nxt.error, status=nxt.status)
     return ev
 
 
@@ -535,6 +544,11 @@ async def _disconnected(request: Request) -> None:
         pass
 
 
+def _endpoint(path: str) -> str:
+    """The metrics label of a request path (unknown paths share one label, so scans cannot grow /metrics)."""
+    return path if path in ENDPOINTS else "other"
+
+
 class _CountRequests:
     """ASGI middleware: count responses by endpoint and status (pure ASGI, so streaming is untouched)."""
 
@@ -545,8 +559,7 @@ class _CountRequests:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        path = scope.get("path", "")
-        endpoint = path if path in ENDPOINTS else "other"
+        endpoint = _endpoint(scope.get("path", ""))
 
         async def counted_send(message: dict[str, Any]) -> None:
             if message["type"] == "http.response.start":

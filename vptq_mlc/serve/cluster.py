@@ -205,6 +205,8 @@ class ClusterMetrics(ServeMetrics):
 class RemoteWorker:
     """`EngineWorker`'s interface over the replicas (used by app.py unchanged)."""
 
+    draining = False  # Ray Serve drains its replicas itself
+
     def __init__(self, handle: Any, frontend: Frontend, timeout: float, retries: int) -> None:
         self.engine = frontend
         self.metrics = ClusterMetrics()

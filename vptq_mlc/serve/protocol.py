@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import time
 import uuid
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
@@ -25,6 +25,14 @@ MAX_N = 16  # choices per request (each is one engine sequence)
 # Fields OpenAI documents as bookkeeping for its own platform: accepted, no effect on the answer.
 INFORMATIONAL_FIELDS = frozenset({"user", "metadata", "service_tier", "prompt_cache_key", "safety_identifier",
                                   "store"})
+SEED_LIMIT = 2**63  # seeds are 64-bit signed everywhere else (vLLM, torch); numpy would take any size
+
+# Strict types: "5" or 5.0 for an integer, "0.5" for a float, NaN/Infinity, or 1 for a bool are refused (400) rather
+# than coerced, so no later check (the context window, the sampler) sees a value of a type it did not expect.
+Int = Annotated[int, Field(strict=True)]
+Float = Annotated[float, Field(strict=True, allow_inf_nan=False)]
+Bool = Annotated[bool, Field(strict=True)]
+TokenId = Annotated[int, Field(strict=True, ge=0)]
 
 
 class APIError(Exception):
@@ -45,25 +53,25 @@ class _Request(BaseModel):
     model_config = ConfigDict(extra="allow")
 
     model: str | None = None
-    max_tokens: int | None = Field(default=None, ge=1)
-    temperature: float | None = Field(default=None, ge=0, le=2)
-    top_p: float | None = Field(default=None, gt=0, le=1)
-    n: int = 1
-    stream: bool = False
+    max_tokens: Int | None = Field(default=None, ge=1)
+    temperature: Float | None = Field(default=None, ge=0, le=2)
+    top_p: Float | None = Field(default=None, gt=0, le=1)
+    n: Int = 1
+    stream: Bool = False
     stream_options: StreamOptions | None = None
     stop: str | list[str] | None = None
-    seed: int | None = None
-    presence_penalty: float | None = Field(default=None, ge=-2, le=2)
-    frequency_penalty: float | None = Field(default=None, ge=-2, le=2)
+    seed: Int | None = Field(default=None, ge=0, lt=SEED_LIMIT)
+    presence_penalty: Float | None = Field(default=None, ge=-2, le=2)
+    frequency_penalty: Float | None = Field(default=None, ge=-2, le=2)
     user: str | None = None
     # extensions (vLLM / MLC-LLM names)
-    top_k: int = Field(default=0, ge=0)
-    repetition_penalty: float | None = Field(default=None, gt=0)
-    ignore_eos: bool = False
-    stop_token_ids: list[int] = Field(default_factory=list)
-    return_token_ids: bool = False  # add the generated ids to each choice as `token_ids` (as vLLM does)
-    min_p: float = Field(default=0.0, ge=0, le=1)
-    logit_bias: dict[str, float] | None = None
+    top_k: Int = Field(default=0, ge=0)
+    repetition_penalty: Float | None = Field(default=None, gt=0)
+    ignore_eos: Bool = False
+    stop_token_ids: list[TokenId] = Field(default_factory=list)
+    return_token_ids: Bool = False  # add the generated ids to each choice as `token_ids` (as vLLM does)
+    min_p: Float = Field(default=0.0, ge=0, le=1)
+    logit_bias: dict[str, Float] | None = None
 
     @field_validator("n")
     @classmethod
@@ -106,7 +114,7 @@ class _Request(BaseModel):
 
 class StreamOptions(BaseModel):
     model_config = ConfigDict(extra="ignore")
-    include_usage: bool = False
+    include_usage: Bool = False
 
 
 class ContentPart(BaseModel):
@@ -173,12 +181,12 @@ class ResponseFormat(BaseModel):
 
 class ChatCompletionRequest(_Request):
     messages: list[ChatMessage] = Field(min_length=1)
-    max_completion_tokens: int | None = Field(default=None, ge=1)
-    logprobs: bool | None = None
-    top_logprobs: int | None = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)
+    max_completion_tokens: Int | None = Field(default=None, ge=1)
+    logprobs: Bool | None = None
+    top_logprobs: Int | None = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)
     tools: list[Tool] | None = None
     tool_choice: Literal["none", "auto", "required"] | dict[str, Any] | None = None
-    parallel_tool_calls: bool = True
+    parallel_tool_calls: Bool = True
     response_format: ResponseFormat | None = None
 
     def unsupported(self) -> str | None:
@@ -228,11 +236,11 @@ class ChatCompletionRequest(_Request):
 
 
 class CompletionRequest(_Request):
-    prompt: str | list[int] | list[str] | list[list[int]]
-    echo: bool = False
+    prompt: str | list[TokenId] | list[str] | list[list[TokenId]]
+    echo: Bool = False
     suffix: str | None = None
-    best_of: int | None = None
-    logprobs: int | None = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)
+    best_of: Int | None = None
+    logprobs: Int | None = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)
 
     def unsupported(self) -> str | None:
         for name, used in (("echo", self.echo), ("suffix", self.suffix),

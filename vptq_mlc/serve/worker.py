@@ -7,8 +7,13 @@ new requests join the running batch and finished ones leave it (continuous batch
 accounting are the engine's). Tokens go back as `Event`s on each request's asyncio queue through
 `loop.call_soon_threadsafe`, one call per event loop per step.
 
-Back-pressure: at most `max_queue` requests may wait for admission (in the inbox or the engine's waiting
-list); `submit` past that raises `QueueFullError`, which the app answers with 503.
+Back-pressure: at most `max_batch_size + max_queue` requests may be open at once (in the inbox, waiting for
+admission, or running), so `max_queue` counts only requests beyond the free batch slots and an idle server takes a
+full batch at once; `submit` past that raises `QueueFullError`, which the app answers with 503.
+
+Isolation: whatever one request raises (its sampling parameters, its sampler, a bug) ends that request with an
+error event; the loop and the other requests go on. Draining (`begin_drain`, then `abort_all` at the deadline)
+refuses new requests and lets the running ones finish.
 """
 
 from __future__ import annotations
@@ -85,15 +90,17 @@ class EngineWorker:
     """Runs `engine.step()` while work exists; the HTTP side only calls `submit`, `cancel` and `alive`."""
 
     def __init__(self, engine: Engine, max_queue: int = 64, metrics: ServeMetrics | None = None) -> None:
-        if max_queue < 1:
-            raise ValueError(f"max_queue must be >= 1, got {max_queue}")
+        if max_queue < 0:
+            raise ValueError(f"max_queue must be >= 0, got {max_queue}")
         self.engine = engine
         self.max_queue = max_queue
         self.metrics = metrics or ServeMetrics()
         self._inbox: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._lock = threading.Lock()
         self._queued = 0
+        self._open = 0  # submitted and not yet done (inbox, waiting or running)
         self._closed = False
+        self.draining = False
         self._streams: dict[Request, Stream] = {}
         self._waiting: list[Stream] = []
         self._thread: threading.Thread | None = None
@@ -121,17 +128,34 @@ class EngineWorker:
         with self._lock:
             return self._queued
 
+    def open_requests(self) -> int:
+        """Requests submitted and not yet answered to the end (queued or running)."""
+        with self._lock:
+            return self._open
+
+    def begin_drain(self) -> None:
+        """Refuse new requests (503); the open ones go on."""
+        self.draining = True
+
+    def abort_all(self, message: str) -> None:
+        """End every open request now with an error event carrying `message` (503)."""
+        self._inbox.put(("abort", message))
+
     def submit(self, prompt_ids: list[int], params: SamplingParams,
                constraint: TokenConstraint | None = None) -> Stream:
         """Queue a request; its events arrive on the returned stream. Raises QueueFullError past max_queue."""
         with self._lock:
+            if self.draining:
+                raise WorkerStoppedError("the server is shutting down; retry on another server")
             if self._closed or not self.alive():
                 reason = f"it failed: {self.failure}" if self.failure else "it is not running"
                 raise WorkerStoppedError(f"the engine loop cannot take requests ({reason}); restart the server")
-            if self._queued >= self.max_queue:
-                raise QueueFullError(f"the server is at capacity: {self._queued} requests are already waiting "
-                                     f"(--max-queue {self.max_queue}); retry later")
+            if self._open >= self.engine.max_batch + self.max_queue:
+                raise QueueFullError(f"the server is at capacity: {self._open - self._queued} requests running and "
+                                     f"{self._queued} waiting (--max-batch-size {self.engine.max_batch}, "
+                                     f"--max-queue {self.max_queue}); retry later")
             self._queued += 1
+            self._open += 1
         stream = Stream(prompt_ids, params, constraint)
         self._inbox.put(("add", stream))
         return stream
@@ -168,8 +192,13 @@ class EngineWorker:
                 running = False
             elif cmd[0] == "add":
                 self._add(cmd[1], events)
+            elif cmd[0] == "abort":
+                self._abort(cmd[1], events)
             else:
-                self._cancel(cmd[1], events)
+                try:
+                    self._cancel(cmd[1], events)
+                except Exception:  # noqa: BLE001 - a cancel that fails must not end the loop
+                    log.exception("cancelling a request failed")
         if cmds:
             self._report()
         self._emit(events)
@@ -178,10 +207,14 @@ class EngineWorker:
     def _add(self, stream: Stream, events: list[tuple[Stream, Event]]) -> None:
         try:
             req = self.engine.add_request(stream.prompt_ids, stream.params, constraint=stream.constraint)
-        except VPTQMLCError as e:
+        except Exception as e:  # noqa: BLE001 - ours are the client's fault (400), anything else is ours (500)
+            client_fault = isinstance(e, VPTQMLCError)
+            if not client_fault:
+                log.exception("adding a request failed")
             self._unqueue(stream)
-            stream.done = True
-            events.append((stream, Event(error=str(e), status=400)))
+            self._mark_done(stream)
+            events.append((stream, Event(error=str(e) if client_fault else f"the request failed: {type(e).__name__}: "
+                                         f"{e}", status=400 if client_fault else 500)))
             return
         stream.request = req
         self._streams[req] = stream
@@ -197,9 +230,26 @@ class EngineWorker:
         self._close(stream, Event(text=req.pop_delta(), completion_tokens=len(req.output_ids),
                                   finish_reason=req.finish_reason), events)
 
+    def _abort(self, message: str, events: list[tuple[Stream, Event]]) -> None:
+        """End every open request with an error event (the drain deadline passed)."""
+        for req, stream in list(self._streams.items()):
+            try:
+                self.engine.cancel(req)
+            except Exception:  # noqa: BLE001 - the others must still be ended
+                log.exception("cancelling a request failed")
+            self._close(stream, Event(text=req.pop_delta(), token_ids=req.output_ids[stream.sent_tokens :],
+                                      completion_tokens=len(req.output_ids), finish_reason=req.finish_reason,
+                                      error=message, status=503), events)
+
+    def _mark_done(self, stream: Stream) -> None:
+        if not stream.done:
+            stream.done = True
+            with self._lock:
+                self._open -= 1
+
     def _close(self, stream: Stream, last: Event, events: list[tuple[Stream, Event]]) -> None:
         assert stream.request is not None
-        stream.done = True
+        self._mark_done(stream)
         self._streams.pop(stream.request, None)
         self._unqueue(stream)
         self.metrics.request_finished(stream.request.finish_reason or "error")
@@ -240,7 +290,8 @@ class EngineWorker:
                 events.append((stream, ev))
         for req, stream in list(self._streams.items()):
             if req.finished:  # dropped by a failed step
-                self._close(stream, Event(error=f"generation failed: {failure or req.finish_reason}", status=500,
+                why = req.error or failure or req.finish_reason
+                self._close(stream, Event(error=f"generation failed: {why}", status=500,
                                           finish_reason=req.finish_reason), events)
         started = [s for s in self._waiting if s.request is not None and s.request.state is not RequestState.WAITING]
         for stream in started:
@@ -281,7 +332,7 @@ class EngineWorker:
                 break
             if cmd is not _STOP and cmd[0] == "add" and not cmd[1].done:
                 self._unqueue(cmd[1])
-                cmd[1].done = True
+                self._mark_done(cmd[1])
                 events.append((cmd[1], Event(error=message, status=503)))
         self._emit(events)
         try:
