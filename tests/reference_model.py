@@ -19,12 +19,13 @@ SHORT = (
 
 
 def dense_state_dict(ckpt: Path) -> tuple[dict, dict[str, np.ndarray]]:
-    from safetensors.numpy import load_file
+    import torch
+    from safetensors.torch import load_file
 
     hf = json.loads((ckpt / "config.json").read_text())
     raw: dict[str, np.ndarray] = {}
-    for f in sorted(ckpt.glob("*.safetensors")):
-        raw.update(load_file(f))
+    for f in sorted(ckpt.glob("*.safetensors")):  # torch reads bf16 (numpy has none): widened to fp32, exactly
+        raw.update({k: (v.float() if v.dtype == torch.bfloat16 else v).numpy() for k, v in load_file(f).items()})
     qcfg = hf.pop("quantization_config")["config_for_layers"]
     state: dict[str, np.ndarray] = {}
     for path, c in qcfg.items():
@@ -43,6 +44,7 @@ def reference_model(ckpt: str | Path):
 
     hf, state = dense_state_dict(Path(ckpt))
     cls = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "mistral": "MistralForCausalLM"}[hf["model_type"]]
+    hf.pop("dtype", None)
     config = transformers.AutoConfig.for_model(**{k: v for k, v in hf.items() if k != "torch_dtype"})
     config._attn_implementation = "eager"
     model = getattr(transformers, cls)(config).to(torch.float32).eval()

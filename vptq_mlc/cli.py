@@ -40,6 +40,27 @@ def one_line_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
     return wrapper
 
 
+def hub_source(param: str, name_param: str | None = None) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Let the command's `param` (a directory) also be a Hugging Face Hub id ORG/NAME[@revision]: it is fetched
+    into the standard hub cache (or found there) and the command sees the local snapshot. Existing paths win.
+    `name_param`, when unset, gets ORG/NAME (the served model's name is the id, not the snapshot's hash)."""
+
+    def decorate(fn: Callable[..., Any]) -> Callable[..., Any]:
+        @functools.wraps(fn)
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            from vptq_mlc.hub import parse_hub_id, resolve_model_source
+
+            source = kwargs[param]
+            kwargs[param] = resolve_model_source(source)
+            if name_param and kwargs[param] != source and kwargs.get(name_param) is None:
+                kwargs[name_param] = parse_hub_id(source)[0]
+            return fn(*args, **kwargs)
+
+        return wrapper
+
+    return decorate
+
+
 @click.group()
 @click.option("-v", "--verbose", count=True, help="More logging (-v info, -vv debug).")
 @click.version_option(package_name="vptq-mlc")
@@ -69,8 +90,9 @@ def model_source_options(fn: Callable[..., Any]) -> Callable[..., Any]:
     fn = click.option("--device", default="auto", show_default=True, help="cpu, cuda, cuda:N, rocm:N or auto.")(fn)
     fn = click.option(
         "--lib", type=click.Path(dir_okay=False, path_type=str), default=None,
-        help="Model library. MODEL_DIR may be `smollm2` (the bundled model, built on first use) or a `vptq-mlc "
-             "package` output (the manifest's pick for this host). Default: the newest *.so in MODEL_DIR whose "
+        help="Model library. MODEL_DIR may be `smollm2` (the bundled model, built on first use), a Hugging Face "
+             "Hub id ORG/NAME[@revision] (fetched into the hub cache) or a `vptq-mlc package` output (the "
+             "manifest's pick for this host). Default: the newest *.so in MODEL_DIR whose "
              "name has a word of the device kind (cpu: cpu/llvm, cuda: cuda/sm*, rocm: rocm/hip/gfx*).")(fn)
     return click.argument("model_dir", type=click.Path(file_okay=False, path_type=str))(fn)
 
@@ -93,13 +115,16 @@ def _first_device(devices: str | None, device: str) -> str:
 
 # -- checkpoint --
 @main.command()
-@click.argument("ckpt", type=click.Path(file_okay=False, path_type=str))
+@click.argument("ckpt", type=click.Path(file_okay=False, path_type=str))  # a directory or ORG/NAME[@revision]
 @click.option("--no-validate", is_flag=True, help="Only read headers; skip the full tensor validation.")
 @click.option("--all-layers", is_flag=True, help="One line per layer instead of folding identical decoder layers.")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 @one_line_errors
+@hub_source("ckpt")
 def inspect(ckpt: str, no_validate: bool, all_layers: bool, as_json: bool) -> None:
-    """Show a VPTQ checkpoint's architecture, variants, per-layer bits and sizes, and validate it."""
+    """Show a VPTQ checkpoint's architecture, variants, per-layer bits and sizes, and validate it.
+
+    CKPT is a directory or a Hugging Face Hub id ORG/NAME[@revision] (fetched into the hub cache)."""
     import json
 
     from vptq_mlc.checkpoint.inspect import format_summary, summarize
@@ -129,9 +154,12 @@ def inspect(ckpt: str, no_validate: bool, all_layers: bool, as_json: bool) -> No
                    "GPU shared memory (K=65536 class; faster CUDA decode); generic: only the layout every target "
                    "reads.")
 @one_line_errors
+@hub_source("ckpt")
 def convert(ckpt: str, output: str, dtype: str | None, context_window: int | None, prefill_chunk: int | None,
             max_batch_size: int | None, overwrite: bool, layout: str) -> None:
-    """Convert a VPTQ checkpoint into an MLC model directory (weight shards + mlc-chat-config.json)."""
+    """Convert a VPTQ checkpoint into an MLC model directory (weight shards + mlc-chat-config.json).
+
+    CKPT is a directory or a Hugging Face Hub id ORG/NAME[@revision] (fetched into the hub cache)."""
     from vptq_mlc.convert.converter import convert_checkpoint
 
     out = convert_checkpoint(ckpt, output, dtype=dtype, context_window_size=context_window,
@@ -180,6 +208,7 @@ def compile_cmd(model_dir: str, target: str, arch: str | None, output: str | Non
               help="Tokens of context (default: the model's).")
 @click.option("--devices", default=None, help=DEVICES_HELP)
 @one_line_errors
+@hub_source("model_dir")
 def chat(model_dir: str, lib: str | None, device: str, prompt: str | None, system: str | None, max_tokens: int,
          temperature: float | None, top_p: float | None, top_k: int, repetition_penalty: float | None,
          seed: int | None, stop: tuple[str, ...], raw: bool, context_window: int | None, devices: str | None) -> None:
@@ -238,6 +267,7 @@ def chat(model_dir: str, lib: str | None, device: str, prompt: str | None, syste
 @click.option("--prefix-cache/--no-prefix-cache", default=True, show_default=True,
               help="Keep finished requests' KV pages (LRU) so prompts sharing a prefix skip its prefill.")
 @one_line_errors
+@hub_source("model_dir", name_param="model_name")
 def serve(model_dir: str, lib: str | None, device: str, host: str, port: int, max_batch_size: int | None,
           max_queue: int, max_total_tokens: int | None, context_window: int | None, model_name: str | None,
           api_key: str | None, api_key_file: str | None, max_body_bytes: int, read_timeout: float,

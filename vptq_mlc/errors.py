@@ -32,3 +32,7 @@ class QuantizeError(VPTQMLCError):
 class ModelDirError(ConvertError, RuntimeLoadError):
     """An MLC model directory lacks a file or has a malformed one. convert, compile and the runtime all read model
     dirs, so this is both a ConvertError and a RuntimeLoadError (either `except` clause catches it)."""
+
+
+class HubError(VPTQMLCError):
+    """A model named by Hugging Face Hub id cannot be found, fetched or read from the local hub cache."""

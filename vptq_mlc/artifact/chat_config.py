@@ -24,7 +24,7 @@ class ChatConfig:
 
     model_type: str = ""
     quantization: str = ""
-    model_config: dict[str, Any] = field(default_factory=dict)  # model/config.py: DecoderConfig.to_json()
+    model_config: dict[str, Any] = field(default_factory=dict)  # the registry's config (checkpoint/arch.py).to_json()
     vocab_size: int = 0
     context_window_size: int = -1
     sliding_window_size: int = -1

@@ -19,14 +19,7 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
-from vptq_mlc.checkpoint.arch import (
-    detect_arch,
-    has_linear_bias,
-    linear_module_paths,
-    linear_shapes,
-    num_layers,
-    required_dense,
-)
+from vptq_mlc.checkpoint.arch import decoder_linears, detect_arch, required_dense
 from vptq_mlc.checkpoint.dequant import decode_codes
 from vptq_mlc.checkpoint.layer_config import VPTQLayerConfig
 from vptq_mlc.checkpoint.packing import padding_bits_clear
@@ -89,11 +82,10 @@ def find_quant_config(hf: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, 
 def resolve_layers(hf: Mapping[str, Any]) -> dict[str, VPTQLayerConfig]:
     """Module path -> layer config: `config_for_layers[path]`, else `shared_layer_config[leaf]`, else dense."""
     cfl, shared, skip = find_quant_config(hf)
-    shapes = linear_shapes(hf)
     out: dict[str, VPTQLayerConfig] = {}
-    for path in linear_module_paths(num_layers(hf)):
+    for path, lin in decoder_linears(hf).items():
         leaf = path.rsplit(".", 1)[1]
-        i_f, o_f = shapes[leaf]
+        i_f, o_f = lin.in_features, lin.out_features
         if path in cfl:
             d = cfl[path]
         elif leaf in shared and leaf not in skip and path not in skip:
@@ -125,6 +117,7 @@ class VPTQCheckpoint:
         self.path = path
         self.hf_config = hf_config
         self.arch = detect_arch(hf_config)
+        self._linears = decoder_linears(hf_config)  # path -> shape and bias under this config (attention_bias, ...)
         self.layers = layers
         self._tensors = tensors
         self._handles: dict[Path, Any] = {}
@@ -288,10 +281,12 @@ class VPTQCheckpoint:
                 raise CheckpointError(
                     f"layer {path}: tensor {s!r} expected {want}, found {info.dtype} {list(info.shape)}"
                 )
-        if cfg.bias != has_linear_bias(self.arch, path.rsplit(".", 1)[1]) and path.startswith("model.layers."):
+        leaf, lin = path.rsplit(".", 1)[1], self._linears.get(path)
+        if lin is not None and cfg.bias != lin.bias:
+            why = {"llama": "attention_bias/mlp_bias say", "qwen2": "qwen2 always has q/k/v biases, so"}
             raise CheckpointError(
-                f"layer {path}: config bias={cfg.bias} but a {self.arch} {path.rsplit('.', 1)[1]} "
-                f"{'has' if not cfg.bias else 'has no'} bias; fix config.json"
+                f"layer {path}: its VPTQ config says bias={cfg.bias} but {why.get(self.arch, self.arch + ' says')} "
+                f"{leaf} {'has' if lin.bias else 'has no'} bias; fix config.json"
             )
         t = self.layer_tensors(path)
         if cfg.is_indice_packed and not padding_bits_clear(t["indices"], cfg):

@@ -19,6 +19,7 @@ from vptq_mlc.artifact.chat_config import ChatConfig
 from vptq_mlc.artifact.files import TENSOR_CACHE
 from vptq_mlc.artifact.tensor_cache import read_index
 from vptq_mlc.atomic import atomic_file
+from vptq_mlc.checkpoint.arch import model_config_from_json
 from vptq_mlc.compile.metadata import attach_metadata, model_metadata, planned_memory
 from vptq_mlc.compile.targets import BuildTarget, relax_pipeline, resolve_targets
 from vptq_mlc.errors import CompileError
@@ -75,7 +76,8 @@ def build_library(model_dir: Path, bt: BuildTarget, output: Path,
         raise CompileError("--cuda-graph cannot be combined with --split-functions (the per-layer functions would "
                            "replay a graph captured with another layer's weights); drop one of them")
     chat = ChatConfig.load(model_dir)
-    cfg = DecoderConfig.from_json(chat.model_config)
+    arch = chat.model_type or "llama"
+    cfg = model_config_from_json(arch, chat.model_config)
     dtype = chat.model_dtype
     layers = chat.vptq_layers()
     bt.prepare()
@@ -83,7 +85,7 @@ def build_library(model_dir: Path, bt: BuildTarget, output: Path,
     if static_batches is None:
         static_batches = static_decode_batches(bt.target)
     model = build_model(cfg, layers, dtype, bt.target, kernel_selector(bt.target, chat.layouts), static_batches,
-                        norm_bias_selector(bt.target))
+                        norm_bias_selector(bt.target), arch=arch)
     split = None
     if split_functions:
         from vptq_mlc.model.split import export_with_split

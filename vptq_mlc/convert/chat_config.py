@@ -9,8 +9,8 @@ from pathlib import Path
 from typing import Any
 
 from vptq_mlc.artifact.chat_config import ChatConfig
+from vptq_mlc.checkpoint.arch import DecoderConfig
 from vptq_mlc.checkpoint.layer_config import VPTQLayerConfig
-from vptq_mlc.model.config import DecoderConfig
 
 _SAMPLING_DEFAULTS = {
     "temperature": 1.0,

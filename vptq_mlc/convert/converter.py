@@ -18,11 +18,11 @@ from tqdm import tqdm
 from vptq_mlc.artifact.tensor_cache import TensorCacheWriter
 from vptq_mlc.artifact.vq_layout import CODE_SORTED, LAYOUT, code_sorted_eligible, code_sorted_layout, generic_layout
 from vptq_mlc.atomic import atomic_dir
+from vptq_mlc.checkpoint.arch import decoder_config_from_hf
 from vptq_mlc.checkpoint.dequant import decode_codes
 from vptq_mlc.checkpoint.reader import VPTQCheckpoint
 from vptq_mlc.convert.chat_config import build_chat_config
 from vptq_mlc.errors import ConvertError
-from vptq_mlc.model.archs import decoder_config_from_hf
 
 log = logging.getLogger(__name__)
 SUPPORTED_DTYPES = ("float16", "float32")
@@ -80,9 +80,9 @@ def convert_checkpoint(
     dtype = dtype or default_dtype(ckpt.dtype)
     if dtype not in SUPPORTED_DTYPES:
         raise ConvertError(f"dtype {dtype!r} is not supported; choose one of {', '.join(SUPPORTED_DTYPES)}")
-    model_config = decoder_config_from_hf(ckpt.arch, ckpt.hf_config)
+    model_config = decoder_config_from_hf(ckpt.hf_config)
     if context_window_size:
-        model_config.context_window_size = context_window_size
+        model_config.set_context_window(context_window_size)
     model_config.prefill_chunk_size = min(prefill_chunk_size or model_config.prefill_chunk_size,
                                           model_config.context_window_size)
     if max_batch_size:

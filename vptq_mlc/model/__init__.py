@@ -1,2 +1,3 @@
-"""Model architectures. `archs.py` maps each HF config onto `DecoderConfig` (no TVM compiler needed, so `convert`
-runs on runtime-only hosts); `builder.py` makes the nn.Module tree (needs tvm.relax); `decoder.py` is the tree."""
+"""Model architectures' compute graphs. The registry (checkpoint/arch.py: config parsing, linears, biases, honoured
+HF fields) needs no TVM compiler; `builder.py` makes the registry entry's nn.Module tree (needs tvm.relax);
+`decoder.py` is the tree Llama, Mistral and Qwen2 share."""

@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Mapping
+from typing import Any
 
 from tvm.relax.frontend import nn
 from tvm.target import Target
 
+from vptq_mlc.checkpoint.arch import ARCHITECTURES
 from vptq_mlc.checkpoint.layer_config import VPTQLayerConfig
 from vptq_mlc.errors import CheckpointError
 from vptq_mlc.model.config import DecoderConfig
-from vptq_mlc.model.decoder import DecoderForCausalLM
 from vptq_mlc.model.vptq_linear import VPTQLinear
 from vptq_mlc.tir_kernels.registry import KernelSelector, NormBiasKernels
 
@@ -23,8 +25,13 @@ def build_model(
     select_kernel: KernelSelector,
     static_decode_batches: tuple[int, ...] = (),
     select_norm_bias: NormBiasKernels | None = None,
-) -> DecoderForCausalLM:
-    """The module tree: linears listed in `layers` become VPTQLinear, the rest dense nn.Linear."""
+    arch: str = "llama",
+) -> nn.Module:
+    """The registry entry's module tree: linears listed in `layers` become VPTQLinear, the rest dense nn.Linear."""
+    if arch not in ARCHITECTURES:
+        raise CheckpointError(f"architecture {arch!r} is not supported; supported: {', '.join(ARCHITECTURES)}")
+    module_name, _, class_name = ARCHITECTURES[arch].module_tree.partition(":")
+    tree: Any = getattr(importlib.import_module(module_name), class_name)
 
     def make_linear(path: str, in_f: int, out_f: int, bias: bool) -> nn.Module:
         qcfg = layers.get(path)
@@ -35,8 +42,11 @@ def build_model(
                 f"layer {path}: quantized shape {qcfg.out_features}x{qcfg.in_features} does not match the "
                 f"architecture's {out_f}x{in_f}"
             )
-        if bias and not qcfg.bias:
-            raise CheckpointError(f"layer {path}: the architecture needs a bias but the VPTQ layer has none")
+        if bias != qcfg.bias:
+            raise CheckpointError(
+                f"layer {path}: the architecture {'needs' if bias else 'has no'} bias but the VPTQ layer "
+                f"{'has none' if bias else 'has one'}; reconvert the checkpoint"
+            )
         return VPTQLinear(qcfg, dtype, select_kernel, select_norm_bias)
 
-    return DecoderForCausalLM(cfg, make_linear, dtype, target, static_decode_batches)
+    return tree(cfg, make_linear, dtype, target, static_decode_batches)

@@ -1,8 +1,10 @@
 """The Llama-family decoder as a `tvm.relax.frontend.nn` module tree, exported with MLC-LLM's function names.
 
-Llama, Mistral and Qwen2 share this tree; each architecture file (llama.py, qwen2.py, mistral.py) only maps
-its HF config onto `DecoderConfig`. Which linears are VPTQ-quantized is decided by `make_linear`, so this file
-never mentions codebooks. Attention and RoPE run inside TVM's paged KV cache (`TIRPagedKVCache`).
+Llama, Mistral and Qwen2 share this tree; their registry entries (checkpoint/arch.py) map each HF config onto
+`DecoderConfig` (biases, head_dim, RoPE). Which linears are VPTQ-quantized is decided by `make_linear`, so this file
+never mentions codebooks. Attention runs inside TVM's paged KV cache (`TIRPagedKVCache`), and so does RoPE whose
+frequencies TVM computes as transformers does (plain, llama3); other scalings (linear, yarn, longrope) rotate q and k
+here from transformers' inverse frequencies stored in the config, and the cache then applies none.
 """
 
 from __future__ import annotations
@@ -10,8 +12,9 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+import numpy as np
 from tvm import relax as rx
-from tvm import te
+from tvm import te, tirx
 from tvm.relax.frontend import nn
 from tvm.relax.frontend.nn import Tensor, op
 from tvm.relax.frontend.nn.llm.kv_cache import PagedKVCache, RopeMode, TIRPagedKVCache
@@ -33,6 +36,23 @@ def _gather_positions(x: te.Tensor, pos: te.Tensor) -> te.Tensor:
     return te.compute((x.shape[0], pos.shape[0], x.shape[2]), lambda b, i, k: x[b, pos[i], k], name="gather_pos")
 
 
+def _rotate_qk(qkv: te.Tensor, positions: te.Tensor, inv_freq: te.Tensor, rotated_heads: int,
+               factor: float) -> te.Tensor:
+    """transformers' apply_rotary_pos_emb on the q and k heads of fused qkv [b, s, heads, d] (v passes through):
+    x * cos + rotate_half(x) * sin with cos/sin = cos/sin(position * inv_freq) * attention factor, in float32."""
+    b, s, heads, d = qkv.shape
+    half = d // 2
+
+    def compute(i: Any, j: Any, h: Any, k: Any) -> Any:
+        angle = positions[i * s + j].astype("float32") * inv_freq[tirx.floormod(k, half)]
+        x = qkv[i, j, h, k].astype("float32")
+        partner = tirx.if_then_else(k < half, -qkv[i, j, h, k + half], qkv[i, j, h, k - half]).astype("float32")
+        rotated = x * tirx.cos(angle) * factor + partner * tirx.sin(angle) * factor
+        return tirx.if_then_else(h < rotated_heads, rotated, x).astype(qkv.dtype)
+
+    return te.compute((b, s, heads, d), compute, name="rotary")
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: DecoderConfig, prefix: str, make_linear: LinearFactory):
         d, hq, hkv, h = cfg.head_dim, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.hidden_size
@@ -40,12 +60,20 @@ class Attention(nn.Module):
         self.q_proj = make_linear(f"{prefix}.q_proj", h, hq * d, cfg.attention_bias)
         self.k_proj = make_linear(f"{prefix}.k_proj", h, hkv * d, cfg.attention_bias)
         self.v_proj = make_linear(f"{prefix}.v_proj", h, hkv * d, cfg.attention_bias)
-        self.o_proj = make_linear(f"{prefix}.o_proj", hq * d, h, False)
+        self.o_proj = make_linear(f"{prefix}.o_proj", hq * d, h, cfg.attention_out_bias)
+        self.inv_freq = cfg.rope_inv_freq
+        self.rope_factor = float(cfg.rope_attention_factor)
 
     def forward(self, x: Tensor, kv: PagedKVCache, layer_id: int) -> Tensor:
         b, s, _ = x.shape
         qkv = op.concat([self.q_proj(x), self.k_proj(x), self.v_proj(x)], dim=-1)
         qkv = op.reshape(qkv, (b, s, self.num_q_heads + 2 * self.num_kv_heads, self.head_dim))
+        if self.inv_freq is not None:
+            positions = kv.get_query_positions(b * s)
+            inv_freq = Tensor.from_const(np.asarray(self.inv_freq, dtype="float32"))
+            qkv = op.tensor_expr_op(
+                _rotate_qk, "rotary", [qkv, positions, inv_freq, self.num_q_heads + self.num_kv_heads,
+                                       self.rope_factor])
         out = kv.attention_with_fused_qkv(layer_id, qkv, self.num_q_heads, sm_scale=self.head_dim**-0.5)
         return self.o_proj(op.reshape(out, (b, s, self.num_q_heads * self.head_dim)))
 
@@ -53,9 +81,9 @@ class Attention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, cfg: DecoderConfig, prefix: str, make_linear: LinearFactory):
         h, i = cfg.hidden_size, cfg.intermediate_size
-        self.gate_proj = make_linear(f"{prefix}.gate_proj", h, i, False)
-        self.up_proj = make_linear(f"{prefix}.up_proj", h, i, False)
-        self.down_proj = make_linear(f"{prefix}.down_proj", i, h, False)
+        self.gate_proj = make_linear(f"{prefix}.gate_proj", h, i, cfg.mlp_bias)
+        self.up_proj = make_linear(f"{prefix}.up_proj", h, i, cfg.mlp_bias)
+        self.down_proj = make_linear(f"{prefix}.down_proj", i, h, cfg.mlp_bias)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.down_proj(op.silu(self.gate_proj(x)) * self.up_proj(x))
@@ -164,7 +192,7 @@ class DecoderForCausalLM(nn.Module):
             v_head_dim=c.head_dim,
             mla_original_qk_head_dim=0,
             mla_original_v_head_dim=0,
-            rope_mode=RopeMode.NORMAL,
+            rope_mode=RopeMode.NONE if c.rope_inv_freq is not None else RopeMode.NORMAL,
             rope_scale=1,
             rope_theta=c.position_embedding_base,
             rope_scaling=c.rope_scaling or {},

@@ -22,7 +22,7 @@ import torch
 from tqdm import tqdm
 
 from vptq_mlc.cache import cache_root
-from vptq_mlc.checkpoint.arch import detect_arch, linear_module_paths, num_layers
+from vptq_mlc.checkpoint.arch import decoder_linears, detect_arch, num_layers
 from vptq_mlc.checkpoint.layer_config import Variant
 from vptq_mlc.checkpoint.writer import write_checkpoint
 from vptq_mlc.errors import QuantizeError
@@ -97,7 +97,7 @@ def quantize_model(model: str | Path, out_dir: str | Path, settings: QuantizeSet
     n = total_layers if settings.layers is None else settings.layers
     if not 1 <= n <= total_layers:
         raise QuantizeError(f"--layers {n} out of range: the model has {total_layers} decoder layers")
-    paths = linear_module_paths(n)
+    paths = list(decoder_linears({**config, "num_hidden_layers": n}))
     missing = [p for p in paths if f"{p}.weight" not in dense]
     if missing:
         raise QuantizeError(f"{model_dir} lacks {missing[0]}.weight; is it a dense (unquantized) model?")

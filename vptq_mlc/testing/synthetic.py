@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from vptq_mlc.checkpoint.arch import SUPPORTED_ARCHS, has_linear_bias, linear_module_paths, linear_shapes
+from vptq_mlc.checkpoint.arch import ARCHITECTURES, SUPPORTED_ARCHS, decoder_linears
 from vptq_mlc.checkpoint.layer_config import VPTQLayerConfig
 from vptq_mlc.checkpoint.packing import pack_indices
 from vptq_mlc.checkpoint.writer import write_checkpoint
@@ -166,15 +166,14 @@ def hf_config_for(
     bos_token_id: int = 0,
     eos_token_id: int = 2,
     max_position_embeddings: int = 2048,
+    overrides: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """config.json keys of a Hugging Face llama / qwen2 / mistral model (transformers 4.57 names)."""
     if arch not in SUPPORTED_ARCHS:
         raise CheckpointError(f"unsupported architecture {arch!r}; supported: {', '.join(SUPPORTED_ARCHS)}")
     hd = head_dim or hidden_size // num_heads
     c: dict[str, Any] = {
-        "architectures": [
-            {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "mistral": "MistralForCausalLM"}[arch]
-        ],
+        "architectures": [ARCHITECTURES[arch].hf_classes[0]],
         "model_type": arch,
         "attention_dropout": 0.0,
         "bos_token_id": bos_token_id,
@@ -202,6 +201,7 @@ def hf_config_for(
         c.update({"use_sliding_window": False, "sliding_window": None, "max_window_layers": num_layers})
     else:
         c.update({"sliding_window": None})
+    c.update(overrides or {})
     return c
 
 
@@ -223,11 +223,13 @@ def make_synthetic_checkpoint(
     seed: int = 0,
     max_shard_bytes: int | None = None,
     overwrite: bool = False,
+    hf_overrides: Mapping[str, Any] | None = None,
 ) -> Path:
     """Write a complete tiny VPTQ model directory (config, weights, tokenizer) and return its path.
 
     `layer_kwargs` go to `VPTQLayerConfig.from_variant` (outlier_size/outlier_vector_len/num_outlier_centroids,
-    group_num, enable_norm, enable_perm, is_indice_packed); qwen2 q/k/v get a bias as in the real model.
+    group_num, enable_norm, enable_perm, is_indice_packed); linears get a bias where the architecture and config say
+    (qwen2 q/k/v; llama with attention_bias/mlp_bias). `hf_overrides` replace or add config.json fields.
     `dtype` may be float32, float16 or bfloat16 (stored as bf16; generated in float32).
     """
     rng = np.random.default_rng(seed)
@@ -250,8 +252,8 @@ def make_synthetic_checkpoint(
             dtype=dtype,
             bos_token_id=ids[BOS],
             eos_token_id=ids[EOS],
+            overrides=hf_overrides,
         )
-        shapes = linear_shapes(hf)
         kw = dict(layer_kwargs or {})
 
         def normal(shape: tuple[int, ...], std: float, mean: float = 0.0) -> np.ndarray:
@@ -261,11 +263,9 @@ def make_synthetic_checkpoint(
         emb_std = 0.5 / np.sqrt(hidden_size)
         dense: dict[str, np.ndarray] = {"model.embed_tokens.weight": normal((vocab_size, hidden_size), emb_std)}
         layers: dict[str, tuple[VPTQLayerConfig, dict[str, np.ndarray]]] = {}
-        for path in linear_module_paths(num_layers):
-            leaf = path.rsplit(".", 1)[1]
-            i_f, o_f = shapes[leaf]
-            bias = has_linear_bias(arch, leaf)
-            cfg = VPTQLayerConfig.from_variant(variant, i_f, o_f, **{"bias": bias, **kw})
+        for path, lin in decoder_linears(hf).items():
+            i_f, o_f = lin.in_features, lin.out_features
+            cfg = VPTQLayerConfig.from_variant(variant, i_f, o_f, **{"bias": lin.bias, **kw})
             layers[path] = (cfg, random_layer(cfg, rng, gen_dtype, scale=0.5 / np.sqrt(i_f)))
         for i in range(num_layers):
             dense[f"model.layers.{i}.input_layernorm.weight"] = normal((hidden_size,), 0.05, 1.0)

@@ -1,0 +1,204 @@
+"""Every architecture and every honoured HF config field against transformers' dense reference on CPU.
+
+Each tiny checkpoint batches several fields (biases, head_dim, tied embeddings, a RoPE scaling, a sliding window,
+the stored dtype) so that few llvm compiles cover them all: convert -> compile (llvm) -> teacher-forced logits of a
+prefill and decode steps vs transformers holding the dense weights dequantized by the independent reference.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import tvm
+from reference_model import reference_greedy, reference_model
+
+from vptq_mlc.checkpoint.arch import ARCHITECTURES, decoder_config_from_hf
+from vptq_mlc.compile.build import compile_model
+from vptq_mlc.convert.converter import convert_checkpoint
+from vptq_mlc.errors import CheckpointError
+from vptq_mlc.runtime.engine import Engine
+from vptq_mlc.runtime.kv_cache import PagedKVCache
+from vptq_mlc.runtime.library import load_library, load_params
+from vptq_mlc.runtime.sampling import SamplingParams
+from vptq_mlc.testing.synthetic import hf_config_for, make_synthetic_checkpoint
+
+PREFILL, DECODE = 20, 8
+# name -> (arch, checkpoint dtype, make_synthetic_checkpoint kwargs, config.json overrides)
+CASES = {
+    "llama-bf16-biases-headdim-tied-yarn": (
+        "llama", "bfloat16", {"head_dim": 32, "tie_word_embeddings": True},
+        {"attention_bias": True, "mlp_bias": True, "max_position_embeddings": 256,
+         "rope_scaling": {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64}},
+    ),
+    "llama-fp16-linear": (
+        "llama", "float16", {"layer_kwargs": {"enable_norm": False}, "variant": "v8-k256-0"},
+        {"rope_scaling": {"type": "linear", "factor": 2.0}},
+    ),
+    "qwen2-longrope-sliding": (
+        "qwen2", "float32", {},
+        {"max_position_embeddings": 256, "original_max_position_embeddings": 64,
+         "rope_scaling": {"rope_type": "longrope", "short_factor": [1.0 + 0.25 * i for i in range(8)],
+                          "long_factor": [4.0] * 8},
+         "use_sliding_window": True, "sliding_window": 48, "max_window_layers": 1},
+    ),
+    "mistral-llama3-sliding": (
+        "mistral", "float32", {},
+        {"sliding_window": 40,
+         "rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                          "original_max_position_embeddings": 16}},
+    ),
+}
+
+
+@pytest.fixture(scope="module", params=list(CASES))
+def built(request, tmp_path_factory) -> tuple[Path, Path, Path]:
+    arch, dtype, kw, overrides = CASES[request.param]
+    root = tmp_path_factory.mktemp(request.param)
+    ckpt = make_synthetic_checkpoint(root / "ckpt", arch=arch, dtype=dtype, seed=3, hf_overrides=overrides, **kw)
+    model_dir = convert_checkpoint(ckpt, root / "mlc", dtype="float32")
+    (lib,) = compile_model(model_dir, "llvm", root / "model-llvm.so")
+    return ckpt, model_dir, lib
+
+
+def test_logits_match_transformers(built):
+    ckpt, model_dir, lib_path = built
+    lib = load_library(lib_path, "cpu")
+    params = load_params(model_dir, lib)
+    kv = PagedKVCache(lib, max_batch=1, max_total_tokens=64, prefill_chunk=PREFILL)
+    vocab = lib.metadata["params"][0]["shape"][0]
+    tokens = np.random.default_rng(1).integers(0, vocab, PREFILL + DECODE).astype(np.int32)
+    embed, prefill, decode = lib.func("embed"), lib.func("prefill"), lib.func("decode")
+    reshape = tvm.get_global_func("vm.builtin.reshape")
+    ours = []
+    kv.add(0)
+    for start, n, fn in [(0, PREFILL, prefill)] + [(PREFILL + i, 1, decode) for i in range(DECODE)]:
+        emb = embed(tvm.runtime.tensor(tokens[start : start + n], lib.device), params)
+        emb = reshape(emb, tvm.runtime.ShapeTuple([1, n, int(emb.shape[-1])]))
+        with kv.forward([0], [n]) as cache:
+            ours.append(fn(emb, cache, params)[0].numpy()[0, -1])
+    ours = np.stack(ours)
+
+    ref = reference_model(ckpt)
+    with torch.no_grad():
+        want = ref(torch.from_numpy(tokens[None].astype(np.int64))).logits[0].numpy()[PREFILL - 1 :]
+    scale = np.abs(want).max()
+    err = np.abs(ours - want).max()
+    assert err <= 1e-3 * max(scale, 1.0), f"max abs error {err:.3g} vs logit scale {scale:.3g}"
+    assert np.array_equal(ours.argmax(-1), want.argmax(-1))
+
+
+def test_batched_greedy_matches_transformers(built):
+    """Two prompts of different lengths decoded together (batch_prefill, batch_decode: per-sequence positions)."""
+    ckpt, model_dir, lib_path = built
+    engine = Engine(model_dir, lib_path, device="cpu")
+    ref = reference_model(ckpt)
+    prompts = [engine.tokenizer.encode(t, add_special_tokens=False) for t in ("The quick brown fox", "water light")]
+    reqs = [engine.add_request(p, SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True)) for p in prompts]
+    while not all(r.finished for r in reqs):
+        engine.step()
+    for p, r in zip(prompts, reqs):
+        assert r.output_ids == reference_greedy(ref, p, 10)
+
+
+def test_context_caps_follow_the_config(built):
+    """Sliding windows and longrope bound the context at which our math still equals transformers'."""
+    ckpt, model_dir, _ = built
+    hf = json.loads((ckpt / "config.json").read_text())
+    chat = json.loads((model_dir / "mlc-chat-config.json").read_text())
+    want = int(hf.get("max_position_embeddings", 2048))
+    if hf.get("rope_scaling", {}).get("rope_type") == "longrope":
+        want = min(want, hf["original_max_position_embeddings"])
+    if hf["model_type"] == "mistral" or hf.get("use_sliding_window"):
+        want = min(want, hf["sliding_window"])
+    assert chat["context_window_size"] == want
+
+
+def _hf(arch: str, **overrides) -> dict:
+    return hf_config_for(arch, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4, num_kv_heads=2,
+                         head_dim=None, vocab_size=512, tie_word_embeddings=False, dtype="float32",
+                         overrides=overrides)
+
+
+def test_llama_biases_follow_attention_bias_and_mlp_bias():
+    arch = ARCHITECTURES["llama"]
+    cfg = decoder_config_from_hf(_hf("llama", attention_bias=True))
+    assert [s.leaf for s in arch.linears if s.bias(cfg)] == ["q_proj", "k_proj", "v_proj", "o_proj"]
+    cfg = decoder_config_from_hf(_hf("llama", mlp_bias=True))
+    assert [s.leaf for s in arch.linears if s.bias(cfg)] == ["gate_proj", "up_proj", "down_proj"]
+    cfg = decoder_config_from_hf(_hf("qwen2"))
+    assert [s.leaf for s in arch.linears if s.bias(cfg)] == ["q_proj", "k_proj", "v_proj"]
+    cfg = decoder_config_from_hf(_hf("mistral", attention_bias=True))  # transformers' Mistral ignores it
+    assert not any(s.bias(cfg) for s in arch.linears)
+
+
+def test_rope_inv_freq_matches_transformers():
+    """Our numpy port of transformers' RoPE initialisers gives its inv_freq and attention factor."""
+    from transformers import AutoConfig
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    for arch, extra in [
+        ("llama", {"rope_scaling": {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64},
+                   "max_position_embeddings": 256}),
+        ("llama", {"rope_scaling": {"rope_type": "yarn", "factor": 8.0, "mscale": 1.0, "mscale_all_dim": 0.5,
+                                    "beta_fast": 16, "beta_slow": 2, "truncate": False}}),
+        ("llama", {"rope_scaling": {"type": "linear", "factor": 3.0}}),
+        ("qwen2", {"max_position_embeddings": 256, "original_max_position_embeddings": 64,
+                   "rope_scaling": {"rope_type": "longrope", "short_factor": [1.5] * 8, "long_factor": [2.0] * 8}}),
+    ]:
+        hf = _hf(arch, **extra)
+        ours = decoder_config_from_hf(hf)
+        config = AutoConfig.for_model(**{k: v for k, v in hf.items() if k != "torch_dtype"})
+        inv, factor = ROPE_INIT_FUNCTIONS[config.rope_scaling["rope_type"]](config, "cpu")
+        np.testing.assert_allclose(ours.rope_inv_freq, inv.numpy(), rtol=1e-6)
+        assert ours.rope_attention_factor == pytest.approx(factor, rel=1e-7)
+
+
+def test_dynamic_rope_is_plain_rope_within_max_position_embeddings():
+    cfg = decoder_config_from_hf(_hf("llama", rope_scaling={"rope_type": "dynamic", "factor": 2.0}))
+    assert cfg.rope_inv_freq is None and cfg.rope_scaling is None and cfg.context_window_size == 2048
+    with pytest.raises(CheckpointError, match="rope_scaling type 'dynamic'"):
+        cfg.set_context_window(4096)
+
+
+@pytest.mark.parametrize("field, value, match", [
+    ("rope_scaling", {"rope_type": "su", "factor": 2.0}, "rope_scaling type 'su' is not supported"),
+    ("hidden_act", "gelu", "hidden_act 'gelu' is not supported"),
+    ("partial_rotary_factor", 0.5, "partial_rotary_factor"),
+    ("rope_scaling", {"rope_type": "yarn"}, r"rope_scaling \(yarn\) lacks 'factor'"),
+    ("num_key_value_heads", 3, "not a multiple of num_key_value_heads 3"),
+    ("head_dim", 15, "head_dim 15 is odd"),
+])
+def test_unsupported_fields_are_refused_by_name(field, value, match):
+    with pytest.raises(CheckpointError, match=match):
+        decoder_config_from_hf(_hf("llama", **{field: value}))
+
+
+def test_sliding_window_past_the_context_changes_nothing():
+    cfg = decoder_config_from_hf(_hf("mistral", sliding_window=4096, max_position_embeddings=2048))
+    assert cfg.context_window_size == 2048
+    cfg = decoder_config_from_hf(_hf("qwen2", sliding_window=32, use_sliding_window=False))
+    assert cfg.context_window_size == 2048  # Qwen2 slides only with use_sliding_window
+
+
+def test_docs_table_every_honoured_field():
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "architectures.md").read_text()
+    for arch in ARCHITECTURES.values():
+        for name in arch.hf_fields:
+            assert f"`{name}`" in doc, f"docs/architectures.md lacks {arch.name}'s field {name}"
+
+
+def test_bias_disagreeing_with_attention_bias_is_one_line(tmp_path):
+    """A llama checkpoint whose config says attention_bias but whose o_proj VPTQ layer has no bias is refused."""
+    from vptq_mlc.checkpoint.reader import VPTQCheckpoint
+
+    ckpt = make_synthetic_checkpoint(tmp_path / "ck", variant="v8-k256-0", num_layers=1)
+    cfg = json.loads((ckpt / "config.json").read_text())
+    cfg["attention_bias"] = True
+    (ckpt / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(CheckpointError, match="attention_bias/mlp_bias say q_proj has bias") as e:
+        VPTQCheckpoint.open(ckpt).validate(progress=False)
+    assert "\n" not in str(e.value)
