@@ -505,3 +505,7 @@ def package(config: str, output: str | None, force: bool) -> None:
 from vptq_mlc.bench.cli import bench as _bench  # noqa: E402
 
 main.add_command(_bench)
+
+
+if __name__ == "__main__":  # python -m vptq_mlc.cli, as the console script
+    main()
