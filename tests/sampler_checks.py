@@ -1,0 +1,172 @@
+"""Checks of the compiled sampler (`sample_tokens`) against the numpy reference (runtime/sampling.py), shared by
+the CPU test (tests/test_device_sampler.py) and the CUDA one (tests/gpu/test_device_sampler_gpu.py).
+
+Distribution bound: with N draws from a distribution over V tokens, P(TV(empirical, true) >= eps) <= 2^V
+exp(-2 N eps^2) (the L1 deviation bound of Weissman et al. 2003, TV = L1 / 2 with L1 >= 2 eps). For V = 32,
+N = 10^5, eps = 0.02: 2^32 e^-80 < 1e-25, so a sampler whose true TV from the reference exceeded ~0.02 fails and a
+correct one essentially never does.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import tvm
+from tvm import relax
+
+from vptq_mlc.compile.sampler import add_sampler
+from vptq_mlc.runtime.device_sampler import DeviceSampler, SampleRow
+from vptq_mlc.runtime.sampling import SamplingParams, penalized_scores, process_logits, softmax, token_logprob
+
+DRAWS = 100_000
+SMALL_VOCAB = 32
+TV_BOUND = 0.02
+
+PROMPT = np.array([3, 3, 7, 11, 30], dtype=np.int64)
+GENERATED = np.array([7, 7, 7, 12, 1], dtype=np.int64)
+MASK_ALLOWED = [0, 1, 2, 3, 5, 8, 13, 21, 30, 31]
+
+
+def bitmask_for(allowed: list[int], vocab: int) -> np.ndarray:
+    bits = np.zeros(((vocab + 31) // 32) * 32, dtype=np.uint8)
+    bits[allowed] = 1
+    return np.packbits(bits, bitorder="little").view("<i4").astype(np.int32)
+
+
+# (name, SamplingParams kwargs, uses penalties, uses bitmask)
+SETTINGS: list[tuple[str, dict[str, Any], bool, bool]] = [
+    ("temperature", dict(temperature=0.7), False, False),
+    ("top_k", dict(temperature=1.0, top_k=5), False, False),
+    ("top_p", dict(temperature=0.8, top_p=0.7), False, False),
+    ("min_p", dict(temperature=1.0, min_p=0.15), False, False),
+    ("penalties", dict(temperature=0.9, repetition_penalty=1.4, presence_penalty=0.5, frequency_penalty=0.3), True,
+     False),
+    ("logit_bias", dict(temperature=1.0, logit_bias={4: 3.0, 9: -100.0, 17: 1.5}), False, False),
+    ("bitmask", dict(temperature=1.0, top_p=0.9), False, True),
+    ("combined", dict(temperature=0.6, top_k=12, top_p=0.85, min_p=0.02, repetition_penalty=1.2,
+                      logit_bias={2: 2.0}), True, True),
+]
+
+
+def build_sampler(target: str, device: tvm.runtime.Device) -> DeviceSampler:
+    """The sampler alone as a tiny library (what compile/build.py adds to every model)."""
+    tgt = tvm.target.Target(target)
+    mod = add_sampler(tvm.IRModule(), tgt)
+    if "gpu" in tgt.keys:
+        from vptq_mlc.compile.targets import relax_pipeline
+
+        with tgt:
+            mod = relax_pipeline(tgt)(mod)
+        ex = relax.build(mod, tgt, relax_pipeline=None)
+    else:
+        ex = tvm.compile(mod, target=tgt)
+    vm = relax.VirtualMachine(ex, device)
+    return DeviceSampler(vm["sample_tokens"], device)
+
+
+def penalty_lists(params: SamplingParams) -> tuple[np.ndarray, np.ndarray]:
+    """What a Request uploads: every seen token with its generated count."""
+    seen = np.unique(np.concatenate([PROMPT, GENERATED]))
+    counts = np.array([(GENERATED == t).sum() for t in seen], dtype=np.int32)
+    return seen.astype(np.int32), counts
+
+
+def row_for(params: SamplingParams, penalties: bool, mask: np.ndarray | None, uniform: float) -> SampleRow:
+    pt, pc = penalty_lists(params) if penalties else (None, None)
+    return SampleRow(params, uniform, pt, pc, mask)
+
+
+def reference_probs(logits: np.ndarray, params: SamplingParams, penalties: bool,
+                    mask: np.ndarray | None) -> np.ndarray:
+    seen = np.concatenate([PROMPT, GENERATED]) if penalties else np.empty(0, dtype=np.int64)
+    generated = GENERATED if penalties else None
+    return softmax(process_logits(logits, params, seen, generated, mask))
+
+
+def draw_histogram(sampler: DeviceSampler, logits: np.ndarray, params: SamplingParams, penalties: bool,
+                   mask: np.ndarray | None, draws: int = DRAWS, chunk: int = 25_000) -> np.ndarray:
+    """`draws` tokens from the device sampler, as frequencies; rows of one call share the logits."""
+    rng = np.random.default_rng(1234)
+    counts = np.zeros(logits.size, dtype=np.int64)
+    for start in range(0, draws, chunk):
+        n = min(chunk, draws - start)
+        uniforms = (rng.integers(0, 1 << 24, size=n) / float(1 << 24)).tolist()
+        rows = [row_for(params, penalties, mask, u) for u in uniforms]
+        batch = tvm.runtime.tensor(np.repeat(logits[None].astype(np.float32), n, axis=0), sampler.device)
+        tokens = [t for t, _ in sampler.sample(batch, rows)]
+        counts += np.bincount(tokens, minlength=logits.size)
+    return counts / draws
+
+
+def check_distributions(sampler: DeviceSampler) -> None:
+    logits = np.random.default_rng(7).normal(0.0, 2.0, SMALL_VOCAB).astype(np.float32)
+    failures = []
+    for name, kwargs, penalties, masked in SETTINGS:
+        params = SamplingParams(**kwargs)
+        mask = bitmask_for(MASK_ALLOWED, SMALL_VOCAB) if masked else None
+        want = reference_probs(logits, params, penalties, mask)
+        got = draw_histogram(sampler, logits, params, penalties, mask)
+        tv = 0.5 * np.abs(got - want).sum()
+        never = got[want == 0].sum()
+        if tv > TV_BOUND or never > 0:
+            failures.append(f"{name}: TV {tv:.4f} (bound {TV_BOUND}), mass on excluded tokens {never}")
+    assert not failures, failures
+
+
+def check_greedy(sampler: DeviceSampler, vocab: int) -> None:
+    rng = np.random.default_rng(3)
+    logits = rng.normal(0.0, 3.0, (6, vocab)).astype(np.float32)
+    logits[1, [5, vocab - 1]] = logits[1].max() + 1.0  # a tie: the first index wins, as np.argmax
+    rows = [SampleRow(SamplingParams(temperature=0.0)) for _ in range(6)]
+    tokens = [t for t, _ in sampler.sample(tvm.runtime.tensor(logits, sampler.device), rows)]
+    assert tokens == logits.argmax(axis=1).tolist()
+
+
+def check_same_uniform_same_token(sampler: DeviceSampler, vocab: int, rows: int = 64) -> None:
+    """With the uniform the reference would draw, the token is the reference's (its cdf walk in id order)."""
+    rng = np.random.default_rng(11)
+    logits = (rng.standard_normal((rows, vocab)) * rng.uniform(1, 6, (rows, 1))).astype(np.float32)
+    params = SamplingParams(temperature=0.7, top_p=0.9)
+    uniforms = rng.integers(0, 1 << 24, size=rows) / float(1 << 24)
+    got = [t for t, _ in sampler.sample(tvm.runtime.tensor(logits, sampler.device),
+                                        [SampleRow(params, float(u)) for u in uniforms])]
+    want = []
+    for row, u in zip(logits, uniforms):
+        cdf = np.cumsum(softmax(process_logits(row, params, np.empty(0, dtype=np.int64))))
+        want.append(int(min(np.searchsorted(cdf, u * cdf[-1], side="right"), vocab - 1)))
+    assert got == want
+
+
+def check_logprobs(sampler: DeviceSampler, vocab: int) -> None:
+    rng = np.random.default_rng(5)
+    logits = rng.normal(0.0, 2.5, (4, vocab)).astype(np.float32)
+    settings = [(SamplingParams(temperature=0.0, logprobs=True, top_logprobs=5), False, None),
+                (SamplingParams(temperature=0.7, top_p=0.9, logprobs=True, top_logprobs=20), False, None),
+                (SamplingParams(temperature=1.3, top_k=3, repetition_penalty=1.3, presence_penalty=0.4,
+                                frequency_penalty=0.2, logprobs=True, top_logprobs=3, logit_bias={1: 4.0}), True,
+                 None),
+                (SamplingParams(temperature=1.0, logprobs=True, top_logprobs=0), False,
+                 bitmask_for(MASK_ALLOWED, vocab))]
+    rows = [row_for(p, pen, mask, 0.37) for p, pen, mask in settings]
+    out = sampler.sample(tvm.runtime.tensor(logits, sampler.device), rows)
+    for (params, pen, mask), row_logits, (token, lp) in zip(settings, logits, out):
+        seen = np.concatenate([PROMPT, GENERATED]) if pen else np.empty(0, dtype=np.int64)
+        base = penalized_scores(row_logits, params, seen, GENERATED if pen else None, mask)
+        want = token_logprob(base, token, params.top_logprobs)
+        assert lp is not None and lp.token == token
+        assert abs(lp.logprob - want.logprob) <= 1e-4, (lp.logprob, want.logprob)
+        assert [t for t, _ in lp.top] == [t for t, _ in want.top]
+        np.testing.assert_allclose([v for _, v in lp.top], [v for _, v in want.top], atol=1e-4, rtol=0)
+
+
+def check_vocab_limit_and_batch_independence(sampler: DeviceSampler, vocab: int) -> None:
+    rng = np.random.default_rng(9)
+    logits = rng.normal(0.0, 1.0, (3, vocab)).astype(np.float32)
+    logits[:, vocab - 8 :] += 50.0  # only reachable if the limit were ignored
+    params = SamplingParams(temperature=1.0, seed=42)
+    rows = [SampleRow(params, 0.25), SampleRow(SamplingParams(temperature=0.0)), SampleRow(params, 0.9)]
+    batch = sampler.sample(tvm.runtime.tensor(logits, sampler.device), rows, vocab_limit=vocab - 8)
+    assert all(t < vocab - 8 for t, _ in batch)
+    alone = sampler.sample(tvm.runtime.tensor(logits[2:3].copy(), sampler.device), rows[2:], vocab_limit=vocab - 8)
+    assert alone[0][0] == batch[2][0]

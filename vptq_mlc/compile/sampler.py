@@ -1,0 +1,238 @@
+"""Token sampling compiled into the model library, so logits never leave the device.
+
+`add_sampler(mod, target)` adds one relax function, `sample_tokens` (argument layout: vptq_mlc/sampler_abi.py),
+that samples a whole batch in one call with the semantics of the numpy reference (runtime/sampling.py):
+constraint bitmask and logit_bias on the raw logits, repetition/presence/frequency penalties, temperature,
+then top-k, top-p and min-p, one draw per row from a uniform the host derives from (seed, step), so a seeded
+request samples the same token alone or in any batch. Greedy rows (temperature 0) take the first argmax.
+
+Why no sort: sorting a 128k vocabulary costs several ms per row on a CPU. The filters only need thresholds:
+- min-p keeps `p_i >= min_p * p_max`, i.e. `exp(x_i - max) >= min_p`;
+- top-k keeps `x_i >=` the k-th largest value, found by bisection over the float bits (an order-preserving int
+  key), 32 counting passes;
+- top-p keeps token i iff the probability mass of strictly larger tokens is `< p` (the reference's ascending
+  cumulative sum `<= 1 - p` rule), the same bisection with mass sums;
+and the draw walks the kept tokens in token-id order, exactly as the reference's `searchsorted` over the cdf does.
+On the CPU a compaction pass first keeps only the candidates that can survive top-p / min-p
+(`p_i >= (1 - top_p) / vocab` of the relevant mass, or `>= min_p`), so the passes touch a few thousand entries for
+peaked distributions (falling back to the whole vocabulary when top-k needs more than the candidates).
+GPU targets run one thread block per row with the same passes as block-wide reductions.
+"""
+
+from __future__ import annotations
+
+import tvm
+from tvm import relax, tirx
+from tvm.script import tirx as T
+
+from vptq_mlc.sampler_abi import (
+    F_COLS, F_FREQUENCY, F_MIN_P, F_PRESENCE, F_REPETITION, F_TEMPERATURE, F_TOP_P, F_UNIFORM, FUNCTION, I_BIAS_END,
+    I_BIAS_START, I_COLS, I_MASK_ROW, I_PENALTY_END, I_PENALTY_START, I_TOP_K, I_TOP_N, I_VOCAB_LIMIT, MAX_TOP,
+)
+
+NEG_INF = tirx.const(float("-inf"), "float32")
+POS_INF = tirx.const(float("inf"), "float32")
+KEY_MIN = tirx.const(-(2**31), "int64")  # below every float key
+
+
+def _key(x):
+    """An int whose order is the float order (negative floats: flip the magnitude bits)."""
+    bits = T.reinterpret("int32", x)
+    return T.Cast("int64", T.if_then_else(bits >= 0, bits, T.bitwise_xor(bits, 0x7FFFFFFF)))
+
+
+def cpu_kernel() -> tirx.PrimFunc:
+    """Rows in parallel; each row's passes run serially over its (compacted) tokens."""
+
+    @T.prim_func(private=True)
+    def kernel(
+        var_logits: T.handle, var_fp: T.handle, var_ip: T.handle, var_bt: T.handle, var_bv: T.handle,
+        var_pt: T.handle, var_pc: T.handle, var_mask: T.handle, var_tok: T.handle, var_lp: T.handle,
+        var_work: T.handle, var_cand: T.handle,
+    ):
+        T.func_attr({"tirx.noalias": True})
+        rows, vocab = T.int64(), T.int64()
+        nb, npen, nmask, words = T.int64(), T.int64(), T.int64(), T.int64()
+        logits = T.match_buffer(var_logits, (rows, vocab), "float32")
+        fp = T.match_buffer(var_fp, (rows, F_COLS), "float32")
+        ip = T.match_buffer(var_ip, (rows, I_COLS), "int32")
+        bias_tok = T.match_buffer(var_bt, (nb,), "int32")
+        bias_val = T.match_buffer(var_bv, (nb,), "float32")
+        pen_tok = T.match_buffer(var_pt, (npen,), "int32")
+        pen_cnt = T.match_buffer(var_pc, (npen,), "int32")
+        bitmask = T.match_buffer(var_mask, (nmask, words), "int32")
+        out_tok = T.match_buffer(var_tok, (rows, MAX_TOP + 1), "int32")
+        out_lp = T.match_buffer(var_lp, (rows, MAX_TOP + 1), "float32")
+        work = T.match_buffer(var_work, (rows, 2, vocab), "float32")  # scaled scores x, then exp(x - max)
+        cand = T.match_buffer(var_cand, (rows, vocab), "int32")  # candidate token ids, in id order
+        for r in T.parallel(rows):
+            f = T.decl_buffer((8,), "float32", scope="local")  # max, Z, L, Zk, W, target, acc, best
+            k = T.decl_buffer((8,), "int64", scope="local")  # argmax, n_cand, lo, hi, count/flag, token, i, last
+            lim = T.min(T.Cast("int64", ip[r, I_VOCAB_LIMIT]), vocab)
+            temp = fp[r, F_TEMPERATURE]
+            inv_t = T.if_then_else(temp > T.float32(0), T.float32(1) / temp, T.float32(1))
+            mrow = T.Cast("int64", ip[r, I_MASK_ROW])
+            # 1. processed scores: mask, logit_bias, penalties (on raw logits), then temperature
+            for i in range(vocab):
+                word = bitmask[T.max(mrow, T.int64(0)), i // 32]
+                bit = T.bitwise_and(T.shift_right(word, T.Cast("int32", i % 32)), 1)
+                work[r, 0, i] = T.if_then_else(i < lim and (mrow < 0 or bit == 1), logits[r, i], NEG_INF)
+            for j in range(T.Cast("int64", ip[r, I_BIAS_START]), T.Cast("int64", ip[r, I_BIAS_END])):
+                t = T.Cast("int64", bias_tok[j])
+                if t < vocab:
+                    work[r, 0, t] = work[r, 0, t] + bias_val[j]
+            rep = fp[r, F_REPETITION]
+            for j in range(T.Cast("int64", ip[r, I_PENALTY_START]), T.Cast("int64", ip[r, I_PENALTY_END])):
+                t = T.Cast("int64", pen_tok[j])
+                c = pen_cnt[j]
+                if t < vocab:
+                    s = work[r, 0, t]
+                    s2 = T.if_then_else(s < T.float32(0), s * rep, s / rep)
+                    work[r, 0, t] = s2 - T.Cast("float32", c) * fp[r, F_FREQUENCY] - T.if_then_else(
+                        c > 0, fp[r, F_PRESENCE], T.float32(0))
+            f[0] = NEG_INF
+            k[0] = T.int64(0)
+            for i in range(vocab):
+                s = work[r, 0, i] * inv_t
+                work[r, 0, i] = s
+                if s > f[0]:
+                    f[0] = s
+                    k[0] = i
+            k[5] = k[0]  # greedy token
+            top_n = T.Cast("int64", ip[r, I_TOP_N])
+            if temp > T.float32(0) or top_n >= 0:
+                f[1] = T.float32(0)
+                for i in range(vocab):
+                    e = T.exp(work[r, 0, i] - f[0])
+                    work[r, 1, i] = e
+                    f[1] = f[1] + e
+            if temp > T.float32(0):
+                top_k = T.Cast("int64", ip[r, I_TOP_K])
+                top_p = fp[r, F_TOP_P]
+                min_p = fp[r, F_MIN_P]
+                k_on = top_k > 0 and top_k < lim
+                # 2. candidates: tokens that can survive top-p / min-p, in id order
+                f[2] = T.float32(0)
+                if top_p < T.float32(1):
+                    f[2] = (T.float32(1) - top_p) * T.if_then_else(k_on, T.float32(1), f[1]) / T.Cast("float32", lim)
+                f[2] = T.max(f[2], min_p)
+                k[1] = T.int64(0)
+                for i in range(lim):
+                    if work[r, 1, i] >= f[2]:
+                        cand[r, k[1]] = T.Cast("int32", i)
+                        k[1] = k[1] + 1
+                if k_on and k[1] < top_k:  # top-k's normalisation needs tokens below the bound: take them all
+                    k[1] = lim
+                    for i in range(lim):
+                        cand[r, i] = T.Cast("int32", i)
+                n_cand = k[1]
+                # 3. top-k threshold: the largest key with at least top_k candidates at or above it
+                k[2] = KEY_MIN
+                if k_on:
+                    k[3] = _key(f[0]) + 1
+                    while k[3] - k[2] > 1:
+                        mid = T.floordiv(k[2] + k[3], 2)
+                        k[4] = T.int64(0)
+                        for j in range(n_cand):
+                            if _key(work[r, 0, T.Cast("int64", cand[r, j])]) >= mid:
+                                k[4] = k[4] + 1
+                        if k[4] >= top_k:
+                            k[2] = mid
+                        else:
+                            k[3] = mid
+                k_thr = k[2]
+                f[3] = f[1]
+                if k_on:
+                    f[3] = T.float32(0)
+                    for j in range(n_cand):
+                        c = T.Cast("int64", cand[r, j])
+                        if _key(work[r, 0, c]) >= k_thr:
+                            f[3] = f[3] + work[r, 1, c]
+                # 4. top-p threshold: the smallest key whose strictly larger (top-k kept) mass is < top_p * Zk
+                k[2] = k_thr - 1
+                k[3] = _key(f[0])
+                if top_p < T.float32(1):
+                    while k[3] - k[2] > 1:
+                        mid = T.floordiv(k[2] + k[3], 2)
+                        f[6] = T.float32(0)
+                        for j in range(n_cand):
+                            c = T.Cast("int64", cand[r, j])
+                            if _key(work[r, 0, c]) > mid:
+                                f[6] = f[6] + work[r, 1, c]
+                        if f[6] < top_p * f[3]:
+                            k[3] = mid
+                        else:
+                            k[2] = mid
+                else:
+                    k[3] = k_thr
+                thr = T.max(k_thr, k[3])
+                # 5. one draw, walking the kept tokens in id order
+                f[4] = T.float32(0)
+                for j in range(n_cand):
+                    c = T.Cast("int64", cand[r, j])
+                    if _key(work[r, 0, c]) >= thr and work[r, 1, c] >= min_p:
+                        f[4] = f[4] + work[r, 1, c]
+                        k[7] = c
+                f[5] = fp[r, F_UNIFORM] * f[4]
+                f[6] = T.float32(0)
+                k[5] = k[7]
+                k[4] = T.int64(0)
+                for j in range(n_cand):
+                    c = T.Cast("int64", cand[r, j])
+                    if k[4] == 0 and _key(work[r, 0, c]) >= thr and work[r, 1, c] >= min_p:
+                        f[6] = f[6] + work[r, 1, c]
+                        if f[6] > f[5]:
+                            k[5] = c
+                            k[4] = T.int64(1)
+            out_tok[r, 0] = T.Cast("int32", k[5])
+            out_lp[r, 0] = T.float32(0)
+            if top_n >= 0:
+                log_z = f[0] + T.log(f[1])
+                out_lp[r, 0] = work[r, 0, k[5]] - log_z
+                # 6. top-n logprobs, best first (ties: lower id first): n argmax rounds below the previous pick
+                f[7] = POS_INF
+                k[6] = T.int64(-1)
+                for n in range(T.min(top_n, T.int64(MAX_TOP))):
+                    f[2] = NEG_INF
+                    k[4] = T.int64(-1)
+                    for i in range(vocab):
+                        s = work[r, 0, i]
+                        if (s < f[7] or (s == f[7] and i > k[6])) and (k[4] < 0 or s > f[2]):
+                            f[2] = s
+                            k[4] = i
+                    f[7] = f[2]
+                    k[6] = k[4]
+                    out_tok[r, n + 1] = T.Cast("int32", k[4])
+                    out_lp[r, n + 1] = f[2] - log_z
+
+    return kernel
+
+
+def add_sampler(mod: tvm.IRModule, target: tvm.target.Target) -> tvm.IRModule:
+    """`mod` plus the relax function `sample_tokens` (symbolic rows and vocabulary)."""
+    if "gpu" in target.keys:
+        raise NotImplementedError("no GPU sampler yet")
+    kernel = cpu_kernel()
+    bb = relax.BlockBuilder(mod)
+    gv = bb.add_func(kernel, "sample_tokens_kernel")
+    rows, vocab = tirx.Var("batch_size", "int64"), tirx.Var("vocab_size", "int64")
+    nb, npen, nmask, words = (tirx.Var(n, "int64") for n in ("n_bias", "n_penalty", "n_mask", "mask_words"))
+
+    def arg(name, shape, dtype):
+        return relax.Var(name, relax.TensorType(shape, dtype))
+
+    args = [arg("logits", [rows, vocab], "float32"), arg("fparams", [rows, F_COLS], "float32"),
+            arg("iparams", [rows, I_COLS], "int32"), arg("bias_tokens", [nb], "int32"),
+            arg("bias_values", [nb], "float32"), arg("penalty_tokens", [npen], "int32"),
+            arg("penalty_counts", [npen], "int32"), arg("bitmask", [nmask, words], "int32")]
+    out_types = [relax.TensorType([rows, MAX_TOP + 1], "int32"),
+                 relax.TensorType([rows, MAX_TOP + 1], "float32"),
+                 relax.TensorType([rows, 2, vocab], "float32"),
+                 relax.TensorType([rows, vocab], "int32")]
+    with bb.function(FUNCTION, args):
+        with bb.dataflow():
+            out = bb.emit(relax.call_tir(gv, relax.Tuple(args), out_types))
+            result = bb.emit_output(relax.Tuple([bb.emit(relax.TupleGetItem(out, 0)),
+                                                 bb.emit(relax.TupleGetItem(out, 1))]))
+        bb.emit_func_output(result)
+    return bb.get()
