@@ -16,7 +16,8 @@ import tvm
 from tvm import relax
 
 from vptq_mlc.compile.sampler import add_sampler
-from vptq_mlc.runtime.device_sampler import DeviceSampler, SampleRow
+from vptq_mlc import sampler_abi as abi
+from vptq_mlc.runtime.device_sampler import DeviceSampler, SampleRow, pack_rows
 from vptq_mlc.runtime.sampling import SamplingParams, penalized_scores, process_logits, softmax, token_logprob
 
 DRAWS = 100_000
@@ -91,11 +92,14 @@ def draw_histogram(sampler: DeviceSampler, logits: np.ndarray, params: SamplingP
     counts = np.zeros(logits.size, dtype=np.int64)
     for start in range(0, draws, chunk):
         n = min(chunk, draws - start)
-        uniforms = (rng.integers(0, 1 << 24, size=n) / float(1 << 24)).tolist()
-        rows = [row_for(params, penalties, mask, u) for u in uniforms]
-        batch = tvm.runtime.tensor(np.repeat(logits[None].astype(np.float32), n, axis=0), sampler.device)
-        tokens = [t for t, _ in sampler.sample(batch, rows)]
-        counts += np.bincount(tokens, minlength=logits.size)
+        uniforms = rng.integers(0, 1 << 24, size=n) / float(1 << 24)
+        # one packed row repeated: every row points at the same bias / penalty / bitmask entries
+        fp, ip, *lists = pack_rows([row_for(params, penalties, mask, 0.0)], logits.size, (logits.size + 31) // 32)
+        fp = np.repeat(fp, n, axis=0)
+        fp[:, abi.F_UNIFORM] = uniforms
+        host = [np.repeat(logits[None].astype(np.float32), n, axis=0), fp, np.repeat(ip, n, axis=0), *lists]
+        out_tok, _ = sampler.func(*(tvm.runtime.tensor(a, sampler.device) for a in host))
+        counts += np.bincount(out_tok.numpy()[:, 0], minlength=logits.size)
     return counts / draws
 
 

@@ -14,6 +14,7 @@ import sys
 import textwrap
 from pathlib import Path
 
+import numpy as np
 import pytest
 from reference_model import reference_greedy, reference_model
 
@@ -133,6 +134,58 @@ def test_seeded_sampling_reproducible_in_any_batch(engine: Engine) -> None:
             engine.add_request(PROMPTS[0], SamplingParams(seed=5, **params))]
     run(engine, reqs)
     assert reqs[1].output_ids == a
+
+
+class AllowOnly:
+    """A token constraint allowing a fixed set of tokens at every step (bitmask in xgrammar's layout)."""
+
+    def __init__(self, allowed: list[int]) -> None:
+        self.allowed = allowed
+
+    def fill_bitmask(self, bitmask) -> None:
+        bits = np.zeros(bitmask.size * 32, dtype=np.uint8)
+        bits[self.allowed] = 1
+        bitmask[:] = np.packbits(bits, bitorder="little").view("<i4")
+
+    def accept(self, token: int) -> None:
+        pass
+
+    def is_terminated(self) -> bool:
+        return False
+
+
+def test_device_sampler_end_to_end(engine: Engine) -> None:
+    """The compiled library samples on the device, with the host path's greedy tokens and logprobs; seeded requests
+    repeat; constraints, logit_bias and penalties reach the kernel."""
+    assert engine.device_sampler is not None
+    params = dict(max_tokens=8, temperature=0.0, ignore_eos=True, logprobs=True, top_logprobs=3)
+
+    def both(prompt, constraint=None, **kw) -> list[tuple[list[int], list]]:
+        out = []
+        for device in (True, False):
+            saved, engine.device_sampler = engine.device_sampler, engine.device_sampler if device else None
+            try:
+                req = engine.add_request(prompt, SamplingParams(**{**params, **kw}), constraint=constraint)
+                run(engine, [req])
+            finally:
+                engine.device_sampler = saved
+            out.append((req.output_ids, req.output_logprobs))
+        return out
+
+    for prompt, kw in [(PROMPTS[1], {}), (PROMPTS[0], dict(repetition_penalty=1.5, frequency_penalty=0.7,
+                                                              logit_bias={7: 5.0}))]:
+        (dev_ids, dev_lp), (host_ids, host_lp) = both(prompt, **kw)
+        assert dev_ids == host_ids
+        for d, h in zip(dev_lp, host_lp):
+            assert d.token == h.token and abs(d.logprob - h.logprob) <= 1e-4
+            assert [t for t, _ in d.top] == [t for t, _ in h.top]
+            np.testing.assert_allclose([v for _, v in d.top], [v for _, v in h.top], atol=1e-4)
+    allowed = [11, 40, 300]
+    (dev_ids, _), (host_ids, _) = both(PROMPTS[2], AllowOnly(allowed), temperature=1.0, seed=3)
+    assert set(dev_ids) <= set(allowed) and set(host_ids) <= set(allowed)
+    sampled = dict(max_tokens=10, temperature=0.8, top_p=0.9, ignore_eos=True)
+    assert alone(engine, PROMPTS[0], SamplingParams(seed=21, **sampled)) == \
+        alone(engine, PROMPTS[0], SamplingParams(seed=21, **sampled))
 
 
 def test_context_window_limits(engine: Engine) -> None:

@@ -1,7 +1,7 @@
 """`vptq-mlc compile`: an MLC model directory + a target -> model library (.so), ahead of time.
 
 Steps: read mlc-chat-config.json -> build the module tree with the target's kernels -> export with MLC's
-function names -> check the parameters against the tensor cache -> lower (relax pipeline) -> attach
+function names -> check the parameters against the tensor cache -> add the sampler (compile/sampler.py) -> lower (relax pipeline) -> attach
 `_metadata` with planned memory -> build and export to a temporary file renamed at the end.
 """
 
@@ -21,6 +21,7 @@ from vptq_mlc.artifact.tensor_cache import read_index
 from vptq_mlc.atomic import atomic_file
 from vptq_mlc.checkpoint.arch import model_config_from_json
 from vptq_mlc.compile.metadata import attach_metadata, model_metadata, planned_memory
+from vptq_mlc.compile.sampler import add_sampler, has_sampler
 from vptq_mlc.compile.targets import BuildTarget, relax_pipeline, resolve_targets
 from vptq_mlc.errors import CompileError
 from vptq_mlc.model.builder import build_model
@@ -94,6 +95,8 @@ def build_library(model_dir: Path, bt: BuildTarget, output: Path,
     else:
         mod, params = model.export_tvm(spec=model.get_default_spec())
     _check_params(params, model_dir)
+    if has_sampler(bt.target):
+        mod = add_sampler(mod, bt.target)  # sampling on the device: logits never cross to the host
     mod = _upper_bounds(mod, cfg)
     if cuda_graph is None:
         cuda_graph = bt.target.kind.name == "cuda" and not split_functions

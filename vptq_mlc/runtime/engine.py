@@ -23,10 +23,12 @@ import numpy as np
 import tvm
 from tvm.runtime import ShapeTuple
 
+from vptq_mlc import sampler_abi
 from vptq_mlc.artifact.chat_config import ChatConfig
 from vptq_mlc.errors import GenerationError, RuntimeLoadError
 from vptq_mlc.runtime.chat_template import ChatTemplate, ChatTemplateError, load_chat_template
 from vptq_mlc.runtime.device import find_library, resolve_device
+from vptq_mlc.runtime.device_sampler import DeviceSampler, SampleRow
 from vptq_mlc.runtime.kv_cache import PagedKVCache, PrefixCache
 from vptq_mlc.runtime.library import ModelLibrary, first_line, load_library, load_params
 from vptq_mlc.runtime.memory import free_memory_bytes, kv_bytes_per_token, kv_cache_tokens
@@ -130,6 +132,7 @@ class Engine:
         self._static_decode.update({n: self.lib.func(f"batch_decode_b{n}") for n in range(2, self.max_batch + 1)
                                     if self.lib.has(f"batch_decode_b{n}")})
         self._reshape = tvm.get_global_func("vm.builtin.reshape")
+        self.device_sampler = self._load_device_sampler()
         self._seq_ids = itertools.count()
         self.waiting: collections.deque[Request] = collections.deque()
         self.running: list[Request] = []
@@ -152,6 +155,18 @@ class Engine:
                                        f"use at most {compiled} or recompile")
             value = compiled
         return int(value)
+
+    def _load_device_sampler(self) -> DeviceSampler | None:
+        """The library's compiled sampler (logits stay on the device), or None: sample on the host in numpy."""
+        if isinstance(self.lib, SplitModel):
+            log.info("sampling on the host (numpy): layer-split models keep the host sampler")
+            return None
+        if not self.lib.has(sampler_abi.FUNCTION):
+            log.info("sampling on the host (numpy): the library predates %s; recompile it to sample on the device",
+                     sampler_abi.FUNCTION)
+            return None
+        log.info("sampling on the device (the library's %s)", sampler_abi.FUNCTION)
+        return DeviceSampler(self.lib.func(sampler_abi.FUNCTION), self.lib.device)
 
     # ---- requests -------------------------------------------------------------------------------------
 
@@ -247,12 +262,13 @@ class Engine:
         emb = self._embed(tvm.runtime.tensor(np.asarray(ids, dtype=np.int32), self.lib.device), self.params)
         return self._reshape(emb, ShapeTuple([*shape, int(emb.shape[-1])]))
 
-    def _run(self, batch: list[Request], lengths: list[int], call: Any) -> np.ndarray:
-        """One model call between begin/end_forward; on failure the batch's requests are dropped."""
+    def _run(self, batch: list[Request], lengths: list[int], call: Any) -> Any:
+        """One model call between begin/end_forward, returning its logits where they are (on the device); on
+        failure the batch's requests are dropped."""
         try:
             with self.kv.forward([r.seq_id for r in batch], lengths) as kv:
                 out = call(kv)
-            return out[0].numpy()
+            return out[0]
         except Exception:
             for r in batch:
                 r.finish_reason = "error"
@@ -291,26 +307,55 @@ class Engine:
                 room -= n
             emb = self._embed_ids(ids, [1, len(ids)])
             pos = tvm.runtime.tensor(np.cumsum(lengths, dtype=np.int32) - 1, self.lib.device)
-            logits = self._run(batch, lengths, lambda kv: self._prefill(emb, pos, kv, self.params))[0]
+            logits = self._run(batch, lengths, lambda kv: self._prefill(emb, pos, kv, self.params))
             self.prefill_tokens += sum(lengths)
             for r, n in zip(batch, lengths):
                 r.prefilled += n
-            rows = [(r, logits[i]) for i, r in enumerate(batch) if r.prefill_done]
-        else:
-            rows = []
-            for batch in self._decode_pieces(list(self.running)):
-                emb = self._embed_ids([r.next_input() for r in batch], [len(batch), 1])
-                decode = self._static_decode.get(len(batch), self._decode)
-                logits = self._run(batch, [1] * len(batch), lambda kv: decode(emb, kv, self.params))[:, 0]
-                for r in batch:
-                    self._decoded[r.seq_id] = self._decoded.get(r.seq_id, 0) + 1
-                rows += list(zip(batch, logits))
+            return self._sample(logits, batch, [r.prefill_done for r in batch])
         stepped = []
-        for r, row in rows:
-            if self.active_vocab:
-                row = row[: self.active_vocab]
+        for batch in self._decode_pieces(list(self.running)):
+            emb = self._embed_ids([r.next_input() for r in batch], [len(batch), 1])
+            decode = self._static_decode.get(len(batch), self._decode)
+            logits = self._run(batch, [1] * len(batch), lambda kv: decode(emb, kv, self.params))
+            for r in batch:
+                self._decoded[r.seq_id] = self._decoded.get(r.seq_id, 0) + 1
+            stepped += self._sample(logits, batch, [True] * len(batch))
+        return stepped
+
+    def _sample(self, logits: Any, batch: list[Request], wanted: list[bool]) -> list[Request]:
+        """Sample the next token of each wanted row of `logits` (one row per request of `batch`) and append it.
+        One request's failure (its constraint raising, say) ends that request, not the batch."""
+        vocab = int(logits.shape[-1])
+        failed: dict[int, Exception] = {}
+        tokens = [-1] * len(batch)
+        if self.device_sampler is not None:
+            flat = self._reshape(logits, ShapeTuple([len(batch), vocab]))
+            seen = self.active_vocab or vocab  # a constraint's bitmask covers the tokens the host sampler would see
+            rows = [SampleRow(r.params, skip=True) for r in batch]
+            for i, (r, w) in enumerate(zip(batch, wanted)):
+                try:
+                    rows[i] = r.sample_row(seen) if w else rows[i]
+                except Exception as e:  # noqa: BLE001 - recorded on the request below
+                    failed[i] = e
+            picks = self.device_sampler.sample(flat, rows, self.active_vocab)
+            for i, (r, w, (token, logprob)) in enumerate(zip(batch, wanted, picks)):
+                if w and i not in failed:
+                    tokens[i] = r.take_sample(token, logprob)
+        else:
+            host = logits.numpy().reshape(len(batch), vocab)[:, : self.active_vocab or vocab]
+            for i, (r, w, row) in enumerate(zip(batch, wanted, host)):
+                try:
+                    tokens[i] = r.sample(row) if w else -1
+                except Exception as e:  # noqa: BLE001 - recorded on the request below
+                    failed[i] = e
+        stepped = []
+        for i, (r, w, token) in enumerate(zip(batch, wanted, tokens)):
+            if not w:
+                continue
             try:
-                r.append(r.sample(row))
+                if i in failed:
+                    raise failed[i]
+                r.append(token)
             except Exception as e:  # noqa: BLE001 - one request's sampling failure ends that request, not the batch
                 log.exception("sampling failed for %r", r)
                 r.finish_reason, r.error = "error", f"{type(e).__name__}: {e}"

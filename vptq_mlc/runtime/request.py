@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import enum
 import itertools
+import secrets
 import time
 from dataclasses import dataclass, field
 
 import numpy as np
 
+from vptq_mlc.runtime.device_sampler import SampleRow, counter_uniform
 from vptq_mlc.runtime.sampling import Sampler, SamplingParams, StopStrings, TokenConstraint, TokenLogprob
 from vptq_mlc.runtime.tokenizer import StreamDecoder
 
@@ -52,6 +54,11 @@ class Request:
     def __post_init__(self) -> None:
         self.sampler = Sampler(self.params)
         self._pending_logprob: TokenLogprob | None = None
+        # device sampling: uniform `draws` of the counter-based stream `seed` (a random one when unseeded)
+        self.seed = self.params.seed if self.params.seed is not None else secrets.randbits(63)
+        self.draws = 0
+        self._generated_counts: dict[int, int] = {}  # output id -> how often generated (penalties)
+        self._penalty_counts: dict[int, int] | None = None  # prompt + output ids -> generated count
         self._stops = StopStrings(self.params.stop)
         self._text: list[str] = []
         self._unread = 0
@@ -95,6 +102,29 @@ class Request:
             logits, seen, generated, self.token_bitmask(logits.shape[-1]))
         return token
 
+    def sample_row(self, vocab_size: int) -> SampleRow:
+        """This step's input to the device sampler; takes the next uniform of the request's stream."""
+        p = self.params
+        tokens = counts = None
+        if p.repetition_penalty != 1.0:  # every seen token, with its generated count
+            if self._penalty_counts is None:
+                self._penalty_counts = dict.fromkeys(self.prompt_ids, 0)
+                self._penalty_counts.update(self._generated_counts)
+            table = self._penalty_counts
+        else:  # presence / frequency look at generated tokens only
+            table = self._generated_counts if (p.presence_penalty or p.frequency_penalty) else {}
+        if table:
+            tokens = np.fromiter(table.keys(), dtype=np.int32, count=len(table))
+            counts = np.fromiter(table.values(), dtype=np.int32, count=len(table))
+        row = SampleRow(p, counter_uniform(self.seed, self.draws), tokens, counts, self.token_bitmask(vocab_size))
+        self.draws += 1
+        return row
+
+    def take_sample(self, token: int, logprob: TokenLogprob | None) -> int:
+        """Accept a token sampled elsewhere (the device sampler); `append` it next."""
+        self._pending_logprob = logprob
+        return token
+
     def append(self, token: int) -> None:
         """Record a sampled token and decide whether the request is done (sets `finish_reason`)."""
         if self.first_token_at is None:
@@ -105,6 +135,9 @@ class Request:
             self.finish_reason = "stop"
         else:
             self.output_ids.append(token)
+            self._generated_counts[token] = self._generated_counts.get(token, 0) + 1
+            if self._penalty_counts is not None:
+                self._penalty_counts[token] = self._generated_counts[token]
             if self._pending_logprob is not None:
                 self.output_logprobs.append(self._pending_logprob)
                 self._pending_logprob = None
