@@ -168,3 +168,28 @@ def random_weights_cmd(model_dir: str, lib: str, device: str, seed: int) -> None
 from vptq_mlc.bench.e2e_suite import e2e_cmd as _e2e  # noqa: E402
 
 bench.add_command(_e2e)
+
+
+@bench.command(name="sampler")
+@click.option("--vocab", default=128256, show_default=True, type=int, help="Vocabulary size (Llama 3.x: 128256).")
+@click.option("--batch", "batches", default="1,16", show_default=True, help="Comma-separated rows per step.")
+@click.option("--device", default="cpu", show_default=True, help="cpu or cuda:N.")
+@click.option("--temperature", default=0.7, show_default=True, type=float)
+@click.option("--top-p", default=0.9, show_default=True, type=float)
+@click.option("--repeats", default=20, show_default=True, type=int)
+@click.option("--json", "json_out", type=click.Path(path_type=str), default=None, help="Also write results here.")
+def sampler_cmd(vocab: int, batches: str, device: str, temperature: float, top_p: float, repeats: int,
+                json_out: str | None) -> None:
+    """Milliseconds per decode step that sampling takes: the compiled sampler vs numpy on the host."""
+    from vptq_mlc.bench.sampler import bench_sampler
+
+    res = bench_sampler(vocab, [int(b) for b in batches.split(",")], device, temperature, top_p, repeats)
+    click.echo(_table(res, [("profile", "logits", "s"), ("batch", "batch", "d"),
+                            ("device_sampled_ms", f"compiled T={temperature} top_p={top_p} ms", ".2f"),
+                            ("device_greedy_ms", "compiled greedy ms", ".2f"),
+                            ("host_greedy_ms", "copy + np.argmax ms", ".2f"),
+                            ("added_ms", "added vs argmax ms", ".2f"),
+                            ("host_sampled_ms", "numpy sampler ms", ".1f"), ("load_avg_1m", "load (1 min)", ".1f")]))
+    if json_out:
+        with open(json_out, "w") as f:
+            json.dump(res, f, indent=1)

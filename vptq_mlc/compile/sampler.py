@@ -72,32 +72,44 @@ def cpu_kernel() -> tirx.PrimFunc:
             temp = fp[r, F_TEMPERATURE]
             inv_t = T.if_then_else(temp > T.float32(0), T.float32(1) / temp, T.float32(1))
             mrow = T.Cast("int64", ip[r, I_MASK_ROW])
-            # 1. processed scores: mask, logit_bias, penalties (on raw logits), then temperature
-            for i in range(vocab):
-                word = bitmask[T.max(mrow, T.int64(0)), i // 32]
-                bit = T.bitwise_and(T.shift_right(word, T.Cast("int32", i % 32)), 1)
-                work[r, 0, i] = T.if_then_else(i < lim and (mrow < 0 or bit == 1), logits[r, i], NEG_INF)
-            for j in range(T.Cast("int64", ip[r, I_BIAS_START]), T.Cast("int64", ip[r, I_BIAS_END])):
-                t = T.Cast("int64", bias_tok[j])
-                if t < vocab:
-                    work[r, 0, t] = work[r, 0, t] + bias_val[j]
-            rep = fp[r, F_REPETITION]
-            for j in range(T.Cast("int64", ip[r, I_PENALTY_START]), T.Cast("int64", ip[r, I_PENALTY_END])):
-                t = T.Cast("int64", pen_tok[j])
-                c = pen_cnt[j]
-                if t < vocab:
-                    s = work[r, 0, t]
-                    s2 = T.if_then_else(s < T.float32(0), s * rep, s / rep)
-                    work[r, 0, t] = s2 - T.Cast("float32", c) * fp[r, F_FREQUENCY] - T.if_then_else(
-                        c > 0, fp[r, F_PRESENCE], T.float32(0))
+            # 1. processed scores: mask, logit_bias, penalties (on raw logits), then temperature; max and argmax
+            b0 = T.Cast("int64", ip[r, I_BIAS_START])
+            b1 = T.Cast("int64", ip[r, I_BIAS_END])
+            p0 = T.Cast("int64", ip[r, I_PENALTY_START])
+            p1 = T.Cast("int64", ip[r, I_PENALTY_END])
             f[0] = NEG_INF
             k[0] = T.int64(0)
-            for i in range(vocab):
-                s = work[r, 0, i] * inv_t
-                work[r, 0, i] = s
-                if s > f[0]:
-                    f[0] = s
-                    k[0] = i
+            if mrow < 0 and b0 == b1 and p0 == p1:  # the common case: one fused pass
+                for i in range(vocab):
+                    s = T.if_then_else(i < lim, logits[r, i] * inv_t, NEG_INF)
+                    work[r, 0, i] = s
+                    if s > f[0]:
+                        f[0] = s
+                        k[0] = i
+            else:
+                for i in range(vocab):
+                    word = bitmask[T.max(mrow, T.int64(0)), i // 32]
+                    bit = T.bitwise_and(T.shift_right(word, T.Cast("int32", i % 32)), 1)
+                    work[r, 0, i] = T.if_then_else(i < lim and (mrow < 0 or bit == 1), logits[r, i], NEG_INF)
+                for j in range(b0, b1):
+                    t = T.Cast("int64", bias_tok[j])
+                    if t < vocab:
+                        work[r, 0, t] = work[r, 0, t] + bias_val[j]
+                rep = fp[r, F_REPETITION]
+                for j in range(p0, p1):
+                    t = T.Cast("int64", pen_tok[j])
+                    c = pen_cnt[j]
+                    if t < vocab:
+                        s = work[r, 0, t]
+                        s2 = T.if_then_else(s < T.float32(0), s * rep, s / rep)
+                        work[r, 0, t] = s2 - T.Cast("float32", c) * fp[r, F_FREQUENCY] - T.if_then_else(
+                            c > 0, fp[r, F_PRESENCE], T.float32(0))
+                for i in range(vocab):
+                    s = work[r, 0, i] * inv_t
+                    work[r, 0, i] = s
+                    if s > f[0]:
+                        f[0] = s
+                        k[0] = i
             k[5] = k[0]  # greedy token
             top_n = T.Cast("int64", ip[r, I_TOP_N])
             if temp > T.float32(0) or top_n >= 0:
