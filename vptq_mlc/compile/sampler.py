@@ -41,6 +41,16 @@ def _key(x):
     return T.Cast("int64", T.if_then_else(bits >= 0, bits, T.bitwise_xor(bits, 0x7FFFFFFF)))
 
 
+def _argmax_key(value, index):
+    """One int64 whose max is the largest value, then the lowest index; index -1 (none) sorts below all."""
+    packed = T.bitwise_or(T.shift_left(_key(value), T.int64(32)), T.int64(0xFFFFFFFF) - index)
+    return T.if_then_else(index < 0, T.min_value("int64"), packed)
+
+
+def _argmax_index(packed):
+    return T.int64(0xFFFFFFFF) - T.bitwise_and(packed, T.int64(0xFFFFFFFF))
+
+
 def cpu_kernel() -> tirx.PrimFunc:
     """Rows in parallel; each row's passes run serially over its (compacted) tokens."""
 
@@ -220,16 +230,281 @@ def cpu_kernel() -> tirx.PrimFunc:
     return kernel
 
 
+GPU_THREADS = 512  # one block per row
+_LOG_THREADS = GPU_THREADS.bit_length() - 1
+
+
+def gpu_kernel() -> tirx.PrimFunc:
+    """One thread block per row: every pass of the CPU kernel as a block-wide reduction (no compaction).
+
+    Values every thread needs (max, sums, thresholds) are read from the reduction buffer by all threads into
+    registers, so the block stays in lockstep without shared scalars; only the chunk search of the draw is
+    broadcast through shared memory."""
+    NT = GPU_THREADS
+
+    @T.macro
+    def block_sum(red, tx):
+        T.tvm_storage_sync("shared")
+        for s in T.unroll(_LOG_THREADS):
+            stride = T.shift_right(NT, s + 1)
+            if tx < stride:
+                red[tx] = red[tx] + red[tx + stride]
+            T.tvm_storage_sync("shared")
+
+    @T.macro
+    def block_max(redi, tx):  # of int64 keys; an argmax packs (value key, -index) into one (`_argmax_key`)
+        T.tvm_storage_sync("shared")
+        for s in T.unroll(_LOG_THREADS):
+            stride = T.shift_right(NT, s + 1)
+            if tx < stride:
+                redi[tx] = T.max(redi[tx], redi[tx + stride])
+            T.tvm_storage_sync("shared")
+
+    @T.prim_func(private=True)
+    def kernel(
+        var_logits: T.handle, var_fp: T.handle, var_ip: T.handle, var_bt: T.handle, var_bv: T.handle,
+        var_pt: T.handle, var_pc: T.handle, var_mask: T.handle, var_tok: T.handle, var_lp: T.handle,
+        var_work: T.handle, var_cand: T.handle,
+    ):
+        T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True})
+        rows, vocab = T.int64(), T.int64()
+        nb, npen, nmask, words = T.int64(), T.int64(), T.int64(), T.int64()
+        logits = T.match_buffer(var_logits, (rows, vocab), "float32")
+        fp = T.match_buffer(var_fp, (rows, F_COLS), "float32")
+        ip = T.match_buffer(var_ip, (rows, I_COLS), "int32")
+        bias_tok = T.match_buffer(var_bt, (nb,), "int32")
+        bias_val = T.match_buffer(var_bv, (nb,), "float32")
+        pen_tok = T.match_buffer(var_pt, (npen,), "int32")
+        pen_cnt = T.match_buffer(var_pc, (npen,), "int32")
+        bitmask = T.match_buffer(var_mask, (nmask, words), "int32")
+        out_tok = T.match_buffer(var_tok, (rows, MAX_TOP + 1), "int32")
+        out_lp = T.match_buffer(var_lp, (rows, MAX_TOP + 1), "float32")
+        work = T.match_buffer(var_work, (rows, 2, vocab), "float32")
+        cand = T.match_buffer(var_cand, (rows, vocab), "int32")  # unused on GPUs (no compaction)
+        r = T.launch_thread("blockIdx.x", rows)
+        tx = T.launch_thread("threadIdx.x", NT)
+        red = T.alloc_buffer((NT,), "float32", scope="shared")
+        redi = T.alloc_buffer((NT,), "int64", scope="shared")
+        chunk_of = T.alloc_buffer((1,), "int64", scope="shared")  # the draw's chunk (thread), found flag
+        found_in = T.alloc_buffer((1,), "int64", scope="shared")
+        target_in = T.alloc_buffer((1,), "float32", scope="shared")  # the draw's target within that chunk
+        token_of = T.alloc_buffer((1,), "int64", scope="shared")
+        acc = T.alloc_buffer((2,), "float32", scope="local")
+        acci = T.alloc_buffer((2,), "int64", scope="local")
+        # registers, equal in every thread: max, Z, Zk, top-p mass bound / argmax, lo, hi, top-k threshold
+        vf = T.alloc_buffer((4,), "float32", scope="local")
+        vi = T.alloc_buffer((4,), "int64", scope="local")
+        steps = T.ceildiv(vocab, T.int64(NT))
+        lim = T.min(T.Cast("int64", ip[r, I_VOCAB_LIMIT]), vocab)
+        temp = fp[r, F_TEMPERATURE]
+        inv_t = T.if_then_else(temp > T.float32(0), T.float32(1) / temp, T.float32(1))
+        mrow = T.Cast("int64", ip[r, I_MASK_ROW])
+        top_n = T.Cast("int64", ip[r, I_TOP_N])
+        b0 = T.Cast("int64", ip[r, I_BIAS_START])
+        p0 = T.Cast("int64", ip[r, I_PENALTY_START])
+        # 1. processed scores: mask, then logit_bias and penalties (distinct tokens per row: no races)
+        for it in range(steps):
+            i = it * NT + tx
+            if i < vocab:
+                word = bitmask[T.max(mrow, T.int64(0)), i // 32]
+                bit = T.bitwise_and(T.shift_right(word, T.Cast("int32", i % 32)), 1)
+                work[r, 0, i] = T.if_then_else(i < lim and (mrow < 0 or bit == 1), logits[r, i], NEG_INF)
+        T.tvm_storage_sync("shared")
+        for it in range(T.ceildiv(T.Cast("int64", ip[r, I_BIAS_END]) - b0, T.int64(NT))):
+            j = b0 + it * NT + tx
+            if j < T.Cast("int64", ip[r, I_BIAS_END]):
+                t = T.Cast("int64", bias_tok[j])
+                if t < vocab:
+                    work[r, 0, t] = work[r, 0, t] + bias_val[j]
+        T.tvm_storage_sync("shared")
+        for it in range(T.ceildiv(T.Cast("int64", ip[r, I_PENALTY_END]) - p0, T.int64(NT))):
+            j = p0 + it * NT + tx
+            if j < T.Cast("int64", ip[r, I_PENALTY_END]):
+                t = T.Cast("int64", pen_tok[j])
+                c = pen_cnt[j]
+                if t < vocab:
+                    s = work[r, 0, t]
+                    rep = fp[r, F_REPETITION]
+                    s2 = T.if_then_else(s < T.float32(0), s * rep, s / rep)
+                    work[r, 0, t] = s2 - T.Cast("float32", c) * fp[r, F_FREQUENCY] - T.if_then_else(
+                        c > 0, fp[r, F_PRESENCE], T.float32(0))
+        T.tvm_storage_sync("shared")
+        # 2. temperature, max and first argmax
+        acc[0] = NEG_INF
+        acci[0] = T.int64(-1)
+        for it in range(steps):
+            i = it * NT + tx
+            if i < vocab:
+                s = work[r, 0, i] * inv_t
+                work[r, 0, i] = s
+                if acci[0] < 0 or s > acc[0]:
+                    acc[0] = s
+                    acci[0] = i
+        redi[tx] = _argmax_key(acc[0], acci[0])
+        block_max(redi, tx)
+        vi[0] = _argmax_index(redi[0])
+        T.tvm_storage_sync("shared")
+        vf[0] = work[r, 0, vi[0]]
+        vf[1] = T.float32(1)
+        if temp > T.float32(0) or top_n >= 0:
+            acc[0] = T.float32(0)
+            for it in range(steps):
+                i = it * NT + tx
+                if i < vocab:
+                    e = T.exp(work[r, 0, i] - vf[0])
+                    work[r, 1, i] = e
+                    acc[0] = acc[0] + e
+            red[tx] = acc[0]
+            block_sum(red, tx)
+            vf[1] = red[0]
+            T.tvm_storage_sync("shared")
+        if temp > T.float32(0):
+            top_k = T.Cast("int64", ip[r, I_TOP_K])
+            top_p = fp[r, F_TOP_P]
+            min_p = fp[r, F_MIN_P]
+            # 3. top-k threshold by bisection over the order-preserving keys (counts)
+            vi[3] = KEY_MIN
+            vf[2] = vf[1]
+            if top_k > 0 and top_k < lim:
+                vi[1] = KEY_MIN
+                vi[2] = _key(vf[0]) + 1
+                while vi[2] - vi[1] > 1:
+                    mid = T.floordiv(vi[1] + vi[2], 2)
+                    acc[0] = T.float32(0)
+                    for it in range(steps):
+                        i = it * NT + tx
+                        if i < lim:
+                            if _key(work[r, 0, i]) >= mid:
+                                acc[0] = acc[0] + T.float32(1)
+                    red[tx] = acc[0]
+                    block_sum(red, tx)
+                    acc[1] = red[0]
+                    T.tvm_storage_sync("shared")
+                    if acc[1] >= T.Cast("float32", top_k):
+                        vi[1] = mid
+                    else:
+                        vi[2] = mid
+                vi[3] = vi[1]
+                acc[0] = T.float32(0)
+                for it in range(steps):
+                    i = it * NT + tx
+                    if i < lim:
+                        if _key(work[r, 0, i]) >= vi[3]:
+                            acc[0] = acc[0] + work[r, 1, i]
+                red[tx] = acc[0]
+                block_sum(red, tx)
+                vf[2] = red[0]
+                T.tvm_storage_sync("shared")
+            # 4. top-p threshold: smallest key whose strictly larger (top-k kept) mass is < top_p * Zk
+            vi[1] = vi[3] - 1
+            vi[2] = T.if_then_else(top_p < T.float32(1), _key(vf[0]), vi[3])
+            vf[3] = top_p * vf[2]
+            while vi[2] - vi[1] > 1:
+                mid = T.floordiv(vi[1] + vi[2], 2)
+                acc[0] = T.float32(0)
+                for it in range(steps):
+                    i = it * NT + tx
+                    if i < lim:
+                        if _key(work[r, 0, i]) > mid and _key(work[r, 0, i]) >= vi[3]:
+                            acc[0] = acc[0] + work[r, 1, i]
+                red[tx] = acc[0]
+                block_sum(red, tx)
+                acc[1] = red[0]
+                T.tvm_storage_sync("shared")
+                if acc[1] < vf[3]:
+                    vi[2] = mid
+                else:
+                    vi[1] = mid
+            # 5. one draw in id order: per-thread contiguous chunks; thread 0 finds the chunk, its thread walks it
+            chunk = T.ceildiv(lim, T.int64(NT))
+            thr = T.max(vi[3], vi[2])
+            acc[0] = T.float32(0)
+            for j in range(chunk):
+                i = tx * chunk + j
+                if i < lim:
+                    if _key(work[r, 0, i]) >= thr and work[r, 1, i] >= min_p:
+                        acc[0] = acc[0] + work[r, 1, i]
+            red[tx] = acc[0]
+            T.tvm_storage_sync("shared")
+            if tx == 0:
+                acc[1] = T.float32(0)
+                for c in range(NT):
+                    acc[1] = acc[1] + red[c]
+                target = fp[r, F_UNIFORM] * acc[1]
+                acc[1] = T.float32(0)  # mass of the chunks before
+                acci[0] = T.int64(-1)  # the chosen chunk (the last one with mass if rounding finds none)
+                acci[1] = T.int64(0)  # found
+                for c in range(NT):
+                    acc[0] = red[c]
+                    if acc[0] > T.float32(0) and acci[1] == 0:
+                        acci[0] = T.Cast("int64", c)
+                        if acc[1] + acc[0] > target:
+                            acci[1] = T.int64(1)
+                        else:
+                            acc[1] = acc[1] + acc[0]
+                chunk_of[0] = acci[0]
+                found_in[0] = acci[1]
+                target_in[0] = target - acc[1]
+            T.tvm_storage_sync("shared")
+            acci[0] = chunk_of[0]
+            acci[1] = found_in[0]
+            acc[1] = target_in[0]
+            if T.Cast("int64", tx) == acci[0]:
+                acc[0] = T.float32(0)
+                vi[1] = T.int64(0)  # stop
+                for j in range(chunk):
+                    i = tx * chunk + j
+                    if i < lim and vi[1] == 0:
+                        if _key(work[r, 0, i]) >= thr and work[r, 1, i] >= min_p:
+                            acc[0] = acc[0] + work[r, 1, i]
+                            vi[0] = i
+                            if acc[0] > acc[1] and acci[1] == 1:
+                                vi[1] = T.int64(1)
+                token_of[0] = vi[0]
+            T.tvm_storage_sync("shared")
+            vi[0] = token_of[0]
+        if tx == 0:
+            out_tok[r, 0] = T.Cast("int32", vi[0])
+            out_lp[r, 0] = T.float32(0)
+        if top_n >= 0:
+            log_z = vf[0] + T.log(vf[1])
+            if tx == 0:
+                out_lp[r, 0] = work[r, 0, vi[0]] - log_z
+            # 6. top-n logprobs: n block-argmax rounds below the previous pick (ties: lower id first)
+            acc[1] = POS_INF
+            acci[1] = T.int64(-1)
+            for n in range(T.min(top_n, T.int64(MAX_TOP))):
+                acc[0] = NEG_INF
+                acci[0] = T.int64(-1)
+                for it in range(steps):
+                    i = it * NT + tx
+                    if i < vocab:
+                        s = work[r, 0, i]
+                        if (s < acc[1] or (s == acc[1] and i > acci[1])) and (acci[0] < 0 or s > acc[0]):
+                            acc[0] = s
+                            acci[0] = i
+                redi[tx] = _argmax_key(acc[0], acci[0])
+                block_max(redi, tx)
+                acci[1] = _argmax_index(redi[0])
+                T.tvm_storage_sync("shared")
+                acc[1] = work[r, 0, acci[1]]
+                if tx == 0:
+                    out_tok[r, n + 1] = T.Cast("int32", acci[1])
+                    out_lp[r, n + 1] = acc[1] - log_z
+
+    return kernel
+
+
 def has_sampler(target: tvm.target.Target) -> bool:
     """Targets whose libraries get `sample_tokens` (the others sample on the host)."""
-    return "gpu" not in target.keys
+    return target.kind.name in ("llvm", "cuda", "rocm")
 
 
 def add_sampler(mod: tvm.IRModule, target: tvm.target.Target) -> tvm.IRModule:
     """`mod` plus the relax function `sample_tokens` (symbolic rows and vocabulary)."""
     if not has_sampler(target):
         raise ValueError(f"no sampler kernel for {target.kind.name}")
-    kernel = cpu_kernel()
+    kernel = gpu_kernel() if "gpu" in target.keys else cpu_kernel()
     bb = relax.BlockBuilder(mod)
     gv = bb.add_func(kernel, "sample_tokens_kernel")
     rows, vocab = tirx.Var("batch_size", "int64"), tirx.Var("vocab_size", "int64")
