@@ -45,7 +45,7 @@ def test_bench_e2e_cpu(tiny_served_model: tuple[Path, Path, Path], dense_system:
     args = ["bench", "e2e", str(out), "--device", "cpu", "--system", "vq", str(model_dir), str(lib),
             "--system", "fp16", str(dense_dir), str(dense_lib), "--hf-dtype", "float32",
             "--batches", "1,2,64", "--contexts", "24,40", "--prefill", "16,2000", "--steps", "3", "--warmup", "1",
-            "--prefill-reps", "1", "--work-dir", str(tmp_path)]
+            "--prefill-reps", "1", "--work-dir", str(tmp_path), "--sampling", "0.7,0.9"]
     res = CliRunner().invoke(main, args, catch_exceptions=False)
     assert res.exit_code == 0, res.output
     data = json.loads(out.read_text())
@@ -59,6 +59,8 @@ def test_bench_e2e_cpu(tiny_served_model: tuple[Path, Path, Path], dense_system:
         assert r["skipped_batches"] == [64]  # above the library's max_batch_size (32)
         assert r["prefill_chunk_size"] == 64 and r["kv_cache_bytes"] > 0
         assert r["gpu_mem_peak_mib"] is None  # no GPU: reported as unknown, not 0
+        assert r["sampling"] == {"mode": "0.7,0.9", "temperature": 0.7, "top_p": 0.9, "repetition_penalty": 1.0,
+                                 "on_device": True}
     assert hf["torch_max_memory_allocated_mib"] is None and hf["transformers"]
     for r in (vq, fp16, hf):
         for ctx in (24, 40):
@@ -117,3 +119,13 @@ def test_tiled_random_weights(dense_system: tuple[Path, Path], tmp_path: Path) -
     flat = np.frombuffer(raw, dtype=rec["dtype"])
     assert np.array_equal(flat[:1000], flat[1000:2000]) and np.all(np.abs(flat) < 1.0)
     assert load_params(tmp_path / "m", lib) is not None
+
+
+def test_sampling_option() -> None:
+    from vptq_mlc.bench.e2e_common import parse_sampling
+    from vptq_mlc.cli import main
+
+    assert parse_sampling("greedy") == "greedy" and parse_sampling("model") == "model"
+    assert parse_sampling("0.7,0.9") == (0.7, 0.9)
+    res = CliRunner().invoke(main, ["bench", "e2e", "x.json", "--system", "a", ".", __file__, "--sampling", "hot"])
+    assert res.exit_code != 0 and "use greedy, model or TEMPERATURE,TOP_P" in res.output

@@ -21,6 +21,7 @@ class Grid:
     steps: int = 32  # timed decode steps per (batch, context)
     warmup: int = 2  # untimed decode steps before them
     prefill_reps: int = 3  # timed prefills per length (median)
+    sampling: str = "greedy"  # decode sampling: "greedy", "model" (mlc-chat-config.json's defaults) or "T,P"
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -28,6 +29,19 @@ class Grid:
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> Grid:
         return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
+
+
+def parse_sampling(value: str) -> tuple[float, float] | str:
+    """`--sampling`: "greedy", "model", or "T,P" (temperature, top_p) -> the name or the pair; ValueError if bad."""
+    if value in ("greedy", "model"):
+        return value
+    try:
+        t, p = (float(v) for v in value.split(","))
+    except ValueError:
+        raise ValueError(f"--sampling {value!r}: use greedy, model or TEMPERATURE,TOP_P (e.g. 0.7,0.9)") from None
+    if t < 0 or not 0 < p <= 1:
+        raise ValueError(f"--sampling {value!r}: temperature must be >= 0 and top_p in (0, 1]")
+    return t, p
 
 
 def decode_prompt_len(context: int, grid: Grid) -> int:

@@ -1,8 +1,9 @@
 """Decode and prefill throughput of one of our model libraries through `Engine` (one `vptq-mlc bench e2e` system).
 
-Runs on a runtime-only host (tvm.runtime + numpy; no compiler, no torch). Every timed region ends on logits read
-back to the host (`Engine` reads each step's logits with `.numpy()`), so GPU work is synchronised before the clock
-stops.
+Runs on a runtime-only host (tvm.runtime + numpy; no compiler, no torch). Every timed region ends on the step's
+tokens read back to the host (sampled on the device by the library's `sample_tokens`, or from logits copied to the
+host for older libraries), so GPU work is synchronised before the clock stops. Decode samples as `--sampling` says
+(greedy, the model's defaults, or a temperature/top_p pair); prefill always takes the greedy first token.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from vptq_mlc.artifact.files import TENSOR_CACHE
-from vptq_mlc.bench.e2e_common import Grid, Recorder, decode_prompt_len, prompt_ids
+from vptq_mlc.bench.e2e_common import Grid, Recorder, decode_prompt_len, parse_sampling, prompt_ids
 
 log = logging.getLogger(__name__)
 PAGE = 16  # KV page size the engine is built with
@@ -77,15 +78,26 @@ def _drain(engine: Any) -> None:
         engine.step()
 
 
+def decode_params(engine: Any, sampling: str, max_tokens: int, seed: int) -> Any:
+    """Each decode request's SamplingParams for `--sampling` (EOS ignored: every request decodes every step)."""
+    from vptq_mlc.runtime.sampling import SamplingParams
+
+    mode = parse_sampling(sampling)
+    if mode == "greedy":
+        return SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
+    if mode == "model":  # the model's defaults (temperature, top_p, penalties) from mlc-chat-config.json
+        return engine._params(max_tokens=max_tokens, seed=seed, ignore_eos=True)
+    return SamplingParams(max_tokens=max_tokens, temperature=mode[0], top_p=mode[1], seed=seed, ignore_eos=True)
+
+
 def decode_tok_s(engine: Any, batch: int, context: int, grid: Grid) -> dict[str, Any]:
     """`batch` requests of prompt + generated tokens = `context` each; tok/s over the last `grid.steps` steps
     in which every request decodes (median of up to 4 windows), after `grid.warmup` untimed decode steps (first
     calls of a static batch function load its kernels)."""
-    from vptq_mlc.runtime.sampling import SamplingParams
-
     plen = decode_prompt_len(context, grid)
-    params = SamplingParams(max_tokens=1 + grid.warmup + grid.steps, temperature=0.0, ignore_eos=True)
-    reqs = [engine.add_request(prompt_ids(i, plen, engine.vocab_size), params) for i in range(batch)]
+    reqs = [engine.add_request(prompt_ids(i, plen, engine.vocab_size),
+                               decode_params(engine, grid.sampling, 1 + grid.warmup + grid.steps, seed=i))
+            for i in range(batch)]
     while not all(r.prefill_done for r in reqs):
         engine.step()
     for _ in range(grid.warmup):
@@ -159,7 +171,11 @@ def run_engine_system(model_dir: str, lib_path: str, device: str, grid: Grid, wo
     engine = Engine(run_dir, lib_path, device=device, max_batch_size=max(batches),
                     max_total_tokens=max(kv_tokens, -(-window // PAGE) * PAGE), page_size=PAGE)
     kv_total = engine.kv.total_pages * engine.kv.page_size
+    sample = decode_params(engine, grid.sampling, 1, 0)
     out.update({
+        "sampling": {"mode": grid.sampling, "temperature": sample.temperature, "top_p": sample.top_p,
+                     "repetition_penalty": sample.repetition_penalty,
+                     "on_device": engine.device_sampler is not None},
         "load_s": round(time.perf_counter() - t0, 1), "prefill_chunk_size": engine.prefill_chunk,
         "context_window": window, "max_batch_compiled": compiled_batch,
         "static_decode_batches": [n for n in range(1, max(batches) + 1)

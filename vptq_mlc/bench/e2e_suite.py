@@ -26,7 +26,7 @@ from typing import Any
 import click
 
 from vptq_mlc.atomic import atomic_file
-from vptq_mlc.bench.e2e_common import Grid, Recorder
+from vptq_mlc.bench.e2e_common import Grid, Recorder, parse_sampling
 
 log = logging.getLogger(__name__)
 HF = "transformers"
@@ -194,15 +194,23 @@ def _ints(value: str) -> tuple[int, ...]:
 @click.option("--warmup", type=click.IntRange(1), default=2, show_default=True, help="Untimed decode steps first.")
 @click.option("--prefill-reps", type=click.IntRange(1), default=3, show_default=True,
               help="Timed prefills per length (median).")
+@click.option("--sampling", default="greedy", show_default=True,
+              help="Decode sampling of our systems: greedy, model (mlc-chat-config.json's temperature/top_p/"
+                   "penalties) or T,P (e.g. 0.7,0.9); seeded per request. The torch baselines stay greedy.")
 @click.option("--work-dir", type=click.Path(file_okay=False, exists=True), default=None,
               help="Where random weights are written (default: the system temp dir); removed afterwards.")
 @click.option("--exact-random", is_flag=True, help="Draw every random float (slow for fp16 7B: minutes) instead "
                                                    f"of repeating a random block of {TILE} values per tensor.")
 def e2e_cmd(out_json: str, systems: tuple[tuple[str, str, str], ...], baseline: str | None, with_hf: bool,
             hf_dtype: str, torch_anchor: bool | None, device: str, batches: str, contexts: str, prefill: str,
-            steps: int, warmup: int, prefill_reps: int, work_dir: str | None, exact_random: bool) -> None:
+            steps: int, warmup: int, prefill_reps: int, sampling: str, work_dir: str | None,
+            exact_random: bool) -> None:
     """End-to-end decode/prefill tok/s and peak GPU memory of our libraries next to transformers (one table)."""
-    grid = Grid(_ints(batches), _ints(contexts), _ints(prefill), steps, warmup, prefill_reps)
+    try:
+        parse_sampling(sampling)
+    except ValueError as e:
+        raise click.BadParameter(str(e)) from None
+    grid = Grid(_ints(batches), _ints(contexts), _ints(prefill), steps, warmup, prefill_reps, sampling)
     if min(grid.contexts) <= steps + warmup + 1:
         raise click.BadParameter(f"context {min(grid.contexts)} leaves no prompt for {warmup} + {steps} decode "
                                  "steps; use fewer --steps or longer --contexts")
@@ -218,7 +226,7 @@ def e2e_cmd(out_json: str, systems: tuple[tuple[str, str, str], ...], baseline: 
     res = run_suite([System(*s) for s in systems], out_json, device, grid, baseline, hf_dtype if with_hf else None,
                     work_dir, 0 if exact_random else TILE,
                     device.startswith("cuda") if torch_anchor is None else torch_anchor)
-    click.echo(f"device: {res['gpu'] or device}; memory: {res['memory_note']}")
+    click.echo(f"device: {res['gpu'] or device}; decode sampling: {sampling}; memory: {res['memory_note']}")
     click.echo(markdown_table(res))
     if any("error" in r for r in res["systems"].values()):
         sys.exit(1)
