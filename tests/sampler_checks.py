@@ -50,19 +50,16 @@ SETTINGS: list[tuple[str, dict[str, Any], bool, bool]] = [
 ]
 
 
-def build_sampler(target: str, device: tvm.runtime.Device) -> DeviceSampler:
-    """The sampler alone as a tiny library (what compile/build.py adds to every model)."""
-    tgt = tvm.target.Target(target)
-    mod = add_sampler(tvm.IRModule(), tgt)
-    if "gpu" in tgt.keys:
-        from vptq_mlc.compile.targets import relax_pipeline
+def build_sampler(kind: str, device: tvm.runtime.Device, arch: str | None = None) -> DeviceSampler:
+    """The sampler alone as a tiny library, built as compile/build.py builds a model for `kind` ("llvm", "cuda")."""
+    from vptq_mlc.compile.targets import relax_pipeline, resolve_targets
 
-        with tgt:
-            mod = relax_pipeline(tgt)(mod)
-        ex = relax.build(mod, tgt, relax_pipeline=None)
-    else:
-        ex = tvm.compile(mod, target=tgt)
-    vm = relax.VirtualMachine(ex, device)
+    bt = resolve_targets(kind, arch)[0]
+    bt.prepare()
+    mod = add_sampler(tvm.IRModule(), bt.target)
+    with bt.target:
+        mod = relax_pipeline(bt.target)(mod)
+    vm = relax.VirtualMachine(relax.build(mod, bt.target, relax_pipeline=None), device)
     return DeviceSampler(vm["sample_tokens"], device)
 
 

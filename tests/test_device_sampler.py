@@ -44,3 +44,25 @@ def test_counter_uniform() -> None:
     assert 0 <= u[0] and u[-1] < 1
     ks = np.max(np.abs(u - (np.arange(1, u.size + 1) / u.size)))
     assert ks < 1.63 / np.sqrt(u.size)  # the 1% critical value
+
+
+def test_gpu_kernel_builds_for_cuda(tmp_path) -> None:
+    """The block-per-row kernel passes TVM's CUDA lowering (shared-memory sync planning) and nvcc; it runs in
+    tests/gpu/test_device_sampler_gpu.py."""
+    from tvm import relax
+
+    from vptq_mlc.compile.cuda import find_nvcc
+    from vptq_mlc.compile.sampler import add_sampler
+    from vptq_mlc.compile.targets import relax_pipeline, resolve_targets
+    from vptq_mlc.errors import VPTQMLCError
+
+    try:
+        find_nvcc()
+    except VPTQMLCError:
+        pytest.skip("needs nvcc")
+    bt = resolve_targets("cuda", "sm_90")[0]
+    bt.prepare()
+    with bt.target:
+        mod = relax_pipeline(bt.target)(add_sampler(tvm.IRModule(), bt.target))
+    relax.build(mod, bt.target, relax_pipeline=None).export_library(str(tmp_path / "sampler.so"))
+    assert (tmp_path / "sampler.so").stat().st_size > 0
