@@ -29,3 +29,15 @@ def test_config_only_extras(tmp_path, monkeypatch) -> None:
     assert {k.split(".")[2] for k in cfg["vptq"]["layers"]} == {"0", "1", "2"}
     assert Tokenizer.from_file(str(out / "tokenizer.json")).get_vocab_size(with_added_tokens=True) <= 300
     assert not (out / "tensor-cache.json").exists()
+
+
+def test_config_only_tokenizer_follows_the_vocab(tmp_path, monkeypatch) -> None:
+    """Without a `config_only_vocab` extra (the Llama-3.1-8B preset), the config-only dir's tokenizer has the
+    config's full vocabulary, so sampling benchmarks see every token (no ids past the tokenizer)."""
+    assert synth.SHAPES["llama3.1-8b"][-1] == 128256 and "config_only_vocab" not in synth.SHAPE_EXTRAS.get(
+        "llama3.1-8b", {})
+    monkeypatch.setitem(synth.SHAPES, "tiny-full-vocab", ("llama", 64, 128, 2, 4, 2, 2000))
+    out = synth.synth_model(tmp_path / "m", "tiny-full-vocab", "v8-k256-0", config_only=True)
+    cfg = json.loads((out / "mlc-chat-config.json").read_text())
+    assert Tokenizer.from_file(str(out / "tokenizer.json")).get_vocab_size(with_added_tokens=True) == 2000
+    assert cfg["vocab_size"] == 2000
