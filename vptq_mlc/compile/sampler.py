@@ -8,10 +8,12 @@ request samples the same token alone or in any batch. Greedy rows (temperature 0
 
 Why no sort: sorting a 128k vocabulary costs several ms per row on a CPU. The filters only need thresholds:
 - min-p keeps `p_i >= min_p * p_max`, i.e. `exp(x_i - max) >= min_p`;
-- top-k keeps `x_i >=` the k-th largest value, found by bisection over the float bits (an order-preserving int
-  key), 32 counting passes;
+- top-k keeps `x_i >=` the k-th largest value: the largest key t (an order-preserving int of the float bits) with
+  at least k tokens at or above it;
 - top-p keeps token i iff the probability mass of strictly larger tokens is `< p` (the reference's ascending
-  cumulative sum `<= 1 - p` rule), the same bisection with mass sums;
+  cumulative sum `<= 1 - p` rule): the largest key t whose mass at or above it is `>= p` (of the top-k mass);
+- the CPU finds each threshold by radix select (4 histogram passes over 8-bit digits of the key), GPUs by
+  bisection over the key (32 block-wide count / mass reductions);
 and the draw walks the kept tokens in token-id order, exactly as the reference's `searchsorted` over the cdf does.
 On the CPU a compaction pass first keeps only the candidates that can survive top-p / min-p
 (`p_i >= (1 - top_p) / vocab` of the relevant mass, or `>= min_p`), so the passes touch a few thousand entries for
@@ -54,6 +56,33 @@ def _argmax_index(packed):
 def cpu_kernel() -> tirx.PrimFunc:
     """Rows in parallel; each row's passes run serially over its (compacted) tokens."""
 
+    @T.macro
+    def radix_select(r, cand, work, hist, f, k, n_cand, floor_key, use_mass, target):
+        """k[2] = the largest key t with W(key >= t) >= target over the candidates with key >= floor_key, W a
+        count or the exp mass: four histogram passes over 8-bit digits of the key (as unsigned), high first."""
+        k[2] = T.int64(0)  # the digits chosen so far, unsigned key space
+        f[6] = T.float32(0)  # weight of the candidates above that prefix
+        for level in range(4):
+            shift = T.int64(24) - T.int64(8) * level
+            for d in range(256):
+                hist[d] = T.float32(0)
+            for j in range(n_cand):
+                c = T.Cast("int64", cand[r, j])
+                key = _key(work[r, 0, c])
+                u = key + T.int64(2**31)
+                if T.shift_right(u, shift + 8) == T.shift_right(k[2], shift + 8) and key >= floor_key:
+                    d = T.bitwise_and(T.shift_right(u, shift), T.int64(255))
+                    hist[d] = hist[d] + (work[r, 1, c] if use_mass else T.float32(1))
+            k[4] = T.int64(-1)  # the digit
+            for d0 in range(256):
+                if k[4] < 0:
+                    if f[6] + hist[255 - d0] >= target:
+                        k[4] = T.int64(255) - d0
+                    else:
+                        f[6] = f[6] + hist[255 - d0]
+            k[2] = T.bitwise_or(k[2], T.shift_left(T.max(k[4], T.int64(0)), shift))
+        k[2] = k[2] - T.int64(2**31)
+
     @T.prim_func(private=True)
     def kernel(
         var_logits: T.handle, var_fp: T.handle, var_ip: T.handle, var_bt: T.handle, var_bv: T.handle,
@@ -77,7 +106,8 @@ def cpu_kernel() -> tirx.PrimFunc:
         cand = T.match_buffer(var_cand, (rows, vocab), "int32")  # candidate token ids, in id order
         for r in T.parallel(rows):
             f = T.decl_buffer((8,), "float32", scope="local")  # max, Z, L, Zk, W, target, acc, best
-            k = T.decl_buffer((8,), "int64", scope="local")  # argmax, n_cand, lo, hi, count/flag, token, i, last
+            k = T.decl_buffer((8,), "int64", scope="local")  # argmax, n_cand, selected, thr, digit/flag, token, i, last
+            hist = T.decl_buffer((256,), "float32", scope="local")
             lim = T.min(T.Cast("int64", ip[r, I_VOCAB_LIMIT]), vocab)
             temp = fp[r, F_TEMPERATURE]
             inv_t = T.if_then_else(temp > T.float32(0), T.float32(1) / temp, T.float32(1))
@@ -151,17 +181,7 @@ def cpu_kernel() -> tirx.PrimFunc:
                 # 3. top-k threshold: the largest key with at least top_k candidates at or above it
                 k[2] = KEY_MIN
                 if k_on:
-                    k[3] = _key(f[0]) + 1
-                    while k[3] - k[2] > 1:
-                        mid = T.floordiv(k[2] + k[3], 2)
-                        k[4] = T.int64(0)
-                        for j in range(n_cand):
-                            if _key(work[r, 0, T.Cast("int64", cand[r, j])]) >= mid:
-                                k[4] = k[4] + 1
-                        if k[4] >= top_k:
-                            k[2] = mid
-                        else:
-                            k[3] = mid
+                    radix_select(r, cand, work, hist, f, k, n_cand, KEY_MIN, False, T.Cast("float32", top_k))
                 k_thr = k[2]
                 f[3] = f[1]
                 if k_on:
@@ -170,23 +190,11 @@ def cpu_kernel() -> tirx.PrimFunc:
                         c = T.Cast("int64", cand[r, j])
                         if _key(work[r, 0, c]) >= k_thr:
                             f[3] = f[3] + work[r, 1, c]
-                # 4. top-p threshold: the smallest key whose strictly larger (top-k kept) mass is < top_p * Zk
-                k[2] = k_thr - 1
-                k[3] = _key(f[0])
+                # 4. top-p threshold: the largest key t with (top-k kept) mass(key >= t) >= top_p * Zk, which is the
+                # smallest key whose strictly larger mass is < top_p * Zk
                 if top_p < T.float32(1):
-                    while k[3] - k[2] > 1:
-                        mid = T.floordiv(k[2] + k[3], 2)
-                        f[6] = T.float32(0)
-                        for j in range(n_cand):
-                            c = T.Cast("int64", cand[r, j])
-                            if _key(work[r, 0, c]) > mid:
-                                f[6] = f[6] + work[r, 1, c]
-                        if f[6] < top_p * f[3]:
-                            k[3] = mid
-                        else:
-                            k[2] = mid
-                else:
-                    k[3] = k_thr
+                    radix_select(r, cand, work, hist, f, k, n_cand, k_thr, True, top_p * f[3])
+                k[3] = k[2]  # k_thr when top-p is off
                 thr = T.max(k_thr, k[3])
                 # 5. one draw, walking the kept tokens in id order
                 f[4] = T.float32(0)
