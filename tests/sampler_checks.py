@@ -15,8 +15,8 @@ import numpy as np
 import tvm
 from tvm import relax
 
+from vptq_mlc.artifact import sampler_abi as abi
 from vptq_mlc.compile.sampler import add_sampler
-from vptq_mlc import sampler_abi as abi
 from vptq_mlc.runtime.device_sampler import DeviceSampler, SampleRow, pack_rows
 from vptq_mlc.runtime.sampling import SamplingParams, penalized_scores, process_logits, softmax, token_logprob
 

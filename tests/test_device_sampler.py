@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import pytest
+import sampler_checks as checks
 import tvm
 
-import sampler_checks as checks
 from vptq_mlc.runtime.device_sampler import counter_uniform
 
 

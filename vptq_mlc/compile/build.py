@@ -1,8 +1,9 @@
 """`vptq-mlc compile`: an MLC model directory + a target -> model library (.so), ahead of time.
 
 Steps: read mlc-chat-config.json -> build the module tree with the target's kernels -> export with MLC's
-function names -> check the parameters against the tensor cache -> add the sampler (compile/sampler.py) -> lower (relax pipeline) -> attach
-`_metadata` with planned memory -> build and export to a temporary file renamed at the end.
+function names -> check the parameters against the tensor cache -> add the sampler (compile/sampler.py) -> lower
+(relax pipeline) -> attach `_metadata` with planned memory -> build and export to a temporary file renamed at the
+end.
 """
 
 from __future__ import annotations

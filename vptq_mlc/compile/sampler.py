@@ -1,10 +1,11 @@
 """Token sampling compiled into the model library, so logits never leave the device.
 
-`add_sampler(mod, target)` adds one relax function, `sample_tokens` (argument layout: vptq_mlc/sampler_abi.py),
-that samples a whole batch in one call with the semantics of the numpy reference (runtime/sampling.py):
-constraint bitmask and logit_bias on the raw logits, repetition/presence/frequency penalties, temperature,
-then top-k, top-p and min-p, one draw per row from a uniform the host derives from (seed, step), so a seeded
-request samples the same token alone or in any batch. Greedy rows (temperature 0) take the first argmax.
+`add_sampler(mod, target)` adds one relax function, `sample_tokens` (argument layout:
+vptq_mlc/artifact/sampler_abi.py), that samples a whole batch in one call with the semantics of the numpy
+reference (runtime/sampling.py): constraint bitmask and logit_bias on the raw logits, repetition/presence/frequency
+penalties, temperature, then top-k, top-p and min-p, one draw per row from a uniform the host derives from
+(seed, step), so a seeded request samples the same token alone or in any batch. Greedy rows (temperature 0) take
+the first argmax.
 
 Why no sort: sorting a 128k vocabulary costs several ms per row on a CPU. The filters only need thresholds:
 - min-p keeps `p_i >= min_p * p_max`, i.e. `exp(x_i - max) >= min_p`;
@@ -27,9 +28,26 @@ import tvm
 from tvm import relax, tirx
 from tvm.script import tirx as T
 
-from vptq_mlc.sampler_abi import (
-    F_COLS, F_FREQUENCY, F_MIN_P, F_PRESENCE, F_REPETITION, F_TEMPERATURE, F_TOP_P, F_UNIFORM, FUNCTION, I_BIAS_END,
-    I_BIAS_START, I_COLS, I_MASK_ROW, I_PENALTY_END, I_PENALTY_START, I_TOP_K, I_TOP_N, I_VOCAB_LIMIT, MAX_TOP,
+from vptq_mlc.artifact.sampler_abi import (
+    F_COLS,
+    F_FREQUENCY,
+    F_MIN_P,
+    F_PRESENCE,
+    F_REPETITION,
+    F_TEMPERATURE,
+    F_TOP_P,
+    F_UNIFORM,
+    FUNCTION,
+    I_BIAS_END,
+    I_BIAS_START,
+    I_COLS,
+    I_MASK_ROW,
+    I_PENALTY_END,
+    I_PENALTY_START,
+    I_TOP_K,
+    I_TOP_N,
+    I_VOCAB_LIMIT,
+    MAX_TOP,
 )
 
 NEG_INF = tirx.const(float("-inf"), "float32")
@@ -288,7 +306,7 @@ def gpu_kernel() -> tirx.PrimFunc:
         out_tok = T.match_buffer(var_tok, (rows, MAX_TOP + 1), "int32")
         out_lp = T.match_buffer(var_lp, (rows, MAX_TOP + 1), "float32")
         work = T.match_buffer(var_work, (rows, 2, vocab), "float32")
-        cand = T.match_buffer(var_cand, (rows, vocab), "int32")  # unused on GPUs (no compaction)
+        T.match_buffer(var_cand, (rows, vocab), "int32")  # the CPU's candidate list: unused on GPUs
         r = T.launch_thread("blockIdx.x", rows)
         tx = T.launch_thread("threadIdx.x", NT)
         red = T.alloc_buffer((NT,), "float32", scope="shared")

@@ -1,4 +1,4 @@
-"""Sampling on the device: the engine side of the library's `sample_tokens` (vptq_mlc/sampler_abi.py).
+"""Sampling on the device: the engine side of the library's `sample_tokens` (artifact/sampler_abi.py).
 
 Per step the host uploads only small arrays (per-row parameters, sparse logit_bias and penalty-count lists,
 constraint bitmask rows when a row has a constraint) and downloads each row's token, its logprob and the
@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 import tvm
 
-from vptq_mlc import sampler_abi as abi
+from vptq_mlc.artifact import sampler_abi as abi
 from vptq_mlc.runtime.sampling import SamplingParams, TokenLogprob
 
 _MASK64 = (1 << 64) - 1

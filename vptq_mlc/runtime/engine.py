@@ -23,7 +23,7 @@ import numpy as np
 import tvm
 from tvm.runtime import ShapeTuple
 
-from vptq_mlc import sampler_abi
+from vptq_mlc.artifact import sampler_abi
 from vptq_mlc.artifact.chat_config import ChatConfig
 from vptq_mlc.errors import GenerationError, RuntimeLoadError
 from vptq_mlc.runtime.chat_template import ChatTemplate, ChatTemplateError, load_chat_template
