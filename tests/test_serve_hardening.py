@@ -164,14 +164,20 @@ def test_a_request_whose_sampling_raises_fails_alone(server, client, monkeypatch
         r = client.post(COMP, json=greedy(p, LONG))
         assert r.status_code == 200
         alone[p] = r.json()["choices"][0]["token_ids"]
-    real = Request.sample
+    real, real_row = Request.sample, Request.sample_row
 
-    def sample(self: Request, logits):
+    def sample(self: Request, logits):  # the host sampler's per-request entry
         if self.params.seed == POISON_SEED and len(self.output_ids) >= 2:
             raise RuntimeError("injected sampler fault")
         return real(self, logits)
 
+    def sample_row(self: Request, vocab_size: int):  # the device sampler's
+        if self.params.seed == POISON_SEED and len(self.output_ids) >= 2:
+            raise RuntimeError("injected sampler fault")
+        return real_row(self, vocab_size)
+
     monkeypatch.setattr(Request, "sample", sample)
+    monkeypatch.setattr(Request, "sample_row", sample_row)
 
     async def streamed(c: httpx.AsyncClient, body: dict, started: asyncio.Event | None) -> str:
         parts = []
