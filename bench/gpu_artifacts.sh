@@ -6,8 +6,8 @@
 #          tests/gpu), model/ (converted), model-cpu.so and model-cuda.so (sm_90, CUDA layout added by compile)
 #   e2e7b  per name in E2E7B_SYSTEMS (default "v8-k4096-0 v8-k65536-256 fp16"): NAME-cfg/ (config-only synthetic
 #          model, E2E7B_SHAPE, default llama2-7b; fp16 = the first variant's config with every linear dense) and
-#          NAME-cuda.so. Tokenizers of the configs are the same file: one copy is kept in tokenizer/ and
-#          gpu_suite.sh copies it back, so the 64 MiB a device call may carry is not spent on duplicates.
+#          NAME-cuda.so. Tokenizers of the configs are the same file: one gzipped copy is kept in tokenizer/ and
+#          gpu_suite.sh unpacks it into each config, so the 64 MiB a device call may carry is not spent on them.
 # ARCH (default sm_90) sets the CUDA arch of every library.
 set -euo pipefail
 ART=${1:?usage: gpu_artifacts.sh ART_DIR [parts...]}
@@ -58,10 +58,10 @@ p.write_text(json.dumps(c, indent=2))"
       mkdir -p "$D/tokenizer"
       for c in "$D"/*-cfg; do
         [ -f "$c/tokenizer.json" ] || continue
-        if [ -f "$D/tokenizer/tokenizer.json" ] && ! cmp -s "$c/tokenizer.json" "$D/tokenizer/tokenizer.json"; then
-          echo "$c has another tokenizer than $D/tokenizer: build one shape per ART_DIR" >&2; exit 2
-        fi
-        mv "$c/tokenizer.json" "$D/tokenizer/tokenizer.json"
+        if [ -f "$D/tokenizer/tokenizer.json.gz" ] && ! gunzip -c "$D/tokenizer/tokenizer.json.gz" | cmp -s - "$c/tokenizer.json"
+        then echo "$c has another tokenizer than $D/tokenizer: build one shape per ART_DIR" >&2; exit 2; fi
+        gzip -c "$c/tokenizer.json" > "$D/tokenizer/tokenizer.json.gz"
+        rm "$c/tokenizer.json"
       done ;;
     *) echo "unknown part $p (tvm_rt kcheck kbench kcs e2e e2e7b)" >&2; exit 2 ;;
   esac

@@ -38,8 +38,8 @@ for s in $STEPS; do
     pytest)
       VPTQ_MLC_GPU_KERNELS=$ART/kcheck VPTQ_MLC_GPU_E2E=$ART/e2e VPTQ_MLC_GPU_CODE_SORTED=$ART/kcs \
         python3 -m pytest -q -s -ra tests/gpu -p no:cacheprovider 2>&1 | tail -n 20 | tee "$OUT/pytest.log" || rc=1 ;;
-    e2e7b) for c in "$ART"/e2e7b/*-cfg; do  # gpu_artifacts.sh keeps one copy of the shared tokenizer
-        [ -f "$c/tokenizer.json" ] || cp "$ART/e2e7b/tokenizer/tokenizer.json" "$c/"; done
+    e2e7b) for c in "$ART"/e2e7b/*-cfg; do  # gpu_artifacts.sh keeps one gzipped copy of the shared tokenizer
+        [ -f "$c/tokenizer.json" ] || gunzip -c "$ART/e2e7b/tokenizer/tokenizer.json.gz" > "$c/tokenizer.json"; done
       SYS=()
       for n in ${E2E7B_SYSTEMS:-v8-k4096-0 v8-k65536-256 fp16}; do SYS+=(--system "$n" "$ART/e2e7b/$n-cfg" "$ART/e2e7b/$n-cuda.so"); done
       "${V[@]}" bench e2e "$OUT/e2e_7b.json" --steps "${E2E7B_STEPS:-64}" --no-transformers "${SYS[@]}" --device cuda \
