@@ -195,8 +195,9 @@ def _ints(value: str) -> tuple[int, ...]:
 @click.option("--prefill-reps", type=click.IntRange(1), default=3, show_default=True,
               help="Timed prefills per length (median).")
 @click.option("--sampling", default="greedy", show_default=True,
-              help="Decode sampling of our systems: greedy, model (mlc-chat-config.json's temperature/top_p/"
-                   "penalties) or T,P (e.g. 0.7,0.9); seeded per request. The torch baselines stay greedy.")
+              help="Decode sampling: greedy, model (mlc-chat-config.json's temperature/top_p/penalties) or T,P "
+                   "(e.g. 0.7,0.9); seeded per request. The torch CUDA-graph anchor samples with the same "
+                   "temperature/top_p on the device; transformers stays greedy.")
 @click.option("--work-dir", type=click.Path(file_okay=False, exists=True), default=None,
               help="Where random weights are written (default: the system temp dir); removed afterwards.")
 @click.option("--exact-random", is_flag=True, help="Draw every random float (slow for fp16 7B: minutes) instead "

@@ -19,7 +19,7 @@ import logging
 import time
 from typing import Any
 
-from vptq_mlc.bench.e2e_common import Grid, Recorder, decode_prompt_len, prompt_ids
+from vptq_mlc.bench.e2e_common import Grid, Recorder, decode_prompt_len, parse_sampling, prompt_ids
 
 log = logging.getLogger(__name__)
 
@@ -135,15 +135,17 @@ def next_token(torch: Any, logits: Any, temperature: float, top_p: float) -> Any
     return order.gather(-1, choice[:, None])[:, 0]
 
 
-def run_torch_system(model_dir: str, device: str, grid: Grid, rec: Recorder, temperature: float = 0.0,
-                     top_p: float = 1.0) -> None:
+def run_torch_system(model_dir: str, device: str, grid: Grid, rec: Recorder) -> None:
     """The grid for the torch fp16 CUDA-graph decoder of `model_dir`'s shape, into `rec.out` (same keys as the
-    other systems), plus the copy bandwidth of this GPU."""
+    other systems), plus the copy bandwidth of this GPU. Decode samples as `grid.sampling` asks (temperature and
+    top_p; the model's defaults from mlc-chat-config.json for "model"), like our systems."""
     import torch
 
     from vptq_mlc.artifact.chat_config import ChatConfig
 
     chat = ChatConfig.load(model_dir)
+    mode = parse_sampling(grid.sampling)
+    temperature, top_p = {"greedy": (0.0, 1.0), "model": (chat.temperature, chat.top_p)}.get(mode, mode)
     shape = chat.model_config
     window = int(chat.context_window_size or shape["context_window_size"])
     cache_len = min(window, max(*grid.contexts, *grid.prefill) + 1)  # the cache need not span a 128K window
