@@ -178,12 +178,14 @@ bench.add_command(_e2e)
 @click.option("--top-p", default=0.9, show_default=True, type=float)
 @click.option("--repeats", default=20, show_default=True, type=int)
 @click.option("--json", "json_out", type=click.Path(path_type=str), default=None, help="Also write results here.")
+@click.option("--lib", type=click.Path(dir_okay=False, exists=True), default=None,
+              help="Time this model library's sample_tokens instead of compiling it (runtime-only hosts).")
 def sampler_cmd(vocab: int, batches: str, device: str, temperature: float, top_p: float, repeats: int,
-                json_out: str | None) -> None:
+                json_out: str | None, lib: str | None) -> None:
     """Milliseconds per decode step that sampling takes: the compiled sampler vs numpy on the host."""
     from vptq_mlc.bench.sampler import bench_sampler
 
-    res = bench_sampler(vocab, [int(b) for b in batches.split(",")], device, temperature, top_p, repeats)
+    res = bench_sampler(vocab, [int(b) for b in batches.split(",")], device, temperature, top_p, repeats, lib=lib)
     click.echo(_table(res, [("profile", "logits", "s"), ("batch", "batch", "d"),
                             ("device_sampled_ms", f"compiled T={temperature} top_p={top_p} ms", ".2f"),
                             ("device_greedy_ms", "compiled greedy ms", ".2f"),

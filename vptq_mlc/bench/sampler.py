@@ -43,26 +43,36 @@ def _time(fn: Any, repeats: int) -> float:
     return 1e3 * float(np.median(times))
 
 
-def bench_sampler(vocab: int, batches: list[int], device: str, temperature: float, top_p: float,
-                  repeats: int = 20, host_repeats: int = 5) -> list[dict[str, Any]]:
+def _built_sampler(spec: Any, dev: Any) -> Any:
+    """`sample_tokens` compiled alone for the device's target (needs TVM's compiler)."""
     import tvm
     from tvm import relax
 
     from vptq_mlc.compile.sampler import add_sampler, has_sampler
     from vptq_mlc.compile.targets import relax_pipeline, resolve_targets
-    from vptq_mlc.runtime.device import resolve_device
-    from vptq_mlc.runtime.device_sampler import DeviceSampler, SampleRow
-    from vptq_mlc.runtime.sampling import Sampler, SamplingParams
 
-    spec, dev = resolve_device(device)
     target = resolve_targets({"cpu": "llvm"}.get(spec.kind, spec.kind))[0].target
     if not has_sampler(target):
         raise SystemExit(f"no compiled sampler for {spec.kind} yet")
     mod = add_sampler(tvm.IRModule(), target)
     with target:
         mod = relax_pipeline(target)(mod)
-    vm = relax.VirtualMachine(relax.build(mod, target, relax_pipeline=None), dev)
-    sampler = DeviceSampler(vm["sample_tokens"], dev)
+    return relax.VirtualMachine(relax.build(mod, target, relax_pipeline=None), dev)["sample_tokens"]
+
+
+def bench_sampler(vocab: int, batches: list[int], device: str, temperature: float, top_p: float,
+                  repeats: int = 20, host_repeats: int = 5, lib: str | None = None) -> list[dict[str, Any]]:
+    """`lib`: time the `sample_tokens` of a compiled model library instead of building it (a runtime-only host)."""
+    import tvm
+
+    from vptq_mlc.runtime.device import resolve_device
+    from vptq_mlc.runtime.device_sampler import DeviceSampler, SampleRow
+    from vptq_mlc.runtime.library import load_library
+    from vptq_mlc.runtime.sampling import Sampler, SamplingParams
+
+    spec, dev = resolve_device(device)
+    sampler = DeviceSampler(load_library(lib, device).func("sample_tokens") if lib else _built_sampler(spec, dev),
+                            dev)
     sampled = SamplingParams(temperature=temperature, top_p=top_p)
     greedy = SamplingParams(temperature=0.0)
     results = []
