@@ -33,8 +33,16 @@ SHAPES = {
 # a config-only dir is generated with this vocabulary (tokenizer + the throw-away embeddings) and only its config
 # says the real one: the 405B's 128k-token tokenizer (~17 MB) would not fit the carry limit, and its throw-away
 # fp16 embeddings are 8 GB. Token ids past the tokenizer's vocabulary then decode to nothing (bench prompts are ids).
+# `sampling`: the instruct model's generation_config.json defaults (`--sampling model` in bench e2e samples with them).
+CHAT_SAMPLING = {"temperature": 0.6, "top_p": 0.9}  # Llama-2-chat, Llama-3.1-Instruct
 SHAPE_EXTRAS: dict[str, dict[str, Any]] = {
-    "llama3.1-405b": {"rope_theta": 500000.0, "max_batch_size": 4, "config_only_vocab": 4096},
+    "llama2-7b": {"sampling": CHAT_SAMPLING},
+    "llama2-13b": {"sampling": CHAT_SAMPLING},
+    "llama3.1-8b": {"rope_theta": 500000.0, "sampling": CHAT_SAMPLING},
+    "qwen2.5-7b": {"rope_theta": 1000000.0,
+                   "sampling": {"temperature": 0.7, "top_p": 0.8, "repetition_penalty": 1.05}},  # Qwen2.5-Instruct
+    "llama3.1-405b": {"rope_theta": 500000.0, "max_batch_size": 4, "config_only_vocab": 4096,
+                      "sampling": CHAT_SAMPLING},
 }
 
 
@@ -69,10 +77,11 @@ def synth_model(out: str | Path, shape: str, variant: str, *, layers: int | None
 
 
 def _apply_extras(config_path: Path, extras: dict[str, Any], vocab: int) -> None:
-    """The real model's RoPE base and vocabulary size in the converted config (see SHAPE_EXTRAS)."""
+    """The real model's RoPE base, vocabulary size and default sampling in the converted config (see SHAPE_EXTRAS)."""
     cfg = json.loads(config_path.read_text())
     if "rope_theta" in extras:
         cfg["model_config"]["position_embedding_base"] = float(extras["rope_theta"])
+    cfg.update(extras.get("sampling", {}))
     for d in (cfg, cfg["model_config"]):
         d["vocab_size"] = vocab
     if "active_vocab_size" in cfg:
