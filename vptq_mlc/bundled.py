@@ -42,7 +42,7 @@ def ensure_bundled_model(name: str = "smollm2", variant: str = DEFAULT_VARIANT,
         from vptq_mlc.convert.converter import convert_checkpoint
 
         log.warning("converting %s to the MLC layout", name)
-        convert_checkpoint(ckpt, model_dir, dtype="float32", overwrite=True)
+        convert_checkpoint(ckpt, model_dir, dtype="float32", overwrite=True, layout="generic")  # CPU: no CUDA entries
     if not lib.is_file():
         from vptq_mlc.compile.build import compile_model
 

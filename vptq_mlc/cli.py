@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import math
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -68,6 +69,33 @@ def main(verbose: int) -> None:
     """Compile VPTQ models ahead of time and run them with the TVM runtime."""
     level = logging.WARNING if verbose == 0 else logging.INFO if verbose == 1 else logging.DEBUG
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    show_stage_lines()
+
+
+class _CurrentStderr(logging.StreamHandler):  # type: ignore[type-arg]
+    """Writes to whatever sys.stderr is at the time of the record (click's test runner swaps it per call)."""
+
+    @property  # type: ignore[override]
+    def stream(self) -> Any:
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, _value: Any) -> None:
+        pass
+
+
+def show_stage_lines() -> None:
+    """Long commands (compile, quantize, eval) say which stage they are in without -v: `vptq_mlc.progress` lines
+    go to stderr as plain text."""
+    from vptq_mlc.progress import PROGRESS_LOGGER
+
+    progress = logging.getLogger(PROGRESS_LOGGER)
+    progress.setLevel(logging.INFO)
+    progress.propagate = False
+    if not any(isinstance(h, _CurrentStderr) for h in progress.handlers):
+        handler = _CurrentStderr()
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        progress.addHandler(handler)
 
 
 def resolve_model(model_dir: str, lib: str | None, device: str) -> tuple[str, str | None, str]:
@@ -75,8 +103,11 @@ def resolve_model(model_dir: str, lib: str | None, device: str) -> tuple[str, st
     output (the library matching this host, from its manifest), or a model dir with an optional --lib."""
     from vptq_mlc.bundled import ensure_bundled_model, is_bundled_alias
 
+    check_library_option(lib)
     if is_bundled_alias(model_dir):
         built_dir, built_lib = ensure_bundled_model(model_dir)
+        if lib is not None:  # the user's own build of the bundled model (e.g. for cuda)
+            return str(built_dir), lib, device
         return str(built_dir), str(built_lib), "cpu" if device == "auto" else device
     if lib is None and (Path(model_dir) / "manifest.json").exists():
         from vptq_mlc.package.select import select_library
@@ -108,6 +139,32 @@ def _first_device(devices: str | None, device: str) -> str:
     from vptq_mlc.runtime.split import parse_devices
 
     return parse_devices(devices)[0]
+
+
+def _finite(ctx: click.Context, param: click.Parameter, value: float | None) -> float | None:
+    """click's FloatRange lets NaN through (every comparison with NaN is false); a sampling knob must be a number."""
+    if value is not None and not math.isfinite(value):
+        raise click.BadParameter(f"{value} is not a finite number")
+    return value
+
+
+POSITIVE = click.IntRange(min=1)
+NON_NEGATIVE = click.IntRange(min=0)
+
+
+def check_single_device(device: str) -> None:
+    """Refuse a bad --device before anything loads (the model may take a while); see `device.check_single_device`."""
+    from vptq_mlc.runtime.device import check_single_device as check
+
+    check(device)
+
+
+def check_library_option(lib: str | None) -> None:
+    """A --lib that does not exist is refused at once rather than after building or loading the model."""
+    if lib is not None and not Path(lib).is_file():
+        from vptq_mlc.errors import RuntimeLoadError
+
+        raise RuntimeLoadError(f"model library not found: {lib}; check the path or build one with `vptq-mlc compile`")
 
 
 # ---- commands (keep each one short; one section per pipeline stage) ----
@@ -145,14 +202,14 @@ def inspect(ckpt: str, no_validate: bool, all_layers: bool, as_json: bool) -> No
 @click.option("-o", "--output", required=True, type=click.Path(path_type=str), help="MLC model directory to write.")
 @click.option("--dtype", type=click.Choice(["float16", "float32"]), default=None,
               help="Model dtype (default: float32 for fp32 checkpoints, else float16).")
-@click.option("--context-window", type=int, default=None, help="Override the context window size.")
-@click.option("--prefill-chunk", type=int, default=None, help="Tokens per prefill call (default min(ctx, 512)).")
-@click.option("--max-batch-size", type=int, default=None, help="Sequences decoded together (default 16).")
+@click.option("--context-window", type=POSITIVE, default=None, help="Override the context window size.")
+@click.option("--prefill-chunk", type=POSITIVE, default=None, help="Tokens per prefill call (default min(ctx, 512)).")
+@click.option("--max-batch-size", type=POSITIVE, default=None, help="Sequences decoded together (default 16).")
 @click.option("--overwrite", is_flag=True, help="Replace an existing output directory.")
-@click.option("--layout", type=click.Choice(["auto", "generic"]), default="auto", show_default=True,
-              help="auto: also write code-sorted entries (+4 bytes per code) for layers whose codebooks do not fit "
-                   "GPU shared memory (K=65536 class; faster CUDA decode); generic: only the layout every target "
-                   "reads.")
+@click.option("--layout", type=click.Choice(["auto", "generic"]), default="generic", show_default=True,
+              help="generic: only the layout every target reads (`compile --target cuda` adds what CUDA decode "
+                   "wants); auto: also write code-sorted entries now (+4 bytes per code) for layers whose codebooks "
+                   "do not fit GPU shared memory (K=65536 class; faster CUDA decode).")
 @one_line_errors
 @hub_source("ckpt")
 def convert(ckpt: str, output: str, dtype: str | None, context_window: int | None, prefill_chunk: int | None,
@@ -196,12 +253,16 @@ def compile_cmd(model_dir: str, target: str, arch: str | None, output: str | Non
 @model_source_options
 @click.option("--prompt", default=None, help="One-shot: print the reply to this prompt and exit.")
 @click.option("--system", default=None, help="System message for chat-templated conversations.")
-@click.option("--max-tokens", type=int, default=256, show_default=True, help="Most new tokens per reply.")
-@click.option("--temperature", type=float, default=None, help="0 = greedy. Default: mlc-chat-config.json.")
-@click.option("--top-p", type=float, default=None, help="Nucleus sampling. Default: mlc-chat-config.json.")
-@click.option("--top-k", type=int, default=0, show_default=True, help="Keep the k most likely tokens (0 = off).")
-@click.option("--repetition-penalty", type=float, default=None, help="HF-style; default: mlc-chat-config.json.")
-@click.option("--seed", type=int, default=None, help="Seed for reproducible sampling.")
+@click.option("--max-tokens", type=POSITIVE, default=256, show_default=True, help="Most new tokens per reply.")
+@click.option("--temperature", type=click.FloatRange(min=0), callback=_finite, default=None,
+              help="0 = greedy. Default: mlc-chat-config.json.")
+@click.option("--top-p", type=click.FloatRange(min=0, max=1, min_open=True), callback=_finite, default=None,
+              help="Nucleus sampling, in (0, 1]. Default: mlc-chat-config.json.")
+@click.option("--top-k", type=NON_NEGATIVE, default=0, show_default=True,
+              help="Keep the k most likely tokens (0 = off).")
+@click.option("--repetition-penalty", type=click.FloatRange(min=0, min_open=True), callback=_finite, default=None,
+              help="HF-style, > 0 (1 = off); default: mlc-chat-config.json.")
+@click.option("--seed", type=NON_NEGATIVE, default=None, help="Seed for reproducible sampling.")
 @click.option("--stop", multiple=True, help="Stop string (repeatable).")
 @click.option("--raw", is_flag=True, help="No chat template: the prompt is completed as plain text.")
 @click.option("--context-window", type=click.IntRange(min=1), default=None,
@@ -216,6 +277,8 @@ def chat(model_dir: str, lib: str | None, device: str, prompt: str | None, syste
     from vptq_mlc.runtime.chat_session import ChatSession, interactive, write_stream
     from vptq_mlc.runtime.engine import Engine
 
+    if not devices:
+        check_single_device(device)
     model_dir, lib, device = resolve_model(model_dir, lib, _first_device(devices, device))
     engine = Engine(model_dir, lib, device=device, max_batch_size=1, context_window=context_window, devices=devices)
     session = ChatSession(engine, raw=raw, system=system, max_tokens=max_tokens, temperature=temperature,
@@ -376,21 +439,21 @@ def runtime_bundle(out: str, include_rocm: bool, tarball: bool, python_version: 
 @click.option("-o", "--output", required=True, type=click.Path(path_type=str), help="VPTQ checkpoint dir to write.")
 @click.option("--calib", default=None, help="Calibration text: a UTF-8 file or shakespeare:PLAY[,PLAY] "
               "(default: four plays from the bundled corpus, never Hamlet, which eval uses).")
-@click.option("--calib-tokens", type=int, default=8192, show_default=True, help="Calibration tokens.")
+@click.option("--calib-tokens", type=POSITIVE, default=8192, show_default=True, help="Calibration tokens.")
 @click.option("--seed", type=int, default=0, show_default=True,
               help="Seed for k-means (bit-reproducible on CPU; CUDA sums are not ordered).")
 @click.option("--hessian/--no-hessian", default=True, show_default=True,
               help="Hessian-weighted k-means and error feedback from calibration activations, or plain k-means.")
-@click.option("--layers", type=int, default=None, help="Quantize only the first N decoder layers (fast tests).")
+@click.option("--layers", type=POSITIVE, default=None, help="Quantize only the first N decoder layers (fast tests).")
 @click.option("--norm/--no-norm", default=False, show_default=True,
               help="Per-column weight_scale/weight_bias (VPTQ's recipe; lower perplexity without it on SmolLM2).")
 @click.option("--perm/--no-perm", default=True, show_default=True, help="Column permutation by Hessian diagonal.")
-@click.option("--group-num", type=int, default=1, show_default=True, help="Codebooks per layer (column groups).")
-@click.option("--outlier-size", type=int, default=0, show_default=True,
+@click.option("--group-num", type=POSITIVE, default=1, show_default=True, help="Codebooks per layer (column groups).")
+@click.option("--outlier-size", type=NON_NEGATIVE, default=0, show_default=True,
               help="Leading (most important) columns coded by a separate outlier codebook.")
 @click.option("--outlier-vector-len", type=int, default=4, show_default=True)
 @click.option("--outlier-centroids", type=int, default=256, show_default=True)
-@click.option("--kmeans-iters", type=int, default=8, show_default=True, help="Lloyd iterations per codebook.")
+@click.option("--kmeans-iters", type=NON_NEGATIVE, default=8, show_default=True, help="Lloyd iterations per codebook.")
 @click.option("--device", default=None, help="torch device for quantization (default: cuda if present, else cpu).")
 @one_line_errors
 def quantize(model: str, variant: str, output: str, calib: str | None, calib_tokens: int, seed: int, hessian: bool,
@@ -409,7 +472,7 @@ def quantize(model: str, variant: str, output: str, calib: str | None, calib_tok
         outlier_vector_len=outlier_vector_len, outlier_centroids=outlier_centroids, kmeans_iters=kmeans_iters,
         device=device,
     )
-    r = quantize_model(model, output, settings, progress=sys.stderr.isatty())
+    r = quantize_model(model, output, settings, progress=True)  # bars on a terminal, lines in a log
     click.echo(str(r.out_dir))
     click.echo(f"{r.layers} linears in {r.seconds:.1f} s; mean proxy error {r.mean_proxy_error:.4g}; "
                f"{r.index_bits_per_weight:.3g} index bits/weight, {r.stored_bits_per_weight:.3g} stored bits/weight")
@@ -446,8 +509,9 @@ def eval_group() -> None:
               help="Also score this VPTQ checkpoint / HF dir with transformers (dense dequantized weights) and "
                    "print the relative difference.")
 @click.option("--text", default=None, help="UTF-8 text file or shakespeare:PLAY (default: shakespeare:hamlet).")
-@click.option("--ctx", type=int, default=256, show_default=True, help="Tokens per scored window.")
-@click.option("--max-tokens", type=int, default=8192, show_default=True, help="Score the first N tokens (0 = all).")
+@click.option("--ctx", type=click.IntRange(min=2), default=256, show_default=True, help="Tokens per scored window.")
+@click.option("--max-tokens", type=NON_NEGATIVE, default=8192, show_default=True,
+              help="Score the first N tokens (0 = all).")
 @click.option("--json", "as_json", is_flag=True, help="Print the results as JSON.")
 @one_line_errors
 def eval_ppl(model: str, lib: str | None, device: str, reference: str | None, text: str | None, ctx: int,
@@ -462,11 +526,13 @@ def eval_ppl(model: str, lib: str | None, device: str, reference: str | None, te
     from vptq_mlc.eval.ppl import is_mlc_dir, ppl_compiled, ppl_reference, text_windows_for
     from vptq_mlc.quantize.hf_import import resolve_dense_model
 
+    check_single_device(device)
+    check_library_option(lib)
     path = Path(model)
     if not (path.is_dir() and (is_mlc_dir(path) or is_vptq_dir(path))):
         path = resolve_dense_model(model)
     windows = text_windows_for(path, text, ctx, max_tokens or None)
-    progress = sys.stderr.isatty()
+    progress = True  # bars on a terminal, lines in a log (vptq_mlc.progress)
     results = []
     if lib is not None or is_mlc_dir(path):
         results.append(ppl_compiled(path, lib, windows, device=device, progress=progress))

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -12,7 +13,7 @@ from typing import Any
 
 from vptq_mlc.artifact.files import CHAT_CONFIG
 from vptq_mlc.checkpoint.layer_config import VPTQLayerConfig
-from vptq_mlc.errors import ModelDirError
+from vptq_mlc.errors import CheckpointError, ModelDirError, VPTQMLCError
 
 MLC_CHAT_CONFIG_VERSION = "0.1.0"
 
@@ -60,7 +61,41 @@ class ChatConfig:
 
     def vptq_layers(self) -> dict[str, VPTQLayerConfig]:
         """The quantized linears recorded in the `vptq` section (module path -> config)."""
-        return {p: VPTQLayerConfig.from_json(c, where=p) for p, c in self.vptq.get("layers", {}).items()}
+        layers = self.vptq.get("layers", {})
+        if not isinstance(layers, dict):
+            raise ModelDirError(f"{CHAT_CONFIG} vptq.layers must map module paths to layer configs; "
+                                "re-run `vptq-mlc convert`")
+        try:
+            return {p: VPTQLayerConfig.from_json(c, where=p) for p, c in layers.items()}
+        except (CheckpointError, AttributeError) as e:
+            why = str(e).removesuffix("; fix config.json") if isinstance(e, CheckpointError) else "not an object"
+            raise ModelDirError(f"{CHAT_CONFIG} vptq.layers: {why}; re-run `vptq-mlc convert`") from None
+
+    def check_buildable(self, where: str = CHAT_CONFIG) -> None:
+        """What compile needs beyond what the runtime reads (a one-line ModelDirError otherwise): the model type,
+        integer sizes >= 1 and a positive norm epsilon in `model_config`, a supported dtype, a well-formed `vptq`."""
+        def bad(what: str) -> ModelDirError:
+            return ModelDirError(f"{where} is invalid: {what}; re-run `vptq-mlc convert`")
+
+        for key in ("model_type", "quantization"):
+            if not isinstance(getattr(self, key), str):
+                raise bad(f"{key!r} must be a string, found {getattr(self, key)!r}")
+        if self.model_dtype not in MODEL_DTYPES:
+            raise bad(f"model_dtype {self.model_dtype!r} is not one of {', '.join(MODEL_DTYPES)}")
+        mc = self.model_config
+        if not mc:
+            raise bad("'model_config' is missing")
+        for key in REQUIRED_SIZES + OPTIONAL_SIZES:
+            value = mc.get(key, 1 if key in OPTIONAL_SIZES else None)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise bad(f"model_config.{key} must be an integer >= 1, found {value!r}")
+        eps = mc.get("rms_norm_eps")
+        if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps > 0:
+            raise bad(f"model_config.rms_norm_eps must be a positive number, found {eps!r}")
+        layouts = self.vptq.get("layouts", [])
+        if not isinstance(layouts, list) or not all(isinstance(x, str) for x in layouts):
+            raise bad("'vptq.layouts' must be a list of layout names")
+        self.vptq_layers()
 
     @property
     def layouts(self) -> tuple[str, ...]:
@@ -81,26 +116,34 @@ class ChatConfig:
     def from_json(cls, raw: Mapping[str, Any], where: str = CHAT_CONFIG) -> ChatConfig:
         """Parse, filling what is missing the way MLC does (sizes fall back to `model_config`'s)."""
         names = {f.name for f in dataclasses.fields(cls)} - {"extra"}
-        mc = dict(raw.get("model_config") or {})
+        mc = raw.get("model_config")
+        mc = {} if mc is None else mc
         try:
+            if not isinstance(mc, dict):
+                raise TypeError(f"model_config must be an object, got {type(mc).__name__}")
+            if not isinstance(raw.get("vptq", {}), dict):
+                raise TypeError("vptq must be an object")
+            tokenizer_files = raw.get("tokenizer_files", [])
+            if not isinstance(tokenizer_files, list) or not all(isinstance(f, str) for f in tokenizer_files):
+                raise TypeError("tokenizer_files must be a list of file names")
             eos = raw.get("eos_token_id", 2)
             active = raw.get("active_vocab_size")
             kw = {k: v for k, v in raw.items() if k in names}
             kw.update(
                 model_config=mc,
-                vocab_size=int(raw.get("vocab_size", mc.get("vocab_size", 0))),
-                context_window_size=int(raw.get("context_window_size", mc.get("context_window_size", -1))),
-                prefill_chunk_size=int(raw.get("prefill_chunk_size", mc.get("prefill_chunk_size", -1))),
-                sliding_window_size=int(raw.get("sliding_window_size", -1)),
-                active_vocab_size=None if active is None else int(active),
-                temperature=float(raw.get("temperature", 1.0)),
-                top_p=float(raw.get("top_p", 1.0)),
-                repetition_penalty=float(raw.get("repetition_penalty", 1.0)),
-                presence_penalty=float(raw.get("presence_penalty", 0.0)),
-                frequency_penalty=float(raw.get("frequency_penalty", 0.0)),
-                tokenizer_files=list(raw.get("tokenizer_files", [])),
-                bos_token_id=None if raw.get("bos_token_id") is None else int(raw["bos_token_id"]),
-                eos_token_id=[int(t) for t in eos] if isinstance(eos, list) else int(eos),
+                vocab_size=_int(raw.get("vocab_size", mc.get("vocab_size", 0))),
+                context_window_size=_int(raw.get("context_window_size", mc.get("context_window_size", -1))),
+                prefill_chunk_size=_int(raw.get("prefill_chunk_size", mc.get("prefill_chunk_size", -1))),
+                sliding_window_size=_int(raw.get("sliding_window_size", -1)),
+                active_vocab_size=None if active is None else _int(active),
+                temperature=_float(raw.get("temperature", 1.0)),
+                top_p=_float(raw.get("top_p", 1.0)),
+                repetition_penalty=_float(raw.get("repetition_penalty", 1.0)),
+                presence_penalty=_float(raw.get("presence_penalty", 0.0)),
+                frequency_penalty=_float(raw.get("frequency_penalty", 0.0)),
+                tokenizer_files=list(tokenizer_files),
+                bos_token_id=None if raw.get("bos_token_id") is None else _int(raw["bos_token_id"]),
+                eos_token_id=[_int(t) for t in eos] if isinstance(eos, list) else _int(eos),
                 vptq=dict(raw.get("vptq") or {}),
                 extra={k: v for k, v in raw.items() if k not in names},
             )
@@ -110,17 +153,18 @@ class ChatConfig:
 
     @classmethod
     def load(cls, model_dir: str | Path) -> ChatConfig:
-        path = Path(model_dir) / CHAT_CONFIG
+        model_dir = Path(model_dir)
+        if not model_dir.is_dir():
+            raise ModelDirError(f"model directory {model_dir} does not exist; check the path (or make it with "
+                                f"`vptq-mlc convert CHECKPOINT -o {model_dir}`)")
+        path = model_dir / CHAT_CONFIG
         if not path.is_file():
+            if (model_dir / "config.json").is_file():
+                raise ModelDirError(f"{model_dir} is a checkpoint, not a converted model dir: run `vptq-mlc convert "
+                                    f"{model_dir} -o {_sibling_output(model_dir)}` and use that directory")
             raise ModelDirError(f"no {CHAT_CONFIG} in {model_dir}; point at a model dir written by "
                                 f"`vptq-mlc convert CHECKPOINT -o {model_dir}`")
-        try:
-            raw = json.loads(path.read_text())
-        except json.JSONDecodeError as e:
-            raise ModelDirError(f"{path} is not valid JSON ({e.msg} at line {e.lineno}); re-run `vptq-mlc convert`"
-                                ) from e
-        if not isinstance(raw, dict):
-            raise ModelDirError(f"{path} is not a JSON object; re-run `vptq-mlc convert`")
+        raw = read_json_object(path, "re-run `vptq-mlc convert`")
         return cls.from_json(raw, where=str(path))
 
     def write(self, model_dir: str | Path) -> Path:
@@ -128,3 +172,42 @@ class ChatConfig:
         path = Path(model_dir) / CHAT_CONFIG
         path.write_text(json.dumps(self.to_json(), indent=2))
         return path
+
+
+# model_config entries compile needs (sizes: integers >= 1); the rest have defaults.
+REQUIRED_SIZES = ("hidden_size", "intermediate_size", "num_attention_heads", "num_hidden_layers", "vocab_size",
+                  "num_key_value_heads", "head_dim")
+OPTIONAL_SIZES = ("context_window_size", "prefill_chunk_size", "max_batch_size")
+MODEL_DTYPES = ("float16", "float32")
+
+
+def _int(value: object) -> int:
+    """An integer field: ints, or floats/strings holding one (older writers); not booleans, null or containers."""
+    if isinstance(value, (bool, list, dict)) or value is None:
+        raise TypeError(f"expected an integer, got {value!r}")
+    return int(value)  # type: ignore[arg-type]
+
+
+def _float(value: object) -> float:
+    if isinstance(value, (bool, list, dict)) or value is None:
+        raise TypeError(f"expected a number, got {value!r}")
+    return float(value)  # type: ignore[arg-type]
+
+
+def read_json_object(path: Path, fix: str, error: type[VPTQMLCError] = ModelDirError) -> dict[str, Any]:
+    """A JSON file that must hold an object (model-dir configs); anything else is a one-line `error` ending in `fix`."""
+    try:
+        value = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise error(f"{path} is not valid JSON ({str(e).splitlines()[0]}); {fix}") from None
+    if not isinstance(value, dict):
+        raise error(f"{path} must hold a JSON object, not {type(value).__name__}; {fix}")
+    return value
+
+
+def _sibling_output(checkpoint: Path) -> str:
+    """Where to convert a checkpoint: `<checkpoint>-mlc` next to it, never inside it."""
+    name = f"{checkpoint.resolve().name}-mlc"
+    if checkpoint.is_absolute():
+        return str(checkpoint.resolve().parent / name)
+    return os.path.relpath(checkpoint.resolve().parent / name)

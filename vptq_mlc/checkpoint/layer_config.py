@@ -146,7 +146,7 @@ class VPTQLayerConfig:
         if self.vector_len < 1:
             bad(f"vector length must be >= 1, got {self.vector_len}")
         for name, n in (("num_centroids", self.num_centroids), ("num_res_centroids", self.num_res_centroids)):
-            if n and (n < 2 or n > 65536 or n & (n - 1)):
+            if (n or name == "num_centroids") and (n < 2 or n > 65536 or n & (n - 1)):
                 bad(f"{name}={n} unsupported: codebook sizes must be powers of two in [2, 65536]")
         if self.has_outliers:
             ko = self.num_outlier_centroids

@@ -137,6 +137,10 @@ class VPTQCheckpoint:
             raise CheckpointError(f"checkpoint directory {root} does not exist; check the path")
         cfg_file = root / "config.json"
         if not cfg_file.is_file():
+            if (root / "mlc-chat-config.json").is_file():
+                raise CheckpointError(
+                    f"{root} is a converted model directory, not a checkpoint: compile it with `vptq-mlc compile "
+                    f"{root}` and run it with `vptq-mlc chat {root}`; inspect/convert take the VPTQ checkpoint")
             raise CheckpointError(f"{root} has no config.json; point at a Hugging Face model directory")
         try:
             hf = json.loads(cfg_file.read_text())
@@ -257,6 +261,42 @@ class VPTQCheckpoint:
         for path, cfg in tqdm(self.layers.items(), desc="validate", unit="layer", disable=not progress):
             self._validate_layer(path, cfg, by_module[path])
         self._validate_dense()
+        for name in tqdm(self.dense_tensor_names(), desc="validate dense", unit="tensor", disable=not progress):
+            self._validate_finite(name)
+        self.validate_tokenizer_files()
+
+    def _validate_finite(self, name: str) -> None:
+        """A NaN/inf weight runs without error and makes the model emit garbage, so it is refused by name."""
+        if self._tensors[name].dtype not in FLOAT_DTYPES:
+            return
+        a = self.get(name)
+        for start in range(0, max(a.shape[0], 1) if a.ndim else 1, 4096):  # rows in blocks: bounded scratch
+            block = a[start : start + 4096] if a.ndim else a
+            if not np.isfinite(block).all():
+                raise CheckpointError(f"dense tensor {name}: expected finite values, found NaN/inf; the checkpoint "
+                                      "is corrupt: re-download or re-quantize it")
+
+    def validate_tokenizer_files(self) -> None:
+        """Every tokenizer file that is JSON must parse, and tokenizer.json must load as a tokenizer (the runtime's
+        `tokenizers` reads it), so a corrupt file is named here rather than failing in convert or chat."""
+        for f in self.tokenizer_files():
+            if f.suffix != ".json":
+                continue
+            try:
+                value = json.loads(f.read_text(encoding="utf-8"))
+            except (json.JSONDecodeError, UnicodeDecodeError) as e:
+                raise CheckpointError(f"{f} is not valid JSON ({str(e).splitlines()[0]}); re-download it") from None
+            if not isinstance(value, dict):
+                raise CheckpointError(f"{f} must hold a JSON object, not {type(value).__name__}; re-download it")
+        tok = self.path / "tokenizer.json"
+        if tok.is_file():
+            from tokenizers import Tokenizer
+
+            try:
+                Tokenizer.from_file(str(tok))
+            except Exception as e:  # noqa: BLE001 - the Rust side raises a bare Exception
+                raise CheckpointError(f"{tok} is not a valid tokenizer ({str(e).splitlines()[0]}); "
+                                      "re-download it") from None
 
     def _validate_layer(self, path: str, cfg: VPTQLayerConfig, stored: list[str]) -> None:
         spec = expected_tensors(cfg)

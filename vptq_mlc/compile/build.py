@@ -27,6 +27,7 @@ from vptq_mlc.compile.targets import BuildTarget, relax_pipeline, resolve_target
 from vptq_mlc.errors import CompileError
 from vptq_mlc.model.builder import build_model
 from vptq_mlc.model.config import DecoderConfig
+from vptq_mlc.progress import stage
 from vptq_mlc.tir_kernels.registry import kernel_selector, norm_bias_selector, static_decode_batches
 
 log = logging.getLogger(__name__)
@@ -78,10 +79,12 @@ def build_library(model_dir: Path, bt: BuildTarget, output: Path,
         raise CompileError("--cuda-graph cannot be combined with --split-functions (the per-layer functions would "
                            "replay a graph captured with another layer's weights); drop one of them")
     chat = ChatConfig.load(model_dir)
+    chat.check_buildable()
     arch = chat.model_type or "llama"
     cfg = model_config_from_json(arch, chat.model_config)
     dtype = chat.model_dtype
     layers = chat.vptq_layers()
+    stage("compile %s for %s%s -> %s", model_dir, bt.label, f" ({', '.join(bt.archs)})" if bt.archs else "", output)
     bt.prepare()
     t0 = time.time()
     if static_batches is None:
@@ -89,6 +92,8 @@ def build_library(model_dir: Path, bt: BuildTarget, output: Path,
     model = build_model(cfg, layers, dtype, bt.target, kernel_selector(bt.target, chat.layouts), static_batches,
                         norm_bias_selector(bt.target), arch=arch)
     split = None
+    stage("  exporting the model (%d quantized linears)%s", len(layers),
+          " with split functions" if split_functions else "")
     if split_functions:
         from vptq_mlc.model.split import export_with_split
 
@@ -102,6 +107,7 @@ def build_library(model_dir: Path, bt: BuildTarget, output: Path,
     if cuda_graph is None:
         cuda_graph = bt.target.kind.name == "cuda" and not split_functions
     config = {"relax.backend.use_cuda_graph": True} if cuda_graph and bt.target.kind.name == "cuda" else {}
+    stage("  lowering (relax pipeline for %s)", bt.kind)
     with bt.target, tvm.transform.PassContext(config=config):
         lowered = relax_pipeline(bt.target)(mod)
     meta = model_metadata(
@@ -113,10 +119,12 @@ def build_library(model_dir: Path, bt: BuildTarget, output: Path,
         split=split,
     )
     lowered = attach_metadata(lowered, meta)
+    stage("  generating code%s", f" (one nvcc run for {', '.join(bt.archs)})" if bt.kind == "cuda" else "")
     executable = relax.build(lowered, bt.target, relax_pipeline=None)
+    stage("  linking the library")
     with atomic_file(output, mode=0o755) as tmp:
         executable.export_library(str(tmp))
-    log.info("built %s for %s in %.1f s", output, bt.label, time.time() - t0)
+    stage("  built %s in %.1f s", output, time.time() - t0)
     return output
 
 
@@ -133,8 +141,16 @@ def compile_model(
     `static_batches`: batch sizes that get a static `batch_decode_b<n>` (default: the target's choice).
     `split_functions`: add the layer-split functions (`--devices` at run time). `cuda_graph`: see build_library."""
     model_dir = Path(model_dir)
-    ChatConfig.load(model_dir)  # fail early with the convert hint
+    ChatConfig.load(model_dir).check_buildable()  # fail early with the convert hint
     targets = resolve_targets(target, arch)
+    if any(bt.kind == "cuda" for bt in targets):  # its decode of large codebooks reads the code-sorted entries
+        from vptq_mlc.convert.converter import add_code_sorted_tensors
+
+        if layers := add_code_sorted_tensors(model_dir):
+            stage("added code-sorted entries for %d layers to %s (CUDA decode of large codebooks)", layers, model_dir)
+    if arch is None and any(bt.archs for bt in targets):
+        stage("no --arch given: building for %s (pick others with --arch)",
+              ", ".join(a for bt in targets for a in bt.archs))
     outs = []
     for bt in targets:
         if output is None:

@@ -19,7 +19,8 @@ from vptq_mlc.artifact.tensor_cache import TensorCacheWriter
 from vptq_mlc.artifact.vq_layout import CODE_SORTED, LAYOUT, code_sorted_eligible, code_sorted_layout, generic_layout
 from vptq_mlc.atomic import atomic_dir
 from vptq_mlc.checkpoint.arch import decoder_config_from_hf
-from vptq_mlc.checkpoint.dequant import decode_codes
+from vptq_mlc.checkpoint.dequant import LayerCodes, decode_codes
+from vptq_mlc.checkpoint.layer_config import VPTQLayerConfig
 from vptq_mlc.checkpoint.reader import VPTQCheckpoint
 from vptq_mlc.convert.chat_config import build_chat_config
 from vptq_mlc.errors import ConvertError
@@ -114,3 +115,57 @@ def convert_checkpoint(
         chat_cfg.write(tmp)
     log.info("converted %s -> %s (%d tensors, %.1f MB)", checkpoint, out, writer.num_tensors, writer.total_bytes / 1e6)
     return out
+
+
+def _codes_from_generic(codes_2d: np.ndarray, cfg: VPTQLayerConfig) -> np.ndarray:
+    """`<path>.codes` [N, G*S] (generic layout) back to [G, N, S] (`LayerCodes`)."""
+    n = codes_2d.shape[0]
+    return codes_2d.reshape(n, cfg.group_num, cfg.group_size).transpose(1, 0, 2).astype(np.int64)
+
+
+def add_code_sorted_tensors(model_dir: str | os.PathLike[str]) -> int:
+    """Add the code-sorted entries (layout `code-sorted`) to a model dir converted with the generic layout only;
+    returns the number of layers that got them (0: nothing to add, or already there).
+
+    Why at compile time: only the CUDA decode reads these entries (+4 bytes per code), so `convert` writes the
+    generic layout by default and `compile --target cuda` adds them where its routing wants them: the result is the
+    model dir `convert --layout auto` writes. The entries are computed from the stored generic codes; new shards and
+    then tensor-cache.json (one rename) and mlc-chat-config.json (one rename) are written, so an interruption leaves
+    a dir that is either unchanged or still generic-only in its config (the next compile then only fixes the config).
+    """
+    import json
+
+    from vptq_mlc.artifact.chat_config import ChatConfig
+    from vptq_mlc.artifact.files import CHAT_CONFIG, TENSOR_CACHE
+    from vptq_mlc.artifact.tensor_cache import append_tensors, read_index, read_tensor
+    from vptq_mlc.atomic import atomic_file
+
+    model_dir = Path(model_dir)
+    chat = ChatConfig.load(model_dir)
+    if CODE_SORTED in chat.layouts:
+        return 0
+    dtype = chat.model_dtype
+    eligible = {p: c for p, c in chat.vptq_layers().items() if code_sorted_eligible(c, dtype)}
+    if not eligible:
+        return 0
+    if (model_dir / TENSOR_CACHE).is_file():  # config-only dirs (weights made on the deploy host) get the config only
+        index = read_index(model_dir)
+        todo = {p: c for p, c in eligible.items() if f"{p}.cs_entries" not in index}
+
+        def entries() -> Iterator[tuple[str, np.ndarray]]:
+            for path, cfg in tqdm(todo.items(), desc="code-sorted entries", unit="layer"):
+                idx = _codes_from_generic(read_tensor(model_dir, index[f"{path}.codes"]), cfg)
+                res = (_codes_from_generic(read_tensor(model_dir, index[f"{path}.res_codes"]), cfg)
+                       if cfg.has_residual else None)
+                for suffix, a in code_sorted_layout(cfg, LayerCodes(idx, res, None, None), dtype).items():
+                    yield f"{path}.{suffix}", a
+
+        try:
+            added = append_tensors(model_dir, entries()) if todo else 0
+        except KeyError as e:
+            raise ConvertError(f"{model_dir} lacks the generic tensor {e.args[0]}; re-run `vptq-mlc convert`") from None
+        log.info("added %.1f MB of code-sorted entries for %d layers to %s", added / 1e6, len(todo), model_dir)
+    chat.vptq = {**chat.vptq, "layouts": [LAYOUT, CODE_SORTED]}
+    with atomic_file(model_dir / CHAT_CONFIG) as tmp:
+        tmp.write_text(json.dumps(chat.to_json(), indent=2))
+    return len(eligible)

@@ -29,6 +29,7 @@ from tqdm import tqdm
 
 from vptq_mlc.artifact.files import CHAT_CONFIG
 from vptq_mlc.errors import QuantizeError
+from vptq_mlc.progress import progress_bar
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +57,12 @@ def token_windows(tokenizer_json: Path, text: str, ctx: int, max_tokens: int | N
         raise QuantizeError(f"--ctx {ctx} is too small; use at least 2 tokens")
     if not tokenizer_json.is_file():
         raise QuantizeError(f"{tokenizer_json} does not exist; the model directory needs its tokenizer.json")
-    ids = Tokenizer.from_file(str(tokenizer_json)).encode(text, add_special_tokens=False).ids
+    try:
+        tokenizer = Tokenizer.from_file(str(tokenizer_json))
+    except Exception as e:  # noqa: BLE001 - the Rust side raises a bare Exception
+        raise QuantizeError(f"{tokenizer_json} is not a valid tokenizer ({str(e).splitlines()[0]}); copy the model's "
+                            "tokenizer.json again") from None
+    ids = tokenizer.encode(text, add_special_tokens=False).ids
     if max_tokens is not None:
         ids = ids[:max_tokens]
     wins = [ids[i : i + ctx] for i in range(0, len(ids), ctx)]
@@ -86,7 +92,7 @@ def _score(windows: list[list[int]], logits_of: Callable[[list[list[int]]], list
             groups[-1].append(w)
         else:
             groups.append([w])
-    with tqdm(total=len(windows), desc=f"ppl {source}", unit="window", disable=not progress) as bar:
+    with progress_bar(total=len(windows), desc=f"ppl {source}", unit="window", disable=not progress) as bar:
         for g in groups:
             for w, logits in zip(g, logits_of(g)):
                 total += window_nll(logits, w)

@@ -18,9 +18,9 @@ import tempfile
 from pathlib import Path
 
 import torch
-from tqdm import tqdm
 
 from vptq_mlc.errors import QuantizeError
+from vptq_mlc.progress import progress_bar
 
 log = logging.getLogger(__name__)
 
@@ -109,7 +109,7 @@ def collect_hessians(
             hooks.append(mod.register_forward_pre_hook(hook_for(f"model.layers.{i}.{leaf}")))
     try:
         with torch.no_grad():
-            for w in tqdm(windows, desc="calibrate", unit="window", disable=not progress):
+            for w in progress_bar(windows, desc="calibrate", unit="window", disable=not progress):
                 body(input_ids=w[None], use_cache=False)
                 count += w.numel()
     finally:

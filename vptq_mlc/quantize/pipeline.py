@@ -19,13 +19,13 @@ from typing import Any
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from vptq_mlc.cache import cache_root
 from vptq_mlc.checkpoint.arch import decoder_linears, detect_arch, num_layers
 from vptq_mlc.checkpoint.layer_config import Variant
 from vptq_mlc.checkpoint.writer import write_checkpoint
 from vptq_mlc.errors import QuantizeError
+from vptq_mlc.progress import progress_bar, stage
 from vptq_mlc.quantize import nn_kernel
 from vptq_mlc.quantize.hf_import import resolve_dense_model
 from vptq_mlc.quantize.kmeans import KMeansOptions
@@ -108,6 +108,7 @@ def quantize_model(model: str | Path, out_dir: str | Path, settings: QuantizeSet
         from vptq_mlc.quantize.hessian import collect_hessians
 
         text = load_text(settings.calib, default=CALIB_DEFAULT)
+        stage("collecting calibration Hessians over %d tokens", settings.calib_tokens)
         hessians = collect_hessians(
             model_dir, text, n, n_tokens=settings.calib_tokens, seq_len=settings.calib_seq_len,
             cache_dir=cache_root() / "hessians", progress=progress,
@@ -132,7 +133,7 @@ def quantize_model(model: str | Path, out_dir: str | Path, settings: QuantizeSet
     nn_kernel.set_num_threads(torch_threads)
     torch.set_num_threads(1)  # small per-column ops; the search kernel gets the cores
     try:
-        for path in tqdm(paths, desc=f"quantize {variant.name}", unit="linear", disable=not progress):
+        for path in progress_bar(paths, desc=f"quantize {variant.name}", unit="linear", disable=not progress):
             W = dense.pop(f"{path}.weight")
             b = dense.pop(f"{path}.bias", None)
             H = hessians.get(path)
@@ -155,6 +156,7 @@ def quantize_model(model: str | Path, out_dir: str | Path, settings: QuantizeSet
     hf_config = dict(config)
     hf_config.pop("dtype", None)
     hf_config["vptq_mlc_quantize"] = meta
+    stage("writing the checkpoint %s", out)
     write_checkpoint(out, hf_config, dense_np, layers, tokenizer_dir=model_dir, dtype="float16")
     report = QuantizeReport(
         out_dir=out,

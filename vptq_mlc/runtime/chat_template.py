@@ -18,6 +18,7 @@ import jinja2
 import jinja2.ext
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
+from vptq_mlc.artifact.chat_config import read_json_object
 from vptq_mlc.errors import VPTQMLCError
 
 
@@ -61,7 +62,7 @@ def load_chat_template(model_dir: str | Path, name: str | None = None) -> str | 
     for fname in ("tokenizer_config.json", "chat_template.json"):  # later wins, as in transformers
         p = model_dir / fname
         if p.is_file():
-            template = json.loads(p.read_text()).get("chat_template", template)
+            template = read_json_object(p, "copy the model's tokenizer files again").get("chat_template", template)
     if isinstance(template, list):
         named = {t["name"]: t["template"] for t in template}
         key = name or "default"

@@ -130,7 +130,28 @@ def find_library(model_dir: Path, spec: DeviceSpec) -> Path:
     if not matches:
         found = ", ".join(p.name for p in libs) or "no *.so files"
         raise RuntimeLoadError(
-            f"no {spec.kind} model library in {model_dir} (found: {found}); pass --lib PATH or name the file "
-            f"with one of: {', '.join(tags)}"
+            f"no {spec.kind} model library in {model_dir} (found: {found}); build one with "
+            f"`{compile_command(model_dir, spec.kind)}`, or pass --lib PATH, or name the file with one of: "
+            f"{', '.join(tags)}"
         )
     return max(matches, key=lambda p: p.stat().st_mtime)
+
+
+def check_single_device(text: str) -> None:
+    """Refuse a single `--device` that names no real device, before anything loads.
+
+    TVM accepts any `cpu:N` and runs it on the one host CPU, so `cpu:7` would silently mean `cpu`. Only `cpu`
+    (= `cpu:0`) is accepted for one device; distinct `cpu:N` ids are meaningful only in a layer split
+    (`--devices cpu:0,cpu:1`, how the split is tested without GPUs)."""
+    spec = parse_device(text)
+    if spec is not None and spec.kind == "cpu" and spec.index != 0:
+        raise RuntimeLoadError(f"device {text!r} does not exist: the host's CPU is one device; use --device cpu")
+
+
+COMPILE_TARGETS = {"cpu": "llvm", "cuda": "cuda", "rocm": "rocm --arch GFX_ARCH"}
+
+
+def compile_command(model_dir: Path, kind: str) -> str:
+    """The command that builds a model library for device `kind` into `model_dir` (named so `find_library` finds
+    it): what to suggest when a converted dir has no library yet."""
+    return f"vptq-mlc compile {model_dir} --target {COMPILE_TARGETS[kind]}"

@@ -27,7 +27,7 @@ from vptq_mlc.artifact import sampler_abi
 from vptq_mlc.artifact.chat_config import ChatConfig
 from vptq_mlc.errors import GenerationError, RuntimeLoadError
 from vptq_mlc.runtime.chat_template import ChatTemplate, ChatTemplateError, load_chat_template
-from vptq_mlc.runtime.device import find_library, resolve_device
+from vptq_mlc.runtime.device import check_single_device, find_library, resolve_device
 from vptq_mlc.runtime.device_sampler import DeviceSampler, SampleRow
 from vptq_mlc.runtime.kv_cache import PagedKVCache, PrefixCache
 from vptq_mlc.runtime.library import ModelLibrary, first_line, load_library, load_params
@@ -76,6 +76,8 @@ class Engine:
         devices = parse_devices(devices) if devices else None
         if devices and len(devices) == 1:
             device, devices = devices[0], None
+        if not devices:
+            check_single_device(device)
         if lib_path is None:
             lib_path = find_library(self.model_dir, resolve_device(devices[0] if devices else device)[0])
             log.info("using model library %s", lib_path)

@@ -10,15 +10,18 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import struct
+import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 import tvm
 
 from vptq_mlc.artifact.files import TENSOR_CACHE
-from vptq_mlc.artifact.tensor_cache import read_index, shard_paths
+from vptq_mlc.artifact.tensor_cache import read_index
 from vptq_mlc.errors import RuntimeLoadError
 from vptq_mlc.runtime.device import DeviceSpec, resolve_device
 
@@ -57,11 +60,70 @@ class ModelLibrary:
         return self.vm[name]
 
 
+ELF_MAGIC = b"\x7fELF"
+SHT_NOBITS = 8  # a section with no bytes in the file (.bss)
+PT_LOAD = 1
+
+
+def _elf_problem(f: BinaryIO, size: int) -> str | None:
+    """Why the open file `f` of `size` bytes cannot be a whole ELF shared library, or None. Checks what the dynamic
+    loader trusts: the header tables, every loaded segment and every section lie inside the file (a truncated
+    library is otherwise mapped past its end, and the first touch of such a page kills the process with SIGBUS)."""
+    ident = f.read(16)
+    if len(ident) < 16 or ident[:4] != ELF_MAGIC:
+        return "not an ELF shared library"
+    if ident[4] not in (1, 2) or ident[5] not in (1, 2):
+        return f"unknown ELF class/byte order ({ident[4]}/{ident[5]})"
+    wide, order = ident[4] == 2, "<" if ident[5] == 1 else ">"
+    header = struct.Struct(order + ("HHIQQQIHHHHHH" if wide else "HHIIIIIHHHHHH"))
+    raw = f.read(header.size)
+    if len(raw) < header.size:
+        return f"{size} bytes is shorter than an ELF header"
+    _, _, _, _, phoff, shoff, _, _, phentsize, phnum, shentsize, shnum, _ = header.unpack(raw)
+    prog = struct.Struct(order + ("IIQQQQQQ" if wide else "IIIIIIII"))
+    sect = struct.Struct(order + ("IIQQQQIIQQ" if wide else "IIIIIIIIII"))
+    tables = (("program header", phoff, phentsize, phnum, prog), ("section header", shoff, shentsize, shnum, sect))
+    for what, off, entsize, num, entry in tables:
+        if num == 0:
+            continue
+        if entsize < entry.size or off + entsize * num > size:
+            return f"its {what} table ends at byte {off + entsize * num}, past the end of the file ({size} bytes)"
+        f.seek(off)
+        table = f.read(entsize * num)
+        for i in range(num):
+            fields = entry.unpack_from(table, i * entsize)
+            if what == "program header":
+                start, length = (fields[2], fields[5]) if wide else (fields[1], fields[4])
+                if fields[0] != PT_LOAD:
+                    continue
+            else:
+                start, length = fields[4], fields[5]
+                if fields[1] == SHT_NOBITS:
+                    continue
+            if start + length > size:
+                kind = "loaded segment" if what == "program header" else "section"
+                return f"{kind} {i} ends at byte {start + length}, past the end of the file ({size} bytes)"
+    return None
+
+
+def check_library_file(path: Path) -> None:
+    """Refuse a model library that is not a whole ELF shared object before `dlopen` maps it (Linux only: elsewhere
+    the platform's loader format differs and its own error is kept)."""
+    if not sys.platform.startswith("linux"):
+        return
+    with open(path, "rb") as f:
+        why = _elf_problem(f, os.fstat(f.fileno()).st_size)
+    if why is not None:
+        raise RuntimeLoadError(f"model library {path} is truncated or corrupt ({why}); copy it again or rebuild it "
+                               "with `vptq-mlc compile`")
+
+
 def load_library(lib_path: str | Path, device: str = "cpu") -> ModelLibrary:
     """Load `lib_path` for `device` ("cpu", "cuda:0", "auto", ...) and read its `_metadata`."""
     path = Path(lib_path)
     if not path.is_file():
         raise RuntimeLoadError(f"model library not found: {path}; pass --lib or run `vptq-mlc compile` first")
+    check_library_file(path)
     spec, dev = resolve_device(device)  # loads the CUDA plugin when needed, before load_module
     try:
         mod = tvm.runtime.load_module(str(path))
@@ -99,12 +161,7 @@ def _checked_records(model_dir: Path, wanted: list[dict[str, Any]],
     """name -> tensor-cache record (plus `dataPath`) of every weight in `wanted` (`_metadata.params` entries), after
     checking that each exists with the shape and dtype the library expects."""
     index = model_dir / TENSOR_CACHE
-    if not index.is_file():
-        raise RuntimeLoadError(f"no {TENSOR_CACHE} in {model_dir}; run `vptq-mlc convert` to write the weights")
-    for shard in shard_paths(model_dir):
-        if not (model_dir / shard).is_file():
-            raise RuntimeLoadError(f"weight shard {shard} missing in {model_dir}; re-run `vptq-mlc convert`")
-    stored = read_index(model_dir)
+    stored = read_index(model_dir)  # every record checked against its shard (ModelDirError) before TVM's loader
     missing = [p["name"] for p in wanted if p["name"] not in stored]
     if missing:
         raise RuntimeLoadError(

@@ -14,6 +14,7 @@ from typing import Any
 
 from tokenizers import Tokenizer as _HFTokenizer
 
+from vptq_mlc.artifact.chat_config import read_json_object
 from vptq_mlc.errors import RuntimeLoadError
 
 SPECIAL_TOKEN_KEYS = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
@@ -48,7 +49,7 @@ class Tokenizer:
         for name in ("special_tokens_map.json", "tokenizer_config.json"):  # later files win, like transformers
             p = model_dir / name
             if p.is_file():
-                self.config.update(json.loads(p.read_text()))
+                self.config.update(read_json_object(p, "copy the model's tokenizer files again"))
         self.special_tokens: dict[str, str] = {}
         for key in SPECIAL_TOKEN_KEYS:
             text = _token_text(self.config.get(key))
