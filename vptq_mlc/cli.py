@@ -62,7 +62,29 @@ def hub_source(param: str, name_param: str | None = None) -> Callable[[Callable[
     return decorate
 
 
-@click.group()
+class OneLineErrorGroup(click.Group):
+    """A bad flag or argument gets one `error:` line naming it (click prints a usage block and a hint)."""
+
+    def main(self, args: Any = None, prog_name: str | None = None, complete_var: str | None = None,
+             standalone_mode: bool = True, **extra: Any) -> Any:
+        if not standalone_mode:
+            return super().main(args, prog_name, complete_var, standalone_mode, **extra)
+        try:
+            rv = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        except click.UsageError as e:
+            where = e.ctx.command_path if e.ctx else "vptq-mlc"
+            click.echo(f"error: {e.format_message()} (see `{where} --help`)", err=True)
+            sys.exit(e.exit_code)
+        except click.ClickException as e:
+            e.show()
+            sys.exit(e.exit_code)
+        except click.Abort:
+            click.echo("Aborted!", err=True)
+            sys.exit(1)
+        sys.exit(rv if isinstance(rv, int) else 0)  # an int is click's exit code (--help, ctx.exit)
+
+
+@click.group(cls=OneLineErrorGroup)
 @click.option("-v", "--verbose", count=True, help="More logging (-v info, -vv debug).")
 @click.version_option(package_name="vptq-mlc")
 def main(verbose: int) -> None:
