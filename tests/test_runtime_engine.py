@@ -99,6 +99,49 @@ def test_chunked_prefill_equals_unchunked(built: tuple[Path, Path, Path], engine
     assert reqs[0].output_ids == want and reqs[1].output_ids == alone(engine, PROMPTS[0], greedy())
 
 
+def _long_prompt_during_decoding(eng: Engine, long_ids: list[int]) -> tuple[list, list[list], list[list[int]]]:
+    """Two requests decode, then a long prompt arrives. Returns the three requests, who got a token in each step
+    until the long prompt's first token, and the token counts of those steps' model calls (read at begin_forward)."""
+    calls: list[list[int]] = []
+    forward = eng.kv.forward
+    eng.kv.forward = lambda seq_ids, lengths: (calls.append(list(lengths)), forward(seq_ids, lengths))[1]
+    shorts = [eng.add_request(p, greedy(30)) for p in (PROMPTS[0], PROMPTS[2])]
+    while not all(r.output_ids for r in shorts):
+        eng.step()
+    long = eng.add_request(long_ids, greedy(8))
+    during, first_call = [], len(calls)
+    while not long.output_ids:
+        during.append(eng.step())
+    long_calls = calls[first_call:]
+    run(eng, [*shorts, long])
+    del eng.kv.forward
+    assert all(sum(c) <= eng.prefill_chunk for c in calls), calls
+    return [*shorts, long], during, long_calls
+
+
+def test_decode_steps_carry_prompt_chunks(built: tuple[Path, Path, Path]) -> None:
+    """With a step token budget, a long prompt is prefilled a few tokens per step inside the running requests'
+    decode steps (each of them gets a token every step); the tokens equal transformers' and the unmixed engine's."""
+    long_ids = [(7 * i + 3) % 500 + 5 for i in range(60)]
+    mixed = Engine(built[1], built[2], step_token_budget=8, max_total_tokens=256)
+    assert mixed.step_token_budget == 8
+    reqs, during, calls = _long_prompt_during_decoding(mixed, long_ids)
+    assert len(during) == 10  # 60 prompt tokens, 8 - 2 decode tokens = 6 per step
+    assert all(reqs[0] in got and reqs[1] in got for got in during)
+    assert during[-1][-1] is reqs[2]
+    assert calls == [[1, 1, 6]] * 10  # the two decode tokens, then the prompt up to the budget
+
+    paused = Engine(built[1], built[2], step_token_budget=0, max_total_tokens=256)
+    ref_reqs, ref_during, ref_calls = _long_prompt_during_decoding(paused, long_ids)
+    assert len(ref_during) == 2 and ref_during[0] == []  # 60 tokens in chunks of 32; nobody decodes meanwhile
+    assert ref_calls == [[32], [28]]
+    assert [r.output_ids for r in reqs] == [r.output_ids for r in ref_reqs]
+
+    ref = reference_model(built[0])
+    for r in reqs:
+        assert r.output_ids == reference_greedy(ref, r.prompt_ids, len(r.output_ids))
+
+
 def test_admission_waits_for_pages(built: tuple[Path, Path, Path], engine: Engine) -> None:
     small = Engine(built[1], built[2], max_total_tokens=32)  # room for one 12-token prompt + 12 new at a time
     reqs = [small.add_request(p, greedy()) for p in PROMPTS[:2]]

@@ -1,8 +1,10 @@
 """The inference engine: a model library + weights + paged KV cache, driven by a step-able scheduler.
 
-`step()` runs one model call over the active requests: a batched prefill (prompt chunks packed up to
-`prefill_chunk_size` tokens, through `batch_prefill`) while any admitted request still has prompt left,
-otherwise one batched decode (`batch_decode`, or `decode` for a single sequence) for every running request.
+`step()` runs the active requests through the model once. While no admitted request has prompt left, that is
+one batched decode (`batch_decode`, or the static `decode` / `batch_decode_b<n>` functions) for every running
+request. While some prompt is left, it is one `batch_prefill` call: with no request decoding, prompt chunks
+packed up to `prefill_chunk_size` tokens; with requests decoding, their decode tokens (one each) plus prompt
+chunks under `step_token_budget` tokens, so a long prompt arriving does not pause the running streams.
 A request is admitted only when
 the KV pages for its whole budget (prompt + max new tokens) are free, so a running request never runs out
 of pages; its pages go back when it finishes or is cancelled. `generate`/`chat` are thin loops over
@@ -40,6 +42,9 @@ from vptq_mlc.runtime.tokenizer import Tokenizer
 log = logging.getLogger(__name__)
 
 DEFAULT_MAX_BATCH = 4  # concurrent sequences unless asked otherwise (capped by the library's max_batch_size)
+# Tokens of one step that mixes decoding requests with prompt chunks (capped by the prefill chunk): small enough
+# that the step costs a few decode steps, large enough that a long prompt still finishes in a few dozen steps.
+DEFAULT_STEP_TOKEN_BUDGET = 256
 
 
 class Engine:
@@ -61,6 +66,7 @@ class Engine:
         page_size: int = 16,
         devices: Sequence[str] | str | None = None,
         prefix_cache: bool = False,
+        step_token_budget: int | None = None,
     ) -> None:
         """Sizes left as None come from mlc-chat-config.json, bounded by the library's `_metadata`.
 
@@ -70,6 +76,9 @@ class Engine:
         the library needs `--split-functions`); one device is the same as `device`.
         `prefix_cache`: keep finished requests' KV pages (LRU, evicted when admissions need the pages) and start
         later requests that share a prefix from them (one device, no sliding window).
+        `step_token_budget`: tokens per step while requests decode and prompts are left (their decode tokens plus
+        prompt chunks; default 256, at most the prefill chunk); 0 runs prompts in steps of their own instead, which
+        pause every decoding request for the whole prompt.
         """
         self.model_dir = Path(model_dir)
         self.config = ChatConfig.load(self.model_dir)
@@ -94,6 +103,11 @@ class Engine:
         self.prefill_chunk = self._limit("prefill chunk", prefill_chunk_size, self.config.prefill_chunk_size,
                                          md.get("prefill_chunk_size", -1))
         self.max_batch = self._limit("max batch size", max_batch_size, DEFAULT_MAX_BATCH, md.get("max_batch_size", -1))
+        if step_token_budget is not None and step_token_budget < 0:
+            raise RuntimeLoadError(f"step token budget {step_token_budget} is negative; "
+                                   "give a number of tokens, or 0 to keep prompts out of decode steps")
+        self.step_token_budget = min(DEFAULT_STEP_TOKEN_BUDGET if step_token_budget is None else step_token_budget,
+                                     self.prefill_chunk)
         if isinstance(self.lib, SplitModel):
             self.params = self.lib.load_params(self.model_dir, self.config.model_config)  # each stage holds its own
             kv_cache: type = StagedKVCache
@@ -138,8 +152,9 @@ class Engine:
         self._seq_ids = itertools.count()
         self.waiting: collections.deque[Request] = collections.deque()
         self.running: list[Request] = []
-        log.info("engine ready: context %d, prefill chunk %d, batch %d, %d KV pages of %d", self.context_window,
-                 self.prefill_chunk, self.max_batch, self.kv.total_pages, page_size)
+        log.info("engine ready: context %d, prefill chunk %d, step token budget %d, batch %d, %d KV pages of %d",
+                 self.context_window, self.prefill_chunk, self.step_token_budget, self.max_batch, self.kv.total_pages,
+                 page_size)
 
     @staticmethod
     def _limit(what: str, asked: int | None, configured: int, compiled: int) -> int:
@@ -290,29 +305,50 @@ class Engine:
             i += n
         return pieces
 
+    def _prefill_plan(self) -> tuple[list[Request], list[int]] | None:
+        """The requests and token counts of this step's `batch_prefill` call, or None for a pure decode step.
+
+        Decoding requests come first with one token each when prompts are left and the step token budget leaves
+        room for at least one prompt token; the prompts then fill the rest of the budget in admission order. With
+        nobody decoding (or mixing off) the prompts fill a whole prefill chunk, as fast as the library allows."""
+        prefilling = [r for r in self.running if not r.prefill_done]
+        if not prefilling:
+            return None
+        decoding = [r for r in self.running if r.prefill_done]
+        room = self.step_token_budget - len(decoding)
+        if not decoding or room < 1:
+            decoding, room = [], self.prefill_chunk
+        batch, lengths = list(decoding), [1] * len(decoding)
+        for r in prefilling:
+            n = min(room, len(r.prompt_ids) - r.prefilled)
+            if n <= 0:
+                break
+            batch.append(r)
+            lengths.append(n)
+            room -= n
+        return batch, lengths
+
     def step(self) -> list[Request]:
-        """One batched prefill or decode. Returns the requests that got a new token in this step."""
+        """One model call (a decode step, or a `batch_prefill` of prompt chunks that may carry the decoding
+        requests' tokens too). Returns the requests that got a new token in this step."""
         self._admit()
         if not self.running:
             return []
-        todo = [r for r in self.running if not r.prefill_done]
-        if todo:
-            batch, lengths, ids = [], [], []
-            room = self.prefill_chunk
-            for r in todo:
-                n = min(room, len(r.prompt_ids) - r.prefilled)
-                if n <= 0:
-                    break
-                batch.append(r)
-                lengths.append(n)
-                ids += r.prompt_ids[r.prefilled : r.prefilled + n]
-                room -= n
+        plan = self._prefill_plan()
+        if plan is not None:
+            batch, lengths = plan
+            ids: list[int] = []
+            for r, n in zip(batch, lengths):  # a decoding request's entry is its one decode token
+                ids += [r.next_input()] if r.prefill_done else r.prompt_ids[r.prefilled : r.prefilled + n]
             emb = self._embed_ids(ids, [1, len(ids)])
             pos = tvm.runtime.tensor(np.cumsum(lengths, dtype=np.int32) - 1, self.lib.device)
             logits = self._run(batch, lengths, lambda kv: self._prefill(emb, pos, kv, self.params))
-            self.prefill_tokens += sum(lengths)
             for r, n in zip(batch, lengths):
-                r.prefilled += n
+                if r.prefill_done:  # a decode token carried by this call
+                    self._decoded[r.seq_id] = self._decoded.get(r.seq_id, 0) + 1
+                else:
+                    r.prefilled += n
+                    self.prefill_tokens += n
             return self._sample(logits, batch, [r.prefill_done for r in batch])
         stepped = []
         for batch in self._decode_pieces(list(self.running)):
