@@ -13,6 +13,10 @@ between consecutive chunks that carry tokens, divided by the tokens in the later
     python bench/serve_load.py --synthetic /tmp/vptq-serve-tiny --engine-baseline --clients 1,16,64 --procs 4
     # an already running local server:
     python bench/serve_load.py --url http://127.0.0.1:8000 --clients 16
+    # 16 streams decode, one 2048-token prompt arrives after 1 s: the streams' ITL before vs during its prefill
+    # (run once more with --step-token-budget 0 for the server that pauses decoding during prompts):
+    python bench/serve_load.py --model MODEL_DIR --device cuda --clients 16 --max-tokens 512 \
+        --long-prompt-tokens 2048 --long-prompt-after 1.0
 """
 
 from __future__ import annotations
@@ -53,6 +57,7 @@ class Result:
     latency: float = 0.0
     started: float = 0.0  # time.monotonic(): one clock for every client process on this host
     ended: float = 0.0
+    stamps: list[tuple[float, int]] = field(default_factory=list)  # (time.monotonic(), tokens) per token chunk
 
 
 @dataclass
@@ -108,9 +113,14 @@ def prompt_for(i: int) -> str:
     return " ".join(WORDS[(i * 7 + k) % len(WORDS)] for k in range(n))
 
 
-async def one_request(client: httpx.AsyncClient, model: str | None, i: int, max_tokens: int) -> Result:
-    body = {"prompt": prompt_for(i), "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True,
+async def one_request(client: httpx.AsyncClient, model: str | None, i: int, max_tokens: int,
+                      sampling: str = "greedy", prompt: str | list[int] | None = None) -> Result:
+    """One streaming completion; `sampling` "greedy" sends temperature 0, "model" leaves temperature and top_p
+    out so that the server samples with the model's defaults."""
+    body = {"prompt": prompt_for(i) if prompt is None else prompt, "max_tokens": max_tokens, "ignore_eos": True,
             "stream": True, "stream_options": {"include_usage": True}, "return_token_ids": True}
+    if sampling == "greedy":
+        body["temperature"] = 0
     if model:
         body["model"] = model
     t0 = time.perf_counter()
@@ -148,6 +158,7 @@ async def one_request(client: httpx.AsyncClient, model: str | None, i: int, max_
                             res.itls.append((now - last) / n)
                         last = now
                         res.tokens += n
+                        res.stamps.append((time.monotonic(), n))
                     finishes += choice.get("finish_reason") is not None
     except (httpx.HTTPError, json.JSONDecodeError, KeyError) as e:
         res.error = f"{type(e).__name__}: {e}"
@@ -160,14 +171,15 @@ async def one_request(client: httpx.AsyncClient, model: str | None, i: int, max_
     return res
 
 
-async def one_request_timed(client: httpx.AsyncClient, model: str | None, i: int, max_tokens: int) -> Result:
-    res = await one_request(client, model, i, max_tokens)
+async def one_request_timed(client: httpx.AsyncClient, model: str | None, i: int, max_tokens: int,
+                            sampling: str = "greedy", prompt: str | list[int] | None = None) -> Result:
+    res = await one_request(client, model, i, max_tokens, sampling, prompt)
     res.ended = time.monotonic()
     return res
 
 
 async def client_part(url: str, model: str | None, clients: int, indices: list[int], duration: float,
-                      max_tokens: int) -> list[Result]:
+                      max_tokens: int, sampling: str = "greedy") -> list[Result]:
     """`clients` concurrent streaming clients in this process, sharing the request indices until done or timed out."""
     counter = iter(indices)
     deadline = time.perf_counter() + duration
@@ -177,7 +189,7 @@ async def client_part(url: str, model: str | None, clients: int, indices: list[i
         for i in counter:
             if time.perf_counter() > deadline:
                 return
-            results.append(await one_request_timed(client, model, i, max_tokens))
+            results.append(await one_request_timed(client, model, i, max_tokens, sampling))
 
     limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
     async with httpx.AsyncClient(base_url=url, limits=limits, timeout=httpx.Timeout(max(60.0, duration))) as client:
@@ -190,12 +202,12 @@ def _client_process(job: tuple) -> list[Result]:
 
 
 def run_level(url: str, model: str | None, clients: int, procs: int, requests: int, duration: float,
-              max_tokens: int) -> Summary:
+              max_tokens: int, sampling: str = "greedy") -> Summary:
     """One concurrency level; with procs > 1 the clients are split over that many processes, so that the load
     generator (JSON + HTTP parsing per chunk) is not what limits a fast server."""
     procs = max(1, min(procs, clients))
     jobs = [(url, model, clients // procs + (p < clients % procs), list(range(p, requests, procs)), duration,
-             max_tokens) for p in range(procs)]
+             max_tokens, sampling) for p in range(procs)]
     before = server_counters(url)
     t0 = time.perf_counter()
     if procs == 1:
@@ -225,8 +237,59 @@ def run_level(url: str, model: str | None, clients: int, procs: int, requests: i
     )
 
 
+def long_prompt_ids(n: int) -> list[int]:
+    """A prompt of exactly `n` token ids (ids 5..204, valid in any vocabulary of the models we serve)."""
+    return [5 + (7 * i + 3) % 200 for i in range(n)]
+
+
+async def long_prompt_scenario(url: str, model: str | None, streams: int, max_tokens: int, long_tokens: int,
+                               after: float, sampling: str) -> dict:
+    """`streams` streaming requests start together; `after` seconds later one `long_tokens`-token prompt is
+    sent. The streams' inter-token gaps are split into those that ended before the long prompt was sent and
+    those that overlap its prefill (sent .. its first token): a server that pauses decoding for a prompt shows
+    the whole prefill as one gap per stream in the second group."""
+    limits = httpx.Limits(max_connections=streams + 1, max_keepalive_connections=streams + 1)
+    async with httpx.AsyncClient(base_url=url, limits=limits, timeout=httpx.Timeout(600.0)) as client:
+        tasks = [asyncio.create_task(one_request_timed(client, model, i, max_tokens, sampling))
+                 for i in range(streams)]
+        await asyncio.sleep(after)
+        sent = time.monotonic()
+        long = await one_request_timed(client, model, -1, 4, sampling, long_prompt_ids(long_tokens))
+        results = await asyncio.gather(*tasks)
+    if not long.ok or not long.stamps:
+        raise SystemExit(f"error: the long prompt failed ({long.error}); lower --long-prompt-tokens below the "
+                         "context window")
+    first = long.stamps[0][0]
+    before, during = [], []
+    for r in results:
+        for (t0, _), (t1, n) in zip(r.stamps, r.stamps[1:]):
+            if t1 <= sent:
+                before.append((t1 - t0) / n)
+            elif t0 < first:
+                during.append((t1 - t0) / n)
+    running = sum(1 for r in results if r.stamps and r.stamps[-1][0] >= first)
+    ms = [1e3 * x for x in during]
+    return {
+        "streams": streams, "long_prompt_tokens": long_tokens, "sampling": sampling,
+        "streams_failed": sum(not r.ok for r in results), "streams_running_at_first_token": running,
+        "long_prefill_ms": 1e3 * (first - sent),
+        "itl_before_p50_ms": 1e3 * percentile(before, 50), "itl_before_p99_ms": 1e3 * percentile(before, 99),
+        "itl_during_p50_ms": 1e3 * percentile(during, 50), "itl_during_p99_ms": 1e3 * percentile(during, 99),
+        "itl_during_max_ms": max(ms, default=float("nan")), "gaps_before": len(before), "gaps_during": len(during),
+    }
+
+
+def long_prompt_line(r: dict) -> str:
+    return (f"{r['streams']} streams, {r['long_prompt_tokens']}-token prompt ({r['sampling']} sampling): prefill "
+            f"{r['long_prefill_ms']:.0f} ms; stream ITL before p50 {r['itl_before_p50_ms']:.2f} ms p99 "
+            f"{r['itl_before_p99_ms']:.2f} ms ({r['gaps_before']} gaps), during p50 {r['itl_during_p50_ms']:.2f} ms "
+            f"p99 {r['itl_during_p99_ms']:.2f} ms max {r['itl_during_max_ms']:.2f} ms ({r['gaps_during']} gaps); "
+            f"{r['streams_running_at_first_token']}/{r['streams']} streams still running at its first token, "
+            f"{r['streams_failed']} failed")
+
+
 def engine_baseline(args: argparse.Namespace, model_dir: Path, levels: list[int]) -> list[dict]:
-    """The same work without HTTP: `--requests` requests (same prompts, greedy, EOS ignored) in rounds of B
+    """The same work without HTTP: `--requests` requests (same prompts and sampling, EOS ignored) in rounds of B
     submitted together and stepped by one in-process Engine until done, for each level B; output tok/s =
     generated tokens / wall time (prefill included)."""
     import gc
@@ -235,7 +298,9 @@ def engine_baseline(args: argparse.Namespace, model_dir: Path, levels: list[int]
 
     engine = Engine(model_dir, args.lib, device=args.device, max_batch_size=args.max_batch_size,
                     max_total_tokens=args.max_total_tokens)
-    params = SamplingParams(max_tokens=args.max_tokens, temperature=0, ignore_eos=True)
+    sampling = {"temperature": 0} if args.sampling == "greedy" else {
+        k: v for k, v in (("temperature", engine.config.temperature), ("top_p", engine.config.top_p)) if v is not None}
+    params = SamplingParams(max_tokens=args.max_tokens, ignore_eos=True, **sampling)
 
     def rounds(b: int, n: int) -> tuple[int, int, float]:
         tokens = steps = 0
@@ -303,7 +368,7 @@ def start_server(args: argparse.Namespace, model_dir: Path) -> tuple[subprocess.
     cmd = [sys.executable, "-c", "from vptq_mlc.cli import main; main()", "serve", str(model_dir),
            "--device", args.device, "--host", "127.0.0.1", "--port", str(port), "--max-queue", str(args.max_queue)]
     for flag, value in (("--lib", args.lib), ("--max-batch-size", args.max_batch_size),
-                        ("--max-total-tokens", args.max_total_tokens)):
+                        ("--max-total-tokens", args.max_total_tokens), ("--step-token-budget", args.step_token_budget)):
         if value is not None:
             cmd += [flag, str(value)]
     log.info("starting %s", " ".join(cmd))
@@ -354,6 +419,14 @@ def main() -> int:
     ap.add_argument("--json", type=Path, default=None, help="also write the summaries here")
     ap.add_argument("--engine-baseline", action="store_true",
                     help="first run the same requests through an in-process Engine (no HTTP), batch = each level")
+    ap.add_argument("--sampling", choices=("greedy", "model"), default="greedy",
+                    help="greedy: temperature 0; model: no temperature/top_p, the server uses the model's defaults")
+    ap.add_argument("--step-token-budget", type=int, default=None,
+                    help="passed to the started server (0: prompts pause decoding; default: the server's)")
+    ap.add_argument("--long-prompt-tokens", type=int, default=None,
+                    help="scenario: each level's clients stream --max-tokens tokens, then one prompt of this many "
+                         "tokens arrives; reports the streams' ITL before vs during its prefill")
+    ap.add_argument("--long-prompt-after", type=float, default=1.0, help="seconds after the streams start")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
     logging.getLogger("httpx").setLevel(logging.WARNING)
@@ -377,10 +450,15 @@ def main() -> int:
     try:
         model = httpx.get(f"{url}/v1/models", timeout=10).json()["data"][0]["id"]
         if args.warmup:
-            run_level(url, model, 1, 1, args.warmup, 60, args.max_tokens)
-        summaries = []
-        for n in levels:
-            s = run_level(url, model, n, args.procs, args.requests, args.duration, args.max_tokens)
+            run_level(url, model, 1, 1, args.warmup, 60, args.max_tokens, args.sampling)
+        summaries, scenarios = [], []
+        for n in levels if args.long_prompt_tokens else []:
+            r = asyncio.run(long_prompt_scenario(url, model, n, args.max_tokens, args.long_prompt_tokens,
+                                                 args.long_prompt_after, args.sampling))
+            scenarios.append(r)
+            print(long_prompt_line(r), flush=True)
+        for n in [] if args.long_prompt_tokens else levels:
+            s = run_level(url, model, n, args.procs, args.requests, args.duration, args.max_tokens, args.sampling)
             summaries.append(s)
             print(s.line(), flush=True)
             for e in s.errors:
@@ -390,9 +468,9 @@ def main() -> int:
             stop_server(proc)
     if args.json:
         meta = {"url": url, "model": model, "max_tokens": args.max_tokens, "cpu_count": os.cpu_count(),
-                "load_average": os.getloadavg(), "procs": args.procs,
+                "load_average": os.getloadavg(), "procs": args.procs, "sampling": args.sampling,
                 "argv": sys.argv[1:]}
-        args.json.write_text(json.dumps({"meta": meta, "engine_only": baseline,
+        args.json.write_text(json.dumps({"meta": meta, "engine_only": baseline, "long_prompt": scenarios,
                                          "results": [asdict(s) for s in summaries]}, indent=2) + "\n")
     return 1 if any(s.lost or s.malformed for s in summaries) else 0
 

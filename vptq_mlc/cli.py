@@ -351,6 +351,9 @@ def chat(model_dir: str, lib: str | None, device: str, prompt: str | None, syste
 @click.option("--devices", default=None, help=DEVICES_HELP)
 @click.option("--prefix-cache/--no-prefix-cache", default=True, show_default=True,
               help="Keep finished requests' KV pages (LRU) so prompts sharing a prefix skip its prefill.")
+@click.option("--step-token-budget", type=click.IntRange(min=0), default=None,
+              help="Tokens per step while requests decode and prompts wait (decode tokens + prompt chunks; default "
+                   "256, at most the prefill chunk). 0: prompts run alone and pause decoding.")
 @one_line_errors
 @hub_source("model_dir", name_param="model_name")
 def serve(model_dir: str, lib: str | None, device: str, host: str, port: int, max_batch_size: int | None,
@@ -358,13 +361,15 @@ def serve(model_dir: str, lib: str | None, device: str, host: str, port: int, ma
           api_key: str | None, api_key_file: str | None, max_body_bytes: int, read_timeout: float,
           max_connections: int | None, drain_timeout: float, replicas: int | None, min_replicas: int | None,
           max_replicas: int | None, ray_address: str | None, request_timeout: float, devices: str | None,
-          prefix_cache: bool = True) -> None:
+          prefix_cache: bool = True, step_token_budget: int | None = None) -> None:
     """OpenAI-compatible HTTP server (/v1/chat/completions, /v1/completions, /v1/models, /health, /metrics)."""
     api_key = _api_key(api_key, api_key_file)
     if not api_key and not _is_loopback(host):
         log.warning("serving on %s without an API key: anyone who can reach this address can use the model; "
                     "pass --api-key-file", host)
     if replicas is not None or min_replicas is not None or max_replicas is not None or ray_address:
+        if step_token_budget is not None:
+            raise click.UsageError("--step-token-budget is not passed to Ray replicas yet; drop it (they use 256)")
         if devices:
             raise click.UsageError("--devices (layer split) does not combine with Ray replicas yet; drop one of them")
         from vptq_mlc.serve.cluster_cli import serve_replicas
@@ -387,7 +392,8 @@ def serve(model_dir: str, lib: str | None, device: str, host: str, port: int, ma
 
     model_dir, lib, device = resolve_model(model_dir, lib, _first_device(devices, device))
     engine = load_engine(model_dir, lib, device=device, max_batch_size=max_batch_size, context_window=context_window,
-                         max_total_tokens=max_total_tokens, devices=devices, prefix_cache=prefix_cache)
+                         max_total_tokens=max_total_tokens, devices=devices, prefix_cache=prefix_cache,
+                         step_token_budget=step_token_budget)
     run_server(engine, host=host, port=port, max_queue=max_queue, model_name=model_name, api_key=api_key,
                max_body_bytes=max_body_bytes, read_timeout=read_timeout, drain_timeout=drain_timeout,
                max_connections=max_connections)

@@ -43,13 +43,15 @@ FINAL_FLUSH_S = 5  # after the drain: time for the last chunks to reach the clie
 
 def load_engine(model_dir: str | Path, lib: str | Path | None = None, device: str = "auto",
                 max_batch_size: int | None = None, context_window: int | None = None,
-                max_total_tokens: int | None = None, devices: str | None = None, prefix_cache: bool = False) -> Engine:
+                max_total_tokens: int | None = None, devices: str | None = None, prefix_cache: bool = False,
+                step_token_budget: int | None = None) -> Engine:
     """An Engine sized for serving: by default as many concurrent sequences as the model was converted for.
     `devices` ("cuda:0,cuda:1") splits the layers over several devices."""
     if max_batch_size is None:
         max_batch_size = ChatConfig.load(model_dir).model_config.get("max_batch_size")
     return Engine(model_dir, lib, device=device, max_batch_size=max_batch_size, context_window=context_window,
-                  max_total_tokens=max_total_tokens, devices=devices, prefix_cache=prefix_cache)
+                  max_total_tokens=max_total_tokens, devices=devices, prefix_cache=prefix_cache,
+                  step_token_budget=step_token_budget)
 
 
 def serve(engine: Engine, host: str = "127.0.0.1", port: int = 8000, max_queue: int = DEFAULT_MAX_QUEUE,
