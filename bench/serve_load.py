@@ -33,6 +33,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from urllib.parse import urlparse
@@ -114,7 +115,8 @@ def prompt_for(i: int) -> str:
 
 
 async def one_request(client: httpx.AsyncClient, model: str | None, i: int, max_tokens: int,
-                      sampling: str = "greedy", prompt: str | list[int] | None = None) -> Result:
+                      sampling: str = "greedy", prompt: str | list[int] | None = None,
+                      on_first_token: Callable[[], None] | None = None) -> Result:
     """One streaming completion; `sampling` "greedy" sends temperature 0, "model" leaves temperature and top_p
     out so that the server samples with the model's defaults."""
     body = {"prompt": prompt_for(i) if prompt is None else prompt, "max_tokens": max_tokens, "ignore_eos": True,
@@ -154,6 +156,8 @@ async def one_request(client: httpx.AsyncClient, model: str | None, i: int, max_
                     if n:
                         if res.ttft is None:
                             res.ttft = now - t0
+                            if on_first_token is not None:
+                                on_first_token()
                         elif last is not None:
                             res.itls.append((now - last) / n)
                         last = now
@@ -172,8 +176,9 @@ async def one_request(client: httpx.AsyncClient, model: str | None, i: int, max_
 
 
 async def one_request_timed(client: httpx.AsyncClient, model: str | None, i: int, max_tokens: int,
-                            sampling: str = "greedy", prompt: str | list[int] | None = None) -> Result:
-    res = await one_request(client, model, i, max_tokens, sampling, prompt)
+                            sampling: str = "greedy", prompt: str | list[int] | None = None,
+                            on_first_token: Callable[[], None] | None = None) -> Result:
+    res = await one_request(client, model, i, max_tokens, sampling, prompt, on_first_token)
     res.ended = time.monotonic()
     return res
 
@@ -244,14 +249,25 @@ def long_prompt_ids(n: int) -> list[int]:
 
 async def long_prompt_scenario(url: str, model: str | None, streams: int, max_tokens: int, long_tokens: int,
                                after: float, sampling: str) -> dict:
-    """`streams` streaming requests start together; `after` seconds later one `long_tokens`-token prompt is
-    sent. The streams' inter-token gaps are split into those that ended before the long prompt was sent and
-    those that overlap its prefill (sent .. its first token): a server that pauses decoding for a prompt shows
-    the whole prefill as one gap per stream in the second group."""
+    """`streams` streaming requests start together; `after` seconds after all of them have their first token,
+    one `long_tokens`-token prompt is sent. The streams' inter-token gaps are split into those that ended before
+    it was sent and those that overlap its prefill (sent .. its first token): a server that pauses decoding for
+    a prompt shows the whole prefill as one gap per stream in the second group."""
     limits = httpx.Limits(max_connections=streams + 1, max_keepalive_connections=streams + 1)
+    first_tokens, started = asyncio.Event(), [0]
+
+    def on_first_token() -> None:
+        started[0] += 1
+        if started[0] == streams:
+            first_tokens.set()
+
     async with httpx.AsyncClient(base_url=url, limits=limits, timeout=httpx.Timeout(600.0)) as client:
-        tasks = [asyncio.create_task(one_request_timed(client, model, i, max_tokens, sampling))
+        tasks = [asyncio.create_task(one_request_timed(client, model, i, max_tokens, sampling, None, on_first_token))
                  for i in range(streams)]
+        waiter = asyncio.ensure_future(first_tokens.wait())
+        await asyncio.wait([waiter, *tasks], timeout=600,
+                           return_when=asyncio.FIRST_COMPLETED)  # every stream has a token (or one ended early)
+        waiter.cancel()
         await asyncio.sleep(after)
         sent = time.monotonic()
         long = await one_request_timed(client, model, -1, 4, sampling, long_prompt_ids(long_tokens))
@@ -260,9 +276,10 @@ async def long_prompt_scenario(url: str, model: str | None, streams: int, max_to
         raise SystemExit(f"error: the long prompt failed ({long.error}); lower --long-prompt-tokens below the "
                          "context window")
     first = long.stamps[0][0]
-    before, during = [], []
+    before, during, every = [], [], []
     for r in results:
         for (t0, _), (t1, n) in zip(r.stamps, r.stamps[1:]):
+            every.append((t1 - t0) / n)
             if t1 <= sent:
                 before.append((t1 - t0) / n)
             elif t0 < first:
@@ -276,6 +293,7 @@ async def long_prompt_scenario(url: str, model: str | None, streams: int, max_to
         "itl_before_p50_ms": 1e3 * percentile(before, 50), "itl_before_p99_ms": 1e3 * percentile(before, 99),
         "itl_during_p50_ms": 1e3 * percentile(during, 50), "itl_during_p99_ms": 1e3 * percentile(during, 99),
         "itl_during_max_ms": max(ms, default=float("nan")), "gaps_before": len(before), "gaps_during": len(during),
+        "itl_all_p50_ms": 1e3 * percentile(every, 50), "itl_all_p99_ms": 1e3 * percentile(every, 99),
     }
 
 
@@ -283,7 +301,8 @@ def long_prompt_line(r: dict) -> str:
     return (f"{r['streams']} streams, {r['long_prompt_tokens']}-token prompt ({r['sampling']} sampling): prefill "
             f"{r['long_prefill_ms']:.0f} ms; stream ITL before p50 {r['itl_before_p50_ms']:.2f} ms p99 "
             f"{r['itl_before_p99_ms']:.2f} ms ({r['gaps_before']} gaps), during p50 {r['itl_during_p50_ms']:.2f} ms "
-            f"p99 {r['itl_during_p99_ms']:.2f} ms max {r['itl_during_max_ms']:.2f} ms ({r['gaps_during']} gaps); "
+            f"p99 {r['itl_during_p99_ms']:.2f} ms max {r['itl_during_max_ms']:.2f} ms ({r['gaps_during']} gaps), "
+            f"whole streams p50 {r['itl_all_p50_ms']:.2f} ms p99 {r['itl_all_p99_ms']:.2f} ms; "
             f"{r['streams_running_at_first_token']}/{r['streams']} streams still running at its first token, "
             f"{r['streams_failed']} failed")
 
@@ -425,8 +444,10 @@ def main() -> int:
                     help="passed to the started server (0: prompts pause decoding; default: the server's)")
     ap.add_argument("--long-prompt-tokens", type=int, default=None,
                     help="scenario: each level's clients stream --max-tokens tokens, then one prompt of this many "
-                         "tokens arrives; reports the streams' ITL before vs during its prefill")
-    ap.add_argument("--long-prompt-after", type=float, default=1.0, help="seconds after the streams start")
+                         "tokens arrives; reports the streams' ITL before vs during its prefill (the server's "
+                         "max batch size must exceed the clients, or the prompt waits for a stream to end)")
+    ap.add_argument("--long-prompt-after", type=float, default=1.0,
+                    help="seconds after every stream has its first token")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
     logging.getLogger("httpx").setLevel(logging.WARNING)
@@ -440,8 +461,8 @@ def main() -> int:
         url = args.url.rstrip("/")
     else:
         model_dir = args.model or build_synthetic(args.synthetic, max(64, max(levels)))
-        if args.synthetic and args.max_batch_size is None:
-            args.max_batch_size = min(64, max(levels))
+        if args.synthetic and args.max_batch_size is None:  # the long prompt needs a slot of its own
+            args.max_batch_size = min(64, max(levels) + bool(args.long_prompt_tokens))
         if args.synthetic and args.max_total_tokens is None:
             args.max_total_tokens = 16384
         if args.engine_baseline:

@@ -258,6 +258,8 @@ def test_load_errors(built: tuple[Path, Path, Path], tmp_path: Path) -> None:
         Engine(model_dir, tmp_path / "nope.so")
     with pytest.raises(RuntimeLoadError, match="larger than the library was compiled for"):
         Engine(model_dir, lib, context_window=4096)
+    with pytest.raises(RuntimeLoadError, match="step token budget -1 is negative"):
+        Engine(model_dir, lib, step_token_budget=-1)
     bad = tmp_path / "bad"
     bad.mkdir()
     for f in model_dir.iterdir():

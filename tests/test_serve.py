@@ -361,7 +361,8 @@ def test_cli_serve(tiny_served_model) -> None:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     cmd = [sys.executable, "-c", "from vptq_mlc.cli import main; main()", "serve", str(model_dir), "--lib", str(lib),
-           "--device", "cpu", "--host", "127.0.0.1", "--port", str(port), "--max-batch-size", "4", "--max-queue", "8"]
+           "--device", "cpu", "--host", "127.0.0.1", "--port", str(port), "--max-batch-size", "4", "--max-queue", "8",
+           "--step-token-budget", "8"]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             env={**os.environ, "PYTHONUNBUFFERED": "1"})
     try:
