@@ -58,7 +58,8 @@ def test_cli_serve_replicas_starts_authenticates_and_stops(tiny_served_model) ->
     env = {**os.environ, "VPTQ_MLC_API_KEY": KEY, "TVM_NUM_THREADS": "1"}
     proc = subprocess.Popen([sys.executable, "-c", "from vptq_mlc.cli import main; main()", "serve", str(model_dir),
                              "--lib", str(lib), "--device", "cpu", "--replicas", "1", "--port", str(port),
-                             "--max-batch-size", "2", "--max-total-tokens", "2048"], env=env,
+                             "--max-batch-size", "2", "--max-total-tokens", "2048", "--step-token-budget", "16"],
+                            env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     url = f"http://127.0.0.1:{port}"
     try:

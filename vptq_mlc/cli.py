@@ -368,8 +368,6 @@ def serve(model_dir: str, lib: str | None, device: str, host: str, port: int, ma
         log.warning("serving on %s without an API key: anyone who can reach this address can use the model; "
                     "pass --api-key-file", host)
     if replicas is not None or min_replicas is not None or max_replicas is not None or ray_address:
-        if step_token_budget is not None:
-            raise click.UsageError("--step-token-budget is not passed to Ray replicas yet; drop it (they use 256)")
         if devices:
             raise click.UsageError("--devices (layer split) does not combine with Ray replicas yet; drop one of them")
         from vptq_mlc.serve.cluster_cli import serve_replicas
@@ -379,7 +377,8 @@ def serve(model_dir: str, lib: str | None, device: str, host: str, port: int, ma
                        min_replicas=min_replicas, max_replicas=max_replicas, ray_address=ray_address,
                        max_batch_size=max_batch_size, max_queue=max_queue, max_total_tokens=max_total_tokens,
                        context_window=context_window, model_name=model_name, api_key=api_key,
-                       max_body_bytes=max_body_bytes, request_timeout=request_timeout)
+                       max_body_bytes=max_body_bytes, request_timeout=request_timeout,
+                       step_token_budget=step_token_budget)
         return
     from vptq_mlc.errors import RuntimeLoadError
 
