@@ -399,6 +399,7 @@ BAD_FLAGS = [
     (["--request-timeout", "0"], "--request-timeout"),
     (["--replicas", "0"], "--replicas"),
     (["--max-connections", "0"], "--max-connections"),
+    (["--step-token-budget", "-1"], "--step-token-budget"),
 ]
 
 
