@@ -250,9 +250,11 @@ def long_prompt_ids(n: int) -> list[int]:
 async def long_prompt_scenario(url: str, model: str | None, streams: int, max_tokens: int, long_tokens: int,
                                after: float, sampling: str) -> dict:
     """`streams` streaming requests start together; `after` seconds after all of them have their first token,
-    one `long_tokens`-token prompt is sent. The streams' inter-token gaps are split into those that ended before
-    it was sent and those that overlap its prefill (sent .. its first token): a server that pauses decoding for
-    a prompt shows the whole prefill as one gap per stream in the second group."""
+    one `long_tokens`-token prompt is sent. The streams' gaps between token chunks are split into those that ended
+    before it was sent and those that overlap its prefill (sent .. its first token): a server that pauses decoding
+    for a prompt shows the whole prefill as one gap per stream in the second group. Gaps are not divided by the
+    chunk's tokens (unlike `run_level`'s ITL), so that a client that lags and gets merged chunks cannot spread a
+    stall over them; `merged_chunk_pct` says how often that happened."""
     limits = httpx.Limits(max_connections=streams + 1, max_keepalive_connections=streams + 1)
     first_tokens, started = asyncio.Event(), [0]
 
@@ -277,13 +279,14 @@ async def long_prompt_scenario(url: str, model: str | None, streams: int, max_to
                          "context window")
     first = long.stamps[0][0]
     before, during, every = [], [], []
-    for r in results:
-        for (t0, _), (t1, n) in zip(r.stamps, r.stamps[1:]):
-            every.append((t1 - t0) / n)
+    for r in results:  # whole gaps between chunks: a stall stays one gap even where the server merged tokens
+        for (t0, _), (t1, _) in zip(r.stamps, r.stamps[1:]):
+            every.append(t1 - t0)
             if t1 <= sent:
-                before.append((t1 - t0) / n)
+                before.append(t1 - t0)
             elif t0 < first:
-                during.append((t1 - t0) / n)
+                during.append(t1 - t0)
+    chunks = [n for r in results for _, n in r.stamps]
     running = sum(1 for r in results if r.stamps and r.stamps[-1][0] >= first)
     ms = [1e3 * x for x in during]
     return {
@@ -294,6 +297,7 @@ async def long_prompt_scenario(url: str, model: str | None, streams: int, max_to
         "itl_during_p50_ms": 1e3 * percentile(during, 50), "itl_during_p99_ms": 1e3 * percentile(during, 99),
         "itl_during_max_ms": max(ms, default=float("nan")), "gaps_before": len(before), "gaps_during": len(during),
         "itl_all_p50_ms": 1e3 * percentile(every, 50), "itl_all_p99_ms": 1e3 * percentile(every, 99),
+        "merged_chunk_pct": 100 * sum(n > 1 for n in chunks) / max(len(chunks), 1),
     }
 
 
@@ -304,7 +308,8 @@ def long_prompt_line(r: dict) -> str:
             f"p99 {r['itl_during_p99_ms']:.2f} ms max {r['itl_during_max_ms']:.2f} ms ({r['gaps_during']} gaps), "
             f"whole streams p50 {r['itl_all_p50_ms']:.2f} ms p99 {r['itl_all_p99_ms']:.2f} ms; "
             f"{r['streams_running_at_first_token']}/{r['streams']} streams still running at its first token, "
-            f"{r['streams_failed']} failed")
+            f"{r['streams_failed']} failed, {r['merged_chunk_pct']:.0f}% of chunks carried several tokens (the "
+            "client lagged)")
 
 
 def engine_baseline(args: argparse.Namespace, model_dir: Path, levels: list[int]) -> list[dict]:
