@@ -29,6 +29,7 @@ from tvm.script import tirx as T
 
 from vptq_mlc.artifact.vq_layout import code_sorted_geometry, folds_residual
 from vptq_mlc.checkpoint.layer_config import VPTQLayerConfig
+from vptq_mlc.tir_kernels.cuda_common import fma_entry, keep_params, load_entry, vr, warp_sum
 from vptq_mlc.tir_kernels.generic import kernel_dims
 
 MAX_ROWS = 2  # batch 1..2 decode (vq-gemv-h100.md §3: batch 4+ loses with gather kernels)
@@ -120,9 +121,6 @@ def vq_code_sorted_cuda(cfg: VPTQLayerConfig, dtype: str, rows: int,
     NBV = NB * v
     ACC = "float32"
     NRED = -(-(NB * O) // REDUCE_THREADS)
-
-    def vr(base, n: int):
-        return base if n == 1 else T.Ramp(base, 1, n)
 
     @T.prim_func(private=True)
     def kernel(
@@ -225,33 +223,24 @@ def vq_code_sorted_cuda(cfg: VPTQLayerConfig, dtype: str, rows: int,
                                 for e in T.unroll(4):
                                     lc = T.Cast("int32", ev[u * 4 + e] & T.uint32(MASK))
                                     col = T.Cast("int32", ev[u * 4 + e] >> T.uint32(CB))
-                                    for j0 in T.unroll(v // EV):
-                                        wl[vr(j0 * EV, EV)] = cb_s[vr(lc * v + j0 * EV, EV)]
+                                    load_entry(wl, cb_s, lc * v, v, EV)
                                     if FOLD:
-                                        for j0 in T.unroll(v // EV):
-                                            wr[vr(j0 * EV, EV)] = cb_s[vr(SLICE_S + T.Cast("int32", rv[u * 4 + e]) * v
-                                                                          + j0 * EV, EV)]
+                                        load_entry(wr, cb_s, SLICE_S + T.Cast("int32", rv[u * 4 + e]) * v, v, EV)
                                         for j in T.unroll(v):
                                             wl[j] = wl[j] + wr[j]
                                     for b in T.unroll(NB):
                                         if X_SMEM:
                                             xv = T.Cast(ACC, x_s[b * XI + OSZ + col])
-                                            for j in T.unroll(v):
-                                                acc[b * v + j] = acc[b * v + j] + xv * T.Cast(ACC, wl[j])
+                                            fma_entry(acc, b, v, xv, wl)
                                         elif FOLD:  # pads point at column L, past the row: a zero activation
                                             xg = T.if_then_else(col < L, T.Cast(ACC, xs[b, T.min(OSZ + col, I - 1)]),
                                                                 T.float32(0))
-                                            for j in T.unroll(v):
-                                                acc[b * v + j] = acc[b * v + j] + xg * T.Cast(ACC, wl[j])
+                                            fma_entry(acc, b, v, xg, wl)
                                         else:
                                             xg = T.Cast(ACC, xs[b, OSZ + col])
-                                            for j in T.unroll(v):
-                                                acc[b * v + j] = acc[b * v + j] + xg * T.Cast(ACC, wl[j])
+                                            fma_entry(acc, b, v, xg, wl)
                 # team lanes -> lane q == 0 (every lane of the warp takes part in the shuffles)
-                mask = T.tvm_warp_activemask()
-                for a in T.unroll(NBV):
-                    for sh in T.unroll(LPR.bit_length() - 1):
-                        acc[a] = acc[a] + T.tvm_warp_shuffle_down(mask, acc[a], LPR >> (sh + 1), 32, 32)
+                warp_sum(acc, NBV, LPR, 32)
                 if q == 0 and lr < RPC and i < NV:
                     for b in T.unroll(NB):
                         for j in T.unroll(v):
@@ -272,9 +261,7 @@ def vq_code_sorted_cuda(cfg: VPTQLayerConfig, dtype: str, rows: int,
                         tot[0] = tot[0] + T.Cast(ACC, xs[b2, ko]) * T.Cast(ACC, outlier_centroids[oc, r % VO])
                 y[b2, r] = T.Cast(dtype, tot[0])
 
-    keep = {"xs", *code_sorted_operands(cfg, dtype), "partial", "y"}
-    params = [prm for prm in kernel.params if prm.name in keep]
-    return tirx.PrimFunc(params, kernel.body, kernel.ret_type, kernel.attrs)
+    return keep_params(kernel, {"xs", *code_sorted_operands(cfg, dtype), "partial", "y"})
 
 
 def code_sorted_operands(cfg: VPTQLayerConfig, dtype: str) -> tuple[str, ...]:

@@ -29,6 +29,16 @@ from tvm.script import tirx as T
 
 from vptq_mlc.artifact.vq_layout import code_dtype
 from vptq_mlc.checkpoint.layer_config import VPTQLayerConfig
+from vptq_mlc.tir_kernels.cuda_common import (
+    fill_book_replicated,
+    fma_entry,
+    keep_params,
+    load_book_entry,
+    load_entry,
+    pow2_floor,
+    vr,
+    warp_sum,
+)
 from vptq_mlc.tir_kernels.generic import kernel_dims
 
 SMEM_CODEBOOK_BYTES = 64 * 1024  # fits twice per SM on sm_80/sm_90, once on sm_86/sm_89 (99 KB)
@@ -89,10 +99,6 @@ class GemvPlan:
         return self.rows_per_cta * self.splits
 
 
-def _pow2_floor(x: int) -> int:
-    return 1 << (max(1, x).bit_length() - 1)
-
-
 def plan_gemv(cfg: VPTQLayerConfig, rows: int, dtype: str, params: GpuParams = CUDA_PARAMS) -> GemvPlan:
     """Heuristic launch shape (per layer shape, fixed at compile time; no device queries on the build box)."""
     el = 2 if dtype == "float16" else 4
@@ -108,8 +114,8 @@ def plan_gemv(cfg: VPTQLayerConfig, rows: int, dtype: str, params: GpuParams = C
     # CTA must stay small, or __launch_bounds__ forces spills (v16 at 8 rows: 2.4 ms with 16 warps).
     acc_regs = rows * cfg.vector_len
     max_warps = 16 if acc_regs <= 32 else 8 if acc_regs <= 64 else 4
-    max_warps = min(max_warps, _pow2_floor(params.max_threads // lanes))
-    splits = max(1, min(max_warps, _pow2_floor(-(-4096 // nv)), _pow2_floor(max(1, length // (lanes * vec)))))
+    max_warps = min(max_warps, pow2_floor(params.max_threads // lanes))
+    splits = max(1, min(max_warps, pow2_floor(-(-4096 // nv)), pow2_floor(max(1, length // (lanes * vec)))))
     rows_per_cta = max(1, 8 // splits) if max_warps >= 8 else max(1, max_warps // splits)
     cb_bytes = cfg.group_num * (cfg.num_centroids + cfg.num_res_centroids) * cfg.vector_len * el
     if params is CUDA_PARAMS and LARGE_SMEM_CODEBOOK <= cb_bytes <= params.smem_codebook_bytes and acc_regs <= 32 \
@@ -155,7 +161,6 @@ def vq_gemv_cuda(cfg: VPTQLayerConfig, dtype: str, rows: int, plan: GemvPlan | N
     WARP, SCOPE = params.warp_size, params.shared_scope
     if WARP & (WARP - 1) or not 2 <= WARP <= 64:
         raise ValueError(f"warp size must be a power of two in 2..64, got {WARP}")
-    SHFL = WARP.bit_length() - 1  # shuffle-down steps: log2(WARP)
     I, O, v, G, S, K, KR, KR1, NV, L, OSZ, OSZ1, HAS_RES, HAS_OUT, VO, KO, NO = kernel_dims(cfg)  # noqa: E741
     NB = rows
     R, P, VW, U, EV = p.rows_per_cta, p.splits, p.vec, p.unroll, p.entry_vec
@@ -183,9 +188,6 @@ def vq_gemv_cuda(cfg: VPTQLayerConfig, dtype: str, rows: int, plan: GemvPlan | N
     OITERS = -(-OPW // WARP)
     RED = W * NBV
     ACC = "float32"
-
-    def vr(base, n: int):  # n consecutive elements: a vector access, or a scalar one when n == 1
-        return base if n == 1 else T.Ramp(base, 1, n)
 
     # Operand buffers exist even when unused (kept tiny), so one function body serves every variant;
     # the parameter list itself follows vq_operand_shapes exactly.
@@ -220,23 +222,9 @@ def vq_gemv_cuda(cfg: VPTQLayerConfig, dtype: str, rows: int, plan: GemvPlan | N
         # the book in shared memory: entry t's copy q at (t * REP + q) * v (REP = 1: the plain book); thread t stores
         # copy (q + t) % REP at step q, so a quarter-warp's stores hit 8 different bank groups
         if SMEM_CB:
-            for it in T.unroll(FILL_MAIN):
-                t = it * NT + tid
-                if t < G * K:
-                    for j0 in T.unroll(v // EV):
-                        wl[vr(j0 * EV, EV)] = centroids[t // K, t % K, vr(j0 * EV, EV)]
-                    for q in T.unroll(REP):
-                        for j0 in T.unroll(v // EV):
-                            cb_s[vr((t * REP + (q + t) % REP) * v + j0 * EV, EV)] = wl[vr(j0 * EV, EV)]
+            fill_book_replicated(cb_s, 0, wl, centroids, G * K, K, FILL_MAIN, NT, tid, v, EV, REP)
             if HAS_RES:
-                for it in T.unroll(FILL_RES):
-                    t = it * NT + tid
-                    if t < G * KR:
-                        for j0 in T.unroll(v // EV):
-                            wr[vr(j0 * EV, EV)] = res_centroids[t // KR, t % KR, vr(j0 * EV, EV)]
-                        for q in T.unroll(REP):
-                            for j0 in T.unroll(v // EV):
-                                cb_s[vr(CB_MAIN + (t * REP + (q + t) % REP) * v + j0 * EV, EV)] = wr[vr(j0 * EV, EV)]
+                fill_book_replicated(cb_s, CB_MAIN, wr, res_centroids, G * KR, KR, FILL_RES, NT, tid, v, EV, REP)
             T.tvm_storage_sync("shared")
         for rb_it in range(-(-NRB // GRID)):
             rb = rb_it * GRID + bx
@@ -261,20 +249,16 @@ def vq_gemv_cuda(cfg: VPTQLayerConfig, dtype: str, rows: int, plan: GemvPlan | N
                             for e in T.unroll(VW):
                                 g = (c * VW + e) // S
                                 code = T.Cast("int32", cl[u * VW + e])
-                                for j0 in T.unroll(v // EV):
-                                    if SMEM_CB:  # lane tx reads copy tx % REP
-                                        wl[vr(j0 * EV, EV)] = cb_s[vr(((g * K + code) * REP + tx % REP) * v + j0 * EV,
-                                                                      EV)]
-                                    else:
-                                        wl[vr(j0 * EV, EV)] = centroids[g, code, vr(j0 * EV, EV)]
+                                if SMEM_CB:  # lane tx reads copy tx % REP
+                                    load_entry(wl, cb_s, ((g * K + code) * REP + tx % REP) * v, v, EV)
+                                else:
+                                    load_book_entry(wl, centroids, g, code, v, EV)
                                 if HAS_RES:
                                     rcode = T.Cast("int32", rl[u * VW + e])
-                                    for j0 in T.unroll(v // EV):
-                                        if SMEM_CB:
-                                            wr[vr(j0 * EV, EV)] = cb_s[vr(
-                                                CB_MAIN + ((g * KR + rcode) * REP + tx % REP) * v + j0 * EV, EV)]
-                                        else:
-                                            wr[vr(j0 * EV, EV)] = res_centroids[g, rcode, vr(j0 * EV, EV)]
+                                    if SMEM_CB:
+                                        load_entry(wr, cb_s, CB_MAIN + ((g * KR + rcode) * REP + tx % REP) * v, v, EV)
+                                    else:
+                                        load_book_entry(wr, res_centroids, g, rcode, v, EV)
                                 if HALF:  # fp16 partial sums over this chunk's VW codes (HFMA: half the instructions)
                                     if HAS_RES:
                                         for j in T.unroll(v):
@@ -285,13 +269,13 @@ def vq_gemv_cuda(cfg: VPTQLayerConfig, dtype: str, rows: int, plan: GemvPlan | N
                                 else:
                                     for b in T.unroll(NB):
                                         xv = T.Cast(ACC, xl[(u * NB + b) * VW + e])
-                                        for j in T.unroll(v):
-                                            if HAS_RES:
+                                        if HAS_RES:
+                                            for j in T.unroll(v):
                                                 acc[b * v + j] = acc[b * v + j] + xv * (
                                                     T.Cast(ACC, wl[j]) + T.Cast(ACC, wr[j])
                                                 )
-                                            else:
-                                                acc[b * v + j] = acc[b * v + j] + xv * T.Cast(ACC, wl[j])
+                                        else:
+                                            fma_entry(acc, b, v, xv, wl)
                             if HALF:
                                 for a in T.unroll(NBV):
                                     acc[a] = acc[a] + T.Cast(ACC, ah[a])
@@ -308,10 +292,7 @@ def vq_gemv_cuda(cfg: VPTQLayerConfig, dtype: str, rows: int, plan: GemvPlan | N
                                     for b in T.unroll(NB):
                                         acc[b * v + j] = acc[b * v + j] + T.Cast(ACC, xs[b, ko]) * wo
             # lanes -> lane 0 (warp shuffles), then splits -> one thread per output (shared memory)
-            mask = T.tvm_warp_activemask()
-            for a in T.unroll(NBV):
-                for s in T.unroll(SHFL):
-                    acc[a] = acc[a] + T.tvm_warp_shuffle_down(mask, acc[a], (WARP // 2) >> s, WARP, WARP)
+            warp_sum(acc, NBV, WARP, WARP)
             if tx == 0:
                 for a in T.unroll(NBV):
                     red[ty * NBV + a] = acc[a]
@@ -332,16 +313,14 @@ def vq_gemv_cuda(cfg: VPTQLayerConfig, dtype: str, rows: int, plan: GemvPlan | N
                         y[b, r] = T.Cast(dtype, tot[0])
             T.tvm_storage_sync("shared")
 
-    return _keep_operands(kernel, cfg)
+    return keep_generic_operands(kernel, cfg)
 
 
-def _keep_operands(func: tirx.PrimFunc, cfg: VPTQLayerConfig) -> tirx.PrimFunc:
+def keep_generic_operands(func: tirx.PrimFunc, cfg: VPTQLayerConfig) -> tirx.PrimFunc:
     """Drop the parameters this variant does not have, so the signature is (xs, *vq_operand_shapes, y)."""
     from vptq_mlc.artifact.vq_layout import vq_operand_shapes
 
-    keep = {"xs", "y", *vq_operand_shapes(cfg)}
-    params = [prm for prm in func.params if prm.name in keep]
-    return tirx.PrimFunc(params, func.body, func.ret_type, func.attrs)
+    return keep_params(func, {"xs", "y", *vq_operand_shapes(cfg)})
 
 
 def row_dot_cuda(in_features: int, dtype: str, threads: int = 256) -> tirx.PrimFunc:

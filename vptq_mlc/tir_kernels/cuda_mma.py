@@ -37,7 +37,8 @@ from tvm.script import tirx as T
 
 from vptq_mlc.artifact.vq_layout import code_dtype
 from vptq_mlc.checkpoint.layer_config import VPTQLayerConfig
-from vptq_mlc.tir_kernels.cuda_gemv import SMEM_CODEBOOK_BYTES, _keep_operands
+from vptq_mlc.tir_kernels.cuda_common import fill_book_direct, pow2_floor, vr
+from vptq_mlc.tir_kernels.cuda_gemv import SMEM_CODEBOOK_BYTES, keep_generic_operands
 from vptq_mlc.tir_kernels.generic import kernel_dims
 
 MMA_ROWS = 16  # M of m16n8k16: the most activation rows one kernel takes
@@ -57,17 +58,13 @@ class MmaPlan:
     row_tiles: int = 1  # MB: 16-row MMA tiles per CTA (each B fragment feeds MB MMAs); decode: 1
 
 
-def _pow2_floor(x: int) -> int:
-    return 1 << (max(1, x).bit_length() - 1)
-
-
 def plan_mma(cfg: VPTQLayerConfig) -> MmaPlan:
     """Launch shape from the layer shape alone (compile time, no device queries). ~2-4k warps in the grid."""
     nv, length = cfg.num_vectors, cfg.group_num * cfg.group_size
     ds = 2 if length % 8 == 0 and cfg.outlier_size % 8 == 0 else 1
     vec_rows = 2
     warp_rows = -(-nv // vec_rows)
-    splits = max(1, min(8, _pow2_floor(4096 // max(1, warp_rows)), _pow2_floor(max(1, length // (16 * ds * 8)))))
+    splits = max(1, min(8, pow2_floor(4096 // max(1, warp_rows)), pow2_floor(max(1, length // (16 * ds * 8)))))
     row_groups = max(1, 8 // splits)
     cb = cfg.group_num * (cfg.num_centroids + cfg.num_res_centroids) * cfg.vector_len * 2
     chunks = -(-length // (16 * ds * splits))
@@ -143,9 +140,6 @@ def vq_mma_cuda(cfg: VPTQLayerConfig, dtype: str, rows: int | None, plan: MmaPla
     if smem > MAX_DYN_SMEM:  # one library serves every default arch: sm_86/sm_89 allow 99 KB per block
         raise ValueError(f"MMA plan {p} needs {smem} bytes of shared memory (> {MAX_DYN_SMEM})")
 
-    def vr(base, n: int):
-        return base if n == 1 else T.Ramp(base, 1, n)
-
     def col0(sp, ch, lane):  # first main column of this lane in chunk `ch` of split `sp`; an inline expression,
         return (sp * CPS + ch) * CHUNK + lane % 4 * CW  # not a bound variable, so the codegen sees the alignment
 
@@ -187,20 +181,9 @@ def vq_mma_cuda(cfg: VPTQLayerConfig, dtype: str, rows: int | None, plan: MmaPla
         rg = ty // P
         sp = ty % P
         if SMEM_CB:
-            for it in range(-(-(G * K) // NT)):
-                t = it * NT + tid
-                if t < G * K:
-                    if v <= 8:
-                        cb_s[vr(t * v, v)] = centroids[t // K, t % K, vr(0, v)]
-                    else:
-                        for j in T.unroll(v):
-                            cb_s[t * v + j] = centroids[t // K, t % K, j]
+            fill_book_direct(cb_s, 0, centroids, G * K, K, NT, tid, v, v <= 8)
             if HAS_RES:
-                for it in range(-(-(G * KR) // NT)):
-                    t = it * NT + tid
-                    if t < G * KR:
-                        for j in T.unroll(v):
-                            cb_s[CB_MAIN + t * v + j] = res_centroids[t // KR, t % KR, j]
+                fill_book_direct(cb_s, CB_MAIN, res_centroids, G * KR, KR, NT, tid, v, False)
             T.tvm_storage_sync("shared")
         i0 = (bx * RW + rg) * NI  # first vector row of this warp
         for a in T.unroll(NACC):
@@ -323,4 +306,4 @@ def vq_mma_cuda(cfg: VPTQLayerConfig, dtype: str, rows: int | None, plan: MmaPla
                             if row(by, mb, tx, c // 2) < NB and n < v and i0 + ii < NV and r < O:
                                 y[row(by, mb, tx, c // 2), r] = T.Cast(dtype, tot[0])
 
-    return _keep_operands(kernel, cfg)
+    return keep_generic_operands(kernel, cfg)

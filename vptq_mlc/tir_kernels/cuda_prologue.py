@@ -14,6 +14,8 @@ from __future__ import annotations
 from tvm import tirx
 from tvm.script import tirx as T
 
+from vptq_mlc.tir_kernels.cuda_common import keep_params, warp_sum
+
 THREADS = 1024  # one gathered element per thread and CTA
 
 
@@ -55,9 +57,7 @@ def vq_prologue_cuda(in_features: int, dtype: str, has_perm: bool) -> tirx.PrimF
                 if it * THREADS + tx < I:
                     acc[0] = acc[0] + T.Cast("float32", x[bx, it * THREADS + tx]) * T.Cast(
                         "float32", weight_bias[it * THREADS + tx])
-            mask = T.tvm_warp_activemask()
-            for s in T.unroll(5):
-                acc[0] = acc[0] + T.tvm_warp_shuffle_down(mask, acc[0], 16 >> s, 32, 32)
+            warp_sum(acc, 1, 32, 32)
             if tx % 32 == 0:
                 red[tx // 32] = acc[0]
             T.tvm_storage_sync("shared")
@@ -69,5 +69,4 @@ def vq_prologue_cuda(in_features: int, dtype: str, has_perm: bool) -> tirx.PrimF
 
     if has_perm:
         return kernel
-    keep = [p for p in kernel.params if p.name != "perm"]
-    return tirx.PrimFunc(keep, kernel.body, kernel.ret_type, kernel.attrs)
+    return keep_params(kernel, {p.name for p in kernel.params} - {"perm"})

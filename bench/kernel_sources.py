@@ -1,0 +1,159 @@
+"""Dump the TIR and the generated CUDA source of every hand-written GPU kernel variant, to compare two trees.
+
+Why: a refactor of the kernel modules (shared `@T.macro` pieces, helpers) must not change one instruction. This
+builds every case of the kernel suites (bench/kernels.py: correctness, code-sorted with its sweep, bench shapes at
+every decode row count, prefill plans), fp16 and fp32, the ROCm variant of the GEMV and the CUDA prologue, and
+writes per kernel its TVMScript (`tir/<name>.py`) and its CUDA source (`cuda/<name>.cu`). No GPU and no nvcc: the
+CUDA compile callback is replaced by one that records the source. Usage (from a worktree, PYTHONPATH set):
+
+    python3 bench/kernel_sources.py dump OUT_DIR
+    python3 bench/kernel_sources.py compare BEFORE_DIR AFTER_DIR   # exit 1 and a list when any file differs
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import re
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+from tqdm import tqdm
+
+
+def _cases():
+    from vptq_mlc.bench import kernels as kb
+
+    cases = kb.correctness_cases() + kb.code_sorted_cases(sweep=True) + kb.sweep_cases()
+    cases += kb.bench_cases(rows=(1, 2, 3, 4, 6, 8, 12, 16), compare_gemv=(4, 6, 8))
+    cases += [c for c in kb.prefill_cases(run_rows=(128,), plans=({"unroll": 1}, {"splits": 2, "row_groups": 4}))
+              if c.kernel != "dequant"]  # the dlight matmul is not ours
+    seen, out = set(), []
+    for c in cases:
+        if c.name not in seen:
+            seen.add(c.name)
+            out.append(c)
+    return out
+
+
+def _cuda_funcs(dtype: str, target) -> dict[str, object]:
+    """name -> PrimFunc, dispatched as bench/kernels.py's build_kernel_library does."""
+    from vptq_mlc.artifact.vq_layout import CODE_SORTED, LAYOUT
+    from vptq_mlc.tir_kernels import cuda_code_sorted as cs
+    from vptq_mlc.tir_kernels.cuda_gemv import MAX_ROWS, plan_gemv, vq_gemv_cuda
+    from vptq_mlc.tir_kernels.cuda_mma import plan_mma, plan_mma_prefill, vq_mma_cuda
+    from vptq_mlc.tir_kernels.cuda_prologue import vq_prologue_cuda
+    from vptq_mlc.tir_kernels.registry import kernel_selector
+
+    select = kernel_selector(target, (LAYOUT, CODE_SORTED))
+    funcs = {}
+    for c in _cases():
+        cfg = c.config()
+        if dtype != "float16" and c.kernel in ("mma", "code-sorted") or c.kernel == "dequant":
+            continue
+        if c.kernel == "code-sorted":
+            f = cs.vq_code_sorted_cuda(cfg, dtype, c.rows, replace(cs.plan_code_sorted(cfg, c.rows, dtype), **c.plan))
+        elif c.kernel == "mma":
+            base = plan_mma(cfg) if c.rows else plan_mma_prefill(cfg)
+            f = vq_mma_cuda(cfg, dtype, c.rows, replace(base, **c.plan))
+        elif c.plan or c.kernel == "gemv":
+            if c.rows > MAX_ROWS:
+                continue
+            f = vq_gemv_cuda(cfg, dtype, c.rows, replace(plan_gemv(cfg, c.rows, dtype), **c.plan))
+        else:
+            if c.rows is None and dtype != "float16":
+                continue  # fp32 prefill: the dlight matmul, not ours
+            f = select(cfg, dtype, c.rows).func
+        funcs[f"{dtype}-{c.name}"] = f
+    for i in (1000, 4096, 11008):
+        for perm in (False, True):
+            funcs[f"{dtype}-prologue-{i}-perm{int(perm)}"] = vq_prologue_cuda(i, dtype, perm)
+    return funcs
+
+
+def _rocm_funcs(dtype: str) -> dict[str, object]:
+    """The GEMV with CDNA (wave64) and RDNA (wave32) parameters: TIR only (no ROCm codegen on every box)."""
+    from vptq_mlc.tir_kernels.cuda_gemv import GpuParams, vq_gemv_cuda
+
+    funcs = {}
+    for warp, lds in ((64, 65536), (32, 65536)):
+        params = GpuParams(warp_size=warp, shared_scope="shared", smem_codebook_bytes=lds, smem_total_bytes=lds,
+                           max_threads=256)
+        for c in _cases():
+            if c.plan or c.kernel or not c.rows or c.rows > 8:
+                continue
+            funcs[f"rocm{warp}-{dtype}-{c.name}"] = vq_gemv_cuda(c.config(), dtype, c.rows, params=params)
+    return funcs
+
+
+def _safe(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9]", "_", name)
+
+
+def dump(out_dir: Path) -> None:
+    import tvm
+
+    from vptq_mlc.compile.cuda import build_target
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "tir").mkdir(exist_ok=True)
+    (out_dir / "cuda").mkdir(exist_ok=True)
+    bt = build_target(("sm_90",))
+    bt.prepare()
+    sources: list[str] = []
+
+    def record(code, *_):  # the CUDA source TVM would hand to nvcc; the returned blob is never loaded
+        sources.append(str(code))
+        return b"recorded"
+
+    tvm.register_global_func("tvm_callback_cuda_compile", record, override=True)
+    for dtype in ("float16", "float32"):
+        funcs = _cuda_funcs(dtype, bt.target)
+        funcs_rocm = _rocm_funcs(dtype)
+        for name, f in tqdm({**funcs, **funcs_rocm}.items(), desc=f"tir {dtype}"):
+            (out_dir / "tir" / f"{name}.py").write_text(f.script())
+        mod = tvm.IRModule({_safe(n): f.with_attr("global_symbol", _safe(n)) for n, f in funcs.items()})
+        sources.clear()
+        tvm.compile(mod, target=bt.target)
+        (src,) = sources
+        parts = re.split(r'(?=^extern "C" __global__)', src, flags=re.M)
+        (out_dir / "cuda" / f"_preamble-{dtype}.cu").write_text(parts[0])
+        by_symbol = {}
+        for part in parts[1:]:
+            m = re.search(r"__global__ void (?:__launch_bounds__\(\d+\) )?(\w+)\(", part)
+            by_symbol[m.group(1)] = part
+        for name in funcs:
+            (out_dir / "cuda" / f"{name}.cu").write_text(by_symbol[_safe(name)])
+        print(f"{dtype}: {len(funcs)} CUDA kernels, {len(funcs_rocm)} ROCm TIR", file=sys.stderr)
+
+
+def compare(before: Path, after: Path) -> int:
+    def digests(root: Path) -> dict[str, str]:
+        return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+                for p in sorted(root.rglob("*")) if p.is_file()}
+
+    a, b = digests(before), digests(after)
+    bad = sorted(k for k in a.keys() | b.keys() if a.get(k) != b.get(k))
+    for k in bad:
+        print(f"differs: {k}" if k in a and k in b else f"only in {'before' if k in a else 'after'}: {k}")
+    print(f"{len(a)} files before, {len(b)} after, {len(bad)} differ")
+    return 1 if bad or not a else 0
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    sub.add_parser("dump").add_argument("out_dir", type=Path)
+    cmp = sub.add_parser("compare")
+    cmp.add_argument("before", type=Path)
+    cmp.add_argument("after", type=Path)
+    args = ap.parse_args()
+    if args.cmd == "dump":
+        dump(args.out_dir)
+        return 0
+    return compare(args.before, args.after)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
