@@ -26,7 +26,7 @@ def _cases():
     from vptq_mlc.bench import kernels as kb
 
     cases = kb.correctness_cases() + kb.code_sorted_cases(sweep=True) + kb.sweep_cases()
-    cases += kb.bench_cases(rows=(1, 2, 3, 4, 6, 8, 12, 16), compare_gemv=(4, 6, 8))
+    cases += kb.bench_cases(rows=(1, 2, 4, 8, 16), compare_gemv=(8,))
     cases += [c for c in kb.prefill_cases(run_rows=(128,), plans=({"unroll": 1}, {"splits": 2, "row_groups": 4}))
               if c.kernel != "dequant"]  # the dlight matmul is not ours
     seen, out = set(), []
@@ -80,7 +80,9 @@ def _rocm_funcs(dtype: str) -> dict[str, object]:
     for warp, lds in ((64, 65536), (32, 65536)):
         params = GpuParams(warp_size=warp, shared_scope="shared", smem_codebook_bytes=lds, smem_total_bytes=lds,
                            max_threads=256)
-        for c in _cases():
+        from vptq_mlc.bench.kernels import correctness_cases
+
+        for c in correctness_cases():
             if c.plan or c.kernel or not c.rows or c.rows > 8:
                 continue
             funcs[f"rocm{warp}-{dtype}-{c.name}"] = vq_gemv_cuda(c.config(), dtype, c.rows, params=params)
@@ -117,14 +119,15 @@ def dump(out_dir: Path) -> None:
         sources.clear()
         tvm.compile(mod, target=bt.target)
         (src,) = sources
+        (out_dir / f"module-{dtype}.cu").write_text(src)
         parts = re.split(r'(?=^extern "C" __global__)', src, flags=re.M)
         (out_dir / "cuda" / f"_preamble-{dtype}.cu").write_text(parts[0])
-        by_symbol = {}
-        for part in parts[1:]:
-            m = re.search(r"__global__ void (?:__launch_bounds__\(\d+\) )?(\w+)\(", part)
-            by_symbol[m.group(1)] = part
+        by_func: dict[str, str] = {}
+        for part in parts[1:]:  # TVM names a PrimFunc's kernels <symbol>_kernel, <symbol>_kernel_1, ...
+            m = re.search(r"__global__ void (?:__launch_bounds__\(\d+\) )?(\w+?)_kernel(_\d+)?\(", part)
+            by_func[m.group(1)] = by_func.get(m.group(1), "") + part
         for name in funcs:
-            (out_dir / "cuda" / f"{name}.cu").write_text(by_symbol[_safe(name)])
+            (out_dir / "cuda" / f"{name}.cu").write_text(by_func[_safe(name)])
         print(f"{dtype}: {len(funcs)} CUDA kernels, {len(funcs_rocm)} ROCm TIR", file=sys.stderr)
 
 

@@ -29,7 +29,7 @@ from tvm.script import tirx as T
 
 from vptq_mlc.artifact.vq_layout import code_sorted_geometry, folds_residual
 from vptq_mlc.checkpoint.layer_config import VPTQLayerConfig
-from vptq_mlc.tir_kernels.cuda_common import fma_entry, keep_params, load_entry, vr, warp_sum
+from vptq_mlc.tir_kernels.cuda_common import KERNEL_ATTRS, fma_entry, keep_params, load_entry, vr, warp_sum
 from vptq_mlc.tir_kernels.generic import kernel_dims
 
 MAX_ROWS = 2  # batch 1..2 decode (vq-gemv-h100.md §3: batch 4+ loses with gather kernels)
@@ -135,7 +135,7 @@ def vq_code_sorted_cuda(cfg: VPTQLayerConfig, dtype: str, rows: int,
         partial: T.Buffer((PART,), ACC),
         y: T.Buffer((NB, O), dtype),
     ):
-        T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True, "op_pattern": 8})
+        T.func_attr(KERNEL_ATTRS)
         with T.launch_thread("blockIdx.x", NS * C) as bx:
             tx = T.launch_thread("threadIdx.x", 32)
             ty = T.launch_thread("threadIdx.y", W)

@@ -16,6 +16,10 @@ from __future__ import annotations
 from tvm import tirx
 from tvm.script import tirx as T
 
+# Every hand-scheduled kernel: no aliasing between buffers, dlight leaves it alone (`tirx.is_scheduled`), and Relax
+# FuseOps never fuses it with a neighbour (op_pattern 8 = kOpaque: a fused copy would lose the schedule).
+KERNEL_ATTRS = {"tirx.noalias": True, "tirx.is_scheduled": True, "op_pattern": 8}
+
 
 def vr(base, n: int):
     """`n` consecutive elements from `base`: a vector access, or a scalar one when n == 1."""

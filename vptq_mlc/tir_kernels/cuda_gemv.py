@@ -30,6 +30,7 @@ from tvm.script import tirx as T
 from vptq_mlc.artifact.vq_layout import code_dtype
 from vptq_mlc.checkpoint.layer_config import VPTQLayerConfig
 from vptq_mlc.tir_kernels.cuda_common import (
+    KERNEL_ATTRS,
     fill_book_replicated,
     fma_entry,
     keep_params,
@@ -202,7 +203,7 @@ def vq_gemv_cuda(cfg: VPTQLayerConfig, dtype: str, rows: int, plan: GemvPlan | N
         outlier_codes: T.Buffer((NO, OSZ1), "uint16"),
         y: T.Buffer((NB, O), dtype),
     ):
-        T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True, "op_pattern": 8})
+        T.func_attr(KERNEL_ATTRS)
         bx = T.launch_thread("blockIdx.x", GRID)
         tx = T.launch_thread("threadIdx.x", WARP)
         ty = T.launch_thread("threadIdx.y", W)

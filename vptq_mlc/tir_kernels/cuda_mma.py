@@ -37,7 +37,7 @@ from tvm.script import tirx as T
 
 from vptq_mlc.artifact.vq_layout import code_dtype
 from vptq_mlc.checkpoint.layer_config import VPTQLayerConfig
-from vptq_mlc.tir_kernels.cuda_common import fill_book_direct, pow2_floor, vr
+from vptq_mlc.tir_kernels.cuda_common import KERNEL_ATTRS, fill_book_direct, pow2_floor, vr
 from vptq_mlc.tir_kernels.cuda_gemv import SMEM_CODEBOOK_BYTES, keep_generic_operands
 from vptq_mlc.tir_kernels.generic import kernel_dims
 
@@ -160,7 +160,7 @@ def vq_mma_cuda(cfg: VPTQLayerConfig, dtype: str, rows: int | None, plan: MmaPla
         outlier_codes: T.Buffer((NO, OSZ1), "uint16"),
         y: T.Buffer((NB, O), dtype),
     ):
-        T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True, "op_pattern": 8})
+        T.func_attr(KERNEL_ATTRS)
         bx = T.launch_thread("blockIdx.x", NRB)
         by = T.launch_thread("blockIdx.y", NBY)
         tx = T.launch_thread("threadIdx.x", 32)

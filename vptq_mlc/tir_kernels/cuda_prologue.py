@@ -14,7 +14,7 @@ from __future__ import annotations
 from tvm import tirx
 from tvm.script import tirx as T
 
-from vptq_mlc.tir_kernels.cuda_common import keep_params, warp_sum
+from vptq_mlc.tir_kernels.cuda_common import KERNEL_ATTRS, keep_params, warp_sum
 
 THREADS = 1024  # one gathered element per thread and CTA
 
@@ -40,7 +40,7 @@ def vq_prologue_cuda(in_features: int, dtype: str, has_perm: bool) -> tirx.PrimF
         xs: T.Buffer((n, I), dtype),
         dot: T.Buffer((n, 1), "float32"),
     ):
-        T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True, "op_pattern": 8})
+        T.func_attr(KERNEL_ATTRS)
         bx = T.launch_thread("blockIdx.x", n)
         by = T.launch_thread("blockIdx.y", CH)
         tx = T.launch_thread("threadIdx.x", THREADS)
