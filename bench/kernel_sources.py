@@ -27,8 +27,11 @@ def _cases():
 
     cases = kb.correctness_cases() + kb.code_sorted_cases(sweep=True) + kb.sweep_cases()
     cases += kb.bench_cases(rows=(1, 2, 4, 8, 16), compare_gemv=(8,))
-    cases += [c for c in kb.prefill_cases(run_rows=(128,), plans=({"unroll": 1}, {"splits": 2, "row_groups": 4}))
-              if c.kernel != "dequant"]  # the dlight matmul is not ours
+    cases += [
+        c
+        for c in kb.prefill_cases(run_rows=(128,), plans=({"unroll": 1}, {"splits": 2, "row_groups": 4}))
+        if c.kernel != "dequant"
+    ]  # the dlight matmul is not ours
     seen, out = set(), []
     for c in cases:
         if c.name not in seen:
@@ -78,8 +81,9 @@ def _rocm_funcs(dtype: str) -> dict[str, object]:
 
     funcs = {}
     for warp, lds in ((64, 65536), (32, 65536)):
-        params = GpuParams(warp_size=warp, shared_scope="shared", smem_codebook_bytes=lds, smem_total_bytes=lds,
-                           max_threads=256)
+        params = GpuParams(
+            warp_size=warp, shared_scope="shared", smem_codebook_bytes=lds, smem_total_bytes=lds, max_threads=256
+        )
         from vptq_mlc.bench.kernels import correctness_cases
 
         for c in correctness_cases():
@@ -133,8 +137,11 @@ def dump(out_dir: Path) -> None:
 
 def compare(before: Path, after: Path) -> int:
     def digests(root: Path) -> dict[str, str]:
-        return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
-                for p in sorted(root.rglob("*")) if p.is_file()}
+        return {
+            str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*"))
+            if p.is_file()
+        }
 
     a, b = digests(before), digests(after)
     bad = sorted(k for k in a.keys() | b.keys() if a.get(k) != b.get(k))

@@ -61,11 +61,11 @@ def kernel_digests() -> dict[str, str]:
     bt.prepare()
     sources: list[str] = []
     previous = tvm.get_global_func("tvm_callback_cuda_compile")
-    tvm.register_global_func("tvm_callback_cuda_compile", lambda code, *_: (sources.append(str(code)), b"-")[1],
-                             override=True)
+    tvm.register_global_func(
+        "tvm_callback_cuda_compile", lambda code, *_: (sources.append(str(code)), b"-")[1], override=True
+    )
     try:
-        tvm.compile(tvm.IRModule({n: f.with_attr("global_symbol", n) for n, f in _kernels().items()}),
-                    target=bt.target)
+        tvm.compile(tvm.IRModule({n: f.with_attr("global_symbol", n) for n, f in _kernels().items()}), target=bt.target)
     finally:
         tvm.register_global_func("tvm_callback_cuda_compile", previous, override=True)
     (src,) = sources
