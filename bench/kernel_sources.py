@@ -7,7 +7,11 @@ writes per kernel its TVMScript (`tir/<name>.py`) and its CUDA source (`cuda/<na
 CUDA compile callback is replaced by one that records the source. Usage (from a worktree, PYTHONPATH set):
 
     python3 bench/kernel_sources.py dump OUT_DIR
-    python3 bench/kernel_sources.py compare BEFORE_DIR AFTER_DIR   # exit 1 and a list when any file differs
+    python3 bench/kernel_sources.py compare BEFORE_DIR AFTER_DIR
+
+`compare` lists every file that differs and exits 1 when generated code differs: any CUDA source, or the TIR of a
+kernel that has no CUDA here (the ROCm GEMVs). A CUDA kernel's TIR may differ while its CUDA does not (a loop
+that is unrolled away, written differently); those are listed but accepted.
 """
 
 from __future__ import annotations
@@ -144,10 +148,11 @@ def compare(before: Path, after: Path) -> int:
         }
 
     a, b = digests(before), digests(after)
-    bad = sorted(k for k in a.keys() | b.keys() if a.get(k) != b.get(k))
-    for k in bad:
+    diff = sorted(k for k in a.keys() | b.keys() if a.get(k) != b.get(k))
+    for k in diff:
         print(f"differs: {k}" if k in a and k in b else f"only in {'before' if k in a else 'after'}: {k}")
-    print(f"{len(a)} files before, {len(b)} after, {len(bad)} differ")
+    bad = [k for k in diff if not k.startswith("tir/") or k.startswith("tir/rocm") or k not in a or k not in b]
+    print(f"{len(a)} files before, {len(b)} after, {len(diff)} differ, {len(bad)} in generated code")
     return 1 if bad or not a else 0
 
 
