@@ -36,7 +36,9 @@ for s in $STEPS; do
       "${V[@]}" bench decode "$E/model" --lib "$E/model-cuda.so" --device cuda --tokens 32 \
         --compare-lib "$E/model-cpu.so" --compare-device cpu 2>&1 | tee "$OUT/decode.log" || rc=1 ;;
     pytest)
-      VPTQ_MLC_GPU_KERNELS=$ART/kcheck VPTQ_MLC_GPU_E2E=$ART/e2e VPTQ_MLC_GPU_CODE_SORTED=$ART/kcs \
+      # only the folders that were built: a variable naming a missing folder fails its tests
+      VPTQ_MLC_GPU_KERNELS=$([ -d "$ART/kcheck" ] && echo "$ART/kcheck") VPTQ_MLC_GPU_E2E=$([ -d "$ART/e2e" ] && echo "$ART/e2e") \
+      VPTQ_MLC_GPU_CODE_SORTED=$([ -d "$ART/kcs" ] && echo "$ART/kcs") \
         python3 -m pytest -q -s -ra tests/gpu -p no:cacheprovider 2>&1 | tail -n 20 | tee "$OUT/pytest.log" || rc=1 ;;
     e2e7b) for c in "$ART"/e2e7b/*-cfg; do  # gpu_artifacts.sh keeps one gzipped copy of the shared tokenizer
         [ -f "$c/tokenizer.json" ] || gunzip -c "$ART/e2e7b/tokenizer/tokenizer.json.gz" > "$c/tokenizer.json"; done

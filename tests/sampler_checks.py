@@ -13,10 +13,8 @@ from typing import Any
 
 import numpy as np
 import tvm
-from tvm import relax
 
 from vptq_mlc.artifact import sampler_abi as abi
-from vptq_mlc.compile.sampler import add_sampler
 from vptq_mlc.runtime.device_sampler import DeviceSampler, SampleRow, pack_rows
 from vptq_mlc.runtime.sampling import SamplingParams, penalized_scores, process_logits, softmax, token_logprob
 
@@ -52,6 +50,9 @@ SETTINGS: list[tuple[str, dict[str, Any], bool, bool]] = [
 
 def build_sampler(kind: str, device: tvm.runtime.Device, arch: str | None = None) -> DeviceSampler:
     """The sampler alone as a tiny library, built as compile/build.py builds a model for `kind` ("llvm", "cuda")."""
+    from tvm import relax  # the compiler: a runtime-only TVM loads the sampler from a model library instead
+
+    from vptq_mlc.compile.sampler import add_sampler
     from vptq_mlc.compile.targets import relax_pipeline, resolve_targets
 
     bt = resolve_targets(kind, arch)[0]
