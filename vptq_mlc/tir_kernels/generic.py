@@ -110,12 +110,13 @@ def schedule_cpu(func: tirx.PrimFunc, rows: int | None = None) -> tirx.PrimFunc:
         u = unroll if extent % unroll == 0 else 1
         _, k_in = sch.split(k, [None, u])
         rf = sch.rfactor(k_in, 0)
+        sch.set_scope(rf, 0, "local")  # each thread its own accumulators (allocated inside the parallel loop)
         b, i, j, k_in = sch.get_loops(blk)
         sch.reorder(i, b, j, k_in)
         sch.parallel(i)
         sch.compute_at(rf, i)
-        _, acc_u, acc_b, acc_j, acc_k = sch.get_loops(rf)
-        sch.reorder(acc_k, acc_u, acc_b, acc_j)
+        _, acc_u, *acc_b, acc_j, acc_k = sch.get_loops(rf)  # no row loop at one static row
+        sch.reorder(acc_k, acc_u, *acc_b, acc_j)
         sch.vectorize(acc_j)
         sch.unroll(acc_u)
         sch.decompose_reduction(rf, acc_k)
