@@ -43,7 +43,8 @@ def resolve_targets(name: str, arch: str | None = None) -> list[BuildTarget]:
     if kind == "llvm":  # the host's CPU by default; --arch for portable builds (compile/cpu.py)
         from vptq_mlc.compile import cpu
 
-        return [BuildTarget(a.target, a.label, (a.name,), metadata=a.metadata()) for a in cpu.parse_archs(arch)]
+        return [BuildTarget(a.target, a.label, (a.label.removeprefix("llvm-"),), metadata=a.metadata())
+                for a in cpu.parse_archs(arch)]
     if kind == "cuda":
         from vptq_mlc.compile import cuda
 
