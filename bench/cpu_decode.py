@@ -79,9 +79,9 @@ def _smollm2(arch: str | None) -> tuple[Path, Path, Path]:
 
 
 def _tiny128k(work: Path, arch: str | None) -> tuple[Path, Path]:
-    from vptq_mlc.testing.synthetic import make_synthetic_checkpoint
     from vptq_mlc.compile.build import compile_model
     from vptq_mlc.convert.converter import convert_checkpoint
+    from vptq_mlc.testing.synthetic import make_synthetic_checkpoint
 
     ckpt = make_synthetic_checkpoint(work / "ckpt", hidden_size=128, intermediate_size=256, vocab_size=128256,
                                      dtype="float16", seed=1)

@@ -88,10 +88,10 @@ def test_library_for_missing_features_is_refused(tmp_path, monkeypatch):
 @x86_only
 def test_library_records_its_features_and_loads_here(tmp_path):
     """A real (tiny) library compiled for x86-64-v2 records its level's features and loads on this host."""
-    from vptq_mlc.testing.synthetic import make_synthetic_checkpoint
     from vptq_mlc.compile.build import compile_model
     from vptq_mlc.convert.converter import convert_checkpoint
     from vptq_mlc.runtime.library import load_library
+    from vptq_mlc.testing.synthetic import make_synthetic_checkpoint
 
     ckpt = make_synthetic_checkpoint(tmp_path / "ckpt", variant="v8-k256-0", num_layers=1, dtype="float16", seed=2)
     model_dir = convert_checkpoint(ckpt, tmp_path / "mlc")

@@ -16,10 +16,9 @@ import textwrap
 from pathlib import Path
 
 import pytest
+import tvm
 from required import missing, missing_rocm_tool
 from test_rocm_runtime import fake_hip_dir, runtime_lib  # noqa: F401,E402  (fixtures: one build per session)
-
-import tvm
 
 from vptq_mlc.compile.cpu_features import missing_features
 from vptq_mlc.package.builder import PackageBuilder
