@@ -12,8 +12,8 @@ import tvm
 from tvm import te
 from tvm.target import codegen
 
+from vptq_mlc.artifact.cpu_features import host_cpu_flags, missing_features
 from vptq_mlc.compile import cpu
-from vptq_mlc.compile.cpu_features import host_cpu_flags, missing_features
 from vptq_mlc.compile.targets import resolve_targets
 from vptq_mlc.errors import CompileError, RuntimeLoadError
 from vptq_mlc.runtime.library import check_cpu_features
@@ -67,7 +67,7 @@ def _meta(features: list[str], machine: str | None = None) -> dict:
 
 
 def test_library_for_missing_features_is_refused(tmp_path, monkeypatch):
-    import vptq_mlc.compile.cpu_features as cf
+    import vptq_mlc.artifact.cpu_features as cf
 
     monkeypatch.setattr(cf, "host_cpu_flags", lambda: {"sse2", "sse4_2", "avx", "avx2"})
     lib = tmp_path / "m-llvm-x86-64-v4.so"

@@ -20,7 +20,7 @@ import tvm
 from required import missing, missing_rocm_tool
 from test_rocm_runtime import fake_hip_dir, runtime_lib  # noqa: F401,E402  (fixtures: one build per session)
 
-from vptq_mlc.compile.cpu_features import missing_features
+from vptq_mlc.artifact.cpu_features import missing_features
 from vptq_mlc.package.builder import PackageBuilder
 from vptq_mlc.package.builder import _code_hash as real_code_hash  # bound before frozen_code_hash patches it
 from vptq_mlc.package.config import PackageConfig, PackageError, TargetSpec

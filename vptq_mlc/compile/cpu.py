@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import tvm
 from tvm.target import Target
 
-from vptq_mlc.compile.cpu_features import host_cpu_flags
+from vptq_mlc.artifact.cpu_features import host_cpu_flags
 from vptq_mlc.errors import CompileError
 
 X86_TRIPLE = "x86_64-linux-gnu"

@@ -65,7 +65,7 @@ def fits(lib: dict[str, Any], host: HostDevice) -> bool:
     if lib.get("target") != host.kind:
         return False
     if host.kind == "llvm":
-        from vptq_mlc.compile.cpu_features import missing_features
+        from vptq_mlc.artifact.cpu_features import missing_features
 
         abi = lib.get("abi", {})
         return abi.get("machine", host.arch) == host.arch and not missing_features(abi.get("cpu_features", []))

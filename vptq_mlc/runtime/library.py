@@ -158,7 +158,7 @@ def check_cpu_features(path: Path, metadata: dict[str, Any]) -> None:
     target = metadata.get("target") or {}
     if target.get("kind") != "llvm":
         return
-    from vptq_mlc.compile.cpu_features import missing_features
+    from vptq_mlc.artifact.cpu_features import missing_features
 
     missing = missing_features(target.get("cpu_features", []), target.get("machine"))
     if missing:
