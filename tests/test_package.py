@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import platform
 import shutil
 import subprocess
 import sys
@@ -15,9 +16,11 @@ import textwrap
 from pathlib import Path
 
 import pytest
+import tvm
 from required import missing, missing_rocm_tool
 from test_rocm_runtime import fake_hip_dir, runtime_lib  # noqa: F401,E402  (fixtures: one build per session)
 
+from vptq_mlc.artifact.cpu_features import missing_features
 from vptq_mlc.package.builder import PackageBuilder
 from vptq_mlc.package.builder import _code_hash as real_code_hash  # bound before frozen_code_hash patches it
 from vptq_mlc.package.config import PackageConfig, PackageError, TargetSpec
@@ -67,7 +70,10 @@ def test_manifest_matches_files(llvm_pkg):
     chat = json.loads((llvm_pkg / "mlc-chat-config.json").read_text())
     assert m["model"] == "tiny" and m["quantization"] == chat["quantization"]
     (lib,) = m["libraries"]
-    assert lib["file"] == f"tiny-{chat['quantization']}-llvm.so" and lib["target"] == "llvm"
+    cpu = tvm.target.codegen.llvm_get_system_cpu()  # llvm builds for this host's CPU by default
+    assert lib["file"] == f"tiny-{chat['quantization']}-llvm-{cpu}.so" and lib["target"] == "llvm"
+    assert lib["abi"]["machine"] == platform.machine() and lib["abi"]["cpu_features"]
+    assert missing_features(lib["abi"]["cpu_features"]) == []
     assert lib["tvm"] == "0.27.0.post1"
     listed = {lib["file"]: lib} | m["weights"]["files"]
     on_disk = {p.name for p in llvm_pkg.iterdir() if p.name != "manifest.json"}

@@ -24,15 +24,19 @@ def is_bundled_alias(name: str) -> bool:
     return name.lower() in MODEL_ALIASES and not Path(name).exists()
 
 
-def ensure_bundled_model(name: str = "smollm2", variant: str = DEFAULT_VARIANT,
-                         target: str = "llvm") -> tuple[Path, Path]:
-    """(model_dir, library) of the bundled model at `variant`, built on first use."""
+def ensure_bundled_model(name: str = "smollm2", variant: str = DEFAULT_VARIANT, target: str = "llvm",
+                         arch: str | None = None) -> tuple[Path, Path]:
+    """(model_dir, library) of the bundled model at `variant`, built on first use (llvm: for this host's CPU,
+    the file named after it, so a cache shared by different machines keeps one library per CPU)."""
+    from vptq_mlc.compile.targets import resolve_targets
+
     if name.lower() not in MODEL_ALIASES:
         raise VPTQMLCError(f"unknown bundled model {name!r}; bundled: {', '.join(MODEL_ALIASES)}")
     canonical = MODEL_ALIASES[name.lower()]
     root = cache_root() / "models" / f"{canonical}-{variant}"
     ckpt, model_dir = root / "vptq", root / "mlc"
-    lib = model_dir / f"{canonical}-{variant}-{target}.so"
+    (bt,) = resolve_targets(target, arch)
+    lib = model_dir / f"{canonical}-{variant}-{bt.label}.so"
     if not (ckpt / "config.json").is_file():
         from vptq_mlc.quantize.pipeline import QuantizeSettings, quantize_model
 
@@ -47,5 +51,5 @@ def ensure_bundled_model(name: str = "smollm2", variant: str = DEFAULT_VARIANT,
         from vptq_mlc.compile.build import compile_model
 
         log.warning("compiling %s for %s", name, target)
-        compile_model(model_dir, target, lib)
+        compile_model(model_dir, target, lib, arch=arch)
     return model_dir, lib

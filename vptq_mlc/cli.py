@@ -251,7 +251,8 @@ def convert(ckpt: str, output: str, dtype: str | None, context_window: int | Non
 @main.command(name="compile")
 @click.argument("model_dir", type=click.Path(file_okay=False, path_type=str))
 @click.option("--target", default="llvm", show_default=True, help="llvm (CPU), cuda or rocm.")
-@click.option("--arch", default=None, help="Comma-separated GPU archs, e.g. sm_80,sm_90 or gfx90a,gfx1100.")
+@click.option("--arch", default=None, help="Comma-separated GPU archs, e.g. sm_80,sm_90 or gfx90a,gfx1100; for llvm "
+              "the CPU (default: this host's): x86-64-v2, x86-64-v3, x86-64-v4, aarch64 or an LLVM CPU name.")
 @click.option("-o", "--output", type=click.Path(path_type=str), default=None,
               help="Library file (one target) or directory (default: MODEL_DIR/<name>-<target>.so).")
 @click.option("--split-functions", is_flag=True,

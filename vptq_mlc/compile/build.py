@@ -117,6 +117,7 @@ def build_library(model_dir: Path, bt: BuildTarget, output: Path,
         params=params,
         memory_usage=planned_memory(lowered),
         split=split,
+        target=bt.metadata,
     )
     lowered = attach_metadata(lowered, meta)
     stage("  generating code%s", f" (one nvcc run for {', '.join(bt.archs)})" if bt.kind == "cuda" else "")

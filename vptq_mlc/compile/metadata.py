@@ -45,9 +45,11 @@ def model_metadata(
     params: Sequence[tuple[str, nn.Parameter]],
     memory_usage: Mapping[str, int],
     split: Mapping[str, Any] | None = None,
+    target: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """MLC's keys, plus `split` (function names and parameter names per function of the layer split,
-    model/split.py) when the library was compiled with `--split-functions`."""
+    model/split.py) when the library was compiled with `--split-functions`, and `target` (llvm: the CPU arch and
+    the /proc/cpuinfo features the code needs, checked at load time)."""
     meta = {
         "model_type": model_type,
         "quantization": quantization,
@@ -74,6 +76,8 @@ def model_metadata(
     }
     if split is not None:
         meta["split"] = dict(split)
+    if target:
+        meta["target"] = dict(target)
     return meta
 
 

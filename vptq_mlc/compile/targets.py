@@ -27,6 +27,7 @@ class BuildTarget:
     label: str  # "llvm", "cuda", "rocm-gfx90a"
     archs: tuple[str, ...] = ()
     prepare: Callable[[], None] = field(default=lambda: None)
+    metadata: dict = field(default_factory=dict)  # `_metadata["target"]`: what the library needs of its host
 
     @property
     def kind(self) -> str:
@@ -39,10 +40,11 @@ def _archs(arch: str | None, default: tuple[str, ...]) -> tuple[str, ...]:
 
 def resolve_targets(name: str, arch: str | None = None) -> list[BuildTarget]:
     kind = {"cpu": "llvm"}.get(name.strip().lower(), name.strip().lower())
-    if kind == "llvm":
-        if arch:
-            raise CompileError("--arch applies to cuda and rocm targets only; drop it for llvm")
-        return [BuildTarget(Target("llvm"), "llvm")]
+    if kind == "llvm":  # the host's CPU by default; --arch for portable builds (compile/cpu.py)
+        from vptq_mlc.compile import cpu
+
+        return [BuildTarget(a.target, a.label, (a.label.removeprefix("llvm-"),), metadata=a.metadata())
+                for a in cpu.parse_archs(arch)]
     if kind == "cuda":
         from vptq_mlc.compile import cuda
 
@@ -58,8 +60,8 @@ def resolve_targets(name: str, arch: str | None = None) -> list[BuildTarget]:
 
 
 def relax_pipeline(target: Target) -> tvm.transform.Pass:
-    """GPU targets need the target pipeline (dlight schedules every op we did not schedule by hand); on llvm
-    the generic pipeline (no fusion) keeps kernels as written."""
+    """GPU targets need the target pipeline (dlight schedules every op we did not schedule by hand); llvm gets
+    compile/cpu.py's (dense matmuls scheduled for the CPU, no fusion, so our kernels keep their schedules)."""
     from tvm import relax
 
     if target.kind.name == "cuda":
@@ -68,6 +70,8 @@ def relax_pipeline(target: Target) -> tvm.transform.Pass:
         return cuda_pipeline(target)
     if "gpu" in target.keys:
         return relax.get_default_pipeline(target)
-    # nn.Linear is matmul(x, permute_dims(W)): fuse so W is never copied per call. (dlight's CPU GEMV/reduction
-    # rules were tried too: no faster here, and they made LLVM codegen ~20x slower.)
+    if target.kind.name == "llvm":
+        from vptq_mlc.compile.cpu import relax_pipeline as cpu_pipeline
+
+        return cpu_pipeline(target)
     return tvm.transform.Sequential([relax.transform.FuseTransposeMatmul(), relax.get_pipeline("default")])

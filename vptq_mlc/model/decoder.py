@@ -125,14 +125,16 @@ class DecoderForCausalLM(nn.Module):
     def __init__(self, cfg: DecoderConfig, make_linear: LinearFactory, dtype: str, target: Target,
                  static_decode_batches: tuple[int, ...] = ()):
         self.model = DecoderModel(cfg, make_linear, dtype)
-        self.lm_head = (None if cfg.tie_word_embeddings
-                        else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False, dtype=dtype))
+        # CPUs: the logits matmul sums in fp32 (an fp16 running sum is converted at every step there)
+        self.logits_dtype = "float32" if target.kind.name == "llvm" else None
+        self.lm_head = None if cfg.tie_word_embeddings else nn.Linear(
+            cfg.hidden_size, cfg.vocab_size, bias=False, dtype=dtype, out_dtype=self.logits_dtype)
         self.cfg, self.dtype, self.target = cfg, dtype, target
         self.static_decode_batches = tuple(n for n in static_decode_batches if 1 < n <= cfg.max_batch_size)
 
     def _logits(self, hidden: Tensor) -> Tensor:
         if self.lm_head is None:
-            logits = op.matmul(hidden, op.permute_dims(self.model.embed_tokens.weight))
+            logits = op.matmul(hidden, op.permute_dims(self.model.embed_tokens.weight), out_dtype=self.logits_dtype)
         else:
             logits = self.lm_head(hidden)
         return logits.astype("float32") if logits.dtype != "float32" else logits

@@ -76,8 +76,10 @@ def _stage_weights(entry: ModelEntry, work: Path) -> Path:
 
 
 def _abi(kind: str, bt: Any) -> dict[str, Any]:
-    if kind == "llvm":
-        return {"machine": platform.machine()}
+    if kind == "llvm":  # the CPU the code needs (select.py matches it against the host's /proc/cpuinfo)
+        meta = bt.metadata or {}
+        return {"machine": meta.get("machine", platform.machine()), "cpu_features": meta.get("cpu_features", []),
+                "mcpu": meta.get("mcpu")}
     if kind == "cuda":
         return {"cuda_runtime": "libcudart.so.13", "code": "sass"}
     from vptq_mlc.compile.rocm import DEFAULT_CODE_OBJECT_VERSION, min_rocm

@@ -6,7 +6,7 @@ JSON (or TOML on Python >= 3.11), like MLC-LLM's mlc-package-config.json:
       "output": "dist",
       "models": [
         {"name": "llama-7b-vptq", "source": "ckpt/Llama-2-7b-v8-k65536-256",
-         "targets": ["llvm", "cuda:sm_80,sm_86,sm_89,sm_90", "rocm:gfx90a,gfx942,gfx1100"],
+         "targets": ["llvm:x86-64-v3,x86-64-v4", "cuda:sm_80,sm_86,sm_89,sm_90", "rocm:gfx90a,gfx942,gfx1100"],
          "convert": {"dtype": "float16", "context_window_size": 4096}}
       ]
     }
@@ -36,7 +36,7 @@ class PackageError(VPTQMLCError):
 
 @dataclass(frozen=True)
 class TargetSpec:
-    """`llvm`, `cuda:sm_80,sm_90` or `rocm:gfx90a,gfx1100`."""
+    """`llvm` (this host's CPU), `llvm:x86-64-v3,x86-64-v4,aarch64`, `cuda:sm_80,sm_90` or `rocm:gfx90a,gfx1100`."""
 
     kind: str
     archs: str | None = None
@@ -49,8 +49,6 @@ class TargetSpec:
             raise PackageError(
                 f"unknown target {text!r} in the package config; use llvm, cuda:sm_XX,.. or rocm:gfxXXX,.."
             )
-        if kind == "llvm" and archs:
-            raise PackageError(f"target {text!r}: llvm takes no arch list")
         return cls(kind, archs or None)
 
     def __str__(self) -> str:

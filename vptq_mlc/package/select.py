@@ -1,7 +1,8 @@
 """Pick the packaged library that fits this host (GPU vendor and arch, else CPU) and verify it against the manifest.
 
 Matching: cuda needs SASS for the GPU's major version with a minor version <= the GPU's (sm_80 code runs on
-sm_86/sm_89, not on sm_90); rocm needs the exact gfx arch; llvm needs the same CPU architecture. With
+sm_86/sm_89, not on sm_90); rocm needs the exact gfx arch; llvm needs the same CPU architecture and every CPU
+feature the library was compiled to use (/proc/cpuinfo), the one using the most features winning. With
 device "auto" the first of cuda:0, rocm:0, cpu that is present and has a fitting library wins.
 Imports only tvm.runtime (through runtime/device.py), so it works on runtime-only deploy hosts.
 """
@@ -64,7 +65,10 @@ def fits(lib: dict[str, Any], host: HostDevice) -> bool:
     if lib.get("target") != host.kind:
         return False
     if host.kind == "llvm":
-        return lib.get("abi", {}).get("machine", host.arch) == host.arch
+        from vptq_mlc.artifact.cpu_features import missing_features
+
+        abi = lib.get("abi", {})
+        return abi.get("machine", host.arch) == host.arch and not missing_features(abi.get("cpu_features", []))
     if host.kind == "rocm":
         return host.arch in lib.get("archs", [])
     m = re.fullmatch(r"sm_(\d+)(\d)", host.arch)
@@ -94,8 +98,10 @@ def select_library(model_dir: str | os.PathLike[str], device: str = "auto") -> t
         seen.append(f"{host.device} ({host.arch}{', ' + host.name if host.name and host.kind != 'llvm' else ''})")
         matches = [lib for lib in libs if fits(lib, host)]
         if matches:
-            # prefer the exact arch (e.g. sm_90 SASS over sm_80 on an sm_90 GPU is required; sm_86 over sm_80 on sm_86)
-            best = max(matches, key=lambda lib: host.arch in lib.get("archs", []))
+            # prefer the exact arch (e.g. sm_90 SASS over sm_80 on an sm_90 GPU is required; sm_86 over sm_80 on sm_86);
+            # on CPUs the build that uses the most of this CPU's features (x86-64-v4 over v3 on an AVX-512 host)
+            best = max(matches, key=lambda lib: (host.arch in lib.get("archs", []),
+                                                 len(lib.get("abi", {}).get("cpu_features", []))))
             path = verify_file(model_dir, best["file"], best, "library")
             log.info("package %s: %s for %s", model_dir.name, best["file"], host.device)
             return path, host.device

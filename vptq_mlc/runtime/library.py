@@ -144,11 +144,29 @@ def load_library(lib_path: str | Path, device: str = "cpu") -> ModelLibrary:
             f"model library {path.name} has no _metadata function; rebuild it with `vptq-mlc compile`"
         )
     metadata = json.loads(str(vm["_metadata"]()))
+    check_cpu_features(path, metadata)
     lib = ModelLibrary(path, spec, dev, vm, metadata)
     for name in REQUIRED_FUNCTIONS:
         lib.func(name)
     log.info("loaded %s on %s (%d params)", path.name, spec, len(metadata.get("params", [])))
     return lib
+
+
+def check_cpu_features(path: Path, metadata: dict[str, Any]) -> None:
+    """A CPU library may use instructions this CPU lacks (compiled for another host or a higher x86-64 level):
+    refuse it here, before any kernel runs, instead of dying of SIGILL in the first one."""
+    target = metadata.get("target") or {}
+    if target.get("kind") != "llvm":
+        return
+    from vptq_mlc.artifact.cpu_features import missing_features
+
+    missing = missing_features(target.get("cpu_features", []), target.get("machine"))
+    if missing:
+        raise RuntimeLoadError(
+            f"model library {path.name} was compiled for CPU {target.get('arch')} ({target.get('mcpu')}) and needs "
+            f"{', '.join(missing[:6])}{' ...' if len(missing) > 6 else ''}, which this CPU lacks; rebuild it here "
+            "(vptq-mlc compile MODEL --target llvm) or use a portable build (--arch x86-64-v2 / x86-64-v3)"
+        )
 
 
 def _resolve_shape(shape: list[Any], model_config: dict[str, Any]) -> list[int | str]:

@@ -86,7 +86,8 @@ class KernelSelector:
         generic_ops = tuple(vq_operand_shapes(cfg))
         kind = self.target.kind.name
         if kind == "llvm":
-            return VQKernel(schedule_cpu(vq_matmul_generic(cfg, dtype)), generic_ops)
+            # a static row count (decode) keeps the accumulators in registers; a symbolic one needs memory
+            return VQKernel(schedule_cpu(vq_matmul_generic(cfg, dtype, rows), rows), generic_ops)
         from vptq_mlc.tir_kernels.cuda_gemv import MAX_ROWS, gpu_params, vq_gemv_cuda
 
         decode = rows is not None and 1 <= rows
