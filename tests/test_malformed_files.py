@@ -5,10 +5,13 @@ of the other tests and listed with its expected error in docs/malformed-files.md
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
+import logging
 import os
 import shutil
+import struct
 import subprocess
 import sys
 from collections.abc import Callable
@@ -60,7 +63,8 @@ def built(tiny_served_model: tuple[Path, Path, Path]) -> tuple[Path, Path, Path]
 
 
 def copy_model_dir(model_dir: Path, dest: Path, with_libs: bool = False) -> Path:
-    return Path(shutil.copytree(model_dir, dest, ignore=None if with_libs else shutil.ignore_patterns("*.so")))
+    libs = None if with_libs else shutil.ignore_patterns("*.so", "*.so.sha256")
+    return Path(shutil.copytree(model_dir, dest, ignore=libs))
 
 
 # ---- tensor-cache.json: every record checked against its shard before TVM's loader sees it ----------------------
@@ -230,6 +234,77 @@ def test_library_check_catches_every_truncation(built, tmp_path):
     with pytest.raises(RuntimeLoadError, match="not an ELF shared library"):
         check_library_file(bad)
 
+
+
+def elf64_section(data: bytes, name: str) -> tuple[int, int]:
+    """(file offset, size) of the named section of a little-endian ELF64 file, read straight from the headers."""
+    shoff, = struct.unpack_from("<Q", data, 0x28)
+    shentsize, shnum, shstrndx = struct.unpack_from("<HHH", data, 0x3A)
+    headers = [struct.unpack_from("<IIQQQQ", data, shoff + i * shentsize) for i in range(shnum)]
+    strtab = headers[shstrndx][4]
+    for sh_name, _, _, _, offset, size in headers:
+        if data[strtab + sh_name:].split(b"\0", 1)[0] == name.encode():
+            return offset, size
+    raise AssertionError(f"no {name} section")
+
+
+def copy_library(lib: Path, dest: Path, sidecar: bool) -> Path:
+    """A copy of the library under a new name, with its sidecar rewritten for that name (as `sha256sum` makes it)."""
+    shutil.copyfile(lib, dest)
+    if sidecar:
+        digest = Path(f"{lib}.sha256").read_text().split()[0]
+        Path(f"{dest}.sha256").write_text(f"{digest}  {dest.name}\n")
+    return dest
+
+
+def test_compile_records_the_library_checksum(built):
+    lib = built[2]
+    assert Path(f"{lib}.sha256").read_text() == f"{hashlib.sha256(lib.read_bytes()).hexdigest()}  {lib.name}\n"
+    check = subprocess.run(["sha256sum", "-c", f"{lib.name}.sha256"], cwd=lib.parent, capture_output=True, text=True)
+    assert check.returncode == 0 and check.stdout.strip() == f"{lib.name}: OK", check
+
+
+def test_library_overwritten_in_place_is_refused_by_its_checksum(built, tmp_path):
+    from vptq_mlc.runtime.library import check_library_file
+
+    bad = copy_library(built[2], tmp_path / "bad.so", sidecar=True)
+    data = bytearray(bad.read_bytes())
+    offset, size = elf64_section(bytes(data), ".text")
+    assert size >= 3 * 4096, size
+    start = offset + size // 2 - 2048
+    data[start:start + 4096] = b"\xff" * 4096
+    bad.write_bytes(bytes(data))
+    assert bad.stat().st_size == built[2].stat().st_size
+    check_library_file(bad)  # the structure is intact: only the checksum can tell
+    proc = run_cli("chat", str(built[1]), "--lib", str(bad), "--prompt", "hi")
+    assert_one_error_process(proc, "bad.so does not match its checksum bad.so.sha256")
+    assert "re-run `vptq-mlc compile`" in proc.stderr
+    assert subprocess.run(["sha256sum", "-c", "bad.so.sha256"], cwd=tmp_path, capture_output=True).returncode == 1
+
+
+def test_library_with_and_without_sidecar_loads(built, tmp_path, caplog):
+    from vptq_mlc.runtime.library import check_library_checksum, load_library
+
+    assert load_library(copy_library(built[2], tmp_path / "good.so", sidecar=True), "cpu").has("embed")
+    old = copy_library(built[2], tmp_path / "old.so", sidecar=False)  # built before sidecars existed
+    with caplog.at_level(logging.INFO, logger="vptq_mlc.runtime.library"):
+        assert load_library(old, "cpu").has("embed")
+    assert any("old.so has no .sha256 checksum file" in r.getMessage() and r.levelno == logging.INFO
+               for r in caplog.records)
+    Path(f"{old}.sha256").write_text("not a digest\n")
+    with pytest.raises(RuntimeLoadError, match="cannot read the checksum of model library .*old.so"):
+        check_library_checksum(old)
+
+
+def test_find_library_ignores_checksum_files(built, tmp_path):
+    from vptq_mlc.runtime.device import DeviceSpec, find_library
+
+    model_dir = copy_model_dir(built[1], tmp_path / "m")
+    Path(model_dir / "m-cpu.so.sha256").write_text("0" * 64 + "  m-cpu.so\n")
+    with pytest.raises(RuntimeLoadError, match="no cpu model library"):
+        find_library(model_dir, DeviceSpec("cpu"))
+    lib = copy_library(built[2], model_dir / "m-cpu.so", sidecar=True)
+    assert find_library(model_dir, DeviceSpec("cpu")) == lib
 
 # ---- checkpoints: NaN/inf, impossible layer configs, corrupt tokenizer files ---------------------------------------
 

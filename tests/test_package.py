@@ -76,8 +76,10 @@ def test_manifest_matches_files(llvm_pkg):
     assert missing_features(lib["abi"]["cpu_features"]) == []
     assert lib["tvm"] == "0.27.0.post1"
     listed = {lib["file"]: lib} | m["weights"]["files"]
-    on_disk = {p.name for p in llvm_pkg.iterdir() if p.name != "manifest.json"}
+    on_disk = {p.name for p in llvm_pkg.iterdir() if p.name != "manifest.json" and not p.name.endswith(".sha256")}
     assert set(listed) == on_disk
+    # the library's sidecar (what `chat --lib` checks outside a package) agrees with the manifest
+    assert (llvm_pkg / f"{lib['file']}.sha256").read_text() == f"{lib['sha256']}  {lib['file']}\n"
     for name, rec in listed.items():
         data = (llvm_pkg / name).read_bytes()
         assert rec["size"] == len(data) and rec["sha256"] == hashlib.sha256(data).hexdigest()

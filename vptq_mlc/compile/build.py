@@ -17,6 +17,7 @@ import tvm
 from tvm import relax
 
 from vptq_mlc.artifact.chat_config import ChatConfig
+from vptq_mlc.artifact.checksum import write_sidecar
 from vptq_mlc.artifact.files import TENSOR_CACHE
 from vptq_mlc.artifact.tensor_cache import read_index
 from vptq_mlc.atomic import atomic_file
@@ -125,6 +126,7 @@ def build_library(model_dir: Path, bt: BuildTarget, output: Path,
     stage("  linking the library")
     with atomic_file(output, mode=0o755) as tmp:
         executable.export_library(str(tmp))
+    write_sidecar(output)  # after the library: a sidecar never describes a library that is not (yet) there
     stage("  built %s in %.1f s", output, time.time() - t0)
     return output
 

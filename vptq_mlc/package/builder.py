@@ -20,6 +20,7 @@ from typing import Any
 
 from tqdm import tqdm
 
+from vptq_mlc.artifact.checksum import SIDECAR_SUFFIX, sidecar_path, write_sidecar
 from vptq_mlc.artifact.files import CHAT_CONFIG, TENSOR_CACHE
 from vptq_mlc.package.config import ModelEntry, PackageConfig, PackageError
 from vptq_mlc.package.manifest import FORMAT, read_manifest, sha256_file, write_manifest
@@ -27,6 +28,11 @@ from vptq_mlc.package.manifest import FORMAT, read_manifest, sha256_file, write_
 log = logging.getLogger(__name__)
 _PKG_ROOT = Path(__file__).resolve().parents[1]
 _SKIP_SOURCE = {"manifest.json"}
+
+
+def _is_library_file(p: Path) -> bool:
+    """A model library or its checksum sidecar: built per target by the package, never copied as weights."""
+    return p.suffix == ".so" or p.name.endswith(".so" + SIDECAR_SUFFIX)
 
 
 def _version(dist: str) -> str:
@@ -51,7 +57,7 @@ def _source_fingerprint(src: Path) -> list:
         raise PackageError(f"model source {src} not found; fix \"source\" in the package config")
     files = [src] if src.is_file() else sorted(p for p in src.rglob("*") if p.is_file())
     return [(str(p.relative_to(src) if p != src else p.name), p.stat().st_size, p.stat().st_mtime_ns)
-            for p in files if p.name not in _SKIP_SOURCE and p.suffix != ".so"]
+            for p in files if p.name not in _SKIP_SOURCE and not _is_library_file(p)]
 
 
 def _digest(obj: Any) -> str:
@@ -67,7 +73,7 @@ def _stage_weights(entry: ModelEntry, work: Path) -> Path:
     if _is_mlc_dir(entry.source):
         work.mkdir(parents=True)
         for p in sorted(entry.source.iterdir()):
-            if p.is_file() and p.suffix != ".so" and p.name not in _SKIP_SOURCE:
+            if p.is_file() and not _is_library_file(p) and p.name not in _SKIP_SOURCE:
                 shutil.copy2(p, work / p.name)
         return work
     from vptq_mlc.convert.converter import convert_checkpoint
@@ -159,6 +165,7 @@ class PackageBuilder:
             if (not self.force and prev and prev.get("fingerprint") == fp and path.is_file()
                     and prev.get("size") == path.stat().st_size and sha256_file(path) == prev.get("sha256")):
                 record = prev
+                write_sidecar(path, prev["sha256"])  # just verified; also gives older packages their sidecar
             else:
                 from vptq_mlc.compile.build import build_library
 
@@ -177,6 +184,7 @@ class PackageBuilder:
         for f in old_libs:
             if f not in keep:
                 (model_dir / f).unlink(missing_ok=True)
+                sidecar_path(model_dir / f).unlink(missing_ok=True)
                 log.info("removed %s (its target is no longer in the config)", f)
         write_manifest(model_dir, manifest)
         return model_dir

@@ -12,25 +12,17 @@ rocm {"code_object_version": 5, "min_rocm": "ROCm 5.2"}.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from pathlib import Path
 from typing import Any
 
+from vptq_mlc.artifact.checksum import sha256_file
 from vptq_mlc.atomic import atomic_file
 from vptq_mlc.package.config import PackageError
 
 FORMAT = "vptq-mlc-package/1"
 MANIFEST = "manifest.json"
-
-
-def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 def read_manifest(model_dir: str | os.PathLike[str], required: bool = True) -> dict[str, Any] | None:

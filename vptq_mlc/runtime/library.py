@@ -20,6 +20,7 @@ from typing import Any, BinaryIO
 import numpy as np
 import tvm
 
+from vptq_mlc.artifact.checksum import read_sidecar, sha256_file, sidecar_path
 from vptq_mlc.artifact.files import TENSOR_CACHE
 from vptq_mlc.artifact.tensor_cache import read_index
 from vptq_mlc.errors import RuntimeLoadError
@@ -118,12 +119,34 @@ def check_library_file(path: Path) -> None:
                                "with `vptq-mlc compile`")
 
 
+def check_library_checksum(path: Path) -> None:
+    """Compare the library's bytes with the sha256 `compile` recorded next to it (`<library>.sha256`). Bytes
+    overwritten in place leave a valid ELF that crashes the process once its code runs; this finds them before
+    `dlopen`. Libraries built before the sidecar existed have none and load as before."""
+    fix = "re-run `vptq-mlc compile` for this model (or restore the library from a good copy)"
+    try:
+        recorded = read_sidecar(path)
+    except (OSError, ValueError) as e:
+        raise RuntimeLoadError(f"cannot read the checksum of model library {path}: {e}; {fix}") from None
+    if recorded is None:
+        log.info("%s has no %s checksum file (built by an older vptq-mlc); loading it unchecked",
+                 path.name, sidecar_path(path).suffix)
+        return
+    actual = sha256_file(path)
+    if actual != recorded:
+        raise RuntimeLoadError(
+            f"model library {path} does not match its checksum {sidecar_path(path).name} (sha256 {actual[:12]}.. != "
+            f"{recorded[:12]}..): the file was modified or damaged after it was built; {fix}"
+        )
+
+
 def load_library(lib_path: str | Path, device: str = "cpu") -> ModelLibrary:
     """Load `lib_path` for `device` ("cpu", "cuda:0", "auto", ...) and read its `_metadata`."""
     path = Path(lib_path)
     if not path.is_file():
         raise RuntimeLoadError(f"model library not found: {path}; pass --lib or run `vptq-mlc compile` first")
     check_library_file(path)
+    check_library_checksum(path)
     spec, dev = resolve_device(device)  # loads the CUDA plugin when needed, before load_module
     try:
         mod = tvm.runtime.load_module(str(path))
