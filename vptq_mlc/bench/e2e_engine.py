@@ -173,7 +173,8 @@ def run_engine_system(model_dir: str, lib_path: str, device: str, grid: Grid, wo
     batches = [b for b in grid.batches if compiled_batch <= 0 or b <= compiled_batch]
     if not batches:
         raise ValueError(f"every batch in {grid.batches} exceeds the library's max_batch_size {compiled_batch}")
-    kv_tokens = max(batches) * (-(-min(window, max(grid.contexts)) // PAGE) * PAGE)
+    # each decode request holds its context plus `batch` tokens of headroom (decode_tok_s)
+    kv_tokens = max(b * (-(-min(window, max(grid.contexts) + b) // PAGE) * PAGE) for b in batches)
     t0 = time.perf_counter()
     engine = Engine(run_dir, lib_path, device=device, max_batch_size=max(batches),
                     max_total_tokens=max(kv_tokens, -(-window // PAGE) * PAGE), page_size=PAGE)
