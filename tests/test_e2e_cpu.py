@@ -5,17 +5,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
 import pytest
-import torch
-import tvm
+from library_logits import assert_logits_match_reference
 from reference_model import reference_greedy, reference_model
 
 from vptq_mlc.compile.build import compile_model
 from vptq_mlc.convert.converter import convert_checkpoint
 from vptq_mlc.runtime.engine import Engine
-from vptq_mlc.runtime.kv_cache import PagedKVCache
-from vptq_mlc.runtime.library import load_library, load_params
+from vptq_mlc.runtime.library import load_library
 from vptq_mlc.runtime.sampling import SamplingParams
 from vptq_mlc.testing.synthetic import make_synthetic_checkpoint
 
@@ -46,32 +43,7 @@ def built(request, tmp_path_factory) -> tuple[Path, Path, Path]:
 
 def test_logits_match_transformers(built):
     ckpt, model_dir, lib_path = built
-    lib = load_library(lib_path, "cpu")
-    params = load_params(model_dir, lib)
-    kv = PagedKVCache(lib, max_batch=1, max_total_tokens=64, prefill_chunk=PREFILL)
-    vocab = lib.metadata["params"][0]["shape"][0]
-    tokens = np.random.default_rng(0).integers(0, vocab, PREFILL + DECODE).astype(np.int32)
-
-    embed, prefill, decode = lib.func("embed"), lib.func("prefill"), lib.func("decode")
-    reshape = tvm.get_global_func("vm.builtin.reshape")
-    ours = []
-    kv.add(0)
-    for start, n, fn in [(0, PREFILL, prefill)] + [(PREFILL + i, 1, decode) for i in range(DECODE)]:
-        ids = tvm.runtime.tensor(tokens[start : start + n], lib.device)
-        emb = embed(ids, params)
-        emb = reshape(emb, tvm.runtime.ShapeTuple([1, n, int(emb.shape[-1])]))
-        with kv.forward([0], [n]) as cache:
-            ours.append(fn(emb, cache, params)[0].numpy()[0, -1])
-    ours = np.stack(ours)
-
-    ref = reference_model(ckpt)
-    with torch.no_grad():
-        logits = ref(torch.from_numpy(tokens[None].astype(np.int64))).logits[0].numpy()
-    want = logits[PREFILL - 1 :]
-    scale = np.abs(want).max()
-    err = np.abs(ours - want).max()
-    assert err <= 1e-3 * max(scale, 1.0), f"max abs error {err:.3g} vs logit scale {scale:.3g}"
-    assert np.array_equal(ours.argmax(-1), want.argmax(-1))
+    assert_logits_match_reference(ckpt, model_dir, lib_path, PREFILL, DECODE, seed=0)
 
 
 def test_greedy_matches_transformers(built):

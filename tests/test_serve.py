@@ -23,6 +23,7 @@ import httpx
 import openai
 import pytest
 from reference_model import reference_greedy, reference_model
+from serve_process import wait_until_healthy
 
 from vptq_mlc.runtime import Engine
 from vptq_mlc.serve.server import ServerThread
@@ -367,16 +368,7 @@ def test_cli_serve(tiny_served_model) -> None:
                             env={**os.environ, "PYTHONUNBUFFERED": "1"})
     try:
         url = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 90
-        while True:
-            assert proc.poll() is None, proc.stdout.read()
-            try:
-                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.monotonic() < deadline, "server did not come up"
-            time.sleep(0.2)
+        wait_until_healthy(proc, url)
         r = httpx.post(f"{url}/v1/completions", json=greedy(PROMPTS[0], max_tokens=3), timeout=TIMEOUT)
         assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 3
         assert httpx.get(f"{url}/v1/models", timeout=10).json()["data"][0]["id"] == model_dir.name

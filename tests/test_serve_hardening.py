@@ -22,6 +22,7 @@ import time
 import httpx
 import pytest
 from click.testing import CliRunner
+from serve_process import wait_until_healthy
 
 from vptq_mlc.cli import main as cli_main
 from vptq_mlc.errors import RuntimeLoadError
@@ -463,16 +464,7 @@ def test_sigterm_drains_running_streams_then_ends_the_rest(tiny_served_model, tm
     url, auth = f"http://127.0.0.1:{port}", {"Authorization": f"Bearer {key}"}
     results: dict[str, str] = {}
     try:
-        deadline = time.monotonic() + 90
-        while True:
-            assert proc.poll() is None, proc.stdout.read()
-            try:
-                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.monotonic() < deadline, "server did not come up"
-            time.sleep(0.2)
+        wait_until_healthy(proc, url)
         assert httpx.post(f"{url}/v1/completions", json=greedy("a", 1), timeout=TIMEOUT).status_code == 401
         longs = [f"b{i}" for i in range(8)]
         accepted = {name: threading.Event() for name in ["short", *longs]}
