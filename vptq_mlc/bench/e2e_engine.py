@@ -90,16 +90,21 @@ def decode_params(engine: Any, sampling: str, max_tokens: int, seed: int) -> Any
     return SamplingParams(max_tokens=max_tokens, temperature=mode[0], top_p=mode[1], seed=seed, ignore_eos=True)
 
 
+def decode_budget(grid: Grid, batch: int) -> int:
+    """New tokens each decode request of a `batch` may make: the first token, the warm-up and timed steps, plus
+    `batch` of headroom: while later prompts prefill, the engine already decodes the earlier requests in the same
+    steps (chunked prefill), so they run a few tokens ahead and must not finish inside the timed window. A request
+    then holds its context (prompt + first + warm-up + timed tokens) plus `batch` KV slots."""
+    return 1 + grid.warmup + grid.steps + batch
+
+
 def decode_tok_s(engine: Any, batch: int, context: int, grid: Grid) -> dict[str, Any]:
     """`batch` requests of prompt + generated tokens = `context` each; tok/s over the last `grid.steps` steps
     in which every request decodes (median of up to 4 windows), after `grid.warmup` untimed decode steps (first
     calls of a static batch function load its kernels)."""
     plen = decode_prompt_len(context, grid)
-    # Headroom past the timed steps: while later prompts prefill, the engine already decodes the earlier requests in
-    # the same steps (chunked prefill), so they run a few tokens ahead and must not finish inside the timed window.
-    budget = 1 + grid.warmup + grid.steps + batch
     reqs = [engine.add_request(prompt_ids(i, plen, engine.vocab_size),
-                               decode_params(engine, grid.sampling, budget, seed=i))
+                               decode_params(engine, grid.sampling, decode_budget(grid, batch), seed=i))
             for i in range(batch)]
     while not all(r.prefill_done for r in reqs):
         engine.step()
@@ -173,8 +178,9 @@ def run_engine_system(model_dir: str, lib_path: str, device: str, grid: Grid, wo
     batches = [b for b in grid.batches if compiled_batch <= 0 or b <= compiled_batch]
     if not batches:
         raise ValueError(f"every batch in {grid.batches} exceeds the library's max_batch_size {compiled_batch}")
-    # each decode request holds its context plus `batch` tokens of headroom (decode_tok_s)
-    kv_tokens = max(b * (-(-min(window, max(grid.contexts) + b) // PAGE) * PAGE) for b in batches)
+    # what each decode request of a batch reserves: its prompt and its new-token budget (decode_tok_s)
+    held = {b: decode_prompt_len(min(max(grid.contexts), window), grid) + decode_budget(grid, b) for b in batches}
+    kv_tokens = max(b * (-(-min(window, held[b]) // PAGE) * PAGE) for b in batches)
     t0 = time.perf_counter()
     engine = Engine(run_dir, lib_path, device=device, max_batch_size=max(batches),
                     max_total_tokens=max(kv_tokens, -(-window // PAGE) * PAGE), page_size=PAGE)
