@@ -9,9 +9,13 @@
 #   e2e/      a tiny converted model: model/, model-cpu.so, model-cuda.so, ckpt/ (its checkpoint, for the
 #             transformers reference)                                                  steps: decode, pytest
 #   e2e7b/    per system NAME: NAME-cfg/ (vptq-mlc bench synth-model ... --config-only) and NAME-cuda.so   step: e2e7b
-# steps: check kernels cs decode pytest e2e7b (default: check kernels decode pytest)
+#   wheels/   the server's py3.12 wheels (fastapi, uvicorn, httpx, pydantic + deps, xgrammar 0.2.8), installed with
+#             --no-index --no-deps into /tmp/sp for step api7b (WHEELS=DIR: elsewhere; default ART/wheels, else the
+#             wheels/ folder next to ART)                                              step: api7b (also needs e2e7b/)
+# steps: check kernels cs decode pytest e2e7b api7b (default: check kernels decode pytest)
 # E2E7B_SYSTEMS: the e2e7b system names (default: "v8-k4096-0 v8-k65536-256 fp16"); E2E7B_STEPS: decode steps (64);
 # E2E7B_ARGS: more `vptq-mlc bench e2e` arguments (e.g. "--batches 1,16 --sampling model").
+# API7B_SYSTEM: the e2e7b system `vptq-mlc bench api` serves (default v8-k4096-0); API7B_ARGS: more of its arguments.
 # Build ART_DIR on the build box with one command: bash bench/gpu_artifacts.sh ART_DIR tvm_rt kcheck e2e e2e7b
 set -o pipefail
 OUT=${1:?usage: gpu_suite.sh OUT_DIR ART_DIR [steps...]}
@@ -48,7 +52,18 @@ for s in $STEPS; do
         ${E2E7B_ARGS:-} \
         > "$OUT/e2e_7b.log" 2>&1 || rc=1
       tail -n 18 "$OUT/e2e_7b.log" ;;
-    *) echo "unknown step $s (check kernels cs decode pytest e2e7b)" >&2; exit 2 ;;
+    api7b) W=${WHEELS:-$ART/wheels}; [ -d "$W" ] || W=$ART/../wheels
+      N=${API7B_SYSTEM:-v8-k4096-0}; C=$ART/e2e7b/$N-cfg
+      [ -f "$C/tokenizer.json" ] || gunzip -c "$ART/e2e7b/tokenizer/tokenizer.json.gz" > "$C/tokenizer.json"
+      if python3 -m pip --version > /dev/null 2>&1; then  # without pip a wheel is a zip of what it installs
+        INSTALL=(python3 -m pip install -q --no-index --no-deps --target /tmp/sp "$W"/*.whl)
+      else INSTALL=(sh -c 'for w; do python3 -m zipfile -e "$w" /tmp/sp || exit 1; done' - "$W"/*.whl); fi
+      if "${INSTALL[@]}" > "$OUT/api_7b.log" 2>&1; then
+        PYTHONPATH=$PYTHONPATH:/tmp/sp "${V[@]}" bench api "$C" --lib "$ART/e2e7b/$N-cuda.so" --device cuda \
+          --json "$OUT/api_7b.json" ${API7B_ARGS:-} >> "$OUT/api_7b.log" 2>&1 || rc=1
+      else rc=1; fi
+      tail -n 12 "$OUT/api_7b.log" ;;
+    *) echo "unknown step $s (check kernels cs decode pytest e2e7b api7b)" >&2; exit 2 ;;
   esac
 done
 exit $rc

@@ -170,6 +170,51 @@ from vptq_mlc.bench.e2e_suite import e2e_cmd as _e2e  # noqa: E402
 bench.add_command(_e2e)
 
 
+@bench.command(name="api")
+@click.argument("model_dir", type=click.Path(file_okay=False, exists=True, path_type=str))
+@click.option("--lib", required=True, type=click.Path(dir_okay=False, exists=True, path_type=str))
+@click.option("--device", default="cuda", show_default=True)
+@click.option("--json", "json_out", required=True, type=click.Path(dir_okay=False, path_type=str),
+              help="Write the results here.")
+@click.option("--batches", default="1,16", show_default=True, help="Engine-vs-server batch sizes.")
+@click.option("--prompt-tokens", type=click.IntRange(1), default=32, show_default=True,
+              help="Prompt of each engine-vs-server request.")
+@click.option("--decode-tokens", type=click.IntRange(3), default=128, show_default=True,
+              help="Tokens each engine-vs-server request generates (EOS ignored).")
+@click.option("--prefix-tokens", type=click.IntRange(16), default=1024, show_default=True,
+              help="The shared prefix of the time-to-first-token requests.")
+@click.option("--items", type=click.IntRange(2), default=200, show_default=True,
+              help="Length of the structured request's JSON array (fixes its token count).")
+@click.option("--reps", type=click.IntRange(1), default=3, show_default=True, help="Repeats of each measure (median).")
+@click.option("--max-total-tokens", type=click.IntRange(1), default=None,
+              help="KV slots of the engine and the server (default: what every phase needs).")
+@click.option("--default-sampling/--no-default-sampling", default=True, show_default=True,
+              help="Also compare structured and free output with the model's default sampling (not only greedy).")
+@click.option("--work-dir", type=click.Path(file_okay=False, exists=True, path_type=str), default=None,
+              help="Where random weights are written for a config-only MODEL_DIR (removed afterwards).")
+@click.option("--exact-random", is_flag=True, help="Draw every random float instead of repeating a random block.")
+def api_cmd(model_dir: str, lib: str, device: str, json_out: str, batches: str, prompt_tokens: int,
+            decode_tokens: int, prefix_tokens: int, items: int, reps: int, max_total_tokens: int | None,
+            default_sampling: bool, work_dir: str | None, exact_random: bool) -> None:
+    """What the OpenAI server costs: structured vs free tok/s (batch 1), TTFT with a cached prefix, server vs
+    engine tok/s; one JSON and a table (random weights fill a config-only MODEL_DIR)."""
+    from vptq_mlc.bench.api import TILE, Settings, report_table, run_api_bench
+
+    try:
+        sizes = tuple(int(b) for b in batches.split(","))
+    except ValueError:
+        raise click.BadParameter(f"--batches {batches!r}: give comma-separated integers, e.g. 1,16") from None
+    if not sizes or min(sizes) < 1:
+        raise click.BadParameter(f"--batches {batches!r}: every batch size must be >= 1")
+    settings = Settings(sizes, prompt_tokens, decode_tokens, prefix_tokens, items, reps, max_total_tokens,
+                        default_sampling)
+    try:
+        res = run_api_bench(model_dir, lib, device, json_out, settings, work_dir, 0 if exact_random else TILE)
+    except ValueError as e:
+        raise click.ClickException(str(e)) from None
+    click.echo(report_table(res))
+
+
 @bench.command(name="sampler")
 @click.option("--vocab", default=128256, show_default=True, type=int, help="Vocabulary size (Llama 3.x: 128256).")
 @click.option("--batch", "batches", default="1,16", show_default=True, help="Comma-separated rows per step.")
