@@ -59,7 +59,7 @@ for s in $STEPS; do
         INSTALL=(python3 -m pip install -q --no-index --no-deps --target /tmp/sp "$W"/*.whl)
       else INSTALL=(sh -c 'for w; do python3 -m zipfile -e "$w" /tmp/sp || exit 1; done' - "$W"/*.whl); fi
       if "${INSTALL[@]}" > "$OUT/api_7b.log" 2>&1; then
-        PYTHONPATH=$PYTHONPATH:/tmp/sp "${V[@]}" bench api "$C" --lib "$ART/e2e7b/$N-cuda.so" --device cuda \
+        PYTHONPATH=$PYTHONPATH:/tmp/sp "${V[@]}" -v bench api "$C" --lib "$ART/e2e7b/$N-cuda.so" --device cuda \
           --json "$OUT/api_7b.json" ${API7B_ARGS:-} >> "$OUT/api_7b.log" 2>&1 || rc=1
       else rc=1; fi
       tail -n 12 "$OUT/api_7b.log" ;;

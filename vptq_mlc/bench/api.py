@@ -19,14 +19,20 @@ The server runs as `vptq-mlc serve` in a subprocess on 127.0.0.1 (a free port), 
 the client's JSON parsing does not share the server's interpreter; the in-process engine is measured first and
 freed before the server loads. Both get the same engine settings (batch, KV tokens, prefix cache on).
 
-Build box (apache-tvm with the compiler; carries ART to the GPU host):
+Build box (apache-tvm with the compiler; ART is carried to the GPU host):
     bash bench/gpu_artifacts.sh ART tvm_rt e2e7b     # ART/e2e7b/v8-k4096-0-cfg/ + v8-k4096-0-cuda.so, ...
     python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \\
         --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \\
-        -d ART/wheels fastapi uvicorn httpx pydantic ... xgrammar==0.2.8   # the server's wheels, no torch
+        -d ART/wheels fastapi==0.165.0 starlette==1.10.0 uvicorn==0.55.0 h11==0.16.0 click==8.5.1 \\
+        httpx==0.29.0 httpcore==1.0.9 anyio==4.16.0 idna==3.21 certifi==2026.10.19.post1 pydantic==2.14.4 \\
+        pydantic-core==2.50.5 annotated-types==0.8.0 typing-inspection==0.4.5 typing-extensions==4.16.0 \\
+        annotated-doc==0.0.7 opentelemetry-api==1.45.3 xgrammar==0.2.8
+  (xgrammar's declared torch/transformers/triton are not needed: serve/structured.py loads only its native binding,
+  which needs tvm_ffi, part of the runtime bundle; numpy, tokenizers and jinja2 are the runtime's own.)
 GPU host (no package index; Python 3.12, torch, numpy, tokenizers):
-    bash bench/gpu_suite.sh OUT ART api7b    # installs ART/wheels (or $WHEELS) into /tmp/sp, runs:
-    vptq-mlc bench api ART/e2e7b/v8-k4096-0-cfg --lib ART/e2e7b/v8-k4096-0-cuda.so --device cuda --json OUT/api.json
+    bash bench/gpu_suite.sh OUT ART api7b    # installs ART/wheels (or $WHEELS) into /tmp/sp, then runs
+    PYTHONPATH=$PYTHONPATH:/tmp/sp vptq-mlc -v bench api ART/e2e7b/v8-k4096-0-cfg \\
+        --lib ART/e2e7b/v8-k4096-0-cuda.so --device cuda --json OUT/api_7b.json
 CPU, the tiny model of the tests: tests/test_bench_api.py.
 """
 
@@ -155,8 +161,10 @@ def engine_round(engine: Any, prompts: list[list[int]], max_tokens: int) -> list
     return [out[id(r)] for r in reqs]
 
 
-def engine_phase(run_dir: Path, lib: str, device: str, s: Settings, kv_tokens: int, vocab: int) -> dict[str, Any]:
-    """Decode tok/s of each batch through `Engine` (median of `reps` rounds, fresh prompts each round)."""
+def engine_phase(run_dir: Path, lib: str, device: str, s: Settings, kv_tokens: int, vocab: int,
+                 token_ids: dict[str, Any]) -> dict[str, Any]:
+    """Decode tok/s of each batch through `Engine` (median of `reps` rounds, fresh prompts each round); each
+    batch's generated ids go to `token_ids` (the server's are compared with them)."""
     from vptq_mlc.runtime.engine import Engine
 
     t0 = time.perf_counter()
@@ -173,6 +181,7 @@ def engine_phase(run_dir: Path, lib: str, device: str, s: Settings, kv_tokens: i
             rounds = [engine_round(engine, [random_prompt(1000 * (rep + 1) + 100 * b + i, s.prompt_tokens, vocab)
                                             for i in range(b)], s.decode_tokens) for rep in range(s.reps)]
             res["batches"][str(b)] = _rounds_summary(rounds)
+            token_ids[str(b)] = [[t.token_ids for t in r] for r in rounds]
             log.info("engine batch %d: %.1f tok/s", b, res["batches"][str(b)]["decode_tok_s"])
     finally:
         engine = None  # noqa: F841 - free device memory before the server loads its own copy
@@ -181,14 +190,11 @@ def engine_phase(run_dir: Path, lib: str, device: str, s: Settings, kv_tokens: i
 
 
 def _rounds_summary(rounds: list[list[Timed]]) -> dict[str, Any]:
-    """Median over rounds; `token_ids` (each round's streams) lets the other side compare its greedy tokens and is
-    dropped from the JSON."""
     rates = [summed_rate(r) for r in rounds]
     walls = [sum(t.tokens for t in r) / max(t.stamps[-1][0] for t in r) for r in rounds]
     return {"decode_tok_s": statistics.median(rates), "decode_tok_s_rounds": [round(x, 1) for x in rates],
             "wall_tok_s": statistics.median(walls), "tokens_per_stream": [t.tokens for t in rounds[0]],
-            "ttft_ms_median": 1e3 * statistics.median(t.ttft for r in rounds for t in r),
-            "token_ids": [[t.token_ids for t in r] for r in rounds]}
+            "ttft_ms_median": 1e3 * statistics.median(t.ttft for r in rounds for t in r)}
 
 
 # ---- the server -----------------------------------------------------------------------------------------------
@@ -213,13 +219,14 @@ class ServerProcess:
                     "--max-queue", "1024"]
         self.log_path = log_path
         self.proc: subprocess.Popen[bytes] | None = None
+        self._out: Any = None
 
     def __enter__(self) -> ServerProcess:
         import httpx
 
         log.info("starting %s", " ".join(self.cmd))
-        out = open(self.log_path, "wb") if self.log_path else subprocess.DEVNULL  # noqa: SIM115 - closed by Popen
-        self.proc = subprocess.Popen(self.cmd, stdout=out, stderr=subprocess.STDOUT)
+        self._out = open(self.log_path, "wb") if self.log_path else None  # noqa: SIM115 - closed in __exit__
+        self.proc = subprocess.Popen(self.cmd, stdout=self._out or subprocess.DEVNULL, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + SERVER_START_S
         while True:
             if self.proc.poll() is not None:
@@ -236,14 +243,16 @@ class ServerProcess:
             time.sleep(0.25)
 
     def __exit__(self, *exc: object) -> None:
-        if self.proc is None or self.proc.poll() is not None:
-            return
-        self.proc.send_signal(signal.SIGINT)
-        try:
-            self.proc.wait(60)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGINT)
+            try:
+                self.proc.wait(60)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        if self._out is not None:
+            self._out.close()
+            self._out = None
 
 
 async def stream_request(client: Any, path: str, body: dict[str, Any]) -> Timed:
@@ -330,6 +339,8 @@ async def prefix_phase(client: Any, s: Settings, vocab: int) -> dict[str, Any]:
                          **{k.removeprefix("prefix_cache_").removesuffix("_total"): after[k] - before[k]
                             for k in PREFIX_METRICS}}
         reps.append(row)
+        log.info("prefix %d: TTFT first %.1f ms, second %.1f ms, control %.1f ms", rep, row["first"]["ttft_ms"],
+                 row["second"]["ttft_ms"], row["control"]["ttft_ms"])
     med = {name: statistics.median(r[name]["ttft_ms"] for r in reps) for name in ("first", "second", "control")}
     return {"prefix_tokens": n, "suffix_tokens": SUFFIX_TOKENS, "reps": reps,
             "ttft_first_ms": med["first"], "ttft_second_ms": med["second"], "ttft_control_ms": med["control"],
@@ -372,7 +383,10 @@ async def structured_phase(client: Any, s: Settings) -> dict[str, Any]:
     return out
 
 
-async def server_phase(url: str, s: Settings, vocab: int, prefill_chunk: int, window: int) -> dict[str, Any]:
+async def server_phase(url: str, s: Settings, vocab: int, prefill_chunk: int, window: int, res: dict[str, Any],
+                       engine_ids: dict[str, Any], save: Any) -> None:
+    """The same rounds as `engine_phase`, then structured output and prefix caching, into `res` (`save()` after
+    each part, so a run cut short keeps what it measured)."""
     import httpx
 
     limits = httpx.Limits(max_connections=max(s.batches) + 2, max_keepalive_connections=max(s.batches) + 2)
@@ -380,16 +394,20 @@ async def server_phase(url: str, s: Settings, vocab: int, prefill_chunk: int, wi
         await server_round(client, [random_prompt(90, min(prefill_chunk, window - 9), vocab)], 4)  # as the engine
         for b in s.batches:
             await server_round(client, [random_prompt(900 + i, s.prompt_tokens, vocab) for i in range(b)], 4)
-        res: dict[str, Any] = {"batches": {}}
+        res["batches"] = {}
         for b in s.batches:
             rounds = [await server_round(client, [random_prompt(1000 * (rep + 1) + 100 * b + i, s.prompt_tokens,
                                                                 vocab) for i in range(b)], s.decode_tokens)
                       for rep in range(s.reps)]
-            res["batches"][str(b)] = _rounds_summary(rounds)
-            log.info("server batch %d: %.1f tok/s", b, res["batches"][str(b)]["decode_tok_s"])
+            res["batches"][str(b)] = summary = _rounds_summary(rounds)
+            # same prompts, greedy, same library: the same tokens unless numerics tie
+            summary["greedy_tokens_match_engine"] = [[t.token_ids for t in r] for r in rounds] == engine_ids.get(str(b))
+            save()
+            log.info("server batch %d: %.1f tok/s", b, summary["decode_tok_s"])
         res["structured"] = await structured_phase(client, s)
+        save()
         res["prefix"] = await prefix_phase(client, s, vocab)
-    return res
+        save()
 
 
 # ---- the whole run --------------------------------------------------------------------------------------------
@@ -412,6 +430,7 @@ def run_api_bench(model_dir: str | Path, lib: str, device: str, out_json: str | 
     """Measure everything (module docstring) and write `out_json`; returns the same dict."""
     from vptq_mlc.artifact.chat_config import ChatConfig
     from vptq_mlc.bench.e2e_engine import prepare_weights
+    from vptq_mlc.bench.e2e_suite import gpu_name
     from vptq_mlc.runtime.library import load_library
 
     md = load_library(lib, device).metadata
@@ -419,6 +438,9 @@ def run_api_bench(model_dir: str | Path, lib: str, device: str, out_json: str | 
     if 0 < compiled_batch < max(s.batches):
         raise ValueError(f"batch {max(s.batches)} exceeds the library's max_batch_size {compiled_batch}; "
                          "lower --batches")
+    out_json = Path(out_json)
+    server_log = out_json.with_suffix(".server.log")  # kept: the one place a failed GPU run's server output survives
+    out_json.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="vptq-bench-api-", dir=work_dir) as tmp:
         run_dir, weights = prepare_weights(Path(model_dir), md["params"], Path(tmp) / "model", tile)
         cfg = ChatConfig.load(run_dir)
@@ -430,17 +452,27 @@ def run_api_bench(model_dir: str | Path, lib: str, device: str, out_json: str | 
         vocab = int(cfg.vocab_size)
         res: dict[str, Any] = {"model_dir": str(model_dir), "lib": os.path.abspath(lib), "device": device,
                                "settings": dataclasses.asdict(s), "kv_tokens": kv_tokens, "context_window": window,
-                               "load_average": os.getloadavg(), **weights}
-        res["engine"] = engine_phase(run_dir, lib, device, s, kv_tokens, vocab)
-        with ServerProcess(run_dir, lib, device, max(s.batches), kv_tokens, Path(tmp) / "server.log") as server:
-            res["server"] = asyncio.run(server_phase(server.url, s, vocab, res["engine"]["prefill_chunk"], window))
+                               "gpu": gpu_name(device), "load_average": os.getloadavg(), **weights}
+
+        def save() -> None:
+            with atomic_file(out_json) as f:
+                f.write_text(json.dumps(res, indent=1))
+
+        try:
+            engine_ids: dict[str, Any] = {}
+            res["engine"] = engine_phase(run_dir, lib, device, s, kv_tokens, vocab, engine_ids)
+            save()
+            res["server"] = {}
+            with ServerProcess(run_dir, lib, device, max(s.batches), kv_tokens, server_log) as server:
+                asyncio.run(server_phase(server.url, s, vocab, res["engine"]["prefill_chunk"], window, res["server"],
+                                         engine_ids, save))
+        except Exception as e:
+            res["error"] = f"{type(e).__name__}: {e}"
+            save()
+            raise
     res["server_over_engine"] = {b: res["server"]["batches"][b]["decode_tok_s"] / e["decode_tok_s"]
                                  for b, e in res["engine"]["batches"].items()}
-    for b, e in res["engine"]["batches"].items():  # same prompts, greedy: the same tokens unless numerics tie
-        res["server"]["batches"][b]["greedy_tokens_match_engine"] = \
-            res["server"]["batches"][b].pop("token_ids") == e.pop("token_ids")
-    with atomic_file(out_json) as f:
-        f.write_text(json.dumps(res, indent=1))
+    save()
     return res
 
 

@@ -210,7 +210,7 @@ def api_cmd(model_dir: str, lib: str, device: str, json_out: str, batches: str, 
                         default_sampling)
     try:
         res = run_api_bench(model_dir, lib, device, json_out, settings, work_dir, 0 if exact_random else TILE)
-    except ValueError as e:
+    except (ValueError, RuntimeError) as e:  # bad sizes, or a request or the server failed (the JSON says which)
         raise click.ClickException(str(e)) from None
     click.echo(report_table(res))
 
