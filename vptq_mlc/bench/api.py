@@ -139,6 +139,11 @@ def summed_rate(streams: list[Timed]) -> float:
 # ---- the in-process engine ------------------------------------------------------------------------------------
 
 
+def warmup_prompt_tokens(s: Settings, prefill_chunk: int) -> int:
+    """A warm-up prompt that runs a whole prefill chunk where the KV cache sized by `_kv_tokens` holds one."""
+    return min(prefill_chunk, s.prefix_tokens)
+
+
 def engine_round(engine: Any, prompts: list[list[int]], max_tokens: int) -> list[Timed]:
     """`prompts` added together (greedy, EOS ignored) and stepped to the end; a token's stamp is the end of the
     step that produced it. The parameters are the server's for `completion_body`: the model's defaults filled in
@@ -174,7 +179,7 @@ def engine_phase(run_dir: Path, lib: str, device: str, s: Settings, kv_tokens: i
                            "on_device_sampler": engine.device_sampler is not None, "batches": {}}
     try:
         # first calls load kernels: a full prefill chunk, then each batch size for a few steps
-        engine_round(engine, [random_prompt(90, min(engine.prefill_chunk, engine.context_window - 9), vocab)], 4)
+        engine_round(engine, [random_prompt(90, warmup_prompt_tokens(s, engine.prefill_chunk), vocab)], 4)
         for b in s.batches:
             engine_round(engine, [random_prompt(900 + i, s.prompt_tokens, vocab) for i in range(b)], 4)
         for b in s.batches:
@@ -383,7 +388,7 @@ async def structured_phase(client: Any, s: Settings) -> dict[str, Any]:
     return out
 
 
-async def server_phase(url: str, s: Settings, vocab: int, prefill_chunk: int, window: int, res: dict[str, Any],
+async def server_phase(url: str, s: Settings, vocab: int, prefill_chunk: int, res: dict[str, Any],
                        engine_ids: dict[str, Any], save: Any) -> None:
     """The same rounds as `engine_phase`, then structured output and prefix caching, into `res` (`save()` after
     each part, so a run cut short keeps what it measured)."""
@@ -391,7 +396,7 @@ async def server_phase(url: str, s: Settings, vocab: int, prefill_chunk: int, wi
 
     limits = httpx.Limits(max_connections=max(s.batches) + 2, max_keepalive_connections=max(s.batches) + 2)
     async with httpx.AsyncClient(base_url=url, limits=limits, timeout=httpx.Timeout(600.0)) as client:
-        await server_round(client, [random_prompt(90, min(prefill_chunk, window - 9), vocab)], 4)  # as the engine
+        await server_round(client, [random_prompt(90, warmup_prompt_tokens(s, prefill_chunk), vocab)], 4)  # as engine
         for b in s.batches:
             await server_round(client, [random_prompt(900 + i, s.prompt_tokens, vocab) for i in range(b)], 4)
         res["batches"] = {}
@@ -433,6 +438,7 @@ def run_api_bench(model_dir: str | Path, lib: str, device: str, out_json: str | 
     from vptq_mlc.bench.e2e_suite import gpu_name
     from vptq_mlc.runtime.library import load_library
 
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one INFO line per request otherwise
     md = load_library(lib, device).metadata
     compiled_batch = int(md.get("max_batch_size", -1))
     if 0 < compiled_batch < max(s.batches):
@@ -464,8 +470,8 @@ def run_api_bench(model_dir: str | Path, lib: str, device: str, out_json: str | 
             save()
             res["server"] = {}
             with ServerProcess(run_dir, lib, device, max(s.batches), kv_tokens, server_log) as server:
-                asyncio.run(server_phase(server.url, s, vocab, res["engine"]["prefill_chunk"], window, res["server"],
-                                         engine_ids, save))
+                chunk = res["engine"]["prefill_chunk"]
+                asyncio.run(server_phase(server.url, s, vocab, chunk, res["server"], engine_ids, save))
         except Exception as e:
             res["error"] = f"{type(e).__name__}: {e}"
             save()

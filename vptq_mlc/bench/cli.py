@@ -199,6 +199,7 @@ def api_cmd(model_dir: str, lib: str, device: str, json_out: str, batches: str, 
     """What the OpenAI server costs: structured vs free tok/s (batch 1), TTFT with a cached prefix, server vs
     engine tok/s; one JSON and a table (random weights fill a config-only MODEL_DIR)."""
     from vptq_mlc.bench.api import TILE, Settings, report_table, run_api_bench
+    from vptq_mlc.errors import VPTQMLCError
 
     try:
         sizes = tuple(int(b) for b in batches.split(","))
@@ -210,7 +211,7 @@ def api_cmd(model_dir: str, lib: str, device: str, json_out: str, batches: str, 
                         default_sampling)
     try:
         res = run_api_bench(model_dir, lib, device, json_out, settings, work_dir, 0 if exact_random else TILE)
-    except (ValueError, RuntimeError) as e:  # bad sizes, or a request or the server failed (the JSON says which)
+    except (ValueError, RuntimeError, VPTQMLCError) as e:  # bad sizes, or a request or the server failed
         raise click.ClickException(str(e)) from None
     click.echo(report_table(res))
 
