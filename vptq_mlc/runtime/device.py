@@ -108,7 +108,7 @@ class Placement:
 def parse_placement(device: DeviceLike | Placement = "auto",
                     devices: str | Sequence[str | DeviceSpec] | None = None) -> Placement:
     """`--device` and `--devices` -> a Placement (`devices`, when given, overrides `device`; one entry is that
-    single device). A single `cpu:N` other than cpu:0 is refused: see `check_single_device`."""
+    single device). A single `cpu:N` other than cpu:0 is refused: see `_check_single`."""
     if isinstance(device, Placement) and not devices:
         return device
     specs = parse_devices(devices) if devices else ()
@@ -204,16 +204,12 @@ def find_library(model_dir: Path, spec: DeviceSpec) -> Path:
     return max(matches, key=lambda p: p.stat().st_mtime)
 
 
-def check_single_device(device: DeviceLike) -> None:
-    """Refuse a single `--device` that names no real device, before anything loads.
+def _check_single(spec: DeviceSpec | None, text: str) -> None:
+    """Refuse a single device that names no real device, before anything loads.
 
     TVM accepts any `cpu:N` and runs it on the one host CPU, so `cpu:7` would silently mean `cpu`. Only `cpu`
     (= `cpu:0`) is accepted for one device; distinct `cpu:N` ids are meaningful only in a layer split
     (`--devices cpu:0,cpu:1`, how the split is tested without GPUs)."""
-    _check_single(as_device(device), device if isinstance(device, str) else str(device))
-
-
-def _check_single(spec: DeviceSpec | None, text: str) -> None:
     if spec is not None and spec.kind == "cpu" and spec.index != 0:
         raise RuntimeLoadError(f"device {text!r} does not exist: the host's CPU is one device; use --device cpu")
 
