@@ -23,6 +23,7 @@ import_required("ray.serve", "pip install -e '.[cluster]' (the test extra includ
 
 from test_serve_security import check_auth_and_limits  # noqa: E402
 
+from vptq_mlc.runtime.device import DeviceSpec  # noqa: E402
 from vptq_mlc.serve.cluster import ClusterOptions, start_cluster, stop_cluster  # noqa: E402
 
 KEY = "sk-cluster-test"
@@ -41,8 +42,8 @@ def free_port() -> int:
 @pytest.fixture(scope="module")
 def cluster(tiny_served_model):
     _, model_dir, lib = tiny_served_model
-    opts = ClusterOptions(model_dir=str(model_dir), lib=str(lib), device="cpu", replicas=2, port=free_port(),
-                          max_batch_size=BATCH, max_queue=64, max_total_tokens=4096, api_key=KEY,
+    opts = ClusterOptions(model_dir=str(model_dir), lib=str(lib), device=DeviceSpec("cpu"), replicas=2,
+                          port=free_port(), max_batch_size=BATCH, max_queue=64, max_total_tokens=4096, api_key=KEY,
                           max_body_bytes=MAX_BODY, request_timeout=60, engine_env={"TVM_NUM_THREADS": "1"})
     try:
         url = start_cluster(opts, timeout=300)

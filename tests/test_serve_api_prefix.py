@@ -15,7 +15,7 @@ SYSTEM = "You are a helpful assistant. Answer briefly and precisely, in plain En
 def greedy(engine: Engine, prompt: list[int], n: int = 8) -> tuple[list[int], int]:
     """(greedy ids, prompt tokens the engine prefilled for this request)."""
     before = engine.prefill_tokens
-    req = engine.add_request(prompt, engine._params(max_tokens=n, temperature=0, ignore_eos=True))
+    req = engine.add_request(prompt, engine.frontend.sampling_params(max_tokens=n, temperature=0, ignore_eos=True))
     while not req.finished:
         engine.step()
     return req.output_ids, engine.prefill_tokens - before
@@ -57,7 +57,7 @@ def test_n_sequences_share_one_prefill(engines) -> None:
     prompt = cached.tokenizer.encode("Three friends walked into the old library on a rainy afternoon and")
     assert len(prompt) >= 2 * cached.kv.page_size
     before = cached.prefill_tokens
-    params = cached._params(max_tokens=6, temperature=0, ignore_eos=True)
+    params = cached.frontend.sampling_params(max_tokens=6, temperature=0, ignore_eos=True)
     reqs = [cached.add_request(prompt, params) for _ in range(3)]
     while not all(r.finished for r in reqs):
         cached.step()
@@ -75,7 +75,8 @@ def test_cached_prefixes_give_their_pages_back(engines) -> None:
     # a request that needs nearly every page is admitted: cached prefixes are evicted for it
     big = tok.encode("story " * 20)
     budget = cached.kv.total_pages * cached.kv.page_size - len(big) - cached.kv.page_size
-    req = cached.add_request(big, cached._params(max_tokens=budget, temperature=0, ignore_eos=True))
+    params = cached.frontend.sampling_params(max_tokens=budget, temperature=0, ignore_eos=True)
+    req = cached.add_request(big, params)
     cached.step()
     assert req.seq_id is not None and cached.prefix_cache.pages + req.reserved_pages <= cached.kv.total_pages
     cached.cancel(req)

@@ -367,8 +367,8 @@ def test_kv_cache_default_is_sized_from_free_memory(tiny_served_model, monkeypat
     # ample memory: every one of the 4 sequences can hold a whole context window at once
     e = Engine(model_dir, lib, device="cpu", max_batch_size=4)
     assert e.max_total_tokens == 4 * CONTEXT and e.kv.total_pages * e.kv.page_size >= 4 * CONTEXT
-    reqs = [e.add_request([5] * 10, e._params(max_tokens=CONTEXT - 10, temperature=0, ignore_eos=True))
-            for _ in range(4)]
+    greedy = e.frontend.sampling_params(max_tokens=CONTEXT - 10, temperature=0, ignore_eos=True)
+    reqs = [e.add_request([5] * 10, greedy) for _ in range(4)]
     e.step()
     assert all(r.state.value == "running" for r in reqs)
     del e, reqs

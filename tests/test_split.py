@@ -19,15 +19,17 @@ from click.testing import CliRunner
 from reference_model import reference_greedy, reference_model
 from tvm.runtime import ShapeTuple
 
+import vptq_mlc.runtime.device as device_module
 from vptq_mlc.cli import main
 from vptq_mlc.compile.build import compile_model
 from vptq_mlc.convert.converter import convert_checkpoint
 from vptq_mlc.errors import RuntimeLoadError
+from vptq_mlc.runtime.device import parse_devices
 from vptq_mlc.runtime.engine import Engine
 from vptq_mlc.runtime.kv_cache import PagedKVCache
-from vptq_mlc.runtime.library import load_library, load_params
+from vptq_mlc.runtime.library import CompiledModel, load_library, load_params
 from vptq_mlc.runtime.sampling import SamplingParams
-from vptq_mlc.runtime.split import SplitModel, StagedKVCache, parse_devices, plan_stages
+from vptq_mlc.runtime.split import SplitModel, StagedKVCache, plan_stages
 from vptq_mlc.testing.synthetic import make_synthetic_checkpoint
 
 DEVICES = "cpu:0,cpu:1"
@@ -65,9 +67,11 @@ def generate(engine: Engine, prompts: list[str], n: int = 12) -> list[list[int]]
     return [r.output_ids for r in reqs]
 
 
-def test_stages_live_on_their_devices(split: Engine) -> None:
+def test_stages_live_on_their_devices(split: Engine, single: Engine) -> None:
     model = split.lib
     assert isinstance(model, SplitModel) and isinstance(split.kv, StagedKVCache)
+    assert isinstance(model, CompiledModel) and isinstance(single.lib, CompiledModel)  # one protocol, two models
+    assert split.device_sampler is None  # layer-split models sample on the host
     s0, s1 = model.stages
     assert (s0.layers, s1.layers) == (range(0, 2), range(2, 3))  # embed on stage 0 balances against layers there
     assert [st.lib.device.index for st in model.stages] == [0, 1]
@@ -137,14 +141,18 @@ def test_plan_stages_balances_bytes() -> None:
         plan_stages([1, 1], 3)
 
 
-def test_cli_chat_devices(built) -> None:
+def test_cli_chat_devices(built, monkeypatch) -> None:
     _, model_dir, lib = built
     args = ["chat", str(model_dir), "--lib", str(lib), "--raw", "--prompt", "The quick", "--max-tokens", "8",
             "--temperature", "0"]
     one = CliRunner().invoke(main, [*args, "--device", "cpu"])
+    parsed = []
+    real = device_module.parse_device
+    monkeypatch.setattr(device_module, "parse_device", lambda text: parsed.append(text) or real(text))
     two = CliRunner().invoke(main, [*args, "--devices", DEVICES])
     assert one.exit_code == 0 and two.exit_code == 0, (one.output, two.output)
     assert two.stdout == one.stdout and one.stdout.strip()
+    assert parsed == DEVICES.split(",")  # each listed device parsed once, at the CLI; the split gets DeviceSpecs
 
 
 @pytest.mark.parametrize("devices, message", [

@@ -12,11 +12,14 @@ import math
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
 from vptq_mlc.errors import VPTQMLCError
+
+if TYPE_CHECKING:
+    from vptq_mlc.runtime.device import Placement
 
 log = logging.getLogger("vptq_mlc")
 
@@ -120,22 +123,33 @@ def show_stage_lines() -> None:
         progress.addHandler(handler)
 
 
-def resolve_model(model_dir: str, lib: str | None, device: str) -> tuple[str, str | None, str]:
+def resolve_model(model_dir: str, lib: str | None, placement: Placement) -> tuple[str, str | None, Placement]:
     """What `chat`/`serve` run: the bundled alias (`smollm2`, built on first use and cached), a `vptq-mlc package`
     output (the library matching this host, from its manifest), or a model dir with an optional --lib."""
     from vptq_mlc.bundled import ensure_bundled_model, is_bundled_alias
+    from vptq_mlc.runtime.device import DeviceSpec, Placement
 
     check_library_option(lib)
     if is_bundled_alias(model_dir):
         built_dir, built_lib = ensure_bundled_model(model_dir)
         if lib is not None:  # the user's own build of the bundled model (e.g. for cuda)
-            return str(built_dir), lib, device
-        return str(built_dir), str(built_lib), "cpu" if device == "auto" else device
+            return str(built_dir), lib, placement
+        return str(built_dir), str(built_lib), placement if placement.devices else Placement((DeviceSpec("cpu"),))
     if lib is None and (Path(model_dir) / "manifest.json").exists():
         from vptq_mlc.package.select import select_library
 
-        lib, device = select_library(model_dir, device)
-    return model_dir, lib, device
+        lib, picked = select_library(model_dir, placement.first)
+        if not placement.split:
+            placement = Placement((picked,))
+    return model_dir, lib, placement
+
+
+def parse_device_options(device: str, devices: str | None = None) -> Placement:
+    """--device and --devices, parsed once, before anything loads (the model may take a while); everything below
+    gets the Placement (runtime/device.py: `parse_placement`)."""
+    from vptq_mlc.runtime.device import parse_placement
+
+    return parse_placement(device, devices)
 
 
 def model_source_options(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -154,15 +168,6 @@ DEVICES_HELP = ("Split the decoder layers over these devices, e.g. cuda:0,cuda:1
                 "library must be compiled with --split-functions). Overrides --device.")
 
 
-def _first_device(devices: str | None, device: str) -> str:
-    """The device used to pick a library (`--lib` omitted) when `--devices` is given."""
-    if not devices:
-        return device
-    from vptq_mlc.runtime.split import parse_devices
-
-    return parse_devices(devices)[0]
-
-
 def _finite(ctx: click.Context, param: click.Parameter, value: float | None) -> float | None:
     """click's FloatRange lets NaN through (every comparison with NaN is false); a sampling knob must be a number."""
     if value is not None and not math.isfinite(value):
@@ -172,13 +177,6 @@ def _finite(ctx: click.Context, param: click.Parameter, value: float | None) -> 
 
 POSITIVE = click.IntRange(min=1)
 NON_NEGATIVE = click.IntRange(min=0)
-
-
-def check_single_device(device: str) -> None:
-    """Refuse a bad --device before anything loads (the model may take a while); see `device.check_single_device`."""
-    from vptq_mlc.runtime.device import check_single_device as check
-
-    check(device)
 
 
 def check_library_option(lib: str | None) -> None:
@@ -300,10 +298,8 @@ def chat(model_dir: str, lib: str | None, device: str, prompt: str | None, syste
     from vptq_mlc.runtime.chat_session import ChatSession, interactive, write_stream
     from vptq_mlc.runtime.engine import Engine
 
-    if not devices:
-        check_single_device(device)
-    model_dir, lib, device = resolve_model(model_dir, lib, _first_device(devices, device))
-    engine = Engine(model_dir, lib, device=device, max_batch_size=1, context_window=context_window, devices=devices)
+    model_dir, lib, placement = resolve_model(model_dir, lib, parse_device_options(device, devices))
+    engine = Engine(model_dir, lib, device=placement, max_batch_size=1, context_window=context_window)
     session = ChatSession(engine, raw=raw, system=system, max_tokens=max_tokens, temperature=temperature,
                           top_p=top_p, top_k=top_k, repetition_penalty=repetition_penalty, seed=seed,
                           stop=list(stop))
@@ -373,8 +369,8 @@ def serve(model_dir: str, lib: str | None, device: str, host: str, port: int, ma
             raise click.UsageError("--devices (layer split) does not combine with Ray replicas yet; drop one of them")
         from vptq_mlc.serve.cluster_cli import serve_replicas
 
-        model_dir, lib, device = resolve_model(model_dir, lib, device)
-        serve_replicas(model_dir=model_dir, lib=lib, device=device, host=host, port=port, replicas=replicas,
+        model_dir, lib, placement = resolve_model(model_dir, lib, parse_device_options(device))
+        serve_replicas(model_dir=model_dir, lib=lib, device=placement.first, host=host, port=port, replicas=replicas,
                        min_replicas=min_replicas, max_replicas=max_replicas, ray_address=ray_address,
                        max_batch_size=max_batch_size, max_queue=max_queue, max_total_tokens=max_total_tokens,
                        context_window=context_window, model_name=model_name, api_key=api_key,
@@ -390,9 +386,9 @@ def serve(model_dir: str, lib: str | None, device: str, host: str, port: int, ma
         raise RuntimeLoadError(f"serve needs the serve extra ({e.name} is not installed): "
                                "pip install 'vptq-mlc[serve]'") from e
 
-    model_dir, lib, device = resolve_model(model_dir, lib, _first_device(devices, device))
-    engine = load_engine(model_dir, lib, device=device, max_batch_size=max_batch_size, context_window=context_window,
-                         max_total_tokens=max_total_tokens, devices=devices, prefix_cache=prefix_cache,
+    model_dir, lib, placement = resolve_model(model_dir, lib, parse_device_options(device, devices))
+    engine = load_engine(model_dir, lib, device=placement, max_batch_size=max_batch_size,
+                         context_window=context_window, max_total_tokens=max_total_tokens, prefix_cache=prefix_cache,
                          step_token_budget=step_token_budget)
     run_server(engine, host=host, port=port, max_queue=max_queue, model_name=model_name, api_key=api_key,
                max_body_bytes=max_body_bytes, read_timeout=read_timeout, drain_timeout=drain_timeout,
@@ -554,7 +550,7 @@ def eval_ppl(model: str, lib: str | None, device: str, reference: str | None, te
     from vptq_mlc.eval.ppl import is_mlc_dir, ppl_compiled, ppl_reference, text_windows_for
     from vptq_mlc.quantize.hf_import import resolve_dense_model
 
-    check_single_device(device)
+    placement = parse_device_options(device)
     check_library_option(lib)
     path = Path(model)
     if not (path.is_dir() and (is_mlc_dir(path) or is_vptq_dir(path))):
@@ -563,7 +559,7 @@ def eval_ppl(model: str, lib: str | None, device: str, reference: str | None, te
     progress = True  # bars on a terminal, lines in a log (vptq_mlc.progress)
     results = []
     if lib is not None or is_mlc_dir(path):
-        results.append(ppl_compiled(path, lib, windows, device=device, progress=progress))
+        results.append(ppl_compiled(path, lib, windows, device=placement, progress=progress))
     else:
         results.append(ppl_reference(path, windows, progress=progress))
     if reference is not None:

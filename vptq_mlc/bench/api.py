@@ -148,7 +148,7 @@ def engine_round(engine: Any, prompts: list[list[int]], max_tokens: int) -> list
     """`prompts` added together (greedy, EOS ignored) and stepped to the end; a token's stamp is the end of the
     step that produced it. The parameters are the server's for `completion_body`: the model's defaults filled in
     by the same rule (so the sampler takes the same path)."""
-    params = engine._params(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)  # noqa: SLF001 - config defaults
+    params = engine.frontend.sampling_params(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
     t0 = time.perf_counter()
     reqs = [engine.add_request(p, params) for p in prompts]
     out = {id(r): Timed() for r in reqs}

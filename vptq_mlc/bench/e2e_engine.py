@@ -86,7 +86,7 @@ def decode_params(engine: Any, sampling: str, max_tokens: int, seed: int) -> Any
     if mode == "greedy":
         return SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
     if mode == "model":  # the model's defaults (temperature, top_p, penalties) from mlc-chat-config.json
-        return engine._params(max_tokens=max_tokens, seed=seed, ignore_eos=True)
+        return engine.frontend.sampling_params(max_tokens=max_tokens, seed=seed, ignore_eos=True)
     return SamplingParams(max_tokens=max_tokens, temperature=mode[0], top_p=mode[1], seed=seed, ignore_eos=True)
 
 

@@ -106,9 +106,10 @@ def _score(windows: list[list[int]], logits_of: Callable[[list[list[int]]], list
 # ---- compiled library --------------------------------------------------------------------------------------
 
 
-def ppl_compiled(model_dir: str | Path, lib: str | Path | None, windows: list[list[int]], device: str = "cpu",
+def ppl_compiled(model_dir: str | Path, lib: str | Path | None, windows: list[list[int]], device: Any = "cpu",
                  progress: bool = True) -> PplResult:
-    """Perplexity from our compiled library (all-position logits through `batch_prefill`)."""
+    """Perplexity from our compiled library (all-position logits through `batch_prefill`); `device` as `Engine`
+    takes it (the CLI's Placement, a DeviceSpec or a device string)."""
     import tvm
     from tvm.runtime import ShapeTuple
 

@@ -15,11 +15,14 @@ import platform
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from vptq_mlc.errors import RuntimeLoadError
 from vptq_mlc.package.config import PackageError
 from vptq_mlc.package.manifest import read_manifest, verify_file
+
+if TYPE_CHECKING:
+    from vptq_mlc.runtime.device import DeviceLike, DeviceSpec
 
 log = logging.getLogger(__name__)
 _KIND_OF_DEVICE = {"cpu": "llvm", "cuda": "cuda", "rocm": "rocm"}
@@ -38,7 +41,7 @@ def _sm(compute_version: str) -> str:
     return f"sm_{major}{minor}"
 
 
-def probe_device(device: str) -> HostDevice | None:
+def probe_device(device: DeviceLike) -> HostDevice | None:
     """The device and its arch if present, else None (never raises for a missing GPU or driver)."""
     from vptq_mlc.runtime.device import resolve_device
 
@@ -84,12 +87,16 @@ def _describe_offers(libs: list[dict[str, Any]]) -> str:
                      for lib in libs) or "no libraries"
 
 
-def select_library(model_dir: str | os.PathLike[str], device: str = "auto") -> tuple[Path, str]:
-    """(verified library path, device string) for this host, from the package's manifest."""
+def select_library(model_dir: str | os.PathLike[str], device: DeviceLike = "auto") -> tuple[Path, DeviceSpec]:
+    """(verified library path, device) for this host, from the package's manifest; `device` None or "auto" tries
+    cuda:0, rocm:0, cpu in that order."""
+    from vptq_mlc.runtime.device import DeviceSpec, as_device  # imports tvm: only when a package is used
+
     model_dir = Path(model_dir)
     manifest = read_manifest(model_dir)
     libs = manifest["libraries"]
-    cands = ["cuda:0", "rocm:0", "cpu"] if device.strip().lower() == "auto" else [device]
+    spec = as_device(device)
+    cands = [DeviceSpec("cuda"), DeviceSpec("rocm"), DeviceSpec("cpu")] if spec is None else [spec]
     seen = []
     for cand in cands:
         host = probe_device(cand)
@@ -104,9 +111,10 @@ def select_library(model_dir: str | os.PathLike[str], device: str = "auto") -> t
                                                  len(lib.get("abi", {}).get("cpu_features", []))))
             path = verify_file(model_dir, best["file"], best, "library")
             log.info("package %s: %s for %s", model_dir.name, best["file"], host.device)
-            return path, host.device
+            return path, cand
+    has = ", ".join(seen) or f"no usable device for {spec or 'auto'}"
     raise PackageError(
-        f"no library in {model_dir} fits this host: it has {', '.join(seen) or 'no usable device for ' + device}; "
+        f"no library in {model_dir} fits this host: it has {has}; "
         f"the package offers {_describe_offers(libs)}; add a matching target to the package config and re-run "
         "vptq-mlc package (or pass --device / --lib)"
     )

@@ -1,4 +1,8 @@
-"""Device strings ("cpu", "cuda", "cuda:1", "rocm:0", "auto") -> a present `tvm.runtime.Device`.
+"""Device strings ("cpu", "cuda:1", "auto", ...) -> `DeviceSpec` / `Placement` -> a present `tvm.runtime.Device`.
+
+`parse_placement` is the one place `--device` / `--devices` text becomes typed: the CLI calls it once, at its edge,
+and passes the `Placement` down; library users may still hand the runtime a string, which goes through the same
+parser (`as_device`).
 
 Why a module of its own: in runtime-only mode (TVM_USE_RUNTIME_LIB=1, or a TVM install without
 libtvm_compiler.so) TVM skips loading its GPU backend plugins, so the CUDA plugin has to be loaded by hand
@@ -10,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -38,7 +43,12 @@ class DeviceSpec:
         return DEVICE_TYPES[self.kind]
 
     def __str__(self) -> str:
-        return self.kind if self.kind == "cpu" else f"{self.kind}:{self.index}"
+        return self.kind if self.kind == "cpu" and self.index == 0 else f"{self.kind}:{self.index}"
+
+
+# A device as the runtime's functions take it: a DeviceSpec, None for "auto" (the first present of cuda, rocm, cpu),
+# or a device string for Python callers (parsed by `parse_device`).
+DeviceLike = DeviceSpec | str | None
 
 
 def parse_device(text: str) -> DeviceSpec | None:
@@ -50,6 +60,63 @@ def parse_device(text: str) -> DeviceSpec | None:
     if not m:
         raise RuntimeLoadError(f"unknown device {text!r}; use cpu, cuda, cuda:N, rocm:N or auto")
     return DeviceSpec(m.group(1), int(m.group(2) or 0))
+
+
+def as_device(device: DeviceLike) -> DeviceSpec | None:
+    """A DeviceSpec (or None = auto) as is; a string through `parse_device`."""
+    return parse_device(device) if isinstance(device, str) else device
+
+
+def parse_devices(text: str | Sequence[str | DeviceSpec]) -> tuple[DeviceSpec, ...]:
+    """`"cuda:0,cuda:1"` (or a list) -> DeviceSpecs; one kind, explicit devices (no `auto`)."""
+    items = [t.strip() if isinstance(t, str) else t for t in (text.split(",") if isinstance(text, str) else text)]
+    items = [t for t in items if t]
+    if not items:
+        raise RuntimeLoadError("--devices is empty; list devices like cuda:0,cuda:1")
+    specs = []
+    for t in items:
+        spec = as_device(t)
+        if spec is None:
+            raise RuntimeLoadError("--devices takes explicit devices (e.g. cuda:0,cuda:1), not auto")
+        specs.append(spec)
+    if len({s.kind for s in specs}) > 1:
+        raise RuntimeLoadError(f"--devices mixes device kinds ({','.join(map(str, items))}); a library runs on one "
+                               "kind")
+    return tuple(specs)
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Where a model runs: no device = auto, one device, or several (the decoder layers split over them,
+    runtime/split.py). Made by `parse_placement`."""
+
+    devices: tuple[DeviceSpec, ...] = ()
+
+    @property
+    def split(self) -> bool:
+        return len(self.devices) > 1
+
+    @property
+    def first(self) -> DeviceSpec | None:
+        """The device that picks the library (and the only one unless split); None = auto."""
+        return self.devices[0] if self.devices else None
+
+    def __str__(self) -> str:
+        return ",".join(map(str, self.devices)) or "auto"
+
+
+def parse_placement(device: DeviceLike | Placement = "auto",
+                    devices: str | Sequence[str | DeviceSpec] | None = None) -> Placement:
+    """`--device` and `--devices` -> a Placement (`devices`, when given, overrides `device`; one entry is that
+    single device). A single `cpu:N` other than cpu:0 is refused: see `_check_single`."""
+    if isinstance(device, Placement) and not devices:
+        return device
+    specs = parse_devices(devices) if devices else ()
+    if len(specs) > 1:
+        return Placement(specs)
+    single = specs[0] if specs else as_device(device)  # type: ignore[arg-type]
+    _check_single(single, device if isinstance(device, str) and not specs else str(single))
+    return Placement(() if single is None else (single,))
 
 
 def runtime_only() -> bool:
@@ -96,9 +163,9 @@ def _present(spec: DeviceSpec) -> tuple[bool, str]:
     return exists, "" if exists else f"no {spec.kind} device with index {spec.index}"
 
 
-def resolve_device(text: str = "auto") -> tuple[DeviceSpec, tvm.runtime.Device]:
-    """Parse `text` and return the spec and a TVM device that is present; "auto" prefers cuda, rocm, cpu."""
-    spec = parse_device(text)
+def resolve_device(device: DeviceLike = "auto") -> tuple[DeviceSpec, tvm.runtime.Device]:
+    """The spec and a TVM device that is present; "auto" (None) prefers cuda, rocm, cpu."""
+    spec = as_device(device)
     if spec is None:
         for cand in (DeviceSpec("cuda"), DeviceSpec("rocm")):
             if _present(cand)[0]:
@@ -137,13 +204,12 @@ def find_library(model_dir: Path, spec: DeviceSpec) -> Path:
     return max(matches, key=lambda p: p.stat().st_mtime)
 
 
-def check_single_device(text: str) -> None:
-    """Refuse a single `--device` that names no real device, before anything loads.
+def _check_single(spec: DeviceSpec | None, text: str) -> None:
+    """Refuse a single device that names no real device, before anything loads.
 
     TVM accepts any `cpu:N` and runs it on the one host CPU, so `cpu:7` would silently mean `cpu`. Only `cpu`
     (= `cpu:0`) is accepted for one device; distinct `cpu:N` ids are meaningful only in a layer split
     (`--devices cpu:0,cpu:1`, how the split is tested without GPUs)."""
-    spec = parse_device(text)
     if spec is not None and spec.kind == "cpu" and spec.index != 0:
         raise RuntimeLoadError(f"device {text!r} does not exist: the host's CPU is one device; use --device cpu")
 

@@ -28,16 +28,15 @@ from tvm.runtime import ShapeTuple
 from vptq_mlc.artifact import sampler_abi
 from vptq_mlc.artifact.chat_config import ChatConfig
 from vptq_mlc.errors import GenerationError, RuntimeLoadError
-from vptq_mlc.runtime.chat_template import ChatTemplate, ChatTemplateError, load_chat_template
-from vptq_mlc.runtime.device import check_single_device, find_library, resolve_device
+from vptq_mlc.runtime.device import DeviceLike, Placement, find_library, parse_placement, resolve_device
 from vptq_mlc.runtime.device_sampler import DeviceSampler, SampleRow
-from vptq_mlc.runtime.kv_cache import PagedKVCache, PrefixCache
-from vptq_mlc.runtime.library import ModelLibrary, first_line, load_library, load_params
+from vptq_mlc.runtime.frontend import RequestFrontend
+from vptq_mlc.runtime.kv_cache import PrefixCache
+from vptq_mlc.runtime.library import CompiledModel, first_line, load_library
 from vptq_mlc.runtime.memory import free_memory_bytes, kv_bytes_per_token, kv_cache_tokens
 from vptq_mlc.runtime.request import Request, RequestState
 from vptq_mlc.runtime.sampling import SamplingParams, TokenConstraint
-from vptq_mlc.runtime.split import SplitModel, StagedKVCache, parse_devices
-from vptq_mlc.runtime.tokenizer import Tokenizer
+from vptq_mlc.runtime.split import SplitModel
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +57,7 @@ class Engine:
         self,
         model_dir: str | Path,
         lib_path: str | Path | None = None,
-        device: str = "cpu",
+        device: DeviceLike | Placement = "cpu",
         max_batch_size: int | None = None,
         context_window: int | None = None,
         prefill_chunk_size: int | None = None,
@@ -72,8 +71,9 @@ class Engine:
 
         `max_total_tokens`: KV slots shared by all sequences (default: 90% of the memory free after the weights,
         at most max_batch_size context windows; runtime/memory.py).
-        `devices`: several devices (e.g. "cuda:0,cuda:1") split the decoder layers over them (runtime/split.py;
-        the library needs `--split-functions`); one device is the same as `device`.
+        `device`: a Placement (what the CLI parsed), a DeviceSpec, or a device string ("auto" = None: the first
+        present of cuda, rocm, cpu). `devices`: several devices (e.g. "cuda:0,cuda:1") split the decoder layers
+        over them (runtime/split.py; the library needs `--split-functions`); one device is the same as `device`.
         `prefix_cache`: keep finished requests' KV pages (LRU, evicted when admissions need the pages) and start
         later requests that share a prefix from them (one device, no sliding window).
         `step_token_budget`: tokens per step while requests decode and prompts are left (their decode tokens plus
@@ -82,20 +82,12 @@ class Engine:
         """
         self.model_dir = Path(model_dir)
         self.config = ChatConfig.load(self.model_dir)
-        devices = parse_devices(devices) if devices else None
-        if devices and len(devices) == 1:
-            device, devices = devices[0], None
-        if not devices:
-            check_single_device(device)
+        self.placement = parse_placement(device, devices)
         if lib_path is None:
-            lib_path = find_library(self.model_dir, resolve_device(devices[0] if devices else device)[0])
+            lib_path = find_library(self.model_dir, resolve_device(self.placement.first)[0])
             log.info("using model library %s", lib_path)
-        # a SplitModel offers ModelLibrary's interface (metadata, device, has, func) over the stages
-        self.lib: ModelLibrary | SplitModel = (SplitModel(lib_path, devices) if devices
-                                               else load_library(lib_path, device))
-        self.tokenizer = Tokenizer(self.model_dir)
-        template = load_chat_template(self.model_dir)
-        self.chat_template = ChatTemplate(template, self.tokenizer.template_variables()) if template else None
+        self.lib: CompiledModel = (SplitModel(lib_path, self.placement.devices) if self.placement.split
+                                   else load_library(lib_path, self.placement.first))
 
         md = self.lib.metadata
         self.context_window = self._limit("context window", context_window, self.config.context_window_size,
@@ -108,37 +100,29 @@ class Engine:
                                    "give a number of tokens, or 0 to keep prompts out of decode steps")
         self.step_token_budget = min(DEFAULT_STEP_TOKEN_BUDGET if step_token_budget is None else step_token_budget,
                                      self.prefill_chunk)
-        if isinstance(self.lib, SplitModel):
-            self.params = self.lib.load_params(self.model_dir, self.config.model_config)  # each stage holds its own
-            kv_cache: type = StagedKVCache
-        else:
-            self.params = load_params(self.model_dir, self.lib, self.config.model_config)
-            kv_cache = PagedKVCache
+        self.frontend = RequestFrontend(self.model_dir, self.config, self.context_window)
+        self.tokenizer, self.chat_template = self.frontend.tokenizer, self.frontend.chat_template
+        self.params = self.lib.load_params(self.model_dir, self.config.model_config)
         kv_tokens = kv_cache_tokens(max_total_tokens, kv_bytes_per_token(self.config.model_config,
                                                                          self.config.model_dtype),
                                     free_memory_bytes(self.lib.device), self.max_batch, self.context_window, page_size,
                                     str(self.lib.device))
         self.max_total_tokens = kv_tokens
         try:
-            self.kv = kv_cache(self.lib, self.max_batch, kv_tokens, self.prefill_chunk, page_size,
-                               int(md.get("sliding_window_size", self.config.sliding_window_size)),
-                               int(md.get("attention_sink_size", -1)))
+            self.kv = self.lib.create_kv_cache(self.max_batch, kv_tokens, self.prefill_chunk, page_size,
+                                               int(md.get("sliding_window_size", self.config.sliding_window_size)),
+                                               int(md.get("attention_sink_size", -1)))
         except Exception as e:  # noqa: BLE001 - TVM reports a failed allocation as std::bad_alloc or a TVMError
             raise RuntimeLoadError(f"cannot allocate a KV cache of {kv_tokens} tokens on {self.lib.device} "
                                    f"({first_line(e)}); lower --max-total-tokens") from e
-        self.prefix_cache = PrefixCache(self.kv) if prefix_cache and isinstance(self.kv, PagedKVCache) \
+        self.prefix_cache = PrefixCache(self.kv) if prefix_cache and self.lib.prefix_cacheable \
             and self.kv.sliding_window <= 0 else None
         if prefix_cache and self.prefix_cache is None:
             log.warning("prefix caching is off: it needs one device and no sliding window")
         self.prefill_tokens = 0  # prompt tokens run through the model (prefix-cache hits skip theirs)
         self._decoded: dict[int, int] = {}  # seq id -> decode steps fed (the KV of a finished request)
-        self.vocab_size = self.config.vocab_size
-        self.active_vocab = self.config.active_vocab_size or None
-        eos = set(self.config.eos_token_ids)
-        eos_text = self.tokenizer.special_tokens.get("eos_token")
-        if eos_text is not None and self.tokenizer.token_to_id(eos_text) is not None:
-            eos.add(self.tokenizer.token_to_id(eos_text))
-        self.eos_token_ids = frozenset(eos)
+        self.vocab_size, self.active_vocab = self.frontend.vocab_size, self.frontend.active_vocab
+        self.eos_token_ids = self.frontend.eos_token_ids
         self._embed, self._prefill, self._decode = (self.lib.func(n)
                                                     for n in ("embed", "batch_prefill", "batch_decode"))
         # Static decode functions (`decode` for one sequence, `batch_decode_b<n>` where the library has them) run
@@ -175,12 +159,9 @@ class Engine:
 
     def _load_device_sampler(self) -> DeviceSampler | None:
         """The library's compiled sampler (logits stay on the device), or None: sample on the host in numpy."""
-        if isinstance(self.lib, SplitModel):
-            log.info("sampling on the host (numpy): layer-split models keep the host sampler")
-            return None
-        if not self.lib.has(sampler_abi.FUNCTION):
-            log.info("sampling on the host (numpy): the library predates %s; recompile it to sample on the device",
-                     sampler_abi.FUNCTION)
+        reason = self.lib.host_sampling_reason()
+        if reason is not None:
+            log.info("sampling on the host (numpy): %s", reason)
             return None
         log.info("sampling on the device (the library's %s)", sampler_abi.FUNCTION)
         return DeviceSampler(self.lib.func(sampler_abi.FUNCTION), self.lib.device)
@@ -191,10 +172,10 @@ class Engine:
                     constraint: TokenConstraint | None = None) -> Request:
         """Queue a request (text is encoded with the tokenizer's special tokens, e.g. BOS).
 
-        `constraint`: structured output; the sampler only picks tokens it allows at each step."""
+        `constraint`: structured output; the sampler only picks tokens it allows at each step. `params` was
+        validated when built (`frontend.sampling_params` fills the model's defaults)."""
         params = params or SamplingParams()
-        params.validate()
-        ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else [int(t) for t in prompt]
+        ids = self.frontend.prompt_ids(prompt)
         if not ids:
             raise GenerationError("the prompt is empty; give at least one token")
         if self.vocab_size > 0 and not all(0 <= t < self.vocab_size for t in ids):
@@ -406,19 +387,6 @@ class Engine:
 
     # ---- convenience loops ----------------------------------------------------------------------------
 
-    def _params(self, **kw: Any) -> SamplingParams:
-        """SamplingParams from keyword arguments; None means the model's default from mlc-chat-config.json."""
-        defaults = {"temperature": self.config.temperature, "top_p": self.config.top_p,
-                    "repetition_penalty": self.config.repetition_penalty,
-                    "presence_penalty": self.config.presence_penalty,
-                    "frequency_penalty": self.config.frequency_penalty}
-        for k, v in defaults.items():
-            if kw.get(k) is None:
-                kw[k] = v
-        if isinstance(kw.get("stop"), str):
-            kw["stop"] = [kw["stop"]]
-        return SamplingParams(**{k: v for k, v in kw.items() if v is not None})
-
     def _stream(self, req: Request) -> Iterator[str]:
         try:
             while not req.finished:
@@ -435,20 +403,17 @@ class Engine:
                  stop_token_ids: list[int] | None = None, presence_penalty: float | None = None,
                  frequency_penalty: float | None = None) -> str | Iterator[str]:
         """Complete `prompt` (text or token ids). Returns the text, or an iterator of text deltas if `stream`."""
-        params = self._params(max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
-                              repetition_penalty=repetition_penalty, seed=seed, stop=stop,
-                              stop_token_ids=stop_token_ids, presence_penalty=presence_penalty,
-                              frequency_penalty=frequency_penalty)
+        params = self.frontend.sampling_params(
+            max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
+            repetition_penalty=repetition_penalty, seed=seed, stop=stop, stop_token_ids=stop_token_ids,
+            presence_penalty=presence_penalty, frequency_penalty=frequency_penalty)
         req = self.add_request(prompt, params)
         it = self._stream(req)
         return it if stream else "".join(it)
 
     def render_chat(self, messages: list[dict[str, Any]]) -> list[int]:
         """Prompt ids for a conversation, through the model's chat template (special tokens come from it)."""
-        if self.chat_template is None:
-            raise ChatTemplateError(f"the tokenizer in {self.model_dir} has no chat_template; use raw prompts (--raw)")
-        return self.tokenizer.encode(self.chat_template.render(messages, add_generation_prompt=True),
-                                     add_special_tokens=False)
+        return self.frontend.render_chat(messages)
 
     def chat(self, messages: list[dict[str, Any]], **kwargs: Any) -> str | Iterator[str]:
         """`generate` on the chat-templated conversation; same keyword arguments."""

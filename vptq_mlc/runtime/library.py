@@ -13,18 +13,20 @@ import logging
 import os
 import struct
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, Protocol, runtime_checkable
 
 import numpy as np
 import tvm
 
+from vptq_mlc.artifact import sampler_abi
 from vptq_mlc.artifact.checksum import read_sidecar, sha256_file, sidecar_path
 from vptq_mlc.artifact.files import TENSOR_CACHE
 from vptq_mlc.artifact.tensor_cache import read_index
 from vptq_mlc.errors import RuntimeLoadError
-from vptq_mlc.runtime.device import DeviceSpec, resolve_device
+from vptq_mlc.runtime.device import DeviceLike, DeviceSpec, resolve_device
 
 log = logging.getLogger(__name__)
 
@@ -39,15 +41,45 @@ def first_line(e: BaseException) -> str:
     return lines[0] if lines else type(e).__name__
 
 
+@runtime_checkable
+class CompiledModel(Protocol):
+    """What the engine calls on a loaded model, whether one library on one device (`ModelLibrary`) or the layer
+    split over several (`runtime/split.py: SplitModel`), so the scheduler has one code path for both."""
+
+    metadata: dict[str, Any]  # the library's `_metadata`
+    device: tvm.runtime.Device  # where inputs go and logits come out (a split: its first device)
+    prefix_cacheable: bool  # whether its KV cache can fork sequences (`PrefixCache`)
+
+    def has(self, name: str) -> bool: ...
+
+    def func(self, name: str) -> Callable[..., Any]:
+        """A function with the library's calling convention (docs/ARCHITECTURE.md, "Model library interface")."""
+        ...
+
+    def load_params(self, model_dir: str | Path, model_config: dict[str, Any] | None = None) -> Any:
+        """Put the weights on the device(s); returns the `params` argument of the functions."""
+        ...
+
+    def create_kv_cache(self, max_batch: int, max_total_tokens: int, prefill_chunk: int, page_size: int,
+                        sliding_window: int, attention_sink: int) -> Any:
+        """A KV cache with `PagedKVCache`'s interface."""
+        ...
+
+    def host_sampling_reason(self) -> str | None:
+        """Why logits must be sampled on the host (numpy), or None when the model samples on its device."""
+        ...
+
+
 @dataclass
 class ModelLibrary:
-    """An initialised VM module plus the library's `_metadata`."""
+    """An initialised VM module plus the library's `_metadata` (the single-device `CompiledModel`)."""
 
     path: Path
     spec: DeviceSpec
     device: tvm.runtime.Device
     vm: tvm.runtime.Module
     metadata: dict[str, Any]
+    prefix_cacheable = True
 
     def has(self, name: str) -> bool:
         return bool(self.vm.implements_function(name))
@@ -59,6 +91,21 @@ class ModelLibrary:
                 f"model library {self.path.name} has no function {name!r}; rebuild it with `vptq-mlc compile`"
             )
         return self.vm[name]
+
+    def load_params(self, model_dir: str | Path, model_config: dict[str, Any] | None = None) -> Any:
+        return load_params(model_dir, self, model_config)
+
+    def create_kv_cache(self, max_batch: int, max_total_tokens: int, prefill_chunk: int, page_size: int,
+                        sliding_window: int, attention_sink: int) -> Any:
+        from vptq_mlc.runtime.kv_cache import PagedKVCache  # kv_cache builds on this module
+
+        return PagedKVCache(self, max_batch, max_total_tokens, prefill_chunk, page_size, sliding_window,
+                            attention_sink)
+
+    def host_sampling_reason(self) -> str | None:
+        if self.has(sampler_abi.FUNCTION):
+            return None
+        return f"the library predates {sampler_abi.FUNCTION}; recompile it to sample on the device"
 
 
 ELF_MAGIC = b"\x7fELF"
@@ -140,8 +187,9 @@ def check_library_checksum(path: Path) -> None:
         )
 
 
-def load_library(lib_path: str | Path, device: str = "cpu") -> ModelLibrary:
-    """Load `lib_path` for `device` ("cpu", "cuda:0", "auto", ...) and read its `_metadata`."""
+def load_library(lib_path: str | Path, device: DeviceLike = "cpu") -> ModelLibrary:
+    """Load `lib_path` for `device` (a DeviceSpec, None = auto, or "cpu", "cuda:0", "auto", ...) and read its
+    `_metadata`."""
     path = Path(lib_path)
     if not path.is_file():
         raise RuntimeLoadError(f"model library not found: {path}; pass --lib or run `vptq-mlc compile` first")

@@ -23,7 +23,10 @@ MAX_TOP_LOGPROBS = 20
 
 @dataclass
 class SamplingParams:
-    """What one request asks for. top_k 0 and top_p 1.0 mean "off"."""
+    """What one request asks for. top_k 0 and top_p 1.0 mean "off".
+
+    Validated once, when built (`__post_init__`): a SamplingParams that exists is a valid one, so the engine, the
+    samplers and a Ray replica receiving it (unpickled, not rebuilt) never check it again."""
 
     max_tokens: int = 256
     temperature: float = 1.0
@@ -41,7 +44,11 @@ class SamplingParams:
     logprobs: bool = False  # record each chosen token's logprob
     top_logprobs: int = 0  # and this many most likely alternatives (0..MAX_TOP_LOGPROBS)
 
+    def __post_init__(self) -> None:
+        self.validate()
+
     def validate(self) -> None:
+        """Raise GenerationError naming the first field out of range (with the range)."""
         checks = [
             (self.max_tokens >= 1, f"max_tokens must be >= 1, got {self.max_tokens}"),
             (self.temperature >= 0, f"temperature must be >= 0 (0 = greedy), got {self.temperature}"),
@@ -202,7 +209,6 @@ class Sampler:
     """One request's sampler: its parameters and its random generator."""
 
     def __init__(self, params: SamplingParams) -> None:
-        params.validate()
         self.params = params
         self.rng = np.random.default_rng(params.seed)
 

@@ -1,7 +1,7 @@
 """Layer split across the devices of one host (`--devices cuda:0,cuda:1`): one model, consecutive layers per device.
 
-`SplitModel` stands in for `ModelLibrary` (`metadata`, `device`, `has`, `func`) and `StagedKVCache` for
-`PagedKVCache`, so the Engine's scheduler, `eval ppl` and the server run unchanged: `func("batch_prefill")` etc.
+`SplitModel` implements `library.CompiledModel` as `ModelLibrary` does, and `StagedKVCache` offers `PagedKVCache`'s
+interface, so the Engine's scheduler, `eval ppl` and the server run unchanged: `func("batch_prefill")` etc.
 return callables with the library's calling convention that run embed -> each stage's layers -> head, copying the
 hidden states to the next device between stages. They need a library compiled with `--split-functions`
 (model/split.py: per-layer-group functions that take only their own weights, `_metadata["split"]`).
@@ -30,7 +30,7 @@ import tvm_ffi
 from tvm.runtime import ShapeTuple
 
 from vptq_mlc.errors import RuntimeLoadError
-from vptq_mlc.runtime.device import parse_device
+from vptq_mlc.runtime.device import DeviceSpec, parse_devices
 from vptq_mlc.runtime.kv_cache import PagedKVCache
 from vptq_mlc.runtime.library import ModelLibrary, load_library, stream_params
 
@@ -45,22 +45,6 @@ ParamLoader = Callable[[list[dict[str, Any]], Any], dict[str, Any]]
 _weight_source: Callable[[str | Path, dict[str, Any] | None], ParamLoader] | None = None
 _DTYPE_BYTES = {"float16": 2, "bfloat16": 2, "float32": 4, "int32": 4, "uint32": 4, "uint16": 2, "int16": 2,
                 "uint8": 1, "int8": 1, "int64": 8, "float64": 8}
-
-
-def parse_devices(text: str | Sequence[str]) -> list[str]:
-    """`"cuda:0,cuda:1"` (or a list) -> device strings; one kind, explicit devices (no `auto`)."""
-    items = [t.strip() for t in (text.split(",") if isinstance(text, str) else text) if t.strip()]
-    if not items:
-        raise RuntimeLoadError("--devices is empty; list devices like cuda:0,cuda:1")
-    specs = []
-    for t in items:
-        spec = parse_device(t)
-        if spec is None:
-            raise RuntimeLoadError("--devices takes explicit devices (e.g. cuda:0,cuda:1), not auto")
-        specs.append(spec)
-    if len({s.kind for s in specs}) > 1:
-        raise RuntimeLoadError(f"--devices mixes device kinds ({','.join(items)}); a library runs on one kind")
-    return [f"{s.kind}:{s.index}" for s in specs]
 
 
 def plan_stages(layer_bytes: Sequence[int], n: int, first_extra: int = 0, last_extra: int = 0) -> list[range]:
@@ -130,10 +114,12 @@ class Stage:
 
 
 class SplitModel:
-    """The model library's interface over several devices (see the module docstring)."""
+    """The model library's interface (`library.CompiledModel`) over several devices (see the module docstring)."""
 
-    def __init__(self, lib_path: str | Path, devices: Sequence[str]) -> None:
-        devices = parse_devices(devices)
+    prefix_cacheable = False  # the stage caches do not fork sequences
+
+    def __init__(self, lib_path: str | Path, devices: Sequence[DeviceSpec]) -> None:
+        devices = parse_devices(devices)  # DeviceSpecs pass through; checks one kind, no auto
         self.path = Path(lib_path)
         libs = [load_library(lib_path, d) for d in devices]  # one VM instance per device
         self.metadata: dict[str, Any] = libs[0].metadata
@@ -191,6 +177,14 @@ class SplitModel:
             log.info("stage %d on %s:%d: layers %d..%d, %.1f MB of weights", k, st.lib.spec.kind, st.lib.spec.index,
                      st.layers.start, st.layers.stop - 1, sum(_nbytes(t) for t in loaded.values()) / 1e6)
         return None
+
+    def create_kv_cache(self, max_batch: int, max_total_tokens: int, prefill_chunk: int, page_size: int,
+                        sliding_window: int, attention_sink: int) -> StagedKVCache:
+        return StagedKVCache(self, max_batch, max_total_tokens, prefill_chunk, page_size, sliding_window,
+                             attention_sink)
+
+    def host_sampling_reason(self) -> str | None:
+        return "layer-split models keep the host sampler"
 
     # ---- the library's calling convention ---------------------------------------------------------------
 

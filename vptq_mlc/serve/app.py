@@ -71,9 +71,9 @@ def create_app(worker: EngineWorker, model_name: str) -> FastAPI:
     app = FastAPI(title="vptq-mlc", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.add_middleware(_CountRequests, metrics=worker.metrics)
     app.state.count_response = lambda path, status: worker.metrics.http_request(_endpoint(path), status)
-    engine = worker.engine
+    frontend = worker.frontend  # tokenizer, chat template, sampling defaults: read-only, used on the event loop
     created = int(time.time())
-    token_text = TokenText(engine.tokenizer)
+    token_text = TokenText(frontend.tokenizer)
     grammars = _Grammars(worker)
 
     @app.exception_handler(APIError)
@@ -126,11 +126,10 @@ def create_app(worker: EngineWorker, model_name: str) -> FastAPI:
         if (name := body.unsupported()) is not None:
             raise APIError(400, f"{name} is not supported by this server; leave it out", param=name)
         try:
-            params = sampling_params(engine, body, default_max_tokens)
-            params.validate()
+            params = sampling_params(frontend, body, default_max_tokens)  # validated here, once
         except VPTQMLCError as e:
             raise APIError(400, str(e)) from e
-        vocab = int(getattr(engine, "vocab_size", 0) or 0)
+        vocab = int(frontend.vocab_size or 0)
         if vocab and (bad := [t for t in params.logit_bias if t >= vocab]):
             raise APIError(400, f"logit_bias token {bad[0]} is outside the vocabulary (0..{vocab - 1})",
                            param="logit_bias")
@@ -171,7 +170,7 @@ def create_app(worker: EngineWorker, model_name: str) -> FastAPI:
         check_model(body.model)
         messages = body.conversation()
         tools = body.template_tools()
-        render = engine.render_chat if tools is None else (lambda m: _render_with_tools(engine, m, tools))
+        render = frontend.render_chat if tools is None else (lambda m: frontend.render_chat(m, tools))
         try:
             ids = await off_loop(render, messages, sum(len(m["content"]) for m in messages))
         except VPTQMLCError as e:
@@ -182,7 +181,8 @@ def create_app(worker: EngineWorker, model_name: str) -> FastAPI:
     async def completions(body: CompletionRequest, request: Request) -> Response:
         check_model(body.model)
         prompt = body.single_prompt()
-        ids = await off_loop(engine.tokenizer.encode, prompt, len(prompt)) if isinstance(prompt, str) else list(prompt)
+        ids = await off_loop(frontend.tokenizer.encode, prompt, len(prompt)) if isinstance(prompt, str) \
+            else list(prompt)
         return await respond(request, body, ids, DEFAULT_COMPLETION_MAX_TOKENS)
 
     @app.post("/v1/tokenize")
@@ -194,32 +194,32 @@ def create_app(worker: EngineWorker, model_name: str) -> FastAPI:
         try:
             if body.messages is not None:
                 chat_body = ChatCompletionRequest.model_construct(messages=body.messages)
-                text = engine.chat_template.render(chat_body.conversation(),
-                                                   add_generation_prompt=body.add_generation_prompt) \
-                    if engine.chat_template is not None else engine.render_chat([])  # raises the no-template error
-                ids = engine.tokenizer.encode(text, add_special_tokens=bool(body.add_special_tokens))
+                text = frontend.chat_template.render(chat_body.conversation(),
+                                                     add_generation_prompt=body.add_generation_prompt) \
+                    if frontend.chat_template is not None else frontend.render_chat([])  # the no-template error
+                ids = frontend.tokenizer.encode(text, add_special_tokens=bool(body.add_special_tokens))
             else:
                 add = True if body.add_special_tokens is None else body.add_special_tokens
-                ids = await off_loop(lambda p: engine.tokenizer.encode(p, add_special_tokens=add), body.prompt,
+                ids = await off_loop(lambda p: frontend.tokenizer.encode(p, add_special_tokens=add), body.prompt,
                                      len(body.prompt))
         except VPTQMLCError as e:
             raise APIError(400, str(e), param="messages") from e
         strs = [token_text.text(t) for t in ids] if body.return_token_strs else None
-        return {"count": len(ids), "max_model_len": engine.context_window, "tokens": ids, "token_strs": strs}
+        return {"count": len(ids), "max_model_len": frontend.context_window, "tokens": ids, "token_strs": strs}
 
     @app.post("/v1/detokenize")
     async def detokenize(body: DetokenizeRequest) -> dict[str, Any]:
         """vLLM's /detokenize: token ids to text (special tokens kept, as vLLM does)."""
         check_model(body.model)
-        vocab = int(getattr(engine, "vocab_size", 0) or 0) or engine.tokenizer.vocab_size
+        vocab = int(frontend.vocab_size or 0) or frontend.tokenizer.vocab_size
         if bad := [t for t in body.tokens if not 0 <= t < vocab]:
             raise APIError(400, f"token id {bad[0]} is outside the vocabulary (0..{vocab - 1})", param="tokens")
-        return {"prompt": engine.tokenizer.decode(body.tokens, skip_special_tokens=False)}
+        return {"prompt": frontend.tokenizer.decode(body.tokens, skip_special_tokens=False)}
 
     @app.get("/v1/models")
     async def models() -> dict[str, Any]:
         return {"object": "list", "data": [{"id": model_name, "object": "model", "created": created,
-                                            "owned_by": "vptq-mlc", "max_model_len": engine.context_window}]}
+                                            "owned_by": "vptq-mlc", "max_model_len": frontend.context_window}]}
 
     @app.get("/health")
     async def health() -> JSONResponse:
@@ -233,13 +233,14 @@ def create_app(worker: EngineWorker, model_name: str) -> FastAPI:
 
     @app.get("/metrics")
     async def metrics() -> Response:
-        return Response(worker.metrics.render() + _prefix_cache_metrics(engine), media_type=CONTENT_TYPE)
+        return Response(worker.metrics.render() + _prefix_cache_metrics(worker.engine), media_type=CONTENT_TYPE)
 
     return app
 
 
 def _prefix_cache_metrics(engine: Any) -> str:
-    """Prefill work and prefix-cache reuse (Prometheus text), for engines that count them."""
+    """Prefill work and prefix-cache reuse (Prometheus text) of the engine in this process (None: the Ray
+    ingress, whose engines live in the replicas)."""
     if not hasattr(engine, "prefill_tokens"):
         return ""
     cache = getattr(engine, "prefix_cache", None)
@@ -294,14 +295,6 @@ class DetokenizeRequest(BaseModel):
     tokens: list[int]
 
 
-def _render_with_tools(engine: Any, messages: list[dict[str, Any]], tools: list[dict[str, Any]]) -> list[int]:
-    """`Engine.render_chat` with the tools passed to the template (templates that know tools describe them)."""
-    if engine.chat_template is None:
-        return engine.render_chat(messages)  # raises the no-template error
-    text = engine.chat_template.render(messages, add_generation_prompt=True, tools=tools)
-    return engine.tokenizer.encode(text, add_special_tokens=False)
-
-
 class _Grammars:
     """Structured output for the app: the xgrammar factory (made on first use) and per-request grammars."""
 
@@ -315,7 +308,7 @@ class _Grammars:
 
         with self._lock:
             if self._factory is None:
-                self._factory = GrammarFactory.for_engine(self._worker.engine)
+                self._factory = GrammarFactory.for_model(self._worker.frontend)
             return self._factory
 
     def _compile(self, schema: dict[str, Any] | None) -> Any:

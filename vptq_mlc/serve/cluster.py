@@ -6,8 +6,9 @@ Two deployments in one Ray Serve application:
   `EngineWorker` loop each, one GPU each through `ray_actor_options` when the device is CUDA, else CPU. Its
   `generate` method streams the worker's `Event`s (as dicts, tagged with the replica id and pid).
 - `Ingress` (1 replica, no GPU, no model library): the unchanged FastAPI app of `serve.app.create_app` over a
-  `RemoteWorker`, which has `EngineWorker`'s interface (`submit`/`cancel`/`alive`/`metrics`/`engine`) but sends
-  each request to a replica through a Ray Serve handle (power-of-two-choices routing on queue length).
+  `RemoteWorker`, which has `EngineWorker`'s interface (`submit`/`cancel`/`alive`/`metrics`/`frontend`, the
+  model's `RequestFrontend`: requests are templated, tokenized and validated here, once) but sends each request
+  to a replica through a Ray Serve handle (power-of-two-choices routing on queue length).
 
 Why a separate ingress instead of putting the app on each replica: when a replica dies, Ray's HTTP proxy answers
 its in-flight requests with a bare 500; here the ingress sees the replica's death on the handle and (a) sends a
@@ -34,10 +35,9 @@ from ray import serve
 
 from vptq_mlc.artifact.chat_config import ChatConfig
 from vptq_mlc.errors import RuntimeLoadError
-from vptq_mlc.runtime.chat_template import ChatTemplate, load_chat_template
-from vptq_mlc.runtime.engine import Engine
+from vptq_mlc.runtime.device import DeviceSpec
+from vptq_mlc.runtime.frontend import RequestFrontend
 from vptq_mlc.runtime.sampling import SamplingParams
-from vptq_mlc.runtime.tokenizer import Tokenizer
 from vptq_mlc.serve.metrics import PREFIX, ServeMetrics
 from vptq_mlc.serve.security import DEFAULT_MAX_BODY_BYTES, secure
 from vptq_mlc.serve.worker import EngineWorker, Event, QueueFullError, WorkerStoppedError
@@ -55,7 +55,7 @@ class ClusterOptions:
 
     model_dir: str
     lib: str | None = None
-    device: str = "auto"
+    device: DeviceSpec = DeviceSpec("cpu")  # resolved (no auto): it decides whether replicas ask Ray for a GPU
     replicas: int = 1
     min_replicas: int | None = None
     max_replicas: int | None = None
@@ -86,7 +86,7 @@ class ClusterOptions:
 
     @property
     def gpu(self) -> bool:
-        return self.device.startswith("cuda")
+        return self.device.kind == "cuda"
 
 
 # ---- replica side --------------------------------------------------------------------------------------------
@@ -98,7 +98,7 @@ class EngineReplica:
     def __init__(self, opts: ClusterOptions) -> None:
         from vptq_mlc.serve.server import load_engine
 
-        device = "cuda:0" if opts.gpu else opts.device  # Ray sets CUDA_VISIBLE_DEVICES to this replica's GPU
+        device = DeviceSpec("cuda", 0) if opts.gpu else opts.device  # Ray sets CUDA_VISIBLE_DEVICES to its GPU
         self.engine = load_engine(opts.model_dir, opts.lib, device=device, max_batch_size=opts.max_batch_size,
                                   context_window=opts.context_window, max_total_tokens=opts.max_total_tokens,
                                   step_token_budget=opts.step_token_budget)
@@ -108,11 +108,12 @@ class EngineReplica:
         self.pid = os.getpid()
         log.info("replica %s (pid %d) ready", self.replica, self.pid)
 
-    async def generate(self, prompt_ids: list[int], params: dict[str, Any]) -> Any:
-        """The worker's events for one request, as dicts with `replica` and `pid` added."""
+    async def generate(self, prompt_ids: list[int], params: SamplingParams) -> Any:
+        """The worker's events for one request, as dicts with `replica` and `pid` added. `params` arrives as the
+        ingress validated it (unpickled, not rebuilt)."""
         tag = {"replica": self.replica, "pid": self.pid}
         try:
-            stream = self.worker.submit(prompt_ids, SamplingParams(**params))
+            stream = self.worker.submit(prompt_ids, params)
         except (QueueFullError, WorkerStoppedError) as e:
             yield {**dataclasses.asdict(Event(error=str(e), status=503)), **tag}
             return
@@ -142,24 +143,6 @@ class EngineReplica:
 
 
 # ---- ingress side --------------------------------------------------------------------------------------------
-
-
-class Frontend:
-    """The parts of `Engine` that the app uses besides the loop: tokenizer, chat template, sampling defaults.
-
-    No model library is loaded here; the methods are Engine's own (they only read these attributes).
-    """
-
-    render_chat = Engine.render_chat
-    _params = Engine._params
-
-    def __init__(self, model_dir: str | Path, context_window: int) -> None:
-        self.model_dir = Path(model_dir)
-        self.config = ChatConfig.load(self.model_dir)
-        self.tokenizer = Tokenizer(self.model_dir)
-        template = load_chat_template(self.model_dir)
-        self.chat_template = ChatTemplate(template, self.tokenizer.template_variables()) if template else None
-        self.context_window = context_window
 
 
 class RemoteStream:
@@ -208,9 +191,10 @@ class RemoteWorker:
     """`EngineWorker`'s interface over the replicas (used by app.py unchanged)."""
 
     draining = False  # Ray Serve drains its replicas itself
+    engine = None  # the engines live in the replicas
 
-    def __init__(self, handle: Any, frontend: Frontend, timeout: float, retries: int) -> None:
-        self.engine = frontend
+    def __init__(self, handle: Any, frontend: RequestFrontend, timeout: float, retries: int) -> None:
+        self.frontend = frontend
         self.metrics = ClusterMetrics()
         self.failure: BaseException | None = None
         self._handle = handle.options(stream=True)
@@ -263,7 +247,7 @@ class RemoteWorker:
         accepted = produced = False
         attempt = 0
         while True:
-            gen = self._handle.generate.remote(prompt_ids, dataclasses.asdict(params))
+            gen = self._handle.generate.remote(prompt_ids, params)
             try:
                 it = gen.__aiter__()
                 while True:
@@ -325,8 +309,8 @@ class Ingress:
         from vptq_mlc.serve.app import create_app
 
         opts = self._opts
-        worker = RemoteWorker(self._handle, Frontend(opts.model_dir, self._context_window), opts.request_timeout,
-                              opts.retries)
+        frontend = RequestFrontend(opts.model_dir, context_window=self._context_window)
+        worker = RemoteWorker(self._handle, frontend, opts.request_timeout, opts.retries)
         name = opts.model_name or Path(opts.model_dir).name
         return secure(create_app(worker, name), opts.api_key, opts.max_body_bytes, self._context_window)
 

@@ -5,22 +5,26 @@ Separate from cluster.py so that a missing Ray gives a one-line install hint ins
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from vptq_mlc.errors import RuntimeLoadError
 
+if TYPE_CHECKING:
+    from vptq_mlc.runtime.device import DeviceSpec
 
-def serve_replicas(replicas: int | None, device: str, **options: Any) -> None:
-    """Blocking: the Ray Serve deployment until Ctrl-C / SIGTERM. `options` are `ClusterOptions` fields."""
+
+def serve_replicas(replicas: int | None, device: DeviceSpec | None, **options: Any) -> None:
+    """Blocking: the Ray Serve deployment until Ctrl-C / SIGTERM. `device` as the CLI parsed it (None = auto);
+    `options` are `ClusterOptions` fields."""
     try:
         from vptq_mlc.serve.cluster import ClusterOptions, serve_cluster
     except ImportError as e:
         raise RuntimeLoadError(f"--replicas/--ray-address need the cluster extra ({e.name} is not installed): "
                                "pip install 'vptq-mlc[cluster]'") from e
-    if device == "auto":  # Ray needs to know whether replicas ask for a GPU
+    if device is None:  # auto: Ray needs to know whether replicas ask for a GPU
         from vptq_mlc.runtime.device import resolve_device
 
-        device = str(resolve_device(device)[0])
+        device = resolve_device(None)[0]
     if replicas is None:  # autoscaling bounds only: start at the lower bound
         replicas = max(1, options.get("min_replicas") or 1)
     opts = ClusterOptions(device=device, replicas=replicas, **options)

@@ -15,6 +15,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from vptq_mlc.runtime.frontend import RequestFrontend
 from vptq_mlc.runtime.sampling import MAX_TOP_LOGPROBS, SamplingParams
 
 # OpenAI's documented defaults when max_tokens is left out: completions 16; chat "up to the context", which
@@ -287,9 +288,9 @@ def sampling_kwargs(req: _Request, default_max_tokens: int) -> dict[str, Any]:
     }
 
 
-def sampling_params(engine: Any, req: _Request, default_max_tokens: int) -> SamplingParams:
-    """SamplingParams with the model's defaults from mlc-chat-config.json (through the engine's rule)."""
-    return engine._params(**sampling_kwargs(req, default_max_tokens))  # noqa: SLF001 - pure config defaulting
+def sampling_params(frontend: RequestFrontend, req: _Request, default_max_tokens: int) -> SamplingParams:
+    """The request's SamplingParams, validated, with the model's defaults from mlc-chat-config.json."""
+    return frontend.sampling_params(**sampling_kwargs(req, default_max_tokens))
 
 
 # ---- responses ----------------------------------------------------------------------------------------------

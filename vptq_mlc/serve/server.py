@@ -26,6 +26,7 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from vptq_mlc.artifact.chat_config import ChatConfig
 from vptq_mlc.errors import RuntimeLoadError
+from vptq_mlc.runtime.device import DeviceLike, Placement
 from vptq_mlc.runtime.engine import Engine
 from vptq_mlc.serve.app import create_app
 from vptq_mlc.serve.security import DEFAULT_MAX_BODY_BYTES, secure
@@ -41,12 +42,13 @@ KEEP_ALIVE_S = 5
 FINAL_FLUSH_S = 5  # after the drain: time for the last chunks to reach the clients before connections are cut
 
 
-def load_engine(model_dir: str | Path, lib: str | Path | None = None, device: str = "auto",
+def load_engine(model_dir: str | Path, lib: str | Path | None = None, device: DeviceLike | Placement = "auto",
                 max_batch_size: int | None = None, context_window: int | None = None,
                 max_total_tokens: int | None = None, devices: str | None = None, prefix_cache: bool = False,
                 step_token_budget: int | None = None) -> Engine:
     """An Engine sized for serving: by default as many concurrent sequences as the model was converted for.
-    `devices` ("cuda:0,cuda:1") splits the layers over several devices."""
+    `device` as the CLI parsed it (a Placement, which may split the layers over several devices), or as Engine
+    takes it (`devices`: "cuda:0,cuda:1")."""
     if max_batch_size is None:
         max_batch_size = ChatConfig.load(model_dir).model_config.get("max_batch_size")
     return Engine(model_dir, lib, device=device, max_batch_size=max_batch_size, context_window=context_window,

@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 
 from vptq_mlc.errors import GenerationError
+from vptq_mlc.runtime.frontend import RequestFrontend
 
 XGRAMMAR_VERSION = "0.2.8"
 MISSING = ('structured output needs xgrammar: pip install "vptq-mlc[structured]" '
@@ -111,10 +112,11 @@ class GrammarFactory:
         self._compiler = api.GrammarCompiler(info, 2, True, -1)
 
     @classmethod
-    def for_engine(cls, engine: Any) -> GrammarFactory:
+    def for_model(cls, frontend: RequestFrontend) -> GrammarFactory:
         """From the served model's tokenizer.json; the bitmask covers the logits the sampler sees."""
-        path = Path(engine.model_dir) / "tokenizer.json"
-        return cls(path.read_text(), int(engine.active_vocab or engine.vocab_size), sorted(engine.eos_token_ids))
+        path = Path(frontend.model_dir) / "tokenizer.json"
+        return cls(path.read_text(), int(frontend.active_vocab or frontend.vocab_size),
+                   sorted(frontend.eos_token_ids))
 
     def json_object(self) -> Any:
         """Any JSON object (OpenAI's json_object mode: the top level is an object)."""

@@ -93,6 +93,7 @@ class EngineWorker:
         if max_queue < 0:
             raise ValueError(f"max_queue must be >= 0, got {max_queue}")
         self.engine = engine
+        self.frontend = engine.frontend  # what the HTTP side reads (tokenizer, template, defaults): thread-safe
         self.max_queue = max_queue
         self.metrics = metrics or ServeMetrics()
         self._inbox: queue.SimpleQueue[Any] = queue.SimpleQueue()
