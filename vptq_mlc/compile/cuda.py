@@ -166,11 +166,14 @@ def relax_pipeline(target):
     FuseTransposeMatmul first (as the llvm pipeline does), and dlight's
     tensor-core rule is switched off (`dlight.do_not_tensorize` on every function), because its Tensorize step
     segfaults in apache-tvm 0.27.0.post1 on fp16 matmuls larger than 64 (seen on lm_head / attention
-    projections). Matmuls then get dlight's SIMT tiled schedule."""
+    projections). Dense fp16 NT matmuls (lm_head, every linear of an fp16 model) are replaced after legalization by
+    our tensor-core GEMM (tir_kernels/cuda_dense_mma.py); other matmuls get dlight's SIMT tiled schedule."""
     import tvm
     from tvm import relax, tirx
     from tvm.relax.backend.cuda import pipeline as cp
     from tvm.s_tir import dlight as dl
+
+    from vptq_mlc.tir_kernels.cuda_dense_mma import dense_mma_pass
 
     @tvm.transform.module_pass(opt_level=0, name="VPTQNoTensorize")
     def no_tensorize(mod, _ctx):
@@ -185,6 +188,7 @@ def relax_pipeline(target):
         # materialises W.T through a transpose kernel on every call (seen as transpose*_kernel in the library)
         relax.transform.FuseTransposeMatmul(),
         relax.transform.LegalizeOps(),
+        dense_mma_pass(),  # fp16 x @ W.T -> our tensor-core GEMM (opaque: FuseOps leaves it alone)
         relax.transform.AnnotateTIROpPattern(),
         relax.transform.FoldConstant(),
         relax.transform.FuseOps(),
