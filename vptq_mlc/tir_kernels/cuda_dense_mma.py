@@ -217,10 +217,12 @@ def _plan_checked(p: DensePlan | None, k: int) -> DensePlan:
     return p
 
 
-def dense_mma_cuda(lead: tuple, n: int, k: int, dtype: str = "float16") -> tirx.PrimFunc:
+def dense_mma_cuda(lead: tuple, n: int, k: int, dtype: str = "float16", plan: DensePlan | None = None,
+                   ) -> tirx.PrimFunc:
     """PrimFunc(x[*lead, K], w[N, K], y[*lead, N]); `lead` holds ints and/or int64 tirx.Vars (rows = their
     product). Static rows get their plan; symbolic rows get both kernels and pick at run time (a symbolic batch
-    of decode rows must not run 128-row tiles: the weight would be streamed by N / 128 CTAs only)."""
+    of decode rows must not run 128-row tiles: the weight would be streamed by N / 128 CTAs only). `plan`
+    forces one plan for every row count (plan comparisons, bench/dense_mma.py)."""
     if dtype != "float16":
         raise ValueError(f"dense_mma_cuda takes fp16, got {dtype}")
     rows_static = None
@@ -234,7 +236,9 @@ def dense_mma_cuda(lead: tuple, n: int, k: int, dtype: str = "float16") -> tirx.
     # rows in int32 inside the kernel (indices stay below 2^31 for every shape we build: rows * max(N, K))
     Mi = M if isinstance(M, int) else T.Cast("int32", M)
     XSHAPE, YSHAPE = tuple(lead) + (k,), tuple(lead) + (n,)
-    if rows_static is not None:
+    if plan is not None:
+        big = small = _gemm_macro(_plan_checked(plan, k), Mi, n, k, dtype, rows_static)
+    elif rows_static is not None:
         big = _gemm_macro(_plan_checked(plan_dense(rows_static, k), k), Mi, n, k, dtype, rows_static)
         small = big
     else:
