@@ -42,6 +42,8 @@ def _sweep_plans():
         "p_64x64_w4": DensePlan(2, 2, 1, 2, 4, 32, 4),
         "p_128x64_w4": DensePlan(2, 2, 1, 4, 4, 32, 4),
         "p_128x128_bk64_s3": DensePlan(2, 4, 1, 4, 4, 64, 3),
+        "p_128x256_w8": DensePlan(2, 4, 1, 4, 8, 32, 3),
+        "p_256x128_w8": DensePlan(4, 2, 1, 4, 8, 32, 3),
     }
     return decode, prefill
 
@@ -128,6 +130,9 @@ def run(art_dir: Path, out: Path | None, reps: int, kinds: tuple[str, ...] = ())
     import torch
     import tvm
 
+    from vptq_mlc.runtime.device import resolve_device
+
+    resolve_device("cuda")  # a runtime-only TVM loads its CUDA plugin only when asked
     man = json.loads((art_dir / MANIFEST).read_text())
     lib = tvm.runtime.load_module(str(art_dir / LIBRARY))
     timer = ColdL2Timer(torch)
