@@ -163,7 +163,7 @@ def run(art_dir: Path, out: Path | None, reps: int, kinds: tuple[str, ...] = ())
                 abs_err = float((y.reshape(rows, n).float() - ref).abs().max())
                 t = timer(lambda: fn(*args), reps)
                 key = f["kind"] if f["kind"] != "sweep" else f["plan"]
-                key += "" if f["rows"] is None else f"_static"
+                key += "" if f["rows"] is None else "_static"
                 entry[key] = {"us": round(t, 2), "vs_torch": round(t_torch / t, 3), "row_rel_err": err,
                               "max_abs_err": abs_err}
                 if f["kind"] in ("ours", "sweep") and not err <= MAX_ROW_REL_ERR:

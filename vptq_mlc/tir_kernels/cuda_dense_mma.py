@@ -66,17 +66,40 @@ class DensePlan:
         return ring + red
 
 
-DECODE_PLAN = DensePlan(warps_m=1, warps_n=1, warps_k=8, m_tiles=1, n_tiles=4, k_slice=32, stages=3)
-PREFILL_PLAN = DensePlan(warps_m=2, warps_n=4, warps_k=1, m_tiles=4, n_tiles=4, k_slice=32, stages=4)
+# Plans and thresholds from one H100 run of bench/dense_mma.py --sweep (cold L2, Llama-2-7B shapes; docs/dense-mma.md):
+# 1 row: BN = 64 with 4 K-warps was fastest (0.82-1.03x cuBLAS); 16 rows: BN = 16 with 8 K-warps (1.02-1.13x);
+# 512 rows: 128 x 128 tiles with BK = 64, 3 stages (0.39-0.45x); few rows on a narrow output (128 rows x 4096):
+# 64 x 64 tiles, so the grid fills the GPU (0.41-0.44x vs 0.27-0.30x).
+DECODE_WIDE_PLAN = DensePlan(warps_m=1, warps_n=2, warps_k=4, m_tiles=1, n_tiles=4, k_slice=32, stages=4)
+DECODE_PLAN = DensePlan(warps_m=1, warps_n=1, warps_k=8, m_tiles=1, n_tiles=2, k_slice=32, stages=4)
+SMALL_PREFILL_PLAN = DensePlan(warps_m=2, warps_n=2, warps_k=1, m_tiles=2, n_tiles=4, k_slice=32, stages=4)
+PREFILL_PLAN = DensePlan(warps_m=2, warps_n=4, warps_k=1, m_tiles=4, n_tiles=4, k_slice=64, stages=3)
+PREFILL_PLAN_BK32 = DensePlan(warps_m=2, warps_n=4, warps_k=1, m_tiles=4, n_tiles=4, k_slice=32, stages=4)
+WIDE_MAX_ROWS = 8  # static rows up to this take DECODE_WIDE_PLAN (measured at 1 row), above it DECODE_PLAN (16)
+FULL_GRID_CTAS = 64  # below this many 128 x 128 tiles the symbolic kernel runs SMALL_PREFILL_PLAN
 
 
-def plan_dense(rows: int | None, k: int) -> DensePlan | None:
-    """The plan for `rows` (None: symbolic) and inner size `k`, or None when K does not fit any plan."""
-    plan = DECODE_PLAN if rows is not None and rows <= DECODE_MAX_ROWS else PREFILL_PLAN
+def _fit_k(plan: DensePlan, k: int) -> DensePlan | None:
+    """`plan` with fewer K-warps until its K step divides `k`, or None."""
     while plan.warps_k > 1 and k % plan.block_k:
         plan = DensePlan(plan.warps_m, plan.warps_n, plan.warps_k // 2, plan.m_tiles, plan.n_tiles, plan.k_slice,
                          plan.stages)
     return plan if k % plan.block_k == 0 else None
+
+
+def plan_dense(rows: int | None, k: int) -> DensePlan | None:
+    """The plan for `rows` (None: symbolic, more than DECODE_MAX_ROWS) and inner size `k`, or None when K does
+    not fit any plan (K must be a multiple of 32)."""
+    if rows is not None and rows <= DECODE_MAX_ROWS:
+        return _fit_k(DECODE_WIDE_PLAN if rows <= WIDE_MAX_ROWS else DECODE_PLAN, k)
+    return _fit_k(PREFILL_PLAN, k) or _fit_k(PREFILL_PLAN_BK32, k)
+
+
+def small_prefill_rows(n: int) -> int:
+    """Symbolic row counts up to this (and above DECODE_MAX_ROWS) run SMALL_PREFILL_PLAN: 128 x 128 tiles would
+    give fewer than FULL_GRID_CTAS CTAs. 0 when the output is wide enough for every row count."""
+    tiles_n = -(-n // PREFILL_PLAN.block_n)
+    return PREFILL_PLAN.block_m * ((FULL_GRID_CTAS - 1) // tiles_n) if tiles_n < FULL_GRID_CTAS else 0
 
 
 def dense_supported(rows: int | None, n: int, k: int, dtype: str) -> bool:
@@ -111,6 +134,24 @@ def _gemm_macro(p: DensePlan, M, N: int, K: int, dtype: str, rows_static: int | 
         return S * A_TILE + stage * B_TILE + row * BKC + _swizzle(row, chunk, CR) * 8
 
     @T.macro
+    def load_step(ring, xf, w, slot, step, tid, bx, by):
+        """cp.async of K step `step` of the CTA's x rows and w rows into ring slot `slot` (16 bytes a thread)."""
+        for it in T.unroll(A_IT):
+            if A_CH % NTHR == 0 or it * NTHR + tid < A_CH:
+                T.evaluate(T.ptx["cp.async.cg.shared.global"](
+                    T.address_of(ring[a_smem(slot, (it * NTHR + tid) // CR, (it * NTHR + tid) % CR)]),
+                    xf.access_ptr("r", offset=T.min(by * BM + (it * NTHR + tid) // CR, M - 1) * K
+                                  + step * BKC + (it * NTHR + tid) % CR * 8),
+                    16))
+        for it in T.unroll(B_IT):
+            if B_CH % NTHR == 0 or it * NTHR + tid < B_CH:
+                T.evaluate(T.ptx["cp.async.cg.shared.global"](
+                    T.address_of(ring[b_smem(slot, (it * NTHR + tid) // CR, (it * NTHR + tid) % CR)]),
+                    w.access_ptr("r", offset=T.min(bx * BN + (it * NTHR + tid) // CR, N - 1) * K
+                                 + step * BKC + (it * NTHR + tid) % CR * 8),
+                    16))
+
+    @T.macro
     def gemm(xf, w, yf):
         bx = T.launch_thread("blockIdx.x", GRID_N)
         by = T.launch_thread("blockIdx.y", GRID_M)
@@ -131,40 +172,14 @@ def _gemm_macro(p: DensePlan, M, N: int, K: int, dtype: str, rows_static: int | 
         # prologue: K steps 0 .. S-2 in flight, one commit group each
         for s in T.unroll(S - 1):
             if s < KT:
-                for it in T.unroll(A_IT):
-                    if A_CH % NTHR == 0 or it * NTHR + tid < A_CH:
-                        T.evaluate(T.ptx["cp.async.cg.shared.global"](
-                            T.address_of(ring[a_smem(s, (it * NTHR + tid) // CR, (it * NTHR + tid) % CR)]),
-                            xf.access_ptr("r", offset=T.min(by * BM + (it * NTHR + tid) // CR, M - 1) * K
-                                          + s * BKC + (it * NTHR + tid) % CR * 8),
-                            16))
-                for it in T.unroll(B_IT):
-                    if B_CH % NTHR == 0 or it * NTHR + tid < B_CH:
-                        T.evaluate(T.ptx["cp.async.cg.shared.global"](
-                            T.address_of(ring[b_smem(s, (it * NTHR + tid) // CR, (it * NTHR + tid) % CR)]),
-                            w.access_ptr("r", offset=T.min(bx * BN + (it * NTHR + tid) // CR, N - 1) * K
-                                         + s * BKC + (it * NTHR + tid) % CR * 8),
-                            16))
+                load_step(ring, xf, w, s, s, tid, bx, by)
             T.evaluate(T.ptx["cp.async.commit_group"]())
         for kt in range(KT):
             T.evaluate(T.ptx["cp.async.wait_group"](S - 2))
             T.tvm_storage_sync("shared")
             # refill the slot every warp finished reading in the previous step
             if kt + S - 1 < KT:
-                for it in T.unroll(A_IT):
-                    if A_CH % NTHR == 0 or it * NTHR + tid < A_CH:
-                        T.evaluate(T.ptx["cp.async.cg.shared.global"](
-                            T.address_of(ring[a_smem((kt + S - 1) % S, (it * NTHR + tid) // CR, (it * NTHR + tid) % CR)]),
-                            xf.access_ptr("r", offset=T.min(by * BM + (it * NTHR + tid) // CR, M - 1) * K
-                                          + (kt + S - 1) * BKC + (it * NTHR + tid) % CR * 8),
-                            16))
-                for it in T.unroll(B_IT):
-                    if B_CH % NTHR == 0 or it * NTHR + tid < B_CH:
-                        T.evaluate(T.ptx["cp.async.cg.shared.global"](
-                            T.address_of(ring[b_smem((kt + S - 1) % S, (it * NTHR + tid) // CR, (it * NTHR + tid) % CR)]),
-                            w.access_ptr("r", offset=T.min(bx * BN + (it * NTHR + tid) // CR, N - 1) * K
-                                         + (kt + S - 1) * BKC + (it * NTHR + tid) % CR * 8),
-                            16))
+                load_step(ring, xf, w, (kt + S - 1) % S, kt + S - 1, tid, bx, by)
             T.evaluate(T.ptx["cp.async.commit_group"]())
             for kk in T.unroll(BK // 16):
                 for i in T.unroll(MT):
@@ -237,15 +252,20 @@ def dense_mma_cuda(lead: tuple, n: int, k: int, dtype: str = "float16", plan: De
     Mi = M if isinstance(M, int) else T.Cast("int32", M)
     XSHAPE, YSHAPE = tuple(lead) + (k,), tuple(lead) + (n,)
     if plan is not None:
-        big = small = _gemm_macro(_plan_checked(plan, k), Mi, n, k, dtype, rows_static)
+        plans = [(None, plan)]
     elif rows_static is not None:
-        big = _gemm_macro(_plan_checked(plan_dense(rows_static, k), k), Mi, n, k, dtype, rows_static)
-        small = big
-    else:
-        big = _gemm_macro(_plan_checked(plan_dense(None, k), k), Mi, n, k, dtype, None)
-        dec = plan_dense(DECODE_MAX_ROWS, k)
-        small = _gemm_macro(_plan_checked(dec, k), Mi, n, k, dtype, DECODE_MAX_ROWS) if dec is not None else big
-    SPLIT = rows_static is None and small is not big
+        plans = [(None, plan_dense(rows_static, k))]
+    else:  # run-time choice: (row limit or None, plan), first match wins
+        plans = [(DECODE_MAX_ROWS, plan_dense(DECODE_MAX_ROWS, k))]
+        if small_prefill_rows(n) > DECODE_MAX_ROWS and _fit_k(SMALL_PREFILL_PLAN, k) is not None:
+            plans.append((small_prefill_rows(n), _fit_k(SMALL_PREFILL_PLAN, k)))
+        plans.append((None, plan_dense(None, k)))
+    macros = []
+    for limit, pl in plans:  # under a row limit that fits one tile the grid is one tile high
+        grid_rows = limit if limit is not None and limit <= pl.block_m else rows_static
+        macros.append((limit or 0, _gemm_macro(_plan_checked(pl, k), Mi, n, k, dtype, grid_rows)))
+    NPLANS = len(macros)
+    (l0, g0), (l1, g1), (_, g2) = macros + [macros[-1]] * (3 - NPLANS)
 
     @T.prim_func(private=True)
     def kernel(x_h: T.handle, w_h: T.handle, y_h: T.handle):
@@ -255,13 +275,20 @@ def dense_mma_cuda(lead: tuple, n: int, k: int, dtype: str = "float16", plan: De
         y = T.match_buffer(y_h, YSHAPE, dtype)
         xf = T.decl_buffer((M * k,), dtype, data=x.data)
         yf = T.decl_buffer((M * n,), dtype, data=y.data)
-        if SPLIT:
-            if M <= DECODE_MAX_ROWS:
-                small(xf, w, yf)
+        if NPLANS == 1:
+            g0(xf, w, yf)
+        elif NPLANS == 2:
+            if M <= l0:
+                g0(xf, w, yf)
             else:
-                big(xf, w, yf)
+                g2(xf, w, yf)
         else:
-            big(xf, w, yf)
+            if M <= l0:
+                g0(xf, w, yf)
+            elif M <= l1:
+                g1(xf, w, yf)
+            else:
+                g2(xf, w, yf)
 
     return kernel
 
