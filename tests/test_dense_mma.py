@@ -117,10 +117,12 @@ def test_kernels_are_tensor_core_code():
         assert "cp_async_cg_async_cg_shared_global_16" in code and "wait_group" in code, name
 
 
-def test_fp16_model_runs_every_matmul_on_the_dense_kernel(tmp_path):
-    """An fp16 build (no VPTQ layers: what `bench e2e` calls the fp16 system): every matmul kernel in the CUDA
-    library is ours; attention and the other ops keep their kernels."""
+def test_fp16_model_runs_every_matmul_on_the_dense_kernel(tmp_path, monkeypatch):
+    """An fp16 build (no VPTQ layers: what `bench e2e` calls the fp16 system): every matmul of more than one static
+    row runs our kernel (the 1-row decode matmuls keep dlight's GEMV, `DLIGHT_GEMV_ROWS`); attention and the other
+    ops keep their kernels."""
     require_cuda_toolkit(cuobjdump=False)
+    import vptq_mlc.compile.build as build_mod
     from vptq_mlc.compile.build import build_library
     from vptq_mlc.convert.converter import convert_checkpoint
     from vptq_mlc.testing.synthetic import make_synthetic_checkpoint
@@ -134,12 +136,25 @@ def test_fp16_model_runs_every_matmul_on_the_dense_kernel(tmp_path):
     cfg_path.write_text(json.dumps(cfg))
     (model / "tensor-cache.json").unlink()  # config-only: the weights no longer match
 
+    lowered = {}
+    pipeline = build_mod.relax_pipeline
+
+    def recording_pipeline(target):
+        def run(mod):
+            lowered["mod"] = pipeline(target)(mod)
+            return lowered["mod"]
+        return run
+
+    monkeypatch.setattr(build_mod, "relax_pipeline", recording_pipeline)
     kernels = _kernels(_cuda_sources(lambda bt: build_library(model, bt, tmp_path / "fp16-cuda.so")))
     dense = [n for n in kernels if "_dense_mma_kernel" in n]
-    other_matmuls = [n for n in kernels if "matmul" in n.lower() and "_dense_mma_kernel" not in n]
     assert len(dense) >= 8, sorted(kernels)  # q/k/v/o, gate/up/down, lm_head at several row counts
-    assert other_matmuls == [], other_matmuls
     assert all("mma.sync.aligned.m16n8k16" in kernels[n] for n in dense)
+    left = {gv.name_hint: f for gv, f in lowered["mod"].functions.items()
+            if "matmul" in gv.name_hint.lower() and "_dense_mma" not in gv.name_hint and hasattr(f, "params")}
+    assert left, "the 1-row decode matmuls should stay with dlight"
+    for name, f in left.items():  # x[1, 1, K] @ w[N, K]^T only
+        assert [int(d) for d in f.params[0].shape[:-1]] == [1, 1], (name, f.params[0].shape)
 
 
 if __name__ == "__main__":

@@ -32,6 +32,10 @@ from vptq_mlc.tir_kernels.cuda_common import KERNEL_ATTRS
 
 MAX_DYN_SMEM = 99 * 1024  # dynamic shared memory per block on sm_86/sm_89 (the smallest of the default archs)
 DECODE_MAX_ROWS = 16  # static row counts up to this take the decode plan
+# A static single row stays with dlight's GEMV rule (memory-bound, no tensor cores to gain): summed over a
+# Llama-2-7B decode step our 1-row kernels (0.82-1.03x cuBLAS each) come to ~6.2 ms, and the fp16 build with dlight's
+# GEMV already ran 5.85 ms per token on the same H100. Symbolic rows that happen to be 1 run our decode plan.
+DLIGHT_GEMV_ROWS = 1
 
 
 @dataclass(frozen=True)
@@ -373,9 +377,10 @@ def _same_dim(a, b) -> bool:
 
 
 def dense_mma_pass():
-    """Relax module pass: every fp16 NT-matmul PrimFunc (`match_nt_matmul`) becomes `dense_mma_cuda` under a new
-    name (`<old>_dense_mma`, so its kernels are recognisable in the library); run it after LegalizeOps and before
-    FuseOps (our kernels are opaque to fusion, so no epilogue is fused into them)."""
+    """Relax module pass: every fp16 NT-matmul PrimFunc (`match_nt_matmul`) but a static single row
+    (`DLIGHT_GEMV_ROWS`) becomes `dense_mma_cuda` under a new name (`<old>_dense_mma`, so its kernels are
+    recognisable in the library); run it after LegalizeOps and before FuseOps (our kernels are opaque to
+    fusion, so no epilogue is fused into them)."""
     import tvm
     from tvm import relax
 
@@ -394,7 +399,7 @@ def dense_mma_pass():
         for gv, f in mod.functions.items():
             m = match_nt_matmul(f)
             rows = _prod(m[0]) if m is not None and all(isinstance(d, int) for d in m[0]) else None
-            if m is not None and dense_supported(rows, m[1], m[2], "float16"):
+            if m is not None and rows != DLIGHT_GEMV_ROWS and dense_supported(rows, m[1], m[2], "float16"):
                 matched[gv] = m
         if not matched:
             return mod
