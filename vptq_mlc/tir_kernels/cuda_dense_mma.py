@@ -110,11 +110,53 @@ def dense_supported(rows: int | None, n: int, k: int, dtype: str) -> bool:
     return dtype == "float16" and n >= 1 and plan_dense(rows, k) is not None
 
 
-def _swizzle(row, chunk, chunks_per_row: int):
-    """Physical 16-byte chunk of logical `chunk` in shared row `row`: XOR with the row so the 8 rows one ldmatrix
-    matrix reads land in 8 different 16-byte bank groups (a 128-byte bank line holds 128 / (2 * BK) rows)."""
-    rows_per_line = max(1, 8 // chunks_per_row)
-    return T.bitwise_xor(chunk, (row // rows_per_line) % min(chunks_per_row, 8))
+@dataclass(frozen=True)
+class TileLayout:
+    """Where plan `p` keeps things, as arithmetic that works on ints, numpy arrays and TIR expressions alike (the
+    kernel and tests/test_dense_mma.py's CPU emulation use the same functions). Offsets are in fp16 elements."""
+
+    p: DensePlan
+
+    @property
+    def chunks_per_row(self) -> int:  # 16-byte chunks per shared row (a row holds one K step)
+        return self.p.block_k // 8
+
+    def swizzle(self, row, chunk):
+        """Physical chunk of logical `chunk` in shared row `row`: XOR with the row, so the 8 rows one ldmatrix
+        matrix reads land in 8 different 16-byte bank groups (a 128-byte bank line holds 128 / (2 BK) rows)."""
+        cr = self.chunks_per_row
+        return chunk ^ ((row // max(1, 8 // cr)) % min(cr, 8))
+
+    def x_slot(self, stage, row, chunk):
+        """Offset of (x tile row, 16-byte chunk) in ring slot `stage`."""
+        return stage * self.p.block_m * self.p.block_k + row * self.p.block_k + self.swizzle(row, chunk) * 8
+
+    def w_slot(self, stage, row, chunk):
+        p = self.p
+        return (p.stages * p.block_m * p.block_k + stage * p.block_n * p.block_k + row * p.block_k
+                + self.swizzle(row, chunk) * 8)
+
+    def x_frag(self, stage, wm, wk, i, kk, lane):
+        """The row address lane `lane` gives `ldmatrix.x4` for the A fragment of m-tile `i`, k16 step `kk`: lanes
+        0-15 rows 0-15 at k 0-7, lanes 16-31 the same rows at k 8-15 (registers a0/a1 | a2/a3 of mma.sync)."""
+        p = self.p
+        return self.x_slot(stage, wm * p.m_tiles * 16 + i * 16 + lane % 16,
+                           (wk * p.k_slice + kk * 16) // 8 + lane // 16)
+
+    def w_frag(self, stage, wn, wk, j, kk, lane):
+        """The row address for the B fragments of n-tiles 2j and 2j+1 (w rows are the n index): matrices
+        (n 0-7, k 0-7), (n 0-7, k 8-15), (n 8-15, k 0-7), (n 8-15, k 8-15) from lanes 0-7, 8-15, 16-23, 24-31."""
+        p = self.p
+        return self.w_slot(stage, wn * p.n_tiles * 8 + j * 16 + lane // 16 * 8 + lane % 8,
+                           (wk * p.k_slice + kk * 16) // 8 + lane // 8 % 2)
+
+    def out_row(self, wm, i, lane, c):
+        """CTA-local output row of accumulator `c` (0-3) of m-tile `i`: rows g and g + 8 (g = lane / 4)."""
+        return wm * self.p.m_tiles * 16 + i * 16 + lane // 4 + c // 2 * 8
+
+    def out_col(self, wn, j, lane, c):
+        """CTA-local output column of accumulator `c` of n-tile `j`: columns 2q and 2q + 1 (q = lane % 4)."""
+        return wn * self.p.n_tiles * 8 + j * 8 + lane % 4 * 2 + c % 2
 
 
 def _gemm_macro(p: DensePlan, M, N: int, K: int, dtype: str, rows_static: int | None):
@@ -131,11 +173,7 @@ def _gemm_macro(p: DensePlan, M, N: int, K: int, dtype: str, rows_static: int | 
     GRID_N = -(-N // BN)
     GRID_M = -(-rows_static // BM) if rows_static is not None else (M + BM - 1) // BM
 
-    def a_smem(stage, row, chunk):  # element offset of (row, 16-byte chunk) of the x tile in ring slot `stage`
-        return stage * A_TILE + row * BKC + _swizzle(row, chunk, CR) * 8
-
-    def b_smem(stage, row, chunk):
-        return S * A_TILE + stage * B_TILE + row * BKC + _swizzle(row, chunk, CR) * 8
+    lay = TileLayout(p)
 
     @T.macro
     def load_step(ring, xf, w, slot, step, tid, bx, by):
@@ -143,14 +181,14 @@ def _gemm_macro(p: DensePlan, M, N: int, K: int, dtype: str, rows_static: int | 
         for it in T.unroll(A_IT):
             if A_CH % NTHR == 0 or it * NTHR + tid < A_CH:
                 T.evaluate(T.ptx["cp.async.cg.shared.global"](
-                    T.address_of(ring[a_smem(slot, (it * NTHR + tid) // CR, (it * NTHR + tid) % CR)]),
+                    T.address_of(ring[lay.x_slot(slot, (it * NTHR + tid) // CR, (it * NTHR + tid) % CR)]),
                     xf.access_ptr("r", offset=T.min(by * BM + (it * NTHR + tid) // CR, M - 1) * K
                                   + step * BKC + (it * NTHR + tid) % CR * 8),
                     16))
         for it in T.unroll(B_IT):
             if B_CH % NTHR == 0 or it * NTHR + tid < B_CH:
                 T.evaluate(T.ptx["cp.async.cg.shared.global"](
-                    T.address_of(ring[b_smem(slot, (it * NTHR + tid) // CR, (it * NTHR + tid) % CR)]),
+                    T.address_of(ring[lay.w_slot(slot, (it * NTHR + tid) // CR, (it * NTHR + tid) % CR)]),
                     w.access_ptr("r", offset=T.min(bx * BN + (it * NTHR + tid) // CR, N - 1) * K
                                  + step * BKC + (it * NTHR + tid) % CR * 8),
                     16))
@@ -189,14 +227,11 @@ def _gemm_macro(p: DensePlan, M, N: int, K: int, dtype: str, rows_static: int | 
                 for i in T.unroll(MT):
                     T.evaluate(T.ptx_legacy.ldmatrix(
                         False, 4, ".b16", fa.data, i * 8, ring.access_ptr("r"),
-                        a_smem(kt % S, wm * MT * 16 + i * 16 + tx % 16, (wk * BK + kk * 16) // 8 + tx // 16),
-                        dtype=dtype))
+                        lay.x_frag(kt % S, wm, wk, i, kk, tx), dtype=dtype))
                 for j in T.unroll(NT // 2):
                     T.evaluate(T.ptx_legacy.ldmatrix(
                         False, 4, ".b16", fb.data, j * 8, ring.access_ptr("r"),
-                        b_smem(kt % S, wn * NT * 8 + j * 16 + tx // 16 * 8 + tx % 8,
-                               (wk * BK + kk * 16) // 8 + tx // 8 % 2),
-                        dtype=dtype))
+                        lay.w_frag(kt % S, wn, wk, j, kk, tx), dtype=dtype))
                 for i in T.unroll(MT):
                     for j in T.unroll(NT):
                         T.evaluate(T.ptx_legacy.mma(
@@ -219,10 +254,10 @@ def _gemm_macro(p: DensePlan, M, N: int, K: int, dtype: str, rows_static: int | 
                             for s2 in T.unroll(WK - 1):
                                 tot[0] = tot[0] + red[(((wm * WN + wn) * (WK - 1) + s2) * NACC
                                                        + (i * NT + j) * 4 + c) * 32 + tx]
-                        if (by * BM + wm * MT * 16 + i * 16 + tx // 4 + c // 2 * 8 < M
-                                and bx * BN + wn * NT * 8 + j * 8 + tx % 4 * 2 + c % 2 < N):
-                            yf[(by * BM + wm * MT * 16 + i * 16 + tx // 4 + c // 2 * 8) * N
-                               + bx * BN + wn * NT * 8 + j * 8 + tx % 4 * 2 + c % 2] = T.Cast(dtype, tot[0])
+                        if (by * BM + lay.out_row(wm, i, tx, c) < M
+                                and bx * BN + lay.out_col(wn, j, tx, c) < N):
+                            yf[(by * BM + lay.out_row(wm, i, tx, c)) * N
+                               + bx * BN + lay.out_col(wn, j, tx, c)] = T.Cast(dtype, tot[0])
 
 
     return gemm
