@@ -2,7 +2,8 @@
 replaces, that the kernels are tensor-core code (mma.sync / ldmatrix / cp.async) for sm_80 and sm_90, and that an fp16
 model's CUDA library runs no other matmul. TVM codegen only (CUDA source captured, nvcc not run; tests/test_cuda_aot.py
 builds fatbins). The kernel's numbers are checked on the H100 by bench/dense_mma.py (every output row against an fp32
-reference). ~40 s on 2 cores.
+reference), and on the CPU the schedule's data movement is emulated with the PTX fragment layouts against numpy.
+~90 s on 2 cores.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import dataclasses
 import json
 import re
 
+import numpy as np
 import pytest
 from test_cuda_aot import require_cuda_toolkit
 
@@ -61,6 +63,102 @@ def test_plans_fit_shared_memory_and_k():
             assert p is not None and k % p.block_k == 0, (rows, k, p)
     assert dm.plan_dense(None, 4100) is None  # K not a multiple of 32: left to dlight
     assert dm.small_prefill_rows(4096) == 128 and dm.small_prefill_rows(11008) == 0
+
+
+def _ldmatrix_x4(ring, addr):
+    """PTX `ldmatrix.sync.aligned.m8n8.x4.b16`: lanes 8m..8m+7 give the row addresses of matrix m; lane t receives
+    row t/4, elements 2(t%4) and 2(t%4)+1 of each matrix m in register m. Returns (32 lanes, 8 halves)."""
+    lane = np.arange(32)
+    rows = np.stack([ring[addr[:, None] + np.arange(8)]])[0]  # (32 addresses, 8 halves)
+    out = np.empty((32, 8), ring.dtype)
+    for m in range(4):
+        for h in range(2):
+            out[:, 2 * m + h] = rows[8 * m + lane // 4, 2 * (lane % 4) + h]
+    return out
+
+
+def _mma_m16n8k16(a, b, c):
+    """PTX `mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32` with its documented fragment layouts (g = lane/4,
+    q = lane%4): A a0,a1 (g, 2q..) a2,a3 (g+8, 2q..) a4,a5 (g, 2q+8..) a6,a7 (g+8, 2q+8..); B b0,b1 (k 2q.., n g)
+    b2,b3 (k 2q+8.., n g); C/D c0,c1 (g, 2q..) c2,c3 (g+8, 2q..)."""
+    lane = np.arange(32)
+    g, q = lane // 4, lane % 4
+    A, B, C = np.zeros((16, 16), np.float32), np.zeros((16, 8), np.float32), np.zeros((16, 8), np.float32)
+    for h in range(2):
+        A[g, 2 * q + h], A[g + 8, 2 * q + h] = a[:, h], a[:, 2 + h]
+        A[g, 2 * q + 8 + h], A[g + 8, 2 * q + 8 + h] = a[:, 4 + h], a[:, 6 + h]
+        B[2 * q + h, g], B[2 * q + 8 + h, g] = b[:, h], b[:, 2 + h]
+        C[g, 2 * q + h], C[g + 8, 2 * q + h] = c[:, h], c[:, 2 + h]
+    D = A @ B + C
+    d = np.empty((32, 4), np.float32)
+    for h in range(2):
+        d[:, h], d[:, 2 + h] = D[g, 2 * q + h], D[g + 8, 2 * q + h]
+    return d
+
+
+def _emulate(plan, x, w):
+    """y = x @ w.T computed the way the kernel of `plan` moves data (its TileLayout: clamped rows, swizzled ring
+    slots, ldmatrix row addresses, split-K sum, accumulator -> output mapping), with the PTX semantics above."""
+    from vptq_mlc.tir_kernels.cuda_dense_mma import TileLayout
+
+    lay, p = TileLayout(plan), plan
+    (M, K), N = x.shape, w.shape[0]
+    BM, BN, BKC, CR = p.block_m, p.block_n, p.block_k, p.block_k // 8
+    lane = np.arange(32)
+    y = np.full((M, N), np.nan, np.float32)
+    warps = [(ty // (p.warps_k * p.warps_n), ty // p.warps_k % p.warps_n, ty % p.warps_k)
+             for ty in range(p.warps_m * p.warps_n * p.warps_k)]  # (wm, wn, wk)
+    for by in range(-(-M // BM)):
+        for bx in range(-(-N // BN)):
+            ring = np.full(p.stages * (BM + BN) * BKC, np.nan, np.float16)  # NaN: a read of an unwritten slot shows
+            acc = np.zeros((len(warps), p.m_tiles, p.n_tiles, 32, 4), np.float32)
+            for kt in range(K // BKC):
+                slot = kt % p.stages
+                for rows, src, base, slot_of in ((BM, x, by * BM, lay.x_slot), (BN, w, bx * BN, lay.w_slot)):
+                    t = np.arange(rows * CR)
+                    dst = slot_of(slot, t // CR, t % CR)
+                    src_row = np.minimum(base + t // CR, src.shape[0] - 1)
+                    for e in range(8):
+                        ring[dst + e] = src[src_row, kt * BKC + t % CR * 8 + e]
+                for ty, (wm, wn, wk) in enumerate(warps):
+                    for kk in range(p.k_slice // 16):
+                        fa = [_ldmatrix_x4(ring, lay.x_frag(slot, wm, wk, i, kk, lane)) for i in range(p.m_tiles)]
+                        fb = [_ldmatrix_x4(ring, lay.w_frag(slot, wn, wk, j, kk, lane)) for j in range(p.n_tiles // 2)]
+                        for i in range(p.m_tiles):
+                            for j in range(p.n_tiles):
+                                b = fb[j // 2][:, (j % 2) * 4:(j % 2) * 4 + 4]
+                                acc[ty, i, j] = _mma_m16n8k16(fa[i], b, acc[ty, i, j])
+            for wm, wn, wk in warps:
+                if wk:
+                    continue
+                tot = sum(acc[t2] for t2, (m2, n2, _) in enumerate(warps) if (m2, n2) == (wm, wn))
+                for i in range(p.m_tiles):
+                    for j in range(p.n_tiles):
+                        for c in range(4):
+                            r, col = by * BM + lay.out_row(wm, i, lane, c), bx * BN + lay.out_col(wn, j, lane, c)
+                            ok = (r < M) & (col < N)
+                            y[r[ok], col[ok]] = tot[i, j, ok, c]
+    return y
+
+
+@pytest.mark.parametrize("name", ["DECODE_WIDE_PLAN", "DECODE_PLAN", "SMALL_PREFILL_PLAN", "PREFILL_PLAN",
+                                  "PREFILL_PLAN_BK32"])
+def test_schedule_computes_x_wt_on_cpu(name):
+    """The kernel's data movement, emulated in numpy with the PTX ISA's ldmatrix/mma fragment layouts, gives
+    x @ w.T (float64 numpy) for every row, with partial row and column tiles."""
+    from vptq_mlc.tir_kernels import cuda_dense_mma as dm
+
+    plan = getattr(dm, name)
+    rng = np.random.default_rng(0)
+    m = 5 if plan.block_m == 16 else plan.block_m + 3
+    n, k = plan.block_n + 8, 2 * plan.block_k
+    x = rng.standard_normal((m, k)).astype(np.float16)
+    w = rng.standard_normal((n, k)).astype(np.float16)
+    y = _emulate(plan, x, w)
+    ref = x.astype(np.float64) @ w.astype(np.float64).T
+    assert not np.isnan(y).any()
+    row_err = np.linalg.norm(y - ref, axis=1) / np.linalg.norm(ref, axis=1)
+    assert row_err.max() < 1e-5, row_err.max()
 
 
 def _cuda_sources(build) -> str:
