@@ -1,9 +1,9 @@
 """Dense fp16 tensor-core GEMM on CUDA (vptq_mlc/tir_kernels/cuda_dense_mma.py): which PrimFuncs the pipeline
-replaces, that the kernels are tensor-core code (mma.sync / ldmatrix / cp.async) for sm_80 and sm_90, and that an fp16
-model's CUDA library runs no other matmul. TVM codegen only (CUDA source captured, nvcc not run; tests/test_cuda_aot.py
-builds fatbins). The kernel's numbers are checked on the H100 by bench/dense_mma.py (every output row against an fp32
-reference), and on the CPU the schedule's data movement is emulated with the PTX fragment layouts against numpy.
-~90 s on 2 cores.
+replaces, that the kernels are tensor-core code (mma.sync / ldmatrix / cp.async), and that an fp16 model's CUDA
+library runs no other matmul (but dlight's 1-row GEMV). TVM codegen only (CUDA source captured, nvcc not run;
+tests/test_cuda_aot.py builds the fatbin for sm_80 + sm_90 of a model whose lm_head uses these kernels). The kernel's
+numbers are checked on the H100 by bench/dense_mma.py (every output row against an fp32 reference), and on the CPU
+the schedule's data movement is emulated with the PTX fragment layouts against numpy. ~90 s on 2 cores.
 """
 
 from __future__ import annotations
