@@ -2,7 +2,8 @@
 linear of a CUDA build (lm_head, and all linears of an fp16 model) instead of dlight's SIMT matmul schedule.
 
 Why our own: dlight's tensor-core rule segfaults in apache-tvm 0.27 (compile/cuda.py switches it off), and the
-SIMT schedule it falls back to reaches ~0.1x cuBLAS on prefill and ~0.2x on batched decode on the H100.
+SIMT schedule it falls back to ran these matmuls at 0.04-0.09x cuBLAS on prefill and 0.07-0.3x at 16 rows on the
+H100 (docs/dense-mma.md).
 
 Schedule (the classic Ampere GEMM, sm_80 and newer; mma.sync, no wgmma):
 - A CTA owns a BM x BN tile of y; warps form a WM x WN x WK grid; a warp owns (16*MT) x (8*NT) outputs and one
@@ -15,9 +16,10 @@ Schedule (the classic Ampere GEMM, sm_80 and newer; mma.sync, no wgmma):
 - Rows of x past M and rows of w past N are clamped to the last valid row (a real row, never stored), so the
   loads need no predicates; K must be a multiple of the CTA's K step (checked; the pass leaves others alone).
 
-Two plans: `decode` for a static row count <= 16 (one 16-row tile, BN = 32, 8 warps splitting K: memory-bound,
-the weight is read once at full bandwidth) and `prefill` for symbolic / larger row counts (128 x 128 tiles,
-8 warps of 64 x 32).
+Plans (`plan_dense`, measured on the H100 in docs/dense-mma.md): decode rows (<= 16) take one 16-row tile with
+warps splitting K (memory-bound: the weight is streamed once, at cuBLAS speed from 16 rows); prefill takes
+128 x 128 tiles (64 x 64 for short prompts on narrow outputs). A symbolic row count gets one kernel per plan and
+the host picks by the row count at run time. `dense_mma_pass` puts the kernel in the CUDA pipeline.
 """
 
 from __future__ import annotations
