@@ -319,12 +319,16 @@ def dense_mma_cuda(lead: tuple, n: int, k: int, dtype: str = "float16", plan: De
         if NPLANS == 1:
             g0(xf, w, yf)
         elif NPLANS == 2:
-            if M <= l0:
+            if M <= 0:  # nothing to do (the row clamp needs a row)
+                T.evaluate(0)
+            elif M <= l0:
                 g0(xf, w, yf)
             else:
                 g2(xf, w, yf)
         else:
-            if M <= l0:
+            if M <= 0:
+                T.evaluate(0)
+            elif M <= l0:
                 g0(xf, w, yf)
             elif M <= l1:
                 g1(xf, w, yf)
