@@ -256,41 +256,76 @@ def cpu_kernel() -> tirx.PrimFunc:
     return kernel
 
 
-GPU_THREADS = 512  # one block per row
-_LOG_THREADS = GPU_THREADS.bit_length() - 1
+GPU_THREADS = 512  # the per-row select kernel: one block per row
+SPLIT_THREADS = 256  # the full-vocabulary kernels: several blocks per row
+MAX_SPLITS = 64  # blocks per row of the full-vocabulary kernels (batch 1 spreads the vocabulary over the GPU)
+MIN_SLICE = 1024  # tokens per block at least (small vocabularies take one block)
+# A conservative margin on the compaction bound: the bound's Z is merged from per-block partial sums, so it may
+# differ from the select kernel's mass sums in the last bits; keeping slightly more candidates changes nothing.
+_BOUND_MARGIN = 0.999
+
+
+def _log2(n: int) -> int:
+    return n.bit_length() - 1
 
 
 def gpu_kernel() -> tirx.PrimFunc:
-    """One thread block per row: every pass of the CPU kernel as a block-wide reduction (no compaction).
+    """Three launches per call (one PrimFunc, so the workspaces are its own outputs):
 
-    Values every thread needs (max, sums, thresholds) are read from the reduction buffer by all threads into
-    registers, so the block stays in lockstep without shared scalars; only the chunk search of the draw is
-    broadcast through shared memory."""
-    NT = GPU_THREADS
+    1. scores, `MAX_SPLITS` blocks per row: mask, logit_bias and penalties, temperature; each block's slice of the
+       vocabulary gives its max, first argmax and sum of exp(x - block max) (partials);
+    2. compaction, the same grid: the row's max and Z merged from the partials (every thread in the same order, so
+       every block agrees); each block keeps its slice's candidates, the tokens that can survive top-p / min-p
+       (the CPU kernel's bound), in id order (per-thread contiguous chunks and a block-wide prefix sum) at the
+       start of its slice of `cand`, and its count;
+    3. select, one block per row: greedy rows take the merged argmax. Sampled rows move the candidate segments
+       together (in place, in order); up to one candidate per thread, each thread computes its own token's rank
+       directly (the count and the mass of strictly larger candidates give top-k and top-p, no bisection) and
+       thread 0 walks the kept ones in id order; more candidates (a flat distribution, or top-k needing tokens
+       below the bound: then the whole vocabulary) take the bisection over the key, block-wide reductions over
+       the candidates only, and a chunked draw. Then the top-n logprobs (full-vocabulary argmax rounds).
+
+    Values every thread needs (max, sums, thresholds) are computed identically by every thread or read from a
+    reduction buffer by all threads into registers, so each block stays in lockstep without shared scalars."""
+    NT, NS = GPU_THREADS, SPLIT_THREADS
 
     @T.macro
-    def block_sum(red, tx):
+    def block_sum(red, tx, nt, log_nt):
         T.tvm_storage_sync("shared")
-        for s in T.unroll(_LOG_THREADS):
-            stride = T.shift_right(NT, s + 1)
+        for s in T.unroll(log_nt):
+            stride = T.shift_right(nt, s + 1)
             if tx < stride:
                 red[tx] = red[tx] + red[tx + stride]
             T.tvm_storage_sync("shared")
 
     @T.macro
-    def block_max(redi, tx):  # of int64 keys; an argmax packs (value key, -index) into one (`_argmax_key`)
+    def block_max(redi, tx, nt, log_nt):  # of int64 keys; an argmax packs (value key, -index) (`_argmax_key`)
         T.tvm_storage_sync("shared")
-        for s in T.unroll(_LOG_THREADS):
-            stride = T.shift_right(NT, s + 1)
+        for s in T.unroll(log_nt):
+            stride = T.shift_right(nt, s + 1)
             if tx < stride:
                 redi[tx] = T.max(redi[tx], redi[tx + stride])
             T.tvm_storage_sync("shared")
+
+    @T.macro
+    def row_stats(part_f, part_i, r, splits, st, sti):
+        """st[0] = the row's max, st[1] = Z = sum of exp(x - max), sti[0] = the packed first argmax; merged from
+        the scores kernel's partials in block order (the same in every thread of every kernel)."""
+        sti[0] = T.min_value("int64")
+        st[0] = NEG_INF
+        for b in range(splits):
+            sti[0] = T.max(sti[0], _argmax_key(part_f[r, b, 0], T.Cast("int64", part_i[r, b, 0])))
+            st[0] = T.max(st[0], part_f[r, b, 0])
+        st[1] = T.float32(0)
+        for b in range(splits):
+            st[1] = st[1] + T.if_then_else(part_f[r, b, 1] > T.float32(0),
+                                           part_f[r, b, 1] * T.exp(part_f[r, b, 0] - st[0]), T.float32(0))
 
     @T.prim_func(private=True)
     def kernel(
         var_logits: T.handle, var_fp: T.handle, var_ip: T.handle, var_bt: T.handle, var_bv: T.handle,
         var_pt: T.handle, var_pc: T.handle, var_mask: T.handle, var_tok: T.handle, var_lp: T.handle,
-        var_work: T.handle, var_cand: T.handle,
+        var_work: T.handle, var_cand: T.handle, var_part_f: T.handle, var_part_i: T.handle,
     ):
         T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True})
         rows, vocab = T.int64(), T.int64()
@@ -305,218 +340,383 @@ def gpu_kernel() -> tirx.PrimFunc:
         bitmask = T.match_buffer(var_mask, (nmask, words), "int32")
         out_tok = T.match_buffer(var_tok, (rows, MAX_TOP + 1), "int32")
         out_lp = T.match_buffer(var_lp, (rows, MAX_TOP + 1), "float32")
-        work = T.match_buffer(var_work, (rows, 2, vocab), "float32")
-        T.match_buffer(var_cand, (rows, vocab), "int32")  # the CPU's candidate list: unused on GPUs
-        r = T.launch_thread("blockIdx.x", rows)
-        tx = T.launch_thread("threadIdx.x", NT)
-        red = T.alloc_buffer((NT,), "float32", scope="shared")
-        redi = T.alloc_buffer((NT,), "int64", scope="shared")
-        chunk_of = T.alloc_buffer((1,), "int64", scope="shared")  # the draw's chunk (thread), found flag
-        found_in = T.alloc_buffer((1,), "int64", scope="shared")
-        target_in = T.alloc_buffer((1,), "float32", scope="shared")  # the draw's target within that chunk
-        token_of = T.alloc_buffer((1,), "int64", scope="shared")
-        acc = T.alloc_buffer((2,), "float32", scope="local")
-        acci = T.alloc_buffer((2,), "int64", scope="local")
-        # registers, equal in every thread: max, Z, Zk, top-p mass bound / argmax, lo, hi, top-k threshold
-        vf = T.alloc_buffer((4,), "float32", scope="local")
-        vi = T.alloc_buffer((4,), "int64", scope="local")
-        steps = T.ceildiv(vocab, T.int64(NT))
-        lim = T.min(T.Cast("int64", ip[r, I_VOCAB_LIMIT]), vocab)
-        temp = fp[r, F_TEMPERATURE]
-        inv_t = T.if_then_else(temp > T.float32(0), T.float32(1) / temp, T.float32(1))
-        mrow = T.Cast("int64", ip[r, I_MASK_ROW])
-        top_n = T.Cast("int64", ip[r, I_TOP_N])
-        b0 = T.Cast("int64", ip[r, I_BIAS_START])
-        p0 = T.Cast("int64", ip[r, I_PENALTY_START])
-        # 1. processed scores: mask, then logit_bias and penalties (distinct tokens per row: no races)
-        for it in range(steps):
-            i = it * NT + tx
-            if i < vocab:
-                word = bitmask[T.max(mrow, T.int64(0)), i // 32]
-                bit = T.bitwise_and(T.shift_right(word, T.Cast("int32", i % 32)), 1)
-                work[r, 0, i] = T.if_then_else(i < lim and (mrow < 0 or bit == 1), logits[r, i], NEG_INF)
-        T.tvm_storage_sync("shared")
-        for it in range(T.ceildiv(T.Cast("int64", ip[r, I_BIAS_END]) - b0, T.int64(NT))):
-            j = b0 + it * NT + tx
-            if j < T.Cast("int64", ip[r, I_BIAS_END]):
-                t = T.Cast("int64", bias_tok[j])
-                if t < vocab:
-                    work[r, 0, t] = work[r, 0, t] + bias_val[j]
-        T.tvm_storage_sync("shared")
-        for it in range(T.ceildiv(T.Cast("int64", ip[r, I_PENALTY_END]) - p0, T.int64(NT))):
-            j = p0 + it * NT + tx
-            if j < T.Cast("int64", ip[r, I_PENALTY_END]):
-                t = T.Cast("int64", pen_tok[j])
-                c = pen_cnt[j]
-                if t < vocab:
-                    s = work[r, 0, t]
-                    rep = fp[r, F_REPETITION]
-                    s2 = T.if_then_else(s < T.float32(0), s * rep, s / rep)
-                    work[r, 0, t] = s2 - T.Cast("float32", c) * fp[r, F_FREQUENCY] - T.if_then_else(
-                        c > 0, fp[r, F_PRESENCE], T.float32(0))
-        T.tvm_storage_sync("shared")
-        # 2. temperature, max and first argmax
-        acc[0] = NEG_INF
-        acci[0] = T.int64(-1)
-        for it in range(steps):
-            i = it * NT + tx
-            if i < vocab:
-                s = work[r, 0, i] * inv_t
-                work[r, 0, i] = s
-                if acci[0] < 0 or s > acc[0]:
-                    acc[0] = s
-                    acci[0] = i
-        redi[tx] = _argmax_key(acc[0], acci[0])
-        block_max(redi, tx)
-        vi[0] = _argmax_index(redi[0])
-        T.tvm_storage_sync("shared")
-        vf[0] = work[r, 0, vi[0]]
-        vf[1] = T.float32(1)
-        if temp > T.float32(0) or top_n >= 0:
-            acc[0] = T.float32(0)
-            for it in range(steps):
-                i = it * NT + tx
-                if i < vocab:
-                    e = T.exp(work[r, 0, i] - vf[0])
-                    work[r, 1, i] = e
-                    acc[0] = acc[0] + e
-            red[tx] = acc[0]
-            block_sum(red, tx)
-            vf[1] = red[0]
+        work = T.match_buffer(var_work, (rows, vocab), "float32")  # the processed, scaled scores x
+        cand = T.match_buffer(var_cand, (rows, vocab), "int32")  # candidate ids: per-block segments, then dense
+        part_f = T.match_buffer(var_part_f, (rows, MAX_SPLITS, 2), "float32")  # per block: max, sum exp(x - max)
+        part_i = T.match_buffer(var_part_i, (rows, MAX_SPLITS, 2), "int32")  # per block: first argmax, candidates
+        # 1. scores: mask, logit_bias, penalties (on raw logits; distinct tokens per row: no races), temperature
+        with T.launch_thread("blockIdx.y", rows) as r:
+            b = T.launch_thread("blockIdx.x", T.ceildiv(vocab, T.max(T.ceildiv(vocab, T.int64(MAX_SPLITS)),
+                                                                      T.int64(MIN_SLICE))))
+            tx = T.launch_thread("threadIdx.x", NS)
+            slice_len = T.max(T.ceildiv(vocab, T.int64(MAX_SPLITS)), T.int64(MIN_SLICE))
+            splits = T.ceildiv(vocab, slice_len)
+            red = T.alloc_buffer((NS,), "float32", scope="shared")
+            redi = T.alloc_buffer((NS,), "int64", scope="shared")
+            acc = T.alloc_buffer((2,), "float32", scope="local")
+            acci = T.alloc_buffer((1,), "int64", scope="local")
+            lo = b * slice_len
+            hi = T.min(lo + slice_len, vocab)
+            its = T.ceildiv(slice_len, T.int64(NS))
+            lim = T.min(T.Cast("int64", ip[r, I_VOCAB_LIMIT]), vocab)
+            temp = fp[r, F_TEMPERATURE]
+            inv_t = T.if_then_else(temp > T.float32(0), T.float32(1) / temp, T.float32(1))
+            mrow = T.Cast("int64", ip[r, I_MASK_ROW])
+            b0 = T.Cast("int64", ip[r, I_BIAS_START])
+            b1 = T.Cast("int64", ip[r, I_BIAS_END])
+            p0 = T.Cast("int64", ip[r, I_PENALTY_START])
+            p1 = T.Cast("int64", ip[r, I_PENALTY_END])
+            plain = mrow < 0 and b0 == b1 and p0 == p1
+            if not plain:
+                for it in range(its):
+                    i = lo + it * NS + tx
+                    if i < hi:
+                        word = bitmask[T.max(mrow, T.int64(0)), i // 32]
+                        bit = T.bitwise_and(T.shift_right(word, T.Cast("int32", i % 32)), 1)
+                        work[r, i] = T.if_then_else(i < lim and (mrow < 0 or bit == 1), logits[r, i], NEG_INF)
+                T.tvm_storage_sync("shared")
+                for it in range(T.ceildiv(b1 - b0, T.int64(NS))):
+                    j = b0 + it * NS + tx
+                    if j < b1:
+                        t = T.Cast("int64", bias_tok[j])
+                        if t >= lo and t < hi:
+                            work[r, t] = work[r, t] + bias_val[j]
+                T.tvm_storage_sync("shared")
+                for it in range(T.ceildiv(p1 - p0, T.int64(NS))):
+                    j = p0 + it * NS + tx
+                    if j < p1:
+                        t = T.Cast("int64", pen_tok[j])
+                        c = pen_cnt[j]
+                        if t >= lo and t < hi:
+                            s = work[r, t]
+                            rep = fp[r, F_REPETITION]
+                            s2 = T.if_then_else(s < T.float32(0), s * rep, s / rep)
+                            work[r, t] = s2 - T.Cast("float32", c) * fp[r, F_FREQUENCY] - T.if_then_else(
+                                c > 0, fp[r, F_PRESENCE], T.float32(0))
+                T.tvm_storage_sync("shared")
+            acc[0] = NEG_INF
+            acci[0] = T.int64(-1)
+            for it in range(its):
+                i = lo + it * NS + tx
+                if i < hi:
+                    s = T.if_then_else(plain, T.if_then_else(i < lim, logits[r, i] * inv_t, NEG_INF),
+                                       work[r, i] * inv_t)
+                    work[r, i] = s
+                    if acci[0] < 0 or s > acc[0]:
+                        acc[0] = s
+                        acci[0] = i
+            redi[tx] = _argmax_key(acc[0], acci[0])
+            block_max(redi, tx, NS, _log2(NS))
+            acci[0] = _argmax_index(redi[0])
             T.tvm_storage_sync("shared")
-        if temp > T.float32(0):
+            acc[0] = work[r, acci[0]]  # the block's max
+            acc[1] = T.float32(0)
+            if temp > T.float32(0) or ip[r, I_TOP_N] >= 0:
+                for it in range(its):
+                    i = lo + it * NS + tx
+                    if i < hi:
+                        s = work[r, i]
+                        if s > NEG_INF:
+                            acc[1] = acc[1] + T.exp(s - acc[0])
+                red[tx] = acc[1]
+                block_sum(red, tx, NS, _log2(NS))
+                acc[1] = red[0]
+            if tx == 0:
+                part_f[r, b, 0] = acc[0]
+                part_f[r, b, 1] = acc[1]
+                part_i[r, b, 0] = T.Cast("int32", acci[0])
+        # 2. compaction of sampled rows with top-p or min-p: each block's candidates, in id order
+        with T.launch_thread("blockIdx.y", rows) as r:
+            b = T.launch_thread("blockIdx.x", T.ceildiv(vocab, T.max(T.ceildiv(vocab, T.int64(MAX_SPLITS)),
+                                                                      T.int64(MIN_SLICE))))
+            tx = T.launch_thread("threadIdx.x", NS)
+            slice_len = T.max(T.ceildiv(vocab, T.int64(MAX_SPLITS)), T.int64(MIN_SLICE))
+            splits = T.ceildiv(vocab, slice_len)
+            scan = T.alloc_buffer((NS,), "int32", scope="shared")
+            st = T.alloc_buffer((2,), "float32", scope="local")
+            sti = T.alloc_buffer((1,), "int64", scope="local")
+            cnt = T.alloc_buffer((3,), "int32", scope="local")  # own count, write position, scan addend
+            lo = b * slice_len
+            hi = T.min(lo + slice_len, vocab)
+            lim = T.min(T.Cast("int64", ip[r, I_VOCAB_LIMIT]), vocab)
             top_k = T.Cast("int64", ip[r, I_TOP_K])
             top_p = fp[r, F_TOP_P]
             min_p = fp[r, F_MIN_P]
-            # 3. top-k threshold by bisection over the order-preserving keys (counts)
-            vi[3] = KEY_MIN
-            vf[2] = vf[1]
-            if top_k > 0 and top_k < lim:
-                vi[1] = KEY_MIN
-                vi[2] = _key(vf[0]) + 1
-                while vi[2] - vi[1] > 1:
-                    mid = T.floordiv(vi[1] + vi[2], 2)
-                    acc[0] = T.float32(0)
-                    for it in range(steps):
-                        i = it * NT + tx
-                        if i < lim:
-                            if _key(work[r, 0, i]) >= mid:
-                                acc[0] = acc[0] + T.float32(1)
-                    red[tx] = acc[0]
-                    block_sum(red, tx)
-                    acc[1] = red[0]
-                    T.tvm_storage_sync("shared")
-                    if acc[1] >= T.Cast("float32", top_k):
-                        vi[1] = mid
-                    else:
-                        vi[2] = mid
-                vi[3] = vi[1]
-                acc[0] = T.float32(0)
-                for it in range(steps):
-                    i = it * NT + tx
-                    if i < lim:
-                        if _key(work[r, 0, i]) >= vi[3]:
-                            acc[0] = acc[0] + work[r, 1, i]
-                red[tx] = acc[0]
-                block_sum(red, tx)
-                vf[2] = red[0]
-                T.tvm_storage_sync("shared")
-            # 4. top-p threshold: smallest key whose strictly larger (top-k kept) mass is < top_p * Zk
-            vi[1] = vi[3] - 1
-            vi[2] = T.if_then_else(top_p < T.float32(1), _key(vf[0]), vi[3])
-            vf[3] = top_p * vf[2]
-            while vi[2] - vi[1] > 1:
-                mid = T.floordiv(vi[1] + vi[2], 2)
-                acc[0] = T.float32(0)
-                for it in range(steps):
-                    i = it * NT + tx
-                    if i < lim:
-                        if _key(work[r, 0, i]) > mid and _key(work[r, 0, i]) >= vi[3]:
-                            acc[0] = acc[0] + work[r, 1, i]
-                red[tx] = acc[0]
-                block_sum(red, tx)
-                acc[1] = red[0]
-                T.tvm_storage_sync("shared")
-                if acc[1] < vf[3]:
-                    vi[2] = mid
-                else:
-                    vi[1] = mid
-            # 5. one draw in id order: per-thread contiguous chunks; thread 0 finds the chunk, its thread walks it
-            chunk = T.ceildiv(lim, T.int64(NT))
-            thr = T.max(vi[3], vi[2])
-            acc[0] = T.float32(0)
-            for j in range(chunk):
-                i = tx * chunk + j
-                if i < lim:
-                    if _key(work[r, 0, i]) >= thr and work[r, 1, i] >= min_p:
-                        acc[0] = acc[0] + work[r, 1, i]
-            red[tx] = acc[0]
-            T.tvm_storage_sync("shared")
-            if tx == 0:
-                acc[1] = T.float32(0)
-                for c in range(NT):
-                    acc[1] = acc[1] + red[c]
-                target = fp[r, F_UNIFORM] * acc[1]
-                acc[1] = T.float32(0)  # mass of the chunks before
-                acci[0] = T.int64(-1)  # the chosen chunk (the last one with mass if rounding finds none)
-                acci[1] = T.int64(0)  # found
-                for c in range(NT):
-                    acc[0] = red[c]
-                    if acc[0] > T.float32(0) and acci[1] == 0:
-                        acci[0] = T.Cast("int64", c)
-                        if acc[1] + acc[0] > target:
-                            acci[1] = T.int64(1)
-                        else:
-                            acc[1] = acc[1] + acc[0]
-                chunk_of[0] = acci[0]
-                found_in[0] = acci[1]
-                target_in[0] = target - acc[1]
-            T.tvm_storage_sync("shared")
-            acci[0] = chunk_of[0]
-            acci[1] = found_in[0]
-            acc[1] = target_in[0]
-            if T.Cast("int64", tx) == acci[0]:
-                acc[0] = T.float32(0)
-                vi[1] = T.int64(0)  # stop
+            if fp[r, F_TEMPERATURE] > T.float32(0) and (top_p < T.float32(1) or min_p > T.float32(0)):
+                row_stats(part_f, part_i, r, splits, st, sti)
+                k_on = top_k > 0 and top_k < lim
+                # the CPU kernel's bound: p_i >= (1 - top_p) / vocab of the mass (of 1 <= Zk with top-k), or min_p
+                bound = T.max(T.if_then_else(top_p < T.float32(1), (T.float32(1) - top_p) * T.if_then_else(
+                    k_on, T.float32(1), st[1]) / T.Cast("float32", lim) * T.float32(_BOUND_MARGIN), T.float32(0)),
+                    min_p)
+                chunk = T.ceildiv(slice_len, T.int64(NS))
+                c0 = lo + T.Cast("int64", tx) * chunk
+                c1 = T.min(T.min(c0 + chunk, hi), lim)
+                cnt[0] = 0
                 for j in range(chunk):
-                    i = tx * chunk + j
-                    if i < lim and vi[1] == 0:
-                        if _key(work[r, 0, i]) >= thr and work[r, 1, i] >= min_p:
-                            acc[0] = acc[0] + work[r, 1, i]
-                            vi[0] = i
-                            if acc[0] > acc[1] and acci[1] == 1:
-                                vi[1] = T.int64(1)
-                token_of[0] = vi[0]
-            T.tvm_storage_sync("shared")
-            vi[0] = token_of[0]
-        if tx == 0:
-            out_tok[r, 0] = T.Cast("int32", vi[0])
-            out_lp[r, 0] = T.float32(0)
-        if top_n >= 0:
-            log_z = vf[0] + T.log(vf[1])
-            if tx == 0:
-                out_lp[r, 0] = work[r, 0, vi[0]] - log_z
-            # 6. top-n logprobs: n block-argmax rounds below the previous pick (ties: lower id first)
-            acc[1] = POS_INF
-            acci[1] = T.int64(-1)
-            for n in range(T.min(top_n, T.int64(MAX_TOP))):
-                acc[0] = NEG_INF
-                acci[0] = T.int64(-1)
-                for it in range(steps):
-                    i = it * NT + tx
-                    if i < vocab:
-                        s = work[r, 0, i]
-                        if (s < acc[1] or (s == acc[1] and i > acci[1])) and (acci[0] < 0 or s > acc[0]):
-                            acc[0] = s
-                            acci[0] = i
-                redi[tx] = _argmax_key(acc[0], acci[0])
-                block_max(redi, tx)
-                acci[1] = _argmax_index(redi[0])
+                    if c0 + j < c1:
+                        if T.exp(work[r, c0 + j] - st[0]) >= bound:
+                            cnt[0] = cnt[0] + 1
+                scan[tx] = cnt[0]
+                for s in T.unroll(_log2(NS)):  # inclusive prefix sum (Hillis-Steele)
+                    T.tvm_storage_sync("shared")
+                    cnt[2] = T.if_then_else(tx >= T.shift_left(1, s), scan[tx - T.shift_left(1, s)], 0)
+                    T.tvm_storage_sync("shared")
+                    scan[tx] = scan[tx] + cnt[2]
                 T.tvm_storage_sync("shared")
-                acc[1] = work[r, 0, acci[1]]
+                cnt[1] = scan[tx] - cnt[0]
+                for j in range(chunk):
+                    if c0 + j < c1:
+                        if T.exp(work[r, c0 + j] - st[0]) >= bound:
+                            cand[r, lo + T.Cast("int64", cnt[1])] = T.Cast("int32", c0 + j)
+                            cnt[1] = cnt[1] + 1
+                if tx == NS - 1:
+                    part_i[r, b, 1] = scan[NS - 1]
+        # 3. select: one block per row
+        with T.launch_thread("blockIdx.x", rows) as r:
+            tx = T.launch_thread("threadIdx.x", NT)
+            slice_len = T.max(T.ceildiv(vocab, T.int64(MAX_SPLITS)), T.int64(MIN_SLICE))
+            splits = T.ceildiv(vocab, slice_len)
+            red = T.alloc_buffer((NT,), "float32", scope="shared")
+            redi = T.alloc_buffer((NT,), "int64", scope="shared")
+            cand_key = T.alloc_buffer((NT,), "int64", scope="shared")  # small path: each candidate's key
+            cand_e = T.alloc_buffer((NT,), "float32", scope="shared")  # its exp(x - max)
+            cand_kept = T.alloc_buffer((NT,), "float32", scope="shared")  # its mass if kept, else -1
+            chunk_of = T.alloc_buffer((1,), "int64", scope="shared")  # the draw's chunk (thread)
+            found_in = T.alloc_buffer((1,), "int64", scope="shared")
+            target_in = T.alloc_buffer((1,), "float32", scope="shared")  # the draw's target within that chunk
+            token_of = T.alloc_buffer((1,), "int64", scope="shared")
+            st = T.alloc_buffer((2,), "float32", scope="local")
+            sti = T.alloc_buffer((1,), "int64", scope="local")
+            acc = T.alloc_buffer((3,), "float32", scope="local")
+            acci = T.alloc_buffer((3,), "int64", scope="local")
+            # registers, equal in every thread: max, Z, Zk, top-p mass bound / token, lo, hi, top-k threshold
+            vf = T.alloc_buffer((4,), "float32", scope="local")
+            vi = T.alloc_buffer((4,), "int64", scope="local")
+            nc = T.alloc_buffer((2,), "int64", scope="local")  # candidates, dense write position
+            lim = T.min(T.Cast("int64", ip[r, I_VOCAB_LIMIT]), vocab)
+            temp = fp[r, F_TEMPERATURE]
+            top_n = T.Cast("int64", ip[r, I_TOP_N])
+            row_stats(part_f, part_i, r, splits, st, sti)
+            vi[0] = _argmax_index(sti[0])  # the greedy token
+            vf[0] = st[0]
+            vf[1] = st[1]
+            if temp > T.float32(0):
+                top_k = T.Cast("int64", ip[r, I_TOP_K])
+                top_p = fp[r, F_TOP_P]
+                min_p = fp[r, F_MIN_P]
+                k_on = top_k > 0 and top_k < lim
+                compacted = top_p < T.float32(1) or min_p > T.float32(0)
+                nc[0] = T.int64(0)
+                if compacted:
+                    for b in range(splits):
+                        nc[0] = nc[0] + T.Cast("int64", part_i[r, b, 1])
+                full = not compacted or (k_on and nc[0] < top_k)  # top-k needs tokens below the bound: all
+                n = T.if_then_else(full, lim, nc[0])
+                if not full:  # the segments together, in order (read all, sync, write, sync: no overwrite)
+                    nc[1] = T.int64(0)
+                    for b in range(splits):
+                        seg = T.Cast("int64", part_i[r, b, 1])
+                        if b * slice_len > nc[1]:
+                            for it in range(T.ceildiv(seg, T.int64(NT))):
+                                j = it * NT + tx
+                                acci[0] = T.if_then_else(j < seg, T.Cast("int64", cand[r, b * slice_len + j]),
+                                                         T.int64(0))
+                                T.tvm_storage_sync("shared")
+                                if j < seg:
+                                    cand[r, nc[1] + j] = T.Cast("int32", acci[0])
+                                T.tvm_storage_sync("shared")
+                        nc[1] = nc[1] + seg
+                    T.tvm_storage_sync("shared")
+                if n <= NT:
+                    # 3a. one candidate per thread: rank by the count / mass of strictly larger candidates
+                    valid = T.Cast("int64", tx) < n
+                    tok = T.if_then_else(valid, T.if_then_else(full, T.Cast("int64", tx),
+                                                               T.Cast("int64", cand[r, T.Cast("int64", tx)])),
+                                         T.int64(0))
+                    key = _key(work[r, tok])
+                    e = T.exp(work[r, tok] - vf[0])
+                    cand_key[tx] = key
+                    cand_e[tx] = e
+                    T.tvm_storage_sync("shared")
+                    acci[1] = T.int64(0)  # candidates strictly larger
+                    acc[0] = T.float32(0)  # their mass
+                    for j in range(n):  # shared loads go to registers first (no shared loads in conditions)
+                        acci[2] = cand_key[j]
+                        acc[2] = cand_e[j]
+                        if acci[2] > key:
+                            acci[1] = acci[1] + 1
+                            acc[0] = acc[0] + acc[2]
+                    kept_k = not k_on or acci[1] < top_k
+                    vf[2] = vf[1]
+                    if k_on:
+                        red[tx] = T.if_then_else(valid and kept_k, e, T.float32(0))
+                        block_sum(red, tx, NT, _log2(NT))
+                        vf[2] = red[0]
+                    kept = valid and kept_k and (top_p >= T.float32(1) or acc[0] < top_p * vf[2]) and e >= min_p
+                    cand_kept[tx] = T.if_then_else(kept, e, T.float32(-1))
+                    T.tvm_storage_sync("shared")
+                    if tx == 0:  # the draw, walking the kept candidates in id order
+                        acc[1] = T.float32(0)
+                        acci[2] = T.int64(-1)
+                        for j in range(n):
+                            acc[2] = cand_kept[j]
+                            if acc[2] >= T.float32(0):
+                                acc[1] = acc[1] + acc[2]
+                                acci[2] = j
+                        target = fp[r, F_UNIFORM] * acc[1]
+                        acc[1] = T.float32(0)
+                        acci[1] = T.int64(0)  # found
+                        for j in range(n):
+                            acc[2] = cand_kept[j]
+                            if acci[1] == 0 and acc[2] >= T.float32(0):
+                                acc[1] = acc[1] + acc[2]
+                                if acc[1] > target:
+                                    acci[2] = j
+                                    acci[1] = T.int64(1)
+                        token_of[0] = T.max(acci[2], T.int64(0))  # none kept only for NaN scores
+                    T.tvm_storage_sync("shared")
+                    acci[2] = token_of[0]
+                    vi[0] = T.if_then_else(full, acci[2], T.Cast("int64", cand[r, acci[2]]))
+                else:
+                    # 3b. bisection over the key, block-wide reductions over the candidates (or all tokens)
+                    vi[3] = KEY_MIN
+                    vf[2] = vf[1]
+                    if k_on:  # top-k threshold: the largest key with at least top_k tokens at or above it
+                        vi[1] = KEY_MIN
+                        vi[2] = _key(vf[0]) + 1
+                        while vi[2] - vi[1] > 1:
+                            mid = T.floordiv(vi[1] + vi[2], 2)
+                            acc[0] = T.float32(0)
+                            for it in range(T.ceildiv(n, T.int64(NT))):
+                                j = it * NT + tx
+                                if j < n:
+                                    tok = T.if_then_else(full, j, T.Cast("int64", cand[r, j]))
+                                    if _key(work[r, tok]) >= mid:
+                                        acc[0] = acc[0] + T.float32(1)
+                            red[tx] = acc[0]
+                            block_sum(red, tx, NT, _log2(NT))
+                            acc[1] = red[0]
+                            T.tvm_storage_sync("shared")
+                            if acc[1] >= T.Cast("float32", top_k):
+                                vi[1] = mid
+                            else:
+                                vi[2] = mid
+                        vi[3] = vi[1]
+                        acc[0] = T.float32(0)
+                        for it in range(T.ceildiv(n, T.int64(NT))):
+                            j = it * NT + tx
+                            if j < n:
+                                tok = T.if_then_else(full, j, T.Cast("int64", cand[r, j]))
+                                if _key(work[r, tok]) >= vi[3]:
+                                    acc[0] = acc[0] + T.exp(work[r, tok] - vf[0])
+                        red[tx] = acc[0]
+                        block_sum(red, tx, NT, _log2(NT))
+                        vf[2] = red[0]
+                        T.tvm_storage_sync("shared")
+                    # top-p threshold: smallest key whose strictly larger (top-k kept) mass is < top_p * Zk
+                    vi[1] = vi[3] - 1
+                    vi[2] = T.if_then_else(top_p < T.float32(1), _key(vf[0]), vi[3])
+                    vf[3] = top_p * vf[2]
+                    while vi[2] - vi[1] > 1:
+                        mid = T.floordiv(vi[1] + vi[2], 2)
+                        acc[0] = T.float32(0)
+                        for it in range(T.ceildiv(n, T.int64(NT))):
+                            j = it * NT + tx
+                            if j < n:
+                                tok = T.if_then_else(full, j, T.Cast("int64", cand[r, j]))
+                                key = _key(work[r, tok])
+                                if key > mid and key >= vi[3]:
+                                    acc[0] = acc[0] + T.exp(work[r, tok] - vf[0])
+                        red[tx] = acc[0]
+                        block_sum(red, tx, NT, _log2(NT))
+                        acc[1] = red[0]
+                        T.tvm_storage_sync("shared")
+                        if acc[1] < vf[3]:
+                            vi[2] = mid
+                        else:
+                            vi[1] = mid
+                    # the draw in id order: per-thread contiguous chunks; thread 0 finds the chunk, its thread
+                    # walks it
+                    chunk = T.ceildiv(n, T.int64(NT))
+                    thr = T.max(vi[3], vi[2])
+                    acc[0] = T.float32(0)
+                    for jj in range(chunk):
+                        j = tx * chunk + jj
+                        if j < n:
+                            tok = T.if_then_else(full, j, T.Cast("int64", cand[r, j]))
+                            e = T.exp(work[r, tok] - vf[0])
+                            if _key(work[r, tok]) >= thr and e >= min_p:
+                                acc[0] = acc[0] + e
+                    red[tx] = acc[0]
+                    T.tvm_storage_sync("shared")
+                    if tx == 0:
+                        acc[1] = T.float32(0)
+                        for c in range(NT):
+                            acc[1] = acc[1] + red[c]
+                        target = fp[r, F_UNIFORM] * acc[1]
+                        acc[1] = T.float32(0)  # mass of the chunks before
+                        acci[0] = T.int64(-1)  # the chosen chunk (the last one with mass if rounding finds none)
+                        acci[1] = T.int64(0)  # found
+                        for c in range(NT):
+                            acc[0] = red[c]
+                            if acc[0] > T.float32(0) and acci[1] == 0:
+                                acci[0] = T.Cast("int64", c)
+                                if acc[1] + acc[0] > target:
+                                    acci[1] = T.int64(1)
+                                else:
+                                    acc[1] = acc[1] + acc[0]
+                        chunk_of[0] = acci[0]
+                        found_in[0] = acci[1]
+                        target_in[0] = target - acc[1]
+                    T.tvm_storage_sync("shared")
+                    acci[0] = chunk_of[0]
+                    acci[1] = found_in[0]
+                    acc[1] = target_in[0]
+                    if T.Cast("int64", tx) == acci[0]:
+                        acc[0] = T.float32(0)
+                        acci[2] = T.int64(0)  # stop
+                        for jj in range(chunk):
+                            j = tx * chunk + jj
+                            if j < n and acci[2] == 0:
+                                tok = T.if_then_else(full, j, T.Cast("int64", cand[r, j]))
+                                e = T.exp(work[r, tok] - vf[0])
+                                if _key(work[r, tok]) >= thr and e >= min_p:
+                                    acc[0] = acc[0] + e
+                                    vi[0] = tok
+                                    if acc[0] > acc[1] and acci[1] == 1:
+                                        acci[2] = T.int64(1)
+                        token_of[0] = vi[0]
+                    T.tvm_storage_sync("shared")
+                    vi[0] = token_of[0]
+            if tx == 0:
+                out_tok[r, 0] = T.Cast("int32", vi[0])
+                out_lp[r, 0] = T.float32(0)
+            if top_n >= 0:
+                log_z = vf[0] + T.log(vf[1])
                 if tx == 0:
-                    out_tok[r, n + 1] = T.Cast("int32", acci[1])
-                    out_lp[r, n + 1] = acc[1] - log_z
+                    out_lp[r, 0] = work[r, vi[0]] - log_z
+                # 4. top-n logprobs: n block-argmax rounds below the previous pick (ties: lower id first)
+                acc[1] = POS_INF
+                acci[1] = T.int64(-1)
+                for n_top in range(T.min(top_n, T.int64(MAX_TOP))):
+                    acc[0] = NEG_INF
+                    acci[0] = T.int64(-1)
+                    for it in range(T.ceildiv(vocab, T.int64(NT))):
+                        i = it * NT + tx
+                        if i < vocab:
+                            s = work[r, i]
+                            if (s < acc[1] or (s == acc[1] and i > acci[1])) and (acci[0] < 0 or s > acc[0]):
+                                acc[0] = s
+                                acci[0] = i
+                    redi[tx] = _argmax_key(acc[0], acci[0])
+                    block_max(redi, tx, NT, _log2(NT))
+                    acci[1] = _argmax_index(redi[0])
+                    T.tvm_storage_sync("shared")
+                    acc[1] = work[r, acci[1]]
+                    if tx == 0:
+                        out_tok[r, n_top + 1] = T.Cast("int32", acci[1])
+                        out_lp[r, n_top + 1] = acc[1] - log_z
 
     return kernel
 
@@ -530,7 +730,8 @@ def add_sampler(mod: tvm.IRModule, target: tvm.target.Target) -> tvm.IRModule:
     """`mod` plus the relax function `sample_tokens` (symbolic rows and vocabulary)."""
     if not has_sampler(target):
         raise ValueError(f"no sampler kernel for {target.kind.name}")
-    kernel = gpu_kernel() if "gpu" in target.keys else cpu_kernel()
+    gpu = "gpu" in target.keys
+    kernel = gpu_kernel() if gpu else cpu_kernel()
     bb = relax.BlockBuilder(mod)
     gv = bb.add_func(kernel, "sample_tokens_kernel")
     rows, vocab = tirx.Var("batch_size", "int64"), tirx.Var("vocab_size", "int64")
@@ -544,9 +745,15 @@ def add_sampler(mod: tvm.IRModule, target: tvm.target.Target) -> tvm.IRModule:
             arg("bias_values", [nb], "float32"), arg("penalty_tokens", [npen], "int32"),
             arg("penalty_counts", [npen], "int32"), arg("bitmask", [nmask, words], "int32")]
     out_types = [relax.TensorType([rows, MAX_TOP + 1], "int32"),
-                 relax.TensorType([rows, MAX_TOP + 1], "float32"),
-                 relax.TensorType([rows, 2, vocab], "float32"),
-                 relax.TensorType([rows, vocab], "int32")]
+                 relax.TensorType([rows, MAX_TOP + 1], "float32")]
+    # workspaces (outputs nobody reads): the CPU's scores and exp(x - max) planes, or the GPU's scores plane
+    # and per-block partials; both keep candidate ids
+    if gpu:
+        out_types += [relax.TensorType([rows, vocab], "float32"), relax.TensorType([rows, vocab], "int32"),
+                      relax.TensorType([rows, MAX_SPLITS, 2], "float32"),
+                      relax.TensorType([rows, MAX_SPLITS, 2], "int32")]
+    else:
+        out_types += [relax.TensorType([rows, 2, vocab], "float32"), relax.TensorType([rows, vocab], "int32")]
     with bb.function(FUNCTION, args):
         with bb.dataflow():
             out = bb.emit(relax.call_tir(gv, relax.Tuple(args), out_types))
