@@ -260,6 +260,7 @@ GPU_THREADS = 512  # the per-row select kernel: one block per row
 SPLIT_THREADS = 256  # the full-vocabulary kernels: several blocks per row
 MAX_SPLITS = 64  # blocks per row of the full-vocabulary kernels (batch 1 spreads the vocabulary over the GPU)
 MIN_SLICE = 1024  # tokens per block at least (small vocabularies take one block)
+PIVOTS = 15  # keys the select kernel's threshold search tests per pass (4 bits of the 32-bit key)
 # A conservative margin on the compaction bound: the bound's Z is merged from per-block partial sums, so it may
 # differ from the select kernel's mass sums in the last bits; keeping slightly more candidates changes nothing.
 _BOUND_MARGIN = 0.999
@@ -308,18 +309,73 @@ def gpu_kernel() -> tirx.PrimFunc:
             T.tvm_storage_sync("shared")
 
     @T.macro
-    def row_stats(part_f, part_i, r, splits, st, sti):
+    def row_stats(part_f, part_i, r, splits, tx, pf_s, pi_s, st, sti):
         """st[0] = the row's max, st[1] = Z = sum of exp(x - max), sti[0] = the packed first argmax; merged from
-        the scores kernel's partials in block order (the same in every thread of every kernel)."""
+        the scores kernel's partials (staged in shared memory) in block order, the same in every thread of every
+        kernel."""
+        if T.Cast("int64", tx) < splits:
+            pf_s[tx, 0] = part_f[r, tx, 0]
+            pf_s[tx, 1] = part_f[r, tx, 1]
+            pi_s[tx, 0] = part_i[r, tx, 0]
+            pi_s[tx, 1] = part_i[r, tx, 1]
+        T.tvm_storage_sync("shared")
         sti[0] = T.min_value("int64")
         st[0] = NEG_INF
         for b in range(splits):
-            sti[0] = T.max(sti[0], _argmax_key(part_f[r, b, 0], T.Cast("int64", part_i[r, b, 0])))
-            st[0] = T.max(st[0], part_f[r, b, 0])
+            sti[0] = T.max(sti[0], _argmax_key(pf_s[b, 0], T.Cast("int64", pi_s[b, 0])))
+            st[0] = T.max(st[0], pf_s[b, 0])
         st[1] = T.float32(0)
         for b in range(splits):
-            st[1] = st[1] + T.if_then_else(part_f[r, b, 1] > T.float32(0),
-                                           part_f[r, b, 1] * T.exp(part_f[r, b, 0] - st[0]), T.float32(0))
+            st[1] = st[1] + T.if_then_else(pf_s[b, 1] > T.float32(0), pf_s[b, 1] * T.exp(pf_s[b, 0] - st[0]),
+                                           T.float32(0))
+        T.tvm_storage_sync("shared")  # TVM may give pf_s's memory to a later buffer
+
+    @T.macro
+    def key_search(r, n, full, cand, work, vf, vi, tx, piv, accp, redp, red, sums, use_mass, above, floor_key, target):
+        """Narrows (vi[1], vi[2]) to adjacent keys, where W(m) = the weight (a count, or the mass exp(x - max)) of
+        the tokens with key >= m + above and key >= floor_key satisfies W(vi[1]) >= target > W(vi[2]): each pass
+        evaluates PIVOTS keys spread over the interval at once (one pass over the tokens, one block reduction of
+        PIVOTS sums), so the 2^32 keys take 8 passes where bisection takes 32. W is monotone in m also in float
+        (the same non-negative terms in the same order), so the interval stays consistent."""
+        while vi[2] - vi[1] > 1:
+            for q in T.unroll(PIVOTS):
+                piv[q] = T.min(T.max(vi[1] + T.floordiv((vi[2] - vi[1]) * (q + 1), PIVOTS + 1), vi[1] + 1),
+                               vi[2] - 1)
+                accp[q] = T.float32(0)
+            for it in range(T.ceildiv(n, T.int64(NT))):
+                j = it * NT + tx
+                if j < n:
+                    tok = T.if_then_else(full, j, T.Cast("int64", cand[r, j]))
+                    x = work[r, tok]
+                    key = _key(x)
+                    w = T.exp(x - vf[0]) if use_mass else T.float32(1)
+                    if key >= floor_key:
+                        for q in T.unroll(PIVOTS):
+                            if key >= piv[q] + above:
+                                accp[q] = accp[q] + w
+            # the PIVOTS block sums: warp g sums row g of redp (32 lanes x NT / 32), lane 0 its 32 partials
+            for q in T.unroll(PIVOTS):
+                redp[q, tx] = accp[q]
+            T.tvm_storage_sync("shared")
+            if tx < PIVOTS * 32:
+                accp[0] = T.float32(0)
+                for k in T.unroll(NT // 32):
+                    accp[0] = accp[0] + redp[tx // 32, tx % 32 + 32 * k]
+                red[tx] = accp[0]
+            T.tvm_storage_sync("shared")
+            if tx < PIVOTS * 32 and tx % 32 == 0:
+                accp[0] = T.float32(0)
+                for k in T.unroll(32):
+                    accp[0] = accp[0] + red[tx + k]
+                sums[tx // 32] = accp[0]
+            T.tvm_storage_sync("shared")
+            for q in T.unroll(PIVOTS):
+                accp[q] = sums[q]
+            for q in T.unroll(PIVOTS):
+                if accp[q] >= target:
+                    vi[1] = T.max(vi[1], piv[q])
+                else:
+                    vi[2] = T.min(vi[2], piv[q])
 
     @T.prim_func(private=True)
     def kernel(
@@ -433,6 +489,8 @@ def gpu_kernel() -> tirx.PrimFunc:
             slice_len = T.max(T.ceildiv(vocab, T.int64(MAX_SPLITS)), T.int64(MIN_SLICE))
             splits = T.ceildiv(vocab, slice_len)
             scan = T.alloc_buffer((NS,), "int32", scope="shared")
+            pf_s = T.alloc_buffer((MAX_SPLITS, 2), "float32", scope="shared")
+            pi_s = T.alloc_buffer((MAX_SPLITS, 2), "int32", scope="shared")
             st = T.alloc_buffer((2,), "float32", scope="local")
             sti = T.alloc_buffer((1,), "int64", scope="local")
             cnt = T.alloc_buffer((3,), "int32", scope="local")  # own count, write position, scan addend
@@ -443,7 +501,7 @@ def gpu_kernel() -> tirx.PrimFunc:
             top_p = fp[r, F_TOP_P]
             min_p = fp[r, F_MIN_P]
             if fp[r, F_TEMPERATURE] > T.float32(0) and (top_p < T.float32(1) or min_p > T.float32(0)):
-                row_stats(part_f, part_i, r, splits, st, sti)
+                row_stats(part_f, part_i, r, splits, tx, pf_s, pi_s, st, sti)
                 k_on = top_k > 0 and top_k < lim
                 # the CPU kernel's bound: p_i >= (1 - top_p) / vocab of the mass (of 1 <= Zk with top-k), or min_p
                 bound = T.max(T.if_then_else(top_p < T.float32(1), (T.float32(1) - top_p) * T.if_then_else(
@@ -479,6 +537,12 @@ def gpu_kernel() -> tirx.PrimFunc:
             splits = T.ceildiv(vocab, slice_len)
             red = T.alloc_buffer((NT,), "float32", scope="shared")
             redi = T.alloc_buffer((NT,), "int64", scope="shared")
+            redp = T.alloc_buffer((PIVOTS, NT), "float32", scope="shared")  # the key search's per-thread sums
+            sums = T.alloc_buffer((PIVOTS,), "float32", scope="shared")  # and its block sums
+            pf_s = T.alloc_buffer((MAX_SPLITS, 2), "float32", scope="shared")
+            pi_s = T.alloc_buffer((MAX_SPLITS, 2), "int32", scope="shared")
+            piv = T.alloc_buffer((PIVOTS,), "int64", scope="local")
+            accp = T.alloc_buffer((PIVOTS,), "float32", scope="local")
             cand_key = T.alloc_buffer((NT,), "int64", scope="shared")  # small path: each candidate's key
             cand_e = T.alloc_buffer((NT,), "float32", scope="shared")  # its exp(x - max)
             cand_kept = T.alloc_buffer((NT,), "float32", scope="shared")  # its mass if kept, else -1
@@ -497,7 +561,7 @@ def gpu_kernel() -> tirx.PrimFunc:
             lim = T.min(T.Cast("int64", ip[r, I_VOCAB_LIMIT]), vocab)
             temp = fp[r, F_TEMPERATURE]
             top_n = T.Cast("int64", ip[r, I_TOP_N])
-            row_stats(part_f, part_i, r, splits, st, sti)
+            row_stats(part_f, part_i, r, splits, tx, pf_s, pi_s, st, sti)
             vi[0] = _argmax_index(sti[0])  # the greedy token
             vf[0] = st[0]
             vf[1] = st[1]
@@ -510,13 +574,13 @@ def gpu_kernel() -> tirx.PrimFunc:
                 nc[0] = T.int64(0)
                 if compacted:
                     for b in range(splits):
-                        nc[0] = nc[0] + T.Cast("int64", part_i[r, b, 1])
+                        nc[0] = nc[0] + T.Cast("int64", pi_s[b, 1])
                 full = not compacted or (k_on and nc[0] < top_k)  # top-k needs tokens below the bound: all
                 n = T.if_then_else(full, lim, nc[0])
                 if not full:  # the segments together, in order (read all, sync, write, sync: no overwrite)
                     nc[1] = T.int64(0)
                     for b in range(splits):
-                        seg = T.Cast("int64", part_i[r, b, 1])
+                        seg = T.Cast("int64", pi_s[b, 1])
                         if b * slice_len > nc[1]:
                             for it in range(T.ceildiv(seg, T.int64(NT))):
                                 j = it * NT + tx
@@ -585,23 +649,8 @@ def gpu_kernel() -> tirx.PrimFunc:
                     if k_on:  # top-k threshold: the largest key with at least top_k tokens at or above it
                         vi[1] = KEY_MIN
                         vi[2] = _key(vf[0]) + 1
-                        while vi[2] - vi[1] > 1:
-                            mid = T.floordiv(vi[1] + vi[2], 2)
-                            acc[0] = T.float32(0)
-                            for it in range(T.ceildiv(n, T.int64(NT))):
-                                j = it * NT + tx
-                                if j < n:
-                                    tok = T.if_then_else(full, j, T.Cast("int64", cand[r, j]))
-                                    if _key(work[r, tok]) >= mid:
-                                        acc[0] = acc[0] + T.float32(1)
-                            red[tx] = acc[0]
-                            block_sum(red, tx, NT, _log2(NT))
-                            acc[1] = red[0]
-                            T.tvm_storage_sync("shared")
-                            if acc[1] >= T.Cast("float32", top_k):
-                                vi[1] = mid
-                            else:
-                                vi[2] = mid
+                        key_search(r, n, full, cand, work, vf, vi, tx, piv, accp, redp, red, sums, False, 0, KEY_MIN,
+                                   T.Cast("float32", top_k))
                         vi[3] = vi[1]
                         acc[0] = T.float32(0)
                         for it in range(T.ceildiv(n, T.int64(NT))):
@@ -617,25 +666,8 @@ def gpu_kernel() -> tirx.PrimFunc:
                     # top-p threshold: smallest key whose strictly larger (top-k kept) mass is < top_p * Zk
                     vi[1] = vi[3] - 1
                     vi[2] = T.if_then_else(top_p < T.float32(1), _key(vf[0]), vi[3])
-                    vf[3] = top_p * vf[2]
-                    while vi[2] - vi[1] > 1:
-                        mid = T.floordiv(vi[1] + vi[2], 2)
-                        acc[0] = T.float32(0)
-                        for it in range(T.ceildiv(n, T.int64(NT))):
-                            j = it * NT + tx
-                            if j < n:
-                                tok = T.if_then_else(full, j, T.Cast("int64", cand[r, j]))
-                                key = _key(work[r, tok])
-                                if key > mid and key >= vi[3]:
-                                    acc[0] = acc[0] + T.exp(work[r, tok] - vf[0])
-                        red[tx] = acc[0]
-                        block_sum(red, tx, NT, _log2(NT))
-                        acc[1] = red[0]
-                        T.tvm_storage_sync("shared")
-                        if acc[1] < vf[3]:
-                            vi[2] = mid
-                        else:
-                            vi[1] = mid
+                    key_search(r, n, full, cand, work, vf, vi, tx, piv, accp, redp, red, sums,
+                               True, 1, vi[3], top_p * vf[2])
                     # the draw in id order: per-thread contiguous chunks; thread 0 finds the chunk, its thread
                     # walks it
                     chunk = T.ceildiv(n, T.int64(NT))
