@@ -173,3 +173,49 @@ def check_vocab_limit_and_batch_independence(sampler: DeviceSampler, vocab: int)
     assert all(t < vocab - 8 for t, _ in batch)
     alone = sampler.sample(tvm.runtime.tensor(logits[2:3].copy(), sampler.device), rows[2:], vocab_limit=vocab - 8)
     assert alone[0][0] == batch[2][0]
+
+
+def check_settings_same_uniform(sampler: DeviceSampler, vocab: int, uniforms: int = 8) -> None:
+    """Every setting of SETTINGS at `vocab` (N(0, 2) logits): with a given uniform, the reference's token (its cdf
+    walk in id order). Exact, so few draws suffice; it runs where 10^5 draws per setting would be too slow."""
+    logits = np.random.default_rng(7).normal(0.0, 2.0, vocab).astype(np.float32)
+    us = np.random.default_rng(1).integers(0, 1 << 24, size=uniforms) / float(1 << 24)
+    failures = []
+    for name, kwargs, penalties, masked in SETTINGS:
+        params = SamplingParams(**kwargs)
+        mask = bitmask_for(MASK_ALLOWED, vocab) if masked else None
+        cdf = np.cumsum(reference_probs(logits, params, penalties, mask))
+        rows = [row_for(params, penalties, mask, float(u)) for u in us]
+        got = [t for t, _ in sampler.sample(tvm.runtime.tensor(np.repeat(logits[None], uniforms, axis=0),
+                                                               sampler.device), rows)]
+        want = [int(min(np.searchsorted(cdf, u * cdf[-1], side="right"), vocab - 1)) for u in us]
+        if got != want:
+            failures.append(f"{name}: {got} != {want}")
+    assert not failures, failures
+
+
+PROFILE_SETTINGS = [SamplingParams(temperature=0.7, top_p=0.9),
+                    SamplingParams(temperature=0.6, top_k=40, top_p=0.95, min_p=0.01),
+                    SamplingParams(temperature=1.0, top_k=2000), SamplingParams(temperature=0.8, min_p=0.001)]
+
+
+def check_profiles_same_uniform(sampler: DeviceSampler, vocab: int, rows: int = 2,
+                                settings: list[SamplingParams] = PROFILE_SETTINGS) -> None:
+    """bench sampler's logits profiles (a confident model, and a flat one whose nucleus is a large share of the
+    vocabulary) under model-like settings: with a given uniform, the reference's token."""
+    from vptq_mlc.bench.sampler import make_logits
+
+    failures = []
+    for profile in ("peaked", "flat"):
+        logits = make_logits(profile, rows, vocab, seed=3)
+        for params in settings:
+            us = np.random.default_rng(5).integers(0, 1 << 24, size=len(logits)) / float(1 << 24)
+            got = [t for t, _ in sampler.sample(tvm.runtime.tensor(logits, sampler.device),
+                                                [SampleRow(params, float(u)) for u in us])]
+            want = []
+            for row, u in zip(logits, us):
+                cdf = np.cumsum(softmax(process_logits(row, params, np.empty(0, dtype=np.int64))))
+                want.append(int(min(np.searchsorted(cdf, u * cdf[-1], side="right"), vocab - 1)))
+            if got != want:
+                failures.append(f"{profile} {params}: {got} != {want}")
+    assert not failures, failures

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import sampler_checks as checks
 import tvm
@@ -46,9 +48,9 @@ def test_counter_uniform() -> None:
     assert ks < 1.63 / np.sqrt(u.size)  # the 1% critical value
 
 
-def test_gpu_kernel_builds_for_cuda(tmp_path) -> None:
-    """The block-per-row kernel passes TVM's CUDA lowering (shared-memory sync planning) and nvcc; it runs in
-    tests/gpu/test_device_sampler_gpu.py."""
+@pytest.fixture(scope="module")
+def cuda_source(tmp_path_factory) -> str:
+    """The sampler built for CUDA sm_90 with nvcc (as compile/build.py builds it), as TVM's generated CUDA source."""
     from tvm import relax
 
     from vptq_mlc.compile.cuda import find_nvcc
@@ -60,9 +62,41 @@ def test_gpu_kernel_builds_for_cuda(tmp_path) -> None:
         find_nvcc()
     except VPTQMLCError:
         pytest.skip("needs nvcc")
-    bt = resolve_targets("cuda", "sm_90")[0]
-    bt.prepare()
-    with bt.target:
-        mod = relax_pipeline(bt.target)(add_sampler(tvm.IRModule(), bt.target))
-    relax.build(mod, bt.target, relax_pipeline=None).export_library(str(tmp_path / "sampler.so"))
-    assert (tmp_path / "sampler.so").stat().st_size > 0
+    out = tmp_path_factory.mktemp("cuda_sampler")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("VPTQ_MLC_CUDA_DUMP", str(out / "sampler.cu"))  # the compile callback keeps the source
+        bt = resolve_targets("cuda", "sm_90")[0]
+        bt.prepare()
+        with bt.target:
+            mod = relax_pipeline(bt.target)(add_sampler(tvm.IRModule(), bt.target))
+        relax.build(mod, bt.target, relax_pipeline=None).export_library(str(out / "sampler.so"))
+    assert (out / "sampler.so").stat().st_size > 0
+    return (out / "sampler.cu").read_text()
+
+
+def test_gpu_kernel_builds_for_cuda(cuda_source: str) -> None:
+    """The GPU sampler passes TVM's CUDA lowering (shared-memory sync planning) and nvcc, as three launches: the
+    full-vocabulary scores and compaction kernels over several blocks per row (grid y = row, x = vocabulary
+    slice), then one block per row; no atomics, so its sums are deterministic. It runs in
+    tests/gpu/test_device_sampler_gpu.py."""
+    from vptq_mlc.compile.sampler import GPU_THREADS, SPLIT_THREADS
+
+    kernels = re.findall(r'extern "C" __global__ void __launch_bounds__\((\d+)\) (\w+)\([^)]*\) \{', cuda_source)
+    assert [int(n) for n, _ in kernels] == [SPLIT_THREADS, SPLIT_THREADS, GPU_THREADS], kernels
+    bodies = re.split(r'extern "C" __global__ void __launch_bounds__\(\d+\) \w+\([^)]*\) \{', cuda_source)[1:]
+    assert all("blockIdx.y" in b for b in bodies[:2]) and "blockIdx.y" not in bodies[2]
+    assert "atomic" not in cuda_source
+
+
+def test_gpu_kernel_emulated_on_cpu(cuda_source: str, tmp_path) -> None:
+    """The generated CUDA kernels, run on the CPU (tests/cuda_emulator.py), against the numpy reference with the
+    same uniforms: the vocabulary limit and batch independence at 500 tokens (one candidate per thread), every
+    setting at 3000 (a few candidates per thread after compaction, or the key search over all tokens for top-k),
+    and a 128256-token vocabulary with peaked and flat logits (compaction over 64 blocks per row, then the direct
+    ranking or the key search over the candidates)."""
+    from cuda_emulator import EmulatedSampler
+
+    sampler = checks.DeviceSampler(EmulatedSampler(cuda_source, tmp_path), tvm.cpu())
+    checks.check_vocab_limit_and_batch_independence(sampler, 500)
+    checks.check_settings_same_uniform(sampler, 3000, uniforms=4)
+    checks.check_profiles_same_uniform(sampler, 128256, rows=1, settings=checks.PROFILE_SETTINGS[:2])

@@ -75,3 +75,14 @@ def test_vocab_limit_and_rows_independent(bounded) -> None:
 
     sampler, vocab, _ = bounded
     checks.check_vocab_limit_and_batch_independence(sampler, min(vocab, 5000))
+
+
+def test_settings_and_profiles_give_reference_token(bounded) -> None:
+    """With the reference's uniforms, the reference's tokens: every setting at a 3000-token vocabulary, and bench
+    sampler's peaked and flat logits under model-like settings at 128256 (the compaction, the direct ranking of
+    up to 512 candidates and the key search over more)."""
+    import sampler_checks as checks
+
+    sampler, vocab, rows = bounded
+    checks.check_settings_same_uniform(sampler, min(vocab, 3000), uniforms=min(rows, 8))
+    checks.check_profiles_same_uniform(sampler, min(vocab, BIG_VOCAB), rows=min(rows, 2))
