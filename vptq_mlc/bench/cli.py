@@ -225,12 +225,26 @@ def api_cmd(model_dir: str, lib: str, device: str, json_out: str, batches: str, 
 @click.option("--repeats", default=20, show_default=True, type=int)
 @click.option("--json", "json_out", type=click.Path(path_type=str), default=None, help="Also write results here.")
 @click.option("--lib", type=click.Path(dir_okay=False, exists=True), default=None,
-              help="Time this model library's sample_tokens instead of compiling it (runtime-only hosts).")
+              help="Time this library's sample_tokens (a model library, or one --build wrote) instead of compiling "
+                   "it (runtime-only hosts).")
+@click.option("--build", "build_out", type=click.Path(dir_okay=False, path_type=str), default=None,
+              help="Only compile the sampler alone for --device's kind (no GPU needed) into this file, for --lib.")
+@click.option("--arch", default=None, help="With --build: the CUDA arch (e.g. sm_90), as `compile --arch`.")
 def sampler_cmd(vocab: int, batches: str, device: str, temperature: float, top_p: float, repeats: int,
-                json_out: str | None, lib: str | None) -> None:
-    """Milliseconds per decode step that sampling takes: the compiled sampler vs numpy on the host."""
-    from vptq_mlc.bench.sampler import bench_sampler
+                json_out: str | None, lib: str | None, build_out: str | None, arch: str | None) -> None:
+    """Milliseconds per decode step that sampling takes: the compiled sampler vs numpy on the host.
 
+    \b
+    On a GPU host with a runtime-only TVM, build on the build box, then time there:
+      vptq-mlc bench sampler --build sampler-cuda.so --device cuda --arch sm_90
+      vptq-mlc bench sampler --lib sampler-cuda.so --device cuda:0 --vocab 128256 --batch 1,16
+    Both logits profiles (peaked, flat) are timed at every batch."""
+    from vptq_mlc.bench.sampler import bench_sampler, build_sampler_library
+
+    if build_out:
+        build_sampler_library(build_out, device, arch)
+        click.echo(f"wrote {build_out}")
+        return
     res = bench_sampler(vocab, [int(b) for b in batches.split(",")], device, temperature, top_p, repeats, lib=lib)
     click.echo(_table(res, [("profile", "logits", "s"), ("batch", "batch", "d"),
                             ("device_sampled_ms", f"compiled T={temperature} top_p={top_p} ms", ".2f"),

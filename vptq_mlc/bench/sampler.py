@@ -43,6 +43,43 @@ def _time(fn: Any, repeats: int) -> float:
     return 1e3 * float(np.median(times))
 
 
+def build_sampler_library(out: str, device: str, arch: str | None = None) -> None:
+    """`sample_tokens` alone, compiled for `device`'s kind ("cpu", "cuda", "rocm"; `arch` as `compile --arch`) as
+    compile/build.py adds it to every model, written to `out` for `--lib` on a host without the TVM compiler."""
+    import tvm
+    from tvm import relax
+
+    from vptq_mlc.atomic import atomic_file
+    from vptq_mlc.compile.sampler import add_sampler, has_sampler
+    from vptq_mlc.compile.targets import relax_pipeline, resolve_targets
+
+    kind = device.split(":")[0]
+    bt = resolve_targets(kind, arch)[0]
+    if not has_sampler(bt.target):
+        raise SystemExit(f"no compiled sampler for {kind} yet")
+    bt.prepare()
+    with bt.target:
+        mod = relax_pipeline(bt.target)(add_sampler(tvm.IRModule(), bt.target))
+    with atomic_file(out) as tmp:
+        relax.build(mod, bt.target, relax_pipeline=None).export_library(str(tmp))
+    log.info("wrote %s (sample_tokens for %s)", out, bt.target.kind.name)
+
+
+def _library_sampler(lib: str, device: str) -> tuple[Any, Any, Any]:
+    """(device spec, device, `sample_tokens`) of a model library or of one `build_sampler_library` wrote (no
+    `_metadata`, no model functions): the relax VM alone, as runtime/library.py starts it."""
+    import tvm
+
+    from vptq_mlc.runtime.device import DeviceSpec, resolve_device
+    from vptq_mlc.runtime.library import POOLED_ALLOCATOR
+
+    spec, dev = resolve_device(device)  # loads the CUDA plugin when needed, before load_module
+    vm = tvm.runtime.load_module(lib)["vm_load_executable"]()
+    vm["vm_initialization"](spec.dlpack_type, spec.index, POOLED_ALLOCATOR, DeviceSpec("cpu").dlpack_type, 0,
+                            POOLED_ALLOCATOR)
+    return spec, dev, vm["sample_tokens"]
+
+
 def _built_sampler(spec: Any, dev: Any) -> Any:
     """`sample_tokens` compiled alone for the device's target (needs TVM's compiler)."""
     import tvm
@@ -62,17 +99,20 @@ def _built_sampler(spec: Any, dev: Any) -> Any:
 
 def bench_sampler(vocab: int, batches: list[int], device: str, temperature: float, top_p: float,
                   repeats: int = 20, host_repeats: int = 5, lib: str | None = None) -> list[dict[str, Any]]:
-    """`lib`: time the `sample_tokens` of a compiled model library instead of building it (a runtime-only host)."""
+    """`lib`: time the `sample_tokens` of a compiled model library, or of the sampler alone
+    (`build_sampler_library`), instead of building it (a host with a runtime-only TVM)."""
     import tvm
 
     from vptq_mlc.runtime.device import resolve_device
     from vptq_mlc.runtime.device_sampler import DeviceSampler, SampleRow
-    from vptq_mlc.runtime.library import load_library
     from vptq_mlc.runtime.sampling import Sampler, SamplingParams
 
-    spec, dev = resolve_device(device)
-    sampler = DeviceSampler(load_library(lib, device).func("sample_tokens") if lib else _built_sampler(spec, dev),
-                            dev)
+    if lib:
+        spec, dev, func = _library_sampler(lib, device)
+    else:
+        spec, dev = resolve_device(device)
+        func = _built_sampler(spec, dev)
+    sampler = DeviceSampler(func, dev)
     sampled = SamplingParams(temperature=temperature, top_p=top_p)
     greedy = SamplingParams(temperature=0.0)
     results = []
