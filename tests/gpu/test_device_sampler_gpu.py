@@ -1,8 +1,9 @@
-"""GPU: the CUDA build of the compiled sampler (`sample_tokens`, one thread block per row) against the numpy
+"""GPU: the CUDA build of the compiled sampler (`sample_tokens`, compile/sampler.py `gpu_kernel`) against the numpy
 reference, with the same checks as the CPU test (tests/sampler_checks.py: TV <= 0.02 over 10^5 draws per setting,
 greedy == argmax, the reference's token for the same uniform at a 128256-token vocabulary, logprobs within 1e-4).
-Needs a CUDA GPU, and either VPTQ_MLC_GPU_E2E (the tiny model's folder: its model-cuda.so carries
-`sample_tokens`; a runtime-only TVM loads it) or the TVM compiler (the sampler is built here for the GPU's arch)."""
+Needs a CUDA GPU, and either VPTQ_MLC_GPU_SAMPLER_ALONE (the sampler alone, from `bench sampler --build`),
+VPTQ_MLC_GPU_E2E (the tiny model's folder: its model-cuda.so carries `sample_tokens`; a runtime-only TVM loads
+either) or the TVM compiler (the sampler is built here for the GPU's arch)."""
 
 from __future__ import annotations
 
@@ -18,6 +19,9 @@ E2E = os.environ.get("VPTQ_MLC_GPU_E2E")
 # A model library whose sample_tokens to test (default: the tiny model's) and its vocabulary (default: the tiny
 # model's): the library's memory plan bounds the rows (its max batch) and the vocabulary of a call.
 LIB = os.environ.get("VPTQ_MLC_GPU_SAMPLER_LIB") or (str(Path(E2E) / "model-cuda.so") if E2E else None)
+# Or the sampler alone (`vptq-mlc bench sampler --build FILE --device cuda --arch sm_90`): no memory plan, so any
+# vocabulary and rows; a runtime-only TVM loads it too.
+ALONE = os.environ.get("VPTQ_MLC_GPU_SAMPLER_ALONE")
 BIG_VOCAB = 128256
 
 
@@ -26,6 +30,12 @@ def bounded():
     """(sampler, largest vocabulary, most rows per call) it may be called with."""
     import sampler_checks as checks
 
+    if ALONE:
+        from vptq_mlc.bench.sampler import library_sampler
+        from vptq_mlc.runtime.device_sampler import DeviceSampler
+
+        _, dev, func = library_sampler(ALONE, "cuda")
+        return DeviceSampler(func, dev), BIG_VOCAB, 25_000
     if LIB:  # the sampler compiled into a model library (loading it brings TVM's CUDA runtime, even runtime-only)
         from vptq_mlc.artifact.chat_config import ChatConfig
         from vptq_mlc.runtime.device_sampler import DeviceSampler

@@ -65,7 +65,7 @@ def build_sampler_library(out: str, device: str, arch: str | None = None) -> Non
     log.info("wrote %s (sample_tokens for %s)", out, bt.target.kind.name)
 
 
-def _library_sampler(lib: str, device: str) -> tuple[Any, Any, Any]:
+def library_sampler(lib: str, device: str) -> tuple[Any, Any, Any]:
     """(device spec, device, `sample_tokens`) of a model library or of one `build_sampler_library` wrote (no
     `_metadata`, no model functions): the relax VM alone, as runtime/library.py starts it."""
     import tvm
@@ -108,7 +108,7 @@ def bench_sampler(vocab: int, batches: list[int], device: str, temperature: floa
     from vptq_mlc.runtime.sampling import Sampler, SamplingParams
 
     if lib:
-        spec, dev, func = _library_sampler(lib, device)
+        spec, dev, func = library_sampler(lib, device)
     else:
         spec, dev = resolve_device(device)
         func = _built_sampler(spec, dev)

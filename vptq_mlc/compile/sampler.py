@@ -13,13 +13,16 @@ Why no sort: sorting a 128k vocabulary costs several ms per row on a CPU. The fi
   at least k tokens at or above it;
 - top-p keeps token i iff the probability mass of strictly larger tokens is `< p` (the reference's ascending
   cumulative sum `<= 1 - p` rule): the largest key t whose mass at or above it is `>= p` (of the top-k mass);
-- the CPU finds each threshold by radix select (4 histogram passes over 8-bit digits of the key), GPUs by
-  bisection over the key (32 block-wide count / mass reductions);
+- the CPU finds each threshold by radix select (4 histogram passes over 8-bit digits of the key); GPUs rank up to
+  512 candidates directly (the count and mass of strictly larger candidates, one candidate per thread) and search
+  larger sets by testing 15 keys per pass (8 block-wide passes over the 32-bit key);
 and the draw walks the kept tokens in token-id order, exactly as the reference's `searchsorted` over the cdf does.
-On the CPU a compaction pass first keeps only the candidates that can survive top-p / min-p
-(`p_i >= (1 - top_p) / vocab` of the relevant mass, or `>= min_p`), so the passes touch a few thousand entries for
-peaked distributions (falling back to the whole vocabulary when top-k needs more than the candidates).
-GPU targets run one thread block per row with the same passes as block-wide reductions.
+A compaction pass first keeps only the candidates that can survive top-p / min-p (`p_i >= (1 - top_p) / vocab` of
+the relevant mass, or `>= min_p`), so the threshold passes touch a few thousand entries for peaked distributions
+(falling back to the whole vocabulary when top-k needs more than the candidates, or without top-p / min-p).
+CPU: rows in parallel, each row's passes serial. GPU (`gpu_kernel`): the full-vocabulary passes (scores, max, sum,
+compaction) run over 64 blocks per row (batch 1 would leave all but one SM idle), the thresholds and the draw in
+one block per row; no atomics, so every sum has a fixed order and a seeded row samples the same token in any batch.
 """
 
 from __future__ import annotations
