@@ -55,8 +55,8 @@ template <class F> static void launch(long gy, long gx, long nt, F f) {
 # kernel parameter -> the launcher's variable (the remaining host-computed scalar is the block count per row)
 _ARGS = {"bias_tok_ptr": "bt", "bias_val_ptr": "bv", "bitmask_ptr": "mask", "fp_ptr": "fp", "ip_ptr": "ip",
          "logits_ptr": "logits", "part_f_ptr": "part_f", "part_i_ptr": "part_i", "pen_cnt_ptr": "pc",
-         "pen_tok_ptr": "pt", "work_ptr": "work", "cand_ptr": "cand", "out_lp_ptr": "out_lp", "out_tok_ptr": "out_tok",
-         "rows": "rows", "vocab": "vocab", "words": "words"}
+         "pen_tok_ptr": "pt", "work_ptr": "work", "cand_ptr": "cand", "dense_ptr": "dense", "out_lp_ptr": "out_lp",
+         "out_tok_ptr": "out_tok", "rows": "rows", "vocab": "vocab", "words": "words"}
 _KERNELS = ("sample_tokens_kernel_kernel", "sample_tokens_kernel_kernel_1", "sample_tokens_kernel_kernel_2")
 
 
@@ -71,7 +71,8 @@ def _launcher(body: str, threads: tuple[int, int], max_splits: int, min_slice: i
     split_threads, select_threads = threads
     return f"""
 extern "C" void run_all(float* logits, float* fp, int* ip, int* bt, float* bv, int* pt, int* pc, int* mask,
-                        int* out_tok, float* out_lp, float* work, int* cand, float* part_f, int* part_i,
+                        int* out_tok, float* out_lp, float* work, int* cand, int* dense, float* part_f,
+                        int* part_i,
                         int64_t rows, int64_t vocab, int64_t words) {{
   int64_t slice = max((vocab + {max_splits - 1}) / {max_splits}, (int64_t){min_slice});
   int64_t splits = (vocab + slice - 1) / slice;
@@ -115,8 +116,9 @@ class EmulatedSampler:
         out_lp = np.full((rows, MAX_TOP + 1), np.nan, np.float32)
         work = np.full((rows, vocab), np.nan, np.float32)
         cand = np.full((rows, vocab), -9, np.int32)
+        dense = np.full((rows, vocab), -11, np.int32)
         part_f = np.full((rows, self.max_splits, 2), np.nan, np.float32)
         part_i = np.full((rows, self.max_splits, 2), -5, np.int32)
-        ptrs = [a.ctypes.data_as(ctypes.c_void_p) for a in (*host, out_tok, out_lp, work, cand, part_f, part_i)]
+        ptrs = [a.ctypes.data_as(ctypes.c_void_p) for a in (*host, out_tok, out_lp, work, cand, dense, part_f, part_i)]
         self.lib.run_all(*ptrs, ctypes.c_int64(rows), ctypes.c_int64(vocab), ctypes.c_int64(host[7].shape[1]))
         return tvm.runtime.tensor(out_tok), tvm.runtime.tensor(out_lp)

@@ -334,7 +334,7 @@ def gpu_kernel() -> tirx.PrimFunc:
         T.tvm_storage_sync("shared")  # TVM may give pf_s's memory to a later buffer
 
     @T.macro
-    def key_search(r, n, full, cand, work, vf, vi, tx, piv, accp, redp, red, sums, use_mass, above, floor_key, target):
+    def key_search(r, n, full, dense, work, vf, vi, tx, piv, accp, redp, red, sums, use_mass, above, floor_key, target):
         """Narrows (vi[1], vi[2]) to adjacent keys, where W(m) = the weight (a count, or the mass exp(x - max)) of
         the tokens with key >= m + above and key >= floor_key satisfies W(vi[1]) >= target > W(vi[2]): each pass
         evaluates PIVOTS keys spread over the interval at once (one pass over the tokens, one block reduction of
@@ -348,7 +348,7 @@ def gpu_kernel() -> tirx.PrimFunc:
             for it in range(T.ceildiv(n, T.int64(NT))):
                 j = it * NT + tx
                 if j < n:
-                    tok = T.if_then_else(full, j, T.Cast("int64", cand[r, j]))
+                    tok = T.if_then_else(full, j, T.Cast("int64", dense[r, j]))
                     x = work[r, tok]
                     key = _key(x)
                     w = T.exp(x - vf[0]) if use_mass else T.float32(1)
@@ -384,7 +384,7 @@ def gpu_kernel() -> tirx.PrimFunc:
     def kernel(
         var_logits: T.handle, var_fp: T.handle, var_ip: T.handle, var_bt: T.handle, var_bv: T.handle,
         var_pt: T.handle, var_pc: T.handle, var_mask: T.handle, var_tok: T.handle, var_lp: T.handle,
-        var_work: T.handle, var_cand: T.handle, var_part_f: T.handle, var_part_i: T.handle,
+        var_work: T.handle, var_cand: T.handle, var_dense: T.handle, var_part_f: T.handle, var_part_i: T.handle,
     ):
         T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True})
         rows, vocab = T.int64(), T.int64()
@@ -400,7 +400,8 @@ def gpu_kernel() -> tirx.PrimFunc:
         out_tok = T.match_buffer(var_tok, (rows, MAX_TOP + 1), "int32")
         out_lp = T.match_buffer(var_lp, (rows, MAX_TOP + 1), "float32")
         work = T.match_buffer(var_work, (rows, vocab), "float32")  # the processed, scaled scores x
-        cand = T.match_buffer(var_cand, (rows, vocab), "int32")  # candidate ids: per-block segments, then dense
+        cand = T.match_buffer(var_cand, (rows, vocab), "int32")  # candidate ids, a segment per block, in id order
+        dense = T.match_buffer(var_dense, (rows, vocab), "int32")  # the segments together
         part_f = T.match_buffer(var_part_f, (rows, MAX_SPLITS, 2), "float32")  # per block: max, sum exp(x - max)
         part_i = T.match_buffer(var_part_i, (rows, MAX_SPLITS, 2), "int32")  # per block: first argmax, candidates
         # 1. scores: mask, logit_bias, penalties (on raw logits; distinct tokens per row: no races), temperature
@@ -544,6 +545,7 @@ def gpu_kernel() -> tirx.PrimFunc:
             sums = T.alloc_buffer((PIVOTS,), "float32", scope="shared")  # and its block sums
             pf_s = T.alloc_buffer((MAX_SPLITS, 2), "float32", scope="shared")
             pi_s = T.alloc_buffer((MAX_SPLITS, 2), "int32", scope="shared")
+            seg_start = T.alloc_buffer((MAX_SPLITS,), "int64", scope="shared")  # candidate position of each segment
             piv = T.alloc_buffer((PIVOTS,), "int64", scope="local")
             accp = T.alloc_buffer((PIVOTS,), "float32", scope="local")
             cand_key = T.alloc_buffer((NT,), "int64", scope="shared")  # small path: each candidate's key
@@ -580,26 +582,31 @@ def gpu_kernel() -> tirx.PrimFunc:
                         nc[0] = nc[0] + T.Cast("int64", pi_s[b, 1])
                 full = not compacted or (k_on and nc[0] < top_k)  # top-k needs tokens below the bound: all
                 n = T.if_then_else(full, lim, nc[0])
-                if not full:  # the segments together, in order (read all, sync, write, sync: no overwrite)
-                    nc[1] = T.int64(0)
-                    for b in range(splits):
-                        seg = T.Cast("int64", pi_s[b, 1])
-                        if b * slice_len > nc[1]:
-                            for it in range(T.ceildiv(seg, T.int64(NT))):
-                                j = it * NT + tx
-                                acci[0] = T.if_then_else(j < seg, T.Cast("int64", cand[r, b * slice_len + j]),
-                                                         T.int64(0))
-                                T.tvm_storage_sync("shared")
-                                if j < seg:
-                                    cand[r, nc[1] + j] = T.Cast("int32", acci[0])
-                                T.tvm_storage_sync("shared")
-                        nc[1] = nc[1] + seg
+                if not full:  # the segments together, in order: position p's segment by binary search
+                    if tx == 0:
+                        nc[1] = T.int64(0)
+                        for b in range(splits):
+                            seg_start[b] = nc[1]
+                            nc[1] = nc[1] + T.Cast("int64", pi_s[b, 1])
+                    T.tvm_storage_sync("shared")
+                    for it in range(T.ceildiv(n, T.int64(NT))):
+                        p = it * NT + tx
+                        if p < n:
+                            acci[0] = T.int64(0)  # the last segment starting at or before p (a non-empty one)
+                            acci[1] = splits - 1
+                            for step in T.unroll((MAX_SPLITS - 1).bit_length()):
+                                acci[2] = seg_start[T.floordiv(acci[0] + acci[1] + 1, 2)]
+                                if acci[2] <= p:
+                                    acci[0] = T.floordiv(acci[0] + acci[1] + 1, 2)
+                                else:
+                                    acci[1] = T.floordiv(acci[0] + acci[1] + 1, 2) - 1
+                            dense[r, p] = cand[r, acci[0] * slice_len + p - seg_start[acci[0]]]
                     T.tvm_storage_sync("shared")
                 if n <= NT:
                     # 3a. one candidate per thread: rank by the count / mass of strictly larger candidates
                     valid = T.Cast("int64", tx) < n
                     tok = T.if_then_else(valid, T.if_then_else(full, T.Cast("int64", tx),
-                                                               T.Cast("int64", cand[r, T.Cast("int64", tx)])),
+                                                               T.Cast("int64", dense[r, T.Cast("int64", tx)])),
                                          T.int64(0))
                     key = _key(work[r, tok])
                     e = T.exp(work[r, tok] - vf[0])
@@ -644,7 +651,7 @@ def gpu_kernel() -> tirx.PrimFunc:
                         token_of[0] = T.max(acci[2], T.int64(0))  # none kept only for NaN scores
                     T.tvm_storage_sync("shared")
                     acci[2] = token_of[0]
-                    vi[0] = T.if_then_else(full, acci[2], T.Cast("int64", cand[r, acci[2]]))
+                    vi[0] = T.if_then_else(full, acci[2], T.Cast("int64", dense[r, acci[2]]))
                 else:
                     # 3b. bisection over the key, block-wide reductions over the candidates (or all tokens)
                     vi[3] = KEY_MIN
@@ -652,14 +659,14 @@ def gpu_kernel() -> tirx.PrimFunc:
                     if k_on:  # top-k threshold: the largest key with at least top_k tokens at or above it
                         vi[1] = KEY_MIN
                         vi[2] = _key(vf[0]) + 1
-                        key_search(r, n, full, cand, work, vf, vi, tx, piv, accp, redp, red, sums, False, 0, KEY_MIN,
+                        key_search(r, n, full, dense, work, vf, vi, tx, piv, accp, redp, red, sums, False, 0, KEY_MIN,
                                    T.Cast("float32", top_k))
                         vi[3] = vi[1]
                         acc[0] = T.float32(0)
                         for it in range(T.ceildiv(n, T.int64(NT))):
                             j = it * NT + tx
                             if j < n:
-                                tok = T.if_then_else(full, j, T.Cast("int64", cand[r, j]))
+                                tok = T.if_then_else(full, j, T.Cast("int64", dense[r, j]))
                                 if _key(work[r, tok]) >= vi[3]:
                                     acc[0] = acc[0] + T.exp(work[r, tok] - vf[0])
                         red[tx] = acc[0]
@@ -669,7 +676,7 @@ def gpu_kernel() -> tirx.PrimFunc:
                     # top-p threshold: smallest key whose strictly larger (top-k kept) mass is < top_p * Zk
                     vi[1] = vi[3] - 1
                     vi[2] = T.if_then_else(top_p < T.float32(1), _key(vf[0]), vi[3])
-                    key_search(r, n, full, cand, work, vf, vi, tx, piv, accp, redp, red, sums,
+                    key_search(r, n, full, dense, work, vf, vi, tx, piv, accp, redp, red, sums,
                                True, 1, vi[3], top_p * vf[2])
                     # the draw in id order: per-thread contiguous chunks; thread 0 finds the chunk, its thread
                     # walks it
@@ -679,7 +686,7 @@ def gpu_kernel() -> tirx.PrimFunc:
                     for jj in range(chunk):
                         j = tx * chunk + jj
                         if j < n:
-                            tok = T.if_then_else(full, j, T.Cast("int64", cand[r, j]))
+                            tok = T.if_then_else(full, j, T.Cast("int64", dense[r, j]))
                             e = T.exp(work[r, tok] - vf[0])
                             if _key(work[r, tok]) >= thr and e >= min_p:
                                 acc[0] = acc[0] + e
@@ -714,7 +721,7 @@ def gpu_kernel() -> tirx.PrimFunc:
                         for jj in range(chunk):
                             j = tx * chunk + jj
                             if j < n and acci[2] == 0:
-                                tok = T.if_then_else(full, j, T.Cast("int64", cand[r, j]))
+                                tok = T.if_then_else(full, j, T.Cast("int64", dense[r, j]))
                                 e = T.exp(work[r, tok] - vf[0])
                                 if _key(work[r, tok]) >= thr and e >= min_p:
                                     acc[0] = acc[0] + e
@@ -785,7 +792,7 @@ def add_sampler(mod: tvm.IRModule, target: tvm.target.Target) -> tvm.IRModule:
     # and per-block partials; both keep candidate ids
     if gpu:
         out_types += [relax.TensorType([rows, vocab], "float32"), relax.TensorType([rows, vocab], "int32"),
-                      relax.TensorType([rows, MAX_SPLITS, 2], "float32"),
+                      relax.TensorType([rows, vocab], "int32"), relax.TensorType([rows, MAX_SPLITS, 2], "float32"),
                       relax.TensorType([rows, MAX_SPLITS, 2], "int32")]
     else:
         out_types += [relax.TensorType([rows, 2, vocab], "float32"), relax.TensorType([rows, vocab], "int32")]
