@@ -273,6 +273,11 @@ def _log2(n: int) -> int:
     return n.bit_length() - 1
 
 
+def _cand_score(full, work, cand, r, j):
+    """The select kernel's score of candidate j: token j's (all tokens), or the copy next to it in `cand`."""
+    return T.if_then_else(full, work[r, j], T.reinterpret("float32", cand[r, j]))
+
+
 def gpu_kernel() -> tirx.PrimFunc:
     """Three launches per call (one PrimFunc, so the workspaces are its own outputs):
 
@@ -334,7 +339,7 @@ def gpu_kernel() -> tirx.PrimFunc:
         T.tvm_storage_sync("shared")  # TVM may give pf_s's memory to a later buffer
 
     @T.macro
-    def key_search(r, n, full, dense, work, vf, vi, tx, piv, accp, redp, red, sums, use_mass, above, floor_key, target):
+    def key_search(r, n, full, cand, work, vf, vi, tx, piv, accp, redp, red, sums, use_mass, above, floor_key, target):
         """Narrows (vi[1], vi[2]) to adjacent keys, where W(m) = the weight (a count, or the mass exp(x - max)) of
         the tokens with key >= m + above and key >= floor_key satisfies W(vi[1]) >= target > W(vi[2]): each pass
         evaluates PIVOTS keys spread over the interval at once (one pass over the tokens, one block reduction of
@@ -348,8 +353,7 @@ def gpu_kernel() -> tirx.PrimFunc:
             for it in range(T.ceildiv(n, T.int64(NT))):
                 j = it * NT + tx
                 if j < n:
-                    tok = T.if_then_else(full, j, T.Cast("int64", dense[r, j]))
-                    x = work[r, tok]
+                    x = _cand_score(full, work, cand, r, j)
                     key = _key(x)
                     w = T.exp(x - vf[0]) if use_mass else T.float32(1)
                     if key >= floor_key:
@@ -400,8 +404,8 @@ def gpu_kernel() -> tirx.PrimFunc:
         out_tok = T.match_buffer(var_tok, (rows, MAX_TOP + 1), "int32")
         out_lp = T.match_buffer(var_lp, (rows, MAX_TOP + 1), "float32")
         work = T.match_buffer(var_work, (rows, vocab), "float32")  # the processed, scaled scores x
-        cand = T.match_buffer(var_cand, (rows, vocab), "int32")  # candidate ids, a segment per block, in id order
-        dense = T.match_buffer(var_dense, (rows, vocab), "int32")  # the segments together
+        cand = T.match_buffer(var_cand, (rows, vocab), "int32")  # candidate ids, a segment per block; then scores
+        dense = T.match_buffer(var_dense, (rows, vocab), "int32")  # the candidate ids together, in id order
         part_f = T.match_buffer(var_part_f, (rows, MAX_SPLITS, 2), "float32")  # per block: max, sum exp(x - max)
         part_i = T.match_buffer(var_part_i, (rows, MAX_SPLITS, 2), "int32")  # per block: first argmax, candidates
         # 1. scores: mask, logit_bias, penalties (on raw logits; distinct tokens per row: no races), temperature
@@ -653,22 +657,29 @@ def gpu_kernel() -> tirx.PrimFunc:
                     acci[2] = token_of[0]
                     vi[0] = T.if_then_else(full, acci[2], T.Cast("int64", dense[r, acci[2]]))
                 else:
-                    # 3b. bisection over the key, block-wide reductions over the candidates (or all tokens)
+                    # 3b. the thresholds by a key search over the candidates (or all tokens); the candidates' scores
+                    # are copied next to them first (cand is free once dense holds the ids): contiguous loads
+                    if not full:
+                        for it in range(T.ceildiv(n, T.int64(NT))):
+                            j = it * NT + tx
+                            if j < n:
+                                cand[r, j] = T.reinterpret("int32", work[r, T.Cast("int64", dense[r, j])])
+                        T.tvm_storage_sync("shared")
                     vi[3] = KEY_MIN
                     vf[2] = vf[1]
                     if k_on:  # top-k threshold: the largest key with at least top_k tokens at or above it
                         vi[1] = KEY_MIN
                         vi[2] = _key(vf[0]) + 1
-                        key_search(r, n, full, dense, work, vf, vi, tx, piv, accp, redp, red, sums, False, 0, KEY_MIN,
+                        key_search(r, n, full, cand, work, vf, vi, tx, piv, accp, redp, red, sums, False, 0, KEY_MIN,
                                    T.Cast("float32", top_k))
                         vi[3] = vi[1]
                         acc[0] = T.float32(0)
                         for it in range(T.ceildiv(n, T.int64(NT))):
                             j = it * NT + tx
                             if j < n:
-                                tok = T.if_then_else(full, j, T.Cast("int64", dense[r, j]))
-                                if _key(work[r, tok]) >= vi[3]:
-                                    acc[0] = acc[0] + T.exp(work[r, tok] - vf[0])
+                                x = _cand_score(full, work, cand, r, j)
+                                if _key(x) >= vi[3]:
+                                    acc[0] = acc[0] + T.exp(x - vf[0])
                         red[tx] = acc[0]
                         block_sum(red, tx, NT, _log2(NT))
                         vf[2] = red[0]
@@ -676,7 +687,7 @@ def gpu_kernel() -> tirx.PrimFunc:
                     # top-p threshold: smallest key whose strictly larger (top-k kept) mass is < top_p * Zk
                     vi[1] = vi[3] - 1
                     vi[2] = T.if_then_else(top_p < T.float32(1), _key(vf[0]), vi[3])
-                    key_search(r, n, full, dense, work, vf, vi, tx, piv, accp, redp, red, sums,
+                    key_search(r, n, full, cand, work, vf, vi, tx, piv, accp, redp, red, sums,
                                True, 1, vi[3], top_p * vf[2])
                     # the draw in id order: per-thread contiguous chunks; thread 0 finds the chunk, its thread
                     # walks it
@@ -686,9 +697,9 @@ def gpu_kernel() -> tirx.PrimFunc:
                     for jj in range(chunk):
                         j = tx * chunk + jj
                         if j < n:
-                            tok = T.if_then_else(full, j, T.Cast("int64", dense[r, j]))
-                            e = T.exp(work[r, tok] - vf[0])
-                            if _key(work[r, tok]) >= thr and e >= min_p:
+                            x = _cand_score(full, work, cand, r, j)
+                            e = T.exp(x - vf[0])
+                            if _key(x) >= thr and e >= min_p:
                                 acc[0] = acc[0] + e
                     red[tx] = acc[0]
                     T.tvm_storage_sync("shared")
@@ -721,11 +732,11 @@ def gpu_kernel() -> tirx.PrimFunc:
                         for jj in range(chunk):
                             j = tx * chunk + jj
                             if j < n and acci[2] == 0:
-                                tok = T.if_then_else(full, j, T.Cast("int64", dense[r, j]))
-                                e = T.exp(work[r, tok] - vf[0])
-                                if _key(work[r, tok]) >= thr and e >= min_p:
+                                x = _cand_score(full, work, cand, r, j)
+                                e = T.exp(x - vf[0])
+                                if _key(x) >= thr and e >= min_p:
                                     acc[0] = acc[0] + e
-                                    vi[0] = tok
+                                    vi[0] = T.if_then_else(full, j, T.Cast("int64", dense[r, j]))
                                     if acc[0] > acc[1] and acci[1] == 1:
                                         acci[2] = T.int64(1)
                         token_of[0] = vi[0]
