@@ -287,12 +287,14 @@ def gpu_kernel() -> tirx.PrimFunc:
        every block agrees); each block keeps its slice's candidates, the tokens that can survive top-p / min-p
        (the CPU kernel's bound), in id order (per-thread contiguous chunks and a block-wide prefix sum) at the
        start of its slice of `cand`, and its count;
-    3. select, one block per row: greedy rows take the merged argmax. Sampled rows move the candidate segments
-       together (in place, in order); up to one candidate per thread, each thread computes its own token's rank
-       directly (the count and the mass of strictly larger candidates give top-k and top-p, no bisection) and
-       thread 0 walks the kept ones in id order; more candidates (a flat distribution, or top-k needing tokens
-       below the bound: then the whole vocabulary) take the bisection over the key, block-wide reductions over
-       the candidates only, and a chunked draw. Then the top-n logprobs (full-vocabulary argmax rounds).
+    3. select, one block per row: greedy rows take the merged argmax. Sampled rows join the candidate segments
+       into `dense` (ids in id order; each position finds its segment by binary search). Up to one candidate per
+       thread, each thread computes its own token's rank directly (the count and the mass of strictly larger
+       candidates give top-k and top-p) and thread 0 walks the kept ones in id order; more candidates (a flat
+       distribution, or top-k needing tokens below the bound or no top-p / min-p: then the whole vocabulary)
+       get their scores copied next to them (contiguous loads), the thresholds by `key_search` (15 keys per
+       pass, block-wide sums over the candidates only) and a chunked draw. Then the top-n logprobs
+       (full-vocabulary argmax rounds).
 
     Values every thread needs (max, sums, thresholds) are computed identically by every thread or read from a
     reduction buffer by all threads into registers, so each block stays in lockstep without shared scalars."""
