@@ -600,7 +600,7 @@ def gpu_kernel() -> tirx.PrimFunc:
                         if p < n:
                             acci[0] = T.int64(0)  # the last segment starting at or before p (a non-empty one)
                             acci[1] = splits - 1
-                            for step in T.unroll((MAX_SPLITS - 1).bit_length()):
+                            for _step in T.unroll((MAX_SPLITS - 1).bit_length()):
                                 acci[2] = seg_start[T.floordiv(acci[0] + acci[1] + 1, 2)]
                                 if acci[2] <= p:
                                     acci[0] = T.floordiv(acci[0] + acci[1] + 1, 2)
