@@ -327,7 +327,6 @@ def gpu_kernel() -> tirx.PrimFunc:
             pf_s[tx, 0] = part_f[r, tx, 0]
             pf_s[tx, 1] = part_f[r, tx, 1]
             pi_s[tx, 0] = part_i[r, tx, 0]
-            pi_s[tx, 1] = part_i[r, tx, 1]
         T.tvm_storage_sync("shared")
         sti[0] = T.min_value("int64")
         st[0] = NEG_INF
@@ -573,6 +572,9 @@ def gpu_kernel() -> tirx.PrimFunc:
             temp = fp[r, F_TEMPERATURE]
             top_n = T.Cast("int64", ip[r, I_TOP_N])
             row_stats(part_f, part_i, r, splits, tx, pf_s, pi_s, st, sti)
+            if T.Cast("int64", tx) < splits:  # the candidate counts (the compaction kernel's; not staged there)
+                pi_s[tx, 1] = part_i[r, tx, 1]
+            T.tvm_storage_sync("shared")
             vi[0] = _argmax_index(sti[0])  # the greedy token
             vf[0] = st[0]
             vf[1] = st[1]
