@@ -7,6 +7,7 @@ import re
 import pytest
 import sampler_checks as checks
 import tvm
+from required import missing
 
 from vptq_mlc.runtime.device_sampler import counter_uniform
 
@@ -60,8 +61,8 @@ def cuda_source(tmp_path_factory) -> str:
 
     try:
         find_nvcc()
-    except VPTQMLCError:
-        pytest.skip("needs nvcc")
+    except VPTQMLCError as e:
+        missing(str(e))
     out = tmp_path_factory.mktemp("cuda_sampler")
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("VPTQ_MLC_CUDA_DUMP", str(out / "sampler.cu"))  # the compile callback keeps the source
@@ -94,8 +95,12 @@ def test_gpu_kernel_emulated_on_cpu(cuda_source: str, tmp_path) -> None:
     setting at 3000 (a few candidates per thread after compaction, or the key search over all tokens for top-k),
     and a 128256-token vocabulary with peaked and flat logits (compaction over 64 blocks per row, then the direct
     ranking or the key search over the candidates)."""
+    import shutil
+
     from cuda_emulator import EmulatedSampler
 
+    if not (shutil.which("g++") or shutil.which("c++")):
+        missing("a C++20 compiler (g++) runs the CUDA kernels on the CPU; install g++")
     sampler = checks.DeviceSampler(EmulatedSampler(cuda_source, tmp_path), tvm.cpu())
     checks.check_vocab_limit_and_batch_independence(sampler, 500)
     checks.check_settings_same_uniform(sampler, 3000, uniforms=4)
