@@ -264,8 +264,8 @@ SPLIT_THREADS = 256  # the full-vocabulary kernels: several blocks per row
 MAX_SPLITS = 64  # blocks per row of the full-vocabulary kernels (batch 1 spreads the vocabulary over the GPU)
 MIN_SLICE = 1024  # tokens per block at least (small vocabularies take one block)
 PIVOTS = 15  # keys the select kernel's threshold search tests per pass (4 bits of the 32-bit key)
-# A conservative margin on the compaction bound: the bound's Z is merged from per-block partial sums, so it may
-# differ from the select kernel's mass sums in the last bits; keeping slightly more candidates changes nothing.
+# A margin on the compaction bound against float rounding (its proof is in exact arithmetic; Z is merged from
+# per-block sums): keeping slightly more candidates changes no result.
 _BOUND_MARGIN = 0.999
 
 
@@ -564,8 +564,8 @@ def gpu_kernel() -> tirx.PrimFunc:
             sti = T.alloc_buffer((1,), "int64", scope="local")
             acc = T.alloc_buffer((3,), "float32", scope="local")
             acci = T.alloc_buffer((3,), "int64", scope="local")
-            # registers, equal in every thread: max, Z, Zk, top-p mass bound / token, lo, hi, top-k threshold
-            vf = T.alloc_buffer((4,), "float32", scope="local")
+            # registers, equal in every thread: max, Z, Zk / token, search interval (lo, hi), top-k threshold
+            vf = T.alloc_buffer((3,), "float32", scope="local")
             vi = T.alloc_buffer((4,), "int64", scope="local")
             nc = T.alloc_buffer((2,), "int64", scope="local")  # candidates, dense write position
             lim = T.min(T.Cast("int64", ip[r, I_VOCAB_LIMIT]), vocab)
