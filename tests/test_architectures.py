@@ -250,3 +250,14 @@ def test_deepseek_v3_linears_follow_the_config():
     no_lora = _hf("deepseek_v3", num_key_value_heads=4, q_lora_rank=None)
     assert decoder_linears(no_lora)["model.layers.0.self_attn.q_proj"].out_features == 4 * 24
     assert "model.layers.0.self_attn.q_a_layernorm.weight" not in required_dense(no_lora, set())
+
+
+def test_deepseek_v3_split_functions_are_refused(tmp_path):
+    """The layer split knows the Llama layer only: compile says so in one line before any work."""
+    from vptq_mlc.errors import CompileError
+
+    ckpt = make_synthetic_checkpoint(tmp_path / "ck", arch="deepseek_v3", num_layers=2)
+    model_dir = convert_checkpoint(ckpt, tmp_path / "mlc")
+    with pytest.raises(CompileError, match="--split-functions is not supported for deepseek_v3") as e:
+        compile_model(model_dir, "llvm", tmp_path / "lib.so", split_functions=True)
+    assert "\n" not in str(e.value) and not (tmp_path / "lib.so").exists()
