@@ -261,3 +261,13 @@ def test_deepseek_v3_split_functions_are_refused(tmp_path):
     with pytest.raises(CompileError, match="--split-functions is not supported for deepseek_v3") as e:
         compile_model(model_dir, "llvm", tmp_path / "lib.so", split_functions=True)
     assert "\n" not in str(e.value) and not (tmp_path / "lib.so").exists()
+
+
+def test_deepseek_v3_router_bias_stays_float32_in_fp16_models(tmp_path):
+    """The score-correction bias only picks experts, by small differences: an fp16 model keeps it float32."""
+    from vptq_mlc.artifact.tensor_cache import read_index
+
+    ckpt = make_synthetic_checkpoint(tmp_path / "ck", arch="deepseek_v3", num_layers=2, dtype="bfloat16")
+    index = read_index(convert_checkpoint(ckpt, tmp_path / "mlc", dtype="float16"))
+    assert index["model.layers.1.mlp.gate.e_score_correction_bias"]["dtype"] == "float32"
+    assert index["model.layers.1.mlp.gate.weight"]["dtype"] == "float16"

@@ -521,6 +521,9 @@ class Architecture:
     hf_fields: Mapping[str, str]  # honoured config.json field -> what we do with it (docs/architectures.md)
     module_tree: str = "vptq_mlc.model.decoder:DecoderForCausalLM"  # imported by the model builder only
     config_class: type = DecoderConfig  # mlc-chat-config.json's model_config, read back by compile
+    # dense tensors (by name suffix) kept in float32 whatever the model dtype: values whose small differences decide
+    # something discrete (a router's score-correction bias picks experts)
+    float32_dense: tuple[str, ...] = ()
     # whether compile --split-functions (model/split.py, the Llama layer's linears) can cut this tree per layer
     supports_split: bool = True
     # dense tensors of layer i besides its linears (norms, a router's gate, ...): name -> shape
@@ -586,6 +589,7 @@ ARCHITECTURES: dict[str, Architecture] = {
         config_class=DeepseekV3Config,
         layer_dense=deepseek_v3_layer_dense,
         supports_split=False,
+        float32_dense=("e_score_correction_bias",),
         hf_fields={
             **{k: v for k, v in _COMMON_FIELDS.items() if k != "head_dim"},
             "num_key_value_heads": "must equal num_attention_heads (K/V are per head after kv_b_proj)",

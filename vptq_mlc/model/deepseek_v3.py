@@ -168,7 +168,8 @@ class Router(nn.Module):
 
     def __init__(self, cfg: DeepseekV3Config, dtype: str):
         self.weight = nn.Parameter((cfg.n_routed_experts, cfg.hidden_size), dtype)
-        self.e_score_correction_bias = nn.Parameter((cfg.n_routed_experts,), dtype)
+        # float32 in any model (registry: float32_dense): a rounded bias can flip which experts win
+        self.e_score_correction_bias = nn.Parameter((cfg.n_routed_experts,), "float32")
         self.cfg = cfg
 
     def forward(self, x2: Tensor) -> Tensor:
