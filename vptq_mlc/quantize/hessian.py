@@ -33,6 +33,12 @@ SHARED_INPUTS = {
 }
 
 
+def hessians_cover(paths: list[str]) -> bool:
+    """Whether every decoder linear in `paths` is one whose input the calibration hooks capture (the Llama layer's)."""
+    known = {u for users in SHARED_INPUTS.values() for u in users}
+    return all(p.split(".", 3)[3] in known for p in paths)
+
+
 def calibration_windows(tokenizer_file: Path, text: str, n_tokens: int, seq_len: int) -> torch.Tensor:
     """`[n, seq_len]` int64 token windows from the start of `text` (tokenized with the model's tokenizer.json)."""
     from tokenizers import Tokenizer
