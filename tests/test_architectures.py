@@ -271,3 +271,30 @@ def test_deepseek_v3_router_bias_stays_float32_in_fp16_models(tmp_path):
     index = read_index(convert_checkpoint(ckpt, tmp_path / "mlc", dtype="float16"))
     assert index["model.layers.1.mlp.gate.e_score_correction_bias"]["dtype"] == "float32"
     assert index["model.layers.1.mlp.gate.weight"]["dtype"] == "float16"
+
+
+def test_deepseek_v3_from_a_transformers_checkpoint(tmp_path):
+    """A DeepseekV3ForCausalLM saved by transformers itself (its config.json and module names), quantized by our
+    quantizer (plain k-means), converts, compiles and gives transformers' logits; --hessian is refused by name."""
+    import torch
+    import transformers
+
+    from vptq_mlc.errors import QuantizeError
+    from vptq_mlc.quantize.pipeline import QuantizeSettings, quantize_model
+    from vptq_mlc.testing.synthetic import synthetic_tokenizer_json
+
+    hf = _hf("deepseek_v3", num_key_value_heads=4, num_hidden_layers=2)
+    torch.manual_seed(0)
+    model = transformers.DeepseekV3ForCausalLM(
+        transformers.DeepseekV3Config(**{k: v for k, v in hf.items() if k != "torch_dtype"}))
+    with torch.no_grad():  # a non-zero score correction, so that it matters which experts win
+        model.model.layers[1].mlp.gate.e_score_correction_bias.normal_(0, 0.05)
+    model.save_pretrained(tmp_path / "dense")
+    (tmp_path / "dense" / "tokenizer.json").write_text(synthetic_tokenizer_json(512))
+    with pytest.raises(QuantizeError, match="--hessian does not know the linears of deepseek_v3"):
+        quantize_model(tmp_path / "dense", tmp_path / "refused", QuantizeSettings(variant="v8-k64-0"), False)
+    ckpt = quantize_model(tmp_path / "dense", tmp_path / "q", QuantizeSettings(variant="v8-k64-0", hessian=False),
+                          False).out_dir
+    model_dir = convert_checkpoint(ckpt, tmp_path / "mlc", dtype="float32")
+    (lib,) = compile_model(model_dir, "llvm", tmp_path / "lib.so")
+    assert_logits_match_reference(ckpt, model_dir, lib, PREFILL, DECODE, seed=2)
