@@ -473,8 +473,11 @@ DEEPSEEK_V3_LINEARS = (
 
 def deepseek_v3_layer_dense(cfg: DeepseekV3Config, i: int) -> dict[str, tuple[int, ...]]:
     p, h = f"model.layers.{i}", cfg.hidden_size
-    out: dict[str, tuple[int, ...]] = {f"{p}.input_layernorm.weight": (h,), f"{p}.post_attention_layernorm.weight": (h,),
-                                       f"{p}.self_attn.kv_a_layernorm.weight": (cfg.kv_lora_rank,)}
+    out: dict[str, tuple[int, ...]] = {
+        f"{p}.input_layernorm.weight": (h,),
+        f"{p}.post_attention_layernorm.weight": (h,),
+        f"{p}.self_attn.kv_a_layernorm.weight": (cfg.kv_lora_rank,),
+    }
     if cfg.q_lora_rank is not None:
         out[f"{p}.self_attn.q_a_layernorm.weight"] = (cfg.q_lora_rank,)
     if cfg.is_moe_layer(i):

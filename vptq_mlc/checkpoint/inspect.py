@@ -120,8 +120,8 @@ def format_summary(s: Summary, all_layers: bool = False) -> str:
     else:
         groups: dict[tuple, list[LayerRow]] = {}
         for r in s.layers:
-            key = (_EXPERT_NUM.sub(".experts.*.", _LAYER_NUM.sub(".layers.*.", r.path)), r.out_features, r.in_features, r.variant, r.flags,
-                   round(r.bits_per_weight, 4))
+            folded = _EXPERT_NUM.sub(".experts.*.", _LAYER_NUM.sub(".layers.*.", r.path))
+            key = (folded, r.out_features, r.in_features, r.variant, r.flags, round(r.bits_per_weight, 4))
             groups.setdefault(key, []).append(r)
         rows = [(k[0], g[0], len(g)) for k, g in groups.items()]
     for name, r, n in rows:
