@@ -273,13 +273,15 @@ def test_deepseek_v3_router_bias_stays_float32_in_fp16_models(tmp_path):
     assert index["model.layers.1.mlp.gate.weight"]["dtype"] == "float16"
 
 
-def test_deepseek_v3_from_a_transformers_checkpoint(tmp_path):
+def test_deepseek_v3_from_a_transformers_checkpoint(tmp_path, monkeypatch):
     """A DeepseekV3ForCausalLM saved by transformers itself (its config.json and module names), quantized by our
-    quantizer (plain k-means), converts, compiles and gives transformers' logits; --hessian is refused by name."""
+    quantizer with calibration Hessians (MLA projections and experts hooked one by one), converts, compiles and
+    gives transformers' logits."""
     import torch
     import transformers
 
-    from vptq_mlc.errors import QuantizeError
+    from vptq_mlc.data.corpus import CALIB_DEFAULT, load_text
+    from vptq_mlc.quantize.hessian import collect_hessians
     from vptq_mlc.quantize.pipeline import QuantizeSettings, quantize_model
     from vptq_mlc.testing.synthetic import synthetic_tokenizer_json
 
@@ -291,10 +293,17 @@ def test_deepseek_v3_from_a_transformers_checkpoint(tmp_path):
         model.model.layers[1].mlp.gate.e_score_correction_bias.normal_(0, 0.05)
     model.save_pretrained(tmp_path / "dense")
     (tmp_path / "dense" / "tokenizer.json").write_text(synthetic_tokenizer_json(512))
-    with pytest.raises(QuantizeError, match="--hessian does not know the linears of deepseek_v3"):
-        quantize_model(tmp_path / "dense", tmp_path / "refused", QuantizeSettings(variant="v8-k64-0"), False)
-    ckpt = quantize_model(tmp_path / "dense", tmp_path / "q", QuantizeSettings(variant="v8-k64-0", hessian=False),
-                          False).out_dir
+
+    H = collect_hessians(tmp_path / "dense", load_text(None, default=CALIB_DEFAULT), 2, n_tokens=256, seq_len=64,
+                         progress=False)
+    attn = "model.layers.0.self_attn"
+    torch.testing.assert_close(H[f"{attn}.q_a_proj"], H[f"{attn}.kv_a_proj_with_mqa"])  # one input, two hooks
+    assert H[f"{attn}.q_b_proj"].shape == (32, 32) and "model.layers.1.mlp.shared_experts.down_proj" in H
+    routed = [e for e in range(8) if f"model.layers.1.mlp.experts.{e}.gate_proj" in H]
+    assert len(routed) >= 2  # the experts that calibration tokens reached
+    monkeypatch.setenv("VPTQ_MLC_CACHE", str(tmp_path / "cache"))  # the Hessian cache stays in the test
+    settings = QuantizeSettings(variant="v8-k64-0", calib_tokens=256, calib_seq_len=64)
+    ckpt = quantize_model(tmp_path / "dense", tmp_path / "q", settings, False).out_dir
     model_dir = convert_checkpoint(ckpt, tmp_path / "mlc", dtype="float32")
     (lib,) = compile_model(model_dir, "llvm", tmp_path / "lib.so")
     assert_logits_match_reference(ckpt, model_dir, lib, PREFILL, DECODE, seed=2)
