@@ -43,7 +43,8 @@ def reference_model(ckpt: str | Path):
     import transformers
 
     hf, state = dense_state_dict(Path(ckpt))
-    cls = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "mistral": "MistralForCausalLM"}[hf["model_type"]]
+    cls = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "mistral": "MistralForCausalLM",
+           "deepseek_v3": "DeepseekV3ForCausalLM"}[hf["model_type"]]
     hf.pop("dtype", None)
     config = transformers.AutoConfig.for_model(**{k: v for k, v in hf.items() if k != "torch_dtype"})
     config._attn_implementation = "eager"

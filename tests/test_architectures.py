@@ -48,6 +48,21 @@ CASES = {
          "rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                           "original_max_position_embeddings": 16}},
     ),
+    # MLA with q LoRA, interleaved yarn RoPE with mscale_all_dim (softmax scale and cos/sin factor), 8 routed experts
+    # in 2 groups (1 kept, 2 per token) + 1 shared, first layer dense
+    "deepseek_v3-qlora-yarn-interleave": (
+        "deepseek_v3", "float32", {"num_layers": 3},
+        {"max_position_embeddings": 256,
+         "rope_scaling": {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64,
+                          "mscale": 1.0, "mscale_all_dim": 0.7}},
+    ),
+    # one q_proj, v wider than q/k (the cache pads q and k), plain RoPE halves, biases, unnormalised routing, bf16
+    "deepseek_v3-bf16-noqlora-vwide-bias": (
+        "deepseek_v3", "bfloat16", {"num_layers": 2},
+        {"q_lora_rank": None, "v_head_dim": 32, "rope_interleave": False, "attention_bias": True,
+         "norm_topk_prob": False, "routed_scaling_factor": 1.5, "n_routed_experts": 6, "n_group": 3,
+         "topk_group": 2, "num_experts_per_tok": 3},
+    ),
 }
 
 
@@ -85,7 +100,7 @@ def test_context_caps_follow_the_config(built):
     hf = json.loads((ckpt / "config.json").read_text())
     chat = json.loads((model_dir / "mlc-chat-config.json").read_text())
     want = int(hf.get("max_position_embeddings", 2048))
-    if hf.get("rope_scaling", {}).get("rope_type") == "longrope":
+    if (hf.get("rope_scaling") or {}).get("rope_type") == "longrope":
         want = min(want, hf["original_max_position_embeddings"])
     if hf["model_type"] == "mistral" or hf.get("use_sliding_window"):
         want = min(want, hf["sliding_window"])
@@ -177,3 +192,118 @@ def test_bias_disagreeing_with_attention_bias_is_one_line(tmp_path):
     with pytest.raises(CheckpointError, match="attention_bias/mlp_bias say q_proj has bias") as e:
         VPTQCheckpoint.open(ckpt).validate(progress=False)
     assert "\n" not in str(e.value)
+
+
+def test_deepseek_v3_rope_and_softmax_scale_match_transformers():
+    """RoPE on the qk_rope dims (transformers' head_dim = qk_rope_head_dim) and the MLA softmax scale with yarn's
+    mscale_all_dim, as transformers' DeepseekV3 computes them; the config parses to transformers' shapes."""
+    import transformers
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    for rs in ({"rope_type": "yarn", "factor": 40.0, "original_max_position_embeddings": 64, "mscale": 1.0,
+                "mscale_all_dim": 1.0, "beta_fast": 32, "beta_slow": 1},
+               {"type": "yarn", "factor": 8.0, "mscale": 0.8, "mscale_all_dim": 0.5},
+               {"rope_type": "linear", "factor": 2.0}, None):
+        hf = _hf("deepseek_v3", rope_scaling=rs, num_key_value_heads=4, max_position_embeddings=256)
+        ours = decoder_config_from_hf(hf)
+        config = transformers.DeepseekV3Config(**{k: v for k, v in hf.items() if k != "torch_dtype"})
+        kind = (config.rope_scaling or {}).get("rope_type", "default")
+        inv, factor = ROPE_INIT_FUNCTIONS[kind](config, "cpu")
+        np.testing.assert_allclose(ours.rope_inv_freq, inv.numpy(), rtol=1e-6)
+        assert ours.rope_attention_factor == pytest.approx(factor, rel=1e-7)
+        attn = transformers.models.deepseek_v3.modeling_deepseek_v3.DeepseekV3Attention(config, 0)
+        assert ours.softmax_scale == pytest.approx(attn.scaling, rel=1e-12)
+        assert ours.head_dim == max(config.qk_head_dim, config.v_head_dim) and ours.num_key_value_heads == 4
+
+
+@pytest.mark.parametrize("overrides, match", [
+    ({"scoring_func": "softmax"}, "scoring_func 'softmax' is not supported"),
+    ({"topk_method": "greedy"}, "topk_method 'greedy' is not supported"),
+    ({"moe_layer_freq": 2}, "moe_layer_freq 2 is not supported"),
+    ({"num_key_value_heads": 2}, "needs num_key_value_heads == num_attention_heads"),
+    ({"n_group": 3}, "must split into n_group 3 groups"),
+    ({"n_group": 8}, "groups of at least 2 experts"),
+    ({"num_experts_per_tok": 5}, "num_experts_per_tok 5 must be between 1 and topk_group 1 x 4"),
+    ({"rope_scaling": {"rope_type": "llama3", "factor": 8.0}}, "rope_scaling type 'llama3' is not supported"),
+    ({"n_shared_experts": 0}, "n_shared_experts < 1"),
+])
+def test_deepseek_v3_unsupported_fields_are_refused_by_name(overrides, match):
+    hf = {**_hf("deepseek_v3"), "num_key_value_heads": 4, **overrides}
+    with pytest.raises(CheckpointError, match=match) as e:
+        decoder_config_from_hf(hf)
+    assert "\n" not in str(e.value)
+
+
+def test_deepseek_v3_linears_follow_the_config():
+    """q LoRA or one q_proj, dense MLPs in the first_k_dense_replace layers, experts and a shared expert after."""
+    from vptq_mlc.checkpoint.arch import decoder_linears, required_dense
+
+    hf = _hf("deepseek_v3", num_key_value_heads=4, first_k_dense_replace=1)
+    paths = set(decoder_linears(hf))
+    assert "model.layers.0.mlp.gate_proj" in paths and "model.layers.0.mlp.experts.0.up_proj" not in paths
+    assert {f"model.layers.1.mlp.experts.{e}.down_proj" for e in range(8)} <= paths
+    assert "model.layers.1.mlp.shared_experts.gate_proj" in paths and "model.layers.1.mlp.gate_proj" not in paths
+    assert "model.layers.0.self_attn.q_a_proj" in paths and "model.layers.0.self_attn.q_proj" not in paths
+    dense = required_dense(hf, paths)
+    assert dense["model.layers.1.mlp.gate.weight"] == (8, 64) and "model.layers.0.mlp.gate.weight" not in dense
+    assert dense["model.layers.0.self_attn.q_a_layernorm.weight"] == (32,)
+    no_lora = _hf("deepseek_v3", num_key_value_heads=4, q_lora_rank=None)
+    assert decoder_linears(no_lora)["model.layers.0.self_attn.q_proj"].out_features == 4 * 24
+    assert "model.layers.0.self_attn.q_a_layernorm.weight" not in required_dense(no_lora, set())
+
+
+def test_deepseek_v3_split_functions_are_refused(tmp_path):
+    """The layer split knows the Llama layer only: compile says so in one line before any work."""
+    from vptq_mlc.errors import CompileError
+
+    ckpt = make_synthetic_checkpoint(tmp_path / "ck", arch="deepseek_v3", num_layers=2)
+    model_dir = convert_checkpoint(ckpt, tmp_path / "mlc")
+    with pytest.raises(CompileError, match="--split-functions is not supported for deepseek_v3") as e:
+        compile_model(model_dir, "llvm", tmp_path / "lib.so", split_functions=True)
+    assert "\n" not in str(e.value) and not (tmp_path / "lib.so").exists()
+
+
+def test_deepseek_v3_router_bias_stays_float32_in_fp16_models(tmp_path):
+    """The score-correction bias only picks experts, by small differences: an fp16 model keeps it float32."""
+    from vptq_mlc.artifact.tensor_cache import read_index
+
+    ckpt = make_synthetic_checkpoint(tmp_path / "ck", arch="deepseek_v3", num_layers=2, dtype="bfloat16")
+    index = read_index(convert_checkpoint(ckpt, tmp_path / "mlc", dtype="float16"))
+    assert index["model.layers.1.mlp.gate.e_score_correction_bias"]["dtype"] == "float32"
+    assert index["model.layers.1.mlp.gate.weight"]["dtype"] == "float16"
+
+
+def test_deepseek_v3_from_a_transformers_checkpoint(tmp_path, monkeypatch):
+    """A DeepseekV3ForCausalLM saved by transformers itself (its config.json and module names), quantized by our
+    quantizer with calibration Hessians (MLA projections and experts hooked one by one), converts, compiles and
+    gives transformers' logits."""
+    import torch
+    import transformers
+
+    from vptq_mlc.data.corpus import CALIB_DEFAULT, load_text
+    from vptq_mlc.quantize.hessian import collect_hessians
+    from vptq_mlc.quantize.pipeline import QuantizeSettings, quantize_model
+    from vptq_mlc.testing.synthetic import synthetic_tokenizer_json
+
+    hf = _hf("deepseek_v3", num_key_value_heads=4, num_hidden_layers=2)
+    torch.manual_seed(0)
+    model = transformers.DeepseekV3ForCausalLM(
+        transformers.DeepseekV3Config(**{k: v for k, v in hf.items() if k != "torch_dtype"}))
+    with torch.no_grad():  # a non-zero score correction, so that it matters which experts win
+        model.model.layers[1].mlp.gate.e_score_correction_bias.normal_(0, 0.05)
+    model.save_pretrained(tmp_path / "dense")
+    (tmp_path / "dense" / "tokenizer.json").write_text(synthetic_tokenizer_json(512))
+
+    H = collect_hessians(tmp_path / "dense", load_text(None, default=CALIB_DEFAULT), 2, n_tokens=256, seq_len=64,
+                         progress=False)
+    attn = "model.layers.0.self_attn"
+    torch.testing.assert_close(H[f"{attn}.q_a_proj"], H[f"{attn}.kv_a_proj_with_mqa"])  # one input, two hooks
+    assert H[f"{attn}.q_b_proj"].shape == (32, 32) and "model.layers.1.mlp.shared_experts.down_proj" in H
+    routed = [e for e in range(8) if f"model.layers.1.mlp.experts.{e}.gate_proj" in H]
+    assert len(routed) >= 2  # the experts that calibration tokens reached
+    monkeypatch.setenv("VPTQ_MLC_CACHE", str(tmp_path / "cache"))  # the Hessian cache stays in the test
+    settings = QuantizeSettings(variant="v8-k64-0", calib_tokens=256, calib_seq_len=64)
+    ckpt = quantize_model(tmp_path / "dense", tmp_path / "q", settings, False).out_dir
+    model_dir = convert_checkpoint(ckpt, tmp_path / "mlc", dtype="float32")
+    (lib,) = compile_model(model_dir, "llvm", tmp_path / "lib.so")
+    assert_logits_match_reference(ckpt, model_dir, lib, PREFILL, DECODE, seed=2)

@@ -75,6 +75,8 @@ class DecoderConfig:
 
 # ---------------------------------------------------------------- RoPE as transformers 4.57 computes it
 
+ROPE_TYPES = ("default", "linear", "dynamic", "yarn", "llama3", "longrope")
+
 
 def _default_inv_freq(base: float, dim: int) -> list[float]:
     # transformers: 1 / base ** (arange(0, dim, 2).float() / dim), in float32
@@ -143,20 +145,27 @@ def _longrope(rs: Mapping[str, Any], hf: Mapping[str, Any], base: float, dim: in
     return inv.astype(np.float32).tolist(), float(attention_factor), int(orig)
 
 
-ROPE_TYPES = ("default", "linear", "dynamic", "yarn", "llama3", "longrope")
-
-
-def _apply_rope(cfg: DecoderConfig, hf: Mapping[str, Any]) -> None:
-    """Fill the RoPE fields of `cfg` from `rope_theta` and `rope_scaling` the way transformers reads them."""
+def _apply_rope(cfg: DecoderConfig, hf: Mapping[str, Any], rotary_dim: int | None = None,
+                types: tuple[str, ...] = ROPE_TYPES) -> None:
+    """Fill the RoPE fields of `cfg` from `rope_theta` and `rope_scaling` the way transformers reads them.
+    `rotary_dim` (default head_dim) is the width RoPE rotates; a family that rotates only part of each head (MLA)
+    passes it and always gets `rope_inv_freq`, since TVM's cache rotates whole heads."""
     if float(hf.get("partial_rotary_factor", 1.0)) != 1.0:
         raise CheckpointError("config.json field partial_rotary_factor != 1 is not supported (RoPE on all dims)")
     rs = hf.get("rope_scaling")
+    base, max_pos = cfg.position_embedding_base, int(hf.get("max_position_embeddings", 4096))
+    dim = rotary_dim or cfg.head_dim
+    if rotary_dim is not None:
+        cfg.rope_inv_freq = _default_inv_freq(base, dim)
     if not rs:
         return
     if not isinstance(rs, Mapping):
         raise CheckpointError("config.json field rope_scaling must be an object or null; fix config.json")
     kind = rs.get("rope_type", rs.get("type", "default"))
-    base, dim, max_pos = cfg.position_embedding_base, cfg.head_dim, int(hf.get("max_position_embeddings", 4096))
+    if kind not in types:
+        raise CheckpointError(
+            f"config.json field rope_scaling type {kind!r} is not supported; supported: {', '.join(types)}"
+        )
     try:
         if kind == "default":
             return
@@ -326,6 +335,157 @@ LLAMA_LINEARS = (
     LinearSpec("mlp", "down_proj", lambda c: (c.intermediate_size, c.hidden_size), lambda c: c.mlp_bias),
 )
 
+# ---------------------------------------------------------------- DeepSeek-V3 / R1: MLA attention + mixture of experts
+
+
+@dataclass
+class DeepseekV3Config(DecoderConfig):
+    """`DecoderConfig` plus MLA and MoE numbers. `head_dim` is the per-head width of the KV cache, which holds the
+    decompressed K and V of every head (max of qk_nope + qk_rope and v_head_dim, the shorter one zero-padded), and
+    `num_key_value_heads` equals `num_attention_heads`; `rope_inv_freq` always holds the frequencies of the
+    `qk_rope_head_dim` rotated dims (the model rotates them; the cache applies no RoPE)."""
+
+    q_lora_rank: int | None = None  # None: one q_proj; else q_a_proj -> q_a_layernorm -> q_b_proj
+    kv_lora_rank: int = 0
+    qk_nope_head_dim: int = 0
+    qk_rope_head_dim: int = 0
+    v_head_dim: int = 0
+    rope_interleave: bool = True  # rotate (x0, x2, ...), (x1, x3, ...) halves, as transformers' rope_interleave
+    softmax_scale: float = 0.0  # qk_head_dim ** -0.5, times yarn mscale(factor, mscale_all_dim) ** 2
+    moe_intermediate_size: int = 0
+    n_routed_experts: int = 0
+    n_shared_experts: int = 1
+    num_experts_per_tok: int = 0
+    n_group: int = 1
+    topk_group: int = 1
+    norm_topk_prob: bool = True
+    routed_scaling_factor: float = 1.0
+    first_k_dense_replace: int = 0
+
+    @property
+    def qk_head_dim(self) -> int:
+        return self.qk_nope_head_dim + self.qk_rope_head_dim
+
+    def is_moe_layer(self, layer: int) -> bool:
+        return layer >= self.first_k_dense_replace
+
+
+DEEPSEEK_ROPE_TYPES = ("default", "linear", "yarn")
+
+
+def _deepseek_refuse(hf: Mapping[str, Any], key: str, allowed: tuple[Any, ...], default: Any) -> None:
+    value = hf.get(key, default)
+    if value not in allowed:
+        raise CheckpointError(f"config.json field {key} {value!r} is not supported for deepseek_v3; supported: "
+                              f"{', '.join(map(repr, allowed))}")
+
+
+def deepseek_v3_config(hf: Mapping[str, Any]) -> DeepseekV3Config:
+    """transformers 4.57's DeepseekV3Config semantics (its defaults for absent fields)."""
+    # transformers writes head_dim = qk_rope_head_dim into config.json; the cache's head width is ours to choose
+    base = _base_config({**{k: v for k, v in hf.items() if k not in ("rope_scaling", "head_dim")},
+                         "intermediate_size": hf.get("intermediate_size", 18432)})
+    heads = base.num_attention_heads
+    if base.num_key_value_heads != heads:
+        raise CheckpointError(f"config.json: deepseek_v3 needs num_key_value_heads == num_attention_heads ({heads}), "
+                              f"found {base.num_key_value_heads}; fix config.json")
+    for key, allowed, default in (("scoring_func", ("sigmoid",), "sigmoid"), ("topk_method", ("noaux_tc",), "noaux_tc"),
+                                  ("moe_layer_freq", (1,), 1)):
+        _deepseek_refuse(hf, key, allowed, default)
+    q_lora = hf.get("q_lora_rank", 1536)
+    fields = {f.name: getattr(base, f.name) for f in dataclasses.fields(DecoderConfig)}
+    cfg = DeepseekV3Config(
+        **fields,
+        q_lora_rank=None if q_lora is None else int(q_lora),
+        kv_lora_rank=int(hf.get("kv_lora_rank", 512)),
+        qk_nope_head_dim=int(hf.get("qk_nope_head_dim", 128)),
+        qk_rope_head_dim=int(hf.get("qk_rope_head_dim", 64)),
+        v_head_dim=int(hf.get("v_head_dim", 128)),
+        rope_interleave=bool(hf.get("rope_interleave", True)),
+        moe_intermediate_size=int(hf.get("moe_intermediate_size", 2048)),
+        n_routed_experts=int(hf.get("n_routed_experts", 256)),
+        n_shared_experts=int(hf.get("n_shared_experts", 1) or 0),
+        num_experts_per_tok=int(hf.get("num_experts_per_tok", 8)),
+        n_group=int(hf.get("n_group", 8) or 1),
+        topk_group=int(hf.get("topk_group", 4) or 1),
+        norm_topk_prob=bool(hf.get("norm_topk_prob", True)),
+        routed_scaling_factor=float(hf.get("routed_scaling_factor", 2.5)),
+        first_k_dense_replace=int(hf.get("first_k_dense_replace", 3)),
+    )
+    cfg.attention_bias = cfg.attention_out_bias = bool(hf.get("attention_bias", False))
+    cfg.num_key_value_heads = heads
+    cfg.head_dim = max(cfg.qk_head_dim, cfg.v_head_dim)
+    if cfg.qk_rope_head_dim <= 0 or cfg.qk_rope_head_dim % 2:
+        raise CheckpointError(f"config.json: qk_rope_head_dim {cfg.qk_rope_head_dim} must be even and positive")
+    if cfg.n_shared_experts < 1:
+        raise CheckpointError("config.json: deepseek_v3 with n_shared_experts < 1 is not supported; fix config.json")
+    group = cfg.n_routed_experts // cfg.n_group
+    if cfg.n_routed_experts % cfg.n_group or group < 2:
+        raise CheckpointError(f"config.json: n_routed_experts {cfg.n_routed_experts} must split into n_group "
+                              f"{cfg.n_group} groups of at least 2 experts (transformers ranks groups by their top 2)")
+    if not 1 <= cfg.topk_group <= cfg.n_group or not 1 <= cfg.num_experts_per_tok <= cfg.topk_group * group:
+        raise CheckpointError(f"config.json: num_experts_per_tok {cfg.num_experts_per_tok} must be between 1 and "
+                              f"topk_group {cfg.topk_group} x {group} experts per group, topk_group <= n_group")
+    _apply_rope(cfg, hf, rotary_dim=cfg.qk_rope_head_dim, types=DEEPSEEK_ROPE_TYPES)
+    cfg.softmax_scale = cfg.qk_head_dim ** -0.5
+    rs = hf.get("rope_scaling")
+    if rs and rs.get("mscale_all_dim"):  # transformers' DeepseekV3Attention: scaling * mscale ** 2
+        factor, m = float(rs["factor"]), float(rs["mscale_all_dim"])
+        mscale = 1.0 if factor <= 1 else 0.1 * m * math.log(factor) + 1.0
+        cfg.softmax_scale *= mscale * mscale
+    return cfg
+
+
+def _ds_attn(leaf: str, shape: Callable[[Any], tuple[int, int]], bias: Callable[[Any], bool],
+             when: Callable[[Any], bool] = lambda c: True) -> LinearSpec:
+    return LinearSpec("self_attn", leaf, shape, bias, in_layer=lambda c, i: when(c))
+
+
+def _ds_mlp(module: str, width: Callable[[Any], int], in_layer: Callable[[Any, int], bool],
+            copies: Callable[[Any], int] | None = None) -> tuple[LinearSpec, ...]:
+    no_bias = lambda c: False  # noqa: E731
+    return (
+        LinearSpec(module, "gate_proj", lambda c: (c.hidden_size, width(c)), no_bias, in_layer, copies),
+        LinearSpec(module, "up_proj", lambda c: (c.hidden_size, width(c)), no_bias, in_layer, copies),
+        LinearSpec(module, "down_proj", lambda c: (width(c), c.hidden_size), no_bias, in_layer, copies),
+    )
+
+
+DEEPSEEK_V3_LINEARS = (
+    _ds_attn("q_proj", lambda c: (c.hidden_size, c.num_attention_heads * c.qk_head_dim), lambda c: False,
+             lambda c: c.q_lora_rank is None),
+    _ds_attn("q_a_proj", lambda c: (c.hidden_size, c.q_lora_rank or 0), lambda c: c.attention_bias,
+             lambda c: c.q_lora_rank is not None),
+    _ds_attn("q_b_proj", lambda c: (c.q_lora_rank or 0, c.num_attention_heads * c.qk_head_dim), lambda c: False,
+             lambda c: c.q_lora_rank is not None),
+    _ds_attn("kv_a_proj_with_mqa", lambda c: (c.hidden_size, c.kv_lora_rank + c.qk_rope_head_dim),
+             lambda c: c.attention_bias),
+    _ds_attn("kv_b_proj", lambda c: (c.kv_lora_rank, c.num_attention_heads * (c.qk_nope_head_dim + c.v_head_dim)),
+             lambda c: False),
+    _ds_attn("o_proj", lambda c: (c.num_attention_heads * c.v_head_dim, c.hidden_size), lambda c: c.attention_bias),
+    *_ds_mlp("mlp", lambda c: c.intermediate_size, lambda c, i: not c.is_moe_layer(i)),
+    *_ds_mlp("mlp.experts.{e}", lambda c: c.moe_intermediate_size, lambda c, i: c.is_moe_layer(i),
+             lambda c: c.n_routed_experts),
+    *_ds_mlp("mlp.shared_experts", lambda c: c.moe_intermediate_size * c.n_shared_experts,
+             lambda c, i: c.is_moe_layer(i)),
+)
+
+
+def deepseek_v3_layer_dense(cfg: DeepseekV3Config, i: int) -> dict[str, tuple[int, ...]]:
+    p, h = f"model.layers.{i}", cfg.hidden_size
+    out: dict[str, tuple[int, ...]] = {
+        f"{p}.input_layernorm.weight": (h,),
+        f"{p}.post_attention_layernorm.weight": (h,),
+        f"{p}.self_attn.kv_a_layernorm.weight": (cfg.kv_lora_rank,),
+    }
+    if cfg.q_lora_rank is not None:
+        out[f"{p}.self_attn.q_a_layernorm.weight"] = (cfg.q_lora_rank,)
+    if cfg.is_moe_layer(i):
+        out[f"{p}.mlp.gate.weight"] = (cfg.n_routed_experts, h)
+        out[f"{p}.mlp.gate.e_score_correction_bias"] = (cfg.n_routed_experts,)
+    return out
+
+
 _COMMON_FIELDS = {
     "hidden_size": "model width",
     "intermediate_size": "MLP width",
@@ -364,6 +524,11 @@ class Architecture:
     hf_fields: Mapping[str, str]  # honoured config.json field -> what we do with it (docs/architectures.md)
     module_tree: str = "vptq_mlc.model.decoder:DecoderForCausalLM"  # imported by the model builder only
     config_class: type = DecoderConfig  # mlc-chat-config.json's model_config, read back by compile
+    # dense tensors (by name suffix) kept in float32 whatever the model dtype: values whose small differences decide
+    # something discrete (a router's score-correction bias picks experts)
+    float32_dense: tuple[str, ...] = ()
+    # whether compile --split-functions (model/split.py, the Llama layer's linears) can cut this tree per layer
+    supports_split: bool = True
     # dense tensors of layer i besides its linears (norms, a router's gate, ...): name -> shape
     layer_dense: Callable[[Any, int], dict[str, tuple[int, ...]]] = lambda cfg, i: {
         f"model.layers.{i}.input_layernorm.weight": (cfg.hidden_size,),
@@ -416,6 +581,49 @@ ARCHITECTURES: dict[str, Architecture] = {
                               "null = no window",
             "attention_bias": "ignored: transformers' Mistral has no biases",
             "mlp_bias": "ignored: transformers' Mistral has no biases",
+        },
+    ),
+    "deepseek_v3": Architecture(
+        name="deepseek_v3",
+        hf_classes=("DeepseekV3ForCausalLM",),
+        config_from_hf=deepseek_v3_config,
+        linears=DEEPSEEK_V3_LINEARS,
+        module_tree="vptq_mlc.model.deepseek_v3:DeepseekV3ForCausalLM",
+        config_class=DeepseekV3Config,
+        layer_dense=deepseek_v3_layer_dense,
+        supports_split=False,
+        float32_dense=("e_score_correction_bias",),
+        hf_fields={
+            **{k: v for k, v in _COMMON_FIELDS.items() if k != "head_dim"},
+            "num_key_value_heads": "must equal num_attention_heads (K/V are per head after kv_b_proj)",
+            "intermediate_size": "width of the first_k_dense_replace dense MLPs",
+            "rope_scaling": "default, linear, yarn (on the qk_rope_head_dim dims); other types refused",
+            "head_dim": "ignored: transformers sets it to qk_rope_head_dim, which is what RoPE uses",
+            "attention_bias": "bias on q_a_proj, kv_a_proj_with_mqa and o_proj (as transformers)",
+            "q_lora_rank": "null: one q_proj; else q_a_proj -> q_a_layernorm (eps 1e-6) -> q_b_proj",
+            "kv_lora_rank": "width of the compressed KV (kv_a_proj_with_mqa -> kv_a_layernorm -> kv_b_proj)",
+            "qk_nope_head_dim": "per-head q/k width without RoPE",
+            "qk_rope_head_dim": "per-head q/k width with RoPE (k's shared by all heads)",
+            "v_head_dim": "per-head value width",
+            "rope_interleave": "rotate the even/odd dims as pairs (default true), as transformers",
+            "moe_intermediate_size": "width of each routed expert and (times n_shared_experts) the shared expert",
+            "n_routed_experts": "routed experts per MoE layer",
+            "n_shared_experts": "shared expert width multiplier (>= 1)",
+            "num_experts_per_tok": "experts per token (top-k after group limiting)",
+            "n_group": "expert groups, ranked by the sum of each group's top-2 biased scores",
+            "topk_group": "groups kept per token",
+            "norm_topk_prob": "divide the selected sigmoid scores by their sum (+1e-20)",
+            "routed_scaling_factor": "multiplies the routing weights",
+            "first_k_dense_replace": "the first layers have a dense MLP instead of experts",
+            "scoring_func": "sigmoid only (transformers' only one); anything else refused",
+            "topk_method": "noaux_tc only (e_score_correction_bias); anything else refused",
+            "moe_layer_freq": "1 only (transformers ignores it; other values would change which layers are MoE)",
+            "num_nextn_predict_layers": "ignored: the multi-token-prediction layer is not used for generation "
+                                        "(transformers skips it too)",
+            "ep_size": "ignored (expert-parallel training setting)",
+            "aux_loss_alpha": "training only; ignored",
+            "seq_aux": "training only; ignored",
+            "pretraining_tp": "ignored (transformers 4.57 ignores it too)",
         },
     ),
 }

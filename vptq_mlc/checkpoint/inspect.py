@@ -17,6 +17,7 @@ from vptq_mlc.checkpoint.reader import VPTQCheckpoint
 _CODE_NAMES = ("indices", "res_indices", "outlier_indices")
 _BOOK_NAMES = ("centroids.weight", "res_centroids.weight", "outlier_centroids.weight")
 _LAYER_NUM = re.compile(r"\.layers\.(\d+)\.")
+_EXPERT_NUM = re.compile(r"\.experts\.(\d+)\.")  # a mixture of experts' copies fold like the layers
 
 
 @dataclass
@@ -119,8 +120,8 @@ def format_summary(s: Summary, all_layers: bool = False) -> str:
     else:
         groups: dict[tuple, list[LayerRow]] = {}
         for r in s.layers:
-            key = (_LAYER_NUM.sub(".layers.*.", r.path), r.out_features, r.in_features, r.variant, r.flags,
-                   round(r.bits_per_weight, 4))
+            folded = _EXPERT_NUM.sub(".experts.*.", _LAYER_NUM.sub(".layers.*.", r.path))
+            key = (folded, r.out_features, r.in_features, r.variant, r.flags, round(r.bits_per_weight, 4))
             groups.setdefault(key, []).append(r)
         rows = [(k[0], g[0], len(g)) for k, g in groups.items()]
     for name, r, n in rows:

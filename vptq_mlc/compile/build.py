@@ -21,7 +21,7 @@ from vptq_mlc.artifact.checksum import write_sidecar
 from vptq_mlc.artifact.files import TENSOR_CACHE
 from vptq_mlc.artifact.tensor_cache import read_index
 from vptq_mlc.atomic import atomic_file
-from vptq_mlc.checkpoint.arch import model_config_from_json
+from vptq_mlc.checkpoint.arch import ARCHITECTURES, model_config_from_json
 from vptq_mlc.compile.metadata import attach_metadata, model_metadata, planned_memory
 from vptq_mlc.compile.sampler import add_sampler, has_sampler
 from vptq_mlc.compile.targets import BuildTarget, relax_pipeline, resolve_targets
@@ -83,6 +83,8 @@ def build_library(model_dir: Path, bt: BuildTarget, output: Path,
     chat.check_buildable()
     arch = chat.model_type or "llama"
     cfg = model_config_from_json(arch, chat.model_config)
+    if split_functions and not ARCHITECTURES[arch].supports_split:
+        raise CompileError(f"--split-functions is not supported for {arch} models yet; compile without it")
     dtype = chat.model_dtype
     layers = chat.vptq_layers()
     stage("compile %s for %s%s -> %s", model_dir, bt.label, f" ({', '.join(bt.archs)})" if bt.archs else "", output)

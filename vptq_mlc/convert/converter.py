@@ -18,7 +18,7 @@ from tqdm import tqdm
 from vptq_mlc.artifact.tensor_cache import TensorCacheWriter
 from vptq_mlc.artifact.vq_layout import CODE_SORTED, LAYOUT, code_sorted_eligible, code_sorted_layout, generic_layout
 from vptq_mlc.atomic import atomic_dir
-from vptq_mlc.checkpoint.arch import decoder_config_from_hf
+from vptq_mlc.checkpoint.arch import ARCHITECTURES, decoder_config_from_hf
 from vptq_mlc.checkpoint.dequant import LayerCodes, decode_codes
 from vptq_mlc.checkpoint.layer_config import VPTQLayerConfig
 from vptq_mlc.checkpoint.reader import VPTQCheckpoint
@@ -41,9 +41,11 @@ def _tensor_groups(ckpt: VPTQCheckpoint, dtype: str, code_sorted: bool) -> Itera
     """Per dense tensor or VPTQ layer, its (name, array) pairs in tensor-cache form: dense tensors cast to the
     model dtype, VPTQ layers in the generic layout, plus the code-sorted entries of layers whose codebooks do not
     fit shared memory (when `code_sorted`)."""
+    keep_fp32 = ARCHITECTURES[ckpt.arch].float32_dense
     for name in ckpt.dense_tensor_names():
         a = ckpt.get(name)
-        yield [(name, a.astype(np.float32).astype(dtype) if a.dtype.kind == "f" else a)]
+        to = "float32" if name.endswith(keep_fp32) else dtype
+        yield [(name, a.astype(np.float32).astype(to) if a.dtype.kind == "f" else a)]
     for path, cfg in ckpt.layers.items():
         tensors = ckpt.layer_tensors(path)
         codes = decode_codes(cfg, tensors, path)

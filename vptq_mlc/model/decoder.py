@@ -124,13 +124,17 @@ class DecoderForCausalLM(nn.Module):
 
     def __init__(self, cfg: DecoderConfig, make_linear: LinearFactory, dtype: str, target: Target,
                  static_decode_batches: tuple[int, ...] = ()):
-        self.model = DecoderModel(cfg, make_linear, dtype)
+        self.model = self.make_model(cfg, make_linear, dtype)
         # CPUs: the logits matmul sums in fp32 (an fp16 running sum is converted at every step there)
         self.logits_dtype = "float32" if target.kind.name == "llvm" else None
         self.lm_head = None if cfg.tie_word_embeddings else nn.Linear(
             cfg.hidden_size, cfg.vocab_size, bias=False, dtype=dtype, out_dtype=self.logits_dtype)
         self.cfg, self.dtype, self.target = cfg, dtype, target
         self.static_decode_batches = tuple(n for n in static_decode_batches if 1 < n <= cfg.max_batch_size)
+
+    def make_model(self, cfg: DecoderConfig, make_linear: LinearFactory, dtype: str) -> nn.Module:
+        """The decoder stack (embed_tokens, layers, norm); a family with other layers overrides this only."""
+        return DecoderModel(cfg, make_linear, dtype)
 
     def _logits(self, hidden: Tensor) -> Tensor:
         if self.lm_head is None:

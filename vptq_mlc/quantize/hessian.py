@@ -2,7 +2,9 @@
 
 The dense model runs (transformers, float32) over `n_tokens` tokens of calibration text cut into `seq_len`
 windows; forward pre-hooks on q_proj (whose input k_proj and v_proj share), o_proj, gate_proj (shared with
-up_proj) and down_proj accumulate `X^T X`. Like VPTQ's published recipe, every Hessian comes from the
+up_proj) and down_proj accumulate `X^T X`; any other decoder linear (MLA projections, experts) gets its own hook,
+and its Hessian is divided by the rows it saw (a routed expert sees only the tokens routed to it; one that saw none
+gets no Hessian and plain k-means). Like VPTQ's published recipe, every Hessian comes from the
 unquantized model in one pass. Only the decoder layers being quantized run (the rest of the stack is cut off).
 
 Results are cached by model weights, text and settings, so quantizing several variants calibrates once.
@@ -31,6 +33,12 @@ SHARED_INPUTS = {
     "mlp.gate_proj": ("mlp.gate_proj", "mlp.up_proj"),
     "mlp.down_proj": ("mlp.down_proj",),
 }
+
+
+def _own_hook_paths(paths: list[str]) -> list[str]:
+    """Decoder linears outside the Llama layer's shared-input hooks: each gets a hook of its own."""
+    shared = {u for users in SHARED_INPUTS.values() for u in users}
+    return [p for p in paths if p.split(".", 3)[3] not in shared]
 
 
 def calibration_windows(tokenizer_file: Path, text: str, n_tokens: int, seq_len: int) -> torch.Tensor:
@@ -69,6 +77,10 @@ def collect_hessians(
     progress: bool = True,
 ) -> dict[str, torch.Tensor]:
     """Module path (e.g. `model.layers.0.mlp.up_proj`) -> `H [I, I]` float32 for the first `n_layers` layers."""
+    from vptq_mlc.checkpoint.arch import decoder_linears
+
+    config = json.loads((model_dir / "config.json").read_text())
+    own = _own_hook_paths(list(decoder_linears({**config, "num_hidden_layers": n_layers})))
     key = _cache_key(model_dir, text, n_tokens, seq_len, n_layers)
     cached = cache_dir / f"hessians-{key}.safetensors" if cache_dir is not None else None
     if cached is not None and cached.is_file():
@@ -88,12 +100,14 @@ def collect_hessians(
     body = model.model
     body.layers = body.layers[:n_layers]  # nothing after the last quantized layer matters
     sums: dict[str, torch.Tensor] = {}
+    rows: dict[str, int] = {}  # rows each own-hooked linear saw
     count = 0
     hooks = []
 
     def hook_for(name: str):
         def pre_hook(module: torch.nn.Module, args: tuple) -> None:
             x = args[0].detach().reshape(-1, args[0].shape[-1]).to(torch.float32)
+            rows[name] = rows.get(name, 0) + x.shape[0]
             acc = sums.get(name)
             if acc is None:
                 sums[name] = x.t() @ x
@@ -105,8 +119,13 @@ def collect_hessians(
     for i in range(n_layers):
         layer = body.layers[i]
         for leaf in SHARED_INPUTS:
-            mod = layer.get_submodule(leaf)
+            try:
+                mod = layer.get_submodule(leaf)
+            except AttributeError:  # not a Llama-layer model: its linears have hooks of their own
+                continue
             hooks.append(mod.register_forward_pre_hook(hook_for(f"model.layers.{i}.{leaf}")))
+    for path in own:
+        hooks.append(model.get_submodule(path).register_forward_pre_hook(hook_for(path)))
     try:
         with torch.no_grad():
             for w in progress_bar(windows, desc="calibrate", unit="window", disable=not progress):
@@ -115,7 +134,8 @@ def collect_hessians(
     finally:
         for h in hooks:
             h.remove()
-    stored = {k: (v / count).contiguous() for k, v in sums.items()}
+    own_set = set(own)
+    stored = {k: (v / (rows[k] if k in own_set else count)).contiguous() for k, v in sums.items()}
     if cached is not None:
         from safetensors.torch import save_file
 
@@ -128,10 +148,12 @@ def collect_hessians(
 
 
 def _expand(stored: dict[str, torch.Tensor], n_layers: int) -> dict[str, torch.Tensor]:
-    out: dict[str, torch.Tensor] = {}
+    """Shared-input Hessians handed to every linear reading that input; own-hooked ones pass through."""
+    out: dict[str, torch.Tensor] = dict(stored)
     for i in range(n_layers):
         for leaf, users in SHARED_INPUTS.items():
-            H = stored[f"model.layers.{i}.{leaf}"]
-            for u in users:
-                out[f"model.layers.{i}.{u}"] = H
+            H = stored.get(f"model.layers.{i}.{leaf}")
+            if H is not None:
+                for u in users:
+                    out[f"model.layers.{i}.{u}"] = H
     return out

@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from vptq_mlc.checkpoint.arch import ARCHITECTURES, SUPPORTED_ARCHS, decoder_linears
+from vptq_mlc.checkpoint.arch import ARCHITECTURES, SUPPORTED_ARCHS, decoder_config_from_hf, decoder_linears
 from vptq_mlc.checkpoint.layer_config import VPTQLayerConfig
 from vptq_mlc.checkpoint.packing import pack_indices
 from vptq_mlc.checkpoint.writer import write_checkpoint
@@ -168,7 +168,7 @@ def hf_config_for(
     max_position_embeddings: int = 2048,
     overrides: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """config.json keys of a Hugging Face llama / qwen2 / mistral model (transformers 4.57 names)."""
+    """config.json keys of a Hugging Face llama / qwen2 / mistral / deepseek_v3 model (transformers 4.57 names)."""
     if arch not in SUPPORTED_ARCHS:
         raise CheckpointError(f"unsupported architecture {arch!r}; supported: {', '.join(SUPPORTED_ARCHS)}")
     hd = head_dim or hidden_size // num_heads
@@ -199,9 +199,19 @@ def hf_config_for(
         c.update({"attention_bias": False, "mlp_bias": False, "pretraining_tp": 1})
     elif arch == "qwen2":
         c.update({"use_sliding_window": False, "sliding_window": None, "max_window_layers": num_layers})
+    elif arch == "deepseek_v3":
+        # a tiny DeepSeek-V3 shape: MLA with LoRA-compressed q and kv, 8 routed experts in 2 groups, 2 per token
+        c.update({"num_key_value_heads": num_heads, "q_lora_rank": 32, "kv_lora_rank": 32, "qk_nope_head_dim": 16,
+                  "qk_rope_head_dim": 8, "v_head_dim": 16, "rope_interleave": True, "attention_bias": False,
+                  "moe_intermediate_size": 32, "n_routed_experts": 8, "n_shared_experts": 1,
+                  "num_experts_per_tok": 2, "n_group": 2, "topk_group": 1, "norm_topk_prob": True,
+                  "routed_scaling_factor": 2.5, "first_k_dense_replace": 1, "scoring_func": "sigmoid",
+                  "topk_method": "noaux_tc", "pretraining_tp": 1})
     else:
         c.update({"sliding_window": None})
     c.update(overrides or {})
+    if arch == "deepseek_v3":
+        c["head_dim"] = c["qk_rope_head_dim"]  # as transformers' DeepseekV3Config writes it
     return c
 
 
@@ -267,9 +277,15 @@ def make_synthetic_checkpoint(
             i_f, o_f = lin.in_features, lin.out_features
             cfg = VPTQLayerConfig.from_variant(variant, i_f, o_f, **{"bias": lin.bias, **kw})
             layers[path] = (cfg, random_layer(cfg, rng, gen_dtype, scale=0.5 / np.sqrt(i_f)))
+        model_cfg = decoder_config_from_hf(hf)
         for i in range(num_layers):
-            dense[f"model.layers.{i}.input_layernorm.weight"] = normal((hidden_size,), 0.05, 1.0)
-            dense[f"model.layers.{i}.post_attention_layernorm.weight"] = normal((hidden_size,), 0.05, 1.0)
+            for name, shape in ARCHITECTURES[arch].layer_dense(model_cfg, i).items():
+                if name.endswith("norm.weight"):
+                    dense[name] = normal(shape, 0.05, 1.0)
+                elif name.endswith("e_score_correction_bias"):  # small: the sigmoid scores still decide
+                    dense[name] = normal(shape, 0.05)
+                else:  # a router: logits of order 1
+                    dense[name] = normal(shape, 1.0 / np.sqrt(shape[-1]))
         dense["model.norm.weight"] = normal((hidden_size,), 0.05, 1.0)
         if not tie_word_embeddings:
             dense["lm_head.weight"] = normal((vocab_size, hidden_size), 2.0 / np.sqrt(hidden_size))

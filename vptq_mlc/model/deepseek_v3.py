@@ -1,0 +1,246 @@
+"""DeepSeek-V3 / R1 (`deepseek_v3`) as a `tvm.relax.frontend.nn` module tree: MLA attention and a mixture of experts.
+
+Attention: MLA's low-rank projections (q_a_proj -> q_a_layernorm -> q_b_proj, kv_a_proj_with_mqa -> kv_a_layernorm ->
+kv_b_proj) run as ordinary (VPTQ or dense) linears, and the decompressed per-head K and V go into TVM's standard MHA
+paged KV cache: TVM 0.27's `attn_kind="mla"` cache has no llvm (TIR CPU) kernels ("MLA is not supported in TIR
+kernels"), and its GPU path absorbs kv_b_proj into q and o, which needs kv_b_proj as a dense matrix. The cache holds
+`num_attention_heads` heads of width max(qk_nope + qk_rope, v_head_dim), the shorter of q/k and v zero-padded (a zero
+column changes neither q.k nor the output's first v_head_dim columns); RoPE (with transformers' even/odd de-interleave
+when `rope_interleave`) is applied here to the qk_rope dims, and the cache applies none.
+
+Mixture of experts: the router is transformers' DeepseekV3TopkRouter (sigmoid scores, `e_score_correction_bias` for the
+choice only, groups ranked by their top-2 sum, top-k over the kept groups, optional normalisation, routed scaling),
+computed as a dense [tokens, experts] weight matrix with zeros for unselected experts. Every routed expert then runs on
+every token and is weighted by its column: exact, but n_routed_experts / num_experts_per_tok times the expert work of
+a gathered implementation (docs/architectures.md).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import numpy as np
+from tvm import te, tirx
+from tvm.relax.frontend import nn
+from tvm.relax.frontend.nn import Tensor, op
+from tvm.relax.frontend.nn.llm.kv_cache import PagedKVCache
+
+from vptq_mlc.checkpoint.arch import DeepseekV3Config
+from vptq_mlc.model.decoder import MLP, DecoderForCausalLM, LinearFactory
+
+# transformers' DeepseekV3RMSNorm default: the q_a / kv_a layernorms are built without config.rms_norm_eps
+LORA_NORM_EPS = 1e-6
+
+
+def _mla_qkv(q: te.Tensor, kv: te.Tensor, k_rope: te.Tensor, positions: te.Tensor, inv_freq: te.Tensor,
+             nope: int, rope: int, v_dim: int, width: int, factor: float, interleave: bool) -> te.Tensor:
+    """Fused [b, s, 3 * heads, width] for the MHA cache: q = (q_nope, rope(q_rope)), k = (k_nope, rope(k_rope) shared
+    by the heads), v, each zero-padded to `width`. RoPE as transformers: x * cos + rotate_half(x) * sin in float32
+    (times the yarn attention factor), on the de-interleaved (x0, x2, ..., x1, x3, ...) dims when `interleave`."""
+    b, s, heads, _ = q.shape
+    half = rope // 2
+
+    def source(j: Any) -> Any:  # the stored rope dim that lands at rotated position j
+        return tirx.if_then_else(j < half, 2 * j, 2 * (j - half) + 1) if interleave else j
+
+    def rotated(read: Any, pos: Any, j: Any) -> Any:
+        angle = pos.astype("float32") * inv_freq[tirx.floormod(j, half)]
+        x = read(source(j)).astype("float32")
+        partner = tirx.if_then_else(j < half, -read(source(j + half)), read(source(j - half))).astype("float32")
+        return x * tirx.cos(angle) * factor + partner * tirx.sin(angle) * factor
+
+    def compute(i: Any, t: Any, h: Any, d: Any) -> Any:
+        pos = positions[i * s + t]
+        zero = tirx.const(0, q.dtype)
+        jr = tirx.max(tirx.min(d - nope, rope - 1), 0)  # clamped: if_then_else evaluates only the taken branch
+        hq = tirx.min(h, heads - 1)
+        hk = tirx.max(tirx.min(h - heads, heads - 1), 0)
+        hv = tirx.max(tirx.min(h - 2 * heads, heads - 1), 0)
+        dn = tirx.min(d, nope - 1)
+        q_val = tirx.if_then_else(
+            d < nope, q[i, t, hq, dn],
+            tirx.if_then_else(d < nope + rope,
+                              rotated(lambda j: q[i, t, hq, nope + j], pos, jr).astype(q.dtype), zero))
+        k_val = tirx.if_then_else(
+            d < nope, kv[i, t, hk, dn],
+            tirx.if_then_else(d < nope + rope,
+                              rotated(lambda j: k_rope[i, t, j], pos, jr).astype(q.dtype), zero))
+        v_val = tirx.if_then_else(d < v_dim, kv[i, t, hv, nope + tirx.min(d, v_dim - 1)], zero)
+        return tirx.if_then_else(h < heads, q_val, tirx.if_then_else(h < 2 * heads, k_val, v_val))
+
+    return te.compute((b, s, 3 * heads, width), compute, name="mla_qkv")
+
+
+class MLAttention(nn.Module):
+    """transformers' DeepseekV3Attention on the MHA paged KV cache (decompressed K/V)."""
+
+    def __init__(self, cfg: DeepseekV3Config, prefix: str, make_linear: LinearFactory, dtype: str):
+        h, heads = cfg.hidden_size, cfg.num_attention_heads
+        self.cfg, self.heads = cfg, heads
+        if cfg.q_lora_rank is None:
+            self.q_proj = make_linear(f"{prefix}.q_proj", h, heads * cfg.qk_head_dim, False)
+        else:
+            self.q_a_proj = make_linear(f"{prefix}.q_a_proj", h, cfg.q_lora_rank, cfg.attention_bias)
+            self.q_a_layernorm = nn.RMSNorm(cfg.q_lora_rank, -1, LORA_NORM_EPS, bias=False, dtype=dtype)
+            self.q_b_proj = make_linear(f"{prefix}.q_b_proj", cfg.q_lora_rank, heads * cfg.qk_head_dim, False)
+        self.kv_a_proj_with_mqa = make_linear(f"{prefix}.kv_a_proj_with_mqa", h,
+                                              cfg.kv_lora_rank + cfg.qk_rope_head_dim, cfg.attention_bias)
+        self.kv_a_layernorm = nn.RMSNorm(cfg.kv_lora_rank, -1, LORA_NORM_EPS, bias=False, dtype=dtype)
+        self.kv_b_proj = make_linear(f"{prefix}.kv_b_proj", cfg.kv_lora_rank,
+                                     heads * (cfg.qk_nope_head_dim + cfg.v_head_dim), False)
+        self.o_proj = make_linear(f"{prefix}.o_proj", heads * cfg.v_head_dim, h, cfg.attention_bias)
+
+    def forward(self, x: Tensor, kv: PagedKVCache, layer_id: int) -> Tensor:
+        c, heads = self.cfg, self.heads
+        b, s, _ = x.shape
+        if c.q_lora_rank is None:
+            q = self.q_proj(x)
+        else:
+            q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
+        q = op.reshape(q, (b, s, heads, c.qk_head_dim))
+        compressed, k_rope = op.split(self.kv_a_proj_with_mqa(x), [c.kv_lora_rank], axis=-1)
+        kv_heads = op.reshape(self.kv_b_proj(self.kv_a_layernorm(compressed)),
+                              (b, s, heads, c.qk_nope_head_dim + c.v_head_dim))
+        positions = kv.get_query_positions(b * s)
+        inv_freq = Tensor.from_const(np.asarray(c.rope_inv_freq, dtype="float32"))
+        qkv = op.tensor_expr_op(
+            _mla_qkv, "mla_qkv",
+            [q, kv_heads, k_rope, positions, inv_freq, c.qk_nope_head_dim, c.qk_rope_head_dim, c.v_head_dim,
+             c.head_dim, float(c.rope_attention_factor), bool(c.rope_interleave)])
+        out = kv.attention_with_fused_qkv(layer_id, qkv, heads, sm_scale=c.softmax_scale)
+        if c.head_dim != c.v_head_dim:
+            out = op.split(out, [c.v_head_dim], axis=-1)[0]
+        return self.o_proj(op.reshape(out, (b, s, heads * c.v_head_dim)))
+
+
+def _route(logits: te.Tensor, bias: te.Tensor, n_group: int, topk_group: int, top_k: int, norm: bool,
+           scale: float) -> te.Tensor:
+    """[tokens, experts] routing weights of transformers' DeepseekV3TopkRouter (zeros for unselected experts).
+
+    Top-k sets are ranks: an entry is kept when fewer than k entries beat it, ties going to the lower index."""
+    t_n, e_n = logits.shape
+    size = e_n // n_group
+    f32 = "float32"
+    score = te.compute((t_n, e_n), lambda t, e: tirx.sigmoid(logits[t, e].astype(f32)), name="router_score")
+    choice = te.compute((t_n, e_n), lambda t, e: score[t, e] + bias[e].astype(f32), name="router_choice")
+
+    def beats(a: Any, ia: Any, b_: Any, ib: Any) -> Any:
+        return tirx.any(a > b_, tirx.all(a == b_, ia < ib))
+
+    r_in = te.reduce_axis((0, size), name="r_in")
+    rank_in_group = te.compute(
+        (t_n, e_n),
+        lambda t, e: te.sum(tirx.Select(beats(choice[t, (e // size) * size + r_in], r_in, choice[t, e], e % size),
+                                        1, 0), axis=r_in),
+        name="router_rank_in_group")
+    r_top = te.reduce_axis((0, size), name="r_top")
+    group_score = te.compute(
+        (t_n, n_group),
+        lambda t, g: te.sum(tirx.Select(rank_in_group[t, g * size + r_top] < 2, choice[t, g * size + r_top],
+                                        tirx.const(0, f32)), axis=r_top),
+        name="router_group_score")
+    r_g = te.reduce_axis((0, n_group), name="r_g")
+    group_rank = te.compute(
+        (t_n, n_group),
+        lambda t, g: te.sum(tirx.Select(beats(group_score[t, r_g], r_g, group_score[t, g], g), 1, 0), axis=r_g),
+        name="router_group_rank")
+    masked = te.compute(  # transformers: masked_fill(~group_mask, 0.0)
+        (t_n, e_n), lambda t, e: tirx.Select(group_rank[t, e // size] < topk_group, choice[t, e], tirx.const(0, f32)),
+        name="router_masked")
+    r_e = te.reduce_axis((0, e_n), name="r_e")
+    rank = te.compute(
+        (t_n, e_n), lambda t, e: te.sum(tirx.Select(beats(masked[t, r_e], r_e, masked[t, e], e), 1, 0), axis=r_e),
+        name="router_rank")
+    picked = te.compute((t_n, e_n), lambda t, e: tirx.Select(rank[t, e] < top_k, score[t, e], tirx.const(0, f32)),
+                        name="router_picked")
+    if not norm:
+        return te.compute((t_n, e_n), lambda t, e: picked[t, e] * tirx.const(scale, f32), name="router_weights")
+    r_s = te.reduce_axis((0, e_n), name="r_s")
+    total = te.compute((t_n,), lambda t: te.sum(picked[t, r_s], axis=r_s), name="router_total")
+    return te.compute(
+        (t_n, e_n), lambda t, e: picked[t, e] / (total[t] + tirx.const(1e-20, f32)) * tirx.const(scale, f32),
+        name="router_weights")
+
+
+class Router(nn.Module):
+    """`mlp.gate`: the router's weight [experts, hidden] and its score-correction bias [experts]."""
+
+    def __init__(self, cfg: DeepseekV3Config, dtype: str):
+        self.weight = nn.Parameter((cfg.n_routed_experts, cfg.hidden_size), dtype)
+        # float32 in any model (registry: float32_dense): a rounded bias can flip which experts win
+        self.e_score_correction_bias = nn.Parameter((cfg.n_routed_experts,), "float32")
+        self.cfg = cfg
+
+    def forward(self, x2: Tensor) -> Tensor:
+        c = self.cfg
+        logits = op.matmul(op.astype(x2, "float32"), op.permute_dims(op.astype(self.weight, "float32")))
+        return op.tensor_expr_op(
+            _route, "moe_route",
+            [logits, self.e_score_correction_bias, c.n_group, c.topk_group, c.num_experts_per_tok,
+             bool(c.norm_topk_prob), float(c.routed_scaling_factor)])
+
+
+class MoE(nn.Module):
+    """transformers' DeepseekV3MoE: routed experts weighted by the router (float32 sum) plus the shared experts."""
+
+    def __init__(self, cfg: DeepseekV3Config, prefix: str, make_linear: LinearFactory, dtype: str):
+        width = cfg.moe_intermediate_size
+        self.experts = nn.ModuleList([_mlp(cfg, f"{prefix}.experts.{e}", width, make_linear)
+                                      for e in range(cfg.n_routed_experts)])
+        self.gate = Router(cfg, dtype)
+        self.shared_experts = _mlp(cfg, f"{prefix}.shared_experts", width * cfg.n_shared_experts, make_linear)
+        self.hidden, self.n_experts = cfg.hidden_size, cfg.n_routed_experts
+
+    def forward(self, x: Tensor) -> Tensor:
+        b, s, h = x.shape
+        x2 = op.reshape(x, (b * s, h))
+        weights = op.split(self.gate(x2), self.n_experts, axis=1)
+        acc = None
+        for expert, w in zip(self.experts, weights):
+            y = op.astype(expert(x2), "float32") * w
+            acc = y if acc is None else acc + y
+        routed = op.reshape(op.astype(acc, x.dtype), (b, s, h))
+        return routed + self.shared_experts(x)
+
+
+def _mlp(cfg: DeepseekV3Config, prefix: str, width: int, make_linear: LinearFactory) -> MLP:
+    """The Llama MLP tree at another width (no biases in DeepSeek's MLPs)."""
+    return MLP(dataclasses.replace(cfg, intermediate_size=width, mlp_bias=False), prefix, make_linear)
+
+
+class DeepseekV3Layer(nn.Module):
+    def __init__(self, cfg: DeepseekV3Config, index: int, make_linear: LinearFactory, dtype: str):
+        prefix = f"model.layers.{index}"
+        self.self_attn = MLAttention(cfg, f"{prefix}.self_attn", make_linear, dtype)
+        self.mlp = (MoE(cfg, f"{prefix}.mlp", make_linear, dtype) if cfg.is_moe_layer(index)
+                    else _mlp(cfg, f"{prefix}.mlp", cfg.intermediate_size, make_linear))
+        self.input_layernorm = nn.RMSNorm(cfg.hidden_size, -1, cfg.rms_norm_eps, bias=False, dtype=dtype)
+        self.post_attention_layernorm = nn.RMSNorm(cfg.hidden_size, -1, cfg.rms_norm_eps, bias=False, dtype=dtype)
+        self.layer_id = index
+
+    def forward(self, x: Tensor, kv: PagedKVCache, layer_id: Any = None) -> Tensor:
+        layer_id = self.layer_id if layer_id is None else layer_id
+        x = x + self.self_attn(self.input_layernorm(x), kv, layer_id)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class DeepseekV3Model(nn.Module):
+    def __init__(self, cfg: DeepseekV3Config, make_linear: LinearFactory, dtype: str):
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size, dtype=dtype)
+        self.layers = nn.ModuleList(
+            [DeepseekV3Layer(cfg, i, make_linear, dtype) for i in range(cfg.num_hidden_layers)])
+        self.norm = nn.RMSNorm(cfg.hidden_size, -1, cfg.rms_norm_eps, bias=False, dtype=dtype)
+
+    def forward(self, x: Tensor, kv: PagedKVCache) -> Tensor:
+        for layer in self.layers:
+            x = layer(x, kv)
+        return self.norm(x)
+
+
+class DeepseekV3ForCausalLM(DecoderForCausalLM):
+    """The Llama family's exported functions and KV cache (config: kv heads = heads, head_dim = the cache's padded
+    width, RoPE in the model) around the DeepSeek-V3 decoder stack."""
+
+    def make_model(self, cfg: DeepseekV3Config, make_linear: LinearFactory, dtype: str) -> nn.Module:
+        return DeepseekV3Model(cfg, make_linear, dtype)
