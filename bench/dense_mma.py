@@ -53,10 +53,10 @@ def build(out_dir: Path, archs: tuple[str, ...], sweep: bool) -> None:
     from tvm import te, tirx
     from tvm.s_tir import dlight as dl
 
-    from vptq_mlc.compile.cuda import build_target
+    from vptq_mlc.compile.targets import resolve_backend
     from vptq_mlc.tir_kernels.cuda_dense_mma import dense_mma_cuda
 
-    bt = build_target(archs)
+    (bt,) = resolve_backend("cuda", ",".join(archs))
     bt.prepare()
     funcs, manifest = {}, []
 

@@ -44,16 +44,15 @@ def _cases():
     return out
 
 
-def _cuda_funcs(dtype: str, target) -> dict[str, object]:
+def _cuda_funcs(dtype: str, backend) -> dict[str, object]:
     """name -> PrimFunc, dispatched as bench/kernels.py's build_kernel_library does."""
     from vptq_mlc.artifact.vq_layout import CODE_SORTED, LAYOUT
     from vptq_mlc.tir_kernels import cuda_code_sorted as cs
     from vptq_mlc.tir_kernels.cuda_gemv import MAX_ROWS, plan_gemv, vq_gemv_cuda
     from vptq_mlc.tir_kernels.cuda_mma import plan_mma, plan_mma_prefill, vq_mma_cuda
     from vptq_mlc.tir_kernels.cuda_prologue import vq_prologue_cuda
-    from vptq_mlc.tir_kernels.registry import kernel_selector
 
-    select = kernel_selector(target, (LAYOUT, CODE_SORTED))
+    select = backend.kernel_selector((LAYOUT, CODE_SORTED))
     funcs = {}
     for c in _cases():
         cfg = c.config()
@@ -104,12 +103,12 @@ def _safe(name: str) -> str:
 def dump(out_dir: Path) -> None:
     import tvm
 
-    from vptq_mlc.compile.cuda import build_target
+    from vptq_mlc.compile.targets import resolve_backend
 
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "tir").mkdir(exist_ok=True)
     (out_dir / "cuda").mkdir(exist_ok=True)
-    bt = build_target(("sm_90",))
+    (bt,) = resolve_backend("cuda", "sm_90")
     bt.prepare()
     sources: list[str] = []
 
@@ -119,7 +118,7 @@ def dump(out_dir: Path) -> None:
 
     tvm.register_global_func("tvm_callback_cuda_compile", record, override=True)
     for dtype in ("float16", "float32"):
-        funcs = _cuda_funcs(dtype, bt.target)
+        funcs = _cuda_funcs(dtype, bt)
         funcs_rocm = _rocm_funcs(dtype)
         for name, f in tqdm({**funcs, **funcs_rocm}.items(), desc=f"tir {dtype}"):
             (out_dir / "tir" / f"{name}.py").write_text(f.script())

@@ -53,13 +53,13 @@ def build_sampler(kind: str, device: tvm.runtime.Device, arch: str | None = None
     from tvm import relax  # the compiler: a runtime-only TVM loads the sampler from a model library instead
 
     from vptq_mlc.compile.sampler import add_sampler
-    from vptq_mlc.compile.targets import relax_pipeline, resolve_targets
+    from vptq_mlc.compile.targets import resolve_backend
 
-    bt = resolve_targets(kind, arch)[0]
+    bt = resolve_backend(kind, arch)[0]
     bt.prepare()
     mod = add_sampler(tvm.IRModule(), bt.target)
     with bt.target:
-        mod = relax_pipeline(bt.target)(mod)
+        mod = bt.relax_pipeline()(mod)
     vm = relax.VirtualMachine(relax.build(mod, bt.target, relax_pipeline=None), device)
     return DeviceSampler(vm["sample_tokens"], device)
 

@@ -125,17 +125,15 @@ def k65536_model(tmp_path_factory):
 
 
 def _param_names(model_dir, target_kind: str) -> list[str]:
-    from tvm.target import Target
-
     from vptq_mlc.artifact.chat_config import ChatConfig
+    from vptq_mlc.compile.targets import resolve_backend
     from vptq_mlc.model.builder import build_model
     from vptq_mlc.model.config import DecoderConfig
-    from vptq_mlc.tir_kernels.registry import kernel_selector
 
     chat = ChatConfig.load(model_dir)
-    target = Target(target_kind)
+    backend = resolve_backend(target_kind)[0]
     model = build_model(DecoderConfig.from_json(chat.model_config), chat.vptq_layers(), chat.model_dtype,
-                        target, kernel_selector(target, chat.layouts))
+                        backend.target, backend.kernel_selector(chat.layouts))
     _, params = model.export_tvm(spec=model.get_default_spec())
     return [n for n, _ in params]
 
@@ -162,15 +160,15 @@ def test_registry_routes_only_balanced_layers_to_code_sorted():
     such layers keep the gather GEMV and do not declare (load) their entries."""
     from tvm.target import Target
 
-    from vptq_mlc.tir_kernels.registry import kernel_selector
+    from vptq_mlc.tir_kernels.registry import CudaKernelSelector
 
-    sel = kernel_selector(Target("cuda"), ("generic", "code-sorted"))
+    sel = CudaKernelSelector(Target("cuda"), ("generic", "code-sorted"))
     f = VPTQLayerConfig.from_variant
     for variant, want in (("v8-k65536-0", True), ("v16-k65536-65536", True), ("v8-k65536-256", True),
                           ("v12-k65536-4096", False), ("v8-k4096-0", False)):
         cfg = f(variant, 256, 128)
         assert ("cs_entries" in sel.operand_shapes(cfg, "float16")) == want, variant
-    assert "cs_entries" not in kernel_selector(Target("cuda")).operand_shapes(f("v8-k65536-0", 256, 128), "float16")
+    assert "cs_entries" not in CudaKernelSelector(Target("cuda")).operand_shapes(f("v8-k65536-0", 256, 128), "float16")
 
 
 def test_cuda_library_builds_with_code_sorted_layers(k65536_model, tmp_path):

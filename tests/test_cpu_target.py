@@ -14,7 +14,7 @@ from tvm.target import codegen
 
 from vptq_mlc.artifact.cpu_features import host_cpu_flags, missing_features
 from vptq_mlc.compile import cpu
-from vptq_mlc.compile.targets import resolve_targets
+from vptq_mlc.compile.targets import resolve_backend
 from vptq_mlc.errors import CompileError, RuntimeLoadError
 from vptq_mlc.runtime.library import check_cpu_features
 
@@ -44,7 +44,7 @@ def test_aarch64_and_named_cpus():
 
 
 def test_native_is_the_host_cpu_minus_missing_flags():
-    (bt,) = resolve_targets("llvm")
+    (bt,) = resolve_backend("llvm")
     host = cpu.native_arch()
     assert bt.target.attrs["mcpu"] == codegen.llvm_get_system_cpu() and bt.label == f"llvm-{host.target.attrs['mcpu']}"
     assert bt.metadata["cpu_features"] == list(host.features) and bt.metadata["machine"] == platform.machine()
@@ -55,10 +55,10 @@ def test_native_is_the_host_cpu_minus_missing_flags():
 
 def test_bad_arch_is_one_line_error():
     with pytest.raises(CompileError, match=r"unknown CPU arch 'x86-64-v9'.*x86-64-v3.*aarch64"):
-        resolve_targets("llvm", "x86-64-v9")
+        resolve_backend("llvm", "x86-64-v9")
     with pytest.raises(CompileError, match="twice"):
-        resolve_targets("llvm", "x86-64-v3,x86-64-v3")
-    assert [bt.label for bt in resolve_targets("cpu", "x86-64-v3, aarch64")] == ["llvm-x86-64-v3", "llvm-aarch64"]
+        resolve_backend("llvm", "x86-64-v3,x86-64-v3")
+    assert [bt.label for bt in resolve_backend("cpu", "x86-64-v3, aarch64")] == ["llvm-x86-64-v3", "llvm-aarch64"]
 
 
 def _meta(features: list[str], machine: str | None = None) -> dict:

@@ -57,7 +57,7 @@ def test_gemv_plans_fit_every_default_arch(variant: str) -> None:
     99 KB of sm_86/sm_89 for every decode row count; only 16-byte entries of books <= 8 KB are replicated (lane l
     reads copy l % 8: conflict-free), and fp16 partial sums are used on CUDA for fp16 with <= 96 accumulators."""
     from vptq_mlc.artifact.vq_layout import code_dtype
-    from vptq_mlc.tir_kernels.cuda_gemv import REPLICAS, gpu_params, plan_gemv
+    from vptq_mlc.tir_kernels.cuda_gemv import REPLICAS, plan_gemv, wavefront_params
 
     for out_f, in_f in ((4096, 4096), (11008, 4096), (4096, 11008), (300, 1000)):
         cfg = VPTQLayerConfig.from_variant(variant, in_f, out_f)
@@ -73,5 +73,5 @@ def test_gemv_plans_fit_every_default_arch(variant: str) -> None:
     from tvm.target import Target
 
     rocm = plan_gemv(VPTQLayerConfig.from_variant("v8-k256-256", 4096, 4096), 1, "float16",
-                     gpu_params(Target({"kind": "rocm", "mcpu": "gfx942", "mtriple": "amdgcn-amd-amdhsa-hcc"})))
+                     wavefront_params(Target({"kind": "rocm", "mcpu": "gfx942", "mtriple": "amdgcn-amd-amdhsa-hcc"})))
     assert rocm.replicas == 1 and not rocm.half_acc  # neither was measured on AMD hardware

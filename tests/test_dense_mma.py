@@ -8,7 +8,6 @@ the schedule's data movement is emulated with the PTX fragment layouts against n
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import re
 
@@ -165,9 +164,9 @@ def _cuda_sources(build) -> str:
     """The CUDA source TVM generates inside `build()` (the nvcc callback is replaced by a recorder)."""
     import tvm
 
-    from vptq_mlc.compile.cuda import build_target
+    from vptq_mlc.compile.targets import resolve_backend
 
-    bt = build_target(("sm_80", "sm_90"))
+    (bt,) = resolve_backend("cuda", "sm_80,sm_90")
     bt.prepare()
     sources: list[str] = []
     previous = tvm.get_global_func("tvm_callback_cuda_compile")
@@ -175,7 +174,8 @@ def _cuda_sources(build) -> str:
         "tvm_callback_cuda_compile", lambda code, *_: (sources.append(str(code)), b"-")[1], override=True
     )
     try:
-        build(dataclasses.replace(bt, prepare=lambda: None))
+        bt.prepare = lambda: None  # prepared above: preparing again would re-install nvcc over the recorder
+        build(bt)
     finally:
         tvm.register_global_func("tvm_callback_cuda_compile", previous, override=True)
     (src,) = sources
@@ -220,7 +220,6 @@ def test_fp16_model_runs_every_matmul_on_the_dense_kernel(tmp_path, monkeypatch)
     row runs our kernel (the 1-row decode matmuls keep dlight's GEMV, `DLIGHT_GEMV_ROWS`); attention and the other
     ops keep their kernels."""
     require_cuda_toolkit(cuobjdump=False)
-    import vptq_mlc.compile.build as build_mod
     from vptq_mlc.compile.build import build_library
     from vptq_mlc.convert.converter import convert_checkpoint
     from vptq_mlc.testing.synthetic import make_synthetic_checkpoint
@@ -235,16 +234,20 @@ def test_fp16_model_runs_every_matmul_on_the_dense_kernel(tmp_path, monkeypatch)
     (model / "tensor-cache.json").unlink()  # config-only: the weights no longer match
 
     lowered = {}
-    pipeline = build_mod.relax_pipeline
 
-    def recording_pipeline(target):
-        def run(mod):
-            lowered["mod"] = pipeline(target)(mod)
-            return lowered["mod"]
-        return run
+    def build_recording(bt):  # the backend's pipeline, keeping what it lowered
+        pipeline = bt.relax_pipeline
 
-    monkeypatch.setattr(build_mod, "relax_pipeline", recording_pipeline)
-    kernels = _kernels(_cuda_sources(lambda bt: build_library(model, bt, tmp_path / "fp16-cuda.so")))
+        def recording_pipeline():
+            def run(mod):
+                lowered["mod"] = pipeline()(mod)
+                return lowered["mod"]
+            return run
+
+        bt.relax_pipeline = recording_pipeline
+        return build_library(model, bt, tmp_path / "fp16-cuda.so")
+
+    kernels = _kernels(_cuda_sources(build_recording))
     dense = [n for n in kernels if "_dense_mma_kernel" in n]
     assert len(dense) >= 8, sorted(kernels)  # q/k/v/o, gate/up/down, lm_head at several row counts
     assert all("mma.sync.aligned.m16n8k16" in kernels[n] for n in dense)

@@ -56,7 +56,7 @@ def cuda_source(tmp_path_factory) -> str:
 
     from vptq_mlc.compile.cuda import find_nvcc
     from vptq_mlc.compile.sampler import add_sampler
-    from vptq_mlc.compile.targets import relax_pipeline, resolve_targets
+    from vptq_mlc.compile.targets import resolve_backend
     from vptq_mlc.errors import VPTQMLCError
 
     try:
@@ -66,10 +66,10 @@ def cuda_source(tmp_path_factory) -> str:
     out = tmp_path_factory.mktemp("cuda_sampler")
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("VPTQ_MLC_CUDA_DUMP", str(out / "sampler.cu"))  # the compile callback keeps the source
-        bt = resolve_targets("cuda", "sm_90")[0]
+        bt = resolve_backend("cuda", "sm_90")[0]
         bt.prepare()
         with bt.target:
-            mod = relax_pipeline(bt.target)(add_sampler(tvm.IRModule(), bt.target))
+            mod = bt.relax_pipeline()(add_sampler(tvm.IRModule(), bt.target))
         relax.build(mod, bt.target, relax_pipeline=None).export_library(str(out / "sampler.so"))
     assert (out / "sampler.so").stat().st_size > 0
     return (out / "sampler.cu").read_text()

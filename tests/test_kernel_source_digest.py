@@ -55,9 +55,9 @@ def _kernels() -> dict:
 def kernel_digests() -> dict[str, str]:
     import tvm
 
-    from vptq_mlc.compile.cuda import build_target
+    from vptq_mlc.compile.targets import resolve_backend
 
-    bt = build_target(("sm_90",))
+    (bt,) = resolve_backend("cuda", "sm_90")
     bt.prepare()
     sources: list[str] = []
     previous = tvm.get_global_func("tvm_callback_cuda_compile")

@@ -429,7 +429,7 @@ def test_bundled_alias_does_not_ignore_lib(built, tmp_path, monkeypatch):
 
 def test_compile_cuda_without_arch_names_the_archs(built, tmp_path, monkeypatch):
     import vptq_mlc.compile.build as build
-    from vptq_mlc.compile.targets import DEFAULT_CUDA_ARCHS
+    from vptq_mlc.compile.cuda import DEFAULT_CUDA_ARCHS
 
     built_for = []
     monkeypatch.setattr(build, "build_library", lambda model_dir, bt, path, *a: built_for.append(bt.archs) or path)

@@ -167,5 +167,7 @@ def test_min_rocm():
 
 
 def test_build_target_for_compile_command():
-    bt = rocm.build_target("GFX1100")
+    from vptq_mlc.compile.targets import resolve_backend
+
+    (bt,) = resolve_backend("rocm", "GFX1100")
     assert bt.label == "rocm-gfx1100" and bt.archs == ("gfx1100",) and bt.kind == "rocm"

@@ -107,22 +107,21 @@ def test_readelf_lists_the_vq_kernels(built, tmp_path):
 
 def test_static_batches_default_to_the_gemv_rows():
     from vptq_mlc.tir_kernels.cuda_gemv import MAX_ROWS
-    from vptq_mlc.tir_kernels.registry import norm_bias_selector, static_decode_batches
 
     for arch in ARCHS:
-        t = rocm.rocm_target(arch)
-        assert static_decode_batches(t) == tuple(range(2, MAX_ROWS + 1))
-        assert norm_bias_selector(t) is not None
+        backend = rocm.RocmBackend(arch)
+        assert backend.static_decode_batches == tuple(range(2, MAX_ROWS + 1))
+        assert backend.norm_bias_kernels() is not None
 
 
 def test_gemv_plan_fits_rocm_limits():
     """The plan the GEMV takes on each arch stays within 256 threads and 64 KB of LDS, for every variant family;
     codebooks that do not fit LDS (with the split-reduction scratch) are read from global memory instead."""
     from vptq_mlc.checkpoint.layer_config import VPTQLayerConfig
-    from vptq_mlc.tir_kernels.cuda_gemv import MAX_ROWS, gpu_params, plan_gemv
+    from vptq_mlc.tir_kernels.cuda_gemv import MAX_ROWS, plan_gemv, wavefront_params
 
     for arch, wave in (("gfx90a", 64), ("gfx942", 64), ("gfx1100", 32)):
-        params = gpu_params(rocm.rocm_target(arch))
+        params = wavefront_params(rocm.rocm_target(arch))
         assert params.warp_size == wave and params.shared_scope == "shared" and params.max_threads == 256
         for var in ("v8-k256-256", "v8-k4096-0", "v8-k8192-0", "v8-k65536-0", "v12-k4096-0", "v16-k65536-65536"):
             cfg = VPTQLayerConfig.from_variant(var, 4096, 4096)

@@ -28,14 +28,14 @@ def ensure_bundled_model(name: str = "smollm2", variant: str = DEFAULT_VARIANT, 
                          arch: str | None = None) -> tuple[Path, Path]:
     """(model_dir, library) of the bundled model at `variant`, built on first use (llvm: for this host's CPU,
     the file named after it, so a cache shared by different machines keeps one library per CPU)."""
-    from vptq_mlc.compile.targets import resolve_targets
+    from vptq_mlc.compile.targets import resolve_backend
 
     if name.lower() not in MODEL_ALIASES:
         raise VPTQMLCError(f"unknown bundled model {name!r}; bundled: {', '.join(MODEL_ALIASES)}")
     canonical = MODEL_ALIASES[name.lower()]
     root = cache_root() / "models" / f"{canonical}-{variant}"
     ckpt, model_dir = root / "vptq", root / "mlc"
-    (bt,) = resolve_targets(target, arch)
+    (bt,) = resolve_backend(target, arch)
     lib = model_dir / f"{canonical}-{variant}-{bt.label}.so"
     if not (ckpt / "config.json").is_file():
         from vptq_mlc.quantize.pipeline import QuantizeSettings, quantize_model

@@ -1,7 +1,7 @@
 """Per-kernel checks and timings of our CUDA VQ kernels, split by where each half runs.
 
 Build box (TVM compiler, nvcc, no GPU): `build_kernel_library(cases, out_dir)` compiles every case's kernel
-(the one `registry.kernel_selector` picks for the cuda target) into one library + `kernels.json`.
+(the one the CUDA backend's kernel selector picks) into one library + `kernels.json`.
 GPU host (runtime-only TVM + torch): `check_kernels` compares each kernel, wrapped exactly like VPTQLinear
 (permute/scale the activation, add the norm-bias dot and the bias), with `x @ dequantize(W).T + bias`, where
 `dequantize` is the spec reference; `time_kernels` times them against torch fp16 matmul with a cold L2
@@ -179,12 +179,11 @@ def build_kernel_library(cases: list[KernelCase], out_dir: str | os.PathLike[str
     import tvm
 
     from vptq_mlc.artifact.vq_layout import CODE_SORTED, LAYOUT
-    from vptq_mlc.compile.cuda import build_target
-    from vptq_mlc.tir_kernels.registry import kernel_selector
+    from vptq_mlc.compile.targets import resolve_backend
 
-    bt = build_target(archs)
+    (bt,) = resolve_backend("cuda", ",".join(archs))
     bt.prepare()
-    select = kernel_selector(bt.target, (LAYOUT, CODE_SORTED))  # as for a model dir converted with --layout auto
+    select = bt.kernel_selector((LAYOUT, CODE_SORTED))  # as for a model dir converted with --layout auto
     funcs = {}
     calls: list[dict[str, Any] | None] = [None] * len(cases)  # operand names + scratch outputs (None: generic)
     for i, c in enumerate(cases):

@@ -50,19 +50,19 @@ def build_sampler_library(out: str, device: str, arch: str | None = None) -> Non
     from tvm import relax
 
     from vptq_mlc.atomic import atomic_file
-    from vptq_mlc.compile.sampler import add_sampler, has_sampler
-    from vptq_mlc.compile.targets import relax_pipeline, resolve_targets
+    from vptq_mlc.compile.sampler import add_sampler
+    from vptq_mlc.compile.targets import resolve_backend
 
     kind = device.split(":")[0]
-    bt = resolve_targets(kind, arch)[0]
-    if not has_sampler(bt.target):
+    bt = resolve_backend(kind, arch)[0]
+    if not bt.has_sampler:
         raise SystemExit(f"no compiled sampler for {kind} yet")
     bt.prepare()
     with bt.target:
-        mod = relax_pipeline(bt.target)(add_sampler(tvm.IRModule(), bt.target))
+        mod = bt.relax_pipeline()(add_sampler(tvm.IRModule(), bt.target))
     with atomic_file(out) as tmp:
         relax.build(mod, bt.target, relax_pipeline=None).export_library(str(tmp))
-    log.info("wrote %s (sample_tokens for %s)", out, bt.target.kind.name)
+    log.info("wrote %s (sample_tokens for %s)", out, bt.kind)
 
 
 def library_sampler(lib: str, device: str) -> tuple[Any, Any, Any]:
@@ -85,15 +85,16 @@ def _built_sampler(spec: Any, dev: Any) -> Any:
     import tvm
     from tvm import relax
 
-    from vptq_mlc.compile.sampler import add_sampler, has_sampler
-    from vptq_mlc.compile.targets import relax_pipeline, resolve_targets
+    from vptq_mlc.compile.sampler import add_sampler
+    from vptq_mlc.compile.targets import resolve_backend
 
-    target = resolve_targets({"cpu": "llvm"}.get(spec.kind, spec.kind))[0].target
-    if not has_sampler(target):
+    backend = resolve_backend(spec.kind)[0]
+    if not backend.has_sampler:
         raise SystemExit(f"no compiled sampler for {spec.kind} yet")
+    target = backend.target
     mod = add_sampler(tvm.IRModule(), target)
     with target:
-        mod = relax_pipeline(target)(mod)
+        mod = backend.relax_pipeline()(mod)
     return relax.VirtualMachine(relax.build(mod, target, relax_pipeline=None), dev)["sample_tokens"]
 
 

@@ -22,14 +22,14 @@ from vptq_mlc.artifact.files import TENSOR_CACHE
 from vptq_mlc.artifact.tensor_cache import read_index
 from vptq_mlc.atomic import atomic_file
 from vptq_mlc.checkpoint.arch import ARCHITECTURES, model_config_from_json
+from vptq_mlc.compile.backend import TargetBackend
 from vptq_mlc.compile.metadata import attach_metadata, model_metadata, planned_memory
-from vptq_mlc.compile.sampler import add_sampler, has_sampler
-from vptq_mlc.compile.targets import BuildTarget, relax_pipeline, resolve_targets
+from vptq_mlc.compile.sampler import add_sampler
+from vptq_mlc.compile.targets import resolve_backend
 from vptq_mlc.errors import CompileError
 from vptq_mlc.model.builder import build_model
 from vptq_mlc.model.config import DecoderConfig
 from vptq_mlc.progress import stage
-from vptq_mlc.tir_kernels.registry import kernel_selector, norm_bias_selector, static_decode_batches
 
 log = logging.getLogger(__name__)
 
@@ -67,15 +67,15 @@ def _check_params(params: list, model_dir: Path) -> None:
             )
 
 
-def build_library(model_dir: Path, bt: BuildTarget, output: Path,
+def build_library(model_dir: Path, bt: TargetBackend, output: Path,
                   static_batches: tuple[int, ...] | None = None, split_functions: bool = False,
                   cuda_graph: bool | None = None) -> Path:
     """`split_functions`: also emit the per-layer functions of the layer split across devices (model/split.py);
     off by default since they roughly double the compile time. `cuda_graph`: TVM's RewriteCUDAGraph lifts the
-    static-shape kernel runs between KV-cache calls into CUDA graphs captured on the first call (cuda only;
-    default on there: +25% batch-1 decode on the H100, bench/RESULTS.md). Not with `split_functions`: RewriteCUDAGraph
-    treats the packed parameters as static, so one layer-group function called with each layer's weights would
-    replay the graph captured with the first layer's."""
+    static-shape kernel runs between KV-cache calls into CUDA graphs captured on the first call (the backends
+    with `cuda_graph`: cuda; default on there: +25% batch-1 decode on the H100, bench/RESULTS.md). Not with
+    `split_functions`: RewriteCUDAGraph treats the packed parameters as static, so one layer-group function called
+    with each layer's weights would replay the graph captured with the first layer's."""
     if cuda_graph and split_functions:
         raise CompileError("--cuda-graph cannot be combined with --split-functions (the per-layer functions would "
                            "replay a graph captured with another layer's weights); drop one of them")
@@ -91,9 +91,9 @@ def build_library(model_dir: Path, bt: BuildTarget, output: Path,
     bt.prepare()
     t0 = time.time()
     if static_batches is None:
-        static_batches = static_decode_batches(bt.target)
-    model = build_model(cfg, layers, dtype, bt.target, kernel_selector(bt.target, chat.layouts), static_batches,
-                        norm_bias_selector(bt.target), arch=arch)
+        static_batches = bt.static_decode_batches
+    model = build_model(cfg, layers, dtype, bt.target, bt.kernel_selector(chat.layouts), static_batches,
+                        bt.norm_bias_kernels(), arch=arch, logits_dtype=bt.logits_dtype)
     split = None
     stage("  exporting the model (%d quantized linears)%s", len(layers),
           " with split functions" if split_functions else "")
@@ -104,15 +104,15 @@ def build_library(model_dir: Path, bt: BuildTarget, output: Path,
     else:
         mod, params = model.export_tvm(spec=model.get_default_spec())
     _check_params(params, model_dir)
-    if has_sampler(bt.target):
+    if bt.has_sampler:
         mod = add_sampler(mod, bt.target)  # sampling on the device: logits never cross to the host
     mod = _upper_bounds(mod, cfg)
     if cuda_graph is None:
-        cuda_graph = bt.target.kind.name == "cuda" and not split_functions
-    config = {"relax.backend.use_cuda_graph": True} if cuda_graph and bt.target.kind.name == "cuda" else {}
+        cuda_graph = bt.cuda_graph and not split_functions
+    config = {"relax.backend.use_cuda_graph": True} if cuda_graph and bt.cuda_graph else {}
     stage("  lowering (relax pipeline for %s)", bt.kind)
     with bt.target, tvm.transform.PassContext(config=config):
-        lowered = relax_pipeline(bt.target)(mod)
+        lowered = bt.relax_pipeline()(mod)
     meta = model_metadata(
         model_type=chat.model_type,
         quantization=chat.quantization,
@@ -123,7 +123,7 @@ def build_library(model_dir: Path, bt: BuildTarget, output: Path,
         target=bt.metadata,
     )
     lowered = attach_metadata(lowered, meta)
-    stage("  generating code%s", f" (one nvcc run for {', '.join(bt.archs)})" if bt.kind == "cuda" else "")
+    stage("  generating code%s", bt.codegen_note())
     executable = relax.build(lowered, bt.target, relax_pipeline=None)
     stage("  linking the library")
     with atomic_file(output, mode=0o755) as tmp:
@@ -133,7 +133,7 @@ def build_library(model_dir: Path, bt: BuildTarget, output: Path,
     return output
 
 
-def default_library_path(model_dir: Path, bt: BuildTarget) -> Path:
+def default_library_path(model_dir: Path, bt: TargetBackend) -> Path:
     return Path(model_dir) / f"{Path(model_dir).resolve().name}-{bt.label}.so"
 
 
@@ -142,13 +142,13 @@ def compile_model(
     arch: str | None = None, static_batches: tuple[int, ...] | None = None, split_functions: bool = False,
     cuda_graph: bool | None = None,
 ) -> list[Path]:
-    """Build one library per BuildTarget; `output` names the file (one target) or a directory (several).
+    """Build one library per target backend; `output` names the file (one target) or a directory (several).
     `static_batches`: batch sizes that get a static `batch_decode_b<n>` (default: the target's choice).
     `split_functions`: add the layer-split functions (`--devices` at run time). `cuda_graph`: see build_library."""
     model_dir = Path(model_dir)
     ChatConfig.load(model_dir).check_buildable()  # fail early with the convert hint
-    targets = resolve_targets(target, arch)
-    if any(bt.kind == "cuda" for bt in targets):  # its decode of large codebooks reads the code-sorted entries
+    targets = resolve_backend(target, arch)
+    if any(bt.code_sorted_tensors for bt in targets):  # CUDA decode of large codebooks reads code-sorted entries
         from vptq_mlc.convert.converter import add_code_sorted_tensors
 
         if layers := add_code_sorted_tensors(model_dir):

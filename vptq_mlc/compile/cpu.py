@@ -1,5 +1,5 @@
-"""CPU (llvm) targets: which instruction set a library is compiled for, which CPU features it then needs at run
-time, and the relax pipeline that schedules the dense matmuls for the CPU.
+"""The CPU (llvm) target backend (`CpuBackend`): which instruction set a library is compiled for, which CPU
+features it then needs at run time, and the relax pipeline that schedules the dense matmuls for the CPU.
 
 Why: LLVM's default x86-64 target has no AVX2/FMA/F16C, so every fp16 value is converted in software and nothing
 is vectorized wider than SSE2; compiled for the host's CPU the same model runs an order of magnitude faster. A
@@ -13,13 +13,19 @@ lacks, as in a VM that hides AVX-512), `x86-64-v2` / `x86-64-v3` / `x86-64-v4` (
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import Any
 
 import tvm
+from tvm import relax
 from tvm.target import Target
 
 from vptq_mlc.artifact.cpu_features import host_cpu_flags
+from vptq_mlc.artifact.vq_layout import LAYOUT
+from vptq_mlc.compile.backend import TargetBackend
 from vptq_mlc.errors import CompileError
+from vptq_mlc.tir_kernels.registry import CpuKernelSelector, KernelSelector
 
 X86_TRIPLE = "x86_64-linux-gnu"
 ARM_TRIPLE = "aarch64-linux-gnu"
@@ -181,30 +187,75 @@ def schedule_dense_rows(func: tvm.tirx.PrimFunc, lanes: int) -> tvm.tirx.PrimFun
     return sch.mod["main"].with_attr("tirx.is_scheduled", True)
 
 
-def relax_pipeline(target: Target) -> tvm.transform.Pass:
-    """TVM's CPU pipeline (sampling/sort dispatch, legalize, lowering) with FuseTransposeMatmul first (so a linear
-    never copies W.T per call) and every dense `x @ W.T` scheduled by `schedule_dense_rows`. No FuseOps: our VQ
-    kernels keep their own schedules, and the remaining element-wise ops are O(hidden) per token."""
-    from tvm import relax, tirx
-    from tvm.relax.backend.cpu_generic import pipeline as cp
-
-    lanes = vector_lanes(target)
+def schedule_dense_pass(lanes: int) -> tvm.transform.Pass:
+    """Every dense `x @ W.T` PrimFunc scheduled by `schedule_dense_rows` (others left as they are)."""
 
     @tvm.transform.module_pass(opt_level=0, name="VPTQScheduleDenseCPU")
     def schedule_dense(mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:
         funcs = {}
         for gv, f in mod.functions.items():
-            scheduled = schedule_dense_rows(f, lanes) if isinstance(f, tirx.PrimFunc) else None
+            scheduled = schedule_dense_rows(f, lanes) if isinstance(f, tvm.tirx.PrimFunc) else None
             funcs[gv] = scheduled if scheduled is not None else f
         return tvm.IRModule(funcs, attrs=mod.attrs)
 
-    @tvm.transform.module_pass(opt_level=0, name="VPTQCPUPipeline")
-    def pipeline(mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:
-        with target:
-            seq = tvm.transform.Sequential(
-                [relax.transform.FuseTransposeMatmul()] + cp.library_dispatch_passes(target)
-                + [relax.transform.LegalizeOps(), schedule_dense] + cp.dataflow_lower_passes(target)
-                + cp.finalize_passes(target))
-            return seq(mod)
+    return schedule_dense
 
-    return pipeline
+
+# ---- the backend --------------------------------------------------------------------------------------------
+
+
+class CpuBackend(TargetBackend):
+    """`--target llvm --arch ...` (or `cpu`): one library per CPU arch, its needed CPU features in `_metadata`;
+    the generic VQ kernel with its CPU schedule, logits summed in fp32 (an fp16 running sum is converted at every
+    step on a CPU)."""
+
+    kind = "llvm"
+    logits_dtype = "float32"
+
+    def __init__(self, arch: CPUArch):
+        super().__init__(arch.target, arch.label, (arch.label.removeprefix("llvm-"),))
+        self.arch = arch
+
+    @classmethod
+    def resolve(cls, arch: str | None) -> list[TargetBackend]:
+        return [cls(a) for a in parse_archs(arch)]
+
+    @property
+    def metadata(self) -> dict[str, Any]:
+        return self.arch.metadata()
+
+    def kernel_selector(self, layouts: Iterable[str] = (LAYOUT,)) -> KernelSelector:
+        return CpuKernelSelector(self.target, layouts)
+
+    def passes(self) -> list[tvm.transform.Pass]:
+        """TVM's CPU pipeline (relax/backend/cpu_generic/pipeline.py: sampling/sort dispatch, legalize, lowering)
+        with FuseTransposeMatmul first (so a linear never copies W.T per call) and every dense `x @ W.T` scheduled
+        by `schedule_dense_rows`. No FuseOps: our VQ kernels keep their own schedules, and the remaining
+        element-wise ops are O(hidden) per token."""
+        return [
+            relax.transform.FuseTransposeMatmul(),
+            # dispatch: sampling and sort/scan ops to their CPU implementations
+            relax.backend.DispatchSampling(),
+            relax.backend.DispatchSortScan(),
+            # legalize, then schedule the dense matmuls (no fusion)
+            relax.transform.LegalizeOps(),
+            schedule_dense_pass(vector_lanes(self.target)),
+            # lower dataflow to VM calls
+            relax.transform.RewriteDataflowReshape(),
+            relax.transform.ToNonDataflow(),
+            relax.transform.RemovePurityChecking(),
+            relax.transform.CallTIRRewrite(),
+            # memory planning, VM lowering
+            relax.transform.StaticPlanBlockMemory(),
+            relax.transform.LowerAllocTensor(),
+            relax.transform.KillAfterLastUse(),
+            relax.transform.LowerRuntimeBuiltin(),
+            relax.transform.ComputePrimValue(),
+            relax.transform.VMShapeLower(),
+            relax.transform.AttachGlobalSymbol(),
+        ]
+
+    def abi(self) -> dict[str, Any]:
+        """The CPU the code needs (package/select.py matches it against the host's /proc/cpuinfo)."""
+        return {"machine": self.arch.machine, "cpu_features": list(self.arch.features),
+                "mcpu": str(self.target.attrs.get("mcpu", "generic"))}

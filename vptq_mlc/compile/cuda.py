@@ -1,5 +1,5 @@
-"""CUDA build target: one library whose kernels are SASS for every requested arch (nvcc fatbin), built
-ahead of time on a box with no GPU and no driver (docs/gpu-aot.md §2).
+"""The CUDA target backend (`CudaBackend`): one library whose kernels are SASS for every requested arch (nvcc
+fatbin), built ahead of time on a box with no GPU and no driver (docs/gpu-aot.md §2).
 
 Why the set-up is needed: TVM compiles CUDA source to binary at build time only when its CUDA runtime plugin
 (`libtvm_runtime_cuda.so`) is loaded, and that plugin links `libcuda.so.1` (the driver). On a driverless box
@@ -16,10 +16,27 @@ import os
 import re
 import shutil
 import subprocess
+from collections.abc import Iterable
 from pathlib import Path
+from typing import Any
 
+import tvm
+from tvm import relax, tirx
+from tvm.s_tir import dlight as dl
+
+from vptq_mlc.artifact.vq_layout import LAYOUT
 from vptq_mlc.cache import cache_root
+from vptq_mlc.compile.backend import TargetBackend, split_archs
 from vptq_mlc.errors import CompileError
+from vptq_mlc.tir_kernels.cuda_dense_mma import dense_mma_pass
+from vptq_mlc.tir_kernels.registry import (
+    CUDA_MMA_ONLY_BATCHES,
+    CudaKernelSelector,
+    KernelSelector,
+    NormBiasKernels,
+    gemv_decode_batches,
+    norm_bias_kernels,
+)
 
 log = logging.getLogger(__name__)
 
@@ -30,6 +47,7 @@ _STUB_SYMBOLS = (
     "cuDriverGetVersion", "cuGetProcAddress",
 )
 _ARCH_RE = re.compile(r"^sm_(\d+)([a-z]?)$")
+DEFAULT_CUDA_ARCHS = ("sm_80", "sm_86", "sm_89", "sm_90")
 _STATE: dict[str, object] = {}
 
 
@@ -110,7 +128,6 @@ def _load_cuda_plugin() -> None:
             ctypes.CDLL(str(_stub_libcuda(cache)), mode=ctypes.RTLD_GLOBAL)
             log.info("loaded the build-time libcuda stub (no NVIDIA driver on this machine)")
     _load_cudart()
-    import tvm
     import tvm_ffi
 
     if tvm_ffi.get_global_func("ffi.Module.create.cuda", allow_missing=True) is None:
@@ -134,7 +151,6 @@ def gencode_flags(archs: tuple[str, ...]) -> list[str]:
 
 def _install_fatbin_callback(archs: tuple[str, ...]) -> None:
     """Override TVM's compile callback: one nvcc run -> fatbin with SASS for every arch (no PTX)."""
-    import tvm
     from tvm.support import nvcc as tvm_nvcc
 
     nvcc_dir = str(Path(find_nvcc()).parent)
@@ -161,59 +177,8 @@ def prepare_cuda_build(archs: tuple[str, ...]) -> None:
     _install_fatbin_callback(archs)
 
 
-def relax_pipeline(target):
-    """TVM's CUDA pipeline (dispatch, legalize, FuseOps/FuseTIR, dlight, lowering), with two changes:
-    FuseTransposeMatmul first (as the llvm pipeline does), and dlight's
-    tensor-core rule is switched off (`dlight.do_not_tensorize` on every function), because its Tensorize step
-    segfaults in apache-tvm 0.27.0.post1 on fp16 matmuls larger than 64 (seen on lm_head / attention
-    projections). Dense fp16 NT matmuls (lm_head, every linear of an fp16 model) are replaced after legalization by
-    our tensor-core GEMM (tir_kernels/cuda_dense_mma.py); other matmuls get dlight's SIMT tiled schedule."""
-    import tvm
-    from tvm import relax, tirx
-    from tvm.relax.backend.cuda import pipeline as cp
-    from tvm.s_tir import dlight as dl
-
-    from vptq_mlc.tir_kernels.cuda_dense_mma import dense_mma_pass
-
-    @tvm.transform.module_pass(opt_level=0, name="VPTQNoTensorize")
-    def no_tensorize(mod, _ctx):
-        funcs = {
-            gv: f.with_attr("dlight.do_not_tensorize", True) if isinstance(f, tirx.PrimFunc) else f
-            for gv, f in mod.functions.items()
-        }
-        return tvm.IRModule(funcs, attrs=mod.attrs)
-
-    legalize = [
-        # x @ W.T as one NT matmul: without it every dense linear (lm_head, and all of a dense fp16 model)
-        # materialises W.T through a transpose kernel on every call (seen as transpose*_kernel in the library)
-        relax.transform.FuseTransposeMatmul(),
-        relax.transform.LegalizeOps(),
-        dense_mma_pass(),  # fp16 x @ W.T -> our tensor-core GEMM (opaque: FuseOps leaves it alone)
-        relax.transform.AnnotateTIROpPattern(),
-        relax.transform.FoldConstant(),
-        relax.transform.FuseOps(),
-        relax.transform.FuseTIR(),
-        no_tensorize,
-        dl.ApplyDefaultSchedule(dl.gpu.Matmul(), dl.gpu.GEMV(), dl.gpu.Reduction(), dl.gpu.GeneralReduction(),
-                                dl.gpu.Fallback()),
-    ]
-
-    @tvm.transform.module_pass(opt_level=0, name="VPTQCUDAPipeline")
-    def pipeline(mod, _ctx):
-        with target:
-            seq = tvm.transform.Sequential(
-                cp.library_dispatch_passes(target) + legalize + cp.dataflow_lower_passes(target)
-                + cp.finalize_passes(target)
-            )
-            return seq(mod)
-
-    return pipeline
-
-
-def cuda_target(arch: str):
+def cuda_target(arch: str) -> tvm.target.Target:
     """A full CUDA target for codegen; limits are the lowest common ones of sm_80..sm_90 (dlight reads them)."""
-    import tvm
-
     return tvm.target.Target(
         {
             "kind": "cuda",
@@ -227,10 +192,92 @@ def cuda_target(arch: str):
     )
 
 
-def build_target(archs: tuple[str, ...] | list[str]):
-    """`BuildTarget` for `--target cuda --arch ...`: codegen for the lowest arch, fatbin for all."""
-    from vptq_mlc.compile.targets import BuildTarget
+@tvm.transform.module_pass(opt_level=0, name="VPTQNoTensorize")
+def no_tensorize(mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:
+    """`dlight.do_not_tensorize` on every function: dlight's tensor-core rule's Tensorize step segfaults in
+    apache-tvm 0.27.0.post1 on fp16 matmuls larger than 64 (seen on lm_head / attention projections), so matmuls
+    get dlight's SIMT tiled schedule instead."""
+    funcs = {
+        gv: f.with_attr("dlight.do_not_tensorize", True) if isinstance(f, tirx.PrimFunc) else f
+        for gv, f in mod.functions.items()
+    }
+    return tvm.IRModule(funcs, attrs=mod.attrs)
 
-    archs = parse_archs(archs)
-    target = cuda_target(archs[0])
-    return BuildTarget(target, "cuda", archs, prepare=lambda: prepare_cuda_build(archs))
+
+class CudaBackend(TargetBackend):
+    """`--target cuda --arch ...`: one library for every arch (codegen for the lowest, nvcc fatbin for all),
+    CUDA graphs on by default, the code-sorted decode kernels for large codebooks."""
+
+    kind = "cuda"
+    cuda_graph = True
+    code_sorted_tensors = True
+
+    def __init__(self, archs: tuple[str, ...]):
+        super().__init__(cuda_target(archs[0]), "cuda", archs)
+
+    @classmethod
+    def resolve(cls, arch: str | None) -> list[TargetBackend]:
+        return [cls(parse_archs(split_archs(arch, DEFAULT_CUDA_ARCHS)))]
+
+    def prepare(self) -> None:
+        prepare_cuda_build(self.archs)
+
+    def kernel_selector(self, layouts: Iterable[str] = (LAYOUT,)) -> KernelSelector:
+        return CudaKernelSelector(self.target, layouts)
+
+    def norm_bias_kernels(self) -> NormBiasKernels:
+        return norm_bias_kernels(prologue=True)
+
+    @property
+    def static_decode_batches(self) -> tuple[int, ...]:
+        return gemv_decode_batches() + CUDA_MMA_ONLY_BATCHES
+
+    def passes(self) -> list[tvm.transform.Pass]:
+        """TVM's CUDA pipeline (relax/backend/cuda/pipeline.py) with three changes: FuseTransposeMatmul first (as the
+        llvm pipeline does), dense fp16 NT matmuls (lm_head, every linear of an fp16 model) replaced after
+        legalization by our tensor-core GEMM (tir_kernels/cuda_dense_mma.py), and dlight's tensor-core rule off
+        (`no_tensorize`): other matmuls get dlight's SIMT tiled schedule."""
+        return [
+            # dispatch: sampling and sort/scan ops to their GPU implementations
+            relax.backend.DispatchSampling(),
+            relax.backend.DispatchSortScan(),
+            # x @ W.T as one NT matmul: without it every dense linear (lm_head, and all of a dense fp16 model)
+            # materialises W.T through a transpose kernel on every call (seen as transpose*_kernel in the library)
+            relax.transform.FuseTransposeMatmul(),
+            # legalize and fuse (our VQ kernels are kOpaque: never fused)
+            relax.transform.LegalizeOps(),
+            dense_mma_pass(),  # fp16 x @ W.T -> our tensor-core GEMM (opaque: FuseOps leaves it alone)
+            relax.transform.AnnotateTIROpPattern(),
+            relax.transform.FoldConstant(),
+            relax.transform.FuseOps(),
+            relax.transform.FuseTIR(),
+            # schedule what is not hand-scheduled (`tirx.is_scheduled` kernels are skipped)
+            no_tensorize,
+            dl.ApplyDefaultSchedule(dl.gpu.Matmul(), dl.gpu.GEMV(), dl.gpu.Reduction(), dl.gpu.GeneralReduction(),
+                                    dl.gpu.Fallback()),
+            # lower dataflow to VM calls
+            relax.transform.RewriteDataflowReshape(),
+            relax.transform.ToNonDataflow(),
+            relax.transform.RemovePurityChecking(),
+            relax.transform.CallTIRRewrite(),
+            # memory planning, CUDA graphs (`relax.backend.use_cuda_graph`), VM lowering
+            relax.transform.StaticPlanBlockMemory(),
+            relax.transform.RewriteCUDAGraph(),
+            relax.transform.LowerAllocTensor(),
+            relax.transform.KillAfterLastUse(),
+            relax.transform.LowerRuntimeBuiltin(),
+            relax.transform.ComputePrimValue(),
+            relax.transform.VMShapeLower(),
+            relax.transform.AttachGlobalSymbol(),
+        ]
+
+    def codegen_note(self) -> str:
+        return f" (one nvcc run for {', '.join(self.archs)})"
+
+    def abi(self) -> dict[str, Any]:
+        return {"cuda_runtime": "libcudart.so.13", "code": "sass"}
+
+    def library_archs(self, path: Path) -> list[str]:
+        from vptq_mlc.compile.fatbin import inspect_library
+
+        return list(inspect_library(path).archs)

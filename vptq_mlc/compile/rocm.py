@@ -1,5 +1,5 @@
-"""ROCm build target: one library per gfx arch, its kernels an HSA code object (HSACO) compiled ahead of time on
-a box with no AMD GPU (docs/gpu-aot.md §4).
+"""The ROCm target backend (`RocmBackend`): one library per gfx arch, its kernels an HSA code object (HSACO)
+compiled ahead of time on a box with no AMD GPU (docs/gpu-aot.md §4).
 
 What TVM 0.27 needs and why we set it up here:
 - Device-library bitcode (`ocml`, `oclc_*`) from `<ROCM_PATH>/amdgcn/bitcode`. Debian's `rocm-device-libs`
@@ -24,11 +24,27 @@ import re
 import shutil
 import subprocess
 import tempfile
+from collections.abc import Iterable
 from pathlib import Path
+from typing import Any
 
+import tvm
+from tvm import relax
+from tvm.s_tir import dlight as dl
+
+from vptq_mlc.artifact.vq_layout import LAYOUT
 from vptq_mlc.atomic import atomic_file
 from vptq_mlc.cache import cache_root
+from vptq_mlc.compile.backend import TargetBackend, split_archs
 from vptq_mlc.errors import CompileError
+from vptq_mlc.tir_kernels.cuda_gemv import wavefront_params
+from vptq_mlc.tir_kernels.registry import (
+    KernelSelector,
+    NormBiasKernels,
+    WavefrontKernelSelector,
+    gemv_decode_batches,
+    norm_bias_kernels,
+)
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +57,7 @@ DEFAULT_CODE_OBJECT_VERSION = 5
 _MIN_LLD_FOR_CODE_OBJECT = {5: 15, 6: 18}
 # Oldest ROCm whose loader knows the ISA (ROCR-Runtime src/core/runtime/isa.cpp; release tags from 5.0.0 checked).
 MIN_ROCM_FOR_ARCH = {"gfx90a": (5, 0), "gfx942": (5, 7), "gfx1100": (5, 3)}
+DEFAULT_ROCM_ARCHS = ("gfx90a", "gfx942", "gfx1100")
 
 _ARCH_RE = re.compile(r"^gfx(9|10|11|12)[0-9a-f]{1,3}$")
 _TRIPLE = "amdgcn-amd-amdhsa-hcc"
@@ -66,10 +83,8 @@ def wavefront_size(arch: str) -> int:
     return 64 if parse_arch(arch).startswith("gfx9") else 32
 
 
-def rocm_target(arch: str):
+def rocm_target(arch: str) -> tvm.target.Target:
     """The TVM target for one gfx arch, with the limits TVM's schedules read (warp size, threads, LDS)."""
-    import tvm
-
     arch = parse_arch(arch)
     return tvm.target.Target(
         {
@@ -169,7 +184,6 @@ def prepare_rocm_build(code_object_version: int = DEFAULT_CODE_OBJECT_VERSION):
     cache = cache_root()
     cov_ir = _code_object_ir(code_object_version, cache / "rocm")
 
-    import tvm
     import tvm_ffi
     from tvm.support import rocm as tvm_rocm
 
@@ -197,11 +211,69 @@ def prepare_rocm_build(code_object_version: int = DEFAULT_CODE_OBJECT_VERSION):
     return tvm
 
 
-def build_target(arch: str, code_object_version: int = DEFAULT_CODE_OBJECT_VERSION):
-    """`BuildTarget` for one arch of `--target rocm --arch ...` (TVM embeds one HSACO per library)."""
-    from vptq_mlc.compile.targets import BuildTarget
+class RocmBackend(TargetBackend):
+    """`--target rocm --arch ...`: one library per gfx arch (TVM embeds one HSACO per library), the CUDA GEMV's TIR
+    parameterised for the arch's wavefront and LDS (`cuda_gemv.wavefront_params`)."""
 
-    arch = parse_arch(arch)
-    return BuildTarget(
-        rocm_target(arch), f"rocm-{arch}", (arch,), prepare=lambda: prepare_rocm_build(code_object_version)
-    )
+    kind = "rocm"
+
+    def __init__(self, arch: str, code_object_version: int = DEFAULT_CODE_OBJECT_VERSION):
+        arch = parse_arch(arch)
+        super().__init__(rocm_target(arch), f"rocm-{arch}", (arch,))
+        self.code_object_version = code_object_version
+
+    @classmethod
+    def resolve(cls, arch: str | None) -> list[TargetBackend]:
+        return [cls(a) for a in split_archs(arch, DEFAULT_ROCM_ARCHS)]
+
+    def prepare(self) -> None:
+        prepare_rocm_build(self.code_object_version)
+
+    def kernel_selector(self, layouts: Iterable[str] = (LAYOUT,)) -> KernelSelector:
+        return WavefrontKernelSelector(self.target, wavefront_params(self.target), layouts)
+
+    def norm_bias_kernels(self) -> NormBiasKernels:
+        return norm_bias_kernels(prologue=False)
+
+    @property
+    def static_decode_batches(self) -> tuple[int, ...]:
+        return gemv_decode_batches()
+
+    def passes(self) -> list[tvm.transform.Pass]:
+        """TVM's ROCm pipeline (relax/backend/rocm/pipeline.py), unchanged."""
+        return [
+            # dispatch: sampling and sort/scan ops to their GPU implementations
+            relax.backend.DispatchSampling(),
+            relax.backend.DispatchSortScan(),
+            # legalize and fuse (our VQ kernels are kOpaque: never fused)
+            relax.transform.LegalizeOps(),
+            relax.transform.AnnotateTIROpPattern(),
+            relax.transform.FoldConstant(),
+            relax.transform.FuseOps(),
+            relax.transform.FuseTIR(),
+            # schedule what is not hand-scheduled (`tirx.is_scheduled` kernels are skipped)
+            dl.ApplyDefaultSchedule(dl.gpu.Matmul(), dl.gpu.GEMV(), dl.gpu.Reduction(), dl.gpu.GeneralReduction(),
+                                    dl.gpu.Fallback()),
+            # lower dataflow to VM calls
+            relax.transform.RewriteDataflowReshape(),
+            relax.transform.ToNonDataflow(),
+            relax.transform.RemovePurityChecking(),
+            relax.transform.CallTIRRewrite(),
+            # memory planning, VM lowering
+            relax.transform.StaticPlanBlockMemory(),
+            relax.transform.LowerAllocTensor(),
+            relax.transform.KillAfterLastUse(),
+            relax.transform.LowerRuntimeBuiltin(),
+            relax.transform.ComputePrimValue(),
+            relax.transform.VMShapeLower(),
+            relax.transform.AttachGlobalSymbol(),
+        ]
+
+    def abi(self) -> dict[str, Any]:
+        return {"code_object_version": self.code_object_version,
+                "min_rocm": min_rocm(self.archs[0], self.code_object_version)}
+
+    def library_archs(self, path: Path) -> list[str]:
+        from vptq_mlc.compile.hsaco import inspect_library
+
+        return sorted({co.arch for co in inspect_library(path)})

@@ -26,8 +26,10 @@ def build_model(
     static_decode_batches: tuple[int, ...] = (),
     select_norm_bias: NormBiasKernels | None = None,
     arch: str = "llama",
+    logits_dtype: str | None = None,
 ) -> nn.Module:
-    """The registry entry's module tree: linears listed in `layers` become VPTQLinear, the rest dense nn.Linear."""
+    """The registry entry's module tree: linears listed in `layers` become VPTQLinear, the rest dense nn.Linear.
+    `logits_dtype`: the logits matmul's output dtype (the target backend's choice; None: the model's dtype)."""
     if arch not in ARCHITECTURES:
         raise CheckpointError(f"architecture {arch!r} is not supported; supported: {', '.join(ARCHITECTURES)}")
     module_name, _, class_name = ARCHITECTURES[arch].module_tree.partition(":")
@@ -49,4 +51,4 @@ def build_model(
             )
         return VPTQLinear(qcfg, dtype, select_kernel, select_norm_bias)
 
-    return tree(cfg, make_linear, dtype, target, static_decode_batches)
+    return tree(cfg, make_linear, dtype, target, static_decode_batches, logits_dtype=logits_dtype)

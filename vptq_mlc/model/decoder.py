@@ -123,10 +123,11 @@ class DecoderForCausalLM(nn.Module):
     """Top-level module; its methods are the library's exported functions (docs/ARCHITECTURE.md)."""
 
     def __init__(self, cfg: DecoderConfig, make_linear: LinearFactory, dtype: str, target: Target,
-                 static_decode_batches: tuple[int, ...] = ()):
+                 static_decode_batches: tuple[int, ...] = (), logits_dtype: str | None = None):
         self.model = self.make_model(cfg, make_linear, dtype)
-        # CPUs: the logits matmul sums in fp32 (an fp16 running sum is converted at every step there)
-        self.logits_dtype = "float32" if target.kind.name == "llvm" else None
+        # the logits matmul's sum dtype: the target's choice (CPUs: fp32, an fp16 running sum is converted at every
+        # step there; None: the model's dtype)
+        self.logits_dtype = logits_dtype
         self.lm_head = None if cfg.tie_word_embeddings else nn.Linear(
             cfg.hidden_size, cfg.vocab_size, bias=False, dtype=dtype, out_dtype=self.logits_dtype)
         self.cfg, self.dtype, self.target = cfg, dtype, target

@@ -12,7 +12,6 @@ import hashlib
 import json
 import logging
 import os
-import platform
 import shutil
 from importlib import metadata
 from pathlib import Path
@@ -81,32 +80,11 @@ def _stage_weights(entry: ModelEntry, work: Path) -> Path:
     return convert_checkpoint(entry.source, work, **entry.convert)
 
 
-def _abi(kind: str, bt: Any) -> dict[str, Any]:
-    if kind == "llvm":  # the CPU the code needs (select.py matches it against the host's /proc/cpuinfo)
-        meta = bt.metadata or {}
-        return {"machine": meta.get("machine", platform.machine()), "cpu_features": meta.get("cpu_features", []),
-                "mcpu": meta.get("mcpu")}
-    if kind == "cuda":
-        return {"cuda_runtime": "libcudart.so.13", "code": "sass"}
-    from vptq_mlc.compile.rocm import DEFAULT_CODE_OBJECT_VERSION, min_rocm
-
-    return {"code_object_version": DEFAULT_CODE_OBJECT_VERSION, "min_rocm": min_rocm(bt.archs[0])}
-
-
-def _check_archs(kind: str, path: Path, archs: tuple[str, ...]) -> None:
-    """The library must hold code for exactly the archs the manifest will claim."""
-    if kind == "rocm":
-        from vptq_mlc.compile.hsaco import inspect_library
-
-        found = sorted({co.arch for co in inspect_library(path)})
-    elif kind == "cuda":
-        from vptq_mlc.compile.fatbin import inspect_library
-
-        found = inspect_library(path).archs
-    else:
-        return
-    if sorted(found) != sorted(archs):
-        raise PackageError(f"{path.name} holds code for {found}, not the requested {list(archs)}; rebuild it")
+def _check_archs(bt: Any, path: Path) -> None:
+    """The library must hold code for exactly the archs the manifest will claim (as far as the backend can read)."""
+    found = bt.library_archs(path)
+    if found is not None and sorted(found) != sorted(bt.archs):
+        raise PackageError(f"{path.name} holds code for {found}, not the requested {list(bt.archs)}; rebuild it")
 
 
 class PackageBuilder:
@@ -119,11 +97,11 @@ class PackageBuilder:
         self.rebuilt: list[str] = []  # what this run (re)built, for logs and tests
 
     def build(self) -> list[Path]:
-        from vptq_mlc.compile.targets import resolve_targets
+        from vptq_mlc.compile.targets import resolve_backend
 
         plans = []
         for entry in self.config.models:
-            bts = [bt for spec in entry.targets for bt in resolve_targets(spec.kind, spec.archs)]
+            bts = [bt for spec in entry.targets for bt in resolve_backend(spec.kind, spec.archs)]
             plans.append((entry, bts))
         total = sum(1 + len(bts) for _, bts in plans)
         self.output.mkdir(parents=True, exist_ok=True)
@@ -170,9 +148,9 @@ class PackageBuilder:
                 from vptq_mlc.compile.build import build_library
 
                 build_library(model_dir, bt, path)
-                _check_archs(bt.kind, path, bt.archs)
+                _check_archs(bt, path)
                 record = {"file": name, "target": bt.kind, "archs": list(bt.archs), "sha256": sha256_file(path),
-                          "size": path.stat().st_size, "tvm": tvm_version, "abi": _abi(bt.kind, bt),
+                          "size": path.stat().st_size, "tvm": tvm_version, "abi": bt.abi(),
                           "fingerprint": fp}
                 self.rebuilt.append(name)
             manifest["libraries"].append(record)

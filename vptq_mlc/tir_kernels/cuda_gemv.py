@@ -67,20 +67,17 @@ class GpuParams:
 CUDA_PARAMS = GpuParams()
 
 
-def gpu_params(target) -> GpuParams:
-    """CUDA_PARAMS on cuda; on rocm the wavefront, thread and LDS limits from the target (compile/rocm.py)."""
-    if target.kind.name == "cuda":
-        return CUDA_PARAMS
-    if target.kind.name == "rocm":
-        lds = int(target.attrs.get("max_shared_memory_per_block", 65536))
-        return GpuParams(
-            warp_size=int(target.attrs["thread_warp_size"]),
-            shared_scope="shared",
-            smem_codebook_bytes=lds,
-            smem_total_bytes=lds,
-            max_threads=int(target.attrs.get("max_threads_per_block", 256)),
-        )
-    raise ValueError(f"no GEMV parameters for target kind {target.kind.name!r}")
+def wavefront_params(target) -> GpuParams:
+    """The GEMV's parameters for a GPU whose kernels use static shared memory, read from its target's limits
+    (wavefront, threads per block, LDS): what the ROCm backend (compile/rocm.py) builds with. CUDA: CUDA_PARAMS."""
+    lds = int(target.attrs.get("max_shared_memory_per_block", 65536))
+    return GpuParams(
+        warp_size=int(target.attrs["thread_warp_size"]),
+        shared_scope="shared",
+        smem_codebook_bytes=lds,
+        smem_total_bytes=lds,
+        max_threads=int(target.attrs.get("max_threads_per_block", 256)),
+    )
 
 
 @dataclass(frozen=True)
@@ -155,7 +152,7 @@ def plan_gemv(cfg: VPTQLayerConfig, rows: int, dtype: str, params: GpuParams = C
 def vq_gemv_cuda(cfg: VPTQLayerConfig, dtype: str, rows: int, plan: GemvPlan | None = None,
                  params: GpuParams = CUDA_PARAMS) -> tirx.PrimFunc:
     """PrimFunc(xs[rows, I], *operands, y[rows, O]) for 1 <= rows <= MAX_ROWS (static); `params` picks the GPU
-    (CUDA_PARAMS, or `gpu_params(rocm_target)`)."""
+    (CUDA_PARAMS, or `wavefront_params(rocm_target)`)."""
     if not 1 <= rows <= MAX_ROWS:
         raise ValueError(f"vq_gemv_cuda handles 1..{MAX_ROWS} rows, got {rows}")
     p = plan or plan_gemv(cfg, rows, dtype, params)

@@ -1,20 +1,22 @@
-"""Kernel choice per (target, layer config, static row count): the one place that knows which kernel runs where,
-and therefore which operands (tensor-cache entries) a layer must declare on a target.
+"""VQ kernel families and what each picks per (layer config, static row count): which kernel runs, and therefore
+which operands (tensor-cache entries) a layer must declare. The target backend (compile/cuda.py, rocm.py, cpu.py)
+says which family it builds with; nothing here looks at the target's kind.
 
-- llvm: the generic TE kernel with its CPU schedule; other targets without hand-scheduled kernels: generic.
-- rocm: static row counts 1..8 -> the VQ-GEMV (`cuda_gemv.py`) with the target's parameters (`gpu_params`:
-  wavefront 64 on CDNA / 32 on RDNA, static LDS, 256 threads); other row counts -> the dlight dequant matmul
-  (`cuda_prefill.py`, same Matmul rule and config as on CUDA); norm-bias row dot as on CUDA. Built and
-  inspected here, never run on AMD hardware.
-- cuda: static row counts 1..2 for layers whose codebooks do not fit shared memory (K = 65536 class), when the
-  model dir carries the `code-sorted` layout and the slices are balanced (`code_sorted_preferred`: no residual or
-  Kr == K) -> `cuda_code_sorted.py` (slice-per-CTA kernel + a reduce kernel);
+- `CpuKernelSelector` (llvm): the generic TE kernel with its CPU schedule. The base `KernelSelector`: the generic
+  kernel unscheduled (targets without hand-scheduled kernels).
+- `WavefrontKernelSelector` (rocm): static row counts 1..8 -> the VQ-GEMV (`cuda_gemv.py`) with the target's
+  parameters (`cuda_gemv.wavefront_params`: wavefront 64 on CDNA / 32 on RDNA, static LDS, 256 threads); other row
+  counts -> the dlight dequant matmul (`cuda_prefill.py`, same Matmul rule and config as on CUDA); norm-bias row
+  dot as on CUDA. Built and inspected here, never run on AMD hardware.
+- `CudaKernelSelector`: static row counts 1..2 for layers whose codebooks do not fit shared memory (K = 65536
+  class), when the model dir carries the `code-sorted` layout and the slices are balanced (`code_sorted_preferred`:
+  no residual or Kr == K) -> `cuda_code_sorted.py` (slice-per-CTA kernel + a reduce kernel);
   static rows 6..16 (fp16; 9..16 with a residual codebook or v > 8: `cuda_mma.mma_preferred`) -> tensor-core
   kernel (`cuda_mma.py`); other static row counts 1..8 (decode) ->
   hand-scheduled VQ-GEMV (`cuda_gemv.py`); other row counts (prefill, symbolic batch) -> the tensor-core
   kernel with 4 row tiles per CTA (fp16; 2.5-4x the dlight matmul on the H100) or, for fp32 models, the
   dequantize-in-shared-memory matmul scheduled by dlight (`cuda_prefill.py`).
-  CUDA kernels carry `op_pattern = kOpaque` so Relax FuseOps never fuses them with neighbours (fusing a
+  GPU kernels carry `op_pattern = kOpaque` so Relax FuseOps never fuses them with neighbours (fusing a
   call_tir kernel failed in FuseTIR with "Inconsistent buffers y and lv.. mapped to the same relax var", and
   a fused function would lose our schedule), and `tirx.is_scheduled` so dlight leaves them alone.
 """
@@ -24,6 +26,7 @@ from __future__ import annotations
 import functools
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from tvm import tirx
 from tvm.target import Target
@@ -38,6 +41,9 @@ from vptq_mlc.artifact.vq_layout import (
 )
 from vptq_mlc.checkpoint.layer_config import VPTQLayerConfig
 from vptq_mlc.tir_kernels.generic import schedule_cpu, vq_matmul_generic
+
+if TYPE_CHECKING:
+    from vptq_mlc.tir_kernels.cuda_gemv import GpuParams
 
 OP_PATTERN_OPAQUE = 8  # relax OpPatternKind::kOpaque
 # static decode batches above the GEMV's MAX_ROWS that only the tensor-core kernel (cuda_mma.py) serves
@@ -57,7 +63,8 @@ class VQKernel:
 class KernelSelector:
     """`select(cfg, dtype, rows) -> VQKernel` for one target, plus `operand_shapes(cfg, dtype)`: every operand any
     of the target's kernels reads (what VPTQLinear declares as parameters). Cached, so identical layers share one
-    PrimFunc in the library."""
+    PrimFunc in the library. This base picks the generic TE kernel (targets without hand-scheduled kernels); each
+    subclass is one kernel family, and the target backend (compile/cuda.py, rocm.py, cpu.py) names its family."""
 
     def __init__(self, target: Target, layouts: Iterable[str] = (LAYOUT,)):
         self.target = target
@@ -65,13 +72,8 @@ class KernelSelector:
         self._select = functools.lru_cache(maxsize=None)(self._pick)
 
     def uses_code_sorted(self, cfg: VPTQLayerConfig, dtype: str) -> bool:
-        """The layer has code-sorted entries and some decode row count takes the code-sorted kernel (else its
-        entries are not declared, so they are never loaded onto the GPU)."""
-        if self.target.kind.name != "cuda" or CODE_SORTED not in self.layouts or not code_sorted_eligible(cfg, dtype):
-            return False
-        from vptq_mlc.tir_kernels.cuda_code_sorted import code_sorted_preferred
-
-        return code_sorted_preferred(cfg, dtype, 1)
+        """Whether the layer's code-sorted entries are declared (loaded onto the device); only CUDA reads them."""
+        return False
 
     def operand_shapes(self, cfg: VPTQLayerConfig, dtype: str) -> Shapes:
         shapes = dict(vq_operand_shapes(cfg))
@@ -83,26 +85,55 @@ class KernelSelector:
         return self._select(cfg, dtype, rows)
 
     def _pick(self, cfg: VPTQLayerConfig, dtype: str, rows: int | None) -> VQKernel:
+        return VQKernel(vq_matmul_generic(cfg, dtype), tuple(vq_operand_shapes(cfg)))
+
+
+class CpuKernelSelector(KernelSelector):
+    """The generic TE kernel with its CPU schedule."""
+
+    def _pick(self, cfg: VPTQLayerConfig, dtype: str, rows: int | None) -> VQKernel:
+        # a static row count (decode) keeps the accumulators in registers; a symbolic one needs memory
+        return VQKernel(schedule_cpu(vq_matmul_generic(cfg, dtype, rows), rows), tuple(vq_operand_shapes(cfg)))
+
+
+class WavefrontKernelSelector(KernelSelector):
+    """The CUDA GEMV parameterised for another GPU (`params`: wavefront, static LDS, threads) for decode row counts
+    1..MAX_ROWS, else the dlight dequant matmul (as on CUDA). What ROCm builds."""
+
+    def __init__(self, target: Target, params: GpuParams, layouts: Iterable[str] = (LAYOUT,)):
+        super().__init__(target, layouts)
+        self.params = params
+
+    def _pick(self, cfg: VPTQLayerConfig, dtype: str, rows: int | None) -> VQKernel:
+        from vptq_mlc.tir_kernels.cuda_gemv import MAX_ROWS, vq_gemv_cuda
+        from vptq_mlc.tir_kernels.cuda_prefill import dequant_matmul_cuda
+
         generic_ops = tuple(vq_operand_shapes(cfg))
-        kind = self.target.kind.name
-        if kind == "llvm":
-            # a static row count (decode) keeps the accumulators in registers; a symbolic one needs memory
-            return VQKernel(schedule_cpu(vq_matmul_generic(cfg, dtype, rows), rows), generic_ops)
-        from vptq_mlc.tir_kernels.cuda_gemv import MAX_ROWS, gpu_params, vq_gemv_cuda
+        if rows is not None and 1 <= rows <= MAX_ROWS:
+            return _mark(VQKernel(vq_gemv_cuda(cfg, dtype, rows, params=self.params), generic_ops))
+        return _mark(VQKernel(dequant_matmul_cuda(cfg, dtype, self.target), generic_ops))
 
-        decode = rows is not None and 1 <= rows
-        if kind == "rocm":  # the GEMV parameterised for the wavefront; else the dlight dequant matmul (as on CUDA)
-            from vptq_mlc.tir_kernels.cuda_prefill import dequant_matmul_cuda
 
-            if decode and rows <= MAX_ROWS:
-                return _mark(VQKernel(vq_gemv_cuda(cfg, dtype, rows, params=gpu_params(self.target)), generic_ops))
-            return _mark(VQKernel(dequant_matmul_cuda(cfg, dtype, self.target), generic_ops))
-        if kind != "cuda":
-            return VQKernel(vq_matmul_generic(cfg, dtype), generic_ops)
+class CudaKernelSelector(KernelSelector):
+    """Code-sorted, tensor-core, GEMV and prefill kernels, by row count (module docstring)."""
+
+    def uses_code_sorted(self, cfg: VPTQLayerConfig, dtype: str) -> bool:
+        """The layer has code-sorted entries and some decode row count takes the code-sorted kernel (else its
+        entries are not declared, so they are never loaded onto the GPU)."""
+        if CODE_SORTED not in self.layouts or not code_sorted_eligible(cfg, dtype):
+            return False
+        from vptq_mlc.tir_kernels.cuda_code_sorted import code_sorted_preferred
+
+        return code_sorted_preferred(cfg, dtype, 1)
+
+    def _pick(self, cfg: VPTQLayerConfig, dtype: str, rows: int | None) -> VQKernel:
         from vptq_mlc.tir_kernels import cuda_code_sorted as cs
+        from vptq_mlc.tir_kernels.cuda_gemv import MAX_ROWS, vq_gemv_cuda
         from vptq_mlc.tir_kernels.cuda_mma import mma_preferred, vq_mma_cuda
         from vptq_mlc.tir_kernels.cuda_prefill import dequant_matmul_cuda
 
+        generic_ops = tuple(vq_operand_shapes(cfg))
+        decode = rows is not None and 1 <= rows
         if decode and rows <= cs.MAX_ROWS and self.uses_code_sorted(cfg, dtype):
             k = VQKernel(cs.vq_code_sorted_cuda(cfg, dtype, rows), cs.code_sorted_operands(cfg, dtype),
                          ((cs.code_sorted_scratch(cfg, dtype, rows), "float32"),))
@@ -123,26 +154,13 @@ def _mark(k: VQKernel) -> VQKernel:
     return VQKernel(func, k.operands, k.scratch)
 
 
-def kernel_selector(target: Target, layouts: Iterable[str] = (LAYOUT,)) -> KernelSelector:
-    """The target's selector; `layouts`: the kernel layouts the model dir carries (chat config `vptq.layouts`)."""
-    return KernelSelector(target, layouts)
+def gemv_decode_batches() -> tuple[int, ...]:
+    """Static decode batch sizes the GEMV serves (2..MAX_ROWS; 1 is the plain `decode`). The norm-bias row dot has
+    its own kernel (`norm_bias_kernels`), since dlight's reduction schedule for static batches overflowed shared
+    memory."""
+    from vptq_mlc.tir_kernels.cuda_gemv import MAX_ROWS
 
-
-def static_decode_batches(target: Target) -> tuple[int, ...]:
-    """Batch sizes worth a static `batch_decode_b<n>` function (those with a dedicated decode kernel).
-
-    CUDA and ROCm: 2..MAX_ROWS, the row counts of the hand-scheduled GEMV (the norm-bias row dot has its own
-    kernel, `norm_bias_selector`, since dlight's reduction schedule for static batches overflowed shared memory).
-    """
-    if target.kind.name == "cuda":
-        from vptq_mlc.tir_kernels.cuda_gemv import MAX_ROWS
-
-        return tuple(range(2, MAX_ROWS + 1)) + CUDA_MMA_ONLY_BATCHES
-    if target.kind.name == "rocm":  # the same GEMV, parameterised for the wavefront
-        from vptq_mlc.tir_kernels.cuda_gemv import MAX_ROWS
-
-        return tuple(range(2, MAX_ROWS + 1))
-    return ()
+    return tuple(range(2, MAX_ROWS + 1))
 
 
 @dataclass(frozen=True)
@@ -155,13 +173,11 @@ class NormBiasKernels:
     prologue: Callable[[int, str, bool], tirx.PrimFunc] | None = None  # (in_features, dtype, has_perm)
 
 
-def norm_bias_selector(target: Target) -> NormBiasKernels | None:
-    """GPU kernels for the norm-bias term, or None to let the relax pipeline schedule a plain reduction (llvm).
+def norm_bias_kernels(prologue: bool) -> NormBiasKernels:
+    """GPU kernels for the norm-bias term (targets without them let the relax pipeline schedule a plain reduction).
     dlight's schedule of that reduction keeps whole rows in static shared memory, which fails for static batches
-    >= 2 at 7B shapes. CUDA also gets the fused prologue (`cuda_prologue.py`, 32-lane warp shuffles); ROCm keeps
-    the row dot (256 threads; TVM's allreduce follows the wavefront)."""
-    if target.kind.name not in ("cuda", "rocm"):
-        return None
+    >= 2 at 7B shapes. `prologue`: also the fused prologue (`cuda_prologue.py`, 32-lane warp shuffles: CUDA);
+    without it the row dot alone (256 threads; TVM's allreduce follows the wavefront: ROCm)."""
     from vptq_mlc.tir_kernels.cuda_gemv import row_dot_cuda
 
     def mark(f: tirx.PrimFunc) -> tirx.PrimFunc:
@@ -171,12 +187,12 @@ def norm_bias_selector(target: Target) -> NormBiasKernels | None:
     def row_dot(in_features: int, dtype: str) -> tirx.PrimFunc:
         return mark(row_dot_cuda(in_features, dtype))
 
-    if target.kind.name != "cuda":
+    if not prologue:
         return NormBiasKernels(row_dot)
     from vptq_mlc.tir_kernels.cuda_prologue import vq_prologue_cuda
 
     @functools.cache
-    def prologue(in_features: int, dtype: str, has_perm: bool) -> tirx.PrimFunc:
+    def prologue_kernel(in_features: int, dtype: str, has_perm: bool) -> tirx.PrimFunc:
         return mark(vq_prologue_cuda(in_features, dtype, has_perm))
 
-    return NormBiasKernels(row_dot, prologue)
+    return NormBiasKernels(row_dot, prologue_kernel)
