@@ -251,8 +251,8 @@ class CudaBackend(TargetBackend):
             relax.transform.FoldConstant(),
             relax.transform.FuseOps(),
             relax.transform.FuseTIR(),
-            # schedule what is not hand-scheduled: a pass that schedules some functions itself goes here, before
-            # dlight, and marks them `tirx.is_scheduled` (dlight skips those, as it skips our VQ kernels)
+            # schedule what is not hand-scheduled (dlight skips `tirx.is_scheduled` functions: our VQ kernels and
+            # dense_mma_pass's GEMMs)
             no_tensorize,
             dl.ApplyDefaultSchedule(dl.gpu.Matmul(), dl.gpu.GEMV(), dl.gpu.Reduction(), dl.gpu.GeneralReduction(),
                                     dl.gpu.Fallback()),
