@@ -90,10 +90,13 @@ class MLP(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, cfg: DecoderConfig, index: int, make_linear: LinearFactory, dtype: str):
+    """Pre-norm residual block: `attention` and `mlp` are the family's blocks (Llama's when not given)."""
+
+    def __init__(self, cfg: DecoderConfig, index: int, make_linear: LinearFactory, dtype: str,
+                 attention: nn.Module | None = None, mlp: nn.Module | None = None):
         prefix = f"model.layers.{index}"
-        self.self_attn = Attention(cfg, f"{prefix}.self_attn", make_linear)
-        self.mlp = MLP(cfg, f"{prefix}.mlp", make_linear)
+        self.self_attn = Attention(cfg, f"{prefix}.self_attn", make_linear) if attention is None else attention
+        self.mlp = MLP(cfg, f"{prefix}.mlp", make_linear) if mlp is None else mlp
         self.input_layernorm = nn.RMSNorm(cfg.hidden_size, -1, cfg.rms_norm_eps, bias=False, dtype=dtype)
         self.post_attention_layernorm = nn.RMSNorm(cfg.hidden_size, -1, cfg.rms_norm_eps, bias=False, dtype=dtype)
         self.layer_id = index
@@ -106,11 +109,13 @@ class DecoderLayer(nn.Module):
 
 
 class DecoderModel(nn.Module):
-    def __init__(self, cfg: DecoderConfig, make_linear: LinearFactory, dtype: str):
+    """embed_tokens, the layers, the final norm; `make_layer(index)` builds layer `index` (Llama's by default)."""
+
+    def __init__(self, cfg: DecoderConfig, make_linear: LinearFactory, dtype: str,
+                 make_layer: Callable[[int], nn.Module] | None = None):
+        make_layer = make_layer or (lambda i: DecoderLayer(cfg, i, make_linear, dtype))
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size, dtype=dtype)
-        self.layers = nn.ModuleList(
-            [DecoderLayer(cfg, i, make_linear, dtype) for i in range(cfg.num_hidden_layers)]
-        )
+        self.layers = nn.ModuleList([make_layer(i) for i in range(cfg.num_hidden_layers)])
         self.norm = nn.RMSNorm(cfg.hidden_size, -1, cfg.rms_norm_eps, bias=False, dtype=dtype)
 
     def forward(self, x: Tensor, kv: PagedKVCache) -> Tensor:

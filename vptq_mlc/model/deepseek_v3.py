@@ -27,7 +27,7 @@ from tvm.relax.frontend.nn import Tensor, op
 from tvm.relax.frontend.nn.llm.kv_cache import PagedKVCache
 
 from vptq_mlc.checkpoint.arch import DeepseekV3Config
-from vptq_mlc.model.decoder import MLP, DecoderForCausalLM, LinearFactory
+from vptq_mlc.model.decoder import MLP, DecoderForCausalLM, DecoderLayer, DecoderModel, LinearFactory
 
 # transformers' DeepseekV3RMSNorm default: the q_a / kv_a layernorms are built without config.rms_norm_eps
 LORA_NORM_EPS = 1e-6
@@ -209,33 +209,13 @@ def _mlp(cfg: DeepseekV3Config, prefix: str, width: int, make_linear: LinearFact
     return MLP(dataclasses.replace(cfg, intermediate_size=width, mlp_bias=False), prefix, make_linear)
 
 
-class DeepseekV3Layer(nn.Module):
-    def __init__(self, cfg: DeepseekV3Config, index: int, make_linear: LinearFactory, dtype: str):
-        prefix = f"model.layers.{index}"
-        self.self_attn = MLAttention(cfg, f"{prefix}.self_attn", make_linear, dtype)
-        self.mlp = (MoE(cfg, f"{prefix}.mlp", make_linear, dtype) if cfg.is_moe_layer(index)
-                    else _mlp(cfg, f"{prefix}.mlp", cfg.intermediate_size, make_linear))
-        self.input_layernorm = nn.RMSNorm(cfg.hidden_size, -1, cfg.rms_norm_eps, bias=False, dtype=dtype)
-        self.post_attention_layernorm = nn.RMSNorm(cfg.hidden_size, -1, cfg.rms_norm_eps, bias=False, dtype=dtype)
-        self.layer_id = index
-
-    def forward(self, x: Tensor, kv: PagedKVCache, layer_id: Any = None) -> Tensor:
-        layer_id = self.layer_id if layer_id is None else layer_id
-        x = x + self.self_attn(self.input_layernorm(x), kv, layer_id)
-        return x + self.mlp(self.post_attention_layernorm(x))
-
-
-class DeepseekV3Model(nn.Module):
-    def __init__(self, cfg: DeepseekV3Config, make_linear: LinearFactory, dtype: str):
-        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size, dtype=dtype)
-        self.layers = nn.ModuleList(
-            [DeepseekV3Layer(cfg, i, make_linear, dtype) for i in range(cfg.num_hidden_layers)])
-        self.norm = nn.RMSNorm(cfg.hidden_size, -1, cfg.rms_norm_eps, bias=False, dtype=dtype)
-
-    def forward(self, x: Tensor, kv: PagedKVCache) -> Tensor:
-        for layer in self.layers:
-            x = layer(x, kv)
-        return self.norm(x)
+def _layer(cfg: DeepseekV3Config, index: int, make_linear: LinearFactory, dtype: str) -> DecoderLayer:
+    """The Llama residual block around MLA and, past the first dense layers, the mixture of experts."""
+    prefix = f"model.layers.{index}"
+    mlp = (MoE(cfg, f"{prefix}.mlp", make_linear, dtype) if cfg.is_moe_layer(index)
+           else _mlp(cfg, f"{prefix}.mlp", cfg.intermediate_size, make_linear))
+    return DecoderLayer(cfg, index, make_linear, dtype,
+                        attention=MLAttention(cfg, f"{prefix}.self_attn", make_linear, dtype), mlp=mlp)
 
 
 class DeepseekV3ForCausalLM(DecoderForCausalLM):
@@ -243,4 +223,4 @@ class DeepseekV3ForCausalLM(DecoderForCausalLM):
     width, RoPE in the model) around the DeepSeek-V3 decoder stack."""
 
     def make_model(self, cfg: DeepseekV3Config, make_linear: LinearFactory, dtype: str) -> nn.Module:
-        return DeepseekV3Model(cfg, make_linear, dtype)
+        return DecoderModel(cfg, make_linear, dtype, lambda i: _layer(cfg, i, make_linear, dtype))
