@@ -10,10 +10,15 @@ Bound: logits within 2e-2 of the reference's logit scale, the bound tests/gpu/te
 the tiny fp16 Llama on CUDA (fp16 weights and activations, fp32 accumulation in other orders than the CPU's). The
 reference here is fp32 transformers, so the fp16 rounding of the whole model counts too: measured on llvm, an fp16
 build of this checkpoint is within ~0.3% of the scale (docs/architectures.md), so the bound leaves ~7x headroom and
-is still far below what a wrong expert, head or rope position moves (O(scale)). An argmax may differ from the
+is far below what a wrong routing or rope moves (checked by hand on llvm with the same weights: plain-halves rope
+50% of the scale, routed_scaling_factor 2.0 for 2.5 36%, topk_group 2 for 1 70%). An argmax may differ from the
 reference's only where the reference's top-2 margin is at most twice that step's observed logit difference (a
-smaller margin cannot flip under a difference of d); free-running greedy tokens must equal transformers' up to the
-first step whose reference margin is within twice the bound (past a near-tie both runs may legitimately part).
+smaller margin cannot flip under a difference of d). Free-running greedy tokens (the runtime Engine) must equal
+transformers' up to the first step whose reference margin is within 4x the largest difference measured for that
+library teacher-forced (2x: where a flip becomes possible; another 2x for the Engine's own prefill/batching paths,
+which round differently from the teacher-forced calls); past a near-tie both runs may legitimately part. Tying the
+greedy check to the measured difference rather than to the bound keeps it long: on llvm the difference is ~0.2% of
+the scale, and 2x the bound would stop most rows at their first few tokens.
 """
 
 from __future__ import annotations
@@ -30,7 +35,8 @@ CHECKPOINT = dict(arch="deepseek_v3", dtype="float16", num_layers=3, vocab_size=
                                 "rope_scaling": {"rope_type": "yarn", "factor": 4.0,
                                                  "original_max_position_embeddings": 64,
                                                  "mscale": 1.0, "mscale_all_dim": 0.7}})
-# lengths 6, 41, 1 and 9: a one-token prompt, one past a KV page, and four together for the batched decode kernels
+# lengths 6, 41, 1 and 9: a one-token prompt, one past a KV page. On CUDA (tir_kernels/registry.py) one row and these
+# four together run the GEMV decode kernel, the four repeated to 16 rows the tensor-core one.
 PROMPTS = [[5, 9, 13, 200, 31, 7], list(range(20, 61)), [42], [300, 17, 250, 3, 99, 120, 8, 64, 11]]
 STEPS = 16
 REL_BOUND = 2e-2
@@ -114,23 +120,23 @@ def _margins(ref: np.ndarray) -> np.ndarray:
 
 def check_logits(got: np.ndarray, ref: np.ndarray, what: str) -> float:
     """Logits within REL_BOUND of the scale; argmax equal wherever the margin exceeds twice the step's difference.
-    Returns the largest difference relative to the scale."""
+    Returns the largest absolute difference."""
     scale = float(np.abs(ref).max())
     diff = np.abs(got - ref).max(-1)
     assert float(diff.max()) <= REL_BOUND * scale, (
         f"{what}: max logit difference {diff.max():.3g} vs scale {scale:.3g} (bound {REL_BOUND} x scale)")
     flips = (got.argmax(-1) != ref.argmax(-1)) & (_margins(ref) > 2 * diff)
     assert not flips.any(), f"{what}: argmax differs away from near-ties at {np.argwhere(flips).tolist()}"
-    return float(diff.max()) / scale
+    return float(diff.max())
 
 
-def check_greedy(outputs: list[list[int]], greedy: np.ndarray, ref_logits: np.ndarray, what: str) -> int:
-    """Each row's tokens equal transformers' up to its first near-tie (reference margin <= 2 x bound); returns how
-    many tokens were compared in all."""
-    bound = REL_BOUND * float(np.abs(ref_logits).max())
+def check_greedy(outputs: list[list[int]], greedy: np.ndarray, ref_logits: np.ndarray, tie: float,
+                 what: str) -> int:
+    """Each row's tokens equal transformers' up to its first near-tie (reference top-2 margin <= `tie`); returns
+    how many tokens were compared in all."""
     compared = 0
     for i, (ours, want) in enumerate(zip(outputs, greedy.tolist())):
-        ties = np.flatnonzero(_margins(ref_logits[i]) <= 2 * bound)
+        ties = np.flatnonzero(_margins(ref_logits[i]) <= tie)
         upto = int(ties[0]) if ties.size else len(want)
         assert ours[:upto] == want[:upto], f"{what}: prompt {i} greedy {ours} vs transformers {want} (first {upto})"
         compared += upto
@@ -138,7 +144,8 @@ def check_greedy(outputs: list[list[int]], greedy: np.ndarray, ref_logits: np.nd
 
 
 def check_library(folder: Path, lib_name: str, device: str) -> dict[str, float]:
-    """Every check of one library of `folder` (model/, the library, reference.npz) on `device`."""
+    """Every check of one library of `folder` (model/, the library, reference.npz) on `device`; returns the
+    largest logit difference relative to the scale per run and the greedy tokens compared."""
     from vptq_mlc.runtime import Engine, SamplingParams
 
     prompts, greedy, ref = load_reference(folder / "reference.npz")
@@ -149,6 +156,11 @@ def check_library(folder: Path, lib_name: str, device: str) -> dict[str, float]:
                                           ref[i], f"{lib_name} prompt {i} alone")
     together = forced_logits(model_dir, lib_path, device, prompts, greedy)
     worst["batched"] = check_logits(together, ref, f"{lib_name} {len(prompts)} prompts batched")
+    sixteen = forced_logits(model_dir, lib_path, device, prompts * 4, np.tile(greedy, (4, 1)))
+    worst["batched16"] = check_logits(sixteen, np.tile(ref, (4, 1, 1)), f"{lib_name} 16 rows batched")
+    tie = 4 * max(worst.values())
+    scale = float(np.abs(ref).max())
+    worst = {k: v / scale for k, v in worst.items()}
     engine = Engine(model_dir, lib_path, device=device)
     params = SamplingParams(max_tokens=greedy.shape[1], temperature=0.0, ignore_eos=True)
     alone = []
@@ -157,11 +169,11 @@ def check_library(folder: Path, lib_name: str, device: str) -> dict[str, float]:
         while not req.finished:
             engine.step()
         alone.append(req.output_ids)
-    worst["greedy_alone_tokens"] = check_greedy(alone, greedy, ref, f"{lib_name} engine alone")
+    worst["greedy_alone_tokens"] = check_greedy(alone, greedy, ref, tie, f"{lib_name} engine alone")
     reqs = [engine.add_request(p, params) for p in prompts]
     while engine.has_unfinished():
         engine.step()
-    worst["greedy_batched_tokens"] = check_greedy([r.output_ids for r in reqs], greedy, ref,
+    worst["greedy_batched_tokens"] = check_greedy([r.output_ids for r in reqs], greedy, ref, tie,
                                                   f"{lib_name} engine batched")
     assert engine.kv.available_pages() == engine.kv.total_pages
     return worst

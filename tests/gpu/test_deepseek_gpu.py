@@ -1,12 +1,14 @@
 """GPU: the tiny fp16 DeepSeek-V3 (MLA on the MHA paged cache, MoE) on CUDA against transformers.
 
 The GPU host has no transformers, so transformers' greedy tokens and teacher-forced logits come from the build box
-(`bash bench/gpu_artifacts.sh ART e2eds` writes ART/e2eds/reference.npz next to model/, model-cpu.so and
-model-cuda.so). Checks and bound (2e-2 of the logit scale, the one tests/gpu/test_runtime_engine_gpu.py uses for
-the tiny fp16 Llama) are in tests/deepseek_e2e.py: teacher-forced logits of each prompt alone (`decode`) and of
-four together (`batch_decode_b4`, the tensor-core path), argmax equal away from near-ties, and the runtime Engine's
-greedy tokens, alone and batched, equal to transformers' up to the first near-tie. The llvm library runs the same
-checks on the host's CPU as a control (a CUDA-only failure is then the CUDA path's). Runs with the runtime-only TVM.
+(`bash bench/gpu_artifacts.sh ART e2eds` writes ART/e2eds/reference.npz next to model/ and the gzipped libraries,
+which bench/gpu_suite.sh unpacks to model-cpu.so and model-cuda.so). Checks and bound (2e-2 of the logit scale,
+the one tests/gpu/test_runtime_engine_gpu.py uses for the tiny fp16 Llama) are in tests/deepseek_e2e.py:
+teacher-forced logits of each prompt alone (`prefill`, then `decode`: the one-row GEMV), of four together
+(`batch_decode_b4`: the GEMV at 4 rows) and of 16 rows (`batch_decode_b16`: the tensor-core decode kernel), argmax
+equal away from near-ties, and the runtime Engine's greedy tokens, alone and batched, equal to transformers' up to
+the first near-tie. The llvm library runs the same checks on the host's CPU as a control (a CUDA-only failure is
+then the CUDA path's). Runs with the runtime-only TVM.
 """
 
 from __future__ import annotations
