@@ -1,9 +1,12 @@
 #!/usr/bin/env bash
 # Build, on the GPU-less build box, everything bench/gpu_suite.sh reads on the GPU host, into one folder to carry.
 # Usage (repo root): bash bench/gpu_artifacts.sh ART_DIR [parts...]
-# parts (default: tvm_rt kcheck e2e): tvm_rt kcheck kbench kcs e2e e2e7b; each is skipped when already built.
+# parts (default: tvm_rt kcheck e2e): tvm_rt kcheck kbench kcs e2e e2eds e2e7b; each is skipped when already built.
 #   e2e    a tiny fp16 llama (hidden 256, 2 layers, v8-k256-256): ckpt/ (its checkpoint: the transformers reference of
 #          tests/gpu), model/ (converted), model-cpu.so and model-cuda.so (sm_90, CUDA layout added by compile)
+#   e2eds  a tiny fp16 deepseek_v3 (tests/deepseek_e2e.py): model/, model-cpu.so.gz (CPU_ARCH, default x86-64-v3:
+#          any x86 GPU host), model-cuda.so.gz (gzipped: 11 MB -> 1.6 MB; gpu_suite.sh unpacks them) and reference.npz
+#          (transformers' greedy tokens and teacher-forced logits, computed here: the GPU host has no transformers)
 #   e2e7b  per name in E2E7B_SYSTEMS (default "v8-k4096-0 v8-k65536-256 fp16"): NAME-cfg/ (config-only synthetic
 #          model, E2E7B_SHAPE, default llama2-7b; fp16 = the first variant's config with every linear dense) and
 #          NAME-cuda.so. Tokenizers of the configs are the same file: one gzipped copy is kept in tokenizer/ and
@@ -36,6 +39,16 @@ make_synthetic_checkpoint('$E/ckpt', variant='v8-k256-256', hidden_size=256, int
         "${V[@]}" compile "$E/model" --target llvm -o "$E/model-cpu.so"
         "${V[@]}" compile "$E/model" --target cuda --arch "$ARCH" -o "$E/model-cuda.so"
       fi ;;
+    e2eds) E=$ART/e2eds
+      if ! built "$E/model-cuda.so.gz"; then
+        python3 tests/deepseek_e2e.py checkpoint "$E"
+        "${V[@]}" convert "$E/ckpt" -o "$E/model" --dtype float16
+        python3 tests/deepseek_e2e.py reference "$E"
+        rm -rf "$E/ckpt"  # only the reference reads it (rebuilt from its seed by this part)
+        "${V[@]}" compile "$E/model" --target llvm --arch "${CPU_ARCH:-x86-64-v3}" -o "$E/model-cpu.so"
+        "${V[@]}" compile "$E/model" --target cuda --arch "$ARCH" -o "$E/model-cuda.so"
+        gzip -9f "$E/model-cpu.so" "$E/model-cuda.so"
+      fi ;;
     e2e7b) D=$ART/e2e7b; mkdir -p "$D"
       set -- ${E2E7B_SYSTEMS:-v8-k4096-0 v8-k65536-256 fp16}
       first=$1
@@ -63,7 +76,7 @@ p.write_text(json.dumps(c, indent=2))"
         gzip -c "$c/tokenizer.json" > "$D/tokenizer/tokenizer.json.gz"
         rm "$c/tokenizer.json"
       done ;;
-    *) echo "unknown part $p (tvm_rt kcheck kbench kcs e2e e2e7b)" >&2; exit 2 ;;
+    *) echo "unknown part $p (tvm_rt kcheck kbench kcs e2e e2eds e2e7b)" >&2; exit 2 ;;
   esac
 done
 du -sh "$ART"/* 2>/dev/null

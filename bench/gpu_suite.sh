@@ -8,6 +8,8 @@
 #   kcs/      vptq-mlc bench build ART_DIR/kcs --suite code-sorted --arch sm_90      steps: cs, pytest
 #   e2e/      a tiny converted model: model/, model-cpu.so, model-cuda.so, ckpt/ (its checkpoint, for the
 #             transformers reference)                                                  steps: decode, pytest
+#   e2eds/    a tiny fp16 deepseek_v3: model/, model-cpu.so.gz, model-cuda.so.gz (unpacked here), reference.npz
+#             (transformers' tokens and logits, computed on the build box)             step: pytest
 #   e2e7b/    per system NAME: NAME-cfg/ (vptq-mlc bench synth-model ... --config-only) and NAME-cuda.so   step: e2e7b
 #   wheels/   the server's py3.12 wheels (fastapi, uvicorn, httpx, pydantic + deps, xgrammar 0.2.8), installed with
 #             --no-index --no-deps into /tmp/sp for step api7b (WHEELS=DIR: elsewhere; default ART/wheels, else the
@@ -40,10 +42,12 @@ for s in $STEPS; do
       "${V[@]}" bench decode "$E/model" --lib "$E/model-cuda.so" --device cuda --tokens 32 \
         --compare-lib "$E/model-cpu.so" --compare-device cpu 2>&1 | tee "$OUT/decode.log" || rc=1 ;;
     pytest)
+      for z in "$ART"/e2eds/*.so.gz; do [ -f "$z" ] && { [ -f "${z%.gz}" ] || gunzip -c "$z" > "${z%.gz}"; }; done
       # only the folders that were built: a variable naming a missing folder fails its tests
       VPTQ_MLC_GPU_KERNELS=$([ -d "$ART/kcheck" ] && echo "$ART/kcheck") VPTQ_MLC_GPU_E2E=$([ -d "$ART/e2e" ] && echo "$ART/e2e") \
       VPTQ_MLC_GPU_CODE_SORTED=$([ -d "$ART/kcs" ] && echo "$ART/kcs") \
-        python3 -m pytest -q -s -ra tests/gpu -p no:cacheprovider 2>&1 | tail -n 20 | tee "$OUT/pytest.log" || rc=1 ;;
+      VPTQ_MLC_GPU_DEEPSEEK=$([ -d "$ART/e2eds" ] && echo "$ART/e2eds") \
+        python3 -m pytest -q -s -ra tests/gpu -p no:cacheprovider 2>&1 | tee "$OUT/pytest.log" | tail -n 20 || rc=1 ;;
     e2e7b) for c in "$ART"/e2e7b/*-cfg; do  # gpu_artifacts.sh keeps one gzipped copy of the shared tokenizer
         [ -f "$c/tokenizer.json" ] || gunzip -c "$ART/e2e7b/tokenizer/tokenizer.json.gz" > "$c/tokenizer.json"; done
       SYS=()
