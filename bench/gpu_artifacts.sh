@@ -36,7 +36,7 @@ from vptq_mlc.testing.synthetic import make_synthetic_checkpoint
 make_synthetic_checkpoint('$E/ckpt', variant='v8-k256-256', hidden_size=256, intermediate_size=512, num_heads=4,
                           num_kv_heads=2, vocab_size=512, dtype='float16', seed=1, overwrite=True)"
         "${V[@]}" convert "$E/ckpt" -o "$E/model" --dtype float16
-        "${V[@]}" compile "$E/model" --target llvm -o "$E/model-cpu.so"
+        "${V[@]}" compile "$E/model" --target llvm --arch "${CPU_ARCH:-x86-64-v3}" -o "$E/model-cpu.so"
         "${V[@]}" compile "$E/model" --target cuda --arch "$ARCH" -o "$E/model-cuda.so"
       fi ;;
     e2eds) E=$ART/e2eds
