@@ -66,7 +66,10 @@ def test_prefill_cuda_source_has_both_paths():
     assert scratch == (((512, 1024), "float16"),)
     names = [p.name for p in func.params]
     assert names[0] == "xs" and names[-2:] == ["w", "y"] and names[1:-2] == list(vq_operand_shapes(cfg))
-    funcs = {"pre": func, "forced": forced}
+    # shared-memory codebook with split-K warps: its reduction reuses the codebook's shared memory, and the barrier
+    # between them must be in the kernel (TVM cannot insert one under the host-side row-count branch)
+    split, _ = vq_prefill_cuda(VPTQLayerConfig.from_variant("v8-k4096-0", 1024, 512), "float16")
+    funcs = {"pre": func, "forced": forced, "split": split}
     mod = tvm.IRModule({n: f.with_attr("global_symbol", n) for n, f in funcs.items()})
     host: list[str] = []
 
@@ -86,6 +89,7 @@ def test_prefill_cuda_source_has_both_paths():
     gemm = [k for k in pre.values() if "ldmatrix.sync.aligned.m8n8.x4.shared.b16" in k and "cp_async" in k]
     dequant = [k for k in pre.values() if "mma.sync" not in k]
     assert len(mma) == 1 and len(gemm) == 2 and len(dequant) == 1
+    assert len([n for n in kernels if n.startswith("split_")]) == 4
     # the dequantize kernel writes 16-byte stores of the weight (uint4 of 8 halves) and reads whole entries
     assert re.search(r"\*\(uint4\*\)\(w_ptr \+", dequant[0]) and "*(uint4*)(ent_ptr" in dequant[0]
     assert DEQUANT_GEMM_FROM_ROWS == 128

@@ -303,6 +303,10 @@ def mma_macro(cfg: VPTQLayerConfig, dtype: str, rows: int | None, NB, plan: MmaP
                                         False, dtype="float32"))
         # splits 1..P-1 park their accumulators in shared memory; split 0 adds them and stores
         if P > 1:
+            if SMEM_CB:  # TVM places `red` over the codebook (merged shared.dyn): every lookup must be done first.
+                # Written out (TVM's ThreadSync would add it, but cannot under a host-side condition, see
+                # cuda_dequant_gemm.py, where this kernel is one branch of a PrimFunc)
+                T.tvm_storage_sync("shared")
             if sp > 0:
                 for a in T.unroll(NACC):
                     red[((rg * (P - 1) + sp - 1) * NACC + a) * 32 + tx] = acc[a]
