@@ -98,9 +98,9 @@ def test_prefill_cuda_source_has_both_paths():
 def test_registry_picks_branching_prefill_for_fp16_symbolic_rows():
     from tvm.target import Target
 
-    from vptq_mlc.tir_kernels.registry import kernel_selector
+    from vptq_mlc.tir_kernels.registry import CudaKernelSelector
 
-    select = kernel_selector(Target({"kind": "cuda", "arch": "sm_90"}))
+    select = CudaKernelSelector(Target({"kind": "cuda", "arch": "sm_90"}))
     cfg = VPTQLayerConfig.from_variant("v8-k4096-0", 1024, 512)
     k = select(cfg, "float16", None)
     assert k.scratch == (((512, 1024), "float16"),)
