@@ -35,7 +35,8 @@ def bench() -> None:
               help="check: every variant family on small shapes; kernels: the issue's variants x real shapes; "
                    "sweep: decode-kernel schedule variants on a few shapes; code-sorted: the K=65536 kernel "
                    "(correctness, real shapes next to the gather GEMV, launch sweep); prefill: the dlight dequant "
-                   "matmul next to the registry's prefill kernel at 128/512/2048 rows.")
+                   "matmul, the registry's prefill kernel and both fp16 prefill paths forced (mma: VQ tensor "
+                   "cores; dequant-gemm: dequantize + dense GEMM) at 128/512/2048 rows.")
 @click.option("--arch", default="sm_90", show_default=True, help="Comma-separated CUDA archs.")
 @click.option("--rows", default="1,8", show_default=True, help="Decode row counts (kernels suite).")
 @click.option("--compare-gemv", default="", help="Row counts at which the gather GEMV is also built, next to the "
@@ -97,7 +98,7 @@ def kernels(art: str, reps: int, json_out: str | None) -> None:
     click.echo(f"device: {res['device']}; copy bandwidth {res['copy_GBps']:.0f} GB/s (read+write); "
                f"L2 flush: {res['flush']}")
     click.echo(_table(res["rows"], [("variant", "variant", "s"), ("shape", "out x in", "s"), ("rows", "rows", "d"),
-                                    ("us", "ours us", ".1f"), ("fp16_us", "fp16 us", ".1f"),
+                                    ("kernel", "kernel", "s"), ("us", "ours us", ".1f"), ("fp16_us", "fp16 us", ".1f"),
                                     ("speedup_vs_fp16", "fp16/ours", ".2f"), ("bytes", "bytes", ",d"),
                                     ("pct_copy_bw", "% copy BW", ".1f"), ("rel_err", "max row rel. err", ".1e")]))
     if json_out:

@@ -40,7 +40,9 @@ class KernelCase:
     layer: dict[str, Any] = field(default_factory=dict)  # extra VPTQLayerConfig.from_variant kwargs
     run_rows: int = 0  # rows to run a symbolic kernel with (0 = `rows`)
     plan: dict[str, Any] = field(default_factory=dict)  # GemvPlan overrides (schedule sweeps), decode only
-    kernel: str = ""  # "" = the registry's choice; "gemv" / "mma" / "code-sorted" / "dequant" force a kernel
+    # "" = the registry's choice; "gemv" / "mma" / "code-sorted" / "dequant" (dlight) force a kernel;
+    # "dequant-gemm": dequantize into a scratch weight + the dense GEMM at every row count (symbolic rows)
+    kernel: str = ""
 
     @property
     def name(self) -> str:
@@ -96,6 +98,18 @@ def correctness_cases() -> list[KernelCase]:
         KernelCase("v12-k65536-4096", 1020, 252, None, kernel="mma", run_rows=19),
         KernelCase("v16-k65536-65536", 1024, 512, None, kernel="mma", run_rows=130),
     ]
+    # long prompts: the registry's prefill dequantizes into a scratch weight and runs the dense GEMM (>= 128 rows)
+    for var in ("v8-k256-256", "v8-k4096-0", "v8-k65536-256", "v12-k65536-4096", "v16-k65536-65536", "v4-k256-0"):
+        cases.append(KernelCase(var, 1024, 512, None, run_rows=200))
+    cases += [
+        KernelCase("v8-k256-256", 1024, 512, None, outl, run_rows=200),
+        KernelCase("v8-k256-0", 1024, 512, None, {"group_num": 2}, run_rows=130),
+        KernelCase("v8-k256-256", 1024, 300, None, {"enable_perm": False}, run_rows=257),  # O % v != 0
+        KernelCase("v8-k4096-0", 2048, 8192, None, run_rows=1000),  # 128 x 128 GEMM tiles, partial last tile
+        # the dequantize path forced below its threshold: the GEMM's decode and 64 x 64 plans
+        KernelCase("v8-k256-256", 1024, 512, None, outl, kernel="dequant-gemm", run_rows=5),
+        KernelCase("v12-k65536-4096", 1024, 252, None, kernel="dequant-gemm", run_rows=37),
+    ]
     return cases
 
 
@@ -128,15 +142,16 @@ def bench_cases(rows: tuple[int, ...] = (1, 8), compare_gemv: tuple[int, ...] = 
 
 
 def prefill_cases(run_rows: tuple[int, ...] = (128, 512, 2048), plans: tuple[dict, ...] = ()) -> list[KernelCase]:
-    """Prefill kernels side by side on real shapes: the dlight dequant matmul, the registry's choice (the
-    tensor-core kernel for fp16) and the tensor-core kernel with each of `plans`' overrides."""
+    """Prefill kernels side by side on real shapes: the dlight dequant matmul, the registry's choice, both paths of
+    the fp16 prefill forced (the VQ tensor-core kernel `mma`, dequantize + dense GEMM `dequant-gemm`) and the
+    tensor-core kernel with each of `plans`' overrides."""
     out = []
     for var, shapes in (("v8-k4096-0", BENCH_SHAPES[:3]), ("v8-k256-256", BENCH_SHAPES[1:2]),
                         ("v8-k65536-0", BENCH_SHAPES[1:2])):
         for (o, i) in shapes:
             for n in run_rows:
-                out += [KernelCase(var, i, o, None, run_rows=n, kernel="dequant"),
-                        KernelCase(var, i, o, None, run_rows=n)]
+                out += [KernelCase(var, i, o, None, run_rows=n, kernel=k) for k in ("dequant", "", "mma",
+                                                                                    "dequant-gemm")]
                 out += [KernelCase(var, i, o, None, run_rows=n, kernel="mma", plan=p) for p in plans]
     return out
 
@@ -201,6 +216,13 @@ def build_kernel_library(cases: list[KernelCase], out_dir: str | os.PathLike[str
             cfg = c.config()
             base = plan_mma(cfg) if c.rows else plan_mma_prefill(cfg)
             f = vq_mma_cuda(cfg, dtype, c.rows, replace(base, **c.plan))
+        elif c.kernel == "dequant-gemm":
+            from vptq_mlc.artifact.vq_layout import vq_operand_shapes
+            from vptq_mlc.tir_kernels.cuda_dequant_gemm import vq_prefill_cuda
+
+            f, scratch = vq_prefill_cuda(c.config(), dtype, from_rows=0)
+            calls[i] = {"operands": list(vq_operand_shapes(c.config())),
+                        "scratch": [[list(sh), dt] for sh, dt in scratch]}
         elif c.kernel == "dequant":
             from vptq_mlc.tir_kernels.cuda_prefill import dequant_matmul_cuda
 

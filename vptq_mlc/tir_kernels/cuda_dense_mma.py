@@ -273,6 +273,28 @@ def _plan_checked(p: DensePlan | None, k: int) -> DensePlan:
     return p
 
 
+def symbolic_plans(n: int, k: int, above_rows: int = 0) -> list[tuple[int | None, DensePlan | None]]:
+    """The run-time plan choice for a symbolic row count known to exceed `above_rows`: (row limit or None,
+    plan), first match wins (decode rows, short prompts on narrow outputs, then 128 x 128 tiles)."""
+    plans: list[tuple[int | None, DensePlan | None]] = []
+    if above_rows < DECODE_MAX_ROWS:
+        plans.append((DECODE_MAX_ROWS, plan_dense(DECODE_MAX_ROWS, k)))
+    small = small_prefill_rows(n)
+    if small > max(above_rows, DECODE_MAX_ROWS) and _fit_k(SMALL_PREFILL_PLAN, k) is not None:
+        plans.append((small, _fit_k(SMALL_PREFILL_PLAN, k)))
+    plans.append((None, plan_dense(None, k)))
+    return plans
+
+
+def gemm_macros(plans, M, n: int, k: int, dtype: str, rows_static: int | None) -> list[tuple[int, object]]:
+    """(row limit, 0 for none; kernel-launch macro over flat x[M*K], w[N, K], y[M*N]) per plan of `plans`."""
+    macros = []
+    for limit, pl in plans:  # under a row limit that fits one tile the grid is one tile high
+        grid_rows = limit if limit is not None and limit <= pl.block_m else rows_static
+        macros.append((limit or 0, _gemm_macro(_plan_checked(pl, k), M, n, k, dtype, grid_rows)))
+    return macros
+
+
 def dense_mma_cuda(lead: tuple, n: int, k: int, dtype: str = "float16", plan: DensePlan | None = None,
                    ) -> tirx.PrimFunc:
     """PrimFunc(x[*lead, K], w[N, K], y[*lead, N]); `lead` holds ints and/or int64 tirx.Vars (rows = their
@@ -296,15 +318,9 @@ def dense_mma_cuda(lead: tuple, n: int, k: int, dtype: str = "float16", plan: De
         plans = [(None, plan)]
     elif rows_static is not None:
         plans = [(None, plan_dense(rows_static, k))]
-    else:  # run-time choice: (row limit or None, plan), first match wins
-        plans = [(DECODE_MAX_ROWS, plan_dense(DECODE_MAX_ROWS, k))]
-        if small_prefill_rows(n) > DECODE_MAX_ROWS and _fit_k(SMALL_PREFILL_PLAN, k) is not None:
-            plans.append((small_prefill_rows(n), _fit_k(SMALL_PREFILL_PLAN, k)))
-        plans.append((None, plan_dense(None, k)))
-    macros = []
-    for limit, pl in plans:  # under a row limit that fits one tile the grid is one tile high
-        grid_rows = limit if limit is not None and limit <= pl.block_m else rows_static
-        macros.append((limit or 0, _gemm_macro(_plan_checked(pl, k), Mi, n, k, dtype, grid_rows)))
+    else:
+        plans = symbolic_plans(n, k)
+    macros = gemm_macros(plans, Mi, n, k, dtype, rows_static)
     NPLANS = len(macros)
     (l0, g0), (l1, g1), (_, g2) = macros + [macros[-1]] * (3 - NPLANS)
 

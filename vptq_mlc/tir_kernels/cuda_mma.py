@@ -110,14 +110,39 @@ def plan_mma_prefill(cfg: VPTQLayerConfig) -> MmaPlan:
 def vq_mma_cuda(cfg: VPTQLayerConfig, dtype: str, rows: int | None, plan: MmaPlan | None = None) -> tirx.PrimFunc:
     """PrimFunc(xs[rows, I], *operands, y[rows, O]), fp16: decode for MIN_ROWS <= rows <= 16, or prefill for a
     symbolic row count (`rows=None`: a grid row per 16 * row_tiles rows)."""
+    I, O, v, G, S, K, KR, KR1, NV, L, OSZ, OSZ1, HAS_RES, HAS_OUT, VO, KO, NO = kernel_dims(cfg)  # noqa: E741
+    CD, RCD = code_dtype(K), code_dtype(KR1)  # uint8 codes for books of <= 256 entries
+    NB = rows if rows is not None else tirx.Var("n", "int64")
+    mma = mma_macro(cfg, dtype, rows, NB, plan)
+
+    @T.prim_func(private=True)
+    def kernel(
+        xs: T.Buffer((NB, I), dtype),
+        centroids: T.Buffer((G, K, v), dtype),
+        codes: T.Buffer((NV, L), CD),
+        res_centroids: T.Buffer((G, KR1, v), dtype),
+        res_codes: T.Buffer((NV, L), RCD),
+        outlier_centroids: T.Buffer((KO, VO), dtype),
+        outlier_codes: T.Buffer((NO, OSZ1), "uint16"),
+        y: T.Buffer((NB, O), dtype),
+    ):
+        T.func_attr(KERNEL_ATTRS)
+        mma(xs, centroids, codes, res_centroids, res_codes, outlier_centroids, outlier_codes, y)
+
+    return keep_generic_operands(kernel, cfg)
+
+
+def mma_macro(cfg: VPTQLayerConfig, dtype: str, rows: int | None, NB, plan: MmaPlan | None = None):  # noqa: N803
+    """The kernel launch of `vq_mma_cuda` as a macro over (xs, centroids, codes, res_centroids, res_codes,
+    outlier_centroids, outlier_codes, y) with `NB` rows (`rows`, or the caller's int64 row variable), so a caller
+    can put it next to other kernels in one PrimFunc (`cuda_dequant_gemm.py`)."""
     if rows is not None and not mma_supported(cfg, dtype, rows):
         raise ValueError(f"vq_mma_cuda takes fp16 and {MIN_ROWS}..{MMA_ROWS} rows, got {dtype} x {rows}")
     if dtype != "float16":
         raise ValueError(f"vq_mma_cuda takes fp16, got {dtype}")
     p = plan or (plan_mma(cfg) if rows is not None else plan_mma_prefill(cfg))
     I, O, v, G, S, K, KR, KR1, NV, L, OSZ, OSZ1, HAS_RES, HAS_OUT, VO, KO, NO = kernel_dims(cfg)  # noqa: E741
-    CD, RCD = code_dtype(K), code_dtype(KR1)  # uint8 codes for books of <= 256 entries
-    NB = rows if rows is not None else tirx.Var("n", "int64")
+    CD, RCD = code_dtype(K), code_dtype(KR1)
     NI, RW, P, DS, U, MB = p.vec_rows, p.row_groups, p.splits, p.steps_per_load, p.unroll, p.row_tiles
     NTN = -(-v // 8)  # n-tiles per vector row
     NACC = MB * NI * NTN * 4  # fp32 accumulators per lane
@@ -149,18 +174,8 @@ def vq_mma_cuda(cfg: VPTQLayerConfig, dtype: str, rows: int | None, plan: MmaPla
     def ai(mb, ii, nt):  # first of the 4 accumulators of (row tile, vector row, n-tile)
         return ((mb * NI + ii) * NTN + nt) * 4
 
-    @T.prim_func(private=True)
-    def kernel(
-        xs: T.Buffer((NB, I), dtype),
-        centroids: T.Buffer((G, K, v), dtype),
-        codes: T.Buffer((NV, L), CD),
-        res_centroids: T.Buffer((G, KR1, v), dtype),
-        res_codes: T.Buffer((NV, L), RCD),
-        outlier_centroids: T.Buffer((KO, VO), dtype),
-        outlier_codes: T.Buffer((NO, OSZ1), "uint16"),
-        y: T.Buffer((NB, O), dtype),
-    ):
-        T.func_attr(KERNEL_ATTRS)
+    @T.macro
+    def mma(xs, centroids, codes, res_centroids, res_codes, outlier_centroids, outlier_codes, y):
         bx = T.launch_thread("blockIdx.x", NRB)
         by = T.launch_thread("blockIdx.y", NBY)
         tx = T.launch_thread("threadIdx.x", 32)
@@ -288,6 +303,10 @@ def vq_mma_cuda(cfg: VPTQLayerConfig, dtype: str, rows: int | None, plan: MmaPla
                                         False, dtype="float32"))
         # splits 1..P-1 park their accumulators in shared memory; split 0 adds them and stores
         if P > 1:
+            if SMEM_CB:  # TVM places `red` over the codebook (merged shared.dyn): every lookup must be done first.
+                # Written out (TVM's ThreadSync would add it, but cannot under a host-side condition, see
+                # cuda_dequant_gemm.py, where this kernel is one branch of a PrimFunc)
+                T.tvm_storage_sync("shared")
             if sp > 0:
                 for a in T.unroll(NACC):
                     red[((rg * (P - 1) + sp - 1) * NACC + a) * 32 + tx] = acc[a]
@@ -306,4 +325,4 @@ def vq_mma_cuda(cfg: VPTQLayerConfig, dtype: str, rows: int | None, plan: MmaPla
                             if row(by, mb, tx, c // 2) < NB and n < v and i0 + ii < NV and r < O:
                                 y[row(by, mb, tx, c // 2), r] = T.Cast(dtype, tot[0])
 
-    return keep_generic_operands(kernel, cfg)
+    return mma

@@ -13,9 +13,11 @@ says which family it builds with; nothing here looks at the target's kind.
   no residual or Kr == K) -> `cuda_code_sorted.py` (slice-per-CTA kernel + a reduce kernel);
   static rows 6..16 (fp16; 9..16 with a residual codebook or v > 8: `cuda_mma.mma_preferred`) -> tensor-core
   kernel (`cuda_mma.py`); other static row counts 1..8 (decode) ->
-  hand-scheduled VQ-GEMV (`cuda_gemv.py`); other row counts (prefill, symbolic batch) -> the tensor-core
-  kernel with 4 row tiles per CTA (fp16; 2.5-4x the dlight matmul on the H100) or, for fp32 models, the
-  dequantize-in-shared-memory matmul scheduled by dlight (`cuda_prefill.py`).
+  hand-scheduled VQ-GEMV (`cuda_gemv.py`); other row counts (prefill, symbolic batch) -> for fp16, one PrimFunc
+  choosing by the run-time row count (`cuda_dequant_gemm.py`): the tensor-core kernel with 4 row tiles per CTA
+  below DEQUANT_GEMM_FROM_ROWS, else dequantize the layer into a scratch fp16 weight + the dense tensor-core GEMM
+  (`cuda_dense_mma.py`); for fp32 models, the dequantize-in-shared-memory matmul scheduled by dlight
+  (`cuda_prefill.py`).
   GPU kernels carry `op_pattern = kOpaque` so Relax FuseOps never fuses them with neighbours (fusing a
   call_tir kernel failed in FuseTIR with "Inconsistent buffers y and lv.. mapped to the same relax var", and
   a fused function would lose our schedule), and `tirx.is_scheduled` so dlight leaves them alone.
@@ -52,8 +54,9 @@ CUDA_MMA_ONLY_BATCHES = (12, 16)
 
 @dataclass(frozen=True)
 class VQKernel:
-    """One kernel call: `func(xs, *operands, *scratch outputs, y)`. Scratch outputs (fp32) are extra results of the
-    call_tir that the caller discards; Relax plans their memory like any intermediate."""
+    """One kernel call: `func(xs, *operands, *scratch outputs, y)`. Scratch outputs (fp32 partial sums, or a
+    dequantized fp16 weight) are extra results of the call_tir that the caller discards; Relax plans their memory
+    like any intermediate."""
 
     func: tirx.PrimFunc
     operands: tuple[str, ...]
@@ -141,8 +144,11 @@ class CudaKernelSelector(KernelSelector):
             k = VQKernel(vq_mma_cuda(cfg, dtype, rows), generic_ops)
         elif decode and rows <= MAX_ROWS:
             k = VQKernel(vq_gemv_cuda(cfg, dtype, rows), generic_ops)
-        elif rows is None and dtype == "float16":  # prefill / symbolic batch: tensor-core MMA, 64 rows per CTA
-            k = VQKernel(vq_mma_cuda(cfg, dtype, None), generic_ops)
+        elif rows is None and dtype == "float16":  # prefill / symbolic batch: VQ MMA, or dequantize + dense MMA
+            from vptq_mlc.tir_kernels.cuda_dequant_gemm import vq_prefill_cuda
+
+            func, scratch = vq_prefill_cuda(cfg, dtype)  # scratch: the layer's fp16 weight (long prompts)
+            k = VQKernel(func, generic_ops, scratch)
         else:
             k = VQKernel(dequant_matmul_cuda(cfg, dtype, self.target), generic_ops)
         return _mark(k)

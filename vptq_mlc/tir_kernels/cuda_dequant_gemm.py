@@ -1,0 +1,223 @@
+"""CUDA prefill of a VQ layer (fp16, symbolic row count): the VQ tensor-core kernel for short prompts, "dequantize
+the layer into a scratch buffer, then a dense tensor-core GEMM" for long ones, chosen at run time by the row count
+inside one PrimFunc (the host code TVM generates tests the row count and launches one path's kernels).
+
+Why: the VQ MMA kernel (`cuda_mma.py`) builds every B fragment from 2-byte codebook lookups, so its prefill is
+instruction-bound (0.12-0.19x torch fp16 on the H100 at Llama-2-7B shapes); the dense fp16 GEMM of
+`cuda_dense_mma.py` runs 0.37-0.46x cuBLAS from 128 rows. Writing the dense weight costs one pass over it
+(written once, read back by the GEMM) per call, independent of the row count, so above a few dozen rows it pays.
+
+Dequantize kernel: a thread owns one vector row i (the `v` output rows i*v .. i*v+v-1) and 8 consecutive input
+columns; it reads the 8 codes, looks each entry up (one `v`-wide load per entry, through L1/L2; the residual
+entry is added in fp16, as the reference `dequantize` rounds it), transposes in registers and writes `v` 16-byte
+stores; the 32 lanes of a warp write 512 contiguous bytes of each output row. Outlier columns (their own
+codebook, vector length along the output) take scalar lookups. The weight is in the kernel's column order (the
+order of `xs`, after the activation prologue's perm / norm scale), without the norm: W[r, k] exactly as
+`cuda_prefill.dequant_matmul_compute` defines it, so `y = xs @ W^T` is what every VQ kernel computes.
+"""
+
+from __future__ import annotations
+
+from tvm import tirx
+from tvm.script import tirx as T
+
+from vptq_mlc.artifact.vq_layout import code_dtype, vq_operand_shapes
+from vptq_mlc.checkpoint.layer_config import VPTQLayerConfig
+from vptq_mlc.tir_kernels.cuda_common import KERNEL_ATTRS, keep_params, load_book_entry, vr
+from vptq_mlc.tir_kernels.cuda_dense_mma import gemm_macros, plan_dense, symbolic_plans
+from vptq_mlc.tir_kernels.cuda_mma import mma_macro
+from vptq_mlc.tir_kernels.generic import kernel_dims
+
+# Row count from which a symbolic-row prefill dequantizes the layer and runs the dense GEMM. Cost model (H100,
+# Llama-2-7B shape, one prefill call): the VQ MMA kernel costs ~0.2 ms per row for the whole model (4970 tok/s at
+# 512 rows); dequantizing all weights writes and reads back ~13.5 GB (~9 ms per call at ~1.5 TB/s each way), and
+# the dense GEMM at ~0.42x cuBLAS (21458 tok/s) costs ~0.11 ms per row, so the two meet at 9 / (0.2 - 0.11) ~ 100
+# rows; rounded up to the dense GEMM's 128-row tile. To be confirmed by `bench kernels --prefill` on the H100.
+DEQUANT_GEMM_FROM_ROWS = 128
+COLS_PER_THREAD = 8  # one 16-byte fp16 store per output row
+DEQUANT_THREADS = 256
+
+
+def entry_width(v: int) -> int:
+    """Elements per codebook-entry load: 16 bytes where the entry's alignment allows, else 8, 4 or 2."""
+    for w in (8, 4, 2):
+        if v % w == 0:
+            return w
+    return 1
+
+
+def dequant_gemm_supported(cfg: VPTQLayerConfig, dtype: str) -> bool:
+    """The dense GEMM takes the layer's input size (a multiple of its K step) and the stores stay 16-byte aligned."""
+    return (dtype == "float16" and cfg.in_features % COLS_PER_THREAD == 0
+            and plan_dense(None, cfg.in_features) is not None)
+
+
+def dequant_macro(cfg: VPTQLayerConfig, dtype: str, cuda: bool = True):
+    """The dequantize launch as a macro over (centroids, codes, res_centroids, res_codes, outlier_centroids,
+    outlier_codes, w[O, I]). `cuda=False` runs the same body in serial loops over the block and thread indices
+    (a CPU build of the identical per-thread code, for tests without a GPU)."""
+    I, O, v, G, S, K, KR, KR1, NV, L, OSZ, OSZ1, HAS_RES, HAS_OUT, VO, KO, NO = kernel_dims(cfg)  # noqa: E741
+    if I != OSZ + L or I % COLS_PER_THREAD:
+        raise ValueError(f"dequantize kernel needs in_features = outliers + groups * group_size, a multiple of "
+                         f"{COLS_PER_THREAD}; got {I} ({OSZ} + {L})")
+    CD, RCD = code_dtype(K), code_dtype(KR1)
+    C8 = COLS_PER_THREAD
+    NCHUNK = I // C8
+    TH = DEQUANT_THREADS
+    GX = -(-NCHUNK // TH)
+    EV = entry_width(v)
+    VEC_CODES = not HAS_OUT and L % C8 == 0  # a thread's 8 codes in one load (8 or 16 bytes, aligned)
+
+    def chunk(bx, tx):  # a thread's 16-byte column chunk; inline, so the codegen sees the stores' alignment
+        return bx * TH + tx
+
+    @T.macro
+    def main_column(bx, tx, e, centroids, res_centroids, ent, rent, wl, cl, rl):
+        """Column e of the chunk from the main (and residual) codebook: v outputs from one entry."""
+        load_book_entry(ent, centroids, T.max(chunk(bx, tx) * C8 + e - OSZ, 0) // S, T.Cast("int32", cl[e]), v, EV)
+        if HAS_RES:
+            load_book_entry(rent, res_centroids, T.max(chunk(bx, tx) * C8 + e - OSZ, 0) // S,
+                            T.Cast("int32", rl[e]), v, EV)
+            for j in T.unroll(v):
+                wl[j * C8 + e] = ent[j] + rent[j]
+        else:
+            for j in T.unroll(v):
+                wl[j * C8 + e] = ent[j]
+
+    @T.macro
+    def body(bx, by, tx, centroids, codes, res_centroids, res_codes, outlier_centroids, outlier_codes, w):
+        ent = T.alloc_buffer((v,), dtype, scope="local")
+        rent = T.alloc_buffer((v,), dtype, scope="local")
+        wl = T.alloc_buffer((v * C8,), dtype, scope="local")
+        cl = T.alloc_buffer((C8,), CD, scope="local")
+        rl = T.alloc_buffer((C8,), RCD, scope="local")
+        if chunk(bx, tx) < NCHUNK:
+            if VEC_CODES:
+                cl[vr(0, C8)] = codes[by, vr(chunk(bx, tx) * C8, C8)]
+                if HAS_RES:
+                    rl[vr(0, C8)] = res_codes[by, vr(chunk(bx, tx) * C8, C8)]
+            else:
+                for e in T.unroll(C8):
+                    cl[e] = codes[by, T.max(chunk(bx, tx) * C8 + e - OSZ, 0)]
+                    if HAS_RES:
+                        rl[e] = res_codes[by, T.max(chunk(bx, tx) * C8 + e - OSZ, 0)]
+            for e in T.unroll(C8):
+                if HAS_OUT:
+                    if chunk(bx, tx) * C8 + e < OSZ:
+                        for j in T.unroll(v):
+                            wl[j * C8 + e] = outlier_centroids[
+                                T.Cast("int32", outlier_codes[T.min(by * v + j, O - 1) // VO,
+                                                              T.min(chunk(bx, tx) * C8 + e, OSZ - 1)]),
+                                T.min(by * v + j, O - 1) % VO]
+                    else:
+                        main_column(bx, tx, e, centroids, res_centroids, ent, rent, wl, cl, rl)
+                else:
+                    main_column(bx, tx, e, centroids, res_centroids, ent, rent, wl, cl, rl)
+            for j in T.unroll(v):
+                if by * v + j < O:
+                    w[by * v + j, vr(chunk(bx, tx) * C8, C8)] = wl[vr(j * C8, C8)]
+
+    @T.macro
+    def launch(centroids, codes, res_centroids, res_codes, outlier_centroids, outlier_codes, w):
+        # `with`: the launch scope ends here, so a kernel launched after this one is not nested in it
+        with T.launch_thread("blockIdx.x", GX) as bx:
+            with T.launch_thread("blockIdx.y", NV) as by:
+                with T.launch_thread("threadIdx.x", TH) as tx:
+                    body(bx, by, tx, centroids, codes, res_centroids, res_codes, outlier_centroids, outlier_codes,
+                         w)
+
+    @T.macro
+    def serial(centroids, codes, res_centroids, res_codes, outlier_centroids, outlier_codes, w):
+        for by in range(NV):
+            for bx in range(GX):
+                for tx in range(TH):
+                    body(bx, by, tx, centroids, codes, res_centroids, res_codes, outlier_centroids, outlier_codes,
+                         w)
+
+    return launch if cuda else serial
+
+
+def _operands(cfg: VPTQLayerConfig, *extra: str) -> set[str]:
+    return {"xs", "y", *vq_operand_shapes(cfg), *extra}
+
+
+def vq_dequantize_func(cfg: VPTQLayerConfig, dtype: str, cuda: bool = True) -> tirx.PrimFunc:
+    """PrimFunc(*operands, w[O, I]): the dequantize step alone (`cuda=False`: serial loops, for a CPU build)."""
+    I, O, v, G, S, K, KR, KR1, NV, L, OSZ, OSZ1, HAS_RES, HAS_OUT, VO, KO, NO = kernel_dims(cfg)  # noqa: E741
+    CD, RCD = code_dtype(K), code_dtype(KR1)
+    dq = dequant_macro(cfg, dtype, cuda)
+
+    @T.prim_func(private=True)
+    def kernel(
+        centroids: T.Buffer((G, K, v), dtype),
+        codes: T.Buffer((NV, L), CD),
+        res_centroids: T.Buffer((G, KR1, v), dtype),
+        res_codes: T.Buffer((NV, L), RCD),
+        outlier_centroids: T.Buffer((KO, VO), dtype),
+        outlier_codes: T.Buffer((NO, OSZ1), "uint16"),
+        w: T.Buffer((O, I), dtype),
+    ):
+        T.func_attr({"tirx.noalias": True})
+        dq(centroids, codes, res_centroids, res_codes, outlier_centroids, outlier_codes, w)
+
+    return keep_params(kernel, _operands(cfg, "w"))
+
+
+def vq_prefill_cuda(cfg: VPTQLayerConfig, dtype: str, from_rows: int = DEQUANT_GEMM_FROM_ROWS,
+                    ) -> tuple[tirx.PrimFunc, tuple[tuple[tuple[int, ...], str], ...]]:
+    """(PrimFunc(xs[n, I], *operands, w[O, I], y[n, O]), its scratch outputs) for a symbolic row count n: the VQ
+    MMA prefill kernel for n < `from_rows`, else dequantize into the scratch `w` + the dense GEMM. `from_rows=0`
+    forces the dequantize path for every n (bench comparisons). Layers the dense GEMM cannot take get the VQ MMA
+    kernel alone and no scratch."""
+    from vptq_mlc.tir_kernels.cuda_mma import vq_mma_cuda
+
+    if not dequant_gemm_supported(cfg, dtype):
+        return vq_mma_cuda(cfg, dtype, None), ()
+    I, O, v, G, S, K, KR, KR1, NV, L, OSZ, OSZ1, HAS_RES, HAS_OUT, VO, KO, NO = kernel_dims(cfg)  # noqa: E741
+    CD, RCD = code_dtype(K), code_dtype(KR1)
+    NB = tirx.Var("n", "int64")
+    FROM = from_rows
+    mma = mma_macro(cfg, dtype, None, NB)
+    dq = dequant_macro(cfg, dtype)
+    # rows in int32 inside the GEMM (as in dense_mma_cuda): indices stay below 2^31 (rows * max(O, I))
+    gemms = gemm_macros(symbolic_plans(O, I, above_rows=max(0, FROM - 1)), T.Cast("int32", NB), O, I, dtype, None)
+    NG = len(gemms)
+    (l0, g0), (l1, g1), (_, g2) = gemms + [gemms[-1]] * (3 - NG)
+
+    @T.prim_func(private=True)
+    def kernel(
+        xs: T.Buffer((NB, I), dtype),
+        centroids: T.Buffer((G, K, v), dtype),
+        codes: T.Buffer((NV, L), CD),
+        res_centroids: T.Buffer((G, KR1, v), dtype),
+        res_codes: T.Buffer((NV, L), RCD),
+        outlier_centroids: T.Buffer((KO, VO), dtype),
+        outlier_codes: T.Buffer((NO, OSZ1), "uint16"),
+        w: T.Buffer((O, I), dtype),
+        y: T.Buffer((NB, O), dtype),
+    ):
+        T.func_attr(KERNEL_ATTRS)
+        xf = T.decl_buffer((NB * I,), dtype, data=xs.data)
+        yf = T.decl_buffer((NB * O,), dtype, data=y.data)
+        if NB <= 0:  # nothing to do (the GEMM's row clamp needs a row)
+            T.evaluate(0)
+        elif FROM > 0 and NB < FROM:
+            mma(xs, centroids, codes, res_centroids, res_codes, outlier_centroids, outlier_codes, y)
+        else:
+            dq(centroids, codes, res_centroids, res_codes, outlier_centroids, outlier_codes, w)
+            if NG == 1:
+                g0(xf, w, yf)
+            elif NG == 2:
+                if NB <= l0:
+                    g0(xf, w, yf)
+                else:
+                    g2(xf, w, yf)
+            else:
+                if NB <= l0:
+                    g0(xf, w, yf)
+                elif NB <= l1:
+                    g1(xf, w, yf)
+                else:
+                    g2(xf, w, yf)
+
+    return keep_params(kernel, _operands(cfg, "w")), (((O, I), dtype),)
