@@ -108,3 +108,13 @@ def test_registry_picks_branching_prefill_for_fp16_symbolic_rows():
     odd = VPTQLayerConfig.from_variant("v8-k4096-0", 1000, 300)  # K not a multiple of 32: the VQ MMA kernel alone
     assert select(odd, "float16", None).scratch == ()
     assert select(cfg, "float16", 8).scratch == ()  # static decode rows are untouched
+
+
+def test_prefill_bench_times_both_paths_per_shape():
+    from vptq_mlc.bench.kernels import prefill_cases
+
+    cases = prefill_cases()
+    for kernel in ("mma", "dequant-gemm", ""):
+        assert {(c.variant, c.out_features, c.in_features, c.run_rows) for c in cases if c.kernel == kernel} == {
+            (c.variant, c.out_features, c.in_features, c.run_rows) for c in cases}
+    assert {c.run_rows for c in cases} == {128, 512, 2048}
