@@ -2,7 +2,8 @@
 unchunked, KV pages back after finishing, seeded sampling reproducible).
 
 Why teacher-forced logits and not "identical greedy text": the CPU library sums in fp32 in one order, the CUDA
-decode kernels (gather GEMV at 1..3 rows, tensor-core MMA at 4..16, fp16 in / fp32 accumulate) in others; logits
+decode kernels (gather GEMV at 1..8 rows, tensor-core MMA at 12 and 16 for this model, whose residual codebook
+keeps the GEMV up to 8 rows: `cuda_mma.mma_preferred`; fp16 in / fp32 accumulate) in others; logits
 differ by ~1e-3 of their scale (bench/RESULTS.md), so free-running greedy text diverges at the first near-tie of
 this random-weight model and stays diverged. Feeding both libraries the CPU's greedy tokens compares every step:
 logits within tolerance, and the argmax equal unless the CPU's own top-2 margin is within that tolerance.
@@ -96,8 +97,9 @@ def _prompts(n: int) -> list[list[int]]:
 
 @pytest.mark.parametrize("batch", [1, 3, 4, 16])
 def test_cuda_decode_kernels_match_cpu_teacher_forced(engines, batch: int) -> None:  # noqa: ANN001
-    """batch 1 -> `decode` (GEMV), 3 -> `batch_decode_b3` (GEMV, 3 rows), 4 / 16 -> tensor-core MMA kernel; each
-    row against the CPU library decoding that prompt alone (greedy), fed the same tokens."""
+    """batch 1 -> `decode` (GEMV), 3 / 4 -> `batch_decode_b3` / `_b4` (GEMV: the registry gives the GEMV 1..8
+    rows of a layer with a residual codebook, as this model's v8-k256-256), 16 -> `batch_decode_b16` (tensor-core
+    MMA kernel); each row against the CPU library decoding that prompt alone (greedy), fed the same tokens."""
     d, steps = Path(E2E), 12
     prompts = _prompts(batch)
     fn = "decode" if batch == 1 else f"batch_decode_b{batch}"

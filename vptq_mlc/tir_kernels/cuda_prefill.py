@@ -2,9 +2,10 @@
 
 The weight is described as a TE stage `W[r, k]` (codebook lookups, outlier columns first) feeding one
 reduction `y[b, r] = sum_k xs[b, k] * W[r, k]`. dlight's Matmul rule inlines that stage into its shared-memory
-tile loads, so each tile is dequantized in shared memory and multiplied (SIMT: see dequant_matmul_cuda); no dense
-weight is ever written to device memory. Correctness first: this is a generic
-schedule, not tuned for VQ (see bench/RESULTS.md).
+tile loads, so each tile is dequantized in shared memory and multiplied (SIMT: see dequant_matmul_cuda); this
+kernel never writes a dense weight to device memory (the fp16 prefill path of cuda_dequant_gemm.py does, into a
+scratch output, for long prompts). Used for fp32 models' symbolic rows on CUDA and for ROCm's. Correctness first:
+this is a generic schedule, not tuned for VQ (see bench/RESULTS.md).
 """
 
 from __future__ import annotations
