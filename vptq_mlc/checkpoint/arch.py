@@ -78,12 +78,24 @@ class DecoderConfig:
 ROPE_TYPES = ("default", "linear", "dynamic", "yarn", "llama3", "longrope")
 
 
-def _default_inv_freq(base: float, dim: int) -> list[float]:
-    # transformers: 1 / base ** (arange(0, dim, 2).float() / dim), in float32
+def _rope_pos_freqs(base: float, dim: int) -> Any:
+    """base ** (arange(0, dim, 2) / dim) in float32, as transformers computes it; inv_freq is its reciprocal,
+    which each RoPE type then rescales."""
     import numpy as np
 
     exps = np.arange(0, dim, 2, dtype=np.int64).astype(np.float32) / np.float32(dim)
-    return (1.0 / (np.float32(base) ** exps)).astype(np.float32).tolist()
+    return np.float32(base) ** exps
+
+
+def _default_inv_freq(base: float, dim: int) -> list[float]:
+    import numpy as np
+
+    return (1.0 / _rope_pos_freqs(base, dim)).astype(np.float32).tolist()
+
+
+def _yarn_mscale(scale: float, m: float = 1.0) -> float:
+    """transformers' yarn get_mscale: the attention scale correction for a context stretched `scale` times."""
+    return 1.0 if scale <= 1 else 0.1 * m * math.log(scale) + 1.0
 
 
 def _yarn(rs: Mapping[str, Any], base: float, dim: int, max_pos: int) -> tuple[list[float], float]:
@@ -94,14 +106,11 @@ def _yarn(rs: Mapping[str, Any], base: float, dim: int, max_pos: int) -> tuple[l
     mscale, mscale_all_dim = rs.get("mscale"), rs.get("mscale_all_dim")
     orig = int(rs.get("original_max_position_embeddings") or max_pos)
 
-    def get_mscale(scale: float, m: float = 1.0) -> float:
-        return 1.0 if scale <= 1 else 0.1 * m * math.log(scale) + 1.0
-
     if attention_factor is None:
         if mscale and mscale_all_dim:
-            attention_factor = get_mscale(factor, mscale) / get_mscale(factor, mscale_all_dim)
+            attention_factor = _yarn_mscale(factor, mscale) / _yarn_mscale(factor, mscale_all_dim)
         else:
-            attention_factor = get_mscale(factor)
+            attention_factor = _yarn_mscale(factor)
     beta_fast, beta_slow = rs.get("beta_fast") or 32, rs.get("beta_slow") or 1
 
     def correction_dim(rot: float) -> float:
@@ -114,7 +123,7 @@ def _yarn(rs: Mapping[str, Any], base: float, dim: int, max_pos: int) -> tuple[l
     if low == high:
         high += 0.001
     ramp = np.clip((np.arange(dim // 2, dtype=np.float32) - low) / (high - low), 0, 1).astype(np.float32)
-    pos_freqs = np.float32(base) ** (np.arange(0, dim, 2).astype(np.float32) / np.float32(dim))
+    pos_freqs = _rope_pos_freqs(base, dim)
     extrapolation, interpolation = 1.0 / pos_freqs, 1.0 / (np.float32(factor) * pos_freqs)
     extra_factor = 1 - ramp
     inv = interpolation * (1 - extra_factor) + extrapolation * extra_factor
@@ -140,8 +149,7 @@ def _longrope(rs: Mapping[str, Any], hf: Mapping[str, Any], base: float, dim: in
     short = np.asarray(rs["short_factor"], dtype=np.float32)
     if short.shape != (dim // 2,):
         raise CheckpointError(f"rope_scaling.short_factor has {short.size} entries, head_dim/2 = {dim // 2} needed")
-    shape = np.arange(0, dim, 2, dtype=np.int64).astype(np.float32) / np.float32(dim)
-    inv = 1.0 / (short * np.float32(base) ** shape)
+    inv = 1.0 / (short * _rope_pos_freqs(base, dim))
     return inv.astype(np.float32).tolist(), float(attention_factor), int(orig)
 
 
@@ -324,15 +332,24 @@ def _kv(c: DecoderConfig) -> tuple[int, int]:
     return c.hidden_size, c.num_key_value_heads * c.head_dim
 
 
+def _gated_mlp(module: str, width: Callable[[Any], int], bias: Callable[[Any], bool],
+               in_layer: Callable[[Any, int], bool] = _every_layer,
+               copies: Callable[[Any], int] | None = None) -> tuple[LinearSpec, ...]:
+    """gate_proj, up_proj (hidden -> width) and down_proj (width -> hidden) of a SwiGLU MLP at `module`."""
+    return (
+        LinearSpec(module, "gate_proj", lambda c: (c.hidden_size, width(c)), bias, in_layer, copies),
+        LinearSpec(module, "up_proj", lambda c: (c.hidden_size, width(c)), bias, in_layer, copies),
+        LinearSpec(module, "down_proj", lambda c: (width(c), c.hidden_size), bias, in_layer, copies),
+    )
+
+
 LLAMA_LINEARS = (
     LinearSpec("self_attn", "q_proj", _q, lambda c: c.attention_bias),
     LinearSpec("self_attn", "k_proj", _kv, lambda c: c.attention_bias),
     LinearSpec("self_attn", "v_proj", _kv, lambda c: c.attention_bias),
     LinearSpec("self_attn", "o_proj", lambda c: (c.num_attention_heads * c.head_dim, c.hidden_size),
                lambda c: c.attention_out_bias),
-    LinearSpec("mlp", "gate_proj", lambda c: (c.hidden_size, c.intermediate_size), lambda c: c.mlp_bias),
-    LinearSpec("mlp", "up_proj", lambda c: (c.hidden_size, c.intermediate_size), lambda c: c.mlp_bias),
-    LinearSpec("mlp", "down_proj", lambda c: (c.intermediate_size, c.hidden_size), lambda c: c.mlp_bias),
+    *_gated_mlp("mlp", lambda c: c.intermediate_size, lambda c: c.mlp_bias),
 )
 
 # ---------------------------------------------------------------- DeepSeek-V3 / R1: MLA attention + mixture of experts
@@ -430,8 +447,7 @@ def deepseek_v3_config(hf: Mapping[str, Any]) -> DeepseekV3Config:
     cfg.softmax_scale = cfg.qk_head_dim ** -0.5
     rs = hf.get("rope_scaling")
     if rs and rs.get("mscale_all_dim"):  # transformers' DeepseekV3Attention: scaling * mscale ** 2
-        factor, m = float(rs["factor"]), float(rs["mscale_all_dim"])
-        mscale = 1.0 if factor <= 1 else 0.1 * m * math.log(factor) + 1.0
+        mscale = _yarn_mscale(float(rs["factor"]), float(rs["mscale_all_dim"]))
         cfg.softmax_scale *= mscale * mscale
     return cfg
 
@@ -441,14 +457,8 @@ def _ds_attn(leaf: str, shape: Callable[[Any], tuple[int, int]], bias: Callable[
     return LinearSpec("self_attn", leaf, shape, bias, in_layer=lambda c, i: when(c))
 
 
-def _ds_mlp(module: str, width: Callable[[Any], int], in_layer: Callable[[Any, int], bool],
-            copies: Callable[[Any], int] | None = None) -> tuple[LinearSpec, ...]:
-    no_bias = lambda c: False  # noqa: E731
-    return (
-        LinearSpec(module, "gate_proj", lambda c: (c.hidden_size, width(c)), no_bias, in_layer, copies),
-        LinearSpec(module, "up_proj", lambda c: (c.hidden_size, width(c)), no_bias, in_layer, copies),
-        LinearSpec(module, "down_proj", lambda c: (width(c), c.hidden_size), no_bias, in_layer, copies),
-    )
+def _no_bias(cfg: Any) -> bool:
+    return False
 
 
 DEEPSEEK_V3_LINEARS = (
@@ -463,21 +473,25 @@ DEEPSEEK_V3_LINEARS = (
     _ds_attn("kv_b_proj", lambda c: (c.kv_lora_rank, c.num_attention_heads * (c.qk_nope_head_dim + c.v_head_dim)),
              lambda c: False),
     _ds_attn("o_proj", lambda c: (c.num_attention_heads * c.v_head_dim, c.hidden_size), lambda c: c.attention_bias),
-    *_ds_mlp("mlp", lambda c: c.intermediate_size, lambda c, i: not c.is_moe_layer(i)),
-    *_ds_mlp("mlp.experts.{e}", lambda c: c.moe_intermediate_size, lambda c, i: c.is_moe_layer(i),
-             lambda c: c.n_routed_experts),
-    *_ds_mlp("mlp.shared_experts", lambda c: c.moe_intermediate_size * c.n_shared_experts,
-             lambda c, i: c.is_moe_layer(i)),
+    *_gated_mlp("mlp", lambda c: c.intermediate_size, _no_bias, lambda c, i: not c.is_moe_layer(i)),
+    *_gated_mlp("mlp.experts.{e}", lambda c: c.moe_intermediate_size, _no_bias, lambda c, i: c.is_moe_layer(i),
+                lambda c: c.n_routed_experts),
+    *_gated_mlp("mlp.shared_experts", lambda c: c.moe_intermediate_size * c.n_shared_experts, _no_bias,
+                lambda c, i: c.is_moe_layer(i)),
 )
+
+
+def _layer_norms(cfg: Any, i: int) -> dict[str, tuple[int, ...]]:
+    """The two RMSNorm weights every decoder layer has (before attention, before the MLP)."""
+    return {
+        f"model.layers.{i}.input_layernorm.weight": (cfg.hidden_size,),
+        f"model.layers.{i}.post_attention_layernorm.weight": (cfg.hidden_size,),
+    }
 
 
 def deepseek_v3_layer_dense(cfg: DeepseekV3Config, i: int) -> dict[str, tuple[int, ...]]:
     p, h = f"model.layers.{i}", cfg.hidden_size
-    out: dict[str, tuple[int, ...]] = {
-        f"{p}.input_layernorm.weight": (h,),
-        f"{p}.post_attention_layernorm.weight": (h,),
-        f"{p}.self_attn.kv_a_layernorm.weight": (cfg.kv_lora_rank,),
-    }
+    out = {**_layer_norms(cfg, i), f"{p}.self_attn.kv_a_layernorm.weight": (cfg.kv_lora_rank,)}
     if cfg.q_lora_rank is not None:
         out[f"{p}.self_attn.q_a_layernorm.weight"] = (cfg.q_lora_rank,)
     if cfg.is_moe_layer(i):
@@ -530,10 +544,7 @@ class Architecture:
     # whether compile --split-functions (model/split.py, the Llama layer's linears) can cut this tree per layer
     supports_split: bool = True
     # dense tensors of layer i besides its linears (norms, a router's gate, ...): name -> shape
-    layer_dense: Callable[[Any, int], dict[str, tuple[int, ...]]] = lambda cfg, i: {
-        f"model.layers.{i}.input_layernorm.weight": (cfg.hidden_size,),
-        f"model.layers.{i}.post_attention_layernorm.weight": (cfg.hidden_size,),
-    }
+    layer_dense: Callable[[Any, int], dict[str, tuple[int, ...]]] = _layer_norms
 
     def linear(self, leaf: str) -> LinearSpec:
         for spec in self.linears:
