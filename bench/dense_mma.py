@@ -101,41 +101,17 @@ def build(out_dir: Path, archs: tuple[str, ...], sweep: bool) -> None:
     print(f"wrote {out_dir / LIBRARY}", flush=True)
 
 
-class ColdL2Timer:
-    """Median time (us) of `fn` with a cold L2: a 512 MiB buffer is read before every call."""
-
-    def __init__(self, torch, flush_bytes: int = 512 << 20):
-        self.torch = torch
-        self.flush = torch.ones(flush_bytes // 4, dtype=torch.float32, device="cuda")
-        self.sink = torch.zeros((), device="cuda")
-
-    def __call__(self, fn, reps: int, warmup: int = 3) -> float:
-        torch = self.torch
-        for _ in range(warmup):
-            fn()
-        times = []
-        for _ in range(reps):
-            self.sink += self.flush.sum()
-            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            a.record()
-            fn()
-            b.record()
-            b.synchronize()
-            times.append(a.elapsed_time(b) * 1e3)
-        times.sort()
-        return times[len(times) // 2]
-
-
 def run(art_dir: Path, out: Path | None, reps: int, kinds: tuple[str, ...] = ()) -> int:
     import torch
     import tvm
 
+    from vptq_mlc.bench.kernels import ColdL2Timer
     from vptq_mlc.runtime.device import resolve_device
 
     resolve_device("cuda")  # a runtime-only TVM loads its CUDA plugin only when asked
     man = json.loads((art_dir / MANIFEST).read_text())
     lib = tvm.runtime.load_module(str(art_dir / LIBRARY))
-    timer = ColdL2Timer(torch)
+    timer = ColdL2Timer()
     gen = torch.Generator(device="cuda").manual_seed(0)
     results, failures = [], []
     print(torch.cuda.get_device_name(), flush=True)
