@@ -28,8 +28,6 @@ import json
 import logging
 import multiprocessing
 import os
-import signal
-import socket
 import subprocess
 import sys
 import time
@@ -39,6 +37,8 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 import httpx
+
+from vptq_mlc.bench.api import MalformedStream, SSEStream, StreamErrorEvent, free_port, stop_server
 
 log = logging.getLogger("serve_load")
 
@@ -128,26 +128,14 @@ async def one_request(client: httpx.AsyncClient, model: str | None, i: int, max_
     t0 = time.perf_counter()
     res = Result(ok=False, started=time.monotonic())
     last: float | None = None
-    finishes, done, usage = 0, False, None
+    finishes, usage = 0, None
     try:
         async with client.stream("POST", "/v1/completions", json=body) as r:
             if r.status_code != 200:
                 res.error = f"HTTP {r.status_code}: {(await r.aread())[:200]!r}"
                 return res
-            async for line in r.aiter_lines():
-                if not line:
-                    continue
-                if done or not line.startswith("data: "):
-                    res.error = f"malformed: unexpected line {line[:80]!r}"
-                    return res
-                data = line[len("data: "):]
-                if data == "[DONE]":
-                    done = True
-                    continue
-                chunk = json.loads(data)
-                if "error" in chunk:
-                    res.error = f"stream error: {chunk['error'].get('message')}"
-                    return res
+            stream = SSEStream(r)
+            async for chunk in stream:
                 if chunk.get("usage"):
                     usage = chunk["usage"]
                 for choice in chunk["choices"]:
@@ -164,12 +152,18 @@ async def one_request(client: httpx.AsyncClient, model: str | None, i: int, max_
                         res.tokens += n
                         res.stamps.append((time.monotonic(), n))
                     finishes += choice.get("finish_reason") is not None
+    except MalformedStream as e:
+        res.error = f"malformed: {e}"
+        return res
+    except StreamErrorEvent as e:
+        res.error = str(e)
+        return res
     except (httpx.HTTPError, json.JSONDecodeError, KeyError) as e:
         res.error = f"{type(e).__name__}: {e}"
         return res
     res.latency = time.perf_counter() - t0
-    if not done or finishes != 1 or usage is None or usage.get("completion_tokens") != res.tokens:
-        res.error = f"malformed: done={done} finish_reasons={finishes} usage={usage} tokens={res.tokens}"
+    if not stream.done or finishes != 1 or usage is None or usage.get("completion_tokens") != res.tokens:
+        res.error = f"malformed: done={stream.done} finish_reasons={finishes} usage={usage} tokens={res.tokens}"
         return res
     res.ok = True
     return res
@@ -381,12 +375,6 @@ def build_synthetic(out: Path, max_batch: int) -> Path:
     return model_dir
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def start_server(args: argparse.Namespace, model_dir: Path) -> tuple[subprocess.Popen, str]:
     port = free_port()
     cmd = [sys.executable, "-c", "from vptq_mlc.cli import main; main()", "serve", str(model_dir),
@@ -411,15 +399,6 @@ def start_server(args: argparse.Namespace, model_dir: Path) -> tuple[subprocess.
             proc.kill()
             raise SystemExit("error: the server was not ready after 300 s")
         time.sleep(0.25)
-
-
-def stop_server(proc: subprocess.Popen) -> None:
-    proc.send_signal(signal.SIGINT)
-    try:
-        proc.wait(30)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
 
 
 def main() -> int:
@@ -491,7 +470,7 @@ def main() -> int:
                 print(f"  error: {e}", flush=True)
     finally:
         if proc is not None:
-            stop_server(proc)
+            stop_server(proc, 30)
     if args.json:
         meta = {"url": url, "model": model, "max_tokens": args.max_tokens, "cpu_count": os.cpu_count(),
                 "load_average": os.getloadavg(), "procs": args.procs, "sampling": args.sampling,

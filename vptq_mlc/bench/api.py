@@ -52,6 +52,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -206,9 +207,20 @@ def _rounds_summary(rounds: list[list[Timed]]) -> dict[str, Any]:
 
 
 def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on now (for a server started right after)."""
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
+
+
+def stop_server(proc: subprocess.Popen, timeout: float = 60.0) -> None:
+    """SIGINT (the server drains its streams and exits), killed if it has not ended after `timeout` s."""
+    proc.send_signal(signal.SIGINT)
+    try:
+        proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
 
 
 class ServerProcess:
@@ -249,15 +261,42 @@ class ServerProcess:
 
     def __exit__(self, *exc: object) -> None:
         if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGINT)
-            try:
-                self.proc.wait(60)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+            stop_server(self.proc)
         if self._out is not None:
             self._out.close()
             self._out = None
+
+
+class MalformedStream(RuntimeError):
+    """A line outside the server-sent-events framing, or anything after `data: [DONE]`."""
+
+
+class StreamErrorEvent(RuntimeError):
+    """The server ended the stream with an error event."""
+
+
+class SSEStream:
+    """The JSON chunks of an OpenAI-style server-sent-events response (`data: {...}` lines, blank lines between,
+    then `data: [DONE]`), for the load clients that check every stream; `done` says whether [DONE] came."""
+
+    def __init__(self, response: Any) -> None:
+        self._response = response
+        self.done = False
+
+    async def __aiter__(self) -> AsyncIterator[dict[str, Any]]:
+        async for line in self._response.aiter_lines():
+            if not line:
+                continue
+            if self.done or not line.startswith("data: "):
+                raise MalformedStream(f"unexpected line {line[:80]!r}")
+            data = line[len("data: "):]
+            if data == "[DONE]":
+                self.done = True
+                continue
+            chunk = json.loads(data)
+            if "error" in chunk:
+                raise StreamErrorEvent(f"stream error: {chunk['error'].get('message')}")
+            yield chunk
 
 
 async def stream_request(client: Any, path: str, body: dict[str, Any]) -> Timed:
@@ -266,33 +305,25 @@ async def stream_request(client: Any, path: str, body: dict[str, Any]) -> Timed:
     body = {**body, "stream": True, "stream_options": {"include_usage": True}, "return_token_ids": True}
     res = Timed()
     t0 = time.perf_counter()
-    done = False
     async with client.stream("POST", path, json=body) as r:
         if r.status_code != 200:
             raise RuntimeError(f"{path}: HTTP {r.status_code}: {(await r.aread())[:300]!r}")
-        async for line in r.aiter_lines():
-            if not line:
-                continue
-            if not line.startswith("data: ") or done:
-                raise RuntimeError(f"{path}: unexpected line {line[:80]!r}")
-            data = line[len("data: "):]
-            if data == "[DONE]":
-                done = True
-                continue
-            chunk = json.loads(data)
-            if "error" in chunk:
-                raise RuntimeError(f"{path}: stream error: {chunk['error'].get('message')}")
-            if chunk.get("usage"):
-                res.usage_tokens = int(chunk["usage"]["completion_tokens"])
-            for choice in chunk["choices"]:
-                ids = choice.get("token_ids") or []
-                if ids:
-                    res.stamps.append((time.perf_counter() - t0, len(ids)))
-                    res.token_ids += ids
-                res.text += choice.get("text") or (choice.get("delta") or {}).get("content") or ""
-                res.finish_reason = choice.get("finish_reason") or res.finish_reason
-    if not done or res.usage_tokens != res.tokens:
-        raise RuntimeError(f"{path}: malformed stream ([DONE] {done}, usage {res.usage_tokens}, "
+        stream = SSEStream(r)
+        try:
+            async for chunk in stream:
+                if chunk.get("usage"):
+                    res.usage_tokens = int(chunk["usage"]["completion_tokens"])
+                for choice in chunk["choices"]:
+                    ids = choice.get("token_ids") or []
+                    if ids:
+                        res.stamps.append((time.perf_counter() - t0, len(ids)))
+                        res.token_ids += ids
+                    res.text += choice.get("text") or (choice.get("delta") or {}).get("content") or ""
+                    res.finish_reason = choice.get("finish_reason") or res.finish_reason
+        except (MalformedStream, StreamErrorEvent) as e:
+            raise RuntimeError(f"{path}: {e}") from None
+    if not stream.done or res.usage_tokens != res.tokens:
+        raise RuntimeError(f"{path}: malformed stream ([DONE] {stream.done}, usage {res.usage_tokens}, "
                            f"{res.tokens} tokens streamed)")
     return res
 
