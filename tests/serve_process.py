@@ -1,11 +1,29 @@
-"""Waiting for a `vptq-mlc serve` subprocess, shared by the tests that start one."""
+"""Servers for the serve tests: an in-process one over the tiny served model, and waiting for a `vptq-mlc serve`
+subprocess."""
 
 from __future__ import annotations
 
+import contextlib
 import subprocess
 import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
 
 import httpx
+
+from vptq_mlc.runtime import Engine
+from vptq_mlc.serve.server import ServerThread
+
+
+@contextlib.contextmanager
+def tiny_server(tiny_served_model: tuple[Path, Path, Path], max_batch_size: int, max_total_tokens: int | None = None,
+                **server_options: Any) -> Iterator[ServerThread]:
+    """A `ServerThread` (options as given) over a CPU Engine of the tiny served model (tests/conftest.py)."""
+    _, model_dir, lib = tiny_served_model
+    engine = Engine(model_dir, lib, device="cpu", max_batch_size=max_batch_size, max_total_tokens=max_total_tokens)
+    with ServerThread(engine, **server_options) as server:
+        yield server
 
 
 def wait_until_healthy(proc: subprocess.Popen, url: str, timeout: float = 90.0) -> None:

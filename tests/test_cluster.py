@@ -10,7 +10,6 @@ import json
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -23,6 +22,7 @@ import_required("ray.serve", "pip install -e '.[cluster]' (the test extra includ
 
 from test_serve_security import check_auth_and_limits  # noqa: E402
 
+from vptq_mlc.bench.api import free_port  # noqa: E402
 from vptq_mlc.runtime.device import DeviceSpec  # noqa: E402
 from vptq_mlc.serve.cluster import ClusterOptions, start_cluster, stop_cluster  # noqa: E402
 
@@ -31,12 +31,6 @@ MAX_BODY = 64 * 1024
 BATCH = 4  # per replica: with 16 long requests, 4 decode and 4 wait on each replica
 AUTH = {"Authorization": f"Bearer {KEY}"}
 ROW = re.compile(r'^vptq_mlc_replica_requests_total\{replica="([^"]+)",pid="(\d+)"\} (\d+)$', re.M)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")

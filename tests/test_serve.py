@@ -12,8 +12,6 @@ import asyncio
 import json
 import os
 import re
-import signal
-import socket
 import subprocess
 import sys
 import time
@@ -23,8 +21,9 @@ import httpx
 import openai
 import pytest
 from reference_model import reference_greedy, reference_model
-from serve_process import wait_until_healthy
+from serve_process import tiny_server, wait_until_healthy
 
+from vptq_mlc.bench.api import free_port, stop_server
 from vptq_mlc.runtime import Engine
 from vptq_mlc.serve.server import ServerThread
 
@@ -40,9 +39,7 @@ TIMEOUT = httpx.Timeout(60.0)
 
 @pytest.fixture(scope="module")
 def server(tiny_served_model):
-    _, model_dir, lib = tiny_served_model
-    engine = Engine(model_dir, lib, device="cpu", max_batch_size=32, max_total_tokens=8192)
-    with ServerThread(engine, max_queue=64) as s:
+    with tiny_server(tiny_served_model, 32, 8192, max_queue=64) as s:
         yield s
 
 
@@ -305,10 +302,8 @@ def test_malformed_requests_get_4xx_and_others_are_unaffected(server, client, al
 
 
 def test_queue_full_gives_503(tiny_served_model) -> None:
-    _, model_dir, lib = tiny_served_model
-    engine = Engine(model_dir, lib, device="cpu", max_batch_size=1)
     long = {"prompt": PROMPTS[0], "max_tokens": 900, "temperature": 0, "ignore_eos": True, "stream": True}
-    with ServerThread(engine, max_queue=1) as s, httpx.Client(base_url=s.url, timeout=TIMEOUT) as c:
+    with tiny_server(tiny_served_model, 1, max_queue=1) as s, httpx.Client(base_url=s.url, timeout=TIMEOUT) as c:
         with c.stream("POST", "/v1/completions", json=long) as a:  # running: the only batch slot
             a_lines = a.iter_lines()  # kept open: closing this iterator would close the connection
             next(line for line in a_lines if line.startswith("data: {"))
@@ -358,9 +353,7 @@ def test_official_openai_client(server, alone) -> None:
 
 def test_cli_serve(tiny_served_model) -> None:
     _, model_dir, lib = tiny_served_model
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = free_port()
     cmd = [sys.executable, "-c", "from vptq_mlc.cli import main; main()", "serve", str(model_dir), "--lib", str(lib),
            "--device", "cpu", "--host", "127.0.0.1", "--port", str(port), "--max-batch-size", "4", "--max-queue", "8",
            "--step-token-budget", "8"]
@@ -373,12 +366,7 @@ def test_cli_serve(tiny_served_model) -> None:
         assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 3
         assert httpx.get(f"{url}/v1/models", timeout=10).json()["data"][0]["id"] == model_dir.name
     finally:
-        proc.send_signal(signal.SIGINT)
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop_server(proc, 30)
     assert proc.returncode == 0
 
 

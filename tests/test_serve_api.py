@@ -16,9 +16,7 @@ import numpy as np
 import openai
 import pytest
 from reference_model import reference_model
-
-from vptq_mlc.runtime import Engine
-from vptq_mlc.serve.server import ServerThread
+from serve_process import tiny_server
 
 PROMPT = "Once upon a time"
 ATOL = 2e-3  # fp32 TVM vs fp32 torch logits; logprobs of neighbouring tokens differ by far more
@@ -26,9 +24,7 @@ ATOL = 2e-3  # fp32 TVM vs fp32 torch logits; logprobs of neighbouring tokens di
 
 @pytest.fixture(scope="module")
 def server(tiny_served_model):
-    _, model_dir, lib = tiny_served_model
-    engine = Engine(model_dir, lib, device="cpu", max_batch_size=8, max_total_tokens=4096)
-    with ServerThread(engine, max_queue=16) as s:
+    with tiny_server(tiny_served_model, 8, 4096, max_queue=16) as s:
         yield s
 
 
@@ -302,9 +298,7 @@ def test_structured_output_without_xgrammar_is_a_400_naming_the_extra(monkeypatc
                         lambda name, *a: None if name == "xgrammar" else real_find_spec(name, *a))
     with pytest.raises(structured.StructuredOutputUnavailable, match=r"vptq-mlc\[structured\]"):
         structured.xgrammar_api()
-    _, model_dir, lib = tiny_served_model
-    engine = Engine(model_dir, lib, device="cpu", max_batch_size=2)
-    with ServerThread(engine, max_queue=2) as s, httpx.Client(base_url=s.url, timeout=60) as c:
+    with tiny_server(tiny_served_model, 2, max_queue=2) as s, httpx.Client(base_url=s.url, timeout=60) as c:
         body = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 4,
                 "response_format": {"type": "json_object"}}
         r = c.post("/v1/chat/completions", json=body)

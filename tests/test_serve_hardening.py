@@ -22,13 +22,13 @@ import time
 import httpx
 import pytest
 from click.testing import CliRunner
-from serve_process import wait_until_healthy
+from serve_process import tiny_server, wait_until_healthy
 
+from vptq_mlc.bench.api import free_port
 from vptq_mlc.cli import main as cli_main
 from vptq_mlc.errors import RuntimeLoadError
 from vptq_mlc.runtime import Engine
 from vptq_mlc.runtime.request import Request
-from vptq_mlc.serve.server import ServerThread
 
 TIMEOUT = httpx.Timeout(60.0)
 MAX_BODY = 8 * 1024 * 1024  # above the 4 MB prompt below, so the prompt-length check is what refuses it
@@ -38,9 +38,7 @@ CONTEXT = 1024  # the tiny served model's context window (tests/conftest.py)
 
 @pytest.fixture(scope="module")
 def server(tiny_served_model):
-    _, model_dir, lib = tiny_served_model
-    engine = Engine(model_dir, lib, device="cpu", max_batch_size=8, max_total_tokens=8192)
-    with ServerThread(engine, max_queue=16, max_body_bytes=MAX_BODY, read_timeout=READ_TIMEOUT) as s:
+    with tiny_server(tiny_served_model, 8, 8192, max_queue=16, max_body_bytes=MAX_BODY, read_timeout=READ_TIMEOUT) as s:
         yield s
 
 
@@ -321,9 +319,8 @@ def test_slow_clients_are_cut_off(server, client) -> None:
 
 
 def test_idle_server_takes_a_full_batch_with_max_queue_0(tiny_served_model) -> None:
-    _, model_dir, lib = tiny_served_model
-    engine = Engine(model_dir, lib, device="cpu", max_batch_size=16, max_total_tokens=16 * 1024)
-    with ServerThread(engine, max_queue=0) as s, httpx.Client(base_url=s.url, timeout=TIMEOUT) as c:
+    with tiny_server(tiny_served_model, 16, 16 * 1024, max_queue=0) as s, \
+            httpx.Client(base_url=s.url, timeout=TIMEOUT) as c:
 
         async def burst(n: int, max_tokens: int) -> list[httpx.Response]:
             async with httpx.AsyncClient(base_url=s.url, timeout=TIMEOUT) as ac:
@@ -433,9 +430,7 @@ def test_serve_too_many_kv_tokens_is_one_line_and_open_host_warns(tiny_served_mo
 
 
 def test_refusals_are_counted_in_metrics(tiny_served_model) -> None:
-    _, model_dir, lib = tiny_served_model
-    engine = Engine(model_dir, lib, device="cpu", max_batch_size=2, max_total_tokens=2048)
-    with ServerThread(engine, max_queue=4, api_key="k", max_body_bytes=1000) as s, \
+    with tiny_server(tiny_served_model, 2, 2048, max_queue=4, api_key="k", max_body_bytes=1000) as s, \
             httpx.Client(base_url=s.url, timeout=TIMEOUT) as c:
         assert c.post(COMP, json={"prompt": "a"}).status_code == 401
         assert c.post(COMP, json={"prompt": "a" * 2000}, headers={"Authorization": "Bearer k"}).status_code == 413
@@ -451,9 +446,7 @@ def test_sigterm_drains_running_streams_then_ends_the_rest(tiny_served_model, tm
     _, model_dir, lib = tiny_served_model
     key = "sk-from-a-file"
     (tmp_path / "key").write_text(key + "\n")
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = free_port()
     drain = 2.0
     cmd = _cli("serve", str(model_dir), "--lib", str(lib), "--device", "cpu", "--port", str(port),
                "--max-batch-size", "1", "--max-total-tokens", "2048", "--drain-timeout", str(drain),

@@ -7,9 +7,7 @@ from __future__ import annotations
 
 import httpx
 import pytest
-
-from vptq_mlc.runtime import Engine
-from vptq_mlc.serve.server import ServerThread
+from serve_process import tiny_server
 
 KEY = "sk-test-0123456789"
 MAX_BODY = 64 * 1024
@@ -17,9 +15,7 @@ MAX_BODY = 64 * 1024
 
 @pytest.fixture(scope="module")
 def server(tiny_served_model):
-    _, model_dir, lib = tiny_served_model
-    engine = Engine(model_dir, lib, device="cpu", max_batch_size=4, max_total_tokens=4096)
-    with ServerThread(engine, max_queue=16, api_key=KEY, max_body_bytes=MAX_BODY) as s:
+    with tiny_server(tiny_served_model, 4, 4096, max_queue=16, api_key=KEY, max_body_bytes=MAX_BODY) as s:
         yield s
 
 
@@ -73,7 +69,5 @@ def test_auth_and_limits_single_process(server) -> None:
 
 
 def test_no_key_means_open(tiny_served_model) -> None:
-    _, model_dir, lib = tiny_served_model
-    engine = Engine(model_dir, lib, device="cpu", max_batch_size=2, max_total_tokens=2048)
-    with ServerThread(engine, max_queue=4) as s, httpx.Client(base_url=s.url, timeout=60) as c:
+    with tiny_server(tiny_served_model, 2, 2048, max_queue=4) as s, httpx.Client(base_url=s.url, timeout=60) as c:
         assert c.get("/v1/models").status_code == 200
