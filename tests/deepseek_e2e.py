@@ -28,6 +28,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+from cpu_pipeline import run_requests
 
 # the qlora + interleaved yarn case of tests/test_architectures.py, in fp16 with a small vocabulary
 CHECKPOINT = dict(arch="deepseek_v3", dtype="float16", num_layers=3, vocab_size=384, seed=3,
@@ -163,17 +164,9 @@ def check_library(folder: Path, lib_name: str, device: str) -> dict[str, float]:
     worst = {k: v / scale for k, v in worst.items()}
     engine = Engine(model_dir, lib_path, device=device)
     params = SamplingParams(max_tokens=greedy.shape[1], temperature=0.0, ignore_eos=True)
-    alone = []
-    for p in prompts:
-        req = engine.add_request(p, params)
-        while not req.finished:
-            engine.step()
-        alone.append(req.output_ids)
+    alone = [run_requests(engine, [p], params)[0] for p in prompts]
     worst["greedy_alone_tokens"] = check_greedy(alone, greedy, ref, tie, f"{lib_name} engine alone")
-    reqs = [engine.add_request(p, params) for p in prompts]
-    while engine.has_unfinished():
-        engine.step()
-    worst["greedy_batched_tokens"] = check_greedy([r.output_ids for r in reqs], greedy, ref, tie,
+    worst["greedy_batched_tokens"] = check_greedy(run_requests(engine, prompts, params), greedy, ref, tie,
                                                   f"{lib_name} engine batched")
     assert engine.kv.available_pages() == engine.kv.total_pages
     return worst

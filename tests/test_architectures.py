@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from cpu_pipeline import build_llvm, run_requests
 from library_logits import assert_logits_match_reference
 from reference_model import reference_greedy, reference_model
 
@@ -69,11 +70,8 @@ CASES = {
 @pytest.fixture(scope="module", params=list(CASES))
 def built(request, tmp_path_factory) -> tuple[Path, Path, Path]:
     arch, dtype, kw, overrides = CASES[request.param]
-    root = tmp_path_factory.mktemp(request.param)
-    ckpt = make_synthetic_checkpoint(root / "ckpt", arch=arch, dtype=dtype, seed=3, hf_overrides=overrides, **kw)
-    model_dir = convert_checkpoint(ckpt, root / "mlc", dtype="float32")
-    (lib,) = compile_model(model_dir, "llvm", root / "model-llvm.so")
-    return ckpt, model_dir, lib
+    return build_llvm(tmp_path_factory.mktemp(request.param), {"dtype": "float32"}, arch=arch, dtype=dtype, seed=3,
+                      hf_overrides=overrides, **kw)
 
 
 def test_logits_match_transformers(built):
@@ -87,11 +85,9 @@ def test_batched_greedy_matches_transformers(built):
     engine = Engine(model_dir, lib_path, device="cpu")
     ref = reference_model(ckpt)
     prompts = [engine.tokenizer.encode(t, add_special_tokens=False) for t in ("The quick brown fox", "water light")]
-    reqs = [engine.add_request(p, SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True)) for p in prompts]
-    while not all(r.finished for r in reqs):
-        engine.step()
-    for p, r in zip(prompts, reqs):
-        assert r.output_ids == reference_greedy(ref, p, 10)
+    outputs = run_requests(engine, prompts, SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True))
+    for p, out in zip(prompts, outputs):
+        assert out == reference_greedy(ref, p, 10)
 
 
 def test_context_caps_follow_the_config(built):

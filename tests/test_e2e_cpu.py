@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from cpu_pipeline import build_llvm, run_requests
 from library_logits import assert_logits_match_reference
 from reference_model import reference_greedy, reference_model
 
@@ -33,12 +34,8 @@ PREFILL, DECODE, GEN = 16, 8, 16
 @pytest.fixture(scope="module", params=list(CASES))
 def built(request, tmp_path_factory) -> tuple[Path, Path, Path]:
     arch, variant, kw, tied = CASES[request.param]
-    root = tmp_path_factory.mktemp(request.param)
-    ckpt = make_synthetic_checkpoint(root / "ckpt", arch=arch, variant=variant, layer_kwargs=kw,
-                                     tie_word_embeddings=tied, dtype="float32", seed=7)
-    model_dir = convert_checkpoint(ckpt, root / "mlc")
-    (lib,) = compile_model(model_dir, "llvm", root / "model-llvm.so")
-    return ckpt, model_dir, lib
+    return build_llvm(tmp_path_factory.mktemp(request.param), arch=arch, variant=variant, layer_kwargs=kw,
+                      tie_word_embeddings=tied, dtype="float32", seed=7)
 
 
 def test_logits_match_transformers(built):
@@ -52,10 +49,7 @@ def test_greedy_matches_transformers(built):
     prompt = engine.tokenizer.encode("The quick brown fox", add_special_tokens=False)
     ref = reference_model(ckpt)
     want = reference_greedy(ref, prompt, GEN)
-    req = engine.add_request(prompt, SamplingParams(max_tokens=GEN, temperature=0.0, ignore_eos=True))
-    while not req.finished:
-        engine.step()
-    assert req.output_ids == want
+    assert run_requests(engine, [prompt], SamplingParams(max_tokens=GEN, temperature=0.0, ignore_eos=True)) == [want]
 
 
 def test_decode_split_into_static_batches_matches_alone(tmp_path):
@@ -70,16 +64,8 @@ def test_decode_split_into_static_batches_matches_alone(tmp_path):
     assert [len(p) for p in engine._decode_pieces(list(range(5)))] == [3, 2]
     prompts = [[5 + i, 40 + 3 * i, 7, 99 - i] for i in range(5)]
     params = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True)
-    alone = []
-    for p in prompts:
-        r = engine.add_request(p, params)
-        while not r.finished:
-            engine.step()
-        alone.append(r.output_ids)
-    reqs = [engine.add_request(p, params) for p in prompts]
-    while engine.has_unfinished():
-        engine.step()
-    assert [r.output_ids for r in reqs] == alone
+    alone = [run_requests(engine, [p], params)[0] for p in prompts]
+    assert run_requests(engine, prompts, params) == alone
 
 
 def test_metadata_reports_planned_memory(built) -> None:
