@@ -83,6 +83,21 @@ def reference_probs(logits: np.ndarray, params: SamplingParams, penalties: bool,
     return softmax(process_logits(logits, params, seen, generated, mask))
 
 
+def uniforms_24bit(rng: np.random.Generator, n: int) -> np.ndarray:
+    """`n` uniforms in [0, 1) on the 2^-24 grid the runtime's seeded draws use (runtime/device_sampler.py)."""
+    return rng.integers(0, 1 << 24, size=n) / float(1 << 24)
+
+
+def reference_token(cdf: np.ndarray, uniform: float) -> int:
+    """The reference sampler's token for `uniform`: its walk of the (unnormalised) cdf in id order."""
+    return int(min(np.searchsorted(cdf, uniform * cdf[-1], side="right"), len(cdf) - 1))
+
+
+def sampled_tokens(sampler: DeviceSampler, logits: np.ndarray, rows: list[SampleRow]) -> list[int]:
+    """The device sampler's token for each row of `logits`."""
+    return [t for t, _ in sampler.sample(tvm.runtime.tensor(logits, sampler.device), rows)]
+
+
 def draw_histogram(sampler: DeviceSampler, logits: np.ndarray, params: SamplingParams, penalties: bool,
                    mask: np.ndarray | None, draws: int = DRAWS, chunk: int = 25_000) -> np.ndarray:
     """`draws` tokens from the device sampler, as frequencies; rows of one call share the logits."""
@@ -90,7 +105,7 @@ def draw_histogram(sampler: DeviceSampler, logits: np.ndarray, params: SamplingP
     counts = np.zeros(logits.size, dtype=np.int64)
     for start in range(0, draws, chunk):
         n = min(chunk, draws - start)
-        uniforms = rng.integers(0, 1 << 24, size=n) / float(1 << 24)
+        uniforms = uniforms_24bit(rng, n)
         # one packed row repeated: every row points at the same bias / penalty / bitmask entries
         fp, ip, *lists = pack_rows([row_for(params, penalties, mask, 0.0)], logits.size, (logits.size + 31) // 32)
         fp = np.repeat(fp, n, axis=0)
@@ -122,8 +137,7 @@ def check_greedy(sampler: DeviceSampler, vocab: int) -> None:
     logits = rng.normal(0.0, 3.0, (6, vocab)).astype(np.float32)
     logits[1, [5, vocab - 1]] = logits[1].max() + 1.0  # a tie: the first index wins, as np.argmax
     rows = [SampleRow(SamplingParams(temperature=0.0)) for _ in range(6)]
-    tokens = [t for t, _ in sampler.sample(tvm.runtime.tensor(logits, sampler.device), rows)]
-    assert tokens == logits.argmax(axis=1).tolist()
+    assert sampled_tokens(sampler, logits, rows) == logits.argmax(axis=1).tolist()
 
 
 def check_same_uniform_same_token(sampler: DeviceSampler, vocab: int, rows: int = 64) -> None:
@@ -131,14 +145,10 @@ def check_same_uniform_same_token(sampler: DeviceSampler, vocab: int, rows: int 
     rng = np.random.default_rng(11)
     logits = (rng.standard_normal((rows, vocab)) * rng.uniform(1, 6, (rows, 1))).astype(np.float32)
     params = SamplingParams(temperature=0.7, top_p=0.9)
-    uniforms = rng.integers(0, 1 << 24, size=rows) / float(1 << 24)
-    got = [t for t, _ in sampler.sample(tvm.runtime.tensor(logits, sampler.device),
-                                        [SampleRow(params, float(u)) for u in uniforms])]
-    want = []
-    for row, u in zip(logits, uniforms):
-        cdf = np.cumsum(softmax(process_logits(row, params, np.empty(0, dtype=np.int64))))
-        want.append(int(min(np.searchsorted(cdf, u * cdf[-1], side="right"), vocab - 1)))
-    assert got == want
+    uniforms = uniforms_24bit(rng, rows)
+    got = sampled_tokens(sampler, logits, [SampleRow(params, float(u)) for u in uniforms])
+    assert got == [reference_token(np.cumsum(reference_probs(row, params, False, None)), u)
+                   for row, u in zip(logits, uniforms)]
 
 
 def check_logprobs(sampler: DeviceSampler, vocab: int) -> None:
@@ -179,16 +189,15 @@ def check_settings_same_uniform(sampler: DeviceSampler, vocab: int, uniforms: in
     """Every setting of SETTINGS at `vocab` (N(0, 2) logits): with a given uniform, the reference's token (its cdf
     walk in id order). Exact, so few draws suffice; it runs where 10^5 draws per setting would be too slow."""
     logits = np.random.default_rng(7).normal(0.0, 2.0, vocab).astype(np.float32)
-    us = np.random.default_rng(1).integers(0, 1 << 24, size=uniforms) / float(1 << 24)
+    us = uniforms_24bit(np.random.default_rng(1), uniforms)
     failures = []
     for name, kwargs, penalties, masked in SETTINGS:
         params = SamplingParams(**kwargs)
         mask = bitmask_for(MASK_ALLOWED, vocab) if masked else None
         cdf = np.cumsum(reference_probs(logits, params, penalties, mask))
         rows = [row_for(params, penalties, mask, float(u)) for u in us]
-        got = [t for t, _ in sampler.sample(tvm.runtime.tensor(np.repeat(logits[None], uniforms, axis=0),
-                                                               sampler.device), rows)]
-        want = [int(min(np.searchsorted(cdf, u * cdf[-1], side="right"), vocab - 1)) for u in us]
+        got = sampled_tokens(sampler, np.repeat(logits[None], uniforms, axis=0), rows)
+        want = [reference_token(cdf, u) for u in us]
         if got != want:
             failures.append(f"{name}: {got} != {want}")
     assert not failures, failures
@@ -209,13 +218,10 @@ def check_profiles_same_uniform(sampler: DeviceSampler, vocab: int, rows: int = 
     for profile in ("peaked", "flat"):
         logits = make_logits(profile, rows, vocab, seed=3)
         for params in settings:
-            us = np.random.default_rng(5).integers(0, 1 << 24, size=len(logits)) / float(1 << 24)
-            got = [t for t, _ in sampler.sample(tvm.runtime.tensor(logits, sampler.device),
-                                                [SampleRow(params, float(u)) for u in us])]
-            want = []
-            for row, u in zip(logits, us):
-                cdf = np.cumsum(softmax(process_logits(row, params, np.empty(0, dtype=np.int64))))
-                want.append(int(min(np.searchsorted(cdf, u * cdf[-1], side="right"), vocab - 1)))
+            us = uniforms_24bit(np.random.default_rng(5), len(logits))
+            got = sampled_tokens(sampler, logits, [SampleRow(params, float(u)) for u in us])
+            want = [reference_token(np.cumsum(reference_probs(row, params, False, None)), u)
+                    for row, u in zip(logits, us)]
             if got != want:
                 failures.append(f"{profile} {params}: {got} != {want}")
     assert not failures, failures
