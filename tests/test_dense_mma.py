@@ -9,10 +9,10 @@ the schedule's data movement is emulated with the PTX fragment layouts against n
 from __future__ import annotations
 
 import json
-import re
 
 import numpy as np
 import pytest
+from cuda_sources import generated_cuda, kernel_definitions
 from test_cuda_aot import require_cuda_toolkit
 
 
@@ -160,38 +160,6 @@ def test_schedule_computes_x_wt_on_cpu(name):
     assert row_err.max() < 1e-5, row_err.max()
 
 
-def _cuda_sources(build) -> str:
-    """The CUDA source TVM generates inside `build()` (the nvcc callback is replaced by a recorder)."""
-    import tvm
-
-    from vptq_mlc.compile.targets import resolve_backend
-
-    (bt,) = resolve_backend("cuda", "sm_80,sm_90")
-    bt.prepare()
-    sources: list[str] = []
-    previous = tvm.get_global_func("tvm_callback_cuda_compile")
-    tvm.register_global_func(
-        "tvm_callback_cuda_compile", lambda code, *_: (sources.append(str(code)), b"-")[1], override=True
-    )
-    try:
-        bt.prepare = lambda: None  # prepared above: preparing again would re-install nvcc over the recorder
-        build(bt)
-    finally:
-        tvm.register_global_func("tvm_callback_cuda_compile", previous, override=True)
-    (src,) = sources
-    return src
-
-
-def _kernels(src: str) -> dict[str, str]:
-    parts = re.split(r'(?=^extern "C" __global__)', src, flags=re.M)[1:]
-    out = {}
-    for part in parts:
-        name = re.search(r"__global__ void (?:__launch_bounds__\(\d+\) )?(\w+)\(", part).group(1)
-        if "{" in part.split("\n", 1)[0]:  # the definition, not the forward declaration
-            out[name] = part
-    return out
-
-
 def test_kernels_are_tensor_core_code():
     require_cuda_toolkit(cuobjdump=False)
     import tvm
@@ -205,7 +173,7 @@ def test_kernels_are_tensor_core_code():
         "dense_sym": dense_mma_cuda((1, tirx.Var("seq_len", "int64")), 4096, 11008),
     }
     mod = tvm.IRModule({n: f.with_attr("global_symbol", n) for n, f in funcs.items()})
-    kernels = _kernels(_cuda_sources(lambda bt: tvm.compile(mod, target=bt.target)))
+    kernels = kernel_definitions(generated_cuda(lambda bt: tvm.compile(mod, target=bt.target)))
     # symbolic rows: decode (<= 16 rows), 64 x 64 tiles (short prompts on a 4096-wide output), 128 x 128 tiles
     assert sorted(kernels) == ["dense_r16_kernel", "dense_r1_kernel", "dense_sym_kernel", "dense_sym_kernel_1",
                                "dense_sym_kernel_2"]
@@ -247,7 +215,7 @@ def test_fp16_model_runs_every_matmul_on_the_dense_kernel(tmp_path, monkeypatch)
         bt.relax_pipeline = recording_pipeline
         return build_library(model, bt, tmp_path / "fp16-cuda.so")
 
-    kernels = _kernels(_cuda_sources(build_recording))
+    kernels = kernel_definitions(generated_cuda(build_recording))
     dense = [n for n in kernels if "_dense_mma_kernel" in n]
     assert len(dense) >= 8, sorted(kernels)  # q/k/v/o, gate/up/down, lm_head at several row counts
     assert all("mma.sync.aligned.m16n8k16" in kernels[n] for n in dense)

@@ -14,8 +14,8 @@ import re
 
 import numpy as np
 import pytest
+from cuda_sources import generated_cuda, kernel_definitions
 from test_cuda_aot import require_cuda_toolkit
-from test_dense_mma import _cuda_sources, _kernels
 
 from vptq_mlc.artifact.vq_layout import generic_layout, vq_operand_shapes
 from vptq_mlc.checkpoint.dequant import decode_codes, dequantize
@@ -77,7 +77,7 @@ def test_prefill_cuda_source_has_both_paths():
         ex = tvm.compile(mod, target=bt.target)
         host.append(ex.mod.inspect_source() if hasattr(ex.mod, "inspect_source") else "")
 
-    kernels = _kernels(_cuda_sources(build))
+    kernels = kernel_definitions(generated_cuda(build))
     pre = {n: k for n, k in kernels.items() if n.startswith("pre_")}
     forced_k = {n: k for n, k in kernels.items() if n.startswith("forced_")}
     # VQ MMA (lookups build B fragments), dequantize, dense GEMM 64 x 64 (512-wide output), dense GEMM 128 x 128

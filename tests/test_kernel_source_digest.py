@@ -11,9 +11,9 @@ TVM codegen only (CUDA source, no nvcc run); ~20 s on 2 cores.
 from __future__ import annotations
 
 import hashlib
-import re
 
 import pytest
+from cuda_sources import generated_cuda, kernel_parts
 from test_cuda_aot import require_cuda_toolkit
 
 # name -> sha256 of the kernel's CUDA source (from `extern "C" __global__` to the next one), TVM 0.27.0.post1
@@ -55,25 +55,10 @@ def _kernels() -> dict:
 def kernel_digests() -> dict[str, str]:
     import tvm
 
-    from vptq_mlc.compile.targets import resolve_backend
-
-    (bt,) = resolve_backend("cuda", "sm_90")
-    bt.prepare()
-    sources: list[str] = []
-    previous = tvm.get_global_func("tvm_callback_cuda_compile")
-    tvm.register_global_func(
-        "tvm_callback_cuda_compile", lambda code, *_: (sources.append(str(code)), b"-")[1], override=True
-    )
-    try:
-        tvm.compile(tvm.IRModule({n: f.with_attr("global_symbol", n) for n, f in _kernels().items()}), target=bt.target)
-    finally:
-        tvm.register_global_func("tvm_callback_cuda_compile", previous, override=True)
-    (src,) = sources
-    out = {}
-    for part in re.split(r'(?=^extern "C" __global__)', src, flags=re.M)[1:]:
-        name = re.search(r"__global__ void (?:__launch_bounds__\(\d+\) )?(\w+)\(", part).group(1)
-        out[name] = hashlib.sha256(part.encode()).hexdigest()
-    return out
+    mod = tvm.IRModule({n: f.with_attr("global_symbol", n) for n, f in _kernels().items()})
+    src = generated_cuda(lambda bt: tvm.compile(mod, target=bt.target), "sm_90")
+    # a name met twice (a forward declaration, then the definition): the later text, as when recorded
+    return {name: hashlib.sha256(part.encode()).hexdigest() for name, part in kernel_parts(src)}
 
 
 def test_kernel_sources_match_recorded_digests():
