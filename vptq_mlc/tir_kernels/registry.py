@@ -101,7 +101,7 @@ class CpuKernelSelector(KernelSelector):
 
 class WavefrontKernelSelector(KernelSelector):
     """The CUDA GEMV parameterised for another GPU (`params`: wavefront, static LDS, threads) for decode row counts
-    1..MAX_ROWS, else the dlight dequant matmul (as on CUDA). What ROCm builds."""
+    1..MAX_ROWS, else the dlight dequant matmul (as fp32 models on CUDA). What ROCm builds."""
 
     def __init__(self, target: Target, params: GpuParams, layouts: Iterable[str] = (LAYOUT,)):
         super().__init__(target, layouts)
