@@ -80,16 +80,17 @@ def test_prefill_cuda_source_has_both_paths():
     kernels = kernel_definitions(generated_cuda(build))
     pre = {n: k for n, k in kernels.items() if n.startswith("pre_")}
     forced_k = {n: k for n, k in kernels.items() if n.startswith("forced_")}
-    # VQ MMA (lookups build B fragments), dequantize, dense GEMM 64 x 64 (512-wide output), dense GEMM 128 x 128
-    assert len(pre) == 4, sorted(pre)
+    # VQ MMA with the decode plan (<= 16 rows) and with the prefill plan (lookups build B fragments), dequantize,
+    # dense GEMM 64 x 64 (512-wide output), dense GEMM 128 x 128
+    assert len(pre) == 5, sorted(pre)
     # every row count dequantizes (no VQ MMA kernel): dequantize + the GEMM for 1..16 rows, 64 x 64, 128 x 128
     assert len(forced_k) == 4, sorted(forced_k)
     assert all("ldmatrix" in k or "mma.sync" not in k for k in forced_k.values())
     mma = [k for k in pre.values() if "mma.sync" in k and "ldmatrix" not in k]
     gemm = [k for k in pre.values() if "ldmatrix.sync.aligned.m8n8.x4.shared.b16" in k and "cp_async" in k]
     dequant = [k for k in pre.values() if "mma.sync" not in k]
-    assert len(mma) == 1 and len(gemm) == 2 and len(dequant) == 1
-    assert len([n for n in kernels if n.startswith("split_")]) == 4
+    assert len(mma) == 2 and len(gemm) == 2 and len(dequant) == 1
+    assert len([n for n in kernels if n.startswith("split_")]) == 5
     # the dequantize kernel writes 16-byte stores of the weight (uint4 of 8 halves) and reads whole entries
     assert re.search(r"\*\(uint4\*\)\(w_ptr \+", dequant[0]) and "*(uint4*)(ent_ptr" in dequant[0]
     assert DEQUANT_GEMM_FROM_ROWS == 128

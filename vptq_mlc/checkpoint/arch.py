@@ -78,6 +78,9 @@ class DecoderConfig:
 ROPE_TYPES = ("default", "linear", "dynamic", "yarn", "llama3", "longrope")
 
 
+
+CACHE_HEAD_MULTIPLE = 32  # DeepSeek-V3's padded KV-cache head width is a multiple of this (see deepseek_v3_config)
+
 def _rope_pos_freqs(base: float, dim: int) -> Any:
     """base ** (arange(0, dim, 2) / dim) in float32, as transformers computes it; inv_freq is its reciprocal,
     which each RoPE type then rescales."""
@@ -431,7 +434,10 @@ def deepseek_v3_config(hf: Mapping[str, Any]) -> DeepseekV3Config:
     )
     cfg.attention_bias = cfg.attention_out_bias = bool(hf.get("attention_bias", False))
     cfg.num_key_value_heads = heads
-    cfg.head_dim = max(cfg.qk_head_dim, cfg.v_head_dim)
+    # the cache's head width: TVM's CUDA decode-attention kernel gives each head width / 4 threads in x and fills a
+    # 512-thread block along z, so a width under 32 asks for more than CUDA's 64 threads in z (a launch error);
+    # a multiple of 32 (R1: 192 already) avoids it, and the zero padding changes neither q.k nor v's columns
+    cfg.head_dim = -(-max(cfg.qk_head_dim, cfg.v_head_dim) // CACHE_HEAD_MULTIPLE) * CACHE_HEAD_MULTIPLE
     if cfg.qk_rope_head_dim <= 0 or cfg.qk_rope_head_dim % 2:
         raise CheckpointError(f"config.json: qk_rope_head_dim {cfg.qk_rope_head_dim} must be even and positive")
     if cfg.n_shared_experts < 1:

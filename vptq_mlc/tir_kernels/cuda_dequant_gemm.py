@@ -25,7 +25,7 @@ from vptq_mlc.artifact.vq_layout import code_dtype, vq_operand_shapes
 from vptq_mlc.checkpoint.layer_config import VPTQLayerConfig
 from vptq_mlc.tir_kernels.cuda_common import KERNEL_ATTRS, keep_params, load_book_entry, vr
 from vptq_mlc.tir_kernels.cuda_dense_mma import gemm_macros, plan_dense, symbolic_plans
-from vptq_mlc.tir_kernels.cuda_mma import mma_macro
+from vptq_mlc.tir_kernels.cuda_mma import MMA_ROWS, mma_macro, plan_mma
 from vptq_mlc.tir_kernels.generic import kernel_dims
 
 # Row count from which a symbolic-row prefill dequantizes the layer and runs the dense GEMM. Cost model (H100,
@@ -166,9 +166,9 @@ def vq_dequantize_func(cfg: VPTQLayerConfig, dtype: str, cuda: bool = True) -> t
 def vq_prefill_cuda(cfg: VPTQLayerConfig, dtype: str, from_rows: int = DEQUANT_GEMM_FROM_ROWS,
                     ) -> tuple[tirx.PrimFunc, tuple[tuple[tuple[int, ...], str], ...]]:
     """(PrimFunc(xs[n, I], *operands, w[O, I], y[n, O]), its scratch outputs) for a symbolic row count n: the VQ
-    MMA prefill kernel for n < `from_rows`, else dequantize into the scratch `w` + the dense GEMM. `from_rows=0`
-    forces the dequantize path for every n (bench comparisons). Layers the dense GEMM cannot take get the VQ MMA
-    kernel alone and no scratch."""
+    MMA kernel with its decode plan for n <= 16 and its prefill plan for n < `from_rows`, else dequantize into the
+    scratch `w` + the dense GEMM. `from_rows=0` forces the dequantize path for every n (bench comparisons). Layers
+    the dense GEMM cannot take get the VQ MMA kernel alone and no scratch."""
     from vptq_mlc.tir_kernels.cuda_mma import vq_mma_cuda
 
     if not dequant_gemm_supported(cfg, dtype):
@@ -178,6 +178,10 @@ def vq_prefill_cuda(cfg: VPTQLayerConfig, dtype: str, from_rows: int = DEQUANT_G
     NB = tirx.Var("n", "int64")
     FROM = from_rows
     mma = mma_macro(cfg, dtype, None, NB)
+    # up to 16 rows (a short prompt, the new tokens after a cached prefix, a small prefill chunk): the decode plan,
+    # one 16-row tile per CTA split over the input as at batch 16, instead of the prefill plan's 64-row tiles
+    few = mma_macro(cfg, dtype, None, NB, plan=plan_mma(cfg))
+    FEW = MMA_ROWS if FROM > MMA_ROWS else 0
     dq = dequant_macro(cfg, dtype)
     # rows in int32 inside the GEMM (as in dense_mma_cuda): indices stay below 2^31 (rows * max(O, I))
     gemms = gemm_macros(symbolic_plans(O, I, above_rows=max(0, FROM - 1)), T.Cast("int32", NB), O, I, dtype, None)
@@ -201,6 +205,8 @@ def vq_prefill_cuda(cfg: VPTQLayerConfig, dtype: str, from_rows: int = DEQUANT_G
         yf = T.decl_buffer((NB * O,), dtype, data=y.data)
         if NB <= 0:  # nothing to do (the GEMM's row clamp needs a row)
             T.evaluate(0)
+        elif FEW > 0 and NB <= FEW:
+            few(xs, centroids, codes, res_centroids, res_codes, outlier_centroids, outlier_codes, y)
         elif FROM > 0 and NB < FROM:
             mma(xs, centroids, codes, res_centroids, res_codes, outlier_centroids, outlier_codes, y)
         else:
