@@ -3,11 +3,14 @@ transformers holding the dense weights dequantized by the independent reference 
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
+import numpy as np
 import pytest
+import torch
 from cpu_pipeline import build_llvm, run_requests
-from library_logits import assert_logits_match_reference
+from library_logits import assert_logits_match_reference, library_logits
 from reference_model import reference_greedy, reference_model
 
 from vptq_mlc.compile.build import compile_model
@@ -73,3 +76,48 @@ def test_metadata_reports_planned_memory(built) -> None:
     plans for prefill_chunk_size tokens, so it needs more than one-token decode."""
     mem = load_library(built[2], "cpu").metadata["memory_usage"]
     assert mem["prefill"] > mem["decode"] > 0 and mem["batch_prefill"] > 0
+
+
+def test_fp16_embedding_table_in_fp32_model(tmp_path):
+    """An fp32 model with its tied embedding table stored in fp16 (convert's `embedding_dtype`, the bundled CPU
+    model's choice), rows and head products computed in fp32.
+    (1) It computes the model whose table is rounded to fp16: transformers holding that rounded table agrees within
+    the usual 1e-3 of the logit scale, with the same argmax at every step.
+    (2) Against the unrounded fp32 reference the rounding stays within its bound: an fp16 entry is within 2^-11 of
+    itself (relative; the synthetic table is far from fp16's subnormals), so the head moves logit r by at most
+    B_r = 2^-11 * sum_k |h_k W_rk| (h: the final hidden state), and the rounded input row, renormalized by the
+    decoder's RMSNorms, moves it by about as much again: |ours - fp32 reference| <= 2 * max_r B_r plus the 1e-3
+    tolerance of (1)."""
+    from reference_model import reference_model
+
+    ckpt = make_synthetic_checkpoint(tmp_path / "ckpt", variant="v8-k256-16", tie_word_embeddings=True,
+                                     dtype="float32", seed=11)
+    model_dir = convert_checkpoint(ckpt, tmp_path / "mlc", embedding_dtype="float16")
+    (lib,) = compile_model(model_dir, "llvm", tmp_path / "m-llvm.so")
+    prefill, decode = 8, 4
+    tokens = np.random.default_rng(1).integers(0, 512, prefill + decode).astype(np.int32)
+    ours = library_logits(model_dir, lib, tokens, prefill)
+
+    fp32_ref = reference_model(ckpt)
+    rounded_ref = reference_model(ckpt)
+    table = rounded_ref.model.embed_tokens.weight
+    with torch.no_grad():
+        table.copy_(table.half().float())
+        assert rounded_ref.lm_head.weight.data_ptr() == table.data_ptr()  # tied: the head reads the same table
+        hidden = []
+        rounded_ref.model.norm.register_forward_hook(lambda _m, _i, out: hidden.append(out[0, prefill - 1:]))
+        ids = torch.from_numpy(tokens[None].astype(np.int64))
+        want16 = rounded_ref(ids).logits[0, prefill - 1:].numpy()
+        want32 = fp32_ref(ids).logits[0, prefill - 1:].numpy()
+    scale = np.abs(want32).max()
+    tol = 1e-3 * max(scale, 1.0)
+    assert np.abs(ours - want16).max() <= tol
+    assert np.array_equal(ours.argmax(-1), want16.argmax(-1))
+
+    w32 = fp32_ref.model.embed_tokens.weight.detach().numpy()
+    head_bound = (2.0**-11 * np.abs(hidden[0].numpy()) @ np.abs(w32).T).max()
+    err, computed = np.abs(ours - want32).max(), np.abs(ours - want16).max()
+    assert err <= 2 * head_bound + computed, f"max |ours - fp32| {err:.3g} > 2 * {head_bound:.3g} + {computed:.3g}"
+    records = json.loads((model_dir / "tensor-cache.json").read_text())["records"]
+    dtypes = {r["name"]: r["dtype"] for shard in records for r in shard["records"]}
+    assert dtypes["model.embed_tokens.weight"] == "float16" and dtypes["model.norm.weight"] == "float32"

@@ -18,6 +18,12 @@ from vptq_mlc.errors import VPTQMLCError
 log = logging.getLogger(__name__)
 
 DEFAULT_VARIANT = "v8-k4096-4096"
+# The bundled model dir (built for the CPU): fp32 compute, since a CPU converts fp16 values one by one around
+# arithmetic, but the embedding table stored in fp16. It is also the tied head (49152 x 576: 113 MB in fp32, the
+# one tensor read whole every token), so fp16 halves the head's bytes per token (F16C widens them inside the
+# vectorized dot product). Lossless here: the quantized checkpoint holds the table in fp16 already (for an fp32
+# table each entry moves by at most 2^-11 of itself; tests/test_e2e_cpu.py bounds what that does to logits).
+MODEL_DTYPE, EMBEDDING_DTYPE = "float32", "float16"
 
 
 def is_bundled_alias(name: str) -> bool:
@@ -42,14 +48,28 @@ def ensure_bundled_model(name: str = "smollm2", variant: str = DEFAULT_VARIANT, 
 
         log.warning("first use of %s: quantizing it at %s (a few minutes on CPU, cached afterwards)", name, variant)
         quantize_model(name, ckpt, QuantizeSettings(variant=variant, seed=0))
-    if not (model_dir / CHAT_CONFIG).is_file():
+    if not _converted_as_bundled(model_dir):  # absent, or cached from a build with other dtypes
         from vptq_mlc.convert.converter import convert_checkpoint
 
         log.warning("converting %s to the MLC layout", name)
-        convert_checkpoint(ckpt, model_dir, dtype="float32", overwrite=True, layout="generic")  # CPU: no CUDA entries
+        convert_checkpoint(ckpt, model_dir, dtype=MODEL_DTYPE, overwrite=True, layout="generic",  # no CUDA entries
+                           embedding_dtype=EMBEDDING_DTYPE)
     if not lib.is_file():
         from vptq_mlc.compile.build import compile_model
 
         log.warning("compiling %s for %s", name, target)
         compile_model(model_dir, target, lib, arch=arch)
     return model_dir, lib
+
+
+def _converted_as_bundled(model_dir: Path) -> bool:
+    """Whether the cached model dir has the bundled dtypes (replacing it also drops libraries built from it)."""
+    from vptq_mlc.artifact.chat_config import ChatConfig
+
+    if not (model_dir / CHAT_CONFIG).is_file():
+        return False
+    try:
+        chat = ChatConfig.load(model_dir)
+    except VPTQMLCError:
+        return False
+    return (chat.model_dtype, chat.embedding_dtype) == (MODEL_DTYPE, EMBEDDING_DTYPE)

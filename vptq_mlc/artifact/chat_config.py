@@ -92,10 +92,19 @@ class ChatConfig:
         eps = mc.get("rms_norm_eps")
         if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps > 0:
             raise bad(f"model_config.rms_norm_eps must be a positive number, found {eps!r}")
+        if self.embedding_dtype not in MODEL_DTYPES:
+            raise bad(f"vptq.embedding_dtype {self.embedding_dtype!r} is not one of {', '.join(MODEL_DTYPES)}")
         layouts = self.vptq.get("layouts", [])
         if not isinstance(layouts, list) or not all(isinstance(x, str) for x in layouts):
             raise bad("'vptq.layouts' must be a list of layout names")
         self.vptq_layers()
+
+    @property
+    def embedding_dtype(self) -> str:
+        """The stored dtype of `model.embed_tokens.weight` (and so of a tied head): `vptq.embedding_dtype` where
+        convert kept the table narrower than the model (an fp32 CPU model with an fp16 table, convert's
+        `embedding_dtype`), else `model_dtype`."""
+        return str(self.vptq.get("embedding_dtype", self.model_dtype))
 
     @property
     def layouts(self) -> tuple[str, ...]:

@@ -93,7 +93,8 @@ def build_library(model_dir: Path, bt: TargetBackend, output: Path,
     if static_batches is None:
         static_batches = bt.static_decode_batches
     model = build_model(cfg, layers, dtype, bt.target, bt.kernel_selector(chat.layouts), static_batches,
-                        bt.norm_bias_kernels(), arch=arch, logits_dtype=bt.logits_dtype)
+                        bt.norm_bias_kernels(), arch=arch, logits_dtype=bt.logits_dtype,
+                        embedding_dtype=chat.embedding_dtype)
     split = None
     stage("  exporting the model (%d quantized linears)%s", len(layers),
           " with split functions" if split_functions else "")

@@ -35,16 +35,18 @@ def default_dtype(checkpoint_dtype: str) -> str:
 
 
 LAYOUT_CHOICES = ("auto", LAYOUT)
+EMBEDDING = "model.embed_tokens.weight"
 
 
-def _tensor_groups(ckpt: VPTQCheckpoint, dtype: str, code_sorted: bool) -> Iterator[list[tuple[str, np.ndarray]]]:
+def _tensor_groups(ckpt: VPTQCheckpoint, dtype: str, code_sorted: bool,
+                   embedding_dtype: str) -> Iterator[list[tuple[str, np.ndarray]]]:
     """Per dense tensor or VPTQ layer, its (name, array) pairs in tensor-cache form: dense tensors cast to the
-    model dtype, VPTQ layers in the generic layout, plus the code-sorted entries of layers whose codebooks do not
-    fit shared memory (when `code_sorted`)."""
+    model dtype (the embedding table to `embedding_dtype`), VPTQ layers in the generic layout, plus the code-sorted
+    entries of layers whose codebooks do not fit shared memory (when `code_sorted`)."""
     keep_fp32 = ARCHITECTURES[ckpt.arch].float32_dense
     for name in ckpt.dense_tensor_names():
         a = ckpt.get(name)
-        to = "float32" if name.endswith(keep_fp32) else dtype
+        to = "float32" if name.endswith(keep_fp32) else embedding_dtype if name == EMBEDDING else dtype
         yield [(name, a.astype(np.float32).astype(to) if a.dtype.kind == "f" else a)]
     for path, cfg in ckpt.layers.items():
         tensors = ckpt.layer_tensors(path)
@@ -66,12 +68,17 @@ def convert_checkpoint(
     overwrite: bool = False,
     validate: bool = True,
     layout: str = "auto",
+    embedding_dtype: str | None = None,
 ) -> Path:
     """Convert and return the output directory. Raises CheckpointError / ConvertError with one-line messages.
 
     `layout`: "auto" also writes the code-sorted entries (4 bytes per code) of layers whose codebooks do not fit
     shared memory (K = 65536 class; the CUDA decode kernel for batch 1..2 reads them); "generic" writes only
-    the generic layout (smaller, every target still runs, CUDA decode then gathers through L2)."""
+    the generic layout (smaller, every target still runs, CUDA decode then gathers through L2).
+
+    `embedding_dtype`: the stored dtype of the embedding table (default: the model dtype). float16 in a float32
+    model halves the bytes the tied head streams per token (the largest tensor of a small model); rows and logits
+    are still computed in fp32 (ChatConfig.embedding_dtype)."""
     if layout not in LAYOUT_CHOICES:
         raise ConvertError(f"layout {layout!r} is not supported; choose one of {', '.join(LAYOUT_CHOICES)}")
     out = Path(output)
@@ -83,6 +90,10 @@ def convert_checkpoint(
     dtype = dtype or default_dtype(ckpt.dtype)
     if dtype not in SUPPORTED_DTYPES:
         raise ConvertError(f"dtype {dtype!r} is not supported; choose one of {', '.join(SUPPORTED_DTYPES)}")
+    embedding_dtype = embedding_dtype or dtype
+    if embedding_dtype not in SUPPORTED_DTYPES:
+        raise ConvertError(f"embedding dtype {embedding_dtype!r} is not supported; choose one of "
+                           f"{', '.join(SUPPORTED_DTYPES)}")
     model_config = decoder_config_from_hf(ckpt.hf_config)
     if context_window_size:
         model_config.set_context_window(context_window_size)
@@ -98,7 +109,7 @@ def convert_checkpoint(
             tok_files.append(f.name)
         n_total = len(ckpt.dense_tensor_names()) + len(ckpt.layers)
         with TensorCacheWriter(tmp, metadata={"quantization": "vptq"}) as writer:
-            groups = _tensor_groups(ckpt, dtype, layout == "auto")
+            groups = _tensor_groups(ckpt, dtype, layout == "auto", embedding_dtype)
             for group in tqdm(groups, total=n_total, desc="convert", unit="tensor"):
                 for name, a in group:
                     writer.add(name, a)
@@ -114,6 +125,8 @@ def convert_checkpoint(
             layouts=(LAYOUT, CODE_SORTED) if layout == "auto" and any(
                 code_sorted_eligible(c, dtype) for c in ckpt.layers.values()) else (LAYOUT,),
         )
+        if embedding_dtype != dtype:
+            chat_cfg.vptq["embedding_dtype"] = embedding_dtype
         chat_cfg.write(tmp)
     log.info("converted %s -> %s (%d tensors, %.1f MB)", checkpoint, out, writer.num_tensors, writer.total_bytes / 1e6)
     return out

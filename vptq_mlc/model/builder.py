@@ -27,9 +27,11 @@ def build_model(
     select_norm_bias: NormBiasKernels | None = None,
     arch: str = "llama",
     logits_dtype: str | None = None,
+    embedding_dtype: str | None = None,
 ) -> nn.Module:
     """The registry entry's module tree: linears listed in `layers` become VPTQLinear, the rest dense nn.Linear.
-    `logits_dtype`: the logits matmul's output dtype (the target backend's choice; None: the model's dtype)."""
+    `logits_dtype`: the logits matmul's output dtype (the target backend's choice; None: the model's dtype).
+    `embedding_dtype`: the embedding table's stored dtype (ChatConfig.embedding_dtype; None: the model's dtype)."""
     if arch not in ARCHITECTURES:
         raise CheckpointError(f"architecture {arch!r} is not supported; supported: {', '.join(ARCHITECTURES)}")
     module_name, _, class_name = ARCHITECTURES[arch].module_tree.partition(":")
@@ -51,4 +53,5 @@ def build_model(
             )
         return VPTQLinear(qcfg, dtype, select_kernel, select_norm_bias)
 
-    return tree(cfg, make_linear, dtype, target, static_decode_batches, logits_dtype=logits_dtype)
+    return tree(cfg, make_linear, dtype, target, static_decode_batches, logits_dtype=logits_dtype,
+                embedding_dtype=embedding_dtype)

@@ -26,9 +26,21 @@ from vptq_mlc.model.config import DecoderConfig
 LinearFactory = Callable[[str, int, int, bool], nn.Module]
 
 
-def _gather_rows(table: te.Tensor, ids: te.Tensor) -> te.Tensor:
-    """table[ids] (TE: relax's take warns about unchecked indices; the engine checks ids against the vocab)."""
-    return te.compute((ids.shape[0], table.shape[1]), lambda i, j: table[ids[i], j], name="gather_rows")
+def _gather_rows(table: te.Tensor, ids: te.Tensor, dtype: str) -> te.Tensor:
+    """table[ids] in `dtype` (TE: relax's take warns about unchecked indices; the engine checks ids against the
+    vocab). The cast lets a table stored narrower than the model (`embedding_dtype`) feed it rows directly."""
+    return te.compute((ids.shape[0], table.shape[1]), lambda i, j: table[ids[i], j].astype(dtype),
+                      name="gather_rows")
+
+
+def _tied_head(hidden: te.Tensor, table: te.Tensor, out_dtype: str) -> te.Tensor:
+    """hidden @ table.T with each table entry cast to `out_dtype` inside the dot product, so a head stored in
+    fp16 streams half the bytes without a widened copy of the table (the CPU schedule, compile/cpu.py, keeps this
+    one block vectorized)."""
+    b, s, h = hidden.shape
+    k = te.reduce_axis((0, h), name="k")
+    return te.compute((b, s, table.shape[0]), lambda i, j, r: te.sum(
+        hidden[i, j, k].astype(out_dtype) * table[r, k].astype(out_dtype), axis=k), name="tied_head")
 
 
 def _gather_positions(x: te.Tensor, pos: te.Tensor) -> te.Tensor:
@@ -128,8 +140,14 @@ class DecoderForCausalLM(nn.Module):
     """Top-level module; its methods are the library's exported functions (docs/ARCHITECTURE.md)."""
 
     def __init__(self, cfg: DecoderConfig, make_linear: LinearFactory, dtype: str, target: Target,
-                 static_decode_batches: tuple[int, ...] = (), logits_dtype: str | None = None):
+                 static_decode_batches: tuple[int, ...] = (), logits_dtype: str | None = None,
+                 embedding_dtype: str | None = None):
+        """`embedding_dtype`: the stored dtype of the embedding table (and so of a tied head) when the model dir
+        keeps it narrower than `dtype` (ChatConfig.embedding_dtype); rows and head products are computed in `dtype`
+        / the logits dtype."""
         self.model = self.make_model(cfg, make_linear, dtype)
+        if embedding_dtype and embedding_dtype != dtype:
+            self.model.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size, dtype=embedding_dtype)
         # the logits matmul's sum dtype: the target's choice (CPUs: fp32, an fp16 running sum is converted at every
         # step there; None: the model's dtype)
         self.logits_dtype = logits_dtype
@@ -143,14 +161,17 @@ class DecoderForCausalLM(nn.Module):
         return DecoderModel(cfg, make_linear, dtype)
 
     def _logits(self, hidden: Tensor) -> Tensor:
-        if self.lm_head is None:
-            logits = op.matmul(hidden, op.permute_dims(self.model.embed_tokens.weight), out_dtype=self.logits_dtype)
+        table = self.model.embed_tokens.weight
+        if self.lm_head is None and table.dtype != hidden.dtype:  # a narrower stored table: cast inside the product
+            logits = op.tensor_expr_op(_tied_head, "tied_head", [hidden, table, self.logits_dtype or hidden.dtype])
+        elif self.lm_head is None:
+            logits = op.matmul(hidden, op.permute_dims(table), out_dtype=self.logits_dtype)
         else:
             logits = self.lm_head(hidden)
         return logits.astype("float32") if logits.dtype != "float32" else logits
 
     def embed(self, input_ids: Tensor) -> Tensor:
-        return op.tensor_expr_op(_gather_rows, "embed_gather", [self.model.embed_tokens.weight, input_ids])
+        return op.tensor_expr_op(_gather_rows, "embed_gather", [self.model.embed_tokens.weight, input_ids, self.dtype])
 
     def prefill(self, input_embed: Tensor, kv: PagedKVCache) -> tuple[Tensor, PagedKVCache]:
         hidden = self.model(input_embed, kv)
