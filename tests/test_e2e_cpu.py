@@ -121,3 +121,30 @@ def test_fp16_embedding_table_in_fp32_model(tmp_path):
     records = json.loads((model_dir / "tensor-cache.json").read_text())["records"]
     dtypes = {r["name"]: r["dtype"] for shard in records for r in shard["records"]}
     assert dtypes["model.embed_tokens.weight"] == "float16" and dtypes["model.norm.weight"] == "float32"
+
+
+def test_fp16_tables_of_fp16_checkpoint_are_lossless(tmp_path):
+    """The bundled CPU model's conversion (vptq_mlc/bundled.py): an fp16 checkpoint converted to an fp32 model with
+    its embedding table and VQ codebooks kept in fp16. The checkpoint holds them in fp16, so nothing is rounded:
+    the logits are those of the all-fp32 conversion of the same checkpoint, and match transformers in fp32."""
+    from reference_model import reference_model
+
+    ckpt = make_synthetic_checkpoint(tmp_path / "ckpt", variant="v8-k256-16", tie_word_embeddings=True,
+                                     dtype="float16", seed=5)
+    wide = convert_checkpoint(ckpt, tmp_path / "fp32", dtype="float32")
+    narrow = convert_checkpoint(ckpt, tmp_path / "tables16", dtype="float32", embedding_dtype="float16",
+                                codebook_dtype="float16", layout="generic")
+    records = json.loads((narrow / "tensor-cache.json").read_text())["records"]
+    dtypes = {r["name"]: r["dtype"] for shard in records for r in shard["records"]}
+    assert {d for n, d in dtypes.items() if n.endswith("centroids")} == {"float16"}
+    assert dtypes["model.embed_tokens.weight"] == "float16" and dtypes["model.norm.weight"] == "float32"
+    prefill, decode = 8, 4
+    tokens = np.random.default_rng(2).integers(0, 512, prefill + decode).astype(np.int32)
+    (wide_lib,) = compile_model(wide, "llvm", tmp_path / "fp32.so")
+    (narrow_lib,) = compile_model(narrow, "llvm", tmp_path / "tables16.so")
+    ours = library_logits(narrow, narrow_lib, tokens, prefill)
+    np.testing.assert_allclose(ours, library_logits(wide, wide_lib, tokens, prefill), rtol=0, atol=1e-5)
+    with torch.no_grad():
+        want = reference_model(ckpt)(torch.from_numpy(tokens[None].astype(np.int64))).logits[0, prefill - 1:].numpy()
+    assert np.abs(ours - want).max() <= 1e-3 * max(np.abs(want).max(), 1.0)
+    assert np.array_equal(ours.argmax(-1), want.argmax(-1))

@@ -94,6 +94,8 @@ class ChatConfig:
             raise bad(f"model_config.rms_norm_eps must be a positive number, found {eps!r}")
         if self.embedding_dtype not in MODEL_DTYPES:
             raise bad(f"vptq.embedding_dtype {self.embedding_dtype!r} is not one of {', '.join(MODEL_DTYPES)}")
+        if self.codebook_dtype not in MODEL_DTYPES:
+            raise bad(f"vptq.codebook_dtype {self.codebook_dtype!r} is not one of {', '.join(MODEL_DTYPES)}")
         layouts = self.vptq.get("layouts", [])
         if not isinstance(layouts, list) or not all(isinstance(x, str) for x in layouts):
             raise bad("'vptq.layouts' must be a list of layout names")
@@ -105,6 +107,13 @@ class ChatConfig:
         convert kept the table narrower than the model (an fp32 CPU model with an fp16 table, convert's
         `embedding_dtype`), else `model_dtype`."""
         return str(self.vptq.get("embedding_dtype", self.model_dtype))
+
+    @property
+    def codebook_dtype(self) -> str:
+        """The stored dtype of the VQ codebooks (`*centroids`): `vptq.codebook_dtype` where convert kept them
+        narrower than the model (CPU model dirs only: the CPU kernel widens entries as it reads them), else
+        `model_dtype`."""
+        return str(self.vptq.get("codebook_dtype", self.model_dtype))
 
     @property
     def layouts(self) -> tuple[str, ...]:

@@ -92,9 +92,15 @@ def build_library(model_dir: Path, bt: TargetBackend, output: Path,
     t0 = time.time()
     if static_batches is None:
         static_batches = bt.static_decode_batches
-    model = build_model(cfg, layers, dtype, bt.target, bt.kernel_selector(chat.layouts), static_batches,
+    selector = bt.kernel_selector(chat.layouts)
+    if chat.codebook_dtype != dtype:  # only the CPU's generic kernel widens codebook entries as it reads them
+        if bt.kind != "llvm":
+            raise CompileError(f"{model_dir} stores its codebooks in {chat.codebook_dtype} (a CPU model dir); "
+                               f"re-run `vptq-mlc convert` without a codebook dtype to compile for {bt.kind}")
+        selector.codebook_dtype = chat.codebook_dtype
+    model = build_model(cfg, layers, dtype, bt.target, selector, static_batches,
                         bt.norm_bias_kernels(), arch=arch, logits_dtype=bt.logits_dtype,
-                        embedding_dtype=chat.embedding_dtype)
+                        embedding_dtype=chat.embedding_dtype, codebook_dtype=chat.codebook_dtype)
     split = None
     stage("  exporting the model (%d quantized linears)%s", len(layers),
           " with split functions" if split_functions else "")

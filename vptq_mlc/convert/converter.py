@@ -38,11 +38,12 @@ LAYOUT_CHOICES = ("auto", LAYOUT)
 EMBEDDING = "model.embed_tokens.weight"
 
 
-def _tensor_groups(ckpt: VPTQCheckpoint, dtype: str, code_sorted: bool,
-                   embedding_dtype: str) -> Iterator[list[tuple[str, np.ndarray]]]:
+def _tensor_groups(ckpt: VPTQCheckpoint, dtype: str, code_sorted: bool, embedding_dtype: str,
+                   codebook_dtype: str) -> Iterator[list[tuple[str, np.ndarray]]]:
     """Per dense tensor or VPTQ layer, its (name, array) pairs in tensor-cache form: dense tensors cast to the
-    model dtype (the embedding table to `embedding_dtype`), VPTQ layers in the generic layout, plus the code-sorted
-    entries of layers whose codebooks do not fit shared memory (when `code_sorted`)."""
+    model dtype (the embedding table to `embedding_dtype`), VPTQ layers in the generic layout (codebooks in
+    `codebook_dtype`), plus the code-sorted entries of layers whose codebooks do not fit shared memory (when
+    `code_sorted`)."""
     keep_fp32 = ARCHITECTURES[ckpt.arch].float32_dense
     for name in ckpt.dense_tensor_names():
         a = ckpt.get(name)
@@ -52,6 +53,7 @@ def _tensor_groups(ckpt: VPTQCheckpoint, dtype: str, code_sorted: bool,
         tensors = ckpt.layer_tensors(path)
         codes = decode_codes(cfg, tensors, path)
         layout = generic_layout(cfg, tensors, codes, dtype)
+        layout.update({k: a.astype(codebook_dtype) for k, a in layout.items() if k.endswith("centroids")})
         if code_sorted and code_sorted_eligible(cfg, dtype):
             layout.update(code_sorted_layout(cfg, codes, dtype))
         yield [(f"{path}.{suffix}", a) for suffix, a in layout.items()]
@@ -69,6 +71,7 @@ def convert_checkpoint(
     validate: bool = True,
     layout: str = "auto",
     embedding_dtype: str | None = None,
+    codebook_dtype: str | None = None,
 ) -> Path:
     """Convert and return the output directory. Raises CheckpointError / ConvertError with one-line messages.
 
@@ -78,7 +81,9 @@ def convert_checkpoint(
 
     `embedding_dtype`: the stored dtype of the embedding table (default: the model dtype). float16 in a float32
     model halves the bytes the tied head streams per token (the largest tensor of a small model); rows and logits
-    are still computed in fp32 (ChatConfig.embedding_dtype)."""
+    are still computed in fp32 (ChatConfig.embedding_dtype). `codebook_dtype`: the same for the VQ codebooks
+    (every quantized linear reads its whole codebooks per token); only the CPU kernel reads narrower codebooks, so
+    such a model dir gets the generic layout only and compiles for llvm only (ChatConfig.codebook_dtype)."""
     if layout not in LAYOUT_CHOICES:
         raise ConvertError(f"layout {layout!r} is not supported; choose one of {', '.join(LAYOUT_CHOICES)}")
     out = Path(output)
@@ -90,10 +95,11 @@ def convert_checkpoint(
     dtype = dtype or default_dtype(ckpt.dtype)
     if dtype not in SUPPORTED_DTYPES:
         raise ConvertError(f"dtype {dtype!r} is not supported; choose one of {', '.join(SUPPORTED_DTYPES)}")
-    embedding_dtype = embedding_dtype or dtype
-    if embedding_dtype not in SUPPORTED_DTYPES:
-        raise ConvertError(f"embedding dtype {embedding_dtype!r} is not supported; choose one of "
-                           f"{', '.join(SUPPORTED_DTYPES)}")
+    embedding_dtype, codebook_dtype = embedding_dtype or dtype, codebook_dtype or dtype
+    for what, value in (("embedding", embedding_dtype), ("codebook", codebook_dtype)):
+        if value not in SUPPORTED_DTYPES:
+            raise ConvertError(f"{what} dtype {value!r} is not supported; choose one of {', '.join(SUPPORTED_DTYPES)}")
+    code_sorted = layout == "auto" and codebook_dtype == dtype  # code-sorted entries: CUDA only
     model_config = decoder_config_from_hf(ckpt.hf_config)
     if context_window_size:
         model_config.set_context_window(context_window_size)
@@ -109,7 +115,7 @@ def convert_checkpoint(
             tok_files.append(f.name)
         n_total = len(ckpt.dense_tensor_names()) + len(ckpt.layers)
         with TensorCacheWriter(tmp, metadata={"quantization": "vptq"}) as writer:
-            groups = _tensor_groups(ckpt, dtype, layout == "auto", embedding_dtype)
+            groups = _tensor_groups(ckpt, dtype, code_sorted, embedding_dtype, codebook_dtype)
             for group in tqdm(groups, total=n_total, desc="convert", unit="tensor"):
                 for name, a in group:
                     writer.add(name, a)
@@ -122,11 +128,13 @@ def convert_checkpoint(
             source_dir=ckpt.path,
             out_dir=tmp,
             tokenizer_files=tok_files,
-            layouts=(LAYOUT, CODE_SORTED) if layout == "auto" and any(
+            layouts=(LAYOUT, CODE_SORTED) if code_sorted and any(
                 code_sorted_eligible(c, dtype) for c in ckpt.layers.values()) else (LAYOUT,),
         )
         if embedding_dtype != dtype:
             chat_cfg.vptq["embedding_dtype"] = embedding_dtype
+        if codebook_dtype != dtype:
+            chat_cfg.vptq["codebook_dtype"] = codebook_dtype
         chat_cfg.write(tmp)
     log.info("converted %s -> %s (%d tensors, %.1f MB)", checkpoint, out, writer.num_tensors, writer.total_bytes / 1e6)
     return out

@@ -28,10 +28,12 @@ def build_model(
     arch: str = "llama",
     logits_dtype: str | None = None,
     embedding_dtype: str | None = None,
+    codebook_dtype: str | None = None,
 ) -> nn.Module:
     """The registry entry's module tree: linears listed in `layers` become VPTQLinear, the rest dense nn.Linear.
     `logits_dtype`: the logits matmul's output dtype (the target backend's choice; None: the model's dtype).
-    `embedding_dtype`: the embedding table's stored dtype (ChatConfig.embedding_dtype; None: the model's dtype)."""
+    `embedding_dtype` / `codebook_dtype`: the embedding table's / the VQ codebooks' stored dtype
+    (ChatConfig.embedding_dtype / codebook_dtype; None: the model's dtype)."""
     if arch not in ARCHITECTURES:
         raise CheckpointError(f"architecture {arch!r} is not supported; supported: {', '.join(ARCHITECTURES)}")
     module_name, _, class_name = ARCHITECTURES[arch].module_tree.partition(":")
@@ -51,7 +53,7 @@ def build_model(
                 f"layer {path}: the architecture {'needs' if bias else 'has no'} bias but the VPTQ layer "
                 f"{'has none' if bias else 'has one'}; reconvert the checkpoint"
             )
-        return VPTQLinear(qcfg, dtype, select_kernel, select_norm_bias)
+        return VPTQLinear(qcfg, dtype, select_kernel, select_norm_bias, codebook_dtype)
 
     return tree(cfg, make_linear, dtype, target, static_decode_batches, logits_dtype=logits_dtype,
                 embedding_dtype=embedding_dtype)

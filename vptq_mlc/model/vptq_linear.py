@@ -22,14 +22,16 @@ class VPTQLinear(nn.Module):
     """Drop-in for `nn.Linear(in_features, out_features, bias)` holding a VPTQ-quantized weight."""
 
     def __init__(self, cfg: VPTQLayerConfig, dtype: str, select_kernel: KernelSelector,
-                 select_norm_bias: NormBiasKernels | None = None):
+                 select_norm_bias: NormBiasKernels | None = None, codebook_dtype: str | None = None):
+        """`codebook_dtype`: the codebooks' stored dtype when narrower than `dtype` (the kernel widens entries)."""
         super().__init__()
         self.cfg = cfg
         self.in_features, self.out_features = cfg.in_features, cfg.out_features
         self._select_kernel, self._select_norm_bias = select_kernel, select_norm_bias
         # every operand any of the target's kernels for this layer reads (the registry decides, per row count)
         for name, (shape, dt) in select_kernel.operand_shapes(cfg, dtype).items():
-            setattr(self, name, nn.Parameter(shape, dtype if dt == "float" else dt))
+            float_dtype = codebook_dtype or dtype if name.endswith("centroids") else dtype
+            setattr(self, name, nn.Parameter(shape, float_dtype if dt == "float" else dt))
         self.perm = nn.Parameter((cfg.in_features,), "int32") if cfg.enable_perm else None
         self.col_scale = nn.Parameter((cfg.in_features,), dtype) if cfg.enable_norm else None
         self.weight_bias = nn.Parameter((cfg.in_features,), dtype) if cfg.enable_norm else None

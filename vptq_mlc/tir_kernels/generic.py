@@ -50,15 +50,18 @@ def kernel_dims(cfg: VPTQLayerConfig) -> KernelDims:
     )
 
 
-def vq_matmul_generic(cfg: VPTQLayerConfig, dtype: str, n: int | tirx.Var | None = None) -> tirx.PrimFunc:
-    """PrimFunc(xs[n, I], <operands of vq_operand_shapes>, y[n, O]); accumulates in float32.
+def vq_matmul_generic(cfg: VPTQLayerConfig, dtype: str, n: int | tirx.Var | None = None,
+                      codebook_dtype: str | None = None) -> tirx.PrimFunc:
+    """PrimFunc(xs[n, I], <operands of vq_operand_shapes>, y[n, O]); accumulates in float32. `codebook_dtype`:
+    the codebooks' stored dtype when narrower than the model's (ChatConfig.codebook_dtype; None: `dtype`).
 
     Sums are computed per (row, vector row i, lane j) as `acc[n, N, v]` so a schedule can load each code once
     and reuse it for the v lanes of its codebook entry (and for every activation row)."""
     n = tirx.Var("n", "int64") if n is None else n
     v, s, osz = cfg.vector_len, cfg.group_size, cfg.outlier_size
     ops = {
-        name: te.placeholder(shape, dtype if dt == "float" else dt, name=name)
+        name: te.placeholder(shape, (codebook_dtype or dtype if name.endswith("centroids") else dtype)
+                             if dt == "float" else dt, name=name)
         for name, (shape, dt) in vq_operand_shapes(cfg).items()
     }
     xs = te.placeholder((n, cfg.in_features), dtype, name="xs")

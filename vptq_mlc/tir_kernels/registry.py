@@ -72,6 +72,7 @@ class KernelSelector:
     def __init__(self, target: Target, layouts: Iterable[str] = (LAYOUT,)):
         self.target = target
         self.layouts = frozenset(layouts)
+        self.codebook_dtype: str | None = None  # codebooks stored narrower than the model (CPU only; compile sets it)
         self._select = functools.lru_cache(maxsize=None)(self._pick)
 
     def uses_code_sorted(self, cfg: VPTQLayerConfig, dtype: str) -> bool:
@@ -96,7 +97,8 @@ class CpuKernelSelector(KernelSelector):
 
     def _pick(self, cfg: VPTQLayerConfig, dtype: str, rows: int | None) -> VQKernel:
         # a static row count (decode) keeps the accumulators in registers; a symbolic one needs memory
-        return VQKernel(schedule_cpu(vq_matmul_generic(cfg, dtype, rows), rows), tuple(vq_operand_shapes(cfg)))
+        return VQKernel(schedule_cpu(vq_matmul_generic(cfg, dtype, rows, self.codebook_dtype), rows),
+                        tuple(vq_operand_shapes(cfg)))
 
 
 class WavefrontKernelSelector(KernelSelector):
