@@ -39,6 +39,8 @@ class TargetBackend(ABC):
     code_sorted_tensors: ClassVar[bool] = False
     # dtype of the logits matmul's sum (None: the model's dtype)
     logits_dtype: ClassVar[str | None] = None
+    # its VQ kernels read codebooks stored narrower than the model dtype (ChatConfig.codebook_dtype)
+    narrow_codebooks: ClassVar[bool] = False
 
     def __init__(self, target: Target, label: str, archs: tuple[str, ...] = ()):
         self.target = target

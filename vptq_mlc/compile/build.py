@@ -93,8 +93,8 @@ def build_library(model_dir: Path, bt: TargetBackend, output: Path,
     if static_batches is None:
         static_batches = bt.static_decode_batches
     selector = bt.kernel_selector(chat.layouts)
-    if chat.codebook_dtype != dtype:  # only the CPU's generic kernel widens codebook entries as it reads them
-        if bt.kind != "llvm":
+    if chat.codebook_dtype != dtype:
+        if not bt.narrow_codebooks:
             raise CompileError(f"{model_dir} stores its codebooks in {chat.codebook_dtype} (a CPU model dir); "
                                f"re-run `vptq-mlc convert` without a codebook dtype to compile for {bt.kind}")
         selector.codebook_dtype = chat.codebook_dtype

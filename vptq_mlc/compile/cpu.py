@@ -211,6 +211,7 @@ class CpuBackend(TargetBackend):
 
     kind = "llvm"
     logits_dtype = "float32"
+    narrow_codebooks = True  # the generic kernel widens each codebook entry as it reads it
 
     def __init__(self, arch: CPUArch):
         super().__init__(arch.target, arch.label, (arch.label.removeprefix("llvm-"),))
