@@ -123,3 +123,21 @@ def test_dense_rows_schedule_matches_numpy(rows, dtype):
     lib["main"](tvm.runtime.tensor(xn, dev), tvm.runtime.tensor(wn, dev), out)
     want = xn[:, 0].astype(np.float64) @ wn.astype(np.float64).T
     np.testing.assert_allclose(out.numpy()[:, 0], want, rtol=1e-5, atol=1e-4)
+
+
+def test_thread_pool_set_up_keeps_the_process_on_its_cpus():
+    """Loading a CPU library sets TVM_NUM_THREADS to the pool's size (so parallel launches stop re-reading
+    /sys/devices/system/cpu/online) and leaves the thread on every CPU it had: TVM's pool pins its creator to its
+    "big" cores (CPU 0 alone on a 2-vCPU VM), which would put every later thread of the process (torch's, the
+    server's) on one core. A fresh process, since the pool is per thread and made once."""
+    import os
+    import subprocess
+    import sys
+
+    code = ("import os, tvm\nfrom vptq_mlc.runtime.library import pin_cpu_thread_count\n"
+            "before = sorted(os.sched_getaffinity(0))\npin_cpu_thread_count()\n"
+            "size = tvm.get_global_func('runtime.NumThreads')()\n"
+            "print(before == sorted(os.sched_getaffinity(0)), os.environ['TVM_NUM_THREADS'] == str(size))")
+    env = {k: v for k, v in os.environ.items() if k not in ("TVM_NUM_THREADS", "OMP_NUM_THREADS")}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["True", "True"], out.stderr[-2000:]

@@ -227,14 +227,23 @@ def load_library(lib_path: str | Path, device: DeviceLike = "cpu") -> ModelLibra
 
 def pin_cpu_thread_count() -> None:
     """Set TVM_NUM_THREADS, when neither it nor OMP_NUM_THREADS is set, to the size TVM's CPU thread pool has
-    anyway. Why: without either, every parallel loop a CPU kernel starts asks the OS for the online CPUs again
+    anyway, and give the calling thread back the CPUs it could run on.
+
+    Why: without either variable, every parallel loop a CPU kernel starts asks the OS for the online CPUs again
     (TVM's MaxConcurrency, via std::thread::hardware_concurrency: an open and read of
-    /sys/devices/system/cpu/online), about 160 times per decode step of a 30-layer model."""
-    if "TVM_NUM_THREADS" in os.environ or "OMP_NUM_THREADS" in os.environ:
-        return
+    /sys/devices/system/cpu/online), about 160 times per decode step of a 30-layer model. And creating the pool
+    pins the calling thread to the pool's "big" cores, on a VM with one pool thread to CPU 0 alone: every thread
+    the process starts afterwards (torch's, the server's) would then share that one core, and decode could not move
+    off a core another process keeps busy."""
     num_threads = tvm.get_global_func("runtime.NumThreads", allow_missing=True)
-    if num_threads is not None:
-        os.environ["TVM_NUM_THREADS"] = str(int(num_threads()))
+    if num_threads is None:
+        return
+    cpus = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else None
+    pool_size = int(num_threads())  # creates this thread's pool (and pins the thread)
+    if "TVM_NUM_THREADS" not in os.environ and "OMP_NUM_THREADS" not in os.environ:
+        os.environ["TVM_NUM_THREADS"] = str(pool_size)
+    if cpus is not None:
+        os.sched_setaffinity(0, cpus)
 
 
 def check_cpu_features(path: Path, metadata: dict[str, Any]) -> None:
