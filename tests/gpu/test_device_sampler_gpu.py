@@ -46,6 +46,9 @@ def bounded():
         return DeviceSampler(lib.func("sample_tokens"), lib.device), vocab, int(lib.metadata["max_batch_size"])
     if not tvm.cuda(0).exist:
         pytest.skip("needs a CUDA GPU (and VPTQ_MLC_GPU_E2E / VPTQ_MLC_GPU_SAMPLER_LIB or the TVM compiler)")
+    if getattr(tvm.base, "_RUNTIME_ONLY", False):  # a GPU but no compiler: the artifact to test must be given
+        pytest.fail("runtime-only TVM cannot build the sampler: set VPTQ_MLC_GPU_E2E, VPTQ_MLC_GPU_SAMPLER_LIB or "
+                    "VPTQ_MLC_GPU_SAMPLER_ALONE (vptq-mlc bench sampler --build FILE --device cuda)")
     major, minor = (int(v) for v in tvm.cuda(0).compute_version.split("."))
     return checks.build_sampler("cuda", tvm.cuda(0), f"sm_{major}{minor}"), BIG_VOCAB, 25_000
 
