@@ -291,10 +291,7 @@ class Engine:
 
         Decoding requests come first with one token each when prompts are left and the step token budget leaves
         room for at least one prompt token; the prompts then fill the rest of the budget in admission order. With
-        nobody decoding (or mixing off) the prompts fill a whole prefill chunk, as fast as the library allows; a
-        prompt that needs several such chunks gets equal ones (1,040 tokens: 347 + 347 + 346, not 512 + 512 + 16),
-        since a short chunk after a long context costs nearly a full one: the prefill attention walks the whole
-        context with one CTA per head and 64-query tile, and few rows miss the tensor-core GEMM path."""
+        nobody decoding (or mixing off) the prompts fill a whole prefill chunk, as fast as the library allows."""
         prefilling = [r for r in self.running if not r.prefill_done]
         if not prefilling:
             return None
@@ -304,10 +301,7 @@ class Engine:
             decoding, room = [], self.prefill_chunk
         batch, lengths = list(decoding), [1] * len(decoding)
         for r in prefilling:
-            left = len(r.prompt_ids) - r.prefilled
-            n = min(room, left)
-            if not decoding and left > room == self.prefill_chunk:  # several whole chunks ahead: equal ones
-                n = -(-left // -(-left // room))
+            n = min(room, len(r.prompt_ids) - r.prefilled)
             if n <= 0:
                 break
             batch.append(r)
