@@ -21,6 +21,35 @@ from vptq_mlc.artifact.vq_layout import LAYOUT
 from vptq_mlc.tir_kernels.registry import KernelSelector, NormBiasKernels
 
 
+def gpu_default_schedule() -> tvm.transform.Pass:
+    """dlight's GPU rules for whatever is not hand-scheduled (it skips `tirx.is_scheduled` functions)."""
+    from tvm.s_tir import dlight as dl
+
+    return dl.ApplyDefaultSchedule(dl.gpu.Matmul(), dl.gpu.GEMV(), dl.gpu.Reduction(), dl.gpu.GeneralReduction(),
+                                   dl.gpu.Fallback())
+
+
+def vm_lowering_passes(cuda_graph: bool = False) -> list[tvm.transform.Pass]:
+    """The tail every target's pipeline ends with, in TVM's order: dataflow to VM calls, memory planning (then
+    `RewriteCUDAGraph` when `cuda_graph`: it lifts planned static regions into graphs), VM lowering."""
+    from tvm import relax
+
+    return [
+        relax.transform.RewriteDataflowReshape(),
+        relax.transform.ToNonDataflow(),
+        relax.transform.RemovePurityChecking(),
+        relax.transform.CallTIRRewrite(),
+        relax.transform.StaticPlanBlockMemory(),
+        *([relax.transform.RewriteCUDAGraph()] if cuda_graph else []),
+        relax.transform.LowerAllocTensor(),
+        relax.transform.KillAfterLastUse(),
+        relax.transform.LowerRuntimeBuiltin(),
+        relax.transform.ComputePrimValue(),
+        relax.transform.VMShapeLower(),
+        relax.transform.AttachGlobalSymbol(),
+    ]
+
+
 def split_archs(arch: str | None, default: tuple[str, ...]) -> tuple[str, ...]:
     """`--arch a,b` -> ("a", "b"); the backend's defaults when none is given."""
     return tuple(a.strip() for a in arch.split(",") if a.strip()) if arch else default

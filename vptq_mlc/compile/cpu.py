@@ -23,7 +23,7 @@ from tvm.target import Target
 
 from vptq_mlc.artifact.cpu_features import host_cpu_flags
 from vptq_mlc.artifact.vq_layout import LAYOUT
-from vptq_mlc.compile.backend import TargetBackend
+from vptq_mlc.compile.backend import TargetBackend, vm_lowering_passes
 from vptq_mlc.errors import CompileError
 from vptq_mlc.tir_kernels.registry import CpuKernelSelector, KernelSelector
 
@@ -241,19 +241,8 @@ class CpuBackend(TargetBackend):
             # legalize, then schedule the dense matmuls (no fusion)
             relax.transform.LegalizeOps(),
             schedule_dense_pass(vector_lanes(self.target)),
-            # lower dataflow to VM calls
-            relax.transform.RewriteDataflowReshape(),
-            relax.transform.ToNonDataflow(),
-            relax.transform.RemovePurityChecking(),
-            relax.transform.CallTIRRewrite(),
-            # memory planning, VM lowering
-            relax.transform.StaticPlanBlockMemory(),
-            relax.transform.LowerAllocTensor(),
-            relax.transform.KillAfterLastUse(),
-            relax.transform.LowerRuntimeBuiltin(),
-            relax.transform.ComputePrimValue(),
-            relax.transform.VMShapeLower(),
-            relax.transform.AttachGlobalSymbol(),
+            # lower dataflow to VM calls, memory planning, VM lowering
+            *vm_lowering_passes(),
         ]
 
     def abi(self) -> dict[str, Any]:

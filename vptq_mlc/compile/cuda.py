@@ -22,11 +22,10 @@ from typing import Any
 
 import tvm
 from tvm import relax, tirx
-from tvm.s_tir import dlight as dl
 
 from vptq_mlc.artifact.vq_layout import LAYOUT
 from vptq_mlc.cache import cache_root
-from vptq_mlc.compile.backend import TargetBackend, split_archs
+from vptq_mlc.compile.backend import TargetBackend, gpu_default_schedule, split_archs, vm_lowering_passes
 from vptq_mlc.errors import CompileError
 from vptq_mlc.tir_kernels.cuda_dense_mma import dense_mma_pass
 from vptq_mlc.tir_kernels.registry import (
@@ -254,22 +253,9 @@ class CudaBackend(TargetBackend):
             # schedule what is not hand-scheduled (dlight skips `tirx.is_scheduled` functions: our VQ kernels and
             # dense_mma_pass's GEMMs)
             no_tensorize,
-            dl.ApplyDefaultSchedule(dl.gpu.Matmul(), dl.gpu.GEMV(), dl.gpu.Reduction(), dl.gpu.GeneralReduction(),
-                                    dl.gpu.Fallback()),
-            # lower dataflow to VM calls
-            relax.transform.RewriteDataflowReshape(),
-            relax.transform.ToNonDataflow(),
-            relax.transform.RemovePurityChecking(),
-            relax.transform.CallTIRRewrite(),
-            # memory planning, CUDA graphs (`relax.backend.use_cuda_graph`), VM lowering
-            relax.transform.StaticPlanBlockMemory(),
-            relax.transform.RewriteCUDAGraph(),
-            relax.transform.LowerAllocTensor(),
-            relax.transform.KillAfterLastUse(),
-            relax.transform.LowerRuntimeBuiltin(),
-            relax.transform.ComputePrimValue(),
-            relax.transform.VMShapeLower(),
-            relax.transform.AttachGlobalSymbol(),
+            gpu_default_schedule(),
+            # lower dataflow to VM calls, memory planning, CUDA graphs (`relax.backend.use_cuda_graph`), VM lowering
+            *vm_lowering_passes(cuda_graph=True),
         ]
 
     def codegen_note(self) -> str:

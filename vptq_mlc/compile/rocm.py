@@ -30,12 +30,11 @@ from typing import Any
 
 import tvm
 from tvm import relax
-from tvm.s_tir import dlight as dl
 
 from vptq_mlc.artifact.vq_layout import LAYOUT
 from vptq_mlc.atomic import atomic_file
 from vptq_mlc.cache import cache_root
-from vptq_mlc.compile.backend import TargetBackend, split_archs
+from vptq_mlc.compile.backend import TargetBackend, gpu_default_schedule, split_archs, vm_lowering_passes
 from vptq_mlc.errors import CompileError
 from vptq_mlc.tir_kernels.cuda_gemv import wavefront_params
 from vptq_mlc.tir_kernels.registry import (
@@ -252,21 +251,9 @@ class RocmBackend(TargetBackend):
             relax.transform.FuseOps(),
             relax.transform.FuseTIR(),
             # schedule what is not hand-scheduled (`tirx.is_scheduled` kernels are skipped)
-            dl.ApplyDefaultSchedule(dl.gpu.Matmul(), dl.gpu.GEMV(), dl.gpu.Reduction(), dl.gpu.GeneralReduction(),
-                                    dl.gpu.Fallback()),
-            # lower dataflow to VM calls
-            relax.transform.RewriteDataflowReshape(),
-            relax.transform.ToNonDataflow(),
-            relax.transform.RemovePurityChecking(),
-            relax.transform.CallTIRRewrite(),
-            # memory planning, VM lowering
-            relax.transform.StaticPlanBlockMemory(),
-            relax.transform.LowerAllocTensor(),
-            relax.transform.KillAfterLastUse(),
-            relax.transform.LowerRuntimeBuiltin(),
-            relax.transform.ComputePrimValue(),
-            relax.transform.VMShapeLower(),
-            relax.transform.AttachGlobalSymbol(),
+            gpu_default_schedule(),
+            # lower dataflow to VM calls, memory planning, VM lowering
+            *vm_lowering_passes(),
         ]
 
     def abi(self) -> dict[str, Any]:
