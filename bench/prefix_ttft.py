@@ -48,6 +48,8 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--json", type=Path)
     a = ap.parse_args()
+    if a.prefix_tokens < 1 or a.suffix_tokens < 1 or a.reps < 1:
+        raise SystemExit("error: --prefix-tokens, --suffix-tokens and --reps must be at least 1")
 
     from vptq_mlc.bench.api import TILE, random_prompt
     from vptq_mlc.bench.e2e_engine import prepare_weights
@@ -84,4 +86,9 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from vptq_mlc.errors import VPTQMLCError
+
+    try:
+        main()
+    except (VPTQMLCError, OSError) as e:  # a bad model dir, library or device: one line, as the CLI does
+        raise SystemExit(f"error: {e}") from None
