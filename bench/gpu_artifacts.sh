@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Build, on the GPU-less build box, everything bench/gpu_suite.sh reads on the GPU host, into one folder to carry.
 # Usage (repo root): bash bench/gpu_artifacts.sh ART_DIR [parts...]
-# parts (default: tvm_rt kcheck e2e): tvm_rt kcheck kbench kcs e2e e2eds e2e7b; each is skipped when already built.
+# parts (default: tvm_rt kcheck e2e): tvm_rt kcheck kbench kcs e2e e2eds e2e7b attn; each is skipped when already built.
 #   e2e    a tiny fp16 llama (hidden 256, 2 layers, v8-k256-256): ckpt/ (its checkpoint: the transformers reference of
 #          tests/gpu), model/ (converted), model-cpu.so and model-cuda.so (sm_90, CUDA layout added by compile)
 #   e2eds  a tiny fp16 deepseek_v3 (tests/deepseek_e2e.py): model/, model-cpu.so.gz (CPU_ARCH, default x86-64-v3:
@@ -28,6 +28,7 @@ for p in $PARTS; do
     tvm_rt) built "$ART/tvm_rt" || "${V[@]}" runtime-bundle "$ART/tvm_rt" --python 3.12 ;;
     kcheck) built "$ART/kcheck" || "${V[@]}" bench build "$ART/kcheck" --suite check --arch "$ARCH" ;;
     kbench) built "$ART/kbench" || "${V[@]}" bench build "$ART/kbench" --suite kernels --arch "$ARCH" --rows 1,8,16 ;;
+    attn) built "$ART/attn" || python3 bench/attention_prefill.py build "$ART/attn" --arch "$ARCH" ;;
     kcs) built "$ART/kcs" || "${V[@]}" bench build "$ART/kcs" --suite code-sorted --arch "$ARCH" ;;
     e2e) E=$ART/e2e
       if ! built "$E/model-cuda.so"; then
@@ -76,7 +77,7 @@ p.write_text(json.dumps(c, indent=2))"
         gzip -c "$c/tokenizer.json" > "$D/tokenizer/tokenizer.json.gz"
         rm "$c/tokenizer.json"
       done ;;
-    *) echo "unknown part $p (tvm_rt kcheck kbench kcs e2e e2eds e2e7b)" >&2; exit 2 ;;
+    *) echo "unknown part $p (tvm_rt kcheck kbench kcs e2e e2eds e2e7b attn)" >&2; exit 2 ;;
   esac
 done
 du -sh "$ART"/* 2>/dev/null

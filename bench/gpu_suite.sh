@@ -11,10 +11,12 @@
 #   e2eds/    a tiny fp16 deepseek_v3: model/, model-cpu.so.gz, model-cuda.so.gz (unpacked here), reference.npz
 #             (transformers' tokens and logits, computed on the build box)             step: pytest
 #   e2e7b/    per system NAME: NAME-cfg/ (vptq-mlc bench synth-model ... --config-only) and NAME-cuda.so   step: e2e7b
+#   attn/     python3 bench/attention_prefill.py build ART_DIR/attn --arch sm_90        steps: attn, pytest
 #   wheels/   the server's py3.12 wheels (fastapi, uvicorn, httpx, pydantic + deps, xgrammar 0.2.8), installed with
 #             --no-index --no-deps into /tmp/sp for step api7b (WHEELS=DIR: elsewhere; default ART/wheels, else the
 #             wheels/ folder next to ART)                                              step: api7b (also needs e2e7b/)
-# steps: check kernels cs decode pytest e2e7b api7b (default: check kernels decode pytest)
+# step prefix: bench/prefix_ttft.py on the e2e7b system PREFIX_SYSTEM (default v8-k4096-0), PREFIX_ARGS: more arguments
+# steps: check kernels cs decode pytest e2e7b api7b attn prefix (default: check kernels decode pytest)
 # E2E7B_SYSTEMS: the e2e7b system names (default: "v8-k4096-0 v8-k65536-256 fp16"); E2E7B_STEPS: decode steps (64);
 # E2E7B_ARGS: more `vptq-mlc bench e2e` arguments (e.g. "--batches 1,16 --sampling model").
 # API7B_SYSTEM: the e2e7b system `vptq-mlc bench api` serves (default v8-k4096-0); API7B_ARGS: more of its arguments.
@@ -47,6 +49,7 @@ for s in $STEPS; do
       VPTQ_MLC_GPU_KERNELS=$([ -d "$ART/kcheck" ] && echo "$ART/kcheck") VPTQ_MLC_GPU_E2E=$([ -d "$ART/e2e" ] && echo "$ART/e2e") \
       VPTQ_MLC_GPU_CODE_SORTED=$([ -d "$ART/kcs" ] && echo "$ART/kcs") \
       VPTQ_MLC_GPU_DEEPSEEK=$([ -d "$ART/e2eds" ] && echo "$ART/e2eds") \
+      VPTQ_MLC_GPU_ATTN=$([ -d "$ART/attn" ] && echo "$ART/attn") \
         python3 -m pytest -q -s -ra tests/gpu -p no:cacheprovider 2>&1 | tee "$OUT/pytest.log" | tail -n 20 || rc=1 ;;
     e2e7b) for c in "$ART"/e2e7b/*-cfg; do  # gpu_artifacts.sh keeps one gzipped copy of the shared tokenizer
         [ -f "$c/tokenizer.json" ] || gunzip -c "$ART/e2e7b/tokenizer/tokenizer.json.gz" > "$c/tokenizer.json"; done
@@ -67,7 +70,14 @@ for s in $STEPS; do
           --json "$OUT/api_7b.json" ${API7B_ARGS:-} >> "$OUT/api_7b.log" 2>&1 || rc=1
       else rc=1; fi
       tail -n 12 "$OUT/api_7b.log" ;;
-    *) echo "unknown step $s (check kernels cs decode pytest e2e7b api7b)" >&2; exit 2 ;;
+    attn) python3 bench/attention_prefill.py run "$ART/attn" --json "$OUT/attention_prefill.json" 2>&1 \
+        | tee "$OUT/attention_prefill.log" || rc=1 ;;
+    prefix) N=${PREFIX_SYSTEM:-v8-k4096-0}; C=$ART/e2e7b/$N-cfg
+      [ -f "$C/tokenizer.json" ] || gunzip -c "$ART/e2e7b/tokenizer/tokenizer.json.gz" > "$C/tokenizer.json"
+      python3 bench/prefix_ttft.py "$C" --lib "$ART/e2e7b/$N-cuda.so" --device cuda --json "$OUT/prefix_ttft.json" \
+        ${PREFIX_ARGS:-} > "$OUT/prefix_ttft.log" 2>&1 || rc=1
+      tail -n 12 "$OUT/prefix_ttft.log" ;;
+    *) echo "unknown step $s (check kernels cs decode pytest e2e7b api7b attn prefix)" >&2; exit 2 ;;
   esac
 done
 exit $rc

@@ -69,10 +69,11 @@ def main() -> None:
         for rep in range(a.reps):
             prefix = random_prompt(100 + rep, n, vocab)
             ta, sa, _ = first_token(engine, prefix + random_prompt(200 + rep, m, vocab))
-            tb, sb, _ = first_token(engine, prefix + random_prompt(300 + rep, m, vocab))
+            tb, sb, req_b = first_token(engine, prefix + random_prompt(300 + rep, m, vocab))
             tc, sc, _ = first_token(engine, random_prompt(400 + rep, m, vocab))
             rows.append({"a_ms": 1e3 * ta, "a_steps_ms": [1e3 * s for s in sa], "b_ms": 1e3 * tb,
-                         "b_steps_ms": [1e3 * s for s in sb], "c_ms": 1e3 * tc, "c_steps_ms": [1e3 * s for s in sc]})
+                         "b_steps_ms": [1e3 * s for s in sb], "b_tokens": list(req_b.output_ids),
+                         "c_ms": 1e3 * tc, "c_steps_ms": [1e3 * s for s in sc]})
         med = {k: statistics.median(r[k] for r in rows) for k in ("a_ms", "b_ms", "c_ms")}
         res = {"prefix_tokens": n, "suffix_tokens": m, "device": a.device, "lib": a.lib, "median": med,
                "a_over_b": med["a_ms"] / med["b_ms"], "reps": rows,

@@ -27,6 +27,7 @@ from vptq_mlc.artifact.vq_layout import LAYOUT
 from vptq_mlc.cache import cache_root
 from vptq_mlc.compile.backend import TargetBackend, gpu_default_schedule, split_archs, vm_lowering_passes
 from vptq_mlc.errors import CompileError
+from vptq_mlc.tir_kernels.cuda_attention_split_kv import split_kv_prefill_pass
 from vptq_mlc.tir_kernels.cuda_dense_mma import dense_mma_pass
 from vptq_mlc.tir_kernels.registry import (
     CUDA_MMA_ONLY_BATCHES,
@@ -232,11 +233,14 @@ class CudaBackend(TargetBackend):
         return gemv_decode_batches() + CUDA_MMA_ONLY_BATCHES
 
     def passes(self) -> list[tvm.transform.Pass]:
-        """TVM's CUDA pipeline (relax/backend/cuda/pipeline.py) with three changes: FuseTransposeMatmul first (as the
-        llvm pipeline does), dense fp16 NT matmuls (lm_head, every linear of an fp16 model) replaced after
-        legalization by our tensor-core GEMM (tir_kernels/cuda_dense_mma.py), and dlight's tensor-core rule off
-        (`no_tensorize`): other matmuls get dlight's SIMT tiled schedule."""
+        """TVM's CUDA pipeline (relax/backend/cuda/pipeline.py) with four changes: the paged KV cache's prefill
+        attention replaced by ours that splits the cached length for short chunks (tir_kernels/
+        cuda_attention_split_kv.py), FuseTransposeMatmul first (as the llvm pipeline does), dense fp16 NT matmuls
+        (lm_head, every linear of an fp16 model) replaced after legalization by our tensor-core GEMM
+        (tir_kernels/cuda_dense_mma.py), and dlight's tensor-core rule off (`no_tensorize`): other matmuls get
+        dlight's SIMT tiled schedule."""
         return [
+            split_kv_prefill_pass(),  # TIRPagedKVCache's prefill kernel -> ours (same signature, already scheduled)
             # dispatch: sampling and sort/scan ops to their GPU implementations
             relax.backend.DispatchSampling(),
             relax.backend.DispatchSortScan(),

@@ -13,12 +13,38 @@ loads need.
 
 from __future__ import annotations
 
+import tvm
 from tvm import tirx
 from tvm.script import tirx as T
 
 # Every hand-scheduled kernel: no aliasing between buffers, dlight leaves it alone (`tirx.is_scheduled`), and Relax
 # FuseOps never fuses it with a neighbour (op_pattern 8 = kOpaque: a fused copy would lose the schedule).
 KERNEL_ATTRS = {"tirx.noalias": True, "tirx.is_scheduled": True, "op_pattern": 8}
+
+
+def replace_prim_funcs(mod: tvm.IRModule, replacements: dict) -> tvm.IRModule:
+    """`mod` with each PrimFunc in `replacements` ({global var: (new PrimFunc, new name)}) added under its new name,
+    every Relax reference to the old global var (calls and function values alike, e.g. the kernels a paged KV cache
+    is created with) pointed at the new one, and the old function dropped."""
+    from tvm import relax
+
+    @relax.expr_functor.mutator
+    class _Redirect(relax.PyExprMutator):
+        def __init__(self, module, mapping):
+            super().__init__(module)
+            self.mapping = mapping
+
+        def visit_global_var_(self, op):
+            return self.mapping.get(op, op)
+
+    redirect = _Redirect(mod, {})
+    for gv, (func, name) in replacements.items():  # the builder gives the new global vars their signature
+        redirect.mapping[gv] = redirect.builder_.add_func(func, name)
+    for gv, f in mod.functions.items():
+        if isinstance(f, relax.Function):
+            redirect.builder_.update_func(gv, redirect.visit_expr(f))
+    built = redirect.builder_.get()
+    return tvm.IRModule({gv: f for gv, f in built.functions.items() if gv not in replacements}, attrs=built.attrs)
 
 
 def vr(base, n: int):

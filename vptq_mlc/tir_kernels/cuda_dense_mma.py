@@ -30,7 +30,7 @@ import tvm
 from tvm import tirx
 from tvm.script import tirx as T
 
-from vptq_mlc.tir_kernels.cuda_common import KERNEL_ATTRS
+from vptq_mlc.tir_kernels.cuda_common import KERNEL_ATTRS, replace_prim_funcs
 
 MAX_DYN_SMEM = 99 * 1024  # dynamic shared memory per block on sm_86/sm_89 (the smallest of the default archs)
 DECODE_MAX_ROWS = 16  # static row counts up to this take the decode plan
@@ -438,18 +438,6 @@ def dense_mma_pass():
     (`DLIGHT_GEMV_ROWS`) becomes `dense_mma_cuda` under a new name (`<old>_dense_mma`, so its kernels are
     recognisable in the library); run it after LegalizeOps and before FuseOps (our kernels are opaque to
     fusion, so no epilogue is fused into them)."""
-    import tvm
-    from tvm import relax
-
-    @relax.expr_functor.mutator
-    class _Redirect(relax.PyExprMutator):
-        def __init__(self, mod, mapping):
-            super().__init__(mod)
-            self.mapping = mapping
-
-        def visit_global_var_(self, op):
-            return self.mapping.get(op, op)
-
     @tvm.transform.module_pass(opt_level=0, name="VPTQDenseMMA")
     def rewrite(mod, _ctx):
         matched = {}
@@ -460,14 +448,8 @@ def dense_mma_pass():
                 matched[gv] = m
         if not matched:
             return mod
-        redirect = _Redirect(mod, {})
-        for gv, m in matched.items():  # the builder gives the new global vars their signature
-            redirect.mapping[gv] = redirect.builder_.add_func(dense_mma_cuda(*m), f"{gv.name_hint}_dense_mma")
-        for gv, f in mod.functions.items():
-            if isinstance(f, relax.Function):
-                redirect.builder_.update_func(gv, redirect.visit_expr(f))
-        built = redirect.builder_.get()
-        return tvm.IRModule({gv: f for gv, f in built.functions.items() if gv not in matched}, attrs=built.attrs)
+        return replace_prim_funcs(mod, {gv: (dense_mma_cuda(*m), f"{gv.name_hint}_dense_mma")
+                                        for gv, m in matched.items()})
 
     return rewrite
 
