@@ -53,7 +53,6 @@ def paged_prefill_split_kv(h_kv: int, h_q: int, d: int, dtype: str, page_size: i
     load_vec = 8 // ((tvm.runtime.DataType(dtype).bits + 7) // 8)
     merge_lanes = math.gcd(d, 32)  # lanes of the warp merging one row, each taking d / lanes columns
     per_lane = d // merge_lanes
-    merge_ctas = math.ceil(SPLIT_TOKENS_MAX * h_q / MERGE_ROWS_PER_CTA)
 
     # pylint: disable=too-many-branches,too-many-statements
     @T.prim_func(s_tir=True)
@@ -105,9 +104,11 @@ def paged_prefill_split_kv(h_kv: int, h_q: int, d: int, dtype: str, page_size: i
         o_part = T.alloc_buffer((MAX_SPLITS, SPLIT_TOKENS_MAX, h_q, d), "float32")
         lse_part = T.alloc_buffer((MAX_SPLITS, SPLIT_TOKENS_MAX, h_q), "float32")
 
+        # the launch has exactly as many slices as the chunk gets (computed on the host from the shapes)
         for lbx in T.thread_binding(num_blks, thread="blockIdx.x"):
             for lby in T.thread_binding(h_kv, thread="blockIdx.y"):
-                for lbz in T.thread_binding(MAX_SPLITS, thread="blockIdx.z"):
+                for lbz in T.thread_binding(num_splits(total_len, batch_size, group_size, tile_x, h_kv),
+                                            thread="blockIdx.z"):
                     for lty in T.thread_binding(num_warps, thread="threadIdx.y"):
                         for ltx in T.thread_binding(bdx, thread="threadIdx.x"):
                             with T.sblock("attn"):
@@ -126,9 +127,6 @@ def paged_prefill_split_kv(h_kv: int, h_q: int, d: int, dtype: str, page_size: i
                                 batch_idx[0] = 0
                                 batch_rows[0] = (q_indptr[1] - q_indptr[0]) * group_size
                                 batch_tiles[0] = T.ceildiv(batch_rows[0], tile_x)
-                                # CTAs past the chunk's slice count have nothing to do
-                                if T.tvm_thread_invariant(bz >= splits):
-                                    batch_idx[0] = batch_size
                                 while T.tvm_thread_invariant(batch_idx[0] < batch_size):
                                     advance_tile_batch(tile_id, batch_idx, batch_tiles, batch_rows, q_indptr,
                                                        batch_size)
@@ -144,11 +142,12 @@ def paged_prefill_split_kv(h_kv: int, h_q: int, d: int, dtype: str, page_size: i
                                                                  length_info, False),
                                             0,
                                         )
-                                        # this CTA's slice of the cached length, whole KV tiles
-                                        slice_len: T.let[T.int32] = (
-                                            T.ceildiv(T.ceildiv(kv_chunk_len[0], splits), tile_z) * tile_z)
-                                        kv_begin: T.let[T.int32] = bz * slice_len
-                                        kv_end: T.let[T.int32] = T.min(kv_begin + slice_len, kv_chunk_len[0])
+                                        # this CTA's slice of the cached length, whole KV tiles (written as
+                                        # multiples of tile_z so page indices simplify as in TVM's kernel)
+                                        slice_tiles: T.let[T.int32] = T.ceildiv(
+                                            T.ceildiv(kv_chunk_len[0], splits), tile_z)
+                                        kv_end: T.let[T.int32] = T.min((bz + 1) * slice_tiles * tile_z,
+                                                                       kv_chunk_len[0])
                                         T.tvm_storage_sync("shared")
 
                                         init_states(m_smem, d_smem, O_local, ty, tx)
@@ -167,8 +166,9 @@ def paged_prefill_split_kv(h_kv: int, h_q: int, d: int, dtype: str, page_size: i
                                                     Q_smem[i, j] = 0.0
                                         T.tvm_storage_sync("shared")
 
-                                        for iterator in T.serial(T.ceildiv(T.max(kv_end - kv_begin, 0), tile_z)):
-                                            L_kv_start: T.let[T.int32] = kv_begin + iterator * tile_z
+                                        for iterator in T.serial(T.ceildiv(
+                                                T.max(kv_end - bz * slice_tiles * tile_z, 0), tile_z)):
+                                            L_kv_start: T.let[T.int32] = (bz * slice_tiles + iterator) * tile_z
                                             for lz, ly in T.grid(tile_z, tile_y):
                                                 with T.sblock("K_load"):
                                                     i, j = T.axis.remap("SS", [lz, ly])
@@ -232,7 +232,9 @@ def paged_prefill_split_kv(h_kv: int, h_q: int, d: int, dtype: str, page_size: i
                                         tile_id[0] += num_blks
 
         # merge the slices of every (token, head) row: one warp a row
-        for mbx in T.thread_binding(merge_ctas, thread="blockIdx.x"):
+        for mbx in T.thread_binding(T.if_then_else(num_splits(total_len, batch_size, group_size, tile_x, h_kv) > 1,
+                                                   T.ceildiv(total_len * h_q, MERGE_ROWS_PER_CTA), 1),
+                                    thread="blockIdx.x"):
             for mty in T.thread_binding(MERGE_ROWS_PER_CTA, thread="threadIdx.y"):
                 for mtx in T.thread_binding(merge_lanes, thread="threadIdx.x"):
                     with T.sblock("merge"):
