@@ -15,8 +15,10 @@
 #   wheels/   the server's py3.12 wheels (fastapi, uvicorn, httpx, pydantic + deps, xgrammar 0.2.8), installed with
 #             --no-index --no-deps into /tmp/sp for step api7b (WHEELS=DIR: elsewhere; default ART/wheels, else the
 #             wheels/ folder next to ART)                                              step: api7b (also needs e2e7b/)
+# step serve7b: bench/serve_load.py on the e2e7b system API7B_SYSTEM (a 1,800-token prompt among 16 model-sampling
+# streams; 1 and 16 streams vs the in-process engine); needs wheels/ as api7b.
 # step prefix: bench/prefix_ttft.py on the e2e7b system PREFIX_SYSTEM (default v8-k4096-0), PREFIX_ARGS: more arguments
-# steps: check kernels cs decode pytest e2e7b api7b attn prefix (default: check kernels decode pytest)
+# steps: check kernels cs decode pytest e2e7b api7b attn prefix serve7b (default: check kernels decode pytest)
 # E2E7B_SYSTEMS: the e2e7b system names (default: "v8-k4096-0 v8-k65536-256 fp16"); E2E7B_STEPS: decode steps (64);
 # E2E7B_ARGS: more `vptq-mlc bench e2e` arguments (e.g. "--batches 1,16 --sampling model").
 # API7B_SYSTEM: the e2e7b system `vptq-mlc bench api` serves (default v8-k4096-0); API7B_ARGS: more of its arguments.
@@ -34,6 +36,12 @@ V=(python3 -c 'from vptq_mlc.cli import main; main()')
 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv | tee "$OUT/env.txt"
 python3 -c "import tvm, torch; print('tvm runtime-only:', tvm.base._RUNTIME_ONLY, '| torch', torch.__version__)" \
   | tee -a "$OUT/env.txt"
+install_wheels() {  # the server's wheels into /tmp/sp (the GPU image has no package index)
+  local W=${WHEELS:-$ART/wheels}; [ -d "$W" ] || W=$ART/../wheels
+  if python3 -m pip --version > /dev/null 2>&1; then  # without pip a wheel is a zip of what it installs
+    python3 -m pip install -q --no-index --no-deps --target /tmp/sp "$W"/*.whl
+  else for w in "$W"/*.whl; do python3 -m zipfile -e "$w" /tmp/sp || return 1; done; fi
+}
 rc=0
 for s in $STEPS; do
   case $s in
@@ -59,17 +67,26 @@ for s in $STEPS; do
         ${E2E7B_ARGS:-} \
         > "$OUT/e2e_7b.log" 2>&1 || rc=1
       tail -n 18 "$OUT/e2e_7b.log" ;;
-    api7b) W=${WHEELS:-$ART/wheels}; [ -d "$W" ] || W=$ART/../wheels
-      N=${API7B_SYSTEM:-v8-k4096-0}; C=$ART/e2e7b/$N-cfg
+    api7b) N=${API7B_SYSTEM:-v8-k4096-0}; C=$ART/e2e7b/$N-cfg
       [ -f "$C/tokenizer.json" ] || gunzip -c "$ART/e2e7b/tokenizer/tokenizer.json.gz" > "$C/tokenizer.json"
-      if python3 -m pip --version > /dev/null 2>&1; then  # without pip a wheel is a zip of what it installs
-        INSTALL=(python3 -m pip install -q --no-index --no-deps --target /tmp/sp "$W"/*.whl)
-      else INSTALL=(sh -c 'for w; do python3 -m zipfile -e "$w" /tmp/sp || exit 1; done' - "$W"/*.whl); fi
-      if "${INSTALL[@]}" > "$OUT/api_7b.log" 2>&1; then
+      if install_wheels > "$OUT/api_7b.log" 2>&1; then
         PYTHONPATH=$PYTHONPATH:/tmp/sp "${V[@]}" -v bench api "$C" --lib "$ART/e2e7b/$N-cuda.so" --device cuda \
           --json "$OUT/api_7b.json" ${API7B_ARGS:-} >> "$OUT/api_7b.log" 2>&1 || rc=1
       else rc=1; fi
       tail -n 12 "$OUT/api_7b.log" ;;
+    serve7b) N=${API7B_SYSTEM:-v8-k4096-0}; C=$ART/e2e7b/$N-cfg; L=$ART/e2e7b/$N-cuda.so
+      [ -f "$C/tokenizer.json" ] || gunzip -c "$ART/e2e7b/tokenizer/tokenizer.json.gz" > "$C/tokenizer.json"
+      if install_wheels > "$OUT/serve_7b.log" 2>&1; then
+        # 16 streams at the model's sampling, then a 1,800-token prompt arrives (context window 2,048)
+        PYTHONPATH=$PYTHONPATH:/tmp/sp python3 bench/serve_load.py --model "$C" --lib "$L" --device cuda \
+          --clients 16 --max-batch-size 17 --max-tokens 256 --long-prompt-tokens 1800 --long-prompt-after 1.0 \
+          --sampling model --json "$OUT/serve_7b_long_prompt.json" >> "$OUT/serve_7b.log" 2>&1 || rc=1
+        # 1 and 16 streams at the model's sampling, the same requests through the in-process engine first
+        PYTHONPATH=$PYTHONPATH:/tmp/sp python3 bench/serve_load.py --model "$C" --lib "$L" --device cuda \
+          --clients 1,16 --max-batch-size 16 --requests 48 --max-tokens 128 --engine-baseline --sampling model \
+          --json "$OUT/serve_7b_model_sampling.json" >> "$OUT/serve_7b.log" 2>&1 || rc=1
+      else rc=1; fi
+      grep -v "^INFO\|^starting" "$OUT/serve_7b.log" | tail -n 12 ;;
     attn) python3 bench/attention_prefill.py run "$ART/attn" --json "$OUT/attention_prefill.json" 2>&1 \
         | tee "$OUT/attention_prefill.log" || rc=1 ;;
     prefix) N=${PREFIX_SYSTEM:-v8-k4096-0}; C=$ART/e2e7b/$N-cfg
@@ -77,7 +94,7 @@ for s in $STEPS; do
       python3 bench/prefix_ttft.py "$C" --lib "$ART/e2e7b/$N-cuda.so" --device cuda --json "$OUT/prefix_ttft.json" \
         ${PREFIX_ARGS:-} > "$OUT/prefix_ttft.log" 2>&1 || rc=1
       tail -n 12 "$OUT/prefix_ttft.log" ;;
-    *) echo "unknown step $s (check kernels cs decode pytest e2e7b api7b attn prefix)" >&2; exit 2 ;;
+    *) echo "unknown step $s (check kernels cs decode pytest e2e7b api7b attn prefix serve7b)" >&2; exit 2 ;;
   esac
 done
 exit $rc

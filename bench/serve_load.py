@@ -13,6 +13,7 @@ between consecutive chunks that carry tokens, divided by the tokens in the later
     python bench/serve_load.py --synthetic /tmp/vptq-serve-tiny --engine-baseline --clients 1,16,64 --procs 4
     # an already running local server:
     python bench/serve_load.py --url http://127.0.0.1:8000 --clients 16
+    # a config-only model dir (vptq-mlc bench synth-model --config-only) with --lib is served with random weights
     # 16 streams decode, one 2048-token prompt arrives after 1 s: the streams' ITL before vs during its prefill
     # (run once more with --step-token-budget 0 for the server that pauses decoding during prompts):
     python bench/serve_load.py --model MODEL_DIR --device cuda --clients 16 --max-tokens 512 \
@@ -30,6 +31,7 @@ import multiprocessing
 import os
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -439,12 +441,20 @@ def main() -> int:
         raise SystemExit(f"error: --requests must be in 1..{MAX_REQUESTS} and --duration in (0, {MAX_DURATION_S:g}]")
     levels = [int(c) for c in args.clients.split(",")]
 
-    proc, baseline = None, []
+    proc, baseline, scratch = None, [], None
     if args.url:
         check_loopback(args.url)
         url = args.url.rstrip("/")
     else:
         model_dir = args.model or build_synthetic(args.synthetic, max(64, max(levels)))
+        if args.lib and not (model_dir / "tensor-cache.json").exists():  # config-only: random weights, as bench e2e
+            from vptq_mlc.bench.api import TILE
+            from vptq_mlc.bench.e2e_engine import prepare_weights
+            from vptq_mlc.runtime.library import load_library
+
+            scratch = tempfile.TemporaryDirectory(prefix="vptq-serve-load-")
+            params = load_library(args.lib, args.device).metadata["params"]
+            model_dir, _ = prepare_weights(model_dir, params, Path(scratch.name) / "model", TILE)
         if args.synthetic and args.max_batch_size is None:  # the long prompt needs a slot of its own
             args.max_batch_size = min(64, max(levels) + bool(args.long_prompt_tokens))
         if args.synthetic and args.max_total_tokens is None:
@@ -471,6 +481,8 @@ def main() -> int:
     finally:
         if proc is not None:
             stop_server(proc, 30)
+        if scratch is not None:
+            scratch.cleanup()
     if args.json:
         meta = {"url": url, "model": model, "max_tokens": args.max_tokens, "cpu_count": os.cpu_count(),
                 "load_average": os.getloadavg(), "procs": args.procs, "sampling": args.sampling,
