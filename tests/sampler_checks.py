@@ -225,3 +225,62 @@ def check_profiles_same_uniform(sampler: DeviceSampler, vocab: int, rows: int = 
             if got != want:
                 failures.append(f"{profile} {params}: {got} != {want}")
     assert not failures, failures
+
+
+def check_rows_change_hands(sampler: DeviceSampler, calls: int = 6, rows: int = 8) -> None:
+    """One sampler over several calls whose rows pass between settings (a request finishing and another taking its
+    row), skip rows and a changed row count and vocabulary limit among them: every row's token is the reference's
+    for that row's own settings and uniform (its cdf walk in id order), so no row keeps what an earlier holder had
+    packed (its logit_bias, penalties, top_k, mask)."""
+    vocab = SMALL_VOCAB
+    rng = np.random.default_rng(17)
+    failures = []
+    for call in range(calls):
+        n = rows if call % 3 else rows - 3  # the row count changes, and the rows come back
+        limit = vocab - 1 if call == 4 else vocab  # PROMPT's ids stay under it (the reference indexes them)
+        logits = rng.normal(0.0, 2.0, (n, vocab)).astype(np.float32)
+        logits[:, limit:] += 50.0  # only reachable if the limit were ignored
+        order = rng.permutation(len(SETTINGS))
+        us = uniforms_24bit(rng, n)
+        picked, sample_rows = [], []
+        for i in range(n):
+            name, kwargs, penalties, masked = SETTINGS[order[i % len(SETTINGS)]]
+            params = SamplingParams(**kwargs) if call % 2 else SamplingParams(**kwargs, seed=call)  # new objects
+            mask = bitmask_for(MASK_ALLOWED, vocab) if masked else None
+            skip = (call + i) % 5 == 0
+            picked.append((name, params, penalties, mask, skip))
+            sample_rows.append(SampleRow(params, skip=True) if skip else row_for(params, penalties, mask, float(us[i])))
+        got = sampler.sample(tvm.runtime.tensor(logits, sampler.device), sample_rows, vocab_limit=limit)
+        for i, ((name, params, penalties, mask, skip), (token, _)) in enumerate(zip(picked, got)):
+            if skip:
+                continue
+            want = reference_token(np.cumsum(reference_probs(logits[i, :limit], params, penalties, mask)), us[i])
+            if token != want:
+                failures.append(f"call {call} row {i} ({name}): {token} != {want}")
+    assert not failures, failures
+
+
+def check_packer_matches_pack_rows(steps: int = 40) -> None:
+    """RowPacker, which keeps its arrays between calls, packs exactly what `pack_rows` packs from scratch, as rows
+    change settings, skip, shrink and grow and the vocabulary limit moves."""
+    from vptq_mlc.runtime.device_sampler import RowPacker
+
+    vocab = SMALL_VOCAB
+    rng = np.random.default_rng(23)
+    packer = RowPacker()
+    pool = [(SamplingParams(**kwargs), penalties, masked) for _, kwargs, penalties, masked in SETTINGS]
+    pool.append((SamplingParams(temperature=0.0, logprobs=True, top_logprobs=4, logit_bias={31: 9.0}), False, False))
+    for step in range(steps):
+        n = int(rng.integers(1, 12))
+        limit = int(rng.choice([vocab, vocab - 3, 30]))
+        sample_rows = []
+        for _ in range(n):
+            params, penalties, masked = pool[int(rng.integers(len(pool)))]
+            mask = bitmask_for(MASK_ALLOWED, vocab)[: int(rng.integers(1, 2))] if masked else None
+            row = row_for(params, penalties, mask, float(rng.random()))
+            row.skip = bool(rng.random() < 0.2)
+            sample_rows.append(row)
+        want = pack_rows(sample_rows, limit, 1)
+        got = packer.pack(sample_rows, limit, 1)
+        for a, b in zip(got, want):
+            assert a.dtype == b.dtype and a.shape == b.shape and np.array_equal(a, b), (step, a, b)

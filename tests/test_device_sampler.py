@@ -105,3 +105,11 @@ def test_gpu_kernel_emulated_on_cpu(cuda_source: str, tmp_path) -> None:
     checks.check_vocab_limit_and_batch_independence(sampler, 500)
     checks.check_settings_same_uniform(sampler, 3000, uniforms=4)
     checks.check_profiles_same_uniform(sampler, 128256, rows=1, settings=checks.PROFILE_SETTINGS[:2])
+
+
+def test_rows_change_hands(sampler: checks.DeviceSampler) -> None:
+    checks.check_rows_change_hands(sampler)
+
+
+def test_packer_matches_pack_rows() -> None:
+    checks.check_packer_matches_pack_rows()

@@ -231,6 +231,26 @@ def test_device_sampler_end_to_end(engine: Engine) -> None:
         alone(engine, PROMPTS[0], SamplingParams(seed=21, **sampled))
 
 
+def test_device_sampler_rows_change_hands(engine: Engine) -> None:
+    """A finished request's batch row goes to the next request, which samples with its own parameters: the host
+    (numpy) sampler's tokens for it alone, not the finished one's logit_bias."""
+    biased = SamplingParams(max_tokens=2, temperature=0.0, ignore_eos=True, logit_bias={7: 100.0})
+    long = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
+    plain = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True, repetition_penalty=1.3)
+    saved, engine.device_sampler = engine.device_sampler, None
+    try:
+        want_long, want_plain = alone(engine, PROMPTS[0], long), alone(engine, PROMPTS[2], plain)
+    finally:
+        engine.device_sampler = saved
+    first = engine.add_request(PROMPTS[0], long)
+    second = engine.add_request(PROMPTS[1], biased)  # row 1 of the batch
+    run(engine, [second])
+    assert second.output_ids == [7, 7] and not first.finished
+    third = engine.add_request(PROMPTS[2], plain)  # takes row 1
+    run(engine, [first, third])
+    assert first.output_ids == want_long and third.output_ids == want_plain
+
+
 def test_context_window_limits(engine: Engine) -> None:
     with pytest.raises(GenerationError, match="outside the vocabulary"):
         engine.add_request([5, 512], greedy())

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 from transformers import PreTrainedTokenizerFast
 
@@ -90,6 +91,42 @@ def test_stream_skips_special_tokens(tok_dir: Path) -> None:
     assert text == tok.decode(ids) and tok.special_tokens["eos_token"] not in text
     raw = tok.stream(skip_special_tokens=False)
     assert tok.special_tokens["eos_token"] in "".join(raw.put(i) for i in ids) + raw.flush()
+
+
+def reference_stream_deltas(tok: Tokenizer, ids: list[int], skip: bool) -> list[str]:
+    """The two-window incremental detokenizer (Hugging Face text-generation-inference's), every id in its window."""
+    out, prefix, read = [], 0, 0
+    for n in range(1, len(ids) + 1):
+        prefix_text, full_text = tok.decode(ids[prefix:read], skip), tok.decode(ids[prefix:n], skip)
+        if full_text.endswith("\ufffd") or len(full_text) <= len(prefix_text):
+            out.append("")
+        else:
+            out.append(full_text[len(prefix_text) :])
+            prefix, read = read, n
+    return out + [tok.decode(ids[prefix:], skip)[len(tok.decode(ids[prefix:read], skip)) :]]
+
+
+def test_stream_special_tokens_stay_out_of_the_window(tok_dir: Path) -> None:
+    """Ids that decode to nothing (special tokens when skipped, ids past the vocabulary) give the reference
+    algorithm's deltas, step by step, and a long run of them does not widen what each step decodes."""
+    tok = Tokenizer(tok_dir)
+    specials = sorted(tok.special_ids)
+    rng = np.random.default_rng(4)
+    text_ids = tok.encode("".join(TEXTS), add_special_tokens=False)
+    for _ in range(20):
+        ids = []
+        for t in text_ids:
+            while rng.random() < 0.3:
+                ids.append(int(rng.choice(specials)) if rng.random() < 0.8 else tok.vocab_size + int(rng.integers(9)))
+            ids.append(t)
+        for skip in (True, False):
+            stream = tok.stream(skip_special_tokens=skip)
+            assert [stream.put(i) for i in ids] + [stream.flush()] == reference_stream_deltas(tok, ids, skip)
+    stream, widths = tok.stream(), []
+    decode = tok.decode
+    tok.decode = lambda ids, skip=True: widths.append(len(ids)) or decode(ids, skip)  # type: ignore[method-assign]
+    text = "".join(stream.put(i) for i in text_ids[:3] + [specials[0]] * 500 + text_ids[3:6])
+    assert text + stream.flush() == decode(text_ids[:6]) and max(widths) <= 6
 
 
 def test_missing_tokenizer_is_one_line_error(tmp_path: Path) -> None:

@@ -99,28 +99,165 @@ def pack_rows(rows: list[SampleRow], vocab_limit: int, mask_words: int) -> list[
             cat(pen_cnt, "int32"), bitmask]
 
 
+class RowPacker:
+    """`pack_rows`' arrays, built in place across steps: the same values, less host work per step.
+
+    A row's parameter columns (temperature ... frequency, top_k, top_n) and its logit_bias entries are rewritten
+    only when the row's `SamplingParams` object (or skip flag, or the vocabulary limit) differs from the one packed
+    into that row last time; a SamplingParams is validated once and never changed after (runtime/sampling.py), so
+    the same object means the same columns, whichever request holds the row now. The per-step columns (uniform,
+    list offsets, mask row) are written for every row, vectorised."""
+
+    def __init__(self) -> None:
+        self._fp = np.zeros((0, abi.F_COLS), dtype=np.float32)
+        self._ip = np.zeros((0, abi.I_COLS), dtype=np.int32)
+        self._keys: list[object] = []  # per row: the params object (or _SKIP) its columns were packed from
+        self._bias: list[tuple[np.ndarray, np.ndarray] | None] = []  # per row: its logit_bias under the limit
+        self._limit = -1
+
+    def _grow(self, n: int) -> None:
+        cap = max(n, 2 * len(self._keys))
+        self._fp = np.zeros((cap, abi.F_COLS), dtype=np.float32)
+        self._ip = np.zeros((cap, abi.I_COLS), dtype=np.int32)
+        self._keys, self._bias = [None] * cap, [None] * cap
+
+    def _write_params(self, i: int, row: SampleRow, vocab_limit: int) -> None:
+        """Row i's columns that depend only on its parameters (`pack_rows`' values)."""
+        fp, ip = self._fp[i], self._ip[i]
+        fp[:] = 0.0
+        ip[abi.I_TOP_K] = 0
+        ip[abi.I_VOCAB_LIMIT] = vocab_limit
+        self._bias[i] = None
+        if row.skip:
+            fp[abi.F_TOP_P] = fp[abi.F_REPETITION] = 1.0
+            ip[abi.I_TOP_N] = -1
+            self._keys[i] = _SKIP
+            return
+        p = row.params
+        fp[[abi.F_TEMPERATURE, abi.F_TOP_P, abi.F_MIN_P, abi.F_REPETITION, abi.F_PRESENCE, abi.F_FREQUENCY]] = [
+            p.temperature, p.top_p, p.min_p, p.repetition_penalty, p.presence_penalty, p.frequency_penalty]
+        ip[abi.I_TOP_K] = p.top_k
+        ip[abi.I_TOP_N] = p.top_logprobs if p.logprobs else -1
+        if p.logit_bias:
+            ids = np.fromiter(p.logit_bias.keys(), dtype=np.int64, count=len(p.logit_bias))
+            vals = np.fromiter(p.logit_bias.values(), dtype=np.float32, count=len(p.logit_bias))
+            keep = ids < vocab_limit
+            self._bias[i] = (ids[keep].astype(np.int32), vals[keep])
+        self._keys[i] = p
+
+    def pack(self, rows: list[SampleRow], vocab_limit: int, mask_words: int) -> list[np.ndarray]:
+        """`pack_rows(rows, vocab_limit, mask_words)`; the returned arrays are valid until the next call."""
+        n = len(rows)
+        if n > len(self._keys):
+            self._grow(n)
+        if vocab_limit != self._limit:
+            self._keys = [None] * len(self._keys)
+            self._limit = vocab_limit
+        uniform = [0.0] * n
+        n_bias, n_pen, mask_row = [0] * n, [0] * n, [-1] * n
+        bias_tok: list[np.ndarray] = []
+        bias_val: list[np.ndarray] = []
+        pen_tok: list[np.ndarray] = []
+        pen_cnt: list[np.ndarray] = []
+        masks: list[np.ndarray] = []
+        keys, bias = self._keys, self._bias
+        for i, row in enumerate(rows):
+            if keys[i] is not (_SKIP if row.skip else row.params):
+                self._write_params(i, row, vocab_limit)
+            if row.skip:
+                continue
+            uniform[i] = row.uniform
+            if bias[i] is not None:
+                bias_tok.append(bias[i][0])
+                bias_val.append(bias[i][1])
+                n_bias[i] = bias[i][0].size
+            if row.penalty_tokens is not None and row.penalty_tokens.size:
+                pen_tok.append(row.penalty_tokens.astype(np.int32, copy=False))
+                pen_cnt.append(row.penalty_counts.astype(np.int32, copy=False))
+                n_pen[i] = row.penalty_tokens.size
+            if row.bitmask is not None:
+                mask_row[i] = len(masks)
+                mask = np.full(mask_words, -1, dtype=np.int32)  # a shorter constraint vocabulary allows the rest
+                mask[: min(mask_words, row.bitmask.size)] = row.bitmask[:mask_words]
+                masks.append(mask)
+        fp, ip = self._fp[:n], self._ip[:n]
+        fp[:, abi.F_UNIFORM] = uniform
+        ip[:, abi.I_MASK_ROW] = mask_row
+        for start, end, counts in ((abi.I_BIAS_START, abi.I_BIAS_END, n_bias),
+                                   (abi.I_PENALTY_START, abi.I_PENALTY_END, n_pen)):
+            ends = np.cumsum(counts)
+            ip[:, end] = ends
+            ip[:, start] = ends - counts
+        bitmask = np.stack(masks) if masks else np.zeros((1, mask_words), dtype=np.int32)
+        return [fp, ip, _cat(bias_tok, "int32"), _cat(bias_val, "float32"), _cat(pen_tok, "int32"),
+                _cat(pen_cnt, "int32"), bitmask]
+
+
+def _cat(parts: list[np.ndarray], dtype: str) -> np.ndarray:
+    return np.concatenate(parts).astype(dtype, copy=False) if parts else np.zeros(1, dtype=dtype)
+
+
+_SKIP = object()  # RowPacker's key of a skipped row
+_LIST_SLOTS = (2, 3, 4, 5)  # the sparse lists among `sample_tokens`' host arguments (bias, penalty)
+_MAX_DEVICE_BUFFERS = 64  # shapes kept on the device before the cache starts over
+
+
 class DeviceSampler:
-    """Calls the library's `sample_tokens` on logits already on the device."""
+    """Calls the library's `sample_tokens` on logits already on the device.
+
+    The host arguments live in device buffers kept from step to step, one per (argument, shape): a buffer whose
+    contents did not change is passed again without a copy, a changed one is copied into in place. A decode step at
+    the model's default sampling then uploads one small array (the rows' uniforms change every step) instead of
+    allocating, filling and freeing seven (each a device allocation and a synchronising copy on a GPU). Sparse lists
+    are padded to a power of two, so a growing penalty list keeps its buffer; the kernel reads each row's
+    [start, end) only."""
 
     def __init__(self, func: Any, device: tvm.runtime.Device) -> None:
         self.func = func
         self.device = device
+        self._packer = RowPacker()
+        self._buffers: dict[tuple[int, tuple[int, ...]], tuple[np.ndarray, Any]] = {}
+        self.uploads = 0  # host-to-device copies so far (allocations included): what a step costs besides the call
+
+    def _device_arg(self, slot: int, host: np.ndarray) -> Any:
+        """A device tensor holding `host`: the kept buffer of this argument and shape, copied into if changed."""
+        if slot in _LIST_SLOTS and host.size & (host.size - 1):
+            padded = np.zeros(1 << host.size.bit_length(), dtype=host.dtype)
+            padded[: host.size] = host
+            host = padded
+        key = (slot, host.shape)
+        kept = self._buffers.get(key)
+        if kept is not None and np.array_equal(kept[0], host):
+            return kept[1]
+        self.uploads += 1
+        if kept is None:
+            if len(self._buffers) >= _MAX_DEVICE_BUFFERS:
+                self._buffers.clear()
+            tensor = tvm.runtime.tensor(host, self.device)
+            self._buffers[key] = (host.copy(), tensor)
+            return tensor
+        kept[1].copyfrom(host)
+        kept[0][...] = host
+        return kept[1]
 
     def sample(self, logits: Any, rows: list[SampleRow], vocab_limit: int | None = None
                ) -> list[tuple[int, TokenLogprob | None]]:
         """`logits`: a [len(rows), vocab] float32 device tensor. Returns (token, logprob or None) per row."""
         vocab = int(logits.shape[-1])
         limit = min(vocab_limit or vocab, vocab)
-        host = pack_rows(rows, limit, (vocab + 31) // 32)
-        args = [tvm.runtime.tensor(a, self.device) for a in host]
+        host = self._packer.pack(rows, limit, (vocab + 31) // 32)
+        args = [self._device_arg(slot, a) for slot, a in enumerate(host)]
         out_tok, out_lp = self.func(logits, *args)
-        top = max((r.params.top_logprobs for r in rows if r.params.logprobs and not r.skip), default=0)
-        tokens = out_tok.numpy()[:, : top + 1]
-        logprobs = out_lp.numpy()[:, : top + 1] if any(r.params.logprobs for r in rows) else None
+        wants_logprobs = [r.params.logprobs and not r.skip for r in rows]
+        top = max((r.params.top_logprobs for r, w in zip(rows, wants_logprobs) if w), default=0)
+        tokens = out_tok.numpy()
+        if not any(wants_logprobs):
+            return [(int(t), None) for t in tokens[:, 0]]
+        logprobs = out_lp.numpy()[:, : top + 1]
         result: list[tuple[int, TokenLogprob | None]] = []
-        for i, row in enumerate(rows):
+        for i, (row, wants) in enumerate(zip(rows, wants_logprobs)):
             token = int(tokens[i, 0])
-            if logprobs is None or not row.params.logprobs or row.skip:
+            if not wants:
                 result.append((token, None))
                 continue
             n = row.params.top_logprobs

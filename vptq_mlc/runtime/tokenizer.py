@@ -8,6 +8,7 @@ step decodes a short window of recent tokens twice and emits only the new, compl
 
 from __future__ import annotations
 
+import functools
 import json
 from pathlib import Path
 from typing import Any
@@ -62,6 +63,11 @@ class Tokenizer:
     def vocab_size(self) -> int:
         return self._tok.get_vocab_size(with_added_tokens=True)
 
+    @functools.cached_property
+    def special_ids(self) -> frozenset[int]:
+        """Ids of special tokens: `decode(..., skip_special_tokens=True)` drops them wherever they stand."""
+        return frozenset(i for i, t in self._tok.get_added_tokens_decoder().items() if t.special)
+
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         """Token ids; `add_special_tokens` runs the post-processor (e.g. Llama's BOS), off for templated chat.
 
@@ -102,24 +108,36 @@ class StreamDecoder:
 
     Keeps `prefix` (start of the context window) and `read` (end of what was emitted). Each step decodes
     ids[prefix:read] and ids[prefix:]; the difference is new text unless it ends in an incomplete UTF-8
-    sequence (U+FFFD), in which case we wait for more tokens.
+    sequence (U+FFFD), in which case we wait for more tokens. A token that decodes to nothing wherever it stands
+    (a special token when they are skipped, an id past the vocabulary) never enters the window: decode drops it,
+    so the texts are the same without it, and a run of such tokens (a model emitting reserved tokens) does not make
+    every step decode a longer window.
     """
 
     def __init__(self, tokenizer: Tokenizer, skip_special_tokens: bool = True) -> None:
         self._tok = tokenizer
         self._skip = skip_special_tokens
+        self._silent = tokenizer.special_ids if skip_special_tokens else frozenset()
+        self._vocab = tokenizer.vocab_size
         self.ids: list[int] = []
         self._prefix = 0
         self._read = 0
+        self._prefix_text: str | None = None  # decode(ids[prefix:read]), kept until prefix or read move
 
     def put(self, token_id: int) -> str:
-        self.ids.append(int(token_id))
-        prefix_text = self._tok.decode(self.ids[self._prefix : self._read], self._skip)
+        token_id = int(token_id)
+        if token_id in self._silent or token_id >= self._vocab:
+            return ""
+        self.ids.append(token_id)
+        if self._prefix_text is None:
+            self._prefix_text = self._tok.decode(self.ids[self._prefix : self._read], self._skip)
+        prefix_text = self._prefix_text
         full_text = self._tok.decode(self.ids[self._prefix :], self._skip)
         if full_text.endswith(_REPLACEMENT) or len(full_text) <= len(prefix_text):
             return ""
         delta = full_text[len(prefix_text) :]
         self._prefix, self._read = self._read, len(self.ids)
+        self._prefix_text = None
         return delta
 
     def flush(self) -> str:
@@ -127,4 +145,5 @@ class StreamDecoder:
         prefix_text = self._tok.decode(self.ids[self._prefix : self._read], self._skip)
         full_text = self._tok.decode(self.ids[self._prefix :], self._skip)
         self._prefix = self._read = len(self.ids)
+        self._prefix_text = None
         return full_text[len(prefix_text) :]
