@@ -10,11 +10,13 @@ any batch. Libraries built before the sampler existed lack `sample_tokens`: the 
 
 from __future__ import annotations
 
+import ctypes
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import tvm
+from tvm.runtime import _ffi_api  # Tensor.numpy / copyfrom's copies, called on kept arrays
 
 from vptq_mlc.artifact import sampler_abi as abi
 from vptq_mlc.runtime.sampling import SamplingParams, TokenLogprob
@@ -47,7 +49,8 @@ class SampleRow:
 
 
 def pack_rows(rows: list[SampleRow], vocab_limit: int, mask_words: int) -> list[np.ndarray]:
-    """The host-side arguments of `sample_tokens` after the logits, in order."""
+    """The host-side arguments of `sample_tokens` after the logits, in order. A greedy row's uniform is never read
+    (the kernels draw only at temperature > 0): it is packed as 0, so a greedy batch's arguments stay the same."""
     n = len(rows)
     fp = np.zeros((n, abi.F_COLS), dtype=np.float32)
     ip = np.zeros((n, abi.I_COLS), dtype=np.int32)
@@ -69,7 +72,7 @@ def pack_rows(rows: list[SampleRow], vocab_limit: int, mask_words: int) -> list[
             continue
         fp[i, [abi.F_TEMPERATURE, abi.F_TOP_P, abi.F_MIN_P, abi.F_REPETITION, abi.F_PRESENCE, abi.F_FREQUENCY,
                abi.F_UNIFORM]] = [p.temperature, p.top_p, p.min_p, p.repetition_penalty, p.presence_penalty,
-                                  p.frequency_penalty, row.uniform]
+                                  p.frequency_penalty, row.uniform if p.temperature > 0 else 0.0]
         ip[i, abi.I_TOP_K] = p.top_k
         ip[i, abi.I_TOP_N] = p.top_logprobs if p.logprobs else -1
         if p.logit_bias:
@@ -106,31 +109,33 @@ class RowPacker:
     only when the row's `SamplingParams` object (or skip flag, or the vocabulary limit) differs from the one packed
     into that row last time; a SamplingParams is validated once and never changed after (runtime/sampling.py), so
     the same object means the same columns, whichever request holds the row now. The per-step columns (uniform,
-    list offsets, mask row) are written for every row, vectorised."""
+    list offsets, mask row) are written for every row; the offsets and mask rows only while some row has a list or
+    a mask, or had one last time."""
 
     def __init__(self) -> None:
-        self._fp = np.zeros((0, abi.F_COLS), dtype=np.float32)
-        self._ip = np.zeros((0, abi.I_COLS), dtype=np.int32)
-        self._keys: list[object] = []  # per row: the params object (or _SKIP) its columns were packed from
-        self._bias: list[tuple[np.ndarray, np.ndarray] | None] = []  # per row: its logit_bias under the limit
+        self._grow(0)
         self._limit = -1
+        self._dummies: dict[int, list[np.ndarray]] = {}  # mask words -> the constant empty-list / no-mask arrays
 
     def _grow(self, n: int) -> None:
-        cap = max(n, 2 * len(self._keys))
+        cap = max(n, 2 * len(getattr(self, "_keys", ())))
         self._fp = np.zeros((cap, abi.F_COLS), dtype=np.float32)
         self._ip = np.zeros((cap, abi.I_COLS), dtype=np.int32)
-        self._keys, self._bias = [None] * cap, [None] * cap
+        self._ip[:, abi.I_MASK_ROW] = -1
+        self._plain = cap  # leading rows whose offsets are 0 and mask row -1
+        self._keys: list[object] = [None] * cap  # per row: the params object (or _SKIP) its columns come from
+        self._bias: list[tuple[np.ndarray, np.ndarray] | None] = [None] * cap  # per row: logit_bias under the limit
+        self.pointers = (_pointer(self._fp), _pointer(self._ip))  # where fparams / iparams rows start
 
     def _write_params(self, i: int, row: SampleRow, vocab_limit: int) -> None:
         """Row i's columns that depend only on its parameters (`pack_rows`' values)."""
         fp, ip = self._fp[i], self._ip[i]
-        fp[:] = 0.0
-        ip[abi.I_TOP_K] = 0
         ip[abi.I_VOCAB_LIMIT] = vocab_limit
         self._bias[i] = None
         if row.skip:
+            fp[:] = 0.0
             fp[abi.F_TOP_P] = fp[abi.F_REPETITION] = 1.0
-            ip[abi.I_TOP_N] = -1
+            ip[abi.I_TOP_K], ip[abi.I_TOP_N] = 0, -1
             self._keys[i] = _SKIP
             return
         p = row.params
@@ -144,6 +149,17 @@ class RowPacker:
             keep = ids < vocab_limit
             self._bias[i] = (ids[keep].astype(np.int32), vals[keep])
         self._keys[i] = p
+
+    def _dummy_lists(self, mask_words: int) -> list[np.ndarray]:
+        """The arguments of a step without logit_bias, penalties or masks: the same (read-only) arrays every time."""
+        dummies = self._dummies.get(mask_words)
+        if dummies is None:
+            dummies = [np.zeros(1, dtype=np.int32), np.zeros(1, dtype=np.float32), np.zeros(1, dtype=np.int32),
+                       np.zeros(1, dtype=np.int32), np.zeros((1, mask_words), dtype=np.int32)]
+            for a in dummies:
+                a.flags.writeable = False
+            self._dummies[mask_words] = dummies
+        return dummies
 
     def pack(self, rows: list[SampleRow], vocab_limit: int, mask_words: int) -> list[np.ndarray]:
         """`pack_rows(rows, vocab_limit, mask_words)`; the returned arrays are valid until the next call."""
@@ -166,7 +182,8 @@ class RowPacker:
                 self._write_params(i, row, vocab_limit)
             if row.skip:
                 continue
-            uniform[i] = row.uniform
+            if row.params.temperature > 0:
+                uniform[i] = row.uniform
             if bias[i] is not None:
                 bias_tok.append(bias[i][0])
                 bias_val.append(bias[i][1])
@@ -182,15 +199,26 @@ class RowPacker:
                 masks.append(mask)
         fp, ip = self._fp[:n], self._ip[:n]
         fp[:, abi.F_UNIFORM] = uniform
+        plain = not (bias_tok or pen_tok or masks)
+        if plain and n <= self._plain:
+            return [fp, ip, *self._dummy_lists(mask_words)]
         ip[:, abi.I_MASK_ROW] = mask_row
         for start, end, counts in ((abi.I_BIAS_START, abi.I_BIAS_END, n_bias),
                                    (abi.I_PENALTY_START, abi.I_PENALTY_END, n_pen)):
             ends = np.cumsum(counts)
             ip[:, end] = ends
             ip[:, start] = ends - counts
+        if plain:
+            self._plain = n
+            return [fp, ip, *self._dummy_lists(mask_words)]
+        self._plain = 0
         bitmask = np.stack(masks) if masks else np.zeros((1, mask_words), dtype=np.int32)
         return [fp, ip, _cat(bias_tok, "int32"), _cat(bias_val, "float32"), _cat(pen_tok, "int32"),
                 _cat(pen_cnt, "int32"), bitmask]
+
+
+def _pointer(a: np.ndarray) -> ctypes.c_void_p:
+    return a.ctypes.data_as(ctypes.c_void_p)
 
 
 def _cat(parts: list[np.ndarray], dtype: str) -> np.ndarray:
@@ -207,16 +235,17 @@ class DeviceSampler:
 
     The host arguments live in device buffers kept from step to step, one per (argument, shape): a buffer whose
     contents did not change is passed again without a copy, a changed one is copied into in place. A decode step at
-    the model's default sampling then uploads one small array (the rows' uniforms change every step) instead of
-    allocating, filling and freeing seven (each a device allocation and a synchronising copy on a GPU). Sparse lists
-    are padded to a power of two, so a growing penalty list keeps its buffer; the kernel reads each row's
-    [start, end) only."""
+    the model's default sampling then uploads one small array (the rows' uniforms change every step) and a greedy
+    one none, instead of allocating, filling and freeing seven (each a device allocation and a synchronising copy on
+    a GPU). Sparse lists are padded to a power of two, so a growing penalty list keeps its buffer; the kernel reads
+    each row's [start, end) only. The tokens (and logprobs, when a row asks) come back in one copy each."""
 
     def __init__(self, func: Any, device: tvm.runtime.Device) -> None:
         self.func = func
         self.device = device
         self._packer = RowPacker()
         self._buffers: dict[tuple[int, tuple[int, ...]], tuple[np.ndarray, Any]] = {}
+        self._out: dict[tuple[int, tuple[int, ...]], tuple[np.ndarray, Any]] = {}  # read-back arrays, pointers
         self.uploads = 0  # host-to-device copies so far (allocations included): what a step costs besides the call
 
     def _device_arg(self, slot: int, host: np.ndarray) -> Any:
@@ -227,18 +256,33 @@ class DeviceSampler:
             host = padded
         key = (slot, host.shape)
         kept = self._buffers.get(key)
-        if kept is not None and np.array_equal(kept[0], host):
+        if kept is not None and (kept[0] is host or np.array_equal(kept[0], host)):
             return kept[1]
         self.uploads += 1
         if kept is None:
             if len(self._buffers) >= _MAX_DEVICE_BUFFERS:
                 self._buffers.clear()
-            tensor = tvm.runtime.tensor(host, self.device)
-            self._buffers[key] = (host.copy(), tensor)
-            return tensor
-        kept[1].copyfrom(host)
-        kept[0][...] = host
+            kept = self._buffers[key] = (host if not host.flags.writeable else host.copy(),
+                                         tvm.runtime.empty(host.shape, str(host.dtype), self.device))
+        elif kept[0].flags.writeable:
+            kept[0][...] = host
+        else:
+            kept = self._buffers[key] = (host.copy(), kept[1])
+        if slot < 2:  # fparams / iparams: `copyfrom`'s runtime call on the packer's rows, without its conversions
+            _ffi_api.TVMTensorCopyFromBytes(kept[1], self._packer.pointers[slot], host.nbytes)
+        else:
+            kept[1].copyfrom(host)
         return kept[1]
+
+    def _read(self, slot: int, tensor: Any) -> np.ndarray:
+        """`tensor.numpy()` (its runtime call: copy, then synchronise) into an array kept for the shape."""
+        key = (slot, tuple(int(d) for d in tensor.shape))
+        out = self._out.get(key)
+        if out is None:
+            host = np.zeros(key[1], dtype=np.int32 if slot == 0 else np.float32)
+            out = self._out[key] = (host, _pointer(host))
+        _ffi_api.TVMTensorCopyToBytes(tensor, out[1], out[0].nbytes)
+        return out[0]
 
     def sample(self, logits: Any, rows: list[SampleRow], vocab_limit: int | None = None
                ) -> list[tuple[int, TokenLogprob | None]]:
@@ -248,12 +292,11 @@ class DeviceSampler:
         host = self._packer.pack(rows, limit, (vocab + 31) // 32)
         args = [self._device_arg(slot, a) for slot, a in enumerate(host)]
         out_tok, out_lp = self.func(logits, *args)
+        tokens = self._read(0, out_tok)
         wants_logprobs = [r.params.logprobs and not r.skip for r in rows]
-        top = max((r.params.top_logprobs for r, w in zip(rows, wants_logprobs) if w), default=0)
-        tokens = out_tok.numpy()
         if not any(wants_logprobs):
             return [(int(t), None) for t in tokens[:, 0]]
-        logprobs = out_lp.numpy()[:, : top + 1]
+        logprobs = self._read(1, out_lp)
         result: list[tuple[int, TokenLogprob | None]] = []
         for i, (row, wants) in enumerate(zip(rows, wants_logprobs)):
             token = int(tokens[i, 0])
