@@ -10,6 +10,7 @@ sampler's worst case).
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 import time
@@ -121,7 +122,11 @@ def bench_sampler(vocab: int, batches: list[int], device: str, temperature: floa
         for batch in batches:
             logits = make_logits(profile, batch, vocab)
             on_device = tvm.runtime.tensor(logits, dev)
-            rows = [SampleRow(sampled, 0.5) for _ in range(batch)]
+            # a new uniform per call, as each decode step has: the sampler re-uploads the changed row parameters
+            draws = itertools.cycle(np.linspace(0.05, 0.95, 997).tolist())
+
+            def sampled_rows() -> list[SampleRow]:
+                return [SampleRow(sampled, next(draws)) for _ in range(batch)]  # noqa: B023 - used in this iteration
             greedy_rows = [SampleRow(greedy) for _ in range(batch)]
             host = [Sampler(SamplingParams(temperature=temperature, top_p=top_p, seed=i)) for i in range(batch)]
             empty = np.empty(0, dtype=np.int64)
@@ -132,7 +137,7 @@ def bench_sampler(vocab: int, batches: list[int], device: str, temperature: floa
 
             res = {
                 "profile": profile, "batch": batch, "vocab": vocab, "device": str(spec),
-                "device_sampled_ms": _time(lambda: sampler.sample(on_device, rows), repeats),
+                "device_sampled_ms": _time(lambda: sampler.sample(on_device, sampled_rows()), repeats),
                 "device_greedy_ms": _time(lambda: sampler.sample(on_device, greedy_rows), repeats),
                 "host_greedy_ms": _time(lambda: on_device.numpy().argmax(axis=1), repeats),
                 "host_sampled_ms": _time(host_step, host_repeats),
