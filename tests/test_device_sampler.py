@@ -113,3 +113,35 @@ def test_rows_change_hands(sampler: checks.DeviceSampler) -> None:
 
 def test_packer_matches_pack_rows() -> None:
     checks.check_packer_matches_pack_rows()
+
+
+def test_penalty_lists_follow_the_request(tmp_path) -> None:
+    """The penalty lists a request hands the device sampler at each step: every seen token with its generated count
+    (repetition penalty), or the generated tokens with theirs (presence / frequency only), counted here from the
+    prompt and the tokens appended so far, whatever order the request keeps them in."""
+    import numpy as np
+
+    from vptq_mlc.runtime.request import Request
+    from vptq_mlc.runtime.sampling import SamplingParams
+    from vptq_mlc.runtime.tokenizer import Tokenizer
+    from vptq_mlc.testing.synthetic import synthetic_tokenizer_json
+
+    (tmp_path / "tokenizer.json").write_text(synthetic_tokenizer_json(512))
+    tokenizer = Tokenizer(tmp_path)
+    rng = np.random.default_rng(2)
+    prompt = [int(t) for t in rng.integers(0, 60, 40)]
+    for kw in (dict(repetition_penalty=1.2), dict(presence_penalty=0.5), dict(frequency_penalty=0.3),
+               dict(repetition_penalty=0.9, frequency_penalty=-0.4), {}):
+        req = Request(prompt, SamplingParams(temperature=0.8, max_tokens=100, **kw), frozenset(), 100,
+                      tokenizer.stream())
+        generated: list[int] = []
+        for step in range(30):
+            row = req.sample_row(512)
+            seen = prompt + generated if "repetition_penalty" in kw else generated if kw else []
+            want = {t: generated.count(t) for t in seen}
+            got = {} if row.penalty_tokens is None else dict(zip(row.penalty_tokens.tolist(),
+                                                                 row.penalty_counts.tolist()))
+            assert got == want and (row.penalty_tokens is None or row.penalty_tokens.size == len(want)), (kw, step)
+            token = int(rng.integers(30, 90))  # half of them also in the prompt
+            req.append(token)
+            generated.append(token)

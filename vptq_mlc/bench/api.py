@@ -7,7 +7,9 @@ Three questions, one run (random weights fill a config-only model dir, as `bench
     request with the same prefix and another suffix, and of a control with a new prefix of the same length, with
     the prefix-cache counters of /metrics read around each;
   * the server's overhead: decode tok/s of the same requests (token-id prompts, EOS ignored) through the in-process
-    `Engine` and through the server's streams, at each batch size (all requests sent together).
+    `Engine` and through the server's streams, at each batch size (all requests sent together), greedy and (unless
+    --no-default-sampling) with the model's default sampling (its temperature, top_p and penalties; seeded, so the
+    server's tokens can be compared with the engine's: the counter-based generator does not depend on the batch).
 
 Why per-token time from stamps: a decode rate is (tokens after the first) / (last token's time - first token's time)
 for each stream, from the streamed chunks' arrival times (the engine side: the step that produced each token), so
@@ -80,7 +82,7 @@ class Settings:
     items: int = 200  # the structured array's length (minItems = maxItems)
     reps: int = 3
     max_total_tokens: int | None = None
-    default_sampling: bool = True  # also compare structured vs free with the model's default sampling
+    default_sampling: bool = True  # also measure structured vs free and server vs engine with the model's sampling
 
 
 @dataclasses.dataclass
@@ -145,13 +147,25 @@ def warmup_prompt_tokens(s: Settings, prefill_chunk: int) -> int:
     return min(prefill_chunk, s.prefix_tokens)
 
 
-def engine_round(engine: Any, prompts: list[list[int]], max_tokens: int) -> list[Timed]:
-    """`prompts` added together (greedy, EOS ignored) and stepped to the end; a token's stamp is the end of the
-    step that produced it. The parameters are the server's for `completion_body`: the model's defaults filled in
-    by the same rule (so the sampler takes the same path)."""
-    params = engine.frontend.sampling_params(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
+def sampling_modes(s: Settings) -> list[str]:
+    """The server-vs-engine sampling modes a run measures: greedy, and the model's default sampling if asked."""
+    return ["greedy"] + (["model_sampling"] if s.default_sampling else [])
+
+
+def batches_key(mode: str) -> str:
+    """Where a mode's per-batch results go: "batches" (greedy, as before) or "batches_model_sampling"."""
+    return "batches" if mode == "greedy" else f"batches_{mode}"
+
+
+def engine_round(engine: Any, prompts: list[list[int]], max_tokens: int, mode: str = "greedy") -> list[Timed]:
+    """`prompts` added together (EOS ignored) and stepped to the end; a token's stamp is the end of the step that
+    produced it. The parameters are the server's for `completion_body` in `mode`: the model's defaults filled in by
+    the same rule (so the sampler takes the same path), the i-th prompt seeded with i when sampling."""
+    sampling = {"temperature": 0.0} if mode == "greedy" else {}
     t0 = time.perf_counter()
-    reqs = [engine.add_request(p, params) for p in prompts]
+    reqs = [engine.add_request(p, engine.frontend.sampling_params(max_tokens=max_tokens, ignore_eos=True,
+                                                                  **sampling, **_seed(mode, i)))
+            for i, p in enumerate(prompts)]
     out = {id(r): Timed() for r in reqs}
     while engine.has_unfinished():
         stepped = engine.step()
@@ -169,8 +183,8 @@ def engine_round(engine: Any, prompts: list[list[int]], max_tokens: int) -> list
 
 def engine_phase(run_dir: Path, lib: str, device: str, s: Settings, kv_tokens: int, vocab: int,
                  token_ids: dict[str, Any]) -> dict[str, Any]:
-    """Decode tok/s of each batch through `Engine` (median of `reps` rounds, fresh prompts each round); each
-    batch's generated ids go to `token_ids` (the server's are compared with them)."""
+    """Decode tok/s of each batch through `Engine` (median of `reps` rounds, fresh prompts each round) in each
+    sampling mode; each batch's generated ids go to `token_ids[mode]` (the server's are compared with them)."""
     from vptq_mlc.runtime.engine import Engine
 
     t0 = time.perf_counter()
@@ -182,13 +196,17 @@ def engine_phase(run_dir: Path, lib: str, device: str, s: Settings, kv_tokens: i
         # first calls load kernels: a full prefill chunk, then each batch size for a few steps
         engine_round(engine, [random_prompt(90, warmup_prompt_tokens(s, engine.prefill_chunk), vocab)], 4)
         for b in s.batches:
-            engine_round(engine, [random_prompt(900 + i, s.prompt_tokens, vocab) for i in range(b)], 4)
-        for b in s.batches:
-            rounds = [engine_round(engine, [random_prompt(1000 * (rep + 1) + 100 * b + i, s.prompt_tokens, vocab)
-                                            for i in range(b)], s.decode_tokens) for rep in range(s.reps)]
-            res["batches"][str(b)] = _rounds_summary(rounds)
-            token_ids[str(b)] = [[t.token_ids for t in r] for r in rounds]
-            log.info("engine batch %d: %.1f tok/s", b, res["batches"][str(b)]["decode_tok_s"])
+            for mode in sampling_modes(s):  # the sampler's kernels differ between greedy and sampled rows
+                engine_round(engine, [random_prompt(900 + i, s.prompt_tokens, vocab) for i in range(b)], 4, mode)
+        for mode in sampling_modes(s):
+            res.setdefault(batches_key(mode), {})
+            for b in s.batches:
+                rounds = [engine_round(engine, [random_prompt(1000 * (rep + 1) + 100 * b + i, s.prompt_tokens,
+                                                              vocab) for i in range(b)], s.decode_tokens, mode)
+                          for rep in range(s.reps)]
+                res[batches_key(mode)][str(b)] = _rounds_summary(rounds)
+                token_ids.setdefault(mode, {})[str(b)] = [[t.token_ids for t in r] for r in rounds]
+                log.info("engine batch %d (%s): %.1f tok/s", b, mode, res[batches_key(mode)][str(b)]["decode_tok_s"])
     finally:
         engine = None  # noqa: F841 - free device memory before the server loads its own copy
         gc.collect()
@@ -328,14 +346,22 @@ async def stream_request(client: Any, path: str, body: dict[str, Any]) -> Timed:
     return res
 
 
-def completion_body(prompt: list[int], max_tokens: int) -> dict[str, Any]:
-    return {"prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True}
+def _seed(mode: str, i: int) -> dict[str, int]:
+    return {} if mode == "greedy" else {"seed": i}
 
 
-async def server_round(client: Any, prompts: list[list[int]], max_tokens: int) -> list[Timed]:
+def completion_body(prompt: list[int], max_tokens: int, mode: str = "greedy", index: int = 0) -> dict[str, Any]:
+    """Greedy (temperature 0), or the model's default sampling (no sampling fields: the server fills them in) with
+    seed `index`."""
+    sampling = {"temperature": 0} if mode == "greedy" else _seed(mode, index)
+    return {"prompt": prompt, "max_tokens": max_tokens, "ignore_eos": True, **sampling}
+
+
+async def server_round(client: Any, prompts: list[list[int]], max_tokens: int, mode: str = "greedy") -> list[Timed]:
     """`engine_round` through the server: the requests sent together, each one stream."""
-    streams = await asyncio.gather(*[stream_request(client, "/v1/completions", completion_body(p, max_tokens))
-                                     for p in prompts])
+    streams = await asyncio.gather(*[stream_request(client, "/v1/completions",
+                                                    completion_body(p, max_tokens, mode, i))
+                                     for i, p in enumerate(prompts)])
     for t in streams:
         if t.tokens != max_tokens:
             raise RuntimeError(f"a stream delivered {t.tokens} of {max_tokens} tokens ({t.finish_reason})")
@@ -429,17 +455,23 @@ async def server_phase(url: str, s: Settings, vocab: int, prefill_chunk: int, re
     async with httpx.AsyncClient(base_url=url, limits=limits, timeout=httpx.Timeout(600.0)) as client:
         await server_round(client, [random_prompt(90, warmup_prompt_tokens(s, prefill_chunk), vocab)], 4)  # as engine
         for b in s.batches:
-            await server_round(client, [random_prompt(900 + i, s.prompt_tokens, vocab) for i in range(b)], 4)
-        res["batches"] = {}
-        for b in s.batches:
-            rounds = [await server_round(client, [random_prompt(1000 * (rep + 1) + 100 * b + i, s.prompt_tokens,
-                                                                vocab) for i in range(b)], s.decode_tokens)
-                      for rep in range(s.reps)]
-            res["batches"][str(b)] = summary = _rounds_summary(rounds)
-            # same prompts, greedy, same library: the same tokens unless numerics tie
-            summary["greedy_tokens_match_engine"] = [[t.token_ids for t in r] for r in rounds] == engine_ids.get(str(b))
-            save()
-            log.info("server batch %d: %.1f tok/s", b, summary["decode_tok_s"])
+            for mode in sampling_modes(s):
+                await server_round(client, [random_prompt(900 + i, s.prompt_tokens, vocab) for i in range(b)], 4,
+                                   mode)
+        for mode in sampling_modes(s):
+            res[batches_key(mode)] = {}
+            for b in s.batches:
+                rounds = [await server_round(client, [random_prompt(1000 * (rep + 1) + 100 * b + i, s.prompt_tokens,
+                                                                    vocab) for i in range(b)], s.decode_tokens, mode)
+                          for rep in range(s.reps)]
+                res[batches_key(mode)][str(b)] = summary = _rounds_summary(rounds)
+                # same prompts (and seeds), same library: the same tokens unless numerics tie
+                summary["tokens_match_engine"] = [[t.token_ids for t in r] for r in rounds] == \
+                    engine_ids.get(mode, {}).get(str(b))
+                if mode == "greedy":
+                    summary["greedy_tokens_match_engine"] = summary["tokens_match_engine"]
+                save()
+                log.info("server batch %d (%s): %.1f tok/s", b, mode, summary["decode_tok_s"])
         res["structured"] = await structured_phase(client, s)
         save()
         res["prefix"] = await prefix_phase(client, s, vocab)
@@ -496,7 +528,7 @@ def run_api_bench(model_dir: str | Path, lib: str, device: str, out_json: str | 
                 f.write_text(json.dumps(res, indent=1))
 
         try:
-            engine_ids: dict[str, Any] = {}
+            engine_ids: dict[str, dict[str, Any]] = {}
             res["engine"] = engine_phase(run_dir, lib, device, s, kv_tokens, vocab, engine_ids)
             save()
             res["server"] = {}
@@ -507,8 +539,10 @@ def run_api_bench(model_dir: str | Path, lib: str, device: str, out_json: str | 
             res["error"] = f"{type(e).__name__}: {e}"
             save()
             raise
-    res["server_over_engine"] = {b: res["server"]["batches"][b]["decode_tok_s"] / e["decode_tok_s"]
-                                 for b, e in res["engine"]["batches"].items()}
+    for mode in sampling_modes(s):
+        key = "server_over_engine" + ("" if mode == "greedy" else f"_{mode}")
+        res[key] = {b: res["server"][batches_key(mode)][b]["decode_tok_s"] / e["decode_tok_s"]
+                    for b, e in res["engine"][batches_key(mode)].items()}
     save()
     return res
 
@@ -529,9 +563,12 @@ def report_table(res: dict[str, Any]) -> str:
     rows.append(("TTFT control (new prefix) vs second, ms", f"{p['ttft_control_ms']:.1f}",
                  f"{p['ttft_second_ms']:.1f}", f"{p['control_over_second']:.2f}", ""))
     rows.append(("second request's prefix-cache hit tokens (/metrics)", str(p["second_hit_tokens"]), "", "", ""))
-    for b, ratio in res["server_over_engine"].items():
-        rows.append((f"b{b} decode tok/s: server vs engine", f"{res['server']['batches'][b]['decode_tok_s']:.1f}",
-                     f"{res['engine']['batches'][b]['decode_tok_s']:.1f}", f"{ratio:.3f}", ">= 0.85"))
+    for mode in ("greedy", "model_sampling"):
+        key = "server_over_engine" + ("" if mode == "greedy" else f"_{mode}")
+        for b, ratio in res.get(key, {}).items():
+            server, engine = res["server"][batches_key(mode)][b], res["engine"][batches_key(mode)][b]
+            rows.append((f"b{b} decode tok/s: server vs engine ({mode})", f"{server['decode_tok_s']:.1f}",
+                         f"{engine['decode_tok_s']:.1f}", f"{ratio:.3f}", ">= 0.85"))
     lines = ["| measure | a | b | a/b | target |", "|---|---|---|---|---|"]
     lines += ["| " + " | ".join(r) + " |" for r in rows]
     return "\n".join(lines)

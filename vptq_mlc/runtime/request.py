@@ -22,6 +22,38 @@ from vptq_mlc.runtime.tokenizer import StreamDecoder
 _ids = itertools.count()
 
 
+class TokenCounts:
+    """Token ids, each with a count, in first-seen order, kept as int32 arrays that grow in place: the penalty lists a
+    request hands the device sampler every step, without rebuilding them from a dict of every seen token."""
+
+    def __init__(self, counts: dict[int, int]) -> None:
+        self._index = {token: i for i, token in enumerate(counts)}
+        cap = max(16, 2 * len(counts))
+        self._ids = np.zeros(cap, dtype=np.int32)
+        self._counts = np.zeros(cap, dtype=np.int32)
+        self._ids[: len(counts)] = np.fromiter(counts.keys(), dtype=np.int64, count=len(counts))
+        self._counts[: len(counts)] = np.fromiter(counts.values(), dtype=np.int64, count=len(counts))
+        self._n = len(counts)
+
+    def __len__(self) -> int:
+        return self._n
+
+    def set(self, token: int, count: int) -> None:
+        i = self._index.get(token)
+        if i is None:
+            if self._n == self._ids.size:
+                self._ids = np.concatenate([self._ids, np.zeros_like(self._ids)])
+                self._counts = np.concatenate([self._counts, np.zeros_like(self._counts)])
+            i = self._index[token] = self._n
+            self._ids[i] = token
+            self._n += 1
+        self._counts[i] = count
+
+    def arrays(self) -> tuple[np.ndarray, np.ndarray]:
+        """(ids, counts) views: valid until the next `set`."""
+        return self._ids[: self._n], self._counts[: self._n]
+
+
 class RequestState(enum.Enum):
     WAITING = "waiting"
     RUNNING = "running"
@@ -58,7 +90,7 @@ class Request:
         self.seed = self.params.seed if self.params.seed is not None else secrets.randbits(63)
         self.draws = 0
         self._generated_counts: dict[int, int] = {}  # output id -> how often generated (penalties)
-        self._penalty_counts: dict[int, int] | None = None  # prompt + output ids -> generated count
+        self._penalty_counts: TokenCounts | None = None  # the device sampler's penalty list, once asked for
         self._stops = StopStrings(self.params.stop)
         self._text: list[str] = []
         self._unread = 0
@@ -103,19 +135,20 @@ class Request:
         return token
 
     def sample_row(self, vocab_size: int) -> SampleRow:
-        """This step's input to the device sampler; takes the next uniform of the request's stream."""
+        """This step's input to the device sampler; takes the next uniform of the request's stream. Its penalty
+        arrays are valid until the request's next token."""
         p = self.params
         tokens = counts = None
-        if p.repetition_penalty != 1.0:  # every seen token, with its generated count
-            if self._penalty_counts is None:
-                self._penalty_counts = dict.fromkeys(self.prompt_ids, 0)
-                self._penalty_counts.update(self._generated_counts)
-            table = self._penalty_counts
-        else:  # presence / frequency look at generated tokens only
-            table = self._generated_counts if (p.presence_penalty or p.frequency_penalty) else {}
-        if table:
-            tokens = np.fromiter(table.keys(), dtype=np.int32, count=len(table))
-            counts = np.fromiter(table.values(), dtype=np.int32, count=len(table))
+        if self._penalty_counts is None and (p.repetition_penalty != 1.0 or p.presence_penalty or
+                                             p.frequency_penalty):
+            if p.repetition_penalty != 1.0:  # every seen token, with its generated count
+                table = dict.fromkeys(self.prompt_ids, 0)
+                table.update(self._generated_counts)
+            else:  # presence / frequency look at generated tokens only
+                table = self._generated_counts
+            self._penalty_counts = TokenCounts(table)
+        if self._penalty_counts:
+            tokens, counts = self._penalty_counts.arrays()
         row = SampleRow(p, counter_uniform(self.seed, self.draws), tokens, counts, self.token_bitmask(vocab_size))
         self.draws += 1
         return row
@@ -137,7 +170,7 @@ class Request:
             self.output_ids.append(token)
             self._generated_counts[token] = self._generated_counts.get(token, 0) + 1
             if self._penalty_counts is not None:
-                self._penalty_counts[token] = self._generated_counts[token]
+                self._penalty_counts.set(token, self._generated_counts[token])
             if self._pending_logprob is not None:
                 self.output_logprobs.append(self._pending_logprob)
                 self._pending_logprob = None
