@@ -314,13 +314,13 @@ def engine_baseline(args: argparse.Namespace, model_dir: Path, levels: list[int]
     generated tokens / wall time (prefill included)."""
     import gc
 
-    from vptq_mlc.runtime import Engine, SamplingParams
+    from vptq_mlc.runtime import Engine
 
     engine = Engine(model_dir, args.lib, device=args.device, max_batch_size=args.max_batch_size,
                     max_total_tokens=args.max_total_tokens)
-    sampling = {"temperature": 0} if args.sampling == "greedy" else {
-        k: v for k, v in (("temperature", engine.config.temperature), ("top_p", engine.config.top_p)) if v is not None}
-    params = SamplingParams(max_tokens=args.max_tokens, ignore_eos=True, **sampling)
+    # the server's rule for fields a request leaves out: the model's defaults (temperature, top_p, penalties)
+    params = engine.frontend.sampling_params(max_tokens=args.max_tokens, ignore_eos=True,
+                                             temperature=0.0 if args.sampling == "greedy" else None)
 
     def rounds(b: int, n: int) -> tuple[int, int, float]:
         tokens = steps = 0
