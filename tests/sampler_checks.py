@@ -236,7 +236,7 @@ def check_rows_change_hands(sampler: DeviceSampler, calls: int = 6, rows: int = 
     rng = np.random.default_rng(17)
     failures = []
     for call in range(calls):
-        n = rows if call % 3 else rows - 3  # the row count changes, and the rows come back
+        n = rows if call % 3 else max(1, rows - 3)  # the row count changes, and the rows come back
         limit = vocab - 1 if call == 4 else vocab  # PROMPT's ids stay under it (the reference indexes them)
         logits = rng.normal(0.0, 2.0, (n, vocab)).astype(np.float32)
         logits[:, limit:] += 50.0  # only reachable if the limit were ignored

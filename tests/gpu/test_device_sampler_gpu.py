@@ -99,3 +99,11 @@ def test_settings_and_profiles_give_reference_token(bounded) -> None:
     sampler, vocab, rows = bounded
     checks.check_settings_same_uniform(sampler, min(vocab, 3000), uniforms=min(rows, 8))
     checks.check_profiles_same_uniform(sampler, min(vocab, BIG_VOCAB), rows=min(rows, 2))
+
+
+def test_rows_change_hands(bounded) -> None:
+    """The sampler's kept device buffers across calls whose rows pass between settings: the reference's tokens."""
+    import sampler_checks as checks
+
+    sampler, _, rows = bounded
+    checks.check_rows_change_hands(sampler, rows=min(rows, 8))
