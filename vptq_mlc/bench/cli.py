@@ -239,7 +239,7 @@ def sampler_cmd(vocab: int, batches: str, device: str, temperature: float, top_p
     On a GPU host with a runtime-only TVM, build on the build box, then time there:
       vptq-mlc bench sampler --build sampler-cuda.so --device cuda --arch sm_90
       vptq-mlc bench sampler --lib sampler-cuda.so --device cuda:0 --vocab 128256 --batch 1,16
-    Both logits profiles (peaked, flat) are timed at every batch."""
+    Every logits profile (peaked, flat, random_model: bench e2e's random weights) is timed at every batch."""
     from vptq_mlc.bench.sampler import bench_sampler, build_sampler_library
 
     if build_out:

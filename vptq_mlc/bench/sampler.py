@@ -3,9 +3,11 @@
 The compiled `sample_tokens` is built alone (as compile/build.py adds it to every model) for the device's target
 and timed on logits already on the device, host packing and the token download included; the host sampler
 (runtime/sampling.py) is timed on the same logits after the copy to the host, one row at a time, as the engine
-did before. Two logits profiles: `peaked` (a confident model: a few tokens far above a N(0, 2) bulk, a small
-nucleus) and `flat` (the N(0, 2) bulk alone: the nucleus holds a large share of the vocabulary, the compiled
-sampler's worst case).
+did before. Logits profiles: `peaked` (a confident model: a few tokens far above a N(0, 2) bulk, a small
+nucleus), `flat` (the N(0, 2) bulk alone: at T 0.6 / top_p 0.9 ~2,100 tokens in the nucleus and ~20,000 candidates
+past the compaction bound at a 128256-token vocabulary) and `random_model` (what `bench e2e`'s random weights give:
+its tiled lm_head repeats every 256 rows, so 256 N(0, 0.02 * sqrt(4096)) logits each repeat across the vocabulary:
+~28,000 tokens in that nucleus and ~65,000 candidates, far from any trained model but what e2e's sampled steps pay).
 """
 
 from __future__ import annotations
@@ -20,11 +22,16 @@ import numpy as np
 
 log = logging.getLogger(__name__)
 
-PROFILES = ("peaked", "flat")
+PROFILES = ("peaked", "flat", "random_model")
+# bench e2e: a 2**20-value tile over 4096-column lm_head rows; std 0.02 weights on a unit-RMS hidden state
+RANDOM_MODEL_PERIOD, RANDOM_MODEL_STD = 256, 0.02 * 64.0
 
 
 def make_logits(profile: str, batch: int, vocab: int, seed: int = 0) -> np.ndarray:
     rng = np.random.default_rng(seed)
+    if profile == "random_model":
+        period = rng.normal(0.0, RANDOM_MODEL_STD, (batch, RANDOM_MODEL_PERIOD))
+        return np.tile(period, (1, -(-vocab // RANDOM_MODEL_PERIOD)))[:, :vocab].astype(np.float32)
     logits = rng.normal(0.0, 2.0, (batch, vocab)).astype(np.float32)
     if profile == "peaked":
         for row in logits:
