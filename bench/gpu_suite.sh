@@ -21,7 +21,8 @@
 # steps: check kernels cs decode pytest e2e7b api7b attn prefix serve7b (default: check kernels decode pytest)
 # E2E7B_SYSTEMS: the e2e7b system names (default: "v8-k4096-0 v8-k65536-256 fp16"); E2E7B_STEPS: decode steps (64);
 # E2E7B_ARGS: more `vptq-mlc bench e2e` arguments (e.g. "--batches 1,16 --sampling model").
-# API7B_SYSTEM: the e2e7b system `vptq-mlc bench api` serves (default v8-k4096-0); API7B_ARGS: more of its arguments.
+# API7B_SYSTEM: the e2e7b system `vptq-mlc bench api` serves (default v8-k4096-0); API7B_ARGS: more of its arguments
+# (server vs engine is measured greedy and with the model's default sampling; --no-default-sampling: greedy only).
 # Build ART_DIR on the build box with one command: bash bench/gpu_artifacts.sh ART_DIR tvm_rt kcheck e2e e2e7b
 set -o pipefail
 OUT=${1:?usage: gpu_suite.sh OUT_DIR ART_DIR [steps...]}
