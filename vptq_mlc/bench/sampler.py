@@ -7,7 +7,8 @@ did before. Logits profiles: `peaked` (a confident model: a few tokens far above
 nucleus), `flat` (the N(0, 2) bulk alone: at T 0.6 / top_p 0.9 ~2,100 tokens in the nucleus and ~20,000 candidates
 past the compaction bound at a 128256-token vocabulary) and `random_model` (what `bench e2e`'s random weights give:
 its tiled lm_head repeats every 256 rows, so 256 N(0, 0.02 * sqrt(4096)) logits each repeat across the vocabulary:
-~28,000 tokens in that nucleus and ~65,000 candidates, far from any trained model but what e2e's sampled steps pay).
+~28,000 tokens in that nucleus and ~65,000 candidates, far from any trained model but what e2e's sampled steps pay;
+its logits' spread, not the tiling, makes the nucleus this large: `--exact-random` weights give ~25,000).
 """
 
 from __future__ import annotations

@@ -8,7 +8,6 @@ step decodes a short window of recent tokens twice and emits only the new, compl
 
 from __future__ import annotations
 
-import functools
 import json
 from pathlib import Path
 from typing import Any
@@ -58,15 +57,12 @@ class Tokenizer:
                 self.special_tokens[key] = text
         extra = [_token_text(t) for t in self.config.get("additional_special_tokens") or []]
         self.additional_special_tokens = [t for t in extra if t]
+        # ids `decode(..., skip_special_tokens=True)` drops wherever they stand (StreamDecoder keeps them out)
+        self.special_ids = frozenset(i for i, t in self._tok.get_added_tokens_decoder().items() if t.special)
 
     @property
     def vocab_size(self) -> int:
         return self._tok.get_vocab_size(with_added_tokens=True)
-
-    @functools.cached_property
-    def special_ids(self) -> frozenset[int]:
-        """Ids of special tokens: `decode(..., skip_special_tokens=True)` drops them wherever they stand."""
-        return frozenset(i for i, t in self._tok.get_added_tokens_decoder().items() if t.special)
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         """Token ids; `add_special_tokens` runs the post-processor (e.g. Llama's BOS), off for templated chat.
