@@ -33,7 +33,9 @@ def test_long_prompt_scenario(tiny_served_model, budget: int) -> None:
     _, model_dir, lib = tiny_served_model
     engine = Engine(model_dir, lib, device="cpu", max_batch_size=4, max_total_tokens=2048, step_token_budget=budget)
     with ServerThread(engine, max_queue=8) as s:
-        r = asyncio.run(bench.long_prompt_scenario(s.url, None, 3, 160, 320, 0.05, "greedy"))
+        # streams long enough to outlast the prompt's prefill however fast this box decodes, and short enough that
+        # the KV cache (2048 tokens) holds them and the prompt together: 3 x (400 + prompt) + 320
+        r = asyncio.run(bench.long_prompt_scenario(s.url, None, 3, 400, 320, 0.05, "greedy"))
     assert r["streams_failed"] == 0 and r["streams_running_at_first_token"] == 3
     assert r["long_prefill_ms"] > 0 and r["gaps_before"] > 0
     if budget:  # 320 prompt tokens at 16 - 3 a step: ~25 steps, a token for every stream in each
