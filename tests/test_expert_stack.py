@@ -104,3 +104,33 @@ def test_gathered_cuda_kernel_compiles_with_nvcc(variant, extra):
     (bt,) = resolve_backend("cuda", "sm_90")
     bt.prepare()
     tvm.compile(mod, target=bt.target)  # nvcc
+
+
+def test_gpu_check_reference_agrees_with_the_llvm_gathered_kernel():
+    """tests/gathered_kernels.py's torch reference (what the GPU check compares cuda_gather.py with) against the
+    generic gathered kernel built for llvm, on the small case's operands: a GPU failure is then the CUDA kernel's."""
+    import torch
+    import tvm
+    from gathered_kernels import CASES, _config, _operands, _reference
+
+    from vptq_mlc.tir_kernels.generic import vq_gathered_generic
+
+    case = CASES["small-v8-k256-256-outliers"]
+    cfg, matrices, slots = _config(case), case[4], case[5]
+    gen = torch.Generator().manual_seed(0)
+    ops = _operands(cfg, matrices, gen, device="cpu")
+    n = 3
+    xs = torch.randn(n, slots, cfg.in_features, generator=gen).half()
+    mat = torch.randint(0, matrices, (n, slots), generator=gen, dtype=torch.int32)
+    lib = tvm.compile(tvm.IRModule({"main": vq_gathered_generic(cfg, "float16", matrices, slots)
+                                    .with_attr("global_symbol", "main")}), target="llvm")
+    dev = tvm.cpu()
+    as_tvm = [tvm.runtime.tensor(t.numpy() if t.dtype != torch.uint16 else t.view(torch.int16).numpy().view(np.uint16),
+                                 dev) for t in (xs, mat, *ops.values())]
+    y = tvm.runtime.empty((n, slots, cfg.out_features), "float16", dev)
+    lib["main"](*as_tvm, y)
+    got = torch.from_numpy(y.numpy()).double()
+    for b in range(n):
+        for t in range(slots):
+            ref = _reference(cfg, ops, int(mat[b, t]), xs[b, t])
+            assert float((got[b, t] - ref).norm() / ref.norm()) < 2e-3, (b, t)
