@@ -37,6 +37,10 @@ def test_stacks_follow_the_configs():
     assert stacks[f"{p2}.gate_proj"].cfg == B and stacks[f"{p2}.up_proj"].cfg == A
     assert stacks[f"{p1}.down_proj"].matrices == 3
     assert not any(m.startswith(p3) or "shared" in m for m in stacked_members(layers))
+    from vptq_mlc.bench.random_weights import random_kind  # random weights (bench) for stacked names
+
+    assert random_kind(f"{p2}.gate_proj.codes", layers) == ("codes", 64)
+    assert random_kind(f"{p1}.gate_up_proj.codes", layers) == ("codes", 256)
     missing = _layer(p1, 3)
     del missing[f"{p1}.2.up_proj"]  # an unquantized (dense) expert projection: nothing stacks
     assert expert_stacks(missing) == {}
