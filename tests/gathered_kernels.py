@@ -25,6 +25,8 @@ CASES = {
     # R1 down: 256 matrices, 8 slots
     "r1-down-v8-k65536-256": ("v8-k65536-256", 2048, 7168, {}, 256, 8, (1, 8)),
     "r1-gate_up-v8-k65536-0": ("v8-k65536-0", 7168, 2048, {}, 512, 16, (1, 8)),
+    # a stack past 2^31 code elements (1200 x 256 x 7168): the kernel's offsets switch to int64
+    "int64-offsets-v8-k65536-0": ("v8-k65536-0", 7168, 2048, {}, 1200, 16, (1, 8)),
 }
 # largest relative L2 error of one output row: fp16 operands, fp32 accumulation (bench/kernels.py's bound)
 ROW_REL_ERR_MAX = 2e-3
@@ -67,10 +69,12 @@ def _operands(cfg: Any, matrices: int, gen: Any, device: str = "cuda") -> dict[s
         if dt == "float":
             ops[name] = (torch.randn(shape, device=device, generator=gen) * 0.05).half()
         elif dt == "uint16":  # through int16 (same bits): torch's uint16 has few kernels
-            ops[name] = torch.randint(0, sizes[name], shape, device=device, generator=gen).to(torch.int16).view(
-                torch.uint16)
+            codes = torch.randint(0, sizes[name], shape, device=device, generator=gen, dtype=torch.int32)
+            ops[name] = codes.to(torch.int16).view(torch.uint16)
+            del codes
         else:
-            ops[name] = torch.randint(0, sizes[name], shape, device=device, generator=gen).to(getattr(torch, dt))
+            ops[name] = torch.randint(0, sizes[name], shape, device=device, generator=gen, dtype=torch.int32).to(
+                getattr(torch, dt))
     return ops
 
 
@@ -128,6 +132,7 @@ def check(art_dir: Path, seed: int = 0, reps: int = 30) -> list[dict[str, Any]]:
         for n in case[6]:
             xs = torch.randn(n, slots, cfg.in_features, device="cuda", generator=gen).half()
             mat = torch.randint(0, matrices, (n, slots), device="cuda", generator=gen, dtype=torch.int32)
+            mat[:, -1] = matrices - 1  # the last matrix: the largest offsets into the stack
             y = torch.full((n, slots, cfg.out_features), float("nan"), device="cuda", dtype=torch.float16)
             args = [tvm_ffi.from_dlpack(t) for t in (xs, mat, *ops.values(), y)]
             fn(*args)

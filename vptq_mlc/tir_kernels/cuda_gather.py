@@ -45,6 +45,8 @@ def vq_gathered_cuda(cfg: VPTQLayerConfig, dtype: str, matrices: int, slots: int
     OPW = -(-OSZ1 // P)  # outlier columns per split
     OITERS = -(-OPW // WARP)
     ACC = "float32"
+    # element offsets into a stack pass 2^31 for large ones (offsets are matrix * per-matrix size + within)
+    IDX = "int64" if M * max(NV * L, G * K * v, G * KR1 * v, KO * VO, NO * OSZ1) >= 1 << 31 else "int32"
 
     @T.prim_func(private=True)
     def kernel(
@@ -70,13 +72,13 @@ def vq_gathered_cuda(cfg: VPTQLayerConfig, dtype: str, matrices: int, slots: int
         xl = T.alloc_buffer((U * VW,), dtype, scope="local")
         wl = T.alloc_buffer((v,), dtype, scope="local")
         wr = T.alloc_buffer((v,), dtype, scope="local")
-        mi = T.alloc_buffer((1,), "int32", scope="local")
+        mi = T.alloc_buffer((1,), IDX, scope="local")
         tot = T.alloc_buffer((1,), ACC, scope="local")
         tid = ty * WARP + tx
         rr = ty // P
         sp = ty % P
         i = by * R + rr
-        mi[0] = mat[bx // SL, bx % SL]
+        mi[0] = T.Cast(IDX, mat[bx // SL, bx % SL])
         for a in T.unroll(v):
             acc[a] = T.float32(0)
         if i < NV:
@@ -85,15 +87,15 @@ def vq_gathered_cuda(cfg: VPTQLayerConfig, dtype: str, matrices: int, slots: int
                 for u in T.unroll(U):
                     c = sp * CPS + (it * U + u) * WARP + tx
                     if c < T.min((sp + 1) * CPS, NCH):
-                        cl[vr(u * VW, VW)] = codes[mi[0] * NV + i, vr(c * VW, VW)]
+                        cl[vr(u * VW, VW)] = codes[mi[0] * NV + T.Cast(IDX, i), vr(c * VW, VW)]
                         if HAS_RES:
-                            rl[vr(u * VW, VW)] = res_codes[mi[0] * NV + i, vr(c * VW, VW)]
+                            rl[vr(u * VW, VW)] = res_codes[mi[0] * NV + T.Cast(IDX, i), vr(c * VW, VW)]
                         xl[vr(u * VW, VW)] = xs[bx // SL, bx % SL, vr(OSZ + c * VW, VW)]
                 for u in T.unroll(U):
                     c = sp * CPS + (it * U + u) * WARP + tx
                     if c < T.min((sp + 1) * CPS, NCH):
                         for e in T.unroll(VW):
-                            g = mi[0] * G + (c * VW + e) // S
+                            g = mi[0] * G + T.Cast(IDX, (c * VW + e) // S)
                             load_book_entry(wl, centroids, g, T.Cast("int32", cl[u * VW + e]), v, EV)
                             xv = T.Cast(ACC, xl[u * VW + e])
                             if HAS_RES:
@@ -109,7 +111,7 @@ def vq_gathered_cuda(cfg: VPTQLayerConfig, dtype: str, matrices: int, slots: int
                         for j in T.unroll(v):
                             r = i * v + j
                             if r < O:
-                                oc = T.Cast("int32", outlier_codes[mi[0] * NO + r // VO, ko])
+                                oc = T.Cast(IDX, outlier_codes[mi[0] * NO + T.Cast(IDX, r // VO), ko])
                                 wo = T.Cast(ACC, outlier_centroids[mi[0] * KO + oc, r % VO])
                                 acc[j] = acc[j] + T.Cast(ACC, xs[bx // SL, bx % SL, ko]) * wo
         # lanes -> lane 0 (warp shuffles), then splits -> one thread per output (shared memory)
