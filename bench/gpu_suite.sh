@@ -10,6 +10,7 @@
 #             transformers reference)                                                  steps: decode, pytest
 #   e2eds/    a tiny fp16 deepseek_v3: model/, model-cpu.so.gz, model-cuda.so.gz (unpacked here), reference.npz
 #             (transformers' tokens and logits, computed on the build box)             step: pytest
+#   kgather/  the gathered-experts kernel at DeepSeek-R1 shapes (bash bench/gpu_artifacts.sh ART kgather)  step: pytest
 #   e2e7b/    per system NAME: NAME-cfg/ (vptq-mlc bench synth-model ... --config-only) and NAME-cuda.so   step: e2e7b
 #   attn/     python3 bench/attention_prefill.py build ART_DIR/attn --arch sm_90        steps: attn, pytest
 #   wheels/   the server's py3.12 wheels (fastapi, uvicorn, httpx, pydantic + deps, xgrammar 0.2.8), installed with
@@ -59,6 +60,7 @@ for s in $STEPS; do
       VPTQ_MLC_GPU_CODE_SORTED=$([ -d "$ART/kcs" ] && echo "$ART/kcs") \
       VPTQ_MLC_GPU_DEEPSEEK=$([ -d "$ART/e2eds" ] && echo "$ART/e2eds") \
       VPTQ_MLC_GPU_ATTN=$([ -d "$ART/attn" ] && echo "$ART/attn") \
+      VPTQ_MLC_GPU_GATHER=$([ -d "$ART/kgather" ] && echo "$ART/kgather") \
         python3 -m pytest -q -s -ra tests/gpu -p no:cacheprovider 2>&1 | tee "$OUT/pytest.log" | tail -n 20 || rc=1 ;;
     e2e7b) for c in "$ART"/e2e7b/*-cfg; do  # gpu_artifacts.sh keeps one gzipped copy of the shared tokenizer
         [ -f "$c/tokenizer.json" ] || gunzip -c "$ART/e2e7b/tokenizer/tokenizer.json.gz" > "$c/tokenizer.json"; done

@@ -24,6 +24,7 @@ the scale, and 2x the bound would stop most rows at their first few tokens.
 from __future__ import annotations
 
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -144,6 +145,19 @@ def check_greedy(outputs: list[list[int]], greedy: np.ndarray, ref_logits: np.nd
     return compared
 
 
+def check_gathered_experts(lib_path: Path, device: str) -> None:
+    """The library reaches the routed experts only through the stacked tensors (artifact/expert_stack.py), so every
+    MoE layer ran the gathered-experts kernels (tir_kernels/cuda_gather.py on CUDA) in the checks that follow."""
+    from vptq_mlc.runtime.library import load_library
+
+    names = [p["name"] for p in load_library(lib_path, device).metadata["params"]]
+    stacked = {n.split(".mlp.experts.")[0] for n in names if ".mlp.experts.gate_up_proj." in n}
+    per_expert = sorted(n for n in names if re.search(r"\.mlp\.experts\.\d+\.", n))
+    moe_layers = CHECKPOINT["num_layers"] - 1  # the tiny config's first layer is dense
+    assert len(stacked) == moe_layers and not per_expert, (
+        f"{lib_path.name}: stacked experts in {sorted(stacked)}, per-expert tensors {per_expert[:3]}")
+
+
 def check_library(folder: Path, lib_name: str, device: str) -> dict[str, float]:
     """Every check of one library of `folder` (model/, the library, reference.npz) on `device`; returns the
     largest logit difference relative to the scale per run and the greedy tokens compared."""
@@ -151,6 +165,7 @@ def check_library(folder: Path, lib_name: str, device: str) -> dict[str, float]:
 
     prompts, greedy, ref = load_reference(folder / "reference.npz")
     model_dir, lib_path = folder / "model", folder / lib_name
+    check_gathered_experts(lib_path, device)
     worst = {}
     for i, p in enumerate(prompts):  # alone: prefill + `decode`
         worst[f"alone{i}"] = check_logits(forced_logits(model_dir, lib_path, device, [p], greedy[i : i + 1])[0],

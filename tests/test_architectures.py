@@ -64,6 +64,25 @@ CASES = {
          "norm_topk_prob": False, "routed_scaling_factor": 1.5, "n_routed_experts": 6, "n_group": 3,
          "topk_group": 2, "num_experts_per_tok": 3},
     ),
+    # routed experts of mixed configs (artifact/expert_stack.py): layer 1's gate differs from its up (gate and up
+    # stacked apart), residual codebooks and outliers in the stacked up/down; one of layer 2's experts differs from
+    # the others (layer 2 stays dense)
+    "deepseek_v3-experts-mixed-configs": (
+        "deepseek_v3", "float32",
+        {"num_layers": 3, "path_layer_kwargs": {
+            r"model\.layers\.[12]\.mlp\.experts\.\d+\.(up|down)_proj": {
+                "variant": "v8-k64-16", "outlier_size": 8, "outlier_vector_len": 4, "num_outlier_centroids": 16,
+                "group_num": 2},
+            r"model\.layers\.1\.mlp\.experts\.\d+\.gate_proj": {"variant": "v4-k32-0"},
+            r"model\.layers\.2\.mlp\.experts\.3\.down_proj": {"variant": "v4-k32-0"}}},
+        {},
+    ),
+}
+# the routed-expert stacks each deepseek case's library declares (artifact/expert_stack.py), by MoE layer
+STACKED_EXPERTS = {
+    "deepseek_v3-qlora-yarn-interleave": {1: ("gate_up_proj", "down_proj"), 2: ("gate_up_proj", "down_proj")},
+    "deepseek_v3-bf16-noqlora-vwide-bias": {1: ("gate_up_proj", "down_proj")},
+    "deepseek_v3-experts-mixed-configs": {1: ("gate_proj", "up_proj", "down_proj"), 2: ()},
 }
 
 
@@ -72,6 +91,25 @@ def built(request, tmp_path_factory) -> tuple[Path, Path, Path]:
     arch, dtype, kw, overrides = CASES[request.param]
     return build_llvm(tmp_path_factory.mktemp(request.param), {"dtype": "float32"}, arch=arch, dtype=dtype, seed=3,
                       hf_overrides=overrides, **kw)
+
+
+def test_routed_experts_run_gathered_where_they_stack(built, request):
+    """The library declares each stack's tensors and no per-expert tensor of a stacked layer, so the logits checks
+    above ran the gathered kernels there (the stacked names are the only way to the experts' weights); layers whose
+    experts disagree keep per-expert tensors (the dense mixture)."""
+    case = request.node.callspec.params["built"]
+    if case not in STACKED_EXPERTS:
+        pytest.skip("no mixture of experts")
+    _, model_dir, lib_path = built
+    from vptq_mlc.runtime.library import load_library
+
+    names = {p["name"] for p in load_library(lib_path, "cpu").metadata["params"]}
+    n_experts = json.loads((model_dir / "mlc-chat-config.json").read_text())["model_config"]["n_routed_experts"]
+    for layer, stacks in STACKED_EXPERTS[case].items():
+        prefix = f"model.layers.{layer}.mlp.experts"
+        got = {n[len(prefix) + 1:].split(".")[0] for n in names if n.startswith(prefix + ".")}
+        want = set(stacks) if stacks else {str(e) for e in range(n_experts)}
+        assert got == want, f"layer {layer}: {sorted(got)}"
 
 
 def test_logits_match_transformers(built):

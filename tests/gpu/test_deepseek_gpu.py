@@ -1,5 +1,10 @@
 """GPU: the tiny fp16 DeepSeek-V3 (MLA on the MHA paged cache, MoE) on CUDA against transformers.
 
+The routed experts run gathered: `convert` stacks each MoE layer's experts (artifact/expert_stack.py) and the CUDA
+library's only path to them is tir_kernels/cuda_gather.py (one launch for every token's selected gate/up GEMVs, one
+for down; prefill and every decode batch alike); `check_library` first asserts the library declares the stacked
+tensors and no per-expert ones, so every check below runs that kernel.
+
 The GPU host has no transformers, so transformers' greedy tokens and teacher-forced logits come from the build box
 (`bash bench/gpu_artifacts.sh ART e2eds` writes ART/e2eds/reference.npz next to model/ and the gzipped libraries,
 which bench/gpu_suite.sh unpacks to model-cpu.so and model-cuda.so). Checks and bound (2e-2 of the logit scale,

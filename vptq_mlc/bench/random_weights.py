@@ -33,6 +33,9 @@ def random_kind(name: str, layers: dict[str, Any]) -> tuple[str, float]:
     `layers`: `ChatConfig.vptq_layers()` of the model (codebook sizes of each linear)."""
     path, _, leaf = name.rpartition(".")
     if leaf in _CODE_SIZES:
+        if path not in layers:  # stacked routed experts (artifact/expert_stack.py): expert 0's config is all's
+            prefix, _, stack = path.rpartition(".")
+            path = f"{prefix}.0.{'gate_proj' if stack == 'gate_up_proj' else stack}"
         return "codes", _CODE_SIZES[leaf](layers[path])
     if leaf == "perm":
         return "perm", 0

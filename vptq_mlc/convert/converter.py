@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from vptq_mlc.artifact.expert_stack import expert_stacks, stack_layouts, stacked_members
 from vptq_mlc.artifact.tensor_cache import TensorCacheWriter
 from vptq_mlc.artifact.vq_layout import CODE_SORTED, LAYOUT, code_sorted_eligible, code_sorted_layout, generic_layout
 from vptq_mlc.atomic import atomic_dir
@@ -43,17 +44,29 @@ def _tensor_groups(ckpt: VPTQCheckpoint, dtype: str, code_sorted: bool, embeddin
     """Per dense tensor or VPTQ layer, its (name, array) pairs in tensor-cache form: dense tensors cast to the
     model dtype (the embedding table to `embedding_dtype`), VPTQ layers in the generic layout (codebooks in
     `codebook_dtype`), plus the code-sorted entries of layers whose codebooks do not fit shared memory (when
-    `code_sorted`)."""
+    `code_sorted`). Routed experts that stack (`artifact/expert_stack.py`) come as one group per stack, written
+    once its last member is read (generic layout only: the gathered kernels read no code-sorted entries)."""
     keep_fp32 = ARCHITECTURES[ckpt.arch].float32_dense
     for name in ckpt.dense_tensor_names():
         a = ckpt.get(name)
         to = "float32" if name.endswith(keep_fp32) else embedding_dtype if name == EMBEDDING else dtype
         yield [(name, a.astype(np.float32).astype(to) if a.dtype.kind == "f" else a)]
+    stack_of = {m: s for s in expert_stacks(ckpt.layers).values() for m in s.members}
+    pending: dict[str, dict[str, dict[str, np.ndarray]]] = {}
     for path, cfg in ckpt.layers.items():
         tensors = ckpt.layer_tensors(path)
         codes = decode_codes(cfg, tensors, path)
         layout = generic_layout(cfg, tensors, codes, dtype)
         layout.update({k: a.astype(codebook_dtype) for k, a in layout.items() if k.endswith("centroids")})
+        stack = stack_of.get(path)
+        if stack is not None:
+            got = pending.setdefault(stack.path, {})
+            got[path] = layout
+            if len(got) == stack.matrices:
+                del pending[stack.path]
+                stacked = stack_layouts([got[m] for m in stack.members])
+                yield [(f"{stack.path}.{suffix}", a) for suffix, a in stacked.items()]
+            continue
         if code_sorted and code_sorted_eligible(cfg, dtype):
             layout.update(code_sorted_layout(cfg, codes, dtype))
         yield [(f"{path}.{suffix}", a) for suffix, a in layout.items()]
@@ -113,7 +126,10 @@ def convert_checkpoint(
         for f in ckpt.tokenizer_files():
             shutil.copy2(f, tmp / f.name)
             tok_files.append(f.name)
-        n_total = len(ckpt.dense_tensor_names()) + len(ckpt.layers)
+        stacks = expert_stacks(ckpt.layers)
+        n_total = (len(ckpt.dense_tensor_names()) + len(ckpt.layers) + len(stacks)
+                   - sum(s.matrices for s in stacks.values()))
+        unstacked = {p: c for p, c in ckpt.layers.items() if p not in stacked_members(ckpt.layers)}
         with TensorCacheWriter(tmp, metadata={"quantization": "vptq"}) as writer:
             groups = _tensor_groups(ckpt, dtype, code_sorted, embedding_dtype, codebook_dtype)
             for group in tqdm(groups, total=n_total, desc="convert", unit="tensor"):
@@ -129,7 +145,7 @@ def convert_checkpoint(
             out_dir=tmp,
             tokenizer_files=tok_files,
             layouts=(LAYOUT, CODE_SORTED) if code_sorted and any(
-                code_sorted_eligible(c, dtype) for c in ckpt.layers.values()) else (LAYOUT,),
+                code_sorted_eligible(c, dtype) for c in unstacked.values()) else (LAYOUT,),
         )
         if embedding_dtype != dtype:
             chat_cfg.vptq["embedding_dtype"] = embedding_dtype
@@ -168,7 +184,9 @@ def add_code_sorted_tensors(model_dir: str | os.PathLike[str]) -> int:
     if CODE_SORTED in chat.layouts:
         return 0
     dtype = chat.model_dtype
-    eligible = {p: c for p, c in chat.vptq_layers().items() if code_sorted_eligible(c, dtype)}
+    layers = chat.vptq_layers()
+    stacked = stacked_members(layers)  # routed experts in a stack: read by the gathered kernels only
+    eligible = {p: c for p, c in layers.items() if p not in stacked and code_sorted_eligible(c, dtype)}
     if not eligible:
         return 0
     if (model_dir / TENSOR_CACHE).is_file():  # config-only dirs (weights made on the deploy host) get the config only

@@ -9,11 +9,12 @@ from typing import Any
 from tvm.relax.frontend import nn
 from tvm.target import Target
 
+from vptq_mlc.artifact.expert_stack import expert_stacks
 from vptq_mlc.checkpoint.arch import ARCHITECTURES
 from vptq_mlc.checkpoint.layer_config import VPTQLayerConfig
 from vptq_mlc.errors import CheckpointError
 from vptq_mlc.model.config import DecoderConfig
-from vptq_mlc.model.vptq_linear import VPTQLinear
+from vptq_mlc.model.vptq_linear import GatheredVPTQLinears, VPTQLinear
 from vptq_mlc.tir_kernels.registry import KernelSelector, NormBiasKernels
 
 
@@ -54,6 +55,18 @@ def build_model(
                 f"{'has none' if bias else 'has one'}; reconvert the checkpoint"
             )
         return VPTQLinear(qcfg, dtype, select_kernel, select_norm_bias, codebook_dtype)
+
+    stacks = expert_stacks(layers)
+
+    def gathered(prefix: str) -> dict[str, nn.Module] | None:
+        """Name -> GatheredVPTQLinears for the stacked routed experts under `prefix` (None: they do not stack)."""
+        found = {path.rpartition(".")[2]: st for path, st in stacks.items() if path.rpartition(".")[0] == prefix}
+        if not found:
+            return None
+        return {name: GatheredVPTQLinears(st.cfg, st.matrices, dtype, select_kernel, codebook_dtype)
+                for name, st in found.items()}
+
+    make_linear.gathered = gathered  # type: ignore[attr-defined]  # read by mixture-of-experts trees
 
     return tree(cfg, make_linear, dtype, target, static_decode_batches, logits_dtype=logits_dtype,
                 embedding_dtype=embedding_dtype)

@@ -10,9 +10,11 @@ when `rope_interleave`) is applied here to the qk_rope dims, and the cache appli
 
 Mixture of experts: the router is transformers' DeepseekV3TopkRouter (sigmoid scores, `e_score_correction_bias` for the
 choice only, groups ranked by their top-2 sum, top-k over the kept groups, optional normalisation, routed scaling),
-computed as a dense [tokens, experts] weight matrix with zeros for unselected experts. Every routed expert then runs on
-every token and is weighted by its column: exact, but n_routed_experts / num_experts_per_tok times the expert work of
-a gathered implementation (docs/architectures.md).
+computed as each token's top-k expert ids and weights. When the converter stacked the layer's routed experts
+(artifact/expert_stack.py) only those experts run, gathered by one kernel launch per projection for every token
+(tir_kernels/cuda_gather.py on GPUs, the generic TE kernel on CPU); a layer whose experts do not stack keeps the
+dense form: every routed expert on every token, weighted by a [tokens, experts] matrix with zeros for unselected
+experts (n_routed_experts / num_experts_per_tok times the expert work; docs/architectures.md).
 """
 
 from __future__ import annotations
@@ -116,9 +118,30 @@ class MLAttention(nn.Module):
 
 def _route(logits: te.Tensor, bias: te.Tensor, n_group: int, topk_group: int, top_k: int, norm: bool,
            scale: float) -> te.Tensor:
-    """[tokens, experts] routing weights of transformers' DeepseekV3TopkRouter (zeros for unselected experts).
+    """[tokens, experts] routing weights of transformers' DeepseekV3TopkRouter (zeros for unselected experts)."""
+    return _route_ranked(logits, bias, n_group, topk_group, top_k, norm, scale)[0]
 
-    Top-k sets are ranks: an entry is kept when fewer than k entries beat it, ties going to the lower index."""
+
+def _route_topk(logits: te.Tensor, bias: te.Tensor, n_group: int, topk_group: int, top_k: int, norm: bool,
+                scale: float) -> list[te.Tensor]:
+    """The router's choice as slots: expert ids [tokens, top_k] int32 and their weights [tokens, top_k] float32
+    (slot j holds the expert of rank j; ranks are distinct, so each slot has exactly one)."""
+    weights, rank = _route_ranked(logits, bias, n_group, topk_group, top_k, norm, scale)
+    t_n, e_n = logits.shape
+    r_ids = te.reduce_axis((0, e_n), name="r_ids")
+    ids = te.compute(
+        (t_n, top_k), lambda t, j: te.sum(tirx.Select(rank[t, r_ids] == j, r_ids.var.astype("int32"), 0), axis=r_ids),
+        name="router_ids")
+    r_w = te.reduce_axis((0, e_n), name="r_w")
+    w = te.compute((t_n, top_k), lambda t, j: te.sum(
+        tirx.Select(rank[t, r_w] == j, weights[t, r_w], tirx.const(0, "float32")), axis=r_w), name="router_slot_w")
+    return [ids, w]
+
+
+def _route_ranked(logits: te.Tensor, bias: te.Tensor, n_group: int, topk_group: int, top_k: int, norm: bool,
+                  scale: float) -> tuple[te.Tensor, te.Tensor]:
+    """(weights [tokens, experts], rank [tokens, experts]): top-k sets are ranks, an entry is kept when fewer than
+    k entries beat it, ties going to the lower index."""
     t_n, e_n = logits.shape
     size = e_n // n_group
     f32 = "float32"
@@ -155,12 +178,12 @@ def _route(logits: te.Tensor, bias: te.Tensor, n_group: int, topk_group: int, to
     picked = te.compute((t_n, e_n), lambda t, e: tirx.Select(rank[t, e] < top_k, score[t, e], tirx.const(0, f32)),
                         name="router_picked")
     if not norm:
-        return te.compute((t_n, e_n), lambda t, e: picked[t, e] * tirx.const(scale, f32), name="router_weights")
+        return te.compute((t_n, e_n), lambda t, e: picked[t, e] * tirx.const(scale, f32), name="router_weights"), rank
     r_s = te.reduce_axis((0, e_n), name="r_s")
     total = te.compute((t_n,), lambda t: te.sum(picked[t, r_s], axis=r_s), name="router_total")
     return te.compute(
         (t_n, e_n), lambda t, e: picked[t, e] / (total[t] + tirx.const(1e-20, f32)) * tirx.const(scale, f32),
-        name="router_weights")
+        name="router_weights"), rank
 
 
 class Router(nn.Module):
@@ -172,22 +195,32 @@ class Router(nn.Module):
         self.e_score_correction_bias = nn.Parameter((cfg.n_routed_experts,), "float32")
         self.cfg = cfg
 
-    def forward(self, x2: Tensor) -> Tensor:
+    def forward(self, x2: Tensor, slots: bool = False) -> Any:
+        """Dense [tokens, experts] weights, or with `slots` the pair (expert ids, weights) [tokens, top_k]."""
         c = self.cfg
         logits = op.matmul(op.astype(x2, "float32"), op.permute_dims(op.astype(self.weight, "float32")))
         return op.tensor_expr_op(
-            _route, "moe_route",
+            _route_topk if slots else _route, "moe_route_topk" if slots else "moe_route",
             [logits, self.e_score_correction_bias, c.n_group, c.topk_group, c.num_experts_per_tok,
              bool(c.norm_topk_prob), float(c.routed_scaling_factor)])
 
 
 class MoE(nn.Module):
-    """transformers' DeepseekV3MoE: routed experts weighted by the router (float32 sum) plus the shared experts."""
+    """transformers' DeepseekV3MoE: routed experts weighted by the router (float32 sum) plus the shared experts.
+
+    With stacked experts (`make_linear.gathered`, artifact/expert_stack.py) only each token's top-k experts run, in
+    one kernel launch for gate and up (or two when their configs differ) and one for down, at every row count
+    (decode and prefill alike); otherwise every expert runs on every token, weighted by its dense routing column."""
 
     def __init__(self, cfg: DeepseekV3Config, prefix: str, make_linear: LinearFactory, dtype: str):
         width = cfg.moe_intermediate_size
-        self.experts = nn.ModuleList([_mlp(cfg, f"{prefix}.experts.{e}", width, make_linear)
-                                      for e in range(cfg.n_routed_experts)])
+        gathered = getattr(make_linear, "gathered", None)
+        stacks = gathered(f"{prefix}.experts") if gathered is not None else None
+        if stacks is None:
+            self.experts = nn.ModuleList([_mlp(cfg, f"{prefix}.experts.{e}", width, make_linear)
+                                          for e in range(cfg.n_routed_experts)])
+        else:
+            self.experts = GatheredExperts(stacks)
         self.gate = Router(cfg, dtype)
         self.shared_experts = _mlp(cfg, f"{prefix}.shared_experts", width * cfg.n_shared_experts, make_linear)
         self.hidden, self.n_experts = cfg.hidden_size, cfg.n_routed_experts
@@ -195,6 +228,10 @@ class MoE(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         b, s, h = x.shape
         x2 = op.reshape(x, (b * s, h))
+        if isinstance(self.experts, GatheredExperts):
+            ids, w = self.gate(x2, slots=True)
+            routed = op.reshape(self.experts(x2, ids, w), (b, s, h))
+            return routed + self.shared_experts(x)
         weights = op.split(self.gate(x2), self.n_experts, axis=1)
         acc = None
         for expert, w in zip(self.experts, weights):
@@ -202,6 +239,35 @@ class MoE(nn.Module):
             acc = y if acc is None else acc + y
         routed = op.reshape(op.astype(acc, x.dtype), (b, s, h))
         return routed + self.shared_experts(x)
+
+
+class GatheredExperts(nn.Module):
+    """The routed experts as stacked VPTQ linears (module names `gate_up_proj` or `gate_proj` + `up_proj`, and
+    `down_proj`, the tensor-cache names of artifact/expert_stack.py): per token its k experts' MLPs, summed with the
+    router's weights in float32."""
+
+    def __init__(self, stacks: dict[str, nn.Module]):
+        for name, module in stacks.items():
+            setattr(self, name, module)
+        self.fused = "gate_up_proj" in stacks
+
+    def forward(self, x2: Tensor, ids: Tensor, w: Tensor) -> Tensor:
+        x3 = op.reshape(x2, (x2.shape[0], 1, x2.shape[1]))
+        if self.fused:  # matrix 2e: expert e's gate, 2e + 1: its up
+            mat = op.tensor_expr_op(
+                lambda i: te.compute((i.shape[0], 2 * i.shape[1]),
+                                     lambda t, j: i[t, j // 2] * 2 + (j % 2).astype("int32"), name="gate_up_ids"),
+                "moe_gate_up_ids", [ids])
+            gu = self.gate_up_proj(x3, mat)
+            k = ids.shape[1]
+            gate_up = op.reshape(gu, (gu.shape[0], k, 2, gu.shape[2]))
+            gate, up = op.split(gate_up, 2, axis=2)
+            h = op.silu(op.squeeze(gate, 2)) * op.squeeze(up, 2)
+        else:
+            h = op.silu(self.gate_proj(x3, ids)) * self.up_proj(x3, ids)
+        y = op.astype(self.down_proj(h, ids), "float32")  # [tokens, k, hidden]
+        routed = op.sum(y * op.reshape(w, (w.shape[0], w.shape[1], 1)), axis=1)
+        return op.astype(routed, x2.dtype)
 
 
 def _mlp(cfg: DeepseekV3Config, prefix: str, width: int, make_linear: LinearFactory) -> MLP:

@@ -93,3 +93,73 @@ class VPTQLinear(nn.Module):
         if self.bias is not None:
             y = y + self.bias
         return op.reshape(y, [*lead, self.out_features])
+
+
+class GatheredVPTQLinears(nn.Module):
+    """`matrices` VPTQ linears of one config stacked (artifact/expert_stack.py), applied per (row, slot) to the matrix
+    a slot picks: `y[b, s] = W[mat[b, s]] @ x[b, s or 0]` in one kernel launch for all rows and slots (a mixture of
+    experts' selected experts). Permutation, norm scale, norm bias and bias are the matrix's own, as in VPTQLinear."""
+
+    def __init__(self, cfg: VPTQLayerConfig, matrices: int, dtype: str, select_kernel: KernelSelector,
+                 codebook_dtype: str | None = None):
+        from vptq_mlc.artifact.expert_stack import stacked_operand_shapes
+
+        super().__init__()
+        self.cfg, self.matrices, self.dtype = cfg, matrices, dtype
+        self._select_kernel = select_kernel
+        for name, (shape, dt) in stacked_operand_shapes(cfg, matrices).items():
+            float_dtype = codebook_dtype or dtype if name.endswith("centroids") else dtype
+            setattr(self, name, nn.Parameter(shape, float_dtype if dt == "float" else dt))
+        i_f, o_f = cfg.in_features, cfg.out_features
+        self.perm = nn.Parameter((matrices, i_f), "int32") if cfg.enable_perm else None
+        self.col_scale = nn.Parameter((matrices, i_f), dtype) if cfg.enable_norm else None
+        self.weight_bias = nn.Parameter((matrices, i_f), dtype) if cfg.enable_norm else None
+        self.bias = nn.Parameter((matrices, o_f), dtype) if cfg.bias else None
+
+    def forward(self, x: nn.Tensor, mat: nn.Tensor) -> nn.Tensor:
+        """x [n, X, I] with X = 1 (every slot reads row b) or X = slots (slot s reads x[b, s]); mat [n, slots] int32
+        -> y [n, slots, O]."""
+        n, slots = mat.shape
+        shared = x.shape[1] == 1
+        vectors = [t for t in (self.perm, self.col_scale) if t is not None]
+
+        def prologue(x3: te.Tensor, m: te.Tensor, *vec: te.Tensor) -> te.Tensor:
+            """xs[b, s, k] = x[b, s', perm[m, k]] * col_scale[m, k] (the slot's matrix's own)."""
+            perm = vec[0] if self.perm is not None else None
+            scale = vec[-1] if self.col_scale is not None else None
+
+            def at(b: Any, s: Any, k: Any) -> Any:
+                col = perm[m[b, s], k] if perm is not None else k
+                val = x3[b, 0 if shared else s, col]
+                return val * scale[m[b, s], k] if scale is not None else val
+
+            return te.compute((n, slots, self.cfg.in_features), at, name="gathered_permute")
+
+        xs = op.tensor_expr_op(prologue, "vq_gathered_permute", [x, mat, *vectors])
+        kernel = self._select_kernel.gathered(self.cfg, self.dtype, self.matrices, slots)
+        y = op.tensor_ir_op(kernel.func, "vq_gathered_matmul",
+                            args=[xs, mat, *(getattr(self, name) for name in kernel.operands)],
+                            out=nn.Tensor.placeholder([n, slots, self.cfg.out_features], self.dtype))
+        if self.weight_bias is None and self.bias is None:
+            return y
+
+        dot = None
+        if self.weight_bias is not None:  # x . weight_bias[m] in fp32, on the pre-permutation activation
+            dot = op.tensor_ir_op(
+                self._select_kernel.gathered_row_dot(self.cfg.in_features, self.dtype, slots, shared, self.matrices),
+                "vq_gathered_norm_bias", args=[x, mat, self.weight_bias],
+                out=nn.Tensor.placeholder([n, slots], "float32"))
+
+        def epilogue(y3: te.Tensor, m: te.Tensor, *extra: te.Tensor) -> te.Tensor:
+            """y + dot (in the model dtype, as VPTQLinear) + bias[m]."""
+            d = extra[0] if dot is not None else None
+            bias = extra[-1] if self.bias is not None else None
+
+            def at(b: Any, s: Any, r: Any) -> Any:
+                val = y3[b, s, r] + d[b, s].astype(self.dtype) if d is not None else y3[b, s, r]
+                return val + bias[m[b, s], r] if bias is not None else val
+
+            return te.compute((n, slots, self.cfg.out_features), at, name="gathered_bias")
+
+        extra = [t for t in (dot, self.bias) if t is not None]
+        return op.tensor_expr_op(epilogue, "vq_gathered_bias", [y, mat, *extra])

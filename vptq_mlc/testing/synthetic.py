@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import json
 import os
+import re
 import tempfile
 from collections.abc import Mapping
 from pathlib import Path
@@ -234,6 +235,7 @@ def make_synthetic_checkpoint(
     max_shard_bytes: int | None = None,
     overwrite: bool = False,
     hf_overrides: Mapping[str, Any] | None = None,
+    path_layer_kwargs: Mapping[str, Mapping[str, Any]] | None = None,
 ) -> Path:
     """Write a complete tiny VPTQ model directory (config, weights, tokenizer) and return its path.
 
@@ -275,7 +277,11 @@ def make_synthetic_checkpoint(
         layers: dict[str, tuple[VPTQLayerConfig, dict[str, np.ndarray]]] = {}
         for path, lin in decoder_linears(hf).items():
             i_f, o_f = lin.in_features, lin.out_features
-            cfg = VPTQLayerConfig.from_variant(variant, i_f, o_f, **{"bias": lin.bias, **kw})
+            lkw = dict(kw)
+            for pattern, extra in (path_layer_kwargs or {}).items():
+                if re.fullmatch(pattern, path):
+                    lkw.update(extra)
+            cfg = VPTQLayerConfig.from_variant(lkw.pop("variant", variant), i_f, o_f, **{"bias": lin.bias, **lkw})
             layers[path] = (cfg, random_layer(cfg, rng, gen_dtype, scale=0.5 / np.sqrt(i_f)))
         model_cfg = decoder_config_from_hf(hf)
         for i in range(num_layers):

@@ -125,3 +125,78 @@ def schedule_cpu(func: tirx.PrimFunc, rows: int | None = None) -> tirx.PrimFunc:
         sch.decompose_reduction(rf, acc_k)
         sch.vectorize(sch.get_loops(blk)[-2])
     return sch.mod["main"].with_attr("tirx.is_scheduled", True)
+
+
+def vq_gathered_generic(cfg: VPTQLayerConfig, dtype: str, matrices: int, slots: int,
+                        n: int | tirx.Var | None = None, codebook_dtype: str | None = None) -> tirx.PrimFunc:
+    """PrimFunc(xs[n, slots, I], mat[n, slots] int32, <stacked operands>, y[n, slots, O]): `y[b, s] = W[m] @
+    xs[b, s]` with `m = mat[b, s]`, W[m] matrix m of `matrices` stacked layers of config `cfg`
+    (artifact/expert_stack.py: matrix m's group g is codebook row m*G + g, its vector row i is code row m*N + i).
+    The same sums as `vq_matmul_generic`, per (row, slot) and in float32."""
+    from vptq_mlc.artifact.expert_stack import stacked_operand_shapes
+
+    n = tirx.Var("n", "int64") if n is None else n
+    v, s, osz, G, NV = cfg.vector_len, cfg.group_size, cfg.outlier_size, cfg.group_num, cfg.num_vectors
+    ops = {
+        name: te.placeholder(shape, (codebook_dtype or dtype if name.endswith("centroids") else dtype)
+                             if dt == "float" else dt, name=name)
+        for name, (shape, dt) in stacked_operand_shapes(cfg, matrices).items()
+    }
+    xs = te.placeholder((n, slots, cfg.in_features), dtype, name="xs")
+    mat = te.placeholder((n, slots), "int32", name="mat")
+    k = te.reduce_axis((0, G * s), name="k")
+
+    def main(b, sl, i, j):
+        m = mat[b, sl]
+        g = m * G + k // s
+        row = m * NV + i
+        w = ops["centroids"][g, ops["codes"][row, k].astype("int32"), j].astype("float32")
+        if cfg.has_residual:
+            w = w + ops["res_centroids"][g, ops["res_codes"][row, k].astype("int32"), j].astype("float32")
+        return te.sum(xs[b, sl, osz + k].astype("float32") * w, axis=k)
+
+    acc = te.compute((n, slots, NV, v), main, name="acc_main")
+    if cfg.has_outliers:
+        ko = te.reduce_axis((0, osz), name="ko")
+        vo, no, kc = cfg.outlier_vector_len, cfg.num_outlier_vectors, cfg.num_outlier_centroids
+
+        def outl(b, sl, i, j):
+            m = mat[b, sl]
+            w = ops["outlier_centroids"][m * kc + ops["outlier_codes"][m * no + i, ko].astype("int32"), j]
+            return te.sum(xs[b, sl, ko].astype("float32") * w.astype("float32"), axis=ko)
+
+        acc_o = te.compute((n, slots, no, vo), outl, name="acc_outlier")
+        y = te.compute((n, slots, cfg.out_features),
+                       lambda b, sl, r: (acc[b, sl, r // v, r % v] + acc_o[b, sl, r // vo, r % vo]).astype(dtype),
+                       name="y")
+    else:
+        y = te.compute((n, slots, cfg.out_features), lambda b, sl, r: acc[b, sl, r // v, r % v].astype(dtype),
+                       name="y")
+    func = te.create_prim_func([xs, mat, *ops.values(), y])
+    return func.without_attr("global_symbol").with_attr("tirx.noalias", True)
+
+
+def schedule_gathered_cpu(func: tirx.PrimFunc) -> tirx.PrimFunc:
+    """CPU schedule of `vq_gathered_generic`: (row, slot, vector row) in parallel, the v lanes vectorized."""
+    sch = tvm.s_tir.Schedule(func)
+    for name in ("acc_main", "acc_outlier"):
+        try:
+            blk = sch.get_sblock(name)
+        except Exception:  # noqa: BLE001 - no outlier block in this layer
+            continue
+        b, sl, i, j, k = sch.get_loops(blk)
+        sch.parallel(sch.fuse(b, sl, i))
+    return sch.mod["main"].with_attr("tirx.is_scheduled", True)
+
+
+def gathered_row_dot(in_features: int, dtype: str, slots: int, shared: bool, matrices: int) -> tirx.PrimFunc:
+    """PrimFunc(x[n, X, I], mat[n, slots] int32, w[matrices, I], s[n, slots] float32): `s[b, t] = x[b, t or 0] .
+    w[mat[b, t]]` in float32 (X = 1 when `shared`, else slots): the norm-bias term of gathered linears."""
+    n = tirx.Var("n", "int64")
+    x = te.placeholder((n, 1 if shared else slots, in_features), dtype, name="x")
+    mat = te.placeholder((n, slots), "int32", name="mat")
+    w = te.placeholder((matrices, in_features), dtype, name="w")
+    k = te.reduce_axis((0, in_features), name="k")
+    s = te.compute((n, slots), lambda b, t: te.sum(
+        x[b, 0 if shared else t, k].astype("float32") * w[mat[b, t], k].astype("float32"), axis=k), name="row_dot")
+    return te.create_prim_func([x, mat, w, s]).without_attr("global_symbol").with_attr("tirx.noalias", True)

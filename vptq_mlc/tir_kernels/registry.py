@@ -42,7 +42,13 @@ from vptq_mlc.artifact.vq_layout import (
     vq_operand_shapes,
 )
 from vptq_mlc.checkpoint.layer_config import VPTQLayerConfig
-from vptq_mlc.tir_kernels.generic import schedule_cpu, vq_matmul_generic
+from vptq_mlc.tir_kernels.generic import (
+    gathered_row_dot,
+    schedule_cpu,
+    schedule_gathered_cpu,
+    vq_gathered_generic,
+    vq_matmul_generic,
+)
 
 if TYPE_CHECKING:
     from vptq_mlc.tir_kernels.cuda_gemv import GpuParams
@@ -91,9 +97,29 @@ class KernelSelector:
     def _pick(self, cfg: VPTQLayerConfig, dtype: str, rows: int | None) -> VQKernel:
         return VQKernel(vq_matmul_generic(cfg, dtype), tuple(vq_operand_shapes(cfg)))
 
+    @functools.cache  # noqa: B019 - one selector per compile; identical stacks share one PrimFunc
+    def gathered(self, cfg: VPTQLayerConfig, dtype: str, matrices: int, slots: int) -> VQKernel:
+        """The gathered-matrices kernel `func(xs[n, slots, I], mat[n, slots], *stacked operands, y[n, slots, O])`
+        over `matrices` stacked layers of config `cfg` (artifact/expert_stack.py). n is symbolic: decode and
+        prefill calls share one PrimFunc."""
+        return VQKernel(self._gathered(cfg, dtype, matrices, slots), tuple(vq_operand_shapes(cfg)))
+
+    def _gathered(self, cfg: VPTQLayerConfig, dtype: str, matrices: int, slots: int) -> tirx.PrimFunc:
+        return vq_gathered_generic(cfg, dtype, matrices, slots, None, self.codebook_dtype)
+
+    @functools.cache  # noqa: B019 - as `gathered`
+    def gathered_row_dot(self, in_features: int, dtype: str, slots: int, shared: bool, matrices: int
+                         ) -> tirx.PrimFunc:
+        """`s[b, t] = x[b, t or 0] . w[mat[b, t]]` (fp32): the norm-bias term of gathered linears
+        (`generic.gathered_row_dot`); GPU families schedule it themselves."""
+        return gathered_row_dot(in_features, dtype, slots, shared, matrices)
+
 
 class CpuKernelSelector(KernelSelector):
     """The generic TE kernel with its CPU schedule."""
+
+    def _gathered(self, cfg: VPTQLayerConfig, dtype: str, matrices: int, slots: int) -> tirx.PrimFunc:
+        return schedule_gathered_cpu(vq_gathered_generic(cfg, dtype, matrices, slots, None, self.codebook_dtype))
 
     def _pick(self, cfg: VPTQLayerConfig, dtype: str, rows: int | None) -> VQKernel:
         # a static row count (decode) keeps the accumulators in registers; a symbolic one needs memory
@@ -117,6 +143,18 @@ class WavefrontKernelSelector(KernelSelector):
         if rows is not None and 1 <= rows <= MAX_ROWS:
             return _mark(VQKernel(vq_gemv_cuda(cfg, dtype, rows, params=self.params), generic_ops))
         return _mark(VQKernel(dequant_matmul_cuda(cfg, dtype, self.target), generic_ops))
+
+    def _gathered(self, cfg: VPTQLayerConfig, dtype: str, matrices: int, slots: int) -> tirx.PrimFunc:
+        from vptq_mlc.tir_kernels.cuda_gather import vq_gathered_cuda
+
+        return _mark(VQKernel(vq_gathered_cuda(cfg, dtype, matrices, slots, params=self.params), ())).func
+
+    @functools.cache  # noqa: B019 - as `gathered`
+    def gathered_row_dot(self, in_features: int, dtype: str, slots: int, shared: bool, matrices: int
+                         ) -> tirx.PrimFunc:
+        from vptq_mlc.tir_kernels.cuda_gather import gathered_row_dot_cuda
+
+        return _mark(VQKernel(gathered_row_dot_cuda(in_features, dtype, slots, shared, matrices), ())).func
 
 
 class CudaKernelSelector(KernelSelector):
@@ -154,6 +192,18 @@ class CudaKernelSelector(KernelSelector):
         else:
             k = VQKernel(dequant_matmul_cuda(cfg, dtype, self.target), generic_ops)
         return _mark(k)
+
+    def _gathered(self, cfg: VPTQLayerConfig, dtype: str, matrices: int, slots: int) -> tirx.PrimFunc:
+        from vptq_mlc.tir_kernels.cuda_gather import vq_gathered_cuda
+
+        return _mark(VQKernel(vq_gathered_cuda(cfg, dtype, matrices, slots), ())).func
+
+    @functools.cache  # noqa: B019 - as `gathered`
+    def gathered_row_dot(self, in_features: int, dtype: str, slots: int, shared: bool, matrices: int
+                         ) -> tirx.PrimFunc:
+        from vptq_mlc.tir_kernels.cuda_gather import gathered_row_dot_cuda
+
+        return _mark(VQKernel(gathered_row_dot_cuda(in_features, dtype, slots, shared, matrices), ())).func
 
 
 def _mark(k: VQKernel) -> VQKernel:
