@@ -23,6 +23,7 @@ from tvm import tirx
 from tvm.relax.frontend.nn.llm import _kernel_common as kc
 from tvm.script import tirx as T
 
+from vptq_mlc.tir_kernels.cuda_attention_mma import make_tc_prefill, tc_supported
 from vptq_mlc.tir_kernels.cuda_common import replace_prim_funcs
 
 MAX_SPLITS = 16  # slices of the cached length per (query tile, KV head)
@@ -31,6 +32,7 @@ TARGET_CTAS = 264  # split until about this many CTAs run (two per SM on an H100
 MERGE_ROWS_PER_CTA = 4  # (token, head) rows merged per CTA, one warp (or its first d lanes) each
 TVM_PREFILL_SYMBOL = "batch_prefill_paged_kv"  # TIRPagedKVCache's paged prefill kernel (no sliding window)
 SPLIT_SYMBOL = "batch_prefill_paged_kv_split"
+TENSOR_CORE_LONG_CHUNKS = False  # chunks over SPLIT_TOKENS_MAX tokens on the tensor-core kernel (fp16, d = 128)
 
 
 def num_splits(total_len: Any, batch_size: Any, group_size: int, tile_x: int, h_kv: int) -> Any:
@@ -41,10 +43,18 @@ def num_splits(total_len: Any, batch_size: Any, group_size: int, tile_x: int, h_
     return T.if_then_else(total_len <= SPLIT_TOKENS_MAX, wanted, 1)
 
 
-def paged_prefill_split_kv(h_kv: int, h_q: int, d: int, dtype: str, page_size: int) -> tirx.PrimFunc:
+def paged_prefill_split_kv(h_kv: int, h_q: int, d: int, dtype: str, page_size: int,
+                           tensor_cores: bool | None = None) -> tirx.PrimFunc:
     """`batch_prefill_paged_kv` (TVM 0.27's signature, no sliding window) with the cached length split over CTAs
     for short chunks, plus the merge of the slices. RoPE is never applied here: our decoders rotate q and k before
-    the cache (`RopeMode.NORMAL` / `NONE`), so the runtime passes `rotary_mode` 0 and the rope arguments go unused."""
+    the cache (`RopeMode.NORMAL` / `NONE`), so the runtime passes `rotary_mode` 0 and the rope arguments go unused.
+
+    `tensor_cores` (default `TENSOR_CORE_LONG_CHUNKS`, where the shapes allow): chunks of more than
+    `SPLIT_TOKENS_MAX` tokens launch the tensor-core kernel of `cuda_attention_mma` instead of the tile loop (a
+    host-side branch on the chunk length, so the cache still gets one function)."""
+    use_tc = tc_supported(h_kv, h_q, d, dtype, page_size) and (
+        TENSOR_CORE_LONG_CHUNKS if tensor_cores is None else tensor_cores)
+    tc_prefill = make_tc_prefill(h_kv, h_q, dtype) if use_tc else None
     target = tvm.target.Target("cuda")
     num_blks, _, group_size, bdx, num_warps, tile_x, tile_y, tile_z = kc._get_prefill_kernel_config(
         h_kv, h_q, d, dtype, target)
@@ -54,56 +64,10 @@ def paged_prefill_split_kv(h_kv: int, h_q: int, d: int, dtype: str, page_size: i
     merge_lanes = math.gcd(d, 32)  # lanes of the warp merging one row, each taking d / lanes columns
     per_lane = d // merge_lanes
 
-    # pylint: disable=too-many-branches,too-many-statements
-    @T.prim_func(s_tir=True)
-    def batch_prefill_paged_kv_split(
-        var_q: T.handle,  # [total_len, h_q, d]
-        var_q_indptr: T.handle,  # [batch_size + 1]
-        var_pages: T.handle,  # [max_num_pages, 2, h_kv, page_size, d]
-        var_page_indptr: T.handle,  # [batch_size + 1]
-        var_page_values: T.handle,  # [nnz_pages]
-        var_length_info: T.handle,  # [batch_size]: slots used in the last page
-        var_k_rope_pos_offset: T.handle,  # [batch_size]
-        var_q_rope_position: T.handle,  # [total_len]
-        var_output: T.handle,  # [total_len, h_q, d]
-        var_lse: T.handle,  # [total_len, h_q]
-        causal: T.int32,
-        rotary_mode: T.int32,
-        rope_scale: T.float32,
-        rope_theta: T.float32,
-        sm_scale: T.float32,
-    ):
-        T.func_attr({"global_symbol": SPLIT_SYMBOL})
-        batch_size = T.int32()
-        total_len = T.int32()
-        nnz_pages = T.int32()
-        max_num_pages = T.int32()
-        pages_elem_offset = T.int64()
-        q_indptr_elem_offset = T.int32()
-        page_indptr_elem_offset = T.int32()
-        page_values_elem_offset = T.int32()
-        k_rope_pos_offset_elem_offset = T.int32()
-        q_rope_position_elem_offset = T.int32()
-        length_info_elem_offset = T.int32()
-
-        q = T.match_buffer(var_q, (total_len, h_q, d), dtype)
-        q_indptr = T.match_buffer(var_q_indptr, (batch_size + 1,), "int32", elem_offset=q_indptr_elem_offset)
-        pages = T.match_buffer(var_pages, (max_num_pages, 2, h_kv, page_size, d), dtype,
-                               elem_offset=pages_elem_offset)
-        page_indptr = T.match_buffer(var_page_indptr, (batch_size + 1,), "int32",
-                                     elem_offset=page_indptr_elem_offset)
-        page_values = T.match_buffer(var_page_values, (nnz_pages,), "int32", elem_offset=page_values_elem_offset)
-        # the rope positions are part of the signature; q and k arrive rotated (see the docstring)
-        T.match_buffer(var_k_rope_pos_offset, (batch_size,), "int32", elem_offset=k_rope_pos_offset_elem_offset)
-        T.match_buffer(var_q_rope_position, (total_len,), "int32", elem_offset=q_rope_position_elem_offset)
-        output = T.match_buffer(var_output, (total_len, h_q, d), dtype)
-        lse = T.match_buffer(var_lse, (total_len, h_q), "float32")
-        length_info = T.match_buffer(var_length_info, (batch_size,), "int32", elem_offset=length_info_elem_offset)
-
-        # each slice's normalised output and log2-sum-exp, for chunks of at most SPLIT_TOKENS_MAX tokens
-        o_part = T.alloc_buffer((MAX_SPLITS, SPLIT_TOKENS_MAX, h_q, d), "float32")
-        lse_part = T.alloc_buffer((MAX_SPLITS, SPLIT_TOKENS_MAX, h_q), "float32")
-
+    @T.macro
+    def split_launches(q, q_indptr, pages, page_indptr, page_values, length_info, output, lse, o_part, lse_part,
+                       causal, sm_scale, total_len, batch_size):
+        # CTA-per-(tile, KV head, slice) tile loop (CUDA cores), then the merge of the slices
         # the launch has exactly as many slices as the chunk gets (computed on the host from the shapes)
         for lbx in T.thread_binding(num_blks, thread="blockIdx.x"):
             for lby in T.thread_binding(h_kv, thread="blockIdx.y"):
@@ -264,6 +228,68 @@ def paged_prefill_split_kv(h_kv: int, h_q: int, d: int, dtype: str, page_size: i
                                 output[tok, head, k * merge_lanes + vtx] = T.cast(acc[k] / w_sum[0], dtype)
                             if vtx == 0:
                                 lse[tok, head] = m_max[0] + T.log2(w_sum[0])
+
+    # pylint: disable=too-many-branches,too-many-statements
+    @T.prim_func(s_tir=True)
+    def batch_prefill_paged_kv_split(
+        var_q: T.handle,  # [total_len, h_q, d]
+        var_q_indptr: T.handle,  # [batch_size + 1]
+        var_pages: T.handle,  # [max_num_pages, 2, h_kv, page_size, d]
+        var_page_indptr: T.handle,  # [batch_size + 1]
+        var_page_values: T.handle,  # [nnz_pages]
+        var_length_info: T.handle,  # [batch_size]: slots used in the last page
+        var_k_rope_pos_offset: T.handle,  # [batch_size]
+        var_q_rope_position: T.handle,  # [total_len]
+        var_output: T.handle,  # [total_len, h_q, d]
+        var_lse: T.handle,  # [total_len, h_q]
+        causal: T.int32,
+        rotary_mode: T.int32,
+        rope_scale: T.float32,
+        rope_theta: T.float32,
+        sm_scale: T.float32,
+    ):
+        T.func_attr({"global_symbol": SPLIT_SYMBOL})
+        batch_size = T.int32()
+        total_len = T.int32()
+        nnz_pages = T.int32()
+        max_num_pages = T.int32()
+        pages_elem_offset = T.int64()
+        q_indptr_elem_offset = T.int32()
+        page_indptr_elem_offset = T.int32()
+        page_values_elem_offset = T.int32()
+        k_rope_pos_offset_elem_offset = T.int32()
+        q_rope_position_elem_offset = T.int32()
+        length_info_elem_offset = T.int32()
+
+        q = T.match_buffer(var_q, (total_len, h_q, d), dtype)
+        q_indptr = T.match_buffer(var_q_indptr, (batch_size + 1,), "int32", elem_offset=q_indptr_elem_offset)
+        pages = T.match_buffer(var_pages, (max_num_pages, 2, h_kv, page_size, d), dtype,
+                               elem_offset=pages_elem_offset)
+        page_indptr = T.match_buffer(var_page_indptr, (batch_size + 1,), "int32",
+                                     elem_offset=page_indptr_elem_offset)
+        page_values = T.match_buffer(var_page_values, (nnz_pages,), "int32", elem_offset=page_values_elem_offset)
+        # the rope positions are part of the signature; q and k arrive rotated (see the docstring)
+        T.match_buffer(var_k_rope_pos_offset, (batch_size,), "int32", elem_offset=k_rope_pos_offset_elem_offset)
+        T.match_buffer(var_q_rope_position, (total_len,), "int32", elem_offset=q_rope_position_elem_offset)
+        output = T.match_buffer(var_output, (total_len, h_q, d), dtype)
+        lse = T.match_buffer(var_lse, (total_len, h_q), "float32")
+        length_info = T.match_buffer(var_length_info, (batch_size,), "int32", elem_offset=length_info_elem_offset)
+
+        # each slice's normalised output and log2-sum-exp, for chunks of at most SPLIT_TOKENS_MAX tokens
+        o_part = T.alloc_buffer((MAX_SPLITS, SPLIT_TOKENS_MAX, h_q, d), "float32")
+        lse_part = T.alloc_buffer((MAX_SPLITS, SPLIT_TOKENS_MAX, h_q), "float32")
+
+        if use_tc:
+            if T.tvm_thread_invariant(total_len > SPLIT_TOKENS_MAX):
+                tc_prefill(q, q_indptr, pages, page_indptr, page_values, length_info, output, lse, causal,
+                           sm_scale, total_len, batch_size)
+            else:
+                split_launches(q, q_indptr, pages, page_indptr, page_values, length_info, output, lse, o_part,
+                               lse_part, causal, sm_scale, total_len, batch_size)
+        else:
+            split_launches(q, q_indptr, pages, page_indptr, page_values, length_info, output, lse, o_part,
+                           lse_part, causal, sm_scale, total_len, batch_size)
+
     # pylint: enable=too-many-branches,too-many-statements
 
     sch = tvm.s_tir.Schedule(batch_prefill_paged_kv_split)
