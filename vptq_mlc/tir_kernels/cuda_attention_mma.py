@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import math
 
+from tvm import tirx
 from tvm.script import tirx as T
 
 ROWS = 64  # (token, head-in-group) rows per CTA, 16 per warp
@@ -102,8 +103,10 @@ class AttnLayout:
         return j * 8 + lane % 4 * 2 + c % 2
 
 
-def make_tc_prefill(h_kv: int, h_q: int, dtype: str):
-    """The tensor-core prefill launch as a macro over the kernel's buffers (pasted into the calling PrimFunc)."""
+def make_tc_prefill(h_kv: int, h_q: int, dtype: str, paged: bool = True):
+    """The tensor-core prefill launch as a macro over the kernel's buffers (pasted into the calling PrimFunc).
+    `paged`: keys and values come from the page pool (`kv_a` = `kv_b` = pages, `kv_indptr` = page_indptr, with
+    `page_values` and `length_info`); else from ragged k and v (`kv_a`, `kv_b` [total, h_kv, d], `kv_indptr`)."""
     group = h_q // h_kv
     lay = AttnLayout
 
@@ -113,25 +116,50 @@ def make_tc_prefill(h_kv: int, h_q: int, dtype: str):
         return ((T.Cast("int64", page_values[page_begin + T.min(key, kv_len - 1) // PAGE_SIZE]) * 2 + kv) * h_kv
                 + by) * (PAGE_SIZE * HEAD_DIM) + T.min(key, kv_len - 1) % PAGE_SIZE * HEAD_DIM
 
-    @T.macro
-    def load_kv(smem, pages, page_values, page_begin, kv_len, kv_start, buf, by, tid):
-        """cp.async of keys kv_start .. kv_start + 63 (clamped to the last key) of KV head `by`: K and V rows."""
-        for it in T.unroll(KEYS * CHUNKS // THREADS):
-            T.evaluate(T.ptx["cp.async.cg.shared.global"](
-                T.address_of(smem[lay.k_slot(buf, it * (THREADS // CHUNKS) + tid // CHUNKS, tid % CHUNKS)]),
-                pages.access_ptr("r", offset=page_row(page_values, page_begin, kv_len,
-                                                      kv_start + it * (THREADS // CHUNKS) + tid // CHUNKS, 0, by)
-                                 + tid % CHUNKS * 8),
-                16))
-            T.evaluate(T.ptx["cp.async.cg.shared.global"](
-                T.address_of(smem[lay.v_slot(buf, it * (THREADS // CHUNKS) + tid // CHUNKS, tid % CHUNKS)]),
-                pages.access_ptr("r", offset=page_row(page_values, page_begin, kv_len,
-                                                      kv_start + it * (THREADS // CHUNKS) + tid // CHUNKS, 1, by)
-                                 + tid % CHUNKS * 8),
-                16))
+    def seq_kv_len(kv_indptr, length_info, b):
+        """Keys of sequence b: its pages (the last one `length_info[b]` full), or its ragged rows."""
+        if paged:
+            return T.if_then_else(kv_indptr[b + 1] != kv_indptr[b],
+                                  (kv_indptr[b + 1] - kv_indptr[b] - 1) * PAGE_SIZE + length_info[b], 0)
+        return kv_indptr[b + 1] - kv_indptr[b]
+
+    def ragged_row(kv_begin, kv_len, key, by):
+        """Element offset of key `key` (clamped to the sequence's last key) of KV head `by` in ragged k or v."""
+        return ((kv_begin + T.min(key, kv_len - 1)) * h_kv + by) * HEAD_DIM
 
     @T.macro
-    def tc_prefill(q, q_indptr, pages, page_indptr, page_values, length_info, output, lse, causal, sm_scale,
+    def load_kv(smem, kv_a, kv_b, page_values, kv_begin, kv_len, kv_start, buf, by, tid):
+        """cp.async of keys kv_start .. kv_start + 63 (clamped to the last key) of KV head `by`: K and V rows."""
+        for it in T.unroll(KEYS * CHUNKS // THREADS):
+            if paged:
+                T.evaluate(T.ptx["cp.async.cg.shared.global"](
+                    T.address_of(smem[lay.k_slot(buf, it * (THREADS // CHUNKS) + tid // CHUNKS, tid % CHUNKS)]),
+                    kv_a.access_ptr("r", offset=page_row(page_values, kv_begin, kv_len,
+                                                         kv_start + it * (THREADS // CHUNKS) + tid // CHUNKS, 0, by)
+                                    + tid % CHUNKS * 8),
+                    16))
+                T.evaluate(T.ptx["cp.async.cg.shared.global"](
+                    T.address_of(smem[lay.v_slot(buf, it * (THREADS // CHUNKS) + tid // CHUNKS, tid % CHUNKS)]),
+                    kv_b.access_ptr("r", offset=page_row(page_values, kv_begin, kv_len,
+                                                         kv_start + it * (THREADS // CHUNKS) + tid // CHUNKS, 1, by)
+                                    + tid % CHUNKS * 8),
+                    16))
+            else:
+                T.evaluate(T.ptx["cp.async.cg.shared.global"](
+                    T.address_of(smem[lay.k_slot(buf, it * (THREADS // CHUNKS) + tid // CHUNKS, tid % CHUNKS)]),
+                    kv_a.access_ptr("r", offset=ragged_row(kv_begin, kv_len,
+                                                           kv_start + it * (THREADS // CHUNKS) + tid // CHUNKS, by)
+                                    + tid % CHUNKS * 8),
+                    16))
+                T.evaluate(T.ptx["cp.async.cg.shared.global"](
+                    T.address_of(smem[lay.v_slot(buf, it * (THREADS // CHUNKS) + tid // CHUNKS, tid % CHUNKS)]),
+                    kv_b.access_ptr("r", offset=ragged_row(kv_begin, kv_len,
+                                                           kv_start + it * (THREADS // CHUNKS) + tid // CHUNKS, by)
+                                    + tid % CHUNKS * 8),
+                    16))
+
+    @T.macro
+    def tc_prefill(q, q_indptr, kv_a, kv_b, kv_indptr, page_values, length_info, output, lse, causal, sm_scale,
                    total_len, batch_size):
         bx = T.launch_thread("blockIdx.x", max_tiles(total_len, batch_size, group))
         by = T.launch_thread("blockIdx.y", h_kv)
@@ -164,10 +192,8 @@ def make_tc_prefill(h_kv: int, h_q: int, dtype: str):
             row0: T.let[T.int32] = walk[2] * ROWS
             qo_start: T.let[T.int32] = q_indptr[b_idx]
             qo_len: T.let[T.int32] = q_indptr[b_idx + 1] - q_indptr[b_idx]
-            page_begin: T.let[T.int32] = page_indptr[b_idx]
-            kv_len: T.let[T.int32] = T.if_then_else(
-                page_indptr[b_idx + 1] != page_begin,
-                (page_indptr[b_idx + 1] - page_begin - 1) * PAGE_SIZE + length_info[b_idx], 0)
+            kv_begin: T.let[T.int32] = kv_indptr[b_idx]
+            kv_len: T.let[T.int32] = seq_kv_len(kv_indptr, length_info, b_idx)
             # keys any row of the tile sees (causal: up to its last token's diagonal)
             kv_seen: T.let[T.int32] = T.if_then_else(
                 causal > 0,
@@ -186,7 +212,7 @@ def make_tc_prefill(h_kv: int, h_q: int, dtype: str):
                     16))
             T.evaluate(T.ptx["cp.async.commit_group"]())
             if kv_tiles > 0:
-                load_kv(smem, pages, page_values, page_begin, kv_len, 0, 0, by, tid)
+                load_kv(smem, kv_a, kv_b, page_values, kv_begin, kv_len, 0, 0, by, tid)
             T.evaluate(T.ptx["cp.async.commit_group"]())
             T.evaluate(T.ptx["cp.async.wait_group"](1))
             T.tvm_storage_sync("shared")
@@ -203,7 +229,7 @@ def make_tc_prefill(h_kv: int, h_q: int, dtype: str):
                 T.tvm_storage_sync("shared")
                 # tile t + 1 in flight while tile t is multiplied (its buffer was last read in step t - 1)
                 if t + 1 < kv_tiles:
-                    load_kv(smem, pages, page_values, page_begin, kv_len, (t + 1) * KEYS, (t + 1) % 2, by, tid)
+                    load_kv(smem, kv_a, kv_b, page_values, kv_begin, kv_len, (t + 1) * KEYS, (t + 1) % 2, by, tid)
                 T.evaluate(T.ptx["cp.async.commit_group"]())
                 # S = Q K^T
                 for a in T.unroll(S_TILES * 4):
@@ -273,3 +299,55 @@ def make_tc_prefill(h_kv: int, h_q: int, dtype: str):
                                 T.float32(MASKED))
 
     return tc_prefill
+
+
+TVM_RAGGED_SYMBOL = "batch_prefill_ragged_kv"  # TIRPagedKVCache's prefill kernel over the chunk's own keys
+RAGGED_SYMBOL = "batch_prefill_ragged_kv_tc"
+
+
+def ragged_prefill_tc(h_kv: int, h_q: int, d: int, dtype: str) -> tirx.PrimFunc:
+    """`batch_prefill_ragged_kv` (TVM 0.27's signature: every sequence's queries over its own ragged keys, causal or
+    not) on the tensor-core kernel, for every chunk length. As in the paged kernel RoPE is never applied here
+    (`rotary_mode` is 0 for our decoders, which rotate q and k before the cache)."""
+    if not tc_supported(h_kv, h_q, d, dtype, PAGE_SIZE):
+        raise ValueError(f"no tensor-core ragged prefill for h_kv={h_kv} h_q={h_q} d={d} {dtype}")
+    tc_prefill = make_tc_prefill(h_kv, h_q, dtype, paged=False)
+
+    @T.prim_func
+    def batch_prefill_ragged_kv_tc(
+        var_q: T.handle,  # [qo_len, h_q, d]
+        var_q_indptr: T.handle,  # [batch_size + 1]
+        var_k: T.handle,  # [kv_len, h_kv, d]
+        var_v: T.handle,  # [kv_len, h_kv, d]
+        var_kv_indptr: T.handle,  # [batch_size + 1]
+        var_q_rope_position: T.handle,  # [qo_len]
+        var_k_rope_pos_offset: T.handle,  # [batch_size]
+        var_output: T.handle,  # [qo_len, h_q, d]
+        var_lse: T.handle,  # [qo_len, h_q]
+        causal: T.int32,
+        rotary_mode: T.int32,
+        rope_scale: T.float32,
+        rope_theta: T.float32,
+        sm_scale: T.float32,
+    ):
+        T.func_attr({"global_symbol": RAGGED_SYMBOL, "tirx.is_scheduled": True})
+        batch_size = T.int32()
+        qo_len = T.int32()
+        kv_len = T.int32()
+        q_indptr_elem_offset = T.int32()
+        kv_indptr_elem_offset = T.int32()
+        q_rope_position_elem_offset = T.int32()
+        k_rope_pos_offset_elem_offset = T.int32()
+        q = T.match_buffer(var_q, (qo_len, h_q, d), dtype)
+        q_indptr = T.match_buffer(var_q_indptr, (batch_size + 1,), "int32", elem_offset=q_indptr_elem_offset)
+        k = T.match_buffer(var_k, (kv_len, h_kv, d), dtype)
+        v = T.match_buffer(var_v, (kv_len, h_kv, d), dtype)
+        kv_indptr = T.match_buffer(var_kv_indptr, (batch_size + 1,), "int32", elem_offset=kv_indptr_elem_offset)
+        # the rope positions are part of the signature; q and k arrive rotated (see the docstring)
+        T.match_buffer(var_q_rope_position, (qo_len,), "int32", elem_offset=q_rope_position_elem_offset)
+        T.match_buffer(var_k_rope_pos_offset, (batch_size,), "int32", elem_offset=k_rope_pos_offset_elem_offset)
+        output = T.match_buffer(var_output, (qo_len, h_q, d), dtype)
+        lse = T.match_buffer(var_lse, (qo_len, h_q), "float32")
+        tc_prefill(q, q_indptr, k, v, kv_indptr, None, None, output, lse, causal, sm_scale, qo_len, batch_size)
+
+    return batch_prefill_ragged_kv_tc

@@ -23,7 +23,14 @@ from tvm import tirx
 from tvm.relax.frontend.nn.llm import _kernel_common as kc
 from tvm.script import tirx as T
 
-from vptq_mlc.tir_kernels.cuda_attention_mma import make_tc_prefill, tc_supported
+from vptq_mlc.tir_kernels.cuda_attention_mma import (
+    PAGE_SIZE,
+    RAGGED_SYMBOL,
+    TVM_RAGGED_SYMBOL,
+    make_tc_prefill,
+    ragged_prefill_tc,
+    tc_supported,
+)
 from vptq_mlc.tir_kernels.cuda_common import replace_prim_funcs
 
 MAX_SPLITS = 16  # slices of the cached length per (query tile, KV head)
@@ -32,7 +39,7 @@ TARGET_CTAS = 264  # split until about this many CTAs run (two per SM on an H100
 MERGE_ROWS_PER_CTA = 4  # (token, head) rows merged per CTA, one warp (or its first d lanes) each
 TVM_PREFILL_SYMBOL = "batch_prefill_paged_kv"  # TIRPagedKVCache's paged prefill kernel (no sliding window)
 SPLIT_SYMBOL = "batch_prefill_paged_kv_split"
-TENSOR_CORE_LONG_CHUNKS = False  # chunks over SPLIT_TOKENS_MAX tokens on the tensor-core kernel (fp16, d = 128)
+TENSOR_CORE_LONG_CHUNKS = True  # chunks over SPLIT_TOKENS_MAX tokens on the tensor-core kernel (fp16, d = 128)
 
 
 def num_splits(total_len: Any, batch_size: Any, group_size: int, tile_x: int, h_kv: int) -> Any:
@@ -281,7 +288,7 @@ def paged_prefill_split_kv(h_kv: int, h_q: int, d: int, dtype: str, page_size: i
 
         if use_tc:
             if T.tvm_thread_invariant(total_len > SPLIT_TOKENS_MAX):
-                tc_prefill(q, q_indptr, pages, page_indptr, page_values, length_info, output, lse, causal,
+                tc_prefill(q, q_indptr, pages, pages, page_indptr, page_values, length_info, output, lse, causal,
                            sm_scale, total_len, batch_size)
             else:
                 split_launches(q, q_indptr, pages, page_indptr, page_values, length_info, output, lse, o_part,
@@ -299,20 +306,27 @@ def paged_prefill_split_kv(h_kv: int, h_q: int, d: int, dtype: str, page_size: i
 
 def split_kv_prefill_pass() -> tvm.transform.Pass:
     """Relax module pass: the paged KV cache's prefill kernel (TVM's `batch_prefill_paged_kv`) becomes
-    `paged_prefill_split_kv` of the same shapes under its own name, and the cache is created with it (the runtime
-    receives the kernel as a function value). Modules without a paged KV cache pass through."""
+    `paged_prefill_split_kv` of the same shapes under its own name, and, with `TENSOR_CORE_LONG_CHUNKS` where the
+    shapes allow (fp16, d = 128), its ragged prefill kernel (`batch_prefill_ragged_kv`) becomes the tensor-core
+    `ragged_prefill_tc`; the cache is created with them (the runtime receives the kernels as function values).
+    Modules without a paged KV cache pass through."""
 
     @tvm.transform.module_pass(opt_level=0, name="VPTQSplitKVPrefill")
     def rewrite(mod: tvm.IRModule, _ctx: Any) -> tvm.IRModule:
-        found = [(gv, f) for gv, f in mod.functions.items()
-                 if isinstance(f, tirx.PrimFunc) and f.attrs is not None
-                 and f.attrs.get("global_symbol") == TVM_PREFILL_SYMBOL]
-        if not found:
-            return mod
-        (gv, old), = found
-        q, pages = old.params[0], old.params[2]  # TVM 0.27: buffer parameters carry their shape and dtype
-        ours = paged_prefill_split_kv(int(pages.shape[2]), int(q.shape[1]), int(q.shape[2]), str(q.dtype),
-                                      int(pages.shape[3]))
-        return replace_prim_funcs(mod, {gv: (ours, SPLIT_SYMBOL)})
+        replacements = {}
+        for gv, old in mod.functions.items():
+            if not (isinstance(old, tirx.PrimFunc) and old.attrs is not None):
+                continue
+            symbol = old.attrs.get("global_symbol")
+            if symbol == TVM_PREFILL_SYMBOL:
+                q, pages = old.params[0], old.params[2]  # TVM 0.27: buffer parameters carry shape and dtype
+                replacements[gv] = (paged_prefill_split_kv(int(pages.shape[2]), int(q.shape[1]), int(q.shape[2]),
+                                                           str(q.dtype), int(pages.shape[3])), SPLIT_SYMBOL)
+            elif symbol == TVM_RAGGED_SYMBOL and TENSOR_CORE_LONG_CHUNKS:
+                q, k, v = old.params[0], old.params[2], old.params[3]
+                h_kv, h_q, d = int(k.shape[1]), int(q.shape[1]), int(q.shape[2])
+                if int(v.shape[2]) == d and tc_supported(h_kv, h_q, d, str(q.dtype), PAGE_SIZE):
+                    replacements[gv] = (ragged_prefill_tc(h_kv, h_q, d, str(q.dtype)), RAGGED_SYMBOL)
+        return replace_prim_funcs(mod, replacements) if replacements else mod
 
     return rewrite
