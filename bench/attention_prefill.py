@@ -1,10 +1,12 @@
 """The paged-KV prefill attention on CUDA: ours (split over the cached length for short chunks,
-tir_kernels/cuda_attention_split_kv.py) and TVM's `TIRPagedKVCache` kernel, checked against a float64 numpy
-reference and timed in the same run (cold L2: a buffer larger than L2 is rewritten before every call).
+tir_kernels/cuda_attention_split_kv.py; tensor cores for chunks over 64 tokens, cuda_attention_mma.py), ours with the
+CUDA-core tile loop for every chunk, and TVM's `TIRPagedKVCache` kernel; then our tensor-core ragged prefill kernel
+against TVM's. All are checked against a float64 numpy reference and timed in the same run (cold L2: a buffer
+larger than L2 is rewritten before every call).
 
 Build box (TVM compiler + nvcc): python3 bench/attention_prefill.py build OUT_DIR [--arch sm_90]
 GPU host (runtime-only TVM + torch): python3 bench/attention_prefill.py run OUT_DIR --json RESULT.json
-`run` exits 1 when any output row of ours or TVM's misses the reference (relative L2 error per (token, head) row
+`run` exits 1 when any output row of any kernel misses the reference (relative L2 error per (token, head) row
 <= 2e-3, log2-sum-exp within 2e-3).
 """
 
@@ -23,6 +25,7 @@ D = 128
 HEADS = ((32, 32), (8, 32), (4, 32))  # (kv heads, query heads): Llama-2-7B, Llama-3.1-8B, group size 8
 OURS, THEIRS = "batch_prefill_paged_kv_split", "batch_prefill_paged_kv"
 OURS_SIMT = "batch_prefill_paged_kv_split_simt"  # ours with chunks over 64 tokens on the CUDA-core tile loop
+RAGGED_OURS, RAGGED_THEIRS = "batch_prefill_ragged_kv_tc", "batch_prefill_ragged_kv"
 
 
 @dataclass(frozen=True)
@@ -51,13 +54,22 @@ CASES = (
     Case("mixed: 70/1/200 new over 0/500/1000", (70, 1, 200), (0, 500, 1000)),
     Case("mixed causal: 65/3/130 over 65/40/1130", (65, 3, 130), (65, 40, 1130), causal=1),
 )
+# the ragged kernel: every sequence's new tokens over themselves (kv_lens = q_lens)
+RAGGED_CASES = (
+    Case("ragged 512, causal", (512,), (512,), causal=1),
+    Case("ragged 2048, causal", (2048,), (2048,), causal=1),
+    Case("ragged 16, causal", (16,), (16,), causal=1),
+    Case("ragged 100/300/7, causal", (100, 300, 7), (100, 300, 7), causal=1),
+    Case("ragged 256, not causal", (256,), (256,)),
+)
 
 
 def build(out: Path, arch: str) -> None:
     import tvm
-    from tvm.relax.frontend.nn.llm._prefill_kernels import _attention_prefill
+    from tvm.relax.frontend.nn.llm._prefill_kernels import _attention_prefill, _attention_prefill_ragged
 
     from vptq_mlc.compile.targets import resolve_backend
+    from vptq_mlc.tir_kernels.cuda_attention_mma import ragged_prefill_tc
     from vptq_mlc.tir_kernels.cuda_attention_split_kv import paged_prefill_split_kv
 
     (bt,) = resolve_backend("cuda", arch)
@@ -68,7 +80,10 @@ def build(out: Path, arch: str) -> None:
         simt = paged_prefill_split_kv(h_kv, h_q, D, "float16", PAGE, tensor_cores=False)
         mod = tvm.IRModule({OURS: paged_prefill_split_kv(h_kv, h_q, D, "float16", PAGE).with_attr(
             "global_symbol", OURS), OURS_SIMT: simt.with_attr("global_symbol", OURS_SIMT),
-            THEIRS: theirs.with_attr("global_symbol", THEIRS)})
+            THEIRS: theirs.with_attr("global_symbol", THEIRS),
+            RAGGED_OURS: ragged_prefill_tc(h_kv, h_q, D, "float16").with_attr("global_symbol", RAGGED_OURS),
+            RAGGED_THEIRS: _attention_prefill_ragged(h_kv, h_q, D, D, "float16", {}, bt.target).with_attr(
+                "global_symbol", RAGGED_THEIRS)})
         lib = tvm.compile(mod, target=bt.target)
         lib.export_library(str(out / f"attn_h{h_kv}_{h_q}.so"))
         print(f"built {out / f'attn_h{h_kv}_{h_q}.so'}")
@@ -122,6 +137,53 @@ def reference(x: dict[str, np.ndarray], case: Case, h_kv: int, h_q: int, sm_scal
     return out, lse, valid
 
 
+def _measure(f, call, o, s, ref, flush, reps: int) -> dict:
+    """Call `f(*call)` once and compare its output `o` and lse `s` with `ref` = (output, lse, valid rows); then
+    the median of `reps` cold-L2 timed calls."""
+    import torch
+
+    ref_o, ref_lse, valid = ref
+    f(*call)
+    torch.cuda.synchronize()
+    got_o, got_lse = o.numpy().astype(np.float64), s.numpy().astype(np.float64)
+    err = (np.linalg.norm(got_o - ref_o, axis=-1) / np.maximum(np.linalg.norm(ref_o, axis=-1), 1e-6))
+    err = float(err[valid].max()) if valid.any() else 0.0
+    lse_err = float(np.abs(got_lse - ref_lse)[valid].max()) if valid.any() else 0.0
+    times = []
+    for _ in range(reps):
+        flush.zero_()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        f(*call)
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return {"ms": float(np.median(times)), "max_row_rel_err": err, "max_lse_err": lse_err,
+            "ok": err <= 2e-3 and lse_err <= 2e-3}
+
+
+def _report(row: dict, label: str) -> None:
+    parts = [f"{label} {row['case']:40s}"]
+    for key in ("ours", "ours_simt", "tvm"):
+        if key in row:
+            r = row[key]
+            parts.append(f"{key} {r['ms']:8.4f} ms (err {r['max_row_rel_err']:.1e} {'ok' if r['ok'] else 'FAIL'})")
+    parts.append(f"tvm/ours {row['tvm_over_ours']:.2f}x")
+    print("  ".join(parts), flush=True)
+
+
+def ragged_inputs(x: dict[str, np.ndarray], case: Case) -> dict[str, np.ndarray]:
+    """The ragged kernel's k and v (each sequence's keys in a row, [total, h_kv, D]) from `make_inputs`' pages."""
+    ks, vs = [], []
+    for b, kv in enumerate(case.kv_lens):
+        pages = x["page_values"][x["page_indptr"][b]: x["page_indptr"][b + 1]]
+        idx = np.arange(kv)
+        ks.append(x["pages"][pages[idx // PAGE], 0, :, idx % PAGE])
+        vs.append(x["pages"][pages[idx // PAGE], 1, :, idx % PAGE])
+    kv_indptr = np.concatenate([[0], np.cumsum(case.kv_lens)]).astype(np.int32)
+    return {"k": np.concatenate(ks), "v": np.concatenate(vs), "kv_indptr": kv_indptr}
+
+
 def run(art: Path, json_out: Path | None, reps: int) -> int:
     import torch
     import tvm
@@ -132,56 +194,42 @@ def run(art: Path, json_out: Path | None, reps: int) -> int:
     flush = torch.empty(256 << 20, dtype=torch.uint8, device="cuda")  # > the H100's 50 MB L2
     rng = np.random.default_rng(0)
     sm_scale = D ** -0.5
-    rows, worst = [], 0.0
+    rows = []
     for h_kv, h_q in HEADS:
         lib = tvm.runtime.load_module(str(art / f"attn_h{h_kv}_{h_q}.so"))
-        for case in CASES:
-            x = make_inputs(case, h_kv, h_q, rng)
-            ref_o, ref_lse, valid = reference(x, case, h_kv, h_q, sm_scale)
-            total = int(x["q_indptr"][-1])
-            args = {k: tvm.runtime.tensor(v, dev) for k, v in x.items()}
-            zeros = np.zeros(len(case.q_lens), np.int32)
-            extra = [tvm.runtime.tensor(zeros, dev), tvm.runtime.tensor(np.zeros(total, np.int32), dev)]
-            row = {"heads": [h_kv, h_q], "case": case.name, "q_lens": case.q_lens, "kv_lens": case.kv_lens,
-                   "causal": case.causal}
-            for name in (OURS, OURS_SIMT, THEIRS):
-                o = tvm.runtime.tensor(np.zeros((total, h_q, D), np.float16), dev)
-                s = tvm.runtime.tensor(np.zeros((total, h_q), np.float32), dev)
-                call = [args["q"], args["q_indptr"], args["pages"], args["page_indptr"], args["page_values"],
-                        args["length_info"], *extra, o, s, case.causal, 0, 1.0, 1e4, sm_scale]
-                f = lib[name]
-                f(*call)
-                dev.sync()
-                got_o, got_lse = o.numpy().astype(np.float64), s.numpy().astype(np.float64)
-                err = (np.linalg.norm(got_o - ref_o, axis=-1) / np.maximum(np.linalg.norm(ref_o, axis=-1), 1e-6))
-                err = float(err[valid].max()) if valid.any() else 0.0
-                lse_err = float(np.abs(got_lse - ref_lse)[valid].max()) if valid.any() else 0.0
-                times = []
-                for _ in range(reps):
-                    flush.zero_()
-                    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                    start.record()
-                    f(*call)
-                    end.record()
-                    end.synchronize()
-                    times.append(start.elapsed_time(end))
-                key = {OURS: "ours", OURS_SIMT: "ours_simt", THEIRS: "tvm"}[name]
-                row[key] = {"ms": float(np.median(times)), "max_row_rel_err": err, "max_lse_err": lse_err,
-                            "ok": err <= 2e-3 and lse_err <= 2e-3}
-                worst = max(worst, err)
-            row["tvm_over_ours"] = row["tvm"]["ms"] / row["ours"]["ms"]
-            rows.append(row)
-            row["simt_over_ours"] = row["ours_simt"]["ms"] / row["ours"]["ms"]
-            ours, simt, tvm_ = row["ours"], row["ours_simt"], row["tvm"]
-            print(f"h{h_kv}/{h_q} {case.name:40s} ours {ours['ms']:8.4f} ms (err {ours['max_row_rel_err']:.1e} "
-                  f"{'ok' if ours['ok'] else 'FAIL'})  cuda-core {simt['ms']:8.4f} ms "
-                  f"({'ok' if simt['ok'] else 'FAIL'})  tvm {tvm_['ms']:8.4f} ms (err {tvm_['max_row_rel_err']:.1e} "
-                  f"{'ok' if tvm_['ok'] else 'FAIL'})  tvm/ours {row['tvm_over_ours']:.2f}x", flush=True)
+        for kind, cases in (("paged", CASES), ("ragged", RAGGED_CASES)):
+            for case in cases:
+                x = make_inputs(case, h_kv, h_q, rng)
+                ref = reference(x, case, h_kv, h_q, sm_scale)
+                total = int(x["q_indptr"][-1])
+                if kind == "ragged":
+                    x.update(ragged_inputs(x, case))
+                args = {k: tvm.runtime.tensor(v, dev) for k, v in x.items()}
+                k_rope = tvm.runtime.tensor(np.zeros(len(case.q_lens), np.int32), dev)
+                q_rope = tvm.runtime.tensor(np.zeros(total, np.int32), dev)
+                row = {"kernel": kind, "heads": [h_kv, h_q], "case": case.name, "q_lens": case.q_lens,
+                       "kv_lens": case.kv_lens, "causal": case.causal}
+                names = ({"ours": OURS, "ours_simt": OURS_SIMT, "tvm": THEIRS} if kind == "paged"
+                         else {"ours": RAGGED_OURS, "tvm": RAGGED_THEIRS})
+                for key, name in names.items():
+                    o = tvm.runtime.tensor(np.zeros((total, h_q, D), np.float16), dev)
+                    s = tvm.runtime.tensor(np.zeros((total, h_q), np.float32), dev)
+                    if kind == "paged":
+                        call = [args["q"], args["q_indptr"], args["pages"], args["page_indptr"], args["page_values"],
+                                args["length_info"], k_rope, q_rope, o, s, case.causal, 0, 1.0, 1e4, sm_scale]
+                    else:
+                        call = [args["q"], args["q_indptr"], args["k"], args["v"], args["kv_indptr"], q_rope, k_rope,
+                                o, s, case.causal, 0, 1.0, 1e4, sm_scale]
+                    row[key] = _measure(lib[name], call, o, s, ref, flush, reps)
+                row["tvm_over_ours"] = row["tvm"]["ms"] / row["ours"]["ms"]
+                rows.append(row)
+                _report(row, f"{kind} h{h_kv}/{h_q}")
     result = {"gpu": torch.cuda.get_device_name(), "reps": reps, "cold_l2": True, "rows": rows,
               "command": "python3 bench/attention_prefill.py run ART --json OUT"}
     if json_out:
         json_out.write_text(json.dumps(result, indent=1))
-    failed = [r for r in rows if not (r["ours"]["ok"] and r["ours_simt"]["ok"] and r["tvm"]["ok"])]
+    failed = [r for r in rows if not all(r[k]["ok"] for k in ("ours", "ours_simt", "tvm") if k in r)]
+    worst = max(r[k]["max_row_rel_err"] for r in rows for k in ("ours", "ours_simt", "tvm") if k in r)
     print(f"{len(rows) - len(failed)}/{len(rows)} cases within the bound; worst row error {worst:.1e}")
     return 1 if failed else 0
 

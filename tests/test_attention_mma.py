@@ -39,8 +39,9 @@ def _emulate(q, q_indptr, pages, page_indptr, page_values, last_len, causal, sm_
     qf, pf = q.reshape(-1), pages.reshape(-1)
     lane = np.arange(32)
     tid = np.arange(am.THREADS)
-    for bx in range(-(-total * group // am.ROWS) + batch - 1):
-        left, b_sel, t_sel = bx, -1, 0
+    grid = -(-total * group // am.ROWS) + batch - 1
+    for bx in range(grid):
+        left, b_sel, t_sel = grid - 1 - bx, -1, 0
         for b in range(batch):
             if b_sel < 0:
                 n = -(-(q_indptr[b + 1] - q_indptr[b]) * group // am.ROWS)

@@ -63,3 +63,22 @@ def test_cuda_pipeline_runs_the_pass_first():
 
     (bt,) = resolve_backend("cuda", "sm_90")
     assert bt.passes()[0].info.name == "VPTQSplitKVPrefill"
+
+
+def test_fp16_heads_of_128_get_the_tensor_core_kernels():
+    """d = 128 in fp16: the paged kernel has the tensor-core launch for long chunks, and the ragged kernel (the
+    chunk over its own keys) is replaced by the tensor-core one; the cache is created with both."""
+    from vptq_mlc.tir_kernels.cuda_attention_mma import RAGGED_SYMBOL
+    from vptq_mlc.tir_kernels.cuda_attention_split_kv import split_kv_prefill_pass
+
+    mod = _cache_module(2, 8, 128)
+    out = split_kv_prefill_pass()(mod)
+    before, after = _symbols(mod), _symbols(out)
+    assert "batch_prefill_ragged_kv" in before and "batch_prefill_ragged_kv" not in after
+    assert set(before) - {"batch_prefill_paged_kv", "batch_prefill_ragged_kv"} == (
+        set(after) - {"batch_prefill_paged_kv_split", RAGGED_SYMBOL})
+    create = out["create"].script()
+    assert "batch_prefill_paged_kv_split" in create and RAGGED_SYMBOL in create
+    ragged, old = after[RAGGED_SYMBOL], before["batch_prefill_ragged_kv"]
+    assert len(ragged.params) == len(old.params)
+    assert [int(ragged.params[0].shape[1]), int(ragged.params[2].shape[1]), int(ragged.params[2].shape[2])] == [8, 2, 128]

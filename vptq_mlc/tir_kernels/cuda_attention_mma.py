@@ -177,8 +177,9 @@ def make_tc_prefill(h_kv: int, h_q: int, dtype: str, paged: bool = True):
         m_new = T.alloc_buffer((2,), "float32", scope="local")
         alpha = T.alloc_buffer((2,), "float32", scope="local")
         tid = ty * 32 + tx
-        # the CTA's (sequence, query tile): walk the sequences' tile counts
-        walk[0] = bx
+        # the CTA's (sequence, query tile): walk the sequences' tile counts, last tiles first (under a causal mask
+        # they see the most keys, so the longest CTAs start first)
+        walk[0] = max_tiles(total_len, batch_size, group) - 1 - bx
         walk[1] = -1
         walk[2] = 0
         for b in range(batch_size):
