@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-
 from test_dense_mma import _ldmatrix_x4, _mma_m16n8k16
 
 tvm = pytest.importorskip("tvm")
@@ -27,8 +26,9 @@ def _ldmatrix_x4_trans(smem, addr):
     return out
 
 
-def _emulate(q, q_indptr, pages, page_indptr, page_values, last_len, causal, sm_scale, h_kv, h_q):
-    """Every CTA of the kernel, as it moves data: (output fp16, lse)."""
+def _emulate(q, q_indptr, pages, page_indptr, page_values, last_len, causal, sm_scale, h_kv, h_q, ragged=None):
+    """Every CTA of the kernel, as it moves data: (output fp16, lse). `ragged` = (k, v, kv_indptr): the ragged
+    kernel's keys instead of the pages."""
     from vptq_mlc.tir_kernels import cuda_attention_mma as am
 
     lay = am.AttnLayout
@@ -52,8 +52,12 @@ def _emulate(q, q_indptr, pages, page_indptr, page_values, last_len, causal, sm_
             continue
         row0, qo_start = t_sel * am.ROWS, q_indptr[b_sel]
         qo_len = q_indptr[b_sel + 1] - qo_start
-        p0 = page_indptr[b_sel]
-        kv_len = (page_indptr[b_sel + 1] - p0 - 1) * PAGE + last_len[b_sel] if page_indptr[b_sel + 1] != p0 else 0
+        if ragged is None:
+            p0 = page_indptr[b_sel]
+            kv_len = (page_indptr[b_sel + 1] - p0 - 1) * PAGE + last_len[b_sel] if page_indptr[b_sel + 1] != p0 else 0
+        else:
+            p0 = ragged[2][b_sel]
+            kv_len = ragged[2][b_sel + 1] - p0
         last_tok = min((row0 + am.ROWS - 1) // group, qo_len - 1)
         kv_seen = max(min(kv_len, kv_len - qo_len + last_tok + 1), 0) if causal else kv_len
         for by in range(h_kv):
@@ -68,9 +72,13 @@ def _emulate(q, q_indptr, pages, page_indptr, page_values, last_len, causal, sm_
                     row = it * (am.THREADS // am.CHUNKS) + tid // am.CHUNKS
                     key = np.minimum(kv_start + row, kv_len - 1)
                     for kv, slot in ((0, lay.k_slot), (1, lay.v_slot)):
-                        src = (((page_values[p0 + key // PAGE].astype(np.int64) * 2 + kv) * h_kv + by) * PAGE * D
-                               + key % PAGE * D + tid % am.CHUNKS * 8)
-                        copy16(slot(buf, row, tid % am.CHUNKS), pf, src)
+                        if ragged is None:
+                            src = (((page_values[p0 + key // PAGE].astype(np.int64) * 2 + kv) * h_kv + by) * PAGE * D
+                                   + key % PAGE * D + tid % am.CHUNKS * 8)
+                            copy16(slot(buf, row, tid % am.CHUNKS), pf, src)
+                        else:
+                            src = ((p0 + key) * h_kv + by) * D + tid % am.CHUNKS * 8
+                            copy16(slot(buf, row, tid % am.CHUNKS), ragged[kv].reshape(-1), src)
 
             for it in range(am.ROWS * am.CHUNKS // am.THREADS):
                 row = it * (am.THREADS // am.CHUNKS) + tid // am.CHUNKS
@@ -156,12 +164,13 @@ def _reference(q, q_indptr, k, v, q_lens, kv_lens, causal, sm_scale, group):
     return out, lse, valid
 
 
-@pytest.mark.parametrize("h_kv,h_q,q_lens,kv_lens,causal", [
-    (1, 4, (70,), (130,), 1),  # two query tiles, three KV tiles (the last partial), causal diagonal
-    (2, 2, (65, 3), (0, 100), 0),  # a sequence with no cached key, a partial tile
-    (1, 8, (9,), (200,), 0),  # group 8: one tile of 9 tokens x 8 heads
+@pytest.mark.parametrize("h_kv,h_q,q_lens,kv_lens,causal,ragged", [
+    (1, 4, (70,), (130,), 1, False),  # two query tiles, three KV tiles (the last partial), causal diagonal
+    (2, 2, (65, 3), (0, 100), 0, False),  # a sequence with no cached key, a partial tile
+    (1, 8, (9,), (200,), 0, False),  # group 8: one tile of 9 tokens x 8 heads
+    (1, 4, (40, 90), (40, 90), 1, True),  # the ragged kernel: two sequences over themselves, causal
 ])
-def test_emulated_kernel_computes_attention(h_kv, h_q, q_lens, kv_lens, causal):
+def test_emulated_kernel_computes_attention(h_kv, h_q, q_lens, kv_lens, causal, ragged):
     rng = np.random.default_rng(1)
     group = h_q // h_kv
     n_pages = [-(-kv // PAGE) for kv in kv_lens]
@@ -173,13 +182,17 @@ def test_emulated_kernel_computes_attention(h_kv, h_q, q_lens, kv_lens, causal):
     q = rng.standard_normal((int(q_indptr[-1]), h_q, D)).astype(np.float16)
     pages = rng.standard_normal((pool, 2, h_kv, PAGE, D)).astype(np.float16)
     sm_scale = D ** -0.5
-    got_o, got_lse = _emulate(q, q_indptr, pages, page_indptr, page_values, last, causal, sm_scale, h_kv, h_q)
     ks, vs = [], []
     for b, kv in enumerate(kv_lens):
         idx = np.arange(kv)
         pg = page_values[page_indptr[b]: page_indptr[b + 1]]
         ks.append(pages[pg[idx // PAGE], 0, :, idx % PAGE].astype(np.float64))
         vs.append(pages[pg[idx // PAGE], 1, :, idx % PAGE].astype(np.float64))
+    rag = None
+    if ragged:  # the same keys, each sequence's in a row
+        rag = (np.concatenate(ks).astype(np.float16), np.concatenate(vs).astype(np.float16),
+               np.concatenate([[0], np.cumsum(kv_lens)]).astype(np.int32))
+    got_o, got_lse = _emulate(q, q_indptr, pages, page_indptr, page_values, last, causal, sm_scale, h_kv, h_q, rag)
     ref_o, ref_lse, valid = _reference(q, q_indptr, ks, vs, q_lens, kv_lens, causal, sm_scale, group)
     err = np.linalg.norm(got_o - ref_o, axis=-1) / np.maximum(np.linalg.norm(ref_o, axis=-1), 1e-6)
     assert valid.any() and err[valid].max() <= 2e-3, err[valid].max()
@@ -190,6 +203,7 @@ def test_emulated_kernel_computes_attention(h_kv, h_q, q_lens, kv_lens, causal):
 
 def test_long_chunk_kernel_is_tensor_core_code():
     from cuda_sources import generated_cuda, kernel_definitions
+
     from vptq_mlc.tir_kernels.cuda_attention_split_kv import paged_prefill_split_kv
 
     func = paged_prefill_split_kv(2, 8, D, "float16", PAGE, tensor_cores=True).with_attr("global_symbol", "attn")

@@ -81,4 +81,5 @@ def test_fp16_heads_of_128_get_the_tensor_core_kernels():
     assert "batch_prefill_paged_kv_split" in create and RAGGED_SYMBOL in create
     ragged, old = after[RAGGED_SYMBOL], before["batch_prefill_ragged_kv"]
     assert len(ragged.params) == len(old.params)
-    assert [int(ragged.params[0].shape[1]), int(ragged.params[2].shape[1]), int(ragged.params[2].shape[2])] == [8, 2, 128]
+    q, k = ragged.params[0], ragged.params[2]
+    assert [int(q.shape[1]), int(k.shape[1]), int(k.shape[2])] == [8, 2, 128]
