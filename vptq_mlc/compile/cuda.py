@@ -235,7 +235,8 @@ class CudaBackend(TargetBackend):
     def passes(self) -> list[tvm.transform.Pass]:
         """TVM's CUDA pipeline (relax/backend/cuda/pipeline.py) with four changes: the paged KV cache's prefill
         attention replaced by ours that splits the cached length for short chunks (tir_kernels/
-        cuda_attention_split_kv.py), FuseTransposeMatmul first (as the llvm pipeline does), dense fp16 NT matmuls
+        cuda_attention_split_kv.py; tensor cores for long chunks and the ragged prefill, cuda_attention_mma.py),
+        FuseTransposeMatmul first (as the llvm pipeline does), dense fp16 NT matmuls
         (lm_head, every linear of an fp16 model) replaced after legalization by our tensor-core GEMM
         (tir_kernels/cuda_dense_mma.py), and dlight's tensor-core rule off (`no_tensorize`): other matmuls get
         dlight's SIMT tiled schedule."""
