@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from test_cuda_aot import require_cuda_toolkit
 from test_dense_mma import _ldmatrix_x4, _mma_m16n8k16
 
 tvm = pytest.importorskip("tvm")
@@ -202,6 +203,7 @@ def test_emulated_kernel_computes_attention(h_kv, h_q, q_lens, kv_lens, causal, 
 
 
 def test_long_chunk_kernel_is_tensor_core_code():
+    require_cuda_toolkit(cuobjdump=False)
     from cuda_sources import generated_cuda, kernel_definitions
 
     from vptq_mlc.tir_kernels.cuda_attention_split_kv import paged_prefill_split_kv
@@ -217,3 +219,18 @@ def test_long_chunk_kernel_is_tensor_core_code():
     narrow = paged_prefill_split_kv(2, 8, 64, "float16", PAGE, tensor_cores=True).with_attr("global_symbol", "a")
     src = generated_cuda(lambda bt: tvm.compile(tvm.IRModule({"a": narrow}), target=bt.target), "sm_90")
     assert "mma.sync" not in src and len(kernel_definitions(src)) == 2
+
+
+def test_cache_with_heads_of_128_compiles_through_the_cuda_pipeline():
+    """A paged KV cache of fp16 heads of 128 through the CUDA backend's whole pipeline: the library has the
+    tensor-core paged and ragged kernels next to the tile loop, the merge and TVM's other attention kernels."""
+    require_cuda_toolkit(cuobjdump=False)
+    from cuda_sources import generated_cuda, kernel_definitions
+    from test_attention_split_kv import _cache_module
+
+    src = generated_cuda(lambda bt: tvm.compile(_cache_module(2, 8, D), target=bt.target,
+                                                relax_pipeline=bt.relax_pipeline()), "sm_90")
+    kernels = kernel_definitions(src)
+    for name in ("batch_prefill_paged_kv_split_kernel", "batch_prefill_ragged_kv_tc_kernel"):
+        assert "mma.sync" in kernels[name], name
+    assert "batch_prefill_paged_kv_split_kernel_2" in kernels and "batch_prefill_ragged_kv_kernel" not in kernels
