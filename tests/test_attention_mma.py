@@ -107,11 +107,14 @@ def _emulate(q, q_indptr, pages, page_indptr, page_values, last_len, causal, sm_
                             for h in range(2):
                                 s[:, 2 * j + h] = _mma_m16n8k16(qa[kk], fb[:, 4 * h: 4 * h + 4], s[:, 2 * j + h])
                     m_new = m_run.copy()
+                    # the kernel skips the mask on tiles whole to every row: they must be
+                    unmasked = (t + 1) * am.KEYS <= (kv_len - qo_len + row0 // group + 1 if causal else kv_len)
                     for j in range(am.S_TILES):
                         for c in range(4):
                             key = t * am.KEYS + lay.acc_col(j, lane, c)
                             tok = (row0 + lay.acc_row(warp, lane, c)) // group
                             limit = kv_len - qo_len + tok + 1 if causal else kv_len
+                            assert not unmasked or (key < limit).all()
                             s[:, j, c] = np.where(key < limit, s[:, j, c] * np.float32(sm_scale * am.LOG2E),
                                                   np.float32(am.MASKED))
                             m_new[:, c // 2] = np.maximum(m_new[:, c // 2], s[:, j, c])

@@ -247,15 +247,21 @@ def make_tc_prefill(h_kv: int, h_q: int, dtype: str, paged: bool = True):
                 # mask, scale to log2 units, new running max (quad of lanes = one row)
                 for r in T.unroll(2):
                     m_new[r] = m_run[r]
-                for j in T.unroll(S_TILES):
-                    for c in T.unroll(4):
-                        s_acc[j * 4 + c] = T.if_then_else(
-                            t * KEYS + lay.acc_col(j, tx, c) < T.if_then_else(
-                                causal > 0,
-                                kv_len - qo_len + (row0 + lay.acc_row(ty, tx, c)) // group + 1,
-                                kv_len),
-                            s_acc[j * 4 + c] * scale, T.float32(MASKED))
-                        m_new[c // 2] = T.max(m_new[c // 2], s_acc[j * 4 + c])
+                # a tile every row sees whole (below the first token's diagonal) needs no mask
+                if (t + 1) * KEYS <= T.if_then_else(causal > 0, kv_len - qo_len + row0 // group + 1, kv_len):
+                    for a in T.unroll(S_TILES * 4):
+                        s_acc[a] = s_acc[a] * scale
+                        m_new[a % 4 // 2] = T.max(m_new[a % 4 // 2], s_acc[a])
+                else:
+                    for j in T.unroll(S_TILES):
+                        for c in T.unroll(4):
+                            s_acc[j * 4 + c] = T.if_then_else(
+                                t * KEYS + lay.acc_col(j, tx, c) < T.if_then_else(
+                                    causal > 0,
+                                    kv_len - qo_len + (row0 + lay.acc_row(ty, tx, c)) // group + 1,
+                                    kv_len),
+                                s_acc[j * 4 + c] * scale, T.float32(MASKED))
+                            m_new[c // 2] = T.max(m_new[c // 2], s_acc[j * 4 + c])
                 for r in T.unroll(2):
                     for sh in T.unroll(2):
                         m_new[r] = T.max(m_new[r], T.tvm_warp_shuffle_xor(
