@@ -1,22 +1,25 @@
-"""Paged-KV prefill attention on tensor cores (FlashAttention-2 style, mma.sync m16n8k16), for long chunks.
+"""Prefill attention on tensor cores (FlashAttention-2 style, mma.sync m16n8k16): the paged kernel's launch for long
+chunks (pasted into `cuda_attention_split_kv`'s function) and a whole replacement of TVM's ragged prefill kernel.
 
 The CUDA-core tile loop of TVM's prefill kernel (and of `cuda_attention_split_kv`) multiplies scores and values one
 fp32 FMA at a time; at 512-2,048 prompt tokens it dominates the prefill (docs/attention.md). This kernel computes
-the same results (TVM 0.27's `batch_prefill_paged_kv` signature and conventions) with the tensor cores:
+the same results (TVM 0.27's `batch_prefill_paged_kv` / `batch_prefill_ragged_kv` signatures and conventions) with
+the tensor cores:
 
 - CTA = (query tile, KV head), 4 warps. A query tile is 64 rows of (token, head-in-group) pairs, as in TVM's
   kernel, so the heads of a group share every K and V tile; each warp owns 16 rows, held for the whole loop as
   `ldmatrix` A fragments (d = 128: 8 k16 steps).
-- KV tiles of 64 keys: K and V rows come from the pages (a key's page from `page_values`) into XOR-swizzled shared
-  memory with 16-byte `cp.async`, double-buffered (tile t + 1 is in flight while tile t is multiplied). Keys past
-  the sequence are clamped to its last key (real memory) and masked.
+- KV tiles of 64 keys: K and V rows come from the pages (a key's page from `page_values`; or the ragged k and v
+  rows) into XOR-swizzled shared memory with 16-byte `cp.async`, double-buffered (tile t + 1 is in flight while
+  tile t is multiplied). Keys past the sequence are clamped to its last key (real memory) and masked.
 - S = Q K^T (K rows are the `col` operand, as the dense GEMM's weight rows); masking (key >= kv_len, causal: key >
   kv_len - qo_len + token) and the online softmax run on the accumulator fragments (row max across the 4 lanes of
   a quad with shuffles, exp2 of scores scaled by sm_scale * log2(e)); P is re-packed from the S accumulators into
   fp16 A fragments in registers (the accumulator of n-tiles 2k, 2k + 1 is the A fragment of k16 step k) and
   O += P V takes V fragments from `ldmatrix.trans`.
-- Causal tiles stop at the last key any row of the tile sees. Output = O / l, lse = m + log2(l) (log2 units);
-  a row that sees no key at all gets output 0 and lse -5e4, as TVM's kernel leaves it.
+- Causal tiles stop at the last key any row of the tile sees; tiles every row sees whole skip the mask.
+  Output = O / l, lse = m + log2(l) (log2 units); a row that sees no key at all gets output 0 and lse -5e4, as
+  TVM's kernel leaves it.
 
 Masked scores are -5e4 (TVM's convention), so a fully masked first tile leaves a finite state that the next
 visible tile's rescale factor (2^(-5e4 - m) = 0) wipes out.
