@@ -102,7 +102,7 @@ def _reference(cfg: Any, ops: dict[str, Any], m: int, xs: Any) -> Any:
     if cfg.has_outliers:
         vo, no, ko = cfg.outlier_vector_len, cfg.num_outlier_vectors, cfg.num_outlier_centroids
         r = torch.arange(cfg.out_features, device=xs.device)
-        oc = _index(ops["outlier_codes"][m * no + r // vo])  # [O, osz]
+        oc = _index(ops["outlier_codes"])[m * no + r // vo]  # [O, osz] (CUDA cannot index a uint16 tensor)
         wo = ops["outlier_centroids"][m * ko + oc, (r % vo)[:, None]].double()
         y = y + xs[..., : cfg.outlier_size].double() @ wo.T
     return y

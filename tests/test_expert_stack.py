@@ -89,20 +89,19 @@ def test_convert_writes_the_members_concatenated(tmp_path):
     ("v8-k65536-0", (7168, 2048), 1200, {}),  # 1200 x 256 x 7168 codes: offsets past 2^31
 ])
 def test_gathered_cuda_kernel_compiles_with_nvcc(variant, shape, matrices, extra):
-    """The gathered kernel (symbolic rows, 4 slots) and its norm-bias row dot: TVM's CUDA source, with 16-byte code
-    loads, warp shuffles and 64-bit offsets into stacks past 2^31 elements, then nvcc (sm_90) on it."""
+    """The gathered kernel (symbolic rows, 4 slots): TVM's CUDA source, with 16-byte code loads, warp shuffles and
+    64-bit offsets into stacks past 2^31 elements, then nvcc (sm_90) on it."""
     require_cuda_toolkit(cuobjdump=False)
     import tvm
 
     from vptq_mlc.compile.targets import resolve_backend
-    from vptq_mlc.tir_kernels.cuda_gather import gathered_row_dot_cuda, vq_gathered_cuda
+    from vptq_mlc.tir_kernels.cuda_gather import vq_gathered_cuda
 
     cfg = VPTQLayerConfig.from_variant(variant, *shape, **extra)
-    funcs = {"gathered": vq_gathered_cuda(cfg, "float16", matrices, 4),
-             "gathered_dot": gathered_row_dot_cuda(shape[0], "float16", 4, True, matrices)}
+    funcs = {"gathered": vq_gathered_cuda(cfg, "float16", matrices, 4)}
     mod = tvm.IRModule({n: f.with_attr("global_symbol", n) for n, f in funcs.items()})
     kernels = kernel_definitions(generated_cuda(lambda bt: tvm.compile(mod, target=bt.target), arch="sm_90"))
-    assert sorted(kernels) == ["gathered_dot_kernel", "gathered_kernel"]
+    assert sorted(kernels) == ["gathered_kernel"]
     code = kernels["gathered_kernel"]
     assert "__shfl_down_sync" in code
     if variant == "v8-k256-256":  # 8 one-byte codes per lane load, one 16-byte fp16 codebook entry per lookup

@@ -134,19 +134,3 @@ def vq_gathered_cuda(cfg: VPTQLayerConfig, dtype: str, matrices: int, slots: int
     from vptq_mlc.artifact.vq_layout import vq_operand_shapes
 
     return keep_params(kernel, {"xs", "mat", "y", *vq_operand_shapes(cfg)})
-
-
-def gathered_row_dot_cuda(in_features: int, dtype: str, slots: int, shared: bool, matrices: int,
-                          threads: int = 256) -> tirx.PrimFunc:
-    """`generic.gathered_row_dot` scheduled as `cuda_gemv.row_dot_cuda`: one block per (row, slot), the reduction
-    over `threads` threads (dlight's GEMV rule cannot normalize a reduction that reads its weight through `mat`)."""
-    import tvm
-
-    from vptq_mlc.tir_kernels.generic import gathered_row_dot
-
-    sch = tvm.s_tir.Schedule(gathered_row_dot(in_features, dtype, slots, shared, matrices))
-    b, t, kk = sch.get_loops(sch.get_sblock("row_dot"))
-    _, ki = sch.split(kk, [None, threads])
-    sch.bind(sch.fuse(b, t), "blockIdx.x")
-    sch.bind(ki, "threadIdx.x")
-    return sch.mod["main"]

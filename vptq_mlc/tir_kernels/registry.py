@@ -111,7 +111,8 @@ class KernelSelector:
     def gathered_row_dot(self, in_features: int, dtype: str, slots: int, shared: bool, matrices: int
                          ) -> tirx.PrimFunc:
         """`s[b, t] = x[b, t or 0] . w[mat[b, t]]` (fp32): the norm-bias term of gathered linears
-        (`generic.gathered_row_dot`); GPU families schedule it themselves."""
+        (`generic.gathered_row_dot`), scheduled by the pipeline (dlight on GPUs: its schedule matches transformers
+        on the H100, where a hand-scheduled one binding the reduction to threads did not)."""
         return gathered_row_dot(in_features, dtype, slots, shared, matrices)
 
 
@@ -148,13 +149,6 @@ class WavefrontKernelSelector(KernelSelector):
         from vptq_mlc.tir_kernels.cuda_gather import vq_gathered_cuda
 
         return _mark(VQKernel(vq_gathered_cuda(cfg, dtype, matrices, slots, params=self.params), ())).func
-
-    @functools.cache  # noqa: B019 - as `gathered`
-    def gathered_row_dot(self, in_features: int, dtype: str, slots: int, shared: bool, matrices: int
-                         ) -> tirx.PrimFunc:
-        from vptq_mlc.tir_kernels.cuda_gather import gathered_row_dot_cuda
-
-        return _mark(VQKernel(gathered_row_dot_cuda(in_features, dtype, slots, shared, matrices), ())).func
 
 
 class CudaKernelSelector(KernelSelector):
@@ -197,13 +191,6 @@ class CudaKernelSelector(KernelSelector):
         from vptq_mlc.tir_kernels.cuda_gather import vq_gathered_cuda
 
         return _mark(VQKernel(vq_gathered_cuda(cfg, dtype, matrices, slots), ())).func
-
-    @functools.cache  # noqa: B019 - as `gathered`
-    def gathered_row_dot(self, in_features: int, dtype: str, slots: int, shared: bool, matrices: int
-                         ) -> tirx.PrimFunc:
-        from vptq_mlc.tir_kernels.cuda_gather import gathered_row_dot_cuda
-
-        return _mark(VQKernel(gathered_row_dot_cuda(in_features, dtype, slots, shared, matrices), ())).func
 
 
 def _mark(k: VQKernel) -> VQKernel:
