@@ -4,11 +4,10 @@ call in the function's body).
 
     python3 bench/decode_launches.py MODEL_DIR [--function decode] [--list]
 
-MODEL_DIR may be config-only (`vptq-mlc bench synth-model DIR --config-only --layers 2`). A call is one PrimFunc;
-a PrimFunc launches one kernel per outermost thread binding (the code-sorted kernel: 2). Calls whose PrimFunc name
-carries `layers.<i>.`-free names cannot be told apart by layer, so the per-layer figure is the launches between
-the first and the last KV-cache attention call divided by the layers in between, plus one layer's tail; `--list`
-prints every call in order, which is the ground truth.
+MODEL_DIR may be config-only (`vptq-mlc bench synth-model DIR --config-only --layers 3`). A call is one PrimFunc;
+a PrimFunc launches one kernel per outermost thread binding (the code-sorted kernel: 2). Each decoder layer makes
+one KV-cache attention call (a packed call: the cache's own append/attention kernels are not counted here), so a
+layer's launches are those from one attention call to the next; `--list` prints every call in order.
 """
 
 from __future__ import annotations
@@ -53,9 +52,9 @@ def lowered_module(model_dir: Path, arch: str = "sm_90"):
     import tvm
 
     from vptq_mlc.artifact.chat_config import ChatConfig
+    from vptq_mlc.checkpoint.arch import model_config_from_json
     from vptq_mlc.compile.targets import resolve_backend
     from vptq_mlc.model.builder import build_model
-    from vptq_mlc.checkpoint.arch import model_config_from_json
 
     chat = ChatConfig.load(model_dir)
     arch_name = chat.model_type or "llama"
@@ -74,6 +73,7 @@ def lowered_module(model_dir: Path, arch: str = "sm_90"):
 def launches(mod, function: str) -> list[tuple[str, int]]:
     """(callee, kernels it launches) for every call of `function`'s body in order; packed calls count 0 (the KV
     cache's builtins: their attention/append kernels are launched by the runtime, counted as `packed:<name>`)."""
+    import tvm
     from tvm import relax, tirx
 
     gvars = {gv.name_hint: gv for gv in mod.functions}
@@ -86,8 +86,7 @@ def launches(mod, function: str) -> list[tuple[str, int]]:
                 out.append((op.name_hint, kernels_in(mod[op])))
             elif isinstance(op, relax.ExternFunc):
                 out.append((f"packed:{op.global_symbol}", 0))
-            elif isinstance(op, tvm_op_type()) and op.name == "relax.call_packed" or (
-                isinstance(op, tvm_op_type()) and op.name == "relax.call_builtin_with_ctx"):
+            elif isinstance(op, tvm.ir.Op) and op.name in ("relax.call_packed", "relax.call_builtin_with_ctx"):
                 name = e.args[0].global_symbol if isinstance(e.args[0], relax.ExternFunc) else str(e.args[0])
                 out.append((f"packed:{name}", 0))
             for a in e.args:
@@ -106,12 +105,6 @@ def launches(mod, function: str) -> list[tuple[str, int]]:
 
     visit_expr(mod[gvars[function]].body)
     return out
-
-
-def tvm_op_type():
-    import tvm
-
-    return tvm.ir.Op
 
 
 def main() -> int:

@@ -21,6 +21,7 @@ from tvm.relax.frontend.nn.llm.kv_cache import PagedKVCache, RopeMode, TIRPagedK
 from tvm.target import Target
 
 from vptq_mlc.model.config import DecoderConfig
+from vptq_mlc.model.vptq_linear import project_shared_input
 
 # (module path, in_features, out_features, has_bias) -> module computing x @ W.T (+ b)
 LinearFactory = Callable[[str, int, int, bool], nn.Module]
@@ -78,7 +79,7 @@ class Attention(nn.Module):
 
     def forward(self, x: Tensor, kv: PagedKVCache, layer_id: int) -> Tensor:
         b, s, _ = x.shape
-        qkv = op.concat([self.q_proj(x), self.k_proj(x), self.v_proj(x)], dim=-1)
+        qkv = op.concat(project_shared_input([self.q_proj, self.k_proj, self.v_proj], x), dim=-1)
         qkv = op.reshape(qkv, (b, s, self.num_q_heads + 2 * self.num_kv_heads, self.head_dim))
         if self.inv_freq is not None:
             positions = kv.get_query_positions(b * s)
@@ -98,7 +99,8 @@ class MLP(nn.Module):
         self.down_proj = make_linear(f"{prefix}.down_proj", i, h, cfg.mlp_bias)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.down_proj(op.silu(self.gate_proj(x)) * self.up_proj(x))
+        gate, up = project_shared_input([self.gate_proj, self.up_proj], x)
+        return self.down_proj(op.silu(gate) * up)
 
 
 class DecoderLayer(nn.Module):

@@ -8,6 +8,7 @@ dense weight: `y = vq_matmul(x[:, perm] * col_scale) + x @ weight_bias + bias` (
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 from tvm import te
@@ -53,22 +54,41 @@ class VPTQLinear(nn.Module):
         args = [x2, self.perm] + ([self.col_scale] if self.col_scale is not None else [])
         return op.tensor_expr_op(gather, "vq_permute", args)
 
-    def forward(self, x: nn.Tensor) -> nn.Tensor:
+    @property
+    def prologue_kernel_used(self) -> bool:
+        """Whether the activation side runs as the target's prologue kernel (a normed layer on CUDA)."""
+        nb = self._select_norm_bias
+        return self.weight_bias is not None and nb is not None and nb.prologue is not None
+
+    def prologue_operands(self) -> list[nn.Tensor]:
+        """This layer's operands of the prologue kernel, in its order: [perm], col_scale, weight_bias."""
+        return ([self.perm] if self.perm is not None else []) + [self.col_scale, self.weight_bias]
+
+    def _flatten(self, x: nn.Tensor) -> tuple[list[Any], Any, nn.Tensor]:
         lead = list(x.shape[:-1])
         rows = 1
         for d in lead:
             rows = rows * d
-        x2 = op.reshape(x, [rows, self.in_features])
-        nb, dot = self._select_norm_bias, None
-        if self.weight_bias is not None and nb is not None and nb.prologue is not None:
+        return lead, rows, op.reshape(x, [rows, self.in_features])
+
+    def forward(self, x: nn.Tensor) -> nn.Tensor:
+        lead, rows, x2 = self._flatten(x)
+        dot = None
+        if self.prologue_kernel_used:
             # one kernel: xs = x2[:, perm] * col_scale and dot = x2 @ weight_bias (fp32)
-            args = [x2] + ([self.perm] if self.perm is not None else []) + [self.col_scale, self.weight_bias]
             xs, dot = op.tensor_ir_op(
-                nb.prologue(self.in_features, self.dtype, self.perm is not None), "vq_prologue", args=args,
+                self._select_norm_bias.prologue(self.in_features, self.dtype, self.perm is not None), "vq_prologue",
+                args=[x2, *self.prologue_operands()],
                 out=[nn.Tensor.placeholder([rows, self.in_features], self.dtype),
                      nn.Tensor.placeholder([rows, 1], "float32")])
         else:
             xs = self._permute_and_scale(x2)
+        return self.project(lead, rows, x2, xs, dot)
+
+    def project(self, lead: list[Any], rows: Any, x2: nn.Tensor, xs: nn.Tensor, dot: nn.Tensor | None) -> nn.Tensor:
+        """The VQ kernel on the prepared activation `xs`, plus the norm-bias dot (computed here when `dot` is None)
+        and the bias; `x2` is the activation as [rows, in_features], `lead` its leading shape."""
+        nb = self._select_norm_bias
         static_rows = rows if isinstance(rows, int) else None
         kernel = self._select_kernel(self.cfg, self.dtype, static_rows)
         y_out = nn.Tensor.placeholder([rows, self.out_features], self.dtype)
@@ -163,3 +183,31 @@ class GatheredVPTQLinears(nn.Module):
 
         extra = [t for t in (dot, self.bias) if t is not None]
         return op.tensor_expr_op(epilogue, "vq_gathered_bias", [y, mat, *extra])
+
+
+def project_shared_input(linears: Sequence[nn.Module], x: nn.Tensor) -> list[nn.Tensor]:
+    """`[linear(x) for linear in linears]` for linears that read the same activation (q/k/v, gate/up): the VPTQ
+    linears among them whose activation side is the prologue kernel share one launch of its shared form (each
+    linear's xs and dot exactly as its own prologue would compute them), the others run as usual."""
+    shared = [m for m in linears if isinstance(m, VPTQLinear) and m.prologue_kernel_used]
+    nb = shared[0]._select_norm_bias if shared else None
+    if len(shared) < 2 or nb is None or nb.shared_prologue is None or nb.max_shared < 2 or any(
+            m._select_norm_bias is not nb or (m.in_features, m.dtype) != (shared[0].in_features, shared[0].dtype)
+            for m in shared):
+        return [m(x) for m in linears]
+    first = shared[0]
+    lead, rows, x2 = first._flatten(x)
+    prepared: dict[int, tuple[nn.Tensor, nn.Tensor]] = {}
+    for i in range(0, len(shared), nb.max_shared):
+        group = shared[i : i + nb.max_shared]
+        if len(group) == 1:
+            continue  # a last one alone keeps its own prologue
+        outs = op.tensor_ir_op(
+            nb.shared_prologue(first.in_features, first.dtype, tuple(m.perm is not None for m in group)),
+            "vq_prologue_shared",
+            args=[x2, *(t for m in group for t in m.prologue_operands())],
+            out=[t for _ in group for t in (nn.Tensor.placeholder([rows, first.in_features], first.dtype),
+                                            nn.Tensor.placeholder([rows, 1], "float32"))])
+        for j, m in enumerate(group):
+            prepared[id(m)] = (outs[2 * j], outs[2 * j + 1])
+    return [m.project(lead, rows, x2, *prepared[id(m)]) if id(m) in prepared else m(x) for m in linears]

@@ -19,6 +19,33 @@ from vptq_mlc.tir_kernels.cuda_common import KERNEL_ATTRS, keep_params, warp_sum
 THREADS = 1024  # one gathered element per thread and CTA
 
 
+@T.macro
+def gather_scale_dot(x, perm, col_scale, weight_bias, xs, dot, red, acc, bx, by, tx,
+                     has_perm, I, CH, WARPS):  # noqa: E741
+    """CTA (bx, by) of one linear's prologue: columns by*THREADS.. of row bx into `xs`; CTA (bx, 0) also reduces
+    the row's dot with `weight_bias` into `dot[bx, 0]` (fp32)."""
+    if by * THREADS + tx < I:
+        if has_perm:
+            xs[bx, by * THREADS + tx] = x[bx, perm[by * THREADS + tx]] * col_scale[by * THREADS + tx]
+        else:
+            xs[bx, by * THREADS + tx] = x[bx, by * THREADS + tx] * col_scale[by * THREADS + tx]
+    if by == 0:
+        acc[0] = T.float32(0)
+        for it in T.unroll(CH):  # unrolled: every load in flight at once
+            if it * THREADS + tx < I:
+                acc[0] = acc[0] + T.Cast("float32", x[bx, it * THREADS + tx]) * T.Cast(
+                    "float32", weight_bias[it * THREADS + tx])
+        warp_sum(acc, 1, 32, 32)
+        if tx % 32 == 0:
+            red[tx // 32] = acc[0]
+        T.tvm_storage_sync("shared")
+        if tx == 0:
+            acc[0] = red[0]
+            for w in T.unroll(1, WARPS):
+                acc[0] = acc[0] + red[w]
+            dot[bx, 0] = acc[0]
+
+
 def vq_prologue_cuda(in_features: int, dtype: str, has_perm: bool) -> tirx.PrimFunc:
     """PrimFunc(x[n, I], [perm[I]], col_scale[I], weight_bias[I], xs[n, I], dot[n, 1] float32) for any n.
 
@@ -46,27 +73,70 @@ def vq_prologue_cuda(in_features: int, dtype: str, has_perm: bool) -> tirx.PrimF
         tx = T.launch_thread("threadIdx.x", THREADS)
         red = T.alloc_buffer((WARPS,), "float32", scope="shared")
         acc = T.alloc_buffer((1,), "float32", scope="local")
-        if by * THREADS + tx < I:
-            if has_perm:
-                xs[bx, by * THREADS + tx] = x[bx, perm[by * THREADS + tx]] * col_scale[by * THREADS + tx]
-            else:
-                xs[bx, by * THREADS + tx] = x[bx, by * THREADS + tx] * col_scale[by * THREADS + tx]
-        if by == 0:
-            acc[0] = T.float32(0)
-            for it in T.unroll(CH):  # unrolled: every load in flight at once
-                if it * THREADS + tx < I:
-                    acc[0] = acc[0] + T.Cast("float32", x[bx, it * THREADS + tx]) * T.Cast(
-                        "float32", weight_bias[it * THREADS + tx])
-            warp_sum(acc, 1, 32, 32)
-            if tx % 32 == 0:
-                red[tx // 32] = acc[0]
-            T.tvm_storage_sync("shared")
-            if tx == 0:
-                acc[0] = red[0]
-                for w in T.unroll(1, WARPS):
-                    acc[0] = acc[0] + red[w]
-                dot[bx, 0] = acc[0]
+        gather_scale_dot(x, perm, col_scale, weight_bias, xs, dot, red, acc, bx, by, tx, has_perm, I, CH, WARPS)
 
     if has_perm:
         return kernel
     return keep_params(kernel, {p.name for p in kernel.params} - {"perm"})
+
+
+MAX_SHARED = 3  # linears one shared prologue serves (q, k, v)
+
+
+def vq_shared_prologue_cuda(in_features: int, dtype: str, perms: tuple[bool, ...]) -> tirx.PrimFunc:
+    """The prologues of 2..MAX_SHARED linears that read the same activation (q/k/v, gate/up) as one launch:
+    PrimFunc(x[n, I], then per linear m [perm_m[I]], col_scale_m[I], weight_bias_m[I], then per linear
+    xs_m[n, I], dot_m[n, 1] float32) for any n; `perms[m]`: whether linear m has a permutation.
+
+    Grid (n, ceil(I / THREADS), len(perms)): blockIdx.z picks the linear, and each CTA does exactly what CTA
+    (bx, by) of that linear's own `vq_prologue_cuda` does (same loads, same reduction order: the same bits), so a
+    decoder layer saves 3 launches (q/k/v 3 -> 1, gate/up 2 -> 1) of kernels that each cost about their launch."""
+    M = len(perms)
+    if not 2 <= M <= MAX_SHARED:
+        raise ValueError(f"a shared prologue serves 2..{MAX_SHARED} linears, got {M}")
+    n = tirx.Var("n", "int64")
+    I = in_features  # noqa: E741
+    WARPS = THREADS // 32
+    CH = -(-I // THREADS)
+    P0, P1, P2 = (*perms, False)[:3]
+
+    @T.prim_func(private=True)
+    def kernel(
+        x: T.Buffer((n, I), dtype),
+        perm_0: T.Buffer((I,), "int32"),
+        col_scale_0: T.Buffer((I,), dtype),
+        weight_bias_0: T.Buffer((I,), dtype),
+        perm_1: T.Buffer((I,), "int32"),
+        col_scale_1: T.Buffer((I,), dtype),
+        weight_bias_1: T.Buffer((I,), dtype),
+        perm_2: T.Buffer((I,), "int32"),
+        col_scale_2: T.Buffer((I,), dtype),
+        weight_bias_2: T.Buffer((I,), dtype),
+        xs_0: T.Buffer((n, I), dtype),
+        dot_0: T.Buffer((n, 1), "float32"),
+        xs_1: T.Buffer((n, I), dtype),
+        dot_1: T.Buffer((n, 1), "float32"),
+        xs_2: T.Buffer((n, I), dtype),
+        dot_2: T.Buffer((n, 1), "float32"),
+    ):
+        T.func_attr(KERNEL_ATTRS)
+        bx = T.launch_thread("blockIdx.x", n)
+        by = T.launch_thread("blockIdx.y", CH)
+        bz = T.launch_thread("blockIdx.z", M)
+        tx = T.launch_thread("threadIdx.x", THREADS)
+        red = T.alloc_buffer((WARPS,), "float32", scope="shared")
+        acc = T.alloc_buffer((1,), "float32", scope="local")
+        if bz == 0:
+            gather_scale_dot(x, perm_0, col_scale_0, weight_bias_0, xs_0, dot_0, red, acc, bx, by, tx, P0, I, CH,
+                             WARPS)
+        if bz == 1:
+            gather_scale_dot(x, perm_1, col_scale_1, weight_bias_1, xs_1, dot_1, red, acc, bx, by, tx, P1, I, CH,
+                             WARPS)
+        if M == 3:
+            if bz == 2:
+                gather_scale_dot(x, perm_2, col_scale_2, weight_bias_2, xs_2, dot_2, red, acc, bx, by, tx, P2, I,
+                                 CH, WARPS)
+
+    keep = {"x"} | {f"{name}_{m}" for m in range(M) for name in ("col_scale", "weight_bias", "xs", "dot")}
+    keep |= {f"perm_{m}" for m in range(M) if perms[m]}
+    return keep_params(kernel, keep)

@@ -212,17 +212,22 @@ def gemv_decode_batches() -> tuple[int, ...]:
 class NormBiasKernels:
     """How a normed layer's activation side runs on a GPU target: the fp32 norm-bias row dot
     `s[b] = sum_i x[b, i] * weight_bias[i]`, and where available one prologue kernel that also writes
-    `xs = x[:, perm] * col_scale` (so the layer is prologue + VQ kernel instead of gather + row dot + VQ kernel)."""
+    `xs = x[:, perm] * col_scale` (so the layer is prologue + VQ kernel instead of gather + row dot + VQ kernel),
+    and one prologue launch for up to `max_shared` linears that read the same activation (q/k/v, gate/up)."""
 
     row_dot: Callable[[int, str], tirx.PrimFunc]
     prologue: Callable[[int, str, bool], tirx.PrimFunc] | None = None  # (in_features, dtype, has_perm)
+    # (in_features, dtype, has_perm per linear) -> one kernel writing every linear's xs and dot
+    shared_prologue: Callable[[int, str, tuple[bool, ...]], tirx.PrimFunc] | None = None
+    max_shared: int = 1
 
 
 def norm_bias_kernels(prologue: bool) -> NormBiasKernels:
     """GPU kernels for the norm-bias term (targets without them let the relax pipeline schedule a plain reduction).
     dlight's schedule of that reduction keeps whole rows in static shared memory, which fails for static batches
     >= 2 at 7B shapes. `prologue`: also the fused prologue (`cuda_prologue.py`, 32-lane warp shuffles: CUDA);
-    without it the row dot alone (256 threads; TVM's allreduce follows the wavefront: ROCm)."""
+    without it the row dot alone (256 threads; TVM's allreduce follows the wavefront: ROCm). With the prologue comes
+    its shared form: linears reading the same activation (q/k/v, gate/up) get one launch instead of one each."""
     from vptq_mlc.tir_kernels.cuda_gemv import row_dot_cuda
 
     def mark(f: tirx.PrimFunc) -> tirx.PrimFunc:
@@ -234,10 +239,14 @@ def norm_bias_kernels(prologue: bool) -> NormBiasKernels:
 
     if not prologue:
         return NormBiasKernels(row_dot)
-    from vptq_mlc.tir_kernels.cuda_prologue import vq_prologue_cuda
+    from vptq_mlc.tir_kernels.cuda_prologue import MAX_SHARED, vq_prologue_cuda, vq_shared_prologue_cuda
 
     @functools.cache
     def prologue_kernel(in_features: int, dtype: str, has_perm: bool) -> tirx.PrimFunc:
         return mark(vq_prologue_cuda(in_features, dtype, has_perm))
 
-    return NormBiasKernels(row_dot, prologue_kernel)
+    @functools.cache
+    def shared_prologue_kernel(in_features: int, dtype: str, perms: tuple[bool, ...]) -> tirx.PrimFunc:
+        return mark(vq_shared_prologue_cuda(in_features, dtype, perms))
+
+    return NormBiasKernels(row_dot, prologue_kernel, shared_prologue_kernel, MAX_SHARED)
