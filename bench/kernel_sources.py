@@ -38,6 +38,8 @@ def _cases():
     ]  # the dlight matmul is not ours
     seen, out = set(), []
     for c in cases:
+        if c.prologue:
+            continue  # the same VQ kernels behind our prologues (those are dumped on their own below)
         if c.name not in seen:
             seen.add(c.name)
             out.append(c)
@@ -50,7 +52,7 @@ def _cuda_funcs(dtype: str, backend) -> dict[str, object]:
     from vptq_mlc.tir_kernels import cuda_code_sorted as cs
     from vptq_mlc.tir_kernels.cuda_gemv import MAX_ROWS, plan_gemv, vq_gemv_cuda
     from vptq_mlc.tir_kernels.cuda_mma import plan_mma, plan_mma_prefill, vq_mma_cuda
-    from vptq_mlc.tir_kernels.cuda_prologue import vq_prologue_cuda
+    from vptq_mlc.tir_kernels.cuda_prologue import vq_prologue_cuda, vq_shared_prologue_cuda
 
     select = backend.kernel_selector((LAYOUT, CODE_SORTED))
     funcs = {}
@@ -79,6 +81,9 @@ def _cuda_funcs(dtype: str, backend) -> dict[str, object]:
     for i in (1000, 4096, 11008):
         for perm in (False, True):
             funcs[f"{dtype}-prologue-{i}-perm{int(perm)}"] = vq_prologue_cuda(i, dtype, perm)
+        for perms in ((True, True, True), (True, False), (False, True, False)):
+            flags = "".join("p" if p else "n" for p in perms)
+            funcs[f"{dtype}-prologue-shared-{i}-{flags}"] = vq_shared_prologue_cuda(i, dtype, perms)
     return funcs
 
 

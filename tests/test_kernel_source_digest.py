@@ -25,18 +25,21 @@ RECORDED = {
     "mma_f16_v12_k65536_4096_prefill_kernel": "a1a5a34d3f6d8e93844466335809ddc1ac3eddc2e158c3775af80ac6411360d8",
     "mma_f16_v8_k4096_0_r8_kernel": "d9b9486602960d86ff05fffd84fa22ea181582d486fbbc19229a33248e7cc2ad",
     "prologue_f16_1000_perm_kernel": "c00b87662c1f6b7f42fe89cacca51e9e69786a325a9d4390207fb157955558aa",
+    # added with the shared prologue (q/k/v, gate/up in one launch); the kernels above are unchanged by it
+    "prologue_shared_f16_4096_pnp_kernel": "af0628a5b1a1e06b3b56aac3eafe3dea1de714e002569bcb659dfb027751930f",
 }
 
 
 def _kernels() -> dict:
     """Each macro in each kernel family: replicated shared-memory book + residual (gemv fp16), books read through
     L1/L2 with outliers (gemv fp32), direct shared-memory fill, vector and scalar (MMA decode, prefill with
-    residual and v = 12), folded residual + team reduction (code-sorted), one-warp reduction (prologue)."""
+    residual and v = 12), folded residual + team reduction (code-sorted), one-warp reduction (prologue; the shared
+    prologue of three linears, one without a permutation)."""
     from vptq_mlc.checkpoint.layer_config import VPTQLayerConfig
     from vptq_mlc.tir_kernels.cuda_code_sorted import vq_code_sorted_cuda
     from vptq_mlc.tir_kernels.cuda_gemv import vq_gemv_cuda
     from vptq_mlc.tir_kernels.cuda_mma import vq_mma_cuda
-    from vptq_mlc.tir_kernels.cuda_prologue import vq_prologue_cuda
+    from vptq_mlc.tir_kernels.cuda_prologue import vq_prologue_cuda, vq_shared_prologue_cuda
 
     def cfg(variant, i, o, **kw):
         return VPTQLayerConfig.from_variant(variant, i, o, **kw)
@@ -49,6 +52,7 @@ def _kernels() -> dict:
         "mma_f16_v12_k65536_4096_prefill": vq_mma_cuda(cfg("v12-k65536-4096", 1020, 252), "float16", None),
         "cs_f16_v8_k65536_256_r2": vq_code_sorted_cuda(cfg("v8-k65536-256", 1024, 512), "float16", 2),
         "prologue_f16_1000_perm": vq_prologue_cuda(1000, "float16", True),
+        "prologue_shared_f16_4096_pnp": vq_shared_prologue_cuda(4096, "float16", (True, False, True)),
     }
 
 

@@ -43,6 +43,10 @@ class KernelCase:
     # "" = the registry's choice; "gemv" / "mma" / "code-sorted" / "dequant" (dlight) force a kernel;
     # "dequant-gemm": dequantize into a scratch weight + the dense GEMM at every row count (symbolic rows)
     kernel: str = ""
+    # the activation side through our prologue kernel(s) instead of torch's gather: one letter per linear reading
+    # the same x, "p" with a permutation, "n" without ("p": the layer's own prologue; "ppp": the shared prologue of
+    # three linears, each with its own random perm / norm scale / norm bias); "" = torch computes xs and the dot
+    prologue: str = ""
 
     @property
     def name(self) -> str:
@@ -50,12 +54,21 @@ class KernelCase:
         r = f"r{self.rows}" if self.rows else f"rdyn{self.run_rows}"
         plan = "".join(f"-{k[0]}{v}" for k, v in sorted(self.plan.items()))
         forced = f"-{self.kernel}" if self.kernel else ""
-        return f"{self.variant}-{self.out_features}x{self.in_features}-{r}{extra}{plan}{forced}"
+        pro = f"-prologue_{self.prologue}" if self.prologue else ""
+        return f"{self.variant}-{self.out_features}x{self.in_features}-{r}{extra}{plan}{forced}{pro}"
 
     def config(self):
         from vptq_mlc.checkpoint.layer_config import VPTQLayerConfig
 
         return VPTQLayerConfig.from_variant(self.variant, self.in_features, self.out_features, **self.layer)
+
+    def member_configs(self) -> list:
+        """The configs of the linears of a prologue case (normed; perm per letter of `prologue`)."""
+        from vptq_mlc.checkpoint.layer_config import VPTQLayerConfig
+
+        return [VPTQLayerConfig.from_variant(self.variant, self.in_features, self.out_features,
+                                             **{**self.layer, "enable_norm": True, "enable_perm": ch == "p"})
+                for ch in self.prologue]
 
     def n(self) -> int:
         return self.rows or self.run_rows
@@ -97,6 +110,19 @@ def correctness_cases() -> list[KernelCase]:
         KernelCase("v8-k256-256", 1024, 512, None, outl, kernel="mma", run_rows=70),
         KernelCase("v12-k65536-4096", 1020, 252, None, kernel="mma", run_rows=19),
         KernelCase("v16-k65536-65536", 1024, 512, None, kernel="mma", run_rows=130),
+    ]
+    # the activation side through our prologue kernels (norm-bias dot, perm, scale), checked through whole linears:
+    # one linear's own prologue (rows 1, 11008 wide: 11 CTAs per row), the shared prologue of q/k/v-like and
+    # gate/up-like linears, widths that are no multiple of 1024, mixed perms, decode and prefill row counts
+    cases += [
+        KernelCase("v8-k4096-0", 11008, 512, 1, prologue="p"),
+        KernelCase("v8-k65536-256", 1024, 512, 1, prologue="p"),  # the code-sorted kernel behind it
+        KernelCase("v8-k4096-0", 4096, 512, 1, prologue="ppp"),
+        KernelCase("v8-k4096-0", 4096, 1024, 1, prologue="pp"),
+        KernelCase("v8-k256-256", 1000, 300, 2, prologue="pnp"),
+        KernelCase("v8-k4096-0", 4096, 512, 5, prologue="pn"),
+        KernelCase("v8-k4096-0", 4096, 512, 16, prologue="ppp"),
+        KernelCase("v8-k256-256", 1000, 300, None, run_rows=37, prologue="ppn"),
     ]
     # long prompts: the registry's prefill dequantizes into a scratch weight and runs the dense GEMM (>= 128 rows)
     for var in ("v8-k256-256", "v8-k4096-0", "v8-k65536-256", "v12-k65536-4096", "v16-k65536-65536", "v4-k256-0"):
@@ -238,6 +264,8 @@ def build_kernel_library(cases: list[KernelCase], out_dir: str | os.PathLike[str
             f = k.func
             calls[i] = {"operands": list(k.operands), "scratch": [[list(sh), dt] for sh, dt in k.scratch]}
         funcs[f"k{i}"] = f.with_attr("global_symbol", f"k{i}")
+        if c.prologue:
+            funcs[f"k{i}_prologue"] = prologue_kernel(c, dtype).with_attr("global_symbol", f"k{i}_prologue")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
@@ -247,6 +275,16 @@ def build_kernel_library(cases: list[KernelCase], out_dir: str | os.PathLike[str
                                             "cases": [asdict(c) for c in cases], "calls": calls}, indent=1))
     log.info("built %d kernels in %.1f s -> %s", len(cases), time.time() - t0, out)
     return out / LIBRARY
+
+
+def prologue_kernel(case: KernelCase, dtype: str):
+    """The prologue kernel a prologue case runs: the layer's own (one linear) or the shared one (several)."""
+    from vptq_mlc.tir_kernels.cuda_prologue import vq_prologue_cuda, vq_shared_prologue_cuda
+
+    perms = tuple(ch == "p" for ch in case.prologue)
+    if len(perms) == 1:
+        return vq_prologue_cuda(case.in_features, dtype, perms[0])
+    return vq_shared_prologue_cuda(case.in_features, dtype, perms)
 
 
 # ---------------------------------------------------------------- GPU host
@@ -295,8 +333,8 @@ class CudaKernels:
         self.manifest, self.cases = load_manifest(art_dir)
         self.mod = tvm.runtime.load_module(str(Path(art_dir) / LIBRARY))
 
-    def func(self, i: int):
-        return self.mod[f"k{i}"]
+    def func(self, i: int, suffix: str = ""):
+        return self.mod[f"k{i}{suffix}"]
 
 
 def _tvm(t):
@@ -353,6 +391,9 @@ def check_kernels(art_dir: str | os.PathLike[str], seed: int = 0,
         cfg = c.config()
         if max_weights is not None and cfg.in_features * cfg.out_features > max_weights:
             continue
+        if c.prologue:
+            out += _check_prologue_case(lib, i, c, rng)
+            continue
         tensors = random_layer(cfg, rng, dtype, scale=0.5 / np.sqrt(cfg.in_features))
         names, scratch = call_spec(lib.manifest, i, cfg)
         ops, side = _operands(cfg, tensors, dtype, names)
@@ -369,6 +410,65 @@ def check_kernels(art_dir: str | os.PathLike[str], seed: int = 0,
         nan = bool(torch.isnan(y).any())
         out.append({"case": c.name, "rel_err": err, "nan": nan, "ok": err <= ROW_REL_ERR_MAX and not nan})
     return out
+
+
+def _check_prologue_case(lib: CudaKernels, i: int, c: KernelCase, rng, device: str = "cuda") -> list[dict[str, Any]]:
+    """A prologue case: our prologue kernel computes every member's xs and norm-bias dot from one x (outputs
+    poisoned with NaN first), then each member's VQ kernel, + dot + bias, against that member's
+    `x @ dequantize(W).T + bias`; also xs bit for bit against torch's gather and scale (one fp16 rounding each way)
+    and the dot against float64. One result per member."""
+    import torch
+
+    from vptq_mlc.checkpoint.dequant import dequantize
+    from vptq_mlc.testing.synthetic import random_layer
+
+    dtype = lib.manifest["dtype"]
+    tdt = getattr(torch, dtype)
+
+    def on_device(arrays: dict[str, np.ndarray]) -> dict[str, Any]:
+        return {k: torch.from_numpy(np.ascontiguousarray(a)).to(device) for k, a in arrays.items()}
+
+    x = torch.randn(c.n(), c.in_features, device=device).to(tdt)
+    members = []
+    for cfg in c.member_configs():
+        tensors = random_layer(cfg, rng, dtype, scale=0.5 / np.sqrt(cfg.in_features))
+        names, scratch = call_spec(lib.manifest, i, cfg)
+        ops, side = _operands(cfg, tensors, dtype, names)
+        members.append((cfg, tensors, scratch, on_device(ops), on_device(side)))
+    ins = [x]
+    outs = []
+    for *_, side_t in members:
+        ins += [side_t[k] for k in ("perm", "col_scale", "weight_bias") if k in side_t]
+        outs += [torch.full_like(x, float("nan")),
+                 torch.full((c.n(), 1), float("nan"), dtype=torch.float32, device=device)]
+    lib.func(i, "_prologue")(*(_tvm(t) for t in ins), *(_tvm(t) for t in outs))
+    res = []
+    for m, (cfg, tensors, scratch, ops_t, side_t) in enumerate(members):
+        xs, dot = outs[2 * m], outs[2 * m + 1]
+        want_xs = (x[:, side_t["perm"].long()] if "perm" in side_t else x) * side_t["col_scale"]
+        xs_exact = bool(torch.equal(xs, want_xs))
+        want_dot = x.double() @ side_t["weight_bias"].double()
+        dot_err = float((dot[:, 0].double() - want_dot).abs().max() / want_dot.abs().max().clamp_min(1e-30))
+        y = torch.full((c.n(), cfg.out_features), float("nan"), dtype=tdt, device=device)
+        tmp = [torch.empty(sh, dtype=getattr(torch, dt), device=device) for sh, dt in scratch]
+        lib.func(i)(_tvm(xs), *(_tvm(t) for t in ops_t.values()), *(_tvm(t) for t in tmp), _tvm(y))
+        y = y.double() + dot.double()
+        W = torch.from_numpy(dequantize(cfg, tensors).astype(np.float32)).to(device).double()
+        ref = x.double() @ W.T
+        if "bias" in side_t:
+            y = y + side_t["bias"].double()
+            ref = ref + side_t["bias"].double()
+        if device == "cuda":
+            torch.cuda.synchronize()
+        err = row_rel_err(y, ref)
+        nan = bool(torch.isnan(y).any() or torch.isnan(xs).any() or torch.isnan(dot).any())
+        res.append({"case": f"{c.name}-m{m}", "rel_err": err, "nan": nan, "xs_exact": xs_exact, "dot_err": dot_err,
+                    "ok": err <= ROW_REL_ERR_MAX and not nan and xs_exact and dot_err <= DOT_REL_ERR_MAX})
+    return res
+
+
+# fp32 sums of fp16 products in another order than float64's: ~1e-7 relative of the largest row's dot
+DOT_REL_ERR_MAX = 1e-5
 
 
 def _random_operands(cfg, dtype: str, gen) -> dict:

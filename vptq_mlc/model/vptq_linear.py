@@ -185,16 +185,34 @@ class GatheredVPTQLinears(nn.Module):
         return op.tensor_expr_op(epilogue, "vq_gathered_bias", [y, mat, *extra])
 
 
+def _shared_prologue_members(linears: Sequence[nn.Module]) -> list[VPTQLinear]:
+    """The linears of `linears` that can share one prologue launch (VPTQ, prologue kernel, same kernels, width and
+    dtype); empty when fewer than two can."""
+    shared = [m for m in linears if isinstance(m, VPTQLinear) and m.prologue_kernel_used]
+    if len(shared) < 2:
+        return []
+    nb = shared[0]._select_norm_bias
+    if nb.shared_prologue is None or nb.max_shared < 2 or any(
+            m._select_norm_bias is not nb or (m.in_features, m.dtype) != (shared[0].in_features, shared[0].dtype)
+            for m in shared):
+        return []
+    return shared
+
+
+def shares_prologue(linears: Sequence[nn.Module]) -> bool:
+    """Whether `project_shared_input(linears, x)` launches fewer prologues than calling each linear (targets
+    without the prologue kernel, the CPU's, keep their module's plain calls)."""
+    return bool(_shared_prologue_members(linears))
+
+
 def project_shared_input(linears: Sequence[nn.Module], x: nn.Tensor) -> list[nn.Tensor]:
     """`[linear(x) for linear in linears]` for linears that read the same activation (q/k/v, gate/up): the VPTQ
     linears among them whose activation side is the prologue kernel share one launch of its shared form (each
     linear's xs and dot exactly as its own prologue would compute them), the others run as usual."""
-    shared = [m for m in linears if isinstance(m, VPTQLinear) and m.prologue_kernel_used]
-    nb = shared[0]._select_norm_bias if shared else None
-    if len(shared) < 2 or nb is None or nb.shared_prologue is None or nb.max_shared < 2 or any(
-            m._select_norm_bias is not nb or (m.in_features, m.dtype) != (shared[0].in_features, shared[0].dtype)
-            for m in shared):
+    shared = _shared_prologue_members(linears)
+    if not shared:
         return [m(x) for m in linears]
+    nb = shared[0]._select_norm_bias
     first = shared[0]
     lead, rows, x2 = first._flatten(x)
     prepared: dict[int, tuple[nn.Tensor, nn.Tensor]] = {}

@@ -1,0 +1,74 @@
+"""The GPU check of the prologue kernels (`bench check`'s prologue cases) passes right kernels and fails wrong ones.
+
+Why: the check runs only on the GPU host, where a harness that compared the wrong tensors would pass silently.
+Here the library's kernels are stand-ins written in torch on the CPU (the prologue from its definition in
+docs/ARCHITECTURE.md, the VQ kernel as codebook lookups of the generic layout), called through the same DLPack
+path; one stand-in mixes up the linears' dots, one skips the permutation. No TVM compile: ~2 s.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from required import import_required
+
+from vptq_mlc.bench.kernels import KernelCase, _check_prologue_case
+
+torch = import_required("torch", 'pip install -e ".[test]"')
+
+
+def _torch(t):
+    return torch.from_dlpack(t)
+
+
+class _FakeLibrary:
+    """`func(i)`: the VQ kernel of a v8-k256-0 layer (one group, no residual, no outliers) as lookups; `func(i,
+    "_prologue")`: the prologue of len(perms) linears, optionally broken."""
+
+    def __init__(self, dtype: str, perms: tuple[bool, ...], fault: str = ""):
+        self.manifest = {"dtype": dtype, "calls": [None]}
+        self.perms, self.fault = perms, fault
+
+    def func(self, i: int, suffix: str = ""):
+        return self._prologue if suffix == "_prologue" else self._vq
+
+    def _prologue(self, *args):
+        x, rest = _torch(args[0]), [_torch(a) for a in args[1:]]
+        ops, outs = rest[: len(rest) - 2 * len(self.perms)], rest[len(rest) - 2 * len(self.perms):]
+        dots = []
+        for m, has_perm in enumerate(self.perms):
+            perm = ops.pop(0) if has_perm else None
+            col_scale, weight_bias = ops.pop(0), ops.pop(0)
+            gathered = x[:, perm.long()] if perm is not None and self.fault != "no-perm" else x
+            outs[2 * m].copy_(gathered * col_scale)
+            dots.append((x.double() @ weight_bias.double()).float()[:, None])
+        if self.fault == "swapped-dots":
+            dots = dots[1:] + dots[:1]
+        for m, d in enumerate(dots):
+            outs[2 * m + 1].copy_(d)
+
+    @staticmethod
+    def _vq(xs, centroids, codes, y):
+        xs, centroids, codes, y = _torch(xs), _torch(centroids), _torch(codes), _torch(y)
+        n, length = codes.shape
+        v = centroids.shape[-1]
+        w = centroids[0][codes.long()].permute(0, 2, 1).reshape(n * v, length)  # W[i*v + j, k] = C[codes[i,k], j]
+        y.copy_((xs.double() @ w.double().T)[:, : y.shape[1]].to(y.dtype))
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+@pytest.mark.parametrize("prologue", ["ppp", "pn", "p"])
+def test_right_prologue_passes(dtype: str, prologue: str) -> None:
+    case = KernelCase("v8-k256-0", 1000, 96, 3, prologue=prologue)
+    lib = _FakeLibrary(dtype, tuple(ch == "p" for ch in prologue))
+    res = _check_prologue_case(lib, 0, case, np.random.default_rng(0), device="cpu")
+    assert [r["case"] for r in res] == [f"{case.name}-m{m}" for m in range(len(prologue))]
+    assert all(r["ok"] and r["xs_exact"] for r in res), res
+
+
+@pytest.mark.parametrize("fault", ["swapped-dots", "no-perm"])
+def test_wrong_prologue_fails(fault: str) -> None:
+    case = KernelCase("v8-k256-0", 1000, 96, 2, prologue="pp")
+    lib = _FakeLibrary("float32", (True, True), fault)
+    res = _check_prologue_case(lib, 0, case, np.random.default_rng(0), device="cpu")
+    assert not any(r["ok"] for r in res), res
