@@ -21,7 +21,7 @@ from tvm.relax.frontend.nn.llm.kv_cache import PagedKVCache, RopeMode, TIRPagedK
 from tvm.target import Target
 
 from vptq_mlc.model.config import DecoderConfig
-from vptq_mlc.model.vptq_linear import project_shared_input, shares_prologue
+from vptq_mlc.model.vptq_linear import project_shared_input, shares_launches
 
 # (module path, in_features, out_features, has_bias) -> module computing x @ W.T (+ b)
 LinearFactory = Callable[[str, int, int, bool], nn.Module]
@@ -99,7 +99,7 @@ class MLP(nn.Module):
         self.down_proj = make_linear(f"{prefix}.down_proj", i, h, cfg.mlp_bias)
 
     def forward(self, x: Tensor) -> Tensor:
-        if shares_prologue([self.gate_proj, self.up_proj]):  # one prologue launch for both (CUDA)
+        if shares_launches([self.gate_proj, self.up_proj], x):  # one prologue / VQ launch for both (CUDA)
             gate, up = project_shared_input([self.gate_proj, self.up_proj], x)
             return self.down_proj(op.silu(gate) * up)
         return self.down_proj(op.silu(self.gate_proj(x)) * self.up_proj(x))

@@ -73,22 +73,23 @@ class VPTQLinear(nn.Module):
 
     def forward(self, x: nn.Tensor) -> nn.Tensor:
         lead, rows, x2 = self._flatten(x)
-        dot = None
+        xs, dot = self.activation(x2, rows)
+        return self.finish(self.vq_matmul(xs, rows), lead, rows, x2, dot)
+
+    def activation(self, x2: nn.Tensor, rows: Any) -> tuple[nn.Tensor, nn.Tensor | None]:
+        """(xs, dot): `x2[:, perm] * col_scale`, and the fp32 norm-bias dot when the prologue kernel computes it
+        (one kernel for both; else None and `finish` computes it)."""
         if self.prologue_kernel_used:
-            # one kernel: xs = x2[:, perm] * col_scale and dot = x2 @ weight_bias (fp32)
             xs, dot = op.tensor_ir_op(
                 self._select_norm_bias.prologue(self.in_features, self.dtype, self.perm is not None), "vq_prologue",
                 args=[x2, *self.prologue_operands()],
                 out=[nn.Tensor.placeholder([rows, self.in_features], self.dtype),
                      nn.Tensor.placeholder([rows, 1], "float32")])
-        else:
-            xs = self._permute_and_scale(x2)
-        return self.project(lead, rows, x2, xs, dot)
+            return xs, dot
+        return self._permute_and_scale(x2), None
 
-    def project(self, lead: list[Any], rows: Any, x2: nn.Tensor, xs: nn.Tensor, dot: nn.Tensor | None) -> nn.Tensor:
-        """The VQ kernel on the prepared activation `xs`, plus the norm-bias dot (computed here when `dot` is None)
-        and the bias; `x2` is the activation as [rows, in_features], `lead` its leading shape."""
-        nb = self._select_norm_bias
+    def vq_matmul(self, xs: nn.Tensor, rows: Any) -> nn.Tensor:
+        """The VQ kernel on the prepared activation: `xs @ Wpre.T` as [rows, out_features]."""
         static_rows = rows if isinstance(rows, int) else None
         kernel = self._select_kernel(self.cfg, self.dtype, static_rows)
         y_out = nn.Tensor.placeholder([rows, self.out_features], self.dtype)
@@ -99,8 +100,11 @@ class VPTQLinear(nn.Module):
             args=[xs, *(getattr(self, name) for name in kernel.operands)],
             out=[*scratch, y_out] if scratch else y_out,
         )
-        if scratch:
-            y = y[-1]
+        return y[-1] if scratch else y
+
+    def finish(self, y: nn.Tensor, lead: list[Any], rows: Any, x2: nn.Tensor, dot: nn.Tensor | None) -> nn.Tensor:
+        """`y` plus the norm-bias dot (computed here when `dot` is None) and the bias, in `x`'s leading shape."""
+        nb = self._select_norm_bias
         if self.weight_bias is not None and nb is not None:
             if dot is None:
                 dot = op.tensor_ir_op(nb.row_dot(self.in_features, self.dtype), "vq_norm_bias",
@@ -185,41 +189,73 @@ class GatheredVPTQLinears(nn.Module):
         return op.tensor_expr_op(epilogue, "vq_gathered_bias", [y, mat, *extra])
 
 
-def _shared_prologue_members(linears: Sequence[nn.Module]) -> list[VPTQLinear]:
-    """The linears of `linears` that can share one prologue launch (VPTQ, prologue kernel, same kernels, width and
-    dtype); empty when fewer than two can."""
-    shared = [m for m in linears if isinstance(m, VPTQLinear) and m.prologue_kernel_used]
-    if len(shared) < 2:
+def _static_rows(x: nn.Tensor) -> int | None:
+    rows = 1
+    for d in x.shape[:-1]:
+        if not isinstance(d, int):
+            return None
+        rows *= d
+    return rows
+
+
+def _prologue_groups(linears: Sequence[nn.Module]) -> list[list[VPTQLinear]]:
+    """Groups (2..max_shared each) of the linears whose prologues one launch of the shared prologue serves: VPTQ
+    linears whose activation side is the prologue kernel, with the same kernels, width and dtype."""
+    members = [m for m in linears if isinstance(m, VPTQLinear) and m.prologue_kernel_used]
+    if len(members) < 2:
         return []
-    nb = shared[0]._select_norm_bias
+    nb = members[0]._select_norm_bias
     if nb.shared_prologue is None or nb.max_shared < 2 or any(
-            m._select_norm_bias is not nb or (m.in_features, m.dtype) != (shared[0].in_features, shared[0].dtype)
-            for m in shared):
+            m._select_norm_bias is not nb or (m.in_features, m.dtype) != (members[0].in_features, members[0].dtype)
+            for m in members):
         return []
-    return shared
+    chunks = [members[i : i + nb.max_shared] for i in range(0, len(members), nb.max_shared)]
+    return [c for c in chunks if len(c) >= 2]
 
 
-def shares_prologue(linears: Sequence[nn.Module]) -> bool:
-    """Whether `project_shared_input(linears, x)` launches fewer prologues than calling each linear (targets
-    without the prologue kernel, the CPU's, keep their module's plain calls)."""
-    return bool(_shared_prologue_members(linears))
+def _matmul_groups(linears: Sequence[nn.Module], rows: int | None) -> list[tuple[list[VPTQLinear], Any]]:
+    """(layers, kernel): VPTQ linears of one config (and kernel selector) whose VQ kernels one launch serves
+    (`KernelSelector.shared`: the CUDA GEMV at decode row counts), the largest groups the selector takes."""
+    by_key: dict[tuple, list[VPTQLinear]] = {}
+    for m in linears:
+        if isinstance(m, VPTQLinear):
+            by_key.setdefault((m.cfg, m.dtype, id(m._select_kernel)), []).append(m)
+    out = []
+    for (cfg, dtype, _), members in by_key.items():
+        select = members[0]._select_kernel
+        i = 0
+        while len(members) - i >= 2:
+            for count in range(len(members) - i, 1, -1):
+                kernel = select.shared(cfg, dtype, rows, count)
+                if kernel is not None:
+                    out.append((members[i : i + count], kernel))
+                    i += count
+                    break
+            else:
+                break
+    return out
+
+
+def shares_launches(linears: Sequence[nn.Module], x: nn.Tensor) -> bool:
+    """Whether `project_shared_input(linears, x)` launches fewer kernels than calling each linear (where nothing is
+    shared, e.g. on CPU targets, callers keep their plain calls and so their exact graph)."""
+    return bool(_prologue_groups(linears) or _matmul_groups(linears, _static_rows(x)))
 
 
 def project_shared_input(linears: Sequence[nn.Module], x: nn.Tensor) -> list[nn.Tensor]:
-    """`[linear(x) for linear in linears]` for linears that read the same activation (q/k/v, gate/up): the VPTQ
-    linears among them whose activation side is the prologue kernel share one launch of its shared form (each
-    linear's xs and dot exactly as its own prologue would compute them), the others run as usual."""
-    shared = _shared_prologue_members(linears)
-    if not shared:
+    """`[linear(x) for linear in linears]` for linears that read the same activation (q/k/v, gate/up), with shared
+    launches where the target has them: one prologue launch for the VPTQ linears whose activation side is the
+    prologue kernel, and one VQ-kernel launch for VPTQ linears of one config (the CUDA GEMV at decode row counts).
+    Each shared kernel computes every layer's values exactly as that layer's own kernel would."""
+    prologue_groups = _prologue_groups(linears)
+    matmul_groups = _matmul_groups(linears, _static_rows(x))
+    if not prologue_groups and not matmul_groups:
         return [m(x) for m in linears]
-    nb = shared[0]._select_norm_bias
-    first = shared[0]
-    lead, rows, x2 = first._flatten(x)
-    prepared: dict[int, tuple[nn.Tensor, nn.Tensor]] = {}
-    for i in range(0, len(shared), nb.max_shared):
-        group = shared[i : i + nb.max_shared]
-        if len(group) == 1:
-            continue  # a last one alone keeps its own prologue
+    vq = [m for m in linears if isinstance(m, VPTQLinear)]
+    lead, rows, x2 = vq[0]._flatten(x)
+    prepared: dict[int, tuple[nn.Tensor, nn.Tensor | None]] = {}
+    for group in prologue_groups:
+        first, nb = group[0], group[0]._select_norm_bias
         outs = op.tensor_ir_op(
             nb.shared_prologue(first.in_features, first.dtype, tuple(m.perm is not None for m in group)),
             "vq_prologue_shared",
@@ -228,4 +264,23 @@ def project_shared_input(linears: Sequence[nn.Module], x: nn.Tensor) -> list[nn.
                                             nn.Tensor.placeholder([rows, 1], "float32"))])
         for j, m in enumerate(group):
             prepared[id(m)] = (outs[2 * j], outs[2 * j + 1])
-    return [m.project(lead, rows, x2, *prepared[id(m)]) if id(m) in prepared else m(x) for m in linears]
+    for m in vq:
+        if id(m) not in prepared:
+            prepared[id(m)] = m.activation(x2, rows)
+    ys: dict[int, nn.Tensor] = {}
+    for group, kernel in matmul_groups:
+        outs = op.tensor_ir_op(
+            kernel.func, "vq_matmul_shared",
+            args=[t for m in group for t in (prepared[id(m)][0], *(getattr(m, n) for n in kernel.operands))],
+            out=[nn.Tensor.placeholder([rows, m.out_features], m.dtype) for m in group])
+        for j, m in enumerate(group):
+            ys[id(m)] = outs[j]
+    out = []
+    for m in linears:
+        if not isinstance(m, VPTQLinear):
+            out.append(m(x))
+            continue
+        xs, dot = prepared[id(m)]
+        y = ys[id(m)] if id(m) in ys else m.vq_matmul(xs, rows)
+        out.append(m.finish(y, lead, rows, x2, dot))
+    return out

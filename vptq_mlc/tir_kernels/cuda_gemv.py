@@ -44,6 +44,7 @@ from vptq_mlc.tir_kernels.generic import kernel_dims
 
 SMEM_CODEBOOK_BYTES = 64 * 1024  # fits twice per SM on sm_80/sm_90, once on sm_86/sm_89 (99 KB)
 MAX_ROWS = 8
+MAX_LAYERS = 3  # layers of one config that one GEMV launch serves (q/k/v)
 # Shared memory serves a 16-byte load per lane in quarter-warp phases (8 lanes x 16 B = the 32 banks): 8 lanes that
 # look up 8 random entries hit the same bank group ~2.6 times on average, so ~60% of the lookups' wavefronts were
 # bank conflicts on the H100 (ncu). With REPLICAS copies laid out entry-major, lane `l` reads copy `l % 8`, whose
@@ -150,11 +151,14 @@ def plan_gemv(cfg: VPTQLayerConfig, rows: int, dtype: str, params: GpuParams = C
 
 
 def vq_gemv_cuda(cfg: VPTQLayerConfig, dtype: str, rows: int, plan: GemvPlan | None = None,
-                 params: GpuParams = CUDA_PARAMS) -> tirx.PrimFunc:
+                 params: GpuParams = CUDA_PARAMS, count: int = 1) -> tirx.PrimFunc:
     """PrimFunc(xs[rows, I], *operands, y[rows, O]) for 1 <= rows <= MAX_ROWS (static); `params` picks the GPU
-    (CUDA_PARAMS, or `wavefront_params(rocm_target)`)."""
+    (CUDA_PARAMS, or `wavefront_params(rocm_target)`). `count` (2..MAX_LAYERS) layers of the same config in one
+    launch (q/k/v, gate/up): PrimFunc(xs_0, *operands_0, xs_1, *operands_1, .., y_0, y_1, ..)."""
     if not 1 <= rows <= MAX_ROWS:
         raise ValueError(f"vq_gemv_cuda handles 1..{MAX_ROWS} rows, got {rows}")
+    if not 1 <= count <= MAX_LAYERS:
+        raise ValueError(f"vq_gemv_cuda serves 1..{MAX_LAYERS} layers in one launch, got {count}")
     p = plan or plan_gemv(cfg, rows, dtype, params)
     WARP, SCOPE = params.warp_size, params.shared_scope
     if WARP & (WARP - 1) or not 2 <= WARP <= 64:
@@ -187,33 +191,9 @@ def vq_gemv_cuda(cfg: VPTQLayerConfig, dtype: str, rows: int, plan: GemvPlan | N
     RED = W * NBV
     ACC = "float32"
 
-    # Operand buffers exist even when unused (kept tiny), so one function body serves every variant;
-    # the parameter list itself follows vq_operand_shapes exactly.
-    @T.prim_func(private=True)
-    def kernel(
-        xs: T.Buffer((NB, I), dtype),
-        centroids: T.Buffer((G, K, v), dtype),
-        codes: T.Buffer((NV, L), CD),
-        res_centroids: T.Buffer((G, KR1, v), dtype),
-        res_codes: T.Buffer((NV, L), RCD),
-        outlier_centroids: T.Buffer((KO, VO), dtype),
-        outlier_codes: T.Buffer((NO, OSZ1), "uint16"),
-        y: T.Buffer((NB, O), dtype),
-    ):
-        T.func_attr(KERNEL_ATTRS)
-        bx = T.launch_thread("blockIdx.x", GRID)
-        tx = T.launch_thread("threadIdx.x", WARP)
-        ty = T.launch_thread("threadIdx.y", W)
-        cb_s = T.alloc_buffer((CB_SHARED,), dtype, scope=SCOPE)
-        red = T.alloc_buffer((RED,), ACC, scope=SCOPE)
-        acc = T.alloc_buffer((NBV,), ACC, scope="local")
-        ah = T.alloc_buffer((NBV,), dtype, scope="local")
-        cl = T.alloc_buffer((U * VW,), CD, scope="local")
-        rl = T.alloc_buffer((U * VW,), RCD, scope="local")
-        xl = T.alloc_buffer((U * NB * VW,), dtype, scope="local")
-        wl = T.alloc_buffer((v,), dtype, scope="local")
-        wr = T.alloc_buffer((v,), dtype, scope="local")
-        tot = T.alloc_buffer((1,), ACC, scope="local")
+    @T.macro
+    def gemv_body(xs, centroids, codes, res_centroids, res_codes, outlier_centroids, outlier_codes, y, bx, tx, ty,
+                  cb_s, red, acc, ah, cl, rl, xl, wl, wr, tot):
         tid = ty * WARP + tx
         rr = ty // P
         sp = ty % P
@@ -223,7 +203,7 @@ def vq_gemv_cuda(cfg: VPTQLayerConfig, dtype: str, rows: int, plan: GemvPlan | N
             fill_book_replicated(cb_s, 0, wl, centroids, G * K, K, FILL_MAIN, NT, tid, v, EV, REP)
             if HAS_RES:
                 fill_book_replicated(cb_s, CB_MAIN, wr, res_centroids, G * KR, KR, FILL_RES, NT, tid, v, EV, REP)
-            T.tvm_storage_sync("shared")
+            T.tvm_storage_sync(SCOPE)
         for rb_it in range(-(-NRB // GRID)):
             rb = rb_it * GRID + bx
             i = rb * R + rr
@@ -291,10 +271,15 @@ def vq_gemv_cuda(cfg: VPTQLayerConfig, dtype: str, rows: int, plan: GemvPlan | N
                                         acc[b * v + j] = acc[b * v + j] + T.Cast(ACC, xs[b, ko]) * wo
             # lanes -> lane 0 (warp shuffles), then splits -> one thread per output (shared memory)
             warp_sum(acc, NBV, WARP, WARP)
+            # TVM's sync planner sees every shared.dyn buffer as one, so it orders these writes after the shared
+            # codebook's reads with a barrier; written out here, where the planner put it, so it need not insert one
+            # inside the multi-layer kernel's per-layer branch (which it cannot)
+            if SMEM_CB and SCOPE == "shared.dyn":
+                T.tvm_storage_sync(SCOPE)
             if tx == 0:
                 for a in T.unroll(NBV):
                     red[ty * NBV + a] = acc[a]
-            T.tvm_storage_sync("shared")
+            T.tvm_storage_sync(SCOPE)
             for oit in range(-(-(R * NBV) // NT)):
                 o = oit * NT + tid
                 if o < R * NBV:
@@ -309,9 +294,106 @@ def vq_gemv_cuda(cfg: VPTQLayerConfig, dtype: str, rows: int, plan: GemvPlan | N
                         for q in T.unroll(P):
                             tot[0] = tot[0] + red[(orr * P + q) * NBV + a]
                         y[b, r] = T.Cast(dtype, tot[0])
-            T.tvm_storage_sync("shared")
+            T.tvm_storage_sync(SCOPE)
 
-    return keep_generic_operands(kernel, cfg)
+
+    # Operand buffers exist even when unused (kept tiny), so one function body serves every variant;
+    # the parameter list itself follows vq_operand_shapes exactly.
+    @T.prim_func(private=True)
+    def kernel(
+        xs: T.Buffer((NB, I), dtype),
+        centroids: T.Buffer((G, K, v), dtype),
+        codes: T.Buffer((NV, L), CD),
+        res_centroids: T.Buffer((G, KR1, v), dtype),
+        res_codes: T.Buffer((NV, L), RCD),
+        outlier_centroids: T.Buffer((KO, VO), dtype),
+        outlier_codes: T.Buffer((NO, OSZ1), "uint16"),
+        y: T.Buffer((NB, O), dtype),
+    ):
+        T.func_attr(KERNEL_ATTRS)
+        bx = T.launch_thread("blockIdx.x", GRID)
+        tx = T.launch_thread("threadIdx.x", WARP)
+        ty = T.launch_thread("threadIdx.y", W)
+        cb_s = T.alloc_buffer((CB_SHARED,), dtype, scope=SCOPE)
+        red = T.alloc_buffer((RED,), ACC, scope=SCOPE)
+        acc = T.alloc_buffer((NBV,), ACC, scope="local")
+        ah = T.alloc_buffer((NBV,), dtype, scope="local")
+        cl = T.alloc_buffer((U * VW,), CD, scope="local")
+        rl = T.alloc_buffer((U * VW,), RCD, scope="local")
+        xl = T.alloc_buffer((U * NB * VW,), dtype, scope="local")
+        wl = T.alloc_buffer((v,), dtype, scope="local")
+        wr = T.alloc_buffer((v,), dtype, scope="local")
+        tot = T.alloc_buffer((1,), ACC, scope="local")
+        gemv_body(xs, centroids, codes, res_centroids, res_codes, outlier_centroids, outlier_codes, y, bx, tx, ty,
+                  cb_s, red, acc, ah, cl, rl, xl, wl, wr, tot)
+
+    if count == 1:
+        return keep_generic_operands(kernel, cfg)
+
+    SYNC = SCOPE
+
+    # `count` layers of this config in one launch: CTA bx serves layer bx // GRID as CTA bx % GRID of its own
+    # launch would (the same instructions, so the same bits)
+    @T.prim_func(private=True)
+    def multi(
+        xs_0: T.Buffer((NB, I), dtype),
+        centroids_0: T.Buffer((G, K, v), dtype),
+        codes_0: T.Buffer((NV, L), CD),
+        res_centroids_0: T.Buffer((G, KR1, v), dtype),
+        res_codes_0: T.Buffer((NV, L), RCD),
+        outlier_centroids_0: T.Buffer((KO, VO), dtype),
+        outlier_codes_0: T.Buffer((NO, OSZ1), "uint16"),
+        xs_1: T.Buffer((NB, I), dtype),
+        centroids_1: T.Buffer((G, K, v), dtype),
+        codes_1: T.Buffer((NV, L), CD),
+        res_centroids_1: T.Buffer((G, KR1, v), dtype),
+        res_codes_1: T.Buffer((NV, L), RCD),
+        outlier_centroids_1: T.Buffer((KO, VO), dtype),
+        outlier_codes_1: T.Buffer((NO, OSZ1), "uint16"),
+        xs_2: T.Buffer((NB, I), dtype),
+        centroids_2: T.Buffer((G, K, v), dtype),
+        codes_2: T.Buffer((NV, L), CD),
+        res_centroids_2: T.Buffer((G, KR1, v), dtype),
+        res_codes_2: T.Buffer((NV, L), RCD),
+        outlier_centroids_2: T.Buffer((KO, VO), dtype),
+        outlier_codes_2: T.Buffer((NO, OSZ1), "uint16"),
+        y_0: T.Buffer((NB, O), dtype),
+        y_1: T.Buffer((NB, O), dtype),
+        y_2: T.Buffer((NB, O), dtype),
+    ):
+        T.func_attr(KERNEL_ATTRS)
+        bx = T.launch_thread("blockIdx.x", GRID * count)
+        tx = T.launch_thread("threadIdx.x", WARP)
+        ty = T.launch_thread("threadIdx.y", W)
+        cb_s = T.alloc_buffer((CB_SHARED,), dtype, scope=SCOPE)
+        red = T.alloc_buffer((RED,), ACC, scope=SCOPE)
+        acc = T.alloc_buffer((NBV,), ACC, scope="local")
+        ah = T.alloc_buffer((NBV,), dtype, scope="local")
+        cl = T.alloc_buffer((U * VW,), CD, scope="local")
+        rl = T.alloc_buffer((U * VW,), RCD, scope="local")
+        xl = T.alloc_buffer((U * NB * VW,), dtype, scope="local")
+        wl = T.alloc_buffer((v,), dtype, scope="local")
+        wr = T.alloc_buffer((v,), dtype, scope="local")
+        tot = T.alloc_buffer((1,), ACC, scope="local")
+        if bx < GRID:
+            gemv_body(xs_0, centroids_0, codes_0, res_centroids_0, res_codes_0, outlier_centroids_0,
+                      outlier_codes_0, y_0, bx, tx, ty, cb_s, red, acc, ah, cl, rl, xl, wl, wr, tot)
+        # the CTA's branch is uniform, but the sync planner sees the next branch's shared-memory writes after this
+        # one's reads: a barrier here, outside any condition, orders them (else it would put one inside a branch)
+        T.tvm_storage_sync(SYNC)
+        if bx // GRID == 1:
+            gemv_body(xs_1, centroids_1, codes_1, res_centroids_1, res_codes_1, outlier_centroids_1,
+                      outlier_codes_1, y_1, bx - GRID, tx, ty, cb_s, red, acc, ah, cl, rl, xl, wl, wr, tot)
+        if count == 3:
+            T.tvm_storage_sync(SYNC)
+            if bx // GRID == 2:
+                gemv_body(xs_2, centroids_2, codes_2, res_centroids_2, res_codes_2, outlier_centroids_2,
+                          outlier_codes_2, y_2, bx - 2 * GRID, tx, ty, cb_s, red, acc, ah, cl, rl, xl, wl, wr, tot)
+
+    from vptq_mlc.artifact.vq_layout import vq_operand_shapes
+
+    names = ("xs", "y", *vq_operand_shapes(cfg))
+    return keep_params(multi, {f"{name}_{m}" for name in names for m in range(count)})
 
 
 def keep_generic_operands(func: tirx.PrimFunc, cfg: VPTQLayerConfig) -> tirx.PrimFunc:

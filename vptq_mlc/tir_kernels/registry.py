@@ -80,6 +80,7 @@ class KernelSelector:
         self.layouts = frozenset(layouts)
         self.codebook_dtype: str | None = None  # codebooks stored narrower than the model (CPU only; compile sets it)
         self._select = functools.lru_cache(maxsize=None)(self._pick)
+        self._select_shared = functools.lru_cache(maxsize=None)(self._pick_shared)
 
     def uses_code_sorted(self, cfg: VPTQLayerConfig, dtype: str) -> bool:
         """Whether the layer's code-sorted entries are declared (loaded onto the device); only CUDA reads them."""
@@ -93,6 +94,15 @@ class KernelSelector:
 
     def __call__(self, cfg: VPTQLayerConfig, dtype: str, rows: int | None) -> VQKernel:
         return self._select(cfg, dtype, rows)
+
+    def shared(self, cfg: VPTQLayerConfig, dtype: str, rows: int | None, count: int) -> VQKernel | None:
+        """One launch for `count` layers of config `cfg` reading `rows` activation rows each:
+        `func(xs_0, *operands_0, xs_1, *operands_1, .., y_0, y_1, ..)`, or None where this family has no such
+        kernel (then each layer gets its own). Cached like the single-layer choice."""
+        return self._select_shared(cfg, dtype, rows, count)
+
+    def _pick_shared(self, cfg: VPTQLayerConfig, dtype: str, rows: int | None, count: int) -> VQKernel | None:
+        return None
 
     def _pick(self, cfg: VPTQLayerConfig, dtype: str, rows: int | None) -> VQKernel:
         return VQKernel(vq_matmul_generic(cfg, dtype), tuple(vq_operand_shapes(cfg)))
@@ -163,20 +173,44 @@ class CudaKernelSelector(KernelSelector):
 
         return code_sorted_preferred(cfg, dtype, 1)
 
+    def _decode_family(self, cfg: VPTQLayerConfig, dtype: str, rows: int | None) -> str | None:
+        """"code-sorted", "mma" or "gemv" for a static decode row count; None for symbolic rows (prefill)."""
+        from vptq_mlc.tir_kernels import cuda_code_sorted as cs
+        from vptq_mlc.tir_kernels.cuda_gemv import MAX_ROWS
+        from vptq_mlc.tir_kernels.cuda_mma import mma_preferred
+
+        decode = rows is not None and 1 <= rows
+        if decode and rows <= cs.MAX_ROWS and self.uses_code_sorted(cfg, dtype):
+            return "code-sorted"
+        if decode and mma_preferred(cfg, dtype, rows, MAX_ROWS):  # fp16, rows 6..16 (9..16 w/ residual)
+            return "mma"
+        if decode and rows <= MAX_ROWS:
+            return "gemv"
+        return None
+
+    def _pick_shared(self, cfg: VPTQLayerConfig, dtype: str, rows: int | None, count: int) -> VQKernel | None:
+        """Where the layers' own kernel is the GEMV: the GEMV over `count` layers in one launch (each CTA does what
+        it does in its layer's own launch: the same bits)."""
+        from vptq_mlc.tir_kernels.cuda_gemv import MAX_LAYERS, vq_gemv_cuda
+
+        if not 2 <= count <= MAX_LAYERS or self._decode_family(cfg, dtype, rows) != "gemv":
+            return None
+        return _mark(VQKernel(vq_gemv_cuda(cfg, dtype, rows, count=count), tuple(vq_operand_shapes(cfg))))
+
     def _pick(self, cfg: VPTQLayerConfig, dtype: str, rows: int | None) -> VQKernel:
         from vptq_mlc.tir_kernels import cuda_code_sorted as cs
-        from vptq_mlc.tir_kernels.cuda_gemv import MAX_ROWS, vq_gemv_cuda
-        from vptq_mlc.tir_kernels.cuda_mma import mma_preferred, vq_mma_cuda
+        from vptq_mlc.tir_kernels.cuda_gemv import vq_gemv_cuda
+        from vptq_mlc.tir_kernels.cuda_mma import vq_mma_cuda
         from vptq_mlc.tir_kernels.cuda_prefill import dequant_matmul_cuda
 
         generic_ops = tuple(vq_operand_shapes(cfg))
-        decode = rows is not None and 1 <= rows
-        if decode and rows <= cs.MAX_ROWS and self.uses_code_sorted(cfg, dtype):
+        family = self._decode_family(cfg, dtype, rows)
+        if family == "code-sorted":
             k = VQKernel(cs.vq_code_sorted_cuda(cfg, dtype, rows), cs.code_sorted_operands(cfg, dtype),
                          ((cs.code_sorted_scratch(cfg, dtype, rows), "float32"),))
-        elif decode and mma_preferred(cfg, dtype, rows, MAX_ROWS):  # fp16, rows 6..16 (9..16 w/ residual)
+        elif family == "mma":
             k = VQKernel(vq_mma_cuda(cfg, dtype, rows), generic_ops)
-        elif decode and rows <= MAX_ROWS:
+        elif family == "gemv":
             k = VQKernel(vq_gemv_cuda(cfg, dtype, rows), generic_ops)
         elif rows is None and dtype == "float16":  # prefill / symbolic batch: VQ MMA, or dequantize + dense MMA
             from vptq_mlc.tir_kernels.cuda_dequant_gemm import vq_prefill_cuda
