@@ -2,7 +2,8 @@
 
 Why: a refactor of the kernel modules (shared `@T.macro` pieces, helpers) must not change one instruction. This
 builds every case of the kernel suites (bench/kernels.py: correctness, code-sorted with its sweep, bench shapes at
-every decode row count, prefill plans), fp16 and fp32, the ROCm variant of the GEMV and the CUDA prologue, and
+every decode row count, prefill plans), fp16 and fp32, the ROCm variant of the GEMV, the GEMV over several layers in
+one launch and the CUDA prologues (a layer's own and the shared one), and
 writes per kernel its TVMScript (`tir/<name>.py`) and its CUDA source (`cuda/<name>.cu`). No GPU and no nvcc: the
 CUDA compile callback is replaced by one that records the source. Usage (from a worktree, PYTHONPATH set):
 
@@ -78,6 +79,15 @@ def _cuda_funcs(dtype: str, backend) -> dict[str, object]:
                 continue  # fp32 prefill: the dlight matmul, not ours
             f = select(cfg, dtype, c.rows).func
         funcs[f"{dtype}-{c.name}"] = f
+    from vptq_mlc.checkpoint.layer_config import VPTQLayerConfig
+
+    outl = {"outlier_size": 64, "outlier_vector_len": 4, "num_outlier_centroids": 256}
+    shared = (("v8-k4096-0", 4096, 4096, {}, 1, 3), ("v8-k256-256", 4096, 11008, {}, 1, 2),
+              ("v8-k256-256", 1024, 512, outl, 4, 2), ("v8-k65536-0", 1024, 512, {}, 2, 3))
+    for variant, i, o, kw, rows, count in shared:
+        cfg = VPTQLayerConfig.from_variant(variant, i, o, **kw)
+        name = f"{dtype}-gemv-shared{count}-{variant}-{o}x{i}-r{rows}{'-outl' if kw else ''}"
+        funcs[name] = vq_gemv_cuda(cfg, dtype, rows, count=count)
     for i in (1000, 4096, 11008):
         for perm in (False, True):
             funcs[f"{dtype}-prologue-{i}-perm{int(perm)}"] = vq_prologue_cuda(i, dtype, perm)

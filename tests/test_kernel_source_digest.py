@@ -25,8 +25,9 @@ RECORDED = {
     "mma_f16_v12_k65536_4096_prefill_kernel": "a1a5a34d3f6d8e93844466335809ddc1ac3eddc2e158c3775af80ac6411360d8",
     "mma_f16_v8_k4096_0_r8_kernel": "d9b9486602960d86ff05fffd84fa22ea181582d486fbbc19229a33248e7cc2ad",
     "prologue_f16_1000_perm_kernel": "c00b87662c1f6b7f42fe89cacca51e9e69786a325a9d4390207fb157955558aa",
-    # added with the shared prologue (q/k/v, gate/up in one launch); the kernels above are unchanged by it
+    # added with the shared prologue and GEMV (q/k/v, gate/up in one launch each); the kernels above are unchanged
     "prologue_shared_f16_4096_pnp_kernel": "af0628a5b1a1e06b3b56aac3eafe3dea1de714e002569bcb659dfb027751930f",
+    "gemv_shared3_f16_v8_k4096_0_r1_kernel": "a049cd74b5ed2e64af2b71c1a5ee822244bbd3678dce9e7d4292cf7b6b527bb4",
 }
 
 
@@ -34,7 +35,7 @@ def _kernels() -> dict:
     """Each macro in each kernel family: replicated shared-memory book + residual (gemv fp16), books read through
     L1/L2 with outliers (gemv fp32), direct shared-memory fill, vector and scalar (MMA decode, prefill with
     residual and v = 12), folded residual + team reduction (code-sorted), one-warp reduction (prologue; the shared
-    prologue of three linears, one without a permutation)."""
+    prologue of three linears, one without a permutation), the GEMV over three layers in one launch."""
     from vptq_mlc.checkpoint.layer_config import VPTQLayerConfig
     from vptq_mlc.tir_kernels.cuda_code_sorted import vq_code_sorted_cuda
     from vptq_mlc.tir_kernels.cuda_gemv import vq_gemv_cuda
@@ -53,6 +54,7 @@ def _kernels() -> dict:
         "cs_f16_v8_k65536_256_r2": vq_code_sorted_cuda(cfg("v8-k65536-256", 1024, 512), "float16", 2),
         "prologue_f16_1000_perm": vq_prologue_cuda(1000, "float16", True),
         "prologue_shared_f16_4096_pnp": vq_shared_prologue_cuda(4096, "float16", (True, False, True)),
+        "gemv_shared3_f16_v8_k4096_0_r1": vq_gemv_cuda(cfg("v8-k4096-0", 1024, 512), "float16", 1, count=3),
     }
 
 

@@ -2,8 +2,9 @@
 
 Why: the check runs only on the GPU host, where a harness that compared the wrong tensors would pass silently.
 Here the library's kernels are stand-ins written in torch on the CPU (the prologue from its definition in
-docs/ARCHITECTURE.md, the VQ kernel as codebook lookups of the generic layout), called through the same DLPack
-path; one stand-in mixes up the linears' dots, one skips the permutation. No TVM compile: ~2 s.
+docs/ARCHITECTURE.md, the VQ kernel as codebook lookups of the generic layout, alone or over several layers in one
+call), called through the same DLPack path; wrong stand-ins mix up the linears' dots, skip the permutation or mix
+up the layers' outputs. No TVM compile: a few seconds.
 """
 
 from __future__ import annotations
@@ -25,12 +26,21 @@ class _FakeLibrary:
     """`func(i)`: the VQ kernel of a v8-k256-0 layer (one group, no residual, no outliers) as lookups; `func(i,
     "_prologue")`: the prologue of len(perms) linears, optionally broken."""
 
-    def __init__(self, dtype: str, perms: tuple[bool, ...], fault: str = ""):
-        self.manifest = {"dtype": dtype, "calls": [None]}
+    def __init__(self, dtype: str, perms: tuple[bool, ...], fault: str = "", shared: bool = False):
+        self.manifest = {"dtype": dtype, "calls": [None], "shared": [0] if shared else []}
         self.perms, self.fault = perms, fault
 
     def func(self, i: int, suffix: str = ""):
-        return self._prologue if suffix == "_prologue" else self._vq
+        return {"_prologue": self._prologue, "_shared": self._shared, "": self._vq}[suffix]
+
+    def _shared(self, *args):
+        """xs_0, centroids_0, codes_0, xs_1, .., y_0, y_1, ..: every layer's VQ kernel in one call."""
+        n = len(self.perms)
+        ins, ys = args[: 3 * n], list(args[3 * n:])
+        if self.fault == "swapped-outputs":
+            ys = ys[1:] + ys[:1]
+        for m in range(n):
+            self._vq(*ins[3 * m : 3 * m + 3], ys[m])
 
     def _prologue(self, *args):
         x, rest = _torch(args[0]), [_torch(a) for a in args[1:]]
@@ -66,9 +76,17 @@ def test_right_prologue_passes(dtype: str, prologue: str) -> None:
     assert all(r["ok"] and r["xs_exact"] for r in res), res
 
 
-@pytest.mark.parametrize("fault", ["swapped-dots", "no-perm"])
-def test_wrong_prologue_fails(fault: str) -> None:
+@pytest.mark.parametrize("shared", [False, True])
+def test_one_launch_for_all_layers_passes(shared: bool) -> None:
+    case = KernelCase("v8-k256-0", 1000, 96, 2, prologue="ppn")
+    lib = _FakeLibrary("float16", (True, True, False), shared=shared)
+    res = _check_prologue_case(lib, 0, case, np.random.default_rng(1), device="cpu")
+    assert all(r["ok"] and r["case"].endswith("-shared") == shared for r in res), res
+
+
+@pytest.mark.parametrize("fault,shared", [("swapped-dots", False), ("no-perm", False), ("swapped-outputs", True)])
+def test_wrong_kernels_fail(fault: str, shared: bool) -> None:
     case = KernelCase("v8-k256-0", 1000, 96, 2, prologue="pp")
-    lib = _FakeLibrary("float32", (True, True), fault)
+    lib = _FakeLibrary("float32", (True, True), fault, shared)
     res = _check_prologue_case(lib, 0, case, np.random.default_rng(0), device="cpu")
     assert not any(r["ok"] for r in res), res

@@ -266,13 +266,17 @@ def build_kernel_library(cases: list[KernelCase], out_dir: str | os.PathLike[str
         funcs[f"k{i}"] = f.with_attr("global_symbol", f"k{i}")
         if c.prologue:
             funcs[f"k{i}_prologue"] = prologue_kernel(c, dtype).with_attr("global_symbol", f"k{i}_prologue")
+            shared = select.shared(c.config(), dtype, c.rows, len(c.prologue)) if len(c.prologue) > 1 else None
+            if shared is not None:  # the model's VQ launch for linears of one config (CUDA GEMV, decode rows)
+                funcs[f"k{i}_shared"] = shared.func.with_attr("global_symbol", f"k{i}_shared")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
     ex = tvm.compile(tvm.IRModule(funcs), target=bt.target)
     ex.export_library(str(out / LIBRARY))
-    (out / MANIFEST).write_text(json.dumps({"dtype": dtype, "archs": list(archs),
-                                            "cases": [asdict(c) for c in cases], "calls": calls}, indent=1))
+    shared = [i for i in range(len(cases)) if f"k{i}_shared" in funcs]
+    (out / MANIFEST).write_text(json.dumps({"dtype": dtype, "archs": list(archs), "cases": [asdict(c) for c in cases],
+                                            "calls": calls, "shared": shared}, indent=1))
     log.info("built %d kernels in %.1f s -> %s", len(cases), time.time() - t0, out)
     return out / LIBRARY
 
@@ -414,7 +418,8 @@ def check_kernels(art_dir: str | os.PathLike[str], seed: int = 0,
 
 def _check_prologue_case(lib: CudaKernels, i: int, c: KernelCase, rng, device: str = "cuda") -> list[dict[str, Any]]:
     """A prologue case: our prologue kernel computes every member's xs and norm-bias dot from one x (outputs
-    poisoned with NaN first), then each member's VQ kernel, + dot + bias, against that member's
+    poisoned with NaN first), then each member's VQ kernel (one launch for all where the library has the shared
+    kernel `k<i>_shared`, as the model runs them), + dot + bias, against that member's
     `x @ dequantize(W).T + bias`; also xs bit for bit against torch's gather and scale (one fp16 rounding each way)
     and the dot against float64. One result per member."""
     import torch
@@ -442,6 +447,12 @@ def _check_prologue_case(lib: CudaKernels, i: int, c: KernelCase, rng, device: s
         outs += [torch.full_like(x, float("nan")),
                  torch.full((c.n(), 1), float("nan"), dtype=torch.float32, device=device)]
     lib.func(i, "_prologue")(*(_tvm(t) for t in ins), *(_tvm(t) for t in outs))
+    shared = i in lib.manifest.get("shared", [])
+    if shared:  # one launch of the VQ kernel for every member, as the model runs q/k/v and gate/up
+        ys = [torch.full((c.n(), cfg.out_features), float("nan"), dtype=tdt, device=device)
+              for cfg, *_ in members]
+        args = [t for m, (_, _, _, ops_t, _) in enumerate(members) for t in (outs[2 * m], *ops_t.values())]
+        lib.func(i, "_shared")(*(_tvm(t) for t in args), *(_tvm(y) for y in ys))
     res = []
     for m, (cfg, tensors, scratch, ops_t, side_t) in enumerate(members):
         xs, dot = outs[2 * m], outs[2 * m + 1]
@@ -449,9 +460,12 @@ def _check_prologue_case(lib: CudaKernels, i: int, c: KernelCase, rng, device: s
         xs_exact = bool(torch.equal(xs, want_xs))
         want_dot = x.double() @ side_t["weight_bias"].double()
         dot_err = float((dot[:, 0].double() - want_dot).abs().max() / want_dot.abs().max().clamp_min(1e-30))
-        y = torch.full((c.n(), cfg.out_features), float("nan"), dtype=tdt, device=device)
-        tmp = [torch.empty(sh, dtype=getattr(torch, dt), device=device) for sh, dt in scratch]
-        lib.func(i)(_tvm(xs), *(_tvm(t) for t in ops_t.values()), *(_tvm(t) for t in tmp), _tvm(y))
+        if shared:
+            y = ys[m]
+        else:
+            y = torch.full((c.n(), cfg.out_features), float("nan"), dtype=tdt, device=device)
+            tmp = [torch.empty(sh, dtype=getattr(torch, dt), device=device) for sh, dt in scratch]
+            lib.func(i)(_tvm(xs), *(_tvm(t) for t in ops_t.values()), *(_tvm(t) for t in tmp), _tvm(y))
         y = y.double() + dot.double()
         W = torch.from_numpy(dequantize(cfg, tensors).astype(np.float32)).to(device).double()
         ref = x.double() @ W.T
@@ -462,7 +476,8 @@ def _check_prologue_case(lib: CudaKernels, i: int, c: KernelCase, rng, device: s
             torch.cuda.synchronize()
         err = row_rel_err(y, ref)
         nan = bool(torch.isnan(y).any() or torch.isnan(xs).any() or torch.isnan(dot).any())
-        res.append({"case": f"{c.name}-m{m}", "rel_err": err, "nan": nan, "xs_exact": xs_exact, "dot_err": dot_err,
+        name = f"{c.name}-m{m}" + ("-shared" if shared else "")
+        res.append({"case": name, "rel_err": err, "nan": nan, "xs_exact": xs_exact, "dot_err": dot_err,
                     "ok": err <= ROW_REL_ERR_MAX and not nan and xs_exact and dot_err <= DOT_REL_ERR_MAX})
     return res
 

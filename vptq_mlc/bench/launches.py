@@ -2,7 +2,7 @@
 replays, counted on the build box (no GPU, no nvcc: the relax pipeline only, CUDA graphs off so every launch is a
 call in the function's body).
 
-    python3 bench/decode_launches.py MODEL_DIR [--function decode] [--list]
+    python3 -m vptq_mlc.bench.launches MODEL_DIR [--function decode] [--list]
 
 MODEL_DIR may be config-only (`vptq-mlc bench synth-model DIR --config-only --layers 3`). A call is one PrimFunc;
 a PrimFunc launches one kernel per outermost thread binding (the code-sorted kernel: 2). Each decoder layer makes
@@ -107,6 +107,12 @@ def launches(mod, function: str) -> list[tuple[str, int]]:
     return out
 
 
+def launches_per_layer(calls: list[tuple[str, int]]) -> list[int]:
+    """Launches from each decoder layer's KV-cache attention call to the next one (one attention call per layer)."""
+    attn = [i for i, (n, _) in enumerate(calls) if "attention" in n]
+    return [sum(k for _, k in calls[attn[i]:attn[i + 1]]) for i in range(len(attn) - 1)]
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("model_dir", type=Path)
@@ -119,14 +125,15 @@ def main() -> int:
     if a.list:
         for n, k in calls:
             print(f"{k}  {n}")
-    attn = [i for i, (n, _) in enumerate(calls) if "attention" in n]
     total = sum(k for _, k in kernel_calls)
     print(f"{a.function}: {len(kernel_calls)} PrimFunc calls, {total} kernel launches, "
           f"{sum(1 for n, _ in calls if n.startswith('packed:'))} packed calls, {layers} layers")
-    if len(attn) >= 2:  # one attention call per layer: a layer's launches = those from one attention to the next
-        per = [sum(k for _, k in calls[attn[i]:attn[i + 1]]) for i in range(len(attn) - 1)]
+    per = launches_per_layer(calls)
+    if per:
         print(f"launches per decoder layer (attention to attention): {per}")
-        names = Counter(n.rstrip("0123456789_") for n, k in calls[attn[0]:attn[1]] if k)
+        attn = next(i for i, (n, _) in enumerate(calls) if "attention" in n)
+        nxt = next(i for i, (n, _) in enumerate(calls) if "attention" in n and i > attn)
+        names = Counter(n.rstrip("0123456789_") for n, k in calls[attn:nxt] if k)
         print("  by kernel family:", dict(sorted(names.items())))
     return 0
 
