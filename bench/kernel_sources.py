@@ -109,7 +109,7 @@ def _rocm_funcs(dtype: str) -> dict[str, object]:
         from vptq_mlc.bench.kernels import correctness_cases
 
         for c in correctness_cases():
-            if c.plan or c.kernel or not c.rows or c.rows > 8:
+            if c.plan or c.kernel or c.prologue or not c.rows or c.rows > 8:
                 continue
             funcs[f"rocm{warp}-{dtype}-{c.name}"] = vq_gemv_cuda(c.config(), dtype, c.rows, params=params)
     return funcs
