@@ -75,3 +75,28 @@ def test_gemv_plans_fit_every_default_arch(variant: str) -> None:
     rocm = plan_gemv(VPTQLayerConfig.from_variant("v8-k256-256", 4096, 4096), 1, "float16",
                      wavefront_params(Target({"kind": "rocm", "mcpu": "gfx942", "mtriple": "amdgcn-amd-amdhsa-hcc"})))
     assert rocm.replicas == 1 and not rocm.half_acc  # neither was measured on AMD hardware
+
+
+@pytest.mark.parametrize("variant,rows,count,want", [
+    ("v8-k4096-0", 1, 3, True), ("v8-k4096-0", 5, 2, True), ("v8-k256-256", 8, 3, True),
+    ("v8-k4096-0", 6, 2, False),  # the tensor-core kernel serves 6+ rows: one launch per layer
+    ("v8-k4096-0", None, 2, False),  # prefill: per layer
+    ("v8-k4096-0", 1, 4, False), ("v8-k4096-0", 1, 1, False),  # 2..3 layers per launch
+])
+def test_shared_gemv_choice(variant: str, rows: int | None, count: int, want: bool) -> None:
+    """Layers of one config reading the same activation share a launch only where their own kernel is the GEMV;
+    the shared kernel takes each layer's generic operands, and the choice is cached (one PrimFunc per group shape)."""
+    from tvm.target import Target
+
+    from vptq_mlc.artifact.vq_layout import vq_operand_shapes
+    from vptq_mlc.tir_kernels.registry import CudaKernelSelector, KernelSelector
+
+    sel = CudaKernelSelector(Target({"kind": "cuda", "arch": "sm_80"}))
+    cfg = VPTQLayerConfig.from_variant(variant, 1024, 512)
+    k = sel.shared(cfg, "float16", rows, count)
+    assert (k is not None) is want
+    if want:
+        assert k is sel.shared(cfg, "float16", rows, count)
+        assert k.operands == tuple(vq_operand_shapes(cfg)) and not k.scratch
+        assert len(k.func.params) == count * (1 + len(k.operands)) + count
+    assert KernelSelector(Target("llvm")).shared(cfg, "float16", rows, count) is None
