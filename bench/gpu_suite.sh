@@ -11,7 +11,8 @@
 #   e2eds/    a tiny fp16 deepseek_v3: model/, model-cpu.so.gz, model-cuda.so.gz (unpacked here), reference.npz
 #             (transformers' tokens and logits, computed on the build box)             step: pytest
 #   kgather/  the gathered-experts kernel at DeepSeek-R1 shapes (bash bench/gpu_artifacts.sh ART kgather)  step: pytest
-#   e2e7b/    per system NAME: NAME-cfg/ (vptq-mlc bench synth-model ... --config-only) and NAME-cuda.so   step: e2e7b
+#   e2e7b/    per system NAME: NAME-cfg/ (vptq-mlc bench synth-model ... --config-only) and NAME-cuda.so
+#                                                                            steps: e2e7b, profile7b
 #   attn/     python3 bench/attention_prefill.py build ART_DIR/attn --arch sm_90        steps: attn, pytest
 #   wheels/   the server's py3.12 wheels (fastapi, uvicorn, httpx, pydantic + deps, xgrammar 0.2.8), installed with
 #             --no-index --no-deps into /tmp/sp for step api7b (WHEELS=DIR: elsewhere; default ART/wheels, else the
@@ -19,9 +20,12 @@
 # step serve7b: bench/serve_load.py on the e2e7b system API7B_SYSTEM (a 1,800-token prompt among 16 model-sampling
 # streams; 1 and 16 streams vs the in-process engine); needs wheels/ as api7b.
 # step prefix: bench/prefix_ttft.py on the e2e7b system PREFIX_SYSTEM (default v8-k4096-0), PREFIX_ARGS: more arguments
-# steps: check kernels cs decode pytest e2e7b api7b attn prefix serve7b (default: check kernels decode pytest)
+# steps: check kernels cs decode pytest e2e7b profile7b api7b attn prefix serve7b (default: check kernels decode
+# pytest)
 # E2E7B_SYSTEMS: the e2e7b system names (default: "v8-k4096-0 v8-k65536-256 fp16"); E2E7B_STEPS: decode steps (64);
 # E2E7B_ARGS: more `vptq-mlc bench e2e` arguments (e.g. "--batches 1,16 --sampling model").
+# PROFILE7B_SYSTEMS: the systems bench/profile_decode.py profiles (default: E2E7B_SYSTEMS, else v8-k4096-0): kernel
+# time and launches per decode step, step wall time; PROFILE7B_ARGS: more of its arguments (e.g. "--batch 16").
 # API7B_SYSTEM: the e2e7b system `vptq-mlc bench api` serves (default v8-k4096-0); API7B_ARGS: more of its arguments
 # (server vs engine is measured greedy and with the model's default sampling; --no-default-sampling: greedy only).
 # Build ART_DIR on the build box with one command: bash bench/gpu_artifacts.sh ART_DIR tvm_rt kcheck e2e e2e7b
@@ -70,6 +74,12 @@ for s in $STEPS; do
         ${E2E7B_ARGS:-} \
         > "$OUT/e2e_7b.log" 2>&1 || rc=1
       tail -n 18 "$OUT/e2e_7b.log" ;;
+    profile7b) for c in "$ART"/e2e7b/*-cfg; do
+        [ -f "$c/tokenizer.json" ] || gunzip -c "$ART/e2e7b/tokenizer/tokenizer.json.gz" > "$c/tokenizer.json"; done
+      for n in ${PROFILE7B_SYSTEMS:-${E2E7B_SYSTEMS:-v8-k4096-0}}; do  # kernels and launches per decode step
+        python3 bench/profile_decode.py "$ART/e2e7b/$n-cfg" "$ART/e2e7b/$n-cuda.so" "$OUT/profile_7b_$n.json" \
+          ${PROFILE7B_ARGS:-} > "$OUT/profile_7b_$n.log" 2>&1 || rc=1
+        head -n 12 "$OUT/profile_7b_$n.log"; done ;;
     api7b) N=${API7B_SYSTEM:-v8-k4096-0}; C=$ART/e2e7b/$N-cfg
       [ -f "$C/tokenizer.json" ] || gunzip -c "$ART/e2e7b/tokenizer/tokenizer.json.gz" > "$C/tokenizer.json"
       if install_wheels > "$OUT/api_7b.log" 2>&1; then
@@ -97,7 +107,7 @@ for s in $STEPS; do
       python3 bench/prefix_ttft.py "$C" --lib "$ART/e2e7b/$N-cuda.so" --device cuda --json "$OUT/prefix_ttft.json" \
         ${PREFIX_ARGS:-} > "$OUT/prefix_ttft.log" 2>&1 || rc=1
       tail -n 12 "$OUT/prefix_ttft.log" ;;
-    *) echo "unknown step $s (check kernels cs decode pytest e2e7b api7b attn prefix serve7b)" >&2; exit 2 ;;
+    *) echo "unknown step $s (check kernels cs decode pytest e2e7b profile7b api7b attn prefix serve7b)" >&2; exit 2 ;;
   esac
 done
 exit $rc
