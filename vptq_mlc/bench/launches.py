@@ -5,7 +5,8 @@ call in the function's body).
     python3 -m vptq_mlc.bench.launches MODEL_DIR [--function decode] [--list]
 
 MODEL_DIR may be config-only (`vptq-mlc bench synth-model DIR --config-only --layers 3`). A call is one PrimFunc;
-a PrimFunc launches one kernel per outermost thread binding (the code-sorted kernel: 2). Each decoder layer makes
+a PrimFunc launches one kernel per outermost thread binding (the code-sorted kernel: 2; a PrimFunc that picks a path
+at run time, as the symbolic-row prefill kernel, counts the kernels of every path). Each decoder layer makes
 one KV-cache attention call (a packed call: the cache's own append/attention kernels are not counted here), so a
 layer's launches are those from one attention call to the next; `--list` prints every call in order.
 """
