@@ -39,7 +39,10 @@ TARGET_CTAS = 264  # split until about this many CTAs run (two per SM on an H100
 MERGE_ROWS_PER_CTA = 4  # (token, head) rows merged per CTA, one warp (or its first d lanes) each
 TVM_PREFILL_SYMBOL = "batch_prefill_paged_kv"  # TIRPagedKVCache's paged prefill kernel (no sliding window)
 SPLIT_SYMBOL = "batch_prefill_paged_kv_split"
-TENSOR_CORE_LONG_CHUNKS = True  # chunks over SPLIT_TOKENS_MAX tokens on the tensor-core kernel (fp16, d = 128)
+TENSOR_CORE_LONG_CHUNKS = True  # the tensor-core kernels where the shapes allow (fp16, d = 128)
+# chunks of more than this many tokens take the tensor-core kernel (where enabled): every chunk, since even 16 tokens
+# over 1,024 cached ones run faster there than split over the tile loop (docs/attention.md)
+TENSOR_CORE_MIN_TOKENS = 0
 
 
 def num_splits(total_len: Any, batch_size: Any, group_size: int, tile_x: int, h_kv: int) -> Any:
@@ -51,13 +54,14 @@ def num_splits(total_len: Any, batch_size: Any, group_size: int, tile_x: int, h_
 
 
 def paged_prefill_split_kv(h_kv: int, h_q: int, d: int, dtype: str, page_size: int,
-                           tensor_cores: bool | None = None) -> tirx.PrimFunc:
+                           tensor_cores: bool | None = None, tc_min_tokens: int = TENSOR_CORE_MIN_TOKENS
+                           ) -> tirx.PrimFunc:
     """`batch_prefill_paged_kv` (TVM 0.27's signature, no sliding window) with the cached length split over CTAs
     for short chunks, plus the merge of the slices. RoPE is never applied here: our decoders rotate q and k before
     the cache (`RopeMode.NORMAL` / `NONE`), so the runtime passes `rotary_mode` 0 and the rope arguments go unused.
 
     `tensor_cores` (default `TENSOR_CORE_LONG_CHUNKS`, where the shapes allow): chunks of more than
-    `SPLIT_TOKENS_MAX` tokens launch the tensor-core kernel of `cuda_attention_mma` instead of the tile loop (a
+    `tc_min_tokens` tokens launch the tensor-core kernel of `cuda_attention_mma` instead of the tile loop (a
     host-side branch on the chunk length, so the cache still gets one function)."""
     use_tc = tc_supported(h_kv, h_q, d, dtype, page_size) and (
         TENSOR_CORE_LONG_CHUNKS if tensor_cores is None else tensor_cores)
@@ -287,7 +291,7 @@ def paged_prefill_split_kv(h_kv: int, h_q: int, d: int, dtype: str, page_size: i
         lse_part = T.alloc_buffer((MAX_SPLITS, SPLIT_TOKENS_MAX, h_q), "float32")
 
         if use_tc:
-            if T.tvm_thread_invariant(total_len > SPLIT_TOKENS_MAX):
+            if T.tvm_thread_invariant(total_len > tc_min_tokens):
                 tc_prefill(q, q_indptr, pages, pages, page_indptr, page_values, length_info, output, lse, causal,
                            sm_scale, total_len, batch_size)
             else:
