@@ -17,7 +17,7 @@
 #   wheels/   the server's py3.12 wheels (fastapi, uvicorn, httpx, pydantic + deps, xgrammar 0.2.8), installed with
 #             --no-index --no-deps into /tmp/sp for step api7b (WHEELS=DIR: elsewhere; default ART/wheels, else the
 #             wheels/ folder next to ART)                                              step: api7b (also needs e2e7b/)
-# step serve7b: bench/serve_load.py on the e2e7b system API7B_SYSTEM (a 1,800-token prompt among 16 model-sampling
+# step serve7b: bench/serve_load.py on the e2e7b system API7B_SYSTEM (a 1,800-token prompt among 15 model-sampling
 # streams; 1 and 16 streams vs the in-process engine); needs wheels/ as api7b.
 # step prefix: bench/prefix_ttft.py on the e2e7b system PREFIX_SYSTEM (default v8-k4096-0), PREFIX_ARGS: more arguments
 # steps: check kernels cs decode pytest e2e7b profile7b api7b attn prefix serve7b (default: check kernels decode
@@ -90,9 +90,10 @@ for s in $STEPS; do
     serve7b) N=${API7B_SYSTEM:-v8-k4096-0}; C=$ART/e2e7b/$N-cfg; L=$ART/e2e7b/$N-cuda.so
       [ -f "$C/tokenizer.json" ] || gunzip -c "$ART/e2e7b/tokenizer/tokenizer.json.gz" > "$C/tokenizer.json"
       if install_wheels > "$OUT/serve_7b.log" 2>&1; then
-        # 16 streams at the model's sampling, then a 1,800-token prompt arrives (context window 2,048)
+        # 15 streams at the model's sampling, then a 1,800-token prompt arrives (context window 2,048; the prompt
+        # needs a slot of its own and the library's batch is 16)
         PYTHONPATH=$PYTHONPATH:/tmp/sp python3 bench/serve_load.py --model "$C" --lib "$L" --device cuda \
-          --clients 16 --max-batch-size 17 --max-tokens 256 --long-prompt-tokens 1800 --long-prompt-after 1.0 \
+          --clients 15 --max-batch-size 16 --max-tokens 256 --long-prompt-tokens 1800 --long-prompt-after 1.0 \
           --sampling model --json "$OUT/serve_7b_long_prompt.json" >> "$OUT/serve_7b.log" 2>&1 || rc=1
         # 1 and 16 streams at the model's sampling, the same requests through the in-process engine first
         PYTHONPATH=$PYTHONPATH:/tmp/sp python3 bench/serve_load.py --model "$C" --lib "$L" --device cuda \
