@@ -459,7 +459,7 @@ def test_sigterm_drains_running_streams_then_ends_the_rest(tiny_served_model, tm
     try:
         wait_until_healthy(proc, url)
         assert httpx.post(f"{url}/v1/completions", json=greedy("a", 1), timeout=TIMEOUT).status_code == 401
-        longs = [f"b{i}" for i in range(8)]
+        longs = [f"b{i}" for i in range(32)]
         accepted = {name: threading.Event() for name in ["short", *longs]}
 
         def stream(name: str, max_tokens: int) -> None:
@@ -470,7 +470,8 @@ def test_sigterm_drains_running_streams_then_ends_the_rest(tiny_served_model, tm
                 accepted[name].set()
                 results[name] = "".join(r.iter_text())
 
-        # one batch slot: `short` runs, the eight long ones (8000 tokens in all, > 4 s) wait behind it
+        # one batch slot: `short` runs, the 32 long ones (32,000 tokens in all: several seconds even at the tiny
+        # model's CPU speed) wait behind it
         threads = [threading.Thread(target=stream, args=("short", 300))]
         threads += [threading.Thread(target=stream, args=(name, 1000)) for name in longs]
         threads[0].start()
@@ -507,4 +508,4 @@ def test_sigterm_drains_running_streams_then_ends_the_rest(tiny_served_model, tm
             ended += 1
         else:
             assert finish == "length" and len(ids) > 900
-    assert ended >= 1  # 8000 tokens do not fit a 2 s drain
+    assert ended >= 1  # 32,000 tokens do not fit a 2 s drain
