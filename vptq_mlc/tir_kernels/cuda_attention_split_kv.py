@@ -39,10 +39,9 @@ TARGET_CTAS = 264  # split until about this many CTAs run (two per SM on an H100
 MERGE_ROWS_PER_CTA = 4  # (token, head) rows merged per CTA, one warp (or its first d lanes) each
 TVM_PREFILL_SYMBOL = "batch_prefill_paged_kv"  # TIRPagedKVCache's paged prefill kernel (no sliding window)
 SPLIT_SYMBOL = "batch_prefill_paged_kv_split"
-TENSOR_CORE_LONG_CHUNKS = True  # the tensor-core kernels where the shapes allow (fp16, d = 128)
-# chunks of more than this many tokens take the tensor-core kernel (where enabled): every chunk, since even 16 tokens
-# over 1,024 cached ones run faster there than split over the tile loop (docs/attention.md)
-TENSOR_CORE_MIN_TOKENS = 0
+# the tensor-core kernels where the shapes allow (fp16, d = 128), for every chunk: even 16 tokens over 1,024 cached
+# ones run faster there than split over the tile loop (docs/attention.md)
+TENSOR_CORE_LONG_CHUNKS = True
 
 
 def num_splits(total_len: Any, batch_size: Any, group_size: int, tile_x: int, h_kv: int) -> Any:
@@ -54,15 +53,13 @@ def num_splits(total_len: Any, batch_size: Any, group_size: int, tile_x: int, h_
 
 
 def paged_prefill_split_kv(h_kv: int, h_q: int, d: int, dtype: str, page_size: int,
-                           tensor_cores: bool | None = None, tc_min_tokens: int = TENSOR_CORE_MIN_TOKENS
-                           ) -> tirx.PrimFunc:
+                           tensor_cores: bool | None = None) -> tirx.PrimFunc:
     """`batch_prefill_paged_kv` (TVM 0.27's signature, no sliding window) with the cached length split over CTAs
     for short chunks, plus the merge of the slices. RoPE is never applied here: our decoders rotate q and k before
     the cache (`RopeMode.NORMAL` / `NONE`), so the runtime passes `rotary_mode` 0 and the rope arguments go unused.
 
-    `tensor_cores` (default `TENSOR_CORE_LONG_CHUNKS`, where the shapes allow): chunks of more than
-    `tc_min_tokens` tokens launch the tensor-core kernel of `cuda_attention_mma` instead of the tile loop (a
-    host-side branch on the chunk length, so the cache still gets one function)."""
+    `tensor_cores` (default `TENSOR_CORE_LONG_CHUNKS`, where the shapes allow): the function is the tensor-core
+    kernel of `cuda_attention_mma` alone, for every chunk (no tile loop, no slice workspace)."""
     use_tc = tc_supported(h_kv, h_q, d, dtype, page_size) and (
         TENSOR_CORE_LONG_CHUNKS if tensor_cores is None else tensor_cores)
     tc_prefill = make_tc_prefill(h_kv, h_q, dtype) if use_tc else None
@@ -286,23 +283,20 @@ def paged_prefill_split_kv(h_kv: int, h_q: int, d: int, dtype: str, page_size: i
         lse = T.match_buffer(var_lse, (total_len, h_q), "float32")
         length_info = T.match_buffer(var_length_info, (batch_size,), "int32", elem_offset=length_info_elem_offset)
 
-        # each slice's normalised output and log2-sum-exp, for chunks of at most SPLIT_TOKENS_MAX tokens
-        o_part = T.alloc_buffer((MAX_SPLITS, SPLIT_TOKENS_MAX, h_q, d), "float32")
-        lse_part = T.alloc_buffer((MAX_SPLITS, SPLIT_TOKENS_MAX, h_q), "float32")
-
         if use_tc:
-            if T.tvm_thread_invariant(total_len > tc_min_tokens):
-                tc_prefill(q, q_indptr, pages, pages, page_indptr, page_values, length_info, output, lse, causal,
-                           sm_scale, total_len, batch_size)
-            else:
-                split_launches(q, q_indptr, pages, page_indptr, page_values, length_info, output, lse, o_part,
-                               lse_part, causal, sm_scale, total_len, batch_size)
+            tc_prefill(q, q_indptr, pages, pages, page_indptr, page_values, length_info, output, lse, causal,
+                       sm_scale, total_len, batch_size)
         else:
+            # each slice's normalised output and log2-sum-exp, for chunks of at most SPLIT_TOKENS_MAX tokens
+            o_part = T.alloc_buffer((MAX_SPLITS, SPLIT_TOKENS_MAX, h_q, d), "float32")
+            lse_part = T.alloc_buffer((MAX_SPLITS, SPLIT_TOKENS_MAX, h_q), "float32")
             split_launches(q, q_indptr, pages, page_indptr, page_values, length_info, output, lse, o_part,
                            lse_part, causal, sm_scale, total_len, batch_size)
 
     # pylint: enable=too-many-branches,too-many-statements
 
+    if use_tc:  # hand-scheduled
+        return batch_prefill_paged_kv_split.with_attr("tirx.is_scheduled", True)
     sch = tvm.s_tir.Schedule(batch_prefill_paged_kv_split)
     sch = kc._schedule_prefill_kernel(sch, load_vec, bdx, num_warps, tile_x, tile_y, tile_z, False, False)
     return sch.mod["main"].with_attr("tirx.is_scheduled", True)
