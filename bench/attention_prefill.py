@@ -190,6 +190,11 @@ def run(art: Path, json_out: Path | None, reps: int) -> int:
 
     from vptq_mlc.runtime.device import resolve_device
 
+    libs = [art / f"attn_h{h_kv}_{h_q}.so" for h_kv, h_q in HEADS]
+    missing = [str(p) for p in libs if not p.is_file()]
+    if missing:
+        raise SystemExit(f"error: {', '.join(missing)} missing; build them with "
+                         f"`python3 bench/attention_prefill.py build {art}`")
     dev = resolve_device("cuda")[1]  # loads TVM's CUDA plugin by hand under a runtime-only TVM
     flush = torch.empty(256 << 20, dtype=torch.uint8, device="cuda")  # > the H100's 50 MB L2
     rng = np.random.default_rng(0)
@@ -252,4 +257,9 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from vptq_mlc.errors import VPTQMLCError
+
+    try:
+        main()
+    except (VPTQMLCError, OSError) as e:  # no CUDA device, an unreadable folder: one line, as the CLI does
+        raise SystemExit(f"error: {e}") from None

@@ -450,11 +450,16 @@ def main() -> int:
         if args.lib and not (model_dir / "tensor-cache.json").exists():  # config-only: random weights, as bench e2e
             from vptq_mlc.bench.api import TILE
             from vptq_mlc.bench.e2e_engine import prepare_weights
+            from vptq_mlc.errors import VPTQMLCError
             from vptq_mlc.runtime.library import load_library
 
             scratch = tempfile.TemporaryDirectory(prefix="vptq-serve-load-")
-            params = load_library(args.lib, args.device).metadata["params"]
-            model_dir, _ = prepare_weights(model_dir, params, Path(scratch.name) / "model", TILE)
+            try:
+                params = load_library(args.lib, args.device).metadata["params"]
+                model_dir, _ = prepare_weights(model_dir, params, Path(scratch.name) / "model", TILE)
+            except (VPTQMLCError, OSError) as e:  # a bad library, device or model dir: one line, as the CLI does
+                scratch.cleanup()
+                raise SystemExit(f"error: {e}") from None
         if args.synthetic and args.max_batch_size is None:  # the long prompt needs a slot of its own
             args.max_batch_size = min(64, max(levels) + bool(args.long_prompt_tokens))
         if args.synthetic and args.max_total_tokens is None:
