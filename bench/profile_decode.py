@@ -2,6 +2,7 @@
 kernel of the process, TVM's included, also those replayed from CUDA graphs).
 
 GPU host, runtime-only TVM + torch: python3 bench/profile_decode.py MODEL_DIR LIB OUT.json [--batch 1] [--steps 8]
+[--sampling greedy|model|T,P]
 MODEL_DIR may be config-only (random weights are written as `vptq-mlc bench e2e` does). Prints the kernels by total
 time per decode step and writes them to OUT.json.
 """
@@ -26,10 +27,11 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--context", type=int, default=128)
     ap.add_argument("--steps", type=int, default=8)
+    ap.add_argument("--sampling", default="greedy", help="greedy | model (the model's defaults) | T,P")
     a = ap.parse_args()
 
     from vptq_mlc.bench.e2e_common import Grid
-    from vptq_mlc.bench.e2e_engine import PAGE, decode_tok_s, prepare_weights
+    from vptq_mlc.bench.e2e_engine import PAGE, decode_params, decode_tok_s, prepare_weights
     from vptq_mlc.runtime.engine import Engine
     from vptq_mlc.runtime.library import load_library
 
@@ -38,16 +40,16 @@ def main() -> None:
     run_dir, _ = prepare_weights(Path(a.model_dir), md["params"], Path(work), tile=1 << 20)
     engine = Engine(run_dir, a.lib, device="cuda", max_batch_size=a.batch,
                     max_total_tokens=a.batch * (-(-(a.context + 64) // PAGE) * PAGE), page_size=PAGE)
-    grid = Grid(batches=(a.batch,), contexts=(a.context,), prefill=(), steps=2, warmup=2, prefill_reps=1)
+    grid = Grid(batches=(a.batch,), contexts=(a.context,), prefill=(), steps=2, warmup=2, prefill_reps=1,
+                sampling=a.sampling)
     decode_tok_s(engine, a.batch, a.context, grid)  # warm-up: kernels loaded, CUDA graphs captured
     from torch.profiler import ProfilerActivity, profile
 
     from vptq_mlc.bench.e2e_common import decode_prompt_len, prompt_ids
-    from vptq_mlc.runtime.sampling import SamplingParams
 
-    params = SamplingParams(max_tokens=2 * a.steps + 4, temperature=0.0, ignore_eos=True)
     plen = decode_prompt_len(a.context, grid)
-    reqs = [engine.add_request(prompt_ids(i, plen, engine.vocab_size), params) for i in range(a.batch)]
+    reqs = [engine.add_request(prompt_ids(i, plen, engine.vocab_size),
+                               decode_params(engine, a.sampling, 2 * a.steps + 4, seed=i)) for i in range(a.batch)]
     while not all(r.prefill_done for r in reqs):
         engine.step()
     engine.step()
@@ -70,7 +72,8 @@ def main() -> None:
     rows = sorted(({"kernel": k, "us_per_step": v[0] / a.steps, "calls_per_step": v[1] / a.steps}
                    for k, v in per.items()), key=lambda r: -r["us_per_step"])
     total = sum(r["us_per_step"] for r in rows)
-    print(f"decode batch {a.batch} ctx {a.context}: step wall {plain * 1e6:.0f} us ({wall * 1e6:.0f} profiled), "
+    print(f"decode batch {a.batch} ctx {a.context} sampling {a.sampling}: step wall {plain * 1e6:.0f} us "
+          f"({wall * 1e6:.0f} profiled), "
           f"kernels {total:.0f} us per step, {sum(r['calls_per_step'] for r in rows):.0f} launches per step")
     for r in rows[:40]:
         print(f"{r['us_per_step']:9.1f} us {r['calls_per_step']:6.1f}x  {r['kernel'][:110]}")
