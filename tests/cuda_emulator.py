@@ -6,8 +6,8 @@ The generated kernels use only plain C++ plus `__shared__`, `__syncthreads()`, `
 become function statics (the blocks of a launch run one after another on the same threads), `__syncthreads()` a
 `std::barrier`. Threads run far out of
 step here, so a missing barrier shows up as wrong or batch-dependent tokens. The launch sequence mirrors the
-sampler's host code (compile/sampler.py, `gpu_kernel`): scores and compaction over `splits` blocks per row, then
-one select block per row.
+sampler's host code (compile/sampler.py, `gpu_kernel`): scores, compaction and the top-p search's passes over
+`splits` blocks per row, then one select block per row.
 """
 
 from __future__ import annotations
@@ -56,11 +56,13 @@ template <class F> static void launch(long gy, long gx, long nt, F f) {
 _ARGS = {"bias_tok_ptr": "bt", "bias_val_ptr": "bv", "bitmask_ptr": "mask", "fp_ptr": "fp", "ip_ptr": "ip",
          "logits_ptr": "logits", "part_f_ptr": "part_f", "part_i_ptr": "part_i", "pen_cnt_ptr": "pc",
          "pen_tok_ptr": "pt", "work_ptr": "work", "cand_ptr": "cand", "dense_ptr": "dense", "out_lp_ptr": "out_lp",
-         "out_tok_ptr": "out_tok", "rows": "rows", "vocab": "vocab", "words": "words"}
-_KERNELS = ("sample_tokens_kernel_kernel", "sample_tokens_kernel_kernel_1", "sample_tokens_kernel_kernel_2")
+         "out_tok_ptr": "out_tok", "rows": "rows", "vocab": "vocab", "words": "words", "row_f_ptr": "row_f",
+         "search_f_ptr": "search_f", "search_i_ptr": "search_i", "t": "t"}
+_KERNELS = ("sample_tokens_kernel_kernel", "sample_tokens_kernel_kernel_1", "sample_tokens_kernel_kernel_2",
+            "sample_tokens_kernel_kernel_3")
 
 
-def _launcher(body: str, threads: tuple[int, int], max_splits: int, min_slice: int) -> str:
+def _launcher(body: str, threads: tuple[int, int], max_splits: int, min_slice: int, passes: int) -> str:
     slice_var = re.search(r"slice_len_ptr\[0\] = (\w+);", body).group(1)  # the slice length, computed on the host
 
     def call(kernel: str) -> str:
@@ -72,13 +74,14 @@ def _launcher(body: str, threads: tuple[int, int], max_splits: int, min_slice: i
     return f"""
 extern "C" void run_all(float* logits, float* fp, int* ip, int* bt, float* bv, int* pt, int* pc, int* mask,
                         int* out_tok, float* out_lp, float* work, int* cand, int* dense, float* part_f,
-                        int* part_i,
+                        int* part_i, float* row_f, float* search_f, int64_t* search_i,
                         int64_t rows, int64_t vocab, int64_t words) {{
   int64_t slice = max((vocab + {max_splits - 1}) / {max_splits}, (int64_t){min_slice});
   int64_t splits = (vocab + slice - 1) / slice;
   launch(rows, splits, {split_threads}, [=] {{ {call(_KERNELS[0])}; }});
   launch(rows, splits, {split_threads}, [=] {{ {call(_KERNELS[1])}; }});
-  launch(1, rows, {select_threads}, [=] {{ {call(_KERNELS[2])}; }});
+  for (int t = 0; t <= {passes}; ++t) launch(rows, splits, {select_threads}, [=] {{ {call(_KERNELS[2])}; }});
+  launch(1, rows, {select_threads}, [=] {{ {call(_KERNELS[3])}; }});
 }}
 """
 
@@ -93,10 +96,10 @@ class EmulatedSampler:
         body = re.sub(r'extern "C" __global__ void [^{;]*;\n', "", body)  # forward declarations
         body = body.replace('extern "C" ', "").replace("__shared__ alignas(64)", "alignas(64) static")
         assert "__shared__" not in body and "__shfl" not in body and "atomic" not in body, "unsupported construct"
-        self.max_splits = gpu.MAX_SPLITS
+        self.max_splits, self.passes, self.pivots = gpu.MAX_SPLITS, gpu.SEARCH_PASSES, gpu.PIVOTS
         cpp = workdir / "sampler_emulated.cpp"
         cpp.write_text(_PRELUDE + body + _launcher(body, (gpu.SPLIT_THREADS, gpu.GPU_THREADS), gpu.MAX_SPLITS,
-                                                   gpu.MIN_SLICE))
+                                                   gpu.MIN_SLICE, gpu.SEARCH_PASSES))
         so = workdir / "sampler_emulated.so"
         cxx = shutil.which("g++") or shutil.which("c++")
         assert cxx, "a C++20 compiler (g++) is needed to emulate the CUDA kernels"
@@ -119,6 +122,10 @@ class EmulatedSampler:
         dense = np.full((rows, vocab), -11, np.int32)
         part_f = np.full((rows, self.max_splits, 2), np.nan, np.float32)
         part_i = np.full((rows, self.max_splits, 2), -5, np.int32)
-        ptrs = [a.ctypes.data_as(ctypes.c_void_p) for a in (*host, out_tok, out_lp, work, cand, dense, part_f, part_i)]
+        row_f = np.full((rows, 2), np.nan, np.float32)
+        search_f = np.full((rows, self.passes + 1, self.max_splits, self.pivots), np.nan, np.float32)
+        search_i = np.full((rows, self.passes + 1, 4), -3, np.int64)
+        ptrs = [a.ctypes.data_as(ctypes.c_void_p) for a in (*host, out_tok, out_lp, work, cand, dense, part_f, part_i,
+                                                            row_f, search_f, search_i)]
         self.lib.run_all(*ptrs, ctypes.c_int64(rows), ctypes.c_int64(vocab), ctypes.c_int64(host[7].shape[1]))
         return tvm.runtime.tensor(out_tok), tvm.runtime.tensor(out_lp)

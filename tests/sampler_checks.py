@@ -227,6 +227,53 @@ def check_profiles_same_uniform(sampler: DeviceSampler, vocab: int, rows: int = 
     assert not failures, failures
 
 
+def tie_kept_cdf(logits: np.ndarray, temperature: float, top_p: float) -> np.ndarray:
+    """The cdf (in id order) of temperature + top-p sampling where tokens of equal score are kept or dropped
+    together: token i is kept iff the probability of the tokens scoring strictly higher is < top_p (the compiled
+    sampler's rule; the numpy reference instead drops the lower-id part of a tie group on the boundary). Scores are
+    the float32 `logits * (1 / temperature)` the sampler computes, probabilities float64."""
+    x = (logits.astype(np.float32) * np.float32(1 / np.float32(temperature))).astype(np.float64)
+    probs = np.exp(x - x.max())
+    probs /= probs.sum()
+    order = np.argsort(-x, kind="stable")
+    desc = x[order]
+    first_equal = np.searchsorted(-desc, -desc, side="left")  # each sorted token's first tie partner
+    mass = np.cumsum(probs[order])
+    higher = np.where(first_equal > 0, mass[np.maximum(first_equal - 1, 0)], 0.0)
+    kept = np.empty(x.size, dtype=bool)
+    kept[order] = higher < top_p
+    return np.cumsum(np.where(kept, probs, 0.0))
+
+
+# How far (a share of the kept mass) the sampler's cdf walk may land from the float64 one: float32 running sums over
+# ~10^5 tokens drift by ~sqrt(n) * 2^-24 ~ 2e-5 (one token of a 60,000-token nucleus holds about that much), while a
+# kept set off by one tie group of a tied vocabulary moves the cdf by ~1e-3.
+TIED_CDF_TOLERANCE = 1e-4
+
+
+def check_tied_logits_same_uniform(sampler: DeviceSampler, vocab: int, rows: int = 2, uniforms: int = 2) -> None:
+    """bench sampler's `random_model` logits (what bench e2e's random weights give: 256 values, each repeated across
+    the vocabulary, so every score is tied with hundreds of others and tens of thousands of tokens are in the
+    nucleus) at the model's default settings: with a given uniform, a token `tie_kept_cdf` keeps, whose cdf step
+    holds the uniform up to TIED_CDF_TOLERANCE of the kept mass (the nucleus is too large for exact float32 walks)."""
+    from vptq_mlc.bench.sampler import make_logits
+
+    logits = make_logits("random_model", rows, vocab, seed=3)
+    failures = []
+    for temperature, top_p in ((0.6, 0.9), (0.8, 0.95)):
+        params = SamplingParams(temperature=temperature, top_p=top_p)
+        cdfs = [tie_kept_cdf(row, temperature, top_p) for row in logits]
+        for u in uniforms_24bit(np.random.default_rng(5), uniforms):
+            got = sampled_tokens(sampler, logits, [SampleRow(params, float(u))] * rows)
+            for row, (token, cdf) in enumerate(zip(got, cdfs)):
+                below = cdf[token - 1] if token > 0 else 0.0
+                off = max(below - u * cdf[-1], u * cdf[-1] - cdf[token], 0.0) / cdf[-1]
+                if cdf[token] <= below or off > TIED_CDF_TOLERANCE:
+                    failures.append(f"T {temperature} top_p {top_p} u {u} row {row}: token {token} (the tie rule's: "
+                                    f"{reference_token(cdf, u)}; kept {cdf[token] > below}, off by {off:.2e})")
+    assert not failures, failures
+
+
 def check_rows_change_hands(sampler: DeviceSampler, calls: int = 6, rows: int = 8) -> None:
     """One sampler over several calls whose rows pass between settings (a request finishing and another taking its
     row), skip rows and a changed row count and vocabulary limit among them: every row's token is the reference's

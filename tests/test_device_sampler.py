@@ -76,16 +76,16 @@ def cuda_source(tmp_path_factory) -> str:
 
 
 def test_gpu_kernel_builds_for_cuda(cuda_source: str) -> None:
-    """The GPU sampler passes TVM's CUDA lowering (shared-memory sync planning) and nvcc, as three launches: the
-    full-vocabulary scores and compaction kernels over several blocks per row (grid y = row, x = vocabulary
-    slice), then one block per row; no atomics, so its sums are deterministic. It runs in
-    tests/gpu/test_device_sampler_gpu.py."""
+    """The GPU sampler passes TVM's CUDA lowering (shared-memory sync planning) and nvcc, as four kernels: the
+    full-vocabulary scores and compaction kernels and the top-p search pass (launched once per pass) over several
+    blocks per row (grid y = row, x = vocabulary slice), then one block per row; no atomics, so its sums are
+    deterministic. It runs in tests/gpu/test_device_sampler_gpu.py."""
     from vptq_mlc.compile.sampler import GPU_THREADS, SPLIT_THREADS
 
     kernels = re.findall(r'extern "C" __global__ void __launch_bounds__\((\d+)\) (\w+)\([^)]*\) \{', cuda_source)
-    assert [int(n) for n, _ in kernels] == [SPLIT_THREADS, SPLIT_THREADS, GPU_THREADS], kernels
+    assert [int(n) for n, _ in kernels] == [SPLIT_THREADS, SPLIT_THREADS, GPU_THREADS, GPU_THREADS], kernels
     bodies = re.split(r'extern "C" __global__ void __launch_bounds__\(\d+\) \w+\([^)]*\) \{', cuda_source)[1:]
-    assert all("blockIdx.y" in b for b in bodies[:2]) and "blockIdx.y" not in bodies[2]
+    assert all("blockIdx.y" in b for b in bodies[:3]) and "blockIdx.y" not in bodies[3]
     assert "atomic" not in cuda_source
 
 
@@ -94,7 +94,8 @@ def test_gpu_kernel_emulated_on_cpu(cuda_source: str, tmp_path) -> None:
     same uniforms: the vocabulary limit and batch independence at 500 tokens (one candidate per thread), every
     setting at 3000 (a few candidates per thread after compaction, or the key search over all tokens for top-k),
     and a 128256-token vocabulary with peaked and flat logits (compaction over 64 blocks per row, then the direct
-    ranking or the key search over the candidates)."""
+    ranking, the key search over the candidates, or the multi-block top-p search over tens of thousands of them,
+    tied logits included)."""
     import shutil
 
     from cuda_emulator import EmulatedSampler
@@ -105,6 +106,11 @@ def test_gpu_kernel_emulated_on_cpu(cuda_source: str, tmp_path) -> None:
     checks.check_vocab_limit_and_batch_independence(sampler, 500)
     checks.check_settings_same_uniform(sampler, 3000, uniforms=4)
     checks.check_profiles_same_uniform(sampler, 128256, rows=1, settings=checks.PROFILE_SETTINGS[:2])
+    checks.check_tied_logits_same_uniform(sampler, 128256, rows=1, uniforms=1)
+
+
+def test_tied_logits_keep_tie_groups(sampler: checks.DeviceSampler) -> None:
+    checks.check_tied_logits_same_uniform(sampler, 128256, rows=2, uniforms=2)
 
 
 def test_rows_change_hands(sampler: checks.DeviceSampler) -> None:

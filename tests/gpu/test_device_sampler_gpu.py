@@ -101,6 +101,15 @@ def test_settings_and_profiles_give_reference_token(bounded) -> None:
     checks.check_profiles_same_uniform(sampler, min(vocab, BIG_VOCAB), rows=min(rows, 2))
 
 
+def test_tied_logits_give_tie_rule_token(bounded) -> None:
+    """bench e2e's random-weight logits (every score tied with hundreds of others, tens of thousands of tokens in
+    the nucleus: the multi-block top-p search) at the model's default settings: the token of the tie rule's cdf."""
+    import sampler_checks as checks
+
+    sampler, vocab, rows = bounded
+    checks.check_tied_logits_same_uniform(sampler, min(vocab, BIG_VOCAB), rows=min(rows, 2), uniforms=4)
+
+
 def test_rows_change_hands(bounded) -> None:
     """The sampler's kept device buffers across calls whose rows pass between settings: the reference's tokens."""
     import sampler_checks as checks

@@ -21,8 +21,15 @@ A compaction pass first keeps only the candidates that can survive top-p / min-p
 the relevant mass, or `>= min_p`), so the threshold passes touch a few thousand entries for peaked distributions
 (falling back to the whole vocabulary when top-k needs more than the candidates, or without top-p / min-p).
 CPU: rows in parallel, each row's passes serial. GPU (`gpu_kernel`): the full-vocabulary passes (scores, max, sum,
-compaction) run over 64 blocks per row (batch 1 would leave all but one SM idle), the thresholds and the draw in
-one block per row; no atomics, so every sum has a fixed order and a seeded row samples the same token in any batch.
+compaction) run over 64 blocks per row (batch 1 would leave all but one SM idle); so does the top-p search when a
+row has more candidates than one block ranks directly (a flat distribution: tens of thousands), one launch per
+pass; the other thresholds and the draw run in one block per row. No atomics, so every sum has a fixed order and a
+seeded row samples the same token in any batch.
+
+Ties: tokens of equal score are kept or dropped together (top-k and top-p keep every token whose score equals the
+threshold's), so at a tie on the top-p boundary the kept set can exceed the smallest set reaching top_p; the numpy
+reference drops the lower-id part of such a tie group instead. Exact ties of float logits are rare in trained
+models; the tests use logits without ties.
 """
 
 from __future__ import annotations
@@ -264,6 +271,9 @@ SPLIT_THREADS = 256  # the full-vocabulary kernels: several blocks per row
 MAX_SPLITS = 64  # blocks per row of the full-vocabulary kernels (batch 1 spreads the vocabulary over the GPU)
 MIN_SLICE = 1024  # tokens per block at least (small vocabularies take one block)
 PIVOTS = 15  # keys the select kernel's threshold search tests per pass (4 bits of the 32-bit key)
+# Launches of the multi-block top-p search: each narrows the key interval (at most 2^32 keys wide) to at most
+# 1/(PIVOTS + 1) of it, so 8 passes reach adjacent keys, the exact threshold.
+SEARCH_PASSES = 8
 # A margin on the compaction bound against float rounding (its proof is in exact arithmetic; Z is merged from
 # per-block sums): keeping slightly more candidates changes no result.
 _BOUND_MARGIN = 0.999
@@ -279,7 +289,8 @@ def _cand_score(full, work, cand, r, j):
 
 
 def gpu_kernel() -> tirx.PrimFunc:
-    """Three launches per call (one PrimFunc, so the workspaces are its own outputs):
+    """Three kernels and SEARCH_PASSES + 1 launches of a fourth per call (one PrimFunc, so the workspaces are its own
+    outputs):
 
     1. scores, `MAX_SPLITS` blocks per row: mask, logit_bias and penalties, temperature; each block's slice of the
        vocabulary gives its max, first argmax and sum of exp(x - block max) (partials);
@@ -287,14 +298,18 @@ def gpu_kernel() -> tirx.PrimFunc:
        every block agrees); each block keeps its slice's candidates, the tokens that can survive top-p / min-p
        (the CPU kernel's bound), in id order (per-thread contiguous chunks and a block-wide prefix sum) at the
        start of its slice of `cand`, and its count;
+    2b. the top-p search (`search_pass`), the same grid, SEARCH_PASSES + 1 launches: rows with top-p, no top-k and
+       more candidates than the select block's threads (the others return at once) narrow the threshold key over
+       every block's candidates, then sum each block's kept mass;
     3. select, one block per row: greedy rows take the merged argmax. Sampled rows join the candidate segments
        into `dense` (ids in id order; each position finds its segment by binary search). Up to one candidate per
        thread, each thread computes its own token's rank directly (the count and the mass of strictly larger
        candidates give top-k and top-p) and thread 0 walks the kept ones in id order; more candidates (a flat
        distribution, or top-k needing tokens below the bound or no top-p / min-p: then the whole vocabulary)
        get their scores copied next to them (contiguous loads), the thresholds by `key_search` (15 keys per
-       pass, block-wide sums over the candidates only) and a chunked draw. Then the top-n logprobs
-       (full-vocabulary argmax rounds).
+       pass, block-wide sums over the candidates only) and a chunked draw, unless the search pass found the
+       threshold: then the draw finds its block from the blocks' kept masses and walks that block's candidates.
+       Then the top-n logprobs (full-vocabulary argmax rounds).
 
     Values every thread needs (max, sums, thresholds) are computed identically by every thread or read from a
     reduction buffer by all threads into registers, so each block stays in lockstep without shared scalars."""
@@ -385,11 +400,145 @@ def gpu_kernel() -> tirx.PrimFunc:
                 else:
                     vi[2] = T.min(vi[2], piv[q])
 
+    @T.macro
+    def pivot_keys(piv, vi):
+        """PIVOTS keys spread over the open interval (vi[0], vi[1]): each part is at most 1/(PIVOTS + 1) of it."""
+        for q in T.unroll(PIVOTS):
+            piv[q] = T.min(T.max(vi[0] + T.floordiv((vi[1] - vi[0]) * (q + 1), PIVOTS + 1), vi[0] + 1), vi[1] - 1)
+
+    @T.macro
+    def pivot_block_sums(accp, redp, red, sums, tx):
+        """sums[q] = the block's sum of accp[q] (fixed order: deterministic), for every q < PIVOTS."""
+        for q in T.unroll(PIVOTS):
+            redp[q, tx] = accp[q]
+        T.tvm_storage_sync("shared")
+        if tx < PIVOTS * 32:  # warp g sums row g of redp (32 lanes x NT / 32), lane 0 its 32 partials
+            accp[0] = T.float32(0)
+            for k in T.unroll(NT // 32):
+                accp[0] = accp[0] + redp[tx // 32, tx % 32 + 32 * k]
+            red[tx] = accp[0]
+        T.tvm_storage_sync("shared")
+        if tx < PIVOTS * 32 and tx % 32 == 0:
+            accp[0] = T.float32(0)
+            for k in T.unroll(32):
+                accp[0] = accp[0] + red[tx + k]
+            sums[tx // 32] = accp[0]
+        T.tvm_storage_sync("shared")
+
+    @T.macro
+    def search_pass(t, rows, vocab, fp, ip, work, cand, part_i, row_f, search_f, search_i):
+        """Launch t of the top-p threshold search of rows with top-p, no top-k and more candidates than the select
+        block ranks directly (the others return at once), over every block's candidates (`MAX_SPLITS` blocks per
+        row): `key_search` (W(m) = the candidates' mass strictly above key m; W(lo) >= top_p * Z > W(hi)) split
+        into launches. Every block of launch t narrows the interval launch t - 1 started from with launch t - 1's
+        per-block PIVOTS masses (summed in block order: every block gets the same interval), block 0 records it,
+        and each block writes its own masses at the new PIVOTS keys. After SEARCH_PASSES launches the interval is
+        two adjacent keys, hi the threshold (kept: key >= hi); the last launch writes each block's kept mass (and
+        min-p), where the select block's draw starts."""
+        with T.launch_thread("blockIdx.y", rows) as r:
+            b = T.launch_thread("blockIdx.x", T.ceildiv(vocab, T.max(T.ceildiv(vocab, T.int64(MAX_SPLITS)),
+                                                                      T.int64(MIN_SLICE))))
+            tx = T.launch_thread("threadIdx.x", NT)
+            slice_len = T.max(T.ceildiv(vocab, T.int64(MAX_SPLITS)), T.int64(MIN_SLICE))
+            splits = T.ceildiv(vocab, slice_len)
+            cnt_s = T.alloc_buffer((MAX_SPLITS,), "int32", scope="shared")
+            stage = T.alloc_buffer((MAX_SPLITS, PIVOTS), "float32", scope="shared")
+            redp = T.alloc_buffer((PIVOTS, NT), "float32", scope="shared")
+            red = T.alloc_buffer((NT,), "float32", scope="shared")
+            sums = T.alloc_buffer((PIVOTS,), "float32", scope="shared")
+            piv = T.alloc_buffer((PIVOTS,), "int64", scope="local")
+            accp = T.alloc_buffer((PIVOTS,), "float32", scope="local")
+            vi = T.alloc_buffer((4,), "int64", scope="local")  # interval lo, hi; searched (0 / 1); candidates
+            acc = T.alloc_buffer((2,), "float32", scope="local")
+            lim = T.min(T.Cast("int64", ip[r, I_VOCAB_LIMIT]), vocab)
+            top_k = T.Cast("int64", ip[r, I_TOP_K])
+            top_p = fp[r, F_TOP_P]
+            k_on = top_k > 0 and top_k < lim
+            if t == 0:
+                vi[0] = T.int64(0)
+                vi[1] = T.int64(1)
+                vi[2] = T.int64(0)
+                vi[3] = T.int64(0)
+                if fp[r, F_TEMPERATURE] > T.float32(0) and top_p < T.float32(1) and not k_on:
+                    if T.Cast("int64", tx) < splits:
+                        cnt_s[tx] = part_i[r, tx, 1]
+                    T.tvm_storage_sync("shared")
+                    for bb in range(splits):
+                        vi[3] = vi[3] + T.Cast("int64", cnt_s[bb])
+                    if vi[3] > NT:  # the select block's own ranking takes up to NT candidates
+                        vi[0] = KEY_MIN - 1
+                        vi[1] = _key(row_f[r, 0])
+                        vi[2] = T.int64(1)
+            else:
+                vi[0] = search_i[r, t - 1, 0]
+                vi[1] = search_i[r, t - 1, 1]
+                vi[2] = search_i[r, t - 1, 2]
+                if vi[2] == 1 and vi[1] - vi[0] > 1:
+                    pivot_keys(piv, vi)
+                    for it in range(T.ceildiv(splits * PIVOTS, T.int64(NT))):
+                        i = it * NT + tx
+                        if i < splits * PIVOTS:
+                            stage[i // PIVOTS, i % PIVOTS] = search_f[r, t - 1, i // PIVOTS, i % PIVOTS]
+                    T.tvm_storage_sync("shared")
+                    if tx < PIVOTS:
+                        acc[0] = T.float32(0)
+                        for bb in range(splits):
+                            acc[0] = acc[0] + stage[bb, tx]
+                        sums[tx] = acc[0]
+                    T.tvm_storage_sync("shared")
+                    for q in T.unroll(PIVOTS):
+                        accp[q] = sums[q]
+                    for q in T.unroll(PIVOTS):
+                        if accp[q] >= top_p * row_f[r, 1]:
+                            vi[0] = T.max(vi[0], piv[q])
+                        else:
+                            vi[1] = T.min(vi[1], piv[q])
+            if b == 0 and tx == 0:
+                search_i[r, t, 0] = vi[0]
+                search_i[r, t, 1] = vi[1]
+                search_i[r, t, 2] = vi[2]
+            if vi[2] == 1:
+                n_b = T.Cast("int64", part_i[r, b, 1])
+                base = b * slice_len
+                row_max = row_f[r, 0]
+                if t < SEARCH_PASSES:
+                    if vi[1] - vi[0] > 1:
+                        pivot_keys(piv, vi)
+                        for q in T.unroll(PIVOTS):
+                            accp[q] = T.float32(0)
+                        for it in range(T.ceildiv(n_b, T.int64(NT))):
+                            j = it * NT + tx
+                            if j < n_b:
+                                x = work[r, T.Cast("int64", cand[r, base + j])]
+                                key = _key(x)
+                                w = T.exp(x - row_max)
+                                for q in T.unroll(PIVOTS):
+                                    if key > piv[q]:
+                                        accp[q] = accp[q] + w
+                        pivot_block_sums(accp, redp, red, sums, tx)
+                        if tx < PIVOTS:
+                            search_f[r, t, b, tx] = sums[tx]
+                else:
+                    min_p = fp[r, F_MIN_P]
+                    acc[1] = T.float32(0)
+                    for it in range(T.ceildiv(n_b, T.int64(NT))):
+                        j = it * NT + tx
+                        if j < n_b:
+                            x = work[r, T.Cast("int64", cand[r, base + j])]
+                            e = T.exp(x - row_max)
+                            if _key(x) >= vi[1] and e >= min_p:
+                                acc[1] = acc[1] + e
+                    red[tx] = acc[1]
+                    block_sum(red, tx, NT, _log2(NT))
+                    if tx == 0:
+                        search_f[r, t, b, 0] = red[0]
+
     @T.prim_func(private=True)
     def kernel(
         var_logits: T.handle, var_fp: T.handle, var_ip: T.handle, var_bt: T.handle, var_bv: T.handle,
         var_pt: T.handle, var_pc: T.handle, var_mask: T.handle, var_tok: T.handle, var_lp: T.handle,
         var_work: T.handle, var_cand: T.handle, var_dense: T.handle, var_part_f: T.handle, var_part_i: T.handle,
+        var_row_f: T.handle, var_search_f: T.handle, var_search_i: T.handle,
     ):
         T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True})
         rows, vocab = T.int64(), T.int64()
@@ -409,6 +558,11 @@ def gpu_kernel() -> tirx.PrimFunc:
         dense = T.match_buffer(var_dense, (rows, vocab), "int32")  # the candidate ids together, in id order
         part_f = T.match_buffer(var_part_f, (rows, MAX_SPLITS, 2), "float32")  # per block: max, sum exp(x - max)
         part_i = T.match_buffer(var_part_i, (rows, MAX_SPLITS, 2), "int32")  # per block: first argmax, candidates
+        row_f = T.match_buffer(var_row_f, (rows, 2), "float32")  # the row's max and Z (sampled, compacted rows)
+        # the multi-block top-p search: per pass and block, the PIVOTS masses (the last pass: the kept mass) ...
+        search_f = T.match_buffer(var_search_f, (rows, SEARCH_PASSES + 1, MAX_SPLITS, PIVOTS), "float32")
+        # ... and per pass, the key interval it started from (lo, hi) and whether the row takes the search
+        search_i = T.match_buffer(var_search_i, (rows, SEARCH_PASSES + 1, 4), "int64")
         # 1. scores: mask, logit_bias, penalties (on raw logits; distinct tokens per row: no races), temperature
         with T.launch_thread("blockIdx.y", rows) as r:
             b = T.launch_thread("blockIdx.x", T.ceildiv(vocab, T.max(T.ceildiv(vocab, T.int64(MAX_SPLITS)),
@@ -539,6 +693,13 @@ def gpu_kernel() -> tirx.PrimFunc:
                             cnt[1] = cnt[1] + 1
                 if tx == NS - 1:
                     part_i[r, b, 1] = scan[NS - 1]
+                if b == 0 and tx == 0:
+                    row_f[r, 0] = st[0]
+                    row_f[r, 1] = st[1]
+        # 2b. the top-p threshold of rows with many candidates (no top-k): SEARCH_PASSES passes of the key search
+        # over every block's candidates, then each block's kept mass (see `search_pass`)
+        for t in range(SEARCH_PASSES + 1):
+            search_pass(t, rows, vocab, fp, ip, work, cand, part_i, row_f, search_f, search_i)
         # 3. select: one block per row
         with T.launch_thread("blockIdx.x", rows) as r:
             tx = T.launch_thread("threadIdx.x", NT)
@@ -590,7 +751,8 @@ def gpu_kernel() -> tirx.PrimFunc:
                         nc[0] = nc[0] + T.Cast("int64", pi_s[b, 1])
                 full = not compacted or (k_on and nc[0] < top_k)  # top-k needs tokens below the bound: all
                 n = T.if_then_else(full, lim, nc[0])
-                if not full:  # the segments together, in order: position p's segment by binary search
+                wide = top_p < T.float32(1) and not k_on and nc[0] > NT  # the threshold from `search_pass`
+                if not full and not wide:  # the segments together, in order: position p's segment by binary search
                     if tx == 0:
                         nc[1] = T.int64(0)
                         for b in range(splits):
@@ -660,6 +822,83 @@ def gpu_kernel() -> tirx.PrimFunc:
                     T.tvm_storage_sync("shared")
                     acci[2] = token_of[0]
                     vi[0] = T.if_then_else(full, acci[2], T.Cast("int64", dense[r, acci[2]]))
+                elif wide:
+                    # 3c. the threshold and each block's kept mass come from `search_pass`: the block holding the
+                    # draw, then the draw within its candidates (in id order) as in 3b
+                    thr = search_i[r, SEARCH_PASSES, 1]
+                    if T.Cast("int64", tx) < splits:
+                        red[tx] = search_f[r, SEARCH_PASSES, tx, 0]
+                    T.tvm_storage_sync("shared")
+                    if tx == 0:
+                        acc[1] = T.float32(0)
+                        for c in range(splits):
+                            acc[1] = acc[1] + red[c]
+                        target = fp[r, F_UNIFORM] * acc[1]
+                        acc[1] = T.float32(0)  # mass of the blocks before
+                        acci[0] = T.int64(-1)  # the chosen block (the last one with mass if rounding finds none)
+                        acci[1] = T.int64(0)  # found
+                        for c in range(splits):
+                            acc[0] = red[c]
+                            if acc[0] > T.float32(0) and acci[1] == 0:
+                                acci[0] = T.Cast("int64", c)
+                                if acc[1] + acc[0] > target:
+                                    acci[1] = T.int64(1)
+                                else:
+                                    acc[1] = acc[1] + acc[0]
+                        chunk_of[0] = T.max(acci[0], T.int64(0))  # none kept only for NaN scores
+                        target_in[0] = target - acc[1]
+                    T.tvm_storage_sync("shared")
+                    acci[0] = chunk_of[0]
+                    acc[2] = target_in[0]  # the draw's target within the block
+                    n_b = T.Cast("int64", part_i[r, acci[0], 1])
+                    base = acci[0] * slice_len
+                    chunk = T.ceildiv(n_b, T.int64(NT))
+                    acc[0] = T.float32(0)
+                    for jj in range(chunk):
+                        j = tx * chunk + jj
+                        if j < n_b:
+                            x = work[r, T.Cast("int64", cand[r, base + j])]
+                            e = T.exp(x - vf[0])
+                            if _key(x) >= thr and e >= min_p:
+                                acc[0] = acc[0] + e
+                    red[tx] = acc[0]
+                    T.tvm_storage_sync("shared")
+                    if tx == 0:
+                        acc[1] = T.float32(0)  # mass of the chunks before
+                        acci[0] = T.int64(-1)  # the chosen chunk (the last one with mass if rounding finds none)
+                        acci[1] = T.int64(0)  # found
+                        for c in range(NT):
+                            acc[0] = red[c]
+                            if acc[0] > T.float32(0) and acci[1] == 0:
+                                acci[0] = T.Cast("int64", c)
+                                if acc[1] + acc[0] > acc[2]:
+                                    acci[1] = T.int64(1)
+                                else:
+                                    acc[1] = acc[1] + acc[0]
+                        chunk_of[0] = T.max(acci[0], T.int64(0))
+                        found_in[0] = acci[1]
+                        target_in[0] = acc[2] - acc[1]
+                    T.tvm_storage_sync("shared")
+                    acci[0] = chunk_of[0]
+                    acci[1] = found_in[0]
+                    acc[1] = target_in[0]
+                    if T.Cast("int64", tx) == acci[0]:
+                        acc[0] = T.float32(0)
+                        acci[2] = T.int64(0)  # stop
+                        for jj in range(chunk):
+                            j = tx * chunk + jj
+                            if j < n_b and acci[2] == 0:
+                                c = T.Cast("int64", cand[r, base + j])
+                                x = work[r, c]
+                                e = T.exp(x - vf[0])
+                                if _key(x) >= thr and e >= min_p:
+                                    acc[0] = acc[0] + e
+                                    vi[0] = c
+                                    if acc[0] > acc[1] and acci[1] == 1:
+                                        acci[2] = T.int64(1)
+                        token_of[0] = vi[0]
+                    T.tvm_storage_sync("shared")
+                    vi[0] = token_of[0]
                 else:
                     # 3b. the thresholds by a key search over the candidates (or all tokens); the candidates' scores
                     # are copied next to them first (cand is free once dense holds the ids): contiguous loads
@@ -802,7 +1041,9 @@ def add_sampler(mod: tvm.IRModule, target: tvm.target.Target) -> tvm.IRModule:
     if gpu:
         out_types += [relax.TensorType([rows, vocab], "float32"), relax.TensorType([rows, vocab], "int32"),
                       relax.TensorType([rows, vocab], "int32"), relax.TensorType([rows, MAX_SPLITS, 2], "float32"),
-                      relax.TensorType([rows, MAX_SPLITS, 2], "int32")]
+                      relax.TensorType([rows, MAX_SPLITS, 2], "int32"), relax.TensorType([rows, 2], "float32"),
+                      relax.TensorType([rows, SEARCH_PASSES + 1, MAX_SPLITS, PIVOTS], "float32"),
+                      relax.TensorType([rows, SEARCH_PASSES + 1, 4], "int64")]
     else:
         out_types += [relax.TensorType([rows, 2, vocab], "float32"), relax.TensorType([rows, vocab], "int32")]
     with bb.function(FUNCTION, args):
