@@ -108,12 +108,18 @@ def main() -> None:
             med = {m: statistics.median(v) for m, v in runs.items()}
             row = {"tok_s": runs, "median_tok_s": med, "model_over_greedy": med["model"] / med["greedy"],
                    "extra_ms_per_sampled_step": 1e3 * b * (1 / med["model"] - 1 / med["greedy"])}
-            if a.profile:
-                row["profile"] = {m: kernel_profile(engine, b, a.context, grids[m], 16) for m in MODES}
             result["batches"][str(b)] = row
             logging.info("batch %d: greedy %.1f, model %.1f tok/s (%.3fx; +%.3f ms per step)", b, med["greedy"],
                          med["model"], row["model_over_greedy"], row["extra_ms_per_sampled_step"])
-        Path(a.out).write_text(json.dumps(result, indent=1))
+            Path(a.out).write_text(json.dumps(result, indent=1))  # each batch as soon as it is measured
+        for b in batches if a.profile else ():
+            row = result["batches"][str(b)]
+            row["profile"] = {m: kernel_profile(engine, b, a.context, grids[m], 16) for m in MODES}
+            for m in MODES:
+                logging.info("batch %d %s: sampler kernels %.1f us in %.0f launches per step (all kernels %.1f us)", b,
+                             m, row["profile"][m]["sampler_kernel_us_per_step"],
+                             row["profile"][m]["sampler_launches_per_step"], row["profile"][m]["kernel_us_per_step"])
+            Path(a.out).write_text(json.dumps(result, indent=1))
 
 
 if __name__ == "__main__":
