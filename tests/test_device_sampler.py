@@ -94,8 +94,8 @@ def test_gpu_kernel_emulated_on_cpu(cuda_source: str, tmp_path) -> None:
     same uniforms: the vocabulary limit and batch independence at 500 tokens (one candidate per thread), every
     setting at 3000 (a few candidates per thread after compaction, or the key search over all tokens for top-k),
     and a 128256-token vocabulary with peaked and flat logits (compaction over 64 blocks per row, then the direct
-    ranking, the key search over the candidates, or the multi-block top-p search over tens of thousands of them,
-    tied logits included)."""
+    ranking, the key search over the candidates, or, for the flat logits at top_p 0.9, the multi-block top-p
+    search over ~20,000 of them). The tied-logits check runs on the GPU only (each emulated launch is slow)."""
     import shutil
 
     from cuda_emulator import EmulatedSampler
@@ -106,7 +106,6 @@ def test_gpu_kernel_emulated_on_cpu(cuda_source: str, tmp_path) -> None:
     checks.check_vocab_limit_and_batch_independence(sampler, 500)
     checks.check_settings_same_uniform(sampler, 3000, uniforms=4)
     checks.check_profiles_same_uniform(sampler, 128256, rows=1, settings=checks.PROFILE_SETTINGS[:2])
-    checks.check_tied_logits_same_uniform(sampler, 128256, rows=1, uniforms=1)
 
 
 def test_tied_logits_keep_tie_groups(sampler: checks.DeviceSampler) -> None:
