@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
 # Build, on the GPU-less build box, everything bench/gpu_suite.sh reads on the GPU host, into one folder to carry.
 # Usage (repo root): bash bench/gpu_artifacts.sh ART_DIR [parts...]
-# parts (default: tvm_rt kcheck e2e): tvm_rt kcheck kbench kcs kgather e2e e2eds e2e7b attn; each is
+# parts (default: tvm_rt kcheck e2e): tvm_rt kcheck kbench kcs kgather e2e e2eds e2e7b attn sampler; each is
 # skipped when already built.
 #   kgather  the gathered-experts CUDA kernel at DeepSeek-R1 expert shapes (tests/gathered_kernels.py): gathered_cuda.so
 #          + gathered.json, checked and timed by tests/gpu/test_gathered_gpu.py (a few seconds to build)
+#   sampler  the compiled sampler alone (`vptq-mlc bench sampler --build`): sampler/sampler-cuda.so (any vocabulary,
+#          any rows), timed by gpu_suite.sh's step sampler and checked by tests/gpu/test_device_sampler_gpu.py
 #   e2e    a tiny fp16 llama (hidden 256, 2 layers, v8-k256-256): ckpt/ (its checkpoint: the transformers reference of
 #          tests/gpu), model/ (converted), model-cpu.so and model-cuda.so (sm_90, CUDA layout added by compile)
 #   e2eds  a tiny fp16 deepseek_v3 (tests/deepseek_e2e.py): model/, model-cpu.so.gz (CPU_ARCH, default x86-64-v3:
@@ -34,6 +36,9 @@ for p in $PARTS; do
     attn) built "$ART/attn" || python3 bench/attention_prefill.py build "$ART/attn" --arch "$ARCH" ;;
     kcs) built "$ART/kcs" || "${V[@]}" bench build "$ART/kcs" --suite code-sorted --arch "$ARCH" ;;
     kgather) built "$ART/kgather" || python3 tests/gathered_kernels.py build "$ART/kgather" "$ARCH" ;;
+    sampler) mkdir -p "$ART/sampler"
+      built "$ART/sampler/sampler-cuda.so" || "${V[@]}" bench sampler --build "$ART/sampler/sampler-cuda.so" \
+        --device cuda --arch "$ARCH" ;;
     e2e) E=$ART/e2e
       if ! built "$E/model-cuda.so"; then
         python3 -c "
@@ -81,7 +86,7 @@ p.write_text(json.dumps(c, indent=2))"
         gzip -c "$c/tokenizer.json" > "$D/tokenizer/tokenizer.json.gz"
         rm "$c/tokenizer.json"
       done ;;
-    *) echo "unknown part $p (tvm_rt kcheck kbench kcs kgather e2e e2eds e2e7b attn)" >&2; exit 2 ;;
+    *) echo "unknown part $p (tvm_rt kcheck kbench kcs kgather e2e e2eds e2e7b attn sampler)" >&2; exit 2 ;;
   esac
 done
 du -sh "$ART"/* 2>/dev/null

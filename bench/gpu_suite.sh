@@ -14,14 +14,18 @@
 #   e2e7b/    per system NAME: NAME-cfg/ (vptq-mlc bench synth-model ... --config-only) and NAME-cuda.so
 #                                                                            steps: e2e7b, profile7b
 #   attn/     python3 bench/attention_prefill.py build ART_DIR/attn --arch sm_90        steps: attn, pytest
+#   sampler/  the compiled sampler alone (bash bench/gpu_artifacts.sh ART sampler)      steps: sampler, pytest
 #   wheels/   the server's py3.12 wheels (fastapi, uvicorn, httpx, pydantic + deps, xgrammar 0.2.8), installed with
 #             --no-index --no-deps into /tmp/sp for step api7b (WHEELS=DIR: elsewhere; default ART/wheels, else the
 #             wheels/ folder next to ART)                                              step: api7b (also needs e2e7b/)
 # step serve7b: bench/serve_load.py on the e2e7b system API7B_SYSTEM (a 1,800-token prompt among 15 model-sampling
 # streams; 1 and 16 streams vs the in-process engine); needs wheels/ as api7b.
 # step prefix: bench/prefix_ttft.py on the e2e7b system PREFIX_SYSTEM (default v8-k4096-0), PREFIX_ARGS: more arguments
-# steps: check kernels cs decode pytest e2e7b profile7b api7b attn prefix serve7b (default: check kernels decode
-# pytest)
+# step sampler: vptq-mlc bench sampler on sampler/ at a 128256-token vocabulary, T 0.6 / top_p 0.9 and greedy.
+# step sampling7b: bench/sampling_vs_greedy.py on each SAMPLING7B_SYSTEMS (default: E2E7B_SYSTEMS, else
+# v8-k65536-256): model-default sampling vs greedy on one engine, batches 1 and 16, the sampler's kernels profiled.
+# steps: check kernels cs decode pytest e2e7b profile7b api7b attn prefix serve7b sampler sampling7b (default: check
+# kernels decode pytest)
 # E2E7B_SYSTEMS: the e2e7b system names (default: "v8-k4096-0 v8-k65536-256 fp16"); E2E7B_STEPS: decode steps (64);
 # E2E7B_ARGS: more `vptq-mlc bench e2e` arguments (e.g. "--batches 1,16 --sampling model").
 # PROFILE7B_SYSTEMS: the systems bench/profile_decode.py profiles (default: E2E7B_SYSTEMS, else v8-k4096-0): kernel
@@ -65,6 +69,7 @@ for s in $STEPS; do
       VPTQ_MLC_GPU_DEEPSEEK=$([ -d "$ART/e2eds" ] && echo "$ART/e2eds") \
       VPTQ_MLC_GPU_ATTN=$([ -d "$ART/attn" ] && echo "$ART/attn") \
       VPTQ_MLC_GPU_GATHER=$([ -d "$ART/kgather" ] && echo "$ART/kgather") \
+      VPTQ_MLC_GPU_SAMPLER_ALONE=$([ -f "$ART/sampler/sampler-cuda.so" ] && echo "$ART/sampler/sampler-cuda.so") \
         python3 -m pytest -q -s -ra tests/gpu -p no:cacheprovider 2>&1 | tee "$OUT/pytest.log" | tail -n 20 || rc=1 ;;
     e2e7b) for c in "$ART"/e2e7b/*-cfg; do  # gpu_artifacts.sh keeps one gzipped copy of the shared tokenizer
         [ -f "$c/tokenizer.json" ] || gunzip -c "$ART/e2e7b/tokenizer/tokenizer.json.gz" > "$c/tokenizer.json"; done
@@ -80,6 +85,16 @@ for s in $STEPS; do
         python3 bench/profile_decode.py "$ART/e2e7b/$n-cfg" "$ART/e2e7b/$n-cuda.so" "$OUT/profile_7b_$n.json" \
           ${PROFILE7B_ARGS:-} > "$OUT/profile_7b_$n.log" 2>&1 || rc=1
         head -n 12 "$OUT/profile_7b_$n.log"; done ;;
+    sampler) "${V[@]}" bench sampler --lib "$ART/sampler/sampler-cuda.so" --device cuda:0 --vocab 128256 --batch 1,16 \
+        --temperature 0.6 --top-p 0.9 --repeats 50 --json "$OUT/sampler.json" > "$OUT/sampler.log" 2>&1 || rc=1
+      tail -n 8 "$OUT/sampler.log" ;;
+    sampling7b) for c in "$ART"/e2e7b/*-cfg; do
+        [ -f "$c/tokenizer.json" ] || gunzip -c "$ART/e2e7b/tokenizer/tokenizer.json.gz" > "$c/tokenizer.json"; done
+      for n in ${SAMPLING7B_SYSTEMS:-${E2E7B_SYSTEMS:-v8-k65536-256}}; do
+        python3 bench/sampling_vs_greedy.py "$ART/e2e7b/$n-cfg" "$ART/e2e7b/$n-cuda.so" \
+          "$OUT/sampling_vs_greedy_$n.json" --batches 1,16 --rounds 3 --profile > "$OUT/sampling_vs_greedy_$n.log" 2>&1 \
+          || rc=1
+        tail -n 8 "$OUT/sampling_vs_greedy_$n.log"; done ;;
     api7b) N=${API7B_SYSTEM:-v8-k4096-0}; C=$ART/e2e7b/$N-cfg
       [ -f "$C/tokenizer.json" ] || gunzip -c "$ART/e2e7b/tokenizer/tokenizer.json.gz" > "$C/tokenizer.json"
       if install_wheels > "$OUT/api_7b.log" 2>&1; then
@@ -108,7 +123,8 @@ for s in $STEPS; do
       python3 bench/prefix_ttft.py "$C" --lib "$ART/e2e7b/$N-cuda.so" --device cuda --json "$OUT/prefix_ttft.json" \
         ${PREFIX_ARGS:-} > "$OUT/prefix_ttft.log" 2>&1 || rc=1
       tail -n 12 "$OUT/prefix_ttft.log" ;;
-    *) echo "unknown step $s (check kernels cs decode pytest e2e7b profile7b api7b attn prefix serve7b)" >&2; exit 2 ;;
+    *) echo "unknown step $s (check kernels cs decode pytest e2e7b profile7b api7b attn prefix serve7b sampler" \
+         "sampling7b)" >&2; exit 2 ;;
   esac
 done
 exit $rc
