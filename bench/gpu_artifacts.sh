@@ -5,8 +5,9 @@
 # skipped when already built.
 #   kgather  the gathered-experts CUDA kernel at DeepSeek-R1 expert shapes (tests/gathered_kernels.py): gathered_cuda.so
 #          + gathered.json, checked and timed by tests/gpu/test_gathered_gpu.py (a few seconds to build)
-#   sampler  the compiled sampler alone (`vptq-mlc bench sampler --build`): sampler/sampler-cuda.so (any vocabulary,
-#          any rows), timed by gpu_suite.sh's step sampler and checked by tests/gpu/test_device_sampler_gpu.py
+#   sampler  the compiled sampler alone (`vptq-mlc bench sampler --build`; any vocabulary, any rows): the default
+#          build sampler/sampler-cuda.so and sampler/sampler-search-cuda.so with the multi-block top-p search
+#          (VPTQ_MLC_SAMPLER_TOP_P_SEARCH=1), timed by gpu_suite.sh's step sampler; tests/gpu checks the second
 #   e2e    a tiny fp16 llama (hidden 256, 2 layers, v8-k256-256): ckpt/ (its checkpoint: the transformers reference of
 #          tests/gpu), model/ (converted), model-cpu.so and model-cuda.so (sm_90, CUDA layout added by compile)
 #   e2eds  a tiny fp16 deepseek_v3 (tests/deepseek_e2e.py): model/, model-cpu.so.gz (CPU_ARCH, default x86-64-v3:
@@ -37,8 +38,10 @@ for p in $PARTS; do
     kcs) built "$ART/kcs" || "${V[@]}" bench build "$ART/kcs" --suite code-sorted --arch "$ARCH" ;;
     kgather) built "$ART/kgather" || python3 tests/gathered_kernels.py build "$ART/kgather" "$ARCH" ;;
     sampler) mkdir -p "$ART/sampler"
-      built "$ART/sampler/sampler-cuda.so" || "${V[@]}" bench sampler --build "$ART/sampler/sampler-cuda.so" \
-        --device cuda --arch "$ARCH" ;;
+      built "$ART/sampler/sampler-cuda.so" || VPTQ_MLC_SAMPLER_TOP_P_SEARCH=0 "${V[@]}" bench sampler --build \
+        "$ART/sampler/sampler-cuda.so" --device cuda --arch "$ARCH"
+      built "$ART/sampler/sampler-search-cuda.so" || VPTQ_MLC_SAMPLER_TOP_P_SEARCH=1 "${V[@]}" bench sampler --build \
+        "$ART/sampler/sampler-search-cuda.so" --device cuda --arch "$ARCH" ;;
     e2e) E=$ART/e2e
       if ! built "$E/model-cuda.so"; then
         python3 -c "

@@ -21,7 +21,8 @@
 # step serve7b: bench/serve_load.py on the e2e7b system API7B_SYSTEM (a 1,800-token prompt among 15 model-sampling
 # streams; 1 and 16 streams vs the in-process engine); needs wheels/ as api7b.
 # step prefix: bench/prefix_ttft.py on the e2e7b system PREFIX_SYSTEM (default v8-k4096-0), PREFIX_ARGS: more arguments
-# step sampler: vptq-mlc bench sampler on sampler/ at a 128256-token vocabulary, T 0.6 / top_p 0.9 and greedy.
+# step sampler: vptq-mlc bench sampler on sampler/'s two builds (default, then the multi-block top-p search) at a
+# 128256-token vocabulary, T 0.6 / top_p 0.9 and greedy.
 # step sampling7b: bench/sampling_vs_greedy.py on each SAMPLING7B_SYSTEMS (default: E2E7B_SYSTEMS, else
 # v8-k65536-256): model-default sampling vs greedy on one engine, batches 1 and 16, the sampler's kernels profiled.
 # steps: check kernels cs decode pytest e2e7b profile7b api7b attn prefix serve7b sampler sampling7b (default: check
@@ -69,7 +70,7 @@ for s in $STEPS; do
       VPTQ_MLC_GPU_DEEPSEEK=$([ -d "$ART/e2eds" ] && echo "$ART/e2eds") \
       VPTQ_MLC_GPU_ATTN=$([ -d "$ART/attn" ] && echo "$ART/attn") \
       VPTQ_MLC_GPU_GATHER=$([ -d "$ART/kgather" ] && echo "$ART/kgather") \
-      VPTQ_MLC_GPU_SAMPLER_ALONE=$([ -f "$ART/sampler/sampler-cuda.so" ] && echo "$ART/sampler/sampler-cuda.so") \
+      VPTQ_MLC_GPU_SAMPLER_ALONE=$(ls "$ART/sampler/sampler-search-cuda.so" 2> /dev/null) \
         python3 -m pytest -q -s -ra tests/gpu -p no:cacheprovider 2>&1 | tee "$OUT/pytest.log" | tail -n 20 || rc=1 ;;
     e2e7b) for c in "$ART"/e2e7b/*-cfg; do  # gpu_artifacts.sh keeps one gzipped copy of the shared tokenizer
         [ -f "$c/tokenizer.json" ] || gunzip -c "$ART/e2e7b/tokenizer/tokenizer.json.gz" > "$c/tokenizer.json"; done
@@ -85,9 +86,10 @@ for s in $STEPS; do
         python3 bench/profile_decode.py "$ART/e2e7b/$n-cfg" "$ART/e2e7b/$n-cuda.so" "$OUT/profile_7b_$n.json" \
           ${PROFILE7B_ARGS:-} > "$OUT/profile_7b_$n.log" 2>&1 || rc=1
         head -n 12 "$OUT/profile_7b_$n.log"; done ;;
-    sampler) "${V[@]}" bench sampler --lib "$ART/sampler/sampler-cuda.so" --device cuda:0 --vocab 128256 --batch 1,16 \
-        --temperature 0.6 --top-p 0.9 --repeats 50 --json "$OUT/sampler.json" > "$OUT/sampler.log" 2>&1 || rc=1
-      tail -n 8 "$OUT/sampler.log" ;;
+    sampler) for n in sampler sampler-search; do
+        "${V[@]}" bench sampler --lib "$ART/sampler/$n-cuda.so" --device cuda:0 --vocab 128256 --batch 1,16 \
+          --temperature 0.6 --top-p 0.9 --repeats 50 --json "$OUT/$n.json" > "$OUT/$n.log" 2>&1 || rc=1
+        tail -n 8 "$OUT/$n.log"; done ;;
     sampling7b) for c in "$ART"/e2e7b/*-cfg; do
         [ -f "$c/tokenizer.json" ] || gunzip -c "$ART/e2e7b/tokenizer/tokenizer.json.gz" > "$c/tokenizer.json"; done
       for n in ${SAMPLING7B_SYSTEMS:-${E2E7B_SYSTEMS:-v8-k65536-256}}; do

@@ -58,8 +58,7 @@ _ARGS = {"bias_tok_ptr": "bt", "bias_val_ptr": "bv", "bitmask_ptr": "mask", "fp_
          "pen_tok_ptr": "pt", "work_ptr": "work", "cand_ptr": "cand", "dense_ptr": "dense", "out_lp_ptr": "out_lp",
          "out_tok_ptr": "out_tok", "rows": "rows", "vocab": "vocab", "words": "words", "row_f_ptr": "row_f",
          "search_f_ptr": "search_f", "search_i_ptr": "search_i", "t": "t"}
-_KERNELS = ("sample_tokens_kernel_kernel", "sample_tokens_kernel_kernel_1", "sample_tokens_kernel_kernel_2",
-            "sample_tokens_kernel_kernel_3")
+_KERNEL = "sample_tokens_kernel_kernel"
 
 
 def _launcher(body: str, threads: tuple[int, int], max_splits: int, min_slice: int, passes: int) -> str:
@@ -71,6 +70,12 @@ def _launcher(body: str, threads: tuple[int, int], max_splits: int, min_slice: i
         return f"{kernel}({', '.join('slice' if n == slice_var else _ARGS.get(n, 'splits') for n in names)})"
 
     split_threads, select_threads = threads
+    # scores, compaction, [the top-p search pass (built with top_p_search), launched passes + 1 times,] select
+    kernels = [_KERNEL] + [f"{_KERNEL}_{i}" for i in range(1, 4) if re.search(rf"\b{_KERNEL}_{i}\(", body)]
+    search = ""
+    if len(kernels) == 4:
+        search = (f"for (int t = 0; t <= {passes}; ++t) launch(rows, splits, {select_threads}, "
+                  f"[=] {{ {call(kernels[2])}; }});")
     return f"""
 extern "C" void run_all(float* logits, float* fp, int* ip, int* bt, float* bv, int* pt, int* pc, int* mask,
                         int* out_tok, float* out_lp, float* work, int* cand, int* dense, float* part_f,
@@ -78,10 +83,10 @@ extern "C" void run_all(float* logits, float* fp, int* ip, int* bt, float* bv, i
                         int64_t rows, int64_t vocab, int64_t words) {{
   int64_t slice = max((vocab + {max_splits - 1}) / {max_splits}, (int64_t){min_slice});
   int64_t splits = (vocab + slice - 1) / slice;
-  launch(rows, splits, {split_threads}, [=] {{ {call(_KERNELS[0])}; }});
-  launch(rows, splits, {split_threads}, [=] {{ {call(_KERNELS[1])}; }});
-  for (int t = 0; t <= {passes}; ++t) launch(rows, splits, {select_threads}, [=] {{ {call(_KERNELS[2])}; }});
-  launch(1, rows, {select_threads}, [=] {{ {call(_KERNELS[3])}; }});
+  launch(rows, splits, {split_threads}, [=] {{ {call(kernels[0])}; }});
+  launch(rows, splits, {split_threads}, [=] {{ {call(kernels[1])}; }});
+{search}
+  launch(1, rows, {select_threads}, [=] {{ {call(kernels[-1])}; }});
 }}
 """
 

@@ -49,9 +49,10 @@ def test_counter_uniform() -> None:
     assert ks < 1.63 / np.sqrt(u.size)  # the 1% critical value
 
 
-@pytest.fixture(scope="module")
-def cuda_source(tmp_path_factory) -> str:
-    """The sampler built for CUDA sm_90 with nvcc (as compile/build.py builds it), as TVM's generated CUDA source."""
+@pytest.fixture(scope="module", params=[False, True], ids=["default", "top_p_search"])
+def cuda_source(request, tmp_path_factory) -> str:
+    """The sampler built for CUDA sm_90 with nvcc (as compile/build.py builds it), as TVM's generated CUDA source:
+    the default build, and the one with the multi-block top-p search (VPTQ_MLC_SAMPLER_TOP_P_SEARCH=1)."""
     from tvm import relax
 
     from vptq_mlc.compile.cuda import find_nvcc
@@ -69,23 +70,25 @@ def cuda_source(tmp_path_factory) -> str:
         bt = resolve_backend("cuda", "sm_90")[0]
         bt.prepare()
         with bt.target:
-            mod = bt.relax_pipeline()(add_sampler(tvm.IRModule(), bt.target))
+            mod = bt.relax_pipeline()(add_sampler(tvm.IRModule(), bt.target, top_p_search=request.param))
         relax.build(mod, bt.target, relax_pipeline=None).export_library(str(out / "sampler.so"))
     assert (out / "sampler.so").stat().st_size > 0
     return (out / "sampler.cu").read_text()
 
 
 def test_gpu_kernel_builds_for_cuda(cuda_source: str) -> None:
-    """The GPU sampler passes TVM's CUDA lowering (shared-memory sync planning) and nvcc, as four kernels: the
-    full-vocabulary scores and compaction kernels and the top-p search pass (launched once per pass) over several
+    """The GPU sampler passes TVM's CUDA lowering (shared-memory sync planning) and nvcc: the full-vocabulary
+    scores and compaction kernels (and, with the top-p search, its pass kernel, launched once per pass) over several
     blocks per row (grid y = row, x = vocabulary slice), then one block per row; no atomics, so its sums are
     deterministic. It runs in tests/gpu/test_device_sampler_gpu.py."""
     from vptq_mlc.compile.sampler import GPU_THREADS, SPLIT_THREADS
 
     kernels = re.findall(r'extern "C" __global__ void __launch_bounds__\((\d+)\) (\w+)\([^)]*\) \{', cuda_source)
-    assert [int(n) for n, _ in kernels] == [SPLIT_THREADS, SPLIT_THREADS, GPU_THREADS, GPU_THREADS], kernels
+    search = "search_i_ptr" in cuda_source
+    want = [SPLIT_THREADS, SPLIT_THREADS] + [GPU_THREADS] * (2 if search else 1)
+    assert [int(n) for n, _ in kernels] == want, kernels
     bodies = re.split(r'extern "C" __global__ void __launch_bounds__\(\d+\) \w+\([^)]*\) \{', cuda_source)[1:]
-    assert all("blockIdx.y" in b for b in bodies[:3]) and "blockIdx.y" not in bodies[3]
+    assert all("blockIdx.y" in b for b in bodies[:-1]) and "blockIdx.y" not in bodies[-1]
     assert "atomic" not in cuda_source
 
 
@@ -106,6 +109,23 @@ def test_gpu_kernel_emulated_on_cpu(cuda_source: str, tmp_path) -> None:
     checks.check_vocab_limit_and_batch_independence(sampler, 500)
     checks.check_settings_same_uniform(sampler, 3000, uniforms=4)
     checks.check_profiles_same_uniform(sampler, 128256, rows=1, settings=checks.PROFILE_SETTINGS[:2])
+
+
+def test_top_p_search_switch(monkeypatch) -> None:
+    """VPTQ_MLC_SAMPLER_TOP_P_SEARCH: 1 / 0 / unset (the default: off until the search has run on a GPU); anything
+    else is a one-line error naming the variable."""
+    from vptq_mlc.compile import sampler as compiled
+    from vptq_mlc.errors import CompileError
+
+    for value, want in (("1", True), ("0", False), (None, compiled.TOP_P_SEARCH_DEFAULT)):
+        if value is None:
+            monkeypatch.delenv(compiled.TOP_P_SEARCH_ENV, raising=False)
+        else:
+            monkeypatch.setenv(compiled.TOP_P_SEARCH_ENV, value)
+        assert compiled.top_p_search_enabled() is want
+    monkeypatch.setenv(compiled.TOP_P_SEARCH_ENV, "yes")
+    with pytest.raises(CompileError, match=compiled.TOP_P_SEARCH_ENV):
+        compiled.top_p_search_enabled()
 
 
 def test_tied_logits_keep_tie_groups(sampler: checks.DeviceSampler) -> None:

@@ -54,7 +54,8 @@ def _time(fn: Any, repeats: int) -> float:
 
 def build_sampler_library(out: str, device: str, arch: str | None = None) -> None:
     """`sample_tokens` alone, compiled for `device`'s kind ("cpu", "cuda", "rocm"; `arch` as `compile --arch`) as
-    compile/build.py adds it to every model, written to `out` for `--lib` on a host without the TVM compiler."""
+    compile/build.py adds it to every model, written to `out` for `--lib` on a host without the TVM compiler
+    (VPTQ_MLC_SAMPLER_TOP_P_SEARCH=1: with the multi-block top-p search, compile/sampler.py)."""
     import tvm
     from tvm import relax
 

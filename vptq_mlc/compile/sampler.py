@@ -34,6 +34,8 @@ models; the tests use logits without ties.
 
 from __future__ import annotations
 
+import os
+
 import tvm
 from tvm import relax, tirx
 from tvm.script import tirx as T
@@ -59,6 +61,7 @@ from vptq_mlc.artifact.sampler_abi import (
     I_VOCAB_LIMIT,
     MAX_TOP,
 )
+from vptq_mlc.errors import CompileError
 
 NEG_INF = tirx.const(float("-inf"), "float32")
 POS_INF = tirx.const(float("inf"), "float32")
@@ -274,6 +277,10 @@ PIVOTS = 15  # keys the select kernel's threshold search tests per pass (4 bits 
 # Launches of the multi-block top-p search: each narrows the key interval (at most 2^32 keys wide) to at most
 # 1/(PIVOTS + 1) of it, so 8 passes reach adjacent keys, the exact threshold.
 SEARCH_PASSES = 8
+# The multi-block top-p search is off unless asked for (compile with VPTQ_MLC_SAMPLER_TOP_P_SEARCH=1): its kernels
+# pass the CUDA emulator (tests/cuda_emulator.py) but have not yet run on a GPU.
+TOP_P_SEARCH_ENV = "VPTQ_MLC_SAMPLER_TOP_P_SEARCH"
+TOP_P_SEARCH_DEFAULT = False
 # A margin on the compaction bound against float rounding (its proof is in exact arithmetic; Z is merged from
 # per-block sums): keeping slightly more candidates changes no result.
 _BOUND_MARGIN = 0.999
@@ -288,9 +295,17 @@ def _cand_score(full, work, cand, r, j):
     return T.if_then_else(full, work[r, j], T.reinterpret("float32", cand[r, j]))
 
 
-def gpu_kernel() -> tirx.PrimFunc:
-    """Three kernels and SEARCH_PASSES + 1 launches of a fourth per call (one PrimFunc, so the workspaces are its own
-    outputs):
+def _searched(top_p, k_on, n_cand, top_p_search: bool):
+    """Whether `search_pass` finds a sampled row's top-p threshold: top-p, no top-k, more candidates than the select
+    block ranks directly; a constant False without `top_p_search` (the lowering then drops its branches)."""
+    if not top_p_search:
+        return tirx.const(False, "bool")
+    return tirx.all(top_p < T.float32(1), tirx.Not(k_on), n_cand > GPU_THREADS)
+
+
+def gpu_kernel(top_p_search: bool = False) -> tirx.PrimFunc:
+    """Three kernels (and with `top_p_search` SEARCH_PASSES + 1 launches of a fourth) per call (one PrimFunc, so the
+    workspaces are its own outputs):
 
     1. scores, `MAX_SPLITS` blocks per row: mask, logit_bias and penalties, temperature; each block's slice of the
        vocabulary gives its max, first argmax and sum of exp(x - block max) (partials);
@@ -298,16 +313,16 @@ def gpu_kernel() -> tirx.PrimFunc:
        every block agrees); each block keeps its slice's candidates, the tokens that can survive top-p / min-p
        (the CPU kernel's bound), in id order (per-thread contiguous chunks and a block-wide prefix sum) at the
        start of its slice of `cand`, and its count;
-    2b. the top-p search (`search_pass`), the same grid, SEARCH_PASSES + 1 launches: rows with top-p, no top-k and
-       more candidates than the select block's threads (the others return at once) narrow the threshold key over
-       every block's candidates, then sum each block's kept mass;
+    2b. with `top_p_search`, the top-p search (`search_pass`), the same grid, SEARCH_PASSES + 1 launches: rows with
+       top-p, no top-k and more candidates than the select block's threads (the others return at once) narrow the
+       threshold key over every block's candidates, then sum each block's kept mass;
     3. select, one block per row: greedy rows take the merged argmax. Sampled rows join the candidate segments
        into `dense` (ids in id order; each position finds its segment by binary search). Up to one candidate per
        thread, each thread computes its own token's rank directly (the count and the mass of strictly larger
        candidates give top-k and top-p) and thread 0 walks the kept ones in id order; more candidates (a flat
        distribution, or top-k needing tokens below the bound or no top-p / min-p: then the whole vocabulary)
        get their scores copied next to them (contiguous loads), the thresholds by `key_search` (15 keys per
-       pass, block-wide sums over the candidates only) and a chunked draw, unless the search pass found the
+       pass, block-wide sums over the candidates only) and a chunked draw, unless `search_pass` found the
        threshold: then the draw finds its block from the blocks' kept masses and walks that block's candidates.
        Then the top-n logprobs (full-vocabulary argmax rounds).
 
@@ -693,13 +708,15 @@ def gpu_kernel() -> tirx.PrimFunc:
                             cnt[1] = cnt[1] + 1
                 if tx == NS - 1:
                     part_i[r, b, 1] = scan[NS - 1]
-                if b == 0 and tx == 0:
-                    row_f[r, 0] = st[0]
-                    row_f[r, 1] = st[1]
-        # 2b. the top-p threshold of rows with many candidates (no top-k): SEARCH_PASSES passes of the key search
-        # over every block's candidates, then each block's kept mass (see `search_pass`)
-        for t in range(SEARCH_PASSES + 1):
-            search_pass(t, rows, vocab, fp, ip, work, cand, part_i, row_f, search_f, search_i)
+                if top_p_search:
+                    if b == 0 and tx == 0:
+                        row_f[r, 0] = st[0]
+                        row_f[r, 1] = st[1]
+        if top_p_search:
+            # 2b. the top-p threshold of rows with many candidates (no top-k): SEARCH_PASSES passes of the key search
+            # over every block's candidates, then each block's kept mass (see `search_pass`)
+            for t in range(SEARCH_PASSES + 1):
+                search_pass(t, rows, vocab, fp, ip, work, cand, part_i, row_f, search_f, search_i)
         # 3. select: one block per row
         with T.launch_thread("blockIdx.x", rows) as r:
             tx = T.launch_thread("threadIdx.x", NT)
@@ -751,8 +768,9 @@ def gpu_kernel() -> tirx.PrimFunc:
                         nc[0] = nc[0] + T.Cast("int64", pi_s[b, 1])
                 full = not compacted or (k_on and nc[0] < top_k)  # top-k needs tokens below the bound: all
                 n = T.if_then_else(full, lim, nc[0])
-                wide = top_p < T.float32(1) and not k_on and nc[0] > NT  # the threshold from `search_pass`
-                if not full and not wide:  # the segments together, in order: position p's segment by binary search
+                # the segments together, in order: position p's segment by binary search (not for a row whose
+                # threshold `search_pass` found)
+                if not full and not _searched(top_p, k_on, nc[0], top_p_search):
                     if tx == 0:
                         nc[1] = T.int64(0)
                         for b in range(splits):
@@ -822,7 +840,7 @@ def gpu_kernel() -> tirx.PrimFunc:
                     T.tvm_storage_sync("shared")
                     acci[2] = token_of[0]
                     vi[0] = T.if_then_else(full, acci[2], T.Cast("int64", dense[r, acci[2]]))
-                elif wide:
+                elif _searched(top_p, k_on, nc[0], top_p_search):
                     # 3c. the threshold and each block's kept mass come from `search_pass`: the block holding the
                     # draw, then the draw within its candidates (in id order) as in 3b
                     thr = search_i[r, SEARCH_PASSES, 1]
@@ -832,13 +850,13 @@ def gpu_kernel() -> tirx.PrimFunc:
                     if tx == 0:
                         acc[1] = T.float32(0)
                         for c in range(splits):
-                            acc[1] = acc[1] + red[c]
+                            acc[1] = acc[1] + red[T.Cast("int32", c)]
                         target = fp[r, F_UNIFORM] * acc[1]
                         acc[1] = T.float32(0)  # mass of the blocks before
                         acci[0] = T.int64(-1)  # the chosen block (the last one with mass if rounding finds none)
                         acci[1] = T.int64(0)  # found
                         for c in range(splits):
-                            acc[0] = red[c]
+                            acc[0] = red[T.Cast("int32", c)]
                             if acc[0] > T.float32(0) and acci[1] == 0:
                                 acci[0] = T.Cast("int64", c)
                                 if acc[1] + acc[0] > target:
@@ -1017,11 +1035,23 @@ def gpu_kernel() -> tirx.PrimFunc:
     return kernel
 
 
-def add_sampler(mod: tvm.IRModule, target: tvm.target.Target) -> tvm.IRModule:
+def top_p_search_enabled() -> bool:
+    """Whether GPU libraries get `search_pass` (the multi-block top-p search): TOP_P_SEARCH_ENV=1 / 0, else
+    TOP_P_SEARCH_DEFAULT."""
+    value = os.environ.get(TOP_P_SEARCH_ENV, "")
+    if value not in ("", "0", "1"):
+        raise CompileError(f"{TOP_P_SEARCH_ENV}={value!r}: set it to 1 (the multi-block top-p search) or 0 (off)")
+    return TOP_P_SEARCH_DEFAULT if value == "" else value == "1"
+
+
+def add_sampler(mod: tvm.IRModule, target: tvm.target.Target, top_p_search: bool | None = None) -> tvm.IRModule:
     """`mod` plus the relax function `sample_tokens` (symbolic rows and vocabulary); for the target backends with
-    `has_sampler` (compile/backend.py)."""
+    `has_sampler` (compile/backend.py). `top_p_search` (GPU targets; default: `top_p_search_enabled()`): the top-p
+    threshold of flat rows searched over many blocks per row (`search_pass`) instead of in the select block."""
     gpu = "gpu" in target.keys
-    kernel = gpu_kernel() if gpu else cpu_kernel()
+    if top_p_search is None:
+        top_p_search = top_p_search_enabled()
+    kernel = gpu_kernel(top_p_search) if gpu else cpu_kernel()
     bb = relax.BlockBuilder(mod)
     gv = bb.add_func(kernel, "sample_tokens_kernel")
     rows, vocab = tirx.Var("batch_size", "int64"), tirx.Var("vocab_size", "int64")
