@@ -21,10 +21,10 @@ A compaction pass first keeps only the candidates that can survive top-p / min-p
 the relevant mass, or `>= min_p`), so the threshold passes touch a few thousand entries for peaked distributions
 (falling back to the whole vocabulary when top-k needs more than the candidates, or without top-p / min-p).
 CPU: rows in parallel, each row's passes serial. GPU (`gpu_kernel`): the full-vocabulary passes (scores, max, sum,
-compaction) run over 64 blocks per row (batch 1 would leave all but one SM idle); so does the top-p search when a
-row has more candidates than one block ranks directly (a flat distribution: tens of thousands), one launch per
-pass; the other thresholds and the draw run in one block per row. No atomics, so every sum has a fixed order and a
-seeded row samples the same token in any batch.
+compaction) run over 64 blocks per row (batch 1 would leave all but one SM idle); built with `top_p_search`
+(TOP_P_SEARCH_ENV), so does the top-p search when a row has more candidates than one block ranks directly (a flat
+distribution: tens of thousands), one launch per pass; the other thresholds and the draw run in one block per row.
+No atomics, so every sum has a fixed order and a seeded row samples the same token in any batch.
 
 Ties: tokens of equal score are kept or dropped together (top-k and top-p keep every token whose score equals the
 threshold's), so at a tie on the top-p boundary the kept set can exceed the smallest set reaching top_p; the numpy
