@@ -14,13 +14,15 @@
 #   e2e7b/    per system NAME: NAME-cfg/ (vptq-mlc bench synth-model ... --config-only) and NAME-cuda.so
 #                                                                            steps: e2e7b, profile7b
 #   attn/     python3 bench/attention_prefill.py build ART_DIR/attn --arch sm_90        steps: attn, pytest
+#   kprefill/ python3 bench/prefill_gemm.py build ART_DIR/kprefill --arch sm_90 (dequantize bandwidth, dense GEMM
+#             plans vs cuBLAS)                                                         step: kprefill
 #   wheels/   the server's py3.12 wheels (fastapi, uvicorn, httpx, pydantic + deps, xgrammar 0.2.8), installed with
 #             --no-index --no-deps into /tmp/sp for step api7b (WHEELS=DIR: elsewhere; default ART/wheels, else the
 #             wheels/ folder next to ART)                                              step: api7b (also needs e2e7b/)
 # step serve7b: bench/serve_load.py on the e2e7b system API7B_SYSTEM (a 1,800-token prompt among 15 model-sampling
 # streams; 1 and 16 streams vs the in-process engine); needs wheels/ as api7b.
 # step prefix: bench/prefix_ttft.py on the e2e7b system PREFIX_SYSTEM (default v8-k4096-0), PREFIX_ARGS: more arguments
-# steps: check kernels cs decode pytest e2e7b profile7b api7b attn prefix serve7b (default: check kernels decode
+# steps: check kernels cs decode pytest e2e7b profile7b api7b attn kprefill prefix serve7b (default: check kernels decode
 # pytest)
 # E2E7B_SYSTEMS: the e2e7b system names (default: "v8-k4096-0 v8-k65536-256 fp16"); E2E7B_STEPS: decode steps (64);
 # E2E7B_ARGS: more `vptq-mlc bench e2e` arguments (e.g. "--batches 1,16 --sampling model").
@@ -103,12 +105,14 @@ for s in $STEPS; do
       grep -v "^INFO\|^starting" "$OUT/serve_7b.log" | tail -n 12 ;;
     attn) python3 bench/attention_prefill.py run "$ART/attn" --json "$OUT/attention_prefill.json" 2>&1 \
         | tee "$OUT/attention_prefill.log" || rc=1 ;;
+    kprefill) python3 bench/prefill_gemm.py run "$ART/kprefill" --out "$OUT/prefill_gemm.json" 2>&1 \
+        | tee "$OUT/prefill_gemm.log" || rc=1 ;;
     prefix) N=${PREFIX_SYSTEM:-v8-k4096-0}; C=$ART/e2e7b/$N-cfg
       [ -f "$C/tokenizer.json" ] || gunzip -c "$ART/e2e7b/tokenizer/tokenizer.json.gz" > "$C/tokenizer.json"
       python3 bench/prefix_ttft.py "$C" --lib "$ART/e2e7b/$N-cuda.so" --device cuda --json "$OUT/prefix_ttft.json" \
         ${PREFIX_ARGS:-} > "$OUT/prefix_ttft.log" 2>&1 || rc=1
       tail -n 12 "$OUT/prefix_ttft.log" ;;
-    *) echo "unknown step $s (check kernels cs decode pytest e2e7b profile7b api7b attn prefix serve7b)" >&2; exit 2 ;;
+    *) echo "unknown step $s (check kernels cs decode pytest e2e7b profile7b api7b attn kprefill prefix serve7b)" >&2; exit 2 ;;
   esac
 done
 exit $rc
