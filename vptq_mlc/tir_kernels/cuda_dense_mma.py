@@ -164,6 +164,15 @@ class TileLayout:
         return wn * self.p.n_tiles * 8 + j * 8 + lane % 4 * 2 + c % 2
 
 
+def grouped_tile(tb, grid_n, group_m: int, group_rows):
+    """(column tile, row tile) of CTA `tb` under grouped rasterization (`DensePlan.group_m`): tiles come in groups
+    of `group_m` row tiles (`group_rows` = min(row tiles left from this group's first, group_m), fewer in the last
+    group), column by column inside a group. Plain arithmetic: works on ints (tests) and TIR expressions."""
+    first_row = tb // (group_m * grid_n) * group_m
+    inside = tb % (group_m * grid_n)
+    return inside // group_rows, first_row + inside % group_rows
+
+
 def _gemm_macro(p: DensePlan, M, N: int, K: int, dtype: str, rows_static: int | None):
     """The kernel launch of plan `p` as a macro over flat x[M*K], w[N, K], y[M*N] (pasted into the caller)."""
     WM, WN, WK, MT, NT, BK, S = p.warps_m, p.warps_n, p.warps_k, p.m_tiles, p.n_tiles, p.k_slice, p.stages
@@ -203,10 +212,9 @@ def _gemm_macro(p: DensePlan, M, N: int, K: int, dtype: str, rows_static: int | 
     def gemm(xf, w, yf):
         if GM > 0:
             tb = T.launch_thread("blockIdx.x", GRID_M * GRID_N)
-            # tile tb: group tb // (GM * GRID_N) of GM row tiles (fewer in the last group), column-major inside
             gsz = T.min(GRID_M - tb // (GM * GRID_N) * GM, GM)
-            by = tb // (GM * GRID_N) * GM + tb % (GM * GRID_N) % gsz
-            bx = tb % (GM * GRID_N) // gsz
+            bx = grouped_tile(tb, GRID_N, GM, gsz)[0]
+            by = grouped_tile(tb, GRID_N, GM, gsz)[1]
         else:
             bx = T.launch_thread("blockIdx.x", GRID_N)
             by = T.launch_thread("blockIdx.y", GRID_M)
