@@ -95,6 +95,7 @@ def test_engine_takes_the_librarys_longer_prefill_chunk(built: tuple[Path, Path,
 
     from vptq_mlc.compile.build import library_prefill_chunk
     from vptq_mlc.compile.targets import resolve_backend
+    from vptq_mlc.errors import CompileError
 
     small = tmp_path / "mlc"
     shutil.copytree(built[1], small)
@@ -104,9 +105,11 @@ def test_engine_takes_the_librarys_longer_prefill_chunk(built: tuple[Path, Path,
     cfg_path.write_text(json.dumps(cfg))
     assert Engine(small, built[2]).prefill_chunk == 32
     assert Engine(small, built[2], prefill_chunk_size=7).prefill_chunk == 7
-    (cuda,), (cpu,) = resolve_backend("cuda", "sm_90"), resolve_backend("llvm", "x86-64-v3")
-    assert library_prefill_chunk(512, 4096, cuda) == 2048 and library_prefill_chunk(512, 1024, cuda) == 1024
-    assert library_prefill_chunk(512, 4096, cpu) == 512 and library_prefill_chunk(512, 4096, cuda, 256) == 256
+    (cuda,) = resolve_backend("cuda", "sm_90")
+    assert library_prefill_chunk(512, 4096, cuda) == 512 + max(0, cuda.default_prefill_chunk - 512)
+    assert library_prefill_chunk(512, 4096, cuda, 2048) == 2048 and library_prefill_chunk(512, 1024, cuda, 2048) == 1024
+    with pytest.raises(CompileError, match="positive"):
+        library_prefill_chunk(512, 4096, cuda, 0)
 
 
 def test_chunked_prefill_equals_unchunked(built: tuple[Path, Path, Path], engine: Engine) -> None:

@@ -259,8 +259,9 @@ def convert(ckpt: str, output: str, dtype: str | None, context_window: int | Non
               help="cuda: replay the kernels between KV-cache calls as CUDA graphs (fewer launches per token). "
                    "Default: on for cuda, off with --split-functions.")
 @click.option("--prefill-chunk", type=POSITIVE, default=None,
-              help="Most prompt tokens per prefill call the library plans memory for. Default: the model dir's "
-                   "(convert --prefill-chunk), raised to 2048 for cuda; never more than the context window.")
+              help="Most prompt tokens per prefill call the library plans memory for (default: the model dir's, "
+                   "from convert --prefill-chunk; never more than the context window). The engine runs the "
+                   "library's chunk when the model dir asks for less: e.g. 2048 for long VQ prompts on cuda.")
 @one_line_errors
 def compile_cmd(model_dir: str, target: str, arch: str | None, output: str | None, split_functions: bool,
                 cuda_graph: bool | None, prefill_chunk: int | None) -> None:
