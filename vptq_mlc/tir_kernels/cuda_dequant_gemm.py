@@ -297,11 +297,13 @@ def vq_dequantize_func(cfg: VPTQLayerConfig, dtype: str, cuda: bool = True,
 
 
 def vq_prefill_cuda(cfg: VPTQLayerConfig, dtype: str, from_rows: int = DEQUANT_GEMM_FROM_ROWS,
+                    dequant_plan: DequantPlan | None = None,
                     ) -> tuple[tirx.PrimFunc, tuple[tuple[tuple[int, ...], str], ...]]:
     """(PrimFunc(xs[n, I], *operands, w[O, I], y[n, O]), its scratch outputs) for a symbolic row count n: the VQ
     MMA kernel with its decode plan for n <= 16 and its prefill plan for n < `from_rows`, else dequantize into the
-    scratch `w` + the dense GEMM. `from_rows=0` forces the dequantize path for every n (bench comparisons). Layers
-    the dense GEMM cannot take get the VQ MMA kernel alone and no scratch."""
+    scratch `w` + the dense GEMM. `from_rows=0` forces the dequantize path for every n (bench comparisons);
+    `dequant_plan` another dequantize launch than `plan_dequant`'s (check suite, comparisons). Layers the dense
+    GEMM cannot take get the VQ MMA kernel alone and no scratch."""
     from vptq_mlc.tir_kernels.cuda_mma import vq_mma_cuda
 
     if not dequant_gemm_supported(cfg, dtype):
@@ -315,7 +317,7 @@ def vq_prefill_cuda(cfg: VPTQLayerConfig, dtype: str, from_rows: int = DEQUANT_G
     # one 16-row tile per CTA split over the input as at batch 16, instead of the prefill plan's 64-row tiles
     few = mma_macro(cfg, dtype, None, NB, plan=plan_mma(cfg))
     FEW = MMA_ROWS if FROM > MMA_ROWS else 0
-    dq = dequant_launch(cfg, dtype)
+    dq = dequant_launch(cfg, dtype, dequant_plan)
     # rows in int32 inside the GEMM (as in dense_mma_cuda): indices stay below 2^31 (rows * max(O, I))
     gemms = gemm_macros(symbolic_plans(O, I, above_rows=max(0, FROM - 1)), T.Cast("int32", NB), O, I, dtype, None)
     NG = len(gemms)
