@@ -72,7 +72,9 @@ def library_prefill_chunk(configured: int, context_window: int, bt: TargetBacken
     raised to the target's `default_prefill_chunk`; never more than the context window."""
     if asked is not None and asked <= 0:
         raise CompileError(f"--prefill-chunk {asked}: give a positive number of tokens")
-    chunk = asked if asked is not None else max(configured, bt.default_prefill_chunk)
+    if asked is None and bt.default_prefill_chunk <= configured:
+        return configured
+    chunk = asked if asked is not None else bt.default_prefill_chunk
     return max(1, min(chunk, context_window))
 
 
