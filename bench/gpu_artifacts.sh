@@ -14,6 +14,7 @@
 #          model, E2E7B_SHAPE, default llama2-7b; fp16 = the first variant's config with every linear dense) and
 #          NAME-cuda.so. Tokenizers of the configs are the same file: one gzipped copy is kept in tokenizer/ and
 #          gpu_suite.sh unpacks it into each config, so the 64 MiB a device call may carry is not spent on them.
+#          E2E7B_COMPILE_ARGS: more `vptq-mlc compile` arguments (e.g. "--prefill-chunk 2048").
 # ARCH (default sm_90) sets the CUDA arch of every library.
 set -euo pipefail
 ART=${1:?usage: gpu_artifacts.sh ART_DIR [parts...]}
@@ -72,7 +73,7 @@ p.write_text(json.dumps(c, indent=2))"
         else
           "${V[@]}" bench synth-model "$D/$n-cfg" --shape "${E2E7B_SHAPE:-llama2-7b}" --variant "$n" --config-only
         fi
-        "${V[@]}" compile "$D/$n-cfg" --target cuda --arch "$ARCH" -o "$D/$n-cuda.so"
+        "${V[@]}" compile "$D/$n-cfg" --target cuda --arch "$ARCH" -o "$D/$n-cuda.so" ${E2E7B_COMPILE_ARGS:-}
       done
       mkdir -p "$D/tokenizer"
       for c in "$D"/*-cfg; do
