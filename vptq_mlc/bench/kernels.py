@@ -256,9 +256,7 @@ def build_kernel_library(cases: list[KernelCase], out_dir: str | os.PathLike[str
             f = vq_mma_cuda(cfg, dtype, c.rows, replace(base, **c.plan))
         elif c.kernel == "dequant-gemm":
             from vptq_mlc.artifact.vq_layout import vq_operand_shapes
-            from vptq_mlc.tir_kernels.cuda_dequant_gemm import vq_prefill_cuda
-
-            from vptq_mlc.tir_kernels.cuda_dequant_gemm import DequantPlan
+            from vptq_mlc.tir_kernels.cuda_dequant_gemm import DequantPlan, vq_prefill_cuda
 
             f, scratch = vq_prefill_cuda(c.config(), dtype, from_rows=0,
                                          dequant_plan=DequantPlan(**c.plan) if c.plan else None)
