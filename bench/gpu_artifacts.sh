@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Build, on the GPU-less build box, everything bench/gpu_suite.sh reads on the GPU host, into one folder to carry.
 # Usage (repo root): bash bench/gpu_artifacts.sh ART_DIR [parts...]
-# parts (default: tvm_rt kcheck e2e): tvm_rt kcheck kbench kcs kgather e2e e2eds e2e7b attn sampler; each is
-# skipped when already built.
+# parts (default: tvm_rt kcheck e2e): tvm_rt kcheck kbench kcs kgather e2e e2eds e2e7b attn kprefill sampler;
+# each is skipped when already built.
 #   kgather  the gathered-experts CUDA kernel at DeepSeek-R1 expert shapes (tests/gathered_kernels.py): gathered_cuda.so
 #          + gathered.json, checked and timed by tests/gpu/test_gathered_gpu.py (a few seconds to build)
 #   sampler  the compiled sampler alone (`vptq-mlc bench sampler --build`; any vocabulary, any rows): the default
@@ -17,6 +17,7 @@
 #          model, E2E7B_SHAPE, default llama2-7b; fp16 = the first variant's config with every linear dense) and
 #          NAME-cuda.so. Tokenizers of the configs are the same file: one gzipped copy is kept in tokenizer/ and
 #          gpu_suite.sh unpacks it into each config, so the 64 MiB a device call may carry is not spent on them.
+#          E2E7B_COMPILE_ARGS: more `vptq-mlc compile` arguments (e.g. "--prefill-chunk 2048").
 # ARCH (default sm_90) sets the CUDA arch of every library.
 set -euo pipefail
 ART=${1:?usage: gpu_artifacts.sh ART_DIR [parts...]}
@@ -35,6 +36,7 @@ for p in $PARTS; do
     kcheck) built "$ART/kcheck" || "${V[@]}" bench build "$ART/kcheck" --suite check --arch "$ARCH" ;;
     kbench) built "$ART/kbench" || "${V[@]}" bench build "$ART/kbench" --suite kernels --arch "$ARCH" --rows 1,8,16 ;;
     attn) built "$ART/attn" || python3 bench/attention_prefill.py build "$ART/attn" --arch "$ARCH" ;;
+    kprefill) built "$ART/kprefill" || python3 bench/prefill_gemm.py build "$ART/kprefill" --arch "$ARCH" ;;
     kcs) built "$ART/kcs" || "${V[@]}" bench build "$ART/kcs" --suite code-sorted --arch "$ARCH" ;;
     kgather) built "$ART/kgather" || python3 tests/gathered_kernels.py build "$ART/kgather" "$ARCH" ;;
     sampler) mkdir -p "$ART/sampler"
@@ -79,7 +81,7 @@ p.write_text(json.dumps(c, indent=2))"
         else
           "${V[@]}" bench synth-model "$D/$n-cfg" --shape "${E2E7B_SHAPE:-llama2-7b}" --variant "$n" --config-only
         fi
-        "${V[@]}" compile "$D/$n-cfg" --target cuda --arch "$ARCH" -o "$D/$n-cuda.so"
+        "${V[@]}" compile "$D/$n-cfg" --target cuda --arch "$ARCH" -o "$D/$n-cuda.so" ${E2E7B_COMPILE_ARGS:-}
       done
       mkdir -p "$D/tokenizer"
       for c in "$D"/*-cfg; do
@@ -89,7 +91,7 @@ p.write_text(json.dumps(c, indent=2))"
         gzip -c "$c/tokenizer.json" > "$D/tokenizer/tokenizer.json.gz"
         rm "$c/tokenizer.json"
       done ;;
-    *) echo "unknown part $p (tvm_rt kcheck kbench kcs kgather e2e e2eds e2e7b attn sampler)" >&2; exit 2 ;;
+    *) echo "unknown part $p (tvm_rt kcheck kbench kcs kgather e2e e2eds e2e7b attn kprefill sampler)" >&2; exit 2 ;;
   esac
 done
 du -sh "$ART"/* 2>/dev/null

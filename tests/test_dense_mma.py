@@ -64,6 +64,22 @@ def test_plans_fit_shared_memory_and_k():
     assert dm.small_prefill_rows(4096) == 128 and dm.small_prefill_rows(11008) == 0
 
 
+@pytest.mark.parametrize("grid_m,grid_n,group_m", [(16, 32, 4), (13, 86, 4), (4, 250, 16), (1, 7, 8), (5, 3, 2)])
+def test_grouped_rasterization_visits_every_tile_once(grid_m, grid_n, group_m):
+    """`grouped_tile` (DensePlan.group_m > 0) maps CTA ids 0..M*N-1 onto every (column, row) tile exactly once,
+    with consecutive CTAs inside a group of `group_m` row tiles (a partial last group included)."""
+    from vptq_mlc.tir_kernels.cuda_dense_mma import grouped_tile
+
+    seen = []
+    for tb in range(grid_m * grid_n):
+        rows = min(grid_m - tb // (group_m * grid_n) * group_m, group_m)
+        bx, by = grouped_tile(tb, grid_n, group_m, rows)
+        assert 0 <= bx < grid_n and 0 <= by < grid_m
+        assert by // group_m == tb // (group_m * grid_n)  # the CTA stays in its group of row tiles
+        seen.append((bx, by))
+    assert sorted(seen) == [(x, y) for x in range(grid_n) for y in range(grid_m)]
+
+
 def _ldmatrix_x4(ring, addr):
     """PTX `ldmatrix.sync.aligned.m8n8.x4.b16`: lanes 8m..8m+7 give the row addresses of matrix m; lane t receives
     row t/4, elements 2(t%4) and 2(t%4)+1 of each matrix m in register m. Returns (32 lanes, 8 halves)."""

@@ -25,24 +25,34 @@ from vptq_mlc.testing.synthetic import random_layer
 OUTL = {"outlier_size": 64, "outlier_vector_len": 4, "num_outlier_centroids": 256}
 CASES = {  # variant, in, out, layer kwargs: residual, outliers (scalar code loads), groups, v = 12 / 16, O % v != 0
     "v8-k256-256-outl": ("v8-k256-256", 1024, 512, OUTL),
+    "v8-k256-256-groups": ("v8-k256-256", 1024, 300, {"group_num": 2}),
+    "v8-k4096-0": ("v8-k4096-0", 1000, 64, {}),
     "v8-k4096-0-groups": ("v8-k4096-0", 1024, 300, {"group_num": 2}),
     "v12-k4096-0": ("v12-k4096-0", 512, 252, {}),
     "v16-k65536-65536": ("v16-k65536-65536", 256, 64, {}),
 }
 
 
+@pytest.mark.parametrize("smem_book", [False, True], ids=["l1-book", "smem-book"])
 @pytest.mark.parametrize("name", sorted(CASES))
-def test_dequantize_kernel_matches_reference_on_cpu(name):
+def test_dequantize_kernel_matches_reference_on_cpu(name, smem_book):
     import tvm
 
-    from vptq_mlc.tir_kernels.cuda_dequant_gemm import vq_dequantize_func
+    from vptq_mlc.tir_kernels.cuda_dequant_gemm import DequantPlan, smem_book_bytes, vq_dequantize_func
 
     variant, i, o, kw = CASES[name]
     cfg = VPTQLayerConfig.from_variant(variant, i, o, enable_norm=False, **kw)  # the norm is not the kernel's
+    plan = None
+    if smem_book:  # codebooks in shared memory: 3 vector rows per CTA of 64 threads (row and chunk tails)
+        if smem_book_bytes(cfg) is None:
+            with pytest.raises(ValueError, match="do not fit"):
+                vq_dequantize_func(cfg, "float16", cuda=False, plan=DequantPlan(64, 3, True))
+            return
+        plan = DequantPlan(64, 3, True)
     tensors = random_layer(cfg, np.random.default_rng(7), "float16")
     codes = decode_codes(cfg, tensors)
     ops = generic_layout(cfg, tensors, codes, "float16")
-    func = vq_dequantize_func(cfg, "float16", cuda=False)
+    func = vq_dequantize_func(cfg, "float16", cuda=False, plan=plan)
     lib = tvm.compile(tvm.IRModule({"main": func.with_attr("global_symbol", "main")}), target="llvm")
     dev = tvm.cpu()
     w = tvm.runtime.tensor(np.full((o, i), np.nan, np.float16), dev)

@@ -87,6 +87,31 @@ def test_continuous_batching_late_arrival(engine: Engine) -> None:
     assert [first.output_ids, second.output_ids] == solo
 
 
+def test_engine_takes_the_librarys_longer_prefill_chunk(built: tuple[Path, Path, Path], tmp_path: Path) -> None:
+    """A library built for longer prefill calls than its model dir says (CUDA builds raise the chunk) runs them:
+    the model dir below asks for 8 tokens, the library was compiled for 32; an explicit size still wins."""
+    import json
+    import shutil
+
+    from vptq_mlc.compile.build import library_prefill_chunk
+    from vptq_mlc.compile.targets import resolve_backend
+    from vptq_mlc.errors import CompileError
+
+    small = tmp_path / "mlc"
+    shutil.copytree(built[1], small)
+    cfg_path = small / "mlc-chat-config.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg["prefill_chunk_size"] = 8
+    cfg_path.write_text(json.dumps(cfg))
+    assert Engine(small, built[2]).prefill_chunk == 32
+    assert Engine(small, built[2], prefill_chunk_size=7).prefill_chunk == 7
+    (cuda,) = resolve_backend("cuda", "sm_90")
+    assert library_prefill_chunk(512, 4096, cuda) == 512 + max(0, cuda.default_prefill_chunk - 512)
+    assert library_prefill_chunk(512, 4096, cuda, 2048) == 2048 and library_prefill_chunk(512, 1024, cuda, 2048) == 1024
+    with pytest.raises(CompileError, match="positive"):
+        library_prefill_chunk(512, 4096, cuda, 0)
+
+
 def test_chunked_prefill_equals_unchunked(built: tuple[Path, Path, Path], engine: Engine) -> None:
     prompt = " ".join(PROMPTS)  # 43 tokens: 7 chunks of 7
     assert len(engine.tokenizer.encode(prompt)) > 20

@@ -258,14 +258,18 @@ def convert(ckpt: str, output: str, dtype: str | None, context_window: int | Non
 @click.option("--cuda-graph/--no-cuda-graph", default=None,
               help="cuda: replay the kernels between KV-cache calls as CUDA graphs (fewer launches per token). "
                    "Default: on for cuda, off with --split-functions.")
+@click.option("--prefill-chunk", type=POSITIVE, default=None,
+              help="Most prompt tokens per prefill call the library plans memory for (default: the model dir's, "
+                   "from convert --prefill-chunk; never more than the context window). The engine runs the "
+                   "library's chunk when the model dir asks for less: e.g. 2048 for long VQ prompts on cuda.")
 @one_line_errors
 def compile_cmd(model_dir: str, target: str, arch: str | None, output: str | None, split_functions: bool,
-                cuda_graph: bool | None) -> None:
+                cuda_graph: bool | None, prefill_chunk: int | None) -> None:
     """Compile a converted model into a model library, ahead of time."""
     from vptq_mlc.compile.build import compile_model
 
     for path in compile_model(model_dir, target, output, arch=arch, split_functions=split_functions,
-                              cuda_graph=cuda_graph):
+                              cuda_graph=cuda_graph, prefill_chunk=prefill_chunk):
         click.echo(str(path))
 
 

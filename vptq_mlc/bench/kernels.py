@@ -39,7 +39,8 @@ class KernelCase:
     rows: int | None  # static rows (decode kernel) or None (symbolic: prefill kernel)
     layer: dict[str, Any] = field(default_factory=dict)  # extra VPTQLayerConfig.from_variant kwargs
     run_rows: int = 0  # rows to run a symbolic kernel with (0 = `rows`)
-    plan: dict[str, Any] = field(default_factory=dict)  # GemvPlan overrides (schedule sweeps), decode only
+    # GemvPlan overrides (schedule sweeps, decode); with kernel "dequant-gemm": the DequantPlan fields
+    plan: dict[str, Any] = field(default_factory=dict)
     # "" = the registry's choice; "gemv" / "mma" / "code-sorted" / "dequant" (dlight) force a kernel;
     # "dequant-gemm": dequantize into a scratch weight + the dense GEMM at every row count (symbolic rows)
     kernel: str = ""
@@ -135,6 +136,17 @@ def correctness_cases() -> list[KernelCase]:
         # the dequantize path forced below its threshold: the GEMM's decode and 64 x 64 plans
         KernelCase("v8-k256-256", 1024, 512, None, outl, kernel="dequant-gemm", run_rows=5),
         KernelCase("v12-k65536-4096", 1024, 252, None, kernel="dequant-gemm", run_rows=37),
+    ]
+    # the dequantize launch with the codebooks in shared memory (residual, groups, O % v != 0, no perm; partial
+    # CTAs: 3 vector rows per CTA of 128 threads, column chunks not a multiple of the threads)
+    smem = {"threads": 128, "rows_per_cta": 3, "smem_book": True}
+    cases += [
+        KernelCase("v8-k4096-0", 1024, 512, None, plan=smem, kernel="dequant-gemm", run_rows=200),
+        KernelCase("v8-k256-256", 1024, 300, None, {"enable_perm": False}, plan=smem, kernel="dequant-gemm",
+                   run_rows=130),
+        KernelCase("v8-k256-0", 1024, 512, None, {"group_num": 2}, plan=smem, kernel="dequant-gemm", run_rows=37),
+        KernelCase("v8-k256-256", 4096, 1024, None, plan={"threads": 256, "rows_per_cta": 4, "smem_book": True},
+                   kernel="dequant-gemm", run_rows=512),
     ]
     return cases
 
@@ -244,9 +256,10 @@ def build_kernel_library(cases: list[KernelCase], out_dir: str | os.PathLike[str
             f = vq_mma_cuda(cfg, dtype, c.rows, replace(base, **c.plan))
         elif c.kernel == "dequant-gemm":
             from vptq_mlc.artifact.vq_layout import vq_operand_shapes
-            from vptq_mlc.tir_kernels.cuda_dequant_gemm import vq_prefill_cuda
+            from vptq_mlc.tir_kernels.cuda_dequant_gemm import DequantPlan, vq_prefill_cuda
 
-            f, scratch = vq_prefill_cuda(c.config(), dtype, from_rows=0)
+            f, scratch = vq_prefill_cuda(c.config(), dtype, from_rows=0,
+                                         dequant_plan=DequantPlan(**c.plan) if c.plan else None)
             calls[i] = {"operands": list(vq_operand_shapes(c.config())),
                         "scratch": [[list(sh), dt] for sh, dt in scratch]}
         elif c.kernel == "dequant":

@@ -70,6 +70,10 @@ class TargetBackend(ABC):
     logits_dtype: ClassVar[str | None] = None
     # its VQ kernels read codebooks stored narrower than the model dtype (ChatConfig.codebook_dtype)
     narrow_codebooks: ClassVar[bool] = False
+    # prefill tokens per call the library is built for when the model dir asks for fewer (0: the model dir's):
+    # a GPU whose long-prompt prefill has a fixed cost per call (e.g. dequantizing every VQ layer once) wants
+    # prompts in few, long calls; the engine still mixes short chunks into decode steps while others decode
+    default_prefill_chunk: ClassVar[int] = 0
 
     def __init__(self, target: Target, label: str, archs: tuple[str, ...] = ()):
         self.target = target

@@ -67,9 +67,20 @@ def _check_params(params: list, model_dir: Path) -> None:
             )
 
 
+def library_prefill_chunk(configured: int, context_window: int, bt: TargetBackend, asked: int | None = None) -> int:
+    """Prefill tokens per call the library is built for: `asked` (compile --prefill-chunk), else the model dir's,
+    raised to the target's `default_prefill_chunk`; never more than the context window."""
+    if asked is not None and asked <= 0:
+        raise CompileError(f"--prefill-chunk {asked}: give a positive number of tokens")
+    if asked is None and bt.default_prefill_chunk <= configured:
+        return configured
+    chunk = asked if asked is not None else bt.default_prefill_chunk
+    return max(1, min(chunk, context_window))
+
+
 def build_library(model_dir: Path, bt: TargetBackend, output: Path,
                   static_batches: tuple[int, ...] | None = None, split_functions: bool = False,
-                  cuda_graph: bool | None = None) -> Path:
+                  cuda_graph: bool | None = None, prefill_chunk: int | None = None) -> Path:
     """`split_functions`: also emit the per-layer functions of the layer split across devices (model/split.py);
     off by default since they roughly double the compile time. `cuda_graph`: TVM's RewriteCUDAGraph lifts the
     static-shape kernel runs between KV-cache calls into CUDA graphs captured on the first call (the backends
@@ -83,6 +94,8 @@ def build_library(model_dir: Path, bt: TargetBackend, output: Path,
     chat.check_buildable()
     arch = chat.model_type or "llama"
     cfg = model_config_from_json(arch, chat.model_config)
+    cfg.prefill_chunk_size = library_prefill_chunk(cfg.prefill_chunk_size, cfg.context_window_size, bt,
+                                                   prefill_chunk)
     if split_functions and not ARCHITECTURES[arch].supports_split:
         raise CompileError(f"--split-functions is not supported for {arch} models yet; compile without it")
     dtype = chat.model_dtype
@@ -147,11 +160,12 @@ def default_library_path(model_dir: Path, bt: TargetBackend) -> Path:
 def compile_model(
     model_dir: str | os.PathLike[str], target: str = "llvm", output: str | os.PathLike[str] | None = None,
     arch: str | None = None, static_batches: tuple[int, ...] | None = None, split_functions: bool = False,
-    cuda_graph: bool | None = None,
+    cuda_graph: bool | None = None, prefill_chunk: int | None = None,
 ) -> list[Path]:
     """Build one library per target backend; `output` names the file (one target) or a directory (several).
     `static_batches`: batch sizes that get a static `batch_decode_b<n>` (default: the target's choice).
-    `split_functions`: add the layer-split functions (`--devices` at run time). `cuda_graph`: see build_library."""
+    `split_functions`: add the layer-split functions (`--devices` at run time). `cuda_graph`: see build_library.
+    `prefill_chunk`: prefill tokens per call (default: `library_prefill_chunk`'s choice for the target)."""
     model_dir = Path(model_dir)
     ChatConfig.load(model_dir).check_buildable()  # fail early with the convert hint
     targets = resolve_backend(target, arch)
@@ -171,5 +185,5 @@ def compile_model(
             path = Path(output) / default_library_path(model_dir, bt).name
         else:
             path = Path(output)
-        outs.append(build_library(model_dir, bt, path, static_batches, split_functions, cuda_graph))
+        outs.append(build_library(model_dir, bt, path, static_batches, split_functions, cuda_graph, prefill_chunk))
     return outs

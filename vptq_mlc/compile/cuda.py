@@ -211,6 +211,10 @@ class CudaBackend(TargetBackend):
     kind = "cuda"
     cuda_graph = True
     code_sorted_tensors = True
+    # The model dir's prefill chunk (512 by default). A VQ prefill call of >= 128 rows dequantizes each layer once
+    # (tir_kernels/cuda_dequant_gemm.py), so `compile --prefill-chunk 2048` saves three passes over the weights
+    # for a 2048-token prompt; not the default until measured on a GPU (docs/dense-mma.md).
+    default_prefill_chunk = 0
 
     def __init__(self, archs: tuple[str, ...]):
         super().__init__(cuda_target(archs[0]), "cuda", archs)

@@ -92,8 +92,10 @@ class Engine:
         md = self.lib.metadata
         self.context_window = self._limit("context window", context_window, self.config.context_window_size,
                                           md.get("context_window_size", -1))
-        self.prefill_chunk = self._limit("prefill chunk", prefill_chunk_size, self.config.prefill_chunk_size,
-                                         md.get("prefill_chunk_size", -1))
+        # a library built for longer prefill calls than the model dir says (a CUDA build) runs them by default
+        compiled_chunk = md.get("prefill_chunk_size", -1)
+        self.prefill_chunk = self._limit("prefill chunk", prefill_chunk_size,
+                                         max(self.config.prefill_chunk_size, compiled_chunk), compiled_chunk)
         self.max_batch = self._limit("max batch size", max_batch_size, DEFAULT_MAX_BATCH, md.get("max_batch_size", -1))
         if step_token_budget is not None and step_token_budget < 0:
             raise RuntimeLoadError(f"step token budget {step_token_budget} is negative; "

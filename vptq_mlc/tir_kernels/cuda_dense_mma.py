@@ -24,7 +24,7 @@ the host picks by the row count at run time. `dense_mma_pass` puts the kernel in
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import tvm
 from tvm import tirx
@@ -49,6 +49,10 @@ class DensePlan:
     n_tiles: int  # NT: 8-column MMA tiles per warp (even: ldmatrix.x4 loads two)
     k_slice: int  # BK: K columns per warp per step (multiple of 16)
     stages: int  # cp.async ring depth
+    # CTA rasterization: 0 = blockIdx.x walks the output's column tiles (a 2-D grid); G > 0 = a 1-D grid walking
+    # groups of G row tiles column by column, so the CTAs in flight share G row tiles of x and few weight tiles
+    # (the weight is streamed from HBM about once when G covers every row tile)
+    group_m: int = 0
 
     @property
     def block_m(self) -> int:
@@ -88,8 +92,7 @@ FULL_GRID_CTAS = 64  # below this many 128 x 128 tiles the symbolic kernel runs 
 def _fit_k(plan: DensePlan, k: int) -> DensePlan | None:
     """`plan` with fewer K-warps until its K step divides `k`, or None."""
     while plan.warps_k > 1 and k % plan.block_k:
-        plan = DensePlan(plan.warps_m, plan.warps_n, plan.warps_k // 2, plan.m_tiles, plan.n_tiles, plan.k_slice,
-                         plan.stages)
+        plan = replace(plan, warps_k=plan.warps_k // 2)
     return plan if k % plan.block_k == 0 else None
 
 
@@ -161,6 +164,15 @@ class TileLayout:
         return wn * self.p.n_tiles * 8 + j * 8 + lane % 4 * 2 + c % 2
 
 
+def grouped_tile(tb, grid_n, group_m: int, group_rows):
+    """(column tile, row tile) of CTA `tb` under grouped rasterization (`DensePlan.group_m`): tiles come in groups
+    of `group_m` row tiles (`group_rows` = min(row tiles left from this group's first, group_m), fewer in the last
+    group), column by column inside a group. Plain arithmetic: works on ints (tests) and TIR expressions."""
+    first_row = tb // (group_m * grid_n) * group_m
+    inside = tb % (group_m * grid_n)
+    return inside // group_rows, first_row + inside % group_rows
+
+
 def _gemm_macro(p: DensePlan, M, N: int, K: int, dtype: str, rows_static: int | None):
     """The kernel launch of plan `p` as a macro over flat x[M*K], w[N, K], y[M*N] (pasted into the caller)."""
     WM, WN, WK, MT, NT, BK, S = p.warps_m, p.warps_n, p.warps_k, p.m_tiles, p.n_tiles, p.k_slice, p.stages
@@ -174,6 +186,7 @@ def _gemm_macro(p: DensePlan, M, N: int, K: int, dtype: str, rows_static: int | 
     RED = max(1, (WK - 1) * WM * WN * 32 * NACC)
     GRID_N = -(-N // BN)
     GRID_M = -(-rows_static // BM) if rows_static is not None else (M + BM - 1) // BM
+    GM = p.group_m
 
     lay = TileLayout(p)
 
@@ -197,8 +210,14 @@ def _gemm_macro(p: DensePlan, M, N: int, K: int, dtype: str, rows_static: int | 
 
     @T.macro
     def gemm(xf, w, yf):
-        bx = T.launch_thread("blockIdx.x", GRID_N)
-        by = T.launch_thread("blockIdx.y", GRID_M)
+        if GM > 0:
+            tb = T.launch_thread("blockIdx.x", GRID_M * GRID_N)
+            gsz = T.min(GRID_M - tb // (GM * GRID_N) * GM, GM)
+            bx = grouped_tile(tb, GRID_N, GM, gsz)[0]
+            by = grouped_tile(tb, GRID_N, GM, gsz)[1]
+        else:
+            bx = T.launch_thread("blockIdx.x", GRID_N)
+            by = T.launch_thread("blockIdx.y", GRID_M)
         tx = T.launch_thread("threadIdx.x", 32)
         ty = T.launch_thread("threadIdx.y", WM * WN * WK)
         ring = T.alloc_buffer((S * (A_TILE + B_TILE),), dtype, scope="shared.dyn")
@@ -265,11 +284,11 @@ def _gemm_macro(p: DensePlan, M, N: int, K: int, dtype: str, rows_static: int | 
     return gemm
 
 
-def _plan_checked(p: DensePlan | None, k: int) -> DensePlan:
+def _plan_checked(p: DensePlan | None, k: int, max_smem: int = MAX_DYN_SMEM) -> DensePlan:
     if p is None or k % p.block_k or p.n_tiles % 2 or p.k_slice % 16:
         raise ValueError(f"no dense MMA plan for K={k} (plan {p})")
-    if p.smem_bytes() > MAX_DYN_SMEM:
-        raise ValueError(f"dense MMA plan {p} needs {p.smem_bytes()} bytes of shared memory (> {MAX_DYN_SMEM})")
+    if p.smem_bytes() > max_smem:
+        raise ValueError(f"dense MMA plan {p} needs {p.smem_bytes()} bytes of shared memory (> {max_smem})")
     return p
 
 
@@ -286,17 +305,18 @@ def symbolic_plans(n: int, k: int, above_rows: int = 0) -> list[tuple[int | None
     return plans
 
 
-def gemm_macros(plans, M, n: int, k: int, dtype: str, rows_static: int | None) -> list[tuple[int, object]]:
+def gemm_macros(plans, M, n: int, k: int, dtype: str, rows_static: int | None,
+                max_smem: int = MAX_DYN_SMEM) -> list[tuple[int, object]]:
     """(row limit, 0 for none; kernel-launch macro over flat x[M*K], w[N, K], y[M*N]) per plan of `plans`."""
     macros = []
     for limit, pl in plans:  # under a row limit that fits one tile the grid is one tile high
         grid_rows = limit if limit is not None and limit <= pl.block_m else rows_static
-        macros.append((limit or 0, _gemm_macro(_plan_checked(pl, k), M, n, k, dtype, grid_rows)))
+        macros.append((limit or 0, _gemm_macro(_plan_checked(pl, k, max_smem), M, n, k, dtype, grid_rows)))
     return macros
 
 
 def dense_mma_cuda(lead: tuple, n: int, k: int, dtype: str = "float16", plan: DensePlan | None = None,
-                   ) -> tirx.PrimFunc:
+                   max_smem: int = MAX_DYN_SMEM) -> tirx.PrimFunc:
     """PrimFunc(x[*lead, K], w[N, K], y[*lead, N]); `lead` holds ints and/or int64 tirx.Vars (rows = their
     product). Static rows get their plan; symbolic rows get both kernels and pick at run time (a symbolic batch
     of decode rows must not run 128-row tiles: the weight would be streamed by N / 128 CTAs only). `plan`
@@ -320,7 +340,7 @@ def dense_mma_cuda(lead: tuple, n: int, k: int, dtype: str = "float16", plan: De
         plans = [(None, plan_dense(rows_static, k))]
     else:
         plans = symbolic_plans(n, k)
-    macros = gemm_macros(plans, Mi, n, k, dtype, rows_static)
+    macros = gemm_macros(plans, Mi, n, k, dtype, rows_static, max_smem)
     NPLANS = len(macros)
     (l0, g0), (l1, g1), (_, g2) = macros + [macros[-1]] * (3 - NPLANS)
 

@@ -18,6 +18,8 @@ order of `xs`, after the activation prologue's perm / norm scale), without the n
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from tvm import tirx
 from tvm.script import tirx as T
 
@@ -137,15 +139,146 @@ def dequant_macro(cfg: VPTQLayerConfig, dtype: str, cuda: bool = True):
     return launch if cuda else serial
 
 
+@dataclass(frozen=True)
+class DequantPlan:
+    """Launch shape of the dequantize kernel. `smem_book`: the codebooks are copied into shared memory once per
+    CTA and every CTA walks `rows_per_cta` vector rows (whole rows, `threads` 16-byte column chunks at a time),
+    so entry lookups are shared-memory loads instead of scattered L1/L2 loads; else one CTA per (vector row,
+    `threads` chunks) with lookups through L1/L2 (books too large for shared memory, outlier columns)."""
+
+    threads: int = DEQUANT_THREADS
+    rows_per_cta: int = 1
+    smem_book: bool = False
+
+
+L1_BOOK_PLAN = DequantPlan()
+SMEM_BOOK_PLAN = DequantPlan(threads=256, rows_per_cta=4, smem_book=True)
+SMEM_BOOK_MAX_BYTES = 96 * 1024  # under the 99 KB of dynamic shared memory sm_86 / sm_89 give a block
+
+
+def smem_book_bytes(cfg: VPTQLayerConfig, dtype_bytes: int = 2) -> int | None:
+    """Shared memory the codebooks (main + residual, every group) take, or None when the layer cannot keep them
+    there (outlier columns, entries not a whole number of 16-byte chunks in total, or too large)."""
+    I, O, v, G, S, K, KR, KR1, NV, L, OSZ, OSZ1, HAS_RES, HAS_OUT, VO, KO, NO = kernel_dims(cfg)  # noqa: E741
+    elems = G * K * v + (G * KR1 * v if HAS_RES else 0)
+    if HAS_OUT or (G * K * v) % COLS_PER_THREAD or (G * KR1 * v) % COLS_PER_THREAD:
+        return None
+    nbytes = elems * dtype_bytes
+    return nbytes if nbytes <= SMEM_BOOK_MAX_BYTES else None
+
+
+def dequant_smem_macro(cfg: VPTQLayerConfig, dtype: str, plan: DequantPlan, cuda: bool = True):
+    """The dequantize launch with the codebooks in shared memory (`plan.smem_book`; `smem_book_bytes` must not
+    be None), as a macro over the same operands as `dequant_macro`. Per thread the same work as there (8 codes,
+    one entry per code, a register transpose, `v` 16-byte stores), the entries from shared memory."""
+    I, O, v, G, S, K, KR, KR1, NV, L, OSZ, OSZ1, HAS_RES, HAS_OUT, VO, KO, NO = kernel_dims(cfg)  # noqa: E741
+    if smem_book_bytes(cfg) is None or I % COLS_PER_THREAD:
+        raise ValueError(f"the codebooks of a {O}x{I} layer (K={K}, v={v}, groups {G}, outliers {OSZ}) do not fit "
+                         f"the shared-memory dequantize kernel")
+    CD, RCD = code_dtype(K), code_dtype(KR1)
+    C8 = COLS_PER_THREAD
+    NCHUNK = I // C8
+    TH, RB = plan.threads, plan.rows_per_cta
+    NCTA = -(-NV // RB)
+    CIT = -(-NCHUNK // TH)  # column-chunk iterations per vector row
+    EV = entry_width(v)
+    BOOK, RBOOK = G * K * v, G * KR1 * v
+    BOOK_IT, RBOOK_IT = -(-(BOOK // C8) // TH), -(-(RBOOK // C8) // TH)
+    VEC_CODES = L % C8 == 0
+
+    @T.macro
+    def fill(tx, centroids, res_centroids, book, rbook):
+        """Thread tx's share of the codebook copy into shared memory."""
+        cf = T.decl_buffer((BOOK,), dtype, data=centroids.data)
+        for it in T.unroll(BOOK_IT):
+            if (it * TH + tx) * C8 < BOOK:
+                book[vr((it * TH + tx) * C8, C8)] = cf[vr((it * TH + tx) * C8, C8)]
+        if HAS_RES:
+            rcf = T.decl_buffer((RBOOK,), dtype, data=res_centroids.data)
+            for it in T.unroll(RBOOK_IT):
+                if (it * TH + tx) * C8 < RBOOK:
+                    rbook[vr((it * TH + tx) * C8, C8)] = rcf[vr((it * TH + tx) * C8, C8)]
+
+    @T.macro
+    def work(bx, tx, codes, res_codes, w, book, rbook):
+        ent = T.alloc_buffer((v,), dtype, scope="local")
+        rent = T.alloc_buffer((v,), dtype, scope="local")
+        wl = T.alloc_buffer((v * C8,), dtype, scope="local")
+        cl = T.alloc_buffer((C8,), CD, scope="local")
+        rl = T.alloc_buffer((C8,), RCD, scope="local")
+        for r in range(RB):
+            for ci in range(CIT):
+                if bx * RB + r < NV and ci * TH + tx < NCHUNK:
+                    if VEC_CODES:
+                        cl[vr(0, C8)] = codes[bx * RB + r, vr((ci * TH + tx) * C8, C8)]
+                        if HAS_RES:
+                            rl[vr(0, C8)] = res_codes[bx * RB + r, vr((ci * TH + tx) * C8, C8)]
+                    else:
+                        for e in T.unroll(C8):
+                            cl[e] = codes[bx * RB + r, (ci * TH + tx) * C8 + e]
+                            if HAS_RES:
+                                rl[e] = res_codes[bx * RB + r, (ci * TH + tx) * C8 + e]
+                    for e in T.unroll(C8):
+                        for j0 in T.unroll(v // EV):
+                            ent[vr(j0 * EV, EV)] = book[vr((((ci * TH + tx) * C8 + e) // S * K
+                                                            + T.Cast("int32", cl[e])) * v + j0 * EV, EV)]
+                        if HAS_RES:
+                            for j0 in T.unroll(v // EV):
+                                rent[vr(j0 * EV, EV)] = rbook[vr((((ci * TH + tx) * C8 + e) // S * KR1
+                                                                  + T.Cast("int32", rl[e])) * v + j0 * EV, EV)]
+                            for j in T.unroll(v):
+                                wl[j * C8 + e] = ent[j] + rent[j]
+                        else:
+                            for j in T.unroll(v):
+                                wl[j * C8 + e] = ent[j]
+                    for j in T.unroll(v):
+                        if (bx * RB + r) * v + j < O:
+                            w[(bx * RB + r) * v + j, vr((ci * TH + tx) * C8, C8)] = wl[vr(j * C8, C8)]
+
+    @T.macro
+    def launch(centroids, codes, res_centroids, res_codes, outlier_centroids, outlier_codes, w):
+        with T.launch_thread("blockIdx.x", NCTA) as bx:
+            with T.launch_thread("threadIdx.x", TH) as tx:
+                book = T.alloc_buffer((BOOK,), dtype, scope="shared.dyn")
+                rbook = T.alloc_buffer((RBOOK if HAS_RES else C8,), dtype, scope="shared.dyn")
+                fill(tx, centroids, res_centroids, book, rbook)
+                T.tvm_storage_sync("shared")
+                work(bx, tx, codes, res_codes, w, book, rbook)
+
+    @T.macro
+    def serial(centroids, codes, res_centroids, res_codes, outlier_centroids, outlier_codes, w):
+        book = T.alloc_buffer((BOOK,), dtype)
+        rbook = T.alloc_buffer((RBOOK if HAS_RES else C8,), dtype)
+        for tx in range(TH):
+            fill(tx, centroids, res_centroids, book, rbook)
+        for bx in range(NCTA):
+            for tx in range(TH):
+                work(bx, tx, codes, res_codes, w, book, rbook)
+
+    return launch if cuda else serial
+
+
+def plan_dequant(cfg: VPTQLayerConfig) -> DequantPlan:
+    """Shared-memory codebooks where they fit, else lookups through L1/L2."""
+    return L1_BOOK_PLAN
+
+
+def dequant_launch(cfg: VPTQLayerConfig, dtype: str, plan: DequantPlan | None = None, cuda: bool = True):
+    plan = plan or plan_dequant(cfg)
+    return dequant_smem_macro(cfg, dtype, plan, cuda) if plan.smem_book else dequant_macro(cfg, dtype, cuda)
+
+
 def _operands(cfg: VPTQLayerConfig, *extra: str) -> set[str]:
     return {"xs", "y", *vq_operand_shapes(cfg), *extra}
 
 
-def vq_dequantize_func(cfg: VPTQLayerConfig, dtype: str, cuda: bool = True) -> tirx.PrimFunc:
-    """PrimFunc(*operands, w[O, I]): the dequantize step alone (`cuda=False`: serial loops, for a CPU build)."""
+def vq_dequantize_func(cfg: VPTQLayerConfig, dtype: str, cuda: bool = True,
+                       plan: DequantPlan | None = None) -> tirx.PrimFunc:
+    """PrimFunc(*operands, w[O, I]): the dequantize step alone (`cuda=False`: serial loops, for a CPU build;
+    `plan`: another launch shape than `plan_dequant`'s, for comparisons)."""
     I, O, v, G, S, K, KR, KR1, NV, L, OSZ, OSZ1, HAS_RES, HAS_OUT, VO, KO, NO = kernel_dims(cfg)  # noqa: E741
     CD, RCD = code_dtype(K), code_dtype(KR1)
-    dq = dequant_macro(cfg, dtype, cuda)
+    dq = dequant_launch(cfg, dtype, plan, cuda)
 
     @T.prim_func(private=True)
     def kernel(
@@ -164,11 +297,13 @@ def vq_dequantize_func(cfg: VPTQLayerConfig, dtype: str, cuda: bool = True) -> t
 
 
 def vq_prefill_cuda(cfg: VPTQLayerConfig, dtype: str, from_rows: int = DEQUANT_GEMM_FROM_ROWS,
+                    dequant_plan: DequantPlan | None = None,
                     ) -> tuple[tirx.PrimFunc, tuple[tuple[tuple[int, ...], str], ...]]:
     """(PrimFunc(xs[n, I], *operands, w[O, I], y[n, O]), its scratch outputs) for a symbolic row count n: the VQ
     MMA kernel with its decode plan for n <= 16 and its prefill plan for n < `from_rows`, else dequantize into the
-    scratch `w` + the dense GEMM. `from_rows=0` forces the dequantize path for every n (bench comparisons). Layers
-    the dense GEMM cannot take get the VQ MMA kernel alone and no scratch."""
+    scratch `w` + the dense GEMM. `from_rows=0` forces the dequantize path for every n (bench comparisons);
+    `dequant_plan` another dequantize launch than `plan_dequant`'s (check suite, comparisons). Layers the dense
+    GEMM cannot take get the VQ MMA kernel alone and no scratch."""
     from vptq_mlc.tir_kernels.cuda_mma import vq_mma_cuda
 
     if not dequant_gemm_supported(cfg, dtype):
@@ -182,7 +317,7 @@ def vq_prefill_cuda(cfg: VPTQLayerConfig, dtype: str, from_rows: int = DEQUANT_G
     # one 16-row tile per CTA split over the input as at batch 16, instead of the prefill plan's 64-row tiles
     few = mma_macro(cfg, dtype, None, NB, plan=plan_mma(cfg))
     FEW = MMA_ROWS if FROM > MMA_ROWS else 0
-    dq = dequant_macro(cfg, dtype)
+    dq = dequant_launch(cfg, dtype, dequant_plan)
     # rows in int32 inside the GEMM (as in dense_mma_cuda): indices stay below 2^31 (rows * max(O, I))
     gemms = gemm_macros(symbolic_plans(O, I, above_rows=max(0, FROM - 1)), T.Cast("int32", NB), O, I, dtype, None)
     NG = len(gemms)
