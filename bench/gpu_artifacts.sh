@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Build, on the GPU-less build box, everything bench/gpu_suite.sh reads on the GPU host, into one folder to carry.
 # Usage (repo root): bash bench/gpu_artifacts.sh ART_DIR [parts...]
-# parts (default: tvm_rt kcheck e2e): tvm_rt kcheck kbench kcs kgather e2e e2eds e2e7b attn kprefill sampler;
-# each is skipped when already built.
+# parts (default: tvm_rt kcheck e2e): tvm_rt kcheck kbench kcs kgather e2e e2eds e2emla e2e7b attn kprefill
+# sampler; each is skipped when already built.
 #   kgather  the gathered-experts CUDA kernel at DeepSeek-R1 expert shapes (tests/gathered_kernels.py): gathered_cuda.so
 #          + gathered.json, checked and timed by tests/gpu/test_gathered_gpu.py (a few seconds to build)
 #   sampler  the compiled sampler alone (`vptq-mlc bench sampler --build`; any vocabulary, any rows): the default
@@ -13,6 +13,9 @@
 #   e2eds  a tiny fp16 deepseek_v3 (tests/deepseek_e2e.py): model/, model-cpu.so.gz (CPU_ARCH, default x86-64-v3:
 #          any x86 GPU host), model-cuda.so.gz (gzipped: 11 MB -> 1.6 MB; gpu_suite.sh unpacks them) and reference.npz
 #          (transformers' greedy tokens and teacher-forced logits, computed here: the GPU host has no transformers)
+#   e2emla per shape in tiny r1widths (tests/deepseek_e2e.py SHAPES): SHAPE/model/, SHAPE/reference.npz and gzipped
+#          SHAPE/model-mla.so (deepseek_v3 on TVM's latent MLA KV cache, --kv-cache mla) and
+#          SHAPE/model-cuda.so (--kv-cache mha: the decompressed cache, as a control); tests/gpu/test_deepseek_mla_gpu.py
 #   e2e7b  per name in E2E7B_SYSTEMS (default "v8-k4096-0 v8-k65536-256 fp16"): NAME-cfg/ (config-only synthetic
 #          model, E2E7B_SHAPE, default llama2-7b; fp16 = the first variant's config with every linear dense) and
 #          NAME-cuda.so. Tokenizers of the configs are the same file: one gzipped copy is kept in tokenizer/ and
@@ -64,6 +67,16 @@ make_synthetic_checkpoint('$E/ckpt', variant='v8-k256-256', hidden_size=256, int
         "${V[@]}" compile "$E/model" --target cuda --arch "$ARCH" -o "$E/model-cuda.so"
         gzip -9f "$E/model-cpu.so" "$E/model-cuda.so"
       fi ;;
+    e2emla) for shape in tiny r1widths; do E=$ART/e2emla/$shape
+        built "$E/model-mla.so.gz" && continue
+        python3 tests/deepseek_e2e.py checkpoint "$E" "$shape"
+        "${V[@]}" convert "$E/ckpt" -o "$E/model" --dtype float16 --overwrite
+        python3 tests/deepseek_e2e.py reference "$E"
+        rm -rf "$E/ckpt"
+        "${V[@]}" compile "$E/model" --target cuda --arch "$ARCH" --kv-cache mha -o "$E/model-cuda.so"
+        "${V[@]}" compile "$E/model" --target cuda --arch "$ARCH" --kv-cache mla -o "$E/model-mla.so"
+        gzip -9f "$E/model-cuda.so" "$E/model-mla.so"
+      done ;;
     e2e7b) D=$ART/e2e7b; mkdir -p "$D"
       set -- ${E2E7B_SYSTEMS:-v8-k4096-0 v8-k65536-256 fp16}
       first=$1

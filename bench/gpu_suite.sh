@@ -10,6 +10,8 @@
 #             transformers reference)                                                  steps: decode, pytest
 #   e2eds/    a tiny fp16 deepseek_v3: model/, model-cpu.so.gz, model-cuda.so.gz (unpacked here), reference.npz
 #             (transformers' tokens and logits, computed on the build box)             step: pytest
+#   e2emla/   tiny/ and r1widths/: deepseek_v3 on the MLA cache and the MHA control (gpu_artifacts.sh ART e2emla)
+#                                                                                      step: pytest
 #   kgather/  the gathered-experts kernel at DeepSeek-R1 shapes (bash bench/gpu_artifacts.sh ART kgather)  step: pytest
 #   e2e7b/    per system NAME: NAME-cfg/ (vptq-mlc bench synth-model ... --config-only) and NAME-cuda.so
 #                                                                            steps: e2e7b, profile7b
@@ -65,11 +67,12 @@ for s in $STEPS; do
       "${V[@]}" bench decode "$E/model" --lib "$E/model-cuda.so" --device cuda --tokens 32 \
         --compare-lib "$E/model-cpu.so" --compare-device cpu 2>&1 | tee "$OUT/decode.log" || rc=1 ;;
     pytest)
-      for z in "$ART"/e2eds/*.so.gz; do [ -f "$z" ] && { [ -f "${z%.gz}" ] || gunzip -c "$z" > "${z%.gz}"; }; done
+      for z in "$ART"/e2eds/*.so.gz "$ART"/e2emla/*/*.so.gz; do [ -f "$z" ] && { [ -f "${z%.gz}" ] || gunzip -c "$z" > "${z%.gz}"; }; done
       # only the folders that were built: a variable naming a missing folder fails its tests
       VPTQ_MLC_GPU_KERNELS=$([ -d "$ART/kcheck" ] && echo "$ART/kcheck") VPTQ_MLC_GPU_E2E=$([ -d "$ART/e2e" ] && echo "$ART/e2e") \
       VPTQ_MLC_GPU_CODE_SORTED=$([ -d "$ART/kcs" ] && echo "$ART/kcs") \
       VPTQ_MLC_GPU_DEEPSEEK=$([ -d "$ART/e2eds" ] && echo "$ART/e2eds") \
+      VPTQ_MLC_GPU_DEEPSEEK_MLA=$([ -d "$ART/e2emla" ] && echo "$ART/e2emla") \
       VPTQ_MLC_GPU_ATTN=$([ -d "$ART/attn" ] && echo "$ART/attn") \
       VPTQ_MLC_GPU_GATHER=$([ -d "$ART/kgather" ] && echo "$ART/kgather") \
       VPTQ_MLC_GPU_SAMPLER_ALONE=$(ls "$ART/sampler/sampler-search-cuda.so" 2> /dev/null) \

@@ -27,6 +27,7 @@ import json
 import re
 import sys
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from cpu_pipeline import run_requests
@@ -37,17 +38,23 @@ CHECKPOINT = dict(arch="deepseek_v3", dtype="float16", num_layers=3, vocab_size=
                                 "rope_scaling": {"rope_type": "yarn", "factor": 4.0,
                                                  "original_max_position_embeddings": 64,
                                                  "mscale": 1.0, "mscale_all_dim": 0.7}})
+# the same with DeepSeek-R1's per-head widths (qk_nope 128, qk_rope 64, v 128, kv_lora 512: a 576-wide latent cache
+# entry, the ragged self-attention at 192 / 128), for the MLA cache's kernels at the widths R1 runs them
+R1_WIDTHS = dict(CHECKPOINT, hf_overrides={**CHECKPOINT["hf_overrides"], "kv_lora_rank": 512, "qk_nope_head_dim": 128,
+                                           "qk_rope_head_dim": 64, "v_head_dim": 128})
+SHAPES = {"tiny": CHECKPOINT, "r1widths": R1_WIDTHS}
 # lengths 6, 41, 1 and 9: a one-token prompt, one past a KV page. On CUDA (tir_kernels/registry.py) one row and these
 # four together run the GEMV decode kernel, the four repeated to 16 rows the tensor-core one.
 PROMPTS = [[5, 9, 13, 200, 31, 7], list(range(20, 61)), [42], [300, 17, 250, 3, 99, 120, 8, 64, 11]]
 STEPS = 16
 REL_BOUND = 2e-2
+CHUNK = 16  # the 41-token prompt then prefills in three chunks (16, 16, 9)
 
 
-def make_checkpoint(ckpt: Path) -> Path:
+def make_checkpoint(ckpt: Path, shape: str = "tiny") -> Path:
     from vptq_mlc.testing.synthetic import make_synthetic_checkpoint
 
-    return make_synthetic_checkpoint(ckpt, overwrite=True, **CHECKPOINT)
+    return make_synthetic_checkpoint(ckpt, overwrite=True, **SHAPES[shape])
 
 
 def write_reference(ckpt: Path, out: Path) -> Path:
@@ -158,9 +165,35 @@ def check_gathered_experts(lib_path: Path, device: str) -> None:
         f"{lib_path.name}: stacked experts in {sorted(stacked)}, per-expert tensors {per_expert[:3]}")
 
 
-def check_library(folder: Path, lib_name: str, device: str) -> dict[str, float]:
+def check_chunked_and_prefix(engine: Any, prompts: list[list[int]], greedy: np.ndarray, ref: np.ndarray, tie: float,
+                             what: str) -> dict[str, int]:
+    """The Engine (built with a prefill chunk shorter than the longest prompt and the prefix cache) against
+    transformers' greedy tokens: every prompt alone (the long one in several chunks), then every prompt again
+    (where it spans a page or more, its prefix, all but the last token, is forked from the cached first run: a
+    one-token prefill on a page copied mid-page), then all together. The pages must all come back."""
+    from vptq_mlc.runtime import SamplingParams
+
+    params = SamplingParams(max_tokens=greedy.shape[1], temperature=0.0, ignore_eos=True)
+    compared = {}
+    first = [run_requests(engine, [p], params)[0] for p in prompts]
+    compared["chunked_alone_tokens"] = check_greedy(first, greedy, ref, tie, f"{what} chunked prefill alone")
+    hits = engine.prefix_cache.hits
+    again = [run_requests(engine, [p], params)[0] for p in prompts]
+    cacheable = sum(len(p) - 1 >= engine.kv.page_size for p in prompts)  # PrefixCache reuses a page or more
+    assert cacheable and engine.prefix_cache.hits - hits == cacheable, f"{what}: a repeated prompt missed the cache"
+    compared["prefix_reuse_tokens"] = check_greedy(again, greedy, ref, tie, f"{what} cached prefix reused")
+    compared["chunked_batched_tokens"] = check_greedy(run_requests(engine, prompts, params), greedy, ref, tie,
+                                                      f"{what} chunked prefill batched")
+    while engine.prefix_cache.entries:
+        engine.prefix_cache.evict()
+    assert engine.kv.available_pages() == engine.kv.total_pages
+    return compared
+
+
+def check_library(folder: Path, lib_name: str, device: str, chunked: bool = False) -> dict[str, float]:
     """Every check of one library of `folder` (model/, the library, reference.npz) on `device`; returns the
-    largest logit difference relative to the scale per run and the greedy tokens compared."""
+    largest logit difference relative to the scale per run and the greedy tokens compared. `chunked`: also
+    `check_chunked_and_prefix` with a prefill chunk of CHUNK tokens."""
     from vptq_mlc.runtime import Engine, SamplingParams
 
     prompts, greedy, ref = load_reference(folder / "reference.npz")
@@ -184,14 +217,17 @@ def check_library(folder: Path, lib_name: str, device: str) -> dict[str, float]:
     worst["greedy_batched_tokens"] = check_greedy(run_requests(engine, prompts, params), greedy, ref, tie,
                                                   f"{lib_name} engine batched")
     assert engine.kv.available_pages() == engine.kv.total_pages
+    if chunked:
+        engine = Engine(model_dir, lib_path, device=device, prefill_chunk_size=CHUNK, prefix_cache=True)
+        worst.update(check_chunked_and_prefix(engine, prompts, greedy, ref, tie, lib_name))
     return worst
 
 
-if __name__ == "__main__":  # python3 tests/deepseek_e2e.py checkpoint|reference FOLDER (bench/gpu_artifacts.sh)
+if __name__ == "__main__":  # python3 tests/deepseek_e2e.py checkpoint|reference FOLDER [SHAPE] (gpu_artifacts.sh)
     sys.path.insert(0, str(Path(__file__).parent))
     step, folder = sys.argv[1], Path(sys.argv[2])
     if step == "checkpoint":
-        make_checkpoint(folder / "ckpt")
+        make_checkpoint(folder / "ckpt", sys.argv[3] if len(sys.argv) > 3 else "tiny")
     elif step == "reference":
         out = write_reference(folder / "ckpt", folder / "reference.npz")
         print(json.dumps({"reference": str(out), "bytes": out.stat().st_size}))

@@ -262,14 +262,18 @@ def convert(ckpt: str, output: str, dtype: str | None, context_window: int | Non
               help="Most prompt tokens per prefill call the library plans memory for (default: the model dir's, "
                    "from convert --prefill-chunk; never more than the context window). The engine runs the "
                    "library's chunk when the model dir asks for less: e.g. 2048 for long VQ prompts on cuda.")
+@click.option("--kv-cache", "kv_cache", type=click.Choice(["auto", "mla", "mha"]), default="auto", show_default=True,
+              help="deepseek_v3: mla = TVM's latent cache (70 KB/token for R1; cuda/rocm only; built, not yet "
+                   "checked on a GPU), mha = decompressed K/V per head (6.0 MB/token for R1; every target). "
+                   "auto: mha for now.")
 @one_line_errors
 def compile_cmd(model_dir: str, target: str, arch: str | None, output: str | None, split_functions: bool,
-                cuda_graph: bool | None, prefill_chunk: int | None) -> None:
+                cuda_graph: bool | None, prefill_chunk: int | None, kv_cache: str) -> None:
     """Compile a converted model into a model library, ahead of time."""
     from vptq_mlc.compile.build import compile_model
 
     for path in compile_model(model_dir, target, output, arch=arch, split_functions=split_functions,
-                              cuda_graph=cuda_graph, prefill_chunk=prefill_chunk):
+                              cuda_graph=cuda_graph, prefill_chunk=prefill_chunk, kv_cache=kv_cache):
         click.echo(str(path))
 
 

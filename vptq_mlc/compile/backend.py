@@ -74,6 +74,8 @@ class TargetBackend(ABC):
     # a GPU whose long-prompt prefill has a fixed cost per call (e.g. dequantizing every VQ layer once) wants
     # prompts in few, long calls; the engine still mixes short chunks into decode steps while others decode
     default_prefill_chunk: ClassVar[int] = 0
+    # TVM's paged KV cache has MLA (latent) kernels here: `compile --kv-cache mla` may build deepseek_v3 on it
+    latent_kv_cache: ClassVar[bool] = False
 
     def __init__(self, target: Target, label: str, archs: tuple[str, ...] = ()):
         self.target = target

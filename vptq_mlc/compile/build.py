@@ -22,6 +22,7 @@ from vptq_mlc.artifact.files import TENSOR_CACHE
 from vptq_mlc.artifact.tensor_cache import read_index
 from vptq_mlc.atomic import atomic_file
 from vptq_mlc.checkpoint.arch import ARCHITECTURES, model_config_from_json
+from vptq_mlc.checkpoint.mla import MLA_TENSOR_SUFFIXES
 from vptq_mlc.compile.backend import TargetBackend
 from vptq_mlc.compile.metadata import attach_metadata, model_metadata, planned_memory
 from vptq_mlc.compile.sampler import add_sampler
@@ -50,6 +51,31 @@ def _upper_bounds(mod: tvm.IRModule, cfg: DecoderConfig) -> tvm.IRModule:
     return tvm.IRModule(funcs, attrs=mod.attrs)
 
 
+KV_CACHE_CHOICES = ("auto", "mla", "mha")
+# `--kv-cache auto` picks the latent cache for deepseek_v3 where TVM has its kernels. Off until the MLA library has
+# passed tests/gpu/test_deepseek_mla_gpu.py on a GPU: it builds, and its CPU-checkable parts are tested, but its
+# CUDA numerics have not been run (docs/architectures.md).
+LATENT_BY_DEFAULT = False
+
+
+def latent_kv_cache(kv_cache: str, arch: str, bt: TargetBackend) -> bool:
+    """Whether the library uses TVM's latent (MLA) KV cache: `--kv-cache mla` asks for it (deepseek_v3 on cuda or
+    rocm, where TVM has its kernels), `mha` keeps the decompressed per-head cache, `auto` is mla where
+    LATENT_BY_DEFAULT and TVM allows it, else mha."""
+    if kv_cache not in KV_CACHE_CHOICES:
+        raise CompileError(f"--kv-cache {kv_cache!r} is not supported; choose one of {', '.join(KV_CACHE_CHOICES)}")
+    has_mla = arch == "deepseek_v3"
+    if kv_cache == "mla" and not has_mla:
+        raise CompileError(f"--kv-cache mla is for deepseek_v3 models (MLA attention); {arch} has none: use "
+                           "--kv-cache auto or mha")
+    if kv_cache == "mla" and not bt.latent_kv_cache:
+        raise CompileError(f"--kv-cache mla needs a GPU target (cuda, rocm): TVM 0.27 has no {bt.kind} kernels for "
+                           "the MLA cache; use --kv-cache mha")
+    if kv_cache == "auto":
+        return LATENT_BY_DEFAULT and has_mla and bt.latent_kv_cache
+    return kv_cache == "mla"
+
+
 def _check_params(params: list, model_dir: Path) -> None:
     if not (model_dir / TENSOR_CACHE).is_file():  # a config-only dir (weights made on the deploy host)
         log.warning("%s has no tensor-cache.json: weights will be checked against _metadata at load time", model_dir)
@@ -58,6 +84,9 @@ def _check_params(params: list, model_dir: Path) -> None:
     for name, p in params:
         rec = index.get(name)
         want = ([int(d) for d in p.shape], p.dtype)
+        if rec is None and name.endswith(MLA_TENSOR_SUFFIXES):
+            raise CompileError(f"weight {name} (kv_b_proj absorbed for the MLA cache) is missing from {model_dir}: "
+                               "re-run `vptq-mlc convert` (it writes them), or compile with --kv-cache mha")
         if rec is None:
             raise CompileError(f"weight {name} is missing from {model_dir}/tensor-cache.json; re-run convert")
         if (rec["shape"], rec["dtype"]) != want:
@@ -80,13 +109,15 @@ def library_prefill_chunk(configured: int, context_window: int, bt: TargetBacken
 
 def build_library(model_dir: Path, bt: TargetBackend, output: Path,
                   static_batches: tuple[int, ...] | None = None, split_functions: bool = False,
-                  cuda_graph: bool | None = None, prefill_chunk: int | None = None) -> Path:
+                  cuda_graph: bool | None = None, prefill_chunk: int | None = None,
+                  kv_cache: str = "auto") -> Path:
     """`split_functions`: also emit the per-layer functions of the layer split across devices (model/split.py);
     off by default since they roughly double the compile time. `cuda_graph`: TVM's RewriteCUDAGraph lifts the
     static-shape kernel runs between KV-cache calls into CUDA graphs captured on the first call (the backends
     with `cuda_graph`: cuda; default on there: +25% batch-1 decode on the H100, bench/RESULTS.md). Not with
     `split_functions`: RewriteCUDAGraph treats the packed parameters as static, so one layer-group function called
-    with each layer's weights would replay the graph captured with the first layer's."""
+    with each layer's weights would replay the graph captured with the first layer's. `kv_cache`: see
+    `latent_kv_cache`."""
     if cuda_graph and split_functions:
         raise CompileError("--cuda-graph cannot be combined with --split-functions (the per-layer functions would "
                            "replay a graph captured with another layer's weights); drop one of them")
@@ -98,9 +129,11 @@ def build_library(model_dir: Path, bt: TargetBackend, output: Path,
                                                    prefill_chunk)
     if split_functions and not ARCHITECTURES[arch].supports_split:
         raise CompileError(f"--split-functions is not supported for {arch} models yet; compile without it")
+    latent = latent_kv_cache(kv_cache, arch, bt)
     dtype = chat.model_dtype
     layers = chat.vptq_layers()
-    stage("compile %s for %s%s -> %s", model_dir, bt.label, f" ({', '.join(bt.archs)})" if bt.archs else "", output)
+    stage("compile %s for %s%s -> %s%s", model_dir, bt.label, f" ({', '.join(bt.archs)})" if bt.archs else "", output,
+          " (latent MLA KV cache)" if latent else "")
     bt.prepare()
     t0 = time.time()
     if static_batches is None:
@@ -113,7 +146,8 @@ def build_library(model_dir: Path, bt: TargetBackend, output: Path,
         selector.codebook_dtype = chat.codebook_dtype
     model = build_model(cfg, layers, dtype, bt.target, selector, static_batches,
                         bt.norm_bias_kernels(), arch=arch, logits_dtype=bt.logits_dtype,
-                        embedding_dtype=chat.embedding_dtype, codebook_dtype=chat.codebook_dtype)
+                        embedding_dtype=chat.embedding_dtype, codebook_dtype=chat.codebook_dtype,
+                        latent_kv_cache=latent)
     split = None
     stage("  exporting the model (%d quantized linears)%s", len(layers),
           " with split functions" if split_functions else "")
@@ -141,6 +175,7 @@ def build_library(model_dir: Path, bt: TargetBackend, output: Path,
         memory_usage=planned_memory(lowered),
         split=split,
         target=bt.metadata,
+        latent_kv_cache=latent,
     )
     lowered = attach_metadata(lowered, meta)
     stage("  generating code%s", bt.codegen_note())
@@ -160,12 +195,13 @@ def default_library_path(model_dir: Path, bt: TargetBackend) -> Path:
 def compile_model(
     model_dir: str | os.PathLike[str], target: str = "llvm", output: str | os.PathLike[str] | None = None,
     arch: str | None = None, static_batches: tuple[int, ...] | None = None, split_functions: bool = False,
-    cuda_graph: bool | None = None, prefill_chunk: int | None = None,
+    cuda_graph: bool | None = None, prefill_chunk: int | None = None, kv_cache: str = "auto",
 ) -> list[Path]:
     """Build one library per target backend; `output` names the file (one target) or a directory (several).
     `static_batches`: batch sizes that get a static `batch_decode_b<n>` (default: the target's choice).
-    `split_functions`: add the layer-split functions (`--devices` at run time). `cuda_graph`: see build_library.
-    `prefill_chunk`: prefill tokens per call (default: `library_prefill_chunk`'s choice for the target)."""
+    `split_functions`: add the layer-split functions (`--devices` at run time). `cuda_graph`, `kv_cache`: see
+    build_library. `prefill_chunk`: prefill tokens per call (default: `library_prefill_chunk`'s choice for the
+    target)."""
     model_dir = Path(model_dir)
     ChatConfig.load(model_dir).check_buildable()  # fail early with the convert hint
     targets = resolve_backend(target, arch)
@@ -185,5 +221,6 @@ def compile_model(
             path = Path(output) / default_library_path(model_dir, bt).name
         else:
             path = Path(output)
-        outs.append(build_library(model_dir, bt, path, static_batches, split_functions, cuda_graph, prefill_chunk))
+        outs.append(build_library(model_dir, bt, path, static_batches, split_functions, cuda_graph, prefill_chunk,
+                                  kv_cache))
     return outs

@@ -206,7 +206,8 @@ def no_tensorize(mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRMo
 
 class CudaBackend(TargetBackend):
     """`--target cuda --arch ...`: one library for every arch (codegen for the lowest, nvcc fatbin for all),
-    CUDA graphs on by default, the code-sorted decode kernels for large codebooks."""
+    CUDA graphs on by default, the code-sorted decode kernels for large codebooks, the MLA cache for deepseek_v3
+    (`--kv-cache mla`)."""
 
     kind = "cuda"
     cuda_graph = True
@@ -215,6 +216,7 @@ class CudaBackend(TargetBackend):
     # (tir_kernels/cuda_dequant_gemm.py), so `compile --prefill-chunk 2048` saves three passes over the weights
     # for a 2048-token prompt; not the default until measured on a GPU (docs/dense-mma.md).
     default_prefill_chunk = 0
+    latent_kv_cache = True
 
     def __init__(self, archs: tuple[str, ...]):
         super().__init__(cuda_target(archs[0]), "cuda", archs)

@@ -46,10 +46,13 @@ def model_metadata(
     memory_usage: Mapping[str, int],
     split: Mapping[str, Any] | None = None,
     target: Mapping[str, Any] | None = None,
+    latent_kv_cache: bool = False,
 ) -> dict[str, Any]:
     """MLC's keys, plus `split` (function names and parameter names per function of the layer split,
     model/split.py) when the library was compiled with `--split-functions`, and `target` (llvm: the CPU arch and
-    the /proc/cpuinfo features the code needs, checked at load time)."""
+    the /proc/cpuinfo features the code needs, checked at load time). `kv_cache` says what one token's cache
+    entry is: K and V of `num_key_value_heads` heads of `head_dim` (`attn_kind` mha), or with `latent_kv_cache`
+    one latent vector of `head_dim` = kv_lora_rank + qk_rope_head_dim per layer (`attn_kind` mla)."""
     meta = {
         "model_type": model_type,
         "quantization": quantization,
@@ -69,8 +72,9 @@ def model_metadata(
         "kv_cache": {
             "num_hidden_layers": cfg.num_hidden_layers,
             "num_attention_heads": cfg.num_attention_heads,
-            "num_key_value_heads": cfg.num_key_value_heads,
-            "head_dim": cfg.head_dim,
+            "num_key_value_heads": 1 if latent_kv_cache else cfg.num_key_value_heads,
+            "head_dim": cfg.kv_lora_rank + cfg.qk_rope_head_dim if latent_kv_cache else cfg.head_dim,
+            "attn_kind": "mla" if latent_kv_cache else "mha",
         },
         "memory_usage": dict(memory_usage),
     }

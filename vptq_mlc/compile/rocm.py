@@ -215,6 +215,7 @@ class RocmBackend(TargetBackend):
     parameterised for the arch's wavefront and LDS (`cuda_gemv.wavefront_params`)."""
 
     kind = "rocm"
+    latent_kv_cache = True
 
     def __init__(self, arch: str, code_object_version: int = DEFAULT_CODE_OBJECT_VERSION):
         arch = parse_arch(arch)

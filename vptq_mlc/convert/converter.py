@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,9 +20,10 @@ from vptq_mlc.artifact.expert_stack import expert_stacks, stack_layouts, stacked
 from vptq_mlc.artifact.tensor_cache import TensorCacheWriter
 from vptq_mlc.artifact.vq_layout import CODE_SORTED, LAYOUT, code_sorted_eligible, code_sorted_layout, generic_layout
 from vptq_mlc.atomic import atomic_dir
-from vptq_mlc.checkpoint.arch import ARCHITECTURES, decoder_config_from_hf
-from vptq_mlc.checkpoint.dequant import LayerCodes, decode_codes
+from vptq_mlc.checkpoint.arch import ARCHITECTURES, DecoderConfig, DeepseekV3Config, decoder_config_from_hf
+from vptq_mlc.checkpoint.dequant import LayerCodes, decode_codes, dequantize
 from vptq_mlc.checkpoint.layer_config import VPTQLayerConfig
+from vptq_mlc.checkpoint.mla import absorbed_kv_b, absorbed_names
 from vptq_mlc.checkpoint.reader import VPTQCheckpoint
 from vptq_mlc.convert.chat_config import build_chat_config
 from vptq_mlc.errors import ConvertError
@@ -39,18 +41,36 @@ LAYOUT_CHOICES = ("auto", LAYOUT)
 EMBEDDING = "model.embed_tokens.weight"
 
 
+KV_B = re.compile(r"model\.layers\.(\d+)\.self_attn\.kv_b_proj(\.weight)?$")
+
+
+def _absorbed(cfg: DecoderConfig | None, name: str, weight: np.ndarray, dtype: str) -> list[tuple[str, np.ndarray]]:
+    """For a deepseek_v3 `kv_b_proj` (its dense weight, read or dequantized), the MLA cache's W_UK / W_UV
+    (checkpoint/mla.py) in the model dtype; nothing for other tensors and architectures."""
+    match = KV_B.match(name)
+    if not isinstance(cfg, DeepseekV3Config) or match is None:
+        return []
+    w_uk, w_uv = absorbed_kv_b(weight.astype(np.float32), cfg.num_attention_heads, cfg.qk_nope_head_dim,
+                               cfg.v_head_dim)
+    uk_name, uv_name = absorbed_names(int(match.group(1)))
+    return [(uk_name, w_uk.astype(dtype)), (uv_name, w_uv.astype(dtype))]
+
+
 def _tensor_groups(ckpt: VPTQCheckpoint, dtype: str, code_sorted: bool, embedding_dtype: str,
-                   codebook_dtype: str) -> Iterator[list[tuple[str, np.ndarray]]]:
+                   codebook_dtype: str,
+                   model_cfg: DecoderConfig | None = None) -> Iterator[list[tuple[str, np.ndarray]]]:
     """Per dense tensor or VPTQ layer, its (name, array) pairs in tensor-cache form: dense tensors cast to the
     model dtype (the embedding table to `embedding_dtype`), VPTQ layers in the generic layout (codebooks in
     `codebook_dtype`), plus the code-sorted entries of layers whose codebooks do not fit shared memory (when
     `code_sorted`). Routed experts that stack (`artifact/expert_stack.py`) come as one group per stack, written
-    once its last member is read (generic layout only: the gathered kernels read no code-sorted entries)."""
+    once its last member is read (generic layout only: the gathered kernels read no code-sorted entries).
+    deepseek_v3's `kv_b_proj` group also carries its absorbed W_UK / W_UV (`_absorbed`)."""
     keep_fp32 = ARCHITECTURES[ckpt.arch].float32_dense
     for name in ckpt.dense_tensor_names():
         a = ckpt.get(name)
         to = "float32" if name.endswith(keep_fp32) else embedding_dtype if name == EMBEDDING else dtype
-        yield [(name, a.astype(np.float32).astype(to) if a.dtype.kind == "f" else a)]
+        yield [(name, a.astype(np.float32).astype(to) if a.dtype.kind == "f" else a),
+               *_absorbed(model_cfg, name, a, dtype)]
     stack_of = {m: s for s in expert_stacks(ckpt.layers).values() for m in s.members}
     pending: dict[str, dict[str, dict[str, np.ndarray]]] = {}
     for path, cfg in ckpt.layers.items():
@@ -69,7 +89,8 @@ def _tensor_groups(ckpt: VPTQCheckpoint, dtype: str, code_sorted: bool, embeddin
             continue
         if code_sorted and code_sorted_eligible(cfg, dtype):
             layout.update(code_sorted_layout(cfg, codes, dtype))
-        yield [(f"{path}.{suffix}", a) for suffix, a in layout.items()]
+        absorbed = _absorbed(model_cfg, path, dequantize(cfg, tensors, path), dtype) if KV_B.match(path) else []
+        yield [(f"{path}.{suffix}", a) for suffix, a in layout.items()] + absorbed
 
 
 def convert_checkpoint(
@@ -131,7 +152,7 @@ def convert_checkpoint(
                    - sum(s.matrices for s in stacks.values()))
         unstacked = {p: c for p, c in ckpt.layers.items() if p not in stacked_members(ckpt.layers)}
         with TensorCacheWriter(tmp, metadata={"quantization": "vptq"}) as writer:
-            groups = _tensor_groups(ckpt, dtype, code_sorted, embedding_dtype, codebook_dtype)
+            groups = _tensor_groups(ckpt, dtype, code_sorted, embedding_dtype, codebook_dtype, model_config)
             for group in tqdm(groups, total=n_total, desc="convert", unit="tensor"):
                 for name, a in group:
                     writer.add(name, a)

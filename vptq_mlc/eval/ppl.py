@@ -117,6 +117,10 @@ def ppl_compiled(model_dir: str | Path, lib: str | Path | None, windows: list[li
 
     ctx = max(len(w) for w in windows)
     engine = Engine(model_dir, lib, device=device, max_batch_size=1, context_window=None)
+    if engine.lib.metadata.get("kv_cache", {}).get("attn_kind") == "mla":
+        raise QuantizeError(f"{engine.lib.path.name} runs on the MLA KV cache, whose batch_prefill takes one logit "
+                            "position per sequence, not every position perplexity needs; compile the model with "
+                            "--kv-cache mha to measure it")
     if ctx > engine.context_window:
         raise QuantizeError(f"--ctx {ctx} exceeds the library's context window {engine.context_window}; lower --ctx")
     embed, prefill = engine.lib.func("embed"), engine.lib.func("batch_prefill")

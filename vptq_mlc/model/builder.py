@@ -30,11 +30,13 @@ def build_model(
     logits_dtype: str | None = None,
     embedding_dtype: str | None = None,
     codebook_dtype: str | None = None,
+    latent_kv_cache: bool = False,
 ) -> nn.Module:
     """The registry entry's module tree: linears listed in `layers` become VPTQLinear, the rest dense nn.Linear.
     `logits_dtype`: the logits matmul's output dtype (the target backend's choice; None: the model's dtype).
     `embedding_dtype` / `codebook_dtype`: the embedding table's / the VQ codebooks' stored dtype
-    (ChatConfig.embedding_dtype / codebook_dtype; None: the model's dtype)."""
+    (ChatConfig.embedding_dtype / codebook_dtype; None: the model's dtype). `latent_kv_cache`: deepseek_v3 on TVM's
+    MLA cache (GPU targets) instead of the decompressed MHA cache."""
     if arch not in ARCHITECTURES:
         raise CheckpointError(f"architecture {arch!r} is not supported; supported: {', '.join(ARCHITECTURES)}")
     module_name, _, class_name = ARCHITECTURES[arch].module_tree.partition(":")
@@ -68,5 +70,8 @@ def build_model(
 
     make_linear.gathered = gathered  # type: ignore[attr-defined]  # read by mixture-of-experts trees
 
+    if latent_kv_cache and arch != "deepseek_v3":
+        raise CheckpointError(f"the latent (MLA) KV cache is for deepseek_v3 models; {arch} has no MLA attention")
+    options = {"latent_kv_cache": True} if latent_kv_cache else {}
     return tree(cfg, make_linear, dtype, target, static_decode_batches, logits_dtype=logits_dtype,
-                embedding_dtype=embedding_dtype)
+                embedding_dtype=embedding_dtype, **options)

@@ -1,12 +1,16 @@
 """DeepSeek-V3 / R1 (`deepseek_v3`) as a `tvm.relax.frontend.nn` module tree: MLA attention and a mixture of experts.
 
 Attention: MLA's low-rank projections (q_a_proj -> q_a_layernorm -> q_b_proj, kv_a_proj_with_mqa -> kv_a_layernorm ->
-kv_b_proj) run as ordinary (VPTQ or dense) linears, and the decompressed per-head K and V go into TVM's standard MHA
-paged KV cache: TVM 0.27's `attn_kind="mla"` cache has no llvm (TIR CPU) kernels ("MLA is not supported in TIR
-kernels"), and its GPU path absorbs kv_b_proj into q and o, which needs kv_b_proj as a dense matrix. The cache holds
-`num_attention_heads` heads of width max(qk_nope + qk_rope, v_head_dim), the shorter of q/k and v zero-padded (a zero
-column changes neither q.k nor the output's first v_head_dim columns); RoPE (with transformers' even/odd de-interleave
-when `rope_interleave`) is applied here to the qk_rope dims, and the cache applies none.
+kv_b_proj) run as ordinary (VPTQ or dense) linears; RoPE (with transformers' even/odd de-interleave when
+`rope_interleave`) is applied here to the qk_rope dims, and the cache applies none. Two KV caches, picked at compile
+time (`latent_kv_cache`):
+- TVM's standard MHA paged cache (every target; the only one on llvm, where TVM 0.27 has no MLA kernels): the
+  decompressed per-head K and V, `num_attention_heads` heads of width max(qk_nope + qk_rope, v_head_dim), the
+  shorter of q/k and v zero-padded (a zero column changes neither q.k nor the output's first v_head_dim columns).
+- TVM's latent cache (`attn_kind="mla"`, GPU targets, `compile --kv-cache mla`): one vector per token
+  (normalised compressed KV and roped key part); the paged part of attention runs with kv_b_proj absorbed into the
+  query and the output (W_UK, W_UV: dense per-head copies that convert writes, checkpoint/mla.py), a prefill adds
+  the chunk's own tokens with decompressed K/V and merges the two (`_mla_merge`).
 
 Mixture of experts: the router is transformers' DeepseekV3TopkRouter (sigmoid scores, `e_score_correction_bias` for the
 choice only, groups ranked by their top-2 sum, top-k over the kept groups, optional normalisation, routed scaling),
@@ -23,10 +27,11 @@ import dataclasses
 from typing import Any
 
 import numpy as np
+from tvm import relax as rx
 from tvm import te, tirx
 from tvm.relax.frontend import nn
 from tvm.relax.frontend.nn import Tensor, op
-from tvm.relax.frontend.nn.llm.kv_cache import PagedKVCache
+from tvm.relax.frontend.nn.llm.kv_cache import PagedKVCache, RopeMode, TIRPagedKVCache
 
 from vptq_mlc.checkpoint.arch import DeepseekV3Config
 from vptq_mlc.model.decoder import MLP, DecoderForCausalLM, DecoderLayer, DecoderModel, LinearFactory
@@ -35,22 +40,31 @@ from vptq_mlc.model.decoder import MLP, DecoderForCausalLM, DecoderLayer, Decode
 LORA_NORM_EPS = 1e-6
 
 
+def _rope_source(j: Any, half: int, interleave: bool) -> Any:
+    """The stored rope dim that lands at rotated position j (transformers' even/odd de-interleave when
+    `rope_interleave`)."""
+    return tirx.if_then_else(j < half, 2 * j, 2 * (j - half) + 1) if interleave else j
+
+
+def _rotated(read: Any, pos: Any, j: Any, inv_freq: te.Tensor, rope: int, factor: float, interleave: bool) -> Any:
+    """Rotated rope dim j as transformers computes it: x * cos + rotate_half(x) * sin in float32 (times the yarn
+    attention factor); `read(d)` reads stored rope dim d."""
+    half = rope // 2
+    angle = pos.astype("float32") * inv_freq[tirx.floormod(j, half)]
+    x = read(_rope_source(j, half, interleave)).astype("float32")
+    partner = tirx.if_then_else(j < half, -read(_rope_source(j + half, half, interleave)),
+                                read(_rope_source(j - half, half, interleave))).astype("float32")
+    return x * tirx.cos(angle) * factor + partner * tirx.sin(angle) * factor
+
+
 def _mla_qkv(q: te.Tensor, kv: te.Tensor, k_rope: te.Tensor, positions: te.Tensor, inv_freq: te.Tensor,
              nope: int, rope: int, v_dim: int, width: int, factor: float, interleave: bool) -> te.Tensor:
     """Fused [b, s, 3 * heads, width] for the MHA cache: q = (q_nope, rope(q_rope)), k = (k_nope, rope(k_rope) shared
-    by the heads), v, each zero-padded to `width`. RoPE as transformers: x * cos + rotate_half(x) * sin in float32
-    (times the yarn attention factor), on the de-interleaved (x0, x2, ..., x1, x3, ...) dims when `interleave`."""
+    by the heads), v, each zero-padded to `width`."""
     b, s, heads, _ = q.shape
-    half = rope // 2
-
-    def source(j: Any) -> Any:  # the stored rope dim that lands at rotated position j
-        return tirx.if_then_else(j < half, 2 * j, 2 * (j - half) + 1) if interleave else j
 
     def rotated(read: Any, pos: Any, j: Any) -> Any:
-        angle = pos.astype("float32") * inv_freq[tirx.floormod(j, half)]
-        x = read(source(j)).astype("float32")
-        partner = tirx.if_then_else(j < half, -read(source(j + half)), read(source(j - half))).astype("float32")
-        return x * tirx.cos(angle) * factor + partner * tirx.sin(angle) * factor
+        return _rotated(read, pos, j, inv_freq, rope, factor, interleave)
 
     def compute(i: Any, t: Any, h: Any, d: Any) -> Any:
         pos = positions[i * s + t]
@@ -74,12 +88,95 @@ def _mla_qkv(q: te.Tensor, kv: te.Tensor, k_rope: te.Tensor, positions: te.Tenso
     return te.compute((b, s, 3 * heads, width), compute, name="mla_qkv")
 
 
-class MLAttention(nn.Module):
-    """transformers' DeepseekV3Attention on the MHA paged KV cache (decompressed K/V)."""
+def _mla_latent(q: te.Tensor, compressed: te.Tensor, k_rope: te.Tensor, positions: te.Tensor, inv_freq: te.Tensor,
+                nope: int, rope: int, factor: float, interleave: bool) -> list[te.Tensor]:
+    """For the latent cache: q [b, s, heads, nope + rope] with its rope dims rotated, and the token's latent
+    [b, s, kv_lora + rope] = (normalised compressed KV, rotated k_rope), the vector the cache stores."""
+    b, s, heads, _ = q.shape
+    kv_lora = compressed.shape[2]
 
-    def __init__(self, cfg: DeepseekV3Config, prefix: str, make_linear: LinearFactory, dtype: str):
+    def q_compute(i: Any, t: Any, h: Any, d: Any) -> Any:
+        jr = tirx.max(tirx.min(d - nope, rope - 1), 0)
+        turned = _rotated(lambda j: q[i, t, h, nope + j], positions[i * s + t], jr, inv_freq, rope, factor, interleave)
+        return tirx.if_then_else(d < nope, q[i, t, h, tirx.min(d, nope - 1)], turned.astype(q.dtype))
+
+    def latent_compute(i: Any, t: Any, d: Any) -> Any:
+        jr = tirx.max(tirx.min(d - kv_lora, rope - 1), 0)
+        turned = _rotated(lambda j: k_rope[i, t, j], positions[i * s + t], jr, inv_freq, rope, factor, interleave)
+        return tirx.if_then_else(d < kv_lora, compressed[i, t, tirx.min(d, kv_lora - 1)], turned.astype(q.dtype))
+
+    return [te.compute((b, s, heads, nope + rope), q_compute, name="mla_q_roped"),
+            te.compute((b, s, kv_lora + rope), latent_compute, name="mla_latent")]
+
+
+def _mla_self_kv(kv: te.Tensor, latent: te.Tensor, nope: int, v_dim: int, kv_lora: int) -> list[te.Tensor]:
+    """The chunk's own decompressed keys [b, s, heads, nope + rope] (k_nope of kv_b_proj, then the roped k part of
+    the latent, which every head shares) and values [b, s, heads, v_dim], for the ragged self-attention kernel."""
+    b, s, heads, _ = kv.shape
+    rope = latent.shape[2] - kv_lora
+
+    def k_compute(i: Any, t: Any, h: Any, d: Any) -> Any:
+        return tirx.if_then_else(d < nope, kv[i, t, h, tirx.min(d, nope - 1)],
+                                 latent[i, t, kv_lora + tirx.max(d - nope, 0)])
+
+    k = te.compute((b, s, heads, nope + rope), k_compute, name="mla_self_k")
+    v = te.compute((b, s, heads, v_dim), lambda i, t, h, d: kv[i, t, h, nope + d], name="mla_self_v")
+    return [k, v]
+
+
+def _sequence_starts(positions: te.Tensor) -> te.Tensor:
+    """[1]: how many rows of the batch sit at position 0 (each such row starts a sequence with nothing cached)."""
+    r = te.reduce_axis((0, positions.shape[0]), name="r")
+    return te.compute((1,), lambda _: te.sum(tirx.Select(positions[r] == 0, 1, 0), axis=r), name="mla_starts")
+
+
+def _mla_merge(o_self: te.Tensor, lse_self: te.Tensor, o_cross: te.Tensor, lse_cross: te.Tensor,
+               starts: te.Tensor, num_sequences: Any) -> te.Tensor:
+    """A prefill's attention from its two parts: over the chunk's own tokens (`o_self`, causal) and over the cached
+    pages (`o_cross`), each normalised with its log2-sum-exp (TVM's kernels keep lse in base 2), weighted as TVM's
+    merge kernel does. Two batches need one part only, told apart by shapes and positions at run time:
+    - every sequence appends one token (rows == sequences): TVM's cache then appends before attention
+      (`append_before_attn_`), the pages already hold the chunk and the cross part alone is the answer;
+    - no sequence has cached tokens (`starts`: each has one row at position 0): the cross kernel then runs on no
+      page and leaves its outputs unwritten, so the self part alone is the answer."""
+    b, s, heads, v_dim = o_self.shape
+    rows = b * s
+    f32 = "float32"
+
+    def compute(i: Any, t: Any, h: Any, d: Any) -> Any:
+        one_token_each = rows == num_sequences
+        no_history = starts[0] == num_sequences
+        ls, lc = lse_self[i, t, h], lse_cross[i, t, h]
+        top = tirx.max(ls, lc)
+        ws, wc = tirx.exp2(ls - top), tirx.exp2(lc - top)
+        merged = (o_self[i, t, h, d].astype(f32) * ws + o_cross[i, t, h, d].astype(f32) * wc) / (ws + wc)
+        return tirx.Select(one_token_each, o_cross[i, t, h, d].astype(f32),
+                           tirx.Select(no_history, o_self[i, t, h, d].astype(f32), merged)).astype(o_self.dtype)
+
+    return te.compute((b, s, heads, v_dim), compute, name="mla_merge")
+
+
+@dataclasses.dataclass
+class LatentStep:
+    """What the exported function being traced is, for the latent-cache attention: `decode` (every sequence appends
+    one token and TVM's cache appends it before attention: the cached pages are the whole context) or a prefill of
+    `num_sequences` sequences (the chunk attends to itself and to the pages; see `_mla_merge`). Set by
+    DeepseekV3ForCausalLM's functions before they trace the layers: `batch_prefill` counts its logit positions,
+    so on this cache they must be one per sequence (MLC's contract, what the Engine passes; `eval ppl`, which asks
+    for every position, refuses such a library)."""
+
+    decode: bool = False
+    num_sequences: Any = 1
+
+
+class MLAttention(nn.Module):
+    """transformers' DeepseekV3Attention, on the MHA paged KV cache (decompressed K/V per head) or, with `latent`
+    (`step` given), on TVM's MLA cache: one latent vector per token, the absorbed W_UK / W_UV per head."""
+
+    def __init__(self, cfg: DeepseekV3Config, prefix: str, make_linear: LinearFactory, dtype: str,
+                 step: LatentStep | None = None):
         h, heads = cfg.hidden_size, cfg.num_attention_heads
-        self.cfg, self.heads = cfg, heads
+        self.cfg, self.heads, self.step = cfg, heads, step
         if cfg.q_lora_rank is None:
             self.q_proj = make_linear(f"{prefix}.q_proj", h, heads * cfg.qk_head_dim, False)
         else:
@@ -92,6 +189,9 @@ class MLAttention(nn.Module):
         self.kv_b_proj = make_linear(f"{prefix}.kv_b_proj", cfg.kv_lora_rank,
                                      heads * (cfg.qk_nope_head_dim + cfg.v_head_dim), False)
         self.o_proj = make_linear(f"{prefix}.o_proj", heads * cfg.v_head_dim, h, cfg.attention_bias)
+        if step is not None:  # names: checkpoint/mla.py (W_UK, W_UV), written by convert
+            self.w_uk = nn.Parameter((heads, cfg.qk_nope_head_dim, cfg.kv_lora_rank), dtype)
+            self.w_uv = nn.Parameter((heads, cfg.kv_lora_rank, cfg.v_head_dim), dtype)
 
     def forward(self, x: Tensor, kv: PagedKVCache, layer_id: int) -> Tensor:
         c, heads = self.cfg, self.heads
@@ -102,10 +202,13 @@ class MLAttention(nn.Module):
             q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
         q = op.reshape(q, (b, s, heads, c.qk_head_dim))
         compressed, k_rope = op.split(self.kv_a_proj_with_mqa(x), [c.kv_lora_rank], axis=-1)
-        kv_heads = op.reshape(self.kv_b_proj(self.kv_a_layernorm(compressed)),
-                              (b, s, heads, c.qk_nope_head_dim + c.v_head_dim))
+        compressed = self.kv_a_layernorm(compressed)
         positions = kv.get_query_positions(b * s)
         inv_freq = Tensor.from_const(np.asarray(c.rope_inv_freq, dtype="float32"))
+        if self.step is not None:
+            out = self._latent_attention(q, compressed, k_rope, positions, inv_freq, kv, layer_id)
+            return self.o_proj(op.reshape(out, (b, s, heads * c.v_head_dim)))
+        kv_heads = op.reshape(self.kv_b_proj(compressed), (b, s, heads, c.qk_nope_head_dim + c.v_head_dim))
         qkv = op.tensor_expr_op(
             _mla_qkv, "mla_qkv",
             [q, kv_heads, k_rope, positions, inv_freq, c.qk_nope_head_dim, c.qk_rope_head_dim, c.v_head_dim,
@@ -114,6 +217,36 @@ class MLAttention(nn.Module):
         if c.head_dim != c.v_head_dim:
             out = op.split(out, [c.v_head_dim], axis=-1)[0]
         return self.o_proj(op.reshape(out, (b, s, heads * c.v_head_dim)))
+
+    def _latent_attention(self, q: Tensor, compressed: Tensor, k_rope: Tensor, positions: Tensor, inv_freq: Tensor,
+                          kv: PagedKVCache, layer_id: int) -> Tensor:
+        """[b, s, heads, v_head_dim] on the latent cache: append the tokens' latents, then attend over the cached
+        pages with the absorbed query (q_nope @ W_UK, then the output @ W_UV) and, in a prefill, over the chunk's
+        own tokens with decompressed K/V (kv_b_proj), merged by log-sum-exp (`_mla_merge`)."""
+        c, heads, step = self.cfg, self.heads, self.step
+        b, s, _, _ = q.shape
+        nope, lora = c.qk_nope_head_dim, c.kv_lora_rank
+        q_roped, latent = op.tensor_expr_op(
+            _mla_latent, "mla_latent",
+            [q, compressed, k_rope, positions, inv_freq, nope, c.qk_rope_head_dim, float(c.rope_attention_factor),
+             bool(c.rope_interleave)])
+        kv = kv.append_mla_kv(layer_id, op.reshape(latent, (b, s, 1, lora + c.qk_rope_head_dim)))
+        q_nope, q_pe = op.split(q_roped, [nope], axis=-1)
+        by_head = op.permute_dims(op.reshape(q_nope, (b * s, heads, nope)), [1, 0, 2])  # [heads, rows, nope]
+        absorbed = op.astype(op.matmul(by_head, self.w_uk, out_dtype="float32"), q.dtype)  # [heads, rows, lora]
+        q_latent = op.concat([op.reshape(op.permute_dims(absorbed, [1, 0, 2]), (b, s, heads, lora)), q_pe], dim=-1)
+        o_latent, lse_cross = kv.cross_attention(layer_id, q_latent, lora, c.softmax_scale)
+        o_heads = op.permute_dims(op.reshape(o_latent, (b * s, heads, lora)), [1, 0, 2])  # [heads, rows, lora]
+        o_cross = op.astype(op.matmul(o_heads, self.w_uv, out_dtype="float32"), q.dtype)  # [heads, rows, v]
+        o_cross = op.reshape(op.permute_dims(o_cross, [1, 0, 2]), (b, s, heads, c.v_head_dim))
+        if step.decode:
+            return o_cross
+        kv_heads = op.reshape(self.kv_b_proj(compressed), (b, s, heads, nope + c.v_head_dim))
+        k_self, v_self = op.tensor_expr_op(_mla_self_kv, "mla_self_kv", [kv_heads, latent, nope, c.v_head_dim, lora])
+        o_self, lse_self = kv.self_attention(layer_id, q_roped, k_self, v_self, c.softmax_scale)
+        starts = op.tensor_expr_op(_sequence_starts, "mla_sequence_starts", [positions])
+        return op.tensor_expr_op(_mla_merge, "mla_merge",
+                                 [o_self, lse_self, o_cross, lse_cross, starts, step.num_sequences])
 
 
 def _route(logits: te.Tensor, bias: te.Tensor, n_group: int, topk_group: int, top_k: int, norm: bool,
@@ -275,18 +408,83 @@ def _mlp(cfg: DeepseekV3Config, prefix: str, width: int, make_linear: LinearFact
     return MLP(dataclasses.replace(cfg, intermediate_size=width, mlp_bias=False), prefix, make_linear)
 
 
-def _layer(cfg: DeepseekV3Config, index: int, make_linear: LinearFactory, dtype: str) -> DecoderLayer:
+def _layer(cfg: DeepseekV3Config, index: int, make_linear: LinearFactory, dtype: str,
+           step: LatentStep | None) -> DecoderLayer:
     """The Llama residual block around MLA and, past the first dense layers, the mixture of experts."""
     prefix = f"model.layers.{index}"
     mlp = (MoE(cfg, f"{prefix}.mlp", make_linear, dtype) if cfg.is_moe_layer(index)
            else _mlp(cfg, f"{prefix}.mlp", cfg.intermediate_size, make_linear))
     return DecoderLayer(cfg, index, make_linear, dtype,
-                        attention=MLAttention(cfg, f"{prefix}.self_attn", make_linear, dtype), mlp=mlp)
+                        attention=MLAttention(cfg, f"{prefix}.self_attn", make_linear, dtype, step), mlp=mlp)
 
 
 class DeepseekV3ForCausalLM(DecoderForCausalLM):
-    """The Llama family's exported functions and KV cache (config: kv heads = heads, head_dim = the cache's padded
-    width, RoPE in the model) around the DeepSeek-V3 decoder stack."""
+    """The Llama family's exported functions and KV cache around the DeepSeek-V3 decoder stack. Default: the MHA
+    cache (config: kv heads = heads, head_dim = the cache's padded width, RoPE in the model); `latent_kv_cache`:
+    TVM's MLA cache (GPU targets only: TVM has no CPU kernels for it)."""
+
+    def __init__(self, cfg: DeepseekV3Config, *args: Any, latent_kv_cache: bool = False, **kwargs: Any):
+        self.step = LatentStep() if latent_kv_cache else None
+        super().__init__(cfg, *args, **kwargs)
 
     def make_model(self, cfg: DeepseekV3Config, make_linear: LinearFactory, dtype: str) -> nn.Module:
-        return DecoderModel(cfg, make_linear, dtype, lambda i: _layer(cfg, i, make_linear, dtype))
+        return DecoderModel(cfg, make_linear, dtype, lambda i: _layer(cfg, i, make_linear, dtype, self.step))
+
+    def _traced(self, decode: bool, num_sequences: Any = 1) -> None:
+        if self.step is not None:
+            self.step.decode, self.step.num_sequences = decode, num_sequences
+
+    def prefill(self, input_embed: Tensor, kv: PagedKVCache) -> tuple[Tensor, PagedKVCache]:
+        self._traced(decode=False)
+        return super().prefill(input_embed, kv)
+
+    def decode(self, input_embed: Tensor, kv: PagedKVCache) -> tuple[Tensor, PagedKVCache]:
+        self._traced(decode=True)
+        return super().decode(input_embed, kv)
+
+    def batch_prefill(self, input_embeds: Tensor, logit_positions: Tensor,
+                      kv: PagedKVCache) -> tuple[Tensor, PagedKVCache]:
+        self._traced(decode=False, num_sequences=logit_positions.shape[0])
+        return super().batch_prefill(input_embeds, logit_positions, kv)
+
+    def batch_decode(self, input_embeds: Tensor, kv: PagedKVCache) -> tuple[Tensor, PagedKVCache]:
+        self._traced(decode=True)
+        return super().batch_decode(input_embeds, kv)
+
+    def create_tir_paged_kv_cache(
+        self, max_batch_size: Any, max_total_seq_len: Any, prefill_chunk_size: Any, page_size: Any,
+        support_sliding_window: Any, layer_begin: Any = None, layer_end: Any = None,
+    ) -> PagedKVCache:
+        """The MHA cache of the Llama family, or with `latent_kv_cache` TVM's MLA cache: one head of width
+        kv_lora_rank + qk_rope_head_dim per token (RoPE applied by the model), the ragged self-attention at the
+        decompressed widths (qk_nope + qk_rope, v_head_dim)."""
+        if self.step is None:
+            return super().create_tir_paged_kv_cache(max_batch_size, max_total_seq_len, prefill_chunk_size,
+                                                     page_size, support_sliding_window, layer_begin, layer_end)
+        c = self.cfg
+        latent = c.kv_lora_rank + c.qk_rope_head_dim
+        return TIRPagedKVCache(
+            attn_kind="mla",
+            max_batch_size=max_batch_size,
+            max_total_seq_len=max_total_seq_len,
+            prefill_chunk_size=prefill_chunk_size,
+            page_size=page_size,
+            support_sliding_window=support_sliding_window,
+            layer_partition=rx.ShapeExpr([0, c.num_hidden_layers]),
+            num_hidden_layers=c.num_hidden_layers,
+            num_attention_heads=c.num_attention_heads,
+            num_key_value_heads=1,
+            qk_head_dim=latent,
+            v_head_dim=c.kv_lora_rank,
+            mla_original_qk_head_dim=c.qk_head_dim,
+            mla_original_v_head_dim=c.v_head_dim,
+            rope_mode=RopeMode.NONE,
+            rope_scale=1,
+            rope_theta=c.position_embedding_base,
+            rope_scaling={},
+            rope_ext_factors=rx.prim_value(0),
+            rotary_dim=c.qk_rope_head_dim,
+            enable_disaggregation=False,
+            dtype=self.dtype,
+            target=self.target,
+        )

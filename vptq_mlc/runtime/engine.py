@@ -106,7 +106,7 @@ class Engine:
         self.tokenizer, self.chat_template = self.frontend.tokenizer, self.frontend.chat_template
         self.params = self.lib.load_params(self.model_dir, self.config.model_config)
         kv_tokens = kv_cache_tokens(max_total_tokens, kv_bytes_per_token(self.config.model_config,
-                                                                         self.config.model_dtype),
+                                                                         self.config.model_dtype, md.get("kv_cache")),
                                     free_memory_bytes(self.lib.device), self.max_batch, self.context_window, page_size,
                                     str(self.lib.device))
         self.max_total_tokens = kv_tokens

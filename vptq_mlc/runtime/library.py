@@ -25,6 +25,7 @@ from vptq_mlc.artifact import sampler_abi
 from vptq_mlc.artifact.checksum import read_sidecar, sha256_file, sidecar_path
 from vptq_mlc.artifact.files import TENSOR_CACHE
 from vptq_mlc.artifact.tensor_cache import read_index
+from vptq_mlc.checkpoint.mla import MLA_TENSOR_SUFFIXES
 from vptq_mlc.errors import RuntimeLoadError
 from vptq_mlc.runtime.device import DeviceLike, DeviceSpec, resolve_device
 
@@ -33,6 +34,7 @@ log = logging.getLogger(__name__)
 POOLED_ALLOCATOR = 2
 # What the engine calls (docs/ARCHITECTURE.md, "Model library interface"); checked at load time.
 REQUIRED_FUNCTIONS = ("embed", "batch_prefill", "batch_decode", "create_tir_paged_kv_cache")
+MLA_PAGE_SIZE = 16  # TVM 0.27 builds its MLA attention kernel for this page size (_attention_prefill_mla)
 
 
 def first_line(e: BaseException) -> str:
@@ -99,6 +101,9 @@ class ModelLibrary:
                         sliding_window: int, attention_sink: int) -> Any:
         from vptq_mlc.runtime.kv_cache import PagedKVCache  # kv_cache builds on this module
 
+        if self.metadata.get("kv_cache", {}).get("attn_kind") == "mla" and page_size != MLA_PAGE_SIZE:
+            raise RuntimeLoadError(f"{self.path.name} uses the MLA KV cache, whose TVM kernels are built for pages of "
+                                   f"{MLA_PAGE_SIZE} tokens; use page size {MLA_PAGE_SIZE}")
         return PagedKVCache(self, max_batch, max_total_tokens, prefill_chunk, page_size, sliding_window,
                             attention_sink)
 
@@ -275,6 +280,12 @@ def _checked_records(model_dir: Path, wanted: list[dict[str, Any]],
     index = model_dir / TENSOR_CACHE
     stored = read_index(model_dir)  # every record checked against its shard (ModelDirError) before TVM's loader
     missing = [p["name"] for p in wanted if p["name"] not in stored]
+    absorbed = [name for name in missing if name.endswith(MLA_TENSOR_SUFFIXES)]
+    if absorbed:
+        raise RuntimeLoadError(
+            f"{index} lacks {absorbed[0]} (kv_b_proj absorbed for the MLA KV cache the library uses); re-run "
+            "`vptq-mlc convert` (it writes them), or compile the library with --kv-cache mha"
+        )
     if missing:
         raise RuntimeLoadError(
             f"{len(missing)} weights the library needs are not in {index} (first: {missing[0]}); "

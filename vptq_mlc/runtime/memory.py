@@ -46,8 +46,14 @@ def _mem_available() -> int | None:
     return None
 
 
-def kv_bytes_per_token(model_config: dict[str, Any], dtype: str) -> int | None:
-    """K and V of every layer for one token, or None if the config lacks the attention shape."""
+def kv_bytes_per_token(model_config: dict[str, Any], dtype: str, kv_cache: dict[str, Any] | None = None) -> int | None:
+    """One token's KV-cache bytes over every layer, or None if neither says the attention shape. `kv_cache`: the
+    library's `_metadata.kv_cache` (compile/metadata.py), which wins: K and V per KV head (`attn_kind` mha), or one
+    latent vector per layer (mla: DeepSeek's compressed KV and roped key, no separate V)."""
+    if kv_cache and kv_cache.get("num_hidden_layers") and kv_cache.get("head_dim"):
+        per_layer = int(kv_cache.get("num_key_value_heads") or 1) * int(kv_cache["head_dim"])
+        pieces = 1 if kv_cache.get("attn_kind") == "mla" else 2
+        return pieces * int(kv_cache["num_hidden_layers"]) * per_layer * np.dtype(dtype).itemsize
     layers = model_config.get("num_hidden_layers")
     heads = model_config.get("num_attention_heads")
     kv_heads = model_config.get("num_key_value_heads") or heads
