@@ -37,13 +37,19 @@ def _families(calls: list[tuple[str, int]]) -> Counter:
 
 
 def test_decode_layer_launches_are_shared(lowered) -> None:
+    """Each normed linear's prologue runs inside its GEMV (one launch per linear, none for the prologue or the
+    norm-bias add); q/k/v share one launch, gate/up another."""
     calls = launches(lowered, "decode")
-    assert launches_per_layer(calls) == [14, 14]
+    assert launches_per_layer(calls) == [10, 10]
     fam = _families(calls)
-    assert fam["vq_prologue_shared"] == 2 and fam["vq_matmul_shared"] == 2  # q/k/v and gate/up
-    assert fam["vq_prologue"] == 2 and fam["vq_matmul"] == 2  # o_proj and down_proj
+    assert fam["vq_matmul_fused"] == 4  # q/k/v, o_proj, gate/up, down_proj
+    assert "vq_prologue" not in fam and "vq_prologue_shared" not in fam and "vq_matmul_shared" not in fam
     assert fam["rms_norm"] == 2
-    assert sum(fam.values()) == 14
+    assert sum(fam.values()) == 10
+    shared = [name for name, k in calls if name.startswith("vq_matmul_fused")]
+    fused = {name: lowered[name] for name in shared}
+    # q/k/v: 3 layers' x, col_scale, weight_bias, ... in one launch: one x and three y
+    assert sorted(len([p for p in f.params if p.name.startswith("y_")]) for f in fused.values()) == [1, 1, 2, 3]
 
 
 def test_prefill_shares_the_prologue_only(lowered) -> None:

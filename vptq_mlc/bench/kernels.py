@@ -124,6 +124,13 @@ def correctness_cases() -> list[KernelCase]:
         KernelCase("v8-k4096-0", 4096, 512, 5, prologue="pn"),
         KernelCase("v8-k4096-0", 4096, 512, 16, prologue="ppp"),
         KernelCase("v8-k256-256", 1000, 300, None, run_rows=37, prologue="ppn"),
+        # the GEMV with the prologue folded in (rows 1..8 where they fit its shared memory; the registry's choice
+        # above runs it too): residual + outliers, books read through L1/L2, 4-wide staging (v12), groups
+        KernelCase("v8-k256-256", 1024, 512, 4, outl, prologue="np"),
+        KernelCase("v8-k65536-0", 1024, 512, 3, prologue="pnp"),
+        KernelCase("v12-k4096-0", 1020, 252, 3, prologue="p"),
+        KernelCase("v8-k256-0", 1024, 512, 1, {"group_num": 2}, prologue="pp"),
+        KernelCase("v8-k4096-0", 11008, 4096, 1, prologue="p"),  # the 7B down_proj at batch 1
     ]
     # long prompts: the registry's prefill dequantizes into a scratch weight and runs the dense GEMM (>= 128 rows)
     for var in ("v8-k256-256", "v8-k4096-0", "v8-k65536-256", "v12-k65536-4096", "v16-k65536-65536", "v4-k256-0"):
@@ -282,14 +289,19 @@ def build_kernel_library(cases: list[KernelCase], out_dir: str | os.PathLike[str
             shared = select.shared(c.config(), dtype, c.rows, len(c.prologue)) if len(c.prologue) > 1 else None
             if shared is not None:  # the model's VQ launch for linears of one config (CUDA GEMV, decode rows)
                 funcs[f"k{i}_shared"] = shared.func.with_attr("global_symbol", f"k{i}_shared")
+            perms = tuple(ch == "p" for ch in c.prologue)
+            fused = select.fused(c.member_configs()[0], dtype, c.rows, perms) if c.rows else None
+            if fused is not None:  # the model's one launch: prologue folded into the GEMV
+                funcs[f"k{i}_fused"] = fused.func.with_attr("global_symbol", f"k{i}_fused")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
     ex = tvm.compile(tvm.IRModule(funcs), target=bt.target)
     ex.export_library(str(out / LIBRARY))
     shared = [i for i in range(len(cases)) if f"k{i}_shared" in funcs]
+    fused = [i for i in range(len(cases)) if f"k{i}_fused" in funcs]
     (out / MANIFEST).write_text(json.dumps({"dtype": dtype, "archs": list(archs), "cases": [asdict(c) for c in cases],
-                                            "calls": calls, "shared": shared}, indent=1))
+                                            "calls": calls, "shared": shared, "fused": fused}, indent=1))
     log.info("built %d kernels in %.1f s -> %s", len(cases), time.time() - t0, out)
     return out / LIBRARY
 
@@ -492,6 +504,38 @@ def _check_prologue_case(lib: CudaKernels, i: int, c: KernelCase, rng, device: s
         name = f"{c.name}-m{m}" + ("-shared" if shared else "")
         res.append({"case": name, "rel_err": err, "nan": nan, "xs_exact": xs_exact, "dot_err": dot_err,
                     "ok": err <= ROW_REL_ERR_MAX and not nan and xs_exact and dot_err <= DOT_REL_ERR_MAX})
+    if i in lib.manifest.get("fused", []):
+        res += _check_fused(lib, i, c, x, members, device)
+    return res
+
+
+def _check_fused(lib: CudaKernels, i: int, c: KernelCase, x, members: list, device: str) -> list[dict[str, Any]]:
+    """The fused kernel `k<i>_fused` (prologue folded into the GEMV) on the prologue case's x and members:
+    every member's y (+ bias) against `x @ dequantize(W).T + bias` in float64, outputs poisoned with NaN."""
+    import torch
+
+    from vptq_mlc.checkpoint.dequant import dequantize
+
+    tdt = getattr(torch, lib.manifest["dtype"])
+    ys = [torch.full((c.n(), cfg.out_features), float("nan"), dtype=tdt, device=device) for cfg, *_ in members]
+    args = [x]
+    for _, _, _, ops_t, side_t in members:
+        args += [side_t[k] for k in ("perm", "col_scale", "weight_bias") if k in side_t] + list(ops_t.values())
+    lib.func(i, "_fused")(*(_tvm(t) for t in args), *(_tvm(y) for y in ys))
+    res = []
+    for m, (cfg, tensors, _, _, side_t) in enumerate(members):
+        y = ys[m].double()
+        W = torch.from_numpy(dequantize(cfg, tensors).astype(np.float32)).to(device).double()
+        ref = x.double() @ W.T
+        if "bias" in side_t:
+            y = y + side_t["bias"].double()
+            ref = ref + side_t["bias"].double()
+        if device == "cuda":
+            torch.cuda.synchronize()
+        err = row_rel_err(y, ref)
+        nan = bool(torch.isnan(y).any())
+        res.append({"case": f"{c.name}-m{m}-fused", "rel_err": err, "nan": nan,
+                    "ok": err <= ROW_REL_ERR_MAX and not nan})
     return res
 
 

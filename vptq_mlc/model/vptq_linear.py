@@ -71,8 +71,19 @@ class VPTQLinear(nn.Module):
             rows = rows * d
         return lead, rows, op.reshape(x, [rows, self.in_features])
 
+    def fused_kernel(self, rows: Any):
+        """The target's one-launch kernel for this layer at `rows` (activation side folded into the VQ kernel), or
+        None (then prologue kernel + VQ kernel)."""
+        if not self.prologue_kernel_used or not isinstance(rows, int):
+            return None
+        return self._select_kernel.fused(self.cfg, self.dtype, rows, (self.perm is not None,))
+
     def forward(self, x: nn.Tensor) -> nn.Tensor:
         lead, rows, x2 = self._flatten(x)
+        kernel = self.fused_kernel(rows)
+        if kernel is not None:
+            (y,) = _call_fused([self], kernel, x2, rows)
+            return self.finish(y, lead, rows, x2, None, dot_added=True)
         xs, dot = self.activation(x2, rows)
         return self.finish(self.vq_matmul(xs, rows), lead, rows, x2, dot)
 
@@ -102,10 +113,14 @@ class VPTQLinear(nn.Module):
         )
         return y[-1] if scratch else y
 
-    def finish(self, y: nn.Tensor, lead: list[Any], rows: Any, x2: nn.Tensor, dot: nn.Tensor | None) -> nn.Tensor:
-        """`y` plus the norm-bias dot (computed here when `dot` is None) and the bias, in `x`'s leading shape."""
+    def finish(self, y: nn.Tensor, lead: list[Any], rows: Any, x2: nn.Tensor, dot: nn.Tensor | None,
+               dot_added: bool = False) -> nn.Tensor:
+        """`y` plus the norm-bias dot (computed here when `dot` is None, unless the kernel added it: `dot_added`)
+        and the bias, in `x`'s leading shape."""
         nb = self._select_norm_bias
-        if self.weight_bias is not None and nb is not None:
+        if dot_added:
+            pass
+        elif self.weight_bias is not None and nb is not None:
             if dot is None:
                 dot = op.tensor_ir_op(nb.row_dot(self.in_features, self.dtype), "vq_norm_bias",
                                       args=[x2, self.weight_bias], out=nn.Tensor.placeholder([rows, 1], "float32"))
@@ -189,6 +204,40 @@ class GatheredVPTQLinears(nn.Module):
         return op.tensor_expr_op(epilogue, "vq_gathered_bias", [y, mat, *extra])
 
 
+def _call_fused(group: Sequence[VPTQLinear], kernel: Any, x2: nn.Tensor, rows: int) -> list[nn.Tensor]:
+    """One launch of a fused kernel (`KernelSelector.fused`) for `group`: each layer's y with its norm-bias dot."""
+    outs = op.tensor_ir_op(
+        kernel.func, "vq_matmul_fused",
+        args=[x2, *(t for m in group for t in (*m.prologue_operands(), *(getattr(m, n) for n in kernel.operands)))],
+        out=[nn.Tensor.placeholder([rows, m.out_features], m.dtype) for m in group])
+    return list(outs) if len(group) > 1 else [outs]
+
+
+def _fused_groups(linears: Sequence[nn.Module], rows: int | None) -> list[tuple[list[VPTQLinear], Any]]:
+    """(layers, kernel): normed VPTQ linears of one config whose prologue and VQ kernel one launch serves
+    (`KernelSelector.fused`), the largest groups the selector takes (single layers included)."""
+    if rows is None:
+        return []
+    by_key: dict[tuple, list[VPTQLinear]] = {}
+    for m in linears:
+        if isinstance(m, VPTQLinear) and m.prologue_kernel_used:
+            by_key.setdefault((m.cfg, m.dtype, id(m._select_kernel)), []).append(m)
+    out = []
+    for (cfg, dtype, _), members in by_key.items():
+        i = 0
+        while i < len(members):
+            for count in range(len(members) - i, 0, -1):
+                chunk = members[i : i + count]
+                kernel = chunk[0]._select_kernel.fused(cfg, dtype, rows, tuple(m.perm is not None for m in chunk))
+                if kernel is not None:
+                    out.append((chunk, kernel))
+                    i += count
+                    break
+            else:
+                i += 1
+    return out
+
+
 def _static_rows(x: nn.Tensor) -> int | None:
     rows = 1
     for d in x.shape[:-1]:
@@ -239,7 +288,11 @@ def _matmul_groups(linears: Sequence[nn.Module], rows: int | None) -> list[tuple
 def shares_launches(linears: Sequence[nn.Module], x: nn.Tensor) -> bool:
     """Whether `project_shared_input(linears, x)` launches fewer kernels than calling each linear (where nothing is
     shared, e.g. on CPU targets, callers keep their plain calls and so their exact graph)."""
-    return bool(_prologue_groups(linears) or _matmul_groups(linears, _static_rows(x)))
+    rows = _static_rows(x)
+    fused = _fused_groups(linears, rows)
+    done = {id(m) for group, _ in fused for m in group}
+    rest = [m for m in linears if id(m) not in done]
+    return bool(any(len(g) > 1 for g, _ in fused) or _prologue_groups(rest) or _matmul_groups(rest, rows))
 
 
 def project_shared_input(linears: Sequence[nn.Module], x: nn.Tensor) -> list[nn.Tensor]:
@@ -247,12 +300,19 @@ def project_shared_input(linears: Sequence[nn.Module], x: nn.Tensor) -> list[nn.
     launches where the target has them: one prologue launch for the VPTQ linears whose activation side is the
     prologue kernel, and one VQ-kernel launch for VPTQ linears of one config (the CUDA GEMV at decode row counts).
     Each shared kernel computes every layer's values exactly as that layer's own kernel would."""
-    prologue_groups = _prologue_groups(linears)
-    matmul_groups = _matmul_groups(linears, _static_rows(x))
-    if not prologue_groups and not matmul_groups:
+    fused_groups = _fused_groups(linears, _static_rows(x))
+    done = {id(m) for group, _ in fused_groups for m in group}
+    rest = [m for m in linears if id(m) not in done]
+    prologue_groups = _prologue_groups(rest)
+    matmul_groups = _matmul_groups(rest, _static_rows(x))
+    if not prologue_groups and not matmul_groups and not any(len(g) > 1 for g, _ in fused_groups):
         return [m(x) for m in linears]
     vq = [m for m in linears if isinstance(m, VPTQLinear)]
     lead, rows, x2 = vq[0]._flatten(x)
+    fused_out: dict[int, nn.Tensor] = {}
+    for group, kernel in fused_groups:
+        for m, y in zip(group, _call_fused(group, kernel, x2, rows), strict=True):
+            fused_out[id(m)] = m.finish(y, lead, rows, x2, None, dot_added=True)
     prepared: dict[int, tuple[nn.Tensor, nn.Tensor | None]] = {}
     for group in prologue_groups:
         first, nb = group[0], group[0]._select_norm_bias
@@ -265,7 +325,7 @@ def project_shared_input(linears: Sequence[nn.Module], x: nn.Tensor) -> list[nn.
         for j, m in enumerate(group):
             prepared[id(m)] = (outs[2 * j], outs[2 * j + 1])
     for m in vq:
-        if id(m) not in prepared:
+        if id(m) not in prepared and id(m) not in done:
             prepared[id(m)] = m.activation(x2, rows)
     ys: dict[int, nn.Tensor] = {}
     for group, kernel in matmul_groups:
@@ -279,6 +339,9 @@ def project_shared_input(linears: Sequence[nn.Module], x: nn.Tensor) -> list[nn.
     for m in linears:
         if not isinstance(m, VPTQLinear):
             out.append(m(x))
+            continue
+        if id(m) in fused_out:
+            out.append(fused_out[id(m)])
             continue
         xs, dot = prepared[id(m)]
         y = ys[id(m)] if id(m) in ys else m.vq_matmul(xs, rows)

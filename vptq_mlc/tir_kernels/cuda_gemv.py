@@ -150,13 +150,56 @@ def plan_gemv(cfg: VPTQLayerConfig, rows: int, dtype: str, params: GpuParams = C
     return GemvPlan(rows_per_cta, splits, vec, unroll, ev, smem, grid, reps, half_acc)
 
 
+def _stage_vec(in_features: int, el: int) -> int:
+    """Elements per staging access of the fused prologue (16 bytes where the width allows)."""
+    return next((w for w in (8, 4, 2) if in_features % w == 0 and w * el <= 16), 1)
+
+
+def fused_staging_bytes(cfg: VPTQLayerConfig, rows: int, dtype: str, plan: GemvPlan | None = None) -> int:
+    """Static shared memory of the fused prologue: the prepared activation rows + one dot partial per warp and row."""
+    p = plan or plan_gemv(cfg, rows, dtype)
+    return rows * cfg.in_features * (2 if dtype == "float16" else 4) + p.warps * rows * 4
+
+
+def fused_prologue_fits(cfg: VPTQLayerConfig, rows: int, dtype: str) -> bool:
+    """Whether the GEMV can stage the prepared activation itself (`vq_gemv_cuda(..., prologue=...)`): its rows fit
+    static shared memory (48 KB) and, with the codebook and the split reduction, the 99 KB a CTA gets on sm_86/89
+    (one library serves every arch)."""
+    if not 1 <= rows <= MAX_ROWS:
+        return False
+    p = plan_gemv(cfg, rows, dtype)
+    el = 2 if dtype == "float16" else 4
+    staging = fused_staging_bytes(cfg, rows, dtype, p)
+    book = cfg.group_num * (cfg.num_centroids + cfg.num_res_centroids) * cfg.vector_len * el * p.replicas \
+        if p.smem_codebook else 0
+    return staging <= FUSED_STATIC_SMEM and staging + book + p.warps * rows * cfg.vector_len * 4 <= FUSED_TOTAL_SMEM
+
+
+FUSED_STATIC_SMEM = 48 * 1024  # static shared memory per CTA
+FUSED_TOTAL_SMEM = 99 * 1024  # static + dynamic per CTA on sm_86/sm_89 (sm_80: 163 KB, sm_90: 227 KB)
+
+
 def vq_gemv_cuda(cfg: VPTQLayerConfig, dtype: str, rows: int, plan: GemvPlan | None = None,
-                 params: GpuParams = CUDA_PARAMS, count: int = 1) -> tirx.PrimFunc:
+                 params: GpuParams = CUDA_PARAMS, count: int = 1,
+                 prologue: tuple[bool, ...] | None = None) -> tirx.PrimFunc:
     """PrimFunc(xs[rows, I], *operands, y[rows, O]) for 1 <= rows <= MAX_ROWS (static); `params` picks the GPU
     (CUDA_PARAMS, or `wavefront_params(rocm_target)`). `count` (2..MAX_LAYERS) layers of the same config in one
-    launch (q/k/v, gate/up): PrimFunc(xs_0, *operands_0, xs_1, *operands_1, .., y_0, y_1, ..)."""
+    launch (q/k/v, gate/up): PrimFunc(xs_0, *operands_0, xs_1, *operands_1, .., y_0, y_1, ..).
+
+    `prologue` (CUDA, normed layers; one flag per layer: has a permutation): the GEMV prepares the activation
+    itself, so a normed linear is one launch instead of prologue kernel + GEMV:
+    PrimFunc(x[rows, I], then per layer m [perm_m], col_scale_m, weight_bias_m, *operands_m, then y_0, ..) with
+    `y = vq(x[:, perm] * col_scale) + x @ weight_bias`. Every CTA copies the raw rows into shared memory (16-byte
+    loads), gathers and scales them there (a gather from shared memory: the same gather from global memory is
+    L1-sector bound, ~2.5 us for 4096 columns on one SM) and sums the norm-bias dot, overlapped with the codebook
+    copy; xs is bit for bit what the prologue kernel writes, the dot is added in fp32 before the one rounding."""
     if not 1 <= rows <= MAX_ROWS:
         raise ValueError(f"vq_gemv_cuda handles 1..{MAX_ROWS} rows, got {rows}")
+    if prologue is not None:
+        count = len(prologue)
+        if params is not CUDA_PARAMS or not fused_prologue_fits(cfg, rows, dtype) or not cfg.enable_norm:
+            raise ValueError(f"the fused prologue needs a normed layer on CUDA whose {rows} activation rows fit "
+                             "shared memory (fused_prologue_fits)")
     if not 1 <= count <= MAX_LAYERS:
         raise ValueError(f"vq_gemv_cuda serves 1..{MAX_LAYERS} layers in one launch, got {count}")
     p = plan or plan_gemv(cfg, rows, dtype, params)
@@ -190,13 +233,49 @@ def vq_gemv_cuda(cfg: VPTQLayerConfig, dtype: str, rows: int, plan: GemvPlan | N
     OITERS = -(-OPW // WARP)
     RED = W * NBV
     ACC = "float32"
+    SV = _stage_vec(I, 2 if dtype == "float16" else 4)  # fused prologue: elements per staging access
+    SITERS = -(-I // (NT * SV))  # staging accesses per thread and row
+
+    @T.macro
+    def stage_activation(x, perm, col_scale, weight_bias, xs_s, dred, dacc, sg, sw, gl, tid, tx, ty, has_perm):
+        """Rows of `x` into `xs_s` (scaled by col_scale unless a permutation must gather first), each warp's
+        partial norm-bias dots into `dred[warp * NB + b]`; with a permutation, after a barrier, each thread gathers
+        and scales its columns into `gl` (written back once every thread has read: `gemv_body`)."""
+        for b in T.unroll(NB):
+            dacc[b] = T.float32(0)
+            for it in T.unroll(SITERS):
+                if (it * NT + tid) * SV < I:
+                    sg[vr(0, SV)] = x[b, vr((it * NT + tid) * SV, SV)]
+                    sw[vr(0, SV)] = weight_bias[vr((it * NT + tid) * SV, SV)]
+                    for j in T.unroll(SV):
+                        dacc[b] = dacc[b] + T.Cast(ACC, sg[j]) * T.Cast(ACC, sw[j])
+                    if not has_perm:
+                        sw[vr(0, SV)] = col_scale[vr((it * NT + tid) * SV, SV)]
+                        for j in T.unroll(SV):
+                            sg[j] = sg[j] * sw[j]
+                    xs_s[vr(b * I + (it * NT + tid) * SV, SV)] = sg[vr(0, SV)]
+        warp_sum(dacc, NB, WARP, WARP)
+        if tx == 0:
+            for b in T.unroll(NB):
+                dred[ty * NB + b] = dacc[b]
+        if has_perm:
+            T.tvm_storage_sync("shared")
+            for b in T.unroll(NB):
+                for it in T.unroll(SITERS):
+                    if (it * NT + tid) * SV < I:
+                        for j in T.unroll(SV):
+                            gl[(b * SITERS + it) * SV + j] = xs_s[b * I + perm[(it * NT + tid) * SV + j]] * col_scale[
+                                (it * NT + tid) * SV + j]
 
     @T.macro
     def gemv_body(xs, centroids, codes, res_centroids, res_codes, outlier_centroids, outlier_codes, y, bx, tx, ty,
-                  cb_s, red, acc, ah, cl, rl, xl, wl, wr, tot):
+                  cb_s, red, acc, ah, cl, rl, xl, wl, wr, tot, fused, has_perm, perm, col_scale, weight_bias, xs_s,
+                  dred, dacc, sg, sw, gl):
         tid = ty * WARP + tx
         rr = ty // P
         sp = ty % P
+        if fused:  # this CTA's copy of the prepared activation: raw rows into shared memory, + the norm-bias dot
+            stage_activation(xs, perm, col_scale, weight_bias, xs_s, dred, dacc, sg, sw, gl, tid, tx, ty, has_perm)
         # the book in shared memory: entry t's copy q at (t * REP + q) * v (REP = 1: the plain book); thread t stores
         # copy (q + t) % REP at step q, so a quarter-warp's stores hit 8 different bank groups
         if SMEM_CB:
@@ -204,6 +283,14 @@ def vq_gemv_cuda(cfg: VPTQLayerConfig, dtype: str, rows: int, plan: GemvPlan | N
             if HAS_RES:
                 fill_book_replicated(cb_s, CB_MAIN, wr, res_centroids, G * KR, KR, FILL_RES, NT, tid, v, EV, REP)
             T.tvm_storage_sync(SCOPE)
+        if fused:
+            if has_perm:  # every thread holds its gathered columns in `gl`: once all reads are done, write them back
+                T.tvm_storage_sync("shared")
+                for b in T.unroll(NB):
+                    for it in T.unroll(SITERS):
+                        if (it * NT + tid) * SV < I:
+                            xs_s[vr(b * I + (it * NT + tid) * SV, SV)] = gl[vr((b * SITERS + it) * SV, SV)]
+            T.tvm_storage_sync("shared")
         for rb_it in range(-(-NRB // GRID)):
             rb = rb_it * GRID + bx
             i = rb * R + rr
@@ -220,7 +307,10 @@ def vq_gemv_cuda(cfg: VPTQLayerConfig, dtype: str, rows: int, plan: GemvPlan | N
                             if HAS_RES:
                                 rl[vr(u * VW, VW)] = res_codes[i, vr(c * VW, VW)]
                             for b in T.unroll(NB):
-                                xl[vr((u * NB + b) * VW, VW)] = xs[b, vr(OSZ + c * VW, VW)]
+                                if fused:
+                                    xl[vr((u * NB + b) * VW, VW)] = xs_s[vr(b * I + OSZ + c * VW, VW)]
+                                else:
+                                    xl[vr((u * NB + b) * VW, VW)] = xs[b, vr(OSZ + c * VW, VW)]
                     for u in T.unroll(U):
                         c = sp * CPS + (it * U + u) * WARP + tx
                         if c < T.min((sp + 1) * CPS, NCH):
@@ -268,7 +358,10 @@ def vq_gemv_cuda(cfg: VPTQLayerConfig, dtype: str, rows: int, plan: GemvPlan | N
                                     oc = T.Cast("int32", outlier_codes[r // VO, ko])
                                     wo = T.Cast(ACC, outlier_centroids[oc, r % VO])
                                     for b in T.unroll(NB):
-                                        acc[b * v + j] = acc[b * v + j] + T.Cast(ACC, xs[b, ko]) * wo
+                                        if fused:
+                                            acc[b * v + j] = acc[b * v + j] + T.Cast(ACC, xs_s[b * I + ko]) * wo
+                                        else:
+                                            acc[b * v + j] = acc[b * v + j] + T.Cast(ACC, xs[b, ko]) * wo
             # lanes -> lane 0 (warp shuffles), then splits -> one thread per output (shared memory)
             warp_sum(acc, NBV, WARP, WARP)
             # TVM's sync planner sees every shared.dyn buffer as one, so it orders these writes after the shared
@@ -293,6 +386,9 @@ def vq_gemv_cuda(cfg: VPTQLayerConfig, dtype: str, rows: int, plan: GemvPlan | N
                         tot[0] = T.float32(0)
                         for q in T.unroll(P):
                             tot[0] = tot[0] + red[(orr * P + q) * NBV + a]
+                        if fused:  # + the norm-bias dot: the warps' partial sums of row b
+                            for w in T.unroll(W):
+                                tot[0] = tot[0] + dred[w * NB + b]
                         y[b, r] = T.Cast(dtype, tot[0])
             T.tvm_storage_sync(SCOPE)
 
@@ -325,8 +421,11 @@ def vq_gemv_cuda(cfg: VPTQLayerConfig, dtype: str, rows: int, plan: GemvPlan | N
         wr = T.alloc_buffer((v,), dtype, scope="local")
         tot = T.alloc_buffer((1,), ACC, scope="local")
         gemv_body(xs, centroids, codes, res_centroids, res_codes, outlier_centroids, outlier_codes, y, bx, tx, ty,
-                  cb_s, red, acc, ah, cl, rl, xl, wl, wr, tot)
+                  cb_s, red, acc, ah, cl, rl, xl, wl, wr, tot, False, False, xs, xs, xs, xs, red, acc, xl, xl, xl)
 
+    if prologue is not None:
+        return _fused_gemv(gemv_body, prologue, dtype, NB, I, G, K, v, KR1, NV, L, CD, RCD, KO, VO, NO, OSZ1, O,
+                           GRID, WARP, W, SCOPE, CB_SHARED, RED, NBV, U, VW, SITERS, SV, cfg)
     if count == 1:
         return keep_generic_operands(kernel, cfg)
 
@@ -377,23 +476,116 @@ def vq_gemv_cuda(cfg: VPTQLayerConfig, dtype: str, rows: int, plan: GemvPlan | N
         tot = T.alloc_buffer((1,), ACC, scope="local")
         if bx < GRID:
             gemv_body(xs_0, centroids_0, codes_0, res_centroids_0, res_codes_0, outlier_centroids_0,
-                      outlier_codes_0, y_0, bx, tx, ty, cb_s, red, acc, ah, cl, rl, xl, wl, wr, tot)
+                      outlier_codes_0, y_0, bx, tx, ty, cb_s, red, acc, ah, cl, rl, xl, wl, wr, tot, False, False,
+                      xs_0, xs_0, xs_0, xs_0, red, acc, xl, xl, xl)
         # the CTA's branch is uniform, but the sync planner sees the next branch's shared-memory writes after this
         # one's reads: a barrier here, outside any condition, orders them (else it would put one inside a branch)
         T.tvm_storage_sync(SYNC)
         if bx // GRID == 1:
             gemv_body(xs_1, centroids_1, codes_1, res_centroids_1, res_codes_1, outlier_centroids_1,
-                      outlier_codes_1, y_1, bx - GRID, tx, ty, cb_s, red, acc, ah, cl, rl, xl, wl, wr, tot)
+                      outlier_codes_1, y_1, bx - GRID, tx, ty, cb_s, red, acc, ah, cl, rl, xl, wl, wr, tot, False,
+                      False, xs_1, xs_1, xs_1, xs_1, red, acc, xl, xl, xl)
         if count == 3:
             T.tvm_storage_sync(SYNC)
             if bx // GRID == 2:
                 gemv_body(xs_2, centroids_2, codes_2, res_centroids_2, res_codes_2, outlier_centroids_2,
-                          outlier_codes_2, y_2, bx - 2 * GRID, tx, ty, cb_s, red, acc, ah, cl, rl, xl, wl, wr, tot)
+                          outlier_codes_2, y_2, bx - 2 * GRID, tx, ty, cb_s, red, acc, ah, cl, rl, xl, wl, wr,
+                          tot, False, False, xs_2, xs_2, xs_2, xs_2, red, acc, xl, xl, xl)
 
     from vptq_mlc.artifact.vq_layout import vq_operand_shapes
 
     names = ("xs", "y", *vq_operand_shapes(cfg))
     return keep_params(multi, {f"{name}_{m}" for name in names for m in range(count)})
+
+
+def _fused_gemv(gemv_body, perms, dtype, NB, I, G, K, v, KR1, NV, L, CD, RCD, KO, VO, NO, OSZ1, O,  # noqa: E741
+                GRID, WARP, W, SCOPE, CB_SHARED, RED, NBV, U, VW, SITERS, SV, cfg) -> tirx.PrimFunc:
+    """The GEMV with the prologue folded in (`vq_gemv_cuda(..., prologue=perms)`): one x, per layer its own
+    [perm], col_scale, weight_bias and operands; CTA bx serves layer bx // GRID as in the shared GEMV."""
+    from vptq_mlc.artifact.vq_layout import vq_operand_shapes
+
+    count = len(perms)
+    P0, P1, P2 = (*perms, False, False)[:3]
+    ACC = "float32"
+
+    @T.prim_func(private=True)
+    def fused(
+        x: T.Buffer((NB, I), dtype),
+        perm_0: T.Buffer((I,), "int32"),
+        col_scale_0: T.Buffer((I,), dtype),
+        weight_bias_0: T.Buffer((I,), dtype),
+        centroids_0: T.Buffer((G, K, v), dtype),
+        codes_0: T.Buffer((NV, L), CD),
+        res_centroids_0: T.Buffer((G, KR1, v), dtype),
+        res_codes_0: T.Buffer((NV, L), RCD),
+        outlier_centroids_0: T.Buffer((KO, VO), dtype),
+        outlier_codes_0: T.Buffer((NO, OSZ1), "uint16"),
+        perm_1: T.Buffer((I,), "int32"),
+        col_scale_1: T.Buffer((I,), dtype),
+        weight_bias_1: T.Buffer((I,), dtype),
+        centroids_1: T.Buffer((G, K, v), dtype),
+        codes_1: T.Buffer((NV, L), CD),
+        res_centroids_1: T.Buffer((G, KR1, v), dtype),
+        res_codes_1: T.Buffer((NV, L), RCD),
+        outlier_centroids_1: T.Buffer((KO, VO), dtype),
+        outlier_codes_1: T.Buffer((NO, OSZ1), "uint16"),
+        perm_2: T.Buffer((I,), "int32"),
+        col_scale_2: T.Buffer((I,), dtype),
+        weight_bias_2: T.Buffer((I,), dtype),
+        centroids_2: T.Buffer((G, K, v), dtype),
+        codes_2: T.Buffer((NV, L), CD),
+        res_centroids_2: T.Buffer((G, KR1, v), dtype),
+        res_codes_2: T.Buffer((NV, L), RCD),
+        outlier_centroids_2: T.Buffer((KO, VO), dtype),
+        outlier_codes_2: T.Buffer((NO, OSZ1), "uint16"),
+        y_0: T.Buffer((NB, O), dtype),
+        y_1: T.Buffer((NB, O), dtype),
+        y_2: T.Buffer((NB, O), dtype),
+    ):
+        T.func_attr(KERNEL_ATTRS)
+        bx = T.launch_thread("blockIdx.x", GRID * count)
+        tx = T.launch_thread("threadIdx.x", WARP)
+        ty = T.launch_thread("threadIdx.y", W)
+        cb_s = T.alloc_buffer((CB_SHARED,), dtype, scope=SCOPE)
+        red = T.alloc_buffer((RED,), ACC, scope=SCOPE)
+        xs_s = T.alloc_buffer((NB * I,), dtype, scope="shared")
+        dred = T.alloc_buffer((W * NB,), ACC, scope="shared")
+        acc = T.alloc_buffer((NBV,), ACC, scope="local")
+        ah = T.alloc_buffer((NBV,), dtype, scope="local")
+        cl = T.alloc_buffer((U * VW,), CD, scope="local")
+        rl = T.alloc_buffer((U * VW,), RCD, scope="local")
+        xl = T.alloc_buffer((U * NB * VW,), dtype, scope="local")
+        wl = T.alloc_buffer((v,), dtype, scope="local")
+        wr = T.alloc_buffer((v,), dtype, scope="local")
+        tot = T.alloc_buffer((1,), ACC, scope="local")
+        dacc = T.alloc_buffer((NB,), ACC, scope="local")
+        sg = T.alloc_buffer((SV,), dtype, scope="local")
+        sw = T.alloc_buffer((SV,), dtype, scope="local")
+        gl = T.alloc_buffer((NB * SITERS * SV,), dtype, scope="local")
+        if bx < GRID:
+            gemv_body(x, centroids_0, codes_0, res_centroids_0, res_codes_0, outlier_centroids_0, outlier_codes_0,
+                      y_0, bx, tx, ty, cb_s, red, acc, ah, cl, rl, xl, wl, wr, tot, True, P0, perm_0, col_scale_0,
+                      weight_bias_0, xs_s, dred, dacc, sg, sw, gl)
+        if count >= 2:
+            # uniform per CTA, but the sync planner sees the next layer's shared writes after this one's reads
+            T.tvm_storage_sync(SCOPE)
+            T.tvm_storage_sync("shared")
+            if bx // GRID == 1:
+                gemv_body(x, centroids_1, codes_1, res_centroids_1, res_codes_1, outlier_centroids_1,
+                          outlier_codes_1, y_1, bx - GRID, tx, ty, cb_s, red, acc, ah, cl, rl, xl, wl, wr, tot, True,
+                          P1, perm_1, col_scale_1, weight_bias_1, xs_s, dred, dacc, sg, sw, gl)
+        if count == 3:
+            T.tvm_storage_sync(SCOPE)
+            T.tvm_storage_sync("shared")
+            if bx // GRID == 2:
+                gemv_body(x, centroids_2, codes_2, res_centroids_2, res_codes_2, outlier_centroids_2,
+                          outlier_codes_2, y_2, bx - 2 * GRID, tx, ty, cb_s, red, acc, ah, cl, rl, xl, wl, wr, tot,
+                          True, P2, perm_2, col_scale_2, weight_bias_2, xs_s, dred, dacc, sg, sw, gl)
+
+    keep = {"x"} | {f"{name}_{m}" for name in ("col_scale", "weight_bias", "y", *vq_operand_shapes(cfg))
+                    for m in range(count)}
+    keep |= {f"perm_{m}" for m in range(count) if perms[m]}
+    return keep_params(fused, keep)
 
 
 def keep_generic_operands(func: tirx.PrimFunc, cfg: VPTQLayerConfig) -> tirx.PrimFunc:

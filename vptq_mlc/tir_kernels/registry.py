@@ -81,6 +81,7 @@ class KernelSelector:
         self.codebook_dtype: str | None = None  # codebooks stored narrower than the model (CPU only; compile sets it)
         self._select = functools.lru_cache(maxsize=None)(self._pick)
         self._select_shared = functools.lru_cache(maxsize=None)(self._pick_shared)
+        self._select_fused = functools.lru_cache(maxsize=None)(self._pick_fused)
 
     def uses_code_sorted(self, cfg: VPTQLayerConfig, dtype: str) -> bool:
         """Whether the layer's code-sorted entries are declared (loaded onto the device); only CUDA reads them."""
@@ -102,6 +103,17 @@ class KernelSelector:
         return self._select_shared(cfg, dtype, rows, count)
 
     def _pick_shared(self, cfg: VPTQLayerConfig, dtype: str, rows: int | None, count: int) -> VQKernel | None:
+        return None
+
+    def fused(self, cfg: VPTQLayerConfig, dtype: str, rows: int | None, perms: tuple[bool, ...]) -> VQKernel | None:
+        """One launch that prepares the activation itself and runs the VQ kernel, for `len(perms)` normed layers
+        of config `cfg` reading the same `rows` activation rows (`perms[m]`: layer m has a permutation):
+        `func(x, per layer m: [perm_m], col_scale_m, weight_bias_m, *operands_m, then y_0, y_1, ..)` with the
+        norm-bias dot included in y, or None where this family has none (then the prologue kernel runs first)."""
+        return self._select_fused(cfg, dtype, rows, perms)
+
+    def _pick_fused(self, cfg: VPTQLayerConfig, dtype: str, rows: int | None, perms: tuple[bool, ...]
+                    ) -> VQKernel | None:
         return None
 
     def _pick(self, cfg: VPTQLayerConfig, dtype: str, rows: int | None) -> VQKernel:
@@ -196,6 +208,17 @@ class CudaKernelSelector(KernelSelector):
         if not 2 <= count <= MAX_LAYERS or self._decode_family(cfg, dtype, rows) != "gemv":
             return None
         return _mark(VQKernel(vq_gemv_cuda(cfg, dtype, rows, count=count), tuple(vq_operand_shapes(cfg))))
+
+    def _pick_fused(self, cfg: VPTQLayerConfig, dtype: str, rows: int | None, perms: tuple[bool, ...]
+                    ) -> VQKernel | None:
+        """Where the layers' own kernel is the GEMV and their activation rows fit its shared memory: the GEMV
+        with the prologue folded in (`vq_gemv_cuda(..., prologue=perms)`)."""
+        from vptq_mlc.tir_kernels.cuda_gemv import MAX_LAYERS, fused_prologue_fits, vq_gemv_cuda
+
+        if not 1 <= len(perms) <= MAX_LAYERS or not cfg.enable_norm or \
+                self._decode_family(cfg, dtype, rows) != "gemv" or not fused_prologue_fits(cfg, rows, dtype):
+            return None
+        return _mark(VQKernel(vq_gemv_cuda(cfg, dtype, rows, prologue=perms), tuple(vq_operand_shapes(cfg))))
 
     def _pick(self, cfg: VPTQLayerConfig, dtype: str, rows: int | None) -> VQKernel:
         from vptq_mlc.tir_kernels import cuda_code_sorted as cs
