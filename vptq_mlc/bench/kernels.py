@@ -29,6 +29,7 @@ LIBRARY = "kernels_cuda.so"
 # the variants issue 10 asks for, and the real shapes (out x in)
 BENCH_VARIANTS = ("v8-k256-256", "v8-k4096-0", "v8-k65536-0", "v8-k65536-256", "v12-k65536-4096", "v16-k65536-65536")
 BENCH_SHAPES = ((4096, 4096), (11008, 4096), (4096, 11008), (14336, 4096))
+RMSNORM_EPS = 1e-5  # the fused RMSNorm cases' epsilon (Llama 2's)
 
 
 @dataclass(frozen=True)
@@ -48,6 +49,8 @@ class KernelCase:
     # the same x, "p" with a permutation, "n" without ("p": the layer's own prologue; "ppp": the shared prologue of
     # three linears, each with its own random perm / norm scale / norm bias); "" = torch computes xs and the dot
     prologue: str = ""
+    # the fused GEMV's neighbours (prologue cases): comma-separated "rmsnorm" / "swiglu", "residual", "concat"
+    fused: str = ""
 
     @property
     def name(self) -> str:
@@ -56,7 +59,16 @@ class KernelCase:
         plan = "".join(f"-{k[0]}{v}" for k, v in sorted(self.plan.items()))
         forced = f"-{self.kernel}" if self.kernel else ""
         pro = f"-prologue_{self.prologue}" if self.prologue else ""
+        pro += f"-fused_{self.fused.replace(',', '_')}" if self.fused else ""
         return f"{self.variant}-{self.out_features}x{self.in_features}-{r}{extra}{plan}{forced}{pro}"
+
+    def fused_input(self):
+        """The fused GEMV's `FusedInput` for this case (RMSNorm epsilon 1e-5)."""
+        from vptq_mlc.tir_kernels.cuda_gemv import FusedInput
+
+        parts = set(filter(None, self.fused.split(",")))
+        source = "rmsnorm" if "rmsnorm" in parts else "swiglu" if "swiglu" in parts else "x"
+        return FusedInput(source, RMSNORM_EPS if source == "rmsnorm" else 0.0, "residual" in parts, "concat" in parts)
 
     def config(self):
         from vptq_mlc.checkpoint.layer_config import VPTQLayerConfig
@@ -131,6 +143,15 @@ def correctness_cases() -> list[KernelCase]:
         KernelCase("v12-k4096-0", 1020, 252, 3, prologue="p"),
         KernelCase("v8-k256-0", 1024, 512, 1, {"group_num": 2}, prologue="pp"),
         KernelCase("v8-k4096-0", 11008, 4096, 1, prologue="p"),  # the 7B down_proj at batch 1
+        # its neighbours folded in: the decoder's RMSNorm (q/k/v written side by side, gate/up), silu(gate) * up
+        # and the residual add (down_proj), the residual add alone (o_proj); odd widths, GEMV paths as above
+        KernelCase("v8-k4096-0", 4096, 4096, 1, prologue="ppp", fused="rmsnorm,concat"),
+        KernelCase("v8-k4096-0", 4096, 4096, 1, prologue="p", fused="residual"),
+        KernelCase("v8-k4096-0", 4096, 1024, 1, prologue="pp", fused="rmsnorm"),
+        KernelCase("v8-k4096-0", 11008, 1024, 1, prologue="p", fused="swiglu,residual"),
+        KernelCase("v8-k256-256", 1000, 300, 2, prologue="pnp", fused="rmsnorm,concat"),
+        KernelCase("v8-k65536-0", 1024, 512, 3, prologue="p", fused="swiglu,residual"),
+        KernelCase("v8-k256-256", 1024, 512, 4, outl, prologue="n", fused="rmsnorm,residual"),
     ]
     # long prompts: the registry's prefill dequantizes into a scratch weight and runs the dense GEMM (>= 128 rows)
     for var in ("v8-k256-256", "v8-k4096-0", "v8-k65536-256", "v12-k65536-4096", "v16-k65536-65536", "v4-k256-0"):
@@ -290,7 +311,7 @@ def build_kernel_library(cases: list[KernelCase], out_dir: str | os.PathLike[str
             if shared is not None:  # the model's VQ launch for linears of one config (CUDA GEMV, decode rows)
                 funcs[f"k{i}_shared"] = shared.func.with_attr("global_symbol", f"k{i}_shared")
             perms = tuple(ch == "p" for ch in c.prologue)
-            fused = select.fused(c.member_configs()[0], dtype, c.rows, perms) if c.rows else None
+            fused = select.fused(c.member_configs()[0], dtype, c.rows, perms, c.fused_input()) if c.rows else None
             if fused is not None:  # the model's one launch: prologue folded into the GEMV
                 funcs[f"k{i}_fused"] = fused.func.with_attr("global_symbol", f"k{i}_fused")
     out = Path(out_dir)
@@ -510,26 +531,49 @@ def _check_prologue_case(lib: CudaKernels, i: int, c: KernelCase, rng, device: s
 
 
 def _check_fused(lib: CudaKernels, i: int, c: KernelCase, x, members: list, device: str) -> list[dict[str, Any]]:
-    """The fused kernel `k<i>_fused` (prologue folded into the GEMV) on the prologue case's x and members:
-    every member's y (+ bias) against `x @ dequantize(W).T + bias` in float64, outputs poisoned with NaN."""
+    """The fused kernel `k<i>_fused` (prologue folded into the GEMV, with the case's neighbours) on the prologue
+    case's x and members: every member's y against float64 `xin @ dequantize(W).T + bias (+ residual)`, where xin
+    is the layer input the neighbours make (RMSNorm(x) * gamma or silu(x) * up, computed by torch in fp32 and
+    rounded to the model dtype, as the kernel and TVM's ops round), outputs poisoned with NaN."""
     import torch
 
     from vptq_mlc.checkpoint.dequant import dequantize
 
+    opts = c.fused_input()
     tdt = getattr(torch, lib.manifest["dtype"])
-    ys = [torch.full((c.n(), cfg.out_features), float("nan"), dtype=tdt, device=device) for cfg, *_ in members]
-    args = [x]
+    n = c.n()
+    if opts.source == "rmsnorm":
+        gamma = (1 + 0.1 * torch.randn(c.in_features, device=device)).to(tdt)
+        xf = x.float()
+        xin = (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + opts.eps) * gamma.float()).to(tdt)
+        args = [x, gamma]
+    elif opts.source == "swiglu":
+        up = torch.randn(n, c.in_features, device=device).to(tdt)
+        xin = (x.float() * torch.sigmoid(x.float())).to(tdt) * up
+        args = [x, up]
+    else:
+        xin, args = x, [x]
     for _, _, _, ops_t, side_t in members:
         args += [side_t[k] for k in ("perm", "col_scale", "weight_bias") if k in side_t] + list(ops_t.values())
+    out_features = [cfg.out_features for cfg, *_ in members]
+    residual = torch.randn(n, out_features[0], device=device).to(tdt) if opts.residual else None
+    if residual is not None:
+        args.append(residual)
+    ys = [torch.full((n, sum(out_features)), float("nan"), dtype=tdt, device=device)] if opts.concat else [
+        torch.full((n, o), float("nan"), dtype=tdt, device=device) for o in out_features]
     lib.func(i, "_fused")(*(_tvm(t) for t in args), *(_tvm(y) for y in ys))
+    if opts.concat:
+        ys = list(torch.split(ys[0], out_features, dim=1))
     res = []
     for m, (cfg, tensors, _, _, side_t) in enumerate(members):
         y = ys[m].double()
         W = torch.from_numpy(dequantize(cfg, tensors).astype(np.float32)).to(device).double()
-        ref = x.double() @ W.T
+        ref = xin.double() @ W.T
         if "bias" in side_t:
             y = y + side_t["bias"].double()
             ref = ref + side_t["bias"].double()
+        if residual is not None:
+            ref = ref + residual.double()
         if device == "cuda":
             torch.cuda.synchronize()
         err = row_rel_err(y, ref)

@@ -21,7 +21,13 @@ from tvm.relax.frontend.nn.llm.kv_cache import PagedKVCache, RopeMode, TIRPagedK
 from tvm.target import Target
 
 from vptq_mlc.model.config import DecoderConfig
-from vptq_mlc.model.vptq_linear import project_shared_input, shares_launches
+from vptq_mlc.model.vptq_linear import (
+    linear_residual,
+    project_concat,
+    project_shared_input,
+    shares_launches,
+    swiglu_residual,
+)
 
 # (module path, in_features, out_features, has_bias) -> module computing x @ W.T (+ b)
 LinearFactory = Callable[[str, int, int, bool], nn.Module]
@@ -77,9 +83,12 @@ class Attention(nn.Module):
         self.inv_freq = cfg.rope_inv_freq
         self.rope_factor = float(cfg.rope_attention_factor)
 
-    def forward(self, x: Tensor, kv: PagedKVCache, layer_id: int) -> Tensor:
+    def forward(self, x: Tensor, kv: PagedKVCache, layer_id: int, norm: nn.Module | None = None,
+                residual: Tensor | None = None) -> Tensor:
+        """o_proj(attention(q/k/v of norm(x))) (+ residual): `norm` and `residual` let the target fold the layer's
+        pre-norm into the q/k/v kernels and the residual add into o_proj's (nothing folded: the same graph)."""
         b, s, _ = x.shape
-        qkv = op.concat(project_shared_input([self.q_proj, self.k_proj, self.v_proj], x), dim=-1)
+        qkv = project_concat([self.q_proj, self.k_proj, self.v_proj], x, norm)
         qkv = op.reshape(qkv, (b, s, self.num_q_heads + 2 * self.num_kv_heads, self.head_dim))
         if self.inv_freq is not None:
             positions = kv.get_query_positions(b * s)
@@ -87,8 +96,9 @@ class Attention(nn.Module):
             qkv = op.tensor_expr_op(
                 _rotate_qk, "rotary", [qkv, positions, inv_freq, self.num_q_heads + self.num_kv_heads,
                                        self.rope_factor])
-        out = kv.attention_with_fused_qkv(layer_id, qkv, self.num_q_heads, sm_scale=self.head_dim**-0.5)
-        return self.o_proj(op.reshape(out, (b, s, self.num_q_heads * self.head_dim)))
+        out = op.reshape(kv.attention_with_fused_qkv(layer_id, qkv, self.num_q_heads, sm_scale=self.head_dim**-0.5),
+                         (b, s, self.num_q_heads * self.head_dim))
+        return self.o_proj(out) if residual is None else linear_residual(self.o_proj, out, residual)
 
 
 class MLP(nn.Module):
@@ -98,10 +108,11 @@ class MLP(nn.Module):
         self.up_proj = make_linear(f"{prefix}.up_proj", h, i, cfg.mlp_bias)
         self.down_proj = make_linear(f"{prefix}.down_proj", i, h, cfg.mlp_bias)
 
-    def forward(self, x: Tensor) -> Tensor:
-        if shares_launches([self.gate_proj, self.up_proj], x):  # one prologue / VQ launch for both (CUDA)
-            gate, up = project_shared_input([self.gate_proj, self.up_proj], x)
-            return self.down_proj(op.silu(gate) * up)
+    def forward(self, x: Tensor, norm: nn.Module | None = None, residual: Tensor | None = None) -> Tensor:
+        """down(silu(gate(norm(x))) * up(norm(x))) (+ residual), folded into fewer launches where the target can."""
+        if norm is not None or residual is not None or shares_launches([self.gate_proj, self.up_proj], x):
+            gate, up = project_shared_input([self.gate_proj, self.up_proj], x, norm)
+            return swiglu_residual(self.down_proj, gate, up, residual)
         return self.down_proj(op.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
@@ -120,7 +131,13 @@ class DecoderLayer(nn.Module):
     def forward(self, x: Tensor, kv: PagedKVCache, layer_id: Any = None) -> Tensor:
         """`layer_id` overrides the layer's own index (the split functions pass it as a runtime argument)."""
         layer_id = self.layer_id if layer_id is None else layer_id
-        x = x + self.self_attn(self.input_layernorm(x), kv, layer_id)
+        # Llama's blocks take the norm and the residual, so a target can fold them into their kernels
+        if isinstance(self.self_attn, Attention):
+            x = self.self_attn(x, kv, layer_id, norm=self.input_layernorm, residual=x)
+        else:
+            x = x + self.self_attn(self.input_layernorm(x), kv, layer_id)
+        if isinstance(self.mlp, MLP):
+            return self.mlp(x, norm=self.post_attention_layernorm, residual=x)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 

@@ -8,6 +8,7 @@ dense weight: `y = vq_matmul(x[:, perm] * col_scale) + x @ weight_bias + bias` (
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from typing import Any
 
@@ -16,6 +17,7 @@ from tvm.relax.frontend import nn
 from tvm.relax.frontend.nn import op
 
 from vptq_mlc.checkpoint.layer_config import VPTQLayerConfig
+from vptq_mlc.tir_kernels.cuda_gemv import PLAIN_INPUT, FusedInput
 from vptq_mlc.tir_kernels.registry import KernelSelector, NormBiasKernels
 
 
@@ -71,18 +73,18 @@ class VPTQLinear(nn.Module):
             rows = rows * d
         return lead, rows, op.reshape(x, [rows, self.in_features])
 
-    def fused_kernel(self, rows: Any):
-        """The target's one-launch kernel for this layer at `rows` (activation side folded into the VQ kernel), or
-        None (then prologue kernel + VQ kernel)."""
+    def fused_kernel(self, rows: Any, opts: FusedInput = PLAIN_INPUT):
+        """The target's one-launch kernel for this layer at `rows` (activation side folded into the VQ kernel, plus
+        `opts`' neighbours), or None (then prologue kernel + VQ kernel)."""
         if not self.prologue_kernel_used or not isinstance(rows, int):
             return None
-        return self._select_kernel.fused(self.cfg, self.dtype, rows, (self.perm is not None,))
+        return self._select_kernel.fused(self.cfg, self.dtype, rows, (self.perm is not None,), opts)
 
     def forward(self, x: nn.Tensor) -> nn.Tensor:
         lead, rows, x2 = self._flatten(x)
         kernel = self.fused_kernel(rows)
         if kernel is not None:
-            (y,) = _call_fused([self], kernel, x2, rows)
+            (y,) = _call_fused([self], kernel, [x2], rows)
             return self.finish(y, lead, rows, x2, None, dot_added=True)
         xs, dot = self.activation(x2, rows)
         return self.finish(self.vq_matmul(xs, rows), lead, rows, x2, dot)
@@ -204,18 +206,23 @@ class GatheredVPTQLinears(nn.Module):
         return op.tensor_expr_op(epilogue, "vq_gathered_bias", [y, mat, *extra])
 
 
-def _call_fused(group: Sequence[VPTQLinear], kernel: Any, x2: nn.Tensor, rows: int) -> list[nn.Tensor]:
-    """One launch of a fused kernel (`KernelSelector.fused`) for `group`: each layer's y with its norm-bias dot."""
-    outs = op.tensor_ir_op(
-        kernel.func, "vq_matmul_fused",
-        args=[x2, *(t for m in group for t in (*m.prologue_operands(), *(getattr(m, n) for n in kernel.operands)))],
-        out=[nn.Tensor.placeholder([rows, m.out_features], m.dtype) for m in group])
-    return list(outs) if len(group) > 1 else [outs]
+def _call_fused(group: Sequence[VPTQLinear], kernel: Any, inputs: Sequence[nn.Tensor], rows: int,
+                residual: nn.Tensor | None = None, concat: bool = False) -> list[nn.Tensor]:
+    """One launch of a fused kernel (`KernelSelector.fused`) for `group` on `inputs` (x; x and the norm weight;
+    gate and up): each layer's y with its norm-bias dot (and `residual` added), or one [rows, sum O] with `concat`."""
+    args = [*inputs, *(t for m in group for t in (*m.prologue_operands(), *(getattr(m, n) for n in kernel.operands)))]
+    if residual is not None:
+        args.append(residual)
+    outs = [nn.Tensor.placeholder([rows, sum(m.out_features for m in group)], group[0].dtype)] if concat else [
+        nn.Tensor.placeholder([rows, m.out_features], m.dtype) for m in group]
+    ys = op.tensor_ir_op(kernel.func, "vq_matmul_fused", args=args, out=outs if len(outs) > 1 else outs[0])
+    return list(ys) if len(outs) > 1 else [ys]
 
 
-def _fused_groups(linears: Sequence[nn.Module], rows: int | None) -> list[tuple[list[VPTQLinear], Any]]:
+def _fused_groups(linears: Sequence[nn.Module], rows: int | None,
+                  opts: FusedInput = PLAIN_INPUT) -> list[tuple[list[VPTQLinear], Any]]:
     """(layers, kernel): normed VPTQ linears of one config whose prologue and VQ kernel one launch serves
-    (`KernelSelector.fused`), the largest groups the selector takes (single layers included)."""
+    (`KernelSelector.fused` with `opts`), the largest groups the selector takes (single layers included)."""
     if rows is None:
         return []
     by_key: dict[tuple, list[VPTQLinear]] = {}
@@ -228,7 +235,8 @@ def _fused_groups(linears: Sequence[nn.Module], rows: int | None) -> list[tuple[
         while i < len(members):
             for count in range(len(members) - i, 0, -1):
                 chunk = members[i : i + count]
-                kernel = chunk[0]._select_kernel.fused(cfg, dtype, rows, tuple(m.perm is not None for m in chunk))
+                kernel = chunk[0]._select_kernel.fused(cfg, dtype, rows, tuple(m.perm is not None for m in chunk),
+                                                       opts)
                 if kernel is not None:
                     out.append((chunk, kernel))
                     i += count
@@ -236,6 +244,16 @@ def _fused_groups(linears: Sequence[nn.Module], rows: int | None) -> list[tuple[
             else:
                 i += 1
     return out
+
+
+def _norm_input(norm: nn.Module | None) -> FusedInput | None:
+    """The fused kernels' input for linears reading `norm(x)`: x itself (no norm), or an RMSNorm folded into the
+    kernel (weight only, over the last axis); None for a norm the kernels do not compute (applied first)."""
+    if norm is None:
+        return PLAIN_INPUT
+    if isinstance(norm, nn.RMSNorm) and norm.bias is None and norm.axes in (-1, [-1]):
+        return FusedInput("rmsnorm", float(norm.epsilon))
+    return None
 
 
 def _static_rows(x: nn.Tensor) -> int | None:
@@ -295,23 +313,91 @@ def shares_launches(linears: Sequence[nn.Module], x: nn.Tensor) -> bool:
     return bool(any(len(g) > 1 for g, _ in fused) or _prologue_groups(rest) or _matmul_groups(rest, rows))
 
 
-def project_shared_input(linears: Sequence[nn.Module], x: nn.Tensor) -> list[nn.Tensor]:
-    """`[linear(x) for linear in linears]` for linears that read the same activation (q/k/v, gate/up), with shared
-    launches where the target has them: one prologue launch for the VPTQ linears whose activation side is the
-    prologue kernel, and one VQ-kernel launch for VPTQ linears of one config (the CUDA GEMV at decode row counts).
-    Each shared kernel computes every layer's values exactly as that layer's own kernel would."""
-    fused_groups = _fused_groups(linears, _static_rows(x))
+def project_shared_input(linears: Sequence[nn.Module], x: nn.Tensor,
+                         norm: nn.Module | None = None) -> list[nn.Tensor]:
+    """`[linear(norm(x)) for linear in linears]` (`norm` None: x itself) for linears that read the same activation
+    (q/k/v, gate/up), with shared launches where the target has them: one launch for normed VPTQ linears of one
+    config whose GEMV prepares the activation itself (and computes an RMSNorm `norm` too); else one prologue launch
+    for the VPTQ linears whose activation side is the prologue kernel, and one VQ-kernel launch for VPTQ linears of
+    one config (the CUDA GEMV at decode row counts)."""
+    rows = _static_rows(x)
+    opts = _norm_input(norm)
+    groups = _fused_groups(linears, rows, opts) if opts is not None else []
+    outs: dict[int, nn.Tensor] = {}
+    if groups:
+        lead, rows, x2 = groups[0][0][0]._flatten(x)
+        inputs = [x2, norm.weight] if norm is not None else [x2]
+        for group, kernel in groups:
+            for m, y in zip(group, _call_fused(group, kernel, inputs, rows), strict=True):
+                outs[id(m)] = m.finish(y, lead, rows, x2, None, dot_added=True)
+    rest = [m for m in linears if id(m) not in outs]
+    if rest:
+        xn = norm(x) if norm is not None else x
+        for m, y in zip(rest, _project_unfused(rest, xn), strict=True):
+            outs[id(m)] = y
+    return [outs[id(m)] for m in linears]
+
+
+def project_concat(linears: Sequence[nn.Module], x: nn.Tensor, norm: nn.Module | None = None) -> nn.Tensor:
+    """`concat([linear(norm(x)) for linear in linears], -1)`: one launch writing every output side by side where
+    one fused kernel serves all the linears (q/k/v of one shape, no bias), else `project_shared_input` + concat."""
+    rows, opts = _static_rows(x), _norm_input(norm)
+    first = linears[0]
+    if opts is not None and rows is not None and all(
+            isinstance(m, VPTQLinear) and m.bias is None and m.prologue_kernel_used
+            and (m.cfg, m.dtype, m._select_kernel) == (first.cfg, first.dtype, first._select_kernel) for m in linears):
+        kernel = first._select_kernel.fused(first.cfg, first.dtype, rows, tuple(m.perm is not None for m in linears),
+                                            dataclasses.replace(opts, concat=True))
+        if kernel is not None:
+            lead, rows, x2 = first._flatten(x)
+            (y,) = _call_fused(linears, kernel, [x2, norm.weight] if norm is not None else [x2], rows, concat=True)
+            return op.reshape(y, [*lead, sum(m.out_features for m in linears)])
+    return op.concat(project_shared_input(linears, x, norm), dim=-1)
+
+
+def linear_residual(linear: nn.Module, x: nn.Tensor, residual: nn.Tensor) -> nn.Tensor:
+    """`residual + linear(x)`: one launch where the linear's fused kernel adds the residual in its epilogue."""
+    if isinstance(linear, VPTQLinear) and linear.bias is None:
+        lead, rows, x2 = linear._flatten(x)
+        kernel = linear.fused_kernel(rows, FusedInput(residual=True))
+        if kernel is not None:
+            res2 = op.reshape(residual, [rows, linear.out_features])
+            (y,) = _call_fused([linear], kernel, [x2], rows, residual=res2)
+            return op.reshape(y, [*lead, linear.out_features])
+    return residual + linear(x)
+
+
+def swiglu_residual(linear: nn.Module, gate: nn.Tensor, up: nn.Tensor, residual: nn.Tensor | None) -> nn.Tensor:
+    """`residual + linear(silu(gate) * up)` (no residual: without the add): one launch where the linear's fused
+    kernel computes silu(gate) * up while staging its input (and adds the residual in its epilogue)."""
+    if isinstance(linear, VPTQLinear) and linear.bias is None:
+        lead, rows, g2 = linear._flatten(gate)
+        kernel = linear.fused_kernel(rows, FusedInput("swiglu", residual=residual is not None))
+        if kernel is not None:
+            u2 = op.reshape(up, [rows, linear.in_features])
+            res2 = op.reshape(residual, [rows, linear.out_features]) if residual is not None else None
+            (y,) = _call_fused([linear], kernel, [g2, u2], rows, residual=res2)
+            return op.reshape(y, [*lead, linear.out_features])
+    y = linear(op.silu(gate) * up)
+    return residual + y if residual is not None else y
+
+
+def _project_unfused(linears: Sequence[nn.Module], x: nn.Tensor) -> list[nn.Tensor]:
+    """`[linear(x) for linear in linears]` with the shared prologue / shared VQ launches where the target has them
+    (each shared kernel computes every layer's values exactly as that layer's own kernel would)."""
+    rows = _static_rows(x)
+    fused_groups = _fused_groups(linears, rows)
     done = {id(m) for group, _ in fused_groups for m in group}
     rest = [m for m in linears if id(m) not in done]
     prologue_groups = _prologue_groups(rest)
-    matmul_groups = _matmul_groups(rest, _static_rows(x))
+    matmul_groups = _matmul_groups(rest, rows)
     if not prologue_groups and not matmul_groups and not any(len(g) > 1 for g, _ in fused_groups):
         return [m(x) for m in linears]
     vq = [m for m in linears if isinstance(m, VPTQLinear)]
     lead, rows, x2 = vq[0]._flatten(x)
     fused_out: dict[int, nn.Tensor] = {}
     for group, kernel in fused_groups:
-        for m, y in zip(group, _call_fused(group, kernel, x2, rows), strict=True):
+        for m, y in zip(group, _call_fused(group, kernel, [x2], rows), strict=True):
             fused_out[id(m)] = m.finish(y, lead, rows, x2, None, dot_added=True)
     prepared: dict[int, tuple[nn.Tensor, nn.Tensor | None]] = {}
     for group in prologue_groups:

@@ -179,9 +179,27 @@ FUSED_STATIC_SMEM = 48 * 1024  # static shared memory per CTA
 FUSED_TOTAL_SMEM = 99 * 1024  # static + dynamic per CTA on sm_86/sm_89 (sm_80: 163 KB, sm_90: 227 KB)
 
 
+@dataclass(frozen=True)
+class FusedInput:
+    """What the fused GEMV (`vq_gemv_cuda(..., prologue=...)`) computes around the VQ product.
+
+    source: the activation from the kernel's input(s): "x" as given; "rmsnorm": RMSNorm(x) * gamma (`eps`), the
+    decoder's pre-norm folded in; "swiglu": silu(x) * x2 (gate, up), the MLP's product folded into down_proj.
+    residual: y = vq(..) + dot + residual (one layer only): the residual stream's add in the epilogue.
+    concat: the layers' outputs side by side in one [rows, count * O] tensor (q/k/v of one shape: no concat)."""
+
+    source: str = "x"
+    eps: float = 0.0
+    residual: bool = False
+    concat: bool = False
+
+
+PLAIN_INPUT = FusedInput()  # the activation as given, no residual, one output per layer
+
+
 def vq_gemv_cuda(cfg: VPTQLayerConfig, dtype: str, rows: int, plan: GemvPlan | None = None,
                  params: GpuParams = CUDA_PARAMS, count: int = 1,
-                 prologue: tuple[bool, ...] | None = None) -> tirx.PrimFunc:
+                 prologue: tuple[bool, ...] | None = None, fused: FusedInput = PLAIN_INPUT) -> tirx.PrimFunc:
     """PrimFunc(xs[rows, I], *operands, y[rows, O]) for 1 <= rows <= MAX_ROWS (static); `params` picks the GPU
     (CUDA_PARAMS, or `wavefront_params(rocm_target)`). `count` (2..MAX_LAYERS) layers of the same config in one
     launch (q/k/v, gate/up): PrimFunc(xs_0, *operands_0, xs_1, *operands_1, .., y_0, y_1, ..).
@@ -192,11 +210,14 @@ def vq_gemv_cuda(cfg: VPTQLayerConfig, dtype: str, rows: int, plan: GemvPlan | N
     `y = vq(x[:, perm] * col_scale) + x @ weight_bias`. Every CTA copies the raw rows into shared memory (16-byte
     loads), gathers and scales them there (a gather from shared memory: the same gather from global memory is
     L1-sector bound, ~2.5 us for 4096 columns on one SM) and sums the norm-bias dot, overlapped with the codebook
-    copy; xs is bit for bit what the prologue kernel writes, the dot is added in fp32 before the one rounding."""
+    copy; xs is bit for bit what the prologue kernel writes, the dot is added in fp32 before the one rounding.
+    `fused` adds the neighbours (`FusedInput`): the params become (x, [x2], [gamma], per layer .., [residual], y..)."""
     if not 1 <= rows <= MAX_ROWS:
         raise ValueError(f"vq_gemv_cuda handles 1..{MAX_ROWS} rows, got {rows}")
     if prologue is not None:
         count = len(prologue)
+        if fused.source not in ("x", "rmsnorm", "swiglu") or (fused.residual and (count != 1 or fused.concat)):
+            raise ValueError(f"bad fused input {fused} for {count} layers")
         if params is not CUDA_PARAMS or not fused_prologue_fits(cfg, rows, dtype) or not cfg.enable_norm:
             raise ValueError(f"the fused prologue needs a normed layer on CUDA whose {rows} activation rows fit "
                              "shared memory (fused_prologue_fits)")
@@ -235,17 +256,51 @@ def vq_gemv_cuda(cfg: VPTQLayerConfig, dtype: str, rows: int, plan: GemvPlan | N
     ACC = "float32"
     SV = _stage_vec(I, 2 if dtype == "float16" else 4)  # fused prologue: elements per staging access
     SITERS = -(-I // (NT * SV))  # staging accesses per thread and row
+    SOURCE, EPS, RESIDUAL, CONCAT = fused.source, fused.eps, fused.residual, fused.concat
 
     @T.macro
-    def stage_activation(x, perm, col_scale, weight_bias, xs_s, dred, dacc, sg, sw, gl, tid, tx, ty, has_perm):
-        """Rows of `x` into `xs_s` (scaled by col_scale unless a permutation must gather first), each warp's
-        partial norm-bias dots into `dred[warp * NB + b]`; with a permutation, after a barrier, each thread gathers
-        and scales its columns into `gl` (written back once every thread has read: `gemv_body`)."""
+    def stage_activation(x, x2, gamma, perm, col_scale, weight_bias, xs_s, dred, nred, dacc, rstd, sg, sw, su, gl,
+                         tid, tx, ty, has_perm):
+        """The layer's input rows into `xs_s` (scaled by col_scale unless a permutation must gather first), each
+        warp's partial norm-bias dots into `dred[warp * NB + b]`; with a permutation, after a barrier, each thread
+        gathers and scales its columns into `gl` (written back once every thread has read: `gemv_body`).
+        SOURCE: "x" the rows of `x`; "rmsnorm" RMSNorm(x) * gamma as TVM's rms_norm computes it (fp32, one
+        rounding; the squares summed over the CTA first); "swiglu" silu(x) * x2 (silu in fp32, rounded, times x2)."""
+        if SOURCE == "rmsnorm":
+            for b in T.unroll(NB):
+                dacc[b] = T.float32(0)
+                for it in T.unroll(SITERS):
+                    if (it * NT + tid) * SV < I:  # the raw columns stay in registers (`gl`) until rstd is known
+                        gl[vr((b * SITERS + it) * SV, SV)] = x[b, vr((it * NT + tid) * SV, SV)]
+                        for j in T.unroll(SV):
+                            dacc[b] = dacc[b] + T.Cast(ACC, gl[(b * SITERS + it) * SV + j]) * T.Cast(
+                                ACC, gl[(b * SITERS + it) * SV + j])
+            warp_sum(dacc, NB, WARP, WARP)
+            if tx == 0:
+                for b in T.unroll(NB):
+                    nred[ty * NB + b] = dacc[b]
+            T.tvm_storage_sync("shared")
+            for b in T.unroll(NB):
+                rstd[b] = T.float32(0)
+                for w in T.unroll(W):
+                    rstd[b] = rstd[b] + nred[w * NB + b]
+                rstd[b] = T.rsqrt(rstd[b] / T.float32(I) + T.float32(EPS))
         for b in T.unroll(NB):
             dacc[b] = T.float32(0)
             for it in T.unroll(SITERS):
                 if (it * NT + tid) * SV < I:
-                    sg[vr(0, SV)] = x[b, vr((it * NT + tid) * SV, SV)]
+                    if SOURCE == "rmsnorm":
+                        sg[vr(0, SV)] = gl[vr((b * SITERS + it) * SV, SV)]
+                        sw[vr(0, SV)] = gamma[vr((it * NT + tid) * SV, SV)]
+                        for j in T.unroll(SV):
+                            sg[j] = T.Cast(dtype, T.Cast(ACC, sg[j]) * rstd[b] * T.Cast(ACC, sw[j]))
+                    elif SOURCE == "swiglu":
+                        sg[vr(0, SV)] = x[b, vr((it * NT + tid) * SV, SV)]
+                        su[vr(0, SV)] = x2[b, vr((it * NT + tid) * SV, SV)]
+                        for j in T.unroll(SV):
+                            sg[j] = T.Cast(dtype, T.Cast(ACC, sg[j]) * T.sigmoid(T.Cast(ACC, sg[j]))) * su[j]
+                    else:
+                        sg[vr(0, SV)] = x[b, vr((it * NT + tid) * SV, SV)]
                     sw[vr(0, SV)] = weight_bias[vr((it * NT + tid) * SV, SV)]
                     for j in T.unroll(SV):
                         dacc[b] = dacc[b] + T.Cast(ACC, sg[j]) * T.Cast(ACC, sw[j])
@@ -270,12 +325,13 @@ def vq_gemv_cuda(cfg: VPTQLayerConfig, dtype: str, rows: int, plan: GemvPlan | N
     @T.macro
     def gemv_body(xs, centroids, codes, res_centroids, res_codes, outlier_centroids, outlier_codes, y, bx, tx, ty,
                   cb_s, red, acc, ah, cl, rl, xl, wl, wr, tot, fused, has_perm, perm, col_scale, weight_bias, xs_s,
-                  dred, dacc, sg, sw, gl):
+                  dred, dacc, sg, sw, gl, x2, gamma, nred, rstd, su, res, yoff):
         tid = ty * WARP + tx
         rr = ty // P
         sp = ty % P
         if fused:  # this CTA's copy of the prepared activation: raw rows into shared memory, + the norm-bias dot
-            stage_activation(xs, perm, col_scale, weight_bias, xs_s, dred, dacc, sg, sw, gl, tid, tx, ty, has_perm)
+            stage_activation(xs, x2, gamma, perm, col_scale, weight_bias, xs_s, dred, nred, dacc, rstd, sg, sw, su, gl,
+                             tid, tx, ty, has_perm)
         # the book in shared memory: entry t's copy q at (t * REP + q) * v (REP = 1: the plain book); thread t stores
         # copy (q + t) % REP at step q, so a quarter-warp's stores hit 8 different bank groups
         if SMEM_CB:
@@ -389,7 +445,12 @@ def vq_gemv_cuda(cfg: VPTQLayerConfig, dtype: str, rows: int, plan: GemvPlan | N
                         if fused:  # + the norm-bias dot: the warps' partial sums of row b
                             for w in T.unroll(W):
                                 tot[0] = tot[0] + dred[w * NB + b]
-                        y[b, r] = T.Cast(dtype, tot[0])
+                        if fused and RESIDUAL:  # the residual stream's add, as `y + residual` in the model dtype
+                            y[b, r] = T.Cast(dtype, tot[0]) + res[b, r]
+                        elif fused and CONCAT:  # layer m's columns of one [rows, count * O] output
+                            y[b, yoff + r] = T.Cast(dtype, tot[0])
+                        else:
+                            y[b, r] = T.Cast(dtype, tot[0])
             T.tvm_storage_sync(SCOPE)
 
 
@@ -421,11 +482,12 @@ def vq_gemv_cuda(cfg: VPTQLayerConfig, dtype: str, rows: int, plan: GemvPlan | N
         wr = T.alloc_buffer((v,), dtype, scope="local")
         tot = T.alloc_buffer((1,), ACC, scope="local")
         gemv_body(xs, centroids, codes, res_centroids, res_codes, outlier_centroids, outlier_codes, y, bx, tx, ty,
-                  cb_s, red, acc, ah, cl, rl, xl, wl, wr, tot, False, False, xs, xs, xs, xs, red, acc, xl, xl, xl)
+                  cb_s, red, acc, ah, cl, rl, xl, wl, wr, tot, False, False, xs, xs, xs, xs, red, acc, xl, xl, xl,
+                  xs, xs, red, acc, xl, xs, 0)
 
     if prologue is not None:
-        return _fused_gemv(gemv_body, prologue, dtype, NB, I, G, K, v, KR1, NV, L, CD, RCD, KO, VO, NO, OSZ1, O,
-                           GRID, WARP, W, SCOPE, CB_SHARED, RED, NBV, U, VW, SITERS, SV, cfg)
+        return _fused_gemv(gemv_body, prologue, fused, dtype, NB, I, G, K, v, KR1, NV, L, CD, RCD, KO, VO, NO, OSZ1,
+                           O, GRID, WARP, W, SCOPE, CB_SHARED, RED, NBV, U, VW, SITERS, SV, cfg)
     if count == 1:
         return keep_generic_operands(kernel, cfg)
 
@@ -477,20 +539,23 @@ def vq_gemv_cuda(cfg: VPTQLayerConfig, dtype: str, rows: int, plan: GemvPlan | N
         if bx < GRID:
             gemv_body(xs_0, centroids_0, codes_0, res_centroids_0, res_codes_0, outlier_centroids_0,
                       outlier_codes_0, y_0, bx, tx, ty, cb_s, red, acc, ah, cl, rl, xl, wl, wr, tot, False, False,
-                      xs_0, xs_0, xs_0, xs_0, red, acc, xl, xl, xl)
+                      xs_0, xs_0, xs_0, xs_0, red, acc, xl, xl, xl,
+                      xs_0, xs_0, red, acc, xl, xs_0, 0)
         # the CTA's branch is uniform, but the sync planner sees the next branch's shared-memory writes after this
         # one's reads: a barrier here, outside any condition, orders them (else it would put one inside a branch)
         T.tvm_storage_sync(SYNC)
         if bx // GRID == 1:
             gemv_body(xs_1, centroids_1, codes_1, res_centroids_1, res_codes_1, outlier_centroids_1,
                       outlier_codes_1, y_1, bx - GRID, tx, ty, cb_s, red, acc, ah, cl, rl, xl, wl, wr, tot, False,
-                      False, xs_1, xs_1, xs_1, xs_1, red, acc, xl, xl, xl)
+                      False, xs_1, xs_1, xs_1, xs_1, red, acc, xl, xl, xl,
+                      xs_1, xs_1, red, acc, xl, xs_1, 0)
         if count == 3:
             T.tvm_storage_sync(SYNC)
             if bx // GRID == 2:
                 gemv_body(xs_2, centroids_2, codes_2, res_centroids_2, res_codes_2, outlier_centroids_2,
                           outlier_codes_2, y_2, bx - 2 * GRID, tx, ty, cb_s, red, acc, ah, cl, rl, xl, wl, wr,
-                          tot, False, False, xs_2, xs_2, xs_2, xs_2, red, acc, xl, xl, xl)
+                          tot, False, False, xs_2, xs_2, xs_2, xs_2, red, acc, xl, xl, xl,
+                          xs_2, xs_2, red, acc, xl, xs_2, 0)
 
     from vptq_mlc.artifact.vq_layout import vq_operand_shapes
 
@@ -498,8 +563,8 @@ def vq_gemv_cuda(cfg: VPTQLayerConfig, dtype: str, rows: int, plan: GemvPlan | N
     return keep_params(multi, {f"{name}_{m}" for name in names for m in range(count)})
 
 
-def _fused_gemv(gemv_body, perms, dtype, NB, I, G, K, v, KR1, NV, L, CD, RCD, KO, VO, NO, OSZ1, O,  # noqa: E741
-                GRID, WARP, W, SCOPE, CB_SHARED, RED, NBV, U, VW, SITERS, SV, cfg) -> tirx.PrimFunc:
+def _fused_gemv(gemv_body, perms, opts: FusedInput, dtype, NB, I, G, K, v, KR1, NV, L, CD, RCD, KO, VO,  # noqa: E741
+                NO, OSZ1, O, GRID, WARP, W, SCOPE, CB_SHARED, RED, NBV, U, VW, SITERS, SV, cfg) -> tirx.PrimFunc:
     """The GEMV with the prologue folded in (`vq_gemv_cuda(..., prologue=perms)`): one x, per layer its own
     [perm], col_scale, weight_bias and operands; CTA bx serves layer bx // GRID as in the shared GEMV."""
     from vptq_mlc.artifact.vq_layout import vq_operand_shapes
@@ -507,10 +572,13 @@ def _fused_gemv(gemv_body, perms, dtype, NB, I, G, K, v, KR1, NV, L, CD, RCD, KO
     count = len(perms)
     P0, P1, P2 = (*perms, False, False)[:3]
     ACC = "float32"
+    OY = count * O if opts.concat else O  # columns of y_0
 
     @T.prim_func(private=True)
     def fused(
         x: T.Buffer((NB, I), dtype),
+        x2: T.Buffer((NB, I), dtype),
+        gamma: T.Buffer((I,), dtype),
         perm_0: T.Buffer((I,), "int32"),
         col_scale_0: T.Buffer((I,), dtype),
         weight_bias_0: T.Buffer((I,), dtype),
@@ -538,7 +606,8 @@ def _fused_gemv(gemv_body, perms, dtype, NB, I, G, K, v, KR1, NV, L, CD, RCD, KO
         res_codes_2: T.Buffer((NV, L), RCD),
         outlier_centroids_2: T.Buffer((KO, VO), dtype),
         outlier_codes_2: T.Buffer((NO, OSZ1), "uint16"),
-        y_0: T.Buffer((NB, O), dtype),
+        residual: T.Buffer((NB, O), dtype),
+        y_0: T.Buffer((NB, OY), dtype),
         y_1: T.Buffer((NB, O), dtype),
         y_2: T.Buffer((NB, O), dtype),
     ):
@@ -550,6 +619,7 @@ def _fused_gemv(gemv_body, perms, dtype, NB, I, G, K, v, KR1, NV, L, CD, RCD, KO
         red = T.alloc_buffer((RED,), ACC, scope=SCOPE)
         xs_s = T.alloc_buffer((NB * I,), dtype, scope="shared")
         dred = T.alloc_buffer((W * NB,), ACC, scope="shared")
+        nred = T.alloc_buffer((W * NB,), ACC, scope="shared")
         acc = T.alloc_buffer((NBV,), ACC, scope="local")
         ah = T.alloc_buffer((NBV,), dtype, scope="local")
         cl = T.alloc_buffer((U * VW,), CD, scope="local")
@@ -559,32 +629,51 @@ def _fused_gemv(gemv_body, perms, dtype, NB, I, G, K, v, KR1, NV, L, CD, RCD, KO
         wr = T.alloc_buffer((v,), dtype, scope="local")
         tot = T.alloc_buffer((1,), ACC, scope="local")
         dacc = T.alloc_buffer((NB,), ACC, scope="local")
+        rstd = T.alloc_buffer((NB,), ACC, scope="local")
         sg = T.alloc_buffer((SV,), dtype, scope="local")
         sw = T.alloc_buffer((SV,), dtype, scope="local")
+        su = T.alloc_buffer((SV,), dtype, scope="local")
         gl = T.alloc_buffer((NB * SITERS * SV,), dtype, scope="local")
         if bx < GRID:
             gemv_body(x, centroids_0, codes_0, res_centroids_0, res_codes_0, outlier_centroids_0, outlier_codes_0,
                       y_0, bx, tx, ty, cb_s, red, acc, ah, cl, rl, xl, wl, wr, tot, True, P0, perm_0, col_scale_0,
-                      weight_bias_0, xs_s, dred, dacc, sg, sw, gl)
+                      weight_bias_0, xs_s, dred, dacc, sg, sw, gl, x2, gamma, nred, rstd, su, residual, 0)
         if count >= 2:
             # uniform per CTA, but the sync planner sees the next layer's shared writes after this one's reads
             T.tvm_storage_sync(SCOPE)
             T.tvm_storage_sync("shared")
             if bx // GRID == 1:
-                gemv_body(x, centroids_1, codes_1, res_centroids_1, res_codes_1, outlier_centroids_1,
-                          outlier_codes_1, y_1, bx - GRID, tx, ty, cb_s, red, acc, ah, cl, rl, xl, wl, wr, tot, True,
-                          P1, perm_1, col_scale_1, weight_bias_1, xs_s, dred, dacc, sg, sw, gl)
+                if opts.concat:
+                    gemv_body(x, centroids_1, codes_1, res_centroids_1, res_codes_1, outlier_centroids_1,
+                              outlier_codes_1, y_0, bx - GRID, tx, ty, cb_s, red, acc, ah, cl, rl, xl, wl, wr, tot,
+                              True, P1, perm_1, col_scale_1, weight_bias_1, xs_s, dred, dacc, sg, sw, gl, x2, gamma,
+                              nred, rstd, su, residual, O)
+                else:
+                    gemv_body(x, centroids_1, codes_1, res_centroids_1, res_codes_1, outlier_centroids_1,
+                              outlier_codes_1, y_1, bx - GRID, tx, ty, cb_s, red, acc, ah, cl, rl, xl, wl, wr, tot,
+                              True, P1, perm_1, col_scale_1, weight_bias_1, xs_s, dred, dacc, sg, sw, gl, x2, gamma,
+                              nred, rstd, su, residual, 0)
         if count == 3:
             T.tvm_storage_sync(SCOPE)
             T.tvm_storage_sync("shared")
             if bx // GRID == 2:
-                gemv_body(x, centroids_2, codes_2, res_centroids_2, res_codes_2, outlier_centroids_2,
-                          outlier_codes_2, y_2, bx - 2 * GRID, tx, ty, cb_s, red, acc, ah, cl, rl, xl, wl, wr, tot,
-                          True, P2, perm_2, col_scale_2, weight_bias_2, xs_s, dred, dacc, sg, sw, gl)
+                if opts.concat:
+                    gemv_body(x, centroids_2, codes_2, res_centroids_2, res_codes_2, outlier_centroids_2,
+                              outlier_codes_2, y_0, bx - 2 * GRID, tx, ty, cb_s, red, acc, ah, cl, rl, xl, wl, wr,
+                              tot, True, P2, perm_2, col_scale_2, weight_bias_2, xs_s, dred, dacc, sg, sw, gl, x2,
+                              gamma, nred, rstd, su, residual, 2 * O)
+                else:
+                    gemv_body(x, centroids_2, codes_2, res_centroids_2, res_codes_2, outlier_centroids_2,
+                              outlier_codes_2, y_2, bx - 2 * GRID, tx, ty, cb_s, red, acc, ah, cl, rl, xl, wl, wr,
+                              tot, True, P2, perm_2, col_scale_2, weight_bias_2, xs_s, dred, dacc, sg, sw, gl, x2,
+                              gamma, nred, rstd, su, residual, 0)
 
-    keep = {"x"} | {f"{name}_{m}" for name in ("col_scale", "weight_bias", "y", *vq_operand_shapes(cfg))
+    keep = {"x"} | {f"{name}_{m}" for name in ("col_scale", "weight_bias", *vq_operand_shapes(cfg))
                     for m in range(count)}
     keep |= {f"perm_{m}" for m in range(count) if perms[m]}
+    keep |= {"y_0"} if opts.concat else {f"y_{m}" for m in range(count)}
+    keep |= {"x2"} if opts.source == "swiglu" else {"gamma"} if opts.source == "rmsnorm" else set()
+    keep |= {"residual"} if opts.residual else set()
     return keep_params(fused, keep)
 
 

@@ -51,7 +51,7 @@ from vptq_mlc.tir_kernels.generic import (
 )
 
 if TYPE_CHECKING:
-    from vptq_mlc.tir_kernels.cuda_gemv import GpuParams
+    from vptq_mlc.tir_kernels.cuda_gemv import FusedInput, GpuParams
 
 OP_PATTERN_OPAQUE = 8  # relax OpPatternKind::kOpaque
 # static decode batches above the GEMV's MAX_ROWS that only the tensor-core kernel (cuda_mma.py) serves
@@ -105,15 +105,17 @@ class KernelSelector:
     def _pick_shared(self, cfg: VPTQLayerConfig, dtype: str, rows: int | None, count: int) -> VQKernel | None:
         return None
 
-    def fused(self, cfg: VPTQLayerConfig, dtype: str, rows: int | None, perms: tuple[bool, ...]) -> VQKernel | None:
+    def fused(self, cfg: VPTQLayerConfig, dtype: str, rows: int | None, perms: tuple[bool, ...],
+              opts: FusedInput | None = None) -> VQKernel | None:
         """One launch that prepares the activation itself and runs the VQ kernel, for `len(perms)` normed layers
         of config `cfg` reading the same `rows` activation rows (`perms[m]`: layer m has a permutation):
-        `func(x, per layer m: [perm_m], col_scale_m, weight_bias_m, *operands_m, then y_0, y_1, ..)` with the
-        norm-bias dot included in y, or None where this family has none (then the prologue kernel runs first)."""
-        return self._select_fused(cfg, dtype, rows, perms)
+        `func(x, [x2], [gamma], per layer m: [perm_m], col_scale_m, weight_bias_m, *operands_m, [residual], then
+        y_0, y_1, ..)` with the norm-bias dot included in y (`opts`: which neighbours it computes too, see
+        `cuda_gemv.FusedInput`), or None where this family has none (then the prologue kernel runs first)."""
+        return self._select_fused(cfg, dtype, rows, perms, opts)
 
-    def _pick_fused(self, cfg: VPTQLayerConfig, dtype: str, rows: int | None, perms: tuple[bool, ...]
-                    ) -> VQKernel | None:
+    def _pick_fused(self, cfg: VPTQLayerConfig, dtype: str, rows: int | None, perms: tuple[bool, ...],
+                    opts: FusedInput | None) -> VQKernel | None:
         return None
 
     def _pick(self, cfg: VPTQLayerConfig, dtype: str, rows: int | None) -> VQKernel:
@@ -209,16 +211,18 @@ class CudaKernelSelector(KernelSelector):
             return None
         return _mark(VQKernel(vq_gemv_cuda(cfg, dtype, rows, count=count), tuple(vq_operand_shapes(cfg))))
 
-    def _pick_fused(self, cfg: VPTQLayerConfig, dtype: str, rows: int | None, perms: tuple[bool, ...]
-                    ) -> VQKernel | None:
+    def _pick_fused(self, cfg: VPTQLayerConfig, dtype: str, rows: int | None, perms: tuple[bool, ...],
+                    opts: FusedInput | None) -> VQKernel | None:
         """Where the layers' own kernel is the GEMV and their activation rows fit its shared memory: the GEMV
-        with the prologue folded in (`vq_gemv_cuda(..., prologue=perms)`)."""
-        from vptq_mlc.tir_kernels.cuda_gemv import MAX_LAYERS, fused_prologue_fits, vq_gemv_cuda
+        with the prologue folded in (`vq_gemv_cuda(..., prologue=perms, fused=opts)`)."""
+        from vptq_mlc.tir_kernels.cuda_gemv import MAX_LAYERS, FusedInput, fused_prologue_fits, vq_gemv_cuda
 
-        if not 1 <= len(perms) <= MAX_LAYERS or not cfg.enable_norm or \
+        opts = opts or FusedInput()
+        if not 1 <= len(perms) <= MAX_LAYERS or not cfg.enable_norm or (opts.residual and len(perms) != 1) or \
                 self._decode_family(cfg, dtype, rows) != "gemv" or not fused_prologue_fits(cfg, rows, dtype):
             return None
-        return _mark(VQKernel(vq_gemv_cuda(cfg, dtype, rows, prologue=perms), tuple(vq_operand_shapes(cfg))))
+        return _mark(VQKernel(vq_gemv_cuda(cfg, dtype, rows, prologue=perms, fused=opts),
+                              tuple(vq_operand_shapes(cfg))))
 
     def _pick(self, cfg: VPTQLayerConfig, dtype: str, rows: int | None) -> VQKernel:
         from vptq_mlc.tir_kernels import cuda_code_sorted as cs
