@@ -90,3 +90,68 @@ def test_wrong_kernels_fail(fault: str, shared: bool) -> None:
     lib = _FakeLibrary("float32", (True, True), fault, shared)
     res = _check_prologue_case(lib, 0, case, np.random.default_rng(0), device="cpu")
     assert not any(r["ok"] for r in res), res
+
+
+class _FakeFusedLibrary(_FakeLibrary):
+    """Adds `func(i, "_fused")`: the fused GEMV of `case.fused_input()` from its definition (RMSNorm or silu * up
+    staged in the model dtype, perm + scale, the VQ product + the norm-bias dot, + residual, concat), optionally
+    broken."""
+
+    def __init__(self, dtype: str, perms: tuple[bool, ...], case: KernelCase, fault: str = ""):
+        super().__init__(dtype, perms)
+        self.manifest["fused"] = [0]
+        self.opts, self.fault_fused = case.fused_input(), fault
+
+    def func(self, i: int, suffix: str = ""):
+        return self._fused if suffix == "_fused" else super().func(i, suffix)
+
+    def _fused(self, *args):
+        args = [_torch(a) for a in args]
+        o, n = self.opts, len(self.perms)
+        x = args.pop(0)
+        if o.source == "rmsnorm":
+            gamma = args.pop(0)
+            xf = x.float()
+            if self.fault_fused != "no-norm":
+                x = (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + o.eps) * gamma.float()).to(x.dtype)
+        elif o.source == "swiglu":
+            up = args.pop(0)
+            x = (x.float() * torch.sigmoid(x.float())).to(x.dtype) * up
+        ys = args[len(args) - (1 if o.concat else n):]
+        args = args[: len(args) - len(ys)]
+        residual = args.pop() if o.residual else None
+        outs = []
+        for has_perm in self.perms:
+            perm = args.pop(0) if has_perm else None
+            col_scale, weight_bias, centroids, codes = args.pop(0), args.pop(0), args.pop(0), args.pop(0)
+            xs = (x[:, perm.long()] if perm is not None else x) * col_scale
+            y = torch.empty(x.shape[0], codes.shape[0] * centroids.shape[-1], dtype=x.dtype)
+            self._vq(xs, centroids, codes, y)
+            y = (y.double() + x.double() @ weight_bias.double()[:, None]).to(x.dtype)
+            outs.append(y[:, : ys[0].shape[1] // (n if o.concat else 1)])
+        if residual is not None and self.fault_fused != "no-residual":
+            outs = [y + residual for y in outs]
+        if o.concat:
+            ys[0].copy_(torch.cat(outs, dim=1))
+        else:
+            for y, out in zip(ys, outs, strict=True):
+                y.copy_(out)
+
+
+@pytest.mark.parametrize("fused,prologue", [("rmsnorm,concat", "ppn"), ("swiglu,residual", "p"), ("residual", "n"),
+                                            ("", "pn")])
+def test_right_fused_kernel_passes(fused: str, prologue: str) -> None:
+    case = KernelCase("v8-k256-0", 1000, 96, 2, prologue=prologue, fused=fused)
+    lib = _FakeFusedLibrary("float32", tuple(ch == "p" for ch in prologue), case)
+    res = [r for r in _check_prologue_case(lib, 0, case, np.random.default_rng(2), device="cpu")
+           if r["case"].endswith("-fused")]
+    assert len(res) == len(prologue) and all(r["ok"] for r in res), res
+
+
+@pytest.mark.parametrize("fused,fault", [("rmsnorm", "no-norm"), ("residual", "no-residual")])
+def test_wrong_fused_kernel_fails(fused: str, fault: str) -> None:
+    case = KernelCase("v8-k256-0", 1000, 96, 2, prologue="p", fused=fused)
+    lib = _FakeFusedLibrary("float32", (True,), case, fault)
+    res = [r for r in _check_prologue_case(lib, 0, case, np.random.default_rng(3), device="cpu")
+           if r["case"].endswith("-fused")]
+    assert res and not any(r["ok"] for r in res), res
