@@ -329,15 +329,16 @@ def vq_gemv_cuda(cfg: VPTQLayerConfig, dtype: str, rows: int, plan: GemvPlan | N
         tid = ty * WARP + tx
         rr = ty // P
         sp = ty % P
-        if fused:  # this CTA's copy of the prepared activation: raw rows into shared memory, + the norm-bias dot
-            stage_activation(xs, x2, gamma, perm, col_scale, weight_bias, xs_s, dred, nred, dacc, rstd, sg, sw, su, gl,
-                             tid, tx, ty, has_perm)
         # the book in shared memory: entry t's copy q at (t * REP + q) * v (REP = 1: the plain book); thread t stores
         # copy (q + t) % REP at step q, so a quarter-warp's stores hit 8 different bank groups
         if SMEM_CB:
             fill_book_replicated(cb_s, 0, wl, centroids, G * K, K, FILL_MAIN, NT, tid, v, EV, REP)
             if HAS_RES:
                 fill_book_replicated(cb_s, CB_MAIN, wr, res_centroids, G * KR, KR, FILL_RES, NT, tid, v, EV, REP)
+        if fused:  # this CTA's copy of the prepared activation (its loads may overlap the codebook copy's)
+            stage_activation(xs, x2, gamma, perm, col_scale, weight_bias, xs_s, dred, nred, dacc, rstd, sg, sw, su, gl,
+                             tid, tx, ty, has_perm)
+        if SMEM_CB:
             T.tvm_storage_sync(SCOPE)
         if fused:
             if has_perm:  # every thread holds its gathered columns in `gl`: once all reads are done, write them back
