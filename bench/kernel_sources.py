@@ -3,7 +3,7 @@
 Why: a refactor of the kernel modules (shared `@T.macro` pieces, helpers) must not change one instruction. This
 builds every case of the kernel suites (bench/kernels.py: correctness, code-sorted with its sweep, bench shapes at
 every decode row count, prefill plans), fp16 and fp32, the ROCm variant of the GEMV, the GEMV over several layers in
-one launch and the CUDA prologues (a layer's own and the shared one), and
+one launch, the CUDA prologues (a layer's own and the shared one) and the GEMV with them folded in, and
 writes per kernel its TVMScript (`tir/<name>.py`) and its CUDA source (`cuda/<name>.cu`). No GPU and no nvcc: the
 CUDA compile callback is replaced by one that records the source. Usage (from a worktree, PYTHONPATH set):
 
@@ -94,6 +94,23 @@ def _cuda_funcs(dtype: str, backend) -> dict[str, object]:
         for perms in ((True, True, True), (True, False), (False, True, False)):
             flags = "".join("p" if p else "n" for p in perms)
             funcs[f"{dtype}-prologue-shared-{i}-{flags}"] = vq_shared_prologue_cuda(i, dtype, perms)
+    # the GEMV with the prologue folded in, and its neighbours (the decoder's 7B shapes at batch 1, odd shapes)
+    from vptq_mlc.tir_kernels.cuda_gemv import FusedInput, fused_prologue_fits
+
+    fused = (("v8-k4096-0", 4096, 4096, {}, 1, (True, True, True), FusedInput("rmsnorm", 1e-5, concat=True)),
+             ("v8-k4096-0", 4096, 4096, {}, 1, (True,), FusedInput(residual=True)),
+             ("v8-k4096-0", 4096, 11008, {}, 1, (True, True), FusedInput("rmsnorm", 1e-5)),
+             ("v8-k4096-0", 11008, 4096, {}, 1, (True,), FusedInput("swiglu", residual=True)),
+             ("v8-k256-256", 1000, 300, {}, 2, (False, True), FusedInput()),
+             ("v8-k256-256", 1024, 512, outl, 4, (True,), FusedInput("rmsnorm", 1e-6, residual=True)),
+             ("v8-k65536-0", 1024, 512, {}, 3, (True, False), FusedInput("swiglu")))
+    for variant, i, o, kw, rows, perms, opts in fused:
+        cfg = VPTQLayerConfig.from_variant(variant, i, o, enable_norm=True, **kw)
+        if fused_prologue_fits(cfg, rows, dtype):
+            flags = "".join("p" if p else "n" for p in perms)
+            name = (f"{dtype}-gemv-fused-{opts.source}{'-res' if opts.residual else ''}{'-cat' if opts.concat else ''}"
+                    f"-{variant}-{o}x{i}-r{rows}-{flags}{'-outl' if kw else ''}")
+            funcs[name] = vq_gemv_cuda(cfg, dtype, rows, prologue=perms, fused=opts)
     return funcs
 
 
