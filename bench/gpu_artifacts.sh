@@ -36,7 +36,7 @@ built() { [ -e "$1" ] && echo "already built: $1 (delete it to rebuild)"; }
 for p in $PARTS; do
   case $p in
     tvm_rt) built "$ART/tvm_rt" || "${V[@]}" runtime-bundle "$ART/tvm_rt" --python 3.12 ;;
-    kcheck) built "$ART/kcheck" || "${V[@]}" bench build "$ART/kcheck" --suite check --arch "$ARCH" ;;
+    kcheck) built "$ART/kcheck" || VPTQ_MLC_FUSED_DECODE=1 "${V[@]}" bench build "$ART/kcheck" --suite check --arch "$ARCH" ;;
     kbench) built "$ART/kbench" || "${V[@]}" bench build "$ART/kbench" --suite kernels --arch "$ARCH" --rows 1,8,16 ;;
     attn) built "$ART/attn" || python3 bench/attention_prefill.py build "$ART/attn" --arch "$ARCH" ;;
     kprefill) built "$ART/kprefill" || python3 bench/prefill_gemm.py build "$ART/kprefill" --arch "$ARCH" ;;

@@ -14,19 +14,32 @@ import pytest
 from test_cuda_aot import require_cuda_toolkit
 
 from vptq_mlc.bench.launches import launches, launches_per_layer, lowered_module
+from vptq_mlc.tir_kernels.registry import FUSED_DECODE_ENV
 
 
-@pytest.fixture(scope="module")
-def lowered(tmp_path_factory):
+def _lower(tmp, monkeypatch, fused: str):
     from vptq_mlc.convert.converter import convert_checkpoint
     from vptq_mlc.testing.synthetic import make_synthetic_checkpoint
 
     require_cuda_toolkit(cuobjdump=False)  # the CUDA backend's preparation (no nvcc run)
-    tmp = tmp_path_factory.mktemp("launches")
     # q, k and v of one shape (num_kv_heads = num_heads), so all three share the GEMV launch too
     ckpt = make_synthetic_checkpoint(tmp / "ckpt", variant="v8-k256-256", hidden_size=64, intermediate_size=128,
                                      num_layers=3, num_heads=4, num_kv_heads=4, vocab_size=320)
+    monkeypatch.setenv(FUSED_DECODE_ENV, fused)
     return lowered_module(convert_checkpoint(ckpt, tmp / "mlc", dtype="float16"))[0]
+
+
+@pytest.fixture(scope="module")
+def lowered(tmp_path_factory):
+    """The default build: the shared prologue + GEMV launches (the fused GEMV is off by default)."""
+    with pytest.MonkeyPatch.context() as mp:
+        return _lower(tmp_path_factory.mktemp("launches"), mp, "")
+
+
+@pytest.fixture(scope="module")
+def lowered_fused(tmp_path_factory):
+    with pytest.MonkeyPatch.context() as mp:
+        return _lower(tmp_path_factory.mktemp("launches_fused"), mp, "1")
 
 
 def _families(calls: list[tuple[str, int]]) -> Counter:
@@ -35,14 +48,25 @@ def _families(calls: list[tuple[str, int]]) -> Counter:
 
 
 def test_decode_layer_launches_are_shared(lowered) -> None:
+    """The default build: q/k/v and gate/up share one prologue and one GEMV launch each."""
+    calls = launches(lowered, "decode")
+    assert launches_per_layer(calls) == [14, 14]
+    fam = _families(calls)
+    assert fam["vq_prologue_shared"] == 2 and fam["vq_matmul_shared"] == 2  # q/k/v and gate/up
+    assert fam["vq_prologue"] == 2 and fam["vq_matmul"] == 2  # o_proj and down_proj
+    assert fam["rms_norm"] == 2
+    assert sum(fam.values()) == 14
+
+
+def test_decode_layer_launches_are_fused(lowered_fused) -> None:
     """Each normed linear's prologue runs inside its GEMV, and so do its neighbours: the layer's RMSNorms (q/k/v,
     gate/up), the q/k/v concat, silu(gate) * up (down_proj) and the residual adds (o_proj, down_proj): four launches
-    per decoder layer besides the KV cache's own."""
-    calls = launches(lowered, "decode")
+    per decoder layer besides the KV cache's own (FUSED_DECODE_ENV=1)."""
+    calls = launches(lowered_fused, "decode")
     assert launches_per_layer(calls) == [4, 4]
     fam = _families(calls)
     assert fam == {"vq_matmul_fused": 4}
-    fused = [lowered[name] for name, k in calls if name.startswith("vq_matmul_fused")]
+    fused = [lowered_fused[name] for name, k in calls if name.startswith("vq_matmul_fused")]
 
     def params(f, prefix):
         return sum(p.name.startswith(prefix) for p in f.params)

@@ -26,6 +26,7 @@ says which family it builds with; nothing here looks at the target's kind.
 from __future__ import annotations
 
 import functools
+import os
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -42,6 +43,7 @@ from vptq_mlc.artifact.vq_layout import (
     vq_operand_shapes,
 )
 from vptq_mlc.checkpoint.layer_config import VPTQLayerConfig
+from vptq_mlc.errors import CompileError
 from vptq_mlc.tir_kernels.generic import (
     gathered_row_dot,
     schedule_cpu,
@@ -67,6 +69,22 @@ class VQKernel:
     func: tirx.PrimFunc
     operands: tuple[str, ...]
     scratch: tuple[tuple[tuple[int, ...], str], ...] = ()
+
+
+# The fused decode GEMV (prologue, RMSNorm, silu * up and residual adds folded into the VQ GEMV) is off unless asked
+# for (compile with VPTQ_MLC_FUSED_DECODE=1) until its kernels have run on a GPU; off, CUDA libraries get the shared
+# prologue + GEMV launches whose numerics the GPU check suite has verified.
+FUSED_DECODE_ENV = "VPTQ_MLC_FUSED_DECODE"
+FUSED_DECODE_DEFAULT = False
+
+
+def fused_decode_enabled() -> bool:
+    """Whether CUDA decode layers get the fused GEMV (`CudaKernelSelector._pick_fused`): FUSED_DECODE_ENV=1 / 0,
+    else FUSED_DECODE_DEFAULT."""
+    value = os.environ.get(FUSED_DECODE_ENV, "")
+    if value not in ("", "0", "1"):
+        raise CompileError(f"{FUSED_DECODE_ENV}={value!r}: set it to 1 (the fused decode GEMV) or 0 (off)")
+    return FUSED_DECODE_DEFAULT if value == "" else value == "1"
 
 
 class KernelSelector:
@@ -218,6 +236,8 @@ class CudaKernelSelector(KernelSelector):
         from vptq_mlc.tir_kernels.cuda_gemv import MAX_LAYERS, FusedInput, fused_prologue_fits, vq_gemv_cuda
 
         opts = opts or FusedInput()
+        if not fused_decode_enabled():
+            return None
         if not 1 <= len(perms) <= MAX_LAYERS or not cfg.enable_norm or (opts.residual and len(perms) != 1) or \
                 self._decode_family(cfg, dtype, rows) != "gemv" or not fused_prologue_fits(cfg, rows, dtype):
             return None
