@@ -82,3 +82,14 @@ def test_prefill_shares_the_prologue_only(lowered) -> None:
     fam = _families(launches(lowered, "prefill"))
     assert fam["vq_prologue_shared"] == 2 and fam["vq_prologue"] == 2
     assert "vq_matmul_shared" not in fam and fam["vq_matmul"] == 7
+
+
+def test_fused_decode_switch_takes_only_0_or_1(monkeypatch) -> None:
+    from vptq_mlc.errors import CompileError
+    from vptq_mlc.tir_kernels.registry import fused_decode_enabled
+
+    monkeypatch.setenv(FUSED_DECODE_ENV, "yes")
+    with pytest.raises(CompileError, match=f"{FUSED_DECODE_ENV}='yes': set it to 1"):
+        fused_decode_enabled()
+    monkeypatch.setenv(FUSED_DECODE_ENV, "0")
+    assert fused_decode_enabled() is False
