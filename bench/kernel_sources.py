@@ -95,7 +95,8 @@ def _cuda_funcs(dtype: str, backend) -> dict[str, object]:
             flags = "".join("p" if p else "n" for p in perms)
             funcs[f"{dtype}-prologue-shared-{i}-{flags}"] = vq_shared_prologue_cuda(i, dtype, perms)
     # the GEMV with the prologue folded in, and its neighbours (the decoder's 7B shapes at batch 1, odd shapes)
-    from vptq_mlc.tir_kernels.cuda_gemv import FusedInput, fused_prologue_fits
+    from vptq_mlc.tir_kernels.cuda_gemv import fused_prologue_fits
+    from vptq_mlc.tir_kernels.fused_input import FusedInput
 
     fused = (("v8-k4096-0", 4096, 4096, {}, 1, (True, True, True), FusedInput("rmsnorm", 1e-5, concat=True)),
              ("v8-k4096-0", 4096, 4096, {}, 1, (True,), FusedInput(residual=True)),

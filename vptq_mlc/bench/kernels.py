@@ -64,7 +64,7 @@ class KernelCase:
 
     def fused_input(self):
         """The fused GEMV's `FusedInput` for this case (RMSNorm epsilon 1e-5)."""
-        from vptq_mlc.tir_kernels.cuda_gemv import FusedInput
+        from vptq_mlc.tir_kernels.fused_input import FusedInput
 
         parts = set(filter(None, self.fused.split(",")))
         source = "rmsnorm" if "rmsnorm" in parts else "swiglu" if "swiglu" in parts else "x"

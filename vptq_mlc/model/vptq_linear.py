@@ -17,7 +17,7 @@ from tvm.relax.frontend import nn
 from tvm.relax.frontend.nn import op
 
 from vptq_mlc.checkpoint.layer_config import VPTQLayerConfig
-from vptq_mlc.tir_kernels.cuda_gemv import PLAIN_INPUT, FusedInput
+from vptq_mlc.tir_kernels.fused_input import PLAIN_INPUT, FusedInput
 from vptq_mlc.tir_kernels.registry import KernelSelector, NormBiasKernels
 
 

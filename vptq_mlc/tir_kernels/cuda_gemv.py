@@ -40,6 +40,7 @@ from vptq_mlc.tir_kernels.cuda_common import (
     vr,
     warp_sum,
 )
+from vptq_mlc.tir_kernels.fused_input import PLAIN_INPUT, FusedInput
 from vptq_mlc.tir_kernels.generic import kernel_dims
 
 SMEM_CODEBOOK_BYTES = 64 * 1024  # fits twice per SM on sm_80/sm_90, once on sm_86/sm_89 (99 KB)
@@ -179,22 +180,6 @@ FUSED_STATIC_SMEM = 48 * 1024  # static shared memory per CTA
 FUSED_TOTAL_SMEM = 99 * 1024  # static + dynamic per CTA on sm_86/sm_89 (sm_80: 163 KB, sm_90: 227 KB)
 
 
-@dataclass(frozen=True)
-class FusedInput:
-    """What the fused GEMV (`vq_gemv_cuda(..., prologue=...)`) computes around the VQ product.
-
-    source: the activation from the kernel's input(s): "x" as given; "rmsnorm": RMSNorm(x) * gamma (`eps`), the
-    decoder's pre-norm folded in; "swiglu": silu(x) * x2 (gate, up), the MLP's product folded into down_proj.
-    residual: y = vq(..) + dot + residual (one layer only): the residual stream's add in the epilogue.
-    concat: the layers' outputs side by side in one [rows, count * O] tensor (q/k/v of one shape: no concat)."""
-
-    source: str = "x"
-    eps: float = 0.0
-    residual: bool = False
-    concat: bool = False
-
-
-PLAIN_INPUT = FusedInput()  # the activation as given, no residual, one output per layer
 
 
 def vq_gemv_cuda(cfg: VPTQLayerConfig, dtype: str, rows: int, plan: GemvPlan | None = None,

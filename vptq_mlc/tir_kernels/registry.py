@@ -53,7 +53,8 @@ from vptq_mlc.tir_kernels.generic import (
 )
 
 if TYPE_CHECKING:
-    from vptq_mlc.tir_kernels.cuda_gemv import FusedInput, GpuParams
+    from vptq_mlc.tir_kernels.cuda_gemv import GpuParams
+    from vptq_mlc.tir_kernels.fused_input import FusedInput
 
 OP_PATTERN_OPAQUE = 8  # relax OpPatternKind::kOpaque
 # static decode batches above the GEMV's MAX_ROWS that only the tensor-core kernel (cuda_mma.py) serves
@@ -233,7 +234,8 @@ class CudaKernelSelector(KernelSelector):
                     opts: FusedInput | None) -> VQKernel | None:
         """Where the layers' own kernel is the GEMV and their activation rows fit its shared memory: the GEMV
         with the prologue folded in (`vq_gemv_cuda(..., prologue=perms, fused=opts)`)."""
-        from vptq_mlc.tir_kernels.cuda_gemv import MAX_LAYERS, FusedInput, fused_prologue_fits, vq_gemv_cuda
+        from vptq_mlc.tir_kernels.cuda_gemv import MAX_LAYERS, fused_prologue_fits, vq_gemv_cuda
+        from vptq_mlc.tir_kernels.fused_input import FusedInput
 
         opts = opts or FusedInput()
         if not fused_decode_enabled():
