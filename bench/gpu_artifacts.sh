@@ -64,7 +64,7 @@ make_synthetic_checkpoint('$E/ckpt', variant='v8-k256-256', hidden_size=256, int
         python3 tests/deepseek_e2e.py reference "$E"
         rm -rf "$E/ckpt"  # only the reference reads it (rebuilt from its seed by this part)
         "${V[@]}" compile "$E/model" --target llvm --arch "${CPU_ARCH:-x86-64-v3}" -o "$E/model-cpu.so"
-        "${V[@]}" compile "$E/model" --target cuda --arch "$ARCH" -o "$E/model-cuda.so"
+        "${V[@]}" compile "$E/model" --target cuda --arch "$ARCH" --kv-cache mha -o "$E/model-cuda.so"
         gzip -9f "$E/model-cpu.so" "$E/model-cuda.so"
       fi ;;
     e2emla) for shape in tiny r1widths; do E=$ART/e2emla/$shape
