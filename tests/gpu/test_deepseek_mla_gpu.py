@@ -1,9 +1,10 @@
 """GPU: the tiny fp16 DeepSeek-V3 on TVM's latent (MLA) KV cache, on CUDA, against transformers.
 
 `compile --target cuda` builds deepseek_v3 on the MLA cache by default (`--kv-cache auto`, `compile/build.py:
-LATENT_BY_DEFAULT`; `--kv-cache mha` for the decompressed cache): each token's latent (kv_lora_rank + qk_rope_head_dim wide) is
-cached, decode attends over the pages with the absorbed query (q_nope @ W_UK) and multiplies the latent output by
-W_UV, prefill adds the chunk's own tokens with decompressed K/V and merges the two parts (model/deepseek_v3.py).
+LATENT_BY_DEFAULT`; `--kv-cache mha` for the decompressed cache): each token's latent (kv_lora_rank +
+qk_rope_head_dim wide) is cached, decode attends over the pages with the absorbed query (q_nope @ W_UK) and
+multiplies the latent output by W_UV, prefill adds the chunk's own tokens with decompressed K/V and merges the two
+parts (model/deepseek_v3.py).
 TVM has no CPU kernels for that cache, so only a GPU runs it.
 
 `bash bench/gpu_artifacts.sh ART e2emla` builds, per shape (`tiny`: the e2eds checkpoint's widths, 8 + 32 latent;

@@ -278,7 +278,8 @@ PIVOTS = 15  # keys the select kernel's threshold search tests per pass (4 bits 
 # 1/(PIVOTS + 1) of it, so 8 passes reach adjacent keys, the exact threshold.
 SEARCH_PASSES = 8
 # The multi-block top-p search is off unless asked for (compile with VPTQ_MLC_SAMPLER_TOP_P_SEARCH=1): its kernels
-# pass the CUDA emulator (tests/cuda_emulator.py) but have not yet run on a GPU.
+# pass the CUDA emulator (tests/cuda_emulator.py) and tests/gpu/test_device_sampler_gpu.py on an H100, but its speed
+# against the one-block search has not been measured.
 TOP_P_SEARCH_ENV = "VPTQ_MLC_SAMPLER_TOP_P_SEARCH"
 TOP_P_SEARCH_DEFAULT = False
 # A margin on the compaction bound against float rounding (its proof is in exact arithmetic; Z is merged from
