@@ -371,56 +371,10 @@ def gpu_kernel(top_p_search: bool = False) -> tirx.PrimFunc:
         T.tvm_storage_sync("shared")  # TVM may give pf_s's memory to a later buffer
 
     @T.macro
-    def key_search(r, n, full, cand, work, vf, vi, tx, piv, accp, redp, red, sums, use_mass, above, floor_key, target):
-        """Narrows (vi[1], vi[2]) to adjacent keys, where W(m) = the weight (a count, or the mass exp(x - max)) of
-        the tokens with key >= m + above and key >= floor_key satisfies W(vi[1]) >= target > W(vi[2]): each pass
-        evaluates PIVOTS keys spread over the interval at once (one pass over the tokens, one block reduction of
-        PIVOTS sums), so the 2^32 keys take 8 passes where bisection takes 32. W is monotone in m also in float
-        (the same non-negative terms in the same order), so the interval stays consistent."""
-        while vi[2] - vi[1] > 1:
-            for q in T.unroll(PIVOTS):
-                piv[q] = T.min(T.max(vi[1] + T.floordiv((vi[2] - vi[1]) * (q + 1), PIVOTS + 1), vi[1] + 1),
-                               vi[2] - 1)
-                accp[q] = T.float32(0)
-            for it in range(T.ceildiv(n, T.int64(NT))):
-                j = it * NT + tx
-                if j < n:
-                    x = _cand_score(full, work, cand, r, j)
-                    key = _key(x)
-                    w = T.exp(x - vf[0]) if use_mass else T.float32(1)
-                    if key >= floor_key:
-                        for q in T.unroll(PIVOTS):
-                            if key >= piv[q] + above:
-                                accp[q] = accp[q] + w
-            # the PIVOTS block sums: warp g sums row g of redp (32 lanes x NT / 32), lane 0 its 32 partials
-            for q in T.unroll(PIVOTS):
-                redp[q, tx] = accp[q]
-            T.tvm_storage_sync("shared")
-            if tx < PIVOTS * 32:
-                accp[0] = T.float32(0)
-                for k in T.unroll(NT // 32):
-                    accp[0] = accp[0] + redp[tx // 32, tx % 32 + 32 * k]
-                red[tx] = accp[0]
-            T.tvm_storage_sync("shared")
-            if tx < PIVOTS * 32 and tx % 32 == 0:
-                accp[0] = T.float32(0)
-                for k in T.unroll(32):
-                    accp[0] = accp[0] + red[tx + k]
-                sums[tx // 32] = accp[0]
-            T.tvm_storage_sync("shared")
-            for q in T.unroll(PIVOTS):
-                accp[q] = sums[q]
-            for q in T.unroll(PIVOTS):
-                if accp[q] >= target:
-                    vi[1] = T.max(vi[1], piv[q])
-                else:
-                    vi[2] = T.min(vi[2], piv[q])
-
-    @T.macro
-    def pivot_keys(piv, vi):
-        """PIVOTS keys spread over the open interval (vi[0], vi[1]): each part is at most 1/(PIVOTS + 1) of it."""
+    def pivot_keys(piv, vi, lo: int, hi: int):
+        """PIVOTS keys spread over the open interval (vi[lo], vi[hi]): each part is at most 1/(PIVOTS + 1) of it."""
         for q in T.unroll(PIVOTS):
-            piv[q] = T.min(T.max(vi[0] + T.floordiv((vi[1] - vi[0]) * (q + 1), PIVOTS + 1), vi[0] + 1), vi[1] - 1)
+            piv[q] = T.min(T.max(vi[lo] + T.floordiv((vi[hi] - vi[lo]) * (q + 1), PIVOTS + 1), vi[lo] + 1), vi[hi] - 1)
 
     @T.macro
     def pivot_block_sums(accp, redp, red, sums, tx):
@@ -440,6 +394,36 @@ def gpu_kernel(top_p_search: bool = False) -> tirx.PrimFunc:
                 accp[0] = accp[0] + red[tx + k]
             sums[tx // 32] = accp[0]
         T.tvm_storage_sync("shared")
+
+    @T.macro
+    def key_search(r, n, full, cand, work, vf, vi, tx, piv, accp, redp, red, sums, use_mass, above, floor_key, target):
+        """Narrows (vi[1], vi[2]) to adjacent keys, where W(m) = the weight (a count, or the mass exp(x - max)) of
+        the tokens with key >= m + above and key >= floor_key satisfies W(vi[1]) >= target > W(vi[2]): each pass
+        evaluates PIVOTS keys spread over the interval at once (one pass over the tokens, one block reduction of
+        PIVOTS sums), so the 2^32 keys take 8 passes where bisection takes 32. W is monotone in m also in float
+        (the same non-negative terms in the same order), so the interval stays consistent."""
+        while vi[2] - vi[1] > 1:
+            pivot_keys(piv, vi, 1, 2)
+            for q in T.unroll(PIVOTS):
+                accp[q] = T.float32(0)
+            for it in range(T.ceildiv(n, T.int64(NT))):
+                j = it * NT + tx
+                if j < n:
+                    x = _cand_score(full, work, cand, r, j)
+                    key = _key(x)
+                    w = T.exp(x - vf[0]) if use_mass else T.float32(1)
+                    if key >= floor_key:
+                        for q in T.unroll(PIVOTS):
+                            if key >= piv[q] + above:
+                                accp[q] = accp[q] + w
+            pivot_block_sums(accp, redp, red, sums, tx)
+            for q in T.unroll(PIVOTS):
+                accp[q] = sums[q]
+            for q in T.unroll(PIVOTS):
+                if accp[q] >= target:
+                    vi[1] = T.max(vi[1], piv[q])
+                else:
+                    vi[2] = T.min(vi[2], piv[q])
 
     @T.macro
     def search_pass(t, rows, vocab, fp, ip, work, cand, part_i, row_f, search_f, search_i):
@@ -490,7 +474,7 @@ def gpu_kernel(top_p_search: bool = False) -> tirx.PrimFunc:
                 vi[1] = search_i[r, t - 1, 1]
                 vi[2] = search_i[r, t - 1, 2]
                 if vi[2] == 1 and vi[1] - vi[0] > 1:
-                    pivot_keys(piv, vi)
+                    pivot_keys(piv, vi, 0, 1)
                     for it in range(T.ceildiv(splits * PIVOTS, T.int64(NT))):
                         i = it * NT + tx
                         if i < splits * PIVOTS:
@@ -519,7 +503,7 @@ def gpu_kernel(top_p_search: bool = False) -> tirx.PrimFunc:
                 row_max = row_f[r, 0]
                 if t < SEARCH_PASSES:
                     if vi[1] - vi[0] > 1:
-                        pivot_keys(piv, vi)
+                        pivot_keys(piv, vi, 0, 1)
                         for q in T.unroll(PIVOTS):
                             accp[q] = T.float32(0)
                         for it in range(T.ceildiv(n_b, T.int64(NT))):
