@@ -1,5 +1,7 @@
 """The error types every stage raises; the CLI turns them into one-line messages and a non-zero exit."""
 
+import os
+
 
 class VPTQMLCError(Exception):
     """Base class: a problem the user can fix. `str(e)` is one line naming the problem and the fix."""
@@ -36,3 +38,12 @@ class ModelDirError(ConvertError, RuntimeLoadError):
 
 class HubError(VPTQMLCError):
     """A model named by Hugging Face Hub id cannot be found, fetched or read from the local hub cache."""
+
+
+def compile_switch(env: str, default: bool, what: str) -> bool:
+    """A compile-time on/off switch read from the environment variable `env` ("1" on, "0" off, unset: `default`);
+    any other value is a one-line CompileError naming `what` the switch turns on."""
+    value = os.environ.get(env, "")
+    if value not in ("", "0", "1"):
+        raise CompileError(f"{env}={value!r}: set it to 1 ({what}) or 0 (off)")
+    return default if value == "" else value == "1"

@@ -34,8 +34,6 @@ models; the tests use logits without ties.
 
 from __future__ import annotations
 
-import os
-
 import tvm
 from tvm import relax, tirx
 from tvm.script import tirx as T
@@ -61,7 +59,7 @@ from vptq_mlc.artifact.sampler_abi import (
     I_VOCAB_LIMIT,
     MAX_TOP,
 )
-from vptq_mlc.errors import CompileError
+from vptq_mlc.errors import compile_switch
 
 NEG_INF = tirx.const(float("-inf"), "float32")
 POS_INF = tirx.const(float("inf"), "float32")
@@ -1023,10 +1021,7 @@ def gpu_kernel(top_p_search: bool = False) -> tirx.PrimFunc:
 def top_p_search_enabled() -> bool:
     """Whether GPU libraries get `search_pass` (the multi-block top-p search): TOP_P_SEARCH_ENV=1 / 0, else
     TOP_P_SEARCH_DEFAULT."""
-    value = os.environ.get(TOP_P_SEARCH_ENV, "")
-    if value not in ("", "0", "1"):
-        raise CompileError(f"{TOP_P_SEARCH_ENV}={value!r}: set it to 1 (the multi-block top-p search) or 0 (off)")
-    return TOP_P_SEARCH_DEFAULT if value == "" else value == "1"
+    return compile_switch(TOP_P_SEARCH_ENV, TOP_P_SEARCH_DEFAULT, "the multi-block top-p search")
 
 
 def add_sampler(mod: tvm.IRModule, target: tvm.target.Target, top_p_search: bool | None = None) -> tvm.IRModule:

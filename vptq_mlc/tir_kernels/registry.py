@@ -26,7 +26,6 @@ says which family it builds with; nothing here looks at the target's kind.
 from __future__ import annotations
 
 import functools
-import os
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -43,7 +42,7 @@ from vptq_mlc.artifact.vq_layout import (
     vq_operand_shapes,
 )
 from vptq_mlc.checkpoint.layer_config import VPTQLayerConfig
-from vptq_mlc.errors import CompileError
+from vptq_mlc.errors import compile_switch
 from vptq_mlc.tir_kernels.generic import (
     gathered_row_dot,
     schedule_cpu,
@@ -82,10 +81,7 @@ FUSED_DECODE_DEFAULT = False
 def fused_decode_enabled() -> bool:
     """Whether CUDA decode layers get the fused GEMV (`CudaKernelSelector._pick_fused`): FUSED_DECODE_ENV=1 / 0,
     else FUSED_DECODE_DEFAULT."""
-    value = os.environ.get(FUSED_DECODE_ENV, "")
-    if value not in ("", "0", "1"):
-        raise CompileError(f"{FUSED_DECODE_ENV}={value!r}: set it to 1 (the fused decode GEMV) or 0 (off)")
-    return FUSED_DECODE_DEFAULT if value == "" else value == "1"
+    return compile_switch(FUSED_DECODE_ENV, FUSED_DECODE_DEFAULT, "the fused decode GEMV")
 
 
 class KernelSelector:
