@@ -170,3 +170,19 @@ def test_penalty_lists_follow_the_request(tmp_path) -> None:
             token = int(rng.integers(30, 90))  # half of them also in the prompt
             req.append(token)
             generated.append(token)
+
+
+def test_bad_switch_value_is_one_line_error(tmp_path, monkeypatch) -> None:
+    """A bench tool reading the switch while compiling: `error: ...` naming the variable, no traceback, no file."""
+    from click.testing import CliRunner
+
+    from vptq_mlc.cli import main
+    from vptq_mlc.compile.sampler import TOP_P_SEARCH_ENV
+
+    monkeypatch.setenv(TOP_P_SEARCH_ENV, "yes")
+    out = tmp_path / "sampler.so"
+    r = CliRunner().invoke(main, ["bench", "sampler", "--build", str(out), "--device", "cuda", "--arch", "sm_90"])
+    assert r.exit_code == 1
+    want = f"error: {TOP_P_SEARCH_ENV}='yes': set it to 1 (the multi-block top-p search) or 0 (off)"
+    assert r.output.strip() == want
+    assert "Traceback" not in r.output and not out.exists()

@@ -81,6 +81,9 @@ class OneLineErrorGroup(click.Group):
         except click.ClickException as e:
             e.show()
             sys.exit(e.exit_code)
+        except VPTQMLCError as e:  # commands without `one_line_errors` (bench tools, switches read while compiling)
+            click.echo(f"error: {e}", err=True)
+            sys.exit(1)
         except click.Abort:
             click.echo("Aborted!", err=True)
             sys.exit(1)
