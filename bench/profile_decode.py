@@ -12,11 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import tempfile
-import time
-from collections import defaultdict
 from pathlib import Path
-
-import torch
 
 
 def main() -> None:
@@ -31,7 +27,7 @@ def main() -> None:
     a = ap.parse_args()
 
     from vptq_mlc.bench.e2e_common import Grid
-    from vptq_mlc.bench.e2e_engine import PAGE, decode_params, decode_tok_s, prepare_weights
+    from vptq_mlc.bench.e2e_engine import PAGE, decode_tok_s, prepare_weights, profile_decode_steps
     from vptq_mlc.runtime.engine import Engine
     from vptq_mlc.runtime.library import load_library
 
@@ -43,32 +39,8 @@ def main() -> None:
     grid = Grid(batches=(a.batch,), contexts=(a.context,), prefill=(), steps=2, warmup=2, prefill_reps=1,
                 sampling=a.sampling)
     decode_tok_s(engine, a.batch, a.context, grid)  # warm-up: kernels loaded, CUDA graphs captured
-    from torch.profiler import ProfilerActivity, profile
-
-    from vptq_mlc.bench.e2e_common import decode_prompt_len, prompt_ids
-
-    plen = decode_prompt_len(a.context, grid)
-    reqs = [engine.add_request(prompt_ids(i, plen, engine.vocab_size),
-                               decode_params(engine, a.sampling, 2 * a.steps + 4, seed=i)) for i in range(a.batch)]
-    while not all(r.prefill_done for r in reqs):
-        engine.step()
-    engine.step()
-    torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    for _ in range(a.steps):  # unprofiled first: the profiler itself slows the host side down
-        engine.step()
-    plain = (time.perf_counter() - t0) / a.steps
-    t0 = time.perf_counter()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        for _ in range(a.steps):
-            engine.step()
-        torch.cuda.synchronize()
-    wall = (time.perf_counter() - t0) / a.steps
-    per = defaultdict(lambda: [0.0, 0])
-    for ev in prof.events():
-        if ev.device_type == torch.autograd.DeviceType.CUDA:
-            per[ev.name][0] += getattr(ev, "device_time_total", 0) or ev.cuda_time_total
-            per[ev.name][1] += 1
+    plain, wall, per = profile_decode_steps(engine, a.batch, a.context, grid, a.steps, 2 * a.steps + 4,
+                                            unprofiled_steps=a.steps)
     rows = sorted(({"kernel": k, "us_per_step": v[0] / a.steps, "calls_per_step": v[1] / a.steps}
                    for k, v in per.items()), key=lambda r: -r["us_per_step"])
     total = sum(r["us_per_step"] for r in rows)

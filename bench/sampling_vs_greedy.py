@@ -19,8 +19,6 @@ import json
 import logging
 import statistics
 import tempfile
-import time
-from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
@@ -29,30 +27,9 @@ MODES = ("greedy", "model")
 
 def kernel_profile(engine: Any, batch: int, context: int, grid: Any, steps: int) -> dict[str, Any]:
     """GPU kernel time per decode step (torch's CUPTI profiler sees TVM's kernels), the sampler's apart."""
-    import torch
-    from torch.profiler import ProfilerActivity, profile
+    from vptq_mlc.bench.e2e_engine import _drain, profile_decode_steps
 
-    from vptq_mlc.bench.e2e_common import decode_prompt_len, prompt_ids
-    from vptq_mlc.bench.e2e_engine import _drain, decode_params
-
-    plen = decode_prompt_len(context, grid)
-    reqs = [engine.add_request(prompt_ids(i, plen, engine.vocab_size),
-                               decode_params(engine, grid.sampling, steps + batch + 4, seed=i)) for i in range(batch)]
-    while not all(r.prefill_done for r in reqs):
-        engine.step()
-    engine.step()
-    torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        for _ in range(steps):
-            engine.step()
-        torch.cuda.synchronize()
-    wall = (time.perf_counter() - t0) / steps
-    per: dict[str, list[float]] = defaultdict(lambda: [0.0, 0])
-    for ev in prof.events():
-        if ev.device_type == torch.autograd.DeviceType.CUDA:
-            per[ev.name][0] += getattr(ev, "device_time_total", 0) or ev.cuda_time_total
-            per[ev.name][1] += 1
+    _, wall, per = profile_decode_steps(engine, batch, context, grid, steps, steps + batch + 4)
     _drain(engine)
     sampler = {k: v for k, v in per.items() if k.startswith("sample_tokens")}
     return {"step_wall_profiled_us": wall * 1e6,

@@ -134,6 +134,43 @@ def decode_tok_s(engine: Any, batch: int, context: int, grid: Grid) -> dict[str,
             "timed_tokens": tokens, "seconds": dt, "full_batch_every_step": not partial}
 
 
+def profile_decode_steps(engine: Any, batch: int, context: int, grid: Grid, steps: int, max_tokens: int,
+                         unprofiled_steps: int = 0) -> tuple[float | None, float, dict[str, list[float]]]:
+    """GPU kernels of `steps` decode steps of `batch` requests at `context` (`grid.sampling`), through torch's CUPTI
+    profiler, which sees TVM's kernels too, also those replayed from CUDA graphs. Returns seconds per step of
+    `unprofiled_steps` timed first (None without; the profiler itself slows the host side), seconds per profiled
+    step, and {kernel name: [device microseconds in all, calls]}. The requests stay; drain the engine after."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    plen = decode_prompt_len(context, grid)
+    reqs = [engine.add_request(prompt_ids(i, plen, engine.vocab_size),
+                               decode_params(engine, grid.sampling, max_tokens, seed=i)) for i in range(batch)]
+    while not all(r.prefill_done for r in reqs):
+        engine.step()
+    engine.step()
+    torch.cuda.synchronize()
+    plain = None
+    if unprofiled_steps:
+        t0 = time.perf_counter()
+        for _ in range(unprofiled_steps):
+            engine.step()
+        plain = (time.perf_counter() - t0) / unprofiled_steps
+    t0 = time.perf_counter()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            engine.step()
+        torch.cuda.synchronize()
+    wall = (time.perf_counter() - t0) / steps
+    per: dict[str, list[float]] = {}
+    for ev in prof.events():
+        if ev.device_type == torch.autograd.DeviceType.CUDA:
+            row = per.setdefault(ev.name, [0.0, 0])
+            row[0] += getattr(ev, "device_time_total", 0) or ev.cuda_time_total
+            row[1] += 1
+    return plain, wall, per
+
+
 def prefill_tok_s(engine: Any, tokens: int, reps: int) -> dict[str, Any]:
     """One request of `tokens` prompt tokens (at most the context window - 1): add_request -> first token, the
     engine chunking the prompt by its prefill chunk; median of `reps` runs."""
