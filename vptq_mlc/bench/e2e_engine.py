@@ -162,13 +162,36 @@ def profile_decode_steps(engine: Any, batch: int, context: int, grid: Grid, step
             engine.step()
         torch.cuda.synchronize()
     wall = (time.perf_counter() - t0) / steps
+    return plain, wall, _kernel_sums(prof)
+
+
+def _kernel_sums(prof: Any) -> dict[str, list[float]]:
+    """{kernel name: [device microseconds in all, calls]} of a finished torch profiler."""
+    import torch
+
     per: dict[str, list[float]] = {}
     for ev in prof.events():
         if ev.device_type == torch.autograd.DeviceType.CUDA:
             row = per.setdefault(ev.name, [0.0, 0])
             row[0] += getattr(ev, "device_time_total", 0) or ev.cuda_time_total
             row[1] += 1
-    return plain, wall, per
+    return per
+
+
+def profile_prefill(engine: Any, tokens: int) -> tuple[float, float, dict[str, list[float]]]:
+    """GPU kernels of one prefill of `tokens` prompt tokens (the engine chunking it by its prefill chunk), after an
+    unprofiled one of the same length: seconds of the unprofiled prefill, seconds of the profiled one and
+    {kernel name: [device microseconds, calls]}."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    plain = prefill_tok_s(engine, tokens, reps=1)["seconds"]
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        prefill_tok_s(engine, tokens, reps=1)
+        torch.cuda.synchronize()
+    return plain, time.perf_counter() - t0, _kernel_sums(prof)
 
 
 def prefill_tok_s(engine: Any, tokens: int, reps: int) -> dict[str, Any]:
