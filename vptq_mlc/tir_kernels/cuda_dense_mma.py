@@ -323,6 +323,19 @@ def dense_mma_cuda(lead: tuple, n: int, k: int, dtype: str = "float16", plan: De
     forces one plan for every row count (plan comparisons, bench/dense_mma.py)."""
     if dtype != "float16":
         raise ValueError(f"dense_mma_cuda takes fp16, got {dtype}")
+    rows_static, Mi = dense_rows(lead)
+    if plan is not None:
+        plans = [(None, plan)]
+    elif rows_static is not None:
+        plans = [(None, plan_dense(rows_static, k))]
+    else:
+        plans = symbolic_plans(n, k)
+    return dense_dispatch(lead, n, k, dtype, gemm_macros(plans, Mi, n, k, dtype, rows_static, max_smem))
+
+
+def dense_rows(lead: tuple):
+    """(the static row count or None, the row count as the kernels index it: int32 inside the kernel, since
+    indices stay below 2^31 for every shape we build: rows * max(N, K))."""
     rows_static = None
     if all(isinstance(d, int) for d in lead):
         rows_static = 1
@@ -331,16 +344,17 @@ def dense_mma_cuda(lead: tuple, n: int, k: int, dtype: str = "float16", plan: De
     M = 1
     for d in lead:
         M = M * d
-    # rows in int32 inside the kernel (indices stay below 2^31 for every shape we build: rows * max(N, K))
-    Mi = M if isinstance(M, int) else T.Cast("int32", M)
+    return rows_static, (M if isinstance(M, int) else T.Cast("int32", M))
+
+
+def dense_dispatch(lead: tuple, n: int, k: int, dtype: str, macros: list[tuple[int, object]]) -> tirx.PrimFunc:
+    """PrimFunc(x[*lead, K], w[N, K], y[*lead, N]) launching the first of up to three kernel macros (`macros`:
+    (row limit, 0 for none; macro over flat x[M*K], w[N, K], y[M*N])) whose limit the run-time row count meets;
+    zero rows launch nothing (the kernels' row clamp needs a row). Shared by the CUDA and ROCm dense GEMMs."""
+    M = 1
+    for d in lead:
+        M = M * d
     XSHAPE, YSHAPE = tuple(lead) + (k,), tuple(lead) + (n,)
-    if plan is not None:
-        plans = [(None, plan)]
-    elif rows_static is not None:
-        plans = [(None, plan_dense(rows_static, k))]
-    else:
-        plans = symbolic_plans(n, k)
-    macros = gemm_macros(plans, Mi, n, k, dtype, rows_static, max_smem)
     NPLANS = len(macros)
     (l0, g0), (l1, g1), (_, g2) = macros + [macros[-1]] * (3 - NPLANS)
 
