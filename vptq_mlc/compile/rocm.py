@@ -43,7 +43,9 @@ from vptq_mlc.tir_kernels.registry import (
     WavefrontKernelSelector,
     gemv_decode_batches,
     norm_bias_kernels,
+    rocm_mfma_enabled,
 )
+from vptq_mlc.tir_kernels.rocm_dense_mfma import dense_mfma_pass, mfma_arch
 
 log = logging.getLogger(__name__)
 
@@ -229,8 +231,14 @@ class RocmBackend(TargetBackend):
     def prepare(self) -> None:
         prepare_rocm_build(self.code_object_version)
 
+    @property
+    def mfma(self) -> bool:
+        """Symbolic-row fp16 matmuls on the MFMA GEMM (tir_kernels/rocm_dense_mfma.py): CDNA archs, when
+        VPTQ_MLC_ROCM_MFMA=1 at compile time (off by default: never run on AMD hardware)."""
+        return mfma_arch(self.archs[0]) and rocm_mfma_enabled()
+
     def kernel_selector(self, layouts: Iterable[str] = (LAYOUT,)) -> KernelSelector:
-        return WavefrontKernelSelector(self.target, wavefront_params(self.target), layouts)
+        return WavefrontKernelSelector(self.target, wavefront_params(self.target), layouts, mfma=self.mfma)
 
     def norm_bias_kernels(self) -> NormBiasKernels:
         return norm_bias_kernels(prologue=False)
@@ -240,13 +248,18 @@ class RocmBackend(TargetBackend):
         return gemv_decode_batches()
 
     def passes(self) -> list[tvm.transform.Pass]:
-        """TVM's ROCm pipeline (relax/backend/rocm/pipeline.py), unchanged."""
+        """TVM's ROCm pipeline (relax/backend/rocm/pipeline.py); with `mfma`, as on CUDA, FuseTransposeMatmul
+        first and dense fp16 NT matmuls of symbolic rows replaced by the MFMA GEMM after legalization."""
+        mfma = self.mfma
         return [
             # dispatch: sampling and sort/scan ops to their GPU implementations
             relax.backend.DispatchSampling(),
             relax.backend.DispatchSortScan(),
+            # x @ W.T as one NT matmul, the form the MFMA GEMM replaces
+            *([relax.transform.FuseTransposeMatmul()] if mfma else []),
             # legalize and fuse (our VQ kernels are kOpaque: never fused)
             relax.transform.LegalizeOps(),
+            *([dense_mfma_pass()] if mfma else []),
             relax.transform.AnnotateTIROpPattern(),
             relax.transform.FoldConstant(),
             relax.transform.FuseOps(),

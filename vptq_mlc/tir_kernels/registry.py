@@ -6,8 +6,9 @@ says which family it builds with; nothing here looks at the target's kind.
   kernel unscheduled (targets without hand-scheduled kernels).
 - `WavefrontKernelSelector` (rocm): static row counts 1..8 -> the VQ-GEMV (`cuda_gemv.py`) with the target's
   parameters (`cuda_gemv.wavefront_params`: wavefront 64 on CDNA / 32 on RDNA, static LDS, 256 threads); other row
-  counts -> the dlight dequant matmul (`cuda_prefill.py`, same Matmul rule and config as on CUDA); norm-bias row
-  dot as on CUDA. Built and inspected here, never run on AMD hardware.
+  counts -> the dlight dequant matmul (`cuda_prefill.py`, same Matmul rule and config as on CUDA), or, for fp16 on
+  CDNA with ROCM_MFMA_ENV=1, dequantize into a scratch fp16 weight + the MFMA GEMM (`rocm_dense_mfma.py`);
+  norm-bias row dot as on CUDA. Built and inspected here, never run on AMD hardware.
 - `CudaKernelSelector`: static row counts 1..2 for layers whose codebooks do not fit shared memory (K = 65536
   class), when the model dir carries the `code-sorted` layout and the slices are balanced (`code_sorted_preferred`:
   no residual or Kr == K) -> `cuda_code_sorted.py` (slice-per-CTA kernel + a reduce kernel);
@@ -82,6 +83,17 @@ def fused_decode_enabled() -> bool:
     """Whether CUDA decode layers get the fused GEMV (`CudaKernelSelector._pick_fused`): FUSED_DECODE_ENV=1 / 0,
     else FUSED_DECODE_DEFAULT."""
     return compile_switch(FUSED_DECODE_ENV, FUSED_DECODE_DEFAULT, "the fused decode GEMV")
+
+
+# ROCm's matrix-core (MFMA) GEMM for symbolic-row fp16 matmuls on CDNA (`rocm_dense_mfma.py`) is off unless asked for
+# (compile with VPTQ_MLC_ROCM_MFMA=1): no AMD GPU has run it; off, ROCm libraries keep the SIMT kernels.
+ROCM_MFMA_ENV = "VPTQ_MLC_ROCM_MFMA"
+ROCM_MFMA_DEFAULT = False
+
+
+def rocm_mfma_enabled() -> bool:
+    """Whether ROCm builds for MFMA archs use the MFMA GEMM: ROCM_MFMA_ENV=1 / 0, else ROCM_MFMA_DEFAULT."""
+    return compile_switch(ROCM_MFMA_ENV, ROCM_MFMA_DEFAULT, "the ROCm MFMA GEMM for fp16 prefill")
 
 
 class KernelSelector:
@@ -169,11 +181,13 @@ class CpuKernelSelector(KernelSelector):
 
 class WavefrontKernelSelector(KernelSelector):
     """The CUDA GEMV parameterised for another GPU (`params`: wavefront, static LDS, threads) for decode row counts
-    1..MAX_ROWS, else the dlight dequant matmul (as fp32 models on CUDA). What ROCm builds."""
+    1..MAX_ROWS, else the dlight dequant matmul (as fp32 models on CUDA). What ROCm builds. `mfma`: fp16 layers'
+    symbolic rows dequantize into a scratch weight for the MFMA GEMM instead (CDNA only)."""
 
-    def __init__(self, target: Target, params: GpuParams, layouts: Iterable[str] = (LAYOUT,)):
+    def __init__(self, target: Target, params: GpuParams, layouts: Iterable[str] = (LAYOUT,), mfma: bool = False):
         super().__init__(target, layouts)
         self.params = params
+        self.mfma = mfma
 
     def _pick(self, cfg: VPTQLayerConfig, dtype: str, rows: int | None) -> VQKernel:
         from vptq_mlc.tir_kernels.cuda_gemv import MAX_ROWS, vq_gemv_cuda
@@ -182,6 +196,14 @@ class WavefrontKernelSelector(KernelSelector):
         generic_ops = tuple(vq_operand_shapes(cfg))
         if rows is not None and 1 <= rows <= MAX_ROWS:
             return _mark(VQKernel(vq_gemv_cuda(cfg, dtype, rows, params=self.params), generic_ops))
+        if rows is None and self.mfma:
+            from vptq_mlc.tir_kernels.cuda_dequant_gemm import dequant_gemm_supported, vq_prefill_cuda
+            from vptq_mlc.tir_kernels.rocm_dense_mfma import mfma_supported, vq_gemm_macros
+
+            if mfma_supported(cfg.out_features, cfg.in_features, dtype) and dequant_gemm_supported(cfg, dtype):
+                # every row count dequantizes (the CUDA tensor-core VQ kernel for short prompts has no ROCm form)
+                func, scratch = vq_prefill_cuda(cfg, dtype, from_rows=0, gemms=vq_gemm_macros)
+                return _mark(VQKernel(func, generic_ops, scratch))
         return _mark(VQKernel(dequant_matmul_cuda(cfg, dtype, self.target), generic_ops))
 
     def _gathered(self, cfg: VPTQLayerConfig, dtype: str, matrices: int, slots: int) -> tirx.PrimFunc:
