@@ -38,7 +38,9 @@ def built(tmp_path_factory) -> tuple[Path, dict[str, Path]]:
     ckpt = make_synthetic_checkpoint(d / "ckpt", variant="v8-k256-256", hidden_size=64, intermediate_size=128,
                                      num_layers=1, vocab_size=320, layer_kwargs=OUTLIERS)
     model = convert_checkpoint(ckpt, d / "mlc", dtype="float16")
-    libs = compile_model(model, "rocm", d / "libs", arch=",".join(ARCHS), static_batches=STATIC)
+    with pytest.MonkeyPatch.context() as mp:  # the default build: no MFMA GEMM (tests/test_rocm_mfma.py builds it)
+        mp.delenv("VPTQ_MLC_ROCM_MFMA", raising=False)
+        libs = compile_model(model, "rocm", d / "libs", arch=",".join(ARCHS), static_batches=STATIC)
     return model, {lib.name.rsplit("-", 1)[-1].removesuffix(".so"): lib for lib in libs}
 
 
@@ -72,6 +74,7 @@ def test_model_library_holds_our_vq_kernels(built, arch):
     # decode (1 row) and each batch_decode_b<n> get the GEMV, per distinct layer; prefill/batch_decode the matmul
     assert len(gemv) == (1 + len(STATIC)) * len(distinct), sorted(gemv)
     assert len(matmul) == len(distinct), sorted(matmul)
+    assert not any("mfma" in k for k in co.kernels)  # VPTQ_MLC_ROCM_MFMA off: dlight's SIMT matmuls
     assert row_dot, "norm-bias row dot missing"
     wave = 64 if arch.startswith("gfx9") else 32
     cfg = cfgs[0]

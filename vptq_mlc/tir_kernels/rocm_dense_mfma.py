@@ -7,9 +7,10 @@ SIMT kernels. Opt-in at compile time (registry.ROCM_MFMA_ENV): no AMD GPU has ru
 
 Why a kernel of our own: dlight never tensorizes on rocm, and its SIMT matmul is what ROCm prefill runs otherwise.
 
-Register layouts are TVM's (its intrinsic's index maps, imported below, not restated): for one 16x16x16 MFMA a
-wave's lane l holds A[l % 16, 4 (l / 16) .. +3], B[4 (l / 16) .. +3, l % 16] (four fp16 each, contiguous in K)
-and D[4 (l / 16) .. +3, l % 16] (four fp32). With w stored [N, K], both A and B fragments are 8-byte reads of
+Register layouts are TVM's (its intrinsic's index maps, restated below because importing TVM's tensor-intrinsic
+package costs ~20 s; tests/test_rocm_mfma.py checks they are TVM's): for one 16x16x16 MFMA a wave's lane l
+holds A[l % 16, 4 (l / 16) .. +3], B[4 (l / 16) .. +3, l % 16] (four fp16 each, contiguous in K) and
+D[4 (l / 16) .. +3, l % 16] (four fp32). With w stored [N, K], both A and B fragments are 8-byte reads of
 K-major shared rows: x rows for A, w rows for B.
 
 Schedule (one plan per row-count class, untuned: no AMD GPU to measure on):
@@ -35,7 +36,6 @@ from dataclasses import dataclass
 
 import tvm
 from tvm import tirx
-from tvm.s_tir.tensor_intrin import rocm as tvm_rocm_intrin
 from tvm.script import tirx as T
 
 from vptq_mlc.tir_kernels.cuda_common import replace_prim_funcs, vr
@@ -52,15 +52,35 @@ DECODE_MAX_ROWS = 16  # symbolic row counts up to this take DECODE_PLAN
 # the 104-304 CUs of MI210-MI300X). Untuned.
 FULL_GRID_WORKGROUPS = 128
 
-# The intrinsic's lane layouts, as TVM's MFMA tensor intrinsic defines them (and as AMD's matrix instruction
-# calculator lists them for CDNA2/CDNA3: docs/rocm.md): (lane, element) -> (row, col) of the 16x16 A, B, D tiles,
-# and back.
-A_OF_LANE = tvm_rocm_intrin.thread_id_shared_access_64x4_to_16x16_layout_A  # (lane, e) -> (m, k)
-B_OF_LANE = tvm_rocm_intrin.thread_id_shared_access_64x4_to_16x16_layout_B  # (lane, e) -> (k, n)
-D_OF_LANE = tvm_rocm_intrin.thread_id_shared_access_64x4_to_16x16_layout_C  # (lane, e) -> (m, n)
-LANE_OF_A = tvm_rocm_intrin.shared_16x16_to_local_64x4_layout_A  # (m, k) -> (lane, e)
-LANE_OF_B = tvm_rocm_intrin.shared_16x16_to_local_64x4_layout_B  # (k, n) -> (lane, e)
-LANE_OF_D = tvm_rocm_intrin.shared_16x16_to_local_64x4_layout_C  # (m, n) -> (lane, e)
+
+
+# The intrinsic's lane layouts as TVM's MFMA tensor intrinsic defines them (tvm/s_tir/tensor_intrin/rocm.py:
+# thread_id_shared_access_64x4_to_16x16_layout_A/B/C and shared_16x16_to_local_64x4_layout_A/B/C; AMD's matrix
+# instruction calculator lists the same for CDNA2/CDNA3, docs/rocm.md): (lane, element) -> (row, col) of the 16x16
+# A, B, D tiles, and back. Plain arithmetic: ints, numpy arrays and TIR expressions.
+def A_OF_LANE(lane, e):  # noqa: N802 - (lane, e) -> (m, k)
+    return lane % 16, lane // 16 * 4 + e
+
+
+def B_OF_LANE(lane, e):  # noqa: N802 - (lane, e) -> (k, n)
+    return e + lane // 16 * 4, lane % 16
+
+
+def D_OF_LANE(lane, e):  # noqa: N802 - (lane, e) -> (m, n)
+    return e + lane // 16 * 4, lane % 16
+
+
+def LANE_OF_A(m, k):  # noqa: N802 - (m, k) -> (lane, e)
+    return m + 16 * (k // 4), k % 4
+
+
+def LANE_OF_B(k, n):  # noqa: N802 - (k, n) -> (lane, e)
+    return n + k // 4 * 16, k % 4
+
+
+def LANE_OF_D(m, n):  # noqa: N802 - (m, n) -> (lane, e)
+    return n + m // 4 * 16, m % 4
+
 
 
 @dataclass(frozen=True)
