@@ -5,8 +5,8 @@
 # sampler; each is skipped when already built.
 #   kgather  the gathered-experts CUDA kernel at DeepSeek-R1 expert shapes (tests/gathered_kernels.py): gathered_cuda.so
 #          + gathered.json, checked and timed by tests/gpu/test_gathered_gpu.py (a few seconds to build)
-#   sampler  the compiled sampler alone (`vptq-mlc bench sampler --build`; any vocabulary, any rows): the default
-#          build sampler/sampler-cuda.so and sampler/sampler-search-cuda.so with the multi-block top-p search
+#   sampler  the compiled sampler alone (`vptq-mlc bench sampler --build`; any vocabulary, any rows): the one-block
+#          search sampler/sampler-cuda.so and sampler/sampler-search-cuda.so with the multi-block top-p search (default)
 #          (VPTQ_MLC_SAMPLER_TOP_P_SEARCH=1), timed by gpu_suite.sh's step sampler; tests/gpu checks the second
 #   e2e    a tiny fp16 llama (hidden 256, 2 layers, v8-k256-256): ckpt/ (its checkpoint: the transformers reference of
 #          tests/gpu), model/ (converted), model-cpu.so and model-cuda.so (sm_90, CUDA layout added by compile)

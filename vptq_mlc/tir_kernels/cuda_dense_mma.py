@@ -78,12 +78,14 @@ class DensePlan:
 
 # Plans and thresholds from one H100 run of bench/dense_mma.py --sweep (cold L2, Llama-2-7B shapes; docs/dense-mma.md):
 # 1 row: BN = 64 with 4 K-warps was fastest (0.82-1.03x cuBLAS); 16 rows: BN = 16 with 8 K-warps (1.02-1.13x);
-# 512 rows: 128 x 128 tiles with BK = 64, 3 stages (0.39-0.45x); few rows on a narrow output (128 rows x 4096):
+# 512 rows: 128 x 128 tiles with BK = 64, 3 stages (0.39-0.45x), then 4 warps of 64 x 64 instead of 8 of 64 x 32
+# (bench/prefill_gemm.py, one later run: 1.05x / 1.07x the 8-warp plan summed over a 7B layer at 512 / 2048 rows,
+# every output row within 2.2e-4 of the reference); few rows on a narrow output (128 rows x 4096):
 # 64 x 64 tiles, so the grid fills the GPU (0.41-0.44x vs 0.27-0.30x).
 DECODE_WIDE_PLAN = DensePlan(warps_m=1, warps_n=2, warps_k=4, m_tiles=1, n_tiles=4, k_slice=32, stages=4)
 DECODE_PLAN = DensePlan(warps_m=1, warps_n=1, warps_k=8, m_tiles=1, n_tiles=2, k_slice=32, stages=4)
 SMALL_PREFILL_PLAN = DensePlan(warps_m=2, warps_n=2, warps_k=1, m_tiles=2, n_tiles=4, k_slice=32, stages=4)
-PREFILL_PLAN = DensePlan(warps_m=2, warps_n=4, warps_k=1, m_tiles=4, n_tiles=4, k_slice=64, stages=3)
+PREFILL_PLAN = DensePlan(warps_m=2, warps_n=2, warps_k=1, m_tiles=4, n_tiles=8, k_slice=64, stages=3)
 PREFILL_PLAN_BK32 = DensePlan(warps_m=2, warps_n=4, warps_k=1, m_tiles=4, n_tiles=4, k_slice=32, stages=4)
 WIDE_MAX_ROWS = 8  # static rows up to this take DECODE_WIDE_PLAN (measured at 1 row), above it DECODE_PLAN (16)
 FULL_GRID_CTAS = 64  # below this many 128 x 128 tiles the symbolic kernel runs SMALL_PREFILL_PLAN
