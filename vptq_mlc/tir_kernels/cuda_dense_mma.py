@@ -31,6 +31,7 @@ from tvm import tirx
 from tvm.script import tirx as T
 
 from vptq_mlc.tir_kernels.cuda_common import KERNEL_ATTRS, replace_prim_funcs
+from vptq_mlc.tir_kernels.cuda_wgmma import wgmma_gemm_macro, wgmma_supported
 
 MAX_DYN_SMEM = 99 * 1024  # dynamic shared memory per block on sm_86/sm_89 (the smallest of the default archs)
 DECODE_MAX_ROWS = 16  # static row counts up to this take the decode plan
@@ -308,21 +309,26 @@ def symbolic_plans(n: int, k: int, above_rows: int = 0) -> list[tuple[int | None
 
 
 def gemm_macros(plans, M, n: int, k: int, dtype: str, rows_static: int | None,
-                max_smem: int = MAX_DYN_SMEM) -> list[tuple[int, object]]:
-    """(row limit, 0 for none; kernel-launch macro over flat x[M*K], w[N, K], y[M*N]) per plan of `plans`."""
+                max_smem: int = MAX_DYN_SMEM, wgmma: bool = False) -> list[tuple[int, object]]:
+    """(row limit, 0 for none; kernel-launch macro over flat x[M*K], w[N, K], y[M*N]) per plan of `plans`.
+    `wgmma` (sm_90a builds only, cuda_wgmma.py): the unbounded plan of symbolic rows runs the wgmma kernel."""
     macros = []
     for limit, pl in plans:  # under a row limit that fits one tile the grid is one tile high
         grid_rows = limit if limit is not None and limit <= pl.block_m else rows_static
+        if wgmma and limit is None and rows_static is None and wgmma_supported(n, k, dtype):
+            macros.append((0, wgmma_gemm_macro(M, n, k, None)))
+            continue
         macros.append((limit or 0, _gemm_macro(_plan_checked(pl, k, max_smem), M, n, k, dtype, grid_rows)))
     return macros
 
 
 def dense_mma_cuda(lead: tuple, n: int, k: int, dtype: str = "float16", plan: DensePlan | None = None,
-                   max_smem: int = MAX_DYN_SMEM) -> tirx.PrimFunc:
+                   max_smem: int = MAX_DYN_SMEM, wgmma: bool = False) -> tirx.PrimFunc:
     """PrimFunc(x[*lead, K], w[N, K], y[*lead, N]); `lead` holds ints and/or int64 tirx.Vars (rows = their
     product). Static rows get their plan; symbolic rows get both kernels and pick at run time (a symbolic batch
     of decode rows must not run 128-row tiles: the weight would be streamed by N / 128 CTAs only). `plan`
-    forces one plan for every row count (plan comparisons, bench/dense_mma.py)."""
+    forces one plan for every row count (plan comparisons, bench/dense_mma.py). `wgmma`: symbolic rows past the
+    mma.sync plans run the wgmma kernel (sm_90a builds only, `gemm_macros`)."""
     if dtype != "float16":
         raise ValueError(f"dense_mma_cuda takes fp16, got {dtype}")
     rows_static, Mi = dense_rows(lead)
@@ -332,7 +338,8 @@ def dense_mma_cuda(lead: tuple, n: int, k: int, dtype: str = "float16", plan: De
         plans = [(None, plan_dense(rows_static, k))]
     else:
         plans = symbolic_plans(n, k)
-    return dense_dispatch(lead, n, k, dtype, gemm_macros(plans, Mi, n, k, dtype, rows_static, max_smem))
+    return dense_dispatch(lead, n, k, dtype, gemm_macros(plans, Mi, n, k, dtype, rows_static, max_smem,
+                                                          wgmma=wgmma))
 
 
 def dense_rows(lead: tuple):
@@ -469,11 +476,11 @@ def _same_dim(a, b) -> bool:
     return a.same_as(b)
 
 
-def dense_mma_pass():
+def dense_mma_pass(wgmma: bool = False):
     """Relax module pass: every fp16 NT-matmul PrimFunc (`match_nt_matmul`) but a static single row
     (`DLIGHT_GEMV_ROWS`) becomes `dense_mma_cuda` under a new name (`<old>_dense_mma`, so its kernels are
     recognisable in the library); run it after LegalizeOps and before FuseOps (our kernels are opaque to
-    fusion, so no epilogue is fused into them)."""
+    fusion, so no epilogue is fused into them). `wgmma`: see `dense_mma_cuda` (sm_90a builds only)."""
     @tvm.transform.module_pass(opt_level=0, name="VPTQDenseMMA")
     def rewrite(mod, _ctx):
         matched = {}
@@ -484,7 +491,7 @@ def dense_mma_pass():
                 matched[gv] = m
         if not matched:
             return mod
-        return replace_prim_funcs(mod, {gv: (dense_mma_cuda(*m), f"{gv.name_hint}_dense_mma")
+        return replace_prim_funcs(mod, {gv: (dense_mma_cuda(*m, wgmma=wgmma), f"{gv.name_hint}_dense_mma")
                                         for gv, m in matched.items()})
 
     return rewrite

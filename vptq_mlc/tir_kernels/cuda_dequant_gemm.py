@@ -299,13 +299,15 @@ def vq_dequantize_func(cfg: VPTQLayerConfig, dtype: str, cuda: bool = True,
 
 def vq_prefill_cuda(cfg: VPTQLayerConfig, dtype: str, from_rows: int = DEQUANT_GEMM_FROM_ROWS,
                     dequant_plan: DequantPlan | None = None, gemms: Callable | None = None,
+                    wgmma: bool = False,
                     ) -> tuple[tirx.PrimFunc, tuple[tuple[tuple[int, ...], str], ...]]:
     """(PrimFunc(xs[n, I], *operands, w[O, I], y[n, O]), its scratch outputs) for a symbolic row count n: the VQ
     MMA kernel with its decode plan for n <= 16 and its prefill plan for n < `from_rows`, else dequantize into the
     scratch `w` + the dense GEMM. `from_rows=0` forces the dequantize path for every n (bench comparisons);
     `dequant_plan` another dequantize launch than `plan_dequant`'s (check suite, comparisons). Layers the dense
     GEMM cannot take get the VQ MMA kernel alone and no scratch. `gemms(rows, O, I, dtype)`: another GPU's dense
-    GEMM macros for the dequantized weight (ROCm's MFMA GEMM, with `from_rows=0`: no CUDA kernel is pasted)."""
+    GEMM macros for the dequantized weight (ROCm's MFMA GEMM, with `from_rows=0`: no CUDA kernel is pasted).
+    `wgmma`: the CUDA GEMM's long-prompt plan is the wgmma kernel (sm_90a builds only, cuda_dense_mma.gemm_macros)."""
     from vptq_mlc.tir_kernels.cuda_mma import vq_mma_cuda
 
     if not dequant_gemm_supported(cfg, dtype):
@@ -323,7 +325,7 @@ def vq_prefill_cuda(cfg: VPTQLayerConfig, dtype: str, from_rows: int = DEQUANT_G
     # rows in int32 inside the GEMM (as in dense_mma_cuda): indices stay below 2^31 (rows * max(O, I))
     if gemms is None:
         macros = gemm_macros(symbolic_plans(O, I, above_rows=max(0, FROM - 1)), T.Cast("int32", NB), O, I, dtype,
-                             None)
+                             None, wgmma=wgmma)
     else:
         macros = gemms(T.Cast("int32", NB), O, I, dtype)
     NG = len(macros)

@@ -17,7 +17,10 @@ Schedule:
   cuda_dense_mma.py; K must be a multiple of 64, N of 8.
 
 The instruction needs sm_90a (arch-specific features): a library holding it must be compiled for `sm_90a`, whose
-SASS runs on sm_90 devices only.
+SASS runs on sm_90 devices only. So the pipeline uses it only behind a switch (`VPTQ_MLC_WGMMA=1` at compile time,
+off by default) and for libraries built for sm_90 alone (compile/cuda.py then builds them as sm_90a): the symbolic-row
+prefill plan of cuda_dense_mma.py (the fp16 build's linears, lm_head, and the GEMM after the VQ layers' dequantize,
+cuda_dequant_gemm.py) becomes this kernel; decode and short-prompt plans keep mma.sync.
 """
 
 from __future__ import annotations
@@ -27,7 +30,11 @@ from dataclasses import dataclass
 from tvm import tirx
 from tvm.script import tirx as T
 
+from vptq_mlc.errors import compile_switch
 from vptq_mlc.tir_kernels.cuda_common import KERNEL_ATTRS
+
+WGMMA_ENV = "VPTQ_MLC_WGMMA"
+WGMMA_ARCH = "sm_90a"  # the code a library holding wgmma is built as (runs on sm_90 devices only)
 
 WGMMA_BK = 64  # K columns per ring slot: one 128-byte swizzle row of fp16
 WG_THREADS = 128
@@ -156,6 +163,24 @@ def _gemm_macro(p: WgmmaPlan, M, N: int, K: int, rows_static: int | None):
                        * N + bx * BN + j * 8 + tid % 4 * 2 + c % 2] = T.Cast("float16", acc[j * 4 + c])
 
     return gemm
+
+
+def wgmma_switch() -> bool:
+    """`VPTQ_MLC_WGMMA=1`: build the prefill GEMMs on wgmma (sm_90-only libraries). Off by default until measured."""
+    return compile_switch(WGMMA_ENV, False, "the wgmma prefill GEMM; libraries for sm_90 only")
+
+
+def wgmma_for_target(target) -> bool:
+    """The prefill GEMMs of a build for `target` take the wgmma kernel: the switch is on and the code is sm_90a."""
+    if target is None or target.kind.name != "cuda" or str(target.attrs.get("arch", "")) != WGMMA_ARCH:
+        return False
+    return wgmma_switch()
+
+
+def wgmma_gemm_macro(M, n: int, k: int, rows_static: int | None, plan: WgmmaPlan = PREFILL_WGMMA_PLAN):
+    """The kernel launch as a macro over flat x[M*K], w[N, K], y[M*N] (M > 0; pasted into the caller, as
+    cuda_dense_mma.gemm_macros' are)."""
+    return _gemm_macro(check_plan(plan, n, k), M, n, k, rows_static)
 
 
 def wgmma_supported(n: int, k: int, dtype: str, plan: WgmmaPlan = PREFILL_WGMMA_PLAN) -> bool:

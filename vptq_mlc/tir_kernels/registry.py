@@ -281,8 +281,10 @@ class CudaKernelSelector(KernelSelector):
             k = VQKernel(vq_gemv_cuda(cfg, dtype, rows), generic_ops)
         elif rows is None and dtype == "float16":  # prefill / symbolic batch: VQ MMA, or dequantize + dense MMA
             from vptq_mlc.tir_kernels.cuda_dequant_gemm import vq_prefill_cuda
+            from vptq_mlc.tir_kernels.cuda_wgmma import wgmma_for_target
 
-            func, scratch = vq_prefill_cuda(cfg, dtype)  # scratch: the layer's fp16 weight (long prompts)
+            # scratch: the layer's fp16 weight (long prompts)
+            func, scratch = vq_prefill_cuda(cfg, dtype, wgmma=wgmma_for_target(self.target))
             k = VQKernel(func, generic_ops, scratch)
         else:
             k = VQKernel(dequant_matmul_cuda(cfg, dtype, self.target), generic_ops)

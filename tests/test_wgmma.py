@@ -1,0 +1,130 @@
+"""The wgmma dense GEMM (vptq_mlc/tir_kernels/cuda_wgmma.py, sm_90a): the compile switch `VPTQ_MLC_WGMMA` (off by
+default; on, a CUDA build must be for sm_90 alone and becomes sm_90a code), that the kernel compiles to sm_90a SASS
+with nvcc, and that the pipeline's GEMMs take it only when the switch is on. No GPU here: the kernel's numbers are
+checked on an H100 by bench/wgmma_gemm.py (every output row against an fp32 reference). ~20 s on 2 cores.
+"""
+
+from __future__ import annotations
+
+import pytest
+from cuda_sources import generated_cuda, kernel_definitions
+from test_cuda_aot import require_cuda_toolkit
+
+from vptq_mlc.errors import CompileError
+
+WGMMA_LINE = "wgmma.mma_async.sync.aligned.m64n256k16.f32.f16.f16"  # the PTX, in TVM's helper function
+WGMMA_CALL = "ptx_wgmma_f16_ss_mma_async_sync_aligned_m64n256k16"  # the helper's call in a kernel
+
+
+def test_switch_is_off_by_default_and_refuses_bad_values(monkeypatch):
+    from vptq_mlc.tir_kernels.cuda_wgmma import WGMMA_ENV, wgmma_switch
+
+    monkeypatch.delenv(WGMMA_ENV, raising=False)
+    assert wgmma_switch() is False
+    monkeypatch.setenv(WGMMA_ENV, "1")
+    assert wgmma_switch() is True
+    monkeypatch.setenv(WGMMA_ENV, "yes")
+    with pytest.raises(CompileError, match=f"{WGMMA_ENV}='yes'"):
+        wgmma_switch()
+
+
+def test_switch_makes_sm90_builds_sm90a_and_refuses_other_archs(monkeypatch):
+    from vptq_mlc.compile.cuda import CudaBackend
+    from vptq_mlc.tir_kernels.cuda_wgmma import WGMMA_ENV, wgmma_for_target
+
+    monkeypatch.delenv(WGMMA_ENV, raising=False)
+    (off,) = CudaBackend.resolve("sm_90")
+    assert off.archs == ("sm_90",) and not wgmma_for_target(off.target)
+    (plain_90a,) = CudaBackend.resolve("sm_90a")  # sm_90a without the switch: no wgmma either
+    assert not wgmma_for_target(plain_90a.target)
+    assert CudaBackend.resolve(None)[0].archs == ("sm_80", "sm_86", "sm_89", "sm_90")
+
+    monkeypatch.setenv(WGMMA_ENV, "1")
+    (on,) = CudaBackend.resolve("sm_90")
+    assert on.archs == ("sm_90a",) and str(on.target.attrs["arch"]) == "sm_90a" and wgmma_for_target(on.target)
+    for archs in (None, "sm_80,sm_90", "sm_89"):  # sm_90a SASS would not load on the others
+        with pytest.raises(CompileError, match="--arch sm_90"):
+            CudaBackend.resolve(archs)
+
+
+def test_plans_fit_shared_memory():
+    from vptq_mlc.tir_kernels.cuda_wgmma import PREFILL_WGMMA_PLAN, SM90_MAX_DYN_SMEM, WgmmaPlan, check_plan
+
+    assert PREFILL_WGMMA_PLAN.smem_bytes() <= SM90_MAX_DYN_SMEM
+    for n, k in ((4096, 4096), (11008, 4096), (4096, 11008), (12288, 4096), (32000, 4096)):
+        check_plan(PREFILL_WGMMA_PLAN, n, k)
+    with pytest.raises(ValueError, match="K % 64"):
+        check_plan(PREFILL_WGMMA_PLAN, 4096, 4064)
+    with pytest.raises(ValueError, match="shared memory"):
+        check_plan(WgmmaPlan(2, 256, 5), 4096, 4096)
+
+
+def test_kernel_compiles_to_sm90a_sass():
+    """nvcc assembles the kernel for sm_90a (the one arch wgmma exists on): the library holds only sm_90a code."""
+    require_cuda_toolkit()
+    import tvm
+    from tvm import tirx
+
+    from vptq_mlc.compile.cuda import CudaBackend
+    from vptq_mlc.compile.fatbin import inspect_library
+    from vptq_mlc.tir_kernels.cuda_wgmma import dense_wgmma_cuda
+
+    (bt,) = CudaBackend.resolve("sm_90a")
+    bt.prepare()
+    f = dense_wgmma_cuda((1, tirx.Var("seq_len", "int64")), 4096, 4096).with_attr("global_symbol", "wg")
+    lib = tvm.compile(tvm.IRModule({"wg": f}), target=bt.target)
+    import tempfile
+    from pathlib import Path
+
+    with tempfile.TemporaryDirectory() as d:
+        path = Path(d) / "wg.so"
+        lib.export_library(str(path))
+        rep = inspect_library(path)
+    assert rep.archs == ["sm_90a"] and rep.kernels == 1 and not rep.ptx, rep
+
+
+def test_pipeline_gemms_take_wgmma_only_with_the_switch(monkeypatch):
+    """The symbolic-row dense GEMM and the VQ prefill's dequantize + GEMM: with the switch on (sm_90a) the
+    long-prompt plan is wgmma and the decode / short-prompt plans stay mma.sync; off, no wgmma anywhere."""
+    require_cuda_toolkit(cuobjdump=False)
+    import tvm
+    from tvm import tirx
+
+    from vptq_mlc.checkpoint.layer_config import VPTQLayerConfig
+    from vptq_mlc.tir_kernels.cuda_dense_mma import dense_mma_cuda
+    from vptq_mlc.tir_kernels.cuda_dequant_gemm import vq_prefill_cuda
+    from vptq_mlc.tir_kernels.cuda_wgmma import WGMMA_ENV, wgmma_for_target
+
+    cfg = VPTQLayerConfig.from_variant("v8-k256-256", 512, 1024)
+    for on in (False, True):
+        if on:
+            monkeypatch.setenv(WGMMA_ENV, "1")
+        else:
+            monkeypatch.delenv(WGMMA_ENV, raising=False)
+
+        def build(bt):
+            wg = wgmma_for_target(bt.target)
+            assert wg is on
+            funcs = {"dense": dense_mma_cuda((1, tirx.Var("seq_len", "int64")), 4096, 4096, wgmma=wg),
+                     "vq": vq_prefill_cuda(cfg, "float16", wgmma=wg)[0]}
+            mod = tvm.IRModule({n: f.with_attr("global_symbol", n) for n, f in funcs.items()})
+            return tvm.compile(mod, target=bt.target)
+
+        src = generated_cuda(build, "sm_90")
+        kernels = kernel_definitions(src)
+        wgmma = sorted(n for n, code in kernels.items() if WGMMA_CALL in code)
+        if not on:
+            assert wgmma == [] and "wgmma" not in src, wgmma
+            continue
+        # dense: decode, 64 x 64 tiles, wgmma; vq: VQ MMA (decode, prefill plans), dequantize, 64 x 64 tiles (1024
+        # outputs: up to 896 rows), wgmma
+        assert wgmma == ["dense_kernel_2", "vq_kernel_4"], sorted(kernels)
+        for name in wgmma:
+            code = kernels[name]
+            assert "mma.sync" not in code and "ptx_fence_proxy_proxy_async_shared__cta" in code, name
+        assert WGMMA_LINE in src
+        assert all("mma.sync.aligned.m16n8k16" in kernels[n] for n in ("dense_kernel", "dense_kernel_1"))
+
+
+if __name__ == "__main__":
+    pytest.main([__file__, "-q"])
