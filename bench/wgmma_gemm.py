@@ -34,11 +34,12 @@ ARCH = "sm_90a"
 def _wgmma_plans():
     from vptq_mlc.tir_kernels.cuda_wgmma import WgmmaPlan
 
-    return {  # (consumer warpgroups, BN, stages)
+    return {  # (consumer warpgroups, BN, stages, producer warpgroup)
         "wg2_n256_s4": WgmmaPlan(2, 256, 4),
         "wg2_n128_s6": WgmmaPlan(2, 128, 6),
-        "wg2_n128_s4": WgmmaPlan(2, 128, 4),
         "wg1_n256_s5": WgmmaPlan(1, 256, 5),
+        "ws_wg2_n256_s4": WgmmaPlan(2, 256, 4, True),
+        "ws_wg2_n128_s6": WgmmaPlan(2, 128, 6, True),
     }
 
 
@@ -137,12 +138,12 @@ def run(art_dir: Path, out: Path | None, reps: int, plans: tuple[str, ...] = (),
             print("FAIL", failures[-1], flush=True)
             continue
         saved[f["plan"]] = y.cpu().numpy()
+        np.savez_compressed(out_dir / ("debug.npz" if not plans else f"debug_{'_'.join(plans)}.npz"), **saved)
         err = _row_err(y, ref)
         results.append({"kind": "debug", "plan": f["plan"], "row_rel_err": err})
         print(f"debug {f['plan']} {dm}x{dn}x{dk}: row rel err {err:.3g}", flush=True)
         if not err <= MAX_ROW_REL_ERR:
             failures.append(f"{f['name']}: row rel err {err}")
-    np.savez_compressed(out_dir / ("debug.npz" if not plans else f"debug_{'_'.join(plans)}.npz"), **saved)
     report()
     if debug_only:
         return 1 if failures else 0

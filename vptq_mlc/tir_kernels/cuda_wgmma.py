@@ -50,7 +50,10 @@ _DESC_HI = (1 << 62) | ((SW128_ATOM_BYTES >> 4) << 32) | (1 << 16)
 class WgmmaPlan:
     warpgroups: int = 2  # consumer warpgroups along M (64 rows each)
     block_n: int = 256  # wgmma N (multiple of 8, <= 256)
-    stages: int = 4  # cp.async ring depth (runs stages - 2 K steps ahead)
+    stages: int = 4  # cp.async ring depth (runs stages - 2 K steps ahead; all of it with a producer)
+    # one more warpgroup that only loads (cp.async + mbarriers, "warp specialization"): the consumers never wait
+    # at a CTA barrier, only on the mbarrier of the slot they read next
+    producer: bool = False
 
     @property
     def block_m(self) -> int:
@@ -58,7 +61,11 @@ class WgmmaPlan:
 
     @property
     def threads(self) -> int:
-        return WG_THREADS * self.warpgroups
+        return WG_THREADS * (self.warpgroups + self.producer)
+
+    @property
+    def loader_threads(self) -> int:
+        return WG_THREADS if self.producer else self.threads
 
     @property
     def stage_elems(self) -> int:
@@ -92,7 +99,8 @@ def _gemm_macro(p: WgmmaPlan, M, N: int, K: int, rows_static: int | None):
     BM, NTHR, STG = p.block_m, p.threads, p.stage_elems
     CR = WGMMA_BK // 8  # 16-byte chunks per row
     KT = K // WGMMA_BK
-    A_IT, B_IT = BM * CR // NTHR, BN * CR // NTHR
+    LT = p.loader_threads
+    A_IT, B_IT = BM * CR // LT, BN * CR // LT
     NACC = BN // 2
     GRID_N = -(-N // BN)
     GRID_M = -(-rows_static // BM) if rows_static is not None else (M + BM - 1) // BM
@@ -103,15 +111,15 @@ def _gemm_macro(p: WgmmaPlan, M, N: int, K: int, rows_static: int | None):
     def load_step(ring, pad, xf, w, slot, step, tid, bx, by):
         for it in T.unroll(A_IT):
             T.evaluate(T.ptx["cp.async.cg.shared.global"](
-                T.address_of(ring[pad + slot * STG + sw128_offset((it * NTHR + tid) // CR, tid % CR)]),
-                xf.access_ptr("r", offset=T.min(by * BM + (it * NTHR + tid) // CR, M - 1) * K
+                T.address_of(ring[pad + slot * STG + sw128_offset((it * LT + tid) // CR, tid % CR)]),
+                xf.access_ptr("r", offset=T.min(by * BM + (it * LT + tid) // CR, M - 1) * K
                               + step * WGMMA_BK + tid % CR * 8),
                 16))
         for it in T.unroll(B_IT):
             T.evaluate(T.ptx["cp.async.cg.shared.global"](
                 T.address_of(ring[pad + slot * STG + BM * WGMMA_BK
-                                  + sw128_offset((it * NTHR + tid) // CR, tid % CR)]),
-                w.access_ptr("r", offset=T.min(bx * BN + (it * NTHR + tid) // CR, N - 1) * K
+                                  + sw128_offset((it * LT + tid) // CR, tid % CR)]),
+                w.access_ptr("r", offset=T.min(bx * BN + (it * LT + tid) // CR, N - 1) * K
                              + step * WGMMA_BK + tid % CR * 8),
                 16))
 
@@ -162,7 +170,63 @@ def _gemm_macro(p: WgmmaPlan, M, N: int, K: int, rows_static: int | None):
                     yf[(by * BM + tid // WG_THREADS * 64 + tid % WG_THREADS // 32 * 16 + tid % 32 // 4 + c // 2 * 8)
                        * N + bx * BN + j * 8 + tid % 4 * 2 + c % 2] = T.Cast("float16", acc[j * 4 + c])
 
-    return gemm
+    CONSUMERS = WG_THREADS * p.warpgroups
+
+    @T.macro
+    def gemm_ws(xf, w, yf):
+        bx = T.launch_thread("blockIdx.x", GRID_N)
+        by = T.launch_thread("blockIdx.y", GRID_M)
+        tid = T.launch_thread("threadIdx.x", NTHR)
+        ring = T.alloc_buffer((S * STG + PAD_ELEMS,), "float16", scope="shared.dyn")
+        # full[s] (S of them): the producer's 128 threads' copies of slot s landed; empty[s] (S more): every
+        # consumer thread's wgmma group reading slot s retired
+        bars = T.alloc_buffer((2 * S,), "uint64", scope="shared")
+        acc = T.alloc_buffer((NACC,), "float32", scope="local")
+        pad = T.alloc_buffer((1,), "int32", scope="local")
+        pad[0] = T.Cast("int32", (T.uint32(SW128_ATOM_BYTES) - T.cuda.cvta_generic_to_shared(
+            T.address_of(ring[0])) % T.uint32(SW128_ATOM_BYTES)) % T.uint32(SW128_ATOM_BYTES)) // 2
+        base = T.alloc_buffer((1,), "uint32", scope="local")
+        base[0] = T.cuda.cvta_generic_to_shared(T.address_of(ring[0])) + T.Cast("uint32", pad[0] * 2)
+        if tid == 0:
+            for s in T.unroll(S):
+                T.evaluate(T.ptx["mbarrier.init.shared::cta.b64"](T.address_of(bars[s]), T.uint32(WG_THREADS)))
+                T.evaluate(T.ptx["mbarrier.init.shared::cta.b64"](T.address_of(bars[S + s]), T.uint32(CONSUMERS)))
+        T.tvm_storage_sync("shared")
+        if tid >= CONSUMERS:
+            for kt in range(KT):
+                if kt >= S:  # use kt // S - 1 of the slot released
+                    T.evaluate(T.cuda.mbarrier_wait(T.address_of(bars[S + kt % S]), (kt // S + 1) % 2))
+                load_step(ring, pad[0], xf, w, kt % S, kt, tid - CONSUMERS, bx, by)
+                T.evaluate(T.ptx["cp.async.mbarrier.arrive.noinc.shared::cta.b64"](T.address_of(bars[kt % S])))
+                T.evaluate(T.ptx["cp.async.commit_group"]())
+            T.evaluate(T.ptx["cp.async.wait_group"](0))  # no thread exits with copies in flight
+        else:
+            for a in T.unroll(NACC):
+                acc[a] = T.float32(0)
+            for kt in range(KT):
+                T.evaluate(T.cuda.mbarrier_wait(T.address_of(bars[kt % S]), (kt // S) % 2))
+                T.evaluate(T.ptx["fence.proxy.async.shared::cta"]())
+                T.evaluate(T.ptx["wgmma.fence.sync.aligned"]())
+                for kk in T.unroll(WGMMA_BK // 16):
+                    T.evaluate(_wgmma_ss(
+                        acc, BN,
+                        _desc(base[0] + T.Cast("uint32", ((kt % S) * STG + (tid // WG_THREADS) * 64 * WGMMA_BK) * 2
+                                               + kk * 32)),
+                        _desc(base[0] + T.Cast("uint32", ((kt % S) * STG + BM * WGMMA_BK) * 2 + kk * 32))))
+                T.evaluate(T.ptx["wgmma.commit_group.sync.aligned"]())
+                T.evaluate(T.ptx["wgmma.wait_group.sync.aligned"](1))
+                if kt > 0:  # step kt - 1's group retired: its slot may be refilled
+                    T.evaluate(T.ptx["mbarrier.arrive.shared::cta.b64"](T.address_of(bars[S + (kt - 1) % S])))
+            T.evaluate(T.ptx["wgmma.wait_group.sync.aligned"](0))
+            for j in T.unroll(BN // 8):
+                for c in T.unroll(4):
+                    if (by * BM + tid // WG_THREADS * 64 + tid % WG_THREADS // 32 * 16 + tid % 32 // 4 + c // 2 * 8
+                            < M and bx * BN + j * 8 + tid % 4 * 2 + c % 2 < N):
+                        yf[(by * BM + tid // WG_THREADS * 64 + tid % WG_THREADS // 32 * 16 + tid % 32 // 4
+                            + c // 2 * 8) * N + bx * BN + j * 8 + tid % 4 * 2 + c % 2] = T.Cast("float16",
+                                                                                             acc[j * 4 + c])
+
+    return gemm_ws if p.producer else gemm
 
 
 def wgmma_switch() -> bool:
