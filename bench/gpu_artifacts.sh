@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Build, on the GPU-less build box, everything bench/gpu_suite.sh reads on the GPU host, into one folder to carry.
 # Usage (repo root): bash bench/gpu_artifacts.sh ART_DIR [parts...]
-# parts (default: tvm_rt kcheck e2e): tvm_rt kcheck kbench kcs kgather e2e e2eds e2emla e2e7b attn kprefill
+# parts (default: tvm_rt kcheck e2e): tvm_rt kcheck kbench kcs kgather e2e e2eds e2emla e2e7b attn kprefill kwgmma
 # sampler; each is skipped when already built.
 #   kgather  the gathered-experts CUDA kernel at DeepSeek-R1 expert shapes (tests/gathered_kernels.py): gathered_cuda.so
 #          + gathered.json, checked and timed by tests/gpu/test_gathered_gpu.py (a few seconds to build)
@@ -40,6 +40,7 @@ for p in $PARTS; do
     kbench) built "$ART/kbench" || "${V[@]}" bench build "$ART/kbench" --suite kernels --arch "$ARCH" --rows 1,8,16 ;;
     attn) built "$ART/attn" || python3 bench/attention_prefill.py build "$ART/attn" --arch "$ARCH" ;;
     kprefill) built "$ART/kprefill" || python3 bench/prefill_gemm.py build "$ART/kprefill" --arch "$ARCH" ;;
+    kwgmma) built "$ART/kwgmma" || python3 bench/wgmma_gemm.py build "$ART/kwgmma" ;;  # always sm_90a
     kcs) built "$ART/kcs" || "${V[@]}" bench build "$ART/kcs" --suite code-sorted --arch "$ARCH" ;;
     kgather) built "$ART/kgather" || python3 tests/gathered_kernels.py build "$ART/kgather" "$ARCH" ;;
     sampler) mkdir -p "$ART/sampler"
@@ -104,7 +105,7 @@ p.write_text(json.dumps(c, indent=2))"
         gzip -c "$c/tokenizer.json" > "$D/tokenizer/tokenizer.json.gz"
         rm "$c/tokenizer.json"
       done ;;
-    *) echo "unknown part $p (tvm_rt kcheck kbench kcs kgather e2e e2eds e2e7b attn kprefill sampler)" >&2; exit 2 ;;
+    *) echo "unknown part $p (tvm_rt kcheck kbench kcs kgather e2e e2eds e2e7b attn kprefill kwgmma sampler)" >&2; exit 2 ;;
   esac
 done
 du -sh "$ART"/* 2>/dev/null
