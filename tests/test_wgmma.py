@@ -1,11 +1,13 @@
 """The wgmma dense GEMM (vptq_mlc/tir_kernels/cuda_wgmma.py, sm_90a): the compile switch `VPTQ_MLC_WGMMA` (off by
 default; on, a CUDA build must be for sm_90 alone and becomes sm_90a code), that the kernel compiles to sm_90a SASS
-with nvcc, and that the pipeline's GEMMs take it only when the switch is on. No GPU here: the kernel's numbers are
-checked on an H100 by bench/wgmma_gemm.py (every output row against an fp32 reference). ~20 s on 2 cores.
+with nvcc, that the pipeline's GEMMs take it only when the switch is on, and its results on the CPU: the generated
+CUDA run with C++ models of the PTX instructions (tests/wgmma_emulator.py) against numpy. No GPU here: on an H100,
+bench/wgmma_gemm.py checks every output row against an fp32 reference. ~30 s on 2 cores.
 """
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 from cuda_sources import generated_cuda, kernel_definitions
 from test_cuda_aot import require_cuda_toolkit
@@ -124,6 +126,33 @@ def test_pipeline_gemms_take_wgmma_only_with_the_switch(monkeypatch):
             assert "mma.sync" not in code and "ptx_fence_proxy_proxy_async_shared__cta" in code, name
         assert WGMMA_LINE in src
         assert all("mma.sync.aligned.m16n8k16" in kernels[n] for n in ("dense_kernel", "dense_kernel_1"))
+
+
+def test_kernel_computes_x_wt_on_the_cpu(tmp_path):
+    """Every launch variant (two or one consumer warpgroups, 256 or 128 columns, with the producer warpgroup and its
+    mbarriers) on a shape with partial row and column tiles (rows and weight rows clamped) and 8 K steps (the ring
+    wraps twice): every output row within fp16 rounding of the fp32-accumulate product."""
+    import tvm
+    from wgmma_emulator import WgmmaEmulator
+
+    from vptq_mlc.tir_kernels.cuda_wgmma import WgmmaPlan, dense_wgmma_cuda
+
+    m, n, k = 200, 384, 512
+    plans = {"wg2_n256": WgmmaPlan(2, 256, 4), "wg1_n256": WgmmaPlan(1, 256, 5), "wg2_n128": WgmmaPlan(2, 128, 6),
+             "ws_wg2_n256": WgmmaPlan(2, 256, 4, True)}
+    funcs = {name: dense_wgmma_cuda((m,), n, k, plan=p).with_attr("global_symbol", name) for name, p in plans.items()}
+    kernels = kernel_definitions(generated_cuda(lambda bt: tvm.compile(tvm.IRModule(funcs), target=bt.target),
+                                                "sm_90a"))
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((m, k)).astype(np.float16)
+    w = (rng.standard_normal((n, k)) / k ** 0.5).astype(np.float16)
+    ref = x.astype(np.float64) @ w.astype(np.float64).T
+    for name, p in plans.items():
+        y = np.full((m, n), np.nan, np.float16)
+        WgmmaEmulator(kernels[f"{name}_kernel"], tmp_path)(x, w, y, (-(-n // p.block_n), -(-m // p.block_m)),
+                                                            p.threads)
+        row_err = np.linalg.norm(y.astype(np.float64) - ref, axis=1) / np.linalg.norm(ref, axis=1)
+        assert not np.isnan(y).any() and row_err.max() < 5e-4, (name, row_err.max())
 
 
 if __name__ == "__main__":
