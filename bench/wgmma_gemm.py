@@ -34,12 +34,14 @@ ARCH = "sm_90a"
 def _wgmma_plans():
     from vptq_mlc.tir_kernels.cuda_wgmma import WgmmaPlan
 
-    return {  # (consumer warpgroups, BN, stages, producer warpgroup)
+    return {  # (consumer warpgroups, BN, stages, producer warpgroup, group_m)
         "wg2_n256_s4": WgmmaPlan(2, 256, 4),
-        "wg2_n128_s6": WgmmaPlan(2, 128, 6),
-        "wg1_n256_s5": WgmmaPlan(1, 256, 5),
         "ws_wg2_n256_s4": WgmmaPlan(2, 256, 4, True),
-        "ws_wg2_n128_s6": WgmmaPlan(2, 128, 6, True),
+        "wg2_n256_s4_g8": WgmmaPlan(2, 256, 4, False, 8),
+        "ws_wg2_n256_s4_g8": WgmmaPlan(2, 256, 4, True, 8),
+        "wg2_n128_s6_g8": WgmmaPlan(2, 128, 6, False, 8),
+        "ws_wg2_n128_s6_g8": WgmmaPlan(2, 128, 6, True, 8),
+        "wg1_n256_s5": WgmmaPlan(1, 256, 5),
     }
 
 

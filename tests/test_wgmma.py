@@ -130,8 +130,8 @@ def test_pipeline_gemms_take_wgmma_only_with_the_switch(monkeypatch):
 
 def test_kernel_computes_x_wt_on_the_cpu(tmp_path):
     """Every launch variant (two or one consumer warpgroups, 256 or 128 columns, with the producer warpgroup and its
-    mbarriers) on a shape with partial row and column tiles (rows and weight rows clamped) and 8 K steps (the ring
-    wraps twice): every output row within fp16 rounding of the fp32-accumulate product."""
+    mbarriers, grouped rasterization) on a shape with partial row and column tiles (rows and weight rows clamped)
+    and 8 K steps (the ring wraps twice): every output row within fp16 rounding of the fp32-accumulate product."""
     import tvm
     from wgmma_emulator import WgmmaEmulator
 
@@ -139,7 +139,9 @@ def test_kernel_computes_x_wt_on_the_cpu(tmp_path):
 
     m, n, k = 200, 384, 512
     plans = {"wg2_n256": WgmmaPlan(2, 256, 4), "wg1_n256": WgmmaPlan(1, 256, 5), "wg2_n128": WgmmaPlan(2, 128, 6),
-             "ws_wg2_n256": WgmmaPlan(2, 256, 4, True)}
+             "ws_wg2_n256": WgmmaPlan(2, 256, 4, True),
+             # grouped rasterization, the last group short: 4 row tiles in groups of 3; 2 row tiles in one group of 2
+             "wg1_n256_g3": WgmmaPlan(1, 256, 5, group_m=3), "ws_wg2_n128_g2": WgmmaPlan(2, 128, 6, True, 2)}
     funcs = {name: dense_wgmma_cuda((m,), n, k, plan=p).with_attr("global_symbol", name) for name, p in plans.items()}
     kernels = kernel_definitions(generated_cuda(lambda bt: tvm.compile(tvm.IRModule(funcs), target=bt.target),
                                                 "sm_90a"))
@@ -149,8 +151,9 @@ def test_kernel_computes_x_wt_on_the_cpu(tmp_path):
     ref = x.astype(np.float64) @ w.astype(np.float64).T
     for name, p in plans.items():
         y = np.full((m, n), np.nan, np.float16)
-        WgmmaEmulator(kernels[f"{name}_kernel"], tmp_path)(x, w, y, (-(-n // p.block_n), -(-m // p.block_m)),
-                                                            p.threads)
+        grid = (-(-n // p.block_n), -(-m // p.block_m))
+        WgmmaEmulator(kernels[f"{name}_kernel"], tmp_path)(
+            x, w, y, (grid[0] * grid[1], 1) if p.group_m else grid, p.threads)
         row_err = np.linalg.norm(y.astype(np.float64) - ref, axis=1) / np.linalg.norm(ref, axis=1)
         assert not np.isnan(y).any() and row_err.max() < 5e-4, (name, row_err.max())
 

@@ -41,6 +41,8 @@ _PRELUDE = r"""
 #include <thread>
 #include <vector>
 typedef _Float16 half;
+struct half2 { half x, y; };
+struct float2 { float x, y; };
 #define __global__
 #define __launch_bounds__(n)
 #define __restrict__

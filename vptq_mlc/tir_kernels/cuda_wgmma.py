@@ -54,6 +54,10 @@ class WgmmaPlan:
     # one more warpgroup that only loads (cp.async + mbarriers, "warp specialization"): the consumers never wait
     # at a CTA barrier, only on the mbarrier of the slot they read next
     producer: bool = False
+    # CTA rasterization: 0 = a 2-D grid (blockIdx.x walks the column tiles); G > 0 = a 1-D grid walking groups of G
+    # row tiles column by column (as cuda_dense_mma's DensePlan.group_m), so the CTAs in flight share few weight
+    # tiles and a weight larger than L2 is streamed from memory about once per group instead of once per row tile
+    group_m: int = 0
 
     @property
     def block_m(self) -> int:
@@ -94,6 +98,14 @@ def _desc(saddr):
     return T.uint64(_DESC_HI) | T.Cast("uint64", T.shift_right(saddr, T.uint32(4)) & T.uint32(0x3FFF))
 
 
+def _grouped_tile(tb, grid_n, group_m: int, group_rows):
+    """(column tile, row tile) of CTA `tb` under grouped rasterization: the arithmetic of cuda_dense_mma.grouped_tile
+    (groups of `group_m` row tiles, `group_rows` in this one, walked column by column)."""
+    first_row = tb // (group_m * grid_n) * group_m
+    inside = tb % (group_m * grid_n)
+    return inside // group_rows, first_row + inside % group_rows
+
+
 def _gemm_macro(p: WgmmaPlan, M, N: int, K: int, rows_static: int | None):
     BN, S = p.block_n, p.stages
     BM, NTHR, STG = p.block_m, p.threads, p.stage_elems
@@ -105,6 +117,7 @@ def _gemm_macro(p: WgmmaPlan, M, N: int, K: int, rows_static: int | None):
     GRID_N = -(-N // BN)
     GRID_M = -(-rows_static // BM) if rows_static is not None else (M + BM - 1) // BM
     DIST = S - 2  # K steps loaded ahead
+    GM = p.group_m
     PAD_ELEMS = SW128_ATOM_BYTES // 2
 
     @T.macro
@@ -124,9 +137,27 @@ def _gemm_macro(p: WgmmaPlan, M, N: int, K: int, rows_static: int | None):
                 16))
 
     @T.macro
+    def store_tile(yf, acc, tid, bx, by):
+        """Accumulators d[4j + c], c = 2h + e, of thread t: row 64 (t / 128) + 16 (t / 32 % 4) + t % 32 / 4 + 8h,
+        columns 8j + 2 (t % 4) + e, e = 0, 1: one 4-byte store of both (N is even)."""
+        for j in T.unroll(BN // 8):
+            for h in T.unroll(2):
+                if (by * BM + tid // WG_THREADS * 64 + tid % WG_THREADS // 32 * 16 + tid % 32 // 4 + h * 8 < M
+                        and bx * BN + j * 8 + tid % 4 * 2 < N):
+                    yf[T.Ramp((by * BM + tid // WG_THREADS * 64 + tid % WG_THREADS // 32 * 16 + tid % 32 // 4 + h * 8)
+                              * N + bx * BN + j * 8 + tid % 4 * 2, 1, 2)] = T.Cast(
+                                  "float16x2", acc[T.Ramp(j * 4 + h * 2, 1, 2)])
+
+    @T.macro
     def gemm(xf, w, yf):
-        bx = T.launch_thread("blockIdx.x", GRID_N)
-        by = T.launch_thread("blockIdx.y", GRID_M)
+        if GM > 0:
+            tb = T.launch_thread("blockIdx.x", GRID_M * GRID_N)
+            gsz = T.min(GRID_M - tb // (GM * GRID_N) * GM, GM)
+            bx = _grouped_tile(tb, GRID_N, GM, gsz)[0]
+            by = _grouped_tile(tb, GRID_N, GM, gsz)[1]
+        else:
+            bx = T.launch_thread("blockIdx.x", GRID_N)
+            by = T.launch_thread("blockIdx.y", GRID_M)
         tid = T.launch_thread("threadIdx.x", NTHR)
         ring = T.alloc_buffer((S * STG + PAD_ELEMS,), "float16", scope="shared.dyn")
         acc = T.alloc_buffer((NACC,), "float32", scope="local")
@@ -162,20 +193,20 @@ def _gemm_macro(p: WgmmaPlan, M, N: int, K: int, rows_static: int | None):
             T.evaluate(T.ptx["wgmma.wait_group.sync.aligned"](1))
         T.evaluate(T.ptx["wgmma.wait_group.sync.aligned"](0))
         T.evaluate(T.ptx["cp.async.wait_group"](0))
-        # accumulator d[4j + c] of thread t: row 16 (t / 32 % 4) + t % 32 / 4 + 8 (c / 2), column 8j + 2 (t % 4) + c % 2
-        for j in T.unroll(BN // 8):
-            for c in T.unroll(4):
-                if (by * BM + tid // WG_THREADS * 64 + tid % WG_THREADS // 32 * 16 + tid % 32 // 4 + c // 2 * 8 < M
-                        and bx * BN + j * 8 + tid % 4 * 2 + c % 2 < N):
-                    yf[(by * BM + tid // WG_THREADS * 64 + tid % WG_THREADS // 32 * 16 + tid % 32 // 4 + c // 2 * 8)
-                       * N + bx * BN + j * 8 + tid % 4 * 2 + c % 2] = T.Cast("float16", acc[j * 4 + c])
+        store_tile(yf, acc, tid, bx, by)
 
     CONSUMERS = WG_THREADS * p.warpgroups
 
     @T.macro
     def gemm_ws(xf, w, yf):
-        bx = T.launch_thread("blockIdx.x", GRID_N)
-        by = T.launch_thread("blockIdx.y", GRID_M)
+        if GM > 0:
+            tb = T.launch_thread("blockIdx.x", GRID_M * GRID_N)
+            gsz = T.min(GRID_M - tb // (GM * GRID_N) * GM, GM)
+            bx = _grouped_tile(tb, GRID_N, GM, gsz)[0]
+            by = _grouped_tile(tb, GRID_N, GM, gsz)[1]
+        else:
+            bx = T.launch_thread("blockIdx.x", GRID_N)
+            by = T.launch_thread("blockIdx.y", GRID_M)
         tid = T.launch_thread("threadIdx.x", NTHR)
         ring = T.alloc_buffer((S * STG + PAD_ELEMS,), "float16", scope="shared.dyn")
         # full[s] (S of them): the producer's 128 threads' copies of slot s landed; empty[s] (S more): every
@@ -218,13 +249,7 @@ def _gemm_macro(p: WgmmaPlan, M, N: int, K: int, rows_static: int | None):
                 if kt > 0:  # step kt - 1's group retired: its slot may be refilled
                     T.evaluate(T.ptx["mbarrier.arrive.shared::cta.b64"](T.address_of(bars[S + (kt - 1) % S])))
             T.evaluate(T.ptx["wgmma.wait_group.sync.aligned"](0))
-            for j in T.unroll(BN // 8):
-                for c in T.unroll(4):
-                    if (by * BM + tid // WG_THREADS * 64 + tid % WG_THREADS // 32 * 16 + tid % 32 // 4 + c // 2 * 8
-                            < M and bx * BN + j * 8 + tid % 4 * 2 + c % 2 < N):
-                        yf[(by * BM + tid // WG_THREADS * 64 + tid % WG_THREADS // 32 * 16 + tid % 32 // 4
-                            + c // 2 * 8) * N + bx * BN + j * 8 + tid % 4 * 2 + c % 2] = T.Cast("float16",
-                                                                                             acc[j * 4 + c])
+            store_tile(yf, acc, tid, bx, by)
 
     return gemm_ws if p.producer else gemm
 
