@@ -129,7 +129,7 @@ for s in $STEPS; do
         | tee "$OUT/attention_prefill.log" || rc=1 ;;
     kprefill) python3 bench/prefill_gemm.py run "$ART/kprefill" --out "$OUT/prefill_gemm.json" 2>&1 \
         | tee "$OUT/prefill_gemm.log" || rc=1 ;;
-    kwgmma) for plan in $(python3 -c "import json,sys; print(' '.join(sorted({f['plan'] for f in json.load(open(sys.argv[1]))['functions']} - {'mma_pipeline'})))" "$ART/kwgmma/manifest.json"); do
+    kwgmma) for plan in $(python3 -c "import json,sys; print(' '.join(sorted({f['plan'] for f in json.load(open(sys.argv[1]))['functions']} - {'mma_pipeline', 'wgmma_pipeline'})))" "$ART/kwgmma/manifest.json"); do
         timeout 60 python3 bench/wgmma_gemm.py run "$ART/kwgmma" --plans "$plan" --out "$OUT/wgmma_$plan.json" \
           > "$OUT/wgmma_$plan.log" 2>&1 || rc=1
         tail -n 12 "$OUT/wgmma_$plan.log"

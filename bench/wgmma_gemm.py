@@ -1,6 +1,7 @@
 """Dense fp16 prefill GEMM on Hopper: our wgmma kernel (tir_kernels/cuda_wgmma.py, sm_90a) next to torch.matmul
-(cuBLAS) and our mma.sync pipeline plan (cuda_dense_mma.py) of the same shape, same run, cold L2, with a per-row
-check of every output against an fp32-accumulate reference.
+(cuBLAS), our mma.sync pipeline plan (cuda_dense_mma.py) and the pipeline of a VPTQ_MLC_WGMMA=1 build (the same
+PrimFunc with wgmma past the mma.sync plans) of the same shape, same run, cold L2, with a per-row check of every
+output against an fp32-accumulate reference.
 
 Build (build box, nvcc, no GPU), from the repo root:
     PYTHONPATH=$PWD python3 bench/wgmma_gemm.py build ART_DIR
@@ -28,6 +29,7 @@ DEBUG_SHAPE = (128, 256, 64)  # rows, N, K
 LIBRARY = "wgmma_gemm.so"
 MANIFEST = "manifest.json"
 MAX_ROW_REL_ERR = 1e-3
+PIPELINES = ("mma_pipeline", "wgmma_pipeline")  # run with every --plans selection
 ARCH = "sm_90a"
 
 
@@ -64,6 +66,9 @@ def build(out_dir: Path) -> None:
     rows = tirx.Var("seq_len", "int64")
     for n, k in SHAPES:
         add(f"gemm_n{n}_k{k}_mma_pipeline", dense_mma_cuda((1, rows), n, k), n=n, k=k, plan="mma_pipeline")
+        # what a VPTQ_MLC_WGMMA=1 build runs: mma.sync plans for few rows, the default wgmma plan past them
+        add(f"gemm_n{n}_k{k}_wgmma_pipeline", dense_mma_cuda((1, rows), n, k, wgmma=True), n=n, k=k,
+            plan="wgmma_pipeline")
         for pname, plan in _wgmma_plans().items():
             add(f"gemm_n{n}_k{k}_{pname}", dense_wgmma_cuda((1, rows), n, k, plan=plan), n=n, k=k, plan=pname)
     dm, dn, dk = DEBUG_SHAPE
@@ -110,7 +115,7 @@ def run(art_dir: Path, out: Path | None, reps: int, plans: tuple[str, ...] = (),
         if out is not None:
             out.write_text(json.dumps(rep, indent=1))
 
-    funcs = [f for f in man["functions"] if not plans or f["plan"] in plans or f["plan"] == "mma_pipeline"]
+    funcs = [f for f in man["functions"] if not plans or f["plan"] in plans + PIPELINES]
     out_dir = out.parent if out is not None else art_dir
 
     def tv(t):
