@@ -1,0 +1,101 @@
+"""Long-prompt prefill of a normed VQ layer with the activation prologue folded into the dequantized weight
+(VPTQ_MLC_PREFILL_FOLD=1, tir_kernels/cuda_dequant_gemm.py `vq_prefill_folded_cuda`): the dequantize kernel writes
+`w[o, perm[k]] = W[o, k] * col_scale[k] + weight_bias[perm[k]]`, and the dense GEMM runs on the unpermuted x with the
+bias in its epilogue; short prompts keep prologue + VQ MMA kernel, with the norm-bias dot and the bias added in that
+kernel's epilogue.
+
+Without a GPU: the folding kernel's per-thread code, built for the CPU in serial loops over the block and thread
+indices, must reproduce the reference `dequantize` (checkpoint/dequant.py: VPTQ's final-order weight with its norm)
+bit for bit; then the whole linear (this weight times unpermuted x, fp32 sums, the bias before the one rounding, as
+the GEMM epilogue does) against a float64 reference of the VQ linear computed from the checkpoint tensors, ragged row
+counts. The GEMM's data movement is checked by tests/test_dense_mma.py; the GPU check suite runs both branches.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from vptq_mlc.artifact.vq_layout import generic_layout
+from vptq_mlc.checkpoint.dequant import decode_codes, dequantize
+from vptq_mlc.checkpoint.layer_config import VPTQLayerConfig
+from vptq_mlc.testing.synthetic import random_layer
+
+OUTL = {"outlier_size": 64, "outlier_vector_len": 4, "num_outlier_centroids": 256}
+CASES = {  # variant, in, out, layer kwargs: residual, outliers, groups, v = 12, no perm, O % v != 0, bias
+    "v8-k256-256-outl-bias": ("v8-k256-256", 1024, 512, {**OUTL, "bias": True}),
+    "v8-k4096-0-groups": ("v8-k4096-0", 1024, 300, {"group_num": 2}),
+    "v8-k4096-0-noperm": ("v8-k4096-0", 1000, 64, {"enable_perm": False}),
+    "v12-k4096-0": ("v12-k4096-0", 512, 252, {"bias": True}),
+    "v16-k65536-65536": ("v16-k65536-65536", 256, 64, {}),
+}
+
+
+def _layer(name):
+    variant, i, o, kw = CASES[name]
+    cfg = VPTQLayerConfig.from_variant(variant, i, o, enable_norm=True, **kw)
+    rng = np.random.default_rng(11)
+    tensors = random_layer(cfg, rng, "float16")
+    # norm tensors of realistic spread (scale ~ per-column weight size, bias comparable to it)
+    tensors["weight_scale"] = (rng.uniform(0.02, 0.2, i) * rng.choice([-1, 1], i)).astype(np.float16)
+    tensors["weight_bias"] = rng.normal(0, 0.01, i).astype(np.float16)
+    return cfg, tensors
+
+
+def _folded_weight(cfg, tensors, threads=64):
+    import tvm
+
+    from vptq_mlc.tir_kernels.cuda_dequant_gemm import FoldPlan, vq_fold_dequantize_func
+
+    ops = generic_layout(cfg, tensors, decode_codes(cfg, tensors), "float16")
+    # few threads per CTA and 2 vector rows per CTA: column-chunk and vector-row tails
+    func = vq_fold_dequantize_func(cfg, "float16", cuda=False, plan=FoldPlan(threads, 2))
+    lib = tvm.compile(tvm.IRModule({"main": func.with_attr("global_symbol", "main")}), target="llvm")
+    dev = tvm.cpu()
+    w = tvm.runtime.tensor(np.full((cfg.out_features, cfg.in_features), np.nan, np.float16), dev)
+    names = [p.name for p in func.params][:-1]
+    lib["main"](*(tvm.runtime.tensor(ops[n], dev) for n in names), w)
+    return w.numpy(), ops
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_folding_dequantize_matches_reference_on_cpu(name):
+    cfg, tensors = _layer(name)
+    w, _ = _folded_weight(cfg, tensors)
+    ref = dequantize(cfg, tensors)  # final column order, norm applied (multiply, then add, each rounded in fp16)
+    assert ref.dtype == np.float16
+    np.testing.assert_array_equal(w, ref)
+
+
+@pytest.mark.parametrize("rows", [1, 37, 200])
+def test_folded_linear_matches_float64_reference(rows):
+    """y = x @ w^T (fp32 sums of the fp16 products, as mma.sync accumulates) + bias, rounded once, against the VQ
+    linear in float64 from the checkpoint's tensors: codebook entries (+ residual, outliers), perm, norm scale and
+    bias, bias; every row within fp16 rounding of the weight and the output."""
+    cfg, tensors = _layer("v8-k256-256-outl-bias")
+    w, ops = _folded_weight(cfg, tensors)
+    rng = np.random.default_rng(rows)
+    x = rng.normal(0, 1, (rows, cfg.in_features)).astype(np.float16)
+    y = (x.astype(np.float32) @ w.astype(np.float32).T + ops["bias"].astype(np.float32)).astype(np.float16)
+    # independent float64 reference: the pre-perm weight from the codes, then the VQ linear's formula
+    codes = decode_codes(cfg, tensors)
+    v, osz = cfg.vector_len, cfg.outlier_size
+    cent = tensors["centroids.weight"].astype(np.float64).reshape(cfg.num_centroids, v)
+    res = tensors["res_centroids.weight"].astype(np.float64).reshape(cfg.num_res_centroids, v)
+    main = cent[codes.idx[0]] + res[codes.res[0]]  # [N, S, v]: vector row, pre-perm main column, lane
+    wpre = np.zeros((cfg.out_features, cfg.in_features))
+    wpre[:, osz:] = main.transpose(0, 2, 1).reshape(-1, main.shape[1])[: cfg.out_features]
+    ocent = tensors["outlier_centroids.weight"].astype(np.float64).reshape(-1, cfg.outlier_vector_len)
+    outl = ocent[codes.outlier_idx]  # [No, osz, vo]
+    wpre[:, :osz] = outl.transpose(0, 2, 1).reshape(-1, osz)[: cfg.out_features]
+    perm = codes.perm
+    xd = x.astype(np.float64)
+    scale = tensors["weight_scale"].astype(np.float64)
+    xs = xd[:, perm] * scale[perm]  # pre-perm column k reads x[:, perm[k]], scaled by weight_scale[perm[k]]
+    ref = xs @ wpre.T + xd @ tensors["weight_bias"].astype(np.float64)[:, None] + tensors["bias"].astype(np.float64)
+    err = np.linalg.norm(y.astype(np.float64) - ref, axis=1) / np.linalg.norm(ref, axis=1)
+    assert err.max() < 2e-3, err.max()
+    # the weight's columns in the pre-perm order (a fold that forgot the permutation) fails the same bound
+    wrong = (x.astype(np.float32) @ w[:, perm].astype(np.float32).T + ops["bias"].astype(np.float32))
+    wrong_err = np.linalg.norm(wrong - ref, axis=1) / np.linalg.norm(ref, axis=1)
+    assert wrong_err.min() > 10 * 2e-3, wrong_err.min()
