@@ -13,6 +13,8 @@ counts. The GEMM's data movement is checked by tests/test_dense_mma.py; the GPU 
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 
@@ -99,3 +101,66 @@ def test_folded_linear_matches_float64_reference(rows):
     wrong = (x.astype(np.float32) @ w[:, perm].astype(np.float32).T + ops["bias"].astype(np.float32))
     wrong_err = np.linalg.norm(wrong - ref, axis=1) / np.linalg.norm(ref, axis=1)
     assert wrong_err.min() > 10 * 2e-3, wrong_err.min()
+
+
+def test_switch_gates_the_registry(monkeypatch):
+    """Off by default (no folded kernel, so the default graph is unchanged); on: normed fp16 layers the dense GEMM
+    takes get the folded kernel, others (no norm, fp32, K not a multiple of 32) keep the plain path."""
+    from tvm.target import Target
+
+    from vptq_mlc.errors import CompileError
+    from vptq_mlc.tir_kernels.cuda_dequant_gemm import DEQUANT_GEMM_FROM_ROWS
+    from vptq_mlc.tir_kernels.registry import PREFILL_FOLD_ENV, CudaKernelSelector
+
+    cfg = VPTQLayerConfig.from_variant("v8-k4096-0", 1024, 512)
+    monkeypatch.delenv(PREFILL_FOLD_ENV, raising=False)
+    assert CudaKernelSelector(Target({"kind": "cuda", "arch": "sm_90"})).folded(cfg, "float16", False) is None
+    monkeypatch.setenv(PREFILL_FOLD_ENV, "1")
+    select = CudaKernelSelector(Target({"kind": "cuda", "arch": "sm_90"}))
+    k = select.folded(cfg, "float16", True)
+    assert k.fold_from_rows == DEQUANT_GEMM_FROM_ROWS and k.scratch == (((512, 1024), "float16"),)
+    params = [p.name for p in k.func.params]
+    assert params[:3] == ["x", "xs", "dot"] and params[3:-2] == list(k.operands) and params[-2:] == ["w", "y"]
+    assert k.operands[-4:] == ("perm", "col_scale", "weight_bias", "bias")
+    assert select.folded(VPTQLayerConfig.from_variant("v8-k4096-0", 1024, 512, enable_norm=False), "float16",
+                         False) is None
+    assert select.folded(cfg, "float32", False) is None
+    assert select.folded(VPTQLayerConfig.from_variant("v8-k4096-0", 1000, 300), "float16", False) is None
+    monkeypatch.setenv(PREFILL_FOLD_ENV, "yes")
+    with pytest.raises(CompileError, match=PREFILL_FOLD_ENV):
+        CudaKernelSelector(Target({"kind": "cuda", "arch": "sm_90"})).folded(cfg, "float16", False)
+
+
+def _prefill_calls(tmp, monkeypatch, fold: str):
+    from test_cuda_aot import require_cuda_toolkit
+
+    from vptq_mlc.bench.launches import launches, lowered_module
+    from vptq_mlc.convert.converter import convert_checkpoint
+    from vptq_mlc.testing.synthetic import make_synthetic_checkpoint
+    from vptq_mlc.tir_kernels.registry import PREFILL_FOLD_ENV
+
+    require_cuda_toolkit(cuobjdump=False)  # the CUDA backend's preparation (no nvcc run)
+    ckpt = make_synthetic_checkpoint(tmp / "ckpt", arch="qwen2", variant="v8-k256-256", hidden_size=128,
+                                     intermediate_size=256, num_layers=1, vocab_size=320)  # q/k/v with a bias
+    monkeypatch.setenv(PREFILL_FOLD_ENV, fold)
+    mod, _ = lowered_module(convert_checkpoint(ckpt, tmp / "mlc", dtype="float16"))
+    return {f: [n for n, _ in launches(mod, f)] for f in ("prefill", "batch_prefill", "decode")}
+
+
+def test_model_prefill_runs_the_folded_kernel(tmp_path, monkeypatch):
+    """With the switch: the 7 linears of a prefill (symbolic rows) are folded kernels after gated prologues, with no
+    `y + dot (+ bias)` pass after them; decode (static rows) is the default build's."""
+    off = _prefill_calls(tmp_path / "off", monkeypatch, "")
+    on = _prefill_calls(tmp_path / "on", monkeypatch, "1")
+    for f in ("prefill", "batch_prefill"):
+        assert sum(n.startswith("vq_matmul_folded") for n in on[f]) == 7, on[f]
+        assert not any(n.startswith("vq_matmul_folded") for n in off[f])
+        assert [n for n in on[f] if n.startswith("vq_prologue")] == [n for n in off[f] if n.startswith("vq_prologue")]
+        # the norm-bias adds (and q/k/v's bias adds) after the 7 VQ kernels are gone
+        adds_off = sum("add" in n for n in off[f])
+        adds_on = sum("add" in n for n in on[f])
+        assert adds_off - adds_on >= 4, (off[f], on[f])
+    def family(names):  # relax numbers same-named functions in order of creation
+        return [re.sub(r"\d+", "", n) for n in names]
+
+    assert family(on["decode"]) == family(off["decode"])
