@@ -164,3 +164,51 @@ def test_model_prefill_runs_the_folded_kernel(tmp_path, monkeypatch):
         return [re.sub(r"\d+", "", n) for n in names]
 
     assert family(on["decode"]) == family(off["decode"])
+
+
+def test_folded_prefill_cuda_source():
+    """The folded PrimFunc holds both branches' kernels; the folding dequantize kernel keeps the plain kernel's
+    16-byte weight stores (final column order: no scattered stores), stages codes and the inverse permutation in
+    shared memory with one barrier; the GEMMs add the bias before the rounding; the gated prologue keeps its
+    barriers. Codegen only (nvcc not run)."""
+    from cuda_sources import generated_cuda, kernel_definitions
+    from test_cuda_aot import require_cuda_toolkit
+
+    require_cuda_toolkit(cuobjdump=False)
+    import tvm
+
+    from vptq_mlc.tir_kernels.cuda_dequant_gemm import vq_prefill_folded_cuda
+    from vptq_mlc.tir_kernels.cuda_prologue import vq_shared_prologue_cuda
+
+    cfg = VPTQLayerConfig.from_variant("v8-k256-256", 1024, 512, **OUTL, bias=True)
+    func, operands, scratch = vq_prefill_folded_cuda(cfg, "float16", True)
+    assert scratch == (((512, 1024), "float16"),)
+    funcs = {"fold": func, "gated": vq_shared_prologue_cuda(1024, "float16", (True, False, True), 128)}
+    mod = tvm.IRModule({n: f.with_attr("global_symbol", n) for n, f in funcs.items()})
+    kernels = kernel_definitions(generated_cuda(lambda bt: tvm.compile(mod, target=bt.target)))
+    fold = {n: k for n, k in kernels.items() if n.startswith("fold_")}
+    # VQ MMA decode plan, VQ MMA prefill plan, folding dequantize, dense GEMM 64 x 64 and 128 x 128
+    assert len(fold) == 5, sorted(fold)
+    mma = [k for k in fold.values() if "mma.sync" in k and "ldmatrix" not in k]
+    gemm = [k for k in fold.values() if "ldmatrix" in k]
+    (dequant,) = [k for k in fold.values() if "mma.sync" not in k]
+    assert len(mma) == 2 and len(gemm) == 2
+    assert all("dot_ptr[" in k and "bias_ptr[" in k for k in mma)  # the epilogue: + dot, + bias
+    assert all("(float)bias_ptr[" in k for k in gemm)
+    assert len(re.findall(r"\*\(uint4\*\)\(w_ptr \+", dequant)) == cfg.vector_len  # v 16-byte stores, no scatter
+    assert "perm_ptr[" in dequant and dequant.count("__syncthreads()") == 1
+    gated = [k for n, k in kernels.items() if n.startswith("gated_")]
+    assert len(gated) == 1 and gated[0].count("__syncthreads()") >= 3
+
+
+def test_check_suite_covers_the_folded_paths():
+    from vptq_mlc.bench.kernels import correctness_cases
+    from vptq_mlc.tir_kernels.cuda_dequant_gemm import DEQUANT_GEMM_FROM_ROWS, fold_supported
+
+    cases = [c for c in correctness_cases() if c.kernel == "fold"]
+    assert all(fold_supported(c.config(), "float16") for c in cases)
+    below = [c for c in cases if c.plan.get("from_rows", DEQUANT_GEMM_FROM_ROWS) > c.run_rows]
+    above = [c for c in cases if c not in below]
+    assert {c.run_rows <= 16 for c in below} == {True, False} and len(above) >= 5
+    assert any(c.layer.get("bias") for c in below) and any(c.layer.get("bias") for c in above)
+    assert any(not c.config().enable_perm for c in above) and any(c.in_features == 11008 for c in above)

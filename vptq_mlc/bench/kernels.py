@@ -187,7 +187,7 @@ def correctness_cases() -> list[KernelCase]:
         KernelCase("v8-k256-256", 1024, 512, None, {**outl, **bias}, kernel="fold", run_rows=37),
         KernelCase("v8-k256-256", 1024, 512, None, {**outl, **bias}, kernel="fold", run_rows=200),
         KernelCase("v8-k4096-0", 1024, 300, None, {"group_num": 2}, kernel="fold", run_rows=130),
-        KernelCase("v8-k4096-0", 1000, 304, None, {"enable_perm": False, **bias}, kernel="fold", run_rows=257),
+        KernelCase("v8-k4096-0", 1056, 304, None, {"enable_perm": False, **bias}, kernel="fold", run_rows=257),
         KernelCase("v12-k65536-4096", 1024, 252, None, bias, kernel="fold", run_rows=129),
         KernelCase("v8-k4096-0", 4096, 4096, None, kernel="fold", run_rows=2047),
         KernelCase("v8-k4096-0", 11008, 4096, None, kernel="fold", run_rows=300),
