@@ -212,3 +212,64 @@ def test_check_suite_covers_the_folded_paths():
     assert {c.run_rows <= 16 for c in below} == {True, False} and len(above) >= 5
     assert any(c.layer.get("bias") for c in below) and any(c.layer.get("bias") for c in above)
     assert any(not c.config().enable_perm for c in above) and any(c.in_features == 11008 for c in above)
+
+
+class _FakeFoldLibrary:
+    """The GPU check's view of a fold case's library with torch stand-ins on the CPU (no TVM compile): `func(i,
+    "_prologue")` the gated prologue (xs, dot only below `from_rows`), `func(i)` the folded kernel from its
+    definition (v8-k256-0 layer: one group, no residual, no outliers), optionally broken."""
+
+    def __init__(self, case, from_rows: int, fault: str = ""):
+        cfg = case.config()
+        self.manifest = {"dtype": "float16", "calls": [{
+            "operands": ["centroids", "codes", "perm", "col_scale", "weight_bias", "bias"],
+            "scratch": [[[cfg.out_features, cfg.in_features], "float16"]]}]}
+        self.from_rows, self.fault = from_rows, fault
+
+    def func(self, i: int, suffix: str = ""):
+        return self._prologue if suffix == "_prologue" else self._folded
+
+    def _prologue(self, x, perm, col_scale, weight_bias, xs, dot):
+        import torch
+
+        x, perm, col_scale, weight_bias, xs, dot = (torch.from_dlpack(t) for t in
+                                                    (x, perm, col_scale, weight_bias, xs, dot))
+        if x.shape[0] < self.from_rows:
+            xs.copy_(x[:, perm.long()] * col_scale)
+            dot.copy_((x.double() @ weight_bias.double()).float()[:, None])
+
+    def _folded(self, x, xs, dot, centroids, codes, perm, col_scale, weight_bias, bias, w, y):
+        import torch
+
+        x, xs, dot, centroids, codes, perm, col_scale, weight_bias, bias, w, y = (
+            torch.from_dlpack(t) for t in (x, xs, dot, centroids, codes, perm, col_scale, weight_bias, bias, w, y))
+        nv, length = codes.shape
+        v = centroids.shape[-1]
+        wpre = centroids[0][codes.long()].permute(0, 2, 1).reshape(nv * v, length)[: y.shape[1]]
+        if x.shape[0] < self.from_rows or self.fault == "reads-xs":
+            out = xs.double() @ wpre.double().T + (0 if self.fault == "no-dot" else dot.double())
+        else:
+            cols = torch.arange(length) if self.fault == "no-perm" else perm.long()
+            w[:, cols] = (wpre * col_scale).to(w.dtype)
+            w.copy_(w + weight_bias)
+            out = x.double() @ w.double().T
+        y.copy_((out + bias.double()).to(y.dtype))
+
+
+@pytest.mark.parametrize("rows,from_rows", [(5, 128), (37, 128), (130, 128), (5, 0)])
+def test_fold_check_passes_a_right_kernel(rows, from_rows):
+    from vptq_mlc.bench.kernels import KernelCase, _check_fold_case
+
+    case = KernelCase("v8-k256-0", 1024, 96, None, {"bias": True}, run_rows=rows, kernel="fold",
+                      plan={"from_rows": from_rows})
+    res = _check_fold_case(_FakeFoldLibrary(case, from_rows), 0, case, np.random.default_rng(0), device="cpu")
+    assert res["ok"] and res["case"] == case.name, res
+
+
+@pytest.mark.parametrize("rows,fault", [(130, "reads-xs"), (130, "no-perm"), (37, "no-dot")])
+def test_fold_check_fails_a_wrong_kernel(rows, fault):
+    from vptq_mlc.bench.kernels import KernelCase, _check_fold_case
+
+    case = KernelCase("v8-k256-0", 1024, 96, None, {"bias": True}, run_rows=rows, kernel="fold")
+    res = _check_fold_case(_FakeFoldLibrary(case, 128, fault), 0, case, np.random.default_rng(0), device="cpu")
+    assert not res["ok"], res
