@@ -20,7 +20,8 @@
 #          model, E2E7B_SHAPE, default llama2-7b; fp16 = the first variant's config with every linear dense) and
 #          NAME-cuda.so. Tokenizers of the configs are the same file: one gzipped copy is kept in tokenizer/ and
 #          gpu_suite.sh unpacks it into each config, so the 64 MiB a device call may carry is not spent on them.
-#          E2E7B_COMPILE_ARGS: more `vptq-mlc compile` arguments (e.g. "--prefill-chunk 2048").
+#          E2E7B_COMPILE_ARGS: more `vptq-mlc compile` arguments (e.g. "--prefill-chunk 2048"). A name ending in
+#          -fold (e.g. v8-k4096-0-fold) is that variant compiled with VPTQ_MLC_PREFILL_FOLD=1.
 # ARCH (default sm_90) sets the CUDA arch of every library.
 set -euo pipefail
 ART=${1:?usage: gpu_artifacts.sh ART_DIR [parts...]}
@@ -93,9 +94,12 @@ c = json.loads(p.read_text())
 c['vptq']['layers'], c['quantization'] = {}, 'q0f16'  # every linear dense: our fp16 build of the same shape
 p.write_text(json.dumps(c, indent=2))"
         else
-          "${V[@]}" bench synth-model "$D/$n-cfg" --shape "${E2E7B_SHAPE:-llama2-7b}" --variant "$n" --config-only
+          "${V[@]}" bench synth-model "$D/$n-cfg" --shape "${E2E7B_SHAPE:-llama2-7b}" --variant "${n%-fold}" --config-only
         fi
-        "${V[@]}" compile "$D/$n-cfg" --target cuda --arch "$ARCH" -o "$D/$n-cuda.so" ${E2E7B_COMPILE_ARGS:-}
+        # NAME-fold: the variant NAME compiled with the prologue folded into long-prompt prefill
+        fold=0; [ "${n%-fold}" != "$n" ] && fold=1
+        VPTQ_MLC_PREFILL_FOLD=$fold "${V[@]}" compile "$D/$n-cfg" --target cuda --arch "$ARCH" -o "$D/$n-cuda.so" \
+          ${E2E7B_COMPILE_ARGS:-}
       done
       mkdir -p "$D/tokenizer"
       for c in "$D"/*-cfg; do

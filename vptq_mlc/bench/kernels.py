@@ -43,7 +43,8 @@ class KernelCase:
     # GemvPlan overrides (schedule sweeps, decode); with kernel "dequant-gemm": the DequantPlan fields
     plan: dict[str, Any] = field(default_factory=dict)
     # "" = the registry's choice; "gemv" / "mma" / "code-sorted" / "dequant" (dlight) force a kernel;
-    # "dequant-gemm": dequantize into a scratch weight + the dense GEMM at every row count (symbolic rows)
+    # "dequant-gemm": dequantize into a scratch weight + the dense GEMM at every row count (symbolic rows);
+    # "fold": the folded prefill of a normed layer (`vq_prefill_folded_cuda`; plan {"from_rows": N} its threshold)
     kernel: str = ""
     # the activation side through our prologue kernel(s) instead of torch's gather: one letter per linear reading
     # the same x, "p" with a permutation, "n" without ("p": the layer's own prologue; "ppp": the shared prologue of
@@ -176,6 +177,25 @@ def correctness_cases() -> list[KernelCase]:
         KernelCase("v8-k256-256", 4096, 1024, None, plan={"threads": 256, "rows_per_cta": 4, "smem_book": True},
                    kernel="dequant-gemm", run_rows=512),
     ]
+    # the prologue folded into long-prompt prefill (VPTQ_MLC_PREFILL_FOLD): the gated prologue + the folded kernel
+    # as the model runs them, below the threshold (MMA epilogue adds dot and bias) and above it (perm, scale and
+    # norm bias in the weight, bias in the GEMM epilogue); residual, outliers, groups, no perm, v12, O % v != 0,
+    # bias, the 7B shapes (4096 / 11008 wide: the folding kernel's shared memory), the fold forced at few rows
+    bias = {"bias": True}
+    cases += [
+        KernelCase("v8-k256-256", 1024, 512, None, {**outl, **bias}, kernel="fold", run_rows=5),
+        KernelCase("v8-k256-256", 1024, 512, None, {**outl, **bias}, kernel="fold", run_rows=37),
+        KernelCase("v8-k256-256", 1024, 512, None, {**outl, **bias}, kernel="fold", run_rows=200),
+        KernelCase("v8-k4096-0", 1024, 300, None, {"group_num": 2}, kernel="fold", run_rows=130),
+        KernelCase("v8-k4096-0", 1056, 304, None, {"enable_perm": False, **bias}, kernel="fold", run_rows=257),
+        KernelCase("v12-k65536-4096", 1024, 252, None, bias, kernel="fold", run_rows=129),
+        KernelCase("v8-k4096-0", 4096, 4096, None, kernel="fold", run_rows=2047),
+        KernelCase("v8-k4096-0", 11008, 4096, None, kernel="fold", run_rows=300),
+        KernelCase("v8-k4096-0", 4096, 11008, None, kernel="fold", run_rows=1000),
+        KernelCase("v8-k256-256", 1024, 512, None, {**outl, **bias}, plan={"from_rows": 0}, kernel="fold",
+                   run_rows=5),
+        KernelCase("v8-k4096-0", 1024, 512, None, bias, plan={"from_rows": 0}, kernel="fold", run_rows=37),
+    ]
     return cases
 
 
@@ -290,6 +310,16 @@ def build_kernel_library(cases: list[KernelCase], out_dir: str | os.PathLike[str
                                          dequant_plan=DequantPlan(**c.plan) if c.plan else None)
             calls[i] = {"operands": list(vq_operand_shapes(c.config())),
                         "scratch": [[list(sh), dt] for sh, dt in scratch]}
+        elif c.kernel == "fold":  # the folded prefill and the gated prologue the model runs before it
+            from vptq_mlc.tir_kernels.cuda_dequant_gemm import DEQUANT_GEMM_FROM_ROWS, vq_prefill_folded_cuda
+            from vptq_mlc.tir_kernels.cuda_prologue import vq_prologue_cuda
+
+            cfg = c.config()
+            frm = c.plan.get("from_rows", DEQUANT_GEMM_FROM_ROWS)
+            f, operands, scratch = vq_prefill_folded_cuda(cfg, dtype, cfg.bias, from_rows=frm)
+            calls[i] = {"operands": list(operands), "scratch": [[list(sh), dt] for sh, dt in scratch]}
+            funcs[f"k{i}_prologue"] = vq_prologue_cuda(cfg.in_features, dtype, cfg.enable_perm, frm).with_attr(
+                "global_symbol", f"k{i}_prologue")
         elif c.kernel == "dequant":
             from vptq_mlc.tir_kernels.cuda_prefill import dequant_matmul_cuda
 
@@ -444,6 +474,9 @@ def check_kernels(art_dir: str | os.PathLike[str], seed: int = 0,
         if c.prologue:
             out += _check_prologue_case(lib, i, c, rng)
             continue
+        if c.kernel == "fold":
+            out.append(_check_fold_case(lib, i, c, rng))
+            continue
         tensors = random_layer(cfg, rng, dtype, scale=0.5 / np.sqrt(cfg.in_features))
         names, scratch = call_spec(lib.manifest, i, cfg)
         ops, side = _operands(cfg, tensors, dtype, names)
@@ -460,6 +493,42 @@ def check_kernels(art_dir: str | os.PathLike[str], seed: int = 0,
         nan = bool(torch.isnan(y).any())
         out.append({"case": c.name, "rel_err": err, "nan": nan, "ok": err <= ROW_REL_ERR_MAX and not nan})
     return out
+
+
+def _check_fold_case(lib: CudaKernels, i: int, c: KernelCase, rng, device: str = "cuda") -> dict[str, Any]:
+    """A folded-prefill case as the model runs it: the gated prologue `k<i>_prologue` (xs and dot poisoned with
+    NaN first: from the threshold on it launches nothing and the folded kernel must not read them), then the
+    folded kernel `k<i>(x, xs, dot, *operands, w, y)`, whose y (norm bias and bias included) must match float64
+    `x @ dequantize(W).T + bias` per row."""
+    import torch
+
+    from vptq_mlc.checkpoint.dequant import dequantize
+    from vptq_mlc.testing.synthetic import random_layer
+
+    dtype = lib.manifest["dtype"]
+    tdt = getattr(torch, dtype)
+    cfg = c.config()
+    tensors = random_layer(cfg, rng, dtype, scale=0.5 / np.sqrt(cfg.in_features))
+    names, scratch = call_spec(lib.manifest, i, cfg)
+    ops, side = _operands(cfg, tensors, dtype, names)
+    ops_t = {k: torch.from_numpy(np.ascontiguousarray(a)).to(device) for k, a in ops.items()}
+    x = torch.randn(c.n(), cfg.in_features, device=device).to(tdt)
+    xs = torch.full_like(x, float("nan"))
+    dot = torch.full((c.n(), 1), float("nan"), dtype=torch.float32, device=device)
+    pro = [ops_t[k] for k in ("perm", "col_scale", "weight_bias") if k in ops_t]
+    lib.func(i, "_prologue")(*(_tvm(t) for t in (x, *pro, xs, dot)))
+    y = torch.full((c.n(), cfg.out_features), float("nan"), dtype=tdt, device=device)
+    tmp = [torch.full(sh, float("nan"), dtype=getattr(torch, dt), device=device) for sh, dt in scratch]
+    lib.func(i)(*(_tvm(t) for t in (x, xs, dot, *ops_t.values(), *tmp, y)))
+    W = torch.from_numpy(dequantize(cfg, tensors).astype(np.float32)).to(device).double()
+    ref = x.double() @ W.T
+    if "bias" in side:
+        ref = ref + torch.from_numpy(np.asarray(side["bias"], np.float32)).to(device).double()
+    if device == "cuda":
+        torch.cuda.synchronize()
+    err = row_rel_err(y.double(), ref)
+    nan = bool(torch.isnan(y).any())
+    return {"case": c.name, "rel_err": err, "nan": nan, "ok": err <= ROW_REL_ERR_MAX and not nan}
 
 
 def _check_prologue_case(lib: CudaKernels, i: int, c: KernelCase, rng, device: str = "cuda") -> list[dict[str, Any]]:

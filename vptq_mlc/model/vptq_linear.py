@@ -80,21 +80,46 @@ class VPTQLinear(nn.Module):
             return None
         return self._select_kernel.fused(self.cfg, self.dtype, rows, (self.perm is not None,), opts)
 
+    def folded_kernel(self, rows: Any):
+        """The target's kernel for the whole linear at a symbolic row count with the prologue folded in for long
+        prompts (`KernelSelector.folded`; `VQKernel.fold_from_rows`), or None (then prologue + VQ kernel +
+        `finish`)."""
+        if not self.prologue_kernel_used or isinstance(rows, int):
+            return None
+        return self._select_kernel.folded(self.cfg, self.dtype, self.bias is not None)
+
     def forward(self, x: nn.Tensor) -> nn.Tensor:
         lead, rows, x2 = self._flatten(x)
         kernel = self.fused_kernel(rows)
         if kernel is not None:
             (y,) = _call_fused([self], kernel, [x2], rows)
             return self.finish(y, lead, rows, x2, None, dot_added=True)
-        xs, dot = self.activation(x2, rows)
+        folded = self.folded_kernel(rows)
+        xs, dot = self.activation(x2, rows, folded.fold_from_rows if folded is not None else 0)
+        if folded is not None:
+            return self.folded_matmul(folded, x2, xs, dot, lead, rows)
         return self.finish(self.vq_matmul(xs, rows), lead, rows, x2, dot)
 
-    def activation(self, x2: nn.Tensor, rows: Any) -> tuple[nn.Tensor, nn.Tensor | None]:
+    def folded_matmul(self, kernel: Any, x2: nn.Tensor, xs: nn.Tensor, dot: nn.Tensor, lead: list[Any],
+                      rows: Any) -> nn.Tensor:
+        """The folded kernel on (x2, the prologue's xs and dot): the linear's output, norm bias and bias included,
+        in x's leading shape."""
+        y_out = nn.Tensor.placeholder([rows, self.out_features], self.dtype)
+        scratch = [nn.Tensor.placeholder(list(shape), dt) for shape, dt in kernel.scratch]
+        y = op.tensor_ir_op(kernel.func, "vq_matmul_folded",
+                            args=[x2, xs, dot, *(getattr(self, name) for name in kernel.operands)],
+                            out=[*scratch, y_out] if scratch else y_out)
+        return op.reshape(y[-1] if scratch else y, [*lead, self.out_features])
+
+    def activation(self, x2: nn.Tensor, rows: Any, below_rows: int = 0) -> tuple[nn.Tensor, nn.Tensor | None]:
         """(xs, dot): `x2[:, perm] * col_scale`, and the fp32 norm-bias dot when the prologue kernel computes it
-        (one kernel for both; else None and `finish` computes it)."""
+        (one kernel for both; else None and `finish` computes it). `below_rows` > 0: the prologue runs only below
+        that many rows (a folded kernel reads xs / dot there only)."""
         if self.prologue_kernel_used:
+            gate = (below_rows,) if below_rows else ()
             xs, dot = op.tensor_ir_op(
-                self._select_norm_bias.prologue(self.in_features, self.dtype, self.perm is not None), "vq_prologue",
+                self._select_norm_bias.prologue(self.in_features, self.dtype, self.perm is not None, *gate),
+                "vq_prologue",
                 args=[x2, *self.prologue_operands()],
                 out=[nn.Tensor.placeholder([rows, self.in_features], self.dtype),
                      nn.Tensor.placeholder([rows, 1], "float32")])
@@ -400,10 +425,14 @@ def _project_unfused(linears: Sequence[nn.Module], x: nn.Tensor) -> list[nn.Tens
         for m, y in zip(group, _call_fused(group, kernel, [x2], rows), strict=True):
             fused_out[id(m)] = m.finish(y, lead, rows, x2, None, dot_added=True)
     prepared: dict[int, tuple[nn.Tensor, nn.Tensor | None]] = {}
+    folded = {id(m): m.folded_kernel(rows) for m in vq}
     for group in prologue_groups:
         first, nb = group[0], group[0]._select_norm_bias
+        # the shared prologue skips long prompts where every member's kernel folds it from the same row count
+        froms = {folded[id(m)].fold_from_rows if folded[id(m)] is not None else 0 for m in group}
+        gate = tuple(froms) if len(froms) == 1 and 0 not in froms else ()
         outs = op.tensor_ir_op(
-            nb.shared_prologue(first.in_features, first.dtype, tuple(m.perm is not None for m in group)),
+            nb.shared_prologue(first.in_features, first.dtype, tuple(m.perm is not None for m in group), *gate),
             "vq_prologue_shared",
             args=[x2, *(t for m in group for t in m.prologue_operands())],
             out=[t for _ in group for t in (nn.Tensor.placeholder([rows, first.in_features], first.dtype),
@@ -412,7 +441,8 @@ def _project_unfused(linears: Sequence[nn.Module], x: nn.Tensor) -> list[nn.Tens
             prepared[id(m)] = (outs[2 * j], outs[2 * j + 1])
     for m in vq:
         if id(m) not in prepared and id(m) not in done:
-            prepared[id(m)] = m.activation(x2, rows)
+            fold = folded[id(m)]
+            prepared[id(m)] = m.activation(x2, rows, fold.fold_from_rows if fold is not None else 0)
     ys: dict[int, nn.Tensor] = {}
     for group, kernel in matmul_groups:
         outs = op.tensor_ir_op(
@@ -430,6 +460,9 @@ def _project_unfused(linears: Sequence[nn.Module], x: nn.Tensor) -> list[nn.Tens
             out.append(fused_out[id(m)])
             continue
         xs, dot = prepared[id(m)]
+        if folded[id(m)] is not None and id(m) not in ys:
+            out.append(m.folded_matmul(folded[id(m)], x2, xs, dot, lead, rows))
+            continue
         y = ys[id(m)] if id(m) in ys else m.vq_matmul(xs, rows)
         out.append(m.finish(y, lead, rows, x2, dot))
     return out

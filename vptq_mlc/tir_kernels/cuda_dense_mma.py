@@ -176,8 +176,9 @@ def grouped_tile(tb, grid_n, group_m: int, group_rows):
     return inside // group_rows, first_row + inside % group_rows
 
 
-def _gemm_macro(p: DensePlan, M, N: int, K: int, dtype: str, rows_static: int | None):
-    """The kernel launch of plan `p` as a macro over flat x[M*K], w[N, K], y[M*N] (pasted into the caller)."""
+def _gemm_macro(p: DensePlan, M, N: int, K: int, dtype: str, rows_static: int | None, add_bias: bool = False):
+    """The kernel launch of plan `p` as a macro over flat x[M*K], w[N, K], y[M*N] (pasted into the caller);
+    `add_bias`: the macro also takes bias[N] and adds it to the fp32 sum before the one rounding to `dtype`."""
     WM, WN, WK, MT, NT, BK, S = p.warps_m, p.warps_n, p.warps_k, p.m_tiles, p.n_tiles, p.k_slice, p.stages
     BM, BN, BKC, NTHR = p.block_m, p.block_n, p.block_k, p.threads
     CR = BKC // 8  # 16-byte chunks per shared row
@@ -212,7 +213,7 @@ def _gemm_macro(p: DensePlan, M, N: int, K: int, dtype: str, rows_static: int | 
                     16))
 
     @T.macro
-    def gemm(xf, w, yf):
+    def gemm(xf, w, yf, bias=None):
         if GM > 0:
             tb = T.launch_thread("blockIdx.x", GRID_M * GRID_N)
             gsz = T.min(GRID_M - tb // (GM * GRID_N) * GM, GM)
@@ -280,8 +281,13 @@ def _gemm_macro(p: DensePlan, M, N: int, K: int, dtype: str, rows_static: int | 
                                                        + (i * NT + j) * 4 + c) * 32 + tx]
                         if (by * BM + lay.out_row(wm, i, tx, c) < M
                                 and bx * BN + lay.out_col(wn, j, tx, c) < N):
-                            yf[(by * BM + lay.out_row(wm, i, tx, c)) * N
-                               + bx * BN + lay.out_col(wn, j, tx, c)] = T.Cast(dtype, tot[0])
+                            if add_bias:
+                                yf[(by * BM + lay.out_row(wm, i, tx, c)) * N
+                                   + bx * BN + lay.out_col(wn, j, tx, c)] = T.Cast(
+                                    dtype, tot[0] + T.Cast("float32", bias[bx * BN + lay.out_col(wn, j, tx, c)]))
+                            else:
+                                yf[(by * BM + lay.out_row(wm, i, tx, c)) * N
+                                   + bx * BN + lay.out_col(wn, j, tx, c)] = T.Cast(dtype, tot[0])
 
 
     return gemm
@@ -309,16 +315,19 @@ def symbolic_plans(n: int, k: int, above_rows: int = 0) -> list[tuple[int | None
 
 
 def gemm_macros(plans, M, n: int, k: int, dtype: str, rows_static: int | None,
-                max_smem: int = MAX_DYN_SMEM, wgmma: bool = False) -> list[tuple[int, object]]:
-    """(row limit, 0 for none; kernel-launch macro over flat x[M*K], w[N, K], y[M*N]) per plan of `plans`.
-    `wgmma` (sm_90a builds only, cuda_wgmma.py): the unbounded plan of symbolic rows runs the wgmma kernel."""
+                max_smem: int = MAX_DYN_SMEM, wgmma: bool = False,
+                add_bias: bool = False) -> list[tuple[int, object]]:
+    """(row limit, 0 for none; kernel-launch macro over flat x[M*K], w[N, K], y[M*N], and bias[N] with
+    `add_bias`) per plan of `plans`. `wgmma` (sm_90a builds only, cuda_wgmma.py): the unbounded plan of symbolic
+    rows runs the wgmma kernel (which has no bias epilogue: with `add_bias` every plan stays on mma.sync)."""
     macros = []
     for limit, pl in plans:  # under a row limit that fits one tile the grid is one tile high
         grid_rows = limit if limit is not None and limit <= pl.block_m else rows_static
-        if wgmma and limit is None and rows_static is None and wgmma_supported(n, k, dtype):
+        if wgmma and not add_bias and limit is None and rows_static is None and wgmma_supported(n, k, dtype):
             macros.append((0, wgmma_gemm_macro(M, n, k, None)))
             continue
-        macros.append((limit or 0, _gemm_macro(_plan_checked(pl, k, max_smem), M, n, k, dtype, grid_rows)))
+        macros.append((limit or 0, _gemm_macro(_plan_checked(pl, k, max_smem), M, n, k, dtype, grid_rows,
+                                               add_bias)))
     return macros
 
 

@@ -28,7 +28,7 @@ from vptq_mlc.artifact.vq_layout import code_dtype, vq_operand_shapes
 from vptq_mlc.checkpoint.layer_config import VPTQLayerConfig
 from vptq_mlc.tir_kernels.cuda_common import KERNEL_ATTRS, keep_params, load_book_entry, vr
 from vptq_mlc.tir_kernels.cuda_dense_mma import gemm_macros, plan_dense, symbolic_plans
-from vptq_mlc.tir_kernels.cuda_mma import MMA_ROWS, mma_macro, plan_mma
+from vptq_mlc.tir_kernels.cuda_mma import MAX_DYN_SMEM, MMA_ROWS, mma_macro, plan_mma
 from vptq_mlc.tir_kernels.generic import kernel_dims
 
 # Row count from which a symbolic-row prefill dequantizes the layer and runs the dense GEMM. Cost model (H100,
@@ -269,6 +269,179 @@ def dequant_launch(cfg: VPTQLayerConfig, dtype: str, plan: DequantPlan | None = 
     return dequant_smem_macro(cfg, dtype, plan, cuda) if plan.smem_book else dequant_macro(cfg, dtype, cuda)
 
 
+@dataclass(frozen=True)
+class FoldPlan:
+    """Launch shape of the folding dequantize kernel: `threads` per CTA, `rows_per_cta` vector rows per CTA (the
+    CTA's inverse permutation and final-order scale in shared memory serve all of them)."""
+
+    threads: int = DEQUANT_THREADS
+    rows_per_cta: int = 1
+
+
+FOLD_PLAN = FoldPlan()
+
+
+def fold_smem_bytes(cfg: VPTQLayerConfig, has_perm: bool, plan: FoldPlan = FOLD_PLAN) -> int:
+    """Shared memory of the folding dequantize kernel: inverse permutation (2 bytes a column) and final-order
+    scale (2 bytes) with a permutation, plus `rows_per_cta` rows of codes (and residual codes)."""
+    I, O, v, G, S, K, KR, KR1, NV, L, OSZ, OSZ1, HAS_RES, HAS_OUT, VO, KO, NO = kernel_dims(cfg)  # noqa: E741
+    code_bytes = 1 if code_dtype(K) == "uint8" else 2
+    res_bytes = (1 if code_dtype(KR1) == "uint8" else 2) if HAS_RES else 0
+    return (4 * I if has_perm else 0) + plan.rows_per_cta * L * (code_bytes + res_bytes)
+
+
+def dequant_fold_macro(cfg: VPTQLayerConfig, dtype: str, has_perm: bool, plan: FoldPlan = FOLD_PLAN,
+                       cuda: bool = True):
+    """The dequantize launch that folds the layer's activation-side prologue into the weight, as a macro over
+    (centroids, codes, res_centroids, res_codes, outlier_centroids, outlier_codes, perm, col_scale, weight_bias,
+    w[O, I]): `w[o, perm[k]] = (W[o, k] * col_scale[k]) + weight_bias[perm[k]]`, each op rounded to `dtype`, i.e.
+    exactly the final-order dense weight of `checkpoint.dequantize` (VPTQ's own norm: multiply, then add), so
+    `y = x @ w^T` is the whole VQ linear but its bias on the unpermuted activation, with no prologue and no
+    norm-bias dot: `sum_j x[j] * (W'[o, j] + wb[j]) = sum_j x[j] * W'[o, j] + x . wb`.
+
+    Column order and coalescing: writing `w[o, perm[k]]` from the code order would scatter 2-byte stores over the
+    row (a 16-byte chunk of 8 codes lands in 8 different 32-byte sectors: ~16x the L2 store transactions of the
+    plain kernel's 16-byte stores). So a thread owns 8 consecutive *final* columns c (one 16-byte store per output
+    row, a warp 512 contiguous bytes, as in `dequant_macro`) and gathers on the read side through the inverse
+    permutation k = inv[c]: each CTA first builds inv (from `perm`, a scatter into shared memory) and the scale in
+    final order, and copies its vector rows' codes into shared memory with 16-byte loads, so the per-column code
+    and scale gathers are shared-memory loads (a gather from global memory is L1-sector bound); the codebook
+    entries are read through L1/L2 as in `dequant_macro`. Per CTA that is 4 * I bytes of perm / scale read from
+    L2 next to v * I * 2 bytes written (8 * 2 bytes at v = 8): ~25% more L2 reads than the plain kernel, not HBM.
+    Not measured on a GPU yet. `cuda=False`: the same per-thread code in serial loops (CPU tests)."""
+    I, O, v, G, S, K, KR, KR1, NV, L, OSZ, OSZ1, HAS_RES, HAS_OUT, VO, KO, NO = kernel_dims(cfg)  # noqa: E741
+    if I != OSZ + L or I % COLS_PER_THREAD:
+        raise ValueError(f"dequantize kernel needs in_features = outliers + groups * group_size, a multiple of "
+                         f"{COLS_PER_THREAD}; got {I} ({OSZ} + {L})")
+    CD, RCD = code_dtype(K), code_dtype(KR1)
+    IDT = "uint16" if I <= 65536 else "int32"
+    C8 = COLS_PER_THREAD
+    NCHUNK = I // C8
+    TH, RB = plan.threads, plan.rows_per_cta
+    NCTA = -(-NV // RB)
+    CIT = -(-NCHUNK // TH)  # column-chunk iterations per vector row
+    PIT = -(-I // TH)  # perm entries per thread
+    VEC_CODES = L % C8 == 0
+    CODE_IT = -(-(L // C8) // TH) if VEC_CODES else -(-L // TH)
+    EV = entry_width(v)
+    HAS_PERM = has_perm
+    INV_N = I if HAS_PERM else 1
+
+    def col(kl, c0, e):  # pre-perm column of final column c0 + e
+        return T.Cast("int32", kl[e]) if HAS_PERM else c0 + e
+
+    def rounded(val, scale, wb):  # (val * scale) + wb, each op rounded to dtype (nvcc may not contract them)
+        return T.Cast(dtype, T.Cast("float32", T.Cast(dtype, T.Cast("float32", val) * T.Cast("float32", scale)))
+                      + T.Cast("float32", wb))
+
+    @T.macro
+    def main_column(r, k, e, centroids, res_centroids, ent, rent, wl, cd_s, rc_s):
+        """Column e of the chunk (pre-perm column k >= OSZ) from the main (and residual) codebook."""
+        load_book_entry(ent, centroids, T.max(k - OSZ, 0) // S, T.Cast("int32", cd_s[r * L + T.max(k - OSZ, 0)]),
+                        v, EV)
+        if HAS_RES:
+            load_book_entry(rent, res_centroids, T.max(k - OSZ, 0) // S,
+                            T.Cast("int32", rc_s[r * L + T.max(k - OSZ, 0)]), v, EV)
+            for j in T.unroll(v):
+                wl[j * C8 + e] = ent[j] + rent[j]
+        else:
+            for j in T.unroll(v):
+                wl[j * C8 + e] = ent[j]
+
+    @T.macro
+    def stage(bx, tx, codes, res_codes, perm, col_scale, cd_s, rc_s, inv_s, sc_s):
+        """inv[perm[k]] = k and the scale in final order (with a permutation), and the CTA's rows of codes."""
+        if HAS_PERM:
+            for it in range(PIT):
+                if it * TH + tx < I:
+                    inv_s[perm[it * TH + tx]] = T.Cast(IDT, it * TH + tx)
+                    sc_s[perm[it * TH + tx]] = col_scale[it * TH + tx]
+        for r in range(RB):
+            if bx * RB + r < NV:
+                for it in range(CODE_IT):
+                    if VEC_CODES:
+                        if (it * TH + tx) * C8 < L:
+                            cd_s[vr(r * L + (it * TH + tx) * C8, C8)] = codes[bx * RB + r, vr((it * TH + tx) * C8, C8)]
+                            if HAS_RES:
+                                rc_s[vr(r * L + (it * TH + tx) * C8, C8)] = res_codes[
+                                    bx * RB + r, vr((it * TH + tx) * C8, C8)]
+                    else:
+                        if it * TH + tx < L:
+                            cd_s[r * L + it * TH + tx] = codes[bx * RB + r, it * TH + tx]
+                            if HAS_RES:
+                                rc_s[r * L + it * TH + tx] = res_codes[bx * RB + r, it * TH + tx]
+
+    @T.macro
+    def work(bx, tx, centroids, res_centroids, outlier_centroids, outlier_codes, col_scale, weight_bias, w,
+             cd_s, rc_s, inv_s, sc_s):
+        ent = T.alloc_buffer((v,), dtype, scope="local")
+        rent = T.alloc_buffer((v,), dtype, scope="local")
+        wl = T.alloc_buffer((v * C8,), dtype, scope="local")
+        scl = T.alloc_buffer((C8,), dtype, scope="local")
+        wbl = T.alloc_buffer((C8,), dtype, scope="local")
+        kl = T.alloc_buffer((C8,), IDT, scope="local")
+        for r in range(RB):
+            for ci in range(CIT):
+                if bx * RB + r < NV and ci * TH + tx < NCHUNK:
+                    if HAS_PERM:
+                        scl[vr(0, C8)] = sc_s[vr((ci * TH + tx) * C8, C8)]
+                        kl[vr(0, C8)] = inv_s[vr((ci * TH + tx) * C8, C8)]
+                    else:
+                        scl[vr(0, C8)] = col_scale[vr((ci * TH + tx) * C8, C8)]
+                    wbl[vr(0, C8)] = weight_bias[vr((ci * TH + tx) * C8, C8)]
+                    for e in T.unroll(C8):
+                        if HAS_OUT:
+                            if col(kl, (ci * TH + tx) * C8, e) < OSZ:
+                                for j in T.unroll(v):
+                                    wl[j * C8 + e] = outlier_centroids[
+                                        T.Cast("int32", outlier_codes[
+                                            T.min((bx * RB + r) * v + j, O - 1) // VO,
+                                            T.min(col(kl, (ci * TH + tx) * C8, e), OSZ - 1)]),
+                                        T.min((bx * RB + r) * v + j, O - 1) % VO]
+                            else:
+                                main_column(r, col(kl, (ci * TH + tx) * C8, e), e, centroids, res_centroids, ent,
+                                            rent, wl, cd_s, rc_s)
+                        else:
+                            main_column(r, col(kl, (ci * TH + tx) * C8, e), e, centroids, res_centroids, ent, rent,
+                                        wl, cd_s, rc_s)
+                    for j in T.unroll(v):
+                        for e in T.unroll(C8):
+                            wl[j * C8 + e] = rounded(wl[j * C8 + e], scl[e], wbl[e])
+                    for j in T.unroll(v):
+                        if (bx * RB + r) * v + j < O:
+                            w[(bx * RB + r) * v + j, vr((ci * TH + tx) * C8, C8)] = wl[vr(j * C8, C8)]
+
+    @T.macro
+    def launch(centroids, codes, res_centroids, res_codes, outlier_centroids, outlier_codes, perm, col_scale,
+               weight_bias, w):
+        with T.launch_thread("blockIdx.x", NCTA) as bx:
+            with T.launch_thread("threadIdx.x", TH) as tx:
+                inv_s = T.alloc_buffer((INV_N,), IDT, scope="shared.dyn")
+                sc_s = T.alloc_buffer((INV_N,), dtype, scope="shared.dyn")
+                cd_s = T.alloc_buffer((RB * L,), CD, scope="shared.dyn")
+                rc_s = T.alloc_buffer((RB * L if HAS_RES else C8,), RCD, scope="shared.dyn")
+                stage(bx, tx, codes, res_codes, perm, col_scale, cd_s, rc_s, inv_s, sc_s)
+                T.tvm_storage_sync("shared")
+                work(bx, tx, centroids, res_centroids, outlier_centroids, outlier_codes, col_scale, weight_bias, w,
+                     cd_s, rc_s, inv_s, sc_s)
+
+    @T.macro
+    def serial(centroids, codes, res_centroids, res_codes, outlier_centroids, outlier_codes, perm, col_scale,
+               weight_bias, w):
+        inv_s = T.alloc_buffer((INV_N,), IDT)
+        sc_s = T.alloc_buffer((INV_N,), dtype)
+        cd_s = T.alloc_buffer((RB * L,), CD)
+        rc_s = T.alloc_buffer((RB * L if HAS_RES else C8,), RCD)
+        for bx in range(NCTA):
+            for tx in range(TH):
+                stage(bx, tx, codes, res_codes, perm, col_scale, cd_s, rc_s, inv_s, sc_s)
+            for tx in range(TH):
+                work(bx, tx, centroids, res_centroids, outlier_centroids, outlier_codes, col_scale, weight_bias, w,
+                     cd_s, rc_s, inv_s, sc_s)
+
+    return launch if cuda else serial
+
+
 def _operands(cfg: VPTQLayerConfig, *extra: str) -> set[str]:
     return {"xs", "y", *vq_operand_shapes(cfg), *extra}
 
@@ -370,3 +543,127 @@ def vq_prefill_cuda(cfg: VPTQLayerConfig, dtype: str, from_rows: int = DEQUANT_G
                     g2(xf, w, yf)
 
     return keep_params(kernel, _operands(cfg, "w")), (((O, I), dtype),)
+
+
+def fold_supported(cfg: VPTQLayerConfig, dtype: str) -> bool:
+    """The folded prefill serves the layer: a normed layer the dense GEMM takes whose folding kernel's shared
+    memory fits every default arch."""
+    return (cfg.enable_norm and dequant_gemm_supported(cfg, dtype)
+            and fold_smem_bytes(cfg, cfg.enable_perm) <= MAX_DYN_SMEM)
+
+
+def _fold_operands(cfg: VPTQLayerConfig, has_perm: bool, has_bias: bool) -> tuple[str, ...]:
+    """The layer operands a folded prefill PrimFunc reads after (x, xs, dot), in its parameter order."""
+    return (*vq_operand_shapes(cfg), *(("perm",) if has_perm else ()), "col_scale", "weight_bias",
+            *(("bias",) if has_bias else ()))
+
+
+def vq_fold_dequantize_func(cfg: VPTQLayerConfig, dtype: str, cuda: bool = True,
+                            plan: FoldPlan = FOLD_PLAN) -> tirx.PrimFunc:
+    """PrimFunc(*operands, [perm], col_scale, weight_bias, w[O, I]): the folding dequantize step alone
+    (`cuda=False`: serial loops, for a CPU build)."""
+    I, O, v, G, S, K, KR, KR1, NV, L, OSZ, OSZ1, HAS_RES, HAS_OUT, VO, KO, NO = kernel_dims(cfg)  # noqa: E741
+    CD, RCD = code_dtype(K), code_dtype(KR1)
+    has_perm = cfg.enable_perm
+    dq = dequant_fold_macro(cfg, dtype, has_perm, plan, cuda)
+
+    @T.prim_func(private=True)
+    def kernel(
+        centroids: T.Buffer((G, K, v), dtype),
+        codes: T.Buffer((NV, L), CD),
+        res_centroids: T.Buffer((G, KR1, v), dtype),
+        res_codes: T.Buffer((NV, L), RCD),
+        outlier_centroids: T.Buffer((KO, VO), dtype),
+        outlier_codes: T.Buffer((NO, OSZ1), "uint16"),
+        perm: T.Buffer((I,), "int32"),
+        col_scale: T.Buffer((I,), dtype),
+        weight_bias: T.Buffer((I,), dtype),
+        w: T.Buffer((O, I), dtype),
+    ):
+        T.func_attr({"tirx.noalias": True})
+        dq(centroids, codes, res_centroids, res_codes, outlier_centroids, outlier_codes, perm, col_scale,
+           weight_bias, w)
+
+    return keep_params(kernel, {*_fold_operands(cfg, has_perm, False), "w"})
+
+
+def vq_prefill_folded_cuda(cfg: VPTQLayerConfig, dtype: str, has_bias: bool,
+                           from_rows: int = DEQUANT_GEMM_FROM_ROWS, fold_plan: FoldPlan = FOLD_PLAN,
+                           ) -> tuple[tirx.PrimFunc, tuple[str, ...], tuple[tuple[tuple[int, ...], str], ...]]:
+    """The whole VQ linear of a normed layer for a symbolic row count n, prologue folded in for long prompts:
+    (PrimFunc(x[n, I], xs[n, I], dot[n, 1] fp32, *operands, [perm], col_scale, weight_bias, [bias], w[O, I],
+    y[n, O]), its layer operands after (x, xs, dot), its scratch outputs). y is the linear's output with the
+    norm bias and the bias included:
+    - n < `from_rows`: the VQ MMA kernels of `vq_prefill_cuda` on `xs` (what the activation prologue wrote), their
+      epilogue adding `dot` and the bias as `VPTQLinear.finish` does (the same bits as prologue + VQ kernel +
+      finish; the prologue the model runs before this call skips rows >= from_rows, `cuda_prologue.py`);
+    - n >= `from_rows`: `dequant_fold_macro` writes the final-order weight (perm, scale and norm bias folded in)
+      into the scratch `w`, and the dense GEMM runs on the unpermuted `x` with the bias added to the fp32 sum in
+      its epilogue: no prologue pass, no norm-bias dot, no `y + dot` pass. `from_rows=0`: this path for every n
+      (check suite). The norm bias is then part of the fp16 weight (as in VPTQ's own dequantized weight) instead
+      of an fp32 dot added after the GEMM."""
+    if not fold_supported(cfg, dtype):
+        raise ValueError(f"the folded prefill does not serve a {cfg.out_features}x{cfg.in_features} "
+                         f"{dtype} layer (norm {cfg.enable_norm})")
+    I, O, v, G, S, K, KR, KR1, NV, L, OSZ, OSZ1, HAS_RES, HAS_OUT, VO, KO, NO = kernel_dims(cfg)  # noqa: E741
+    CD, RCD = code_dtype(K), code_dtype(KR1)
+    has_perm = cfg.enable_perm
+    NB = tirx.Var("n", "int64")
+    FROM = from_rows
+    BIAS = has_bias
+    mma = mma_macro(cfg, dtype, None, NB, add_dot=True, add_bias=BIAS)
+    few = mma_macro(cfg, dtype, None, NB, plan=plan_mma(cfg), add_dot=True, add_bias=BIAS)
+    FEW = MMA_ROWS if FROM > MMA_ROWS else 0
+    dq = dequant_fold_macro(cfg, dtype, has_perm, fold_plan)
+    macros = gemm_macros(symbolic_plans(O, I, above_rows=max(0, FROM - 1)), T.Cast("int32", NB), O, I, dtype,
+                         None, add_bias=BIAS)
+    NG = len(macros)
+    (l0, g0), (l1, g1), (_, g2) = macros + [macros[-1]] * (3 - NG)
+
+    @T.prim_func(private=True)
+    def kernel(
+        x: T.Buffer((NB, I), dtype),
+        xs: T.Buffer((NB, I), dtype),
+        dot: T.Buffer((NB, 1), "float32"),
+        centroids: T.Buffer((G, K, v), dtype),
+        codes: T.Buffer((NV, L), CD),
+        res_centroids: T.Buffer((G, KR1, v), dtype),
+        res_codes: T.Buffer((NV, L), RCD),
+        outlier_centroids: T.Buffer((KO, VO), dtype),
+        outlier_codes: T.Buffer((NO, OSZ1), "uint16"),
+        perm: T.Buffer((I,), "int32"),
+        col_scale: T.Buffer((I,), dtype),
+        weight_bias: T.Buffer((I,), dtype),
+        bias: T.Buffer((O,), dtype),
+        w: T.Buffer((O, I), dtype),
+        y: T.Buffer((NB, O), dtype),
+    ):
+        T.func_attr(KERNEL_ATTRS)
+        xf = T.decl_buffer((NB * I,), dtype, data=x.data)
+        yf = T.decl_buffer((NB * O,), dtype, data=y.data)
+        if NB <= 0:  # nothing to do (the GEMM's row clamp needs a row)
+            T.evaluate(0)
+        elif FEW > 0 and NB <= FEW:
+            few(xs, centroids, codes, res_centroids, res_codes, outlier_centroids, outlier_codes, y, dot, bias)
+        elif FROM > 0 and NB < FROM:
+            mma(xs, centroids, codes, res_centroids, res_codes, outlier_centroids, outlier_codes, y, dot, bias)
+        else:
+            dq(centroids, codes, res_centroids, res_codes, outlier_centroids, outlier_codes, perm, col_scale,
+               weight_bias, w)
+            if NG == 1:
+                g0(xf, w, yf, bias)
+            elif NG == 2:
+                if NB <= l0:
+                    g0(xf, w, yf, bias)
+                else:
+                    g2(xf, w, yf, bias)
+            else:
+                if NB <= l0:
+                    g0(xf, w, yf, bias)
+                elif NB <= l1:
+                    g1(xf, w, yf, bias)
+                else:
+                    g2(xf, w, yf, bias)
+
+    operands = _fold_operands(cfg, has_perm, has_bias)
+    return keep_params(kernel, {"x", "xs", "dot", *operands, "w", "y"}), operands, (((O, I), dtype),)

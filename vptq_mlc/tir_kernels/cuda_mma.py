@@ -132,10 +132,13 @@ def vq_mma_cuda(cfg: VPTQLayerConfig, dtype: str, rows: int | None, plan: MmaPla
     return keep_generic_operands(kernel, cfg)
 
 
-def mma_macro(cfg: VPTQLayerConfig, dtype: str, rows: int | None, NB, plan: MmaPlan | None = None):  # noqa: N803
+def mma_macro(cfg: VPTQLayerConfig, dtype: str, rows: int | None, NB, plan: MmaPlan | None = None,  # noqa: N803
+              add_dot: bool = False, add_bias: bool = False):
     """The kernel launch of `vq_mma_cuda` as a macro over (xs, centroids, codes, res_centroids, res_codes,
     outlier_centroids, outlier_codes, y) with `NB` rows (`rows`, or the caller's int64 row variable), so a caller
-    can put it next to other kernels in one PrimFunc (`cuda_dequant_gemm.py`)."""
+    can put it next to other kernels in one PrimFunc (`cuda_dequant_gemm.py`). `add_dot` / `add_bias`: the macro
+    also takes dot[NB, 1] (fp32 norm-bias dot) / bias[O] and adds them to each output after its rounding, in the
+    output dtype, as `VPTQLinear.finish` would (`y + dot.astype(dtype) + bias`: the same bits)."""
     if rows is not None and not mma_supported(cfg, dtype, rows):
         raise ValueError(f"vq_mma_cuda takes fp16 and {MIN_ROWS}..{MMA_ROWS} rows, got {dtype} x {rows}")
     if dtype != "float16":
@@ -174,8 +177,16 @@ def mma_macro(cfg: VPTQLayerConfig, dtype: str, rows: int | None, NB, plan: MmaP
     def ai(mb, ii, nt):  # first of the 4 accumulators of (row tile, vector row, n-tile)
         return ((mb * NI + ii) * NTN + nt) * 4
 
+    def epilogue(val, dot, bias, b, r):  # `add_dot` / `add_bias`: what VPTQLinear.finish adds, in its order
+        if add_dot:
+            val = val + T.Cast(dtype, dot[b, 0])
+        if add_bias:
+            val = val + bias[r]
+        return val
+
     @T.macro
-    def mma(xs, centroids, codes, res_centroids, res_codes, outlier_centroids, outlier_codes, y):
+    def mma(xs, centroids, codes, res_centroids, res_codes, outlier_centroids, outlier_codes, y, dot=None,
+            bias=None):
         bx = T.launch_thread("blockIdx.x", NRB)
         by = T.launch_thread("blockIdx.y", NBY)
         tx = T.launch_thread("threadIdx.x", 32)
@@ -323,6 +334,10 @@ def mma_macro(cfg: VPTQLayerConfig, dtype: str, rows: int | None, NB, plan: MmaP
                             n = nt * 8 + q * 2 + c % 2
                             r = (i0 + ii) * v + n
                             if row(by, mb, tx, c // 2) < NB and n < v and i0 + ii < NV and r < O:
-                                y[row(by, mb, tx, c // 2), r] = T.Cast(dtype, tot[0])
+                                if add_dot or add_bias:
+                                    y[row(by, mb, tx, c // 2), r] = epilogue(
+                                        T.Cast(dtype, tot[0]), dot, bias, row(by, mb, tx, c // 2), r)
+                                else:
+                                    y[row(by, mb, tx, c // 2), r] = T.Cast(dtype, tot[0])
 
     return mma

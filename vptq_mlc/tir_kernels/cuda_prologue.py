@@ -46,13 +46,17 @@ def gather_scale_dot(x, perm, col_scale, weight_bias, xs, dot, red, acc, bx, by,
             dot[bx, 0] = acc[0]
 
 
-def vq_prologue_cuda(in_features: int, dtype: str, has_perm: bool) -> tirx.PrimFunc:
-    """PrimFunc(x[n, I], [perm[I]], col_scale[I], weight_bias[I], xs[n, I], dot[n, 1] float32) for any n.
+def vq_prologue_cuda(in_features: int, dtype: str, has_perm: bool, below_rows: int = 0) -> tirx.PrimFunc:
+    """PrimFunc(x[n, I], [perm[I]], col_scale[I], weight_bias[I], xs[n, I], dot[n, 1] float32) for any n;
+    `below_rows` > 0: nothing runs from that many rows on (the VQ kernel after it folds the prologue there and
+    never reads xs / dot: `cuda_dequant_gemm.vq_prefill_folded_cuda`).
 
     Grid (n, ceil(I / THREADS)): CTA (b, c) gathers and scales columns c*THREADS.. of row b; CTA (b, 0) also reduces
     the whole row's dot (contiguous loads). One CTA per row used to do everything: the permuted gather needs one
     L1 sector per element, so a 4096-wide row took ~2.5 us and an 11008-wide one ~7 us on one SM (H100 profile of
     7B decode: 17% of the step); spread over ceil(I / 1024) SMs the gather is a few hundred cycles each."""
+    if below_rows:
+        return _gated_prologue(in_features, dtype, (has_perm,), below_rows)
     n = tirx.Var("n", "int64")
     I = in_features  # noqa: E741
     WARPS = THREADS // 32
@@ -83,7 +87,8 @@ def vq_prologue_cuda(in_features: int, dtype: str, has_perm: bool) -> tirx.PrimF
 MAX_SHARED = 3  # linears one shared prologue serves (q, k, v)
 
 
-def vq_shared_prologue_cuda(in_features: int, dtype: str, perms: tuple[bool, ...]) -> tirx.PrimFunc:
+def vq_shared_prologue_cuda(in_features: int, dtype: str, perms: tuple[bool, ...], below_rows: int = 0
+                            ) -> tirx.PrimFunc:
     """The prologues of 2..MAX_SHARED linears that read the same activation (q/k/v, gate/up) as one launch:
     PrimFunc(x[n, I], then per linear m [perm_m[I]], col_scale_m[I], weight_bias_m[I], then per linear
     xs_m[n, I], dot_m[n, 1] float32) for any n; `perms[m]`: whether linear m has a permutation.
@@ -94,6 +99,8 @@ def vq_shared_prologue_cuda(in_features: int, dtype: str, perms: tuple[bool, ...
     M = len(perms)
     if not 2 <= M <= MAX_SHARED:
         raise ValueError(f"a shared prologue serves 2..{MAX_SHARED} linears, got {M}")
+    if below_rows:
+        return _gated_prologue(in_features, dtype, perms, below_rows)
     n = tirx.Var("n", "int64")
     I = in_features  # noqa: E741
     WARPS = THREADS // 32
@@ -136,6 +143,66 @@ def vq_shared_prologue_cuda(in_features: int, dtype: str, perms: tuple[bool, ...
             if bz == 2:
                 gather_scale_dot(x, perm_2, col_scale_2, weight_bias_2, xs_2, dot_2, red, acc, bx, by, tx, P2, I,
                                  CH, WARPS)
+
+    keep = {"x"} | {f"{name}_{m}" for m in range(M) for name in ("col_scale", "weight_bias", "xs", "dot")}
+    keep |= {f"perm_{m}" for m in range(M) if perms[m]}
+    return keep_params(kernel, keep)
+
+
+def _gated_prologue(in_features: int, dtype: str, perms: tuple[bool, ...], below_rows: int) -> tirx.PrimFunc:
+    """The (shared, for 2..MAX_SHARED linears) prologue with the same signature and CTAs as `vq_prologue_cuda` /
+    `vq_shared_prologue_cuda`, launched only while the row count is below `below_rows` (a host-side branch: no
+    launch at all from there)."""
+    M = len(perms)
+    n = tirx.Var("n", "int64")
+    I = in_features  # noqa: E741
+    WARPS = THREADS // 32
+    CH = -(-I // THREADS)
+    P0, P1, P2 = (*perms, False, False)[:3]
+    BELOW = below_rows
+
+    @T.prim_func(private=True)
+    def kernel(
+        x: T.Buffer((n, I), dtype),
+        perm_0: T.Buffer((I,), "int32"),
+        col_scale_0: T.Buffer((I,), dtype),
+        weight_bias_0: T.Buffer((I,), dtype),
+        perm_1: T.Buffer((I,), "int32"),
+        col_scale_1: T.Buffer((I,), dtype),
+        weight_bias_1: T.Buffer((I,), dtype),
+        perm_2: T.Buffer((I,), "int32"),
+        col_scale_2: T.Buffer((I,), dtype),
+        weight_bias_2: T.Buffer((I,), dtype),
+        xs_0: T.Buffer((n, I), dtype),
+        dot_0: T.Buffer((n, 1), "float32"),
+        xs_1: T.Buffer((n, I), dtype),
+        dot_1: T.Buffer((n, 1), "float32"),
+        xs_2: T.Buffer((n, I), dtype),
+        dot_2: T.Buffer((n, 1), "float32"),
+    ):
+        T.func_attr(KERNEL_ATTRS)
+        if n < BELOW:
+            with T.launch_thread("blockIdx.x", n) as bx:
+                with T.launch_thread("blockIdx.y", CH) as by:
+                    with T.launch_thread("blockIdx.z", M) as bz:
+                        with T.launch_thread("threadIdx.x", THREADS) as tx:
+                            red = T.alloc_buffer((WARPS,), "float32", scope="shared")
+                            acc = T.alloc_buffer((1,), "float32", scope="local")
+                            if bz == 0:
+                                gather_scale_dot(x, perm_0, col_scale_0, weight_bias_0, xs_0, dot_0, red, acc, bx,
+                                                 by, tx, P0, I, CH, WARPS)
+                            # a barrier between the linears' reductions (`red` is reused), written out: TVM's
+                            # ThreadSync cannot insert one under the host-side row-count branch
+                            if M >= 2:
+                                T.tvm_storage_sync("shared")
+                                if bz == 1:
+                                    gather_scale_dot(x, perm_1, col_scale_1, weight_bias_1, xs_1, dot_1, red, acc,
+                                                     bx, by, tx, P1, I, CH, WARPS)
+                            if M == 3:
+                                T.tvm_storage_sync("shared")
+                                if bz == 2:
+                                    gather_scale_dot(x, perm_2, col_scale_2, weight_bias_2, xs_2, dot_2, red, acc,
+                                                     bx, by, tx, P2, I, CH, WARPS)
 
     keep = {"x"} | {f"{name}_{m}" for m in range(M) for name in ("col_scale", "weight_bias", "xs", "dot")}
     keep |= {f"perm_{m}" for m in range(M) if perms[m]}

@@ -70,6 +70,9 @@ class VQKernel:
     func: tirx.PrimFunc
     operands: tuple[str, ...]
     scratch: tuple[tuple[tuple[int, ...], str], ...] = ()
+    # > 0: a folded prefill kernel (`KernelSelector.folded`): `func(x, xs, dot, *operands, *scratch, y)` with the
+    # norm-bias dot and the bias in y, reading xs / dot (the prologue's) only below this many rows
+    fold_from_rows: int = 0
 
 
 # The fused decode GEMV (prologue, RMSNorm, silu * up and residual adds folded into the VQ GEMV) is off unless asked
@@ -83,6 +86,19 @@ def fused_decode_enabled() -> bool:
     """Whether CUDA decode layers get the fused GEMV (`CudaKernelSelector._pick_fused`): FUSED_DECODE_ENV=1 / 0,
     else FUSED_DECODE_DEFAULT."""
     return compile_switch(FUSED_DECODE_ENV, FUSED_DECODE_DEFAULT, "the fused decode GEMV")
+
+
+# The long-prompt prefill of normed fp16 VQ layers with the activation prologue folded into the dequantized weight
+# (`cuda_dequant_gemm.vq_prefill_folded_cuda`) is off unless asked for (compile with VPTQ_MLC_PREFILL_FOLD=1) until it
+# has run on a GPU; off, CUDA libraries keep prologue + dequantize + GEMM + `y + dot` for every prefill row count.
+PREFILL_FOLD_ENV = "VPTQ_MLC_PREFILL_FOLD"
+PREFILL_FOLD_DEFAULT = False
+
+
+def prefill_fold_enabled() -> bool:
+    """Whether CUDA prefill of normed fp16 VQ layers folds the prologue (`CudaKernelSelector._pick_folded`):
+    PREFILL_FOLD_ENV=1 / 0, else PREFILL_FOLD_DEFAULT."""
+    return compile_switch(PREFILL_FOLD_ENV, PREFILL_FOLD_DEFAULT, "the prologue folded into long-prompt prefill")
 
 
 # ROCm's matrix-core (MFMA) GEMM for symbolic-row fp16 matmuls on CDNA (`rocm_dense_mfma.py`) is off unless asked for
@@ -109,6 +125,7 @@ class KernelSelector:
         self._select = functools.lru_cache(maxsize=None)(self._pick)
         self._select_shared = functools.lru_cache(maxsize=None)(self._pick_shared)
         self._select_fused = functools.lru_cache(maxsize=None)(self._pick_fused)
+        self._select_folded = functools.lru_cache(maxsize=None)(self._pick_folded)
 
     def uses_code_sorted(self, cfg: VPTQLayerConfig, dtype: str) -> bool:
         """Whether the layer's code-sorted entries are declared (loaded onto the device); only CUDA reads them."""
@@ -143,6 +160,15 @@ class KernelSelector:
 
     def _pick_fused(self, cfg: VPTQLayerConfig, dtype: str, rows: int | None, perms: tuple[bool, ...],
                     opts: FusedInput | None) -> VQKernel | None:
+        return None
+
+    def folded(self, cfg: VPTQLayerConfig, dtype: str, has_bias: bool) -> VQKernel | None:
+        """The whole linear of a normed layer for a symbolic row count with its activation prologue folded into
+        the kernel for long prompts: `func(x, xs, dot, *operands, *scratch, y)` (`VQKernel.fold_from_rows`), or
+        None where this family has none (then prologue + VQ kernel + the adds). Cached."""
+        return self._select_folded(cfg, dtype, has_bias)
+
+    def _pick_folded(self, cfg: VPTQLayerConfig, dtype: str, has_bias: bool) -> VQKernel | None:
         return None
 
     def _pick(self, cfg: VPTQLayerConfig, dtype: str, rows: int | None) -> VQKernel:
@@ -264,6 +290,20 @@ class CudaKernelSelector(KernelSelector):
         return _mark(VQKernel(vq_gemv_cuda(cfg, dtype, rows, prologue=perms, fused=opts),
                               tuple(vq_operand_shapes(cfg))))
 
+    def _pick_folded(self, cfg: VPTQLayerConfig, dtype: str, has_bias: bool) -> VQKernel | None:
+        """Normed fp16 layers the dequantize + GEMM path serves (`cuda_dequant_gemm.fold_supported`), with the
+        switch on: `vq_prefill_folded_cuda`."""
+        from vptq_mlc.tir_kernels.cuda_dequant_gemm import (
+            DEQUANT_GEMM_FROM_ROWS,
+            fold_supported,
+            vq_prefill_folded_cuda,
+        )
+
+        if not prefill_fold_enabled() or not fold_supported(cfg, dtype):
+            return None
+        func, operands, scratch = vq_prefill_folded_cuda(cfg, dtype, has_bias)
+        return _mark(VQKernel(func, operands, scratch, DEQUANT_GEMM_FROM_ROWS))
+
     def _pick(self, cfg: VPTQLayerConfig, dtype: str, rows: int | None) -> VQKernel:
         from vptq_mlc.tir_kernels import cuda_code_sorted as cs
         from vptq_mlc.tir_kernels.cuda_gemv import vq_gemv_cuda
@@ -299,7 +339,7 @@ class CudaKernelSelector(KernelSelector):
 def _mark(k: VQKernel) -> VQKernel:
     """Hand-scheduled GPU kernels: opaque to FuseOps, skipped by dlight."""
     func = k.func.with_attr("op_pattern", OP_PATTERN_OPAQUE).with_attr("tirx.is_scheduled", True)
-    return VQKernel(func, k.operands, k.scratch)
+    return VQKernel(func, k.operands, k.scratch, k.fold_from_rows)
 
 
 def gemv_decode_batches() -> tuple[int, ...]:
@@ -319,9 +359,10 @@ class NormBiasKernels:
     and one prologue launch for up to `max_shared` linears that read the same activation (q/k/v, gate/up)."""
 
     row_dot: Callable[[int, str], tirx.PrimFunc]
-    prologue: Callable[[int, str, bool], tirx.PrimFunc] | None = None  # (in_features, dtype, has_perm)
-    # (in_features, dtype, has_perm per linear) -> one kernel writing every linear's xs and dot
-    shared_prologue: Callable[[int, str, tuple[bool, ...]], tirx.PrimFunc] | None = None
+    # (in_features, dtype, has_perm[, below_rows: launch only below that many rows, 0 = always])
+    prologue: Callable[..., tirx.PrimFunc] | None = None
+    # (in_features, dtype, has_perm per linear[, below_rows]) -> one kernel writing every linear's xs and dot
+    shared_prologue: Callable[..., tirx.PrimFunc] | None = None
     max_shared: int = 1
 
 
@@ -345,11 +386,12 @@ def norm_bias_kernels(prologue: bool) -> NormBiasKernels:
     from vptq_mlc.tir_kernels.cuda_prologue import MAX_SHARED, vq_prologue_cuda, vq_shared_prologue_cuda
 
     @functools.cache
-    def prologue_kernel(in_features: int, dtype: str, has_perm: bool) -> tirx.PrimFunc:
-        return mark(vq_prologue_cuda(in_features, dtype, has_perm))
+    def prologue_kernel(in_features: int, dtype: str, has_perm: bool, below_rows: int = 0) -> tirx.PrimFunc:
+        return mark(vq_prologue_cuda(in_features, dtype, has_perm, below_rows))
 
     @functools.cache
-    def shared_prologue_kernel(in_features: int, dtype: str, perms: tuple[bool, ...]) -> tirx.PrimFunc:
-        return mark(vq_shared_prologue_cuda(in_features, dtype, perms))
+    def shared_prologue_kernel(in_features: int, dtype: str, perms: tuple[bool, ...], below_rows: int = 0
+                               ) -> tirx.PrimFunc:
+        return mark(vq_shared_prologue_cuda(in_features, dtype, perms, below_rows))
 
     return NormBiasKernels(row_dot, prologue_kernel, shared_prologue_kernel, MAX_SHARED)

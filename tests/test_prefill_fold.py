@@ -1,0 +1,275 @@
+"""Long-prompt prefill of a normed VQ layer with the activation prologue folded into the dequantized weight
+(VPTQ_MLC_PREFILL_FOLD=1, tir_kernels/cuda_dequant_gemm.py `vq_prefill_folded_cuda`): the dequantize kernel writes
+`w[o, perm[k]] = W[o, k] * col_scale[k] + weight_bias[perm[k]]`, and the dense GEMM runs on the unpermuted x with the
+bias in its epilogue; short prompts keep prologue + VQ MMA kernel, with the norm-bias dot and the bias added in that
+kernel's epilogue.
+
+Without a GPU: the folding kernel's per-thread code, built for the CPU in serial loops over the block and thread
+indices, must reproduce the reference `dequantize` (checkpoint/dequant.py: VPTQ's final-order weight with its norm)
+bit for bit; then the whole linear (this weight times unpermuted x, fp32 sums, the bias before the one rounding, as
+the GEMM epilogue does) against a float64 reference of the VQ linear computed from the checkpoint tensors, ragged row
+counts. The GEMM's data movement is checked by tests/test_dense_mma.py; the GPU check suite runs both branches.
+"""
+
+from __future__ import annotations
+
+import re
+
+import numpy as np
+import pytest
+
+from vptq_mlc.artifact.vq_layout import generic_layout
+from vptq_mlc.checkpoint.dequant import decode_codes, dequantize
+from vptq_mlc.checkpoint.layer_config import VPTQLayerConfig
+from vptq_mlc.testing.synthetic import random_layer
+
+OUTL = {"outlier_size": 64, "outlier_vector_len": 4, "num_outlier_centroids": 256}
+CASES = {  # variant, in, out, layer kwargs: residual, outliers, groups, v = 12, no perm, O % v != 0, bias
+    "v8-k256-256-outl-bias": ("v8-k256-256", 1024, 512, {**OUTL, "bias": True}),
+    "v8-k4096-0-groups": ("v8-k4096-0", 1024, 300, {"group_num": 2}),
+    "v8-k4096-0-noperm": ("v8-k4096-0", 1000, 64, {"enable_perm": False}),
+    "v12-k4096-0": ("v12-k4096-0", 512, 252, {"bias": True}),
+    "v16-k65536-65536": ("v16-k65536-65536", 256, 64, {}),
+}
+
+
+def _layer(name):
+    variant, i, o, kw = CASES[name]
+    cfg = VPTQLayerConfig.from_variant(variant, i, o, enable_norm=True, **kw)
+    rng = np.random.default_rng(11)
+    tensors = random_layer(cfg, rng, "float16")
+    # norm tensors of realistic spread (scale ~ per-column weight size, bias comparable to it)
+    tensors["weight_scale"] = (rng.uniform(0.02, 0.2, i) * rng.choice([-1, 1], i)).astype(np.float16)
+    tensors["weight_bias"] = rng.normal(0, 0.01, i).astype(np.float16)
+    return cfg, tensors
+
+
+def _folded_weight(cfg, tensors, threads=64):
+    import tvm
+
+    from vptq_mlc.tir_kernels.cuda_dequant_gemm import FoldPlan, vq_fold_dequantize_func
+
+    ops = generic_layout(cfg, tensors, decode_codes(cfg, tensors), "float16")
+    # few threads per CTA and 2 vector rows per CTA: column-chunk and vector-row tails
+    func = vq_fold_dequantize_func(cfg, "float16", cuda=False, plan=FoldPlan(threads, 2))
+    lib = tvm.compile(tvm.IRModule({"main": func.with_attr("global_symbol", "main")}), target="llvm")
+    dev = tvm.cpu()
+    w = tvm.runtime.tensor(np.full((cfg.out_features, cfg.in_features), np.nan, np.float16), dev)
+    names = [p.name for p in func.params][:-1]
+    lib["main"](*(tvm.runtime.tensor(ops[n], dev) for n in names), w)
+    return w.numpy(), ops
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_folding_dequantize_matches_reference_on_cpu(name):
+    cfg, tensors = _layer(name)
+    w, _ = _folded_weight(cfg, tensors)
+    ref = dequantize(cfg, tensors)  # final column order, norm applied (multiply, then add, each rounded in fp16)
+    assert ref.dtype == np.float16
+    np.testing.assert_array_equal(w, ref)
+
+
+@pytest.mark.parametrize("rows", [1, 37, 200])
+def test_folded_linear_matches_float64_reference(rows):
+    """y = x @ w^T (fp32 sums of the fp16 products, as mma.sync accumulates) + bias, rounded once, against the VQ
+    linear in float64 from the checkpoint's tensors: codebook entries (+ residual, outliers), perm, norm scale and
+    bias, bias; every row within fp16 rounding of the weight and the output."""
+    cfg, tensors = _layer("v8-k256-256-outl-bias")
+    w, ops = _folded_weight(cfg, tensors)
+    rng = np.random.default_rng(rows)
+    x = rng.normal(0, 1, (rows, cfg.in_features)).astype(np.float16)
+    y = (x.astype(np.float32) @ w.astype(np.float32).T + ops["bias"].astype(np.float32)).astype(np.float16)
+    # independent float64 reference: the pre-perm weight from the codes, then the VQ linear's formula
+    codes = decode_codes(cfg, tensors)
+    v, osz = cfg.vector_len, cfg.outlier_size
+    cent = tensors["centroids.weight"].astype(np.float64).reshape(cfg.num_centroids, v)
+    res = tensors["res_centroids.weight"].astype(np.float64).reshape(cfg.num_res_centroids, v)
+    main = cent[codes.idx[0]] + res[codes.res[0]]  # [N, S, v]: vector row, pre-perm main column, lane
+    wpre = np.zeros((cfg.out_features, cfg.in_features))
+    wpre[:, osz:] = main.transpose(0, 2, 1).reshape(-1, main.shape[1])[: cfg.out_features]
+    ocent = tensors["outlier_centroids.weight"].astype(np.float64).reshape(-1, cfg.outlier_vector_len)
+    outl = ocent[codes.outlier_idx]  # [No, osz, vo]
+    wpre[:, :osz] = outl.transpose(0, 2, 1).reshape(-1, osz)[: cfg.out_features]
+    perm = codes.perm
+    xd = x.astype(np.float64)
+    scale = tensors["weight_scale"].astype(np.float64)
+    xs = xd[:, perm] * scale[perm]  # pre-perm column k reads x[:, perm[k]], scaled by weight_scale[perm[k]]
+    ref = xs @ wpre.T + xd @ tensors["weight_bias"].astype(np.float64)[:, None] + tensors["bias"].astype(np.float64)
+    err = np.linalg.norm(y.astype(np.float64) - ref, axis=1) / np.linalg.norm(ref, axis=1)
+    assert err.max() < 2e-3, err.max()
+    # the weight's columns in the pre-perm order (a fold that forgot the permutation) fails the same bound
+    wrong = (x.astype(np.float32) @ w[:, perm].astype(np.float32).T + ops["bias"].astype(np.float32))
+    wrong_err = np.linalg.norm(wrong - ref, axis=1) / np.linalg.norm(ref, axis=1)
+    assert wrong_err.min() > 10 * 2e-3, wrong_err.min()
+
+
+def test_switch_gates_the_registry(monkeypatch):
+    """Off by default (no folded kernel, so the default graph is unchanged); on: normed fp16 layers the dense GEMM
+    takes get the folded kernel, others (no norm, fp32, K not a multiple of 32) keep the plain path."""
+    from tvm.target import Target
+
+    from vptq_mlc.errors import CompileError
+    from vptq_mlc.tir_kernels.cuda_dequant_gemm import DEQUANT_GEMM_FROM_ROWS
+    from vptq_mlc.tir_kernels.registry import PREFILL_FOLD_ENV, CudaKernelSelector
+
+    cfg = VPTQLayerConfig.from_variant("v8-k4096-0", 1024, 512)
+    monkeypatch.delenv(PREFILL_FOLD_ENV, raising=False)
+    assert CudaKernelSelector(Target({"kind": "cuda", "arch": "sm_90"})).folded(cfg, "float16", False) is None
+    monkeypatch.setenv(PREFILL_FOLD_ENV, "1")
+    select = CudaKernelSelector(Target({"kind": "cuda", "arch": "sm_90"}))
+    k = select.folded(cfg, "float16", True)
+    assert k.fold_from_rows == DEQUANT_GEMM_FROM_ROWS and k.scratch == (((512, 1024), "float16"),)
+    params = [p.name for p in k.func.params]
+    assert params[:3] == ["x", "xs", "dot"] and params[3:-2] == list(k.operands) and params[-2:] == ["w", "y"]
+    assert k.operands[-4:] == ("perm", "col_scale", "weight_bias", "bias")
+    assert select.folded(VPTQLayerConfig.from_variant("v8-k4096-0", 1024, 512, enable_norm=False), "float16",
+                         False) is None
+    assert select.folded(cfg, "float32", False) is None
+    assert select.folded(VPTQLayerConfig.from_variant("v8-k4096-0", 1000, 300), "float16", False) is None
+    monkeypatch.setenv(PREFILL_FOLD_ENV, "yes")
+    with pytest.raises(CompileError, match=PREFILL_FOLD_ENV):
+        CudaKernelSelector(Target({"kind": "cuda", "arch": "sm_90"})).folded(cfg, "float16", False)
+
+
+def _prefill_calls(tmp, monkeypatch, fold: str):
+    from test_cuda_aot import require_cuda_toolkit
+
+    from vptq_mlc.bench.launches import launches, lowered_module
+    from vptq_mlc.convert.converter import convert_checkpoint
+    from vptq_mlc.testing.synthetic import make_synthetic_checkpoint
+    from vptq_mlc.tir_kernels.registry import PREFILL_FOLD_ENV
+
+    require_cuda_toolkit(cuobjdump=False)  # the CUDA backend's preparation (no nvcc run)
+    ckpt = make_synthetic_checkpoint(tmp / "ckpt", arch="qwen2", variant="v8-k256-256", hidden_size=128,
+                                     intermediate_size=256, num_layers=1, vocab_size=320)  # q/k/v with a bias
+    monkeypatch.setenv(PREFILL_FOLD_ENV, fold)
+    mod, _ = lowered_module(convert_checkpoint(ckpt, tmp / "mlc", dtype="float16"))
+    return {f: [n for n, _ in launches(mod, f)] for f in ("prefill", "batch_prefill", "decode")}
+
+
+def test_model_prefill_runs_the_folded_kernel(tmp_path, monkeypatch):
+    """With the switch: the 7 linears of a prefill (symbolic rows) are folded kernels after gated prologues, with no
+    `y + dot (+ bias)` pass after them; decode (static rows) is the default build's."""
+    off = _prefill_calls(tmp_path / "off", monkeypatch, "")
+    on = _prefill_calls(tmp_path / "on", monkeypatch, "1")
+    for f in ("prefill", "batch_prefill"):
+        assert sum(n.startswith("vq_matmul_folded") for n in on[f]) == 7, on[f]
+        assert not any(n.startswith("vq_matmul_folded") for n in off[f])
+        assert [n for n in on[f] if n.startswith("vq_prologue")] == [n for n in off[f] if n.startswith("vq_prologue")]
+        # the norm-bias adds (and q/k/v's bias adds) after the 7 VQ kernels are gone
+        adds_off = sum("add" in n for n in off[f])
+        adds_on = sum("add" in n for n in on[f])
+        assert adds_off - adds_on >= 4, (off[f], on[f])
+    def family(names):  # relax numbers same-named functions in order of creation
+        return [re.sub(r"\d+", "", n) for n in names]
+
+    assert family(on["decode"]) == family(off["decode"])
+
+
+def test_folded_prefill_cuda_source():
+    """The folded PrimFunc holds both branches' kernels; the folding dequantize kernel keeps the plain kernel's
+    16-byte weight stores (final column order: no scattered stores), stages codes and the inverse permutation in
+    shared memory with one barrier; the GEMMs add the bias before the rounding; the gated prologue keeps its
+    barriers. Codegen only (nvcc not run)."""
+    from cuda_sources import generated_cuda, kernel_definitions
+    from test_cuda_aot import require_cuda_toolkit
+
+    require_cuda_toolkit(cuobjdump=False)
+    import tvm
+
+    from vptq_mlc.tir_kernels.cuda_dequant_gemm import vq_prefill_folded_cuda
+    from vptq_mlc.tir_kernels.cuda_prologue import vq_shared_prologue_cuda
+
+    cfg = VPTQLayerConfig.from_variant("v8-k256-256", 1024, 512, **OUTL, bias=True)
+    func, operands, scratch = vq_prefill_folded_cuda(cfg, "float16", True)
+    assert scratch == (((512, 1024), "float16"),)
+    funcs = {"fold": func, "gated": vq_shared_prologue_cuda(1024, "float16", (True, False, True), 128)}
+    mod = tvm.IRModule({n: f.with_attr("global_symbol", n) for n, f in funcs.items()})
+    kernels = kernel_definitions(generated_cuda(lambda bt: tvm.compile(mod, target=bt.target)))
+    fold = {n: k for n, k in kernels.items() if n.startswith("fold_")}
+    # VQ MMA decode plan, VQ MMA prefill plan, folding dequantize, dense GEMM 64 x 64 and 128 x 128
+    assert len(fold) == 5, sorted(fold)
+    mma = [k for k in fold.values() if "mma.sync" in k and "ldmatrix" not in k]
+    gemm = [k for k in fold.values() if "ldmatrix" in k]
+    (dequant,) = [k for k in fold.values() if "mma.sync" not in k]
+    assert len(mma) == 2 and len(gemm) == 2
+    assert all("dot_ptr[" in k and "bias_ptr[" in k for k in mma)  # the epilogue: + dot, + bias
+    assert all("(float)bias_ptr[" in k for k in gemm)
+    assert len(re.findall(r"\*\(uint4\*\)\(w_ptr \+", dequant)) == cfg.vector_len  # v 16-byte stores, no scatter
+    assert "perm_ptr[" in dequant and dequant.count("__syncthreads()") == 1
+    gated = [k for n, k in kernels.items() if n.startswith("gated_")]
+    assert len(gated) == 1 and gated[0].count("__syncthreads()") >= 3
+
+
+def test_check_suite_covers_the_folded_paths():
+    from vptq_mlc.bench.kernels import correctness_cases
+    from vptq_mlc.tir_kernels.cuda_dequant_gemm import DEQUANT_GEMM_FROM_ROWS, fold_supported
+
+    cases = [c for c in correctness_cases() if c.kernel == "fold"]
+    assert all(fold_supported(c.config(), "float16") for c in cases)
+    below = [c for c in cases if c.plan.get("from_rows", DEQUANT_GEMM_FROM_ROWS) > c.run_rows]
+    above = [c for c in cases if c not in below]
+    assert {c.run_rows <= 16 for c in below} == {True, False} and len(above) >= 5
+    assert any(c.layer.get("bias") for c in below) and any(c.layer.get("bias") for c in above)
+    assert any(not c.config().enable_perm for c in above) and any(c.in_features == 11008 for c in above)
+
+
+class _FakeFoldLibrary:
+    """The GPU check's view of a fold case's library with torch stand-ins on the CPU (no TVM compile): `func(i,
+    "_prologue")` the gated prologue (xs, dot only below `from_rows`), `func(i)` the folded kernel from its
+    definition (v8-k256-0 layer: one group, no residual, no outliers), optionally broken."""
+
+    def __init__(self, case, from_rows: int, fault: str = ""):
+        cfg = case.config()
+        self.manifest = {"dtype": "float16", "calls": [{
+            "operands": ["centroids", "codes", "perm", "col_scale", "weight_bias", "bias"],
+            "scratch": [[[cfg.out_features, cfg.in_features], "float16"]]}]}
+        self.from_rows, self.fault = from_rows, fault
+
+    def func(self, i: int, suffix: str = ""):
+        return self._prologue if suffix == "_prologue" else self._folded
+
+    def _prologue(self, x, perm, col_scale, weight_bias, xs, dot):
+        import torch
+
+        x, perm, col_scale, weight_bias, xs, dot = (torch.from_dlpack(t) for t in
+                                                    (x, perm, col_scale, weight_bias, xs, dot))
+        if x.shape[0] < self.from_rows:
+            xs.copy_(x[:, perm.long()] * col_scale)
+            dot.copy_((x.double() @ weight_bias.double()).float()[:, None])
+
+    def _folded(self, x, xs, dot, centroids, codes, perm, col_scale, weight_bias, bias, w, y):
+        import torch
+
+        x, xs, dot, centroids, codes, perm, col_scale, weight_bias, bias, w, y = (
+            torch.from_dlpack(t) for t in (x, xs, dot, centroids, codes, perm, col_scale, weight_bias, bias, w, y))
+        nv, length = codes.shape
+        v = centroids.shape[-1]
+        wpre = centroids[0][codes.long()].permute(0, 2, 1).reshape(nv * v, length)[: y.shape[1]]
+        if x.shape[0] < self.from_rows or self.fault == "reads-xs":
+            out = xs.double() @ wpre.double().T + (0 if self.fault == "no-dot" else dot.double())
+        else:
+            cols = torch.arange(length) if self.fault == "no-perm" else perm.long()
+            w[:, cols] = (wpre * col_scale).to(w.dtype)
+            w.copy_(w + weight_bias)
+            out = x.double() @ w.double().T
+        y.copy_((out + bias.double()).to(y.dtype))
+
+
+@pytest.mark.parametrize("rows,from_rows", [(5, 128), (37, 128), (130, 128), (5, 0)])
+def test_fold_check_passes_a_right_kernel(rows, from_rows):
+    from vptq_mlc.bench.kernels import KernelCase, _check_fold_case
+
+    case = KernelCase("v8-k256-0", 1024, 96, None, {"bias": True}, run_rows=rows, kernel="fold",
+                      plan={"from_rows": from_rows})
+    res = _check_fold_case(_FakeFoldLibrary(case, from_rows), 0, case, np.random.default_rng(0), device="cpu")
+    assert res["ok"] and res["case"] == case.name, res
+
+
+@pytest.mark.parametrize("rows,fault", [(130, "reads-xs"), (130, "no-perm"), (37, "no-dot")])
+def test_fold_check_fails_a_wrong_kernel(rows, fault):
+    from vptq_mlc.bench.kernels import KernelCase, _check_fold_case
+
+    case = KernelCase("v8-k256-0", 1024, 96, None, {"bias": True}, run_rows=rows, kernel="fold")
+    res = _check_fold_case(_FakeFoldLibrary(case, 128, fault), 0, case, np.random.default_rng(0), device="cpu")
+    assert not res["ok"], res
