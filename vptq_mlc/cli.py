@@ -263,12 +263,12 @@ def convert(ckpt: str, output: str, dtype: str | None, context_window: int | Non
                    "Default: on for cuda, off with --split-functions.")
 @click.option("--prefill-chunk", type=POSITIVE, default=None,
               help="Most prompt tokens per prefill call the library plans memory for (default: the model dir's, "
-                   "from convert --prefill-chunk; never more than the context window). The engine runs the "
-                   "library's chunk when the model dir asks for less: e.g. 2048 for long VQ prompts on cuda.")
+                   "from convert --prefill-chunk, at least 2048 on cuda; never more than the context window). "
+                   "The engine runs the library's chunk when the model dir asks for less.")
 @click.option("--kv-cache", "kv_cache", type=click.Choice(["auto", "mla", "mha"]), default="auto", show_default=True,
-              help="deepseek_v3: mla = TVM's latent cache (70 KB/token for R1; cuda/rocm only; built, not yet "
-                   "checked on a GPU), mha = decompressed K/V per head (6.0 MB/token for R1; every target). "
-                   "auto: mha for now.")
+              help="deepseek_v3: mla = TVM's latent cache (70 KB/token for R1; cuda/rocm only; checked against "
+                   "transformers on an H100), mha = decompressed K/V per head (6.0 MB/token for R1; every target). "
+                   "auto: mla on cuda and rocm, mha on llvm.")
 @one_line_errors
 def compile_cmd(model_dir: str, target: str, arch: str | None, output: str | None, split_functions: bool,
                 cuda_graph: bool | None, prefill_chunk: int | None, kv_cache: str) -> None:
