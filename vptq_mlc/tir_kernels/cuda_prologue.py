@@ -144,9 +144,7 @@ def vq_shared_prologue_cuda(in_features: int, dtype: str, perms: tuple[bool, ...
                 gather_scale_dot(x, perm_2, col_scale_2, weight_bias_2, xs_2, dot_2, red, acc, bx, by, tx, P2, I,
                                  CH, WARPS)
 
-    keep = {"x"} | {f"{name}_{m}" for m in range(M) for name in ("col_scale", "weight_bias", "xs", "dot")}
-    keep |= {f"perm_{m}" for m in range(M) if perms[m]}
-    return keep_params(kernel, keep)
+    return _keep_linears(kernel, perms)
 
 
 def _gated_prologue(in_features: int, dtype: str, perms: tuple[bool, ...], below_rows: int) -> tirx.PrimFunc:
@@ -204,6 +202,13 @@ def _gated_prologue(in_features: int, dtype: str, perms: tuple[bool, ...], below
                                     gather_scale_dot(x, perm_2, col_scale_2, weight_bias_2, xs_2, dot_2, red, acc,
                                                      bx, by, tx, P2, I, CH, WARPS)
 
+    return _keep_linears(kernel, perms)
+
+
+def _keep_linears(kernel: tirx.PrimFunc, perms: tuple[bool, ...]) -> tirx.PrimFunc:
+    """`kernel` (written for MAX_SHARED linears) with only the parameters of `len(perms)` linears, and a linear's
+    perm only where `perms` says it has one."""
+    M = len(perms)
     keep = {"x"} | {f"{name}_{m}" for m in range(M) for name in ("col_scale", "weight_bias", "xs", "dot")}
     keep |= {f"perm_{m}" for m in range(M) if perms[m]}
     return keep_params(kernel, keep)
