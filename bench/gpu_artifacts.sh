@@ -21,7 +21,8 @@
 #          NAME-cuda.so. Tokenizers of the configs are the same file: one gzipped copy is kept in tokenizer/ and
 #          gpu_suite.sh unpacks it into each config, so the 64 MiB a device call may carry is not spent on them.
 #          E2E7B_COMPILE_ARGS: more `vptq-mlc compile` arguments (e.g. "--prefill-chunk 2048"). A name ending in
-#          -fold (e.g. v8-k4096-0-fold) is that variant compiled with VPTQ_MLC_PREFILL_FOLD=1.
+#          -fold (e.g. v8-k4096-0-fold) is that variant compiled with VPTQ_MLC_PREFILL_FOLD=1, one ending in -wgmma
+#          (fp16-wgmma, v8-k4096-0-fold-wgmma) with VPTQ_MLC_WGMMA=1 (ARCH sm_90 -> sm_90a).
 # ARCH (default sm_90) sets the CUDA arch of every library.
 set -euo pipefail
 ART=${1:?usage: gpu_artifacts.sh ART_DIR [parts...]}
@@ -84,21 +85,22 @@ make_synthetic_checkpoint('$E/ckpt', variant='v8-k256-256', hidden_size=256, int
       first=$1
       for n in "$@"; do
         built "$D/$n-cuda.so" && continue
-        if [ "$n" = fp16 ]; then
+        # NAME-fold: compiled with VPTQ_MLC_PREFILL_FOLD=1; NAME-wgmma: with VPTQ_MLC_WGMMA=1 (sm_90a); both may stack
+        base=${n%-wgmma}; wgmma=0; [ "$base" != "$n" ] && wgmma=1
+        variant=${base%-fold}; fold=0; [ "$variant" != "$base" ] && fold=1
+        if [ "$variant" = fp16 ]; then
           built "$D/$first-cfg/mlc-chat-config.json" >/dev/null || { echo "fp16 needs a VQ system first" >&2; exit 2; }
-          rm -rf "$D/fp16-cfg"; cp -r "$D/$first-cfg" "$D/fp16-cfg"
+          rm -rf "$D/$n-cfg"; cp -r "$D/$first-cfg" "$D/$n-cfg"
           python3 -c "
 import json, pathlib
-p = pathlib.Path('$D/fp16-cfg/mlc-chat-config.json')
+p = pathlib.Path('$D/$n-cfg/mlc-chat-config.json')
 c = json.loads(p.read_text())
 c['vptq']['layers'], c['quantization'] = {}, 'q0f16'  # every linear dense: our fp16 build of the same shape
 p.write_text(json.dumps(c, indent=2))"
         else
-          "${V[@]}" bench synth-model "$D/$n-cfg" --shape "${E2E7B_SHAPE:-llama2-7b}" --variant "${n%-fold}" --config-only
+          "${V[@]}" bench synth-model "$D/$n-cfg" --shape "${E2E7B_SHAPE:-llama2-7b}" --variant "$variant" --config-only
         fi
-        # NAME-fold: the variant NAME compiled with the prologue folded into long-prompt prefill
-        fold=0; [ "${n%-fold}" != "$n" ] && fold=1
-        VPTQ_MLC_PREFILL_FOLD=$fold "${V[@]}" compile "$D/$n-cfg" --target cuda --arch "$ARCH" -o "$D/$n-cuda.so" \
+        VPTQ_MLC_PREFILL_FOLD=$fold VPTQ_MLC_WGMMA=$wgmma "${V[@]}" compile "$D/$n-cfg" --target cuda --arch "$ARCH" -o "$D/$n-cuda.so" \
           ${E2E7B_COMPILE_ARGS:-}
       done
       mkdir -p "$D/tokenizer"

@@ -15,7 +15,7 @@ from test_cuda_aot import require_cuda_toolkit
 from vptq_mlc.errors import CompileError
 
 WGMMA_LINE = "wgmma.mma_async.sync.aligned.m64n256k16.f32.f16.f16"  # the PTX, in TVM's helper function
-WGMMA_CALL = "ptx_wgmma_f16_ss_mma_async_sync_aligned_m64n256k16"  # the helper's call in a kernel
+WGMMA_CALL = "ptx_wgmma_f16_ss_mma_async_sync_aligned_m64n"  # the helper's call in a kernel (any tile width)
 
 
 def test_switch_is_off_by_default_and_refuses_bad_values(monkeypatch):
@@ -86,8 +86,9 @@ def test_kernel_compiles_to_sm90a_sass():
 
 
 def test_pipeline_gemms_take_wgmma_only_with_the_switch(monkeypatch):
-    """The symbolic-row dense GEMM and the VQ prefill's dequantize + GEMM: with the switch on (sm_90a) the
-    long-prompt plan is wgmma and the decode / short-prompt plans stay mma.sync; off, no wgmma anywhere."""
+    """The symbolic-row dense GEMM and the VQ prefill's dequantize + GEMM: with the switch on (sm_90a) prompts from
+    WGMMA_FROM_ROWS rows take the wgmma kernels (the short-prompt plan, then the long-prompt one) and the decode /
+    shorter plans stay mma.sync; off, no wgmma anywhere."""
     require_cuda_toolkit(cuobjdump=False)
     import tvm
     from tvm import tirx
@@ -118,9 +119,9 @@ def test_pipeline_gemms_take_wgmma_only_with_the_switch(monkeypatch):
         if not on:
             assert wgmma == [] and "wgmma" not in src, wgmma
             continue
-        # dense: decode, 64 x 64 tiles, wgmma; vq: VQ MMA (decode, prefill plans), dequantize, 64 x 64 tiles (1024
-        # outputs: up to 896 rows), wgmma
-        assert wgmma == ["dense_kernel_2", "vq_kernel_4"], sorted(kernels)
+        # dense: decode, 64 x 64 tiles (up to 255 rows), wgmma (128- then 256-column tiles); vq: VQ MMA (decode,
+        # prefill plans), dequantize, 64 x 64 tiles (up to 255 rows), wgmma (both plans)
+        assert wgmma == ["dense_kernel_2", "dense_kernel_3", "vq_kernel_4", "vq_kernel_5"], sorted(kernels)
         for name in wgmma:
             code = kernels[name]
             assert "mma.sync" not in code and "ptx_fence_proxy_proxy_async_shared__cta" in code, name
@@ -156,6 +157,42 @@ def test_kernel_computes_x_wt_on_the_cpu(tmp_path):
             x, w, y, (grid[0] * grid[1], 1) if p.group_m else grid, p.threads)
         row_err = np.linalg.norm(y.astype(np.float64) - ref, axis=1) / np.linalg.norm(ref, axis=1)
         assert not np.isnan(y).any() and row_err.max() < 5e-4, (name, row_err.max())
+
+
+def test_bias_epilogue_adds_the_bias_before_rounding_on_the_cpu(tmp_path):
+    """The epilogue the folded prefill and biased linears use: y = round(x w^T + bias), the bias added to the fp32 sum
+    (grouped 128-column plan, partial tiles); a kernel that left the bias out would be off by the bias itself."""
+    import tvm
+    from tvm.script import tirx as T
+    from wgmma_emulator import WgmmaEmulator
+
+    from vptq_mlc.tir_kernels.cuda_common import KERNEL_ATTRS
+    from vptq_mlc.tir_kernels.cuda_wgmma import SHORT_PREFILL_WGMMA_PLAN as plan
+    from vptq_mlc.tir_kernels.cuda_wgmma import wgmma_gemm_macro
+
+    m, n, k = 200, 384, 512
+    gemm = wgmma_gemm_macro(m, n, k, m, plan, add_bias=True)
+
+    @T.prim_func(private=True)
+    def biased(x: T.Buffer((m, k), "float16"), w: T.Buffer((n, k), "float16"), bias: T.Buffer((n,), "float16"),
+               y: T.Buffer((m, n), "float16")):
+        T.func_attr(KERNEL_ATTRS)
+        xf = T.decl_buffer((m * k,), "float16", data=x.data)
+        yf = T.decl_buffer((m * n,), "float16", data=y.data)
+        gemm(xf, w, yf, bias)
+
+    mod = tvm.IRModule({"biased": biased.with_attr("global_symbol", "biased")})
+    (source,) = kernel_definitions(generated_cuda(lambda bt: tvm.compile(mod, target=bt.target), "sm_90a")).values()
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((m, k)).astype(np.float16)
+    w = (rng.standard_normal((n, k)) / k ** 0.5).astype(np.float16)
+    bias = rng.standard_normal(n).astype(np.float16)
+    ref = x.astype(np.float64) @ w.astype(np.float64).T + bias.astype(np.float64)
+    y = np.full((m, n), np.nan, np.float16)
+    grid = -(-n // plan.block_n) * -(-m // plan.block_m)
+    WgmmaEmulator(source, tmp_path)(x, w, y, (grid, 1), plan.threads, bias=bias)
+    row_err = np.linalg.norm(y.astype(np.float64) - ref, axis=1) / np.linalg.norm(ref, axis=1)
+    assert not np.isnan(y).any() and row_err.max() < 5e-4, row_err.max()
 
 
 if __name__ == "__main__":

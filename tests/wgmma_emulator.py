@@ -121,8 +121,9 @@ def _helper(name: str) -> str:
 
 
 class WgmmaEmulator:
-    """One kernel (`name`, a static-shape launch of `dense_wgmma_cuda`) of a generated CUDA source, built as a
-    shared library; `__call__(x, w, y, grid, threads)` runs it."""
+    """One kernel (`name`, a static-shape launch of `dense_wgmma_cuda`, or of `wgmma_gemm_macro` with its bias
+    epilogue) of a generated CUDA source, built as a shared library; `__call__(x, w, y, grid, threads[, bias])` runs
+    it."""
 
     def __init__(self, kernel_source: str, workdir: Path) -> None:
         gxx = shutil.which("g++")
@@ -131,21 +132,23 @@ class WgmmaEmulator:
         head, body = kernel_source.split("{", 1)
         sig = re.match(r'extern "C" __global__ void __launch_bounds__\(\d+\) (\w+)\((.*)\)\s*$', head.strip())
         name, params = sig.group(1), sig.group(2)
-        if [p.split()[-1] for p in params.split(",")] != ["w_ptr", "xf_ptr", "yf_ptr"]:
-            raise ValueError(f"expected (w, x, y) only (static shapes), got {params}")
+        names = [p.split()[-1] for p in params.split(",")]
+        if names not in (["w_ptr", "xf_ptr", "yf_ptr"], ["bias_ptr", "w_ptr", "xf_ptr", "yf_ptr"]):
+            raise ValueError(f"expected (w, x, y) or (bias, w, x, y) only (static shapes), got {params}")
+        self.has_bias = names[0] == "bias_ptr"
         body = re.sub(r"extern __shared__ __align__\(\d+\) half (\w+)\[\];",
                       rf"half* \1 = (half*)(g_shared + {DYN_SHIFT});", body)
         body = re.sub(r"__shared__ alignas\(\d+\) (\w+) (\w+)\[(\d+)\];",
                       rf"\1* \2 = (\1*)(g_shared + {STATIC_AT});", body)
         helpers = sorted(set(re.findall(r"tvm_builtin_\w+", body)))
         src = (_PRELUDE.replace("ARENA", str(ARENA_BYTES)) + "\n".join(_helper(h) for h in helpers)
-               + f"\nstatic void {name}(half* w_ptr, half* xf_ptr, half* yf_ptr) {{" + body + r"""
-extern "C" void run(half* w, half* x, half* y, long gx, long gy, long nt) {
+               + f"\nstatic void {name}(half* bias_ptr, half* w_ptr, half* xf_ptr, half* yf_ptr) {{" + body + r"""
+extern "C" void run(half* bias, half* w, half* x, half* y, long gx, long gy, long nt) {
   std::barrier<> bar(nt); g_bar = &bar;
   std::vector<std::thread> ts;
   for (long t = 0; t < nt; ++t) ts.emplace_back([=, &bar] {
     for (long by = 0; by < gy; ++by) for (long bx = 0; bx < gx; ++bx) {
-      threadIdx = {t, 0}; blockIdx = {bx, by}; KERNEL(w, x, y); bar.arrive_and_wait();
+      threadIdx = {t, 0}; blockIdx = {bx, by}; KERNEL(bias, w, x, y); bar.arrive_and_wait();
     }
   });
   for (auto& th : ts) th.join();
@@ -158,9 +161,12 @@ extern "C" void run(half* w, half* x, half* y, long gx, long gy, long nt) {
                        check=True, capture_output=True, text=True)
         self.lib = ctypes.CDLL(str(so))
 
-    def __call__(self, x: np.ndarray, w: np.ndarray, y: np.ndarray, grid: tuple[int, int], threads: int) -> None:
-        args = [np.ascontiguousarray(a) for a in (w, x)]
+    def __call__(self, x: np.ndarray, w: np.ndarray, y: np.ndarray, grid: tuple[int, int], threads: int,
+                 bias: np.ndarray | None = None) -> None:
+        if (bias is not None) != self.has_bias:
+            raise ValueError("pass bias exactly when the kernel takes one")
+        args = [np.ascontiguousarray(a) for a in (w, x, w[:, 0] if bias is None else bias)]
         assert all(a.dtype == np.float16 for a in (*args, y)) and y.flags.c_contiguous
         ptr = ctypes.c_void_p
-        self.lib.run(ptr(args[0].ctypes.data), ptr(args[1].ctypes.data), ptr(y.ctypes.data),
-                     ctypes.c_long(grid[0]), ctypes.c_long(grid[1]), ctypes.c_long(threads))
+        self.lib.run(ptr(args[2].ctypes.data), ptr(args[0].ctypes.data), ptr(args[1].ctypes.data),
+                     ptr(y.ctypes.data), ctypes.c_long(grid[0]), ctypes.c_long(grid[1]), ctypes.c_long(threads))

@@ -31,7 +31,7 @@ from tvm import tirx
 from tvm.script import tirx as T
 
 from vptq_mlc.tir_kernels.cuda_common import KERNEL_ATTRS, replace_prim_funcs
-from vptq_mlc.tir_kernels.cuda_wgmma import wgmma_gemm_macro, wgmma_supported
+from vptq_mlc.tir_kernels.cuda_wgmma import WGMMA_FROM_ROWS, wgmma_prefill_macro, wgmma_supported
 
 MAX_DYN_SMEM = 99 * 1024  # dynamic shared memory per block on sm_86/sm_89 (the smallest of the default archs)
 DECODE_MAX_ROWS = 16  # static row counts up to this take the decode plan
@@ -318,17 +318,30 @@ def gemm_macros(plans, M, n: int, k: int, dtype: str, rows_static: int | None,
                 max_smem: int = MAX_DYN_SMEM, wgmma: bool = False,
                 add_bias: bool = False) -> list[tuple[int, object]]:
     """(row limit, 0 for none; kernel-launch macro over flat x[M*K], w[N, K], y[M*N], and bias[N] with
-    `add_bias`) per plan of `plans`. `wgmma` (sm_90a builds only, cuda_wgmma.py): the unbounded plan of symbolic
-    rows runs the wgmma kernel (which has no bias epilogue: with `add_bias` every plan stays on mma.sync)."""
+    `add_bias`) per plan of `plans`. `wgmma` (sm_90a builds only, cuda_wgmma.py): symbolic row counts from
+    cuda_wgmma.WGMMA_FROM_ROWS run the wgmma kernels (`_wgmma_ladder`)."""
+    if wgmma and rows_static is None and wgmma_supported(n, k, dtype):
+        plans = _wgmma_ladder(plans)
     macros = []
     for limit, pl in plans:  # under a row limit that fits one tile the grid is one tile high
-        grid_rows = limit if limit is not None and limit <= pl.block_m else rows_static
-        if wgmma and not add_bias and limit is None and rows_static is None and wgmma_supported(n, k, dtype):
-            macros.append((0, wgmma_gemm_macro(M, n, k, None)))
+        if pl is _WGMMA:
+            macros.append((0, wgmma_prefill_macro(M, n, k, add_bias)))
             continue
+        grid_rows = limit if limit is not None and limit <= pl.block_m else rows_static
         macros.append((limit or 0, _gemm_macro(_plan_checked(pl, k, max_smem), M, n, k, dtype, grid_rows,
                                                add_bias)))
     return macros
+
+
+_WGMMA = object()  # the plan slot of the wgmma kernels in a ladder (`_wgmma_ladder`)
+
+
+def _wgmma_ladder(plans: list) -> list:
+    """A symbolic-row ladder of mma.sync plans with the wgmma kernels from WGMMA_FROM_ROWS rows: the decode plan
+    kept, the plan that served WGMMA_FROM_ROWS - 1 rows up to there, wgmma past it (at most three slots)."""
+    decode = [(limit, pl) for limit, pl in plans if limit is not None and limit <= DECODE_MAX_ROWS]
+    below = next(pl for limit, pl in plans if limit is None or limit >= WGMMA_FROM_ROWS - 1)
+    return [*decode, (WGMMA_FROM_ROWS - 1, below), (None, _WGMMA)]
 
 
 def dense_mma_cuda(lead: tuple, n: int, k: int, dtype: str = "float16", plan: DensePlan | None = None,

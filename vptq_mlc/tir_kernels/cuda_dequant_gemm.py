@@ -589,7 +589,7 @@ def vq_fold_dequantize_func(cfg: VPTQLayerConfig, dtype: str, cuda: bool = True,
 
 def vq_prefill_folded_cuda(cfg: VPTQLayerConfig, dtype: str, has_bias: bool,
                            from_rows: int = DEQUANT_GEMM_FROM_ROWS, fold_plan: FoldPlan = FOLD_PLAN,
-                           ) -> tuple[tirx.PrimFunc, tuple[str, ...], tuple[tuple[tuple[int, ...], str], ...]]:
+                           wgmma: bool = False) -> tuple[tirx.PrimFunc, tuple[str, ...], tuple[tuple[tuple[int, ...], str], ...]]:
     """The whole VQ linear of a normed layer for a symbolic row count n, prologue folded in for long prompts:
     (PrimFunc(x[n, I], xs[n, I], dot[n, 1] fp32, *operands, [perm], col_scale, weight_bias, [bias], w[O, I],
     y[n, O]), its layer operands after (x, xs, dot), its scratch outputs). y is the linear's output with the
@@ -601,7 +601,8 @@ def vq_prefill_folded_cuda(cfg: VPTQLayerConfig, dtype: str, has_bias: bool,
       into the scratch `w`, and the dense GEMM runs on the unpermuted `x` with the bias added to the fp32 sum in
       its epilogue: no prologue pass, no norm-bias dot, no `y + dot` pass. `from_rows=0`: this path for every n
       (check suite). The norm bias is then part of the fp16 weight (as in VPTQ's own dequantized weight) instead
-      of an fp32 dot added after the GEMM."""
+      of an fp32 dot added after the GEMM.
+    `wgmma`: the GEMM's long-prompt plans are the wgmma kernels (sm_90a builds only, cuda_dense_mma.gemm_macros)."""
     if not fold_supported(cfg, dtype):
         raise ValueError(f"the folded prefill does not serve a {cfg.out_features}x{cfg.in_features} "
                          f"{dtype} layer (norm {cfg.enable_norm})")
@@ -616,7 +617,7 @@ def vq_prefill_folded_cuda(cfg: VPTQLayerConfig, dtype: str, has_bias: bool,
     FEW = MMA_ROWS if FROM > MMA_ROWS else 0
     dq = dequant_fold_macro(cfg, dtype, has_perm, fold_plan)
     macros = gemm_macros(symbolic_plans(O, I, above_rows=max(0, FROM - 1)), T.Cast("int32", NB), O, I, dtype,
-                         None, add_bias=BIAS)
+                         None, wgmma=wgmma, add_bias=BIAS)
     NG = len(macros)
     (l0, g0), (l1, g1), (_, g2) = macros + [macros[-1]] * (3 - NG)
 

@@ -79,7 +79,14 @@ class WgmmaPlan:
         return self.stages * self.stage_elems * 2 + SW128_ATOM_BYTES  # + the alignment pad
 
 
-PREFILL_WGMMA_PLAN = WgmmaPlan(2, 256, 4)
+# Measured on an H100 against cuBLAS at the Llama-2-7B prefill shapes (bench/wgmma_gemm.py, cold L2; docs/dense-mma.md):
+# at 2048 rows the producer warpgroup with 256-column tiles and grouped rasterization is best (0.78-0.85x cuBLAS, vs
+# 0.71-0.81x without the producer, 0.47-0.52x for the mma.sync plan); at 512 rows 128-column tiles give twice the CTAs
+# (0.59-0.71x, vs 0.46-0.55x).
+PREFILL_WGMMA_PLAN = WgmmaPlan(2, 256, 4, True, 8)
+SHORT_PREFILL_WGMMA_PLAN = WgmmaPlan(2, 128, 6, False, 8)
+SHORT_PREFILL_MAX_ROWS = 1024  # symbolic row counts up to this take SHORT_PREFILL_WGMMA_PLAN
+WGMMA_FROM_ROWS = 256  # below this a pipeline's symbolic rows keep its mma.sync plans (too few 128-row tiles)
 
 
 def sw128_offset(row, chunk):
@@ -106,7 +113,7 @@ def _grouped_tile(tb, grid_n, group_m: int, group_rows):
     return inside // group_rows, first_row + inside % group_rows
 
 
-def _gemm_macro(p: WgmmaPlan, M, N: int, K: int, rows_static: int | None):
+def _gemm_macro(p: WgmmaPlan, M, N: int, K: int, rows_static: int | None, add_bias: bool = False):
     BN, S = p.block_n, p.stages
     BM, NTHR, STG = p.block_m, p.threads, p.stage_elems
     CR = WGMMA_BK // 8  # 16-byte chunks per row
@@ -137,19 +144,26 @@ def _gemm_macro(p: WgmmaPlan, M, N: int, K: int, rows_static: int | None):
                 16))
 
     @T.macro
-    def store_tile(yf, acc, tid, bx, by):
+    def store_tile(yf, acc, tid, bx, by, bias):
         """Accumulators d[4j + c], c = 2h + e, of thread t: row 64 (t / 128) + 16 (t / 32 % 4) + t % 32 / 4 + 8h,
-        columns 8j + 2 (t % 4) + e, e = 0, 1: one 4-byte store of both (N is even)."""
+        columns 8j + 2 (t % 4) + e, e = 0, 1: one 4-byte store of both (N is even). `add_bias`: bias[column] is
+        added to the fp32 sum before the one rounding to fp16."""
         for j in T.unroll(BN // 8):
             for h in T.unroll(2):
                 if (by * BM + tid // WG_THREADS * 64 + tid % WG_THREADS // 32 * 16 + tid % 32 // 4 + h * 8 < M
                         and bx * BN + j * 8 + tid % 4 * 2 < N):
-                    yf[T.Ramp((by * BM + tid // WG_THREADS * 64 + tid % WG_THREADS // 32 * 16 + tid % 32 // 4 + h * 8)
-                              * N + bx * BN + j * 8 + tid % 4 * 2, 1, 2)] = T.Cast(
-                                  "float16x2", acc[T.Ramp(j * 4 + h * 2, 1, 2)])
+                    if add_bias:
+                        yf[T.Ramp((by * BM + tid // WG_THREADS * 64 + tid % WG_THREADS // 32 * 16 + tid % 32 // 4
+                                   + h * 8) * N + bx * BN + j * 8 + tid % 4 * 2, 1, 2)] = T.Cast(
+                                       "float16x2", acc[T.Ramp(j * 4 + h * 2, 1, 2)] + T.Cast(
+                                           "float32x2", bias[T.Ramp(bx * BN + j * 8 + tid % 4 * 2, 1, 2)]))
+                    else:
+                        yf[T.Ramp((by * BM + tid // WG_THREADS * 64 + tid % WG_THREADS // 32 * 16 + tid % 32 // 4
+                                   + h * 8) * N + bx * BN + j * 8 + tid % 4 * 2, 1, 2)] = T.Cast(
+                                       "float16x2", acc[T.Ramp(j * 4 + h * 2, 1, 2)])
 
     @T.macro
-    def gemm(xf, w, yf):
+    def gemm(xf, w, yf, bias=None):
         if GM > 0:
             tb = T.launch_thread("blockIdx.x", GRID_M * GRID_N)
             gsz = T.min(GRID_M - tb // (GM * GRID_N) * GM, GM)
@@ -193,12 +207,12 @@ def _gemm_macro(p: WgmmaPlan, M, N: int, K: int, rows_static: int | None):
             T.evaluate(T.ptx["wgmma.wait_group.sync.aligned"](1))
         T.evaluate(T.ptx["wgmma.wait_group.sync.aligned"](0))
         T.evaluate(T.ptx["cp.async.wait_group"](0))
-        store_tile(yf, acc, tid, bx, by)
+        store_tile(yf, acc, tid, bx, by, bias)
 
     CONSUMERS = WG_THREADS * p.warpgroups
 
     @T.macro
-    def gemm_ws(xf, w, yf):
+    def gemm_ws(xf, w, yf, bias=None):
         if GM > 0:
             tb = T.launch_thread("blockIdx.x", GRID_M * GRID_N)
             gsz = T.min(GRID_M - tb // (GM * GRID_N) * GM, GM)
@@ -249,7 +263,7 @@ def _gemm_macro(p: WgmmaPlan, M, N: int, K: int, rows_static: int | None):
                 if kt > 0:  # step kt - 1's group retired: its slot may be refilled
                     T.evaluate(T.ptx["mbarrier.arrive.shared::cta.b64"](T.address_of(bars[S + (kt - 1) % S])))
             T.evaluate(T.ptx["wgmma.wait_group.sync.aligned"](0))
-            store_tile(yf, acc, tid, bx, by)
+            store_tile(yf, acc, tid, bx, by, bias)
 
     return gemm_ws if p.producer else gemm
 
@@ -267,10 +281,27 @@ def wgmma_for_target(target) -> bool:
     return wgmma_switch()
 
 
-def wgmma_gemm_macro(M, n: int, k: int, rows_static: int | None, plan: WgmmaPlan = PREFILL_WGMMA_PLAN):
-    """The kernel launch as a macro over flat x[M*K], w[N, K], y[M*N] (M > 0; pasted into the caller, as
-    cuda_dense_mma.gemm_macros' are)."""
-    return _gemm_macro(check_plan(plan, n, k), M, n, k, rows_static)
+def wgmma_gemm_macro(M, n: int, k: int, rows_static: int | None, plan: WgmmaPlan = PREFILL_WGMMA_PLAN,
+                     add_bias: bool = False):
+    """The kernel launch as a macro over flat x[M*K], w[N, K], y[M*N] and, with `add_bias`, bias[N] (M > 0;
+    pasted into the caller, as cuda_dense_mma.gemm_macros' are)."""
+    return _gemm_macro(check_plan(plan, n, k), M, n, k, rows_static, add_bias)
+
+
+def wgmma_prefill_macro(M, n: int, k: int, add_bias: bool = False):
+    """A symbolic row count's wgmma launch: SHORT_PREFILL_WGMMA_PLAN up to SHORT_PREFILL_MAX_ROWS rows, else
+    PREFILL_WGMMA_PLAN (macro over xf, w, yf and, with `add_bias`, bias)."""
+    short = wgmma_gemm_macro(M, n, k, None, SHORT_PREFILL_WGMMA_PLAN, add_bias)
+    long = wgmma_gemm_macro(M, n, k, None, PREFILL_WGMMA_PLAN, add_bias)
+
+    @T.macro
+    def gemm(xf, w, yf, bias=None):
+        if M <= SHORT_PREFILL_MAX_ROWS:
+            short(xf, w, yf, bias)
+        else:
+            long(xf, w, yf, bias)
+
+    return gemm
 
 
 def wgmma_supported(n: int, k: int, dtype: str, plan: WgmmaPlan = PREFILL_WGMMA_PLAN) -> bool:

@@ -299,9 +299,11 @@ class CudaKernelSelector(KernelSelector):
             vq_prefill_folded_cuda,
         )
 
+        from vptq_mlc.tir_kernels.cuda_wgmma import wgmma_for_target
+
         if not prefill_fold_enabled() or not fold_supported(cfg, dtype):
             return None
-        func, operands, scratch = vq_prefill_folded_cuda(cfg, dtype, has_bias)
+        func, operands, scratch = vq_prefill_folded_cuda(cfg, dtype, has_bias, wgmma=wgmma_for_target(self.target))
         return _mark(VQKernel(func, operands, scratch, DEQUANT_GEMM_FROM_ROWS))
 
     def _pick(self, cfg: VPTQLayerConfig, dtype: str, rows: int | None) -> VQKernel:
