@@ -589,7 +589,8 @@ def vq_fold_dequantize_func(cfg: VPTQLayerConfig, dtype: str, cuda: bool = True,
 
 def vq_prefill_folded_cuda(cfg: VPTQLayerConfig, dtype: str, has_bias: bool,
                            from_rows: int = DEQUANT_GEMM_FROM_ROWS, fold_plan: FoldPlan = FOLD_PLAN,
-                           wgmma: bool = False) -> tuple[tirx.PrimFunc, tuple[str, ...], tuple[tuple[tuple[int, ...], str], ...]]:
+                           wgmma: bool = False,
+                           ) -> tuple[tirx.PrimFunc, tuple[str, ...], tuple[tuple[tuple[int, ...], str], ...]]:
     """The whole VQ linear of a normed layer for a symbolic row count n, prologue folded in for long prompts:
     (PrimFunc(x[n, I], xs[n, I], dot[n, 1] fp32, *operands, [perm], col_scale, weight_bias, [bias], w[O, I],
     y[n, O]), its layer operands after (x, xs, dot), its scratch outputs). y is the linear's output with the

@@ -298,7 +298,6 @@ class CudaKernelSelector(KernelSelector):
             fold_supported,
             vq_prefill_folded_cuda,
         )
-
         from vptq_mlc.tir_kernels.cuda_wgmma import wgmma_for_target
 
         if not prefill_fold_enabled() or not fold_supported(cfg, dtype):
