@@ -18,28 +18,39 @@ WGMMA_LINE = "wgmma.mma_async.sync.aligned.m64n256k16.f32.f16.f16"  # the PTX, i
 WGMMA_CALL = "ptx_wgmma_f16_ss_mma_async_sync_aligned_m64n"  # the helper's call in a kernel (any tile width)
 
 
-def test_switch_is_off_by_default_and_refuses_bad_values(monkeypatch):
-    from vptq_mlc.tir_kernels.cuda_wgmma import WGMMA_ENV, wgmma_switch
+def test_switch_is_auto_by_default_and_refuses_bad_values(monkeypatch):
+    from vptq_mlc.tir_kernels.cuda_wgmma import WGMMA_ENV, wgmma_setting
 
     monkeypatch.delenv(WGMMA_ENV, raising=False)
-    assert wgmma_switch() is False
+    assert wgmma_setting() is None
     monkeypatch.setenv(WGMMA_ENV, "1")
-    assert wgmma_switch() is True
+    assert wgmma_setting() is True
+    monkeypatch.setenv(WGMMA_ENV, "0")
+    assert wgmma_setting() is False
     monkeypatch.setenv(WGMMA_ENV, "yes")
     with pytest.raises(CompileError, match=f"{WGMMA_ENV}='yes'"):
-        wgmma_switch()
+        wgmma_setting()
 
 
-def test_switch_makes_sm90_builds_sm90a_and_refuses_other_archs(monkeypatch):
+def test_sm90_only_builds_take_wgmma_unless_switched_off(monkeypatch):
+    """Unset: a build for sm_90 alone is sm_90a code with the wgmma GEMMs, any other arch list is unchanged; 1: the
+    same, and other arch lists are refused; 0: never."""
     from vptq_mlc.compile.cuda import CudaBackend
     from vptq_mlc.tir_kernels.cuda_wgmma import WGMMA_ENV, wgmma_for_target
 
     monkeypatch.delenv(WGMMA_ENV, raising=False)
+    (auto,) = CudaBackend.resolve("sm_90")
+    assert auto.archs == ("sm_90a",) and wgmma_for_target(auto.target)
+    for archs in (None, "sm_80,sm_90", "sm_89"):
+        (other,) = CudaBackend.resolve(archs)
+        assert "sm_90a" not in other.archs and not wgmma_for_target(other.target)
+    assert CudaBackend.resolve(None)[0].archs == ("sm_80", "sm_86", "sm_89", "sm_90")
+
+    monkeypatch.setenv(WGMMA_ENV, "0")
     (off,) = CudaBackend.resolve("sm_90")
     assert off.archs == ("sm_90",) and not wgmma_for_target(off.target)
-    (plain_90a,) = CudaBackend.resolve("sm_90a")  # sm_90a without the switch: no wgmma either
+    (plain_90a,) = CudaBackend.resolve("sm_90a")  # sm_90a switched off: no wgmma either
     assert not wgmma_for_target(plain_90a.target)
-    assert CudaBackend.resolve(None)[0].archs == ("sm_80", "sm_86", "sm_89", "sm_90")
 
     monkeypatch.setenv(WGMMA_ENV, "1")
     (on,) = CudaBackend.resolve("sm_90")
@@ -100,10 +111,7 @@ def test_pipeline_gemms_take_wgmma_only_with_the_switch(monkeypatch):
 
     cfg = VPTQLayerConfig.from_variant("v8-k256-256", 512, 1024)
     for on in (False, True):
-        if on:
-            monkeypatch.setenv(WGMMA_ENV, "1")
-        else:
-            monkeypatch.delenv(WGMMA_ENV, raising=False)
+        monkeypatch.setenv(WGMMA_ENV, "1" if on else "0")
 
         def build(bt):
             wg = wgmma_for_target(bt.target)

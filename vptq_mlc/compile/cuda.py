@@ -29,7 +29,7 @@ from vptq_mlc.compile.backend import TargetBackend, gpu_default_schedule, split_
 from vptq_mlc.errors import CompileError
 from vptq_mlc.tir_kernels.cuda_attention_split_kv import split_kv_prefill_pass
 from vptq_mlc.tir_kernels.cuda_dense_mma import dense_mma_pass
-from vptq_mlc.tir_kernels.cuda_wgmma import WGMMA_ARCH, WGMMA_ENV, wgmma_for_target, wgmma_switch
+from vptq_mlc.tir_kernels.cuda_wgmma import WGMMA_ARCH, WGMMA_ENV, wgmma_for_target, wgmma_setting
 from vptq_mlc.tir_kernels.registry import (
     CUDA_MMA_ONLY_BATCHES,
     CudaKernelSelector,
@@ -146,7 +146,7 @@ def wgmma_archs(archs: tuple[str, ...]) -> tuple[str, ...]:
     sm_90 GPUs only, so the build must ask for sm_90 alone."""
     if any(a not in ("sm_90", WGMMA_ARCH) for a in archs):
         raise CompileError(f"{WGMMA_ENV}=1 builds {WGMMA_ARCH} code, which runs on sm_90 GPUs only: pass --arch sm_90 "
-                           f"(got {','.join(archs)}), or unset {WGMMA_ENV}")
+                           f"(got {','.join(archs)}), or set {WGMMA_ENV}=0")
     return (WGMMA_ARCH,)
 
 
@@ -235,7 +235,10 @@ class CudaBackend(TargetBackend):
     @classmethod
     def resolve(cls, arch: str | None) -> list[TargetBackend]:
         archs = parse_archs(split_archs(arch, DEFAULT_CUDA_ARCHS))
-        return [cls(wgmma_archs(archs) if wgmma_switch() else archs)]
+        wgmma = wgmma_setting()
+        if wgmma or (wgmma is None and archs == ("sm_90",)):  # unset: sm_90-only builds take wgmma
+            archs = wgmma_archs(archs)
+        return [cls(archs)]
 
     def prepare(self) -> None:
         prepare_cuda_build(self.archs)
@@ -269,7 +272,7 @@ class CudaBackend(TargetBackend):
             # legalize and fuse (our VQ kernels are kOpaque: never fused)
             relax.transform.LegalizeOps(),
             # fp16 x @ W.T -> our tensor-core GEMM (opaque: FuseOps leaves it alone); wgmma for long prompts in
-            # sm_90a builds (VPTQ_MLC_WGMMA=1)
+            # sm_90a builds (sm_90 alone, VPTQ_MLC_WGMMA not 0)
             dense_mma_pass(wgmma=wgmma_for_target(self.target)),
             relax.transform.AnnotateTIROpPattern(),
             relax.transform.FoldConstant(),

@@ -25,6 +25,8 @@ cuda_dequant_gemm.py) becomes this kernel; decode and short-prompt plans keep mm
 
 from __future__ import annotations
 
+import os
+
 from dataclasses import dataclass
 
 from tvm import tirx
@@ -268,17 +270,21 @@ def _gemm_macro(p: WgmmaPlan, M, N: int, K: int, rows_static: int | None, add_bi
     return gemm_ws if p.producer else gemm
 
 
-def wgmma_switch() -> bool:
-    """`VPTQ_MLC_WGMMA=1`: build the prefill GEMMs on wgmma (sm_90-only libraries). Off by default until measured."""
+def wgmma_setting() -> bool | None:
+    """`VPTQ_MLC_WGMMA`: 1 builds the prefill GEMMs on wgmma (the build must be for sm_90 alone), 0 never; unset
+    (None): on exactly when the build is for sm_90 alone (`compile/cuda.py`), where one H100 run measured it
+    faster (bench/RESULTS.md "Session 9")."""
+    if os.environ.get(WGMMA_ENV, "") == "":
+        return None
     return compile_switch(WGMMA_ENV, False, "the wgmma prefill GEMM; libraries for sm_90 only")
 
 
 def wgmma_for_target(target) -> bool:
-    """The prefill GEMMs of a build for `target` take the wgmma kernel: the switch is on and the code is sm_90a
-    (only CUDA targets carry that arch; the backends, compile/*.py, own every check of the target's kind)."""
+    """The prefill GEMMs of a build for `target` take the wgmma kernel: the code is sm_90a and the switch is not
+    0 (only CUDA targets carry that arch; the backends, compile/*.py, own every check of the target's kind)."""
     if target is None or str(target.attrs.get("arch", "")) != WGMMA_ARCH:
         return False
-    return wgmma_switch()
+    return wgmma_setting() is not False
 
 
 def wgmma_gemm_macro(M, n: int, k: int, rows_static: int | None, plan: WgmmaPlan = PREFILL_WGMMA_PLAN,
