@@ -26,7 +26,6 @@ cuda_dequant_gemm.py) becomes this kernel; decode and short-prompt plans keep mm
 from __future__ import annotations
 
 import os
-
 from dataclasses import dataclass
 
 from tvm import tirx
