@@ -378,16 +378,42 @@ def dense_rows(lead: tuple):
     return rows_static, (M if isinstance(M, int) else T.Cast("int32", M))
 
 
+def gemm_ladder(macros: list[tuple[int, object]], rows):
+    """One macro over (xf, w, yf[, bias]) launching the first of `macros` ((row limit, 0 for none; GEMM macro))
+    whose limit the run-time row count `rows` meets; the last takes every other count. Shared by every dispatch
+    over GEMM plans (dense, VQ dequantize + GEMM, folded prefill; CUDA and ROCm macros)."""
+    (limit, first), rest = macros[0], macros[1:]
+    if not rest:
+        return first
+    then = gemm_ladder(rest, rows)
+
+    @T.macro
+    def pick(xf, w, yf, bias=None):
+        if rows <= limit:
+            if bias is None:
+                first(xf, w, yf)
+            else:
+                first(xf, w, yf, bias)
+        else:
+            if bias is None:
+                then(xf, w, yf)
+            else:
+                then(xf, w, yf, bias)
+
+    return pick
+
+
 def dense_dispatch(lead: tuple, n: int, k: int, dtype: str, macros: list[tuple[int, object]]) -> tirx.PrimFunc:
-    """PrimFunc(x[*lead, K], w[N, K], y[*lead, N]) launching the first of up to three kernel macros (`macros`:
-    (row limit, 0 for none; macro over flat x[M*K], w[N, K], y[M*N])) whose limit the run-time row count meets;
-    zero rows launch nothing (the kernels' row clamp needs a row). Shared by the CUDA and ROCm dense GEMMs."""
+    """PrimFunc(x[*lead, K], w[N, K], y[*lead, N]) launching the first of the kernel macros (`macros`: (row limit,
+    0 for none; macro over flat x[M*K], w[N, K], y[M*N])) whose limit the run-time row count meets
+    (`gemm_ladder`); zero rows launch nothing (the kernels' row clamp needs a row). Shared by the CUDA and ROCm
+    dense GEMMs."""
     M = 1
     for d in lead:
         M = M * d
     XSHAPE, YSHAPE = tuple(lead) + (k,), tuple(lead) + (n,)
-    NPLANS = len(macros)
-    (l0, g0), (l1, g1), (_, g2) = macros + [macros[-1]] * (3 - NPLANS)
+    ONE = len(macros) == 1
+    gemm = gemm_ladder(macros, M)
 
     @T.prim_func(private=True)
     def kernel(x_h: T.handle, w_h: T.handle, y_h: T.handle):
@@ -397,24 +423,12 @@ def dense_dispatch(lead: tuple, n: int, k: int, dtype: str, macros: list[tuple[i
         y = T.match_buffer(y_h, YSHAPE, dtype)
         xf = T.decl_buffer((M * k,), dtype, data=x.data)
         yf = T.decl_buffer((M * n,), dtype, data=y.data)
-        if NPLANS == 1:
-            g0(xf, w, yf)
-        elif NPLANS == 2:
-            if M <= 0:  # nothing to do (the row clamp needs a row)
-                T.evaluate(0)
-            elif M <= l0:
-                g0(xf, w, yf)
-            else:
-                g2(xf, w, yf)
+        if ONE:
+            gemm(xf, w, yf)
+        elif M <= 0:  # nothing to do (the row clamp needs a row)
+            T.evaluate(0)
         else:
-            if M <= 0:
-                T.evaluate(0)
-            elif M <= l0:
-                g0(xf, w, yf)
-            elif M <= l1:
-                g1(xf, w, yf)
-            else:
-                g2(xf, w, yf)
+            gemm(xf, w, yf)
 
     return kernel
 

@@ -27,7 +27,7 @@ from tvm.script import tirx as T
 from vptq_mlc.artifact.vq_layout import code_dtype, vq_operand_shapes
 from vptq_mlc.checkpoint.layer_config import VPTQLayerConfig
 from vptq_mlc.tir_kernels.cuda_common import KERNEL_ATTRS, keep_params, load_book_entry, vr
-from vptq_mlc.tir_kernels.cuda_dense_mma import gemm_macros, plan_dense, symbolic_plans
+from vptq_mlc.tir_kernels.cuda_dense_mma import gemm_ladder, gemm_macros, plan_dense, symbolic_plans
 from vptq_mlc.tir_kernels.cuda_mma import MAX_DYN_SMEM, MMA_ROWS, mma_macro, plan_mma
 from vptq_mlc.tir_kernels.generic import kernel_dims
 
@@ -501,8 +501,7 @@ def vq_prefill_cuda(cfg: VPTQLayerConfig, dtype: str, from_rows: int = DEQUANT_G
                              None, wgmma=wgmma)
     else:
         macros = gemms(T.Cast("int32", NB), O, I, dtype)
-    NG = len(macros)
-    (l0, g0), (l1, g1), (_, g2) = macros + [macros[-1]] * (3 - NG)
+    gemm = gemm_ladder(macros, NB)
 
     @T.prim_func(private=True)
     def kernel(
@@ -527,20 +526,7 @@ def vq_prefill_cuda(cfg: VPTQLayerConfig, dtype: str, from_rows: int = DEQUANT_G
             mma(xs, centroids, codes, res_centroids, res_codes, outlier_centroids, outlier_codes, y)
         else:
             dq(centroids, codes, res_centroids, res_codes, outlier_centroids, outlier_codes, w)
-            if NG == 1:
-                g0(xf, w, yf)
-            elif NG == 2:
-                if NB <= l0:
-                    g0(xf, w, yf)
-                else:
-                    g2(xf, w, yf)
-            else:
-                if NB <= l0:
-                    g0(xf, w, yf)
-                elif NB <= l1:
-                    g1(xf, w, yf)
-                else:
-                    g2(xf, w, yf)
+            gemm(xf, w, yf)
 
     return keep_params(kernel, _operands(cfg, "w")), (((O, I), dtype),)
 
@@ -619,8 +605,7 @@ def vq_prefill_folded_cuda(cfg: VPTQLayerConfig, dtype: str, has_bias: bool,
     dq = dequant_fold_macro(cfg, dtype, has_perm, fold_plan)
     macros = gemm_macros(symbolic_plans(O, I, above_rows=max(0, FROM - 1)), T.Cast("int32", NB), O, I, dtype,
                          None, wgmma=wgmma, add_bias=BIAS)
-    NG = len(macros)
-    (l0, g0), (l1, g1), (_, g2) = macros + [macros[-1]] * (3 - NG)
+    gemm = gemm_ladder(macros, NB)
 
     @T.prim_func(private=True)
     def kernel(
@@ -652,20 +637,7 @@ def vq_prefill_folded_cuda(cfg: VPTQLayerConfig, dtype: str, has_bias: bool,
         else:
             dq(centroids, codes, res_centroids, res_codes, outlier_centroids, outlier_codes, perm, col_scale,
                weight_bias, w)
-            if NG == 1:
-                g0(xf, w, yf, bias)
-            elif NG == 2:
-                if NB <= l0:
-                    g0(xf, w, yf, bias)
-                else:
-                    g2(xf, w, yf, bias)
-            else:
-                if NB <= l0:
-                    g0(xf, w, yf, bias)
-                elif NB <= l1:
-                    g1(xf, w, yf, bias)
-                else:
-                    g2(xf, w, yf, bias)
+            gemm(xf, w, yf, bias)
 
     operands = _fold_operands(cfg, has_perm, has_bias)
     return keep_params(kernel, {"x", "xs", "dot", *operands, "w", "y"}), operands, (((O, I), dtype),)
