@@ -21,9 +21,9 @@
 #          NAME-cuda.so. Tokenizers of the configs are the same file: one gzipped copy is kept in tokenizer/ and
 #          gpu_suite.sh unpacks it into each config, so the 64 MiB a device call may carry is not spent on them.
 #          E2E7B_COMPILE_ARGS: more `vptq-mlc compile` arguments (e.g. "--prefill-chunk 2048"). A name ending in
-#          -fold (e.g. v8-k4096-0-fold) is that variant compiled with VPTQ_MLC_PREFILL_FOLD=1, one ending in -wgmma
-#          (fp16-wgmma, v8-k4096-0-fold-wgmma) with VPTQ_MLC_WGMMA=1, one ending in -mmasync with VPTQ_MLC_WGMMA=0
-#          (the build before wgmma was the sm_90 default); other names get the default (sm_90 alone: wgmma).
+#          -fold / -nofold (e.g. v8-k4096-0-nofold) is that variant compiled with VPTQ_MLC_PREFILL_FOLD=1 / 0, one
+#          ending in -wgmma / -mmasync (fp16-wgmma, v8-k4096-0-nofold-mmasync) with VPTQ_MLC_WGMMA=1 / 0; other names
+#          get the defaults (folded prefill; sm_90 alone: wgmma).
 # ARCH (default sm_90) sets the CUDA arch of every library.
 set -euo pipefail
 ART=${1:?usage: gpu_artifacts.sh ART_DIR [parts...]}
@@ -86,11 +86,12 @@ make_synthetic_checkpoint('$E/ckpt', variant='v8-k256-256', hidden_size=256, int
       first=$1
       for n in "$@"; do
         built "$D/$n-cuda.so" && continue
-        # NAME-fold: compiled with VPTQ_MLC_PREFILL_FOLD=1; NAME-wgmma / NAME-mmasync: VPTQ_MLC_WGMMA=1 / 0 (unset
-        # otherwise: the default); fold and one of the others may stack
+        # NAME-fold / NAME-nofold: VPTQ_MLC_PREFILL_FOLD=1 / 0; NAME-wgmma / NAME-mmasync: VPTQ_MLC_WGMMA=1 / 0
+        # (unset otherwise: the defaults); a fold suffix and a GEMM suffix may stack, in that order
         base=${n%-wgmma}; wgmma=""; [ "$base" != "$n" ] && wgmma=1
         [ "${base%-mmasync}" != "$base" ] && { base=${base%-mmasync}; wgmma=0; }
-        variant=${base%-fold}; fold=0; [ "$variant" != "$base" ] && fold=1
+        variant=${base%-fold}; fold=""; [ "$variant" != "$base" ] && fold=1
+        [ "${variant%-nofold}" != "$variant" ] && { variant=${variant%-nofold}; fold=0; }
         if [ "$variant" = fp16 ]; then
           built "$D/$first-cfg/mlc-chat-config.json" >/dev/null || { echo "fp16 needs a VQ system first" >&2; exit 2; }
           rm -rf "$D/$n-cfg"; cp -r "$D/$first-cfg" "$D/$n-cfg"
@@ -103,7 +104,7 @@ p.write_text(json.dumps(c, indent=2))"
         else
           "${V[@]}" bench synth-model "$D/$n-cfg" --shape "${E2E7B_SHAPE:-llama2-7b}" --variant "$variant" --config-only
         fi
-        VPTQ_MLC_PREFILL_FOLD=$fold VPTQ_MLC_WGMMA=${wgmma:-${VPTQ_MLC_WGMMA:-}} "${V[@]}" compile "$D/$n-cfg" --target cuda --arch "$ARCH" -o "$D/$n-cuda.so" \
+        VPTQ_MLC_PREFILL_FOLD=${fold:-${VPTQ_MLC_PREFILL_FOLD:-}} VPTQ_MLC_WGMMA=${wgmma:-${VPTQ_MLC_WGMMA:-}} "${V[@]}" compile "$D/$n-cfg" --target cuda --arch "$ARCH" -o "$D/$n-cuda.so" \
           ${E2E7B_COMPILE_ARGS:-}
       done
       mkdir -p "$D/tokenizer"

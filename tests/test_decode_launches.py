@@ -78,10 +78,11 @@ def test_decode_layer_launches_are_fused(lowered_fused) -> None:
 
 
 def test_prefill_shares_the_prologue_only(lowered) -> None:
-    """Symbolic rows get the prefill kernel per layer (no multi-layer form), the prologue is still shared."""
+    """Symbolic rows get the prefill kernel per layer (no multi-layer form; normed fp16 layers: the folded one, by
+    default), the prologue is still shared."""
     fam = _families(launches(lowered, "prefill"))
     assert fam["vq_prologue_shared"] == 2 and fam["vq_prologue"] == 2
-    assert "vq_matmul_shared" not in fam and fam["vq_matmul"] == 7
+    assert "vq_matmul_shared" not in fam and fam["vq_matmul_folded"] + fam["vq_matmul"] == 7
 
 
 def test_fused_decode_switch_takes_only_0_or_1(monkeypatch) -> None:

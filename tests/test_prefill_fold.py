@@ -113,9 +113,9 @@ def test_switch_gates_the_registry(monkeypatch):
     from vptq_mlc.tir_kernels.registry import PREFILL_FOLD_ENV, CudaKernelSelector
 
     cfg = VPTQLayerConfig.from_variant("v8-k4096-0", 1024, 512)
-    monkeypatch.delenv(PREFILL_FOLD_ENV, raising=False)
+    monkeypatch.setenv(PREFILL_FOLD_ENV, "0")
     assert CudaKernelSelector(Target({"kind": "cuda", "arch": "sm_90"})).folded(cfg, "float16", False) is None
-    monkeypatch.setenv(PREFILL_FOLD_ENV, "1")
+    monkeypatch.delenv(PREFILL_FOLD_ENV, raising=False)  # on by default
     select = CudaKernelSelector(Target({"kind": "cuda", "arch": "sm_90"}))
     k = select.folded(cfg, "float16", True)
     assert k.fold_from_rows == DEQUANT_GEMM_FROM_ROWS and k.scratch == (((512, 1024), "float16"),)
@@ -150,8 +150,8 @@ def _prefill_calls(tmp, monkeypatch, fold: str):
 def test_model_prefill_runs_the_folded_kernel(tmp_path, monkeypatch):
     """With the switch: the 7 linears of a prefill (symbolic rows) are folded kernels after gated prologues, with no
     `y + dot (+ bias)` pass after them; decode (static rows) is the default build's."""
-    off = _prefill_calls(tmp_path / "off", monkeypatch, "")
-    on = _prefill_calls(tmp_path / "on", monkeypatch, "1")
+    off = _prefill_calls(tmp_path / "off", monkeypatch, "0")
+    on = _prefill_calls(tmp_path / "on", monkeypatch, "")  # the default
     for f in ("prefill", "batch_prefill"):
         assert sum(n.startswith("vq_matmul_folded") for n in on[f]) == 7, on[f]
         assert not any(n.startswith("vq_matmul_folded") for n in off[f])
