@@ -125,7 +125,7 @@ def test_generated_cuda_matches_float64_attention(h_kv, h_q, kv_lens, tmp_path_f
 
 
 def test_attention_scale_is_applied(tmp_path_factory):
-    """sm_scale is the runtime's (attn_score_scaling_factor / sqrt(d) folded in): another scale, other rows."""
+    """sm_scale is used as given (the runtime computes it): another scale, the rows of that scale."""
     h_kv, h_q, kv_lens = 2, 8, (1, 7, 128)
     x = _inputs(kv_lens, h_kv, h_q, D, np.random.default_rng(3))
     got_o, got_lse, _ = _run(_emulator(h_kv, h_q, D, tmp_path_factory), x, h_kv, h_q, 0.3)

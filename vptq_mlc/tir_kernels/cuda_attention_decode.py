@@ -59,13 +59,14 @@ def decode_supported(h_kv: int, h_q: int, d: int, dtype: str) -> bool:
             and h_q // h_kv <= MAX_GROUP)
 
 
-def num_splits(batch: Any, nnz_pages: Any, h_kv: int, page_size: int, ops: Any = T) -> Any:
+def num_splits(batch: Any, nnz_pages: Any, h_kv: int, page_size: int, ops: Any = T, max_splits: int = MAX_SPLITS,
+               min_slice_keys: int = MIN_SLICE_KEYS) -> Any:
     """Slices of every sequence's cached length: enough for `TARGET_CTAS` CTAs, at most `MAX_SPLITS`, and no more
     than `MIN_SLICE_KEYS` keys a slice on average (nnz_pages: pages of the whole batch). `ops` gives ceildiv, min
     and max: TIR (both launches evaluate the same expression on the host) or `IntOps` (tests)."""
     by_ctas = ops.ceildiv(TARGET_CTAS, batch * h_kv)
-    by_keys = ops.max(1, ops.floordiv(nnz_pages * page_size, batch * MIN_SLICE_KEYS))
-    return ops.max(1, ops.min(ops.min(by_ctas, by_keys), MAX_SPLITS))
+    by_keys = ops.max(1, ops.floordiv(nnz_pages * page_size, batch * min_slice_keys))
+    return ops.max(1, ops.min(ops.min(by_ctas, by_keys), max_splits))
 
 
 class IntOps:
@@ -84,10 +85,12 @@ def workspace_rows(h_kv: int) -> int:
 
 
 def paged_decode_split_kv(h_kv: int, h_q: int, d: int, dtype: str, page_size: int, unroll: int | None = None,
-                          rescale: bool = True) -> tirx.PrimFunc:
+                          rescale: bool = True, max_splits: int = MAX_SPLITS,
+                          min_slice_keys: int = MIN_SLICE_KEYS) -> tirx.PrimFunc:
     """`batch_decode_paged_kv` (TVM 0.27's signature, no sliding window) split over the cached length.
 
     `unroll`: keys a thread group loads before using them (default 4, 2 for groups of more than 4 heads: registers).
+    `max_splits`, `min_slice_keys`: `num_splits`' bounds (the defaults; others for measurements).
     `rescale=False` builds a deliberately wrong kernel (the running sums are not rescaled when the running max
     grows) that the tests must catch."""
     if not decode_supported(h_kv, h_q, d, dtype):
@@ -121,6 +124,9 @@ def paged_decode_split_kv(h_kv: int, h_q: int, d: int, dtype: str, page_size: in
                     pages.access_ptr("r", offset=(((T.Cast("int64", pos[u]) * 2 + kv) * h_kv + by) * page_size
                                                   + key[u] % page_size) * d + tx % lanes * VEC),
                     16))
+
+    def splits_of(batch, nnz_pages):
+        return num_splits(batch, nnz_pages, h_kv, page_size, T, max_splits, min_slice_keys)
 
     def rescale_factor(m_old, m_new):
         return T.exp2(m_old - m_new) if rescale else T.float32(1)
@@ -169,7 +175,7 @@ def paged_decode_split_kv(h_kv: int, h_q: int, d: int, dtype: str, page_size: in
 
         with T.launch_thread("blockIdx.x", batch) as bx:
             by = T.launch_thread("blockIdx.y", h_kv)
-            bz = T.launch_thread("blockIdx.z", num_splits(batch, nnz_pages, h_kv, page_size))
+            bz = T.launch_thread("blockIdx.z", splits_of(batch, nnz_pages))
             tx = T.launch_thread("threadIdx.x", 32)
             ty = T.launch_thread("threadIdx.y", WARPS)
             q_in = T.alloc_buffer((group * VEC,), dtype, scope="local")
@@ -191,7 +197,7 @@ def paged_decode_split_kv(h_kv: int, h_q: int, d: int, dtype: str, page_size: in
             seq = T.alloc_buffer((5,), "int32", scope="local")  # splits, first page, kv_len, slice start, end
             key = T.alloc_buffer((unroll,), "int32", scope="local")  # this thread group's keys of the step
             pos = T.alloc_buffer((unroll,), "int32", scope="local")  # their pages
-            seq[0] = num_splits(batch, nnz_pages, h_kv, page_size)
+            seq[0] = splits_of(batch, nnz_pages)
             seq[1] = page_indptr[bx]
             seq[2] = T.if_then_else(seq[1] != page_indptr[bx + 1],
                                     (page_indptr[bx + 1] - seq[1] - 1) * page_size + length_info[bx], 0)
@@ -286,13 +292,13 @@ def paged_decode_split_kv(h_kv: int, h_q: int, d: int, dtype: str, page_size: in
 
         # merge the slices of every (sequence, head) row: one warp a row; one idle CTA when there is one slice
         with T.launch_thread("blockIdx.x", T.if_then_else(
-                num_splits(batch, nnz_pages, h_kv, page_size) > 1,
+                splits_of(batch, nnz_pages) > 1,
                 T.ceildiv(batch * h_q, MERGE_ROWS_PER_CTA), 1)) as mbx:
             mty = T.launch_thread("threadIdx.y", MERGE_ROWS_PER_CTA)
             mtx = T.launch_thread("threadIdx.x", merge_lanes)
             mm = T.alloc_buffer((2,), "float32", scope="local")  # max lse, weight sum
             macc = T.alloc_buffer((merge_cols,), "float32", scope="local")
-            msplits: T.let[T.int32] = num_splits(batch, nnz_pages, h_kv, page_size)
+            msplits: T.let[T.int32] = splits_of(batch, nnz_pages)
             if msplits > 1 and mbx * MERGE_ROWS_PER_CTA + mty < batch * h_q:
                 mm[0] = T.float32(MASKED)
                 for s in range(msplits):
