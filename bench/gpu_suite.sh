@@ -17,7 +17,7 @@
 #                                                                            steps: e2e7b, profile7b
 #   attn/     python3 bench/attention_prefill.py build ART_DIR/attn --arch sm_90        steps: attn, pytest
 #   dattn/    python3 bench/attention_decode.py build ART_DIR/dattn --arch sm_90 (ours vs TVM's decode kernel)
-#                                                                                      step: dattn
+#                                                                                      steps: dattn, pytest
 #   sampler/  the compiled sampler alone (bash bench/gpu_artifacts.sh ART sampler)      steps: sampler, pytest
 #   kprefill/ python3 bench/prefill_gemm.py build ART_DIR/kprefill --arch sm_90 (dequantize bandwidth, dense GEMM
 #             plans vs cuBLAS)                                                         step: kprefill
@@ -78,6 +78,7 @@ for s in $STEPS; do
       VPTQ_MLC_GPU_DEEPSEEK=$([ -d "$ART/e2eds" ] && echo "$ART/e2eds") \
       VPTQ_MLC_GPU_DEEPSEEK_MLA=$([ -d "$ART/e2emla" ] && echo "$ART/e2emla") \
       VPTQ_MLC_GPU_ATTN=$([ -d "$ART/attn" ] && echo "$ART/attn") \
+      VPTQ_MLC_GPU_DATTN=$([ -d "$ART/dattn" ] && echo "$ART/dattn") \
       VPTQ_MLC_GPU_GATHER=$([ -d "$ART/kgather" ] && echo "$ART/kgather") \
       VPTQ_MLC_GPU_SAMPLER_ALONE=$(ls "$ART/sampler/sampler-search-cuda.so" 2> /dev/null) \
         python3 -m pytest -q -s -ra tests/gpu -p no:cacheprovider 2>&1 | tee "$OUT/pytest.log" | tail -n 20 || rc=1 ;;
