@@ -7,13 +7,14 @@ kernel text is otherwise what a library compiles. It is compiled as C++ with a p
 
 - one OS thread per CUDA thread; the blocks of a launch run one after another on the same threads, a barrier
   between blocks; `__syncthreads()` is a `std::barrier`, dynamic shared memory a static array;
-- `__shfl_xor_sync` through a block-wide exchange array and two barriers (the kernel shuffles at the same points in
-  every thread of a block, as the hardware requires of a full-mask shuffle);
+- `__shfl_xor_sync` through an exchange array and two barriers of the lane's warp only (a full-mask shuffle: every
+  lane of the warp reaches it), so warps run out of step between `__syncthreads()` as on the hardware;
 - `cp.async`: each thread queues its copies in commit groups and performs them only when `cp.async.wait_group n`
   leaves at most n groups pending, so a read of staged data before its wait sees stale shared memory;
 - `half` is `_Float16` (IEEE binary16, as CUDA's).
 
-Threads run far out of step here, so a missing barrier shows up as wrong or run-dependent rows.
+Threads run far out of step here (later warps sleep at every `cp.async` wait, so warps drift apart), so a missing
+barrier shows up as wrong or run-dependent rows.
 """
 
 from __future__ import annotations
@@ -33,6 +34,8 @@ _PRELUDE = r"""
 #include <vector>
 #include <barrier>
 #include <stdexcept>
+#include <memory>
+#include <chrono>
 #define __global__
 #define __device__
 #define __forceinline__ inline
@@ -46,6 +49,7 @@ struct dim { long x, y, z; };
 static thread_local dim threadIdx, blockIdx;
 static thread_local long g_tid;
 static std::barrier<>* g_bar;
+static thread_local std::barrier<>* t_warp_bar;
 alignas(64) static unsigned char buf_dyn_shmem_ptr[1 << 18];
 static float g_xch[1024];
 static inline void __syncthreads() { g_bar->arrive_and_wait(); }
@@ -53,9 +57,9 @@ static inline unsigned __activemask() { return 0xffffffffu; }
 static inline float __shfl_xor_sync(unsigned, float v, int lane_mask, int width) {
   if (width != 32) throw std::runtime_error("shuffle width");
   g_xch[g_tid] = v;
-  __syncthreads();
+  t_warp_bar->arrive_and_wait();
   float r = g_xch[(g_tid & ~31L) | ((g_tid & 31) ^ lane_mask)];
-  __syncthreads();
+  t_warp_bar->arrive_and_wait();
   return r;
 }
 static inline int max(int a, int b) { return a > b ? a : b; }
@@ -78,6 +82,8 @@ static inline void tvm_builtin_ptx_cp_async_commit_group_async_commit_group() {
   t_open.clear();
 }
 static inline void wait_groups(size_t n) {
+  // later warps wait longer: warps drift apart, as they may on the GPU, so a missing barrier shows
+  std::this_thread::sleep_for(std::chrono::microseconds(20 * (g_tid / 32)));
   while (t_groups.size() > n) {
     for (auto& c : t_groups.front()) memcpy(buf_dyn_shmem_ptr + c.dst, c.src, 16);
     t_groups.erase(t_groups.begin());
@@ -87,9 +93,13 @@ static inline void tvm_builtin_ptx_cp_async_wait_group_async_wait_group_0() { wa
 static inline void tvm_builtin_ptx_cp_async_wait_group_async_wait_group_1() { wait_groups(1); }
 template <class F> static void launch(long gx, long gy, long gz, long nx, long ny, F f) {
   std::barrier<> bar(nx * ny); g_bar = &bar;
+  std::vector<std::unique_ptr<std::barrier<>>> warp_bars;
+  for (long w = 0; w < (nx * ny + 31) / 32; ++w)
+    warp_bars.emplace_back(new std::barrier<>(min(32L, nx * ny - w * 32)));
   std::vector<std::thread> ts;
-  for (long t = 0; t < nx * ny; ++t) ts.emplace_back([=, &bar] {
+  for (long t = 0; t < nx * ny; ++t) ts.emplace_back([=, &bar, &warp_bars] {
     g_tid = t;
+    t_warp_bar = warp_bars[t / 32].get();
     for (long z = 0; z < gz; ++z) for (long y = 0; y < gy; ++y) for (long x = 0; x < gx; ++x) {
       threadIdx = {t % nx, t / nx, 0}; blockIdx = {x, y, z};
       t_groups.clear(); t_open.clear();

@@ -257,7 +257,10 @@ def paged_decode_split_kv(h_kv: int, h_q: int, d: int, dtype: str, page_size: in
                             acc[h * VEC + v] = acc[h * VEC + v] + score[u * group + h] * T.Cast(
                                 "float32", vbuf[u * VEC + v])
             T.evaluate(T.ptx["cp.async.wait_group"](0))
-            # merge the CTA's thread groups through shared memory
+            # merge the CTA's thread groups through shared memory; TVM's planner places sm_o over the staging
+            # buffers, so every warp's copies must have landed and been read first (TVM's ThreadSync inserts the
+            # same barrier; written out so the kernel does not rely on it)
+            T.tvm_storage_sync("shared")
             for h in T.unroll(group):
                 for v in T.unroll(VEC):
                     sm_o[ty * keys_per_warp + tx // lanes, h, tx % lanes * VEC + v] = acc[h * VEC + v]
