@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Build, on the GPU-less build box, everything bench/gpu_suite.sh reads on the GPU host, into one folder to carry.
 # Usage (repo root): bash bench/gpu_artifacts.sh ART_DIR [parts...]
-# parts (default: tvm_rt kcheck e2e): tvm_rt kcheck kbench kcs kgather e2e e2eds e2emla e2e7b attn kprefill kwgmma
+# parts (default: tvm_rt kcheck e2e): tvm_rt kcheck kbench kcs kgather e2e e2eds e2emla e2e7b attn dattn kprefill kwgmma
 # sampler; each is skipped when already built.
 #   kgather  the gathered-experts CUDA kernel at DeepSeek-R1 expert shapes (tests/gathered_kernels.py): gathered_cuda.so
 #          + gathered.json, checked and timed by tests/gpu/test_gathered_gpu.py (a few seconds to build)
@@ -23,7 +23,11 @@
 #          E2E7B_COMPILE_ARGS: more `vptq-mlc compile` arguments (e.g. "--prefill-chunk 2048"). A name ending in
 #          -fold / -nofold (e.g. v8-k4096-0-nofold) is that variant compiled with VPTQ_MLC_PREFILL_FOLD=1 / 0, one
 #          ending in -wgmma / -mmasync (fp16-wgmma, v8-k4096-0-nofold-mmasync) with VPTQ_MLC_WGMMA=1 / 0; other names
-#          get the defaults (folded prefill; sm_90 alone: wgmma).
+#          get the defaults (folded prefill; sm_90 alone: wgmma). A name ending in -dattn (last:
+#          v8-k4096-0-dattn, v8-k4096-0-nofold-dattn) is compiled with VPTQ_MLC_DECODE_ATTN=1 (the split-KV decode
+#          attention kernel).
+#   dattn  the decode attention kernels alone (bench/attention_decode.py build): ours and TVM's at 32/32, 8/32 and
+#          4/32 heads, read by gpu_suite.sh's steps dattn and pytest
 # ARCH (default sm_90) sets the CUDA arch of every library.
 set -euo pipefail
 ART=${1:?usage: gpu_artifacts.sh ART_DIR [parts...]}
@@ -42,6 +46,7 @@ for p in $PARTS; do
     kcheck) built "$ART/kcheck" || VPTQ_MLC_FUSED_DECODE=1 "${V[@]}" bench build "$ART/kcheck" --suite check --arch "$ARCH" ;;
     kbench) built "$ART/kbench" || "${V[@]}" bench build "$ART/kbench" --suite kernels --arch "$ARCH" --rows 1,8,16 ;;
     attn) built "$ART/attn" || python3 bench/attention_prefill.py build "$ART/attn" --arch "$ARCH" ;;
+    dattn) built "$ART/dattn" || python3 bench/attention_decode.py build "$ART/dattn" --arch "$ARCH" ;;
     kprefill) built "$ART/kprefill" || python3 bench/prefill_gemm.py build "$ART/kprefill" --arch "$ARCH" ;;
     kwgmma) built "$ART/kwgmma" || python3 bench/wgmma_gemm.py build "$ART/kwgmma" ;;  # always sm_90a
     kcs) built "$ART/kcs" || "${V[@]}" bench build "$ART/kcs" --suite code-sorted --arch "$ARCH" ;;
@@ -87,8 +92,10 @@ make_synthetic_checkpoint('$E/ckpt', variant='v8-k256-256', hidden_size=256, int
       for n in "$@"; do
         built "$D/$n-cuda.so" && continue
         # NAME-fold / NAME-nofold: VPTQ_MLC_PREFILL_FOLD=1 / 0; NAME-wgmma / NAME-mmasync: VPTQ_MLC_WGMMA=1 / 0
-        # (unset otherwise: the defaults); a fold suffix and a GEMM suffix may stack, in that order
-        base=${n%-wgmma}; wgmma=""; [ "$base" != "$n" ] && wgmma=1
+        # (unset otherwise: the defaults); a fold suffix and a GEMM suffix may stack, in that order; NAME-dattn (last):
+        # VPTQ_MLC_DECODE_ATTN=1
+        nd=${n%-dattn}; dattn=""; [ "$nd" != "$n" ] && dattn=1
+        base=${nd%-wgmma}; wgmma=""; [ "$base" != "$nd" ] && wgmma=1
         [ "${base%-mmasync}" != "$base" ] && { base=${base%-mmasync}; wgmma=0; }
         variant=${base%-fold}; fold=""; [ "$variant" != "$base" ] && fold=1
         [ "${variant%-nofold}" != "$variant" ] && { variant=${variant%-nofold}; fold=0; }
@@ -104,8 +111,9 @@ p.write_text(json.dumps(c, indent=2))"
         else
           "${V[@]}" bench synth-model "$D/$n-cfg" --shape "${E2E7B_SHAPE:-llama2-7b}" --variant "$variant" --config-only
         fi
-        VPTQ_MLC_PREFILL_FOLD=${fold:-${VPTQ_MLC_PREFILL_FOLD:-}} VPTQ_MLC_WGMMA=${wgmma:-${VPTQ_MLC_WGMMA:-}} "${V[@]}" compile "$D/$n-cfg" --target cuda --arch "$ARCH" -o "$D/$n-cuda.so" \
-          ${E2E7B_COMPILE_ARGS:-}
+        VPTQ_MLC_PREFILL_FOLD=${fold:-${VPTQ_MLC_PREFILL_FOLD:-}} VPTQ_MLC_WGMMA=${wgmma:-${VPTQ_MLC_WGMMA:-}} \
+          VPTQ_MLC_DECODE_ATTN=${dattn:-${VPTQ_MLC_DECODE_ATTN:-}} "${V[@]}" compile "$D/$n-cfg" --target cuda \
+          --arch "$ARCH" -o "$D/$n-cuda.so" ${E2E7B_COMPILE_ARGS:-}
       done
       mkdir -p "$D/tokenizer"
       for c in "$D"/*-cfg; do
@@ -115,7 +123,7 @@ p.write_text(json.dumps(c, indent=2))"
         gzip -c "$c/tokenizer.json" > "$D/tokenizer/tokenizer.json.gz"
         rm "$c/tokenizer.json"
       done ;;
-    *) echo "unknown part $p (tvm_rt kcheck kbench kcs kgather e2e e2eds e2e7b attn kprefill kwgmma sampler)" >&2; exit 2 ;;
+    *) echo "unknown part $p (tvm_rt kcheck kbench kcs kgather e2e e2eds e2e7b attn dattn kprefill kwgmma sampler)" >&2; exit 2 ;;
   esac
 done
 du -sh "$ART"/* 2>/dev/null

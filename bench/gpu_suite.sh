@@ -16,6 +16,8 @@
 #   e2e7b/    per system NAME: NAME-cfg/ (vptq-mlc bench synth-model ... --config-only) and NAME-cuda.so
 #                                                                            steps: e2e7b, profile7b
 #   attn/     python3 bench/attention_prefill.py build ART_DIR/attn --arch sm_90        steps: attn, pytest
+#   dattn/    python3 bench/attention_decode.py build ART_DIR/dattn --arch sm_90 (ours vs TVM's decode kernel)
+#                                                                                      steps: dattn, pytest
 #   sampler/  the compiled sampler alone (bash bench/gpu_artifacts.sh ART sampler)      steps: sampler, pytest
 #   kprefill/ python3 bench/prefill_gemm.py build ART_DIR/kprefill --arch sm_90 (dequantize bandwidth, dense GEMM
 #             plans vs cuBLAS)                                                         step: kprefill
@@ -31,7 +33,7 @@
 # 128256-token vocabulary, T 0.6 / top_p 0.9 and greedy.
 # step sampling7b: bench/sampling_vs_greedy.py on each SAMPLING7B_SYSTEMS (default: E2E7B_SYSTEMS, else
 # v8-k65536-256): model-default sampling vs greedy on one engine, batches 1 and 16, the sampler's kernels profiled.
-# steps: check kernels cs decode pytest e2e7b profile7b api7b attn kprefill kwgmma prefix serve7b sampler sampling7b (default:
+# steps: check kernels cs decode pytest e2e7b profile7b api7b attn dattn kprefill kwgmma prefix serve7b sampler sampling7b (default:
 # check kernels decode pytest)
 # E2E7B_SYSTEMS: the e2e7b system names (default: "v8-k4096-0 v8-k65536-256 fp16"); E2E7B_STEPS: decode steps (64);
 # E2E7B_ARGS: more `vptq-mlc bench e2e` arguments (e.g. "--batches 1,16 --sampling model").
@@ -76,6 +78,7 @@ for s in $STEPS; do
       VPTQ_MLC_GPU_DEEPSEEK=$([ -d "$ART/e2eds" ] && echo "$ART/e2eds") \
       VPTQ_MLC_GPU_DEEPSEEK_MLA=$([ -d "$ART/e2emla" ] && echo "$ART/e2emla") \
       VPTQ_MLC_GPU_ATTN=$([ -d "$ART/attn" ] && echo "$ART/attn") \
+      VPTQ_MLC_GPU_DATTN=$([ -d "$ART/dattn" ] && echo "$ART/dattn") \
       VPTQ_MLC_GPU_GATHER=$([ -d "$ART/kgather" ] && echo "$ART/kgather") \
       VPTQ_MLC_GPU_SAMPLER_ALONE=$(ls "$ART/sampler/sampler-search-cuda.so" 2> /dev/null) \
         python3 -m pytest -q -s -ra tests/gpu -p no:cacheprovider 2>&1 | tee "$OUT/pytest.log" | tail -n 20 || rc=1 ;;
@@ -127,6 +130,8 @@ for s in $STEPS; do
       grep -v "^INFO\|^starting" "$OUT/serve_7b.log" | tail -n 12 ;;
     attn) python3 bench/attention_prefill.py run "$ART/attn" --json "$OUT/attention_prefill.json" 2>&1 \
         | tee "$OUT/attention_prefill.log" || rc=1 ;;
+    dattn) python3 bench/attention_decode.py run "$ART/dattn" --json "$OUT/attention_decode.json" 2>&1 \
+        | tee "$OUT/attention_decode.log" || rc=1 ;;
     kprefill) python3 bench/prefill_gemm.py run "$ART/kprefill" --out "$OUT/prefill_gemm.json" 2>&1 \
         | tee "$OUT/prefill_gemm.log" || rc=1 ;;
     kwgmma) for plan in $(python3 -c "import json,sys; print(' '.join(sorted({f['plan'] for f in json.load(open(sys.argv[1]))['functions']} - {'mma_pipeline', 'wgmma_pipeline'})))" "$ART/kwgmma/manifest.json"); do
@@ -139,7 +144,7 @@ for s in $STEPS; do
       python3 bench/prefix_ttft.py "$C" --lib "$ART/e2e7b/$N-cuda.so" --device cuda --json "$OUT/prefix_ttft.json" \
         ${PREFIX_ARGS:-} > "$OUT/prefix_ttft.log" 2>&1 || rc=1
       tail -n 12 "$OUT/prefix_ttft.log" ;;
-    *) echo "unknown step $s (check kernels cs decode pytest e2e7b profile7b api7b attn kprefill kwgmma prefix serve7b" \
+    *) echo "unknown step $s (check kernels cs decode pytest e2e7b profile7b api7b attn dattn kprefill kwgmma prefix serve7b" \
          "sampler sampling7b)" >&2; exit 2 ;;
   esac
 done

@@ -27,6 +27,7 @@ from vptq_mlc.artifact.vq_layout import LAYOUT
 from vptq_mlc.cache import cache_root
 from vptq_mlc.compile.backend import TargetBackend, gpu_default_schedule, split_archs, vm_lowering_passes
 from vptq_mlc.errors import CompileError
+from vptq_mlc.tir_kernels.cuda_attention_decode import decode_attn_pass
 from vptq_mlc.tir_kernels.cuda_attention_split_kv import split_kv_prefill_pass
 from vptq_mlc.tir_kernels.cuda_dense_mma import dense_mma_pass
 from vptq_mlc.tir_kernels.cuda_wgmma import WGMMA_ARCH, WGMMA_ENV, wgmma_for_target, wgmma_setting
@@ -263,6 +264,8 @@ class CudaBackend(TargetBackend):
         dlight's SIMT tiled schedule."""
         return [
             split_kv_prefill_pass(),  # TIRPagedKVCache's prefill kernel -> ours (same signature, already scheduled)
+            # its decode kernel -> ours split over the cached length (VPTQ_MLC_DECODE_ATTN=1; off: no change)
+            decode_attn_pass(),
             # dispatch: sampling and sort/scan ops to their GPU implementations
             relax.backend.DispatchSampling(),
             relax.backend.DispatchSortScan(),
