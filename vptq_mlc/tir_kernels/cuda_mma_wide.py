@@ -75,7 +75,7 @@ class WidePlan:
     steps_per_load: int  # DS: MMA steps per chunk (each lookup lane loads DS consecutive codes)
     smem_codebook: bool
     replicated: bool  # REPLICAS copies of the book in shared memory (lane l reads copy l % 8: conflict-free)
-    unroll: int = 2  # U: chunks whose loads are in flight before the first lookup
+    unroll: int = 4  # U: chunks whose loads are in flight before the first lookup
 
 
 def mma_wide_supported(cfg: VPTQLayerConfig, dtype: str, rows: int) -> bool:
@@ -87,7 +87,7 @@ def mma_wide_supported(cfg: VPTQLayerConfig, dtype: str, rows: int) -> bool:
 
 def plan_mma_wide(cfg: VPTQLayerConfig, rows: int = MMA_ROWS) -> WidePlan:
     """Launch shape from the layer shape (as `cuda_mma.plan_mma`: ~2-4k warps, splits while the input allows):
-    one pair of vector rows per warp, 64-column chunks (4 MMA steps per 4-code load), two chunks in flight."""
+    one pair of vector rows per warp, 64-column chunks (4 MMA steps per 4-code load), four chunks in flight."""
     nv, length = cfg.num_vectors, cfg.group_num * cfg.group_size
     ds = 4 if length % 64 == 0 else 2
     mt = 1
@@ -97,8 +97,8 @@ def plan_mma_wide(cfg: VPTQLayerConfig, rows: int = MMA_ROWS) -> WidePlan:
     cb = cfg.group_num * (cfg.num_centroids + cfg.num_res_centroids) * cfg.vector_len * 2
     chunks = -(-length // (16 * ds * splits))
     smem = cb <= SMEM_CODEBOOK_BYTES
-    plan = WidePlan(mt, row_groups, splits, ds, smem, smem and cb * REPLICAS <= SMEM_CODEBOOK_BYTES,
-                    2 if chunks >= 2 else 1)
+    unroll = 4 if chunks >= 4 else 2 if chunks >= 2 else 1
+    plan = WidePlan(mt, row_groups, splits, ds, smem, smem and cb * REPLICAS <= SMEM_CODEBOOK_BYTES, unroll)
     if smem_bytes(cfg, plan, rows) > MAX_DYN_SMEM and plan.replicated:
         plan = replace(plan, replicated=False)
     return plan
@@ -146,6 +146,7 @@ def vq_mma_wide_cuda(cfg: VPTQLayerConfig, dtype: str, rows: int, plan: WidePlan
     CB_SHARED = CB_ALL if p.smem_codebook else 1
     NBUF = MT * DS  # tiles per warp (one per (pair tile, step) of a chunk)
     RED = max(1, (P - 1) * RW * NACC * 32)
+    WHOLE = NCH % P == 0 and CPS % U == 0  # every (iteration, chunk) of every split is real: no per-chunk test
     XV = next(n for n in (8, 4, 2, 1) if OSZ % n == 0)  # activation load width: 16 bytes unless OSZ misaligns it
 
     def col0(sp, ch):  # first codes-region column of chunk `ch` of split `sp` (inline: keeps the alignment visible)
@@ -160,6 +161,11 @@ def vq_mma_wide_cuda(cfg: VPTQLayerConfig, dtype: str, rows: int, plan: WidePlan
     def tile_at(ty, mt, d):  # first half of the warp's tile (pair tile mt, step d)
         return (ty * NBUF + mt * DS + d) * TILE_HALVES
 
+    def code_index(code, entries):  # a stored code as an entry index that stays inside the book, whatever it holds
+        if entries & (entries - 1) == 0:  # power of two: one AND (also extracts the code from its register)
+            return T.bitwise_and(T.Cast("int32", code), entries - 1)
+        return T.min(T.Cast("int32", code), entries - 1)
+
     def group_of(col):  # the codebook group of a codes-region column (one group: no arithmetic per lookup)
         return 0 if G == 1 else T.min(col, L - 1) // S
 
@@ -171,7 +177,7 @@ def vq_mma_wide_cuda(cfg: VPTQLayerConfig, dtype: str, rows: int, plan: WidePlan
     @T.macro
     def lookup(ent, rent, cb_s, centroids, res_centroids, cl, rl, at, col, lane):
         """ent[0:8] = W[vector row][col] for the 8 outputs (main + residual entry, fp16 add), from code cl[at]."""
-        code = T.min(T.Cast("int32", cl[at]), K - 1)
+        code = code_index(cl[at], K)
         if p.smem_codebook:
             ent[vr(0, v)] = cb_s[vr(book_at(0, group_of(col), code, K, lane), v)]
         else:
@@ -179,9 +185,9 @@ def vq_mma_wide_cuda(cfg: VPTQLayerConfig, dtype: str, rows: int, plan: WidePlan
         if HAS_RES:
             if p.smem_codebook:
                 rent[vr(0, v)] = cb_s[vr(book_at(CB_MAIN, group_of(col),
-                                                 T.min(T.Cast("int32", rl[at]), KR - 1), KR, lane), v)]
+                                                 code_index(rl[at], KR), KR, lane), v)]
             else:
-                rent[vr(0, v)] = res_centroids[group_of(col), T.min(T.Cast("int32", rl[at]), KR - 1),
+                rent[vr(0, v)] = res_centroids[group_of(col), code_index(rl[at], KR),
                                                vr(0, v)]
             for j in T.unroll(v):
                 ent[j] = ent[j] + rent[j]
@@ -265,31 +271,24 @@ def vq_mma_wide_cuda(cfg: VPTQLayerConfig, dtype: str, rows: int, plan: WidePlan
                                     T.min((i0 + 2 * mt + a // 2 % 2) * v + g, O - 1) % VO],
                                 T.Cast(dtype, 0))
                         mma_steps(fa, fb, acc, mt)
-        # codes region (physical column OSZ + c of xs): U chunks' loads in flight before the first lookup
+        # codes region (physical column OSZ + c of xs): U chunks' loads in flight before the first lookup. Rows of xs
+        # past the batch and vector rows past the layer are clamped to the last real one (read, never stored: an
+        # activation row only feeds its own D column, a vector row its own D rows), so no load needs a predicate
         for it in range(-(-CPS // U)):
             for u in T.unroll(U):
-                if it * U + u < CPS and sp * CPS + it * U + u < NCH:
+                if WHOLE or (it * U + u < CPS and sp * CPS + it * U + u < NCH):
                     for nt in T.unroll(NT):
-                        if nt * 8 + g < NB:
-                            for j0 in T.unroll(CW // XV):
-                                xa[vr((u * NT + nt) * CW + j0 * XV, XV)] = xs[
-                                    nt * 8 + g, vr(OSZ + col0(sp, it * U + u) + CW * q + j0 * XV, XV)]
-                        else:
-                            for e in T.unroll(CW):
-                                xa[(u * NT + nt) * CW + e] = T.Cast(dtype, 0)
+                        for j0 in T.unroll(CW // XV):
+                            xa[vr((u * NT + nt) * CW + j0 * XV, XV)] = xs[
+                                T.min(nt * 8 + g, NB - 1), vr(OSZ + col0(sp, it * U + u) + CW * q + j0 * XV, XV)]
                     for mt in T.unroll(MT):
-                        if vrow(i0, mt, tx) < NV:
-                            cl[vr((u * MT + mt) * DS, DS)] = codes[vrow(i0, mt, tx), vr(code_col(sp, it * U + u, tx), DS)]
-                            if HAS_RES:
-                                rl[vr((u * MT + mt) * DS, DS)] = res_codes[vrow(i0, mt, tx),
-                                                                           vr(code_col(sp, it * U + u, tx), DS)]
-                        else:  # a vector row past the layer: code 0, its outputs are never stored
-                            for d in T.unroll(DS):
-                                cl[(u * MT + mt) * DS + d] = T.Cast(CD, 0)
-                                if HAS_RES:
-                                    rl[(u * MT + mt) * DS + d] = T.Cast(RCD, 0)
+                        cl[vr((u * MT + mt) * DS, DS)] = codes[T.min(vrow(i0, mt, tx), NV - 1),
+                                                               vr(code_col(sp, it * U + u, tx), DS)]
+                        if HAS_RES:
+                            rl[vr((u * MT + mt) * DS, DS)] = res_codes[T.min(vrow(i0, mt, tx), NV - 1),
+                                                                       vr(code_col(sp, it * U + u, tx), DS)]
             for u in T.unroll(U):
-                if it * U + u < CPS and sp * CPS + it * U + u < NCH:
+                if WHOLE or (it * U + u < CPS and sp * CPS + it * U + u < NCH):
                     # every lane's entries into the warp's tiles, then ldmatrix reads them in fragment order
                     for mt in T.unroll(MT):
                         for d in T.unroll(DS):
