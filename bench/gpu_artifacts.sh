@@ -2,7 +2,7 @@
 # Build, on the GPU-less build box, everything bench/gpu_suite.sh reads on the GPU host, into one folder to carry.
 # Usage (repo root): bash bench/gpu_artifacts.sh ART_DIR [parts...]
 # parts (default: tvm_rt kcheck e2e): tvm_rt kcheck kbench kcs kgather e2e e2eds e2emla e2e7b attn kprefill kwgmma
-# sampler; each is skipped when already built.
+# kwide sampler; each is skipped when already built.
 #   kgather  the gathered-experts CUDA kernel at DeepSeek-R1 expert shapes (tests/gathered_kernels.py): gathered_cuda.so
 #          + gathered.json, checked and timed by tests/gpu/test_gathered_gpu.py (a few seconds to build)
 #   sampler  the compiled sampler alone (`vptq-mlc bench sampler --build`; any vocabulary, any rows): the one-block
@@ -24,6 +24,10 @@
 #          -fold (e.g. v8-k4096-0-fold) is that variant compiled with VPTQ_MLC_PREFILL_FOLD=1, one ending in -wgmma
 #          (fp16-wgmma, v8-k4096-0-fold-wgmma) with VPTQ_MLC_WGMMA=1, one ending in -mmasync with VPTQ_MLC_WGMMA=0
 #          (the build before wgmma was the sm_90 default); other names get the default (sm_90 alone: wgmma).
+#          A name ending in -mmawide (before a -wgmma / -mmasync: v8-k4096-0-mmawide, v8-k4096-0-fold-mmawide-wgmma) is
+#          compiled with VPTQ_MLC_MMA_WIDE=1 (the whole-entry tensor-core decode kernel).
+#   kwide  the whole-entry tensor-core decode kernel next to the current one on the 7B shapes, rows 8 and 16
+#          (`bench build --suite mma-wide`), timed by gpu_suite.sh's step kwide
 # ARCH (default sm_90) sets the CUDA arch of every library.
 set -euo pipefail
 ART=${1:?usage: gpu_artifacts.sh ART_DIR [parts...]}
@@ -44,6 +48,7 @@ for p in $PARTS; do
     attn) built "$ART/attn" || python3 bench/attention_prefill.py build "$ART/attn" --arch "$ARCH" ;;
     kprefill) built "$ART/kprefill" || python3 bench/prefill_gemm.py build "$ART/kprefill" --arch "$ARCH" ;;
     kwgmma) built "$ART/kwgmma" || python3 bench/wgmma_gemm.py build "$ART/kwgmma" ;;  # always sm_90a
+    kwide) built "$ART/kwide" || "${V[@]}" bench build "$ART/kwide" --suite mma-wide --arch "$ARCH" ;;
     kcs) built "$ART/kcs" || "${V[@]}" bench build "$ART/kcs" --suite code-sorted --arch "$ARCH" ;;
     kgather) built "$ART/kgather" || python3 tests/gathered_kernels.py build "$ART/kgather" "$ARCH" ;;
     sampler) mkdir -p "$ART/sampler"
@@ -86,11 +91,13 @@ make_synthetic_checkpoint('$E/ckpt', variant='v8-k256-256', hidden_size=256, int
       first=$1
       for n in "$@"; do
         built "$D/$n-cuda.so" && continue
-        # NAME-fold: compiled with VPTQ_MLC_PREFILL_FOLD=1; NAME-wgmma / NAME-mmasync: VPTQ_MLC_WGMMA=1 / 0 (unset
-        # otherwise: the default); fold and one of the others may stack
+        # NAME-fold: compiled with VPTQ_MLC_PREFILL_FOLD=1; NAME-mmawide: VPTQ_MLC_MMA_WIDE=1; NAME-wgmma /
+        # NAME-mmasync: VPTQ_MLC_WGMMA=1 / 0 (unset otherwise: the default); they stack in this order
+        # (NAME-fold-mmawide-wgmma)
         base=${n%-wgmma}; wgmma=""; [ "$base" != "$n" ] && wgmma=1
         [ "${base%-mmasync}" != "$base" ] && { base=${base%-mmasync}; wgmma=0; }
-        variant=${base%-fold}; fold=0; [ "$variant" != "$base" ] && fold=1
+        nowide=${base%-mmawide}; wide=0; [ "$nowide" != "$base" ] && wide=1
+        variant=${nowide%-fold}; fold=0; [ "$variant" != "$nowide" ] && fold=1
         if [ "$variant" = fp16 ]; then
           built "$D/$first-cfg/mlc-chat-config.json" >/dev/null || { echo "fp16 needs a VQ system first" >&2; exit 2; }
           rm -rf "$D/$n-cfg"; cp -r "$D/$first-cfg" "$D/$n-cfg"
@@ -103,7 +110,8 @@ p.write_text(json.dumps(c, indent=2))"
         else
           "${V[@]}" bench synth-model "$D/$n-cfg" --shape "${E2E7B_SHAPE:-llama2-7b}" --variant "$variant" --config-only
         fi
-        VPTQ_MLC_PREFILL_FOLD=$fold VPTQ_MLC_WGMMA=${wgmma:-${VPTQ_MLC_WGMMA:-}} "${V[@]}" compile "$D/$n-cfg" --target cuda --arch "$ARCH" -o "$D/$n-cuda.so" \
+        VPTQ_MLC_PREFILL_FOLD=$fold VPTQ_MLC_WGMMA=${wgmma:-${VPTQ_MLC_WGMMA:-}} VPTQ_MLC_MMA_WIDE=$wide \
+          "${V[@]}" compile "$D/$n-cfg" --target cuda --arch "$ARCH" -o "$D/$n-cuda.so" \
           ${E2E7B_COMPILE_ARGS:-}
       done
       mkdir -p "$D/tokenizer"
@@ -114,7 +122,8 @@ p.write_text(json.dumps(c, indent=2))"
         gzip -c "$c/tokenizer.json" > "$D/tokenizer/tokenizer.json.gz"
         rm "$c/tokenizer.json"
       done ;;
-    *) echo "unknown part $p (tvm_rt kcheck kbench kcs kgather e2e e2eds e2e7b attn kprefill kwgmma sampler)" >&2; exit 2 ;;
+    *) echo "unknown part $p (tvm_rt kcheck kbench kcs kgather e2e e2eds e2e7b attn kprefill kwgmma kwide sampler)" >&2
+       exit 2 ;;
   esac
 done
 du -sh "$ART"/* 2>/dev/null
