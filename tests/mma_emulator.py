@@ -125,8 +125,8 @@ static void mma_m16n8k16(float* d0, float* d1, float* d2, float* d3, unsigned a0
 
 _LDMATRIX = re.compile(
     r"unsigned int addr = __cvta_generic_to_shared\((?P<addr>.*?)\);\s*__asm__ __volatile__\(\s*"
-    r'"ldmatrix\.sync\.aligned\.m8n8\.x4(?P<trans>\.trans)?\.shared\.b16"\s*"[^"]*"\s*:\s*(?P<outs>.*?)\s*:\s*"r"\(addr\)'
-    r"\s*\);", re.S)
+    r'"ldmatrix\.sync\.aligned\.m8n8\.x4(?P<trans>\.trans)?\.shared\.b16"\s*"[^"]*"\s*:\s*(?P<outs>.*?)\s*:\s*'
+    r'"r"\(addr\)\s*\);', re.S)
 _MMA = re.compile(
     r'__asm__ __volatile__\(\s*"mma\.sync\.aligned\.m16n8k16\.row\.col\.f32\.f16\.f16\.f32"\s*"[^"]*"\s*:\s*'
     r"(?P<ops>.*?)\);", re.S)
