@@ -20,11 +20,16 @@ t of its warp's 512-byte tile, and gives row t's address to ldmatrix: the 32 lan
 
 Instructions per lane per 8 weights (one entry; smem codebook, no residual): code extract + clamp + address
 (~3 integer ops), 1 LDS.128 (lookup), 1 STS.128 (tile), 1 LDSM.x4.trans, plus 1 MMA per 8 activation rows, and a
-`__syncwarp` per chunk; `cuda_mma.py` issues 8 LDS.U16 + their address arithmetic + 4 PRMT (packing) for the
-same 8 weights. Option (b), register shuffles, needs >= 4 SHFL + 4 PRMT per 8 weights (each lane's 8 values go to 8
-different lanes); movmatrix moves only one 8x8 matrix of data already in fragment order. The tile stores are
-conflict-free (32 consecutive 16-byte rows); the lookups themselves are random 16-byte reads, as in the GEMV
-(`REPLICAS` copies of a small book, as there, make them conflict-free).
+`__syncwarp` per chunk (a no-op in SASS when converged), plus 2 PRMT per B fragment (per step, shared by the
+warp's pair tiles) to pick its activations. sm_90 SASS of the 4096 x 4096 v8-k4096-0 kernel at 16 rows: 15
+instructions per 8 weights per lane in the main loop, HMMA included; `cuda_mma.py` issues 8 LDS.U16 + their
+address arithmetic + PRMT packing for the same 8 weights: 91 per 8 weights. Register shuffles need >= 4 SHFL + 4 PRMT per 8 weights (each lane's 8 values go to 8 different
+lanes). `movmatrix.trans` works if 4 lanes read 4 bytes each of one entry (an 8x8 matrix of entries in "row"
+layout, which it transposes into A order): 4 LDS.32 + 4 MOVM + 4 code extractions and addresses per 8 weights per
+lane, more instructions than here but no tile round trip in shared memory (not built: the tile's STS.128 + LDSM
+cost 8 of the ~18 shared-memory wavefronts per 256 weights when the lookups have the ~2.6x bank conflicts of random
+16-byte reads). The tile stores are conflict-free (32 consecutive 16-byte rows); the lookups themselves are random
+16-byte reads, as in the GEMV (`REPLICAS` copies of a small book, as there, make them conflict-free).
 
 Column mapping (a sum over k does not care which physical column feeds which k slot, as long as A and B agree):
 a chunk is 16*DS columns, DS MMA steps. Lane q of the B side owns the CW = 4*DS consecutive columns
@@ -37,7 +42,9 @@ Everything else follows `cuda_mma.py`: a warp owns MT pairs of vector rows and o
 dimension (summed through shared memory), U chunks of loads in flight, codebooks in shared memory up to
 cuda_gemv.SMEM_CODEBOOK_BYTES (else read through L1/L2), a residual codebook added in fp16 before the tile store
 (as `cuda_mma.py` adds it), outlier columns through the same MMA with scalar-built A fragments (a small share of
-the columns). Rows past the batch are zero in B and never stored.
+the columns). Activation rows past the batch and vector rows past the layer are clamped to the last real one (an
+activation row feeds only its own D column, a vector row its own D rows; neither is stored), so loads need no
+predicates.
 """
 
 from __future__ import annotations
