@@ -3,7 +3,8 @@
 on the CPU: the CUDA source TVM generates, run with C++ models of `ldmatrix` and `mma.sync.m16n8k16` written from the
 PTX ISA's fragment tables (tests/mma_emulator.py), against float64 `xs @ W.T` with W from the independent reference
 dequantizer (tests/reference_dequant.py). A deliberately wrong fragment layout in the models fails the same check.
-No GPU here: `vptq-mlc bench build --suite check` carries the kernel's GPU cases. ~2 min on 2 cores.
+nvcc builds the kernels into one library next to `cuda_mma.py`'s. No GPU here: `vptq-mlc bench build --suite
+check` carries the kernel's GPU cases. ~1 min on 2 cores.
 """
 
 from __future__ import annotations
@@ -138,6 +139,32 @@ def test_registry_takes_it_only_with_the_switch_for_v8(monkeypatch):
     assert _same(on(v8, "float16", 8).func, vq_mma_wide_cuda(v8, "float16", 8))
     assert _same(on(v12, "float16", 16).func, vq_mma_cuda(v12, "float16", 16))
     assert "ldmatrix" not in on(v8, "float16", 2).func.script()  # 2 rows: the GEMV
+
+
+def test_kernels_compile_with_nvcc_in_one_library_next_to_cuda_mma(tmp_path):
+    """nvcc builds one library holding wide kernels of several plans (book alone in dynamic shared memory, book +
+    split sums, no shared book, replicated) next to `cuda_mma.py` and the GEMV, as a model library does: every
+    `extern __shared__` array of a CUDA file shares one name space, so two kernels declaring one name with two types
+    fail to compile (a shared book retyped to uint4 by TVM did, under the name `cuda_mma.py` uses)."""
+    from test_cuda_aot import require_cuda_toolkit
+
+    require_cuda_toolkit(cuobjdump=False)
+    import tvm
+
+    from vptq_mlc.compile.targets import resolve_backend
+    from vptq_mlc.tir_kernels.cuda_gemv import vq_gemv_cuda
+    from vptq_mlc.tir_kernels.cuda_mma import vq_mma_cuda
+    from vptq_mlc.tir_kernels.cuda_mma_wide import vq_mma_wide_cuda
+
+    small, split = _cfg("v8-k256-256", 256, 512, {}), _cfg("v8-k4096-0", 1024, 512, {})
+    funcs = {"mma_small": vq_mma_cuda(small, "float16", 16), "gemv_small": vq_gemv_cuda(small, "float16", 2),
+             "wide_small": vq_mma_wide_cuda(small, "float16", 16), "wide_split": vq_mma_wide_cuda(split, "float16", 8),
+             "wide_global": vq_mma_wide_cuda(_cfg("v8-k65536-256", 1024, 512, {}), "float16", 16),
+             "mma_split": vq_mma_cuda(split, "float16", 16)}
+    (bt,) = resolve_backend("cuda", "sm_90")
+    bt.prepare()
+    mod = tvm.IRModule({n: f.with_attr("global_symbol", n) for n, f in funcs.items()})
+    tvm.compile(mod, target=bt.target).export_library(str(tmp_path / "k.so"))
 
 
 def _same(picked, built) -> bool:

@@ -18,18 +18,19 @@ floating point type": a0,a1 (g, 2q..) a2,a3 (g+8, 2q..) a4,a5 (g, 2q+8..) a6,a7 
 up the entry of tile row t (matrix t/8, k slot 8*(t/16) + t%8, vector row (t/8)%2 of the pair), stores it to row
 t of its warp's 512-byte tile, and gives row t's address to ldmatrix: the 32 lanes' 32 lookups are one A fragment.
 
-Instructions per lane per 8 weights (one entry; smem codebook, no residual): code extract + clamp + address
-(~3 integer ops), 1 LDS.128 (lookup), 1 STS.128 (tile), 1 LDSM.x4.trans, plus 1 MMA per 8 activation rows, and a
-`__syncwarp` per chunk (a no-op in SASS when converged), plus 2 PRMT per B fragment (per step, shared by the
-warp's pair tiles) to pick its activations. sm_90 SASS of the 4096 x 4096 v8-k4096-0 kernel at 16 rows: 15
-instructions per 8 weights per lane in the main loop, HMMA included; `cuda_mma.py` issues 8 LDS.U16 + their
-address arithmetic + PRMT packing for the same 8 weights: 91 per 8 weights. Register shuffles need >= 4 SHFL + 4 PRMT per 8 weights (each lane's 8 values go to 8 different
-lanes). `movmatrix.trans` works if 4 lanes read 4 bytes each of one entry (an 8x8 matrix of entries in "row"
-layout, which it transposes into A order): 4 LDS.32 + 4 MOVM + 4 code extractions and addresses per 8 weights per
-lane, more instructions than here but no tile round trip in shared memory (not built: the tile's STS.128 + LDSM
-cost 8 of the ~18 shared-memory wavefronts per 256 weights when the lookups have the ~2.6x bank conflicts of random
-16-byte reads). The tile stores are conflict-free (32 consecutive 16-byte rows); the lookups themselves are random
-16-byte reads, as in the GEMV (`REPLICAS` copies of a small book, as there, make them conflict-free).
+Instructions per lane per 8 weights (one entry; smem codebook, no residual): code extract + clamp + address (~3
+integer ops), 1 LDS.128 (lookup), 1 STS.128 (tile), 1 LDSM.x4.trans, plus 1 MMA per 8 activation rows, and a
+`__syncwarp` per chunk (a no-op in SASS when converged), plus 2 PRMT per B fragment (per step, shared by the warp's
+pair tiles) to pick its activations. sm_90 SASS of the 4096 x 4096 v8-k4096-0 kernel at 16 rows: 15 instructions per
+8 weights per lane in the main loop, HMMA included; `cuda_mma.py` issues 8 LDS.U16 + their address arithmetic + PRMT
+packing for the same 8 weights: 91 per 8 weights. Register shuffles need >= 4 SHFL + 4 PRMT per 8 weights (each
+lane's 8 values go to 8 different lanes). `movmatrix.trans` works if 4 lanes read 4 bytes each of one entry (an 8x8
+matrix of entries in "row" layout, which it transposes into A order): 4 LDS.32 + 4 MOVM + 4 code extractions and
+addresses per 8 weights per lane, more instructions than here but no tile round trip in shared memory (not built:
+the tile's STS.128 + LDSM cost 8 of the ~18 shared-memory wavefronts per 256 weights when the lookups have the ~2.6x
+bank conflicts of random 16-byte reads). The tile stores are conflict-free (32 consecutive 16-byte rows); the
+lookups themselves are random 16-byte reads, as in the GEMV (`REPLICAS` copies of a small book, as there, make them
+conflict-free).
 
 Column mapping (a sum over k does not care which physical column feeds which k slot, as long as A and B agree):
 a chunk is 16*DS columns, DS MMA steps. Lane q of the B side owns the CW = 4*DS consecutive columns
@@ -57,7 +58,7 @@ from tvm.script import tirx as T
 from vptq_mlc.artifact.vq_layout import code_dtype
 from vptq_mlc.checkpoint.layer_config import VPTQLayerConfig
 from vptq_mlc.errors import compile_switch
-from vptq_mlc.tir_kernels.cuda_common import KERNEL_ATTRS, fill_book_direct, fill_book_replicated, pow2_floor, vr
+from vptq_mlc.tir_kernels.cuda_common import KERNEL_ATTRS, pow2_floor, vr
 from vptq_mlc.tir_kernels.cuda_gemv import REPLICAS, SMEM_CODEBOOK_BYTES, keep_generic_operands
 from vptq_mlc.tir_kernels.cuda_mma import MAX_DYN_SMEM, MMA_ROWS
 from vptq_mlc.tir_kernels.generic import kernel_dims
@@ -148,9 +149,13 @@ def vq_mma_wide_cuda(cfg: VPTQLayerConfig, dtype: str, rows: int, plan: WidePlan
     NOCH = -(-OSZ // 16) if HAS_OUT else 0
     NRB = -(-NV // (RW * 2 * MT))
     REP = REPLICAS if p.replicated else 1
-    CB_MAIN = G * K * v * REP
-    CB_ALL = CB_MAIN + (G * KR * v * REP if HAS_RES else 0)
-    CB_SHARED = CB_ALL if p.smem_codebook else 1
+    # the shared book in whole entries (one float16x8 element each): its CUDA declaration is `uint4 wide_book_ptr[]`
+    # in every kernel of this family (or the merged `buf_dyn_shmem`), never `half cb_s_ptr[]` of other kernels:
+    # all `extern __shared__` arrays of one CUDA file share a name space, and TVM retypes a dynamic buffer whose
+    # every access is 8 wide, which made two kernels of one model library declare `cb_s_ptr` differently
+    CB_MAIN = G * K * REP
+    CB_SHARED = (CB_MAIN + (G * KR * REP if HAS_RES else 0)) if p.smem_codebook else 1
+    ENTRY = f"{dtype}x{v}"
     NBUF = MT * DS  # tiles per warp (one per (pair tile, step) of a chunk)
     RED = max(1, (P - 1) * RW * NACC * 32)
     WHOLE = NCH % P == 0 and CPS % U == 0  # every (iteration, chunk) of every split is real: no per-chunk test
@@ -176,23 +181,33 @@ def vq_mma_wide_cuda(cfg: VPTQLayerConfig, dtype: str, rows: int, plan: WidePlan
     def group_of(col):  # the codebook group of a codes-region column (one group: no arithmetic per lookup)
         return 0 if G == 1 else T.min(col, L - 1) // S
 
-    def book_at(base, grp, code, per_group, lane):  # an entry's first half (lane's own copy when replicated)
+    def book_at(base, grp, code, per_group, lane):  # an entry of the shared book (lane's own copy when replicated)
         if REP > 1:
-            return base + ((grp * per_group + code) * REP + lane % REP) * v
-        return base + (grp * per_group + code) * v
+            return base + (grp * per_group + code) * REP + lane % REP
+        return base + grp * per_group + code
 
     @T.macro
-    def lookup(ent, rent, cb_s, centroids, res_centroids, cl, rl, at, col, lane):
+    def fill_book(book, base, src, entries, per_group, stage, tid):
+        """src[G, per_group, 8] into the shared book at entry `base` (REP copies: thread t stores copy (q + t) % REP
+        at step q, so a quarter-warp's stores hit 8 bank groups, as `cuda_common.fill_book_replicated`); rounds
+        unrolled up to 16 (a 64 KB book over 256 threads), so their loads overlap."""
+        for it in T.unroll(-(-entries // NTH)) if -(-entries // NTH) <= 16 else T.serial(-(-entries // NTH)):
+            if it * NTH + tid < entries:
+                stage[vr(0, v)] = src[(it * NTH + tid) // per_group, (it * NTH + tid) % per_group, vr(0, v)]
+                for c in T.unroll(REP):
+                    book[base + (it * NTH + tid) * REP + (c + it * NTH + tid) % REP] = stage[vr(0, v)]
+
+    @T.macro
+    def lookup(ent, rent, book, centroids, res_centroids, cl, rl, at, col, lane):
         """ent[0:8] = W[vector row][col] for the 8 outputs (main + residual entry, fp16 add), from code cl[at]."""
         code = code_index(cl[at], K)
         if p.smem_codebook:
-            ent[vr(0, v)] = cb_s[vr(book_at(0, group_of(col), code, K, lane), v)]
+            ent[vr(0, v)] = book[book_at(0, group_of(col), code, K, lane)]
         else:
             ent[vr(0, v)] = centroids[group_of(col), code, vr(0, v)]
         if HAS_RES:
             if p.smem_codebook:
-                rent[vr(0, v)] = cb_s[vr(book_at(CB_MAIN, group_of(col),
-                                                 code_index(rl[at], KR), KR, lane), v)]
+                rent[vr(0, v)] = book[book_at(CB_MAIN, group_of(col), code_index(rl[at], KR), KR, lane)]
             else:
                 rent[vr(0, v)] = res_centroids[group_of(col), code_index(rl[at], KR),
                                                vr(0, v)]
@@ -221,7 +236,7 @@ def vq_mma_wide_cuda(cfg: VPTQLayerConfig, dtype: str, rows: int, plan: WidePlan
         bx = T.launch_thread("blockIdx.x", NRB)
         tx = T.launch_thread("threadIdx.x", 32)
         ty = T.launch_thread("threadIdx.y", W)
-        cb_s = T.alloc_buffer((CB_SHARED,), dtype, scope="shared.dyn")
+        wide_book = T.alloc_buffer((CB_SHARED,), ENTRY, scope="shared.dyn")
         tile = T.alloc_buffer((W * NBUF * TILE_HALVES,), dtype, scope="shared")
         red = T.alloc_buffer((RED,), "float32", scope="shared.dyn")
         acc = T.alloc_buffer((NACC,), "float32", scope="local")
@@ -240,15 +255,9 @@ def vq_mma_wide_cuda(cfg: VPTQLayerConfig, dtype: str, rows: int, plan: WidePlan
         rg = ty // P
         sp = ty % P
         if p.smem_codebook:
-            if REP > 1:
-                fill_book_replicated(cb_s, 0, stage, centroids, G * K, K, -(-(G * K) // NTH), NTH, tid, v, v, REP)
-                if HAS_RES:
-                    fill_book_replicated(cb_s, CB_MAIN, stage, res_centroids, G * KR, KR, -(-(G * KR) // NTH), NTH,
-                                         tid, v, v, REP)
-            else:
-                fill_book_direct(cb_s, 0, centroids, G * K, K, NTH, tid, v, True)
-                if HAS_RES:
-                    fill_book_direct(cb_s, CB_MAIN, res_centroids, G * KR, KR, NTH, tid, v, True)
+            fill_book(wide_book, 0, centroids, G * K, K, stage, tid)
+            if HAS_RES:
+                fill_book(wide_book, CB_MAIN, res_centroids, G * KR, KR, stage, tid)
             T.tvm_storage_sync("shared")
         i0 = (bx * RW + rg) * 2 * MT  # first vector row of this warp
         for a in T.unroll(NACC):
@@ -299,7 +308,7 @@ def vq_mma_wide_cuda(cfg: VPTQLayerConfig, dtype: str, rows: int, plan: WidePlan
                     # every lane's entries into the warp's tiles, then ldmatrix reads them in fragment order
                     for mt in T.unroll(MT):
                         for d in T.unroll(DS):
-                            lookup(ent, rent, cb_s, centroids, res_centroids, cl, rl, (u * MT + mt) * DS + d,
+                            lookup(ent, rent, wide_book, centroids, res_centroids, cl, rl, (u * MT + mt) * DS + d,
                                    code_col(sp, it * U + u, tx) + d, tx)
                             tile[vr(tile_at(ty, mt, d) + tx * v, v)] = ent[vr(0, v)]
                     T.evaluate(T.call_extern("void", "__syncwarp"))
