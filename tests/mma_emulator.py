@@ -44,6 +44,7 @@ struct alignas(8) uint2 { unsigned x, y; };
 struct alignas(8) ushort4 { unsigned short x, y, z, w; };
 struct alignas(4) uchar4 { unsigned char x, y, z, w; };
 struct alignas(2) uchar2 { unsigned char x, y; };
+struct alignas(8) half4 { half x, y, z, w; };
 struct alignas(4) ushort2 { unsigned short x, y; };
 struct alignas(8) uchar8 { unsigned char v[8]; };
 #define __global__

@@ -27,6 +27,8 @@ CASES = {
     "k65536_global_book_r8": ("v8-k65536-0", 512, 256, 8, {}, {}),
     "groups_partial_vector_r5": ("v8-k256-0", 1024, 300, 5, {"group_num": 2}, {}),
     "two_steps_per_load_r13": ("v8-k256-0", 1056, 264, 13, {}, {}),  # 1056 columns: 32-column chunks
+    # 36 outlier columns: a partial outlier step, activations of the codes region at 8-byte alignment (4-wide loads)
+    "odd_outliers_r16": ("v8-k4096-0", 1060, 256, 16, {**OUTL, "outlier_size": 36}, {}),
 }
 
 
@@ -87,7 +89,7 @@ def _row_err(y, ref):
 def test_kernel_matches_reference_dequant_on_cpu(kernels, tmp_path, name):
     """Every output row within fp16 rounding of float64 `xs @ W.T` (residual + outliers + replicated book, uint16
     codes, two pairs of vector rows per warp, the book read from global memory, two groups with a partial last
-    vector row, 32-column chunks; 5..16 rows: one and two n-tiles, rows past the batch)."""
+    vector row, 32-column chunks, 36 outlier columns; 5..16 rows: one and two n-tiles, rows past the batch)."""
     y, ref = _run(kernels[name], tmp_path)
     assert not np.isnan(y).any()
     err = _row_err(y, ref)
