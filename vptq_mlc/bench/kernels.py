@@ -248,7 +248,8 @@ WIDE_VARIANTS = ("v8-k4096-0", "v8-k256-256", "v8-k65536-256")
 
 def mma_wide_cases(rows: tuple[int, ...] = (8, 16),
                    plans: tuple[dict, ...] = ({"unroll": 2}, {"steps_per_load": 2}, {"pair_tiles": 2},
-                                              {"pair_tiles": 2, "replicated": False})
+                                              {"pair_tiles": 2, "replicated": False},
+                                              {"row_groups": 2, "steps_per_load": 2})
                    ) -> list[KernelCase]:
     """The whole-entry tensor-core decode kernel (`mma-wide`) next to the current one (`mma`, forced) on the 7B
     shapes (torch fp16 of each shape is timed with them), plus the overrides in `plans` of the wide kernel at the
