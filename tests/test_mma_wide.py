@@ -107,6 +107,23 @@ def test_wrong_fragment_layout_fails_the_check(kernels, tmp_path, layout):
     assert err > 0.1, err
 
 
+def test_default_plans_fit_every_arch_and_shape():
+    """The registry builds the default plan for every v = 8 layer the switch reaches: it must fit the 99 KB of
+    shared memory of sm_86/sm_89 (one library serves every default arch) and whole chunks of its columns."""
+    from vptq_mlc.tir_kernels.cuda_mma import MAX_DYN_SMEM
+    from vptq_mlc.tir_kernels.cuda_mma_wide import mma_wide_supported, plan_mma_wide, smem_bytes
+
+    for variant in ("v8-k256-0", "v8-k256-256", "v8-k4096-0", "v8-k4096-4096", "v8-k8192-0", "v8-k65536-0",
+                    "v8-k65536-256", "v8-k65536-65536"):
+        for i, o in ((4096, 4096), (4096, 11008), (11008, 4096), (14336, 4096), (1024, 300), (8192, 28672)):
+            for rows in (6, 8, 11, 16):
+                cfg = _cfg(variant, i, o, {})
+                assert mma_wide_supported(cfg, "float16", rows)
+                p = plan_mma_wide(cfg, rows)
+                assert smem_bytes(cfg, p, rows) <= MAX_DYN_SMEM, (variant, i, o, rows, p)
+                assert (cfg.group_num * cfg.group_size) % (16 * p.steps_per_load) == 0
+
+
 def test_switch_is_off_by_default_and_refuses_bad_values(monkeypatch):
     from vptq_mlc.tir_kernels.cuda_mma_wide import MMA_WIDE_ENV, mma_wide_enabled
 
