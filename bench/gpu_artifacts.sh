@@ -2,7 +2,7 @@
 # Build, on the GPU-less build box, everything bench/gpu_suite.sh reads on the GPU host, into one folder to carry.
 # Usage (repo root): bash bench/gpu_artifacts.sh ART_DIR [parts...]
 # parts (default: tvm_rt kcheck e2e): tvm_rt kcheck kbench kcs kgather e2e e2eds e2emla e2e7b attn dattn kprefill kwgmma
-# sampler; each is skipped when already built.
+# kwide sampler; each is skipped when already built.
 #   kgather  the gathered-experts CUDA kernel at DeepSeek-R1 expert shapes (tests/gathered_kernels.py): gathered_cuda.so
 #          + gathered.json, checked and timed by tests/gpu/test_gathered_gpu.py (a few seconds to build)
 #   sampler  the compiled sampler alone (`vptq-mlc bench sampler --build`; any vocabulary, any rows): the one-block
@@ -23,11 +23,14 @@
 #          E2E7B_COMPILE_ARGS: more `vptq-mlc compile` arguments (e.g. "--prefill-chunk 2048"). A name ending in
 #          -fold / -nofold (e.g. v8-k4096-0-nofold) is that variant compiled with VPTQ_MLC_PREFILL_FOLD=1 / 0, one
 #          ending in -wgmma / -mmasync (fp16-wgmma, v8-k4096-0-nofold-mmasync) with VPTQ_MLC_WGMMA=1 / 0; other names
-#          get the defaults (folded prefill; sm_90 alone: wgmma). A name ending in -dattn (last:
-#          v8-k4096-0-dattn, v8-k4096-0-nofold-dattn) is compiled with VPTQ_MLC_DECODE_ATTN=1 (the split-KV decode
-#          attention kernel).
+#          get the defaults (folded prefill; sm_90 alone: wgmma). -mmawide (before a -wgmma / -mmasync:
+#          v8-k4096-0-mmawide, v8-k4096-0-fold-mmawide-wgmma): VPTQ_MLC_MMA_WIDE=1 (the whole-entry tensor-core decode
+#          kernel). -dattn (last: v8-k4096-0-dattn, v8-k4096-0-nofold-dattn): VPTQ_MLC_DECODE_ATTN=1 (the split-KV
+#          decode attention kernel).
 #   dattn  the decode attention kernels alone (bench/attention_decode.py build): ours and TVM's at 32/32, 8/32 and
 #          4/32 heads, read by gpu_suite.sh's steps dattn and pytest
+#   kwide  the whole-entry tensor-core decode kernel next to the current one on the 7B shapes, rows 8 and 16
+#          (`bench build --suite mma-wide`), timed by gpu_suite.sh's step kwide
 # ARCH (default sm_90) sets the CUDA arch of every library.
 set -euo pipefail
 ART=${1:?usage: gpu_artifacts.sh ART_DIR [parts...]}
@@ -49,6 +52,7 @@ for p in $PARTS; do
     dattn) built "$ART/dattn" || python3 bench/attention_decode.py build "$ART/dattn" --arch "$ARCH" ;;
     kprefill) built "$ART/kprefill" || python3 bench/prefill_gemm.py build "$ART/kprefill" --arch "$ARCH" ;;
     kwgmma) built "$ART/kwgmma" || python3 bench/wgmma_gemm.py build "$ART/kwgmma" ;;  # always sm_90a
+    kwide) built "$ART/kwide" || "${V[@]}" bench build "$ART/kwide" --suite mma-wide --arch "$ARCH" ;;
     kcs) built "$ART/kcs" || "${V[@]}" bench build "$ART/kcs" --suite code-sorted --arch "$ARCH" ;;
     kgather) built "$ART/kgather" || python3 tests/gathered_kernels.py build "$ART/kgather" "$ARCH" ;;
     sampler) mkdir -p "$ART/sampler"
@@ -91,13 +95,14 @@ make_synthetic_checkpoint('$E/ckpt', variant='v8-k256-256', hidden_size=256, int
       first=$1
       for n in "$@"; do
         built "$D/$n-cuda.so" && continue
-        # NAME-fold / NAME-nofold: VPTQ_MLC_PREFILL_FOLD=1 / 0; NAME-wgmma / NAME-mmasync: VPTQ_MLC_WGMMA=1 / 0
-        # (unset otherwise: the defaults); a fold suffix and a GEMM suffix may stack, in that order; NAME-dattn (last):
-        # VPTQ_MLC_DECODE_ATTN=1
+        # NAME-fold / NAME-nofold: VPTQ_MLC_PREFILL_FOLD=1 / 0; NAME-mmawide: VPTQ_MLC_MMA_WIDE=1; NAME-wgmma /
+        # NAME-mmasync: VPTQ_MLC_WGMMA=1 / 0; NAME-dattn: VPTQ_MLC_DECODE_ATTN=1 (unset otherwise: the defaults); they
+        # stack in this order (NAME-nofold-mmawide-wgmma-dattn)
         nd=${n%-dattn}; dattn=""; [ "$nd" != "$n" ] && dattn=1
         base=${nd%-wgmma}; wgmma=""; [ "$base" != "$nd" ] && wgmma=1
         [ "${base%-mmasync}" != "$base" ] && { base=${base%-mmasync}; wgmma=0; }
-        variant=${base%-fold}; fold=""; [ "$variant" != "$base" ] && fold=1
+        nowide=${base%-mmawide}; wide=""; [ "$nowide" != "$base" ] && wide=1
+        variant=${nowide%-fold}; fold=""; [ "$variant" != "$nowide" ] && fold=1
         [ "${variant%-nofold}" != "$variant" ] && { variant=${variant%-nofold}; fold=0; }
         if [ "$variant" = fp16 ]; then
           built "$D/$first-cfg/mlc-chat-config.json" >/dev/null || { echo "fp16 needs a VQ system first" >&2; exit 2; }
@@ -112,8 +117,8 @@ p.write_text(json.dumps(c, indent=2))"
           "${V[@]}" bench synth-model "$D/$n-cfg" --shape "${E2E7B_SHAPE:-llama2-7b}" --variant "$variant" --config-only
         fi
         VPTQ_MLC_PREFILL_FOLD=${fold:-${VPTQ_MLC_PREFILL_FOLD:-}} VPTQ_MLC_WGMMA=${wgmma:-${VPTQ_MLC_WGMMA:-}} \
-          VPTQ_MLC_DECODE_ATTN=${dattn:-${VPTQ_MLC_DECODE_ATTN:-}} "${V[@]}" compile "$D/$n-cfg" --target cuda \
-          --arch "$ARCH" -o "$D/$n-cuda.so" ${E2E7B_COMPILE_ARGS:-}
+          VPTQ_MLC_DECODE_ATTN=${dattn:-${VPTQ_MLC_DECODE_ATTN:-}} VPTQ_MLC_MMA_WIDE=${wide:-${VPTQ_MLC_MMA_WIDE:-}} \
+          "${V[@]}" compile "$D/$n-cfg" --target cuda --arch "$ARCH" -o "$D/$n-cuda.so" ${E2E7B_COMPILE_ARGS:-}
       done
       mkdir -p "$D/tokenizer"
       for c in "$D"/*-cfg; do
@@ -123,7 +128,8 @@ p.write_text(json.dumps(c, indent=2))"
         gzip -c "$c/tokenizer.json" > "$D/tokenizer/tokenizer.json.gz"
         rm "$c/tokenizer.json"
       done ;;
-    *) echo "unknown part $p (tvm_rt kcheck kbench kcs kgather e2e e2eds e2e7b attn dattn kprefill kwgmma sampler)" >&2; exit 2 ;;
+    *) echo "unknown part $p (tvm_rt kcheck kbench kcs kgather e2e e2eds e2e7b attn dattn kprefill kwgmma kwide" \
+         "sampler)" >&2; exit 2 ;;
   esac
 done
 du -sh "$ART"/* 2>/dev/null

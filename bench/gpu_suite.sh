@@ -6,6 +6,7 @@
 #   kcheck/   vptq-mlc bench build ART_DIR/kcheck --suite check --arch sm_90          steps: check, pytest
 #   kbench/   vptq-mlc bench build ART_DIR/kbench --suite kernels --arch sm_90 --rows 1,8    step: kernels
 #   kcs/      vptq-mlc bench build ART_DIR/kcs --suite code-sorted --arch sm_90      steps: cs, pytest
+#   kwide/    vptq-mlc bench build ART_DIR/kwide --suite mma-wide --arch sm_90       step: kwide
 #   e2e/      a tiny converted model: model/, model-cpu.so, model-cuda.so, ckpt/ (its checkpoint, for the
 #             transformers reference)                                                  steps: decode, pytest
 #   e2eds/    a tiny fp16 deepseek_v3: model/, model-cpu.so.gz, model-cuda.so.gz (unpacked here), reference.npz
@@ -33,8 +34,8 @@
 # 128256-token vocabulary, T 0.6 / top_p 0.9 and greedy.
 # step sampling7b: bench/sampling_vs_greedy.py on each SAMPLING7B_SYSTEMS (default: E2E7B_SYSTEMS, else
 # v8-k65536-256): model-default sampling vs greedy on one engine, batches 1 and 16, the sampler's kernels profiled.
-# steps: check kernels cs decode pytest e2e7b profile7b api7b attn dattn kprefill kwgmma prefix serve7b sampler sampling7b (default:
-# check kernels decode pytest)
+# steps: check kernels cs kwide decode pytest e2e7b profile7b api7b attn dattn kprefill kwgmma prefix serve7b sampler
+# sampling7b (default: check kernels decode pytest)
 # E2E7B_SYSTEMS: the e2e7b system names (default: "v8-k4096-0 v8-k65536-256 fp16"); E2E7B_STEPS: decode steps (64);
 # E2E7B_ARGS: more `vptq-mlc bench e2e` arguments (e.g. "--batches 1,16 --sampling model").
 # PROFILE7B_SYSTEMS: the systems bench/profile_decode.py profiles (default: E2E7B_SYSTEMS, else v8-k4096-0): kernel
@@ -67,6 +68,8 @@ for s in $STEPS; do
     check) "${V[@]}" bench check "$ART/kcheck" --json "$OUT/check.json" 2>&1 | tail -n 8 | tee "$OUT/check.log" || rc=1 ;;
     kernels) "${V[@]}" bench kernels "$ART/kbench" --json "$OUT/kernels.json" 2>&1 | tee "$OUT/kernels.log" || rc=1 ;;
     cs) "${V[@]}" bench kernels "$ART/kcs" --json "$OUT/cs_kernels.json" 2>&1 | tee "$OUT/cs_kernels.log" || rc=1 ;;
+    kwide) "${V[@]}" bench kernels "$ART/kwide" --json "$OUT/mma_wide_kernels.json" 2>&1 \
+        | tee "$OUT/mma_wide_kernels.log" || rc=1 ;;
     decode) E=$ART/e2e
       "${V[@]}" bench decode "$E/model" --lib "$E/model-cuda.so" --device cuda --tokens 32 \
         --compare-lib "$E/model-cpu.so" --compare-device cpu 2>&1 | tee "$OUT/decode.log" || rc=1 ;;
@@ -144,7 +147,8 @@ for s in $STEPS; do
       python3 bench/prefix_ttft.py "$C" --lib "$ART/e2e7b/$N-cuda.so" --device cuda --json "$OUT/prefix_ttft.json" \
         ${PREFIX_ARGS:-} > "$OUT/prefix_ttft.log" 2>&1 || rc=1
       tail -n 12 "$OUT/prefix_ttft.log" ;;
-    *) echo "unknown step $s (check kernels cs decode pytest e2e7b profile7b api7b attn dattn kprefill kwgmma prefix serve7b" \
+    *) echo "unknown step $s (check kernels cs kwide decode pytest e2e7b profile7b api7b attn dattn kprefill kwgmma" \
+         "prefix serve7b" \
          "sampler sampling7b)" >&2; exit 2 ;;
   esac
 done

@@ -59,13 +59,18 @@ def _cuda_funcs(dtype: str, backend) -> dict[str, object]:
     funcs = {}
     for c in _cases():
         cfg = c.config()
-        if dtype != "float16" and c.kernel in ("mma", "code-sorted", "dequant-gemm") or c.kernel == "dequant":
+        fp16_only = ("mma", "mma-wide", "code-sorted", "dequant-gemm")
+        if dtype != "float16" and c.kernel in fp16_only or c.kernel == "dequant":
             continue
         if c.kernel == "code-sorted":
             f = cs.vq_code_sorted_cuda(cfg, dtype, c.rows, replace(cs.plan_code_sorted(cfg, c.rows, dtype), **c.plan))
         elif c.kernel == "mma":
             base = plan_mma(cfg) if c.rows else plan_mma_prefill(cfg)
             f = vq_mma_cuda(cfg, dtype, c.rows, replace(base, **c.plan))
+        elif c.kernel == "mma-wide":
+            from vptq_mlc.tir_kernels.cuda_mma_wide import plan_mma_wide, vq_mma_wide_cuda
+
+            f = vq_mma_wide_cuda(cfg, dtype, c.rows, replace(plan_mma_wide(cfg, c.rows), **c.plan))
         elif c.kernel == "dequant-gemm":
             from vptq_mlc.tir_kernels.cuda_dequant_gemm import vq_prefill_cuda
 

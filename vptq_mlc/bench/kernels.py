@@ -42,7 +42,7 @@ class KernelCase:
     run_rows: int = 0  # rows to run a symbolic kernel with (0 = `rows`)
     # GemvPlan overrides (schedule sweeps, decode); with kernel "dequant-gemm": the DequantPlan fields
     plan: dict[str, Any] = field(default_factory=dict)
-    # "" = the registry's choice; "gemv" / "mma" / "code-sorted" / "dequant" (dlight) force a kernel;
+    # "" = the registry's choice; "gemv" / "mma" / "mma-wide" / "code-sorted" / "dequant" (dlight) force a kernel;
     # "dequant-gemm": dequantize into a scratch weight + the dense GEMM at every row count (symbolic rows);
     # "fold": the folded prefill of a normed layer (`vq_prefill_folded_cuda`; plan {"from_rows": N} its threshold)
     kernel: str = ""
@@ -124,6 +124,22 @@ def correctness_cases() -> list[KernelCase]:
         KernelCase("v8-k256-256", 1024, 512, None, outl, kernel="mma", run_rows=70),
         KernelCase("v12-k65536-4096", 1020, 252, None, kernel="mma", run_rows=19),
         KernelCase("v16-k65536-65536", 1024, 512, None, kernel="mma", run_rows=130),
+    ]
+    # the whole-entry tensor-core decode kernel (VPTQ_MLC_MMA_WIDE): rows 8 / 11 / 16, residual + outliers with the
+    # replicated book, uint16 codes, books read through L1/L2 (K = 65536, with a residual), groups, O % 8 != 0,
+    # 32-column chunks (1056 columns), two pairs of vector rows per warp
+    wide = "mma-wide"
+    cases += [
+        KernelCase("v8-k256-256", 1024, 512, 8, outl, kernel=wide),
+        KernelCase("v8-k256-256", 1024, 512, 11, outl, kernel=wide),
+        KernelCase("v8-k4096-0", 1024, 512, 16, kernel=wide),
+        KernelCase("v8-k4096-0", 1024, 512, 11, kernel=wide),
+        KernelCase("v8-k65536-256", 1024, 512, 16, kernel=wide),
+        KernelCase("v8-k65536-0", 1024, 512, 8, outl, kernel=wide),
+        KernelCase("v8-k256-0", 1024, 300, 11, {"group_num": 2}, kernel=wide),
+        KernelCase("v8-k256-256", 1056, 264, 13, {"enable_perm": False}, kernel=wide),
+        KernelCase("v8-k256-0", 1024, 512, 16, plan={"pair_tiles": 2}, kernel=wide),
+        KernelCase("v8-k4096-0", 2048, 1024, 16, kernel=wide),  # 8 splits of 4 chunks
     ]
     # the activation side through our prologue kernels (norm-bias dot, perm, scale), checked through whole linears:
     # one linear's own prologue (rows 1, 11008 wide: 11 CTAs per row), the shared prologue of q/k/v-like and
@@ -227,6 +243,36 @@ def bench_cases(rows: tuple[int, ...] = (1, 8), compare_gemv: tuple[int, ...] = 
             for r in rows for k in ([""] + (["gemv"] if r in compare_gemv else []))]
 
 
+WIDE_VARIANTS = ("v8-k4096-0", "v8-k256-256", "v8-k65536-256")
+
+
+def mma_wide_cases(rows: tuple[int, ...] = (8, 16),
+                   plans: tuple[dict, ...] = ({"unroll": 2}, {"steps_per_load": 2}, {"pair_tiles": 2},
+                                              {"pair_tiles": 2, "replicated": False},
+                                              {"row_groups": 2, "steps_per_load": 2})
+                   ) -> list[KernelCase]:
+    """The whole-entry tensor-core decode kernel (`mma-wide`) next to the current one (`mma`, forced) on the 7B
+    shapes (torch fp16 of each shape is timed with them), plus the overrides in `plans` of the wide kernel at the
+    last row count, where they fit shared memory."""
+    from vptq_mlc.tir_kernels.cuda_mma import MAX_DYN_SMEM
+    from vptq_mlc.tir_kernels.cuda_mma_wide import plan_mma_wide, smem_bytes
+
+    out = []
+    for v in WIDE_VARIANTS:
+        for o, i in BENCH_SHAPES[:3]:
+            for r in rows:
+                out += [KernelCase(v, i, o, r, kernel="mma"), KernelCase(v, i, o, r, kernel="mma-wide")]
+            cfg = KernelCase(v, i, o, rows[-1]).config()
+            base = plan_mma_wide(cfg, rows[-1])
+            seen = {base}  # an override that changes nothing here (e.g. no book copies to drop) is left out
+            for p in plans:
+                plan = replace(base, **p)
+                if plan not in seen and smem_bytes(cfg, plan, rows[-1]) <= MAX_DYN_SMEM:
+                    seen.add(plan)
+                    out.append(KernelCase(v, i, o, rows[-1], kernel="mma-wide", plan=p))
+    return out
+
+
 def prefill_cases(run_rows: tuple[int, ...] = (128, 512, 2048), plans: tuple[dict, ...] = ()) -> list[KernelCase]:
     """Prefill kernels side by side on real shapes: the dlight dequant matmul, the registry's choice, both paths of
     the fp16 prefill forced (the VQ tensor-core kernel `mma`, dequantize + dense GEMM `dequant-gemm`) and the
@@ -302,6 +348,11 @@ def build_kernel_library(cases: list[KernelCase], out_dir: str | os.PathLike[str
             cfg = c.config()
             base = plan_mma(cfg) if c.rows else plan_mma_prefill(cfg)
             f = vq_mma_cuda(cfg, dtype, c.rows, replace(base, **c.plan))
+        elif c.kernel == "mma-wide":  # plan overrides: WidePlan fields
+            from vptq_mlc.tir_kernels.cuda_mma_wide import plan_mma_wide, vq_mma_wide_cuda
+
+            cfg = c.config()
+            f = vq_mma_wide_cuda(cfg, dtype, c.rows, replace(plan_mma_wide(cfg, c.rows), **c.plan))
         elif c.kernel == "dequant-gemm":
             from vptq_mlc.artifact.vq_layout import vq_operand_shapes
             from vptq_mlc.tir_kernels.cuda_dequant_gemm import DequantPlan, vq_prefill_cuda

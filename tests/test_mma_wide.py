@@ -1,0 +1,197 @@
+"""The whole-entry tensor-core decode kernel (vptq_mlc/tir_kernels/cuda_mma_wide.py): the compile switch
+`VPTQ_MLC_MMA_WIDE` (off by default; on, the registry's tensor-core decode layers with v = 8 take it), and its results
+on the CPU: the CUDA source TVM generates, run with C++ models of `ldmatrix` and `mma.sync.m16n8k16` written from the
+PTX ISA's fragment tables (tests/mma_emulator.py), against float64 `xs @ W.T` with W from the independent reference
+dequantizer (tests/reference_dequant.py). A deliberately wrong fragment layout in the models fails the same check.
+nvcc builds the kernels into one library next to `cuda_mma.py`'s. No GPU here: `vptq-mlc bench build --suite
+check` carries the kernel's GPU cases. ~1 min on 2 cores.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import numpy as np
+import pytest
+from cuda_sources import generated_cuda, kernel_definitions
+from reference_dequant import ref_dequant
+
+from vptq_mlc.errors import CompileError
+
+OUTL = {"outlier_size": 64, "outlier_vector_len": 4, "num_outlier_centroids": 256}
+# name: (variant, in, out, rows, layer kwargs, plan overrides); norm off (the prologue's part), perm on
+CASES = {
+    "res_outliers_replicated_r11": ("v8-k256-256", 1024, 512, 11, OUTL, {}),
+    "k4096_r16": ("v8-k4096-0", 1024, 512, 16, {}, {}),
+    "k256_r16_two_pairs": ("v8-k256-0", 1024, 512, 16, {}, {"pair_tiles": 2, "unroll": 1}),
+    "k65536_global_book_r8": ("v8-k65536-0", 512, 256, 8, {}, {}),
+    "groups_partial_vector_r5": ("v8-k256-0", 1024, 300, 5, {"group_num": 2}, {}),
+    "two_steps_per_load_r13": ("v8-k256-0", 1056, 264, 13, {}, {}),  # 1056 columns: 32-column chunks
+    # 36 outlier columns: a partial outlier step, activations of the codes region at 8-byte alignment (4-wide loads)
+    "odd_outliers_r16": ("v8-k4096-0", 1060, 256, 16, {**OUTL, "outlier_size": 36}, {}),
+}
+
+
+def _cfg(variant, i, o, layer):
+    from vptq_mlc.checkpoint.layer_config import VPTQLayerConfig
+
+    return VPTQLayerConfig.from_variant(variant, i, o, enable_norm=False, **layer)
+
+
+@pytest.fixture(scope="module")
+def kernels():
+    """name -> (config, rows, plan, generated kernel source), all built in one TVM compile."""
+    import tvm
+
+    from vptq_mlc.tir_kernels.cuda_mma_wide import plan_mma_wide, vq_mma_wide_cuda
+
+    out, funcs = {}, {}
+    for name, (variant, i, o, rows, layer, plan) in CASES.items():
+        cfg = _cfg(variant, i, o, layer)
+        p = replace(plan_mma_wide(cfg, rows), **plan)
+        funcs[name] = vq_mma_wide_cuda(cfg, "float16", rows, p).with_attr("global_symbol", name)
+        out[name] = (cfg, rows, p)
+    src = kernel_definitions(generated_cuda(lambda bt: tvm.compile(tvm.IRModule(funcs), target=bt.target), "sm_90"))
+    return {name: (*out[name], src[f"{name}_kernel"]) for name in CASES}
+
+
+def _run(kernel, tmp_path, layout="ptx", seed=0):
+    """(y from the emulated kernel, float64 reference) for one case: random layer and activations."""
+    from mma_emulator import MmaKernelEmulator
+
+    from vptq_mlc.artifact.vq_layout import generic_layout
+    from vptq_mlc.checkpoint.dequant import decode_codes
+    from vptq_mlc.testing.synthetic import random_layer
+
+    cfg, rows, plan, source = kernel
+    rng = np.random.default_rng(seed)
+    tensors = random_layer(cfg, rng, "float16", scale=0.5 / np.sqrt(cfg.in_features))
+    ops = generic_layout(cfg, tensors, decode_codes(cfg, tensors), "float16")
+    w = ref_dequant(cfg.to_json(), tensors).astype(np.float64)
+    perm = np.asarray(tensors["perm"]).view(np.uint16).astype(np.int64) if cfg.enable_perm else None
+    if perm is not None:  # the kernel reads xs = x[:, perm]: W's columns in that order
+        w = w[:, perm]
+    xs = rng.standard_normal((rows, cfg.in_features)).astype(np.float16)
+    y = np.full((rows, cfg.out_features), np.nan, np.float16)  # poisoned: an output never written shows
+    emu = MmaKernelEmulator(source, tmp_path, layout)
+    assert emu.counts["ldmatrix"] > 0 and emu.counts["mma"] > 0, emu.counts
+    grid = -(-cfg.num_vectors // (plan.row_groups * 2 * plan.pair_tiles))
+    emu({"xs": xs, "y": y, **{k: np.ascontiguousarray(a) for k, a in ops.items()}}, grid,
+        plan.row_groups * plan.splits)
+    return y.astype(np.float64), xs.astype(np.float64) @ w.T
+
+
+def _row_err(y, ref):
+    return float((np.linalg.norm(y - ref, axis=1) / np.linalg.norm(ref, axis=1)).max())
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_kernel_matches_reference_dequant_on_cpu(kernels, tmp_path, name):
+    """Every output row within fp16 rounding of float64 `xs @ W.T` (residual + outliers + replicated book, uint16
+    codes, two pairs of vector rows per warp, the book read from global memory, two groups with a partial last
+    vector row, 32-column chunks, 36 outlier columns; 5..16 rows: one and two n-tiles, rows past the batch)."""
+    y, ref = _run(kernels[name], tmp_path)
+    assert not np.isnan(y).any()
+    err = _row_err(y, ref)
+    print(f"{name}: max row rel err {err:.2e}")
+    assert err < 2e-3, err
+
+
+@pytest.mark.parametrize("layout", ["wrong-trans", "wrong-b"])
+def test_wrong_fragment_layout_fails_the_check(kernels, tmp_path, layout):
+    """The check can fail: with ldmatrix's .trans semantics swapped, or B's two k halves swapped, in the PTX
+    models, the same kernel is far off the reference."""
+    y, ref = _run(kernels["k4096_r16"], tmp_path, layout)
+    err = _row_err(y, ref)
+    print(f"{layout}: max row rel err {err:.2e}")
+    assert err > 0.1, err
+
+
+def test_default_plans_fit_every_arch_and_shape():
+    """The registry builds the default plan for every v = 8 layer the switch reaches: it must fit the 99 KB of
+    shared memory of sm_86/sm_89 (one library serves every default arch) and whole chunks of its columns."""
+    from vptq_mlc.tir_kernels.cuda_mma import MAX_DYN_SMEM
+    from vptq_mlc.tir_kernels.cuda_mma_wide import mma_wide_supported, plan_mma_wide, smem_bytes
+
+    for variant in ("v8-k256-0", "v8-k256-256", "v8-k4096-0", "v8-k4096-4096", "v8-k8192-0", "v8-k65536-0",
+                    "v8-k65536-256", "v8-k65536-65536"):
+        for i, o in ((4096, 4096), (4096, 11008), (11008, 4096), (14336, 4096), (1024, 300), (8192, 28672)):
+            for rows in (6, 8, 11, 16):
+                cfg = _cfg(variant, i, o, {})
+                assert mma_wide_supported(cfg, "float16", rows)
+                p = plan_mma_wide(cfg, rows)
+                assert smem_bytes(cfg, p, rows) <= MAX_DYN_SMEM, (variant, i, o, rows, p)
+                assert (cfg.group_num * cfg.group_size) % (16 * p.steps_per_load) == 0
+
+
+def test_switch_is_off_by_default_and_refuses_bad_values(monkeypatch):
+    from vptq_mlc.tir_kernels.cuda_mma_wide import MMA_WIDE_ENV, mma_wide_enabled
+
+    monkeypatch.delenv(MMA_WIDE_ENV, raising=False)
+    assert mma_wide_enabled() is False
+    monkeypatch.setenv(MMA_WIDE_ENV, "1")
+    assert mma_wide_enabled() is True
+    monkeypatch.setenv(MMA_WIDE_ENV, "on")
+    with pytest.raises(CompileError, match=f"{MMA_WIDE_ENV}='on'"):
+        mma_wide_enabled()
+
+
+def test_registry_takes_it_only_with_the_switch_for_v8(monkeypatch):
+    """Switch off: the tensor-core decode layers keep cuda_mma.py (same TIR as without this module); on: v = 8 layers
+    take the wide kernel, v = 12 keeps cuda_mma.py, and the GEMV rows stay the GEMV."""
+    from tvm.target import Target
+
+    from vptq_mlc.checkpoint.layer_config import VPTQLayerConfig
+    from vptq_mlc.tir_kernels.cuda_mma import vq_mma_cuda
+    from vptq_mlc.tir_kernels.cuda_mma_wide import MMA_WIDE_ENV, vq_mma_wide_cuda
+    from vptq_mlc.tir_kernels.registry import CudaKernelSelector
+
+    target = Target({"kind": "cuda", "arch": "sm_90"})
+    v8 = VPTQLayerConfig.from_variant("v8-k4096-0", 1024, 512)
+    v12 = VPTQLayerConfig.from_variant("v12-k4096-0", 1020, 252)
+    monkeypatch.delenv(MMA_WIDE_ENV, raising=False)
+    off = CudaKernelSelector(target)
+    assert _same(off(v8, "float16", 16).func, vq_mma_cuda(v8, "float16", 16))
+    monkeypatch.setenv(MMA_WIDE_ENV, "1")
+    on = CudaKernelSelector(target)
+    assert _same(on(v8, "float16", 16).func, vq_mma_wide_cuda(v8, "float16", 16))
+    assert _same(on(v8, "float16", 8).func, vq_mma_wide_cuda(v8, "float16", 8))
+    assert _same(on(v12, "float16", 16).func, vq_mma_cuda(v12, "float16", 16))
+    assert "ldmatrix" not in on(v8, "float16", 2).func.script()  # 2 rows: the GEMV
+
+
+def test_kernels_compile_with_nvcc_in_one_library_next_to_cuda_mma(tmp_path):
+    """nvcc builds one library holding wide kernels of several plans (book alone in dynamic shared memory, book +
+    split sums, no shared book, replicated) next to `cuda_mma.py` and the GEMV, as a model library does: every
+    `extern __shared__` array of a CUDA file shares one name space, so two kernels declaring one name with two types
+    fail to compile (a shared book retyped to uint4 by TVM did, under the name `cuda_mma.py` uses)."""
+    from test_cuda_aot import require_cuda_toolkit
+
+    require_cuda_toolkit(cuobjdump=False)
+    import tvm
+
+    from vptq_mlc.compile.targets import resolve_backend
+    from vptq_mlc.tir_kernels.cuda_gemv import vq_gemv_cuda
+    from vptq_mlc.tir_kernels.cuda_mma import vq_mma_cuda
+    from vptq_mlc.tir_kernels.cuda_mma_wide import vq_mma_wide_cuda
+
+    small, split = _cfg("v8-k256-256", 256, 512, {}), _cfg("v8-k4096-0", 1024, 512, {})
+    funcs = {"mma_small": vq_mma_cuda(small, "float16", 16), "gemv_small": vq_gemv_cuda(small, "float16", 2),
+             "wide_small": vq_mma_wide_cuda(small, "float16", 16), "wide_split": vq_mma_wide_cuda(split, "float16", 8),
+             "wide_global": vq_mma_wide_cuda(_cfg("v8-k65536-256", 1024, 512, {}), "float16", 16),
+             "mma_split": vq_mma_cuda(split, "float16", 16)}
+    (bt,) = resolve_backend("cuda", "sm_90")
+    bt.prepare()
+    mod = tvm.IRModule({n: f.with_attr("global_symbol", n) for n, f in funcs.items()})
+    tvm.compile(mod, target=bt.target).export_library(str(tmp_path / "k.so"))
+
+
+def _same(picked, built) -> bool:
+    """The registry's PrimFunc is `built` (as the registry marks it: same printed TIR)."""
+    from vptq_mlc.tir_kernels.registry import VQKernel, _mark
+
+    return picked.script() == _mark(VQKernel(built, ())).func.script()
+
+
+if __name__ == "__main__":
+    pytest.main([__file__, "-q"])

@@ -1,0 +1,348 @@
+"""CUDA VQ decode kernel on tensor cores with whole-entry lookups (v = 8, 1..16 activation rows): the weight is the
+A operand of `mma.sync.m16n8k16` and each 8-weight codebook entry is looked up ONCE, with one 16-byte load.
+
+Why: `cuda_mma.py` builds its B fragment from one 2-byte shared-memory lookup per weight (8 lookups per lane per
+MMA), so it is instruction-bound (8-12% of copy bandwidth on the H100, flat from 4 to 16 rows), while the gather
+GEMV (`cuda_gemv.py`) does one 16-byte lookup per 8 weights. Here a lookup's 8 values go into fragment layout
+through a per-warp shared-memory tile and `ldmatrix`, which moves them between lanes in one instruction.
+
+Roles: y^T = W x^T. A = W (m16 = the 16 outputs of two v = 8 vector rows, k16 = 16 input columns), B = x^T
+(k16 x n8: 8 activation rows; two n-tiles for 9..16 rows, so 8 rows need half the MMAs of activations-as-A).
+A codebook entry `C[g, codes[i, k]]` holds W[i*8 .. i*8+7][k]: 8 consecutive m of ONE k column.
+`ldmatrix.x4.trans` reads four 8x8 b16 matrices whose 8 rows (16 bytes each) are addressed by lanes 8j..8j+7 of
+matrix j, and gives lane (g = lane/4, q = lane%4) elements [row 2q][col g] and [row 2q+1][col g] of each matrix
+(PTX ISA, ldmatrix with .trans). With rows = entries (k) and columns = entry elements (m), lane (g, q) gets
+W[m=g][k=2q], W[g][2q+1] of matrix j: for j = 0..3 = (m 0-7, k 0-7), (m 8-15, k 0-7), (m 0-7, k 8-15),
+(m 8-15, k 8-15) these are a0a1, a2a3, a4a5, a6a7 of the A fragment ("Matrix Fragments for mma.m16n8k16 with
+floating point type": a0,a1 (g, 2q..) a2,a3 (g+8, 2q..) a4,a5 (g, 2q+8..) a6,a7 (g+8, 2q+8..)). So lane t looks
+up the entry of tile row t (matrix t/8, k slot 8*(t/16) + t%8, vector row (t/8)%2 of the pair), stores it to row
+t of its warp's 512-byte tile, and gives row t's address to ldmatrix: the 32 lanes' 32 lookups are one A fragment.
+
+Instructions per lane per 8 weights (one entry; smem codebook, no residual): code extract + clamp + address (~3
+integer ops), 1 LDS.128 (lookup), 1 STS.128 (tile), 1 LDSM.x4.trans, plus 1 MMA per 8 activation rows, and a
+`__syncwarp` per chunk (a no-op in SASS when converged), plus 2 PRMT per B fragment (per step, shared by the warp's
+pair tiles) to pick its activations. sm_90 SASS of the 4096 x 4096 v8-k4096-0 kernel at 16 rows: 15 instructions per
+8 weights per lane in the main loop, HMMA included; `cuda_mma.py` issues 8 LDS.U16 + their address arithmetic + PRMT
+packing for the same 8 weights: 91 per 8 weights. Register shuffles need >= 4 SHFL + 4 PRMT per 8 weights (each
+lane's 8 values go to 8 different lanes). `movmatrix.trans` works if 4 lanes read 4 bytes each of one entry (an 8x8
+matrix of entries in "row" layout, which it transposes into A order): 4 LDS.32 + 4 MOVM + 4 code extractions and
+addresses per 8 weights per lane, more instructions than here but no tile round trip in shared memory (not built:
+the tile's STS.128 + LDSM cost 8 of the ~18 shared-memory wavefronts per 256 weights when the lookups have the ~2.6x
+bank conflicts of random 16-byte reads). The tile stores are conflict-free (32 consecutive 16-byte rows); the
+lookups themselves are random 16-byte reads, as in the GEMV (`REPLICAS` copies of a small book, as there, make them
+conflict-free).
+
+Column mapping (a sum over k does not care which physical column feeds which k slot, as long as A and B agree):
+a chunk is 16*DS columns, DS MMA steps. Lane q of the B side owns the CW = 4*DS consecutive columns
+[CW*q, CW*q + CW) of the chunk (one 8*DS-byte activation load per activation row); its B element e (0..3 = k slots
+2q, 2q+1, 2q+8, 2q+9) at step d is column CW*q + DS*e + d. The A side's k slot s = 8E + 2Q + H at step d is then
+column CW*Q + DS*(2E + H) + d, so a lookup lane's DS codes over the chunk's steps are consecutive (one DS- or
+2*DS-byte code load), and 16 lanes of one vector row read 16*DS consecutive codes.
+
+Everything else follows `cuda_mma.py`: a warp owns MT pairs of vector rows and one of P splits of the input
+dimension (summed through shared memory), U chunks of loads in flight, codebooks in shared memory up to
+cuda_gemv.SMEM_CODEBOOK_BYTES (else read through L1/L2), a residual codebook added in fp16 before the tile store
+(as `cuda_mma.py` adds it), outlier columns through the same MMA with scalar-built A fragments (a small share of
+the columns). Activation rows past the batch and vector rows past the layer are clamped to the last real one (an
+activation row feeds only its own D column, a vector row its own D rows; neither is stored), so loads need no
+predicates.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+from tvm import tirx
+from tvm.script import tirx as T
+
+from vptq_mlc.artifact.vq_layout import code_dtype
+from vptq_mlc.checkpoint.layer_config import VPTQLayerConfig
+from vptq_mlc.errors import compile_switch
+from vptq_mlc.tir_kernels.cuda_common import KERNEL_ATTRS, pow2_floor, vr
+from vptq_mlc.tir_kernels.cuda_gemv import REPLICAS, SMEM_CODEBOOK_BYTES, keep_generic_operands
+from vptq_mlc.tir_kernels.cuda_mma import MAX_DYN_SMEM, MMA_ROWS
+from vptq_mlc.tir_kernels.generic import kernel_dims
+
+# Off unless asked for (compile with VPTQ_MLC_MMA_WIDE=1) until it has run on a GPU: on, the registry's tensor-core
+# decode choice (cuda_mma.mma_preferred) takes this kernel where `mma_wide_supported`; off, `cuda_mma.py` as before.
+MMA_WIDE_ENV = "VPTQ_MLC_MMA_WIDE"
+MMA_WIDE_DEFAULT = False
+TILE_HALVES = 256  # one A fragment's 32 entries of 8 halves: 512 bytes per tile
+
+
+def mma_wide_enabled() -> bool:
+    """Whether CUDA decode layers the tensor-core kernel serves get this one: MMA_WIDE_ENV=1 / 0, else the default."""
+    return compile_switch(MMA_WIDE_ENV, MMA_WIDE_DEFAULT, "the whole-entry tensor-core decode kernel")
+
+
+@dataclass(frozen=True)
+class WidePlan:
+    pair_tiles: int  # MT: m16 tiles (pairs of vector rows) per warp
+    row_groups: int  # RW: warps along the output in a CTA
+    splits: int  # P: warps along the input dimension
+    steps_per_load: int  # DS: MMA steps per chunk (each lookup lane loads DS consecutive codes)
+    smem_codebook: bool
+    replicated: bool  # REPLICAS copies of the book in shared memory (lane l reads copy l % 8: conflict-free)
+    unroll: int = 4  # U: chunks whose loads are in flight before the first lookup
+
+
+def mma_wide_supported(cfg: VPTQLayerConfig, dtype: str, rows: int) -> bool:
+    """v = 8 (a lookup is one 16-byte entry), fp16, 1..16 static rows, and whole chunks of 16 * 2 columns in the
+    codes region and in the outlier region's 16-column steps (scalar-built, any size)."""
+    return (dtype == "float16" and cfg.vector_len == 8 and 1 <= rows <= MMA_ROWS
+            and (cfg.group_num * cfg.group_size) % 32 == 0)
+
+
+def plan_mma_wide(cfg: VPTQLayerConfig, rows: int = MMA_ROWS) -> WidePlan:
+    """Launch shape from the layer shape (as `cuda_mma.plan_mma`: ~2-4k warps, splits while the input allows):
+    one pair of vector rows per warp, 64-column chunks (4 MMA steps per 4-code load), four chunks in flight."""
+    nv, length = cfg.num_vectors, cfg.group_num * cfg.group_size
+    ds = 4 if length % 64 == 0 else 2
+    mt = 1
+    warp_rows = -(-nv // (2 * mt))
+    splits = max(1, min(8, pow2_floor(4096 // max(1, warp_rows)), pow2_floor(max(1, length // (16 * ds * 4)))))
+    row_groups = max(1, 8 // splits)
+    cb = cfg.group_num * (cfg.num_centroids + cfg.num_res_centroids) * cfg.vector_len * 2
+    chunks = -(-length // (16 * ds * splits))
+    smem = cb <= SMEM_CODEBOOK_BYTES
+    unroll = 4 if chunks >= 4 else 2 if chunks >= 2 else 1
+    plan = WidePlan(mt, row_groups, splits, ds, smem, smem and cb * REPLICAS <= SMEM_CODEBOOK_BYTES, unroll)
+    if smem_bytes(cfg, plan, rows) > MAX_DYN_SMEM and plan.replicated:
+        plan = replace(plan, replicated=False)
+    return plan
+
+
+def smem_bytes(cfg: VPTQLayerConfig, plan: WidePlan, rows: int) -> int:
+    """Shared memory of a launch: the codebook (copies) and the split-sum scratch (dynamic), the warps' tiles
+    (static); counted without overlap (TVM may place the scratch over the codebook), as an upper bound."""
+    p = plan
+    cb = cfg.group_num * (cfg.num_centroids + cfg.num_res_centroids) * 8 * (REPLICAS if p.replicated else 1)
+    warps = p.row_groups * p.splits
+    tiles = warps * p.pair_tiles * p.steps_per_load * TILE_HALVES
+    nacc = p.pair_tiles * (-(-rows // 8)) * 4
+    red = max(1, (p.splits - 1) * p.row_groups * nacc * 32)
+    return (cb if p.smem_codebook else 1) * 2 + tiles * 2 + red * 4
+
+
+def vq_mma_wide_cuda(cfg: VPTQLayerConfig, dtype: str, rows: int, plan: WidePlan | None = None) -> tirx.PrimFunc:
+    """PrimFunc(xs[rows, I], *operands, y[rows, O]), fp16, v = 8, 1..16 static rows (module docstring)."""
+    if not mma_wide_supported(cfg, dtype, rows):
+        raise ValueError(f"vq_mma_wide_cuda takes fp16, v = 8, 1..{MMA_ROWS} rows and a codes region of whole "
+                         f"32-column chunks; got {dtype}, v = {cfg.vector_len}, {rows} rows")
+    p = plan or plan_mma_wide(cfg, rows)
+    I, O, v, G, S, K, KR, KR1, NV, L, OSZ, OSZ1, HAS_RES, HAS_OUT, VO, KO, NO = kernel_dims(cfg)  # noqa: E741
+    CD, RCD = code_dtype(K), code_dtype(KR1)
+    NB = rows
+    MT, RW, P, DS, U = p.pair_tiles, p.row_groups, p.splits, p.steps_per_load, p.unroll
+    if L % (16 * DS):
+        raise ValueError(f"plan {p}: the codes region ({L} columns) is no whole number of {16 * DS}-column chunks")
+    if smem_bytes(cfg, p, rows) > MAX_DYN_SMEM:
+        raise ValueError(f"plan {p} needs {smem_bytes(cfg, p, rows)} bytes of shared memory (> {MAX_DYN_SMEM})")
+    NT = -(-NB // 8)  # n-tiles: 8 activation rows each
+    NACC = MT * NT * 4
+    W = RW * P
+    NTH = W * 32
+    CW = 4 * DS  # activation columns per B lane per chunk
+    CHUNK = 16 * DS
+    NCH = L // CHUNK
+    CPS = -(-NCH // P)  # chunks per split
+    NOCH = -(-OSZ // 16) if HAS_OUT else 0
+    NRB = -(-NV // (RW * 2 * MT))
+    REP = REPLICAS if p.replicated else 1
+    # the shared book in whole entries (one float16x8 element each): its CUDA declaration is `uint4 wide_book_ptr[]`
+    # in every kernel of this family (or the merged `buf_dyn_shmem`), never `half cb_s_ptr[]` of other kernels:
+    # all `extern __shared__` arrays of one CUDA file share a name space, and TVM retypes a dynamic buffer whose
+    # every access is 8 wide, which made two kernels of one model library declare `cb_s_ptr` differently
+    CB_MAIN = G * K * REP
+    CB_SHARED = (CB_MAIN + (G * KR * REP if HAS_RES else 0)) if p.smem_codebook else 1
+    ENTRY = f"{dtype}x{v}"
+    NBUF = MT * DS  # tiles per warp (one per (pair tile, step) of a chunk)
+    RED = max(1, (P - 1) * RW * NACC * 32)
+    WHOLE = NCH % P == 0 and CPS % U == 0  # every (iteration, chunk) of every split is real: no per-chunk test
+    XV = next(n for n in (8, 4, 2, 1) if OSZ % n == 0)  # activation load width: 16 bytes unless OSZ misaligns it
+
+    def col0(sp, ch):  # first codes-region column of chunk `ch` of split `sp` (inline: keeps the alignment visible)
+        return (sp * CPS + ch) * CHUNK
+
+    def code_col(sp, ch, lane):  # first of the DS consecutive columns whose codes lookup lane `lane` loads
+        return col0(sp, ch) + CW * (lane % 8 // 2) + DS * (2 * (lane // 16) + lane % 2)
+
+    def vrow(i0, mt, lane):  # the vector row lookup lane `lane` serves in pair tile `mt`
+        return i0 + 2 * mt + lane // 8 % 2
+
+    def tile_at(ty, mt, d):  # first half of the warp's tile (pair tile mt, step d)
+        return (ty * NBUF + mt * DS + d) * TILE_HALVES
+
+    def code_index(code, entries):  # a stored code as an entry index that stays inside the book, whatever it holds
+        if entries & (entries - 1) == 0:  # power of two: one AND (also extracts the code from its register)
+            return T.bitwise_and(T.Cast("int32", code), entries - 1)
+        return T.min(T.Cast("int32", code), entries - 1)
+
+    def group_of(col):  # the codebook group of a codes-region column (one group: no arithmetic per lookup)
+        return 0 if G == 1 else T.min(col, L - 1) // S
+
+    def book_at(base, grp, code, per_group, lane):  # an entry of the shared book (lane's own copy when replicated)
+        if REP > 1:
+            return base + (grp * per_group + code) * REP + lane % REP
+        return base + grp * per_group + code
+
+    @T.macro
+    def fill_book(book, base, src, entries, per_group, stage, tid):
+        """src[G, per_group, 8] into the shared book at entry `base` (REP copies: thread t stores copy (q + t) % REP
+        at step q, so a quarter-warp's stores hit 8 bank groups, as `cuda_common.fill_book_replicated`); rounds
+        unrolled up to 16 (a 64 KB book over 256 threads), so their loads overlap."""
+        for it in T.unroll(-(-entries // NTH)) if -(-entries // NTH) <= 16 else T.serial(-(-entries // NTH)):
+            if it * NTH + tid < entries:
+                stage[vr(0, v)] = src[(it * NTH + tid) // per_group, (it * NTH + tid) % per_group, vr(0, v)]
+                for c in T.unroll(REP):
+                    book[base + (it * NTH + tid) * REP + (c + it * NTH + tid) % REP] = stage[vr(0, v)]
+
+    @T.macro
+    def lookup(ent, rent, book, centroids, res_centroids, cl, rl, at, col, lane):
+        """ent[0:8] = W[vector row][col] for the 8 outputs (main + residual entry, fp16 add), from code cl[at]."""
+        code = code_index(cl[at], K)
+        if p.smem_codebook:
+            ent[vr(0, v)] = book[book_at(0, group_of(col), code, K, lane)]
+        else:
+            ent[vr(0, v)] = centroids[group_of(col), code, vr(0, v)]
+        if HAS_RES:
+            if p.smem_codebook:
+                rent[vr(0, v)] = book[book_at(CB_MAIN, group_of(col), code_index(rl[at], KR), KR, lane)]
+            else:
+                rent[vr(0, v)] = res_centroids[group_of(col), code_index(rl[at], KR),
+                                               vr(0, v)]
+            for j in T.unroll(v):
+                ent[j] = ent[j] + rent[j]
+
+    @T.macro
+    def mma_steps(fa, fb, acc, mt):
+        for nt in T.unroll(NT):
+            T.evaluate(T.ptx_legacy.mma("m16n8k16", "row", "col", "fp16", "fp16", "fp32",
+                                        fa.data, 0, fb.data, nt * 4, acc.data, (mt * NT + nt) * 4, False,
+                                        dtype="float32"))
+
+    @T.prim_func(private=True)
+    def kernel(
+        xs: T.Buffer((NB, I), dtype),
+        centroids: T.Buffer((G, K, v), dtype),
+        codes: T.Buffer((NV, L), CD),
+        res_centroids: T.Buffer((G, KR1, v), dtype),
+        res_codes: T.Buffer((NV, L), RCD),
+        outlier_centroids: T.Buffer((KO, VO), dtype),
+        outlier_codes: T.Buffer((NO, OSZ1), "uint16"),
+        y: T.Buffer((NB, O), dtype),
+    ):
+        T.func_attr(KERNEL_ATTRS)
+        bx = T.launch_thread("blockIdx.x", NRB)
+        tx = T.launch_thread("threadIdx.x", 32)
+        ty = T.launch_thread("threadIdx.y", W)
+        wide_book = T.alloc_buffer((CB_SHARED,), ENTRY, scope="shared.dyn")
+        tile = T.alloc_buffer((W * NBUF * TILE_HALVES,), dtype, scope="shared")
+        red = T.alloc_buffer((RED,), "float32", scope="shared.dyn")
+        acc = T.alloc_buffer((NACC,), "float32", scope="local")
+        fa = T.alloc_buffer((8,), dtype, scope="local")
+        fb = T.alloc_buffer((NT * 4,), dtype, scope="local")
+        xa = T.alloc_buffer((U * NT * CW,), dtype, scope="local")
+        cl = T.alloc_buffer((U * MT * DS,), CD, scope="local")
+        rl = T.alloc_buffer((U * MT * DS,), RCD, scope="local")
+        ent = T.alloc_buffer((v,), dtype, scope="local")
+        rent = T.alloc_buffer((v,), dtype, scope="local")
+        tot = T.alloc_buffer((1,), "float32", scope="local")
+        stage = T.alloc_buffer((v,), dtype, scope="local")
+        tid = ty * 32 + tx
+        g = tx // 4
+        q = tx % 4
+        rg = ty // P
+        sp = ty % P
+        if p.smem_codebook:
+            fill_book(wide_book, 0, centroids, G * K, K, stage, tid)
+            if HAS_RES:
+                fill_book(wide_book, CB_MAIN, res_centroids, G * KR, KR, stage, tid)
+            T.tvm_storage_sync("shared")
+        i0 = (bx * RW + rg) * 2 * MT  # first vector row of this warp
+        for a in T.unroll(NACC):
+            acc[a] = T.float32(0)
+        # outlier columns: A[m][k] = outlier_centroids[outlier_codes[r // VO, k], r % VO], r the output of m;
+        # lane (g, q) holds a(2h + e2 + 4 e) = A[g + 8h][2q + e2 + 8e] (natural k order, scalar loads)
+        if HAS_OUT:
+            for ost in range(-(-NOCH // P)):
+                if ost * P + sp < NOCH:
+                    for nt in T.unroll(NT):
+                        for e in T.unroll(4):
+                            fb[nt * 4 + e] = T.if_then_else(
+                                nt * 8 + g < NB and (ost * P + sp) * 16 + 2 * q + e % 2 + 8 * (e // 2) < OSZ,
+                                xs[T.min(nt * 8 + g, NB - 1),
+                                   T.min((ost * P + sp) * 16 + 2 * q + e % 2 + 8 * (e // 2), OSZ - 1)],
+                                T.Cast(dtype, 0))
+                    for mt in T.unroll(MT):
+                        for a in T.unroll(8):
+                            fa[a] = T.if_then_else(
+                                i0 + 2 * mt + a // 2 % 2 < NV
+                                and (i0 + 2 * mt + a // 2 % 2) * v + g < O
+                                and (ost * P + sp) * 16 + 2 * q + a % 2 + 8 * (a // 4) < OSZ,
+                                outlier_centroids[
+                                    T.Cast("int32", outlier_codes[
+                                        T.min((i0 + 2 * mt + a // 2 % 2) * v + g, O - 1) // VO,
+                                        T.min((ost * P + sp) * 16 + 2 * q + a % 2 + 8 * (a // 4), OSZ - 1)]),
+                                    T.min((i0 + 2 * mt + a // 2 % 2) * v + g, O - 1) % VO],
+                                T.Cast(dtype, 0))
+                        mma_steps(fa, fb, acc, mt)
+        # codes region (physical column OSZ + c of xs): U chunks' loads in flight before the first lookup. Rows of xs
+        # past the batch and vector rows past the layer are clamped to the last real one (read, never stored: an
+        # activation row only feeds its own D column, a vector row its own D rows), so no load needs a predicate
+        for it in range(-(-CPS // U)):
+            for u in T.unroll(U):
+                if WHOLE or (it * U + u < CPS and sp * CPS + it * U + u < NCH):
+                    for nt in T.unroll(NT):
+                        for j0 in T.unroll(CW // XV):
+                            xa[vr((u * NT + nt) * CW + j0 * XV, XV)] = xs[
+                                T.min(nt * 8 + g, NB - 1), vr(OSZ + col0(sp, it * U + u) + CW * q + j0 * XV, XV)]
+                    for mt in T.unroll(MT):
+                        cl[vr((u * MT + mt) * DS, DS)] = codes[T.min(vrow(i0, mt, tx), NV - 1),
+                                                               vr(code_col(sp, it * U + u, tx), DS)]
+                        if HAS_RES:
+                            rl[vr((u * MT + mt) * DS, DS)] = res_codes[T.min(vrow(i0, mt, tx), NV - 1),
+                                                                       vr(code_col(sp, it * U + u, tx), DS)]
+            for u in T.unroll(U):
+                if WHOLE or (it * U + u < CPS and sp * CPS + it * U + u < NCH):
+                    # every lane's entries into the warp's tiles, then ldmatrix reads them in fragment order
+                    for mt in T.unroll(MT):
+                        for d in T.unroll(DS):
+                            lookup(ent, rent, wide_book, centroids, res_centroids, cl, rl, (u * MT + mt) * DS + d,
+                                   code_col(sp, it * U + u, tx) + d, tx)
+                            tile[vr(tile_at(ty, mt, d) + tx * v, v)] = ent[vr(0, v)]
+                    T.evaluate(T.call_extern("void", "__syncwarp"))
+                    for d in T.unroll(DS):
+                        for nt in T.unroll(NT):
+                            for e in T.unroll(4):
+                                fb[nt * 4 + e] = xa[(u * NT + nt) * CW + DS * e + d]
+                        for mt in T.unroll(MT):
+                            # the address as `address_of`, not `access_ptr`: ThreadSync then sees no shared read
+                            # to order against the tile stores (it would put a CTA barrier here; __syncwarp is the
+                            # ordering this warp-private tile needs)
+                            T.evaluate(T.ptx_legacy.ldmatrix(True, 4, ".b16", fa.data, 0,
+                                                             T.address_of(tile[tile_at(ty, mt, d)]), tx * v,
+                                                             dtype=dtype))
+                            mma_steps(fa, fb, acc, mt)
+                    T.evaluate(T.call_extern("void", "__syncwarp"))  # the tiles are rewritten by the next chunk
+        # splits 1..P-1 park their accumulators in shared memory; split 0 adds them and stores
+        if P > 1:
+            T.tvm_storage_sync("shared")  # `red` may be placed over the codebook and the tiles (merged shared.dyn)
+            if sp > 0:
+                for a in T.unroll(NACC):
+                    red[((rg * (P - 1) + sp - 1) * NACC + a) * 32 + tx] = acc[a]
+            T.tvm_storage_sync("shared")
+        if sp == 0:
+            # D[m][n]: c0, c1 = (g, 2q..), c2, c3 = (g + 8, 2q..); m -> output, n -> activation row
+            for mt in T.unroll(MT):
+                for nt in T.unroll(NT):
+                    for c in T.unroll(4):
+                        tot[0] = acc[(mt * NT + nt) * 4 + c]
+                        if P > 1:
+                            for s in T.unroll(P - 1):
+                                tot[0] = tot[0] + red[((rg * (P - 1) + s) * NACC + (mt * NT + nt) * 4 + c) * 32 + tx]
+                        if nt * 8 + 2 * q + c % 2 < NB and i0 + 2 * mt + c // 2 < NV and \
+                                (i0 + 2 * mt + c // 2) * v + g < O:
+                            y[nt * 8 + 2 * q + c % 2, (i0 + 2 * mt + c // 2) * v + g] = T.Cast(dtype, tot[0])
+
+    return keep_generic_operands(kernel, cfg)
