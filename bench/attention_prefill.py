@@ -12,9 +12,7 @@ GPU host (runtime-only TVM + torch): python3 bench/attention_prefill.py run OUT_
 
 from __future__ import annotations
 
-import argparse
 import json
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -239,27 +237,7 @@ def run(art: Path, json_out: Path | None, reps: int) -> int:
     return 1 if failed else 0
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    sub = ap.add_subparsers(dest="cmd", required=True)
-    b = sub.add_parser("build")
-    b.add_argument("out", type=Path)
-    b.add_argument("--arch", default="sm_90")
-    r = sub.add_parser("run")
-    r.add_argument("art", type=Path)
-    r.add_argument("--json", type=Path)
-    r.add_argument("--reps", type=int, default=20)
-    a = ap.parse_args()
-    if a.cmd == "build":
-        build(a.out, a.arch)
-    else:
-        sys.exit(run(a.art, a.json, a.reps))
-
-
 if __name__ == "__main__":
-    from vptq_mlc.errors import VPTQMLCError
+    from vptq_mlc.bench.script import build_run_main
 
-    try:
-        main()
-    except (VPTQMLCError, OSError) as e:  # no CUDA device, an unreadable folder: one line, as the CLI does
-        raise SystemExit(f"error: {e}") from None
+    build_run_main(__doc__, build, run)

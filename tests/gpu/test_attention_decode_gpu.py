@@ -6,9 +6,7 @@ Needs a CUDA GPU, torch, and VPTQ_MLC_GPU_DATTN: the folder `python3 bench/atten
 
 from __future__ import annotations
 
-import importlib.util
 import os
-import sys
 from pathlib import Path
 
 import pytest
@@ -21,9 +19,7 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 @pytest.mark.skipif(not DATTN, reason="set VPTQ_MLC_GPU_DATTN to the folder of `bench/attention_decode.py build`")
 def test_split_kv_decode_matches_the_reference_and_tvms_kernel(tmp_path):
     assert Path(DATTN).is_dir(), f"VPTQ_MLC_GPU_DATTN={DATTN} is not a folder"
-    script = Path(__file__).resolve().parents[2] / "bench" / "attention_decode.py"
-    spec = importlib.util.spec_from_file_location("attention_decode", script)
-    bench = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = bench  # its dataclasses look their module up
-    spec.loader.exec_module(bench)
+    from vptq_mlc.bench.script import load_script
+
+    bench = load_script(Path(__file__).resolve().parents[2] / "bench" / "attention_decode.py")
     assert bench.run(Path(DATTN), tmp_path / "attention_decode.json", reps=3) == 0

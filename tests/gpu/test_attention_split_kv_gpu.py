@@ -6,9 +6,7 @@ Needs a CUDA GPU, torch, and VPTQ_MLC_GPU_ATTN: the folder `python3 bench/attent
 
 from __future__ import annotations
 
-import importlib.util
 import os
-import sys
 from pathlib import Path
 
 import pytest
@@ -21,9 +19,7 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 @pytest.mark.skipif(not ATTN, reason="set VPTQ_MLC_GPU_ATTN to the folder of `bench/attention_prefill.py build`")
 def test_split_kv_prefill_matches_the_reference_and_tvms_kernel(tmp_path):
     assert Path(ATTN).is_dir(), f"VPTQ_MLC_GPU_ATTN={ATTN} is not a folder"
-    script = Path(__file__).resolve().parents[2] / "bench" / "attention_prefill.py"
-    spec = importlib.util.spec_from_file_location("attention_prefill", script)
-    bench = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = bench  # its dataclasses look their module up
-    spec.loader.exec_module(bench)
+    from vptq_mlc.bench.script import load_script
+
+    bench = load_script(Path(__file__).resolve().parents[2] / "bench" / "attention_prefill.py")
     assert bench.run(Path(ATTN), tmp_path / "attention.json", reps=3) == 0
