@@ -25,7 +25,7 @@ from vptq_mlc.package.builder import PackageBuilder
 from vptq_mlc.package.builder import _code_hash as real_code_hash  # bound before frozen_code_hash patches it
 from vptq_mlc.package.config import PackageConfig, PackageError, TargetSpec
 from vptq_mlc.package.manifest import read_manifest, sha256_file
-from vptq_mlc.package.select import HostDevice, fits, select_library
+from vptq_mlc.package.select import HostDevice, _arch_rank, fits, select_library
 from vptq_mlc.testing.synthetic import make_synthetic_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
@@ -181,9 +181,17 @@ def test_arch_matching_rules():
     assert fits(cuda, HostDevice("cuda:0", "cuda", "sm_90"))
     assert not fits({"target": "cuda", "archs": ["sm_80"]}, HostDevice("cuda:0", "cuda", "sm_90"))
     assert not fits({"target": "cuda", "archs": ["sm_90"]}, HostDevice("cuda:0", "cuda", "sm_89"))
+    # arch-specific code (a wgmma build for sm_90 alone) runs on that arch only
+    assert fits({"target": "cuda", "archs": ["sm_90a"]}, HostDevice("cuda:0", "cuda", "sm_90"))
+    assert not fits({"target": "cuda", "archs": ["sm_90a"]}, HostDevice("cuda:0", "cuda", "sm_91"))
+    assert not fits({"target": "cuda", "archs": ["sm_90a"]}, HostDevice("cuda:0", "cuda", "sm_89"))
     assert fits({"target": "rocm", "archs": ["gfx90a"]}, HostDevice("rocm:0", "rocm", "gfx90a"))
     assert not fits({"target": "rocm", "archs": ["gfx942"]}, HostDevice("rocm:0", "rocm", "gfx90a"))
     assert not fits({"target": "llvm", "abi": {"machine": "aarch64"}}, HostDevice("cpu", "llvm", "x86_64"))
+    # on an sm_90 GPU the arch-specific build is preferred to the multi-arch one, which is preferred to older SASS
+    h90 = HostDevice("cuda:0", "cuda", "sm_90")
+    ranks = [_arch_rank(lib, h90) for lib in ({"archs": ["sm_90a"]}, cuda, {"archs": ["sm_80"]})]
+    assert ranks == sorted(ranks, reverse=True) and len(set(ranks)) == 3
 
 
 def test_config_errors(tmp_path):

@@ -76,10 +76,20 @@ def fits(lib: dict[str, Any], host: HostDevice) -> bool:
         return host.arch in lib.get("archs", [])
     m = re.fullmatch(r"sm_(\d+)(\d)", host.arch)
     for a in lib.get("archs", []):
-        la = re.fullmatch(r"sm_(\d+)(\d)[a-z]?", a)
-        if m and la and la.group(1) == m.group(1) and int(la.group(2)) <= int(m.group(2)):
+        la = re.fullmatch(r"sm_(\d+)(\d)([a-z]?)", a)
+        if not (m and la and la.group(1) == m.group(1)):
+            continue
+        # arch-specific code (sm_90a: wgmma) runs on that arch alone; plain SASS on later minors of its major too
+        if int(la.group(2)) == int(m.group(2)) or (not la.group(3) and int(la.group(2)) < int(m.group(2))):
             return True
     return False
+
+
+def _arch_rank(lib: dict[str, Any], host: HostDevice) -> int:
+    """2: arch-specific code for this GPU (sm_90a on sm_90, which has kernels the plain build lacks), 1: this exact
+    arch, 0: an older minor's SASS or a CPU library."""
+    archs = lib.get("archs", [])
+    return 2 if host.arch + "a" in archs else 1 if host.arch in archs else 0
 
 
 def _describe_offers(libs: list[dict[str, Any]]) -> str:
@@ -105,9 +115,10 @@ def select_library(model_dir: str | os.PathLike[str], device: DeviceLike = "auto
         seen.append(f"{host.device} ({host.arch}{', ' + host.name if host.name and host.kind != 'llvm' else ''})")
         matches = [lib for lib in libs if fits(lib, host)]
         if matches:
-            # prefer the exact arch (e.g. sm_90 SASS over sm_80 on an sm_90 GPU is required; sm_86 over sm_80 on sm_86);
-            # on CPUs the build that uses the most of this CPU's features (x86-64-v4 over v3 on an AVX-512 host)
-            best = max(matches, key=lambda lib: (host.arch in lib.get("archs", []),
+            # prefer the exact arch (e.g. sm_90 SASS over sm_80 on an sm_90 GPU is required; sm_86 over sm_80 on sm_86),
+            # and its arch-specific build over that (sm_90a over sm_90); on CPUs the build that uses the most of this
+            # CPU's features (x86-64-v4 over v3 on an AVX-512 host)
+            best = max(matches, key=lambda lib: (_arch_rank(lib, host),
                                                  len(lib.get("abi", {}).get("cpu_features", []))))
             path = verify_file(model_dir, best["file"], best, "library")
             log.info("package %s: %s for %s", model_dir.name, best["file"], host.device)
