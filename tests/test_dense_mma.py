@@ -68,7 +68,7 @@ def test_plans_fit_shared_memory_and_k():
 def test_grouped_rasterization_visits_every_tile_once(grid_m, grid_n, group_m):
     """`grouped_tile` (DensePlan.group_m > 0) maps CTA ids 0..M*N-1 onto every (column, row) tile exactly once,
     with consecutive CTAs inside a group of `group_m` row tiles (a partial last group included)."""
-    from vptq_mlc.tir_kernels.cuda_dense_mma import grouped_tile
+    from vptq_mlc.tir_kernels.cuda_common import grouped_tile
 
     seen = []
     for tb in range(grid_m * grid_n):

@@ -122,3 +122,13 @@ def warp_sum(acc, n, lanes, width):
     for a in T.unroll(n):
         for s in T.unroll(lanes.bit_length() - 1):
             acc[a] = acc[a] + T.tvm_warp_shuffle_down(mask, acc[a], (lanes // 2) >> s, width, width)
+
+
+def grouped_tile(tb, grid_n, group_m: int, group_rows):
+    """(column tile, row tile) of CTA `tb` under grouped rasterization (`DensePlan.group_m`, `WgmmaPlan.group_m`):
+    tiles come in groups of `group_m` row tiles (`group_rows` = min(row tiles left from this group's first,
+    group_m), fewer in the last group), column by column inside a group. Plain arithmetic: works on ints (tests)
+    and TIR expressions."""
+    first_row = tb // (group_m * grid_n) * group_m
+    inside = tb % (group_m * grid_n)
+    return inside // group_rows, first_row + inside % group_rows

@@ -30,7 +30,7 @@ import tvm
 from tvm import tirx
 from tvm.script import tirx as T
 
-from vptq_mlc.tir_kernels.cuda_common import KERNEL_ATTRS, replace_prim_funcs
+from vptq_mlc.tir_kernels.cuda_common import KERNEL_ATTRS, grouped_tile, replace_prim_funcs
 from vptq_mlc.tir_kernels.cuda_wgmma import WGMMA_FROM_ROWS, wgmma_prefill_macro, wgmma_supported
 
 MAX_DYN_SMEM = 99 * 1024  # dynamic shared memory per block on sm_86/sm_89 (the smallest of the default archs)
@@ -165,15 +165,6 @@ class TileLayout:
     def out_col(self, wn, j, lane, c):
         """CTA-local output column of accumulator `c` of n-tile `j`: columns 2q and 2q + 1 (q = lane % 4)."""
         return wn * self.p.n_tiles * 8 + j * 8 + lane % 4 * 2 + c % 2
-
-
-def grouped_tile(tb, grid_n, group_m: int, group_rows):
-    """(column tile, row tile) of CTA `tb` under grouped rasterization (`DensePlan.group_m`): tiles come in groups
-    of `group_m` row tiles (`group_rows` = min(row tiles left from this group's first, group_m), fewer in the last
-    group), column by column inside a group. Plain arithmetic: works on ints (tests) and TIR expressions."""
-    first_row = tb // (group_m * grid_n) * group_m
-    inside = tb % (group_m * grid_n)
-    return inside // group_rows, first_row + inside % group_rows
 
 
 def _gemm_macro(p: DensePlan, M, N: int, K: int, dtype: str, rows_static: int | None, add_bias: bool = False):

@@ -32,7 +32,7 @@ from tvm import tirx
 from tvm.script import tirx as T
 
 from vptq_mlc.errors import compile_switch
-from vptq_mlc.tir_kernels.cuda_common import KERNEL_ATTRS
+from vptq_mlc.tir_kernels.cuda_common import KERNEL_ATTRS, grouped_tile
 
 WGMMA_ENV = "VPTQ_MLC_WGMMA"
 WGMMA_ARCH = "sm_90a"  # the code a library holding wgmma is built as (runs on sm_90 devices only)
@@ -106,12 +106,16 @@ def _desc(saddr):
     return T.uint64(_DESC_HI) | T.Cast("uint64", T.shift_right(saddr, T.uint32(4)) & T.uint32(0x3FFF))
 
 
-def _grouped_tile(tb, grid_n, group_m: int, group_rows):
-    """(column tile, row tile) of CTA `tb` under grouped rasterization: the arithmetic of cuda_dense_mma.grouped_tile
-    (groups of `group_m` row tiles, `group_rows` in this one, walked column by column)."""
-    first_row = tb // (group_m * grid_n) * group_m
-    inside = tb % (group_m * grid_n)
-    return inside // group_rows, first_row + inside % group_rows
+def _ring_pad(ring):
+    """fp16 elements from the start of the shared ring to the first 1024-byte aligned shared address, where the ring
+    is used from (the hardware applies the swizzle to the address bits)."""
+    return T.Cast("int32", (T.uint32(SW128_ATOM_BYTES) - T.cuda.cvta_generic_to_shared(
+        T.address_of(ring[0])) % T.uint32(SW128_ATOM_BYTES)) % T.uint32(SW128_ATOM_BYTES)) // 2
+
+
+def _ring_base(ring, pad):
+    """The shared address the ring is used from (`pad` elements past its start)."""
+    return T.cuda.cvta_generic_to_shared(T.address_of(ring[0])) + T.Cast("uint32", pad * 2)
 
 
 def _gemm_macro(p: WgmmaPlan, M, N: int, K: int, rows_static: int | None, add_bias: bool = False):
@@ -144,6 +148,10 @@ def _gemm_macro(p: WgmmaPlan, M, N: int, K: int, rows_static: int | None, add_bi
                              + step * WGMMA_BK + tid % CR * 8),
                 16))
 
+    def biased(pair, bias, col):
+        """Two fp32 sums of columns col, col + 1, plus bias[col], bias[col + 1] with `add_bias` (a TIR expression)."""
+        return pair + T.Cast("float32x2", bias[T.Ramp(col, 1, 2)]) if add_bias else pair
+
     @T.macro
     def store_tile(yf, acc, tid, bx, by, bias):
         """Accumulators d[4j + c], c = 2h + e, of thread t: row 64 (t / 128) + 16 (t / 32 % 4) + t % 32 / 4 + 8h,
@@ -153,35 +161,28 @@ def _gemm_macro(p: WgmmaPlan, M, N: int, K: int, rows_static: int | None, add_bi
             for h in T.unroll(2):
                 if (by * BM + tid // WG_THREADS * 64 + tid % WG_THREADS // 32 * 16 + tid % 32 // 4 + h * 8 < M
                         and bx * BN + j * 8 + tid % 4 * 2 < N):
-                    if add_bias:
-                        yf[T.Ramp((by * BM + tid // WG_THREADS * 64 + tid % WG_THREADS // 32 * 16 + tid % 32 // 4
-                                   + h * 8) * N + bx * BN + j * 8 + tid % 4 * 2, 1, 2)] = T.Cast(
-                                       "float16x2", acc[T.Ramp(j * 4 + h * 2, 1, 2)] + T.Cast(
-                                           "float32x2", bias[T.Ramp(bx * BN + j * 8 + tid % 4 * 2, 1, 2)]))
-                    else:
-                        yf[T.Ramp((by * BM + tid // WG_THREADS * 64 + tid % WG_THREADS // 32 * 16 + tid % 32 // 4
-                                   + h * 8) * N + bx * BN + j * 8 + tid % 4 * 2, 1, 2)] = T.Cast(
-                                       "float16x2", acc[T.Ramp(j * 4 + h * 2, 1, 2)])
+                    yf[T.Ramp((by * BM + tid // WG_THREADS * 64 + tid % WG_THREADS // 32 * 16 + tid % 32 // 4
+                               + h * 8) * N + bx * BN + j * 8 + tid % 4 * 2, 1, 2)] = T.Cast(
+                                   "float16x2", biased(acc[T.Ramp(j * 4 + h * 2, 1, 2)], bias,
+                                                       bx * BN + j * 8 + tid % 4 * 2))
 
     @T.macro
     def gemm(xf, w, yf, bias=None):
         if GM > 0:
             tb = T.launch_thread("blockIdx.x", GRID_M * GRID_N)
             gsz = T.min(GRID_M - tb // (GM * GRID_N) * GM, GM)
-            bx = _grouped_tile(tb, GRID_N, GM, gsz)[0]
-            by = _grouped_tile(tb, GRID_N, GM, gsz)[1]
+            bx = grouped_tile(tb, GRID_N, GM, gsz)[0]
+            by = grouped_tile(tb, GRID_N, GM, gsz)[1]
         else:
             bx = T.launch_thread("blockIdx.x", GRID_N)
             by = T.launch_thread("blockIdx.y", GRID_M)
         tid = T.launch_thread("threadIdx.x", NTHR)
         ring = T.alloc_buffer((S * STG + PAD_ELEMS,), "float16", scope="shared.dyn")
         acc = T.alloc_buffer((NACC,), "float32", scope="local")
-        # the ring starts at the first 1024-byte aligned shared address (the swizzle is a function of the address)
         pad = T.alloc_buffer((1,), "int32", scope="local")
-        pad[0] = T.Cast("int32", (T.uint32(SW128_ATOM_BYTES) - T.cuda.cvta_generic_to_shared(
-            T.address_of(ring[0])) % T.uint32(SW128_ATOM_BYTES)) % T.uint32(SW128_ATOM_BYTES)) // 2
+        pad[0] = _ring_pad(ring)
         base = T.alloc_buffer((1,), "uint32", scope="local")
-        base[0] = T.cuda.cvta_generic_to_shared(T.address_of(ring[0])) + T.Cast("uint32", pad[0] * 2)
+        base[0] = _ring_base(ring, pad[0])
         for a in T.unroll(NACC):
             acc[a] = T.float32(0)
         for s in T.unroll(DIST):
@@ -217,8 +218,8 @@ def _gemm_macro(p: WgmmaPlan, M, N: int, K: int, rows_static: int | None, add_bi
         if GM > 0:
             tb = T.launch_thread("blockIdx.x", GRID_M * GRID_N)
             gsz = T.min(GRID_M - tb // (GM * GRID_N) * GM, GM)
-            bx = _grouped_tile(tb, GRID_N, GM, gsz)[0]
-            by = _grouped_tile(tb, GRID_N, GM, gsz)[1]
+            bx = grouped_tile(tb, GRID_N, GM, gsz)[0]
+            by = grouped_tile(tb, GRID_N, GM, gsz)[1]
         else:
             bx = T.launch_thread("blockIdx.x", GRID_N)
             by = T.launch_thread("blockIdx.y", GRID_M)
@@ -229,10 +230,9 @@ def _gemm_macro(p: WgmmaPlan, M, N: int, K: int, rows_static: int | None, add_bi
         bars = T.alloc_buffer((2 * S,), "uint64", scope="shared")
         acc = T.alloc_buffer((NACC,), "float32", scope="local")
         pad = T.alloc_buffer((1,), "int32", scope="local")
-        pad[0] = T.Cast("int32", (T.uint32(SW128_ATOM_BYTES) - T.cuda.cvta_generic_to_shared(
-            T.address_of(ring[0])) % T.uint32(SW128_ATOM_BYTES)) % T.uint32(SW128_ATOM_BYTES)) // 2
+        pad[0] = _ring_pad(ring)
         base = T.alloc_buffer((1,), "uint32", scope="local")
-        base[0] = T.cuda.cvta_generic_to_shared(T.address_of(ring[0])) + T.Cast("uint32", pad[0] * 2)
+        base[0] = _ring_base(ring, pad[0])
         if tid == 0:
             for s in T.unroll(S):
                 T.evaluate(T.ptx["mbarrier.init.shared::cta.b64"](T.address_of(bars[s]), T.uint32(WG_THREADS)))
