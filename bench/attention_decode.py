@@ -1,8 +1,8 @@
 """The paged-KV decode attention on CUDA: ours (split over the cached length, tir_kernels/cuda_attention_decode.py)
 against TVM 0.27's `batch_decode_paged_kv` and torch's F.scaled_dot_product_attention over contiguous K/V (the
 gather from pages left out: a lower bound for torch). Every output row of ours and TVM's is checked against a
-float64 numpy attention; all are timed in the same run, cold L2 (a buffer larger than L2 is rewritten before every
-call, so host launch time hides behind it and the events time the kernels alone).
+float64 numpy attention; all are timed in the same run, cold L2 (a buffer larger than L2 is read before every call,
+so host launch time hides behind it and the events time the kernels alone).
 
 Build box (TVM compiler + nvcc): python3 bench/attention_decode.py build OUT_DIR [--arch sm_90]
 GPU host (runtime-only TVM + torch): python3 bench/attention_decode.py run OUT_DIR --json RESULT.json
@@ -109,22 +109,6 @@ def reference(x: dict[str, np.ndarray], case: Case, h_kv: int, h_q: int, sm_scal
     return out, lse, valid
 
 
-def _time(f, flush, reps: int) -> float:
-    """Median ms of `reps` cold-L2 calls of f() (the flush keeps the GPU busy while the call is queued)."""
-    import torch
-
-    times = []
-    for _ in range(reps):
-        flush.zero_()
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        f()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return float(np.median(times))
-
-
 def _check(f, o, s, ref) -> dict:
     import torch
 
@@ -164,15 +148,9 @@ def run(art: Path, json_out: Path | None, reps: int) -> int:
     import torch
     import tvm
 
-    from vptq_mlc.runtime.device import resolve_device
+    from vptq_mlc.bench.script import gpu_run_setup
 
-    libs = [art / f"decode_h{h_kv}_{h_q}.so" for h_kv, h_q in HEADS]
-    missing = [str(p) for p in libs if not p.is_file()]
-    if missing:
-        raise SystemExit(f"error: {', '.join(missing)} missing; build them with "
-                         f"`python3 bench/attention_decode.py build {art}`")
-    dev = resolve_device("cuda")[1]  # loads TVM's CUDA plugin by hand under a runtime-only TVM
-    flush = torch.empty(256 << 20, dtype=torch.uint8, device="cuda")  # > the H100's 50 MB L2
+    dev, timer = gpu_run_setup(art, [f"decode_h{h_kv}_{h_q}.so" for h_kv, h_q in HEADS], "attention_decode.py")
     rng = np.random.default_rng(0)
     sm_scale = D ** -0.5
     rows = []
@@ -193,11 +171,11 @@ def run(art: Path, json_out: Path | None, reps: int) -> int:
                         rope, rope, o, s, 0, 1.0, 1e4, sm_scale]
                 f = lib[name]
                 row[key] = _check(lambda f=f, call=call: f(*call), o, s, ref)
-                row[key]["ms"] = _time(lambda f=f, call=call: f(*call), flush, reps)
+                row[key]["ms"] = timer(lambda f=f, call=call: f(*call), reps) / 1e3
                 row[key]["gb_per_s"] = row["kv_bytes"] / row[key]["ms"] / 1e6
             sdpa = _torch_sdpa(x, case, h_kv, h_q, sm_scale)
             if sdpa is not None:
-                row["torch_sdpa_ms"] = _time(sdpa, flush, reps)
+                row["torch_sdpa_ms"] = timer(sdpa, reps) / 1e3
             row["tvm_over_ours"] = row["tvm"]["ms"] / row["ours"]["ms"]
             rows.append(row)
             print(f"h{h_kv}/{h_q} {case.name:28s} ours {row['ours']['ms'] * 1e3:8.1f} us "

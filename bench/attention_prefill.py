@@ -2,7 +2,7 @@
 tir_kernels/cuda_attention_split_kv.py; tensor cores for chunks over 64 tokens, cuda_attention_mma.py), ours with the
 CUDA-core tile loop for every chunk, and TVM's `TIRPagedKVCache` kernel; then our tensor-core ragged prefill kernel
 against TVM's. All are checked against a float64 numpy reference and timed in the same run (cold L2: a buffer
-larger than L2 is rewritten before every call).
+larger than L2 is read before every call).
 
 Build box (TVM compiler + nvcc): python3 bench/attention_prefill.py build OUT_DIR [--arch sm_90]
 GPU host (runtime-only TVM + torch): python3 bench/attention_prefill.py run OUT_DIR --json RESULT.json
@@ -135,7 +135,7 @@ def reference(x: dict[str, np.ndarray], case: Case, h_kv: int, h_q: int, sm_scal
     return out, lse, valid
 
 
-def _measure(f, call, o, s, ref, flush, reps: int) -> dict:
+def _measure(f, call, o, s, ref, timer, reps: int) -> dict:
     """Call `f(*call)` once and compare its output `o` and lse `s` with `ref` = (output, lse, valid rows); then
     the median of `reps` cold-L2 timed calls."""
     import torch
@@ -147,16 +147,7 @@ def _measure(f, call, o, s, ref, flush, reps: int) -> dict:
     err = (np.linalg.norm(got_o - ref_o, axis=-1) / np.maximum(np.linalg.norm(ref_o, axis=-1), 1e-6))
     err = float(err[valid].max()) if valid.any() else 0.0
     lse_err = float(np.abs(got_lse - ref_lse)[valid].max()) if valid.any() else 0.0
-    times = []
-    for _ in range(reps):
-        flush.zero_()
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        f(*call)
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return {"ms": float(np.median(times)), "max_row_rel_err": err, "max_lse_err": lse_err,
+    return {"ms": timer(lambda: f(*call), reps) / 1e3, "max_row_rel_err": err, "max_lse_err": lse_err,
             "ok": err <= 2e-3 and lse_err <= 2e-3}
 
 
@@ -186,15 +177,9 @@ def run(art: Path, json_out: Path | None, reps: int) -> int:
     import torch
     import tvm
 
-    from vptq_mlc.runtime.device import resolve_device
+    from vptq_mlc.bench.script import gpu_run_setup
 
-    libs = [art / f"attn_h{h_kv}_{h_q}.so" for h_kv, h_q in HEADS]
-    missing = [str(p) for p in libs if not p.is_file()]
-    if missing:
-        raise SystemExit(f"error: {', '.join(missing)} missing; build them with "
-                         f"`python3 bench/attention_prefill.py build {art}`")
-    dev = resolve_device("cuda")[1]  # loads TVM's CUDA plugin by hand under a runtime-only TVM
-    flush = torch.empty(256 << 20, dtype=torch.uint8, device="cuda")  # > the H100's 50 MB L2
+    dev, timer = gpu_run_setup(art, [f"attn_h{h_kv}_{h_q}.so" for h_kv, h_q in HEADS], "attention_prefill.py")
     rng = np.random.default_rng(0)
     sm_scale = D ** -0.5
     rows = []
@@ -223,7 +208,7 @@ def run(art: Path, json_out: Path | None, reps: int) -> int:
                     else:
                         call = [args["q"], args["q_indptr"], args["k"], args["v"], args["kv_indptr"], q_rope, k_rope,
                                 o, s, case.causal, 0, 1.0, 1e4, sm_scale]
-                    row[key] = _measure(lib[name], call, o, s, ref, flush, reps)
+                    row[key] = _measure(lib[name], call, o, s, ref, timer, reps)
                 row["tvm_over_ours"] = row["tvm"]["ms"] / row["ours"]["ms"]
                 rows.append(row)
                 _report(row, f"{kind} h{h_kv}/{h_q}")

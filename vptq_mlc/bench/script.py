@@ -11,7 +11,7 @@ from collections.abc import Callable
 from pathlib import Path
 from types import ModuleType
 
-from vptq_mlc.errors import VPTQMLCError
+from vptq_mlc.errors import RuntimeLoadError, VPTQMLCError
 
 
 def build_run_main(doc: str | None, build: Callable[[Path, str], None],
@@ -44,3 +44,16 @@ def load_script(path: Path) -> ModuleType:
     sys.modules[spec.name] = module
     spec.loader.exec_module(module)
     return module
+
+
+def gpu_run_setup(art: Path, files: list[str], script: str):
+    """What a kernel script's `run` starts with: every file `build` writes must be in `art` (else one line naming
+    the build command), TVM's CUDA device (the plugin loaded by hand under a runtime-only TVM) and the cold-L2
+    timer of the kernel benches (`bench.kernels.ColdL2Timer`: reads a buffer larger than L2 before every call)."""
+    from vptq_mlc.bench.kernels import ColdL2Timer
+    from vptq_mlc.runtime.device import resolve_device
+
+    missing = [str(art / f) for f in files if not (art / f).is_file()]
+    if missing:
+        raise RuntimeLoadError(f"{', '.join(missing)} missing; build them with `python3 bench/{script} build {art}`")
+    return resolve_device("cuda")[1], ColdL2Timer()
