@@ -21,6 +21,21 @@ from typing import Any
 
 import numpy as np
 
+
+def build_emulation(cpp_source: str, cpp: Path, flags: tuple[str, ...] = ()) -> ctypes.CDLL:
+    """Write `cpp_source` (generated CUDA made plain C++ by an emulator) to `cpp`, compile it with g++ (C++20,
+    threads) into a shared library beside it and load it. Shared by every CUDA emulator of the tests."""
+    cxx = shutil.which("g++") or shutil.which("c++")
+    if cxx is None:
+        raise RuntimeError("a C++20 compiler (g++) is needed to emulate the generated CUDA")
+    cpp.parent.mkdir(parents=True, exist_ok=True)
+    cpp.write_text(cpp_source)
+    so = cpp.with_suffix(".so")
+    subprocess.run([cxx, "-std=c++20", "-O1", "-shared", "-fPIC", "-pthread", "-w", *flags, "-o", str(so), str(cpp)],
+                   check=True)
+    return ctypes.CDLL(str(so))
+
+
 _PRELUDE = r"""
 #include <cstdint>
 #include <cmath>
@@ -102,15 +117,9 @@ class EmulatedSampler:
         body = body.replace('extern "C" ', "").replace("__shared__ alignas(64)", "alignas(64) static")
         assert "__shared__" not in body and "__shfl" not in body and "atomic" not in body, "unsupported construct"
         self.max_splits, self.passes, self.pivots = gpu.MAX_SPLITS, gpu.SEARCH_PASSES, gpu.PIVOTS
-        cpp = workdir / "sampler_emulated.cpp"
-        cpp.write_text(_PRELUDE + body + _launcher(body, (gpu.SPLIT_THREADS, gpu.GPU_THREADS), gpu.MAX_SPLITS,
-                                                   gpu.MIN_SLICE, gpu.SEARCH_PASSES))
-        so = workdir / "sampler_emulated.so"
-        cxx = shutil.which("g++") or shutil.which("c++")
-        assert cxx, "a C++20 compiler (g++) is needed to emulate the CUDA kernels"
-        subprocess.run([cxx, "-std=c++20", "-O1", "-shared", "-fPIC", "-pthread", "-w", "-o", str(so), str(cpp)],
-                       check=True)
-        self.lib = ctypes.CDLL(str(so))
+        self.lib = build_emulation(_PRELUDE + body + _launcher(body, (gpu.SPLIT_THREADS, gpu.GPU_THREADS),
+                                                               gpu.MAX_SPLITS, gpu.MIN_SLICE, gpu.SEARCH_PASSES),
+                                   workdir / "sampler_emulated.cpp")
 
     def __call__(self, *args: Any) -> tuple[Any, Any]:
         import tvm

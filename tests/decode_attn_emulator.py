@@ -21,10 +21,10 @@ from __future__ import annotations
 
 import ctypes
 import re
-import shutil
-import subprocess
 from pathlib import Path
 from typing import Any
+
+from cuda_emulator import build_emulation
 
 _PRELUDE = r"""
 #include <cstdint>
@@ -127,8 +127,6 @@ class EmulatedKernels:
     """The generated CUDA of one PrimFunc compiled for the CPU; `launch(name, grid, threads, args)` runs a kernel."""
 
     def __init__(self, src: str, workdir: Path):
-        if shutil.which("g++") is None:
-            raise RuntimeError("g++ is required to emulate the generated CUDA")
         body = src[src.index('extern "C"'):]
         body = re.sub(r'^extern "C" __global__[^{]*;\s*$', "", body, flags=re.M)  # forward declarations
         body = re.sub(r"extern __shared__ [^;]*;", "", body)  # the dynamic shared array: the prelude's static one
@@ -142,12 +140,8 @@ class EmulatedKernels:
             launchers.append(f'extern "C" void run_{k}(long gx, long gy, long gz, long nx, long ny, void** a) '
                              f"{{ launch(gx, gy, gz, nx, ny, [&] {{ {k}({args}); }}); }}")
         body = body.replace('extern "C" __global__', "static")
-        cpp = workdir / "kernels.cc"
-        cpp.write_text(_PRELUDE + body + "\n" + "\n".join(launchers) + "\n")
-        so = workdir / "kernels.so"
-        subprocess.run(["g++", "-std=c++20", "-O1", "-fPIC", "-shared", "-fno-strict-aliasing", "-w", "-pthread",
-                        str(cpp), "-o", str(so)], check=True, capture_output=True, text=True)
-        self.lib = ctypes.CDLL(str(so))
+        self.lib = build_emulation(_PRELUDE + body + "\n" + "\n".join(launchers) + "\n", workdir / "kernels.cc",
+                                   ("-fno-strict-aliasing",))
 
     def launch(self, kernel: str, grid: tuple[int, int, int], threads: tuple[int, int], args: dict[str, Any]) -> None:
         """`args`: buffer name (without `_ptr`) -> contiguous numpy array, scalar name -> number."""

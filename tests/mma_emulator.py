@@ -23,11 +23,10 @@ from __future__ import annotations
 
 import ctypes
 import re
-import shutil
-import subprocess
 from pathlib import Path
 
 import numpy as np
+from cuda_emulator import build_emulation
 
 _PRELUDE = r"""
 #include <barrier>
@@ -166,9 +165,6 @@ class MmaKernelEmulator:
     shared library; `__call__(args, grid, warps)` runs it on numpy arrays given in the kernel's parameter order."""
 
     def __init__(self, kernel_source: str, workdir: Path, layout: str = "ptx") -> None:
-        gxx = shutil.which("g++")
-        if gxx is None:
-            raise RuntimeError("g++ is needed to run CUDA kernels on the CPU")
         head, body = kernel_source.split("{", 1)
         sig = re.match(r'extern "C" __global__ void __launch_bounds__\(\d+\) (\w+)\((.*)\)\s*$', head.strip())
         name, params = sig.group(1), sig.group(2)
@@ -213,12 +209,7 @@ extern "C" void run({args}, long grid, long warps) {{
   for (auto* b : wb) delete b;
 }}
 """)
-        workdir.mkdir(parents=True, exist_ok=True)
-        cpp, so = workdir / f"{name}_{layout}.cpp", workdir / f"{name}_{layout}.so"
-        cpp.write_text(src)
-        subprocess.run([gxx, "-std=c++20", "-O1", "-shared", "-fPIC", "-w", "-o", str(so), str(cpp), "-lpthread"],
-                       check=True, capture_output=True, text=True)
-        self.lib = ctypes.CDLL(str(so))
+        self.lib = build_emulation(src, workdir / f"{name}_{layout}.cpp")
 
     def __call__(self, args: dict[str, np.ndarray], grid: int, warps: int) -> None:
         """`args`: parameter name without `_ptr` -> C-contiguous array (outputs are written in place)."""

@@ -23,11 +23,10 @@ from __future__ import annotations
 
 import ctypes
 import re
-import shutil
-import subprocess
 from pathlib import Path
 
 import numpy as np
+from cuda_emulator import build_emulation
 
 ARENA_BYTES = 256 * 1024  # the 18-bit shared address window of a matrix descriptor
 DYN_SHIFT = 64  # dynamic shared memory starts here: 64-byte aligned (as extern __shared__ __align__(64)), not 1024
@@ -126,9 +125,6 @@ class WgmmaEmulator:
     it."""
 
     def __init__(self, kernel_source: str, workdir: Path) -> None:
-        gxx = shutil.which("g++")
-        if gxx is None:
-            raise RuntimeError("g++ is needed to run CUDA kernels on the CPU")
         head, body = kernel_source.split("{", 1)
         sig = re.match(r'extern "C" __global__ void __launch_bounds__\(\d+\) (\w+)\((.*)\)\s*$', head.strip())
         name, params = sig.group(1), sig.group(2)
@@ -154,12 +150,7 @@ extern "C" void run(half* bias, half* w, half* x, half* y, long gx, long gy, lon
   for (auto& th : ts) th.join();
 }
 """.replace("KERNEL", name))
-        workdir.mkdir(parents=True, exist_ok=True)
-        cpp, so = workdir / f"{name}.cpp", workdir / f"{name}.so"
-        cpp.write_text(src)
-        subprocess.run([gxx, "-std=c++20", "-O1", "-shared", "-fPIC", "-w", "-o", str(so), str(cpp), "-lpthread"],
-                       check=True, capture_output=True, text=True)
-        self.lib = ctypes.CDLL(str(so))
+        self.lib = build_emulation(src, workdir / f"{name}.cpp")
 
     def __call__(self, x: np.ndarray, w: np.ndarray, y: np.ndarray, grid: tuple[int, int], threads: int,
                  bias: np.ndarray | None = None) -> None:
