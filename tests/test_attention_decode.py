@@ -185,6 +185,15 @@ def test_switch_off_leaves_the_module_alone(monkeypatch):
     assert decode_attn_pass()(mod).same_as(mod)
 
 
+def test_a_bad_switch_value_is_a_compile_error_before_any_pass_runs(monkeypatch):
+    from vptq_mlc.errors import CompileError
+    from vptq_mlc.tir_kernels.cuda_attention_decode import DECODE_ATTN_ENV, decode_attn_pass
+
+    monkeypatch.setenv(DECODE_ATTN_ENV, "on")
+    with pytest.raises(CompileError, match=f"{DECODE_ATTN_ENV}='on'"):
+        decode_attn_pass()
+
+
 @pytest.mark.parametrize("h_kv,h_q,d", [(2, 8, 128), (4, 4, 64)])
 def test_switch_on_creates_the_cache_with_our_decode_kernel(monkeypatch, h_kv, h_q, d):
     from vptq_mlc.tir_kernels.cuda_attention_decode import DECODE_ATTN_ENV, DECODE_SYMBOL, decode_attn_pass

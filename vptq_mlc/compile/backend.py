@@ -119,13 +119,17 @@ class TargetBackend(ABC):
         """The relax pipeline, in order (run inside the target's scope by `relax_pipeline`)."""
 
     def relax_pipeline(self) -> tvm.transform.Pass:
-        """`passes()` as one module pass that enters the target (dispatch and dlight read `Target.current()`)."""
+        """`passes()` as one module pass that enters the target (dispatch and dlight read `Target.current()`). The
+        passes are built here, before the pipeline runs: what building them checks (compile switches read from the
+        environment) then fails as our one-line error, not inside a TVM pass, whose errors come out as tracebacks."""
         target, name = self.target, f"VPTQ{type(self).__name__}Pipeline"
+        with target:
+            passes = self.passes()
 
         @tvm.transform.module_pass(opt_level=0, name=name)
         def pipeline(mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:
             with target:
-                return tvm.transform.Sequential(self.passes())(mod)
+                return tvm.transform.Sequential(passes)(mod)
 
         return pipeline
 

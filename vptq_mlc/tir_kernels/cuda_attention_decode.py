@@ -334,12 +334,15 @@ def decode_attn_pass(enabled: bool | None = None) -> tvm.transform.Pass:
     """Relax module pass: the paged KV cache's decode kernel (TVM's `batch_decode_paged_kv`, no sliding window)
     becomes `paged_decode_split_kv` of the same shapes where `decode_supported`, and the cache is created with it.
     Off (`enabled` False, default: `decode_attn_switch()`), and for modules without a paged KV cache, the module
-    passes through unchanged."""
+    passes through unchanged. The switch is read here, not when the pass runs: a bad value is then a one-line
+    CompileError, not an error TVM's pass machinery wraps into a traceback."""
     from vptq_mlc.tir_kernels.cuda_common import replace_prim_funcs
+
+    on = decode_attn_switch() if enabled is None else enabled
 
     @tvm.transform.module_pass(opt_level=0, name="VPTQSplitKVDecode")
     def rewrite(mod: tvm.IRModule, _ctx: Any) -> tvm.IRModule:
-        if not (decode_attn_switch() if enabled is None else enabled):
+        if not on:
             return mod
         replacements = {}
         for gv, old in mod.functions.items():
