@@ -167,15 +167,18 @@ def test_replica_death_loses_no_unstarted_request(cluster) -> None:
             return await asyncio.wait_for(asyncio.gather(*tasks), 300), victim
 
     failovers_before = metric(url, "replica_failovers_total")
+    started_before = per_replica(url)
     results, victim = asyncio.run(run())
+    # requests the killed replica accepted in this test: an upper bound on those that may fail. Not BATCH: a request
+    # the engine finished may still have had events in Ray's stream buffer (not yet read by the ingress) at the kill
+    started_on_victim = per_replica(url).get(victim, 0) - started_before.get(victim, 0)
     failed = [(i, got, err) for i, (got, err) in enumerate(results) if err is not None]
     ok = [i for i, (got, err) in enumerate(results) if err is None]
     assert all(results[i][0] == n_tokens for i in ok), results
     for i, got, err in failed:  # only requests that had started producing tokens on the dead replica
         assert "retry the request" in err, err
         assert i in first_token and first_token[i] <= killed_at[0] + 5.0, (i, got, err)
-    assert len(failed) <= BATCH, failed
-    assert len(ok) >= 16 - BATCH
+    assert len(failed) <= started_on_victim < 16, (failed, started_on_victim)
     assert metric(url, "replica_failovers_total") > failovers_before  # waiting requests moved to the survivor
 
     # Ray replaces the dead replica; the cluster serves on two replicas again (bounded wait)
