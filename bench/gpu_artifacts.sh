@@ -23,10 +23,10 @@
 #          E2E7B_COMPILE_ARGS: more `vptq-mlc compile` arguments (e.g. "--prefill-chunk 2048"). A name ending in
 #          -fold / -nofold (e.g. v8-k4096-0-nofold) is that variant compiled with VPTQ_MLC_PREFILL_FOLD=1 / 0, one
 #          ending in -wgmma / -mmasync (fp16-wgmma, v8-k4096-0-nofold-mmasync) with VPTQ_MLC_WGMMA=1 / 0; other names
-#          get the defaults (folded prefill; sm_90 alone: wgmma). -mmawide (before a -wgmma / -mmasync:
-#          v8-k4096-0-mmawide, v8-k4096-0-fold-mmawide-wgmma): VPTQ_MLC_MMA_WIDE=1 (the whole-entry tensor-core decode
-#          kernel). -dattn (last: v8-k4096-0-dattn, v8-k4096-0-nofold-dattn): VPTQ_MLC_DECODE_ATTN=1 (the split-KV
-#          decode attention kernel).
+#          get the defaults (folded prefill; sm_90 alone: wgmma; the whole-entry tensor-core decode kernel; the
+#          split-KV decode attention). -mmawide / -mma (before a -wgmma / -mmasync: v8-k4096-0-mma,
+#          v8-k4096-0-fold-mma-wgmma): VPTQ_MLC_MMA_WIDE=1 / 0. -dattn / -nodattn (last: v8-k4096-0-nodattn,
+#          v8-k4096-0-nofold-mma-nodattn): VPTQ_MLC_DECODE_ATTN=1 / 0.
 #   dattn  the decode attention kernels alone (bench/attention_decode.py build): ours and TVM's at 32/32, 8/32 and
 #          4/32 heads, read by gpu_suite.sh's steps dattn and pytest
 #   kwide  the whole-entry tensor-core decode kernel next to the current one on the 7B shapes, rows 8 and 16
@@ -95,13 +95,15 @@ make_synthetic_checkpoint('$E/ckpt', variant='v8-k256-256', hidden_size=256, int
       first=$1
       for n in "$@"; do
         built "$D/$n-cuda.so" && continue
-        # NAME-fold / NAME-nofold: VPTQ_MLC_PREFILL_FOLD=1 / 0; NAME-mmawide: VPTQ_MLC_MMA_WIDE=1; NAME-wgmma /
-        # NAME-mmasync: VPTQ_MLC_WGMMA=1 / 0; NAME-dattn: VPTQ_MLC_DECODE_ATTN=1 (unset otherwise: the defaults); they
-        # stack in this order (NAME-nofold-mmawide-wgmma-dattn)
+        # NAME-fold / NAME-nofold: VPTQ_MLC_PREFILL_FOLD=1 / 0; NAME-mmawide / NAME-mma: VPTQ_MLC_MMA_WIDE=1 / 0;
+        # NAME-wgmma / NAME-mmasync: VPTQ_MLC_WGMMA=1 / 0; NAME-dattn / NAME-nodattn: VPTQ_MLC_DECODE_ATTN=1 / 0
+        # (unset otherwise: the defaults); they stack in this order (NAME-nofold-mma-wgmma-nodattn)
         nd=${n%-dattn}; dattn=""; [ "$nd" != "$n" ] && dattn=1
+        [ "${nd%-nodattn}" != "$nd" ] && { nd=${nd%-nodattn}; dattn=0; }
         base=${nd%-wgmma}; wgmma=""; [ "$base" != "$nd" ] && wgmma=1
         [ "${base%-mmasync}" != "$base" ] && { base=${base%-mmasync}; wgmma=0; }
         nowide=${base%-mmawide}; wide=""; [ "$nowide" != "$base" ] && wide=1
+        [ "${nowide%-mma}" != "$nowide" ] && { nowide=${nowide%-mma}; wide=0; }
         variant=${nowide%-fold}; fold=""; [ "$variant" != "$nowide" ] && fold=1
         [ "${variant%-nofold}" != "$variant" ] && { variant=${variant%-nofold}; fold=0; }
         if [ "$variant" = fp16 ]; then

@@ -4,6 +4,9 @@ kernel of the process, TVM's included, also those replayed from CUDA graphs).
 GPU host, runtime-only TVM + torch: python3 bench/profile_decode.py MODEL_DIR LIB OUT.json [--batch 1] [--steps 8]
 [--sampling greedy|model|T,P] [--prefill N]
 With --prefill N: the kernels of one N-token prefill (the library's prefill chunks) instead of decode steps.
+With --host-time: no profiler; how long the model function's call takes on the host (until it returns, the GPU
+still running) against the whole step (synchronized), per decode step or prefill: a host call as long as the step
+means the host, not the GPU, sets the pace (a synchronization inside the call, or launches slower than the kernels).
 MODEL_DIR may be config-only (random weights are written as `vptq-mlc bench e2e` does). Prints the kernels by total
 time per decode step and writes them to OUT.json.
 """
@@ -26,6 +29,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=8)
     ap.add_argument("--sampling", default="greedy", help="greedy | model (the model's defaults) | T,P")
     ap.add_argument("--prefill", type=int, default=0, help="profile one prefill of this many tokens instead")
+    ap.add_argument("--host-time", action="store_true", help="host time of the model call vs the step (no profiler)")
     a = ap.parse_args()
 
     from vptq_mlc.bench.e2e_common import Grid
@@ -39,6 +43,9 @@ def main() -> None:
     tokens = max(a.context + 64, a.prefill + 1)
     engine = Engine(run_dir, a.lib, device="cuda", max_batch_size=a.batch,
                     max_total_tokens=a.batch * (-(-tokens // PAGE) * PAGE), page_size=PAGE)
+    if a.host_time:
+        host_time(engine, a)
+        return
     if a.prefill:
         plain, wall, per = profile_prefill(engine, a.prefill)
         rows = sorted(({"kernel": k, "us": v[0], "calls": v[1]} for k, v in per.items()), key=lambda r: -r["us"])
@@ -67,6 +74,57 @@ def main() -> None:
     Path(a.out).write_text(json.dumps({"step_wall_us": plain * 1e6, "step_wall_profiled_us": wall * 1e6,
                                        "kernel_us_per_step": total, "rows": rows},
                                       indent=1))
+
+
+def host_time(engine, a) -> None:
+    """Per model call: seconds until the call returns on the host, and until the GPU is done with the step."""
+    import time
+
+    import torch
+
+    from vptq_mlc.bench.e2e_common import Grid
+    from vptq_mlc.bench.e2e_engine import decode_tok_s, prefill_tok_s
+
+    calls: dict[str, list[float]] = {"prefill": [], "decode": []}
+
+    def timed(fn, kind):
+        def call(*args):
+            t0 = time.perf_counter()
+            out = fn(*args)
+            calls[kind].append(time.perf_counter() - t0)
+            return out
+        return call
+
+    # a benchmark's probe of the engine's model calls
+    engine._prefill = timed(engine._prefill, "prefill")  # noqa: SLF001
+    engine._static_decode = {n: timed(f, "decode") for n, f in engine._static_decode.items()}  # noqa: SLF001
+    engine._decode = timed(engine._decode, "decode")  # noqa: SLF001
+    out: dict = {}
+    if a.prefill:
+        prefill_tok_s(engine, a.prefill, reps=1)  # warm-up
+        for _ in range(3):
+            calls["prefill"].clear()
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            prefill_tok_s(engine, a.prefill, reps=1)
+            torch.cuda.synchronize()
+            step = time.perf_counter() - t0
+            host = sum(calls["prefill"])
+            out.setdefault("prefill", []).append({"host_call_s": host, "calls": len(calls["prefill"]), "step_s": step})
+            print(f"prefill {a.prefill}: host time in {len(calls['prefill'])} model call(s) {host * 1e3:.2f} ms, "
+                  f"whole prefill (synchronized) {step * 1e3:.2f} ms")
+    else:
+        grid = Grid(batches=(a.batch,), contexts=(a.context,), prefill=(), steps=a.steps, warmup=2, prefill_reps=1,
+                    sampling=a.sampling)
+        decode_tok_s(engine, a.batch, a.context, grid)  # warm-up: CUDA graphs captured
+        calls["decode"].clear()
+        r = decode_tok_s(engine, a.batch, a.context, grid)
+        timed_calls = calls["decode"][-a.steps:]
+        per = sum(timed_calls) / max(1, len(timed_calls))
+        out["decode"] = {"host_call_s_per_step": per, "step_s": a.batch / r["tok_s"], "result": r}
+        print(f"decode batch {a.batch} ctx {a.context}: host time in the decode call {per * 1e6:.0f} us per step, "
+              f"step {a.batch / r['tok_s'] * 1e6:.0f} us ({r['tok_s']:.1f} tok/s)")
+    Path(a.out).write_text(json.dumps(out, indent=1, default=str))
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""The split-KV decode attention (tir_kernels/cuda_attention_decode.py, compiled in with VPTQ_MLC_DECODE_ATTN=1):
+"""The split-KV decode attention (tir_kernels/cuda_attention_decode.py, compiled in unless VPTQ_MLC_DECODE_ATTN=0):
 its generated CUDA, run on the CPU (tests/decode_attn_emulator.py), against a float64 attention over paged K/V
 with ragged lengths; a deliberately wrong build (no rescale of the running sums) must fail the same check; and the
 pass that hands the kernel to the paged KV cache (off by default: the module is left as it was). The GPU check and
@@ -180,9 +180,16 @@ def _symbols(mod):
 def test_switch_off_leaves_the_module_alone(monkeypatch):
     from vptq_mlc.tir_kernels.cuda_attention_decode import DECODE_ATTN_ENV, decode_attn_pass
 
-    monkeypatch.delenv(DECODE_ATTN_ENV, raising=False)
+    monkeypatch.setenv(DECODE_ATTN_ENV, "0")
     mod = _cache_module(2, 8, 128)
     assert decode_attn_pass()(mod).same_as(mod)
+
+
+def test_switch_is_on_by_default(monkeypatch):
+    from vptq_mlc.tir_kernels.cuda_attention_decode import DECODE_ATTN_ENV, DECODE_SYMBOL, decode_attn_pass
+
+    monkeypatch.delenv(DECODE_ATTN_ENV, raising=False)
+    assert DECODE_SYMBOL in decode_attn_pass()(_cache_module(2, 8, 128))["create"].script()
 
 
 def test_a_bad_switch_value_is_a_compile_error_before_any_pass_runs(monkeypatch):

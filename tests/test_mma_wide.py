@@ -1,5 +1,6 @@
 """The whole-entry tensor-core decode kernel (vptq_mlc/tir_kernels/cuda_mma_wide.py): the compile switch
-`VPTQ_MLC_MMA_WIDE` (off by default; on, the registry's tensor-core decode layers with v = 8 take it), and its results
+`VPTQ_MLC_MMA_WIDE` (on by default: the registry's tensor-core decode layers with v = 8 take it; 0 keeps
+`cuda_mma.py`), its launch plans (shared memory that launches, the wave rule for steps per load), and its results
 on the CPU: the CUDA source TVM generates, run with C++ models of `ldmatrix` and `mma.sync.m16n8k16` written from the
 PTX ISA's fragment tables (tests/mma_emulator.py), against float64 `xs @ W.T` with W from the independent reference
 dequantizer (tests/reference_dequant.py). A deliberately wrong fragment layout in the models fails the same check.
@@ -9,6 +10,7 @@ check` carries the kernel's GPU cases. ~1 min on 2 cores.
 
 from __future__ import annotations
 
+import re
 from dataclasses import replace
 
 import numpy as np
@@ -124,21 +126,72 @@ def test_default_plans_fit_every_arch_and_shape():
                 assert (cfg.group_num * cfg.group_size) % (16 * p.steps_per_load) == 0
 
 
-def test_switch_is_off_by_default_and_refuses_bad_values(monkeypatch):
+def test_launch_shared_memory_needs_no_opt_in_or_gets_it():
+    """Past 48 KB of static + dynamic shared memory a launch needs the opt-in attribute, which TVM's CUDA runtime
+    sets only for >= 48 KB of dynamic memory (without it: CUDA_ERROR_INVALID_VALUE, seen on the H100 with two pairs
+    of vector rows per warp over a 32 KB replicated book). Every default plan and every test plan either fits 48 KB
+    or has >= 48 KB dynamic as TVM lays it out (the scratch over the book), and the built kernel's book (else its
+    scratch) buffer has the padded size."""
+    from vptq_mlc.tir_kernels.cuda_mma_wide import (
+        OPT_IN_SMEM,
+        dynamic_pad,
+        launch_smem,
+        plan_mma_wide,
+        vq_mma_wide_cuda,
+    )
+
+    plans = [(_cfg(v, i, o, {}), rows, plan_mma_wide(_cfg(v, i, o, {}), rows))
+             for v in ("v8-k256-0", "v8-k256-256", "v8-k4096-0", "v8-k65536-256")
+             for i, o in ((4096, 4096), (4096, 11008), (11008, 4096), (1024, 512)) for rows in (5, 8, 16)]
+    plans += [(_cfg(v, i, o, lay), rows, replace(plan_mma_wide(_cfg(v, i, o, lay), rows), **ov))
+              for v, i, o, rows, lay, ov in CASES.values()]
+    padded = 0
+    for cfg, rows, p in plans:
+        static, dyn = launch_smem(cfg, p, rows, overlapped=True)
+        assert static <= OPT_IN_SMEM and (static + dyn <= OPT_IN_SMEM or dyn >= OPT_IN_SMEM), (cfg, rows, p)
+        pad = dynamic_pad(cfg, p, rows)
+        if pad:
+            padded += 1
+            script = vq_mma_wide_cuda(cfg, "float16", rows, p).script()
+            width = {"float16x8": 16, "": 4}  # the book's entries; the scratch is float32 (the script's default)
+            dyn_bytes = [int(n) * width[t] for n, t in re.findall(
+                r'T\.alloc_buffer\(\((\d+),\),(?: "(float16x8)",)? scope="shared\.dyn"\)', script)]
+            assert len(dyn_bytes) == 2 and max(dyn_bytes) >= pad, (cfg, rows, p, dyn_bytes)
+    assert padded >= 1  # the two-pairs case of CASES needs the pad
+
+
+def test_steps_per_load_follow_the_wave_model():
+    """Four MMA steps per load unless two make the grid one wave shorter: on the H100 at 16 rows, 11008 x 4096
+    (344 CTAs: 2 per SM with 4 steps, 3 with 2) took 39.5 / 30.3 us (v8-k4096-0) and 36.2 / 30.1 us (v8-k256-256)
+    with 4 / 2 steps; 4096 x 4096 and 4096 x 11008 (256 CTAs, one wave either way) 14.5 / 14.7 and 28.0 / 30.6 us."""
+    from vptq_mlc.tir_kernels.cuda_mma_wide import plan_mma_wide, waves
+
+    for variant in ("v8-k4096-0", "v8-k256-256"):
+        assert plan_mma_wide(_cfg(variant, 4096, 11008, {}), 16).steps_per_load == 2
+        for i, o in ((4096, 4096), (11008, 4096)):
+            assert plan_mma_wide(_cfg(variant, i, o, {}), 16).steps_per_load == 4
+        cfg = _cfg(variant, 4096, 11008, {})
+        p = plan_mma_wide(cfg, 16)
+        assert waves(cfg, p, 16) == 1 and waves(cfg, replace(p, steps_per_load=4), 16) == 2
+    # the book in L1/L2: CTAs are bounded by warps, not shared memory; one wave either way, four steps stay
+    assert plan_mma_wide(_cfg("v8-k65536-256", 4096, 11008, {}), 16).steps_per_load == 4
+
+
+def test_switch_is_on_by_default_and_refuses_bad_values(monkeypatch):
     from vptq_mlc.tir_kernels.cuda_mma_wide import MMA_WIDE_ENV, mma_wide_enabled
 
     monkeypatch.delenv(MMA_WIDE_ENV, raising=False)
-    assert mma_wide_enabled() is False
-    monkeypatch.setenv(MMA_WIDE_ENV, "1")
     assert mma_wide_enabled() is True
+    monkeypatch.setenv(MMA_WIDE_ENV, "0")
+    assert mma_wide_enabled() is False
     monkeypatch.setenv(MMA_WIDE_ENV, "on")
     with pytest.raises(CompileError, match=f"{MMA_WIDE_ENV}='on'"):
         mma_wide_enabled()
 
 
-def test_registry_takes_it_only_with_the_switch_for_v8(monkeypatch):
-    """Switch off: the tensor-core decode layers keep cuda_mma.py (same TIR as without this module); on: v = 8 layers
-    take the wide kernel, v = 12 keeps cuda_mma.py, and the GEMV rows stay the GEMV."""
+def test_registry_takes_it_for_v8_unless_switched_off(monkeypatch):
+    """Switch off: the tensor-core decode layers keep cuda_mma.py (same TIR as without this module); on (the
+    default): v = 8 layers take the wide kernel, v = 12 keeps cuda_mma.py, and the GEMV rows stay the GEMV."""
     from tvm.target import Target
 
     from vptq_mlc.checkpoint.layer_config import VPTQLayerConfig
@@ -149,10 +202,10 @@ def test_registry_takes_it_only_with_the_switch_for_v8(monkeypatch):
     target = Target({"kind": "cuda", "arch": "sm_90"})
     v8 = VPTQLayerConfig.from_variant("v8-k4096-0", 1024, 512)
     v12 = VPTQLayerConfig.from_variant("v12-k4096-0", 1020, 252)
-    monkeypatch.delenv(MMA_WIDE_ENV, raising=False)
+    monkeypatch.setenv(MMA_WIDE_ENV, "0")
     off = CudaKernelSelector(target)
     assert _same(off(v8, "float16", 16).func, vq_mma_cuda(v8, "float16", 16))
-    monkeypatch.setenv(MMA_WIDE_ENV, "1")
+    monkeypatch.delenv(MMA_WIDE_ENV, raising=False)
     on = CudaKernelSelector(target)
     assert _same(on(v8, "float16", 16).func, vq_mma_wide_cuda(v8, "float16", 16))
     assert _same(on(v8, "float16", 8).func, vq_mma_wide_cuda(v8, "float16", 8))

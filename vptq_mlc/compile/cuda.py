@@ -264,7 +264,7 @@ class CudaBackend(TargetBackend):
         dlight's SIMT tiled schedule."""
         return [
             split_kv_prefill_pass(),  # TIRPagedKVCache's prefill kernel -> ours (same signature, already scheduled)
-            # its decode kernel -> ours split over the cached length (VPTQ_MLC_DECODE_ATTN=1; off: no change)
+            # its decode kernel -> ours split over the cached length (VPTQ_MLC_DECODE_ATTN=0: no change)
             decode_attn_pass(),
             # dispatch: sampling and sort/scan ops to their GPU implementations
             relax.backend.DispatchSampling(),

@@ -63,11 +63,21 @@ from vptq_mlc.tir_kernels.cuda_gemv import REPLICAS, SMEM_CODEBOOK_BYTES, keep_g
 from vptq_mlc.tir_kernels.cuda_mma import MAX_DYN_SMEM, MMA_ROWS
 from vptq_mlc.tir_kernels.generic import kernel_dims
 
-# Off unless asked for (compile with VPTQ_MLC_MMA_WIDE=1) until it has run on a GPU: on, the registry's tensor-core
-# decode choice (cuda_mma.mma_preferred) takes this kernel where `mma_wide_supported`; off, `cuda_mma.py` as before.
+# On by default (measured on the H100: docs/dense-mma.md): the registry's tensor-core decode choice
+# (cuda_mma.mma_preferred) takes this kernel where `mma_wide_supported`; VPTQ_MLC_MMA_WIDE=0 keeps `cuda_mma.py`.
 MMA_WIDE_ENV = "VPTQ_MLC_MMA_WIDE"
-MMA_WIDE_DEFAULT = False
+MMA_WIDE_DEFAULT = True
 TILE_HALVES = 256  # one A fragment's 32 entries of 8 halves: 512 bytes per tile
+# A launch may use static + dynamic shared memory beyond this only with the opt-in attribute, which TVM's CUDA runtime
+# sets when the dynamic part alone is >= 48 KB: a plan whose static tiles + dynamic book/scratch exceed it with less
+# than 48 KB dynamic fails to launch (CUDA_ERROR_INVALID_VALUE), so its dynamic part is padded up to this size.
+OPT_IN_SMEM = 48 * 1024
+# The wave model the plan uses to pick its steps per load (tuned on the H100 SXM: 132 SMs, 228 KB shared memory per
+# SM of which 1 KB is reserved per resident CTA, 64 warps per SM).
+WAVE_SMS = 132
+SM_SMEM_BYTES = 228 * 1024
+CTA_RESERVED_SMEM = 1024
+SM_WARPS = 64
 
 
 def mma_wide_enabled() -> bool:
@@ -109,19 +119,59 @@ def plan_mma_wide(cfg: VPTQLayerConfig, rows: int = MMA_ROWS) -> WidePlan:
     plan = WidePlan(mt, row_groups, splits, ds, smem, smem and cb * REPLICAS <= SMEM_CODEBOOK_BYTES, unroll)
     if smem_bytes(cfg, plan, rows) > MAX_DYN_SMEM and plan.replicated:
         plan = replace(plan, replicated=False)
+    if ds == 4:  # half the tile per warp when that makes the grid one wave fewer (H100, 11008 x 4096 at 16 rows:
+        # 3 CTAs per SM instead of 2, 344 CTAs in one wave: 30.3 us instead of 39.5; equal waves: 4 steps stay faster)
+        short = replace(plan, steps_per_load=2)
+        if waves(cfg, short, rows) < waves(cfg, plan, rows):
+            plan = short
     return plan
 
 
-def smem_bytes(cfg: VPTQLayerConfig, plan: WidePlan, rows: int) -> int:
-    """Shared memory of a launch: the codebook (copies) and the split-sum scratch (dynamic), the warps' tiles
-    (static); counted without overlap (TVM may place the scratch over the codebook), as an upper bound."""
+def _book_bytes(cfg: VPTQLayerConfig, p: WidePlan) -> int:
+    """The shared book (all copies, main + residual; 16-byte entries), 0 when the book is read from L1/L2."""
+    copies = REPLICAS if p.replicated else 1
+    return cfg.group_num * (cfg.num_centroids + cfg.num_res_centroids) * copies * 16 if p.smem_codebook else 0
+
+
+def _red_bytes(p: WidePlan, rows: int) -> int:
+    """The fp32 split-sum scratch (splits 1..P-1 park their accumulators for split 0); none with one split."""
+    return (p.splits - 1) * p.row_groups * p.pair_tiles * (-(-rows // 8)) * 4 * 32 * 4
+
+
+def dynamic_pad(cfg: VPTQLayerConfig, plan: WidePlan, rows: int) -> int:
+    """Bytes the book (else the scratch) is padded to so that the launch gets the opt-in: 0 when the launch needs no
+    pad, else OPT_IN_SMEM. Decided on the smallest dynamic size TVM may lay out (the scratch over the book)."""
+    static = plan.row_groups * plan.splits * plan.pair_tiles * plan.steps_per_load * TILE_HALVES * 2
+    smallest = max(_book_bytes(cfg, plan), _red_bytes(plan, rows))
+    return OPT_IN_SMEM if static + smallest > OPT_IN_SMEM > smallest else 0
+
+
+def launch_smem(cfg: VPTQLayerConfig, plan: WidePlan, rows: int, overlapped: bool = False) -> tuple[int, int]:
+    """(static, dynamic) shared-memory bytes of a launch: the warps' tiles are static; the book and the split-sum
+    scratch are dynamic, padded as `dynamic_pad` says. `overlapped`: the scratch over the book (dead by then), as
+    TVM lays them out; else their sum (an upper bound)."""
     p = plan
-    cb = cfg.group_num * (cfg.num_centroids + cfg.num_res_centroids) * 8 * (REPLICAS if p.replicated else 1)
-    warps = p.row_groups * p.splits
-    tiles = warps * p.pair_tiles * p.steps_per_load * TILE_HALVES
-    nacc = p.pair_tiles * (-(-rows // 8)) * 4
-    red = max(1, (p.splits - 1) * p.row_groups * nacc * 32)
-    return (cb if p.smem_codebook else 1) * 2 + tiles * 2 + red * 4
+    static = p.row_groups * p.splits * p.pair_tiles * p.steps_per_load * TILE_HALVES * 2
+    pad = dynamic_pad(cfg, p, rows)
+    book, red = _book_bytes(cfg, p), _red_bytes(p, rows)
+    if pad:
+        book, red = (max(book, pad), red) if p.smem_codebook else (book, max(red, pad))
+    return static, max(book, red) if overlapped else book + red
+
+
+def smem_bytes(cfg: VPTQLayerConfig, plan: WidePlan, rows: int) -> int:
+    """Shared memory of a launch, static + dynamic (`launch_smem`, upper bound)."""
+    return sum(launch_smem(cfg, plan, rows))
+
+
+def waves(cfg: VPTQLayerConfig, plan: WidePlan, rows: int) -> int:
+    """Waves of the launch on the modelled GPU (WAVE_SMS): CTAs per SM bounded by shared memory (as TVM lays it
+    out) and by warps."""
+    p = plan
+    per_sm = min(SM_SMEM_BYTES // (sum(launch_smem(cfg, p, rows, overlapped=True)) + CTA_RESERVED_SMEM),
+                 SM_WARPS // (p.row_groups * p.splits))
+    ctas = -(-cfg.num_vectors // (p.row_groups * 2 * p.pair_tiles))
+    return -(-ctas // (WAVE_SMS * max(1, per_sm)))
 
 
 def vq_mma_wide_cuda(cfg: VPTQLayerConfig, dtype: str, rows: int, plan: WidePlan | None = None) -> tirx.PrimFunc:
@@ -136,8 +186,10 @@ def vq_mma_wide_cuda(cfg: VPTQLayerConfig, dtype: str, rows: int, plan: WidePlan
     MT, RW, P, DS, U = p.pair_tiles, p.row_groups, p.splits, p.steps_per_load, p.unroll
     if L % (16 * DS):
         raise ValueError(f"plan {p}: the codes region ({L} columns) is no whole number of {16 * DS}-column chunks")
-    if smem_bytes(cfg, p, rows) > MAX_DYN_SMEM:
-        raise ValueError(f"plan {p} needs {smem_bytes(cfg, p, rows)} bytes of shared memory (> {MAX_DYN_SMEM})")
+    static_smem, dyn_smem = launch_smem(cfg, p, rows)
+    if static_smem + dyn_smem > MAX_DYN_SMEM or static_smem > OPT_IN_SMEM:
+        raise ValueError(f"plan {p} needs {static_smem} + {dyn_smem} bytes of static + dynamic shared memory (at "
+                         f"most {OPT_IN_SMEM} static, {MAX_DYN_SMEM} in all)")
     NT = -(-NB // 8)  # n-tiles: 8 activation rows each
     NACC = MT * NT * 4
     W = RW * P
@@ -155,9 +207,14 @@ def vq_mma_wide_cuda(cfg: VPTQLayerConfig, dtype: str, rows: int, plan: WidePlan
     # every access is 8 wide, which made two kernels of one model library declare `cb_s_ptr` differently
     CB_MAIN = G * K * REP
     CB_SHARED = (CB_MAIN + (G * KR * REP if HAS_RES else 0)) if p.smem_codebook else 1
+    PAD_DYN = dynamic_pad(cfg, p, rows)  # past OPT_IN_SMEM in all, the dynamic part reaches it too
     ENTRY = f"{dtype}x{v}"
     NBUF = MT * DS  # tiles per warp (one per (pair tile, step) of a chunk)
     RED = max(1, (P - 1) * RW * NACC * 32)
+    if PAD_DYN and p.smem_codebook:
+        CB_SHARED = max(CB_SHARED, PAD_DYN // 16)
+    elif PAD_DYN:
+        RED = max(RED, PAD_DYN // 4)
     WHOLE = NCH % P == 0 and CPS % U == 0  # every (iteration, chunk) of every split is real: no per-chunk test
     XV = next(n for n in (8, 4, 2, 1) if OSZ % n == 0)  # activation load width: 16 bytes unless OSZ misaligns it
 

@@ -13,8 +13,8 @@ says which family it builds with; nothing here looks at the target's kind.
   class), when the model dir carries the `code-sorted` layout and the slices are balanced (`code_sorted_preferred`:
   no residual or Kr == K) -> `cuda_code_sorted.py` (slice-per-CTA kernel + a reduce kernel);
   static rows 6..16 (fp16; 9..16 with a residual codebook or v > 8: `cuda_mma.mma_preferred`) -> tensor-core
-  kernel (`cuda_mma.py`; with VPTQ_MLC_MMA_WIDE=1 at compile time, `cuda_mma_wide.py` for v = 8 layers whose codes
-  region is whole 32-column chunks); other static row counts 1..8 (decode) ->
+  kernel: `cuda_mma_wide.py` for v = 8 layers whose codes region is whole 32-column chunks (VPTQ_MLC_MMA_WIDE=0 at
+  compile time: `cuda_mma.py` for those too), `cuda_mma.py` for the others; other static row counts 1..8 (decode) ->
   hand-scheduled VQ-GEMV (`cuda_gemv.py`); other row counts (prefill, symbolic batch) -> for fp16, one PrimFunc
   choosing by the run-time row count (`cuda_dequant_gemm.py`): the tensor-core kernel with 4 row tiles per CTA
   below DEQUANT_GEMM_FROM_ROWS, else dequantize the layer into a scratch fp16 weight + the dense tensor-core GEMM
@@ -321,7 +321,7 @@ class CudaKernelSelector(KernelSelector):
         elif family == "mma":
             from vptq_mlc.tir_kernels.cuda_mma_wide import mma_wide_enabled, mma_wide_supported, vq_mma_wide_cuda
 
-            if mma_wide_enabled() and mma_wide_supported(cfg, dtype, rows):  # VPTQ_MLC_MMA_WIDE=1: v = 8
+            if mma_wide_enabled() and mma_wide_supported(cfg, dtype, rows):  # v = 8, unless VPTQ_MLC_MMA_WIDE=0
                 k = VQKernel(vq_mma_wide_cuda(cfg, dtype, rows), generic_ops)
             else:
                 k = VQKernel(vq_mma_cuda(cfg, dtype, rows), generic_ops)
