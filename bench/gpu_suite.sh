@@ -65,7 +65,8 @@ install_wheels() {  # the server's wheels into /tmp/sp (the GPU image has no pac
 rc=0
 for s in $STEPS; do
   case $s in
-    check) "${V[@]}" bench check "$ART/kcheck" --json "$OUT/check.json" 2>&1 | tail -n 8 | tee "$OUT/check.log" || rc=1 ;;
+    check) "${V[@]}" bench check "$ART/kcheck" --json "$OUT/check.json" > "$OUT/check_full.log" 2>&1 || rc=1
+      tail -n 8 "$OUT/check_full.log" | tee "$OUT/check.log" ;;  # the whole output stays: a crash names its case
     kernels) "${V[@]}" bench kernels "$ART/kbench" --json "$OUT/kernels.json" 2>&1 | tee "$OUT/kernels.log" || rc=1 ;;
     cs) "${V[@]}" bench kernels "$ART/kcs" --json "$OUT/cs_kernels.json" 2>&1 | tee "$OUT/cs_kernels.log" || rc=1 ;;
     kwide) "${V[@]}" bench kernels "$ART/kwide" --json "$OUT/mma_wide_kernels.json" 2>&1 \

@@ -130,8 +130,7 @@ def test_launch_shared_memory_needs_no_opt_in_or_gets_it():
     """Past 48 KB of static + dynamic shared memory a launch needs the opt-in attribute, which TVM's CUDA runtime
     sets only for >= 48 KB of dynamic memory (without it: CUDA_ERROR_INVALID_VALUE, seen on the H100 with two pairs
     of vector rows per warp over a 32 KB replicated book). Every default plan and every test plan either fits 48 KB
-    or has >= 48 KB dynamic as TVM lays it out (the scratch over the book), and the built kernel's book (else its
-    scratch) buffer has the padded size."""
+    or has >= 48 KB dynamic, and the kernel's one dynamic buffer has the padded size."""
     from vptq_mlc.tir_kernels.cuda_mma_wide import (
         OPT_IN_SMEM,
         dynamic_pad,
@@ -147,17 +146,40 @@ def test_launch_shared_memory_needs_no_opt_in_or_gets_it():
               for v, i, o, rows, lay, ov in CASES.values()]
     padded = 0
     for cfg, rows, p in plans:
-        static, dyn = launch_smem(cfg, p, rows, overlapped=True)
+        static, dyn = launch_smem(cfg, p, rows)
         assert static <= OPT_IN_SMEM and (static + dyn <= OPT_IN_SMEM or dyn >= OPT_IN_SMEM), (cfg, rows, p)
-        pad = dynamic_pad(cfg, p, rows)
-        if pad:
+        if dynamic_pad(cfg, p, rows):
             padded += 1
             script = vq_mma_wide_cuda(cfg, "float16", rows, p).script()
-            width = {"float16x8": 16, "": 4}  # the book's entries; the scratch is float32 (the script's default)
-            dyn_bytes = [int(n) * width[t] for n, t in re.findall(
-                r'T\.alloc_buffer\(\((\d+),\),(?: "(float16x8)",)? scope="shared\.dyn"\)', script)]
-            assert len(dyn_bytes) == 2 and max(dyn_bytes) >= pad, (cfg, rows, p, dyn_bytes)
+            allocs = re.findall(r'T\.alloc_buffer\(\((\d+),\), "float16x8", scope="shared\.dyn"\)', script)
+            assert [int(n) * 16 for n in allocs] == [dyn], (cfg, rows, p, allocs)
     assert padded >= 1  # the two-pairs case of CASES needs the pad
+
+
+def test_launch_gets_the_dynamic_size_the_plan_computes():
+    """The dynamic shared memory TVM's host code passes at launch is `launch_smem`'s. With the book and the
+    split-sum scratch as two dynamic buffers, TVM's merge of them sized a v8-k4096-0 launch at 8 rows (2 x 4 warps)
+    at 1051648 bytes instead of 64 KB, which the H100 refused; they are one buffer now."""
+    import tvm
+
+    from vptq_mlc.compile.targets import resolve_backend
+    from vptq_mlc.tir_kernels.cuda_mma_wide import launch_smem, plan_mma_wide, vq_mma_wide_cuda
+
+    (bt,) = resolve_backend("cuda", "sm_90")
+    bt.prepare()
+    cases = [("v8-k4096-0", 1024, 512, 8, {}), ("v8-k4096-0", 4096, 11008, 12, {}), ("v8-k65536-256", 1024, 512, 8, {}),
+             ("v8-k256-0", 1024, 512, 16, {"pair_tiles": 2, "unroll": 1})]
+    funcs, expected = {}, {}
+    for n, (variant, i, o, rows, ov) in enumerate(cases):
+        cfg = _cfg(variant, i, o, {})
+        p = replace(plan_mma_wide(cfg, rows), **ov)
+        funcs[f"w{n}"] = vq_mma_wide_cuda(cfg, "float16", rows, p).with_attr("global_symbol", f"w{n}")
+        expected[f"w{n}"] = launch_smem(cfg, p, rows)[1]
+    for name, f in funcs.items():  # one module per kernel: its host function's constants are its own
+        ex = tvm.compile(tvm.IRModule({name: f}), target=bt.target)
+        host = (ex.mod if hasattr(ex, "mod") else ex).inspect_source()
+        consts = {int(c) for c in re.findall(r"\bi(?:32|64) (\d+)", host)}
+        assert expected[name] in consts, (name, expected[name], sorted(c for c in consts if c > 4096))
 
 
 def test_steps_per_load_follow_the_wave_model():

@@ -86,6 +86,9 @@ def check(art: str, json_out: str | None) -> None:
         with open(json_out, "w") as f:
             json.dump(res, f, indent=1)
     bad = [r["case"] for r in res if not r["ok"]]
+    for r in res:
+        if "error" in r:
+            click.echo(f"{r['case']}: {r['error']}")
     click.echo(f"{len(res) - len(bad)}/{len(res)} kernels correct")
     if bad:
         sys.exit(1)

@@ -139,37 +139,32 @@ def _red_bytes(p: WidePlan, rows: int) -> int:
 
 
 def dynamic_pad(cfg: VPTQLayerConfig, plan: WidePlan, rows: int) -> int:
-    """Bytes the book (else the scratch) is padded to so that the launch gets the opt-in: 0 when the launch needs no
-    pad, else OPT_IN_SMEM. Decided on the smallest dynamic size TVM may lay out (the scratch over the book)."""
+    """Bytes the dynamic buffer is padded to so that the launch gets the opt-in: 0 when the launch needs no pad,
+    else OPT_IN_SMEM."""
     static = plan.row_groups * plan.splits * plan.pair_tiles * plan.steps_per_load * TILE_HALVES * 2
-    smallest = max(_book_bytes(cfg, plan), _red_bytes(plan, rows))
-    return OPT_IN_SMEM if static + smallest > OPT_IN_SMEM > smallest else 0
+    dyn = max(_book_bytes(cfg, plan), _red_bytes(plan, rows))
+    return OPT_IN_SMEM if static + dyn > OPT_IN_SMEM > dyn else 0
 
 
-def launch_smem(cfg: VPTQLayerConfig, plan: WidePlan, rows: int, overlapped: bool = False) -> tuple[int, int]:
-    """(static, dynamic) shared-memory bytes of a launch: the warps' tiles are static; the book and the split-sum
-    scratch are dynamic, padded as `dynamic_pad` says. `overlapped`: the scratch over the book (dead by then), as
-    TVM lays them out; else their sum (an upper bound)."""
+def launch_smem(cfg: VPTQLayerConfig, plan: WidePlan, rows: int) -> tuple[int, int]:
+    """(static, dynamic) shared-memory bytes of a launch: the warps' tiles are static; the dynamic buffer holds the
+    book, and the split-sum scratch over it once the book is dead (one buffer: TVM's merge of two dynamic buffers,
+    one of them float16x8, sized the launch 16x too large), padded as `dynamic_pad` says."""
     p = plan
     static = p.row_groups * p.splits * p.pair_tiles * p.steps_per_load * TILE_HALVES * 2
-    pad = dynamic_pad(cfg, p, rows)
-    book, red = _book_bytes(cfg, p), _red_bytes(p, rows)
-    if pad:
-        book, red = (max(book, pad), red) if p.smem_codebook else (book, max(red, pad))
-    return static, max(book, red) if overlapped else book + red
+    dyn = max(_book_bytes(cfg, p), _red_bytes(p, rows), dynamic_pad(cfg, p, rows), 16)
+    return static, dyn
 
 
 def smem_bytes(cfg: VPTQLayerConfig, plan: WidePlan, rows: int) -> int:
-    """Shared memory of a launch, static + dynamic (`launch_smem`, upper bound)."""
+    """Shared memory of a launch, static + dynamic (`launch_smem`)."""
     return sum(launch_smem(cfg, plan, rows))
 
 
 def waves(cfg: VPTQLayerConfig, plan: WidePlan, rows: int) -> int:
-    """Waves of the launch on the modelled GPU (WAVE_SMS): CTAs per SM bounded by shared memory (as TVM lays it
-    out) and by warps."""
+    """Waves of the launch on the modelled GPU (WAVE_SMS): CTAs per SM bounded by shared memory and by warps."""
     p = plan
-    per_sm = min(SM_SMEM_BYTES // (sum(launch_smem(cfg, p, rows, overlapped=True)) + CTA_RESERVED_SMEM),
-                 SM_WARPS // (p.row_groups * p.splits))
+    per_sm = min(SM_SMEM_BYTES // (smem_bytes(cfg, p, rows) + CTA_RESERVED_SMEM), SM_WARPS // (p.row_groups * p.splits))
     ctas = -(-cfg.num_vectors // (p.row_groups * 2 * p.pair_tiles))
     return -(-ctas // (WAVE_SMS * max(1, per_sm)))
 
@@ -201,20 +196,15 @@ def vq_mma_wide_cuda(cfg: VPTQLayerConfig, dtype: str, rows: int, plan: WidePlan
     NOCH = -(-OSZ // 16) if HAS_OUT else 0
     NRB = -(-NV // (RW * 2 * MT))
     REP = REPLICAS if p.replicated else 1
-    # the shared book in whole entries (one float16x8 element each): its CUDA declaration is `uint4 wide_book_ptr[]`
-    # in every kernel of this family (or the merged `buf_dyn_shmem`), never `half cb_s_ptr[]` of other kernels:
-    # all `extern __shared__` arrays of one CUDA file share a name space, and TVM retypes a dynamic buffer whose
-    # every access is 8 wide, which made two kernels of one model library declare `cb_s_ptr` differently
+    # the one dynamic buffer, in whole entries (one float16x8 element each): the book, then the split-sum scratch
+    # (fp32, an alias of the same bytes); its CUDA declaration is `uint4 wide_book_ptr[]` in every kernel of this
+    # family, never `half cb_s_ptr[]` of other kernels: all `extern __shared__` arrays of one CUDA file share a name
+    # space, and TVM retypes a dynamic buffer whose every access is 8 wide, which made two kernels of one model
+    # library declare `cb_s_ptr` differently
     CB_MAIN = G * K * REP
-    CB_SHARED = (CB_MAIN + (G * KR * REP if HAS_RES else 0)) if p.smem_codebook else 1
-    PAD_DYN = dynamic_pad(cfg, p, rows)  # past OPT_IN_SMEM in all, the dynamic part reaches it too
     ENTRY = f"{dtype}x{v}"
     NBUF = MT * DS  # tiles per warp (one per (pair tile, step) of a chunk)
-    RED = max(1, (P - 1) * RW * NACC * 32)
-    if PAD_DYN and p.smem_codebook:
-        CB_SHARED = max(CB_SHARED, PAD_DYN // 16)
-    elif PAD_DYN:
-        RED = max(RED, PAD_DYN // 4)
+    DYN_ENTRIES = launch_smem(cfg, p, rows)[1] // 16  # book, scratch and opt-in pad (launch_smem) in 16-byte entries
     WHOLE = NCH % P == 0 and CPS % U == 0  # every (iteration, chunk) of every split is real: no per-chunk test
     XV = next(n for n in (8, 4, 2, 1) if OSZ % n == 0)  # activation load width: 16 bytes unless OSZ misaligns it
 
@@ -293,9 +283,13 @@ def vq_mma_wide_cuda(cfg: VPTQLayerConfig, dtype: str, rows: int, plan: WidePlan
         bx = T.launch_thread("blockIdx.x", NRB)
         tx = T.launch_thread("threadIdx.x", 32)
         ty = T.launch_thread("threadIdx.y", W)
-        wide_book = T.alloc_buffer((CB_SHARED,), ENTRY, scope="shared.dyn")
+        if p.smem_codebook:
+            wide_book = T.alloc_buffer((DYN_ENTRIES,), ENTRY, scope="shared.dyn")
+            red = T.decl_buffer((DYN_ENTRIES * 4,), "float32", data=wide_book.data, scope="shared.dyn")
+        else:  # no book (never accessed: TVM drops it): the scratch alone, declared `float red_ptr[]`
+            wide_book = T.alloc_buffer((1,), ENTRY, scope="shared.dyn")
+            red = T.alloc_buffer((DYN_ENTRIES * 4,), "float32", scope="shared.dyn")
         tile = T.alloc_buffer((W * NBUF * TILE_HALVES,), dtype, scope="shared")
-        red = T.alloc_buffer((RED,), "float32", scope="shared.dyn")
         acc = T.alloc_buffer((NACC,), "float32", scope="local")
         fa = T.alloc_buffer((8,), dtype, scope="local")
         fb = T.alloc_buffer((NT * 4,), dtype, scope="local")
