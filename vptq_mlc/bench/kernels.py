@@ -531,19 +531,27 @@ def check_kernels(art_dir: str | os.PathLike[str], seed: int = 0,
     return out
 
 
+def _random_case(lib: CudaKernels, i: int, c: KernelCase, rng) -> tuple[Any, Any, dict, dict, dict, list]:
+    """(torch dtype, layer config, random layer tensors, kernel operands, side inputs, scratch outputs) of case i."""
+    import torch
+
+    from vptq_mlc.testing.synthetic import random_layer
+
+    dtype = lib.manifest["dtype"]
+    cfg = c.config()
+    tensors = random_layer(cfg, rng, dtype, scale=0.5 / np.sqrt(cfg.in_features))
+    names, scratch = call_spec(lib.manifest, i, cfg)
+    ops, side = _operands(cfg, tensors, dtype, names)
+    return getattr(torch, dtype), cfg, tensors, ops, side, scratch
+
+
 def _check_plain_case(lib: CudaKernels, i: int, c: KernelCase, rng) -> dict[str, Any]:
     """One kernel `k<i>(xs, *operands, *scratch, y)` against float64 `x @ dequantize(W).T + bias` per row."""
     import torch
 
     from vptq_mlc.checkpoint.dequant import dequantize
-    from vptq_mlc.testing.synthetic import random_layer
 
-    dtype = lib.manifest["dtype"]
-    tdt = getattr(torch, dtype)
-    cfg = c.config()
-    tensors = random_layer(cfg, rng, dtype, scale=0.5 / np.sqrt(cfg.in_features))
-    names, scratch = call_spec(lib.manifest, i, cfg)
-    ops, side = _operands(cfg, tensors, dtype, names)
+    tdt, cfg, tensors, ops, side, scratch = _random_case(lib, i, c, rng)
     W = torch.from_numpy(dequantize(cfg, tensors).astype(np.float32)).cuda().double()
     x = torch.randn(c.n(), cfg.in_features, device="cuda").to(tdt)
     ref = x.double() @ W.T
@@ -566,14 +574,8 @@ def _check_fold_case(lib: CudaKernels, i: int, c: KernelCase, rng, device: str =
     import torch
 
     from vptq_mlc.checkpoint.dequant import dequantize
-    from vptq_mlc.testing.synthetic import random_layer
 
-    dtype = lib.manifest["dtype"]
-    tdt = getattr(torch, dtype)
-    cfg = c.config()
-    tensors = random_layer(cfg, rng, dtype, scale=0.5 / np.sqrt(cfg.in_features))
-    names, scratch = call_spec(lib.manifest, i, cfg)
-    ops, side = _operands(cfg, tensors, dtype, names)
+    tdt, cfg, tensors, ops, side, scratch = _random_case(lib, i, c, rng)
     ops_t = {k: torch.from_numpy(np.ascontiguousarray(a)).to(device) for k, a in ops.items()}
     x = torch.randn(c.n(), cfg.in_features, device=device).to(tdt)
     xs = torch.full_like(x, float("nan"))
