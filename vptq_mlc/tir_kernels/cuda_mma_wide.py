@@ -138,22 +138,24 @@ def _red_bytes(p: WidePlan, rows: int) -> int:
     return (p.splits - 1) * p.row_groups * p.pair_tiles * (-(-rows // 8)) * 4 * 32 * 4
 
 
+def _tile_bytes(p: WidePlan) -> int:
+    """The warps' static tiles: one 512-byte A tile per (pair tile, MMA step) of a chunk and warp."""
+    return p.row_groups * p.splits * p.pair_tiles * p.steps_per_load * TILE_HALVES * 2
+
+
 def dynamic_pad(cfg: VPTQLayerConfig, plan: WidePlan, rows: int) -> int:
     """Bytes the dynamic buffer is padded to so that the launch gets the opt-in: 0 when the launch needs no pad,
     else OPT_IN_SMEM."""
-    static = plan.row_groups * plan.splits * plan.pair_tiles * plan.steps_per_load * TILE_HALVES * 2
     dyn = max(_book_bytes(cfg, plan), _red_bytes(plan, rows))
-    return OPT_IN_SMEM if static + dyn > OPT_IN_SMEM > dyn else 0
+    return OPT_IN_SMEM if _tile_bytes(plan) + dyn > OPT_IN_SMEM > dyn else 0
 
 
 def launch_smem(cfg: VPTQLayerConfig, plan: WidePlan, rows: int) -> tuple[int, int]:
     """(static, dynamic) shared-memory bytes of a launch: the warps' tiles are static; the dynamic buffer holds the
     book, and the split-sum scratch over it once the book is dead (one buffer: TVM's merge of two dynamic buffers,
     one of them float16x8, sized the launch 16x too large), padded as `dynamic_pad` says."""
-    p = plan
-    static = p.row_groups * p.splits * p.pair_tiles * p.steps_per_load * TILE_HALVES * 2
-    dyn = max(_book_bytes(cfg, p), _red_bytes(p, rows), dynamic_pad(cfg, p, rows), 16)
-    return static, dyn
+    dyn = max(_book_bytes(cfg, plan), _red_bytes(plan, rows), dynamic_pad(cfg, plan, rows), 16)
+    return _tile_bytes(plan), dyn
 
 
 def smem_bytes(cfg: VPTQLayerConfig, plan: WidePlan, rows: int) -> int:
