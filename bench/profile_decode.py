@@ -121,9 +121,10 @@ def host_time(engine, a) -> None:
         r = decode_tok_s(engine, a.batch, a.context, grid)
         timed_calls = calls["decode"][-a.steps:]
         per = sum(timed_calls) / max(1, len(timed_calls))
-        out["decode"] = {"host_call_s_per_step": per, "step_s": a.batch / r["tok_s"], "result": r}
+        step = a.batch / r["tok_s"]
+        out["decode"] = {"host_call_s_per_step": per, "step_s": step, "result": r}
         print(f"decode batch {a.batch} ctx {a.context}: host time in the decode call {per * 1e6:.0f} us per step, "
-              f"step {a.batch / r['tok_s'] * 1e6:.0f} us ({r['tok_s']:.1f} tok/s)")
+              f"step {step * 1e6:.0f} us ({r['tok_s']:.1f} tok/s)")
     Path(a.out).write_text(json.dumps(out, indent=1, default=str))
 
 

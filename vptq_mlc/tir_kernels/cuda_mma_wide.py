@@ -206,7 +206,7 @@ def vq_mma_wide_cuda(cfg: VPTQLayerConfig, dtype: str, rows: int, plan: WidePlan
     CB_MAIN = G * K * REP
     ENTRY = f"{dtype}x{v}"
     NBUF = MT * DS  # tiles per warp (one per (pair tile, step) of a chunk)
-    DYN_ENTRIES = launch_smem(cfg, p, rows)[1] // 16  # book, scratch and opt-in pad (launch_smem) in 16-byte entries
+    DYN_ENTRIES = dyn_smem // 16  # book, scratch and opt-in pad (launch_smem) in 16-byte entries
     WHOLE = NCH % P == 0 and CPS % U == 0  # every (iteration, chunk) of every split is real: no per-chunk test
     XV = next(n for n in (8, 4, 2, 1) if OSZ % n == 0)  # activation load width: 16 bytes unless OSZ misaligns it
 
@@ -380,7 +380,7 @@ def vq_mma_wide_cuda(cfg: VPTQLayerConfig, dtype: str, rows: int, plan: WidePlan
                     T.evaluate(T.call_extern("void", "__syncwarp"))  # the tiles are rewritten by the next chunk
         # splits 1..P-1 park their accumulators in shared memory; split 0 adds them and stores
         if P > 1:
-            T.tvm_storage_sync("shared")  # `red` may be placed over the codebook and the tiles (merged shared.dyn)
+            T.tvm_storage_sync("shared")  # `red` is the book's bytes (one dynamic buffer): every lookup is done
             if sp > 0:
                 for a in T.unroll(NACC):
                     red[((rg * (P - 1) + sp - 1) * NACC + a) * 32 + tx] = acc[a]
