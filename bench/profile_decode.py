@@ -47,21 +47,22 @@ def main() -> None:
         host_time(engine, a)
         return
     if a.prefill:
-        plain, wall, per = profile_prefill(engine, a.prefill)
+        plain, wall, per, gaps = profile_prefill(engine, a.prefill)
         rows = sorted(({"kernel": k, "us": v[0], "calls": v[1]} for k, v in per.items()), key=lambda r: -r["us"])
         total = sum(r["us"] for r in rows)
         print(f"prefill {a.prefill} tokens: wall {plain * 1e3:.2f} ms ({wall * 1e3:.2f} profiled), kernels "
               f"{total / 1e3:.2f} ms, {sum(r['calls'] for r in rows)} launches")
         for r in rows[:40]:
             print(f"{r['us']:10.1f} us {r['calls']:5d}x  {r['kernel'][:110]}")
+        print_gaps(gaps)
         Path(a.out).write_text(json.dumps({"prefill_tokens": a.prefill, "wall_us": plain * 1e6,
-                                           "wall_profiled_us": wall * 1e6, "kernel_us": total, "rows": rows},
-                                          indent=1))
+                                           "wall_profiled_us": wall * 1e6, "kernel_us": total, "rows": rows,
+                                           "timeline": gaps}, indent=1))
         return
     grid = Grid(batches=(a.batch,), contexts=(a.context,), prefill=(), steps=2, warmup=2, prefill_reps=1,
                 sampling=a.sampling)
     decode_tok_s(engine, a.batch, a.context, grid)  # warm-up: kernels loaded, CUDA graphs captured
-    plain, wall, per = profile_decode_steps(engine, a.batch, a.context, grid, a.steps, 2 * a.steps + 4,
+    plain, wall, per, gaps = profile_decode_steps(engine, a.batch, a.context, grid, a.steps, 2 * a.steps + 4,
                                             unprofiled_steps=a.steps)
     rows = sorted(({"kernel": k, "us_per_step": v[0] / a.steps, "calls_per_step": v[1] / a.steps}
                    for k, v in per.items()), key=lambda r: -r["us_per_step"])
@@ -71,9 +72,19 @@ def main() -> None:
           f"kernels {total:.0f} us per step, {sum(r['calls_per_step'] for r in rows):.0f} launches per step")
     for r in rows[:40]:
         print(f"{r['us_per_step']:9.1f} us {r['calls_per_step']:6.1f}x  {r['kernel'][:110]}")
+    print_gaps(gaps)
     Path(a.out).write_text(json.dumps({"step_wall_us": plain * 1e6, "step_wall_profiled_us": wall * 1e6,
-                                       "kernel_us_per_step": total, "rows": rows},
+                                       "kernel_us_per_step": total, "rows": rows, "timeline": gaps},
                                       indent=1))
+
+
+def print_gaps(gaps: dict) -> None:
+    """The GPU's idle time in the profiled span, where it falls, and the host's CUDA API calls."""
+    print(f"GPU idle {gaps['idle_us']:.0f} us of a {gaps['span_us']:.0f} us span; largest idle stretches:")
+    for g in gaps["gaps"]:
+        print(f"{g['us']:10.1f} us {g['count']:5d}x  {g['before']} -> {g['after']}")
+    for c in gaps["host_api"]:
+        print(f"{c['us']:10.1f} us {c['count']:5d}x  host {c['call']}")
 
 
 def host_time(engine, a) -> None:

@@ -29,7 +29,7 @@ def kernel_profile(engine: Any, batch: int, context: int, grid: Any, steps: int)
     """GPU kernel time per decode step (torch's CUPTI profiler sees TVM's kernels), the sampler's apart."""
     from vptq_mlc.bench.e2e_engine import _drain, profile_decode_steps
 
-    _, wall, per = profile_decode_steps(engine, batch, context, grid, steps, steps + batch + 4)
+    _, wall, per, _ = profile_decode_steps(engine, batch, context, grid, steps, steps + batch + 4)
     _drain(engine)
     sampler = {k: v for k, v in per.items() if k.startswith("sample_tokens")}
     return {"step_wall_profiled_us": wall * 1e6,
@@ -66,7 +66,8 @@ def main() -> None:
     md = load_library(a.lib, a.device).metadata
     with tempfile.TemporaryDirectory(prefix="vptq-sampling-") as work:
         run_dir, info = prepare_weights(Path(a.model_dir), md["params"], Path(work), tile=1 << 20)
-        held = decode_prompt_len(a.context, grids["greedy"]) + decode_budget(grids["greedy"], max(batches))
+        plen = decode_prompt_len(a.context, grids["greedy"])
+        held = plen + decode_budget(grids["greedy"], max(batches), plen)
         kv_tokens = max(batches) * (-(-max(held, a.steps + max(batches) + 4 + a.context) // PAGE) * PAGE)
         engine = Engine(run_dir, a.lib, device=a.device, max_batch_size=max(batches), max_total_tokens=kv_tokens,
                         page_size=PAGE)

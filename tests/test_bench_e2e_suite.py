@@ -129,3 +129,45 @@ def test_sampling_option() -> None:
     assert parse_sampling("0.7,0.9") == (0.7, 0.9)
     res = CliRunner().invoke(main, ["bench", "e2e", "x.json", "--system", "a", ".", __file__, "--sampling", "hot"])
     assert res.exit_code != 0 and "use greedy, model or TEMPERATURE,TOP_P" in res.output
+
+
+def test_decode_batch_stays_full_when_prompts_prefill_over_many_steps(
+        tiny_served_model: tuple[Path, Path, Path]) -> None:
+    """Later prompts prefill in small mixed steps that already decode the earlier requests: every request must
+    still be running in every timed step (its token budget counts those steps), or tok/s drops mid-window."""
+    from vptq_mlc.bench.e2e_common import Grid
+    from vptq_mlc.bench.e2e_engine import decode_tok_s
+    from vptq_mlc.runtime.engine import Engine
+
+    _, model_dir, lib = tiny_served_model
+    engine = Engine(model_dir, str(lib), device="cpu", max_batch_size=4, step_token_budget=8)
+    grid = Grid(batches=(4,), contexts=(48,), prefill=(), steps=8, warmup=1, prefill_reps=1, sampling="greedy")
+    r = decode_tok_s(engine, 4, 48, grid)  # 4 prompts of 38 tokens: about 20 mixed steps of 8 tokens
+    assert r["full_batch_every_step"] and r["timed_tokens"] == 4 * 8
+
+
+def test_timeline_gaps_finds_the_idle_stretches() -> None:
+    """GPU idle time from kernel intervals (overlapping kernels are one busy stretch), by the kernels around it,
+    and the host's CUDA API calls, on hand-made profiler events."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from vptq_mlc.bench.e2e_engine import timeline_gaps
+
+    cuda, cpu = torch.autograd.DeviceType.CUDA, torch.autograd.DeviceType.CPU
+
+    def ev(name: str, dev: object, start: float, end: float) -> SimpleNamespace:
+        return SimpleNamespace(name=name, device_type=dev, time_range=SimpleNamespace(start=start, end=end))
+
+    events = [ev("gemm", cuda, 0, 10), ev("norm", cuda, 5, 12),  # overlapping: busy 0..12
+              ev("attn", cuda, 20, 30), ev("gemm", cuda, 31, 40), ev("attn", cuda, 48, 50),
+              ev("cudaStreamSynchronize", cpu, 12, 19), ev("cuLaunchKernel", cpu, 0, 1),
+              ev("cuLaunchKernel", cpu, 2, 3), ev("aten::add", cpu, 0, 100)]
+    g = timeline_gaps(SimpleNamespace(events=lambda: events))
+    assert g["span_us"] == 50 and g["idle_us"] == 8 + 1 + 8
+    assert g["gaps"][0] == {"before": "norm", "after": "attn", "us": 8, "count": 1}
+    assert {(x["before"], x["after"]): x["us"] for x in g["gaps"]} == {
+        ("norm", "attn"): 8, ("gemm", "attn"): 8, ("attn", "gemm"): 1}
+    assert g["host_api"] == [{"call": "cudaStreamSynchronize", "us": 7, "count": 1},
+                             {"call": "cuLaunchKernel", "us": 2, "count": 2}]

@@ -90,12 +90,16 @@ def decode_params(engine: Any, sampling: str, max_tokens: int, seed: int) -> Any
     return SamplingParams(max_tokens=max_tokens, temperature=mode[0], top_p=mode[1], seed=seed, ignore_eos=True)
 
 
-def decode_budget(grid: Grid, batch: int) -> int:
+def decode_budget(grid: Grid, batch: int, prompt_len: int, step_tokens: int | None = None) -> int:
     """New tokens each decode request of a `batch` may make: the first token, the warm-up and timed steps, plus
-    `batch` of headroom: while later prompts prefill, the engine already decodes the earlier requests in the same
-    steps (chunked prefill), so they run a few tokens ahead and must not finish inside the timed window. A request
-    then holds its context (prompt + first + warm-up + timed tokens) plus `batch` KV slots."""
-    return 1 + grid.warmup + grid.steps + batch
+    headroom for the steps in which later prompts still prefill: the engine already decodes the earlier requests
+    in them (chunked prefill, `step_tokens` tokens a step), so those run ahead by up to one token per such step and
+    must not finish inside the timed window (None: the engine's default budget). A request then holds its context
+    plus that headroom in KV slots."""
+    from vptq_mlc.runtime.engine import DEFAULT_STEP_TOKEN_BUDGET
+
+    step_tokens = DEFAULT_STEP_TOKEN_BUDGET if step_tokens is None else step_tokens
+    return 1 + grid.warmup + grid.steps + batch + -(-batch * prompt_len // max(1, step_tokens - batch))
 
 
 def decode_tok_s(engine: Any, batch: int, context: int, grid: Grid) -> dict[str, Any]:
@@ -104,7 +108,8 @@ def decode_tok_s(engine: Any, batch: int, context: int, grid: Grid) -> dict[str,
     calls of a static batch function load its kernels)."""
     plen = decode_prompt_len(context, grid)
     reqs = [engine.add_request(prompt_ids(i, plen, engine.vocab_size),
-                               decode_params(engine, grid.sampling, decode_budget(grid, batch), seed=i))
+                               decode_params(engine, grid.sampling,
+                                             decode_budget(grid, batch, plen, engine.step_token_budget), seed=i))
             for i in range(batch)]
     while not all(r.prefill_done for r in reqs):
         engine.step()
@@ -135,11 +140,13 @@ def decode_tok_s(engine: Any, batch: int, context: int, grid: Grid) -> dict[str,
 
 
 def profile_decode_steps(engine: Any, batch: int, context: int, grid: Grid, steps: int, max_tokens: int,
-                         unprofiled_steps: int = 0) -> tuple[float | None, float, dict[str, list[float]]]:
+                         unprofiled_steps: int = 0
+                         ) -> tuple[float | None, float, dict[str, list[float]], dict[str, Any]]:
     """GPU kernels of `steps` decode steps of `batch` requests at `context` (`grid.sampling`), through torch's CUPTI
     profiler, which sees TVM's kernels too, also those replayed from CUDA graphs. Returns seconds per step of
     `unprofiled_steps` timed first (None without; the profiler itself slows the host side), seconds per profiled
-    step, and {kernel name: [device microseconds in all, calls]}. The requests stay; drain the engine after."""
+    step, {kernel name: [device microseconds in all, calls]} and `timeline_gaps`. The requests stay; drain the
+    engine after."""
     import torch
     from torch.profiler import ProfilerActivity, profile
 
@@ -162,7 +169,7 @@ def profile_decode_steps(engine: Any, batch: int, context: int, grid: Grid, step
             engine.step()
         torch.cuda.synchronize()
     wall = (time.perf_counter() - t0) / steps
-    return plain, wall, _kernel_sums(prof)
+    return plain, wall, _kernel_sums(prof), timeline_gaps(prof)
 
 
 def _kernel_sums(prof: Any) -> dict[str, list[float]]:
@@ -178,20 +185,55 @@ def _kernel_sums(prof: Any) -> dict[str, list[float]]:
     return per
 
 
-def profile_prefill(engine: Any, tokens: int) -> tuple[float, float, dict[str, list[float]]]:
-    """GPU kernels of one prefill of `tokens` prompt tokens (the engine chunking it by its prefill chunk), after an
-    unprofiled one of the same length: seconds of the unprofiled prefill, seconds of the profiled one and
-    {kernel name: [device microseconds, calls]}."""
+def timeline_gaps(prof: Any, top: int = 12) -> dict[str, Any]:
+    """Where the GPU sat idle in a finished torch profile: the span from the first kernel's start to the last one's
+    end, the idle microseconds in it, the largest idle stretches by (kernel before, kernel after) and the host's
+    CUDA API calls by total time (a long `cudaStreamSynchronize` or `cudaMemcpy` there is a host wait inside the
+    model call; launches slower than the kernels show as many short gaps instead)."""
+    import torch
+
+    spans, api = [], {}
+    for ev in prof.events():
+        if ev.device_type == torch.autograd.DeviceType.CUDA:
+            spans.append((ev.time_range.start, ev.time_range.end, ev.name))
+        elif ev.name.startswith("cu"):  # CUDA runtime / driver API calls on the host
+            row = api.setdefault(ev.name, [0.0, 0])
+            row[0] += ev.time_range.end - ev.time_range.start
+            row[1] += 1
+    spans.sort()
+    pairs: dict[tuple[str, str], list[float]] = {}
+    idle, end, prev = 0.0, None, ""
+    for start, stop, name in spans:
+        if end is not None and start > end:
+            row = pairs.setdefault((prev[:60], name[:60]), [0.0, 0])
+            row[0] += start - end
+            row[1] += 1
+            idle += start - end
+        if end is None or stop > end:
+            end, prev = stop, name
+    span = (end - spans[0][0]) if spans else 0.0
+    return {"span_us": span, "idle_us": idle,
+            "gaps": [{"before": b, "after": a, "us": v[0], "count": v[1]}
+                     for (b, a), v in sorted(pairs.items(), key=lambda kv: -kv[1][0])[:top]],
+            "host_api": [{"call": k, "us": v[0], "count": v[1]}
+                         for k, v in sorted(api.items(), key=lambda kv: -kv[1][0])[:top]]}
+
+
+def profile_prefill(engine: Any, tokens: int) -> tuple[float, float, dict[str, list[float]], dict[str, Any]]:
+    """GPU kernels of one prefill of `tokens` prompt tokens (the engine chunking it by its prefill chunk), after a
+    warm-up one and three timed unprofiled ones of the same length: median seconds of the unprofiled prefills,
+    seconds of the profiled one, {kernel name: [device microseconds, calls]} and its `timeline_gaps`."""
     import torch
     from torch.profiler import ProfilerActivity, profile
 
-    plain = prefill_tok_s(engine, tokens, reps=1)["seconds"]
+    prefill_tok_s(engine, tokens, reps=1)  # first calls load kernels and fill the memory pool
+    plain = prefill_tok_s(engine, tokens, reps=3)["seconds"]
     torch.cuda.synchronize()
     t0 = time.perf_counter()
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         prefill_tok_s(engine, tokens, reps=1)
         torch.cuda.synchronize()
-    return plain, time.perf_counter() - t0, _kernel_sums(prof)
+    return plain, time.perf_counter() - t0, _kernel_sums(prof), timeline_gaps(prof)
 
 
 def prefill_tok_s(engine: Any, tokens: int, reps: int) -> dict[str, Any]:
@@ -239,7 +281,8 @@ def run_engine_system(model_dir: str, lib_path: str, device: str, grid: Grid, wo
     if not batches:
         raise ValueError(f"every batch in {grid.batches} exceeds the library's max_batch_size {compiled_batch}")
     # what each decode request of a batch reserves: its prompt and its new-token budget (decode_tok_s)
-    held = {b: decode_prompt_len(min(max(grid.contexts), window), grid) + decode_budget(grid, b) for b in batches}
+    plen = decode_prompt_len(min(max(grid.contexts), window), grid)
+    held = {b: plen + decode_budget(grid, b, plen) for b in batches}
     kv_tokens = max(b * (-(-min(window, held[b]) // PAGE) * PAGE) for b in batches)
     t0 = time.perf_counter()
     engine = Engine(run_dir, lib_path, device=device, max_batch_size=max(batches),
