@@ -169,7 +169,7 @@ def test_model_prefill_runs_the_folded_kernel(tmp_path, monkeypatch):
 def test_folded_prefill_cuda_source():
     """The folded PrimFunc holds both branches' kernels; the folding dequantize kernel keeps the plain kernel's
     16-byte weight stores (final column order: no scattered stores), stages codes and the inverse permutation in
-    shared memory with one barrier; the GEMMs add the bias before the rounding; the gated prologue keeps its
+    shared memory (the permutation read with 16-byte loads) with one barrier; the GEMMs add the bias before the rounding; the gated prologue keeps its
     barriers. Codegen only (nvcc not run)."""
     from cuda_sources import generated_cuda, kernel_definitions
     from test_cuda_aot import require_cuda_toolkit
@@ -196,7 +196,9 @@ def test_folded_prefill_cuda_source():
     assert all("dot_ptr[" in k and "bias_ptr[" in k for k in mma)  # the epilogue: + dot, + bias
     assert all("(float)bias_ptr[" in k for k in gemm)
     assert len(re.findall(r"\*\(uint4\*\)\(w_ptr \+", dequant)) == cfg.vector_len  # v 16-byte stores, no scatter
-    assert "perm_ptr[" in dequant and dequant.count("__syncthreads()") == 1
+    # the permutation read 4 columns per 16-byte load, one barrier after the staging
+    assert re.search(r"\*\(int4\*\)\(perm_ptr \+", dequant) and "perm_ptr[" not in dequant
+    assert dequant.count("__syncthreads()") == 1
     gated = [k for n, k in kernels.items() if n.startswith("gated_")]
     assert len(gated) == 1 and gated[0].count("__syncthreads()") >= 3
 

@@ -320,7 +320,7 @@ def dequant_fold_macro(cfg: VPTQLayerConfig, dtype: str, has_perm: bool, plan: F
     TH, RB = plan.threads, plan.rows_per_cta
     NCTA = -(-NV // RB)
     CIT = -(-NCHUNK // TH)  # column-chunk iterations per vector row
-    PIT = -(-I // TH)  # perm entries per thread
+    PIT4 = -(-(I // 4) // TH)  # 4-column perm / scale loads per thread (I % 8 == 0)
     VEC_CODES = L % C8 == 0
     CODE_IT = -(-(L // C8) // TH) if VEC_CODES else -(-L // TH)
     EV = entry_width(v)
@@ -350,12 +350,22 @@ def dequant_fold_macro(cfg: VPTQLayerConfig, dtype: str, has_perm: bool, plan: F
 
     @T.macro
     def stage(bx, tx, codes, res_codes, perm, col_scale, cd_s, rc_s, inv_s, sc_s):
-        """inv[perm[k]] = k and the scale in final order (with a permutation), and the CTA's rows of codes."""
+        """inv[perm[k]] = k and the scale in final order (with a permutation), and the CTA's rows of codes. The
+        permutation and scale are read 4 columns per load and every load of the thread is issued before its first
+        scatter store: a loop of load-then-store waits one L2 round trip per iteration, and the CTA's work waits
+        for the whole scatter."""
         if HAS_PERM:
-            for it in range(PIT):
-                if it * TH + tx < I:
-                    inv_s[perm[it * TH + tx]] = T.Cast(IDT, it * TH + tx)
-                    sc_s[perm[it * TH + tx]] = col_scale[it * TH + tx]
+            pl = T.alloc_buffer((PIT4 * 4,), "int32", scope="local")
+            sl = T.alloc_buffer((PIT4 * 4,), dtype, scope="local")
+            for it in T.unroll(PIT4):
+                if (it * TH + tx) * 4 < I:
+                    pl[vr(it * 4, 4)] = perm[vr((it * TH + tx) * 4, 4)]
+                    sl[vr(it * 4, 4)] = col_scale[vr((it * TH + tx) * 4, 4)]
+            for it in T.unroll(PIT4):
+                if (it * TH + tx) * 4 < I:
+                    for e in T.unroll(4):
+                        inv_s[pl[it * 4 + e]] = T.Cast(IDT, (it * TH + tx) * 4 + e)
+                        sc_s[pl[it * 4 + e]] = sl[it * 4 + e]
         for r in range(RB):
             if bx * RB + r < NV:
                 for it in range(CODE_IT):
