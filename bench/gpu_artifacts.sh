@@ -26,7 +26,8 @@
 #          get the defaults (folded prefill; sm_90 alone: wgmma; the whole-entry tensor-core decode kernel; the
 #          split-KV decode attention). -mmawide / -mma (before a -wgmma / -mmasync: v8-k4096-0-mma,
 #          v8-k4096-0-fold-mma-wgmma): VPTQ_MLC_MMA_WIDE=1 / 0. -dattn / -nodattn (last: v8-k4096-0-nodattn,
-#          v8-k4096-0-nofold-mma-nodattn): VPTQ_MLC_DECODE_ATTN=1 / 0.
+#          v8-k4096-0-nofold-mma-nodattn): VPTQ_MLC_DECODE_ATTN=1 / 0. -group (last of all):
+#          VPTQ_MLC_PREFILL_GROUP=1 (q/k/v and gate/up as one folded prefill call each).
 #   dattn  the decode attention kernels alone (bench/attention_decode.py build): ours and TVM's at 32/32, 8/32 and
 #          4/32 heads, read by gpu_suite.sh's steps dattn and pytest
 #   kwide  the whole-entry tensor-core decode kernel next to the current one on the 7B shapes, rows 8 and 16
@@ -97,8 +98,10 @@ make_synthetic_checkpoint('$E/ckpt', variant='v8-k256-256', hidden_size=256, int
         built "$D/$n-cuda.so" && continue
         # NAME-fold / NAME-nofold: VPTQ_MLC_PREFILL_FOLD=1 / 0; NAME-mmawide / NAME-mma: VPTQ_MLC_MMA_WIDE=1 / 0;
         # NAME-wgmma / NAME-mmasync: VPTQ_MLC_WGMMA=1 / 0; NAME-dattn / NAME-nodattn: VPTQ_MLC_DECODE_ATTN=1 / 0
-        # (unset otherwise: the defaults); they stack in this order (NAME-nofold-mma-wgmma-nodattn)
-        nd=${n%-dattn}; dattn=""; [ "$nd" != "$n" ] && dattn=1
+        # NAME-group: VPTQ_MLC_PREFILL_GROUP=1 (unset otherwise: the defaults); they stack in this order
+        # (NAME-nofold-mma-wgmma-nodattn-group)
+        ng=${n%-group}; group=""; [ "$ng" != "$n" ] && group=1
+        nd=${ng%-dattn}; dattn=""; [ "$nd" != "$ng" ] && dattn=1
         [ "${nd%-nodattn}" != "$nd" ] && { nd=${nd%-nodattn}; dattn=0; }
         base=${nd%-wgmma}; wgmma=""; [ "$base" != "$nd" ] && wgmma=1
         [ "${base%-mmasync}" != "$base" ] && { base=${base%-mmasync}; wgmma=0; }
@@ -118,6 +121,7 @@ p.write_text(json.dumps(c, indent=2))"
         else
           "${V[@]}" bench synth-model "$D/$n-cfg" --shape "${E2E7B_SHAPE:-llama2-7b}" --variant "$variant" --config-only
         fi
+        VPTQ_MLC_PREFILL_GROUP=${group:-${VPTQ_MLC_PREFILL_GROUP:-}} \
         VPTQ_MLC_PREFILL_FOLD=${fold:-${VPTQ_MLC_PREFILL_FOLD:-}} VPTQ_MLC_WGMMA=${wgmma:-${VPTQ_MLC_WGMMA:-}} \
           VPTQ_MLC_DECODE_ATTN=${dattn:-${VPTQ_MLC_DECODE_ATTN:-}} VPTQ_MLC_MMA_WIDE=${wide:-${VPTQ_MLC_MMA_WIDE:-}} \
           "${V[@]}" compile "$D/$n-cfg" --target cuda --arch "$ARCH" -o "$D/$n-cuda.so" ${E2E7B_COMPILE_ARGS:-}

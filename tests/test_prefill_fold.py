@@ -169,8 +169,8 @@ def test_model_prefill_runs_the_folded_kernel(tmp_path, monkeypatch):
 def test_folded_prefill_cuda_source():
     """The folded PrimFunc holds both branches' kernels; the folding dequantize kernel keeps the plain kernel's
     16-byte weight stores (final column order: no scattered stores), stages codes and the inverse permutation in
-    shared memory (the permutation read with 16-byte loads) with one barrier; the GEMMs add the bias before the rounding; the gated prologue keeps its
-    barriers. Codegen only (nvcc not run)."""
+    shared memory (the permutation read with 16-byte loads) with one barrier; the GEMMs add the bias before the
+    rounding; the gated prologue keeps its barriers. Codegen only (nvcc not run)."""
     from cuda_sources import generated_cuda, kernel_definitions
     from test_cuda_aot import require_cuda_toolkit
 
@@ -275,3 +275,190 @@ def test_fold_check_fails_a_wrong_kernel(rows, fault):
     case = KernelCase("v8-k256-0", 1024, 96, None, {"bias": True}, run_rows=rows, kernel="fold")
     res = _check_fold_case(_FakeFoldLibrary(case, 128, fault), 0, case, np.random.default_rng(0), device="cpu")
     assert not res["ok"], res
+
+
+class _FakeGroupLibrary:
+    """`_FakeFoldLibrary` for a folded group of v8-k256-0 layers (perm per member as `perms`): `func(i, "_prologue")`
+    the gated shared prologue, `func(i)` the group kernel writing member m into columns m*O.., optionally broken
+    ("swap": members 0 and 1 in each other's columns, "skip-last": the last member's columns never written)."""
+
+    def __init__(self, case, perms: tuple[bool, ...], from_rows: int, fault: str = ""):
+        cfg = case.config()
+        names = [["centroids", "codes", *(["perm"] if p else []), "col_scale", "weight_bias"] for p in perms]
+        self.manifest = {"dtype": "float16", "calls": [{
+            "operands": names[0], "group_operands": names,
+            "scratch": [[[len(perms) * cfg.out_features, cfg.in_features], "float16"]]}]}
+        self.perms, self.from_rows, self.fault = perms, from_rows, fault
+
+    def func(self, i: int, suffix: str = ""):
+        return self._prologue if suffix == "_prologue" else self._group
+
+    def _members(self, args: list, per: int) -> list[list]:
+        out, j = [], 0
+        for p in self.perms:
+            n = per + (1 if p else 0)
+            out.append(args[j:j + n])
+            j += n
+        return out
+
+    def _prologue(self, *args):
+        import torch
+
+        t = [torch.from_dlpack(a) for a in args]
+        x, rest = t[0], t[1:]
+        ins, outs = rest[: len(rest) - 2 * len(self.perms)], rest[len(rest) - 2 * len(self.perms):]
+        for m, vec in enumerate(self._members(ins, 2)):
+            perm = vec[0] if self.perms[m] else None
+            col_scale, weight_bias = vec[-2], vec[-1]
+            if x.shape[0] < self.from_rows:
+                outs[2 * m].copy_((x[:, perm.long()] if perm is not None else x) * col_scale)
+                outs[2 * m + 1].copy_((x.double() @ weight_bias.double()).float()[:, None])
+
+    def _group(self, *args):
+        import torch
+
+        t = [torch.from_dlpack(a) for a in args]
+        x, w, y = t[0], t[-2], t[-1]
+        count = len(self.perms)
+        width = y.shape[1] // count
+        for m, (xs, dot, centroids, codes, *vec) in enumerate(self._members(t[1:-2], 6)):
+            perm = vec[0] if self.perms[m] else None
+            col_scale, weight_bias = vec[-2], vec[-1]
+            nv, length = codes.shape
+            v = centroids.shape[-1]
+            wpre = centroids[0][codes.long()].permute(0, 2, 1).reshape(nv * v, length)[:width]
+            if x.shape[0] < self.from_rows:
+                out = xs.double() @ wpre.double().T + dot.double()
+            else:
+                wm = w[m * width:(m + 1) * width]
+                wm[:, perm.long() if perm is not None else torch.arange(length)] = (wpre * col_scale).to(w.dtype)
+                wm.copy_(wm + weight_bias)
+                out = x.double() @ wm.double().T
+            col = {0: 1, 1: 0}.get(m, m) if self.fault == "swap" else m
+            if not (self.fault == "skip-last" and m == count - 1):
+                y[:, col * width:(col + 1) * width] = out.to(y.dtype)
+
+
+@pytest.mark.parametrize("rows,from_rows,prologue", [(5, 128, "pnp"), (37, 128, "pp"), (130, 128, "np"),
+                                                     (5, 0, "pnp")])
+def test_fold_group_check_passes_a_right_kernel(rows, from_rows, prologue):
+    from vptq_mlc.bench.kernels import KernelCase, _check_fold_group_case
+
+    case = KernelCase("v8-k256-0", 1024, 96, None, run_rows=rows, kernel="fold-group", prologue=prologue,
+                      plan={"from_rows": from_rows})
+    lib = _FakeGroupLibrary(case, tuple(ch == "p" for ch in prologue), from_rows)
+    res = _check_fold_group_case(lib, 0, case, np.random.default_rng(0), device="cpu")
+    assert len(res) == len(prologue) and all(r["ok"] for r in res), res
+
+
+@pytest.mark.parametrize("rows,fault", [(130, "swap"), (37, "swap"), (130, "skip-last")])
+def test_fold_group_check_fails_a_wrong_kernel(rows, fault):
+    from vptq_mlc.bench.kernels import KernelCase, _check_fold_group_case
+
+    case = KernelCase("v8-k256-0", 1024, 96, None, run_rows=rows, kernel="fold-group", prologue="ppp")
+    res = _check_fold_group_case(_FakeGroupLibrary(case, (True,) * 3, 128, fault), 0, case,
+                                 np.random.default_rng(0), device="cpu")
+    assert not all(r["ok"] for r in res), res
+
+
+def test_check_suite_covers_the_folded_group_paths():
+    from vptq_mlc.bench.kernels import correctness_cases
+    from vptq_mlc.tir_kernels.cuda_dequant_gemm import DEQUANT_GEMM_FROM_ROWS
+
+    cases = [c for c in correctness_cases() if c.kernel == "fold-group"]
+    rows = {(c.run_rows <= 16, c.run_rows < c.plan.get("from_rows", DEQUANT_GEMM_FROM_ROWS)) for c in cases}
+    assert {(True, True), (False, True), (False, False)} <= rows  # decode plan, prefill plan, dequantize + GEMM
+    assert any(len(c.prologue) == 2 for c in cases) and any(len(c.prologue) == 3 for c in cases)
+    assert any(set(c.prologue) == {"p", "n"} for c in cases)
+    assert {(c.in_features, c.out_features) for c in cases} >= {(4096, 4096), (4096, 11008)}
+
+
+def test_folded_group_cuda_source():
+    """The group PrimFunc holds each member's two VQ MMA kernels (writing its columns of y) and folding
+    dequantize, and ONE GEMM ladder over all outputs; codegen only (nvcc not run)."""
+    from cuda_sources import generated_cuda, kernel_definitions
+    from test_cuda_aot import require_cuda_toolkit
+
+    require_cuda_toolkit(cuobjdump=False)
+    import tvm
+
+    from vptq_mlc.tir_kernels.cuda_dequant_gemm import vq_prefill_folded_group_cuda
+
+    cfg = VPTQLayerConfig.from_variant("v8-k256-256", 1024, 512, **OUTL)
+    func, operands, scratch = vq_prefill_folded_group_cuda(cfg, "float16", (True, False, True))
+    assert scratch == (((1536, 1024), "float16"),)
+    assert [len(o) for o in operands] == [len(operands[1]) + 1, len(operands[1]), len(operands[1]) + 1]
+    assert [p.name for p in func.params][:3] == ["x", "xs_0", "dot_0"] and func.params[-1].name == "y"
+    kernels = kernel_definitions(generated_cuda(lambda bt: tvm.compile(
+        tvm.IRModule({"grp": func.with_attr("global_symbol", "grp")}), target=bt.target)))
+    mma = [k for k in kernels.values() if "mma.sync" in k and "ldmatrix" not in k]
+    gemm = [k for k in kernels.values() if "ldmatrix" in k]
+    dequant = [k for k in kernels.values() if "mma.sync" not in k]
+    assert len(mma) == 6 and len(dequant) == 3 and len(gemm) == 2, sorted(kernels)
+    # y rows are 3 * 512 wide; the second member's MMA kernels write from column 512 on
+    assert all("* (int64_t)24576)" in k or "* (int64_t)98304)" in k for k in mma)
+    assert sum("+ (int64_t)512)" in k or "+ (int64_t)1024)" in k for k in mma) >= 4
+
+
+def test_group_switch_gates_the_registry(monkeypatch):
+    """Off by default; on: 2..3 normed layers without bias get one group kernel whose parameters follow its
+    operand lists; a bias, one layer or four, or the folded prefill off: none."""
+    from tvm.target import Target
+
+    from vptq_mlc.errors import CompileError
+    from vptq_mlc.tir_kernels.registry import PREFILL_FOLD_ENV, PREFILL_GROUP_ENV, CudaKernelSelector
+
+    cfg = VPTQLayerConfig.from_variant("v8-k4096-0", 1024, 512)
+    target = Target({"kind": "cuda", "arch": "sm_90"})
+    monkeypatch.delenv(PREFILL_GROUP_ENV, raising=False)
+    assert CudaKernelSelector(target).folded_group(cfg, "float16", (True, True)) is None
+    monkeypatch.setenv(PREFILL_GROUP_ENV, "1")
+    select = CudaKernelSelector(target)
+    k = select.folded_group(cfg, "float16", (True, False))
+    assert k.scratch == (((1024, 1024), "float16"),) and k.operands[0][-3:] == ("perm", "col_scale", "weight_bias")
+    assert [p.name for p in k.func.params] == ["x", *(f"{n}_{m}" for m, names in enumerate(k.operands)
+                                                      for n in ("xs", "dot", *names)), "w", "y"]
+    assert select.folded_group(VPTQLayerConfig.from_variant("v8-k4096-0", 1024, 512, bias=True), "float16",
+                               (True, True)) is None
+    assert select.folded_group(cfg, "float16", (True,)) is None and select.folded_group(cfg, "float16",
+                                                                                        (True,) * 4) is None
+    monkeypatch.setenv(PREFILL_FOLD_ENV, "0")
+    assert CudaKernelSelector(target).folded_group(cfg, "float16", (True, True)) is None
+    monkeypatch.setenv(PREFILL_GROUP_ENV, "2")
+    with pytest.raises(CompileError, match=PREFILL_GROUP_ENV):
+        CudaKernelSelector(target).folded_group(cfg, "float16", (True, True))
+
+
+def test_model_prefill_runs_folded_groups(tmp_path, monkeypatch):
+    """With the group switch: a Llama layer's prefill runs q/k/v as one group call (its y is the attention's qkv:
+    no concatenation) and gate/up as another, o and down as single folded calls; decode is the default build's.
+    (With GQA, k and v form the group and q joins them by a concatenation.)"""
+    from test_cuda_aot import require_cuda_toolkit
+
+    from vptq_mlc.bench.launches import launches, lowered_module
+    from vptq_mlc.convert.converter import convert_checkpoint
+    from vptq_mlc.testing.synthetic import make_synthetic_checkpoint
+    from vptq_mlc.tir_kernels.registry import PREFILL_GROUP_ENV
+
+    require_cuda_toolkit(cuobjdump=False)
+    ckpt = make_synthetic_checkpoint(tmp_path / "ckpt", variant="v8-k256-256", hidden_size=128,
+                                     intermediate_size=256, num_layers=1, num_kv_heads=4, vocab_size=320)  # MHA
+    calls = {}
+    for on in ("0", "1"):
+        monkeypatch.setenv(PREFILL_GROUP_ENV, on)
+        mod, _ = lowered_module(convert_checkpoint(ckpt, tmp_path / f"mlc{on}", dtype="float16"))
+        calls[on] = {f: [n for n, _ in launches(mod, f)] for f in ("prefill", "batch_prefill", "decode")}
+    for f in ("prefill", "batch_prefill"):
+        on, off = calls["1"][f], calls["0"][f]
+        assert sum(n.startswith("vq_matmul_folded_group") for n in on) == 2, on
+        assert sum(re.match(r"vq_matmul_folded\d*$", n) is not None for n in on) == 2, on
+        assert sum(re.match(r"vq_matmul_folded\d*$", n) is not None for n in off) == 7, off
+        assert any("concatenate" in n for n in off) and not any("concatenate" in n for n in on), on
+        # gate/up's halves are read by the silu * up kernel itself (no copy of them)
+        assert any(n.startswith("fused_columns") and "silu" in n for n in on), on
+        assert len(on) < len(off)
+
+    def family(names):
+        return [re.sub(r"\d+", "", n) for n in names]
+
+    assert family(calls["1"]["decode"]) == family(calls["0"]["decode"])

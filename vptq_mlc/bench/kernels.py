@@ -44,7 +44,9 @@ class KernelCase:
     plan: dict[str, Any] = field(default_factory=dict)
     # "" = the registry's choice; "gemv" / "mma" / "mma-wide" / "code-sorted" / "dequant" (dlight) force a kernel;
     # "dequant-gemm": dequantize into a scratch weight + the dense GEMM at every row count (symbolic rows);
-    # "fold": the folded prefill of a normed layer (`vq_prefill_folded_cuda`; plan {"from_rows": N} its threshold)
+    # "fold": the folded prefill of a normed layer (`vq_prefill_folded_cuda`; plan {"from_rows": N} its threshold);
+    # "fold-group": the folded prefill of the `prologue` linears (one letter each) writing one y side by side
+    # (`vq_prefill_folded_group_cuda`), after their gated shared prologue
     kernel: str = ""
     # the activation side through our prologue kernel(s) instead of torch's gather: one letter per linear reading
     # the same x, "p" with a permutation, "n" without ("p": the layer's own prologue; "ppp": the shared prologue of
@@ -212,6 +214,20 @@ def correctness_cases() -> list[KernelCase]:
                    run_rows=5),
         KernelCase("v8-k4096-0", 1024, 512, None, bias, plan={"from_rows": 0}, kernel="fold", run_rows=37),
     ]
+    # q/k/v and gate/up as one folded group (one GEMM over all outputs, written side by side): every branch (decode
+    # plan, prefill plan, dequantize + GEMM), perm on and off per member, outliers and residual, the 7B shapes
+    cases += [
+        KernelCase("v8-k256-256", 1024, 512, None, outl, kernel="fold-group", prologue="pnp", run_rows=5),
+        KernelCase("v8-k256-256", 1024, 512, None, outl, kernel="fold-group", prologue="pnp", run_rows=37),
+        KernelCase("v8-k256-256", 1024, 512, None, outl, kernel="fold-group", prologue="pnp", run_rows=200),
+        KernelCase("v8-k4096-0", 1024, 300, None, {"group_num": 2}, kernel="fold-group", prologue="np",
+                   run_rows=130),
+        KernelCase("v8-k4096-0", 4096, 4096, None, kernel="fold-group", prologue="ppp", run_rows=512),
+        KernelCase("v8-k4096-0", 4096, 11008, None, kernel="fold-group", prologue="pp", run_rows=300),
+        KernelCase("v8-k65536-256", 4096, 4096, None, kernel="fold-group", prologue="ppp", run_rows=129),
+        KernelCase("v8-k4096-0", 1024, 512, None, plan={"from_rows": 0}, kernel="fold-group", prologue="pp",
+                   run_rows=37),
+    ]
     return cases
 
 
@@ -371,6 +387,17 @@ def build_kernel_library(cases: list[KernelCase], out_dir: str | os.PathLike[str
             calls[i] = {"operands": list(operands), "scratch": [[list(sh), dt] for sh, dt in scratch]}
             funcs[f"k{i}_prologue"] = vq_prologue_cuda(cfg.in_features, dtype, cfg.enable_perm, frm).with_attr(
                 "global_symbol", f"k{i}_prologue")
+        elif c.kernel == "fold-group":  # the folded group and the gated shared prologue the model runs before it
+            from vptq_mlc.tir_kernels.cuda_dequant_gemm import DEQUANT_GEMM_FROM_ROWS, vq_prefill_folded_group_cuda
+            from vptq_mlc.tir_kernels.cuda_prologue import vq_shared_prologue_cuda
+
+            frm = c.plan.get("from_rows", DEQUANT_GEMM_FROM_ROWS)
+            perms = tuple(ch == "p" for ch in c.prologue)
+            f, operands, scratch = vq_prefill_folded_group_cuda(c.config(), dtype, perms, from_rows=frm)
+            calls[i] = {"operands": list(operands[0]), "group_operands": [list(o) for o in operands],
+                        "scratch": [[list(sh), dt] for sh, dt in scratch]}
+            funcs[f"k{i}_prologue"] = vq_shared_prologue_cuda(c.in_features, dtype, perms, frm).with_attr(
+                "global_symbol", f"k{i}_prologue")
         elif c.kernel == "dequant":
             from vptq_mlc.tir_kernels.cuda_prefill import dequant_matmul_cuda
 
@@ -386,7 +413,7 @@ def build_kernel_library(cases: list[KernelCase], out_dir: str | os.PathLike[str
             f = k.func
             calls[i] = {"operands": list(k.operands), "scratch": [[list(sh), dt] for sh, dt in k.scratch]}
         funcs[f"k{i}"] = f.with_attr("global_symbol", f"k{i}")
-        if c.prologue:
+        if c.prologue and c.kernel != "fold-group":
             funcs[f"k{i}_prologue"] = prologue_kernel(c, dtype).with_attr("global_symbol", f"k{i}_prologue")
             shared = select.shared(c.config(), dtype, c.rows, len(c.prologue)) if len(c.prologue) > 1 else None
             if shared is not None:  # the model's VQ launch for linears of one config (CUDA GEMV, decode rows)
@@ -517,7 +544,9 @@ def check_kernels(art_dir: str | os.PathLike[str], seed: int = 0,
         if max_weights is not None and cfg.in_features * cfg.out_features > max_weights:
             continue
         try:
-            if c.prologue:
+            if c.kernel == "fold-group":
+                out += _check_fold_group_case(lib, i, c, rng)
+            elif c.prologue:
                 out += _check_prologue_case(lib, i, c, rng)
             elif c.kernel == "fold":
                 out.append(_check_fold_case(lib, i, c, rng))
@@ -594,6 +623,55 @@ def _check_fold_case(lib: CudaKernels, i: int, c: KernelCase, rng, device: str =
     err = row_rel_err(y.double(), ref)
     nan = bool(torch.isnan(y).any())
     return {"case": c.name, "rel_err": err, "nan": nan, "ok": err <= ROW_REL_ERR_MAX and not nan}
+
+
+def _check_fold_group_case(lib: CudaKernels, i: int, c: KernelCase, rng,
+                           device: str = "cuda") -> list[dict[str, Any]]:
+    """A folded-group case as the model runs it: the gated shared prologue `k<i>_prologue` (every xs and dot
+    poisoned with NaN first), then `k<i>(x, per member: xs, dot, *operands; w, y)` writing every member's output
+    into its columns of one y (poisoned too); each member's columns against float64 `x @ dequantize(W).T`. One
+    result per member."""
+    import torch
+
+    from vptq_mlc.checkpoint.dequant import dequantize
+    from vptq_mlc.testing.synthetic import random_layer
+
+    dtype = lib.manifest["dtype"]
+    tdt = getattr(torch, dtype)
+    call = lib.manifest["calls"][i]
+
+    def on_device(arrays: dict[str, np.ndarray]) -> dict[str, Any]:
+        return {k: torch.from_numpy(np.ascontiguousarray(a)).to(device) for k, a in arrays.items()}
+
+    x = torch.randn(c.n(), c.in_features, device=device).to(tdt)
+    members = []
+    for cfg, names in zip(c.member_configs(), call["group_operands"], strict=True):
+        tensors = random_layer(cfg, rng, dtype, scale=0.5 / np.sqrt(cfg.in_features))
+        ops, side = _operands(cfg, tensors, dtype, names)
+        members.append((cfg, tensors, on_device(ops), on_device(side)))
+    ins, outs = [x], []
+    for *_, side_t in members:
+        ins += [side_t[k] for k in ("perm", "col_scale", "weight_bias") if k in side_t]
+        outs += [torch.full_like(x, float("nan")),
+                 torch.full((c.n(), 1), float("nan"), dtype=torch.float32, device=device)]
+    lib.func(i, "_prologue")(*(_tvm(t) for t in ins), *(_tvm(t) for t in outs))
+    width = c.out_features
+    y = torch.full((c.n(), width * len(members)), float("nan"), dtype=tdt, device=device)
+    tmp = [torch.full(tuple(sh), float("nan"), dtype=getattr(torch, dt), device=device) for sh, dt in call["scratch"]]
+    args = [x] + [t for m, (*_, ops_t, _) in enumerate(members) for t in (outs[2 * m], outs[2 * m + 1],
+                                                                          *ops_t.values())]
+    lib.func(i)(*(_tvm(t) for t in (*args, *tmp, y)))
+    res = []
+    for m, (cfg, tensors, _, _) in enumerate(members):
+        W = torch.from_numpy(dequantize(cfg, tensors).astype(np.float32)).to(device).double()
+        ym = y[:, m * width:(m + 1) * width].double()
+        err = row_rel_err(ym, x.double() @ W.T)
+        nan = bool(torch.isnan(ym).any())
+        res.append({"case": f"{c.name}-member{m}", "rel_err": err, "nan": nan,
+                    "ok": err <= ROW_REL_ERR_MAX and not nan})
+    if device == "cuda":
+        torch.cuda.synchronize()
+    return res
 
 
 def _check_prologue_case(lib: CudaKernels, i: int, c: KernelCase, rng, device: str = "cuda") -> list[dict[str, Any]]:

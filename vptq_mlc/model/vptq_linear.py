@@ -343,8 +343,16 @@ def project_shared_input(linears: Sequence[nn.Module], x: nn.Tensor,
     """`[linear(norm(x)) for linear in linears]` (`norm` None: x itself) for linears that read the same activation
     (q/k/v, gate/up), with shared launches where the target has them: one launch for normed VPTQ linears of one
     config whose GEMV prepares the activation itself (and computes an RMSNorm `norm` too); else one prologue launch
-    for the VPTQ linears whose activation side is the prologue kernel, and one VQ-kernel launch for VPTQ linears of
-    one config (the CUDA GEMV at decode row counts)."""
+    for the VPTQ linears whose activation side is the prologue kernel, one VQ-kernel launch for VPTQ linears of
+    one config (the CUDA GEMV at decode row counts), and one folded call for such linears at a symbolic row count
+    (`KernelSelector.folded_group`: prefill)."""
+    return _project_shared_input(linears, x, norm, concat=False)
+
+
+def _project_shared_input(linears: Sequence[nn.Module], x: nn.Tensor, norm: nn.Module | None,
+                          concat: bool) -> list[nn.Tensor]:
+    """`project_shared_input`; with `concat`, a one-element list holding the outputs concatenated (one tensor
+    straight from the kernel where one folded group call computes them all in order)."""
     rows = _static_rows(x)
     opts = _norm_input(norm)
     groups = _fused_groups(linears, rows, opts) if opts is not None else []
@@ -358,9 +366,12 @@ def project_shared_input(linears: Sequence[nn.Module], x: nn.Tensor,
     rest = [m for m in linears if id(m) not in outs]
     if rest:
         xn = norm(x) if norm is not None else x
+        if concat and len(rest) == len(linears):
+            return _project_unfused(rest, xn, concat=True)
         for m, y in zip(rest, _project_unfused(rest, xn), strict=True):
             outs[id(m)] = y
-    return [outs[id(m)] for m in linears]
+    ys = [outs[id(m)] for m in linears]
+    return [op.concat(ys, dim=-1)] if concat else ys
 
 
 def project_concat(linears: Sequence[nn.Module], x: nn.Tensor, norm: nn.Module | None = None) -> nn.Tensor:
@@ -377,7 +388,8 @@ def project_concat(linears: Sequence[nn.Module], x: nn.Tensor, norm: nn.Module |
             lead, rows, x2 = first._flatten(x)
             (y,) = _call_fused(linears, kernel, [x2, norm.weight] if norm is not None else [x2], rows, concat=True)
             return op.reshape(y, [*lead, sum(m.out_features for m in linears)])
-    return op.concat(project_shared_input(linears, x, norm), dim=-1)
+    (y,) = _project_shared_input(linears, x, norm, concat=True)
+    return y
 
 
 def linear_residual(linear: nn.Module, x: nn.Tensor, residual: nn.Tensor) -> nn.Tensor:
@@ -407,9 +419,64 @@ def swiglu_residual(linear: nn.Module, gate: nn.Tensor, up: nn.Tensor, residual:
     return residual + y if residual is not None else y
 
 
-def _project_unfused(linears: Sequence[nn.Module], x: nn.Tensor) -> list[nn.Tensor]:
+def _folded_groups(linears: Sequence[VPTQLinear], folded: dict[int, Any]) -> list[tuple[list[VPTQLinear], Any]]:
+    """(layers, `VQGroupKernel`): consecutive runs of VPTQ linears of one config, each with a folded prefill kernel
+    and no bias, that one folded group call serves (`KernelSelector.folded_group`), up to its size."""
+    out, run = [], []
+
+    def close() -> None:
+        i = 0
+        while len(run) - i >= 2:
+            for count in range(len(run) - i, 1, -1):
+                chunk = run[i : i + count]
+                kernel = chunk[0]._select_kernel.folded_group(chunk[0].cfg, chunk[0].dtype,
+                                                              tuple(m.perm is not None for m in chunk))
+                if kernel is not None:
+                    out.append((chunk, kernel))
+                    i += count
+                    break
+            else:
+                i += 1
+        run.clear()
+
+    for m in linears:
+        ok = folded.get(id(m)) is not None and m.bias is None
+        if run and not (ok and (m.cfg, m.dtype, m._select_kernel) == (run[0].cfg, run[0].dtype,
+                                                                     run[0]._select_kernel)):
+            close()
+        if ok:
+            run.append(m)
+    close()
+    return out
+
+
+def _columns(y: nn.Tensor, start: int, width: int) -> nn.Tensor:
+    """y[..., start : start + width] as an injective TE op, so the pass that fuses operators folds it into its
+    consumer (silu(gate) * up reads both halves of gate/up's y in one kernel; relax's split would be a copy)."""
+
+    def cols(t: te.Tensor) -> te.Tensor:
+        return te.compute((*t.shape[:-1], width), lambda *i: t[(*i[:-1], start + i[-1])], name="columns")
+
+    return op.tensor_expr_op(cols, "columns", [y])
+
+
+def _call_folded_group(group: Sequence[VPTQLinear], kernel: Any, x2: nn.Tensor, rows: Any,
+                       prepared: dict[int, tuple[nn.Tensor, nn.Tensor | None]]) -> nn.Tensor:
+    """The folded group call: every layer's output side by side, [rows, sum of out_features]."""
+    args = [x2]
+    for m, names in zip(group, kernel.operands, strict=True):
+        args += [*prepared[id(m)], *(getattr(m, n) for n in names)]
+    scratch = [nn.Tensor.placeholder(list(shape), dt) for shape, dt in kernel.scratch]
+    width = sum(m.out_features for m in group)
+    outs = op.tensor_ir_op(kernel.func, "vq_matmul_folded_group", args=args,
+                           out=[*scratch, nn.Tensor.placeholder([rows, width], group[0].dtype)])
+    return outs[-1]
+
+
+def _project_unfused(linears: Sequence[nn.Module], x: nn.Tensor, concat: bool = False) -> list[nn.Tensor]:
     """`[linear(x) for linear in linears]` with the shared prologue / shared VQ launches where the target has them
-    (each shared kernel computes every layer's values exactly as that layer's own kernel would)."""
+    (each shared kernel computes every layer's values exactly as that layer's own kernel would). With `concat`: a
+    one-element list, the outputs concatenated (a folded group's y itself where one group is every linear)."""
     rows = _static_rows(x)
     fused_groups = _fused_groups(linears, rows)
     done = {id(m) for group, _ in fused_groups for m in group}
@@ -417,7 +484,8 @@ def _project_unfused(linears: Sequence[nn.Module], x: nn.Tensor) -> list[nn.Tens
     prologue_groups = _prologue_groups(rest)
     matmul_groups = _matmul_groups(rest, rows)
     if not prologue_groups and not matmul_groups and not any(len(g) > 1 for g, _ in fused_groups):
-        return [m(x) for m in linears]
+        ys = [m(x) for m in linears]
+        return [op.concat(ys, dim=-1)] if concat else ys
     vq = [m for m in linears if isinstance(m, VPTQLinear)]
     lead, rows, x2 = vq[0]._flatten(x)
     fused_out: dict[int, nn.Tensor] = {}
@@ -444,6 +512,16 @@ def _project_unfused(linears: Sequence[nn.Module], x: nn.Tensor) -> list[nn.Tens
             fold = folded[id(m)]
             prepared[id(m)] = m.activation(x2, rows, fold.fold_from_rows if fold is not None else 0)
     ys: dict[int, nn.Tensor] = {}
+    grouped: dict[int, nn.Tensor] = {}
+    for group, kernel in _folded_groups([m for m in vq if id(m) not in done], folded):
+        y = _call_folded_group(group, kernel, x2, rows, prepared)
+        if concat and [id(m) for m in group] == [id(m) for m in linears]:
+            return [op.reshape(y, [*lead, y.shape[-1]])]
+        y = op.reshape(y, [*lead, y.shape[-1]])
+        start = 0
+        for m in group:
+            grouped[id(m)] = _columns(y, start, m.out_features)
+            start += m.out_features
     for group, kernel in matmul_groups:
         outs = op.tensor_ir_op(
             kernel.func, "vq_matmul_shared",
@@ -459,10 +537,13 @@ def _project_unfused(linears: Sequence[nn.Module], x: nn.Tensor) -> list[nn.Tens
         if id(m) in fused_out:
             out.append(fused_out[id(m)])
             continue
+        if id(m) in grouped:
+            out.append(grouped[id(m)])
+            continue
         xs, dot = prepared[id(m)]
         if folded[id(m)] is not None and id(m) not in ys:
             out.append(m.folded_matmul(folded[id(m)], x2, xs, dot, lead, rows))
             continue
         y = ys[id(m)] if id(m) in ys else m.vq_matmul(xs, rows)
         out.append(m.finish(y, lead, rows, x2, dot))
-    return out
+    return [op.concat(out, dim=-1)] if concat else out

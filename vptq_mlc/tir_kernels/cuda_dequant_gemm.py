@@ -651,3 +651,127 @@ def vq_prefill_folded_cuda(cfg: VPTQLayerConfig, dtype: str, has_bias: bool,
 
     operands = _fold_operands(cfg, has_perm, has_bias)
     return keep_params(kernel, {"x", "xs", "dot", *operands, "w", "y"}), operands, (((O, I), dtype),)
+
+
+MAX_GROUP_LAYERS = 3  # layers one folded group launch serves (q/k/v; gate/up)
+
+
+def vq_prefill_folded_group_cuda(cfg: VPTQLayerConfig, dtype: str, perms: tuple[bool, ...],
+                                 from_rows: int = DEQUANT_GEMM_FROM_ROWS, fold_plan: FoldPlan = FOLD_PLAN,
+                                 wgmma: bool = False,
+                                 ) -> tuple[tirx.PrimFunc, tuple[tuple[str, ...], ...],
+                                            tuple[tuple[tuple[int, ...], str], ...]]:
+    """`vq_prefill_folded_cuda` for 2..3 normed layers of one config (without bias) that read the same x (q/k/v,
+    gate/up), their outputs side by side in one y[n, count * O] (layer m in columns m*O .. m*O + O - 1):
+    (PrimFunc(x, then per layer m: xs_m, dot_m, its operands, [perm_m], col_scale_m, weight_bias_m; then the
+    scratch w[count * O, I] and y), per layer the operand names after its (xs, dot), the scratch). `perms[m]`:
+    layer m has a permutation.
+    - n < `from_rows`: each layer's VQ MMA kernels of `vq_prefill_folded_cuda` (on its prologue's xs and dot),
+      writing its columns of y: the same bits as the layers' own calls;
+    - n >= `from_rows`: each layer's folding dequantize writes its rows of the scratch w, then ONE dense GEMM
+      y = x @ w^T over all count * O outputs (the same sums as the layers' own GEMMs, one launch, no concatenation
+      of their outputs afterwards)."""
+    count = len(perms)
+    if not 2 <= count <= MAX_GROUP_LAYERS:
+        raise ValueError(f"a folded group serves 2..{MAX_GROUP_LAYERS} layers, got {count}")
+    if not fold_supported(cfg, dtype) or cfg.bias:
+        raise ValueError(f"the folded prefill does not serve a group of {cfg.out_features}x{cfg.in_features} "
+                         f"{dtype} layers (norm {cfg.enable_norm}, bias {cfg.bias})")
+    I, O, v, G, S, K, KR, KR1, NV, L, OSZ, OSZ1, HAS_RES, HAS_OUT, VO, KO, NO = kernel_dims(cfg)  # noqa: E741
+    CD, RCD = code_dtype(K), code_dtype(KR1)
+    NB = tirx.Var("n", "int64")
+    FROM = from_rows
+    FEW = MMA_ROWS if FROM > MMA_ROWS else 0
+    OT = count * O
+    THIRD = count == 3
+    mmas = [mma_macro(cfg, dtype, None, NB, add_dot=True, y_col0=m * O) for m in range(count)]
+    fews = [mma_macro(cfg, dtype, None, NB, plan=plan_mma(cfg), add_dot=True, y_col0=m * O) for m in range(count)]
+    dqs = [dequant_fold_macro(cfg, dtype, p, fold_plan) for p in perms]
+    m2 = 2 if THIRD else 1  # the third layer's macros (unused with two layers: the branch is not generated)
+    gemm = gemm_ladder(gemm_macros(symbolic_plans(OT, I, above_rows=max(0, FROM - 1)), T.Cast("int32", NB), OT, I,
+                                   dtype, None, wgmma=wgmma), NB)
+
+    @T.prim_func(private=True)
+    def kernel(
+        x: T.Buffer((NB, I), dtype),
+        xs_0: T.Buffer((NB, I), dtype),
+        dot_0: T.Buffer((NB, 1), "float32"),
+        centroids_0: T.Buffer((G, K, v), dtype),
+        codes_0: T.Buffer((NV, L), CD),
+        res_centroids_0: T.Buffer((G, KR1, v), dtype),
+        res_codes_0: T.Buffer((NV, L), RCD),
+        outlier_centroids_0: T.Buffer((KO, VO), dtype),
+        outlier_codes_0: T.Buffer((NO, OSZ1), "uint16"),
+        perm_0: T.Buffer((I,), "int32"),
+        col_scale_0: T.Buffer((I,), dtype),
+        weight_bias_0: T.Buffer((I,), dtype),
+        xs_1: T.Buffer((NB, I), dtype),
+        dot_1: T.Buffer((NB, 1), "float32"),
+        centroids_1: T.Buffer((G, K, v), dtype),
+        codes_1: T.Buffer((NV, L), CD),
+        res_centroids_1: T.Buffer((G, KR1, v), dtype),
+        res_codes_1: T.Buffer((NV, L), RCD),
+        outlier_centroids_1: T.Buffer((KO, VO), dtype),
+        outlier_codes_1: T.Buffer((NO, OSZ1), "uint16"),
+        perm_1: T.Buffer((I,), "int32"),
+        col_scale_1: T.Buffer((I,), dtype),
+        weight_bias_1: T.Buffer((I,), dtype),
+        xs_2: T.Buffer((NB, I), dtype),
+        dot_2: T.Buffer((NB, 1), "float32"),
+        centroids_2: T.Buffer((G, K, v), dtype),
+        codes_2: T.Buffer((NV, L), CD),
+        res_centroids_2: T.Buffer((G, KR1, v), dtype),
+        res_codes_2: T.Buffer((NV, L), RCD),
+        outlier_centroids_2: T.Buffer((KO, VO), dtype),
+        outlier_codes_2: T.Buffer((NO, OSZ1), "uint16"),
+        perm_2: T.Buffer((I,), "int32"),
+        col_scale_2: T.Buffer((I,), dtype),
+        weight_bias_2: T.Buffer((I,), dtype),
+        w: T.Buffer((OT, I), dtype),
+        y: T.Buffer((NB, OT), dtype),
+    ):
+        T.func_attr(KERNEL_ATTRS)
+        xf = T.decl_buffer((NB * I,), dtype, data=x.data)
+        yf = T.decl_buffer((NB * OT,), dtype, data=y.data)
+        w0 = T.decl_buffer((O, I), dtype, data=w.data)
+        w1 = T.decl_buffer((O, I), dtype, data=w.data, elem_offset=O * I)
+        w2 = T.decl_buffer((O, I), dtype, data=w.data, elem_offset=2 * O * I)
+        if NB <= 0:  # nothing to do (the GEMM's row clamp needs a row)
+            T.evaluate(0)
+        elif FEW > 0 and NB <= FEW:
+            # each launch in a loop of one: the MMA macro's launch scope runs to the end of its block, so a launch
+            # after it in the same block would be nested in it
+            for _ in range(1):
+                fews[0](xs_0, centroids_0, codes_0, res_centroids_0, res_codes_0, outlier_centroids_0,
+                        outlier_codes_0, y, dot_0)
+            for _ in range(1):
+                fews[1](xs_1, centroids_1, codes_1, res_centroids_1, res_codes_1, outlier_centroids_1,
+                        outlier_codes_1, y, dot_1)
+            if THIRD:
+                for _ in range(1):
+                    fews[m2](xs_2, centroids_2, codes_2, res_centroids_2, res_codes_2, outlier_centroids_2,
+                             outlier_codes_2, y, dot_2)
+        elif FROM > 0 and NB < FROM:
+            for _ in range(1):
+                mmas[0](xs_0, centroids_0, codes_0, res_centroids_0, res_codes_0, outlier_centroids_0,
+                        outlier_codes_0, y, dot_0)
+            for _ in range(1):
+                mmas[1](xs_1, centroids_1, codes_1, res_centroids_1, res_codes_1, outlier_centroids_1,
+                        outlier_codes_1, y, dot_1)
+            if THIRD:
+                for _ in range(1):
+                    mmas[m2](xs_2, centroids_2, codes_2, res_centroids_2, res_codes_2, outlier_centroids_2,
+                             outlier_codes_2, y, dot_2)
+        else:
+            dqs[0](centroids_0, codes_0, res_centroids_0, res_codes_0, outlier_centroids_0, outlier_codes_0, perm_0,
+                   col_scale_0, weight_bias_0, w0)
+            dqs[1](centroids_1, codes_1, res_centroids_1, res_codes_1, outlier_centroids_1, outlier_codes_1, perm_1,
+                   col_scale_1, weight_bias_1, w1)
+            if THIRD:
+                dqs[m2](centroids_2, codes_2, res_centroids_2, res_codes_2, outlier_centroids_2, outlier_codes_2,
+                        perm_2, col_scale_2, weight_bias_2, w2)
+            gemm(xf, w, yf)
+
+    operands = tuple(_fold_operands(cfg, p, False) for p in perms)
+    keep = {"x", "w", "y"} | {f"{n}_{m}" for m, names in enumerate(operands) for n in ("xs", "dot", *names)}
+    return keep_params(kernel, keep), operands, (((OT, I), dtype),)

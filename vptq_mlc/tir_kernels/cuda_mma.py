@@ -133,12 +133,13 @@ def vq_mma_cuda(cfg: VPTQLayerConfig, dtype: str, rows: int | None, plan: MmaPla
 
 
 def mma_macro(cfg: VPTQLayerConfig, dtype: str, rows: int | None, NB, plan: MmaPlan | None = None,  # noqa: N803
-              add_dot: bool = False, add_bias: bool = False):
+              add_dot: bool = False, add_bias: bool = False, y_col0: int = 0):
     """The kernel launch of `vq_mma_cuda` as a macro over (xs, centroids, codes, res_centroids, res_codes,
     outlier_centroids, outlier_codes, y) with `NB` rows (`rows`, or the caller's int64 row variable), so a caller
     can put it next to other kernels in one PrimFunc (`cuda_dequant_gemm.py`). `add_dot` / `add_bias`: the macro
     also takes dot[NB, 1] (fp32 norm-bias dot) / bias[O] and adds them to each output after its rounding, in the
-    output dtype, as `VPTQLinear.finish` would (`y + dot.astype(dtype) + bias`: the same bits)."""
+    output dtype, as `VPTQLinear.finish` would (`y + dot.astype(dtype) + bias`: the same bits). `y_col0`: output
+    column r goes to y[:, y_col0 + r] (y wider than O: several layers' outputs side by side)."""
     if rows is not None and not mma_supported(cfg, dtype, rows):
         raise ValueError(f"vq_mma_cuda takes fp16 and {MIN_ROWS}..{MMA_ROWS} rows, got {dtype} x {rows}")
     if dtype != "float16":
@@ -176,6 +177,9 @@ def mma_macro(cfg: VPTQLayerConfig, dtype: str, rows: int | None, NB, plan: MmaP
 
     def ai(mb, ii, nt):  # first of the 4 accumulators of (row tile, vector row, n-tile)
         return ((mb * NI + ii) * NTN + nt) * 4
+
+    def out_col(r):  # y's column of output r (`y_col0`)
+        return y_col0 + r if y_col0 else r
 
     def epilogue(val, dot, bias, b, r):  # `add_dot` / `add_bias`: what VPTQLinear.finish adds, in its order
         if add_dot:
@@ -335,9 +339,9 @@ def mma_macro(cfg: VPTQLayerConfig, dtype: str, rows: int | None, NB, plan: MmaP
                             r = (i0 + ii) * v + n
                             if row(by, mb, tx, c // 2) < NB and n < v and i0 + ii < NV and r < O:
                                 if add_dot or add_bias:
-                                    y[row(by, mb, tx, c // 2), r] = epilogue(
+                                    y[row(by, mb, tx, c // 2), out_col(r)] = epilogue(
                                         T.Cast(dtype, tot[0]), dot, bias, row(by, mb, tx, c // 2), r)
                                 else:
-                                    y[row(by, mb, tx, c // 2), r] = T.Cast(dtype, tot[0])
+                                    y[row(by, mb, tx, c // 2), out_col(r)] = T.Cast(dtype, tot[0])
 
     return mma

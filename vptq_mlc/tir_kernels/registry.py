@@ -76,6 +76,17 @@ class VQKernel:
     fold_from_rows: int = 0
 
 
+@dataclass(frozen=True)
+class VQGroupKernel:
+    """One call for several layers of one config reading the same x, their outputs side by side in one y:
+    `func(x, per layer m: xs_m, dot_m, *operands[m], *scratch, y)` (`KernelSelector.folded_group`)."""
+
+    func: tirx.PrimFunc
+    operands: tuple[tuple[str, ...], ...]
+    scratch: tuple[tuple[tuple[int, ...], str], ...]
+    fold_from_rows: int
+
+
 # The fused decode GEMV (prologue, RMSNorm, silu * up and residual adds folded into the VQ GEMV) is off unless asked
 # for (compile with VPTQ_MLC_FUSED_DECODE=1) until its kernels have run on a GPU; off, CUDA libraries get the shared
 # prologue + GEMV launches whose numerics the GPU check suite has verified.
@@ -103,6 +114,20 @@ def prefill_fold_enabled() -> bool:
     return compile_switch(PREFILL_FOLD_ENV, PREFILL_FOLD_DEFAULT, "the prologue folded into long-prompt prefill")
 
 
+# Normed fp16 layers of one config that read the same activation (q/k/v, gate/up) as ONE folded prefill call
+# (`cuda_dequant_gemm.vq_prefill_folded_group_cuda`: each layer's folding dequantize into one scratch, one GEMM over
+# all outputs, written side by side: no concatenation afterwards). Off unless asked for (VPTQ_MLC_PREFILL_GROUP=1)
+# until its kernels have run on a GPU.
+PREFILL_GROUP_ENV = "VPTQ_MLC_PREFILL_GROUP"
+PREFILL_GROUP_DEFAULT = False
+
+
+def prefill_group_enabled() -> bool:
+    """Whether CUDA prefill runs q/k/v and gate/up as one folded group call: PREFILL_GROUP_ENV=1 / 0, else
+    PREFILL_GROUP_DEFAULT (the folded prefill itself must be on)."""
+    return compile_switch(PREFILL_GROUP_ENV, PREFILL_GROUP_DEFAULT, "one folded prefill call for q/k/v and gate/up")
+
+
 # ROCm's matrix-core (MFMA) GEMM for symbolic-row fp16 matmuls on CDNA (`rocm_dense_mfma.py`) is off unless asked for
 # (compile with VPTQ_MLC_ROCM_MFMA=1): no AMD GPU has run it; off, ROCm libraries keep the SIMT kernels.
 ROCM_MFMA_ENV = "VPTQ_MLC_ROCM_MFMA"
@@ -128,6 +153,7 @@ class KernelSelector:
         self._select_shared = functools.lru_cache(maxsize=None)(self._pick_shared)
         self._select_fused = functools.lru_cache(maxsize=None)(self._pick_fused)
         self._select_folded = functools.lru_cache(maxsize=None)(self._pick_folded)
+        self._select_folded_group = functools.lru_cache(maxsize=None)(self._pick_folded_group)
 
     def uses_code_sorted(self, cfg: VPTQLayerConfig, dtype: str) -> bool:
         """Whether the layer's code-sorted entries are declared (loaded onto the device); only CUDA reads them."""
@@ -171,6 +197,15 @@ class KernelSelector:
         return self._select_folded(cfg, dtype, has_bias)
 
     def _pick_folded(self, cfg: VPTQLayerConfig, dtype: str, has_bias: bool) -> VQKernel | None:
+        return None
+
+    def folded_group(self, cfg: VPTQLayerConfig, dtype: str, perms: tuple[bool, ...]) -> VQGroupKernel | None:
+        """`folded` for `len(perms)` normed layers of config `cfg` without bias reading the same x (`perms[m]`:
+        layer m has a permutation), their outputs side by side in one y, or None where this family has none (then
+        each layer's own folded call, and a concatenation where the caller needs one). Cached."""
+        return self._select_folded_group(cfg, dtype, perms)
+
+    def _pick_folded_group(self, cfg: VPTQLayerConfig, dtype: str, perms: tuple[bool, ...]) -> VQGroupKernel | None:
         return None
 
     def _pick(self, cfg: VPTQLayerConfig, dtype: str, rows: int | None) -> VQKernel:
@@ -306,6 +341,24 @@ class CudaKernelSelector(KernelSelector):
             return None
         func, operands, scratch = vq_prefill_folded_cuda(cfg, dtype, has_bias, wgmma=wgmma_for_target(self.target))
         return _mark(VQKernel(func, operands, scratch, DEQUANT_GEMM_FROM_ROWS))
+
+    def _pick_folded_group(self, cfg: VPTQLayerConfig, dtype: str, perms: tuple[bool, ...]) -> VQGroupKernel | None:
+        """Groups of 2..3 layers `_pick_folded` serves (without bias), with the group switch on:
+        `vq_prefill_folded_group_cuda`."""
+        from vptq_mlc.tir_kernels.cuda_dequant_gemm import (
+            DEQUANT_GEMM_FROM_ROWS,
+            MAX_GROUP_LAYERS,
+            vq_prefill_folded_group_cuda,
+        )
+        from vptq_mlc.tir_kernels.cuda_wgmma import wgmma_for_target
+
+        if not prefill_group_enabled() or not 2 <= len(perms) <= MAX_GROUP_LAYERS or cfg.bias or \
+                self.folded(cfg, dtype, False) is None:
+            return None
+        func, operands, scratch = vq_prefill_folded_group_cuda(cfg, dtype, perms,
+                                                               wgmma=wgmma_for_target(self.target))
+        func = func.with_attr("op_pattern", OP_PATTERN_OPAQUE).with_attr("tirx.is_scheduled", True)
+        return VQGroupKernel(func, operands, scratch, DEQUANT_GEMM_FROM_ROWS)
 
     def _pick(self, cfg: VPTQLayerConfig, dtype: str, rows: int | None) -> VQKernel:
         from vptq_mlc.tir_kernels import cuda_code_sorted as cs
