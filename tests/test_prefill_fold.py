@@ -422,6 +422,12 @@ def test_group_switch_gates_the_registry(monkeypatch):
                                (True, True)) is None
     assert select.folded_group(cfg, "float16", (True,)) is None and select.folded_group(cfg, "float16",
                                                                                         (True,) * 4) is None
+    # the residual epilogue comes with the same switch; its operand follows the layer's
+    k = select.folded(cfg, "float16", True, residual=True)
+    assert k.operands[-2:] == ("bias", "residual") and [p.name for p in k.func.params][-3:] == ["residual", "w", "y"]
+    monkeypatch.setenv(PREFILL_GROUP_ENV, "0")
+    assert CudaKernelSelector(target).folded(cfg, "float16", False, residual=True) is None
+    monkeypatch.setenv(PREFILL_GROUP_ENV, "1")
     monkeypatch.setenv(PREFILL_FOLD_ENV, "0")
     assert CudaKernelSelector(target).folded_group(cfg, "float16", (True, True)) is None
     monkeypatch.setenv(PREFILL_GROUP_ENV, "2")
@@ -431,7 +437,8 @@ def test_group_switch_gates_the_registry(monkeypatch):
 
 def test_model_prefill_runs_folded_groups(tmp_path, monkeypatch):
     """With the group switch: a Llama layer's prefill runs q/k/v as one group call (its y is the attention's qkv:
-    no concatenation) and gate/up as another, o and down as single folded calls; decode is the default build's.
+    no concatenation) and gate/up as another, o and down as single folded calls adding the residual themselves;
+    decode is the default build's.
     (With GQA, k and v form the group and q joins them by a concatenation.)"""
     from test_cuda_aot import require_cuda_toolkit
 
@@ -456,9 +463,42 @@ def test_model_prefill_runs_folded_groups(tmp_path, monkeypatch):
         assert any("concatenate" in n for n in off) and not any("concatenate" in n for n in on), on
         # gate/up's halves are read by the silu * up kernel itself (no copy of them)
         assert any(n.startswith("fused_columns") and "silu" in n for n in on), on
+        # o_proj and down_proj add the residual in their epilogues: no add kernels left
+        assert sum("add" in n for n in off) >= 2 and not any("add" in n for n in on), on
         assert len(on) < len(off)
 
     def family(names):
         return [re.sub(r"\d+", "", n) for n in names]
 
     assert family(calls["1"]["decode"]) == family(calls["0"]["decode"])
+
+
+class _FakeResidualLibrary(_FakeFoldLibrary):
+    """`_FakeFoldLibrary` whose folded kernel takes the residual as its last operand and adds it (or not)."""
+
+    def __init__(self, case, from_rows: int, fault: str = ""):
+        super().__init__(case, from_rows, "" if fault == "no-residual" else fault)
+        self.manifest["calls"][0]["operands"].append("residual")
+        self.skip = fault == "no-residual"
+
+    def func(self, i: int, suffix: str = ""):
+        return self._prologue if suffix == "_prologue" else self._folded_residual
+
+    def _folded_residual(self, *args):
+        import torch
+
+        *head, residual, w, y = args
+        self._folded(*head, w, y)
+        if not self.skip:
+            yt = torch.from_dlpack(y)
+            yt.copy_(yt + torch.from_dlpack(residual))
+
+
+@pytest.mark.parametrize("rows,fault,ok", [(130, "", True), (37, "", True), (130, "no-residual", False),
+                                           (37, "no-residual", False)])
+def test_fold_residual_check(rows, fault, ok):
+    from vptq_mlc.bench.kernels import KernelCase, _check_fold_case
+
+    case = KernelCase("v8-k256-0", 1024, 96, None, {"bias": True}, run_rows=rows, kernel="fold", fused="residual")
+    res = _check_fold_case(_FakeResidualLibrary(case, 128, fault), 0, case, np.random.default_rng(0), device="cpu")
+    assert res["ok"] is ok, res

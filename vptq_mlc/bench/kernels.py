@@ -214,6 +214,16 @@ def correctness_cases() -> list[KernelCase]:
                    run_rows=5),
         KernelCase("v8-k4096-0", 1024, 512, None, bias, plan={"from_rows": 0}, kernel="fold", run_rows=37),
     ]
+    # o_proj / down_proj adding the residual in the folded kernel's epilogues (every branch; the 7B shapes)
+    cases += [
+        KernelCase("v8-k256-256", 1024, 512, None, {**outl, **bias}, kernel="fold", run_rows=5, fused="residual"),
+        KernelCase("v8-k256-256", 1024, 512, None, {**outl, **bias}, kernel="fold", run_rows=37, fused="residual"),
+        KernelCase("v8-k256-256", 1024, 512, None, {**outl, **bias}, kernel="fold", run_rows=200,
+                   fused="residual"),
+        KernelCase("v8-k4096-0", 4096, 4096, None, kernel="fold", run_rows=512, fused="residual"),
+        KernelCase("v8-k4096-0", 11008, 4096, None, kernel="fold", run_rows=2047, fused="residual"),
+        KernelCase("v8-k65536-256", 11008, 4096, None, kernel="fold", run_rows=300, fused="residual"),
+    ]
     # q/k/v and gate/up as one folded group (one GEMM over all outputs, written side by side): every branch (decode
     # plan, prefill plan, dequantize + GEMM), perm on and off per member, outliers and residual, the 7B shapes
     cases += [
@@ -383,7 +393,8 @@ def build_kernel_library(cases: list[KernelCase], out_dir: str | os.PathLike[str
 
             cfg = c.config()
             frm = c.plan.get("from_rows", DEQUANT_GEMM_FROM_ROWS)
-            f, operands, scratch = vq_prefill_folded_cuda(cfg, dtype, cfg.bias, from_rows=frm)
+            f, operands, scratch = vq_prefill_folded_cuda(cfg, dtype, cfg.bias, from_rows=frm,
+                                                          residual="residual" in c.fused)
             calls[i] = {"operands": list(operands), "scratch": [[list(sh), dt] for sh, dt in scratch]}
             funcs[f"k{i}_prologue"] = vq_prologue_cuda(cfg.in_features, dtype, cfg.enable_perm, frm).with_attr(
                 "global_symbol", f"k{i}_prologue")
@@ -474,7 +485,7 @@ def _operands(cfg, tensors: dict[str, np.ndarray], dtype: str,
     names = names or list(vq_operand_shapes(cfg))
     if any(n.startswith("cs_") for n in names):
         lay.update(code_sorted_layout(cfg, codes, dtype))
-    ops = {k: lay[k] for k in names}
+    ops = {k: lay[k] for k in names if k != "residual"}  # an activation, not a layer tensor: the case makes it
     side = {k: lay[k] for k in ("perm", "col_scale", "weight_bias", "bias") if k in lay}
     return ops, side
 
@@ -599,13 +610,15 @@ def _check_fold_case(lib: CudaKernels, i: int, c: KernelCase, rng, device: str =
     """A folded-prefill case as the model runs it: the gated prologue `k<i>_prologue` (xs and dot poisoned with
     NaN first: from the threshold on it launches nothing and the folded kernel must not read them), then the
     folded kernel `k<i>(x, xs, dot, *operands, w, y)`, whose y (norm bias and bias included) must match float64
-    `x @ dequantize(W).T + bias` per row."""
+    `x @ dequantize(W).T + bias` per row (`+ residual` for a case with the fused residual, the last operand)."""
     import torch
 
     from vptq_mlc.checkpoint.dequant import dequantize
 
     tdt, cfg, tensors, ops, side, scratch = _random_case(lib, i, c, rng)
     ops_t = {k: torch.from_numpy(np.ascontiguousarray(a)).to(device) for k, a in ops.items()}
+    if "residual" in call_spec(lib.manifest, i, cfg)[0]:  # the last operand; of the output's size, so an add
+        ops_t["residual"] = torch.randn(c.n(), cfg.out_features, device=device).to(tdt)  # left out shows
     x = torch.randn(c.n(), cfg.in_features, device=device).to(tdt)
     xs = torch.full_like(x, float("nan"))
     dot = torch.full((c.n(), 1), float("nan"), dtype=torch.float32, device=device)
@@ -618,6 +631,8 @@ def _check_fold_case(lib: CudaKernels, i: int, c: KernelCase, rng, device: str =
     ref = x.double() @ W.T
     if "bias" in side:
         ref = ref + torch.from_numpy(np.asarray(side["bias"], np.float32)).to(device).double()
+    if "residual" in ops_t:
+        ref = ref + ops_t["residual"].double()
     if device == "cuda":
         torch.cuda.synchronize()
     err = row_rel_err(y.double(), ref)

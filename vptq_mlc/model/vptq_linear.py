@@ -80,13 +80,13 @@ class VPTQLinear(nn.Module):
             return None
         return self._select_kernel.fused(self.cfg, self.dtype, rows, (self.perm is not None,), opts)
 
-    def folded_kernel(self, rows: Any):
+    def folded_kernel(self, rows: Any, residual: bool = False):
         """The target's kernel for the whole linear at a symbolic row count with the prologue folded in for long
-        prompts (`KernelSelector.folded`; `VQKernel.fold_from_rows`), or None (then prologue + VQ kernel +
-        `finish`)."""
+        prompts (`KernelSelector.folded`; `VQKernel.fold_from_rows`; `residual`: one that adds a residual too), or
+        None (then prologue + VQ kernel + `finish`)."""
         if not self.prologue_kernel_used or isinstance(rows, int):
             return None
-        return self._select_kernel.folded(self.cfg, self.dtype, self.bias is not None)
+        return self._select_kernel.folded(self.cfg, self.dtype, self.bias is not None, residual)
 
     def forward(self, x: nn.Tensor) -> nn.Tensor:
         lead, rows, x2 = self._flatten(x)
@@ -101,13 +101,13 @@ class VPTQLinear(nn.Module):
         return self.finish(self.vq_matmul(xs, rows), lead, rows, x2, dot)
 
     def folded_matmul(self, kernel: Any, x2: nn.Tensor, xs: nn.Tensor, dot: nn.Tensor, lead: list[Any],
-                      rows: Any) -> nn.Tensor:
-        """The folded kernel on (x2, the prologue's xs and dot): the linear's output, norm bias and bias included,
-        in x's leading shape."""
+                      rows: Any, residual: nn.Tensor | None = None) -> nn.Tensor:
+        """The folded kernel on (x2, the prologue's xs and dot): the linear's output, norm bias and bias included
+        (and `residual` [rows, out_features] added, for a kernel built with it), in x's leading shape."""
         y_out = nn.Tensor.placeholder([rows, self.out_features], self.dtype)
         scratch = [nn.Tensor.placeholder(list(shape), dt) for shape, dt in kernel.scratch]
-        y = op.tensor_ir_op(kernel.func, "vq_matmul_folded",
-                            args=[x2, xs, dot, *(getattr(self, name) for name in kernel.operands)],
+        operands = [residual if name == "residual" else getattr(self, name) for name in kernel.operands]
+        y = op.tensor_ir_op(kernel.func, "vq_matmul_folded", args=[x2, xs, dot, *operands],
                             out=[*scratch, y_out] if scratch else y_out)
         return op.reshape(y[-1] if scratch else y, [*lead, self.out_features])
 
@@ -401,7 +401,22 @@ def linear_residual(linear: nn.Module, x: nn.Tensor, residual: nn.Tensor) -> nn.
             res2 = op.reshape(residual, [rows, linear.out_features])
             (y,) = _call_fused([linear], kernel, [x2], rows, residual=res2)
             return op.reshape(y, [*lead, linear.out_features])
+        folded = _folded_residual(linear, x2, rows, lead, residual)
+        if folded is not None:
+            return folded
     return residual + linear(x)
+
+
+def _folded_residual(linear: VPTQLinear, x2: nn.Tensor, rows: Any, lead: list[Any],
+                     residual: nn.Tensor) -> nn.Tensor | None:
+    """`residual + linear(x)` as the folded prefill kernel adding the residual in its epilogue (symbolic rows, where
+    the target has one), or None."""
+    kernel = linear.folded_kernel(rows, residual=True)
+    if kernel is None:
+        return None
+    xs, dot = linear.activation(x2, rows, kernel.fold_from_rows)
+    return linear.folded_matmul(kernel, x2, xs, dot, lead, rows,
+                                residual=op.reshape(residual, [rows, linear.out_features]))
 
 
 def swiglu_residual(linear: nn.Module, gate: nn.Tensor, up: nn.Tensor, residual: nn.Tensor | None) -> nn.Tensor:
@@ -415,6 +430,12 @@ def swiglu_residual(linear: nn.Module, gate: nn.Tensor, up: nn.Tensor, residual:
             res2 = op.reshape(residual, [rows, linear.out_features]) if residual is not None else None
             (y,) = _call_fused([linear], kernel, [g2, u2], rows, residual=res2)
             return op.reshape(y, [*lead, linear.out_features])
+        if residual is not None and not isinstance(rows, int):
+            h = op.silu(gate) * up
+            _, _, h2 = linear._flatten(h)
+            folded = _folded_residual(linear, h2, rows, lead, residual)
+            if folded is not None:
+                return folded
     y = linear(op.silu(gate) * up)
     return residual + y if residual is not None else y
 

@@ -167,9 +167,11 @@ class TileLayout:
         return wn * self.p.n_tiles * 8 + j * 8 + lane % 4 * 2 + c % 2
 
 
-def _gemm_macro(p: DensePlan, M, N: int, K: int, dtype: str, rows_static: int | None, add_bias: bool = False):
+def _gemm_macro(p: DensePlan, M, N: int, K: int, dtype: str, rows_static: int | None, add_bias: bool = False,
+                add_residual: bool = False):
     """The kernel launch of plan `p` as a macro over flat x[M*K], w[N, K], y[M*N] (pasted into the caller);
-    `add_bias`: the macro also takes bias[N] and adds it to the fp32 sum before the one rounding to `dtype`."""
+    `add_bias`: the macro also takes bias[N] and adds it to the fp32 sum before the one rounding to `dtype`;
+    `add_residual`: also res[M*N], added to the rounded output in `dtype` (as a separate `y + residual` pass)."""
     WM, WN, WK, MT, NT, BK, S = p.warps_m, p.warps_n, p.warps_k, p.m_tiles, p.n_tiles, p.k_slice, p.stages
     BM, BN, BKC, NTHR = p.block_m, p.block_n, p.block_k, p.threads
     CR = BKC // 8  # 16-byte chunks per shared row
@@ -203,8 +205,14 @@ def _gemm_macro(p: DensePlan, M, N: int, K: int, dtype: str, rows_static: int | 
                                  + step * BKC + (it * NTHR + tid) % CR * 8),
                     16))
 
+    def rounded(total, res, at):
+        """The fp32 sum in `dtype`, plus res[at] there with `add_residual` (exact in fp32, rounded once)."""
+        if not add_residual:
+            return T.Cast(dtype, total)
+        return T.Cast(dtype, T.Cast("float32", T.Cast(dtype, total)) + T.Cast("float32", res[at]))
+
     @T.macro
-    def gemm(xf, w, yf, bias=None):
+    def gemm(xf, w, yf, bias=None, res=None):
         if GM > 0:
             tb = T.launch_thread("blockIdx.x", GRID_M * GRID_N)
             gsz = T.min(GRID_M - tb // (GM * GRID_N) * GM, GM)
@@ -274,11 +282,14 @@ def _gemm_macro(p: DensePlan, M, N: int, K: int, dtype: str, rows_static: int | 
                                 and bx * BN + lay.out_col(wn, j, tx, c) < N):
                             if add_bias:
                                 yf[(by * BM + lay.out_row(wm, i, tx, c)) * N
-                                   + bx * BN + lay.out_col(wn, j, tx, c)] = T.Cast(
-                                    dtype, tot[0] + T.Cast("float32", bias[bx * BN + lay.out_col(wn, j, tx, c)]))
+                                   + bx * BN + lay.out_col(wn, j, tx, c)] = rounded(
+                                    tot[0] + T.Cast("float32", bias[bx * BN + lay.out_col(wn, j, tx, c)]), res,
+                                    (by * BM + lay.out_row(wm, i, tx, c)) * N + bx * BN + lay.out_col(wn, j, tx, c))
                             else:
                                 yf[(by * BM + lay.out_row(wm, i, tx, c)) * N
-                                   + bx * BN + lay.out_col(wn, j, tx, c)] = T.Cast(dtype, tot[0])
+                                   + bx * BN + lay.out_col(wn, j, tx, c)] = rounded(
+                                    tot[0], res,
+                                    (by * BM + lay.out_row(wm, i, tx, c)) * N + bx * BN + lay.out_col(wn, j, tx, c))
 
 
     return gemm
@@ -307,20 +318,20 @@ def symbolic_plans(n: int, k: int, above_rows: int = 0) -> list[tuple[int | None
 
 def gemm_macros(plans, M, n: int, k: int, dtype: str, rows_static: int | None,
                 max_smem: int = MAX_DYN_SMEM, wgmma: bool = False,
-                add_bias: bool = False) -> list[tuple[int, object]]:
-    """(row limit, 0 for none; kernel-launch macro over flat x[M*K], w[N, K], y[M*N], and bias[N] with
-    `add_bias`) per plan of `plans`. `wgmma` (sm_90a builds only, cuda_wgmma.py): symbolic row counts from
-    cuda_wgmma.WGMMA_FROM_ROWS run the wgmma kernels (`_wgmma_ladder`)."""
+                add_bias: bool = False, add_residual: bool = False) -> list[tuple[int, object]]:
+    """(row limit, 0 for none; kernel-launch macro over flat x[M*K], w[N, K], y[M*N], bias[N] with `add_bias`
+    and res[M*N] with `add_residual`) per plan of `plans`. `wgmma` (sm_90a builds only, cuda_wgmma.py): symbolic
+    row counts from cuda_wgmma.WGMMA_FROM_ROWS run the wgmma kernels (`_wgmma_ladder`)."""
     if wgmma and rows_static is None and wgmma_supported(n, k, dtype):
         plans = _wgmma_ladder(plans)
     macros = []
     for limit, pl in plans:  # under a row limit that fits one tile the grid is one tile high
         if pl is _WGMMA:
-            macros.append((0, wgmma_prefill_macro(M, n, k, add_bias)))
+            macros.append((0, wgmma_prefill_macro(M, n, k, add_bias, add_residual)))
             continue
         grid_rows = limit if limit is not None and limit <= pl.block_m else rows_static
         macros.append((limit or 0, _gemm_macro(_plan_checked(pl, k, max_smem), M, n, k, dtype, grid_rows,
-                                               add_bias)))
+                                               add_bias, add_residual)))
     return macros
 
 
@@ -370,26 +381,30 @@ def dense_rows(lead: tuple):
 
 
 def gemm_ladder(macros: list[tuple[int, object]], rows):
-    """One macro over (xf, w, yf[, bias]) launching the first of `macros` ((row limit, 0 for none; GEMM macro))
-    whose limit the run-time row count `rows` meets; the last takes every other count. Shared by every dispatch
-    over GEMM plans (dense, VQ dequantize + GEMM, folded prefill; CUDA and ROCm macros)."""
+    """One macro over (xf, w, yf[, bias[, res]]) launching the first of `macros` ((row limit, 0 for none; GEMM
+    macro)) whose limit the run-time row count `rows` meets; the last takes every other count. Shared by every
+    dispatch over GEMM plans (dense, VQ dequantize + GEMM, folded prefill; CUDA and ROCm macros)."""
     (limit, first), rest = macros[0], macros[1:]
     if not rest:
         return first
     then = gemm_ladder(rest, rows)
 
     @T.macro
-    def pick(xf, w, yf, bias=None):
+    def pick(xf, w, yf, bias=None, res=None):
         if rows <= limit:
-            if bias is None:
-                first(xf, w, yf)
-            else:
+            if res is not None:
+                first(xf, w, yf, bias, res)
+            elif bias is not None:
                 first(xf, w, yf, bias)
-        else:
-            if bias is None:
-                then(xf, w, yf)
             else:
+                first(xf, w, yf)
+        else:
+            if res is not None:
+                then(xf, w, yf, bias, res)
+            elif bias is not None:
                 then(xf, w, yf, bias)
+            else:
+                then(xf, w, yf)
 
     return pick
 

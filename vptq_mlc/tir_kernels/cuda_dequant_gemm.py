@@ -585,7 +585,7 @@ def vq_fold_dequantize_func(cfg: VPTQLayerConfig, dtype: str, cuda: bool = True,
 
 def vq_prefill_folded_cuda(cfg: VPTQLayerConfig, dtype: str, has_bias: bool,
                            from_rows: int = DEQUANT_GEMM_FROM_ROWS, fold_plan: FoldPlan = FOLD_PLAN,
-                           wgmma: bool = False,
+                           wgmma: bool = False, residual: bool = False,
                            ) -> tuple[tirx.PrimFunc, tuple[str, ...], tuple[tuple[tuple[int, ...], str], ...]]:
     """The whole VQ linear of a normed layer for a symbolic row count n, prologue folded in for long prompts:
     (PrimFunc(x[n, I], xs[n, I], dot[n, 1] fp32, *operands, [perm], col_scale, weight_bias, [bias], w[O, I],
@@ -599,7 +599,9 @@ def vq_prefill_folded_cuda(cfg: VPTQLayerConfig, dtype: str, has_bias: bool,
       its epilogue: no prologue pass, no norm-bias dot, no `y + dot` pass. `from_rows=0`: this path for every n
       (check suite). The norm bias is then part of the fp16 weight (as in VPTQ's own dequantized weight) instead
       of an fp32 dot added after the GEMM.
-    `wgmma`: the GEMM's long-prompt plans are the wgmma kernels (sm_90a builds only, cuda_dense_mma.gemm_macros)."""
+    `wgmma`: the GEMM's long-prompt plans are the wgmma kernels (sm_90a builds only, cuda_dense_mma.gemm_macros).
+    `residual`: one more operand after the layer's, residual[n, O], added to y in the epilogues after its rounding
+    (`residual + linear(x)` in one launch: the o_proj / down_proj of a pre-norm block)."""
     if not fold_supported(cfg, dtype):
         raise ValueError(f"the folded prefill does not serve a {cfg.out_features}x{cfg.in_features} "
                          f"{dtype} layer (norm {cfg.enable_norm})")
@@ -608,13 +610,13 @@ def vq_prefill_folded_cuda(cfg: VPTQLayerConfig, dtype: str, has_bias: bool,
     has_perm = cfg.enable_perm
     NB = tirx.Var("n", "int64")
     FROM = from_rows
-    BIAS = has_bias
-    mma = mma_macro(cfg, dtype, None, NB, add_dot=True, add_bias=BIAS)
-    few = mma_macro(cfg, dtype, None, NB, plan=plan_mma(cfg), add_dot=True, add_bias=BIAS)
+    BIAS, RES = has_bias, residual
+    mma = mma_macro(cfg, dtype, None, NB, add_dot=True, add_bias=BIAS, add_residual=RES)
+    few = mma_macro(cfg, dtype, None, NB, plan=plan_mma(cfg), add_dot=True, add_bias=BIAS, add_residual=RES)
     FEW = MMA_ROWS if FROM > MMA_ROWS else 0
     dq = dequant_fold_macro(cfg, dtype, has_perm, fold_plan)
     macros = gemm_macros(symbolic_plans(O, I, above_rows=max(0, FROM - 1)), T.Cast("int32", NB), O, I, dtype,
-                         None, wgmma=wgmma, add_bias=BIAS)
+                         None, wgmma=wgmma, add_bias=BIAS, add_residual=RES)
     gemm = gemm_ladder(macros, NB)
 
     @T.prim_func(private=True)
@@ -632,6 +634,7 @@ def vq_prefill_folded_cuda(cfg: VPTQLayerConfig, dtype: str, has_bias: bool,
         col_scale: T.Buffer((I,), dtype),
         weight_bias: T.Buffer((I,), dtype),
         bias: T.Buffer((O,), dtype),
+        residual: T.Buffer((NB, O), dtype),
         w: T.Buffer((O, I), dtype),
         y: T.Buffer((NB, O), dtype),
     ):
@@ -641,15 +644,27 @@ def vq_prefill_folded_cuda(cfg: VPTQLayerConfig, dtype: str, has_bias: bool,
         if NB <= 0:  # nothing to do (the GEMM's row clamp needs a row)
             T.evaluate(0)
         elif FEW > 0 and NB <= FEW:
-            few(xs, centroids, codes, res_centroids, res_codes, outlier_centroids, outlier_codes, y, dot, bias)
+            if RES:  # (the residual buffer exists only with `residual`)
+                few(xs, centroids, codes, res_centroids, res_codes, outlier_centroids, outlier_codes, y, dot, bias,
+                    residual)
+            else:
+                few(xs, centroids, codes, res_centroids, res_codes, outlier_centroids, outlier_codes, y, dot, bias)
         elif FROM > 0 and NB < FROM:
-            mma(xs, centroids, codes, res_centroids, res_codes, outlier_centroids, outlier_codes, y, dot, bias)
+            if RES:
+                mma(xs, centroids, codes, res_centroids, res_codes, outlier_centroids, outlier_codes, y, dot, bias,
+                    residual)
+            else:
+                mma(xs, centroids, codes, res_centroids, res_codes, outlier_centroids, outlier_codes, y, dot, bias)
         else:
             dq(centroids, codes, res_centroids, res_codes, outlier_centroids, outlier_codes, perm, col_scale,
                weight_bias, w)
-            gemm(xf, w, yf, bias)
+            if RES:
+                rf = T.decl_buffer((NB * O,), dtype, data=residual.data)
+                gemm(xf, w, yf, bias, rf)
+            else:
+                gemm(xf, w, yf, bias)
 
-    operands = _fold_operands(cfg, has_perm, has_bias)
+    operands = _fold_operands(cfg, has_perm, has_bias) + (("residual",) if residual else ())
     return keep_params(kernel, {"x", "xs", "dot", *operands, "w", "y"}), operands, (((O, I), dtype),)
 
 

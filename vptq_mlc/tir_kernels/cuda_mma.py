@@ -133,13 +133,14 @@ def vq_mma_cuda(cfg: VPTQLayerConfig, dtype: str, rows: int | None, plan: MmaPla
 
 
 def mma_macro(cfg: VPTQLayerConfig, dtype: str, rows: int | None, NB, plan: MmaPlan | None = None,  # noqa: N803
-              add_dot: bool = False, add_bias: bool = False, y_col0: int = 0):
+              add_dot: bool = False, add_bias: bool = False, y_col0: int = 0, add_residual: bool = False):
     """The kernel launch of `vq_mma_cuda` as a macro over (xs, centroids, codes, res_centroids, res_codes,
     outlier_centroids, outlier_codes, y) with `NB` rows (`rows`, or the caller's int64 row variable), so a caller
     can put it next to other kernels in one PrimFunc (`cuda_dequant_gemm.py`). `add_dot` / `add_bias`: the macro
     also takes dot[NB, 1] (fp32 norm-bias dot) / bias[O] and adds them to each output after its rounding, in the
-    output dtype, as `VPTQLinear.finish` would (`y + dot.astype(dtype) + bias`: the same bits). `y_col0`: output
-    column r goes to y[:, y_col0 + r] (y wider than O: several layers' outputs side by side)."""
+    output dtype, as `VPTQLinear.finish` would (`y + dot.astype(dtype) + bias`: the same bits); `add_residual`:
+    also res[NB, O], added last in the same way (as `residual + linear(x)`). `y_col0`: output column r goes to
+    y[:, y_col0 + r] (y wider than O: several layers' outputs side by side)."""
     if rows is not None and not mma_supported(cfg, dtype, rows):
         raise ValueError(f"vq_mma_cuda takes fp16 and {MIN_ROWS}..{MMA_ROWS} rows, got {dtype} x {rows}")
     if dtype != "float16":
@@ -181,16 +182,18 @@ def mma_macro(cfg: VPTQLayerConfig, dtype: str, rows: int | None, NB, plan: MmaP
     def out_col(r):  # y's column of output r (`y_col0`)
         return y_col0 + r if y_col0 else r
 
-    def epilogue(val, dot, bias, b, r):  # `add_dot` / `add_bias`: what VPTQLinear.finish adds, in its order
+    def epilogue(val, dot, bias, res, b, r):  # what VPTQLinear.finish adds, in its order, then the residual
         if add_dot:
             val = val + T.Cast(dtype, dot[b, 0])
         if add_bias:
             val = val + bias[r]
+        if add_residual:
+            val = val + res[b, r]
         return val
 
     @T.macro
     def mma(xs, centroids, codes, res_centroids, res_codes, outlier_centroids, outlier_codes, y, dot=None,
-            bias=None):
+            bias=None, res=None):
         bx = T.launch_thread("blockIdx.x", NRB)
         by = T.launch_thread("blockIdx.y", NBY)
         tx = T.launch_thread("threadIdx.x", 32)
@@ -338,9 +341,9 @@ def mma_macro(cfg: VPTQLayerConfig, dtype: str, rows: int | None, NB, plan: MmaP
                             n = nt * 8 + q * 2 + c % 2
                             r = (i0 + ii) * v + n
                             if row(by, mb, tx, c // 2) < NB and n < v and i0 + ii < NV and r < O:
-                                if add_dot or add_bias:
+                                if add_dot or add_bias or add_residual:
                                     y[row(by, mb, tx, c // 2), out_col(r)] = epilogue(
-                                        T.Cast(dtype, tot[0]), dot, bias, row(by, mb, tx, c // 2), r)
+                                        T.Cast(dtype, tot[0]), dot, bias, res, row(by, mb, tx, c // 2), r)
                                 else:
                                     y[row(by, mb, tx, c // 2), out_col(r)] = T.Cast(dtype, tot[0])
 

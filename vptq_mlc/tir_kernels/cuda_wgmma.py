@@ -118,7 +118,8 @@ def _ring_base(ring, pad):
     return T.cuda.cvta_generic_to_shared(T.address_of(ring[0])) + T.Cast("uint32", pad * 2)
 
 
-def _gemm_macro(p: WgmmaPlan, M, N: int, K: int, rows_static: int | None, add_bias: bool = False):
+def _gemm_macro(p: WgmmaPlan, M, N: int, K: int, rows_static: int | None, add_bias: bool = False,
+                add_residual: bool = False):
     BN, S = p.block_n, p.stages
     BM, NTHR, STG = p.block_m, p.threads, p.stage_elems
     CR = WGMMA_BK // 8  # 16-byte chunks per row
@@ -152,22 +153,31 @@ def _gemm_macro(p: WgmmaPlan, M, N: int, K: int, rows_static: int | None, add_bi
         """Two fp32 sums of columns col, col + 1, plus bias[col], bias[col + 1] with `add_bias` (a TIR expression)."""
         return pair + T.Cast("float32x2", bias[T.Ramp(col, 1, 2)]) if add_bias else pair
 
+    def rounded(pair, res, at):
+        """The two fp32 sums rounded to fp16; with `add_residual`, res[at], res[at + 1] added to those in fp16 (the
+        exact sum in fp32, rounded once: fp16 additions, as a separate `y + residual` pass would do them)."""
+        if not add_residual:
+            return T.Cast("float16x2", pair)
+        return T.Cast("float16x2", T.Cast("float32x2", T.Cast("float16x2", pair))
+                      + T.Cast("float32x2", res[T.Ramp(at, 1, 2)]))
+
     @T.macro
-    def store_tile(yf, acc, tid, bx, by, bias):
+    def store_tile(yf, acc, tid, bx, by, bias, res):
         """Accumulators d[4j + c], c = 2h + e, of thread t: row 64 (t / 128) + 16 (t / 32 % 4) + t % 32 / 4 + 8h,
         columns 8j + 2 (t % 4) + e, e = 0, 1: one 4-byte store of both (N is even). `add_bias`: bias[column] is
-        added to the fp32 sum before the one rounding to fp16."""
+        added to the fp32 sum before the one rounding to fp16; `add_residual`: res[row, column] after it."""
         for j in T.unroll(BN // 8):
             for h in T.unroll(2):
                 if (by * BM + tid // WG_THREADS * 64 + tid % WG_THREADS // 32 * 16 + tid % 32 // 4 + h * 8 < M
                         and bx * BN + j * 8 + tid % 4 * 2 < N):
                     yf[T.Ramp((by * BM + tid // WG_THREADS * 64 + tid % WG_THREADS // 32 * 16 + tid % 32 // 4
-                               + h * 8) * N + bx * BN + j * 8 + tid % 4 * 2, 1, 2)] = T.Cast(
-                                   "float16x2", biased(acc[T.Ramp(j * 4 + h * 2, 1, 2)], bias,
-                                                       bx * BN + j * 8 + tid % 4 * 2))
+                               + h * 8) * N + bx * BN + j * 8 + tid % 4 * 2, 1, 2)] = rounded(
+                                   biased(acc[T.Ramp(j * 4 + h * 2, 1, 2)], bias, bx * BN + j * 8 + tid % 4 * 2),
+                                   res, (by * BM + tid // WG_THREADS * 64 + tid % WG_THREADS // 32 * 16
+                                         + tid % 32 // 4 + h * 8) * N + bx * BN + j * 8 + tid % 4 * 2)
 
     @T.macro
-    def gemm(xf, w, yf, bias=None):
+    def gemm(xf, w, yf, bias=None, res=None):
         if GM > 0:
             tb = T.launch_thread("blockIdx.x", GRID_M * GRID_N)
             gsz = T.min(GRID_M - tb // (GM * GRID_N) * GM, GM)
@@ -209,12 +219,12 @@ def _gemm_macro(p: WgmmaPlan, M, N: int, K: int, rows_static: int | None, add_bi
             T.evaluate(T.ptx["wgmma.wait_group.sync.aligned"](1))
         T.evaluate(T.ptx["wgmma.wait_group.sync.aligned"](0))
         T.evaluate(T.ptx["cp.async.wait_group"](0))
-        store_tile(yf, acc, tid, bx, by, bias)
+        store_tile(yf, acc, tid, bx, by, bias, res)
 
     CONSUMERS = WG_THREADS * p.warpgroups
 
     @T.macro
-    def gemm_ws(xf, w, yf, bias=None):
+    def gemm_ws(xf, w, yf, bias=None, res=None):
         if GM > 0:
             tb = T.launch_thread("blockIdx.x", GRID_M * GRID_N)
             gsz = T.min(GRID_M - tb // (GM * GRID_N) * GM, GM)
@@ -264,7 +274,7 @@ def _gemm_macro(p: WgmmaPlan, M, N: int, K: int, rows_static: int | None, add_bi
                 if kt > 0:  # step kt - 1's group retired: its slot may be refilled
                     T.evaluate(T.ptx["mbarrier.arrive.shared::cta.b64"](T.address_of(bars[S + (kt - 1) % S])))
             T.evaluate(T.ptx["wgmma.wait_group.sync.aligned"](0))
-            store_tile(yf, acc, tid, bx, by, bias)
+            store_tile(yf, acc, tid, bx, by, bias, res)
 
     return gemm_ws if p.producer else gemm
 
@@ -287,24 +297,25 @@ def wgmma_for_target(target) -> bool:
 
 
 def wgmma_gemm_macro(M, n: int, k: int, rows_static: int | None, plan: WgmmaPlan = PREFILL_WGMMA_PLAN,
-                     add_bias: bool = False):
-    """The kernel launch as a macro over flat x[M*K], w[N, K], y[M*N] and, with `add_bias`, bias[N] (M > 0;
-    pasted into the caller, as cuda_dense_mma.gemm_macros' are)."""
-    return _gemm_macro(check_plan(plan, n, k), M, n, k, rows_static, add_bias)
+                     add_bias: bool = False, add_residual: bool = False):
+    """The kernel launch as a macro over flat x[M*K], w[N, K], y[M*N] and, with `add_bias`, bias[N], with
+    `add_residual`, res[M*N] added to the rounded output (M > 0; pasted into the caller, as
+    cuda_dense_mma.gemm_macros' are)."""
+    return _gemm_macro(check_plan(plan, n, k), M, n, k, rows_static, add_bias, add_residual)
 
 
-def wgmma_prefill_macro(M, n: int, k: int, add_bias: bool = False):
+def wgmma_prefill_macro(M, n: int, k: int, add_bias: bool = False, add_residual: bool = False):
     """A symbolic row count's wgmma launch: SHORT_PREFILL_WGMMA_PLAN up to SHORT_PREFILL_MAX_ROWS rows, else
-    PREFILL_WGMMA_PLAN (macro over xf, w, yf and, with `add_bias`, bias)."""
-    short = wgmma_gemm_macro(M, n, k, None, SHORT_PREFILL_WGMMA_PLAN, add_bias)
-    long = wgmma_gemm_macro(M, n, k, None, PREFILL_WGMMA_PLAN, add_bias)
+    PREFILL_WGMMA_PLAN (macro over xf, w, yf, bias and res as `wgmma_gemm_macro`'s)."""
+    short = wgmma_gemm_macro(M, n, k, None, SHORT_PREFILL_WGMMA_PLAN, add_bias, add_residual)
+    long = wgmma_gemm_macro(M, n, k, None, PREFILL_WGMMA_PLAN, add_bias, add_residual)
 
     @T.macro
-    def gemm(xf, w, yf, bias=None):
+    def gemm(xf, w, yf, bias=None, res=None):
         if M <= SHORT_PREFILL_MAX_ROWS:
-            short(xf, w, yf, bias)
+            short(xf, w, yf, bias, res)
         else:
-            long(xf, w, yf, bias)
+            long(xf, w, yf, bias, res)
 
     return gemm
 

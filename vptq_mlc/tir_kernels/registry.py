@@ -114,17 +114,18 @@ def prefill_fold_enabled() -> bool:
     return compile_switch(PREFILL_FOLD_ENV, PREFILL_FOLD_DEFAULT, "the prologue folded into long-prompt prefill")
 
 
-# Normed fp16 layers of one config that read the same activation (q/k/v, gate/up) as ONE folded prefill call
-# (`cuda_dequant_gemm.vq_prefill_folded_group_cuda`: each layer's folding dequantize into one scratch, one GEMM over
-# all outputs, written side by side: no concatenation afterwards). Off unless asked for (VPTQ_MLC_PREFILL_GROUP=1)
-# until its kernels have run on a GPU.
+# Fewer prefill launches around the folded kernels: normed fp16 layers of one config that read the same activation
+# (q/k/v, gate/up) as ONE folded call (`cuda_dequant_gemm.vq_prefill_folded_group_cuda`: each layer's folding
+# dequantize into one scratch, one GEMM over all outputs, written side by side: no concatenation afterwards), and
+# o_proj / down_proj adding the residual in their epilogues (no `x + y` pass). Off unless asked for
+# (VPTQ_MLC_PREFILL_GROUP=1) until these kernels have run on a GPU.
 PREFILL_GROUP_ENV = "VPTQ_MLC_PREFILL_GROUP"
 PREFILL_GROUP_DEFAULT = False
 
 
 def prefill_group_enabled() -> bool:
-    """Whether CUDA prefill runs q/k/v and gate/up as one folded group call: PREFILL_GROUP_ENV=1 / 0, else
-    PREFILL_GROUP_DEFAULT (the folded prefill itself must be on)."""
+    """Whether CUDA prefill runs q/k/v and gate/up as one folded group call and folds the residual adds into o_proj
+    and down_proj: PREFILL_GROUP_ENV=1 / 0, else PREFILL_GROUP_DEFAULT (the folded prefill itself must be on)."""
     return compile_switch(PREFILL_GROUP_ENV, PREFILL_GROUP_DEFAULT, "one folded prefill call for q/k/v and gate/up")
 
 
@@ -190,13 +191,14 @@ class KernelSelector:
                     opts: FusedInput | None) -> VQKernel | None:
         return None
 
-    def folded(self, cfg: VPTQLayerConfig, dtype: str, has_bias: bool) -> VQKernel | None:
+    def folded(self, cfg: VPTQLayerConfig, dtype: str, has_bias: bool, residual: bool = False) -> VQKernel | None:
         """The whole linear of a normed layer for a symbolic row count with its activation prologue folded into
-        the kernel for long prompts: `func(x, xs, dot, *operands, *scratch, y)` (`VQKernel.fold_from_rows`), or
-        None where this family has none (then prologue + VQ kernel + the adds). Cached."""
-        return self._select_folded(cfg, dtype, has_bias)
+        the kernel for long prompts: `func(x, xs, dot, *operands, *scratch, y)` (`VQKernel.fold_from_rows`; with
+        `residual` the last operand is residual[n, O], added to y), or None where this family has none (then
+        prologue + VQ kernel + the adds). Cached."""
+        return self._select_folded(cfg, dtype, has_bias, residual)
 
-    def _pick_folded(self, cfg: VPTQLayerConfig, dtype: str, has_bias: bool) -> VQKernel | None:
+    def _pick_folded(self, cfg: VPTQLayerConfig, dtype: str, has_bias: bool, residual: bool) -> VQKernel | None:
         return None
 
     def folded_group(self, cfg: VPTQLayerConfig, dtype: str, perms: tuple[bool, ...]) -> VQGroupKernel | None:
@@ -327,9 +329,9 @@ class CudaKernelSelector(KernelSelector):
         return _mark(VQKernel(vq_gemv_cuda(cfg, dtype, rows, prologue=perms, fused=opts),
                               tuple(vq_operand_shapes(cfg))))
 
-    def _pick_folded(self, cfg: VPTQLayerConfig, dtype: str, has_bias: bool) -> VQKernel | None:
+    def _pick_folded(self, cfg: VPTQLayerConfig, dtype: str, has_bias: bool, residual: bool) -> VQKernel | None:
         """Normed fp16 layers the dequantize + GEMM path serves (`cuda_dequant_gemm.fold_supported`), with the
-        switch on: `vq_prefill_folded_cuda`."""
+        switch on: `vq_prefill_folded_cuda` (the residual added in its epilogues only with the residual switch)."""
         from vptq_mlc.tir_kernels.cuda_dequant_gemm import (
             DEQUANT_GEMM_FROM_ROWS,
             fold_supported,
@@ -337,9 +339,10 @@ class CudaKernelSelector(KernelSelector):
         )
         from vptq_mlc.tir_kernels.cuda_wgmma import wgmma_for_target
 
-        if not prefill_fold_enabled() or not fold_supported(cfg, dtype):
+        if not prefill_fold_enabled() or not fold_supported(cfg, dtype) or (residual and not prefill_group_enabled()):
             return None
-        func, operands, scratch = vq_prefill_folded_cuda(cfg, dtype, has_bias, wgmma=wgmma_for_target(self.target))
+        func, operands, scratch = vq_prefill_folded_cuda(cfg, dtype, has_bias, wgmma=wgmma_for_target(self.target),
+                                                         residual=residual)
         return _mark(VQKernel(func, operands, scratch, DEQUANT_GEMM_FROM_ROWS))
 
     def _pick_folded_group(self, cfg: VPTQLayerConfig, dtype: str, perms: tuple[bool, ...]) -> VQGroupKernel | None:
