@@ -256,18 +256,24 @@ def _fused_groups(linears: Sequence[nn.Module], rows: int | None,
             by_key.setdefault((m.cfg, m.dtype, id(m._select_kernel)), []).append(m)
     out = []
     for (cfg, dtype, _), members in by_key.items():
-        i = 0
-        while i < len(members):
-            for count in range(len(members) - i, 0, -1):
-                chunk = members[i : i + count]
-                kernel = chunk[0]._select_kernel.fused(cfg, dtype, rows, tuple(m.perm is not None for m in chunk),
-                                                       opts)
-                if kernel is not None:
-                    out.append((chunk, kernel))
-                    i += count
-                    break
-            else:
-                i += 1
+        out += _greedy_chunks(members, 1, lambda chunk, cfg=cfg, dtype=dtype: chunk[0]._select_kernel.fused(
+            cfg, dtype, rows, tuple(m.perm is not None for m in chunk), opts))
+    return out
+
+
+def _greedy_chunks(members: list[VPTQLinear], smallest: int, pick: Any) -> list[tuple[list[VPTQLinear], Any]]:
+    """(chunk, kernel) in order over `members`: from each position the largest chunk (down to `smallest` members)
+    that `pick(chunk)` returns a kernel for; a position no chunk serves is left out."""
+    out, i = [], 0
+    while len(members) - i >= smallest:
+        for count in range(len(members) - i, smallest - 1, -1):
+            kernel = pick(members[i : i + count])
+            if kernel is not None:
+                out.append((members[i : i + count], kernel))
+                i += count
+                break
+        else:
+            i += 1
     return out
 
 
@@ -446,18 +452,8 @@ def _folded_groups(linears: Sequence[VPTQLinear], folded: dict[int, Any]) -> lis
     out, run = [], []
 
     def close() -> None:
-        i = 0
-        while len(run) - i >= 2:
-            for count in range(len(run) - i, 1, -1):
-                chunk = run[i : i + count]
-                kernel = chunk[0]._select_kernel.folded_group(chunk[0].cfg, chunk[0].dtype,
-                                                              tuple(m.perm is not None for m in chunk))
-                if kernel is not None:
-                    out.append((chunk, kernel))
-                    i += count
-                    break
-            else:
-                i += 1
+        out.extend(_greedy_chunks(list(run), 2, lambda chunk: chunk[0]._select_kernel.folded_group(
+            chunk[0].cfg, chunk[0].dtype, tuple(m.perm is not None for m in chunk))))
         run.clear()
 
     for m in linears:

@@ -706,6 +706,17 @@ def vq_prefill_folded_group_cuda(cfg: VPTQLayerConfig, dtype: str, perms: tuple[
     gemm = gemm_ladder(gemm_macros(symbolic_plans(OT, I, above_rows=max(0, FROM - 1)), T.Cast("int32", NB), OT, I,
                                    dtype, None, wgmma=wgmma), NB)
 
+    @T.macro
+    def vq_rows(m, xs, centroids, codes, res_centroids, res_codes, outlier_centroids, outlier_codes, dot, y):
+        """Layer m below `from_rows`: its VQ MMA kernel (decode plan up to FEW rows), into its columns of y. In a
+        loop of one: the MMA macro's launch scope runs to the end of its block, so a launch after it in the same
+        block would be nested in it."""
+        for _ in range(1):
+            if FEW > 0 and NB <= FEW:
+                fews[m](xs, centroids, codes, res_centroids, res_codes, outlier_centroids, outlier_codes, y, dot)
+            else:
+                mmas[m](xs, centroids, codes, res_centroids, res_codes, outlier_centroids, outlier_codes, y, dot)
+
     @T.prim_func(private=True)
     def kernel(
         x: T.Buffer((NB, I), dtype),
@@ -753,30 +764,14 @@ def vq_prefill_folded_group_cuda(cfg: VPTQLayerConfig, dtype: str, perms: tuple[
         w2 = T.decl_buffer((O, I), dtype, data=w.data, elem_offset=2 * O * I)
         if NB <= 0:  # nothing to do (the GEMM's row clamp needs a row)
             T.evaluate(0)
-        elif FEW > 0 and NB <= FEW:
-            # each launch in a loop of one: the MMA macro's launch scope runs to the end of its block, so a launch
-            # after it in the same block would be nested in it
-            for _ in range(1):
-                fews[0](xs_0, centroids_0, codes_0, res_centroids_0, res_codes_0, outlier_centroids_0,
-                        outlier_codes_0, y, dot_0)
-            for _ in range(1):
-                fews[1](xs_1, centroids_1, codes_1, res_centroids_1, res_codes_1, outlier_centroids_1,
-                        outlier_codes_1, y, dot_1)
-            if THIRD:
-                for _ in range(1):
-                    fews[m2](xs_2, centroids_2, codes_2, res_centroids_2, res_codes_2, outlier_centroids_2,
-                             outlier_codes_2, y, dot_2)
         elif FROM > 0 and NB < FROM:
-            for _ in range(1):
-                mmas[0](xs_0, centroids_0, codes_0, res_centroids_0, res_codes_0, outlier_centroids_0,
-                        outlier_codes_0, y, dot_0)
-            for _ in range(1):
-                mmas[1](xs_1, centroids_1, codes_1, res_centroids_1, res_codes_1, outlier_centroids_1,
-                        outlier_codes_1, y, dot_1)
+            vq_rows(0, xs_0, centroids_0, codes_0, res_centroids_0, res_codes_0, outlier_centroids_0,
+                    outlier_codes_0, dot_0, y)
+            vq_rows(1, xs_1, centroids_1, codes_1, res_centroids_1, res_codes_1, outlier_centroids_1,
+                    outlier_codes_1, dot_1, y)
             if THIRD:
-                for _ in range(1):
-                    mmas[m2](xs_2, centroids_2, codes_2, res_centroids_2, res_codes_2, outlier_centroids_2,
-                             outlier_codes_2, y, dot_2)
+                vq_rows(m2, xs_2, centroids_2, codes_2, res_centroids_2, res_codes_2, outlier_centroids_2,
+                        outlier_codes_2, dot_2, y)
         else:
             dqs[0](centroids_0, codes_0, res_centroids_0, res_codes_0, outlier_centroids_0, outlier_codes_0, perm_0,
                    col_scale_0, weight_bias_0, w0)
