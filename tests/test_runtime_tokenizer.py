@@ -129,6 +129,29 @@ def test_stream_special_tokens_stay_out_of_the_window(tok_dir: Path) -> None:
     assert text + stream.flush() == decode(text_ids[:6]) and max(widths) <= 6
 
 
+def test_vocab_size_is_read_once(tok_dir: Path) -> None:
+    """`tokenizers` rebuilds its vocabulary map on every get_vocab_size call (milliseconds at real vocabularies):
+    the size is read at load, so a request's stream decoder does not pay it; it equals transformers' len()."""
+    tok = Tokenizer(tok_dir)
+    assert tok.vocab_size == len(PreTrainedTokenizerFast.from_pretrained(str(tok_dir)))
+
+    class Counting:
+        def __init__(self, inner: object) -> None:
+            self.inner, self.calls = inner, 0
+
+        def get_vocab_size(self, *a: object, **k: object) -> int:
+            self.calls += 1
+            return self.inner.get_vocab_size(*a, **k)
+
+        def __getattr__(self, name: str) -> object:
+            return getattr(self.inner, name)
+
+    tok._tok = counting = Counting(tok._tok)
+    for _ in range(3):
+        tok.stream().put(5)
+    assert counting.calls == 0
+
+
 def test_missing_tokenizer_is_one_line_error(tmp_path: Path) -> None:
     (tmp_path / "tokenizer.model").write_bytes(b"x")
     with pytest.raises(Exception, match="no tokenizer.json.*tokenizer.model"):
