@@ -32,15 +32,26 @@ def main() -> None:
     ap.add_argument("--host-time", action="store_true", help="host time of the model call vs the step (no profiler)")
     a = ap.parse_args()
 
-    from vptq_mlc.bench.e2e_common import Grid
-    from vptq_mlc.bench.e2e_engine import PAGE, decode_tok_s, prepare_weights, profile_decode_steps, profile_prefill
+    from vptq_mlc.bench.e2e_common import Grid, decode_prompt_len
+    from vptq_mlc.bench.e2e_engine import (
+        PAGE,
+        decode_budget,
+        decode_tok_s,
+        prepare_weights,
+        profile_decode_steps,
+        profile_prefill,
+    )
     from vptq_mlc.runtime.engine import Engine
     from vptq_mlc.runtime.library import load_library
 
     md = load_library(a.lib, "cuda").metadata
     work = tempfile.mkdtemp(prefix="vptq-prof-")
     run_dir, _ = prepare_weights(Path(a.model_dir), md["params"], Path(work), tile=1 << 20)
-    tokens = max(a.context + 64, a.prefill + 1)
+    # a request's KV: its context plus the warm-up's new-token budget (decode_tok_s), or the profiled steps'
+    warm = Grid(batches=(a.batch,), contexts=(a.context,), prefill=(), steps=max(2, a.steps), warmup=2,
+                prefill_reps=1, sampling=a.sampling)
+    plen = decode_prompt_len(a.context, warm)
+    tokens = max(plen + decode_budget(warm, a.batch, plen), a.context + 2 * a.steps + 8, a.prefill + 1)
     engine = Engine(run_dir, a.lib, device="cuda", max_batch_size=a.batch,
                     max_total_tokens=a.batch * (-(-tokens // PAGE) * PAGE), page_size=PAGE)
     if a.host_time:
