@@ -47,11 +47,11 @@ def main() -> None:
     md = load_library(a.lib, "cuda").metadata
     work = tempfile.mkdtemp(prefix="vptq-prof-")
     run_dir, _ = prepare_weights(Path(a.model_dir), md["params"], Path(work), tile=1 << 20)
+    grid = Grid(batches=(a.batch,), contexts=(a.context,), prefill=(), steps=2, warmup=2, prefill_reps=1,
+                sampling=a.sampling)  # the decode warm-up's
     # a request's KV: its context plus the warm-up's new-token budget (decode_tok_s), or the profiled steps'
-    warm = Grid(batches=(a.batch,), contexts=(a.context,), prefill=(), steps=max(2, a.steps), warmup=2,
-                prefill_reps=1, sampling=a.sampling)
-    plen = decode_prompt_len(a.context, warm)
-    tokens = max(plen + decode_budget(warm, a.batch, plen), a.context + 2 * a.steps + 8, a.prefill + 1)
+    plen = decode_prompt_len(a.context, grid)
+    tokens = max(plen + decode_budget(grid, a.batch, plen), a.context + 2 * a.steps + 8, a.prefill + 1)
     engine = Engine(run_dir, a.lib, device="cuda", max_batch_size=a.batch,
                     max_total_tokens=a.batch * (-(-tokens // PAGE) * PAGE), page_size=PAGE)
     if a.host_time:
@@ -70,8 +70,6 @@ def main() -> None:
                                            "wall_profiled_us": wall * 1e6, "kernel_us": total, "rows": rows,
                                            "timeline": gaps}, indent=1))
         return
-    grid = Grid(batches=(a.batch,), contexts=(a.context,), prefill=(), steps=2, warmup=2, prefill_reps=1,
-                sampling=a.sampling)
     decode_tok_s(engine, a.batch, a.context, grid)  # warm-up: kernels loaded, CUDA graphs captured
     plain, wall, per, gaps = profile_decode_steps(engine, a.batch, a.context, grid, a.steps, 2 * a.steps + 4,
                                             unprofiled_steps=a.steps)

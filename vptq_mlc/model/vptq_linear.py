@@ -436,12 +436,9 @@ def swiglu_residual(linear: nn.Module, gate: nn.Tensor, up: nn.Tensor, residual:
             res2 = op.reshape(residual, [rows, linear.out_features]) if residual is not None else None
             (y,) = _call_fused([linear], kernel, [g2, u2], rows, residual=res2)
             return op.reshape(y, [*lead, linear.out_features])
-        if residual is not None and not isinstance(rows, int):
-            h = op.silu(gate) * up
-            _, _, h2 = linear._flatten(h)
-            folded = _folded_residual(linear, h2, rows, lead, residual)
-            if folded is not None:
-                return folded
+        if residual is not None and linear.folded_kernel(rows, residual=True) is not None:
+            _, _, h2 = linear._flatten(op.silu(gate) * up)
+            return _folded_residual(linear, h2, rows, lead, residual)
     y = linear(op.silu(gate) * up)
     return residual + y if residual is not None else y
 
@@ -532,9 +529,9 @@ def _project_unfused(linears: Sequence[nn.Module], x: nn.Tensor, concat: bool = 
     grouped: dict[int, nn.Tensor] = {}
     for group, kernel in _folded_groups([m for m in vq if id(m) not in done], folded):
         y = _call_folded_group(group, kernel, x2, rows, prepared)
-        if concat and [id(m) for m in group] == [id(m) for m in linears]:
-            return [op.reshape(y, [*lead, y.shape[-1]])]
         y = op.reshape(y, [*lead, y.shape[-1]])
+        if concat and [id(m) for m in group] == [id(m) for m in linears]:
+            return [y]
         start = 0
         for m in group:
             grouped[id(m)] = _columns(y, start, m.out_features)

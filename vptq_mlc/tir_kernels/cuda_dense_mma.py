@@ -205,6 +205,10 @@ def _gemm_macro(p: DensePlan, M, N: int, K: int, dtype: str, rows_static: int | 
                                  + step * BKC + (it * NTHR + tid) % CR * 8),
                     16))
 
+    def biased(total, bias, col):
+        """The fp32 sum plus bias[col] with `add_bias` (a TIR expression)."""
+        return total + T.Cast("float32", bias[col]) if add_bias else total
+
     def rounded(total, res, at):
         """The fp32 sum in `dtype`, plus res[at] there with `add_residual` (exact in fp32, rounded once)."""
         if not add_residual:
@@ -280,16 +284,10 @@ def _gemm_macro(p: DensePlan, M, N: int, K: int, dtype: str, rows_static: int | 
                                                        + (i * NT + j) * 4 + c) * 32 + tx]
                         if (by * BM + lay.out_row(wm, i, tx, c) < M
                                 and bx * BN + lay.out_col(wn, j, tx, c) < N):
-                            if add_bias:
-                                yf[(by * BM + lay.out_row(wm, i, tx, c)) * N
-                                   + bx * BN + lay.out_col(wn, j, tx, c)] = rounded(
-                                    tot[0] + T.Cast("float32", bias[bx * BN + lay.out_col(wn, j, tx, c)]), res,
-                                    (by * BM + lay.out_row(wm, i, tx, c)) * N + bx * BN + lay.out_col(wn, j, tx, c))
-                            else:
-                                yf[(by * BM + lay.out_row(wm, i, tx, c)) * N
-                                   + bx * BN + lay.out_col(wn, j, tx, c)] = rounded(
-                                    tot[0], res,
-                                    (by * BM + lay.out_row(wm, i, tx, c)) * N + bx * BN + lay.out_col(wn, j, tx, c))
+                            yf[(by * BM + lay.out_row(wm, i, tx, c)) * N
+                               + bx * BN + lay.out_col(wn, j, tx, c)] = rounded(
+                                biased(tot[0], bias, bx * BN + lay.out_col(wn, j, tx, c)), res,
+                                (by * BM + lay.out_row(wm, i, tx, c)) * N + bx * BN + lay.out_col(wn, j, tx, c))
 
 
     return gemm

@@ -351,17 +351,17 @@ class CudaKernelSelector(KernelSelector):
         from vptq_mlc.tir_kernels.cuda_dequant_gemm import (
             DEQUANT_GEMM_FROM_ROWS,
             MAX_GROUP_LAYERS,
+            fold_supported,
             vq_prefill_folded_group_cuda,
         )
         from vptq_mlc.tir_kernels.cuda_wgmma import wgmma_for_target
 
-        if not prefill_group_enabled() or not 2 <= len(perms) <= MAX_GROUP_LAYERS or cfg.bias or \
-                self.folded(cfg, dtype, False) is None:
+        if not (prefill_group_enabled() and prefill_fold_enabled() and fold_supported(cfg, dtype)) or \
+                not 2 <= len(perms) <= MAX_GROUP_LAYERS or cfg.bias:
             return None
         func, operands, scratch = vq_prefill_folded_group_cuda(cfg, dtype, perms,
                                                                wgmma=wgmma_for_target(self.target))
-        func = func.with_attr("op_pattern", OP_PATTERN_OPAQUE).with_attr("tirx.is_scheduled", True)
-        return VQGroupKernel(func, operands, scratch, DEQUANT_GEMM_FROM_ROWS)
+        return VQGroupKernel(_opaque(func), operands, scratch, DEQUANT_GEMM_FROM_ROWS)
 
     def _pick(self, cfg: VPTQLayerConfig, dtype: str, rows: int | None) -> VQKernel:
         from vptq_mlc.tir_kernels import cuda_code_sorted as cs
@@ -400,10 +400,13 @@ class CudaKernelSelector(KernelSelector):
         return _mark(VQKernel(vq_gathered_cuda(cfg, dtype, matrices, slots), ())).func
 
 
+def _opaque(func: tirx.PrimFunc) -> tirx.PrimFunc:
+    """A hand-scheduled GPU kernel: opaque to FuseOps, skipped by dlight."""
+    return func.with_attr("op_pattern", OP_PATTERN_OPAQUE).with_attr("tirx.is_scheduled", True)
+
+
 def _mark(k: VQKernel) -> VQKernel:
-    """Hand-scheduled GPU kernels: opaque to FuseOps, skipped by dlight."""
-    func = k.func.with_attr("op_pattern", OP_PATTERN_OPAQUE).with_attr("tirx.is_scheduled", True)
-    return VQKernel(func, k.operands, k.scratch, k.fold_from_rows)
+    return VQKernel(_opaque(k.func), k.operands, k.scratch, k.fold_from_rows)
 
 
 def gemv_decode_batches() -> tuple[int, ...]:
