@@ -1,17 +1,20 @@
 """Prefill building blocks on CUDA, each against its own yardstick in the same run, cold L2: the VQ dequantize
-kernel (GB/s of fp16 weight written, against a device copy's bandwidth) and dense GEMM launch plans (against
-torch.matmul, i.e. cuBLAS, of the same shape), with a correctness check of every kernel.
+kernels, plain and folding (GB/s of fp16 weight written, against a device copy's bandwidth) and dense GEMM launch
+plans (against torch.matmul, i.e. cuBLAS, of the same shape), with a correctness check of every kernel.
 
 Build (build box, nvcc, no GPU), from the repo root:
-    PYTHONPATH=$PWD python3 bench/prefill_gemm.py build ART_DIR --arch sm_90 [--only dequant|gemm]
+    PYTHONPATH=$PWD python3 bench/prefill_gemm.py build ART_DIR --arch sm_90 [--only dequant|fold|gemm]
 Run (GPU host; torch with CUDA; a full TVM or the runtime-only bundle):
     PYTHONPATH=TVM_RT:$PWD TVM_USE_RUNTIME_LIB=1 python3 bench/prefill_gemm.py run ART_DIR --out RESULT.json
 
 Dequantize: Llama-2-7B shapes (out x in: 4096x4096, 11008x4096, 4096x11008) for v8-k4096-0, v8-k256-256 and
 v8-k65536-256, every launch plan that fits (codebooks through L1/L2, or in shared memory with several CTA shapes);
 each output compared with torch's gather of the same codebooks (bit for bit but for the fp16 rounding of
-main + residual entry, checked to one ulp). GEMM: the same shapes plus lm_head (32000x4096) at 512 and 2048 rows,
-the pipeline's plan and the sweep's; each output row within MAX_ROW_REL_ERR of an fp32-accumulate reference.
+main + residual entry, checked to one ulp). Folding dequantize (`dequant_fold_macro`: permutation, column scale
+and norm bias folded in, final column order): the same shapes and variants with a permutation, the pipeline's launch
+shape (`plan_fold`) next to other thread counts and vector rows per CTA, checked against torch's gather, scale and
+scatter to one ulp. GEMM: the same shapes plus lm_head (32000x4096) at 512 and 2048 rows, the pipeline's plan and
+the sweep's; each output row within MAX_ROW_REL_ERR of an fp32-accumulate reference.
 """
 
 from __future__ import annotations
@@ -43,6 +46,13 @@ def _dequant_plans():
         "smem_t1024_r8": DequantPlan(1024, 8, True),
         "smem_t512_r16": DequantPlan(512, 16, True),
     }
+
+
+def _fold_plans():
+    from vptq_mlc.tir_kernels.cuda_dequant_gemm import FoldPlan
+
+    return {"t256_r1": FoldPlan(256, 1), "t256_r2": FoldPlan(256, 2), "t384_r1": FoldPlan(384, 1),
+            "t512_r1": FoldPlan(512, 1), "t128_r1": FoldPlan(128, 1), "t384_r2": FoldPlan(384, 2)}
 
 
 def _gemm_plans():
@@ -79,7 +89,14 @@ def build(out_dir: Path, archs: tuple[str, ...], only: str) -> None:
     from vptq_mlc.checkpoint.layer_config import VPTQLayerConfig
     from vptq_mlc.compile.targets import resolve_backend
     from vptq_mlc.tir_kernels.cuda_dense_mma import dense_mma_cuda
-    from vptq_mlc.tir_kernels.cuda_dequant_gemm import smem_book_bytes, vq_dequantize_func
+    from vptq_mlc.tir_kernels.cuda_dequant_gemm import (
+        MAX_DYN_SMEM,
+        fold_smem_bytes,
+        plan_fold,
+        smem_book_bytes,
+        vq_dequantize_func,
+        vq_fold_dequantize_func,
+    )
 
     (bt,) = resolve_backend("cuda", ",".join(archs))
     bt.prepare()
@@ -94,6 +111,20 @@ def build(out_dir: Path, archs: tuple[str, ...], only: str) -> None:
                     name = f"dq_{var.replace('-', '_')}_o{o}_i{i}_{pname}"
                     funcs[name] = vq_dequantize_func(cfg, "float16", plan=plan).with_attr("global_symbol", name)
                     manifest.append({"name": name, "kind": "dequant", "variant": var, "n": o, "k": i, "plan": pname})
+    if only in ("", "fold"):
+        for var in DQ_VARIANTS:
+            for o, i in DQ_SHAPES:
+                cfg = VPTQLayerConfig.from_variant(var, i, o, enable_norm=True, enable_perm=True)
+                plans = {"pipeline": plan_fold(cfg, True), **_fold_plans()}
+                for pname, plan in plans.items():
+                    if fold_smem_bytes(cfg, True, plan) > MAX_DYN_SMEM:
+                        continue
+                    name = f"fold_{var.replace('-', '_')}_o{o}_i{i}_{pname}"
+                    f = vq_fold_dequantize_func(cfg, "float16", plan=plan)
+                    funcs[name] = f.with_attr("global_symbol", name)
+                    manifest.append({"name": name, "kind": "fold", "variant": var, "n": o, "k": i, "plan": pname,
+                                     "params": [p.name for p in f.params][:-1],
+                                     "threads": plan.threads, "rows_per_cta": plan.rows_per_cta})
     if only in ("", "gemm"):
         for n, k in GEMM_SHAPES:
             name = f"gemm_n{n}_k{k}_pipeline"
@@ -126,6 +157,18 @@ def _dequant_reference(cfg, ops):
     if cfg.has_residual:
         w = w + ops["res_centroids"][grp, ops["res_codes"].long()]
     return w.permute(0, 2, 1).reshape(nv * v, cols)[: cfg.out_features]
+
+
+def _fold_reference(cfg, ops):
+    """The final-order folded weight by torch: `w[:, perm[k]] = fp16(fp16(W[:, k] * scale[k]) + wb[perm[k]])`."""
+    import torch
+
+    w = _dequant_reference(cfg, ops)
+    perm = ops["perm"].long()
+    scaled = (w.float() * ops["col_scale"].float()).half()
+    out = torch.empty_like(w)
+    out[:, perm] = (scaled.float() + ops["weight_bias"][perm].float()).half()
+    return out
 
 
 def run(art_dir: Path, out: Path | None, reps: int, kinds: tuple[str, ...]) -> int:
@@ -183,6 +226,42 @@ def run(art_dir: Path, out: Path | None, reps: int, kinds: tuple[str, ...]) -> i
                 f"{k} {v['us']:.1f}us {v['GBps_written']:.0f}GB/s {v['vs_clone']:.2f}x bad {v['beyond_1ulp']}"
                 for k, v in entry.items() if isinstance(v, dict)]), flush=True)
 
+    if not kinds or "fold" in kinds:
+        groups = {}
+        for f in man["functions"]:
+            if f["kind"] == "fold":
+                groups.setdefault((f["variant"], f["n"], f["k"]), []).append(f)
+        for (var, o, i), fs in groups.items():
+            cfg = VPTQLayerConfig.from_variant(var, i, o, enable_norm=True, enable_perm=True)
+            ops = _random_operands(cfg, "float16", gen)
+            ops["perm"] = torch.randperm(i, device="cuda", generator=gen).to(torch.int32)
+            ops["col_scale"] = (torch.rand(i, device="cuda", generator=gen) * 0.18 + 0.02).half()
+            ops["weight_bias"] = (torch.randn(i, device="cuda", generator=gen) * 0.01).half()
+            ref = _fold_reference(cfg, ops)
+            out_bytes = o * i * 2
+            t_copy = timer(lambda: ref.clone(), reps)
+            entry = {"kind": "fold", "variant": var, "n": o, "k": i, "bytes_written": out_bytes,
+                     "clone_us": round(t_copy, 2)}
+            for f in fs:
+                w = torch.full((o, i), float("nan"), device="cuda", dtype=torch.float16)
+                fn = lib[f["name"]]
+                args = [tv(ops[n]) for n in f["params"]] + [tv(w)]
+                fn(*args)
+                torch.cuda.synchronize()
+                diff = (w.float() - ref.float()).abs()
+                ulp = ref.float().abs().clamp_min(2 ** -14) * 2 ** -10
+                bad = int((diff > ulp).sum()) + int(torch.isnan(w).sum())
+                t = timer(lambda: fn(*args), reps)
+                entry[f["plan"]] = {"us": round(t, 2), "GBps_written": round(out_bytes / t / 1e3, 1),
+                                    "vs_clone": round(t_copy / t, 3), "threads": f["threads"],
+                                    "rows_per_cta": f["rows_per_cta"], "beyond_1ulp": bad}
+                if bad:
+                    failures.append(f"{f['name']}: {bad} elements beyond one ulp of torch's folded gather")
+            results.append(entry)
+            print(" | ".join([f"fold {var} {o}x{i} clone {t_copy:.1f}us"] + [
+                f"{k} {v['us']:.1f}us bad {v['beyond_1ulp']}" for k, v in entry.items() if isinstance(v, dict)]),
+                flush=True)
+
     if not kinds or "gemm" in kinds:
         shapes = sorted({(f["n"], f["k"]) for f in man["functions"] if f["kind"] == "gemm"})
         for n, k in shapes:
@@ -229,12 +308,12 @@ def main(argv: list[str] | None = None) -> int:
     b = sub.add_parser("build")
     b.add_argument("art_dir", type=Path)
     b.add_argument("--arch", default="sm_90")
-    b.add_argument("--only", choices=("dequant", "gemm"), default="")
+    b.add_argument("--only", choices=("dequant", "fold", "gemm"), default="")
     r = sub.add_parser("run")
     r.add_argument("art_dir", type=Path)
     r.add_argument("--out", type=Path)
     r.add_argument("--reps", type=int, default=20)
-    r.add_argument("--kinds", default="", help="comma list of dequant,gemm (default: both)")
+    r.add_argument("--kinds", default="", help="comma list of dequant,fold,gemm (default: all)")
     a = ap.parse_args(argv)
     if a.cmd == "build":
         build(a.art_dir, tuple(a.arch.split(",")), a.only)

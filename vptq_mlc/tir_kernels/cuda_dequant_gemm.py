@@ -281,16 +281,23 @@ class FoldPlan:
 FOLD_PLAN = FoldPlan()
 
 
-def fold_smem_bytes(cfg: VPTQLayerConfig, has_perm: bool, plan: FoldPlan = FOLD_PLAN) -> int:
+def plan_fold(cfg: VPTQLayerConfig, has_perm: bool) -> FoldPlan:
+    """The folding dequantize's launch shape for a layer: the one place the pipeline, the shared-memory check and
+    the launch sweep (`bench/prefill_gemm.py --only fold`) take it from. One shape serves every layer for now."""
+    return FOLD_PLAN
+
+
+def fold_smem_bytes(cfg: VPTQLayerConfig, has_perm: bool, plan: FoldPlan | None = None) -> int:
     """Shared memory of the folding dequantize kernel: inverse permutation (2 bytes a column) and final-order
     scale (2 bytes) with a permutation, plus `rows_per_cta` rows of codes (and residual codes)."""
     I, O, v, G, S, K, KR, KR1, NV, L, OSZ, OSZ1, HAS_RES, HAS_OUT, VO, KO, NO = kernel_dims(cfg)  # noqa: E741
+    plan = plan or plan_fold(cfg, has_perm)
     code_bytes = 1 if code_dtype(K) == "uint8" else 2
     res_bytes = (1 if code_dtype(KR1) == "uint8" else 2) if HAS_RES else 0
     return (4 * I if has_perm else 0) + plan.rows_per_cta * L * (code_bytes + res_bytes)
 
 
-def dequant_fold_macro(cfg: VPTQLayerConfig, dtype: str, has_perm: bool, plan: FoldPlan = FOLD_PLAN,
+def dequant_fold_macro(cfg: VPTQLayerConfig, dtype: str, has_perm: bool, plan: FoldPlan | None = None,
                        cuda: bool = True):
     """The dequantize launch that folds the layer's activation-side prologue into the weight, as a macro over
     (centroids, codes, res_centroids, res_codes, outlier_centroids, outlier_codes, perm, col_scale, weight_bias,
@@ -308,7 +315,8 @@ def dequant_fold_macro(cfg: VPTQLayerConfig, dtype: str, has_perm: bool, plan: F
     and scale gathers are shared-memory loads (a gather from global memory is L1-sector bound); the codebook
     entries are read through L1/L2 as in `dequant_macro`. Per CTA that is 4 * I bytes of perm / scale read from
     L2 next to v * I * 2 bytes written (8 * 2 bytes at v = 8): ~25% more L2 reads than the plain kernel, not HBM.
-    Not measured on a GPU yet. `cuda=False`: the same per-thread code in serial loops (CPU tests)."""
+    `plan`: another launch shape than `plan_fold`'s. `cuda=False`: the same per-thread code in serial loops (CPU
+    tests)."""
     I, O, v, G, S, K, KR, KR1, NV, L, OSZ, OSZ1, HAS_RES, HAS_OUT, VO, KO, NO = kernel_dims(cfg)  # noqa: E741
     if I != OSZ + L or I % COLS_PER_THREAD:
         raise ValueError(f"dequantize kernel needs in_features = outliers + groups * group_size, a multiple of "
@@ -317,6 +325,7 @@ def dequant_fold_macro(cfg: VPTQLayerConfig, dtype: str, has_perm: bool, plan: F
     IDT = "uint16" if I <= 65536 else "int32"
     C8 = COLS_PER_THREAD
     NCHUNK = I // C8
+    plan = plan or plan_fold(cfg, has_perm)
     TH, RB = plan.threads, plan.rows_per_cta
     NCTA = -(-NV // RB)
     CIT = -(-NCHUNK // TH)  # column-chunk iterations per vector row
@@ -555,7 +564,7 @@ def _fold_operands(cfg: VPTQLayerConfig, has_perm: bool, has_bias: bool) -> tupl
 
 
 def vq_fold_dequantize_func(cfg: VPTQLayerConfig, dtype: str, cuda: bool = True,
-                            plan: FoldPlan = FOLD_PLAN) -> tirx.PrimFunc:
+                            plan: FoldPlan | None = None) -> tirx.PrimFunc:
     """PrimFunc(*operands, [perm], col_scale, weight_bias, w[O, I]): the folding dequantize step alone
     (`cuda=False`: serial loops, for a CPU build)."""
     I, O, v, G, S, K, KR, KR1, NV, L, OSZ, OSZ1, HAS_RES, HAS_OUT, VO, KO, NO = kernel_dims(cfg)  # noqa: E741
@@ -584,7 +593,7 @@ def vq_fold_dequantize_func(cfg: VPTQLayerConfig, dtype: str, cuda: bool = True,
 
 
 def vq_prefill_folded_cuda(cfg: VPTQLayerConfig, dtype: str, has_bias: bool,
-                           from_rows: int = DEQUANT_GEMM_FROM_ROWS, fold_plan: FoldPlan = FOLD_PLAN,
+                           from_rows: int = DEQUANT_GEMM_FROM_ROWS, fold_plan: FoldPlan | None = None,
                            wgmma: bool = False, residual: bool = False,
                            ) -> tuple[tirx.PrimFunc, tuple[str, ...], tuple[tuple[tuple[int, ...], str], ...]]:
     """The whole VQ linear of a normed layer for a symbolic row count n, prologue folded in for long prompts:
@@ -672,7 +681,7 @@ MAX_GROUP_LAYERS = 3  # layers one folded group launch serves (q/k/v; gate/up)
 
 
 def vq_prefill_folded_group_cuda(cfg: VPTQLayerConfig, dtype: str, perms: tuple[bool, ...],
-                                 from_rows: int = DEQUANT_GEMM_FROM_ROWS, fold_plan: FoldPlan = FOLD_PLAN,
+                                 from_rows: int = DEQUANT_GEMM_FROM_ROWS, fold_plan: FoldPlan | None = None,
                                  wgmma: bool = False,
                                  ) -> tuple[tirx.PrimFunc, tuple[tuple[str, ...], ...],
                                             tuple[tuple[tuple[int, ...], str], ...]]:
