@@ -192,6 +192,18 @@ def run(art_dir: Path, out: Path | None, reps: int, kinds: tuple[str, ...]) -> i
     def tv(t):
         return tvm.runtime.from_dlpack(t)
 
+    def weight_kernel(fn, operands: list, ref) -> tuple[float, int, float]:
+        """Run a kernel writing a weight like `ref` (into a NaN-filled buffer), then time it: (us, elements beyond
+        one ulp of `ref` or NaN, fraction equal to `ref`)."""
+        w = torch.full(tuple(ref.shape), float("nan"), device="cuda", dtype=torch.float16)
+        args = [tv(t) for t in operands] + [tv(w)]
+        fn(*args)
+        torch.cuda.synchronize()
+        diff = (w.float() - ref.float()).abs()
+        ulp = ref.float().abs().clamp_min(2 ** -14) * 2 ** -10
+        bad = int((diff > ulp).sum()) + int(torch.isnan(w).sum())
+        return timer(lambda: fn(*args), reps), bad, float((diff == 0).float().mean())
+
     if not kinds or "dequant" in kinds:
         groups: dict[tuple, list] = {}
         for f in man["functions"]:
@@ -207,18 +219,9 @@ def run(art_dir: Path, out: Path | None, reps: int, kinds: tuple[str, ...]) -> i
             entry = {"kind": "dequant", "variant": var, "n": o, "k": i, "bytes_written": out_bytes,
                      "bytes_operands": in_bytes, "clone_us": round(t_copy, 2)}
             for f in fs:
-                w = torch.full((o, i), float("nan"), device="cuda", dtype=torch.float16)
-                fn = lib[f["name"]]
-                args = [tv(ops[n]) for n in ops] + [tv(w)]
-                fn(*args)
-                torch.cuda.synchronize()
-                diff = (w.float() - ref.float()).abs()
-                ulp = ref.float().abs().clamp_min(2 ** -14) * 2 ** -10
-                bad = int((diff > ulp).sum()) + int(torch.isnan(w).sum())
-                t = timer(lambda: fn(*args), reps)
+                t, bad, exact = weight_kernel(lib[f["name"]], [ops[n] for n in ops], ref)
                 entry[f["plan"]] = {"us": round(t, 2), "GBps_written": round(out_bytes / t / 1e3, 1),
-                                    "vs_clone": round(t_copy / t, 3), "exact_frac": float((diff == 0).float().mean()),
-                                    "beyond_1ulp": bad}
+                                    "vs_clone": round(t_copy / t, 3), "exact_frac": exact, "beyond_1ulp": bad}
                 if bad:
                     failures.append(f"{f['name']}: {bad} elements beyond one ulp of torch's gather")
             results.append(entry)
@@ -243,15 +246,7 @@ def run(art_dir: Path, out: Path | None, reps: int, kinds: tuple[str, ...]) -> i
             entry = {"kind": "fold", "variant": var, "n": o, "k": i, "bytes_written": out_bytes,
                      "clone_us": round(t_copy, 2)}
             for f in fs:
-                w = torch.full((o, i), float("nan"), device="cuda", dtype=torch.float16)
-                fn = lib[f["name"]]
-                args = [tv(ops[n]) for n in f["params"]] + [tv(w)]
-                fn(*args)
-                torch.cuda.synchronize()
-                diff = (w.float() - ref.float()).abs()
-                ulp = ref.float().abs().clamp_min(2 ** -14) * 2 ** -10
-                bad = int((diff > ulp).sum()) + int(torch.isnan(w).sum())
-                t = timer(lambda: fn(*args), reps)
+                t, bad, _ = weight_kernel(lib[f["name"]], [ops[n] for n in f["params"]], ref)
                 entry[f["plan"]] = {"us": round(t, 2), "GBps_written": round(out_bytes / t / 1e3, 1),
                                     "vs_clone": round(t_copy / t, 3), "threads": f["threads"],
                                     "rows_per_cta": f["rows_per_cta"], "beyond_1ulp": bad}

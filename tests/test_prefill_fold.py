@@ -502,3 +502,38 @@ def test_fold_residual_check(rows, fault, ok):
     case = KernelCase("v8-k256-0", 1024, 96, None, {"bias": True}, run_rows=rows, kernel="fold", fused="residual")
     res = _check_fold_case(_FakeResidualLibrary(case, 128, fault), 0, case, np.random.default_rng(0), device="cpu")
     assert res["ok"] is ok, res
+
+
+@pytest.mark.parametrize("variant", ["v8-k4096-0", "v8-k256-256"])
+def test_fold_sweep_reference_matches_the_folding_kernel(variant):
+    """bench/prefill_gemm.py's torch reference for the folding dequantize (gather, scale, scatter through the
+    permutation) gives the kernel's bits (serial CPU build); the same weight unpermuted does not."""
+    import importlib.util
+    from pathlib import Path
+
+    import torch
+    import tvm
+
+    from vptq_mlc.artifact.vq_layout import vq_operand_shapes
+    from vptq_mlc.tir_kernels.cuda_dequant_gemm import FoldPlan, vq_fold_dequantize_func
+
+    spec = importlib.util.spec_from_file_location("prefill_gemm", Path(__file__).parents[1] / "bench/prefill_gemm.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+
+    cfg = VPTQLayerConfig.from_variant(variant, 512, 64, enable_norm=True, enable_perm=True)
+    gen = torch.Generator().manual_seed(0)
+    hi = {"codes": cfg.num_centroids, "res_codes": cfg.num_res_centroids}
+    ops = {n: (torch.randn(shape, generator=gen) * 0.02).half() if dt == "float"
+           else torch.randint(0, hi[n], shape, generator=gen).to(getattr(torch, dt))
+           for n, (shape, dt) in vq_operand_shapes(cfg).items()}
+    ops["perm"] = torch.randperm(512, generator=gen).to(torch.int32)
+    ops["col_scale"] = (torch.rand(512, generator=gen) * 0.18 + 0.02).half()
+    ops["weight_bias"] = (torch.randn(512, generator=gen) * 0.01).half()
+    func = vq_fold_dequantize_func(cfg, "float16", cuda=False, plan=FoldPlan(64, 2))
+    lib = tvm.compile(tvm.IRModule({"main": func.with_attr("global_symbol", "main")}), target="llvm")
+    w = tvm.runtime.tensor(np.full((64, 512), np.nan, np.float16))
+    lib["main"](*(tvm.runtime.tensor(ops[p.name].numpy()) for p in func.params[:-1]), w)
+    ref = bench._fold_reference(cfg, ops).numpy()
+    np.testing.assert_array_equal(w.numpy(), ref)
+    assert not np.array_equal(w.numpy(), ref[:, np.argsort(ops["perm"].numpy())])
