@@ -22,6 +22,8 @@
 #   sampler/  the compiled sampler alone (bash bench/gpu_artifacts.sh ART sampler)      steps: sampler, pytest
 #   kprefill/ python3 bench/prefill_gemm.py build ART_DIR/kprefill --arch sm_90 (dequantize bandwidth, dense GEMM
 #             plans vs cuBLAS)                                                         step: kprefill
+#   kfold/    python3 bench/prefill_gemm.py build ART_DIR/kfold --only fold (the folding dequantize's launch shapes)
+#                                                                                      step: kfold
 #   kwgmma/   python3 bench/wgmma_gemm.py build ART_DIR/kwgmma (the wgmma GEMM, sm_90a, vs cuBLAS and the mma.sync
 #             plan; one process per launch plan)                                       step: kwgmma
 #   wheels/   the server's py3.12 wheels (fastapi, uvicorn, httpx, pydantic + deps, xgrammar 0.2.8), installed with
@@ -34,8 +36,8 @@
 # 128256-token vocabulary, T 0.6 / top_p 0.9 and greedy.
 # step sampling7b: bench/sampling_vs_greedy.py on each SAMPLING7B_SYSTEMS (default: E2E7B_SYSTEMS, else
 # v8-k65536-256): model-default sampling vs greedy on one engine, batches 1 and 16, the sampler's kernels profiled.
-# steps: check kernels cs kwide decode pytest e2e7b profile7b api7b attn dattn kprefill kwgmma prefix serve7b sampler
-# sampling7b (default: check kernels decode pytest)
+# steps: check kernels cs kwide decode pytest e2e7b profile7b api7b attn dattn kprefill kfold kwgmma prefix serve7b
+# sampler sampling7b (default: check kernels decode pytest)
 # E2E7B_SYSTEMS: the e2e7b system names (default: "v8-k4096-0 v8-k65536-256 fp16"); E2E7B_STEPS: decode steps (64);
 # E2E7B_ARGS: more `vptq-mlc bench e2e` arguments (e.g. "--batches 1,16 --sampling model").
 # PROFILE7B_SYSTEMS: the systems bench/profile_decode.py profiles (default: E2E7B_SYSTEMS, else v8-k4096-0): kernel
@@ -138,6 +140,8 @@ for s in $STEPS; do
         | tee "$OUT/attention_decode.log" || rc=1 ;;
     kprefill) python3 bench/prefill_gemm.py run "$ART/kprefill" --out "$OUT/prefill_gemm.json" 2>&1 \
         | tee "$OUT/prefill_gemm.log" || rc=1 ;;
+    kfold) python3 bench/prefill_gemm.py run "$ART/kfold" --kinds fold --out "$OUT/fold_dequant.json" 2>&1 \
+        | tee "$OUT/fold_dequant.log" || rc=1 ;;
     kwgmma) for plan in $(python3 -c "import json,sys; print(' '.join(sorted({f['plan'] for f in json.load(open(sys.argv[1]))['functions']} - {'mma_pipeline', 'wgmma_pipeline'})))" "$ART/kwgmma/manifest.json"); do
         timeout 60 python3 bench/wgmma_gemm.py run "$ART/kwgmma" --plans "$plan" --out "$OUT/wgmma_$plan.json" \
           > "$OUT/wgmma_$plan.log" 2>&1 || rc=1
@@ -148,8 +152,8 @@ for s in $STEPS; do
       python3 bench/prefix_ttft.py "$C" --lib "$ART/e2e7b/$N-cuda.so" --device cuda --json "$OUT/prefix_ttft.json" \
         ${PREFIX_ARGS:-} > "$OUT/prefix_ttft.log" 2>&1 || rc=1
       tail -n 12 "$OUT/prefix_ttft.log" ;;
-    *) echo "unknown step $s (check kernels cs kwide decode pytest e2e7b profile7b api7b attn dattn kprefill kwgmma" \
-         "prefix serve7b" \
+    *) echo "unknown step $s (check kernels cs kwide decode pytest e2e7b profile7b api7b attn dattn kprefill kfold" \
+         "kwgmma prefix serve7b" \
          "sampler sampling7b)" >&2; exit 2 ;;
   esac
 done
