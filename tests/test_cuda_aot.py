@@ -59,3 +59,14 @@ def test_cuda_library_has_sass_for_each_arch_and_no_source(tmp_path):
     assert rep.ptx == [], "PTX embedded: the driver would JIT it"
     assert not rep.cuda_source, "CUDA source embedded: the GPU host would need NVRTC/nvcc"
     assert rep.kernels >= 10  # our VQ kernels + dlight-scheduled ops + KV-cache kernels
+
+
+def test_nvcc_compiles_archs_side_by_side(monkeypatch):
+    from vptq_mlc.compile.cuda import nvcc_threads
+
+    monkeypatch.setattr("os.cpu_count", lambda: 2)
+    assert nvcc_threads(("sm_80", "sm_90")) == ["--threads", "2"]
+    assert nvcc_threads(("sm_80", "sm_86", "sm_90")) == ["--threads", "2"]
+    assert nvcc_threads(("sm_90",)) == []
+    monkeypatch.setattr("os.cpu_count", lambda: None)
+    assert nvcc_threads(("sm_80", "sm_90")) == []

@@ -160,6 +160,13 @@ def gencode_flags(archs: tuple[str, ...]) -> list[str]:
     return flags
 
 
+def nvcc_threads(archs: tuple[str, ...]) -> list[str]:
+    """nvcc compiles each arch's code (cicc, then ptxas) on its own; `--threads` runs them side by side, one per arch
+    up to the host's CPUs (two archs of a tiny fp16 model on 2 cores: 154 -> 128 s)."""
+    n = min(len(archs), os.cpu_count() or 1)
+    return ["--threads", str(n)] if n > 1 else []
+
+
 def _install_fatbin_callback(archs: tuple[str, ...]) -> None:
     """Override TVM's compile callback: one nvcc run -> fatbin with SASS for every arch (no PTX)."""
     from tvm.support import nvcc as tvm_nvcc
@@ -175,7 +182,7 @@ def _install_fatbin_callback(archs: tuple[str, ...]) -> None:
             Path(dump).write_text(code)
         with lowest:  # compile_cuda reads Target.current() for flags
             return tvm_nvcc.compile_cuda(
-                code, target_format="fatbin", arch=gencode_flags(archs), compiler="nvcc"
+                code, target_format="fatbin", arch=gencode_flags(archs), compiler="nvcc", options=nvcc_threads(archs)
             )
 
     tvm.register_global_func("tvm_callback_cuda_compile", compile_fatbin, override=True)
