@@ -115,7 +115,8 @@ def build(out_dir: Path, archs: tuple[str, ...], only: str) -> None:
         for var in DQ_VARIANTS:
             for o, i in DQ_SHAPES:
                 cfg = VPTQLayerConfig.from_variant(var, i, o, enable_norm=True, enable_perm=True)
-                plans = {"pipeline": plan_fold(cfg, True), **_fold_plans()}
+                pipeline = plan_fold(cfg, True)  # a sweep shape equal to it would be the same kernel again
+                plans = {"pipeline": pipeline, **{k: p for k, p in _fold_plans().items() if p != pipeline}}
                 for pname, plan in plans.items():
                     if fold_smem_bytes(cfg, True, plan) > MAX_DYN_SMEM:
                         continue
@@ -157,6 +158,16 @@ def _dequant_reference(cfg, ops):
     if cfg.has_residual:
         w = w + ops["res_centroids"][grp, ops["res_codes"].long()]
     return w.permute(0, 2, 1).reshape(nv * v, cols)[: cfg.out_features]
+
+
+def _fold_norm_operands(cols: int, gen) -> dict:
+    """A layer's permutation, column scale (of realistic spread) and norm bias, on `gen`'s device."""
+    import torch
+
+    dev = gen.device
+    return {"perm": torch.randperm(cols, device=dev, generator=gen).to(torch.int32),
+            "col_scale": (torch.rand(cols, device=dev, generator=gen) * 0.18 + 0.02).half(),
+            "weight_bias": (torch.randn(cols, device=dev, generator=gen) * 0.01).half()}
 
 
 def _fold_reference(cfg, ops):
@@ -236,10 +247,7 @@ def run(art_dir: Path, out: Path | None, reps: int, kinds: tuple[str, ...]) -> i
                 groups.setdefault((f["variant"], f["n"], f["k"]), []).append(f)
         for (var, o, i), fs in groups.items():
             cfg = VPTQLayerConfig.from_variant(var, i, o, enable_norm=True, enable_perm=True)
-            ops = _random_operands(cfg, "float16", gen)
-            ops["perm"] = torch.randperm(i, device="cuda", generator=gen).to(torch.int32)
-            ops["col_scale"] = (torch.rand(i, device="cuda", generator=gen) * 0.18 + 0.02).half()
-            ops["weight_bias"] = (torch.randn(i, device="cuda", generator=gen) * 0.01).half()
+            ops = {**_random_operands(cfg, "float16", gen), **_fold_norm_operands(i, gen)}
             ref = _fold_reference(cfg, ops)
             out_bytes = o * i * 2
             t_copy = timer(lambda: ref.clone(), reps)

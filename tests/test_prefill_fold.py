@@ -527,9 +527,7 @@ def test_fold_sweep_reference_matches_the_folding_kernel(variant):
     ops = {n: (torch.randn(shape, generator=gen) * 0.02).half() if dt == "float"
            else torch.randint(0, hi[n], shape, generator=gen).to(getattr(torch, dt))
            for n, (shape, dt) in vq_operand_shapes(cfg).items()}
-    ops["perm"] = torch.randperm(512, generator=gen).to(torch.int32)
-    ops["col_scale"] = (torch.rand(512, generator=gen) * 0.18 + 0.02).half()
-    ops["weight_bias"] = (torch.randn(512, generator=gen) * 0.01).half()
+    ops.update(bench._fold_norm_operands(512, gen))
     func = vq_fold_dequantize_func(cfg, "float16", cuda=False, plan=FoldPlan(64, 2))
     lib = tvm.compile(tvm.IRModule({"main": func.with_attr("global_symbol", "main")}), target="llvm")
     w = tvm.runtime.tensor(np.full((64, 512), np.nan, np.float16))
