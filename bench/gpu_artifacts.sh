@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Build, on the GPU-less build box, everything bench/gpu_suite.sh reads on the GPU host, into one folder to carry.
 # Usage (repo root): bash bench/gpu_artifacts.sh ART_DIR [parts...]
-# parts (default: tvm_rt kcheck e2e): tvm_rt kcheck kbench kcs kgather e2e e2eds e2emla e2e7b attn dattn kprefill kfold
+# parts (default: tvm_rt kcheck e2e): tvm_rt kcheck kbench ksweep kcs kgather e2e e2eds e2emla e2e7b attn dattn kprefill kfold
 # kwgmma kwide sampler; each is skipped when already built.
 #   kgather  the gathered-experts CUDA kernel at DeepSeek-R1 expert shapes (tests/gathered_kernels.py): gathered_cuda.so
 #          + gathered.json, checked and timed by tests/gpu/test_gathered_gpu.py (a few seconds to build)
@@ -57,6 +57,7 @@ for p in $PARTS; do
     kfold) built "$ART/kfold" || python3 bench/prefill_gemm.py build "$ART/kfold" --arch "$ARCH" --only fold ;;
     kwgmma) built "$ART/kwgmma" || python3 bench/wgmma_gemm.py build "$ART/kwgmma" ;;  # always sm_90a
     kwide) built "$ART/kwide" || "${V[@]}" bench build "$ART/kwide" --suite mma-wide --arch "$ARCH" ;;
+    ksweep) built "$ART/ksweep" || "${V[@]}" bench build "$ART/ksweep" --suite sweep --arch "$ARCH" ;;
     kcs) built "$ART/kcs" || "${V[@]}" bench build "$ART/kcs" --suite code-sorted --arch "$ARCH" ;;
     kgather) built "$ART/kgather" || python3 tests/gathered_kernels.py build "$ART/kgather" "$ARCH" ;;
     sampler) mkdir -p "$ART/sampler"
@@ -137,7 +138,7 @@ p.write_text(json.dumps(c, indent=2))"
         gzip -c "$c/tokenizer.json" > "$D/tokenizer/tokenizer.json.gz"
         rm "$c/tokenizer.json"
       done ;;
-    *) echo "unknown part $p (tvm_rt kcheck kbench kcs kgather e2e e2eds e2e7b attn dattn kprefill kfold kwgmma" \
+    *) echo "unknown part $p (tvm_rt kcheck kbench ksweep kcs kgather e2e e2eds e2e7b attn dattn kprefill kfold kwgmma" \
          "kwide sampler)" >&2; exit 2 ;;
   esac
 done

@@ -5,6 +5,7 @@
 #   tvm_rt/   runtime-only TVM: vptq-mlc runtime-bundle ART_DIR/tvm_rt --python 3.12 (optional: a full TVM works)
 #   kcheck/   vptq-mlc bench build ART_DIR/kcheck --suite check --arch sm_90          steps: check, pytest
 #   kbench/   vptq-mlc bench build ART_DIR/kbench --suite kernels --arch sm_90 --rows 1,8    step: kernels
+#   ksweep/   vptq-mlc bench build ART_DIR/ksweep --suite sweep --arch sm_90 (batch-1 GEMV launch shapes) step: sweep
 #   kcs/      vptq-mlc bench build ART_DIR/kcs --suite code-sorted --arch sm_90      steps: cs, pytest
 #   kwide/    vptq-mlc bench build ART_DIR/kwide --suite mma-wide --arch sm_90       step: kwide
 #   e2e/      a tiny converted model: model/, model-cpu.so, model-cuda.so, ckpt/ (its checkpoint, for the
@@ -36,7 +37,7 @@
 # 128256-token vocabulary, T 0.6 / top_p 0.9 and greedy.
 # step sampling7b: bench/sampling_vs_greedy.py on each SAMPLING7B_SYSTEMS (default: E2E7B_SYSTEMS, else
 # v8-k65536-256): model-default sampling vs greedy on one engine, batches 1 and 16, the sampler's kernels profiled.
-# steps: check kernels cs kwide decode pytest e2e7b profile7b api7b attn dattn kprefill kfold kwgmma prefix serve7b
+# steps: check kernels sweep cs kwide decode pytest e2e7b profile7b api7b attn dattn kprefill kfold kwgmma prefix serve7b
 # sampler sampling7b (default: check kernels decode pytest)
 # E2E7B_SYSTEMS: the e2e7b system names (default: "v8-k4096-0 v8-k65536-256 fp16"); E2E7B_STEPS: decode steps (64);
 # E2E7B_ARGS: more `vptq-mlc bench e2e` arguments (e.g. "--batches 1,16 --sampling model").
@@ -70,6 +71,7 @@ for s in $STEPS; do
     check) "${V[@]}" bench check "$ART/kcheck" --json "$OUT/check.json" > "$OUT/check_full.log" 2>&1 || rc=1
       tail -n 8 "$OUT/check_full.log" | tee "$OUT/check.log" ;;  # the whole output stays: a crash names its case
     kernels) "${V[@]}" bench kernels "$ART/kbench" --json "$OUT/kernels.json" 2>&1 | tee "$OUT/kernels.log" || rc=1 ;;
+    sweep) "${V[@]}" bench kernels "$ART/ksweep" --json "$OUT/gemv_sweep.json" 2>&1 | tee "$OUT/gemv_sweep.log" || rc=1 ;;
     cs) "${V[@]}" bench kernels "$ART/kcs" --json "$OUT/cs_kernels.json" 2>&1 | tee "$OUT/cs_kernels.log" || rc=1 ;;
     kwide) "${V[@]}" bench kernels "$ART/kwide" --json "$OUT/mma_wide_kernels.json" 2>&1 \
         | tee "$OUT/mma_wide_kernels.log" || rc=1 ;;

@@ -242,23 +242,34 @@ def correctness_cases() -> list[KernelCase]:
 
 
 def sweep_cases() -> list[KernelCase]:
-    """Schedule sweep of the decode kernel on a few shapes (splits, unroll, persistent grid or not)."""
+    """Launch-shape sweep of the batch-1 decode GEMV on the 7B shapes of a 64 KB codebook (v8-k4096-0: one
+    shared-memory copy per CTA, lookups with bank conflicts), 22016 x 4096 standing for the gate/up pair: the
+    registry's plan, the book through L1 instead of shared memory, a persistent grid (the copy paid once per CTA),
+    other rows x splits and fewer chunks in flight; v8-k256-256 (replicated book) at its plan and persistent."""
     from vptq_mlc.tir_kernels.cuda_gemv import plan_gemv
 
+    sms = 132  # H100 SXM
     out = []
-    for var, o, i, rows in (("v8-k4096-0", 11008, 4096, 1), ("v8-k4096-0", 4096, 4096, 1),
-                            ("v8-k256-256", 11008, 4096, 1), ("v8-k4096-0", 4096, 11008, 1)):
-        base = KernelCase(var, i, o, rows)
-        p = plan_gemv(base.config(), rows, "float16")
-        blocks = -(-base.config().num_vectors // p.rows_per_cta)
-        half = max(1, p.splits // 2)
-        out += [base,
-                KernelCase(var, i, o, rows, plan={"grid": blocks}),
-                KernelCase(var, i, o, rows, plan={"splits": half, "rows_per_cta": max(1, 8 // half), "unroll": 4}),
-                KernelCase(var, i, o, rows, plan={"splits": half, "rows_per_cta": max(1, 8 // half), "unroll": 4,
-                                                  "grid": -(-base.config().num_vectors // max(1, 8 // half))})]
-    for u in (1, 2):
-        out.append(KernelCase("v16-k65536-65536", 11008, 4096, 8, plan={"unroll": u}))
+    for var, o, i in (("v8-k4096-0", 4096, 4096), ("v8-k4096-0", 11008, 4096), ("v8-k4096-0", 4096, 11008),
+                      ("v8-k4096-0", 22016, 4096), ("v8-k256-256", 11008, 4096), ("v8-k256-256", 22016, 4096)):
+        base = KernelCase(var, i, o, 1)
+        cfg = base.config()
+        p = plan_gemv(cfg, 1, "float16")
+        overrides: list[dict[str, Any]] = [{"grid": g} for g in (2 * sms, 3 * sms) if g < p.grid]
+        if var == "v8-k4096-0":
+            overrides += [{"smem_codebook": False},
+                          {"smem_codebook": False, "rows_per_cta": 8, "splits": 2,
+                           "grid": -(-cfg.num_vectors // 8)},
+                          {"rows_per_cta": 8, "splits": 1, "grid": -(-cfg.num_vectors // 8)},
+                          {"rows_per_cta": 2, "splits": 8, "grid": -(-cfg.num_vectors // 2)},
+                          {"unroll": 2}]
+        seen = {p}
+        out.append(base)
+        for ov in overrides:
+            plan = replace(p, **ov)
+            if plan not in seen:
+                seen.add(plan)
+                out.append(KernelCase(var, i, o, 1, plan=ov))
     return out
 
 
