@@ -102,9 +102,10 @@ make_synthetic_checkpoint('$E/ckpt', variant='v8-k256-256', hidden_size=256, int
         built "$D/$n-cuda.so" && continue
         # NAME-fold / NAME-nofold: VPTQ_MLC_PREFILL_FOLD=1 / 0; NAME-mmawide / NAME-mma: VPTQ_MLC_MMA_WIDE=1 / 0;
         # NAME-wgmma / NAME-mmasync: VPTQ_MLC_WGMMA=1 / 0; NAME-dattn / NAME-nodattn: VPTQ_MLC_DECODE_ATTN=1 / 0
-        # NAME-group: VPTQ_MLC_PREFILL_GROUP=1 (unset otherwise: the defaults); they stack in this order
-        # (NAME-nofold-mma-wgmma-nodattn-group)
-        ng=${n%-group}; group=""; [ "$ng" != "$n" ] && group=1
+        # NAME-group: VPTQ_MLC_PREFILL_GROUP=1; NAME-two: VPTQ_MLC_TWO_LAUNCH_DECODE=1 (unset otherwise: the
+        # defaults); they stack in this order (NAME-nofold-mma-wgmma-nodattn-group-two)
+        nt=${n%-two}; two=""; [ "$nt" != "$n" ] && two=1
+        ng=${nt%-group}; group=""; [ "$ng" != "$nt" ] && group=1
         nd=${ng%-dattn}; dattn=""; [ "$nd" != "$ng" ] && dattn=1
         [ "${nd%-nodattn}" != "$nd" ] && { nd=${nd%-nodattn}; dattn=0; }
         base=${nd%-wgmma}; wgmma=""; [ "$base" != "$nd" ] && wgmma=1
@@ -125,6 +126,7 @@ p.write_text(json.dumps(c, indent=2))"
         else
           "${V[@]}" bench synth-model "$D/$n-cfg" --shape "${E2E7B_SHAPE:-llama2-7b}" --variant "$variant" --config-only
         fi
+        VPTQ_MLC_TWO_LAUNCH_DECODE=${two:-${VPTQ_MLC_TWO_LAUNCH_DECODE:-}} \
         VPTQ_MLC_PREFILL_GROUP=${group:-${VPTQ_MLC_PREFILL_GROUP:-}} \
         VPTQ_MLC_PREFILL_FOLD=${fold:-${VPTQ_MLC_PREFILL_FOLD:-}} VPTQ_MLC_WGMMA=${wgmma:-${VPTQ_MLC_WGMMA:-}} \
           VPTQ_MLC_DECODE_ATTN=${dattn:-${VPTQ_MLC_DECODE_ATTN:-}} VPTQ_MLC_MMA_WIDE=${wide:-${VPTQ_MLC_MMA_WIDE:-}} \

@@ -44,7 +44,11 @@ _PRELUDE = r"""
 #define uint unsigned int
 #define uchar unsigned char
 typedef _Float16 half;
+#define ushort unsigned short
 struct uint4 { unsigned x, y, z, w; };
+struct uint2 { unsigned x, y; };
+static inline float rsqrtf(float v) { return 1.0f / sqrtf(v); }
+static inline half __float2half_rn(float v) { return (half)v; }
 struct dim { long x, y, z; };
 static thread_local dim threadIdx, blockIdx;
 static thread_local long g_tid;
@@ -59,6 +63,15 @@ static inline float __shfl_xor_sync(unsigned, float v, int lane_mask, int width)
   g_xch[g_tid] = v;
   t_warp_bar->arrive_and_wait();
   float r = g_xch[(g_tid & ~31L) | ((g_tid & 31) ^ lane_mask)];
+  t_warp_bar->arrive_and_wait();
+  return r;
+}
+static inline float __shfl_down_sync(unsigned, float v, int delta, int width) {
+  if (width != 32) throw std::runtime_error("shuffle width");
+  g_xch[g_tid] = v;
+  t_warp_bar->arrive_and_wait();
+  long lane = g_tid & 31;
+  float r = lane + delta < 32 ? g_xch[g_tid + delta] : v;
   t_warp_bar->arrive_and_wait();
   return r;
 }
@@ -130,7 +143,7 @@ class EmulatedKernels:
         body = src[src.index('extern "C"'):]
         body = re.sub(r'^extern "C" __global__[^{]*;\s*$', "", body, flags=re.M)  # forward declarations
         body = re.sub(r"extern __shared__ [^;]*;", "", body)  # the dynamic shared array: the prelude's static one
-        body = body.replace("__shared__", "static")
+        body = re.sub(r"__shared__ (alignas\(\d+\)) ", r"\1 static ", body).replace("__shared__", "static")
         self.kernels = re.findall(r'extern "C" __global__ void (?:__launch_bounds__\(\d+\) )?(\w+)\(', body)
         self.params = {k: _signature(body, k) for k in self.kernels}
         launchers = []

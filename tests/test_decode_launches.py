@@ -94,3 +94,29 @@ def test_fused_decode_switch_takes_only_0_or_1(monkeypatch) -> None:
         fused_decode_enabled()
     monkeypatch.setenv(FUSED_DECODE_ENV, "0")
     assert fused_decode_enabled() is False
+
+
+@pytest.fixture(scope="module")
+def lowered_two_launch(tmp_path_factory):
+    from vptq_mlc.tir_kernels.registry import TWO_LAUNCH_DECODE_ENV
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv(TWO_LAUNCH_DECODE_ENV, "1")
+        return _lower(tmp_path_factory.mktemp("launches_two"), mp, "")
+
+
+def test_decode_layer_launches_in_two_launch_form(lowered_two_launch) -> None:
+    """VPTQ_MLC_TWO_LAUNCH_DECODE=1: each normed linear group is one call of two kernels (prologue with its neighbour,
+    GEMV with the dot / residual / q/k/v side by side): eight launches per decoder layer, no RMSNorm, concat, silu or
+    add kernels; the prologue's xs and dot are scratch outputs of the call."""
+    calls = launches(lowered_two_launch, "decode")
+    assert launches_per_layer(calls) == [8, 8]
+    fam = _families(calls)
+    assert fam == {"vq_matmul_fused": 4}
+    fused = [lowered_two_launch[name] for name, k in calls if name.startswith("vq_matmul_fused")]
+
+    def params(f, prefix):
+        return sum(p.name.startswith(prefix) for p in f.params)
+
+    assert [(params(f, "y_"), params(f, "gamma"), params(f, "residual"), params(f, "x2"), params(f, "xs_"))
+            for f in fused[:4]] == [(1, 1, 0, 0, 3), (1, 0, 1, 0, 1), (2, 1, 0, 0, 2), (1, 0, 1, 1, 1)]

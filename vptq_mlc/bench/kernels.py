@@ -444,6 +444,12 @@ def build_kernel_library(cases: list[KernelCase], out_dir: str | os.PathLike[str
             fused = select.fused(c.member_configs()[0], dtype, c.rows, perms, c.fused_input()) if c.rows else None
             if fused is not None:  # the model's one launch: prologue folded into the GEMV
                 funcs[f"k{i}_fused"] = fused.func.with_attr("global_symbol", f"k{i}_fused")
+            if c.rows and two_launch_fits(c.member_configs()[0], c.rows):  # the same as two launches, whatever
+                from vptq_mlc.tir_kernels.cuda_gemv import vq_gemv_cuda  # the switches say
+
+                two = vq_gemv_cuda(c.member_configs()[0], dtype, c.rows, prologue=perms, fused=c.fused_input(),
+                                   two_launch=True)
+                funcs[f"k{i}_two"] = two.with_attr("global_symbol", f"k{i}_two")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
@@ -451,10 +457,21 @@ def build_kernel_library(cases: list[KernelCase], out_dir: str | os.PathLike[str
     ex.export_library(str(out / LIBRARY))
     shared = [i for i in range(len(cases)) if f"k{i}_shared" in funcs]
     fused = [i for i in range(len(cases)) if f"k{i}_fused" in funcs]
+    two = [i for i in range(len(cases)) if f"k{i}_two" in funcs]
     (out / MANIFEST).write_text(json.dumps({"dtype": dtype, "archs": list(archs), "cases": [asdict(c) for c in cases],
-                                            "calls": calls, "shared": shared, "fused": fused}, indent=1))
+                                            "calls": calls, "shared": shared, "fused": fused, "two_launch": two},
+                                           indent=1))
     log.info("built %d kernels in %.1f s -> %s", len(cases), time.time() - t0, out)
     return out / LIBRARY
+
+
+def two_launch_fits(cfg, rows: int) -> bool:
+    """Whether the two-launch decode linear serves `cfg` at `rows`: where the registry's decode kernel is the GEMV
+    (fp16 rows 1..8, not the tensor-core or code-sorted kernels)."""
+    from vptq_mlc.tir_kernels.cuda_gemv import MAX_ROWS
+    from vptq_mlc.tir_kernels.cuda_mma import mma_preferred
+
+    return cfg.enable_norm and 1 <= rows <= MAX_ROWS and not mma_preferred(cfg, "float16", rows, MAX_ROWS)
 
 
 def prologue_kernel(case: KernelCase, dtype: str):
@@ -767,14 +784,18 @@ def _check_prologue_case(lib: CudaKernels, i: int, c: KernelCase, rng, device: s
                     "ok": err <= ROW_REL_ERR_MAX and not nan and xs_exact and dot_err <= DOT_REL_ERR_MAX})
     if i in lib.manifest.get("fused", []):
         res += _check_fused(lib, i, c, x, members, device)
+    if i in lib.manifest.get("two_launch", []):
+        res += _check_fused(lib, i, c, x, members, device, two_launch=True)
     return res
 
 
-def _check_fused(lib: CudaKernels, i: int, c: KernelCase, x, members: list, device: str) -> list[dict[str, Any]]:
-    """The fused kernel `k<i>_fused` (prologue folded into the GEMV, with the case's neighbours) on the prologue
-    case's x and members: every member's y against float64 `xin @ dequantize(W).T + bias (+ residual)`, where xin
-    is the layer input the neighbours make (RMSNorm(x) * gamma or silu(x) * up, computed by torch in fp32 and
-    rounded to the model dtype, as the kernel and TVM's ops round), outputs poisoned with NaN."""
+def _check_fused(lib: CudaKernels, i: int, c: KernelCase, x, members: list, device: str,
+                 two_launch: bool = False) -> list[dict[str, Any]]:
+    """The fused kernel `k<i>_fused` (prologue folded into the GEMV, with the case's neighbours; `two_launch`: its
+    two-launch form `k<i>_two`, whose xs / dot scratch outputs come before y) on the prologue case's x and members:
+    every member's y against float64 `xin @ dequantize(W).T + bias (+ residual)`, where xin is the layer input the
+    neighbours make (RMSNorm(x) * gamma or silu(x) * up, computed by torch in fp32 and rounded to the model dtype,
+    as the kernel and TVM's ops round), outputs poisoned with NaN."""
     import torch
 
     from vptq_mlc.checkpoint.dequant import dequantize
@@ -801,7 +822,10 @@ def _check_fused(lib: CudaKernels, i: int, c: KernelCase, x, members: list, devi
         args.append(residual)
     ys = [torch.full((n, sum(out_features)), float("nan"), dtype=tdt, device=device)] if opts.concat else [
         torch.full((n, o), float("nan"), dtype=tdt, device=device) for o in out_features]
-    lib.func(i, "_fused")(*(_tvm(t) for t in args), *(_tvm(y) for y in ys))
+    scratch = [t for _ in members for t in (torch.full((n, c.in_features), float("nan"), dtype=tdt, device=device),
+                                            torch.full((n, 1), float("nan"), dtype=torch.float32, device=device))
+               ] if two_launch else []
+    lib.func(i, "_two" if two_launch else "_fused")(*(_tvm(t) for t in [*args, *scratch, *ys]))
     if opts.concat:
         ys = list(torch.split(ys[0], out_features, dim=1))
     res = []
@@ -818,7 +842,7 @@ def _check_fused(lib: CudaKernels, i: int, c: KernelCase, x, members: list, devi
             torch.cuda.synchronize()
         err = row_rel_err(y, ref)
         nan = bool(torch.isnan(y).any())
-        res.append({"case": f"{c.name}-m{m}-fused", "rel_err": err, "nan": nan,
+        res.append({"case": f"{c.name}-m{m}-" + ("two-launch" if two_launch else "fused"), "rel_err": err, "nan": nan,
                     "ok": err <= ROW_REL_ERR_MAX and not nan})
     return res
 

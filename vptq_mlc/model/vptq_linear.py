@@ -233,15 +233,18 @@ class GatheredVPTQLinears(nn.Module):
 
 def _call_fused(group: Sequence[VPTQLinear], kernel: Any, inputs: Sequence[nn.Tensor], rows: int,
                 residual: nn.Tensor | None = None, concat: bool = False) -> list[nn.Tensor]:
-    """One launch of a fused kernel (`KernelSelector.fused`) for `group` on `inputs` (x; x and the norm weight;
-    gate and up): each layer's y with its norm-bias dot (and `residual` added), or one [rows, sum O] with `concat`."""
+    """One call of a fused kernel (`KernelSelector.fused`) for `group` on `inputs` (x; x and the norm weight;
+    gate and up): each layer's y with its norm-bias dot (and `residual` added), or one [rows, sum O] with `concat`.
+    The kernel's scratch outputs (the two-launch form's xs / dot) come first and are dropped."""
     args = [*inputs, *(t for m in group for t in (*m.prologue_operands(), *(getattr(m, n) for n in kernel.operands)))]
     if residual is not None:
         args.append(residual)
     outs = [nn.Tensor.placeholder([rows, sum(m.out_features for m in group)], group[0].dtype)] if concat else [
         nn.Tensor.placeholder([rows, m.out_features], m.dtype) for m in group]
-    ys = op.tensor_ir_op(kernel.func, "vq_matmul_fused", args=args, out=outs if len(outs) > 1 else outs[0])
-    return list(ys) if len(outs) > 1 else [ys]
+    scratch = [nn.Tensor.placeholder(list(shape), dt) for shape, dt in kernel.scratch]
+    every = [*scratch, *outs]
+    ys = op.tensor_ir_op(kernel.func, "vq_matmul_fused", args=args, out=every if len(every) > 1 else every[0])
+    return list(ys)[len(scratch):] if len(every) > 1 else [ys]
 
 
 def _fused_groups(linears: Sequence[nn.Module], rows: int | None,

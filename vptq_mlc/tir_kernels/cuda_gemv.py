@@ -184,7 +184,8 @@ FUSED_TOTAL_SMEM = 99 * 1024  # static + dynamic per CTA on sm_86/sm_89 (sm_80: 
 
 def vq_gemv_cuda(cfg: VPTQLayerConfig, dtype: str, rows: int, plan: GemvPlan | None = None,
                  params: GpuParams = CUDA_PARAMS, count: int = 1,
-                 prologue: tuple[bool, ...] | None = None, fused: FusedInput = PLAIN_INPUT) -> tirx.PrimFunc:
+                 prologue: tuple[bool, ...] | None = None, fused: FusedInput = PLAIN_INPUT,
+                 two_launch: bool = False) -> tirx.PrimFunc:
     """PrimFunc(xs[rows, I], *operands, y[rows, O]) for 1 <= rows <= MAX_ROWS (static); `params` picks the GPU
     (CUDA_PARAMS, or `wavefront_params(rocm_target)`). `count` (2..MAX_LAYERS) layers of the same config in one
     launch (q/k/v, gate/up): PrimFunc(xs_0, *operands_0, xs_1, *operands_1, .., y_0, y_1, ..).
@@ -196,16 +197,21 @@ def vq_gemv_cuda(cfg: VPTQLayerConfig, dtype: str, rows: int, plan: GemvPlan | N
     loads), gathers and scales them there (a gather from shared memory: the same gather from global memory is
     L1-sector bound, ~2.5 us for 4096 columns on one SM) and sums the norm-bias dot, overlapped with the codebook
     copy; xs is bit for bit what the prologue kernel writes, the dot is added in fp32 before the one rounding.
-    `fused` adds the neighbours (`FusedInput`): the params become (x, [x2], [gamma], per layer .., [residual], y..)."""
+    `fused` adds the neighbours (`FusedInput`): the params become (x, [x2], [gamma], per layer .., [residual], y..).
+    `two_launch` (with `prologue`): the same computation as two kernels of one PrimFunc, the prologue kernel
+    (`cuda_prologue.prepare_scale_dot`, its neighbour folded in) writing each layer's xs and dot into scratch outputs
+    the GEMV kernel then reads, adding the dot (and residual) in its epilogue: the launches saved without every CTA
+    preparing the whole activation again. Params (.., [residual], xs_0, dot_0, .., y_0, ..)."""
     if not 1 <= rows <= MAX_ROWS:
         raise ValueError(f"vq_gemv_cuda handles 1..{MAX_ROWS} rows, got {rows}")
     if prologue is not None:
         count = len(prologue)
         if fused.source not in ("x", "rmsnorm", "swiglu") or (fused.residual and (count != 1 or fused.concat)):
             raise ValueError(f"bad fused input {fused} for {count} layers")
-        if params is not CUDA_PARAMS or not fused_prologue_fits(cfg, rows, dtype) or not cfg.enable_norm:
+        if params is not CUDA_PARAMS or not cfg.enable_norm or not (two_launch or fused_prologue_fits(cfg, rows,
+                                                                                                    dtype)):
             raise ValueError(f"the fused prologue needs a normed layer on CUDA whose {rows} activation rows fit "
-                             "shared memory (fused_prologue_fits)")
+                             "shared memory (fused_prologue_fits; two_launch: any rows)")
     if not 1 <= count <= MAX_LAYERS:
         raise ValueError(f"vq_gemv_cuda serves 1..{MAX_LAYERS} layers in one launch, got {count}")
     p = plan or plan_gemv(cfg, rows, dtype, params)
@@ -310,7 +316,7 @@ def vq_gemv_cuda(cfg: VPTQLayerConfig, dtype: str, rows: int, plan: GemvPlan | N
     @T.macro
     def gemv_body(xs, centroids, codes, res_centroids, res_codes, outlier_centroids, outlier_codes, y, bx, tx, ty,
                   cb_s, red, acc, ah, cl, rl, xl, wl, wr, tot, fused, has_perm, perm, col_scale, weight_bias, xs_s,
-                  dred, dacc, sg, sw, gl, x2, gamma, nred, rstd, su, res, yoff):
+                  dred, dacc, sg, sw, gl, x2, gamma, nred, rstd, su, res, yoff, epi, dot):
         tid = ty * WARP + tx
         rr = ty // P
         sp = ty % P
@@ -431,9 +437,11 @@ def vq_gemv_cuda(cfg: VPTQLayerConfig, dtype: str, rows: int, plan: GemvPlan | N
                         if fused:  # + the norm-bias dot: the warps' partial sums of row b
                             for w in T.unroll(W):
                                 tot[0] = tot[0] + dred[w * NB + b]
-                        if fused and RESIDUAL:  # the residual stream's add, as `y + residual` in the model dtype
+                        if epi:  # + the norm-bias dot the prologue launch wrote
+                            tot[0] = tot[0] + dot[b, 0]
+                        if (fused or epi) and RESIDUAL:  # the residual stream's add, as `y + residual` in the dtype
                             y[b, r] = T.Cast(dtype, tot[0]) + res[b, r]
-                        elif fused and CONCAT:  # layer m's columns of one [rows, count * O] output
+                        elif (fused or epi) and CONCAT:  # layer m's columns of one [rows, count * O] output
                             y[b, yoff + r] = T.Cast(dtype, tot[0])
                         else:
                             y[b, r] = T.Cast(dtype, tot[0])
@@ -469,8 +477,11 @@ def vq_gemv_cuda(cfg: VPTQLayerConfig, dtype: str, rows: int, plan: GemvPlan | N
         tot = T.alloc_buffer((1,), ACC, scope="local")
         gemv_body(xs, centroids, codes, res_centroids, res_codes, outlier_centroids, outlier_codes, y, bx, tx, ty,
                   cb_s, red, acc, ah, cl, rl, xl, wl, wr, tot, False, False, xs, xs, xs, xs, red, acc, xl, xl, xl,
-                  xs, xs, red, acc, xl, xs, 0)
+                  xs, xs, red, acc, xl, xs, 0, False, red)
 
+    if prologue is not None and two_launch:
+        return _two_launch_gemv(gemv_body, prologue, fused, dtype, NB, I, G, K, v, KR1, NV, L, CD, RCD, KO, VO, NO,
+                                OSZ1, O, GRID, WARP, W, SCOPE, CB_SHARED, RED, NBV, U, VW, cfg)
     if prologue is not None:
         return _fused_gemv(gemv_body, prologue, fused, dtype, NB, I, G, K, v, KR1, NV, L, CD, RCD, KO, VO, NO, OSZ1,
                            O, GRID, WARP, W, SCOPE, CB_SHARED, RED, NBV, U, VW, SITERS, SV, cfg)
@@ -526,7 +537,7 @@ def vq_gemv_cuda(cfg: VPTQLayerConfig, dtype: str, rows: int, plan: GemvPlan | N
             gemv_body(xs_0, centroids_0, codes_0, res_centroids_0, res_codes_0, outlier_centroids_0,
                       outlier_codes_0, y_0, bx, tx, ty, cb_s, red, acc, ah, cl, rl, xl, wl, wr, tot, False, False,
                       xs_0, xs_0, xs_0, xs_0, red, acc, xl, xl, xl,
-                      xs_0, xs_0, red, acc, xl, xs_0, 0)
+                      xs_0, xs_0, red, acc, xl, xs_0, 0, False, red)
         # the CTA's branch is uniform, but the sync planner sees the next branch's shared-memory writes after this
         # one's reads: a barrier here, outside any condition, orders them (else it would put one inside a branch)
         T.tvm_storage_sync(SYNC)
@@ -534,14 +545,14 @@ def vq_gemv_cuda(cfg: VPTQLayerConfig, dtype: str, rows: int, plan: GemvPlan | N
             gemv_body(xs_1, centroids_1, codes_1, res_centroids_1, res_codes_1, outlier_centroids_1,
                       outlier_codes_1, y_1, bx - GRID, tx, ty, cb_s, red, acc, ah, cl, rl, xl, wl, wr, tot, False,
                       False, xs_1, xs_1, xs_1, xs_1, red, acc, xl, xl, xl,
-                      xs_1, xs_1, red, acc, xl, xs_1, 0)
+                      xs_1, xs_1, red, acc, xl, xs_1, 0, False, red)
         if count == 3:
             T.tvm_storage_sync(SYNC)
             if bx // GRID == 2:
                 gemv_body(xs_2, centroids_2, codes_2, res_centroids_2, res_codes_2, outlier_centroids_2,
                           outlier_codes_2, y_2, bx - 2 * GRID, tx, ty, cb_s, red, acc, ah, cl, rl, xl, wl, wr,
                           tot, False, False, xs_2, xs_2, xs_2, xs_2, red, acc, xl, xl, xl,
-                          xs_2, xs_2, red, acc, xl, xs_2, 0)
+                          xs_2, xs_2, red, acc, xl, xs_2, 0, False, red)
 
     from vptq_mlc.artifact.vq_layout import vq_operand_shapes
 
@@ -623,7 +634,8 @@ def _fused_gemv(gemv_body, perms, opts: FusedInput, dtype, NB, I, G, K, v, KR1, 
         if bx < GRID:
             gemv_body(x, centroids_0, codes_0, res_centroids_0, res_codes_0, outlier_centroids_0, outlier_codes_0,
                       y_0, bx, tx, ty, cb_s, red, acc, ah, cl, rl, xl, wl, wr, tot, True, P0, perm_0, col_scale_0,
-                      weight_bias_0, xs_s, dred, dacc, sg, sw, gl, x2, gamma, nred, rstd, su, residual, 0)
+                      weight_bias_0, xs_s, dred, dacc, sg, sw, gl, x2, gamma, nred, rstd, su, residual, 0, False,
+                      dred)
         if count >= 2:
             # uniform per CTA, but the sync planner sees the next layer's shared writes after this one's reads
             T.tvm_storage_sync(SCOPE)
@@ -633,12 +645,12 @@ def _fused_gemv(gemv_body, perms, opts: FusedInput, dtype, NB, I, G, K, v, KR1, 
                     gemv_body(x, centroids_1, codes_1, res_centroids_1, res_codes_1, outlier_centroids_1,
                               outlier_codes_1, y_0, bx - GRID, tx, ty, cb_s, red, acc, ah, cl, rl, xl, wl, wr, tot,
                               True, P1, perm_1, col_scale_1, weight_bias_1, xs_s, dred, dacc, sg, sw, gl, x2, gamma,
-                              nred, rstd, su, residual, O)
+                              nred, rstd, su, residual, O, False, dred)
                 else:
                     gemv_body(x, centroids_1, codes_1, res_centroids_1, res_codes_1, outlier_centroids_1,
                               outlier_codes_1, y_1, bx - GRID, tx, ty, cb_s, red, acc, ah, cl, rl, xl, wl, wr, tot,
                               True, P1, perm_1, col_scale_1, weight_bias_1, xs_s, dred, dacc, sg, sw, gl, x2, gamma,
-                              nred, rstd, su, residual, 0)
+                              nred, rstd, su, residual, 0, False, dred)
         if count == 3:
             T.tvm_storage_sync(SCOPE)
             T.tvm_storage_sync("shared")
@@ -647,12 +659,12 @@ def _fused_gemv(gemv_body, perms, opts: FusedInput, dtype, NB, I, G, K, v, KR1, 
                     gemv_body(x, centroids_2, codes_2, res_centroids_2, res_codes_2, outlier_centroids_2,
                               outlier_codes_2, y_0, bx - 2 * GRID, tx, ty, cb_s, red, acc, ah, cl, rl, xl, wl, wr,
                               tot, True, P2, perm_2, col_scale_2, weight_bias_2, xs_s, dred, dacc, sg, sw, gl, x2,
-                              gamma, nred, rstd, su, residual, 2 * O)
+                              gamma, nred, rstd, su, residual, 2 * O, False, dred)
                 else:
                     gemv_body(x, centroids_2, codes_2, res_centroids_2, res_codes_2, outlier_centroids_2,
                               outlier_codes_2, y_2, bx - 2 * GRID, tx, ty, cb_s, red, acc, ah, cl, rl, xl, wl, wr,
                               tot, True, P2, perm_2, col_scale_2, weight_bias_2, xs_s, dred, dacc, sg, sw, gl, x2,
-                              gamma, nred, rstd, su, residual, 0)
+                              gamma, nred, rstd, su, residual, 0, False, dred)
 
     keep = {"x"} | {f"{name}_{m}" for name in ("col_scale", "weight_bias", *vq_operand_shapes(cfg))
                     for m in range(count)}
@@ -661,6 +673,152 @@ def _fused_gemv(gemv_body, perms, opts: FusedInput, dtype, NB, I, G, K, v, KR1, 
     keep |= {"x2"} if opts.source == "swiglu" else {"gamma"} if opts.source == "rmsnorm" else set()
     keep |= {"residual"} if opts.residual else set()
     return keep_params(fused, keep)
+
+
+def _two_launch_gemv(gemv_body, perms, opts: FusedInput, dtype, NB, I, G, K, v, KR1, NV, L, CD, RCD, KO,  # noqa: E741
+                     VO, NO, OSZ1, O, GRID, WARP, W, SCOPE, CB_SHARED, RED, NBV, U, VW, cfg) -> tirx.PrimFunc:
+    """`vq_gemv_cuda(..., prologue=perms, fused=opts, two_launch=True)`: the prologue kernel (grid rows x column
+    chunks x layers, as the shared prologue's) writes xs_m / dot_m, then the GEMV kernel (CTA bx serves layer
+    bx // GRID as in the shared GEMV) reads them and adds dot_m (and the residual) before its one rounding."""
+    from vptq_mlc.artifact.vq_layout import vq_operand_shapes
+    from vptq_mlc.tir_kernels.cuda_prologue import THREADS as PT
+    from vptq_mlc.tir_kernels.cuda_prologue import prepare_scale_dot
+
+    count = len(perms)
+    P0, P1, P2 = (*perms, False, False)[:3]
+    ACC = "float32"
+    OY = count * O if opts.concat else O  # columns of y_0
+    PW = PT // 32  # prologue warps
+    CH = -(-I // PT)  # prologue CTAs per row and layer
+    SRC, EPS = opts.source, opts.eps
+
+    @T.prim_func(private=True)
+    def two(
+        x: T.Buffer((NB, I), dtype),
+        x2: T.Buffer((NB, I), dtype),
+        gamma: T.Buffer((I,), dtype),
+        perm_0: T.Buffer((I,), "int32"),
+        col_scale_0: T.Buffer((I,), dtype),
+        weight_bias_0: T.Buffer((I,), dtype),
+        centroids_0: T.Buffer((G, K, v), dtype),
+        codes_0: T.Buffer((NV, L), CD),
+        res_centroids_0: T.Buffer((G, KR1, v), dtype),
+        res_codes_0: T.Buffer((NV, L), RCD),
+        outlier_centroids_0: T.Buffer((KO, VO), dtype),
+        outlier_codes_0: T.Buffer((NO, OSZ1), "uint16"),
+        perm_1: T.Buffer((I,), "int32"),
+        col_scale_1: T.Buffer((I,), dtype),
+        weight_bias_1: T.Buffer((I,), dtype),
+        centroids_1: T.Buffer((G, K, v), dtype),
+        codes_1: T.Buffer((NV, L), CD),
+        res_centroids_1: T.Buffer((G, KR1, v), dtype),
+        res_codes_1: T.Buffer((NV, L), RCD),
+        outlier_centroids_1: T.Buffer((KO, VO), dtype),
+        outlier_codes_1: T.Buffer((NO, OSZ1), "uint16"),
+        perm_2: T.Buffer((I,), "int32"),
+        col_scale_2: T.Buffer((I,), dtype),
+        weight_bias_2: T.Buffer((I,), dtype),
+        centroids_2: T.Buffer((G, K, v), dtype),
+        codes_2: T.Buffer((NV, L), CD),
+        res_centroids_2: T.Buffer((G, KR1, v), dtype),
+        res_codes_2: T.Buffer((NV, L), RCD),
+        outlier_centroids_2: T.Buffer((KO, VO), dtype),
+        outlier_codes_2: T.Buffer((NO, OSZ1), "uint16"),
+        residual: T.Buffer((NB, O), dtype),
+        xs_0: T.Buffer((NB, I), dtype),
+        dot_0: T.Buffer((NB, 1), "float32"),
+        xs_1: T.Buffer((NB, I), dtype),
+        dot_1: T.Buffer((NB, 1), "float32"),
+        xs_2: T.Buffer((NB, I), dtype),
+        dot_2: T.Buffer((NB, 1), "float32"),
+        y_0: T.Buffer((NB, OY), dtype),
+        y_1: T.Buffer((NB, O), dtype),
+        y_2: T.Buffer((NB, O), dtype),
+    ):
+        T.func_attr(KERNEL_ATTRS)
+        with T.launch_thread("blockIdx.x", NB) as pb:
+            with T.launch_thread("blockIdx.y", CH) as pc:
+                with T.launch_thread("blockIdx.z", count) as pm:
+                    with T.launch_thread("threadIdx.x", PT) as pt:
+                        pred = T.alloc_buffer((PW,), ACC, scope="shared")
+                        pacc = T.alloc_buffer((1,), ACC, scope="local")
+                        prstd = T.alloc_buffer((1,), ACC, scope="local")
+                        psrc = T.alloc_buffer((1,), "int32", scope="local")
+                        if pm == 0:
+                            prepare_scale_dot(x, x2, gamma, perm_0, col_scale_0, weight_bias_0, xs_0, dot_0, pred,
+                                              pacc, prstd, psrc, pb, pc, pt, P0, I, CH, PW, dtype, SRC, EPS)
+                        # the layers' reductions reuse `pred`: a barrier between them, written out (the branch is
+                        # uniform per CTA, so every thread reaches it)
+                        if count >= 2:
+                            T.tvm_storage_sync("shared")
+                            if pm == 1:
+                                prepare_scale_dot(x, x2, gamma, perm_1, col_scale_1, weight_bias_1, xs_1, dot_1,
+                                                  pred, pacc, prstd, psrc, pb, pc, pt, P1, I, CH, PW, dtype, SRC, EPS)
+                        if count == 3:
+                            T.tvm_storage_sync("shared")
+                            if pm == 2:
+                                prepare_scale_dot(x, x2, gamma, perm_2, col_scale_2, weight_bias_2, xs_2, dot_2,
+                                                  pred, pacc, prstd, psrc, pb, pc, pt, P2, I, CH, PW, dtype, SRC, EPS)
+        with T.launch_thread("blockIdx.x", GRID * count) as bx:
+            with T.launch_thread("threadIdx.x", WARP) as tx:
+                with T.launch_thread("threadIdx.y", W) as ty:
+                    cb_s = T.alloc_buffer((CB_SHARED,), dtype, scope=SCOPE)
+                    red = T.alloc_buffer((RED,), ACC, scope=SCOPE)
+                    acc = T.alloc_buffer((NBV,), ACC, scope="local")
+                    ah = T.alloc_buffer((NBV,), dtype, scope="local")
+                    cl = T.alloc_buffer((U * VW,), CD, scope="local")
+                    rl = T.alloc_buffer((U * VW,), RCD, scope="local")
+                    xl = T.alloc_buffer((U * NB * VW,), dtype, scope="local")
+                    wl = T.alloc_buffer((v,), dtype, scope="local")
+                    wr = T.alloc_buffer((v,), dtype, scope="local")
+                    tot = T.alloc_buffer((1,), ACC, scope="local")
+                    if bx < GRID:
+                        gemv_body(xs_0, centroids_0, codes_0, res_centroids_0, res_codes_0, outlier_centroids_0,
+                                  outlier_codes_0, y_0, bx, tx, ty, cb_s, red, acc, ah, cl, rl, xl, wl, wr, tot,
+                                  False, False, xs_0, xs_0, xs_0, xs_0, red, acc, xl, xl, xl, xs_0, xs_0, red, acc,
+                                  xl, residual, 0, True, dot_0)
+                    if count >= 2:
+                        # uniform per CTA, but the sync planner sees the next layer's shared writes after these reads
+                        T.tvm_storage_sync(SCOPE)
+                        if bx // GRID == 1:
+                            if opts.concat:
+                                gemv_body(xs_1, centroids_1, codes_1, res_centroids_1, res_codes_1,
+                                          outlier_centroids_1, outlier_codes_1, y_0, bx - GRID, tx, ty, cb_s, red,
+                                          acc, ah, cl, rl, xl, wl, wr, tot, False, False, xs_1, xs_1, xs_1, xs_1, red,
+                                          acc, xl, xl, xl, xs_1, xs_1, red, acc, xl, residual, O, True, dot_1)
+                            else:
+                                gemv_body(xs_1, centroids_1, codes_1, res_centroids_1, res_codes_1,
+                                          outlier_centroids_1, outlier_codes_1, y_1, bx - GRID, tx, ty, cb_s, red,
+                                          acc, ah, cl, rl, xl, wl, wr, tot, False, False, xs_1, xs_1, xs_1, xs_1, red,
+                                          acc, xl, xl, xl, xs_1, xs_1, red, acc, xl, residual, 0, True, dot_1)
+                    if count == 3:
+                        T.tvm_storage_sync(SCOPE)
+                        if bx // GRID == 2:
+                            if opts.concat:
+                                gemv_body(xs_2, centroids_2, codes_2, res_centroids_2, res_codes_2,
+                                          outlier_centroids_2, outlier_codes_2, y_0, bx - 2 * GRID, tx, ty, cb_s,
+                                          red, acc, ah, cl, rl, xl, wl, wr, tot, False, False, xs_2, xs_2, xs_2, xs_2,
+                                          red, acc, xl, xl, xl, xs_2, xs_2, red, acc, xl, residual, 2 * O, True,
+                                          dot_2)
+                            else:
+                                gemv_body(xs_2, centroids_2, codes_2, res_centroids_2, res_codes_2,
+                                          outlier_centroids_2, outlier_codes_2, y_2, bx - 2 * GRID, tx, ty, cb_s,
+                                          red, acc, ah, cl, rl, xl, wl, wr, tot, False, False, xs_2, xs_2, xs_2, xs_2,
+                                          red, acc, xl, xl, xl, xs_2, xs_2, red, acc, xl, residual, 0, True, dot_2)
+
+    keep = {"x"} | {f"{name}_{m}" for name in ("col_scale", "weight_bias", "xs", "dot", *vq_operand_shapes(cfg))
+                    for m in range(count)}
+    keep |= {f"perm_{m}" for m in range(count) if perms[m]}
+    keep |= {"y_0"} if opts.concat else {f"y_{m}" for m in range(count)}
+    keep |= {"x2"} if opts.source == "swiglu" else {"gamma"} if opts.source == "rmsnorm" else set()
+    keep |= {"residual"} if opts.residual else set()
+    return keep_params(two, keep)
+
+
+def two_launch_scratch(in_features: int, dtype: str, rows: int, count: int) -> tuple[tuple[tuple[int, ...], str], ...]:
+    """The scratch outputs of `vq_gemv_cuda(..., two_launch=True)` for `count` layers, in parameter order: per
+    layer the prepared activation [rows, I] and the fp32 norm-bias dot [rows, 1]."""
+    return tuple(item for _ in range(count) for item in (((rows, in_features), dtype), ((rows, 1), "float32")))
 
 
 def keep_generic_operands(func: tirx.PrimFunc, cfg: VPTQLayerConfig) -> tirx.PrimFunc:

@@ -46,6 +46,68 @@ def gather_scale_dot(x, perm, col_scale, weight_bias, xs, dot, red, acc, bx, by,
             dot[bx, 0] = acc[0]
 
 
+@T.macro
+def prepare_scale_dot(x, x2, gamma, perm, col_scale, weight_bias, xs, dot, red, acc, rstd, src, bx, by, tx,
+                      has_perm, I, CH, WARPS, dtype, source, eps):  # noqa: E741
+    """`gather_scale_dot` of the layer input a neighbour makes from the kernel's input(s) (`fused_input.FusedInput`
+    `source`): "x" the rows of x, "rmsnorm" RMSNorm(x) * gamma (every CTA of a row sums the row's squares: it needs
+    rstd for its own columns; fp32, one rounding), "swiglu" silu(x) * x2 (silu in fp32, rounded, times x2), as the
+    fused GEMV's staging computes them (`cuda_gemv.vq_gemv_cuda`): both forms feed the VQ product the same input."""
+    if source == "rmsnorm":
+        acc[0] = T.float32(0)
+        for it in T.unroll(CH):
+            if it * THREADS + tx < I:
+                acc[0] = acc[0] + T.Cast("float32", x[bx, it * THREADS + tx]) * T.Cast("float32",
+                                                                                       x[bx, it * THREADS + tx])
+        warp_sum(acc, 1, 32, 32)
+        if tx % 32 == 0:
+            red[tx // 32] = acc[0]
+        T.tvm_storage_sync("shared")
+        rstd[0] = T.float32(0)
+        for w in T.unroll(WARPS):
+            rstd[0] = rstd[0] + red[w]
+        rstd[0] = T.rsqrt(rstd[0] / T.float32(I) + T.float32(eps))
+        T.tvm_storage_sync("shared")  # every thread has read `red` before the dot reuses it
+    if by * THREADS + tx < I:
+        if has_perm:
+            src[0] = perm[by * THREADS + tx]
+        else:
+            src[0] = by * THREADS + tx
+        if source == "rmsnorm":
+            xs[bx, by * THREADS + tx] = T.Cast(dtype, T.Cast("float32", x[bx, src[0]]) * rstd[0] * T.Cast(
+                "float32", gamma[src[0]])) * col_scale[by * THREADS + tx]
+        elif source == "swiglu":
+            xs[bx, by * THREADS + tx] = T.Cast(dtype, T.Cast("float32", x[bx, src[0]]) * T.sigmoid(T.Cast(
+                "float32", x[bx, src[0]]))) * x2[bx, src[0]] * col_scale[by * THREADS + tx]
+        else:
+            xs[bx, by * THREADS + tx] = x[bx, src[0]] * col_scale[by * THREADS + tx]
+    if by == 0:
+        acc[0] = T.float32(0)
+        for it in T.unroll(CH):
+            if it * THREADS + tx < I:
+                if source == "rmsnorm":
+                    acc[0] = acc[0] + T.Cast("float32", T.Cast(dtype, T.Cast("float32", x[bx, it * THREADS + tx])
+                                                               * rstd[0] * T.Cast("float32", gamma[it * THREADS + tx]))
+                                             ) * T.Cast("float32", weight_bias[it * THREADS + tx])
+                elif source == "swiglu":
+                    acc[0] = acc[0] + T.Cast("float32", T.Cast(dtype, T.Cast("float32", x[bx, it * THREADS + tx])
+                                                               * T.sigmoid(T.Cast("float32", x[bx, it * THREADS + tx])))
+                                             * x2[bx, it * THREADS + tx]) * T.Cast("float32",
+                                                                                   weight_bias[it * THREADS + tx])
+                else:
+                    acc[0] = acc[0] + T.Cast("float32", x[bx, it * THREADS + tx]) * T.Cast(
+                        "float32", weight_bias[it * THREADS + tx])
+        warp_sum(acc, 1, 32, 32)
+        if tx % 32 == 0:
+            red[tx // 32] = acc[0]
+        T.tvm_storage_sync("shared")
+        if tx == 0:
+            acc[0] = red[0]
+            for w in T.unroll(1, WARPS):
+                acc[0] = acc[0] + red[w]
+            dot[bx, 0] = acc[0]
+
+
 def vq_prologue_cuda(in_features: int, dtype: str, has_perm: bool, below_rows: int = 0) -> tirx.PrimFunc:
     """PrimFunc(x[n, I], [perm[I]], col_scale[I], weight_bias[I], xs[n, I], dot[n, 1] float32) for any n;
     `below_rows` > 0: nothing runs from that many rows on (the VQ kernel after it folds the prologue there and

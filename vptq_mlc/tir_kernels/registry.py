@@ -100,6 +100,22 @@ def fused_decode_enabled() -> bool:
     return compile_switch(FUSED_DECODE_ENV, FUSED_DECODE_DEFAULT, "the fused decode GEMV")
 
 
+# The same folding as two launches per linear: a prologue kernel that also computes the neighbour (RMSNorm, silu * up)
+# and writes xs / dot, then the GEMV adding the dot (and the residual) in its epilogue, q/k/v side by side
+# (`cuda_gemv.vq_gemv_cuda(..., two_launch=True)`): the launches the one-launch form saves, without each CTA
+# preparing the whole activation again. Off unless asked for (VPTQ_MLC_TWO_LAUNCH_DECODE=1) until it has run on a GPU;
+# the one-launch form wins where both are asked for.
+TWO_LAUNCH_DECODE_ENV = "VPTQ_MLC_TWO_LAUNCH_DECODE"
+TWO_LAUNCH_DECODE_DEFAULT = False
+
+
+def two_launch_decode_enabled() -> bool:
+    """Whether CUDA decode layers get the two-launch form of the fused GEMV: TWO_LAUNCH_DECODE_ENV=1 / 0, else
+    TWO_LAUNCH_DECODE_DEFAULT."""
+    return compile_switch(TWO_LAUNCH_DECODE_ENV, TWO_LAUNCH_DECODE_DEFAULT,
+                          "prologue kernels with the RMSNorm / silu * up, GEMVs adding the dot and residual")
+
+
 # The long-prompt prefill of normed fp16 VQ layers with the activation prologue folded into the dequantized weight
 # (`cuda_dequant_gemm.vq_prefill_folded_cuda`): on by default (one H100 run, Llama-2-7B shape v8-k4096-0 on the
 # mma.sync GEMM: 2047-token prefill 1.17x, 512 tokens 1.04x, its check-suite cases correct; decode kernels
@@ -315,19 +331,27 @@ class CudaKernelSelector(KernelSelector):
 
     def _pick_fused(self, cfg: VPTQLayerConfig, dtype: str, rows: int | None, perms: tuple[bool, ...],
                     opts: FusedInput | None) -> VQKernel | None:
-        """Where the layers' own kernel is the GEMV and their activation rows fit its shared memory: the GEMV
-        with the prologue folded in (`vq_gemv_cuda(..., prologue=perms, fused=opts)`)."""
-        from vptq_mlc.tir_kernels.cuda_gemv import MAX_LAYERS, fused_prologue_fits, vq_gemv_cuda
+        """Where the layers' own kernel is the GEMV: the GEMV with the prologue folded in (`vq_gemv_cuda(...,
+        prologue=perms, fused=opts)`, where the activation rows fit its shared memory), or its two-launch form
+        (`two_launch=True`: the prologue kernel's xs / dot as scratch outputs), as the switches say."""
+        from vptq_mlc.tir_kernels.cuda_gemv import MAX_LAYERS, fused_prologue_fits, two_launch_scratch, vq_gemv_cuda
         from vptq_mlc.tir_kernels.fused_input import FusedInput
 
         opts = opts or FusedInput()
-        if not fused_decode_enabled():
+        one = fused_decode_enabled()
+        if not (one or two_launch_decode_enabled()):
             return None
         if not 1 <= len(perms) <= MAX_LAYERS or not cfg.enable_norm or (opts.residual and len(perms) != 1) or \
-                self._decode_family(cfg, dtype, rows) != "gemv" or not fused_prologue_fits(cfg, rows, dtype):
+                self._decode_family(cfg, dtype, rows) != "gemv":
             return None
-        return _mark(VQKernel(vq_gemv_cuda(cfg, dtype, rows, prologue=perms, fused=opts),
-                              tuple(vq_operand_shapes(cfg))))
+        if one and fused_prologue_fits(cfg, rows, dtype):
+            return _mark(VQKernel(vq_gemv_cuda(cfg, dtype, rows, prologue=perms, fused=opts),
+                                  tuple(vq_operand_shapes(cfg))))
+        if not two_launch_decode_enabled():
+            return None
+        return _mark(VQKernel(vq_gemv_cuda(cfg, dtype, rows, prologue=perms, fused=opts, two_launch=True),
+                              tuple(vq_operand_shapes(cfg)),
+                              two_launch_scratch(cfg.in_features, dtype, rows, len(perms))))
 
     def _pick_folded(self, cfg: VPTQLayerConfig, dtype: str, has_bias: bool, residual: bool) -> VQKernel | None:
         """Normed fp16 layers the dequantize + GEMM path serves (`cuda_dequant_gemm.fold_supported`), with the
