@@ -155,3 +155,47 @@ def test_wrong_fused_kernel_fails(fused: str, fault: str) -> None:
     res = [r for r in _check_prologue_case(lib, 0, case, np.random.default_rng(3), device="cpu")
            if r["case"].endswith("-fused")]
     assert res and not any(r["ok"] for r in res), res
+
+
+class _FakeTwoLaunchLibrary(_FakeFusedLibrary):
+    """Adds `func(i, "_two")`: the two-launch form, whose scratch outputs (xs_m [n, I], dot_m [n, 1] per layer)
+    come between the inputs and y; "outputs-first": a kernel that takes the scratch for its outputs."""
+
+    def __init__(self, dtype: str, perms: tuple[bool, ...], case: KernelCase, fault: str = ""):
+        super().__init__(dtype, perms, case, fault)
+        self.manifest["fused"], self.manifest["two_launch"] = [], [0]
+
+    def func(self, i: int, suffix: str = ""):
+        return self._two if suffix == "_two" else super().func(i, suffix)
+
+    def _two(self, *args):
+        n_y = 1 if self.opts.concat else len(self.perms)
+        scratch = args[len(args) - n_y - 2 * len(self.perms): len(args) - n_y]
+        assert [tuple(_torch(t).shape)[1] for t in scratch[1::2]] == [1] * len(self.perms)
+        rest = args[: len(args) - n_y - 2 * len(self.perms)]
+        ys = args[len(args) - n_y:]
+        if self.fault_fused == "outputs-first":  # y computed, but stored over the scratch; y keeps its NaN
+            tmp = [torch.empty_like(_torch(y)) for y in ys]
+            self._fused(*rest, *tmp)
+            flat = _torch(scratch[0]).view(-1)
+            flat[: tmp[0].numel()].copy_(tmp[0].reshape(-1))
+            return
+        self._fused(*rest, *ys)
+
+
+@pytest.mark.parametrize("fused,prologue", [("rmsnorm,concat", "ppn"), ("swiglu,residual", "p"), ("", "pn")])
+def test_right_two_launch_kernel_passes(fused: str, prologue: str) -> None:
+    case = KernelCase("v8-k256-0", 1000, 96, 2, prologue=prologue, fused=fused)
+    lib = _FakeTwoLaunchLibrary("float32", tuple(ch == "p" for ch in prologue), case)
+    res = [r for r in _check_prologue_case(lib, 0, case, np.random.default_rng(4), device="cpu")
+           if r["case"].endswith("-two-launch")]
+    assert len(res) == len(prologue) and all(r["ok"] for r in res), res
+
+
+@pytest.mark.parametrize("fused,fault", [("rmsnorm", "no-norm"), ("residual", "outputs-first")])
+def test_wrong_two_launch_kernel_fails(fused: str, fault: str) -> None:
+    case = KernelCase("v8-k256-0", 1000, 96, 2, prologue="p", fused=fused)
+    lib = _FakeTwoLaunchLibrary("float32", (True,), case, fault)
+    res = [r for r in _check_prologue_case(lib, 0, case, np.random.default_rng(5), device="cpu")
+           if r["case"].endswith("-two-launch")]
+    assert res and not any(r["ok"] for r in res), res
