@@ -14,10 +14,10 @@ import pytest
 from test_cuda_aot import require_cuda_toolkit
 
 from vptq_mlc.bench.launches import launches, launches_per_layer, lowered_module
-from vptq_mlc.tir_kernels.registry import FUSED_DECODE_ENV
+from vptq_mlc.tir_kernels.registry import FUSED_DECODE_ENV, TWO_LAUNCH_DECODE_ENV
 
 
-def _lower(tmp, monkeypatch, fused: str):
+def _lower(tmp, monkeypatch, fused: str, two_launch: str = "0"):
     from vptq_mlc.convert.converter import convert_checkpoint
     from vptq_mlc.testing.synthetic import make_synthetic_checkpoint
 
@@ -26,14 +26,15 @@ def _lower(tmp, monkeypatch, fused: str):
     ckpt = make_synthetic_checkpoint(tmp / "ckpt", variant="v8-k256-256", hidden_size=64, intermediate_size=128,
                                      num_layers=3, num_heads=4, num_kv_heads=4, vocab_size=320)
     monkeypatch.setenv(FUSED_DECODE_ENV, fused)
+    monkeypatch.setenv(TWO_LAUNCH_DECODE_ENV, two_launch)
     return lowered_module(convert_checkpoint(ckpt, tmp / "mlc", dtype="float16"))[0]
 
 
 @pytest.fixture(scope="module")
 def lowered(tmp_path_factory):
-    """The default build: the shared prologue + GEMV launches (the fused GEMV is off by default)."""
+    """Both fused forms off: the shared prologue + GEMV launches, the neighbours as their own kernels."""
     with pytest.MonkeyPatch.context() as mp:
-        return _lower(tmp_path_factory.mktemp("launches"), mp, "")
+        return _lower(tmp_path_factory.mktemp("launches"), mp, "0")
 
 
 @pytest.fixture(scope="module")
@@ -48,7 +49,7 @@ def _families(calls: list[tuple[str, int]]) -> Counter:
 
 
 def test_decode_layer_launches_are_shared(lowered) -> None:
-    """The default build: q/k/v and gate/up share one prologue and one GEMV launch each."""
+    """Both fused forms off: q/k/v and gate/up share one prologue and one GEMV launch each."""
     calls = launches(lowered, "decode")
     assert launches_per_layer(calls) == [14, 14]
     fam = _families(calls)
@@ -77,12 +78,12 @@ def test_decode_layer_launches_are_fused(lowered_fused) -> None:
     assert params(fused[0], "codes_") == 3
 
 
-def test_prefill_shares_the_prologue_only(lowered) -> None:
-    """Symbolic rows get the prefill kernel per layer (no multi-layer form; normed fp16 layers: the folded one, by
-    default), the prologue is still shared."""
-    fam = _families(launches(lowered, "prefill"))
+def test_prefill_shares_the_prologue_only(lowered_two_launch) -> None:
+    """Symbolic rows (the default build) get the folded prefill: q/k/v and gate/up one folded group call each, o and
+    down one folded call each; the (gated) prologue is still shared."""
+    fam = _families(launches(lowered_two_launch, "prefill"))
     assert fam["vq_prologue_shared"] == 2 and fam["vq_prologue"] == 2
-    assert "vq_matmul_shared" not in fam and fam["vq_matmul_folded"] + fam["vq_matmul"] == 7
+    assert "vq_matmul_shared" not in fam and fam["vq_matmul_folded_group"] == 2 and fam["vq_matmul_folded"] == 2
 
 
 def test_fused_decode_switch_takes_only_0_or_1(monkeypatch) -> None:
@@ -98,15 +99,13 @@ def test_fused_decode_switch_takes_only_0_or_1(monkeypatch) -> None:
 
 @pytest.fixture(scope="module")
 def lowered_two_launch(tmp_path_factory):
-    from vptq_mlc.tir_kernels.registry import TWO_LAUNCH_DECODE_ENV
-
+    """The default build (both switches unset)."""
     with pytest.MonkeyPatch.context() as mp:
-        mp.setenv(TWO_LAUNCH_DECODE_ENV, "1")
-        return _lower(tmp_path_factory.mktemp("launches_two"), mp, "")
+        return _lower(tmp_path_factory.mktemp("launches_two"), mp, "", "")
 
 
 def test_decode_layer_launches_in_two_launch_form(lowered_two_launch) -> None:
-    """VPTQ_MLC_TWO_LAUNCH_DECODE=1: each normed linear group is one call of two kernels (prologue with its neighbour,
+    """The default (VPTQ_MLC_TWO_LAUNCH_DECODE on): each normed linear group is one call of two kernels (prologue with its neighbour,
     GEMV with the dot / residual / q/k/v side by side): eight launches per decoder layer, no RMSNorm, concat, silu or
     add kernels; the prologue's xs and dot are scratch outputs of the call."""
     calls = launches(lowered_two_launch, "decode")

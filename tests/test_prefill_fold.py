@@ -137,9 +137,10 @@ def _prefill_calls(tmp, monkeypatch, fold: str):
     from vptq_mlc.bench.launches import launches, lowered_module
     from vptq_mlc.convert.converter import convert_checkpoint
     from vptq_mlc.testing.synthetic import make_synthetic_checkpoint
-    from vptq_mlc.tir_kernels.registry import PREFILL_FOLD_ENV
+    from vptq_mlc.tir_kernels.registry import PREFILL_FOLD_ENV, PREFILL_GROUP_ENV
 
     require_cuda_toolkit(cuobjdump=False)  # the CUDA backend's preparation (no nvcc run)
+    monkeypatch.setenv(PREFILL_GROUP_ENV, "0")  # one folded call per linear (the groups have their own tests)
     ckpt = make_synthetic_checkpoint(tmp / "ckpt", arch="qwen2", variant="v8-k256-256", hidden_size=128,
                                      intermediate_size=256, num_layers=1, vocab_size=320)  # q/k/v with a bias
     monkeypatch.setenv(PREFILL_FOLD_ENV, fold)
@@ -401,8 +402,8 @@ def test_folded_group_cuda_source():
 
 
 def test_group_switch_gates_the_registry(monkeypatch):
-    """Off by default; on: 2..3 normed layers without bias get one group kernel whose parameters follow its
-    operand lists; a bias, one layer or four, or the folded prefill off: none."""
+    """On by default (off with the switch at 0): 2..3 normed layers without bias get one group kernel whose
+    parameters follow its operand lists; a bias, one layer or four, or the folded prefill off: none."""
     from tvm.target import Target
 
     from vptq_mlc.errors import CompileError
@@ -410,9 +411,9 @@ def test_group_switch_gates_the_registry(monkeypatch):
 
     cfg = VPTQLayerConfig.from_variant("v8-k4096-0", 1024, 512)
     target = Target({"kind": "cuda", "arch": "sm_90"})
-    monkeypatch.delenv(PREFILL_GROUP_ENV, raising=False)
+    monkeypatch.setenv(PREFILL_GROUP_ENV, "0")
     assert CudaKernelSelector(target).folded_group(cfg, "float16", (True, True)) is None
-    monkeypatch.setenv(PREFILL_GROUP_ENV, "1")
+    monkeypatch.delenv(PREFILL_GROUP_ENV, raising=False)
     select = CudaKernelSelector(target)
     k = select.folded_group(cfg, "float16", (True, False))
     assert k.scratch == (((1024, 1024), "float16"),) and k.operands[0][-3:] == ("perm", "col_scale", "weight_bias")

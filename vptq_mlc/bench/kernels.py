@@ -442,9 +442,9 @@ def build_kernel_library(cases: list[KernelCase], out_dir: str | os.PathLike[str
                 funcs[f"k{i}_shared"] = shared.func.with_attr("global_symbol", f"k{i}_shared")
             perms = tuple(ch == "p" for ch in c.prologue)
             fused = select.fused(c.member_configs()[0], dtype, c.rows, perms, c.fused_input()) if c.rows else None
-            if fused is not None:  # the model's one launch: prologue folded into the GEMV
+            if fused is not None and not fused.scratch:  # the model's one launch: prologue folded into the GEMV
                 funcs[f"k{i}_fused"] = fused.func.with_attr("global_symbol", f"k{i}_fused")
-            if c.rows and two_launch_fits(c.member_configs()[0], c.rows):  # the same as two launches, whatever
+            if c.rows and two_launch_fits(select, c.member_configs()[0], c.rows):  # the same as two launches, whatever
                 from vptq_mlc.tir_kernels.cuda_gemv import vq_gemv_cuda  # the switches say
 
                 two = vq_gemv_cuda(c.member_configs()[0], dtype, c.rows, prologue=perms, fused=c.fused_input(),
@@ -465,13 +465,11 @@ def build_kernel_library(cases: list[KernelCase], out_dir: str | os.PathLike[str
     return out / LIBRARY
 
 
-def two_launch_fits(cfg, rows: int) -> bool:
-    """Whether the two-launch decode linear serves `cfg` at `rows`: where the registry's decode kernel is the GEMV
-    (fp16 rows 1..8, not the tensor-core or code-sorted kernels)."""
-    from vptq_mlc.tir_kernels.cuda_gemv import MAX_ROWS
-    from vptq_mlc.tir_kernels.cuda_mma import mma_preferred
-
-    return cfg.enable_norm and 1 <= rows <= MAX_ROWS and not mma_preferred(cfg, "float16", rows, MAX_ROWS)
+def two_launch_fits(select, cfg, rows: int) -> bool:
+    """Whether the two-launch decode linear serves `cfg` at `rows`: a normed layer where the check library's
+    selector (`select`, code-sorted layout declared) runs the GEMV (not the tensor-core or code-sorted kernels,
+    whose operands the case would carry)."""
+    return cfg.enable_norm and select._decode_family(cfg, "float16", rows) == "gemv"
 
 
 def prologue_kernel(case: KernelCase, dtype: str):

@@ -279,11 +279,21 @@ class FoldPlan:
 
 
 FOLD_PLAN = FoldPlan()
+# Layers whose CTA needs more than 48 KB of shared memory (the 11008-wide down projection with a permutation: 66 KB,
+# 3 CTAs and so 768 of 2048 threads per SM at 256 threads) run 384 threads per CTA. H100 sweep, 4096x11008
+# (`bench/prefill_gemm.py run ART --kinds fold`, bench/RESULTS.md "Session 13"): v8-k4096-0 72.4 -> 42.0 us,
+# v8-k256-256 54.6 -> 43.5, v8-k65536-256 75.8 -> 74.3; on the 4096-wide layers 256 threads were within 3% of
+# every other shape.
+WIDE_FOLD_PLAN = FoldPlan(threads=384, rows_per_cta=1)
+WIDE_FOLD_SMEM = 48 * 1024
 
 
 def plan_fold(cfg: VPTQLayerConfig, has_perm: bool) -> FoldPlan:
     """The folding dequantize's launch shape for a layer: the one place the pipeline, the shared-memory check and
-    the launch sweep (`bench/prefill_gemm.py --only fold`) take it from. One shape serves every layer for now."""
+    the launch sweep (`bench/prefill_gemm.py --only fold`) take it from: WIDE_FOLD_PLAN where FOLD_PLAN's CTA needs
+    more than WIDE_FOLD_SMEM of shared memory, else FOLD_PLAN."""
+    if fold_smem_bytes(cfg, has_perm, FOLD_PLAN) > WIDE_FOLD_SMEM:
+        return WIDE_FOLD_PLAN
     return FOLD_PLAN
 
 
