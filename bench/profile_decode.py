@@ -136,15 +136,23 @@ def host_time(engine, a) -> None:
     else:
         grid = Grid(batches=(a.batch,), contexts=(a.context,), prefill=(), steps=a.steps, warmup=2, prefill_reps=1,
                     sampling=a.sampling)
+        # the step's other host phases: the embedding call (ids copied up), the KV cache's begin/end_forward, the
+        # sampler (its launch, the tokens' copy down, which waits for the GPU, and the requests' bookkeeping)
+        for kind, owner, name in (("embed", engine, "_embed_ids"), ("begin_forward", engine.kv, "_begin"),
+                                  ("end_forward", engine.kv, "_end"), ("sample", engine, "_sample")):
+            calls[kind] = []
+            setattr(owner, name, timed(getattr(owner, name), kind))
         decode_tok_s(engine, a.batch, a.context, grid)  # warm-up: CUDA graphs captured
-        calls["decode"].clear()
+        for v in calls.values():
+            v.clear()
         r = decode_tok_s(engine, a.batch, a.context, grid)
-        timed_calls = calls["decode"][-a.steps:]
-        per = sum(timed_calls) / max(1, len(timed_calls))
+        n = len(calls["decode"])
+        per = {k: sum(v) / max(1, n) for k, v in calls.items() if k != "prefill"}
         step = a.batch / r["tok_s"]
-        out["decode"] = {"host_call_s_per_step": per, "step_s": step, "result": r}
-        print(f"decode batch {a.batch} ctx {a.context}: host time in the decode call {per * 1e6:.0f} us per step, "
-              f"step {step * 1e6:.0f} us ({r['tok_s']:.1f} tok/s)")
+        out["decode"] = {"host_call_s_per_step": per["decode"], "phases_s_per_step": per, "step_s": step, "result": r}
+        print(f"decode batch {a.batch} ctx {a.context}: host time in the decode call {per['decode'] * 1e6:.0f} us per "
+              f"step, step {step * 1e6:.0f} us ({r['tok_s']:.1f} tok/s); per step: "
+              + ", ".join(f"{k} {v * 1e6:.0f} us" for k, v in per.items()))
     Path(a.out).write_text(json.dumps(out, indent=1, default=str))
 
 
