@@ -48,6 +48,18 @@ def _families(calls: list[tuple[str, int]]) -> Counter:
     return Counter(n.rstrip("0123456789_") for n, k in calls[attn[0]:attn[1]] if k)
 
 
+def _fused_calls(mod, per_layer: list[int]) -> list:
+    """The decode's fused calls, after checking the launches per layer and that they are the only VQ calls."""
+    calls = launches(mod, "decode")
+    assert launches_per_layer(calls) == per_layer
+    assert _families(calls) == {"vq_matmul_fused": 4}
+    return [mod[name] for name, k in calls if name.startswith("vq_matmul_fused")]
+
+
+def _count_params(f, prefix: str) -> int:
+    return sum(p.name.startswith(prefix) for p in f.params)
+
+
 def test_decode_layer_launches_are_shared(lowered) -> None:
     """Both fused forms off: q/k/v and gate/up share one prologue and one GEMV launch each."""
     calls = launches(lowered, "decode")
@@ -63,15 +75,8 @@ def test_decode_layer_launches_are_fused(lowered_fused) -> None:
     """Each normed linear's prologue runs inside its GEMV, and so do its neighbours: the layer's RMSNorms (q/k/v,
     gate/up), the q/k/v concat, silu(gate) * up (down_proj) and the residual adds (o_proj, down_proj): four launches
     per decoder layer besides the KV cache's own (FUSED_DECODE_ENV=1)."""
-    calls = launches(lowered_fused, "decode")
-    assert launches_per_layer(calls) == [4, 4]
-    fam = _families(calls)
-    assert fam == {"vq_matmul_fused": 4}
-    fused = [lowered_fused[name] for name, k in calls if name.startswith("vq_matmul_fused")]
-
-    def params(f, prefix):
-        return sum(p.name.startswith(prefix) for p in f.params)
-
+    fused = _fused_calls(lowered_fused, [4, 4])
+    params = _count_params
     # per layer: q/k/v (RMSNorm, one output), o_proj (residual), gate/up (RMSNorm, two outputs), down (swiglu)
     assert [(params(f, "y_"), params(f, "gamma"), params(f, "residual"), params(f, "x2")) for f in fused[:4]] == [
         (1, 1, 0, 0), (1, 0, 1, 0), (2, 1, 0, 0), (1, 0, 1, 1)]
@@ -105,17 +110,10 @@ def lowered_two_launch(tmp_path_factory):
 
 
 def test_decode_layer_launches_in_two_launch_form(lowered_two_launch) -> None:
-    """The default (VPTQ_MLC_TWO_LAUNCH_DECODE on): each normed linear group is one call of two kernels (prologue with its neighbour,
-    GEMV with the dot / residual / q/k/v side by side): eight launches per decoder layer, no RMSNorm, concat, silu or
-    add kernels; the prologue's xs and dot are scratch outputs of the call."""
-    calls = launches(lowered_two_launch, "decode")
-    assert launches_per_layer(calls) == [8, 8]
-    fam = _families(calls)
-    assert fam == {"vq_matmul_fused": 4}
-    fused = [lowered_two_launch[name] for name, k in calls if name.startswith("vq_matmul_fused")]
-
-    def params(f, prefix):
-        return sum(p.name.startswith(prefix) for p in f.params)
-
+    """The default (VPTQ_MLC_TWO_LAUNCH_DECODE on): each normed linear group is one call of two kernels (prologue
+    with its neighbour, GEMV with the dot / residual / q/k/v side by side): eight launches per decoder layer, no
+    RMSNorm, concat, silu or add kernels; the prologue's xs and dot are scratch outputs of the call."""
+    fused = _fused_calls(lowered_two_launch, [8, 8])
+    params = _count_params
     assert [(params(f, "y_"), params(f, "gamma"), params(f, "residual"), params(f, "x2"), params(f, "xs_"))
             for f in fused[:4]] == [(1, 1, 0, 0, 3), (1, 0, 1, 0, 1), (2, 1, 0, 0, 2), (1, 0, 1, 1, 1)]

@@ -20,6 +20,21 @@ THREADS = 1024  # one gathered element per thread and CTA
 
 
 @T.macro
+def store_row_dot(acc, red, dot, bx, tx, WARPS):
+    """Each thread's partial dot in `acc[0]`, summed over the CTA (warp shuffles, then one value per warp through
+    shared `red`) into `dot[bx, 0]` by thread 0."""
+    warp_sum(acc, 1, 32, 32)
+    if tx % 32 == 0:
+        red[tx // 32] = acc[0]
+    T.tvm_storage_sync("shared")
+    if tx == 0:
+        acc[0] = red[0]
+        for w in T.unroll(1, WARPS):
+            acc[0] = acc[0] + red[w]
+        dot[bx, 0] = acc[0]
+
+
+@T.macro
 def gather_scale_dot(x, perm, col_scale, weight_bias, xs, dot, red, acc, bx, by, tx,
                      has_perm, I, CH, WARPS):  # noqa: E741
     """CTA (bx, by) of one linear's prologue: columns by*THREADS.. of row bx into `xs`; CTA (bx, 0) also reduces
@@ -35,15 +50,7 @@ def gather_scale_dot(x, perm, col_scale, weight_bias, xs, dot, red, acc, bx, by,
             if it * THREADS + tx < I:
                 acc[0] = acc[0] + T.Cast("float32", x[bx, it * THREADS + tx]) * T.Cast(
                     "float32", weight_bias[it * THREADS + tx])
-        warp_sum(acc, 1, 32, 32)
-        if tx % 32 == 0:
-            red[tx // 32] = acc[0]
-        T.tvm_storage_sync("shared")
-        if tx == 0:
-            acc[0] = red[0]
-            for w in T.unroll(1, WARPS):
-                acc[0] = acc[0] + red[w]
-            dot[bx, 0] = acc[0]
+        store_row_dot(acc, red, dot, bx, tx, WARPS)
 
 
 @T.macro
@@ -97,15 +104,7 @@ def prepare_scale_dot(x, x2, gamma, perm, col_scale, weight_bias, xs, dot, red, 
                 else:
                     acc[0] = acc[0] + T.Cast("float32", x[bx, it * THREADS + tx]) * T.Cast(
                         "float32", weight_bias[it * THREADS + tx])
-        warp_sum(acc, 1, 32, 32)
-        if tx % 32 == 0:
-            red[tx // 32] = acc[0]
-        T.tvm_storage_sync("shared")
-        if tx == 0:
-            acc[0] = red[0]
-            for w in T.unroll(1, WARPS):
-                acc[0] = acc[0] + red[w]
-            dot[bx, 0] = acc[0]
+        store_row_dot(acc, red, dot, bx, tx, WARPS)
 
 
 def vq_prologue_cuda(in_features: int, dtype: str, has_perm: bool, below_rows: int = 0) -> tirx.PrimFunc:
