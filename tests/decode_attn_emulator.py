@@ -47,6 +47,9 @@ typedef _Float16 half;
 #define ushort unsigned short
 struct uint4 { unsigned x, y, z, w; };
 struct uint2 { unsigned x, y; };
+struct float4 { float x, y, z, w; };
+struct float2 { float x, y; };
+struct ushort4 { unsigned short x, y, z, w; };
 static inline float rsqrtf(float v) { return 1.0f / sqrtf(v); }
 static inline half __float2half_rn(float v) { return (half)v; }
 struct dim { long x, y, z; };
@@ -142,7 +145,10 @@ class EmulatedKernels:
     def __init__(self, src: str, workdir: Path):
         body = src[src.index('extern "C"'):]
         body = re.sub(r'^extern "C" __global__[^{]*;\s*$', "", body, flags=re.M)  # forward declarations
-        body = re.sub(r"extern __shared__ [^;]*;", "", body)  # the dynamic shared array: the prelude's static one
+        # the dynamic shared array: the prelude's static one (TVM names it after its one buffer when there is one)
+        body = re.sub(r"extern __shared__ (?:__align__\(\d+\) )?(\w+) (\w+)\[\];",
+                      lambda m: "" if m.group(2) == "buf_dyn_shmem_ptr" else
+                      f"{m.group(1)}* {m.group(2)} = ({m.group(1)}*)buf_dyn_shmem_ptr;", body)
         body = re.sub(r"__shared__ (alignas\(\d+\)) ", r"\1 static ", body).replace("__shared__", "static")
         self.kernels = re.findall(r'extern "C" __global__ void (?:__launch_bounds__\(\d+\) )?(\w+)\(', body)
         self.params = {k: _signature(body, k) for k in self.kernels}

@@ -41,21 +41,22 @@ def _layer(variant: str, i: int, o: int, has_perm: bool, seed: int):
     return cfg, t
 
 
-def _source(cfg, rows: int, perms, opts: FusedInput) -> str:
+def _source(cfg, rows: int, perms, opts: FusedInput, dtype: str = "float16") -> str:
     from cuda_sources import generated_cuda
 
     from vptq_mlc.tir_kernels.cuda_gemv import vq_gemv_cuda
 
     def build(bt):
-        f = vq_gemv_cuda(cfg, "float16", rows, prologue=perms, fused=opts, two_launch=True)
+        f = vq_gemv_cuda(cfg, dtype, rows, prologue=perms, fused=opts, two_launch=True)
         with tvm.transform.PassContext(config={"tirx.disable_cse_tir": True}):
             tvm.compile(tvm.IRModule({"two": f.with_attr("global_symbol", "two")}), target=bt.target)
 
     return generated_cuda(build, "sm_90")
 
 
-def _run(name: str, tmp_path, fault: str = ""):
-    """(y per layer from the emulated kernels, float64 reference per layer)."""
+def _run(name: str, tmp_path, fault: str = "", dtype: str = "float16"):
+    """(y per layer from the emulated kernels, float64 reference per layer); `dtype`: the model's (fp32 models run
+    the same kernels at decode)."""
     from decode_attn_emulator import EmulatedKernels
 
     from vptq_mlc.tir_kernels.cuda_gemv import plan_gemv
@@ -65,46 +66,47 @@ def _run(name: str, tmp_path, fault: str = ""):
     layers = [_layer(variant, i, o, p, 100 + m) for m, p in enumerate(perms)]
     cfg = layers[0][0]
     opts = FusedInput(source, EPS if source == "rmsnorm" else 0.0, residual, concat)
-    emu = EmulatedKernels(_source(cfg, rows, perms, opts), tmp_path)
+    emu = EmulatedKernels(_source(cfg, rows, perms, opts, dtype), tmp_path)
     rng = np.random.default_rng(7)
-    x = rng.standard_normal((rows, i)).astype(np.float16)
+    dt = np.dtype(dtype)
+    x = rng.standard_normal((rows, i)).astype(dt)
     args: dict[str, np.ndarray] = {"x": x}
     xf = x.astype(np.float64)
     if source == "rmsnorm":
-        gamma = (1 + 0.1 * rng.standard_normal(i)).astype(np.float16)
+        gamma = (1 + 0.1 * rng.standard_normal(i)).astype(dt)
         args["gamma"] = gamma
-        xin = (xf / np.sqrt((xf**2).mean(-1, keepdims=True) + EPS) * gamma.astype(np.float64)).astype(np.float16)
+        xin = (xf / np.sqrt((xf**2).mean(-1, keepdims=True) + EPS) * gamma.astype(np.float64)).astype(dt)
     elif source == "swiglu":
-        up = rng.standard_normal((rows, i)).astype(np.float16)
+        up = rng.standard_normal((rows, i)).astype(dt)
         args["x2"] = up
-        xin = ((xf / (1 + np.exp(-xf))).astype(np.float16) * up).astype(np.float16)
+        xin = ((xf / (1 + np.exp(-xf))).astype(dt) * up).astype(dt)
     else:
         xin = x
     if fault == "no-norm":
         xin = x
     refs = []
     for m, (lcfg, t) in enumerate(layers):
-        ops = generic_layout(lcfg, t, decode_codes(lcfg, t), "float16")
+        ops = generic_layout(lcfg, t, decode_codes(lcfg, t), dtype)
         for key, arr in ops.items():
             args[f"{key}_{m}"] = np.ascontiguousarray(arr)
-        args[f"xs_{m}"] = np.full((rows, i), np.nan, np.float16)
+        args[f"xs_{m}"] = np.full((rows, i), np.nan, dt)
         args[f"dot_{m}"] = np.full((rows, 1), np.nan, np.float32)
         w = ref_dequant(lcfg.to_json(), {k: (v.astype(np.float64) if v.dtype == np.float16 else v)
                                          for k, v in t.items()})
         refs.append(xin.astype(np.float64) @ w.T)
     if residual:
-        args["residual"] = rng.standard_normal((rows, o)).astype(np.float16)
+        args["residual"] = rng.standard_normal((rows, o)).astype(dt)
         refs = [r + args["residual"].astype(np.float64) for r in refs]
     width = o * len(perms) if concat else o
     outs = ["y_0"] if concat else [f"y_{m}" for m in range(len(perms))]
     for name_y in outs:
-        args[name_y] = np.full((rows, width), np.nan, np.float16)
+        args[name_y] = np.full((rows, width), np.nan, dt)
     pro, gemv = emu.kernels
     emu.launch(pro, (rows, -(-i // THREADS), len(perms)), (THREADS, 1), args)
     if fault == "no-dot":
         for m in range(len(perms)):
             args[f"dot_{m}"][:] = 0
-    p = plan_gemv(cfg, rows, "float16")
+    p = plan_gemv(cfg, rows, dtype)
     emu.launch(gemv, (p.grid * len(perms), 1, 1), (32, p.warps), args)
     ys = np.split(args["y_0"], len(perms), axis=1) if concat else [args[n] for n in outs]
     return ys, refs
@@ -127,3 +129,11 @@ def test_a_wrong_neighbour_or_dot_fails_the_bound(name, fault, tmp_path):
     """The bound catches a kernel that skipped the RMSNorm (reference without it) or a GEMV that lost the dot."""
     ys, refs = _run(name, tmp_path, fault)
     assert max(_row_rel_err(y, ref) for y, ref in zip(ys, refs, strict=True)) > 5 * ROW_REL_ERR_MAX
+
+
+@pytest.mark.parametrize("name", ["qkv-rmsnorm-concat", "down-swiglu-residual"])
+def test_two_launch_linear_of_an_fp32_model(name, tmp_path):
+    ys, refs = _run(name, tmp_path, dtype="float32")
+    for y, ref in zip(ys, refs, strict=True):
+        assert not np.isnan(y).any()
+        assert _row_rel_err(y, ref) < ROW_REL_ERR_MAX
