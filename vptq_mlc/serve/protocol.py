@@ -36,11 +36,20 @@ Bool = Annotated[bool, Field(strict=True)]
 TokenId = Annotated[int, Field(strict=True, ge=0)]
 
 
+def one_line(text: str) -> str:
+    """`text` with every character that is not printable (line breaks, other control characters) written as its
+    escape (`\\r`, `\\x1c`, `\\u2028`), so a message quoting request text stays one line."""
+    if text.isprintable():
+        return text
+    return "".join(ch if ch.isprintable() else ch.encode("unicode_escape").decode("ascii") for ch in text)
+
+
 class APIError(Exception):
     """An error answered as OpenAI's `{"error": {...}}` body with an HTTP status."""
 
     def __init__(self, status: int, message: str, type_: str = "invalid_request_error", param: str | None = None,
                  code: str | None = None) -> None:
+        message = one_line(message)  # it may quote the request (a field name, a stop string): keep it one line
         super().__init__(message)
         self.status, self.message, self.type, self.param, self.code = status, message, type_, param, code
 
