@@ -46,9 +46,6 @@ DEFAULT_MAX_BATCH = 4  # concurrent sequences unless asked otherwise (capped by 
 DEFAULT_STEP_TOKEN_BUDGET = 256
 
 
-_KEPT_INT_BUFFERS = 64  # (use, length) buffers kept before the cache starts over
-
-
 class Engine:
     """Load once, then `generate`, `chat`, or `add_request` + `step` for many concurrent requests.
 
@@ -137,8 +134,6 @@ class Engine:
         self._static_decode.update({n: self.lib.func(f"batch_decode_b{n}") for n in range(2, self.max_batch + 1)
                                     if self.lib.has(f"batch_decode_b{n}")})
         self._reshape = tvm.get_global_func("vm.builtin.reshape")
-        # per-step int32 inputs (token ids, prefill positions) in device buffers kept per (use, length)
-        self._int_buffers: dict[tuple[str, int], Any] = {}
         self.device_sampler = self._load_device_sampler()
         self._seq_ids = itertools.count()
         self.waiting: collections.deque[Request] = collections.deque()
@@ -263,23 +258,8 @@ class Engine:
 
     # ---- model calls ----------------------------------------------------------------------------------
 
-    def _device_int32(self, use: str, values: Any) -> Any:
-        """`values` as an int32 device tensor: a buffer kept per (use, length), copied into in place. A new tensor
-        every step cost a device allocation, and freeing the last one a device-wide synchronisation (cudaFree) in
-        the middle of the next step. The copy is ordered after the kernels already queued, so a buffer is not
-        overwritten while the previous step still reads it."""
-        host = np.ascontiguousarray(values, dtype=np.int32)
-        key = (use, host.size)
-        buf = self._int_buffers.get(key)
-        if buf is None:
-            if len(self._int_buffers) >= _KEPT_INT_BUFFERS:
-                self._int_buffers.clear()
-            buf = self._int_buffers[key] = tvm.runtime.empty((host.size,), "int32", self.lib.device)
-        buf.copyfrom(host)
-        return buf
-
     def _embed_ids(self, ids: list[int], shape: list[int]) -> Any:
-        emb = self._embed(self._device_int32("ids", ids), self.params)
+        emb = self._embed(tvm.runtime.tensor(np.asarray(ids, dtype=np.int32), self.lib.device), self.params)
         return self._reshape(emb, ShapeTuple([*shape, int(emb.shape[-1])]))
 
     def _run(self, batch: list[Request], lengths: list[int], call: Any) -> Any:
@@ -344,7 +324,7 @@ class Engine:
             for r, n in zip(batch, lengths):  # a decoding request's entry is its one decode token
                 ids += [r.next_input()] if r.prefill_done else r.prompt_ids[r.prefilled : r.prefilled + n]
             emb = self._embed_ids(ids, [1, len(ids)])
-            pos = self._device_int32("positions", np.cumsum(lengths, dtype=np.int32) - 1)
+            pos = tvm.runtime.tensor(np.cumsum(lengths, dtype=np.int32) - 1, self.lib.device)
             logits = self._run(batch, lengths, lambda kv: self._prefill(emb, pos, kv, self.params))
             for r, n in zip(batch, lengths):
                 if r.prefill_done:  # a decode token carried by this call
