@@ -20,13 +20,19 @@ THREADS = 1024  # one gathered element per thread and CTA
 
 
 @T.macro
-def store_row_dot(acc, red, dot, bx, tx, WARPS):
-    """Each thread's partial dot in `acc[0]`, summed over the CTA (warp shuffles, then one value per warp through
-    shared `red`) into `dot[bx, 0]` by thread 0."""
+def warp_partials(acc, red, tx):
+    """Each thread's partial sum in `acc[0]` summed over its warp (shuffles) into shared `red[warp]`, then a barrier:
+    the CTA's sum is `sum(red)`."""
     warp_sum(acc, 1, 32, 32)
     if tx % 32 == 0:
         red[tx // 32] = acc[0]
     T.tvm_storage_sync("shared")
+
+
+@T.macro
+def store_row_dot(acc, red, dot, bx, tx, WARPS):
+    """Each thread's partial dot in `acc[0]`, summed over the CTA (`warp_partials`) into `dot[bx, 0]` by thread 0."""
+    warp_partials(acc, red, tx)
     if tx == 0:
         acc[0] = red[0]
         for w in T.unroll(1, WARPS):
@@ -59,23 +65,23 @@ def prepare_scale_dot(x, x2, gamma, perm, col_scale, weight_bias, xs, dot, red, 
     """`gather_scale_dot` of the layer input a neighbour makes from the kernel's input(s) (`fused_input.FusedInput`
     `source`): "x" the rows of x, "rmsnorm" RMSNorm(x) * gamma (every CTA of a row sums the row's squares: it needs
     rstd for its own columns; fp32, one rounding), "swiglu" silu(x) * x2 (silu in fp32, rounded, times x2), as the
-    fused GEMV's staging computes them (`cuda_gemv.vq_gemv_cuda`): both forms feed the VQ product the same input."""
+    fused GEMV's staging computes them (`cuda_gemv.vq_gemv_cuda`): both forms feed the VQ product the same input.
+    Source "x" is `gather_scale_dot` itself (the plain prologue's bits)."""
+    if source == "x":
+        gather_scale_dot(x, perm, col_scale, weight_bias, xs, dot, red, acc, bx, by, tx, has_perm, I, CH, WARPS)
     if source == "rmsnorm":
         acc[0] = T.float32(0)
         for it in T.unroll(CH):
             if it * THREADS + tx < I:
                 acc[0] = acc[0] + T.Cast("float32", x[bx, it * THREADS + tx]) * T.Cast("float32",
                                                                                        x[bx, it * THREADS + tx])
-        warp_sum(acc, 1, 32, 32)
-        if tx % 32 == 0:
-            red[tx // 32] = acc[0]
-        T.tvm_storage_sync("shared")
+        warp_partials(acc, red, tx)
         rstd[0] = T.float32(0)
         for w in T.unroll(WARPS):
             rstd[0] = rstd[0] + red[w]
         rstd[0] = T.rsqrt(rstd[0] / T.float32(I) + T.float32(eps))
         T.tvm_storage_sync("shared")  # every thread has read `red` before the dot reuses it
-    if by * THREADS + tx < I:
+    if source != "x" and by * THREADS + tx < I:
         if has_perm:
             src[0] = perm[by * THREADS + tx]
         else:
@@ -83,12 +89,10 @@ def prepare_scale_dot(x, x2, gamma, perm, col_scale, weight_bias, xs, dot, red, 
         if source == "rmsnorm":
             xs[bx, by * THREADS + tx] = T.Cast(dtype, T.Cast("float32", x[bx, src[0]]) * rstd[0] * T.Cast(
                 "float32", gamma[src[0]])) * col_scale[by * THREADS + tx]
-        elif source == "swiglu":
+        else:
             xs[bx, by * THREADS + tx] = T.Cast(dtype, T.Cast("float32", x[bx, src[0]]) * T.sigmoid(T.Cast(
                 "float32", x[bx, src[0]]))) * x2[bx, src[0]] * col_scale[by * THREADS + tx]
-        else:
-            xs[bx, by * THREADS + tx] = x[bx, src[0]] * col_scale[by * THREADS + tx]
-    if by == 0:
+    if source != "x" and by == 0:
         acc[0] = T.float32(0)
         for it in T.unroll(CH):
             if it * THREADS + tx < I:
@@ -96,14 +100,11 @@ def prepare_scale_dot(x, x2, gamma, perm, col_scale, weight_bias, xs, dot, red, 
                     acc[0] = acc[0] + T.Cast("float32", T.Cast(dtype, T.Cast("float32", x[bx, it * THREADS + tx])
                                                                * rstd[0] * T.Cast("float32", gamma[it * THREADS + tx]))
                                              ) * T.Cast("float32", weight_bias[it * THREADS + tx])
-                elif source == "swiglu":
+                else:
                     acc[0] = acc[0] + T.Cast("float32", T.Cast(dtype, T.Cast("float32", x[bx, it * THREADS + tx])
                                                                * T.sigmoid(T.Cast("float32", x[bx, it * THREADS + tx])))
                                              * x2[bx, it * THREADS + tx]) * T.Cast("float32",
                                                                                    weight_bias[it * THREADS + tx])
-                else:
-                    acc[0] = acc[0] + T.Cast("float32", x[bx, it * THREADS + tx]) * T.Cast(
-                        "float32", weight_bias[it * THREADS + tx])
         store_row_dot(acc, red, dot, bx, tx, WARPS)
 
 

@@ -341,8 +341,8 @@ class CudaKernelSelector(KernelSelector):
         from vptq_mlc.tir_kernels.fused_input import FusedInput
 
         opts = opts or FusedInput()
-        one = fused_decode_enabled()
-        if not (one or two_launch_decode_enabled()):
+        one, two = fused_decode_enabled(), two_launch_decode_enabled()
+        if not (one or two):
             return None
         if not 1 <= len(perms) <= MAX_LAYERS or not cfg.enable_norm or (opts.residual and len(perms) != 1) or \
                 self._decode_family(cfg, dtype, rows) != "gemv":
@@ -350,7 +350,7 @@ class CudaKernelSelector(KernelSelector):
         if one and fused_prologue_fits(cfg, rows, dtype):
             return _mark(VQKernel(vq_gemv_cuda(cfg, dtype, rows, prologue=perms, fused=opts),
                                   tuple(vq_operand_shapes(cfg))))
-        if not two_launch_decode_enabled():
+        if not two:
             return None
         return _mark(VQKernel(vq_gemv_cuda(cfg, dtype, rows, prologue=perms, fused=opts, two_launch=True),
                               tuple(vq_operand_shapes(cfg)),
