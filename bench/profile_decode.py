@@ -30,6 +30,7 @@ def main() -> None:
     ap.add_argument("--sampling", default="greedy", help="greedy | model (the model's defaults) | T,P")
     ap.add_argument("--prefill", type=int, default=0, help="profile one prefill of this many tokens instead")
     ap.add_argument("--host-time", action="store_true", help="host time of the model call vs the step (no profiler)")
+    ap.add_argument("--no-overlap", action="store_true", help="read each step's tokens before queueing the next")
     a = ap.parse_args()
 
     from vptq_mlc.bench.e2e_common import Grid, decode_prompt_len
@@ -53,7 +54,8 @@ def main() -> None:
     plen = decode_prompt_len(a.context, grid)
     tokens = max(plen + decode_budget(grid, a.batch, plen), a.context + 2 * a.steps + 8, a.prefill + 1)
     engine = Engine(run_dir, a.lib, device="cuda", max_batch_size=a.batch,
-                    max_total_tokens=a.batch * (-(-tokens // PAGE) * PAGE), page_size=PAGE)
+                    max_total_tokens=a.batch * (-(-tokens // PAGE) * PAGE), page_size=PAGE,
+                    overlap=False if a.no_overlap else None)
     if a.host_time:
         host_time(engine, a)
         return
@@ -136,10 +138,14 @@ def host_time(engine, a) -> None:
     else:
         grid = Grid(batches=(a.batch,), contexts=(a.context,), prefill=(), steps=a.steps, warmup=2, prefill_reps=1,
                     sampling=a.sampling)
-        # the step's other host phases: the embedding call (ids copied up), the KV cache's begin/end_forward, the
-        # sampler (its launch, the tokens' copy down, which waits for the GPU, and the requests' bookkeeping)
-        for kind, owner, name in (("embed", engine, "_embed_ids"), ("begin_forward", engine.kv, "_begin"),
-                                  ("end_forward", engine.kv, "_end"), ("sample", engine, "_sample")):
+        # the step's other host phases: the embedding call, the KV cache's begin/end_forward, the sampler (step by
+        # step: its launch, the tokens' copy down, which waits for the GPU, and the requests' bookkeeping;
+        # overlapped: "queue_sample" its launch and the queued copy, "read" the wait for the tokens + bookkeeping)
+        phases = [("embed", engine, "_embed_tensor"), ("begin_forward", engine.kv, "_begin"),
+                  ("end_forward", engine.kv, "_end"), ("sample", engine, "_sample"), ("read", engine, "_take_picks")]
+        if engine.device_sampler is not None:
+            phases.append(("queue_sample", engine.device_sampler, "sample_later"))
+        for kind, owner, name in phases:
             calls[kind] = []
             setattr(owner, name, timed(getattr(owner, name), kind))
         decode_tok_s(engine, a.batch, a.context, grid)  # warm-up: CUDA graphs captured

@@ -263,9 +263,10 @@ def _kv_bytes_per_token(model_config: dict[str, Any], dtype: str) -> int:
 
 
 def run_engine_system(model_dir: str, lib_path: str, device: str, grid: Grid, work_dir: str, tile: int,
-                      rec: Recorder) -> None:
+                      rec: Recorder, overlap: bool = True) -> None:
     """The whole grid for one library into `rec.out`: prefill first, then decode by ascending context (the
-    long-context prompts cost most), each point recorded as soon as it is measured."""
+    long-context prompts cost most), each point recorded as soon as it is measured. `overlap` False: the engine
+    reads each decode step's tokens before it queues the next (`Engine(overlap=False)`)."""
     from vptq_mlc.artifact.chat_config import ChatConfig
     from vptq_mlc.runtime.engine import Engine
     from vptq_mlc.runtime.library import load_library
@@ -286,13 +287,15 @@ def run_engine_system(model_dir: str, lib_path: str, device: str, grid: Grid, wo
     kv_tokens = max(b * (-(-min(window, held[b]) // PAGE) * PAGE) for b in batches)
     t0 = time.perf_counter()
     engine = Engine(run_dir, lib_path, device=device, max_batch_size=max(batches),
-                    max_total_tokens=max(kv_tokens, -(-window // PAGE) * PAGE), page_size=PAGE)
+                    max_total_tokens=max(kv_tokens, -(-window // PAGE) * PAGE), page_size=PAGE,
+                    overlap=None if overlap else False)
     kv_total = engine.kv.total_pages * engine.kv.page_size
     sample = decode_params(engine, grid.sampling, 1, 0)
     out.update({
         "sampling": {"mode": grid.sampling, "temperature": sample.temperature, "top_p": sample.top_p,
                      "repetition_penalty": sample.repetition_penalty,
                      "on_device": engine.device_sampler is not None},
+        "overlapped_decode": engine.overlap,
         "load_s": round(time.perf_counter() - t0, 1), "prefill_chunk_size": engine.prefill_chunk,
         "context_window": window, "max_batch_compiled": compiled_batch,
         "static_decode_batches": [n for n in range(1, max(batches) + 1)

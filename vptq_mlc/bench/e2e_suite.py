@@ -42,6 +42,7 @@ class System:
     name: str
     model_dir: str
     lib: str | None = None
+    overlap: bool = True  # ours: the engine's overlapped decoding where the device allows it
 
 
 def gpu_name(device: str) -> str | None:
@@ -85,7 +86,8 @@ def run_suite(systems: list[System], out_json: str | Path, device: str, grid: Gr
     with tempfile.TemporaryDirectory(prefix="vptq-e2e-", dir=work_dir) as tmp:
         for s in systems:
             spec = {"name": s.name, "model_dir": str(s.model_dir), "lib": s.lib, "device": device,
-                    "grid": grid.to_json(), "work_dir": str(Path(tmp) / s.name), "tile": tile, "hf_dtype": hf_dtype}
+                    "grid": grid.to_json(), "work_dir": str(Path(tmp) / s.name), "tile": tile, "hf_dtype": hf_dtype,
+                    "overlap": s.overlap}
             log.info("system %s: %s", s.name, s.lib or f"transformers {hf_dtype}")
             t0 = time.perf_counter()
             partial = Path(out_json).with_name(f"{Path(out_json).stem}.{s.name}.partial.json")
@@ -175,6 +177,9 @@ def _ints(value: str) -> tuple[int, ...]:
 @click.option("--system", "systems", nargs=3, multiple=True, required=True, metavar="NAME MODEL_DIR LIB",
               type=(str, click.Path(file_okay=False, exists=True), click.Path(dir_okay=False, exists=True)),
               help="One of our libraries (repeat). A config-only MODEL_DIR gets random weights in a temp dir.")
+@click.option("--no-overlap", "step_by_step", multiple=True, metavar="NAME",
+              help="Run this system without overlapped decoding (each step's tokens read before the next step is "
+                   "queued); repeat. Give one library twice under two names to compare both ways in one run.")
 @click.option("--baseline", default=None, help="Name of our dense fp16 system: ratios ours/baseline "
                                                "(default: a system named fp16, if any).")
 @click.option("--transformers/--no-transformers", "with_hf", default=True, show_default=True,
@@ -202,7 +207,8 @@ def _ints(value: str) -> tuple[int, ...]:
               help="Where random weights are written (default: the system temp dir); removed afterwards.")
 @click.option("--exact-random", is_flag=True, help="Draw every random float (slow for fp16 7B: minutes) instead "
                                                    f"of repeating a random block of {TILE} values per tensor.")
-def e2e_cmd(out_json: str, systems: tuple[tuple[str, str, str], ...], baseline: str | None, with_hf: bool,
+def e2e_cmd(out_json: str, systems: tuple[tuple[str, str, str], ...], step_by_step: tuple[str, ...],
+            baseline: str | None, with_hf: bool,
             hf_dtype: str, torch_anchor: bool | None, device: str, batches: str, contexts: str, prefill: str,
             steps: int, warmup: int, prefill_reps: int, sampling: str, work_dir: str | None,
             exact_random: bool) -> None:
@@ -220,11 +226,15 @@ def e2e_cmd(out_json: str, systems: tuple[tuple[str, str, str], ...], baseline: 
             or not all(re.fullmatch(r"[\w.-]+", n) for n in names)):
         raise click.BadParameter(f"system names must be unique words (letters, digits, _ . -), not {HF!r} or "
                                  f"{TORCH!r}: {names}")
+    if set(step_by_step) - set(names):
+        raise click.BadParameter(f"--no-overlap {sorted(set(step_by_step) - set(names))} is not one of the systems "
+                                 f"{names}")
     if baseline is None and "fp16" in names:
         baseline = "fp16"
     if baseline is not None and baseline not in names:
         raise click.BadParameter(f"--baseline {baseline!r} is not one of the systems {names}")
-    res = run_suite([System(*s) for s in systems], out_json, device, grid, baseline, hf_dtype if with_hf else None,
+    ours = [System(*s, overlap=s[0] not in step_by_step) for s in systems]
+    res = run_suite(ours, out_json, device, grid, baseline, hf_dtype if with_hf else None,
                     work_dir, 0 if exact_random else TILE,
                     device.startswith("cuda") if torch_anchor is None else torch_anchor)
     click.echo(f"device: {res['gpu'] or device}; decode sampling: {sampling}; memory: {res['memory_note']}")
@@ -260,7 +270,7 @@ def _child(spec_path: str, result_path: str) -> None:
 
             rec.out["lib"] = os.path.abspath(spec["lib"])
             run_engine_system(spec["model_dir"], spec["lib"], spec["device"], grid, spec["work_dir"], spec["tile"],
-                              rec)
+                              rec, overlap=spec.get("overlap", True))
     except Exception as e:  # noqa: BLE001 - recorded in the JSON next to what was measured; the others still run
         log.exception("system %s failed", spec["name"])
         rec.out["error"] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"

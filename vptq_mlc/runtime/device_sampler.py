@@ -19,6 +19,7 @@ import tvm
 from tvm.runtime import _ffi_api  # Tensor.numpy / copyfrom's copies, called on kept arrays
 
 from vptq_mlc.artifact import sampler_abi as abi
+from vptq_mlc.runtime.async_copy import HostLink, element_view
 from vptq_mlc.runtime.sampling import SamplingParams, TokenLogprob
 
 _MASK64 = (1 << 64) - 1
@@ -230,6 +231,32 @@ _LIST_SLOTS = (2, 3, 4, 5)  # the sparse lists among `sample_tokens`' host argum
 _MAX_DEVICE_BUFFERS = 64  # shapes kept on the device before the cache starts over
 
 
+@dataclass
+class SampleLaunch:
+    """A queued `sample_tokens` call: its device outputs and the rows it sampled."""
+
+    out_tok: Any  # int32 [rows, 1 + MAX_TOP] on the device
+    out_lp: Any  # float32 [rows, 1 + MAX_TOP]
+    rows: list[SampleRow]
+
+    @property
+    def wants_logprobs(self) -> list[bool]:
+        return [r.params.logprobs and not r.skip for r in self.rows]
+
+
+class PendingSample:
+    """A launch's tokens (and logprobs, when a row asked) on their way to the host; `picks()` waits for them."""
+
+    def __init__(self, sampler: DeviceSampler, launch: SampleLaunch) -> None:
+        self.sampler, self.launch = sampler, launch
+        wanted = [launch.out_tok] + ([launch.out_lp] if any(launch.wants_logprobs) else [])
+        self._read = sampler.link.read(wanted)
+
+    def picks(self) -> list[tuple[int, TokenLogprob | None]]:
+        arrays = self._read.wait()
+        return self.sampler.picks(self.launch, arrays[0], arrays[1] if len(arrays) > 1 else None)
+
+
 class DeviceSampler:
     """Calls the library's `sample_tokens` on logits already on the device.
 
@@ -238,14 +265,18 @@ class DeviceSampler:
     the model's default sampling then uploads one small array (the rows' uniforms change every step) and a greedy
     one none, instead of allocating, filling and freeing seven (each a device allocation and a synchronising copy on
     a GPU). Sparse lists are padded to a power of two, so a growing penalty list keeps its buffer; the kernel reads
-    each row's [start, end) only. The tokens (and logprobs, when a row asks) come back in one copy each."""
+    each row's [start, end) only. The tokens (and logprobs, when a row asks) come back in one copy each: at once
+    (`sample`), or later without making the host wait for work queued after them (`sample_later`, on a GPU through
+    runtime/async_copy.py, whose stream-ordered uploads are used then too)."""
 
     def __init__(self, func: Any, device: tvm.runtime.Device) -> None:
         self.func = func
         self.device = device
+        self.link = HostLink(device)
         self._packer = RowPacker()
         self._buffers: dict[tuple[int, tuple[int, ...]], tuple[np.ndarray, Any]] = {}
         self._out: dict[tuple[int, tuple[int, ...]], tuple[np.ndarray, Any]] = {}  # read-back arrays, pointers
+        self._ids: dict[int, tuple[Any, list[Any]]] = {}  # rows -> a device int32 [rows] buffer and its elements
         self.uploads = 0  # host-to-device copies so far (allocations included): what a step costs besides the call
 
     def _device_arg(self, slot: int, host: np.ndarray) -> Any:
@@ -268,7 +299,9 @@ class DeviceSampler:
             kept[0][...] = host
         else:
             kept = self._buffers[key] = (host.copy(), kept[1])
-        if slot < 2:  # fparams / iparams: `copyfrom`'s runtime call on the packer's rows, without its conversions
+        if self.link.asynchronous:
+            self.link.upload(kept[1], host)
+        elif slot < 2:  # fparams / iparams: `copyfrom`'s runtime call on the packer's rows, without its conversions
             _ffi_api.TVMTensorCopyFromBytes(kept[1], self._packer.pointers[slot], host.nbytes)
         else:
             kept[1].copyfrom(host)
@@ -282,23 +315,53 @@ class DeviceSampler:
             host = np.zeros(key[1], dtype=np.int32 if slot == 0 else np.float32)
             out = self._out[key] = (host, _pointer(host))
         _ffi_api.TVMTensorCopyToBytes(tensor, out[1], out[0].nbytes)
+        self.link.synchronized()
         return out[0]
 
-    def sample(self, logits: Any, rows: list[SampleRow], vocab_limit: int | None = None
-               ) -> list[tuple[int, TokenLogprob | None]]:
-        """`logits`: a [len(rows), vocab] float32 device tensor. Returns (token, logprob or None) per row."""
+    def launch(self, logits: Any, rows: list[SampleRow], vocab_limit: int | None = None) -> SampleLaunch:
+        """Queue one `sample_tokens` call. `logits`: a [len(rows), vocab] float32 device tensor."""
         vocab = int(logits.shape[-1])
         limit = min(vocab_limit or vocab, vocab)
         host = self._packer.pack(rows, limit, (vocab + 31) // 32)
         args = [self._device_arg(slot, a) for slot, a in enumerate(host)]
         out_tok, out_lp = self.func(logits, *args)
-        tokens = self._read(0, out_tok)
-        wants_logprobs = [r.params.logprobs and not r.skip for r in rows]
-        if not any(wants_logprobs):
+        return SampleLaunch(out_tok, out_lp, rows)
+
+    def sample(self, logits: Any, rows: list[SampleRow], vocab_limit: int | None = None
+               ) -> list[tuple[int, TokenLogprob | None]]:
+        """Sample every row now. Returns (token, logprob or None) per row."""
+        launch = self.launch(logits, rows, vocab_limit)
+        tokens = self._read(0, launch.out_tok)
+        logprobs = self._read(1, launch.out_lp) if any(launch.wants_logprobs) else None
+        return self.picks(launch, tokens, logprobs)
+
+    def sample_later(self, logits: Any, rows: list[SampleRow], vocab_limit: int | None = None) -> PendingSample:
+        """Queue the sampling and the copy of its results; `picks()` on the result waits for them."""
+        return PendingSample(self, self.launch(logits, rows, vocab_limit))
+
+    def next_input_ids(self, launch: SampleLaunch) -> Any:
+        """The sampled tokens as a device int32 [rows] tensor (column 0 of `out_tok`), for the next step's
+        embedding without a trip through the host: a view for one row, else stream-ordered copies of each row's."""
+        n = len(launch.rows)
+        if n == 1:
+            return element_view(launch.out_tok, 0)
+        kept = self._ids.get(n)
+        if kept is None:
+            buf = tvm.runtime.empty((n,), "int32", self.device)
+            kept = self._ids[n] = (buf, [element_view(buf, i) for i in range(n)])
+        cols = int(launch.out_tok.shape[-1])
+        for i, dst in enumerate(kept[1]):
+            _ffi_api.TVMTensorCopyFromTo(element_view(launch.out_tok, i * cols), dst)
+        return kept[0]
+
+    @staticmethod
+    def picks(launch: SampleLaunch, tokens: np.ndarray, logprobs: np.ndarray | None
+              ) -> list[tuple[int, TokenLogprob | None]]:
+        """(token, logprob or None) per row, from the host copies of a launch's outputs."""
+        if logprobs is None:
             return [(int(t), None) for t in tokens[:, 0]]
-        logprobs = self._read(1, out_lp)
         result: list[tuple[int, TokenLogprob | None]] = []
-        for i, (row, wants) in enumerate(zip(rows, wants_logprobs)):
+        for i, (row, wants) in enumerate(zip(launch.rows, launch.wants_logprobs)):
             token = int(tokens[i, 0])
             if not wants:
                 result.append((token, None))

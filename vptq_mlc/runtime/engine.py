@@ -9,6 +9,13 @@ A request is admitted only when
 the KV pages for its whole budget (prompt + max new tokens) are free, so a running request never runs out
 of pages; its pages go back when it finishes or is cancelled. `generate`/`chat` are thin loops over
 `step()`, so a server can add requests between steps (continuous batching) through the same path.
+
+On a GPU, decode steps overlap with the host's work (`overlap`): while the batch stays the same and every row can
+be sampled without its previous token on the host (no penalties, no constraint), a step queues the next one, fed
+the tokens the device sampler left on the device, before it reads its own tokens back. The host's per-step work
+(reading tokens, detokenizing, stop checks, the next step's launches) then runs while the GPU computes. A step
+queued for a request that then finishes (a stop token, a stop string) is discarded: its KV write lies within the
+pages the request reserved.
 """
 
 from __future__ import annotations
@@ -18,6 +25,7 @@ import itertools
 import logging
 import time
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +37,7 @@ from vptq_mlc.artifact import sampler_abi
 from vptq_mlc.artifact.chat_config import ChatConfig
 from vptq_mlc.errors import GenerationError, RuntimeLoadError
 from vptq_mlc.runtime.device import DeviceLike, Placement, find_library, parse_placement, resolve_device
-from vptq_mlc.runtime.device_sampler import DeviceSampler, SampleRow
+from vptq_mlc.runtime.device_sampler import DeviceSampler, PendingSample, SampleRow
 from vptq_mlc.runtime.frontend import RequestFrontend
 from vptq_mlc.runtime.kv_cache import PrefixCache
 from vptq_mlc.runtime.library import CompiledModel, first_line, load_library
@@ -44,6 +52,14 @@ DEFAULT_MAX_BATCH = 4  # concurrent sequences unless asked otherwise (capped by 
 # Tokens of one step that mixes decoding requests with prompt chunks (capped by the prefill chunk): small enough
 # that the step costs a few decode steps, large enough that a long prompt still finishes in a few dozen steps.
 DEFAULT_STEP_TOKEN_BUDGET = 256
+
+
+@dataclass
+class _QueuedDecode:
+    """A decode call whose tokens are still on their way to the host: its batch piece and their sampling."""
+
+    batch: list[Request]
+    sample: PendingSample
 
 
 class Engine:
@@ -66,6 +82,7 @@ class Engine:
         devices: Sequence[str] | str | None = None,
         prefix_cache: bool = False,
         step_token_budget: int | None = None,
+        overlap: bool | None = None,
     ) -> None:
         """Sizes left as None come from mlc-chat-config.json, bounded by the library's `_metadata`.
 
@@ -79,6 +96,8 @@ class Engine:
         `step_token_budget`: tokens per step while requests decode and prompts are left (their decode tokens plus
         prompt chunks; default 256, at most the prefill chunk); 0 runs prompts in steps of their own instead, which
         pause every decoding request for the whole prompt.
+        `overlap`: queue each decode step before reading the previous one's tokens (module docstring); default on
+        where the device sampler copies asynchronously (CUDA), off elsewhere (True forces it, for tests).
         """
         self.model_dir = Path(model_dir)
         self.config = ChatConfig.load(self.model_dir)
@@ -135,6 +154,10 @@ class Engine:
                                     if self.lib.has(f"batch_decode_b{n}")})
         self._reshape = tvm.get_global_func("vm.builtin.reshape")
         self.device_sampler = self._load_device_sampler()
+        if overlap is None:
+            overlap = self.device_sampler is not None and self.device_sampler.link.asynchronous
+        self.overlap = bool(overlap) and self.device_sampler is not None and not self.placement.split
+        self._queued: list[_QueuedDecode] = []  # decode calls whose tokens the next step() reads
         self._seq_ids = itertools.count()
         self.waiting: collections.deque[Request] = collections.deque()
         self.running: list[Request] = []
@@ -211,6 +234,9 @@ class Engine:
         """Drop every request and clear the KV cache."""
         for req in [*self.running, *self.waiting]:
             self.cancel(req)
+        for queued in self._queued:  # their requests are cancelled; let the copies land before the buffers are reused
+            queued.sample.picks()
+        self._queued = []
         self.kv.clear()
         if self.prefix_cache is not None:
             self.prefix_cache.clear()
@@ -222,6 +248,8 @@ class Engine:
         if req.seq_id is not None and req.state is RequestState.RUNNING:
             decoded = self._decoded.pop(req.seq_id, 0)
             if self.prefix_cache is not None and req.finish_reason != "error" and req.prefilled > 0:
+                if decoded > len(req.output_ids):  # a step queued before the stop token was read fed it too
+                    self.kv.popn(req.seq_id, decoded - len(req.output_ids))
                 self.prefix_cache.insert(req.seq_id, req.prompt_ids[: req.prefilled] + req.output_ids[:decoded])
             else:
                 self.kv.remove(req.seq_id)
@@ -259,7 +287,11 @@ class Engine:
     # ---- model calls ----------------------------------------------------------------------------------
 
     def _embed_ids(self, ids: list[int], shape: list[int]) -> Any:
-        emb = self._embed(tvm.runtime.tensor(np.asarray(ids, dtype=np.int32), self.lib.device), self.params)
+        return self._embed_tensor(tvm.runtime.tensor(np.asarray(ids, dtype=np.int32), self.lib.device), shape)
+
+    def _embed_tensor(self, ids: Any, shape: list[int]) -> Any:
+        """Embeddings of a device int32 tensor of token ids, shaped [*shape, hidden]."""
+        emb = self._embed(ids, self.params)
         return self._reshape(emb, ShapeTuple([*shape, int(emb.shape[-1])]))
 
     def _run(self, batch: list[Request], lengths: list[int], call: Any) -> Any:
@@ -313,7 +345,19 @@ class Engine:
 
     def step(self) -> list[Request]:
         """One model call (a decode step, or a `batch_prefill` of prompt chunks that may carry the decoding
-        requests' tokens too). Returns the requests that got a new token in this step."""
+        requests' tokens too). Returns the requests that got a new token in this step.
+
+        With `overlap`, a decode step's tokens are read by the next call, after it has queued the following step
+        (module docstring)."""
+        queued, self._queued = self._queued, []
+        if queued:
+            if self._can_overlap([r for q in queued for r in q.batch]):
+                sampler = self.device_sampler
+                self._queued = [self._queue_decode(q.batch, sampler.next_input_ids(q.sample.launch)) for q in queued]
+            stepped = [r for q in queued for r in self._take_picks(q.batch, q.sample.picks())]
+            if stepped or self._queued:
+                return stepped
+            # every row of the queued step belonged to a request that has finished since: a step of its own
         self._admit()
         if not self.running:
             return []
@@ -333,8 +377,12 @@ class Engine:
                     r.prefilled += n
                     self.prefill_tokens += n
             return self._sample(logits, batch, [r.prefill_done for r in batch])
+        pieces = self._decode_pieces(list(self.running))
+        if self._can_overlap(self.running):
+            self._queued = [self._queue_decode(b, self._host_ids(b)) for b in pieces]
+            return self.step()  # queues the step after, then reads this one's tokens
         stepped = []
-        for batch in self._decode_pieces(list(self.running)):
+        for batch in pieces:
             emb = self._embed_ids([r.next_input() for r in batch], [len(batch), 1])
             decode = self._static_decode.get(len(batch), self._decode)
             logits = self._run(batch, [1] * len(batch), lambda kv: decode(emb, kv, self.params))
@@ -342,6 +390,38 @@ class Engine:
                 self._decoded[r.seq_id] = self._decoded.get(r.seq_id, 0) + 1
             stepped += self._sample(logits, batch, [True] * len(batch))
         return stepped
+
+    def _overlappable(self, r: Request) -> bool:
+        """Whether the step after the one in flight can be sampled before this request's last token reaches the
+        host: no penalties or constraint (they need that token), and that token cannot end it by length."""
+        p = r.params
+        return (r.prefill_done and r.constraint is None and p.repetition_penalty == 1.0 and not p.presence_penalty
+                and not p.frequency_penalty and len(r.output_ids) + 1 < r.max_new_tokens)
+
+    def _can_overlap(self, batch: list[Request]) -> bool:
+        """Queue a decode step of `batch` before the current one's tokens are read: overlap is on, nobody waits to
+        be admitted, `batch` is every running request and each of them allows it."""
+        return (self.overlap and not self.waiting and batch == self.running
+                and all(self._overlappable(r) for r in batch))
+
+    def _host_ids(self, batch: list[Request]) -> Any:
+        return tvm.runtime.tensor(np.asarray([r.next_input() for r in batch], dtype=np.int32), self.lib.device)
+
+    def _queue_decode(self, batch: list[Request], ids: Any) -> _QueuedDecode:
+        """Queue one decode call of `batch` fed `ids` (a device tensor) and its sampling; nothing is read back."""
+        emb = self._embed_tensor(ids, [len(batch), 1])
+        decode = self._static_decode.get(len(batch), self._decode)
+        logits = self._run(batch, [1] * len(batch), lambda kv: decode(emb, kv, self.params))
+        for r in batch:
+            self._decoded[r.seq_id] = self._decoded.get(r.seq_id, 0) + 1
+        flat = self._reshape(logits, ShapeTuple([len(batch), int(logits.shape[-1])]))
+        seen = self.active_vocab or int(logits.shape[-1])
+        rows = [r.sample_row(seen) for r in batch]
+        return _QueuedDecode(batch, self.device_sampler.sample_later(flat, rows, self.active_vocab))
+
+    def _take_picks(self, batch: list[Request], picks: list[tuple[int, Any]]) -> list[Request]:
+        tokens = [-1 if r.finished else r.take_sample(token, logprob) for r, (token, logprob) in zip(batch, picks)]
+        return self._append_tokens(batch, [True] * len(batch), tokens, {})
 
     def _sample(self, logits: Any, batch: list[Request], wanted: list[bool]) -> list[Request]:
         """Sample the next token of each wanted row of `logits` (one row per request of `batch`) and append it.
@@ -369,9 +449,15 @@ class Engine:
                     tokens[i] = r.sample(row) if w else -1
                 except Exception as e:  # noqa: BLE001 - recorded on the request below
                     failed[i] = e
+        return self._append_tokens(batch, wanted, tokens, failed)
+
+    def _append_tokens(self, batch: list[Request], wanted: list[bool], tokens: list[int],
+                       failed: dict[int, Exception]) -> list[Request]:
+        """Append each wanted row's token to its request (a failure ends that request only); finished requests
+        (a row queued before its request stopped) are skipped."""
         stepped = []
         for i, (r, w, token) in enumerate(zip(batch, wanted, tokens)):
-            if not w:
+            if not w or r.finished:
                 continue
             try:
                 if i in failed:

@@ -67,6 +67,10 @@ class PagedKVCache:
     def remove(self, seq_id: int) -> None:
         self._remove(self.obj, seq_id)
 
+    def popn(self, seq_id: int, n: int) -> None:
+        """Drop the last `n` tokens of a sequence's KV."""
+        _g("vm.builtin.kv_state_popn")(self.obj, seq_id, n)
+
     def fork(self, parent: int, child: int, length: int) -> None:
         """New sequence `child` holding the first `length` tokens of `parent`: whole pages are shared (reference
         counted, freed with the last sequence using them), a partly filled last page is copied."""
