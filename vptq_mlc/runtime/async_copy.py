@@ -108,7 +108,7 @@ class HostLink:
         if not self.asynchronous:
             dst.copyfrom(src)
             return
-        slot = self._slot(("up", src.shape, src.dtype.str), [(src.shape, src.dtype.str)])
+        slot = self._slot(("up", src.shape, str(src.dtype)), [(tuple(src.shape), str(src.dtype))])
         slot.views[0][...] = src
         _ffi_api.TVMTensorCopyFromTo(slot.tensors[0], dst)
         self._unfenced.append(slot)
