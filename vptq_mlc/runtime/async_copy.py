@@ -77,10 +77,14 @@ class PendingRead:
 class HostLink:
     """Stream-ordered uploads and reads for one device (see the module docstring)."""
 
-    def __init__(self, device: tvm.runtime.Device) -> None:
+    def __init__(self, device: tvm.runtime.Device, staging: tvm.runtime.Device | None = None) -> None:
+        """`staging`: where the host-side buffers live (default: CUDA's page-locked memory on a CUDA device, none
+        elsewhere); the CPU device runs the same buffer bookkeeping with immediate copies (tests)."""
         self.device = device
-        self.asynchronous = device.dlpack_device_type() == KDL_CUDA
-        self._pinned = tvm.runtime.Device(KDL_CUDA_HOST, device.index) if self.asynchronous else None
+        if staging is None and device.dlpack_device_type() == KDL_CUDA:
+            staging = tvm.runtime.Device(KDL_CUDA_HOST, device.index)
+        self.asynchronous = staging is not None
+        self._pinned = staging
         self._staging: dict[tuple[Any, ...], list[_Slot]] = {}
         self._turn: dict[tuple[Any, ...], int] = {}
         self._unfenced: list[_Slot] = []  # staging slots written since the last read was queued
