@@ -362,6 +362,9 @@ def chat(model_dir: str, lib: str | None, device: str, prompt: str | None, syste
 @click.option("--step-token-budget", type=click.IntRange(min=0), default=None,
               help="Tokens per step while requests decode and prompts wait (decode tokens + prompt chunks; default "
                    "256, at most the prefill chunk). 0: prompts run alone and pause decoding.")
+@click.option("--no-overlap", is_flag=True,
+              help="Read each decode step's tokens before queueing the next (default on CUDA: the next step is "
+                   "queued first, so the host's per-token work overlaps the GPU's).")
 @one_line_errors
 @hub_source("model_dir", name_param="model_name")
 def serve(model_dir: str, lib: str | None, device: str, host: str, port: int, max_batch_size: int | None,
@@ -369,7 +372,7 @@ def serve(model_dir: str, lib: str | None, device: str, host: str, port: int, ma
           api_key: str | None, api_key_file: str | None, max_body_bytes: int, read_timeout: float,
           max_connections: int | None, drain_timeout: float, replicas: int | None, min_replicas: int | None,
           max_replicas: int | None, ray_address: str | None, request_timeout: float, devices: str | None,
-          prefix_cache: bool = True, step_token_budget: int | None = None) -> None:
+          prefix_cache: bool = True, step_token_budget: int | None = None, no_overlap: bool = False) -> None:
     """OpenAI-compatible HTTP server (/v1/chat/completions, /v1/completions, /v1/models, /health, /metrics)."""
     api_key = _api_key(api_key, api_key_file)
     if not api_key and not _is_loopback(host):
@@ -386,7 +389,7 @@ def serve(model_dir: str, lib: str | None, device: str, host: str, port: int, ma
                        max_batch_size=max_batch_size, max_queue=max_queue, max_total_tokens=max_total_tokens,
                        context_window=context_window, model_name=model_name, api_key=api_key,
                        max_body_bytes=max_body_bytes, request_timeout=request_timeout,
-                       step_token_budget=step_token_budget)
+                       step_token_budget=step_token_budget, overlap=False if no_overlap else None)
         return
     from vptq_mlc.errors import RuntimeLoadError
 
@@ -400,7 +403,7 @@ def serve(model_dir: str, lib: str | None, device: str, host: str, port: int, ma
     model_dir, lib, placement = resolve_model(model_dir, lib, parse_device_options(device, devices))
     engine = load_engine(model_dir, lib, device=placement, max_batch_size=max_batch_size,
                          context_window=context_window, max_total_tokens=max_total_tokens, prefix_cache=prefix_cache,
-                         step_token_budget=step_token_budget)
+                         step_token_budget=step_token_budget, overlap=False if no_overlap else None)
     run_server(engine, host=host, port=port, max_queue=max_queue, model_name=model_name, api_key=api_key,
                max_body_bytes=max_body_bytes, read_timeout=read_timeout, drain_timeout=drain_timeout,
                max_connections=max_connections)

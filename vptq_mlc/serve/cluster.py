@@ -67,6 +67,7 @@ class ClusterOptions:
     max_total_tokens: int | None = None
     context_window: int | None = None
     step_token_budget: int | None = None  # tokens of a step mixing decode tokens and prompt chunks (Engine's)
+    overlap: bool | None = None  # the Engine's overlapped decoding (None: on where the device allows it)
     model_name: str | None = None
     api_key: str | None = None
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
@@ -101,7 +102,7 @@ class EngineReplica:
         device = DeviceSpec("cuda", 0) if opts.gpu else opts.device  # Ray sets CUDA_VISIBLE_DEVICES to its GPU
         self.engine = load_engine(opts.model_dir, opts.lib, device=device, max_batch_size=opts.max_batch_size,
                                   context_window=opts.context_window, max_total_tokens=opts.max_total_tokens,
-                                  step_token_budget=opts.step_token_budget)
+                                  step_token_budget=opts.step_token_budget, overlap=opts.overlap)
         self.worker = EngineWorker(self.engine, opts.max_queue)
         self.worker.start()
         self.replica = serve.get_replica_context().replica_id.unique_id

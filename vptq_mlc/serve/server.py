@@ -45,7 +45,7 @@ FINAL_FLUSH_S = 5  # after the drain: time for the last chunks to reach the clie
 def load_engine(model_dir: str | Path, lib: str | Path | None = None, device: DeviceLike | Placement = "auto",
                 max_batch_size: int | None = None, context_window: int | None = None,
                 max_total_tokens: int | None = None, devices: str | None = None, prefix_cache: bool = False,
-                step_token_budget: int | None = None) -> Engine:
+                step_token_budget: int | None = None, overlap: bool | None = None) -> Engine:
     """An Engine sized for serving: by default as many concurrent sequences as the model was converted for.
     `device` as the CLI parsed it (a Placement, which may split the layers over several devices), or as Engine
     takes it (`devices`: "cuda:0,cuda:1")."""
@@ -53,7 +53,7 @@ def load_engine(model_dir: str | Path, lib: str | Path | None = None, device: De
         max_batch_size = ChatConfig.load(model_dir).model_config.get("max_batch_size")
     return Engine(model_dir, lib, device=device, max_batch_size=max_batch_size, context_window=context_window,
                   max_total_tokens=max_total_tokens, devices=devices, prefix_cache=prefix_cache,
-                  step_token_budget=step_token_budget)
+                  step_token_budget=step_token_budget, overlap=overlap)
 
 
 def serve(engine: Engine, host: str = "127.0.0.1", port: int = 8000, max_queue: int = DEFAULT_MAX_QUEUE,
