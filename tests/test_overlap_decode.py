@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 from reference_model import reference_greedy, reference_model
 
@@ -103,14 +104,55 @@ def test_cancel_and_a_new_request_between_queued_steps(built, reference):
     assert not engine._queued and engine.kv.total_tokens() == 0
 
 
-def test_rows_that_need_their_last_token_run_step_by_step(built):
-    """Penalties need the previous token on the host: such a batch is never queued ahead."""
-    engine = Engine(built[1], built[2], device="cpu", max_batch_size=2, overlap=True)
-    reqs = [engine.add_request(PROMPTS[0], _greedy(6)),
-            engine.add_request(PROMPTS[1], _greedy(6, repetition_penalty=1.3))]
-    while not all(r.finished for r in reqs):
-        engine.step()
-        assert not engine._queued
+class FollowsLast:
+    """A constraint whose allowed tokens depend on the last accepted one: five tokens after it (mod the vocabulary).
+    A bitmask built before the previous token was accepted would allow other tokens."""
+
+    def __init__(self, first: int, vocab: int) -> None:
+        self.last, self.vocab = first, vocab
+        self.accepted: list[int] = []
+
+    def allowed(self, last: int) -> list[int]:
+        return [(last * 7 + 3 + k) % self.vocab for k in range(5)]
+
+    def fill_bitmask(self, bitmask) -> None:  # noqa: ANN001
+        bits = np.zeros(bitmask.size * 32, dtype=np.uint8)
+        bits[self.allowed(self.last)] = 1
+        bitmask[:] = np.packbits(bits, bitorder="little").view("<i4")
+
+    def accept(self, token: int) -> None:
+        assert token in self.allowed(self.last), (token, self.last)
+        self.accepted.append(token)
+        self.last = token
+
+    def is_terminated(self) -> bool:
+        return False
+
+
+def test_rows_that_need_their_last_token_see_it(built):
+    """Penalties and constraints need each step's token on the host before the next step samples: the next decode
+    call is queued first, its sampling only after the token is read. A repetition penalty of 1e4 with greedy
+    decoding must then never repeat a token (the model does, unpenalised), and a constraint that allows only
+    successors of the last token is met at every step; logprobs come along; all tokens as step by step."""
+    vocab = 512
+    outs = []
+    for overlap in (False, True):
+        engine = Engine(built[1], built[2], device="cpu", max_batch_size=3, overlap=overlap)
+        follow = FollowsLast(PROMPTS[2][-1], vocab)
+        reqs = [engine.add_request(PROMPTS[1], _greedy(14)),
+                engine.add_request(PROMPTS[1], _greedy(14, repetition_penalty=1e4)),
+                engine.add_request(PROMPTS[2], _greedy(14, logprobs=True, top_logprobs=3), constraint=follow)]
+        queued = 0
+        while not all(r.finished for r in reqs):
+            engine.step()
+            queued += bool(engine._queued)
+        assert (queued >= 8) == overlap
+        assert len(set(reqs[1].output_ids)) == len(reqs[1].output_ids) == 14
+        assert follow.accepted == reqs[2].output_ids and len(reqs[2].output_logprobs) == 14
+        outs.append([r.output_ids for r in reqs] + [[lp.logprob for lp in reqs[2].output_logprobs]])
+    plain = outs[0][0]
+    assert len(set(plain)) < len(plain)  # without the penalty this model repeats itself after the same prompt
+    assert outs[0] == outs[1]
 
 
 def test_seeded_sampling_is_the_same_with_and_without_overlap(built):

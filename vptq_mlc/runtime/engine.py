@@ -10,12 +10,12 @@ the KV pages for its whole budget (prompt + max new tokens) are free, so a runni
 of pages; its pages go back when it finishes or is cancelled. `generate`/`chat` are thin loops over
 `step()`, so a server can add requests between steps (continuous batching) through the same path.
 
-On a GPU, decode steps overlap with the host's work (`overlap`): while the batch stays the same and every row can
-be sampled without its previous token on the host (no penalties, no constraint), a step queues the next one, fed
-the tokens the device sampler left on the device, before it reads its own tokens back. The host's per-step work
-(reading tokens, detokenizing, stop checks, the next step's launches) then runs while the GPU computes. A step
-queued for a request that then finishes (a stop token, a stop string) is discarded: its KV write lies within the
-pages the request reserved.
+On a GPU, decode steps overlap with the host's work (`overlap`): while the batch stays the same, a step queues the
+next decode call, fed the tokens the device sampler left on the device, before it reads its own tokens back; the
+next call's sampling is queued once those tokens are in (penalties, constraints and stop checks see them), while
+the GPU still runs that call. The host's per-step work (reading tokens, detokenizing, stop checks, launches) then
+runs while the GPU computes. A row queued for a request that then finishes (a stop token, a stop string) is
+dropped: its KV write lies within the pages the request reserved.
 """
 
 from __future__ import annotations
@@ -56,10 +56,12 @@ DEFAULT_STEP_TOKEN_BUDGET = 256
 
 @dataclass
 class _QueuedDecode:
-    """A decode call whose tokens are still on their way to the host: its batch piece and their sampling."""
+    """A queued decode call of one batch piece: its logits on the device, then (once queued) their sampling, whose
+    tokens are on their way to the host."""
 
     batch: list[Request]
-    sample: PendingSample
+    logits: Any  # [rows, vocab] on the device
+    sample: PendingSample | None = None
 
 
 class Engine:
@@ -351,10 +353,12 @@ class Engine:
         (module docstring)."""
         queued, self._queued = self._queued, []
         if queued:
+            ahead = []
             if self._can_overlap([r for q in queued for r in q.batch]):
                 sampler = self.device_sampler
-                self._queued = [self._queue_decode(q.batch, sampler.next_input_ids(q.sample.launch)) for q in queued]
+                ahead = [self._queue_decode(q.batch, sampler.next_input_ids(q.sample.launch)) for q in queued]
             stepped = [r for q in queued for r in self._take_picks(q.batch, q.sample.picks())]
+            self._queued = [self._queue_sampling(q) for q in ahead]  # after the tokens: penalties, masks see them
             if stepped or self._queued:
                 return stepped
             # every row of the queued step belonged to a request that has finished since: a step of its own
@@ -379,7 +383,7 @@ class Engine:
             return self._sample(logits, batch, [r.prefill_done for r in batch])
         pieces = self._decode_pieces(list(self.running))
         if self._can_overlap(self.running):
-            self._queued = [self._queue_decode(b, self._host_ids(b)) for b in pieces]
+            self._queued = [self._queue_sampling(self._queue_decode(b, self._host_ids(b))) for b in pieces]
             return self.step()  # queues the step after, then reads this one's tokens
         stepped = []
         for batch in pieces:
@@ -392,11 +396,9 @@ class Engine:
         return stepped
 
     def _overlappable(self, r: Request) -> bool:
-        """Whether the step after the one in flight can be sampled before this request's last token reaches the
-        host: no penalties or constraint (they need that token), and that token cannot end it by length."""
-        p = r.params
-        return (r.prefill_done and r.constraint is None and p.repetition_penalty == 1.0 and not p.presence_penalty
-                and not p.frequency_penalty and len(r.output_ids) + 1 < r.max_new_tokens)
+        """Whether a decode step can be queued for this request before its last token reaches the host: the token
+        in flight cannot end it by length (it would only waste the queued row)."""
+        return r.prefill_done and len(r.output_ids) + 1 < r.max_new_tokens
 
     def _can_overlap(self, batch: list[Request]) -> bool:
         """Queue a decode step of `batch` before the current one's tokens are read: overlap is on, nobody waits to
@@ -408,16 +410,31 @@ class Engine:
         return tvm.runtime.tensor(np.asarray([r.next_input() for r in batch], dtype=np.int32), self.lib.device)
 
     def _queue_decode(self, batch: list[Request], ids: Any) -> _QueuedDecode:
-        """Queue one decode call of `batch` fed `ids` (a device tensor) and its sampling; nothing is read back."""
+        """Queue one decode call of `batch` fed `ids` (a device tensor); its logits stay on the device."""
         emb = self._embed_tensor(ids, [len(batch), 1])
         decode = self._static_decode.get(len(batch), self._decode)
         logits = self._run(batch, [1] * len(batch), lambda kv: decode(emb, kv, self.params))
         for r in batch:
             self._decoded[r.seq_id] = self._decoded.get(r.seq_id, 0) + 1
-        flat = self._reshape(logits, ShapeTuple([len(batch), int(logits.shape[-1])]))
-        seen = self.active_vocab or int(logits.shape[-1])
-        rows = [r.sample_row(seen) for r in batch]
-        return _QueuedDecode(batch, self.device_sampler.sample_later(flat, rows, self.active_vocab))
+        return _QueuedDecode(batch, self._reshape(logits, ShapeTuple([len(batch), int(logits.shape[-1])])))
+
+    def _queue_sampling(self, queued: _QueuedDecode) -> _QueuedDecode:
+        """Queue the sampling of a queued decode call and the copy of its tokens; nothing is read back. A request
+        finished since is a skipped row; one whose row fails to build (its constraint raising) ends alone."""
+        seen = self.active_vocab or int(queued.logits.shape[-1])
+        rows = []
+        for r in queued.batch:
+            row = SampleRow(r.params, skip=True)
+            if not r.finished:
+                try:
+                    row = r.sample_row(seen)
+                except Exception as e:  # noqa: BLE001 - one request's sampling failure ends that request
+                    log.exception("sampling failed for %r", r)
+                    r.finish_reason, r.error = "error", f"{type(e).__name__}: {e}"
+                    self._finish(r)
+            rows.append(row)
+        queued.sample = self.device_sampler.sample_later(queued.logits, rows, self.active_vocab)
+        return queued
 
     def _take_picks(self, batch: list[Request], picks: list[tuple[int, Any]]) -> list[Request]:
         tokens = [-1 if r.finished else r.take_sample(token, logprob) for r, (token, logprob) in zip(batch, picks)]
