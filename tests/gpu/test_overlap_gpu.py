@@ -49,10 +49,11 @@ def _run(engine, prompts, params_for) -> tuple[list[list[int]], int]:  # noqa: A
 
 
 @pytest.mark.parametrize("batch", [1, 5, 16])
-@pytest.mark.parametrize("sampling", ["greedy", "seeded"])
+@pytest.mark.parametrize("sampling", ["greedy", "seeded", "penalised"])
 def test_overlapped_tokens_equal_stepwise(engines, batch: int, sampling: str) -> None:  # noqa: ANN001
     """Batch 1 (the ids a view of the sampler's output), 5 (static pieces: per-row copies) and 16; greedy and seeded
-    top-p sampling (the uniforms uploaded through page-locked staging every step); requests of unequal lengths."""
+    top-p sampling (the uniforms uploaded through page-locked staging every step), and with penalties (their lists
+    uploaded the same way, built after the previous token is read); requests of unequal lengths."""
     from vptq_mlc.runtime import SamplingParams
 
     overlapped, stepwise = engines
@@ -62,6 +63,9 @@ def test_overlapped_tokens_equal_stepwise(engines, batch: int, sampling: str) ->
         n = 10 + 3 * (i % 4)
         if sampling == "greedy":
             return SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True)
+        if sampling == "penalised":  # the penalty lists must hold the token read just before the sampling
+            return SamplingParams(max_tokens=n, temperature=0.9, seed=100 + i, repetition_penalty=1.3,
+                                  presence_penalty=0.5, ignore_eos=True)
         return SamplingParams(max_tokens=n, temperature=0.9, top_p=0.9, seed=100 + i, ignore_eos=True)
 
     prompts = _prompts(batch)
