@@ -160,6 +160,7 @@ class Engine:
             overlap = self.device_sampler is not None and self.device_sampler.link.asynchronous
         self.overlap = bool(overlap) and self.device_sampler is not None and not self.placement.split
         self._queued: list[_QueuedDecode] = []  # decode calls whose tokens the next step() reads
+        self._decode_fence: Any = None  # arrives when the last queued decode call has finished on the device
         self._seq_ids = itertools.count()
         self.waiting: collections.deque[Request] = collections.deque()
         self.running: list[Request] = []
@@ -410,10 +411,26 @@ class Engine:
         return tvm.runtime.tensor(np.asarray([r.next_input() for r in batch], dtype=np.int32), self.lib.device)
 
     def _queue_decode(self, batch: list[Request], ids: Any) -> _QueuedDecode:
-        """Queue one decode call of `batch` fed `ids` (a device tensor); its logits stay on the device."""
+        """Queue one decode call of `batch` fed `ids` (a device tensor); its logits stay on the device.
+
+        The KV cache keeps one set of per-call arrays on the device (page tables, positions) and copies the next
+        call's into them on a stream of its own that does not wait for queued kernels. So before this call's
+        arrays go up, the previous decode call must have finished on the device: the host waits for that call's
+        fence (a flag copied right after it), then has the arrays copied (`upload_aux`), then launches the call,
+        whose first kernels (the embedding) are already queued. The wait costs the GPU only the time from that
+        flag to this call's first kernel."""
         emb = self._embed_tensor(ids, [len(batch), 1])
         decode = self._static_decode.get(len(batch), self._decode)
-        logits = self._run(batch, [1] * len(batch), lambda kv: decode(emb, kv, self.params))
+
+        def call(kv: Any) -> Any:
+            if self._decode_fence is not None:
+                self._decode_fence.wait()
+                self._decode_fence = None
+            self.kv.upload_aux()
+            return decode(emb, kv, self.params)
+
+        logits = self._run(batch, [1] * len(batch), call)
+        self._decode_fence = self.device_sampler.link.read([])
         for r in batch:
             self._decoded[r.seq_id] = self._decoded.get(r.seq_id, 0) + 1
         return _QueuedDecode(batch, self._reshape(logits, ShapeTuple([len(batch), int(logits.shape[-1])])))
