@@ -160,7 +160,7 @@ class Engine:
             overlap = self.device_sampler is not None and self.device_sampler.link.asynchronous
         self.overlap = bool(overlap) and self.device_sampler is not None and not self.placement.split
         self._queued: list[_QueuedDecode] = []  # decode calls whose tokens the next step() reads
-        self._decode_fence: Any = None  # arrives when the last queued decode call has finished on the device
+        self._decode_queued = False  # a decode call was queued and the device not synchronised since
         self._seq_ids = itertools.count()
         self.waiting: collections.deque[Request] = collections.deque()
         self.running: list[Request] = []
@@ -415,22 +415,22 @@ class Engine:
 
         The KV cache keeps one set of per-call arrays on the device (page tables, positions) and copies the next
         call's into them on a stream of its own that does not wait for queued kernels. So before this call's
-        arrays go up, the previous decode call must have finished on the device: the host waits for that call's
-        fence (a flag copied right after it), then has the arrays copied (`upload_aux`), then launches the call,
-        whose first kernels (the embedding) are already queued. The wait costs the GPU only the time from that
-        flag to this call's first kernel."""
+        arrays go up, the previous decode call must have finished on the device: the host synchronises the
+        device (releasing the interpreter meanwhile), has the arrays copied (`upload_aux`), then launches the call,
+        whose first kernels (the embedding) are already queued. The GPU idles only from its last queued kernel to
+        this call's first; the host's token handling comes after the launch."""
         emb = self._embed_tensor(ids, [len(batch), 1])
         decode = self._static_decode.get(len(batch), self._decode)
 
         def call(kv: Any) -> Any:
-            if self._decode_fence is not None:
-                self._decode_fence.wait()
-                self._decode_fence = None
+            if self._decode_queued:
+                self.lib.device.sync()
+                self._decode_queued = False
             self.kv.upload_aux()
             return decode(emb, kv, self.params)
 
         logits = self._run(batch, [1] * len(batch), call)
-        self._decode_fence = self.device_sampler.link.read([])
+        self._decode_queued = True
         for r in batch:
             self._decoded[r.seq_id] = self._decoded.get(r.seq_id, 0) + 1
         return _QueuedDecode(batch, self._reshape(logits, ShapeTuple([len(batch), int(logits.shape[-1])])))
