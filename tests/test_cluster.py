@@ -150,9 +150,9 @@ def test_replica_death_loses_no_unstarted_request(cluster) -> None:
         return got, None
 
     async def killer(c: httpx.AsyncClient) -> tuple[str, int]:
-        for _ in range(600):  # wait until both replicas have requests and tokens flow (bounded: 60 s)
-            rows = per_replica(url)
-            if len(first_token) >= 2 and len(rows) >= 2:
+        for _ in range(600):  # wait until both replicas have this test's requests and tokens flow (bounded: 60 s)
+            started = {k: n - started_before.get(k, 0) for k, n in per_replica(url).items()}
+            if len(first_token) >= 2 and sum(n > 0 for n in started.values()) >= 2:
                 break
             await asyncio.sleep(0.1)
         victim = max(per_replica(url).items(), key=lambda kv: kv[1])[0]
