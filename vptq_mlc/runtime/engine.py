@@ -289,8 +289,15 @@ class Engine:
 
     # ---- model calls ----------------------------------------------------------------------------------
 
+    def _device_ids(self, ids: list[int]) -> Any:
+        return tvm.runtime.tensor(np.asarray(ids, dtype=np.int32), self.lib.device)
+
     def _embed_ids(self, ids: list[int], shape: list[int]) -> Any:
-        return self._embed_tensor(tvm.runtime.tensor(np.asarray(ids, dtype=np.int32), self.lib.device), shape)
+        return self._embed_tensor(self._device_ids(ids), shape)
+
+    def _host_ids(self, batch: list[Request]) -> Any:
+        """The decode inputs of `batch` (each request's last token) from the host."""
+        return self._device_ids([r.next_input() for r in batch])
 
     def _embed_tensor(self, ids: Any, shape: list[int]) -> Any:
         """Embeddings of a device int32 tensor of token ids, shaped [*shape, hidden]."""
@@ -388,12 +395,7 @@ class Engine:
             return self.step()  # queues the step after, then reads this one's tokens
         stepped = []
         for batch in pieces:
-            emb = self._embed_ids([r.next_input() for r in batch], [len(batch), 1])
-            decode = self._static_decode.get(len(batch), self._decode)
-            logits = self._run(batch, [1] * len(batch), lambda kv: decode(emb, kv, self.params))
-            for r in batch:
-                self._decoded[r.seq_id] = self._decoded.get(r.seq_id, 0) + 1
-            stepped += self._sample(logits, batch, [True] * len(batch))
+            stepped += self._sample(self._decode_call(batch, self._host_ids(batch)), batch, [True] * len(batch))
         return stepped
 
     def _overlappable(self, r: Request) -> bool:
@@ -407,18 +409,15 @@ class Engine:
         return (self.overlap and not self.waiting and batch == self.running
                 and all(self._overlappable(r) for r in batch))
 
-    def _host_ids(self, batch: list[Request]) -> Any:
-        return tvm.runtime.tensor(np.asarray([r.next_input() for r in batch], dtype=np.int32), self.lib.device)
-
-    def _queue_decode(self, batch: list[Request], ids: Any) -> _QueuedDecode:
-        """Queue one decode call of `batch` fed `ids` (a device tensor); its logits stay on the device.
+    def _decode_call(self, batch: list[Request], ids: Any) -> Any:
+        """One decode call of `batch` fed `ids` (a device tensor); returns its [rows, vocab] logits, left on the
+        device, and counts the fed tokens.
 
         The KV cache keeps one set of per-call arrays on the device (page tables, positions) and copies the next
-        call's into them on a stream of its own that does not wait for queued kernels. So before this call's
-        arrays go up, the previous decode call must have finished on the device: the host synchronises the
-        device (releasing the interpreter meanwhile), has the arrays copied (`upload_aux`), then launches the call,
-        whose first kernels (the embedding) are already queued. The GPU idles only from its last queued kernel to
-        this call's first; the host's token handling comes after the launch."""
+        call's into it, at the call's first attention, on a stream of its own that does not wait for queued kernels.
+        So while a queued decode call may still be running, the host synchronises the device (releasing the
+        interpreter meanwhile) before launching the next one, whose embedding is already queued: the GPU idles only
+        from its last queued kernel to this call's first."""
         emb = self._embed_tensor(ids, [len(batch), 1])
         decode = self._static_decode.get(len(batch), self._decode)
 
@@ -426,14 +425,18 @@ class Engine:
             if self._decode_queued:
                 self.lib.device.sync()
                 self._decode_queued = False
-            self.kv.upload_aux()
             return decode(emb, kv, self.params)
 
         logits = self._run(batch, [1] * len(batch), call)
-        self._decode_queued = True
         for r in batch:
             self._decoded[r.seq_id] = self._decoded.get(r.seq_id, 0) + 1
-        return _QueuedDecode(batch, self._reshape(logits, ShapeTuple([len(batch), int(logits.shape[-1])])))
+        return self._reshape(logits, ShapeTuple([len(batch), int(logits.shape[-1])]))
+
+    def _queue_decode(self, batch: list[Request], ids: Any) -> _QueuedDecode:
+        """`_decode_call` whose tokens are read only after the next call is queued."""
+        logits = self._decode_call(batch, ids)
+        self._decode_queued = True
+        return _QueuedDecode(batch, logits)
 
     def _queue_sampling(self, queued: _QueuedDecode) -> _QueuedDecode:
         """Queue the sampling of a queued decode call and the copy of its tokens; nothing is read back. A request
@@ -446,9 +449,7 @@ class Engine:
                 try:
                     row = r.sample_row(seen)
                 except Exception as e:  # noqa: BLE001 - one request's sampling failure ends that request
-                    log.exception("sampling failed for %r", r)
-                    r.finish_reason, r.error = "error", f"{type(e).__name__}: {e}"
-                    self._finish(r)
+                    self._end_with_error(r, e)
             rows.append(row)
         queued.sample = self.device_sampler.sample_later(queued.logits, rows, self.active_vocab)
         return queued
@@ -485,6 +486,12 @@ class Engine:
                     failed[i] = e
         return self._append_tokens(batch, wanted, tokens, failed)
 
+    def _end_with_error(self, r: Request, e: Exception) -> None:
+        """End request `r` because its sampling failed (`Request.error` says why); the batch goes on."""
+        log.exception("sampling failed for %r", r)
+        r.finish_reason, r.error = "error", f"{type(e).__name__}: {e}"
+        self._finish(r)
+
     def _append_tokens(self, batch: list[Request], wanted: list[bool], tokens: list[int],
                        failed: dict[int, Exception]) -> list[Request]:
         """Append each wanted row's token to its request (a failure ends that request only); finished requests
@@ -498,9 +505,7 @@ class Engine:
                     raise failed[i]
                 r.append(token)
             except Exception as e:  # noqa: BLE001 - one request's sampling failure ends that request, not the batch
-                log.exception("sampling failed for %r", r)
-                r.finish_reason, r.error = "error", f"{type(e).__name__}: {e}"
-                self._finish(r)
+                self._end_with_error(r, e)
                 continue
             stepped.append(r)
             if r.finish_reason is not None:

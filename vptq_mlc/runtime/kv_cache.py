@@ -67,12 +67,6 @@ class PagedKVCache:
     def remove(self, seq_id: int) -> None:
         self._remove(self.obj, seq_id)
 
-    def upload_aux(self) -> None:
-        """Copy this forward's per-call arrays (page tables, positions) to the device now; inside a forward.
-        TVM copies them at the forward's first attention call otherwise (`GetQueryPositions` triggers the same
-        copy and returns its positions)."""
-        _g("vm.builtin.attention_kv_cache_get_query_positions")(self.obj)
-
     def popn(self, seq_id: int, n: int) -> None:
         """Drop the last `n` tokens of a sequence's KV."""
         _g("vm.builtin.kv_state_popn")(self.obj, seq_id, n)
