@@ -173,6 +173,34 @@ def check_logprobs(sampler: DeviceSampler, vocab: int) -> None:
         np.testing.assert_allclose([v for _, v in lp.top], [v for _, v in want.top], atol=1e-4, rtol=0)
 
 
+def check_degenerate_rows(sampler: DeviceSampler, vocab: int) -> None:
+    """Rows whose scores are not finite numbers: a temperature so small that float32 logits / T overflow (it is
+    greedy: the token is numpy's argmax, its logprob the untempered one), and NaN logits, infinite logits and a
+    constraint that allows nothing (no token kept: the kernels must still return token ids inside the vocabulary,
+    never read or write outside their buffers)."""
+    rng = np.random.default_rng(13)
+    logits = rng.normal(0.0, 4.0, (8, vocab)).astype(np.float32)
+    logits[2] = np.nan
+    logits[3, [3, vocab // 2]] = np.inf
+    logits[4, vocab // 3] = np.nan
+    nothing = np.zeros((vocab + 31) // 32, dtype=np.int32)
+    sampled = [dict(temperature=0.7, top_p=0.9), dict(temperature=1.0, top_k=5), dict(temperature=1.0, min_p=0.2),
+               dict(temperature=1.0)]
+    rows = [SampleRow(SamplingParams(temperature=1e-39, top_p=0.9, logprobs=True, top_logprobs=3), 0.5),
+            SampleRow(SamplingParams(temperature=3e-6, logprobs=True, top_logprobs=2), 0.99)]
+    rows += [SampleRow(SamplingParams(**sampled[i % len(sampled)], logprobs=True, top_logprobs=4), 0.3)
+             for i in range(3)]
+    rows += [SampleRow(SamplingParams(**kw, logprobs=True, top_logprobs=2), 0.6, bitmask=nothing) for kw in sampled[:3]]
+    out = sampler.sample(tvm.runtime.tensor(logits, sampler.device), rows)
+    for i in (0, 1):
+        want = token_logprob(logits[i].astype(np.float64), int(np.argmax(logits[i])), rows[i].params.top_logprobs)
+        token, lp = out[i]
+        assert token == int(np.argmax(logits[i])) and lp is not None and abs(lp.logprob - want.logprob) <= 1e-4
+        assert [t for t, _ in lp.top] == [t for t, _ in want.top]
+    for token, lp in out[2:]:
+        assert 0 <= token < vocab and lp is not None and all(0 <= t < vocab for t, _ in lp.top), out
+
+
 def check_vocab_limit_and_batch_independence(sampler: DeviceSampler, vocab: int) -> None:
     rng = np.random.default_rng(9)
     logits = rng.normal(0.0, 1.0, (3, vocab)).astype(np.float32)

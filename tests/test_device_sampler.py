@@ -34,6 +34,10 @@ def test_logprobs_match_reference(sampler: checks.DeviceSampler) -> None:
     checks.check_logprobs(sampler, 1000)
 
 
+def test_degenerate_rows_stay_in_the_vocabulary(sampler: checks.DeviceSampler) -> None:
+    checks.check_degenerate_rows(sampler, 1000)
+
+
 def test_vocab_limit_and_rows_independent(sampler: checks.DeviceSampler) -> None:
     checks.check_vocab_limit_and_batch_independence(sampler, 500)
 
@@ -107,6 +111,7 @@ def test_gpu_kernel_emulated_on_cpu(cuda_source: str, tmp_path) -> None:
         missing("a C++20 compiler (g++) runs the CUDA kernels on the CPU; install g++")
     sampler = checks.DeviceSampler(EmulatedSampler(cuda_source, tmp_path), tvm.cpu())
     checks.check_vocab_limit_and_batch_independence(sampler, 500)
+    checks.check_degenerate_rows(sampler, 500)
     checks.check_settings_same_uniform(sampler, 3000, uniforms=4)
     checks.check_profiles_same_uniform(sampler, 128256, rows=1, settings=checks.PROFILE_SETTINGS[:2])
 

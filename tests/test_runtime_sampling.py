@@ -16,6 +16,7 @@ from transformers.generation.logits_process import (
 
 from vptq_mlc.errors import GenerationError
 from vptq_mlc.runtime.sampling import (
+    GREEDY_BELOW_TEMPERATURE,
     Sampler,
     SamplingParams,
     StopStrings,
@@ -101,7 +102,7 @@ def test_seed_reproducible_and_independent_per_request() -> None:
 
 @pytest.mark.parametrize(
     "kw", [{"temperature": -1}, {"top_p": 0}, {"top_p": 1.5}, {"top_k": -1}, {"repetition_penalty": 0},
-           {"max_tokens": 0}, {"stop": [""]}]
+           {"repetition_penalty": 1e-9}, {"repetition_penalty": 1e9}, {"max_tokens": 0}, {"stop": [""]}]
 )
 def test_invalid_params_raise(kw: dict) -> None:
     with pytest.raises(GenerationError):
@@ -180,3 +181,15 @@ def test_bitmask_restricts_tokens() -> None:
 def test_new_fields_validated(field: str, value: object) -> None:
     with pytest.raises(GenerationError, match=field):
         SamplingParams(**{field: value}).validate()
+
+
+def test_tiny_temperature_is_greedy() -> None:
+    """Below GREEDY_BELOW_TEMPERATURE a request is greedy (float32 logits / T would overflow): the argmax, as
+    transformers' greedy search picks it, and the same token for any seed."""
+    logits = np.random.default_rng(4).normal(0.0, 3.0, 300).astype(np.float32)
+    want = int(torch.argmax(torch.from_numpy(logits)))
+    for t in (1e-39, 1e-7, GREEDY_BELOW_TEMPERATURE / 2):
+        params = SamplingParams(temperature=t, seed=3)
+        assert params.temperature == 0.0
+        assert Sampler(params).sample(logits, np.array([], dtype=np.int64)) == want
+    assert SamplingParams(temperature=GREEDY_BELOW_TEMPERATURE).temperature == GREEDY_BELOW_TEMPERATURE

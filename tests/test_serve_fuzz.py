@@ -119,6 +119,11 @@ def _one_line_error(r: httpx.Response, body: dict) -> None:
 # found by this test: a field name with a line break, quoted in the validation message, split it over two lines
 @example(req=(CHAT, {"messages": [], "logit_bias": {"\r": None}}))
 @example(req=(COMP, {"prompt": "x", "stop": 5, "logit_bias": {"a\u2028b": "c"}}))
+# found by this test: a temperature whose float32 inverse overflows left the compiled sampler no kept token (an
+# uninitialised token id, NaN logprobs that JSON cannot carry)
+@example(req=(CHAT, {"messages": [{"role": "user", "content": "x"}], "temperature": 1e-39, "logprobs": True,
+                     "top_logprobs": 3, "max_tokens": 4}))
+@example(req=(COMP, {"prompt": "x", "temperature": 2e-38, "logprobs": 2, "max_tokens": 4}))
 def test_no_request_body_gets_a_server_error(client: httpx.Client, req) -> None:
     url, body = req
     r = client.post(url, json=body)

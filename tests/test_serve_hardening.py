@@ -157,6 +157,32 @@ PROMPTS = ["The quick brown fox", "Once upon a time", "def main():"]
 LONG = 200
 
 
+def test_logprobs_without_a_json_number_are_floored() -> None:
+    """-inf and NaN logprobs (non-finite logits) have no JSON number: the chosen token's is reported as vLLM
+    reports -inf, alternatives without a number are left out, and the body encodes as strict JSON."""
+    from vptq_mlc.runtime.sampling import TokenLogprob
+    from vptq_mlc.serve.protocol import LOGPROB_FLOOR, TokenText, json_logprob
+
+    class Tokenizer:  # what TokenText calls, for single-letter tokens
+        def decoder_type(self) -> str:
+            return "none"
+
+        def id_to_token(self, token: int) -> str:
+            return "abcdef"[token]
+
+        def decode(self, ids: list[int], skip_special_tokens: bool = False) -> str:
+            return "".join("abcdef"[t] for t in ids)
+
+    assert json_logprob(-1.5) == -1.5 and json_logprob(float("nan")) == json_logprob(float("-inf")) == LOGPROB_FLOOR
+    text = TokenText(Tokenizer())
+    entries = [TokenLogprob(1, float("nan"), [(1, float("nan")), (2, -0.5), (3, float("-inf"))])]
+    chat = json.loads(json.dumps(text.chat_logprobs(entries), allow_nan=False))
+    assert chat["content"][0]["logprob"] == LOGPROB_FLOOR
+    assert [e["token"] for e in chat["content"][0]["top_logprobs"]] == ["c"]
+    completion = json.loads(json.dumps(text.completion_logprobs(entries), allow_nan=False))
+    assert completion["token_logprobs"] == [LOGPROB_FLOOR] and completion["top_logprobs"] == [{"c": -0.5}]
+
+
 def test_a_request_whose_sampling_raises_fails_alone(server, client, monkeypatch) -> None:
     alone = {}
     for p in PROMPTS:

@@ -26,6 +26,10 @@ compaction) run over 64 blocks per row (batch 1 would leave all but one SM idle)
 distribution: tens of thousands), one launch per pass; the other thresholds and the draw run in one block per row.
 No atomics, so every sum has a fixed order and a seeded row samples the same token in any batch.
 
+Rows whose scores keep no token (NaN logits, a constraint that allows nothing) take their first argmax (token 0 when
+every score is NaN), and top-n lists fall back to token 0: every id the kernels index with or return lies inside the
+vocabulary whatever the logits hold.
+
 Ties: tokens of equal score are kept or dropped together (top-k and top-p keep every token whose score equals the
 threshold's), so at a tie on the top-p boundary the kept set can exceed the smallest set reaching top_p; the numpy
 reference drops the lower-id part of such a tie group instead. Exact ties of float logits are rare in trained
@@ -225,8 +229,10 @@ def cpu_kernel() -> tirx.PrimFunc:
                     radix_select(r, cand, work, hist, f, k, n_cand, k_thr, True, top_p * f[3])
                 k[3] = k[2]  # k_thr when top-p is off
                 thr = T.max(k_thr, k[3])
-                # 5. one draw, walking the kept tokens in id order
+                # 5. one draw, walking the kept tokens in id order (none kept, only for non-finite scores: the
+                # greedy token, so the token is always a valid id)
                 f[4] = T.float32(0)
+                k[7] = k[0]
                 for j in range(n_cand):
                     c = T.Cast("int64", cand[r, j])
                     if _key(work[r, 0, c]) >= thr and work[r, 1, c] >= min_p:
@@ -259,6 +265,7 @@ def cpu_kernel() -> tirx.PrimFunc:
                         if (s < f[7] or (s == f[7] and i > k[6])) and (k[4] < 0 or s > f[2]):
                             f[2] = s
                             k[4] = i
+                    k[4] = T.max(k[4], T.int64(0))  # no token below the previous pick: only for NaN scores
                     f[7] = f[2]
                     k[6] = k[4]
                     out_tok[r, n + 1] = T.Cast("int32", k[4])
@@ -821,10 +828,11 @@ def gpu_kernel(top_p_search: bool = False) -> tirx.PrimFunc:
                                 if acc[1] > target:
                                     acci[2] = j
                                     acci[1] = T.int64(1)
-                        token_of[0] = T.max(acci[2], T.int64(0))  # none kept only for NaN scores
+                        token_of[0] = acci[2]
                     T.tvm_storage_sync("shared")
                     acci[2] = token_of[0]
-                    vi[0] = T.if_then_else(full, acci[2], T.Cast("int64", dense[r, acci[2]]))
+                    if acci[2] >= 0:  # none kept, only for non-finite scores: the greedy token stays
+                        vi[0] = T.if_then_else(full, acci[2], T.Cast("int64", dense[r, acci[2]]))
                 elif _searched(top_p, k_on, nc[0], top_p_search):
                     # 3c. the threshold and each block's kept mass come from `search_pass`: the block holding the
                     # draw, then the draw within its candidates (in id order) as in 3b
@@ -965,7 +973,7 @@ def gpu_kernel(top_p_search: bool = False) -> tirx.PrimFunc:
                                     acci[1] = T.int64(1)
                                 else:
                                     acc[1] = acc[1] + acc[0]
-                        chunk_of[0] = acci[0]
+                        chunk_of[0] = T.max(acci[0], T.int64(0))  # none kept only for non-finite scores
                         found_in[0] = acci[1]
                         target_in[0] = target - acc[1]
                     T.tvm_storage_sync("shared")
@@ -1010,7 +1018,8 @@ def gpu_kernel(top_p_search: bool = False) -> tirx.PrimFunc:
                                 acci[0] = i
                     redi[tx] = _argmax_key(acc[0], acci[0])
                     block_max(redi, tx, NT, _log2(NT))
-                    acci[1] = _argmax_index(redi[0])
+                    # no token below the previous pick (index -1 everywhere) only for NaN scores: token 0
+                    acci[1] = T.if_then_else(redi[0] == T.min_value("int64"), T.int64(0), _argmax_index(redi[0]))
                     T.tvm_storage_sync("shared")
                     acc[1] = work[r, acci[1]]
                     if tx == 0:

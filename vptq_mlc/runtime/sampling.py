@@ -3,8 +3,9 @@
 Order: a token constraint's mask (structured output) and `logit_bias` on the raw logits, then (as in
 transformers) the repetition penalty over every token seen so far (prompt + output), the OpenAI
 presence/frequency penalties over the generated tokens, temperature, top-k, top-p, min-p, softmax, one draw.
-Temperature 0 is greedy (argmax after the penalties). Logprobs are the log-softmax of the scores after the
-penalties and temperature and before top-k/top-p/min-p, as OpenAI and vLLM report them. Each request owns a
+Temperature 0 (or below `GREEDY_BELOW_TEMPERATURE`) is greedy (argmax after the penalties). Logprobs are the
+log-softmax of the scores after the penalties and temperature and before top-k/top-p/min-p, as OpenAI and vLLM
+report them. Each request owns a
 `np.random.Generator`, so a seeded request is reproducible whatever else is in the batch. Stop strings are
 matched on the decoded text; `StopStrings` holds back text that may be the start of one.
 """
@@ -19,6 +20,12 @@ import numpy as np
 from vptq_mlc.errors import GenerationError
 
 MAX_TOP_LOGPROBS = 20
+# Temperatures below this are greedy (as in vLLM): the distribution is already the argmax's for any logit gap above
+# ~1e-4, and dividing float32 logits by a smaller one overflows them to infinities (the compiled sampler's scores).
+GREEDY_BELOW_TEMPERATURE = 1e-5
+# The repetition penalty divides or multiplies a float32 logit: beyond this range the result overflows or flushes
+# to zero, and no model's logits need more.
+REPETITION_PENALTY_RANGE = (1e-6, 1e6)
 
 
 @dataclass
@@ -46,6 +53,8 @@ class SamplingParams:
 
     def __post_init__(self) -> None:
         self.validate()
+        if self.temperature < GREEDY_BELOW_TEMPERATURE:
+            self.temperature = 0.0
 
     def validate(self) -> None:
         """Raise GenerationError naming the first field out of range (with the range)."""
@@ -54,7 +63,9 @@ class SamplingParams:
             (self.temperature >= 0, f"temperature must be >= 0 (0 = greedy), got {self.temperature}"),
             (0 < self.top_p <= 1, f"top_p must be in (0, 1], got {self.top_p}"),
             (self.top_k >= 0, f"top_k must be >= 0 (0 = off), got {self.top_k}"),
-            (self.repetition_penalty > 0, f"repetition_penalty must be > 0 (1 = off), got {self.repetition_penalty}"),
+            (REPETITION_PENALTY_RANGE[0] <= self.repetition_penalty <= REPETITION_PENALTY_RANGE[1],
+             f"repetition_penalty must be in [{REPETITION_PENALTY_RANGE[0]:g}, {REPETITION_PENALTY_RANGE[1]:g}] "
+             f"(1 = off), got {self.repetition_penalty}"),
             (-2 <= self.presence_penalty <= 2, f"presence_penalty must be in [-2, 2], got {self.presence_penalty}"),
             (-2 <= self.frequency_penalty <= 2, f"frequency_penalty must be in [-2, 2], got {self.frequency_penalty}"),
             (0 <= self.min_p <= 1, f"min_p must be in [0, 1] (0 = off), got {self.min_p}"),

@@ -9,6 +9,7 @@ stop_token_ids) are supported. docs/api.md lists every field.
 
 from __future__ import annotations
 
+import math
 import time
 import uuid
 from typing import Annotated, Any, Literal
@@ -26,6 +27,7 @@ MAX_N = 16  # choices per request (each is one engine sequence)
 # Fields OpenAI documents as bookkeeping for its own platform: accepted, no effect on the answer.
 INFORMATIONAL_FIELDS = frozenset({"user", "metadata", "service_tier", "prompt_cache_key", "safety_identifier",
                                   "store"})
+LOGPROB_FLOOR = -9999.0  # a logprob with no JSON number (-inf, NaN), as vLLM reports -inf
 SEED_LIMIT = 2**63  # seeds are 64-bit signed everywhere else (vLLM, torch); numpy would take any size
 
 # Strict types: "5" or 5.0 for an integer, "0.5" for a float, NaN/Infinity, or 1 for a bool are refused (400) rather
@@ -409,8 +411,15 @@ def _byte_level_decoder() -> dict[str, int]:
 
 
 def _possible(top: list[tuple[int, float]]) -> list[tuple[int, float]]:
-    """Alternatives a grammar did not exclude (-inf has no JSON number and was never a candidate)."""
-    return [(t, lp) for t, lp in top if lp != float("-inf")]
+    """Alternatives a grammar did not exclude (-inf has no JSON number and was never a candidate) and whose logprob
+    is a number (NaN only from non-finite logits)."""
+    return [(t, lp) for t, lp in top if math.isfinite(lp)]
+
+
+def json_logprob(logprob: float) -> float:
+    """A chosen token's logprob as a JSON number: -inf and NaN (a token the scores excluded, non-finite logits) have
+    none, so they are reported as vLLM reports -inf, -9999.0."""
+    return logprob if math.isfinite(logprob) else LOGPROB_FLOOR
 
 
 class TokenText:
@@ -444,7 +453,7 @@ class TokenText:
             return "bytes:" + "".join(f"\\x{b:02x}" for b in raw)
 
     def chat_entry(self, token: int, logprob: float) -> dict[str, Any]:
-        return {"token": self.text(token), "logprob": logprob, "bytes": list(self.bytes(token))}
+        return {"token": self.text(token), "logprob": json_logprob(logprob), "bytes": list(self.bytes(token))}
 
     def chat_logprobs(self, entries: list[Any]) -> dict[str, Any]:
         """Chat shape: {"content": [{token, logprob, bytes, top_logprobs: [{token, logprob, bytes}]}]}."""
@@ -459,6 +468,6 @@ class TokenText:
         for t in tokens:
             offsets.append(offset)
             offset += len(t)
-        return {"tokens": tokens, "token_logprobs": [e.logprob for e in entries],
+        return {"tokens": tokens, "token_logprobs": [json_logprob(e.logprob) for e in entries],
                 "top_logprobs": [{self.text(t): lp for t, lp in _possible(e.top)} for e in entries],
                 "text_offset": offsets}
