@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import re
 
+import numpy as np
 import pytest
 import sampler_checks as checks
 import tvm
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from required import missing
 
 from vptq_mlc.runtime.device_sampler import counter_uniform
+from vptq_mlc.runtime.sampling import REPETITION_PENALTY_RANGE, SamplingParams, penalized_scores
 
 
 @pytest.fixture(scope="module")
@@ -44,7 +48,6 @@ def test_vocab_limit_and_rows_independent(sampler: checks.DeviceSampler) -> None
 
 def test_counter_uniform() -> None:
     """Depends only on (seed, step), stays in [0, 1) and looks uniform (Kolmogorov-Smirnov distance of 10^4)."""
-    import numpy as np
 
     assert counter_uniform(7, 3) == counter_uniform(7, 3) != counter_uniform(7, 4) != counter_uniform(8, 3)
     u = np.sort([counter_uniform(12345, t) for t in range(10_000)])
@@ -111,7 +114,8 @@ def test_gpu_kernel_emulated_on_cpu(cuda_source: str, tmp_path) -> None:
         missing("a C++20 compiler (g++) runs the CUDA kernels on the CPU; install g++")
     sampler = checks.DeviceSampler(EmulatedSampler(cuda_source, tmp_path), tvm.cpu())
     checks.check_vocab_limit_and_batch_independence(sampler, 500)
-    checks.check_degenerate_rows(sampler, 500)
+    checks.check_degenerate_rows(sampler, 500)  # one candidate per thread
+    checks.check_degenerate_rows(sampler, 3000)  # the key search over all tokens
     checks.check_settings_same_uniform(sampler, 3000, uniforms=4)
     checks.check_profiles_same_uniform(sampler, 128256, rows=1, settings=checks.PROFILE_SETTINGS[:2])
 
@@ -149,10 +153,7 @@ def test_penalty_lists_follow_the_request(tmp_path) -> None:
     """The penalty lists a request hands the device sampler at each step: every seen token with its generated count
     (repetition penalty), or the generated tokens with theirs (presence / frequency only), counted here from the
     prompt and the tokens appended so far, whatever order the request keeps them in."""
-    import numpy as np
-
     from vptq_mlc.runtime.request import Request
-    from vptq_mlc.runtime.sampling import SamplingParams
     from vptq_mlc.runtime.tokenizer import Tokenizer
     from vptq_mlc.testing.synthetic import synthetic_tokenizer_json
 
@@ -191,3 +192,40 @@ def test_bad_switch_value_is_one_line_error(tmp_path, monkeypatch) -> None:
     want = f"error: {TOP_P_SEARCH_ENV}='yes': set it to 1 (the multi-block top-p search) or 0 (off)"
     assert r.output.strip() == want
     assert "Traceback" not in r.output and not out.exists()
+
+
+VOCAB_FUZZ = 64
+_request_params = st.builds(
+    lambda **kw: SamplingParams(**kw),
+    temperature=st.floats(0, 2), top_p=st.floats(0, 1, exclude_min=True), top_k=st.integers(0, VOCAB_FUZZ + 4),
+    min_p=st.floats(0, 1), repetition_penalty=st.floats(*REPETITION_PENALTY_RANGE),
+    presence_penalty=st.floats(-2, 2), frequency_penalty=st.floats(-2, 2),
+    logit_bias=st.dictionaries(st.integers(0, VOCAB_FUZZ + 8), st.floats(-100, 100), max_size=4),
+    logprobs=st.booleans(), top_logprobs=st.integers(0, 20))
+
+
+@settings(max_examples=300, deadline=None, derandomize=True, database=None,
+          suppress_health_check=[HealthCheck.too_slow])
+@given(rows=st.lists(st.tuples(_request_params, st.floats(0, 1, exclude_max=True), st.sampled_from(["none", "some",
+                                                                                                    "nothing"])),
+                     min_size=1, max_size=4),
+       scale=st.sampled_from([0.0, 1.0, 30.0, 1e4]), seed=st.integers(0, 2**32 - 1))
+def test_any_valid_request_gets_a_token_of_the_vocabulary(sampler: checks.DeviceSampler, rows, scale, seed) -> None:
+    """Whatever valid parameters a request carries (each field over its whole range, logits from flat to 1e4
+    wide, a constraint allowing some tokens or none): every row gets a token inside the vocabulary, the greedy
+    rows the reference's argmax (runtime/sampling.py, float64), and a finite logprob for a token its scores keep."""
+    logits = (np.random.default_rng(seed).standard_normal((len(rows), VOCAB_FUZZ)) * scale).astype(np.float32)
+    masks = {"none": None, "some": checks.bitmask_for(checks.MASK_ALLOWED, VOCAB_FUZZ),
+             "nothing": np.zeros((VOCAB_FUZZ + 31) // 32, dtype=np.int32)}
+    packed = [checks.row_for(p, True, masks[m], u) for p, u, m in rows]
+    out = sampler.sample(tvm.runtime.tensor(logits, sampler.device), packed)
+    for (params, _, mask), row, (token, lp) in zip(rows, logits, out):
+        assert 0 <= token < VOCAB_FUZZ
+        scores = penalized_scores(row, params, np.concatenate([checks.PROMPT, checks.GENERATED]), checks.GENERATED,
+                                  masks[mask])
+        if params.temperature == 0:
+            assert token == int(np.argmax(scores)), (params, token, np.argmax(scores))
+        if params.logprobs:
+            assert lp is not None and all(0 <= t < VOCAB_FUZZ for t, _ in lp.top)
+            if np.isfinite(scores[token]):
+                assert np.isfinite(lp.logprob)

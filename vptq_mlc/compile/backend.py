@@ -31,8 +31,11 @@ def gpu_default_schedule() -> tvm.transform.Pass:
 
 def vm_lowering_passes(cuda_graph: bool = False) -> list[tvm.transform.Pass]:
     """The tail every target's pipeline ends with, in TVM's order: dataflow to VM calls, memory planning (then
-    `RewriteCUDAGraph` when `cuda_graph`: it lifts planned static regions into graphs), VM lowering."""
+    `RewriteCUDAGraph` when `cuda_graph`: it lifts planned static regions into graphs), VM lowering; then each
+    weight's fetch from the parameter tuple moved to its first use (compile/param_fetch.py)."""
     from tvm import relax
+
+    from vptq_mlc.compile.param_fetch import fetch_params_at_first_use
 
     return [
         relax.transform.RewriteDataflowReshape(),
@@ -46,6 +49,7 @@ def vm_lowering_passes(cuda_graph: bool = False) -> list[tvm.transform.Pass]:
         relax.transform.LowerRuntimeBuiltin(),
         relax.transform.ComputePrimValue(),
         relax.transform.VMShapeLower(),
+        fetch_params_at_first_use(),
         relax.transform.AttachGlobalSymbol(),
     ]
 
