@@ -213,7 +213,8 @@ _request_params = st.builds(
 def test_any_valid_request_gets_a_token_of_the_vocabulary(sampler: checks.DeviceSampler, rows, scale, seed) -> None:
     """Whatever valid parameters a request carries (each field over its whole range, logits from flat to 1e4
     wide, a constraint allowing some tokens or none): every row gets a token inside the vocabulary, the greedy
-    rows the reference's argmax (runtime/sampling.py, float64), and a finite logprob for a token its scores keep."""
+    rows the reference's argmax (runtime/sampling.py, float64; a token within float32 rounding of it, where the
+    device's float32 scores tie), and a finite logprob for a token its scores keep."""
     logits = (np.random.default_rng(seed).standard_normal((len(rows), VOCAB_FUZZ)) * scale).astype(np.float32)
     masks = {"none": None, "some": checks.bitmask_for(checks.MASK_ALLOWED, VOCAB_FUZZ),
              "nothing": np.zeros((VOCAB_FUZZ + 31) // 32, dtype=np.int32)}
@@ -223,8 +224,9 @@ def test_any_valid_request_gets_a_token_of_the_vocabulary(sampler: checks.Device
         assert 0 <= token < VOCAB_FUZZ
         scores = penalized_scores(row, params, np.concatenate([checks.PROMPT, checks.GENERATED]), checks.GENERATED,
                                   masks[mask])
-        if params.temperature == 0:
-            assert token == int(np.argmax(scores)), (params, token, np.argmax(scores))
+        if params.temperature == 0:  # the argmax, up to float32 rounding of the scores (a tie there)
+            best = scores.max()
+            assert scores[token] >= best - 1e-6 * max(1.0, abs(best)), (params, token, np.argmax(scores))
         if params.logprobs:
             assert lp is not None and all(0 <= t < VOCAB_FUZZ for t, _ in lp.top)
             if np.isfinite(scores[token]):
