@@ -55,6 +55,11 @@ def _instructions(executable: relax.VMExecutable, func: str) -> list[str]:
     return [line.strip() for line in text[start:end if end > 0 else None].splitlines()[1:] if line.strip()]
 
 
+def _destinations(lines: list[str], call: str) -> set[str]:
+    """The registers the instructions matching `call` (a regex of the callee and its arguments) write."""
+    return {m.group(1) for line in lines if (m := re.match(rf"call\s+{call}\s+dst: (%\d+)", line))}
+
+
 def _fetches_before_first_kernel(lines: list[str]) -> int:
     """How many `tuple_getitem` calls the function makes before its first call of a compiled kernel."""
     n = 0
@@ -81,6 +86,9 @@ def test_three_layers_fetch_each_weight_at_its_layer() -> None:
     assert sorted(fetched) == list(range(2 * LAYERS + 1))  # every field read fetched once, the unread one dropped
     assert fetched == sorted(fetched)  # in the order the layers use them, the returned one last
     assert _fetches_before_first_kernel(lines) <= 2  # the first layer's weight and bias only
+    registers = _destinations(lines, r"vm\.builtin\.tuple_getitem\s+in: %1, i\d+")
+    released = _destinations(lines, r"vm\.builtin\.null_value\s+in:")
+    assert len(registers) == 2 * LAYERS + 1 and not registers & released  # the tuple holds the weights: no releases
 
     rng = np.random.default_rng(0)
     x = rng.normal(size=(1, 8)).astype(np.float32)

@@ -8,7 +8,8 @@ idle stretch. Fetched at their first use instead, only the first layer's weights
 launch; the rest are read between launches the GPU is already busy with.
 
 The export also unpacks every weight in every function, so `embed` fetches all of them to read one table: a
-fetch nobody reads is dropped.
+fetch nobody reads is dropped. So is `KillAfterLastUse`'s release of each fetched weight after its last use (one
+more VM instruction per weight and call, freeing nothing: the tuple holds the tensor).
 
 The pass only moves (or drops) bindings of the form `v = TupleGetItem(p, i)` with `p` a parameter of the function,
 within a function whose body is straight-line binding blocks (every function the model export makes after VM
@@ -23,11 +24,21 @@ from __future__ import annotations
 import tvm
 from tvm import relax
 
+_KILL_OBJECT = tvm.ir.Op.get("relax.vm.kill_object")
+
 
 def _param_fetch(binding: relax.Binding, params: set[relax.Var]) -> bool:
     value = binding.value
     return (isinstance(binding, relax.VarBinding) and isinstance(value, relax.TupleGetItem)
             and isinstance(value.tuple_value, relax.Var) and value.tuple_value in params)
+
+
+def _kills(binding: relax.Binding, fetches: dict[relax.Var, relax.Binding]) -> bool:
+    """`KillAfterLastUse`'s release of a fetched weight: the tuple still holds the tensor, so it frees nothing and
+    only costs the VM an instruction."""
+    value = binding.value
+    return (isinstance(value, relax.Call) and value.op.same_as(_KILL_OBJECT) and len(value.args) == 1
+            and isinstance(value.args[0], relax.Var) and value.args[0] in fetches)
 
 
 def _uses(binding: relax.Binding) -> list[relax.Var]:
@@ -36,9 +47,9 @@ def _uses(binding: relax.Binding) -> list[relax.Var]:
 
 
 def fetch_at_first_use(func: relax.Function) -> relax.Function | None:
-    """`func` with its parameter-tuple fetches moved to just before their first use and the unread ones dropped;
-    None when nothing changes (no fetches, or a body that is not plain binding blocks: an `If`, a dataflow
-    block)."""
+    """`func` with its parameter-tuple fetches moved to just before their first use, and the unread fetches and
+    the releases of the read ones dropped; None when nothing changes (no fetches, or a body that is not plain
+    binding blocks: an `If`, a dataflow block)."""
     body = func.body
     if not isinstance(body, relax.SeqExpr) or any(isinstance(b, relax.DataflowBlock) for b in body.blocks):
         return None
@@ -52,7 +63,7 @@ def fetch_at_first_use(func: relax.Function) -> relax.Function | None:
     ordered: list[relax.Binding] = []
     placed: set[relax.Var] = set()
     for b in bindings:
-        if b.var in fetches:
+        if b.var in fetches or _kills(b, fetches):
             continue
         for v in _uses(b):
             if v in fetches and v not in placed:
