@@ -46,7 +46,8 @@ def _module(n: int) -> tvm.IRModule:
 
 
 def _build(mod: tvm.IRModule, fetch_at_first_use: bool) -> relax.VMExecutable:
-    passes = [p for p in vm_lowering_passes() if fetch_at_first_use or p.info.name != "VPTQFetchParamsAtFirstUse"]
+    ours = fetch_params_at_first_use().info.name
+    passes = [p for p in vm_lowering_passes() if fetch_at_first_use or p.info.name != ours]
     target = tvm.target.Target("llvm")
     with target:
         lowered = tvm.transform.Sequential(passes)(mod)

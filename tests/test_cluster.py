@@ -150,12 +150,16 @@ def test_replica_death_loses_no_unstarted_request(cluster) -> None:
         return got, None
 
     async def killer(c: httpx.AsyncClient) -> tuple[str, int]:
-        for _ in range(600):  # wait until both replicas have this test's requests and tokens flow (bounded: 60 s)
+        # wait until every request of this test reached a replica, both replicas have some and tokens flow (bounded:
+        # 60 s); the victim is the replica holding more of them (>= 8 of 16 with BATCH 4: some are waiting, and
+        # those must fail over)
+        started: dict[tuple[str, int], int] = {}
+        for _ in range(600):
             started = {k: n - started_before.get(k, 0) for k, n in per_replica(url).items()}
-            if len(first_token) >= 2 and sum(n > 0 for n in started.values()) >= 2:
+            if len(first_token) >= 2 and sum(n > 0 for n in started.values()) >= 2 and sum(started.values()) >= 16:
                 break
             await asyncio.sleep(0.1)
-        victim = max(per_replica(url).items(), key=lambda kv: kv[1])[0]
+        victim = max(started.items(), key=lambda kv: kv[1])[0]
         os.kill(victim[1], signal.SIGKILL)
         killed_at.append(time.monotonic())
         return victim
