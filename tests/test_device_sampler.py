@@ -48,7 +48,6 @@ def test_vocab_limit_and_rows_independent(sampler: checks.DeviceSampler) -> None
 
 def test_counter_uniform() -> None:
     """Depends only on (seed, step), stays in [0, 1) and looks uniform (Kolmogorov-Smirnov distance of 10^4)."""
-
     assert counter_uniform(7, 3) == counter_uniform(7, 3) != counter_uniform(7, 4) != counter_uniform(8, 3)
     u = np.sort([counter_uniform(12345, t) for t in range(10_000)])
     assert 0 <= u[0] and u[-1] < 1

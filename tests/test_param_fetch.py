@@ -55,6 +55,12 @@ def _instructions(executable: relax.VMExecutable, func: str) -> list[str]:
     return [line.strip() for line in text[start:end if end > 0 else None].splitlines()[1:] if line.strip()]
 
 
+def _fetched(lines: list[str], params: str) -> list[int]:
+    """The tuple fields the instructions fetch from register `params` (the weight tuple), in order."""
+    return [int(m.group(1)) for line in lines
+            if (m := re.match(rf"call\s+vm\.builtin\.tuple_getitem\s+in: %{params}, i(\d+)", line))]
+
+
 def _destinations(lines: list[str], call: str) -> set[str]:
     """The registers the instructions matching `call` (a regex of the callee and its arguments) write."""
     return {m.group(1) for line in lines if (m := re.match(rf"call\s+{call}\s+dst: (%\d+)", line))}
@@ -81,8 +87,7 @@ def test_three_layers_fetch_each_weight_at_its_layer() -> None:
         lowered = bt.relax_pipeline()(_three_layers())
     executable = relax.build(lowered, bt.target, relax_pipeline=None)
     lines = _instructions(executable, "main")
-    fetched = [int(m.group(1)) for line in lines
-               if (m := re.match(r"call\s+vm\.builtin\.tuple_getitem\s+in: %\d+, i(\d+)", line))]
+    fetched = _fetched(lines, "1")
     assert sorted(fetched) == list(range(2 * LAYERS + 1))  # every field read fetched once, the unread one dropped
     assert fetched == sorted(fetched)  # in the order the layers use them, the returned one last
     assert _fetches_before_first_kernel(lines) <= 2  # the first layer's weight and bias only
@@ -111,14 +116,9 @@ def test_tiny_model_decode_fetches_one_layer_before_its_first_kernel(tiny_served
     embedding table; `embed` fetches that table only."""
     _, _, lib = tiny_served_model
     executable = relax.VMExecutable(tvm.runtime.load_module(str(lib)))
-
-    def fetched(func: str, params: str) -> list[int]:
-        return [int(m.group(1)) for line in _instructions(executable, func)
-                if (m := re.match(rf"call\s+vm\.builtin\.tuple_getitem\s+in: %{params}, i(\d+)", line))]
-
-    decode = fetched("decode", "2")
+    lines = _instructions(executable, "decode")
+    decode = _fetched(lines, "2")
     assert len(set(decode)) == len(decode) > 20 and 0 not in decode
     per_layer = len(decode) // 2  # the tiny model has two decoder layers
-    lines = _instructions(executable, "decode")
     assert _fetches_before_first_kernel(lines) < per_layer, lines[:40]
-    assert fetched("embed", "1") == [0]
+    assert _fetched(_instructions(executable, "embed"), "1") == [0]

@@ -14,9 +14,8 @@ more VM instruction per weight and call, freeing nothing: the tuple holds the te
 The pass only moves (or drops) bindings of the form `v = TupleGetItem(p, i)` with `p` a parameter of the function,
 within a function whose body is straight-line binding blocks (every function the model export makes after VM
 lowering). Reading a field of a tuple whose length the entry has checked has no effect and cannot fail, so the
-order changes nothing but when the host does the work. It runs on
-the lowered module (after `VMShapeLower`, which inserts its own checks at the entry and leaves these bindings
-alone), so nothing after it reorders them again.
+order changes nothing but when the host does the work. It runs on the lowered module (after `VMShapeLower`, which
+inserts its own checks at the entry and leaves these bindings alone), so nothing after it reorders them again.
 """
 
 from __future__ import annotations
@@ -41,11 +40,6 @@ def _kills(binding: relax.Binding, fetches: dict[relax.Var, relax.Binding]) -> b
             and isinstance(value.args[0], relax.Var) and value.args[0] in fetches)
 
 
-def _uses(binding: relax.Binding) -> list[relax.Var]:
-    """The relax variables a binding reads (its value's, and a match-cast's)."""
-    return list(relax.analysis.free_vars(binding.value))
-
-
 def fetch_at_first_use(func: relax.Function) -> relax.Function | None:
     """`func` with its parameter-tuple fetches moved to just before their first use, and the unread fetches and
     the releases of the read ones dropped; None when nothing changes (no fetches, or a body that is not plain
@@ -62,19 +56,20 @@ def fetch_at_first_use(func: relax.Function) -> relax.Function | None:
         return None
     ordered: list[relax.Binding] = []
     placed: set[relax.Var] = set()
-    for b in bindings:
-        if b.var in fetches or _kills(b, fetches):
-            continue
-        for v in _uses(b):
+
+    def fetch_first(used: list[relax.Var]) -> None:
+        for v in used:
             if v in fetches and v not in placed:
                 ordered.append(fetches[v])
                 placed.add(v)
+
+    for b in bindings:
+        if b.var in fetches or _kills(b, fetches):
+            continue
+        fetch_first(relax.analysis.free_vars(b.value))
         ordered.append(b)
-    for v in relax.analysis.free_vars(body.body):  # fetched only to be returned
-        if v in fetches and v not in placed:
-            ordered.append(fetches[v])
-            placed.add(v)
-    # a fetch nobody reads is dropped (the export unpacks every weight in every function: `embed` reads one table)
+    fetch_first(relax.analysis.free_vars(body.body))  # fetched only to be returned
+    # a fetch nobody reads is never placed: dropped (the export unpacks every weight in every function)
     if [b.var for b in ordered] == [b.var for b in bindings]:
         return None
     new_body = relax.SeqExpr([relax.BindingBlock(ordered)], body.body)

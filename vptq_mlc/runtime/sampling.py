@@ -5,9 +5,9 @@ transformers) the repetition penalty over every token seen so far (prompt + outp
 presence/frequency penalties over the generated tokens, temperature, top-k, top-p, min-p, softmax, one draw.
 Temperature 0 (or below `GREEDY_BELOW_TEMPERATURE`) is greedy (argmax after the penalties). Logprobs are the
 log-softmax of the scores after the penalties and temperature and before top-k/top-p/min-p, as OpenAI and vLLM
-report them. Each request owns a
-`np.random.Generator`, so a seeded request is reproducible whatever else is in the batch. Stop strings are
-matched on the decoded text; `StopStrings` holds back text that may be the start of one.
+report them. Each request owns a `np.random.Generator`, so a seeded request is reproducible whatever else is in
+the batch. Stop strings are matched on the decoded text; `StopStrings` holds back text that may be the start of
+one.
 """
 
 from __future__ import annotations
