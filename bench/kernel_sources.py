@@ -70,7 +70,8 @@ def _cuda_funcs(dtype: str, backend) -> dict[str, object]:
         elif c.kernel == "mma-wide":
             from vptq_mlc.tir_kernels.cuda_mma_wide import plan_mma_wide, vq_mma_wide_cuda
 
-            f = vq_mma_wide_cuda(cfg, dtype, c.rows, replace(plan_mma_wide(cfg, c.rows), **c.plan))
+            base = plan_mma_wide(cfg, c.rows, c.plan.get("register_tiles", False))
+            f = vq_mma_wide_cuda(cfg, dtype, c.rows, replace(base, **c.plan))
         elif c.kernel == "dequant-gemm":
             from vptq_mlc.tir_kernels.cuda_dequant_gemm import vq_prefill_cuda
 

@@ -31,6 +31,14 @@ CASES = {
     "two_steps_per_load_r13": ("v8-k256-0", 1056, 264, 13, {}, {}),  # 1056 columns: 32-column chunks
     # 36 outlier columns: a partial outlier step, activations of the codes region at 8-byte alignment (4-wide loads)
     "odd_outliers_r16": ("v8-k4096-0", 1060, 256, 16, {**OUTL, "outlier_size": 36}, {}),
+    # A fragments built in registers (`register_tiles`): 8 vector rows per warp, 4 tiles of element pairs
+    "reg_k4096_r16": ("v8-k4096-0", 1024, 512, 16, {}, {"register_tiles": True}),
+    "reg_res_outliers_replicated_r11": ("v8-k256-256", 1024, 512, 11, OUTL, {"register_tiles": True}),
+    "reg_k65536_global_book_r1": ("v8-k65536-256", 512, 256, 1, {}, {"register_tiles": True}),
+    "reg_groups_partial_vector_r5": ("v8-k256-0", 1024, 300, 5, {"group_num": 2}, {"register_tiles": True}),
+    "reg_two_steps_two_rows_r8": ("v8-k4096-0", 1056, 264, 8, {}, {"register_tiles": True, "row_groups": 2}),
+    "reg_uint8_codes_one_split_r16": ("v8-k256-0", 512, 128, 16, {}, {"register_tiles": True, "splits": 1,
+                                                                       "unroll": 4}),
 }
 
 
@@ -50,7 +58,7 @@ def kernels():
     out, funcs = {}, {}
     for name, (variant, i, o, rows, layer, plan) in CASES.items():
         cfg = _cfg(variant, i, o, layer)
-        p = replace(plan_mma_wide(cfg, rows), **plan)
+        p = replace(plan_mma_wide(cfg, rows, plan.get("register_tiles", False)), **plan)
         funcs[name] = vq_mma_wide_cuda(cfg, "float16", rows, p).with_attr("global_symbol", name)
         out[name] = (cfg, rows, p)
     src = kernel_definitions(generated_cuda(lambda bt: tvm.compile(tvm.IRModule(funcs), target=bt.target), "sm_90"))
@@ -75,9 +83,12 @@ def _run(kernel, tmp_path, layout="ptx", seed=0):
         w = w[:, perm]
     xs = rng.standard_normal((rows, cfg.in_features)).astype(np.float16)
     y = np.full((rows, cfg.out_features), np.nan, np.float16)  # poisoned: an output never written shows
+    from vptq_mlc.tir_kernels.cuda_mma_wide import warp_vector_rows
+
     emu = MmaKernelEmulator(source, tmp_path, layout)
-    assert emu.counts["ldmatrix"] > 0 and emu.counts["mma"] > 0, emu.counts
-    grid = -(-cfg.num_vectors // (plan.row_groups * 2 * plan.pair_tiles))
+    # register fragments never go through ldmatrix
+    assert (emu.counts["ldmatrix"] == 0) == plan.register_tiles and emu.counts["mma"] > 0, emu.counts
+    grid = -(-cfg.num_vectors // (plan.row_groups * warp_vector_rows(plan)))
     emu({"xs": xs, "y": y, **{k: np.ascontiguousarray(a) for k, a in ops.items()}}, grid,
         plan.row_groups * plan.splits)
     return y.astype(np.float64), xs.astype(np.float64) @ w.T
@@ -91,7 +102,8 @@ def _row_err(y, ref):
 def test_kernel_matches_reference_dequant_on_cpu(kernels, tmp_path, name):
     """Every output row within fp16 rounding of float64 `xs @ W.T` (residual + outliers + replicated book, uint16
     codes, two pairs of vector rows per warp, the book read from global memory, two groups with a partial last
-    vector row, 32-column chunks, 36 outlier columns; 5..16 rows: one and two n-tiles, rows past the batch)."""
+    vector row, 32-column chunks, 36 outlier columns; 5..16 rows: one and two n-tiles, rows past the batch), in
+    the tile form and with register fragments (1 row too)."""
     y, ref = _run(kernels[name], tmp_path)
     assert not np.isnan(y).any()
     err = _row_err(y, ref)
@@ -107,6 +119,31 @@ def test_wrong_fragment_layout_fails_the_check(kernels, tmp_path, layout):
     err = _row_err(y, ref)
     print(f"{layout}: max row rel err {err:.2e}")
     assert err > 0.1, err
+
+
+def test_wrong_b_layout_fails_the_register_fragment_check(kernels, tmp_path):
+    """The register-fragment form through the same check, with B's two k halves swapped in the PTX model."""
+    y, ref = _run(kernels["reg_k4096_r16"], tmp_path, "wrong-b")
+    err = _row_err(y, ref)
+    print(f"register fragments, wrong-b: max row rel err {err:.2e}")
+    assert err > 0.1, err
+
+
+def test_register_plans_fit_and_cover_the_layer():
+    """Every register-fragment plan of the 7B shapes fits the 99 KB of shared memory with its split-sum scratch,
+    keeps whole chunks and at least one chunk per split, and launches no more than 16 warps per CTA."""
+    from vptq_mlc.tir_kernels.cuda_mma import MAX_DYN_SMEM
+    from vptq_mlc.tir_kernels.cuda_mma_wide import plan_mma_wide, smem_bytes
+
+    for variant in ("v8-k256-256", "v8-k4096-0", "v8-k65536-256"):
+        for i, o in ((4096, 4096), (4096, 11008), (11008, 4096), (4096, 22016), (1024, 300)):
+            for rows in (1, 8, 16):
+                cfg = _cfg(variant, i, o, {})
+                p = plan_mma_wide(cfg, rows, register_tiles=True)
+                length = cfg.group_num * cfg.group_size
+                assert p.register_tiles and smem_bytes(cfg, p, rows) <= MAX_DYN_SMEM, (variant, i, o, rows, p)
+                assert length % (16 * p.steps_per_load) == 0
+                assert length // (16 * p.steps_per_load) >= p.splits and p.row_groups * p.splits <= 16
 
 
 def test_default_plans_fit_every_arch_and_shape():

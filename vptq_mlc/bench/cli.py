@@ -30,7 +30,8 @@ def bench() -> None:
 
 @bench.command()
 @click.argument("out", type=click.Path(file_okay=False, path_type=str))
-@click.option("--suite", type=click.Choice(["check", "kernels", "sweep", "code-sorted", "prefill", "mma-wide"]),
+@click.option("--suite", type=click.Choice(["check", "kernels", "sweep", "code-sorted", "prefill", "mma-wide",
+                                               "register-tiles"]),
               default="kernels",
               show_default=True,
               help="check: every variant family on small shapes; kernels: the issue's variants x real shapes; "
@@ -38,7 +39,8 @@ def bench() -> None:
                    "(correctness, real shapes next to the gather GEMV, launch sweep); prefill: the dlight dequant "
                    "matmul, the registry's prefill kernel and both fp16 prefill paths forced (mma: VQ tensor "
                    "cores; dequant-gemm: dequantize + dense GEMM) at 128/512/2048 rows; mma-wide: the whole-entry "
-                   "tensor-core decode kernel next to the current one on the 7B shapes at 8/16 rows.")
+                   "tensor-core decode kernel next to the current one on the 7B shapes at 8/16 rows; register-tiles: "
+                   "its A fragments built in registers next to the registry's choice at 1/8/16 rows.")
 @click.option("--arch", default="sm_90", show_default=True, help="Comma-separated CUDA archs.")
 @click.option("--rows", default="1,8", show_default=True, help="Decode row counts (kernels suite).")
 @click.option("--compare-gemv", default="", help="Row counts at which the gather GEMV is also built, next to the "
@@ -52,6 +54,7 @@ def build(out: str, suite: str, arch: str, rows: str, compare_gemv: str) -> None
         correctness_cases,
         mma_wide_cases,
         prefill_cases,
+        register_tile_cases,
         sweep_cases,
     )
     from vptq_mlc.compile.cuda import parse_archs
@@ -66,6 +69,8 @@ def build(out: str, suite: str, arch: str, rows: str, compare_gemv: str) -> None
         cases = prefill_cases()
     elif suite == "mma-wide":
         cases = mma_wide_cases()
+    elif suite == "register-tiles":
+        cases = register_tile_cases()
     else:
         cases = bench_cases(tuple(int(r) for r in rows.split(",")),
                             tuple(int(r) for r in compare_gemv.split(",") if r))

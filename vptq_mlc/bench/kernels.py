@@ -310,6 +310,36 @@ def mma_wide_cases(rows: tuple[int, ...] = (8, 16),
     return out
 
 
+REGISTER_TILE_SHAPES = BENCH_SHAPES[:3] + ((22016, 4096), (12288, 4096))  # + gate/up and q/k/v side by side
+
+
+def register_tile_cases(rows: tuple[int, ...] = (1, 8, 16),
+                        plans: tuple[dict, ...] = ({"splits": 4}, {"splits": 8}, {"splits": 16}, {"unroll": 1},
+                                                   {"unroll": 4}, {"steps_per_load": 2}, {"row_groups": 2})
+                        ) -> list[KernelCase]:
+    """A fragments built in registers (`mma-wide` with `register_tiles`) next to the registry's choice (the gather
+    GEMV at 1 row, the tile form from 6) on the 7B shapes, plus the overrides in `plans` at the last row count
+    where they change the plan and fit shared memory."""
+    from vptq_mlc.tir_kernels.cuda_mma import MAX_DYN_SMEM
+    from vptq_mlc.tir_kernels.cuda_mma_wide import plan_mma_wide, smem_bytes
+
+    reg = {"register_tiles": True}
+    out = []
+    for v in WIDE_VARIANTS:
+        for o, i in REGISTER_TILE_SHAPES:
+            for r in rows:
+                out += [KernelCase(v, i, o, r), KernelCase(v, i, o, r, kernel="mma-wide", plan=reg)]
+            cfg = KernelCase(v, i, o, rows[-1]).config()
+            base = plan_mma_wide(cfg, rows[-1], register_tiles=True)
+            seen = {base}
+            for p in plans:
+                plan = replace(base, **p)
+                if plan not in seen and smem_bytes(cfg, plan, rows[-1]) <= MAX_DYN_SMEM:
+                    seen.add(plan)
+                    out.append(KernelCase(v, i, o, rows[-1], kernel="mma-wide", plan={**reg, **p}))
+    return out
+
+
 def prefill_cases(run_rows: tuple[int, ...] = (128, 512, 2048), plans: tuple[dict, ...] = ()) -> list[KernelCase]:
     """Prefill kernels side by side on real shapes: the dlight dequant matmul, the registry's choice, both paths of
     the fp16 prefill forced (the VQ tensor-core kernel `mma`, dequantize + dense GEMM `dequant-gemm`) and the
@@ -389,7 +419,8 @@ def build_kernel_library(cases: list[KernelCase], out_dir: str | os.PathLike[str
             from vptq_mlc.tir_kernels.cuda_mma_wide import plan_mma_wide, vq_mma_wide_cuda
 
             cfg = c.config()
-            f = vq_mma_wide_cuda(cfg, dtype, c.rows, replace(plan_mma_wide(cfg, c.rows), **c.plan))
+            base = plan_mma_wide(cfg, c.rows, c.plan.get("register_tiles", False))
+            f = vq_mma_wide_cuda(cfg, dtype, c.rows, replace(base, **c.plan))
         elif c.kernel == "dequant-gemm":
             from vptq_mlc.artifact.vq_layout import vq_operand_shapes
             from vptq_mlc.tir_kernels.cuda_dequant_gemm import DequantPlan, vq_prefill_cuda

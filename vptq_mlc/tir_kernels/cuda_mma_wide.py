@@ -39,6 +39,19 @@ a chunk is 16*DS columns, DS MMA steps. Lane q of the B side owns the CW = 4*DS 
 column CW*Q + DS*(2E + H) + d, so a lookup lane's DS codes over the chunk's steps are consecutive (one DS- or
 2*DS-byte code load), and 16 lanes of one vector row read 16*DS consecutive codes.
 
+Register fragments (`WidePlan.register_tiles`; off by default, REGISTER_TILES_ENV): no tile round trip through
+shared memory. Lane (g, q) looks up the 4 entries of ONE vector row (i0 + g) at its 4 k slots (2q, 2q+1, 2q+8, 2q+9)
+of a step; a warp then owns 8 vector rows (64 outputs) as 4 m16 tiles, tile t's row m < 8 being element 2t of vector
+row i0 + m and row m + 8 element 2t + 1 of it. Lane (g, q)'s A registers of tile t are exactly elements 2t and
+2t + 1 of its own 4 entries (a0a1 = E0[2t], E1[2t]; a2a3 = E0[2t+1], E1[2t+1]; a4..a7 the same of E2, E3), so the
+fragment is 2 byte permutes per register (4 per entry) and nothing moves between lanes. The k slots use the B side's
+column mapping below, so the lane's codes over a chunk are the CW consecutive columns it also loads activations for.
+Per lane and 8 weights: 1 LDS.128 + ~4 PRMT + the code's extraction and address, against the tile form's LDS.128 +
+STS.128 + LDSM; each step's 4 * NT MMAs go to independent accumulators (the tile form's chain per pair tile). The
+cost: 8x fewer warps along the output, so short layers need more splits of the input (`plan_register_tiles`), and
+~120 registers at 16 rows. D of tile t: c0/c1 = element 2t of vector row i0 + g for activation rows 2q, 2q+1, c2/c3
+element 2t + 1.
+
 Everything else follows `cuda_mma.py`: a warp owns MT pairs of vector rows and one of P splits of the input
 dimension (summed through shared memory), U chunks of loads in flight, codebooks in shared memory up to
 cuda_gemv.SMEM_CODEBOOK_BYTES (else read through L1/L2), a residual codebook added in fp16 before the tile store
@@ -78,6 +91,20 @@ WAVE_SMS = 132
 SM_SMEM_BYTES = 228 * 1024
 CTA_RESERVED_SMEM = 1024
 SM_WARPS = 64
+# Register fragments: 8 vector rows per warp, and 4 tiles, tile t holding elements 2t (rows 0-7) and 2t+1 (rows 8-15)
+REG_VECTOR_ROWS = 8
+REG_TILES = 4
+
+
+REGISTER_TILES_ENV = "VPTQ_MLC_REGISTER_TILES"
+REGISTER_TILES_DEFAULT = False
+
+
+def register_tiles_enabled() -> bool:
+    """Whether this kernel's registry plans build A fragments in registers: REGISTER_TILES_ENV=1 / 0, else the
+    default."""
+    return compile_switch(REGISTER_TILES_ENV, REGISTER_TILES_DEFAULT, "register-built A fragments in the "
+                          "whole-entry tensor-core decode kernel")
 
 
 def mma_wide_enabled() -> bool:
@@ -94,6 +121,19 @@ class WidePlan:
     smem_codebook: bool
     replicated: bool  # REPLICAS copies of the book in shared memory (lane l reads copy l % 8: conflict-free)
     unroll: int = 4  # U: chunks whose loads are in flight before the first lookup
+    # A fragments built in registers (module docstring, "Register fragments"): the warp owns REG_VECTOR_ROWS vector
+    # rows and REG_TILES m16 tiles; `pair_tiles` is unused
+    register_tiles: bool = False
+
+
+def warp_vector_rows(p: WidePlan) -> int:
+    """Vector rows one warp owns: MT pairs through the tile, or REG_VECTOR_ROWS with register fragments."""
+    return REG_VECTOR_ROWS if p.register_tiles else 2 * p.pair_tiles
+
+
+def warp_tiles(p: WidePlan) -> int:
+    """m16 tiles (accumulator sets per n-tile) one warp owns."""
+    return REG_TILES if p.register_tiles else p.pair_tiles
 
 
 def mma_wide_supported(cfg: VPTQLayerConfig, dtype: str, rows: int) -> bool:
@@ -103,9 +143,12 @@ def mma_wide_supported(cfg: VPTQLayerConfig, dtype: str, rows: int) -> bool:
             and (cfg.group_num * cfg.group_size) % 32 == 0)
 
 
-def plan_mma_wide(cfg: VPTQLayerConfig, rows: int = MMA_ROWS) -> WidePlan:
+def plan_mma_wide(cfg: VPTQLayerConfig, rows: int = MMA_ROWS, register_tiles: bool = False) -> WidePlan:
     """Launch shape from the layer shape (as `cuda_mma.plan_mma`: ~2-4k warps, splits while the input allows):
-    one pair of vector rows per warp, 64-column chunks (4 MMA steps per 4-code load), four chunks in flight."""
+    one pair of vector rows per warp, 64-column chunks (4 MMA steps per 4-code load), four chunks in flight.
+    With `register_tiles`: `plan_register_tiles`."""
+    if register_tiles:
+        return plan_register_tiles(cfg, rows)
     nv, length = cfg.num_vectors, cfg.group_num * cfg.group_size
     ds = 4 if length % 64 == 0 else 2
     mt = 1
@@ -127,6 +170,29 @@ def plan_mma_wide(cfg: VPTQLayerConfig, rows: int = MMA_ROWS) -> WidePlan:
     return plan
 
 
+def plan_register_tiles(cfg: VPTQLayerConfig, rows: int = MMA_ROWS) -> WidePlan:
+    """Register fragments: 8 vector rows per warp, so ~8x fewer warps along the output than the tile form; splits
+    of the input (up to 16 warps of a CTA, summed in the book's shared memory) bring the launch to ~2k warps, and
+    CTAs of at least 8 warps share one book copy."""
+    nv, length = cfg.num_vectors, cfg.group_num * cfg.group_size
+    ds = 4 if length % 64 == 0 else 2
+    warp_rows = -(-nv // REG_VECTOR_ROWS)
+    chunks = length // (16 * ds)
+    splits = max(1, min(16, pow2_floor(2048 // max(1, warp_rows)), pow2_floor(max(1, chunks // 2))))
+    row_groups = max(1, min(8 // splits, pow2_floor(warp_rows)))
+    cb = cfg.group_num * (cfg.num_centroids + cfg.num_res_centroids) * cfg.vector_len * 2
+    smem = cb <= SMEM_CODEBOOK_BYTES
+    per_split = -(-chunks // splits)
+    unroll = 2 if per_split >= 2 else 1
+    plan = WidePlan(1, row_groups, splits, ds, smem, smem and cb * REPLICAS <= SMEM_CODEBOOK_BYTES, unroll,
+                    register_tiles=True)
+    if smem_bytes(cfg, plan, rows) > MAX_DYN_SMEM and plan.replicated:
+        plan = replace(plan, replicated=False)
+    while smem_bytes(cfg, plan, rows) > MAX_DYN_SMEM and plan.splits > 1:  # the split-sum scratch
+        plan = replace(plan, splits=plan.splits // 2)
+    return plan
+
+
 def _book_bytes(cfg: VPTQLayerConfig, p: WidePlan) -> int:
     """The shared book (all copies, main + residual; 16-byte entries), 0 when the book is read from L1/L2."""
     copies = REPLICAS if p.replicated else 1
@@ -135,11 +201,13 @@ def _book_bytes(cfg: VPTQLayerConfig, p: WidePlan) -> int:
 
 def _red_bytes(p: WidePlan, rows: int) -> int:
     """The fp32 split-sum scratch (splits 1..P-1 park their accumulators for split 0); none with one split."""
-    return (p.splits - 1) * p.row_groups * p.pair_tiles * (-(-rows // 8)) * 4 * 32 * 4
+    return (p.splits - 1) * p.row_groups * warp_tiles(p) * (-(-rows // 8)) * 4 * 32 * 4
 
 
 def _tile_bytes(p: WidePlan) -> int:
     """The warps' static tiles: one 512-byte A tile per (pair tile, MMA step) of a chunk and warp."""
+    if p.register_tiles:
+        return 0
     return p.row_groups * p.splits * p.pair_tiles * p.steps_per_load * TILE_HALVES * 2
 
 
@@ -167,7 +235,7 @@ def waves(cfg: VPTQLayerConfig, plan: WidePlan, rows: int) -> int:
     """Waves of the launch on the modelled GPU (WAVE_SMS): CTAs per SM bounded by shared memory and by warps."""
     p = plan
     per_sm = min(SM_SMEM_BYTES // (smem_bytes(cfg, p, rows) + CTA_RESERVED_SMEM), SM_WARPS // (p.row_groups * p.splits))
-    ctas = -(-cfg.num_vectors // (p.row_groups * 2 * p.pair_tiles))
+    ctas = -(-cfg.num_vectors // (p.row_groups * warp_vector_rows(p)))
     return -(-ctas // (WAVE_SMS * max(1, per_sm)))
 
 
@@ -188,7 +256,9 @@ def vq_mma_wide_cuda(cfg: VPTQLayerConfig, dtype: str, rows: int, plan: WidePlan
         raise ValueError(f"plan {p} needs {static_smem} + {dyn_smem} bytes of static + dynamic shared memory (at "
                          f"most {OPT_IN_SMEM} static, {MAX_DYN_SMEM} in all)")
     NT = -(-NB // 8)  # n-tiles: 8 activation rows each
-    NACC = MT * NT * 4
+    REG = p.register_tiles
+    WV, TILES = warp_vector_rows(p), warp_tiles(p)
+    NACC = TILES * NT * 4
     W = RW * P
     NTH = W * 32
     CW = 4 * DS  # activation columns per B lane per chunk
@@ -196,7 +266,7 @@ def vq_mma_wide_cuda(cfg: VPTQLayerConfig, dtype: str, rows: int, plan: WidePlan
     NCH = L // CHUNK
     CPS = -(-NCH // P)  # chunks per split
     NOCH = -(-OSZ // 16) if HAS_OUT else 0
-    NRB = -(-NV // (RW * 2 * MT))
+    NRB = -(-NV // (RW * WV))
     REP = REPLICAS if p.replicated else 1
     # the one dynamic buffer, in whole entries (one float16x8 element each): the book, then the split-sum scratch
     # (fp32, an alias of the same bytes); its CUDA declaration is `uint4 wide_book_ptr[]` in every kernel of this
@@ -205,7 +275,9 @@ def vq_mma_wide_cuda(cfg: VPTQLayerConfig, dtype: str, rows: int, plan: WidePlan
     # library declare `cb_s_ptr` differently
     CB_MAIN = G * K * REP
     ENTRY = f"{dtype}x{v}"
-    NBUF = MT * DS  # tiles per warp (one per (pair tile, step) of a chunk)
+    NBUF = 0 if REG else MT * DS  # tiles per warp (one per (pair tile, step) of a chunk)
+    CLW = CW if REG else MT * DS  # codes a lookup lane loads per chunk
+    CV = min(CW, 8 // (1 if CD == "uint8" else 2))  # codes per load with register fragments (8 bytes)
     DYN_ENTRIES = dyn_smem // 16  # book, scratch and opt-in pad (launch_smem) in 16-byte entries
     WHOLE = NCH % P == 0 and CPS % U == 0  # every (iteration, chunk) of every split is real: no per-chunk test
     XV = next(n for n in (8, 4, 2, 1) if OSZ % n == 0)  # activation load width: 16 bytes unless OSZ misaligns it
@@ -218,6 +290,12 @@ def vq_mma_wide_cuda(cfg: VPTQLayerConfig, dtype: str, rows: int, plan: WidePlan
 
     def vrow(i0, mt, lane):  # the vector row lookup lane `lane` serves in pair tile `mt`
         return i0 + 2 * mt + lane // 8 % 2
+
+    def frag_vrow(i0, t, half, g):  # the vector row of A / D row g + 8 * half in tile t
+        return i0 + g if REG else i0 + 2 * t + half
+
+    def frag_elem(t, half, g):  # the element of that vector row (the output within it)
+        return 2 * t + half if REG else g
 
     def tile_at(ty, mt, d):  # first half of the warp's tile (pair tile mt, step d)
         return (ty * NBUF + mt * DS + d) * TILE_HALVES
@@ -247,13 +325,13 @@ def vq_mma_wide_cuda(cfg: VPTQLayerConfig, dtype: str, rows: int, plan: WidePlan
                     book[base + (it * NTH + tid) * REP + (c + it * NTH + tid) % REP] = stage[vr(0, v)]
 
     @T.macro
-    def lookup(ent, rent, book, centroids, res_centroids, cl, rl, at, col, lane):
-        """ent[0:8] = W[vector row][col] for the 8 outputs (main + residual entry, fp16 add), from code cl[at]."""
+    def lookup(ent, eo, rent, book, centroids, res_centroids, cl, rl, at, col, lane):
+        """ent[eo:eo+8] = W[vector row][col] for the 8 outputs (main + residual entry, fp16 add), from code cl[at]."""
         code = code_index(cl[at], K)
         if p.smem_codebook:
-            ent[vr(0, v)] = book[book_at(0, group_of(col), code, K, lane)]
+            ent[vr(eo, v)] = book[book_at(0, group_of(col), code, K, lane)]
         else:
-            ent[vr(0, v)] = centroids[group_of(col), code, vr(0, v)]
+            ent[vr(eo, v)] = centroids[group_of(col), code, vr(0, v)]
         if HAS_RES:
             if p.smem_codebook:
                 rent[vr(0, v)] = book[book_at(CB_MAIN, group_of(col), code_index(rl[at], KR), KR, lane)]
@@ -261,7 +339,7 @@ def vq_mma_wide_cuda(cfg: VPTQLayerConfig, dtype: str, rows: int, plan: WidePlan
                 rent[vr(0, v)] = res_centroids[group_of(col), code_index(rl[at], KR),
                                                vr(0, v)]
             for j in T.unroll(v):
-                ent[j] = ent[j] + rent[j]
+                ent[eo + j] = ent[eo + j] + rent[j]
 
     @T.macro
     def mma_steps(fa, fb, acc, mt):
@@ -291,14 +369,14 @@ def vq_mma_wide_cuda(cfg: VPTQLayerConfig, dtype: str, rows: int, plan: WidePlan
         else:  # no book (never accessed: TVM drops it): the scratch alone, declared `float red_ptr[]`
             wide_book = T.alloc_buffer((1,), ENTRY, scope="shared.dyn")
             red = T.alloc_buffer((DYN_ENTRIES * 4,), "float32", scope="shared.dyn")
-        tile = T.alloc_buffer((W * NBUF * TILE_HALVES,), dtype, scope="shared")
+        tile = T.alloc_buffer((max(1, W * NBUF * TILE_HALVES),), dtype, scope="shared")
         acc = T.alloc_buffer((NACC,), "float32", scope="local")
         fa = T.alloc_buffer((8,), dtype, scope="local")
         fb = T.alloc_buffer((NT * 4,), dtype, scope="local")
         xa = T.alloc_buffer((U * NT * CW,), dtype, scope="local")
-        cl = T.alloc_buffer((U * MT * DS,), CD, scope="local")
-        rl = T.alloc_buffer((U * MT * DS,), RCD, scope="local")
-        ent = T.alloc_buffer((v,), dtype, scope="local")
+        cl = T.alloc_buffer((U * CLW,), CD, scope="local")
+        rl = T.alloc_buffer((U * CLW,), RCD, scope="local")
+        ent = T.alloc_buffer(((4 if REG else 1) * v,), dtype, scope="local")
         rent = T.alloc_buffer((v,), dtype, scope="local")
         tot = T.alloc_buffer((1,), "float32", scope="local")
         stage = T.alloc_buffer((v,), dtype, scope="local")
@@ -312,7 +390,7 @@ def vq_mma_wide_cuda(cfg: VPTQLayerConfig, dtype: str, rows: int, plan: WidePlan
             if HAS_RES:
                 fill_book(wide_book, CB_MAIN, res_centroids, G * KR, KR, stage, tid)
             T.tvm_storage_sync("shared")
-        i0 = (bx * RW + rg) * 2 * MT  # first vector row of this warp
+        i0 = (bx * RW + rg) * WV  # first vector row of this warp
         for a in T.unroll(NACC):
             acc[a] = T.float32(0)
         # outlier columns: A[m][k] = outlier_centroids[outlier_codes[r // VO, k], r % VO], r the output of m;
@@ -327,17 +405,19 @@ def vq_mma_wide_cuda(cfg: VPTQLayerConfig, dtype: str, rows: int, plan: WidePlan
                                 xs[T.min(nt * 8 + g, NB - 1),
                                    T.min((ost * P + sp) * 16 + 2 * q + e % 2 + 8 * (e // 2), OSZ - 1)],
                                 T.Cast(dtype, 0))
-                    for mt in T.unroll(MT):
+                    for mt in T.unroll(TILES):
                         for a in T.unroll(8):
                             fa[a] = T.if_then_else(
-                                i0 + 2 * mt + a // 2 % 2 < NV
-                                and (i0 + 2 * mt + a // 2 % 2) * v + g < O
+                                frag_vrow(i0, mt, a // 2 % 2, g) < NV
+                                and frag_vrow(i0, mt, a // 2 % 2, g) * v + frag_elem(mt, a // 2 % 2, g) < O
                                 and (ost * P + sp) * 16 + 2 * q + a % 2 + 8 * (a // 4) < OSZ,
                                 outlier_centroids[
                                     T.Cast("int32", outlier_codes[
-                                        T.min((i0 + 2 * mt + a // 2 % 2) * v + g, O - 1) // VO,
+                                        T.min(frag_vrow(i0, mt, a // 2 % 2, g) * v + frag_elem(mt, a // 2 % 2, g),
+                                              O - 1) // VO,
                                         T.min((ost * P + sp) * 16 + 2 * q + a % 2 + 8 * (a // 4), OSZ - 1)]),
-                                    T.min((i0 + 2 * mt + a // 2 % 2) * v + g, O - 1) % VO],
+                                    T.min(frag_vrow(i0, mt, a // 2 % 2, g) * v + frag_elem(mt, a // 2 % 2, g),
+                                          O - 1) % VO],
                                 T.Cast(dtype, 0))
                         mma_steps(fa, fb, acc, mt)
         # codes region (physical column OSZ + c of xs): U chunks' loads in flight before the first lookup. Rows of xs
@@ -350,18 +430,40 @@ def vq_mma_wide_cuda(cfg: VPTQLayerConfig, dtype: str, rows: int, plan: WidePlan
                         for j0 in T.unroll(CW // XV):
                             xa[vr((u * NT + nt) * CW + j0 * XV, XV)] = xs[
                                 T.min(nt * 8 + g, NB - 1), vr(OSZ + col0(sp, it * U + u) + CW * q + j0 * XV, XV)]
-                    for mt in T.unroll(MT):
-                        cl[vr((u * MT + mt) * DS, DS)] = codes[T.min(vrow(i0, mt, tx), NV - 1),
-                                                               vr(code_col(sp, it * U + u, tx), DS)]
-                        if HAS_RES:
-                            rl[vr((u * MT + mt) * DS, DS)] = res_codes[T.min(vrow(i0, mt, tx), NV - 1),
-                                                                       vr(code_col(sp, it * U + u, tx), DS)]
+                    if REG:  # lane (g, q): vector row i0 + g, the CW columns its B side owns
+                        for j0 in T.unroll(CW // CV):
+                            cl[vr(u * CW + j0 * CV, CV)] = codes[
+                                T.min(i0 + g, NV - 1), vr(col0(sp, it * U + u) + CW * q + j0 * CV, CV)]
+                            if HAS_RES:
+                                rl[vr(u * CW + j0 * CV, CV)] = res_codes[
+                                    T.min(i0 + g, NV - 1), vr(col0(sp, it * U + u) + CW * q + j0 * CV, CV)]
+                    else:
+                        for mt in T.unroll(MT):
+                            cl[vr((u * MT + mt) * DS, DS)] = codes[T.min(vrow(i0, mt, tx), NV - 1),
+                                                                   vr(code_col(sp, it * U + u, tx), DS)]
+                            if HAS_RES:
+                                rl[vr((u * MT + mt) * DS, DS)] = res_codes[T.min(vrow(i0, mt, tx), NV - 1),
+                                                                           vr(code_col(sp, it * U + u, tx), DS)]
             for u in T.unroll(U):
-                if WHOLE or (it * U + u < CPS and sp * CPS + it * U + u < NCH):
+                if REG and (WHOLE or (it * U + u < CPS and sp * CPS + it * U + u < NCH)):
+                    # the 4 entries of this lane's k slots (2q, 2q + 1, 2q + 8, 2q + 9) at step d give tile t's A
+                    # fragment: element 2t of each for A row g, element 2t + 1 for row g + 8
+                    for d in T.unroll(DS):
+                        for e in T.unroll(4):
+                            lookup(ent, e * v, rent, wide_book, centroids, res_centroids, cl, rl, u * CW + DS * e + d,
+                                   col0(sp, it * U + u) + CW * q + DS * e + d, tx)
+                        for nt in T.unroll(NT):
+                            for e in T.unroll(4):
+                                fb[nt * 4 + e] = xa[(u * NT + nt) * CW + DS * e + d]
+                        for t in T.unroll(REG_TILES):
+                            for a in T.unroll(8):
+                                fa[a] = ent[(a % 2 + 2 * (a // 4)) * v + 2 * t + a // 2 % 2]
+                            mma_steps(fa, fb, acc, t)
+                if not REG and (WHOLE or (it * U + u < CPS and sp * CPS + it * U + u < NCH)):
                     # every lane's entries into the warp's tiles, then ldmatrix reads them in fragment order
                     for mt in T.unroll(MT):
                         for d in T.unroll(DS):
-                            lookup(ent, rent, wide_book, centroids, res_centroids, cl, rl, (u * MT + mt) * DS + d,
+                            lookup(ent, 0, rent, wide_book, centroids, res_centroids, cl, rl, (u * MT + mt) * DS + d,
                                    code_col(sp, it * U + u, tx) + d, tx)
                             tile[vr(tile_at(ty, mt, d) + tx * v, v)] = ent[vr(0, v)]
                     T.evaluate(T.call_extern("void", "__syncwarp"))
@@ -387,15 +489,16 @@ def vq_mma_wide_cuda(cfg: VPTQLayerConfig, dtype: str, rows: int, plan: WidePlan
             T.tvm_storage_sync("shared")
         if sp == 0:
             # D[m][n]: c0, c1 = (g, 2q..), c2, c3 = (g + 8, 2q..); m -> output, n -> activation row
-            for mt in T.unroll(MT):
+            for mt in T.unroll(TILES):
                 for nt in T.unroll(NT):
                     for c in T.unroll(4):
                         tot[0] = acc[(mt * NT + nt) * 4 + c]
                         if P > 1:
                             for s in T.unroll(P - 1):
                                 tot[0] = tot[0] + red[((rg * (P - 1) + s) * NACC + (mt * NT + nt) * 4 + c) * 32 + tx]
-                        if nt * 8 + 2 * q + c % 2 < NB and i0 + 2 * mt + c // 2 < NV and \
-                                (i0 + 2 * mt + c // 2) * v + g < O:
-                            y[nt * 8 + 2 * q + c % 2, (i0 + 2 * mt + c // 2) * v + g] = T.Cast(dtype, tot[0])
+                        if nt * 8 + 2 * q + c % 2 < NB and frag_vrow(i0, mt, c // 2, g) < NV and \
+                                frag_vrow(i0, mt, c // 2, g) * v + frag_elem(mt, c // 2, g) < O:
+                            y[nt * 8 + 2 * q + c % 2, frag_vrow(i0, mt, c // 2, g) * v + frag_elem(mt, c // 2, g)] = \
+                                T.Cast(dtype, tot[0])
 
     return keep_generic_operands(kernel, cfg)

@@ -14,7 +14,8 @@ says which family it builds with; nothing here looks at the target's kind.
   no residual or Kr == K) -> `cuda_code_sorted.py` (slice-per-CTA kernel + a reduce kernel);
   static rows 6..16 (fp16; 9..16 with a residual codebook or v > 8: `cuda_mma.mma_preferred`) -> tensor-core
   kernel: `cuda_mma_wide.py` for v = 8 layers whose codes region is whole 32-column chunks (VPTQ_MLC_MMA_WIDE=0 at
-  compile time: `cuda_mma.py` for those too), `cuda_mma.py` for the others; other static row counts 1..8 (decode) ->
+  compile time: `cuda_mma.py` for those too; VPTQ_MLC_REGISTER_TILES=1: its A fragments built in registers),
+  `cuda_mma.py` for the others; other static row counts 1..8 (decode) ->
   hand-scheduled VQ-GEMV (`cuda_gemv.py`); other row counts (prefill, symbolic batch) -> for fp16, one PrimFunc
   choosing by the run-time row count (`cuda_dequant_gemm.py`): the tensor-core kernel with 4 row tiles per CTA
   below DEQUANT_GEMM_FROM_ROWS, else dequantize the layer into a scratch fp16 weight + the dense tensor-core GEMM
@@ -402,10 +403,17 @@ class CudaKernelSelector(KernelSelector):
             k = VQKernel(cs.vq_code_sorted_cuda(cfg, dtype, rows), cs.code_sorted_operands(cfg, dtype),
                          ((cs.code_sorted_scratch(cfg, dtype, rows), "float32"),))
         elif family == "mma":
-            from vptq_mlc.tir_kernels.cuda_mma_wide import mma_wide_enabled, mma_wide_supported, vq_mma_wide_cuda
+            from vptq_mlc.tir_kernels.cuda_mma_wide import (
+                mma_wide_enabled,
+                mma_wide_supported,
+                plan_mma_wide,
+                register_tiles_enabled,
+                vq_mma_wide_cuda,
+            )
 
             if mma_wide_enabled() and mma_wide_supported(cfg, dtype, rows):  # v = 8, unless VPTQ_MLC_MMA_WIDE=0
-                k = VQKernel(vq_mma_wide_cuda(cfg, dtype, rows), generic_ops)
+                plan = plan_mma_wide(cfg, rows, register_tiles_enabled())
+                k = VQKernel(vq_mma_wide_cuda(cfg, dtype, rows, plan), generic_ops)
             else:
                 k = VQKernel(vq_mma_cuda(cfg, dtype, rows), generic_ops)
         elif family == "gemv":
