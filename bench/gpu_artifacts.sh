@@ -2,7 +2,7 @@
 # Build, on the GPU-less build box, everything bench/gpu_suite.sh reads on the GPU host, into one folder to carry.
 # Usage (repo root): bash bench/gpu_artifacts.sh ART_DIR [parts...]
 # parts (default: tvm_rt kcheck e2e): tvm_rt kcheck kbench ksweep kcs kgather e2e e2eds e2emla e2e7b attn dattn kprefill kfold
-# kwgmma kwide sampler; each is skipped when already built.
+# kwgmma kwide kreg sampler; each is skipped when already built.
 #   kgather  the gathered-experts CUDA kernel at DeepSeek-R1 expert shapes (tests/gathered_kernels.py): gathered_cuda.so
 #          + gathered.json, checked and timed by tests/gpu/test_gathered_gpu.py (a few seconds to build)
 #   sampler  the compiled sampler alone (`vptq-mlc bench sampler --build`; any vocabulary, any rows): the one-block
@@ -27,11 +27,15 @@
 #          split-KV decode attention). -mmawide / -mma (before a -wgmma / -mmasync: v8-k4096-0-mma,
 #          v8-k4096-0-fold-mma-wgmma): VPTQ_MLC_MMA_WIDE=1 / 0. -dattn / -nodattn (last: v8-k4096-0-nodattn,
 #          v8-k4096-0-nofold-mma-nodattn): VPTQ_MLC_DECODE_ATTN=1 / 0. -group (last of all):
-#          VPTQ_MLC_PREFILL_GROUP=1 (q/k/v and gate/up as one folded prefill call each).
+#          VPTQ_MLC_PREFILL_GROUP=1 (q/k/v and gate/up as one folded prefill call each). -reg (after all of
+#          them): VPTQ_MLC_REGISTER_TILES=1 (the tensor-core decode rows build their A fragments in registers).
 #   dattn  the decode attention kernels alone (bench/attention_decode.py build): ours and TVM's at 32/32, 8/32 and
 #          4/32 heads, read by gpu_suite.sh's steps dattn and pytest
 #   kwide  the whole-entry tensor-core decode kernel next to the current one on the 7B shapes, rows 8 and 16
 #          (`bench build --suite mma-wide`), timed by gpu_suite.sh's step kwide
+#   kreg   the tensor-core decode kernel with register-built A fragments next to the registry's choice on the 7B shapes
+#          at rows 1, 8 and 16, plus its plan variants at 16 rows (`bench build --suite register-tiles`, ~4 min),
+#          timed by gpu_suite.sh's step kreg
 #   kfold  the folding dequantize's launch shapes on the 7B shapes (`bench/prefill_gemm.py build --only fold`, ~40 s),
 #          timed and checked by gpu_suite.sh's step kfold
 # ARCH (default sm_90) sets the CUDA arch of every library.
@@ -57,6 +61,7 @@ for p in $PARTS; do
     kfold) built "$ART/kfold" || python3 bench/prefill_gemm.py build "$ART/kfold" --arch "$ARCH" --only fold ;;
     kwgmma) built "$ART/kwgmma" || python3 bench/wgmma_gemm.py build "$ART/kwgmma" ;;  # always sm_90a
     kwide) built "$ART/kwide" || "${V[@]}" bench build "$ART/kwide" --suite mma-wide --arch "$ARCH" ;;
+    kreg) built "$ART/kreg" || "${V[@]}" bench build "$ART/kreg" --suite register-tiles --arch "$ARCH" ;;
     ksweep) built "$ART/ksweep" || "${V[@]}" bench build "$ART/ksweep" --suite sweep --arch "$ARCH" ;;
     kcs) built "$ART/kcs" || "${V[@]}" bench build "$ART/kcs" --suite code-sorted --arch "$ARCH" ;;
     kgather) built "$ART/kgather" || python3 tests/gathered_kernels.py build "$ART/kgather" "$ARCH" ;;
@@ -103,8 +108,10 @@ make_synthetic_checkpoint('$E/ckpt', variant='v8-k256-256', hidden_size=256, int
         # NAME-fold / NAME-nofold: VPTQ_MLC_PREFILL_FOLD=1 / 0; NAME-mmawide / NAME-mma: VPTQ_MLC_MMA_WIDE=1 / 0;
         # NAME-wgmma / NAME-mmasync: VPTQ_MLC_WGMMA=1 / 0; NAME-dattn / NAME-nodattn: VPTQ_MLC_DECODE_ATTN=1 / 0
         # NAME-group: VPTQ_MLC_PREFILL_GROUP=1; NAME-two: VPTQ_MLC_TWO_LAUNCH_DECODE=1 (unset otherwise: the
-        # defaults); they stack in this order (NAME-nofold-mma-wgmma-nodattn-group-two)
-        nt=${n%-two}; two=""; [ "$nt" != "$n" ] && two=1
+        # defaults); NAME-reg: VPTQ_MLC_REGISTER_TILES=1; they stack in this order
+        # (NAME-nofold-mma-wgmma-nodattn-group-two-reg)
+        nr=${n%-reg}; reg=""; [ "$nr" != "$n" ] && reg=1
+        nt=${nr%-two}; two=""; [ "$nt" != "$nr" ] && two=1
         ng=${nt%-group}; group=""; [ "$ng" != "$nt" ] && group=1
         nd=${ng%-dattn}; dattn=""; [ "$nd" != "$ng" ] && dattn=1
         [ "${nd%-nodattn}" != "$nd" ] && { nd=${nd%-nodattn}; dattn=0; }
@@ -126,6 +133,7 @@ p.write_text(json.dumps(c, indent=2))"
         else
           "${V[@]}" bench synth-model "$D/$n-cfg" --shape "${E2E7B_SHAPE:-llama2-7b}" --variant "$variant" --config-only
         fi
+        VPTQ_MLC_REGISTER_TILES=${reg:-${VPTQ_MLC_REGISTER_TILES:-}} \
         VPTQ_MLC_TWO_LAUNCH_DECODE=${two:-${VPTQ_MLC_TWO_LAUNCH_DECODE:-}} \
         VPTQ_MLC_PREFILL_GROUP=${group:-${VPTQ_MLC_PREFILL_GROUP:-}} \
         VPTQ_MLC_PREFILL_FOLD=${fold:-${VPTQ_MLC_PREFILL_FOLD:-}} VPTQ_MLC_WGMMA=${wgmma:-${VPTQ_MLC_WGMMA:-}} \
@@ -141,7 +149,7 @@ p.write_text(json.dumps(c, indent=2))"
         rm "$c/tokenizer.json"
       done ;;
     *) echo "unknown part $p (tvm_rt kcheck kbench ksweep kcs kgather e2e e2eds e2e7b attn dattn kprefill kfold kwgmma" \
-         "kwide sampler)" >&2; exit 2 ;;
+         "kwide kreg sampler)" >&2; exit 2 ;;
   esac
 done
 du -sh "$ART"/* 2>/dev/null

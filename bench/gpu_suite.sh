@@ -8,6 +8,7 @@
 #   ksweep/   vptq-mlc bench build ART_DIR/ksweep --suite sweep --arch sm_90 (batch-1 GEMV launch shapes) step: sweep
 #   kcs/      vptq-mlc bench build ART_DIR/kcs --suite code-sorted --arch sm_90      steps: cs, pytest
 #   kwide/    vptq-mlc bench build ART_DIR/kwide --suite mma-wide --arch sm_90       step: kwide
+#   kreg/     vptq-mlc bench build ART_DIR/kreg --suite register-tiles --arch sm_90  step: kreg
 #   e2e/      a tiny converted model: model/, model-cpu.so, model-cuda.so, ckpt/ (its checkpoint, for the
 #             transformers reference)                                                  steps: decode, pytest
 #   e2eds/    a tiny fp16 deepseek_v3: model/, model-cpu.so.gz, model-cuda.so.gz (unpacked here), reference.npz
@@ -37,7 +38,7 @@
 # 128256-token vocabulary, T 0.6 / top_p 0.9 and greedy.
 # step sampling7b: bench/sampling_vs_greedy.py on each SAMPLING7B_SYSTEMS (default: E2E7B_SYSTEMS, else
 # v8-k65536-256): model-default sampling vs greedy on one engine, batches 1 and 16, the sampler's kernels profiled.
-# steps: check kernels sweep cs kwide decode pytest e2e7b profile7b api7b attn dattn kprefill kfold kwgmma prefix serve7b
+# steps: check kernels sweep cs kwide kreg decode pytest e2e7b profile7b api7b attn dattn kprefill kfold kwgmma prefix serve7b
 # sampler sampling7b (default: check kernels decode pytest)
 # E2E7B_SYSTEMS: the e2e7b system names (default: "v8-k4096-0 v8-k65536-256 fp16"); E2E7B_STEPS: decode steps (64);
 # E2E7B_ARGS: more `vptq-mlc bench e2e` arguments (e.g. "--batches 1,16 --sampling model").
@@ -75,6 +76,8 @@ for s in $STEPS; do
     cs) "${V[@]}" bench kernels "$ART/kcs" --json "$OUT/cs_kernels.json" 2>&1 | tee "$OUT/cs_kernels.log" || rc=1 ;;
     kwide) "${V[@]}" bench kernels "$ART/kwide" --json "$OUT/mma_wide_kernels.json" 2>&1 \
         | tee "$OUT/mma_wide_kernels.log" || rc=1 ;;
+    kreg) "${V[@]}" bench kernels "$ART/kreg" --json "$OUT/register_tiles_kernels.json" 2>&1 \
+        | tee "$OUT/register_tiles_kernels.log" || rc=1 ;;
     decode) E=$ART/e2e
       "${V[@]}" bench decode "$E/model" --lib "$E/model-cuda.so" --device cuda --tokens 32 \
         --compare-lib "$E/model-cpu.so" --compare-device cpu 2>&1 | tee "$OUT/decode.log" || rc=1 ;;
