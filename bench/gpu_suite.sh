@@ -157,7 +157,7 @@ for s in $STEPS; do
       python3 bench/prefix_ttft.py "$C" --lib "$ART/e2e7b/$N-cuda.so" --device cuda --json "$OUT/prefix_ttft.json" \
         ${PREFIX_ARGS:-} > "$OUT/prefix_ttft.log" 2>&1 || rc=1
       tail -n 12 "$OUT/prefix_ttft.log" ;;
-    *) echo "unknown step $s (check kernels cs kwide decode pytest e2e7b profile7b api7b attn dattn kprefill kfold" \
+    *) echo "unknown step $s (check kernels cs kwide kreg decode pytest e2e7b profile7b api7b attn dattn kprefill kfold" \
          "kwgmma prefix serve7b" \
          "sampler sampling7b)" >&2; exit 2 ;;
   esac
