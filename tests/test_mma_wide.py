@@ -121,6 +121,23 @@ def test_wrong_fragment_layout_fails_the_check(kernels, tmp_path, layout):
     assert err > 0.1, err
 
 
+def test_registry_gives_register_fragments_to_wide_layers_only(monkeypatch):
+    """With VPTQ_MLC_REGISTER_TILES=1 the registry's tensor-core decode kernel of a v = 8 layer builds its A
+    fragments in registers from 8192 outputs with the book in shared memory (measured faster there, slower at 4096
+    outputs and with a K = 65536 book); without the switch, never."""
+    from vptq_mlc.tir_kernels.cuda_mma_wide import REGISTER_TILES_ENV, register_tiles_preferred
+
+    wide, short = _cfg("v8-k4096-0", 4096, 11008, {}), _cfg("v8-k4096-0", 4096, 4096, {})
+    monkeypatch.setenv(REGISTER_TILES_ENV, "1")
+    assert register_tiles_preferred(wide, "float16", 16) and register_tiles_preferred(wide, "float16", 8)
+    assert register_tiles_preferred(_cfg("v8-k256-256", 4096, 11008, {}), "float16", 16)
+    assert not register_tiles_preferred(short, "float16", 16)
+    assert not register_tiles_preferred(_cfg("v8-k65536-256", 4096, 11008, {}), "float16", 16)
+    assert not register_tiles_preferred(_cfg("v12-k4096-0", 4096, 11004, {}), "float16", 16)  # v = 12: no wide form
+    monkeypatch.setenv(REGISTER_TILES_ENV, "0")
+    assert not register_tiles_preferred(wide, "float16", 16)
+
+
 def test_wrong_b_layout_fails_the_register_fragment_check(kernels, tmp_path):
     """The register-fragment form through the same check, with B's two k halves swapped in the PTX model."""
     y, ref = _run(kernels["reg_k4096_r16"], tmp_path, "wrong-b")

@@ -94,6 +94,7 @@ SM_WARPS = 64
 # Register fragments: 8 vector rows per warp, and 4 tiles, tile t holding elements 2t (rows 0-7) and 2t+1 (rows 8-15)
 REG_VECTOR_ROWS = 8
 REG_TILES = 4
+REG_MIN_VECTOR_ROWS = 1024  # register fragments from 8192 outputs (register_tiles_preferred)
 
 
 REGISTER_TILES_ENV = "VPTQ_MLC_REGISTER_TILES"
@@ -191,6 +192,16 @@ def plan_register_tiles(cfg: VPTQLayerConfig, rows: int = MMA_ROWS) -> WidePlan:
     while smem_bytes(cfg, plan, rows) > MAX_DYN_SMEM and plan.splits > 1:  # the split-sum scratch
         plan = replace(plan, splits=plan.splits // 2)
     return plan
+
+
+def register_tiles_preferred(cfg: VPTQLayerConfig, dtype: str, rows: int) -> bool:
+    """Whether the registry gives a layer at `rows` (the tensor-core decode rows) register fragments: the switch on,
+    the book in shared memory, and at least REG_MIN_VECTOR_ROWS vector rows. Measured on the H100 at 8 and 16 rows
+    (bench/RESULTS.md, session 16): 1.13-1.29x the tile form from 11008 outputs (K 256 and 4096), 0.80-0.91x at
+    4096 outputs (64 warp rows cannot fill 132 SMs), and slower with a K = 65536 book read through L1/L2."""
+    cb = cfg.group_num * (cfg.num_centroids + cfg.num_res_centroids) * cfg.vector_len * 2
+    return (register_tiles_enabled() and mma_wide_supported(cfg, dtype, rows) and cb <= SMEM_CODEBOOK_BYTES
+            and cfg.num_vectors >= REG_MIN_VECTOR_ROWS)
 
 
 def _book_bytes(cfg: VPTQLayerConfig, p: WidePlan) -> int:
