@@ -134,8 +134,54 @@ def test_registry_gives_register_fragments_to_wide_layers_only(monkeypatch):
     assert not register_tiles_preferred(short, "float16", 16)
     assert not register_tiles_preferred(_cfg("v8-k65536-256", 4096, 11008, {}), "float16", 16)
     assert not register_tiles_preferred(_cfg("v12-k4096-0", 4096, 11004, {}), "float16", 16)  # v = 12: no wide form
+    assert register_tiles_preferred(short, "float16", 16, count=2)  # q/k/v or gate/up of 4096 in one launch
     monkeypatch.setenv(REGISTER_TILES_ENV, "0")
     assert not register_tiles_preferred(wide, "float16", 16)
+
+
+@pytest.mark.parametrize("variant,i,o,rows,layer,count", [
+    ("v8-k4096-0", 1024, 512, 16, {}, 3),  # q/k/v
+    ("v8-k256-256", 1024, 264, 11, OUTL, 2),  # gate/up with residual + outliers, a partial last CTA
+])
+def test_layers_in_one_launch_match_each_reference(tmp_path, variant, i, o, rows, layer, count):
+    """`count` layers of one config in one launch (`KernelSelector.shared` at the tensor-core decode rows): CTA bx
+    serves layer bx // NRB; every layer's output rows within fp16 rounding of its own float64 `xs @ W.T`, from its
+    own codes, books and activations (a layer's output from another's operands would be far off)."""
+    import tvm
+    from mma_emulator import MmaKernelEmulator
+
+    from vptq_mlc.artifact.vq_layout import generic_layout
+    from vptq_mlc.checkpoint.dequant import decode_codes
+    from vptq_mlc.testing.synthetic import random_layer
+    from vptq_mlc.tir_kernels.cuda_mma_wide import plan_mma_wide, vq_mma_wide_cuda, warp_vector_rows
+
+    cfg = _cfg(variant, i, o, layer)
+    plan = plan_mma_wide(cfg, rows, register_tiles=True, count=count)
+    assert plan.splits > 1  # the separate split-sum scratch of several layers is exercised
+    f = vq_mma_wide_cuda(cfg, "float16", rows, plan, count).with_attr("global_symbol", "multi")
+    src = kernel_definitions(generated_cuda(lambda bt: tvm.compile(tvm.IRModule({"multi": f}), target=bt.target),
+                                            "sm_90"))["multi_kernel"]
+    rng = np.random.default_rng(7)
+    args, refs = {}, []
+    for m in range(count):
+        suf = f"_{m}" if m else ""
+        tensors = random_layer(cfg, rng, "float16", scale=0.5 / np.sqrt(cfg.in_features))
+        ops = generic_layout(cfg, tensors, decode_codes(cfg, tensors), "float16")
+        w = ref_dequant(cfg.to_json(), tensors).astype(np.float64)
+        w = w[:, np.asarray(tensors["perm"]).view(np.uint16).astype(np.int64)]
+        xs = rng.standard_normal((rows, cfg.in_features)).astype(np.float16)
+        args.update({f"xs{suf}": xs, f"y{suf}": np.full((rows, cfg.out_features), np.nan, np.float16),
+                     **{f"{k}{suf}": np.ascontiguousarray(a) for k, a in ops.items()}})
+        refs.append(xs.astype(np.float64) @ w.T)
+    emu = MmaKernelEmulator(src, tmp_path)
+    nrb = -(-cfg.num_vectors // (plan.row_groups * warp_vector_rows(plan)))
+    emu(args, nrb * count, plan.row_groups * plan.splits)
+    for m in range(count):
+        y = args[f"y_{m}" if m else "y"].astype(np.float64)
+        assert not np.isnan(y).any(), m
+        err = _row_err(y, refs[m])
+        print(f"layer {m} of {count}: max row rel err {err:.2e}")
+        assert err < 2e-3, (m, err)
 
 
 def test_wrong_b_layout_fails_the_register_fragment_check(kernels, tmp_path):

@@ -71,8 +71,8 @@ from tvm.script import tirx as T
 from vptq_mlc.artifact.vq_layout import code_dtype
 from vptq_mlc.checkpoint.layer_config import VPTQLayerConfig
 from vptq_mlc.errors import compile_switch
-from vptq_mlc.tir_kernels.cuda_common import KERNEL_ATTRS, pow2_floor, vr
-from vptq_mlc.tir_kernels.cuda_gemv import REPLICAS, SMEM_CODEBOOK_BYTES, keep_generic_operands
+from vptq_mlc.tir_kernels.cuda_common import KERNEL_ATTRS, keep_params, pow2_floor, vr
+from vptq_mlc.tir_kernels.cuda_gemv import MAX_LAYERS, REPLICAS, SMEM_CODEBOOK_BYTES, keep_generic_operands
 from vptq_mlc.tir_kernels.cuda_mma import MAX_DYN_SMEM, MMA_ROWS
 from vptq_mlc.tir_kernels.generic import kernel_dims
 
@@ -94,7 +94,7 @@ SM_WARPS = 64
 # Register fragments: 8 vector rows per warp, and 4 tiles, tile t holding elements 2t (rows 0-7) and 2t+1 (rows 8-15)
 REG_VECTOR_ROWS = 8
 REG_TILES = 4
-REG_MIN_VECTOR_ROWS = 1024  # register fragments from 8192 outputs (register_tiles_preferred)
+REG_MIN_VECTOR_ROWS = 1024  # register fragments from 8192 outputs in a launch (register_tiles_preferred)
 
 
 REGISTER_TILES_ENV = "VPTQ_MLC_REGISTER_TILES"
@@ -144,12 +144,12 @@ def mma_wide_supported(cfg: VPTQLayerConfig, dtype: str, rows: int) -> bool:
             and (cfg.group_num * cfg.group_size) % 32 == 0)
 
 
-def plan_mma_wide(cfg: VPTQLayerConfig, rows: int = MMA_ROWS, register_tiles: bool = False) -> WidePlan:
+def plan_mma_wide(cfg: VPTQLayerConfig, rows: int = MMA_ROWS, register_tiles: bool = False, count: int = 1) -> WidePlan:
     """Launch shape from the layer shape (as `cuda_mma.plan_mma`: ~2-4k warps, splits while the input allows):
     one pair of vector rows per warp, 64-column chunks (4 MMA steps per 4-code load), four chunks in flight.
-    With `register_tiles`: `plan_register_tiles`."""
+    With `register_tiles`: `plan_register_tiles` (for `count` layers in one launch)."""
     if register_tiles:
-        return plan_register_tiles(cfg, rows)
+        return plan_register_tiles(cfg, rows, count)
     nv, length = cfg.num_vectors, cfg.group_num * cfg.group_size
     ds = 4 if length % 64 == 0 else 2
     mt = 1
@@ -171,13 +171,13 @@ def plan_mma_wide(cfg: VPTQLayerConfig, rows: int = MMA_ROWS, register_tiles: bo
     return plan
 
 
-def plan_register_tiles(cfg: VPTQLayerConfig, rows: int = MMA_ROWS) -> WidePlan:
+def plan_register_tiles(cfg: VPTQLayerConfig, rows: int = MMA_ROWS, count: int = 1) -> WidePlan:
     """Register fragments: 8 vector rows per warp, so ~8x fewer warps along the output than the tile form; splits
-    of the input (up to 16 warps of a CTA, summed in the book's shared memory) bring the launch to ~2k warps, and
-    CTAs of at least 8 warps share one book copy."""
-    nv, length = cfg.num_vectors, cfg.group_num * cfg.group_size
+    of the input (up to 16 warps of a CTA, summed in the book's shared memory) bring the launch (all `count`
+    layers) to ~2k warps, and CTAs of at least 8 warps share one book copy."""
+    length = cfg.group_num * cfg.group_size
     ds = 4 if length % 64 == 0 else 2
-    warp_rows = -(-nv // REG_VECTOR_ROWS)
+    warp_rows = count * -(-cfg.num_vectors // REG_VECTOR_ROWS)
     chunks = length // (16 * ds)
     splits = max(1, min(16, pow2_floor(2048 // max(1, warp_rows)), pow2_floor(max(1, chunks // 2))))
     row_groups = max(1, min(8 // splits, pow2_floor(warp_rows)))
@@ -187,21 +187,23 @@ def plan_register_tiles(cfg: VPTQLayerConfig, rows: int = MMA_ROWS) -> WidePlan:
     unroll = 2 if per_split >= 2 else 1
     plan = WidePlan(1, row_groups, splits, ds, smem, smem and cb * REPLICAS <= SMEM_CODEBOOK_BYTES, unroll,
                     register_tiles=True)
-    if smem_bytes(cfg, plan, rows) > MAX_DYN_SMEM and plan.replicated:
+    if smem_bytes(cfg, plan, rows, count) > MAX_DYN_SMEM and plan.replicated:
         plan = replace(plan, replicated=False)
-    while smem_bytes(cfg, plan, rows) > MAX_DYN_SMEM and plan.splits > 1:  # the split-sum scratch
+    while plan.splits > 1 and (smem_bytes(cfg, plan, rows, count) > MAX_DYN_SMEM
+                               or launch_smem(cfg, plan, rows, count)[0] > OPT_IN_SMEM):  # the split-sum scratch
         plan = replace(plan, splits=plan.splits // 2)
     return plan
 
 
-def register_tiles_preferred(cfg: VPTQLayerConfig, dtype: str, rows: int) -> bool:
-    """Whether the registry gives a layer at `rows` (the tensor-core decode rows) register fragments: the switch on,
-    the book in shared memory, and at least REG_MIN_VECTOR_ROWS vector rows. Measured on the H100 at 8 and 16 rows
+def register_tiles_preferred(cfg: VPTQLayerConfig, dtype: str, rows: int, count: int = 1) -> bool:
+    """Whether the registry gives `count` layers of `cfg` at `rows` (the tensor-core decode rows; several layers
+    in one launch) register fragments: the switch on, the book in shared memory, and at least REG_MIN_VECTOR_ROWS
+    vector rows in the launch. Measured on the H100 at 8 and 16 rows
     (bench/RESULTS.md, session 16): 1.13-1.29x the tile form from 11008 outputs (K 256 and 4096), 0.80-0.91x at
     4096 outputs (64 warp rows cannot fill 132 SMs), and slower with a K = 65536 book read through L1/L2."""
     cb = cfg.group_num * (cfg.num_centroids + cfg.num_res_centroids) * cfg.vector_len * 2
     return (register_tiles_enabled() and mma_wide_supported(cfg, dtype, rows) and cb <= SMEM_CODEBOOK_BYTES
-            and cfg.num_vectors >= REG_MIN_VECTOR_ROWS)
+            and count * cfg.num_vectors >= REG_MIN_VECTOR_ROWS)
 
 
 def _book_bytes(cfg: VPTQLayerConfig, p: WidePlan) -> int:
@@ -229,17 +231,27 @@ def dynamic_pad(cfg: VPTQLayerConfig, plan: WidePlan, rows: int) -> int:
     return OPT_IN_SMEM if _tile_bytes(plan) + dyn > OPT_IN_SMEM > dyn else 0
 
 
-def launch_smem(cfg: VPTQLayerConfig, plan: WidePlan, rows: int) -> tuple[int, int]:
+def separate_scratch(cfg: VPTQLayerConfig, plan: WidePlan, count: int) -> bool:
+    """Whether the split-sum scratch is its own static buffer instead of the book's bytes: in a launch of several
+    layers with a shared-memory book and splits (TVM's StorageRewrite fails on the float32 view of the float16x8
+    book when several layers' branches use both)."""
+    return count > 1 and plan.smem_codebook and plan.splits > 1
+
+
+def launch_smem(cfg: VPTQLayerConfig, plan: WidePlan, rows: int, count: int = 1) -> tuple[int, int]:
     """(static, dynamic) shared-memory bytes of a launch: the warps' tiles are static; the dynamic buffer holds the
     book, and the split-sum scratch over it once the book is dead (one buffer: TVM's merge of two dynamic buffers,
-    one of them float16x8, sized the launch 16x too large), padded as `dynamic_pad` says."""
+    one of them float16x8, sized the launch 16x too large), padded as `dynamic_pad` says; a launch of `count`
+    layers may keep the scratch static instead (`separate_scratch`)."""
+    if separate_scratch(cfg, plan, count):
+        return _tile_bytes(plan) + _red_bytes(plan, rows), max(_book_bytes(cfg, plan), OPT_IN_SMEM)
     dyn = max(_book_bytes(cfg, plan), _red_bytes(plan, rows), dynamic_pad(cfg, plan, rows), 16)
     return _tile_bytes(plan), dyn
 
 
-def smem_bytes(cfg: VPTQLayerConfig, plan: WidePlan, rows: int) -> int:
+def smem_bytes(cfg: VPTQLayerConfig, plan: WidePlan, rows: int, count: int = 1) -> int:
     """Shared memory of a launch, static + dynamic (`launch_smem`)."""
-    return sum(launch_smem(cfg, plan, rows))
+    return sum(launch_smem(cfg, plan, rows, count))
 
 
 def waves(cfg: VPTQLayerConfig, plan: WidePlan, rows: int) -> int:
@@ -250,8 +262,13 @@ def waves(cfg: VPTQLayerConfig, plan: WidePlan, rows: int) -> int:
     return -(-ctas // (WAVE_SMS * max(1, per_sm)))
 
 
-def vq_mma_wide_cuda(cfg: VPTQLayerConfig, dtype: str, rows: int, plan: WidePlan | None = None) -> tirx.PrimFunc:
-    """PrimFunc(xs[rows, I], *operands, y[rows, O]), fp16, v = 8, 1..16 static rows (module docstring)."""
+def vq_mma_wide_cuda(cfg: VPTQLayerConfig, dtype: str, rows: int, plan: WidePlan | None = None,
+                     count: int = 1) -> tirx.PrimFunc:
+    """PrimFunc(xs[rows, I], *operands, y[rows, O]), fp16, v = 8, 1..16 static rows (module docstring); with
+    `count` (2..3) layers of this config in one launch: PrimFunc(xs_0, *operands_0, xs_1, *operands_1, .., y_0,
+    y_1, ..) (`KernelSelector.shared`)."""
+    if not 1 <= count <= MAX_LAYERS:
+        raise ValueError(f"vq_mma_wide_cuda serves 1..{MAX_LAYERS} layers in one launch, got {count}")
     if not mma_wide_supported(cfg, dtype, rows):
         raise ValueError(f"vq_mma_wide_cuda takes fp16, v = 8, 1..{MMA_ROWS} rows and a codes region of whole "
                          f"32-column chunks; got {dtype}, v = {cfg.vector_len}, {rows} rows")
@@ -262,7 +279,8 @@ def vq_mma_wide_cuda(cfg: VPTQLayerConfig, dtype: str, rows: int, plan: WidePlan
     MT, RW, P, DS, U = p.pair_tiles, p.row_groups, p.splits, p.steps_per_load, p.unroll
     if L % (16 * DS):
         raise ValueError(f"plan {p}: the codes region ({L} columns) is no whole number of {16 * DS}-column chunks")
-    static_smem, dyn_smem = launch_smem(cfg, p, rows)
+    static_smem, dyn_smem = launch_smem(cfg, p, rows, count)
+    SEP = separate_scratch(cfg, p, count)
     if static_smem + dyn_smem > MAX_DYN_SMEM or static_smem > OPT_IN_SMEM:
         raise ValueError(f"plan {p} needs {static_smem} + {dyn_smem} bytes of static + dynamic shared memory (at "
                          f"most {OPT_IN_SMEM} static, {MAX_DYN_SMEM} in all)")
@@ -359,49 +377,16 @@ def vq_mma_wide_cuda(cfg: VPTQLayerConfig, dtype: str, rows: int, plan: WidePlan
                                         fa.data, 0, fb.data, nt * 4, acc.data, (mt * NT + nt) * 4, False,
                                         dtype="float32"))
 
-    @T.prim_func(private=True)
-    def kernel(
-        xs: T.Buffer((NB, I), dtype),
-        centroids: T.Buffer((G, K, v), dtype),
-        codes: T.Buffer((NV, L), CD),
-        res_centroids: T.Buffer((G, KR1, v), dtype),
-        res_codes: T.Buffer((NV, L), RCD),
-        outlier_centroids: T.Buffer((KO, VO), dtype),
-        outlier_codes: T.Buffer((NO, OSZ1), "uint16"),
-        y: T.Buffer((NB, O), dtype),
-    ):
-        T.func_attr(KERNEL_ATTRS)
-        bx = T.launch_thread("blockIdx.x", NRB)
-        tx = T.launch_thread("threadIdx.x", 32)
-        ty = T.launch_thread("threadIdx.y", W)
-        if p.smem_codebook:
-            wide_book = T.alloc_buffer((DYN_ENTRIES,), ENTRY, scope="shared.dyn")
-            red = T.decl_buffer((DYN_ENTRIES * 4,), "float32", data=wide_book.data, scope="shared.dyn")
-        else:  # no book (never accessed: TVM drops it): the scratch alone, declared `float red_ptr[]`
-            wide_book = T.alloc_buffer((1,), ENTRY, scope="shared.dyn")
-            red = T.alloc_buffer((DYN_ENTRIES * 4,), "float32", scope="shared.dyn")
-        tile = T.alloc_buffer((max(1, W * NBUF * TILE_HALVES),), dtype, scope="shared")
-        acc = T.alloc_buffer((NACC,), "float32", scope="local")
-        fa = T.alloc_buffer((8,), dtype, scope="local")
-        fb = T.alloc_buffer((NT * 4,), dtype, scope="local")
-        xa = T.alloc_buffer((U * NT * CW,), dtype, scope="local")
-        cl = T.alloc_buffer((U * CLW,), CD, scope="local")
-        rl = T.alloc_buffer((U * CLW,), RCD, scope="local")
-        ent = T.alloc_buffer(((4 if REG else 1) * v,), dtype, scope="local")
-        rent = T.alloc_buffer((v,), dtype, scope="local")
-        tot = T.alloc_buffer((1,), "float32", scope="local")
-        stage = T.alloc_buffer((v,), dtype, scope="local")
-        tid = ty * 32 + tx
-        g = tx // 4
-        q = tx % 4
-        rg = ty // P
-        sp = ty % P
+    @T.macro
+    def body(xs, centroids, codes, res_centroids, res_codes, outlier_centroids, outlier_codes, y, i0, tx, ty, tid, g,
+             q, rg, sp, wide_book, red, tile, acc, fa, fb, xa, cl, rl, ent, rent, tot, stage):
+        """One layer's work for the warp whose first vector row is `i0`. Every value comes as an argument: a name
+        bound at several expansions of one function (the layers of a multi-layer launch) would become a buffer."""
         if p.smem_codebook:
             fill_book(wide_book, 0, centroids, G * K, K, stage, tid)
             if HAS_RES:
                 fill_book(wide_book, CB_MAIN, res_centroids, G * KR, KR, stage, tid)
             T.tvm_storage_sync("shared")
-        i0 = (bx * RW + rg) * WV  # first vector row of this warp
         for a in T.unroll(NACC):
             acc[a] = T.float32(0)
         # outlier columns: A[m][k] = outlier_centroids[outlier_codes[r // VO, k], r % VO], r the output of m;
@@ -512,4 +497,91 @@ def vq_mma_wide_cuda(cfg: VPTQLayerConfig, dtype: str, rows: int, plan: WidePlan
                             y[nt * 8 + 2 * q + c % 2, frag_vrow(i0, mt, c // 2, g) * v + frag_elem(mt, c // 2, g)] = \
                                 T.Cast(dtype, tot[0])
 
-    return keep_generic_operands(kernel, cfg)
+
+    # one launch for `count` layers of this config (q/k/v, gate/up): CTA bx serves layer bx // NRB as CTA bx % NRB
+    # of its own launch would; layer 0's operands keep the single-layer names (count 1: the single-layer kernel)
+    @T.prim_func(private=True)
+    def kernel(
+        xs: T.Buffer((NB, I), dtype),
+        centroids: T.Buffer((G, K, v), dtype),
+        codes: T.Buffer((NV, L), CD),
+        res_centroids: T.Buffer((G, KR1, v), dtype),
+        res_codes: T.Buffer((NV, L), RCD),
+        outlier_centroids: T.Buffer((KO, VO), dtype),
+        outlier_codes: T.Buffer((NO, OSZ1), "uint16"),
+        xs_1: T.Buffer((NB, I), dtype),
+        centroids_1: T.Buffer((G, K, v), dtype),
+        codes_1: T.Buffer((NV, L), CD),
+        res_centroids_1: T.Buffer((G, KR1, v), dtype),
+        res_codes_1: T.Buffer((NV, L), RCD),
+        outlier_centroids_1: T.Buffer((KO, VO), dtype),
+        outlier_codes_1: T.Buffer((NO, OSZ1), "uint16"),
+        xs_2: T.Buffer((NB, I), dtype),
+        centroids_2: T.Buffer((G, K, v), dtype),
+        codes_2: T.Buffer((NV, L), CD),
+        res_centroids_2: T.Buffer((G, KR1, v), dtype),
+        res_codes_2: T.Buffer((NV, L), RCD),
+        outlier_centroids_2: T.Buffer((KO, VO), dtype),
+        outlier_codes_2: T.Buffer((NO, OSZ1), "uint16"),
+        y: T.Buffer((NB, O), dtype),
+        y_1: T.Buffer((NB, O), dtype),
+        y_2: T.Buffer((NB, O), dtype),
+    ):
+        T.func_attr(KERNEL_ATTRS)
+        bx = T.launch_thread("blockIdx.x", NRB * count)
+        tx = T.launch_thread("threadIdx.x", 32)
+        ty = T.launch_thread("threadIdx.y", W)
+        if p.smem_codebook:
+            wide_book = T.alloc_buffer((DYN_ENTRIES,), ENTRY, scope="shared.dyn")
+            if SEP:
+                red = T.alloc_buffer((max(1, _red_bytes(p, rows) // 4),), "float32", scope="shared")
+            else:
+                red = T.decl_buffer((DYN_ENTRIES * 4,), "float32", data=wide_book.data, scope="shared.dyn")
+        else:  # no book (never accessed: TVM drops it): the scratch alone, declared `float red_ptr[]`
+            wide_book = T.alloc_buffer((1,), ENTRY, scope="shared.dyn")
+            red = T.alloc_buffer((DYN_ENTRIES * 4,), "float32", scope="shared.dyn")
+        tile = T.alloc_buffer((max(1, W * NBUF * TILE_HALVES),), dtype, scope="shared")
+        acc = T.alloc_buffer((NACC,), "float32", scope="local")
+        fa = T.alloc_buffer((8,), dtype, scope="local")
+        fb = T.alloc_buffer((NT * 4,), dtype, scope="local")
+        xa = T.alloc_buffer((U * NT * CW,), dtype, scope="local")
+        cl = T.alloc_buffer((U * CLW,), CD, scope="local")
+        rl = T.alloc_buffer((U * CLW,), RCD, scope="local")
+        ent = T.alloc_buffer(((4 if REG else 1) * v,), dtype, scope="local")
+        rent = T.alloc_buffer((v,), dtype, scope="local")
+        tot = T.alloc_buffer((1,), "float32", scope="local")
+        stage = T.alloc_buffer((v,), dtype, scope="local")
+        if count == 1:  # named as before the multi-layer form, so the single-layer kernel's CUDA is unchanged
+            tid = ty * 32 + tx
+            g = tx // 4
+            q = tx % 4
+            rg = ty // P
+            sp = ty % P
+            i0 = (bx * RW + rg) * WV  # first vector row of this warp
+            body(xs, centroids, codes, res_centroids, res_codes, outlier_centroids, outlier_codes, y, i0, tx, ty,
+                 tid, g, q, rg, sp, wide_book, red, tile, acc, fa, fb, xa, cl, rl, ent, rent, tot, stage)
+        else:
+            if bx < NRB:
+                body(xs, centroids, codes, res_centroids, res_codes, outlier_centroids, outlier_codes, y,
+                     (bx * RW + ty // P) * WV, tx, ty, ty * 32 + tx, tx // 4, tx % 4, ty // P, ty % P, wide_book,
+                     red, tile, acc, fa, fb, xa, cl, rl, ent, rent, tot, stage)
+            # the CTA's branch is uniform, but the sync planner sees the next branch's shared-memory writes after
+            # this one's reads: a barrier here, outside any condition, orders them
+            T.tvm_storage_sync("shared")
+            if bx // NRB == 1:
+                body(xs_1, centroids_1, codes_1, res_centroids_1, res_codes_1, outlier_centroids_1, outlier_codes_1,
+                     y_1, ((bx - NRB) * RW + ty // P) * WV, tx, ty, ty * 32 + tx, tx // 4, tx % 4, ty // P, ty % P,
+                     wide_book, red, tile, acc, fa, fb, xa, cl, rl, ent, rent, tot, stage)
+            if count == 3:
+                T.tvm_storage_sync("shared")
+                if bx // NRB == 2:
+                    body(xs_2, centroids_2, codes_2, res_centroids_2, res_codes_2, outlier_centroids_2,
+                         outlier_codes_2, y_2, ((bx - 2 * NRB) * RW + ty // P) * WV, tx, ty, ty * 32 + tx, tx // 4,
+                         tx % 4, ty // P, ty % P, wide_book, red, tile, acc, fa, fb, xa, cl, rl, ent, rent, tot, stage)
+
+    if count == 1:
+        return keep_generic_operands(kernel, cfg)
+    from vptq_mlc.artifact.vq_layout import vq_operand_shapes
+
+    names = ("xs", "y", *vq_operand_shapes(cfg))
+    return keep_params(kernel, {f"{n}_{m}" if m else n for n in names for m in range(count)})

@@ -327,10 +327,23 @@ class CudaKernelSelector(KernelSelector):
 
     def _pick_shared(self, cfg: VPTQLayerConfig, dtype: str, rows: int | None, count: int) -> VQKernel | None:
         """Where the layers' own kernel is the GEMV: the GEMV over `count` layers in one launch (each CTA does what
-        it does in its layer's own launch: the same bits)."""
+        it does in its layer's own launch: the same bits); at the tensor-core decode rows, the whole-entry kernel
+        with register fragments over `count` layers where `register_tiles_preferred` says so."""
         from vptq_mlc.tir_kernels.cuda_gemv import MAX_LAYERS, vq_gemv_cuda
+        from vptq_mlc.tir_kernels.cuda_mma_wide import (
+            mma_wide_enabled,
+            plan_mma_wide,
+            register_tiles_preferred,
+            vq_mma_wide_cuda,
+        )
 
-        if not 2 <= count <= MAX_LAYERS or self._decode_family(cfg, dtype, rows) != "gemv":
+        family = self._decode_family(cfg, dtype, rows)
+        if not 2 <= count <= MAX_LAYERS:
+            return None
+        if family == "mma" and mma_wide_enabled() and register_tiles_preferred(cfg, dtype, rows, count):
+            plan = plan_mma_wide(cfg, rows, register_tiles=True, count=count)
+            return _mark(VQKernel(vq_mma_wide_cuda(cfg, dtype, rows, plan, count), tuple(vq_operand_shapes(cfg))))
+        if family != "gemv":
             return None
         return _mark(VQKernel(vq_gemv_cuda(cfg, dtype, rows, count=count), tuple(vq_operand_shapes(cfg))))
 
