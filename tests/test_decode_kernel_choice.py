@@ -100,3 +100,29 @@ def test_shared_gemv_choice(variant: str, rows: int | None, count: int, want: bo
         assert k.operands == tuple(vq_operand_shapes(cfg)) and not k.scratch
         assert len(k.func.params) == count * (1 + len(k.operands)) + count
     assert KernelSelector(Target("llvm")).shared(cfg, "float16", rows, count) is None
+
+
+def test_shared_register_fragment_choice(monkeypatch) -> None:
+    """With VPTQ_MLC_REGISTER_TILES=1, q/k/v (3 x 4096) and gate/up (2 x 11008) of a 7B layer at the tensor-core
+    decode rows share one launch of the register-fragment kernel (each layer's generic operands, then the outputs);
+    a group under 8192 outputs, a K = 65536 book and the switch off keep one launch per layer."""
+    from tvm.target import Target
+
+    from vptq_mlc.artifact.vq_layout import vq_operand_shapes
+    from vptq_mlc.tir_kernels.cuda_mma_wide import REGISTER_TILES_ENV
+    from vptq_mlc.tir_kernels.registry import CudaKernelSelector
+
+    monkeypatch.setenv(REGISTER_TILES_ENV, "1")
+    sel = CudaKernelSelector(Target({"kind": "cuda", "arch": "sm_80"}))
+    for (i, o), count in (((4096, 4096), 3), ((4096, 11008), 2)):
+        cfg = VPTQLayerConfig.from_variant("v8-k4096-0", i, o)
+        for rows in (8, 16):
+            k = sel.shared(cfg, "float16", rows, count)
+            assert k is not None and k.operands == tuple(vq_operand_shapes(cfg)) and not k.scratch
+            assert len(k.func.params) == count * (1 + len(k.operands)) + count
+            assert "ldmatrix" not in k.func.script()  # register fragments, not the tile form
+    assert sel.shared(VPTQLayerConfig.from_variant("v8-k4096-0", 1024, 512), "float16", 16, 3) is None
+    assert sel.shared(VPTQLayerConfig.from_variant("v8-k65536-256", 4096, 4096), "float16", 16, 3) is None
+    monkeypatch.setenv(REGISTER_TILES_ENV, "0")
+    off = CudaKernelSelector(Target({"kind": "cuda", "arch": "sm_80"}))
+    assert off.shared(VPTQLayerConfig.from_variant("v8-k4096-0", 4096, 4096), "float16", 16, 3) is None

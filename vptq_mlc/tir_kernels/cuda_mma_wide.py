@@ -199,7 +199,7 @@ def register_tiles_preferred(cfg: VPTQLayerConfig, dtype: str, rows: int, count:
     """Whether the registry gives `count` layers of `cfg` at `rows` (the tensor-core decode rows; several layers
     in one launch) register fragments: the switch on, the book in shared memory, and at least REG_MIN_VECTOR_ROWS
     vector rows in the launch. Measured on the H100 at 8 and 16 rows
-    (bench/RESULTS.md, session 16): 1.13-1.29x the tile form from 11008 outputs (K 256 and 4096), 0.80-0.91x at
+    (bench/RESULTS.md, session 16): 1.10-1.34x the tile form from 11008 outputs (K 256 and 4096), 0.80-0.94x at
     4096 outputs (64 warp rows cannot fill 132 SMs), and slower with a K = 65536 book read through L1/L2."""
     cb = cfg.group_num * (cfg.num_centroids + cfg.num_res_centroids) * cfg.vector_len * 2
     return (register_tiles_enabled() and mma_wide_supported(cfg, dtype, rows) and cb <= SMEM_CODEBOOK_BYTES
