@@ -28,7 +28,8 @@
 #          v8-k4096-0-fold-mma-wgmma): VPTQ_MLC_MMA_WIDE=1 / 0. -dattn / -nodattn (last: v8-k4096-0-nodattn,
 #          v8-k4096-0-nofold-mma-nodattn): VPTQ_MLC_DECODE_ATTN=1 / 0. -group (last of all):
 #          VPTQ_MLC_PREFILL_GROUP=1 (q/k/v and gate/up as one folded prefill call each). -reg (after all of
-#          them): VPTQ_MLC_REGISTER_TILES=1 (the tensor-core decode rows build their A fragments in registers).
+#          them) / -noreg: VPTQ_MLC_REGISTER_TILES=1 / 0 (register-built A fragments and shared q/k/v, gate/up launches at
+#          the tensor-core decode rows, on by default).
 #   dattn  the decode attention kernels alone (bench/attention_decode.py build): ours and TVM's at 32/32, 8/32 and
 #          4/32 heads, read by gpu_suite.sh's steps dattn and pytest
 #   kwide  the whole-entry tensor-core decode kernel next to the current one on the 7B shapes, rows 8 and 16
@@ -108,9 +109,10 @@ make_synthetic_checkpoint('$E/ckpt', variant='v8-k256-256', hidden_size=256, int
         # NAME-fold / NAME-nofold: VPTQ_MLC_PREFILL_FOLD=1 / 0; NAME-mmawide / NAME-mma: VPTQ_MLC_MMA_WIDE=1 / 0;
         # NAME-wgmma / NAME-mmasync: VPTQ_MLC_WGMMA=1 / 0; NAME-dattn / NAME-nodattn: VPTQ_MLC_DECODE_ATTN=1 / 0
         # NAME-group: VPTQ_MLC_PREFILL_GROUP=1; NAME-two: VPTQ_MLC_TWO_LAUNCH_DECODE=1 (unset otherwise: the
-        # defaults); NAME-reg: VPTQ_MLC_REGISTER_TILES=1; they stack in this order
+        # defaults); NAME-reg / NAME-noreg: VPTQ_MLC_REGISTER_TILES=1 / 0; they stack in this order
         # (NAME-nofold-mma-wgmma-nodattn-group-two-reg)
         nr=${n%-reg}; reg=""; [ "$nr" != "$n" ] && reg=1
+        [ "${nr%-noreg}" != "$nr" ] && { nr=${nr%-noreg}; reg=0; }
         nt=${nr%-two}; two=""; [ "$nt" != "$nr" ] && two=1
         ng=${nt%-group}; group=""; [ "$ng" != "$nt" ] && group=1
         nd=${ng%-dattn}; dattn=""; [ "$nd" != "$ng" ] && dattn=1

@@ -39,7 +39,8 @@ a chunk is 16*DS columns, DS MMA steps. Lane q of the B side owns the CW = 4*DS 
 column CW*Q + DS*(2E + H) + d, so a lookup lane's DS codes over the chunk's steps are consecutive (one DS- or
 2*DS-byte code load), and 16 lanes of one vector row read 16*DS consecutive codes.
 
-Register fragments (`WidePlan.register_tiles`; off by default, REGISTER_TILES_ENV): no tile round trip through
+Register fragments (`WidePlan.register_tiles`; on by default where `register_tiles_preferred`, REGISTER_TILES_ENV=0
+turns them off): no tile round trip through
 shared memory. Lane (g, q) looks up the 4 entries of ONE vector row (i0 + g) at its 4 k slots (2q, 2q+1, 2q+8, 2q+9)
 of a step; a warp then owns 8 vector rows (64 outputs) as 4 m16 tiles, tile t's row m < 8 being element 2t of vector
 row i0 + m and row m + 8 element 2t + 1 of it. Lane (g, q)'s A registers of tile t are exactly elements 2t and
@@ -98,7 +99,7 @@ REG_MIN_VECTOR_ROWS = 1024  # register fragments from 8192 outputs in a launch (
 
 
 REGISTER_TILES_ENV = "VPTQ_MLC_REGISTER_TILES"
-REGISTER_TILES_DEFAULT = False
+REGISTER_TILES_DEFAULT = True
 
 
 def register_tiles_enabled() -> bool:

@@ -14,8 +14,8 @@ says which family it builds with; nothing here looks at the target's kind.
   no residual or Kr == K) -> `cuda_code_sorted.py` (slice-per-CTA kernel + a reduce kernel);
   static rows 6..16 (fp16; 9..16 with a residual codebook or v > 8: `cuda_mma.mma_preferred`) -> tensor-core
   kernel: `cuda_mma_wide.py` for v = 8 layers whose codes region is whole 32-column chunks (VPTQ_MLC_MMA_WIDE=0 at
-  compile time: `cuda_mma.py` for those too; VPTQ_MLC_REGISTER_TILES=1: its A fragments built in registers
-  for layers of >= 8192 outputs, `register_tiles_preferred`),
+  compile time: `cuda_mma.py` for those too; its A fragments built in registers for launches of >= 8192
+  outputs, `register_tiles_preferred`, unless VPTQ_MLC_REGISTER_TILES=0),
   `cuda_mma.py` for the others; other static row counts 1..8 (decode) ->
   hand-scheduled VQ-GEMV (`cuda_gemv.py`); other row counts (prefill, symbolic batch) -> for fp16, one PrimFunc
   choosing by the run-time row count (`cuda_dequant_gemm.py`): the tensor-core kernel with 4 row tiles per CTA
