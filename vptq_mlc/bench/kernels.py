@@ -154,6 +154,9 @@ def correctness_cases() -> list[KernelCase]:
         KernelCase("v8-k256-256", 1000, 300, 2, prologue="pnp"),
         KernelCase("v8-k4096-0", 4096, 512, 5, prologue="pn"),
         KernelCase("v8-k4096-0", 4096, 512, 16, prologue="ppp"),
+        # q/k/v and gate/up of 7B width at the tensor-core decode rows: one launch of the register-fragment kernel
+        KernelCase("v8-k4096-0", 4096, 4096, 16, prologue="ppp"),
+        KernelCase("v8-k256-256", 4096, 11008, 11, prologue="pp"),
         KernelCase("v8-k256-256", 1000, 300, None, run_rows=37, prologue="ppn"),
         # the GEMV with the prologue folded in (rows 1..8 where they fit its shared memory; the registry's choice
         # above runs it too): residual + outliers, books read through L1/L2, 4-wide staging (v12), groups
