@@ -65,16 +65,13 @@ def kernels():
     return {name: (*out[name], src[f"{name}_kernel"]) for name in CASES}
 
 
-def _run(kernel, tmp_path, layout="ptx", seed=0):
-    """(y from the emulated kernel, float64 reference) for one case: random layer and activations."""
-    from mma_emulator import MmaKernelEmulator
-
+def _layer(cfg, rows, rng, suffix=""):
+    """(kernel arguments named with `suffix`: xs, the generic operands and a NaN-poisoned y, float64 reference
+    `xs @ W.T`) for a random layer of `cfg` and random activations."""
     from vptq_mlc.artifact.vq_layout import generic_layout
     from vptq_mlc.checkpoint.dequant import decode_codes
     from vptq_mlc.testing.synthetic import random_layer
 
-    cfg, rows, plan, source = kernel
-    rng = np.random.default_rng(seed)
     tensors = random_layer(cfg, rng, "float16", scale=0.5 / np.sqrt(cfg.in_features))
     ops = generic_layout(cfg, tensors, decode_codes(cfg, tensors), "float16")
     w = ref_dequant(cfg.to_json(), tensors).astype(np.float64)
@@ -83,15 +80,24 @@ def _run(kernel, tmp_path, layout="ptx", seed=0):
         w = w[:, perm]
     xs = rng.standard_normal((rows, cfg.in_features)).astype(np.float16)
     y = np.full((rows, cfg.out_features), np.nan, np.float16)  # poisoned: an output never written shows
+    args = {f"xs{suffix}": xs, f"y{suffix}": y, **{f"{k}{suffix}": np.ascontiguousarray(a) for k, a in ops.items()}}
+    return args, xs.astype(np.float64) @ w.T
+
+
+def _run(kernel, tmp_path, layout="ptx", seed=0):
+    """(y from the emulated kernel, float64 reference) for one case: random layer and activations."""
+    from mma_emulator import MmaKernelEmulator
+
     from vptq_mlc.tir_kernels.cuda_mma_wide import warp_vector_rows
 
+    cfg, rows, plan, source = kernel
+    args, ref = _layer(cfg, rows, np.random.default_rng(seed))
     emu = MmaKernelEmulator(source, tmp_path, layout)
     # register fragments never go through ldmatrix
     assert (emu.counts["ldmatrix"] == 0) == plan.register_tiles and emu.counts["mma"] > 0, emu.counts
     grid = -(-cfg.num_vectors // (plan.row_groups * warp_vector_rows(plan)))
-    emu({"xs": xs, "y": y, **{k: np.ascontiguousarray(a) for k, a in ops.items()}}, grid,
-        plan.row_groups * plan.splits)
-    return y.astype(np.float64), xs.astype(np.float64) @ w.T
+    emu(args, grid, plan.row_groups * plan.splits)
+    return args["y"].astype(np.float64), ref
 
 
 def _row_err(y, ref):
@@ -150,9 +156,6 @@ def test_layers_in_one_launch_match_each_reference(tmp_path, variant, i, o, rows
     import tvm
     from mma_emulator import MmaKernelEmulator
 
-    from vptq_mlc.artifact.vq_layout import generic_layout
-    from vptq_mlc.checkpoint.dequant import decode_codes
-    from vptq_mlc.testing.synthetic import random_layer
     from vptq_mlc.tir_kernels.cuda_mma_wide import plan_mma_wide, vq_mma_wide_cuda, warp_vector_rows
 
     cfg = _cfg(variant, i, o, layer)
@@ -164,15 +167,9 @@ def test_layers_in_one_launch_match_each_reference(tmp_path, variant, i, o, rows
     rng = np.random.default_rng(7)
     args, refs = {}, []
     for m in range(count):
-        suf = f"_{m}" if m else ""
-        tensors = random_layer(cfg, rng, "float16", scale=0.5 / np.sqrt(cfg.in_features))
-        ops = generic_layout(cfg, tensors, decode_codes(cfg, tensors), "float16")
-        w = ref_dequant(cfg.to_json(), tensors).astype(np.float64)
-        w = w[:, np.asarray(tensors["perm"]).view(np.uint16).astype(np.int64)]
-        xs = rng.standard_normal((rows, cfg.in_features)).astype(np.float16)
-        args.update({f"xs{suf}": xs, f"y{suf}": np.full((rows, cfg.out_features), np.nan, np.float16),
-                     **{f"{k}{suf}": np.ascontiguousarray(a) for k, a in ops.items()}})
-        refs.append(xs.astype(np.float64) @ w.T)
+        layer_args, ref = _layer(cfg, rows, rng, f"_{m}" if m else "")
+        args.update(layer_args)
+        refs.append(ref)
     emu = MmaKernelEmulator(src, tmp_path)
     nrb = -(-cfg.num_vectors // (plan.row_groups * warp_vector_rows(plan)))
     emu(args, nrb * count, plan.row_groups * plan.splits)

@@ -145,6 +145,11 @@ def mma_wide_supported(cfg: VPTQLayerConfig, dtype: str, rows: int) -> bool:
             and (cfg.group_num * cfg.group_size) % 32 == 0)
 
 
+def _book_size(cfg: VPTQLayerConfig) -> int:
+    """Bytes of one copy of the layer's books (main + residual, all groups, fp16 entries)."""
+    return cfg.group_num * (cfg.num_centroids + cfg.num_res_centroids) * cfg.vector_len * 2
+
+
 def plan_mma_wide(cfg: VPTQLayerConfig, rows: int = MMA_ROWS, register_tiles: bool = False, count: int = 1) -> WidePlan:
     """Launch shape from the layer shape (as `cuda_mma.plan_mma`: ~2-4k warps, splits while the input allows):
     one pair of vector rows per warp, 64-column chunks (4 MMA steps per 4-code load), four chunks in flight.
@@ -157,7 +162,7 @@ def plan_mma_wide(cfg: VPTQLayerConfig, rows: int = MMA_ROWS, register_tiles: bo
     warp_rows = -(-nv // (2 * mt))
     splits = max(1, min(8, pow2_floor(4096 // max(1, warp_rows)), pow2_floor(max(1, length // (16 * ds * 4)))))
     row_groups = max(1, 8 // splits)
-    cb = cfg.group_num * (cfg.num_centroids + cfg.num_res_centroids) * cfg.vector_len * 2
+    cb = _book_size(cfg)
     chunks = -(-length // (16 * ds * splits))
     smem = cb <= SMEM_CODEBOOK_BYTES
     unroll = 4 if chunks >= 4 else 2 if chunks >= 2 else 1
@@ -182,7 +187,7 @@ def plan_register_tiles(cfg: VPTQLayerConfig, rows: int = MMA_ROWS, count: int =
     chunks = length // (16 * ds)
     splits = max(1, min(16, pow2_floor(2048 // max(1, warp_rows)), pow2_floor(max(1, chunks // 2))))
     row_groups = max(1, min(8 // splits, pow2_floor(warp_rows)))
-    cb = cfg.group_num * (cfg.num_centroids + cfg.num_res_centroids) * cfg.vector_len * 2
+    cb = _book_size(cfg)
     smem = cb <= SMEM_CODEBOOK_BYTES
     per_split = -(-chunks // splits)
     unroll = 2 if per_split >= 2 else 1
@@ -202,8 +207,7 @@ def register_tiles_preferred(cfg: VPTQLayerConfig, dtype: str, rows: int, count:
     vector rows in the launch. Measured on the H100 at 8 and 16 rows
     (bench/RESULTS.md, session 16): 1.10-1.34x the tile form from 11008 outputs (K 256 and 4096), 0.80-0.94x at
     4096 outputs (64 warp rows cannot fill 132 SMs), and slower with a K = 65536 book read through L1/L2."""
-    cb = cfg.group_num * (cfg.num_centroids + cfg.num_res_centroids) * cfg.vector_len * 2
-    return (register_tiles_enabled() and mma_wide_supported(cfg, dtype, rows) and cb <= SMEM_CODEBOOK_BYTES
+    return (register_tiles_enabled() and mma_wide_supported(cfg, dtype, rows) and _book_size(cfg) <= SMEM_CODEBOOK_BYTES
             and count * cfg.num_vectors >= REG_MIN_VECTOR_ROWS)
 
 
@@ -327,6 +331,9 @@ def vq_mma_wide_cuda(cfg: VPTQLayerConfig, dtype: str, rows: int, plan: WidePlan
     def frag_elem(t, half, g):  # the element of that vector row (the output within it)
         return 2 * t + half if REG else g
 
+    def frag_out(i0, t, half, g):  # the output of A / D row g + 8 * half in tile t
+        return frag_vrow(i0, t, half, g) * v + frag_elem(t, half, g)
+
     def tile_at(ty, mt, d):  # first half of the warp's tile (pair tile mt, step d)
         return (ty * NBUF + mt * DS + d) * TILE_HALVES
 
@@ -372,6 +379,13 @@ def vq_mma_wide_cuda(cfg: VPTQLayerConfig, dtype: str, rows: int, plan: WidePlan
                 ent[eo + j] = ent[eo + j] + rent[j]
 
     @T.macro
+    def b_fragment(fb, xa, u, d):
+        """B of step d of chunk u: activation element e of the lane's k slots is column CW * q + DS * e + d."""
+        for nt in T.unroll(NT):
+            for e in T.unroll(4):
+                fb[nt * 4 + e] = xa[(u * NT + nt) * CW + DS * e + d]
+
+    @T.macro
     def mma_steps(fa, fb, acc, mt):
         for nt in T.unroll(NT):
             T.evaluate(T.ptx_legacy.mma("m16n8k16", "row", "col", "fp16", "fp16", "fp32",
@@ -406,15 +420,13 @@ def vq_mma_wide_cuda(cfg: VPTQLayerConfig, dtype: str, rows: int, plan: WidePlan
                         for a in T.unroll(8):
                             fa[a] = T.if_then_else(
                                 frag_vrow(i0, mt, a // 2 % 2, g) < NV
-                                and frag_vrow(i0, mt, a // 2 % 2, g) * v + frag_elem(mt, a // 2 % 2, g) < O
+                                and frag_out(i0, mt, a // 2 % 2, g) < O
                                 and (ost * P + sp) * 16 + 2 * q + a % 2 + 8 * (a // 4) < OSZ,
                                 outlier_centroids[
                                     T.Cast("int32", outlier_codes[
-                                        T.min(frag_vrow(i0, mt, a // 2 % 2, g) * v + frag_elem(mt, a // 2 % 2, g),
-                                              O - 1) // VO,
+                                        T.min(frag_out(i0, mt, a // 2 % 2, g), O - 1) // VO,
                                         T.min((ost * P + sp) * 16 + 2 * q + a % 2 + 8 * (a // 4), OSZ - 1)]),
-                                    T.min(frag_vrow(i0, mt, a // 2 % 2, g) * v + frag_elem(mt, a // 2 % 2, g),
-                                          O - 1) % VO],
+                                    T.min(frag_out(i0, mt, a // 2 % 2, g), O - 1) % VO],
                                 T.Cast(dtype, 0))
                         mma_steps(fa, fb, acc, mt)
         # codes region (physical column OSZ + c of xs): U chunks' loads in flight before the first lookup. Rows of xs
@@ -442,41 +454,38 @@ def vq_mma_wide_cuda(cfg: VPTQLayerConfig, dtype: str, rows: int, plan: WidePlan
                                 rl[vr((u * MT + mt) * DS, DS)] = res_codes[T.min(vrow(i0, mt, tx), NV - 1),
                                                                            vr(code_col(sp, it * U + u, tx), DS)]
             for u in T.unroll(U):
-                if REG and (WHOLE or (it * U + u < CPS and sp * CPS + it * U + u < NCH)):
-                    # the 4 entries of this lane's k slots (2q, 2q + 1, 2q + 8, 2q + 9) at step d give tile t's A
-                    # fragment: element 2t of each for A row g, element 2t + 1 for row g + 8
-                    for d in T.unroll(DS):
-                        for e in T.unroll(4):
-                            lookup(ent, e * v, rent, wide_book, centroids, res_centroids, cl, rl, u * CW + DS * e + d,
-                                   col0(sp, it * U + u) + CW * q + DS * e + d, tx)
-                        for nt in T.unroll(NT):
-                            for e in T.unroll(4):
-                                fb[nt * 4 + e] = xa[(u * NT + nt) * CW + DS * e + d]
-                        for t in T.unroll(REG_TILES):
-                            for a in T.unroll(8):
-                                fa[a] = ent[(a % 2 + 2 * (a // 4)) * v + 2 * t + a // 2 % 2]
-                            mma_steps(fa, fb, acc, t)
-                if not REG and (WHOLE or (it * U + u < CPS and sp * CPS + it * U + u < NCH)):
-                    # every lane's entries into the warp's tiles, then ldmatrix reads them in fragment order
-                    for mt in T.unroll(MT):
+                if WHOLE or (it * U + u < CPS and sp * CPS + it * U + u < NCH):
+                    if REG:
+                        # the 4 entries of this lane's k slots (2q, 2q + 1, 2q + 8, 2q + 9) at step d give tile t's A
+                        # fragment: element 2t of each for A row g, element 2t + 1 for row g + 8
                         for d in T.unroll(DS):
-                            lookup(ent, 0, rent, wide_book, centroids, res_centroids, cl, rl, (u * MT + mt) * DS + d,
-                                   code_col(sp, it * U + u, tx) + d, tx)
-                            tile[vr(tile_at(ty, mt, d) + tx * v, v)] = ent[vr(0, v)]
-                    T.evaluate(T.call_extern("void", "__syncwarp"))
-                    for d in T.unroll(DS):
-                        for nt in T.unroll(NT):
                             for e in T.unroll(4):
-                                fb[nt * 4 + e] = xa[(u * NT + nt) * CW + DS * e + d]
+                                lookup(ent, e * v, rent, wide_book, centroids, res_centroids, cl, rl,
+                                       u * CW + DS * e + d, col0(sp, it * U + u) + CW * q + DS * e + d, tx)
+                            b_fragment(fb, xa, u, d)
+                            for t in T.unroll(REG_TILES):
+                                for a in T.unroll(8):
+                                    fa[a] = ent[(a % 2 + 2 * (a // 4)) * v + 2 * t + a // 2 % 2]
+                                mma_steps(fa, fb, acc, t)
+                    else:
+                        # every lane's entries into the warp's tiles, then ldmatrix reads them in fragment order
                         for mt in T.unroll(MT):
-                            # the address as `address_of`, not `access_ptr`: ThreadSync then sees no shared read
-                            # to order against the tile stores (it would put a CTA barrier here; __syncwarp is the
-                            # ordering this warp-private tile needs)
-                            T.evaluate(T.ptx_legacy.ldmatrix(True, 4, ".b16", fa.data, 0,
-                                                             T.address_of(tile[tile_at(ty, mt, d)]), tx * v,
-                                                             dtype=dtype))
-                            mma_steps(fa, fb, acc, mt)
-                    T.evaluate(T.call_extern("void", "__syncwarp"))  # the tiles are rewritten by the next chunk
+                            for d in T.unroll(DS):
+                                lookup(ent, 0, rent, wide_book, centroids, res_centroids, cl, rl,
+                                       (u * MT + mt) * DS + d, code_col(sp, it * U + u, tx) + d, tx)
+                                tile[vr(tile_at(ty, mt, d) + tx * v, v)] = ent[vr(0, v)]
+                        T.evaluate(T.call_extern("void", "__syncwarp"))
+                        for d in T.unroll(DS):
+                            b_fragment(fb, xa, u, d)
+                            for mt in T.unroll(MT):
+                                # the address as `address_of`, not `access_ptr`: ThreadSync then sees no shared read
+                                # to order against the tile stores (it would put a CTA barrier here; __syncwarp is
+                                # the ordering this warp-private tile needs)
+                                T.evaluate(T.ptx_legacy.ldmatrix(True, 4, ".b16", fa.data, 0,
+                                                                 T.address_of(tile[tile_at(ty, mt, d)]), tx * v,
+                                                                 dtype=dtype))
+                                mma_steps(fa, fb, acc, mt)
+                        T.evaluate(T.call_extern("void", "__syncwarp"))  # the tiles are rewritten by the next chunk
         # splits 1..P-1 park their accumulators in shared memory; split 0 adds them and stores
         if P > 1:
             T.tvm_storage_sync("shared")  # `red` is the book's bytes (one dynamic buffer): every lookup is done
@@ -494,9 +503,8 @@ def vq_mma_wide_cuda(cfg: VPTQLayerConfig, dtype: str, rows: int, plan: WidePlan
                             for s in T.unroll(P - 1):
                                 tot[0] = tot[0] + red[((rg * (P - 1) + s) * NACC + (mt * NT + nt) * 4 + c) * 32 + tx]
                         if nt * 8 + 2 * q + c % 2 < NB and frag_vrow(i0, mt, c // 2, g) < NV and \
-                                frag_vrow(i0, mt, c // 2, g) * v + frag_elem(mt, c // 2, g) < O:
-                            y[nt * 8 + 2 * q + c % 2, frag_vrow(i0, mt, c // 2, g) * v + frag_elem(mt, c // 2, g)] = \
-                                T.Cast(dtype, tot[0])
+                                frag_out(i0, mt, c // 2, g) < O:
+                            y[nt * 8 + 2 * q + c % 2, frag_out(i0, mt, c // 2, g)] = T.Cast(dtype, tot[0])
 
 
     # one launch for `count` layers of this config (q/k/v, gate/up): CTA bx serves layer bx // NRB as CTA bx % NRB
