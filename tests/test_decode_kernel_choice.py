@@ -126,3 +126,33 @@ def test_shared_register_fragment_choice(monkeypatch) -> None:
     monkeypatch.setenv(REGISTER_TILES_ENV, "0")
     off = CudaKernelSelector(Target({"kind": "cuda", "arch": "sm_80"}))
     assert off.shared(VPTQLayerConfig.from_variant("v8-k4096-0", 4096, 4096), "float16", 16, 3) is None
+
+
+def test_two_launch_tensor_core_choice(monkeypatch) -> None:
+    """At the tensor-core decode rows the registry's fused linear is the whole-entry kernel's two-launch form
+    (VPTQ_MLC_TWO_LAUNCH_MMA, on by default): q/k/v of a 7B layer in one call (register fragments, the xs / dot of
+    each layer as scratch outputs), a K = 65536 book in the tile form; the switch off, or a layer without norm,
+    gives None (the separate kernels); the GEMV rows keep the GEMV's two-launch form."""
+    from tvm.target import Target
+
+    from vptq_mlc.tir_kernels.fused_input import FusedInput
+    from vptq_mlc.tir_kernels.registry import TWO_LAUNCH_MMA_ENV, CudaKernelSelector
+
+    monkeypatch.delenv(TWO_LAUNCH_MMA_ENV, raising=False)
+    sel = CudaKernelSelector(Target({"kind": "cuda", "arch": "sm_90"}))
+    qkv = VPTQLayerConfig.from_variant("v8-k4096-0", 4096, 4096, enable_norm=True)
+    opts = FusedInput("rmsnorm", 1e-5, concat=True)
+    k = sel.fused(qkv, "float16", 16, (True, True, True), opts)
+    assert k is not None and len(k.scratch) == 6
+    script = k.func.script()
+    assert "ptx_legacy.mma" in script and "ldmatrix" not in script  # register fragments
+    big = VPTQLayerConfig.from_variant("v8-k65536-256", 4096, 4096, enable_norm=True)
+    k = sel.fused(big, "float16", 16, (True,), FusedInput(residual=True))
+    assert k is not None and "ldmatrix" in k.func.script()  # the tile form
+    plain = VPTQLayerConfig.from_variant("v8-k4096-0", 4096, 4096, enable_norm=False)
+    assert sel.fused(plain, "float16", 16, (True,), opts) is None
+    k1 = sel.fused(qkv, "float16", 1, (True, True, True), opts)
+    assert k1 is not None and "ptx_legacy.mma" not in k1.func.script()  # batch 1: the GEMV
+    monkeypatch.setenv(TWO_LAUNCH_MMA_ENV, "0")
+    assert CudaKernelSelector(Target({"kind": "cuda", "arch": "sm_90"})).fused(qkv, "float16", 16, (True,) * 3,
+                                                                              opts) is None

@@ -14,10 +14,11 @@ import pytest
 from test_cuda_aot import require_cuda_toolkit
 
 from vptq_mlc.bench.launches import launches, launches_per_layer, lowered_module
-from vptq_mlc.tir_kernels.registry import FUSED_DECODE_ENV, TWO_LAUNCH_DECODE_ENV
+from vptq_mlc.tir_kernels.registry import FUSED_DECODE_ENV, TWO_LAUNCH_DECODE_ENV, TWO_LAUNCH_MMA_ENV
 
 
-def _lower(tmp, monkeypatch, fused: str, two_launch: str = "0"):
+def _lower(tmp, monkeypatch, fused: str, two_launch: str = "0", two_launch_mma: str = "",
+           batches: tuple[int, ...] = ()):
     from vptq_mlc.convert.converter import convert_checkpoint
     from vptq_mlc.testing.synthetic import make_synthetic_checkpoint
 
@@ -27,7 +28,8 @@ def _lower(tmp, monkeypatch, fused: str, two_launch: str = "0"):
                                      num_layers=3, num_heads=4, num_kv_heads=4, vocab_size=320)
     monkeypatch.setenv(FUSED_DECODE_ENV, fused)
     monkeypatch.setenv(TWO_LAUNCH_DECODE_ENV, two_launch)
-    return lowered_module(convert_checkpoint(ckpt, tmp / "mlc", dtype="float16"))[0]
+    monkeypatch.setenv(TWO_LAUNCH_MMA_ENV, two_launch_mma)
+    return lowered_module(convert_checkpoint(ckpt, tmp / "mlc", dtype="float16"), static_decode_batches=batches)[0]
 
 
 @pytest.fixture(scope="module")
@@ -48,9 +50,9 @@ def _families(calls: list[tuple[str, int]]) -> Counter:
     return Counter(n.rstrip("0123456789_") for n, k in calls[attn[0]:attn[1]] if k)
 
 
-def _fused_calls(mod, per_layer: list[int]) -> list:
+def _fused_calls(mod, per_layer: list[int], function: str = "decode") -> list:
     """The decode's fused calls, after checking the launches per layer and that they are the only VQ calls."""
-    calls = launches(mod, "decode")
+    calls = launches(mod, function)
     assert launches_per_layer(calls) == per_layer
     assert _families(calls) == {"vq_matmul_fused": 4}
     return [mod[name] for name, k in calls if name.startswith("vq_matmul_fused")]
@@ -117,3 +119,30 @@ def test_decode_layer_launches_in_two_launch_form(lowered_two_launch) -> None:
     params = _count_params
     assert [(params(f, "y_"), params(f, "gamma"), params(f, "residual"), params(f, "x2"), params(f, "xs_"))
             for f in fused[:4]] == [(1, 1, 0, 0, 3), (1, 0, 1, 0, 1), (2, 1, 0, 0, 2), (1, 0, 1, 1, 1)]
+
+
+@pytest.fixture(scope="module")
+def lowered_mma(tmp_path_factory):
+    """The default build with a static 16-row decode (`batch_decode_b16`: v8-k256-256 runs the tensor-core kernel
+    from 9 rows), and the same with VPTQ_MLC_TWO_LAUNCH_MMA=0."""
+    out = {}
+    for switch in ("", "0"):
+        with pytest.MonkeyPatch.context() as mp:
+            out[switch] = _lower(tmp_path_factory.mktemp(f"launches_mma{switch}"), mp, "", "", switch, (16,))
+    return out
+
+
+def test_tensor_core_rows_in_two_launch_form(lowered_mma) -> None:
+    """At the tensor-core rows the default (VPTQ_MLC_TWO_LAUNCH_MMA on) is the two-launch form too: each normed
+    linear group is one call of the prologue kernel (with the RMSNorm / silu * up) and the whole-entry tensor-core
+    kernel (adding the dot and residual, q/k/v side by side): eight launches per decoder layer, as at the GEMV rows.
+    Switched off, the RMSNorms, silu * up, the adds and the concatenation are kernels of their own again."""
+    fused = _fused_calls(lowered_mma[""], [8, 8], "batch_decode_b16")
+    params = _count_params
+    assert [(params(f, "y"), params(f, "gamma"), params(f, "residual"), params(f, "x2"), params(f, "dot_"))
+            for f in fused[:4]] == [(1, 1, 0, 0, 3), (1, 0, 1, 0, 1), (2, 1, 0, 0, 2), (1, 0, 1, 1, 1)]
+    assert all("ptx_legacy.mma" in f.script() for f in fused)  # the tensor-core kernel, not the GEMV
+    off = launches(lowered_mma["0"], "batch_decode_b16")
+    fam = _families(off)
+    assert "vq_matmul_fused" not in fam and fam["rms_norm"] == 2
+    assert launches_per_layer(off)[0] > 8

@@ -181,6 +181,60 @@ def test_layers_in_one_launch_match_each_reference(tmp_path, variant, i, o, rows
         assert err < 2e-3, (m, err)
 
 
+@pytest.mark.parametrize("variant,i,o,rows,layer,perms,fused,register_tiles", [
+    ("v8-k4096-0", 1024, 512, 16, {}, (True, True, True), "rmsnorm,concat", True),  # q/k/v side by side
+    ("v8-k4096-0", 1024, 512, 16, {}, (True, False, True), "rmsnorm,concat", False),  # the same, tile form
+    ("v8-k256-256", 1024, 264, 11, OUTL, (True, True), "rmsnorm", True),  # gate/up: residual book, outliers
+    ("v8-k256-256", 1024, 264, 11, OUTL, (True,), "residual", False),  # o_proj: + the residual stream
+    ("v8-k65536-256", 512, 256, 8, {}, (False,), "swiglu,residual", False),  # down_proj, the book through L1/L2
+])
+def test_two_launch_form_adds_dot_and_residual_and_concatenates(tmp_path, variant, i, o, rows, layer, perms, fused,
+                                                                register_tiles):
+    """The two-launch form (`vq_mma_wide_cuda(..., prologue=...)`, the registry's choice at the tensor-core rows):
+    its second kernel, run on each layer's prepared activation xs_m and norm-bias dot_m (what the prologue kernel
+    writes; that kernel is `cuda_prologue.prepare_launch`, the GEMV's), gives every layer's float64
+    `xs_m @ W_m.T + dot_m (+ residual)` within fp16 rounding, layer m at columns m * O of one output with concat.
+    Layers of one launch in the tile form too (the registry's launch for books read through L1/L2)."""
+    import tvm
+    from mma_emulator import MmaKernelEmulator
+
+    from vptq_mlc.tir_kernels.cuda_mma_wide import plan_mma_wide, vq_mma_wide_cuda, warp_vector_rows
+    from vptq_mlc.tir_kernels.fused_input import FusedInput
+
+    parts = set(fused.split(","))
+    opts = FusedInput("rmsnorm" if "rmsnorm" in parts else "swiglu" if "swiglu" in parts else "x", 1e-5,
+                      "residual" in parts, "concat" in parts)
+    cfg = _cfg(variant, i, o, layer)  # the VQ product alone: the norm is xs's column scale and the dot
+    count = len(perms)
+    plan = plan_mma_wide(cfg, rows, register_tiles, count)
+    f = vq_mma_wide_cuda(replace(cfg, enable_norm=True), "float16", rows, plan, prologue=perms, fused=opts)
+    f = f.with_attr("global_symbol", "two")
+    src = kernel_definitions(generated_cuda(lambda bt: tvm.compile(tvm.IRModule({"two": f}), target=bt.target),
+                                            "sm_90"))
+    assert set(src) == {"two_kernel", "two_kernel_1"}  # the prologue launch, then the tensor-core launch
+    rng = np.random.default_rng(11)
+    args, refs = {}, []
+    for m in range(count):
+        layer_args, ref = _layer(cfg, rows, rng, f"_{m}" if m else "")
+        dot = rng.standard_normal((rows, 1)).astype(np.float32)
+        args.update(layer_args, **{f"dot_{m}": dot})
+        refs.append(ref + dot.astype(np.float64))
+    if opts.residual:
+        args["residual"] = rng.standard_normal((rows, o)).astype(np.float16)
+        refs[0] = refs[0] + args["residual"].astype(np.float64)
+    if opts.concat:
+        args["y"] = np.full((rows, count * o), np.nan, np.float16)
+    emu = MmaKernelEmulator(src["two_kernel_1"], tmp_path)
+    nrb = -(-cfg.num_vectors // (plan.row_groups * warp_vector_rows(plan)))
+    emu(args, nrb * count, plan.row_groups * plan.splits)
+    for m in range(count):
+        y = (args["y"][:, m * o:(m + 1) * o] if opts.concat else args[f"y_{m}" if m else "y"]).astype(np.float64)
+        assert not np.isnan(y).any(), m
+        err = _row_err(y, refs[m])
+        print(f"layer {m} of {count} ({fused}): max row rel err {err:.2e}")
+        assert err < 2e-3, (m, err)
+
+
 def test_wrong_b_layout_fails_the_register_fragment_check(kernels, tmp_path):
     """The register-fragment form through the same check, with B's two k halves swapped in the PTX model."""
     y, ref = _run(kernels["reg_k4096_r16"], tmp_path, "wrong-b")

@@ -174,6 +174,17 @@ def correctness_cases() -> list[KernelCase]:
         KernelCase("v8-k256-256", 1000, 300, 2, prologue="pnp", fused="rmsnorm,concat"),
         KernelCase("v8-k65536-0", 1024, 512, 3, prologue="p", fused="swiglu,residual"),
         KernelCase("v8-k256-256", 1024, 512, 4, outl, prologue="n", fused="rmsnorm,residual"),
+        # the same neighbours at the tensor-core decode rows (the whole-entry kernel's two-launch form): the 7B
+        # decoder layer at 16 rows, v8-k256-256 from 9 rows, K = 65536 books through L1/L2 (tile form, layers in one
+        # launch), outliers
+        KernelCase("v8-k4096-0", 4096, 4096, 16, prologue="ppp", fused="rmsnorm,concat"),
+        KernelCase("v8-k4096-0", 4096, 4096, 16, prologue="p", fused="residual"),
+        KernelCase("v8-k4096-0", 4096, 11008, 16, prologue="pp", fused="rmsnorm"),
+        KernelCase("v8-k4096-0", 11008, 4096, 16, prologue="p", fused="swiglu,residual"),
+        KernelCase("v8-k256-256", 4096, 11008, 12, prologue="pn", fused="rmsnorm"),
+        KernelCase("v8-k65536-256", 4096, 4096, 16, prologue="ppp", fused="rmsnorm,concat"),
+        KernelCase("v8-k65536-256", 11008, 4096, 12, prologue="p", fused="swiglu,residual"),
+        KernelCase("v8-k256-256", 1024, 512, 12, outl, prologue="n", fused="rmsnorm,residual"),
     ]
     # long prompts: the registry's prefill dequantizes into a scratch weight and runs the dense GEMM (>= 128 rows)
     for var in ("v8-k256-256", "v8-k4096-0", "v8-k65536-256", "v12-k65536-4096", "v16-k65536-65536", "v4-k256-0"):
@@ -478,11 +489,8 @@ def build_kernel_library(cases: list[KernelCase], out_dir: str | os.PathLike[str
             fused = select.fused(c.member_configs()[0], dtype, c.rows, perms, c.fused_input()) if c.rows else None
             if fused is not None and not fused.scratch:  # the model's one launch: prologue folded into the GEMV
                 funcs[f"k{i}_fused"] = fused.func.with_attr("global_symbol", f"k{i}_fused")
-            if c.rows and two_launch_fits(select, c.member_configs()[0], c.rows):  # the same as two launches, whatever
-                from vptq_mlc.tir_kernels.cuda_gemv import vq_gemv_cuda  # the switches say
-
-                two = vq_gemv_cuda(c.member_configs()[0], dtype, c.rows, prologue=perms, fused=c.fused_input(),
-                                   two_launch=True)
+            two = two_launch_kernel(select, c.member_configs()[0], dtype, c.rows, perms, c.fused_input())
+            if two is not None:
                 funcs[f"k{i}_two"] = two.with_attr("global_symbol", f"k{i}_two")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -499,11 +507,22 @@ def build_kernel_library(cases: list[KernelCase], out_dir: str | os.PathLike[str
     return out / LIBRARY
 
 
-def two_launch_fits(select, cfg, rows: int) -> bool:
-    """Whether the two-launch decode linear serves `cfg` at `rows`: a normed layer where the check library's
-    selector (`select`, code-sorted layout declared) runs the GEMV (not the tensor-core or code-sorted kernels,
-    whose operands the case would carry)."""
-    return cfg.enable_norm and select._decode_family(cfg, "float16", rows) == "gemv"
+def two_launch_kernel(select, cfg, dtype: str, rows: int | None, perms: tuple[bool, ...], opts):
+    """The two-launch decode linear of a prologue case (its xs / dot scratch outputs before y), or None: at the GEMV
+    rows the GEMV's, whatever the switches say; at the tensor-core rows the registry's (`KernelSelector.fused`:
+    the whole-entry kernel's two-launch form, where its switch is on). Code-sorted rows have none (their operands
+    differ from the case's generic ones)."""
+    if not rows or not cfg.enable_norm:
+        return None
+    family = select._decode_family(cfg, dtype, rows)
+    if family == "gemv":
+        from vptq_mlc.tir_kernels.cuda_gemv import vq_gemv_cuda
+
+        return vq_gemv_cuda(cfg, dtype, rows, prologue=perms, fused=opts, two_launch=True)
+    if family == "mma":
+        k = select.fused(cfg, dtype, rows, perms, opts)
+        return k.func if k is not None and k.scratch else None
+    return None
 
 
 def prologue_kernel(case: KernelCase, dtype: str):

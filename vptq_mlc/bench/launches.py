@@ -48,8 +48,9 @@ def kernels_in(func) -> int:
     return count
 
 
-def lowered_module(model_dir: Path, arch: str = "sm_90"):
-    """The model's relax module after the CUDA pipeline (what `compile` builds), with CUDA graphs off."""
+def lowered_module(model_dir: Path, arch: str = "sm_90", static_decode_batches: tuple[int, ...] = ()):
+    """The model's relax module after the CUDA pipeline (what `compile` builds), with CUDA graphs off;
+    `static_decode_batches` adds `batch_decode_b<n>` functions (the CUDA build has 2..8, 12 and 16)."""
     import tvm
 
     from vptq_mlc.artifact.chat_config import ChatConfig
@@ -63,7 +64,7 @@ def lowered_module(model_dir: Path, arch: str = "sm_90"):
     (bt,) = resolve_backend("cuda", arch)
     bt.prepare()
     model = build_model(cfg, chat.vptq_layers(), chat.model_dtype, bt.target, bt.kernel_selector(chat.layouts),
-                        (), bt.norm_bias_kernels(), arch=arch_name, logits_dtype=bt.logits_dtype,
+                        static_decode_batches, bt.norm_bias_kernels(), arch=arch_name, logits_dtype=bt.logits_dtype,
                         embedding_dtype=chat.embedding_dtype, codebook_dtype=chat.codebook_dtype)
     spec = model.get_default_spec()
     mod, _ = model.export_tvm(spec=spec)

@@ -64,6 +64,13 @@ def keep_params(func: tirx.PrimFunc, keep) -> tirx.PrimFunc:
     return tirx.PrimFunc(params, func.body, func.ret_type, func.attrs)
 
 
+def ordered_params(func: tirx.PrimFunc, names: list[str]) -> tirx.PrimFunc:
+    """`func` with exactly the parameters `names`, in that order (a variant whose callers pass its operands in
+    another order than the TVMScript declares them)."""
+    by_name = {prm.name: prm for prm in func.params}
+    return tirx.PrimFunc([by_name[n] for n in names], func.body, func.ret_type, func.attrs)
+
+
 @T.macro
 def fill_book_replicated(cb_s, base, stage, book, entries, per_group, iters, threads, tid, v, ev, rep):
     """Copy `book[G, per_group, v]` (`entries` = G * per_group) into shared memory at `base`, entry t's copy q at

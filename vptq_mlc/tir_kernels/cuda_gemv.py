@@ -682,13 +682,12 @@ def _two_launch_gemv(gemv_body, perms, opts: FusedInput, dtype, NB, I, G, K, v, 
     bx // GRID as in the shared GEMV) reads them and adds dot_m (and the residual) before its one rounding."""
     from vptq_mlc.artifact.vq_layout import vq_operand_shapes
     from vptq_mlc.tir_kernels.cuda_prologue import THREADS as PT
-    from vptq_mlc.tir_kernels.cuda_prologue import prepare_scale_dot
+    from vptq_mlc.tir_kernels.cuda_prologue import prepare_launch
 
     count = len(perms)
     P0, P1, P2 = (*perms, False, False)[:3]
     ACC = "float32"
     OY = count * O if opts.concat else O  # columns of y_0
-    PW = PT // 32  # prologue warps
     CH = -(-I // PT)  # prologue CTAs per row and layer
     SRC, EPS = opts.source, opts.eps
 
@@ -736,29 +735,9 @@ def _two_launch_gemv(gemv_body, perms, opts: FusedInput, dtype, NB, I, G, K, v, 
         y_2: T.Buffer((NB, O), dtype),
     ):
         T.func_attr(KERNEL_ATTRS)
-        with T.launch_thread("blockIdx.x", NB) as pb:
-            with T.launch_thread("blockIdx.y", CH) as pc:
-                with T.launch_thread("blockIdx.z", count) as pm:
-                    with T.launch_thread("threadIdx.x", PT) as pt:
-                        pred = T.alloc_buffer((PW,), ACC, scope="shared")
-                        pacc = T.alloc_buffer((1,), ACC, scope="local")
-                        prstd = T.alloc_buffer((1,), ACC, scope="local")
-                        psrc = T.alloc_buffer((1,), "int32", scope="local")
-                        if pm == 0:
-                            prepare_scale_dot(x, x2, gamma, perm_0, col_scale_0, weight_bias_0, xs_0, dot_0, pred,
-                                              pacc, prstd, psrc, pb, pc, pt, P0, I, CH, PW, dtype, SRC, EPS)
-                        # the layers' reductions reuse `pred`: a barrier between them, written out (the branch is
-                        # uniform per CTA, so every thread reaches it)
-                        if count >= 2:
-                            T.tvm_storage_sync("shared")
-                            if pm == 1:
-                                prepare_scale_dot(x, x2, gamma, perm_1, col_scale_1, weight_bias_1, xs_1, dot_1,
-                                                  pred, pacc, prstd, psrc, pb, pc, pt, P1, I, CH, PW, dtype, SRC, EPS)
-                        if count == 3:
-                            T.tvm_storage_sync("shared")
-                            if pm == 2:
-                                prepare_scale_dot(x, x2, gamma, perm_2, col_scale_2, weight_bias_2, xs_2, dot_2,
-                                                  pred, pacc, prstd, psrc, pb, pc, pt, P2, I, CH, PW, dtype, SRC, EPS)
+        prepare_launch(x, x2, gamma, perm_0, col_scale_0, weight_bias_0, perm_1, col_scale_1, weight_bias_1, perm_2,
+                       col_scale_2, weight_bias_2, xs_0, dot_0, xs_1, dot_1, xs_2, dot_2, NB, count, P0, P1, P2, I, CH,
+                       dtype, SRC, EPS)
         with T.launch_thread("blockIdx.x", GRID * count) as bx:
             with T.launch_thread("threadIdx.x", WARP) as tx:
                 with T.launch_thread("threadIdx.y", W) as ty:

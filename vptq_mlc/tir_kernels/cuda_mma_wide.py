@@ -72,9 +72,12 @@ from tvm.script import tirx as T
 from vptq_mlc.artifact.vq_layout import code_dtype
 from vptq_mlc.checkpoint.layer_config import VPTQLayerConfig
 from vptq_mlc.errors import compile_switch
-from vptq_mlc.tir_kernels.cuda_common import KERNEL_ATTRS, keep_params, pow2_floor, vr
+from vptq_mlc.tir_kernels.cuda_common import KERNEL_ATTRS, keep_params, ordered_params, pow2_floor, vr
 from vptq_mlc.tir_kernels.cuda_gemv import MAX_LAYERS, REPLICAS, SMEM_CODEBOOK_BYTES, keep_generic_operands
 from vptq_mlc.tir_kernels.cuda_mma import MAX_DYN_SMEM, MMA_ROWS
+from vptq_mlc.tir_kernels.cuda_prologue import THREADS as PROLOGUE_THREADS
+from vptq_mlc.tir_kernels.cuda_prologue import prepare_launch
+from vptq_mlc.tir_kernels.fused_input import PLAIN_INPUT, FusedInput
 from vptq_mlc.tir_kernels.generic import kernel_dims
 
 # On by default (measured on the H100: docs/dense-mma.md): the registry's tensor-core decode choice
@@ -268,10 +271,25 @@ def waves(cfg: VPTQLayerConfig, plan: WidePlan, rows: int) -> int:
 
 
 def vq_mma_wide_cuda(cfg: VPTQLayerConfig, dtype: str, rows: int, plan: WidePlan | None = None,
-                     count: int = 1) -> tirx.PrimFunc:
+                     count: int = 1, prologue: tuple[bool, ...] | None = None,
+                     fused: FusedInput = PLAIN_INPUT) -> tirx.PrimFunc:
     """PrimFunc(xs[rows, I], *operands, y[rows, O]), fp16, v = 8, 1..16 static rows (module docstring); with
     `count` (2..3) layers of this config in one launch: PrimFunc(xs_0, *operands_0, xs_1, *operands_1, .., y_0,
-    y_1, ..) (`KernelSelector.shared`)."""
+    y_1, ..) (`KernelSelector.shared`).
+
+    `prologue` (normed layers, one flag per layer: has a permutation): the decode linear as two launches of one
+    PrimFunc, the contract of `cuda_gemv.vq_gemv_cuda(..., two_launch=True)`: the prologue kernel
+    (`cuda_prologue.prepare_launch`, with `fused`'s RMSNorm or silu * up) writes each layer's xs and norm-bias dot
+    into scratch outputs, then this kernel reads them and adds the dot (and `fused`'s residual) before its one
+    rounding, the layers' outputs side by side with `fused.concat`. So a decoder layer at the tensor-core rows
+    needs no RMSNorm, silu * up, dot, residual or concatenation kernels of its own. Params (x, [x2], [gamma], per
+    layer m [perm_m], col_scale_m, weight_bias_m, *operands_m, [residual], per layer xs_m, dot_m, y_0, ..)."""
+    if prologue is not None:
+        count = len(prologue)
+        if fused.source not in ("x", "rmsnorm", "swiglu") or (fused.residual and (count != 1 or fused.concat)):
+            raise ValueError(f"bad fused input {fused} for {count} layers")
+        if not cfg.enable_norm:
+            raise ValueError("the two-launch form needs a normed layer (its prologue computes the norm-bias dot)")
     if not 1 <= count <= MAX_LAYERS:
         raise ValueError(f"vq_mma_wide_cuda serves 1..{MAX_LAYERS} layers in one launch, got {count}")
     if not mma_wide_supported(cfg, dtype, rows):
@@ -315,6 +333,10 @@ def vq_mma_wide_cuda(cfg: VPTQLayerConfig, dtype: str, rows: int, plan: WidePlan
     DYN_ENTRIES = dyn_smem // 16  # book, scratch and opt-in pad (launch_smem) in 16-byte entries
     WHOLE = NCH % P == 0 and CPS % U == 0  # every (iteration, chunk) of every split is real: no per-chunk test
     XV = next(n for n in (8, 4, 2, 1) if OSZ % n == 0)  # activation load width: 16 bytes unless OSZ misaligns it
+    EPI = prologue is not None  # the two-launch form: + dot (+ residual) in the epilogue, after the prologue launch
+    RESID, CONCAT = EPI and fused.residual, EPI and fused.concat
+    OY = count * O if CONCAT else O  # columns of y (layer m's at m * O with `concat`)
+    PRO0, PRO1, PRO2 = (*(prologue or ()), False, False, False)[:3]
 
     def col0(sp, ch):  # first codes-region column of chunk `ch` of split `sp` (inline: keeps the alignment visible)
         return (sp * CPS + ch) * CHUNK
@@ -394,9 +416,10 @@ def vq_mma_wide_cuda(cfg: VPTQLayerConfig, dtype: str, rows: int, plan: WidePlan
 
     @T.macro
     def body(xs, centroids, codes, res_centroids, res_codes, outlier_centroids, outlier_codes, y, i0, tx, ty, tid, g,
-             q, rg, sp, wide_book, red, tile, acc, fa, fb, xa, cl, rl, ent, rent, tot, stage):
+             q, rg, sp, wide_book, red, tile, acc, fa, fb, xa, cl, rl, ent, rent, tot, stage, dot, residual, yoff):
         """One layer's work for the warp whose first vector row is `i0`. Every value comes as an argument: a name
-        bound at several expansions of one function (the layers of a multi-layer launch) would become a buffer."""
+        bound at several expansions of one function (the layers of a multi-layer launch) would become a buffer.
+        The two-launch form (EPI) adds the layer's `dot` (and `residual`) and writes at column `yoff` of y."""
         if p.smem_codebook:
             fill_book(wide_book, 0, centroids, G * K, K, stage, tid)
             if HAS_RES:
@@ -504,7 +527,15 @@ def vq_mma_wide_cuda(cfg: VPTQLayerConfig, dtype: str, rows: int, plan: WidePlan
                                 tot[0] = tot[0] + red[((rg * (P - 1) + s) * NACC + (mt * NT + nt) * 4 + c) * 32 + tx]
                         if nt * 8 + 2 * q + c % 2 < NB and frag_vrow(i0, mt, c // 2, g) < NV and \
                                 frag_out(i0, mt, c // 2, g) < O:
-                            y[nt * 8 + 2 * q + c % 2, frag_out(i0, mt, c // 2, g)] = T.Cast(dtype, tot[0])
+                            if EPI:  # + the norm-bias dot the prologue launch wrote, before the one rounding
+                                tot[0] = tot[0] + dot[nt * 8 + 2 * q + c % 2, 0]
+                            if RESID:  # the residual stream's add, as `y + residual` in the dtype
+                                y[nt * 8 + 2 * q + c % 2, frag_out(i0, mt, c // 2, g)] = T.Cast(dtype, tot[0]) + \
+                                    residual[nt * 8 + 2 * q + c % 2, frag_out(i0, mt, c // 2, g)]
+                            elif CONCAT:  # layer m's columns of one [rows, count * O] output
+                                y[nt * 8 + 2 * q + c % 2, yoff + frag_out(i0, mt, c // 2, g)] = T.Cast(dtype, tot[0])
+                            else:
+                                y[nt * 8 + 2 * q + c % 2, frag_out(i0, mt, c // 2, g)] = T.Cast(dtype, tot[0])
 
 
     # one launch for `count` layers of this config (q/k/v, gate/up): CTA bx serves layer bx // NRB as CTA bx % NRB
@@ -532,11 +563,33 @@ def vq_mma_wide_cuda(cfg: VPTQLayerConfig, dtype: str, rows: int, plan: WidePlan
         res_codes_2: T.Buffer((NV, L), RCD),
         outlier_centroids_2: T.Buffer((KO, VO), dtype),
         outlier_codes_2: T.Buffer((NO, OSZ1), "uint16"),
-        y: T.Buffer((NB, O), dtype),
+        y: T.Buffer((NB, OY), dtype),
         y_1: T.Buffer((NB, O), dtype),
         y_2: T.Buffer((NB, O), dtype),
+        # the two-launch form's (`prologue`): the raw input(s), each layer's prologue operands, the residual, and
+        # each layer's norm-bias dot (its xs is the prologue's other output)
+        x: T.Buffer((NB, I), dtype),
+        x2: T.Buffer((NB, I), dtype),
+        gamma: T.Buffer((I,), dtype),
+        perm_0: T.Buffer((I,), "int32"),
+        col_scale_0: T.Buffer((I,), dtype),
+        weight_bias_0: T.Buffer((I,), dtype),
+        perm_1: T.Buffer((I,), "int32"),
+        col_scale_1: T.Buffer((I,), dtype),
+        weight_bias_1: T.Buffer((I,), dtype),
+        perm_2: T.Buffer((I,), "int32"),
+        col_scale_2: T.Buffer((I,), dtype),
+        weight_bias_2: T.Buffer((I,), dtype),
+        residual: T.Buffer((NB, O), dtype),
+        dot_0: T.Buffer((NB, 1), "float32"),
+        dot_1: T.Buffer((NB, 1), "float32"),
+        dot_2: T.Buffer((NB, 1), "float32"),
     ):
         T.func_attr(KERNEL_ATTRS)
+        if EPI:
+            prepare_launch(x, x2, gamma, perm_0, col_scale_0, weight_bias_0, perm_1, col_scale_1, weight_bias_1,
+                           perm_2, col_scale_2, weight_bias_2, xs, dot_0, xs_1, dot_1, xs_2, dot_2, NB, count, PRO0,
+                           PRO1, PRO2, I, -(-I // PROLOGUE_THREADS), dtype, fused.source, fused.eps)
         bx = T.launch_thread("blockIdx.x", NRB * count)
         tx = T.launch_thread("threadIdx.x", 32)
         ty = T.launch_thread("threadIdx.y", W)
@@ -568,29 +621,55 @@ def vq_mma_wide_cuda(cfg: VPTQLayerConfig, dtype: str, rows: int, plan: WidePlan
             sp = ty % P
             i0 = (bx * RW + rg) * WV  # first vector row of this warp
             body(xs, centroids, codes, res_centroids, res_codes, outlier_centroids, outlier_codes, y, i0, tx, ty,
-                 tid, g, q, rg, sp, wide_book, red, tile, acc, fa, fb, xa, cl, rl, ent, rent, tot, stage)
+                 tid, g, q, rg, sp, wide_book, red, tile, acc, fa, fb, xa, cl, rl, ent, rent, tot, stage, dot_0,
+                 residual, 0)
         else:
             if bx < NRB:
                 body(xs, centroids, codes, res_centroids, res_codes, outlier_centroids, outlier_codes, y,
                      (bx * RW + ty // P) * WV, tx, ty, ty * 32 + tx, tx // 4, tx % 4, ty // P, ty % P, wide_book,
-                     red, tile, acc, fa, fb, xa, cl, rl, ent, rent, tot, stage)
+                     red, tile, acc, fa, fb, xa, cl, rl, ent, rent, tot, stage, dot_0, residual, 0)
             # the CTA's branch is uniform, but the sync planner sees the next branch's shared-memory writes after
             # this one's reads: a barrier here, outside any condition, orders them
             T.tvm_storage_sync("shared")
             if bx // NRB == 1:
-                body(xs_1, centroids_1, codes_1, res_centroids_1, res_codes_1, outlier_centroids_1, outlier_codes_1,
-                     y_1, ((bx - NRB) * RW + ty // P) * WV, tx, ty, ty * 32 + tx, tx // 4, tx % 4, ty // P, ty % P,
-                     wide_book, red, tile, acc, fa, fb, xa, cl, rl, ent, rent, tot, stage)
+                if CONCAT:
+                    body(xs_1, centroids_1, codes_1, res_centroids_1, res_codes_1, outlier_centroids_1,
+                         outlier_codes_1, y, ((bx - NRB) * RW + ty // P) * WV, tx, ty, ty * 32 + tx, tx // 4, tx % 4,
+                         ty // P, ty % P, wide_book, red, tile, acc, fa, fb, xa, cl, rl, ent, rent, tot, stage, dot_1,
+                         residual, O)
+                else:
+                    body(xs_1, centroids_1, codes_1, res_centroids_1, res_codes_1, outlier_centroids_1,
+                         outlier_codes_1, y_1, ((bx - NRB) * RW + ty // P) * WV, tx, ty, ty * 32 + tx, tx // 4, tx % 4,
+                         ty // P, ty % P, wide_book, red, tile, acc, fa, fb, xa, cl, rl, ent, rent, tot, stage, dot_1,
+                         residual, 0)
             if count == 3:
                 T.tvm_storage_sync("shared")
                 if bx // NRB == 2:
-                    body(xs_2, centroids_2, codes_2, res_centroids_2, res_codes_2, outlier_centroids_2,
-                         outlier_codes_2, y_2, ((bx - 2 * NRB) * RW + ty // P) * WV, tx, ty, ty * 32 + tx, tx // 4,
-                         tx % 4, ty // P, ty % P, wide_book, red, tile, acc, fa, fb, xa, cl, rl, ent, rent, tot, stage)
+                    if CONCAT:
+                        body(xs_2, centroids_2, codes_2, res_centroids_2, res_codes_2, outlier_centroids_2,
+                             outlier_codes_2, y, ((bx - 2 * NRB) * RW + ty // P) * WV, tx, ty, ty * 32 + tx, tx // 4,
+                             tx % 4, ty // P, ty % P, wide_book, red, tile, acc, fa, fb, xa, cl, rl, ent, rent, tot,
+                             stage, dot_2, residual, 2 * O)
+                    else:
+                        body(xs_2, centroids_2, codes_2, res_centroids_2, res_codes_2, outlier_centroids_2,
+                             outlier_codes_2, y_2, ((bx - 2 * NRB) * RW + ty // P) * WV, tx, ty, ty * 32 + tx, tx // 4,
+                             tx % 4, ty // P, ty % P, wide_book, red, tile, acc, fa, fb, xa, cl, rl, ent, rent, tot,
+                             stage, dot_2, residual, 0)
 
-    if count == 1:
-        return keep_generic_operands(kernel, cfg)
     from vptq_mlc.artifact.vq_layout import vq_operand_shapes
 
+    def layer(name: str, m: int) -> str:  # layer 0's parameters keep the single-layer names
+        return f"{name}_{m}" if m else name
+
+    if EPI:
+        order = ["x", *(["x2"] if fused.source == "swiglu" else ["gamma"] if fused.source == "rmsnorm" else [])]
+        for m in range(count):
+            order += [*([f"perm_{m}"] if prologue[m] else []), f"col_scale_{m}", f"weight_bias_{m}",
+                      *(layer(n, m) for n in vq_operand_shapes(cfg))]
+        order += ["residual"] if RESID else []
+        order += [n for m in range(count) for n in (layer("xs", m), f"dot_{m}")]
+        return ordered_params(kernel, order + (["y"] if CONCAT else [layer("y", m) for m in range(count)]))
+    if count == 1:
+        return keep_generic_operands(kernel, cfg)
     names = ("xs", "y", *vq_operand_shapes(cfg))
-    return keep_params(kernel, {f"{n}_{m}" if m else n for n in names for m in range(count)})
+    return keep_params(kernel, {layer(n, m) for n in names for m in range(count)})

@@ -108,6 +108,40 @@ def prepare_scale_dot(x, x2, gamma, perm, col_scale, weight_bias, xs, dot, red, 
         store_row_dot(acc, red, dot, bx, tx, WARPS)
 
 
+@T.macro
+def prepare_launch(x, x2, gamma, perm_0, col_scale_0, weight_bias_0, perm_1, col_scale_1, weight_bias_1, perm_2,
+                   col_scale_2, weight_bias_2, xs_0, dot_0, xs_1, dot_1, xs_2, dot_2, NB, count, P0, P1, P2, I, CH,
+                   dtype, source, eps):  # noqa: E741
+    """The first launch of a two-launch decode linear (`cuda_gemv.vq_gemv_cuda(..., two_launch=True)`,
+    `cuda_mma_wide.vq_mma_wide_cuda(..., prologue=...)`): grid (NB rows, CH column chunks, `count` layers), CTA
+    (b, c, m) runs `prepare_scale_dot` for layer m, writing its xs_m and dot_m, which the VQ launch then reads."""
+    with T.launch_thread("blockIdx.x", NB) as pb:
+        with T.launch_thread("blockIdx.y", CH) as pc:
+            with T.launch_thread("blockIdx.z", count) as pm:
+                with T.launch_thread("threadIdx.x", THREADS) as pt:
+                    pred = T.alloc_buffer((THREADS // 32,), "float32", scope="shared")
+                    pacc = T.alloc_buffer((1,), "float32", scope="local")
+                    prstd = T.alloc_buffer((1,), "float32", scope="local")
+                    psrc = T.alloc_buffer((1,), "int32", scope="local")
+                    if pm == 0:
+                        prepare_scale_dot(x, x2, gamma, perm_0, col_scale_0, weight_bias_0, xs_0, dot_0, pred, pacc,
+                                          prstd, psrc, pb, pc, pt, P0, I, CH, THREADS // 32, dtype, source, eps)
+                    # the layers' reductions reuse `pred`: a barrier between them, written out (the branch is
+                    # uniform per CTA, so every thread reaches it)
+                    if count >= 2:
+                        T.tvm_storage_sync("shared")
+                        if pm == 1:
+                            prepare_scale_dot(x, x2, gamma, perm_1, col_scale_1, weight_bias_1, xs_1, dot_1, pred,
+                                              pacc, prstd, psrc, pb, pc, pt, P1, I, CH, THREADS // 32, dtype, source,
+                                              eps)
+                    if count == 3:
+                        T.tvm_storage_sync("shared")
+                        if pm == 2:
+                            prepare_scale_dot(x, x2, gamma, perm_2, col_scale_2, weight_bias_2, xs_2, dot_2, pred,
+                                              pacc, prstd, psrc, pb, pc, pt, P2, I, CH, THREADS // 32, dtype, source,
+                                              eps)
+
+
 def vq_prologue_cuda(in_features: int, dtype: str, has_perm: bool, below_rows: int = 0) -> tirx.PrimFunc:
     """PrimFunc(x[n, I], [perm[I]], col_scale[I], weight_bias[I], xs[n, I], dot[n, 1] float32) for any n;
     `below_rows` > 0: nothing runs from that many rows on (the VQ kernel after it folds the prologue there and

@@ -120,6 +120,21 @@ def two_launch_decode_enabled() -> bool:
                           "prologue kernels with the RMSNorm / silu * up, GEMVs adding the dot and residual")
 
 
+# The two-launch decode linear at the tensor-core decode rows (`cuda_mma_wide.vq_mma_wide_cuda(..., prologue=...)`):
+# the prologue kernel computes the RMSNorm / silu * up too, and the tensor-core kernel adds the norm-bias dot and the
+# residual and writes q/k/v side by side, so the RMSNorm, silu * up, add and concatenation kernels around those
+# linears go away (7B decode at 16 rows: about 10 launches per layer fewer). VPTQ_MLC_TWO_LAUNCH_MMA=0 keeps them.
+TWO_LAUNCH_MMA_ENV = "VPTQ_MLC_TWO_LAUNCH_MMA"
+TWO_LAUNCH_MMA_DEFAULT = True
+
+
+def two_launch_mma_enabled() -> bool:
+    """Whether CUDA decode layers at the tensor-core rows get the two-launch form of `cuda_mma_wide`:
+    TWO_LAUNCH_MMA_ENV=1 / 0, else TWO_LAUNCH_MMA_DEFAULT."""
+    return compile_switch(TWO_LAUNCH_MMA_ENV, TWO_LAUNCH_MMA_DEFAULT,
+                          "the two-launch form of the tensor-core decode linears")
+
+
 # The long-prompt prefill of normed fp16 VQ layers with the activation prologue folded into the dequantized weight
 # (`cuda_dequant_gemm.vq_prefill_folded_cuda`): on by default (one H100 run, Llama-2-7B shape v8-k4096-0 on the
 # mma.sync GEMM: 2047-token prefill 1.17x, 512 tokens 1.04x, its check-suite cases correct; decode kernels
@@ -351,16 +366,19 @@ class CudaKernelSelector(KernelSelector):
                     opts: FusedInput | None) -> VQKernel | None:
         """Where the layers' own kernel is the GEMV: the GEMV with the prologue folded in (`vq_gemv_cuda(...,
         prologue=perms, fused=opts)`, where the activation rows fit its shared memory), or its two-launch form
-        (`two_launch=True`: the prologue kernel's xs / dot as scratch outputs), as the switches say."""
+        (`two_launch=True`: the prologue kernel's xs / dot as scratch outputs), as the switches say. At the
+        tensor-core rows: the two-launch form of the whole-entry kernel (`_pick_fused_mma`)."""
         from vptq_mlc.tir_kernels.cuda_gemv import MAX_LAYERS, fused_prologue_fits, two_launch_scratch, vq_gemv_cuda
         from vptq_mlc.tir_kernels.fused_input import FusedInput
 
         opts = opts or FusedInput()
         one, two = fused_decode_enabled(), two_launch_decode_enabled()
-        if not (one or two):
+        if not 1 <= len(perms) <= MAX_LAYERS or not cfg.enable_norm or (opts.residual and len(perms) != 1):
             return None
-        if not 1 <= len(perms) <= MAX_LAYERS or not cfg.enable_norm or (opts.residual and len(perms) != 1) or \
-                self._decode_family(cfg, dtype, rows) != "gemv":
+        family = self._decode_family(cfg, dtype, rows)
+        if family == "mma":
+            return self._pick_fused_mma(cfg, dtype, rows, perms, opts)
+        if not (one or two) or family != "gemv":
             return None
         if one and fused_prologue_fits(cfg, rows, dtype):
             return _mark(VQKernel(vq_gemv_cuda(cfg, dtype, rows, prologue=perms, fused=opts),
@@ -370,6 +388,27 @@ class CudaKernelSelector(KernelSelector):
         return _mark(VQKernel(vq_gemv_cuda(cfg, dtype, rows, prologue=perms, fused=opts, two_launch=True),
                               tuple(vq_operand_shapes(cfg)),
                               two_launch_scratch(cfg.in_features, dtype, rows, len(perms))))
+
+    def _pick_fused_mma(self, cfg: VPTQLayerConfig, dtype: str, rows: int, perms: tuple[bool, ...],
+                        opts: FusedInput) -> VQKernel | None:
+        """The two-launch form of the whole-entry tensor-core kernel for `perms` layers in one launch, register
+        fragments where `register_tiles_preferred` says so (as `_pick` / `_pick_shared`), else the tile form, or None
+        where the switches are off or the layer has no whole-entry form."""
+        from vptq_mlc.tir_kernels.cuda_gemv import two_launch_scratch
+        from vptq_mlc.tir_kernels.cuda_mma_wide import (
+            mma_wide_enabled,
+            mma_wide_supported,
+            plan_mma_wide,
+            register_tiles_preferred,
+            vq_mma_wide_cuda,
+        )
+
+        count = len(perms)
+        if not (two_launch_mma_enabled() and mma_wide_enabled() and mma_wide_supported(cfg, dtype, rows)):
+            return None
+        plan = plan_mma_wide(cfg, rows, register_tiles_preferred(cfg, dtype, rows, count), count)
+        return _mark(VQKernel(vq_mma_wide_cuda(cfg, dtype, rows, plan, prologue=perms, fused=opts),
+                              tuple(vq_operand_shapes(cfg)), two_launch_scratch(cfg.in_features, dtype, rows, count)))
 
     def _pick_folded(self, cfg: VPTQLayerConfig, dtype: str, has_bias: bool, residual: bool) -> VQKernel | None:
         """Normed fp16 layers the dequantize + GEMM path serves (`cuda_dequant_gemm.fold_supported`), with the
