@@ -76,6 +76,12 @@ def _cuda_funcs(dtype: str, backend) -> dict[str, object]:
             from vptq_mlc.tir_kernels.cuda_dequant_gemm import vq_prefill_cuda
 
             f = vq_prefill_cuda(cfg, dtype, from_rows=0)[0]
+        elif c.kernel == "fold":
+            if dtype != "float16":
+                continue
+            from vptq_mlc.tir_kernels.cuda_dequant_gemm import DEQUANT_GEMM_FROM_ROWS, vq_prefill_folded_cuda
+
+            f = vq_prefill_folded_cuda(cfg, dtype, cfg.bias, c.plan.get("from_rows", DEQUANT_GEMM_FROM_ROWS))[0]
         elif c.plan or c.kernel == "gemv":
             if c.rows > MAX_ROWS:
                 continue
@@ -118,6 +124,24 @@ def _cuda_funcs(dtype: str, backend) -> dict[str, object]:
             name = (f"{dtype}-gemv-fused-{opts.source}{'-res' if opts.residual else ''}{'-cat' if opts.concat else ''}"
                     f"-{variant}-{o}x{i}-r{rows}-{flags}{'-outl' if kw else ''}")
             funcs[name] = vq_gemv_cuda(cfg, dtype, rows, prologue=perms, fused=opts)
+        flags = "".join("p" if p else "n" for p in perms)
+        name = (f"{dtype}-gemv-two-{opts.source}{'-res' if opts.residual else ''}{'-cat' if opts.concat else ''}"
+                f"-{variant}-{o}x{i}-r{rows}-{flags}{'-outl' if kw else ''}")
+        funcs[name] = vq_gemv_cuda(cfg, dtype, rows, prologue=perms, fused=opts, two_launch=True)
+    if dtype == "float16":  # the tensor-core decode kernel over several layers, and its two-launch form
+        from vptq_mlc.tir_kernels.cuda_mma_wide import plan_mma_wide, vq_mma_wide_cuda
+
+        for variant, i, o, kw, rows, perms, opts in fused:
+            cfg = VPTQLayerConfig.from_variant(variant, i, o, enable_norm=True, **kw)
+            rows = max(rows, 12)
+            for reg in (False, True):
+                plan = plan_mma_wide(cfg, rows, reg, len(perms))
+                tag = f"{variant}-{o}x{i}-r{rows}-n{len(perms)}-{'reg' if reg else 'tile'}{'-outl' if kw else ''}"
+                funcs[f"{dtype}-wide-layers-{tag}"] = vq_mma_wide_cuda(cfg, dtype, rows, plan, len(perms))
+                flags = "".join("p" if p else "n" for p in perms)
+                funcs[f"{dtype}-wide-two-{opts.source}{'-res' if opts.residual else ''}"
+                      f"{'-cat' if opts.concat else ''}-{tag}-{flags}"] = vq_mma_wide_cuda(
+                    cfg, dtype, rows, plan, prologue=perms, fused=opts)
     return funcs
 
 

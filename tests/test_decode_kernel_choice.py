@@ -28,7 +28,9 @@ def test_decode_pieces_without_static_sizes_is_one_call() -> None:
 
 @pytest.mark.parametrize("variant,rows,want", [
     ("v8-k4096-0", 4, False), ("v8-k4096-0", 6, True), ("v8-k4096-0", 16, True),
-    ("v8-k256-256", 8, False), ("v8-k256-256", 12, True),  # residual: two lookups per element, GEMV up to 8
+    # residual: cuda_mma.py looks up each element twice, GEMV up to 8 (the registry takes the whole-entry kernel
+    # from 6 rows where it serves: test_residual_books_in_shared_memory_take_the_tensor_core_kernel_from_6_rows)
+    ("v8-k256-256", 8, False), ("v8-k256-256", 12, True),
     ("v16-k65536-65536", 8, False), ("v16-k65536-65536", 16, True),
     ("v8-k65536-0", 8, True),
 ])
@@ -78,8 +80,9 @@ def test_gemv_plans_fit_every_default_arch(variant: str) -> None:
 
 
 @pytest.mark.parametrize("variant,rows,count,want", [
-    ("v8-k4096-0", 1, 3, True), ("v8-k4096-0", 5, 2, True), ("v8-k256-256", 8, 3, True),
-    ("v8-k4096-0", 6, 2, False),  # the tensor-core kernel serves 6+ rows: one launch per layer
+    ("v8-k4096-0", 1, 3, True), ("v8-k4096-0", 5, 2, True), ("v8-k256-256", 5, 3, True),
+    ("v8-k4096-0", 6, 2, False), ("v8-k256-256", 8, 3, False),  # the tensor-core kernel from 6 rows: one launch
+    # per layer (here: too few outputs for its register-fragment launch of several layers)
     ("v8-k4096-0", None, 2, False),  # prefill: per layer
     ("v8-k4096-0", 1, 4, False), ("v8-k4096-0", 1, 1, False),  # 2..3 layers per launch
 ])
@@ -156,3 +159,23 @@ def test_two_launch_tensor_core_choice(monkeypatch) -> None:
     monkeypatch.setenv(TWO_LAUNCH_MMA_ENV, "0")
     assert CudaKernelSelector(Target({"kind": "cuda", "arch": "sm_90"})).fused(qkv, "float16", 16, (True,) * 3,
                                                                               opts) is None
+
+
+def test_residual_books_in_shared_memory_take_the_tensor_core_kernel_from_6_rows(monkeypatch) -> None:
+    """v8-k256-256 (both books in shared memory, the whole-entry kernel's lookups) runs the tensor-core kernel from 6
+    rows; a K = 65536 residual book (read through L1/L2), fp32, or VPTQ_MLC_MMA_WIDE=0 (cuda_mma.py, two lookups per
+    weight) keep the GEMV up to 8 rows."""
+    from tvm.target import Target
+
+    from vptq_mlc.tir_kernels.cuda_mma_wide import MMA_WIDE_ENV
+    from vptq_mlc.tir_kernels.registry import CudaKernelSelector
+
+    monkeypatch.delenv(MMA_WIDE_ENV, raising=False)
+    sel = CudaKernelSelector(Target({"kind": "cuda", "arch": "sm_90"}))
+    small = VPTQLayerConfig.from_variant("v8-k256-256", 4096, 4096)
+    big = VPTQLayerConfig.from_variant("v8-k65536-256", 4096, 4096)
+    assert [sel._decode_family(small, "float16", r) for r in (5, 6, 8, 12)] == ["gemv", "mma", "mma", "mma"]
+    assert sel._decode_family(big, "float16", 8) == "gemv" and sel._decode_family(small, "float32", 8) == "gemv"
+    assert "ptx_legacy.mma" in sel(small, "float16", 8).func.script()
+    monkeypatch.setenv(MMA_WIDE_ENV, "0")
+    assert CudaKernelSelector(Target({"kind": "cuda", "arch": "sm_90"}))._decode_family(small, "float16", 8) == "gemv"

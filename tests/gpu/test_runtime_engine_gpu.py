@@ -2,8 +2,8 @@
 unchunked, KV pages back after finishing, seeded sampling reproducible).
 
 Why teacher-forced logits and not "identical greedy text": the CPU library sums in fp32 in one order, the CUDA
-decode kernels (gather GEMV at 1..8 rows, tensor-core MMA at 12 and 16 for this model, whose residual codebook
-keeps the GEMV up to 8 rows: `cuda_mma.mma_preferred`; fp16 in / fp32 accumulate) in others; logits
+decode kernels (gather GEMV at 1..5 rows, tensor-core MMA from 6 rows for this model, whose books fit shared
+memory: `cuda_mma_wide.residual_rows_preferred`; fp16 in / fp32 accumulate) in others; logits
 differ by ~1e-3 of their scale (bench/RESULTS.md), so free-running greedy text diverges at the first near-tie of
 this random-weight model and stays diverged. Feeding both libraries the CPU's greedy tokens compares every step:
 logits within tolerance, and the argmax equal unless the CPU's own top-2 margin is within that tolerance.

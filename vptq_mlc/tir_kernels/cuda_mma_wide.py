@@ -74,7 +74,7 @@ from vptq_mlc.checkpoint.layer_config import VPTQLayerConfig
 from vptq_mlc.errors import compile_switch
 from vptq_mlc.tir_kernels.cuda_common import KERNEL_ATTRS, keep_params, ordered_params, pow2_floor, vr
 from vptq_mlc.tir_kernels.cuda_gemv import MAX_LAYERS, REPLICAS, SMEM_CODEBOOK_BYTES, keep_generic_operands
-from vptq_mlc.tir_kernels.cuda_mma import MAX_DYN_SMEM, MMA_ROWS
+from vptq_mlc.tir_kernels.cuda_mma import MAX_DYN_SMEM, MMA_FROM_ROWS, MMA_ROWS
 from vptq_mlc.tir_kernels.cuda_prologue import THREADS as PROLOGUE_THREADS
 from vptq_mlc.tir_kernels.cuda_prologue import prepare_launch
 from vptq_mlc.tir_kernels.fused_input import PLAIN_INPUT, FusedInput
@@ -212,6 +212,17 @@ def register_tiles_preferred(cfg: VPTQLayerConfig, dtype: str, rows: int, count:
     4096 outputs (64 warp rows cannot fill 132 SMs), and slower with a K = 65536 book read through L1/L2."""
     return (register_tiles_enabled() and mma_wide_supported(cfg, dtype, rows) and _book_size(cfg) <= SMEM_CODEBOOK_BYTES
             and count * cfg.num_vectors >= REG_MIN_VECTOR_ROWS)
+
+
+def residual_rows_preferred(cfg: VPTQLayerConfig, dtype: str, rows: int) -> bool:
+    """Whether the registry's tensor-core rows start at cuda_mma.MMA_FROM_ROWS for a layer with a residual book
+    (which `cuda_mma.mma_preferred` keeps on the GEMV up to its last row count: `cuda_mma.py` looks up every weight
+    twice there): this kernel serves it, with both books in shared memory, where a residual entry is one more
+    16-byte lookup per 8 weights. H100 kernel table (bench/RESULTS.md, session 16), v8-k256-256: the GEMV at 8 rows
+    took 22.5 / 37.8 / 41.6 us for 4096x4096 / 11008x4096 / 4096x11008, this kernel at 16 rows 12.8 / 30.0 / 25.4
+    (its time barely grows with rows). A K = 65536 book read through L1/L2 is mixed there and keeps the GEMV."""
+    return (cfg.has_residual and rows >= MMA_FROM_ROWS and mma_wide_enabled() and mma_wide_supported(cfg, dtype, rows)
+            and _book_size(cfg) <= SMEM_CODEBOOK_BYTES)
 
 
 def _book_bytes(cfg: VPTQLayerConfig, p: WidePlan) -> int:

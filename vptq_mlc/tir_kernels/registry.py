@@ -12,7 +12,8 @@ says which family it builds with; nothing here looks at the target's kind.
 - `CudaKernelSelector`: static row counts 1..2 for layers whose codebooks do not fit shared memory (K = 65536
   class), when the model dir carries the `code-sorted` layout and the slices are balanced (`code_sorted_preferred`:
   no residual or Kr == K) -> `cuda_code_sorted.py` (slice-per-CTA kernel + a reduce kernel);
-  static rows 6..16 (fp16; 9..16 with a residual codebook or v > 8: `cuda_mma.mma_preferred`) -> tensor-core
+  static rows 6..16 (fp16; 9..16 with a residual codebook or v > 8: `cuda_mma.mma_preferred`, but 6..16 for residual
+  books in shared memory of v = 8 layers: `cuda_mma_wide.residual_rows_preferred`) -> tensor-core
   kernel: `cuda_mma_wide.py` for v = 8 layers whose codes region is whole 32-column chunks (VPTQ_MLC_MMA_WIDE=0 at
   compile time: `cuda_mma.py` for those too; its A fragments built in registers for launches of >= 8192
   outputs, `register_tiles_preferred`, unless VPTQ_MLC_REGISTER_TILES=0),
@@ -330,11 +331,13 @@ class CudaKernelSelector(KernelSelector):
         from vptq_mlc.tir_kernels import cuda_code_sorted as cs
         from vptq_mlc.tir_kernels.cuda_gemv import MAX_ROWS
         from vptq_mlc.tir_kernels.cuda_mma import mma_preferred
+        from vptq_mlc.tir_kernels.cuda_mma_wide import residual_rows_preferred
 
         decode = rows is not None and 1 <= rows
         if decode and rows <= cs.MAX_ROWS and self.uses_code_sorted(cfg, dtype):
             return "code-sorted"
-        if decode and mma_preferred(cfg, dtype, rows, MAX_ROWS):  # fp16, rows 6..16 (9..16 w/ residual)
+        # fp16, rows 6..16 (a residual book: 9..16, or 6..16 where the whole-entry kernel reads both from shared memory)
+        if decode and (mma_preferred(cfg, dtype, rows, MAX_ROWS) or residual_rows_preferred(cfg, dtype, rows)):
             return "mma"
         if decode and rows <= MAX_ROWS:
             return "gemv"
