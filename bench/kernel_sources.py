@@ -129,11 +129,13 @@ def _cuda_funcs(dtype: str, backend) -> dict[str, object]:
                 f"-{variant}-{o}x{i}-r{rows}-{flags}{'-outl' if kw else ''}")
         funcs[name] = vq_gemv_cuda(cfg, dtype, rows, prologue=perms, fused=opts, two_launch=True)
     if dtype == "float16":  # the tensor-core decode kernel over several layers, and its two-launch form
-        from vptq_mlc.tir_kernels.cuda_mma_wide import plan_mma_wide, vq_mma_wide_cuda
+        from vptq_mlc.tir_kernels.cuda_mma_wide import mma_wide_supported, plan_mma_wide, vq_mma_wide_cuda
 
         for variant, i, o, kw, rows, perms, opts in fused:
             cfg = VPTQLayerConfig.from_variant(variant, i, o, enable_norm=True, **kw)
             rows = max(rows, 12)
+            if not mma_wide_supported(cfg, dtype, rows):
+                continue
             for reg in (False, True):
                 plan = plan_mma_wide(cfg, rows, reg, len(perms))
                 tag = f"{variant}-{o}x{i}-r{rows}-n{len(perms)}-{'reg' if reg else 'tile'}{'-outl' if kw else ''}"
