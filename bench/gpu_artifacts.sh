@@ -31,7 +31,6 @@
 #          them) / -noreg: VPTQ_MLC_REGISTER_TILES=1 / 0 (register-built A fragments and shared q/k/v, gate/up launches at
 #          the tensor-core decode rows, on by default). -twomma / -notwomma (after -reg):
 #          VPTQ_MLC_TWO_LAUNCH_MMA=1 / 0 (the two-launch form of the tensor-core decode linears, on by default).
-#          -pdl (last of all): VPTQ_MLC_PDL=1 (programmatic dependent launch of the decode VQ kernels, sm_90+).
 #   dattn  the decode attention kernels alone (bench/attention_decode.py build): ours and TVM's at 32/32, 8/32 and
 #          4/32 heads, read by gpu_suite.sh's steps dattn and pytest
 #   kwide  the whole-entry tensor-core decode kernel next to the current one on the 7B shapes, rows 8 and 16
@@ -113,8 +112,7 @@ make_synthetic_checkpoint('$E/ckpt', variant='v8-k256-256', hidden_size=256, int
         # NAME-group: VPTQ_MLC_PREFILL_GROUP=1; NAME-two: VPTQ_MLC_TWO_LAUNCH_DECODE=1 (unset otherwise: the
         # defaults); NAME-reg / NAME-noreg: VPTQ_MLC_REGISTER_TILES=1 / 0; they stack in this order
         # (NAME-nofold-mma-wgmma-nodattn-group-two-reg)
-        np=${n%-pdl}; pdl=""; [ "$np" != "$n" ] && pdl=1
-        nm=${np%-notwomma}; tmma=""; [ "$nm" != "$np" ] && tmma=0
+        nm=${n%-notwomma}; tmma=""; [ "$nm" != "$n" ] && tmma=0
         [ "${nm%-twomma}" != "$nm" ] && { nm=${nm%-twomma}; tmma=1; }
         nr=${nm%-reg}; reg=""; [ "$nr" != "$nm" ] && reg=1
         [ "${nr%-noreg}" != "$nr" ] && { nr=${nr%-noreg}; reg=0; }
@@ -140,7 +138,6 @@ p.write_text(json.dumps(c, indent=2))"
         else
           "${V[@]}" bench synth-model "$D/$n-cfg" --shape "${E2E7B_SHAPE:-llama2-7b}" --variant "$variant" --config-only
         fi
-        VPTQ_MLC_PDL=${pdl:-${VPTQ_MLC_PDL:-}} \
         VPTQ_MLC_TWO_LAUNCH_MMA=${tmma:-${VPTQ_MLC_TWO_LAUNCH_MMA:-}} \
         VPTQ_MLC_REGISTER_TILES=${reg:-${VPTQ_MLC_REGISTER_TILES:-}} \
         VPTQ_MLC_TWO_LAUNCH_DECODE=${two:-${VPTQ_MLC_TWO_LAUNCH_DECODE:-}} \

@@ -122,11 +122,6 @@ class TargetBackend(ABC):
     def passes(self) -> list[tvm.transform.Pass]:
         """The relax pipeline, in order (run inside the target's scope by `relax_pipeline`)."""
 
-    @property
-    def tir_pipeline(self) -> str:
-        """The registered TIR pipeline `relax.build` lowers this target's PrimFuncs with ("default": TVM's)."""
-        return "default"
-
     def relax_pipeline(self) -> tvm.transform.Pass:
         """`passes()` as one module pass that enters the target (dispatch and dlight read `Target.current()`). The
         passes are built here, before the pipeline runs: what building them checks (compile switches read from the

@@ -179,7 +179,7 @@ def build_library(model_dir: Path, bt: TargetBackend, output: Path,
     )
     lowered = attach_metadata(lowered, meta)
     stage("  generating code%s", bt.codegen_note())
-    executable = relax.build(lowered, bt.target, relax_pipeline=None, tir_pipeline=bt.tir_pipeline)
+    executable = relax.build(lowered, bt.target, relax_pipeline=None)
     stage("  linking the library")
     with atomic_file(output, mode=0o755) as tmp:
         executable.export_library(str(tmp))

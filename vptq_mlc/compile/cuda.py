@@ -38,7 +38,6 @@ from vptq_mlc.tir_kernels.registry import (
     NormBiasKernels,
     gemv_decode_batches,
     norm_bias_kernels,
-    pdl_for_target,
 )
 
 log = logging.getLogger(__name__)
@@ -296,16 +295,6 @@ class CudaBackend(TargetBackend):
             # lower dataflow to VM calls, memory planning, CUDA graphs (`relax.backend.use_cuda_graph`), VM lowering
             *vm_lowering_passes(cuda_graph=True),
         ]
-
-    @property
-    def tir_pipeline(self) -> str:
-        """TVM's, plus programmatic dependent launch of the kernels that wait for it where the build has them
-        (`registry.pdl_for_target`: VPTQ_MLC_PDL=1, sm_90+; compile/cuda_pdl.py)."""
-        if not pdl_for_target(self.target):
-            return "default"
-        from vptq_mlc.compile.cuda_pdl import PDL_PIPELINE
-
-        return PDL_PIPELINE
 
     def codegen_note(self) -> str:
         return f" (one nvcc run for {', '.join(self.archs)})"

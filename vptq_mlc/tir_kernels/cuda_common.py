@@ -64,32 +64,6 @@ def keep_params(func: tirx.PrimFunc, keep) -> tirx.PrimFunc:
     return tirx.PrimFunc(params, func.body, func.ret_type, func.attrs)
 
 
-# Programmatic dependent launch (sm_90+): a kernel that calls PDL_WAIT before it reads anything an earlier kernel
-# wrote (or writes anything) may start while that kernel still runs (`compile/cuda_pdl.py` launches exactly the
-# kernels that call it that way), so its constant-only preamble (a codebook copy into shared memory) overlaps the
-# previous kernel; PDL_TRIGGER lets the next such kernel start before this one ends. Both compile to one PTX
-# instruction (griddepcontrol), sm_90 and newer only.
-PDL_WAIT = "cudaGridDependencySynchronize"
-PDL_TRIGGER = "cudaTriggerProgrammaticLaunchCompletion"
-
-
-@T.macro
-def dependency_wait(on):
-    """Wait (when `on`) until the previous kernel of the stream has finished and its writes are visible: every
-    thread, before the first read of an activation or any global write."""
-    if on:
-        T.evaluate(T.call_extern("void", PDL_WAIT))
-
-
-@T.macro
-def dependents_trigger_and_wait(on):
-    """Let the next programmatically launched kernel start now (it waits for this one before reading its results),
-    then wait for the previous kernel (when `on`)."""
-    if on:
-        T.evaluate(T.call_extern("void", PDL_TRIGGER))
-        T.evaluate(T.call_extern("void", PDL_WAIT))
-
-
 def ordered_params(func: tirx.PrimFunc, names: list[str]) -> tirx.PrimFunc:
     """`func` with exactly the parameters `names`, in that order (a variant whose callers pass its operands in
     another order than the TVMScript declares them)."""

@@ -31,7 +31,6 @@ from vptq_mlc.artifact.vq_layout import code_dtype
 from vptq_mlc.checkpoint.layer_config import VPTQLayerConfig
 from vptq_mlc.tir_kernels.cuda_common import (
     KERNEL_ATTRS,
-    dependency_wait,
     fill_book_replicated,
     fma_entry,
     keep_params,
@@ -186,7 +185,7 @@ FUSED_TOTAL_SMEM = 99 * 1024  # static + dynamic per CTA on sm_86/sm_89 (sm_80: 
 def vq_gemv_cuda(cfg: VPTQLayerConfig, dtype: str, rows: int, plan: GemvPlan | None = None,
                  params: GpuParams = CUDA_PARAMS, count: int = 1,
                  prologue: tuple[bool, ...] | None = None, fused: FusedInput = PLAIN_INPUT,
-                 two_launch: bool = False, pdl: bool = False) -> tirx.PrimFunc:
+                 two_launch: bool = False) -> tirx.PrimFunc:
     """PrimFunc(xs[rows, I], *operands, y[rows, O]) for 1 <= rows <= MAX_ROWS (static); `params` picks the GPU
     (CUDA_PARAMS, or `wavefront_params(rocm_target)`). `count` (2..MAX_LAYERS) layers of the same config in one
     launch (q/k/v, gate/up): PrimFunc(xs_0, *operands_0, xs_1, *operands_1, .., y_0, y_1, ..).
@@ -202,10 +201,7 @@ def vq_gemv_cuda(cfg: VPTQLayerConfig, dtype: str, rows: int, plan: GemvPlan | N
     `two_launch` (with `prologue`): the same computation as two kernels of one PrimFunc, the prologue kernel
     (`cuda_prologue.prepare_scale_dot`, its neighbour folded in) writing each layer's xs and dot into scratch outputs
     the GEMV kernel then reads, adding the dot (and residual) in its epilogue: the launches saved without every CTA
-    preparing the whole activation again. Params (.., [residual], xs_0, dot_0, .., y_0, ..).
-    `pdl` (sm_90+ builds): every thread waits for the previous kernel after its codebook copy
-    (`cuda_common.dependency_wait`), so that copy may overlap it when the kernel is launched programmatically
-    (`compile/cuda_pdl.py`); the two-launch form's prologue launch lets this one start early."""
+    preparing the whole activation again. Params (.., [residual], xs_0, dot_0, .., y_0, ..)."""
     if not 1 <= rows <= MAX_ROWS:
         raise ValueError(f"vq_gemv_cuda handles 1..{MAX_ROWS} rows, got {rows}")
     if prologue is not None:
@@ -225,7 +221,6 @@ def vq_gemv_cuda(cfg: VPTQLayerConfig, dtype: str, rows: int, plan: GemvPlan | N
     I, O, v, G, S, K, KR, KR1, NV, L, OSZ, OSZ1, HAS_RES, HAS_OUT, VO, KO, NO = kernel_dims(cfg)  # noqa: E741
     NB = rows
     R, P, VW, U, EV = p.rows_per_cta, p.splits, p.vec, p.unroll, p.entry_vec
-    PDL = pdl
     W = R * P
     NT = W * WARP
     GRID = p.grid
@@ -331,7 +326,6 @@ def vq_gemv_cuda(cfg: VPTQLayerConfig, dtype: str, rows: int, plan: GemvPlan | N
             fill_book_replicated(cb_s, 0, wl, centroids, G * K, K, FILL_MAIN, NT, tid, v, EV, REP)
             if HAS_RES:
                 fill_book_replicated(cb_s, CB_MAIN, wr, res_centroids, G * KR, KR, FILL_RES, NT, tid, v, EV, REP)
-        dependency_wait(PDL)  # everything above reads weights only: it may overlap the previous kernel
         if fused:  # this CTA's copy of the prepared activation (its loads may overlap the codebook copy's)
             stage_activation(xs, x2, gamma, perm, col_scale, weight_bias, xs_s, dred, nred, dacc, rstd, sg, sw, su, gl,
                              tid, tx, ty, has_perm)
@@ -487,7 +481,7 @@ def vq_gemv_cuda(cfg: VPTQLayerConfig, dtype: str, rows: int, plan: GemvPlan | N
 
     if prologue is not None and two_launch:
         return _two_launch_gemv(gemv_body, prologue, fused, dtype, NB, I, G, K, v, KR1, NV, L, CD, RCD, KO, VO, NO,
-                                OSZ1, O, GRID, WARP, W, SCOPE, CB_SHARED, RED, NBV, U, VW, cfg, pdl)
+                                OSZ1, O, GRID, WARP, W, SCOPE, CB_SHARED, RED, NBV, U, VW, cfg)
     if prologue is not None:
         return _fused_gemv(gemv_body, prologue, fused, dtype, NB, I, G, K, v, KR1, NV, L, CD, RCD, KO, VO, NO, OSZ1,
                            O, GRID, WARP, W, SCOPE, CB_SHARED, RED, NBV, U, VW, SITERS, SV, cfg)
@@ -682,7 +676,7 @@ def _fused_gemv(gemv_body, perms, opts: FusedInput, dtype, NB, I, G, K, v, KR1, 
 
 
 def _two_launch_gemv(gemv_body, perms, opts: FusedInput, dtype, NB, I, G, K, v, KR1, NV, L, CD, RCD, KO,  # noqa: E741
-                     VO, NO, OSZ1, O, GRID, WARP, W, SCOPE, CB_SHARED, RED, NBV, U, VW, cfg, pdl) -> tirx.PrimFunc:
+                     VO, NO, OSZ1, O, GRID, WARP, W, SCOPE, CB_SHARED, RED, NBV, U, VW, cfg) -> tirx.PrimFunc:
     """`vq_gemv_cuda(..., prologue=perms, fused=opts, two_launch=True)`: the prologue kernel (grid rows x column
     chunks x layers, as the shared prologue's) writes xs_m / dot_m, then the GEMV kernel (CTA bx serves layer
     bx // GRID as in the shared GEMV) reads them and adds dot_m (and the residual) before its one rounding."""
@@ -743,7 +737,7 @@ def _two_launch_gemv(gemv_body, perms, opts: FusedInput, dtype, NB, I, G, K, v, 
         T.func_attr(KERNEL_ATTRS)
         prepare_launch(x, x2, gamma, perm_0, col_scale_0, weight_bias_0, perm_1, col_scale_1, weight_bias_1, perm_2,
                        col_scale_2, weight_bias_2, xs_0, dot_0, xs_1, dot_1, xs_2, dot_2, NB, count, P0, P1, P2, I, CH,
-                       dtype, SRC, EPS, pdl)
+                       dtype, SRC, EPS)
         with T.launch_thread("blockIdx.x", GRID * count) as bx:
             with T.launch_thread("threadIdx.x", WARP) as tx:
                 with T.launch_thread("threadIdx.y", W) as ty:

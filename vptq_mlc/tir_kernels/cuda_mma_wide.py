@@ -72,7 +72,7 @@ from tvm.script import tirx as T
 from vptq_mlc.artifact.vq_layout import code_dtype
 from vptq_mlc.checkpoint.layer_config import VPTQLayerConfig
 from vptq_mlc.errors import compile_switch
-from vptq_mlc.tir_kernels.cuda_common import KERNEL_ATTRS, dependency_wait, keep_params, ordered_params, pow2_floor, vr
+from vptq_mlc.tir_kernels.cuda_common import KERNEL_ATTRS, keep_params, ordered_params, pow2_floor, vr
 from vptq_mlc.tir_kernels.cuda_gemv import MAX_LAYERS, REPLICAS, SMEM_CODEBOOK_BYTES, keep_generic_operands
 from vptq_mlc.tir_kernels.cuda_mma import MAX_DYN_SMEM, MMA_FROM_ROWS, MMA_ROWS
 from vptq_mlc.tir_kernels.cuda_prologue import THREADS as PROLOGUE_THREADS
@@ -283,7 +283,7 @@ def waves(cfg: VPTQLayerConfig, plan: WidePlan, rows: int) -> int:
 
 def vq_mma_wide_cuda(cfg: VPTQLayerConfig, dtype: str, rows: int, plan: WidePlan | None = None,
                      count: int = 1, prologue: tuple[bool, ...] | None = None,
-                     fused: FusedInput = PLAIN_INPUT, pdl: bool = False) -> tirx.PrimFunc:
+                     fused: FusedInput = PLAIN_INPUT) -> tirx.PrimFunc:
     """PrimFunc(xs[rows, I], *operands, y[rows, O]), fp16, v = 8, 1..16 static rows (module docstring); with
     `count` (2..3) layers of this config in one launch: PrimFunc(xs_0, *operands_0, xs_1, *operands_1, .., y_0,
     y_1, ..) (`KernelSelector.shared`).
@@ -294,11 +294,7 @@ def vq_mma_wide_cuda(cfg: VPTQLayerConfig, dtype: str, rows: int, plan: WidePlan
     into scratch outputs, then this kernel reads them and adds the dot (and `fused`'s residual) before its one
     rounding, the layers' outputs side by side with `fused.concat`. So a decoder layer at the tensor-core rows
     needs no RMSNorm, silu * up, dot, residual or concatenation kernels of its own. Params (x, [x2], [gamma], per
-    layer m [perm_m], col_scale_m, weight_bias_m, *operands_m, [residual], per layer xs_m, dot_m, y_0, ..).
-
-    `pdl` (sm_90+ builds): every thread waits for the previous kernel after its codebook copy
-    (`cuda_common.dependency_wait`), so that copy may overlap it when launched programmatically
-    (`compile/cuda_pdl.py`); the two-launch form's prologue launch lets this one start early."""
+    layer m [perm_m], col_scale_m, weight_bias_m, *operands_m, [residual], per layer xs_m, dot_m, y_0, ..)."""
     if prologue is not None:
         count = len(prologue)
         if fused.source not in ("x", "rmsnorm", "swiglu") or (fused.residual and (count != 1 or fused.concat)):
@@ -440,7 +436,6 @@ def vq_mma_wide_cuda(cfg: VPTQLayerConfig, dtype: str, rows: int, plan: WidePlan
             if HAS_RES:
                 fill_book(wide_book, CB_MAIN, res_centroids, G * KR, KR, stage, tid)
             T.tvm_storage_sync("shared")
-        dependency_wait(pdl)  # everything above reads weights only: it may overlap the previous kernel
         for a in T.unroll(NACC):
             acc[a] = T.float32(0)
         # outlier columns: A[m][k] = outlier_centroids[outlier_codes[r // VO, k], r % VO], r the output of m;
@@ -605,7 +600,7 @@ def vq_mma_wide_cuda(cfg: VPTQLayerConfig, dtype: str, rows: int, plan: WidePlan
         if EPI:
             prepare_launch(x, x2, gamma, perm_0, col_scale_0, weight_bias_0, perm_1, col_scale_1, weight_bias_1,
                            perm_2, col_scale_2, weight_bias_2, xs, dot_0, xs_1, dot_1, xs_2, dot_2, NB, count, PRO0,
-                           PRO1, PRO2, I, -(-I // PROLOGUE_THREADS), dtype, fused.source, fused.eps, pdl)
+                           PRO1, PRO2, I, -(-I // PROLOGUE_THREADS), dtype, fused.source, fused.eps)
         bx = T.launch_thread("blockIdx.x", NRB * count)
         tx = T.launch_thread("threadIdx.x", 32)
         ty = T.launch_thread("threadIdx.y", W)

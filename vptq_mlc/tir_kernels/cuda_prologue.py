@@ -14,7 +14,7 @@ from __future__ import annotations
 from tvm import tirx
 from tvm.script import tirx as T
 
-from vptq_mlc.tir_kernels.cuda_common import KERNEL_ATTRS, dependents_trigger_and_wait, keep_params, warp_sum
+from vptq_mlc.tir_kernels.cuda_common import KERNEL_ATTRS, keep_params, warp_sum
 
 THREADS = 1024  # one gathered element per thread and CTA
 
@@ -111,17 +111,14 @@ def prepare_scale_dot(x, x2, gamma, perm, col_scale, weight_bias, xs, dot, red, 
 @T.macro
 def prepare_launch(x, x2, gamma, perm_0, col_scale_0, weight_bias_0, perm_1, col_scale_1, weight_bias_1, perm_2,
                    col_scale_2, weight_bias_2, xs_0, dot_0, xs_1, dot_1, xs_2, dot_2, NB, count, P0, P1, P2, I, CH,
-                   dtype, source, eps, pdl):  # noqa: E741
+                   dtype, source, eps):  # noqa: E741
     """The first launch of a two-launch decode linear (`cuda_gemv.vq_gemv_cuda(..., two_launch=True)`,
     `cuda_mma_wide.vq_mma_wide_cuda(..., prologue=...)`): grid (NB rows, CH column chunks, `count` layers), CTA
-    (b, c, m) runs `prepare_scale_dot` for layer m, writing its xs_m and dot_m, which the VQ launch then reads.
-    `pdl`: the VQ launch may start at once (its codebook copy overlaps this launch), and this one waits for the
-    kernel before it (`cuda_common.dependents_trigger_and_wait`)."""
+    (b, c, m) runs `prepare_scale_dot` for layer m, writing its xs_m and dot_m, which the VQ launch then reads."""
     with T.launch_thread("blockIdx.x", NB) as pb:
         with T.launch_thread("blockIdx.y", CH) as pc:
             with T.launch_thread("blockIdx.z", count) as pm:
                 with T.launch_thread("threadIdx.x", THREADS) as pt:
-                    dependents_trigger_and_wait(pdl)
                     pred = T.alloc_buffer((THREADS // 32,), "float32", scope="shared")
                     pacc = T.alloc_buffer((1,), "float32", scope="local")
                     prstd = T.alloc_buffer((1,), "float32", scope="local")

@@ -136,25 +136,6 @@ def two_launch_mma_enabled() -> bool:
                           "the two-launch form of the tensor-core decode linears")
 
 
-# Programmatic dependent launch of the decode VQ kernels (sm_90+ builds; `cuda_common.dependency_wait`,
-# compile/cuda_pdl.py): each GEMV / whole-entry tensor-core kernel copies its codebook into shared memory while the
-# kernel before it (the two-launch form's prologue) still runs. Off unless asked for (VPTQ_MLC_PDL=1 at compile)
-# until an H100 run has shown what it gives.
-PDL_ENV = "VPTQ_MLC_PDL"
-PDL_DEFAULT = False
-
-
-def pdl_for_target(target: Target | None) -> bool:
-    """Whether the decode kernels of a build for `target` wait programmatically: the switch on (PDL_ENV) and the
-    code's lowest arch sm_90 or newer (griddepcontrol exists from sm_90; a fatbin for older archs compiles every
-    kernel for them too)."""
-    if not compile_switch(PDL_ENV, PDL_DEFAULT, "programmatic dependent launch of the decode kernels"):
-        return False
-    arch = str(target.attrs.get("arch", "")) if target is not None and target.kind.name == "cuda" else ""
-    digits = arch.removeprefix("sm_").rstrip("a")
-    return digits.isdigit() and int(digits) >= 90
-
-
 # The long-prompt prefill of normed fp16 VQ layers with the activation prologue folded into the dequantized weight
 # (`cuda_dequant_gemm.vq_prefill_folded_cuda`): on by default (one H100 run, Llama-2-7B shape v8-k4096-0 on the
 # mma.sync GEMM: 2047-token prefill 1.17x, 512 tokens 1.04x, its check-suite cases correct; decode kernels
@@ -336,11 +317,6 @@ class WavefrontKernelSelector(KernelSelector):
 class CudaKernelSelector(KernelSelector):
     """Code-sorted, tensor-core, GEMV and prefill kernels, by row count (module docstring)."""
 
-    @functools.cached_property
-    def pdl(self) -> bool:
-        """Whether this build's GEMV and whole-entry decode kernels wait programmatically (`pdl_for_target`)."""
-        return pdl_for_target(self.target)
-
     def uses_code_sorted(self, cfg: VPTQLayerConfig, dtype: str) -> bool:
         """The layer has code-sorted entries and some decode row count takes the code-sorted kernel (else its
         entries are not declared, so they are never loaded onto the GPU)."""
@@ -384,11 +360,10 @@ class CudaKernelSelector(KernelSelector):
             return None
         if family == "mma" and mma_wide_enabled() and register_tiles_preferred(cfg, dtype, rows, count):
             plan = plan_mma_wide(cfg, rows, register_tiles=True, count=count)
-            return _mark(VQKernel(vq_mma_wide_cuda(cfg, dtype, rows, plan, count, pdl=self.pdl),
-                                  tuple(vq_operand_shapes(cfg))))
+            return _mark(VQKernel(vq_mma_wide_cuda(cfg, dtype, rows, plan, count), tuple(vq_operand_shapes(cfg))))
         if family != "gemv":
             return None
-        return _mark(VQKernel(vq_gemv_cuda(cfg, dtype, rows, count=count, pdl=self.pdl), tuple(vq_operand_shapes(cfg))))
+        return _mark(VQKernel(vq_gemv_cuda(cfg, dtype, rows, count=count), tuple(vq_operand_shapes(cfg))))
 
     def _pick_fused(self, cfg: VPTQLayerConfig, dtype: str, rows: int | None, perms: tuple[bool, ...],
                     opts: FusedInput | None) -> VQKernel | None:
@@ -409,12 +384,11 @@ class CudaKernelSelector(KernelSelector):
         if not (one or two) or family != "gemv":
             return None
         if one and fused_prologue_fits(cfg, rows, dtype):
-            return _mark(VQKernel(vq_gemv_cuda(cfg, dtype, rows, prologue=perms, fused=opts, pdl=self.pdl),
+            return _mark(VQKernel(vq_gemv_cuda(cfg, dtype, rows, prologue=perms, fused=opts),
                                   tuple(vq_operand_shapes(cfg))))
         if not two:
             return None
-        return _mark(VQKernel(vq_gemv_cuda(cfg, dtype, rows, prologue=perms, fused=opts, two_launch=True,
-                                           pdl=self.pdl),
+        return _mark(VQKernel(vq_gemv_cuda(cfg, dtype, rows, prologue=perms, fused=opts, two_launch=True),
                               tuple(vq_operand_shapes(cfg)),
                               two_launch_scratch(cfg.in_features, dtype, rows, len(perms))))
 
@@ -436,7 +410,7 @@ class CudaKernelSelector(KernelSelector):
         if not (two_launch_mma_enabled() and mma_wide_enabled() and mma_wide_supported(cfg, dtype, rows)):
             return None
         plan = plan_mma_wide(cfg, rows, register_tiles_preferred(cfg, dtype, rows, count), count)
-        return _mark(VQKernel(vq_mma_wide_cuda(cfg, dtype, rows, plan, prologue=perms, fused=opts, pdl=self.pdl),
+        return _mark(VQKernel(vq_mma_wide_cuda(cfg, dtype, rows, plan, prologue=perms, fused=opts),
                               tuple(vq_operand_shapes(cfg)), two_launch_scratch(cfg.in_features, dtype, rows, count)))
 
     def _pick_folded(self, cfg: VPTQLayerConfig, dtype: str, has_bias: bool, residual: bool) -> VQKernel | None:
@@ -495,11 +469,11 @@ class CudaKernelSelector(KernelSelector):
 
             if mma_wide_enabled() and mma_wide_supported(cfg, dtype, rows):  # v = 8, unless VPTQ_MLC_MMA_WIDE=0
                 plan = plan_mma_wide(cfg, rows, register_tiles_preferred(cfg, dtype, rows))
-                k = VQKernel(vq_mma_wide_cuda(cfg, dtype, rows, plan, pdl=self.pdl), generic_ops)
+                k = VQKernel(vq_mma_wide_cuda(cfg, dtype, rows, plan), generic_ops)
             else:
                 k = VQKernel(vq_mma_cuda(cfg, dtype, rows), generic_ops)
         elif family == "gemv":
-            k = VQKernel(vq_gemv_cuda(cfg, dtype, rows, pdl=self.pdl), generic_ops)
+            k = VQKernel(vq_gemv_cuda(cfg, dtype, rows), generic_ops)
         elif rows is None and dtype == "float16":  # prefill / symbolic batch: VQ MMA, or dequantize + dense MMA
             from vptq_mlc.tir_kernels.cuda_dequant_gemm import vq_prefill_cuda
             from vptq_mlc.tir_kernels.cuda_wgmma import wgmma_for_target
