@@ -134,8 +134,9 @@ def test_shared_register_fragment_choice(monkeypatch) -> None:
 def test_two_launch_tensor_core_choice(monkeypatch) -> None:
     """At the tensor-core decode rows the registry's fused linear is the whole-entry kernel's two-launch form
     (VPTQ_MLC_TWO_LAUNCH_MMA, on by default): q/k/v of a 7B layer in one call (register fragments, the xs / dot of
-    each layer as scratch outputs), a K = 65536 book in the tile form; the switch off, or a layer without norm,
-    gives None (the separate kernels); the GEMV rows keep the GEMV's two-launch form."""
+    each layer as scratch outputs), o_proj alone in the tile form; a K = 65536 book, several layers in the tile form,
+    the switch off, or a layer without norm give None (the separate kernels); the GEMV rows keep the GEMV's
+    two-launch form."""
     from tvm.target import Target
 
     from vptq_mlc.tir_kernels.fused_input import FusedInput
@@ -149,9 +150,14 @@ def test_two_launch_tensor_core_choice(monkeypatch) -> None:
     assert k is not None and len(k.scratch) == 6
     script = k.func.script()
     assert "ptx_legacy.mma" in script and "ldmatrix" not in script  # register fragments
+    o_proj = sel.fused(qkv, "float16", 16, (True,), FusedInput(residual=True))
+    assert o_proj is not None and "ldmatrix" in o_proj.func.script()  # 4096 outputs alone: the tile form
+    # a K = 65536 book (through L1/L2) keeps the separate kernels, and so do several layers in the tile form
     big = VPTQLayerConfig.from_variant("v8-k65536-256", 4096, 4096, enable_norm=True)
-    k = sel.fused(big, "float16", 16, (True,), FusedInput(residual=True))
-    assert k is not None and "ldmatrix" in k.func.script()  # the tile form
+    assert sel.fused(big, "float16", 16, (True,), FusedInput(residual=True)) is None
+    small = VPTQLayerConfig.from_variant("v8-k4096-0", 1024, 512, enable_norm=True)
+    assert sel.fused(small, "float16", 16, (True, True), FusedInput("rmsnorm", 1e-5)) is None
+    assert sel.fused(small, "float16", 16, (True,), FusedInput("rmsnorm", 1e-5)) is not None
     plain = VPTQLayerConfig.from_variant("v8-k4096-0", 4096, 4096, enable_norm=False)
     assert sel.fused(plain, "float16", 16, (True,), opts) is None
     k1 = sel.fused(qkv, "float16", 1, (True, True, True), opts)

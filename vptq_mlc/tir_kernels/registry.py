@@ -395,9 +395,11 @@ class CudaKernelSelector(KernelSelector):
 
     def _pick_fused_mma(self, cfg: VPTQLayerConfig, dtype: str, rows: int, perms: tuple[bool, ...],
                         opts: FusedInput) -> VQKernel | None:
-        """The two-launch form of the whole-entry tensor-core kernel for `perms` layers in one launch, register
-        fragments where `register_tiles_preferred` says so (as `_pick` / `_pick_shared`), else the tile form, or None
-        where the switches are off or the layer has no whole-entry form."""
+        """The two-launch form of the whole-entry tensor-core kernel for `perms` layers in one launch, with the
+        layers' own plan (register fragments where `register_tiles_preferred` says so, else the tile form; several
+        layers only with register fragments, as `_pick_shared`), or None: the switches off, no whole-entry form, or
+        a book read through L1/L2 (K = 65536: the two-launch form with q/k/v and gate/up in one tile-form launch
+        each was 0.94x the separate kernels at 16 rows on the H100, bench/RESULTS.md "Session 17")."""
         from vptq_mlc.tir_kernels.cuda_gemv import two_launch_scratch
         from vptq_mlc.tir_kernels.cuda_mma_wide import (
             mma_wide_enabled,
@@ -410,7 +412,10 @@ class CudaKernelSelector(KernelSelector):
         count = len(perms)
         if not (two_launch_mma_enabled() and mma_wide_enabled() and mma_wide_supported(cfg, dtype, rows)):
             return None
-        plan = plan_mma_wide(cfg, rows, register_tiles_preferred(cfg, dtype, rows, count), count)
+        reg = register_tiles_preferred(cfg, dtype, rows, count)
+        plan = plan_mma_wide(cfg, rows, reg, count)
+        if not plan.smem_codebook or (count > 1 and not reg):
+            return None
         return _mark(VQKernel(vq_mma_wide_cuda(cfg, dtype, rows, plan, prologue=perms, fused=opts),
                               tuple(vq_operand_shapes(cfg)), two_launch_scratch(cfg.in_features, dtype, rows, count)))
 
