@@ -194,7 +194,8 @@ def test_two_launch_form_adds_dot_and_residual_and_concatenates(tmp_path, varian
     its second kernel, run on each layer's prepared activation xs_m and norm-bias dot_m (what the prologue kernel
     writes; that kernel is `cuda_prologue.prepare_launch`, the GEMV's), gives every layer's float64
     `xs_m @ W_m.T + dot_m (+ residual)` within fp16 rounding, layer m at columns m * O of one output with concat.
-    Layers of one launch in the tile form too (the registry's launch for books read through L1/L2)."""
+    Layers of one launch in the tile form too (a form the kernel supports; the registry groups layers only with
+    register fragments)."""
     import tvm
     from mma_emulator import MmaKernelEmulator
 

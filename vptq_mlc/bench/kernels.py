@@ -175,8 +175,8 @@ def correctness_cases() -> list[KernelCase]:
         KernelCase("v8-k65536-0", 1024, 512, 3, prologue="p", fused="swiglu,residual"),
         KernelCase("v8-k256-256", 1024, 512, 4, outl, prologue="n", fused="rmsnorm,residual"),
         # the same neighbours at the tensor-core decode rows (the whole-entry kernel's two-launch form): the 7B
-        # decoder layer at 16 rows, v8-k256-256 from 9 rows, K = 65536 books through L1/L2 (tile form, layers in one
-        # launch), outliers
+        # decoder layer at 16 rows, v8-k256-256 from 9 rows, outliers; K = 65536 books through L1/L2 get no
+        # two-launch form from the registry (`_pick_fused_mma`), so their cases check the separate kernels it keeps
         KernelCase("v8-k4096-0", 4096, 4096, 16, prologue="ppp", fused="rmsnorm,concat"),
         KernelCase("v8-k4096-0", 4096, 4096, 16, prologue="p", fused="residual"),
         KernelCase("v8-k4096-0", 4096, 11008, 16, prologue="pp", fused="rmsnorm"),
