@@ -31,6 +31,8 @@
 #          them) / -noreg: VPTQ_MLC_REGISTER_TILES=1 / 0 (register-built A fragments and shared q/k/v, gate/up launches at
 #          the tensor-core decode rows, on by default). -twomma / -notwomma (after -reg):
 #          VPTQ_MLC_TWO_LAUNCH_MMA=1 / 0 (the two-launch form of the tensor-core decode linears, on by default).
+#          -cta / -nocta (after -twomma): VPTQ_MLC_CTA_SPLITS=1 / 0 (register fragments over CTA splits for the
+#          two-launch o_proj / down_proj, on by default).
 #   dattn  the decode attention kernels alone (bench/attention_decode.py build): ours and TVM's at 32/32, 8/32 and
 #          4/32 heads, read by gpu_suite.sh's steps dattn and pytest
 #   kwide  the whole-entry tensor-core decode kernel next to the current one on the 7B shapes, rows 8 and 16
@@ -112,7 +114,9 @@ make_synthetic_checkpoint('$E/ckpt', variant='v8-k256-256', hidden_size=256, int
         # NAME-group: VPTQ_MLC_PREFILL_GROUP=1; NAME-two: VPTQ_MLC_TWO_LAUNCH_DECODE=1 (unset otherwise: the
         # defaults); NAME-reg / NAME-noreg: VPTQ_MLC_REGISTER_TILES=1 / 0; they stack in this order
         # (NAME-nofold-mma-wgmma-nodattn-group-two-reg)
-        nm=${n%-notwomma}; tmma=""; [ "$nm" != "$n" ] && tmma=0
+        nc=${n%-nocta}; cta=""; [ "$nc" != "$n" ] && cta=0
+        [ "${nc%-cta}" != "$nc" ] && { nc=${nc%-cta}; cta=1; }
+        nm=${nc%-notwomma}; tmma=""; [ "$nm" != "$nc" ] && tmma=0
         [ "${nm%-twomma}" != "$nm" ] && { nm=${nm%-twomma}; tmma=1; }
         nr=${nm%-reg}; reg=""; [ "$nr" != "$nm" ] && reg=1
         [ "${nr%-noreg}" != "$nr" ] && { nr=${nr%-noreg}; reg=0; }
@@ -138,6 +142,7 @@ p.write_text(json.dumps(c, indent=2))"
         else
           "${V[@]}" bench synth-model "$D/$n-cfg" --shape "${E2E7B_SHAPE:-llama2-7b}" --variant "$variant" --config-only
         fi
+        VPTQ_MLC_CTA_SPLITS=${cta:-${VPTQ_MLC_CTA_SPLITS:-}} \
         VPTQ_MLC_TWO_LAUNCH_MMA=${tmma:-${VPTQ_MLC_TWO_LAUNCH_MMA:-}} \
         VPTQ_MLC_REGISTER_TILES=${reg:-${VPTQ_MLC_REGISTER_TILES:-}} \
         VPTQ_MLC_TWO_LAUNCH_DECODE=${two:-${VPTQ_MLC_TWO_LAUNCH_DECODE:-}} \

@@ -57,6 +57,10 @@ static inline std::barrier<>& warp_bar() { return *g_warp_bar[threadIdx.y]; }
 static inline void __syncthreads() { g_block_bar->arrive_and_wait(); }
 static inline void __syncwarp() { warp_bar().arrive_and_wait(); }
 static inline half __float2half_rn(float f) { return (half)f; }
+// blocks run one after another, so a device-wide fence orders nothing more and an atomic is a plain update
+static inline void __threadfence() {}
+static inline int atomicAdd(int* p, int v) { int old = *p; *p = old + v; return old; }
+static inline float __ldcg(const float* p) { return *p; }
 static inline int max(int a, int b) { return a > b ? a : b; }
 static inline int min(int a, int b) { return a < b ? a : b; }
 static inline int64_t max(int64_t a, int64_t b) { return a > b ? a : b; }

@@ -134,15 +134,17 @@ def test_shared_register_fragment_choice(monkeypatch) -> None:
 def test_two_launch_tensor_core_choice(monkeypatch) -> None:
     """At the tensor-core decode rows the registry's fused linear is the whole-entry kernel's two-launch form
     (VPTQ_MLC_TWO_LAUNCH_MMA, on by default): q/k/v of a 7B layer in one call (register fragments, the xs / dot of
-    each layer as scratch outputs), o_proj alone in the tile form; a K = 65536 book, several layers in the tile form,
-    the switch off, or a layer without norm give None (the separate kernels); the GEMV rows keep the GEMV's
-    two-launch form."""
+    each layer as scratch outputs), o_proj alone in the tile form (with CTA splits off: the next test); a K = 65536
+    book, several layers in the tile form, the switch off, or a layer without norm give None (the separate kernels);
+    the GEMV rows keep the GEMV's two-launch form."""
     from tvm.target import Target
 
+    from vptq_mlc.tir_kernels.cuda_mma_wide import CTA_SPLITS_ENV
     from vptq_mlc.tir_kernels.fused_input import FusedInput
     from vptq_mlc.tir_kernels.registry import TWO_LAUNCH_MMA_ENV, CudaKernelSelector
 
     monkeypatch.delenv(TWO_LAUNCH_MMA_ENV, raising=False)
+    monkeypatch.setenv(CTA_SPLITS_ENV, "0")
     sel = CudaKernelSelector(Target({"kind": "cuda", "arch": "sm_90"}))
     qkv = VPTQLayerConfig.from_variant("v8-k4096-0", 4096, 4096, enable_norm=True)
     opts = FusedInput("rmsnorm", 1e-5, concat=True)
@@ -185,3 +187,36 @@ def test_residual_books_in_shared_memory_take_the_tensor_core_kernel_from_6_rows
     assert "ptx_legacy.mma" in sel(small, "float16", 8).func.script()
     monkeypatch.setenv(MMA_WIDE_ENV, "0")
     assert CudaKernelSelector(Target({"kind": "cuda", "arch": "sm_90"}))._decode_family(small, "float16", 8) == "gemv"
+
+
+def test_short_two_launch_layers_take_register_fragments_over_cta_splits(monkeypatch) -> None:
+    """o_proj and down_proj of a 7B layer (4096 outputs: 64 warp rows) at the tensor-core rows: register fragments
+    over 4 CTAs per row block (VPTQ_MLC_CTA_SPLITS, on by default), with the CTAs' partials [4, rows, 4096] fp32 and
+    one int32 counter per row block as scratch after xs / dot; residual books too. Layers too short for 2 CTAs per
+    row block, K = 65536 books (through L1/L2), several layers and the switch off keep their forms."""
+    from tvm.target import Target
+
+    from vptq_mlc.tir_kernels.cuda_mma_wide import CTA_SPLITS_ENV, plan_cta_splits
+    from vptq_mlc.tir_kernels.fused_input import FusedInput
+    from vptq_mlc.tir_kernels.registry import TWO_LAUNCH_MMA_ENV, CudaKernelSelector
+
+    monkeypatch.delenv(TWO_LAUNCH_MMA_ENV, raising=False)
+    monkeypatch.delenv(CTA_SPLITS_ENV, raising=False)
+    sel = CudaKernelSelector(Target({"kind": "cuda", "arch": "sm_90"}))
+    res = FusedInput(residual=True)
+    for variant, i, rows in (("v8-k4096-0", 4096, 16), ("v8-k4096-0", 11008, 16), ("v8-k256-256", 4096, 8)):
+        cfg = VPTQLayerConfig.from_variant(variant, i, 4096, enable_norm=True)
+        assert plan_cta_splits(cfg, rows).cta_splits == 4 and plan_cta_splits(cfg, rows).register_tiles
+        k = sel.fused(cfg, "float16", rows, (True,), res)
+        assert k is not None and k.scratch[2:] == (((4, rows, 4096), "float32"), ((64,), "int32")), k.scratch
+        script = k.func.script()
+        assert "atomicAdd" in script and "ldmatrix" not in script
+    small = VPTQLayerConfig.from_variant("v8-k4096-0", 256, 256, enable_norm=True)  # 4 chunks: one CTA per block
+    assert plan_cta_splits(small, 16).cta_splits == 1 and len(sel.fused(small, "float16", 16, (True,), res).scratch) == 2
+    big = VPTQLayerConfig.from_variant("v8-k65536-256", 4096, 4096, enable_norm=True)
+    assert sel.fused(big, "float16", 16, (True,), res) is None
+    qkv = VPTQLayerConfig.from_variant("v8-k4096-0", 4096, 4096, enable_norm=True)
+    assert len(sel.fused(qkv, "float16", 16, (True,) * 3, FusedInput("rmsnorm", 1e-5, concat=True)).scratch) == 6
+    monkeypatch.setenv(CTA_SPLITS_ENV, "0")
+    off = CudaKernelSelector(Target({"kind": "cuda", "arch": "sm_90"})).fused(qkv, "float16", 16, (True,), res)
+    assert off is not None and len(off.scratch) == 2 and "ldmatrix" in off.func.script()

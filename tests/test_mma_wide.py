@@ -181,21 +181,27 @@ def test_layers_in_one_launch_match_each_reference(tmp_path, variant, i, o, rows
         assert err < 2e-3, (m, err)
 
 
-@pytest.mark.parametrize("variant,i,o,rows,layer,perms,fused,register_tiles", [
-    ("v8-k4096-0", 1024, 512, 16, {}, (True, True, True), "rmsnorm,concat", True),  # q/k/v side by side
-    ("v8-k4096-0", 1024, 512, 16, {}, (True, False, True), "rmsnorm,concat", False),  # the same, tile form
-    ("v8-k256-256", 1024, 264, 11, OUTL, (True, True), "rmsnorm", True),  # gate/up: residual book, outliers
-    ("v8-k256-256", 1024, 264, 11, OUTL, (True,), "residual", False),  # o_proj: + the residual stream
-    ("v8-k65536-256", 512, 256, 8, {}, (False,), "swiglu,residual", False),  # down_proj, the book through L1/L2
+@pytest.mark.parametrize("variant,i,o,rows,layer,perms,fused,register_tiles,cta_splits", [
+    ("v8-k4096-0", 1024, 512, 16, {}, (True, True, True), "rmsnorm,concat", True, 1),  # q/k/v side by side
+    ("v8-k4096-0", 1024, 512, 16, {}, (True, False, True), "rmsnorm,concat", False, 1),  # the same, tile form
+    ("v8-k256-256", 1024, 264, 11, OUTL, (True, True), "rmsnorm", True, 1),  # gate/up: residual book, outliers
+    ("v8-k256-256", 1024, 264, 11, OUTL, (True,), "residual", False, 1),  # o_proj: + the residual stream
+    ("v8-k65536-256", 512, 256, 8, {}, (False,), "swiglu,residual", False, 1),  # down_proj, the book through L1/L2
+    # CTA splits: o_proj over 2 CTAs per row block; down_proj with a residual book and outliers over 3 (chunks and
+    # outlier steps not a multiple of the splits: some splits get fewer)
+    ("v8-k4096-0", 1024, 512, 16, {}, (True,), "residual", True, 2),
+    ("v8-k256-256", 1056, 264, 12, OUTL, (True,), "swiglu,residual", True, 3),
 ])
 def test_two_launch_form_adds_dot_and_residual_and_concatenates(tmp_path, variant, i, o, rows, layer, perms, fused,
-                                                                register_tiles):
+                                                                register_tiles, cta_splits):
     """The two-launch form (`vq_mma_wide_cuda(..., prologue=...)`, the registry's choice at the tensor-core rows):
     its second kernel, run on each layer's prepared activation xs_m and norm-bias dot_m (what the prologue kernel
     writes; that kernel is `cuda_prologue.prepare_launch`, the GEMV's), gives every layer's float64
     `xs_m @ W_m.T + dot_m (+ residual)` within fp16 rounding, layer m at columns m * O of one output with concat.
     Layers of one launch in the tile form too (a form the kernel supports; the registry groups layers only with
-    register fragments)."""
+    register fragments). With CTA splits, the last CTA of each row block adds the partial sums (the emulator runs
+    CTAs in order, each row block's counter starting at 0 as the prologue launch leaves it), every counter ends at
+    the number of CTAs that arrived, and the prologue launch zeroes the counters."""
     import tvm
     from mma_emulator import MmaKernelEmulator
 
@@ -207,7 +213,7 @@ def test_two_launch_form_adds_dot_and_residual_and_concatenates(tmp_path, varian
                       "residual" in parts, "concat" in parts)
     cfg = _cfg(variant, i, o, layer)  # the VQ product alone: the norm is xs's column scale and the dot
     count = len(perms)
-    plan = plan_mma_wide(cfg, rows, register_tiles, count)
+    plan = replace(plan_mma_wide(cfg, rows, register_tiles, count), cta_splits=cta_splits)
     f = vq_mma_wide_cuda(replace(cfg, enable_norm=True), "float16", rows, plan, prologue=perms, fused=opts)
     f = f.with_attr("global_symbol", "two")
     src = kernel_definitions(generated_cuda(lambda bt: tvm.compile(tvm.IRModule({"two": f}), target=bt.target),
@@ -225,9 +231,15 @@ def test_two_launch_form_adds_dot_and_residual_and_concatenates(tmp_path, varian
         refs[0] = refs[0] + args["residual"].astype(np.float64)
     if opts.concat:
         args["y"] = np.full((rows, count * o), np.nan, np.float16)
-    emu = MmaKernelEmulator(src["two_kernel_1"], tmp_path)
     nrb = -(-cfg.num_vectors // (plan.row_groups * warp_vector_rows(plan)))
-    emu(args, nrb * count, plan.row_groups * plan.splits)
+    if cta_splits > 1:
+        args["part"] = np.full((cta_splits, rows, o), np.nan, np.float32)
+        args["counters"] = np.zeros(nrb, np.int32)
+        assert "counters_ptr[" in src["two_kernel"] and "= 0;" in src["two_kernel"]  # the prologue zeroes them
+    emu = MmaKernelEmulator(src["two_kernel_1"], tmp_path)
+    emu(args, nrb * count * cta_splits, plan.row_groups * plan.splits)
+    if cta_splits > 1:
+        assert (args["counters"] == cta_splits).all(), args["counters"]
     for m in range(count):
         y = (args["y"][:, m * o:(m + 1) * o] if opts.concat else args[f"y_{m}" if m else "y"]).astype(np.float64)
         assert not np.isnan(y).any(), m

@@ -185,6 +185,10 @@ def correctness_cases() -> list[KernelCase]:
         KernelCase("v8-k65536-256", 4096, 4096, 16, prologue="ppp", fused="rmsnorm,concat"),
         KernelCase("v8-k65536-256", 11008, 4096, 12, prologue="p", fused="swiglu,residual"),
         KernelCase("v8-k256-256", 1024, 512, 12, outl, prologue="n", fused="rmsnorm,residual"),
+        # register fragments over CTA splits (o_proj, down_proj of 4096 outputs): the rows above at 16 rows, and
+        # here a residual book at 8 rows, and outliers with a codes region that the splits do not divide evenly
+        KernelCase("v8-k256-256", 4096, 4096, 8, prologue="p", fused="residual"),
+        KernelCase("v8-k256-256", 11008, 4096, 12, outl, prologue="p", fused="swiglu,residual"),
     ]
     # long prompts: the registry's prefill dequantizes into a scratch weight and runs the dense GEMM (>= 128 rows)
     for var in ("v8-k256-256", "v8-k4096-0", "v8-k65536-256", "v12-k65536-4096", "v16-k65536-65536", "v4-k256-0"):
@@ -414,6 +418,7 @@ def build_kernel_library(cases: list[KernelCase], out_dir: str | os.PathLike[str
     select = bt.kernel_selector((LAYOUT, CODE_SORTED))  # as for a model dir converted with --layout auto
     funcs = {}
     calls: list[dict[str, Any] | None] = [None] * len(cases)  # operand names + scratch outputs (None: generic)
+    two_extra: dict[str, list] = {}  # case -> the two-launch form's scratch after its xs / dot (CTA splits)
     for i, c in enumerate(cases):
         if c.kernel == "code-sorted":  # launch-shape overrides of the code-sorted kernel (sweeps)
             from vptq_mlc.tir_kernels import cuda_code_sorted as cs
@@ -491,7 +496,9 @@ def build_kernel_library(cases: list[KernelCase], out_dir: str | os.PathLike[str
                 funcs[f"k{i}_fused"] = fused.func.with_attr("global_symbol", f"k{i}_fused")
             two = two_launch_kernel(select, c.member_configs()[0], dtype, c.rows, perms, c.fused_input())
             if two is not None:
-                funcs[f"k{i}_two"] = two.with_attr("global_symbol", f"k{i}_two")
+                funcs[f"k{i}_two"] = two[0].with_attr("global_symbol", f"k{i}_two")
+                if two[1]:
+                    two_extra[str(i)] = [[list(sh), dt] for sh, dt in two[1]]
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
@@ -501,27 +508,28 @@ def build_kernel_library(cases: list[KernelCase], out_dir: str | os.PathLike[str
     fused = [i for i in range(len(cases)) if f"k{i}_fused" in funcs]
     two = [i for i in range(len(cases)) if f"k{i}_two" in funcs]
     (out / MANIFEST).write_text(json.dumps({"dtype": dtype, "archs": list(archs), "cases": [asdict(c) for c in cases],
-                                            "calls": calls, "shared": shared, "fused": fused, "two_launch": two},
+                                            "calls": calls, "shared": shared, "fused": fused, "two_launch": two,
+                                            "two_launch_extra": two_extra},
                                            indent=1))
     log.info("built %d kernels in %.1f s -> %s", len(cases), time.time() - t0, out)
     return out / LIBRARY
 
 
 def two_launch_kernel(select, cfg, dtype: str, rows: int | None, perms: tuple[bool, ...], opts):
-    """The two-launch decode linear of a prologue case (its xs / dot scratch outputs before y), or None: at the GEMV
-    rows the GEMV's, whatever the switches say; at the tensor-core rows the registry's (`KernelSelector.fused`:
-    the whole-entry kernel's two-launch form, where its switch is on). Code-sorted rows have none (their operands
-    differ from the case's generic ones)."""
+    """(the two-launch decode linear of a prologue case, the scratch outputs it takes after its xs / dot and before
+    y: CTA splits' partials and counters), or None: at the GEMV rows the GEMV's, whatever the switches say; at the
+    tensor-core rows the registry's (`KernelSelector.fused`: the whole-entry kernel's two-launch form, where its
+    switch is on). Code-sorted rows have none (their operands differ from the case's generic ones)."""
     if not rows or not cfg.enable_norm:
         return None
     family = select._decode_family(cfg, dtype, rows)
     if family == "gemv":
         from vptq_mlc.tir_kernels.cuda_gemv import vq_gemv_cuda
 
-        return vq_gemv_cuda(cfg, dtype, rows, prologue=perms, fused=opts, two_launch=True)
+        return vq_gemv_cuda(cfg, dtype, rows, prologue=perms, fused=opts, two_launch=True), ()
     if family == "mma":
         k = select.fused(cfg, dtype, rows, perms, opts)
-        return k.func if k is not None and k.scratch else None
+        return (k.func, tuple(k.scratch[2 * len(perms):])) if k is not None and k.scratch else None
     return None
 
 
@@ -876,6 +884,9 @@ def _check_fused(lib: CudaKernels, i: int, c: KernelCase, x, members: list, devi
     scratch = [t for _ in members for t in (torch.full((n, c.in_features), float("nan"), dtype=tdt, device=device),
                                             torch.full((n, 1), float("nan"), dtype=torch.float32, device=device))
                ] if two_launch else []
+    if two_launch:  # CTA splits: NaN partials, and counters the prologue launch must zero (7 until it does)
+        scratch += [torch.full(sh, float("nan") if dt == "float32" else 7, dtype=getattr(torch, dt), device=device)
+                    for sh, dt in lib.manifest.get("two_launch_extra", {}).get(str(i), [])]
     lib.func(i, "_two" if two_launch else "_fused")(*(_tvm(t) for t in [*args, *scratch, *ys]))
     if opts.concat:
         ys = list(torch.split(ys[0], out_features, dim=1))

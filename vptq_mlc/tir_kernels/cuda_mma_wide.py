@@ -112,6 +112,21 @@ def register_tiles_enabled() -> bool:
                           "whole-entry tensor-core decode kernel")
 
 
+# Register fragments for the two-launch form of a layer too short for them alone (`cta_splits_preferred`): its CTAs
+# split the input and the last one of a row block adds their partials. VPTQ_MLC_CTA_SPLITS=0 keeps the tile form there.
+CTA_SPLITS_ENV = "VPTQ_MLC_CTA_SPLITS"
+CTA_SPLITS_DEFAULT = True
+CTA_SPLIT_WARPS = 8  # warp splits per CTA (P) in `plan_cta_splits`
+CTA_SPLIT_WARP_TARGET = 2048  # warps of the launch `plan_cta_splits` aims at (as `plan_register_tiles`)
+
+
+def cta_splits_enabled() -> bool:
+    """Whether the registry gives short two-launch layers register fragments over CTA splits: CTA_SPLITS_ENV=1 / 0,
+    else the default."""
+    return compile_switch(CTA_SPLITS_ENV, CTA_SPLITS_DEFAULT, "register fragments over CTA splits for layers of "
+                          "fewer than 8192 outputs in the two-launch tensor-core decode form")
+
+
 def mma_wide_enabled() -> bool:
     """Whether CUDA decode layers the tensor-core kernel serves get this one: MMA_WIDE_ENV=1 / 0, else the default."""
     return compile_switch(MMA_WIDE_ENV, MMA_WIDE_DEFAULT, "the whole-entry tensor-core decode kernel")
@@ -129,6 +144,9 @@ class WidePlan:
     # A fragments built in registers (module docstring, "Register fragments"): the warp owns REG_VECTOR_ROWS vector
     # rows and REG_TILES m16 tiles; `pair_tiles` is unused
     register_tiles: bool = False
+    # CTAs along the input dimension (each owning `splits` warp splits of it): 1, or, in the two-launch form of one
+    # layer, 2+ CTAs whose fp32 partial sums the last one to finish adds in a fixed order ("CTA splits" below)
+    cta_splits: int = 1
 
 
 def warp_vector_rows(p: WidePlan) -> int:
@@ -204,6 +222,46 @@ def plan_register_tiles(cfg: VPTQLayerConfig, rows: int = MMA_ROWS, count: int =
     return plan
 
 
+def plan_cta_splits(cfg: VPTQLayerConfig, rows: int = MMA_ROWS) -> WidePlan:
+    """Register fragments for ONE layer of fewer than REG_MIN_VECTOR_ROWS vector rows in the two-launch form: its
+    64-output warp rows cannot fill the GPU with splits inside a CTA (a 4096-output layer gets 64 CTAs for 132
+    SMs), so CTA_SPLIT_WARPS warp splits per CTA and as many CTAs per row block as bring the launch to ~2k warps
+    while every split keeps 2+ chunks. The plan `plan_register_tiles` would make when the split count gives
+    one CTA per row block."""
+    length = cfg.group_num * cfg.group_size
+    ds = 4 if length % 64 == 0 else 2
+    warp_rows = -(-cfg.num_vectors // REG_VECTOR_ROWS)
+    chunks = length // (16 * ds)
+    total = max(1, min(pow2_floor(max(1, CTA_SPLIT_WARP_TARGET // warp_rows)), pow2_floor(max(1, chunks // 2))))
+    splits = min(CTA_SPLIT_WARPS, total)
+    base = plan_register_tiles(cfg, rows)
+    if total <= splits:
+        return base
+    plan = replace(base, row_groups=1, splits=splits, cta_splits=total // splits,
+                   unroll=2 if -(-chunks // total) >= 2 else 1)
+    if smem_bytes(cfg, plan, rows) > MAX_DYN_SMEM and plan.replicated:
+        plan = replace(plan, replicated=False)
+    return plan
+
+
+def cta_split_scratch(cfg: VPTQLayerConfig, plan: WidePlan, rows: int) -> tuple[tuple[tuple[int, ...], str], ...]:
+    """The scratch outputs CTA splits add after the two-launch form's xs / dot, in parameter order: each CTA's fp32
+    partial sums [cta_splits, rows, O] and one int32 arrival counter per row block (none without CTA splits)."""
+    if plan.cta_splits == 1:
+        return ()
+    nrb = -(-cfg.num_vectors // (plan.row_groups * warp_vector_rows(plan)))
+    return (((plan.cta_splits, rows, cfg.out_features), "float32"), ((nrb,), "int32"))
+
+
+def cta_splits_preferred(cfg: VPTQLayerConfig, dtype: str, rows: int) -> bool:
+    """Whether ONE layer's two-launch form at `rows` gets register fragments over CTA splits (`plan_cta_splits`):
+    the switches on, the book in shared memory, too few vector rows for `register_tiles_preferred`, and an input
+    long enough for 2+ CTAs per row block (smaller layers keep the tile form)."""
+    return (cta_splits_enabled() and register_tiles_enabled() and mma_wide_supported(cfg, dtype, rows)
+            and _book_size(cfg) <= SMEM_CODEBOOK_BYTES and not register_tiles_preferred(cfg, dtype, rows)
+            and plan_cta_splits(cfg, rows).cta_splits > 1)
+
+
 def register_tiles_preferred(cfg: VPTQLayerConfig, dtype: str, rows: int, count: int = 1) -> bool:
     """Whether the registry gives `count` layers of `cfg` at `rows` (the tensor-core decode rows; several layers
     in one launch) register fragments: the switch on, the book in shared memory, and at least REG_MIN_VECTOR_ROWS
@@ -277,7 +335,7 @@ def waves(cfg: VPTQLayerConfig, plan: WidePlan, rows: int) -> int:
     """Waves of the launch on the modelled GPU (WAVE_SMS): CTAs per SM bounded by shared memory and by warps."""
     p = plan
     per_sm = min(SM_SMEM_BYTES // (smem_bytes(cfg, p, rows) + CTA_RESERVED_SMEM), SM_WARPS // (p.row_groups * p.splits))
-    ctas = -(-cfg.num_vectors // (p.row_groups * warp_vector_rows(p)))
+    ctas = -(-cfg.num_vectors // (p.row_groups * warp_vector_rows(p))) * p.cta_splits
     return -(-ctas // (WAVE_SMS * max(1, per_sm)))
 
 
@@ -303,6 +361,8 @@ def vq_mma_wide_cuda(cfg: VPTQLayerConfig, dtype: str, rows: int, plan: WidePlan
             raise ValueError("the two-launch form needs a normed layer (its prologue computes the norm-bias dot)")
     if not 1 <= count <= MAX_LAYERS:
         raise ValueError(f"vq_mma_wide_cuda serves 1..{MAX_LAYERS} layers in one launch, got {count}")
+    if (plan or WidePlan(1, 1, 1, 4, True, False)).cta_splits > 1 and (prologue is None or count != 1):
+        raise ValueError("CTA splits need the two-launch form of one layer (its prologue zeroes their counters)")
     if not mma_wide_supported(cfg, dtype, rows):
         raise ValueError(f"vq_mma_wide_cuda takes fp16, v = 8, 1..{MMA_ROWS} rows and a codes region of whole "
                          f"32-column chunks; got {dtype}, v = {cfg.vector_len}, {rows} rows")
@@ -327,7 +387,9 @@ def vq_mma_wide_cuda(cfg: VPTQLayerConfig, dtype: str, rows: int, plan: WidePlan
     CW = 4 * DS  # activation columns per B lane per chunk
     CHUNK = 16 * DS
     NCH = L // CHUNK
-    CPS = -(-NCH // P)  # chunks per split
+    CS = p.cta_splits  # CTAs along the input, each with P warp splits
+    PT = P * CS  # splits of the input in all
+    CPS = -(-NCH // PT)  # chunks per split
     NOCH = -(-OSZ // 16) if HAS_OUT else 0
     NRB = -(-NV // (RW * WV))
     REP = REPLICAS if p.replicated else 1
@@ -342,7 +404,7 @@ def vq_mma_wide_cuda(cfg: VPTQLayerConfig, dtype: str, rows: int, plan: WidePlan
     CLW = CW if REG else MT * DS  # codes a lookup lane loads per chunk
     CV = min(CW, 8 // (1 if CD == "uint8" else 2))  # codes per load with register fragments (8 bytes)
     DYN_ENTRIES = dyn_smem // 16  # book, scratch and opt-in pad (launch_smem) in 16-byte entries
-    WHOLE = NCH % P == 0 and CPS % U == 0  # every (iteration, chunk) of every split is real: no per-chunk test
+    WHOLE = NCH % PT == 0 and CPS % U == 0  # every (iteration, chunk) of every split is real: no per-chunk test
     XV = next(n for n in (8, 4, 2, 1) if OSZ % n == 0)  # activation load width: 16 bytes unless OSZ misaligns it
     EPI = prologue is not None  # the two-launch form: + dot (+ residual) in the epilogue, after the prologue launch
     RESID, CONCAT = EPI and fused.residual, EPI and fused.concat
@@ -426,11 +488,26 @@ def vq_mma_wide_cuda(cfg: VPTQLayerConfig, dtype: str, rows: int, plan: WidePlan
                                         dtype="float32"))
 
     @T.macro
+    def finish(y, dot, residual, tot, row, out, yoff):
+        """Store output `out` of activation row `row` from its fp32 sum `tot[0]`: the two-launch form (EPI) first adds
+        the norm-bias dot the prologue launch wrote, then the residual or the concatenation column offset `yoff`."""
+        if EPI:  # + the norm-bias dot, before the one rounding
+            tot[0] = tot[0] + dot[row, 0]
+        if RESID:  # the residual stream's add, as `y + residual` in the dtype
+            y[row, out] = T.Cast(dtype, tot[0]) + residual[row, out]
+        elif CONCAT:  # layer m's columns of one [rows, count * O] output
+            y[row, yoff + out] = T.Cast(dtype, tot[0])
+        else:
+            y[row, out] = T.Cast(dtype, tot[0])
+
+    @T.macro
     def body(xs, centroids, codes, res_centroids, res_codes, outlier_centroids, outlier_codes, y, i0, tx, ty, tid, g,
-             q, rg, sp, wide_book, red, tile, acc, fa, fb, xa, cl, rl, ent, rent, tot, stage, dot, residual, yoff):
-        """One layer's work for the warp whose first vector row is `i0`. Every value comes as an argument: a name
-        bound at several expansions of one function (the layers of a multi-layer launch) would become a buffer.
-        The two-launch form (EPI) adds the layer's `dot` (and `residual`) and writes at column `yoff` of y."""
+             q, rg, sp, spg, cs, rb, wide_book, red, tile, acc, fa, fb, xa, cl, rl, ent, rent, tot, stage, dot,
+             residual, yoff, part, counters, arrived, last):
+        """One layer's work for the warp whose first vector row is `i0`; `sp` is its split within the CTA, `spg` = cs *
+        P + sp its split of the input (CTA `cs` of the CS splitting row block `rb`). Every value comes as an argument:
+        a name bound at several expansions of one function (the layers of a multi-layer launch) would become a
+        buffer. The two-launch form (EPI) adds the layer's `dot` (and `residual`) and writes at column `yoff` of y."""
         if p.smem_codebook:
             fill_book(wide_book, 0, centroids, G * K, K, stage, tid)
             if HAS_RES:
@@ -441,25 +518,25 @@ def vq_mma_wide_cuda(cfg: VPTQLayerConfig, dtype: str, rows: int, plan: WidePlan
         # outlier columns: A[m][k] = outlier_centroids[outlier_codes[r // VO, k], r % VO], r the output of m;
         # lane (g, q) holds a(2h + e2 + 4 e) = A[g + 8h][2q + e2 + 8e] (natural k order, scalar loads)
         if HAS_OUT:
-            for ost in range(-(-NOCH // P)):
-                if ost * P + sp < NOCH:
+            for ost in range(-(-NOCH // PT)):
+                if ost * PT + spg < NOCH:
                     for nt in T.unroll(NT):
                         for e in T.unroll(4):
                             fb[nt * 4 + e] = T.if_then_else(
-                                nt * 8 + g < NB and (ost * P + sp) * 16 + 2 * q + e % 2 + 8 * (e // 2) < OSZ,
+                                nt * 8 + g < NB and (ost * PT + spg) * 16 + 2 * q + e % 2 + 8 * (e // 2) < OSZ,
                                 xs[T.min(nt * 8 + g, NB - 1),
-                                   T.min((ost * P + sp) * 16 + 2 * q + e % 2 + 8 * (e // 2), OSZ - 1)],
+                                   T.min((ost * PT + spg) * 16 + 2 * q + e % 2 + 8 * (e // 2), OSZ - 1)],
                                 T.Cast(dtype, 0))
                     for mt in T.unroll(TILES):
                         for a in T.unroll(8):
                             fa[a] = T.if_then_else(
                                 frag_vrow(i0, mt, a // 2 % 2, g) < NV
                                 and frag_out(i0, mt, a // 2 % 2, g) < O
-                                and (ost * P + sp) * 16 + 2 * q + a % 2 + 8 * (a // 4) < OSZ,
+                                and (ost * PT + spg) * 16 + 2 * q + a % 2 + 8 * (a // 4) < OSZ,
                                 outlier_centroids[
                                     T.Cast("int32", outlier_codes[
                                         T.min(frag_out(i0, mt, a // 2 % 2, g), O - 1) // VO,
-                                        T.min((ost * P + sp) * 16 + 2 * q + a % 2 + 8 * (a // 4), OSZ - 1)]),
+                                        T.min((ost * PT + spg) * 16 + 2 * q + a % 2 + 8 * (a // 4), OSZ - 1)]),
                                     T.min(frag_out(i0, mt, a // 2 % 2, g), O - 1) % VO],
                                 T.Cast(dtype, 0))
                         mma_steps(fa, fb, acc, mt)
@@ -468,34 +545,34 @@ def vq_mma_wide_cuda(cfg: VPTQLayerConfig, dtype: str, rows: int, plan: WidePlan
         # activation row only feeds its own D column, a vector row its own D rows), so no load needs a predicate
         for it in range(-(-CPS // U)):
             for u in T.unroll(U):
-                if WHOLE or (it * U + u < CPS and sp * CPS + it * U + u < NCH):
+                if WHOLE or (it * U + u < CPS and spg * CPS + it * U + u < NCH):
                     for nt in T.unroll(NT):
                         for j0 in T.unroll(CW // XV):
                             xa[vr((u * NT + nt) * CW + j0 * XV, XV)] = xs[
-                                T.min(nt * 8 + g, NB - 1), vr(OSZ + col0(sp, it * U + u) + CW * q + j0 * XV, XV)]
+                                T.min(nt * 8 + g, NB - 1), vr(OSZ + col0(spg, it * U + u) + CW * q + j0 * XV, XV)]
                     if REG:  # lane (g, q): vector row i0 + g, the CW columns its B side owns
                         for j0 in T.unroll(CW // CV):
                             cl[vr(u * CW + j0 * CV, CV)] = codes[
-                                T.min(i0 + g, NV - 1), vr(col0(sp, it * U + u) + CW * q + j0 * CV, CV)]
+                                T.min(i0 + g, NV - 1), vr(col0(spg, it * U + u) + CW * q + j0 * CV, CV)]
                             if HAS_RES:
                                 rl[vr(u * CW + j0 * CV, CV)] = res_codes[
-                                    T.min(i0 + g, NV - 1), vr(col0(sp, it * U + u) + CW * q + j0 * CV, CV)]
+                                    T.min(i0 + g, NV - 1), vr(col0(spg, it * U + u) + CW * q + j0 * CV, CV)]
                     else:
                         for mt in T.unroll(MT):
                             cl[vr((u * MT + mt) * DS, DS)] = codes[T.min(vrow(i0, mt, tx), NV - 1),
-                                                                   vr(code_col(sp, it * U + u, tx), DS)]
+                                                                   vr(code_col(spg, it * U + u, tx), DS)]
                             if HAS_RES:
                                 rl[vr((u * MT + mt) * DS, DS)] = res_codes[T.min(vrow(i0, mt, tx), NV - 1),
-                                                                           vr(code_col(sp, it * U + u, tx), DS)]
+                                                                           vr(code_col(spg, it * U + u, tx), DS)]
             for u in T.unroll(U):
-                if WHOLE or (it * U + u < CPS and sp * CPS + it * U + u < NCH):
+                if WHOLE or (it * U + u < CPS and spg * CPS + it * U + u < NCH):
                     if REG:
                         # the 4 entries of this lane's k slots (2q, 2q + 1, 2q + 8, 2q + 9) at step d give tile t's A
                         # fragment: element 2t of each for A row g, element 2t + 1 for row g + 8
                         for d in T.unroll(DS):
                             for e in T.unroll(4):
                                 lookup(ent, e * v, rent, wide_book, centroids, res_centroids, cl, rl,
-                                       u * CW + DS * e + d, col0(sp, it * U + u) + CW * q + DS * e + d, tx)
+                                       u * CW + DS * e + d, col0(spg, it * U + u) + CW * q + DS * e + d, tx)
                             b_fragment(fb, xa, u, d)
                             for t in T.unroll(REG_TILES):
                                 for a in T.unroll(8):
@@ -506,7 +583,7 @@ def vq_mma_wide_cuda(cfg: VPTQLayerConfig, dtype: str, rows: int, plan: WidePlan
                         for mt in T.unroll(MT):
                             for d in T.unroll(DS):
                                 lookup(ent, 0, rent, wide_book, centroids, res_centroids, cl, rl,
-                                       (u * MT + mt) * DS + d, code_col(sp, it * U + u, tx) + d, tx)
+                                       (u * MT + mt) * DS + d, code_col(spg, it * U + u, tx) + d, tx)
                                 tile[vr(tile_at(ty, mt, d) + tx * v, v)] = ent[vr(0, v)]
                         T.evaluate(T.call_extern("void", "__syncwarp"))
                         for d in T.unroll(DS):
@@ -538,15 +615,33 @@ def vq_mma_wide_cuda(cfg: VPTQLayerConfig, dtype: str, rows: int, plan: WidePlan
                                 tot[0] = tot[0] + red[((rg * (P - 1) + s) * NACC + (mt * NT + nt) * 4 + c) * 32 + tx]
                         if nt * 8 + 2 * q + c % 2 < NB and frag_vrow(i0, mt, c // 2, g) < NV and \
                                 frag_out(i0, mt, c // 2, g) < O:
-                            if EPI:  # + the norm-bias dot the prologue launch wrote, before the one rounding
-                                tot[0] = tot[0] + dot[nt * 8 + 2 * q + c % 2, 0]
-                            if RESID:  # the residual stream's add, as `y + residual` in the dtype
-                                y[nt * 8 + 2 * q + c % 2, frag_out(i0, mt, c // 2, g)] = T.Cast(dtype, tot[0]) + \
-                                    residual[nt * 8 + 2 * q + c % 2, frag_out(i0, mt, c // 2, g)]
-                            elif CONCAT:  # layer m's columns of one [rows, count * O] output
-                                y[nt * 8 + 2 * q + c % 2, yoff + frag_out(i0, mt, c // 2, g)] = T.Cast(dtype, tot[0])
+                            if CS > 1:  # this CTA's partial sum, for the last CTA of the row block to add
+                                part[cs, nt * 8 + 2 * q + c % 2, frag_out(i0, mt, c // 2, g)] = tot[0]
                             else:
-                                y[nt * 8 + 2 * q + c % 2, frag_out(i0, mt, c // 2, g)] = T.Cast(dtype, tot[0])
+                                finish(y, dot, residual, tot, nt * 8 + 2 * q + c % 2, frag_out(i0, mt, c // 2, g),
+                                       yoff)
+        if CS > 1:
+            # the CTA's partials are visible device-wide before it counts itself in; the CTA that arrives last (its
+            # count is CS - 1) adds all CS partials in split order (the same bits whichever CTA that is), reading
+            # them from L2 (`__ldcg`: the L1 of this SM may hold none of them, and must not serve stale lines)
+            T.evaluate(T.call_extern("void", "__threadfence"))
+            T.tvm_storage_sync("shared")
+            if tid == 0:
+                arrived[0] = T.call_extern("int32", "atomicAdd", T.address_of(counters[rb]), 1)
+            T.tvm_storage_sync("shared")
+            last[0] = arrived[0]
+            if last[0] == CS - 1 and sp == 0:
+                for mt in T.unroll(TILES):
+                    for nt in T.unroll(NT):
+                        for c in T.unroll(4):
+                            if nt * 8 + 2 * q + c % 2 < NB and frag_vrow(i0, mt, c // 2, g) < NV and \
+                                    frag_out(i0, mt, c // 2, g) < O:
+                                tot[0] = T.float32(0)
+                                for s in T.unroll(CS):
+                                    tot[0] = tot[0] + T.call_extern("float32", "__ldcg", T.address_of(
+                                        part[s, nt * 8 + 2 * q + c % 2, frag_out(i0, mt, c // 2, g)]))
+                                finish(y, dot, residual, tot, nt * 8 + 2 * q + c % 2, frag_out(i0, mt, c // 2, g),
+                                       yoff)
 
 
     # one launch for `count` layers of this config (q/k/v, gate/up): CTA bx serves layer bx // NRB as CTA bx % NRB
@@ -595,13 +690,17 @@ def vq_mma_wide_cuda(cfg: VPTQLayerConfig, dtype: str, rows: int, plan: WidePlan
         dot_0: T.Buffer((NB, 1), "float32"),
         dot_1: T.Buffer((NB, 1), "float32"),
         dot_2: T.Buffer((NB, 1), "float32"),
+        # CTA splits (`cta_splits` > 1): each CTA's fp32 partial sums and the row blocks' arrival counters
+        part: T.Buffer((CS, NB, O), "float32"),
+        counters: T.Buffer((NRB,), "int32"),
     ):
         T.func_attr(KERNEL_ATTRS)
         if EPI:
             prepare_launch(x, x2, gamma, perm_0, col_scale_0, weight_bias_0, perm_1, col_scale_1, weight_bias_1,
                            perm_2, col_scale_2, weight_bias_2, xs, dot_0, xs_1, dot_1, xs_2, dot_2, NB, count, PRO0,
-                           PRO1, PRO2, I, -(-I // PROLOGUE_THREADS), dtype, fused.source, fused.eps)
-        bx = T.launch_thread("blockIdx.x", NRB * count)
+                           PRO1, PRO2, I, -(-I // PROLOGUE_THREADS), dtype, fused.source, fused.eps, counters,
+                           NRB if CS > 1 else 0)
+        bx = T.launch_thread("blockIdx.x", NRB * count * CS)
         tx = T.launch_thread("threadIdx.x", 32)
         ty = T.launch_thread("threadIdx.y", W)
         if p.smem_codebook:
@@ -624,7 +723,21 @@ def vq_mma_wide_cuda(cfg: VPTQLayerConfig, dtype: str, rows: int, plan: WidePlan
         rent = T.alloc_buffer((v,), dtype, scope="local")
         tot = T.alloc_buffer((1,), "float32", scope="local")
         stage = T.alloc_buffer((v,), dtype, scope="local")
-        if count == 1:  # named as before the multi-layer form, so the single-layer kernel's CUDA is unchanged
+        arrived = T.alloc_buffer((1,), "int32", scope="shared")
+        last = T.alloc_buffer((1,), "int32", scope="local")
+        if count == 1 and CS > 1:  # CTA bx: split bx // NRB of row block bx % NRB
+            tid = ty * 32 + tx
+            g = tx // 4
+            q = tx % 4
+            rg = ty // P
+            sp = ty % P
+            rb = bx % NRB
+            cs = bx // NRB
+            i0 = (rb * RW + rg) * WV  # first vector row of this warp
+            body(xs, centroids, codes, res_centroids, res_codes, outlier_centroids, outlier_codes, y, i0, tx, ty,
+                 tid, g, q, rg, sp, cs * P + sp, cs, rb, wide_book, red, tile, acc, fa, fb, xa, cl, rl, ent, rent, tot,
+                 stage, dot_0, residual, 0, part, counters, arrived, last)
+        elif count == 1:  # named as before the multi-layer form, so the single-layer kernel's CUDA is unchanged
             tid = ty * 32 + tx
             g = tx // 4
             q = tx % 4
@@ -632,13 +745,14 @@ def vq_mma_wide_cuda(cfg: VPTQLayerConfig, dtype: str, rows: int, plan: WidePlan
             sp = ty % P
             i0 = (bx * RW + rg) * WV  # first vector row of this warp
             body(xs, centroids, codes, res_centroids, res_codes, outlier_centroids, outlier_codes, y, i0, tx, ty,
-                 tid, g, q, rg, sp, wide_book, red, tile, acc, fa, fb, xa, cl, rl, ent, rent, tot, stage, dot_0,
-                 residual, 0)
+                 tid, g, q, rg, sp, sp, 0, bx, wide_book, red, tile, acc, fa, fb, xa, cl, rl, ent, rent, tot, stage,
+                 dot_0, residual, 0, part, counters, arrived, last)
         else:
             if bx < NRB:
                 body(xs, centroids, codes, res_centroids, res_codes, outlier_centroids, outlier_codes, y,
-                     (bx * RW + ty // P) * WV, tx, ty, ty * 32 + tx, tx // 4, tx % 4, ty // P, ty % P, wide_book,
-                     red, tile, acc, fa, fb, xa, cl, rl, ent, rent, tot, stage, dot_0, residual, 0)
+                     (bx * RW + ty // P) * WV, tx, ty, ty * 32 + tx, tx // 4, tx % 4, ty // P, ty % P, ty % P, 0, 0,
+                     wide_book, red, tile, acc, fa, fb, xa, cl, rl, ent, rent, tot, stage, dot_0, residual, 0, part,
+                     counters, arrived, last)
             # the CTA's branch is uniform, but the sync planner sees the next branch's shared-memory writes after
             # this one's reads: a barrier here, outside any condition, orders them
             T.tvm_storage_sync("shared")
@@ -646,26 +760,26 @@ def vq_mma_wide_cuda(cfg: VPTQLayerConfig, dtype: str, rows: int, plan: WidePlan
                 if CONCAT:
                     body(xs_1, centroids_1, codes_1, res_centroids_1, res_codes_1, outlier_centroids_1,
                          outlier_codes_1, y, ((bx - NRB) * RW + ty // P) * WV, tx, ty, ty * 32 + tx, tx // 4, tx % 4,
-                         ty // P, ty % P, wide_book, red, tile, acc, fa, fb, xa, cl, rl, ent, rent, tot, stage, dot_1,
-                         residual, O)
+                         ty // P, ty % P, ty % P, 0, 0, wide_book, red, tile, acc, fa, fb, xa, cl, rl, ent, rent, tot,
+                         stage, dot_1, residual, O, part, counters, arrived, last)
                 else:
                     body(xs_1, centroids_1, codes_1, res_centroids_1, res_codes_1, outlier_centroids_1,
                          outlier_codes_1, y_1, ((bx - NRB) * RW + ty // P) * WV, tx, ty, ty * 32 + tx, tx // 4, tx % 4,
-                         ty // P, ty % P, wide_book, red, tile, acc, fa, fb, xa, cl, rl, ent, rent, tot, stage, dot_1,
-                         residual, 0)
+                         ty // P, ty % P, ty % P, 0, 0, wide_book, red, tile, acc, fa, fb, xa, cl, rl, ent, rent, tot,
+                         stage, dot_1, residual, 0, part, counters, arrived, last)
             if count == 3:
                 T.tvm_storage_sync("shared")
                 if bx // NRB == 2:
                     if CONCAT:
                         body(xs_2, centroids_2, codes_2, res_centroids_2, res_codes_2, outlier_centroids_2,
                              outlier_codes_2, y, ((bx - 2 * NRB) * RW + ty // P) * WV, tx, ty, ty * 32 + tx, tx // 4,
-                             tx % 4, ty // P, ty % P, wide_book, red, tile, acc, fa, fb, xa, cl, rl, ent, rent, tot,
-                             stage, dot_2, residual, 2 * O)
+                             tx % 4, ty // P, ty % P, ty % P, 0, 0, wide_book, red, tile, acc, fa, fb, xa, cl, rl,
+                             ent, rent, tot, stage, dot_2, residual, 2 * O, part, counters, arrived, last)
                     else:
                         body(xs_2, centroids_2, codes_2, res_centroids_2, res_codes_2, outlier_centroids_2,
                              outlier_codes_2, y_2, ((bx - 2 * NRB) * RW + ty // P) * WV, tx, ty, ty * 32 + tx, tx // 4,
-                             tx % 4, ty // P, ty % P, wide_book, red, tile, acc, fa, fb, xa, cl, rl, ent, rent, tot,
-                             stage, dot_2, residual, 0)
+                             tx % 4, ty // P, ty % P, ty % P, 0, 0, wide_book, red, tile, acc, fa, fb, xa, cl, rl,
+                             ent, rent, tot, stage, dot_2, residual, 0, part, counters, arrived, last)
 
     from vptq_mlc.artifact.vq_layout import vq_operand_shapes
 
@@ -679,6 +793,7 @@ def vq_mma_wide_cuda(cfg: VPTQLayerConfig, dtype: str, rows: int, plan: WidePlan
                       *(layer(n, m) for n in vq_operand_shapes(cfg))]
         order += ["residual"] if RESID else []
         order += [n for m in range(count) for n in (layer("xs", m), f"dot_{m}")]
+        order += ["part", "counters"] if CS > 1 else []
         return ordered_params(kernel, order + (["y"] if CONCAT else [layer("y", m) for m in range(count)]))
     if count == 1:
         return keep_generic_operands(kernel, cfg)

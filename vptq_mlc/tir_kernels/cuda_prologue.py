@@ -111,10 +111,12 @@ def prepare_scale_dot(x, x2, gamma, perm, col_scale, weight_bias, xs, dot, red, 
 @T.macro
 def prepare_launch(x, x2, gamma, perm_0, col_scale_0, weight_bias_0, perm_1, col_scale_1, weight_bias_1, perm_2,
                    col_scale_2, weight_bias_2, xs_0, dot_0, xs_1, dot_1, xs_2, dot_2, NB, count, P0, P1, P2, I, CH,
-                   dtype, source, eps):  # noqa: E741
+                   dtype, source, eps, counters=None, NCOUNT=0):  # noqa: E741
     """The first launch of a two-launch decode linear (`cuda_gemv.vq_gemv_cuda(..., two_launch=True)`,
     `cuda_mma_wide.vq_mma_wide_cuda(..., prologue=...)`): grid (NB rows, CH column chunks, `count` layers), CTA
-    (b, c, m) runs `prepare_scale_dot` for layer m, writing its xs_m and dot_m, which the VQ launch then reads."""
+    (b, c, m) runs `prepare_scale_dot` for layer m, writing its xs_m and dot_m, which the VQ launch then reads.
+    With NCOUNT > 0, CTA (0, 0, 0) also zeroes `counters[NCOUNT]` (int32), the arrival counters of a VQ launch whose
+    CTAs split the input (`cuda_mma_wide.WidePlan.cta_splits`): its scratch is not zeroed memory."""
     with T.launch_thread("blockIdx.x", NB) as pb:
         with T.launch_thread("blockIdx.y", CH) as pc:
             with T.launch_thread("blockIdx.z", count) as pm:
@@ -140,6 +142,11 @@ def prepare_launch(x, x2, gamma, perm_0, col_scale_0, weight_bias_0, perm_1, col
                             prepare_scale_dot(x, x2, gamma, perm_2, col_scale_2, weight_bias_2, xs_2, dot_2, pred,
                                               pacc, prstd, psrc, pb, pc, pt, P2, I, CH, THREADS // 32, dtype, source,
                                               eps)
+                    if NCOUNT > 0:
+                        if pb == 0 and pc == 0 and pm == 0:
+                            for it in T.unroll(-(-NCOUNT // THREADS)):
+                                if it * THREADS + pt < NCOUNT:
+                                    counters[it * THREADS + pt] = 0
 
 
 def vq_prologue_cuda(in_features: int, dtype: str, has_perm: bool, below_rows: int = 0) -> tirx.PrimFunc:

@@ -402,8 +402,11 @@ class CudaKernelSelector(KernelSelector):
         each was 0.94x the separate kernels at 16 rows on the H100, bench/RESULTS.md "Session 17")."""
         from vptq_mlc.tir_kernels.cuda_gemv import two_launch_scratch
         from vptq_mlc.tir_kernels.cuda_mma_wide import (
+            cta_split_scratch,
+            cta_splits_preferred,
             mma_wide_enabled,
             mma_wide_supported,
+            plan_cta_splits,
             plan_mma_wide,
             register_tiles_preferred,
             vq_mma_wide_cuda,
@@ -413,11 +416,15 @@ class CudaKernelSelector(KernelSelector):
         if not (two_launch_mma_enabled() and mma_wide_enabled() and mma_wide_supported(cfg, dtype, rows)):
             return None
         reg = register_tiles_preferred(cfg, dtype, rows, count)
-        plan = plan_mma_wide(cfg, rows, reg, count)
+        if count == 1 and cta_splits_preferred(cfg, dtype, rows):  # o_proj, down_proj: register fragments too
+            plan = plan_cta_splits(cfg, rows)
+        else:
+            plan = plan_mma_wide(cfg, rows, reg, count)
         if not plan.smem_codebook or (count > 1 and not reg):
             return None
+        scratch = two_launch_scratch(cfg.in_features, dtype, rows, count) + cta_split_scratch(cfg, plan, rows)
         return _mark(VQKernel(vq_mma_wide_cuda(cfg, dtype, rows, plan, prologue=perms, fused=opts),
-                              tuple(vq_operand_shapes(cfg)), two_launch_scratch(cfg.in_features, dtype, rows, count)))
+                              tuple(vq_operand_shapes(cfg)), scratch))
 
     def _pick_folded(self, cfg: VPTQLayerConfig, dtype: str, has_bias: bool, residual: bool) -> VQKernel | None:
         """Normed fp16 layers the dequantize + GEMM path serves (`cuda_dequant_gemm.fold_supported`), with the
