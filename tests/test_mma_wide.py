@@ -434,3 +434,31 @@ def _same(picked, built) -> bool:
 
 if __name__ == "__main__":
     pytest.main([__file__, "-q"])
+
+
+def test_cta_split_suite_plans_fit_and_refuse_the_one_launch_form():
+    """`bench build --suite cta-splits`: distinct case names, every plan override fits shared memory and covers
+    the layer (each split gets a chunk), the first CTA-split override is `plan_cta_splits`' own plan; CTA splits
+    outside the two-launch form of one layer are refused (nothing would zero their counters)."""
+    from vptq_mlc.bench.kernels import cta_split_cases
+    from vptq_mlc.tir_kernels.cuda_mma import MAX_DYN_SMEM
+    from vptq_mlc.tir_kernels.cuda_mma_wide import OPT_IN_SMEM, launch_smem, plan_cta_splits, vq_mma_wide_cuda
+
+    cases = cta_split_cases()
+    assert len({c.name for c in cases}) == len(cases)
+    for c in cases:
+        cfg = c.member_configs()[0]
+        if c.plan.get("cta_splits", 1) == 1:
+            continue
+        base = plan_cta_splits(cfg, c.rows)
+        plan = replace(base, **c.plan)
+        static, dyn = launch_smem(cfg, plan, c.rows)
+        assert static + dyn <= MAX_DYN_SMEM and static <= OPT_IN_SMEM, (c.name, static, dyn)
+        chunks = cfg.group_num * cfg.group_size // (16 * plan.steps_per_load)
+        assert chunks >= plan.splits * plan.cta_splits, c.name
+        if c.plan == {"register_tiles": True, "splits": 8, "cta_splits": 4}:
+            assert plan == base, (plan, base)
+    cfg = _cfg("v8-k4096-0", 1024, 512, {})
+    split = replace(plan_cta_splits(cfg, 16), cta_splits=2)
+    with pytest.raises(ValueError, match="CTA splits"):
+        vq_mma_wide_cuda(cfg, "float16", 16, split)

@@ -31,7 +31,7 @@ def bench() -> None:
 @bench.command()
 @click.argument("out", type=click.Path(file_okay=False, path_type=str))
 @click.option("--suite", type=click.Choice(["check", "kernels", "sweep", "code-sorted", "prefill", "mma-wide",
-                                               "register-tiles"]),
+                                               "register-tiles", "cta-splits"]),
               default="kernels",
               show_default=True,
               help="check: every variant family on small shapes; kernels: the issue's variants x real shapes; "
@@ -40,7 +40,9 @@ def bench() -> None:
                    "matmul, the registry's prefill kernel and both fp16 prefill paths forced (mma: VQ tensor "
                    "cores; dequant-gemm: dequantize + dense GEMM) at 128/512/2048 rows; mma-wide: the whole-entry "
                    "tensor-core decode kernel next to the current one on the 7B shapes at 8/16 rows; register-tiles: "
-                   "its A fragments built in registers next to the registry's choice at 1/8/16 rows.")
+                   "its A fragments built in registers next to the registry's choice at 1/8/16 rows; cta-splits: "
+                   "the two-launch o_proj / down_proj of the 7B shape, tile form vs register fragments over CTA "
+                   "splits (launch-shape variants), at 8/16 rows.")
 @click.option("--arch", default="sm_90", show_default=True, help="Comma-separated CUDA archs.")
 @click.option("--rows", default="1,8", show_default=True, help="Decode row counts (kernels suite).")
 @click.option("--compare-gemv", default="", help="Row counts at which the gather GEMV is also built, next to the "
@@ -52,6 +54,7 @@ def build(out: str, suite: str, arch: str, rows: str, compare_gemv: str) -> None
         build_kernel_library,
         code_sorted_cases,
         correctness_cases,
+        cta_split_cases,
         mma_wide_cases,
         prefill_cases,
         register_tile_cases,
@@ -71,6 +74,8 @@ def build(out: str, suite: str, arch: str, rows: str, compare_gemv: str) -> None
         cases = mma_wide_cases()
     elif suite == "register-tiles":
         cases = register_tile_cases()
+    elif suite == "cta-splits":
+        cases = cta_split_cases()
     else:
         cases = bench_cases(tuple(int(r) for r in rows.split(",")),
                             tuple(int(r) for r in compare_gemv.split(",") if r))

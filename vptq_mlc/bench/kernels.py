@@ -358,6 +358,25 @@ def register_tile_cases(rows: tuple[int, ...] = (1, 8, 16),
     return out
 
 
+CTA_SPLIT_PLANS = ({"splits": 8, "cta_splits": 4}, {"splits": 16, "cta_splits": 2}, {"splits": 8, "cta_splits": 2},
+                   {"splits": 4, "cta_splits": 8}, {"splits": 16, "cta_splits": 4}, {"splits": 8, "cta_splits": 8})
+
+
+def cta_split_cases(rows: tuple[int, ...] = (8, 16), plans: tuple[dict, ...] = CTA_SPLIT_PLANS) -> list[KernelCase]:
+    """The two-launch form (prologue launch included) of o_proj and down_proj of the 7B shape (4096 outputs, with
+    the residual; down_proj with silu * up): the tile form (CTA splits off), then register fragments over the CTA
+    splits of `plans` (WidePlan overrides of `plan_cta_splits`; the first is its default), timed by `bench kernels`
+    (kernel "two")."""
+    out = []
+    for v in WIDE_VARIANTS[:2]:  # books in shared memory (K = 65536 keeps the separate kernels)
+        for i, fused in ((4096, "residual"), (11008, "swiglu,residual")):
+            for r in rows:
+                out.append(KernelCase(v, i, 4096, r, kernel="two", prologue="p", fused=fused))
+                out += [KernelCase(v, i, 4096, r, plan={"register_tiles": True, **p}, kernel="two", prologue="p",
+                                   fused=fused) for p in plans]
+    return out
+
+
 def prefill_cases(run_rows: tuple[int, ...] = (128, 512, 2048), plans: tuple[dict, ...] = ()) -> list[KernelCase]:
     """Prefill kernels side by side on real shapes: the dlight dequant matmul, the registry's choice, both paths of
     the fp16 prefill forced (the VQ tensor-core kernel `mma`, dequantize + dense GEMM `dequant-gemm`) and the
@@ -470,6 +489,12 @@ def build_kernel_library(cases: list[KernelCase], out_dir: str | os.PathLike[str
                         "scratch": [[list(sh), dt] for sh, dt in scratch]}
             funcs[f"k{i}_prologue"] = vq_shared_prologue_cuda(c.in_features, dtype, perms, frm).with_attr(
                 "global_symbol", f"k{i}_prologue")
+        elif c.kernel == "two":  # the whole-entry kernel's two-launch form with WidePlan overrides (timing)
+            from vptq_mlc.artifact.vq_layout import vq_operand_shapes
+
+            f, scratch = two_launch_with_plan(c, dtype)
+            calls[i] = {"operands": list(vq_operand_shapes(c.member_configs()[0])),
+                        "scratch": [[list(sh), dt] for sh, dt in scratch]}
         elif c.kernel == "dequant":
             from vptq_mlc.tir_kernels.cuda_prefill import dequant_matmul_cuda
 
@@ -485,7 +510,7 @@ def build_kernel_library(cases: list[KernelCase], out_dir: str | os.PathLike[str
             f = k.func
             calls[i] = {"operands": list(k.operands), "scratch": [[list(sh), dt] for sh, dt in k.scratch]}
         funcs[f"k{i}"] = f.with_attr("global_symbol", f"k{i}")
-        if c.prologue and c.kernel != "fold-group":
+        if c.prologue and c.kernel not in ("fold-group", "two"):
             funcs[f"k{i}_prologue"] = prologue_kernel(c, dtype).with_attr("global_symbol", f"k{i}_prologue")
             shared = select.shared(c.config(), dtype, c.rows, len(c.prologue)) if len(c.prologue) > 1 else None
             if shared is not None:  # the model's VQ launch for linears of one config (CUDA GEMV, decode rows)
@@ -531,6 +556,30 @@ def two_launch_kernel(select, cfg, dtype: str, rows: int | None, perms: tuple[bo
         k = select.fused(cfg, dtype, rows, perms, opts)
         return (k.func, tuple(k.scratch[2 * len(perms):])) if k is not None and k.scratch else None
     return None
+
+
+def two_launch_with_plan(case: KernelCase, dtype: str):
+    """(the two-launch form of `case`'s one normed layer with its plan overrides, its scratch outputs): no
+    overrides = the tile form `plan_mma_wide` makes; with `cta_splits` > 1 the overrides apply to
+    `plan_cta_splits`' plan."""
+    from vptq_mlc.tir_kernels.cuda_gemv import two_launch_scratch
+    from vptq_mlc.tir_kernels.cuda_mma_wide import (
+        cta_split_scratch,
+        plan_cta_splits,
+        plan_mma_wide,
+        vq_mma_wide_cuda,
+    )
+
+    cfg = case.member_configs()[0]
+    perms = tuple(ch == "p" for ch in case.prologue)
+    if case.plan.get("cta_splits", 1) > 1:
+        base = plan_cta_splits(cfg, case.rows)
+    else:
+        base = plan_mma_wide(cfg, case.rows, case.plan.get("register_tiles", False))
+    plan = replace(base, **case.plan)
+    f = vq_mma_wide_cuda(cfg, dtype, case.rows, plan, prologue=perms, fused=case.fused_input())
+    return f, two_launch_scratch(cfg.in_features, dtype, case.rows, len(perms)) + cta_split_scratch(cfg, plan,
+                                                                                                     case.rows)
 
 
 def prologue_kernel(case: KernelCase, dtype: str):
@@ -1010,12 +1059,12 @@ def _add_code_sorted(cfg, ops: dict, dtype: str) -> None:
         ops[k] = torch.from_numpy(a).cuda()
 
 
-def _generic_rel_err(cfg, ops: dict, xs, fn, args, y) -> float:
-    """Relative error of one call against a torch dense weight rebuilt from the generic layout (checks the
-    large-shape paths, e.g. the persistent grid, that the small check suite does not reach)."""
+def _dense_weight(cfg, ops: dict):
+    """(codes-region weight [O, L] fp32, outlier weight [O, outlier_size] fp32 or None) from the generic layout
+    on the GPU, by torch indexing (independent of the kernels)."""
     import torch
 
-    v, osz, s_ = cfg.vector_len, cfg.outlier_size, cfg.group_size
+    v, s_ = cfg.vector_len, cfg.group_size
     rows = torch.arange(cfg.out_features, device="cuda")
     k = torch.arange(cfg.group_num * s_, device="cuda")
     codes = ops["codes"].to(torch.int32)[rows // v]  # [O, L]
@@ -1023,11 +1072,69 @@ def _generic_rel_err(cfg, ops: dict, xs, fn, args, y) -> float:
     w = ops["centroids"].float()[g, codes.long(), (rows % v)[:, None]]
     if cfg.has_residual:
         w = w + ops["res_centroids"].float()[g, ops["res_codes"].to(torch.int32)[rows // v].long(), (rows % v)[:, None]]
-    ref = xs[:, osz:].double() @ w.double().T
+    wo = None
     if cfg.has_outliers:
         vo = cfg.outlier_vector_len
         oc = ops["outlier_codes"].to(torch.int32)[rows // vo].long()
         wo = ops["outlier_centroids"].float()[oc, (rows % vo)[:, None]]
+    return w, wo
+
+
+def _time_two_launch(lib: CudaKernels, i: int, c: KernelCase, timer, gen, reps: int) -> dict[str, Any]:
+    """One "two" case: the two-launch form (both launches) with a cold L2, and its output against float64
+    `xin[:, perm] * col_scale @ W.T + xin @ weight_bias + residual` (xin: x, or silu(x) * up rounded to fp16)."""
+    import torch
+
+    dtype = lib.manifest["dtype"]
+    tdt = getattr(torch, dtype)
+    cfg = c.member_configs()[0]
+    n, I, O = c.n(), cfg.in_features, cfg.out_features  # noqa: E741
+    names, scratch = call_spec(lib.manifest, i, cfg)
+    ops = _random_operands(cfg, dtype, gen)
+    perm = torch.randperm(I, device="cuda", generator=gen).to(torch.int32)
+    col_scale = (1 + 0.1 * torch.randn(I, device="cuda", generator=gen)).to(tdt)
+    weight_bias = (0.01 * torch.randn(I, device="cuda", generator=gen)).to(tdt)
+    x = torch.randn(n, I, device="cuda", generator=gen).to(tdt)
+    opts = c.fused_input()
+    lead = [x]
+    xin = x
+    if opts.source == "swiglu":
+        up = torch.randn(n, I, device="cuda", generator=gen).to(tdt)
+        lead.append(up)
+        xin = (x.float() * torch.sigmoid(x.float())).to(tdt) * up
+    residual = torch.randn(n, O, device="cuda", generator=gen).to(tdt) if opts.residual else None
+    y = torch.full((n, O), float("nan"), dtype=tdt, device="cuda")
+    tmp = [torch.full(sh, float("nan") if dt == "float32" else 7, dtype=getattr(torch, dt), device="cuda")
+           for sh, dt in scratch]
+    args = [*lead, perm, col_scale, weight_bias, *(ops[nm] for nm in names),
+            *([residual] if residual is not None else []), *tmp, y]
+    fn = lib.func(i)
+    targs = [_tvm(t) for t in args]
+    fn(*targs)
+    torch.cuda.synchronize()
+    w, wo = _dense_weight(cfg, ops)
+    xs = (xin[:, perm.long()] * col_scale).double()
+    ref = xs[:, cfg.outlier_size:] @ w.double().T + xin.double() @ weight_bias.double()[:, None]
+    if wo is not None:
+        ref = ref + xs[:, :cfg.outlier_size] @ wo.double().T
+    if residual is not None:
+        ref = ref + residual.double()
+    err = row_rel_err(y.double(), ref)
+    del w, wo
+    us = timer(functools.partial(fn, *targs), reps)
+    return {"case": c.name, "variant": c.variant, "shape": f"{O}x{I}", "rows": n, "kernel": "two-launch",
+            "plan": c.plan, "us": us, "rel_err": err, "nan": bool(torch.isnan(y).any())}
+
+
+def _generic_rel_err(cfg, ops: dict, xs, fn, args, y) -> float:
+    """Relative error of one call against a torch dense weight rebuilt from the generic layout (checks the
+    large-shape paths, e.g. the persistent grid, that the small check suite does not reach)."""
+    import torch
+
+    osz = cfg.outlier_size
+    w, wo = _dense_weight(cfg, ops)
+    ref = xs[:, osz:].double() @ w.double().T
+    if wo is not None:
         ref = ref + xs[:, :osz].double() @ wo.double().T
     y.fill_(float("nan"))
     fn(*args)
@@ -1053,6 +1160,16 @@ def time_kernels(art_dir: str | os.PathLike[str], reps: int = 50) -> dict[str, A
     for i, c in enumerate(lib.cases):
         cfg = c.config()
         n = c.n()
+        if c.kernel == "two":
+            row = _time_two_launch(lib, i, c, timer, gen, reps)
+            key = (n, cfg.out_features, cfg.in_features)
+            if key not in fp16_cache:
+                xs = torch.randn(n, cfg.in_features, device="cuda", generator=gen).to(tdt)
+                w = torch.randn(cfg.out_features, cfg.in_features, device="cuda", generator=gen).to(tdt)
+                fp16_cache[key] = timer(lambda: torch.matmul(xs, w.T), reps)
+                del w
+            rows_out.append({**row, "fp16_us": fp16_cache[key], "speedup_vs_fp16": fp16_cache[key] / row["us"]})
+            continue
         names, scratch = call_spec(lib.manifest, i, cfg)
         lkey = (c.variant, c.in_features, c.out_features, json.dumps(c.layer, sort_keys=True))
         ops = prev[1] if prev[0] == lkey else _random_operands(cfg, dtype, gen)
