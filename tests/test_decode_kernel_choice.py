@@ -212,7 +212,8 @@ def test_short_two_launch_layers_take_register_fragments_over_cta_splits(monkeyp
         script = k.func.script()
         assert "atomicAdd" in script and "ldmatrix" not in script
     small = VPTQLayerConfig.from_variant("v8-k4096-0", 256, 256, enable_norm=True)  # 4 chunks: one CTA per block
-    assert plan_cta_splits(small, 16).cta_splits == 1 and len(sel.fused(small, "float16", 16, (True,), res).scratch) == 2
+    assert plan_cta_splits(small, 16).cta_splits == 1
+    assert len(sel.fused(small, "float16", 16, (True,), res).scratch) == 2
     big = VPTQLayerConfig.from_variant("v8-k65536-256", 4096, 4096, enable_norm=True)
     assert sel.fused(big, "float16", 16, (True,), res) is None
     qkv = VPTQLayerConfig.from_variant("v8-k4096-0", 4096, 4096, enable_norm=True)
