@@ -1080,7 +1080,7 @@ def _dense_weight(cfg, ops: dict):
     return w, wo
 
 
-def _time_two_launch(lib: CudaKernels, i: int, c: KernelCase, timer, gen, reps: int) -> dict[str, Any]:
+def _time_two_launch(lib: CudaKernels, i: int, c: KernelCase, timer, gen, reps: int, bw: float) -> dict[str, Any]:
     """One "two" case: the two-launch form (both launches) with a cold L2, and its output against float64
     `xin[:, perm] * col_scale @ W.T + xin @ weight_bias + residual` (xin: x, or silu(x) * up rounded to fp16)."""
     import torch
@@ -1104,7 +1104,7 @@ def _time_two_launch(lib: CudaKernels, i: int, c: KernelCase, timer, gen, reps: 
         xin = (x.float() * torch.sigmoid(x.float())).to(tdt) * up
     residual = torch.randn(n, O, device="cuda", generator=gen).to(tdt) if opts.residual else None
     y = torch.full((n, O), float("nan"), dtype=tdt, device="cuda")
-    tmp = [torch.full(sh, float("nan") if dt == "float32" else 7, dtype=getattr(torch, dt), device="cuda")
+    tmp = [torch.full(sh, float("nan") if dt.startswith("float") else 7, dtype=getattr(torch, dt), device="cuda")
            for sh, dt in scratch]
     args = [*lead, perm, col_scale, weight_bias, *(ops[nm] for nm in names),
             *([residual] if residual is not None else []), *tmp, y]
@@ -1122,8 +1122,12 @@ def _time_two_launch(lib: CudaKernels, i: int, c: KernelCase, timer, gen, reps: 
     err = row_rel_err(y.double(), ref)
     del w, wo
     us = timer(functools.partial(fn, *targs), reps)
-    return {"case": c.name, "variant": c.variant, "shape": f"{O}x{I}", "rows": n, "kernel": "two-launch",
-            "plan": c.plan, "us": us, "rel_err": err, "nan": bool(torch.isnan(y).any())}
+    form = (f"two, P{c.plan.get('splits', '')} x {c.plan['cta_splits']} CTAs" if c.plan.get("cta_splits", 1) > 1
+            else "two, tile form")
+    nbytes = kernel_bytes(cfg, n, operands=[ops[nm] for nm in names])
+    return {"case": c.name, "variant": c.variant, "shape": f"{O}x{I}", "rows": n, "kernel": form, "plan": c.plan,
+            "us": us, "bytes": nbytes, "pct_copy_bw": 100 * nbytes / (us * 1e-6) / (bw * 1e9), "rel_err": err,
+            "nan": bool(torch.isnan(y).any())}
 
 
 def _generic_rel_err(cfg, ops: dict, xs, fn, args, y) -> float:
@@ -1161,7 +1165,7 @@ def time_kernels(art_dir: str | os.PathLike[str], reps: int = 50) -> dict[str, A
         cfg = c.config()
         n = c.n()
         if c.kernel == "two":
-            row = _time_two_launch(lib, i, c, timer, gen, reps)
+            row = _time_two_launch(lib, i, c, timer, gen, reps, bw)
             key = (n, cfg.out_features, cfg.in_features)
             if key not in fp16_cache:
                 xs = torch.randn(n, cfg.in_features, device="cuda", generator=gen).to(tdt)
