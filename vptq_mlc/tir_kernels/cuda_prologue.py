@@ -60,51 +60,76 @@ def gather_scale_dot(x, perm, col_scale, weight_bias, xs, dot, red, acc, bx, by,
 
 
 @T.macro
-def prepare_scale_dot(x, x2, gamma, perm, col_scale, weight_bias, xs, dot, red, acc, rstd, src, bx, by, tx,
-                      has_perm, I, CH, WARPS, dtype, source, eps):  # noqa: E741
-    """`gather_scale_dot` of the layer input a neighbour makes from the kernel's input(s) (`fused_input.FusedInput`
-    `source`): "x" the rows of x, "rmsnorm" RMSNorm(x) * gamma (every CTA of a row sums the row's squares: it needs
-    rstd for its own columns; fp32, one rounding), "swiglu" silu(x) * x2 (silu in fp32, rounded, times x2), as the
-    fused GEMV's staging computes them (`cuda_gemv.vq_gemv_cuda`): both forms feed the VQ product the same input.
-    Source "x" is `gather_scale_dot` itself (the plain prologue's bits)."""
-    if source == "x":
-        gather_scale_dot(x, perm, col_scale, weight_bias, xs, dot, red, acc, bx, by, tx, has_perm, I, CH, WARPS)
-    if source == "rmsnorm":
-        acc[0] = T.float32(0)
-        for it in T.unroll(CH):
-            if it * THREADS + tx < I:
-                acc[0] = acc[0] + T.Cast("float32", x[bx, it * THREADS + tx]) * T.Cast("float32",
-                                                                                       x[bx, it * THREADS + tx])
-        warp_partials(acc, red, tx)
-        rstd[0] = T.float32(0)
-        for w in T.unroll(WARPS):
-            rstd[0] = rstd[0] + red[w]
-        rstd[0] = T.rsqrt(rstd[0] / T.float32(I) + T.float32(eps))
-        T.tvm_storage_sync("shared")  # every thread has read `red` before the dot reuses it
-    if source != "x" and by * THREADS + tx < I:
+def rmsnorm_scale_dot(x, gamma, perm, col_scale, weight_bias, xs, dot, red, acc, rstd, src, row, held, bx, by, tx,
+                      has_perm, I, CH, WARPS, dtype, eps):  # noqa: E741
+    """`prepare_scale_dot` of RMSNorm(x) * gamma. Every load comes first, since none depends on the row's sum: the
+    row (its squares; CTA (b, 0) also keeps gamma and weight_bias for the dot) into `row[3 * CH]`, this thread's
+    gathered element, its gamma and its column scale into `held[3]`; after the reduction only arithmetic and stores
+    remain (the same expressions, so the same bits, as loading them after it)."""
+    for it in T.unroll(CH):
+        if it * THREADS + tx < I:
+            row[it] = x[bx, it * THREADS + tx]
+            if by == 0:
+                row[CH + it] = gamma[it * THREADS + tx]
+                row[2 * CH + it] = weight_bias[it * THREADS + tx]
+    if by * THREADS + tx < I:
         if has_perm:
             src[0] = perm[by * THREADS + tx]
         else:
             src[0] = by * THREADS + tx
-        if source == "rmsnorm":
-            xs[bx, by * THREADS + tx] = T.Cast(dtype, T.Cast("float32", x[bx, src[0]]) * rstd[0] * T.Cast(
-                "float32", gamma[src[0]])) * col_scale[by * THREADS + tx]
-        else:
-            xs[bx, by * THREADS + tx] = T.Cast(dtype, T.Cast("float32", x[bx, src[0]]) * T.sigmoid(T.Cast(
-                "float32", x[bx, src[0]]))) * x2[bx, src[0]] * col_scale[by * THREADS + tx]
-    if source != "x" and by == 0:
+        held[0] = x[bx, src[0]]
+        held[1] = gamma[src[0]]
+        held[2] = col_scale[by * THREADS + tx]
+    acc[0] = T.float32(0)
+    for it in T.unroll(CH):
+        if it * THREADS + tx < I:
+            acc[0] = acc[0] + T.Cast("float32", row[it]) * T.Cast("float32", row[it])
+    warp_partials(acc, red, tx)
+    rstd[0] = T.float32(0)
+    for w in T.unroll(WARPS):
+        rstd[0] = rstd[0] + red[w]
+    rstd[0] = T.rsqrt(rstd[0] / T.float32(I) + T.float32(eps))
+    T.tvm_storage_sync("shared")  # every thread has read `red` before the dot reuses it
+    if by * THREADS + tx < I:
+        xs[bx, by * THREADS + tx] = T.Cast(dtype, T.Cast("float32", held[0]) * rstd[0] * T.Cast(
+            "float32", held[1])) * held[2]
+    if by == 0:
         acc[0] = T.float32(0)
         for it in T.unroll(CH):
             if it * THREADS + tx < I:
-                if source == "rmsnorm":
-                    acc[0] = acc[0] + T.Cast("float32", T.Cast(dtype, T.Cast("float32", x[bx, it * THREADS + tx])
-                                                               * rstd[0] * T.Cast("float32", gamma[it * THREADS + tx]))
-                                             ) * T.Cast("float32", weight_bias[it * THREADS + tx])
-                else:
-                    acc[0] = acc[0] + T.Cast("float32", T.Cast(dtype, T.Cast("float32", x[bx, it * THREADS + tx])
-                                                               * T.sigmoid(T.Cast("float32", x[bx, it * THREADS + tx])))
-                                             * x2[bx, it * THREADS + tx]) * T.Cast("float32",
-                                                                                   weight_bias[it * THREADS + tx])
+                acc[0] = acc[0] + T.Cast("float32", T.Cast(dtype, T.Cast("float32", row[it]) * rstd[0] * T.Cast(
+                    "float32", row[CH + it]))) * T.Cast("float32", row[2 * CH + it])
+        store_row_dot(acc, red, dot, bx, tx, WARPS)
+
+
+@T.macro
+def prepare_scale_dot(x, x2, gamma, perm, col_scale, weight_bias, xs, dot, red, acc, rstd, src, row, held, bx, by,
+                      tx, has_perm, I, CH, WARPS, dtype, source, eps):  # noqa: E741
+    """`gather_scale_dot` of the layer input a neighbour makes from the kernel's input(s) (`fused_input.FusedInput`
+    `source`): "x" the rows of x, "rmsnorm" RMSNorm(x) * gamma (`rmsnorm_scale_dot`: every CTA of a row sums the
+    row's squares: it needs rstd for its own columns; fp32, one rounding), "swiglu" silu(x) * x2 (silu in fp32,
+    rounded, times x2), as the fused GEMV's staging computes them (`cuda_gemv.vq_gemv_cuda`): both forms feed the
+    VQ product the same input. Source "x" is `gather_scale_dot` itself (the plain prologue's bits)."""
+    if source == "x":
+        gather_scale_dot(x, perm, col_scale, weight_bias, xs, dot, red, acc, bx, by, tx, has_perm, I, CH, WARPS)
+    if source == "rmsnorm":
+        rmsnorm_scale_dot(x, gamma, perm, col_scale, weight_bias, xs, dot, red, acc, rstd, src, row, held, bx, by, tx,
+                          has_perm, I, CH, WARPS, dtype, eps)
+    if source == "swiglu" and by * THREADS + tx < I:
+        if has_perm:
+            src[0] = perm[by * THREADS + tx]
+        else:
+            src[0] = by * THREADS + tx
+        xs[bx, by * THREADS + tx] = T.Cast(dtype, T.Cast("float32", x[bx, src[0]]) * T.sigmoid(T.Cast(
+            "float32", x[bx, src[0]]))) * x2[bx, src[0]] * col_scale[by * THREADS + tx]
+    if source == "swiglu" and by == 0:
+        acc[0] = T.float32(0)
+        for it in T.unroll(CH):
+            if it * THREADS + tx < I:
+                acc[0] = acc[0] + T.Cast("float32", T.Cast(dtype, T.Cast("float32", x[bx, it * THREADS + tx])
+                                                           * T.sigmoid(T.Cast("float32", x[bx, it * THREADS + tx])))
+                                         * x2[bx, it * THREADS + tx]) * T.Cast("float32",
+                                                                               weight_bias[it * THREADS + tx])
         store_row_dot(acc, red, dot, bx, tx, WARPS)
 
 
@@ -125,23 +150,26 @@ def prepare_launch(x, x2, gamma, perm_0, col_scale_0, weight_bias_0, perm_1, col
                     pacc = T.alloc_buffer((1,), "float32", scope="local")
                     prstd = T.alloc_buffer((1,), "float32", scope="local")
                     psrc = T.alloc_buffer((1,), "int32", scope="local")
+                    prow = T.alloc_buffer((3 * CH,), dtype, scope="local")
+                    pheld = T.alloc_buffer((3,), dtype, scope="local")
                     if pm == 0:
                         prepare_scale_dot(x, x2, gamma, perm_0, col_scale_0, weight_bias_0, xs_0, dot_0, pred, pacc,
-                                          prstd, psrc, pb, pc, pt, P0, I, CH, THREADS // 32, dtype, source, eps)
+                                          prstd, psrc, prow, pheld, pb, pc, pt, P0, I, CH, THREADS // 32, dtype,
+                                          source, eps)
                     # the layers' reductions reuse `pred`: a barrier between them, written out (the branch is
                     # uniform per CTA, so every thread reaches it)
                     if count >= 2:
                         T.tvm_storage_sync("shared")
                         if pm == 1:
                             prepare_scale_dot(x, x2, gamma, perm_1, col_scale_1, weight_bias_1, xs_1, dot_1, pred,
-                                              pacc, prstd, psrc, pb, pc, pt, P1, I, CH, THREADS // 32, dtype, source,
-                                              eps)
+                                              pacc, prstd, psrc, prow, pheld, pb, pc, pt, P1, I, CH, THREADS // 32,
+                                              dtype, source, eps)
                     if count == 3:
                         T.tvm_storage_sync("shared")
                         if pm == 2:
                             prepare_scale_dot(x, x2, gamma, perm_2, col_scale_2, weight_bias_2, xs_2, dot_2, pred,
-                                              pacc, prstd, psrc, pb, pc, pt, P2, I, CH, THREADS // 32, dtype, source,
-                                              eps)
+                                              pacc, prstd, psrc, prow, pheld, pb, pc, pt, P2, I, CH, THREADS // 32,
+                                              dtype, source, eps)
                     if NCOUNT > 0:
                         if pb == 0 and pc == 0 and pm == 0:
                             for it in T.unroll(-(-NCOUNT // THREADS)):
