@@ -1173,6 +1173,7 @@ def time_kernels(art_dir: str | os.PathLike[str], reps: int = 50) -> dict[str, A
                 fp16_cache[key] = timer(lambda: torch.matmul(xs, w.T), reps)
                 del w
             rows_out.append({**row, "fp16_us": fp16_cache[key], "speedup_vs_fp16": fp16_cache[key] / row["us"]})
+            log.info("%s: %.2f us (fp16 %.2f), row rel err %.1e", c.name, row["us"], fp16_cache[key], row["rel_err"])
             continue
         names, scratch = call_spec(lib.manifest, i, cfg)
         lkey = (c.variant, c.in_features, c.out_features, json.dumps(c.layer, sort_keys=True))
