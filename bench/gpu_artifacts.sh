@@ -32,7 +32,8 @@
 #          the tensor-core decode rows, on by default). -twomma / -notwomma (after -reg):
 #          VPTQ_MLC_TWO_LAUNCH_MMA=1 / 0 (the two-launch form of the tensor-core decode linears, on by default).
 #          -cta / -nocta (after -twomma): VPTQ_MLC_CTA_SPLITS=1 / 0 (register fragments over CTA splits for the
-#          two-launch o_proj / down_proj, on by default).
+#          two-launch o_proj / down_proj, off by default). kcheck is built with VPTQ_MLC_FUSED_DECODE=1 and
+#          VPTQ_MLC_CTA_SPLITS=1 (unless set), so the check suite runs those forms too.
 #   dattn  the decode attention kernels alone (bench/attention_decode.py build): ours and TVM's at 32/32, 8/32 and
 #          4/32 heads, read by gpu_suite.sh's steps dattn and pytest
 #   kwide  the whole-entry tensor-core decode kernel next to the current one on the 7B shapes, rows 8 and 16
@@ -57,7 +58,8 @@ built() { [ -e "$1" ] && echo "already built: $1 (delete it to rebuild)"; }
 for p in $PARTS; do
   case $p in
     tvm_rt) built "$ART/tvm_rt" || "${V[@]}" runtime-bundle "$ART/tvm_rt" --python 3.12 ;;
-    kcheck) built "$ART/kcheck" || VPTQ_MLC_FUSED_DECODE=1 "${V[@]}" bench build "$ART/kcheck" --suite check --arch "$ARCH" ;;
+    kcheck) built "$ART/kcheck" || VPTQ_MLC_FUSED_DECODE=1 VPTQ_MLC_CTA_SPLITS=${VPTQ_MLC_CTA_SPLITS:-1} \
+      "${V[@]}" bench build "$ART/kcheck" --suite check --arch "$ARCH" ;;
     kbench) built "$ART/kbench" || "${V[@]}" bench build "$ART/kbench" --suite kernels --arch "$ARCH" --rows 1,8,16 ;;
     attn) built "$ART/attn" || python3 bench/attention_prefill.py build "$ART/attn" --arch "$ARCH" ;;
     dattn) built "$ART/dattn" || python3 bench/attention_decode.py build "$ART/dattn" --arch "$ARCH" ;;

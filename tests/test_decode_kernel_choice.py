@@ -190,10 +190,11 @@ def test_residual_books_in_shared_memory_take_the_tensor_core_kernel_from_6_rows
 
 
 def test_short_two_launch_layers_take_register_fragments_over_cta_splits(monkeypatch) -> None:
-    """o_proj and down_proj of a 7B layer (4096 outputs: 64 warp rows) at the tensor-core rows: register fragments
-    over 4 CTAs per row block (VPTQ_MLC_CTA_SPLITS, on by default), with the CTAs' partials [4, rows, 4096] fp32 and
-    one int32 counter per row block as scratch after xs / dot; residual books too. Layers too short for 2 CTAs per
-    row block, K = 65536 books (through L1/L2), several layers and the switch off keep their forms."""
+    """o_proj and down_proj of a 7B layer (4096 outputs: 64 warp rows) at the tensor-core rows with
+    VPTQ_MLC_CTA_SPLITS=1 (off by default: the tile form): register fragments over 4 CTAs per row block, with the
+    CTAs' partials [4, rows, 4096] fp32 and one int32 counter per row block as scratch after xs / dot; residual books
+    too. Layers too short for 2 CTAs per row block, K = 65536 books (through L1/L2), several layers and the switch
+    off keep their forms."""
     from tvm.target import Target
 
     from vptq_mlc.tir_kernels.cuda_mma_wide import CTA_SPLITS_ENV, plan_cta_splits
@@ -202,8 +203,12 @@ def test_short_two_launch_layers_take_register_fragments_over_cta_splits(monkeyp
 
     monkeypatch.delenv(TWO_LAUNCH_MMA_ENV, raising=False)
     monkeypatch.delenv(CTA_SPLITS_ENV, raising=False)
-    sel = CudaKernelSelector(Target({"kind": "cuda", "arch": "sm_90"}))
     res = FusedInput(residual=True)
+    o_proj = VPTQLayerConfig.from_variant("v8-k4096-0", 4096, 4096, enable_norm=True)
+    default = CudaKernelSelector(Target({"kind": "cuda", "arch": "sm_90"})).fused(o_proj, "float16", 16, (True,), res)
+    assert len(default.scratch) == 2 and "ldmatrix" in default.func.script()  # off by default: the tile form
+    monkeypatch.setenv(CTA_SPLITS_ENV, "1")
+    sel = CudaKernelSelector(Target({"kind": "cuda", "arch": "sm_90"}))
     for variant, i, rows in (("v8-k4096-0", 4096, 16), ("v8-k4096-0", 11008, 16), ("v8-k256-256", 4096, 8)):
         cfg = VPTQLayerConfig.from_variant(variant, i, 4096, enable_norm=True)
         assert plan_cta_splits(cfg, rows).cta_splits == 4 and plan_cta_splits(cfg, rows).register_tiles

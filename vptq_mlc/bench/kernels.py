@@ -185,8 +185,9 @@ def correctness_cases() -> list[KernelCase]:
         KernelCase("v8-k65536-256", 4096, 4096, 16, prologue="ppp", fused="rmsnorm,concat"),
         KernelCase("v8-k65536-256", 11008, 4096, 12, prologue="p", fused="swiglu,residual"),
         KernelCase("v8-k256-256", 1024, 512, 12, outl, prologue="n", fused="rmsnorm,residual"),
-        # register fragments over CTA splits (o_proj, down_proj of 4096 outputs): the rows above at 16 rows, and
-        # here a residual book at 8 rows, and outliers with a codes region that the splits do not divide evenly
+        # register fragments over CTA splits where built with VPTQ_MLC_CTA_SPLITS=1 (as bench/gpu_artifacts.sh builds
+        # kcheck; o_proj, down_proj of 4096 outputs): the rows above at 16 rows, and here a residual book at 8 rows,
+        # and outliers with a codes region that the splits do not divide evenly (the tile form without the switch)
         KernelCase("v8-k256-256", 4096, 4096, 8, prologue="p", fused="residual"),
         KernelCase("v8-k256-256", 11008, 4096, 12, outl, prologue="p", fused="swiglu,residual"),
     ]

@@ -113,9 +113,10 @@ def register_tiles_enabled() -> bool:
 
 
 # Register fragments for the two-launch form of a layer too short for them alone (`cta_splits_preferred`): its CTAs
-# split the input and the last one of a row block adds their partials. VPTQ_MLC_CTA_SPLITS=0 keeps the tile form there.
+# split the input and the last one of a row block adds their partials. Off by default: checked on the CPU only, not
+# yet run or timed on a GPU (docs/dense-mma.md says how); VPTQ_MLC_CTA_SPLITS=1 turns it on.
 CTA_SPLITS_ENV = "VPTQ_MLC_CTA_SPLITS"
-CTA_SPLITS_DEFAULT = True
+CTA_SPLITS_DEFAULT = False
 CTA_SPLIT_WARPS = 8  # warp splits per CTA (P) in `plan_cta_splits`
 CTA_SPLIT_WARP_TARGET = 2048  # warps of the launch `plan_cta_splits` aims at (as `plan_register_tiles`)
 
