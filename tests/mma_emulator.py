@@ -13,7 +13,9 @@ The models (PTX ISA, "Warp Level Matrix Multiply-Accumulate Instructions"; g = l
   of the hardware's adds is not modelled: it changes results by fp32 rounding only).
 Warp-collective instructions exchange operands through a per-warp table between two warp barriers; `__syncwarp` is
 a warp barrier and `__syncthreads` a block barrier. Each CUDA thread is an OS thread, blocks run one after another
-(tests/cuda_emulator.py), shared memory is a static arena, so a missing barrier shows as wrong or flaky results.
+(tests/cuda_emulator.py; first to last, or last to first), shared memory is a static arena, so a missing barrier
+shows as wrong or flaky results. Blocks one after another also make `__threadfence` a no-op and `atomicAdd` a
+plain read-modify-write.
 
 `layout="wrong-trans"` swaps the .trans and plain ldmatrix models, `layout="wrong-b"` swaps B's two registers: the
 tests show a kernel checked this way fails with a wrong fragment layout.
@@ -198,13 +200,14 @@ class MmaKernelEmulator:
         cast = ", ".join(f"({p.rsplit(' ', 1)[0].replace('__restrict__', '').strip()})a{i}"
                          for i, p in enumerate(params.split(",")))
         src = (prelude + f"\nstatic void {name}({params}) {{" + body + f"""
-extern "C" void run({args}, long grid, long warps) {{
+extern "C" void run({args}, long grid, long warps, long reverse) {{
   std::barrier<> block(warps * 32); g_block_bar = &block;
   std::vector<std::barrier<>*> wb; for (long w = 0; w < warps; ++w) wb.push_back(new std::barrier<>(32));
   g_warp_bar = wb; g_tables.assign(warps, WarpTable{{}});
   std::vector<std::thread> ts;
   for (long t = 0; t < warps * 32; ++t) ts.emplace_back([=, &block] {{
-    for (long bx = 0; bx < grid; ++bx) {{
+    for (long i = 0; i < grid; ++i) {{
+      long bx = reverse ? grid - 1 - i : i;
       threadIdx = {{(int)(t % 32), (int)(t / 32)}}; blockIdx = {{(int)bx, 0}};
       {name}({cast}); block.arrive_and_wait();
     }}
@@ -215,8 +218,10 @@ extern "C" void run({args}, long grid, long warps) {{
 """)
         self.lib = build_emulation(src, workdir / f"{name}_{layout}.cpp")
 
-    def __call__(self, args: dict[str, np.ndarray], grid: int, warps: int) -> None:
-        """`args`: parameter name without `_ptr` -> C-contiguous array (outputs are written in place)."""
+    def __call__(self, args: dict[str, np.ndarray], grid: int, warps: int, reverse: bool = False) -> None:
+        """`args`: parameter name without `_ptr` -> C-contiguous array (outputs are written in place); `reverse`:
+        the blocks run from the last to the first (a kernel whose result must not depend on the blocks' order)."""
         arrays = [args[p.removesuffix("_ptr")] for p in self.params]
         assert all(a.flags.c_contiguous for a in arrays)
-        self.lib.run(*(ctypes.c_void_p(a.ctypes.data) for a in arrays), ctypes.c_long(grid), ctypes.c_long(warps))
+        self.lib.run(*(ctypes.c_void_p(a.ctypes.data) for a in arrays), ctypes.c_long(grid), ctypes.c_long(warps),
+                     ctypes.c_long(int(reverse)))

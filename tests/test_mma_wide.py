@@ -200,8 +200,9 @@ def test_two_launch_form_adds_dot_and_residual_and_concatenates(tmp_path, varian
     `xs_m @ W_m.T + dot_m (+ residual)` within fp16 rounding, layer m at columns m * O of one output with concat.
     Layers of one launch in the tile form too (a form the kernel supports; the registry groups layers only with
     register fragments). With CTA splits, the last CTA of each row block adds the partial sums (the emulator runs
-    CTAs in order, each row block's counter starting at 0 as the prologue launch leaves it), every counter ends at
-    the number of CTAs that arrived, and the prologue launch zeroes the counters."""
+    CTAs one after another, each row block's counter starting at 0 as the prologue launch leaves it), every counter
+    ends at the number of CTAs that arrived, the output has the same bits when the CTAs arrive in the reverse order,
+    and the prologue launch zeroes the counters."""
     import tvm
     from mma_emulator import MmaKernelEmulator
 
@@ -240,6 +241,14 @@ def test_two_launch_form_adds_dot_and_residual_and_concatenates(tmp_path, varian
     emu(args, nrb * count * cta_splits, plan.row_groups * plan.splits)
     if cta_splits > 1:
         assert (args["counters"] == cta_splits).all(), args["counters"]
+        # the other arrival order (CTA 0 of each row block last): the same bits, since the last CTA adds the
+        # partials in split order
+        first = args["y"].copy()
+        args["y"][:] = np.nan
+        args["counters"][:] = 0
+        emu(args, nrb * count * cta_splits, plan.row_groups * plan.splits, reverse=True)
+        assert (args["counters"] == cta_splits).all(), args["counters"]
+        np.testing.assert_array_equal(args["y"], first)
     for m in range(count):
         y = (args["y"][:, m * o:(m + 1) * o] if opts.concat else args[f"y_{m}" if m else "y"]).astype(np.float64)
         assert not np.isnan(y).any(), m
