@@ -563,11 +563,10 @@ def two_launch_with_plan(case: KernelCase, dtype: str):
     """(the two-launch form of `case`'s one normed layer with its plan overrides, its scratch outputs): no
     overrides = the tile form `plan_mma_wide` makes; with `cta_splits` > 1 the overrides apply to
     `plan_cta_splits`' plan."""
-    from vptq_mlc.tir_kernels.cuda_gemv import two_launch_scratch
     from vptq_mlc.tir_kernels.cuda_mma_wide import (
-        cta_split_scratch,
         plan_cta_splits,
         plan_mma_wide,
+        two_launch_scratch_mma,
         vq_mma_wide_cuda,
     )
 
@@ -579,8 +578,7 @@ def two_launch_with_plan(case: KernelCase, dtype: str):
         base = plan_mma_wide(cfg, case.rows, case.plan.get("register_tiles", False))
     plan = replace(base, **case.plan)
     f = vq_mma_wide_cuda(cfg, dtype, case.rows, plan, prologue=perms, fused=case.fused_input())
-    return f, two_launch_scratch(cfg.in_features, dtype, case.rows, len(perms)) + cta_split_scratch(cfg, plan,
-                                                                                                     case.rows)
+    return f, two_launch_scratch_mma(cfg, dtype, case.rows, plan, len(perms))
 
 
 def prologue_kernel(case: KernelCase, dtype: str):
@@ -934,9 +932,8 @@ def _check_fused(lib: CudaKernels, i: int, c: KernelCase, x, members: list, devi
     scratch = [t for _ in members for t in (torch.full((n, c.in_features), float("nan"), dtype=tdt, device=device),
                                             torch.full((n, 1), float("nan"), dtype=torch.float32, device=device))
                ] if two_launch else []
-    if two_launch:  # CTA splits: NaN partials, and counters the prologue launch must zero (7 until it does)
-        scratch += [torch.full(sh, float("nan") if dt == "float32" else 7, dtype=getattr(torch, dt), device=device)
-                    for sh, dt in lib.manifest.get("two_launch_extra", {}).get(str(i), [])]
+    if two_launch:  # CTA splits' partials and counters
+        scratch += _poisoned_scratch(lib.manifest.get("two_launch_extra", {}).get(str(i), []), device)
     lib.func(i, "_two" if two_launch else "_fused")(*(_tvm(t) for t in [*args, *scratch, *ys]))
     if opts.concat:
         ys = list(torch.split(ys[0], out_features, dim=1))
@@ -1060,6 +1057,15 @@ def _add_code_sorted(cfg, ops: dict, dtype: str) -> None:
         ops[k] = torch.from_numpy(a).cuda()
 
 
+def _poisoned_scratch(spec, device: str) -> list:
+    """Scratch outputs of `spec` ([(shape, dtype)]) a kernel must write before it reads them: NaN in float ones, 7 in
+    integer ones (CTA splits' arrival counters, which the prologue launch must zero)."""
+    import torch
+
+    return [torch.full(tuple(sh), float("nan") if dt.startswith("float") else 7, dtype=getattr(torch, dt),
+                       device=device) for sh, dt in spec]
+
+
 def _dense_weight(cfg, ops: dict):
     """(codes-region weight [O, L] fp32, outlier weight [O, outlier_size] fp32 or None) from the generic layout
     on the GPU, by torch indexing (independent of the kernels)."""
@@ -1105,8 +1111,7 @@ def _time_two_launch(lib: CudaKernels, i: int, c: KernelCase, timer, gen, reps: 
         xin = (x.float() * torch.sigmoid(x.float())).to(tdt) * up
     residual = torch.randn(n, O, device="cuda", generator=gen).to(tdt) if opts.residual else None
     y = torch.full((n, O), float("nan"), dtype=tdt, device="cuda")
-    tmp = [torch.full(sh, float("nan") if dt.startswith("float") else 7, dtype=getattr(torch, dt), device="cuda")
-           for sh, dt in scratch]
+    tmp = _poisoned_scratch(scratch, "cuda")
     args = [*lead, perm, col_scale, weight_bias, *(ops[nm] for nm in names),
             *([residual] if residual is not None else []), *tmp, y]
     fn = lib.func(i)
@@ -1161,20 +1166,25 @@ def time_kernels(art_dir: str | os.PathLike[str], reps: int = 50) -> dict[str, A
     bw = copy_bandwidth()
     timer = ColdL2Timer()
     rows_out, fp16_cache = [], {}
+
+    def fp16_us(xs, cfg) -> float:
+        """torch fp16 `xs @ W.T` of the layer's shape (cold L2), timed once per (rows, out, in)."""
+        key = (xs.shape[0], cfg.out_features, cfg.in_features)
+        if key not in fp16_cache:
+            w = torch.randn(cfg.out_features, cfg.in_features, device="cuda", generator=gen).to(tdt)
+            fp16_cache[key] = timer(lambda: torch.matmul(xs, w.T), reps)
+            del w
+        return fp16_cache[key]
+
     prev: tuple = (None, None)  # (layer key, operands): consecutive cases of one layer share its operands
     for i, c in enumerate(lib.cases):
         cfg = c.config()
         n = c.n()
         if c.kernel == "two":
             row = _time_two_launch(lib, i, c, timer, gen, reps, bw)
-            key = (n, cfg.out_features, cfg.in_features)
-            if key not in fp16_cache:
-                xs = torch.randn(n, cfg.in_features, device="cuda", generator=gen).to(tdt)
-                w = torch.randn(cfg.out_features, cfg.in_features, device="cuda", generator=gen).to(tdt)
-                fp16_cache[key] = timer(lambda: torch.matmul(xs, w.T), reps)
-                del w
-            rows_out.append({**row, "fp16_us": fp16_cache[key], "speedup_vs_fp16": fp16_cache[key] / row["us"]})
-            log.info("%s: %.2f us (fp16 %.2f), row rel err %.1e", c.name, row["us"], fp16_cache[key], row["rel_err"])
+            ref_us = fp16_us(torch.randn(n, cfg.in_features, device="cuda", generator=gen).to(tdt), cfg)
+            rows_out.append({**row, "fp16_us": ref_us, "speedup_vs_fp16": ref_us / row["us"]})
+            log.info("%s: %.2f us (fp16 %.2f), row rel err %.1e", c.name, row["us"], ref_us, row["rel_err"])
             continue
         names, scratch = call_spec(lib.manifest, i, cfg)
         lkey = (c.variant, c.in_features, c.out_features, json.dumps(c.layer, sort_keys=True))
@@ -1189,16 +1199,12 @@ def time_kernels(art_dir: str | os.PathLike[str], reps: int = 50) -> dict[str, A
         fn = lib.func(i)
         us = timer(functools.partial(fn, *args), reps)
         err = _generic_rel_err(cfg, ops, xs, fn, args, y)
-        key = (n, cfg.out_features, cfg.in_features)
-        if key not in fp16_cache:
-            w = torch.randn(cfg.out_features, cfg.in_features, device="cuda", generator=gen).to(tdt)
-            fp16_cache[key] = timer(lambda: torch.matmul(xs, w.T), reps)
-            del w
+        ref_us = fp16_us(xs, cfg)
         nbytes = kernel_bytes(cfg, n, operands=[ops[nm] for nm in names],
                               scratch_bytes=sum(t.numel() * t.element_size() for t in tmp))
         rows_out.append({"case": c.name, "variant": c.variant, "shape": f"{cfg.out_features}x{cfg.in_features}",
                          "rows": n, "kernel": c.kernel or ("code-sorted" if "cs_entries" in names else "auto"),
-                         "us": us, "fp16_us": fp16_cache[key], "speedup_vs_fp16": fp16_cache[key] / us,
+                         "us": us, "fp16_us": ref_us, "speedup_vs_fp16": ref_us / us,
                          "bytes": nbytes, "pct_copy_bw": 100 * nbytes / (us * 1e-6) / (bw * 1e9), "rel_err": err})
         del args, tmp
     return {"copy_GBps": bw, "device": torch.cuda.get_device_name(), "flush": "read 512 MiB before each call",

@@ -245,13 +245,18 @@ def plan_cta_splits(cfg: VPTQLayerConfig, rows: int = MMA_ROWS) -> WidePlan:
     return plan
 
 
-def cta_split_scratch(cfg: VPTQLayerConfig, plan: WidePlan, rows: int) -> tuple[tuple[tuple[int, ...], str], ...]:
-    """The scratch outputs CTA splits add after the two-launch form's xs / dot, in parameter order: each CTA's fp32
-    partial sums [cta_splits, rows, O] and one int32 arrival counter per row block (none without CTA splits)."""
+def two_launch_scratch_mma(cfg: VPTQLayerConfig, dtype: str, rows: int, plan: WidePlan,
+                           count: int) -> tuple[tuple[tuple[int, ...], str], ...]:
+    """The scratch outputs of `vq_mma_wide_cuda(..., prologue=...)` in parameter order: the GEMV's two-launch xs /
+    dot per layer (`cuda_gemv.two_launch_scratch`), then with CTA splits each CTA's fp32 partial sums
+    [cta_splits, rows, O] and one int32 arrival counter per row block."""
+    from vptq_mlc.tir_kernels.cuda_gemv import two_launch_scratch
+
+    base = two_launch_scratch(cfg.in_features, dtype, rows, count)
     if plan.cta_splits == 1:
-        return ()
+        return base
     nrb = -(-cfg.num_vectors // (plan.row_groups * warp_vector_rows(plan)))
-    return (((plan.cta_splits, rows, cfg.out_features), "float32"), ((nrb,), "int32"))
+    return base + (((plan.cta_splits, rows, cfg.out_features), "float32"), ((nrb,), "int32"))
 
 
 def cta_splits_preferred(cfg: VPTQLayerConfig, dtype: str, rows: int) -> bool:
@@ -362,12 +367,12 @@ def vq_mma_wide_cuda(cfg: VPTQLayerConfig, dtype: str, rows: int, plan: WidePlan
             raise ValueError("the two-launch form needs a normed layer (its prologue computes the norm-bias dot)")
     if not 1 <= count <= MAX_LAYERS:
         raise ValueError(f"vq_mma_wide_cuda serves 1..{MAX_LAYERS} layers in one launch, got {count}")
-    if (plan or WidePlan(1, 1, 1, 4, True, False)).cta_splits > 1 and (prologue is None or count != 1):
-        raise ValueError("CTA splits need the two-launch form of one layer (its prologue zeroes their counters)")
     if not mma_wide_supported(cfg, dtype, rows):
         raise ValueError(f"vq_mma_wide_cuda takes fp16, v = 8, 1..{MMA_ROWS} rows and a codes region of whole "
                          f"32-column chunks; got {dtype}, v = {cfg.vector_len}, {rows} rows")
     p = plan or plan_mma_wide(cfg, rows)
+    if p.cta_splits > 1 and (prologue is None or count != 1):
+        raise ValueError("CTA splits need the two-launch form of one layer (its prologue zeroes their counters)")
     I, O, v, G, S, K, KR, KR1, NV, L, OSZ, OSZ1, HAS_RES, HAS_OUT, VO, KO, NO = kernel_dims(cfg)  # noqa: E741
     CD, RCD = code_dtype(K), code_dtype(KR1)
     NB = rows

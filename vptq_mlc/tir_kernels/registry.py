@@ -400,15 +400,14 @@ class CudaKernelSelector(KernelSelector):
         layers only with register fragments, as `_pick_shared`), or None: the switches off, no whole-entry form, or
         a book read through L1/L2 (K = 65536: the two-launch form with q/k/v and gate/up in one tile-form launch
         each was 0.94x the separate kernels at 16 rows on the H100, bench/RESULTS.md "Session 17")."""
-        from vptq_mlc.tir_kernels.cuda_gemv import two_launch_scratch
         from vptq_mlc.tir_kernels.cuda_mma_wide import (
-            cta_split_scratch,
             cta_splits_preferred,
             mma_wide_enabled,
             mma_wide_supported,
             plan_cta_splits,
             plan_mma_wide,
             register_tiles_preferred,
+            two_launch_scratch_mma,
             vq_mma_wide_cuda,
         )
 
@@ -422,9 +421,8 @@ class CudaKernelSelector(KernelSelector):
             plan = plan_mma_wide(cfg, rows, reg, count)
         if not plan.smem_codebook or (count > 1 and not reg):
             return None
-        scratch = two_launch_scratch(cfg.in_features, dtype, rows, count) + cta_split_scratch(cfg, plan, rows)
         return _mark(VQKernel(vq_mma_wide_cuda(cfg, dtype, rows, plan, prologue=perms, fused=opts),
-                              tuple(vq_operand_shapes(cfg)), scratch))
+                              tuple(vq_operand_shapes(cfg)), two_launch_scratch_mma(cfg, dtype, rows, plan, count)))
 
     def _pick_folded(self, cfg: VPTQLayerConfig, dtype: str, has_bias: bool, residual: bool) -> VQKernel | None:
         """Normed fp16 layers the dequantize + GEMM path serves (`cuda_dequant_gemm.fold_supported`), with the
